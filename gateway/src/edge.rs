@@ -1,0 +1,75 @@
+//! The TCP side of the edge: TLS (1.2+, ALPN h2 and http/1.1) then hyper for HTTP/1.1 and
+//! HTTP/2, with header size/count limits (431), a header read timeout and stream limits.
+//! A client sending garbage only ever costs its own connection.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use quicmesh_shared::body;
+use quicmesh_shared::metrics as m;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+
+use crate::handler::Edge;
+
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: Arc<Edge>) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, client) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, "edge accept failed");
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let edge = edge.clone();
+        tokio::spawn(async move {
+            let limits = &edge.limits;
+            let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics::counter!(m::EDGE_REJECTED, "reason" => "tls-handshake").increment(1);
+                    debug!(%client, error = %e, "edge TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!(m::EDGE_REJECTED, "reason" => "tls-timeout").increment(1);
+                    return;
+                }
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let proto = if h2 { "h2" } else { "http/1.1" };
+            metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => proto).increment(1);
+            let edge2 = edge.clone();
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let edge = edge2.clone();
+                async move {
+                    let req = req.map(body::boxed);
+                    Ok::<_, Infallible>(edge.handle(req, client, if h2 { "h2" } else { "http/1.1" }).await)
+                }
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_headers(limits.max_headers)
+                .max_buf_size(limits.max_header_bytes.max(8192));
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .max_header_list_size(limits.max_header_bytes as u32);
+            let io = TokioIo::new(tls);
+            if let Err(e) = builder.serve_connection(io, svc).await {
+                debug!(%client, error = %e, "edge connection ended with an error");
+            }
+        });
+    }
+}

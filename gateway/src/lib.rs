@@ -1,0 +1,107 @@
+//! quicmesh-gateway: the edge. Terminates TLS (HTTP/1.1, HTTP/2) and QUIC (HTTP/3) from
+//! external clients on one port number and forwards into the mesh exactly as a node does,
+//! through the same pooled QUIC connections (`quicmesh_shared::mesh`).
+#![forbid(unsafe_code)]
+
+pub mod edge;
+pub mod h3_edge;
+pub mod handler;
+pub mod routes;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicmesh_shared::admin::{self, AdminState};
+use quicmesh_shared::config::{Config, ConfigError};
+use quicmesh_shared::identity::{Credentials, IdentityError};
+use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::transport::{self, Bind, TransportError};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the config has no [gateway] section")]
+    NoGatewaySection,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("edge TLS: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayAddrs {
+    /// TCP (TLS) and UDP (QUIC) share this port number.
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+pub struct Gateway {
+    pub addrs: GatewayAddrs,
+    mesh_endpoint: quinn::Endpoint,
+    edge_endpoint: quinn::Endpoint,
+    _tasks: JoinSet<()>,
+}
+
+/// Binds TCP and UDP on the same port; with port 0, retries until both get the same number.
+fn bind_edge(addr: SocketAddr, quic: quinn::ServerConfig) -> Result<(TcpListener, quinn::Endpoint), GatewayError> {
+    let err = |source| GatewayError::Listen { addr, source };
+    for _ in 0..20 {
+        let std_tcp = std::net::TcpListener::bind(addr).map_err(err)?;
+        let tcp_addr = std_tcp.local_addr().map_err(err)?;
+        match quinn::Endpoint::server(quic.clone(), tcp_addr) {
+            Ok(ep) => {
+                std_tcp.set_nonblocking(true).map_err(err)?;
+                return Ok((TcpListener::from_std(std_tcp).map_err(err)?, ep));
+            }
+            Err(e) if addr.port() != 0 => return Err(err(e)),
+            Err(_) => continue,
+        }
+    }
+    Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no port free for both TCP and UDP")))
+}
+
+/// Starts the gateway: edge listeners, admin, and the mesh client.
+pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+    let gc = config.gateway.clone().ok_or(GatewayError::NoGatewaySection)?;
+    let paths = gc.tls.resolve(&gc.name, "gateway")?;
+    let creds = Credentials::load(&paths.ca, &paths.cert, &paths.key)?;
+    let any: SocketAddr = if gc.listen.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal address");
+    let mesh_endpoint =
+        transport::mesh_endpoint(Bind::Addr(any), &creds, &config.mesh.trust_domain, &config.transport, false)?;
+    let (tcp_tls, quic_tls) = tls::edge_configs(&gc)?;
+    let quic = tls::quic_server(quic_tls, &gc.limits)?;
+    let (tcp, edge_endpoint) = bind_edge(gc.listen, quic)?;
+    let listen = tcp.local_addr().map_err(|source| GatewayError::Listen { addr: gc.listen, source })?;
+    let admin_listener =
+        TcpListener::bind(gc.admin).await.map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
+    let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
+    let config = Arc::new(config);
+    let mesh = Arc::new(Mesh::new(config.clone(), None, mesh_endpoint.clone()));
+    let ctx = Arc::new(handler::Edge::new(mesh, &gc, listen.port()));
+    let state = Arc::new(AdminState { ready: Default::default(), config_dump: dump });
+    let mut tasks = JoinSet::new();
+    tasks.spawn(admin::serve(admin_listener, state.clone()));
+    tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), ctx.clone()));
+    tasks.spawn(h3_edge::serve(edge_endpoint.clone(), ctx));
+    state.ready.store(true, Ordering::Release);
+    Ok(Gateway { addrs: GatewayAddrs { listen, admin: admin_addr }, mesh_endpoint, edge_endpoint, _tasks: tasks })
+}
+
+impl Gateway {
+    pub async fn shutdown(self) {
+        self.edge_endpoint.close(0u32.into(), b"gateway shutting down");
+        self.mesh_endpoint.close(0u32.into(), b"gateway shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.edge_endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,91 @@
+//! Edge TLS: certificates from PEM files chosen by SNI, or a self-signed development
+//! certificate when none are configured. TLS 1.2+ on TCP (ALPN h2, http/1.1), TLS 1.3 on QUIC.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use quicmesh_shared::config::{EdgeLimits, GatewayConfig};
+use quicmesh_shared::identity::{self, read_certs, read_key};
+use quicmesh_shared::tls::provider;
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tracing::warn;
+
+use crate::GatewayError;
+
+/// Picks the certificate by SNI, falling back to the first configured one.
+#[derive(Debug)]
+struct SniResolver {
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let by_sni = hello.server_name().and_then(|n| {
+            let n = n.to_ascii_lowercase();
+            self.by_name
+                .get(&n)
+                .or_else(|| n.split_once('.').and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}"))))
+        });
+        Some(by_sni.unwrap_or(&self.default).clone())
+    }
+}
+
+fn resolver(gc: &GatewayConfig) -> Result<SniResolver, GatewayError> {
+    let provider = provider();
+    let certified =
+        |chain, key| CertifiedKey::from_der(chain, key, &provider).map_err(|e| GatewayError::Tls(e.to_string()));
+    if gc.certificates.is_empty() {
+        let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+        let (cert, key) = identity::self_signed(&names)?;
+        warn!("no gateway.certificates configured: serving a self-signed development certificate for localhost");
+        let ck = Arc::new(certified(vec![cert], key)?);
+        return Ok(SniResolver { by_name: HashMap::new(), default: ck });
+    }
+    let mut by_name = HashMap::new();
+    let mut default = None;
+    for c in &gc.certificates {
+        let ck = Arc::new(certified(read_certs(&c.cert)?, read_key(&c.key)?)?);
+        for name in &c.hostnames {
+            by_name.insert(name.to_ascii_lowercase(), ck.clone());
+        }
+        default.get_or_insert(ck);
+    }
+    let default = default.ok_or_else(|| GatewayError::Tls("no certificate".into()))?;
+    Ok(SniResolver { by_name, default })
+}
+
+/// (TCP config, QUIC config) sharing one certificate resolver.
+pub fn edge_configs(gc: &GatewayConfig) -> Result<(rustls::ServerConfig, rustls::ServerConfig), GatewayError> {
+    let resolver = Arc::new(resolver(gc)?);
+    let tls_err = |e: rustls::Error| GatewayError::Tls(e.to_string());
+    let mut tcp = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(tls_err)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    tcp.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut quic = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    quic.alpn_protocols = vec![b"h3".to_vec()];
+    quic.max_early_data_size = 0;
+    Ok((tcp, quic))
+}
+
+/// The QUIC server config of the edge listener.
+pub fn quic_server(tls: rustls::ServerConfig, limits: &EdgeLimits) -> Result<quinn::ServerConfig, GatewayError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(limits.max_concurrent_streams.into()).max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(limits.idle_timeout)
+            .map_err(|e| GatewayError::Tls(format!("idle_timeout: {e}")))?,
+    ));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}

@@ -1,0 +1,160 @@
+//! Node inbound side: QUIC from peer members.
+//!
+//! QUIC accept (mutual TLS against the mesh CA) -> peer SPIFFE identity -> HTTP/3 request ->
+//! check the chosen service and endpoint are hosted here -> deliver locally -> stream back.
+//! CONNECT requests carry opaque TCP (see `tcp`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{HeaderValue, Method, Request, Response};
+use quicmesh_shared::body::{self, H3Body};
+use quicmesh_shared::config::{Protocol, ServiceConfig};
+use quicmesh_shared::error::ProxyError;
+use quicmesh_shared::headers;
+use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::metrics as m;
+use quicmesh_shared::tls;
+use tracing::{debug, info, warn};
+
+pub type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Accepts peers until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(connection(incoming, mesh.clone()));
+    }
+}
+
+async fn connection(incoming: quinn::Incoming, mesh: Arc<Mesh>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = tls::handshake_failure_reason(&e);
+            metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason).increment(1);
+            warn!(%remote, reason, error = %e, "refused QUIC peer");
+            return;
+        }
+    };
+    let td = &mesh.config.mesh.trust_domain;
+    let Some(peer) = tls::peer_identity(&conn, td).and_then(|id| id.node_name().map(str::to_owned)) else {
+        metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "wrong-identity")
+            .increment(1);
+        warn!(%remote, "refused QUIC peer: certificate has no node identity in trust domain {td}");
+        conn.close(1u32.into(), b"no mesh identity");
+        return;
+    };
+    metrics::counter!(m::QUIC_CONNECTIONS_OPENED, "direction" => "inbound", "peer" => peer.clone()).increment(1);
+    metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").increment(1.0);
+    info!(%remote, peer, "accepted QUIC peer");
+    serve_h3(conn, &peer, mesh).await;
+    metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").decrement(1.0);
+}
+
+async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
+    let mut h3 = match h3::server::builder().send_grease(false).build::<_, Bytes>(h3_quinn::Connection::new(conn)).await
+    {
+        Ok(h3) => h3,
+        Err(e) => {
+            warn!(peer, error = %e, "HTTP/3 setup with peer failed");
+            return;
+        }
+    };
+    loop {
+        match h3.accept().await {
+            Ok(Some(resolver)) => {
+                let mesh = mesh.clone();
+                let peer = peer.to_string();
+                tokio::spawn(async move {
+                    match resolver.resolve_request().await {
+                        Ok((req, stream)) => request(req, stream, &peer, &mesh).await,
+                        Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
+                    }
+                });
+            }
+            Ok(None) => break,
+            Err(e) => {
+                if !e.is_h3_no_error() {
+                    debug!(peer, error = %e, "peer connection ended");
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// The local service and endpoint a peer asked for, if this node hosts them.
+pub fn local_target<'a>(req: &Request<()>, mesh: &'a Mesh) -> Result<(&'a ServiceConfig, SocketAddr), ProxyError> {
+    let hdr = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let service = hdr(headers::SERVICE).ok_or_else(|| ProxyError::BadRequest("missing quicmesh-service".into()))?;
+    let addr: SocketAddr = hdr(headers::ENDPOINT)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ProxyError::BadRequest("missing or bad quicmesh-endpoint".into()))?;
+    let svc = mesh.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
+    let hosted = svc.config.endpoints.iter().any(|ep| mesh.is_local(ep) && ep.address == addr);
+    if !hosted {
+        return Err(ProxyError::NoEndpoint(format!("{service} at {addr} (not hosted on this node)")));
+    }
+    Ok((&svc.config, addr))
+}
+
+async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+    if req.method() == Method::CONNECT {
+        return crate::tcp::inbound(req, stream, peer, mesh).await;
+    }
+    let start = Instant::now();
+    let (mut send, recv) = stream.split();
+    let (service, result) = match local_target(&req, mesh) {
+        Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
+            (svc.name.clone(), deliver(req, recv, addr, svc.protocol, mesh).await)
+        }
+        Ok((svc, _)) => (svc.name.clone(), Err(ProxyError::BadRequest("service is TCP".into()))),
+        Err(e) => ("unknown".to_string(), Err(e)),
+    };
+    let resp = result.unwrap_or_else(|e| {
+        debug!(peer, error = %e, "inbound request failed");
+        metrics::counter!(m::PROXY_ERRORS, "direction" => "inbound", "reason" => e.reason()).increment(1);
+        e.response()
+    });
+    let class = m::status_class(resp.status().as_u16());
+    metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => service.clone(), "status_class" => class)
+        .increment(1);
+    metrics::histogram!(m::REQUEST_DURATION, "direction" => "inbound", "service" => service)
+        .record(start.elapsed().as_secs_f64());
+    let (parts, body) = resp.into_parts();
+    let mut head = Response::from_parts(parts, ());
+    *head.version_mut() = http::Version::HTTP_3;
+    if let Err(e) = send.send_response(head).await {
+        debug!(peer, error = %e, "peer went away before the response");
+        return;
+    }
+    if let Err(e) = body::pump_to_h3(body, &mut send).await {
+        debug!(peer, error = %e, "response body ended early");
+    }
+}
+
+async fn deliver(
+    req: Request<()>,
+    recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    addr: SocketAddr,
+    protocol: Protocol,
+    mesh: &Mesh,
+) -> Result<Response<body::Body>, ProxyError> {
+    let (mut parts, ()) = req.into_parts();
+    headers::strip_internal(&mut parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if let Some(a) = parts.uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            parts.headers.insert(HOST, v);
+        }
+    }
+    let req = Request::from_parts(parts, body::boxed(H3Body::new(recv)));
+    let timeout = mesh.config.timeouts.request;
+    tokio::time::timeout(timeout, mesh.local.send(req, addr, protocol))
+        .await
+        .map_err(|_| ProxyError::Timeout(timeout))?
+}

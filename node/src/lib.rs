@@ -1,0 +1,111 @@
+//! quicmesh-node: the per-host proxy. Local apps talk plain HTTP or TCP to it; it carries their
+//! traffic over one mutually authenticated QUIC connection per peer node, and delivers what
+//! peers send to the instances on this host.
+#![forbid(unsafe_code)]
+
+pub mod inbound;
+pub mod outbound;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicmesh_shared::admin::{self, AdminState};
+use quicmesh_shared::config::{Config, ConfigError};
+use quicmesh_shared::identity::{Credentials, IdentityError};
+use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::transport::{self, Bind, TransportError};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("the config has no [node] section")]
+    NoNodeSection,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Addresses a running node actually bound (port 0 in config becomes a real port here).
+#[derive(Debug, Clone)]
+pub struct NodeAddrs {
+    pub name: String,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    /// (service, local address) of each TCP forward.
+    pub tcp: Vec<(String, SocketAddr)>,
+}
+
+/// A running node; dropping it stops every task.
+pub struct Node {
+    pub addrs: NodeAddrs,
+    pub mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    _tasks: JoinSet<()>,
+}
+
+async fn listen(addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { addr, source })
+}
+
+/// Binds every listener of the node, starts serving, and returns the bound addresses.
+pub async fn start(config: Config) -> Result<Node, NodeError> {
+    start_with(config, None).await
+}
+
+/// Like [`start`], with the QUIC socket already bound by the caller.
+pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) -> Result<Node, NodeError> {
+    let nc = config.node.clone().ok_or(NodeError::NoNodeSection)?;
+    let paths = nc.tls.resolve(&nc.name, "node")?;
+    let creds = Credentials::load(&paths.ca, &paths.cert, &paths.key)?;
+    let endpoint = transport::mesh_endpoint(
+        inbound.map_or(Bind::Addr(nc.inbound), Bind::Socket),
+        &creds,
+        &config.mesh.trust_domain,
+        &config.transport,
+        true,
+    )?;
+    let inbound_addr = endpoint.local_addr().map_err(|source| NodeError::Listen { addr: nc.inbound, source })?;
+    let outbound = listen(nc.outbound).await?;
+    let admin_listener = listen(nc.admin).await?;
+    let mut tcp = Vec::new();
+    for fwd in &nc.tcp {
+        tcp.push((fwd.service.clone(), listen(fwd.listen).await?));
+    }
+    let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
+    let mesh = Arc::new(Mesh::new(Arc::new(config), Some(nc.name.clone()), endpoint.clone()));
+    let addrs = NodeAddrs {
+        name: nc.name.clone(),
+        outbound: outbound.local_addr().map_err(|source| NodeError::Listen { addr: nc.outbound, source })?,
+        inbound: inbound_addr,
+        admin: admin_listener.local_addr().map_err(|source| NodeError::Listen { addr: nc.admin, source })?,
+        tcp: tcp.iter().filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.clone(), a))).collect(),
+    };
+    let state = Arc::new(AdminState { ready: Default::default(), config_dump: dump });
+    let mut tasks = JoinSet::new();
+    tasks.spawn(admin::serve(admin_listener, state.clone()));
+    tasks.spawn(inbound::serve(endpoint.clone(), mesh.clone()));
+    tasks.spawn(outbound::serve(outbound, mesh.clone()));
+    for (service, listener) in tcp {
+        tasks.spawn(tcp::serve(listener, service, mesh.clone()));
+    }
+    state.ready.store(true, Ordering::Release);
+    Ok(Node { addrs, mesh, endpoint, _tasks: tasks })
+}
+
+impl Node {
+    /// Closes all QUIC connections (peers see it at once) and stops serving.
+    pub async fn shutdown(self) {
+        self.endpoint.close(0u32.into(), b"node shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}

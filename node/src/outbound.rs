@@ -1,0 +1,104 @@
+//! Node outbound side: the plain HTTP listener local apps send requests to.
+//!
+//! accept -> identify service (Host header or absolute-form URI, so `http_proxy` works) -> clean
+//! headers -> pick endpoint -> forward through the mesh -> record.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::HOST;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use quicmesh_shared::body::{self, Body};
+use quicmesh_shared::config::Protocol;
+use quicmesh_shared::error::ProxyError;
+use quicmesh_shared::headers;
+use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::metrics as m;
+use tokio::net::TcpListener;
+use tracing::{debug, info_span, Instrument};
+
+/// Accepts local apps' connections until the task is dropped.
+pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, "outbound accept failed");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let mesh = mesh.clone();
+                async move { Ok::<_, Infallible>(handle(req, client, &mesh).await) }
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http2().max_concurrent_streams(1024);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                debug!(%client, error = %e, "outbound connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Response<Body> {
+    let start = Instant::now();
+    let span = info_span!("outbound", %client, method = %req.method(), uri = %req.uri());
+    let (service, resp) = match route(req, client, mesh).instrument(span).await {
+        Ok((service, resp)) => (service, resp),
+        Err((service, e)) => {
+            debug!(%client, error = %e, "outbound request failed");
+            metrics::counter!(m::PROXY_ERRORS, "direction" => "outbound", "reason" => e.reason()).increment(1);
+            (service, e.response())
+        }
+    };
+    let class = m::status_class(resp.status().as_u16());
+    metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => service.clone(), "status_class" => class)
+        .increment(1);
+    metrics::histogram!(m::REQUEST_DURATION, "direction" => "outbound", "service" => service)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+type Routed = Result<(String, Response<Body>), (String, ProxyError)>;
+
+async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Routed {
+    let unknown = || "unknown".to_string();
+    let (mut parts, body) = req.into_parts();
+    let Some(authority) = headers::authority(&parts.uri, &parts.headers) else {
+        return Err((unknown(), ProxyError::BadRequest("no Host header or absolute URI".into())));
+    };
+    let host = headers::host_of(&authority);
+    let Some(svc) = mesh.service_for_host(&host) else {
+        return Err((unknown(), ProxyError::NoRoute(host)));
+    };
+    let name = svc.config.name.clone();
+    if svc.config.protocol == Protocol::Tcp {
+        return Err((name, ProxyError::BadRequest("service is TCP; use its node.tcp port".into())));
+    }
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::strip_internal(&mut parts.headers);
+    headers::append_forwarded_for(&mut parts.headers, client.ip());
+    headers::ensure_request_id(&mut parts.headers);
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(HOST, v);
+    }
+    let ep = match mesh.pick(svc, &BTreeMap::new()) {
+        Ok(ep) => ep,
+        Err(e) => return Err((name, e)),
+    };
+    let req = Request::from_parts(parts, body::boxed(body));
+    match mesh.forward(req, svc, &ep).await {
+        Ok(resp) => Ok((name, resp)),
+        Err(e) => Err((name, e)),
+    }
+}

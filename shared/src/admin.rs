@@ -1,0 +1,61 @@
+//! The admin HTTP server of every component: `/ready`, `/live`, `/metrics`, `/config_dump`.
+//!
+//! It runs as its own tasks on a listener bound by the caller (loopback by default), so tests can
+//! bind port 0 and the data plane cannot starve it of accept calls.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::body::{self, Body};
+
+/// What the admin server shows.
+pub struct AdminState {
+    /// Set once the component serves traffic.
+    pub ready: AtomicBool,
+    /// The effective config, rendered once with secrets left out (paths only, never key bytes).
+    pub config_dump: String,
+}
+
+/// Serves the admin API until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state)) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await {
+                debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
+    let (status, ctype, text) = match req.uri().path() {
+        "/ready" if state.ready.load(Ordering::Acquire) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
+        "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
+        "/metrics" => match crate::metrics::recorder() {
+            Some(h) => (StatusCode::OK, "text/plain; version=0.0.4", h.render()),
+            None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder unavailable\n".into()),
+        },
+        "/config_dump" => (StatusCode::OK, "application/json", state.config_dump.clone()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+    resp
+}

@@ -1,0 +1,238 @@
+//! Streaming bodies between hyper and h3, with backpressure and no whole-body buffering.
+//!
+//! [`H3Body`] turns the receive half of an h3 request stream (client or server side) into an
+//! `http_body::Body`, coalescing the many small QUIC chunks into larger frames. [`pump_to_h3`]
+//! sends any body into an h3 stream, awaiting flow control credit frame by frame. Memory per
+//! request is therefore bounded by the QUIC windows plus one coalesced frame.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h3::error::{Code, StreamError};
+use http::HeaderMap;
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::{BodyExt, Empty, Full};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type every proxy hop uses.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest frame built from coalesced QUIC chunks.
+const COALESCE: usize = 64 << 10;
+
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Boxes any body whose errors convert into [`BoxError`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// The receive half of an h3 request stream, client or server side.
+pub trait H3Recv: Send + Unpin + 'static {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>>;
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, StreamError>>;
+}
+
+macro_rules! impl_recv {
+    ($t:ty) => {
+        impl H3Recv for $t {
+            fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>> {
+                self.poll_recv_data(cx).map(|r| r.map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining()))))
+            }
+            fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, StreamError>> {
+                self.poll_recv_trailers(cx)
+            }
+        }
+    };
+}
+impl_recv!(h3::server::RequestStream<h3_quinn::RecvStream, Bytes>);
+impl_recv!(h3::client::RequestStream<h3_quinn::RecvStream, Bytes>);
+
+/// The send half of an h3 request stream, client or server side.
+pub trait H3Send: Send {
+    fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send;
+    fn trailers(&mut self, trailers: HeaderMap) -> impl Future<Output = Result<(), StreamError>> + Send;
+    fn finish(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send;
+    /// Abandons the stream with a reset, so the peer never mistakes a cut body for a whole one.
+    fn reset(&mut self);
+}
+
+macro_rules! impl_send {
+    ($t:ty) => {
+        impl H3Send for $t {
+            fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send {
+                self.send_data(data)
+            }
+            fn trailers(&mut self, trailers: HeaderMap) -> impl Future<Output = Result<(), StreamError>> + Send {
+                self.send_trailers(trailers)
+            }
+            fn finish(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send {
+                <$t>::finish(self)
+            }
+            fn reset(&mut self) {
+                self.stop_stream(Code::H3_REQUEST_CANCELLED);
+            }
+        }
+    };
+}
+impl_send!(h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>);
+impl_send!(h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("reading the body failed: {0}")]
+    Source(BoxError),
+    #[error("sending on the QUIC stream failed: {0}")]
+    Sink(StreamError),
+}
+
+/// Streams `body` into `send` and finishes it; returns the bytes sent. On a source error the
+/// stream is reset rather than finished.
+pub async fn pump_to_h3<B, S>(mut body: B, send: &mut S) -> Result<u64, PumpError>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    S: H3Send,
+{
+    let mut sent = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                send.reset();
+                return Err(PumpError::Source(e.into()));
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if !data.is_empty() {
+                    sent += data.len() as u64;
+                    send.send(data).await.map_err(PumpError::Sink)?;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    send.trailers(trailers).await.map_err(PumpError::Sink)?;
+                    return Ok(sent);
+                }
+            }
+        }
+    }
+    send.finish().await.map_err(PumpError::Sink)?;
+    Ok(sent)
+}
+
+enum State {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// An `http_body::Body` reading an h3 stream's DATA frames, then its trailers.
+pub struct H3Body<R> {
+    recv: R,
+    state: State,
+}
+
+impl<R: H3Recv> H3Body<R> {
+    pub fn new(recv: R) -> Self {
+        Self { recv, state: State::Data }
+    }
+}
+
+impl<R: H3Recv> HttpBody for H3Body<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            match this.state {
+                State::Data => {
+                    let first = match ready!(this.recv.poll_data(cx)) {
+                        Ok(Some(b)) => b,
+                        Ok(None) => {
+                            this.state = State::Trailers;
+                            continue;
+                        }
+                        Err(e) => {
+                            this.state = State::Done;
+                            return Poll::Ready(Some(Err(e.into())));
+                        }
+                    };
+                    if first.len() >= COALESCE {
+                        return Poll::Ready(Some(Ok(Frame::data(first))));
+                    }
+                    // Gather what is already buffered into one frame.
+                    let mut buf = BytesMut::from(first.as_ref());
+                    while buf.len() < COALESCE {
+                        match this.recv.poll_data(cx) {
+                            Poll::Ready(Ok(Some(b))) => buf.extend_from_slice(&b),
+                            Poll::Ready(Ok(None)) => {
+                                this.state = State::Trailers;
+                                break;
+                            }
+                            // Report the error on the next poll; deliver what we have.
+                            Poll::Ready(Err(_)) | Poll::Pending => break,
+                        }
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
+                }
+                State::Trailers => {
+                    let res = ready!(this.recv.poll_trailers(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(match res {
+                        Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(e.into())),
+                    });
+                }
+                State::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+}
+
+/// A body that keeps `guard` alive until the body itself is dropped.
+struct Guarded<G> {
+    inner: Body,
+    _guard: G,
+}
+
+impl<G: Send + Unpin + 'static> HttpBody for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Ties `guard`'s lifetime to `body`'s (e.g. a cancel handle for the paired upload).
+pub fn with_guard<G: Send + Unpin + 'static>(body: Body, guard: G) -> Body {
+    Guarded { inner: body, _guard: guard }.boxed_unsync()
+}

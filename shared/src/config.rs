@@ -1,0 +1,536 @@
+//! The configuration model: serde types, figment layering and validation.
+//!
+//! One `Config` type serves every component so that mesh-wide files (services, nodes, timeouts)
+//! are shared by the gateway and all nodes, while `[node]` and `[gateway]` hold what is specific
+//! to one process. Layers, lowest first: built-in defaults, each `--config` file in order, then
+//! `QUICMESH_` environment variables with `__` for nesting (`QUICMESH_NODE__NAME=node-a`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+#[cfg(test)]
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with this prefix override config keys.
+pub const ENV_PREFIX: &str = "QUICMESH_";
+/// `QUICMESH_*` variables that are not config keys (logging is set up before config is read).
+const ENV_NOT_CONFIG: &[&str] = &["log", "log_format"];
+
+/// A config that could not be loaded: names the file (when one is to blame), the key and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid value for key \"{key}\"{origin}: {reason}")]
+    Invalid {
+        key: String,
+        /// `" in FILE"` when the layer that set the key is known, else empty.
+        origin: String,
+        reason: String,
+    },
+}
+
+/// The whole configuration of one quicmesh process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mesh: MeshConfig,
+    /// Present when this process runs a node proxy.
+    pub node: Option<NodeConfig>,
+    /// Present when this process runs the gateway.
+    pub gateway: Option<GatewayConfig>,
+    /// Mesh members and where their QUIC listeners are (static until the control plane lands).
+    pub nodes: Vec<PeerConfig>,
+    /// Services and their instances.
+    pub services: Vec<ServiceConfig>,
+    pub timeouts: Timeouts,
+    pub transport: TransportConfig,
+}
+
+/// Mesh-wide identity settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// SPIFFE trust domain: identities are `spiffe://<trust_domain>/node/<name>`.
+    pub trust_domain: String,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self { trust_domain: "quicmesh.local".into() }
+    }
+}
+
+/// Where a process finds its CA bundle, certificate and key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFiles {
+    /// Directory written by `quicmesh ca init/issue`; the defaults below are taken from it.
+    pub state_dir: Option<PathBuf>,
+    /// CA certificate (PEM). Default `<state_dir>/ca.pem`.
+    pub ca: Option<PathBuf>,
+    /// This member's certificate (PEM). Default `<state_dir>/<name>.pem`.
+    pub cert: Option<PathBuf>,
+    /// This member's private key (PEM). Default `<state_dir>/<name>.key`.
+    pub key: Option<PathBuf>,
+}
+
+/// Resolved certificate paths.
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Fills the unset paths from `state_dir`; fails naming the first key that cannot be resolved.
+    pub fn resolve(&self, name: &str, section: &str) -> Result<TlsPaths, ConfigError> {
+        let pick = |explicit: &Option<PathBuf>, file: String, key: &str| {
+            explicit.clone().or_else(|| self.state_dir.as_ref().map(|d| d.join(&file))).ok_or_else(|| {
+                ConfigError::Invalid {
+                    key: format!("{section}.tls.{key}"),
+                    origin: String::new(),
+                    reason: "not set, and no tls.state_dir to derive it from".into(),
+                }
+            })
+        };
+        Ok(TlsPaths {
+            ca: pick(&self.ca, "ca.pem".into(), "ca")?,
+            cert: pick(&self.cert, format!("{name}.pem"), "cert")?,
+            key: pick(&self.key, format!("{name}.key"), "key")?,
+        })
+    }
+}
+
+/// The node proxy of this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Node name: a DNS label, also the last part of its SPIFFE identity.
+    pub name: String,
+    /// Plain HTTP listener for local apps (HTTP/1.1 and h2c prior knowledge).
+    pub outbound: SocketAddr,
+    /// UDP address of the QUIC listener that peers connect to.
+    pub inbound: SocketAddr,
+    /// Admin HTTP listener (`/ready`, `/live`, `/metrics`).
+    pub admin: SocketAddr,
+    pub tls: TlsFiles,
+    /// Opaque TCP forwards: a local port carried to a service of protocol `tcp`.
+    pub tcp: Vec<TcpForward>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            outbound: ([127, 0, 0, 1], 15001).into(),
+            inbound: ([0, 0, 0, 0], 15008).into(),
+            admin: ([127, 0, 0, 1], 15000).into(),
+            tls: TlsFiles::default(),
+            tcp: Vec::new(),
+        }
+    }
+}
+
+/// A local TCP port whose connections are tunnelled to a service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpForward {
+    pub listen: SocketAddr,
+    pub service: String,
+}
+
+/// The edge gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Mesh identity of the gateway (`spiffe://<td>/node/<name>`).
+    pub name: String,
+    /// Edge listener: TLS over TCP (h2, http/1.1) and QUIC (h3) on the same port number.
+    pub listen: SocketAddr,
+    /// Admin HTTP listener.
+    pub admin: SocketAddr,
+    /// Mesh certificate of the gateway.
+    pub tls: TlsFiles,
+    /// Edge certificates (PEM), chosen by SNI; empty means a self-signed development certificate.
+    pub certificates: Vec<EdgeCertificate>,
+    pub routes: Vec<GatewayRoute>,
+    pub limits: EdgeLimits,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            name: "gateway".into(),
+            listen: ([0, 0, 0, 0], 8443).into(),
+            admin: ([127, 0, 0, 1], 9901).into(),
+            tls: TlsFiles::default(),
+            certificates: Vec::new(),
+            routes: Vec::new(),
+            limits: EdgeLimits::default(),
+        }
+    }
+}
+
+/// One edge certificate and the server names it answers for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// SNI names; empty means the names in the certificate.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+}
+
+/// A gateway route: host and path prefix to weighted service backends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRoute {
+    pub name: String,
+    /// Host names this route answers (exact, or `*.` wildcard); empty means any.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Path prefix, on whole segments (`/hello` matches `/hello` and `/hello/x`, not `/helloo`).
+    #[serde(default = "root_path")]
+    pub path_prefix: String,
+    pub backends: Vec<BackendRef>,
+    /// Largest request body accepted on this route, in bytes (413 past it).
+    #[serde(default = "default_body_limit")]
+    pub max_request_body: u64,
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+fn default_body_limit() -> u64 {
+    64 << 20
+}
+
+/// A weighted reference to a service, optionally narrowed to instances with given labels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendRef {
+    pub service: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Protections of the edge listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeLimits {
+    /// Largest request header block, bytes (431 past it).
+    pub max_header_bytes: usize,
+    /// Most request headers (431 past it).
+    pub max_headers: usize,
+    /// Time a client has to send its request headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Idle connection timeout.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Concurrent streams per HTTP/2 or HTTP/3 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// A mesh member that accepts QUIC from the others.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: String,
+    /// UDP address of its QUIC listener.
+    pub address: SocketAddr,
+}
+
+/// How a service's instances speak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge.
+    H2c,
+    /// Opaque TCP, reached through `node.tcp` forwards.
+    Tcp,
+}
+
+/// A service and its instances.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Extra Host names that reach this service (the name itself always does).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// One instance of a service: the node that hosts it and its address on that host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub node: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Proxy timeouts (retries and richer policy come later).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect to a local instance, or QUIC handshake with a peer node.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// From sending a request to receiving its response headers.
+    #[serde(with = "humantime_serde")]
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(5), request: Duration::from_secs(30) }
+    }
+}
+
+/// QUIC tuning between mesh members.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// Concurrent request streams a peer may open on one connection.
+    pub max_concurrent_streams: u32,
+    /// Flow-control window per stream, bytes.
+    pub stream_window: u32,
+    /// Flow-control window per connection, bytes.
+    pub connection_window: u32,
+    /// UDP socket send and receive buffer, bytes.
+    pub socket_buffer: usize,
+    /// Keep-alive ping interval; a dead peer is noticed after `idle_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 4096,
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            socket_buffer: 4 << 20,
+            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds the layered figment: defaults, each file in order, then the environment.
+pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
+    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    for file in files {
+        if !file.is_file() {
+            return Err(ConfigError::Missing(file.clone()));
+        }
+        fig = fig.merge(Toml::file_exact(file));
+    }
+    let env = Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG);
+    Ok(fig.merge(env))
+}
+
+/// Loads and validates the config from files plus environment.
+pub fn load(files: &[PathBuf]) -> Result<Config, ConfigError> {
+    let fig = figment(files)?;
+    let config: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
+    config.validate().map_err(|e| attach_source(e, &fig))?;
+    Ok(config)
+}
+
+/// Parses one TOML document (used by the demo's embedded config and by tests).
+pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+    let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+    let config: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// figment reports one error per line; keep them all, without the profile prefix.
+fn describe(err: figment::Error) -> String {
+    let lines: Vec<String> = err.into_iter().map(|e| e.to_string().replace("key \"default.", "key \"")).collect();
+    lines.join("; ")
+}
+
+/// Names the file that set a key which failed validation.
+fn attach_source(err: ConfigError, fig: &Figment) -> ConfigError {
+    match err {
+        ConfigError::Invalid { key, origin, reason } if origin.is_empty() => {
+            let top = key.split(['.', '[']).next().unwrap_or_default();
+            let origin =
+                fig.find_metadata(top).and_then(|m| m.source.as_ref().map(|s| format!(" in {s}"))).unwrap_or_default();
+            ConfigError::Invalid { key, origin, reason }
+        }
+        other => other,
+    }
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), origin: String::new(), reason: reason.into() }
+}
+
+/// A name usable as a DNS label and in a SPIFFE path: `[a-z0-9-]`, 1 to 63 characters.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl Config {
+    /// Checks what serde cannot: names, references between sections, sane numbers.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mesh.trust_domain.is_empty()
+            || !self.mesh.trust_domain.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return Err(invalid("mesh.trust_domain", format!("{:?} is not a trust domain", self.mesh.trust_domain)));
+        }
+        let mut peers = HashSet::new();
+        for (i, peer) in self.nodes.iter().enumerate() {
+            if !valid_name(&peer.name) {
+                return Err(invalid(
+                    format!("nodes[{i}].name"),
+                    format!("{:?} is not a valid node name (a-z, 0-9, '-')", peer.name),
+                ));
+            }
+            if !peers.insert(peer.name.as_str()) {
+                return Err(invalid(format!("nodes[{i}].name"), format!("node {:?} is listed twice", peer.name)));
+            }
+        }
+        let local = self.node.as_ref().map(|n| n.name.as_str());
+        let mut services = HashSet::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            if !valid_name(&svc.name) {
+                return Err(invalid(
+                    format!("services[{i}].name"),
+                    format!("{:?} is not a valid service name (a-z, 0-9, '-')", svc.name),
+                ));
+            }
+            if !services.insert(svc.name.as_str()) {
+                return Err(invalid(format!("services[{i}].name"), format!("service {:?} is listed twice", svc.name)));
+            }
+            for (j, ep) in svc.endpoints.iter().enumerate() {
+                if !peers.contains(ep.node.as_str()) && Some(ep.node.as_str()) != local {
+                    return Err(invalid(
+                        format!("services[{i}].endpoints[{j}].node"),
+                        format!("node {:?} is not in [[nodes]]", ep.node),
+                    ));
+                }
+            }
+        }
+        if let Some(node) = &self.node {
+            if !valid_name(&node.name) {
+                return Err(invalid("node.name", format!("{:?} is not a valid node name (a-z, 0-9, '-')", node.name)));
+            }
+            for (i, fwd) in node.tcp.iter().enumerate() {
+                match self.service(&fwd.service) {
+                    None => {
+                        return Err(invalid(
+                            format!("node.tcp[{i}].service"),
+                            format!("unknown service {:?}", fwd.service),
+                        ))
+                    }
+                    Some(s) if s.protocol != Protocol::Tcp => {
+                        return Err(invalid(
+                            format!("node.tcp[{i}].service"),
+                            format!("service {:?} is not protocol \"tcp\"", fwd.service),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(gw) = &self.gateway {
+            if !valid_name(&gw.name) {
+                return Err(invalid("gateway.name", format!("{:?} is not a valid name (a-z, 0-9, '-')", gw.name)));
+            }
+            for (i, route) in gw.routes.iter().enumerate() {
+                if !route.path_prefix.starts_with('/') {
+                    return Err(invalid(
+                        format!("gateway.routes[{i}].path_prefix"),
+                        format!("{:?} does not start with '/'", route.path_prefix),
+                    ));
+                }
+                if route.backends.is_empty() {
+                    return Err(invalid(format!("gateway.routes[{i}].backends"), "a route needs at least one backend"));
+                }
+                for (j, b) in route.backends.iter().enumerate() {
+                    if self.service(&b.service).is_none() {
+                        return Err(invalid(
+                            format!("gateway.routes[{i}].backends[{j}].service"),
+                            format!("unknown service {:?}", b.service),
+                        ));
+                    }
+                }
+            }
+        }
+        let t = &self.transport;
+        if t.max_concurrent_streams == 0 || t.stream_window < 16 << 10 || t.connection_window < t.stream_window {
+            return Err(invalid(
+                "transport",
+                "max_concurrent_streams must be > 0, stream_window >= 16384 and connection_window >= stream_window",
+            ));
+        }
+        if t.idle_timeout <= t.keep_alive {
+            return Err(invalid("transport.idle_timeout", "must be longer than transport.keep_alive"));
+        }
+        if self.timeouts.connect.is_zero() || self.timeouts.request.is_zero() {
+            return Err(invalid("timeouts", "timeouts must be greater than zero"));
+        }
+        Ok(())
+    }
+
+    /// The service with this name.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The QUIC address of a peer member.
+    pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
+        self.nodes.iter().find(|p| p.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,92 @@
+use super::*;
+use std::io::Write;
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn load_err(text: &str) -> String {
+    let f = file(text);
+    load(&[f.path().to_path_buf()]).unwrap_err().to_string()
+}
+
+#[test]
+fn defaults_are_valid() {
+    Config::default().validate().unwrap();
+}
+
+#[test]
+fn wrong_type_names_key_and_file() {
+    let f = file("[node]\nname = \"a\"\noutbound = 15\n");
+    let err = load(&[f.path().to_path_buf()]).unwrap_err().to_string();
+    assert!(err.contains("node.outbound"), "{err}");
+    assert!(err.contains(&f.path().display().to_string()), "{err}");
+}
+
+#[test]
+fn unknown_key_is_refused_by_name() {
+    let err = load_err("[node]\nname = \"a\"\nbogus_key = 1\n");
+    assert!(err.contains("bogus_key"), "{err}");
+    let err = load_err("[timeouts]\nconect = \"1s\"\n");
+    assert!(err.contains("conect"), "{err}");
+}
+
+#[test]
+fn missing_file_is_named() {
+    let err = load(&[PathBuf::from("/nonexistent/q.toml")]).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/q.toml"), "{err}");
+}
+
+#[test]
+fn later_layers_override_earlier_ones() {
+    let a = file("[node]\nname = \"a\"\n[timeouts]\nconnect = \"1s\"\n");
+    let b = file("[timeouts]\nconnect = \"250ms\"\n");
+    let cfg = load(&[a.path().to_path_buf(), b.path().to_path_buf()]).unwrap();
+    assert_eq!(cfg.timeouts.connect, Duration::from_millis(250));
+    assert_eq!(cfg.node.unwrap().name, "a");
+}
+
+#[test]
+fn validation_rules() {
+    let cases = [
+        ("[node]\nname = \"Bad_Name\"\n", "node.name"),
+        ("[[nodes]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[nodes]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n", "nodes[1].name"),
+        ("[[services]]\nname = \"s\"\n[[services.endpoints]]\nnode = \"ghost\"\naddress = \"127.0.0.1:1\"\n", "services[0].endpoints[0].node"),
+        ("[[services]]\nname = \"s\"\n[[services]]\nname = \"s\"\n", "services[1].name"),
+        ("[node]\nname = \"a\"\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"nope\"\n", "node.tcp[0].service"),
+        ("[[services]]\nname = \"web\"\n[node]\nname = \"a\"\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\n", "node.tcp[0].service"),
+        ("[timeouts]\nconnect = \"0s\"\n", "timeouts"),
+        ("[transport]\nkeep_alive = \"20s\"\n", "transport.idle_timeout"),
+        ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),
+        ("[gateway]\n[[gateway.routes]]\nname = \"r\"\npath_prefix = \"x\"\nbackends = [{ service = \"s\" }]\n", "gateway.routes[0].path_prefix"),
+        ("[gateway]\n[[gateway.routes]]\nname = \"r\"\nbackends = [{ service = \"s\" }]\n", "gateway.routes[0].backends[0].service"),
+    ];
+    for (text, key) in cases {
+        let err = load_err(text);
+        assert!(err.contains(&format!("\"{key}\"")), "expected key {key} in: {err}");
+    }
+}
+
+#[test]
+fn validation_errors_name_the_file() {
+    let f = file("[node]\nname = \"Bad_Name\"\n");
+    let err = load(&[f.path().to_path_buf()]).unwrap_err().to_string();
+    assert!(err.contains(&f.path().display().to_string()), "{err}");
+}
+
+#[test]
+fn example_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen > 0);
+}

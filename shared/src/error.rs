@@ -1,0 +1,105 @@
+//! Errors the proxies produce themselves, and the one place that maps them to HTTP responses.
+//!
+//! Every response made by a proxy carries `quicmesh-error: <reason>` so that nobody has to guess
+//! whether a 502 came from the application or from the mesh.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{self, Body};
+
+/// Header naming why the proxy answered instead of the application.
+pub const ERROR_HEADER: &str = "quicmesh-error";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for {0:?}")]
+    NoRoute(String),
+    #[error("service {0:?} has no endpoint")]
+    NoEndpoint(String),
+    #[error("peer node {peer:?} is unreachable: {reason}")]
+    PeerUnreachable { peer: String, reason: String },
+    #[error("peer node {peer:?} failed the TLS handshake: {reason}")]
+    PeerTls { peer: String, reason: String },
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("upstream {addr} is unreachable: {reason}")]
+    UpstreamUnreachable { addr: String, reason: String },
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("the upstream stream failed: {0}")]
+    UpstreamReset(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("not allowed: {0}")]
+    Denied(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::PeerUnreachable { .. }
+            | ProxyError::PeerTls { .. }
+            | ProxyError::UpstreamUnreachable { .. }
+            | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::ConnectTimeout(_) | ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Denied(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The `quicmesh-error` value: a short, stable, bounded reason (also a metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute(_) => "no-route",
+            ProxyError::NoEndpoint(_) => "no-endpoint",
+            ProxyError::PeerUnreachable { .. } => "peer-unreachable",
+            ProxyError::PeerTls { .. } => "peer-tls",
+            ProxyError::ConnectTimeout(_) => "connect-timeout",
+            ProxyError::UpstreamUnreachable { .. } => "upstream-unreachable",
+            ProxyError::Timeout(_) => "timeout",
+            ProxyError::UpstreamReset(_) => "upstream-reset",
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::BodyTooLarge(_) => "body-too-large",
+            ProxyError::Denied(_) => "denied",
+        }
+    }
+
+    /// The response a proxy sends for this error.
+    pub fn response(&self) -> Response<Body> {
+        let mut resp = Response::new(body::full(Bytes::from(format!("quicmesh: {self}\n"))));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_names_itself() {
+        let cases = [
+            (ProxyError::NoRoute("x".into()), 404, "no-route"),
+            (ProxyError::NoEndpoint("x".into()), 503, "no-endpoint"),
+            (ProxyError::UpstreamUnreachable { addr: "a".into(), reason: "r".into() }, 502, "upstream-unreachable"),
+            (ProxyError::Timeout(Duration::from_secs(1)), 504, "timeout"),
+            (ProxyError::ConnectTimeout("a".into()), 504, "connect-timeout"),
+        ];
+        for (err, status, reason) in cases {
+            let resp = err.response();
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[ERROR_HEADER], reason);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! quicmesh-shared: what both the gateway and the node use: the config model, identities and
+//! the CA, mesh TLS, QUIC transport settings, the peer connection pool, the mesh client,
+//! bodies, headers, proxy errors, metrics and the admin server.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod identity;
+pub mod mesh;
+pub mod metrics;
+pub mod pool;
+pub mod tls;
+pub mod transport;

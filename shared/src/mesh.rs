@@ -1,0 +1,340 @@
+//! The mesh client: from a service name to a response, for the node's outbound side and the
+//! gateway alike.
+//!
+//! Phases: identify service -> pick endpoint -> local delivery, or one HTTP/3 request stream on
+//! the pooled QUIC connection to the node hosting the endpoint. The inbound node learns which
+//! service and endpoint were chosen from two internal headers and checks them against its own
+//! instances, so a peer can never make a node dial an arbitrary address.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body::Body as _;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::body::{self, Body, H3Body, H3Send};
+
+/// A client request stream on a mesh connection.
+pub type RequestStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+use crate::config::{Config, EndpointConfig, Protocol, ServiceConfig};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::pool::{PeerConn, PeerPool};
+
+/// A service with its round-robin cursor.
+pub struct Service {
+    pub config: ServiceConfig,
+    cursor: AtomicUsize,
+}
+
+/// Clients for instances on this host: HTTP/1.1 with keep-alive pooling, and h2c.
+#[derive(Clone)]
+pub struct LocalClient {
+    h1: Client<HttpConnector, Body>,
+    h2c: Client<HttpConnector, Body>,
+    connect_timeout: Duration,
+}
+
+impl LocalClient {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let h1 =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector.clone());
+        let h2c = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
+        Self { h1, h2c, connect_timeout }
+    }
+
+    /// Sends `req` (origin-form path in its URI) to the instance at `addr`.
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+        addr: SocketAddr,
+        protocol: Protocol,
+    ) -> Result<Response<Body>, ProxyError> {
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() =
+            Uri::try_from(format!("http://{addr}{pq}")).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        let client = if protocol == Protocol::H2c { &self.h2c } else { &self.h1 };
+        if protocol == Protocol::H2c {
+            *req.version_mut() = http::Version::HTTP_2;
+            req.headers_mut().remove(HOST);
+        } else {
+            *req.version_mut() = http::Version::HTTP_11;
+        }
+        let resp = client.request(req).await.map_err(|e| {
+            let text = format!("{e:?}");
+            if e.is_connect() && text.contains("TimedOut") {
+                ProxyError::ConnectTimeout(format!("{addr} after {:?}", self.connect_timeout))
+            } else if e.is_connect() {
+                ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: source_text(&e) }
+            } else {
+                ProxyError::UpstreamReset(source_text(&e))
+            }
+        })?;
+        let (mut parts, incoming) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        parts.version = http::Version::HTTP_11;
+        Ok(Response::from_parts(parts, body::boxed(incoming)))
+    }
+}
+
+/// The innermost cause of an error chain, which is what an operator needs to read.
+fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Where services live and how to reach them.
+pub struct Mesh {
+    /// This node's name; `None` for the gateway, which hosts no instances.
+    pub local_node: Option<String>,
+    pub config: Arc<Config>,
+    pub pool: PeerPool,
+    pub local: LocalClient,
+    services: HashMap<String, Arc<Service>>,
+    hosts: HashMap<String, Arc<Service>>,
+}
+
+impl Mesh {
+    pub fn new(config: Arc<Config>, local_node: Option<String>, endpoint: quinn::Endpoint) -> Self {
+        let pool = PeerPool::new(endpoint, &config.mesh.trust_domain, config.timeouts.connect);
+        let mut services = HashMap::new();
+        let mut hosts = HashMap::new();
+        for svc in &config.services {
+            let s = Arc::new(Service { config: svc.clone(), cursor: AtomicUsize::new(0) });
+            services.insert(svc.name.clone(), s.clone());
+            hosts.insert(svc.name.clone(), s.clone());
+            for h in &svc.hosts {
+                hosts.insert(h.to_ascii_lowercase(), s.clone());
+            }
+        }
+        let local = LocalClient::new(config.timeouts.connect);
+        Self { local_node, config, pool, local, services, hosts }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    /// The service a Host (without port) names.
+    pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
+        self.hosts.get(host)
+    }
+
+    /// Round robin over the endpoints carrying all of `labels`.
+    pub fn pick(&self, svc: &Service, labels: &BTreeMap<String, String>) -> Result<EndpointConfig, ProxyError> {
+        let eps: Vec<&EndpointConfig> =
+            svc.config.endpoints.iter().filter(|ep| labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v))).collect();
+        if eps.is_empty() {
+            return Err(ProxyError::NoEndpoint(svc.config.name.clone()));
+        }
+        let i = svc.cursor.fetch_add(1, Ordering::Relaxed) % eps.len();
+        Ok(eps[i].clone())
+    }
+
+    /// Is this endpoint hosted here?
+    pub fn is_local(&self, ep: &EndpointConfig) -> bool {
+        self.local_node.as_deref() == Some(ep.node.as_str())
+    }
+
+    /// Sends a request to one endpoint of `svc`, locally or through the endpoint's node.
+    /// The request's headers must already be cleaned of hop-by-hop fields.
+    pub async fn forward(
+        &self,
+        req: Request<Body>,
+        svc: &Service,
+        ep: &EndpointConfig,
+    ) -> Result<Response<Body>, ProxyError> {
+        let timeout = self.config.timeouts.request;
+        if self.is_local(ep) {
+            return tokio::time::timeout(timeout, self.local.send(req, ep.address, svc.config.protocol))
+                .await
+                .map_err(|_| ProxyError::Timeout(timeout))?;
+        }
+        self.forward_remote(req, svc, ep).await
+    }
+
+    async fn peer(&self, ep: &EndpointConfig) -> Result<(PeerConn, SocketAddr), ProxyError> {
+        let peer = self.config.peer(&ep.node).ok_or_else(|| ProxyError::PeerUnreachable {
+            peer: ep.node.clone(),
+            reason: "node has no address in config".into(),
+        })?;
+        Ok((self.pool.get(&peer.name, peer.address).await?, peer.address))
+    }
+
+    async fn forward_remote(
+        &self,
+        req: Request<Body>,
+        svc: &Service,
+        ep: &EndpointConfig,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let authority = headers::authority(&parts.uri, &parts.headers).unwrap_or_else(|| svc.config.name.clone());
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = Uri::try_from(format!("https://{authority}{pq}"))
+            .map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
+        let mut hdrs = parts.headers;
+        hdrs.remove(HOST);
+        hdrs.insert(headers::SERVICE, header_value(&svc.config.name)?);
+        hdrs.insert(headers::ENDPOINT, header_value(&ep.address.to_string())?);
+        let head = |method: &Method| {
+            let mut r = Request::new(());
+            *r.method_mut() = method.clone();
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = hdrs.clone();
+            r
+        };
+        // A request that found its pooled connection dead is replayed once on a fresh one when
+        // that is safe: idempotent and bodiless, so nothing can have been consumed upstream.
+        if body.is_end_stream() && idempotent(&parts.method) {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.send_bodiless(head(&parts.method), ep).await {
+                    Err(ProxyError::PeerUnreachable { reason, .. }) if attempt == 1 => {
+                        debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
+                    }
+                    other => return other,
+                }
+            }
+        }
+        // With a body, only the stream opening may be retried: the body is not consumed yet.
+        let (pc, stream) = match self.open_stream(head(&parts.method), ep).await {
+            Err(ProxyError::PeerUnreachable { .. }) => self.open_stream(head(&parts.method), ep).await?,
+            other => other?,
+        };
+        let (mut send, recv) = stream.split();
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tokio::select! {
+                res = body::pump_to_h3(body, &mut send) => {
+                    if let Err(e) = res {
+                        debug!(error = %e, "request body upload ended early");
+                    }
+                }
+                _ = cancel_rx => send.reset(),
+            }
+        });
+        // The upload runs on past the response headers (full duplex) until the response body is
+        // dropped; dropping `cancel_tx` then resets an unfinished upload.
+        let resp = self.await_recv(recv, ep, &pc).await?;
+        Ok(resp.map(|b| body::with_guard(b, cancel_tx)))
+    }
+
+    /// Opens a request stream on the pooled connection; a dead connection is evicted.
+    async fn open_stream(
+        &self,
+        head: Request<()>,
+        ep: &EndpointConfig,
+    ) -> Result<(PeerConn, RequestStream), ProxyError> {
+        let (pc, _) = self.peer(ep).await?;
+        let mut sender = pc.h3.clone();
+        match sender.send_request(head).await {
+            Ok(s) => Ok((pc, s)),
+            Err(e) => {
+                self.pool.evict(&ep.node, &pc.conn).await;
+                Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() })
+            }
+        }
+    }
+
+    async fn send_bodiless(&self, head: Request<()>, ep: &EndpointConfig) -> Result<Response<Body>, ProxyError> {
+        let (pc, mut stream) = self.open_stream(head, ep).await?;
+        if let Err(e) = stream.finish().await {
+            self.pool.evict(&ep.node, &pc.conn).await;
+            return Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() });
+        }
+        let (_send, recv) = stream.split();
+        self.await_recv(recv, ep, &pc).await
+    }
+
+    async fn await_recv(
+        &self,
+        mut recv: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+        ep: &EndpointConfig,
+        pc: &PeerConn,
+    ) -> Result<Response<Body>, ProxyError> {
+        let timeout = self.config.timeouts.request;
+        let head = match tokio::time::timeout(timeout, recv.recv_response()).await {
+            Err(_) => {
+                recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                return Err(ProxyError::Timeout(timeout));
+            }
+            Ok(Err(e)) if is_connection_error(&e) => {
+                self.pool.evict(&ep.node, &pc.conn).await;
+                return Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() });
+            }
+            Ok(Err(e)) => return Err(ProxyError::UpstreamReset(e.to_string())),
+            Ok(Ok(head)) => head,
+        };
+        let (mut parts, ()) = head.into_parts();
+        parts.version = http::Version::HTTP_11;
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body::boxed(H3Body::new(recv))))
+    }
+
+    /// Opens an opaque byte stream to a TCP endpoint through its node (HTTP/3 CONNECT).
+    pub async fn connect_tcp(&self, svc: &Service, ep: &EndpointConfig) -> Result<RequestStream, ProxyError> {
+        let (pc, _) = self.peer(ep).await?;
+        let mut req = Request::new(());
+        *req.method_mut() = Method::CONNECT;
+        *req.uri_mut() =
+            Uri::try_from(format!("https://{}/", ep.address)).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        req.headers_mut().insert(headers::SERVICE, header_value(&svc.config.name)?);
+        req.headers_mut().insert(headers::ENDPOINT, header_value(&ep.address.to_string())?);
+        let mut sender = pc.h3.clone();
+        let mut stream = match sender.send_request(req).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.pool.evict(&ep.node, &pc.conn).await;
+                return Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() });
+            }
+        };
+        let timeout = self.config.timeouts.connect;
+        let resp = tokio::time::timeout(timeout, stream.recv_response())
+            .await
+            .map_err(|_| ProxyError::ConnectTimeout(format!("tunnel to {}", ep.address)))?
+            .map_err(|e| ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() })?;
+        if !resp.status().is_success() {
+            let reason =
+                resp.headers().get(crate::error::ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("refused");
+            return Err(ProxyError::UpstreamUnreachable { addr: ep.address.to_string(), reason: reason.to_string() });
+        }
+        Ok(stream)
+    }
+}
+
+fn header_value(s: &str) -> Result<HeaderValue, ProxyError> {
+    HeaderValue::from_str(s).map_err(|_| ProxyError::BadRequest(format!("unusable header value {s:?}")))
+}
+
+/// Safe to replay per RFC 9110 section 9.2.2.
+pub fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// A stream error caused by the connection as a whole (so the pooled connection is dead).
+fn is_connection_error(e: &h3::error::StreamError) -> bool {
+    matches!(e, h3::error::StreamError::ConnectionError { .. })
+        || e.to_string().to_ascii_lowercase().contains("connection")
+}
+
+/// Bytes as a body (used by tests and the demo's sample services).
+pub fn text(s: impl Into<Bytes>) -> Body {
+    body::full(s)
+}

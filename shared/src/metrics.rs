@@ -1,0 +1,76 @@
+//! Metric names, descriptions and the process-wide Prometheus recorder.
+//!
+//! Names follow `quicmesh_<subsystem>_<what>_<unit>`; counters end in `_total`. Label values are
+//! bounded: directions, service and node names from config, status classes and reason enums.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "quicmesh_requests_total";
+pub const REQUEST_DURATION: &str = "quicmesh_request_duration_seconds";
+pub const PROXY_ERRORS: &str = "quicmesh_proxy_errors_total";
+pub const QUIC_CONNECTIONS_OPENED: &str = "quicmesh_quic_connections_opened_total";
+pub const QUIC_CONNECTIONS_ACTIVE: &str = "quicmesh_quic_connections_active";
+pub const QUIC_HANDSHAKE_FAILURES: &str = "quicmesh_quic_handshake_failures_total";
+pub const TCP_CONNECTIONS: &str = "quicmesh_tcp_connections_total";
+pub const TCP_BYTES: &str = "quicmesh_tcp_bytes_total";
+pub const EDGE_CONNECTIONS: &str = "quicmesh_edge_connections_total";
+pub const EDGE_REJECTED: &str = "quicmesh_edge_rejected_total";
+pub const BUILD_INFO: &str = "quicmesh_build_info";
+
+/// Latency buckets from 100 us to 30 s.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns its handle (None if another
+/// recorder was installed first, e.g. by an embedding program).
+pub fn recorder() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "HTTP requests handled by a proxy, by direction, service and status class.");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from request received to response headers sent.");
+    describe_counter!(PROXY_ERRORS, "Responses the proxy produced itself, by quicmesh-error reason.");
+    describe_counter!(QUIC_CONNECTIONS_OPENED, "QUIC connections established with peer members.");
+    describe_gauge!(QUIC_CONNECTIONS_ACTIVE, "QUIC connections currently open with peer members.");
+    describe_counter!(QUIC_HANDSHAKE_FAILURES, "QUIC/TLS handshakes that failed, by direction and reason.");
+    describe_counter!(TCP_CONNECTIONS, "Opaque TCP connections tunnelled, by direction and service.");
+    describe_counter!(TCP_BYTES, Unit::Bytes, "Bytes carried through TCP tunnels, by direction.");
+    describe_counter!(EDGE_CONNECTIONS, "Client connections accepted by the gateway, by protocol.");
+    describe_counter!(EDGE_REJECTED, "Client requests or connections the gateway refused, by reason.");
+    describe_gauge!(BUILD_INFO, "Build information; always 1.");
+}
+
+/// `2xx`, `4xx`, ... for a status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,158 @@
+//! rustls configurations for mutual TLS 1.3 between mesh members.
+//!
+//! Servers require a client certificate chained to the mesh CA (`WebPkiClientVerifier`). Clients
+//! verify the server chain against the same CA and then that the certificate carries exactly the
+//! SPIFFE identity of the node they meant to reach: the TLS server name used when dialing is the
+//! peer's node name, and `spiffe://<td>/node/<name>` must be among its URI SANs. The stock server
+//! verifier cannot do this (it refuses URI-only certificates), hence [`MeshServerVerifier`].
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::identity::{spiffe_ids, Credentials, SpiffeId};
+
+/// ALPN of mesh connections: HTTP/3 between proxies.
+pub const MESH_ALPN: &[u8] = b"h3";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("mesh CA bundle is unusable: {0}")]
+    Roots(String),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(String),
+}
+
+/// The one crypto provider used everywhere (ring; see STACK-NOTES).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(creds: &Credentials) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in &creds.roots {
+        store.add(cert.clone()).map_err(|e| TlsError::Roots(e.to_string()))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// Server side of mesh mTLS: TLS 1.3 only, client certificate required.
+pub fn mesh_server(creds: &Credentials) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(creds)?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Roots(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
+    cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    cfg.max_early_data_size = 0;
+    Ok(cfg)
+}
+
+/// Client side of mesh mTLS: presents our certificate, pins the peer's SPIFFE identity.
+pub fn mesh_client(creds: &Credentials, trust_domain: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        MeshServerVerifier { roots: roots(creds)?, provider: provider.clone(), trust_domain: trust_domain.into() };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
+    cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// Verifies a mesh server: chain to the mesh CA, then the SPIFFE id named by the server name.
+#[derive(Debug)]
+pub struct MeshServerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let ServerName::DnsName(name) = server_name else {
+            return Err(CertificateError::NotValidForName.into());
+        };
+        let expected = SpiffeId::node(&self.trust_domain, name.as_ref());
+        if spiffe_ids(end_entity).contains(&expected) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(CertificateError::NotValidForName.into())
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The verified SPIFFE identity of a QUIC peer, if it presented one of our trust domain.
+pub fn peer_identity(conn: &quinn::Connection, trust_domain: &str) -> Option<SpiffeId> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let first = certs.first()?;
+    spiffe_ids(first).into_iter().find(|id| id.trust_domain == trust_domain)
+}
+
+/// A bounded label for why a handshake failed (for metrics and logs).
+pub fn handshake_failure_reason(err: &quinn::ConnectionError) -> &'static str {
+    let text = err.to_string();
+    if text.contains("UnknownIssuer") || text.contains("unknown ca") || text.contains("BadSignature") {
+        "unknown-ca"
+    } else if text.contains("Expired") || text.contains("expired") {
+        "expired"
+    } else if text.contains("NoCertificatesPresented") || text.contains("certificate required") {
+        "no-certificate"
+    } else if text.contains("NotValidForName") || text.contains("bad certificate") {
+        "wrong-identity"
+    } else if matches!(err, quinn::ConnectionError::TimedOut) {
+        "timeout"
+    } else if text.contains("TLS") || text.contains("crypto") {
+        "tls"
+    } else {
+        "transport"
+    }
+}

@@ -1,0 +1,107 @@
+//! QUIC endpoints between mesh members: tuning, sockets and the stateless-reset key.
+//!
+//! One endpoint (one UDP socket) per process serves both directions: it accepts peers when it
+//! has a server config and dials peers with the mesh client config. The stateless-reset key is
+//! derived from the member's private key, so a node that restarts on the same address answers
+//! packets of its previous life with a reset its peers can verify: they drop the dead connection
+//! at once instead of waiting for the idle timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{EndpointConfig, IdleTimeout, VarInt};
+use ring::hmac;
+
+use crate::config::TransportConfig;
+use crate::identity::Credentials;
+use crate::tls::{self, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("invalid transport setting: {0}")]
+    Setting(String),
+}
+
+/// quinn transport parameters for a data-centre mesh.
+pub fn transport_config(cfg: &TransportConfig) -> Result<quinn::TransportConfig, TransportError> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_concurrent_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(16))
+        .stream_receive_window(VarInt::from_u32(cfg.stream_window))
+        .receive_window(VarInt::from_u32(cfg.connection_window))
+        .send_window(u64::from(cfg.connection_window))
+        .keep_alive_interval(Some(cfg.keep_alive))
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(cfg.idle_timeout)
+                .map_err(|e| TransportError::Setting(format!("idle_timeout: {e}")))?,
+        ));
+    Ok(t)
+}
+
+fn reset_key(creds: &Credentials) -> hmac::Key {
+    // Derive, never reuse, the key bytes: HMAC(context, private key) keeps them unrelated.
+    let ctx = hmac::Key::new(hmac::HMAC_SHA256, b"quicmesh stateless reset v1");
+    let tag = hmac::sign(&ctx, creds.key.secret_der());
+    hmac::Key::new(hmac::HMAC_SHA256, tag.as_ref())
+}
+
+/// Where the endpoint's UDP socket comes from.
+pub enum Bind {
+    Addr(SocketAddr),
+    /// A socket the caller bound already (so it knows the port before starting anything).
+    Socket(std::net::UdpSocket),
+}
+
+fn udp_socket(bind: Bind, buffer: usize) -> Result<std::net::UdpSocket, TransportError> {
+    use socket2::{Domain, Protocol, SockRef, Socket, Type};
+    let socket = match bind {
+        Bind::Socket(s) => s,
+        Bind::Addr(addr) => {
+            let err = |source| TransportError::Bind { addr, source };
+            let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+            socket.bind(&addr.into()).map_err(err)?;
+            socket.into()
+        }
+    };
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let sock = SockRef::from(&socket);
+    let _ = sock.set_recv_buffer_size(buffer);
+    let _ = sock.set_send_buffer_size(buffer);
+    Ok(socket)
+}
+
+/// Builds the mesh QUIC endpoint. With `serve` it accepts peers (mTLS required).
+pub fn mesh_endpoint(
+    bind: Bind,
+    creds: &Credentials,
+    trust_domain: &str,
+    cfg: &TransportConfig,
+    serve: bool,
+) -> Result<quinn::Endpoint, TransportError> {
+    let transport = Arc::new(transport_config(cfg)?);
+    let server = if serve {
+        let crypto = QuicServerConfig::try_from(tls::mesh_server(creds)?).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport.clone());
+        Some(server)
+    } else {
+        None
+    };
+    let endpoint_cfg = EndpointConfig::new(Arc::new(reset_key(creds)));
+    let socket = udp_socket(bind, cfg.socket_buffer)?;
+    let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })?;
+    let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setting("no async runtime".into()))?;
+    let mut endpoint = quinn::Endpoint::new(endpoint_cfg, server, socket, runtime)
+        .map_err(|source| TransportError::Bind { addr, source })?;
+    let crypto = QuicClientConfig::try_from(tls::mesh_client(creds, trust_domain)?)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport);
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
