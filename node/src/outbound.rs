@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::HOST;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -74,12 +74,18 @@ type Routed = Result<(String, Response<Body>), (String, ProxyError)>;
 async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Routed {
     let unknown = || "unknown".to_string();
     let (mut parts, body) = req.into_parts();
-    let Some(authority) = headers::authority(&parts.uri, &parts.headers) else {
+    // The absolute-form URI (or HTTP/2 :authority) names the target; some HTTP/2 clients put
+    // the proxy's own address there and the target in Host, so Host is tried second.
+    let uri_authority = parts.uri.authority().map(|a| a.as_str().to_string());
+    let host_header = parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(|s| s.trim().to_string());
+    let candidates: Vec<String> = uri_authority.into_iter().chain(host_header).filter(|s| !s.is_empty()).collect();
+    let Some(first) = candidates.first() else {
         return Err((unknown(), ProxyError::BadRequest("no Host header or absolute URI".into())));
     };
-    let host = headers::host_of(&authority);
-    let Some(svc) = mesh.service_for_host(&host) else {
-        return Err((unknown(), ProxyError::NoRoute(host)));
+    let Some((authority, svc)) =
+        candidates.iter().find_map(|a| mesh.service_for_host(&headers::host_of(a)).map(|s| (a.clone(), s)))
+    else {
+        return Err((unknown(), ProxyError::NoRoute(headers::host_of(first))));
     };
     let name = svc.config.name.clone();
     if svc.config.protocol == Protocol::Tcp {
@@ -92,6 +98,11 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
     if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(HOST, v);
     }
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = match Uri::try_from(format!("http://{authority}{pq}")) {
+        Ok(u) => u,
+        Err(e) => return Err((name, ProxyError::BadRequest(format!("target: {e}")))),
+    };
     let ep = match mesh.pick(svc, &BTreeMap::new()) {
         Ok(ep) => ep,
         Err(e) => return Err((name, e)),

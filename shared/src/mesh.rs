@@ -271,10 +271,9 @@ impl Mesh {
     ) -> Result<Response<Body>, ProxyError> {
         let timeout = self.config.timeouts.request;
         let head = match tokio::time::timeout(timeout, recv.recv_response()).await {
-            Err(_) => {
-                recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
-                return Err(ProxyError::Timeout(timeout));
-            }
+            // Dropping `recv` stops the stream (h3-quinn panics on an explicit stop_sending
+            // after a cancelled read, so never call it here).
+            Err(_) => return Err(ProxyError::Timeout(timeout)),
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.pool.evict(&ep.node, &pc.conn).await;
                 return Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() });

@@ -43,11 +43,25 @@ pub fn transport_config(cfg: &TransportConfig) -> Result<quinn::TransportConfig,
     Ok(t)
 }
 
-fn reset_key(creds: &Credentials) -> hmac::Key {
-    // Derive, never reuse, the key bytes: HMAC(context, private key) keeps them unrelated.
-    let ctx = hmac::Key::new(hmac::HMAC_SHA256, b"quicmesh stateless reset v1");
-    let tag = hmac::sign(&ctx, creds.key.secret_der());
-    hmac::Key::new(hmac::HMAC_SHA256, tag.as_ref())
+/// Derives a secret for `purpose` from the member's key: HMAC(purpose, private key), so the
+/// derived bytes reveal nothing of the key and differ per purpose.
+fn derive(creds: &Credentials, purpose: &[u8]) -> hmac::Tag {
+    let ctx = hmac::Key::new(hmac::HMAC_SHA256, purpose);
+    hmac::sign(&ctx, creds.key.secret_der())
+}
+
+/// Endpoint config whose stateless-reset tokens and connection-ID validation survive a restart:
+/// both are keyed from the member's private key, so the restarted process recognises its old
+/// connection IDs as its own and answers them with a reset the peer can verify.
+fn endpoint_config(creds: &Credentials) -> EndpointConfig {
+    let reset = derive(creds, b"quicmesh stateless reset v1");
+    let mut cfg = EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    let cid = derive(creds, b"quicmesh connection id v1");
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(k);
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    cfg
 }
 
 /// Where the endpoint's UDP socket comes from.
@@ -92,7 +106,7 @@ pub fn mesh_endpoint(
     } else {
         None
     };
-    let endpoint_cfg = EndpointConfig::new(Arc::new(reset_key(creds)));
+    let endpoint_cfg = endpoint_config(creds);
     let socket = udp_socket(bind, cfg.socket_buffer)?;
     let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })?;
     let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setting("no async runtime".into()))?;

@@ -1,0 +1,391 @@
+//! End-to-end tests of the node data path: two node processes of the real binary, real
+//! backends, real clients (curl and hyper), everything on loopback with port 0.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// Field order matters: nodes drop (and print their logs on failure) before the state dir goes.
+struct Mesh {
+    a: NodeProc,
+    b: NodeProc,
+    pki: Pki,
+}
+
+/// `echo` (HTTP/1.1) and `echo2` (h2c) are hosted on node-b; the client talks to node-a.
+fn services(echo: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[services]]\nname = \"echo\"\nhosts = [\"echo.test\"]\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n{extra}"
+    )
+}
+
+async fn two_nodes(extra_services: &str) -> Mesh {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let echo = echo_backend().await;
+    let svc = services(echo, extra_services);
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    Mesh { a, b, pki }
+}
+
+fn h2c_client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http()
+}
+
+fn h1_client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+async fn send(
+    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+) -> (u16, http::HeaderMap, String) {
+    let resp = client.request(req).await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn echo_json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_h2c_from_a_rust_client_cross_the_mesh() {
+    let m = two_nodes("").await;
+    let out = m.a.addrs.outbound;
+    for (client, label) in [(h1_client(), "HTTP/1.1"), (h2c_client(), "h2c")] {
+        let req = http::Request::post(format!("http://{out}/path?q=1"))
+            .header("host", "echo.test")
+            .header("connection", "x-hop")
+            .header("x-hop", "must not pass")
+            .header("x-request-id", "given-id")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap();
+        let (status, _, body) = send(&client, req).await;
+        assert_eq!(status, 200, "{label}: {body}");
+        let doc = echo_json(&body);
+        assert_eq!(doc["method"], "POST", "{label}");
+        assert_eq!(doc["path"], "/path?q=1", "{label}");
+        assert_eq!(doc["body"], "payload", "{label}");
+        assert_eq!(doc["headers"]["host"], "echo.test", "{label}");
+        assert_eq!(doc["headers"]["x-request-id"], "given-id", "{label}");
+        assert_eq!(doc["headers"]["x-forwarded-for"], "127.0.0.1", "{label}");
+        assert!(doc["headers"].get("x-hop").is_none(), "{label}: hop-by-hop header passed: {body}");
+        assert!(doc["headers"].get("quicmesh-endpoint").is_none(), "{label}: internal header leaked");
+    }
+    // Without an x-request-id, one is generated.
+    let req = http::Request::get(format!("http://{out}/")).header("host", "echo").body(Full::default()).unwrap();
+    let (_, _, body) = send(&h1_client(), req).await;
+    assert_eq!(echo_json(&body)["headers"]["x-request-id"].as_str().map(str::len), Some(36));
+    // Unknown host: the proxy answers and says so.
+    let req = http::Request::get(format!("http://{out}/")).header("host", "nope").body(Full::default()).unwrap();
+    let (status, headers, _) = send(&h1_client(), req).await;
+    assert_eq!(status, 404);
+    assert_eq!(headers["quicmesh-error"], "no-route");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_http1_h2c_and_http_proxy_cross_the_mesh() {
+    if !require_tool("curl") {
+        return;
+    }
+    let m = two_nodes("").await;
+    let out = m.a.addrs.outbound.to_string();
+    let url = format!("http://{out}/c");
+    let (ok, body) = curl(&["-H", "Host: echo", &url]);
+    assert!(ok, "{body}");
+    assert_eq!(echo_json(&body)["path"], "/c");
+    let (ok, body) = curl(&["--http2-prior-knowledge", "-H", "Host: echo", "-d", "h2 body", &url]);
+    assert!(ok, "{body}");
+    assert_eq!(echo_json(&body)["body"], "h2 body");
+    // http_proxy style: absolute-form request URI.
+    let (ok, body) = curl(&["-x", &format!("http://{out}"), "http://echo.test/via-proxy"]);
+    assert!(ok, "{body}");
+    let doc = echo_json(&body);
+    assert_eq!(doc["path"], "/via-proxy");
+    assert_eq!(doc["headers"]["host"], "echo.test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_share_one_quic_connection() {
+    let m = two_nodes("").await;
+    let out = m.a.addrs.outbound;
+    let client = h2c_client();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let client = client.clone();
+        set.spawn(async move {
+            let req =
+                http::Request::get(format!("http://{out}/r/{i}")).header("host", "echo").body(Full::default()).unwrap();
+            send(&client, req).await.0
+        });
+    }
+    let mut ok = 0;
+    while let Some(status) = set.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+        ok += 1;
+    }
+    assert_eq!(ok, 1000);
+    let a = m.a.metrics().await;
+    assert_eq!(
+        metric(&a, "quicmesh_quic_connections_opened_total", &[("direction", "outbound"), ("peer", "node-b")]),
+        1.0,
+        "{a}"
+    );
+    assert_eq!(metric(&a, "quicmesh_requests_total", &[("direction", "outbound"), ("service", "echo")]), 1000.0);
+    let b = m.b.metrics().await;
+    assert_eq!(
+        metric(&b, "quicmesh_quic_connections_opened_total", &[("direction", "inbound"), ("peer", "node-a")]),
+        1.0,
+        "{b}"
+    );
+    assert_eq!(
+        metric(
+            &b,
+            "quicmesh_requests_total",
+            &[("direction", "inbound"), ("service", "echo"), ("status_class", "2xx")]
+        ),
+        1000.0
+    );
+}
+
+/// 100 MiB each way through both nodes; the nodes' peak RSS must stay far below the body size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_with_bounded_memory() {
+    const SIZE: u64 = 100 << 20;
+    const BOUND_KIB: u64 = 80 << 10; // measured peak ~25-45 MiB per node in debug builds
+    let m = two_nodes("").await;
+    let out = m.a.addrs.outbound;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<quicmesh_shared::body::Body>();
+    // Upload: streamed from a generator, counted by the backend.
+    let req = http::Request::post(format!("http://{out}/count"))
+        .header("host", "echo")
+        .body(quicmesh::samples::stream_bytes(SIZE))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body).trim(), SIZE.to_string());
+    // Download: counted frame by frame, never collected.
+    let req = http::Request::get(format!("http://{out}/bytes/{SIZE}"))
+        .header("host", "echo")
+        .body(quicmesh_shared::body::empty())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        got += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(got, SIZE);
+    let (ra, rb) = (m.a.peak_rss_kib(), m.b.peak_rss_kib());
+    eprintln!("peak RSS after 100 MiB up + 100 MiB down: node-a {ra} KiB, node-b {rb} KiB");
+    assert!(ra < BOUND_KIB && rb < BOUND_KIB, "peak RSS node-a {ra} KiB, node-b {rb} KiB exceeds {BOUND_KIB} KiB");
+}
+
+/// A TCP backend that reads until EOF, then answers with what it got and closes.
+async fn tcp_summing_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.unwrap();
+                let reply = format!(
+                    "got {} bytes ending {:?}",
+                    buf.len(),
+                    String::from_utf8_lossy(&buf[buf.len().saturating_sub(4)..])
+                );
+                s.write_all(reply.as_bytes()).await.unwrap();
+                s.shutdown().await.unwrap();
+            });
+        }
+    });
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_tunnel_carries_bytes_both_ways_with_half_close() {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let backend = tcp_summing_backend().await;
+    let svc = format!("[[services]]\nname = \"db\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a_extra = format!("{svc}\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\n");
+    let a =
+        NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &a_extra));
+    let port = a.addrs.tcp.iter().find(|(s, _)| s == "db").unwrap().1;
+    for round in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
+        let payload = vec![b'z'; 300_000 + round];
+        s.write_all(&payload).await.unwrap();
+        s.write_all(b"done").await.unwrap();
+        // Half-close: the backend only answers after seeing our EOF through the tunnel.
+        s.shutdown().await.unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut reply)).await.expect("reply").unwrap();
+        assert_eq!(reply, format!("got {} bytes ending \"done\"", payload.len() + 4));
+    }
+    let m = a.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_tcp_connections_total", &[("direction", "outbound"), ("service", "db")]), 3.0);
+    assert_eq!(metric(&m, "quicmesh_quic_connections_opened_total", &[("direction", "outbound")]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_is_down_gives_502_with_the_reason() {
+    let dead = dead_address().await;
+    let extra =
+        format!("[[services]]\nname = \"gone\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{dead}\"\n");
+    let m = two_nodes(&extra).await;
+    let req = http::Request::get(format!("http://{}/", m.a.addrs.outbound))
+        .header("host", "gone")
+        .body(Full::default())
+        .unwrap();
+    let (status, headers, body) = send(&h1_client(), req).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(headers["quicmesh-error"], "upstream-unreachable");
+    // A service with no endpoint at all is a 503 from the first node.
+    let extra = "[[services]]\nname = \"empty\"\n";
+    let m2 = two_nodes(extra).await;
+    let req = http::Request::get(format!("http://{}/", m2.a.addrs.outbound))
+        .header("host", "empty")
+        .body(Full::default())
+        .unwrap();
+    let (status, headers, _) = send(&h1_client(), req).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["quicmesh-error"], "no-endpoint");
+    drop(m.pki);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_and_restarted_node_is_reached_again_on_a_new_connection() {
+    let mut m = two_nodes("").await;
+    let out = m.a.addrs.outbound;
+    let get = || async move {
+        let req = http::Request::get(format!("http://{out}/x")).header("host", "echo").body(Full::default()).unwrap();
+        send(&h1_client(), req).await.0
+    };
+    assert_eq!(get().await, 200);
+    // Pin node-b's QUIC port so the restarted process is at the address node-a knows.
+    let text = std::fs::read_to_string(&m.b.config).unwrap();
+    let pinned = text.replacen("inbound = \"127.0.0.1:0\"", &format!("inbound = \"{}\"", m.b.addrs.inbound), 1);
+    std::fs::write(&m.b.config, pinned).unwrap();
+    m.b.restart();
+    // The restarted node answers the old connection's packets with a stateless reset (same
+    // derived key), so the first request after the restart should already succeed.
+    let first = get().await;
+    eventually(Duration::from_secs(15), "a request to succeed after restart", || async {
+        (get().await == 200).then_some(())
+    })
+    .await;
+    let a = m.a.metrics().await;
+    assert_eq!(
+        metric(&a, "quicmesh_quic_connections_opened_total", &[("direction", "outbound"), ("peer", "node-b")]),
+        2.0,
+        "{a}"
+    );
+    assert_eq!(first, 200, "first request after the restart failed (a retry made it)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_certificate_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    let echo = echo_backend().await;
+    let svc = services(echo, "");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    // node-a trusts the real CA but holds a certificate signed by an impostor CA.
+    let rogue = Pki::new();
+    rogue.issue("node-a");
+    let toml = node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc).replace(
+        &format!("[node.tls]\nstate_dir = \"{}\"\n", state.display()),
+        &format!(
+            "[node.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            state.join("ca.pem").display(),
+            rogue.path().join("node-a.pem").display(),
+            rogue.path().join("node-a.key").display()
+        ),
+    );
+    let a = NodeProc::start(pki.path(), "node-a", &toml);
+    let req = http::Request::get(format!("http://{}/", a.addrs.outbound))
+        .header("host", "echo")
+        .body(Full::default())
+        .unwrap();
+    let (status, headers, body) = send(&h1_client(), req).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(headers["quicmesh-error"].to_str().unwrap().starts_with("peer-"), "{headers:?}");
+    let refused = eventually(Duration::from_secs(10), "node-b to count the refusal", || async {
+        let m = b.metrics().await;
+        let n =
+            metric(&m, "quicmesh_quic_handshake_failures_total", &[("direction", "inbound"), ("reason", "unknown-ca")]);
+        (n >= 1.0).then_some(n)
+    })
+    .await;
+    assert!(refused >= 1.0);
+    assert!(b.log().contains("refused QUIC peer"), "refusal not logged:\n{}", b.log());
+    assert_eq!(metric(&b.metrics().await, "quicmesh_requests_total", &[]), 0.0, "a refused peer got a request through");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_refused() {
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    let echo = echo_backend().await;
+    let svc = services(echo, "");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    // Valid for one hour, two days ago.
+    let past = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    let (cert, key) = pki.ca.issue_pem("node-a", past, Duration::from_secs(3600)).unwrap();
+    std::fs::write(state.join("node-a.pem"), cert).unwrap();
+    quicmesh_shared::identity::write_secret(&state.join("node-a.key"), key.as_bytes()).unwrap();
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let req = http::Request::get(format!("http://{}/", a.addrs.outbound))
+        .header("host", "echo")
+        .body(Full::default())
+        .unwrap();
+    let (status, _, _) = send(&h1_client(), req).await;
+    assert_eq!(status, 502);
+    eventually(Duration::from_secs(10), "node-b to count the expired certificate", || async {
+        let m = b.metrics().await;
+        (metric(&m, "quicmesh_quic_handshake_failures_total", &[("direction", "inbound"), ("reason", "expired")])
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn bad_configs_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[node]\nname = \"a\"\noutbound = 15001\n", "node.outbound"),
+        ("[node]\nname = \"a\"\nlisten_everywhere = true\n", "listen_everywhere"),
+        ("[timeouts]\nrequest = \"soon\"\n", "timeouts.request"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        for cmd in ["check", "node"] {
+            let out = std::process::Command::new(BIN).args([cmd, "--config"]).arg(&path).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{cmd} accepted {text}");
+            assert!(err.contains(key), "{cmd}: message does not name {key}: {err}");
+            assert!(err.contains(&path.display().to_string()), "{cmd}: message does not name the file: {err}");
+        }
+    }
+}
