@@ -3,8 +3,8 @@
 //! rounds. HTTP/1.1 keep-alive, 32 connections, closed loop. Nodes run as processes of the
 //! release binary. Prints req/s and p50/p99 per path and the mesh/direct ratios.
 //!
-//! Run: `cargo bench --bench load` (env: QUICMESH_BENCH_SECS per round, default 4;
-//! QUICMESH_BENCH_ROUNDS, default 3; QUICMESH_BENCH_CONNS, default 32).
+//! Run: `cargo bench --bench load` (env: BENCH_SECS per round, default 4;
+//! BENCH_ROUNDS, default 3; BENCH_CONNS, default 32).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -79,9 +79,9 @@ async fn load(target: SocketAddr, host: &'static str, conns: usize, secs: u64) -
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let secs = env_or("QUICMESH_BENCH_SECS", 4);
-        let rounds = env_or("QUICMESH_BENCH_ROUNDS", 3);
-        let conns = env_or("QUICMESH_BENCH_CONNS", 32) as usize;
+        let secs = env_or("BENCH_SECS", 4);
+        let rounds = env_or("BENCH_ROUNDS", 3);
+        let conns = env_or("BENCH_CONNS", 32) as usize;
         let pki = Pki::new();
         let state = pki.issue("node-a");
         pki.issue("node-b");
