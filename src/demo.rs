@@ -17,10 +17,10 @@ pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Gateway port (TCP for HTTP/1.1 and HTTP/2 over TLS, UDP for HTTP/3).
+    /// Gateway port (TCP for HTTP/1.1 and HTTP/2 over TLS, UDP for HTTP/3); 0 picks a free one.
     #[arg(long, default_value_t = 8443)]
     pub port: u16,
-    /// Gateway admin port (`/ready`, `/metrics`), on loopback.
+    /// Gateway admin port (`/ready`, `/metrics`), on loopback; 0 picks a free one.
     #[arg(long, default_value_t = 9901)]
     pub admin_port: u16,
 }
@@ -41,7 +41,7 @@ async fn local_listener() -> anyhow::Result<(TcpListener, SocketAddr)> {
 /// Starts everything; returns once the gateway serves.
 pub async fn start(args: &Args) -> anyhow::Result<Demo> {
     quicmesh_shared::metrics::recorder();
-    let mut cfg: Config = config::from_toml(DEMO_CONFIG).context("embedded demo config")?;
+    let mut cfg: Config = config::from_toml_with_env(DEMO_CONFIG).context("embedded demo config")?;
     let state = tempfile::Builder::new().prefix("quicmesh-demo-").tempdir()?;
     let ca = Ca::init(state.path(), &cfg.mesh.trust_domain)?;
     for name in ["gateway", "node-a", "node-b"] {

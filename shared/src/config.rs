@@ -378,9 +378,18 @@ pub fn load(files: &[PathBuf]) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-/// Parses one TOML document (used by the demo's embedded config and by tests).
+/// Parses one TOML document (used by tests).
 pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
     let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+    let config: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Parses an embedded TOML document with the environment layered on top (the demo).
+pub fn from_toml_with_env(text: &str) -> Result<Config, ConfigError> {
+    let env = Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG);
+    let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)).merge(env);
     let config: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
     config.validate()?;
     Ok(config)

@@ -234,3 +234,166 @@ pub fn curl(args: &[&str]) -> (bool, String) {
     let out = Command::new("curl").args(["-sS", "--max-time", "30"]).args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
+
+/// `quicmesh demo` as a child process on free ports; killed on drop.
+pub struct DemoProc {
+    pub child: Child,
+    /// Gateway port (TCP and UDP).
+    pub port: u16,
+    pub admin: SocketAddr,
+    pub stderr: tempfile::NamedTempFile,
+}
+
+impl DemoProc {
+    pub fn start(env: &[(&str, &str)]) -> DemoProc {
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let mut child = Command::new(BIN)
+            .args(["demo", "--port", "0", "--admin-port", "0"])
+            .envs(env.iter().copied())
+            .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "1")
+            .stdout(Stdio::piped())
+            .stderr(stderr.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut port, mut admin) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while port.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                panic!("demo did not start; log:\n{}", std::fs::read_to_string(stderr.path()).unwrap_or_default());
+            };
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["gateway", url, ..] => port = url.rsplit(':').next().and_then(|p| p.parse().ok()),
+                ["admin", url, ..] => admin = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
+                _ => {}
+            }
+        }
+        DemoProc { child, port: port.unwrap(), admin: admin.unwrap(), stderr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/ready", self.admin);
+        eventually(Duration::from_secs(20), "demo /ready", || {
+            let url = url.clone();
+            async move { (http_get(&url).await.0 == 200).then_some(()) }
+        })
+        .await;
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(&format!("http://{}/metrics", self.admin)).await.1
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for DemoProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- demo log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Accepts any server certificate: for the demo's self-signed development certificate only.
+#[derive(Debug)]
+pub struct InsecureVerifier(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl InsecureVerifier {
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self(std::sync::Arc::new(rustls::crypto::ring::default_provider())))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for InsecureVerifier {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS client config trusting anything, with the given ALPN protocols.
+pub fn insecure_tls(alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(InsecureVerifier::new())
+            .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    cfg
+}
+
+pub type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>;
+
+/// An HTTP/3 client connection (quinn + h3) to 127.0.0.1:port.
+pub async fn h3_connect(port: u16) -> (quinn::Endpoint, H3Sender) {
+    let tls = insecure_tls(&[b"h3"]);
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let conn = ep.connect(([127, 0, 0, 1], port).into(), "localhost").unwrap().await.unwrap();
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    (ep, send)
+}
+
+/// One HTTP/3 request: (status, headers, body).
+pub async fn h3_request(send: &mut H3Sender, req: http::Request<()>, body: &[u8]) -> (u16, http::HeaderMap, Vec<u8>) {
+    use bytes::Buf;
+    let mut stream = send.send_request(req).await.unwrap();
+    if !body.is_empty() {
+        stream.send_data(bytes::Bytes::copy_from_slice(body)).await.unwrap();
+    }
+    stream.finish().await.unwrap();
+    let resp = stream.recv_response().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    (resp.status().as_u16(), resp.headers().clone(), out)
+}

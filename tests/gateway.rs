@@ -1,0 +1,205 @@
+//! End-to-end tests of the edge gateway and the demo: the real binary's `demo` on free ports,
+//! driven by curl, ngtcp2's HTTP/3 client, and Rust clients (h3 over quinn, raw TLS).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http1_and_http2_with_tls_into_the_mesh_and_back() {
+    if !require_tool("curl") {
+        return;
+    }
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let (ok, out) = curl(&["-k", flag, "-w", "\n%{http_code} %{http_version}", &demo.url("/hello")]);
+        assert!(ok, "{out}");
+        assert!(out.starts_with("hello from v"), "{out}");
+        assert!(out.ends_with(&format!("200 {version}")), "{out}");
+        let (ok, out) = curl(&["-k", flag, "-i", "-H", "x-request-id: rid-1", "-d", "ping", &demo.url("/echo?x=1")]);
+        assert!(ok, "{out}");
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.to_ascii_lowercase().contains(&format!("alt-svc: h3=\":{}\"", demo.port)), "{head}");
+        let doc = json(body);
+        assert_eq!(doc["method"], "POST");
+        assert_eq!(doc["path"], "/echo?x=1");
+        assert_eq!(doc["body"], "ping");
+        assert_eq!(doc["headers"]["x-request-id"], "rid-1");
+        assert_eq!(doc["headers"]["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(doc["headers"]["x-forwarded-proto"], "https");
+        assert_eq!(
+            doc["headers"]["forwarded"],
+            format!("for=\"127.0.0.1\";proto=https;host=\"127.0.0.1:{}\"", demo.port)
+        );
+    }
+    let (ok, out) = curl(&["-k", "-i", &demo.url("/nowhere")]);
+    assert!(ok);
+    assert!(out.starts_with("HTTP/1.1 404") || out.starts_with("HTTP/2 404"), "{out}");
+    assert!(out.contains("quicmesh-error: no-route"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_from_a_rust_h3_client() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let (_ep, mut send) = h3_connect(demo.port).await;
+    let req = http::Request::post(demo.url("/echo/h3")).header("x-request-id", "h3-id").body(()).unwrap();
+    let (status, _, body) = h3_request(&mut send, req, b"over quic").await;
+    assert_eq!(status, 200);
+    let doc = json(&String::from_utf8_lossy(&body));
+    assert_eq!(doc["path"], "/echo/h3");
+    assert_eq!(doc["body"], "over quic");
+    assert_eq!(doc["headers"]["x-request-id"], "h3-id");
+    assert_eq!(doc["headers"]["x-forwarded-proto"], "https");
+    let (status, headers, _) =
+        h3_request(&mut send, http::Request::get(demo.url("/missing")).body(()).unwrap(), b"").await;
+    assert_eq!(status, 404);
+    assert_eq!(headers["quicmesh-error"], "no-route");
+    let m = demo.metrics().await;
+    assert!(metric(&m, "quicmesh_requests_total", &[("direction", "ingress"), ("protocol", "h3")]) >= 2.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_from_ngtcp2_an_independent_implementation() {
+    if !require_tool("gtlsclient") {
+        return;
+    }
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let dl = tempfile::tempdir().unwrap();
+    let port = demo.port.to_string();
+    let out = std::process::Command::new("gtlsclient")
+        .args(["-q", "--exit-on-all-streams-close", "--timeout=10s"])
+        .arg(format!("--download={}", dl.path().display()))
+        .args(["127.0.0.1", &port, &demo.url("/hello"), &demo.url("/echo")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gtlsclient failed: {}", String::from_utf8_lossy(&out.stderr));
+    let hello = std::fs::read_to_string(dl.path().join("hello")).unwrap();
+    assert!(hello.starts_with("hello from v"), "{hello}");
+    let echo = json(&std::fs::read_to_string(dl.path().join("echo")).unwrap());
+    assert_eq!(echo["path"], "/echo");
+    assert_eq!(echo["headers"]["user-agent"], "nghttp3/ngtcp2 client");
+}
+
+/// 1000 requests to /hello over HTTP/3: v2 should answer 10%. Binomial(1000, 0.1) has mean 100
+/// and sd 9.5; the test accepts 100 +/- 48 (5 sd), a false failure once in ~1.7 million runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_splits_hello_90_10_between_v1_and_v2() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let (_ep, send) = h3_connect(demo.port).await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let mut send = send.clone();
+        let url = demo.url("/hello");
+        set.spawn(async move { h3_request(&mut send, http::Request::get(url).body(()).unwrap(), b"").await });
+    }
+    let (mut v1, mut v2) = (0, 0);
+    while let Some(r) = set.join_next().await {
+        let (status, _, body) = r.unwrap();
+        assert_eq!(status, 200);
+        match String::from_utf8_lossy(&body).as_ref() {
+            "hello from v1 on node-a\n" => v1 += 1,
+            "hello from v2 on node-b\n" => v2 += 1,
+            other => panic!("unexpected body {other:?}"),
+        }
+    }
+    assert_eq!(v1 + v2, 1000);
+    assert!((52..=148).contains(&v2), "v2 answered {v2} of 1000 (expected 100 +/- 48)");
+}
+
+async fn tls_connect(port: u16, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(alpn)));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap()
+}
+
+async fn read_head(stream: &mut (impl AsyncReadExt + Unpin)) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await.expect("response").unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
+    let big = "a".repeat(70 * 1024);
+    s.write_all(format!("GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes()).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 431"));
+    let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    s.write_all(format!("GET /hello HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 431"));
+    // HTTP/3 with an oversized header section is refused too, and the connection stays usable.
+    let (_ep, mut send) = h3_connect(demo.port).await;
+    let req = http::Request::get(demo.url("/hello")).header("x-big", big.as_str()).body(()).unwrap();
+    let refused = match send.send_request(req).await {
+        Err(_) => true,
+        Ok(mut stream) => {
+            let _ = stream.finish().await;
+            match stream.recv_response().await {
+                Ok(resp) => resp.status() == 431,
+                Err(_) => true,
+            }
+        }
+    };
+    assert!(refused, "an oversized HTTP/3 header section was accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_header_client_is_cut_off() {
+    let demo = DemoProc::start(&[("QUICMESH_GATEWAY__LIMITS__HEADER_READ_TIMEOUT", "1s")]);
+    demo.wait_ready().await;
+    let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    // The server must close the connection (EOF or error) without us finishing the headers.
+    let res =
+        tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("connection was not cut off");
+    assert!(matches!(res, Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408"), "{res:?}");
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(800), "cut off too early: {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_tls_hellos_do_not_disturb_a_good_client() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let port = demo.port;
+    let garbage = tokio::spawn(async move {
+        for i in 0..200u32 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                let junk: Vec<u8> = (0..512u32).map(|j| (i.wrapping_mul(31).wrapping_add(j * 7)) as u8).collect();
+                let _ = s.write_all(b"\x16\x03\x01\xff\xff").await;
+                let _ = s.write_all(&junk).await;
+                let _ = s.read(&mut [0u8; 64]).await;
+            }
+        }
+    });
+    let mut s = tls_connect(port, &[b"http/1.1"]).await;
+    let mut ok = 0;
+    while !garbage.is_finished() || ok < 20 {
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        ok += 1;
+    }
+    garbage.await.unwrap();
+    let m = demo.metrics().await;
+    assert!(metric(&m, "quicmesh_edge_rejected_total", &[("reason", "tls-handshake")]) >= 100.0, "{m}");
+}
