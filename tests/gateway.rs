@@ -203,3 +203,56 @@ async fn garbage_tls_hellos_do_not_disturb_a_good_client() {
     let m = demo.metrics().await;
     assert!(metric(&m, "quicmesh_edge_rejected_total", &[("reason", "tls-handshake")]) >= 100.0, "{m}");
 }
+
+/// `quicmesh gateway` from config files: edge certificates chosen by SNI, a per-route body
+/// limit, forwarding to a node process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_from_files_picks_certificates_by_sni_and_enforces_body_limits() {
+    use http_body_util::{BodyExt, Full};
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    pki.issue("gateway");
+    for name in ["a.test", "b.test"] {
+        let (cert, key) = quicmesh_shared::identity::self_signed_pem(&[name.to_string()]).unwrap();
+        std::fs::write(state.join(format!("edge-{name}.pem")), cert).unwrap();
+        quicmesh_shared::identity::write_secret(&state.join(format!("edge-{name}.key")), key.as_bytes()).unwrap();
+    }
+    let echo = echo_backend().await;
+    let svc =
+        format!("[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let s = state.display();
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"{s}\"\n\n\
+         [[gateway.certificates]]\ncert = \"{s}/edge-a.test.pem\"\nkey = \"{s}/edge-a.test.key\"\nhostnames = [\"a.test\"]\n\n\
+         [[gateway.certificates]]\ncert = \"{s}/edge-b.test.pem\"\nkey = \"{s}/edge-b.test.key\"\nhostnames = [\"b.test\"]\n\n\
+         [[gateway.routes]]\nname = \"small\"\npath_prefix = \"/small\"\nmax_request_body = 1000\nbackends = [{{ service = \"echo\" }}]\n\n\
+         [[gateway.routes]]\nname = \"all\"\nbackends = [{{ service = \"echo\" }}]\n\n\
+         [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        b.addrs.inbound
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    let port = gw.addrs.listen.port();
+    for name in ["a.test", "b.test"] {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(&[b"http/1.1"])));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let tls = connector.connect(name.to_string().try_into().unwrap(), tcp).await.unwrap();
+        let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        let expected = quicmesh_shared::identity::read_certs(&state.join(format!("edge-{name}.pem"))).unwrap();
+        assert_eq!(presented, expected[0], "SNI {name} got another certificate");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        for (path, size, status) in [("/small", 2000, 413), ("/small", 500, 200), ("/big", 2000, 200)] {
+            let req = http::Request::post(path)
+                .header("host", name)
+                .body(Full::new(bytes::Bytes::from(vec![b'x'; size])))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status().as_u16(), status, "{name} POST {path} with {size} bytes");
+            if status == 413 {
+                assert_eq!(resp.headers()["quicmesh-error"], "body-too-large");
+            }
+            let _ = resp.into_body().collect().await;
+        }
+    }
+}

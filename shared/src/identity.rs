@@ -260,6 +260,13 @@ pub fn self_signed(names: &[String]) -> Result<(CertificateDer<'static>, Private
     Ok((cert.der().clone(), key))
 }
 
+/// Like [`self_signed`], as PEM: (certificate, private key).
+pub fn self_signed_pem(names: &[String]) -> Result<(String, String), IdentityError> {
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(names.to_vec())?.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

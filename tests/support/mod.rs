@@ -80,11 +80,13 @@ pub async fn dead_address() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// Addresses a node process printed when ready.
+/// Addresses a node or gateway process printed when ready (`listen` only for a gateway,
+/// `outbound`/`inbound` only for a node).
 #[derive(Debug, Clone)]
 pub struct Addrs {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
+    pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub tcp: Vec<(String, SocketAddr)>,
 }
@@ -92,6 +94,7 @@ pub struct Addrs {
 /// A node running as a child process of the real binary; killed on drop.
 pub struct NodeProc {
     pub child: Child,
+    kind: &'static str,
     pub addrs: Addrs,
     pub config: PathBuf,
     pub stderr: PathBuf,
@@ -100,16 +103,25 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts `quicmesh node --config <toml>` and waits for its ready line.
     pub fn start(dir: &Path, name: &str, toml: &str) -> NodeProc {
+        Self::start_kind("node", dir, name, toml)
+    }
+
+    /// Starts `quicmesh gateway --config <toml>` and waits for its ready line.
+    pub fn start_gateway(dir: &Path, toml: &str) -> NodeProc {
+        Self::start_kind("gateway", dir, "gateway", toml)
+    }
+
+    fn start_kind(kind: &'static str, dir: &Path, name: &str, toml: &str) -> NodeProc {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, toml).unwrap();
         let stderr = dir.join(format!("{name}.log"));
-        Self::spawn(config, stderr)
+        Self::spawn(kind, config, stderr)
     }
 
-    fn spawn(config: PathBuf, stderr: PathBuf) -> NodeProc {
+    fn spawn(kind: &'static str, config: PathBuf, stderr: PathBuf) -> NodeProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr).unwrap();
         let mut child = Command::new(BIN)
-            .args(["node", "--config"])
+            .args([kind, "--config"])
             .arg(&config)
             .env("QUICMESH_LOG", "info,quicmesh_shared=debug,quicmesh_node=debug")
             .env("RUST_BACKTRACE", "1")
@@ -136,7 +148,9 @@ impl NodeProc {
         };
         let field = |k: &str| -> SocketAddr {
             let pat = format!("{k}=");
-            line.split_whitespace().find_map(|w| w.strip_prefix(&pat)).unwrap().parse().unwrap()
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&pat))
+                .map_or(([0, 0, 0, 0], 0).into(), |a| a.parse().unwrap())
         };
         let tcp = line
             .split_whitespace()
@@ -144,8 +158,14 @@ impl NodeProc {
             .filter_map(|w| w.split_once('='))
             .map(|(s, a)| (s.to_string(), a.parse().unwrap()))
             .collect();
-        let addrs = Addrs { outbound: field("outbound"), inbound: field("inbound"), admin: field("admin"), tcp };
-        NodeProc { child, addrs, config, stderr }
+        let addrs = Addrs {
+            outbound: field("outbound"),
+            inbound: field("inbound"),
+            listen: field("listen"),
+            admin: field("admin"),
+            tcp,
+        };
+        NodeProc { child, addrs, config, stderr, kind }
     }
 
     /// SIGKILL: no goodbye to peers.
@@ -157,7 +177,7 @@ impl NodeProc {
     /// Starts the same config again (same ports where the config pins them).
     pub fn restart(&mut self) {
         self.kill();
-        let fresh = Self::spawn(self.config.clone(), self.stderr.clone());
+        let fresh = Self::spawn(self.kind, self.config.clone(), self.stderr.clone());
         let old = std::mem::replace(self, fresh);
         drop(old);
     }
