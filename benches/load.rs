@@ -39,6 +39,20 @@ impl Stats {
     }
 }
 
+type Worker = tokio::task::JoinHandle<(Vec<Duration>, u64)>;
+
+/// Merges the workers' latencies and error counts.
+async fn gather(tasks: Vec<Worker>, start: Instant) -> Stats {
+    let mut stats = Stats::default();
+    for t in tasks {
+        let (lat, errors) = t.await.unwrap();
+        stats.latencies.extend(lat);
+        stats.errors += errors;
+    }
+    stats.elapsed = start.elapsed();
+    stats
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Client {
     /// HTTP/1.1 over TLS, one connection per worker.
@@ -121,14 +135,7 @@ async fn load_edge(kind: Client, port: u16, workers: usize, secs: u64) -> Stats 
             (lat, errors)
         }));
     }
-    let mut stats = Stats::default();
-    for t in tasks {
-        let (lat, errors) = t.await.unwrap();
-        stats.latencies.extend(lat);
-        stats.errors += errors;
-    }
-    stats.elapsed = start.elapsed();
-    stats
+    gather(tasks, start).await
 }
 
 /// Closed loop: `conns` keep-alive HTTP/1.1 connections, each sending GETs back to back.
@@ -158,14 +165,7 @@ async fn load(target: SocketAddr, host: &'static str, conns: usize, secs: u64) -
             (lat, errors)
         }));
     }
-    let mut stats = Stats::default();
-    for t in tasks {
-        let (lat, errors) = t.await.unwrap();
-        stats.latencies.extend(lat);
-        stats.errors += errors;
-    }
-    stats.elapsed = start.elapsed();
-    stats
+    gather(tasks, start).await
 }
 
 fn main() {
