@@ -159,10 +159,12 @@ async fn a_thousand_concurrent_requests_share_one_quic_connection() {
     );
 }
 
-/// 100 MiB each way through both nodes; the nodes' peak RSS must stay far below the body size.
+/// 100 MiB each way through both nodes; the nodes' peak RSS must stay well below the body size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways_with_bounded_memory() {
-    const SIZE: u64 = 100 << 20;
+    // BODY_MIB=1024 repeats it with 1 GiB each way (used for the figure in the README).
+    let size_mib: u64 = std::env::var("BODY_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let size: u64 = size_mib << 20;
     const BOUND_KIB: u64 = 80 << 10; // measured peak ~25-45 MiB per node in debug builds
     let m = two_nodes("").await;
     let out = m.a.addrs.outbound;
@@ -171,14 +173,14 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
     // Upload: streamed from a generator, counted by the backend.
     let req = http::Request::post(format!("http://{out}/count"))
         .header("host", "echo")
-        .body(quicmesh::samples::stream_bytes(SIZE))
+        .body(quicmesh::samples::stream_bytes(size))
         .unwrap();
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(String::from_utf8_lossy(&body).trim(), SIZE.to_string());
+    assert_eq!(String::from_utf8_lossy(&body).trim(), size.to_string());
     // Download: counted frame by frame, never collected.
-    let req = http::Request::get(format!("http://{out}/bytes/{SIZE}"))
+    let req = http::Request::get(format!("http://{out}/bytes/{size}"))
         .header("host", "echo")
         .body(quicmesh_shared::body::empty())
         .unwrap();
@@ -189,9 +191,9 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
     while let Some(frame) = body.frame().await {
         got += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
     }
-    assert_eq!(got, SIZE);
+    assert_eq!(got, size);
     let (ra, rb) = (m.a.peak_rss_kib(), m.b.peak_rss_kib());
-    eprintln!("peak RSS after 100 MiB up + 100 MiB down: node-a {ra} KiB, node-b {rb} KiB");
+    eprintln!("peak RSS after {size_mib} MiB up + {size_mib} MiB down: node-a {ra} KiB, node-b {rb} KiB");
     assert!(ra < BOUND_KIB && rb < BOUND_KIB, "peak RSS node-a {ra} KiB, node-b {rb} KiB exceeds {BOUND_KIB} KiB");
 }
 
@@ -388,4 +390,97 @@ fn bad_configs_are_refused_naming_the_key() {
             assert!(err.contains(&path.display().to_string()), "{cmd}: message does not name the file: {err}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_instances_are_called_over_http2() {
+    let echo = echo_backend().await; // serves HTTP/1.1 and h2c prior knowledge
+    let extra = format!(
+        "[[services]]\nname = \"echo2\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n"
+    );
+    let m = two_nodes(&extra).await;
+    let req = http::Request::post(format!("http://{}/h2", m.a.addrs.outbound))
+        .header("host", "echo2")
+        .body(Full::new(Bytes::from_static(b"two")))
+        .unwrap();
+    let (status, _, body) = send(&h1_client(), req).await;
+    assert_eq!(status, 200, "{body}");
+    let doc = echo_json(&body);
+    assert_eq!(doc["version"], "HTTP/2.0", "{body}");
+    assert_eq!(doc["body"], "two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_answers_gives_504_at_the_request_timeout() {
+    // Accepts connections and reads, but never responds.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let extra =
+        format!("[[services]]\nname = \"silent\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{silent}\"\n");
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc = services(echo_backend().await, &extra);
+    let fast = |t: String| t.replace("request = \"10s\"", "request = \"1s\"");
+    let b = NodeProc::start(pki.path(), "node-b", &fast(node_toml("node-b", &state, &[], &svc)));
+    let a =
+        NodeProc::start(pki.path(), "node-a", &fast(node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc)));
+    let start = std::time::Instant::now();
+    let req = http::Request::get(format!("http://{}/", a.addrs.outbound))
+        .header("host", "silent")
+        .body(Full::default())
+        .unwrap();
+    let (status, headers, _) = send(&h1_client(), req).await;
+    let took = start.elapsed();
+    assert_eq!(status, 504);
+    assert_eq!(headers["quicmesh-error"], "timeout");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "took {took:?}");
+}
+
+/// A QUIC client with no certificate at all is refused and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_a_certificate_is_refused() {
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    let svc = services(echo_backend().await, "");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let tls = insecure_tls(&[b"h3"]);
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    // With TLS 1.3 the client may finish its handshake before the server refuses it; the
+    // refusal then shows on the first use of the connection.
+    let refused = match ep.connect(b.addrs.inbound, "node-b").unwrap().await {
+        Err(_) => true,
+        Ok(conn) => match h3::client::new(h3_quinn::Connection::new(conn)).await {
+            Err(_) => true,
+            Ok((_driver, mut send)) => {
+                let req = http::Request::get("https://echo/").header("quicmesh-service", "echo").body(()).unwrap();
+                match send.send_request(req).await {
+                    Err(_) => true,
+                    Ok(mut s) => {
+                        let _ = s.finish().await;
+                        s.recv_response().await.is_err()
+                    }
+                }
+            }
+        },
+    };
+    assert!(refused, "a client without a certificate got a response");
+    eventually(Duration::from_secs(10), "the refusal to be counted", || async {
+        let m = b.metrics().await;
+        (metric(
+            &m,
+            "quicmesh_quic_handshake_failures_total",
+            &[("direction", "inbound"), ("reason", "no-certificate")],
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
 }

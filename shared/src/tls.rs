@@ -144,7 +144,10 @@ pub fn handshake_failure_reason(err: &quinn::ConnectionError) -> &'static str {
         "unknown-ca"
     } else if text.contains("Expired") || text.contains("expired") {
         "expired"
-    } else if text.contains("NoCertificatesPresented") || text.contains("certificate required") {
+    } else if text.contains("NoCertificatesPresented")
+        || text.contains("no certificates")
+        || text.contains("certificate required")
+    {
         "no-certificate"
     } else if text.contains("NotValidForName") || text.contains("bad certificate") {
         "wrong-identity"
