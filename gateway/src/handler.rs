@@ -96,15 +96,16 @@ impl Edge {
         if let Ok(v) = HeaderValue::from_str(&authority) {
             parts.headers.insert(HOST, v);
         }
+        let table = self.mesh.table();
         let total = routes::total_weight(&route.backends);
         let backend = routes::pick_backend(&route.backends, fastrand_u64(total))
             .ok_or_else(|| fail(ProxyError::NoEndpoint(format!("route {name} has no backend with weight"))))?;
         let svc =
-            self.mesh.service(&backend.service).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.service.clone())))?;
+            table.service(&backend.service).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.service.clone())))?;
         let ep = self.mesh.pick(svc, &backend.labels).map_err(fail)?;
         let body =
             body::boxed(Limited::new(body, route.max_request_body as usize).map_err(|e| -> body::BoxError { e }));
-        let resp = self.mesh.forward(Request::from_parts(parts, body), svc, &ep).await.map_err(fail)?;
+        let resp = self.mesh.forward(Request::from_parts(parts, body), &table, svc, &ep).await.map_err(fail)?;
         Ok((name, resp))
     }
 }

@@ -15,7 +15,7 @@ use quicmesh_shared::body::{self, H3Body};
 use quicmesh_shared::config::{Protocol, ServiceConfig};
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
-use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::mesh::{Mesh, Table};
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::tls;
 use tracing::{debug, info, warn};
@@ -40,7 +40,7 @@ async fn connection(incoming: quinn::Incoming, mesh: Arc<Mesh>) {
             return;
         }
     };
-    let td = &mesh.config.mesh.trust_domain;
+    let td = &mesh.trust_domain;
     let Some(peer) = tls::peer_identity(&conn, td).and_then(|id| id.node_name().map(str::to_owned)) else {
         metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "wrong-identity")
             .increment(1);
@@ -88,13 +88,17 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
 }
 
 /// The local service and endpoint a peer asked for, if this node hosts them.
-pub fn local_target<'a>(req: &Request<()>, mesh: &'a Mesh) -> Result<(&'a ServiceConfig, SocketAddr), ProxyError> {
+pub fn local_target<'a>(
+    req: &Request<()>,
+    mesh: &Mesh,
+    table: &'a Table,
+) -> Result<(&'a ServiceConfig, SocketAddr), ProxyError> {
     let hdr = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let service = hdr(headers::SERVICE).ok_or_else(|| ProxyError::BadRequest("missing quicmesh-service".into()))?;
     let addr: SocketAddr = hdr(headers::ENDPOINT)
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ProxyError::BadRequest("missing or bad quicmesh-endpoint".into()))?;
-    let svc = mesh.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
+    let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
     let hosted = svc.config.endpoints.iter().any(|ep| mesh.is_local(ep) && ep.address == addr);
     if !hosted {
         return Err(ProxyError::NoEndpoint(format!("{service} at {addr} (not hosted on this node)")));
@@ -108,9 +112,10 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
     }
     let start = Instant::now();
     let (mut send, recv) = stream.split();
-    let (service, result) = match local_target(&req, mesh) {
+    let table = mesh.table();
+    let (service, result) = match local_target(&req, mesh, &table) {
         Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
-            (svc.name.clone(), deliver(req, recv, addr, svc.protocol, mesh).await)
+            (svc.name.clone(), deliver(req, recv, addr, svc.protocol, mesh, &table).await)
         }
         Ok((svc, _)) => (svc.name.clone(), Err(ProxyError::BadRequest("service is TCP".into()))),
         Err(e) => ("unknown".to_string(), Err(e)),
@@ -143,6 +148,7 @@ async fn deliver(
     addr: SocketAddr,
     protocol: Protocol,
     mesh: &Mesh,
+    table: &Table,
 ) -> Result<Response<body::Body>, ProxyError> {
     let (mut parts, ()) = req.into_parts();
     headers::strip_internal(&mut parts.headers);
@@ -153,7 +159,7 @@ async fn deliver(
         }
     }
     let req = Request::from_parts(parts, body::boxed(H3Body::new(recv)));
-    let timeout = mesh.config.timeouts.request;
+    let timeout = table.config.timeouts.request;
     tokio::time::timeout(timeout, mesh.local.send(req, addr, protocol))
         .await
         .map_err(|_| ProxyError::Timeout(timeout))?

@@ -82,8 +82,9 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
     let Some(first) = candidates.first() else {
         return Err((unknown(), ProxyError::BadRequest("no Host header or absolute URI".into())));
     };
+    let table = mesh.table();
     let Some((authority, svc)) =
-        candidates.iter().find_map(|a| mesh.service_for_host(&headers::host_of(a)).map(|s| (a.clone(), s)))
+        candidates.iter().find_map(|a| table.service_for_host(&headers::host_of(a)).map(|s| (a.clone(), s)))
     else {
         return Err((unknown(), ProxyError::NoRoute(headers::host_of(first))));
     };
@@ -108,7 +109,7 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
         Err(e) => return Err((name, e)),
     };
     let req = Request::from_parts(parts, body::boxed(body));
-    match mesh.forward(req, svc, &ep).await {
+    match mesh.forward(req, &table, svc, &ep).await {
         Ok(resp) => Ok((name, resp)),
         Err(e) => Err((name, e)),
     }

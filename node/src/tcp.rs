@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use quicmesh_shared::body::{H3Recv, H3Send};
 use quicmesh_shared::config::Protocol;
 use quicmesh_shared::error::ProxyError;
-use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::mesh::{Mesh, Table};
 use quicmesh_shared::metrics as m;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,25 +42,26 @@ pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
 }
 
 async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), ProxyError> {
-    let svc = mesh.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
+    let table = mesh.table();
+    let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
     let ep = mesh.pick(svc, &BTreeMap::new())?;
     metrics::counter!(m::TCP_CONNECTIONS, "direction" => "outbound", "service" => service.to_string()).increment(1);
     if mesh.is_local(&ep) {
-        let mut upstream = connect(ep.address, mesh).await?;
+        let mut upstream = connect(ep.address, &table).await?;
         let mut tcp = tcp;
         let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await.unwrap_or((0, 0));
         record_bytes("outbound", up, down);
         return Ok(());
     }
-    let stream = mesh.connect_tcp(svc, &ep).await?;
+    let stream = mesh.connect_tcp(&table, svc, &ep).await?;
     let (send, recv) = stream.split();
     let (up, down) = splice(tcp, send, recv).await;
     record_bytes("outbound", up, down);
     Ok(())
 }
 
-async fn connect(addr: std::net::SocketAddr, mesh: &Mesh) -> Result<TcpStream, ProxyError> {
-    let timeout = mesh.config.timeouts.connect;
+async fn connect(addr: std::net::SocketAddr, table: &Table) -> Result<TcpStream, ProxyError> {
+    let timeout = table.config.timeouts.connect;
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ProxyError::ConnectTimeout(addr.to_string()))?
@@ -77,13 +78,14 @@ fn record_bytes(direction: &'static str, up: u64, down: u64) {
 /// Serves a peer's CONNECT: checks the target is a local TCP instance, connects, splices.
 pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
     let (mut send, recv) = stream.split();
-    let target = match local_target(&req, mesh) {
+    let table = mesh.table();
+    let target = match local_target(&req, mesh, &table) {
         Ok((svc, addr)) if svc.protocol == Protocol::Tcp => Ok((svc.name.clone(), addr)),
         Ok(_) => Err(ProxyError::BadRequest("CONNECT to a non-TCP service".into())),
         Err(e) => Err(e),
     };
     let connected = match target {
-        Ok((name, addr)) => connect(addr, mesh).await.map(|tcp| (name, tcp)),
+        Ok((name, addr)) => connect(addr, &table).await.map(|tcp| (name, tcp)),
         Err(e) => Err(e),
     };
     let (name, tcp) = match connected {

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, Uri};
@@ -99,20 +101,19 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-/// Where services live and how to reach them.
-pub struct Mesh {
-    /// This node's name; `None` for the gateway, which hosts no instances.
-    pub local_node: Option<String>,
+/// One consistent view of the mesh: services, their endpoints, peers and settings. Swapped
+/// whole when a new snapshot arrives; a request loads it once and uses it throughout, so it sees
+/// the old or the new view, never a mix.
+pub struct Table {
+    /// Snapshot version (0 for static config).
+    pub version: u64,
     pub config: Arc<Config>,
-    pub pool: PeerPool,
-    pub local: LocalClient,
     services: HashMap<String, Arc<Service>>,
     hosts: HashMap<String, Arc<Service>>,
 }
 
-impl Mesh {
-    pub fn new(config: Arc<Config>, local_node: Option<String>, endpoint: quinn::Endpoint) -> Self {
-        let pool = PeerPool::new(endpoint, &config.mesh.trust_domain, config.timeouts.connect);
+impl Table {
+    pub fn new(config: Config, version: u64) -> Self {
         let mut services = HashMap::new();
         let mut hosts = HashMap::new();
         for svc in &config.services {
@@ -123,8 +124,7 @@ impl Mesh {
                 hosts.insert(h.to_ascii_lowercase(), s.clone());
             }
         }
-        let local = LocalClient::new(config.timeouts.connect);
-        Self { local_node, config, pool, local, services, hosts }
+        Self { version, config: Arc::new(config), services, hosts }
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
@@ -134,6 +134,36 @@ impl Mesh {
     /// The service a Host (without port) names.
     pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
         self.hosts.get(host)
+    }
+}
+
+/// Where services live and how to reach them.
+pub struct Mesh {
+    /// This node's name; `None` for the gateway, which hosts no instances.
+    pub local_node: Option<String>,
+    pub trust_domain: String,
+    pub pool: PeerPool,
+    pub local: LocalClient,
+    table: ArcSwap<Table>,
+}
+
+impl Mesh {
+    pub fn new(config: Arc<Config>, local_node: Option<String>, endpoint: quinn::Endpoint) -> Self {
+        let pool = PeerPool::new(endpoint, &config.mesh.trust_domain, config.timeouts.connect);
+        let local = LocalClient::new(config.timeouts.connect);
+        let trust_domain = config.mesh.trust_domain.clone();
+        let table = ArcSwap::from_pointee(Table::new(Config::clone(&config), 0));
+        Self { local_node, trust_domain, pool, local, table }
+    }
+
+    /// The current view; load once per request.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// Installs a new view atomically.
+    pub fn apply(&self, table: Table) {
+        self.table.store(Arc::new(table));
     }
 
     /// Round robin over the endpoints carrying all of `labels`.
@@ -157,20 +187,21 @@ impl Mesh {
     pub async fn forward(
         &self,
         req: Request<Body>,
+        table: &Table,
         svc: &Service,
         ep: &EndpointConfig,
     ) -> Result<Response<Body>, ProxyError> {
-        let timeout = self.config.timeouts.request;
+        let timeout = table.config.timeouts.request;
         if self.is_local(ep) {
             return tokio::time::timeout(timeout, self.local.send(req, ep.address, svc.config.protocol))
                 .await
                 .map_err(|_| ProxyError::Timeout(timeout))?;
         }
-        self.forward_remote(req, svc, ep).await
+        self.forward_remote(req, table, svc, ep).await
     }
 
-    async fn peer(&self, ep: &EndpointConfig) -> Result<(PeerConn, SocketAddr), ProxyError> {
-        let peer = self.config.peer(&ep.node).ok_or_else(|| ProxyError::PeerUnreachable {
+    async fn peer(&self, table: &Table, ep: &EndpointConfig) -> Result<(PeerConn, SocketAddr), ProxyError> {
+        let peer = table.config.peer(&ep.node).ok_or_else(|| ProxyError::PeerUnreachable {
             peer: ep.node.clone(),
             reason: "node has no address in config".into(),
         })?;
@@ -180,6 +211,7 @@ impl Mesh {
     async fn forward_remote(
         &self,
         req: Request<Body>,
+        table: &Table,
         svc: &Service,
         ep: &EndpointConfig,
     ) -> Result<Response<Body>, ProxyError> {
@@ -205,7 +237,7 @@ impl Mesh {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                match self.send_bodiless(head(&parts.method), ep).await {
+                match self.send_bodiless(table, head(&parts.method), ep).await {
                     Err(ProxyError::PeerUnreachable { reason, .. }) if attempt == 1 => {
                         debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
                     }
@@ -214,8 +246,8 @@ impl Mesh {
             }
         }
         // With a body, only the stream opening may be retried: the body is not consumed yet.
-        let (pc, stream) = match self.open_stream(head(&parts.method), ep).await {
-            Err(ProxyError::PeerUnreachable { .. }) => self.open_stream(head(&parts.method), ep).await?,
+        let (pc, stream) = match self.open_stream(table, head(&parts.method), ep).await {
+            Err(ProxyError::PeerUnreachable { .. }) => self.open_stream(table, head(&parts.method), ep).await?,
             other => other?,
         };
         let (mut send, recv) = stream.split();
@@ -232,17 +264,18 @@ impl Mesh {
         });
         // The upload runs on past the response headers (full duplex) until the response body is
         // dropped; dropping `cancel_tx` then resets an unfinished upload.
-        let resp = self.await_recv(recv, ep, &pc).await?;
+        let resp = self.await_recv(table, recv, ep, &pc).await?;
         Ok(resp.map(|b| body::with_guard(b, cancel_tx)))
     }
 
     /// Opens a request stream on the pooled connection; a dead connection is evicted.
     async fn open_stream(
         &self,
+        table: &Table,
         head: Request<()>,
         ep: &EndpointConfig,
     ) -> Result<(PeerConn, RequestStream), ProxyError> {
-        let (pc, _) = self.peer(ep).await?;
+        let (pc, _) = self.peer(table, ep).await?;
         let mut sender = pc.h3.clone();
         match sender.send_request(head).await {
             Ok(s) => Ok((pc, s)),
@@ -253,23 +286,29 @@ impl Mesh {
         }
     }
 
-    async fn send_bodiless(&self, head: Request<()>, ep: &EndpointConfig) -> Result<Response<Body>, ProxyError> {
-        let (pc, mut stream) = self.open_stream(head, ep).await?;
+    async fn send_bodiless(
+        &self,
+        table: &Table,
+        head: Request<()>,
+        ep: &EndpointConfig,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (pc, mut stream) = self.open_stream(table, head, ep).await?;
         if let Err(e) = stream.finish().await {
             self.pool.evict(&ep.node, &pc.conn).await;
             return Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() });
         }
         let (_send, recv) = stream.split();
-        self.await_recv(recv, ep, &pc).await
+        self.await_recv(table, recv, ep, &pc).await
     }
 
     async fn await_recv(
         &self,
+        table: &Table,
         mut recv: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
         ep: &EndpointConfig,
         pc: &PeerConn,
     ) -> Result<Response<Body>, ProxyError> {
-        let timeout = self.config.timeouts.request;
+        let timeout = table.config.timeouts.request;
         let head = match tokio::time::timeout(timeout, recv.recv_response()).await {
             // Dropping `recv` stops the stream (h3-quinn panics on an explicit stop_sending
             // after a cancelled read, so never call it here).
@@ -288,8 +327,13 @@ impl Mesh {
     }
 
     /// Opens an opaque byte stream to a TCP endpoint through its node (HTTP/3 CONNECT).
-    pub async fn connect_tcp(&self, svc: &Service, ep: &EndpointConfig) -> Result<RequestStream, ProxyError> {
-        let (pc, _) = self.peer(ep).await?;
+    pub async fn connect_tcp(
+        &self,
+        table: &Table,
+        svc: &Service,
+        ep: &EndpointConfig,
+    ) -> Result<RequestStream, ProxyError> {
+        let (pc, _) = self.peer(table, ep).await?;
         let mut req = Request::new(());
         *req.method_mut() = Method::CONNECT;
         *req.uri_mut() =
@@ -304,7 +348,7 @@ impl Mesh {
                 return Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() });
             }
         };
-        let timeout = self.config.timeouts.connect;
+        let timeout = table.config.timeouts.connect;
         let resp = tokio::time::timeout(timeout, stream.recv_response())
             .await
             .map_err(|_| ProxyError::ConnectTimeout(format!("tunnel to {}", ep.address)))?
