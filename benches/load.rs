@@ -191,7 +191,7 @@ fn main() {
             NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
         pki.issue("gateway");
         let gw_toml = format!(
-            "[mesh]\ntrust_domain = \"{TD}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+            "[mesh]\ntrust_domain = \"{TD}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\
              [gateway.limits]\nmax_concurrent_streams = 1024\n[gateway.tls]\nstate_dir = \"{}\"\n\
              [[gateway.routes]]\nname = \"hello\"\nbackends = [{{ service = \"hello\" }}]\n\
              [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n{svc}",

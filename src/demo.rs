@@ -81,7 +81,7 @@ pub async fn start(args: &Args) -> anyhow::Result<Demo> {
             inbound: sock.local_addr()?,
             admin: "127.0.0.1:0".parse()?,
             tls: tls.clone(),
-            tcp: Vec::new(),
+            ..Default::default()
         });
         node_cfg.validate()?;
         nodes.push(quicmesh_node::start_with(node_cfg, Some(sock)).await.with_context(|| format!("starting {name}"))?);
@@ -90,6 +90,7 @@ pub async fn start(args: &Args) -> anyhow::Result<Demo> {
     if let Some(gw) = gw_cfg.gateway.as_mut() {
         gw.listen.set_port(args.port);
         gw.admin.set_port(args.admin_port);
+        gw.control = "127.0.0.1:0".parse()?;
         gw.tls = tls;
     }
     let gateway = quicmesh_gateway::start(gw_cfg).await.context("starting the gateway")?;

@@ -134,9 +134,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = config::load(&config)?;
             runtime()?.block_on(async {
                 quicmesh_shared::metrics::recorder();
-                let gw = quicmesh_gateway::start(cfg).await?;
+                let gw = quicmesh_gateway::start_with_files(cfg, config).await?;
                 let a = &gw.addrs;
-                println!("quicmesh gateway ready: listen={} admin={}", a.listen, a.admin);
+                println!("quicmesh gateway ready: listen={} admin={} control={}", a.listen, a.admin, a.control);
                 demo::shutdown_signal().await;
                 gw.shutdown().await;
                 Ok(())

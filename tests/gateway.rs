@@ -223,7 +223,7 @@ async fn gateway_from_files_picks_certificates_by_sni_and_enforces_body_limits()
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
     let s = state.display();
     let gw_toml = format!(
-        "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"{s}\"\n\n\
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"{s}\"\n\n\
          [[gateway.certificates]]\ncert = \"{s}/edge-a.test.pem\"\nkey = \"{s}/edge-a.test.key\"\nhostnames = [\"a.test\"]\n\n\
          [[gateway.certificates]]\ncert = \"{s}/edge-b.test.pem\"\nkey = \"{s}/edge-b.test.key\"\nhostnames = [\"b.test\"]\n\n\
          [[gateway.routes]]\nname = \"small\"\npath_prefix = \"/small\"\nmax_request_body = 1000\nbackends = [{{ service = \"echo\" }}]\n\n\

@@ -24,7 +24,7 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 pub struct Edge {
     pub mesh: Arc<Mesh>,
-    pub routes: RouteTable,
+    routes: arc_swap::ArcSwap<RouteTable>,
     pub limits: quicmesh_shared::config::EdgeLimits,
     /// `Alt-Svc` advertised on TCP responses.
     pub alt_svc: HeaderValue,
@@ -34,7 +34,13 @@ impl Edge {
     pub fn new(mesh: Arc<Mesh>, gc: &GatewayConfig, port: u16) -> Self {
         let alt_svc =
             HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).unwrap_or(HeaderValue::from_static("clear"));
-        Self { mesh, routes: RouteTable::new(gc.routes.clone()), limits: gc.limits.clone(), alt_svc }
+        let routes = arc_swap::ArcSwap::from_pointee(RouteTable::new(gc.routes.clone()));
+        Self { mesh, routes, limits: gc.limits.clone(), alt_svc }
+    }
+
+    /// Replaces the route table atomically.
+    pub fn set_routes(&self, routes: Vec<quicmesh_shared::config::GatewayRoute>) {
+        self.routes.store(Arc::new(RouteTable::new(routes)));
     }
 
     /// Handles one client request end to end; never fails (errors become proxy responses).
@@ -69,8 +75,8 @@ impl Edge {
         let authority = headers::authority(&parts.uri, &parts.headers)
             .ok_or_else(|| (none(), ProxyError::BadRequest("no Host".into())))?;
         let host = headers::host_of(&authority);
-        let route: &GatewayRoute = self
-            .routes
+        let routes = self.routes.load_full();
+        let route: &GatewayRoute = routes
             .find(&host, parts.uri.path())
             .ok_or_else(|| (none(), ProxyError::NoRoute(format!("{host}{}", parts.uri.path()))))?;
         let name = route.name.clone();

@@ -3,13 +3,16 @@
 //! through the same pooled QUIC connections (`quicmesh_shared::mesh`).
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod edge;
 pub mod h3_edge;
 pub mod handler;
 pub mod routes;
 pub mod tls;
+pub mod watch;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +46,8 @@ pub struct GatewayAddrs {
     /// TCP (TLS) and UDP (QUIC) share this port number.
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// UDP address of the control listener nodes connect to.
+    pub control: SocketAddr,
 }
 
 pub struct Gateway {
@@ -70,14 +75,20 @@ fn bind_edge(addr: SocketAddr, quic: quinn::ServerConfig) -> Result<(TcpListener
     Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no port free for both TCP and UDP")))
 }
 
-/// Starts the gateway: edge listeners, admin, and the mesh client.
+/// Starts the gateway: edge listeners, admin, the mesh client and the control plane.
 pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+    start_with_files(config, Vec::new()).await
+}
+
+/// Like [`start`], watching `files` (the layers `config` was loaded from) for changes.
+pub async fn start_with_files(config: Config, files: Vec<PathBuf>) -> Result<Gateway, GatewayError> {
     let gc = config.gateway.clone().ok_or(GatewayError::NoGatewaySection)?;
     let paths = gc.tls.resolve(&gc.name, "gateway")?;
     let creds = Credentials::load(&paths.ca, &paths.cert, &paths.key)?;
-    let any: SocketAddr = if gc.listen.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal address");
     let mesh_endpoint =
-        transport::mesh_endpoint(Bind::Addr(any), &creds, &config.mesh.trust_domain, &config.transport, false)?;
+        transport::mesh_endpoint(Bind::Addr(gc.control), &creds, &config.mesh.trust_domain, &config.transport, true)?;
+    let control_addr =
+        mesh_endpoint.local_addr().map_err(|source| GatewayError::Listen { addr: gc.control, source })?;
     let (tcp_tls, quic_tls) = tls::edge_configs(&gc)?;
     let quic = tls::quic_server(quic_tls, &gc.limits)?;
     let (tcp, edge_endpoint) = bind_edge(gc.listen, quic)?;
@@ -86,16 +97,33 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         TcpListener::bind(gc.admin).await.map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
     let admin_addr = admin_listener.local_addr().map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
     let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
-    let config = Arc::new(config);
-    let mesh = Arc::new(Mesh::new(config.clone(), None, mesh_endpoint.clone()));
-    let ctx = Arc::new(handler::Edge::new(mesh, &gc, listen.port()));
-    let state = Arc::new(AdminState { ready: Default::default(), config_dump: dump });
+    let trust_domain = config.mesh.trust_domain.clone();
+    let mesh = Arc::new(Mesh::new(Arc::new(config.clone()), None, mesh_endpoint.clone()));
+    let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
+    let cp = control::ControlPlane::new(config, gc.node_grace, registry_file, mesh.clone());
+    let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc, listen.port()));
+    let (cp_status, mesh_dump) = (cp.clone(), mesh.clone());
+    let extra: Vec<(&'static str, admin::JsonFn)> = vec![
+        ("/nodes", Box::new(move || serde_json::to_string(&cp_status.status()).unwrap_or_default())),
+        ("/endpoints", Box::new(move || mesh_dump.table().dump())),
+    ];
+    let state = AdminState::new(dump, extra);
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, state.clone()));
-    tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), ctx.clone()));
-    tasks.spawn(h3_edge::serve(edge_endpoint.clone(), ctx));
+    tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), edge.clone()));
+    tasks.spawn(h3_edge::serve(edge_endpoint.clone(), edge.clone()));
+    tasks.spawn(control::serve(mesh_endpoint.clone(), cp.clone(), trust_domain));
+    tasks.spawn(cp.clone().sweep());
+    if !files.is_empty() {
+        tasks.spawn(watch::watch(files, gc.watch_interval, cp, edge));
+    }
     state.ready.store(true, Ordering::Release);
-    Ok(Gateway { addrs: GatewayAddrs { listen, admin: admin_addr }, mesh_endpoint, edge_endpoint, _tasks: tasks })
+    Ok(Gateway {
+        addrs: GatewayAddrs { listen, admin: admin_addr, control: control_addr },
+        mesh_endpoint,
+        edge_endpoint,
+        _tasks: tasks,
+    })
 }
 
 impl Gateway {

@@ -3,6 +3,7 @@
 //! peers send to the instances on this host.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod inbound;
 pub mod outbound;
 pub mod tcp;
@@ -18,7 +19,9 @@ use quicmesh_shared::identity::{Credentials, IdentityError};
 use quicmesh_shared::mesh::Mesh;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -50,6 +53,8 @@ pub struct Node {
     pub addrs: NodeAddrs,
     pub mesh: Arc<Mesh>,
     endpoint: quinn::Endpoint,
+    shutdown: watch::Sender<bool>,
+    control_task: Option<tokio::task::JoinHandle<()>>,
     _tasks: JoinSet<()>,
 }
 
@@ -82,6 +87,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         tcp.push((fwd.service.clone(), listen(fwd.listen).await?));
     }
     let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
+    let local_config = config.clone();
     let mesh = Arc::new(Mesh::new(Arc::new(config), Some(nc.name.clone()), endpoint.clone()));
     let addrs = NodeAddrs {
         name: nc.name.clone(),
@@ -90,7 +96,42 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         admin: admin_listener.local_addr().map_err(|source| NodeError::Listen { addr: nc.admin, source })?,
         tcp: tcp.iter().filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.clone(), a))).collect(),
     };
-    let state = Arc::new(AdminState { ready: Default::default(), config_dump: dump });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut control_task = None;
+    if let Some(target) = nc.gateway.clone() {
+        let cache = nc
+            .snapshot_cache
+            .clone()
+            .or_else(|| nc.tls.state_dir.as_ref().map(|d| d.join(format!("{}.snapshot.json", nc.name))));
+        // Static stability: serve the last good snapshot until the gateway says otherwise.
+        if let Some(snap) = cache.as_deref().and_then(control::load_cache) {
+            match control::apply(&mesh, &local_config, &snap) {
+                Ok(()) => info!(version = snap.version, "serving from the cached snapshot"),
+                Err(e) => warn!("cached snapshot unusable: {e}"),
+            }
+        }
+        let advertise = nc.advertise.unwrap_or(inbound_addr);
+        if advertise.ip().is_unspecified() {
+            return Err(NodeError::Config(ConfigError::Invalid {
+                key: "node.advertise".into(),
+                origin: String::new(),
+                reason: format!("node.inbound is {inbound_addr}; set the address peers should use"),
+            }));
+        }
+        let client = control::ControlClient {
+            mesh: mesh.clone(),
+            local: local_config,
+            target,
+            advertise,
+            instances: nc.instances.clone(),
+            cache,
+        };
+        control_task = Some(tokio::spawn(client.run(shutdown_rx)));
+    }
+    let endpoints_mesh = mesh.clone();
+    let extra: Vec<(&'static str, admin::JsonFn)> =
+        vec![("/endpoints", Box::new(move || endpoints_mesh.table().dump()))];
+    let state = AdminState::new(dump, extra);
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, state.clone()));
     tasks.spawn(inbound::serve(endpoint.clone(), mesh.clone()));
@@ -99,12 +140,17 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         tasks.spawn(tcp::serve(listener, service, mesh.clone()));
     }
     state.ready.store(true, Ordering::Release);
-    Ok(Node { addrs, mesh, endpoint, _tasks: tasks })
+    Ok(Node { addrs, mesh, endpoint, shutdown, control_task, _tasks: tasks })
 }
 
 impl Node {
     /// Closes all QUIC connections (peers see it at once) and stops serving.
     pub async fn shutdown(self) {
+        // Deregister first, so peers stop choosing this node's endpoints.
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.control_task {
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
         self.endpoint.close(0u32.into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }

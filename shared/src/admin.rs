@@ -23,6 +23,17 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// The effective config, rendered once with secrets left out (paths only, never key bytes).
     pub config_dump: String,
+    /// More JSON endpoints: path and a function rendering the body.
+    pub extra: Vec<(&'static str, JsonFn)>,
+}
+
+/// Renders a JSON admin page.
+pub type JsonFn = Box<dyn Fn() -> String + Send + Sync>;
+
+impl AdminState {
+    pub fn new(config_dump: String, extra: Vec<(&'static str, JsonFn)>) -> Arc<Self> {
+        Arc::new(Self { ready: AtomicBool::new(false), config_dump, extra })
+    }
 }
 
 /// Serves the admin API until the task is dropped.
@@ -52,7 +63,10 @@ fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder unavailable\n".into()),
         },
         "/config_dump" => (StatusCode::OK, "application/json", state.config_dump.clone()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        path => match state.extra.iter().find(|(p, _)| *p == path) {
+            Some((_, render)) => (StatusCode::OK, "application/json", render()),
+            None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        },
     };
     let mut resp = Response::new(body::full(text));
     *resp.status_mut() = status;

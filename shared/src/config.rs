@@ -125,6 +125,29 @@ pub struct NodeConfig {
     pub tls: TlsFiles,
     /// Opaque TCP forwards: a local port carried to a service of protocol `tcp`.
     pub tcp: Vec<TcpForward>,
+    /// The control plane; unset means services come from static config only.
+    pub gateway: Option<ControlTarget>,
+    /// Address peers use to reach `inbound` (needed when `inbound` is a wildcard address).
+    pub advertise: Option<SocketAddr>,
+    /// Instances this node hosts, registered with the control plane.
+    pub instances: Vec<crate::control::Instance>,
+    /// Where the last good snapshot is cached. Default `<tls.state_dir>/<name>.snapshot.json`.
+    pub snapshot_cache: Option<PathBuf>,
+}
+
+/// Where the control plane is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlTarget {
+    /// UDP address of the gateway's control listener.
+    pub address: SocketAddr,
+    /// The gateway's mesh name (its certificate identity).
+    #[serde(default = "gateway_name")]
+    pub name: String,
+}
+
+fn gateway_name() -> String {
+    "gateway".into()
 }
 
 impl Default for NodeConfig {
@@ -136,6 +159,10 @@ impl Default for NodeConfig {
             admin: ([127, 0, 0, 1], 15000).into(),
             tls: TlsFiles::default(),
             tcp: Vec::new(),
+            gateway: None,
+            advertise: None,
+            instances: Vec::new(),
+            snapshot_cache: None,
         }
     }
 }
@@ -164,6 +191,16 @@ pub struct GatewayConfig {
     pub certificates: Vec<EdgeCertificate>,
     pub routes: Vec<GatewayRoute>,
     pub limits: EdgeLimits,
+    /// UDP address where nodes hold their control streams (mutual TLS).
+    pub control: SocketAddr,
+    /// How long a node that lost its control stream keeps its endpoints.
+    #[serde(with = "humantime_serde")]
+    pub node_grace: Duration,
+    /// How often config files are checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+    /// Where the registry is persisted across restarts. Default `<tls.state_dir>/registry.json`.
+    pub registry_file: Option<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -176,6 +213,10 @@ impl Default for GatewayConfig {
             certificates: Vec::new(),
             routes: Vec::new(),
             limits: EdgeLimits::default(),
+            control: ([0, 0, 0, 0], 15012).into(),
+            node_grace: Duration::from_secs(10),
+            watch_interval: Duration::from_millis(500),
+            registry_file: None,
         }
     }
 }
@@ -262,7 +303,7 @@ impl Default for EdgeLimits {
 }
 
 /// A mesh member that accepts QUIC from the others.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub name: String,
@@ -284,7 +325,7 @@ pub enum Protocol {
 }
 
 /// A service and its instances.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -298,7 +339,7 @@ pub struct ServiceConfig {
 }
 
 /// One instance of a service: the node that hosts it and its address on that host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     pub node: String,
@@ -308,7 +349,7 @@ pub struct EndpointConfig {
 }
 
 /// Proxy timeouts (retries and richer policy come later).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// TCP connect to a local instance, or QUIC handshake with a peer node.

@@ -135,6 +135,13 @@ impl Table {
     pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
         self.hosts.get(host)
     }
+
+    /// JSON of what this proxy believes: version, peers, services and their endpoints.
+    pub fn dump(&self) -> String {
+        let mut services: Vec<&ServiceConfig> = self.services.values().map(|s| &s.config).collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        serde_json::json!({ "version": self.version, "nodes": self.config.nodes, "services": services }).to_string()
+    }
 }
 
 /// Where services live and how to reach them.

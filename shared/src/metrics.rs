@@ -19,6 +19,13 @@ pub const TCP_BYTES: &str = "quicmesh_tcp_bytes_total";
 pub const EDGE_CONNECTIONS: &str = "quicmesh_edge_connections_total";
 pub const EDGE_REJECTED: &str = "quicmesh_edge_rejected_total";
 pub const BUILD_INFO: &str = "quicmesh_build_info";
+pub const CONTROL_VERSION: &str = "quicmesh_control_snapshot_version";
+pub const CONTROL_NODES: &str = "quicmesh_control_connected_nodes";
+pub const CONTROL_NACKS: &str = "quicmesh_control_snapshots_rejected_total";
+pub const CONTROL_PUSH_DURATION: &str = "quicmesh_control_push_duration_seconds";
+pub const CONTROL_APPLIED: &str = "quicmesh_control_snapshots_applied_total";
+pub const CONTROL_CONNECTED: &str = "quicmesh_control_connected";
+pub const CONFIG_RELOADS: &str = "quicmesh_config_reloads_total";
 
 /// Latency buckets from 100 us to 30 s.
 const LATENCY_BUCKETS: &[f64] =
@@ -62,6 +69,13 @@ fn describe() {
     describe_counter!(EDGE_CONNECTIONS, "Client connections accepted by the gateway, by protocol.");
     describe_counter!(EDGE_REJECTED, "Client requests or connections the gateway refused, by reason.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_gauge!(CONTROL_VERSION, "Version of the snapshot this component runs (gateway: publishes).");
+    describe_gauge!(CONTROL_NODES, "Nodes with a live control stream to the gateway.");
+    describe_counter!(CONTROL_NACKS, "Snapshots rejected (gateway: reported by nodes; node: refused here).");
+    describe_histogram!(CONTROL_PUSH_DURATION, Unit::Seconds, "Time to write one snapshot to one node's stream.");
+    describe_counter!(CONTROL_APPLIED, "Snapshots a node applied.");
+    describe_gauge!(CONTROL_CONNECTED, "1 while the node holds a control stream to the gateway.");
+    describe_counter!(CONFIG_RELOADS, "Config file reloads by the gateway, by result (applied, rejected).");
 }
 
 /// `2xx`, `4xx`, ... for a status code.

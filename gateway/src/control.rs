@@ -1,0 +1,366 @@
+//! The control plane: the registry of nodes and what they host, the versioned snapshot computed
+//! from it and the config files, and the control streams that push it to every node.
+//!
+//! A node that loses its stream keeps its endpoints for `gateway.node_grace` (so a blip or a
+//! gateway restart costs nothing); one that says goodbye loses them at once. The registry is
+//! persisted, so a restarted gateway starts from what it knew, with every node inside its grace.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use quicmesh_shared::config::{valid_name, Config};
+use quicmesh_shared::control::{self, GatewayMsg, LineReader, NodeMsg, Registration, Snapshot};
+use quicmesh_shared::mesh::{Mesh, Table};
+use quicmesh_shared::metrics as m;
+use quicmesh_shared::tls;
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+struct NodeState {
+    reg: Registration,
+    streams: u32,
+    disconnected_at: Option<Instant>,
+    acked: u64,
+    nack: Option<(u64, String)>,
+}
+
+struct Registry {
+    config: Config,
+    nodes: BTreeMap<String, NodeState>,
+    current: Snapshot,
+}
+
+pub struct ControlPlane {
+    inner: Mutex<Registry>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    grace: Duration,
+    registry_file: Option<PathBuf>,
+    /// The gateway's own view, updated with every snapshot.
+    mesh: Arc<Mesh>,
+}
+
+/// A version above any handed out by an earlier run (milliseconds since the epoch).
+fn fresh_version() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64)
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct Persisted {
+    version: u64,
+    nodes: BTreeMap<String, Registration>,
+}
+
+/// One node as `/nodes` shows it.
+#[derive(Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub connected: bool,
+    pub address: String,
+    pub instances: usize,
+    pub acked_version: u64,
+    pub last_nack: Option<String>,
+}
+
+/// What `/nodes` shows.
+#[derive(Serialize)]
+pub struct Status {
+    pub version: u64,
+    pub nodes: Vec<NodeStatus>,
+}
+
+impl ControlPlane {
+    pub fn new(config: Config, grace: Duration, registry_file: Option<PathBuf>, mesh: Arc<Mesh>) -> Arc<Self> {
+        let mut nodes = BTreeMap::new();
+        let mut version = fresh_version();
+        if let Some(path) = &registry_file {
+            match std::fs::read(path).map(|b| serde_json::from_slice::<Persisted>(&b)) {
+                Ok(Ok(p)) => {
+                    version = version.max(p.version + 1);
+                    let now = Instant::now();
+                    for (name, reg) in p.nodes {
+                        let st = NodeState { reg, streams: 0, disconnected_at: Some(now), acked: 0, nack: None };
+                        nodes.insert(name, st);
+                    }
+                    info!(nodes = nodes.len(), "registry restored from {}", path.display());
+                }
+                Ok(Err(e)) => warn!("ignoring unreadable registry {}: {e}", path.display()),
+                Err(_) => {}
+            }
+        }
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        let cp = Arc::new(Self {
+            inner: Mutex::new(Registry { config, nodes, current: Snapshot { version, ..Default::default() } }),
+            tx,
+            grace,
+            registry_file,
+            mesh,
+        });
+        cp.recompute(true);
+        cp
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rebuilds the snapshot; publishes a new version only when the content changed.
+    fn recompute(&self, force: bool) {
+        let mut reg = self.lock();
+        let regs: BTreeMap<String, Registration> = reg.nodes.iter().map(|(k, v)| (k.clone(), v.reg.clone())).collect();
+        let mut next = control::merge(&reg.config, &regs);
+        next.version = reg.current.version;
+        if next == reg.current && !force {
+            return;
+        }
+        next.version = reg.current.version + 1;
+        reg.current = next.clone();
+        let own = next.apply_to(&reg.config);
+        let persisted = Persisted { version: next.version, nodes: regs };
+        drop(reg);
+        self.mesh.apply(Table::new(own, next.version));
+        metrics::gauge!(m::CONTROL_VERSION).set(next.version as f64);
+        debug!(version = next.version, "publishing snapshot");
+        self.tx.send_replace(Arc::new(next));
+        if let Some(path) = &self.registry_file {
+            let tmp = path.with_extension("tmp");
+            let write = serde_json::to_vec(&persisted)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&tmp, b))
+                .and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(e) = write {
+                warn!("cannot persist registry to {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Replaces the config from files (already validated) and pushes the result.
+    pub fn reload(&self, config: Config) {
+        self.lock().config = config;
+        self.recompute(false);
+    }
+
+    pub fn version(&self) -> u64 {
+        self.lock().current.version
+    }
+
+    pub fn status(&self) -> Status {
+        let reg = self.lock();
+        let nodes = reg
+            .nodes
+            .iter()
+            .map(|(name, st)| NodeStatus {
+                name: name.clone(),
+                connected: st.streams > 0,
+                address: st.reg.address.to_string(),
+                instances: st.reg.instances.len(),
+                acked_version: st.acked,
+                last_nack: st.nack.as_ref().map(|(v, r)| format!("version {v}: {r}")),
+            })
+            .collect();
+        Status { version: reg.current.version, nodes }
+    }
+
+    fn register(&self, name: &str, reg: Registration) {
+        {
+            let mut r = self.lock();
+            let st = r.nodes.entry(name.to_string()).or_insert(NodeState {
+                reg: reg.clone(),
+                streams: 0,
+                disconnected_at: None,
+                acked: 0,
+                nack: None,
+            });
+            st.reg = reg;
+            st.streams += 1;
+            st.disconnected_at = None;
+            metrics::gauge!(m::CONTROL_NODES).set(r.nodes.values().filter(|n| n.streams > 0).count() as f64);
+        }
+        self.recompute(false);
+    }
+
+    fn disconnect(&self, name: &str, goodbye: bool) {
+        {
+            let mut r = self.lock();
+            if let Some(st) = r.nodes.get_mut(name) {
+                st.streams = st.streams.saturating_sub(1);
+                if st.streams == 0 {
+                    if goodbye {
+                        r.nodes.remove(name);
+                        info!(node = name, "node deregistered");
+                    } else {
+                        st.disconnected_at = Some(Instant::now());
+                        info!(node = name, grace = ?self.grace, "node lost its control stream");
+                    }
+                }
+            }
+            metrics::gauge!(m::CONTROL_NODES).set(r.nodes.values().filter(|n| n.streams > 0).count() as f64);
+        }
+        self.recompute(false);
+    }
+
+    fn ack(&self, name: &str, version: u64) {
+        if let Some(st) = self.lock().nodes.get_mut(name) {
+            st.acked = version;
+        }
+    }
+
+    fn nack(&self, name: &str, version: u64, reason: String) {
+        metrics::counter!(m::CONTROL_NACKS).increment(1);
+        warn!(node = name, version, reason, "node rejected snapshot");
+        if let Some(st) = self.lock().nodes.get_mut(name) {
+            st.nack = Some((version, reason));
+        }
+    }
+
+    /// Removes nodes whose grace period ran out; runs until dropped.
+    pub async fn sweep(self: Arc<Self>) {
+        let tick = (self.grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(tick).await;
+            let expired: Vec<String> = {
+                let r = self.lock();
+                r.nodes
+                    .iter()
+                    .filter(|(_, st)| st.disconnected_at.is_some_and(|t| t.elapsed() >= self.grace))
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            };
+            if expired.is_empty() {
+                continue;
+            }
+            {
+                let mut r = self.lock();
+                for name in &expired {
+                    r.nodes.remove(name);
+                    info!(node = name, "node removed after its grace period");
+                }
+            }
+            self.recompute(false);
+        }
+    }
+}
+
+/// Accepts control connections from nodes on the gateway's mesh endpoint.
+pub async fn serve(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>, trust_domain: String) {
+    while let Some(incoming) = endpoint.accept().await {
+        let cp = cp.clone();
+        let td = trust_domain.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    let reason = tls::handshake_failure_reason(&e);
+                    metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason)
+                        .increment(1);
+                    warn!(%remote, reason, error = %e, "refused control peer");
+                    return;
+                }
+            };
+            let Some(name) = tls::peer_identity(&conn, &td).and_then(|id| id.node_name().map(str::to_owned)) else {
+                conn.close(1u32.into(), b"no mesh identity");
+                return;
+            };
+            connection(conn, name, cp).await;
+        });
+    }
+}
+
+type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+async fn connection(conn: quinn::Connection, peer: String, cp: Arc<ControlPlane>) {
+    let Ok(mut h3) = h3::server::builder().build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else { return };
+    while let Ok(Some(resolver)) = h3.accept().await {
+        let cp = cp.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let Ok((req, mut stream)) = resolver.resolve_request().await else { return };
+            if req.method() != Method::POST || req.uri().path() != control::STREAM_PATH {
+                let mut resp = Response::new(());
+                *resp.status_mut() = StatusCode::NOT_FOUND;
+                let _ = stream.send_response(resp).await;
+                let _ = stream.finish().await;
+                return;
+            }
+            control_stream(stream, &peer, &cp).await;
+        });
+    }
+}
+
+fn check_hello(msg: Option<NodeMsg>) -> Result<Registration, String> {
+    match msg {
+        Some(NodeMsg::Hello { address, instances, .. }) => {
+            if let Some(bad) = instances.iter().find(|i| !valid_name(&i.service)) {
+                return Err(format!("invalid service name {:?}", bad.service));
+            }
+            Ok(Registration { address, instances })
+        }
+        Some(other) => Err(format!("expected hello, got {other:?}")),
+        None => Err("stream ended before hello".into()),
+    }
+}
+
+async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane) {
+    let (mut send, recv) = stream.split();
+    if send.send_response(Response::new(())).await.is_err() {
+        return;
+    }
+    let mut reader = LineReader::new(recv);
+    let reg = match reader.next::<NodeMsg>().await.map_err(|e| e.to_string()).and_then(check_hello) {
+        Ok(r) => r,
+        Err(reason) => {
+            warn!(node = peer, reason, "refused control stream");
+            return;
+        }
+    };
+    info!(node = peer, address = %reg.address, instances = reg.instances.len(), "node registered");
+    let mut rx = cp.tx.subscribe();
+    cp.register(peer, reg);
+    let mut goodbye = false;
+    let first = rx.borrow_and_update().clone();
+    if control::send_line(&mut send, &GatewayMsg::Snapshot((*first).clone())).await.is_ok() {
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let snap = rx.borrow_and_update().clone();
+                    let start = Instant::now();
+                    if control::send_line(&mut send, &GatewayMsg::Snapshot((*snap).clone())).await.is_err() {
+                        break;
+                    }
+                    metrics::histogram!(m::CONTROL_PUSH_DURATION).record(start.elapsed().as_secs_f64());
+                }
+                msg = reader.next::<NodeMsg>() => match msg {
+                    Ok(Some(NodeMsg::Ack { version })) => cp.ack(peer, version),
+                    Ok(Some(NodeMsg::Nack { version, reason })) => cp.nack(peer, version, reason),
+                    Ok(Some(NodeMsg::Goodbye)) => {
+                        goodbye = true;
+                        break;
+                    }
+                    Ok(Some(hello @ NodeMsg::Hello { .. })) => match check_hello(Some(hello)) {
+                        // Re-registration: the instances changed.
+                        Ok(reg) => {
+                            cp.disconnect(peer, false);
+                            cp.register(peer, reg);
+                        }
+                        Err(reason) => warn!(node = peer, reason, "ignored bad re-registration"),
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(node = peer, error = %e, "bad control message; closing the stream");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+    cp.disconnect(peer, goodbye);
+    let _ = send.finish().await;
+}

@@ -1,0 +1,211 @@
+//! The control protocol between nodes and the gateway, and the snapshot both sides agree on.
+//!
+//! A node holds one HTTP/3 request stream open on its mutual-TLS QUIC connection to the gateway
+//! (`POST /quicmesh.control/v1/stream`, as xDS holds one gRPC stream): it sends JSON lines
+//! ([`NodeMsg`]: hello with its registration, ack/nack per snapshot, goodbye) and receives JSON
+//! lines ([`GatewayMsg`]: whole versioned snapshots). Whole snapshots rather than deltas: a node
+//! that missed or reordered nothing and one that missed everything end up with the same state.
+
+use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::body::{H3Recv, H3Send};
+use crate::config::{Config, EndpointConfig, PeerConfig, Protocol, ServiceConfig, Timeouts};
+
+/// Path of the control stream.
+pub const STREAM_PATH: &str = "/quicmesh.control/v1/stream";
+/// Longest accepted message line; a peer sending more is cut off.
+pub const MAX_LINE: usize = 64 << 20;
+
+/// One service instance a node hosts, as it registers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub service: String,
+    /// Address of the instance on the node's host.
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Node to gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum NodeMsg {
+    /// Sent first: where peers reach this node, what it hosts, which snapshot it runs.
+    Hello { address: SocketAddr, instances: Vec<Instance>, version: u64 },
+    /// The snapshot of this version is applied.
+    Ack { version: u64 },
+    /// The snapshot of this version was refused; the node keeps its previous one.
+    Nack { version: u64, reason: String },
+    /// Clean shutdown: remove this node's endpoints now.
+    Goodbye,
+}
+
+/// Gateway to node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum GatewayMsg {
+    Snapshot(Snapshot),
+}
+
+/// Everything a node needs to route: versioned, complete.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub version: u64,
+    pub nodes: Vec<PeerConfig>,
+    pub services: Vec<ServiceConfig>,
+    pub timeouts: Timeouts,
+}
+
+impl Snapshot {
+    /// The config a node runs with this snapshot: its own local sections, the mesh from here.
+    pub fn apply_to(&self, local: &Config) -> Config {
+        let mut cfg = local.clone();
+        cfg.nodes = self.nodes.clone();
+        cfg.services = self.services.clone();
+        cfg.timeouts = self.timeouts.clone();
+        cfg
+    }
+}
+
+/// What the gateway knows of one registered node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registration {
+    pub address: SocketAddr,
+    pub instances: Vec<Instance>,
+}
+
+/// Merges static config and registrations into the mesh state (without a version).
+/// Registered instances join the service of that name, created if config does not list it.
+pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) -> Snapshot {
+    let mut nodes: Vec<PeerConfig> = config.nodes.clone();
+    let mut services: Vec<ServiceConfig> = config.services.clone();
+    for (name, reg) in registrations {
+        match nodes.iter_mut().find(|p| &p.name == name) {
+            Some(p) => p.address = reg.address,
+            None => nodes.push(PeerConfig { name: name.clone(), address: reg.address }),
+        }
+        for inst in &reg.instances {
+            let ep = EndpointConfig { node: name.clone(), address: inst.address, labels: inst.labels.clone() };
+            match services.iter_mut().find(|s| s.name == inst.service) {
+                Some(s) => {
+                    if !s.endpoints.iter().any(|e| e.node == ep.node && e.address == ep.address) {
+                        s.endpoints.push(ep);
+                    }
+                }
+                None => services.push(ServiceConfig {
+                    name: inst.service.clone(),
+                    hosts: Vec::new(),
+                    protocol: inst.protocol,
+                    endpoints: vec![ep],
+                }),
+            }
+        }
+    }
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    Snapshot { version: 0, nodes, services, timeouts: config.timeouts.clone() }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("the stream failed: {0}")]
+    Stream(#[from] h3::error::StreamError),
+    #[error("a message line exceeds {MAX_LINE} bytes")]
+    TooLong,
+    #[error("bad message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Reads newline-delimited JSON messages from an h3 receive half.
+pub struct LineReader<R> {
+    recv: R,
+    buf: BytesMut,
+    done: bool,
+}
+
+impl<R: H3Recv> LineReader<R> {
+    pub fn new(recv: R) -> Self {
+        Self { recv, buf: BytesMut::new(), done: false }
+    }
+
+    /// The next message, or `None` at the end of the stream.
+    pub async fn next<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, LineError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(pos + 1);
+                let line = &line[..pos];
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                return Ok(Some(serde_json::from_slice(line)?));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(LineError::TooLong);
+            }
+            match poll_fn(|cx| self.recv.poll_data(cx)).await? {
+                Some(data) => self.buf.extend_from_slice(&data),
+                None => self.done = true,
+            }
+        }
+    }
+}
+
+/// Writes one message as a JSON line.
+pub async fn send_line<S: H3Send, T: Serialize>(send: &mut S, msg: &T) -> Result<(), LineError> {
+    let mut line = serde_json::to_vec(msg)?;
+    line.push(b'\n');
+    send.send(Bytes::from(line)).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_join_static_services_and_make_new_ones() {
+        let cfg = crate::config::from_toml(
+            "[[nodes]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"a\"\naddress = \"127.0.0.1:80\"\n",
+        )
+        .unwrap();
+        let mut regs = BTreeMap::new();
+        let inst = |svc: &str, port| Instance {
+            service: svc.into(),
+            address: ([127, 0, 0, 1], port).into(),
+            protocol: Protocol::Http1,
+            labels: Default::default(),
+        };
+        regs.insert(
+            "b".to_string(),
+            Registration { address: ([10, 0, 0, 2], 9).into(), instances: vec![inst("web", 81), inst("db", 5432)] },
+        );
+        let snap = merge(&cfg, &regs);
+        assert_eq!(snap.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let web = snap.services.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web.endpoints.len(), 2);
+        let db = snap.services.iter().find(|s| s.name == "db").unwrap();
+        assert_eq!(db.endpoints[0].node, "b");
+        // The merge is deterministic: same inputs, same snapshot.
+        assert_eq!(merge(&cfg, &regs), snap);
+    }
+
+    #[test]
+    fn messages_round_trip_and_unknown_fields_are_refused() {
+        let line = serde_json::to_string(&NodeMsg::Nack { version: 3, reason: "x".into() }).unwrap();
+        assert_eq!(line, r#"{"type":"nack","version":3,"reason":"x"}"#);
+        assert!(serde_json::from_str::<NodeMsg>(r#"{"type":"ack","version":1,"extra":1}"#).is_err());
+        assert!(serde_json::from_str::<NodeMsg>(r#"{"type":"launch"}"#).is_err());
+    }
+}
