@@ -515,6 +515,8 @@ impl Config {
             }
             for (i, fwd) in node.tcp.iter().enumerate() {
                 match self.service(&fwd.service) {
+                    // With a control plane the service may arrive later, in a snapshot.
+                    None if node.gateway.is_some() => {}
                     None => {
                         return Err(invalid(
                             format!("node.tcp[{i}].service"),

@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
 pub const TD: &str = "test.quicmesh.local";
+/// Tests notice dead peers within 3 s instead of the default 10 s idle timeout.
+pub const TRANSPORT: &str = "[transport]\nkeep_alive = \"500ms\"\nidle_timeout = \"3s\"\n";
 
 /// Under CI a missing tool fails the test; elsewhere the test is skipped, saying so.
 pub fn require_tool(tool: &str) -> bool {
@@ -88,6 +90,7 @@ pub struct Addrs {
     pub inbound: SocketAddr,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    pub control: SocketAddr,
     pub tcp: Vec<(String, SocketAddr)>,
 }
 
@@ -95,6 +98,7 @@ pub struct Addrs {
 pub struct NodeProc {
     pub child: Child,
     kind: &'static str,
+    configs: Vec<PathBuf>,
     pub addrs: Addrs,
     pub config: PathBuf,
     pub stderr: PathBuf,
@@ -115,14 +119,23 @@ impl NodeProc {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, toml).unwrap();
         let stderr = dir.join(format!("{name}.log"));
-        Self::spawn(kind, config, stderr)
+        Self::spawn(kind, vec![config], stderr)
     }
 
-    fn spawn(kind: &'static str, config: PathBuf, stderr: PathBuf) -> NodeProc {
+    /// Starts `quicmesh KIND --config F1 --config F2 ...` from files already written.
+    pub fn start_layered(kind: &'static str, files: &[PathBuf]) -> NodeProc {
+        let stderr = files[0].with_file_name(format!("{kind}.log"));
+        Self::spawn(kind, files.to_vec(), stderr)
+    }
+
+    fn spawn(kind: &'static str, configs: Vec<PathBuf>, stderr: PathBuf) -> NodeProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr).unwrap();
-        let mut child = Command::new(BIN)
-            .args([kind, "--config"])
-            .arg(&config)
+        let mut cmd = Command::new(BIN);
+        cmd.arg(kind);
+        for c in &configs {
+            cmd.arg("--config").arg(c);
+        }
+        let mut child = cmd
             .env("QUICMESH_LOG", "info,quicmesh_shared=debug,quicmesh_node=debug")
             .env("RUST_BACKTRACE", "1")
             .env("NO_COLOR", "1")
@@ -163,9 +176,10 @@ impl NodeProc {
             inbound: field("inbound"),
             listen: field("listen"),
             admin: field("admin"),
+            control: field("control"),
             tcp,
         };
-        NodeProc { child, addrs, config, stderr, kind }
+        NodeProc { child, addrs, config: configs[0].clone(), configs, stderr, kind }
     }
 
     /// SIGKILL: no goodbye to peers.
@@ -174,10 +188,23 @@ impl NodeProc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, then waits for the process to exit (a clean shutdown).
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("process did not exit after SIGTERM");
+    }
+
     /// Starts the same config again (same ports where the config pins them).
     pub fn restart(&mut self) {
         self.kill();
-        let fresh = Self::spawn(self.kind, self.config.clone(), self.stderr.clone());
+        let fresh = Self::spawn(self.kind, self.configs.clone(), self.stderr.clone());
         let old = std::mem::replace(self, fresh);
         drop(old);
     }
@@ -198,6 +225,13 @@ impl NodeProc {
 
     pub async fn metrics(&self) -> String {
         http_get(&format!("http://{}/metrics", self.addrs.admin)).await.1
+    }
+
+    /// A JSON admin page such as `/endpoints` or `/nodes`.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = http_get(&format!("http://{}{path}", self.addrs.admin)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
     }
 }
 
@@ -224,7 +258,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// `[[services]]` blocks.
 pub fn node_toml(name: &str, state: &Path, peers: &[(&str, SocketAddr)], extra: &str) -> String {
     let mut t = format!(
-        "[mesh]\ntrust_domain = \"{TD}\"\n\n[node]\nname = \"{name}\"\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[node.tls]\nstate_dir = \"{}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n",
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[node]\nname = \"{name}\"\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[node.tls]\nstate_dir = \"{}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{TRANSPORT}\n",
         state.display()
     );
     for (peer, addr) in peers {

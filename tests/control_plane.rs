@@ -1,0 +1,254 @@
+//! End-to-end tests of the control plane: a gateway process and node processes of the real
+//! binary; nodes register what they host and route with the snapshots the gateway pushes.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::*;
+
+/// The gateway's mesh-wide layer: services listed here get registered endpoints added.
+fn mesh_layer(hosts: &str) -> String {
+    format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{TRANSPORT}\n[[services]]\nname = \"echo\"\nhosts = [{hosts}]\n"
+    )
+}
+
+fn gateway_layer(state: &Path, grace: &str) -> String {
+    format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nnode_grace = \"{grace}\"\nwatch_interval = \"100ms\"\n\n[gateway.tls]\nstate_dir = \"{}\"\n",
+        state.display()
+    )
+}
+
+/// A node joined to the gateway, hosting `instances` of (service, address).
+fn joined_node(name: &str, state: &Path, control: SocketAddr, instances: &[(&str, SocketAddr)]) -> String {
+    let mut t = node_toml(name, state, &[], "");
+    t.push_str(&format!("\n[node.gateway]\naddress = \"{control}\"\n"));
+    for (svc, addr) in instances {
+        t.push_str(&format!("\n[[node.instances]]\nservice = \"{svc}\"\naddress = \"{addr}\"\n"));
+    }
+    t
+}
+
+struct Cp {
+    nodes: Vec<NodeProc>,
+    gw: NodeProc,
+    files: Vec<PathBuf>,
+    pki: Pki,
+}
+
+impl Cp {
+    /// Gateway (from two layered files) plus node-a (no instances) and node-b (echo).
+    async fn start(grace: &str) -> Cp {
+        let pki = Pki::new();
+        let state = pki.issue("gateway");
+        for n in ["node-a", "node-b", "node-c"] {
+            pki.issue(n);
+        }
+        let mesh = pki.path().join("mesh.toml");
+        std::fs::write(&mesh, mesh_layer("\"alias-one\"")).unwrap();
+        let gw_file = pki.path().join("gateway.toml");
+        std::fs::write(&gw_file, gateway_layer(&state, grace)).unwrap();
+        let files = vec![mesh, gw_file];
+        let gw = spawn_gateway(&files, pki.path());
+        let echo = echo_backend().await;
+        let b =
+            NodeProc::start(pki.path(), "node-b", &joined_node("node-b", &state, gw.addrs.control, &[("echo", echo)]));
+        let a = NodeProc::start(pki.path(), "node-a", &joined_node("node-a", &state, gw.addrs.control, &[]));
+        Cp { nodes: vec![a, b], gw, files, pki }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.pki.path().to_path_buf()
+    }
+}
+
+/// `quicmesh gateway --config mesh.toml --config gateway.toml`.
+fn spawn_gateway(files: &[PathBuf], dir: &Path) -> NodeProc {
+    // NodeProc writes one config file; layering is what is under test, so point it at both.
+    let _ = dir;
+    NodeProc::start_layered("gateway", files)
+}
+
+async fn status_via(node: &NodeProc, host: &str) -> u16 {
+    let url = format!("http://{}/", node.addrs.outbound);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = http::Request::get(url).header("host", host).body(http_body_util::Empty::new()).unwrap();
+    match client.request(req).await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+async fn wait_status(node: &NodeProc, host: &str, want: u16, what: &str) {
+    eventually(Duration::from_secs(15), what, || async { (status_via(node, host).await == want).then_some(()) }).await;
+}
+
+fn endpoint_nodes(dump: &serde_json::Value, service: &str) -> Vec<String> {
+    dump["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["endpoints"].as_array().unwrap().iter().map(|e| e["node"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_registered_on_a_new_node_receives_traffic_from_the_others() {
+    let cp = Cp::start("2s").await;
+    let (a, b) = (&cp.nodes[0], &cp.nodes[1]);
+    wait_status(a, "echo", 200, "node-a to reach echo on node-b").await;
+    // A third node joins with a service nobody has heard of; nothing restarts.
+    let extra = echo_backend().await;
+    let c = NodeProc::start(
+        &cp.state(),
+        "node-c",
+        &joined_node("node-c", &cp.state(), cp.gw.addrs.control, &[("newcomer", extra)]),
+    );
+    wait_status(a, "newcomer", 200, "node-a to reach newcomer on node-c").await;
+    wait_status(b, "newcomer", 200, "node-b to reach newcomer on node-c").await;
+    // Every node acknowledged the gateway's current version.
+    eventually(Duration::from_secs(10), "all nodes to ack the current version", || async {
+        let st = cp.gw.admin_json("/nodes").await;
+        let v = st["version"].as_u64().unwrap();
+        let nodes = st["nodes"].as_array().unwrap();
+        (nodes.len() == 3 && nodes.iter().all(|n| n["acked_version"].as_u64() == Some(v) && n["connected"] == true))
+            .then_some(())
+    })
+    .await;
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_and_killed_nodes_are_removed_from_everyone() {
+    let mut cp = Cp::start("1s").await;
+    let state = cp.state();
+    let extra = echo_backend().await;
+    let c = NodeProc::start(&state, "node-c", &joined_node("node-c", &state, cp.gw.addrs.control, &[("echo", extra)]));
+    cp.nodes.push(c);
+    let a = &cp.nodes[0];
+    eventually(Duration::from_secs(10), "node-a to see echo on node-b and node-c", || async {
+        let mut n = endpoint_nodes(&a.admin_json("/endpoints").await, "echo");
+        n.sort();
+        (n == ["node-b", "node-c"]).then_some(())
+    })
+    .await;
+    // Clean stop: deregistered at once (well inside the 1 s grace).
+    let start = std::time::Instant::now();
+    cp.nodes[2].terminate();
+    eventually(Duration::from_secs(5), "node-c to disappear after SIGTERM", || async {
+        (endpoint_nodes(&cp.nodes[0].admin_json("/endpoints").await, "echo") == ["node-b"]).then_some(())
+    })
+    .await;
+    let clean = start.elapsed();
+    // Killed: removed after the grace period.
+    let start = std::time::Instant::now();
+    cp.nodes[1].kill();
+    eventually(Duration::from_secs(15), "node-b to disappear after SIGKILL", || async {
+        endpoint_nodes(&cp.nodes[0].admin_json("/endpoints").await, "echo").is_empty().then_some(())
+    })
+    .await;
+    let killed = start.elapsed();
+    eprintln!("removed after SIGTERM in {clean:?}, after SIGKILL in {killed:?} (grace 1s)");
+    // Noticed at the QUIC idle timeout (3 s here), removed one grace period (1 s) later.
+    assert!(killed >= Duration::from_millis(3500), "a killed node was removed before idle timeout + grace: {killed:?}");
+    assert_eq!(status_via(&cp.nodes[0], "echo").await, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_the_config_file_changes_routing_everywhere_and_a_bad_edit_changes_nothing() {
+    let cp = Cp::start("5s").await;
+    let (a, b) = (&cp.nodes[0], &cp.nodes[1]);
+    wait_status(a, "alias-one", 200, "alias-one to route at node-a").await;
+    std::fs::write(&cp.files[0], mesh_layer("\"alias-two\"")).unwrap();
+    for n in [a, b] {
+        wait_status(n, "alias-two", 200, "alias-two to route after the edit").await;
+        assert_eq!(status_via(n, "alias-one").await, 404);
+    }
+    let version = cp.gw.admin_json("/nodes").await["version"].as_u64().unwrap();
+    // An edit that does not validate: refused, reported, and nothing changes.
+    std::fs::write(&cp.files[0], mesh_layer("\"alias-three\"").replace("connect = ", "conect = ")).unwrap();
+    eventually(Duration::from_secs(10), "the bad edit to be refused", || async {
+        let m = cp.gw.metrics().await;
+        (metric(&m, "quicmesh_config_reloads_total", &[("result", "rejected")]) >= 1.0).then_some(())
+    })
+    .await;
+    let log = cp.gw.log();
+    assert!(log.contains("config change refused") && log.contains("conect"), "refusal not logged with the key:\n{log}");
+    assert!(log.contains(&cp.files[0].display().to_string()), "refusal does not name the file");
+    assert_eq!(cp.gw.admin_json("/nodes").await["version"].as_u64().unwrap(), version);
+    for n in [a, b] {
+        assert_eq!(status_via(n, "alias-two").await, 200);
+        assert_eq!(status_via(n, "alias-three").await, 404);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_killed_under_load_fails_no_request_and_nodes_resynchronise() {
+    let mut cp = Cp::start("10s").await;
+    wait_status(&cp.nodes[0], "echo", 200, "node-a to reach echo").await;
+    // Pin the control port so the restarted gateway is where the nodes look for it.
+    let text = std::fs::read_to_string(&cp.files[1]).unwrap();
+    std::fs::write(
+        &cp.files[1],
+        text.replace("control = \"127.0.0.1:0\"", &format!("control = \"{}\"", cp.gw.addrs.control)),
+    )
+    .unwrap();
+    let outbound = cp.nodes[0].addrs.outbound;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = http::Request::get(format!("http://{outbound}/"))
+                    .header("host", "echo")
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    cp.gw.kill();
+    eventually(Duration::from_secs(10), "node-a to notice the gateway is gone", || async {
+        (metric(&cp.nodes[0].metrics().await, "quicmesh_control_connected", &[]) == 0.0).then_some(())
+    })
+    .await;
+    cp.gw.restart();
+    eventually(Duration::from_secs(20), "both nodes to resynchronise", || async {
+        let st = cp.gw.admin_json("/nodes").await;
+        let v = st["version"].as_u64().unwrap();
+        let nodes = st["nodes"].as_array().unwrap();
+        (nodes.len() == 2 && nodes.iter().all(|n| n["connected"] == true && n["acked_version"].as_u64() == Some(v)))
+            .then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    eprintln!("{ok} requests succeeded, {failed} failed across the gateway restart");
+    assert!(ok > 50, "too little load to mean anything: {ok}");
+    assert_eq!(failed, 0);
+    assert_eq!(status_via(&cp.nodes[0], "echo").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_while_the_gateway_is_down_serves_from_its_cache() {
+    let mut cp = Cp::start("10s").await;
+    wait_status(&cp.nodes[0], "echo", 200, "node-a to reach echo").await;
+    cp.gw.kill();
+    cp.nodes[0].restart();
+    // No gateway to ask: the cached snapshot must route at once.
+    assert_eq!(status_via(&cp.nodes[0], "echo").await, 200);
+    assert!(cp.nodes[0].log().contains("serving from the cached snapshot"));
+}
