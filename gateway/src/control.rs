@@ -18,7 +18,7 @@ use quicmesh_shared::mesh::{Mesh, Table};
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::tls;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 struct NodeState {
@@ -35,9 +35,20 @@ struct Registry {
     current: Snapshot,
 }
 
+/// A published snapshot, serialized once for every node.
+pub struct Published {
+    pub version: u64,
+    /// The `GatewayMsg::Snapshot` JSON line, newline included.
+    pub line: Bytes,
+}
+
+/// Registrations often come in bursts (a fleet restarting); one snapshot covers a burst.
+const DEBOUNCE: Duration = Duration::from_millis(10);
+
 pub struct ControlPlane {
     inner: Mutex<Registry>,
-    tx: watch::Sender<Arc<Snapshot>>,
+    tx: watch::Sender<Arc<Published>>,
+    dirty: Notify,
     grace: Duration,
     registry_file: Option<PathBuf>,
     /// The gateway's own view, updated with every snapshot.
@@ -92,10 +103,11 @@ impl ControlPlane {
                 Err(_) => {}
             }
         }
-        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        let (tx, _) = watch::channel(Arc::new(Published { version: 0, line: Bytes::new() }));
         let cp = Arc::new(Self {
             inner: Mutex::new(Registry { config, nodes, current: Snapshot { version, ..Default::default() } }),
             tx,
+            dirty: Notify::new(),
             grace,
             registry_file,
             mesh,
@@ -118,14 +130,24 @@ impl ControlPlane {
             return;
         }
         next.version = reg.current.version + 1;
-        reg.current = next.clone();
-        let own = next.apply_to(&reg.config);
-        let persisted = Persisted { version: next.version, nodes: regs };
+        let version = next.version;
+        let own = next.clone().into_config(&reg.config);
+        let msg = GatewayMsg::Snapshot(next);
+        let line = match control::encode_line(&msg) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("cannot encode snapshot {version}: {e}");
+                return;
+            }
+        };
+        let GatewayMsg::Snapshot(next) = msg;
+        reg.current = next;
+        let persisted = Persisted { version, nodes: regs };
         drop(reg);
-        self.mesh.apply(Table::new(own, next.version));
-        metrics::gauge!(m::CONTROL_VERSION).set(next.version as f64);
-        debug!(version = next.version, "publishing snapshot");
-        self.tx.send_replace(Arc::new(next));
+        self.mesh.apply(Table::new(own, version));
+        metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
+        debug!(version, bytes = line.len(), "publishing snapshot");
+        self.tx.send_replace(Arc::new(Published { version, line }));
         if let Some(path) = &self.registry_file {
             let tmp = path.with_extension("tmp");
             let write = serde_json::to_vec(&persisted)
@@ -142,6 +164,20 @@ impl ControlPlane {
     pub fn reload(&self, config: Config) {
         self.lock().config = config;
         self.recompute(false);
+    }
+
+    /// Asks for a new snapshot soon; bursts of changes make one.
+    fn mark_dirty(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Publishes snapshots for changes marked dirty; runs until dropped.
+    pub async fn publisher(self: Arc<Self>) {
+        loop {
+            self.dirty.notified().await;
+            tokio::time::sleep(DEBOUNCE).await;
+            self.recompute(false);
+        }
     }
 
     pub fn version(&self) -> u64 {
@@ -180,7 +216,7 @@ impl ControlPlane {
             st.disconnected_at = None;
             metrics::gauge!(m::CONTROL_NODES).set(r.nodes.values().filter(|n| n.streams > 0).count() as f64);
         }
-        self.recompute(false);
+        self.mark_dirty();
     }
 
     fn disconnect(&self, name: &str, goodbye: bool) {
@@ -200,7 +236,7 @@ impl ControlPlane {
             }
             metrics::gauge!(m::CONTROL_NODES).set(r.nodes.values().filter(|n| n.streams > 0).count() as f64);
         }
-        self.recompute(false);
+        self.mark_dirty();
     }
 
     fn ack(&self, name: &str, version: u64) {
@@ -240,7 +276,7 @@ impl ControlPlane {
                     info!(node = name, "node removed after its grace period");
                 }
             }
-            self.recompute(false);
+            self.mark_dirty();
         }
     }
 }
@@ -323,7 +359,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane) {
     cp.register(peer, reg);
     let mut goodbye = false;
     let first = rx.borrow_and_update().clone();
-    if control::send_line(&mut send, &GatewayMsg::Snapshot((*first).clone())).await.is_ok() {
+    if send.send_data(first.line.clone()).await.is_ok() {
         loop {
             tokio::select! {
                 changed = rx.changed() => {
@@ -332,7 +368,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane) {
                     }
                     let snap = rx.borrow_and_update().clone();
                     let start = Instant::now();
-                    if control::send_line(&mut send, &GatewayMsg::Snapshot((*snap).clone())).await.is_err() {
+                    if send.send_data(snap.line.clone()).await.is_err() {
                         break;
                     }
                     metrics::histogram!(m::CONTROL_PUSH_DURATION).record(start.elapsed().as_secs_f64());

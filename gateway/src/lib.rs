@@ -114,6 +114,7 @@ pub async fn start_with_files(config: Config, files: Vec<PathBuf>) -> Result<Gat
     tasks.spawn(h3_edge::serve(edge_endpoint.clone(), edge.clone()));
     tasks.spawn(control::serve(mesh_endpoint.clone(), cp.clone(), trust_domain));
     tasks.spawn(cp.clone().sweep());
+    tasks.spawn(cp.clone().publisher());
     if !files.is_empty() {
         tasks.spawn(watch::watch(files, gc.watch_interval, cp, edge));
     }

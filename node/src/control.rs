@@ -30,20 +30,21 @@ pub struct ControlClient {
 }
 
 /// Validates a snapshot against this node's config and installs it.
-pub fn apply(mesh: &Mesh, local: &Config, snap: &Snapshot) -> Result<(), String> {
-    let cfg = snap.apply_to(local);
+pub fn apply(mesh: &Mesh, local: &Config, snap: Snapshot) -> Result<(), String> {
+    let version = snap.version;
+    let cfg = snap.into_config(local);
     cfg.validate().map_err(|e| e.to_string())?;
-    mesh.apply(Table::new(cfg, snap.version));
+    mesh.apply(Table::new(cfg, version));
     metrics::counter!(m::CONTROL_APPLIED).increment(1);
-    metrics::gauge!(m::CONTROL_VERSION).set(snap.version as f64);
+    metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
     Ok(())
 }
 
-/// Loads a cached snapshot, if there is a usable one.
+/// Loads a cached snapshot (a `GatewayMsg` line as received), if there is a usable one.
 pub fn load_cache(path: &Path) -> Option<Snapshot> {
     let data = std::fs::read(path).ok()?;
-    match serde_json::from_slice(&data) {
-        Ok(s) => Some(s),
+    match serde_json::from_slice::<GatewayMsg>(&data) {
+        Ok(GatewayMsg::Snapshot(s)) => Some(s),
         Err(e) => {
             warn!("ignoring unreadable snapshot cache {}: {e}", path.display());
             None
@@ -51,12 +52,10 @@ pub fn load_cache(path: &Path) -> Option<Snapshot> {
     }
 }
 
-fn store_cache(path: &Path, snap: &Snapshot) {
+/// Writes the line as received: no re-encoding of a large snapshot.
+fn store_cache(path: &Path, line: &[u8]) {
     let tmp = path.with_extension("tmp");
-    let res = serde_json::to_vec(snap)
-        .map_err(std::io::Error::other)
-        .and_then(|b| std::fs::write(&tmp, b))
-        .and_then(|()| std::fs::rename(&tmp, path));
+    let res = std::fs::write(&tmp, line).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = res {
         warn!("cannot cache snapshot in {}: {e}", path.display());
     }
@@ -132,25 +131,30 @@ impl ControlClient {
         let mut progressed = false;
         loop {
             tokio::select! {
-                msg = reader.next::<GatewayMsg>() => {
-                    let snap = match msg {
-                        Ok(Some(GatewayMsg::Snapshot(s))) => s,
+                line = reader.next_raw() => {
+                    let line = match line {
+                        Ok(Some(l)) => l,
                         Ok(None) => return End::Broken("gateway closed the stream".into(), progressed),
                         Err(e) => return End::Broken(e.to_string(), progressed),
                     };
-                    let reply = match apply(&self.mesh, &self.local, &snap) {
+                    let snap = match serde_json::from_slice::<GatewayMsg>(&line) {
+                        Ok(GatewayMsg::Snapshot(s)) => s,
+                        Err(e) => return End::Broken(format!("bad message from the gateway: {e}"), progressed),
+                    };
+                    let version = snap.version;
+                    let reply = match apply(&self.mesh, &self.local, snap) {
                         Ok(()) => {
                             progressed = true;
                             if let Some(path) = &self.cache {
-                                store_cache(path, &snap);
+                                store_cache(path, &line);
                             }
-                            debug!(version = snap.version, "applied snapshot");
-                            NodeMsg::Ack { version: snap.version }
+                            debug!(version, "applied snapshot");
+                            NodeMsg::Ack { version }
                         }
                         Err(reason) => {
                             metrics::counter!(m::CONTROL_NACKS).increment(1);
-                            warn!(version = snap.version, reason, "rejected snapshot; keeping the previous one");
-                            NodeMsg::Nack { version: snap.version, reason }
+                            warn!(version, reason, "rejected snapshot; keeping the previous one");
+                            NodeMsg::Nack { version, reason }
                         }
                     };
                     if let Err(e) = control::send_line(&mut send, &reply).await {

@@ -105,8 +105,8 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             .or_else(|| nc.tls.state_dir.as_ref().map(|d| d.join(format!("{}.snapshot.json", nc.name))));
         // Static stability: serve the last good snapshot until the gateway says otherwise.
         if let Some(snap) = cache.as_deref().and_then(control::load_cache) {
-            match control::apply(&mesh, &local_config, &snap) {
-                Ok(()) => info!(version = snap.version, "serving from the cached snapshot"),
+            match control::apply(&mesh, &local_config, snap) {
+                Ok(()) => info!(version = mesh.table().version, "serving from the cached snapshot"),
                 Err(e) => warn!("cached snapshot unusable: {e}"),
             }
         }

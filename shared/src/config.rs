@@ -344,7 +344,7 @@ pub struct ServiceConfig {
 pub struct EndpointConfig {
     pub node: String,
     pub address: SocketAddr,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }
 

@@ -113,11 +113,13 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn new(config: Config, version: u64) -> Self {
+    pub fn new(mut config: Config, version: u64) -> Self {
         let mut services = HashMap::new();
         let mut hosts = HashMap::new();
-        for svc in &config.services {
-            let s = Arc::new(Service { config: svc.clone(), cursor: AtomicUsize::new(0) });
+        // The services move into the table; `config` keeps the rest (peers, timeouts, ...).
+        for svc in std::mem::take(&mut config.services) {
+            let s = Arc::new(Service { config: svc, cursor: AtomicUsize::new(0) });
+            let svc = &s.config;
             services.insert(svc.name.clone(), s.clone());
             hosts.insert(svc.name.clone(), s.clone());
             for h in &svc.hosts {

@@ -1,0 +1,130 @@
+//! Control-plane propagation: time from a config change at the gateway (a file write) to the
+//! new version being active at every one of 50 nodes, for a mesh of 1000 services and 10000
+//! endpoints. The gateway runs as a process of the release binary (its RSS is read from /proc);
+//! the 50 nodes run in this process (their memory is the growth of this process's RSS).
+//!
+//! Run: `cargo bench --bench propagation` (env: BENCH_NODES=50, BENCH_SERVICES=1000,
+//! BENCH_ENDPOINTS=10000, BENCH_CHANGES=20).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use quicmesh_shared::config;
+use support::*;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn mesh_file(services: usize, change: usize) -> String {
+    let mut t = format!("[mesh]\ntrust_domain = \"{TD}\"\n\n");
+    for s in 0..services {
+        // The change under test: service 0's alias names the change number.
+        let alias = if s == 0 { format!("alias-{change}") } else { format!("svc-{s}.mesh") };
+        t.push_str(&format!("[[services]]\nname = \"svc-{s}\"\nhosts = [\"{alias}\"]\n\n"));
+    }
+    t
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let n_nodes = env_or("BENCH_NODES", 50);
+        let n_services = env_or("BENCH_SERVICES", 1000);
+        let n_endpoints = env_or("BENCH_ENDPOINTS", 10000);
+        let changes = env_or("BENCH_CHANGES", 20);
+        let pki = Pki::new();
+        let state = pki.issue("gateway");
+        let mesh = pki.path().join("mesh.toml");
+        std::fs::write(&mesh, mesh_file(n_services, 0)).unwrap();
+        let gw_file = pki.path().join("gateway.toml");
+        std::fs::write(
+            &gw_file,
+            format!(
+                "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nwatch_interval = \"10ms\"\n[gateway.tls]\nstate_dir = \"{}\"\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+        let gw = NodeProc::start_layered("gateway", &[mesh.clone(), gw_file]);
+        let gw_idle = rss_kib(gw.child.id());
+        let before = rss_kib(std::process::id());
+        let mut nodes = Vec::new();
+        let per_node = n_endpoints / n_nodes;
+        for i in 0..n_nodes {
+            let name = format!("node-{i:02}");
+            pki.issue(&name);
+            let mut t = node_toml(&name, &state, &[], "");
+            t.push_str(&format!("\n[node.gateway]\naddress = \"{}\"\n", gw.addrs.control));
+            for k in 0..per_node {
+                let svc = (i * per_node + k) % n_services;
+                let port = 10000 + (i * per_node + k) % 50000;
+                t.push_str(&format!("[[node.instances]]\nservice = \"svc-{svc}\"\naddress = \"127.0.0.{}:{port}\"\n", 1 + i % 200));
+            }
+            let cfg = config::from_toml(&t).unwrap();
+            nodes.push(quicmesh_node::start(cfg).await.unwrap());
+        }
+        // Wait for the full mesh: every node sees every endpoint.
+        let full = Instant::now();
+        loop {
+            let done = nodes.iter().all(|n| {
+                let t = n.mesh.table();
+                (0..n_services).map(|s| t.service(&format!("svc-{s}")).map_or(0, |s| s.config.endpoints.len())).sum::<usize>()
+                    == per_node * n_nodes
+            });
+            if done {
+                break;
+            }
+            assert!(full.elapsed() < Duration::from_secs(300), "mesh never converged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let converge = full.elapsed();
+        let after = rss_kib(std::process::id());
+        let mut times = Vec::new();
+        for change in 1..=changes {
+            let alias = format!("alias-{change}");
+            let t0 = Instant::now();
+            std::fs::write(&mesh, mesh_file(n_services, change)).unwrap();
+            loop {
+                if nodes.iter().all(|n| n.mesh.table().service_for_host(&alias).is_some()) {
+                    break;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(60), "change {change} never arrived everywhere");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            times.push(t0.elapsed());
+        }
+        times.sort();
+        let gw_rss = rss_kib(gw.child.id());
+        let gw_peak = gw.peak_rss_kib();
+        println!("\nControl-plane propagation: {n_nodes} nodes, {n_services} services, {} endpoints, {changes} changes", per_node * n_nodes);
+        println!("| figure | value |");
+        println!("|---|---|");
+        println!("| initial convergence (all nodes registered, every node sees every endpoint) | {converge:.2?} |");
+        println!("| change -> active at all nodes, p50 | {:.2?} |", pct(&times, 0.5));
+        println!("| change -> active at all nodes, p99 | {:.2?} |", pct(&times, 0.99));
+        println!("| change -> active at all nodes, min / max | {:.2?} / {:.2?} |", times[0], times[times.len() - 1]);
+        println!("| gateway RSS idle / with the mesh / peak | {:.1} / {:.1} / {:.1} MB |", gw_idle as f64 / 1024.0, gw_rss as f64 / 1024.0, gw_peak as f64 / 1024.0);
+        println!("| per-node memory (bench RSS growth / nodes) | {:.2} MB |", (after.saturating_sub(before)) as f64 / 1024.0 / n_nodes as f64);
+        println!("(the file watcher polls every 10 ms, included in the figures)");
+        for n in nodes {
+            n.shutdown().await;
+        }
+    });
+}
