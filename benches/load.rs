@@ -109,6 +109,7 @@ async fn load_edge(kind: Client, port: u16, workers: usize, secs: u64) -> Stats 
             while Instant::now() < deadline {
                 let t0 = Instant::now();
                 let ok = if let Some(s) = h1.as_mut() {
+                    let _ = s.ready().await;
                     let req =
                         http::Request::get("/hello").header("host", "localhost").body(Empty::<Bytes>::new()).unwrap();
                     match s.send_request(req).await {
@@ -154,6 +155,10 @@ async fn load(target: SocketAddr, host: &'static str, conns: usize, secs: u64) -
             while Instant::now() < deadline {
                 let req = http::Request::get("/").header("host", host).body(Empty::<Bytes>::new()).unwrap();
                 let t0 = Instant::now();
+                if send.ready().await.is_err() {
+                    errors += 1;
+                    break;
+                }
                 match send.send_request(req).await {
                     Ok(resp) if resp.status() == 200 => {
                         let _ = resp.into_body().collect().await;

@@ -199,6 +199,7 @@ async fn garbage_tls_hellos_do_not_disturb_a_good_client() {
             .header("host", "x")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();
+        send.ready().await.expect("the good client's connection broke");
         let resp = send.send_request(req).await.expect("the good client's request failed");
         assert_eq!(resp.status(), 200);
         let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
