@@ -30,6 +30,21 @@ enum Command {
         /// Config files, layered in order (later ones override earlier ones).
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
+        /// Enroll with the gateway's control listener (UDP address) first, if this node has no
+        /// certificate yet; also the control plane to join when the config names none.
+        #[arg(long, requires_all = ["token", "ca_fingerprint"])]
+        join: Option<std::net::SocketAddr>,
+        /// Join token from `quicmesh token create`.
+        #[arg(long, env = "QUICMESH_JOIN_TOKEN", hide_env_values = true, requires = "join")]
+        token: Option<String>,
+        /// SHA-256 of the mesh CA certificate (`quicmesh ca fingerprint`), to trust the gateway.
+        #[arg(long, requires = "join")]
+        ca_fingerprint: Option<String>,
+    },
+    /// Manage join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Run the edge gateway.
     Gateway {
@@ -43,6 +58,25 @@ enum Command {
     },
     /// Run a whole mesh on loopback: gateway, two nodes and sample services.
     Demo(demo::Args),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token (stored hashed in the gateway's state directory; printed once).
+    Create {
+        /// The gateway's state directory (holds the CA).
+        #[arg(long)]
+        dir: PathBuf,
+        /// How long the token stays valid, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// How many nodes may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Only this node name may use it.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -63,6 +97,11 @@ enum CaCommand {
         /// Validity in days.
         #[arg(long, default_value_t = DEFAULT_NODE_VALIDITY.as_secs() / 86400)]
         days: u64,
+    },
+    /// Print the SHA-256 fingerprint of the CA certificate (for `node --ca-fingerprint`).
+    Fingerprint {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -95,6 +134,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca { command: CaCommand::Init { dir, trust_domain } } => {
             let ca = Ca::init(&dir, &trust_domain)?;
             println!("created CA for trust domain {} in {}", ca.trust_domain, dir.display());
+            println!("CA fingerprint (sha256): {}", ca.fingerprint());
+            Ok(())
+        }
+        Command::Ca { command: CaCommand::Fingerprint { dir } } => {
+            println!("{}", Ca::open(&dir)?.fingerprint());
+            Ok(())
+        }
+        Command::Token { command: TokenCommand::Create { dir, ttl, uses, node } } => {
+            let token = quicmesh_shared::enroll::create_token(&dir, ttl, uses, node)?;
+            println!("{token}");
             Ok(())
         }
         Command::Ca { command: CaCommand::Issue { dir, node, days } } => {
@@ -114,10 +163,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Node { config } => {
-            let cfg = config::load(&config)?;
+        Command::Node { config, join, token, ca_fingerprint } => {
+            let mut cfg = config::load(&config)?;
             runtime()?.block_on(async {
                 quicmesh_shared::metrics::recorder();
+                if let (Some(addr), Some(token), Some(fp)) = (join, token, ca_fingerprint) {
+                    let node = cfg.node.as_mut().context("the config has no [node] section")?;
+                    let target = node.gateway.get_or_insert(quicmesh_shared::config::ControlTarget {
+                        address: addr,
+                        name: "gateway".into(),
+                    });
+                    let name = target.name.clone();
+                    quicmesh_node::enroll::join(&cfg, addr, &name, &token, &fp).await?;
+                }
                 let node = quicmesh_node::start(cfg).await?;
                 let a = &node.addrs;
                 let tcp: String = a.tcp.iter().map(|(s, addr)| format!(" tcp.{s}={addr}")).collect();

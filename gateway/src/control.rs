@@ -14,6 +14,8 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use quicmesh_shared::config::{valid_name, Config};
 use quicmesh_shared::control::{self, GatewayMsg, LineReader, NodeMsg, Registration, Snapshot};
+use quicmesh_shared::enroll::{self, EnrollRequest, EnrollResponse};
+use quicmesh_shared::identity::Ca;
 use quicmesh_shared::mesh::{Mesh, Table};
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::tls;
@@ -281,11 +283,49 @@ impl ControlPlane {
     }
 }
 
-/// Accepts control connections from nodes on the gateway's mesh endpoint.
-pub async fn serve(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>, trust_domain: String) {
+/// Signs enrollment requests with the CA in the gateway's state directory.
+pub struct Enroller {
+    dir: PathBuf,
+    /// Token redemption is read-modify-write on a file: one at a time.
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// Lifetime of certificates issued at enrollment.
+const ENROLLED_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// Largest enrollment request body.
+const MAX_ENROLL_BODY: usize = 64 << 10;
+
+impl Enroller {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, lock: tokio::sync::Mutex::new(()) }
+    }
+
+    async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, String> {
+        if !valid_name(&req.name) {
+            return Err(format!("invalid node name {:?}", req.name));
+        }
+        let _one = self.lock.lock().await;
+        let ca = Ca::open(&self.dir).map_err(|e| format!("the gateway holds no CA: {e}"))?;
+        // Check the request before spending the token, so a bad CSR costs nothing.
+        let probe =
+            ca.sign_csr(&req.name, &req.csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))?;
+        enroll::redeem(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
+        Ok(EnrollResponse { certificate: probe, ca: ca.cert_pem().to_string() })
+    }
+}
+
+/// Accepts control connections on the gateway's mesh endpoint: members (mTLS) get control
+/// streams; peers without a certificate may only enroll.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    cp: Arc<ControlPlane>,
+    trust_domain: String,
+    enroll: Option<Arc<Enroller>>,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let cp = cp.clone();
         let td = trust_domain.clone();
+        let enroll = enroll.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -298,33 +338,88 @@ pub async fn serve(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>, trust_domai
                     return;
                 }
             };
-            let Some(name) = tls::peer_identity(&conn, &td).and_then(|id| id.node_name().map(str::to_owned)) else {
+            let name = tls::peer_identity(&conn, &td).and_then(|id| id.node_name().map(str::to_owned));
+            if name.is_none() && conn.peer_identity().is_some() {
                 conn.close(1u32.into(), b"no mesh identity");
                 return;
-            };
-            connection(conn, name, cp).await;
+            }
+            connection(conn, name, cp, enroll).await;
         });
     }
 }
 
 type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
-async fn connection(conn: quinn::Connection, peer: String, cp: Arc<ControlPlane>) {
+async fn respond(stream: &mut ServerStream, status: StatusCode, body: Option<Bytes>) {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    if stream.send_response(resp).await.is_ok() {
+        if let Some(b) = body {
+            let _ = stream.send_data(b).await;
+        }
+        let _ = stream.finish().await;
+    }
+}
+
+async fn connection(
+    conn: quinn::Connection,
+    peer: Option<String>,
+    cp: Arc<ControlPlane>,
+    enroll: Option<Arc<Enroller>>,
+) {
     let Ok(mut h3) = h3::server::builder().build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else { return };
     while let Ok(Some(resolver)) = h3.accept().await {
         let cp = cp.clone();
         let peer = peer.clone();
+        let enroll = enroll.clone();
         tokio::spawn(async move {
             let Ok((req, mut stream)) = resolver.resolve_request().await else { return };
-            if req.method() != Method::POST || req.uri().path() != control::STREAM_PATH {
-                let mut resp = Response::new(());
-                *resp.status_mut() = StatusCode::NOT_FOUND;
-                let _ = stream.send_response(resp).await;
-                let _ = stream.finish().await;
-                return;
+            let path = req.uri().path();
+            match (req.method(), path, peer, enroll) {
+                (&Method::POST, control::STREAM_PATH, Some(peer), _) => control_stream(stream, &peer, &cp).await,
+                (&Method::POST, enroll::ENROLL_PATH, _, Some(enroller)) => enrollment(stream, &enroller).await,
+                (_, control::STREAM_PATH, None, _) => respond(&mut stream, StatusCode::FORBIDDEN, None).await,
+                _ => respond(&mut stream, StatusCode::NOT_FOUND, None).await,
             }
-            control_stream(stream, &peer, &cp).await;
         });
+    }
+}
+
+async fn enrollment(mut stream: ServerStream, enroller: &Enroller) {
+    let mut body = Vec::new();
+    loop {
+        match stream.recv_data().await {
+            Ok(Some(mut chunk)) => {
+                use bytes::Buf;
+                if body.len() + chunk.remaining() > MAX_ENROLL_BODY {
+                    return respond(&mut stream, StatusCode::PAYLOAD_TOO_LARGE, None).await;
+                }
+                body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+            }
+            Ok(None) => break,
+            Err(_) => return,
+        }
+    }
+    let result = match serde_json::from_slice::<EnrollRequest>(&body) {
+        Ok(req) => {
+            let name = req.name.clone();
+            enroller.enroll(req).await.map(|r| (name, r))
+        }
+        Err(e) => Err(format!("bad enrollment request: {e}")),
+    };
+    match result {
+        Ok((name, resp)) => {
+            metrics::counter!(m::ENROLLMENTS, "result" => "issued").increment(1);
+            info!(node = name, "enrolled a node; certificate issued");
+            let body = serde_json::to_vec(&resp).unwrap_or_default();
+            respond(&mut stream, StatusCode::OK, Some(Bytes::from(body))).await;
+        }
+        Err(reason) => {
+            metrics::counter!(m::ENROLLMENTS, "result" => "refused").increment(1);
+            warn!(reason, "enrollment refused");
+            let body = serde_json::json!({ "error": reason }).to_string();
+            respond(&mut stream, StatusCode::FORBIDDEN, Some(Bytes::from(body))).await;
+        }
     }
 }
 

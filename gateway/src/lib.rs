@@ -21,6 +21,7 @@ use quicmesh_shared::admin::{self, AdminState};
 use quicmesh_shared::config::{Config, ConfigError};
 use quicmesh_shared::identity::{Credentials, IdentityError};
 use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::tls::ClientAuth;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -84,9 +85,16 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
 pub async fn start_with_files(config: Config, files: Vec<PathBuf>) -> Result<Gateway, GatewayError> {
     let gc = config.gateway.clone().ok_or(GatewayError::NoGatewaySection)?;
     let paths = gc.tls.resolve(&gc.name, "gateway")?;
-    let creds = Credentials::load(&paths.ca, &paths.cert, &paths.key)?;
-    let mesh_endpoint =
-        transport::mesh_endpoint(Bind::Addr(gc.control), &creds, &config.mesh.trust_domain, &config.transport, true)?;
+    let mut creds = Credentials::load(&paths.ca, &paths.cert, &paths.key)?;
+    // Send the CA along: a joining node pins it by fingerprint before it holds it.
+    creds.chain.extend(creds.roots.iter().cloned());
+    let mesh_endpoint = transport::mesh_endpoint(
+        Bind::Addr(gc.control),
+        &creds,
+        &config.mesh.trust_domain,
+        &config.transport,
+        Some(ClientAuth::OptionalForEnrollment),
+    )?;
     let control_addr =
         mesh_endpoint.local_addr().map_err(|source| GatewayError::Listen { addr: gc.control, source })?;
     let (tcp_tls, quic_tls) = tls::edge_configs(&gc)?;
@@ -112,7 +120,8 @@ pub async fn start_with_files(config: Config, files: Vec<PathBuf>) -> Result<Gat
     tasks.spawn(admin::serve(admin_listener, state.clone()));
     tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), edge.clone()));
     tasks.spawn(h3_edge::serve(edge_endpoint.clone(), edge.clone()));
-    tasks.spawn(control::serve(mesh_endpoint.clone(), cp.clone(), trust_domain));
+    let enroll = gc.tls.state_dir.clone().map(|dir| Arc::new(control::Enroller::new(dir)));
+    tasks.spawn(control::serve(mesh_endpoint.clone(), cp.clone(), trust_domain, enroll));
     tasks.spawn(cp.clone().sweep());
     tasks.spawn(cp.clone().publisher());
     if !files.is_empty() {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod enroll;
 pub mod inbound;
 pub mod outbound;
 pub mod tcp;
@@ -17,6 +18,7 @@ use quicmesh_shared::admin::{self, AdminState};
 use quicmesh_shared::config::{Config, ConfigError};
 use quicmesh_shared::identity::{Credentials, IdentityError};
 use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::tls::ClientAuth;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -77,7 +79,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         &creds,
         &config.mesh.trust_domain,
         &config.transport,
-        true,
+        Some(ClientAuth::Required),
     )?;
     let inbound_addr = endpoint.local_addr().map_err(|source| NodeError::Listen { addr: nc.inbound, source })?;
     let outbound = listen(nc.outbound).await?;

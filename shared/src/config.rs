@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 /// Environment variables with this prefix override config keys.
 pub const ENV_PREFIX: &str = "QUICMESH_";
 /// `QUICMESH_*` variables that are not config keys (logging is set up before config is read).
-const ENV_NOT_CONFIG: &[&str] = &["log", "log_format"];
+const ENV_NOT_CONFIG: &[&str] = &["log", "log_format", "join_token"];
 
 /// A config that could not be loaded: names the file (when one is to blame), the key and why.
 #[derive(Debug, thiserror::Error)]

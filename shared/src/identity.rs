@@ -211,17 +211,30 @@ impl Ca {
         &self.cert_pem
     }
 
-    /// Issues a node certificate valid from `not_before` for `validity`; returns (cert PEM, key PEM).
-    pub fn issue_pem(
+    /// SHA-256 of the CA certificate, hex: what `--ca-fingerprint` pins.
+    pub fn fingerprint(&self) -> String {
+        read_pem_der(&self.cert_pem).map(|der| crate::enroll::fingerprint(&der)).unwrap_or_default()
+    }
+
+    /// Signs a node's certificate signing request. Only its public key is taken from the
+    /// request: the identity and usages are the CA's choice, whatever the request asked for.
+    pub fn sign_csr(&self, name: &str, csr_pem: &str, validity: Duration) -> Result<String, IdentityError> {
+        let mut req = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let not_before = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+        req.params = self.node_params(name, not_before, validity)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        Ok(req.signed_by(&issuer)?.pem())
+    }
+
+    fn node_params(
         &self,
         name: &str,
         not_before: OffsetDateTime,
         validity: Duration,
-    ) -> Result<(String, String), IdentityError> {
+    ) -> Result<CertificateParams, IdentityError> {
         if !crate::config::valid_name(name) {
             return Err(IdentityError::BadName(name.into()));
         }
-        let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -233,6 +246,18 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = not_before;
         params.not_after = not_before + validity;
+        Ok(params)
+    }
+
+    /// Issues a node certificate valid from `not_before` for `validity`; returns (cert PEM, key PEM).
+    pub fn issue_pem(
+        &self,
+        name: &str,
+        not_before: OffsetDateTime,
+        validity: Duration,
+    ) -> Result<(String, String), IdentityError> {
+        let params = self.node_params(name, not_before, validity)?;
+        let key = KeyPair::generate()?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -248,6 +273,22 @@ impl Ca {
         write_public(&cert_path, cert.as_bytes())?;
         Ok((cert_path, key_path))
     }
+}
+
+/// The DER of the first certificate in a PEM text.
+fn read_pem_der(pem: &str) -> Option<Vec<u8>> {
+    rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok().map(|c| c.to_vec())
+}
+
+/// A key pair and a certificate signing request for node `name`: (key PEM, CSR PEM).
+pub fn signing_request(name: &str) -> Result<(String, String), IdentityError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
 }
 
 /// A self-signed certificate for `names`, for development edge TLS: (cert DER, key DER).

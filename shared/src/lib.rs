@@ -7,6 +7,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod control;
+pub mod enroll;
 pub mod error;
 pub mod headers;
 pub mod identity;

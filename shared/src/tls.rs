@@ -42,12 +42,25 @@ fn roots(creds: &Credentials) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(store))
 }
 
-/// Server side of mesh mTLS: TLS 1.3 only, client certificate required.
-pub fn mesh_server(creds: &Credentials) -> Result<rustls::ServerConfig, TlsError> {
+/// Whether a mesh listener accepts peers without a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every peer must present a certificate of the mesh CA (node listeners).
+    Required,
+    /// Peers without a certificate may connect, for enrollment only; the listener must check
+    /// `peer_identity` before serving anything else (the gateway's control listener).
+    OptionalForEnrollment,
+}
+
+/// Server side of mesh mTLS: TLS 1.3 only, client certificate verified against the mesh CA.
+pub fn mesh_server(creds: &Credentials, auth: ClientAuth) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(creds)?, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Roots(e.to_string()))?;
+    let builder = WebPkiClientVerifier::builder_with_provider(roots(creds)?, provider.clone());
+    let builder = match auth {
+        ClientAuth::Required => builder,
+        ClientAuth::OptionalForEnrollment => builder.allow_unauthenticated(),
+    };
+    let verifier = builder.build().map_err(|e| TlsError::Roots(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

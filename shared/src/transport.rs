@@ -89,17 +89,18 @@ fn udp_socket(bind: Bind, buffer: usize) -> Result<std::net::UdpSocket, Transpor
     Ok(socket)
 }
 
-/// Builds the mesh QUIC endpoint. With `serve` it accepts peers (mTLS required).
+/// Builds the mesh QUIC endpoint. With `serve` it accepts peers, authenticated as it says.
 pub fn mesh_endpoint(
     bind: Bind,
     creds: &Credentials,
     trust_domain: &str,
     cfg: &TransportConfig,
-    serve: bool,
+    serve: Option<tls::ClientAuth>,
 ) -> Result<quinn::Endpoint, TransportError> {
     let transport = Arc::new(transport_config(cfg)?);
-    let server = if serve {
-        let crypto = QuicServerConfig::try_from(tls::mesh_server(creds)?).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let server = if let Some(auth) = serve {
+        let crypto =
+            QuicServerConfig::try_from(tls::mesh_server(creds, auth)?).map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
         Some(server)

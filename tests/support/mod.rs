@@ -98,6 +98,7 @@ pub struct Addrs {
 pub struct NodeProc {
     pub child: Child,
     kind: &'static str,
+    args: Vec<String>,
     configs: Vec<PathBuf>,
     pub addrs: Addrs,
     pub config: PathBuf,
@@ -116,10 +117,17 @@ impl NodeProc {
     }
 
     fn start_kind(kind: &'static str, dir: &Path, name: &str, toml: &str) -> NodeProc {
+        Self::start_args(kind, dir, name, toml, &[])
+    }
+
+    /// Starts `quicmesh KIND --config <toml> ARGS...` and waits for its ready line.
+    pub fn start_args(kind: &'static str, dir: &Path, name: &str, toml: &str, args: &[&str]) -> NodeProc {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, toml).unwrap();
         let stderr = dir.join(format!("{name}.log"));
-        Self::spawn(kind, vec![config], stderr)
+        let mut p = Self::spawn_args(kind, vec![config], stderr, args);
+        p.args = args.iter().map(|a| a.to_string()).collect();
+        p
     }
 
     /// Starts `quicmesh KIND --config F1 --config F2 ...` from files already written.
@@ -129,12 +137,17 @@ impl NodeProc {
     }
 
     fn spawn(kind: &'static str, configs: Vec<PathBuf>, stderr: PathBuf) -> NodeProc {
+        Self::spawn_args(kind, configs, stderr, &[])
+    }
+
+    fn spawn_args(kind: &'static str, configs: Vec<PathBuf>, stderr: PathBuf, args: &[&str]) -> NodeProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.arg(kind);
         for c in &configs {
             cmd.arg("--config").arg(c);
         }
+        cmd.args(args);
         let mut child = cmd
             .env("QUICMESH_LOG", "info,quicmesh_shared=debug,quicmesh_node=debug")
             .env("RUST_BACKTRACE", "1")
@@ -179,7 +192,7 @@ impl NodeProc {
             control: field("control"),
             tcp,
         };
-        NodeProc { child, addrs, config: configs[0].clone(), configs, stderr, kind }
+        NodeProc { child, addrs, config: configs[0].clone(), configs, stderr, kind, args: Vec::new() }
     }
 
     /// SIGKILL: no goodbye to peers.
@@ -204,7 +217,9 @@ impl NodeProc {
     /// Starts the same config again (same ports where the config pins them).
     pub fn restart(&mut self) {
         self.kill();
-        let fresh = Self::spawn(self.kind, self.configs.clone(), self.stderr.clone());
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut fresh = Self::spawn_args(self.kind, self.configs.clone(), self.stderr.clone(), &args);
+        fresh.args = self.args.clone();
         let old = std::mem::replace(self, fresh);
         drop(old);
     }

@@ -1,0 +1,230 @@
+//! Enrollment of new hosts: join tokens, signing requests, and the pinned-CA check a node makes
+//! before it trusts the gateway with its token.
+//!
+//! `quicmesh token create` stores only the SHA-256 of each token (in `<state>/tokens.json`), with
+//! its expiry and remaining uses; the token itself is printed once. A node on a fresh host makes
+//! its own key (it never leaves the host), sends a signing request with the token, and gets back
+//! a certificate for `spiffe://<td>/node/<name>` and the CA bundle.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::digest::{digest, SHA256};
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{spiffe_ids, SpiffeId};
+
+/// Path of the enrollment request on the gateway's control listener.
+pub const ENROLL_PATH: &str = "/quicmesh.enroll/v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("unknown token")]
+    Unknown,
+    #[error("the token expired")]
+    Expired,
+    #[error("the token was already used")]
+    Used,
+    #[error("the token is for node {0:?}")]
+    WrongNode(String),
+    #[error("token store {path}: {reason}")]
+    Store { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TokenRecord {
+    /// Hex SHA-256 of the token.
+    sha256: String,
+    expires_unix: u64,
+    uses_left: u32,
+    #[serde(default)]
+    node: Option<String>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex SHA-256 of DER bytes, as `quicmesh ca fingerprint` prints it.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex(digest(&SHA256, der).as_ref())
+}
+
+fn store_path(dir: &Path) -> PathBuf {
+    dir.join("tokens.json")
+}
+
+fn load(dir: &Path) -> Result<Vec<TokenRecord>, EnrollError> {
+    let path = store_path(dir);
+    match std::fs::read(&path) {
+        Ok(data) => serde_json::from_slice(&data).map_err(|e| EnrollError::Store { path, reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(EnrollError::Store { path, reason: e.to_string() }),
+    }
+}
+
+fn save(dir: &Path, records: &[TokenRecord]) -> Result<(), EnrollError> {
+    let path = store_path(dir);
+    let err = |e: String| EnrollError::Store { path: path.clone(), reason: e };
+    let data = serde_json::to_vec_pretty(records).map_err(|e| err(e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    crate::identity::write_secret(&tmp, &data).map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))
+}
+
+/// Creates a token valid for `ttl` and `uses` enrollments (optionally only for `node`).
+pub fn create_token(dir: &Path, ttl: Duration, uses: u32, node: Option<String>) -> Result<String, EnrollError> {
+    let mut raw = [0u8; 24];
+    SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| EnrollError::Store { path: store_path(dir), reason: "no randomness".into() })?;
+    let token = format!("qm1.{}", hex(&raw));
+    let mut records = load(dir)?;
+    // Drop what can never be used again.
+    let now = now_unix();
+    records.retain(|r| r.expires_unix > now && r.uses_left > 0);
+    records.push(TokenRecord {
+        sha256: hex(digest(&SHA256, token.as_bytes()).as_ref()),
+        expires_unix: now + ttl.as_secs().max(if ttl.is_zero() { 0 } else { 1 }),
+        uses_left: uses,
+        node,
+    });
+    save(dir, &records)?;
+    Ok(token)
+}
+
+/// Spends one use of `token` for node `name`; on any refusal nothing changes.
+pub fn redeem(dir: &Path, token: &str, name: &str) -> Result<(), EnrollError> {
+    let mut records = load(dir)?;
+    let hash = hex(digest(&SHA256, token.as_bytes()).as_ref());
+    let rec = records.iter_mut().find(|r| r.sha256 == hash).ok_or(EnrollError::Unknown)?;
+    if rec.expires_unix <= now_unix() {
+        return Err(EnrollError::Expired);
+    }
+    if rec.uses_left == 0 {
+        return Err(EnrollError::Used);
+    }
+    if let Some(n) = &rec.node {
+        if n != name {
+            return Err(EnrollError::WrongNode(n.clone()));
+        }
+    }
+    rec.uses_left -= 1;
+    save(dir, &records)
+}
+
+/// What a joining node sends.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub name: String,
+    pub token: String,
+    /// PEM certificate signing request for the node's own key.
+    pub csr: String,
+}
+
+/// What the gateway answers.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollResponse {
+    pub certificate: String,
+    pub ca: String,
+}
+
+/// Verifies the gateway during enrollment, before the node has the CA: the presented chain must
+/// contain a certificate with the pinned SHA-256 fingerprint, the leaf must chain to it, and the
+/// leaf must carry the gateway's SPIFFE identity.
+#[derive(Debug)]
+pub struct PinnedCaVerifier {
+    pub fingerprint: String,
+    pub trust_domain: String,
+    pub provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let pinned = self.fingerprint.to_ascii_lowercase().replace(':', "");
+        let ca = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == pinned)
+            .ok_or_else(|| rustls::Error::General("the gateway's CA does not match the pinned fingerprint".into()))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned()).map_err(|_| CertificateError::BadEncoding)?;
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let ServerName::DnsName(name) = server_name else {
+            return Err(CertificateError::NotValidForName.into());
+        };
+        if spiffe_ids(end_entity).contains(&SpiffeId::node(&self.trust_domain, name.as_ref())) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(CertificateError::NotValidForName.into())
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_single_use_expire_and_are_stored_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = create_token(dir.path(), Duration::from_secs(3600), 1, None).unwrap();
+        let stored = std::fs::read_to_string(store_path(dir.path())).unwrap();
+        assert!(!stored.contains(&t), "the token itself was stored");
+        assert!(matches!(redeem(dir.path(), "qm1.nope", "a"), Err(EnrollError::Unknown)));
+        redeem(dir.path(), &t, "a").unwrap();
+        assert!(matches!(redeem(dir.path(), &t, "a"), Err(EnrollError::Used)));
+        let bound = create_token(dir.path(), Duration::from_secs(3600), 2, Some("b".into())).unwrap();
+        assert!(matches!(redeem(dir.path(), &bound, "a"), Err(EnrollError::WrongNode(_))));
+        redeem(dir.path(), &bound, "b").unwrap();
+        let expired = create_token(dir.path(), Duration::ZERO, 1, None).unwrap();
+        assert!(matches!(redeem(dir.path(), &expired, "a"), Err(EnrollError::Expired)));
+    }
+}

@@ -1,0 +1,140 @@
+//! Enrollment of fresh hosts with join tokens: a good token, an expired one, a reused one, and
+//! a gateway that does not match the pinned CA fingerprint.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+struct Setup {
+    gw: NodeProc,
+    fingerprint: String,
+    pki: Pki,
+}
+
+fn setup() -> Setup {
+    let pki = Pki::new();
+    let state = pki.issue("gateway");
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n{TRANSPORT}\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n[gateway.tls]\nstate_dir = \"{}\"\n",
+        state.display()
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    let fingerprint = cli(&["ca", "fingerprint", "--dir", &state.display().to_string()]).trim().to_string();
+    Setup { gw, fingerprint, pki }
+}
+
+fn cli(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(out.status.success(), "quicmesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn token(s: &Setup, ttl: &str) -> String {
+    cli(&["token", "create", "--dir", &s.pki.path().display().to_string(), "--ttl", ttl]).trim().to_string()
+}
+
+/// A fresh node's config: its own empty state directory, joined to nothing yet.
+fn fresh_node(dir: &Path, name: &str) -> std::path::PathBuf {
+    let state = dir.join(format!("{name}-state"));
+    let toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n{TRANSPORT}\n[node]\nname = \"{name}\"\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[node.tls]\nstate_dir = \"{}\"\n",
+        state.display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Runs a join that must fail; returns its error text.
+fn failing_join(s: &Setup, name: &str, token: &str, fingerprint: &str) -> String {
+    let config = fresh_node(s.pki.path(), name);
+    let control = s.gw.addrs.control.to_string();
+    let out = Command::new(BIN)
+        .args(["node", "--config"])
+        .arg(&config)
+        .args(["--join", &control, "--token", token, "--ca-fingerprint", fingerprint])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the join of {name} succeeded");
+    let state = s.pki.path().join(format!("{name}-state"));
+    assert!(!state.join(format!("{name}.pem")).exists(), "a certificate was written for {name}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_token_enrolls_a_fresh_node_which_then_joins_the_mesh() {
+    let s = setup();
+    let tok = token(&s, "1h");
+    let config = fresh_node(s.pki.path(), "fresh");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let control = s.gw.addrs.control.to_string();
+    let node = NodeProc::start_args(
+        "node",
+        s.pki.path(),
+        "fresh",
+        &toml,
+        &["--join", &control, "--token", &tok, "--ca-fingerprint", &s.fingerprint],
+    );
+    let state = s.pki.path().join("fresh-state");
+    let ids = quicmesh_shared::identity::read_certs(&state.join("fresh.pem")).unwrap();
+    assert_eq!(
+        quicmesh_shared::identity::spiffe_ids(&ids[0]),
+        vec![quicmesh_shared::identity::SpiffeId::node(TD, "fresh")]
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(state.join("fresh.key")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    // It joined the control plane with its new identity.
+    eventually(Duration::from_secs(10), "the gateway to list the enrolled node", || async {
+        let st = s.gw.admin_json("/nodes").await;
+        st["nodes"].as_array().unwrap().iter().any(|n| n["name"] == "fresh" && n["connected"] == true).then_some(())
+    })
+    .await;
+    // The token is spent: a second host cannot use it, and gets nothing.
+    let err = failing_join(&s, "second", &tok, &s.fingerprint);
+    assert!(err.contains("already used"), "{err}");
+    // The token never appears in the gateway's log or state.
+    assert!(!s.gw.log().contains(&tok));
+    assert!(!std::fs::read_to_string(s.pki.path().join("tokens.json")).unwrap().contains(&tok));
+    drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refused() {
+    let s = setup();
+    let tok = token(&s, "0s");
+    let err = failing_join(&s, "late", &tok, &s.fingerprint);
+    assert!(err.contains("expired"), "{err}");
+    let m = s.gw.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_enrollments_total", &[("result", "refused")]), 1.0);
+    assert_eq!(metric(&m, "quicmesh_enrollments_total", &[("result", "issued")]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_does_not_match_the_pinned_ca_gets_no_token() {
+    let s = setup();
+    let tok = token(&s, "1h");
+    let wrong = "00".repeat(32);
+    let err = failing_join(&s, "careful", &tok, &wrong);
+    assert!(err.contains("pinned fingerprint"), "{err}");
+    // The token was never sent, so it is still good.
+    let config = fresh_node(s.pki.path(), "careful2");
+    let control = s.gw.addrs.control.to_string();
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let node = NodeProc::start_args(
+        "node",
+        s.pki.path(),
+        "careful2",
+        &toml,
+        &["--join", &control, "--token", &tok, "--ca-fingerprint", &s.fingerprint],
+    );
+    assert!(s.pki.path().join("careful2-state/careful2.pem").exists());
+    drop(node);
+}
