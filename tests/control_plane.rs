@@ -252,3 +252,62 @@ async fn a_node_restarted_while_the_gateway_is_down_serves_from_its_cache() {
     assert_eq!(status_via(&cp.nodes[0], "echo").await, 200);
     assert!(cp.nodes[0].log().contains("serving from the cached snapshot"));
 }
+
+/// A node renews its certificate over the control stream while serving: no request fails and
+/// its established QUIC connection to a peer is not replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_renewed_without_dropping_data_plane_connections() {
+    let cp = Cp::start("10s").await;
+    let state = cp.state();
+    // Issued now, valid 55 more minutes (the CA backdates 5); renew 5 s from now.
+    cp.pki.issue("node-r");
+    let before = std::fs::read(state.join("node-r.pem")).unwrap();
+    let mut toml = joined_node("node-r", &state, cp.gw.addrs.control, &[]);
+    toml = toml.replacen("[node.tls]", "renew_before = \"3295s\"\n\n[node.tls]", 1);
+    let r = NodeProc::start(&state, "node-r", &toml);
+    wait_status(&r, "echo", 200, "node-r to reach echo").await;
+    let renewed = |m: &str| metric(m, "quicmesh_enrollments_total", &[("result", "renewed")]);
+    assert_eq!(renewed(&cp.gw.metrics().await), 0.0, "renewed before the data connection existed; machine too slow");
+    let outbound = r.addrs.outbound;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = http::Request::get(format!("http://{outbound}/"))
+                    .header("host", "echo")
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(resp) if resp.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    eventually(Duration::from_secs(20), "the gateway to renew node-r's certificate", || async {
+        (renewed(&cp.gw.metrics().await) >= 1.0).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(5), "node-r to install the renewed certificate", || async {
+        (std::fs::read(state.join("node-r.pem")).unwrap() != before).then_some(())
+    })
+    .await;
+    // A request after the renewal still rides the original connection.
+    assert_eq!(status_via(&r, "echo").await, 200);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 10, "too little load: {ok}");
+    assert_eq!(failed, 0);
+    let m = r.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_quic_connections_opened_total", &[("peer", "node-b")]), 1.0, "{m}");
+    let ids = quicmesh_shared::identity::read_certs(&state.join("node-r.pem")).unwrap();
+    let (_, not_after) = quicmesh_shared::identity::validity(&ids[0]).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(not_after - now > 20 * 3600, "the renewed certificate is not the 24 h one");
+    assert!(r.log().contains("certificate renewed"));
+}

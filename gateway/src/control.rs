@@ -142,7 +142,7 @@ impl ControlPlane {
                 return;
             }
         };
-        let GatewayMsg::Snapshot(next) = msg;
+        let GatewayMsg::Snapshot(next) = msg else { return };
         reg.current = next;
         let persisted = Persisted { version, nodes: regs };
         drop(reg);
@@ -300,6 +300,12 @@ impl Enroller {
         Self { dir, lock: tokio::sync::Mutex::new(()) }
     }
 
+    /// Signs a renewal for a member already authenticated by its current certificate.
+    fn renew(&self, name: &str, csr: &str) -> Result<String, String> {
+        let ca = Ca::open(&self.dir).map_err(|e| format!("the gateway holds no CA: {e}"))?;
+        ca.sign_csr(name, csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))
+    }
+
     async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, String> {
         if !valid_name(&req.name) {
             return Err(format!("invalid node name {:?}", req.name));
@@ -376,7 +382,9 @@ async fn connection(
             let Ok((req, mut stream)) = resolver.resolve_request().await else { return };
             let path = req.uri().path();
             match (req.method(), path, peer, enroll) {
-                (&Method::POST, control::STREAM_PATH, Some(peer), _) => control_stream(stream, &peer, &cp).await,
+                (&Method::POST, control::STREAM_PATH, Some(peer), enroll) => {
+                    control_stream(stream, &peer, &cp, enroll.as_deref()).await
+                }
                 (&Method::POST, enroll::ENROLL_PATH, _, Some(enroller)) => enrollment(stream, &enroller).await,
                 (_, control::STREAM_PATH, None, _) => respond(&mut stream, StatusCode::FORBIDDEN, None).await,
                 _ => respond(&mut stream, StatusCode::NOT_FOUND, None).await,
@@ -436,7 +444,7 @@ fn check_hello(msg: Option<NodeMsg>) -> Result<Registration, String> {
     }
 }
 
-async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane) {
+async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca: Option<&Enroller>) {
     let (mut send, recv) = stream.split();
     if send.send_response(Response::new(())).await.is_err() {
         return;
@@ -474,6 +482,22 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane) {
                     Ok(Some(NodeMsg::Goodbye)) => {
                         goodbye = true;
                         break;
+                    }
+                    Ok(Some(NodeMsg::Renew { csr })) => {
+                        let signed = ca.ok_or_else(|| "this gateway holds no CA".to_string()).and_then(|ca| ca.renew(peer, &csr));
+                        match signed {
+                            Ok(certificate) => {
+                                metrics::counter!(m::ENROLLMENTS, "result" => "renewed").increment(1);
+                                info!(node = peer, "renewed a node certificate");
+                                if control::send_line(&mut send, &GatewayMsg::Certificate { certificate }).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(reason) => {
+                                metrics::counter!(m::ENROLLMENTS, "result" => "refused").increment(1);
+                                warn!(node = peer, reason, "renewal refused");
+                            }
+                        }
                     }
                     Ok(Some(hello @ NodeMsg::Hello { .. })) => match check_hello(Some(hello)) {
                         // Re-registration: the instances changed.

@@ -9,10 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request};
-use quicmesh_shared::config::{Config, ControlTarget};
+use quicmesh_shared::config::{Config, ControlTarget, TlsPaths};
 use quicmesh_shared::control::{self, GatewayMsg, Instance, LineReader, NodeMsg, Snapshot};
+use quicmesh_shared::identity;
 use quicmesh_shared::mesh::{Mesh, Table};
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::transport;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -21,6 +24,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub struct ControlClient {
     pub mesh: Arc<Mesh>,
+    /// This node's certificate files, rewritten on renewal.
+    pub paths: TlsPaths,
+    /// Renew this long before expiry; `None` means when a third of the lifetime is left.
+    pub renew_before: Option<Duration>,
     /// The node's own config; snapshots replace its mesh-wide parts.
     pub local: Config,
     pub target: ControlTarget,
@@ -45,6 +52,7 @@ pub fn load_cache(path: &Path) -> Option<Snapshot> {
     let data = std::fs::read(path).ok()?;
     match serde_json::from_slice::<GatewayMsg>(&data) {
         Ok(GatewayMsg::Snapshot(s)) => Some(s),
+        Ok(_) => None,
         Err(e) => {
             warn!("ignoring unreadable snapshot cache {}: {e}", path.display());
             None
@@ -69,6 +77,46 @@ enum End {
 }
 
 impl ControlClient {
+    /// When to ask for a new certificate.
+    fn renew_due(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let Some((not_before, not_after)) =
+            identity::read_certs(&self.paths.cert).ok().and_then(|c| c.first().and_then(|c| identity::validity(c)))
+        else {
+            return now + Duration::from_secs(3600);
+        };
+        metrics::gauge!(m::CERT_EXPIRY).set(not_after as f64);
+        let lifetime = (not_after - not_before).max(0) as u64;
+        let before = self.renew_before.map_or(lifetime / 3, |d| d.as_secs());
+        let due = not_after - before as i64;
+        let now_unix =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        now + Duration::from_secs((due - now_unix).max(0) as u64)
+    }
+
+    /// Writes the renewed key and certificate and uses them for new connections, both ways.
+    fn install(&self, key_pem: &str, cert_pem: &str) -> Result<(), String> {
+        let tmp_key = self.paths.key.with_extension("key.new");
+        let tmp_cert = self.paths.cert.with_extension("pem.new");
+        identity::write_secret(&tmp_key, key_pem.as_bytes()).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp_cert, cert_pem).map_err(|e| e.to_string())?;
+        let creds = identity::Credentials::load(&self.paths.ca, &tmp_cert, &tmp_key).map_err(|e| e.to_string())?;
+        let client = transport::reconfigure(
+            self.mesh.pool.endpoint(),
+            &creds,
+            &self.mesh.trust_domain,
+            &self.local.transport,
+            Some(ClientAuth::Required),
+        )
+        .map_err(|e| e.to_string())?;
+        self.mesh.pool.set_client_config(client);
+        std::fs::rename(&tmp_key, &self.paths.key).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp_cert, &self.paths.cert).map_err(|e| e.to_string())?;
+        let until = identity::validity(&creds.chain[0]).map_or(0, |v| v.1);
+        info!(valid_until_unix = until, "certificate renewed; established connections keep running");
+        Ok(())
+    }
+
     /// Runs until `shutdown` turns true; then says goodbye to the gateway.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
@@ -129,8 +177,26 @@ impl ControlClient {
         metrics::gauge!(m::CONTROL_CONNECTED).set(1.0);
         let mut reader = LineReader::new(recv);
         let mut progressed = false;
+        let mut renew_at = self.renew_due();
+        let mut pending_key: Option<String> = None;
         loop {
             tokio::select! {
+                _ = tokio::time::sleep_until(renew_at), if pending_key.is_none() => {
+                    let name = self.local.node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
+                    match identity::signing_request(&name) {
+                        Ok((key, csr)) => {
+                            if let Err(e) = control::send_line(&mut send, &NodeMsg::Renew { csr }).await {
+                                return End::Broken(e.to_string(), progressed);
+                            }
+                            info!("asked the gateway to renew this node's certificate");
+                            pending_key = Some(key);
+                        }
+                        Err(e) => {
+                            warn!("cannot make a renewal key: {e}");
+                            renew_at = tokio::time::Instant::now() + BACKOFF_MAX;
+                        }
+                    }
+                }
                 line = reader.next_raw() => {
                     let line = match line {
                         Ok(Some(l)) => l,
@@ -139,6 +205,16 @@ impl ControlClient {
                     };
                     let snap = match serde_json::from_slice::<GatewayMsg>(&line) {
                         Ok(GatewayMsg::Snapshot(s)) => s,
+                        Ok(GatewayMsg::Certificate { certificate }) => {
+                            match pending_key.take() {
+                                Some(key) => match self.install(&key, &certificate) {
+                                    Ok(()) => renew_at = self.renew_due(),
+                                    Err(e) => warn!("renewed certificate unusable, keeping the current one: {e}"),
+                                },
+                                None => warn!("ignored a certificate that was not asked for"),
+                            }
+                            continue;
+                        }
                         Err(e) => return End::Broken(format!("bad message from the gateway: {e}"), progressed),
                     };
                     let version = snap.version;

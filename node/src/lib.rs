@@ -122,6 +122,8 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         }
         let client = control::ControlClient {
             mesh: mesh.clone(),
+            paths: paths.clone(),
+            renew_before: nc.renew_before,
             local: local_config,
             target,
             advertise,

@@ -133,6 +133,10 @@ pub struct NodeConfig {
     pub instances: Vec<crate::control::Instance>,
     /// Where the last good snapshot is cached. Default `<tls.state_dir>/<name>.snapshot.json`.
     pub snapshot_cache: Option<PathBuf>,
+    /// Ask the control plane for a new certificate this long before expiry (default: when a
+    /// third of its lifetime is left).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub renew_before: Option<Duration>,
 }
 
 /// Where the control plane is.
@@ -163,6 +167,7 @@ impl Default for NodeConfig {
             advertise: None,
             instances: Vec::new(),
             snapshot_cache: None,
+            renew_before: None,
         }
     }
 }

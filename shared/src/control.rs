@@ -46,6 +46,8 @@ pub enum NodeMsg {
     Nack { version: u64, reason: String },
     /// Clean shutdown: remove this node's endpoints now.
     Goodbye,
+    /// A certificate signing request for a fresh key, before the current certificate expires.
+    Renew { csr: String },
 }
 
 /// Gateway to node: `{"snapshot": {...}}`. Externally tagged on purpose: an internally tagged
@@ -55,6 +57,10 @@ pub enum NodeMsg {
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum GatewayMsg {
     Snapshot(Snapshot),
+    /// The answer to `Renew`: a certificate (PEM) for the key the node just made.
+    Certificate {
+        certificate: String,
+    },
 }
 
 /// Everything a node needs to route: versioned, complete.

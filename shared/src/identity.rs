@@ -69,6 +69,13 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// The validity window of a DER certificate, as Unix seconds (not before, not after).
+pub fn validity(cert: &[u8]) -> Option<(i64, i64)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let v = parsed.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// The SPIFFE URI SANs of a DER certificate (normally exactly one).
 pub fn spiffe_ids(cert: &[u8]) -> Vec<SpiffeId> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {

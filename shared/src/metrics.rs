@@ -27,6 +27,7 @@ pub const CONTROL_APPLIED: &str = "quicmesh_control_snapshots_applied_total";
 pub const CONTROL_CONNECTED: &str = "quicmesh_control_connected";
 pub const CONFIG_RELOADS: &str = "quicmesh_config_reloads_total";
 pub const ENROLLMENTS: &str = "quicmesh_enrollments_total";
+pub const CERT_EXPIRY: &str = "quicmesh_certificate_expiry_timestamp_seconds";
 
 /// Latency buckets from 100 us to 30 s.
 const LATENCY_BUCKETS: &[f64] =
@@ -76,7 +77,8 @@ fn describe() {
     describe_histogram!(CONTROL_PUSH_DURATION, Unit::Seconds, "Time to write one snapshot to one node's stream.");
     describe_counter!(CONTROL_APPLIED, "Snapshots a node applied.");
     describe_gauge!(CONTROL_CONNECTED, "1 while the node holds a control stream to the gateway.");
-    describe_counter!(ENROLLMENTS, "Enrollment requests by result (issued, refused).");
+    describe_counter!(ENROLLMENTS, "Certificate requests by result (issued, renewed, refused).");
+    describe_gauge!(CERT_EXPIRY, "When this node's certificate expires, Unix seconds.");
     describe_counter!(CONFIG_RELOADS, "Config file reloads by the gateway, by result (applied, rejected).");
 }
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use quinn::ClientConfig;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{debug, info, warn};
 
@@ -31,6 +32,8 @@ type Slot = Arc<AsyncMutex<Option<PeerConn>>>;
 
 pub struct PeerPool {
     endpoint: quinn::Endpoint,
+    /// Set after a certificate renewal; until then the endpoint's default client config.
+    client: arc_swap::ArcSwapOption<quinn::ClientConfig>,
     trust_domain: String,
     connect_timeout: Duration,
     slots: Mutex<HashMap<String, Slot>>,
@@ -38,11 +41,22 @@ pub struct PeerPool {
 
 impl PeerPool {
     pub fn new(endpoint: quinn::Endpoint, trust_domain: &str, connect_timeout: Duration) -> Self {
-        Self { endpoint, trust_domain: trust_domain.into(), connect_timeout, slots: Mutex::new(HashMap::new()) }
+        Self {
+            endpoint,
+            client: arc_swap::ArcSwapOption::empty(),
+            trust_domain: trust_domain.into(),
+            connect_timeout,
+            slots: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint
+    }
+
+    /// New connections use `client` (renewed credentials); pooled ones are kept.
+    pub fn set_client_config(&self, client: quinn::ClientConfig) {
+        self.client.store(Some(Arc::new(client)));
     }
 
     fn slot(&self, peer: &str) -> Slot {
@@ -80,7 +94,11 @@ impl PeerPool {
 
     async fn connect(&self, peer: &str, addr: SocketAddr) -> Result<PeerConn, ProxyError> {
         let unreachable = |reason: String| ProxyError::PeerUnreachable { peer: peer.into(), reason };
-        let connecting = self.endpoint.connect(addr, peer).map_err(|e| unreachable(e.to_string()))?;
+        let connecting = match self.client.load_full() {
+            Some(client) => self.endpoint.connect_with(ClientConfig::clone(&client), addr, peer),
+            None => self.endpoint.connect(addr, peer),
+        }
+        .map_err(|e| unreachable(e.to_string()))?;
         let conn = match connecting.await {
             Ok(c) => c,
             Err(e) => {

@@ -89,6 +89,39 @@ fn udp_socket(bind: Bind, buffer: usize) -> Result<std::net::UdpSocket, Transpor
     Ok(socket)
 }
 
+/// The client side of mesh connections with these credentials.
+pub fn client_config(
+    creds: &Credentials,
+    trust_domain: &str,
+    cfg: &TransportConfig,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let crypto = QuicClientConfig::try_from(tls::mesh_client(creds, trust_domain)?)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport_config(cfg)?));
+    Ok(client)
+}
+
+/// Installs new credentials (a renewed certificate) as the endpoint's server side: peers that
+/// connect from now on see them; established connections carry on untouched. Returns the
+/// matching client config, for the peer pool.
+pub fn reconfigure(
+    endpoint: &quinn::Endpoint,
+    creds: &Credentials,
+    trust_domain: &str,
+    cfg: &TransportConfig,
+    serve: Option<tls::ClientAuth>,
+) -> Result<quinn::ClientConfig, TransportError> {
+    if let Some(auth) = serve {
+        let crypto =
+            QuicServerConfig::try_from(tls::mesh_server(creds, auth)?).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport_config(cfg)?));
+        endpoint.set_server_config(Some(server));
+    }
+    client_config(creds, trust_domain, cfg)
+}
+
 /// Builds the mesh QUIC endpoint. With `serve` it accepts peers, authenticated as it says.
 pub fn mesh_endpoint(
     bind: Bind,
@@ -97,12 +130,11 @@ pub fn mesh_endpoint(
     cfg: &TransportConfig,
     serve: Option<tls::ClientAuth>,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let transport = Arc::new(transport_config(cfg)?);
     let server = if let Some(auth) = serve {
         let crypto =
             QuicServerConfig::try_from(tls::mesh_server(creds, auth)?).map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport.clone());
+        server.transport_config(Arc::new(transport_config(cfg)?));
         Some(server)
     } else {
         None
@@ -113,10 +145,6 @@ pub fn mesh_endpoint(
     let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setting("no async runtime".into()))?;
     let mut endpoint = quinn::Endpoint::new(endpoint_cfg, server, socket, runtime)
         .map_err(|source| TransportError::Bind { addr, source })?;
-    let crypto = QuicClientConfig::try_from(tls::mesh_client(creds, trust_domain)?)
-        .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(transport);
-    endpoint.set_default_client_config(client);
+    endpoint.set_default_client_config(client_config(creds, trust_domain, cfg)?);
     Ok(endpoint)
 }
