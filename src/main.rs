@@ -153,13 +153,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config } => {
-            let cfg = config::load(&config)?;
+            let (cfg, node_overlays) = quicmesh_shared::overlay::load_with_overlays(&config)?;
             println!(
                 "config OK: {} services, {} nodes{}{}",
                 cfg.services.len(),
                 cfg.nodes.len(),
                 cfg.node.as_ref().map(|n| format!(", node {}", n.name)).unwrap_or_default(),
-                cfg.gateway.as_ref().map(|g| format!(", gateway with {} routes", g.routes.len())).unwrap_or_default()
+                cfg.gateway
+                    .as_ref()
+                    .map(|g| format!(", gateway with {} routes, {} node overlays", g.routes.len(), node_overlays.len()))
+                    .unwrap_or_default()
             );
             Ok(())
         }

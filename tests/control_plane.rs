@@ -311,3 +311,51 @@ async fn certificates_are_renewed_without_dropping_data_plane_connections() {
     assert!(not_after - now > 20 * 3600, "the renewed certificate is not the 24 h one");
     assert!(r.log().contains("certificate renewed"));
 }
+
+/// Per-service and per-node overlays: the gateway computes each node's snapshot from the
+/// mesh-wide files, `services/<name>.toml` and `nodes/<name>.toml`, and re-pushes on edits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_and_node_overlays_reach_the_right_nodes() {
+    let pki = Pki::new();
+    let state = pki.issue("gateway");
+    pki.issue("node-a");
+    pki.issue("node-b");
+    let overlays = pki.path().join("overlays");
+    std::fs::create_dir_all(overlays.join("services")).unwrap();
+    std::fs::create_dir_all(overlays.join("nodes")).unwrap();
+    std::fs::write(overlays.join("services/echo.toml"), "hosts = [\"via-overlay\"]\n").unwrap();
+    std::fs::write(overlays.join("nodes/node-a.toml"), "[timeouts]\nrequest = \"1s\"\n").unwrap();
+    let mesh = pki.path().join("mesh.toml");
+    std::fs::write(&mesh, mesh_layer("")).unwrap();
+    let gw_file = pki.path().join("gateway.toml");
+    let gw_toml = gateway_layer(&state, "5s").replacen(
+        "watch_interval",
+        &format!("overlays = \"{}\"\nwatch_interval", overlays.display()),
+        1,
+    );
+    std::fs::write(&gw_file, gw_toml).unwrap();
+    let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let echo = echo_backend().await;
+    let b = NodeProc::start(pki.path(), "node-b", &joined_node("node-b", &state, gw.addrs.control, &[("echo", echo)]));
+    let a = NodeProc::start(pki.path(), "node-a", &joined_node("node-a", &state, gw.addrs.control, &[]));
+    wait_status(&a, "via-overlay", 200, "the service overlay's host to route at node-a").await;
+    let request_timeout = |dump: serde_json::Value| dump["timeouts"]["request"].as_str().unwrap().to_string();
+    assert_eq!(request_timeout(a.admin_json("/endpoints").await), "1s");
+    assert_eq!(request_timeout(b.admin_json("/endpoints").await), "10s");
+    // Editing a node overlay re-pushes that node's settings.
+    std::fs::write(overlays.join("nodes/node-a.toml"), "[timeouts]\nrequest = \"3s\"\n").unwrap();
+    eventually(Duration::from_secs(10), "node-a to get its new overlay", || async {
+        (request_timeout(a.admin_json("/endpoints").await) == "3s").then_some(())
+    })
+    .await;
+    assert_eq!(request_timeout(b.admin_json("/endpoints").await), "10s");
+    // A bad overlay is refused like a bad file: nothing changes.
+    std::fs::write(overlays.join("nodes/node-b.toml"), "[timeouts]\nrequset = \"1s\"\n").unwrap();
+    eventually(Duration::from_secs(10), "the bad overlay to be refused", || async {
+        (metric(&gw.metrics().await, "quicmesh_config_reloads_total", &[("result", "rejected")]) >= 1.0).then_some(())
+    })
+    .await;
+    assert!(gw.log().contains("node-b.toml"), "the refusal does not name the overlay file");
+    assert_eq!(request_timeout(a.admin_json("/endpoints").await), "3s");
+    assert_eq!(request_timeout(b.admin_json("/endpoints").await), "10s");
+}

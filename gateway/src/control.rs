@@ -18,6 +18,7 @@ use quicmesh_shared::enroll::{self, EnrollRequest, EnrollResponse};
 use quicmesh_shared::identity::Ca;
 use quicmesh_shared::mesh::{Mesh, Table};
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::overlay::NodeSettings;
 use quicmesh_shared::tls;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
@@ -33,6 +34,8 @@ struct NodeState {
 
 struct Registry {
     config: Config,
+    /// Per-node overlays: settings that differ from the mesh-wide ones.
+    node_settings: BTreeMap<String, NodeSettings>,
     nodes: BTreeMap<String, NodeState>,
     current: Snapshot,
 }
@@ -42,6 +45,14 @@ pub struct Published {
     pub version: u64,
     /// The `GatewayMsg::Snapshot` JSON line, newline included.
     pub line: Bytes,
+    /// The line for nodes whose overlay changes their snapshot.
+    pub per_node: std::collections::HashMap<String, Bytes>,
+}
+
+impl Published {
+    pub fn line_for(&self, node: &str) -> Bytes {
+        self.per_node.get(node).unwrap_or(&self.line).clone()
+    }
 }
 
 /// Registrations often come in bursts (a fleet restarting); one snapshot covers a burst.
@@ -87,7 +98,13 @@ pub struct Status {
 }
 
 impl ControlPlane {
-    pub fn new(config: Config, grace: Duration, registry_file: Option<PathBuf>, mesh: Arc<Mesh>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        node_settings: BTreeMap<String, NodeSettings>,
+        grace: Duration,
+        registry_file: Option<PathBuf>,
+        mesh: Arc<Mesh>,
+    ) -> Arc<Self> {
         let mut nodes = BTreeMap::new();
         let mut version = fresh_version();
         if let Some(path) = &registry_file {
@@ -105,9 +122,15 @@ impl ControlPlane {
                 Err(_) => {}
             }
         }
-        let (tx, _) = watch::channel(Arc::new(Published { version: 0, line: Bytes::new() }));
+        let (tx, _) =
+            watch::channel(Arc::new(Published { version: 0, line: Bytes::new(), per_node: Default::default() }));
         let cp = Arc::new(Self {
-            inner: Mutex::new(Registry { config, nodes, current: Snapshot { version, ..Default::default() } }),
+            inner: Mutex::new(Registry {
+                config,
+                node_settings,
+                nodes,
+                current: Snapshot { version, ..Default::default() },
+            }),
             tx,
             dirty: Notify::new(),
             grace,
@@ -143,13 +166,24 @@ impl ControlPlane {
             }
         };
         let GatewayMsg::Snapshot(next) = msg else { return };
+        // Nodes with an overlay get their own line; everyone else shares the one encoding.
+        let mut per_node = std::collections::HashMap::new();
+        for (name, settings) in &reg.node_settings {
+            if settings.timeouts != next.timeouts {
+                let mut own_snap = next.clone();
+                own_snap.timeouts = settings.timeouts.clone();
+                if let Ok(l) = control::encode_line(&GatewayMsg::Snapshot(own_snap)) {
+                    per_node.insert(name.clone(), l);
+                }
+            }
+        }
         reg.current = next;
         let persisted = Persisted { version, nodes: regs };
         drop(reg);
         self.mesh.apply(Table::new(own, version));
         metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
         debug!(version, bytes = line.len(), "publishing snapshot");
-        self.tx.send_replace(Arc::new(Published { version, line }));
+        self.tx.send_replace(Arc::new(Published { version, line, per_node }));
         if let Some(path) = &self.registry_file {
             let tmp = path.with_extension("tmp");
             let write = serde_json::to_vec(&persisted)
@@ -162,10 +196,14 @@ impl ControlPlane {
         }
     }
 
-    /// Replaces the config from files (already validated) and pushes the result.
-    pub fn reload(&self, config: Config) {
-        self.lock().config = config;
-        self.recompute(false);
+    /// Replaces the config from files and overlays (already validated) and pushes the result.
+    pub fn reload(&self, config: Config, node_settings: BTreeMap<String, NodeSettings>) {
+        {
+            let mut reg = self.lock();
+            reg.config = config;
+            reg.node_settings = node_settings;
+        }
+        self.recompute(true);
     }
 
     /// Asks for a new snapshot soon; bursts of changes make one.
@@ -462,7 +500,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
     cp.register(peer, reg);
     let mut goodbye = false;
     let first = rx.borrow_and_update().clone();
-    if send.send_data(first.line.clone()).await.is_ok() {
+    if send.send_data(first.line_for(peer)).await.is_ok() {
         loop {
             tokio::select! {
                 changed = rx.changed() => {
@@ -471,7 +509,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                     }
                     let snap = rx.borrow_and_update().clone();
                     let start = Instant::now();
-                    if send.send_data(snap.line.clone()).await.is_err() {
+                    if send.send_data(snap.line_for(peer)).await.is_err() {
                         break;
                     }
                     metrics::histogram!(m::CONTROL_PUSH_DURATION).record(start.elapsed().as_secs_f64());

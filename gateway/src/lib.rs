@@ -21,6 +21,7 @@ use quicmesh_shared::admin::{self, AdminState};
 use quicmesh_shared::config::{Config, ConfigError};
 use quicmesh_shared::identity::{Credentials, IdentityError};
 use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::overlay;
 use quicmesh_shared::tls::ClientAuth;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
@@ -82,8 +83,15 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
 }
 
 /// Like [`start`], watching `files` (the layers `config` was loaded from) for changes.
-pub async fn start_with_files(config: Config, files: Vec<PathBuf>) -> Result<Gateway, GatewayError> {
+pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result<Gateway, GatewayError> {
     let gc = config.gateway.clone().ok_or(GatewayError::NoGatewaySection)?;
+    let node_settings = match &gc.overlays {
+        Some(dir) => {
+            overlay::apply_services(&mut config, dir)?;
+            overlay::node_settings(&config, dir)?
+        }
+        None => Default::default(),
+    };
     let paths = gc.tls.resolve(&gc.name, "gateway")?;
     let mut creds = Credentials::load(&paths.ca, &paths.cert, &paths.key)?;
     // Send the CA along: a joining node pins it by fingerprint before it holds it.
@@ -108,7 +116,7 @@ pub async fn start_with_files(config: Config, files: Vec<PathBuf>) -> Result<Gat
     let trust_domain = config.mesh.trust_domain.clone();
     let mesh = Arc::new(Mesh::new(Arc::new(config.clone()), None, mesh_endpoint.clone()));
     let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
-    let cp = control::ControlPlane::new(config, gc.node_grace, registry_file, mesh.clone());
+    let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone());
     let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc, listen.port()));
     let (cp_status, mesh_dump) = (cp.clone(), mesh.clone());
     let extra: Vec<(&'static str, admin::JsonFn)> = vec![
@@ -125,7 +133,7 @@ pub async fn start_with_files(config: Config, files: Vec<PathBuf>) -> Result<Gat
     tasks.spawn(cp.clone().sweep());
     tasks.spawn(cp.clone().publisher());
     if !files.is_empty() {
-        tasks.spawn(watch::watch(files, gc.watch_interval, cp, edge));
+        tasks.spawn(watch::watch(files, gc.overlays.clone(), gc.watch_interval, cp, edge));
     }
     state.ready.store(true, Ordering::Release);
     Ok(Gateway {

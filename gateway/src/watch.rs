@@ -8,32 +8,51 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use quicmesh_shared::config;
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::overlay;
 use tracing::{info, warn};
 
 use crate::control::ControlPlane;
 use crate::handler::Edge;
 
-fn stamps(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
-    files.iter().map(|f| std::fs::metadata(f).ok().and_then(|md| Some((md.modified().ok()?, md.len())))).collect()
+type Stamp = (PathBuf, Option<(SystemTime, u64)>);
+
+/// Modification stamps of the config files and of every overlay file (which may come and go).
+fn stamps(files: &[PathBuf], overlays: Option<&PathBuf>) -> Vec<Stamp> {
+    let mut all: Vec<PathBuf> = files.to_vec();
+    if let Some(dir) = overlays {
+        all.extend(overlay::files(dir, "services"));
+        all.extend(overlay::files(dir, "nodes"));
+    }
+    all.into_iter()
+        .map(|f| {
+            let st = std::fs::metadata(&f).ok().and_then(|md| Some((md.modified().ok()?, md.len())));
+            (f, st)
+        })
+        .collect()
 }
 
-pub async fn watch(files: Vec<PathBuf>, every: Duration, cp: Arc<ControlPlane>, edge: Arc<Edge>) {
-    let mut seen = stamps(&files);
+pub async fn watch(
+    files: Vec<PathBuf>,
+    overlays: Option<PathBuf>,
+    every: Duration,
+    cp: Arc<ControlPlane>,
+    edge: Arc<Edge>,
+) {
+    let mut seen = stamps(&files, overlays.as_ref());
     loop {
         tokio::time::sleep(every).await;
-        let now = stamps(&files);
+        let now = stamps(&files, overlays.as_ref());
         if now == seen {
             continue;
         }
         seen = now;
-        match config::load(&files) {
-            Ok(cfg) => {
+        match overlay::load_with_overlays(&files) {
+            Ok((cfg, node_settings)) => {
                 if let Some(gc) = &cfg.gateway {
                     edge.set_routes(gc.routes.clone());
                 }
-                cp.reload(cfg);
+                cp.reload(cfg, node_settings);
                 metrics::counter!(m::CONFIG_RELOADS, "result" => "applied").increment(1);
                 info!(version = cp.version(), "config reloaded");
             }

@@ -206,6 +206,9 @@ pub struct GatewayConfig {
     pub watch_interval: Duration,
     /// Where the registry is persisted across restarts. Default `<tls.state_dir>/registry.json`.
     pub registry_file: Option<PathBuf>,
+    /// Directory of per-service (`services/<name>.toml`) and per-node (`nodes/<name>.toml`)
+    /// overlays, layered over the mesh-wide files; watched like them.
+    pub overlays: Option<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -222,6 +225,7 @@ impl Default for GatewayConfig {
             node_grace: Duration::from_secs(10),
             watch_interval: Duration::from_millis(500),
             registry_file: None,
+            overlays: None,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod headers;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod overlay;
 pub mod pool;
 pub mod tls;
 pub mod transport;

@@ -142,7 +142,13 @@ impl Table {
     pub fn dump(&self) -> String {
         let mut services: Vec<&ServiceConfig> = self.services.values().map(|s| &s.config).collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        serde_json::json!({ "version": self.version, "nodes": self.config.nodes, "services": services }).to_string()
+        serde_json::json!({
+            "version": self.version,
+            "timeouts": self.config.timeouts,
+            "nodes": self.config.nodes,
+            "services": services,
+        })
+        .to_string()
     }
 }
 

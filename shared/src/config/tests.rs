@@ -93,7 +93,14 @@ fn example_configs_parse() {
             "mesh.toml" | "demo.toml" => vec![path.clone()],
             _ => vec![mesh.clone(), path.clone()],
         };
-        load(&layers).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut cfg = load(&layers).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // Overlay paths are relative to the repository root, where the README runs commands.
+        if let Some(overlays) = cfg.gateway.as_ref().and_then(|g| g.overlays.clone()) {
+            let root = dir.parent().unwrap().join(overlays);
+            crate::overlay::apply_services(&mut cfg, &root).unwrap();
+            let nodes = crate::overlay::node_settings(&cfg, &root).unwrap();
+            assert!(!nodes.is_empty() && cfg.service("web").unwrap().hosts.len() == 2, "overlays not applied");
+        }
         seen += 1;
     }
     assert!(seen >= 5, "only {seen} example configs");
