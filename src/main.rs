@@ -94,8 +94,8 @@ enum CaCommand {
         dir: PathBuf,
         #[arg(long)]
         node: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = DEFAULT_NODE_VALIDITY.as_secs() / 86400)]
+        /// Validity in days (1 to 3650). Nodes joined to the control plane renew theirs.
+        #[arg(long, default_value_t = DEFAULT_NODE_VALIDITY.as_secs() / 86400, value_parser = clap::value_parser!(u64).range(1..=3650))]
         days: u64,
     },
     /// Print the SHA-256 fingerprint of the CA certificate (for `node --ca-fingerprint`).

@@ -487,7 +487,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
     if send.send_response(Response::new(())).await.is_err() {
         return;
     }
-    let mut reader = LineReader::new(recv);
+    let mut reader = LineReader::with_limit(recv, control::MAX_NODE_LINE);
     let reg = match reader.next::<NodeMsg>().await.map_err(|e| e.to_string()).and_then(check_hello) {
         Ok(r) => r,
         Err(reason) => {

@@ -20,6 +20,8 @@ use crate::config::{Config, EndpointConfig, PeerConfig, Protocol, ServiceConfig,
 pub const STREAM_PATH: &str = "/quicmesh.control/v1/stream";
 /// Longest accepted message line; a peer sending more is cut off.
 pub const MAX_LINE: usize = 64 << 20;
+/// Longest line the gateway accepts from a node (a registration of thousands of instances fits).
+pub const MAX_NODE_LINE: usize = 4 << 20;
 
 /// One service instance a node hosts, as it registers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,7 +129,7 @@ pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) ->
 pub enum LineError {
     #[error("the stream failed: {0}")]
     Stream(#[from] h3::error::StreamError),
-    #[error("a message line exceeds {MAX_LINE} bytes")]
+    #[error("a message line exceeds the size limit")]
     TooLong,
     #[error("bad message: {0}")]
     Json(#[from] serde_json::Error),
@@ -137,6 +139,7 @@ pub enum LineError {
 pub struct LineReader<R> {
     recv: R,
     buf: BytesMut,
+    limit: usize,
     /// Bytes of `buf` already known to hold no newline.
     scanned: usize,
     done: bool,
@@ -144,7 +147,12 @@ pub struct LineReader<R> {
 
 impl<R: H3Recv> LineReader<R> {
     pub fn new(recv: R) -> Self {
-        Self { recv, buf: BytesMut::new(), scanned: 0, done: false }
+        Self::with_limit(recv, MAX_LINE)
+    }
+
+    /// A reader refusing lines longer than `limit` bytes.
+    pub fn with_limit(recv: R, limit: usize) -> Self {
+        Self { recv, buf: BytesMut::new(), limit, scanned: 0, done: false }
     }
 
     /// The next message, or `None` at the end of the stream.
@@ -172,7 +180,7 @@ impl<R: H3Recv> LineReader<R> {
                 return Ok(None);
             }
             self.scanned = self.buf.len();
-            if self.buf.len() > MAX_LINE {
+            if self.buf.len() > self.limit {
                 return Err(LineError::TooLong);
             }
             match poll_fn(|cx| self.recv.poll_data(cx)).await? {

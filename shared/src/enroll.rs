@@ -95,7 +95,7 @@ pub fn create_token(dir: &Path, ttl: Duration, uses: u32, node: Option<String>) 
     records.retain(|r| r.expires_unix > now && r.uses_left > 0);
     records.push(TokenRecord {
         sha256: hex(digest(&SHA256, token.as_bytes()).as_ref()),
-        expires_unix: now + ttl.as_secs().max(if ttl.is_zero() { 0 } else { 1 }),
+        expires_unix: now.saturating_add(ttl.as_secs().max(u64::from(!ttl.is_zero()))),
         uses_left: uses,
         node,
     });

@@ -17,8 +17,9 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
-/// Default lifetime of node certificates issued by `ca issue`.
-pub const DEFAULT_NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default lifetime of node certificates issued by `ca issue` (nodes joined to the control
+/// plane renew theirs; static deployments pass `--days`).
+pub const DEFAULT_NODE_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
