@@ -15,5 +15,6 @@ pub mod mesh;
 pub mod metrics;
 pub mod overlay;
 pub mod pool;
+pub mod route;
 pub mod tls;
 pub mod transport;

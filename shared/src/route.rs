@@ -1,0 +1,599 @@
+//! HTTP routing in the model of the Kubernetes Gateway API's HTTPRoute: hostnames, rules of
+//! matches (path, headers, query parameters, method), filters and weighted backend references,
+//! with the specification's precedence. Socket-free: the gateway and the nodes feed it request
+//! parts and get back the rule to apply, so it is tested and benchmarked without I/O.
+//!
+//! Precedence between matches, highest first: the longest matching non-wildcard hostname, the
+//! longest matching hostname, an `Exact` path over a `PathPrefix` (longer first) over a
+//! `RegularExpression` (implementation-specific in the spec; here, after prefixes, longer
+//! pattern first), a method match, the most header matches, the most query-parameter matches;
+//! ties go to the route listed first (config order stands for the spec's creation time), then
+//! rule and match order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// One HTTPRoute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    pub name: String,
+    /// Exact names or `*.suffix` wildcards; empty matches any host.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteRule {
+    /// Any one must match; none means every request (`PathPrefix /`).
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<RuleTimeouts>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+    #[serde(default)]
+    pub query_params: Vec<ValueMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathMatchType {
+    Exact,
+    #[default]
+    PathPrefix,
+    RegularExpression,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatch {
+    #[serde(rename = "type", default)]
+    pub kind: PathMatchType,
+    #[serde(default = "slash")]
+    pub value: String,
+}
+
+fn slash() -> String {
+    "/".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueMatchType {
+    #[default]
+    Exact,
+    RegularExpression,
+}
+
+/// A header or query-parameter match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    #[serde(rename = "type", default)]
+    pub kind: ValueMatchType,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum Filter {
+    RequestHeaderModifier {
+        #[serde(rename = "requestHeaderModifier")]
+        modifier: HeaderModifier,
+    },
+    ResponseHeaderModifier {
+        #[serde(rename = "responseHeaderModifier")]
+        modifier: HeaderModifier,
+    },
+    RequestRedirect {
+        #[serde(rename = "requestRedirect")]
+        redirect: Redirect,
+    },
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite {
+        #[serde(rename = "urlRewrite")]
+        rewrite: Rewrite,
+    },
+    RequestMirror {
+        #[serde(rename = "requestMirror")]
+        mirror: Mirror,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderModifier {
+    #[serde(default)]
+    pub set: Vec<HeaderValuePair>,
+    #[serde(default)]
+    pub add: Vec<HeaderValuePair>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValuePair {
+    pub name: String,
+    pub value: String,
+}
+
+/// Path modification of a redirect or rewrite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum PathModifier {
+    ReplaceFullPath {
+        #[serde(rename = "replaceFullPath")]
+        value: String,
+    },
+    ReplacePrefixMatch {
+        #[serde(rename = "replacePrefixMatch")]
+        value: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathModifier>,
+    /// 301 or 302 (default 302).
+    pub status_code: Option<u16>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    pub backend_ref: BackendRef,
+    /// Share of requests copied, 0 to 100 (default all).
+    #[serde(default = "hundred")]
+    pub percent: u32,
+}
+
+fn hundred() -> u32 {
+    100
+}
+
+/// A service (optionally a subset selected by labels) and its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    /// Service name.
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleTimeouts {
+    #[serde(default, with = "humantime_serde")]
+    pub request: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub backend_request: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("route {route:?}: {reason}")]
+    Invalid { route: String, reason: String },
+}
+
+enum PathRule {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+enum ValueRule {
+    Exact(String),
+    Regex(Regex),
+}
+
+struct CompiledMatch {
+    path: PathRule,
+    headers: Vec<(HeaderName, ValueRule)>,
+    query: Vec<(String, ValueRule)>,
+    method: Option<Method>,
+}
+
+/// Ordering key within a host: path kind, path length, method, headers, query; larger wins.
+type Rank = (u8, usize, bool, usize, usize);
+
+struct Entry {
+    route: usize,
+    rule: usize,
+    matcher: CompiledMatch,
+    rank: Rank,
+}
+
+/// The rule a request matched, and what the path matched (for `ReplacePrefixMatch`).
+pub struct Matched<'a> {
+    pub route: &'a HttpRoute,
+    pub rule: &'a RouteRule,
+    /// The prefix that matched when the match was a `PathPrefix`.
+    pub matched_prefix: Option<&'a str>,
+}
+
+/// Hostname patterns of one route, compiled.
+#[derive(Clone)]
+enum HostPattern {
+    Any,
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+}
+
+/// Routes compiled for lookup. Entries are grouped by exact hostname, so a request is compared
+/// only with the routes that could serve its host.
+pub struct RouteTable {
+    routes: Vec<HttpRoute>,
+    entries: Vec<Entry>,
+    by_host: HashMap<String, Vec<(usize, usize)>>,
+    wildcard: Vec<(String, Vec<usize>)>,
+    any_host: Vec<usize>,
+}
+
+fn invalid(route: &str, reason: impl Into<String>) -> RouteError {
+    RouteError::Invalid { route: route.into(), reason: reason.into() }
+}
+
+fn compile_value(route: &str, kind: ValueMatchType, value: &str) -> Result<ValueRule, RouteError> {
+    Ok(match kind {
+        ValueMatchType::Exact => ValueRule::Exact(value.to_string()),
+        ValueMatchType::RegularExpression => ValueRule::Regex(
+            Regex::new(&format!("^(?:{value})$")).map_err(|e| invalid(route, format!("bad regex {value:?}: {e}")))?,
+        ),
+    })
+}
+
+fn compile_match(route: &str, m: &RouteMatch) -> Result<CompiledMatch, RouteError> {
+    let pm = m.path.clone().unwrap_or(PathMatch { kind: PathMatchType::PathPrefix, value: "/".into() });
+    if !pm.value.starts_with('/') && pm.kind != PathMatchType::RegularExpression {
+        return Err(invalid(route, format!("path {:?} does not start with '/'", pm.value)));
+    }
+    let path = match pm.kind {
+        PathMatchType::Exact => PathRule::Exact(pm.value),
+        PathMatchType::PathPrefix => PathRule::Prefix(pm.value.trim_end_matches('/').to_string()),
+        PathMatchType::RegularExpression => PathRule::Regex(
+            Regex::new(&format!("^(?:{})$", pm.value)).map_err(|e| invalid(route, format!("bad path regex: {e}")))?,
+        ),
+    };
+    let mut headers = Vec::new();
+    for h in &m.headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| invalid(route, format!("bad header name {:?}", h.name)))?;
+        headers.push((name, compile_value(route, h.kind, &h.value)?));
+    }
+    let mut query = Vec::new();
+    for q in &m.query_params {
+        query.push((q.name.clone(), compile_value(route, q.kind, &q.value)?));
+    }
+    let method = match &m.method {
+        Some(s) => Some(Method::from_bytes(s.as_bytes()).map_err(|_| invalid(route, format!("bad method {s:?}")))?),
+        None => None,
+    };
+    Ok(CompiledMatch { path, headers, query, method })
+}
+
+fn rank(m: &CompiledMatch) -> Rank {
+    let (kind, len) = match &m.path {
+        PathRule::Exact(p) => (3, p.len()),
+        PathRule::Prefix(p) => (2, p.len()),
+        PathRule::Regex(r) => (1, r.as_str().len()),
+    };
+    (kind, len, m.method.is_some(), m.headers.len(), m.query.len())
+}
+
+fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
+    for f in &rule.filters {
+        match f {
+            Filter::RequestRedirect { redirect } => {
+                if let Some(code) = redirect.status_code {
+                    if code != 301 && code != 302 {
+                        return Err(invalid(route, format!("redirect statusCode {code} is not 301 or 302")));
+                    }
+                }
+            }
+            Filter::RequestMirror { mirror } if mirror.percent > 100 => {
+                return Err(invalid(route, "mirror percent above 100"));
+            }
+            _ => {}
+        }
+    }
+    if rule.filters.iter().any(|f| matches!(f, Filter::RequestRedirect { .. }))
+        && rule.filters.iter().any(|f| matches!(f, Filter::UrlRewrite { .. }))
+    {
+        return Err(invalid(route, "a rule cannot both redirect and rewrite"));
+    }
+    Ok(())
+}
+
+impl RouteTable {
+    /// Compiles routes (regexes once, here); config order is age order, first is oldest.
+    pub fn new(routes: Vec<HttpRoute>) -> Result<Self, RouteError> {
+        let mut entries = Vec::new();
+        for (ri, route) in routes.iter().enumerate() {
+            for (ui, rule) in route.rules.iter().enumerate() {
+                validate_filters(&route.name, rule)?;
+                let default = [RouteMatch::default()];
+                let matches: &[RouteMatch] = if rule.matches.is_empty() { &default } else { &rule.matches };
+                for m in matches {
+                    let matcher = compile_match(&route.name, m)?;
+                    let rank = rank(&matcher);
+                    entries.push(Entry { route: ri, rule: ui, matcher, rank });
+                }
+            }
+        }
+        let mut by_host: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+        let mut wildcard: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut any_host = Vec::new();
+        for (ri, route) in routes.iter().enumerate() {
+            for p in host_patterns(&route.hostnames) {
+                match p {
+                    HostPattern::Any => any_host.push(ri),
+                    HostPattern::Exact(h) => by_host.entry(h.clone()).or_default().push((ri, h.len())),
+                    HostPattern::Suffix(s) => match wildcard.iter_mut().find(|(w, _)| *w == s) {
+                        Some((_, list)) => list.push(ri),
+                        None => wildcard.push((s, vec![ri])),
+                    },
+                }
+            }
+        }
+        Ok(Self { routes, entries, by_host, wildcard, any_host })
+    }
+
+    pub fn routes(&self) -> &[HttpRoute] {
+        &self.routes
+    }
+
+    /// The winning rule for a request, or `None` (answer 404 `no-route`).
+    pub fn find(
+        &self,
+        host: &str,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Option<Matched<'_>> {
+        // Hostname specificity per route: (non-wildcard length, matched length).
+        let mut host_score: HashMap<usize, (usize, usize)> = HashMap::new();
+        if let Some(list) = self.by_host.get(host) {
+            for &(ri, len) in list {
+                host_score.insert(ri, (len, len));
+            }
+        }
+        for (suffix, list) in &self.wildcard {
+            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
+                for &ri in list {
+                    let e = host_score.entry(ri).or_insert((0, 0));
+                    e.1 = e.1.max(suffix.len() + 1);
+                }
+            }
+        }
+        for &ri in &self.any_host {
+            host_score.entry(ri).or_insert((0, 0));
+        }
+        if host_score.is_empty() {
+            return None;
+        }
+        let params: Vec<(String, String)> = query.map(parse_query).unwrap_or_default();
+        let mut best: Option<(&Entry, (usize, usize))> = None;
+        for e in &self.entries {
+            let Some(&hs) = host_score.get(&e.route) else { continue };
+            let better = match best {
+                None => true,
+                Some((b, bhs)) => (hs, e.rank) > (bhs, b.rank) || ((hs, e.rank) == (bhs, b.rank) && self.older(e, b)),
+            };
+            if better && matches(&e.matcher, method, path, &params, headers) {
+                best = Some((e, hs));
+            }
+        }
+        best.map(|(e, _)| {
+            let route = &self.routes[e.route];
+            let matched_prefix = match &e.matcher.path {
+                PathRule::Prefix(p) => Some(p.as_str()),
+                _ => None,
+            };
+            Matched { route, rule: &route.rules[e.rule], matched_prefix }
+        })
+    }
+
+    /// Tie-break: the route listed first (config order stands for creation time), then rule
+    /// order; entries are visited in match order, so an equal later match never wins.
+    fn older(&self, a: &Entry, b: &Entry) -> bool {
+        (a.route, a.rule) < (b.route, b.rule)
+    }
+}
+
+fn host_patterns(hostnames: &[String]) -> Vec<HostPattern> {
+    if hostnames.is_empty() {
+        return vec![HostPattern::Any];
+    }
+    hostnames
+        .iter()
+        .map(|h| {
+            let h = h.to_ascii_lowercase();
+            match h.strip_prefix('*') {
+                Some(rest) if rest.starts_with('.') => HostPattern::Suffix(rest.to_string()),
+                _ => HostPattern::Exact(h),
+            }
+        })
+        .collect()
+}
+
+fn value_matches(rule: &ValueRule, value: &str) -> bool {
+    match rule {
+        ValueRule::Exact(v) => v == value,
+        ValueRule::Regex(r) => r.is_match(value),
+    }
+}
+
+fn matches(m: &CompiledMatch, method: &Method, path: &str, query: &[(String, String)], headers: &HeaderMap) -> bool {
+    let path_ok = match &m.path {
+        PathRule::Exact(p) => path == p,
+        PathRule::Prefix(p) => {
+            path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        }
+        PathRule::Regex(r) => r.is_match(path),
+    };
+    path_ok
+        && m.method.as_ref().is_none_or(|want| want == method)
+        && m.headers.iter().all(|(name, rule)| {
+            // Names are case-insensitive (HeaderName is lowercase); the first value counts.
+            headers.get(name).and_then(|v| v.to_str().ok()).is_some_and(|v| value_matches(rule, v))
+        })
+        && m.query
+            .iter()
+            .all(|(name, rule)| query.iter().find(|(k, _)| k == name).is_some_and(|(_, v)| value_matches(rule, v)))
+}
+
+/// Query parameters, percent-decoded; names are case-sensitive, the first occurrence counts.
+pub fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Applies a header modifier: set replaces, add appends, remove deletes (case-insensitive).
+pub fn modify_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
+    for name in &m.remove {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+    for pair in &m.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(pair.name.as_bytes()), HeaderValue::from_str(&pair.value)) {
+            headers.insert(n, v);
+        }
+    }
+    for pair in &m.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(pair.name.as_bytes()), HeaderValue::from_str(&pair.value)) {
+            headers.append(n, v);
+        }
+    }
+}
+
+/// The path after a path modifier; `matched_prefix` is the prefix that matched the request.
+pub fn rewrite_path(path: &str, modifier: &PathModifier, matched_prefix: Option<&str>) -> String {
+    match modifier {
+        PathModifier::ReplaceFullPath { value } => value.clone(),
+        PathModifier::ReplacePrefixMatch { value } => {
+            let prefix = matched_prefix.unwrap_or("");
+            let rest = path.strip_prefix(prefix).unwrap_or(path);
+            let base = value.trim_end_matches('/');
+            match (base.is_empty(), rest.is_empty()) {
+                (true, true) => "/".into(),
+                (true, false) => rest.to_string(),
+                (false, _) => format!("{base}{rest}"),
+            }
+        }
+    }
+}
+
+/// The `Location` of a redirect: scheme, host, port and path as the filter says, the rest from
+/// the request. Default ports are left out.
+pub fn redirect_location(
+    r: &Redirect,
+    scheme: &str,
+    host: &str,
+    port: Option<u16>,
+    path: &str,
+    query: Option<&str>,
+    matched_prefix: Option<&str>,
+) -> String {
+    let scheme = r.scheme.as_deref().unwrap_or(scheme);
+    let host = r.hostname.as_deref().unwrap_or(host);
+    // A scheme change without an explicit port drops the port (the spec's well-known ports).
+    let port = match (r.port, r.scheme.is_some()) {
+        (Some(p), _) => Some(p),
+        (None, true) => None,
+        (None, false) => port,
+    };
+    let port = port.filter(|p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+    let path = r.path.as_ref().map_or_else(|| path.to_string(), |m| rewrite_path(path, m, matched_prefix));
+    let mut loc = format!("{scheme}://{host}");
+    if let Some(p) = port {
+        loc.push_str(&format!(":{p}"));
+    }
+    loc.push_str(&path);
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        loc.push('?');
+        loc.push_str(q);
+    }
+    loc
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,322 @@
+//! Table-driven tests of matching, precedence (each rule and its ties), filters, redirects and
+//! rewrites.
+
+use super::*;
+
+fn routes(toml_text: &str) -> RouteTable {
+    #[derive(Deserialize)]
+    struct Doc {
+        routes: Vec<HttpRoute>,
+    }
+    let doc: Doc = toml::from_str(toml_text).unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+    RouteTable::new(doc.routes).unwrap()
+}
+
+struct Req<'a> {
+    host: &'a str,
+    method: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    headers: &'a [(&'a str, &'a str)],
+}
+
+fn req<'a>(host: &'a str, path: &'a str) -> Req<'a> {
+    Req { host, method: "GET", path, query: None, headers: &[] }
+}
+
+fn winner(t: &RouteTable, r: &Req) -> Option<String> {
+    let mut h = HeaderMap::new();
+    for (k, v) in r.headers {
+        h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+    }
+    let m = Method::from_bytes(r.method.as_bytes()).unwrap();
+    t.find(r.host, &m, r.path, r.query, &h).map(|m| {
+        let rule = m.route.rules.iter().position(|x| std::ptr::eq(x, m.rule)).unwrap();
+        format!("{}#{rule}", m.route.name)
+    })
+}
+
+#[test]
+fn each_match_kind() {
+    let t = routes(
+        r#"
+[[routes]]
+name = "exact"
+[[routes.rules]]
+matches = [{ path = { type = "Exact", value = "/exact" } }]
+[[routes]]
+name = "prefix"
+[[routes.rules]]
+matches = [{ path = { type = "PathPrefix", value = "/api/" } }]
+[[routes]]
+name = "regex"
+[[routes.rules]]
+matches = [{ path = { type = "RegularExpression", value = "/items/[0-9]+" } }]
+[[routes]]
+name = "header"
+[[routes.rules]]
+matches = [{ path = { value = "/h" }, headers = [{ name = "X-Team", value = "blue" }] }]
+[[routes.rules]]
+matches = [{ path = { value = "/h" }, headers = [{ type = "RegularExpression", name = "x-team", value = "gr.*" }] }]
+[[routes]]
+name = "query"
+[[routes.rules]]
+matches = [{ path = { value = "/q" }, queryParams = [{ name = "v", value = "2 x" }] }]
+[[routes]]
+name = "method"
+[[routes.rules]]
+matches = [{ path = { value = "/m" }, method = "POST" }]
+"#,
+    );
+    let cases: &[(Req, Option<&str>)] = &[
+        (req("any", "/exact"), Some("exact#0")),
+        (req("any", "/exact/more"), None),
+        (req("any", "/api"), Some("prefix#0")),
+        (req("any", "/api/x"), Some("prefix#0")),
+        (req("any", "/apix"), None),
+        (req("any", "/items/42"), Some("regex#0")),
+        (req("any", "/items/4x"), None),
+        (Req { headers: &[("x-team", "blue")], ..req("any", "/h") }, Some("header#0")),
+        (Req { headers: &[("X-TEAM", "green")], ..req("any", "/h") }, Some("header#1")),
+        (Req { headers: &[("x-team", "red")], ..req("any", "/h") }, None),
+        (Req { query: Some("a=1&v=2+x"), ..req("any", "/q") }, Some("query#0")),
+        (Req { query: Some("v=2%20x"), ..req("any", "/q") }, Some("query#0")),
+        (Req { query: Some("V=2 x"), ..req("any", "/q") }, None),
+        (Req { method: "POST", ..req("any", "/m") }, Some("method#0")),
+        (req("any", "/m"), None),
+    ];
+    for (r, want) in cases {
+        assert_eq!(winner(&t, r).as_deref(), *want, "{} {} {:?} {:?}", r.method, r.path, r.query, r.headers);
+    }
+}
+
+#[test]
+fn hostnames_exact_wildcard_and_any() {
+    let t = routes(
+        r#"
+[[routes]]
+name = "any"
+[[routes.rules]]
+[[routes]]
+name = "wild"
+hostnames = ["*.example.com"]
+[[routes.rules]]
+[[routes]]
+name = "deeper-wild"
+hostnames = ["*.api.example.com"]
+[[routes.rules]]
+[[routes]]
+name = "exact"
+hostnames = ["www.example.com"]
+[[routes.rules]]
+"#,
+    );
+    assert_eq!(winner(&t, &req("www.example.com", "/")).as_deref(), Some("exact#0"));
+    assert_eq!(winner(&t, &req("a.example.com", "/")).as_deref(), Some("wild#0"));
+    assert_eq!(winner(&t, &req("v1.api.example.com", "/")).as_deref(), Some("deeper-wild#0"));
+    assert_eq!(winner(&t, &req("example.com", "/")).as_deref(), Some("any#0"), "a wildcard needs a label");
+    assert_eq!(winner(&t, &req("other.org", "/")).as_deref(), Some("any#0"));
+    let only = routes("[[routes]]\nname = \"x\"\nhostnames = [\"a.test\"]\n[[routes.rules]]\n");
+    assert_eq!(winner(&only, &req("b.test", "/")), None);
+}
+
+/// Every precedence rule, each decided by exactly one criterion, then the ties.
+#[test]
+fn precedence_rules_and_ties() {
+    let t = routes(
+        r#"
+[[routes]]
+name = "a-prefix-short"
+[[routes.rules]]
+matches = [{ path = { value = "/p" } }]
+[[routes]]
+name = "b-prefix-long"
+[[routes.rules]]
+matches = [{ path = { value = "/p/longer" } }]
+[[routes]]
+name = "c-exact"
+[[routes.rules]]
+matches = [{ path = { type = "Exact", value = "/p/longer/x" } }]
+[[routes]]
+name = "d-method"
+[[routes.rules]]
+matches = [{ path = { value = "/m" }, method = "GET" }]
+[[routes]]
+name = "e-headers-one"
+[[routes.rules]]
+matches = [{ path = { value = "/m" }, headers = [{ name = "a", value = "1" }] }]
+[[routes]]
+name = "f-headers-two"
+[[routes.rules]]
+matches = [{ path = { value = "/h" }, headers = [{ name = "a", value = "1" }, { name = "b", value = "2" }] }]
+[[routes]]
+name = "g-headers-one"
+[[routes.rules]]
+matches = [{ path = { value = "/h" }, headers = [{ name = "a", value = "1" }] }]
+[[routes]]
+name = "h-query-one"
+[[routes.rules]]
+matches = [{ path = { value = "/q" }, headers = [{ name = "a", value = "1" }], queryParams = [{ name = "x", value = "1" }] }]
+[[routes]]
+name = "i-headers-only"
+[[routes.rules]]
+matches = [{ path = { value = "/q" }, headers = [{ name = "a", value = "1" }] }]
+[[routes]]
+name = "j-older"
+[[routes.rules]]
+matches = [{ path = { value = "/tie" } }]
+[[routes]]
+name = "a-newer"
+[[routes.rules]]
+matches = [{ path = { value = "/tie" } }]
+[[routes]]
+name = "k-rules"
+[[routes.rules]]
+matches = [{ path = { value = "/rules" } }]
+[[routes.rules]]
+matches = [{ path = { value = "/rules" } }]
+[[routes]]
+name = "l-regex"
+[[routes.rules]]
+matches = [{ path = { type = "RegularExpression", value = "/p/.*" } }]
+"#,
+    );
+    let hdr: &[(&str, &str)] = &[("a", "1"), ("b", "2")];
+    let cases: &[(Req, &str)] = &[
+        (req("h", "/p/x"), "a-prefix-short#0"), // only the short prefix (regex ranks below prefixes)
+        (req("h", "/p/longer/y"), "b-prefix-long#0"), // longest prefix
+        (req("h", "/p/longer/x"), "c-exact#0"), // exact over any prefix
+        (Req { headers: hdr, ..req("h", "/m") }, "d-method#0"), // method over header count
+        (Req { headers: hdr, ..req("h", "/h") }, "f-headers-two#0"), // most headers
+        (Req { query: Some("x=1"), headers: hdr, ..req("h", "/q") }, "h-query-one#0"), // most query params
+        (req("h", "/tie"), "j-older#0"),        // tie: listed first, despite its name
+        (req("h", "/rules"), "k-rules#0"),      // tie: first rule
+    ];
+    for (r, want) in cases {
+        assert_eq!(winner(&t, r).as_deref(), Some(*want), "{} {:?}", r.path, r.headers);
+    }
+}
+
+#[test]
+fn header_modifiers_set_add_remove() {
+    let mut h = HeaderMap::new();
+    h.insert("x-old", HeaderValue::from_static("1"));
+    h.insert("x-keep", HeaderValue::from_static("1"));
+    h.insert("x-set", HeaderValue::from_static("before"));
+    let m = HeaderModifier {
+        set: vec![HeaderValuePair { name: "X-Set".into(), value: "after".into() }],
+        add: vec![HeaderValuePair { name: "x-keep".into(), value: "2".into() }],
+        remove: vec!["X-OLD".into()],
+    };
+    modify_headers(&mut h, &m);
+    assert!(!h.contains_key("x-old"));
+    assert_eq!(h["x-set"], "after");
+    assert_eq!(h.get_all("x-keep").iter().collect::<Vec<_>>(), ["1", "2"]);
+}
+
+#[test]
+fn rewrites_give_the_expected_upstream_path() {
+    let full = PathModifier::ReplaceFullPath { value: "/new".into() };
+    let prefix = |v: &str| PathModifier::ReplacePrefixMatch { value: v.into() };
+    let cases: &[(&str, &PathModifier, Option<&str>, &str)] = &[
+        ("/old/a/b", &full, Some("/old"), "/new"),
+        ("/old/a/b", &prefix("/v2"), Some("/old"), "/v2/a/b"),
+        ("/old", &prefix("/v2"), Some("/old"), "/v2"),
+        ("/old/", &prefix("/v2/"), Some("/old"), "/v2/"),
+        ("/old/a", &prefix("/"), Some("/old"), "/a"),
+        ("/old", &prefix("/"), Some("/old"), "/"),
+    ];
+    for (path, m, matched, want) in cases {
+        assert_eq!(rewrite_path(path, m, *matched), *want, "{path} {m:?}");
+    }
+}
+
+#[test]
+fn redirects_give_the_expected_location() {
+    let r = |scheme: Option<&str>, host: Option<&str>, port: Option<u16>, path: Option<PathModifier>| Redirect {
+        scheme: scheme.map(Into::into),
+        hostname: host.map(Into::into),
+        port,
+        path,
+        status_code: Some(301),
+    };
+    let cases: Vec<(Redirect, &str)> = vec![
+        (r(Some("https"), None, None, None), "https://example.com/a/b?q=1"),
+        (r(None, Some("other.test"), None, None), "http://other.test:8080/a/b?q=1"),
+        (r(None, None, Some(9000), None), "http://example.com:9000/a/b?q=1"),
+        (r(Some("https"), None, Some(443), None), "https://example.com/a/b?q=1"),
+        (
+            r(None, None, None, Some(PathModifier::ReplacePrefixMatch { value: "/z".into() })),
+            "http://example.com:8080/z/b?q=1",
+        ),
+        (
+            r(None, None, None, Some(PathModifier::ReplaceFullPath { value: "/".into() })),
+            "http://example.com:8080/?q=1",
+        ),
+    ];
+    for (redir, want) in cases {
+        let got = redirect_location(&redir, "http", "example.com", Some(8080), "/a/b", Some("q=1"), Some("/a"));
+        assert_eq!(got, want, "{redir:?}");
+    }
+}
+
+#[test]
+fn invalid_routes_are_refused_with_the_route_name() {
+    let bad = [
+        r#"[[routes]]
+name = "bad-regex"
+[[routes.rules]]
+matches = [{ path = { type = "RegularExpression", value = "(" } }]"#,
+        r#"[[routes]]
+name = "bad-status"
+[[routes.rules]]
+filters = [{ type = "RequestRedirect", requestRedirect = { statusCode = 307 } }]"#,
+        r#"[[routes]]
+name = "bad-path"
+[[routes.rules]]
+matches = [{ path = { value = "nope" } }]"#,
+        r#"[[routes]]
+name = "both"
+[[routes.rules]]
+filters = [{ type = "RequestRedirect", requestRedirect = {} }, { type = "URLRewrite", urlRewrite = {} }]"#,
+    ];
+    #[derive(Deserialize)]
+    struct Doc {
+        routes: Vec<HttpRoute>,
+    }
+    for text in bad {
+        let doc: Doc = toml::from_str(text).unwrap();
+        let name = doc.routes[0].name.clone();
+        let err = RouteTable::new(doc.routes).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(&name), "{name}: {err}");
+    }
+    // Unknown fields are refused at parse time.
+    assert!(toml::from_str::<Doc>("[[routes]]\nname = \"x\"\n[[routes.rules]]\nmatchs = []\n").is_err());
+}
+
+#[test]
+fn filters_and_backends_parse_in_gateway_api_shape() {
+    let t = routes(
+        r#"
+[[routes]]
+name = "full"
+hostnames = ["shop.example"]
+[[routes.rules]]
+matches = [{ path = { value = "/cart" } }]
+filters = [
+  { type = "RequestHeaderModifier", requestHeaderModifier = { set = [{ name = "x-a", value = "1" }], remove = ["x-b"] } },
+  { type = "ResponseHeaderModifier", responseHeaderModifier = { add = [{ name = "x-c", value = "2" }] } },
+  { type = "URLRewrite", urlRewrite = { hostname = "cart.internal", path = { type = "ReplacePrefixMatch", replacePrefixMatch = "/" } } },
+  { type = "RequestMirror", requestMirror = { backendRef = { name = "shadow" }, percent = 10 } },
+]
+backendRefs = [{ name = "cart", labels = { version = "v1" }, weight = 70 }, { name = "cart", labels = { version = "v2" }, weight = 30 }]
+timeouts = { request = "5s", backendRequest = "1s" }
+"#,
+    );
+    let m = winner(&t, &req("shop.example", "/cart/items"));
+    assert_eq!(m.as_deref(), Some("full#0"));
+    let rule = &t.routes()[0].rules[0];
+    assert_eq!(rule.filters.len(), 4);
+    assert_eq!(rule.backend_refs.iter().map(|b| b.weight).sum::<u32>(), 100);
+    assert_eq!(rule.timeouts.as_ref().unwrap().backend_request, Some(Duration::from_secs(1)));
+}
