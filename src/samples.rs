@@ -23,7 +23,11 @@ where
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         tokio::spawn(async move {

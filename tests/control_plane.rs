@@ -259,11 +259,14 @@ async fn a_node_restarted_while_the_gateway_is_down_serves_from_its_cache() {
 async fn certificates_are_renewed_without_dropping_data_plane_connections() {
     let cp = Cp::start("10s").await;
     let state = cp.state();
-    // Issued now, valid 55 more minutes (the CA backdates 5); renew 5 s from now.
-    cp.pki.issue("node-r");
+    // A 10 s certificate, renewed 5 s before it expires: about 4 s from now.
+    let not_before = time::OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    let (cert, key) = cp.pki.ca.issue_pem("node-r", not_before, Duration::from_secs(10)).unwrap();
+    std::fs::write(state.join("node-r.pem"), &cert).unwrap();
+    quicmesh_shared::identity::write_secret(&state.join("node-r.key"), key.as_bytes()).unwrap();
     let before = std::fs::read(state.join("node-r.pem")).unwrap();
     let mut toml = joined_node("node-r", &state, cp.gw.addrs.control, &[]);
-    toml = toml.replacen("[node.tls]", "renew_before = \"3295s\"\n\n[node.tls]", 1);
+    toml = toml.replacen("[node.tls]", "renew_before = \"5s\"\n\n[node.tls]", 1);
     let r = NodeProc::start(&state, "node-r", &toml);
     wait_status(&r, "echo", 200, "node-r to reach echo").await;
     let renewed = |m: &str| metric(m, "quicmesh_enrollments_total", &[("result", "renewed")]);
@@ -358,4 +361,23 @@ async fn service_and_node_overlays_reach_the_right_nodes() {
     assert!(gw.log().contains("node-b.toml"), "the refusal does not name the overlay file");
     assert_eq!(request_timeout(a.admin_json("/endpoints").await), "3s");
     assert_eq!(request_timeout(b.admin_json("/endpoints").await), "10s");
+}
+
+/// A registration that would make the mesh invalid (here: a service named like another
+/// service's host alias) is refused, and the mesh keeps working for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_that_would_break_the_mesh_is_refused() {
+    let cp = Cp::start("5s").await;
+    wait_status(&cp.nodes[0], "alias-one", 200, "alias-one to route").await;
+    let state = cp.state();
+    let rogue = echo_backend().await;
+    let _c =
+        NodeProc::start(&state, "node-c", &joined_node("node-c", &state, cp.gw.addrs.control, &[("alias-one", rogue)]));
+    eventually(Duration::from_secs(10), "the gateway to refuse node-c's registration", || async {
+        cp.gw.log().contains("refused registration").then_some(())
+    })
+    .await;
+    assert_eq!(status_via(&cp.nodes[0], "alias-one").await, 200);
+    let dump = cp.nodes[0].admin_json("/endpoints").await;
+    assert!(endpoint_nodes(&dump, "alias-one").is_empty(), "the rogue service reached the snapshot");
 }

@@ -138,3 +138,41 @@ async fn a_gateway_that_does_not_match_the_pinned_ca_gets_no_token() {
     assert!(s.pki.path().join("careful2-state/careful2.pem").exists());
     drop(node);
 }
+
+/// An unbound token cannot mint the gateway's identity or a name already in the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_cannot_claim_the_gateway_or_a_member_name() {
+    let s = setup();
+    let err = failing_join(&s, "gateway", &token(&s, "1h"), &s.fingerprint);
+    assert!(err.contains("belongs to the gateway"), "{err}");
+    // Enroll "taken" properly, then try to enroll the same name again with a fresh token.
+    let tok = token(&s, "1h");
+    let config = fresh_node(s.pki.path(), "taken");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let control = s.gw.addrs.control.to_string();
+    let node = NodeProc::start_args(
+        "node",
+        s.pki.path(),
+        "taken",
+        &toml,
+        &["--join", &control, "--token", &tok, "--ca-fingerprint", &s.fingerprint],
+    );
+    eventually(Duration::from_secs(10), "taken to register", || async {
+        let st = s.gw.admin_json("/nodes").await;
+        st["nodes"].as_array().unwrap().iter().any(|n| n["name"] == "taken").then_some(())
+    })
+    .await;
+    let again = token(&s, "1h");
+    let state = s.pki.path().join("taken-state");
+    std::fs::remove_dir_all(&state).unwrap();
+    let out = Command::new(BIN)
+        .args(["node", "--config"])
+        .arg(&config)
+        .args(["--join", &control, "--token", &again, "--ca-fingerprint", &s.fingerprint])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("already in the mesh"), "{err}");
+    assert!(!state.join("taken.pem").exists());
+    drop(node);
+}

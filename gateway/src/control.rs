@@ -110,7 +110,10 @@ impl ControlPlane {
         if let Some(path) = &registry_file {
             match std::fs::read(path).map(|b| serde_json::from_slice::<Persisted>(&b)) {
                 Ok(Ok(p)) => {
-                    version = version.max(p.version + 1);
+                    // A corrupt file must not push versions to the end of the range.
+                    if p.version < u64::MAX / 2 {
+                        version = version.max(p.version.saturating_add(1));
+                    }
                     let now = Instant::now();
                     for (name, reg) in p.nodes {
                         let st = NodeState { reg, streams: 0, disconnected_at: Some(now), acked: 0, nack: None };
@@ -154,7 +157,7 @@ impl ControlPlane {
         if next == reg.current && !force {
             return;
         }
-        next.version = reg.current.version + 1;
+        next.version = reg.current.version.saturating_add(1);
         let version = next.version;
         let own = next.clone().into_config(&reg.config);
         let msg = GatewayMsg::Snapshot(next);
@@ -179,7 +182,8 @@ impl ControlPlane {
         }
         reg.current = next;
         let persisted = Persisted { version, nodes: regs };
-        drop(reg);
+        // Still under the registry lock: versions are published in order, and one writer at a
+        // time owns the registry file.
         self.mesh.apply(Table::new(own, version));
         metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
         debug!(version, bytes = line.len(), "publishing snapshot");
@@ -241,9 +245,15 @@ impl ControlPlane {
         Status { version: reg.current.version, nodes }
     }
 
-    fn register(&self, name: &str, reg: Registration) {
+    /// Adds or replaces a node's registration, if the mesh stays valid with it (a registration
+    /// cannot, say, claim another service's host alias or break every node's snapshot).
+    fn register(&self, name: &str, reg: Registration) -> Result<(), String> {
         {
             let mut r = self.lock();
+            let mut regs: BTreeMap<String, Registration> =
+                r.nodes.iter().map(|(k, v)| (k.clone(), v.reg.clone())).collect();
+            regs.insert(name.to_string(), reg.clone());
+            control::merge(&r.config, &regs).into_config(&r.config).validate().map_err(|e| e.to_string())?;
             let st = r.nodes.entry(name.to_string()).or_insert(NodeState {
                 reg: reg.clone(),
                 streams: 0,
@@ -257,6 +267,13 @@ impl ControlPlane {
             metrics::gauge!(m::CONTROL_NODES).set(r.nodes.values().filter(|n| n.streams > 0).count() as f64);
         }
         self.mark_dirty();
+        Ok(())
+    }
+
+    /// Whether `name` is a node the mesh knows (registered, in its grace period, or in config).
+    pub fn name_in_use(&self, name: &str) -> bool {
+        let r = self.lock();
+        r.nodes.contains_key(name) || r.config.peer(name).is_some()
     }
 
     fn disconnect(&self, name: &str, goodbye: bool) {
@@ -312,8 +329,15 @@ impl ControlPlane {
             {
                 let mut r = self.lock();
                 for name in &expired {
-                    r.nodes.remove(name);
-                    info!(node = name, "node removed after its grace period");
+                    // It may have come back since the scan.
+                    let still = r
+                        .nodes
+                        .get(name)
+                        .is_some_and(|st| st.disconnected_at.is_some_and(|t| t.elapsed() >= self.grace));
+                    if still {
+                        r.nodes.remove(name);
+                        info!(node = name, "node removed after its grace period");
+                    }
                 }
             }
             self.mark_dirty();
@@ -324,6 +348,9 @@ impl ControlPlane {
 /// Signs enrollment requests with the CA in the gateway's state directory.
 pub struct Enroller {
     dir: PathBuf,
+    /// The gateway's own mesh name, never issued to anyone else.
+    gateway_name: String,
+    cp: Arc<ControlPlane>,
     /// Token redemption is read-modify-write on a file: one at a time.
     lock: tokio::sync::Mutex<()>,
 }
@@ -332,10 +359,14 @@ pub struct Enroller {
 const ENROLLED_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// Largest enrollment request body.
 const MAX_ENROLL_BODY: usize = 64 << 10;
+/// How long a peer without a certificate may stay connected.
+const ENROLL_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest header section accepted on the control listener.
+const MAX_HEADERS: u64 = 16 << 10;
 
 impl Enroller {
-    pub fn new(dir: PathBuf) -> Self {
-        Self { dir, lock: tokio::sync::Mutex::new(()) }
+    pub fn new(dir: PathBuf, gateway_name: String, cp: Arc<ControlPlane>) -> Self {
+        Self { dir, gateway_name, cp, lock: tokio::sync::Mutex::new(()) }
     }
 
     /// Signs a renewal for a member already authenticated by its current certificate.
@@ -348,13 +379,24 @@ impl Enroller {
         if !valid_name(&req.name) {
             return Err(format!("invalid node name {:?}", req.name));
         }
+        if req.name == self.gateway_name {
+            return Err("that name belongs to the gateway".into());
+        }
         let _one = self.lock.lock().await;
+        // The token first (cheap, no key material touched), then the name, then the signature;
+        // the token is spent last, so a refused request costs the holder nothing.
+        let bound = enroll::check(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
+        if !bound && self.cp.name_in_use(&req.name) {
+            return Err(format!(
+                "node {:?} is already in the mesh; re-enrolling it needs a token bound to it",
+                req.name
+            ));
+        }
         let ca = Ca::open(&self.dir).map_err(|e| format!("the gateway holds no CA: {e}"))?;
-        // Check the request before spending the token, so a bad CSR costs nothing.
-        let probe =
+        let certificate =
             ca.sign_csr(&req.name, &req.csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))?;
         enroll::redeem(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
-        Ok(EnrollResponse { certificate: probe, ca: ca.cert_pem().to_string() })
+        Ok(EnrollResponse { certificate, ca: ca.cert_pem().to_string() })
     }
 }
 
@@ -387,6 +429,15 @@ pub async fn serve(
                 conn.close(1u32.into(), b"no mesh identity");
                 return;
             }
+            if name.is_none() {
+                // Without a certificate: one enrollment request, and not for long.
+                conn.set_max_concurrent_bi_streams(1u32.into());
+                let limited = conn.clone();
+                if tokio::time::timeout(ENROLL_DEADLINE, connection(conn, None, cp, enroll)).await.is_err() {
+                    limited.close(1u32.into(), b"enrollment took too long");
+                }
+                return;
+            }
             connection(conn, name, cp, enroll).await;
         });
     }
@@ -411,7 +462,9 @@ async fn connection(
     cp: Arc<ControlPlane>,
     enroll: Option<Arc<Enroller>>,
 ) {
-    let Ok(mut h3) = h3::server::builder().build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else { return };
+    let mut builder = h3::server::builder();
+    builder.max_field_section_size(MAX_HEADERS);
+    let Ok(mut h3) = builder.build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else { return };
     while let Ok(Some(resolver)) = h3.accept().await {
         let cp = cp.clone();
         let peer = peer.clone();
@@ -495,9 +548,13 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
             return;
         }
     };
-    info!(node = peer, address = %reg.address, instances = reg.instances.len(), "node registered");
+    let (address, instances) = (reg.address, reg.instances.len());
     let mut rx = cp.tx.subscribe();
-    cp.register(peer, reg);
+    if let Err(reason) = cp.register(peer, reg) {
+        warn!(node = peer, reason, "refused registration");
+        return;
+    }
+    info!(node = peer, %address, instances, "node registered");
     let mut goodbye = false;
     let first = rx.borrow_and_update().clone();
     if send.send_data(first.line_for(peer)).await.is_ok() {
@@ -534,6 +591,9 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                             Err(reason) => {
                                 metrics::counter!(m::ENROLLMENTS, "result" => "refused").increment(1);
                                 warn!(node = peer, reason, "renewal refused");
+                                if control::send_line(&mut send, &GatewayMsg::RenewRefused { reason }).await.is_err() {
+                                    break;
+                                }
                             }
                         }
                     }
@@ -541,7 +601,10 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                         // Re-registration: the instances changed.
                         Ok(reg) => {
                             cp.disconnect(peer, false);
-                            cp.register(peer, reg);
+                            if let Err(reason) = cp.register(peer, reg) {
+                                warn!(node = peer, reason, "refused re-registration");
+                                break;
+                            }
                         }
                         Err(reason) => warn!(node = peer, reason, "ignored bad re-registration"),
                     },

@@ -23,6 +23,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "edge accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };

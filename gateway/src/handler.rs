@@ -51,7 +51,7 @@ impl Edge {
             Err((route, e)) => {
                 debug!(%client, error = %e, "gateway request failed");
                 metrics::counter!(m::PROXY_ERRORS, "direction" => "ingress", "reason" => e.reason()).increment(1);
-                (route, e.response())
+                (route, e.brief_response())
             }
         };
         if proto != "h3" {

@@ -128,7 +128,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     tasks.spawn(admin::serve(admin_listener, state.clone()));
     tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), edge.clone()));
     tasks.spawn(h3_edge::serve(edge_endpoint.clone(), edge.clone()));
-    let enroll = gc.tls.state_dir.clone().map(|dir| Arc::new(control::Enroller::new(dir)));
+    let enroll = gc.tls.state_dir.clone().map(|dir| Arc::new(control::Enroller::new(dir, gc.name.clone(), cp.clone())));
     tasks.spawn(control::serve(mesh_endpoint.clone(), cp.clone(), trust_domain, enroll));
     tasks.spawn(cp.clone().sweep());
     tasks.spawn(cp.clone().publisher());

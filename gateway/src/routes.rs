@@ -12,8 +12,10 @@ fn host_matches(patterns: &[String], host: &str) -> bool {
     patterns.is_empty()
         || patterns.iter().any(|p| match p.strip_prefix("*.") {
             Some(suffix) => {
+                // `host` comes lowercased; patterns are compared case-insensitively too.
+                let suffix = suffix.to_ascii_lowercase();
                 host.len() > suffix.len() + 1
-                    && host.ends_with(suffix)
+                    && host.ends_with(&suffix)
                     && host[..host.len() - suffix.len()].ends_with('.')
             }
             None => p.eq_ignore_ascii_case(host),

@@ -21,6 +21,10 @@ use tracing::{debug, info, warn};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a renewal request may wait for its answer.
+const RENEW_ANSWER: Duration = Duration::from_secs(30);
+/// When to ask again after a refused or unanswered renewal.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
 
 pub struct ControlClient {
     pub mesh: Arc<Mesh>,
@@ -86,9 +90,11 @@ impl ControlClient {
             return now + Duration::from_secs(3600);
         };
         metrics::gauge!(m::CERT_EXPIRY).set(not_after as f64);
-        let lifetime = (not_after - not_before).max(0) as u64;
-        let before = self.renew_before.map_or(lifetime / 3, |d| d.as_secs());
-        let due = not_after - before as i64;
+        let lifetime = not_after.saturating_sub(not_before).max(0) as u64;
+        // Never closer to the start than half the lifetime: a renew_before longer than the
+        // lifetime would otherwise make every new certificate due at once.
+        let before = self.renew_before.map_or(lifetime / 3, |d| d.as_secs()).min(lifetime / 2);
+        let due = not_after.saturating_sub(before as i64);
         let now_unix =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         now + Duration::from_secs((due - now_unix).max(0) as u64)
@@ -181,7 +187,13 @@ impl ControlClient {
         let mut pending_key: Option<String> = None;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(renew_at), if pending_key.is_none() => {
+                _ = tokio::time::sleep_until(renew_at) => {
+                    if pending_key.take().is_some() {
+                        // No answer in time: forget this key and try again later.
+                        warn!("no answer to the renewal request; retrying later");
+                        renew_at = tokio::time::Instant::now() + RENEW_RETRY;
+                        continue;
+                    }
                     let name = self.local.node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
                     match identity::signing_request(&name) {
                         Ok((key, csr)) => {
@@ -190,6 +202,7 @@ impl ControlClient {
                             }
                             info!("asked the gateway to renew this node's certificate");
                             pending_key = Some(key);
+                            renew_at = tokio::time::Instant::now() + RENEW_ANSWER;
                         }
                         Err(e) => {
                             warn!("cannot make a renewal key: {e}");
@@ -213,6 +226,12 @@ impl ControlClient {
                                 },
                                 None => warn!("ignored a certificate that was not asked for"),
                             }
+                            continue;
+                        }
+                        Ok(GatewayMsg::RenewRefused { reason }) => {
+                            warn!(reason, "the gateway refused to renew this node's certificate; retrying later");
+                            pending_key = None;
+                            renew_at = tokio::time::Instant::now() + RENEW_RETRY;
                             continue;
                         }
                         Err(e) => return End::Broken(format!("bad message from the gateway: {e}"), progressed),

@@ -20,6 +20,9 @@ use quicmesh_shared::metrics as m;
 use quicmesh_shared::tls;
 use tracing::{debug, info, warn};
 
+/// Largest header section a peer may send (the edge default; peers are members, but bounded).
+const MAX_HEADER_BYTES: u64 = 64 << 10;
+
 pub type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 /// Accepts peers until the endpoint closes.
@@ -56,8 +59,9 @@ async fn connection(incoming: quinn::Incoming, mesh: Arc<Mesh>) {
 }
 
 async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
-    let mut h3 = match h3::server::builder().send_grease(false).build::<_, Bytes>(h3_quinn::Connection::new(conn)).await
-    {
+    let mut builder = h3::server::builder();
+    builder.send_grease(false).max_field_section_size(MAX_HEADER_BYTES);
+    let mut h3 = match builder.build::<_, Bytes>(h3_quinn::Connection::new(conn)).await {
         Ok(h3) => h3,
         Err(e) => {
             warn!(peer, error = %e, "HTTP/3 setup with peer failed");

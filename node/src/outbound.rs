@@ -31,6 +31,7 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };

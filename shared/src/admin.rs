@@ -39,7 +39,11 @@ impl AdminState {
 /// Serves the admin API until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {

@@ -144,11 +144,22 @@ enum State {
 pub struct H3Body<R> {
     recv: R,
     state: State,
+    /// An error met while coalescing, reported on the next poll.
+    pending: Option<StreamError>,
 }
 
 impl<R: H3Recv> H3Body<R> {
     pub fn new(recv: R) -> Self {
-        Self { recv, state: State::Data }
+        Self { recv, state: State::Data, pending: None }
+    }
+}
+
+/// Reads trailers, turning h3's panic on a stream that ended inside a DATA frame (h3 0.0.8
+/// asserts instead of reporting the truncation) into an error for this body only.
+fn trailers_guarded<R: H3Recv>(recv: &mut R, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BoxError>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| recv.poll_trailers(cx))) {
+        Ok(p) => p.map_err(Into::into),
+        Err(_) => Poll::Ready(Err("the peer ended the stream inside a DATA frame".into())),
     }
 }
 
@@ -161,6 +172,10 @@ impl<R: H3Recv> HttpBody for H3Body<R> {
         loop {
             match this.state {
                 State::Data => {
+                    if let Some(e) = this.pending.take() {
+                        this.state = State::Done;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
                     let first = match ready!(this.recv.poll_data(cx)) {
                         Ok(Some(b)) => b,
                         Ok(None) => {
@@ -184,19 +199,23 @@ impl<R: H3Recv> HttpBody for H3Body<R> {
                                 this.state = State::Trailers;
                                 break;
                             }
-                            // Report the error on the next poll; deliver what we have.
-                            Poll::Ready(Err(_)) | Poll::Pending => break,
+                            // Deliver what we have; the error comes on the next poll.
+                            Poll::Ready(Err(e)) => {
+                                this.pending = Some(e);
+                                break;
+                            }
+                            Poll::Pending => break,
                         }
                     }
                     return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
                 }
                 State::Trailers => {
-                    let res = ready!(this.recv.poll_trailers(cx));
+                    let res = ready!(trailers_guarded(&mut this.recv, cx));
                     this.state = State::Done;
                     return Poll::Ready(match res {
                         Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
                         Ok(None) => None,
-                        Err(e) => Some(Err(e.into())),
+                        Err(e) => Some(Err(e)),
                     });
                 }
                 State::Done => return Poll::Ready(None),

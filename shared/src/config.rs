@@ -497,6 +497,20 @@ impl Config {
                 return Err(invalid(format!("nodes[{i}].name"), format!("node {:?} is listed twice", peer.name)));
             }
         }
+        // A Host name must lead to one service: aliases may not repeat, nor name another service.
+        let mut aliases: HashSet<String> = HashSet::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            for (j, h) in svc.hosts.iter().enumerate() {
+                let h = h.to_ascii_lowercase();
+                let other = self.services.iter().any(|s| s.name != svc.name && s.name == h);
+                if other || !aliases.insert(h.clone()) {
+                    return Err(invalid(
+                        format!("services[{i}].hosts[{j}]"),
+                        format!("host {h:?} already leads to another service"),
+                    ));
+                }
+            }
+        }
         let local = self.node.as_ref().map(|n| n.name.as_str());
         let mut services = HashSet::new();
         for (i, svc) in self.services.iter().enumerate() {

@@ -63,6 +63,10 @@ pub enum GatewayMsg {
     Certificate {
         certificate: String,
     },
+    /// The answer to `Renew` when the gateway will not sign; the node tries again later.
+    RenewRefused {
+        reason: String,
+    },
 }
 
 /// Everything a node needs to route: versioned, complete.

@@ -31,8 +31,9 @@ pub enum EnrollError {
     Expired,
     #[error("the token was already used")]
     Used,
-    #[error("the token is for node {0:?}")]
-    WrongNode(String),
+    /// The token is bound to another node (which one is not told to the caller).
+    #[error("the token is not for this node")]
+    WrongNode,
     #[error("token store {path}: {reason}")]
     Store { path: PathBuf, reason: String },
 }
@@ -103,9 +104,7 @@ pub fn create_token(dir: &Path, ttl: Duration, uses: u32, node: Option<String>) 
     Ok(token)
 }
 
-/// Spends one use of `token` for node `name`; on any refusal nothing changes.
-pub fn redeem(dir: &Path, token: &str, name: &str) -> Result<(), EnrollError> {
-    let mut records = load(dir)?;
+fn usable<'a>(records: &'a mut [TokenRecord], token: &str, name: &str) -> Result<&'a mut TokenRecord, EnrollError> {
     let hash = hex(digest(&SHA256, token.as_bytes()).as_ref());
     let rec = records.iter_mut().find(|r| r.sha256 == hash).ok_or(EnrollError::Unknown)?;
     if rec.expires_unix <= now_unix() {
@@ -114,23 +113,41 @@ pub fn redeem(dir: &Path, token: &str, name: &str) -> Result<(), EnrollError> {
     if rec.uses_left == 0 {
         return Err(EnrollError::Used);
     }
-    if let Some(n) = &rec.node {
-        if n != name {
-            return Err(EnrollError::WrongNode(n.clone()));
-        }
+    if rec.node.as_deref().is_some_and(|n| n != name) {
+        return Err(EnrollError::WrongNode);
     }
-    rec.uses_left -= 1;
+    Ok(rec)
+}
+
+/// Whether `token` could enroll `name` now, without spending it; `Ok(true)` when the token is
+/// bound to exactly that name.
+pub fn check(dir: &Path, token: &str, name: &str) -> Result<bool, EnrollError> {
+    let mut records = load(dir)?;
+    Ok(usable(&mut records, token, name)?.node.is_some())
+}
+
+/// Spends one use of `token` for node `name`; on any refusal nothing changes.
+pub fn redeem(dir: &Path, token: &str, name: &str) -> Result<(), EnrollError> {
+    let mut records = load(dir)?;
+    usable(&mut records, token, name)?.uses_left -= 1;
     save(dir, &records)
 }
 
 /// What a joining node sends.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     pub name: String,
     pub token: String,
     /// PEM certificate signing request for the node's own key.
     pub csr: String,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    // The token is a secret: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest").field("name", &self.name).field("token", &"<redacted>").finish()
+    }
 }
 
 /// What the gateway answers.
@@ -222,7 +239,8 @@ mod tests {
         redeem(dir.path(), &t, "a").unwrap();
         assert!(matches!(redeem(dir.path(), &t, "a"), Err(EnrollError::Used)));
         let bound = create_token(dir.path(), Duration::from_secs(3600), 2, Some("b".into())).unwrap();
-        assert!(matches!(redeem(dir.path(), &bound, "a"), Err(EnrollError::WrongNode(_))));
+        assert!(matches!(redeem(dir.path(), &bound, "a"), Err(EnrollError::WrongNode)));
+        assert!(check(dir.path(), &bound, "b").unwrap(), "a bound token says so");
         redeem(dir.path(), &bound, "b").unwrap();
         let expired = create_token(dir.path(), Duration::ZERO, 1, None).unwrap();
         assert!(matches!(redeem(dir.path(), &expired, "a"), Err(EnrollError::Expired)));

@@ -72,9 +72,19 @@ impl ProxyError {
         }
     }
 
-    /// The response a proxy sends for this error.
+    /// The response a proxy sends for this error, with the details (for callers inside the mesh).
     pub fn response(&self) -> Response<Body> {
-        let mut resp = Response::new(body::full(Bytes::from(format!("quicmesh: {self}\n"))));
+        self.respond(format!("quicmesh: {self}\n"))
+    }
+
+    /// The response for external clients: status and reason only; no internal addresses, peer
+    /// names or TLS details leave the mesh (they are logged instead).
+    pub fn brief_response(&self) -> Response<Body> {
+        self.respond(format!("quicmesh: {}\n", self.reason()))
+    }
+
+    fn respond(&self, text: String) -> Response<Body> {
+        let mut resp = Response::new(body::full(Bytes::from(text)));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));

@@ -154,13 +154,13 @@ pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), IdentityError> {
     };
     #[cfg(not(unix))]
     let mut file = fs::File::create(path).map_err(io_err(path))?;
-    file.write_all(data).map_err(io_err(path))?;
-    // `mode` only applies on creation: tighten a file that existed before.
+    // `mode` only applies on creation: tighten a file that existed before, before writing.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
+        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
     }
+    file.write_all(data).map_err(io_err(path))?;
     Ok(())
 }
 

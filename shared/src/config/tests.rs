@@ -60,6 +60,8 @@ fn validation_rules() {
         ("[timeouts]\nconnect = \"0s\"\n", "timeouts"),
         ("[transport]\nkeep_alive = \"20s\"\n", "transport.idle_timeout"),
         ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),
+        ("[[services]]\nname = \"a\"\n[[services]]\nname = \"b\"\nhosts = [\"a\"]\n", "services[1].hosts[0]"),
+        ("[[services]]\nname = \"a\"\nhosts = [\"x\"]\n[[services]]\nname = \"b\"\nhosts = [\"X\"]\n", "services[1].hosts[0]"),
         ("[gateway]\n[[gateway.routes]]\nname = \"r\"\npath_prefix = \"x\"\nbackends = [{ service = \"s\" }]\n", "gateway.routes[0].path_prefix"),
         ("[gateway]\n[[gateway.routes]]\nname = \"r\"\nbackends = [{ service = \"s\" }]\n", "gateway.routes[0].backends[0].service"),
     ];
