@@ -259,14 +259,50 @@ enum HostPattern {
     Suffix(String),
 }
 
-/// Routes compiled for lookup. Entries are grouped by exact hostname, so a request is compared
-/// only with the routes that could serve its host.
+/// Candidate entries for one hostname class, in precedence order, indexed by the first path
+/// segment so a lookup only visits entries that could match the path.
+#[derive(Default)]
+struct Group {
+    by_segment: HashMap<String, Vec<usize>>,
+    /// Entries whose path does not pin a first segment (`PathPrefix /`, regexes).
+    generic: Vec<usize>,
+}
+
+impl Group {
+    fn push(&mut self, entry: usize, path: &PathRule) {
+        match first_segment_of_rule(path) {
+            Some(seg) => self.by_segment.entry(seg.to_string()).or_default().push(entry),
+            None => self.generic.push(entry),
+        }
+    }
+}
+
+fn first_segment(path: &str) -> &str {
+    path.strip_prefix('/').unwrap_or(path).split('/').next().unwrap_or("")
+}
+
+/// The first path segment every matching request must have, if the rule pins one.
+fn first_segment_of_rule(path: &PathRule) -> Option<&str> {
+    match path {
+        PathRule::Exact(p) => Some(first_segment(p)),
+        // A prefix ending inside its first segment ("/api" with no more) still pins it, since
+        // prefixes match whole segments.
+        PathRule::Prefix(p) if !p.is_empty() => Some(first_segment(p)),
+        _ => None,
+    }
+}
+
+/// Routes compiled for lookup. Candidates are grouped by hostname class (exact host, each
+/// wildcard suffix, any host) in precedence order, so the first entry that matches wins and a
+/// request only meets the entries for its host and first path segment.
 pub struct RouteTable {
     routes: Vec<HttpRoute>,
+    /// In global precedence order (within a hostname class).
     entries: Vec<Entry>,
-    by_host: HashMap<String, Vec<(usize, usize)>>,
-    wildcard: Vec<(String, Vec<usize>)>,
-    any_host: Vec<usize>,
+    exact: HashMap<String, Group>,
+    /// Longest suffix first.
+    wildcard: Vec<(String, Group)>,
+    any: Group,
 }
 
 fn invalid(route: &str, reason: impl Into<String>) -> RouteError {
@@ -360,22 +396,32 @@ impl RouteTable {
                 }
             }
         }
-        let mut by_host: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
-        let mut wildcard: Vec<(String, Vec<usize>)> = Vec::new();
-        let mut any_host = Vec::new();
-        for (ri, route) in routes.iter().enumerate() {
-            for p in host_patterns(&route.hostnames) {
+        // Precedence within a hostname class: rank, then age (stable sort keeps config order).
+        entries.sort_by_key(|e| std::cmp::Reverse(e.rank));
+        let mut exact: HashMap<String, Group> = HashMap::new();
+        let mut wildcard: Vec<(String, Group)> = Vec::new();
+        let mut any = Group::default();
+        let patterns: Vec<Vec<HostPattern>> = routes.iter().map(|r| host_patterns(&r.hostnames)).collect();
+        for (ei, e) in entries.iter().enumerate() {
+            for p in &patterns[e.route] {
                 match p {
-                    HostPattern::Any => any_host.push(ri),
-                    HostPattern::Exact(h) => by_host.entry(h.clone()).or_default().push((ri, h.len())),
-                    HostPattern::Suffix(s) => match wildcard.iter_mut().find(|(w, _)| *w == s) {
-                        Some((_, list)) => list.push(ri),
-                        None => wildcard.push((s, vec![ri])),
-                    },
+                    HostPattern::Any => any.push(ei, &e.matcher.path),
+                    HostPattern::Exact(h) => exact.entry(h.clone()).or_default().push(ei, &e.matcher.path),
+                    HostPattern::Suffix(sfx) => {
+                        let pos = match wildcard.iter().position(|(w, _)| w == sfx) {
+                            Some(pos) => pos,
+                            None => {
+                                wildcard.push((sfx.clone(), Group::default()));
+                                wildcard.len() - 1
+                            }
+                        };
+                        wildcard[pos].1.push(ei, &e.matcher.path);
+                    }
                 }
             }
         }
-        Ok(Self { routes, entries, by_host, wildcard, any_host })
+        wildcard.sort_by_key(|(w, _)| std::cmp::Reverse(w.len()));
+        Ok(Self { routes, entries, exact, wildcard, any })
     }
 
     pub fn routes(&self) -> &[HttpRoute] {
@@ -391,53 +437,44 @@ impl RouteTable {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Option<Matched<'_>> {
-        // Hostname specificity per route: (non-wildcard length, matched length).
-        let mut host_score: HashMap<usize, (usize, usize)> = HashMap::new();
-        if let Some(list) = self.by_host.get(host) {
-            for &(ri, len) in list {
-                host_score.insert(ri, (len, len));
-            }
-        }
-        for (suffix, list) in &self.wildcard {
-            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
-                for &ri in list {
-                    let e = host_score.entry(ri).or_insert((0, 0));
-                    e.1 = e.1.max(suffix.len() + 1);
+        let params: Vec<(String, String)> = query.map(parse_query).unwrap_or_default();
+        let segment = first_segment(path);
+        let groups = self
+            .exact
+            .get(host)
+            .into_iter()
+            .chain(
+                self.wildcard
+                    .iter()
+                    .filter(|(sfx, _)| host.len() > sfx.len() && host.ends_with(sfx.as_str()))
+                    .map(|(_, g)| g),
+            )
+            .chain(std::iter::once(&self.any));
+        for group in groups {
+            let pinned = group.by_segment.get(segment).map_or(&[][..], Vec::as_slice);
+            // Walk both candidate lists in precedence order (entry index order).
+            let (mut a, mut b) = (pinned.iter().peekable(), group.generic.iter().peekable());
+            loop {
+                let next = match (a.peek(), b.peek()) {
+                    (Some(&&x), Some(&&y)) if x < y => a.next(),
+                    (Some(_), Some(_)) => b.next(),
+                    (Some(_), None) => a.next(),
+                    (None, Some(_)) => b.next(),
+                    (None, None) => break,
+                };
+                let Some(&ei) = next else { break };
+                let e = &self.entries[ei];
+                if matches(&e.matcher, method, path, &params, headers) {
+                    let route = &self.routes[e.route];
+                    let matched_prefix = match &e.matcher.path {
+                        PathRule::Prefix(p) => Some(p.as_str()),
+                        _ => None,
+                    };
+                    return Some(Matched { route, rule: &route.rules[e.rule], matched_prefix });
                 }
             }
         }
-        for &ri in &self.any_host {
-            host_score.entry(ri).or_insert((0, 0));
-        }
-        if host_score.is_empty() {
-            return None;
-        }
-        let params: Vec<(String, String)> = query.map(parse_query).unwrap_or_default();
-        let mut best: Option<(&Entry, (usize, usize))> = None;
-        for e in &self.entries {
-            let Some(&hs) = host_score.get(&e.route) else { continue };
-            let better = match best {
-                None => true,
-                Some((b, bhs)) => (hs, e.rank) > (bhs, b.rank) || ((hs, e.rank) == (bhs, b.rank) && self.older(e, b)),
-            };
-            if better && matches(&e.matcher, method, path, &params, headers) {
-                best = Some((e, hs));
-            }
-        }
-        best.map(|(e, _)| {
-            let route = &self.routes[e.route];
-            let matched_prefix = match &e.matcher.path {
-                PathRule::Prefix(p) => Some(p.as_str()),
-                _ => None,
-            };
-            Matched { route, rule: &route.rules[e.rule], matched_prefix }
-        })
-    }
-
-    /// Tie-break: the route listed first (config order stands for creation time), then rule
-    /// order; entries are visited in match order, so an equal later match never wins.
-    fn older(&self, a: &Entry, b: &Entry) -> bool {
-        (a.route, a.rule) < (b.route, b.rule)
+        None
     }
 }
 
