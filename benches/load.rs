@@ -198,7 +198,7 @@ fn main() {
         let gw_toml = format!(
             "[mesh]\ntrust_domain = \"{TD}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\
              [gateway.limits]\nmax_concurrent_streams = 1024\n[gateway.tls]\nstate_dir = \"{}\"\n\
-             [[gateway.routes]]\nname = \"hello\"\nbackends = [{{ service = \"hello\" }}]\n\
+             [[gateway.routes]]\nname = \"hello\"\n[[gateway.routes.rules]]\nbackendRefs = [{{ name = \"hello\" }}]\n\
              [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n{svc}",
             state.display(),
             b.addrs.inbound

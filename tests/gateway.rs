@@ -233,8 +233,8 @@ async fn gateway_from_files_picks_certificates_by_sni_and_enforces_body_limits()
         "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"{s}\"\n\n\
          [[gateway.certificates]]\ncert = \"{s}/edge-a.test.pem\"\nkey = \"{s}/edge-a.test.key\"\nhostnames = [\"a.test\"]\n\n\
          [[gateway.certificates]]\ncert = \"{s}/edge-b.test.pem\"\nkey = \"{s}/edge-b.test.key\"\nhostnames = [\"b.test\"]\n\n\
-         [[gateway.routes]]\nname = \"small\"\npath_prefix = \"/small\"\nmax_request_body = 1000\nbackends = [{{ service = \"echo\" }}]\n\n\
-         [[gateway.routes]]\nname = \"all\"\nbackends = [{{ service = \"echo\" }}]\n\n\
+         [[gateway.routes]]\nname = \"small\"\nmaxRequestBody = 1000\n[[gateway.routes.rules]]\nmatches = [{{ path = {{ value = \"/small\" }} }}]\nbackendRefs = [{{ name = \"echo\" }}]\n\n\
+         [[gateway.routes]]\nname = \"all\"\n[[gateway.routes.rules]]\nbackendRefs = [{{ name = \"echo\" }}]\n\n\
          [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
         b.addrs.inbound
     );
@@ -265,4 +265,27 @@ async fn gateway_from_files_picks_certificates_by_sni_and_enforces_body_limits()
             let _ = resp.into_body().collect().await;
         }
     }
+}
+
+/// The demo's HTTPRoute rules: header-based canary routing, a redirect, header modifiers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_routes_testers_to_the_canary_redirects_and_modifies_headers() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let (_ep, mut send) = h3_connect(demo.port).await;
+    for _ in 0..50 {
+        let req = http::Request::get(demo.url("/hello")).header("x-canary", "1").body(()).unwrap();
+        let (status, _, body) = h3_request(&mut send, req, b"").await;
+        assert_eq!(status, 200);
+        assert_eq!(String::from_utf8_lossy(&body), "hello from v2 on node-b\n");
+    }
+    let (status, headers, _) =
+        h3_request(&mut send, http::Request::get(demo.url("/hi?x=1")).body(()).unwrap(), b"").await;
+    assert_eq!(status, 301);
+    assert_eq!(headers["location"], format!("https://127.0.0.1:{}/hello?x=1", demo.port));
+    let (status, headers, body) =
+        h3_request(&mut send, http::Request::get(demo.url("/echo")).body(()).unwrap(), b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-served-by"], "quicmesh");
+    assert_eq!(json(&String::from_utf8_lossy(&body))["headers"]["x-mesh-route"], "echo");
 }

@@ -5,19 +5,20 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use http::header::{HeaderValue, ALT_SVC, CONTENT_LENGTH, HOST};
-use http::{HeaderName, Request, Response};
+use http::header::{HeaderValue, ALT_SVC, CONTENT_LENGTH, HOST, LOCATION};
+use http::{HeaderName, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use quicmesh_shared::body::{self, Body};
-use quicmesh_shared::config::{GatewayConfig, GatewayRoute};
+use quicmesh_shared::config::GatewayConfig;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
 use quicmesh_shared::mesh::Mesh;
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::route::{self, Filter, RouteTable};
 use std::sync::Arc;
 use tracing::debug;
 
-use crate::routes::{self, RouteTable};
+use crate::routes;
 
 const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
@@ -28,19 +29,28 @@ pub struct Edge {
     pub limits: quicmesh_shared::config::EdgeLimits,
     /// `Alt-Svc` advertised on TCP responses.
     pub alt_svc: HeaderValue,
+    /// The edge port, for redirects that keep it.
+    pub port: u16,
 }
 
 impl Edge {
     pub fn new(mesh: Arc<Mesh>, gc: &GatewayConfig, port: u16) -> Self {
         let alt_svc =
             HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).unwrap_or(HeaderValue::from_static("clear"));
-        let routes = arc_swap::ArcSwap::from_pointee(RouteTable::new(gc.routes.clone()));
-        Self { mesh, routes, limits: gc.limits.clone(), alt_svc }
+        // Validated with the config, so this cannot fail; an empty table is the safe fallback.
+        let table = RouteTable::new(gc.routes.clone())
+            .unwrap_or_else(|_| RouteTable::new(Vec::new()).expect("an empty route table is valid"));
+        let routes = arc_swap::ArcSwap::from_pointee(table);
+        Self { mesh, routes, limits: gc.limits.clone(), alt_svc, port }
     }
 
     /// Replaces the route table atomically.
-    pub fn set_routes(&self, routes: Vec<quicmesh_shared::config::GatewayRoute>) {
-        self.routes.store(Arc::new(RouteTable::new(routes)));
+    /// Replaces the route table atomically (routes were validated with the config).
+    pub fn set_routes(&self, routes: Vec<route::HttpRoute>) {
+        match RouteTable::new(routes) {
+            Ok(t) => self.routes.store(Arc::new(t)),
+            Err(e) => tracing::warn!(error = %e, "routes refused; keeping the previous ones"),
+        }
     }
 
     /// Handles one client request end to end; never fails (errors become proxy responses).
@@ -75,17 +85,70 @@ impl Edge {
         let authority = headers::authority(&parts.uri, &parts.headers)
             .ok_or_else(|| (none(), ProxyError::BadRequest("no Host".into())))?;
         let host = headers::host_of(&authority);
+        let path = parts.uri.path().to_string();
+        let query = parts.uri.query().map(str::to_owned);
+        // Phase: route (Gateway API HTTPRoute matching and precedence).
         let routes = self.routes.load_full();
-        let route: &GatewayRoute = routes
-            .find(&host, parts.uri.path())
-            .ok_or_else(|| (none(), ProxyError::NoRoute(format!("{host}{}", parts.uri.path()))))?;
+        let matched = routes
+            .find(&host, &parts.method, &path, query.as_deref(), &parts.headers)
+            .ok_or_else(|| (none(), ProxyError::NoRoute(format!("{host}{path}"))))?;
+        let (route, rule) = (matched.route, matched.rule);
         let name = route.name.clone();
         let fail = |e| (name.clone(), e);
+        // Phase: filters that answer or change the request.
+        let mut response_mods = Vec::new();
+        let mut authority = authority;
+        let mut new_path: Option<String> = None;
+        for f in &rule.filters {
+            match f {
+                Filter::RequestRedirect { redirect } => {
+                    let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).or(Some(self.port));
+                    let loc = route::redirect_location(
+                        redirect,
+                        "https",
+                        &host,
+                        port,
+                        &path,
+                        query.as_deref(),
+                        matched.matched_prefix,
+                    );
+                    let mut resp = Response::new(body::empty());
+                    *resp.status_mut() =
+                        StatusCode::from_u16(redirect.status_code.unwrap_or(302)).unwrap_or(StatusCode::FOUND);
+                    let loc = HeaderValue::from_str(&loc)
+                        .map_err(|_| fail(ProxyError::BadRequest("redirect target".into())))?;
+                    resp.headers_mut().insert(LOCATION, loc);
+                    return Ok((name, resp));
+                }
+                Filter::RequestHeaderModifier { modifier } => route::modify_headers(&mut parts.headers, modifier),
+                Filter::ResponseHeaderModifier { modifier } => response_mods.push(modifier),
+                Filter::UrlRewrite { rewrite } => {
+                    if let Some(h) = &rewrite.hostname {
+                        authority = h.clone();
+                    }
+                    if let Some(m) = &rewrite.path {
+                        new_path = Some(route::rewrite_path(&path, m, matched.matched_prefix));
+                    }
+                }
+                // Mirroring needs the body twice; it comes with the traffic-management work.
+                Filter::RequestMirror { .. } => {}
+            }
+        }
+        if let Some(p) = new_path {
+            let pq = match &query {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            parts.uri =
+                http::Uri::try_from(pq).map_err(|e| fail(ProxyError::BadRequest(format!("rewritten path: {e}"))))?;
+        }
+        let limit = route.max_request_body.unwrap_or(self.limits.max_request_body);
         let declared =
             parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > route.max_request_body) {
-            return Err(fail(ProxyError::BodyTooLarge(route.max_request_body)));
+        if declared.is_some_and(|n| n > limit) {
+            return Err(fail(ProxyError::BodyTooLarge(limit)));
         }
+        // Phase: forwarding headers.
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::strip_internal(&mut parts.headers);
         headers::append_forwarded_for(&mut parts.headers, client.ip());
@@ -102,16 +165,24 @@ impl Edge {
         if let Ok(v) = HeaderValue::from_str(&authority) {
             parts.headers.insert(HOST, v);
         }
+        // Phase: weighted backend, then endpoint.
         let table = self.mesh.table();
-        let total = routes::total_weight(&route.backends);
-        let backend = routes::pick_backend(&route.backends, fastrand_u64(total))
+        let total = routes::total_weight(&rule.backend_refs);
+        let backend = routes::pick_backend(&rule.backend_refs, fastrand_u64(total))
             .ok_or_else(|| fail(ProxyError::NoEndpoint(format!("route {name} has no backend with weight"))))?;
-        let svc =
-            table.service(&backend.service).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.service.clone())))?;
+        let svc = table.service(&backend.name).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.name.clone())))?;
         let ep = self.mesh.pick(svc, &backend.labels).map_err(fail)?;
-        let body =
-            body::boxed(Limited::new(body, route.max_request_body as usize).map_err(|e| -> body::BoxError { e }));
-        let resp = self.mesh.forward(Request::from_parts(parts, body), &table, svc, &ep).await.map_err(fail)?;
+        let body = body::boxed(Limited::new(body, limit as usize).map_err(|e| -> body::BoxError { e }));
+        // Phase: forward, within the rule's request timeout when it sets one.
+        let forward = self.mesh.forward(Request::from_parts(parts, body), &table, svc, &ep);
+        let mut resp = match rule.timeouts.as_ref().and_then(|t| t.request) {
+            Some(t) => tokio::time::timeout(t, forward).await.map_err(|_| fail(ProxyError::Timeout(t)))?,
+            None => forward.await,
+        }
+        .map_err(fail)?;
+        for m in response_mods {
+            route::modify_headers(resp.headers_mut(), m);
+        }
         Ok((name, resp))
     }
 }

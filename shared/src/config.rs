@@ -194,7 +194,8 @@ pub struct GatewayConfig {
     pub tls: TlsFiles,
     /// Edge certificates (PEM), chosen by SNI; empty means a self-signed development certificate.
     pub certificates: Vec<EdgeCertificate>,
-    pub routes: Vec<GatewayRoute>,
+    /// Routes in the Gateway API HTTPRoute model (see `route`).
+    pub routes: Vec<crate::route::HttpRoute>,
     pub limits: EdgeLimits,
     /// UDP address where nodes hold their control streams (mutual TLS).
     pub control: SocketAddr,
@@ -241,46 +242,6 @@ pub struct EdgeCertificate {
     pub hostnames: Vec<String>,
 }
 
-/// A gateway route: host and path prefix to weighted service backends.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GatewayRoute {
-    pub name: String,
-    /// Host names this route answers (exact, or `*.` wildcard); empty means any.
-    #[serde(default)]
-    pub hostnames: Vec<String>,
-    /// Path prefix, on whole segments (`/hello` matches `/hello` and `/hello/x`, not `/helloo`).
-    #[serde(default = "root_path")]
-    pub path_prefix: String,
-    pub backends: Vec<BackendRef>,
-    /// Largest request body accepted on this route, in bytes (413 past it).
-    #[serde(default = "default_body_limit")]
-    pub max_request_body: u64,
-}
-
-fn root_path() -> String {
-    "/".into()
-}
-
-fn default_body_limit() -> u64 {
-    64 << 20
-}
-
-/// A weighted reference to a service, optionally narrowed to instances with given labels.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendRef {
-    pub service: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default = "one")]
-    pub weight: u32,
-}
-
-fn one() -> u32 {
-    1
-}
-
 /// Protections of the edge listener.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -297,6 +258,8 @@ pub struct EdgeLimits {
     pub idle_timeout: Duration,
     /// Concurrent streams per HTTP/2 or HTTP/3 connection.
     pub max_concurrent_streams: u32,
+    /// Largest request body, bytes (413 past it); routes may set their own `maxRequestBody`.
+    pub max_request_body: u64,
 }
 
 impl Default for EdgeLimits {
@@ -307,6 +270,7 @@ impl Default for EdgeLimits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_concurrent_streams: 256,
+            max_request_body: 64 << 20,
         }
     }
 }
@@ -560,22 +524,18 @@ impl Config {
             if !valid_name(&gw.name) {
                 return Err(invalid("gateway.name", format!("{:?} is not a valid name (a-z, 0-9, '-')", gw.name)));
             }
+            if let Err(e) = crate::route::RouteTable::new(gw.routes.clone()) {
+                return Err(invalid("gateway.routes", e.to_string()));
+            }
             for (i, route) in gw.routes.iter().enumerate() {
-                if !route.path_prefix.starts_with('/') {
-                    return Err(invalid(
-                        format!("gateway.routes[{i}].path_prefix"),
-                        format!("{:?} does not start with '/'", route.path_prefix),
-                    ));
-                }
-                if route.backends.is_empty() {
-                    return Err(invalid(format!("gateway.routes[{i}].backends"), "a route needs at least one backend"));
-                }
-                for (j, b) in route.backends.iter().enumerate() {
-                    if self.service(&b.service).is_none() {
-                        return Err(invalid(
-                            format!("gateway.routes[{i}].backends[{j}].service"),
-                            format!("unknown service {:?}", b.service),
-                        ));
+                for (j, rule) in route.rules.iter().enumerate() {
+                    for (k, b) in rule.backend_refs.iter().enumerate() {
+                        if self.service(&b.name).is_none() {
+                            return Err(invalid(
+                                format!("gateway.routes[{i}].rules[{j}].backendRefs[{k}].name"),
+                                format!("unknown service {:?}", b.name),
+                            ));
+                        }
                     }
                 }
             }

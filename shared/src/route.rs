@@ -27,6 +27,10 @@ pub struct HttpRoute {
     pub hostnames: Vec<String>,
     #[serde(default)]
     pub rules: Vec<RouteRule>,
+    /// quicmesh extension: largest request body accepted, bytes (413 past it); default
+    /// `gateway.limits.max_request_body`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

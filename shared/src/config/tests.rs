@@ -62,8 +62,8 @@ fn validation_rules() {
         ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),
         ("[[services]]\nname = \"a\"\n[[services]]\nname = \"b\"\nhosts = [\"a\"]\n", "services[1].hosts[0]"),
         ("[[services]]\nname = \"a\"\nhosts = [\"x\"]\n[[services]]\nname = \"b\"\nhosts = [\"X\"]\n", "services[1].hosts[0]"),
-        ("[gateway]\n[[gateway.routes]]\nname = \"r\"\npath_prefix = \"x\"\nbackends = [{ service = \"s\" }]\n", "gateway.routes[0].path_prefix"),
-        ("[gateway]\n[[gateway.routes]]\nname = \"r\"\nbackends = [{ service = \"s\" }]\n", "gateway.routes[0].backends[0].service"),
+        ("[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nmatches = [{ path = { value = \"x\" } }]\n", "gateway.routes"),
+        ("[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nbackendRefs = [{ name = \"s\" }]\n", "gateway.routes[0].rules[0].backendRefs[0].name"),
     ];
     for (text, key) in cases {
         let err = load_err(text);
