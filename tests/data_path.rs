@@ -387,7 +387,8 @@ fn bad_configs_are_refused_naming_the_key() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{cmd} accepted {text}");
             assert!(err.contains(key), "{cmd}: message does not name {key}: {err}");
-            assert!(err.contains(&path.display().to_string()), "{cmd}: message does not name the file: {err}");
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(err.contains(&name), "{cmd}: message does not name the file: {err}");
         }
     }
 }

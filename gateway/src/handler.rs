@@ -12,7 +12,7 @@ use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::config::GatewayConfig;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
-use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::mesh::{Mesh, PickCtx};
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::route::{self, Filter, RouteTable};
 use std::sync::Arc;
@@ -171,7 +171,8 @@ impl Edge {
         let backend = routes::pick_backend(&rule.backend_refs, fastrand_u64(total))
             .ok_or_else(|| fail(ProxyError::NoEndpoint(format!("route {name} has no backend with weight"))))?;
         let svc = table.service(&backend.name).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.name.clone())))?;
-        let ep = self.mesh.pick(svc, &backend.labels).map_err(fail)?;
+        let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
+        let ep = self.mesh.pick(svc, &backend.labels, &ctx).map_err(fail)?;
         let body = body::boxed(Limited::new(body, limit as usize).map_err(|e| -> body::BoxError { e }));
         // Phase: forward, within the rule's request timeout when it sets one.
         let forward = self.mesh.forward(Request::from_parts(parts, body), &table, svc, &ep);

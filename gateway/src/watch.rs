@@ -46,6 +46,12 @@ pub async fn watch(
         if now == seen {
             continue;
         }
+        // Let a writer finish: act only once the files have held still for one interval, so a
+        // half-written file is never read as the new config.
+        tokio::time::sleep(every).await;
+        if stamps(&files, overlays.as_ref()) != now {
+            continue;
+        }
         seen = now;
         match overlay::load_with_overlays(&files) {
             Ok((cfg, node_settings)) => {

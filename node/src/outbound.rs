@@ -19,7 +19,7 @@ use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::config::Protocol;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
-use quicmesh_shared::mesh::Mesh;
+use quicmesh_shared::mesh::{Mesh, PickCtx};
 use quicmesh_shared::metrics as m;
 use tokio::net::TcpListener;
 use tracing::{debug, info_span, Instrument};
@@ -105,7 +105,8 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
         Ok(u) => u,
         Err(e) => return Err((name, ProxyError::BadRequest(format!("target: {e}")))),
     };
-    let ep = match mesh.pick(svc, &BTreeMap::new()) {
+    let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
+    let ep = match mesh.pick(svc, &BTreeMap::new(), &ctx) {
         Ok(ep) => ep,
         Err(e) => return Err((name, e)),
     };

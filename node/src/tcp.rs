@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use quicmesh_shared::body::{H3Recv, H3Send};
 use quicmesh_shared::config::Protocol;
 use quicmesh_shared::error::ProxyError;
-use quicmesh_shared::mesh::{Mesh, Table};
+use quicmesh_shared::mesh::{Mesh, PickCtx, Table};
 use quicmesh_shared::metrics as m;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -48,7 +48,8 @@ pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
 async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), ProxyError> {
     let table = mesh.table();
     let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
-    let ep = mesh.pick(svc, &BTreeMap::new())?;
+    let client = tcp.peer_addr().ok().map(|a| a.ip());
+    let ep = mesh.pick(svc, &BTreeMap::new(), &PickCtx { headers: None, client })?;
     metrics::counter!(m::TCP_CONNECTIONS, "direction" => "outbound", "service" => service.to_string()).increment(1);
     if mesh.is_local(&ep) {
         let mut upstream = connect(ep.address, &table).await?;

@@ -309,6 +309,9 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// Load balancing (default peak EWMA, local endpoints first).
+    #[serde(default)]
+    pub lb: crate::balance::LbConfig,
 }
 
 /// One instance of a service: the node that hosts it and its address on that host.
@@ -486,6 +489,14 @@ impl Config {
             }
             if !services.insert(svc.name.as_str()) {
                 return Err(invalid(format!("services[{i}].name"), format!("service {:?} is listed twice", svc.name)));
+            }
+            if svc.lb.policy == crate::balance::Policy::ConsistentHash
+                && crate::balance::HashOn::parse(&svc.lb.hash_on).is_none()
+            {
+                return Err(invalid(
+                    format!("services[{i}].lb.hash_on"),
+                    format!("{:?} is not header:<name>, cookie:<name> or client_ip", svc.lb.hash_on),
+                ));
             }
             for (j, ep) in svc.endpoints.iter().enumerate() {
                 if !peers.contains(ep.node.as_str()) && Some(ep.node.as_str()) != local {

@@ -120,6 +120,7 @@ pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) ->
                     hosts: Vec::new(),
                     protocol: inst.protocol,
                     endpoints: vec![ep],
+                    lb: Default::default(),
                 }),
             }
         }

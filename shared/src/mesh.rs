@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::balance::{self, EndpointStats, HashOn, LbConfig, Maglev, Policy};
+
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, Uri};
@@ -33,10 +35,26 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::{PeerConn, PeerPool};
 
-/// A service with its round-robin cursor.
+/// A service with its balancing state.
 pub struct Service {
     pub config: ServiceConfig,
     cursor: AtomicUsize,
+    /// Built once per table for consistent hashing over all endpoints.
+    maglev: Option<Maglev>,
+}
+
+/// What a balancer may look at in the request.
+pub struct PickCtx<'a> {
+    pub headers: Option<&'a http::HeaderMap>,
+    pub client: Option<std::net::IpAddr>,
+}
+
+impl PickCtx<'_> {
+    pub const NONE: PickCtx<'static> = PickCtx { headers: None, client: None };
+}
+
+fn endpoint_key(ep: &EndpointConfig) -> String {
+    format!("{}/{}", ep.node, ep.address)
 }
 
 /// Clients for instances on this host: HTTP/1.1 with keep-alive pooling, and h2c.
@@ -118,7 +136,9 @@ impl Table {
         let mut hosts = HashMap::new();
         // The services move into the table; `config` keeps the rest (peers, timeouts, ...).
         for svc in std::mem::take(&mut config.services) {
-            let s = Arc::new(Service { config: svc, cursor: AtomicUsize::new(0) });
+            let maglev = (svc.lb.policy == Policy::ConsistentHash)
+                .then(|| Maglev::new(&svc.endpoints.iter().map(endpoint_key).collect::<Vec<_>>()));
+            let s = Arc::new(Service { config: svc, cursor: AtomicUsize::new(0), maglev });
             let svc = &s.config;
             services.insert(svc.name.clone(), s.clone());
             hosts.insert(svc.name.clone(), s.clone());
@@ -160,6 +180,21 @@ pub struct Mesh {
     pub pool: PeerPool,
     pub local: LocalClient,
     table: ArcSwap<Table>,
+    stats: std::sync::Mutex<HashMap<String, Arc<EndpointStats>>>,
+}
+
+/// The consistent-hashing key of a request, if it has what the service hashes on.
+fn hash_key_for(lb: &LbConfig, ctx: &PickCtx<'_>) -> Option<u64> {
+    match HashOn::parse(&lb.hash_on)? {
+        HashOn::ClientIp => ctx.client.map(|ip| balance::hash_key(ip.to_string().as_bytes())),
+        HashOn::Header(name) => ctx.headers?.get(name.as_str()).map(|v| balance::hash_key(v.as_bytes())),
+        HashOn::Cookie(name) => ctx.headers?.get_all(http::header::COOKIE).iter().find_map(|v| {
+            v.to_str().ok()?.split(';').find_map(|c| {
+                let (k, val) = c.trim().split_once('=')?;
+                (k == name).then(|| balance::hash_key(val.as_bytes()))
+            })
+        }),
+    }
 }
 
 impl Mesh {
@@ -168,7 +203,7 @@ impl Mesh {
         let local = LocalClient::new(config.timeouts.connect);
         let trust_domain = config.mesh.trust_domain.clone();
         let table = ArcSwap::from_pointee(Table::new(Config::clone(&config), 0));
-        Self { local_node, trust_domain, pool, local, table }
+        Self { local_node, trust_domain, pool, local, table, stats: Default::default() }
     }
 
     /// The current view; load once per request.
@@ -181,14 +216,58 @@ impl Mesh {
         self.table.store(Arc::new(table));
     }
 
-    /// Round robin over the endpoints carrying all of `labels`.
-    pub fn pick(&self, svc: &Service, labels: &BTreeMap<String, String>) -> Result<EndpointConfig, ProxyError> {
-        let eps: Vec<&EndpointConfig> =
+    /// Statistics of an endpoint, kept across table swaps.
+    pub fn stats(&self, ep: &EndpointConfig) -> Arc<EndpointStats> {
+        let mut map = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(endpoint_key(ep)).or_default().clone()
+    }
+
+    /// Chooses one of the endpoints carrying all of `labels`, by the service's policy, among
+    /// this node's endpoints first when the service prefers locality and there are any.
+    pub fn pick(
+        &self,
+        svc: &Service,
+        labels: &BTreeMap<String, String>,
+        ctx: &PickCtx<'_>,
+    ) -> Result<EndpointConfig, ProxyError> {
+        let all: Vec<&EndpointConfig> =
             svc.config.endpoints.iter().filter(|ep| labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v))).collect();
-        if eps.is_empty() {
+        if all.is_empty() {
             return Err(ProxyError::NoEndpoint(svc.config.name.clone()));
         }
-        let i = svc.cursor.fetch_add(1, Ordering::Relaxed) % eps.len();
+        let lb = &svc.config.lb;
+        if lb.policy == Policy::ConsistentHash {
+            if let Some(key) = hash_key_for(lb, ctx) {
+                // Maglev over the whole service when no subset applies; otherwise rendezvous
+                // hashing over the subset (also minimal remapping).
+                if labels.is_empty() {
+                    if let Some(i) = svc.maglev.as_ref().and_then(|m| m.pick(key)) {
+                        if let Some(ep) = svc.config.endpoints.get(i) {
+                            return Ok(ep.clone());
+                        }
+                    }
+                }
+                let best =
+                    all.iter().max_by_key(|ep| balance::hash_key(format!("{key}/{}", endpoint_key(ep)).as_bytes()));
+                if let Some(ep) = best {
+                    return Ok((*ep).clone());
+                }
+            }
+        }
+        let local: Vec<&EndpointConfig> =
+            if lb.prefer_local { all.iter().copied().filter(|ep| self.is_local(ep)).collect() } else { Vec::new() };
+        let eps = if local.is_empty() { all } else { local };
+        let i = match lb.policy {
+            Policy::RoundRobin | Policy::ConsistentHash => svc.cursor.fetch_add(1, Ordering::Relaxed) % eps.len(),
+            Policy::LeastRequest => {
+                let stats: Vec<_> = eps.iter().map(|ep| self.stats(ep)).collect();
+                balance::p2c(eps.len(), |i| stats[i].in_flight() as f64, &mut fastrand::Rng::new())
+            }
+            Policy::PeakEwma => {
+                let stats: Vec<_> = eps.iter().map(|ep| self.stats(ep)).collect();
+                balance::p2c(eps.len(), |i| stats[i].cost(), &mut fastrand::Rng::new())
+            }
+        };
         Ok(eps[i].clone())
     }
 
@@ -207,12 +286,20 @@ impl Mesh {
         ep: &EndpointConfig,
     ) -> Result<Response<Body>, ProxyError> {
         let timeout = table.config.timeouts.request;
-        if self.is_local(ep) {
-            return tokio::time::timeout(timeout, self.local.send(req, ep.address, svc.config.protocol))
+        // Feed the balancer: requests in flight, and time to response headers.
+        let in_flight = self.stats(ep).start();
+        let start = std::time::Instant::now();
+        let result = if self.is_local(ep) {
+            tokio::time::timeout(timeout, self.local.send(req, ep.address, svc.config.protocol))
                 .await
-                .map_err(|_| ProxyError::Timeout(timeout))?;
-        }
-        self.forward_remote(req, table, svc, ep).await
+                .map_err(|_| ProxyError::Timeout(timeout))
+                .and_then(|r| r)
+        } else {
+            self.forward_remote(req, table, svc, ep).await
+        };
+        // A failure costs like a timeout, so the balancer steers away from it.
+        in_flight.observe(if result.is_ok() { start.elapsed() } else { timeout.max(start.elapsed()) });
+        result
     }
 
     async fn peer(&self, table: &Table, ep: &EndpointConfig) -> Result<(PeerConn, SocketAddr), ProxyError> {

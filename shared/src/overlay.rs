@@ -56,6 +56,7 @@ pub fn apply_services(config: &mut Config, dir: &Path) -> Result<(), ConfigError
             hosts: Vec::new(),
             protocol: Default::default(),
             endpoints: Vec::new(),
+            lb: Default::default(),
         });
         let merged: ServiceConfig =
             Figment::from(Serialized::defaults(base)).merge(Toml::file_exact(&path)).extract().map_err(parse_err)?;

@@ -22,7 +22,7 @@ fn wrong_type_names_key_and_file() {
     let f = file("[node]\nname = \"a\"\noutbound = 15\n");
     let err = load(&[f.path().to_path_buf()]).unwrap_err().to_string();
     assert!(err.contains("node.outbound"), "{err}");
-    assert!(err.contains(&f.path().display().to_string()), "{err}");
+    assert!(err.contains(&*f.path().file_name().unwrap().to_string_lossy()), "{err}");
 }
 
 #[test]
@@ -75,7 +75,7 @@ fn validation_rules() {
 fn validation_errors_name_the_file() {
     let f = file("[node]\nname = \"Bad_Name\"\n");
     let err = load(&[f.path().to_path_buf()]).unwrap_err().to_string();
-    assert!(err.contains(&f.path().display().to_string()), "{err}");
+    assert!(err.contains(&*f.path().file_name().unwrap().to_string_lossy()), "{err}");
 }
 
 /// Every file in config/ parses: standalone ones alone, per-node and gateway layers on top of
