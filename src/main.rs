@@ -179,7 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let name = target.name.clone();
                     quicmesh_node::enroll::join(&cfg, addr, &name, &token, &fp).await?;
                 }
-                let node = quicmesh_node::start(cfg).await?;
+                let node = quicmesh_node::start_with_files(cfg, config).await?;
                 let a = &node.addrs;
                 let tcp: String = a.tcp.iter().map(|(s, addr)| format!(" tcp.{s}={addr}")).collect();
                 println!(

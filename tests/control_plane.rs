@@ -383,3 +383,17 @@ async fn a_registration_that_would_break_the_mesh_is_refused() {
     let dump = cp.nodes[0].admin_json("/endpoints").await;
     assert!(endpoint_nodes(&dump, "alias-one").is_empty(), "the rogue service reached the snapshot");
 }
+
+/// Editing a node's own file to host a new instance re-registers it without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_config_edit_registers_new_instances_without_a_restart() {
+    let cp = Cp::start("5s").await;
+    wait_status(&cp.nodes[0], "echo", 200, "node-a to reach echo").await;
+    let late = echo_backend().await;
+    let b = &cp.nodes[1];
+    let text = std::fs::read_to_string(&b.config).unwrap();
+    std::fs::write(&b.config, format!("{text}\n[[node.instances]]\nservice = \"late\"\naddress = \"{late}\"\n"))
+        .unwrap();
+    wait_status(&cp.nodes[0], "late", 200, "node-a to reach the newly registered service").await;
+    assert!(b.log().contains("registered the changed instances"));
+}

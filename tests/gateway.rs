@@ -289,3 +289,25 @@ async fn the_demo_routes_testers_to_the_canary_redirects_and_modifies_headers() 
     assert_eq!(headers["x-served-by"], "quicmesh");
     assert_eq!(json(&String::from_utf8_lossy(&body))["headers"]["x-mesh-route"], "echo");
 }
+
+/// An idle keep-alive connection is closed after `gateway.limits.idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let demo = DemoProc::start(&[("QUICMESH_GATEWAY__LIMITS__IDLE_TIMEOUT", "1s")]);
+    demo.wait_ready().await;
+    let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    let start = Instant::now();
+    // Drain whatever is left of the response, then expect the server to close.
+    let closed = async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), closed).await.expect("the idle connection stayed open");
+    assert!(start.elapsed() >= Duration::from_millis(800), "closed too early: {:?}", start.elapsed());
+}

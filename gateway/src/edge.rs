@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use crate::handler::Edge;
+use crate::idle::IdleTimeout;
 
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: Arc<Edge>) {
     let acceptor = TlsAcceptor::from(tls);
@@ -67,7 +68,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(limits.max_concurrent_streams)
                 .max_header_list_size(limits.max_header_bytes as u32);
-            let io = TokioIo::new(tls);
+            let io = TokioIo::new(IdleTimeout::new(tls, limits.idle_timeout));
             if let Err(e) = builder.serve_connection(io, svc).await {
                 debug!(%client, error = %e, "edge connection ended with an error");
             }

@@ -7,6 +7,7 @@ pub mod control;
 pub mod edge;
 pub mod h3_edge;
 pub mod handler;
+pub mod idle;
 pub mod routes;
 pub mod tls;
 pub mod watch;

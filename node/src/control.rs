@@ -36,7 +36,8 @@ pub struct ControlClient {
     pub local: Config,
     pub target: ControlTarget,
     pub advertise: SocketAddr,
-    pub instances: Vec<Instance>,
+    /// The instances to register; a new value re-registers on the open stream.
+    pub instances: watch::Receiver<Vec<Instance>>,
     pub cache: Option<PathBuf>,
 }
 
@@ -167,9 +168,10 @@ impl ControlClient {
             }
         };
         let (mut send, mut recv) = stream.split();
+        let mut instances = self.instances.clone();
         let hello = NodeMsg::Hello {
             address: self.advertise,
-            instances: self.instances.clone(),
+            instances: instances.borrow_and_update().clone(),
             version: self.mesh.table().version,
         };
         if let Err(e) = control::send_line(&mut send, &hello).await {
@@ -187,6 +189,20 @@ impl ControlClient {
         let mut pending_key: Option<String> = None;
         loop {
             tokio::select! {
+                changed = instances.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let hello = NodeMsg::Hello {
+                        address: self.advertise,
+                        instances: instances.borrow_and_update().clone(),
+                        version: self.mesh.table().version,
+                    };
+                    if let Err(e) = control::send_line(&mut send, &hello).await {
+                        return End::Broken(e.to_string(), progressed);
+                    }
+                    info!("registered the changed instances with the gateway");
+                }
                 _ = tokio::time::sleep_until(renew_at) => {
                     if pending_key.take().is_some() {
                         // No answer in time: forget this key and try again later.

@@ -57,6 +57,7 @@ pub struct Node {
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     control_task: Option<tokio::task::JoinHandle<()>>,
+    instances_tx: Option<watch::Sender<Vec<quicmesh_shared::control::Instance>>>,
     _tasks: JoinSet<()>,
 }
 
@@ -67,6 +68,49 @@ async fn listen(addr: SocketAddr) -> Result<TcpListener, NodeError> {
 /// Binds every listener of the node, starts serving, and returns the bound addresses.
 pub async fn start(config: Config) -> Result<Node, NodeError> {
     start_with(config, None).await
+}
+
+/// Like [`start`], watching `files` (the layers `config` came from) so that changes to
+/// `node.instances` re-register with the control plane without a restart.
+pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) -> Result<Node, NodeError> {
+    let mut node = start_with(config, None).await?;
+    if let Some(tx) = node.instances_tx.take() {
+        node._tasks.spawn(watch_instances(files, tx));
+    }
+    Ok(node)
+}
+
+/// Polls the config files; a change that loads and validates updates the registered instances.
+async fn watch_instances(files: Vec<std::path::PathBuf>, tx: watch::Sender<Vec<quicmesh_shared::control::Instance>>) {
+    let stamp = |files: &[std::path::PathBuf]| -> Vec<Option<(std::time::SystemTime, u64)>> {
+        files.iter().map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
+    };
+    let every = Duration::from_millis(500);
+    let mut seen = stamp(&files);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = stamp(&files);
+        if now == seen {
+            continue;
+        }
+        // Act once the files hold still: never read a half-written file.
+        tokio::time::sleep(every).await;
+        if stamp(&files) != now {
+            continue;
+        }
+        seen = now;
+        match quicmesh_shared::config::load(&files) {
+            Ok(cfg) => {
+                let instances = cfg.node.map(|n| n.instances).unwrap_or_default();
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != instances;
+                    *cur = instances;
+                    changed
+                });
+            }
+            Err(e) => warn!(error = %e, "node config change refused; the registered instances are unchanged"),
+        }
+    }
 }
 
 /// Like [`start`], with the QUIC socket already bound by the caller.
@@ -100,6 +144,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut control_task = None;
+    let mut instances_tx = None;
     if let Some(target) = nc.gateway.clone() {
         let cache = nc
             .snapshot_cache
@@ -120,6 +165,8 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
                 reason: format!("node.inbound is {inbound_addr}; set the address peers should use"),
             }));
         }
+        let (tx, rx) = watch::channel(nc.instances.clone());
+        instances_tx = Some(tx);
         let client = control::ControlClient {
             mesh: mesh.clone(),
             paths: paths.clone(),
@@ -127,7 +174,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             local: local_config,
             target,
             advertise,
-            instances: nc.instances.clone(),
+            instances: rx,
             cache,
         };
         control_task = Some(tokio::spawn(client.run(shutdown_rx)));
@@ -144,7 +191,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         tasks.spawn(tcp::serve(listener, service, mesh.clone()));
     }
     state.ready.store(true, Ordering::Release);
-    Ok(Node { addrs, mesh, endpoint, shutdown, control_task, _tasks: tasks })
+    Ok(Node { addrs, mesh, endpoint, shutdown, control_task, instances_tx, _tasks: tasks })
 }
 
 impl Node {
