@@ -73,6 +73,42 @@ fn spawn_gateway(files: &[PathBuf], dir: &Path) -> NodeProc {
     NodeProc::start_layered("gateway", files)
 }
 
+/// Back-to-back GETs for `echo` through a node's outbound listener until stopped.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, u64)>,
+}
+
+impl Load {
+    fn start(outbound: SocketAddr) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = http::Request::get(format!("http://{outbound}/"))
+                    .header("host", "echo")
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+        Load { stop, task }
+    }
+
+    /// Stops the load; returns (succeeded, failed).
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
 async fn status_via(node: &NodeProc, host: &str) -> u16 {
     let url = format!("http://{}/", node.addrs.outbound);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -202,26 +238,7 @@ async fn the_gateway_killed_under_load_fails_no_request_and_nodes_resynchronise(
     )
     .unwrap();
     let outbound = cp.nodes[0].addrs.outbound;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-            let (mut ok, mut failed) = (0u64, 0u64);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let req = http::Request::get(format!("http://{outbound}/"))
-                    .header("host", "echo")
-                    .body(http_body_util::Empty::new())
-                    .unwrap();
-                match client.request(req).await {
-                    Ok(r) if r.status() == 200 => ok += 1,
-                    _ => failed += 1,
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let load = Load::start(outbound);
     cp.gw.kill();
     eventually(Duration::from_secs(10), "node-a to notice the gateway is gone", || async {
         (metric(&cp.nodes[0].metrics().await, "quicmesh_control_connected", &[]) == 0.0).then_some(())
@@ -236,8 +253,7 @@ async fn the_gateway_killed_under_load_fails_no_request_and_nodes_resynchronise(
             .then_some(())
     })
     .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = load.await.unwrap();
+    let (ok, failed) = load.stop().await;
     eprintln!("{ok} requests succeeded, {failed} failed across the gateway restart");
     assert!(ok > 50, "too little load to mean anything: {ok}");
     assert_eq!(failed, 0);
@@ -274,26 +290,7 @@ async fn certificates_are_renewed_without_dropping_data_plane_connections() {
     let renewed = |m: &str| metric(m, "quicmesh_enrollments_total", &[("result", "renewed")]);
     assert_eq!(renewed(&cp.gw.metrics().await), 0.0, "renewed before the data connection existed; machine too slow");
     let outbound = r.addrs.outbound;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-            let (mut ok, mut failed) = (0u64, 0u64);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let req = http::Request::get(format!("http://{outbound}/"))
-                    .header("host", "echo")
-                    .body(http_body_util::Empty::new())
-                    .unwrap();
-                match client.request(req).await {
-                    Ok(resp) if resp.status() == 200 => ok += 1,
-                    _ => failed += 1,
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let load = Load::start(outbound);
     eventually(Duration::from_secs(20), "the gateway to renew node-r's certificate", || async {
         (renewed(&cp.gw.metrics().await) >= 1.0).then_some(())
     })
@@ -304,8 +301,7 @@ async fn certificates_are_renewed_without_dropping_data_plane_connections() {
     .await;
     // A request after the renewal still rides the original connection.
     assert_eq!(status_via(&r, "echo").await, 200);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = load.await.unwrap();
+    let (ok, failed) = load.stop().await;
     assert!(ok > 10, "too little load: {ok}");
     assert_eq!(failed, 0);
     let m = r.metrics().await;

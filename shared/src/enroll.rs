@@ -18,8 +18,6 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{spiffe_ids, SpiffeId};
-
 /// Path of the enrollment request on the gateway's control listener.
 pub const ENROLL_PATH: &str = "/quicmesh.enroll/v1";
 
@@ -184,22 +182,15 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .ok_or_else(|| rustls::Error::General("the gateway's CA does not match the pinned fingerprint".into()))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned()).map_err(|_| CertificateError::BadEncoding)?;
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
+        crate::tls::verify_node_server(
+            end_entity,
             intermediates,
+            server_name,
             now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let ServerName::DnsName(name) = server_name else {
-            return Err(CertificateError::NotValidForName.into());
-        };
-        if spiffe_ids(end_entity).contains(&SpiffeId::node(&self.trust_domain, name.as_ref())) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(CertificateError::NotValidForName.into())
-        }
+            &roots,
+            &self.provider,
+            &self.trust_domain,
+        )
     }
 
     fn verify_tls12_signature(

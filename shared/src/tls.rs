@@ -101,23 +101,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let ServerName::DnsName(name) = server_name else {
-            return Err(CertificateError::NotValidForName.into());
-        };
-        let expected = SpiffeId::node(&self.trust_domain, name.as_ref());
-        if spiffe_ids(end_entity).contains(&expected) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(CertificateError::NotValidForName.into())
-        }
+        verify_node_server(end_entity, intermediates, server_name, now, &self.roots, &self.provider, &self.trust_domain)
     }
 
     fn verify_tls12_signature(
@@ -140,6 +124,35 @@ impl ServerCertVerifier for MeshServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A server certificate chaining to `roots` and carrying the SPIFFE identity of the node named
+/// by the TLS server name (shared by the mesh verifier and enrollment's pinned-CA verifier).
+pub fn verify_node_server(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    server_name: &ServerName<'_>,
+    now: UnixTime,
+    roots: &RootCertStore,
+    provider: &CryptoProvider,
+    trust_domain: &str,
+) -> Result<ServerCertVerified, rustls::Error> {
+    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        intermediates,
+        now,
+        provider.signature_verification_algorithms.all,
+    )?;
+    let ServerName::DnsName(name) = server_name else {
+        return Err(CertificateError::NotValidForName.into());
+    };
+    if spiffe_ids(end_entity).contains(&SpiffeId::node(trust_domain, name.as_ref())) {
+        Ok(ServerCertVerified::assertion())
+    } else {
+        Err(CertificateError::NotValidForName.into())
     }
 }
 
