@@ -14,11 +14,9 @@ use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
 use quicmesh_shared::mesh::{Mesh, PickCtx};
 use quicmesh_shared::metrics as m;
-use quicmesh_shared::route::{self, Filter, RouteTable};
+use quicmesh_shared::route::{self, Filtered, RouteTable};
 use std::sync::Arc;
 use tracing::debug;
-
-use crate::routes;
 
 const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
@@ -38,8 +36,7 @@ impl Edge {
         let alt_svc =
             HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).unwrap_or(HeaderValue::from_static("clear"));
         // Validated with the config, so this cannot fail; an empty table is the safe fallback.
-        let table = RouteTable::new(gc.routes.clone())
-            .unwrap_or_else(|_| RouteTable::new(Vec::new()).expect("an empty route table is valid"));
+        let table = RouteTable::new(gc.routes.clone()).unwrap_or_else(|_| RouteTable::empty());
         let routes = arc_swap::ArcSwap::from_pointee(table);
         Self { mesh, routes, limits: gc.limits.clone(), alt_svc, port }
     }
@@ -96,52 +93,13 @@ impl Edge {
         let name = route.name.clone();
         let fail = |e| (name.clone(), e);
         // Phase: filters that answer or change the request.
-        let mut response_mods = Vec::new();
         let mut authority = authority;
-        let mut new_path: Option<String> = None;
-        for f in &rule.filters {
-            match f {
-                Filter::RequestRedirect { redirect } => {
-                    let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).or(Some(self.port));
-                    let loc = route::redirect_location(
-                        redirect,
-                        "https",
-                        &host,
-                        port,
-                        &path,
-                        query.as_deref(),
-                        matched.matched_prefix,
-                    );
-                    let mut resp = Response::new(body::empty());
-                    *resp.status_mut() =
-                        StatusCode::from_u16(redirect.status_code.unwrap_or(302)).unwrap_or(StatusCode::FOUND);
-                    let loc = HeaderValue::from_str(&loc)
-                        .map_err(|_| fail(ProxyError::BadRequest("redirect target".into())))?;
-                    resp.headers_mut().insert(LOCATION, loc);
-                    return Ok((name, resp));
-                }
-                Filter::RequestHeaderModifier { modifier } => route::modify_headers(&mut parts.headers, modifier),
-                Filter::ResponseHeaderModifier { modifier } => response_mods.push(modifier),
-                Filter::UrlRewrite { rewrite } => {
-                    if let Some(h) = &rewrite.hostname {
-                        authority = h.clone();
-                    }
-                    if let Some(m) = &rewrite.path {
-                        new_path = Some(route::rewrite_path(&path, m, matched.matched_prefix));
-                    }
-                }
-                // Mirroring needs the body twice; it comes with the traffic-management work.
-                Filter::RequestMirror { .. } => {}
-            }
-        }
-        if let Some(p) = new_path {
-            let pq = match &query {
-                Some(q) => format!("{p}?{q}"),
-                None => p,
-            };
-            parts.uri =
-                http::Uri::try_from(pq).map_err(|e| fail(ProxyError::BadRequest(format!("rewritten path: {e}"))))?;
-        }
+        let filtered = route::apply_request_filters(&matched, &mut parts, &mut authority, "https", Some(self.port))
+            .map_err(|e| fail(ProxyError::BadRequest(e)))?;
+        let response_mods = match filtered {
+            Filtered::Redirect { status, location } => return Ok((name, redirect(status, &location))),
+            Filtered::Forward { response_mods } => response_mods,
+        };
         let limit = route.max_request_body.unwrap_or(self.limits.max_request_body);
         let declared =
             parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -167,8 +125,7 @@ impl Edge {
         }
         // Phase: weighted backend, then endpoint.
         let table = self.mesh.table();
-        let total = routes::total_weight(&rule.backend_refs);
-        let backend = routes::pick_backend(&rule.backend_refs, fastrand_u64(total))
+        let backend = route::choose_backend(&rule.backend_refs)
             .ok_or_else(|| fail(ProxyError::NoEndpoint(format!("route {name} has no backend with weight"))))?;
         let svc = table.service(&backend.name).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.name.clone())))?;
         let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
@@ -188,12 +145,14 @@ impl Edge {
     }
 }
 
-fn fastrand_u64(total: u64) -> u64 {
-    if total == 0 {
-        0
-    } else {
-        fastrand::u64(0..total)
+/// A redirect response made by a route's RequestRedirect filter.
+pub fn redirect(status: u16, location: &str) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(LOCATION, v);
     }
+    resp
 }
 
 /// RFC 7239 node syntax: IPv6 addresses in brackets.

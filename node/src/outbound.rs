@@ -21,6 +21,7 @@ use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
 use quicmesh_shared::mesh::{Mesh, PickCtx};
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::route::{self, Filtered};
 use tokio::net::TcpListener;
 use tracing::{debug, info_span, Instrument};
 
@@ -84,10 +85,48 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
         return Err((unknown(), ProxyError::BadRequest("no Host header or absolute URI".into())));
     };
     let table = mesh.table();
-    let Some((authority, svc)) =
-        candidates.iter().find_map(|a| table.service_for_host(&headers::host_of(a)).map(|s| (a.clone(), s)))
-    else {
-        return Err((unknown(), ProxyError::NoRoute(headers::host_of(first))));
+    // Mesh routes (HTTPRoute) first; without one, the Host names the service directly.
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_owned);
+    let routed = candidates.iter().find_map(|a| {
+        table
+            .routes
+            .find(&headers::host_of(a), &parts.method, &path, query.as_deref(), &parts.headers)
+            .map(|m| (a.clone(), m))
+    });
+    let mut response_mods = Vec::new();
+    let mut labels = BTreeMap::new();
+    let mut rule_timeout = None;
+    let (mut authority, svc) = match routed {
+        Some((authority, matched)) => {
+            let route_name = matched.route.name.clone();
+            let mut authority = authority;
+            match route::apply_request_filters(&matched, &mut parts, &mut authority, "http", None) {
+                Ok(Filtered::Redirect { status, location }) => return Ok((route_name, redirect(status, &location))),
+                Ok(Filtered::Forward { response_mods: mods }) => response_mods = mods,
+                Err(e) => return Err((route_name, ProxyError::BadRequest(e))),
+            }
+            let Some(backend) = route::choose_backend(&matched.rule.backend_refs) else {
+                return Err((
+                    route_name,
+                    ProxyError::NoEndpoint(format!("route {} has no backend with weight", matched.route.name)),
+                ));
+            };
+            let Some(svc) = table.service(&backend.name) else {
+                return Err((route_name, ProxyError::NoEndpoint(backend.name.clone())));
+            };
+            labels = backend.labels.clone();
+            rule_timeout = matched.rule.timeouts.as_ref().and_then(|t| t.request);
+            (authority, svc)
+        }
+        None => {
+            let Some((authority, svc)) =
+                candidates.iter().find_map(|a| table.service_for_host(&headers::host_of(a)).map(|s| (a.clone(), s)))
+            else {
+                return Err((unknown(), ProxyError::NoRoute(headers::host_of(first))));
+            };
+            (authority, svc)
+        }
     };
     let name = svc.config.name.clone();
     if svc.config.protocol == Protocol::Tcp {
@@ -97,6 +136,9 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
     headers::strip_internal(&mut parts.headers);
     headers::append_forwarded_for(&mut parts.headers, client.ip());
     headers::ensure_request_id(&mut parts.headers);
+    if authority.is_empty() {
+        authority = name.clone();
+    }
     if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(HOST, v);
     }
@@ -106,13 +148,33 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
         Err(e) => return Err((name, ProxyError::BadRequest(format!("target: {e}")))),
     };
     let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
-    let ep = match mesh.pick(svc, &BTreeMap::new(), &ctx) {
+    let ep = match mesh.pick(svc, &labels, &ctx) {
         Ok(ep) => ep,
         Err(e) => return Err((name, e)),
     };
     let req = Request::from_parts(parts, body::boxed(body));
-    match mesh.forward(req, &table, svc, &ep).await {
-        Ok(resp) => Ok((name, resp)),
+    let forward = mesh.forward(req, &table, svc, &ep);
+    let result = match rule_timeout {
+        Some(t) => tokio::time::timeout(t, forward).await.unwrap_or(Err(ProxyError::Timeout(t))),
+        None => forward.await,
+    };
+    match result {
+        Ok(mut resp) => {
+            for m in response_mods {
+                route::modify_headers(resp.headers_mut(), m);
+            }
+            Ok((name, resp))
+        }
         Err(e) => Err((name, e)),
     }
+}
+
+/// A redirect response made by a route's RequestRedirect filter.
+fn redirect(status: u16, location: &str) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
 }

@@ -50,6 +50,9 @@ pub struct Config {
     pub nodes: Vec<PeerConfig>,
     /// Services and their instances.
     pub services: Vec<ServiceConfig>,
+    /// Mesh routes (HTTPRoute model) applied by every node's outbound side; hostnames are the
+    /// service names or aliases local apps use. Without a matching route, Host names the service.
+    pub routes: Vec<crate::route::HttpRoute>,
     pub timeouts: Timeouts,
     pub transport: TransportConfig,
 }
@@ -547,6 +550,21 @@ impl Config {
                                 format!("unknown service {:?}", b.name),
                             ));
                         }
+                    }
+                }
+            }
+        }
+        if let Err(e) = crate::route::RouteTable::new(self.routes.clone()) {
+            return Err(invalid("routes", e.to_string()));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            for (j, rule) in route.rules.iter().enumerate() {
+                for (k, b) in rule.backend_refs.iter().enumerate() {
+                    if self.service(&b.name).is_none() {
+                        return Err(invalid(
+                            format!("routes[{i}].rules[{j}].backendRefs[{k}].name"),
+                            format!("unknown service {:?}", b.name),
+                        ));
                     }
                 }
             }

@@ -77,15 +77,19 @@ pub struct Snapshot {
     pub nodes: Vec<PeerConfig>,
     pub services: Vec<ServiceConfig>,
     pub timeouts: Timeouts,
+    /// Mesh routes (HTTPRoute model).
+    #[serde(default)]
+    pub routes: Vec<crate::route::HttpRoute>,
 }
 
 impl Snapshot {
     /// The config a node runs with this snapshot: its own local sections, the mesh from here.
     pub fn into_config(self, local: &Config) -> Config {
-        let mut cfg = Config { services: Vec::new(), nodes: Vec::new(), ..local.clone() };
+        let mut cfg = Config { services: Vec::new(), nodes: Vec::new(), routes: Vec::new(), ..local.clone() };
         cfg.nodes = self.nodes;
         cfg.services = self.services;
         cfg.timeouts = self.timeouts;
+        cfg.routes = self.routes;
         cfg
     }
 }
@@ -127,7 +131,7 @@ pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) ->
     }
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    Snapshot { version: 0, nodes, services, timeouts: config.timeouts.clone() }
+    Snapshot { version: 0, nodes, services, timeouts: config.timeouts.clone(), routes: config.routes.clone() }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::balance::{self, EndpointStats, HashOn, LbConfig, Maglev, Policy};
+use crate::route::RouteTable;
 
 use bytes::Bytes;
 use http::header::HOST;
@@ -125,6 +126,8 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 pub struct Table {
     /// Snapshot version (0 for static config).
     pub version: u64,
+    /// Mesh routes, compiled.
+    pub routes: RouteTable,
     pub config: Arc<Config>,
     services: HashMap<String, Arc<Service>>,
     hosts: HashMap<String, Arc<Service>>,
@@ -146,7 +149,9 @@ impl Table {
                 hosts.insert(h.to_ascii_lowercase(), s.clone());
             }
         }
-        Self { version, config: Arc::new(config), services, hosts }
+        // Validated with the config; an empty table is the safe fallback.
+        let routes = RouteTable::new(config.routes.clone()).unwrap_or_else(|_| RouteTable::empty());
+        Self { version, routes, config: Arc::new(config), services, hosts }
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {

@@ -428,6 +428,17 @@ impl RouteTable {
         Ok(Self { routes, entries, exact, wildcard, any })
     }
 
+    /// A table without routes: every lookup misses.
+    pub fn empty() -> Self {
+        Self {
+            routes: Vec::new(),
+            entries: Vec::new(),
+            exact: HashMap::new(),
+            wildcard: Vec::new(),
+            any: Group::default(),
+        }
+    }
+
     pub fn routes(&self) -> &[HttpRoute] {
         &self.routes
     }
@@ -634,6 +645,82 @@ pub fn redirect_location(
         loc.push_str(q);
     }
     loc
+}
+
+/// What a rule's request filters decided.
+pub enum Filtered<'a> {
+    /// Answer with a redirect.
+    Redirect { status: u16, location: String },
+    /// Forward the (modified) request; apply these to the response.
+    Forward { response_mods: Vec<&'a HeaderModifier> },
+}
+
+/// Applies a matched rule's request filters to the request: header modifiers and URL rewrites
+/// change `parts` and `authority` (the Host to send); a redirect stops here. `scheme` and
+/// `default_port` fill in the redirect's Location. Mirroring is not applied yet.
+pub fn apply_request_filters<'a>(
+    matched: &Matched<'a>,
+    parts: &mut http::request::Parts,
+    authority: &mut String,
+    scheme: &str,
+    default_port: Option<u16>,
+) -> Result<Filtered<'a>, String> {
+    let host = crate::headers::host_of(authority);
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_owned);
+    let mut response_mods = Vec::new();
+    let mut new_path = None;
+    for f in &matched.rule.filters {
+        match f {
+            Filter::RequestRedirect { redirect } => {
+                let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).or(default_port);
+                let location =
+                    redirect_location(redirect, scheme, &host, port, &path, query.as_deref(), matched.matched_prefix);
+                return Ok(Filtered::Redirect { status: redirect.status_code.unwrap_or(302), location });
+            }
+            Filter::RequestHeaderModifier { modifier } => modify_headers(&mut parts.headers, modifier),
+            Filter::ResponseHeaderModifier { modifier } => response_mods.push(modifier),
+            Filter::UrlRewrite { rewrite } => {
+                if let Some(h) = &rewrite.hostname {
+                    *authority = h.clone();
+                }
+                if let Some(m) = &rewrite.path {
+                    new_path = Some(rewrite_path(&path, m, matched.matched_prefix));
+                }
+            }
+            Filter::RequestMirror { .. } => {}
+        }
+    }
+    if let Some(p) = new_path {
+        let pq = match &query {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        };
+        parts.uri = http::Uri::try_from(pq).map_err(|e| format!("rewritten path: {e}"))?;
+    }
+    Ok(Filtered::Forward { response_mods })
+}
+
+/// Chooses a backend with probability weight / total; `roll` is uniform in `0..total`.
+/// A weight of 0 is never chosen.
+pub fn pick_backend(backends: &[BackendRef], roll: u64) -> Option<&BackendRef> {
+    let mut acc = 0u64;
+    for b in backends {
+        acc += u64::from(b.weight);
+        if roll < acc {
+            return Some(b);
+        }
+    }
+    None
+}
+
+/// A weighted random backend of a rule.
+pub fn choose_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    pick_backend(backends, fastrand::u64(0..total))
 }
 
 #[cfg(test)]

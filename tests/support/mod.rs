@@ -466,3 +466,11 @@ pub async fn h3_request(send: &mut H3Sender, req: http::Request<()>, body: &[u8]
     }
     (resp.status().as_u16(), resp.headers().clone(), out)
 }
+
+/// An in-process `hello` backend answering with its version.
+pub async fn hello_backend(version: &str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(quicmesh::samples::hello(l, version.to_string(), "node-b".into()));
+    a
+}

@@ -394,3 +394,23 @@ fn indexed_lookup_agrees_with_brute_force() {
     }
     assert_eq!(checked, 192);
 }
+
+#[test]
+fn weights_split_exactly_and_zero_never_wins() {
+    let b = |w| BackendRef { name: "s".into(), labels: Default::default(), weight: w };
+    let backends = vec![b(70), b(30), b(0)];
+    let mut counts = [0; 3];
+    for roll in 0..100 {
+        let chosen = pick_backend(&backends, roll).unwrap();
+        counts[backends.iter().position(|x| std::ptr::eq(x, chosen)).unwrap()] += 1;
+    }
+    assert_eq!(counts, [70, 30, 0]);
+    // Random choice over 1000 requests: 70/30 within 5 sd (sd = 14.5), never the zero weight.
+    let mut counts = [0; 3];
+    for _ in 0..1000 {
+        let chosen = choose_backend(&backends).unwrap();
+        counts[backends.iter().position(|x| std::ptr::eq(x, chosen)).unwrap()] += 1;
+    }
+    assert!((628..=772).contains(&counts[0]) && counts[2] == 0, "{counts:?}");
+    assert!(choose_backend(&[b(0)]).is_none());
+}
