@@ -537,3 +537,39 @@ async fn mesh_routes_split_canary_and_rewrite_at_the_node() {
     assert_eq!(status, 200);
     assert_eq!(echo_json(&body)["path"], "/new/item?id=3");
 }
+
+/// RequestMirror: the mirror gets a copy of every request (body included), the client only
+/// ever sees the primary's answer, and a mirror that never answers does not slow the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_get_copies_and_a_stuck_mirror_does_not_slow_the_primary() {
+    let (shadow, copies) = counting_backend().await;
+    let stuck = silent_backend().await;
+    let svc = |name: &str, addr: SocketAddr| {
+        format!("[[services]]\nname = \"{name}\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{addr}\"\n")
+    };
+    let extra = format!(
+        "{}{}\n[[routes]]\nname = \"mirrored\"\nhostnames = [\"echo\"]\n[[routes.rules]]\n\
+         filters = [{{ type = \"RequestMirror\", requestMirror = {{ backendRef = {{ name = \"shadow\" }} }} }}, {{ type = \"RequestMirror\", requestMirror = {{ backendRef = {{ name = \"stuck\" }} }} }}]\n\
+         backendRefs = [{{ name = \"echo\" }}]\n",
+        svc("shadow", shadow),
+        svc("stuck", stuck)
+    );
+    let m = two_nodes(&extra).await;
+    let client = h1_client();
+    for i in 0..20 {
+        let req = http::Request::post(format!("http://{}/m/{i}", m.a.addrs.outbound))
+            .header("host", "echo")
+            .body(Full::new(Bytes::from(format!("copy {i}"))))
+            .unwrap();
+        let start = std::time::Instant::now();
+        let (status, _, body) = send(&client, req).await;
+        assert_eq!(status, 200);
+        assert_eq!(echo_json(&body)["body"], format!("copy {i}"), "the client saw something else than the primary");
+        // The stuck mirror would hold a request for its 10 s timeout; the primary must not wait.
+        assert!(start.elapsed() < Duration::from_secs(3), "primary slowed to {:?}", start.elapsed());
+    }
+    eventually(Duration::from_secs(10), "the mirror to receive all 20 copies", || async {
+        (copies.load(std::sync::atomic::Ordering::SeqCst) == 20).then_some(())
+    })
+    .await;
+}

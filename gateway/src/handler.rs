@@ -96,9 +96,9 @@ impl Edge {
         let mut authority = authority;
         let filtered = route::apply_request_filters(&matched, &mut parts, &mut authority, "https", Some(self.port))
             .map_err(|e| fail(ProxyError::BadRequest(e)))?;
-        let response_mods = match filtered {
+        let (response_mods, mirrors) = match filtered {
             Filtered::Redirect { status, location } => return Ok((name, redirect(status, &location))),
-            Filtered::Forward { response_mods } => response_mods,
+            Filtered::Forward { response_mods, mirrors } => (response_mods, mirrors),
         };
         let limit = route.max_request_body.unwrap_or(self.limits.max_request_body);
         let declared =
@@ -128,9 +128,13 @@ impl Edge {
         let backend = route::choose_backend(&rule.backend_refs)
             .ok_or_else(|| fail(ProxyError::NoEndpoint(format!("route {name} has no backend with weight"))))?;
         let svc = table.service(&backend.name).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.name.clone())))?;
-        let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
-        let ep = self.mesh.pick(svc, &backend.labels, &ctx).map_err(fail)?;
+        let picked = {
+            let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
+            self.mesh.pick(svc, &backend.labels, &ctx)
+        };
+        let ep = picked.map_err(fail)?;
         let body = body::boxed(Limited::new(body, limit as usize).map_err(|e| -> body::BoxError { e }));
+        let body = self.mesh.mirror_request(&table, &parts, body, &mirrors).await.map_err(fail)?;
         // Phase: forward, within the rule's request timeout when it sets one.
         let forward = self.mesh.forward(Request::from_parts(parts, body), &table, svc, &ep);
         let mut resp = match rule.timeouts.as_ref().and_then(|t| t.request) {

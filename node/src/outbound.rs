@@ -52,7 +52,7 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
     }
 }
 
-async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Response<Body> {
+async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Response<Body> {
     let start = Instant::now();
     let span = info_span!("outbound", %client, method = %req.method(), uri = %req.uri());
     let (service, resp) = match route(req, client, mesh).instrument(span).await {
@@ -73,7 +73,7 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Resp
 
 type Routed = Result<(String, Response<Body>), (String, ProxyError)>;
 
-async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Routed {
+async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Routed {
     let unknown = || "unknown".to_string();
     let (mut parts, body) = req.into_parts();
     // The absolute-form URI (or HTTP/2 :authority) names the target; some HTTP/2 clients put
@@ -95,6 +95,7 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
             .map(|m| (a.clone(), m))
     });
     let mut response_mods = Vec::new();
+    let mut mirrors = Vec::new();
     let mut labels = BTreeMap::new();
     let mut rule_timeout = None;
     let (mut authority, svc) = match routed {
@@ -103,7 +104,10 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
             let mut authority = authority;
             match route::apply_request_filters(&matched, &mut parts, &mut authority, "http", None) {
                 Ok(Filtered::Redirect { status, location }) => return Ok((route_name, redirect(status, &location))),
-                Ok(Filtered::Forward { response_mods: mods }) => response_mods = mods,
+                Ok(Filtered::Forward { response_mods: mods, mirrors: m }) => {
+                    response_mods = mods;
+                    mirrors = m;
+                }
                 Err(e) => return Err((route_name, ProxyError::BadRequest(e))),
             }
             let Some(backend) = route::choose_backend(&matched.rule.backend_refs) else {
@@ -147,12 +151,19 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Mesh) -> Route
         Ok(u) => u,
         Err(e) => return Err((name, ProxyError::BadRequest(format!("target: {e}")))),
     };
-    let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
-    let ep = match mesh.pick(svc, &labels, &ctx) {
+    let picked = {
+        let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
+        mesh.pick(svc, &labels, &ctx)
+    };
+    let ep = match picked {
         Ok(ep) => ep,
         Err(e) => return Err((name, e)),
     };
-    let req = Request::from_parts(parts, body::boxed(body));
+    let body = match mesh.mirror_request(&table, &parts, body::boxed(body), &mirrors).await {
+        Ok(b) => b,
+        Err(e) => return Err((name, e)),
+    };
+    let req = Request::from_parts(parts, body);
     let forward = mesh.forward(req, &table, svc, &ep);
     let result = match rule_timeout {
         Some(t) => tokio::time::timeout(t, forward).await.unwrap_or(Err(ProxyError::Timeout(t))),

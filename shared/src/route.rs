@@ -651,13 +651,14 @@ pub fn redirect_location(
 pub enum Filtered<'a> {
     /// Answer with a redirect.
     Redirect { status: u16, location: String },
-    /// Forward the (modified) request; apply these to the response.
-    Forward { response_mods: Vec<&'a HeaderModifier> },
+    /// Forward the (modified) request; apply these to the response; send copies to mirrors
+    /// (already sampled by their percentage).
+    Forward { response_mods: Vec<&'a HeaderModifier>, mirrors: Vec<&'a BackendRef> },
 }
 
 /// Applies a matched rule's request filters to the request: header modifiers and URL rewrites
 /// change `parts` and `authority` (the Host to send); a redirect stops here. `scheme` and
-/// `default_port` fill in the redirect's Location. Mirroring is not applied yet.
+/// `default_port` fill in the redirect's Location.
 pub fn apply_request_filters<'a>(
     matched: &Matched<'a>,
     parts: &mut http::request::Parts,
@@ -669,6 +670,7 @@ pub fn apply_request_filters<'a>(
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_owned);
     let mut response_mods = Vec::new();
+    let mut mirrors = Vec::new();
     let mut new_path = None;
     for f in &matched.rule.filters {
         match f {
@@ -688,7 +690,11 @@ pub fn apply_request_filters<'a>(
                     new_path = Some(rewrite_path(&path, m, matched.matched_prefix));
                 }
             }
-            Filter::RequestMirror { .. } => {}
+            Filter::RequestMirror { mirror } => {
+                if mirror.percent >= 100 || fastrand::u32(0..100) < mirror.percent {
+                    mirrors.push(&mirror.backend_ref);
+                }
+            }
         }
     }
     if let Some(p) = new_path {
@@ -698,7 +704,7 @@ pub fn apply_request_filters<'a>(
         };
         parts.uri = http::Uri::try_from(pq).map_err(|e| format!("rewritten path: {e}"))?;
     }
-    Ok(Filtered::Forward { response_mods })
+    Ok(Filtered::Forward { response_mods, mirrors })
 }
 
 /// Chooses a backend with probability weight / total; `roll` is uniform in `0..total`.

@@ -474,3 +474,47 @@ pub async fn hello_backend(version: &str) -> SocketAddr {
     tokio::spawn(quicmesh::samples::hello(l, version.to_string(), "node-b".into()));
     a
 }
+
+/// A backend that counts the requests it receives (and their body bytes) and answers 200.
+pub async fn counting_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use http_body_util::BodyExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let c = c.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"shadow"),
+                        )))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (a, count)
+}
+
+/// A backend that accepts connections and never answers.
+pub async fn silent_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    a
+}
