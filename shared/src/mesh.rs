@@ -456,7 +456,7 @@ impl Mesh {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if !body.is_end_stream() && !declared.is_some_and(|n| n <= MIRROR_MAX_BODY) {
+        if !body.is_end_stream() && declared.is_none_or(|n| n > MIRROR_MAX_BODY) {
             debug!("request body too large to mirror; not mirrored");
             return Ok(body);
         }
