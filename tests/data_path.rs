@@ -573,3 +573,64 @@ async fn mirrors_get_copies_and_a_stuck_mirror_does_not_slow_the_primary() {
     })
     .await;
 }
+
+fn two_endpoint_service(name: &str, lb: &str, eps: &[(SocketAddr, &str)]) -> String {
+    let mut t = format!("[[services]]\nname = \"{name}\"\n{lb}\n");
+    for (addr, v) in eps {
+        t.push_str(&format!(
+            "[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{addr}\"\nlabels = {{ version = \"{v}\" }}\n"
+        ));
+    }
+    t
+}
+
+/// Peak EWMA (the default): an instance 20 ms slower than its peer gets a clearly smaller share,
+/// here under 15% of 300 requests (an even split would give it 50%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_sends_less_to_a_slower_instance() {
+    let fast = delayed_backend("fast", Duration::ZERO).await;
+    let slow = delayed_backend("slow", Duration::from_millis(20)).await;
+    let m = two_nodes(&two_endpoint_service("lat", "", &[(fast, "fast"), (slow, "slow")])).await;
+    let client = h1_client();
+    let mut slow_count = 0;
+    for _ in 0..300 {
+        let req = http::Request::get(format!("http://{}/", m.a.addrs.outbound))
+            .header("host", "lat")
+            .body(Full::default())
+            .unwrap();
+        let (status, _, body) = send(&client, req).await;
+        assert_eq!(status, 200);
+        if body == "slow" {
+            slow_count += 1;
+        }
+    }
+    eprintln!("slow instance answered {slow_count} of 300");
+    assert!(slow_count < 45, "slow instance got {slow_count} of 300");
+}
+
+/// Consistent hashing on a header: a user always reaches the same instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hashing_keeps_a_user_on_one_instance() {
+    let mut eps = Vec::new();
+    for v in ["v1", "v2", "v3"] {
+        eps.push((hello_backend(v).await, v));
+    }
+    let lb = "lb = { policy = \"consistent_hash\", hash_on = \"header:x-user\" }";
+    let m = two_nodes(&two_endpoint_service("sticky", lb, &eps)).await;
+    let client = h1_client();
+    let mut seen_versions = std::collections::HashSet::new();
+    for user in 0..20 {
+        let mut answers = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let req = http::Request::get(format!("http://{}/", m.a.addrs.outbound))
+                .header("host", "sticky")
+                .header("x-user", format!("user-{user}"))
+                .body(Full::default())
+                .unwrap();
+            answers.insert(send(&client, req).await.2);
+        }
+        assert_eq!(answers.len(), 1, "user-{user} moved between instances: {answers:?}");
+        seen_versions.extend(answers);
+    }
+    assert!(seen_versions.len() >= 2, "20 users all hashed to one instance: {seen_versions:?}");
+}
