@@ -1,4 +1,5 @@
 //! Route lookup cost against the number of routes (criterion): 10, 1000 and 10000 routes,
+//! and one endpoint pick per balancer;
 //! (a) each route with its own hostname, the common case for many services, and (b) every
 //! route on any host with its own path prefix, the worst case for a per-host scan.
 //!
@@ -55,5 +56,39 @@ fn lookups(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, lookups);
+/// One endpoint pick per balancer, over 10 and 100 endpoints.
+fn picks(c: &mut Criterion) {
+    use quicmesh_shared::balance::{hash_key, p2c, EndpointStats, Maglev};
+    use std::sync::Arc;
+    let mut group = c.benchmark_group("endpoint_pick");
+    for n in [10usize, 100] {
+        let stats: Vec<Arc<EndpointStats>> = (0..n).map(|_| Arc::new(EndpointStats::default())).collect();
+        for (i, s) in stats.iter().enumerate() {
+            s.observe(std::time::Duration::from_micros(500 + i as u64));
+        }
+        let names: Vec<String> = (0..n).map(|i| format!("node-{i}/10.0.0.{i}:80")).collect();
+        let maglev = Maglev::new(&names);
+        let cursor = std::sync::atomic::AtomicUsize::new(0);
+        let mut rng = fastrand::Rng::with_seed(1);
+        group.bench_function(BenchmarkId::new("round_robin", n), |b| {
+            b.iter(|| black_box(cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n))
+        });
+        group.bench_function(BenchmarkId::new("least_request_p2c", n), |b| {
+            b.iter(|| black_box(p2c(n, |i| stats[i].in_flight() as f64, &mut rng)))
+        });
+        group.bench_function(BenchmarkId::new("peak_ewma_p2c", n), |b| {
+            b.iter(|| black_box(p2c(n, |i| stats[i].cost(), &mut rng)))
+        });
+        let mut key = 0u64;
+        group.bench_function(BenchmarkId::new("maglev", n), |b| {
+            b.iter(|| {
+                key = key.wrapping_add(1);
+                black_box(maglev.pick(hash_key(&key.to_le_bytes())))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lookups, picks);
 criterion_main!(benches);
