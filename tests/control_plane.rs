@@ -81,6 +81,10 @@ struct Load {
 
 impl Load {
     fn start(outbound: SocketAddr) -> Load {
+        Self::start_host(outbound, "echo")
+    }
+
+    fn start_host(outbound: SocketAddr, host: &'static str) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -89,7 +93,7 @@ impl Load {
             let (mut ok, mut failed) = (0u64, 0u64);
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let req = http::Request::get(format!("http://{outbound}/"))
-                    .header("host", "echo")
+                    .header("host", host)
                     .body(http_body_util::Empty::new())
                     .unwrap();
                 match client.request(req).await {
@@ -392,4 +396,66 @@ async fn a_node_config_edit_registers_new_instances_without_a_restart() {
         .unwrap();
     wait_status(&cp.nodes[0], "late", 200, "node-a to reach the newly registered service").await;
     assert!(b.log().contains("registered the changed instances"));
+}
+
+/// Shifting canary weights is a config edit at the gateway: it reaches the nodes and takes effect
+/// without a failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shifting_weights_under_load_drops_no_request() {
+    let cp = Cp::start("5s").await;
+    let state = cp.state();
+    let (v1, v2) = (hello_backend("v1").await, hello_backend("v2").await);
+    // node-c hosts two versions of "shop"; the mesh-wide file routes 100/0, then 0/100.
+    let c = NodeProc::start(
+        &state,
+        "node-c",
+        &joined_node("node-c", &state, cp.gw.addrs.control, &[]).replace(
+            "[node.gateway]",
+            &format!(
+                "[[node.instances]]\nservice = \"shop\"\naddress = \"{v1}\"\nlabels = {{ version = \"v1\" }}\n\n\
+                 [[node.instances]]\nservice = \"shop\"\naddress = \"{v2}\"\nlabels = {{ version = \"v2\" }}\n\n[node.gateway]"
+            ),
+        ),
+    );
+    let routes = |w1: u32, w2: u32| {
+        format!(
+            "{}\n[[services]]\nname = \"shop\"\n\n[[routes]]\nname = \"shop\"\nhostnames = [\"shop\"]\n[[routes.rules]]\n\
+             backendRefs = [{{ name = \"shop\", labels = {{ version = \"v1\" }}, weight = {w1} }}, {{ name = \"shop\", labels = {{ version = \"v2\" }}, weight = {w2} }}]\n",
+            mesh_layer("\"alias-one\"")
+        )
+    };
+    std::fs::write(&cp.files[0], routes(100, 0)).unwrap();
+    let a = &cp.nodes[0];
+    let answer = |node: &NodeProc| {
+        let out = node.addrs.outbound;
+        async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let req = http::Request::get(format!("http://{out}/"))
+                .header("host", "shop")
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            match client.request(req).await {
+                Ok(r) => {
+                    String::from_utf8_lossy(&http_body_util::BodyExt::collect(r.into_body()).await.unwrap().to_bytes())
+                        .into_owned()
+                }
+                Err(_) => String::new(),
+            }
+        }
+    };
+    eventually(Duration::from_secs(15), "all of shop to go to v1", || async {
+        (answer(a).await == "hello from v1 on node-b\n").then_some(())
+    })
+    .await;
+    let load = Load::start_host(a.addrs.outbound, "shop");
+    std::fs::write(&cp.files[0], routes(0, 100)).unwrap();
+    eventually(Duration::from_secs(15), "all of shop to go to v2", || async {
+        (answer(a).await == "hello from v2 on node-b\n").then_some(())
+    })
+    .await;
+    let (ok, failed) = load.stop().await;
+    assert!(ok > 10, "too little load: {ok}");
+    assert_eq!(failed, 0, "{failed} requests failed while the weights shifted");
+    drop(c);
 }

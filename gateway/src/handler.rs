@@ -137,7 +137,7 @@ impl Edge {
         let body = self.mesh.mirror_request(&table, &parts, body, &mirrors).await.map_err(fail)?;
         // Phase: forward, within the rule's request timeout when it sets one.
         let forward = self.mesh.forward(Request::from_parts(parts, body), &table, svc, &ep);
-        let mut resp = match rule.timeouts.as_ref().and_then(|t| t.request) {
+        let mut resp = match rule.timeouts.as_ref().and_then(|t| t.effective()) {
             Some(t) => tokio::time::timeout(t, forward).await.map_err(|_| fail(ProxyError::Timeout(t)))?,
             None => forward.await,
         }

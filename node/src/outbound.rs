@@ -120,7 +120,7 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> 
                 return Err((route_name, ProxyError::NoEndpoint(backend.name.clone())));
             };
             labels = backend.labels.clone();
-            rule_timeout = matched.rule.timeouts.as_ref().and_then(|t| t.request);
+            rule_timeout = matched.rule.timeouts.as_ref().and_then(|t| t.effective());
             (authority, svc)
         }
         None => {

@@ -566,3 +566,36 @@ fn is_connection_error(e: &h3::error::StreamError) -> bool {
 pub fn text(s: impl Into<Bytes>) -> Body {
     body::full(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(lb: &str) -> Mesh {
+        let text = format!(
+            "[node]\nname = \"a\"\n[[nodes]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n\
+             [[services]]\nname = \"s\"\nlb = {{ {lb} }}\n\
+             [[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:10\"\n\
+             [[services.endpoints]]\nnode = \"a\"\naddress = \"127.0.0.1:11\"\n\
+             [[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:12\"\n"
+        );
+        let cfg = crate::config::from_toml(&text).unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        Mesh::new(Arc::new(cfg), Some("a".into()), endpoint)
+    }
+
+    fn picks(m: &Mesh, n: usize) -> Vec<String> {
+        let table = m.table();
+        let svc = table.service("s").unwrap();
+        (0..n).map(|_| m.pick(svc, &BTreeMap::new(), &PickCtx::NONE).unwrap().node).collect()
+    }
+
+    #[tokio::test]
+    async fn locality_prefers_this_nodes_endpoints_unless_turned_off() {
+        let local = mesh("policy = \"round_robin\"");
+        assert!(picks(&local, 30).iter().all(|n| n == "a"));
+        let anywhere = mesh("policy = \"round_robin\", prefer_local = false");
+        let p = picks(&anywhere, 30);
+        assert_eq!(p.iter().filter(|n| *n == "a").count(), 10, "{p:?}");
+    }
+}

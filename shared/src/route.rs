@@ -203,6 +203,17 @@ fn one() -> u32 {
     1
 }
 
+impl RuleTimeouts {
+    /// The limit on one forwarded request: `request` covers the whole exchange and
+    /// `backendRequest` one try of it; without retries both bound the same attempt.
+    pub fn effective(&self) -> Option<Duration> {
+        match (self.request, self.backend_request) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleTimeouts {
