@@ -76,6 +76,7 @@ fn spawn_gateway(files: &[PathBuf], dir: &Path) -> NodeProc {
 /// Back-to-back GETs for `echo` through a node's outbound listener until stopped.
 struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<(u64, u64)>,
 }
 
@@ -86,7 +87,9 @@ impl Load {
 
     fn start_host(outbound: SocketAddr, host: &'static str) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let flag = stop.clone();
+        let counter = done.clone();
         let task = tokio::spawn(async move {
             let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http::<http_body_util::Empty<bytes::Bytes>>();
@@ -100,10 +103,20 @@ impl Load {
                     Ok(r) if r.status() == 200 => ok += 1,
                     _ => failed += 1,
                 }
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             (ok, failed)
         });
-        Load { stop, task }
+        Load { stop, done, task }
+    }
+
+    /// Waits until `more` further requests have completed.
+    async fn run_for(&self, more: u64) {
+        let target = self.done.load(std::sync::atomic::Ordering::Relaxed) + more;
+        eventually(Duration::from_secs(20), "the load to make progress", || async {
+            (self.done.load(std::sync::atomic::Ordering::Relaxed) >= target).then_some(())
+        })
+        .await;
     }
 
     /// Stops the load; returns (succeeded, failed).
@@ -449,11 +462,13 @@ async fn shifting_weights_under_load_drops_no_request() {
     })
     .await;
     let load = Load::start_host(a.addrs.outbound, "shop");
+    load.run_for(30).await;
     std::fs::write(&cp.files[0], routes(0, 100)).unwrap();
     eventually(Duration::from_secs(15), "all of shop to go to v2", || async {
         (answer(a).await == "hello from v2 on node-b\n").then_some(())
     })
     .await;
+    load.run_for(30).await;
     let (ok, failed) = load.stop().await;
     assert!(ok > 10, "too little load: {ok}");
     assert_eq!(failed, 0, "{failed} requests failed while the weights shifted");

@@ -62,8 +62,9 @@ impl HashOn {
 
 /// Latency assumed for an endpoint nothing was measured on yet (Linkerd uses 30 ms too).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
-/// How fast old latency observations fade.
-const DECAY: Duration = Duration::from_secs(10);
+/// How fast old latency observations fade (Linkerd uses 10 s; shorter re-probes an endpoint
+/// that looked slow once sooner, at the price of some noise).
+const DECAY: Duration = Duration::from_secs(2);
 
 /// Per-endpoint statistics shared by every request to it; outlive routing-table swaps.
 #[derive(Debug)]
@@ -128,11 +129,17 @@ impl EndpointStats {
         self.stamp_ns.store(now, Ordering::Relaxed);
     }
 
-    /// Expected cost of one more request: latency estimate times the queue it would join.
+    /// Expected cost of one more request: latency estimate times the queue it would join. The
+    /// estimate fades with time since the last observation, so an endpoint that once looked slow
+    /// (a cold connection, a hiccup) is tried again instead of starving forever.
     pub fn cost(&self) -> f64 {
         let ewma = match self.ewma_ns.load(Ordering::Relaxed) {
             0 => DEFAULT_RTT.as_nanos() as f64,
-            v => v as f64,
+            v => {
+                let now = self.epoch.elapsed().as_nanos() as u64;
+                let elapsed = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
+                v as f64 * (-elapsed / DECAY.as_nanos() as f64).exp()
+            }
         };
         ewma * (self.in_flight() as f64 + 1.0)
     }

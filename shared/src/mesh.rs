@@ -298,6 +298,10 @@ impl Mesh {
         let timeout = table.config.timeouts.request;
         // Feed the balancer: requests in flight, and time to response headers.
         let in_flight = self.stats(ep).start();
+        if !self.is_local(ep) {
+            // Connection setup is not the endpoint's latency: have the pooled connection first.
+            let _ = self.peer(table, ep).await;
+        }
         let start = std::time::Instant::now();
         let result = if self.is_local(ep) {
             tokio::time::timeout(timeout, self.local.send(req, ep.address, svc.config.protocol))
