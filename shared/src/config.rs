@@ -538,37 +538,9 @@ impl Config {
             if !valid_name(&gw.name) {
                 return Err(invalid("gateway.name", format!("{:?} is not a valid name (a-z, 0-9, '-')", gw.name)));
             }
-            if let Err(e) = crate::route::RouteTable::new(gw.routes.clone()) {
-                return Err(invalid("gateway.routes", e.to_string()));
-            }
-            for (i, route) in gw.routes.iter().enumerate() {
-                for (j, rule) in route.rules.iter().enumerate() {
-                    for (k, b) in rule.backend_refs.iter().enumerate() {
-                        if self.service(&b.name).is_none() {
-                            return Err(invalid(
-                                format!("gateway.routes[{i}].rules[{j}].backendRefs[{k}].name"),
-                                format!("unknown service {:?}", b.name),
-                            ));
-                        }
-                    }
-                }
-            }
+            self.validate_routes(&gw.routes, "gateway.routes")?;
         }
-        if let Err(e) = crate::route::RouteTable::new(self.routes.clone()) {
-            return Err(invalid("routes", e.to_string()));
-        }
-        for (i, route) in self.routes.iter().enumerate() {
-            for (j, rule) in route.rules.iter().enumerate() {
-                for (k, b) in rule.backend_refs.iter().enumerate() {
-                    if self.service(&b.name).is_none() {
-                        return Err(invalid(
-                            format!("routes[{i}].rules[{j}].backendRefs[{k}].name"),
-                            format!("unknown service {:?}", b.name),
-                        ));
-                    }
-                }
-            }
-        }
+        self.validate_routes(&self.routes, "routes")?;
         let t = &self.transport;
         if t.max_concurrent_streams == 0 || t.stream_window < 16 << 10 || t.connection_window < t.stream_window {
             return Err(invalid(
@@ -581,6 +553,26 @@ impl Config {
         }
         if self.timeouts.connect.is_zero() || self.timeouts.request.is_zero() {
             return Err(invalid("timeouts", "timeouts must be greater than zero"));
+        }
+        Ok(())
+    }
+
+    /// Routes compile (regexes, filters) and send only to services this config declares.
+    fn validate_routes(&self, routes: &[crate::route::HttpRoute], key: &str) -> Result<(), ConfigError> {
+        if let Err(e) = crate::route::RouteTable::new(routes.to_vec()) {
+            return Err(invalid(key, e.to_string()));
+        }
+        for (i, route) in routes.iter().enumerate() {
+            for (j, rule) in route.rules.iter().enumerate() {
+                for (k, b) in rule.backend_refs.iter().enumerate() {
+                    if self.service(&b.name).is_none() {
+                        return Err(invalid(
+                            format!("{key}[{i}].rules[{j}].backendRefs[{k}].name"),
+                            format!("unknown service {:?}", b.name),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -47,6 +47,17 @@ pub struct Service {
     cursor: AtomicUsize,
     /// Built once per table for consistent hashing over all endpoints.
     maglev: Option<Maglev>,
+    /// Statistics per endpoint (same order as `config.endpoints`), carried across table swaps
+    /// by [`Mesh::apply`] so requests read them without locks.
+    stats: Vec<Arc<EndpointStats>>,
+}
+
+impl Service {
+    /// The statistics of one of this service's endpoints.
+    pub fn stats_of(&self, ep: &EndpointConfig) -> Option<&Arc<EndpointStats>> {
+        let i = self.config.endpoints.iter().position(|e| e.node == ep.node && e.address == ep.address)?;
+        self.stats.get(i)
+    }
 }
 
 /// What a balancer may look at in the request.
@@ -146,7 +157,8 @@ impl Table {
         for svc in std::mem::take(&mut config.services) {
             let maglev = (svc.lb.policy == Policy::ConsistentHash)
                 .then(|| Maglev::new(&svc.endpoints.iter().map(endpoint_key).collect::<Vec<_>>()));
-            let s = Arc::new(Service { config: svc, cursor: AtomicUsize::new(0), maglev });
+            let stats = svc.endpoints.iter().map(|_| Arc::new(EndpointStats::default())).collect();
+            let s = Arc::new(Service { config: svc, cursor: AtomicUsize::new(0), maglev, stats });
             let svc = &s.config;
             services.insert(svc.name.clone(), s.clone());
             hosts.insert(svc.name.clone(), s.clone());
@@ -212,8 +224,16 @@ impl Mesh {
         let pool = PeerPool::new(endpoint, &config.mesh.trust_domain, config.timeouts.connect);
         let local = LocalClient::new(config.timeouts.connect);
         let trust_domain = config.mesh.trust_domain.clone();
-        let table = ArcSwap::from_pointee(Table::new(Config::clone(&config), 0));
-        Self { local_node, trust_domain, pool, local, table, stats: Default::default() }
+        let mesh = Self {
+            local_node,
+            trust_domain,
+            pool,
+            local,
+            table: ArcSwap::from_pointee(Table::new(Config::default(), 0)),
+            stats: Default::default(),
+        };
+        mesh.apply(Table::new(Config::clone(&config), 0));
+        mesh
     }
 
     /// The current view; load once per request.
@@ -221,15 +241,39 @@ impl Mesh {
         self.table.load_full()
     }
 
-    /// Installs a new view atomically.
-    pub fn apply(&self, table: Table) {
+    /// Installs a new view atomically. Endpoints that stay keep their statistics; those that
+    /// left are forgotten.
+    pub fn apply(&self, mut table: Table) {
+        // `hosts` shares the services; let go of those references so they can be updated.
+        let host_names: Vec<(String, String)> =
+            table.hosts.iter().map(|(h, svc)| (h.clone(), svc.config.name.clone())).collect();
+        table.hosts.clear();
+        {
+            let mut map = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kept = HashMap::new();
+            for svc in table.services.values_mut() {
+                // Fresh services were just built: nothing else holds them now.
+                let Some(svc) = Arc::get_mut(svc) else { continue };
+                for (ep, slot) in svc.config.endpoints.iter().zip(svc.stats.iter_mut()) {
+                    let key = endpoint_key(ep);
+                    let shared = map.get(&key).cloned().unwrap_or_else(|| slot.clone());
+                    *slot = shared.clone();
+                    kept.insert(key, shared);
+                }
+            }
+            *map = kept;
+        }
+        for (host, name) in host_names {
+            if let Some(svc) = table.services.get(&name) {
+                table.hosts.insert(host, svc.clone());
+            }
+        }
         self.table.store(Arc::new(table));
     }
 
-    /// Statistics of an endpoint, kept across table swaps.
-    pub fn stats(&self, ep: &EndpointConfig) -> Arc<EndpointStats> {
-        let mut map = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(endpoint_key(ep)).or_default().clone()
+    /// Statistics of an endpoint of `svc` (fresh ones for an endpoint it does not list).
+    fn stats_for(&self, svc: &Service, ep: &EndpointConfig) -> Arc<EndpointStats> {
+        svc.stats_of(ep).cloned().unwrap_or_default()
     }
 
     /// Chooses one of the endpoints carrying all of `labels`, by the service's policy, among
@@ -269,13 +313,13 @@ impl Mesh {
         let eps = if local.is_empty() { all } else { local };
         let i = match lb.policy {
             Policy::RoundRobin | Policy::ConsistentHash => svc.cursor.fetch_add(1, Ordering::Relaxed) % eps.len(),
-            Policy::LeastRequest => {
-                let stats: Vec<_> = eps.iter().map(|ep| self.stats(ep)).collect();
-                balance::p2c(eps.len(), |i| stats[i].in_flight() as f64, &mut fastrand::Rng::new())
-            }
+            Policy::LeastRequest => balance::p2c(
+                eps.len(),
+                |i| svc.stats_of(eps[i]).map_or(0.0, |s| s.in_flight() as f64),
+                &mut fastrand::Rng::new(),
+            ),
             Policy::PeakEwma => {
-                let stats: Vec<_> = eps.iter().map(|ep| self.stats(ep)).collect();
-                balance::p2c(eps.len(), |i| stats[i].cost(), &mut fastrand::Rng::new())
+                balance::p2c(eps.len(), |i| svc.stats_of(eps[i]).map_or(0.0, |s| s.cost()), &mut fastrand::Rng::new())
             }
         };
         Ok(eps[i].clone())
@@ -297,7 +341,7 @@ impl Mesh {
     ) -> Result<Response<Body>, ProxyError> {
         let timeout = table.config.timeouts.request;
         // Feed the balancer: requests in flight, and time to response headers.
-        let in_flight = self.stats(ep).start();
+        let in_flight = self.stats_for(svc, ep).start();
         if !self.is_local(ep) {
             // Connection setup is not the endpoint's latency: have the pooled connection first.
             let _ = self.peer(table, ep).await;
@@ -576,6 +620,12 @@ mod tests {
     use super::*;
 
     fn mesh(lb: &str) -> Mesh {
+        let cfg = config(lb);
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        Mesh::new(Arc::new(cfg), Some("a".into()), endpoint)
+    }
+
+    fn config(lb: &str) -> Config {
         let text = format!(
             "[node]\nname = \"a\"\n[[nodes]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n\
              [[services]]\nname = \"s\"\nlb = {{ {lb} }}\n\
@@ -583,15 +633,28 @@ mod tests {
              [[services.endpoints]]\nnode = \"a\"\naddress = \"127.0.0.1:11\"\n\
              [[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:12\"\n"
         );
-        let cfg = crate::config::from_toml(&text).unwrap();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        Mesh::new(Arc::new(cfg), Some("a".into()), endpoint)
+        crate::config::from_toml(&text).unwrap()
     }
 
     fn picks(m: &Mesh, n: usize) -> Vec<String> {
         let table = m.table();
         let svc = table.service("s").unwrap();
         (0..n).map(|_| m.pick(svc, &BTreeMap::new(), &PickCtx::NONE).unwrap().node).collect()
+    }
+
+    #[tokio::test]
+    async fn endpoint_statistics_survive_a_table_swap() {
+        let m = mesh("policy = \"peak_ewma\"");
+        let table = m.table();
+        let svc = table.service("s").unwrap();
+        let ep = svc.config.endpoints[0].clone();
+        svc.stats_of(&ep).unwrap().observe(Duration::from_millis(7));
+        let before = Arc::as_ptr(svc.stats_of(&ep).unwrap());
+        m.apply(Table::new(config("policy = \"peak_ewma\""), 2));
+        let after = m.table();
+        let svc2 = after.service("s").unwrap();
+        assert_eq!(Arc::as_ptr(svc2.stats_of(&ep).unwrap()), before, "statistics were not carried over");
+        assert!(std::ptr::eq(after.service_for_host("s").unwrap().as_ref(), svc2.as_ref()), "hosts lost the service");
     }
 
     #[tokio::test]
