@@ -105,7 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("quicmesh demo is up: gateway, nodes node-a and node-b, services hello (v1, v2) and echo.");
     println!();
     println!("  gateway  https://127.0.0.1:{port}   TCP: HTTP/1.1 + HTTP/2 (TLS), UDP: HTTP/3");
-    println!("  admin    http://{}          /ready  /metrics  /config_dump", gw.admin);
+    println!("  admin    http://{}          /ready  /metrics  /config_dump  /nodes  /endpoints", gw.admin);
     for n in &demo.nodes {
         let a = &n.addrs;
         println!("  {}   outbound http://{}  QUIC {}  admin http://{}", a.name, a.outbound, a.inbound, a.admin);
