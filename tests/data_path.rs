@@ -636,3 +636,39 @@ async fn consistent_hashing_keeps_a_user_on_one_instance() {
     }
     assert!(seen_versions.len() >= 2, "20 users all hashed to one instance: {seen_versions:?}");
 }
+
+/// Circuit breaking: past `max_requests` in flight to a service, the proxy answers 503
+/// `overloaded` at once instead of queueing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_requests_the_proxy_answers_503_overloaded_at_once() {
+    let (stuck, accepted) = silent_backend_counted().await;
+    let extra = format!(
+        "[[services]]\nname = \"busy\"\nmax_requests = 2\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{stuck}\"\n"
+    );
+    let m = two_nodes(&extra).await;
+    let out = m.a.addrs.outbound;
+    let req = || http::Request::get(format!("http://{out}/")).header("host", "busy").body(Full::default()).unwrap();
+    // Two requests occupy both slots (the backend never answers); wait until both reached it.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let client = h1_client();
+            let r = req();
+            tokio::spawn(async move { client.request(r).await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    eventually(Duration::from_secs(10), "both requests to reach the stuck backend", || async {
+        (accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    let start = std::time::Instant::now();
+    let (status, headers, _) = send(&h1_client(), req()).await;
+    let took = start.elapsed();
+    assert_eq!(status, 503);
+    assert_eq!(headers["quicmesh-error"], "overloaded");
+    assert!(took < Duration::from_secs(1), "the refusal waited {took:?}");
+    let metrics = m.a.metrics().await;
+    assert!(metric(&metrics, "quicmesh_proxy_errors_total", &[("reason", "overloaded")]) >= 1.0);
+    for h in held {
+        h.abort();
+    }
+}

@@ -315,6 +315,10 @@ pub struct ServiceConfig {
     /// Load balancing (default peak EWMA, local endpoints first).
     #[serde(default)]
     pub lb: crate::balance::LbConfig,
+    /// Circuit breaker: requests this proxy may have in flight to the service at once; past it,
+    /// 503 `overloaded` at once instead of queueing. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
 }
 
 /// One instance of a service: the node that hosts it and its address on that host.

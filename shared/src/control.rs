@@ -125,6 +125,7 @@ pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) ->
                     protocol: inst.protocol,
                     endpoints: vec![ep],
                     lb: Default::default(),
+                    max_requests: None,
                 }),
             }
         }

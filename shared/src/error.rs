@@ -37,13 +37,15 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("not allowed: {0}")]
     Denied(String),
+    #[error("service {0:?} has too many requests in flight")]
+    Overloaded(String),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::PeerUnreachable { .. }
             | ProxyError::PeerTls { .. }
             | ProxyError::UpstreamUnreachable { .. }
@@ -69,6 +71,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::BodyTooLarge(_) => "body-too-large",
             ProxyError::Denied(_) => "denied",
+            ProxyError::Overloaded(_) => "overloaded",
         }
     }
 

@@ -50,6 +50,18 @@ pub struct Service {
     /// Statistics per endpoint (same order as `config.endpoints`), carried across table swaps
     /// by [`Mesh::apply`] so requests read them without locks.
     stats: Vec<Arc<EndpointStats>>,
+    /// Requests in flight to the service through this proxy (circuit breaker), carried across
+    /// table swaps like `stats`.
+    in_flight: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Holds one of a service's circuit-breaker slots until dropped.
+struct Slot(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Service {
@@ -158,7 +170,13 @@ impl Table {
             let maglev = (svc.lb.policy == Policy::ConsistentHash)
                 .then(|| Maglev::new(&svc.endpoints.iter().map(endpoint_key).collect::<Vec<_>>()));
             let stats = svc.endpoints.iter().map(|_| Arc::new(EndpointStats::default())).collect();
-            let s = Arc::new(Service { config: svc, cursor: AtomicUsize::new(0), maglev, stats });
+            let s = Arc::new(Service {
+                config: svc,
+                cursor: AtomicUsize::new(0),
+                maglev,
+                stats,
+                in_flight: Default::default(),
+            });
             let svc = &s.config;
             services.insert(svc.name.clone(), s.clone());
             hosts.insert(svc.name.clone(), s.clone());
@@ -203,6 +221,7 @@ pub struct Mesh {
     pub local: LocalClient,
     table: ArcSwap<Table>,
     stats: std::sync::Mutex<HashMap<String, Arc<EndpointStats>>>,
+    loads: std::sync::Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
 }
 
 /// The consistent-hashing key of a request, if it has what the service hashes on.
@@ -231,6 +250,7 @@ impl Mesh {
             local,
             table: ArcSwap::from_pointee(Table::new(Config::default(), 0)),
             stats: Default::default(),
+            loads: Default::default(),
         };
         mesh.apply(Table::new(Config::clone(&config), 0));
         mesh
@@ -250,10 +270,15 @@ impl Mesh {
         table.hosts.clear();
         {
             let mut map = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
             let mut kept = HashMap::new();
+            let mut kept_loads = HashMap::new();
             for svc in table.services.values_mut() {
                 // Fresh services were just built: nothing else holds them now.
                 let Some(svc) = Arc::get_mut(svc) else { continue };
+                let load = loads.get(&svc.config.name).cloned().unwrap_or_else(|| svc.in_flight.clone());
+                svc.in_flight = load.clone();
+                kept_loads.insert(svc.config.name.clone(), load);
                 for (ep, slot) in svc.config.endpoints.iter().zip(svc.stats.iter_mut()) {
                     let key = endpoint_key(ep);
                     let shared = map.get(&key).cloned().unwrap_or_else(|| slot.clone());
@@ -262,6 +287,7 @@ impl Mesh {
                 }
             }
             *map = kept;
+            *loads = kept_loads;
         }
         for (host, name) in host_names {
             if let Some(svc) = table.services.get(&name) {
@@ -340,6 +366,12 @@ impl Mesh {
         ep: &EndpointConfig,
     ) -> Result<Response<Body>, ProxyError> {
         let timeout = table.config.timeouts.request;
+        // Circuit breaker: refuse at once rather than queue without bound.
+        let slot = Slot(svc.in_flight.clone());
+        let before = slot.0.fetch_add(1, Ordering::Relaxed);
+        if svc.config.max_requests.is_some_and(|max| before >= u64::from(max)) {
+            return Err(ProxyError::Overloaded(svc.config.name.clone()));
+        }
         // Feed the balancer: requests in flight, and time to response headers.
         let in_flight = self.stats_for(svc, ep).start();
         if !self.is_local(ep) {

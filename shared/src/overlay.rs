@@ -57,6 +57,7 @@ pub fn apply_services(config: &mut Config, dir: &Path) -> Result<(), ConfigError
             protocol: Default::default(),
             endpoints: Vec::new(),
             lb: Default::default(),
+            max_requests: None,
         });
         let merged: ServiceConfig =
             Figment::from(Serialized::defaults(base)).merge(Toml::file_exact(&path)).extract().map_err(parse_err)?;

@@ -508,15 +508,23 @@ pub async fn counting_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic
 
 /// A backend that accepts connections and never answers.
 pub async fn silent_backend() -> SocketAddr {
+    silent_backend_counted().await.0
+}
+
+/// A silent backend, and how many connections it has accepted.
+pub async fn silent_backend_counted() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             held.push(s);
         }
     });
-    a
+    (a, accepted)
 }
 
 /// A backend answering `version` after `delay` (a slow instance, for balancing tests).
