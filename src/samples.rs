@@ -17,7 +17,9 @@ use tokio::net::TcpListener;
 /// Largest request body the JSON echo reflects (bigger ones are counted, not echoed).
 const ECHO_LIMIT: usize = 1 << 20;
 
-async fn serve<F, Fut>(listener: TcpListener, handler: F)
+/// Serves HTTP/1.1 and h2c on `listener` with `handler` until the task is dropped (also the
+/// base of the tests' special-purpose backends).
+pub async fn serve<F, Fut>(listener: TcpListener, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use http::{Method, Request};
 use quicmesh_shared::config::{Config, ConfigError};
-use quicmesh_shared::enroll::{EnrollRequest, EnrollResponse, PinnedCaVerifier, ENROLL_PATH};
+use quicmesh_shared::enroll::{EnrollRequest, EnrollResponse, ENROLL_PATH};
 use quicmesh_shared::identity::{self, write_secret};
-use quicmesh_shared::tls::{provider, MESH_ALPN};
+use quicmesh_shared::tls::{provider, MeshServerVerifier, MESH_ALPN};
 use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +45,8 @@ pub async fn join(
     }
     let (key_pem, csr) = identity::signing_request(&nc.name)?;
     let connect_err = |reason: String| JoinError::Connect { addr: gateway, reason };
-    let verifier = PinnedCaVerifier {
-        fingerprint: fingerprint.to_string(),
-        trust_domain: config.mesh.trust_domain.clone(),
-        provider: provider(),
-    };
+    // Trust the gateway only if it chains to the pinned CA: the token must not go anywhere else.
+    let verifier = MeshServerVerifier::pinned(fingerprint, &config.mesh.trust_domain);
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| connect_err(e.to_string()))?

@@ -1,5 +1,5 @@
-//! Enrollment of new hosts: join tokens, signing requests, and the pinned-CA check a node makes
-//! before it trusts the gateway with its token.
+//! Enrollment of new hosts: join tokens and signing requests (the gateway check a joining node
+//! makes before it sends its token is `tls::MeshServerVerifier::pinned`).
 //!
 //! `quicmesh token create` stores only the SHA-256 of each token (in `<state>/tokens.json`), with
 //! its expiry and remaining uses; the token itself is printed once. A node on a fresh host makes
@@ -7,15 +7,10 @@
 //! a certificate for `spiffe://<td>/node/<name>` and the CA bundle.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::digest::{digest, SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::{Deserialize, Serialize};
 
 /// Path of the enrollment request on the gateway's control listener.
@@ -154,66 +149,6 @@ impl std::fmt::Debug for EnrollRequest {
 pub struct EnrollResponse {
     pub certificate: String,
     pub ca: String,
-}
-
-/// Verifies the gateway during enrollment, before the node has the CA: the presented chain must
-/// contain a certificate with the pinned SHA-256 fingerprint, the leaf must chain to it, and the
-/// leaf must carry the gateway's SPIFFE identity.
-#[derive(Debug)]
-pub struct PinnedCaVerifier {
-    pub fingerprint: String,
-    pub trust_domain: String,
-    pub provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCaVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let pinned = self.fingerprint.to_ascii_lowercase().replace(':', "");
-        let ca = intermediates
-            .iter()
-            .find(|c| fingerprint(c) == pinned)
-            .ok_or_else(|| rustls::Error::General("the gateway's CA does not match the pinned fingerprint".into()))?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned()).map_err(|_| CertificateError::BadEncoding)?;
-        crate::tls::verify_node_server(
-            end_entity,
-            intermediates,
-            server_name,
-            now,
-            &roots,
-            &self.provider,
-            &self.trust_domain,
-        )
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]

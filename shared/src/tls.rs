@@ -73,8 +73,11 @@ pub fn mesh_server(creds: &Credentials, auth: ClientAuth) -> Result<rustls::Serv
 /// Client side of mesh mTLS: presents our certificate, pins the peer's SPIFFE identity.
 pub fn mesh_client(creds: &Credentials, trust_domain: &str) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let verifier =
-        MeshServerVerifier { roots: roots(creds)?, provider: provider.clone(), trust_domain: trust_domain.into() };
+    let verifier = MeshServerVerifier {
+        trust: Trust::Roots(roots(creds)?),
+        provider: provider.clone(),
+        trust_domain: trust_domain.into(),
+    };
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -84,12 +87,33 @@ pub fn mesh_client(creds: &Credentials, trust_domain: &str) -> Result<rustls::Cl
     Ok(cfg)
 }
 
+/// How a [`MeshServerVerifier`] knows the mesh CA.
+#[derive(Debug)]
+enum Trust {
+    /// The CA bundle this member holds.
+    Roots(Arc<RootCertStore>),
+    /// Enrollment, before the member holds the CA: the server must present, among its chain, a
+    /// CA certificate whose SHA-256 is this (hex) fingerprint.
+    Pinned(String),
+}
+
 /// Verifies a mesh server: chain to the mesh CA, then the SPIFFE id named by the server name.
 #[derive(Debug)]
 pub struct MeshServerVerifier {
-    roots: Arc<RootCertStore>,
+    trust: Trust,
     provider: Arc<CryptoProvider>,
     trust_domain: String,
+}
+
+impl MeshServerVerifier {
+    /// For enrollment: trusts the CA with the pinned SHA-256 fingerprint that the server presents.
+    pub fn pinned(fingerprint: &str, trust_domain: &str) -> Self {
+        Self {
+            trust: Trust::Pinned(fingerprint.to_ascii_lowercase().replace(':', "")),
+            provider: provider(),
+            trust_domain: trust_domain.into(),
+        }
+    }
 }
 
 impl ServerCertVerifier for MeshServerVerifier {
@@ -101,7 +125,20 @@ impl ServerCertVerifier for MeshServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        verify_node_server(end_entity, intermediates, server_name, now, &self.roots, &self.provider, &self.trust_domain)
+        let pinned_roots;
+        let roots = match &self.trust {
+            Trust::Roots(r) => r.as_ref(),
+            Trust::Pinned(fp) => {
+                let ca = intermediates.iter().find(|c| crate::enroll::fingerprint(c) == *fp).ok_or_else(|| {
+                    rustls::Error::General("the gateway's CA does not match the pinned fingerprint".into())
+                })?;
+                let mut store = RootCertStore::empty();
+                store.add(ca.clone().into_owned()).map_err(|_| CertificateError::BadEncoding)?;
+                pinned_roots = store;
+                &pinned_roots
+            }
+        };
+        verify_node_server(end_entity, intermediates, server_name, now, roots, &self.provider, &self.trust_domain)
     }
 
     fn verify_tls12_signature(
@@ -128,8 +165,8 @@ impl ServerCertVerifier for MeshServerVerifier {
 }
 
 /// A server certificate chaining to `roots` and carrying the SPIFFE identity of the node named
-/// by the TLS server name (shared by the mesh verifier and enrollment's pinned-CA verifier).
-pub fn verify_node_server(
+/// by the TLS server name.
+fn verify_node_server(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     server_name: &ServerName<'_>,

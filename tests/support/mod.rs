@@ -482,27 +482,14 @@ pub async fn counting_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic
     let a = l.local_addr().unwrap();
     let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let c = count.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { continue };
-            let c = c.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let c = c.clone();
-                    async move {
-                        let _ = req.into_body().collect().await;
-                        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"shadow"),
-                        )))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
+    tokio::spawn(quicmesh::samples::serve(l, move |req: http::Request<hyper::body::Incoming>| {
+        let c = c.clone();
+        async move {
+            let _ = req.into_body().collect().await;
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            http::Response::new(quicmesh_shared::body::full("shadow"))
         }
-    });
+    }));
     (a, count)
 }
 
@@ -531,21 +518,9 @@ pub async fn silent_backend_counted() -> (SocketAddr, std::sync::Arc<std::sync::
 pub async fn delayed_backend(version: &'static str, delay: Duration) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { continue };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| async move {
-                    tokio::time::sleep(delay).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from(version),
-                    )))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(quicmesh::samples::serve(l, move |_req: http::Request<hyper::body::Incoming>| async move {
+        tokio::time::sleep(delay).await;
+        http::Response::new(quicmesh_shared::body::full(version))
+    }));
     a
 }
