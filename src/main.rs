@@ -187,7 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     a.name, a.outbound, a.inbound, a.admin
                 );
                 demo::shutdown_signal().await;
-                node.shutdown().await;
+                node.drain().await;
                 Ok(())
             })
         }
@@ -199,7 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let a = &gw.addrs;
                 println!("quicmesh gateway ready: listen={} admin={} control={}", a.listen, a.admin, a.control);
                 demo::shutdown_signal().await;
-                gw.shutdown().await;
+                gw.drain().await;
                 Ok(())
             })
         }

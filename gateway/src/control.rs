@@ -247,9 +247,19 @@ impl ControlPlane {
 
     /// Adds or replaces a node's registration, if the mesh stays valid with it (a registration
     /// cannot, say, claim another service's host alias or break every node's snapshot).
-    fn register(&self, name: &str, reg: Registration) -> Result<(), String> {
+    fn register(&self, name: &str, mut reg: Registration) -> Result<(), String> {
         {
             let mut r = self.lock();
+            // Health reported earlier still holds for the instances that stay.
+            if let Some(prev) = r.nodes.get(name) {
+                reg.unhealthy = prev
+                    .reg
+                    .unhealthy
+                    .iter()
+                    .filter(|(svc, addr)| reg.instances.iter().any(|i| &i.service == svc && &i.address == addr))
+                    .cloned()
+                    .collect();
+            }
             let mut regs: BTreeMap<String, Registration> =
                 r.nodes.iter().map(|(k, v)| (k.clone(), v.reg.clone())).collect();
             regs.insert(name.to_string(), reg.clone());
@@ -292,6 +302,25 @@ impl ControlPlane {
                 }
             }
             metrics::gauge!(m::CONTROL_NODES).set(r.nodes.values().filter(|n| n.streams > 0).count() as f64);
+        }
+        self.mark_dirty();
+    }
+
+    /// Records which of a node's instances fail their health check; only instances the node
+    /// registered count.
+    fn health(&self, name: &str, unhealthy: Vec<(String, std::net::SocketAddr)>) {
+        {
+            let mut r = self.lock();
+            let Some(st) = r.nodes.get_mut(name) else { return };
+            let set: std::collections::BTreeSet<(String, std::net::SocketAddr)> = unhealthy
+                .into_iter()
+                .filter(|(svc, addr)| st.reg.instances.iter().any(|i| &i.service == svc && &i.address == addr))
+                .collect();
+            if set == st.reg.unhealthy {
+                return;
+            }
+            info!(node = name, unhealthy = ?set, "instance health changed");
+            st.reg.unhealthy = set;
         }
         self.mark_dirty();
     }
@@ -528,7 +557,7 @@ fn check_hello(msg: Option<NodeMsg>) -> Result<Registration, String> {
             if let Some(bad) = instances.iter().find(|i| !valid_name(&i.service)) {
                 return Err(format!("invalid service name {:?}", bad.service));
             }
-            Ok(Registration { address, instances })
+            Ok(Registration { address, instances, unhealthy: Default::default() })
         }
         Some(other) => Err(format!("expected hello, got {other:?}")),
         None => Err("stream ended before hello".into()),
@@ -574,6 +603,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                 msg = reader.next::<NodeMsg>() => match msg {
                     Ok(Some(NodeMsg::Ack { version })) => cp.ack(peer, version),
                     Ok(Some(NodeMsg::Nack { version, reason })) => cp.nack(peer, version, reason),
+                    Ok(Some(NodeMsg::Health { unhealthy })) => cp.health(peer, unhealthy),
                     Ok(Some(NodeMsg::Goodbye)) => {
                         goodbye = true;
                         break;

@@ -9,6 +9,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use quicmesh_shared::body;
+use quicmesh_shared::drain::Phase;
 use quicmesh_shared::metrics as m;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -20,7 +21,12 @@ use crate::idle::IdleTimeout;
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: Arc<Edge>) {
     let acceptor = TlsAcceptor::from(tls);
     loop {
-        let (tcp, client) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // Draining: no new client connections.
+            _ = edge.mesh.drain.reached(Phase::GoingAway) => return,
+        };
+        let (tcp, client) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "edge accept failed");
@@ -69,7 +75,17 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
                 .max_concurrent_streams(limits.max_concurrent_streams)
                 .max_header_list_size(limits.max_header_bytes as u32);
             let io = TokioIo::new(IdleTimeout::new(tls, limits.idle_timeout));
-            if let Err(e) = builder.serve_connection(io, svc).await {
+            let conn = builder.serve_connection(io, svc);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = edge.mesh.drain.reached(Phase::GoingAway) => {
+                    // HTTP/2 GOAWAY, or `Connection: close` after the request in progress.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 debug!(%client, error = %e, "edge connection ended with an error");
             }
         });

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::Response;
 use quicmesh_shared::body::{self, H3Body};
+use quicmesh_shared::drain::Phase;
 use quicmesh_shared::metrics as m;
 use tracing::debug;
 
@@ -14,6 +15,10 @@ use crate::handler::Edge;
 
 pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
     while let Some(incoming) = endpoint.accept().await {
+        if edge.mesh.drain.phase() >= Phase::GoingAway {
+            incoming.refuse();
+            continue;
+        }
         let edge = edge.clone();
         tokio::spawn(async move {
             let client = incoming.remote_address();
@@ -41,8 +46,19 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
             return;
         }
     };
+    let mut told = false;
     loop {
-        match h3.accept().await {
+        let accepted = tokio::select! {
+            a = h3.accept() => a,
+            _ = edge.mesh.drain.reached(Phase::GoingAway), if !told => {
+                told = true;
+                if let Err(e) = h3.shutdown(0).await {
+                    debug!(%client, error = %e, "could not send GOAWAY");
+                }
+                continue;
+            }
+        };
+        match accepted {
             Ok(Some(resolver)) => {
                 let edge = edge.clone();
                 tokio::spawn(async move {

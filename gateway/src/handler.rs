@@ -12,7 +12,7 @@ use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::config::GatewayConfig;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
-use quicmesh_shared::mesh::{Mesh, PickCtx};
+use quicmesh_shared::mesh::{CallOpts, Mesh};
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::route::{self, Filtered, RouteTable};
 use std::sync::Arc;
@@ -53,6 +53,7 @@ impl Edge {
     /// Handles one client request end to end; never fails (errors become proxy responses).
     pub async fn handle(&self, req: Request<Body>, client: SocketAddr, proto: &'static str) -> Response<Body> {
         let start = Instant::now();
+        let in_flight = self.mesh.drain.guard();
         let (route, mut resp) = match self.route(req, client).await {
             Ok(x) => x,
             Err((route, e)) => {
@@ -69,7 +70,8 @@ impl Edge {
             .increment(1);
         metrics::histogram!(m::REQUEST_DURATION, "direction" => "ingress", "service" => route)
             .record(start.elapsed().as_secs_f64());
-        resp
+        // In flight until the response body is sent.
+        resp.map(|b| body::with_guard(b, in_flight))
     }
 
     async fn route(
@@ -92,6 +94,11 @@ impl Edge {
         let (route, rule) = (matched.route, matched.rule);
         let name = route.name.clone();
         let fail = |e| (name.clone(), e);
+        // Phase: rate limit.
+        if let Some(Err(wait)) = matched.limiter.map(|l| l.check(Some(client.ip()), Instant::now())) {
+            metrics::counter!(m::RATE_LIMITED, "route" => name.clone()).increment(1);
+            return Err(fail(ProxyError::RateLimited { route: name.clone(), wait }));
+        }
         // Phase: filters that answer or change the request.
         let mut authority = authority;
         let filtered = route::apply_request_filters(&matched, &mut parts, &mut authority, "https", Some(self.port))
@@ -128,20 +135,18 @@ impl Edge {
         let backend = route::choose_backend(&rule.backend_refs)
             .ok_or_else(|| fail(ProxyError::NoEndpoint(format!("route {name} has no backend with weight"))))?;
         let svc = table.service(&backend.name).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.name.clone())))?;
-        let picked = {
-            let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
-            self.mesh.pick(svc, &backend.labels, &ctx)
-        };
-        let ep = picked.map_err(fail)?;
         let body = body::boxed(Limited::new(body, limit as usize).map_err(|e| -> body::BoxError { e }));
         let body = self.mesh.mirror_request(&table, &parts, body, &mirrors).await.map_err(fail)?;
-        // Phase: forward, within the rule's request timeout when it sets one.
-        let forward = self.mesh.forward(Request::from_parts(parts, body), &table, svc, &ep);
-        let mut resp = match rule.timeouts.as_ref().and_then(|t| t.effective()) {
-            Some(t) => tokio::time::timeout(t, forward).await.map_err(|_| fail(ProxyError::Timeout(t)))?,
-            None => forward.await,
-        }
-        .map_err(fail)?;
+        // Phase: pick an endpoint and forward, with the rule's timeouts, retries and faults.
+        let opts = CallOpts {
+            route: &name,
+            labels: Some(&backend.labels),
+            retry: rule.retry.as_ref(),
+            timeouts: rule.timeouts.as_ref(),
+            fault: rule.fault.as_ref(),
+            client: Some(client.ip()),
+        };
+        let mut resp = self.mesh.call(&table, svc, Request::from_parts(parts, body), &opts).await.map_err(fail)?;
         for m in response_mods {
             route::modify_headers(resp.headers_mut(), m);
         }

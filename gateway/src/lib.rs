@@ -26,6 +26,7 @@ use quicmesh_shared::tls::ClientAuth;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -56,6 +57,9 @@ pub struct Gateway {
     pub addrs: GatewayAddrs,
     mesh_endpoint: quinn::Endpoint,
     edge_endpoint: quinn::Endpoint,
+    mesh: Arc<Mesh>,
+    admin: Arc<AdminState>,
+    drain_timeout: std::time::Duration,
     _tasks: JoinSet<()>,
 }
 
@@ -140,11 +144,27 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         addrs: GatewayAddrs { listen, admin: admin_addr, control: control_addr },
         mesh_endpoint,
         edge_endpoint,
+        mesh,
+        admin: state,
+        drain_timeout: gc.drain_timeout,
         _tasks: tasks,
     })
 }
 
 impl Gateway {
+    /// Graceful stop (SIGTERM): not ready any more; refuse new client connections; GOAWAY on
+    /// HTTP/2 and HTTP/3 (HTTP/1.1 closes after the request in progress); let requests in
+    /// flight finish within `gateway.drain_timeout`; then close.
+    pub async fn drain(self) {
+        let drain = self.mesh.drain.clone();
+        metrics::gauge!(quicmesh_shared::metrics::DRAINING).set(1.0);
+        self.admin.ready.store(false, Ordering::Release);
+        info!(in_flight = drain.in_flight(), deadline = ?self.drain_timeout, "draining");
+        drain.advance(quicmesh_shared::drain::Phase::GoingAway);
+        drain.settle(self.drain_timeout).await;
+        self.shutdown().await;
+    }
+
     pub async fn shutdown(self) {
         self.edge_endpoint.close(0u32.into(), b"gateway shutting down");
         self.mesh_endpoint.close(0u32.into(), b"gateway shutting down");

@@ -38,6 +38,8 @@ pub struct ControlClient {
     pub advertise: SocketAddr,
     /// The instances to register; a new value re-registers on the open stream.
     pub instances: watch::Receiver<Vec<Instance>>,
+    /// Instances failing their health check, reported whenever the set changes.
+    pub health: watch::Receiver<Vec<crate::health::Key>>,
     pub cache: Option<PathBuf>,
 }
 
@@ -183,6 +185,11 @@ impl ControlClient {
             Err(e) => return broken(e.to_string()),
         }
         metrics::gauge!(m::CONTROL_CONNECTED).set(1.0);
+        let mut health = self.health.clone();
+        let report = NodeMsg::Health { unhealthy: health.borrow_and_update().clone() };
+        if let Err(e) = control::send_line(&mut send, &report).await {
+            return broken(e.to_string());
+        }
         let mut reader = LineReader::new(recv);
         let mut progressed = false;
         let mut renew_at = self.renew_due();
@@ -202,6 +209,15 @@ impl ControlClient {
                         return End::Broken(e.to_string(), progressed);
                     }
                     info!("registered the changed instances with the gateway");
+                }
+                changed = health.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let report = NodeMsg::Health { unhealthy: health.borrow_and_update().clone() };
+                    if let Err(e) = control::send_line(&mut send, &report).await {
+                        return End::Broken(e.to_string(), progressed);
+                    }
                 }
                 _ = tokio::time::sleep_until(renew_at) => {
                     if pending_key.take().is_some() {

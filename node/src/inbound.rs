@@ -13,7 +13,8 @@ use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response};
 use quicmesh_shared::body::{self, H3Body};
 use quicmesh_shared::config::{Protocol, ServiceConfig};
-use quicmesh_shared::error::ProxyError;
+use quicmesh_shared::drain::Phase;
+use quicmesh_shared::error::{ProxyError, UNSENT_HEADER};
 use quicmesh_shared::headers;
 use quicmesh_shared::mesh::{Mesh, Table};
 use quicmesh_shared::metrics as m;
@@ -28,6 +29,11 @@ pub type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, B
 /// Accepts peers until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
     while let Some(incoming) = endpoint.accept().await {
+        if mesh.drain.phase() >= Phase::GoingAway {
+            // Peers learn at once that this node takes nothing new and send elsewhere.
+            incoming.refuse();
+            continue;
+        }
         tokio::spawn(connection(incoming, mesh.clone()));
     }
 }
@@ -68,8 +74,21 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
             return;
         }
     };
+    let mut told = false;
     loop {
-        match h3.accept().await {
+        let accepted = tokio::select! {
+            a = h3.accept() => a,
+            _ = mesh.drain.reached(Phase::GoingAway), if !told => {
+                // GOAWAY: requests already accepted finish; later ones are refused unprocessed
+                // (H3_REQUEST_REJECTED), so the peer may send them elsewhere.
+                told = true;
+                if let Err(e) = h3.shutdown(0).await {
+                    debug!(peer, error = %e, "could not send GOAWAY");
+                }
+                continue;
+            }
+        };
+        match accepted {
             Ok(Some(resolver)) => {
                 let mesh = mesh.clone();
                 let peer = peer.to_string();
@@ -111,6 +130,8 @@ pub fn local_target<'a>(
 }
 
 async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+    // A drain waits for this request (or tunnel) to end.
+    let _in_flight = mesh.drain.guard();
     if req.method() == Method::CONNECT {
         return crate::tcp::inbound(req, stream, peer, mesh).await;
     }
@@ -124,11 +145,22 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
         Ok((svc, _)) => (svc.name.clone(), Err(ProxyError::BadRequest("service is TCP".into()))),
         Err(e) => ("unknown".to_string(), Err(e)),
     };
-    let resp = result.unwrap_or_else(|e| {
-        debug!(peer, error = %e, "inbound request failed");
-        metrics::counter!(m::PROXY_ERRORS, "direction" => "inbound", "reason" => e.reason()).increment(1);
-        e.response()
-    });
+    let resp = match result {
+        Ok(mut resp) => {
+            // Only this proxy may say a request never reached the instance.
+            resp.headers_mut().remove(UNSENT_HEADER);
+            resp
+        }
+        Err(e) => {
+            debug!(peer, error = %e, "inbound request failed");
+            metrics::counter!(m::PROXY_ERRORS, "direction" => "inbound", "reason" => e.reason()).increment(1);
+            let mut resp = e.response();
+            if e.unsent() {
+                resp.headers_mut().insert(UNSENT_HEADER, HeaderValue::from_static("1"));
+            }
+            resp
+        }
+    };
     let class = m::status_class(resp.status().as_u16());
     metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => service.clone(), "status_class" => class)
         .increment(1);

@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod enroll;
+pub mod health;
 pub mod inbound;
 pub mod outbound;
 pub mod tcp;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use quicmesh_shared::admin::{self, AdminState};
 use quicmesh_shared::config::{Config, ConfigError};
+use quicmesh_shared::drain::Phase;
 use quicmesh_shared::identity::{Credentials, IdentityError};
 use quicmesh_shared::mesh::Mesh;
 use quicmesh_shared::tls::ClientAuth;
@@ -58,6 +60,8 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     control_task: Option<tokio::task::JoinHandle<()>>,
     instances_tx: Option<watch::Sender<Vec<quicmesh_shared::control::Instance>>>,
+    admin: Arc<AdminState>,
+    drain_timeout: Duration,
     _tasks: JoinSet<()>,
 }
 
@@ -145,6 +149,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut control_task = None;
     let mut instances_tx = None;
+    let mut health_task = None;
     if let Some(target) = nc.gateway.clone() {
         let cache = nc
             .snapshot_cache
@@ -167,6 +172,8 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         }
         let (tx, rx) = watch::channel(nc.instances.clone());
         instances_tx = Some(tx);
+        let (health_tx, health_rx) = watch::channel(Vec::new());
+        health_task = Some(health::run(rx.clone(), health_tx, mesh.local.clone()));
         let client = control::ControlClient {
             mesh: mesh.clone(),
             paths: paths.clone(),
@@ -175,6 +182,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             target,
             advertise,
             instances: rx,
+            health: health_rx,
             cache,
         };
         control_task = Some(tokio::spawn(client.run(shutdown_rx)));
@@ -185,16 +193,49 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let state = AdminState::new(dump, extra);
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, state.clone()));
+    if let Some(checks) = health_task {
+        tasks.spawn(checks);
+    }
     tasks.spawn(inbound::serve(endpoint.clone(), mesh.clone()));
     tasks.spawn(outbound::serve(outbound, mesh.clone()));
     for (service, listener) in tcp {
         tasks.spawn(tcp::serve(listener, service, mesh.clone()));
     }
     state.ready.store(true, Ordering::Release);
-    Ok(Node { addrs, mesh, endpoint, shutdown, control_task, instances_tx, _tasks: tasks })
+    Ok(Node {
+        addrs,
+        mesh,
+        endpoint,
+        shutdown,
+        control_task,
+        instances_tx,
+        admin: state,
+        drain_timeout: nc.drain_timeout,
+        _tasks: tasks,
+    })
 }
 
 impl Node {
+    /// Graceful stop (SIGTERM): not ready any more; deregister so peers stop choosing this
+    /// node; GOAWAY to every peer and refuse new connections and local clients; let requests
+    /// in flight finish within `node.drain_timeout`; then close.
+    pub async fn drain(self) {
+        let drain = self.mesh.drain.clone();
+        drain.advance(Phase::Draining);
+        metrics::gauge!(quicmesh_shared::metrics::DRAINING).set(1.0);
+        self.admin.ready.store(false, Ordering::Release);
+        info!(in_flight = drain.in_flight(), deadline = ?self.drain_timeout, "draining");
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.control_task {
+            // The goodbye is answered by a snapshot without this node's endpoints.
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        drain.advance(Phase::GoingAway);
+        drain.settle(self.drain_timeout).await;
+        self.endpoint.close(0u32.into(), b"node drained");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
     /// Closes all QUIC connections (peers see it at once) and stops serving.
     pub async fn shutdown(self) {
         // Deregister first, so peers stop choosing this node's endpoints.

@@ -3,7 +3,6 @@
 //! accept -> identify service (Host header or absolute-form URI, so `http_proxy` works) -> clean
 //! headers -> pick endpoint -> forward through the mesh -> record.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,9 +16,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::config::Protocol;
+use quicmesh_shared::drain::Phase;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
-use quicmesh_shared::mesh::{Mesh, PickCtx};
+use quicmesh_shared::mesh::{CallOpts, Mesh};
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::route::{self, Filtered};
 use tokio::net::TcpListener;
@@ -28,7 +28,12 @@ use tracing::{debug, info_span, Instrument};
 /// Accepts local apps' connections until the task is dropped.
 pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
     loop {
-        let (stream, client) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // Draining: local apps' new connections are refused from here on.
+            _ = mesh.drain.reached(Phase::GoingAway) => return,
+        };
+        let (stream, client) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "outbound accept failed");
@@ -38,6 +43,7 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
         };
         let _ = stream.set_nodelay(true);
         let mesh = mesh.clone();
+        let drain = mesh.drain.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let mesh = mesh.clone();
@@ -45,7 +51,16 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http2().max_concurrent_streams(1024);
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.reached(Phase::GoingAway) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 debug!(%client, error = %e, "outbound connection ended with an error");
             }
         });
@@ -54,6 +69,7 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
 
 async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Response<Body> {
     let start = Instant::now();
+    let in_flight = mesh.drain.guard();
     let span = info_span!("outbound", %client, method = %req.method(), uri = %req.uri());
     let (service, resp) = match route(req, client, mesh).instrument(span).await {
         Ok((service, resp)) => (service, resp),
@@ -68,7 +84,8 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) ->
         .increment(1);
     metrics::histogram!(m::REQUEST_DURATION, "direction" => "outbound", "service" => service)
         .record(start.elapsed().as_secs_f64());
-    resp
+    // In flight until the response body is sent.
+    resp.map(|b| body::with_guard(b, in_flight))
 }
 
 type Routed = Result<(String, Response<Body>), (String, ProxyError)>;
@@ -96,11 +113,14 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> 
     });
     let mut response_mods = Vec::new();
     let mut mirrors = Vec::new();
-    let mut labels = BTreeMap::new();
-    let mut rule_timeout = None;
+    let mut opts = CallOpts { client: Some(client.ip()), ..Default::default() };
     let (mut authority, svc) = match routed {
         Some((authority, matched)) => {
             let route_name = matched.route.name.clone();
+            if let Some(Err(wait)) = matched.limiter.map(|l| l.check(Some(client.ip()), Instant::now())) {
+                metrics::counter!(m::RATE_LIMITED, "route" => route_name.clone()).increment(1);
+                return Err((route_name.clone(), ProxyError::RateLimited { route: route_name, wait }));
+            }
             let mut authority = authority;
             match route::apply_request_filters(&matched, &mut parts, &mut authority, "http", None) {
                 Ok(Filtered::Redirect { status, location }) => return Ok((route_name, redirect(status, &location))),
@@ -119,8 +139,14 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> 
             let Some(svc) = table.service(&backend.name) else {
                 return Err((route_name, ProxyError::NoEndpoint(backend.name.clone())));
             };
-            labels = backend.labels.clone();
-            rule_timeout = matched.rule.timeouts.as_ref().and_then(|t| t.effective());
+            opts = CallOpts {
+                route: &matched.route.name,
+                labels: Some(&backend.labels),
+                retry: matched.rule.retry.as_ref(),
+                timeouts: matched.rule.timeouts.as_ref(),
+                fault: matched.rule.fault.as_ref(),
+                client: Some(client.ip()),
+            };
             (authority, svc)
         }
         None => {
@@ -151,25 +177,12 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> 
         Ok(u) => u,
         Err(e) => return Err((name, ProxyError::BadRequest(format!("target: {e}")))),
     };
-    let picked = {
-        let ctx = PickCtx { headers: Some(&parts.headers), client: Some(client.ip()) };
-        mesh.pick(svc, &labels, &ctx)
-    };
-    let ep = match picked {
-        Ok(ep) => ep,
-        Err(e) => return Err((name, e)),
-    };
     let body = match mesh.mirror_request(&table, &parts, body::boxed(body), &mirrors).await {
         Ok(b) => b,
         Err(e) => return Err((name, e)),
     };
     let req = Request::from_parts(parts, body);
-    let forward = mesh.forward(req, &table, svc, &ep);
-    let result = match rule_timeout {
-        Some(t) => tokio::time::timeout(t, forward).await.unwrap_or(Err(ProxyError::Timeout(t))),
-        None => forward.await,
-    };
-    match result {
+    match mesh.call(&table, svc, req, &opts).await {
         Ok(mut resp) => {
             for m in response_mods {
                 route::modify_headers(resp.headers_mut(), m);

@@ -28,7 +28,11 @@ const CHUNK: usize = 64 << 10;
 /// Accepts local connections for `service` and carries each to one of its endpoints.
 pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
     loop {
-        let Ok((tcp, client)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = mesh.drain.reached(quicmesh_shared::drain::Phase::GoingAway) => return,
+        };
+        let Ok((tcp, client)) = accepted else {
             // Out of file descriptors and the like: back off instead of spinning.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;

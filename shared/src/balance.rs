@@ -69,6 +69,8 @@ const DECAY: Duration = Duration::from_secs(2);
 /// Per-endpoint statistics shared by every request to it; outlive routing-table swaps.
 #[derive(Debug)]
 pub struct EndpointStats {
+    /// Passive outlier detection of this endpoint.
+    pub outlier: crate::health::OutlierState,
     in_flight: AtomicU64,
     /// EWMA of time to response headers, nanoseconds (0: nothing measured yet).
     ewma_ns: AtomicU64,
@@ -80,6 +82,7 @@ pub struct EndpointStats {
 impl Default for EndpointStats {
     fn default() -> Self {
         Self {
+            outlier: Default::default(),
             in_flight: AtomicU64::new(0),
             ewma_ns: AtomicU64::new(0),
             stamp_ns: AtomicU64::new(0),

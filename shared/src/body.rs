@@ -255,3 +255,79 @@ impl<G: Send + Unpin + 'static> HttpBody for Guarded<G> {
 pub fn with_guard<G: Send + Unpin + 'static>(body: Body, guard: G) -> Body {
     Guarded { inner: body, _guard: guard }.boxed_unsync()
 }
+
+/// A request body read for a possible retry: whole when it fit, else what was read followed by
+/// the unread rest (which can be sent once only).
+pub enum Buffered {
+    Whole(Bytes),
+    Partial(Body),
+}
+
+/// Reads `body` into memory up to `limit` bytes. A body that turns out larger, or carries
+/// trailers, comes back as [`Buffered::Partial`] with nothing lost.
+pub async fn buffer_up_to(mut body: Body, limit: u64) -> Result<Buffered, BoxError> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(data) if (buf.len() + data.len()) as u64 <= limit => buf.extend_from_slice(&data),
+            Ok(data) => {
+                let head = vec![Frame::data(buf.freeze()), Frame::data(data)];
+                return Ok(Buffered::Partial(Prefixed { head: head.into(), rest: body }.boxed_unsync()));
+            }
+            Err(other) => {
+                let head = vec![Frame::data(buf.freeze()), other];
+                return Ok(Buffered::Partial(Prefixed { head: head.into(), rest: body }.boxed_unsync()));
+            }
+        }
+    }
+    Ok(Buffered::Whole(buf.freeze()))
+}
+
+/// Frames already read, then the rest of the body.
+struct Prefixed {
+    head: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn buffering_keeps_every_byte_whether_or_not_it_fits() {
+        let chunks = || {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+                (0..4u8).map(|i| Ok(Frame::data(Bytes::from(vec![i; 10])))).collect();
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+        };
+        match buffer_up_to(chunks(), 40).await.unwrap() {
+            Buffered::Whole(b) => assert_eq!(b.len(), 40),
+            Buffered::Partial(_) => panic!("40 bytes fit a 40-byte limit"),
+        }
+        match buffer_up_to(chunks(), 25).await.unwrap() {
+            Buffered::Whole(_) => panic!("40 bytes do not fit 25"),
+            Buffered::Partial(rest) => {
+                let all = rest.collect().await.unwrap().to_bytes();
+                let want: Vec<u8> = (0..4u8).flat_map(|i| vec![i; 10]).collect();
+                assert_eq!(all.as_ref(), want.as_slice());
+            }
+        }
+    }
+}

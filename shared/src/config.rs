@@ -140,6 +140,9 @@ pub struct NodeConfig {
     /// third of its lifetime is left).
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub renew_before: Option<Duration>,
+    /// On SIGTERM, how long requests in flight may take to finish before the node exits.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 /// Where the control plane is.
@@ -171,6 +174,7 @@ impl Default for NodeConfig {
             instances: Vec::new(),
             snapshot_cache: None,
             renew_before: None,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -213,6 +217,9 @@ pub struct GatewayConfig {
     /// Directory of per-service (`services/<name>.toml`) and per-node (`nodes/<name>.toml`)
     /// overlays, layered over the mesh-wide files; watched like them.
     pub overlays: Option<PathBuf>,
+    /// On SIGTERM, how long requests in flight may take to finish before the gateway exits.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -230,6 +237,7 @@ impl Default for GatewayConfig {
             watch_interval: Duration::from_millis(500),
             registry_file: None,
             overlays: None,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -319,6 +327,45 @@ pub struct ServiceConfig {
     /// 503 `overloaded` at once instead of queueing. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    /// Circuit breaker: requests that may wait for a connection to the service's endpoints;
+    /// past it, 503 `overloaded`. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending: Option<u32>,
+    /// Retries and their budget.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub retry: crate::retry::RetryPolicy,
+    /// Passive outlier detection.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub outlier: crate::health::OutlierConfig,
+}
+
+impl ServiceConfig {
+    /// A service with this name and every setting at its default.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            hosts: Vec::new(),
+            protocol: Protocol::default(),
+            endpoints: Vec::new(),
+            lb: Default::default(),
+            max_requests: None,
+            max_pending: None,
+            retry: Default::default(),
+            outlier: Default::default(),
+        }
+    }
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// One instance of a service: the node that hosts it and its address on that host.
@@ -329,6 +376,10 @@ pub struct EndpointConfig {
     pub address: SocketAddr,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// False while the hosting node's health check fails it (set by the control plane);
+    /// proxies then send it nothing unless no endpoint is healthy.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub healthy: bool,
 }
 
 /// Proxy timeouts (retries and richer policy come later).
@@ -505,6 +556,12 @@ impl Config {
                     format!("{:?} is not header:<name>, cookie:<name> or client_ip", svc.lb.hash_on),
                 ));
             }
+            if let Err(reason) = svc.retry.validate() {
+                return Err(invalid(format!("services[{i}].retry"), reason));
+            }
+            if let Err(reason) = svc.outlier.validate() {
+                return Err(invalid(format!("services[{i}].outlier"), reason));
+            }
             for (j, ep) in svc.endpoints.iter().enumerate() {
                 if !peers.contains(ep.node.as_str()) && Some(ep.node.as_str()) != local {
                     return Err(invalid(
@@ -517,6 +574,11 @@ impl Config {
         if let Some(node) = &self.node {
             if !valid_name(&node.name) {
                 return Err(invalid("node.name", format!("{:?} is not a valid node name (a-z, 0-9, '-')", node.name)));
+            }
+            for (i, inst) in node.instances.iter().enumerate() {
+                if let Some(Err(reason)) = inst.health.as_ref().map(|h| h.validate()) {
+                    return Err(invalid(format!("node.instances[{i}].health"), reason));
+                }
             }
             for (i, fwd) in node.tcp.iter().enumerate() {
                 match self.service(&fwd.service) {

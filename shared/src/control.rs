@@ -6,7 +6,7 @@
 //! lines ([`GatewayMsg`]: whole versioned snapshots). Whole snapshots rather than deltas: a node
 //! that missed or reordered nothing and one that missed everything end up with the same state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 
@@ -34,6 +34,9 @@ pub struct Instance {
     pub protocol: Protocol,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Active health check the node runs against this instance; unset means always healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::health::HealthCheck>,
 }
 
 /// Node to gateway.
@@ -46,8 +49,11 @@ pub enum NodeMsg {
     Ack { version: u64 },
     /// The snapshot of this version was refused; the node keeps its previous one.
     Nack { version: u64, reason: String },
-    /// Clean shutdown: remove this node's endpoints now.
+    /// Clean shutdown (or drain): remove this node's endpoints now.
     Goodbye,
+    /// The whole set of this node's instances whose health check fails, as (service, address);
+    /// sent whenever it changes.
+    Health { unhealthy: Vec<(String, SocketAddr)> },
     /// A certificate signing request for a fresh key, before the current certificate expires.
     Renew { csr: String },
 }
@@ -99,6 +105,9 @@ impl Snapshot {
 pub struct Registration {
     pub address: SocketAddr,
     pub instances: Vec<Instance>,
+    /// (service, address) of the instances whose health check fails.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub unhealthy: BTreeSet<(String, SocketAddr)>,
 }
 
 /// Merges static config and registrations into the mesh state (without a version).
@@ -112,7 +121,8 @@ pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) ->
             None => nodes.push(PeerConfig { name: name.clone(), address: reg.address }),
         }
         for inst in &reg.instances {
-            let ep = EndpointConfig { node: name.clone(), address: inst.address, labels: inst.labels.clone() };
+            let healthy = !reg.unhealthy.contains(&(inst.service.clone(), inst.address));
+            let ep = EndpointConfig { node: name.clone(), address: inst.address, labels: inst.labels.clone(), healthy };
             match services.iter_mut().find(|s| s.name == inst.service) {
                 Some(s) => {
                     if !s.endpoints.iter().any(|e| e.node == ep.node && e.address == ep.address) {
@@ -120,12 +130,9 @@ pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) ->
                     }
                 }
                 None => services.push(ServiceConfig {
-                    name: inst.service.clone(),
-                    hosts: Vec::new(),
                     protocol: inst.protocol,
                     endpoints: vec![ep],
-                    lb: Default::default(),
-                    max_requests: None,
+                    ..ServiceConfig::named(inst.service.clone())
                 }),
             }
         }
@@ -230,10 +237,15 @@ mod tests {
             address: ([127, 0, 0, 1], port).into(),
             protocol: Protocol::Http1,
             labels: Default::default(),
+            health: None,
         };
         regs.insert(
             "b".to_string(),
-            Registration { address: ([10, 0, 0, 2], 9).into(), instances: vec![inst("web", 81), inst("db", 5432)] },
+            Registration {
+                address: ([10, 0, 0, 2], 9).into(),
+                instances: vec![inst("web", 81), inst("db", 5432)],
+                unhealthy: Default::default(),
+            },
         );
         let snap = merge(&cfg, &regs);
         assert_eq!(snap.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);

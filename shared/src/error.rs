@@ -39,7 +39,15 @@ pub enum ProxyError {
     Denied(String),
     #[error("service {0:?} has too many requests in flight")]
     Overloaded(String),
+    #[error("rate limit of route {route:?} reached; retry in {wait:?}")]
+    RateLimited { route: String, wait: Duration },
+    #[error("fault injected by the route: status {0}")]
+    Fault(u16),
 }
+
+/// Internal header on a response from a peer node's own error: the request never reached the
+/// instance, so it may be retried whatever its method. Stripped at every hop's exit.
+pub const UNSENT_HEADER: &str = "quicmesh-unsent";
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
@@ -54,6 +62,8 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Fault(code) => StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
         }
     }
 
@@ -72,7 +82,17 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => "body-too-large",
             ProxyError::Denied(_) => "denied",
             ProxyError::Overloaded(_) => "overloaded",
+            ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::Fault(_) => "fault-injected",
         }
+    }
+
+    /// The request provably never reached an upstream instance (safe to retry elsewhere).
+    pub fn unsent(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoEndpoint(_) | ProxyError::UpstreamUnreachable { .. } | ProxyError::ConnectTimeout(_)
+        )
     }
 
     /// The response a proxy sends for this error, with the details (for callers inside the mesh).
@@ -92,6 +112,9 @@ impl ProxyError {
         let headers = resp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if let ProxyError::RateLimited { wait, .. } = self {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(crate::limit::retry_after_secs(*wait)));
+        }
         resp
     }
 }

@@ -10,6 +10,8 @@ use http::{HeaderMap, Uri};
 pub const SERVICE: HeaderName = HeaderName::from_static("quicmesh-service");
 /// Endpoint address the outbound node chose (set between proxies only).
 pub const ENDPOINT: HeaderName = HeaderName::from_static("quicmesh-endpoint");
+/// Which try of a request this is (1 for the first), set toward the upstream on every try.
+pub const ATTEMPT: HeaderName = HeaderName::from_static("quicmesh-attempt");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::oneshot;
-use tracing::debug;
+use tracing::{debug, warn};
+
+use crate::metrics as m;
 
 use crate::body::{self, Body, H3Body, H3Send};
 
@@ -36,10 +38,13 @@ pub const MIRROR_MAX_BODY: u64 = 64 << 10;
 
 /// A client request stream on a mesh connection.
 pub type RequestStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+mod call;
 use crate::config::{Config, EndpointConfig, Protocol, ServiceConfig};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::{PeerConn, PeerPool};
+pub use call::CallOpts;
 
 /// A service with its balancing state.
 pub struct Service {
@@ -50,17 +55,68 @@ pub struct Service {
     /// Statistics per endpoint (same order as `config.endpoints`), carried across table swaps
     /// by [`Mesh::apply`] so requests read them without locks.
     stats: Vec<Arc<EndpointStats>>,
-    /// Requests in flight to the service through this proxy (circuit breaker), carried across
-    /// table swaps like `stats`.
-    in_flight: Arc<std::sync::atomic::AtomicU64>,
+    /// Circuit-breaker counters and the retry budget, carried across table swaps like `stats`.
+    pub state: Arc<ServiceState>,
+}
+
+/// What a proxy counts per service, whatever the table.
+#[derive(Debug)]
+pub struct ServiceState {
+    /// Requests in flight through this proxy.
+    in_flight: AtomicU64,
+    /// Requests waiting for a connection.
+    pending: AtomicU64,
+    pub budget: crate::retry::Budget,
+}
+
+impl ServiceState {
+    fn new(config: &ServiceConfig) -> Self {
+        Self {
+            in_flight: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            budget: crate::retry::Budget::new(config.retry.budget.clone()),
+        }
+    }
 }
 
 /// Holds one of a service's circuit-breaker slots until dropped.
-struct Slot(Arc<std::sync::atomic::AtomicU64>);
+struct Slot<'a>(&'a AtomicU64);
 
-impl Drop for Slot {
+impl<'a> Slot<'a> {
+    /// Takes a slot unless `max` are taken already.
+    fn take(counter: &'a AtomicU64, max: Option<u32>) -> Option<Self> {
+        let before = counter.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot(counter);
+        max.is_none_or(|max| before < u64::from(max)).then_some(slot)
+    }
+}
+
+impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A failed try, and whether the request provably never reached the upstream instance.
+#[derive(Debug)]
+pub struct TryError {
+    pub error: ProxyError,
+    pub unsent: bool,
+}
+
+impl TryError {
+    fn unsent(error: ProxyError) -> Self {
+        Self { error, unsent: true }
+    }
+    fn sent(error: ProxyError) -> Self {
+        Self { error, unsent: false }
+    }
+}
+
+impl From<ProxyError> for TryError {
+    fn from(error: ProxyError) -> Self {
+        let unsent = error.unsent();
+        Self { error, unsent }
     }
 }
 
@@ -170,13 +226,8 @@ impl Table {
             let maglev = (svc.lb.policy == Policy::ConsistentHash)
                 .then(|| Maglev::new(&svc.endpoints.iter().map(endpoint_key).collect::<Vec<_>>()));
             let stats = svc.endpoints.iter().map(|_| Arc::new(EndpointStats::default())).collect();
-            let s = Arc::new(Service {
-                config: svc,
-                cursor: AtomicUsize::new(0),
-                maglev,
-                stats,
-                in_flight: Default::default(),
-            });
+            let state = Arc::new(ServiceState::new(&svc));
+            let s = Arc::new(Service { config: svc, cursor: AtomicUsize::new(0), maglev, stats, state });
             let svc = &s.config;
             services.insert(svc.name.clone(), s.clone());
             hosts.insert(svc.name.clone(), s.clone());
@@ -219,9 +270,11 @@ pub struct Mesh {
     pub trust_domain: String,
     pub pool: PeerPool,
     pub local: LocalClient,
+    /// Drain state and requests in flight through this process.
+    pub drain: Arc<crate::drain::Drain>,
     table: ArcSwap<Table>,
     stats: std::sync::Mutex<HashMap<String, Arc<EndpointStats>>>,
-    loads: std::sync::Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
+    states: std::sync::Mutex<HashMap<String, Arc<ServiceState>>>,
 }
 
 /// The consistent-hashing key of a request, if it has what the service hashes on.
@@ -248,9 +301,10 @@ impl Mesh {
             trust_domain,
             pool,
             local,
+            drain: crate::drain::Drain::new(),
             table: ArcSwap::from_pointee(Table::new(Config::default(), 0)),
             stats: Default::default(),
-            loads: Default::default(),
+            states: Default::default(),
         };
         mesh.apply(Table::new(Config::clone(&config), 0));
         mesh
@@ -270,15 +324,17 @@ impl Mesh {
         table.hosts.clear();
         {
             let mut map = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-            let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+            let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
             let mut kept = HashMap::new();
-            let mut kept_loads = HashMap::new();
+            let mut kept_states = HashMap::new();
             for svc in table.services.values_mut() {
                 // Fresh services were just built: nothing else holds them now.
                 let Some(svc) = Arc::get_mut(svc) else { continue };
-                let load = loads.get(&svc.config.name).cloned().unwrap_or_else(|| svc.in_flight.clone());
-                svc.in_flight = load.clone();
-                kept_loads.insert(svc.config.name.clone(), load);
+                if let Some(state) = states.get(&svc.config.name) {
+                    state.budget.reconfigure(&svc.config.retry.budget);
+                    svc.state = state.clone();
+                }
+                kept_states.insert(svc.config.name.clone(), svc.state.clone());
                 for (ep, slot) in svc.config.endpoints.iter().zip(svc.stats.iter_mut()) {
                     let key = endpoint_key(ep);
                     let shared = map.get(&key).cloned().unwrap_or_else(|| slot.clone());
@@ -287,7 +343,7 @@ impl Mesh {
                 }
             }
             *map = kept;
-            *loads = kept_loads;
+            *states = kept_states;
         }
         for (host, name) in host_names {
             if let Some(svc) = table.services.get(&name) {
@@ -310,19 +366,42 @@ impl Mesh {
         labels: &BTreeMap<String, String>,
         ctx: &PickCtx<'_>,
     ) -> Result<EndpointConfig, ProxyError> {
-        let all: Vec<&EndpointConfig> =
+        self.pick_avoiding(svc, labels, ctx, &[])
+    }
+
+    /// Like [`Mesh::pick`], avoiding the endpoints in `avoid` (tried already) when others are
+    /// usable. Endpoints failing their health check or ejected as outliers are left out unless
+    /// nothing else is left (then all are tried rather than none: Envoy's panic mode).
+    pub fn pick_avoiding(
+        &self,
+        svc: &Service,
+        labels: &BTreeMap<String, String>,
+        ctx: &PickCtx<'_>,
+        avoid: &[EndpointConfig],
+    ) -> Result<EndpointConfig, ProxyError> {
+        let now = crate::health::now_ms();
+        let subset: Vec<&EndpointConfig> =
             svc.config.endpoints.iter().filter(|ep| labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v))).collect();
-        if all.is_empty() {
+        if subset.is_empty() {
             return Err(ProxyError::NoEndpoint(svc.config.name.clone()));
         }
+        let usable = |ep: &EndpointConfig| ep.healthy && !svc.stats_of(ep).is_some_and(|s| s.outlier.is_ejected(now));
+        let healthy: Vec<&EndpointConfig> = subset.iter().copied().filter(|ep| usable(ep)).collect();
+        let all = if healthy.is_empty() { subset } else { healthy };
+        let untried: Vec<&EndpointConfig> = all
+            .iter()
+            .copied()
+            .filter(|ep| !avoid.iter().any(|a| a.node == ep.node && a.address == ep.address))
+            .collect();
+        let all = if untried.is_empty() { all } else { untried };
         let lb = &svc.config.lb;
         if lb.policy == Policy::ConsistentHash {
             if let Some(key) = hash_key_for(lb, ctx) {
-                // Maglev over the whole service when no subset applies; otherwise rendezvous
-                // hashing over the subset (also minimal remapping).
+                // Maglev over the whole service when no subset applies and its choice is
+                // usable; otherwise rendezvous hashing over what is (also minimal remapping).
                 if labels.is_empty() {
                     if let Some(i) = svc.maglev.as_ref().and_then(|m| m.pick(key)) {
-                        if let Some(ep) = svc.config.endpoints.get(i) {
+                        if let Some(ep) = svc.config.endpoints.get(i).filter(|ep| all.contains(ep)) {
                             return Ok(ep.clone());
                         }
                     }
@@ -356,7 +435,7 @@ impl Mesh {
         self.local_node.as_deref() == Some(ep.node.as_str())
     }
 
-    /// Sends a request to one endpoint of `svc`, locally or through the endpoint's node.
+    /// Sends a request to one endpoint of `svc`, locally or through the endpoint's node, once.
     /// The request's headers must already be cleaned of hop-by-hop fields.
     pub async fn forward(
         &self,
@@ -365,30 +444,67 @@ impl Mesh {
         svc: &Service,
         ep: &EndpointConfig,
     ) -> Result<Response<Body>, ProxyError> {
-        let timeout = table.config.timeouts.request;
+        self.forward_try(req, table, svc, ep, table.config.timeouts.request).await.map_err(|e| e.error)
+    }
+
+    /// One try: circuit breakers, then the endpoint within `per_try`; feeds the balancer and
+    /// outlier detection with the result.
+    pub async fn forward_try(
+        &self,
+        req: Request<Body>,
+        table: &Table,
+        svc: &Service,
+        ep: &EndpointConfig,
+        per_try: Duration,
+    ) -> Result<Response<Body>, TryError> {
         // Circuit breaker: refuse at once rather than queue without bound.
-        let slot = Slot(svc.in_flight.clone());
-        let before = slot.0.fetch_add(1, Ordering::Relaxed);
-        if svc.config.max_requests.is_some_and(|max| before >= u64::from(max)) {
-            return Err(ProxyError::Overloaded(svc.config.name.clone()));
-        }
+        let Some(_slot) = Slot::take(&svc.state.in_flight, svc.config.max_requests) else {
+            metrics::counter!(m::CIRCUIT_OPEN, "service" => svc.config.name.clone(), "limit" => "max_requests")
+                .increment(1);
+            return Err(TryError::unsent(ProxyError::Overloaded(svc.config.name.clone())));
+        };
         // Feed the balancer: requests in flight, and time to response headers.
-        let in_flight = self.stats_for(svc, ep).start();
+        let stats = self.stats_for(svc, ep);
+        let in_flight = stats.start();
         if !self.is_local(ep) {
-            // Connection setup is not the endpoint's latency: have the pooled connection first.
+            // Connection setup is not the endpoint's latency: have the pooled connection first,
+            // as one of a bounded number of requests waiting for one.
+            let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
+                metrics::counter!(m::CIRCUIT_OPEN, "service" => svc.config.name.clone(), "limit" => "max_pending")
+                    .increment(1);
+                return Err(TryError::unsent(ProxyError::Overloaded(svc.config.name.clone())));
+            };
             let _ = self.peer(table, ep).await;
         }
         let start = std::time::Instant::now();
         let result = if self.is_local(ep) {
-            tokio::time::timeout(timeout, self.local.send(req, ep.address, svc.config.protocol))
-                .await
-                .map_err(|_| ProxyError::Timeout(timeout))
-                .and_then(|r| r)
+            match tokio::time::timeout(per_try, self.local.send(req, ep.address, svc.config.protocol)).await {
+                Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
+                Ok(r) => r.map_err(TryError::from),
+            }
         } else {
-            self.forward_remote(req, table, svc, ep).await
+            self.forward_remote(req, table, svc, ep, per_try).await
         };
         // A failure costs like a timeout, so the balancer steers away from it.
-        in_flight.observe(if result.is_ok() { start.elapsed() } else { timeout.max(start.elapsed()) });
+        in_flight.observe(if result.is_ok() { start.elapsed() } else { per_try.max(start.elapsed()) });
+        let failed = match &result {
+            Ok(resp) => resp.status().is_server_error(),
+            Err(e) => !matches!(e.error, ProxyError::Overloaded(_)),
+        };
+        if failed {
+            let now = crate::health::now_ms();
+            let cfg = &svc.config.outlier;
+            let may = || {
+                let ejected = svc.stats.iter().filter(|s| s.outlier.is_ejected(now)).count();
+                crate::health::may_eject(cfg, ejected, svc.stats.len())
+            };
+            if let Some(span) = stats.outlier.failure(cfg, now, may) {
+                metrics::counter!(m::OUTLIER_EJECTIONS, "service" => svc.config.name.clone()).increment(1);
+                warn!(service = svc.config.name, node = ep.node, address = %ep.address, ?span, "endpoint ejected after consecutive failures");
+            }
+        } else {
+            stats.outlier.success();
+        }
         result
     }
 
@@ -406,16 +522,17 @@ impl Mesh {
         table: &Table,
         svc: &Service,
         ep: &EndpointConfig,
-    ) -> Result<Response<Body>, ProxyError> {
+        per_try: Duration,
+    ) -> Result<Response<Body>, TryError> {
         let (parts, body) = req.into_parts();
         let authority = headers::authority(&parts.uri, &parts.headers).unwrap_or_else(|| svc.config.name.clone());
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = Uri::try_from(format!("https://{authority}{pq}"))
-            .map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
+            .map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))?;
         let mut hdrs = parts.headers;
         hdrs.remove(HOST);
-        hdrs.insert(headers::SERVICE, header_value(&svc.config.name)?);
-        hdrs.insert(headers::ENDPOINT, header_value(&ep.address.to_string())?);
+        hdrs.insert(headers::SERVICE, header_value(&svc.config.name).map_err(TryError::unsent)?);
+        hdrs.insert(headers::ENDPOINT, header_value(&ep.address.to_string()).map_err(TryError::unsent)?);
         let head = |method: &Method| {
             let mut r = Request::new(());
             *r.method_mut() = method.clone();
@@ -429,17 +546,19 @@ impl Mesh {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                match self.send_bodiless(table, head(&parts.method), ep).await {
-                    Err(ProxyError::PeerUnreachable { reason, .. }) if attempt == 1 => {
+                match self.send_bodiless(table, head(&parts.method), ep, per_try).await {
+                    Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) if attempt == 1 => {
                         debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
                     }
                     other => return other,
                 }
             }
         }
-        // With a body, only the stream opening may be retried: the body is not consumed yet.
+        // With a body, only the stream opening may be repeated: the body is not consumed yet.
         let (pc, stream) = match self.open_stream(table, head(&parts.method), ep).await {
-            Err(ProxyError::PeerUnreachable { .. }) => self.open_stream(table, head(&parts.method), ep).await?,
+            Err(TryError { error: ProxyError::PeerUnreachable { .. }, .. }) => {
+                self.open_stream(table, head(&parts.method), ep).await?
+            }
             other => other?,
         };
         let (mut send, recv) = stream.split();
@@ -456,24 +575,25 @@ impl Mesh {
         });
         // The upload runs on past the response headers (full duplex) until the response body is
         // dropped; dropping `cancel_tx` then resets an unfinished upload.
-        let resp = self.await_recv(table, recv, ep, &pc).await?;
+        let resp = self.await_recv(recv, ep, &pc, per_try).await?;
         Ok(resp.map(|b| body::with_guard(b, cancel_tx)))
     }
 
-    /// Opens a request stream on the pooled connection; a dead connection is evicted.
+    /// Opens a request stream on the pooled connection; a dead or closing connection is
+    /// evicted. Nothing reached the peer when this fails.
     async fn open_stream(
         &self,
         table: &Table,
         head: Request<()>,
         ep: &EndpointConfig,
-    ) -> Result<(PeerConn, RequestStream), ProxyError> {
-        let (pc, _) = self.peer(table, ep).await?;
+    ) -> Result<(PeerConn, RequestStream), TryError> {
+        let (pc, _) = self.peer(table, ep).await.map_err(TryError::unsent)?;
         let mut sender = pc.h3.clone();
         match sender.send_request(head).await {
             Ok(s) => Ok((pc, s)),
             Err(e) => {
                 self.pool.evict(&ep.node, &pc.conn).await;
-                Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() })
+                Err(TryError::unsent(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() }))
             }
         }
     }
@@ -483,33 +603,45 @@ impl Mesh {
         table: &Table,
         head: Request<()>,
         ep: &EndpointConfig,
-    ) -> Result<Response<Body>, ProxyError> {
+        per_try: Duration,
+    ) -> Result<Response<Body>, TryError> {
         let (pc, mut stream) = self.open_stream(table, head, ep).await?;
         if let Err(e) = stream.finish().await {
             self.pool.evict(&ep.node, &pc.conn).await;
-            return Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() });
+            let unsent = rejected(&e);
+            let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() };
+            return Err(TryError { error, unsent });
         }
         let (_send, recv) = stream.split();
-        self.await_recv(table, recv, ep, &pc).await
+        self.await_recv(recv, ep, &pc, per_try).await
     }
 
     async fn await_recv(
         &self,
-        table: &Table,
         mut recv: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
         ep: &EndpointConfig,
         pc: &PeerConn,
-    ) -> Result<Response<Body>, ProxyError> {
-        let timeout = table.config.timeouts.request;
-        let head = match tokio::time::timeout(timeout, recv.recv_response()).await {
+        per_try: Duration,
+    ) -> Result<Response<Body>, TryError> {
+        let head = match tokio::time::timeout(per_try, recv.recv_response()).await {
             // Dropping `recv` stops the stream (h3-quinn panics on an explicit stop_sending
             // after a cancelled read, so never call it here).
-            Err(_) => return Err(ProxyError::Timeout(timeout)),
+            Err(_) => return Err(TryError::sent(ProxyError::Timeout(per_try))),
+            // Refused before processing (the peer is draining): safe to send elsewhere.
+            Ok(Err(e)) if rejected(&e) => {
+                return Err(TryError::unsent(ProxyError::PeerUnreachable {
+                    peer: ep.node.clone(),
+                    reason: "request refused by a draining peer".into(),
+                }))
+            }
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.pool.evict(&ep.node, &pc.conn).await;
-                return Err(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() });
+                return Err(TryError::sent(ProxyError::PeerUnreachable {
+                    peer: ep.node.clone(),
+                    reason: e.to_string(),
+                }));
             }
-            Ok(Err(e)) => return Err(ProxyError::UpstreamReset(e.to_string())),
+            Ok(Err(e)) => return Err(TryError::sent(ProxyError::UpstreamReset(e.to_string()))),
             Ok(Ok(head)) => head,
         };
         let (mut parts, ()) = head.into_parts();
@@ -634,6 +766,16 @@ fn header_value(s: &str) -> Result<HeaderValue, ProxyError> {
 /// Safe to replay per RFC 9110 section 9.2.2.
 pub fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// The peer refused the request before processing it (RFC 9114 H3_REQUEST_REJECTED), or a
+/// GOAWAY had already closed the connection to new requests.
+fn rejected(e: &h3::error::StreamError) -> bool {
+    match e {
+        h3::error::StreamError::RemoteTerminate { code, .. } => *code == h3::error::Code::H3_REQUEST_REJECTED,
+        h3::error::StreamError::RemoteClosing { .. } => true,
+        _ => false,
+    }
 }
 
 /// A stream error caused by the connection as a whole (so the pooled connection is dead).

@@ -28,6 +28,15 @@ pub const CONTROL_CONNECTED: &str = "quicmesh_control_connected";
 pub const CONFIG_RELOADS: &str = "quicmesh_config_reloads_total";
 pub const ENROLLMENTS: &str = "quicmesh_enrollments_total";
 pub const CERT_EXPIRY: &str = "quicmesh_certificate_expiry_timestamp_seconds";
+pub const RETRIES: &str = "quicmesh_retries_total";
+pub const RETRY_BUDGET_EXHAUSTED: &str = "quicmesh_retry_budget_exhausted_total";
+pub const CIRCUIT_OPEN: &str = "quicmesh_circuit_breaker_rejections_total";
+pub const OUTLIER_EJECTIONS: &str = "quicmesh_outlier_ejections_total";
+pub const HEALTH_CHECKS: &str = "quicmesh_health_checks_total";
+pub const HEALTHY: &str = "quicmesh_instance_healthy";
+pub const RATE_LIMITED: &str = "quicmesh_rate_limited_total";
+pub const FAULTS: &str = "quicmesh_faults_injected_total";
+pub const DRAINING: &str = "quicmesh_draining";
 
 /// Latency buckets from 100 us to 30 s.
 const LATENCY_BUCKETS: &[f64] =
@@ -79,6 +88,15 @@ fn describe() {
     describe_gauge!(CONTROL_CONNECTED, "1 while the node holds a control stream to the gateway.");
     describe_counter!(ENROLLMENTS, "Certificate requests by result (issued, renewed, refused).");
     describe_gauge!(CERT_EXPIRY, "When this node's certificate expires, Unix seconds.");
+    describe_counter!(RETRIES, "Requests tried again, by service and reason (unsent, failed).");
+    describe_counter!(RETRY_BUDGET_EXHAUSTED, "Retries not made because the service's retry budget was spent.");
+    describe_counter!(CIRCUIT_OPEN, "Requests refused by a service's circuit breaker, by limit.");
+    describe_counter!(OUTLIER_EJECTIONS, "Endpoints ejected by passive outlier detection, by service.");
+    describe_counter!(HEALTH_CHECKS, "Active health checks of local instances, by service and result.");
+    describe_gauge!(HEALTHY, "1 while a local instance passes its health check, by service.");
+    describe_counter!(RATE_LIMITED, "Requests answered 429 by a route's rate limit, by route.");
+    describe_counter!(FAULTS, "Faults injected by routes, by route and kind (delay, abort).");
+    describe_gauge!(DRAINING, "1 once the process is draining (SIGTERM) before it exits.");
     describe_counter!(CONFIG_RELOADS, "Config file reloads by the gateway, by result (applied, rejected).");
 }
 

@@ -51,14 +51,7 @@ fn parse_err(e: figment::Error) -> ConfigError {
 pub fn apply_services(config: &mut Config, dir: &Path) -> Result<(), ConfigError> {
     for path in files(dir, "services") {
         let name = stem(&path)?;
-        let base = config.service(&name).cloned().unwrap_or(ServiceConfig {
-            name: name.clone(),
-            hosts: Vec::new(),
-            protocol: Default::default(),
-            endpoints: Vec::new(),
-            lb: Default::default(),
-            max_requests: None,
-        });
+        let base = config.service(&name).cloned().unwrap_or_else(|| ServiceConfig::named(name.clone()));
         let merged: ServiceConfig =
             Figment::from(Serialized::defaults(base)).merge(Toml::file_exact(&path)).extract().map_err(parse_err)?;
         if merged.name != name {

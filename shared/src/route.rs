@@ -31,6 +31,9 @@ pub struct HttpRoute {
     /// `gateway.limits.max_request_body`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_body: Option<u64>,
+    /// quicmesh extension: token-bucket rate limit of the route (429 with `retry-after`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::limit::RateLimit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +48,12 @@ pub struct RouteRule {
     pub backend_refs: Vec<BackendRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<RuleTimeouts>,
+    /// Overrides of the backend service's retry policy (Gateway API HTTPRouteRetry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::retry::RouteRetry>,
+    /// quicmesh extension: fault injection for chaos testing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<crate::limit::Fault>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -263,6 +272,8 @@ pub struct Matched<'a> {
     pub rule: &'a RouteRule,
     /// The prefix that matched when the match was a `PathPrefix`.
     pub matched_prefix: Option<&'a str>,
+    /// The route's rate limiter, when it has a `rateLimit`.
+    pub limiter: Option<&'a crate::limit::RateLimiter>,
 }
 
 /// Hostname patterns of one route, compiled.
@@ -312,6 +323,8 @@ fn first_segment_of_rule(path: &PathRule) -> Option<&str> {
 /// request only meets the entries for its host and first path segment.
 pub struct RouteTable {
     routes: Vec<HttpRoute>,
+    /// One per route (same order), for routes with a `rateLimit`.
+    limiters: Vec<Option<crate::limit::RateLimiter>>,
     /// In global precedence order (within a hostname class).
     entries: Vec<Entry>,
     exact: HashMap<String, Group>,
@@ -400,8 +413,22 @@ impl RouteTable {
     pub fn new(routes: Vec<HttpRoute>) -> Result<Self, RouteError> {
         let mut entries = Vec::new();
         for (ri, route) in routes.iter().enumerate() {
+            if let Some(Err(e)) = route.rate_limit.as_ref().map(|l| l.validate()) {
+                return Err(invalid(&route.name, format!("rateLimit: {e}")));
+            }
             for (ui, rule) in route.rules.iter().enumerate() {
                 validate_filters(&route.name, rule)?;
+                if let Some(Err(e)) = rule.fault.as_ref().map(|f| f.validate()) {
+                    return Err(invalid(&route.name, format!("fault: {e}")));
+                }
+                if let Some(c) = rule
+                    .retry
+                    .as_ref()
+                    .and_then(|r| r.codes.as_ref())
+                    .and_then(|c| c.iter().find(|c| !(100..=599).contains(*c)))
+                {
+                    return Err(invalid(&route.name, format!("retry.codes: {c} is not an HTTP status")));
+                }
                 let default = [RouteMatch::default()];
                 let matches: &[RouteMatch] = if rule.matches.is_empty() { &default } else { &rule.matches };
                 for m in matches {
@@ -436,13 +463,15 @@ impl RouteTable {
             }
         }
         wildcard.sort_by_key(|(w, _)| std::cmp::Reverse(w.len()));
-        Ok(Self { routes, entries, exact, wildcard, any })
+        let limiters = routes.iter().map(|r| r.rate_limit.clone().map(crate::limit::RateLimiter::new)).collect();
+        Ok(Self { routes, limiters, entries, exact, wildcard, any })
     }
 
     /// A table without routes: every lookup misses.
     pub fn empty() -> Self {
         Self {
             routes: Vec::new(),
+            limiters: Vec::new(),
             entries: Vec::new(),
             exact: HashMap::new(),
             wildcard: Vec::new(),
@@ -496,7 +525,8 @@ impl RouteTable {
                         PathRule::Prefix(p) => Some(p.as_str()),
                         _ => None,
                     };
-                    return Some(Matched { route, rule: &route.rules[e.rule], matched_prefix });
+                    let limiter = self.limiters.get(e.route).and_then(Option::as_ref);
+                    return Some(Matched { route, rule: &route.rules[e.rule], matched_prefix, limiter });
                 }
             }
         }

@@ -2,6 +2,8 @@
 //! backends, and small clients. Everything binds port 0; waits poll with deadlines.
 #![allow(dead_code)]
 
+pub mod backend;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,130 @@
+//! Graceful drain: a process told to stop (SIGTERM) stops taking new work, tells its peers
+//! (HTTP/3 GOAWAY, HTTP/2 GOAWAY, `Connection: close`) and waits for the requests in flight, up
+//! to a deadline. [`Drain`] is the shared state: the phase, and a count of requests in flight.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+/// Where a process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    /// Not ready any more; deregistering, still serving everything.
+    Draining,
+    /// Peers were told to stop sending; new connections are refused.
+    GoingAway,
+}
+
+#[derive(Debug)]
+pub struct Drain {
+    phase: watch::Sender<Phase>,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts one request in flight until dropped.
+pub struct Guard(Arc<Drain>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Drain {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { phase: watch::channel(Phase::Serving).0, in_flight: AtomicUsize::new(0), idle: Notify::new() })
+    }
+
+    pub fn guard(self: &Arc<Self>) -> Guard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Guard(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Moves to a later phase (never back).
+    pub fn advance(&self, to: Phase) {
+        self.phase.send_if_modified(|p| {
+            let later = to > *p;
+            if later {
+                *p = to;
+            }
+            later
+        });
+    }
+
+    /// Resolves once the phase is at least `phase`.
+    pub async fn reached(&self, phase: Phase) {
+        let mut rx = self.phase.subscribe();
+        let _ = rx.wait_for(|p| *p >= phase).await;
+    }
+
+    /// The end of a drain: waits for the requests in flight (within `deadline`), logs the
+    /// outcome, then lingers so the last responses are acknowledged before connections close.
+    pub async fn settle(&self, deadline: Duration) {
+        let started = tokio::time::Instant::now();
+        let left = self.wait_idle(deadline).await;
+        if left > 0 {
+            tracing::warn!(left, "drain deadline passed; cutting the requests still in flight");
+            return;
+        }
+        tracing::info!("drained; every request in flight finished");
+        tokio::time::sleep(LINGER.min(deadline.saturating_sub(started.elapsed()))).await;
+    }
+
+    /// Waits until nothing is in flight or `deadline` passes; returns what is still in flight.
+    pub async fn wait_idle(&self, deadline: Duration) -> usize {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a release in between is not missed.
+            notified.as_mut().enable();
+            let left = self.in_flight();
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return self.in_flight();
+            }
+        }
+    }
+}
+
+/// After the last response was handed to QUIC, how long to wait before closing connections:
+/// closing abandons data the peer has not acknowledged yet, so give it a few round trips plus
+/// the peer's ACK delay (25 ms by default), within the drain deadline.
+pub const LINGER: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_guards_or_the_deadline() {
+        let d = Drain::new();
+        let g = d.guard();
+        let d2 = d.clone();
+        let waiter = tokio::spawn(async move { d2.wait_idle(Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(g);
+        assert_eq!(waiter.await.unwrap(), 0);
+        let _stuck = d.guard();
+        assert_eq!(d.wait_idle(Duration::from_secs(2)).await, 1, "the deadline ends the wait");
+        d.advance(Phase::GoingAway);
+        d.advance(Phase::Draining);
+        assert_eq!(d.phase(), Phase::GoingAway, "phases never go back");
+    }
+}

@@ -1,0 +1,177 @@
+//! One call to a service: fault injection, then tries until one answers or the retry policy,
+//! the retry budget or the deadline says stop. Each retry goes to an endpoint not tried yet when
+//! there is one, after an exponential backoff with jitter, and carries `quicmesh-attempt`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::Body as _;
+use tracing::debug;
+
+use super::{Mesh, PickCtx, Service, Table, TryError};
+use crate::body::{self, Body, Buffered};
+use crate::config::EndpointConfig;
+use crate::error::{ProxyError, UNSENT_HEADER};
+use crate::headers;
+use crate::limit::Fault;
+use crate::metrics as m;
+use crate::retry::{RouteRetry, TryOutcome};
+use crate::route::RuleTimeouts;
+
+/// What the matched route (if any) adds to a call.
+#[derive(Default)]
+pub struct CallOpts<'a> {
+    /// Route name, for metrics.
+    pub route: &'a str,
+    /// Endpoint subset of the backend.
+    pub labels: Option<&'a BTreeMap<String, String>>,
+    pub retry: Option<&'a RouteRetry>,
+    pub timeouts: Option<&'a RuleTimeouts>,
+    pub fault: Option<&'a Fault>,
+    pub client: Option<IpAddr>,
+}
+
+/// Budgets are counted against one clock per process.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Mesh {
+    /// Calls `svc` with `req` (headers already cleaned of hop-by-hop fields), retrying as its
+    /// policy and the route allow, within the route's request timeout.
+    pub async fn call(
+        &self,
+        table: &Table,
+        svc: &Service,
+        req: Request<Body>,
+        opts: &CallOpts<'_>,
+    ) -> Result<Response<Body>, ProxyError> {
+        match opts.timeouts.and_then(|t| t.request) {
+            Some(total) => tokio::time::timeout(total, self.call_inner(table, svc, req, opts))
+                .await
+                .unwrap_or(Err(ProxyError::Timeout(total))),
+            None => self.call_inner(table, svc, req, opts).await,
+        }
+    }
+
+    async fn call_inner(
+        &self,
+        table: &Table,
+        svc: &Service,
+        req: Request<Body>,
+        opts: &CallOpts<'_>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if let Some(fault) = opts.fault {
+            let plan = fault.plan(&mut fastrand::Rng::new());
+            if let Some(delay) = plan.delay {
+                metrics::counter!(m::FAULTS, "route" => opts.route.to_string(), "kind" => "delay").increment(1);
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(status) = plan.abort {
+                metrics::counter!(m::FAULTS, "route" => opts.route.to_string(), "kind" => "abort").increment(1);
+                return Err(ProxyError::Fault(status));
+            }
+        }
+        let policy = svc.config.retry.with_route(opts.retry);
+        let per_try_set = opts.timeouts.and_then(|t| t.backend_request);
+        let per_try = per_try_set.unwrap_or(table.config.timeouts.request);
+        let per_try_set = per_try_set.is_some();
+        let no_labels = BTreeMap::new();
+        let labels = opts.labels.unwrap_or(&no_labels);
+        svc.state.budget.deposit(epoch(), Instant::now());
+        let (mut parts, body) = req.into_parts();
+        parts.headers.remove(UNSENT_HEADER);
+        // Keep the body for another try when it is small enough; a larger one goes out once.
+        let (replay, mut once) = if policy.attempts == 0 {
+            (None, Some(body))
+        } else if body.is_end_stream() {
+            (Some(Bytes::new()), None)
+        } else if body.size_hint().lower() > policy.max_body {
+            (None, Some(body))
+        } else {
+            match body::buffer_up_to(body, policy.max_body).await.map_err(body_error)? {
+                Buffered::Whole(b) => (Some(b), None),
+                Buffered::Partial(b) => (None, Some(b)),
+            }
+        };
+        let mut tried: Vec<EndpointConfig> = Vec::new();
+        let mut rng = fastrand::Rng::new();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let ep = {
+                let ctx = PickCtx { headers: Some(&parts.headers), client: opts.client };
+                self.pick_avoiding(svc, labels, &ctx, &tried)?
+            };
+            let body = match (&replay, once.take()) {
+                (Some(b), _) => body::full(b.clone()),
+                (None, Some(b)) => b,
+                // Without a kept body there is never a second try.
+                (None, None) => return Err(ProxyError::BadRequest("request body already sent".into())),
+            };
+            let mut req = Request::new(body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            req.headers_mut().insert(headers::ATTEMPT, HeaderValue::from(attempt));
+            let result = self.forward_try(req, table, svc, &ep, per_try).await;
+            let outcome = match &result {
+                Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
+                Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,
+                Ok(_) => TryOutcome::Done,
+                Err(TryError { error: ProxyError::Overloaded(_), .. }) => TryOutcome::Done,
+                // A slow service would only get more load: a timed-out try is retried only when
+                // the route asked for per-try timeouts (`backendRequest`).
+                Err(TryError { error: ProxyError::Timeout(_), .. }) if per_try_set => TryOutcome::Failed,
+                Err(TryError { error: ProxyError::Timeout(_), .. }) => TryOutcome::Done,
+                Err(TryError { unsent: true, .. }) => TryOutcome::Unsent,
+                Err(TryError { unsent: false, .. }) => TryOutcome::Failed,
+            };
+            let again = attempt <= policy.attempts && replay.is_some() && policy.should_retry(&parts.method, outcome);
+            if !again {
+                return finish(result);
+            }
+            if !svc.state.budget.withdraw(epoch(), Instant::now()) {
+                metrics::counter!(m::RETRY_BUDGET_EXHAUSTED, "service" => svc.config.name.clone()).increment(1);
+                debug!(service = svc.config.name, "retry budget spent; not retrying");
+                return finish(result);
+            }
+            metrics::counter!(m::RETRIES, "service" => svc.config.name.clone(), "reason" => crate::retry::reason_label(outcome))
+                .increment(1);
+            match &result {
+                Ok(resp) => {
+                    debug!(service = svc.config.name, endpoint = %ep.address, status = resp.status().as_u16(), attempt, "retrying")
+                }
+                Err(e) => {
+                    debug!(service = svc.config.name, endpoint = %ep.address, error = %e.error, attempt, "retrying")
+                }
+            }
+            // Dropping an unwanted response resets its stream.
+            drop(result);
+            tried.push(ep);
+            tokio::time::sleep(policy.backoff_for(attempt, &mut rng)).await;
+        }
+    }
+}
+
+fn finish(result: Result<Response<Body>, TryError>) -> Result<Response<Body>, ProxyError> {
+    match result {
+        Ok(mut resp) => {
+            resp.headers_mut().remove(UNSENT_HEADER);
+            Ok(resp)
+        }
+        Err(e) => Err(e.error),
+    }
+}
+
+fn body_error(e: body::BoxError) -> ProxyError {
+    match e.downcast_ref::<http_body_util::LengthLimitError>() {
+        Some(_) => ProxyError::BodyTooLarge(0),
+        None => ProxyError::BadRequest(format!("request body: {e}")),
+    }
+}

@@ -1,0 +1,478 @@
+//! End-to-end tests of resilience: retries (and when they are not safe), retry budgets, outlier
+//! ejection, active health checks through the control plane, graceful drain on SIGTERM, rate
+//! limits and fault injection. Node and gateway processes of the real binary, in-process
+//! backends that can fail on demand, real clients.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::backend::{Backend, Mode};
+use support::*;
+
+/// node-a (the client's) plus node-b and node-c hosting `web` (one instance each), from static
+/// config. `web_extra` is appended to the `web` service block.
+struct Three {
+    a: NodeProc,
+    b: NodeProc,
+    c: NodeProc,
+    pki: Pki,
+}
+
+fn web(b: SocketAddr, c: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[services]]\nname = \"web\"\n{extra}\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{b}\"\n\n[[services.endpoints]]\nnode = \"node-c\"\naddress = \"{c}\"\n"
+    )
+}
+
+async fn three_nodes(services: &str) -> Three {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    pki.issue("node-c");
+    // node-b and node-c only deliver locally; each lists the other so the config validates.
+    let unused: SocketAddr = ([127, 0, 0, 1], 9).into();
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[("node-c", unused)], services));
+    let c =
+        NodeProc::start(pki.path(), "node-c", &node_toml("node-c", &state, &[("node-b", b.addrs.inbound)], services));
+    let peers = [("node-b", b.addrs.inbound), ("node-c", c.addrs.inbound)];
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &peers, services));
+    Three { a, b, c, pki }
+}
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// (status, quicmesh-error, body)
+async fn call(client: &Client, outbound: SocketAddr, method: &str, host: &str, body: &str) -> (u16, String, String) {
+    use http_body_util::BodyExt;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{outbound}/"))
+        .header("host", host)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    match client.request(req).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let reason = r.headers().get("quicmesh-error").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            (status, reason, String::from_utf8_lossy(&body).into_owned())
+        }
+        Err(e) => (0, format!("client error: {e}"), String::new()),
+    }
+}
+
+/// Concurrent back-to-back GETs for a host through a node's outbound listener until stopped;
+/// keeps every failure for the report.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+impl Load {
+    fn start(outbound: SocketAddr, host: &'static str, workers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, done, failures) = (stop.clone(), done.clone(), failures.clone());
+                tokio::spawn(async move {
+                    let c = client();
+                    let mut ok = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let (status, reason, _) = call(&c, outbound, "GET", host, "").await;
+                        if status == 200 {
+                            ok += 1;
+                        } else {
+                            failures.lock().unwrap().push(format!("{status} {reason}"));
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ok
+                })
+            })
+            .collect();
+        Load { stop, done, failures, tasks }
+    }
+
+    /// Waits until `more` further requests have completed.
+    async fn run_for(&self, more: u64) {
+        let target = self.done.load(Ordering::Relaxed) + more;
+        eventually(Duration::from_secs(30), "the load to make progress", || async {
+            (self.done.load(Ordering::Relaxed) >= target).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops; returns (succeeded, failures).
+    async fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut ok = 0;
+        for t in self.tasks {
+            ok += t.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (ok, failures)
+    }
+}
+
+async fn wait_hits(b: &Backend, at_least: u64, what: &str) {
+    eventually(Duration::from_secs(30), what, || async { (b.hits() >= at_least).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_under_load_costs_no_request() {
+    let mut one = Backend::start("one", Duration::ZERO).await;
+    let two = Backend::start("two", Duration::ZERO).await;
+    let m = three_nodes(&web(one.addr, two.addr, "lb = { policy = \"round_robin\" }")).await;
+    let load = Load::start(m.a.addrs.outbound, "web", 4);
+    wait_hits(&one, 100, "instance one to take traffic").await;
+    one.kill();
+    let before = two.hits();
+    wait_hits(&two, before + 300, "instance two to take the rest").await;
+    load.run_for(100).await;
+    let (ok, failures) = load.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(10)]
+    );
+    let metrics = m.a.metrics().await;
+    assert!(metric(&metrics, "quicmesh_retries_total", &[("service", "web")]) >= 1.0, "no retry counted:\n{metrics}");
+    assert!(two.max_attempt.load(Ordering::SeqCst) >= 2, "no retry reached instance two with quicmesh-attempt");
+    let _ = (&m.b, &m.c, &m.pki);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_retried_only_when_it_never_reached_the_instance() {
+    // `web`: one instance cuts every connection after reading the request; the other answers.
+    let cutter = Backend::start("cutter", Duration::ZERO).await;
+    cutter.set_mode(Mode::Reset);
+    let good = Backend::start("good", Duration::ZERO).await;
+    // `gone`: one instance refuses connections; the other answers.
+    let gone = dead_address().await;
+    let good2 = Backend::start("good2", Duration::ZERO).await;
+    let services = format!(
+        "{}\n[[services]]\nname = \"gone\"\nlb = {{ policy = \"round_robin\" }}\noutlier = {{ consecutive_failures = 0 }}\n\
+         [[services.endpoints]]\nnode = \"node-b\"\naddress = \"{gone}\"\n\n[[services.endpoints]]\nnode = \"node-c\"\naddress = \"{}\"\n",
+        web(cutter.addr, good.addr, "lb = { policy = \"round_robin\" }\noutlier = { consecutive_failures = 0 }"),
+        good2.addr
+    );
+    let m = three_nodes(&services).await;
+    let c = client();
+    // Sent, then cut: a POST is not repeated (the instance may have acted on it), a GET is.
+    let mut cut_posts = 0;
+    for i in 0..6 {
+        let (status, reason, _) = call(&c, m.a.addrs.outbound, "POST", "web", &format!("order-{i}")).await;
+        match status {
+            200 => {}
+            502 => {
+                assert_eq!(reason, "upstream-reset");
+                cut_posts += 1;
+            }
+            other => panic!("unexpected {other} {reason}"),
+        }
+    }
+    assert!(cut_posts >= 2, "round robin should have sent several POSTs to the cutter");
+    assert_eq!(cutter.hits(), cut_posts, "a cut POST was sent again");
+    assert_eq!(good.hits(), 6 - cut_posts);
+    for _ in 0..6 {
+        let (status, reason, _) = call(&c, m.a.addrs.outbound, "GET", "web", "").await;
+        assert_eq!(status, 200, "{reason}");
+    }
+    // Refused: the POST never reached anything, so it goes to the other instance.
+    for i in 0..6 {
+        let (status, reason, body) = call(&c, m.a.addrs.outbound, "POST", "gone", &format!("pay-{i}")).await;
+        assert_eq!((status, body.as_str()), (200, "good2"), "{reason}");
+    }
+    assert_eq!(good2.hits(), 6);
+    let metrics = m.a.metrics().await;
+    assert!(
+        metric(&metrics, "quicmesh_retries_total", &[("service", "gone"), ("reason", "unsent")]) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "quicmesh_retries_total", &[("service", "web"), ("reason", "failed")]) >= 1.0,
+        "{metrics}"
+    );
+    let _ = (&m.b, &m.c, &m.pki);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stay_within_the_budget_when_everything_fails() {
+    let down = Backend::start("down", Duration::ZERO).await;
+    down.fail_with(503);
+    let also_down = Backend::start("also-down", Duration::ZERO).await;
+    also_down.fail_with(503);
+    let policy = "retry = { attempts = 3, backoff = \"1ms\", max_backoff = \"2ms\", budget = { ratio = 0.2, min_per_second = 0 } }\noutlier = { consecutive_failures = 0 }";
+    let m = three_nodes(&web(down.addr, also_down.addr, policy)).await;
+    let c = client();
+    let requests = 100;
+    for _ in 0..requests {
+        let (status, _, _) = call(&c, m.a.addrs.outbound, "GET", "web", "").await;
+        assert_eq!(status, 503);
+    }
+    let sent = down.hits() + also_down.hits();
+    // Without a budget: 4 tries each (400). With it: at most 20% more than the requests.
+    assert!(sent >= requests, "{sent}");
+    assert!(sent <= requests + requests / 5 + 1, "{sent} tries for {requests} requests: the budget did not hold");
+    let metrics = m.a.metrics().await;
+    assert!(metric(&metrics, "quicmesh_retry_budget_exhausted_total", &[("service", "web")]) >= 1.0, "{metrics}");
+    let _ = (&m.b, &m.c, &m.pki);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_then_tried_again() {
+    let bad = Backend::start("bad", Duration::ZERO).await;
+    bad.fail_with(500);
+    let fine = Backend::start("fine", Duration::ZERO).await;
+    let policy = "lb = { policy = \"round_robin\" }\noutlier = { consecutive_failures = 3, base_ejection = \"1s\" }";
+    let m = three_nodes(&web(bad.addr, fine.addr, policy)).await;
+    let c = client();
+    // 500 is not a retried status, so failures reach the client until the ejection.
+    let mut served = Vec::new();
+    for _ in 0..20 {
+        served.push(call(&c, m.a.addrs.outbound, "GET", "web", "").await.0);
+    }
+    assert_eq!(bad.hits(), 3, "ejected after three failures in a row: {served:?}");
+    assert!(served[served.len() - 10..].iter().all(|s| *s == 200), "{served:?}");
+    let metrics = m.a.metrics().await;
+    assert_eq!(metric(&metrics, "quicmesh_outlier_ejections_total", &[("service", "web")]), 1.0, "{metrics}");
+    // The ejection ends after base_ejection and the endpoint gets traffic again.
+    let start = Instant::now();
+    eventually(Duration::from_secs(10), "the ejected endpoint to be tried again", || async {
+        call(&c, m.a.addrs.outbound, "GET", "web", "").await;
+        (bad.hits() > 3).then_some(())
+    })
+    .await;
+    assert!(start.elapsed() >= Duration::from_millis(500), "ejection ended too early: {:?}", start.elapsed());
+    let _ = (&m.b, &m.c, &m.pki);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_timeouts_answer_504_and_cancel_the_try() {
+    let (slow, accepted) = silent_backend_counted().await;
+    let quick = Backend::start("quick", Duration::ZERO).await;
+    let routes =
+        "[[routes]]\nname = \"slow\"\nhostnames = [\"slow\"]\n[[routes.rules]]\ntimeouts = { request = \"300ms\" }\n\
+                  [[routes.rules.backendRefs]]\nname = \"web\"\nlabels = { speed = \"slow\" }\n";
+    let services = format!(
+        "[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\nlabels = {{ speed = \"slow\" }}\n\n\
+         [[services.endpoints]]\nnode = \"node-c\"\naddress = \"{}\"\n\n{routes}",
+        quick.addr
+    );
+    let m = three_nodes(&services).await;
+    let c = client();
+    let start = Instant::now();
+    let (status, reason, _) = call(&c, m.a.addrs.outbound, "GET", "slow", "").await;
+    let took = start.elapsed();
+    assert_eq!((status, reason.as_str()), (504, "timeout"));
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "a timed-out try is not repeated without backendRequest");
+    // The far node saw its stream cancelled and gave up its request to the instance.
+    eventually(Duration::from_secs(10), "node-b to count the cancelled request", || async {
+        let mb = m.b.metrics().await;
+        (metric(&mb, "quicmesh_requests_total", &[("direction", "inbound"), ("service", "web")]) >= 1.0).then_some(())
+    })
+    .await;
+    let _ = (&m.c, &m.pki);
+}
+
+/// The gateway's layers for control-plane tests: `web` declared with `extra`, and `routes`.
+fn gateway_files(dir: &Path, extra: &str, routes: &str) -> Vec<std::path::PathBuf> {
+    let mesh = dir.join("mesh.toml");
+    std::fs::write(
+        &mesh,
+        format!("[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{TRANSPORT}\n[[services]]\nname = \"web\"\n{extra}\n"),
+    )
+    .unwrap();
+    let gw = dir.join("gateway.toml");
+    std::fs::write(
+        &gw,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nnode_grace = \"10s\"\nwatch_interval = \"100ms\"\n\n[gateway.tls]\nstate_dir = \"{}\"\n\n{routes}",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    vec![mesh, gw]
+}
+
+fn joined(name: &str, dir: &Path, control: SocketAddr, instances: &str) -> String {
+    let mut t = node_toml(name, dir, &[], "");
+    t.push_str(&format!("\n[node.gateway]\naddress = \"{control}\"\n\n{instances}"));
+    t
+}
+
+fn instance(service: &str, addr: SocketAddr, health: &str) -> String {
+    format!("[[node.instances]]\nservice = \"{service}\"\naddress = \"{addr}\"\n{health}\n")
+}
+
+/// Healthy flags of `web`'s endpoints as a node sees them, by address.
+async fn health_seen(node: &NodeProc) -> Vec<(String, bool)> {
+    let doc = node.admin_json("/endpoints").await;
+    let mut out = Vec::new();
+    for svc in doc["services"].as_array().unwrap() {
+        if svc["name"] == "web" {
+            for ep in svc["endpoints"].as_array().unwrap() {
+                out.push((ep["address"].as_str().unwrap().to_string(), ep["healthy"].as_bool().unwrap_or(true)));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_check_takes_an_instance_out_of_every_rotation() {
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    for n in ["node-a", "node-b", "node-c"] {
+        pki.issue(n);
+    }
+    let gw = NodeProc::start_layered("gateway", &gateway_files(&dir, "lb = { policy = \"round_robin\" }", ""));
+    let sick = Backend::start("sick", Duration::ZERO).await;
+    let well = Backend::start("well", Duration::ZERO).await;
+    let check = "health = { http = \"/health\", interval = \"100ms\", timeout = \"500ms\", healthy_threshold = 2, unhealthy_threshold = 2 }";
+    let b =
+        NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &instance("web", sick.addr, check)));
+    let c =
+        NodeProc::start(&dir, "node-c", &joined("node-c", &dir, gw.addrs.control, &instance("web", well.addr, check)));
+    let a = NodeProc::start(&dir, "node-a", &joined("node-a", &dir, gw.addrs.control, ""));
+    let cl = client();
+    // Both in rotation first.
+    eventually(Duration::from_secs(20), "both instances to serve", || async {
+        call(&cl, a.addrs.outbound, "GET", "web", "").await;
+        (sick.hits() > 0 && well.hits() > 0).then_some(())
+    })
+    .await;
+    sick.set_healthy(false);
+    let mut want_out = vec![(sick.addr.to_string(), false), (well.addr.to_string(), true)];
+    want_out.sort();
+    for node in [&a, &b, &c, &gw] {
+        let w = want_out.clone();
+        eventually(Duration::from_secs(20), "every member to see the instance unhealthy", || async {
+            (health_seen(node).await == w).then_some(())
+        })
+        .await;
+    }
+    let before = sick.hits();
+    for _ in 0..20 {
+        let (status, reason, body) = call(&cl, a.addrs.outbound, "GET", "web", "").await;
+        assert_eq!((status, body.as_str()), (200, "well"), "{reason}");
+    }
+    assert_eq!(sick.hits(), before, "an unhealthy instance got traffic");
+    // It passes again and comes back.
+    sick.set_healthy(true);
+    eventually(Duration::from_secs(20), "the instance to come back", || async {
+        call(&cl, a.addrs.outbound, "GET", "web", "").await;
+        (sick.hits() > before).then_some(())
+    })
+    .await;
+    let mb = b.metrics().await;
+    assert!(metric(&mb, "quicmesh_health_checks_total", &[("service", "web"), ("result", "fail")]) >= 2.0, "{mb}");
+    drop((a, b, c, gw, pki));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_node_under_load_fails_no_request() {
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    for n in ["node-a", "node-b", "node-c"] {
+        pki.issue(n);
+    }
+    let gw = NodeProc::start_layered("gateway", &gateway_files(&dir, "lb = { policy = \"round_robin\" }", ""));
+    // A little latency so that requests are in flight when SIGTERM arrives.
+    let leaving = Backend::start("leaving", Duration::from_millis(20)).await;
+    let staying = Backend::start("staying", Duration::from_millis(20)).await;
+    let b =
+        NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &instance("web", leaving.addr, "")));
+    let _c =
+        NodeProc::start(&dir, "node-c", &joined("node-c", &dir, gw.addrs.control, &instance("web", staying.addr, "")));
+    let a = NodeProc::start(&dir, "node-a", &joined("node-a", &dir, gw.addrs.control, ""));
+    eventually(Duration::from_secs(20), "both instances known to node-a", || async {
+        (health_seen(&a).await.len() == 2).then_some(())
+    })
+    .await;
+    let load = Load::start(a.addrs.outbound, "web", 8);
+    wait_hits(&leaving, 50, "node-b's instance to take traffic").await;
+    let mut b = b;
+    b.terminate();
+    load.run_for(300).await;
+    let (ok, failures) = load.stop().await;
+    assert!(failures.is_empty(), "{} of {} failed: {:?}", failures.len(), ok, &failures[..failures.len().min(10)]);
+    assert!(b.log().contains("drained"), "{}", b.log());
+    drop((a, b, gw, pki));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_rate_limits_and_injects_faults_per_route() {
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    pki.issue("node-b");
+    let routes = "[[gateway.routes]]\nname = \"limited\"\nrateLimit = { requestsPerSecond = 0.2, burst = 3 }\n\
+                  [[gateway.routes.rules]]\nmatches = [{ path = { type = \"PathPrefix\", value = \"/limited\" } }]\n\
+                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n\n\
+                  [[gateway.routes]]\nname = \"chaos\"\n\
+                  [[gateway.routes.rules]]\nmatches = [{ path = { type = \"PathPrefix\", value = \"/abort\" } }]\n\
+                  fault = { abort = { percent = 100, httpStatus = 418 } }\n\
+                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n\
+                  [[gateway.routes.rules]]\nmatches = [{ path = { type = \"PathPrefix\", value = \"/delay\" } }]\n\
+                  fault = { delay = { percent = 100, fixedDelay = \"400ms\" } }\n\
+                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
+    let gw = NodeProc::start_layered("gateway", &gateway_files(&dir, "", routes));
+    let be = Backend::start("web", Duration::ZERO).await;
+    let _b = NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
+    let (_ep, mut h3) = h3_connect(gw.addrs.listen.port()).await;
+    let url = |p: &str| format!("https://localhost:{}{p}", gw.addrs.listen.port());
+    eventually(Duration::from_secs(20), "the backend to be reachable", || {
+        let req = http::Request::get(url("/delay/warmup")).body(()).unwrap();
+        let mut h3 = h3.clone();
+        async move { (h3_request(&mut h3, req, b"").await.0 == 200).then_some(()) }
+    })
+    .await;
+    // Delay: the answer comes, no sooner than the injected delay.
+    let start = Instant::now();
+    let (status, _, _) = h3_request(&mut h3, http::Request::get(url("/delay/x")).body(()).unwrap(), b"").await;
+    assert_eq!(status, 200);
+    assert!(start.elapsed() >= Duration::from_millis(400), "{:?}", start.elapsed());
+    // Abort: the status asked for, made by the proxy, and the backend never sees it.
+    let hits = be.hits();
+    let (status, headers, _) = h3_request(&mut h3, http::Request::get(url("/abort")).body(()).unwrap(), b"").await;
+    assert_eq!((status, headers["quicmesh-error"].to_str().unwrap()), (418, "fault-injected"));
+    assert_eq!(be.hits(), hits);
+    // Rate limit: the burst passes, then 429 with retry-after.
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..6 {
+        let (status, headers, _) =
+            h3_request(&mut h3, http::Request::get(url("/limited")).body(()).unwrap(), b"").await;
+        if status == 429 {
+            assert_eq!(headers["quicmesh-error"], "rate-limited");
+            retry_after = headers.get("retry-after").map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
+    assert!(retry_after.is_some_and(|s| (1..=5).contains(&s)), "{retry_after:?}");
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_rate_limited_total", &[("route", "limited")]), 3.0, "{m}");
+    assert!(metric(&m, "quicmesh_faults_injected_total", &[("route", "chaos"), ("kind", "abort")]) >= 1.0, "{m}");
+    drop((gw, pki));
+}

@@ -1,0 +1,152 @@
+//! A programmable in-process backend for resilience tests: it can answer, fail with a status,
+//! cut connections after reading a request, fail its health check, or be killed outright
+//! (listener and every open connection closed at once, as when a process dies).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// 200 with the backend's name.
+    Ok = 0,
+    /// Answers this status (see `status`).
+    Status = 1,
+    /// Reads the request, then closes the connection without answering.
+    Reset = 2,
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: &'static str,
+    mode: Arc<AtomicU8>,
+    status: Arc<AtomicU32>,
+    /// `/health` answers 200 while true, 503 otherwise.
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests received (not counting `/health`).
+    pub hits: Arc<AtomicU64>,
+    /// Highest `quicmesh-attempt` seen.
+    pub max_attempt: Arc<AtomicU64>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Backend {
+    pub async fn start(name: &'static str, delay: Duration) -> Backend {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut b = Backend {
+            addr,
+            name,
+            mode: Arc::new(AtomicU8::new(Mode::Ok as u8)),
+            status: Arc::new(AtomicU32::new(500)),
+            healthy: Arc::new(true.into()),
+            hits: Arc::new(AtomicU64::new(0)),
+            max_attempt: Arc::new(AtomicU64::new(0)),
+            task: None,
+        };
+        let (mode, status, healthy, hits, max_attempt) =
+            (b.mode.clone(), b.status.clone(), b.healthy.clone(), b.hits.clone(), b.max_attempt.clone());
+        b.task = Some(tokio::spawn(async move {
+            // Connections live in this set: dropping the task (kill) closes them all.
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = l.accept().await else { continue };
+                let (mode, status, healthy, hits, max_attempt) =
+                    (mode.clone(), status.clone(), healthy.clone(), hits.clone(), max_attempt.clone());
+                let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+                conns.spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (mode, status, healthy, hits, max_attempt, cut_tx) = (
+                            mode.clone(),
+                            status.clone(),
+                            healthy.clone(),
+                            hits.clone(),
+                            max_attempt.clone(),
+                            cut_tx.clone(),
+                        );
+                        async move {
+                            if req.uri().path() == "/health" {
+                                let ok = healthy.load(Ordering::SeqCst);
+                                let mut r = http::Response::new(quicmesh_shared::body::full(name));
+                                *r.status_mut() =
+                                    if ok { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
+                                return Ok::<_, std::convert::Infallible>(r);
+                            }
+                            let attempt = req
+                                .headers()
+                                .get("quicmesh-attempt")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            max_attempt.fetch_max(attempt, Ordering::SeqCst);
+                            let _ = req.into_body().collect().await;
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            let mut r = http::Response::new(quicmesh_shared::body::full(name));
+                            match mode.load(Ordering::SeqCst) {
+                                1 => {
+                                    *r.status_mut() =
+                                        http::StatusCode::from_u16(status.load(Ordering::SeqCst) as u16).unwrap()
+                                }
+                                2 => {
+                                    let _ = cut_tx.send(true);
+                                    std::future::pending::<()>().await;
+                                }
+                                _ => {}
+                            }
+                            Ok(r)
+                        }
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let mut cut = cut_rx;
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        }));
+        b
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    pub fn fail_with(&self, status: u16) {
+        self.status.store(u32::from(status), Ordering::SeqCst);
+        self.set_mode(Mode::Status);
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every connection at once.
+    pub fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
