@@ -254,6 +254,10 @@ async fn a_failing_endpoint_is_ejected_then_tried_again() {
     assert!(served[served.len() - 10..].iter().all(|s| *s == 200), "{served:?}");
     let metrics = m.a.metrics().await;
     assert_eq!(metric(&metrics, "quicmesh_outlier_ejections_total", &[("service", "web")]), 1.0, "{metrics}");
+    let seen = m.a.admin_json("/endpoints").await;
+    let eps = seen["services"][0]["endpoints"].as_array().unwrap().clone();
+    let ejected: Vec<bool> = eps.iter().map(|e| e["ejected"].as_bool().unwrap()).collect();
+    assert_eq!(ejected, [true, false], "/endpoints: {eps:?}");
     // The ejection ends after base_ejection and the endpoint gets traffic again.
     let start = Instant::now();
     eventually(Duration::from_secs(10), "the ejected endpoint to be tried again", || async {
@@ -271,9 +275,12 @@ async fn rule_timeouts_answer_504_and_cancel_the_try() {
     let quick = Backend::start("quick", Duration::ZERO).await;
     let routes =
         "[[routes]]\nname = \"slow\"\nhostnames = [\"slow\"]\n[[routes.rules]]\ntimeouts = { request = \"300ms\" }\n\
-                  [[routes.rules.backendRefs]]\nname = \"web\"\nlabels = { speed = \"slow\" }\n";
+                  [[routes.rules.backendRefs]]\nname = \"web\"\nlabels = { speed = \"slow\" }\n\n\
+                  [[routes]]\nname = \"per-try\"\nhostnames = [\"per-try\"]\n[[routes.rules]]\n\
+                  timeouts = { request = \"3s\", backendRequest = \"200ms\" }\n\
+                  [[routes.rules.backendRefs]]\nname = \"web\"\n";
     let services = format!(
-        "[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\nlabels = {{ speed = \"slow\" }}\n\n\
+        "[[services]]\nname = \"web\"\nlb = {{ policy = \"round_robin\" }}\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\nlabels = {{ speed = \"slow\" }}\n\n\
          [[services.endpoints]]\nnode = \"node-c\"\naddress = \"{}\"\n\n{routes}",
         quick.addr
     );
@@ -291,7 +298,51 @@ async fn rule_timeouts_answer_504_and_cancel_the_try() {
         (metric(&mb, "quicmesh_requests_total", &[("direction", "inbound"), ("service", "web")]) >= 1.0).then_some(())
     })
     .await;
+    // With a per-try timeout, a try that times out is retried on the other endpoint.
+    for _ in 0..4 {
+        let start = Instant::now();
+        let (status, reason, body) = call(&c, m.a.addrs.outbound, "GET", "per-try", "").await;
+        assert_eq!((status, body.as_str()), (200, "quick"), "{reason}");
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    }
+    assert!(accepted.load(Ordering::SeqCst) >= 2, "round robin never sent a try to the silent endpoint");
+    let ma = m.a.metrics().await;
+    assert!(metric(&ma, "quicmesh_retries_total", &[("service", "web"), ("reason", "failed")]) >= 1.0, "{ma}");
     let _ = (&m.c, &m.pki);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_gateway_lets_requests_in_flight_finish() {
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    pki.issue("node-b");
+    let routes = "[[gateway.routes]]\nname = \"web\"\n[[gateway.routes.rules]]\n\
+                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
+    let mut gw = NodeProc::start_layered("gateway", &gateway_files(&dir, "", routes));
+    let be = Backend::start("slow-web", Duration::from_millis(800)).await;
+    let _b = NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
+    let port = gw.addrs.listen.port();
+    let (_ep, h3) = h3_connect(port).await;
+    let url = format!("https://localhost:{port}/slow");
+    eventually(Duration::from_secs(20), "the backend to be reachable", || {
+        let (mut h3, url) = (h3.clone(), url.clone());
+        async move { (h3_request(&mut h3, http::Request::get(url).body(()).unwrap(), b"").await.0 == 200).then_some(()) }
+    })
+    .await;
+    let before = be.hits();
+    let mut h3b = h3.clone();
+    let in_flight =
+        tokio::spawn(async move { h3_request(&mut h3b, http::Request::get(url).body(()).unwrap(), b"").await });
+    wait_hits(&be, before + 1, "the request to reach the backend").await;
+    let stopped = tokio::task::spawn_blocking(move || {
+        gw.terminate();
+        gw
+    });
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!((status, body.as_slice()), (200, &b"slow-web"[..]), "the request in flight was cut");
+    let gw = stopped.await.unwrap();
+    assert!(gw.log().contains("drained; every request in flight finished"), "{}", gw.log());
+    drop(pki);
 }
 
 /// The gateway's layers for control-plane tests: `web` declared with `extra`, and `routes`.

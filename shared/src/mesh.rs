@@ -250,9 +250,26 @@ impl Table {
     }
 
     /// JSON of what this proxy believes: version, peers, services and their endpoints.
+    /// Each endpoint also shows this proxy's own view: requests in flight and whether outlier
+    /// detection has ejected it.
     pub fn dump(&self) -> String {
-        let mut services: Vec<&ServiceConfig> = self.services.values().map(|s| &s.config).collect();
-        services.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut names: Vec<&String> = self.services.keys().collect();
+        names.sort();
+        let now = crate::health::now_ms();
+        let services: Vec<serde_json::Value> = names
+            .into_iter()
+            .filter_map(|n| self.services.get(n))
+            .map(|svc| {
+                let mut doc = serde_json::to_value(&svc.config).unwrap_or_default();
+                if let Some(eps) = doc.get_mut("endpoints").and_then(|e| e.as_array_mut()) {
+                    for (ep, stats) in eps.iter_mut().zip(&svc.stats) {
+                        ep["in_flight"] = stats.in_flight().into();
+                        ep["ejected"] = stats.outlier.is_ejected(now).into();
+                    }
+                }
+                doc
+            })
+            .collect();
         serde_json::json!({
             "version": self.version,
             "timeouts": self.config.timeouts,

@@ -64,6 +64,18 @@ fn validation_rules() {
         ("[[services]]\nname = \"a\"\nhosts = [\"x\"]\n[[services]]\nname = \"b\"\nhosts = [\"X\"]\n", "services[1].hosts[0]"),
         ("[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nmatches = [{ path = { value = \"x\" } }]\n", "gateway.routes"),
         ("[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nbackendRefs = [{ name = \"s\" }]\n", "gateway.routes[0].rules[0].backendRefs[0].name"),
+        ("[[services]]\nname = \"s\"\nretry = { attempts = 50 }\n", "services[0].retry"),
+        ("[[services]]\nname = \"s\"\nretry = { codes = [42] }\n", "services[0].retry"),
+        ("[[services]]\nname = \"s\"\nretry = { budget = { ttl = \"0s\" } }\n", "services[0].retry"),
+        ("[[services]]\nname = \"s\"\noutlier = { max_ejected_percent = 101 }\n", "services[0].outlier"),
+        ("[[services]]\nname = \"s\"\noutlier = { base_ejection = \"0s\" }\n", "services[0].outlier"),
+        ("[node]\nname = \"a\"\n[[node.instances]]\nservice = \"s\"\naddress = \"127.0.0.1:1\"\nhealth = { interval = \"1ms\" }\n", "node.instances[0].health"),
+        ("[node]\nname = \"a\"\n[[node.instances]]\nservice = \"s\"\naddress = \"127.0.0.1:1\"\nhealth = { http = \"healthz\" }\n", "node.instances[0].health"),
+        ("[node]\nname = \"a\"\n[[node.instances]]\nservice = \"s\"\naddress = \"127.0.0.1:1\"\nhealth = { unhealthy_threshold = 0 }\n", "node.instances[0].health"),
+        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\nrateLimit = { requestsPerSecond = 0 }\n", "gateway.routes"),
+        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nfault = { abort = { percent = 120, httpStatus = 503 } }\n", "gateway.routes"),
+        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nfault = { abort = { percent = 1, httpStatus = 99 } }\n", "gateway.routes"),
+        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nretry = { codes = [700] }\n", "gateway.routes"),
     ];
     for (text, key) in cases {
         let err = load_err(text);
