@@ -202,6 +202,7 @@ async fn a_post_is_retried_only_when_it_never_reached_the_instance() {
         assert_eq!((status, body.as_str()), (200, "good2"), "{reason}");
     }
     assert_eq!(good2.hits(), 6);
+    assert_eq!(good2.last_body.lock().unwrap().as_slice(), b"pay-5", "the retried POST lost its body");
     let metrics = m.a.metrics().await;
     assert!(
         metric(&metrics, "quicmesh_retries_total", &[("service", "gone"), ("reason", "unsent")]) >= 1.0,

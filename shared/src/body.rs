@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -256,53 +257,109 @@ pub fn with_guard<G: Send + Unpin + 'static>(body: Body, guard: G) -> Body {
     Guarded { inner: body, _guard: guard }.boxed_unsync()
 }
 
-/// A request body read for a possible retry: whole when it fit, else what was read followed by
-/// the unread rest (which can be sent once only).
-pub enum Buffered {
-    Whole(Bytes),
-    Partial(Body),
+/// A request body that can be sent again for a retry: it streams to the first try as it
+/// arrives (nothing waits for the whole body) while a copy is kept up to a limit. Each
+/// [`Replay::body`] yields what was read so far, then goes on reading the original; a body
+/// handed out earlier stops working once a newer one exists, so two tries never share a read.
+pub struct Replay {
+    shared: Arc<Mutex<ReplayState>>,
+    limit: u64,
 }
 
-/// Reads `body` into memory up to `limit` bytes. A body that turns out larger, or carries
-/// trailers, comes back as [`Buffered::Partial`] with nothing lost.
-pub async fn buffer_up_to(mut body: Body, limit: u64) -> Result<Buffered, BoxError> {
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        match frame.into_data() {
-            Ok(data) if (buf.len() + data.len()) as u64 <= limit => buf.extend_from_slice(&data),
-            Ok(data) => {
-                let head = vec![Frame::data(buf.freeze()), Frame::data(data)];
-                return Ok(Buffered::Partial(Prefixed { head: head.into(), rest: body }.boxed_unsync()));
-            }
-            Err(other) => {
-                let head = vec![Frame::data(buf.freeze()), other];
-                return Ok(Buffered::Partial(Prefixed { head: head.into(), rest: body }.boxed_unsync()));
-            }
-        }
+struct ReplayState {
+    inner: Body,
+    /// Everything read so far; `None` once the body outgrew the limit or failed.
+    copy: Option<BytesMut>,
+    trailers: Option<HeaderMap>,
+    /// The original has ended (its trailers, if any, are in `trailers`).
+    done: bool,
+    /// Generation of the newest body handed out.
+    generation: u64,
+}
+
+impl Replay {
+    pub fn new(inner: Body, limit: u64) -> Self {
+        let state = ReplayState { inner, copy: Some(BytesMut::new()), trailers: None, done: false, generation: 0 };
+        Self { shared: Arc::new(Mutex::new(state)), limit }
     }
-    Ok(Buffered::Whole(buf.freeze()))
+
+    /// The body for the next try, or `None` when it can no longer be replayed whole.
+    pub fn body(&self) -> Option<Body> {
+        let mut st = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = st.copy.as_ref()?.clone().freeze();
+        st.generation += 1;
+        let tee = Tee {
+            shared: self.shared.clone(),
+            generation: st.generation,
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            trailers_sent: false,
+            limit: self.limit,
+        };
+        Some(tee.boxed_unsync())
+    }
+
+    /// Can another try get the whole body?
+    pub fn replayable(&self) -> bool {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).copy.is_some()
+    }
 }
 
-/// Frames already read, then the rest of the body.
-struct Prefixed {
-    head: std::collections::VecDeque<Frame<Bytes>>,
-    rest: Body,
+struct Tee {
+    shared: Arc<Mutex<ReplayState>>,
+    generation: u64,
+    prefix: Option<Bytes>,
+    trailers_sent: bool,
+    limit: u64,
 }
 
-impl HttpBody for Prefixed {
+impl HttpBody for Tee {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(f) = self.head.pop_front() {
-            return Poll::Ready(Some(Ok(f)));
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.head.is_empty() && self.rest.is_end_stream()
+        let shared = self.shared.clone();
+        let mut st = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if st.generation != self.generation {
+            return Poll::Ready(Some(Err("request body taken over by a retry".into())));
+        }
+        if st.done {
+            if !self.trailers_sent {
+                self.trailers_sent = true;
+                if let Some(t) = st.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let polled = ready!(Pin::new(&mut st.inner).poll_frame(cx));
+        match polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let fits = st.copy.as_ref().is_some_and(|c| (c.len() + data.len()) as u64 <= self.limit);
+                    match st.copy.as_mut() {
+                        Some(c) if fits => c.extend_from_slice(data),
+                        _ => st.copy = None,
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    st.trailers = Some(t.clone());
+                    st.done = true;
+                    self.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                // A broken body cannot be sent again.
+                st.copy = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                st.done = true;
+                Poll::Ready(None)
+            }
+        }
     }
 }
 
@@ -310,24 +367,35 @@ impl HttpBody for Prefixed {
 mod tests {
     use super::*;
 
+    fn chunks() -> Body {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            (0..4u8).map(|i| Ok(Frame::data(Bytes::from(vec![i; 10])))).collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
     #[tokio::test]
-    async fn buffering_keeps_every_byte_whether_or_not_it_fits() {
-        let chunks = || {
-            let frames: Vec<Result<Frame<Bytes>, BoxError>> =
-                (0..4u8).map(|i| Ok(Frame::data(Bytes::from(vec![i; 10])))).collect();
-            http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
-        };
-        match buffer_up_to(chunks(), 40).await.unwrap() {
-            Buffered::Whole(b) => assert_eq!(b.len(), 40),
-            Buffered::Partial(_) => panic!("40 bytes fit a 40-byte limit"),
-        }
-        match buffer_up_to(chunks(), 25).await.unwrap() {
-            Buffered::Whole(_) => panic!("40 bytes do not fit 25"),
-            Buffered::Partial(rest) => {
-                let all = rest.collect().await.unwrap().to_bytes();
-                let want: Vec<u8> = (0..4u8).flat_map(|i| vec![i; 10]).collect();
-                assert_eq!(all.as_ref(), want.as_slice());
-            }
-        }
+    async fn a_retry_gets_the_whole_body_even_after_a_partial_read() {
+        let replay = Replay::new(chunks(), 100);
+        let mut first = replay.body().unwrap();
+        // The first try reads two frames, then fails.
+        first.frame().await.unwrap().unwrap();
+        first.frame().await.unwrap().unwrap();
+        let second = replay.body().unwrap();
+        assert!(first.frame().await.unwrap().is_err(), "the superseded body must stop");
+        let all = second.collect().await.unwrap().to_bytes();
+        let want: Vec<u8> = (0..4u8).flat_map(|i| vec![i; 10]).collect();
+        assert_eq!(all.as_ref(), want.as_slice());
+        // A third try after a complete read replays from the copy.
+        let third = replay.body().unwrap().collect().await.unwrap().to_bytes();
+        assert_eq!(third.as_ref(), want.as_slice());
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_streams_once() {
+        let replay = Replay::new(chunks(), 25);
+        let all = replay.body().unwrap().collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 40, "the first try gets everything");
+        assert!(!replay.replayable());
+        assert!(replay.body().is_none());
     }
 }

@@ -35,6 +35,8 @@ pub struct Backend {
     pub hits: Arc<AtomicU64>,
     /// Highest `quicmesh-attempt` seen.
     pub max_attempt: Arc<AtomicU64>,
+    /// Body of the last request.
+    pub last_body: Arc<std::sync::Mutex<Vec<u8>>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -50,27 +52,41 @@ impl Backend {
             healthy: Arc::new(true.into()),
             hits: Arc::new(AtomicU64::new(0)),
             max_attempt: Arc::new(AtomicU64::new(0)),
+            last_body: Default::default(),
             task: None,
         };
-        let (mode, status, healthy, hits, max_attempt) =
-            (b.mode.clone(), b.status.clone(), b.healthy.clone(), b.hits.clone(), b.max_attempt.clone());
+        let (mode, status, healthy, hits, max_attempt, last_body) = (
+            b.mode.clone(),
+            b.status.clone(),
+            b.healthy.clone(),
+            b.hits.clone(),
+            b.max_attempt.clone(),
+            b.last_body.clone(),
+        );
         b.task = Some(tokio::spawn(async move {
             // Connections live in this set: dropping the task (kill) closes them all.
             let mut conns = JoinSet::new();
             loop {
                 let Ok((stream, _)) = l.accept().await else { continue };
-                let (mode, status, healthy, hits, max_attempt) =
-                    (mode.clone(), status.clone(), healthy.clone(), hits.clone(), max_attempt.clone());
+                let (mode, status, healthy, hits, max_attempt, last_body) = (
+                    mode.clone(),
+                    status.clone(),
+                    healthy.clone(),
+                    hits.clone(),
+                    max_attempt.clone(),
+                    last_body.clone(),
+                );
                 let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
                 conns.spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (mode, status, healthy, hits, max_attempt, cut_tx) = (
+                        let (mode, status, healthy, hits, max_attempt, cut_tx, last_body) = (
                             mode.clone(),
                             status.clone(),
                             healthy.clone(),
                             hits.clone(),
                             max_attempt.clone(),
                             cut_tx.clone(),
+                            last_body.clone(),
                         );
                         async move {
                             if req.uri().path() == "/health" {
@@ -87,7 +103,8 @@ impl Backend {
                                 .and_then(|v| v.parse().ok())
                                 .unwrap_or(0);
                             max_attempt.fetch_max(attempt, Ordering::SeqCst);
-                            let _ = req.into_body().collect().await;
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            *last_body.lock().unwrap() = body.to_vec();
                             hits.fetch_add(1, Ordering::SeqCst);
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;

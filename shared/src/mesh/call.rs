@@ -6,13 +6,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
 use tracing::debug;
 
 use super::{Mesh, PickCtx, Service, Table, TryError};
-use crate::body::{self, Body, Buffered};
+use crate::body::{self, Body, Replay};
 use crate::config::EndpointConfig;
 use crate::error::{ProxyError, UNSENT_HEADER};
 use crate::headers;
@@ -85,18 +84,13 @@ impl Mesh {
         svc.state.budget.deposit(epoch(), Instant::now());
         let (mut parts, body) = req.into_parts();
         parts.headers.remove(UNSENT_HEADER);
-        // Keep the body for another try when it is small enough; a larger one goes out once.
-        let (replay, mut once) = if policy.attempts == 0 {
-            (None, Some(body))
-        } else if body.is_end_stream() {
-            (Some(Bytes::new()), None)
-        } else if body.size_hint().lower() > policy.max_body {
-            (None, Some(body))
+        // The body streams to the first try; a copy up to `max_body` is kept for another.
+        let mut source = if body.is_end_stream() {
+            Source::Empty
+        } else if policy.attempts == 0 || body.size_hint().lower() > policy.max_body {
+            Source::Once(Some(body))
         } else {
-            match body::buffer_up_to(body, policy.max_body).await.map_err(body_error)? {
-                Buffered::Whole(b) => (Some(b), None),
-                Buffered::Partial(b) => (None, Some(b)),
-            }
+            Source::Replay(Replay::new(body, policy.max_body))
         };
         let mut tried: Vec<EndpointConfig> = Vec::new();
         let mut rng = fastrand::Rng::new();
@@ -107,11 +101,14 @@ impl Mesh {
                 let ctx = PickCtx { headers: Some(&parts.headers), client: opts.client };
                 self.pick_avoiding(svc, labels, &ctx, &tried)?
             };
-            let body = match (&replay, once.take()) {
-                (Some(b), _) => body::full(b.clone()),
-                (None, Some(b)) => b,
-                // Without a kept body there is never a second try.
-                (None, None) => return Err(ProxyError::BadRequest("request body already sent".into())),
+            let body = match &mut source {
+                Source::Empty => Some(body::empty()),
+                Source::Replay(r) => r.body(),
+                Source::Once(b) => b.take(),
+            };
+            // Only reached for a second try when `can_replay` said so.
+            let Some(body) = body else {
+                return Err(ProxyError::BadRequest("request body cannot be sent again".into()));
             };
             let mut req = Request::new(body);
             *req.method_mut() = parts.method.clone();
@@ -132,7 +129,12 @@ impl Mesh {
                 Err(TryError { unsent: true, .. }) => TryOutcome::Unsent,
                 Err(TryError { unsent: false, .. }) => TryOutcome::Failed,
             };
-            let again = attempt <= policy.attempts && replay.is_some() && policy.should_retry(&parts.method, outcome);
+            let can_replay = match &source {
+                Source::Empty => true,
+                Source::Replay(r) => r.replayable(),
+                Source::Once(_) => false,
+            };
+            let again = attempt <= policy.attempts && can_replay && policy.should_retry(&parts.method, outcome);
             if !again {
                 return finish(result);
             }
@@ -169,9 +171,10 @@ fn finish(result: Result<Response<Body>, TryError>) -> Result<Response<Body>, Pr
     }
 }
 
-fn body_error(e: body::BoxError) -> ProxyError {
-    match e.downcast_ref::<http_body_util::LengthLimitError>() {
-        Some(_) => ProxyError::BodyTooLarge(0),
-        None => ProxyError::BadRequest(format!("request body: {e}")),
-    }
+/// Where each try's request body comes from.
+enum Source {
+    Empty,
+    Replay(Replay),
+    /// Too large to keep: sent once.
+    Once(Option<Body>),
 }
