@@ -1,7 +1,7 @@
 //! The `quicmesh` binary: a thin CLI over the gateway, node and shared crates.
 #![forbid(unsafe_code)]
 
-use quicmesh::demo;
+use quicmesh::{demo, top};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +58,24 @@ enum Command {
     },
     /// Run a whole mesh on loopback: gateway, two nodes and sample services.
     Demo(demo::Args),
+    /// Show the nodes as the gateway sees them: connected, instances, health, snapshot.
+    Status {
+        /// The gateway's admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+    },
+    /// A live table per caller and service: request rate, success rate, p50 and p99 latency.
+    Top {
+        /// The gateway's admin address (the nodes it lists are read too).
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Print this many tables, then exit (default: until interrupted).
+        #[arg(long)]
+        count: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,15 +124,26 @@ enum CaCommand {
 }
 
 fn init_logging() {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{reload, EnvFilter};
     let filter = EnvFilter::try_from_env("QUICMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
     let json = std::env::var("QUICMESH_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        tracing_subscriber::registry().with(filter).with(fmt.json()).init();
     } else {
-        builder.init();
+        tracing_subscriber::registry().with(filter).with(fmt).init();
     }
+    // The admin API's `/logging` reads and replaces the filter while the process runs.
+    quicmesh_shared::admin::set_log_control(Box::new(move |new: Option<&str>| {
+        if let Some(spec) = new {
+            let next = EnvFilter::try_new(spec).map_err(|e| format!("bad filter {spec:?}: {e}"))?;
+            handle.reload(next).map_err(|e| e.to_string())?;
+            tracing::info!(filter = spec, "log filter changed through the admin API");
+        }
+        handle.with_current(|f| f.to_string()).map_err(|e| e.to_string())
+    }));
 }
 
 fn main() -> ExitCode {
@@ -204,6 +233,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Status { admin } => {
+            print!("{}", runtime()?.block_on(top::status(admin))?);
+            Ok(())
+        }
+        Command::Top { admin, interval, count } => runtime()?.block_on(top::top(admin, interval, count)),
     }
 }
 

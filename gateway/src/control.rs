@@ -86,6 +86,10 @@ pub struct NodeStatus {
     pub connected: bool,
     pub address: String,
     pub instances: usize,
+    /// Instances failing their health check.
+    pub unhealthy: usize,
+    /// The node's admin listener, if it reported one.
+    pub admin: Option<String>,
     pub acked_version: u64,
     pub last_nack: Option<String>,
 }
@@ -238,6 +242,8 @@ impl ControlPlane {
                 connected: st.streams > 0,
                 address: st.reg.address.to_string(),
                 instances: st.reg.instances.len(),
+                unhealthy: st.reg.unhealthy.len(),
+                admin: st.reg.admin.map(|a| a.to_string()),
                 acked_version: st.acked,
                 last_nack: st.nack.as_ref().map(|(v, r)| format!("version {v}: {r}")),
             })
@@ -328,6 +334,7 @@ impl ControlPlane {
     fn ack(&self, name: &str, version: u64) {
         if let Some(st) = self.lock().nodes.get_mut(name) {
             st.acked = version;
+            metrics::gauge!(m::CONTROL_NODE_VERSION, "node" => name.to_string()).set(version as f64);
         }
     }
 
@@ -401,7 +408,9 @@ impl Enroller {
     /// Signs a renewal for a member already authenticated by its current certificate.
     fn renew(&self, name: &str, csr: &str) -> Result<String, String> {
         let ca = Ca::open(&self.dir).map_err(|e| format!("the gateway holds no CA: {e}"))?;
-        ca.sign_csr(name, csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))
+        let cert = ca.sign_csr(name, csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))?;
+        issued(name);
+        Ok(cert)
     }
 
     async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, String> {
@@ -425,8 +434,15 @@ impl Enroller {
         let certificate =
             ca.sign_csr(&req.name, &req.csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))?;
         enroll::redeem(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
+        issued(&req.name);
         Ok(EnrollResponse { certificate, ca: ca.cert_pem().to_string() })
     }
+}
+
+/// Exports when the certificate just issued to `node` expires.
+fn issued(node: &str) {
+    let expiry = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default() + ENROLLED_VALIDITY;
+    metrics::gauge!(m::CONTROL_CERT_EXPIRY, "node" => node.to_string()).set(expiry.as_secs_f64());
 }
 
 /// Accepts control connections on the gateway's mesh endpoint: members (mTLS) get control
@@ -553,11 +569,11 @@ async fn enrollment(mut stream: ServerStream, enroller: &Enroller) {
 
 fn check_hello(msg: Option<NodeMsg>) -> Result<Registration, String> {
     match msg {
-        Some(NodeMsg::Hello { address, instances, .. }) => {
+        Some(NodeMsg::Hello { address, instances, admin, .. }) => {
             if let Some(bad) = instances.iter().find(|i| !valid_name(&i.service)) {
                 return Err(format!("invalid service name {:?}", bad.service));
             }
-            Ok(Registration { address, instances, unhealthy: Default::default() })
+            Ok(Registration { address, instances, unhealthy: Default::default(), admin })
         }
         Some(other) => Err(format!("expected hello, got {other:?}")),
         None => Err("stream ended before hello".into()),

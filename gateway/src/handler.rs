@@ -12,9 +12,10 @@ use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::config::GatewayConfig;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
-use quicmesh_shared::mesh::{CallOpts, Mesh};
+use quicmesh_shared::mesh::{CallInfo, CallOpts, Mesh};
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::route::{self, Filtered, RouteTable};
+use quicmesh_shared::telemetry::Record;
 use std::sync::Arc;
 use tracing::debug;
 
@@ -29,6 +30,8 @@ pub struct Edge {
     pub alt_svc: HeaderValue,
     /// The edge port, for redirects that keep it.
     pub port: u16,
+    /// The gateway's mesh name: the source of the requests it sends into the mesh.
+    pub name: String,
 }
 
 impl Edge {
@@ -38,7 +41,7 @@ impl Edge {
         // Validated with the config, so this cannot fail; an empty table is the safe fallback.
         let table = RouteTable::new(gc.routes.clone()).unwrap_or_else(|_| RouteTable::empty());
         let routes = arc_swap::ArcSwap::from_pointee(table);
-        Self { mesh, routes, limits: gc.limits.clone(), alt_svc, port }
+        Self { mesh, routes, limits: gc.limits.clone(), alt_svc, port, name: gc.name.clone() }
     }
 
     /// Replaces the route table atomically.
@@ -52,37 +55,35 @@ impl Edge {
 
     /// Handles one client request end to end; never fails (errors become proxy responses).
     pub async fn handle(&self, req: Request<Body>, client: SocketAddr, proto: &'static str) -> Response<Body> {
-        let start = Instant::now();
         let in_flight = self.mesh.drain.guard();
-        let (route, mut resp) = match self.route(req, client).await {
-            Ok(x) => x,
-            Err((route, e)) => {
+        let mut rec = Record::new("ingress", self.mesh.access_log.clone());
+        rec.protocol(proto);
+        rec.request(&req);
+        rec.source(&self.name, &self.name);
+        let mut resp = match self.route(req, client, &mut rec).await {
+            Ok(resp) => resp,
+            Err(e) => {
                 debug!(%client, error = %e, "gateway request failed");
                 metrics::counter!(m::PROXY_ERRORS, "direction" => "ingress", "reason" => e.reason()).increment(1);
-                (route, e.brief_response())
+                e.brief_response()
             }
         };
         if proto != "h3" {
             resp.headers_mut().insert(ALT_SVC, self.alt_svc.clone());
         }
-        let class = m::status_class(resp.status().as_u16());
-        metrics::counter!(m::REQUESTS, "direction" => "ingress", "service" => route.clone(), "status_class" => class, "protocol" => proto)
-            .increment(1);
-        metrics::histogram!(m::REQUEST_DURATION, "direction" => "ingress", "service" => route)
-            .record(start.elapsed().as_secs_f64());
-        // In flight until the response body is sent.
-        resp.map(|b| body::with_guard(b, in_flight))
+        // Recorded when the response body ends; in flight for the drain until then too.
+        rec.finish(resp).map(|b| body::with_guard(b, in_flight))
     }
 
     async fn route(
         &self,
         req: Request<Body>,
         client: SocketAddr,
-    ) -> Result<(String, Response<Body>), (String, ProxyError)> {
-        let none = || "none".to_string();
+        rec: &mut Record,
+    ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let authority = headers::authority(&parts.uri, &parts.headers)
-            .ok_or_else(|| (none(), ProxyError::BadRequest("no Host".into())))?;
+        let authority =
+            headers::authority(&parts.uri, &parts.headers).ok_or_else(|| ProxyError::BadRequest("no Host".into()))?;
         let host = headers::host_of(&authority);
         let path = parts.uri.path().to_string();
         let query = parts.uri.query().map(str::to_owned);
@@ -90,28 +91,28 @@ impl Edge {
         let routes = self.routes.load_full();
         let matched = routes
             .find(&host, &parts.method, &path, query.as_deref(), &parts.headers)
-            .ok_or_else(|| (none(), ProxyError::NoRoute(format!("{host}{path}"))))?;
+            .ok_or_else(|| ProxyError::NoRoute(format!("{host}{path}")))?;
         let (route, rule) = (matched.route, matched.rule);
         let name = route.name.clone();
-        let fail = |e| (name.clone(), e);
+        rec.route(&name);
         // Phase: rate limit.
         if let Some(Err(wait)) = matched.limiter.map(|l| l.check(Some(client.ip()), Instant::now())) {
             metrics::counter!(m::RATE_LIMITED, "route" => name.clone()).increment(1);
-            return Err(fail(ProxyError::RateLimited { route: name.clone(), wait }));
+            return Err(ProxyError::RateLimited { route: name.clone(), wait });
         }
         // Phase: filters that answer or change the request.
         let mut authority = authority;
         let filtered = route::apply_request_filters(&matched, &mut parts, &mut authority, "https", Some(self.port))
-            .map_err(|e| fail(ProxyError::BadRequest(e)))?;
+            .map_err(ProxyError::BadRequest)?;
         let (response_mods, mirrors) = match filtered {
-            Filtered::Redirect { status, location } => return Ok((name, redirect(status, &location))),
+            Filtered::Redirect { status, location } => return Ok(redirect(status, &location)),
             Filtered::Forward { response_mods, mirrors } => (response_mods, mirrors),
         };
         let limit = route.max_request_body.unwrap_or(self.limits.max_request_body);
         let declared =
             parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
-            return Err(fail(ProxyError::BodyTooLarge(limit)));
+            return Err(ProxyError::BodyTooLarge(limit));
         }
         // Phase: forwarding headers.
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -127,16 +128,23 @@ impl Edge {
             parts.headers.insert(FORWARDED, v);
         }
         headers::ensure_request_id(&mut parts.headers);
+        headers::continue_trace(&mut parts.headers);
+        rec.ids(&parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&self.name) {
+            parts.headers.insert(headers::SOURCE, v);
+        }
         if let Ok(v) = HeaderValue::from_str(&authority) {
             parts.headers.insert(HOST, v);
         }
         // Phase: weighted backend, then endpoint.
         let table = self.mesh.table();
         let backend = route::choose_backend(&rule.backend_refs)
-            .ok_or_else(|| fail(ProxyError::NoEndpoint(format!("route {name} has no backend with weight"))))?;
-        let svc = table.service(&backend.name).ok_or_else(|| fail(ProxyError::NoEndpoint(backend.name.clone())))?;
+            .ok_or_else(|| ProxyError::NoEndpoint(format!("route {name} has no backend with weight")))?;
+        let svc = table.service(&backend.name).ok_or_else(|| ProxyError::NoEndpoint(backend.name.clone()))?;
+        rec.service(&svc.config.name);
         let body = body::boxed(Limited::new(body, limit as usize).map_err(|e| -> body::BoxError { e }));
-        let body = self.mesh.mirror_request(&table, &parts, body, &mirrors).await.map_err(fail)?;
+        let body = rec.count_request(body);
+        let body = self.mesh.mirror_request(&table, &parts, body, &mirrors).await?;
         // Phase: pick an endpoint and forward, with the rule's timeouts, retries and faults.
         let opts = CallOpts {
             route: &name,
@@ -146,11 +154,16 @@ impl Edge {
             fault: rule.fault.as_ref(),
             client: Some(client.ip()),
         };
-        let mut resp = self.mesh.call(&table, svc, Request::from_parts(parts, body), &opts).await.map_err(fail)?;
+        let mut info = CallInfo::default();
+        let result = self.mesh.call(&table, svc, Request::from_parts(parts, body), &opts, &mut info).await;
+        if let Some((node, addr)) = &info.endpoint {
+            rec.endpoint(node, &addr.to_string(), info.retries);
+        }
+        let mut resp = result?;
         for m in response_mods {
             route::modify_headers(resp.headers_mut(), m);
         }
-        Ok((name, resp))
+        Ok(resp)
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quicmesh_shared::access_log::AccessLog;
 use quicmesh_shared::admin::{self, AdminState};
 use quicmesh_shared::config::{Config, ConfigError};
 use quicmesh_shared::identity::{Credentials, IdentityError};
@@ -42,6 +43,8 @@ pub enum GatewayError {
     Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("access log: {0}")]
+    AccessLog(std::io::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -118,7 +121,10 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let admin_addr = admin_listener.local_addr().map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
     let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
     let trust_domain = config.mesh.trust_domain.clone();
-    let mesh = Arc::new(Mesh::new(Arc::new(config.clone()), None, mesh_endpoint.clone()));
+    let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?.map(Arc::new);
+    let mut mesh = Mesh::new(Arc::new(config.clone()), None, mesh_endpoint.clone());
+    mesh.access_log = access_log;
+    let mesh = Arc::new(mesh);
     let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
     let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone());
     let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc, listen.port()));

@@ -36,6 +36,8 @@ pub struct ControlClient {
     pub local: Config,
     pub target: ControlTarget,
     pub advertise: SocketAddr,
+    /// This node's admin listener, reported so `quicmesh top` can read its metrics.
+    pub admin: SocketAddr,
     /// The instances to register; a new value re-registers on the open stream.
     pub instances: watch::Receiver<Vec<Instance>>,
     /// Instances failing their health check, reported whenever the set changes.
@@ -175,6 +177,7 @@ impl ControlClient {
             address: self.advertise,
             instances: instances.borrow_and_update().clone(),
             version: self.mesh.table().version,
+            admin: Some(self.admin),
         };
         if let Err(e) = control::send_line(&mut send, &hello).await {
             return broken(e.to_string());
@@ -204,6 +207,7 @@ impl ControlClient {
                         address: self.advertise,
                         instances: instances.borrow_and_update().clone(),
                         version: self.mesh.table().version,
+                        admin: Some(self.admin),
                     };
                     if let Err(e) = control::send_line(&mut send, &hello).await {
                         return End::Broken(e.to_string(), progressed);

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::HOST;
@@ -18,6 +17,7 @@ use quicmesh_shared::error::{ProxyError, UNSENT_HEADER};
 use quicmesh_shared::headers;
 use quicmesh_shared::mesh::{Mesh, Table};
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::telemetry::{self, Record};
 use quicmesh_shared::tls;
 use tracing::{debug, info, warn};
 
@@ -60,6 +60,7 @@ async fn connection(incoming: quinn::Incoming, mesh: Arc<Mesh>) {
     metrics::counter!(m::QUIC_CONNECTIONS_OPENED, "direction" => "inbound", "peer" => peer.clone()).increment(1);
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").increment(1.0);
     info!(%remote, peer, "accepted QUIC peer");
+    quicmesh_shared::pool::watch_stats(conn.clone(), "inbound", peer.clone());
     serve_h3(conn, &peer, mesh).await;
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").decrement(1.0);
 }
@@ -110,6 +111,19 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
     }
 }
 
+/// The calling service a peer names, believed only when that peer hosts it (or is it, as the
+/// gateway is): a node speaks for its own services and no others.
+fn source_of(req: &Request<()>, peer: &str, table: &Table) -> String {
+    let claimed = req.headers().get(headers::SOURCE).and_then(|v| v.to_str().ok());
+    match claimed {
+        Some(s) if s == peer => s.to_string(),
+        Some(s) if table.service(s).is_some_and(|svc| svc.config.endpoints.iter().any(|ep| ep.node == peer)) => {
+            s.to_string()
+        }
+        _ => telemetry::UNKNOWN.to_string(),
+    }
+}
+
 /// The local service and endpoint a peer asked for, if this node hosts them.
 pub fn local_target<'a>(
     req: &Request<()>,
@@ -135,15 +149,23 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
     if req.method() == Method::CONNECT {
         return crate::tcp::inbound(req, stream, peer, mesh).await;
     }
-    let start = Instant::now();
+    metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string()).increment(1);
+    let mut rec = Record::new("inbound", mesh.access_log.clone());
+    rec.request(&req);
     let (mut send, recv) = stream.split();
     let table = mesh.table();
-    let (service, result) = match local_target(&req, mesh, &table) {
+    rec.source(&source_of(&req, peer, &table), peer);
+    let result = match local_target(&req, mesh, &table) {
         Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
-            (svc.name.clone(), deliver(req, recv, addr, svc.protocol, mesh, &table).await)
+            rec.service(&svc.name);
+            rec.endpoint(mesh.local_node.as_deref().unwrap_or_default(), &addr.to_string(), 0);
+            deliver(req, recv, addr, svc.protocol, mesh, &table, &rec).await
         }
-        Ok((svc, _)) => (svc.name.clone(), Err(ProxyError::BadRequest("service is TCP".into()))),
-        Err(e) => ("unknown".to_string(), Err(e)),
+        Ok((svc, _)) => {
+            rec.service(&svc.name);
+            Err(ProxyError::BadRequest("service is TCP".into()))
+        }
+        Err(e) => Err(e),
     };
     let resp = match result {
         Ok(mut resp) => {
@@ -161,12 +183,7 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
             resp
         }
     };
-    let class = m::status_class(resp.status().as_u16());
-    metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => service.clone(), "status_class" => class)
-        .increment(1);
-    metrics::histogram!(m::REQUEST_DURATION, "direction" => "inbound", "service" => service)
-        .record(start.elapsed().as_secs_f64());
-    let (parts, body) = resp.into_parts();
+    let (parts, body) = rec.finish(resp).into_parts();
     let mut head = Response::from_parts(parts, ());
     *head.version_mut() = http::Version::HTTP_3;
     if let Err(e) = send.send_response(head).await {
@@ -185,6 +202,7 @@ async fn deliver(
     protocol: Protocol,
     mesh: &Mesh,
     table: &Table,
+    rec: &Record,
 ) -> Result<Response<body::Body>, ProxyError> {
     let (mut parts, ()) = req.into_parts();
     headers::strip_internal(&mut parts.headers);
@@ -194,7 +212,7 @@ async fn deliver(
             parts.headers.insert(HOST, v);
         }
     }
-    let req = Request::from_parts(parts, body::boxed(H3Body::new(recv)));
+    let req = Request::from_parts(parts, rec.count_request(body::boxed(H3Body::new(recv))));
     let timeout = table.config.timeouts.request;
     tokio::time::timeout(timeout, mesh.local.send(req, addr, protocol))
         .await

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quicmesh_shared::access_log::AccessLog;
 use quicmesh_shared::admin::{self, AdminState};
 use quicmesh_shared::config::{Config, ConfigError};
 use quicmesh_shared::drain::Phase;
@@ -39,6 +40,8 @@ pub enum NodeError {
     Transport(#[from] TransportError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("access log: {0}")]
+    AccessLog(std::io::Error),
 }
 
 /// Addresses a running node actually bound (port 0 in config becomes a real port here).
@@ -138,7 +141,10 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     }
     let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
     let local_config = config.clone();
-    let mesh = Arc::new(Mesh::new(Arc::new(config), Some(nc.name.clone()), endpoint.clone()));
+    let access_log = AccessLog::start(&config.access_log).map_err(NodeError::AccessLog)?.map(Arc::new);
+    let mut mesh = Mesh::new(Arc::new(config), Some(nc.name.clone()), endpoint.clone());
+    mesh.access_log = access_log;
+    let mesh = Arc::new(mesh);
     let addrs = NodeAddrs {
         name: nc.name.clone(),
         outbound: outbound.local_addr().map_err(|source| NodeError::Listen { addr: nc.outbound, source })?,
@@ -181,6 +187,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             local: local_config,
             target,
             advertise,
+            admin: addrs.admin,
             instances: rx,
             health: health_rx,
             cache,

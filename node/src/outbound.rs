@@ -19,9 +19,10 @@ use quicmesh_shared::config::Protocol;
 use quicmesh_shared::drain::Phase;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
-use quicmesh_shared::mesh::{CallOpts, Mesh};
+use quicmesh_shared::mesh::{CallInfo, CallOpts, Mesh};
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::route::{self, Filtered};
+use quicmesh_shared::telemetry::{self, Record};
 use tokio::net::TcpListener;
 use tracing::{debug, info_span, Instrument};
 
@@ -68,30 +69,28 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
 }
 
 async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Response<Body> {
-    let start = Instant::now();
     let in_flight = mesh.drain.guard();
+    let mut rec = Record::new("outbound", mesh.access_log.clone());
+    rec.request(&req);
     let span = info_span!("outbound", %client, method = %req.method(), uri = %req.uri());
-    let (service, resp) = match route(req, client, mesh).instrument(span).await {
-        Ok((service, resp)) => (service, resp),
-        Err((service, e)) => {
+    let resp = match route(req, client, mesh, &mut rec).instrument(span).await {
+        Ok(resp) => resp,
+        Err(e) => {
             debug!(%client, error = %e, "outbound request failed");
             metrics::counter!(m::PROXY_ERRORS, "direction" => "outbound", "reason" => e.reason()).increment(1);
-            (service, e.response())
+            e.response()
         }
     };
-    let class = m::status_class(resp.status().as_u16());
-    metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => service.clone(), "status_class" => class)
-        .increment(1);
-    metrics::histogram!(m::REQUEST_DURATION, "direction" => "outbound", "service" => service)
-        .record(start.elapsed().as_secs_f64());
-    // In flight until the response body is sent.
-    resp.map(|b| body::with_guard(b, in_flight))
+    // Recorded when the response body ends; in flight for the drain until then too.
+    rec.finish(resp).map(|b| body::with_guard(b, in_flight))
 }
 
-type Routed = Result<(String, Response<Body>), (String, ProxyError)>;
-
-async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Routed {
-    let unknown = || "unknown".to_string();
+async fn route(
+    req: Request<Incoming>,
+    client: SocketAddr,
+    mesh: &Arc<Mesh>,
+    rec: &mut Record,
+) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     // The absolute-form URI (or HTTP/2 :authority) names the target; some HTTP/2 clients put
     // the proxy's own address there and the target in Host, so Host is tried second.
@@ -99,9 +98,11 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> 
     let host_header = parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(|s| s.trim().to_string());
     let candidates: Vec<String> = uri_authority.into_iter().chain(host_header).filter(|s| !s.is_empty()).collect();
     let Some(first) = candidates.first() else {
-        return Err((unknown(), ProxyError::BadRequest("no Host header or absolute URI".into())));
+        return Err(ProxyError::BadRequest("no Host header or absolute URI".into()));
     };
     let table = mesh.table();
+    let node = mesh.local_node.as_deref().unwrap_or_default();
+    rec.source(table.source_service.as_deref().unwrap_or(telemetry::UNKNOWN), node);
     // Mesh routes (HTTPRoute) first; without one, the Host names the service directly.
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_owned);
@@ -117,27 +118,25 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> 
     let (mut authority, svc) = match routed {
         Some((authority, matched)) => {
             let route_name = matched.route.name.clone();
+            rec.route(&route_name);
             if let Some(Err(wait)) = matched.limiter.map(|l| l.check(Some(client.ip()), Instant::now())) {
                 metrics::counter!(m::RATE_LIMITED, "route" => route_name.clone()).increment(1);
-                return Err((route_name.clone(), ProxyError::RateLimited { route: route_name, wait }));
+                return Err(ProxyError::RateLimited { route: route_name, wait });
             }
             let mut authority = authority;
             match route::apply_request_filters(&matched, &mut parts, &mut authority, "http", None) {
-                Ok(Filtered::Redirect { status, location }) => return Ok((route_name, redirect(status, &location))),
+                Ok(Filtered::Redirect { status, location }) => return Ok(redirect(status, &location)),
                 Ok(Filtered::Forward { response_mods: mods, mirrors: m }) => {
                     response_mods = mods;
                     mirrors = m;
                 }
-                Err(e) => return Err((route_name, ProxyError::BadRequest(e))),
+                Err(e) => return Err(ProxyError::BadRequest(e)),
             }
             let Some(backend) = route::choose_backend(&matched.rule.backend_refs) else {
-                return Err((
-                    route_name,
-                    ProxyError::NoEndpoint(format!("route {} has no backend with weight", matched.route.name)),
-                ));
+                return Err(ProxyError::NoEndpoint(format!("route {} has no backend with weight", matched.route.name)));
             };
             let Some(svc) = table.service(&backend.name) else {
-                return Err((route_name, ProxyError::NoEndpoint(backend.name.clone())));
+                return Err(ProxyError::NoEndpoint(backend.name.clone()));
             };
             opts = CallOpts {
                 route: &matched.route.name,
@@ -153,19 +152,25 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> 
             let Some((authority, svc)) =
                 candidates.iter().find_map(|a| table.service_for_host(&headers::host_of(a)).map(|s| (a.clone(), s)))
             else {
-                return Err((unknown(), ProxyError::NoRoute(headers::host_of(first))));
+                return Err(ProxyError::NoRoute(headers::host_of(first)));
             };
             (authority, svc)
         }
     };
     let name = svc.config.name.clone();
+    rec.service(&name);
     if svc.config.protocol == Protocol::Tcp {
-        return Err((name, ProxyError::BadRequest("service is TCP; use its node.tcp port".into())));
+        return Err(ProxyError::BadRequest("service is TCP; use its node.tcp port".into()));
     }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_internal(&mut parts.headers);
     headers::append_forwarded_for(&mut parts.headers, client.ip());
     headers::ensure_request_id(&mut parts.headers);
+    headers::continue_trace(&mut parts.headers);
+    rec.ids(&parts.headers);
+    if let Some(source) = table.source_service.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+        parts.headers.insert(headers::SOURCE, source);
+    }
     if authority.is_empty() {
         authority = name.clone();
     }
@@ -173,24 +178,21 @@ async fn route(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> 
         parts.headers.insert(HOST, v);
     }
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = match Uri::try_from(format!("http://{authority}{pq}")) {
-        Ok(u) => u,
-        Err(e) => return Err((name, ProxyError::BadRequest(format!("target: {e}")))),
-    };
-    let body = match mesh.mirror_request(&table, &parts, body::boxed(body), &mirrors).await {
-        Ok(b) => b,
-        Err(e) => return Err((name, e)),
-    };
+    parts.uri =
+        Uri::try_from(format!("http://{authority}{pq}")).map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
+    let body = rec.count_request(body::boxed(body));
+    let body = mesh.mirror_request(&table, &parts, body, &mirrors).await?;
     let req = Request::from_parts(parts, body);
-    match mesh.call(&table, svc, req, &opts).await {
-        Ok(mut resp) => {
-            for m in response_mods {
-                route::modify_headers(resp.headers_mut(), m);
-            }
-            Ok((name, resp))
-        }
-        Err(e) => Err((name, e)),
+    let mut info = CallInfo::default();
+    let result = mesh.call(&table, svc, req, &opts, &mut info).await;
+    if let Some((node, addr)) = &info.endpoint {
+        rec.endpoint(node, &addr.to_string(), info.retries);
     }
+    let mut resp = result?;
+    for m in response_mods {
+        route::modify_headers(resp.headers_mut(), m);
+    }
+    Ok(resp)
 }
 
 /// A redirect response made by a route's RequestRedirect filter.

@@ -12,11 +12,13 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
+use quicmesh_shared::access_log::Entry;
 use quicmesh_shared::body::{H3Recv, H3Send};
 use quicmesh_shared::config::Protocol;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::mesh::{Mesh, PickCtx, Table};
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::telemetry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -55,18 +57,66 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
     let client = tcp.peer_addr().ok().map(|a| a.ip());
     let ep = mesh.pick(svc, &BTreeMap::new(), &PickCtx { headers: None, client })?;
     metrics::counter!(m::TCP_CONNECTIONS, "direction" => "outbound", "service" => service.to_string()).increment(1);
+    let mut done = TunnelDone::new("outbound", service, mesh);
+    done.entry.src_service = table.source_service.clone().unwrap_or_else(|| telemetry::UNKNOWN.into());
+    done.entry.src_node = mesh.local_node.clone().unwrap_or_default();
+    done.entry.dst_node = ep.node.clone();
+    done.entry.endpoint = ep.address.to_string();
     if mesh.is_local(&ep) {
         let mut upstream = connect(ep.address, &table).await?;
         let mut tcp = tcp;
         let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await.unwrap_or((0, 0));
-        record_bytes("outbound", up, down);
+        done.bytes(up, down);
         return Ok(());
     }
     let stream = mesh.connect_tcp(&table, svc, &ep).await?;
     let (send, recv) = stream.split();
     let (up, down) = splice(tcp, send, recv).await;
-    record_bytes("outbound", up, down);
+    done.bytes(up, down);
     Ok(())
+}
+
+/// Records a tunnel when it closes: bytes each way, the closed count, the access-log line.
+struct TunnelDone {
+    entry: Entry,
+    start: std::time::Instant,
+    log: Option<std::sync::Arc<quicmesh_shared::access_log::AccessLog>>,
+}
+
+impl TunnelDone {
+    fn new(direction: &'static str, service: &str, mesh: &Mesh) -> Self {
+        let entry = Entry {
+            time: quicmesh_shared::access_log::timestamp(),
+            direction: if direction == "outbound" { "tcp-outbound" } else { "tcp-inbound" },
+            dst_service: service.to_string(),
+            method: "CONNECT".into(),
+            ..Default::default()
+        };
+        Self { entry, start: std::time::Instant::now(), log: mesh.access_log.clone() }
+    }
+
+    /// Bytes from the client side toward the service (`sent`) and back (`received`).
+    fn bytes(&mut self, sent: u64, received: u64) {
+        self.entry.bytes_received = sent;
+        self.entry.bytes_sent = received;
+    }
+}
+
+impl Drop for TunnelDone {
+    fn drop(&mut self) {
+        let e = &mut self.entry;
+        let direction = if e.direction == "tcp-outbound" { "outbound" } else { "inbound" };
+        let service = e.dst_service.clone();
+        metrics::counter!(m::TCP_CLOSED, "direction" => direction, "service" => service.clone()).increment(1);
+        metrics::counter!(m::TCP_BYTES, "direction" => direction, "service" => service.clone(), "flow" => "sent")
+            .increment(e.bytes_received);
+        metrics::counter!(m::TCP_BYTES, "direction" => direction, "service" => service, "flow" => "received")
+            .increment(e.bytes_sent);
+        if let Some(log) = &self.log {
+            e.duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            log.log(e);
+        }
+    }
 }
 
 async fn connect(addr: std::net::SocketAddr, table: &Table) -> Result<TcpStream, ProxyError> {
@@ -77,11 +127,6 @@ async fn connect(addr: std::net::SocketAddr, table: &Table) -> Result<TcpStream,
         .map_err(|e| ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: e.to_string() })?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
-}
-
-fn record_bytes(direction: &'static str, up: u64, down: u64) {
-    metrics::counter!(m::TCP_BYTES, "direction" => direction, "flow" => "sent").increment(up);
-    metrics::counter!(m::TCP_BYTES, "direction" => direction, "flow" => "received").increment(down);
 }
 
 /// Serves a peer's CONNECT: checks the target is a local TCP instance, connects, splices.
@@ -108,14 +153,18 @@ pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &
             return;
         }
     };
-    metrics::counter!(m::TCP_CONNECTIONS, "direction" => "inbound", "service" => name).increment(1);
+    metrics::counter!(m::TCP_CONNECTIONS, "direction" => "inbound", "service" => name.clone()).increment(1);
+    let mut done = TunnelDone::new("inbound", &name, mesh);
+    done.entry.src_node = peer.to_string();
+    done.entry.dst_node = mesh.local_node.clone().unwrap_or_default();
     let mut ok = Response::new(());
     *ok.status_mut() = StatusCode::OK;
     if send.send_response(ok).await.is_err() {
         return;
     }
     let (up, down) = splice(tcp, send, recv).await;
-    record_bytes("inbound", down, up);
+    // Seen from the caller: what it sent arrived here from the stream (`down`).
+    done.bytes(down, up);
 }
 
 /// Copies TCP <-> QUIC stream in both directions, mapping half-close each way.

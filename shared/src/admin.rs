@@ -36,6 +36,39 @@ impl AdminState {
     }
 }
 
+/// Reads (`None`) or replaces the process's log filter; answers the filter in force.
+pub type LogControl = Box<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+static LOG_CONTROL: std::sync::OnceLock<LogControl> = std::sync::OnceLock::new();
+
+/// Installs the log filter control behind `/logging` (once per process, by `main`).
+pub fn set_log_control(control: LogControl) {
+    let _ = LOG_CONTROL.set(control);
+}
+
+/// `GET /logging` shows the filter; `POST /logging?filter=<env-filter>` replaces it.
+fn logging(req: &Request<Incoming>) -> (StatusCode, String) {
+    let Some(control) = LOG_CONTROL.get() else {
+        return (StatusCode::NOT_IMPLEMENTED, "logging is not controllable in this process\n".into());
+    };
+    let params = req.uri().query().map(crate::route::parse_query).unwrap_or_default();
+    let wanted = params.into_iter().find(|(k, _)| k == "filter" || k == "level").map(|(_, v)| v);
+    match (req.method(), wanted) {
+        (&http::Method::GET, _) => match control(None) {
+            Ok(f) => (StatusCode::OK, format!("{f}\n")),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        (&http::Method::POST | &http::Method::PUT, Some(spec)) => match control(Some(&spec)) {
+            Ok(f) => (StatusCode::OK, format!("{f}\n")),
+            Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+        },
+        (&http::Method::POST | &http::Method::PUT, None) => {
+            (StatusCode::BAD_REQUEST, "give the new filter as ?filter=<env-filter>\n".into())
+        }
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n".into()),
+    }
+}
+
 /// Serves the admin API until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
@@ -67,6 +100,10 @@ fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder unavailable\n".into()),
         },
         "/config_dump" => (StatusCode::OK, "application/json", state.config_dump.clone()),
+        "/logging" => {
+            let (status, text) = logging(&req);
+            (status, "text/plain", text)
+        }
         path => match state.extra.iter().find(|(p, _)| *p == path) {
             Some((_, render)) => (StatusCode::OK, "application/json", render()),
             None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),

@@ -55,6 +55,8 @@ pub struct Config {
     pub routes: Vec<crate::route::HttpRoute>,
     pub timeouts: Timeouts,
     pub transport: TransportConfig,
+    /// Per-request access log of this process.
+    pub access_log: crate::access_log::AccessLogConfig,
 }
 
 /// Mesh-wide identity settings.
@@ -616,6 +618,9 @@ impl Config {
         }
         if t.idle_timeout <= t.keep_alive {
             return Err(invalid("transport.idle_timeout", "must be longer than transport.keep_alive"));
+        }
+        if let Err(reason) = self.access_log.validate() {
+            return Err(invalid("access_log", reason));
         }
         if self.timeouts.connect.is_zero() || self.timeouts.request.is_zero() {
             return Err(invalid("timeouts", "timeouts must be greater than zero"));

@@ -44,7 +44,14 @@ pub struct Instance {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum NodeMsg {
     /// Sent first: where peers reach this node, what it hosts, which snapshot it runs.
-    Hello { address: SocketAddr, instances: Vec<Instance>, version: u64 },
+    Hello {
+        address: SocketAddr,
+        instances: Vec<Instance>,
+        version: u64,
+        /// The node's admin listener (for `quicmesh top`); older nodes do not send it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin: Option<SocketAddr>,
+    },
     /// The snapshot of this version is applied.
     Ack { version: u64 },
     /// The snapshot of this version was refused; the node keeps its previous one.
@@ -108,6 +115,9 @@ pub struct Registration {
     /// (service, address) of the instances whose health check fails.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub unhealthy: BTreeSet<(String, SocketAddr)>,
+    /// The node's admin listener, as it reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
 }
 
 /// Merges static config and registrations into the mesh state (without a version).
@@ -245,6 +255,7 @@ mod tests {
                 address: ([10, 0, 0, 2], 9).into(),
                 instances: vec![inst("web", 81), inst("db", 5432)],
                 unhealthy: Default::default(),
+                admin: None,
             },
         );
         let snap = merge(&cfg, &regs);

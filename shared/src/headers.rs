@@ -10,6 +10,9 @@ use http::{HeaderMap, Uri};
 pub const SERVICE: HeaderName = HeaderName::from_static("quicmesh-service");
 /// Endpoint address the outbound node chose (set between proxies only).
 pub const ENDPOINT: HeaderName = HeaderName::from_static("quicmesh-endpoint");
+/// The calling service, as the outbound node names it (set between proxies only; the inbound
+/// node believes it only when the calling node hosts that service).
+pub const SOURCE: HeaderName = HeaderName::from_static("quicmesh-source");
 /// Which try of a request this is (1 for the first), set toward the upstream on every try.
 pub const ATTEMPT: HeaderName = HeaderName::from_static("quicmesh-attempt");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -45,6 +48,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn strip_internal(headers: &mut HeaderMap) {
     headers.remove(SERVICE);
     headers.remove(ENDPOINT);
+    headers.remove(SOURCE);
 }
 
 /// Appends the client address to `x-forwarded-for`.
@@ -66,6 +70,63 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
             let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("0"));
             headers.insert(REQUEST_ID, id.clone());
             id
+        }
+    }
+}
+
+/// W3C Trace Context headers.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Continues a request's W3C trace as a new span of this proxy (same trace id and flags, a new
+/// parent id), or starts a trace when the request has no valid `traceparent` (dropping any
+/// orphaned `tracestate`, as the specification asks). Returns the trace id.
+pub fn continue_trace(headers: &mut HeaderMap) -> String {
+    let parsed = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
+    let (trace, flags) = match parsed {
+        Some(p) => p,
+        None => {
+            headers.remove(&TRACESTATE);
+            (random_hex(16), "01".to_string())
+        }
+    };
+    let value = format!("00-{trace}-{}-{flags}", random_hex(8));
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(TRACEPARENT, v);
+    }
+    trace
+}
+
+/// The trace id of a valid `traceparent`, if the request has one.
+pub fn trace_id(headers: &HeaderMap) -> Option<String> {
+    headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent).map(|(t, _)| t)
+}
+
+/// (trace id, flags) of a `traceparent` value; `None` when it is not valid.
+fn parse_traceparent(v: &str) -> Option<(String, String)> {
+    let mut parts = v.trim().split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    // Version 00 has exactly four fields; later versions may add more.
+    let fields_ok = version != "00" || parts.next().is_none();
+    (hex(version, 2)
+        && version != "ff"
+        && fields_ok
+        && hex(trace, 32)
+        && !zero(trace)
+        && hex(parent, 16)
+        && !zero(parent)
+        && hex(flags, 2))
+    .then(|| (trace.to_string(), flags.to_string()))
+}
+
+/// `bytes` random bytes as lowercase hex, never all zero.
+fn random_hex(bytes: usize) -> String {
+    loop {
+        let s: String = (0..bytes).map(|_| format!("{:02x}", fastrand::u8(..))).collect();
+        if s.bytes().any(|b| b != b'0') {
+            return s;
         }
     }
 }
@@ -130,6 +191,34 @@ mod tests {
         let made = ensure_request_id(&mut h);
         assert_eq!(made.len(), 36);
         assert_eq!(ensure_request_id(&mut h), made);
+    }
+
+    #[test]
+    fn trace_context_continues_or_starts() {
+        let mut h = HeaderMap::new();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert(TRACEPARENT, HeaderValue::from_static(parent));
+        h.insert(TRACESTATE, HeaderValue::from_static("vendor=1"));
+        assert_eq!(continue_trace(&mut h), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let next = h[TRACEPARENT].to_str().unwrap().to_string();
+        assert!(next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && next.ends_with("-01"), "{next}");
+        assert_ne!(next, parent, "a new span id");
+        assert_eq!(h[TRACESTATE], "vendor=1");
+        for bad in [
+            "junk",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(TRACEPARENT, HeaderValue::from_str(bad).unwrap());
+            h.insert(TRACESTATE, HeaderValue::from_static("orphan=1"));
+            let trace = continue_trace(&mut h);
+            assert_eq!(trace.len(), 32);
+            assert!(!bad.contains(&trace), "{bad}");
+            assert!(!h.contains_key(TRACESTATE));
+            assert_eq!(trace_id(&h).as_deref(), Some(trace.as_str()));
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! bodies, headers, proxy errors, metrics and the admin server.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod body;
@@ -21,5 +22,6 @@ pub mod overlay;
 pub mod pool;
 pub mod retry;
 pub mod route;
+pub mod telemetry;
 pub mod tls;
 pub mod transport;

@@ -44,7 +44,7 @@ use crate::config::{Config, EndpointConfig, Protocol, ServiceConfig};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::{PeerConn, PeerPool};
-pub use call::CallOpts;
+pub use call::{CallInfo, CallOpts};
 
 /// A service with its balancing state.
 pub struct Service {
@@ -215,6 +215,8 @@ pub struct Table {
     pub config: Arc<Config>,
     services: HashMap<String, Arc<Service>>,
     hosts: HashMap<String, Arc<Service>>,
+    /// The service this node hosts, when it hosts exactly one: the source of its outbound calls.
+    pub source_service: Option<String>,
 }
 
 impl Table {
@@ -237,7 +239,16 @@ impl Table {
         }
         // Validated with the config; an empty table is the safe fallback.
         let routes = RouteTable::new(config.routes.clone()).unwrap_or_else(|_| RouteTable::empty());
-        Self { version, routes, config: Arc::new(config), services, hosts }
+        let local = config.node.as_ref().map(|n| n.name.as_str());
+        let mut hosted = services
+            .values()
+            .filter(|s| s.config.endpoints.iter().any(|ep| Some(ep.node.as_str()) == local))
+            .map(|s| s.config.name.clone());
+        let source_service = match (hosted.next(), hosted.next()) {
+            (Some(one), None) => Some(one),
+            _ => None,
+        };
+        Self { version, routes, config: Arc::new(config), services, hosts, source_service }
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
@@ -289,6 +300,8 @@ pub struct Mesh {
     pub local: LocalClient,
     /// Drain state and requests in flight through this process.
     pub drain: Arc<crate::drain::Drain>,
+    /// Where completed requests are logged, when the access log is on.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
     table: ArcSwap<Table>,
     stats: std::sync::Mutex<HashMap<String, Arc<EndpointStats>>>,
     states: std::sync::Mutex<HashMap<String, Arc<ServiceState>>>,
@@ -319,6 +332,7 @@ impl Mesh {
             pool,
             local,
             drain: crate::drain::Drain::new(),
+            access_log: None,
             table: ArcSwap::from_pointee(Table::new(Config::default(), 0)),
             stats: Default::default(),
             states: Default::default(),
@@ -607,7 +621,10 @@ impl Mesh {
         let (pc, _) = self.peer(table, ep).await.map_err(TryError::unsent)?;
         let mut sender = pc.h3.clone();
         match sender.send_request(head).await {
-            Ok(s) => Ok((pc, s)),
+            Ok(s) => {
+                metrics::counter!(m::QUIC_STREAMS, "direction" => "outbound", "peer" => ep.node.clone()).increment(1);
+                Ok((pc, s))
+            }
             Err(e) => {
                 self.pool.evict(&ep.node, &pc.conn).await;
                 Err(TryError::unsent(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() }))

@@ -37,6 +37,18 @@ pub const HEALTHY: &str = "quicmesh_instance_healthy";
 pub const RATE_LIMITED: &str = "quicmesh_rate_limited_total";
 pub const FAULTS: &str = "quicmesh_faults_injected_total";
 pub const DRAINING: &str = "quicmesh_draining";
+pub const REQUESTS_IN_FLIGHT: &str = "quicmesh_requests_in_flight";
+pub const REQUEST_BYTES: &str = "quicmesh_request_bytes_total";
+pub const RESPONSE_BYTES: &str = "quicmesh_response_bytes_total";
+pub const ACCESS_LOG_DROPPED: &str = "quicmesh_access_log_dropped_total";
+pub const QUIC_RTT: &str = "quicmesh_quic_rtt_seconds";
+pub const QUIC_CWND: &str = "quicmesh_quic_congestion_window_bytes";
+pub const QUIC_LOST_PACKETS: &str = "quicmesh_quic_lost_packets_total";
+pub const QUIC_SENT_PACKETS: &str = "quicmesh_quic_sent_packets_total";
+pub const QUIC_STREAMS: &str = "quicmesh_quic_streams_total";
+pub const TCP_CLOSED: &str = "quicmesh_tcp_connections_closed_total";
+pub const CONTROL_NODE_VERSION: &str = "quicmesh_control_node_acked_version";
+pub const CONTROL_CERT_EXPIRY: &str = "quicmesh_control_certificate_expiry_timestamp_seconds";
 
 /// Latency buckets from 100 us to 30 s.
 const LATENCY_BUCKETS: &[f64] =
@@ -97,6 +109,18 @@ fn describe() {
     describe_counter!(RATE_LIMITED, "Requests answered 429 by a route's rate limit, by route.");
     describe_counter!(FAULTS, "Faults injected by routes, by route and kind (delay, abort).");
     describe_gauge!(DRAINING, "1 once the process is draining (SIGTERM) before it exits.");
+    describe_gauge!(REQUESTS_IN_FLIGHT, "Requests started and not finished, by direction and service.");
+    describe_counter!(REQUEST_BYTES, Unit::Bytes, "Request body bytes received, by direction, source and service.");
+    describe_counter!(RESPONSE_BYTES, Unit::Bytes, "Response body bytes sent, by direction, source and service.");
+    describe_counter!(ACCESS_LOG_DROPPED, "Access-log lines dropped because the writer fell behind.");
+    describe_gauge!(QUIC_RTT, Unit::Seconds, "Smoothed round-trip time of the QUIC connection to a peer.");
+    describe_gauge!(QUIC_CWND, Unit::Bytes, "Congestion window of the QUIC connection to a peer.");
+    describe_counter!(QUIC_LOST_PACKETS, "QUIC packets declared lost, by direction and peer.");
+    describe_counter!(QUIC_SENT_PACKETS, "QUIC packets sent, by direction and peer.");
+    describe_counter!(QUIC_STREAMS, "HTTP/3 request streams opened, by direction and peer.");
+    describe_counter!(TCP_CLOSED, "Opaque TCP tunnels closed, by direction and service.");
+    describe_gauge!(CONTROL_NODE_VERSION, "(gateway) Snapshot version each node last acknowledged.");
+    describe_gauge!(CONTROL_CERT_EXPIRY, "(gateway) Expiry of the certificate last issued to each node, Unix seconds.");
     describe_counter!(CONFIG_RELOADS, "Config file reloads by the gateway, by result (applied, rejected).");
 }
 

@@ -129,6 +129,7 @@ impl PeerPool {
             .increment(1);
         metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").increment(1.0);
         info!(peer, %addr, rtt_us = conn.rtt().as_micros() as u64, "QUIC connection to peer established");
+        watch_stats(conn.clone(), "outbound", peer_label.clone());
         tokio::spawn(async move {
             let err = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
             metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").decrement(1.0);
@@ -136,4 +137,29 @@ impl PeerPool {
         });
         Ok(PeerConn { conn, h3 })
     }
+}
+
+/// How often a connection's path statistics are exported.
+const STATS_EVERY: Duration = Duration::from_secs(2);
+
+/// Exports a peer connection's round-trip time, congestion window, and sent and lost packets
+/// every couple of seconds until it closes.
+pub fn watch_stats(conn: quinn::Connection, direction: &'static str, peer: String) {
+    tokio::spawn(async move {
+        let (mut sent, mut lost) = (0u64, 0u64);
+        loop {
+            let path = conn.stats().path;
+            metrics::gauge!(m::QUIC_RTT, "direction" => direction, "peer" => peer.clone()).set(path.rtt.as_secs_f64());
+            metrics::gauge!(m::QUIC_CWND, "direction" => direction, "peer" => peer.clone()).set(path.cwnd as f64);
+            metrics::counter!(m::QUIC_SENT_PACKETS, "direction" => direction, "peer" => peer.clone())
+                .increment(path.sent_packets.saturating_sub(sent));
+            metrics::counter!(m::QUIC_LOST_PACKETS, "direction" => direction, "peer" => peer.clone())
+                .increment(path.lost_packets.saturating_sub(lost));
+            (sent, lost) = (path.sent_packets, path.lost_packets);
+            tokio::select! {
+                _ = conn.closed() => return,
+                _ = tokio::time::sleep(STATS_EVERY) => {}
+            }
+        }
+    });
 }

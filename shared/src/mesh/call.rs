@@ -33,6 +33,14 @@ pub struct CallOpts<'a> {
     pub client: Option<IpAddr>,
 }
 
+/// What a call did, for metrics and the access log.
+#[derive(Debug, Default)]
+pub struct CallInfo {
+    /// Node and address of the endpoint of the last try.
+    pub endpoint: Option<(String, std::net::SocketAddr)>,
+    pub retries: u32,
+}
+
 /// Budgets are counted against one clock per process.
 fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -48,12 +56,13 @@ impl Mesh {
         svc: &Service,
         req: Request<Body>,
         opts: &CallOpts<'_>,
+        info: &mut CallInfo,
     ) -> Result<Response<Body>, ProxyError> {
         match opts.timeouts.and_then(|t| t.request) {
-            Some(total) => tokio::time::timeout(total, self.call_inner(table, svc, req, opts))
+            Some(total) => tokio::time::timeout(total, self.call_inner(table, svc, req, opts, info))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout(total))),
-            None => self.call_inner(table, svc, req, opts).await,
+            None => self.call_inner(table, svc, req, opts, info).await,
         }
     }
 
@@ -63,6 +72,7 @@ impl Mesh {
         svc: &Service,
         req: Request<Body>,
         opts: &CallOpts<'_>,
+        info: &mut CallInfo,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(fault) = opts.fault {
             let plan = fault.plan(&mut fastrand::Rng::new());
@@ -101,6 +111,8 @@ impl Mesh {
                 let ctx = PickCtx { headers: Some(&parts.headers), client: opts.client };
                 self.pick_avoiding(svc, labels, &ctx, &tried)?
             };
+            info.retries = attempt - 1;
+            info.endpoint = Some((ep.node.clone(), ep.address));
             let body = match &mut source {
                 Source::Empty => Some(body::empty()),
                 Source::Replay(r) => r.body(),

@@ -1,0 +1,349 @@
+//! `quicmesh status` and `quicmesh top`: views of a running mesh read from the gateway's admin
+//! API. `top` scrapes the Prometheus metrics of the gateway and of every node it lists, and
+//! turns the change between two scrapes into a table per caller and service: request rate,
+//! success rate and latency percentiles, as `linkerd viz stat` does.
+//!
+//! Each request is counted once, where it entered the mesh: at the calling node's outbound side
+//! or at the gateway's ingress.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+
+/// (source service, destination service).
+type Pair = (String, String);
+
+/// Counters summed over every scraped component.
+#[derive(Debug, Default, Clone)]
+pub struct Sample {
+    /// Requests and those answered 5xx.
+    requests: HashMap<Pair, (f64, f64)>,
+    /// Cumulative latency bucket counts by upper bound.
+    buckets: HashMap<Pair, BTreeMap<Bound, f64>>,
+}
+
+/// A bucket bound that sorts (`+Inf` last).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bound(f64);
+impl Eq for Bound {}
+impl PartialOrd for Bound {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Bound {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// One line of the Prometheus text format: name, labels, value.
+fn parse_line(line: &str) -> Option<(&str, Labels, f64)> {
+    if line.starts_with('#') || line.trim().is_empty() {
+        return None;
+    }
+    let (head, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.trim().parse().ok()?;
+    let Some((name, rest)) = head.split_once('{') else { return Some((head.trim(), Vec::new(), value)) };
+    let body = rest.strip_suffix('}')?;
+    let mut labels = Vec::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        if chars.next() != Some('"') {
+            return None;
+        }
+        let mut val = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => val.extend(chars.next()),
+                '"' => break,
+                c => val.push(c),
+            }
+        }
+        labels.push((key.trim_start_matches(',').to_string(), val));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    Some((name, labels, value))
+}
+
+fn label<'a>(labels: &'a [(String, String)], key: &str) -> &'a str {
+    labels.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v.as_str())
+}
+
+impl Sample {
+    /// Adds one component's `/metrics` text.
+    pub fn add(&mut self, text: &str) {
+        for line in text.lines() {
+            let Some((name, labels, value)) = parse_line(line) else { continue };
+            if !matches!(label(&labels, "direction"), "outbound" | "ingress") {
+                continue;
+            }
+            let pair = (label(&labels, "source_service").to_string(), label(&labels, "service").to_string());
+            match name {
+                "quicmesh_requests_total" => {
+                    let e = self.requests.entry(pair).or_default();
+                    e.0 += value;
+                    if label(&labels, "status_class") == "5xx" {
+                        e.1 += value;
+                    }
+                }
+                "quicmesh_request_duration_seconds_bucket" => {
+                    let le = match label(&labels, "le") {
+                        "+Inf" => f64::INFINITY,
+                        v => match v.parse() {
+                            Ok(v) => v,
+                            Err(_) => continue,
+                        },
+                    };
+                    *self.buckets.entry(pair).or_default().entry(Bound(le)).or_default() += value;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub source: String,
+    pub service: String,
+    pub rps: f64,
+    /// Share of non-5xx answers, 0 to 1 (1 when idle).
+    pub success: f64,
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+/// The rows for what happened between two samples taken `secs` apart.
+pub fn rows(prev: &Sample, cur: &Sample, secs: f64) -> Vec<Row> {
+    let mut out: Vec<Row> = cur
+        .requests
+        .iter()
+        .map(|(pair, (total, errors))| {
+            let (p_total, p_errors) = prev.requests.get(pair).copied().unwrap_or_default();
+            let (n, bad) = ((total - p_total).max(0.0), (errors - p_errors).max(0.0));
+            let delta: Vec<(f64, f64)> = cur
+                .buckets
+                .get(pair)
+                .map(|b| {
+                    b.iter()
+                        .map(|(le, c)| {
+                            let before = prev.buckets.get(pair).and_then(|p| p.get(le)).copied().unwrap_or(0.0);
+                            (le.0, (c - before).max(0.0))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Row {
+                source: pair.0.clone(),
+                service: pair.1.clone(),
+                rps: n / secs.max(1e-9),
+                success: if n > 0.0 { 1.0 - bad / n } else { 1.0 },
+                p50: quantile(&delta, 0.5),
+                p99: quantile(&delta, 0.99),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.service, &a.source).cmp(&(&b.service, &b.source)));
+    out
+}
+
+/// A quantile from cumulative bucket counts, interpolating linearly inside the bucket.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, cum) in buckets {
+        if cum >= rank {
+            if le.is_infinite() {
+                return Some(lo);
+            }
+            let inside = cum - below;
+            let frac = if inside > 0.0 { (rank - below) / inside } else { 1.0 };
+            return Some(lo + (le - lo) * frac);
+        }
+        (lo, below) = (le, cum);
+    }
+    Some(lo)
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |s| format!("{:.2}ms", s * 1000.0))
+}
+
+/// The table as text.
+pub fn render(rows: &[Row]) -> String {
+    let mut out =
+        format!("{:<20} {:<20} {:>10} {:>9} {:>10} {:>10}\n", "SOURCE", "SERVICE", "RPS", "SUCCESS", "P50", "P99");
+    for r in rows {
+        out.push_str(&format!(
+            "{:<20} {:<20} {:>10.1} {:>8.1}% {:>10} {:>10}\n",
+            r.source,
+            r.service,
+            r.rps,
+            r.success * 100.0,
+            ms(r.p50),
+            ms(r.p99)
+        ));
+    }
+    if rows.is_empty() {
+        out.push_str("(no requests yet)\n");
+    }
+    out
+}
+
+/// GET `http://addr{path}`; the body as text.
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = format!("http://{addr}{path}").parse()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(status.is_success(), "{addr}{path} answered {status}");
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The gateway's `/nodes` page.
+async fn nodes(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let text = get(admin, "/nodes").await.map_err(|e| anyhow::anyhow!("cannot read the gateway's admin API: {e}"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// `quicmesh status`: the nodes as the gateway sees them.
+pub async fn status(admin: SocketAddr) -> anyhow::Result<String> {
+    let doc = nodes(admin).await?;
+    let version = doc["version"].as_u64().unwrap_or(0);
+    let mut out = format!("snapshot version {version}\n");
+    out.push_str(&format!(
+        "{:<20} {:<10} {:<22} {:>9} {:>9}  {:<8} {}\n",
+        "NODE", "CONNECTED", "ADDRESS", "INSTANCES", "UNHEALTHY", "SNAPSHOT", "LAST NACK"
+    ));
+    for n in doc["nodes"].as_array().into_iter().flatten() {
+        let acked = n["acked_version"].as_u64().unwrap_or(0);
+        let snap = if acked == version {
+            "current"
+        } else if acked == 0 {
+            "none"
+        } else {
+            "behind"
+        };
+        out.push_str(&format!(
+            "{:<20} {:<10} {:<22} {:>9} {:>9}  {:<8} {}\n",
+            n["name"].as_str().unwrap_or("?"),
+            if n["connected"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            n["address"].as_str().unwrap_or("?"),
+            n["instances"].as_u64().unwrap_or(0),
+            n["unhealthy"].as_u64().unwrap_or(0),
+            snap,
+            n["last_nack"].as_str().unwrap_or("-"),
+        ));
+    }
+    Ok(out)
+}
+
+/// One scrape of the gateway and every node that reported an admin address.
+async fn scrape(admin: SocketAddr) -> anyhow::Result<(Sample, usize)> {
+    let mut sample = Sample::default();
+    sample.add(&get(admin, "/metrics").await?);
+    let mut sources = 1;
+    let doc = nodes(admin).await?;
+    for n in doc["nodes"].as_array().into_iter().flatten() {
+        let Some(addr) = n["admin"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()) else { continue };
+        // A node that cannot be reached (admin on its own loopback) is left out of the sums.
+        if let Ok(text) = get(addr, "/metrics").await {
+            sample.add(&text);
+            sources += 1;
+        }
+    }
+    Ok((sample, sources))
+}
+
+/// `quicmesh top`: refreshes the table every `interval`; stops after `count` tables if given.
+pub async fn top(admin: SocketAddr, interval: Duration, count: Option<u32>) -> anyhow::Result<()> {
+    let tty = std::io::stdout().is_terminal();
+    let (mut prev, _) = scrape(admin).await?;
+    let mut shown = 0;
+    loop {
+        let start = std::time::Instant::now();
+        tokio::time::sleep(interval).await;
+        let (cur, sources) = scrape(admin).await?;
+        let table = render(&rows(&prev, &cur, start.elapsed().as_secs_f64()));
+        let mut stdout = std::io::stdout().lock();
+        if tty {
+            // Clear the screen and go home: refresh in place.
+            write!(stdout, "\x1b[2J\x1b[H")?;
+        }
+        writeln!(
+            stdout,
+            "quicmesh top: {sources} components via {admin}, every {}",
+            humantime::format_duration(interval)
+        )?;
+        write!(stdout, "{table}")?;
+        stdout.flush()?;
+        prev = cur;
+        shown += 1;
+        if count.is_some_and(|c| shown >= c) {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = r#"# TYPE quicmesh_requests_total counter
+quicmesh_requests_total{direction="outbound",source_service="web",service="api",route="none",code="200",status_class="2xx"} 10
+quicmesh_requests_total{direction="inbound",source_service="web",service="api",route="none",code="200",status_class="2xx"} 10
+quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="web",service="api",route="none",le="0.001"} 5
+quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="web",service="api",route="none",le="0.01"} 10
+quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="web",service="api",route="none",le="+Inf"} 10
+"#;
+
+    #[test]
+    fn rates_success_and_percentiles_come_from_the_change() {
+        let mut prev = Sample::default();
+        prev.add(BEFORE);
+        let after = BEFORE
+            .replace("status_class=\"2xx\"} 10\nquicmesh_requests_total{direction=\"inbound\"", "status_class=\"2xx\"} 100\nquicmesh_requests_total{direction=\"inbound\"")
+            .replace("le=\"0.01\"} 10", "le=\"0.01\"} 110")
+            .replace("le=\"+Inf\"} 10", "le=\"+Inf\"} 110")
+            + "quicmesh_requests_total{direction=\"outbound\",source_service=\"web\",service=\"api\",route=\"none\",code=\"503\",status_class=\"5xx\"} 10\n";
+        let mut cur = Sample::default();
+        cur.add(&after);
+        let rows = rows(&prev, &cur, 2.0);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let r = &rows[0];
+        assert_eq!((r.source.as_str(), r.service.as_str()), ("web", "api"));
+        assert!((r.rps - 50.0).abs() < 1e-9, "100 new requests in 2 s (inbound not counted twice): {}", r.rps);
+        assert!((r.success - 0.9).abs() < 1e-9, "{}", r.success);
+        // All 100 new observations fell in (1 ms, 10 ms]: the median is halfway through it.
+        assert!((r.p50.unwrap() - 0.0055).abs() < 1e-9, "{:?}", r.p50);
+        assert!(render(&rows).contains("web"));
+    }
+
+    #[test]
+    fn label_values_with_escapes_parse() {
+        let (name, labels, v) = parse_line(r#"m{a="x\"y",b="2"} 3.5"#).unwrap();
+        assert_eq!((name, v), ("m", 3.5));
+        assert_eq!(labels, vec![("a".into(), "x\"y".into()), ("b".into(), "2".into())]);
+        assert!(parse_line("# HELP m x").is_none());
+        assert_eq!(parse_line("plain 1").unwrap().0, "plain");
+    }
+}
