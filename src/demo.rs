@@ -105,7 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("quicmesh demo is up: gateway, nodes node-a and node-b, services hello (v1, v2) and echo.");
     println!();
     println!("  gateway  https://127.0.0.1:{port}   TCP: HTTP/1.1 + HTTP/2 (TLS), UDP: HTTP/3");
-    println!("  admin    http://{}          /ready  /metrics  /config_dump  /nodes  /endpoints", gw.admin);
+    println!("  admin    http://{}          /ready  /metrics  /config_dump  /nodes  /endpoints  /logging", gw.admin);
     for n in &demo.nodes {
         let a = &n.addrs;
         println!("  {}   outbound http://{}  QUIC {}  admin http://{}", a.name, a.outbound, a.inbound, a.admin);
@@ -118,6 +118,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(a) = demo.nodes.first().map(|n| n.addrs.outbound) {
         println!("  curl -H 'Host: echo' http://{a}/from-node-a     # a local app on node-a calling echo");
     }
+    let exe = std::env::current_exe().map_or("quicmesh".into(), |p| p.display().to_string());
+    println!("  {exe} top --admin {}   # live rate, success, p50/p99 per service", gw.admin);
     println!();
     println!("Ctrl-C stops everything.");
     shutdown_signal().await;
