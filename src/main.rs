@@ -19,14 +19,29 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum NodeAction {
+    /// Revoke a node: the gateway tells every member to refuse it, at once and before its
+    /// certificate expires, and it may not rejoin under that name.
+    Revoke {
+        name: String,
+        /// The gateway's admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Manage the mesh certificate authority.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
     },
-    /// Run a node proxy.
+    /// Run a node proxy (or, with `revoke`, manage nodes).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Node {
+        #[command(subcommand)]
+        action: Option<NodeAction>,
         /// Config files, layered in order (later ones override earlier ones).
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
@@ -195,7 +210,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Node { config, join, token, ca_fingerprint } => {
+        Command::Node { action: Some(NodeAction::Revoke { name, admin }), .. } => {
+            print!("{}", runtime()?.block_on(top::revoke(admin, &name))?);
+            Ok(())
+        }
+        Command::Node { action: None, config, join, token, ca_fingerprint } => {
             let mut cfg = config::load(&config)?;
             runtime()?.block_on(async {
                 quicmesh_shared::metrics::recorder();

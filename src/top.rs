@@ -207,16 +207,40 @@ pub fn render(rows: &[Row]) -> String {
     out
 }
 
+/// Adds `QUICMESH_ADMIN_TOKEN` as a bearer token, for admin APIs that require one.
+fn with_token(req: http::request::Builder) -> http::request::Builder {
+    match std::env::var("QUICMESH_ADMIN_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => req.header(http::header::AUTHORIZATION, format!("Bearer {}", t.trim())),
+        _ => req,
+    }
+}
+
 /// GET `http://addr{path}`; the body as text.
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: http::Uri = format!("http://{addr}{path}").parse()?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await??;
+    let req = with_token(http::Request::get(format!("http://{addr}{path}"))).body(Default::default())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await??;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     anyhow::ensure!(status.is_success(), "{addr}{path} answered {status}");
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `quicmesh node revoke NAME`: asks the gateway to revoke a node.
+pub async fn revoke(admin: SocketAddr, name: &str) -> anyhow::Result<String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let name: String = name
+        .bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect();
+    let req = with_token(http::Request::post(format!("http://{admin}/revoke?node={name}"))).body(Default::default())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await??;
+    let status = resp.status();
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+    anyhow::ensure!(status.is_success(), "the gateway refused: {}", body.trim());
+    Ok(body)
 }
 
 /// The gateway's `/nodes` page.

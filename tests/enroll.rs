@@ -103,6 +103,24 @@ async fn a_good_token_enrolls_a_fresh_node_which_then_joins_the_mesh() {
     // The token never appears in the gateway's log or state.
     assert!(!s.gw.log().contains(&tok));
     assert!(!std::fs::read_to_string(s.pki.path().join("tokens.json")).unwrap().contains(&tok));
+    // No log, no /config_dump, holds the token or any private key: the PEM marker, or any
+    // line of the base64 of the CA's, the gateway's or the node's key.
+    let mut seen = vec![("gateway log", s.gw.log()), ("node log", node.log())];
+    for (what, n) in [("gateway /config_dump", &s.gw), ("node /config_dump", &node)] {
+        seen.push((what, http_get(&format!("http://{}/config_dump", n.addrs.admin)).await.1));
+    }
+    let mut secrets = vec![tok.clone(), "PRIVATE KEY".to_string()];
+    for key in [s.pki.path().join("ca.key"), s.pki.path().join("gateway.key"), state.join("fresh.key")] {
+        let pem = std::fs::read_to_string(&key).unwrap_or_else(|e| panic!("{}: {e}", key.display()));
+        secrets.extend(pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 16).map(str::to_string));
+    }
+    assert!(secrets.len() > 5, "no key material read");
+    for (what, text) in &seen {
+        assert!(text.len() > 100, "{what} is empty");
+        for secret in &secrets {
+            assert!(!text.contains(secret.as_str()), "{what} shows a secret ({}...)", &secret[..8.min(secret.len())]);
+        }
+    }
     drop(node);
 }
 

@@ -38,6 +38,8 @@ struct Registry {
     node_settings: BTreeMap<String, NodeSettings>,
     nodes: BTreeMap<String, NodeState>,
     current: Snapshot,
+    /// Members revoked by an operator (persisted beside the registry).
+    revoked: std::collections::BTreeSet<String>,
 }
 
 /// A published snapshot, serialized once for every node.
@@ -54,6 +56,9 @@ impl Published {
         self.per_node.get(node).unwrap_or(&self.line).clone()
     }
 }
+
+/// The revocation list, beside the registry file.
+const REVOKED_FILE: &str = "revoked.json";
 
 /// Registrations often come in bursts (a fleet restarting); one snapshot covers a burst.
 const DEBOUNCE: Duration = Duration::from_millis(10);
@@ -129,6 +134,14 @@ impl ControlPlane {
                 Err(_) => {}
             }
         }
+        let revoked = registry_file
+            .as_ref()
+            .and_then(|p| std::fs::read(p.with_file_name(REVOKED_FILE)).ok())
+            .and_then(|b| serde_json::from_slice::<std::collections::BTreeSet<String>>(&b).ok())
+            .unwrap_or_default();
+        if !revoked.is_empty() {
+            info!(revoked = ?revoked, "revoked members restored");
+        }
         let (tx, _) =
             watch::channel(Arc::new(Published { version: 0, line: Bytes::new(), per_node: Default::default() }));
         let cp = Arc::new(Self {
@@ -137,6 +150,7 @@ impl ControlPlane {
                 node_settings,
                 nodes,
                 current: Snapshot { version, ..Default::default() },
+                revoked,
             }),
             tx,
             dirty: Notify::new(),
@@ -157,6 +171,9 @@ impl ControlPlane {
         let mut reg = self.lock();
         let regs: BTreeMap<String, Registration> = reg.nodes.iter().map(|(k, v)| (k.clone(), v.reg.clone())).collect();
         let mut next = control::merge(&reg.config, &regs);
+        let mut revoked: std::collections::BTreeSet<String> = reg.config.revoked.iter().cloned().collect();
+        revoked.extend(reg.revoked.iter().cloned());
+        next.revoked = revoked.into_iter().collect();
         next.version = reg.current.version;
         if next == reg.current && !force {
             return;
@@ -251,11 +268,54 @@ impl ControlPlane {
         Status { version: reg.current.version, nodes }
     }
 
+    /// Is this member revoked?
+    pub fn is_revoked(&self, name: &str) -> bool {
+        let r = self.lock();
+        r.revoked.contains(name) || r.config.revoked.iter().any(|n| n == name)
+    }
+
+    /// Revokes a member: every node is told to refuse it, its registration and control stream
+    /// end, and it may not register, renew or enroll again under that name. Persisted.
+    pub fn revoke(&self, name: &str) -> Result<String, String> {
+        if !valid_name(name) {
+            return Err(format!("{name:?} is not a node name"));
+        }
+        {
+            let mut r = self.lock();
+            if r.config.gateway.as_ref().is_some_and(|g| g.name == name) {
+                return Err("the gateway cannot revoke itself".into());
+            }
+            r.revoked.insert(name.to_string());
+            r.nodes.remove(name);
+            if let Some(path) = &self.registry_file {
+                let path = path.with_file_name(REVOKED_FILE);
+                let data = serde_json::to_vec(&r.revoked).unwrap_or_default();
+                if let Err(e) = std::fs::write(&path, data) {
+                    warn!("cannot persist the revocation list to {}: {e}", path.display());
+                }
+            }
+        }
+        warn!(node = name, "node revoked: every member refuses it from the next snapshot");
+        self.recompute(false);
+        Ok(format!("revoked {name}; snapshot {}\n", self.version()))
+    }
+
     /// Adds or replaces a node's registration, if the mesh stays valid with it (a registration
     /// cannot, say, claim another service's host alias or break every node's snapshot).
     fn register(&self, name: &str, mut reg: Registration) -> Result<(), String> {
         {
             let mut r = self.lock();
+            if r.revoked.contains(name) {
+                return Err("this node is revoked".into());
+            }
+            // A service may name the nodes allowed to host it.
+            for inst in &reg.instances {
+                if let Some(svc) = r.config.service(&inst.service) {
+                    if !svc.allowed_nodes.is_empty() && !svc.allowed_nodes.iter().any(|n| n == name) {
+                        return Err(format!("node {name:?} may not register instances of service {:?}", inst.service));
+                    }
+                }
+            }
             // Health reported earlier still holds for the instances that stay.
             if let Some(prev) = r.nodes.get(name) {
                 reg.unhealthy = prev
@@ -420,6 +480,9 @@ impl Enroller {
         if req.name == self.gateway_name {
             return Err("that name belongs to the gateway".into());
         }
+        if self.cp.is_revoked(&req.name) {
+            return Err(format!("node {:?} is revoked", req.name));
+        }
         let _one = self.lock.lock().await;
         // The token first (cheap, no key material touched), then the name, then the signature;
         // the token is spent last, so a refused request costs the holder nothing.
@@ -481,6 +544,13 @@ pub async fn serve(
                 if tokio::time::timeout(ENROLL_DEADLINE, connection(conn, None, cp, enroll)).await.is_err() {
                     limited.close(1u32.into(), b"enrollment took too long");
                 }
+                return;
+            }
+            if name.as_deref().is_some_and(|n| cp.is_revoked(n)) {
+                metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "revoked")
+                    .increment(1);
+                warn!(%remote, node = name.as_deref().unwrap_or_default(), "refused control peer: revoked");
+                conn.close(2u32.into(), b"revoked");
                 return;
             }
             connection(conn, name, cp, enroll).await;
@@ -607,6 +677,9 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
+                        break;
+                    }
+                    if cp.is_revoked(peer) {
                         break;
                     }
                     let snap = rx.borrow_and_update().clone();

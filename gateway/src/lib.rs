@@ -112,10 +112,14 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     )?;
     let control_addr =
         mesh_endpoint.local_addr().map_err(|source| GatewayError::Listen { addr: gc.control, source })?;
-    let (tcp_tls, quic_tls) = tls::edge_configs(&gc)?;
+    let (tcp_tls, quic_tls, certs) = tls::edge_configs(&gc)?;
     let quic = tls::quic_server(quic_tls, &gc.limits)?;
     let (tcp, edge_endpoint) = bind_edge(gc.listen, quic)?;
     let listen = tcp.local_addr().map_err(|source| GatewayError::Listen { addr: gc.listen, source })?;
+    let admin_token = admin::admin_token(gc.admin, gc.admin_token_file.as_deref(), "gateway.admin_token_file")
+        .map_err(|reason| {
+            GatewayError::Config(ConfigError::Invalid { key: "gateway.admin".into(), origin: String::new(), reason })
+        })?;
     let admin_listener =
         TcpListener::bind(gc.admin).await.map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
     let admin_addr = admin_listener.local_addr().map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
@@ -133,11 +137,23 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         ("/nodes", Box::new(move || serde_json::to_string(&cp_status.status()).unwrap_or_default())),
         ("/endpoints", Box::new(move || mesh_dump.table().dump())),
     ];
-    let state = AdminState::new(dump, extra);
+    let cp_revoke = cp.clone();
+    let actions: Vec<(&'static str, admin::ActionFn)> = vec![(
+        "/revoke",
+        Box::new(move |params: &[(String, String)]| {
+            let node = params.iter().find(|(k, _)| k == "node").map(|(_, v)| v.as_str());
+            cp_revoke.revoke(node.ok_or("give the node as ?node=NAME")?)
+        }),
+    )];
+    let state = AdminState::with_actions(dump, extra, actions);
+    if let Some(t) = admin_token {
+        let _ = state.token.set(t);
+    }
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, state.clone()));
     tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), edge.clone()));
     tasks.spawn(h3_edge::serve(edge_endpoint.clone(), edge.clone()));
+    tasks.spawn(tls::watch_certificates(gc.clone(), certs));
     let enroll = gc.tls.state_dir.clone().map(|dir| Arc::new(control::Enroller::new(dir, gc.name.clone(), cp.clone())));
     tasks.spawn(control::serve(mesh_endpoint.clone(), cp.clone(), trust_domain, enroll));
     tasks.spawn(cp.clone().sweep());

@@ -57,9 +57,59 @@ fn resolver(gc: &GatewayConfig) -> Result<SniResolver, GatewayError> {
     Ok(SniResolver { by_name, default })
 }
 
+/// The edge certificates, swappable while clients connect: a new handshake sees the new ones.
+#[derive(Debug)]
+pub struct Certificates(arc_swap::ArcSwap<SniResolver>);
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.load().resolve(hello)
+    }
+}
+
+/// When the certificate and key files last changed (a missing file counts as a change).
+fn stamps(gc: &GatewayConfig) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    gc.certificates
+        .iter()
+        .flat_map(|c| [&c.cert, &c.key])
+        .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .collect()
+}
+
+/// Reloads the edge certificates when their files change (renewed by an ACME client, say),
+/// once they have held still for one interval; a broken pair is refused and the old one stays.
+pub async fn watch_certificates(gc: GatewayConfig, certs: Arc<Certificates>) {
+    if gc.certificates.is_empty() {
+        return;
+    }
+    let mut seen = stamps(&gc);
+    loop {
+        tokio::time::sleep(gc.watch_interval).await;
+        let now = stamps(&gc);
+        if now == seen {
+            continue;
+        }
+        tokio::time::sleep(gc.watch_interval).await;
+        if stamps(&gc) != now {
+            continue;
+        }
+        seen = now;
+        match resolver(&gc) {
+            Ok(r) => {
+                certs.0.store(Arc::new(r));
+                tracing::info!("edge certificates reloaded");
+            }
+            Err(e) => warn!(error = %e, "edge certificate change refused; serving the previous certificates"),
+        }
+    }
+}
+
 /// (TCP config, QUIC config) sharing one certificate resolver.
-pub fn edge_configs(gc: &GatewayConfig) -> Result<(rustls::ServerConfig, rustls::ServerConfig), GatewayError> {
-    let resolver = Arc::new(resolver(gc)?);
+pub fn edge_configs(
+    gc: &GatewayConfig,
+) -> Result<(rustls::ServerConfig, rustls::ServerConfig, Arc<Certificates>), GatewayError> {
+    let certs = Arc::new(Certificates(arc_swap::ArcSwap::from_pointee(resolver(gc)?)));
+    let resolver = certs.clone();
     let tls_err = |e: rustls::Error| GatewayError::Tls(e.to_string());
     let mut tcp = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -74,7 +124,7 @@ pub fn edge_configs(gc: &GatewayConfig) -> Result<(rustls::ServerConfig, rustls:
         .with_cert_resolver(resolver);
     quic.alpn_protocols = vec![b"h3".to_vec()];
     quic.max_early_data_size = 0;
-    Ok((tcp, quic))
+    Ok((tcp, quic, certs))
 }
 
 /// The QUIC server config of the edge listener.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response};
+use quicmesh_shared::authz::{Caller, Target};
 use quicmesh_shared::body::{self, H3Body};
 use quicmesh_shared::config::{Protocol, ServiceConfig};
 use quicmesh_shared::drain::Phase;
@@ -57,6 +58,12 @@ async fn connection(incoming: quinn::Incoming, mesh: Arc<Mesh>) {
         conn.close(1u32.into(), b"no mesh identity");
         return;
     };
+    if mesh.table().is_revoked(&peer) {
+        metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "revoked").increment(1);
+        warn!(%remote, peer, "refused QUIC peer: its membership is revoked");
+        conn.close(2u32.into(), b"revoked");
+        return;
+    }
     metrics::counter!(m::QUIC_CONNECTIONS_OPENED, "direction" => "inbound", "peer" => peer.clone()).increment(1);
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").increment(1.0);
     info!(%remote, peer, "accepted QUIC peer");
@@ -68,6 +75,8 @@ async fn connection(incoming: quinn::Incoming, mesh: Arc<Mesh>) {
 async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
     let mut builder = h3::server::builder();
     builder.send_grease(false).max_field_section_size(MAX_HEADER_BYTES);
+    let quic = conn.clone();
+    let mut changes = mesh.changes();
     let mut h3 = match builder.build::<_, Bytes>(h3_quinn::Connection::new(conn)).await {
         Ok(h3) => h3,
         Err(e) => {
@@ -79,6 +88,15 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
     loop {
         let accepted = tokio::select! {
             a = h3.accept() => a,
+            Ok(()) = changes.changed() => {
+                // A revocation ends the peer's connection, not only its next handshake.
+                if mesh.table().is_revoked(peer) {
+                    warn!(peer, "closing the connection of a revoked peer");
+                    quic.close(2u32.into(), b"revoked");
+                    break;
+                }
+                continue;
+            }
             _ = mesh.drain.reached(Phase::GoingAway), if !told => {
                 // GOAWAY: requests already accepted finish; later ones are refused unprocessed
                 // (H3_REQUEST_REJECTED), so the peer may send them elsewhere.
@@ -113,7 +131,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
 
 /// The calling service a peer names, believed only when that peer hosts it (or is it, as the
 /// gateway is): a node speaks for its own services and no others.
-fn source_of(req: &Request<()>, peer: &str, table: &Table) -> String {
+pub(crate) fn source_of(req: &Request<()>, peer: &str, table: &Table) -> String {
     let claimed = req.headers().get(headers::SOURCE).and_then(|v| v.to_str().ok());
     match claimed {
         Some(s) if s == peer => s.to_string(),
@@ -159,7 +177,22 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
         Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
             rec.service(&svc.name);
             rec.endpoint(mesh.local_node.as_deref().unwrap_or_default(), &addr.to_string(), 0);
-            deliver(req, recv, addr, svc.protocol, mesh, &table, &rec).await
+            let source = source_of(&req, peer, &table);
+            let caller = Caller {
+                node: peer,
+                service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
+                via_gateway: peer == table.gateway_name(),
+            };
+            let target = Target {
+                method: Some(req.method()),
+                path: Some(req.uri().path()),
+                headers: Some(req.headers()),
+                port: addr.port(),
+            };
+            match mesh.authorize(&table, &svc.name, &caller, &target) {
+                Ok(()) => deliver(req, recv, addr, svc.protocol, mesh, &table, &rec).await,
+                Err(e) => Err(e),
+            }
         }
         Ok((svc, _)) => {
             rec.service(&svc.name);

@@ -134,6 +134,10 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     )?;
     let inbound_addr = endpoint.local_addr().map_err(|source| NodeError::Listen { addr: nc.inbound, source })?;
     let outbound = listen(nc.outbound).await?;
+    let admin_token =
+        admin::admin_token(nc.admin, nc.admin_token_file.as_deref(), "node.admin_token_file").map_err(|reason| {
+            NodeError::Config(ConfigError::Invalid { key: "node.admin".into(), origin: String::new(), reason })
+        })?;
     let admin_listener = listen(nc.admin).await?;
     let mut tcp = Vec::new();
     for fwd in &nc.tcp {
@@ -198,6 +202,9 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let extra: Vec<(&'static str, admin::JsonFn)> =
         vec![("/endpoints", Box::new(move || endpoints_mesh.table().dump()))];
     let state = AdminState::new(dump, extra);
+    if let Some(t) = admin_token {
+        let _ = state.token.set(t);
+    }
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, state.clone()));
     if let Some(checks) = health_task {

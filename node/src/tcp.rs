@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
 use quicmesh_shared::access_log::Entry;
+use quicmesh_shared::authz::{Caller, Target};
 use quicmesh_shared::body::{H3Recv, H3Send};
 use quicmesh_shared::config::Protocol;
 use quicmesh_shared::error::ProxyError;
@@ -63,6 +64,13 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
     done.entry.dst_node = ep.node.clone();
     done.entry.endpoint = ep.address.to_string();
     if mesh.is_local(&ep) {
+        let caller = Caller {
+            node: mesh.local_node.as_deref().unwrap_or_default(),
+            service: table.source_service.as_deref(),
+            via_gateway: false,
+        };
+        let target = Target { method: None, path: None, headers: None, port: ep.address.port() };
+        mesh.authorize(&table, service, &caller, &target)?;
         let mut upstream = connect(ep.address, &table).await?;
         let mut tcp = tcp;
         let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await.unwrap_or((0, 0));
@@ -138,8 +146,20 @@ pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &
         Ok(_) => Err(ProxyError::BadRequest("CONNECT to a non-TCP service".into())),
         Err(e) => Err(e),
     };
+    let source = crate::inbound::source_of(&req, peer, &table);
+    let caller = Caller {
+        node: peer,
+        service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
+        via_gateway: peer == table.gateway_name(),
+    };
     let connected = match target {
-        Ok((name, addr)) => connect(addr, &table).await.map(|tcp| (name, tcp)),
+        Ok((name, addr)) => {
+            let target = Target { method: None, path: None, headers: None, port: addr.port() };
+            match mesh.authorize(&table, &name, &caller, &target) {
+                Ok(()) => connect(addr, &table).await.map(|tcp| (name, tcp)),
+                Err(e) => Err(e),
+            }
+        }
         Err(e) => Err(e),
     };
     let (name, tcp) = match connected {

@@ -4,6 +4,8 @@
 //! bind port 0 and the data plane cannot starve it of accept calls.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -17,22 +19,75 @@ use tracing::debug;
 
 use crate::body::{self, Body};
 
+/// The bearer token the admin API on `addr` requires: from `QUICMESH_ADMIN_TOKEN`, else from
+/// `file`. None on a loopback address without one; an error on any other address without one,
+/// so an admin API is never open to the network by accident.
+pub fn admin_token(addr: SocketAddr, file: Option<&Path>, key: &str) -> Result<Option<String>, String> {
+    let token = match std::env::var("QUICMESH_ADMIN_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        _ => match file {
+            Some(f) => {
+                let t = std::fs::read_to_string(f).map_err(|e| format!("{key}: cannot read {}: {e}", f.display()))?;
+                let t = t.trim().to_string();
+                if t.len() < 16 {
+                    return Err(format!("{key}: the token in {} is shorter than 16 characters", f.display()));
+                }
+                Some(t)
+            }
+            None => None,
+        },
+    };
+    if token.is_none() && !addr.ip().is_loopback() {
+        return Err(format!(
+            "the admin API on {addr} is reachable from the network: set {key} or QUICMESH_ADMIN_TOKEN (a bearer token), or bind it to loopback"
+        ));
+    }
+    Ok(token)
+}
+
+/// Compares without stopping at the first difference, so the time taken says nothing.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// What the admin server shows.
 pub struct AdminState {
+    /// Bearer token every endpoint but `/ready` and `/live` requires, when set.
+    pub token: std::sync::OnceLock<String>,
     /// Set once the component serves traffic.
     pub ready: AtomicBool,
     /// The effective config, rendered once with secrets left out (paths only, never key bytes).
     pub config_dump: String,
     /// More JSON endpoints: path and a function rendering the body.
     pub extra: Vec<(&'static str, JsonFn)>,
+    /// Operations (POST): path and a function of the query parameters.
+    pub actions: Vec<(&'static str, ActionFn)>,
 }
+
+/// Performs an admin operation from its query parameters; the answer or what went wrong.
+pub type ActionFn = Box<dyn Fn(&[(String, String)]) -> Result<String, String> + Send + Sync>;
 
 /// Renders a JSON admin page.
 pub type JsonFn = Box<dyn Fn() -> String + Send + Sync>;
 
 impl AdminState {
     pub fn new(config_dump: String, extra: Vec<(&'static str, JsonFn)>) -> Arc<Self> {
-        Arc::new(Self { ready: AtomicBool::new(false), config_dump, extra })
+        Arc::new(Self {
+            token: std::sync::OnceLock::new(),
+            ready: AtomicBool::new(false),
+            config_dump,
+            extra,
+            actions: Vec::new(),
+        })
+    }
+
+    /// Like [`AdminState::new`], with operations behind POST.
+    pub fn with_actions(
+        config_dump: String,
+        extra: Vec<(&'static str, JsonFn)>,
+        actions: Vec<(&'static str, ActionFn)>,
+    ) -> Arc<Self> {
+        Arc::new(Self { token: std::sync::OnceLock::new(), ready: AtomicBool::new(false), config_dump, extra, actions })
     }
 }
 
@@ -91,6 +146,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 }
 
 fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
+    let open = matches!(req.uri().path(), "/ready" | "/live");
+    if let (Some(token), false) = (state.token.get(), open) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.trim().as_bytes(), token.as_bytes())) {
+            let mut resp = Response::new(body::full("a bearer token is required\n"));
+            *resp.status_mut() = StatusCode::UNAUTHORIZED;
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
     let (status, ctype, text) = match req.uri().path() {
         "/ready" if state.ready.load(Ordering::Acquire) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
@@ -103,6 +172,15 @@ fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
         "/logging" => {
             let (status, text) = logging(&req);
             (status, "text/plain", text)
+        }
+        path if req.method() == http::Method::POST && state.actions.iter().any(|(p, _)| *p == path) => {
+            let params = req.uri().query().map(crate::route::parse_query).unwrap_or_default();
+            let action = state.actions.iter().find(|(p, _)| *p == path).map(|(_, f)| f);
+            match action.map(|f| f(&params)) {
+                Some(Ok(text)) => (StatusCode::OK, "text/plain", text),
+                Some(Err(e)) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+            }
         }
         path => match state.extra.iter().find(|(p, _)| *p == path) {
             Some((_, render)) => (StatusCode::OK, "application/json", render()),

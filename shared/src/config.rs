@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 /// Environment variables with this prefix override config keys.
 pub const ENV_PREFIX: &str = "QUICMESH_";
 /// `QUICMESH_*` variables that are not config keys (logging is set up before config is read).
-const ENV_NOT_CONFIG: &[&str] = &["log", "log_format", "join_token"];
+const ENV_NOT_CONFIG: &[&str] = &["log", "log_format", "join_token", "admin_token"];
 
 /// A config that could not be loaded: names the file (when one is to blame), the key and why.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,11 @@ pub struct Config {
     pub transport: TransportConfig,
     /// Per-request access log of this process.
     pub access_log: crate::access_log::AccessLogConfig,
+    /// Who may call whom (pushed to every node with the snapshots).
+    pub authorization: crate::authz::AuthzConfig,
+    /// Members every other member refuses (`quicmesh node revoke`; pushed by the control plane).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<String>,
 }
 
 /// Mesh-wide identity settings.
@@ -127,6 +132,10 @@ pub struct NodeConfig {
     pub inbound: SocketAddr,
     /// Admin HTTP listener (`/ready`, `/live`, `/metrics`).
     pub admin: SocketAddr,
+    /// File holding the bearer token the admin API requires (required when `admin` is not a
+    /// loopback address; `QUICMESH_ADMIN_TOKEN` overrides it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     pub tls: TlsFiles,
     /// Opaque TCP forwards: a local port carried to a service of protocol `tcp`.
     pub tcp: Vec<TcpForward>,
@@ -169,6 +178,7 @@ impl Default for NodeConfig {
             outbound: ([127, 0, 0, 1], 15001).into(),
             inbound: ([0, 0, 0, 0], 15008).into(),
             admin: ([127, 0, 0, 1], 15000).into(),
+            admin_token_file: None,
             tls: TlsFiles::default(),
             tcp: Vec::new(),
             gateway: None,
@@ -199,6 +209,9 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// Admin HTTP listener.
     pub admin: SocketAddr,
+    /// As `node.admin_token_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     /// Mesh certificate of the gateway.
     pub tls: TlsFiles,
     /// Edge certificates (PEM), chosen by SNI; empty means a self-signed development certificate.
@@ -230,6 +243,7 @@ impl Default for GatewayConfig {
             name: "gateway".into(),
             listen: ([0, 0, 0, 0], 8443).into(),
             admin: ([127, 0, 0, 1], 9901).into(),
+            admin_token_file: None,
             tls: TlsFiles::default(),
             certificates: Vec::new(),
             routes: Vec::new(),
@@ -329,6 +343,10 @@ pub struct ServiceConfig {
     /// 503 `overloaded` at once instead of queueing. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    /// Nodes allowed to register instances of this service with the control plane; empty
+    /// means any member.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_nodes: Vec<String>,
     /// Circuit breaker: requests that may wait for a connection to the service's endpoints;
     /// past it, 503 `overloaded`. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -351,6 +369,7 @@ impl ServiceConfig {
             endpoints: Vec::new(),
             lb: Default::default(),
             max_requests: None,
+            allowed_nodes: Vec::new(),
             max_pending: None,
             retry: Default::default(),
             outlier: Default::default(),
@@ -618,6 +637,9 @@ impl Config {
         }
         if t.idle_timeout <= t.keep_alive {
             return Err(invalid("transport.idle_timeout", "must be longer than transport.keep_alive"));
+        }
+        if let Err((key, reason)) = self.authorization.validate() {
+            return Err(invalid(key, reason));
         }
         if let Err(reason) = self.access_log.validate() {
             return Err(invalid("access_log", reason));

@@ -93,6 +93,12 @@ pub struct Snapshot {
     /// Mesh routes (HTTPRoute model).
     #[serde(default)]
     pub routes: Vec<crate::route::HttpRoute>,
+    /// Authorization policies.
+    #[serde(default)]
+    pub authorization: crate::authz::AuthzConfig,
+    /// Revoked members: refuse them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<String>,
 }
 
 impl Snapshot {
@@ -103,6 +109,8 @@ impl Snapshot {
         cfg.services = self.services;
         cfg.timeouts = self.timeouts;
         cfg.routes = self.routes;
+        cfg.authorization = self.authorization;
+        cfg.revoked = self.revoked;
         cfg
     }
 }
@@ -149,7 +157,15 @@ pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) ->
     }
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    Snapshot { version: 0, nodes, services, timeouts: config.timeouts.clone(), routes: config.routes.clone() }
+    Snapshot {
+        version: 0,
+        nodes,
+        services,
+        timeouts: config.timeouts.clone(),
+        routes: config.routes.clone(),
+        authorization: config.authorization.clone(),
+        revoked: config.revoked.clone(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

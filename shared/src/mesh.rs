@@ -260,6 +260,16 @@ impl Table {
         self.hosts.get(host)
     }
 
+    /// The control plane's name (its peers are edge traffic for authorization).
+    pub fn gateway_name(&self) -> &str {
+        self.config.node.as_ref().and_then(|n| n.gateway.as_ref()).map_or("gateway", |g| g.name.as_str())
+    }
+
+    /// Is this member revoked?
+    pub fn is_revoked(&self, name: &str) -> bool {
+        self.config.revoked.iter().any(|r| r == name)
+    }
+
     /// JSON of what this proxy believes: version, peers, services and their endpoints.
     /// Each endpoint also shows this proxy's own view: requests in flight and whether outlier
     /// detection has ejected it.
@@ -302,6 +312,8 @@ pub struct Mesh {
     pub drain: Arc<crate::drain::Drain>,
     /// Where completed requests are logged, when the access log is on.
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// Ticks with every new table (connections re-check revocations on it).
+    changes: tokio::sync::watch::Sender<u64>,
     table: ArcSwap<Table>,
     stats: std::sync::Mutex<HashMap<String, Arc<EndpointStats>>>,
     states: std::sync::Mutex<HashMap<String, Arc<ServiceState>>>,
@@ -333,12 +345,43 @@ impl Mesh {
             local,
             drain: crate::drain::Drain::new(),
             access_log: None,
+            changes: tokio::sync::watch::channel(0).0,
             table: ArcSwap::from_pointee(Table::new(Config::default(), 0)),
             stats: Default::default(),
             states: Default::default(),
         };
         mesh.apply(Table::new(Config::clone(&config), 0));
         mesh
+    }
+
+    /// A receiver that wakes on every new table.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Applies the authorization policy to a verified caller: `Err(Denied)` when an enforced
+    /// rule denies; a denial in audit mode is logged and counted and passes.
+    pub fn authorize(
+        &self,
+        table: &Table,
+        service: &str,
+        caller: &crate::authz::Caller<'_>,
+        target: &crate::authz::Target<'_>,
+    ) -> Result<(), ProxyError> {
+        use crate::authz::Decision;
+        match table.config.authorization.decide(service, caller, target) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(rule) => {
+                metrics::counter!(m::AUTHZ_DENIED, "service" => service.to_string(), "mode" => "enforce").increment(1);
+                warn!(service, caller.node, caller.service, rule, "request denied by authorization policy");
+                Err(ProxyError::Denied(format!("{service} by {rule}")))
+            }
+            Decision::AuditDeny(rule) => {
+                metrics::counter!(m::AUTHZ_DENIED, "service" => service.to_string(), "mode" => "audit").increment(1);
+                warn!(service, caller.node, caller.service, rule, "audit: the policy would deny this request");
+                Ok(())
+            }
+        }
     }
 
     /// The current view; load once per request.
@@ -381,7 +424,13 @@ impl Mesh {
                 table.hosts.insert(host, svc.clone());
             }
         }
+        // Revoked members lose their pooled connections at once.
+        for name in &table.config.revoked {
+            self.pool.close_peer(name, b"revoked");
+        }
+        let version = table.version;
         self.table.store(Arc::new(table));
+        self.changes.send_replace(version);
     }
 
     /// Statistics of an endpoint of `svc` (fresh ones for an endpoint it does not list).
@@ -509,6 +558,21 @@ impl Mesh {
         }
         let start = std::time::Instant::now();
         let result = if self.is_local(ep) {
+            // Local delivery skips the inbound side, so the policy is applied here.
+            let caller = crate::authz::Caller {
+                node: self.local_node.as_deref().unwrap_or_default(),
+                service: table.source_service.as_deref(),
+                via_gateway: false,
+            };
+            let target = crate::authz::Target {
+                method: Some(req.method()),
+                path: Some(req.uri().path()),
+                headers: Some(req.headers()),
+                port: ep.address.port(),
+            };
+            if let Err(denied) = self.authorize(table, &svc.config.name, &caller, &target) {
+                return Err(TryError::sent(denied));
+            }
             match tokio::time::timeout(per_try, self.local.send(req, ep.address, svc.config.protocol)).await {
                 Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
                 Ok(r) => r.map_err(TryError::from),
@@ -771,6 +835,9 @@ impl Mesh {
             Uri::try_from(format!("https://{}/", ep.address)).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         req.headers_mut().insert(headers::SERVICE, header_value(&svc.config.name)?);
         req.headers_mut().insert(headers::ENDPOINT, header_value(&ep.address.to_string())?);
+        if let Some(source) = &table.source_service {
+            req.headers_mut().insert(headers::SOURCE, header_value(source)?);
+        }
         let mut sender = pc.h3.clone();
         let mut stream = match sender.send_request(req).await {
             Ok(s) => s,

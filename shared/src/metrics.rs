@@ -37,6 +37,7 @@ pub const HEALTHY: &str = "quicmesh_instance_healthy";
 pub const RATE_LIMITED: &str = "quicmesh_rate_limited_total";
 pub const FAULTS: &str = "quicmesh_faults_injected_total";
 pub const DRAINING: &str = "quicmesh_draining";
+pub const AUTHZ_DENIED: &str = "quicmesh_authz_denied_total";
 pub const REQUESTS_IN_FLIGHT: &str = "quicmesh_requests_in_flight";
 pub const REQUEST_BYTES: &str = "quicmesh_request_bytes_total";
 pub const RESPONSE_BYTES: &str = "quicmesh_response_bytes_total";
@@ -108,6 +109,10 @@ fn describe() {
     describe_gauge!(HEALTHY, "1 while a local instance passes its health check, by service.");
     describe_counter!(RATE_LIMITED, "Requests answered 429 by a route's rate limit, by route.");
     describe_counter!(FAULTS, "Faults injected by routes, by route and kind (delay, abort).");
+    describe_counter!(
+        AUTHZ_DENIED,
+        "Requests and tunnels denied by authorization, by service and mode (enforce, audit)."
+    );
     describe_gauge!(DRAINING, "1 once the process is draining (SIGTERM) before it exits.");
     describe_gauge!(REQUESTS_IN_FLIGHT, "Requests started and not finished, by direction and service.");
     describe_counter!(REQUEST_BYTES, Unit::Bytes, "Request body bytes received, by direction, source and service.");

@@ -83,6 +83,18 @@ impl PeerPool {
         Ok(pc)
     }
 
+    /// Closes and forgets the connection to `peer` (a revoked member), whatever its state.
+    pub fn close_peer(&self, peer: &str, reason: &'static [u8]) {
+        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(peer);
+        if let Some(slot) = slot {
+            if let Ok(guard) = slot.try_lock() {
+                if let Some(pc) = guard.as_ref() {
+                    pc.conn.close(2u32.into(), reason);
+                }
+            }
+        }
+    }
+
     /// Forgets `conn` if it is still the pooled one (after it failed a request).
     pub async fn evict(&self, peer: &str, conn: &quinn::Connection) {
         let slot = self.slot(peer);

@@ -133,7 +133,7 @@ impl Mesh {
                 Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,
                 Ok(_) => TryOutcome::Done,
-                Err(TryError { error: ProxyError::Overloaded(_), .. }) => TryOutcome::Done,
+                Err(TryError { error: ProxyError::Overloaded(_) | ProxyError::Denied(_), .. }) => TryOutcome::Done,
                 // A slow service would only get more load: a timed-out try is retried only when
                 // the route asked for per-try timeouts (`backendRequest`).
                 Err(TryError { error: ProxyError::Timeout(_), .. }) if per_try_set => TryOutcome::Failed,
