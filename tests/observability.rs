@@ -5,7 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use support::backend::Backend;
@@ -22,34 +22,14 @@ struct Mesh {
     _pki: Pki,
 }
 
-fn joined(name: &str, dir: &Path, control: SocketAddr, extra: &str) -> String {
-    let mut t = node_toml(name, dir, &[], "");
-    t.push_str(&format!("\n[node.gateway]\naddress = \"{control}\"\n\n{extra}"));
-    t
-}
-
 async fn mesh(a_extra: &str) -> Mesh {
     let pki = Pki::new();
     let dir = pki.issue("gateway");
     pki.issue("node-a");
     pki.issue("node-b");
-    let mesh = dir.join("mesh.toml");
-    std::fs::write(
-        &mesh,
-        format!("[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{TRANSPORT}\n[[services]]\nname = \"web\"\n"),
-    )
-    .unwrap();
-    let gw_file = dir.join("gateway.toml");
-    std::fs::write(
-        &gw_file,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"{}\"\n\n\
-             [[gateway.routes]]\nname = \"edge-web\"\n[[gateway.routes.rules]]\n[[gateway.routes.rules.backendRefs]]\nname = \"web\"\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let routes = "[[gateway.routes]]\nname = \"edge-web\"\n[[gateway.routes.rules]]\n\
+                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
+    let gw = NodeProc::start_layered("gateway", &gateway_layers(&dir, "[[services]]\nname = \"web\"", routes));
     let web = Backend::start("web-answer", Duration::ZERO).await;
     let echo = echo_backend().await;
     let front = Backend::start("front", Duration::ZERO).await;
@@ -57,9 +37,9 @@ async fn mesh(a_extra: &str) -> Mesh {
         "[[node.instances]]\nservice = \"web\"\naddress = \"{}\"\n\n[[node.instances]]\nservice = \"echo\"\naddress = \"{echo}\"\n",
         web.addr
     );
-    let b = NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &b_instances));
+    let b = NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &b_instances));
     let a_instances = format!("[[node.instances]]\nservice = \"front\"\naddress = \"{}\"\n\n{a_extra}", front.addr);
-    let a = NodeProc::start(&dir, "node-a", &joined("node-a", &dir, gw.addrs.control, &a_instances));
+    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, &a_instances));
     // Ready when node-a routes to web and knows it hosts front.
     let m = Mesh { a, b, gw, web, dir: dir.clone(), _pki: pki };
     eventually(Duration::from_secs(20), "node-a to reach web and echo", || async {

@@ -6,7 +6,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -319,9 +318,10 @@ async fn sigterm_on_the_gateway_lets_requests_in_flight_finish() {
     pki.issue("node-b");
     let routes = "[[gateway.routes]]\nname = \"web\"\n[[gateway.routes.rules]]\n\
                   [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
-    let mut gw = NodeProc::start_layered("gateway", &gateway_files(&dir, "", routes));
+    let mut gw = NodeProc::start_layered("gateway", &gateway_layers(&dir, "[[services]]\nname = \"web\"", routes));
     let be = Backend::start("slow-web", Duration::from_millis(800)).await;
-    let _b = NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
+    let _b =
+        NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
     let port = gw.addrs.listen.port();
     let (_ep, h3) = h3_connect(port).await;
     let url = format!("https://localhost:{port}/slow");
@@ -344,32 +344,6 @@ async fn sigterm_on_the_gateway_lets_requests_in_flight_finish() {
     let gw = stopped.await.unwrap();
     assert!(gw.log().contains("drained; every request in flight finished"), "{}", gw.log());
     drop(pki);
-}
-
-/// The gateway's layers for control-plane tests: `web` declared with `extra`, and `routes`.
-fn gateway_files(dir: &Path, extra: &str, routes: &str) -> Vec<std::path::PathBuf> {
-    let mesh = dir.join("mesh.toml");
-    std::fs::write(
-        &mesh,
-        format!("[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{TRANSPORT}\n[[services]]\nname = \"web\"\n{extra}\n"),
-    )
-    .unwrap();
-    let gw = dir.join("gateway.toml");
-    std::fs::write(
-        &gw,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nnode_grace = \"10s\"\nwatch_interval = \"100ms\"\n\n[gateway.tls]\nstate_dir = \"{}\"\n\n{routes}",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    vec![mesh, gw]
-}
-
-fn joined(name: &str, dir: &Path, control: SocketAddr, instances: &str) -> String {
-    let mut t = node_toml(name, dir, &[], "");
-    t.push_str(&format!("\n[node.gateway]\naddress = \"{control}\"\n\n{instances}"));
-    t
 }
 
 fn instance(service: &str, addr: SocketAddr, health: &str) -> String {
@@ -398,15 +372,24 @@ async fn a_failing_health_check_takes_an_instance_out_of_every_rotation() {
     for n in ["node-a", "node-b", "node-c"] {
         pki.issue(n);
     }
-    let gw = NodeProc::start_layered("gateway", &gateway_files(&dir, "lb = { policy = \"round_robin\" }", ""));
+    let gw = NodeProc::start_layered(
+        "gateway",
+        &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
+    );
     let sick = Backend::start("sick", Duration::ZERO).await;
     let well = Backend::start("well", Duration::ZERO).await;
     let check = "health = { http = \"/health\", interval = \"100ms\", timeout = \"500ms\", healthy_threshold = 2, unhealthy_threshold = 2 }";
-    let b =
-        NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &instance("web", sick.addr, check)));
-    let c =
-        NodeProc::start(&dir, "node-c", &joined("node-c", &dir, gw.addrs.control, &instance("web", well.addr, check)));
-    let a = NodeProc::start(&dir, "node-a", &joined("node-a", &dir, gw.addrs.control, ""));
+    let b = NodeProc::start(
+        &dir,
+        "node-b",
+        &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", sick.addr, check)),
+    );
+    let c = NodeProc::start(
+        &dir,
+        "node-c",
+        &joined_toml("node-c", &dir, gw.addrs.control, &instance("web", well.addr, check)),
+    );
+    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, ""));
     let cl = client();
     // Both in rotation first.
     eventually(Duration::from_secs(20), "both instances to serve", || async {
@@ -449,15 +432,24 @@ async fn sigterm_on_a_node_under_load_fails_no_request() {
     for n in ["node-a", "node-b", "node-c"] {
         pki.issue(n);
     }
-    let gw = NodeProc::start_layered("gateway", &gateway_files(&dir, "lb = { policy = \"round_robin\" }", ""));
+    let gw = NodeProc::start_layered(
+        "gateway",
+        &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
+    );
     // A little latency so that requests are in flight when SIGTERM arrives.
     let leaving = Backend::start("leaving", Duration::from_millis(20)).await;
     let staying = Backend::start("staying", Duration::from_millis(20)).await;
-    let b =
-        NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &instance("web", leaving.addr, "")));
-    let _c =
-        NodeProc::start(&dir, "node-c", &joined("node-c", &dir, gw.addrs.control, &instance("web", staying.addr, "")));
-    let a = NodeProc::start(&dir, "node-a", &joined("node-a", &dir, gw.addrs.control, ""));
+    let b = NodeProc::start(
+        &dir,
+        "node-b",
+        &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", leaving.addr, "")),
+    );
+    let _c = NodeProc::start(
+        &dir,
+        "node-c",
+        &joined_toml("node-c", &dir, gw.addrs.control, &instance("web", staying.addr, "")),
+    );
+    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, ""));
     eventually(Duration::from_secs(20), "both instances known to node-a", || async {
         (health_seen(&a).await.len() == 2).then_some(())
     })
@@ -488,9 +480,10 @@ async fn the_gateway_rate_limits_and_injects_faults_per_route() {
                   [[gateway.routes.rules]]\nmatches = [{ path = { type = \"PathPrefix\", value = \"/delay\" } }]\n\
                   fault = { delay = { percent = 100, fixedDelay = \"400ms\" } }\n\
                   [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
-    let gw = NodeProc::start_layered("gateway", &gateway_files(&dir, "", routes));
+    let gw = NodeProc::start_layered("gateway", &gateway_layers(&dir, "[[services]]\nname = \"web\"", routes));
     let be = Backend::start("web", Duration::ZERO).await;
-    let _b = NodeProc::start(&dir, "node-b", &joined("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
+    let _b =
+        NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
     let (_ep, mut h3) = h3_connect(gw.addrs.listen.port()).await;
     let url = |p: &str| format!("https://localhost:{}{p}", gw.addrs.listen.port());
     eventually(Duration::from_secs(20), "the backend to be reachable", || {

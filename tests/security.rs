@@ -59,12 +59,6 @@ struct Secured {
     _others: Vec<Backend>,
 }
 
-fn joined(name: &str, dir: &Path, control: SocketAddr, extra: &str) -> String {
-    let mut t = node_toml(name, dir, &[], "");
-    t.push_str(&format!("\n[node.gateway]\naddress = \"{control}\"\n\n{extra}"));
-    t
-}
-
 async fn tcp_echo() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
@@ -85,22 +79,7 @@ async fn secured() -> Secured {
     for n in ["node-a", "node-b", "node-c"] {
         pki.issue(n);
     }
-    let mesh = dir.join("mesh.toml");
-    std::fs::write(
-        &mesh,
-        format!("[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{TRANSPORT}\n{POLICIES}"),
-    )
-    .unwrap();
-    let gw_file = dir.join("gateway.toml");
-    std::fs::write(
-        &gw_file,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"{}\"\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let gw = NodeProc::start_layered("gateway", &gateway_layers(&dir, POLICIES, ""));
     let web = Backend::start("web", Duration::ZERO).await;
     let audited = Backend::start("audited", Duration::ZERO).await;
     let front = Backend::start("front", Duration::ZERO).await;
@@ -112,7 +91,7 @@ async fn secured() -> Secured {
     let b = NodeProc::start(
         &dir,
         "node-b",
-        &joined(
+        &joined_toml(
             "node-b",
             &dir,
             gw.addrs.control,
@@ -123,12 +102,12 @@ async fn secured() -> Secured {
     let a = NodeProc::start(
         &dir,
         "node-a",
-        &joined("node-a", &dir, gw.addrs.control, &(inst("front", front.addr, "http1") + tunnel)),
+        &joined_toml("node-a", &dir, gw.addrs.control, &(inst("front", front.addr, "http1") + tunnel)),
     );
     let c = NodeProc::start(
         &dir,
         "node-c",
-        &joined("node-c", &dir, gw.addrs.control, &(inst("batch", batch.addr, "http1") + tunnel)),
+        &joined_toml("node-c", &dir, gw.addrs.control, &(inst("batch", batch.addr, "http1") + tunnel)),
     );
     let s = Secured { a, b, c, gw, web, dir: dir.clone(), _pki: pki, _others: vec![audited, front, batch] };
     eventually(Duration::from_secs(20), "node-a and node-c to know every service", || async {

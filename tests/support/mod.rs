@@ -285,6 +285,32 @@ pub fn node_toml(name: &str, state: &Path, peers: &[(&str, SocketAddr)], extra: 
     t
 }
 
+/// Writes a gateway's two layers in `dir`: the mesh-wide `mesh.toml` (trust domain, timeouts,
+/// transport, then `mesh_extra`) and `gateway.toml` (listeners on port 0, `dir` as state, then
+/// `gateway_extra`); returns both paths, in layering order.
+pub fn gateway_layers(dir: &Path, mesh_extra: &str, gateway_extra: &str) -> Vec<PathBuf> {
+    let mesh = dir.join("mesh.toml");
+    let mesh_text = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{TRANSPORT}\n{mesh_extra}\n"
+    );
+    std::fs::write(&mesh, mesh_text).unwrap();
+    let gw = dir.join("gateway.toml");
+    let gw_text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nwatch_interval = \"100ms\"\n\n\
+         [gateway.tls]\nstate_dir = \"{}\"\n\n{gateway_extra}",
+        dir.display()
+    );
+    std::fs::write(&gw, gw_text).unwrap();
+    vec![mesh, gw]
+}
+
+/// A node config joined to the control plane at `control`; `extra` adds instances and more.
+pub fn joined_toml(name: &str, dir: &Path, control: SocketAddr, extra: &str) -> String {
+    let mut t = node_toml(name, dir, &[], "");
+    t.push_str(&format!("\n[node.gateway]\naddress = \"{control}\"\n\n{extra}"));
+    t
+}
+
 /// A plain HTTP/1.1 GET with hyper (status, body).
 pub async fn http_get(url: &str) -> (u16, String) {
     use http_body_util::BodyExt;
