@@ -330,3 +330,116 @@ async fn edge_certificates_reload_from_files_without_a_restart() {
     assert!(sans.contains("second.example"), "not the new certificate");
     assert!(gw.log().contains("edge certificates reloaded"), "{}", gw.log());
 }
+
+/// A UDP relay between a QUIC client and server that can hold the server's packets back, so
+/// the handshake cannot complete while the client's first flight (with 0-RTT data) is served.
+struct Relay {
+    addr: SocketAddr,
+    release: std::sync::Arc<tokio::sync::Notify>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(server: SocketAddr) -> Relay {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let release = std::sync::Arc::new(tokio::sync::Notify::new());
+        let released = release.clone();
+        let task = tokio::spawn(async move {
+            let (mut client, mut held, mut holding) = (None, Vec::new(), true);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    r = sock.recv_from(&mut buf) => {
+                        let Ok((n, from)) = r else { return };
+                        let data = buf[..n].to_vec();
+                        if from == server {
+                            match client {
+                                Some(c) if !holding => { let _ = sock.send_to(&data, c).await; }
+                                _ => held.push(data),
+                            }
+                        } else {
+                            client = Some(from);
+                            let _ = sock.send_to(&data, server).await;
+                        }
+                    }
+                    _ = released.notified(), if holding => {
+                        holding = false;
+                        if let Some(c) = client {
+                            for d in held.drain(..) {
+                                let _ = sock.send_to(&d, c).await;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Relay { addr, release, _task: task }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_rtt_serves_safe_methods_early_and_holds_the_rest_for_the_handshake() {
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    pki.issue("node-b");
+    let routes = "[[gateway.routes]]\nname = \"web\"\n[[gateway.routes.rules]]\n\
+                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
+    let gw = NodeProc::start_layered("gateway", &gateway_layers(&dir, "[[services]]\nname = \"web\"", routes));
+    let web = Backend::start("web", Duration::ZERO).await;
+    let inst = format!("[[node.instances]]\nservice = \"web\"\naddress = \"{}\"\n", web.addr);
+    let _b = NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &inst));
+    let port = gw.addrs.listen.port();
+    // One client config throughout: it keeps the session ticket that makes 0-RTT possible.
+    let mut tls = insecure_tls(&[b"h3"]);
+    tls.enable_early_data = true;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let direct: SocketAddr = ([127, 0, 0, 1], port).into();
+    let url = |p: &str| format!("https://localhost:{port}{p}");
+    eventually(Duration::from_secs(20), "a full handshake and a request through the gateway", || {
+        let (ep, url) = (ep.clone(), url("/warmup"));
+        async move {
+            let conn = ep.connect(direct, "localhost").unwrap().await.ok()?;
+            let (mut driver, mut h3) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await.ok()?;
+            tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+            let status = h3_request(&mut h3, http::Request::get(url).body(()).unwrap(), b"").await.0;
+            conn.close(0u32.into(), b"done");
+            (status == 200).then_some(())
+        }
+    })
+    .await;
+    // Through a relay that holds the gateway's answers: the handshake cannot complete.
+    let relay = Relay::start(direct).await;
+    let (conn, accepted) =
+        ep.connect(relay.addr, "localhost").unwrap().into_0rtt().expect("a session ticket for 0-RTT");
+    let (mut driver, h3) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let mut get = h3.clone();
+    let get_url = url("/early");
+    let get_task =
+        tokio::spawn(async move { h3_request(&mut get, http::Request::get(get_url).body(()).unwrap(), b"").await });
+    let mut post = h3.clone();
+    let post_url = url("/early");
+    let post_task = tokio::spawn(async move {
+        h3_request(&mut post, http::Request::post(post_url).body(()).unwrap(), b"order-1").await
+    });
+    eventually(Duration::from_secs(10), "the early GET to reach the backend", || async {
+        web.seen.lock().unwrap().iter().any(|r| r == "GET /early early").then_some(())
+    })
+    .await;
+    assert!(
+        !web.seen.lock().unwrap().iter().any(|r| r.starts_with("POST")),
+        "a POST from 0-RTT data was acted on before the handshake: {:?}",
+        web.seen.lock().unwrap()
+    );
+    relay.release.notify_one();
+    assert!(accepted.await, "the gateway refused 0-RTT");
+    assert_eq!(get_task.await.unwrap().0, 200);
+    let (status, _, body) = post_task.await.unwrap();
+    assert_eq!((status, body.as_slice()), (200, &b"web"[..]));
+    let posts: Vec<String> = web.seen.lock().unwrap().iter().filter(|r| r.starts_with("POST")).cloned().collect();
+    assert_eq!(posts, ["POST /early"], "once, after the handshake, not marked early");
+    drop(pki);
+}

@@ -3,13 +3,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::Response;
-use quicmesh_shared::body::{self, H3Body};
+use http::{HeaderName, HeaderValue, Method, Request, Response};
+use quicmesh_shared::body::{self, Body, H3Body};
 use quicmesh_shared::drain::Phase;
+use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::metrics as m;
+use tokio::sync::watch;
 use tracing::debug;
+
+/// RFC 8470: the request was received in early data.
+const EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
 
 use crate::handler::Edge;
 
@@ -22,18 +28,71 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
         let edge = edge.clone();
         tokio::spawn(async move {
             let client = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => connection(conn, client, edge).await,
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
                 Err(e) => {
                     metrics::counter!(m::EDGE_REJECTED, "reason" => "quic-handshake").increment(1);
                     debug!(%client, error = %e, "edge QUIC handshake failed");
+                    return;
                 }
-            }
+            };
+            // Serve from the first flight (0-RTT); `handshake` turns true once it completes.
+            let (handshake_tx, handshake) = watch::channel(false);
+            let conn = match connecting.into_0rtt() {
+                Ok((conn, established)) => {
+                    let watched = conn.clone();
+                    tokio::spawn(async move {
+                        // It resolves at the end of the handshake (true or false: whether the
+                        // client's 0-RTT was accepted), or when the connection is lost first.
+                        let _ = established.await;
+                        if watched.close_reason().is_none() {
+                            let _ = handshake_tx.send(true);
+                        } else {
+                            metrics::counter!(m::EDGE_REJECTED, "reason" => "quic-handshake").increment(1);
+                            debug!(%client, "edge QUIC handshake did not complete");
+                        }
+                    });
+                    conn
+                }
+                Err(connecting) => match connecting.await {
+                    Ok(conn) => {
+                        let _ = handshake_tx.send(true);
+                        conn
+                    }
+                    Err(e) => {
+                        metrics::counter!(m::EDGE_REJECTED, "reason" => "quic-handshake").increment(1);
+                        debug!(%client, error = %e, "edge QUIC handshake failed");
+                        return;
+                    }
+                },
+            };
+            connection(conn, client, edge, handshake).await;
         });
     }
 }
 
-async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>) {
+/// A request that may have come in 0-RTT data: safe methods go on at once, marked
+/// `early-data: 1` for the upstream (RFC 8470); the others wait for the handshake, which a
+/// replayed flight never completes, so they are never acted on twice.
+async fn replay_safe(
+    req: &mut Request<Body>,
+    mut handshake: watch::Receiver<bool>,
+    limit: Duration,
+) -> Result<(), ProxyError> {
+    if *handshake.borrow() {
+        return Ok(());
+    }
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        req.headers_mut().insert(EARLY_DATA, HeaderValue::from_static("1"));
+        return Ok(());
+    }
+    match tokio::time::timeout(limit, handshake.wait_for(|done| *done)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(ProxyError::TooEarly),
+    }
+}
+
+async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>, handshake: watch::Receiver<bool>) {
     metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "h3").increment(1);
     let built = h3::server::builder()
         .max_field_section_size(edge.limits.max_header_bytes as u64)
@@ -61,6 +120,7 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
         match accepted {
             Ok(Some(resolver)) => {
                 let edge = edge.clone();
+                let handshake = handshake.clone();
                 tokio::spawn(async move {
                     let (req, stream) = match resolver.resolve_request().await {
                         Ok(x) => x,
@@ -71,8 +131,15 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
                         }
                     };
                     let (mut send, recv) = stream.split();
-                    let req = req.map(|()| body::boxed(H3Body::new(recv)));
-                    let resp = edge.handle(req, client, "h3").await;
+                    let mut req = req.map(|()| body::boxed(H3Body::new(recv)));
+                    req.headers_mut().remove(EARLY_DATA);
+                    let resp = match replay_safe(&mut req, handshake, edge.limits.header_read_timeout).await {
+                        Ok(()) => edge.handle(req, client, "h3").await,
+                        Err(e) => {
+                            metrics::counter!(m::EDGE_REJECTED, "reason" => e.reason()).increment(1);
+                            e.brief_response()
+                        }
+                    };
                     let (mut parts, body) = resp.into_parts();
                     parts.version = http::Version::HTTP_3;
                     if send.send_response(Response::from_parts(parts, ())).await.is_ok() {

@@ -43,6 +43,8 @@ pub enum ProxyError {
     RateLimited { route: String, wait: Duration },
     #[error("fault injected by the route: status {0}")]
     Fault(u16),
+    #[error("a request of an unsafe method arrived in 0-RTT and the handshake never completed")]
+    TooEarly,
 }
 
 /// Internal header on a response from a peer node's own error: the request never reached the
@@ -64,6 +66,7 @@ impl ProxyError {
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Fault(code) => StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            ProxyError::TooEarly => StatusCode::TOO_EARLY,
         }
     }
 
@@ -84,6 +87,7 @@ impl ProxyError {
             ProxyError::Overloaded(_) => "overloaded",
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::Fault(_) => "fault-injected",
+            ProxyError::TooEarly => "too-early",
         }
     }
 

@@ -37,6 +37,8 @@ pub struct Backend {
     pub max_attempt: Arc<AtomicU64>,
     /// Body of the last request.
     pub last_body: Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Every request as "METHOD /path", with " early" when it carried `early-data: 1`.
+    pub seen: Arc<std::sync::Mutex<Vec<String>>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -53,6 +55,7 @@ impl Backend {
             hits: Arc::new(AtomicU64::new(0)),
             max_attempt: Arc::new(AtomicU64::new(0)),
             last_body: Default::default(),
+            seen: Default::default(),
             task: None,
         };
         let (mode, status, healthy, hits, max_attempt, last_body) = (
@@ -63,6 +66,7 @@ impl Backend {
             b.max_attempt.clone(),
             b.last_body.clone(),
         );
+        let seen = b.seen.clone();
         b.task = Some(tokio::spawn(async move {
             // Connections live in this set: dropping the task (kill) closes them all.
             let mut conns = JoinSet::new();
@@ -76,6 +80,7 @@ impl Backend {
                     max_attempt.clone(),
                     last_body.clone(),
                 );
+                let seen = seen.clone();
                 let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
                 conns.spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -88,6 +93,7 @@ impl Backend {
                             cut_tx.clone(),
                             last_body.clone(),
                         );
+                        let seen = seen.clone();
                         async move {
                             if req.uri().path() == "/health" {
                                 let ok = healthy.load(Ordering::SeqCst);
@@ -103,6 +109,8 @@ impl Backend {
                                 .and_then(|v| v.parse().ok())
                                 .unwrap_or(0);
                             max_attempt.fetch_max(attempt, Ordering::SeqCst);
+                            let early = if req.headers().contains_key("early-data") { " early" } else { "" };
+                            seen.lock().unwrap().push(format!("{} {}{early}", req.method(), req.uri().path()));
                             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             *last_body.lock().unwrap() = body.to_vec();
                             hits.fetch_add(1, Ordering::SeqCst);
