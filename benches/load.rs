@@ -1,10 +1,18 @@
 //! Load benchmark: direct client->backend against client->node-a->QUIC->node-b->backend and
 //! gateway ingress (HTTP/1.1+TLS, HTTP/2, HTTP/3) -> QUIC -> node-b -> backend, with the same
-//! client, the same backend, in the same run, alternating rounds, closed loop. Nodes and gateway
-//! run as processes of the release binary. Prints req/s and p50/p99 per path and ratios to direct.
+//! client, the same backend, in the same run, alternating rounds. Nodes and gateway run as
+//! processes of the release binary.
 //!
-//! Run: `cargo bench --bench load` (env: BENCH_SECS per round, default 4;
-//! BENCH_ROUNDS, default 3; BENCH_CONNS, default 32).
+//! - Closed loop (saturation): req/s, p50/p99 and ratios to direct, and the CPU time the proxy
+//!   processes spent per request (from /proc: utime + stime of the processes on the path).
+//! - Open loop at fixed rates (1000 and 5000 req/s by default): requests leave on a schedule and
+//!   latency is measured from the scheduled time, so a stall counts against every request it
+//!   delayed (no coordinated omission); p50/p90/p99/p99.9 of direct and mesh hop, and the latency
+//!   the hop adds at each percentile.
+//! - Everything also goes to a JSON file (`BENCH_JSON`, default `target/bench-load.json`).
+//!
+//! Run: `cargo bench --bench load` (env: BENCH_SECS per round, default 4; BENCH_ROUNDS, default 3;
+//! BENCH_CONNS, default 32; BENCH_RATES, default `1000,5000`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -16,6 +24,57 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
+
+/// CPU time a process has used so far (user + system, all threads), from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the state letter, in
+    // USER_HZ ticks (100 per second in the /proc ABI).
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+fn cpu_of(pids: &[u32]) -> Duration {
+    pids.iter().map(|p| cpu_time(*p)).sum()
+}
+
+/// Open loop: `rate` requests per second for `secs` on a pool of keep-alive connections;
+/// each latency runs from the request's scheduled time.
+async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64) -> Stats {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build_http::<Empty<Bytes>>();
+    let start = Instant::now();
+    let total = rate * secs;
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::get(format!("http://{target}/")).header("host", host).body(Empty::new()).unwrap();
+            match client.request(req).await {
+                Ok(r) if r.status() == 200 => {
+                    let _ = r.into_body().collect().await;
+                    Some(scheduled.elapsed())
+                }
+                _ => None,
+            }
+        }));
+    }
+    let mut stats = Stats::default();
+    for t in tasks {
+        match t.await.ok().flatten() {
+            Some(l) => stats.latencies.push(l),
+            None => stats.errors += 1,
+        }
+    }
+    stats.elapsed = start.elapsed();
+    stats
+}
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -212,9 +271,14 @@ fn main() {
             load_edge(kind, gw_port, conns, 1).await;
         }
         let names = ["direct client->backend", "client->node->QUIC->node->backend", "gateway HTTP/1.1+TLS -> node", "gateway HTTP/2 -> node", "gateway HTTP/3 -> node"];
+        // The proxy processes each path goes through (none for direct).
+        let (pa, pb, pg) = (a.child.id(), b.child.id(), gw.child.id());
+        let on_path: [Vec<u32>; 5] = [vec![], vec![pa, pb], vec![pg, pb], vec![pg, pb], vec![pg, pb]];
         let mut acc: Vec<Stats> = (0..names.len()).map(|_| Stats::default()).collect();
+        let mut cpu = vec![Duration::ZERO; names.len()];
         for round in 0..rounds {
             for (i, name) in names.iter().enumerate() {
+                let cpu0 = cpu_of(&on_path[i]);
                 let s = match i {
                     0 => load(backend, "hello", conns, secs).await,
                     1 => load(a.addrs.outbound, "hello", conns, secs).await,
@@ -222,6 +286,7 @@ fn main() {
                     3 => load_edge(Client::H2Tls, gw_port, conns, secs).await,
                     _ => load_edge(Client::H3, gw_port, conns, secs).await,
                 };
+                cpu[i] += cpu_of(&on_path[i]).saturating_sub(cpu0);
                 eprintln!("round {round} {name:36}: {:>9.0} req/s, {} errors", s.rps(), s.errors);
                 acc[i].latencies.extend(s.latencies);
                 acc[i].errors += s.errors;
@@ -233,18 +298,85 @@ fn main() {
             (d.rps(), d.pct(0.5), d.pct(0.99))
         };
         println!("\n{conns} requests in flight (HTTP/1.1: {conns} keep-alive connections; HTTP/2 and HTTP/3: one connection), {rounds} alternating rounds of {secs}s");
-        println!("| path | req/s | p50 | p99 | errors | req/s vs direct | p50 vs direct | p99 vs direct |");
-        println!("|---|---|---|---|---|---|---|---|");
-        for (name, st) in names.iter().zip(acc.iter_mut()) {
+        println!("| path | req/s | p50 | p99 | errors | req/s vs direct | p50 vs direct | p99 vs direct | proxy CPU per request |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let mut closed = Vec::new();
+        for ((name, st), cpu) in names.iter().zip(acc.iter_mut()).zip(&cpu) {
             let (rps, p50, p99) = (st.rps(), st.pct(0.5), st.pct(0.99));
+            let per_req_us = cpu.as_secs_f64() * 1e6 / st.latencies.len().max(1) as f64;
             println!(
-                "| {name} | {rps:.0} | {p50:.2?} | {p99:.2?} | {} | {:.3} | {:.2} | {:.2} |",
+                "| {name} | {rps:.0} | {p50:.2?} | {p99:.2?} | {} | {:.3} | {:.2} | {:.2} | {} |",
                 st.errors,
                 rps / base_rps,
                 p50.as_secs_f64() / base50.as_secs_f64(),
-                p99.as_secs_f64() / base99.as_secs_f64()
+                p99.as_secs_f64() / base99.as_secs_f64(),
+                if cpu.is_zero() { "-".to_string() } else { format!("{per_req_us:.1} us") }
             );
+            closed.push(serde_json::json!({
+                "path": name, "rps": rps, "p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6,
+                "errors": st.errors, "rps_vs_direct": rps / base_rps, "proxy_cpu_us_per_request": per_req_us,
+            }));
         }
-        println!("peak RSS: node-a {} KiB, node-b {} KiB, gateway {} KiB", a.peak_rss_kib(), b.peak_rss_kib(), gw.peak_rss_kib());
+        let rss = (a.peak_rss_kib(), b.peak_rss_kib(), gw.peak_rss_kib());
+        println!("peak RSS: node-a {} KiB, node-b {} KiB, gateway {} KiB", rss.0, rss.1, rss.2);
+        // Open loop at fixed rates: direct and mesh hop alternate, same schedule.
+        let rates: Vec<u64> = std::env::var("BENCH_RATES")
+            .unwrap_or_else(|_| "1000,5000".into())
+            .split(',')
+            .filter_map(|r| r.trim().parse().ok())
+            .collect();
+        let mut open = Vec::new();
+        println!("\nopen loop, latency from the scheduled send time, {rounds} alternating rounds of {secs}s per rate");
+        println!("| rate | path | p50 | p90 | p99 | p99.9 | errors |");
+        println!("|---|---|---|---|---|---|---|");
+        for rate in rates {
+            let mut pair = [Stats::default(), Stats::default()];
+            for _ in 0..rounds {
+                for (i, (target, _)) in [(backend, "direct"), (a.addrs.outbound, "mesh")].iter().enumerate() {
+                    let s = open_loop(*target, "hello", rate, secs).await;
+                    pair[i].latencies.extend(s.latencies);
+                    pair[i].errors += s.errors;
+                }
+            }
+            let ps = [0.5, 0.9, 0.99, 0.999];
+            let mut vals = [[Duration::ZERO; 4]; 2];
+            for (i, st) in pair.iter_mut().enumerate() {
+                for (j, p) in ps.iter().enumerate() {
+                    vals[i][j] = st.pct(*p);
+                }
+                let name = if i == 0 { "direct" } else { "mesh hop" };
+                println!(
+                    "| {rate}/s | {name} | {:.2?} | {:.2?} | {:.2?} | {:.2?} | {} |",
+                    vals[i][0], vals[i][1], vals[i][2], vals[i][3], st.errors
+                );
+            }
+            let added: Vec<f64> = (0..4).map(|j| (vals[1][j].as_secs_f64() - vals[0][j].as_secs_f64()) * 1e6).collect();
+            println!(
+                "| {rate}/s | added by the hop | {:.0} us | {:.0} us | {:.0} us | {:.0} us | |",
+                added[0], added[1], added[2], added[3]
+            );
+            open.push(serde_json::json!({
+                "rate": rate,
+                "direct_us": vals[0].iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>(),
+                "mesh_us": vals[1].iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>(),
+                "added_us": added,
+                "percentiles": ps,
+                "errors": [pair[0].errors, pair[1].errors],
+            }));
+        }
+        let report = serde_json::json!({
+            "bench": "load",
+            "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            "machine": { "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()) },
+            "settings": { "secs": secs, "rounds": rounds, "conns": conns },
+            "closed_loop": closed,
+            "open_loop": open,
+            "peak_rss_kib": { "node-a": rss.0, "node-b": rss.1, "gateway": rss.2 },
+        });
+        let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-load.json".into());
+        match std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()) {
+            Ok(()) => println!("\nJSON: {path}"),
+            Err(e) => eprintln!("cannot write {path}: {e}"),
+        }
     });
 }

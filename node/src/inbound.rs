@@ -85,6 +85,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
         }
     };
     let mut told = false;
+    let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
     loop {
         let accepted = tokio::select! {
             a = h3.accept() => a,
@@ -111,6 +112,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
             Ok(Some(resolver)) => {
                 let mesh = mesh.clone();
                 let peer = peer.to_string();
+                streams.increment(1);
                 tokio::spawn(async move {
                     match resolver.resolve_request().await {
                         Ok((req, stream)) => request(req, stream, &peer, &mesh).await,
@@ -167,7 +169,6 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
     if req.method() == Method::CONNECT {
         return crate::tcp::inbound(req, stream, peer, mesh).await;
     }
-    metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string()).increment(1);
     let mut rec = Record::new("inbound", mesh.access_log.clone());
     rec.request(&req);
     let (mut send, recv) = stream.split();

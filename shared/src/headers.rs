@@ -13,7 +13,7 @@ pub const ENDPOINT: HeaderName = HeaderName::from_static("quicmesh-endpoint");
 /// The calling service, as the outbound node names it (set between proxies only; the inbound
 /// node believes it only when the calling node hosts that service).
 pub const SOURCE: HeaderName = HeaderName::from_static("quicmesh-source");
-/// Which try of a request this is (1 for the first), set toward the upstream on every try.
+/// Which try of a request this is, set toward the upstream on retries (2 for the first retry).
 pub const ATTEMPT: HeaderName = HeaderName::from_static("quicmesh-attempt");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -67,7 +67,10 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     match headers.get(&REQUEST_ID) {
         Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
         _ => {
-            let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("0"));
+            // A v4 UUID from the thread's fast generator: request ids need to be unique, not
+            // unguessable, and `Uuid::new_v4` costs a getrandom system call each.
+            let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+            let id = HeaderValue::from_str(&uuid.to_string()).unwrap_or(HeaderValue::from_static("0"));
             headers.insert(REQUEST_ID, id.clone());
             id
         }
@@ -123,12 +126,16 @@ fn parse_traceparent(v: &str) -> Option<(String, String)> {
 
 /// `bytes` random bytes as lowercase hex, never all zero.
 fn random_hex(bytes: usize) -> String {
-    loop {
-        let s: String = (0..bytes).map(|_| format!("{:02x}", fastrand::u8(..))).collect();
-        if s.bytes().any(|b| b != b'0') {
-            return s;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes * 2);
+    while s.len() < bytes * 2 {
+        // Never all zero: a zero word is drawn again.
+        let word = fastrand::u64(1..);
+        for i in 0..16.min(bytes * 2 - s.len()) {
+            s.push(HEX[((word >> (i * 4)) & 0xf) as usize] as char);
         }
     }
+    s
 }
 
 /// The authority a request is for: the absolute-form URI's, else the Host header.

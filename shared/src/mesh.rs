@@ -546,7 +546,7 @@ impl Mesh {
         // Feed the balancer: requests in flight, and time to response headers.
         let stats = self.stats_for(svc, ep);
         let in_flight = stats.start();
-        if !self.is_local(ep) {
+        if !self.is_local(ep) && !self.pool.is_ready(&ep.node) {
             // Connection setup is not the endpoint's latency: have the pooled connection first,
             // as one of a bounded number of requests waiting for one.
             let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
@@ -686,7 +686,7 @@ impl Mesh {
         let mut sender = pc.h3.clone();
         match sender.send_request(head).await {
             Ok(s) => {
-                metrics::counter!(m::QUIC_STREAMS, "direction" => "outbound", "peer" => ep.node.clone()).increment(1);
+                pc.streams.increment(1);
                 Ok((pc, s))
             }
             Err(e) => {

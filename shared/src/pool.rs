@@ -26,6 +26,8 @@ pub type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 pub struct PeerConn {
     pub conn: quinn::Connection,
     pub h3: SendRequest,
+    /// Request streams opened to the peer (`quicmesh_quic_streams_total`), registered once.
+    pub streams: metrics::Counter,
 }
 
 type Slot = Arc<AsyncMutex<Option<PeerConn>>>;
@@ -62,6 +64,12 @@ impl PeerPool {
     fn slot(&self, peer: &str) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.entry(peer.to_string()).or_default().clone()
+    }
+
+    /// Is a live connection to `peer` pooled (so `get` will not have to wait for one)?
+    pub fn is_ready(&self, peer: &str) -> bool {
+        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(peer).cloned();
+        slot.is_some_and(|s| s.try_lock().is_ok_and(|g| g.as_ref().is_some_and(|pc| pc.conn.close_reason().is_none())))
     }
 
     /// The live connection to `peer`, opened if needed.
@@ -147,7 +155,8 @@ impl PeerPool {
             metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").decrement(1.0);
             debug!(peer = peer_label, error = %err, "QUIC connection to peer closed");
         });
-        Ok(PeerConn { conn, h3 })
+        let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "outbound", "peer" => peer.to_string());
+        Ok(PeerConn { conn, h3, streams })
     }
 }
 

@@ -23,6 +23,63 @@ use crate::metrics as m;
 /// Label value when a side is not known (no route matched, the caller is not a known service).
 pub const UNKNOWN: &str = "unknown";
 
+/// The metric handles of one (direction, source, service, route), registered once: the
+/// recorder's lookup (label allocation, hashing, locking) is paid on first use only.
+struct Handles {
+    duration: metrics::Histogram,
+    request_bytes: metrics::Counter,
+    response_bytes: metrics::Counter,
+    in_flight: metrics::Gauge,
+    /// Request counters by status code (and protocol, at the edge).
+    by_code: std::sync::Mutex<Vec<(u16, Option<&'static str>, metrics::Counter)>>,
+    labels: Vec<metrics::Label>,
+}
+
+type HandleMap = std::collections::HashMap<String, Arc<Handles>>;
+
+fn handles(direction: &'static str, source: &str, service: &str, route: &str) -> Arc<Handles> {
+    static MAP: std::sync::OnceLock<std::sync::RwLock<HandleMap>> = std::sync::OnceLock::new();
+    let map = MAP.get_or_init(Default::default);
+    let key = format!("{direction}\0{source}\0{service}\0{route}");
+    if let Some(h) = map.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return h.clone();
+    }
+    let labels = vec![
+        metrics::Label::new("direction", direction),
+        metrics::Label::new("source_service", source.to_string()),
+        metrics::Label::new("service", service.to_string()),
+        metrics::Label::new("route", route.to_string()),
+    ];
+    let bytes_labels = labels[..3].to_vec();
+    let h = Arc::new(Handles {
+        duration: metrics::histogram!(m::REQUEST_DURATION, labels.clone()),
+        request_bytes: metrics::counter!(m::REQUEST_BYTES, bytes_labels.clone()),
+        response_bytes: metrics::counter!(m::RESPONSE_BYTES, bytes_labels),
+        in_flight: metrics::gauge!(m::REQUESTS_IN_FLIGHT, "direction" => direction, "service" => service.to_string()),
+        by_code: Default::default(),
+        labels,
+    });
+    map.write().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(h).clone()
+}
+
+impl Handles {
+    fn requests(&self, code: u16, protocol: Option<&'static str>) -> metrics::Counter {
+        let mut codes = self.by_code.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, c)) = codes.iter().find(|(k, p, _)| *k == code && *p == protocol) {
+            return c.clone();
+        }
+        let mut labels = self.labels.clone();
+        labels.push(metrics::Label::new("code", code.to_string()));
+        labels.push(metrics::Label::new("status_class", m::status_class(code)));
+        if let Some(p) = protocol {
+            labels.push(metrics::Label::new("protocol", p));
+        }
+        let c = metrics::counter!(m::REQUESTS, labels);
+        codes.push((code, protocol, c.clone()));
+        c
+    }
+}
+
 /// What is known about one request as it goes through a proxy.
 pub struct Record {
     entry: Entry,
@@ -37,7 +94,8 @@ pub struct Record {
 impl Record {
     pub fn new(direction: &'static str, log: Option<Arc<AccessLog>>) -> Self {
         let entry = Entry {
-            time: crate::access_log::timestamp(),
+            // Only the access log needs the wall-clock time.
+            time: if log.is_some() { crate::access_log::timestamp() } else { String::new() },
             direction,
             src_service: UNKNOWN.into(),
             dst_service: UNKNOWN.into(),
@@ -54,6 +112,9 @@ impl Record {
 
     /// Method, authority, path, request id and trace id, read from the request as it arrived.
     pub fn request<B>(&mut self, req: &Request<B>) {
+        if self.log.is_none() {
+            return;
+        }
         let e = &mut self.entry;
         e.method = req.method().to_string();
         e.authority = headers::authority(req.uri(), req.headers()).unwrap_or_default();
@@ -63,6 +124,9 @@ impl Record {
 
     /// Request id and trace id (call again after the proxy set them).
     pub fn ids(&mut self, h: &http::HeaderMap) {
+        if self.log.is_none() {
+            return;
+        }
         let e = &mut self.entry;
         if let Some(id) = h.get(&headers::REQUEST_ID).and_then(|v| v.to_str().ok()) {
             e.request_id = id.to_string();
@@ -86,13 +150,20 @@ impl Record {
         self.entry.dst_service = name.to_string();
         if !self.in_flight {
             self.in_flight = true;
-            metrics::gauge!(m::REQUESTS_IN_FLIGHT, "direction" => self.entry.direction, "service" => name.to_string())
-                .increment(1.0);
+            self.handles().in_flight.increment(1.0);
         }
+    }
+
+    fn handles(&self) -> Arc<Handles> {
+        let e = &self.entry;
+        handles(e.direction, &e.src_service, &e.dst_service, &e.route)
     }
 
     /// The endpoint the request went to (the last one, after retries).
     pub fn endpoint(&mut self, node: &str, address: &str, retries: u32) {
+        if self.log.is_none() {
+            return;
+        }
         self.entry.dst_node = node.to_string();
         self.entry.endpoint = address.to_string();
         self.entry.retries = retries;
@@ -115,23 +186,11 @@ impl Record {
         if let Some(reason) = resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()) {
             self.entry.error = reason.to_string();
         }
-        let e = &self.entry;
-        let labels = vec![
-            metrics::Label::new("direction", e.direction),
-            metrics::Label::new("source_service", e.src_service.clone()),
-            metrics::Label::new("service", e.dst_service.clone()),
-            metrics::Label::new("route", e.route.clone()),
-        ];
-        let mut counted = labels.clone();
-        counted.push(metrics::Label::new("code", status.to_string()));
-        counted.push(metrics::Label::new("status_class", m::status_class(status)));
-        if let Some(p) = self.protocol {
-            counted.push(metrics::Label::new("protocol", p));
-        }
-        metrics::counter!(m::REQUESTS, counted).increment(1);
-        metrics::histogram!(m::REQUEST_DURATION, labels).record(self.start.elapsed().as_secs_f64());
+        let h = self.handles();
+        h.requests(status, self.protocol).increment(1);
+        h.duration.record(self.start.elapsed().as_secs_f64());
         let response_bytes = Arc::new(AtomicU64::new(0));
-        let done = Done { record: self, response_bytes: response_bytes.clone() };
+        let done = Done { record: self, response_bytes: response_bytes.clone(), handles: h };
         resp.map(|b| Counted { inner: b, bytes: response_bytes, done: Some(done) }.boxed_unsync())
     }
 }
@@ -140,6 +199,7 @@ impl Record {
 struct Done {
     record: Record,
     response_bytes: Arc<AtomicU64>,
+    handles: Arc<Handles>,
 }
 
 impl Drop for Done {
@@ -147,16 +207,10 @@ impl Drop for Done {
         let r = &mut self.record;
         let (received, sent) = (r.request_bytes.load(Ordering::Relaxed), self.response_bytes.load(Ordering::Relaxed));
         let e = &mut r.entry;
-        let labels = [
-            ("direction", e.direction.to_string()),
-            ("source_service", e.src_service.clone()),
-            ("service", e.dst_service.clone()),
-        ];
-        metrics::counter!(m::REQUEST_BYTES, &labels).increment(received);
-        metrics::counter!(m::RESPONSE_BYTES, &labels).increment(sent);
+        self.handles.request_bytes.increment(received);
+        self.handles.response_bytes.increment(sent);
         if r.in_flight {
-            metrics::gauge!(m::REQUESTS_IN_FLIGHT, "direction" => e.direction, "service" => e.dst_service.clone())
-                .decrement(1.0);
+            self.handles.in_flight.decrement(1.0);
         }
         if let Some(log) = &r.log {
             e.duration_ms = r.start.elapsed().as_secs_f64() * 1000.0;

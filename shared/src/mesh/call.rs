@@ -127,7 +127,9 @@ impl Mesh {
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
             *req.headers_mut() = parts.headers.clone();
-            req.headers_mut().insert(headers::ATTEMPT, HeaderValue::from(attempt));
+            if attempt > 1 {
+                req.headers_mut().insert(headers::ATTEMPT, HeaderValue::from(attempt));
+            }
             let result = self.forward_try(req, table, svc, &ep, per_try).await;
             let outcome = match &result {
                 Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
