@@ -932,6 +932,18 @@ mod tests {
         assert!(std::ptr::eq(after.service_for_host("s").unwrap().as_ref(), svc2.as_ref()), "hosts lost the service");
     }
 
+    #[test]
+    fn circuit_breaker_slots_stop_at_the_limit_and_come_back() {
+        let counter = AtomicU64::new(0);
+        let a = Slot::take(&counter, Some(2)).unwrap();
+        let _b = Slot::take(&counter, Some(2)).unwrap();
+        assert!(Slot::take(&counter, Some(2)).is_none(), "a third slot past max 2");
+        assert_eq!(counter.load(Ordering::Relaxed), 2, "a refused take gives its slot back");
+        drop(a);
+        assert!(Slot::take(&counter, Some(2)).is_some());
+        assert!(Slot::take(&counter, None).is_some(), "no limit");
+    }
+
     #[tokio::test]
     async fn locality_prefers_this_nodes_endpoints_unless_turned_off() {
         let local = mesh("policy = \"round_robin\"");
