@@ -18,6 +18,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "peers/nginx.rs"]
+mod nginx;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -287,10 +290,18 @@ fn main() {
         for kind in [Client::H1Tls, Client::H2Tls, Client::H3] {
             load_edge(kind, gw_port, conns, 1).await;
         }
-        let names = ["direct client->backend", "client->node->QUIC->node->backend", "gateway HTTP/1.1+TLS -> node", "gateway HTTP/2 -> node", "gateway HTTP/3 -> node"];
+        let nginx = nginx::NginxPair::start(pki.path(), backend);
+        if let Some(n) = &nginx {
+            load(n.front, "hello", conns, 1).await;
+        }
+        let mut names = vec!["direct client->backend", "client->node->QUIC->node->backend", "gateway HTTP/1.1+TLS -> node", "gateway HTTP/2 -> node", "gateway HTTP/3 -> node"];
         // The proxy processes each path goes through (none for direct).
         let (pa, pb, pg) = (a.child.id(), b.child.id(), gw.child.id());
-        let on_path: [Vec<u32>; 5] = [vec![], vec![pa, pb], vec![pg, pb], vec![pg, pb], vec![pg, pb]];
+        let mut on_path: Vec<Vec<u32>> = vec![vec![], vec![pa, pb], vec![pg, pb], vec![pg, pb], vec![pg, pb]];
+        if let Some(n) = &nginx {
+            names.push("nginx -> TLS -> nginx -> backend");
+            on_path.push(n.pids());
+        }
         let mut acc: Vec<Stats> = (0..names.len()).map(|_| Stats::default()).collect();
         let mut cpu = vec![Duration::ZERO; names.len()];
         let closed_rounds = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "open") { 0 } else { rounds };
@@ -302,7 +313,8 @@ fn main() {
                     1 => load(a.addrs.outbound, "hello", conns, secs).await,
                     2 => load_edge(Client::H1Tls, gw_port, conns, secs).await,
                     3 => load_edge(Client::H2Tls, gw_port, conns, secs).await,
-                    _ => load_edge(Client::H3, gw_port, conns, secs).await,
+                    4 => load_edge(Client::H3, gw_port, conns, secs).await,
+                    _ => load(nginx.as_ref().map_or(backend, |n| n.front), "hello", conns, secs).await,
                 };
                 cpu[i] += cpu_of(&on_path[i]).saturating_sub(cpu0);
                 eprintln!("round {round} {name:36}: {:>9.0} req/s, {} errors", s.rps(), s.errors);
@@ -348,21 +360,25 @@ fn main() {
         println!("| rate | path | p50 | p90 | p99 | p99.9 | errors |");
         println!("|---|---|---|---|---|---|---|");
         for rate in rates {
-            let mut pair = [Stats::default(), Stats::default()];
+            let mut pair = [Stats::default(), Stats::default(), Stats::default()];
+            let mut targets = vec![backend, a.addrs.outbound];
+            if let Some(n) = &nginx {
+                targets.push(n.front);
+            }
             for _ in 0..rounds {
-                for (i, (target, _)) in [(backend, "direct"), (a.addrs.outbound, "mesh")].iter().enumerate() {
+                for (i, target) in targets.iter().enumerate() {
                     let s = open_loop(*target, "hello", rate, secs).await;
                     pair[i].latencies.extend(s.latencies);
                     pair[i].errors += s.errors;
                 }
             }
             let ps = [0.5, 0.9, 0.99, 0.999];
-            let mut vals = [[Duration::ZERO; 4]; 2];
-            for (i, st) in pair.iter_mut().enumerate() {
+            let mut vals = [[Duration::ZERO; 4]; 3];
+            for (i, st) in pair.iter_mut().enumerate().take(targets.len()) {
                 for (j, p) in ps.iter().enumerate() {
                     vals[i][j] = st.pct(*p);
                 }
-                let name = if i == 0 { "direct" } else { "mesh hop" };
+                let name = ["direct", "mesh hop", "nginx pair"][i];
                 println!(
                     "| {rate}/s | {name} | {:.2?} | {:.2?} | {:.2?} | {:.2?} | {} |",
                     vals[i][0], vals[i][1], vals[i][2], vals[i][3], st.errors
@@ -373,11 +389,21 @@ fn main() {
                 "| {rate}/s | added by the hop | {:.0} us | {:.0} us | {:.0} us | {:.0} us | |",
                 added[0], added[1], added[2], added[3]
             );
+            let nginx_added: Vec<f64> =
+                (0..4).map(|j| (vals[2][j].as_secs_f64() - vals[0][j].as_secs_f64()) * 1e6).collect();
+            if targets.len() > 2 {
+                println!(
+                    "| {rate}/s | added by the nginx pair | {:.0} us | {:.0} us | {:.0} us | {:.0} us | |",
+                    nginx_added[0], nginx_added[1], nginx_added[2], nginx_added[3]
+                );
+            }
             open.push(serde_json::json!({
                 "rate": rate,
                 "direct_us": vals[0].iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>(),
                 "mesh_us": vals[1].iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>(),
                 "added_us": added,
+                "nginx_pair_us": (targets.len() > 2).then(|| vals[2].iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>()),
+                "nginx_added_us": (targets.len() > 2).then_some(nginx_added),
                 "percentiles": ps,
                 "errors": [pair[0].errors, pair[1].errors],
             }));
