@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::poll_fn;
+use std::task::Poll;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -27,6 +28,8 @@ use tracing::{debug, warn};
 use crate::inbound::{local_target, ServerStream};
 
 const CHUNK: usize = 64 << 10;
+/// Most bytes gathered from the QUIC stream into one write to the TCP socket.
+const COALESCE: usize = 256 << 10;
 
 /// Accepts local connections for `service` and carries each to one of its endpoints.
 pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
@@ -217,19 +220,33 @@ pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv:
     };
     let down = async {
         let mut total = 0u64;
+        let mut buf = BytesMut::new();
         loop {
+            // One QUIC chunk is often a packet's worth: gather what has already arrived so
+            // each write to the socket carries up to COALESCE bytes.
+            let mut ended = false;
             match poll_fn(|cx| recv.poll_data(cx)).await {
-                Ok(Some(data)) => {
-                    total += data.len() as u64;
-                    if wr.write_all(&data).await.is_err() {
-                        break;
-                    }
+                Ok(Some(data)) => buf.extend_from_slice(&data),
+                Ok(None) => ended = true,
+                Err(_) => break,
+            }
+            while !ended && buf.len() < COALESCE {
+                match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
+                    Poll::Ready(Ok(Some(data))) => buf.extend_from_slice(&data),
+                    Poll::Ready(Ok(None)) => ended = true,
+                    Poll::Ready(Err(_)) | Poll::Pending => break,
                 }
-                Ok(None) => {
-                    let _ = wr.shutdown().await;
+            }
+            if !buf.is_empty() {
+                total += buf.len() as u64;
+                if wr.write_all(&buf).await.is_err() {
                     break;
                 }
-                Err(_) => break,
+                buf.clear();
+            }
+            if ended {
+                let _ = wr.shutdown().await;
+                break;
             }
         }
         total

@@ -1,0 +1,179 @@
+//! Bulk throughput of one large transfer through the opaque TCP tunnel (client -> node-a ->
+//! QUIC stream (HTTP/3 CONNECT) -> node-b -> sink) against raw quinn on one stream between two
+//! endpoints built exactly like the nodes' (same mTLS, same transport tuning, same machine), in
+//! alternating rounds. Issue #9 asks the tunnel for at least 80% of raw quinn.
+//!
+//! Run: `cargo bench --bench bulk` (env: BENCH_BULK_MIB per transfer, default 512; BENCH_ROUNDS,
+//! default 3). JSON goes to `BENCH_JSON` (default `target/bench-bulk.json`).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quicmesh_shared::config::TransportConfig;
+use quicmesh_shared::identity::Credentials;
+use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::transport::{mesh_endpoint, Bind};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const CHUNK: usize = 256 << 10;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A TCP server that reads every connection to its end and reports how many bytes it read.
+async fn sink() -> (SocketAddr, mpsc::UnboundedReceiver<u64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; CHUNK];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = tx.send(total);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Sends `bytes` through the tunnel's local port; the time until the sink has read them all.
+async fn tunnel_once(port: SocketAddr, bytes: u64, done: &mut mpsc::UnboundedReceiver<u64>) -> Duration {
+    let data = vec![7u8; CHUNK];
+    let start = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = CHUNK.min((bytes - sent) as usize);
+        s.write_all(&data[..n]).await.unwrap();
+        sent += n as u64;
+    }
+    s.shutdown().await.unwrap();
+    let got = done.recv().await.unwrap();
+    assert_eq!(got, bytes, "the sink did not get every byte");
+    start.elapsed()
+}
+
+/// Raw quinn: one bidirectional stream from `client` to `server`, `bytes` written then finished;
+/// the time until the server has read them all.
+async fn quinn_once(client: &quinn::Endpoint, server: &quinn::Endpoint, bytes: u64) -> Duration {
+    let addr = server.local_addr().unwrap();
+    let srv = server.clone();
+    let reader = tokio::spawn(async move {
+        let conn = srv.accept().await.unwrap().await.unwrap();
+        let (_send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut total = 0u64;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
+            total += chunk.bytes.len() as u64;
+        }
+        (total, conn)
+    });
+    let data = Bytes::from(vec![7u8; CHUNK]);
+    let start = Instant::now();
+    let conn = client.connect(addr, "raw-b").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = CHUNK.min((bytes - sent) as usize);
+        send.write_chunk(data.slice(..n)).await.unwrap();
+        sent += n as u64;
+    }
+    send.finish().unwrap();
+    let (got, server_conn) = reader.await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(got, bytes, "the server did not get every byte");
+    server_conn.close(0u32.into(), b"done");
+    conn.close(0u32.into(), b"done");
+    took
+}
+
+fn mb_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e6
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mib = env_or("BENCH_BULK_MIB", 512);
+        let rounds = env_or("BENCH_ROUNDS", 3);
+        let bytes = mib << 20;
+        let pki = Pki::new();
+        let state = pki.issue("node-a");
+        for n in ["node-b", "raw-a", "raw-b"] {
+            pki.issue(n);
+        }
+        // The tunnel: node-a's local port -> node-b -> sink.
+        let (sink_addr, mut done) = sink().await;
+        let svc = format!(
+            "[[services]]\nname = \"sink\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{sink_addr}\"\n"
+        );
+        let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+        let a_extra = format!("{svc}\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"sink\"\n");
+        let a = NodeProc::start(
+            pki.path(),
+            "node-a",
+            &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &a_extra),
+        );
+        let port = a.addrs.tcp.iter().find(|(s, _)| s == "sink").unwrap().1;
+        // Raw quinn between two endpoints made like the nodes' (mTLS, transport defaults).
+        let creds = |n: &str| {
+            let d = pki.path();
+            Credentials::load(&d.join("ca.pem"), &d.join(format!("{n}.pem")), &d.join(format!("{n}.key"))).unwrap()
+        };
+        let transport = TransportConfig::default();
+        let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
+        let server = mesh_endpoint(localhost, &creds("raw-b"), TD, &transport, Some(ClientAuth::Required)).unwrap();
+        let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
+        let client = mesh_endpoint(localhost, &creds("raw-a"), TD, &transport, None).unwrap();
+        // Warm up both.
+        tunnel_once(port, 16 << 20, &mut done).await;
+        quinn_once(&client, &server, 16 << 20).await;
+        let (mut tunnel, mut raw) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let t = tunnel_once(port, bytes, &mut done).await;
+            let r = quinn_once(&client, &server, bytes).await;
+            eprintln!("round {round}: tunnel {:.0} MB/s, raw quinn {:.0} MB/s", mb_s(bytes, t), mb_s(bytes, r));
+            tunnel.push(mb_s(bytes, t));
+            raw.push(mb_s(bytes, r));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (t, r) = (median(&mut tunnel), median(&mut raw));
+        println!("\none transfer of {mib} MiB, {rounds} alternating rounds, medians");
+        println!("| path | MB/s | vs raw quinn |");
+        println!("|---|---|---|");
+        println!("| raw quinn, one stream (mTLS, node transport settings) | {r:.0} | 1.00 |");
+        println!("| TCP -> node-a -> QUIC (HTTP/3 CONNECT) -> node-b -> TCP | {t:.0} | {:.2} |", t / r);
+        println!(
+            "peak RSS: node-a {} KiB, node-b {} KiB",
+            a.peak_rss_kib(),
+            b.peak_rss_kib()
+        );
+        let report = serde_json::json!({
+            "bench": "bulk", "mib": mib, "rounds": rounds,
+            "raw_quinn_mb_s": r, "tunnel_mb_s": t, "ratio": t / r,
+            "rounds_tunnel": tunnel, "rounds_raw": raw,
+        });
+        let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-bulk.json".into());
+        if std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).is_ok() {
+            println!("JSON: {path}");
+        }
+    });
+}
