@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::future::poll_fn;
-use std::task::Poll;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
