@@ -3,6 +3,10 @@
 //! endpoints built exactly like the nodes' (same mTLS, same transport tuning, same machine), in
 //! alternating rounds. Issue #9 asks the tunnel for at least 80% of raw quinn.
 //!
+//! It also times QUIC connection setup between two such endpoints (mutual TLS with the mesh
+//! certificates): a full handshake (a fresh client, so no session to resume) and a resumed one
+//! (the same client again, TLS 1.3 session resumption), medians of `BENCH_CONNECTS` (200) each.
+//!
 //! Run: `cargo bench --bench bulk` (env: BENCH_BULK_MIB per transfer, default 512; BENCH_ROUNDS,
 //! default 3). JSON goes to `BENCH_JSON` (default `target/bench-bulk.json`).
 
@@ -102,6 +106,19 @@ async fn quinn_once(client: &quinn::Endpoint, server: &quinn::Endpoint, bytes: u
     took
 }
 
+/// Time to establish a connection from `client` to `server` (the server accepts in a task).
+async fn connect_time(client: &quinn::Endpoint, server: &quinn::Endpoint) -> Duration {
+    let srv = server.clone();
+    let accept = tokio::spawn(async move { srv.accept().await.unwrap().await.unwrap() });
+    let start = Instant::now();
+    let conn = client.connect(server.local_addr().unwrap(), "raw-b").unwrap().await.unwrap();
+    let took = start.elapsed();
+    let server_conn = accept.await.unwrap();
+    conn.close(0u32.into(), b"done");
+    server_conn.close(0u32.into(), b"done");
+    took
+}
+
 fn mb_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
@@ -166,10 +183,39 @@ fn main() {
             a.peak_rss_kib(),
             b.peak_rss_kib()
         );
+        // Connection setup: full handshakes from fresh clients, then resumptions from one client.
+        let connects = env_or("BENCH_CONNECTS", 200);
+        let (mut full, mut resumed) = (Vec::new(), Vec::new());
+        for _ in 0..connects {
+            let fresh = mesh_endpoint(
+                Bind::Addr("127.0.0.1:0".parse().unwrap()),
+                &creds("raw-a"),
+                TD,
+                &transport,
+                None,
+            )
+            .unwrap();
+            full.push(connect_time(&fresh, &server).await);
+        }
+        connect_time(&client, &server).await;
+        for _ in 0..connects {
+            resumed.push(connect_time(&client, &server).await);
+        }
+        full.sort();
+        resumed.sort();
+        let pct = |v: &[Duration], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+        println!("\nQUIC connection setup with mutual TLS (mesh certificates), {connects} each");
+        println!("| handshake | p50 | p99 |");
+        println!("|---|---|---|");
+        println!("| full (fresh client) | {:.2?} | {:.2?} |", pct(&full, 0.5), pct(&full, 0.99));
+        println!("| resumed (TLS 1.3 session) | {:.2?} | {:.2?} |", pct(&resumed, 0.5), pct(&resumed, 0.99));
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
         let report = serde_json::json!({
             "bench": "bulk", "mib": mib, "rounds": rounds,
             "raw_quinn_mb_s": r, "tunnel_mb_s": t, "ratio": t / r,
             "rounds_tunnel": tunnel, "rounds_raw": raw,
+            "connect_full_us": { "p50": us(pct(&full, 0.5)), "p99": us(pct(&full, 0.99)) },
+            "connect_resumed_us": { "p50": us(pct(&resumed, 0.5)), "p99": us(pct(&resumed, 0.99)) },
         });
         let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-bulk.json".into());
         if std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).is_ok() {

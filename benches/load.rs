@@ -29,6 +29,16 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
 
+/// Resident memory of a process now, KiB (VmRSS).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// CPU time a process has used so far (user + system, all threads), from /proc.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -284,6 +294,8 @@ fn main() {
         );
         let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
         let gw_port = gw.addrs.listen.port();
+        // Idle memory, before any request.
+        let idle_rss = (rss_kib(a.child.id()), rss_kib(b.child.id()), rss_kib(gw.child.id()));
         // Warm up every path (connections, pools, caches).
         load(backend, "hello", conns, 1).await;
         load(a.addrs.outbound, "hello", conns, 1).await;
@@ -349,6 +361,10 @@ fn main() {
         }
         let rss = (a.peak_rss_kib(), b.peak_rss_kib(), gw.peak_rss_kib());
         println!("peak RSS: node-a {} KiB, node-b {} KiB, gateway {} KiB", rss.0, rss.1, rss.2);
+        println!(
+            "idle RSS (before any request): node-a {} KiB, node-b {} KiB, gateway {} KiB",
+            idle_rss.0, idle_rss.1, idle_rss.2
+        );
         // Open loop at fixed rates: direct and mesh hop alternate, same schedule.
         let rates: Vec<u64> = std::env::var("BENCH_RATES")
             .unwrap_or_else(|_| "1000,5000".into())
@@ -361,6 +377,7 @@ fn main() {
         println!("|---|---|---|---|---|---|---|");
         for rate in rates {
             let mut pair = [Stats::default(), Stats::default(), Stats::default()];
+            let mut rss_at_rate = (0u64, 0u64);
             let mut targets = vec![backend, a.addrs.outbound];
             if let Some(n) = &nginx {
                 targets.push(n.front);
@@ -368,6 +385,10 @@ fn main() {
             for _ in 0..rounds {
                 for (i, target) in targets.iter().enumerate() {
                     let s = open_loop(*target, "hello", rate, secs).await;
+                    if i == 1 {
+                        // Memory of the nodes right after carrying this rate.
+                        rss_at_rate = (rss_at_rate.0.max(rss_kib(pa)), rss_at_rate.1.max(rss_kib(pb)));
+                    }
                     pair[i].latencies.extend(s.latencies);
                     pair[i].errors += s.errors;
                 }
@@ -384,6 +405,7 @@ fn main() {
                     vals[i][0], vals[i][1], vals[i][2], vals[i][3], st.errors
                 );
             }
+            println!("| {rate}/s | node RSS after the mesh rounds | node-a {} KiB | node-b {} KiB | | | |", rss_at_rate.0, rss_at_rate.1);
             let added: Vec<f64> = (0..4).map(|j| (vals[1][j].as_secs_f64() - vals[0][j].as_secs_f64()) * 1e6).collect();
             println!(
                 "| {rate}/s | added by the hop | {:.0} us | {:.0} us | {:.0} us | {:.0} us | |",
@@ -406,6 +428,7 @@ fn main() {
                 "nginx_added_us": (targets.len() > 2).then_some(nginx_added),
                 "percentiles": ps,
                 "errors": [pair[0].errors, pair[1].errors],
+                "node_rss_kib": [rss_at_rate.0, rss_at_rate.1],
             }));
         }
         let report = serde_json::json!({
@@ -416,6 +439,7 @@ fn main() {
             "closed_loop": closed,
             "open_loop": open,
             "peak_rss_kib": { "node-a": rss.0, "node-b": rss.1, "gateway": rss.2 },
+            "idle_rss_kib": { "node-a": idle_rss.0, "node-b": idle_rss.1, "gateway": idle_rss.2 },
         });
         let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-load.json".into());
         match std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()) {
