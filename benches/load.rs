@@ -18,8 +18,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-#[path = "peers/nginx.rs"]
-mod nginx;
+#[path = "peers/mod.rs"]
+mod peers;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -302,7 +302,7 @@ fn main() {
         for kind in [Client::H1Tls, Client::H2Tls, Client::H3] {
             load_edge(kind, gw_port, conns, 1).await;
         }
-        let nginx = nginx::NginxPair::start(pki.path(), backend);
+        let nginx = peers::nginx(pki.path(), backend);
         if let Some(n) = &nginx {
             load(n.front, "hello", conns, 1).await;
         }
@@ -314,6 +314,18 @@ fn main() {
             names.push("nginx -> TLS -> nginx -> backend");
             on_path.push(n.pids());
         }
+        let haproxy = peers::haproxy(pki.path(), backend);
+        if let Some(h) = &haproxy {
+            load(h.front, "hello", conns, 1).await;
+            names.push("haproxy -> TLS -> haproxy -> backend");
+            on_path.push(h.pids());
+        }
+        // Which baseline a path index past the mesh paths is.
+        let peer_front = |i: usize| match (i, &nginx, &haproxy) {
+            (5, Some(n), _) => n.front,
+            (_, _, Some(h)) => h.front,
+            _ => backend,
+        };
         let mut acc: Vec<Stats> = (0..names.len()).map(|_| Stats::default()).collect();
         let mut cpu = vec![Duration::ZERO; names.len()];
         let closed_rounds = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "open") { 0 } else { rounds };
@@ -326,7 +338,7 @@ fn main() {
                     2 => load_edge(Client::H1Tls, gw_port, conns, secs).await,
                     3 => load_edge(Client::H2Tls, gw_port, conns, secs).await,
                     4 => load_edge(Client::H3, gw_port, conns, secs).await,
-                    _ => load(nginx.as_ref().map_or(backend, |n| n.front), "hello", conns, secs).await,
+                    _ => load(peer_front(i), "hello", conns, secs).await,
                 };
                 cpu[i] += cpu_of(&on_path[i]).saturating_sub(cpu0);
                 eprintln!("round {round} {name:36}: {:>9.0} req/s, {} errors", s.rps(), s.errors);

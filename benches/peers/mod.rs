@@ -1,0 +1,179 @@
+//! Baselines for the mesh hop with the same shape as a sidecar pair: two chained reverse proxies
+//! with TLS 1.3 between them (client -> proxy -> TLS -> proxy -> backend), built from Debian's
+//! nginx or haproxy when installed; skipped (and said so) otherwise.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Two running proxies; the client talks plain HTTP/1.1 to `front`.
+pub struct ProxyPair {
+    pub front: SocketAddr,
+    procs: Vec<Child>,
+    /// nginx forks workers; their CPU counts too.
+    with_children: bool,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn installed(tool: &str, flag: &str) -> bool {
+    let ok = Command::new(tool).arg(flag).output().is_ok();
+    if !ok {
+        eprintln!("{tool} is not installed: the {tool} pair baseline is SKIPPED");
+    }
+    ok
+}
+
+impl ProxyPair {
+    /// Waits until both listen; `None` (and a SKIPPED line) if they do not within 10 s.
+    fn ready(self, back_port: u16, tool: &str) -> Option<ProxyPair> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.front).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", back_port)).is_ok()
+            {
+                return Some(self);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{tool} did not start: the {tool} pair baseline is SKIPPED");
+        None
+    }
+
+    /// Every process of both proxies (for nginx, masters and their workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for p in &self.procs {
+            pids.push(p.id());
+            if self.with_children {
+                if let Ok(out) = Command::new("pgrep").args(["-P", &p.id().to_string()]).output() {
+                    pids.extend(
+                        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse::<u32>().ok()),
+                    );
+                }
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for ProxyPair {
+    fn drop(&mut self) {
+        let pids = self.pids();
+        for child in &mut self.procs {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // nginx workers exit with their master; make sure.
+        for pid in pids {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+fn self_signed() -> (String, String) {
+    quicmesh_shared::identity::self_signed_pem(&["localhost".to_string()]).unwrap()
+}
+
+fn nginx_conf(dir: &Path, name: &str, server: &str, upstream: &str) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 2;\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/{name}-cb;\n  proxy_temp_path {d}/{name}-pt;\n\
+           fastcgi_temp_path {d}/{name}-ft;\n  uwsgi_temp_path {d}/{name}-ut;\n  scgi_temp_path {d}/{name}-st;\n\
+           upstream next {{ {upstream} keepalive 64; }}\n  {server}\n}}\n"
+    )
+}
+
+fn run_nginx(dir: &Path, name: &str, text: &str) -> Child {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, text).unwrap();
+    Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join(format!("{name}.early.err")))
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// nginx 1.x, two workers each, keep-alive on both upstream legs.
+pub fn nginx(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
+    if !installed("nginx", "-v") {
+        return None;
+    }
+    let (cert, key) = self_signed();
+    std::fs::write(dir.join("nginx.pem"), cert).unwrap();
+    std::fs::write(dir.join("nginx.key"), key).unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let d = dir.display();
+    let back = nginx_conf(
+        dir,
+        "nginx-back",
+        &format!(
+            "server {{ listen 127.0.0.1:{p2} ssl; ssl_certificate {d}/nginx.pem; ssl_certificate_key {d}/nginx.key;\n\
+             ssl_protocols TLSv1.3; keepalive_requests 1000000;\n\
+             location / {{ proxy_pass http://next; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        ),
+        &format!("server {backend};"),
+    );
+    let front = nginx_conf(
+        dir,
+        "nginx-front",
+        &format!(
+            "server {{ listen 127.0.0.1:{p1}; keepalive_requests 1000000;\n\
+             location / {{ proxy_pass https://next; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+             proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.3; }} }}"
+        ),
+        &format!("server 127.0.0.1:{p2};"),
+    );
+    let procs = vec![run_nginx(dir, "nginx-back", &back), run_nginx(dir, "nginx-front", &front)];
+    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: true }.ready(p2, "nginx")
+}
+
+fn run_haproxy(dir: &Path, name: &str, frontend: &str, server: &str) -> Child {
+    let text = format!(
+        "global\n  maxconn 5000\n  nbthread 2\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
+         frontend f\n  {frontend}\n  default_backend b\n\
+         backend b\n  {server}\n"
+    );
+    let path = dir.join(format!("{name}.cfg"));
+    std::fs::write(&path, text).unwrap();
+    Command::new("haproxy").arg("-db").arg("-f").arg(&path).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+}
+
+/// haproxy 2.x, two threads each, connection reuse toward the second one.
+pub fn haproxy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
+    if !installed("haproxy", "-v") {
+        return None;
+    }
+    // haproxy wants the certificate and its key in one file.
+    let (cert, key) = self_signed();
+    let pem = dir.join("haproxy.pem");
+    std::fs::write(&pem, format!("{cert}{key}")).unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let procs = vec![
+        run_haproxy(
+            dir,
+            "haproxy-back",
+            &format!("bind 127.0.0.1:{p2} ssl crt {} ssl-min-ver TLSv1.3", pem.display()),
+            &format!("server s1 {backend}"),
+        ),
+        run_haproxy(
+            dir,
+            "haproxy-front",
+            &format!("bind 127.0.0.1:{p1}"),
+            &format!("server s1 127.0.0.1:{p2} ssl verify none ssl-min-ver TLSv1.3"),
+        ),
+    ];
+    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: false }.ready(p2, "haproxy")
+}
