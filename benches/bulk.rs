@@ -27,10 +27,6 @@ use tokio::sync::mpsc;
 
 const CHUNK: usize = 256 << 10;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// A TCP server that reads every connection to its end and reports how many bytes it read.
 async fn sink() -> (SocketAddr, mpsc::UnboundedReceiver<u64>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

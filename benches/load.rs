@@ -29,16 +29,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
 
-/// Resident memory of a process now, KiB (VmRSS).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// CPU time a process has used so far (user + system, all threads), from /proc.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -101,10 +91,6 @@ async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64)
     }
     stats.elapsed = start.elapsed();
     stats
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 #[derive(Default)]
@@ -295,7 +281,7 @@ fn main() {
         let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
         let gw_port = gw.addrs.listen.port();
         // Idle memory, before any request.
-        let idle_rss = (rss_kib(a.child.id()), rss_kib(b.child.id()), rss_kib(gw.child.id()));
+        let idle_rss = (a.rss_kib(), b.rss_kib(), gw.rss_kib());
         // Warm up every path (connections, pools, caches).
         load(backend, "hello", conns, 1).await;
         load(a.addrs.outbound, "hello", conns, 1).await;
@@ -399,7 +385,7 @@ fn main() {
                     let s = open_loop(*target, "hello", rate, secs).await;
                     if i == 1 {
                         // Memory of the nodes right after carrying this rate.
-                        rss_at_rate = (rss_at_rate.0.max(rss_kib(pa)), rss_at_rate.1.max(rss_kib(pb)));
+                        rss_at_rate = (rss_at_rate.0.max(proc_status_kib(pa, "VmRSS")), rss_at_rate.1.max(proc_status_kib(pb, "VmRSS")));
                     }
                     pair[i].latencies.extend(s.latencies);
                     pair[i].errors += s.errors;

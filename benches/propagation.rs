@@ -14,19 +14,6 @@ use std::time::{Duration, Instant};
 use quicmesh_shared::config;
 use support::*;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn mesh_file(services: usize, change: usize) -> String {
     let mut t = format!("[mesh]\ntrust_domain = \"{TD}\"\n\n");
     for s in 0..services {
@@ -63,8 +50,8 @@ fn main() {
         )
         .unwrap();
         let gw = NodeProc::start_layered("gateway", &[mesh.clone(), gw_file]);
-        let gw_idle = rss_kib(gw.child.id());
-        let before = rss_kib(std::process::id());
+        let gw_idle = gw.rss_kib();
+        let before = proc_status_kib(std::process::id(), "VmRSS");
         let mut nodes = Vec::new();
         let per_node = n_endpoints / n_nodes;
         for i in 0..n_nodes {
@@ -95,7 +82,7 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let converge = full.elapsed();
-        let after = rss_kib(std::process::id());
+        let after = proc_status_kib(std::process::id(), "VmRSS");
         let mut times = Vec::new();
         for change in 1..=changes {
             let alias = format!("alias-{change}");
@@ -111,7 +98,7 @@ fn main() {
             times.push(t0.elapsed());
         }
         times.sort();
-        let gw_rss = rss_kib(gw.child.id());
+        let gw_rss = gw.rss_kib();
         let gw_peak = gw.peak_rss_kib();
         println!("\nControl-plane propagation: {n_nodes} nodes, {n_services} services, {} endpoints, {changes} changes", per_node * n_nodes);
         println!("| figure | value |");

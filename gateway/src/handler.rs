@@ -156,9 +156,7 @@ impl Edge {
         };
         let mut info = CallInfo::default();
         let result = self.mesh.call(&table, svc, Request::from_parts(parts, body), &opts, &mut info).await;
-        if let Some((node, addr)) = &info.endpoint {
-            rec.endpoint(node, &addr.to_string(), info.retries);
-        }
+        rec.called(&info);
         let mut resp = result?;
         for m in response_mods {
             route::modify_headers(resp.headers_mut(), m);

@@ -152,6 +152,16 @@ impl ControlClient {
         }
     }
 
+    /// The registration: where peers reach this node, what it hosts, what it runs.
+    fn hello(&self, instances: Vec<Instance>) -> NodeMsg {
+        NodeMsg::Hello {
+            address: self.advertise,
+            instances,
+            version: self.mesh.table().version,
+            admin: Some(self.admin),
+        }
+    }
+
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> End {
         let broken = |e: String| End::Broken(e, false);
         let pc = match self.mesh.pool.get(&self.target.name, self.target.address).await {
@@ -173,12 +183,7 @@ impl ControlClient {
         };
         let (mut send, mut recv) = stream.split();
         let mut instances = self.instances.clone();
-        let hello = NodeMsg::Hello {
-            address: self.advertise,
-            instances: instances.borrow_and_update().clone(),
-            version: self.mesh.table().version,
-            admin: Some(self.admin),
-        };
+        let hello = self.hello(instances.borrow_and_update().clone());
         if let Err(e) = control::send_line(&mut send, &hello).await {
             return broken(e.to_string());
         }
@@ -203,12 +208,7 @@ impl ControlClient {
                     if changed.is_err() {
                         continue;
                     }
-                    let hello = NodeMsg::Hello {
-                        address: self.advertise,
-                        instances: instances.borrow_and_update().clone(),
-                        version: self.mesh.table().version,
-                        admin: Some(self.admin),
-                    };
+                    let hello = self.hello(instances.borrow_and_update().clone());
                     if let Err(e) = control::send_line(&mut send, &hello).await {
                         return End::Broken(e.to_string(), progressed);
                     }

@@ -185,9 +185,7 @@ async fn route(
     let req = Request::from_parts(parts, body);
     let mut info = CallInfo::default();
     let result = mesh.call(&table, svc, req, &opts, &mut info).await;
-    if let Some((node, addr)) = &info.endpoint {
-        rec.endpoint(node, &addr.to_string(), info.retries);
-    }
+    rec.called(&info);
     let mut resp = result?;
     for m in response_mods {
         route::modify_headers(resp.headers_mut(), m);

@@ -86,6 +86,8 @@ pub struct Record {
     start: Instant,
     /// Set once the destination service is known and the in-flight gauge counts this request.
     in_flight: bool,
+    /// The metric handles, looked up once the labels are known.
+    handles: Option<Arc<Handles>>,
     protocol: Option<&'static str>,
     request_bytes: Arc<AtomicU64>,
     log: Option<Arc<AccessLog>>,
@@ -102,7 +104,15 @@ impl Record {
             route: "none".into(),
             ..Default::default()
         };
-        Self { entry, start: Instant::now(), in_flight: false, protocol: None, request_bytes: Default::default(), log }
+        Self {
+            entry,
+            start: Instant::now(),
+            in_flight: false,
+            handles: None,
+            protocol: None,
+            request_bytes: Default::default(),
+            log,
+        }
     }
 
     /// The client protocol at the edge (`http/1.1`, `h2`, `h3`): an extra label there.
@@ -154,9 +164,17 @@ impl Record {
         }
     }
 
-    fn handles(&self) -> Arc<Handles> {
+    /// Source and route are set before the service, so the labels are final here.
+    fn handles(&mut self) -> Arc<Handles> {
         let e = &self.entry;
-        handles(e.direction, &e.src_service, &e.dst_service, &e.route)
+        self.handles.get_or_insert_with(|| handles(e.direction, &e.src_service, &e.dst_service, &e.route)).clone()
+    }
+
+    /// What a call did: its last endpoint and its retries.
+    pub fn called(&mut self, info: &crate::mesh::CallInfo) {
+        if let Some((node, addr)) = &info.endpoint {
+            self.endpoint(node, &addr.to_string(), info.retries);
+        }
     }
 
     /// The endpoint the request went to (the last one, after retries).

@@ -228,12 +228,12 @@ impl NodeProc {
 
     /// Peak resident memory of the process, in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        proc_status_kib(self.child.id(), "VmHWM")
+    }
+
+    /// Resident memory of the process now, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmRSS")
     }
 
     pub fn log(&self) -> String {
@@ -259,6 +259,21 @@ impl Drop for NodeProc {
             eprintln!("---- log of {} ----\n{}", self.config.display(), self.log());
         }
     }
+}
+
+/// A `kB` field of `/proc/PID/status` (0 when unreadable).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A setting from the environment (benchmarks), else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Sum of all samples of `name` whose labels include every `k="v"` in `labels`.
