@@ -7,7 +7,7 @@
 //! certificates): a full handshake (a fresh client, so no session to resume) and a resumed one
 //! (the same client again, TLS 1.3 session resumption), medians of `BENCH_CONNECTS` (200) each.
 //!
-//! Run: `cargo bench --bench bulk` (env: BENCH_BULK_MIB per transfer, default 512; BENCH_ROUNDS,
+//! Run: `cargo bench --bench bulk` (env: BENCH_BULK_MIB per transfer, default 1024; BENCH_ROUNDS,
 //! default 3). JSON goes to `BENCH_JSON` (default `target/bench-bulk.json`).
 
 #[path = "../tests/support/mod.rs"]
@@ -122,7 +122,7 @@ fn mb_s(bytes: u64, d: Duration) -> f64 {
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let mib = env_or("BENCH_BULK_MIB", 512);
+        let mib = env_or("BENCH_BULK_MIB", 1024);
         let rounds = env_or("BENCH_ROUNDS", 3);
         let bytes = mib << 20;
         let pki = Pki::new();
@@ -157,23 +157,40 @@ fn main() {
         tunnel_once(port, 16 << 20, &mut done).await;
         quinn_once(&client, &server, 16 << 20).await;
         let (mut tunnel, mut raw) = (Vec::new(), Vec::new());
+        // CPU seconds per GiB: of the nodes alone, and of everything on the path (nodes, and the
+        // bench process, which holds the TCP client and sink or both quinn endpoints).
+        let (me, nodes) = (std::process::id(), [a.child.id(), b.child.id()]);
+        let (mut tunnel_cpu, mut tunnel_node_cpu, mut raw_cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let per_gib = |d: Duration| d.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64);
         for round in 0..rounds {
+            let (c0, n0) = (cpu_time(me), cpu_of(&nodes));
             let t = tunnel_once(port, bytes, &mut done).await;
+            let (c1, n1) = (cpu_time(me), cpu_of(&nodes));
             let r = quinn_once(&client, &server, bytes).await;
+            let c2 = cpu_time(me);
             eprintln!("round {round}: tunnel {:.0} MB/s, raw quinn {:.0} MB/s", mb_s(bytes, t), mb_s(bytes, r));
             tunnel.push(mb_s(bytes, t));
             raw.push(mb_s(bytes, r));
+            tunnel_node_cpu.push(per_gib(n1 - n0));
+            tunnel_cpu.push(per_gib(n1 - n0 + (c1 - c0)));
+            raw_cpu.push(per_gib(c2 - c1));
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
+        // What QUIC saw on the tunnel's connection (node-a's view, sampled every 2 s).
+        let m = a.metrics().await;
+        for name in ["quicmesh_quic_sent_packets_total", "quicmesh_quic_lost_packets_total", "quicmesh_quic_congestion_window_bytes", "quicmesh_quic_rtt_seconds"] {
+            eprintln!("node-a {name}: {}", metric(&m, name, &[]));
+        }
         let (t, r) = (median(&mut tunnel), median(&mut raw));
+        let (tc, tn, rc) = (median(&mut tunnel_cpu), median(&mut tunnel_node_cpu), median(&mut raw_cpu));
         println!("\none transfer of {mib} MiB, {rounds} alternating rounds, medians");
-        println!("| path | MB/s | vs raw quinn |");
-        println!("|---|---|---|");
-        println!("| raw quinn, one stream (mTLS, node transport settings) | {r:.0} | 1.00 |");
-        println!("| TCP -> node-a -> QUIC (HTTP/3 CONNECT) -> node-b -> TCP | {t:.0} | {:.2} |", t / r);
+        println!("| path | MB/s | vs raw quinn | CPU s per GiB, whole path | of which the two nodes |");
+        println!("|---|---|---|---|---|");
+        println!("| raw quinn, one stream (mTLS, node transport settings) | {r:.0} | 1.00 | {rc:.2} | - |");
+        println!("| TCP -> node-a -> QUIC (HTTP/3 CONNECT) -> node-b -> TCP | {t:.0} | {:.2} | {tc:.2} | {tn:.2} |", t / r);
         println!(
             "peak RSS: node-a {} KiB, node-b {} KiB",
             a.peak_rss_kib(),
@@ -210,6 +227,7 @@ fn main() {
             "bench": "bulk", "mib": mib, "rounds": rounds,
             "raw_quinn_mb_s": r, "tunnel_mb_s": t, "ratio": t / r,
             "rounds_tunnel": tunnel, "rounds_raw": raw,
+            "cpu_s_per_gib": { "raw_quinn": rc, "tunnel_path": tc, "tunnel_nodes": tn },
             "connect_full_us": { "p50": us(pct(&full, 0.5)), "p99": us(pct(&full, 0.99)) },
             "connect_resumed_us": { "p50": us(pct(&resumed, 0.5)), "p99": us(pct(&resumed, 0.99)) },
         });

@@ -29,22 +29,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
 
-/// CPU time a process has used so far (user + system, all threads), from /proc.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the state letter, in
-    // USER_HZ ticks (100 per second in the /proc ABI).
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
-fn cpu_of(pids: &[u32]) -> Duration {
-    pids.iter().map(|p| cpu_time(*p)).sum()
-}
-
 /// Open loop: `rate` requests per second for `secs` on a pool of keep-alive connections;
 /// each latency runs from the request's scheduled time.
 async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64) -> Stats {
@@ -136,6 +120,30 @@ enum Client {
     H2Tls,
     /// HTTP/3, all workers multiplexed on one QUIC connection.
     H3,
+}
+
+/// How a closed-loop path is driven.
+#[derive(Clone, Copy)]
+enum How {
+    /// Plain HTTP/1.1 keep-alive connections to this address.
+    Plain(SocketAddr),
+    /// TLS or QUIC to this port on loopback.
+    Edge(Client, u16),
+}
+
+struct Path {
+    name: &'static str,
+    how: How,
+    /// Proxy processes the requests go through (their CPU is the path's cost).
+    procs: Vec<u32>,
+    /// The edge process, for requests per CPU-second at the ingress.
+    ingress: Option<u32>,
+}
+
+impl Path {
+    fn new(name: &'static str, how: How, procs: Vec<u32>, ingress: Option<u32>) -> Self {
+        Path { name, how, procs, ingress }
+    }
 }
 
 /// Closed loop over TLS or QUIC to the gateway: `workers` requests in flight.
@@ -292,42 +300,47 @@ fn main() {
         if let Some(n) = &nginx {
             load(n.front, "hello", conns, 1).await;
         }
-        let mut names = vec!["direct client->backend", "client->node->QUIC->node->backend", "gateway HTTP/1.1+TLS -> node", "gateway HTTP/2 -> node", "gateway HTTP/3 -> node"];
-        // The proxy processes each path goes through (none for direct).
         let (pa, pb, pg) = (a.child.id(), b.child.id(), gw.child.id());
-        let mut on_path: Vec<Vec<u32>> = vec![vec![], vec![pa, pb], vec![pg, pb], vec![pg, pb], vec![pg, pb]];
+        // Every path of the closed loop: how to load it, the proxy processes on it (none for
+        // direct) and, for ingress paths, the process at the edge.
+        let mut paths = vec![
+            Path::new("direct client->backend", How::Plain(backend), vec![], None),
+            Path::new("client->node->QUIC->node->backend", How::Plain(a.addrs.outbound), vec![pa, pb], None),
+            Path::new("gateway HTTP/1.1+TLS -> node", How::Edge(Client::H1Tls, gw_port), vec![pg, pb], Some(pg)),
+            Path::new("gateway HTTP/2 -> node", How::Edge(Client::H2Tls, gw_port), vec![pg, pb], Some(pg)),
+            Path::new("gateway HTTP/3 -> node", How::Edge(Client::H3, gw_port), vec![pg, pb], Some(pg)),
+        ];
         if let Some(n) = &nginx {
-            names.push("nginx -> TLS -> nginx -> backend");
-            on_path.push(n.pids());
+            paths.push(Path::new("nginx -> TLS -> nginx -> backend", How::Plain(n.front), n.pids(), None));
         }
         let haproxy = peers::haproxy(pki.path(), backend);
         if let Some(h) = &haproxy {
             load(h.front, "hello", conns, 1).await;
-            names.push("haproxy -> TLS -> haproxy -> backend");
-            on_path.push(h.pids());
+            paths.push(Path::new("haproxy -> TLS -> haproxy -> backend", How::Plain(h.front), h.pids(), None));
         }
-        // Which baseline a path index past the mesh paths is.
-        let peer_front = |i: usize| match (i, &nginx, &haproxy) {
-            (5, Some(n), _) => n.front,
-            (_, _, Some(h)) => h.front,
-            _ => backend,
-        };
-        let mut acc: Vec<Stats> = (0..names.len()).map(|_| Stats::default()).collect();
-        let mut cpu = vec![Duration::ZERO; names.len()];
+        let caddy = peers::caddy(pki.path(), backend);
+        if let Some(c) = &caddy {
+            load_edge(Client::H3, c.front.port(), conns, 1).await;
+            let pids = c.pids();
+            paths.push(Path::new("Caddy HTTP/3 -> backend", How::Edge(Client::H3, c.front.port()), pids.clone(), pids.first().copied()));
+        }
+        let mut acc: Vec<Stats> = paths.iter().map(|_| Stats::default()).collect();
+        let mut cpu = vec![Duration::ZERO; paths.len()];
+        let mut ingress_cpu = vec![Duration::ZERO; paths.len()];
         let closed_rounds = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "open") { 0 } else { rounds };
         for round in 0..closed_rounds {
-            for (i, name) in names.iter().enumerate() {
-                let cpu0 = cpu_of(&on_path[i]);
-                let s = match i {
-                    0 => load(backend, "hello", conns, secs).await,
-                    1 => load(a.addrs.outbound, "hello", conns, secs).await,
-                    2 => load_edge(Client::H1Tls, gw_port, conns, secs).await,
-                    3 => load_edge(Client::H2Tls, gw_port, conns, secs).await,
-                    4 => load_edge(Client::H3, gw_port, conns, secs).await,
-                    _ => load(peer_front(i), "hello", conns, secs).await,
+            for (i, p) in paths.iter().enumerate() {
+                let cpu0 = cpu_of(&p.procs);
+                let edge0 = p.ingress.map(cpu_time);
+                let s = match p.how {
+                    How::Plain(addr) => load(addr, "hello", conns, secs).await,
+                    How::Edge(kind, port) => load_edge(kind, port, conns, secs).await,
                 };
-                cpu[i] += cpu_of(&on_path[i]).saturating_sub(cpu0);
-                eprintln!("round {round} {name:36}: {:>9.0} req/s, {} errors", s.rps(), s.errors);
+                cpu[i] += cpu_of(&p.procs).saturating_sub(cpu0);
+                if let (Some(pid), Some(t0)) = (p.ingress, edge0) {
+                    ingress_cpu[i] += cpu_time(pid).saturating_sub(t0);
+                }
+                eprintln!("round {round} {:36}: {:>9.0} req/s, {} errors", p.name, s.rps(), s.errors);
                 acc[i].latencies.extend(s.latencies);
                 acc[i].errors += s.errors;
                 acc[i].elapsed += s.elapsed;
@@ -341,21 +354,39 @@ fn main() {
         println!("| path | req/s | p50 | p99 | errors | req/s vs direct | p50 vs direct | p99 vs direct | proxy CPU per request |");
         println!("|---|---|---|---|---|---|---|---|---|");
         let mut closed = Vec::new();
-        for ((name, st), cpu) in names.iter().zip(acc.iter_mut()).zip(&cpu) {
+        let mut per_edge_cpu_s = Vec::new();
+        for (i, (p, st)) in paths.iter().zip(acc.iter_mut()).enumerate() {
             let (rps, p50, p99) = (st.rps(), st.pct(0.5), st.pct(0.99));
-            let per_req_us = cpu.as_secs_f64() * 1e6 / st.latencies.len().max(1) as f64;
+            let n = st.latencies.len().max(1) as f64;
+            let per_req_us = cpu[i].as_secs_f64() * 1e6 / n;
             println!(
-                "| {name} | {rps:.0} | {p50:.2?} | {p99:.2?} | {} | {:.3} | {:.2} | {:.2} | {} |",
+                "| {} | {rps:.0} | {p50:.2?} | {p99:.2?} | {} | {:.3} | {:.2} | {:.2} | {} |",
+                p.name,
                 st.errors,
                 rps / base_rps,
                 p50.as_secs_f64() / base50.as_secs_f64(),
                 p99.as_secs_f64() / base99.as_secs_f64(),
-                if cpu.is_zero() { "-".to_string() } else { format!("{per_req_us:.1} us") }
+                if cpu[i].is_zero() { "-".to_string() } else { format!("{per_req_us:.1} us") }
             );
+            // Requests per CPU-second of the edge process alone.
+            let edge = (!ingress_cpu[i].is_zero()).then(|| n / ingress_cpu[i].as_secs_f64());
+            if let Some(e) = edge {
+                per_edge_cpu_s.push((p.name, e));
+            }
             closed.push(serde_json::json!({
-                "path": name, "rps": rps, "p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6,
+                "path": p.name, "rps": rps, "p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6,
                 "errors": st.errors, "rps_vs_direct": rps / base_rps, "proxy_cpu_us_per_request": per_req_us,
+                "requests_per_ingress_cpu_second": edge,
             }));
+        }
+        if !per_edge_cpu_s.is_empty() {
+            let caddy_rate = per_edge_cpu_s.iter().find(|(n, _)| n.starts_with("Caddy")).map(|(_, r)| *r);
+            println!("\n| ingress | requests per CPU-second of the edge process | vs Caddy HTTP/3 |");
+            println!("|---|---|---|");
+            for (name, r) in &per_edge_cpu_s {
+                let vs = caddy_rate.map_or("-".to_string(), |c| format!("{:.2}", r / c));
+                println!("| {name} | {r:.0} | {vs} |");
+            }
         }
         let rss = (a.peak_rss_kib(), b.peak_rss_kib(), gw.peak_rss_kib());
         println!("peak RSS: node-a {} KiB, node-b {} KiB, gateway {} KiB", rss.0, rss.1, rss.2);
@@ -374,58 +405,47 @@ fn main() {
         println!("| rate | path | p50 | p90 | p99 | p99.9 | errors |");
         println!("|---|---|---|---|---|---|---|");
         for rate in rates {
-            let mut pair = [Stats::default(), Stats::default(), Stats::default()];
-            let mut rss_at_rate = (0u64, 0u64);
-            let mut targets = vec![backend, a.addrs.outbound];
+            // (name, target): direct first, as the baseline every other path is compared with.
+            let mut targets = vec![("direct", backend), ("one node, local delivery", b.addrs.outbound), ("mesh hop", a.addrs.outbound)];
             if let Some(n) = &nginx {
-                targets.push(n.front);
+                targets.push(("nginx pair", n.front));
             }
+            if let Some(h) = &haproxy {
+                targets.push(("haproxy pair", h.front));
+            }
+            let mut acc: Vec<Stats> = targets.iter().map(|_| Stats::default()).collect();
+            let mut rss_at_rate = (0u64, 0u64);
             for _ in 0..rounds {
-                for (i, target) in targets.iter().enumerate() {
+                for (i, (name, target)) in targets.iter().enumerate() {
                     let s = open_loop(*target, "hello", rate, secs).await;
-                    if i == 1 {
+                    if *name == "mesh hop" {
                         // Memory of the nodes right after carrying this rate.
                         rss_at_rate = (rss_at_rate.0.max(proc_status_kib(pa, "VmRSS")), rss_at_rate.1.max(proc_status_kib(pb, "VmRSS")));
                     }
-                    pair[i].latencies.extend(s.latencies);
-                    pair[i].errors += s.errors;
+                    acc[i].latencies.extend(s.latencies);
+                    acc[i].errors += s.errors;
                 }
             }
             let ps = [0.5, 0.9, 0.99, 0.999];
-            let mut vals = [[Duration::ZERO; 4]; 3];
-            for (i, st) in pair.iter_mut().enumerate().take(targets.len()) {
-                for (j, p) in ps.iter().enumerate() {
-                    vals[i][j] = st.pct(*p);
-                }
-                let name = ["direct", "mesh hop", "nginx pair"][i];
-                println!(
-                    "| {rate}/s | {name} | {:.2?} | {:.2?} | {:.2?} | {:.2?} | {} |",
-                    vals[i][0], vals[i][1], vals[i][2], vals[i][3], st.errors
-                );
+            let vals: Vec<Vec<f64>> =
+                acc.iter_mut().map(|st| ps.iter().map(|p| st.pct(*p).as_secs_f64() * 1e6).collect()).collect();
+            let us = |v: f64| if v >= 1000.0 { format!("{:.2} ms", v / 1000.0) } else { format!("{v:.0} µs") };
+            let mut paths = Vec::new();
+            for (i, (name, _)) in targets.iter().enumerate() {
+                let v = &vals[i];
+                println!("| {rate}/s | {name} | {} | {} | {} | {} | {} |", us(v[0]), us(v[1]), us(v[2]), us(v[3]), acc[i].errors);
+                let added: Vec<f64> = (0..4).map(|j| v[j] - vals[0][j]).collect();
+                paths.push(serde_json::json!({ "path": name, "us": v, "added_us": added, "errors": acc[i].errors }));
+            }
+            for (i, (name, _)) in targets.iter().enumerate().skip(1) {
+                let a: Vec<String> = (0..4).map(|j| us(vals[i][j] - vals[0][j])).collect();
+                println!("| {rate}/s | **added by {name}** | {} | {} | {} | {} | |", a[0], a[1], a[2], a[3]);
             }
             println!("| {rate}/s | node RSS after the mesh rounds | node-a {} KiB | node-b {} KiB | | | |", rss_at_rate.0, rss_at_rate.1);
-            let added: Vec<f64> = (0..4).map(|j| (vals[1][j].as_secs_f64() - vals[0][j].as_secs_f64()) * 1e6).collect();
-            println!(
-                "| {rate}/s | added by the hop | {:.0} us | {:.0} us | {:.0} us | {:.0} us | |",
-                added[0], added[1], added[2], added[3]
-            );
-            let nginx_added: Vec<f64> =
-                (0..4).map(|j| (vals[2][j].as_secs_f64() - vals[0][j].as_secs_f64()) * 1e6).collect();
-            if targets.len() > 2 {
-                println!(
-                    "| {rate}/s | added by the nginx pair | {:.0} us | {:.0} us | {:.0} us | {:.0} us | |",
-                    nginx_added[0], nginx_added[1], nginx_added[2], nginx_added[3]
-                );
-            }
             open.push(serde_json::json!({
                 "rate": rate,
-                "direct_us": vals[0].iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>(),
-                "mesh_us": vals[1].iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>(),
-                "added_us": added,
-                "nginx_pair_us": (targets.len() > 2).then(|| vals[2].iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>()),
-                "nginx_added_us": (targets.len() > 2).then_some(nginx_added),
                 "percentiles": ps,
-                "errors": [pair[0].errors, pair[1].errors],
+                "paths": paths,
                 "node_rss_kib": [rss_at_rate.0, rss_at_rate.1],
             }));
         }

@@ -1,6 +1,7 @@
 //! Baselines for the mesh hop with the same shape as a sidecar pair: two chained reverse proxies
 //! with TLS 1.3 between them (client -> proxy -> TLS -> proxy -> backend), built from Debian's
-//! nginx or haproxy when installed; skipped (and said so) otherwise.
+//! nginx or haproxy when installed; skipped (and said so) otherwise. Caddy, when installed, is
+//! the HTTP/3 ingress baseline for the gateway.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -176,4 +177,65 @@ pub fn haproxy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
         ),
     ];
     ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: false }.ready(p2, "haproxy")
+}
+
+/// Caddy 2 as an HTTPS ingress (HTTP/1.1, HTTP/2 and HTTP/3 on one port, TCP and UDP) in
+/// front of `backend`, with a self-signed certificate for localhost. One process: `front` is
+/// its TLS/QUIC port.
+pub fn caddy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
+    if !installed("caddy", "version") {
+        return None;
+    }
+    let (cert, key) = self_signed();
+    let (cert_path, key_path) = (dir.join("caddy.pem"), dir.join("caddy.key"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let port = free_udp_and_tcp_port();
+    // No admin API, no automatic certificates or redirects (which would bind port 80), no
+    // access log (Caddy logs nothing per request unless asked).
+    let text = format!(
+        "{{\n\tadmin off\n\tauto_https off\n\tservers {{\n\t\tprotocols h1 h2 h3\n\t}}\n}}\n\
+         https://localhost:{port} {{\n\tbind 127.0.0.1\n\ttls {} {}\n\treverse_proxy {backend}\n}}\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    let conf = dir.join("Caddyfile");
+    std::fs::write(&conf, text).unwrap();
+    let home = dir.join("caddy-home");
+    let _ = std::fs::create_dir_all(&home);
+    let log = std::fs::File::create(dir.join("caddy.log")).unwrap();
+    let child = Command::new("caddy")
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(&conf)
+        // Caddy keeps its state under these; keep it inside the bench's directory.
+        .env("HOME", &home)
+        .env("XDG_DATA_HOME", &home)
+        .env("XDG_CONFIG_HOME", &home)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let caddy = ProxyPair { front: ([127, 0, 0, 1], port).into(), procs: vec![child], with_children: false };
+    let caddy = caddy.ready(port, "caddy")?;
+    // The UDP (HTTP/3) listener comes up after the TCP one: wait for its line in the log.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let log = std::fs::read_to_string(dir.join("caddy.log")).unwrap_or_default();
+        if log.contains("enabling HTTP/3 listener") && log.contains("server running") {
+            return Some(caddy);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("caddy's HTTP/3 listener did not start: the Caddy baseline is SKIPPED");
+    None
+}
+
+/// A port free on loopback for both TCP and UDP at the time of asking.
+fn free_udp_and_tcp_port() -> u16 {
+    loop {
+        let port = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use quicmesh_shared::access_log::Entry;
 use quicmesh_shared::authz::{Caller, Target};
@@ -30,6 +30,8 @@ use crate::inbound::{local_target, ServerStream};
 const CHUNK: usize = 64 << 10;
 /// Most bytes gathered from the QUIC stream into one write to the TCP socket.
 const COALESCE: usize = 256 << 10;
+/// Most chunks in one vectored write (Linux takes up to 1024).
+const MAX_IOVECS: usize = 256;
 
 /// Accepts local connections for `service` and carries each to one of its endpoints.
 pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
@@ -220,29 +222,34 @@ pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv:
     };
     let down = async {
         let mut total = 0u64;
-        let mut buf = BytesMut::new();
+        let mut chunks: Vec<Bytes> = Vec::new();
         loop {
-            // One QUIC chunk is often a packet's worth: gather what has already arrived so
-            // each write to the socket carries up to COALESCE bytes.
+            // One QUIC chunk is often a packet's worth: gather what has already arrived (the
+            // chunks themselves, no copy) so each vectored write to the socket carries up to
+            // COALESCE bytes.
             let mut ended = false;
+            let mut gathered = 0;
             match poll_fn(|cx| recv.poll_data(cx)).await {
-                Ok(Some(data)) => buf.extend_from_slice(&data),
+                Ok(Some(data)) => {
+                    gathered += data.len();
+                    chunks.push(data);
+                }
                 Ok(None) => ended = true,
                 Err(_) => break,
             }
-            while !ended && buf.len() < COALESCE {
+            while !ended && gathered < COALESCE && chunks.len() < MAX_IOVECS {
                 match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
-                    Poll::Ready(Ok(Some(data))) => buf.extend_from_slice(&data),
+                    Poll::Ready(Ok(Some(data))) => {
+                        gathered += data.len();
+                        chunks.push(data);
+                    }
                     Poll::Ready(Ok(None)) => ended = true,
                     Poll::Ready(Err(_)) | Poll::Pending => break,
                 }
             }
-            if !buf.is_empty() {
-                total += buf.len() as u64;
-                if wr.write_all(&buf).await.is_err() {
-                    break;
-                }
-                buf.clear();
+            total += gathered as u64;
+            if write_chunks(&mut wr, &mut chunks).await.is_err() {
+                break;
             }
             if ended {
                 let _ = wr.shutdown().await;
@@ -252,4 +259,28 @@ pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv:
         total
     };
     tokio::join!(up, down)
+}
+
+/// Writes every byte of `chunks` with vectored writes, then empties it.
+async fn write_chunks<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W, chunks: &mut Vec<Bytes>) -> std::io::Result<()> {
+    chunks.retain(|c| !c.is_empty());
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..].iter().map(|c| std::io::IoSlice::new(c)).collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let c = &mut chunks[first];
+            let k = n.min(c.len());
+            c.advance(k);
+            n -= k;
+            if c.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    chunks.clear();
+    Ok(())
 }

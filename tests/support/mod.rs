@@ -261,6 +261,23 @@ impl Drop for NodeProc {
     }
 }
 
+/// CPU time a process has used so far (user + system, all threads), from /proc.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the state letter, in
+    // USER_HZ ticks (100 per second in the /proc ABI).
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time of several processes together.
+pub fn cpu_of(pids: &[u32]) -> Duration {
+    pids.iter().map(|p| cpu_time(*p)).sum()
+}
+
 /// A `kB` field of `/proc/PID/status` (0 when unreadable).
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
