@@ -13,7 +13,7 @@
 //!
 //! Run: `cargo bench --bench load` (env: BENCH_SECS per round, default 4; BENCH_ROUNDS, default 3;
 //! BENCH_CONNS, default 32; BENCH_RATES, default `1000,5000`; BENCH_ONLY=open for the open loop
-//! alone).
+//! alone; BENCH_PATHS="HTTP/3,Caddy" to run only the closed-loop paths whose names contain these).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -323,6 +323,12 @@ fn main() {
             load_edge(Client::H3, c.front.port(), conns, 1).await;
             let pids = c.pids();
             paths.push(Path::new("Caddy HTTP/3 -> backend", How::Edge(Client::H3, c.front.port()), pids.clone(), pids.first().copied()));
+        }
+        // BENCH_PATHS=a,b keeps direct and the paths whose names contain a or b (for profiling).
+        if let Ok(only) = std::env::var("BENCH_PATHS") {
+            let keep: Vec<&str> = only.split(',').map(str::trim).collect();
+            let mut first = true;
+            paths.retain(|p| std::mem::take(&mut first) || keep.iter().any(|k| p.name.contains(k)));
         }
         let mut acc: Vec<Stats> = paths.iter().map(|_| Stats::default()).collect();
         let mut cpu = vec![Duration::ZERO; paths.len()];

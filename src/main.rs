@@ -161,6 +161,11 @@ fn init_logging() {
     }));
 }
 
+/// mimalloc instead of glibc's malloc: under load, a quarter of the proxies' CPU went to
+/// glibc's allocator (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();

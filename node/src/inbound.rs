@@ -167,7 +167,7 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
     // A drain waits for this request (or tunnel) to end.
     let _in_flight = mesh.drain.guard();
     if req.method() == Method::CONNECT {
-        return crate::tcp::inbound(req, stream, peer, mesh).await;
+        return Box::pin(crate::tcp::inbound(req, stream, peer, mesh)).await;
     }
     let mut rec = Record::new("inbound", mesh.access_log.clone());
     rec.request(&req);
@@ -191,7 +191,8 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
                 port: addr.port(),
             };
             match mesh.authorize(&table, &svc.name, &caller, &target) {
-                Ok(()) => deliver(req, recv, addr, svc.protocol, mesh, &table, &rec).await,
+                // Boxed to keep this task's future small (it is copied whole at spawn).
+                Ok(()) => Box::pin(deliver(req, recv, addr, svc.protocol, mesh, &table, &rec)).await,
                 Err(e) => Err(e),
             }
         }

@@ -130,7 +130,10 @@ impl Mesh {
             if attempt > 1 {
                 req.headers_mut().insert(headers::ATTEMPT, HeaderValue::from(attempt));
             }
-            let result = self.forward_try(req, table, svc, &ep, per_try).await;
+            // Boxed: the try's future is the bulk of a request's state (h3 and hyper futures
+            // nested), and every future that holds it inline is copied whole when its task is
+            // spawned and when it completes.
+            let result = Box::pin(self.forward_try(req, table, svc, &ep, per_try)).await;
             let outcome = match &result {
                 Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,

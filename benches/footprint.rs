@@ -1,0 +1,125 @@
+//! Memory per endpoint and per route: a node and a gateway started (release binary) with an
+//! empty mesh, with N endpoints (N/10 services of 10 instances each), and with N routes, each
+//! measured as RSS once ready and settled; the cost of one endpoint or route is the growth over
+//! the empty start divided by N. Several starts per case, medians (RSS of a fresh process
+//! varies by a few hundred KiB).
+//!
+//! Run: `cargo bench --bench footprint` (env: BENCH_ITEMS, default 10000; BENCH_ROUNDS,
+//! default 3). JSON goes to `BENCH_JSON` (default `target/bench-footprint.json`).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// N endpoints: N/10 services with 10 instances each, all on node-b.
+fn endpoints(n: usize) -> String {
+    let mut t = String::from("[[nodes]]\nname = \"node-b\"\naddress = \"127.0.0.1:9\"\n");
+    for s in 0..n / 10 {
+        t.push_str(&format!("[[services]]\nname = \"svc-{s}\"\n"));
+        for e in 0..10 {
+            t.push_str(&format!(
+                "[[services.endpoints]]\nnode = \"node-b\"\naddress = \"10.{}.{}.{}:8080\"\n",
+                s / 250,
+                s % 250,
+                e + 1
+            ));
+        }
+    }
+    t
+}
+
+/// N mesh routes (nodes) or gateway routes (`table` = "gateway.routes"), each with its own
+/// hostname and a path match, all to one service.
+fn routes(n: usize, table: &str) -> String {
+    let mut t = String::from("[[services]]\nname = \"target\"\n");
+    for r in 0..n {
+        t.push_str(&format!(
+            "[[{table}]]\nname = \"r{r}\"\nhostnames = [\"host-{r}.example\"]\n[[{table}.rules]]\n\
+             matches = [{{ path = {{ type = \"PathPrefix\", value = \"/api/{r}\" }} }}]\nbackendRefs = [{{ name = \"target\" }}]\n"
+        ));
+    }
+    t
+}
+
+/// RSS of a freshly started process once it holds still (two reads 200 ms apart within 64 KiB).
+fn settled_rss(p: &NodeProc) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = p.rss_kib();
+    loop {
+        // Polling a value that has no event to wait on: the interval is the measurement.
+        std::thread::sleep(Duration::from_millis(200));
+        let now = p.rss_kib();
+        if now.abs_diff(last) < 64 || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn start(kind: &str, dir: &Path, state: &Path, extra: &str) -> NodeProc {
+    if kind == "node" {
+        NodeProc::start(dir, "node-a", &node_toml("node-a", state, &[], extra))
+    } else {
+        let toml = format!(
+            "[mesh]\ntrust_domain = \"{TD}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\
+             [gateway.tls]\nstate_dir = \"{}\"\n{extra}",
+            state.display()
+        );
+        NodeProc::start_gateway(dir, &toml)
+    }
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let n = env_or("BENCH_ITEMS", 10_000usize);
+    let rounds = env_or("BENCH_ROUNDS", 3);
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("gateway");
+    let mut report = serde_json::Map::new();
+    println!("\nRSS once started and settled, medians of {rounds} starts; per item = growth over empty / {n}");
+    println!("| process | empty | {n} endpoints | per endpoint | {n} routes | per route |");
+    println!("|---|---|---|---|---|---|");
+    for kind in ["node", "gateway"] {
+        let route_table = if kind == "node" { "routes" } else { "gateway.routes" };
+        let cases = [String::new(), endpoints(n), routes(n, route_table)];
+        let mut rss = Vec::new();
+        for case in &cases {
+            let mut runs = Vec::new();
+            for _ in 0..rounds {
+                let p = start(kind, pki.path(), &state, case);
+                runs.push(settled_rss(&p));
+            }
+            rss.push(median(runs));
+        }
+        let per = |i: usize| (rss[i].saturating_sub(rss[0])) as f64 * 1024.0 / n as f64;
+        println!(
+            "| {kind} | {:.1} MB | {:.1} MB | {:.0} bytes | {:.1} MB | {:.0} bytes |",
+            rss[0] as f64 / 1024.0,
+            rss[1] as f64 / 1024.0,
+            per(1),
+            rss[2] as f64 / 1024.0,
+            per(2)
+        );
+        report.insert(
+            kind.into(),
+            serde_json::json!({
+                "empty_kib": rss[0], "endpoints_kib": rss[1], "routes_kib": rss[2],
+                "bytes_per_endpoint": per(1), "bytes_per_route": per(2),
+            }),
+        );
+    }
+    let report = serde_json::json!({ "bench": "footprint", "items": n, "rounds": rounds, "results": report });
+    let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-footprint.json".into());
+    if std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).is_ok() {
+        println!("JSON: {path}");
+    }
+}
