@@ -171,9 +171,9 @@ fn main() {
             eprintln!("round {round}: tunnel {:.0} MB/s, raw quinn {:.0} MB/s", mb_s(bytes, t), mb_s(bytes, r));
             tunnel.push(mb_s(bytes, t));
             raw.push(mb_s(bytes, r));
-            tunnel_node_cpu.push(per_gib(n1 - n0));
-            tunnel_cpu.push(per_gib(n1 - n0 + (c1 - c0)));
-            raw_cpu.push(per_gib(c2 - c1));
+            tunnel_node_cpu.push(per_gib(n1.saturating_sub(n0)));
+            tunnel_cpu.push(per_gib(n1.saturating_sub(n0) + c1.saturating_sub(c0)));
+            raw_cpu.push(per_gib(c2.saturating_sub(c1)));
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);

@@ -100,7 +100,9 @@ fn main() {
             }
             rss.push(median(runs));
         }
-        let per = |i: usize| (rss[i].saturating_sub(rss[0])) as f64 * 1024.0 / n as f64;
+        // endpoints(n) makes n/10 services of 10 each.
+        let count = [1, n / 10 * 10, n];
+        let per = |i: usize| (rss[i].saturating_sub(rss[0])) as f64 * 1024.0 / count[i].max(1) as f64;
         println!(
             "| {kind} | {:.1} MB | {:.1} MB | {:.0} bytes | {:.1} MB | {:.0} bytes |",
             rss[0] as f64 / 1024.0,

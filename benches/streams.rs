@@ -2,13 +2,13 @@
 //!
 //! The backend holds every response until all N requests of a round have arrived (a barrier),
 //! so the figure is only reached if all N really are in flight together: the client sends N
-//! requests over 10 HTTP/2 connections into node-a, node-a carries them to node-b on its one
+//! requests over N/1000 HTTP/2 connections into node-a, node-a carries them to node-b on its one
 //! QUIC connection (N concurrent streams), node-b passes them to the backend over h2c. The
 //! baseline is the same client on the same 10 connections straight to the same backend.
 //!
 //! Reported per path, medians over rounds: time until all N responses are in, the most
 //! requests the backend saw at once, errors, and for the mesh the memory the two nodes held per
-//! stream in flight (peak RSS during the round minus RSS before it, over N), and how many QUIC
+//! stream in flight (peak RSS during any round minus RSS after the warm-up, over N), and how many QUIC
 //! connections node-a opened (1 is the point).
 //!
 //! Run: `cargo bench --bench streams` (env: BENCH_STREAMS, default 10000; BENCH_ROUNDS,
@@ -28,9 +28,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 
-/// Client connections into the path; each carries N / CONNS streams (node-a's outbound allows
-/// 1024 per HTTP/2 connection).
-const CONNS: usize = 10;
+/// Streams per client connection: node-a's outbound allows 1024 per HTTP/2 connection.
+const PER_CONN: usize = 1000;
 
 /// What the backend saw in a round.
 #[derive(Default)]
@@ -104,11 +103,13 @@ struct Round {
     rss_growth_kib: Vec<u64>,
 }
 
-/// N requests at once over CONNS HTTP/2 connections to `target`; waits for every answer.
-async fn round(target: SocketAddr, host: &str, n: usize, barrier: &Barrier, watch: &[u32]) -> Round {
+/// N requests at once over N / PER_CONN HTTP/2 connections to `target`; waits for every answer.
+/// Memory growth is measured against `baseline` (RSS per watched process before the first round).
+async fn round(target: SocketAddr, host: &str, n: usize, barrier: &Barrier, watch: &[u32], baseline: &[u64]) -> Round {
     barrier.reset(n);
+    let conns = n.div_ceil(PER_CONN);
     let mut senders = Vec::new();
-    for _ in 0..CONNS {
+    for _ in 0..conns {
         let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
         tcp.set_nodelay(true).unwrap();
         let (send, conn) =
@@ -116,7 +117,7 @@ async fn round(target: SocketAddr, host: &str, n: usize, barrier: &Barrier, watc
         tokio::spawn(conn);
         senders.push(send);
     }
-    let before: Vec<u64> = watch.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
+    let before = baseline;
     let peak: Arc<Vec<AtomicU64>> = Arc::new(before.iter().map(|b| AtomicU64::new(*b)).collect());
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
@@ -134,7 +135,7 @@ async fn round(target: SocketAddr, host: &str, n: usize, barrier: &Barrier, watc
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let mut send = senders[i % CONNS].clone();
+        let mut send = senders[i % conns].clone();
         let req = http::Request::get(format!("http://{host}/s{i}")).body(Empty::<Bytes>::new()).unwrap();
         tasks.push(tokio::spawn(async move {
             match send.send_request(req).await {
@@ -156,7 +157,7 @@ async fn round(target: SocketAddr, host: &str, n: usize, barrier: &Barrier, watc
         took,
         max_held: barrier.max_held.load(Ordering::SeqCst),
         errors,
-        rss_growth_kib: peak.iter().zip(&before).map(|(p, b)| p.load(Ordering::SeqCst).saturating_sub(*b)).collect(),
+        rss_growth_kib: peak.iter().zip(before).map(|(p, b)| p.load(Ordering::SeqCst).saturating_sub(*b)).collect(),
     }
 }
 
@@ -185,20 +186,23 @@ fn main() {
         let b = NodeProc::start(pki.path(), "node-b", &toml("node-b", &[]));
         let a = NodeProc::start(pki.path(), "node-a", &toml("node-a", &[("node-b", b.addrs.inbound)]));
         let pids = [a.child.id(), b.child.id()];
-        // Warm up both paths with a small round.
-        round(back, "wide", 100, &barrier, &[]).await;
-        round(a.addrs.outbound, "wide", 100, &barrier, &pids).await;
+        // Warm up both paths with a small round; memory growth counts from here, so a round
+        // after the first does not hide what the first kept.
+        round(back, "wide", 100, &barrier, &[], &[]).await;
+        round(a.addrs.outbound, "wide", 100, &barrier, &[], &[]).await;
+        let baseline: Vec<u64> = pids.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
         let mut results: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
         for r in 0..rounds {
             for (i, target) in [back, a.addrs.outbound].into_iter().enumerate() {
-                let watch: &[u32] = if i == 1 { &pids } else { &[] };
-                let res = round(target, "wide", n, &barrier, watch).await;
+                let (watch, base): (&[u32], &[u64]) = if i == 1 { (&pids, &baseline) } else { (&[], &[]) };
+                let res = round(target, "wide", n, &barrier, watch, base).await;
                 eprintln!(
-                    "round {r} {}: {:.2?}, {} held at once, {} errors",
+                    "round {r} {}: {:.2?}, {} held at once, {} errors, RSS growth {:?} KiB",
                     ["direct", "mesh"][i],
                     res.took,
                     res.max_held,
-                    res.errors
+                    res.errors,
+                    res.rss_growth_kib
                 );
                 results[i].push(res);
             }
@@ -210,17 +214,16 @@ fn main() {
             let mid = &v[v.len() / 2];
             (mid.took, v.iter().map(|r| r.max_held).min().unwrap_or(0), v.iter().map(|r| r.errors).sum::<usize>())
         };
-        // Median growth per node over the mesh rounds.
+        // Growth per node over its baseline: the largest of the mesh rounds.
         let growth: Vec<u64> = (0..2)
             .map(|k| {
-                let mut g: Vec<u64> = results[1].iter().map(|r| r.rss_growth_kib[k]).collect();
-                g.sort();
-                g[g.len() / 2]
+                results[1].iter().map(|r| r.rss_growth_kib[k]).max().unwrap_or(0)
             })
             .collect();
         let (dt, dheld, derr) = median(&mut results[0]);
         let (mt, mheld, merr) = median(&mut results[1]);
-        println!("\n{n} requests at once over {CONNS} HTTP/2 connections, backend answers when all have arrived; {rounds} alternating rounds, medians");
+        let conns = n.div_ceil(PER_CONN);
+        println!("\n{n} requests at once over {conns} HTTP/2 connections, backend answers when all have arrived; {rounds} alternating rounds, medians");
         println!("| path | all answered in | fewest held at once | errors (all rounds) | vs direct |");
         println!("|---|---|---|---|---|");
         println!("| direct client->backend (h2c) | {dt:.2?} | {dheld} | {derr} | 1.00 |");
@@ -237,7 +240,7 @@ fn main() {
             per_stream[1]
         );
         let report = serde_json::json!({
-            "bench": "streams", "streams": n, "client_connections": CONNS, "rounds": rounds,
+            "bench": "streams", "streams": n, "client_connections": n.div_ceil(PER_CONN), "rounds": rounds,
             "direct": { "median_ms": dt.as_secs_f64() * 1e3, "min_held": dheld, "errors": derr },
             "mesh": { "median_ms": mt.as_secs_f64() * 1e3, "min_held": mheld, "errors": merr,
                       "rss_growth_kib": { "node-a": growth[0], "node-b": growth[1] },

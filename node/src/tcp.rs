@@ -247,10 +247,10 @@ pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv:
                     Poll::Ready(Err(_)) | Poll::Pending => break,
                 }
             }
-            total += gathered as u64;
             if write_chunks(&mut wr, &mut chunks).await.is_err() {
                 break;
             }
+            total += gathered as u64;
             if ended {
                 let _ = wr.shutdown().await;
                 break;

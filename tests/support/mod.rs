@@ -266,11 +266,13 @@ pub fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at its closing parenthesis.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the state letter, in
-    // USER_HZ ticks (100 per second in the /proc ABI).
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    // Fields by position: some are not unsigned (tpgid is -1 without a controlling terminal),
+    // so skipping unparsable ones would shift the rest.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of stat: 11 and 12 counting the state letter as 0,
+    // in USER_HZ ticks (100 per second in the /proc ABI).
+    Duration::from_millis((field(11) + field(12)) * 10)
 }
 
 /// CPU time of several processes together.
