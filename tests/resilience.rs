@@ -316,9 +316,7 @@ async fn sigterm_on_the_gateway_lets_requests_in_flight_finish() {
     let pki = Pki::new();
     let dir = pki.issue("gateway");
     pki.issue("node-b");
-    let routes = "[[gateway.routes]]\nname = \"web\"\n[[gateway.routes.rules]]\n\
-                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
-    let mut gw = NodeProc::start_layered("gateway", &gateway_layers(&dir, "[[services]]\nname = \"web\"", routes));
+    let mut gw = gateway_to_web(&dir);
     let be = Backend::start("slow-web", Duration::from_millis(800)).await;
     let _b =
         NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));

@@ -383,9 +383,7 @@ async fn zero_rtt_serves_safe_methods_early_and_holds_the_rest_for_the_handshake
     let pki = Pki::new();
     let dir = pki.issue("gateway");
     pki.issue("node-b");
-    let routes = "[[gateway.routes]]\nname = \"web\"\n[[gateway.routes.rules]]\n\
-                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
-    let gw = NodeProc::start_layered("gateway", &gateway_layers(&dir, "[[services]]\nname = \"web\"", routes));
+    let gw = gateway_to_web(&dir);
     let web = Backend::start("web", Duration::ZERO).await;
     let inst = format!("[[node.instances]]\nservice = \"web\"\naddress = \"{}\"\n", web.addr);
     let _b = NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &inst));

@@ -23,7 +23,7 @@ fn free_port() -> u16 {
 fn installed(tool: &str, flag: &str) -> bool {
     let ok = Command::new(tool).arg(flag).output().is_ok();
     if !ok {
-        eprintln!("{tool} is not installed: the {tool} pair baseline is SKIPPED");
+        eprintln!("{tool} is not installed: the {tool} baseline is SKIPPED");
     }
     ok
 }
@@ -40,7 +40,7 @@ impl ProxyPair {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("{tool} did not start: the {tool} pair baseline is SKIPPED");
+        eprintln!("{tool} did not start: the {tool} baseline is SKIPPED");
         None
     }
 

@@ -266,8 +266,15 @@ async fn write_chunks<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W, chunks: &mut
     chunks.retain(|c| !c.is_empty());
     let mut first = 0;
     while first < chunks.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..].iter().map(|c| std::io::IoSlice::new(c)).collect();
-        let mut n = wr.write_vectored(&slices).await?;
+        // `chunks` holds at most MAX_IOVECS: the slices fit on the stack.
+        let mut n = {
+            let mut slices = [std::io::IoSlice::new(&[]); MAX_IOVECS];
+            let count = (chunks.len() - first).min(MAX_IOVECS);
+            for (slot, c) in slices.iter_mut().zip(&chunks[first..first + count]) {
+                *slot = std::io::IoSlice::new(c);
+            }
+            wr.write_vectored(&slices[..count]).await?
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }

@@ -319,6 +319,13 @@ pub fn node_toml(name: &str, state: &Path, peers: &[(&str, SocketAddr)], extra: 
     t
 }
 
+/// A gateway (layers in `dir`) whose one edge route, `web`, sends everything to service `web`.
+pub fn gateway_to_web(dir: &Path) -> NodeProc {
+    let routes = "[[gateway.routes]]\nname = \"web\"\n[[gateway.routes.rules]]\n\
+                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
+    NodeProc::start_layered("gateway", &gateway_layers(dir, "[[services]]\nname = \"web\"", routes))
+}
+
 /// Writes a gateway's two layers in `dir`: the mesh-wide `mesh.toml` (trust domain, timeouts,
 /// transport, then `mesh_extra`) and `gateway.toml` (listeners on port 0, `dir` as state, then
 /// `gateway_extra`); returns both paths, in layering order.
