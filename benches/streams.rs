@@ -12,7 +12,7 @@
 //! connections node-a opened (1 is the point).
 //!
 //! Run: `cargo bench --bench streams` (env: BENCH_STREAMS, default 10000; BENCH_ROUNDS,
-//! default 3; BENCH_LIMIT, the nodes' `transport.max_concurrent_streams`, default 2 x N). JSON goes to `BENCH_JSON` (default `target/bench-streams.json`).
+//! default 3; BENCH_LIMIT, the nodes' `transport.max_concurrent_streams`, default N). JSON goes to `BENCH_JSON` (default `target/bench-streams.json`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -174,13 +174,12 @@ fn main() {
         let svc = format!(
             "[[services]]\nname = \"wide\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{back}\"\n"
         );
-        // Room for every stream on the one connection (twice N: with exactly N, a round often
-        // found a few percent of the previous round's streams not yet returned as credit by
-        // node-b, and waited on them; see BENCHMARKS.md), and a request timeout that outlasts
-        // the slowest round.
+        // Exactly N streams allowed on the one connection (the limit is usable in full even
+        // while QUIC holds back some credit; see `transport::advertised_streams`), and a request
+        // timeout that outlasts the slowest round.
         let toml = |name: &str, peers: &[(&str, SocketAddr)]| {
             node_toml(name, &state, peers, &svc)
-                .replace("[transport]\n", &format!("[transport]\nmax_concurrent_streams = {}\n", env_or("BENCH_LIMIT", 2 * n)))
+                .replace("[transport]\n", &format!("[transport]\nmax_concurrent_streams = {}\n", env_or("BENCH_LIMIT", n)))
                 .replace("request = \"10s\"", "request = \"60s\"")
         };
         let b = NodeProc::start(pki.path(), "node-b", &toml("node-b", &[]));

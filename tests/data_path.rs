@@ -672,3 +672,66 @@ async fn past_max_requests_the_proxy_answers_503_overloaded_at_once() {
         h.abort();
     }
 }
+
+/// QUIC gives stream credit back in batches (quinn announces it once more than an eighth of its
+/// limit has finished). With `transport.max_concurrent_streams = 16` and the credit of two
+/// earlier requests not yet announced, a burst of 16 requests that wait on each other must still
+/// all get through at once, not hang until some give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_stream_limit_is_usable_after_earlier_requests() {
+    const LIMIT: usize = 16;
+    // A gate: each request waits until `target` requests have arrived (at most 5 s; the answer
+    // says which, with 200 either way so the proxy's retries do not blur the count).
+    let (arrived, _) = tokio::sync::watch::channel(0usize);
+    let arrived = std::sync::Arc::new(arrived);
+    let target = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gate = l.local_addr().unwrap();
+    let (tx, want) = (arrived.clone(), target.clone());
+    tokio::spawn(quicmesh::samples::serve(l, move |_req: http::Request<hyper::body::Incoming>| {
+        let (tx, want) = (tx.clone(), want.clone());
+        async move {
+            let mut rx = tx.subscribe();
+            tx.send_modify(|n| *n += 1);
+            let target = want.load(std::sync::atomic::Ordering::SeqCst);
+            let filled = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|n| *n >= target)).await;
+            http::Response::new(quicmesh_shared::body::full(if filled.is_ok() { "ok" } else { "gate not filled" }))
+        }
+    }));
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc =
+        format!("[[services]]\nname = \"gate\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{gate}\"\n");
+    let toml = |name: &str, peers: &[(&str, SocketAddr)]| {
+        node_toml(name, &state, peers, &svc)
+            .replace("[transport]\n", &format!("[transport]\nmax_concurrent_streams = {LIMIT}\n"))
+    };
+    let b = NodeProc::start(pki.path(), "node-b", &toml("node-b", &[]));
+    let a = NodeProc::start(pki.path(), "node-a", &toml("node-a", &[("node-b", b.addrs.inbound)]));
+    let out = a.addrs.outbound;
+    let client = h2c_client();
+    let req = || http::Request::get(format!("http://{out}/")).header("host", "gate").body(Full::default()).unwrap();
+    // Two requests one after the other: finished, their credit not yet due (2 <= 16 / 8).
+    for _ in 0..2 {
+        assert_eq!(send(&client, req()).await.0, 200);
+    }
+    arrived.send_replace(0);
+    target.store(LIMIT, std::sync::atomic::Ordering::SeqCst);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..LIMIT {
+        let (client, r) = (client.clone(), req());
+        set.spawn(async move { send(&client, r).await });
+    }
+    while let Some(res) = set.join_next().await {
+        let (status, _, body) = res.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ok"),
+            "{} of {LIMIT} requests reached the backend",
+            *arrived.borrow()
+        );
+    }
+    assert_eq!(metric(&a.metrics().await, "quicmesh_quic_connections_opened_total", &[("direction", "outbound")]), 1.0);
+    drop((a, b, pki));
+}

@@ -134,7 +134,9 @@ pub fn quic_server(tls: rustls::ServerConfig, limits: &EdgeLimits) -> Result<qui
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(limits.max_concurrent_streams.into()).max_idle_timeout(Some(
+    // As between nodes: the configured number stays usable in full despite QUIC's batched credit.
+    let streams = quicmesh_shared::transport::advertised_streams(limits.max_concurrent_streams);
+    transport.max_concurrent_bidi_streams(streams.into()).max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(limits.idle_timeout)
             .map_err(|e| GatewayError::Tls(format!("idle_timeout: {e}")))?,
     ));

@@ -27,10 +27,31 @@ pub enum TransportError {
     Setting(String),
 }
 
+/// The stream limit to give quinn so that a peer can always have `wanted` streams open at once.
+///
+/// quinn returns the credit of finished streams (MAX_STREAMS) only once more than an eighth of
+/// its limit has finished, so up to `limit / 8` finished streams can still count against the
+/// peer. With the limit set to exactly `wanted`, a burst of `wanted` requests that wait on each
+/// other (a fan-in, a long poll) finds some of its streams unopenable until others end. The
+/// smallest limit whose worst case still leaves `wanted` usable fixes that; a peer can then
+/// briefly have up to this many open, about 1/7 more than asked.
+pub fn advertised_streams(wanted: u32) -> u32 {
+    let usable = |limit: u32| limit - limit / 8;
+    // Near 8/7 of `wanted`; the loops settle the rounding.
+    let mut limit = wanted.saturating_add(wanted / 7);
+    while limit > wanted && usable(limit - 1) >= wanted {
+        limit -= 1;
+    }
+    while usable(limit) < wanted && limit < u32::MAX {
+        limit += 1;
+    }
+    limit
+}
+
 /// quinn transport parameters for a data-centre mesh.
 pub fn transport_config(cfg: &TransportConfig) -> Result<quinn::TransportConfig, TransportError> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_concurrent_streams))
+    t.max_concurrent_bidi_streams(VarInt::from_u32(advertised_streams(cfg.max_concurrent_streams)))
         .max_concurrent_uni_streams(VarInt::from_u32(16))
         .stream_receive_window(VarInt::from_u32(cfg.stream_window))
         .receive_window(VarInt::from_u32(cfg.connection_window))
@@ -147,4 +168,20 @@ pub fn mesh_endpoint(
         .map_err(|source| TransportError::Bind { addr, source })?;
     endpoint.set_default_client_config(client_config(creds, trust_domain, cfg)?);
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_streams;
+
+    #[test]
+    fn advertised_stream_limit_leaves_the_configured_number_usable() {
+        for wanted in [1u32, 2, 7, 8, 16, 100, 256, 2000, 4096, 10_000, u32::MAX / 2] {
+            let limit = advertised_streams(wanted);
+            // quinn holds back up to limit / 8 finished streams' credit.
+            assert!(limit - limit / 8 >= wanted, "{wanted} -> {limit}");
+            // And no more than needed.
+            assert!(limit - 1 - (limit - 1) / 8 < wanted, "{wanted} -> {limit} is not the smallest");
+        }
+    }
 }
