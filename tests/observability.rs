@@ -381,3 +381,25 @@ async fn a_prometheus_server_scrapes_the_mesh_and_answers_a_rate_query() {
     }
     let _ = (&m.web, &m.gw);
 }
+
+/// A node runs its proxy on one thread unless `node.workers` asks for more; the gateway takes a
+/// thread per core by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_threads_follow_the_workers_settings() {
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    pki.issue("node-a");
+    pki.issue("node-b");
+    let a = NodeProc::start(&dir, "node-a", &node_toml("node-a", &dir, &[], ""));
+    let b = NodeProc::start(
+        &dir,
+        "node-b",
+        &node_toml("node-b", &dir, &[], "").replace("[node]\n", "[node]\nworkers = 3\n"),
+    );
+    let gw = gateway_to_web(&dir);
+    let workers = |text: String| metric(&text, "quicmesh_runtime_workers", &[]);
+    assert_eq!(workers(a.metrics().await), 1.0);
+    assert_eq!(workers(b.metrics().await), 3.0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(workers(gw.metrics().await), cores as f64);
+}

@@ -120,6 +120,9 @@ impl TlsFiles {
     }
 }
 
+/// Most runtime threads `node.workers` and `gateway.workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The node proxy of this host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -154,6 +157,9 @@ pub struct NodeConfig {
     /// On SIGTERM, how long requests in flight may take to finish before the node exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Threads that run the proxy: 1 (the default) is a single-threaded runtime, the cheapest
+    /// per request; 0 is one per CPU core. Read at start.
+    pub workers: usize,
 }
 
 /// Where the control plane is.
@@ -187,6 +193,7 @@ impl Default for NodeConfig {
             snapshot_cache: None,
             renew_before: None,
             drain_timeout: Duration::from_secs(10),
+            workers: 1,
         }
     }
 }
@@ -235,6 +242,9 @@ pub struct GatewayConfig {
     /// On SIGTERM, how long requests in flight may take to finish before the gateway exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// As `node.workers`; the default, 0, is one thread per CPU core (the edge takes all of a
+    /// host's ingress).
+    pub workers: usize,
 }
 
 impl Default for GatewayConfig {
@@ -254,6 +264,7 @@ impl Default for GatewayConfig {
             registry_file: None,
             overlays: None,
             drain_timeout: Duration::from_secs(10),
+            workers: 0,
         }
     }
 }
@@ -596,6 +607,9 @@ impl Config {
             if !valid_name(&node.name) {
                 return Err(invalid("node.name", format!("{:?} is not a valid node name (a-z, 0-9, '-')", node.name)));
             }
+            if node.workers > MAX_WORKERS {
+                return Err(invalid("node.workers", format!("{} is more than {MAX_WORKERS} threads", node.workers)));
+            }
             for (i, inst) in node.instances.iter().enumerate() {
                 if let Some(Err(reason)) = inst.health.as_ref().map(|h| h.validate()) {
                     return Err(invalid(format!("node.instances[{i}].health"), reason));
@@ -624,6 +638,9 @@ impl Config {
         if let Some(gw) = &self.gateway {
             if !valid_name(&gw.name) {
                 return Err(invalid("gateway.name", format!("{:?} is not a valid name (a-z, 0-9, '-')", gw.name)));
+            }
+            if gw.workers > MAX_WORKERS {
+                return Err(invalid("gateway.workers", format!("{} is more than {MAX_WORKERS} threads", gw.workers)));
             }
             self.validate_routes(&gw.routes, "gateway.routes")?;
         }

@@ -19,6 +19,7 @@ pub const TCP_BYTES: &str = "quicmesh_tcp_bytes_total";
 pub const EDGE_CONNECTIONS: &str = "quicmesh_edge_connections_total";
 pub const EDGE_REJECTED: &str = "quicmesh_edge_rejected_total";
 pub const BUILD_INFO: &str = "quicmesh_build_info";
+pub const RUNTIME_WORKERS: &str = "quicmesh_runtime_workers";
 pub const CONTROL_VERSION: &str = "quicmesh_control_snapshot_version";
 pub const CONTROL_NODES: &str = "quicmesh_control_connected_nodes";
 pub const CONTROL_NACKS: &str = "quicmesh_control_snapshots_rejected_total";
@@ -81,6 +82,13 @@ pub fn recorder() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Publishes how many threads the current async runtime runs on.
+pub fn runtime_workers() {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        metrics::gauge!(RUNTIME_WORKERS).set(rt.metrics().num_workers() as f64);
+    }
+}
+
 fn describe() {
     describe_counter!(REQUESTS, "HTTP requests handled by a proxy, by direction, service and status class.");
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from request received to response headers sent.");
@@ -93,6 +101,10 @@ fn describe() {
     describe_counter!(EDGE_CONNECTIONS, "Client connections accepted by the gateway, by protocol.");
     describe_counter!(EDGE_REJECTED, "Client requests or connections the gateway refused, by reason.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_gauge!(
+        RUNTIME_WORKERS,
+        "Threads of the async runtime that runs the proxy (node.workers, gateway.workers)."
+    );
     describe_gauge!(CONTROL_VERSION, "Version of the snapshot this component runs (gateway: publishes).");
     describe_gauge!(CONTROL_NODES, "Nodes with a live control stream to the gateway.");
     describe_counter!(CONTROL_NACKS, "Snapshots rejected (gateway: reported by nodes; node: refused here).");

@@ -58,6 +58,8 @@ fn validation_rules() {
         ("[node]\nname = \"a\"\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"nope\"\n", "node.tcp[0].service"),
         ("[[services]]\nname = \"web\"\n[node]\nname = \"a\"\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\n", "node.tcp[0].service"),
         ("[timeouts]\nconnect = \"0s\"\n", "timeouts"),
+        ("[node]\nname = \"a\"\nworkers = 5000\n", "node.workers"),
+        ("[gateway]\nworkers = 5000\n", "gateway.workers"),
         ("[transport]\nkeep_alive = \"20s\"\n", "transport.idle_timeout"),
         ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),
         ("[[services]]\nname = \"a\"\n[[services]]\nname = \"b\"\nhosts = [\"a\"]\n", "services[1].hosts[0]"),
