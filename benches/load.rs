@@ -13,7 +13,9 @@
 //!
 //! Run: `cargo bench --bench load` (env: BENCH_SECS per round, default 4; BENCH_ROUNDS, default 3;
 //! BENCH_CONNS, default 32; BENCH_RATES, default `1000,5000`; BENCH_ONLY=open for the open loop
-//! alone; BENCH_PATHS="HTTP/3,Caddy" to run only the closed-loop paths whose names contain these).
+//! alone; BENCH_PATHS="HTTP/3,Caddy" to run only the closed-loop paths whose names contain these;
+//! BENCH_GATEWAY_WORKERS sets `gateway.workers`, default 0: a thread per core). HTTP/3 ingress
+//! also runs through a second gateway with `gateway.workers = 1`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -278,15 +280,21 @@ fn main() {
         let a =
             NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
         pki.issue("gateway");
-        let gw_toml = format!(
-            "[mesh]\ntrust_domain = \"{TD}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\
-             [gateway.limits]\nmax_concurrent_streams = 1024\n[gateway.tls]\nstate_dir = \"{}\"\n\
-             [[gateway.routes]]\nname = \"hello\"\n[[gateway.routes.rules]]\nbackendRefs = [{{ name = \"hello\" }}]\n\
-             [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n{svc}",
-            state.display(),
-            b.addrs.inbound
-        );
-        let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+        let gw_toml = |workers: usize, registry: &str| {
+            format!(
+                "[mesh]\ntrust_domain = \"{TD}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\
+                 workers = {workers}\nregistry_file = \"{}\"\n[gateway.limits]\nmax_concurrent_streams = 1024\n[gateway.tls]\nstate_dir = \"{}\"\n\
+                 [[gateway.routes]]\nname = \"hello\"\n[[gateway.routes.rules]]\nbackendRefs = [{{ name = \"hello\" }}]\n\
+                 [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n{svc}",
+                pki.path().join(registry).display(),
+                state.display(),
+                b.addrs.inbound
+            )
+        };
+        let gw = NodeProc::start_gateway(pki.path(), &gw_toml(env_or("BENCH_GATEWAY_WORKERS", 0), "registry.json"));
+        // The same gateway on one thread (`gateway.workers = 1`), for HTTP/3 only.
+        let gw1 = NodeProc::start_args("gateway", pki.path(), "gateway-1", &gw_toml(1, "registry-1.json"), &[]);
+        let gw1_port = gw1.addrs.listen.port();
         let gw_port = gw.addrs.listen.port();
         // Idle memory, before any request.
         let idle_rss = (a.rss_kib(), b.rss_kib(), gw.rss_kib());
@@ -296,11 +304,12 @@ fn main() {
         for kind in [Client::H1Tls, Client::H2Tls, Client::H3] {
             load_edge(kind, gw_port, conns, 1).await;
         }
+        load_edge(Client::H3, gw1_port, conns, 1).await;
         let nginx = peers::nginx(pki.path(), backend);
         if let Some(n) = &nginx {
             load(n.front, "hello", conns, 1).await;
         }
-        let (pa, pb, pg) = (a.child.id(), b.child.id(), gw.child.id());
+        let (pa, pb, pg, pg1) = (a.child.id(), b.child.id(), gw.child.id(), gw1.child.id());
         // Every path of the closed loop: how to load it, the proxy processes on it (none for
         // direct) and, for ingress paths, the process at the edge.
         let mut paths = vec![
@@ -309,6 +318,7 @@ fn main() {
             Path::new("gateway HTTP/1.1+TLS -> node", How::Edge(Client::H1Tls, gw_port), vec![pg, pb], Some(pg)),
             Path::new("gateway HTTP/2 -> node", How::Edge(Client::H2Tls, gw_port), vec![pg, pb], Some(pg)),
             Path::new("gateway HTTP/3 -> node", How::Edge(Client::H3, gw_port), vec![pg, pb], Some(pg)),
+            Path::new("gateway (1 thread) HTTP/3 -> node", How::Edge(Client::H3, gw1_port), vec![pg1, pb], Some(pg1)),
         ];
         if let Some(n) = &nginx {
             paths.push(Path::new("nginx -> TLS -> nginx -> backend", How::Plain(n.front), n.pids(), None));
