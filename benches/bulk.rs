@@ -152,6 +152,7 @@ fn mb_s(bytes: u64, d: Duration) -> f64 {
 }
 
 fn main() {
+    bench_logging();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mib = env_or("BENCH_BULK_MIB", 1024);

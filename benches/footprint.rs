@@ -79,6 +79,7 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 fn main() {
+    bench_logging();
     let n = env_or("BENCH_ITEMS", 10_000usize);
     let rounds = env_or("BENCH_ROUNDS", 3);
     let pki = Pki::new();

@@ -259,6 +259,7 @@ async fn load(target: SocketAddr, host: &'static str, conns: usize, secs: u64) -
 }
 
 fn main() {
+    bench_logging();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let secs = env_or("BENCH_SECS", 4);

@@ -162,6 +162,7 @@ async fn round(target: SocketAddr, host: &str, n: usize, barrier: &Barrier, watc
 }
 
 fn main() {
+    bench_logging();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let n = env_or("BENCH_STREAMS", 10_000usize);

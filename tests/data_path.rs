@@ -584,14 +584,16 @@ fn two_endpoint_service(name: &str, lb: &str, eps: &[(SocketAddr, &str)]) -> Str
     t
 }
 
-/// Peak EWMA (the default): an instance 20 ms slower than its peer gets a clearly smaller share:
+/// Peak EWMA (the default): an instance 100 ms slower than its peer gets a clearly smaller share:
 /// under a third of 300 requests, where an even split gives half. Measured: 0-1 of 300 when the
-/// test runs alone, up to ~60 with the whole suite competing for the two cores (latency spikes
-/// on the fast instance count at once, by design of peak EWMA).
+/// test runs alone. Latency spikes on the fast instance count at once, by design of peak EWMA:
+/// with the slow one only 20 ms slower, the whole suite competing for two cores once pushed the
+/// count past 100; a spike must now pass 100 ms to divert anything, and each diverted request
+/// takes 100 ms of the spike's 2 s decay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_sends_less_to_a_slower_instance() {
     let fast = delayed_backend("fast", Duration::ZERO).await;
-    let slow = delayed_backend("slow", Duration::from_millis(20)).await;
+    let slow = delayed_backend("slow", Duration::from_millis(100)).await;
     let m = two_nodes(&two_endpoint_service("lat", "", &[(fast, "fast"), (slow, "slow")])).await;
     let client = h1_client();
     let mut slow_count = 0;

@@ -35,14 +35,35 @@ struct Handles {
     labels: Vec<metrics::Label>,
 }
 
-type HandleMap = std::collections::HashMap<String, Arc<Handles>>;
+/// Handles by a hash of their four labels; the entries keep the labels, so a hash collision
+/// is told apart without building a key string for every request.
+type HandleMap = std::collections::HashMap<u64, Vec<(Key, Arc<Handles>)>>;
+
+/// (direction, source, service, route).
+type Key = (&'static str, String, String, String);
+
+/// FNV-1a over the four labels (a 0xff byte, which UTF-8 never contains, between them): a few
+/// instructions per byte. The labels are service and route names from the config, and a
+/// collision only costs a comparison.
+fn key_hash(direction: &str, source: &str, service: &str, route: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [direction, source, service, route] {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
 
 fn handles(direction: &'static str, source: &str, service: &str, route: &str) -> Arc<Handles> {
     static MAP: std::sync::OnceLock<std::sync::RwLock<HandleMap>> = std::sync::OnceLock::new();
     let map = MAP.get_or_init(Default::default);
-    let key = format!("{direction}\0{source}\0{service}\0{route}");
-    if let Some(h) = map.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return h.clone();
+    let hash = key_hash(direction, source, service, route);
+    let same = |k: &Key| k.0 == direction && k.1 == source && k.2 == service && k.3 == route;
+    if let Some(bucket) = map.read().unwrap_or_else(|e| e.into_inner()).get(&hash) {
+        if let Some((_, h)) = bucket.iter().find(|(k, _)| same(k)) {
+            return h.clone();
+        }
     }
     let labels = vec![
         metrics::Label::new("direction", direction),
@@ -59,7 +80,13 @@ fn handles(direction: &'static str, source: &str, service: &str, route: &str) ->
         by_code: Default::default(),
         labels,
     });
-    map.write().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(h).clone()
+    let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+    let bucket = map.entry(hash).or_default();
+    if let Some((_, existing)) = bucket.iter().find(|(k, _)| same(k)) {
+        return existing.clone();
+    }
+    bucket.push(((direction, source.to_string(), service.to_string(), route.to_string()), h.clone()));
+    h
 }
 
 impl Handles {
@@ -172,6 +199,9 @@ impl Record {
 
     /// What a call did: its last endpoint and its retries.
     pub fn called(&mut self, info: &crate::mesh::CallInfo) {
+        if self.log.is_none() {
+            return;
+        }
         if let Some((node, addr)) = &info.endpoint {
             self.endpoint(node, &addr.to_string(), info.retries);
         }

@@ -151,7 +151,12 @@ impl NodeProc {
         }
         cmd.args(args);
         let mut child = cmd
-            .env("QUICMESH_LOG", "info,quicmesh_shared=debug,quicmesh_node=debug")
+            // Tests log our crates at debug, for their failure output; a harness that sets
+            // QUICMESH_LOG (the benches: the default, info) passes its own.
+            .env(
+                "QUICMESH_LOG",
+                std::env::var("QUICMESH_LOG").unwrap_or("info,quicmesh_shared=debug,quicmesh_node=debug".into()),
+            )
             .env("RUST_BACKTRACE", "1")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -291,6 +296,14 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// A setting from the environment (benchmarks), else `default`.
+/// For benches: nodes and gateways log as a user's would (info, unless QUICMESH_LOG says
+/// otherwise), not at the tests' debug level.
+pub fn bench_logging() {
+    if std::env::var_os("QUICMESH_LOG").is_none() {
+        std::env::set_var("QUICMESH_LOG", "info");
+    }
+}
+
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
