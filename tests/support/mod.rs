@@ -268,7 +268,12 @@ impl Drop for NodeProc {
 
 /// CPU time a process has used so far (user + system, all threads), from /proc.
 pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    cpu_time_of(&pid.to_string())
+}
+
+/// CPU time of `/proc/<which>`: a process id, or `<pid>/task/<tid>` for one thread.
+pub fn cpu_time_of(which: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at its closing parenthesis.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     // Fields by position: some are not unsigned (tpgid is -1 without a controlling terminal),

@@ -1,0 +1,302 @@
+//! Where a proxied request's latency and CPU go, one request at a time (no batching to hide
+//! per-request costs), everything on loopback with mutual TLS where the mesh has it:
+//!
+//! - the transport alone: a request and its answer over HTTP/3 on quinn against HTTP/1.1 over
+//!   TLS on TCP (hyper + tokio-rustls, the same mesh certificates) and over plain TCP;
+//! - one proxy in front of the same backend: a minimal hyper proxy (server, then hyper-util's
+//!   pooled client) against one quicmesh node delivering locally (the node's whole request path
+//!   without the QUIC leg), with each one's CPU per request.
+//!
+//! Every endpoint and the minimal proxy run on a single-threaded runtime of their own thread, as
+//! a node does by default. Reported: p50/p90/p99 per request and CPU microseconds per request.
+//!
+//! Run: `cargo bench --bench floor` (env: BENCH_REQUESTS, default 3000; JSON goes to
+//! `BENCH_JSON`, default `target/bench-floor.json`).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use quicmesh_shared::config::TransportConfig;
+use quicmesh_shared::identity::Credentials;
+use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::transport::{mesh_endpoint, Bind};
+use support::*;
+
+/// A current-thread runtime on an OS thread of its own; `task` is `<pid>/task/<tid>`.
+struct Lane {
+    handle: tokio::runtime::Handle,
+    task: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Lane {
+    fn new() -> Lane {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let me = std::fs::read_link("/proc/thread-self").map(|p| p.to_string_lossy().into_owned());
+            let _ = tx.send(me.unwrap_or_default());
+            rt.block_on(async {
+                let _ = stopped.await;
+            })
+        });
+        Lane { handle, task: rx.recv().unwrap(), _stop: stop }
+    }
+
+    fn cpu(&self) -> Duration {
+        cpu_time_of(&self.task)
+    }
+}
+
+struct Figures {
+    name: &'static str,
+    times: Vec<Duration>,
+    cpu_us: Option<f64>,
+}
+
+impl Figures {
+    fn pct(&self, q: f64) -> Duration {
+        self.times[((self.times.len() as f64 * q) as usize).min(self.times.len() - 1)]
+    }
+}
+
+/// Paces one request at a time: 200 us between an answer and the next request.
+const GAP: Duration = Duration::from_micros(200);
+const WARMUP: usize = 200;
+
+async fn ok(
+    _req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<Full<Bytes>>, std::convert::Infallible> {
+    Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+}
+
+/// An HTTP/1.1 server answering "ok" on `lane`, over TLS when `tls` is given.
+fn h1_server(lane: &Lane, tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    lane.handle.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(ok);
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    Some(cfg) => {
+                        if let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(s).await {
+                            let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `n` sequential HTTP/1.1 requests (after a warm-up) on one connection `io`, from `lane`.
+async fn h1_sequence<I>(io: I, host: &'static str, n: usize) -> Vec<Duration>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io)).await.unwrap();
+    tokio::spawn(conn);
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n + WARMUP {
+        let t = Instant::now();
+        let req = http::Request::get("/").header("host", host).body(Empty::new()).unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await.unwrap();
+        if i >= WARMUP {
+            times.push(t.elapsed());
+        }
+        tokio::time::sleep(GAP).await;
+    }
+    times
+}
+
+async fn plain_sequence(lane: &Lane, target: SocketAddr, host: &'static str, n: usize) -> Vec<Duration> {
+    lane.handle
+        .spawn(async move {
+            let s = tokio::net::TcpStream::connect(target).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            h1_sequence(s, host, n).await
+        })
+        .await
+        .unwrap()
+}
+
+fn main() {
+    bench_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let n = env_or("BENCH_REQUESTS", 3000usize);
+        let pki = Pki::new();
+        let state = pki.issue("node-a");
+        pki.issue("raw-a");
+        pki.issue("raw-b");
+        let creds = |name: &str| {
+            let d = pki.path();
+            Credentials::load(&d.join("ca.pem"), &d.join(format!("{name}.pem")), &d.join(format!("{name}.key")))
+                .unwrap()
+        };
+        let (server, client) = (Lane::new(), Lane::new());
+        let mut rows = Vec::new();
+
+        // HTTP/3 on quinn, mesh mTLS and transport settings.
+        let transport = TransportConfig::default();
+        let localhost = || Bind::Addr("127.0.0.1:0".parse().unwrap());
+        let quic_server = {
+            let _on = server.handle.enter();
+            mesh_endpoint(localhost(), &creds("raw-b"), TD, &transport, Some(ClientAuth::Required)).unwrap()
+        };
+        let quic_client = {
+            let _on = client.handle.enter();
+            mesh_endpoint(localhost(), &creds("raw-a"), TD, &transport, None).unwrap()
+        };
+        let quic_addr = quic_server.local_addr().unwrap();
+        server.handle.spawn(async move {
+            while let Some(incoming) = quic_server.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok(mut h3) = h3::server::builder().build::<_, Bytes>(h3_quinn::Connection::new(conn)).await
+                    else {
+                        return;
+                    };
+                    while let Ok(Some(resolver)) = h3.accept().await {
+                        tokio::spawn(async move {
+                            let Ok((_req, mut stream)) = resolver.resolve_request().await else { return };
+                            let resp = http::Response::builder().status(200).body(()).unwrap();
+                            let _ = stream.send_response(resp).await;
+                            let _ = stream.send_data(Bytes::from_static(b"ok")).await;
+                            let _ = stream.finish().await;
+                        });
+                    }
+                });
+            }
+        });
+        let times = client
+            .handle
+            .spawn(async move {
+                let conn = quic_client.connect(quic_addr, "raw-b").unwrap().await.unwrap();
+                let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
+                tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+                let mut times = Vec::with_capacity(n);
+                for i in 0..n + WARMUP {
+                    let t = Instant::now();
+                    let mut s =
+                        send.send_request(http::Request::get("https://raw-b/").body(()).unwrap()).await.unwrap();
+                    s.finish().await.unwrap();
+                    assert_eq!(s.recv_response().await.unwrap().status(), 200);
+                    while let Some(mut d) = s.recv_data().await.unwrap() {
+                        d.advance(d.remaining());
+                    }
+                    if i >= WARMUP {
+                        times.push(t.elapsed());
+                    }
+                    tokio::time::sleep(GAP).await;
+                }
+                times
+            })
+            .await
+            .unwrap();
+        rows.push(Figures { name: "HTTP/3 on quinn, mTLS", times, cpu_us: None });
+
+        // HTTP/1.1 over TLS on TCP with the same certificates.
+        let tls_server = Arc::new(quicmesh_shared::tls::mesh_server(&creds("raw-b"), ClientAuth::Required).unwrap());
+        let tls_addr = h1_server(&server, Some(tls_server));
+        let tls_client = Arc::new(quicmesh_shared::tls::mesh_client(&creds("raw-a"), TD).unwrap());
+        let times = client
+            .handle
+            .spawn(async move {
+                let s = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let name = rustls::pki_types::ServerName::try_from("raw-b").unwrap();
+                let s = tokio_rustls::TlsConnector::from(tls_client).connect(name, s).await.unwrap();
+                h1_sequence(s, "raw-b", n).await
+            })
+            .await
+            .unwrap();
+        rows.push(Figures { name: "HTTP/1.1 over TLS on TCP, mTLS", times, cpu_us: None });
+
+        // Plain TCP, straight to the backend the proxies below use.
+        let backend = h1_server(&server, None);
+        rows.push(Figures {
+            name: "HTTP/1.1 on TCP (the backend, direct)",
+            times: plain_sequence(&client, backend, "x", n).await,
+            cpu_us: None,
+        });
+
+        // A minimal hyper proxy on its own lane.
+        let proxy_lane = Lane::new();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let proxy = l.local_addr().unwrap();
+        proxy_lane.handle.spawn(async move {
+            let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<hyper::body::Incoming>();
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let target: http::Uri = format!("http://{backend}/").parse().unwrap();
+            while let Ok((s, _)) = l.accept().await {
+                let _ = s.set_nodelay(true);
+                let (pool, target) = (pool.clone(), target.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                        *req.uri_mut() = target.clone();
+                        pool.request(req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                });
+            }
+        });
+        let c0 = proxy_lane.cpu();
+        let times = plain_sequence(&client, proxy, "x", n).await;
+        let cpu = (proxy_lane.cpu() - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
+        rows.push(Figures { name: "minimal hyper proxy -> backend", times, cpu_us: Some(cpu) });
+
+        // One quicmesh node delivering to the same backend.
+        let svc = format!(
+            "[[services]]\nname = \"hello\"\n[[services.endpoints]]\nnode = \"node-a\"\naddress = \"{backend}\"\n"
+        );
+        let node = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[], &svc));
+        let c0 = cpu_time(node.child.id());
+        let times = plain_sequence(&client, node.addrs.outbound, "hello", n).await;
+        let cpu = (cpu_time(node.child.id()) - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
+        rows.push(Figures { name: "quicmesh node, local delivery -> backend", times, cpu_us: Some(cpu) });
+
+        println!("\none request at a time ({n}, {} us apart), loopback", GAP.as_micros());
+        println!("| path | p50 | p90 | p99 | proxy CPU per request |");
+        println!("|---|---|---|---|---|");
+        let mut json = Vec::new();
+        for r in &mut rows {
+            r.times.sort();
+            let cpu = r.cpu_us.map_or("-".to_string(), |c| format!("{c:.1} us"));
+            println!("| {} | {:.1?} | {:.1?} | {:.1?} | {cpu} |", r.name, r.pct(0.5), r.pct(0.9), r.pct(0.99));
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            json.push(serde_json::json!({
+                "path": r.name, "p50_us": us(r.pct(0.5)), "p90_us": us(r.pct(0.9)), "p99_us": us(r.pct(0.99)),
+                "proxy_cpu_us_per_request": r.cpu_us,
+            }));
+        }
+        let report = serde_json::json!({ "bench": "floor", "requests": n, "paths": json });
+        let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-floor.json".into());
+        if std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).is_ok() {
+            println!("JSON: {path}");
+        }
+    });
+}
