@@ -134,13 +134,17 @@ async fn quinn_once(client: (&quinn::Endpoint, &Lane), server: (&quinn::Endpoint
     took
 }
 
-/// Time to establish a connection from `client` to `server` (the server accepts on its lane).
-async fn connect_time(client: &quinn::Endpoint, server: (&quinn::Endpoint, &Lane)) -> Duration {
+/// Time to establish a connection from `client` to `server`, each side on its lane.
+async fn connect_time(client: (&quinn::Endpoint, &Lane), server: (&quinn::Endpoint, &Lane)) -> Duration {
     let srv = server.0.clone();
     let accept = server.1.handle.spawn(async move { srv.accept().await.unwrap().await.unwrap() });
-    let start = Instant::now();
-    let conn = client.connect(server.0.local_addr().unwrap(), "raw-b").unwrap().await.unwrap();
-    let took = start.elapsed();
+    let (cli, addr) = (client.0.clone(), server.0.local_addr().unwrap());
+    let dial = client.1.handle.spawn(async move {
+        let start = Instant::now();
+        let conn = cli.connect(addr, "raw-b").unwrap().await.unwrap();
+        (start.elapsed(), conn)
+    });
+    let (took, conn) = dial.await.unwrap();
     let server_conn = accept.await.unwrap();
     conn.close(0u32.into(), b"done");
     server_conn.close(0u32.into(), b"done");
@@ -241,19 +245,16 @@ fn main() {
         let connects = env_or("BENCH_CONNECTS", 200);
         let (mut full, mut resumed) = (Vec::new(), Vec::new());
         for _ in 0..connects {
-            let fresh = mesh_endpoint(
-                Bind::Addr("127.0.0.1:0".parse().unwrap()),
-                &creds("raw-a"),
-                TD,
-                &transport,
-                None,
-            )
-            .unwrap();
-            full.push(connect_time(&fresh, raw_server).await);
+            let fresh = {
+                let _on = client_lane.handle.enter();
+                mesh_endpoint(Bind::Addr("127.0.0.1:0".parse().unwrap()), &creds("raw-a"), TD, &transport, None)
+                    .unwrap()
+            };
+            full.push(connect_time((&fresh, &client_lane), raw_server).await);
         }
-        connect_time(&client, raw_server).await;
+        connect_time(raw_client, raw_server).await;
         for _ in 0..connects {
-            resumed.push(connect_time(&client, raw_server).await);
+            resumed.push(connect_time(raw_client, raw_server).await);
         }
         full.sort();
         resumed.sort();

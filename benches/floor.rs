@@ -8,7 +8,8 @@
 //!   without the QUIC leg), with each one's CPU per request.
 //!
 //! Every endpoint and the minimal proxy run on a single-threaded runtime of their own thread, as
-//! a node does by default. Reported: p50/p90/p99 per request and CPU microseconds per request.
+//! a node does by default. Reported: p50/p90/p99 per request and CPU microseconds per request
+//! (the minimal proxy's one thread; the node's whole process, its few helper threads included).
 //!
 //! Run: `cargo bench --bench floor` (env: BENCH_REQUESTS, default 3000; JSON goes to
 //! `BENCH_JSON`, default `target/bench-floor.json`).

@@ -400,6 +400,10 @@ async fn runtime_threads_follow_the_workers_settings() {
     let workers = |text: String| metric(&text, "quicmesh_runtime_workers", &[]);
     assert_eq!(workers(a.metrics().await), 1.0);
     assert_eq!(workers(b.metrics().await), 3.0);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // tokio's default: TOKIO_WORKER_THREADS when set, else one per core.
+    let cores = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     assert_eq!(workers(gw.metrics().await), cores as f64);
 }

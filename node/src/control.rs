@@ -47,13 +47,24 @@ pub struct ControlClient {
 
 /// Validates a snapshot against this node's config and installs it.
 pub fn apply(mesh: &Mesh, local: &Config, snap: Snapshot) -> Result<(), String> {
+    install(mesh, prepare(local, snap)?);
+    Ok(())
+}
+
+/// Validates a snapshot against the local config and builds its routing table: the heavy
+/// part (a large mesh, Maglev tables), safe to run off the proxy's thread.
+fn prepare(local: &Config, snap: Snapshot) -> Result<Table, String> {
     let version = snap.version;
     let cfg = snap.into_config(local);
     cfg.validate().map_err(|e| e.to_string())?;
-    mesh.apply(Table::new(cfg, version));
+    Ok(Table::new(cfg, version))
+}
+
+fn install(mesh: &Mesh, table: Table) {
+    let version = table.version;
+    mesh.apply(table);
     metrics::counter!(m::CONTROL_APPLIED).increment(1);
     metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
-    Ok(())
 }
 
 /// Loads a cached snapshot (a `GatewayMsg` line as received), if there is a usable one.
@@ -76,6 +87,13 @@ fn store_cache(path: &Path, line: &[u8]) {
     if let Err(e) = res {
         warn!("cannot cache snapshot in {}: {e}", path.display());
     }
+}
+
+/// A gateway message after the blocking-pool part of handling it.
+enum Received {
+    /// A snapshot's version and its table, built (or why it was refused).
+    Snapshot(u64, Result<Table, String>),
+    Other(GatewayMsg),
 }
 
 enum End {
@@ -252,9 +270,22 @@ impl ControlClient {
                         Ok(None) => return End::Broken("gateway closed the stream".into(), progressed),
                         Err(e) => return End::Broken(e.to_string(), progressed),
                     };
-                    let snap = match serde_json::from_slice::<GatewayMsg>(&line) {
-                        Ok(GatewayMsg::Snapshot(s)) => s,
-                        Ok(GatewayMsg::Certificate { certificate }) => {
+                    // Parsing, validating and building the table of a large mesh takes a
+                    // while: off the proxy's thread (a node runs on one by default).
+                    let local = self.local.clone();
+                    let work = tokio::task::spawn_blocking(move || {
+                        let msg = serde_json::from_slice::<GatewayMsg>(&line).map(|m| match m {
+                            GatewayMsg::Snapshot(s) => Received::Snapshot(s.version, prepare(&local, s)),
+                            other => Received::Other(other),
+                        });
+                        (msg, line)
+                    });
+                    let Ok((msg, line)) = work.await else {
+                        return End::Broken("snapshot processing failed".into(), progressed);
+                    };
+                    let (version, prepared) = match msg {
+                        Ok(Received::Snapshot(version, prepared)) => (version, prepared),
+                        Ok(Received::Other(GatewayMsg::Certificate { certificate })) => {
                             match pending_key.take() {
                                 Some(key) => match self.install(&key, &certificate) {
                                     Ok(()) => renew_at = self.renew_due(),
@@ -264,20 +295,21 @@ impl ControlClient {
                             }
                             continue;
                         }
-                        Ok(GatewayMsg::RenewRefused { reason }) => {
+                        Ok(Received::Other(GatewayMsg::RenewRefused { reason })) => {
                             warn!(reason, "the gateway refused to renew this node's certificate; retrying later");
                             pending_key = None;
                             renew_at = tokio::time::Instant::now() + RENEW_RETRY;
                             continue;
                         }
+                        Ok(Received::Other(GatewayMsg::Snapshot(_))) => continue,
                         Err(e) => return End::Broken(format!("bad message from the gateway: {e}"), progressed),
                     };
-                    let version = snap.version;
-                    let reply = match apply(&self.mesh, &self.local, snap) {
-                        Ok(()) => {
+                    let reply = match prepared {
+                        Ok(table) => {
+                            install(&self.mesh, table);
                             progressed = true;
-                            if let Some(path) = &self.cache {
-                                store_cache(path, &line);
+                            if let Some(path) = self.cache.clone() {
+                                let _ = tokio::task::spawn_blocking(move || store_cache(&path, &line)).await;
                             }
                             debug!(version, "applied snapshot");
                             NodeMsg::Ack { version }

@@ -136,7 +136,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state)) }
+                async move { Ok::<_, Infallible>(handle(req, &state).await) }
             });
             if let Err(e) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await {
                 debug!(error = %e, "admin connection ended with an error");
@@ -145,7 +145,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
-fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
+async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
     let open = matches!(req.uri().path(), "/ready" | "/live");
     if let (Some(token), false) = (state.token.get(), open) {
         let given = req
@@ -165,7 +165,12 @@ fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
         "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
         "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
         "/metrics" => match crate::metrics::recorder() {
-            Some(h) => (StatusCode::OK, "text/plain; version=0.0.4", h.render()),
+            // Rendering every series takes a while in a large mesh: on the blocking pool, not
+            // on the proxy's thread (a node runs on one by default).
+            Some(h) => match tokio::task::spawn_blocking(move || h.render()).await {
+                Ok(text) => (StatusCode::OK, "text/plain; version=0.0.4", text),
+                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "rendering failed\n".into()),
+            },
             None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder unavailable\n".into()),
         },
         "/config_dump" => (StatusCode::OK, "application/json", state.config_dump.clone()),

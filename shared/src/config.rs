@@ -120,6 +120,10 @@ impl TlsFiles {
     }
 }
 
+/// Most concurrent streams a QUIC connection may be configured for (quinn keeps state for each
+/// stream it allows up front).
+pub const MAX_STREAMS: u32 = 1 << 20;
+
 /// Most runtime threads `node.workers` and `gateway.workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
 
@@ -294,7 +298,8 @@ pub struct EdgeLimits {
     /// Idle connection timeout.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Concurrent streams per HTTP/2 or HTTP/3 connection.
+    /// Concurrent streams per HTTP/2 or HTTP/3 connection, all usable at once (on QUIC the
+    /// advertised limit is about 1/7 higher; see `transport::advertised_streams`).
     pub max_concurrent_streams: u32,
     /// Largest request body, bytes (413 past it); routes may set their own `maxRequestBody`.
     pub max_request_body: u64,
@@ -642,14 +647,23 @@ impl Config {
             if gw.workers > MAX_WORKERS {
                 return Err(invalid("gateway.workers", format!("{} is more than {MAX_WORKERS} threads", gw.workers)));
             }
+            if !(1..=MAX_STREAMS).contains(&gw.limits.max_concurrent_streams) {
+                return Err(invalid("gateway.limits.max_concurrent_streams", format!("must be 1..={MAX_STREAMS}")));
+            }
             self.validate_routes(&gw.routes, "gateway.routes")?;
         }
         self.validate_routes(&self.routes, "routes")?;
         let t = &self.transport;
-        if t.max_concurrent_streams == 0 || t.stream_window < 16 << 10 || t.connection_window < t.stream_window {
+        if t.max_concurrent_streams == 0
+            || t.max_concurrent_streams > MAX_STREAMS
+            || t.stream_window < 16 << 10
+            || t.connection_window < t.stream_window
+        {
             return Err(invalid(
                 "transport",
-                "max_concurrent_streams must be > 0, stream_window >= 16384 and connection_window >= stream_window",
+                format!(
+                    "max_concurrent_streams must be 1..={MAX_STREAMS}, stream_window >= 16384 and connection_window >= stream_window"
+                ),
             ));
         }
         if t.idle_timeout <= t.keep_alive {

@@ -300,7 +300,6 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A setting from the environment (benchmarks), else `default`.
 /// For benches: nodes and gateways log as a user's would (info, unless QUICMESH_LOG says
 /// otherwise), not at the tests' debug level.
 pub fn bench_logging() {
@@ -309,6 +308,7 @@ pub fn bench_logging() {
     }
 }
 
+/// A setting from the environment (benchmarks), else `default`.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

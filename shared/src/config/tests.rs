@@ -60,6 +60,8 @@ fn validation_rules() {
         ("[timeouts]\nconnect = \"0s\"\n", "timeouts"),
         ("[node]\nname = \"a\"\nworkers = 5000\n", "node.workers"),
         ("[gateway]\nworkers = 5000\n", "gateway.workers"),
+        ("[gateway]\n[gateway.limits]\nmax_concurrent_streams = 0\n", "gateway.limits.max_concurrent_streams"),
+        ("[transport]\nmax_concurrent_streams = 2000000\n", "transport"),
         ("[transport]\nkeep_alive = \"20s\"\n", "transport.idle_timeout"),
         ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),
         ("[[services]]\nname = \"a\"\n[[services]]\nname = \"b\"\nhosts = [\"a\"]\n", "services[1].hosts[0]"),
