@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Response};
-use quicmesh_shared::body::{self, Body, H3Body};
+use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::drain::Phase;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::metrics as m;
@@ -131,7 +131,8 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
                         }
                     };
                     let (mut send, recv) = stream.split();
-                    let mut req = req.map(|()| body::boxed(H3Body::new(recv)));
+                    let body = body::request_body(recv).await;
+                    let mut req = req.map(|()| body);
                     req.headers_mut().remove(EARLY_DATA);
                     let resp = match replay_safe(&mut req, handshake, edge.limits.header_read_timeout).await {
                         Ok(()) => edge.handle(req, client, "h3").await,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response};
 use quicmesh_shared::authz::{Caller, Target};
-use quicmesh_shared::body::{self, H3Body};
+use quicmesh_shared::body;
 use quicmesh_shared::config::{Protocol, ServiceConfig};
 use quicmesh_shared::drain::Phase;
 use quicmesh_shared::error::{ProxyError, UNSENT_HEADER};
@@ -247,7 +247,7 @@ async fn deliver(
             parts.headers.insert(HOST, v);
         }
     }
-    let req = Request::from_parts(parts, rec.count_request(body::boxed(H3Body::new(recv))));
+    let req = Request::from_parts(parts, rec.count_request(body::request_body(recv).await));
     let timeout = table.config.timeouts.request;
     tokio::time::timeout(timeout, mesh.local.send(req, addr, protocol))
         .await
