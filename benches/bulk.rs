@@ -70,31 +70,6 @@ async fn tunnel_once(port: SocketAddr, bytes: u64, done: &mut mpsc::UnboundedRec
     start.elapsed()
 }
 
-/// A current-thread runtime on an OS thread of its own. Each raw quinn endpoint runs on one,
-/// as each node runs its proxy on one thread (`node.workers = 1`), so the baseline is quinn at
-/// its cheapest and neither side shares a scheduler with the other.
-struct Lane {
-    handle: tokio::runtime::Handle,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Lane {
-    fn new(name: &str) -> Lane {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let handle = rt.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                rt.block_on(async {
-                    let _ = stopped.await;
-                })
-            })
-            .unwrap();
-        Lane { handle, _stop: stop }
-    }
-}
-
 /// Raw quinn: one bidirectional stream from `client` to `server` (each driven on its lane),
 /// `bytes` written then finished; the time until the server has read them all.
 async fn quinn_once(client: (&quinn::Endpoint, &Lane), server: (&quinn::Endpoint, &Lane), bytes: u64) -> Duration {
@@ -186,6 +161,7 @@ fn main() {
             Credentials::load(&d.join("ca.pem"), &d.join(format!("{n}.pem")), &d.join(format!("{n}.key"))).unwrap()
         };
         let transport = TransportConfig::default();
+        // Each raw endpoint on a single-threaded runtime of its own thread, as a node runs by default.
         let (server_lane, client_lane) = (Lane::new("raw-b"), Lane::new("raw-a"));
         let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
         let server = {

@@ -30,34 +30,6 @@ use quicmesh_shared::tls::ClientAuth;
 use quicmesh_shared::transport::{mesh_endpoint, Bind};
 use support::*;
 
-/// A current-thread runtime on an OS thread of its own; `task` is `<pid>/task/<tid>`.
-struct Lane {
-    handle: tokio::runtime::Handle,
-    task: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Lane {
-    fn new() -> Lane {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let handle = rt.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let me = std::fs::read_link("/proc/thread-self").map(|p| p.to_string_lossy().into_owned());
-            let _ = tx.send(me.unwrap_or_default());
-            rt.block_on(async {
-                let _ = stopped.await;
-            })
-        });
-        Lane { handle, task: rx.recv().unwrap(), _stop: stop }
-    }
-
-    fn cpu(&self) -> Duration {
-        cpu_time_of(&self.task)
-    }
-}
-
 struct Figures {
     name: &'static str,
     times: Vec<Duration>,
@@ -156,7 +128,7 @@ fn main() {
             Credentials::load(&d.join("ca.pem"), &d.join(format!("{name}.pem")), &d.join(format!("{name}.key")))
                 .unwrap()
         };
-        let (server, client) = (Lane::new(), Lane::new());
+        let (server, client) = (Lane::new("server"), Lane::new("client"));
         let mut rows = Vec::new();
 
         // HTTP/3 on quinn, mesh mTLS and transport settings.
@@ -244,7 +216,7 @@ fn main() {
         });
 
         // A minimal hyper proxy on its own lane.
-        let proxy_lane = Lane::new();
+        let proxy_lane = Lane::new("proxy");
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let proxy = l.local_addr().unwrap();

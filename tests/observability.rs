@@ -397,13 +397,15 @@ async fn runtime_threads_follow_the_workers_settings() {
         &node_toml("node-b", &dir, &[], "").replace("[node]\n", "[node]\nworkers = 3\n"),
     );
     let gw = gateway_to_web(&dir);
-    let workers = |text: String| metric(&text, "quicmesh_runtime_workers", &[]);
-    assert_eq!(workers(a.metrics().await), 1.0);
-    assert_eq!(workers(b.metrics().await), 3.0);
+    // One thread is the current-thread runtime, not a work-stealing one with a single worker.
+    let workers = |text: String, flavor| metric(&text, "quicmesh_runtime_workers", &[("flavor", flavor)]);
+    assert_eq!(workers(a.metrics().await, "current_thread"), 1.0);
+    assert_eq!(workers(b.metrics().await, "multi_thread"), 3.0);
     // tokio's default: TOKIO_WORKER_THREADS when set, else one per core.
     let cores = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    assert_eq!(workers(gw.metrics().await), cores as f64);
+    let flavor = if cores == 1 { "current_thread" } else { "multi_thread" };
+    assert_eq!(workers(gw.metrics().await, flavor), cores as f64);
 }

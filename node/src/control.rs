@@ -92,8 +92,9 @@ fn store_cache(path: &Path, line: &[u8]) {
 /// A gateway message after the blocking-pool part of handling it.
 enum Received {
     /// A snapshot's version and its table, built (or why it was refused).
-    Snapshot(u64, Result<Table, String>),
-    Other(GatewayMsg),
+    Snapshot(u64, Result<Box<Table>, String>),
+    Certificate(String),
+    RenewRefused(String),
 }
 
 enum End {
@@ -275,8 +276,9 @@ impl ControlClient {
                     let local = self.local.clone();
                     let work = tokio::task::spawn_blocking(move || {
                         let msg = serde_json::from_slice::<GatewayMsg>(&line).map(|m| match m {
-                            GatewayMsg::Snapshot(s) => Received::Snapshot(s.version, prepare(&local, s)),
-                            other => Received::Other(other),
+                            GatewayMsg::Snapshot(s) => Received::Snapshot(s.version, prepare(&local, s).map(Box::new)),
+                            GatewayMsg::Certificate { certificate } => Received::Certificate(certificate),
+                            GatewayMsg::RenewRefused { reason } => Received::RenewRefused(reason),
                         });
                         (msg, line)
                     });
@@ -285,7 +287,7 @@ impl ControlClient {
                     };
                     let (version, prepared) = match msg {
                         Ok(Received::Snapshot(version, prepared)) => (version, prepared),
-                        Ok(Received::Other(GatewayMsg::Certificate { certificate })) => {
+                        Ok(Received::Certificate(certificate)) => {
                             match pending_key.take() {
                                 Some(key) => match self.install(&key, &certificate) {
                                     Ok(()) => renew_at = self.renew_due(),
@@ -295,18 +297,17 @@ impl ControlClient {
                             }
                             continue;
                         }
-                        Ok(Received::Other(GatewayMsg::RenewRefused { reason })) => {
+                        Ok(Received::RenewRefused(reason)) => {
                             warn!(reason, "the gateway refused to renew this node's certificate; retrying later");
                             pending_key = None;
                             renew_at = tokio::time::Instant::now() + RENEW_RETRY;
                             continue;
                         }
-                        Ok(Received::Other(GatewayMsg::Snapshot(_))) => continue,
                         Err(e) => return End::Broken(format!("bad message from the gateway: {e}"), progressed),
                     };
                     let reply = match prepared {
                         Ok(table) => {
-                            install(&self.mesh, table);
+                            install(&self.mesh, *table);
                             progressed = true;
                             if let Some(path) = self.cache.clone() {
                                 let _ = tokio::task::spawn_blocking(move || store_cache(&path, &line)).await;

@@ -85,7 +85,11 @@ pub fn recorder() -> Option<PrometheusHandle> {
 /// Publishes how many threads the current async runtime runs on.
 pub fn runtime_workers() {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        metrics::gauge!(RUNTIME_WORKERS).set(rt.metrics().num_workers() as f64);
+        let flavor = match rt.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+            _ => "multi_thread",
+        };
+        metrics::gauge!(RUNTIME_WORKERS, "flavor" => flavor).set(rt.metrics().num_workers() as f64);
     }
 }
 

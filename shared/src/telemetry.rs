@@ -35,12 +35,9 @@ struct Handles {
     labels: Vec<metrics::Label>,
 }
 
-/// Handles by a hash of their four labels; the entries keep the labels, so a hash collision
-/// is told apart without building a key string for every request.
-type HandleMap = std::collections::HashMap<u64, Vec<(Key, Arc<Handles>)>>;
-
-/// (direction, source, service, route).
-type Key = (&'static str, String, String, String);
+/// Handles by a hash of their four labels; a hash collision is told apart by the labels the
+/// handles carry, without building a key string for every request.
+type HandleMap = std::collections::HashMap<u64, Vec<Arc<Handles>>>;
 
 /// FNV-1a over the four labels (a 0xff byte, which UTF-8 never contains, between them): a few
 /// instructions per byte. The labels are service and route names from the config, and a
@@ -59,9 +56,9 @@ fn handles(direction: &'static str, source: &str, service: &str, route: &str) ->
     static MAP: std::sync::OnceLock<std::sync::RwLock<HandleMap>> = std::sync::OnceLock::new();
     let map = MAP.get_or_init(Default::default);
     let hash = key_hash(direction, source, service, route);
-    let same = |k: &Key| k.0 == direction && k.1 == source && k.2 == service && k.3 == route;
+    let same = |h: &&Arc<Handles>| h.labels.iter().map(|l| l.value()).eq([direction, source, service, route]);
     if let Some(bucket) = map.read().unwrap_or_else(|e| e.into_inner()).get(&hash) {
-        if let Some((_, h)) = bucket.iter().find(|(k, _)| same(k)) {
+        if let Some(h) = bucket.iter().find(same) {
             return h.clone();
         }
     }
@@ -82,10 +79,10 @@ fn handles(direction: &'static str, source: &str, service: &str, route: &str) ->
     });
     let mut map = map.write().unwrap_or_else(|e| e.into_inner());
     let bucket = map.entry(hash).or_default();
-    if let Some((_, existing)) = bucket.iter().find(|(k, _)| same(k)) {
+    if let Some(existing) = bucket.iter().find(same) {
         return existing.clone();
     }
-    bucket.push(((direction, source.to_string(), service.to_string(), route.to_string()), h.clone()));
+    bucket.push(h.clone());
     h
 }
 

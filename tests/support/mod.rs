@@ -300,6 +300,39 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A current-thread runtime on an OS thread of its own (benches): endpoints measured against a
+/// node run like one. `task` is `<pid>/task/<tid>`, for its CPU time.
+pub struct Lane {
+    pub handle: tokio::runtime::Handle,
+    pub task: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Lane {
+    pub fn new(name: &str) -> Lane {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let me = std::fs::read_link("/proc/thread-self").map(|p| p.to_string_lossy().into_owned());
+                let _ = tx.send(me.unwrap_or_default());
+                rt.block_on(async {
+                    let _ = stopped.await;
+                })
+            })
+            .unwrap();
+        Lane { handle, task: rx.recv().unwrap(), _stop: stop }
+    }
+
+    /// CPU time of the lane's thread.
+    pub fn cpu(&self) -> Duration {
+        cpu_time_of(&self.task)
+    }
+}
+
 /// For benches: nodes and gateways log as a user's would (info, unless QUICMESH_LOG says
 /// otherwise), not at the tests' debug level.
 pub fn bench_logging() {
