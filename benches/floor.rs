@@ -5,7 +5,9 @@
 //!   TLS on TCP (hyper + tokio-rustls, the same mesh certificates) and over plain TCP;
 //! - one proxy in front of the same backend: a minimal hyper proxy (server, then hyper-util's
 //!   pooled client) against one quicmesh node delivering locally (the node's whole request path
-//!   without the QUIC leg), with each one's CPU per request.
+//!   without the QUIC leg), with each one's CPU per request;
+//! - the mesh hop, node-a -> QUIC -> node-b -> the same backend, with both nodes' CPU, and the
+//!   nginx and haproxy pairs (TLS between the two) of the load bench, when installed.
 //!
 //! Every endpoint and the minimal proxy run on a single-threaded runtime of their own thread, as
 //! a node does by default. Reported: p50/p90/p99 per request and CPU microseconds per request
@@ -16,6 +18,11 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+// Caddy (the HTTP/3 ingress baseline) is for the load bench only.
+#[allow(dead_code)]
+#[path = "peers/mod.rs"]
+mod peers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -251,6 +258,37 @@ fn main() {
         let times = plain_sequence(&client, node.addrs.outbound, "hello", n).await;
         let cpu = (cpu_time(node.child.id()) - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
         rows.push(Figures { name: "quicmesh node, local delivery -> backend", times, cpu_us: Some(cpu) });
+        drop(node);
+
+        // The mesh hop: node-a -> QUIC -> node-b -> the same backend. Against the row above, the
+        // difference is the QUIC leg and the inbound node's work.
+        pki.issue("node-b");
+        let remote = svc.replace("node = \"node-a\"", "node = \"node-b\"");
+        let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &remote));
+        let a = NodeProc::start(
+            pki.path(),
+            "node-a",
+            &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &remote),
+        );
+        let nodes = [a.child.id(), b.child.id()];
+        let c0 = cpu_of(&nodes);
+        let times = plain_sequence(&client, a.addrs.outbound, "hello", n).await;
+        let cpu = (cpu_of(&nodes) - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
+        rows.push(Figures { name: "quicmesh mesh hop: node-a -> QUIC -> node-b -> backend", times, cpu_us: Some(cpu) });
+
+        // The same shape from the peers, when installed: two proxies with TLS between them.
+        let pairs = [
+            ("nginx -> TLS -> nginx -> backend", peers::nginx(pki.path(), backend)),
+            ("haproxy -> TLS -> haproxy -> backend", peers::haproxy(pki.path(), backend)),
+        ];
+        for (name, pair) in pairs {
+            let Some(pair) = pair else { continue };
+            let pids = pair.pids();
+            let c0 = cpu_of(&pids);
+            let times = plain_sequence(&client, pair.front, "hello", n).await;
+            let cpu = (cpu_of(&pids) - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
+            rows.push(Figures { name, times, cpu_us: Some(cpu) });
+        }
 
         println!("\none request at a time ({n}, {} us apart), loopback", GAP.as_micros());
         println!("| path | p50 | p90 | p99 | proxy CPU per request |");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::HOST;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -179,9 +179,8 @@ async fn route(
     if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(HOST, v);
     }
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri =
-        Uri::try_from(format!("http://{authority}{pq}")).map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
+    parts.uri = headers::absolute_uri(http::uri::Scheme::HTTP, authority, &parts.uri)
+        .map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
     let body = rec.count_request(body::boxed(body));
     let body = mesh.mirror_request(&table, &parts, body, &mirrors).await?;
     let req = Request::from_parts(parts, body);

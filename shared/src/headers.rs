@@ -1,9 +1,13 @@
 //! Header handling at proxy hops: hop-by-hop removal (RFC 9110 section 7.6.1), forwarding
 //! headers, request ids, and the mesh's internal headers between nodes.
 
-use std::net::IpAddr;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
 
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::Scheme;
 use http::{HeaderMap, Uri};
 
 /// Service the outbound node chose (set between proxies only).
@@ -24,6 +28,14 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes connection-specific headers, including every header named in `Connection`.
 /// `TE: trailers` survives, as HTTP/2 and HTTP/3 allow it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none of these: one pass over the names present is cheaper than a
+    // lookup per name below (this runs twice on every request's path).
+    let hop = |n: &HeaderName| {
+        n == CONNECTION || n == TE || n == TRANSFER_ENCODING || n == UPGRADE || n == KEEP_ALIVE || n == PROXY_CONNECTION
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -53,12 +65,62 @@ pub fn strip_internal(headers: &mut HeaderMap) {
 
 /// Appends the client address to `x-forwarded-for`.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let value = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let mut value = String::with_capacity(48);
+    if let Some(prev) = headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|p| !p.trim().is_empty()) {
+        value.push_str(prev);
+        value.push_str(", ");
+    }
+    push_ip(&mut value, client);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(FORWARDED_FOR, v);
+    }
+}
+
+/// Appends `ip` as text. IPv4 is written digit by digit: `Display` goes through the formatting
+/// machinery, a few thousand instructions on every request's path.
+pub fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, octet.into());
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// Appends `addr` as a URI authority: `192.0.2.1:80`, `[2001:db8::1]:80`.
+pub fn push_socket_addr(out: &mut String, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            push_ip(out, IpAddr::V4(*v4.ip()));
+            out.push(':');
+            push_decimal(out, v4.port());
+        }
+        SocketAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+fn push_decimal(out: &mut String, mut n: u16) {
+    let mut digits = [0u8; 5];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[start..] {
+        out.push(char::from(d));
     }
 }
 
@@ -70,7 +132,9 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
             // A v4 UUID from the thread's fast generator: request ids need to be unique, not
             // unguessable, and `Uuid::new_v4` costs a getrandom system call each.
             let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-            let id = HeaderValue::from_str(&uuid.to_string()).unwrap_or(HeaderValue::from_static("0"));
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = HeaderValue::from_str(uuid.hyphenated().encode_lower(&mut text))
+                .unwrap_or(HeaderValue::from_static("0"));
             headers.insert(REQUEST_ID, id.clone());
             id
         }
@@ -90,11 +154,19 @@ pub fn continue_trace(headers: &mut HeaderMap) -> String {
         Some(p) => p,
         None => {
             headers.remove(&TRACESTATE);
-            (random_hex(16), "01".to_string())
+            let mut trace = String::with_capacity(32);
+            push_random_hex(&mut trace, 16);
+            (trace, "01".to_string())
         }
     };
-    let value = format!("00-{trace}-{}-{flags}", random_hex(8));
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let mut value = String::with_capacity(55);
+    value.push_str("00-");
+    value.push_str(&trace);
+    value.push('-');
+    push_random_hex(&mut value, 8);
+    value.push('-');
+    value.push_str(&flags);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(TRACEPARENT, v);
     }
     trace
@@ -124,18 +196,29 @@ fn parse_traceparent(v: &str) -> Option<(String, String)> {
     .then(|| (trace.to_string(), flags.to_string()))
 }
 
-/// `bytes` random bytes as lowercase hex, never all zero.
-fn random_hex(bytes: usize) -> String {
+/// Appends `bytes` random bytes as lowercase hex, never all zero.
+fn push_random_hex(out: &mut String, bytes: usize) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes * 2);
-    while s.len() < bytes * 2 {
-        // Never all zero: a zero word is drawn again.
+    let mut left = bytes * 2;
+    while left > 0 {
+        // Never all zero: a zero word is never drawn.
         let word = fastrand::u64(1..);
-        for i in 0..16.min(bytes * 2 - s.len()) {
-            s.push(HEX[((word >> (i * 4)) & 0xf) as usize] as char);
+        for i in 0..16.min(left) {
+            out.push(char::from(HEX[((word >> (i * 4)) & 0xf) as usize]));
         }
+        left -= 16.min(left);
     }
-    s
+}
+
+/// `{scheme}://{authority}` with the path and query of `uri`, built from parts: formatting a
+/// string and parsing it again costs a few thousand instructions on every request's path.
+pub fn absolute_uri(scheme: Scheme, authority: String, uri: &Uri) -> Result<Uri, http::Error> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(http::uri::Authority::from_maybe_shared(Bytes::from(authority))?);
+    parts.path_and_query =
+        Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+    Ok(Uri::from_parts(parts)?)
 }
 
 /// The authority a request is for: the absolute-form URI's, else the Host header.
@@ -196,7 +279,9 @@ mod tests {
     fn request_id_kept_or_made() {
         let mut h = HeaderMap::new();
         let made = ensure_request_id(&mut h);
-        assert_eq!(made.len(), 36);
+        let id = uuid::Uuid::parse_str(made.to_str().unwrap()).unwrap();
+        assert_eq!(made, id.hyphenated().to_string().as_str(), "lowercase, hyphenated");
+        assert_eq!(id.get_version_num(), 4);
         assert_eq!(ensure_request_id(&mut h), made);
     }
 
@@ -226,6 +311,48 @@ mod tests {
             assert!(!h.contains_key(TRACESTATE));
             assert_eq!(trace_id(&h).as_deref(), Some(trace.as_str()));
         }
+    }
+
+    #[test]
+    fn headers_without_hop_by_hop_fields_are_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        h.append("x-keep", HeaderValue::from_static("2"));
+        h.insert(HOST, HeaderValue::from_static("hello"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        // One hop-by-hop field among others is enough to take the slow path.
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let ips = ["0.0.0.0", "10.0.0.1", "127.0.0.1", "192.168.100.255", "255.255.255.255", "::1", "2001:db8::8:1"];
+        for ip in ips {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut s = String::new();
+            push_ip(&mut s, ip);
+            assert_eq!(s, ip.to_string());
+            for port in [0u16, 7, 80, 443, 9999, 10000, 65535] {
+                let addr = SocketAddr::new(ip, port);
+                let mut s = String::new();
+                push_socket_addr(&mut s, addr);
+                assert_eq!(s, addr.to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn absolute_uris_keep_path_and_query() {
+        let uri: Uri = "/a/b?c=d&e".parse().unwrap();
+        let abs = absolute_uri(Scheme::HTTP, "127.0.0.1:8080".into(), &uri).unwrap();
+        assert_eq!(abs, "http://127.0.0.1:8080/a/b?c=d&e");
+        let abs = absolute_uri(Scheme::HTTPS, "hello".into(), &"http://x:1".parse().unwrap()).unwrap();
+        assert_eq!(abs, "https://hello/");
+        assert!(absolute_uri(Scheme::HTTP, "bad host".into(), &uri).is_err());
     }
 
     #[test]

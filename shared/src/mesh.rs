@@ -168,9 +168,7 @@ impl LocalClient {
         addr: SocketAddr,
         protocol: Protocol,
     ) -> Result<Response<Body>, ProxyError> {
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        *req.uri_mut() =
-            Uri::try_from(format!("http://{addr}{pq}")).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        *req.uri_mut() = origin_uri(addr, req.uri()).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         let client = if protocol == Protocol::H2c { &self.h2c } else { &self.h1 };
         if protocol == Protocol::H2c {
             *req.version_mut() = http::Version::HTTP_2;
@@ -193,6 +191,13 @@ impl LocalClient {
         parts.version = http::Version::HTTP_11;
         Ok(Response::from_parts(parts, body::boxed(incoming)))
     }
+}
+
+/// `http://{addr}` with the path and query of `uri`.
+fn origin_uri(addr: SocketAddr, uri: &Uri) -> Result<Uri, http::Error> {
+    let mut authority = String::with_capacity(24);
+    headers::push_socket_addr(&mut authority, addr);
+    headers::absolute_uri(http::uri::Scheme::HTTP, authority, uri)
 }
 
 /// The innermost cause of an error chain, which is what an operator needs to read.
@@ -621,8 +626,7 @@ impl Mesh {
     ) -> Result<Response<Body>, TryError> {
         let (parts, body) = req.into_parts();
         let authority = headers::authority(&parts.uri, &parts.headers).unwrap_or_else(|| svc.config.name.clone());
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = Uri::try_from(format!("https://{authority}{pq}"))
+        let uri = headers::absolute_uri(http::uri::Scheme::HTTPS, authority, &parts.uri)
             .map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))?;
         let mut hdrs = parts.headers;
         hdrs.remove(HOST);

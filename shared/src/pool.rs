@@ -82,11 +82,14 @@ impl PeerPool {
             }
         }
         *guard = None;
-        let pc = tokio::time::timeout(self.connect_timeout, self.connect(peer, addr)).await.map_err(|_| {
-            metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "outbound", "reason" => "timeout")
-                .increment(1);
-            ProxyError::ConnectTimeout(format!("peer node {peer} at {addr}"))
-        })??;
+        // Boxed: the handshake's future is most of the size of every request future that awaits
+        // `get`, and those are moved whole (into a task, a box) on every request.
+        let pc =
+            tokio::time::timeout(self.connect_timeout, Box::pin(self.connect(peer, addr))).await.map_err(|_| {
+                metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "outbound", "reason" => "timeout")
+                    .increment(1);
+                ProxyError::ConnectTimeout(format!("peer node {peer} at {addr}"))
+            })??;
         *guard = Some(pc.clone());
         Ok(pc)
     }
