@@ -138,13 +138,27 @@ enum CaCommand {
     },
 }
 
-fn init_logging() {
+/// Most log lines waiting for stderr; past that, new lines are dropped and counted.
+const LOG_BUFFER_LINES: usize = 8192;
+
+/// Logs go to stderr through a writer thread, so that a slow or stuck stderr (a full pipe, a
+/// paused terminal) never stalls the proxy: a node runs its data path on one thread. When the
+/// buffer is full, lines are dropped and counted (`quicmesh_log_dropped_total`). The guard
+/// flushes what is buffered when it is dropped.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{reload, EnvFilter};
     let filter = EnvFilter::try_from_env("QUICMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let json = std::env::var("QUICMESH_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    quicmesh_shared::metrics::count_log_drops(move || dropped.dropped_lines() as u64);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     if json {
         tracing_subscriber::registry().with(filter).with(fmt.json()).init();
     } else {
@@ -159,6 +173,7 @@ fn init_logging() {
         }
         handle.with_current(|f| f.to_string()).map_err(|e| e.to_string())
     }));
+    guard
 }
 
 /// mimalloc instead of glibc's malloc: under load, a quarter of the proxies' CPU went to
@@ -168,8 +183,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    let logging = init_logging();
+    let result = run(cli);
+    // Everything logged reaches stderr before the exit status (and any error) does.
+    drop(logging);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("quicmesh: error: {e:#}");

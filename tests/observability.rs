@@ -201,6 +201,53 @@ async fn access_log_lines_carry_the_request_and_traces_reach_the_backend() {
     let _ = (&m.b, &m.gw, &m.web, &m.dir);
 }
 
+/// A node whose stderr nobody reads (a stuck log pipe) keeps serving: it runs its data path on
+/// one thread, so a blocking write there would stop all its traffic. Lines it cannot write are
+/// dropped and counted instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_stderr_does_not_stall_a_node() {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let web = Backend::start("web-answer", Duration::ZERO).await;
+    let svc = format!(
+        "[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{}\"\n",
+        web.addr
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    // node-a's stderr is a pipe (64 KiB) that stays open and is never read. Opened read-write,
+    // a FIFO does not wait for a peer.
+    let fifo = pki.path().join("node-a.log");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let _never_read = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    // Trace level: about 8 lines (3 KB) per request, so the pipe is full within a few dozen
+    // requests, and the writer's buffer (8192 lines) within about a thousand.
+    let url = format!("http://{}/logging?filter=trace", a.addrs.admin);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let set = http::Request::post(url).body(http_body_util::Empty::new()).unwrap();
+    assert_eq!(client.request(set).await.unwrap().status(), 200);
+    for i in 0..1500 {
+        let req = http::Request::get(format!("http://{}/stuck", a.addrs.outbound))
+            .header("host", "web")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} stalled: the node is blocked on its log"))
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        assert_eq!(status, 200, "request {i}");
+    }
+    // Both filled: lines were dropped, and counted (published every 5 s).
+    eventually(Duration::from_secs(15), "dropped log lines to be counted", || async {
+        (metric(&a.metrics().await, "quicmesh_log_dropped_total", &[]) > 0.0).then_some(())
+    })
+    .await;
+    let _ = &web;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_filter_changes_at_runtime() {
     let m = mesh("").await;

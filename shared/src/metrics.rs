@@ -43,6 +43,7 @@ pub const REQUESTS_IN_FLIGHT: &str = "quicmesh_requests_in_flight";
 pub const REQUEST_BYTES: &str = "quicmesh_request_bytes_total";
 pub const RESPONSE_BYTES: &str = "quicmesh_response_bytes_total";
 pub const ACCESS_LOG_DROPPED: &str = "quicmesh_access_log_dropped_total";
+pub const LOG_DROPPED: &str = "quicmesh_log_dropped_total";
 pub const QUIC_RTT: &str = "quicmesh_quic_rtt_seconds";
 pub const QUIC_CWND: &str = "quicmesh_quic_congestion_window_bytes";
 pub const QUIC_LOST_PACKETS: &str = "quicmesh_quic_lost_packets_total";
@@ -58,6 +59,22 @@ const LATENCY_BUCKETS: &[f64] =
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// Reads how many diagnostic log lines the process has dropped so far.
+type DropCount = Box<dyn Fn() -> u64 + Send + Sync>;
+static LOG_DROPS: OnceLock<DropCount> = OnceLock::new();
+
+/// Where `quicmesh_log_dropped_total` comes from: the diagnostic log's writer, which drops lines
+/// rather than stall the process when stderr does not keep up. Read at every upkeep (5 s).
+pub fn count_log_drops(read: impl Fn() -> u64 + Send + Sync + 'static) {
+    let _ = LOG_DROPS.set(Box::new(read));
+}
+
+fn publish_log_drops() {
+    if let Some(read) = LOG_DROPS.get() {
+        metrics::counter!(LOG_DROPPED).absolute(read());
+    }
+}
+
 /// Installs the Prometheus recorder once per process and returns its handle (None if another
 /// recorder was installed first, e.g. by an embedding program).
 pub fn recorder() -> Option<PrometheusHandle> {
@@ -69,11 +86,13 @@ pub fn recorder() -> Option<PrometheusHandle> {
             let handle = builder.install_recorder().ok()?;
             describe();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            publish_log_drops();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
                 .spawn(move || loop {
                     std::thread::sleep(std::time::Duration::from_secs(5));
+                    publish_log_drops();
                     upkeep.run_upkeep();
                 })
                 .ok()?;
@@ -134,6 +153,7 @@ fn describe() {
     describe_counter!(REQUEST_BYTES, Unit::Bytes, "Request body bytes received, by direction, source and service.");
     describe_counter!(RESPONSE_BYTES, Unit::Bytes, "Response body bytes sent, by direction, source and service.");
     describe_counter!(ACCESS_LOG_DROPPED, "Access-log lines dropped because the writer fell behind.");
+    describe_counter!(LOG_DROPPED, "Diagnostic log lines dropped because stderr did not keep up (updated every 5 s).");
     describe_gauge!(QUIC_RTT, Unit::Seconds, "Smoothed round-trip time of the QUIC connection to a peer.");
     describe_gauge!(QUIC_CWND, Unit::Bytes, "Congestion window of the QUIC connection to a peer.");
     describe_counter!(QUIC_LOST_PACKETS, "QUIC packets declared lost, by direction and peer.");

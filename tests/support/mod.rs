@@ -242,7 +242,25 @@ impl NodeProc {
     }
 
     pub fn log(&self) -> String {
+        // A test may hand a process a pipe as stderr: reading that would wait for ever.
+        if !std::fs::metadata(&self.stderr).is_ok_and(|m| m.is_file()) {
+            return format!("({} is not a file)", self.stderr.display());
+        }
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The log once it holds every one of `needles`: lines reach the file through the
+    /// process's log-writer thread, a moment after the event. Fails, showing the log, after 10 s.
+    pub async fn log_with(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if needles.iter().all(|n| log.contains(n)) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "the log never showed {needles:?}:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn metrics(&self) -> String {
