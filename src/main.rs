@@ -138,8 +138,9 @@ enum CaCommand {
     },
 }
 
-/// Most log lines waiting for stderr; past that, new lines are dropped and counted.
-const LOG_BUFFER_LINES: usize = 8192;
+/// Most log lines waiting for stderr; past that, new lines are dropped and counted. The
+/// writer's queue is allocated whole (32 bytes a line), so this stays small: 32 KiB.
+const LOG_BUFFER_LINES: usize = 1024;
 
 /// Logs go to stderr through a writer thread, so that a slow or stuck stderr (a full pipe, a
 /// paused terminal) never stalls the proxy: a node runs its data path on one thread. When the

@@ -222,7 +222,7 @@ async fn a_stuck_stderr_does_not_stall_a_node() {
     let _never_read = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
     let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
     // Trace level: about 8 lines (3 KB) per request, so the pipe is full within a few dozen
-    // requests, and the writer's buffer (8192 lines) within about a thousand.
+    // requests, and the writer's buffer (1024 lines) soon after.
     let url = format!("http://{}/logging?filter=trace", a.addrs.admin);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
