@@ -29,12 +29,15 @@ fn installed(tool: &str, flag: &str) -> bool {
 }
 
 impl ProxyPair {
-    /// Waits until both listen; `None` (and a SKIPPED line) if they do not within 10 s.
+    /// Waits until both listen and, for nginx, every master has forked its two workers (the
+    /// listening socket comes first, and workers missing from `pids` would go uncounted);
+    /// `None` (and a SKIPPED line) if that does not happen within 10 s.
     fn ready(self, back_port: u16, tool: &str) -> Option<ProxyPair> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(self.front).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", back_port)).is_ok()
+                && (!self.with_children || self.pids().len() >= self.procs.len() * 3)
             {
                 return Some(self);
             }

@@ -212,13 +212,21 @@ fn push_random_hex(out: &mut String, bytes: usize) {
 
 /// `{scheme}://{authority}` with the path and query of `uri`, built from parts: formatting a
 /// string and parsing it again costs a few thousand instructions on every request's path.
-pub fn absolute_uri(scheme: Scheme, authority: String, uri: &Uri) -> Result<Uri, http::Error> {
+///
+/// The path must be origin-form (`/...`) or `*`. The `http` crate already refuses a `:path`
+/// such as `admin`, but takes `?q`; glued to the authority it read as a query on `/`, and sent
+/// as it is, no route or policy prefix (always `/...`) would match it.
+pub fn absolute_uri(scheme: Scheme, authority: String, uri: &Uri) -> Result<Uri, String> {
+    let path = uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if !path.as_str().starts_with('/') && path.as_str() != "*" {
+        return Err(format!("path {:?} is not absolute", path.as_str()));
+    }
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(scheme);
-    parts.authority = Some(http::uri::Authority::from_maybe_shared(Bytes::from(authority))?);
-    parts.path_and_query =
-        Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-    Ok(Uri::from_parts(parts)?)
+    parts.authority =
+        Some(http::uri::Authority::from_maybe_shared(Bytes::from(authority)).map_err(|e| format!("authority: {e}"))?);
+    parts.path_and_query = Some(path);
+    Uri::from_parts(parts).map_err(|e| e.to_string())
 }
 
 /// The authority a request is for: the absolute-form URI's, else the Host header.
@@ -353,6 +361,24 @@ mod tests {
         let abs = absolute_uri(Scheme::HTTPS, "hello".into(), &"http://x:1".parse().unwrap()).unwrap();
         assert_eq!(abs, "https://hello/");
         assert!(absolute_uri(Scheme::HTTP, "bad host".into(), &uri).is_err());
+        // A Host that carries a path is refused, not split into authority and path.
+        assert!(absolute_uri(Scheme::HTTP, "web/x".into(), &uri).is_err());
+        // `http` refuses a path like `admin` itself, but takes `?q` (a query, no path).
+        assert!("admin".parse::<http::uri::PathAndQuery>().is_err());
+        let relative = Uri::from_parts({
+            let mut p = http::uri::Parts::default();
+            p.path_and_query = Some("?q".parse().unwrap());
+            p
+        })
+        .unwrap();
+        assert!(absolute_uri(Scheme::HTTP, "web".into(), &relative).is_err());
+        let star = Uri::from_parts({
+            let mut p = http::uri::Parts::default();
+            p.path_and_query = Some("*".parse().unwrap());
+            p
+        })
+        .unwrap();
+        assert!(absolute_uri(Scheme::HTTP, "web".into(), &star).is_ok());
     }
 
     #[test]

@@ -168,7 +168,7 @@ impl LocalClient {
         addr: SocketAddr,
         protocol: Protocol,
     ) -> Result<Response<Body>, ProxyError> {
-        *req.uri_mut() = origin_uri(addr, req.uri()).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        *req.uri_mut() = origin_uri(addr, req.uri()).map_err(ProxyError::BadRequest)?;
         let client = if protocol == Protocol::H2c { &self.h2c } else { &self.h1 };
         if protocol == Protocol::H2c {
             *req.version_mut() = http::Version::HTTP_2;
@@ -194,7 +194,7 @@ impl LocalClient {
 }
 
 /// `http://{addr}` with the path and query of `uri`.
-fn origin_uri(addr: SocketAddr, uri: &Uri) -> Result<Uri, http::Error> {
+fn origin_uri(addr: SocketAddr, uri: &Uri) -> Result<Uri, String> {
     let mut authority = String::with_capacity(24);
     headers::push_socket_addr(&mut authority, addr);
     headers::absolute_uri(http::uri::Scheme::HTTP, authority, uri)
