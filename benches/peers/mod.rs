@@ -29,7 +29,7 @@ fn installed(tool: &str, flag: &str) -> bool {
 }
 
 impl ProxyPair {
-    /// Waits until both listen and, for nginx, every master has forked its two workers (the
+    /// Waits until both listen and, for nginx, every master has forked its workers (the
     /// listening socket comes first, and workers missing from `pids` would go uncounted);
     /// `None` (and a SKIPPED line) if that does not happen within 10 s.
     fn ready(self, back_port: u16, tool: &str) -> Option<ProxyPair> {
@@ -37,7 +37,7 @@ impl ProxyPair {
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(self.front).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", back_port)).is_ok()
-                && (!self.with_children || self.pids().len() >= self.procs.len() * 3)
+                && (!self.with_children || self.pids().len() >= self.procs.len() * (1 + NGINX_WORKERS))
             {
                 return Some(self);
             }
@@ -82,10 +82,13 @@ fn self_signed() -> (String, String) {
     quicmesh_shared::identity::self_signed_pem(&["localhost".to_string()]).unwrap()
 }
 
+/// Worker processes per nginx master (the pair's CPU counts them all).
+const NGINX_WORKERS: usize = 2;
+
 fn nginx_conf(dir: &Path, name: &str, server: &str, upstream: &str) -> String {
     let d = dir.display();
     format!(
-        "worker_processes 2;\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err warn;\n\
+        "worker_processes {NGINX_WORKERS};\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/{name}-cb;\n  proxy_temp_path {d}/{name}-pt;\n\
            fastcgi_temp_path {d}/{name}-ft;\n  uwsgi_temp_path {d}/{name}-ut;\n  scgi_temp_path {d}/{name}-st;\n\
