@@ -11,7 +11,8 @@
 //!
 //! Every endpoint and the minimal proxy run on a single-threaded runtime of their own thread, as
 //! a node does by default. Reported: p50/p90/p99 per request and CPU microseconds per request
-//! (the minimal proxy's one thread; the node's whole process, its few helper threads included).
+//! (the minimal proxy's one thread; the node's whole process, its few helper threads included),
+//! split into user space and kernel time.
 //!
 //! Run: `cargo bench --bench floor` (env: BENCH_REQUESTS, default 3000; JSON goes to
 //! `BENCH_JSON`, default `target/bench-floor.json`).
@@ -40,7 +41,14 @@ use support::*;
 struct Figures {
     name: &'static str,
     times: Vec<Duration>,
-    cpu_us: Option<f64>,
+    /// Proxy CPU microseconds per request: user space, kernel.
+    cpu_us: Option<(f64, f64)>,
+}
+
+/// `after - before` per request, in microseconds (user, kernel).
+fn per_request(d: CpuSplit, requests: usize) -> Option<(f64, f64)> {
+    let us = |t: Duration| t.as_secs_f64() * 1e6 / requests as f64;
+    Some((us(d.user), us(d.kernel)))
 }
 
 impl Figures {
@@ -244,20 +252,20 @@ fn main() {
                 });
             }
         });
-        let c0 = proxy_lane.cpu();
+        let c0 = proxy_lane.cpu_split();
         let times = plain_sequence(&client, proxy, "x", n).await;
-        let cpu = (proxy_lane.cpu() - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
-        rows.push(Figures { name: "minimal hyper proxy -> backend", times, cpu_us: Some(cpu) });
+        let cpu = per_request(proxy_lane.cpu_split() - c0, n + WARMUP);
+        rows.push(Figures { name: "minimal hyper proxy -> backend", times, cpu_us: cpu });
 
         // One quicmesh node delivering to the same backend.
         let svc = format!(
             "[[services]]\nname = \"hello\"\n[[services.endpoints]]\nnode = \"node-a\"\naddress = \"{backend}\"\n"
         );
         let node = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[], &svc));
-        let c0 = cpu_time(node.child.id());
+        let c0 = cpu_split(&[node.child.id()]);
         let times = plain_sequence(&client, node.addrs.outbound, "hello", n).await;
-        let cpu = (cpu_time(node.child.id()) - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
-        rows.push(Figures { name: "quicmesh node, local delivery -> backend", times, cpu_us: Some(cpu) });
+        let cpu = per_request(cpu_split(&[node.child.id()]) - c0, n + WARMUP);
+        rows.push(Figures { name: "quicmesh node, local delivery -> backend", times, cpu_us: cpu });
         drop(node);
 
         // The mesh hop: node-a -> QUIC -> node-b -> the same backend. Against the row above, the
@@ -271,10 +279,10 @@ fn main() {
             &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &remote),
         );
         let nodes = [a.child.id(), b.child.id()];
-        let c0 = cpu_of(&nodes);
+        let c0 = cpu_split(&nodes);
         let times = plain_sequence(&client, a.addrs.outbound, "hello", n).await;
-        let cpu = (cpu_of(&nodes) - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
-        rows.push(Figures { name: "quicmesh mesh hop: node-a -> QUIC -> node-b -> backend", times, cpu_us: Some(cpu) });
+        let cpu = per_request(cpu_split(&nodes) - c0, n + WARMUP);
+        rows.push(Figures { name: "quicmesh mesh hop: node-a -> QUIC -> node-b -> backend", times, cpu_us: cpu });
 
         // The same shape from the peers, when installed: two proxies with TLS between them.
         let pairs = [
@@ -284,24 +292,34 @@ fn main() {
         for (name, pair) in pairs {
             let Some(pair) = pair else { continue };
             let pids = pair.pids();
-            let c0 = cpu_of(&pids);
+            let c0 = cpu_split(&pids);
             let times = plain_sequence(&client, pair.front, "hello", n).await;
-            let cpu = (cpu_of(&pids) - c0).as_secs_f64() * 1e6 / (n + WARMUP) as f64;
-            rows.push(Figures { name, times, cpu_us: Some(cpu) });
+            let cpu = per_request(cpu_split(&pids) - c0, n + WARMUP);
+            rows.push(Figures { name, times, cpu_us: cpu });
         }
 
         println!("\none request at a time ({n}, {} us apart), loopback", GAP.as_micros());
-        println!("| path | p50 | p90 | p99 | proxy CPU per request |");
-        println!("|---|---|---|---|---|");
+        println!("| path | p50 | p90 | p99 | proxy CPU per request | of which user space / kernel |");
+        println!("|---|---|---|---|---|---|");
         let mut json = Vec::new();
         for r in &mut rows {
             r.times.sort();
-            let cpu = r.cpu_us.map_or("-".to_string(), |c| format!("{c:.1} us"));
-            println!("| {} | {:.1?} | {:.1?} | {:.1?} | {cpu} |", r.name, r.pct(0.5), r.pct(0.9), r.pct(0.99));
+            let (cpu, split) = r.cpu_us.map_or(("-".to_string(), "-".to_string()), |(u, k)| {
+                (format!("{:.1} us", u + k), format!("{u:.1} / {k:.1} us"))
+            });
+            println!(
+                "| {} | {:.1?} | {:.1?} | {:.1?} | {cpu} | {split} |",
+                r.name,
+                r.pct(0.5),
+                r.pct(0.9),
+                r.pct(0.99)
+            );
             let us = |d: Duration| d.as_secs_f64() * 1e6;
             json.push(serde_json::json!({
                 "path": r.name, "p50_us": us(r.pct(0.5)), "p90_us": us(r.pct(0.9)), "p99_us": us(r.pct(0.99)),
-                "proxy_cpu_us_per_request": r.cpu_us,
+                "proxy_cpu_us_per_request": r.cpu_us.map(|(u, k)| u + k),
+                "proxy_cpu_user_us_per_request": r.cpu_us.map(|(u, _)| u),
+                "proxy_cpu_kernel_us_per_request": r.cpu_us.map(|(_, k)| k),
             }));
         }
         let report = serde_json::json!({ "bench": "floor", "requests": n, "paths": json });

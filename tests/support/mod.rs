@@ -291,6 +291,26 @@ pub fn cpu_time(pid: u32) -> Duration {
 
 /// CPU time of `/proc/<which>`: a process id, or `<pid>/task/<tid>` for one thread.
 pub fn cpu_time_of(which: &str) -> Duration {
+    let t = cpu_split_of(which);
+    t.user + t.kernel
+}
+
+/// CPU time split into user space and kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuSplit {
+    pub user: Duration,
+    pub kernel: Duration,
+}
+
+impl std::ops::Sub for CpuSplit {
+    type Output = CpuSplit;
+    fn sub(self, earlier: CpuSplit) -> CpuSplit {
+        CpuSplit { user: self.user.saturating_sub(earlier.user), kernel: self.kernel.saturating_sub(earlier.kernel) }
+    }
+}
+
+/// User and kernel CPU time of `/proc/<which>` (as [`cpu_time_of`]).
+pub fn cpu_split_of(which: &str) -> CpuSplit {
     let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at its closing parenthesis.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -300,12 +320,19 @@ pub fn cpu_time_of(which: &str) -> Duration {
     let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
     // utime and stime are fields 14 and 15 of stat: 11 and 12 counting the state letter as 0,
     // in USER_HZ ticks (100 per second in the /proc ABI).
-    Duration::from_millis((field(11) + field(12)) * 10)
+    CpuSplit { user: Duration::from_millis(field(11) * 10), kernel: Duration::from_millis(field(12) * 10) }
 }
 
 /// CPU time of several processes together.
 pub fn cpu_of(pids: &[u32]) -> Duration {
     pids.iter().map(|p| cpu_time(*p)).sum()
+}
+
+/// User and kernel CPU time of several processes together.
+pub fn cpu_split(pids: &[u32]) -> CpuSplit {
+    pids.iter()
+        .map(|p| cpu_split_of(&p.to_string()))
+        .fold(CpuSplit::default(), |a, b| CpuSplit { user: a.user + b.user, kernel: a.kernel + b.kernel })
 }
 
 /// A `kB` field of `/proc/PID/status` (0 when unreadable).
@@ -348,6 +375,11 @@ impl Lane {
     /// CPU time of the lane's thread.
     pub fn cpu(&self) -> Duration {
         cpu_time_of(&self.task)
+    }
+
+    /// User and kernel CPU time of the lane's thread.
+    pub fn cpu_split(&self) -> CpuSplit {
+        cpu_split_of(&self.task)
     }
 }
 
