@@ -117,7 +117,9 @@ impl Edge {
         // Phase: forwarding headers.
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::strip_internal(&mut parts.headers);
-        headers::append_forwarded_for(&mut parts.headers, client.ip());
+        // The values this proxy adds share one allocation.
+        let mut scratch = headers::Scratch::default();
+        headers::append_forwarded_for(&mut parts.headers, client.ip(), &mut scratch);
         parts.headers.insert(FORWARDED_PROTO, HeaderValue::from_static("https"));
         let fwd = format!("for=\"{}\";proto=https;host=\"{}\"", forwarded_node(client), authority.replace('"', ""));
         let fwd = match parts.headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
@@ -127,13 +129,13 @@ impl Edge {
         if let Ok(v) = HeaderValue::from_str(&fwd) {
             parts.headers.insert(FORWARDED, v);
         }
-        headers::ensure_request_id(&mut parts.headers);
-        headers::continue_trace(&mut parts.headers);
+        headers::ensure_request_id(&mut parts.headers, &mut scratch);
+        headers::continue_trace(&mut parts.headers, &mut scratch);
         rec.ids(&parts.headers);
-        if let Ok(v) = HeaderValue::from_str(&self.name) {
+        if let Some(v) = scratch.text(&self.name) {
             parts.headers.insert(headers::SOURCE, v);
         }
-        if let Ok(v) = HeaderValue::from_str(&authority) {
+        if let Some(v) = scratch.text(&authority) {
             parts.headers.insert(HOST, v);
         }
         // Phase: weighted backend, then endpoint.

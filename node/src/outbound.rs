@@ -96,23 +96,20 @@ async fn route(
     let (mut parts, body) = req.into_parts();
     // The absolute-form URI (or HTTP/2 :authority) names the target; some HTTP/2 clients put
     // the proxy's own address there and the target in Host, so Host is tried second.
-    let uri_authority = parts.uri.authority().map(|a| a.as_str().to_string());
-    let host_header = parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(|s| s.trim().to_string());
-    let candidates: Vec<String> = uri_authority.into_iter().chain(host_header).filter(|s| !s.is_empty()).collect();
-    let Some(first) = candidates.first() else {
+    let uri_authority = parts.uri.authority().map(|a| a.as_str());
+    let host_header = parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(str::trim);
+    let candidates = [uri_authority, host_header];
+    let candidates = || candidates.iter().flatten().copied().filter(|s| !s.is_empty());
+    let Some(first) = candidates().next() else {
         return Err(ProxyError::BadRequest("no Host header or absolute URI".into()));
     };
     let table = mesh.table();
     let node = mesh.local_node.as_deref().unwrap_or_default();
     rec.source(table.source_service.as_deref().unwrap_or(telemetry::UNKNOWN), node);
     // Mesh routes (HTTPRoute) first; without one, the Host names the service directly.
-    let path = parts.uri.path().to_string();
-    let query = parts.uri.query().map(str::to_owned);
-    let routed = candidates.iter().find_map(|a| {
-        table
-            .routes
-            .find(&headers::host_of(a), &parts.method, &path, query.as_deref(), &parts.headers)
-            .map(|m| (a.clone(), m))
+    let routed = candidates().find_map(|a| {
+        let (path, query) = (parts.uri.path(), parts.uri.query());
+        table.routes.find(&headers::host_of(a), &parts.method, path, query, &parts.headers).map(|m| (a.to_string(), m))
     });
     let mut response_mods = Vec::new();
     let mut mirrors = Vec::new();
@@ -152,31 +149,33 @@ async fn route(
         }
         None => {
             let Some((authority, svc)) =
-                candidates.iter().find_map(|a| table.service_for_host(&headers::host_of(a)).map(|s| (a.clone(), s)))
+                candidates().find_map(|a| table.service_for_host(&headers::host_of(a)).map(|s| (a.to_string(), s)))
             else {
-                return Err(ProxyError::NoRoute(headers::host_of(first)));
+                return Err(ProxyError::NoRoute(headers::host_of(first).into_owned()));
             };
             (authority, svc)
         }
     };
-    let name = svc.config.name.clone();
-    rec.service(&name);
+    let name = &svc.config.name;
+    rec.service(name);
     if svc.config.protocol == Protocol::Tcp {
         return Err(ProxyError::BadRequest("service is TCP; use its node.tcp port".into()));
     }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_internal(&mut parts.headers);
-    headers::append_forwarded_for(&mut parts.headers, client.ip());
-    headers::ensure_request_id(&mut parts.headers);
-    headers::continue_trace(&mut parts.headers);
+    // The values this proxy adds share one allocation.
+    let mut scratch = headers::Scratch::default();
+    headers::append_forwarded_for(&mut parts.headers, client.ip(), &mut scratch);
+    headers::ensure_request_id(&mut parts.headers, &mut scratch);
+    headers::continue_trace(&mut parts.headers, &mut scratch);
     rec.ids(&parts.headers);
-    if let Some(source) = table.source_service.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+    if let Some(source) = table.source_service.as_deref().and_then(|s| scratch.text(s)) {
         parts.headers.insert(headers::SOURCE, source);
     }
     if authority.is_empty() {
         authority = name.clone();
     }
-    if let Ok(v) = HeaderValue::from_str(&authority) {
+    if let Some(v) = scratch.text(&authority) {
         parts.headers.insert(HOST, v);
     }
     parts.uri = headers::absolute_uri(http::uri::Scheme::HTTP, authority, &parts.uri)

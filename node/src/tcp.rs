@@ -64,7 +64,7 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
     let ep = mesh.pick(svc, &BTreeMap::new(), &PickCtx { headers: None, client })?;
     metrics::counter!(m::TCP_CONNECTIONS, "direction" => "outbound", "service" => service.to_string()).increment(1);
     let mut done = TunnelDone::new("outbound", service, mesh);
-    done.entry.src_service = table.source_service.clone().unwrap_or_else(|| telemetry::UNKNOWN.into());
+    done.entry.src_service = table.source_service.clone().map_or(telemetry::UNKNOWN.into(), Into::into);
     done.entry.src_node = mesh.local_node.clone().unwrap_or_default();
     done.entry.dst_node = ep.node.clone();
     done.entry.endpoint = ep.address.to_string();
@@ -101,7 +101,7 @@ impl TunnelDone {
         let entry = Entry {
             time: quicmesh_shared::access_log::timestamp(),
             direction: if direction == "outbound" { "tcp-outbound" } else { "tcp-inbound" },
-            dst_service: service.to_string(),
+            dst_service: service.to_string().into(),
             method: "CONNECT".into(),
             ..Default::default()
         };

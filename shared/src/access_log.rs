@@ -3,6 +3,7 @@
 //! writer thread, so a slow disk never stalls the data plane; when the queue is full, lines are
 //! dropped and counted (`quicmesh_access_log_dropped_total`).
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
@@ -58,14 +59,16 @@ pub struct Entry {
     pub request_id: String,
     pub trace_id: String,
     #[serde(rename = "src.service")]
-    pub src_service: String,
+    pub src_service: Cow<'static, str>,
     #[serde(rename = "src.node")]
     pub src_node: String,
     #[serde(rename = "dst.service")]
-    pub dst_service: String,
+    pub dst_service: Cow<'static, str>,
     #[serde(rename = "dst.node")]
     pub dst_node: String,
-    pub route: String,
+    /// Service and route names: borrowed when they are the fixed `unknown` or `none`, which
+    /// most requests carry (no allocation on every request's path).
+    pub route: Cow<'static, str>,
     /// The instance address the request went to.
     pub endpoint: String,
     pub method: String,

@@ -1,10 +1,11 @@
 //! Header handling at proxy hops: hop-by-hop removal (RFC 9110 section 7.6.1), forwarding
 //! headers, request ids, and the mesh's internal headers between nodes.
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
+use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::Scheme;
@@ -63,27 +64,54 @@ pub fn strip_internal(headers: &mut HeaderMap) {
     headers.remove(SOURCE);
 }
 
-/// Appends the client address to `x-forwarded-for`.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let mut value = String::with_capacity(48);
-    if let Some(prev) = headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|p| !p.trim().is_empty()) {
-        value.push_str(prev);
-        value.push_str(", ");
+/// Header values a proxy writes into one request, cut from one buffer: one allocation (and
+/// one reference count, shared when the headers are cloned for a retry) for all of them, where
+/// a value of its own costs one or two each.
+pub struct Scratch(BytesMut);
+
+impl Default for Scratch {
+    fn default() -> Self {
+        // Room for x-forwarded-for, x-request-id and traceparent of a typical request.
+        Self(BytesMut::with_capacity(160))
     }
-    push_ip(&mut value, client);
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+}
+
+impl Scratch {
+    /// A header value of what `write` appends; `None` when that is not a valid value.
+    pub fn value(&mut self, write: impl FnOnce(&mut BytesMut)) -> Option<HeaderValue> {
+        write(&mut self.0);
+        HeaderValue::from_maybe_shared(self.0.split().freeze()).ok()
+    }
+
+    /// `text` as a header value.
+    pub fn text(&mut self, text: &str) -> Option<HeaderValue> {
+        self.value(|b| b.extend_from_slice(text.as_bytes()))
+    }
+}
+
+/// Appends the client address to `x-forwarded-for`.
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr, scratch: &mut Scratch) {
+    let prev = headers.get(&FORWARDED_FOR).map(|v| v.as_bytes()).filter(|p| !p.trim_ascii().is_empty());
+    let value = scratch.value(|b| {
+        if let Some(prev) = prev {
+            b.extend_from_slice(prev);
+            b.extend_from_slice(b", ");
+        }
+        push_ip(b, client);
+    });
+    if let Some(v) = value {
         headers.insert(FORWARDED_FOR, v);
     }
 }
 
 /// Appends `ip` as text. IPv4 is written digit by digit: `Display` goes through the formatting
 /// machinery, a few thousand instructions on every request's path.
-pub fn push_ip(out: &mut String, ip: IpAddr) {
+pub fn push_ip<W: Write>(out: &mut W, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    let _ = out.write_char('.');
                 }
                 push_decimal(out, octet.into());
             }
@@ -95,11 +123,11 @@ pub fn push_ip(out: &mut String, ip: IpAddr) {
 }
 
 /// Appends `addr` as a URI authority: `192.0.2.1:80`, `[2001:db8::1]:80`.
-pub fn push_socket_addr(out: &mut String, addr: SocketAddr) {
+pub fn push_socket_addr<W: Write>(out: &mut W, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(v4) => {
             push_ip(out, IpAddr::V4(*v4.ip()));
-            out.push(':');
+            let _ = out.write_char(':');
             push_decimal(out, v4.port());
         }
         SocketAddr::V6(v6) => {
@@ -108,7 +136,7 @@ pub fn push_socket_addr(out: &mut String, addr: SocketAddr) {
     }
 }
 
-fn push_decimal(out: &mut String, mut n: u16) {
+fn push_decimal<W: Write>(out: &mut W, mut n: u16) {
     let mut digits = [0u8; 5];
     let mut start = digits.len();
     loop {
@@ -120,25 +148,21 @@ fn push_decimal(out: &mut String, mut n: u16) {
         }
     }
     for &d in &digits[start..] {
-        out.push(char::from(d));
+        let _ = out.write_char(char::from(d));
     }
 }
 
-/// Returns the request id, generating and inserting one when absent or unusable.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    match headers.get(&REQUEST_ID) {
-        Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
-        _ => {
-            // A v4 UUID from the thread's fast generator: request ids need to be unique, not
-            // unguessable, and `Uuid::new_v4` costs a getrandom system call each.
-            let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let id = HeaderValue::from_str(uuid.hyphenated().encode_lower(&mut text))
-                .unwrap_or(HeaderValue::from_static("0"));
-            headers.insert(REQUEST_ID, id.clone());
-            id
-        }
+/// Keeps the request's id, or generates and inserts one when absent or unusable.
+pub fn ensure_request_id(headers: &mut HeaderMap, scratch: &mut Scratch) {
+    if headers.get(&REQUEST_ID).is_some_and(|v| !v.is_empty() && v.len() <= 128) {
+        return;
     }
+    // A v4 UUID from the thread's fast generator: request ids need to be unique, not
+    // unguessable, and `Uuid::new_v4` costs a getrandom system call each.
+    let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = scratch.text(uuid.hyphenated().encode_lower(&mut text)).unwrap_or(HeaderValue::from_static("0"));
+    headers.insert(REQUEST_ID, id);
 }
 
 /// W3C Trace Context headers.
@@ -147,38 +171,36 @@ pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Continues a request's W3C trace as a new span of this proxy (same trace id and flags, a new
 /// parent id), or starts a trace when the request has no valid `traceparent` (dropping any
-/// orphaned `tracestate`, as the specification asks). Returns the trace id.
-pub fn continue_trace(headers: &mut HeaderMap) -> String {
+/// orphaned `tracestate`, as the specification asks).
+pub fn continue_trace(headers: &mut HeaderMap, scratch: &mut Scratch) {
     let parsed = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
-    let (trace, flags) = match parsed {
-        Some(p) => p,
-        None => {
-            headers.remove(&TRACESTATE);
-            let mut trace = String::with_capacity(32);
-            push_random_hex(&mut trace, 16);
-            (trace, "01".to_string())
+    let started = parsed.is_none();
+    let value = scratch.value(|b| {
+        b.extend_from_slice(b"00-");
+        match parsed {
+            Some((trace, _)) => b.extend_from_slice(trace.as_bytes()),
+            None => push_random_hex(b, 16),
         }
-    };
-    let mut value = String::with_capacity(55);
-    value.push_str("00-");
-    value.push_str(&trace);
-    value.push('-');
-    push_random_hex(&mut value, 8);
-    value.push('-');
-    value.push_str(&flags);
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+        b.extend_from_slice(b"-");
+        push_random_hex(b, 8);
+        b.extend_from_slice(b"-");
+        b.extend_from_slice(parsed.map_or("01", |(_, flags)| flags).as_bytes());
+    });
+    if started {
+        headers.remove(&TRACESTATE);
+    }
+    if let Some(v) = value {
         headers.insert(TRACEPARENT, v);
     }
-    trace
 }
 
 /// The trace id of a valid `traceparent`, if the request has one.
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {
-    headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent).map(|(t, _)| t)
+    headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent).map(|(t, _)| t.to_string())
 }
 
 /// (trace id, flags) of a `traceparent` value; `None` when it is not valid.
-fn parse_traceparent(v: &str) -> Option<(String, String)> {
+fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
     let mut parts = v.trim().split('-');
     let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
@@ -193,18 +215,18 @@ fn parse_traceparent(v: &str) -> Option<(String, String)> {
         && hex(parent, 16)
         && !zero(parent)
         && hex(flags, 2))
-    .then(|| (trace.to_string(), flags.to_string()))
+    .then_some((trace, flags))
 }
 
 /// Appends `bytes` random bytes as lowercase hex, never all zero.
-fn push_random_hex(out: &mut String, bytes: usize) {
+fn push_random_hex(out: &mut BytesMut, bytes: usize) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut left = bytes * 2;
     while left > 0 {
         // Never all zero: a zero word is never drawn.
         let word = fastrand::u64(1..);
         for i in 0..16.min(left) {
-            out.push(char::from(HEX[((word >> (i * 4)) & 0xf) as usize]));
+            out.extend_from_slice(&[HEX[((word >> (i * 4)) & 0xf) as usize]]);
         }
         left -= 16.min(left);
     }
@@ -237,8 +259,9 @@ pub fn authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     headers.get(HOST).and_then(|h| h.to_str().ok()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-/// The host part of an authority, lowercased, without port or brackets.
-pub fn host_of(authority: &str) -> String {
+/// The host part of an authority, lowercased, without port or brackets (borrowed when it
+/// already is lowercase: it is looked up on every request).
+pub fn host_of(authority: &str) -> Cow<'_, str> {
     let host = if let Some(rest) = authority.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
     } else {
@@ -250,7 +273,12 @@ pub fn host_of(authority: &str) -> String {
             }
         })
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 #[cfg(test)]
@@ -277,20 +305,28 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends() {
-        let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
-        append_forwarded_for(&mut h, "::1".parse().unwrap());
+        let (mut h, mut scratch) = (HeaderMap::new(), Scratch::default());
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap(), &mut scratch);
+        append_forwarded_for(&mut h, "::1".parse().unwrap(), &mut scratch);
         assert_eq!(h[FORWARDED_FOR], "10.0.0.1, ::1");
     }
 
     #[test]
     fn request_id_kept_or_made() {
-        let mut h = HeaderMap::new();
-        let made = ensure_request_id(&mut h);
+        let (mut h, mut scratch) = (HeaderMap::new(), Scratch::default());
+        ensure_request_id(&mut h, &mut scratch);
+        let made = h[REQUEST_ID].clone();
         let id = uuid::Uuid::parse_str(made.to_str().unwrap()).unwrap();
         assert_eq!(made, id.hyphenated().to_string().as_str(), "lowercase, hyphenated");
         assert_eq!(id.get_version_num(), 4);
-        assert_eq!(ensure_request_id(&mut h), made);
+        ensure_request_id(&mut h, &mut scratch);
+        assert_eq!(h[REQUEST_ID], made, "kept");
+        // Values cut from one scratch buffer stay apart.
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap(), &mut scratch);
+        continue_trace(&mut h, &mut scratch);
+        assert_eq!(h[REQUEST_ID], made);
+        assert_eq!(h[FORWARDED_FOR], "10.0.0.1");
+        assert!(trace_id(&h).is_some());
     }
 
     #[test]
@@ -299,7 +335,8 @@ mod tests {
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert(TRACEPARENT, HeaderValue::from_static(parent));
         h.insert(TRACESTATE, HeaderValue::from_static("vendor=1"));
-        assert_eq!(continue_trace(&mut h), "4bf92f3577b34da6a3ce929d0e0e4736");
+        continue_trace(&mut h, &mut Scratch::default());
+        assert_eq!(trace_id(&h).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         let next = h[TRACEPARENT].to_str().unwrap().to_string();
         assert!(next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && next.ends_with("-01"), "{next}");
         assert_ne!(next, parent, "a new span id");
@@ -313,11 +350,12 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert(TRACEPARENT, HeaderValue::from_str(bad).unwrap());
             h.insert(TRACESTATE, HeaderValue::from_static("orphan=1"));
-            let trace = continue_trace(&mut h);
+            continue_trace(&mut h, &mut Scratch::default());
+            let trace = trace_id(&h).expect("a new valid traceparent");
             assert_eq!(trace.len(), 32);
             assert!(!bad.contains(&trace), "{bad}");
             assert!(!h.contains_key(TRACESTATE));
-            assert_eq!(trace_id(&h).as_deref(), Some(trace.as_str()));
+            assert!(h[TRACEPARENT].to_str().unwrap().ends_with("-01"), "sampled");
         }
     }
 
@@ -387,5 +425,6 @@ mod tests {
         assert_eq!(host_of("hello"), "hello");
         assert_eq!(host_of("[::1]:80"), "::1");
         assert_eq!(host_of("hello.mesh."), "hello.mesh");
+        assert!(matches!(host_of("hello:80"), Cow::Borrowed("hello")), "no copy when already lowercase");
     }
 }

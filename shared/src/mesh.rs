@@ -451,68 +451,68 @@ impl Mesh {
         labels: &BTreeMap<String, String>,
         ctx: &PickCtx<'_>,
     ) -> Result<EndpointConfig, ProxyError> {
-        self.pick_avoiding(svc, labels, ctx, &[])
+        self.pick_avoiding(svc, labels, ctx, &[]).cloned()
     }
 
     /// Like [`Mesh::pick`], avoiding the endpoints in `avoid` (tried already) when others are
     /// usable. Endpoints failing their health check or ejected as outliers are left out unless
     /// nothing else is left (then all are tried rather than none: Envoy's panic mode).
-    pub fn pick_avoiding(
+    pub fn pick_avoiding<'s>(
         &self,
-        svc: &Service,
+        svc: &'s Service,
         labels: &BTreeMap<String, String>,
         ctx: &PickCtx<'_>,
-        avoid: &[EndpointConfig],
-    ) -> Result<EndpointConfig, ProxyError> {
+        avoid: &[&EndpointConfig],
+    ) -> Result<&'s EndpointConfig, ProxyError> {
+        // Filters by endpoint index, each narrowing the candidates only when it leaves some:
+        // no list is built, as this runs on every request.
         let now = crate::health::now_ms();
-        let subset: Vec<&EndpointConfig> =
-            svc.config.endpoints.iter().filter(|ep| labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v))).collect();
-        if subset.is_empty() {
+        let eps = &svc.config.endpoints;
+        let n = eps.len();
+        let in_subset = |i: usize| labels.iter().all(|(k, v)| eps[i].labels.get(k) == Some(v));
+        if !(0..n).any(in_subset) {
             return Err(ProxyError::NoEndpoint(svc.config.name.clone()));
         }
-        let usable = |ep: &EndpointConfig| ep.healthy && !svc.stats_of(ep).is_some_and(|s| s.outlier.is_ejected(now));
-        let healthy: Vec<&EndpointConfig> = subset.iter().copied().filter(|ep| usable(ep)).collect();
-        let all = if healthy.is_empty() { subset } else { healthy };
-        let untried: Vec<&EndpointConfig> = all
-            .iter()
-            .copied()
-            .filter(|ep| !avoid.iter().any(|a| a.node == ep.node && a.address == ep.address))
-            .collect();
-        let all = if untried.is_empty() { all } else { untried };
+        let usable = |i: usize| eps[i].healthy && !svc.stats.get(i).is_some_and(|s| s.outlier.is_ejected(now));
+        let any_usable = (0..n).any(|i| in_subset(i) && usable(i));
+        let candidate = |i: usize| in_subset(i) && (!any_usable || usable(i));
+        let tried = |i: usize| avoid.iter().any(|a| a.node == eps[i].node && a.address == eps[i].address);
+        let any_untried = (0..n).any(|i| candidate(i) && !tried(i));
+        let candidate = |i: usize| candidate(i) && (!any_untried || !tried(i));
         let lb = &svc.config.lb;
         if lb.policy == Policy::ConsistentHash {
             if let Some(key) = hash_key_for(lb, ctx) {
                 // Maglev over the whole service when no subset applies and its choice is
                 // usable; otherwise rendezvous hashing over what is (also minimal remapping).
                 if labels.is_empty() {
-                    if let Some(i) = svc.maglev.as_ref().and_then(|m| m.pick(key)) {
-                        if let Some(ep) = svc.config.endpoints.get(i).filter(|ep| all.contains(ep)) {
-                            return Ok(ep.clone());
-                        }
+                    if let Some(i) = svc.maglev.as_ref().and_then(|m| m.pick(key)).filter(|&i| i < n && candidate(i)) {
+                        return Ok(&eps[i]);
                     }
                 }
-                let best =
-                    all.iter().max_by_key(|ep| balance::hash_key(format!("{key}/{}", endpoint_key(ep)).as_bytes()));
-                if let Some(ep) = best {
-                    return Ok((*ep).clone());
+                let best = (0..n)
+                    .filter(|&i| candidate(i))
+                    .max_by_key(|&i| balance::hash_key(format!("{key}/{}", endpoint_key(&eps[i])).as_bytes()));
+                if let Some(i) = best {
+                    return Ok(&eps[i]);
                 }
             }
         }
-        let local: Vec<&EndpointConfig> =
-            if lb.prefer_local { all.iter().copied().filter(|ep| self.is_local(ep)).collect() } else { Vec::new() };
-        let eps = if local.is_empty() { all } else { local };
-        let i = match lb.policy {
-            Policy::RoundRobin | Policy::ConsistentHash => svc.cursor.fetch_add(1, Ordering::Relaxed) % eps.len(),
+        let any_local = lb.prefer_local && (0..n).any(|i| candidate(i) && self.is_local(&eps[i]));
+        let candidate = |i: usize| candidate(i) && (!any_local || self.is_local(&eps[i]));
+        let nth = |k: usize| (0..n).filter(|&i| candidate(i)).nth(k).unwrap_or(0);
+        let count = (0..n).filter(|&i| candidate(i)).count().max(1);
+        let k = match lb.policy {
+            Policy::RoundRobin | Policy::ConsistentHash => svc.cursor.fetch_add(1, Ordering::Relaxed) % count,
             Policy::LeastRequest => balance::p2c(
-                eps.len(),
-                |i| svc.stats_of(eps[i]).map_or(0.0, |s| s.in_flight() as f64),
+                count,
+                |k| svc.stats.get(nth(k)).map_or(0.0, |s| s.in_flight() as f64),
                 &mut fastrand::Rng::new(),
             ),
             Policy::PeakEwma => {
-                balance::p2c(eps.len(), |i| svc.stats_of(eps[i]).map_or(0.0, |s| s.cost()), &mut fastrand::Rng::new())
+                balance::p2c(count, |k| svc.stats.get(nth(k)).map_or(0.0, |s| s.cost()), &mut fastrand::Rng::new())
             }
         };
-        Ok(eps[i].clone())
+        Ok(&eps[nth(k)])
     }
 
     /// Is this endpoint hosted here?
@@ -630,8 +630,16 @@ impl Mesh {
             .map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))?;
         let mut hdrs = parts.headers;
         hdrs.remove(HOST);
-        hdrs.insert(headers::SERVICE, header_value(&svc.config.name).map_err(TryError::unsent)?);
-        hdrs.insert(headers::ENDPOINT, header_value(&ep.address.to_string()).map_err(TryError::unsent)?);
+        // Both values from one allocation, shared by the copies `head` makes.
+        let mut scratch = headers::Scratch::default();
+        let service = scratch.text(&svc.config.name);
+        let endpoint = scratch.value(|b| headers::push_socket_addr(b, ep.address));
+        let (Some(service), Some(endpoint)) = (service, endpoint) else {
+            let bad = format!("unusable service name {:?}", svc.config.name);
+            return Err(TryError::unsent(ProxyError::BadRequest(bad)));
+        };
+        hdrs.insert(headers::SERVICE, service);
+        hdrs.insert(headers::ENDPOINT, endpoint);
         let head = |method: &Method| {
             let mut r = Request::new(());
             *r.method_mut() = method.clone();
@@ -946,6 +954,46 @@ mod tests {
         drop(a);
         assert!(Slot::take(&counter, Some(2)).is_some());
         assert!(Slot::take(&counter, None).is_some(), "no limit");
+    }
+
+    #[tokio::test]
+    async fn each_filter_narrows_the_choice_only_when_it_leaves_an_endpoint() {
+        // b:10 {zone=x}, a:11 {zone=x, unhealthy}, b:12 {zone=y}; round robin, no locality.
+        let text = "[node]\nname = \"a\"\n[[nodes]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n\
+             [[services]]\nname = \"s\"\nlb = { policy = \"round_robin\", prefer_local = false }\n\
+             [[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:10\"\nlabels = { zone = \"x\" }\n\
+             [[services.endpoints]]\nnode = \"a\"\naddress = \"127.0.0.1:11\"\nlabels = { zone = \"x\" }\nhealthy = false\n\
+             [[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:12\"\nlabels = { zone = \"y\" }\n";
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let m = Mesh::new(Arc::new(crate::config::from_toml(text).unwrap()), Some("a".into()), endpoint);
+        let table = m.table();
+        let svc = table.service("s").unwrap();
+        let eps = &svc.config.endpoints;
+        let port = |labels: &BTreeMap<String, String>, avoid: &[&EndpointConfig]| {
+            (0..12)
+                .map(|_| m.pick_avoiding(svc, labels, &PickCtx::NONE, avoid).map(|ep| ep.address.port()))
+                .collect::<Result<std::collections::BTreeSet<u16>, _>>()
+        };
+        let none = BTreeMap::new();
+        let x: BTreeMap<String, String> = [("zone".to_string(), "x".to_string())].into();
+        let z: BTreeMap<String, String> = [("zone".to_string(), "z".to_string())].into();
+        assert_eq!(port(&none, &[]).unwrap(), [10, 12].into(), "the unhealthy endpoint is left out");
+        assert_eq!(port(&x, &[]).unwrap(), [10].into(), "labels select a subset");
+        assert_eq!(port(&x, &[&eps[0]]).unwrap(), [10].into(), "tried, but the only healthy one left");
+        assert_eq!(port(&none, &[&eps[0]]).unwrap(), [12].into(), "an untried healthy one first");
+        assert_eq!(port(&none, &[&eps[0], &eps[2]]).unwrap(), [10, 12].into(), "all tried: any healthy one");
+        assert!(matches!(port(&z, &[]), Err(ProxyError::NoEndpoint(_))), "no endpoint carries the labels");
+        // With none healthy, all are candidates again (panic mode).
+        let sick = text.replace(
+            "[[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:10\"\n",
+            "[[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:10\"\nhealthy = false\n",
+        );
+        m.apply(Table::new(crate::config::from_toml(&sick).unwrap(), 2));
+        let table = m.table();
+        let svc = table.service("s").unwrap();
+        let ports: std::collections::BTreeSet<u16> =
+            (0..12).map(|_| m.pick_avoiding(svc, &x, &PickCtx::NONE, &[]).unwrap().address.port()).collect();
+        assert_eq!(ports, [10, 11].into(), "no healthy endpoint with zone x: both are tried");
     }
 
     #[tokio::test]

@@ -707,7 +707,7 @@ pub fn apply_request_filters<'a>(
     scheme: &str,
     default_port: Option<u16>,
 ) -> Result<Filtered<'a>, String> {
-    let host = crate::headers::host_of(authority);
+    let host = crate::headers::host_of(authority).into_owned();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_owned);
     let mut response_mods = Vec::new();

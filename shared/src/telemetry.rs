@@ -3,6 +3,7 @@
 //! answer starts; bytes each way, requests in flight and the access-log line when the response
 //! body ends (a drop guard, so early ends and errors are recorded too).
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -104,6 +105,15 @@ impl Handles {
     }
 }
 
+/// A label value: the fixed `unknown` and `none` borrowed, other names copied.
+fn label(name: &str) -> Cow<'static, str> {
+    match name {
+        UNKNOWN => Cow::Borrowed(UNKNOWN),
+        "none" => Cow::Borrowed("none"),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
 /// What is known about one request as it goes through a proxy.
 pub struct Record {
     entry: Entry,
@@ -113,9 +123,13 @@ pub struct Record {
     /// The metric handles, looked up once the labels are known.
     handles: Option<Arc<Handles>>,
     protocol: Option<&'static str>,
-    request_bytes: Arc<AtomicU64>,
+    /// Body bytes of the request and of the response, counted as they pass.
+    bytes: Arc<[AtomicU64; 2]>,
     log: Option<Arc<AccessLog>>,
 }
+
+const REQUEST: usize = 0;
+const RESPONSE: usize = 1;
 
 impl Record {
     pub fn new(direction: &'static str, log: Option<Arc<AccessLog>>) -> Self {
@@ -123,9 +137,9 @@ impl Record {
             // Only the access log needs the wall-clock time.
             time: if log.is_some() { crate::access_log::timestamp() } else { String::new() },
             direction,
-            src_service: UNKNOWN.into(),
-            dst_service: UNKNOWN.into(),
-            route: "none".into(),
+            src_service: Cow::Borrowed(UNKNOWN),
+            dst_service: Cow::Borrowed(UNKNOWN),
+            route: Cow::Borrowed("none"),
             ..Default::default()
         };
         Self {
@@ -134,7 +148,7 @@ impl Record {
             in_flight: false,
             handles: None,
             protocol: None,
-            request_bytes: Default::default(),
+            bytes: Default::default(),
             log,
         }
     }
@@ -171,17 +185,19 @@ impl Record {
     }
 
     pub fn source(&mut self, service: &str, node: &str) {
-        self.entry.src_service = service.to_string();
-        self.entry.src_node = node.to_string();
+        self.entry.src_service = label(service);
+        if self.log.is_some() {
+            self.entry.src_node = node.to_string();
+        }
     }
 
     pub fn route(&mut self, name: &str) {
-        self.entry.route = name.to_string();
+        self.entry.route = label(name);
     }
 
     /// The destination service; from here the request counts as in flight to it.
     pub fn service(&mut self, name: &str) {
-        self.entry.dst_service = name.to_string();
+        self.entry.dst_service = label(name);
         if !self.in_flight {
             self.in_flight = true;
             self.handles().in_flight.increment(1.0);
@@ -199,8 +215,8 @@ impl Record {
         if self.log.is_none() {
             return;
         }
-        if let Some((node, addr)) = &info.endpoint {
-            self.endpoint(node, &addr.to_string(), info.retries);
+        if let Some(ep) = info.endpoint {
+            self.endpoint(&ep.node, &ep.address.to_string(), info.retries);
         }
     }
 
@@ -216,7 +232,7 @@ impl Record {
 
     /// Counts the bytes of a request body as it is read.
     pub fn count_request(&self, body: Body) -> Body {
-        Counted { inner: body, bytes: self.request_bytes.clone(), done: None }.boxed_unsync()
+        Counted { inner: body, bytes: self.bytes.clone(), which: REQUEST, done: None }.boxed_unsync()
     }
 
     pub fn service_name(&self) -> &str {
@@ -234,23 +250,22 @@ impl Record {
         let h = self.handles();
         h.requests(status, self.protocol).increment(1);
         h.duration.record(self.start.elapsed().as_secs_f64());
-        let response_bytes = Arc::new(AtomicU64::new(0));
-        let done = Done { record: self, response_bytes: response_bytes.clone(), handles: h };
-        resp.map(|b| Counted { inner: b, bytes: response_bytes, done: Some(done) }.boxed_unsync())
+        let bytes = self.bytes.clone();
+        let done = Done { record: self, handles: h };
+        resp.map(|b| Counted { inner: b, bytes, which: RESPONSE, done: Some(done) }.boxed_unsync())
     }
 }
 
 /// Fires when the response body is finished with: bytes, in-flight gauge, access log.
 struct Done {
     record: Record,
-    response_bytes: Arc<AtomicU64>,
     handles: Arc<Handles>,
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
         let r = &mut self.record;
-        let (received, sent) = (r.request_bytes.load(Ordering::Relaxed), self.response_bytes.load(Ordering::Relaxed));
+        let (received, sent) = (r.bytes[REQUEST].load(Ordering::Relaxed), r.bytes[RESPONSE].load(Ordering::Relaxed));
         let e = &mut r.entry;
         self.handles.request_bytes.increment(received);
         self.handles.response_bytes.increment(sent);
@@ -269,7 +284,9 @@ impl Drop for Done {
 /// A body that counts its data bytes and, for responses, carries the completion guard.
 struct Counted {
     inner: Body,
-    bytes: Arc<AtomicU64>,
+    bytes: Arc<[AtomicU64; 2]>,
+    /// Which of `bytes` this body adds to.
+    which: usize,
     done: Option<Done>,
 }
 
@@ -282,7 +299,7 @@ impl HttpBody for Counted {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    self.bytes[self.which].fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
             }
             // The end: record now rather than whenever the body value is dropped.

@@ -35,9 +35,9 @@ pub struct CallOpts<'a> {
 
 /// What a call did, for metrics and the access log.
 #[derive(Debug, Default)]
-pub struct CallInfo {
-    /// Node and address of the endpoint of the last try.
-    pub endpoint: Option<(String, std::net::SocketAddr)>,
+pub struct CallInfo<'s> {
+    /// The endpoint of the last try.
+    pub endpoint: Option<&'s EndpointConfig>,
     pub retries: u32,
 }
 
@@ -50,13 +50,13 @@ fn epoch() -> Instant {
 impl Mesh {
     /// Calls `svc` with `req` (headers already cleaned of hop-by-hop fields), retrying as its
     /// policy and the route allow, within the route's request timeout.
-    pub async fn call(
+    pub async fn call<'s>(
         &self,
         table: &Table,
-        svc: &Service,
+        svc: &'s Service,
         req: Request<Body>,
         opts: &CallOpts<'_>,
-        info: &mut CallInfo,
+        info: &mut CallInfo<'s>,
     ) -> Result<Response<Body>, ProxyError> {
         match opts.timeouts.and_then(|t| t.request) {
             Some(total) => tokio::time::timeout(total, self.call_inner(table, svc, req, opts, info))
@@ -66,13 +66,13 @@ impl Mesh {
         }
     }
 
-    async fn call_inner(
+    async fn call_inner<'s>(
         &self,
         table: &Table,
-        svc: &Service,
+        svc: &'s Service,
         req: Request<Body>,
         opts: &CallOpts<'_>,
-        info: &mut CallInfo,
+        info: &mut CallInfo<'s>,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(fault) = opts.fault {
             let plan = fault.plan(&mut fastrand::Rng::new());
@@ -102,7 +102,7 @@ impl Mesh {
         } else {
             Source::Replay(Replay::new(body, policy.max_body))
         };
-        let mut tried: Vec<EndpointConfig> = Vec::new();
+        let mut tried: Vec<&EndpointConfig> = Vec::new();
         let mut rng = fastrand::Rng::new();
         let mut attempt: u32 = 0;
         loop {
@@ -112,7 +112,7 @@ impl Mesh {
                 self.pick_avoiding(svc, labels, &ctx, &tried)?
             };
             info.retries = attempt - 1;
-            info.endpoint = Some((ep.node.clone(), ep.address));
+            info.endpoint = Some(ep);
             let body = match &mut source {
                 Source::Empty => Some(body::empty()),
                 Source::Replay(r) => r.body(),
@@ -133,7 +133,7 @@ impl Mesh {
             // Boxed: the try's future is the bulk of a request's state (h3 and hyper futures
             // nested), and every future that holds it inline is copied whole when its task is
             // spawned and when it completes.
-            let result = Box::pin(self.forward_try(req, table, svc, &ep, per_try)).await;
+            let result = Box::pin(self.forward_try(req, table, svc, ep, per_try)).await;
             let outcome = match &result {
                 Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,
