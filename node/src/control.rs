@@ -125,12 +125,19 @@ impl ControlClient {
     }
 
     /// Writes the renewed key and certificate and uses them for new connections, both ways.
-    fn install(&self, key_pem: &str, cert_pem: &str) -> Result<(), String> {
+    /// The files are written, read back and renamed off the proxy's thread: a node runs its
+    /// data path on one thread by default, and a slow disk must not stall it.
+    async fn install(&self, key_pem: String, cert_pem: String) -> Result<(), String> {
         let tmp_key = self.paths.key.with_extension("key.new");
         let tmp_cert = self.paths.cert.with_extension("pem.new");
-        identity::write_secret(&tmp_key, key_pem.as_bytes()).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp_cert, cert_pem).map_err(|e| e.to_string())?;
-        let creds = identity::Credentials::load(&self.paths.ca, &tmp_cert, &tmp_key).map_err(|e| e.to_string())?;
+        let (ca, k, c) = (self.paths.ca.clone(), tmp_key.clone(), tmp_cert.clone());
+        let creds = tokio::task::spawn_blocking(move || {
+            identity::write_secret(&k, key_pem.as_bytes()).map_err(|e| e.to_string())?;
+            std::fs::write(&c, cert_pem).map_err(|e| e.to_string())?;
+            identity::Credentials::load(&ca, &c, &k).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let client = transport::reconfigure(
             self.mesh.pool.endpoint(),
             &creds,
@@ -140,8 +147,13 @@ impl ControlClient {
         )
         .map_err(|e| e.to_string())?;
         self.mesh.pool.set_client_config(client);
-        std::fs::rename(&tmp_key, &self.paths.key).map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp_cert, &self.paths.cert).map_err(|e| e.to_string())?;
+        let (key, cert) = (self.paths.key.clone(), self.paths.cert.clone());
+        tokio::task::spawn_blocking(move || {
+            std::fs::rename(&tmp_key, &key).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp_cert, &cert).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let until = identity::validity(&creds.chain[0]).map_or(0, |v| v.1);
         info!(valid_until_unix = until, "certificate renewed; established connections keep running");
         Ok(())
@@ -289,7 +301,7 @@ impl ControlClient {
                         Ok(Received::Snapshot(version, prepared)) => (version, prepared),
                         Ok(Received::Certificate(certificate)) => {
                             match pending_key.take() {
-                                Some(key) => match self.install(&key, &certificate) {
+                                Some(key) => match self.install(key, certificate).await {
                                     Ok(()) => renew_at = self.renew_due(),
                                     Err(e) => warn!("renewed certificate unusable, keeping the current one: {e}"),
                                 },
