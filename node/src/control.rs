@@ -107,17 +107,23 @@ enum End {
 impl ControlClient {
     /// When to ask for a new certificate.
     fn renew_due(&self) -> tokio::time::Instant {
+        let validity =
+            identity::read_certs(&self.paths.cert).ok().and_then(|c| c.first().and_then(|c| identity::validity(c)));
+        Self::due_for(validity, self.renew_before)
+    }
+
+    /// When to renew a certificate valid from `not_before` to `not_after` (Unix seconds);
+    /// publishes its expiry as a metric.
+    fn due_for(validity: Option<(i64, i64)>, renew_before: Option<Duration>) -> tokio::time::Instant {
         let now = tokio::time::Instant::now();
-        let Some((not_before, not_after)) =
-            identity::read_certs(&self.paths.cert).ok().and_then(|c| c.first().and_then(|c| identity::validity(c)))
-        else {
+        let Some((not_before, not_after)) = validity else {
             return now + Duration::from_secs(3600);
         };
         metrics::gauge!(m::CERT_EXPIRY).set(not_after as f64);
         let lifetime = not_after.saturating_sub(not_before).max(0) as u64;
         // Never closer to the start than half the lifetime: a renew_before longer than the
         // lifetime would otherwise make every new certificate due at once.
-        let before = self.renew_before.map_or(lifetime / 3, |d| d.as_secs()).min(lifetime / 2);
+        let before = renew_before.map_or(lifetime / 3, |d| d.as_secs()).min(lifetime / 2);
         let due = not_after.saturating_sub(before as i64);
         let now_unix =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
@@ -127,7 +133,8 @@ impl ControlClient {
     /// Writes the renewed key and certificate and uses them for new connections, both ways.
     /// The files are written, read back and renamed off the proxy's thread: a node runs its
     /// data path on one thread by default, and a slow disk must not stall it.
-    async fn install(&self, key_pem: String, cert_pem: String) -> Result<(), String> {
+    /// Returns when to renew the new certificate.
+    async fn install(&self, key_pem: String, cert_pem: String) -> Result<tokio::time::Instant, String> {
         let tmp_key = self.paths.key.with_extension("key.new");
         let tmp_cert = self.paths.cert.with_extension("pem.new");
         let (ca, k, c) = (self.paths.ca.clone(), tmp_key.clone(), tmp_cert.clone());
@@ -147,6 +154,8 @@ impl ControlClient {
         )
         .map_err(|e| e.to_string())?;
         self.mesh.pool.set_client_config(client);
+        // Should the process stop before the renames, the old files stay: still valid, and
+        // renewed again after the next start.
         let (key, cert) = (self.paths.key.clone(), self.paths.cert.clone());
         tokio::task::spawn_blocking(move || {
             std::fs::rename(&tmp_key, &key).map_err(|e| e.to_string())?;
@@ -154,9 +163,10 @@ impl ControlClient {
         })
         .await
         .map_err(|e| e.to_string())??;
-        let until = identity::validity(&creds.chain[0]).map_or(0, |v| v.1);
+        let validity = identity::validity(&creds.chain[0]);
+        let until = validity.map_or(0, |v| v.1);
         info!(valid_until_unix = until, "certificate renewed; established connections keep running");
-        Ok(())
+        Ok(Self::due_for(validity, self.renew_before))
     }
 
     /// Runs until `shutdown` turns true; then says goodbye to the gateway.
@@ -302,7 +312,7 @@ impl ControlClient {
                         Ok(Received::Certificate(certificate)) => {
                             match pending_key.take() {
                                 Some(key) => match self.install(key, certificate).await {
-                                    Ok(()) => renew_at = self.renew_due(),
+                                    Ok(due) => renew_at = due,
                                     Err(e) => warn!("renewed certificate unusable, keeping the current one: {e}"),
                                 },
                                 None => warn!("ignored a certificate that was not asked for"),

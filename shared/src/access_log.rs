@@ -58,6 +58,9 @@ pub struct Entry {
     pub direction: &'static str,
     pub request_id: String,
     pub trace_id: String,
+    /// Service and route names (`src_service`, `dst_service`, `route`): borrowed when they
+    /// are the fixed `unknown` or `none`, which most requests carry (no allocation on every
+    /// request's path).
     #[serde(rename = "src.service")]
     pub src_service: Cow<'static, str>,
     #[serde(rename = "src.node")]
@@ -66,8 +69,6 @@ pub struct Entry {
     pub dst_service: Cow<'static, str>,
     #[serde(rename = "dst.node")]
     pub dst_node: String,
-    /// Service and route names: borrowed when they are the fixed `unknown` or `none`, which
-    /// most requests carry (no allocation on every request's path).
     pub route: Cow<'static, str>,
     /// The instance address the request went to.
     pub endpoint: String,

@@ -64,9 +64,10 @@ pub fn strip_internal(headers: &mut HeaderMap) {
     headers.remove(SOURCE);
 }
 
-/// Header values a proxy writes into one request, cut from one buffer: one allocation (and
-/// one reference count, shared when the headers are cloned for a retry) for all of them, where
-/// a value of its own costs one or two each.
+/// Header values a proxy writes into one request, cut from one buffer: two allocations (the
+/// buffer, and the reference count its pieces share, so cloning the headers for a retry copies
+/// nothing) for all of them, where a value of its own costs one or two each. A piece never
+/// changes once cut: when the buffer must grow, it moves to a new one.
 pub struct Scratch(BytesMut);
 
 impl Default for Scratch {
@@ -91,10 +92,11 @@ impl Scratch {
 
 /// Appends the client address to `x-forwarded-for`.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr, scratch: &mut Scratch) {
-    let prev = headers.get(&FORWARDED_FOR).map(|v| v.as_bytes()).filter(|p| !p.trim_ascii().is_empty());
+    // A previous value that is not text is replaced, not extended.
+    let prev = headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|p| !p.trim().is_empty());
     let value = scratch.value(|b| {
         if let Some(prev) = prev {
-            b.extend_from_slice(prev);
+            b.extend_from_slice(prev.as_bytes());
             b.extend_from_slice(b", ");
         }
         push_ip(b, client);
@@ -321,12 +323,23 @@ mod tests {
         assert_eq!(id.get_version_num(), 4);
         ensure_request_id(&mut h, &mut scratch);
         assert_eq!(h[REQUEST_ID], made, "kept");
-        // Values cut from one scratch buffer stay apart.
+        // Values cut from one scratch buffer stay apart, also when it grows past its first
+        // capacity while earlier pieces are alive.
+        let long = "10.9.9.9, ".repeat(40);
+        h.insert(FORWARDED_FOR, HeaderValue::from_str(long.trim_end_matches(", ")).unwrap());
         append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap(), &mut scratch);
         continue_trace(&mut h, &mut scratch);
+        let trace = h[TRACEPARENT].clone();
+        ensure_request_id(&mut HeaderMap::new(), &mut scratch);
         assert_eq!(h[REQUEST_ID], made);
-        assert_eq!(h[FORWARDED_FOR], "10.0.0.1");
+        assert_eq!(h[FORWARDED_FOR], format!("{long}10.0.0.1").as_str());
+        assert_eq!(h[TRACEPARENT], trace);
         assert!(trace_id(&h).is_some());
+        // A previous x-forwarded-for that is not text is replaced.
+        let mut h = HeaderMap::new();
+        h.insert(FORWARDED_FOR, HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        append_forwarded_for(&mut h, "10.0.0.2".parse().unwrap(), &mut scratch);
+        assert_eq!(h[FORWARDED_FOR], "10.0.0.2");
     }
 
     #[test]
@@ -341,11 +354,17 @@ mod tests {
         assert!(next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && next.ends_with("-01"), "{next}");
         assert_ne!(next, parent, "a new span id");
         assert_eq!(h[TRACESTATE], "vendor=1");
+        // The caller's flags are kept (here: not sampled).
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"));
+        continue_trace(&mut h, &mut Scratch::default());
+        assert!(h[TRACEPARENT].to_str().unwrap().ends_with("-00"), "{:?}", h[TRACEPARENT]);
         for bad in [
             "junk",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
         ] {
             let mut h = HeaderMap::new();
             h.insert(TRACEPARENT, HeaderValue::from_str(bad).unwrap());

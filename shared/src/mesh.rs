@@ -142,6 +142,29 @@ fn endpoint_key(ep: &EndpointConfig) -> String {
     format!("{}/{}", ep.node, ep.address)
 }
 
+/// One yes/no per endpoint index: bits for up to 128 endpoints, a list beyond.
+enum Flags {
+    Bits(u128),
+    List(Vec<bool>),
+}
+
+impl Flags {
+    fn new(n: usize, f: impl Fn(usize) -> bool) -> Self {
+        if n <= 128 {
+            Flags::Bits((0..n).filter(|&i| f(i)).fold(0, |bits, i| bits | 1 << i))
+        } else {
+            Flags::List((0..n).map(f).collect())
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Flags::Bits(bits) => i < 128 && bits & (1 << i) != 0,
+            Flags::List(list) => list.get(i).copied().unwrap_or(false),
+        }
+    }
+}
+
 /// Clients for instances on this host: HTTP/1.1 with keep-alive pooling, and h2c.
 #[derive(Clone)]
 pub struct LocalClient {
@@ -465,17 +488,20 @@ impl Mesh {
         avoid: &[&EndpointConfig],
     ) -> Result<&'s EndpointConfig, ProxyError> {
         // Filters by endpoint index, each narrowing the candidates only when it leaves some:
-        // no list is built, as this runs on every request.
+        // no list is built, as this runs on every request. Health and ejection are read once
+        // per endpoint, so every filter below sees one state while other threads change it.
         let now = crate::health::now_ms();
         let eps = &svc.config.endpoints;
         let n = eps.len();
-        let in_subset = |i: usize| labels.iter().all(|(k, v)| eps[i].labels.get(k) == Some(v));
-        if !(0..n).any(in_subset) {
+        let in_subset = Flags::new(n, |i| labels.iter().all(|(k, v)| eps[i].labels.get(k) == Some(v)));
+        let Some(first) = (0..n).find(|&i| in_subset.get(i)) else {
             return Err(ProxyError::NoEndpoint(svc.config.name.clone()));
-        }
-        let usable = |i: usize| eps[i].healthy && !svc.stats.get(i).is_some_and(|s| s.outlier.is_ejected(now));
-        let any_usable = (0..n).any(|i| in_subset(i) && usable(i));
-        let candidate = |i: usize| in_subset(i) && (!any_usable || usable(i));
+        };
+        let usable = Flags::new(n, |i| {
+            in_subset.get(i) && eps[i].healthy && !svc.stats.get(i).is_some_and(|s| s.outlier.is_ejected(now))
+        });
+        let any_usable = (0..n).any(|i| usable.get(i));
+        let candidate = |i: usize| if any_usable { usable.get(i) } else { in_subset.get(i) };
         let tried = |i: usize| avoid.iter().any(|a| a.node == eps[i].node && a.address == eps[i].address);
         let any_untried = (0..n).any(|i| candidate(i) && !tried(i));
         let candidate = |i: usize| candidate(i) && (!any_untried || !tried(i));
@@ -499,7 +525,9 @@ impl Mesh {
         }
         let any_local = lb.prefer_local && (0..n).any(|i| candidate(i) && self.is_local(&eps[i]));
         let candidate = |i: usize| candidate(i) && (!any_local || self.is_local(&eps[i]));
-        let nth = |k: usize| (0..n).filter(|&i| candidate(i)).nth(k).unwrap_or(0);
+        // Never empty (each filter keeps what it had when it would leave nothing): `first` is
+        // only a guard.
+        let nth = |k: usize| (0..n).filter(|&i| candidate(i)).nth(k).unwrap_or(first);
         let count = (0..n).filter(|&i| candidate(i)).count().max(1);
         let k = match lb.policy {
             Policy::RoundRobin | Policy::ConsistentHash => svc.cursor.fetch_add(1, Ordering::Relaxed) % count,
@@ -983,12 +1011,42 @@ mod tests {
         assert_eq!(port(&none, &[&eps[0]]).unwrap(), [12].into(), "an untried healthy one first");
         assert_eq!(port(&none, &[&eps[0], &eps[2]]).unwrap(), [10, 12].into(), "all tried: any healthy one");
         assert!(matches!(port(&z, &[]), Err(ProxyError::NoEndpoint(_))), "no endpoint carries the labels");
+        let y: BTreeMap<String, String> = [("zone".to_string(), "y".to_string())].into();
+        assert_eq!(port(&y, &[]).unwrap(), [12].into(), "a subset without the first endpoint");
+        // Locality comes after health and tries: this node's (a) endpoint, once healthy, first.
+        let local = |text: &str| {
+            let t = text.replace("prefer_local = false", "prefer_local = true").replace("healthy = false\n", "");
+            m.apply(Table::new(crate::config::from_toml(&t).unwrap(), 3));
+            m.table()
+        };
+        let table = local(text);
+        let svc = table.service("s").unwrap();
+        let pick =
+            |avoid: &[&EndpointConfig]| m.pick_avoiding(svc, &none, &PickCtx::NONE, avoid).unwrap().address.port();
+        assert_eq!(pick(&[]), 11, "the local endpoint");
+        assert_ne!(pick(&[&svc.config.endpoints[1]]), 11, "tried already: a remote one");
+        // Consistent hashing: one key, one endpoint, among those the filters leave.
+        let hashed =
+            text.replace("policy = \"round_robin\"", "policy = \"consistent_hash\", hash_on = \"header:x-user\"");
+        m.apply(Table::new(crate::config::from_toml(&hashed).unwrap(), 4));
+        let table = m.table();
+        let svc = table.service("s").unwrap();
+        let mut h = http::HeaderMap::new();
+        h.insert("x-user", http::HeaderValue::from_static("alice"));
+        let ctx = PickCtx { headers: Some(&h), client: None };
+        let chosen: std::collections::BTreeSet<u16> =
+            (0..12).map(|_| m.pick_avoiding(svc, &none, &ctx, &[]).unwrap().address.port()).collect();
+        assert_eq!(chosen.len(), 1, "{chosen:?}");
+        assert_ne!(chosen.first(), Some(&11), "never the unhealthy endpoint");
+        let first = svc.config.endpoints.iter().find(|ep| Some(&ep.address.port()) == chosen.first()).unwrap();
+        let other = m.pick_avoiding(svc, &none, &ctx, &[first]).unwrap().address.port();
+        assert!(other != 11 && Some(&other) != chosen.first(), "tried: the other healthy one, got {other}");
         // With none healthy, all are candidates again (panic mode).
         let sick = text.replace(
             "[[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:10\"\n",
             "[[services.endpoints]]\nnode = \"b\"\naddress = \"127.0.0.1:10\"\nhealthy = false\n",
         );
-        m.apply(Table::new(crate::config::from_toml(&sick).unwrap(), 2));
+        m.apply(Table::new(crate::config::from_toml(&sick).unwrap(), 5));
         let table = m.table();
         let svc = table.service("s").unwrap();
         let ports: std::collections::BTreeSet<u16> =
