@@ -367,12 +367,15 @@ fn main() {
             let d = &mut acc[0];
             (d.rps(), d.pct(0.5), d.pct(0.99))
         };
-        println!("\n{conns} requests in flight (HTTP/1.1: {conns} keep-alive connections; HTTP/2 and HTTP/3: one connection), {rounds} alternating rounds of {secs}s");
-        println!("| path | req/s | p50 | p99 | errors | req/s vs direct | p50 vs direct | p99 vs direct | proxy CPU per request |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        if closed_rounds > 0 {
+            println!("\n{conns} requests in flight (HTTP/1.1: {conns} keep-alive connections; HTTP/2 and HTTP/3: one connection), {rounds} alternating rounds of {secs}s");
+            println!("| path | req/s | p50 | p99 | errors | req/s vs direct | p50 vs direct | p99 vs direct | proxy CPU per request |");
+            println!("|---|---|---|---|---|---|---|---|---|");
+        }
         let mut closed = Vec::new();
         let mut per_edge_cpu_s = Vec::new();
-        for (i, (p, st)) in paths.iter().zip(acc.iter_mut()).enumerate() {
+        // With BENCH_ONLY=open nothing ran closed-loop: no table of empty rows.
+        for (i, (p, st)) in paths.iter().zip(acc.iter_mut()).enumerate().filter(|_| closed_rounds > 0) {
             let (rps, p50, p99) = (st.rps(), st.pct(0.5), st.pct(0.99));
             let n = st.latencies.len().max(1) as f64;
             let per_req_us = cpu[i].as_secs_f64() * 1e6 / n;
