@@ -73,11 +73,16 @@ pub struct Scratch(BytesMut);
 impl Default for Scratch {
     fn default() -> Self {
         // Room for x-forwarded-for, x-request-id and traceparent of a typical request.
-        Self(BytesMut::with_capacity(160))
+        Self::with_capacity(160)
     }
 }
 
 impl Scratch {
+    /// Room for `bytes` of values.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self(BytesMut::with_capacity(bytes))
+    }
+
     /// A header value of what `write` appends; `None` when that is not a valid value.
     pub fn value(&mut self, write: impl FnOnce(&mut BytesMut)) -> Option<HeaderValue> {
         write(&mut self.0);

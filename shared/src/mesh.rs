@@ -659,7 +659,8 @@ impl Mesh {
         let mut hdrs = parts.headers;
         hdrs.remove(HOST);
         // Both values from one allocation, shared by the copies `head` makes.
-        let mut scratch = headers::Scratch::default();
+        // An address takes at most 47 bytes ([v6 with scope]:port).
+        let mut scratch = headers::Scratch::with_capacity(svc.config.name.len() + 47);
         let service = scratch.text(&svc.config.name);
         let endpoint = scratch.value(|b| headers::push_socket_addr(b, ep.address));
         let (Some(service), Some(endpoint)) = (service, endpoint) else {

@@ -291,8 +291,7 @@ pub fn cpu_time(pid: u32) -> Duration {
 
 /// CPU time of `/proc/<which>`: a process id, or `<pid>/task/<tid>` for one thread.
 pub fn cpu_time_of(which: &str) -> Duration {
-    let t = cpu_split_of(which);
-    t.user + t.kernel
+    cpu_split_of(which).total()
 }
 
 /// CPU time split into user space and kernel.
@@ -300,6 +299,19 @@ pub fn cpu_time_of(which: &str) -> Duration {
 pub struct CpuSplit {
     pub user: Duration,
     pub kernel: Duration,
+}
+
+impl CpuSplit {
+    pub fn total(&self) -> Duration {
+        self.user + self.kernel
+    }
+}
+
+impl std::ops::Add for CpuSplit {
+    type Output = CpuSplit;
+    fn add(self, other: CpuSplit) -> CpuSplit {
+        CpuSplit { user: self.user + other.user, kernel: self.kernel + other.kernel }
+    }
 }
 
 impl std::ops::Sub for CpuSplit {
@@ -325,14 +337,12 @@ pub fn cpu_split_of(which: &str) -> CpuSplit {
 
 /// CPU time of several processes together.
 pub fn cpu_of(pids: &[u32]) -> Duration {
-    pids.iter().map(|p| cpu_time(*p)).sum()
+    cpu_split(pids).total()
 }
 
 /// User and kernel CPU time of several processes together.
 pub fn cpu_split(pids: &[u32]) -> CpuSplit {
-    pids.iter()
-        .map(|p| cpu_split_of(&p.to_string()))
-        .fold(CpuSplit::default(), |a, b| CpuSplit { user: a.user + b.user, kernel: a.kernel + b.kernel })
+    pids.iter().map(|p| cpu_split_of(&p.to_string())).fold(CpuSplit::default(), |a, b| a + b)
 }
 
 /// A `kB` field of `/proc/PID/status` (0 when unreadable).
