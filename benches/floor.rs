@@ -6,6 +6,9 @@
 //! - one proxy in front of the same backend: a minimal hyper proxy (server, then hyper-util's
 //!   pooled client) against one quicmesh node delivering locally (the node's whole request path
 //!   without the QUIC leg), with each one's CPU per request;
+//! - the bare hop (`peers/bare.rs`): the hop's libraries without the nodes' work, hyper ->
+//!   HTTP/3 on quinn with mTLS -> hyper-util -> the backend, on two lanes; then the same with
+//!   headers the size of those a node adds, which shows what their QPACK encoding costs;
 //! - the mesh hop, node-a -> QUIC -> node-b -> the same backend, with both nodes' CPU, and the
 //!   nginx and haproxy pairs (TLS between the two) of the load bench, when installed.
 //!
@@ -33,10 +36,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
-use quicmesh_shared::config::TransportConfig;
 use quicmesh_shared::identity::Credentials;
 use quicmesh_shared::tls::ClientAuth;
-use quicmesh_shared::transport::{mesh_endpoint, Bind};
 use support::*;
 
 struct Figures {
@@ -148,16 +149,7 @@ fn main() {
         let mut rows = Vec::new();
 
         // HTTP/3 on quinn, mesh mTLS and transport settings.
-        let transport = TransportConfig::default();
-        let localhost = || Bind::Addr("127.0.0.1:0".parse().unwrap());
-        let quic_server = {
-            let _on = server.handle.enter();
-            mesh_endpoint(localhost(), &creds("raw-b"), TD, &transport, Some(ClientAuth::Required)).unwrap()
-        };
-        let quic_client = {
-            let _on = client.handle.enter();
-            mesh_endpoint(localhost(), &creds("raw-a"), TD, &transport, None).unwrap()
-        };
+        let (quic_client, quic_server) = peers::bare::endpoints(&pki, (&client, "raw-a"), (&server, "raw-b"));
         let quic_addr = quic_server.local_addr().unwrap();
         server.handle.spawn(async move {
             while let Some(incoming) = quic_server.accept().await {
@@ -257,6 +249,20 @@ fn main() {
         let times = plain_sequence(&client, proxy, "x", n).await;
         let cpu = per_request(proxy_lane.cpu_split() - c0, n + WARMUP);
         rows.push(Figures { name: "minimal hyper proxy -> backend", times, cpu_us: Some(cpu) });
+
+        // The hop's libraries alone, as the mesh hop's floor (two lanes of this process); then
+        // the same with headers the size of those a node adds, to show what their QPACK costs.
+        for (name, mesh_headers) in [
+            ("bare hop: hyper -> h3/quinn -> hyper-util -> backend (libraries only)", false),
+            ("bare hop, plus headers the size of the mesh's", true),
+        ] {
+            let bare = peers::bare::start(&pki, backend, mesh_headers);
+            let [a, b] = &bare.lanes;
+            let (a0, b0) = (a.cpu_split(), b.cpu_split());
+            let times = plain_sequence(&client, bare.front, "hello", n).await;
+            let cpu = (a.cpu_split() - a0) + (b.cpu_split() - b0);
+            rows.push(Figures { name, times, cpu_us: Some(per_request(cpu, n + WARMUP)) });
+        }
 
         // One quicmesh node delivering to the same backend.
         let svc = format!(

@@ -7,8 +7,9 @@
 //!   processes spent per request (from /proc: utime + stime of the processes on the path).
 //! - Open loop at fixed rates (1000 and 5000 req/s by default): requests leave on a schedule and
 //!   latency is measured from the scheduled time, so a stall counts against every request it
-//!   delayed (no coordinated omission); p50/p90/p99/p99.9 of direct and mesh hop, and the latency
-//!   the hop adds at each percentile.
+//!   delayed (no coordinated omission); p50/p90/p99/p99.9 of direct, one node, the mesh hop, the
+//!   bare hop (the hop's libraries without the nodes' work: `peers/bare.rs`) and the peer pairs,
+//!   and the latency each adds at each percentile.
 //! - Everything also goes to a JSON file (`BENCH_JSON`, default `target/bench-load.json`).
 //!
 //! Run: `cargo bench --bench load` (env: BENCH_SECS per round, default 4; BENCH_ROUNDS, default 3;
@@ -310,6 +311,9 @@ fn main() {
         if let Some(n) = &nginx {
             load(n.front, "hello", conns, 1).await;
         }
+        // The hop's libraries without the nodes (open loop only): the floor under the mesh hop.
+        let bare = peers::bare::start(&pki, backend, false);
+        load(bare.front, "hello", conns, 1).await;
         let (pa, pb, pg, pg1) = (a.child.id(), b.child.id(), gw.child.id(), gw1.child.id());
         // Every path of the closed loop: how to load it, the proxy processes on it (none for
         // direct) and, for ingress paths, the process at the edge.
@@ -426,7 +430,7 @@ fn main() {
         println!("|---|---|---|---|---|---|---|");
         for rate in rates {
             // (name, target): direct first, as the baseline every other path is compared with.
-            let mut targets = vec![("direct", backend), ("one node, local delivery", b.addrs.outbound), ("mesh hop", a.addrs.outbound)];
+            let mut targets = vec![("direct", backend), ("one node, local delivery", b.addrs.outbound), ("mesh hop", a.addrs.outbound), ("bare hop (libraries only)", bare.front)];
             if let Some(n) = &nginx {
                 targets.push(("nginx pair", n.front));
             }

@@ -3,6 +3,8 @@
 //! nginx or haproxy when installed; skipped (and said so) otherwise. Caddy, when installed, is
 //! the HTTP/3 ingress baseline for the gateway.
 
+pub mod bare;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
