@@ -7,16 +7,17 @@
 //!   pooled client) against one quicmesh node delivering locally (the node's whole request path
 //!   without the QUIC leg), with each one's CPU per request;
 //! - the bare hop (`peers/bare.rs`): the hop's libraries without the nodes' work, hyper ->
-//!   HTTP/3 on quinn with mTLS -> hyper-util -> the backend, on two lanes; then the same with
+//!   HTTP/3 on quinn with mTLS -> hyper-util -> the backend, in two processes; then the same with
 //!   headers the size of those a node adds, which shows what their QPACK encoding costs;
 //! - the mesh hop, node-a -> QUIC -> node-b -> the same backend, with both nodes' CPU, and the
 //!   nginx and haproxy pairs (TLS between the two) of the load bench, when installed.
 //!
-//! Every endpoint and the minimal proxy run on a single-threaded runtime of their own thread, as
-//! a node does by default. Reported: p50/p90/p99 per request and CPU microseconds per request
-//! (the minimal proxy's one thread; the node's whole process, its few helper threads included),
-//! split into user space and kernel time (from /proc, counted in 10 ms ticks: at the default
-//! 3000 requests, each figure is good to about 3 us per request).
+//! Every endpoint and the minimal proxy run on a single-threaded runtime of their own thread (the
+//! bare hop on one in each of its two processes), as a node does by default. Reported:
+//! p50/p90/p99 per request and CPU microseconds per request (the minimal proxy's one thread; the
+//! node's whole process, its few helper threads included), split into user space and kernel
+//! time (from /proc, counted in 10 ms ticks: at the default 3000 requests, each figure is good
+//! to about 3 us per request).
 //!
 //! Run: `cargo bench --bench floor` (env: BENCH_REQUESTS, default 3000; JSON goes to
 //! `BENCH_JSON`, default `target/bench-floor.json`).
@@ -131,7 +132,12 @@ async fn plain_sequence(lane: &Lane, target: SocketAddr, host: &'static str, n: 
         .unwrap()
 }
 
+/// The nodes' allocator, for the bare hop's processes (and this one's lanes).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    peers::bare::run_if_asked();
     bench_logging();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -250,18 +256,17 @@ fn main() {
         let cpu = per_request(proxy_lane.cpu_split() - c0, n + WARMUP);
         rows.push(Figures { name: "minimal hyper proxy -> backend", times, cpu_us: Some(cpu) });
 
-        // The hop's libraries alone, as the mesh hop's floor (two lanes of this process); then
+        // The hop's libraries alone, as the mesh hop's floor (two processes); then
         // the same with headers the size of those a node adds, to show what their QPACK costs.
         for (name, mesh_headers) in [
             ("bare hop: hyper -> h3/quinn -> hyper-util -> backend (libraries only)", false),
             ("bare hop, plus headers the size of the mesh's", true),
         ] {
             let bare = peers::bare::start(&pki, backend, mesh_headers);
-            let [a, b] = &bare.lanes;
-            let (a0, b0) = (a.cpu_split(), b.cpu_split());
+            let c0 = cpu_split(&bare.pids());
             let times = plain_sequence(&client, bare.front, "hello", n).await;
-            let cpu = (a.cpu_split() - a0) + (b.cpu_split() - b0);
-            rows.push(Figures { name, times, cpu_us: Some(per_request(cpu, n + WARMUP)) });
+            let cpu = per_request(cpu_split(&bare.pids()) - c0, n + WARMUP);
+            rows.push(Figures { name, times, cpu_us: Some(cpu) });
         }
 
         // One quicmesh node delivering to the same backend.

@@ -259,7 +259,12 @@ async fn load(target: SocketAddr, host: &'static str, conns: usize, secs: u64) -
     gather(tasks, start).await
 }
 
+/// The nodes' allocator, for the bare hop's processes (and this one's client and backend).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    peers::bare::run_if_asked();
     bench_logging();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {

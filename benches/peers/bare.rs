@@ -2,10 +2,17 @@
 //! server whose requests go out as HTTP/3 over quinn with mutual TLS (the mesh's endpoint and
 //! transport settings) to an h3 server, which hands them to hyper-util's pooled client for the
 //! backend. No routing, header rules, telemetry, retries or policy: what is left between this
-//! and the mesh hop is the nodes' own work (and their being processes of their own). Both sides
-//! run on single-threaded runtimes of their own threads, as a node does by default.
+//! and the mesh hop is the nodes' own work.
+//!
+//! Each half is a process of its own on a single-threaded runtime, as a node is by default (the
+//! bench runs itself again with `QUICMESH_BARE` set), so that neither shares an address space,
+//! an allocator or a scheduler queue with the other, the client or the backend, which nodes
+//! never do.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 use bytes::{Buf, Bytes};
 use http::header::HeaderValue;
@@ -21,9 +28,24 @@ use crate::support::{Lane, Pki, TD};
 /// The two halves, running; the client talks plain HTTP/1.1 to `front`.
 pub struct BareHop {
     pub front: SocketAddr,
-    /// Front and back, for their CPU time; dropping them stops the hop.
-    #[allow(dead_code)] // the load bench only keeps them running
-    pub lanes: [Lane; 2],
+    procs: [Child; 2],
+}
+
+impl BareHop {
+    /// Both processes, front first.
+    #[allow(dead_code)] // for floor's CPU figures; load measures latency only
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for BareHop {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
 }
 
 /// Header values of the size a node adds to each request it sends over the hop (client
@@ -41,13 +63,67 @@ const MESH_HEADERS: [(&str, &str); 6] = [
 /// Starts both halves in front of `backend`; with `mesh_headers`, the front adds
 /// [`MESH_HEADERS`] to every request.
 pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
-    let (front, back) = (Lane::new("bare-a"), Lane::new("bare-b"));
-    let (quic_front, quic_back) = endpoints(pki, (&front, "bare-a"), (&back, "bare-b"));
-    let quic_addr = quic_back.local_addr().unwrap();
-    back.handle.spawn(async move {
+    pki.issue("bare-a");
+    pki.issue("bare-b");
+    let dir = pki.path().display().to_string();
+    let (back, quic) = spawn(&[("QUICMESH_BARE", "back"), ("BARE_DIR", &dir), ("BARE_TO", &backend.to_string())]);
+    let headers = if mesh_headers { "1" } else { "0" };
+    let (front, addr) = spawn(&[
+        ("QUICMESH_BARE", "front"),
+        ("BARE_DIR", &dir),
+        ("BARE_TO", &quic.to_string()),
+        ("BARE_HEADERS", headers),
+    ]);
+    BareHop { front: addr, procs: [front, back] }
+}
+
+/// Runs this bench again as one half; returns it and the address it printed when ready.
+fn spawn(env: &[(&str, &str)]) -> (Child, SocketAddr) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("bare ready: ").and_then(|a| a.parse().ok());
+    (child, addr.unwrap_or_else(|| panic!("a bare hop half did not start: {line:?}")))
+}
+
+/// In a process the bench started with `QUICMESH_BARE` set: runs that half until killed and
+/// never returns. Does nothing otherwise. Call first thing in a bench's `main`.
+pub fn run_if_asked() {
+    let Ok(role) = std::env::var("QUICMESH_BARE") else { return };
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let dir = std::path::PathBuf::from(var("BARE_DIR"));
+    let to: SocketAddr = var("BARE_TO").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let ready = match role.as_str() {
+            "back" => back(&dir, to),
+            _ => front(&dir, to, var("BARE_HEADERS") == "1").await,
+        };
+        println!("bare ready: {ready}");
+        std::future::pending::<()>().await
+    });
+}
+
+fn endpoint(dir: &Path, name: &str, auth: Option<ClientAuth>) -> quinn::Endpoint {
+    let creds =
+        Credentials::load(&dir.join("ca.pem"), &dir.join(format!("{name}.pem")), &dir.join(format!("{name}.key")))
+            .unwrap();
+    let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
+    mesh_endpoint(localhost, &creds, TD, &TransportConfig::default(), auth).unwrap()
+}
+
+/// The back half: an h3 server handing requests to a pooled client for `backend`.
+fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
+    let quic = endpoint(dir, "bare-b", Some(ClientAuth::Required));
+    let addr = quic.local_addr().unwrap();
+    tokio::spawn(async move {
         let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http::<Empty<Bytes>>();
-        while let Some(incoming) = quic_back.accept().await {
+        while let Some(incoming) = quic.accept().await {
             let pool = pool.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
@@ -60,14 +136,17 @@ pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
             });
         }
     });
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
+    addr
+}
+
+/// The front half: an HTTP/1.1 server sending each request over one QUIC connection to `quic`.
+async fn front(dir: &Path, quic: SocketAddr, mesh_headers: bool) -> SocketAddr {
+    let conn = endpoint(dir, "bare-a", None).connect(quic, "bare-b").unwrap().await.unwrap();
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    front.handle.spawn(async move {
-        let conn = quic_front.connect(quic_addr, "bare-b").unwrap().await.unwrap();
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
-        tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
+    tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let _ = s.set_nodelay(true);
             let send = send.clone();
@@ -77,21 +156,18 @@ pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
             });
         }
     });
-    BareHop { front: addr, lanes: [front, back] }
+    addr
 }
 
 /// A QUIC client endpoint on `client`'s lane and a server endpoint requiring client
 /// certificates on `server`'s, each with a fresh mesh identity of the given name and the mesh's
 /// transport settings.
+#[allow(dead_code)] // floor's plain HTTP/3 row
 pub fn endpoints(pki: &Pki, client: (&Lane, &str), server: (&Lane, &str)) -> (quinn::Endpoint, quinn::Endpoint) {
-    let transport = TransportConfig::default();
     let on = |(lane, name): (&Lane, &str), auth| {
-        let d = pki.issue(name);
-        let creds =
-            Credentials::load(&d.join("ca.pem"), &d.join(format!("{name}.pem")), &d.join(format!("{name}.key")))
-                .unwrap();
+        let dir = pki.issue(name);
         let _on = lane.handle.enter();
-        mesh_endpoint(Bind::Addr("127.0.0.1:0".parse().unwrap()), &creds, TD, &transport, auth).unwrap()
+        endpoint(&dir, name, auth)
     };
     (on(client, None), on(server, Some(ClientAuth::Required)))
 }
