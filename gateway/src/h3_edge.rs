@@ -106,10 +106,13 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
         }
     };
     let mut told = false;
+    // One wait for the drain for the connection's life, not one per request accepted.
+    let going_away = edge.mesh.drain.reached(Phase::GoingAway);
+    tokio::pin!(going_away);
     loop {
         let accepted = tokio::select! {
             a = h3.accept() => a,
-            _ = edge.mesh.drain.reached(Phase::GoingAway), if !told => {
+            _ = &mut going_away, if !told => {
                 told = true;
                 if let Err(e) = h3.shutdown(0).await {
                     debug!(%client, error = %e, "could not send GOAWAY");

@@ -85,6 +85,9 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
         }
     };
     let mut told = false;
+    // One wait for the drain for the connection's life, not one per request accepted.
+    let going_away = mesh.drain.reached(Phase::GoingAway);
+    tokio::pin!(going_away);
     let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
     loop {
         let accepted = tokio::select! {
@@ -98,7 +101,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
                 }
                 continue;
             }
-            _ = mesh.drain.reached(Phase::GoingAway), if !told => {
+            _ = &mut going_away, if !told => {
                 // GOAWAY: requests already accepted finish; later ones are refused unprocessed
                 // (H3_REQUEST_REJECTED), so the peer may send them elsewhere.
                 told = true;
