@@ -163,6 +163,10 @@ async fn route(
     }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_internal(&mut parts.headers);
+    // Room for what this node and the mesh add (forwarding, id, trace, source, Host, service,
+    // endpoint) at once, rather than growing the map, rehashing it, a header or two at a time.
+    // Failing to reserve only means growing later.
+    let _ = parts.headers.try_reserve(7);
     // The values this proxy adds share one allocation.
     let mut scratch = headers::Scratch::default();
     headers::append_forwarded_for(&mut parts.headers, client.ip(), &mut scratch);

@@ -59,6 +59,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Drops the mesh-internal headers a client might have tried to set itself.
 pub fn strip_internal(headers: &mut HeaderMap) {
+    // As for hop-by-hop headers: requests almost never carry these, and comparing the few names
+    // present is cheaper than hashing each internal name for a lookup.
+    let internal = |n: &HeaderName| n == SERVICE || n == ENDPOINT || n == SOURCE;
+    if !headers.keys().any(internal) {
+        return;
+    }
     headers.remove(SERVICE);
     headers.remove(ENDPOINT);
     headers.remove(SOURCE);
@@ -308,6 +314,24 @@ mod tests {
         h.insert(TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key(TE));
+    }
+
+    #[test]
+    fn internal_headers_go_every_value_and_only_they() {
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_internal(&mut h);
+        assert_eq!(h.len(), 1);
+        h.append(SOURCE, HeaderValue::from_static("spoofed"));
+        h.append(SOURCE, HeaderValue::from_static("again"));
+        h.insert(SERVICE, HeaderValue::from_static("web"));
+        h.insert(ENDPOINT, HeaderValue::from_static("10.0.0.1:80"));
+        strip_internal(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "1");
+        h.insert(ENDPOINT, HeaderValue::from_static("10.0.0.1:80"));
+        strip_internal(&mut h);
+        assert!(!h.contains_key(ENDPOINT), "{h:?}");
     }
 
     #[test]
