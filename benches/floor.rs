@@ -144,8 +144,6 @@ fn main() {
         let n = env_or("BENCH_REQUESTS", 3000usize);
         let pki = Pki::new();
         let state = pki.issue("node-a");
-        pki.issue("raw-a");
-        pki.issue("raw-b");
         let creds = |name: &str| {
             let d = pki.path();
             Credentials::load(&d.join("ca.pem"), &d.join(format!("{name}.pem")), &d.join(format!("{name}.key")))

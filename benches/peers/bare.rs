@@ -2,7 +2,8 @@
 //! server whose requests go out as HTTP/3 over quinn with mutual TLS (the mesh's endpoint and
 //! transport settings) to an h3 server, which hands them to hyper-util's pooled client for the
 //! backend. No routing, header rules, telemetry, retries or policy: what is left between this
-//! and the mesh hop is the nodes' own work.
+//! and the mesh hop is the nodes' own work and the headers they add (which the second variant,
+//! `mesh_headers`, carries, to tell the two apart).
 //!
 //! Each half is a process of its own on a single-threaded runtime, as a node is by default (the
 //! bench runs itself again with `QUICMESH_BARE` set), so that neither shares an address space,
@@ -50,7 +51,8 @@ impl Drop for BareHop {
 
 /// Header values of the size a node adds to each request it sends over the hop (client
 /// address, request id, trace context, the mesh's service, endpoint and source), for measuring
-/// what their QPACK encoding costs apart from the rest of the nodes' work.
+/// what carrying them costs (mostly their QPACK coding) apart from the rest of the nodes' work.
+/// The back half drops the mesh's own three, as a receiving node does.
 const MESH_HEADERS: [(&str, &str); 6] = [
     ("x-forwarded-for", "127.0.0.1"),
     ("x-request-id", "6c13e6a5-7f45-4ae8-9332-6549a85392ea"),
@@ -67,33 +69,59 @@ pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
     pki.issue("bare-b");
     let dir = pki.path().display().to_string();
     let (back, quic) = spawn(&[("QUICMESH_BARE", "back"), ("BARE_DIR", &dir), ("BARE_TO", &backend.to_string())]);
+    let mut back = Some(back);
     let headers = if mesh_headers { "1" } else { "0" };
-    let (front, addr) = spawn(&[
-        ("QUICMESH_BARE", "front"),
-        ("BARE_DIR", &dir),
-        ("BARE_TO", &quic.to_string()),
-        ("BARE_HEADERS", headers),
-    ]);
-    BareHop { front: addr, procs: [front, back] }
+    let front = std::panic::catch_unwind(|| {
+        spawn(&[
+            ("QUICMESH_BARE", "front"),
+            ("BARE_DIR", &dir),
+            ("BARE_TO", &quic.to_string()),
+            ("BARE_HEADERS", headers),
+        ])
+    });
+    match front {
+        Ok((front, addr)) => BareHop { front: addr, procs: [front, back.take().unwrap()] },
+        Err(panic) => {
+            // The back half must not outlive a failed start.
+            if let Some(mut b) = back.take() {
+                let _ = b.kill();
+                let _ = b.wait();
+            }
+            std::panic::resume_unwind(panic)
+        }
+    }
 }
 
-/// Runs this bench again as one half; returns it and the address it printed when ready.
+/// Runs this bench again as one half; returns it and the address it printed when ready. The
+/// half exits when its stdin closes, so it cannot outlive this process.
 fn spawn(env: &[(&str, &str)]) -> (Child, SocketAddr) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .envs(env.iter().copied())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("bare ready: ").and_then(|a| a.parse().ok());
-    (child, addr.unwrap_or_else(|| panic!("a bare hop half did not start: {line:?}")))
+    let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    match line.trim().strip_prefix("bare ready: ").and_then(|a| a.parse().ok()) {
+        Some(addr) => (child, addr),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a bare hop half did not start: {line:?}");
+        }
+    }
 }
 
-/// In a process the bench started with `QUICMESH_BARE` set: runs that half until killed and
-/// never returns. Does nothing otherwise. Call first thing in a bench's `main`.
+/// In a process the bench started with `QUICMESH_BARE` set: runs that half until its stdin
+/// closes (the bench ended or dropped it), then exits. Does nothing otherwise. Call first thing
+/// in a bench's `main`.
 pub fn run_if_asked() {
     let Ok(role) = std::env::var("QUICMESH_BARE") else { return };
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     let dir = std::path::PathBuf::from(var("BARE_DIR"));
     let to: SocketAddr = var("BARE_TO").parse().unwrap();
@@ -101,7 +129,8 @@ pub fn run_if_asked() {
     rt.block_on(async {
         let ready = match role.as_str() {
             "back" => back(&dir, to),
-            _ => front(&dir, to, var("BARE_HEADERS") == "1").await,
+            "front" => front(&dir, to, var("BARE_HEADERS") == "1").await,
+            other => panic!("QUICMESH_BARE={other}: expected back or front"),
         };
         println!("bare ready: {ready}");
         std::future::pending::<()>().await
@@ -127,7 +156,9 @@ fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
             let pool = pool.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
-                let Ok(mut h3) = h3::server::builder().build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else {
+                let mut builder = h3::server::builder();
+                builder.send_grease(false);
+                let Ok(mut h3) = builder.build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else {
                     return;
                 };
                 while let Ok(Some(resolver)) = h3.accept().await {
@@ -142,7 +173,9 @@ fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
 /// The front half: an HTTP/1.1 server sending each request over one QUIC connection to `quic`.
 async fn front(dir: &Path, quic: SocketAddr, mesh_headers: bool) -> SocketAddr {
     let conn = endpoint(dir, "bare-a", None).connect(quic, "bare-b").unwrap().await.unwrap();
-    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
+    // h3 settings as the mesh's pool has them.
+    let (mut driver, send) =
+        h3::client::builder().send_grease(false).build::<_, _, Bytes>(h3_quinn::Connection::new(conn)).await.unwrap();
     tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -184,7 +217,8 @@ async fn forward(
     // The client's Host becomes :authority (h3 refuses the two when they differ).
     let host = parts.headers.remove(http::header::HOST);
     let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("bare-b");
-    parts.uri = format!("https://{host}{}", parts.uri.path()).parse()?;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("https://{host}{path}").parse()?;
     parts.version = http::Version::HTTP_3;
     if mesh_headers {
         for (name, value) in MESH_HEADERS {
@@ -197,8 +231,7 @@ async fn forward(
     parts.version = http::Version::HTTP_11;
     let mut body = Vec::new();
     while let Some(mut d) = s.recv_data().await? {
-        body.extend_from_slice(d.chunk());
-        d.advance(d.remaining());
+        body.extend_from_slice(&d.copy_to_bytes(d.remaining()));
     }
     Ok(http::Response::from_parts(parts, Full::new(Bytes::from(body))))
 }
@@ -213,7 +246,12 @@ async fn serve_one(
 ) {
     let Ok((req, mut stream)) = resolver.resolve_request().await else { return };
     let (mut parts, ()) = req.into_parts();
-    let Ok(uri) = format!("http://{backend}{}", parts.uri.path()).parse() else { return };
+    // What a receiving node does with the mesh's own headers: they stop here.
+    for (name, _) in MESH_HEADERS.iter().filter(|(name, _)| name.starts_with("quicmesh-")) {
+        parts.headers.remove(*name);
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Ok(uri) = format!("http://{backend}{path}").parse() else { return };
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let Ok(resp) = pool.request(http::Request::from_parts(parts, Empty::new())).await else { return };

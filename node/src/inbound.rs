@@ -243,7 +243,7 @@ async fn deliver(
     rec: &Record,
 ) -> Result<Response<body::Body>, ProxyError> {
     let (mut parts, ()) = req.into_parts();
-    headers::strip_internal(&mut parts.headers);
+    headers::remove_internal(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     if let Some(a) = parts.uri.authority() {
         if let Ok(v) = HeaderValue::from_str(a.as_str()) {

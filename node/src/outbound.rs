@@ -163,9 +163,9 @@ async fn route(
     }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_internal(&mut parts.headers);
-    // Room for what this node and the mesh add (forwarding, id, trace, source, Host, service,
-    // endpoint) at once, rather than growing the map, rehashing it, a header or two at a time.
-    // Failing to reserve only means growing later.
+    // Room for what this node and the mesh may add (forwarding, id, trace, source, Host,
+    // service, endpoint) at once, rather than growing the map, and rehashing it, a header or two
+    // at a time. This can fail only for a map near http's size limit, far beyond the parser's.
     let _ = parts.headers.try_reserve(7);
     // The values this proxy adds share one allocation.
     let mut scratch = headers::Scratch::default();

@@ -57,14 +57,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Drops the mesh-internal headers a client might have tried to set itself.
+/// Drops the mesh-internal headers a client might have tried to set itself. For requests from
+/// clients, which almost never carry them: comparing the few names present is cheaper than
+/// hashing each internal name for a lookup.
 pub fn strip_internal(headers: &mut HeaderMap) {
-    // As for hop-by-hop headers: requests almost never carry these, and comparing the few names
-    // present is cheaper than hashing each internal name for a lookup.
     let internal = |n: &HeaderName| n == SERVICE || n == ENDPOINT || n == SOURCE;
-    if !headers.keys().any(internal) {
-        return;
+    if headers.keys().any(internal) {
+        remove_internal(headers);
     }
+}
+
+/// Drops the mesh-internal headers, for requests that carry them (from a peer node).
+pub fn remove_internal(headers: &mut HeaderMap) {
     headers.remove(SERVICE);
     headers.remove(ENDPOINT);
     headers.remove(SOURCE);
@@ -332,6 +336,10 @@ mod tests {
         h.insert(ENDPOINT, HeaderValue::from_static("10.0.0.1:80"));
         strip_internal(&mut h);
         assert!(!h.contains_key(ENDPOINT), "{h:?}");
+        h.insert(SERVICE, HeaderValue::from_static("web"));
+        h.append(SOURCE, HeaderValue::from_static("a"));
+        remove_internal(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]
