@@ -8,7 +8,8 @@
 //!   without the QUIC leg), with each one's CPU per request;
 //! - the bare hop (`peers/bare.rs`): the hop's libraries without the nodes' work, hyper ->
 //!   HTTP/3 on quinn with mTLS -> hyper-util -> the backend, in two processes; then the same with
-//!   headers the size of those a node adds, which shows what their QPACK encoding costs;
+//!   headers the size of those a node adds, which shows what carrying them costs (mostly their
+//!   QPACK coding);
 //! - the mesh hop, node-a -> QUIC -> node-b -> the same backend, with both nodes' CPU, and the
 //!   nginx and haproxy pairs (TLS between the two) of the load bench, when installed.
 //!
@@ -254,8 +255,8 @@ fn main() {
         let cpu = per_request(proxy_lane.cpu_split() - c0, n + WARMUP);
         rows.push(Figures { name: "minimal hyper proxy -> backend", times, cpu_us: Some(cpu) });
 
-        // The hop's libraries alone, as the mesh hop's floor (two processes); then
-        // the same with headers the size of those a node adds, to show what their QPACK costs.
+        // The hop's libraries alone, as the mesh hop's floor (two processes); then the same
+        // with headers the size of those a node adds, to show what carrying them costs.
         for (name, mesh_headers) in [
             ("bare hop: hyper -> h3/quinn -> hyper-util -> backend (libraries only)", false),
             ("bare hop, plus headers the size of the mesh's", true),

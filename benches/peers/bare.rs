@@ -7,7 +7,7 @@
 //!
 //! Each half is a process of its own on a single-threaded runtime, as a node is by default (the
 //! bench runs itself again with `QUICMESH_BARE` set), so that neither shares an address space,
-//! an allocator or a scheduler queue with the other, the client or the backend, which nodes
+//! an allocator or an async runtime with the other, the client or the backend, which nodes
 //! never do.
 
 use std::io::{BufRead, BufReader};
