@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quicmesh_shared::config::TransportConfig;
-use quicmesh_shared::identity::Credentials;
 use quicmesh_shared::tls::ClientAuth;
 use quicmesh_shared::transport::{mesh_endpoint, Bind};
 use support::*;
@@ -169,10 +168,7 @@ fn main() {
         );
         let port = a.addrs.tcp.iter().find(|(s, _)| s == "sink").unwrap().1;
         // Raw quinn between two endpoints made like the nodes' (mTLS, transport defaults).
-        let creds = |n: &str| {
-            let d = pki.path();
-            Credentials::load(&d.join("ca.pem"), &d.join(format!("{n}.pem")), &d.join(format!("{n}.key"))).unwrap()
-        };
+        let creds = |n: &str| credentials(pki.path(), n);
         let transport = TransportConfig::default();
         // Each raw endpoint on a single-threaded runtime of its own thread, as a node runs by default.
         let (server_lane, client_lane) = (Lane::new("raw-b"), Lane::new("raw-a"));

@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
-use quicmesh_shared::identity::Credentials;
 use quicmesh_shared::tls::ClientAuth;
 use support::*;
 
@@ -145,11 +144,7 @@ fn main() {
         let n = env_or("BENCH_REQUESTS", 3000usize);
         let pki = Pki::new();
         let state = pki.issue("node-a");
-        let creds = |name: &str| {
-            let d = pki.path();
-            Credentials::load(&d.join("ca.pem"), &d.join(format!("{name}.pem")), &d.join(format!("{name}.key")))
-                .unwrap()
-        };
+        let creds = |name: &str| credentials(pki.path(), name);
         let (server, client) = (Lane::new("server"), Lane::new("client"));
         let mut rows = Vec::new();
 

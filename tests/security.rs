@@ -174,12 +174,7 @@ async fn policies_allow_deny_and_audit_on_http_and_tcp() {
 
 /// A QUIC + HTTP/3 client holding `name`'s real certificate, talking to a peer node directly.
 async fn impersonate(dir: &Path, name: &str, peer: &str, addr: SocketAddr) -> (quinn::Endpoint, H3Sender) {
-    let creds = quicmesh_shared::identity::Credentials::load(
-        &dir.join("ca.pem"),
-        &dir.join(format!("{name}.pem")),
-        &dir.join(format!("{name}.key")),
-    )
-    .unwrap();
+    let creds = credentials(dir, name);
     let tls = quicmesh_shared::tls::mesh_client(&creds, TD).unwrap();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();

@@ -20,11 +20,10 @@ use http::header::HeaderValue;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use quicmesh_shared::config::TransportConfig;
-use quicmesh_shared::identity::Credentials;
 use quicmesh_shared::tls::ClientAuth;
 use quicmesh_shared::transport::{mesh_endpoint, Bind};
 
-use crate::support::{Lane, Pki, TD};
+use crate::support::{credentials, Lane, Pki, TD};
 
 /// The two halves, running; the client talks plain HTTP/1.1 to `front`.
 pub struct BareHop {
@@ -138,9 +137,7 @@ pub fn run_if_asked() {
 }
 
 fn endpoint(dir: &Path, name: &str, auth: Option<ClientAuth>) -> quinn::Endpoint {
-    let creds =
-        Credentials::load(&dir.join("ca.pem"), &dir.join(format!("{name}.pem")), &dir.join(format!("{name}.key")))
-            .unwrap();
+    let creds = credentials(dir, name);
     let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
     mesh_endpoint(localhost, &creds, TD, &TransportConfig::default(), auth).unwrap()
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quicmesh_shared::identity::Ca;
+use quicmesh_shared::identity::{Ca, Credentials};
 use tokio::net::TcpListener;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
@@ -68,6 +68,11 @@ impl Pki {
         self.ca.issue(name, Duration::from_secs(3600)).unwrap();
         self.dir.path().to_path_buf()
     }
+}
+
+/// The credentials of member `name` issued into `dir` (ca.pem, name.pem, name.key).
+pub fn credentials(dir: &Path, name: &str) -> Credentials {
+    Credentials::load(&dir.join("ca.pem"), &dir.join(format!("{name}.pem")), &dir.join(format!("{name}.key"))).unwrap()
 }
 
 /// An in-process echo backend on a fresh port.
