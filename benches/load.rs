@@ -7,13 +7,14 @@
 //!   processes spent per request (from /proc: utime + stime of the processes on the path).
 //! - Open loop at fixed rates (1000 and 5000 req/s by default): requests leave on a schedule and
 //!   latency is measured from the scheduled time, so a stall counts against every request it
-//!   delayed (no coordinated omission); p50/p90/p99/p99.9 of direct, one node, the mesh hop, the
+//!   delayed (no coordinated omission). Requests share `BENCH_OPEN_CONNS` keep-alive connections
+//!   opened beforehand and wait for a free one, as wrk2's do. p50/p90/p99/p99.9 of direct, one node, the mesh hop, the
 //!   bare hop (the hop's libraries without the nodes' work: `peers/bare.rs`) and the peer pairs,
 //!   and the latency each adds at each percentile.
 //! - Everything also goes to a JSON file (`BENCH_JSON`, default `target/bench-load.json`).
 //!
 //! Run: `cargo bench --bench load` (env: BENCH_SECS per round, default 4; BENCH_ROUNDS, default 3;
-//! BENCH_CONNS, default 32; BENCH_RATES, default `1000,5000`; BENCH_ONLY=open for the open loop
+//! BENCH_CONNS, default 32; BENCH_OPEN_CONNS, default 64; BENCH_RATES, default `1000,5000`; BENCH_ONLY=open for the open loop
 //! alone; BENCH_PATHS="HTTP/3,Caddy" to run only the closed-loop paths whose names contain these;
 //! BENCH_GATEWAY_WORKERS sets `gateway.workers`, default 0: a thread per core). HTTP/3 ingress
 //! also runs through a second gateway with `gateway.workers = 1`.
@@ -32,12 +33,32 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
 
-/// Open loop: `rate` requests per second for `secs` on a pool of keep-alive connections;
-/// each latency runs from the request's scheduled time.
-async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64) -> Stats {
+/// Open loop: `rate` requests per second for `secs` on at most `conns` keep-alive connections,
+/// opened before the schedule starts; each latency runs from the request's scheduled time, so
+/// time spent waiting for a free connection counts (wrk2's model). An unbounded pool would
+/// instead answer every stall with a burst of new connections, and the tail would measure
+/// each proxy's accept queue rather than its forwarding.
+async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64, conns: usize) -> Stats {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
+        .pool_max_idle_per_host(conns)
         .build_http::<Empty<Bytes>>();
+    let request =
+        move || http::Request::get(format!("http://{target}/")).header("host", host).body(Empty::new()).unwrap();
+    // `conns` requests at once: the pool opens all its connections now, outside the schedule.
+    let warm: Vec<_> = (0..conns)
+        .map(|_| {
+            let (client, req) = (client.clone(), request());
+            tokio::spawn(async move {
+                if let Ok(r) = client.request(req).await {
+                    let _ = r.into_body().collect().await;
+                }
+            })
+        })
+        .collect();
+    for w in warm {
+        let _ = w.await;
+    }
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(conns));
     let start = Instant::now() + Duration::from_millis(10);
     let total = rate * secs;
     let mut tasks = Vec::with_capacity(total as usize);
@@ -57,9 +78,9 @@ async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64)
         }
     });
     while let Some(scheduled) = rx.recv().await {
-        let client = client.clone();
+        let (client, req, slots) = (client.clone(), request(), slots.clone());
         tasks.push(tokio::spawn(async move {
-            let req = http::Request::get(format!("http://{target}/")).header("host", host).body(Empty::new()).unwrap();
+            let Ok(_slot) = slots.acquire().await else { return None };
             match client.request(req).await {
                 Ok(r) if r.status() == 200 => {
                     let _ = r.into_body().collect().await;
@@ -271,6 +292,7 @@ fn main() {
         let secs = env_or("BENCH_SECS", 4);
         let rounds = env_or("BENCH_ROUNDS", 3);
         let conns = env_or("BENCH_CONNS", 32) as usize;
+        let open_conns = env_or("BENCH_OPEN_CONNS", 64).max(1) as usize;
         let pki = Pki::new();
         let state = pki.issue("node-a");
         pki.issue("node-b");
@@ -443,10 +465,13 @@ fn main() {
                 targets.push(("haproxy pair", h.front));
             }
             let mut acc: Vec<Stats> = targets.iter().map(|_| Stats::default()).collect();
+            let mut trouble: Vec<TcpTrouble> = targets.iter().map(|_| TcpTrouble::default()).collect();
             let mut rss_at_rate = (0u64, 0u64);
             for _ in 0..rounds {
                 for (i, (name, target)) in targets.iter().enumerate() {
-                    let s = open_loop(*target, "hello", rate, secs).await;
+                    let before = TcpTrouble::now();
+                    let s = open_loop(*target, "hello", rate, secs, open_conns).await;
+                    trouble[i].add(&TcpTrouble::now().since(&before));
                     if *name == "mesh hop" {
                         // Memory of the nodes right after carrying this rate.
                         rss_at_rate = (rss_at_rate.0.max(proc_status_kib(pa, "VmRSS")), rss_at_rate.1.max(proc_status_kib(pb, "VmRSS")));
@@ -464,11 +489,29 @@ fn main() {
                 let v = &vals[i];
                 println!("| {rate}/s | {name} | {} | {} | {} | {} | {} |", us(v[0]), us(v[1]), us(v[2]), us(v[3]), acc[i].errors);
                 let added: Vec<f64> = (0..4).map(|j| v[j] - vals[0][j]).collect();
-                paths.push(serde_json::json!({ "path": name, "us": v, "added_us": added, "errors": acc[i].errors }));
+                let t = &trouble[i];
+                paths.push(serde_json::json!({
+                    "path": name, "us": v, "added_us": added, "errors": acc[i].errors,
+                    "tcp_during_rounds": {
+                        "listen_overflows": t.listen_overflows, "syn_retransmits": t.syn_retrans,
+                        "retransmitted_segments": t.retrans_segs, "retransmission_timeouts": t.timeouts,
+                    },
+                }));
             }
             for (i, (name, _)) in targets.iter().enumerate().skip(1) {
                 let a: Vec<String> = (0..4).map(|j| us(vals[i][j] - vals[0][j])).collect();
                 println!("| {rate}/s | **added by {name}** | {} | {} | {} | {} | |", a[0], a[1], a[2], a[3]);
+            }
+            // The machine's TCP counters during each path's rounds: a full accept queue or a
+            // retransmission timeout shows in the tail as a stall of 200 ms to seconds.
+            for (i, (name, _)) in targets.iter().enumerate() {
+                let t = &trouble[i];
+                if *t != TcpTrouble::default() {
+                    println!(
+                        "| {rate}/s | TCP trouble during {name}'s rounds | {} accept-queue overflows | {} SYN retransmits | {} segments retransmitted | {} timeouts | |",
+                        t.listen_overflows, t.syn_retrans, t.retrans_segs, t.timeouts
+                    );
+                }
             }
             println!("| {rate}/s | node RSS after the mesh rounds | node-a {} KiB | node-b {} KiB | | | |", rss_at_rate.0, rss_at_rate.1);
             open.push(serde_json::json!({

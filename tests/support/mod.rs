@@ -709,3 +709,56 @@ pub async fn delayed_backend(version: &'static str, delay: Duration) -> SocketAd
     }));
     a
 }
+
+/// Machine-wide TCP counters from `/proc/net/snmp` and `/proc/net/netstat` (benches): accept
+/// queue overflows, SYN retransmits, retransmitted segments, retransmission timeouts. The
+/// machine's, not a process's: read them around a round that runs alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TcpTrouble {
+    pub listen_overflows: u64,
+    pub syn_retrans: u64,
+    pub retrans_segs: u64,
+    pub timeouts: u64,
+}
+
+impl TcpTrouble {
+    pub fn now() -> Self {
+        let mut t = Self::default();
+        for file in ["/proc/net/snmp", "/proc/net/netstat"] {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            // Pairs of lines: "Prefix: names..." then "Prefix: values...".
+            for pair in lines.chunks(2) {
+                let [names, values] = pair else { continue };
+                for (n, v) in names.split_whitespace().zip(values.split_whitespace()).skip(1) {
+                    let v = v.parse().unwrap_or(0);
+                    match (names.split(':').next(), n) {
+                        (Some("TcpExt"), "ListenOverflows") => t.listen_overflows = v,
+                        (Some("TcpExt"), "TCPSynRetrans") => t.syn_retrans = v,
+                        (Some("TcpExt"), "TCPTimeouts") => t.timeouts = v,
+                        (Some("Tcp"), "RetransSegs") => t.retrans_segs = v,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        t
+    }
+
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            listen_overflows: self.listen_overflows.saturating_sub(earlier.listen_overflows),
+            syn_retrans: self.syn_retrans.saturating_sub(earlier.syn_retrans),
+            retrans_segs: self.retrans_segs.saturating_sub(earlier.retrans_segs),
+            timeouts: self.timeouts.saturating_sub(earlier.timeouts),
+        }
+    }
+
+    pub fn add(&mut self, other: &Self) {
+        self.listen_overflows += other.listen_overflows;
+        self.syn_retrans += other.syn_retrans;
+        self.retrans_segs += other.retrans_segs;
+        self.timeouts += other.timeouts;
+    }
+}
