@@ -4,6 +4,12 @@
 //! on a single-threaded runtime of its own thread, as a node runs by default), in alternating
 //! rounds. Issue #9 asks the tunnel for at least 80% of raw quinn.
 //!
+//! A third path, the **bare tunnel**, is the tunnel's floor: the same TCP client and sink and
+//! the same two TCP legs around one raw quinn stream (64 KiB TCP reads written as chunks,
+//! quinn's chunks gathered into vectored TCP writes, as the nodes do), with no HTTP/3 and
+//! nothing else of a node. What it loses against raw quinn is what carrying TCP costs at all;
+//! the distance from it to the mesh tunnel is the nodes' own.
+//!
 //! It also times QUIC connection setup between two such endpoints (mutual TLS with the mesh
 //! certificates): a full handshake (a fresh client, so no session to resume) and a resumed one
 //! (the same client again, TLS 1.3 session resumption), medians of `BENCH_CONNECTS` (200) each.
@@ -26,6 +32,82 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 const CHUNK: usize = 256 << 10;
+
+/// The nodes' allocator, for the lanes of raw quinn and the bare tunnel.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The bare tunnel's front: accepts TCP on its lane and carries each connection on a new
+/// stream of one quinn connection to `back`, read 64 KiB at a time as node-a reads.
+async fn bare_front(lane: &Lane, ep: quinn::Endpoint, back: SocketAddr) -> SocketAddr {
+    let listener = {
+        let _on = lane.handle.enter();
+        let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std.set_nonblocking(true).unwrap();
+        tokio::net::TcpListener::from_std(std).unwrap()
+    };
+    let port = listener.local_addr().unwrap();
+    lane.handle.spawn(async move {
+        let conn = ep.connect(back, "bare-b").unwrap().await.unwrap();
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let (mut send, _recv) = conn.open_bi().await.unwrap();
+                let mut buf = bytes::BytesMut::with_capacity(64 << 10);
+                loop {
+                    buf.reserve(64 << 10);
+                    match tcp.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            if send.write_chunk(buf.split().freeze()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            });
+        }
+    });
+    port
+}
+
+/// The bare tunnel's back: each stream of each connection goes to `sink` over TCP, with what
+/// has arrived gathered into one vectored write (up to 256 chunks), as node-b writes.
+fn bare_back(lane: &Lane, ep: quinn::Endpoint, sink: SocketAddr) {
+    lane.handle.spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            tokio::spawn(async move {
+                while let Ok((_send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut tcp = tokio::net::TcpStream::connect(sink).await.unwrap();
+                        tcp.set_nodelay(true).unwrap();
+                        let mut chunks = vec![Bytes::new(); 256];
+                        while let Ok(Some(n)) = recv.read_chunks(&mut chunks).await {
+                            let mut first = 0;
+                            let mut slices: Vec<std::io::IoSlice> =
+                                chunks[..n].iter().map(|c| std::io::IoSlice::new(c)).collect();
+                            while first < slices.len() {
+                                let Ok(mut wrote) = tcp.write_vectored(&slices[first..]).await else { return };
+                                while first < slices.len() && wrote >= slices[first].len() {
+                                    wrote -= slices[first].len();
+                                    first += 1;
+                                }
+                                if wrote > 0 {
+                                    slices[first].advance(wrote);
+                                }
+                            }
+                        }
+                        let _ = tcp.shutdown().await;
+                    });
+                }
+            });
+        }
+    });
+}
 
 /// A TCP server that reads every connection to its end and reports how many bytes it read.
 async fn sink() -> (SocketAddr, mpsc::UnboundedReceiver<u64>) {
@@ -151,7 +233,7 @@ fn main() {
         let bytes = mib << 20;
         let pki = Pki::new();
         let state = pki.issue("node-a");
-        for n in ["node-b", "raw-a", "raw-b"] {
+        for n in ["node-b", "raw-a", "raw-b", "bare-a", "bare-b"] {
             pki.issue(n);
         }
         // The tunnel: node-a's local port -> node-b -> sink.
@@ -183,14 +265,33 @@ fn main() {
             mesh_endpoint(localhost, &creds("raw-a"), TD, &transport, None).unwrap()
         };
         let (raw_server, raw_client) = ((&server, &server_lane), (&client, &client_lane));
-        // Warm up both.
+        // The bare tunnel: two more endpoints like the nodes', each on a lane of its own.
+        let (bare_a, bare_b) = (Lane::new("bare-a"), Lane::new("bare-b"));
+        let bare_port = {
+            let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
+            let back = {
+                let _on = bare_b.handle.enter();
+                mesh_endpoint(localhost, &creds("bare-b"), TD, &transport, Some(ClientAuth::Required)).unwrap()
+            };
+            let back_addr = back.local_addr().unwrap();
+            bare_back(&bare_b, back, sink_addr);
+            let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
+            let front = {
+                let _on = bare_a.handle.enter();
+                mesh_endpoint(localhost, &creds("bare-a"), TD, &transport, None).unwrap()
+            };
+            bare_front(&bare_a, front, back_addr).await
+        };
+        // Warm up all three.
         tunnel_once(port, 16 << 20, &mut done).await;
+        tunnel_once(bare_port, 16 << 20, &mut done).await;
         quinn_once(raw_client, raw_server, 16 << 20).await;
-        let (mut tunnel, mut raw) = (Vec::new(), Vec::new());
+        let (mut tunnel, mut bare, mut raw) = (Vec::new(), Vec::new(), Vec::new());
         // CPU seconds per GiB: of the nodes alone, and of everything on the path (nodes, and the
         // bench process, which holds the TCP client and sink or both quinn endpoints).
         let (me, nodes) = (std::process::id(), [a.child.id(), b.child.id()]);
         let (mut tunnel_cpu, mut tunnel_node_cpu, mut raw_cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let mut bare_cpu = Vec::new();
         let per_gib = |d: Duration| d.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64);
         for round in 0..rounds {
             let (c0, n0) = (cpu_time(me), cpu_of(&nodes));
@@ -198,9 +299,18 @@ fn main() {
             let (c1, n1) = (cpu_time(me), cpu_of(&nodes));
             let r = quinn_once(raw_client, raw_server, bytes).await;
             let c2 = cpu_time(me);
-            eprintln!("round {round}: tunnel {:.0} MB/s, raw quinn {:.0} MB/s", mb_s(bytes, t), mb_s(bytes, r));
+            let f = tunnel_once(bare_port, bytes, &mut done).await;
+            let c3 = cpu_time(me);
+            eprintln!(
+                "round {round}: tunnel {:.0} MB/s, raw quinn {:.0} MB/s, bare tunnel {:.0} MB/s",
+                mb_s(bytes, t),
+                mb_s(bytes, r),
+                mb_s(bytes, f)
+            );
             tunnel.push(mb_s(bytes, t));
             raw.push(mb_s(bytes, r));
+            bare.push(mb_s(bytes, f));
+            bare_cpu.push(per_gib(c3.saturating_sub(c2)));
             tunnel_node_cpu.push(per_gib(n1.saturating_sub(n0)));
             tunnel_cpu.push(per_gib(n1.saturating_sub(n0) + c1.saturating_sub(c0)));
             raw_cpu.push(per_gib(c2.saturating_sub(c1)));
@@ -214,13 +324,16 @@ fn main() {
         for name in ["quicmesh_quic_sent_packets_total", "quicmesh_quic_lost_packets_total", "quicmesh_quic_congestion_window_bytes", "quicmesh_quic_rtt_seconds"] {
             eprintln!("node-a {name}: {}", metric(&m, name, &[]));
         }
-        let (t, r) = (median(&mut tunnel), median(&mut raw));
+        let (t, r, f) = (median(&mut tunnel), median(&mut raw), median(&mut bare));
         let (tc, tn, rc) = (median(&mut tunnel_cpu), median(&mut tunnel_node_cpu), median(&mut raw_cpu));
+        let fc = median(&mut bare_cpu);
         println!("\none transfer of {mib} MiB, {rounds} alternating rounds, medians");
         println!("| path | MB/s | vs raw quinn | CPU s per GiB, whole path | of which the two nodes |");
         println!("|---|---|---|---|---|");
         println!("| raw quinn, one stream (mTLS, node transport settings) | {r:.0} | 1.00 | {rc:.2} | - |");
+        println!("| bare tunnel: TCP -> one raw quinn stream -> TCP (no HTTP/3, no node) | {f:.0} | {:.2} | {fc:.2} | - |", f / r);
         println!("| TCP -> node-a -> QUIC (HTTP/3 CONNECT) -> node-b -> TCP | {t:.0} | {:.2} | {tc:.2} | {tn:.2} |", t / r);
+        println!("the mesh tunnel against the bare tunnel: {:.2}x the throughput, {:.2}x the CPU per GiB", t / f, tc / fc);
         println!(
             "peak RSS: node-a {} KiB, node-b {} KiB",
             a.peak_rss_kib(),
@@ -253,8 +366,9 @@ fn main() {
         let report = serde_json::json!({
             "bench": "bulk", "mib": mib, "rounds": rounds,
             "raw_quinn_mb_s": r, "tunnel_mb_s": t, "ratio": t / r,
-            "rounds_tunnel": tunnel, "rounds_raw": raw,
-            "cpu_s_per_gib": { "raw_quinn": rc, "tunnel_path": tc, "tunnel_nodes": tn },
+            "bare_tunnel_mb_s": f, "bare_ratio": f / r,
+            "rounds_tunnel": tunnel, "rounds_raw": raw, "rounds_bare": bare,
+            "cpu_s_per_gib": { "raw_quinn": rc, "tunnel_path": tc, "tunnel_nodes": tn, "bare_tunnel_path": fc },
             "connect_full_us": { "p50": us(pct(&full, 0.5)), "p99": us(pct(&full, 0.99)) },
             "connect_resumed_us": { "p50": us(pct(&resumed, 0.5)), "p99": us(pct(&resumed, 0.99)) },
         });
