@@ -13,10 +13,12 @@
 //!   and the latency each adds at each percentile.
 //! - Everything also goes to a JSON file (`BENCH_JSON`, default `target/bench-load.json`).
 //!
-//! Run: `cargo bench --bench load` (env: BENCH_SECS per round, default 4; BENCH_ROUNDS, default 3;
-//! BENCH_CONNS, default 32; BENCH_OPEN_CONNS, default 64; BENCH_RATES, default `1000,5000`; BENCH_ONLY=open for the open loop
-//! alone; BENCH_PATHS="HTTP/3,Caddy" to run only the closed-loop paths whose names contain these;
-//! BENCH_GATEWAY_WORKERS sets `gateway.workers`, default 0: a thread per core). HTTP/3 ingress
+//! Run: `cargo bench --bench load`. Environment:
+//! - closed loop: BENCH_SECS per round (4), BENCH_ROUNDS (3), BENCH_CONNS (32);
+//!   BENCH_PATHS="HTTP/3,Caddy" runs only direct and the paths whose names contain these;
+//! - open loop: BENCH_RATES (`1000,5000`), BENCH_OPEN_ROUNDS (12) of BENCH_OPEN_SECS (1),
+//!   BENCH_OPEN_CONNS (64); BENCH_OPEN_PATHS="mesh,bare" likewise; BENCH_ONLY=open runs it alone;
+//! - BENCH_GATEWAY_WORKERS sets `gateway.workers` (0: a thread per core). HTTP/3 ingress
 //! also runs through a second gateway with `gateway.workers = 1`.
 
 #[path = "../tests/support/mod.rs"]
@@ -452,7 +454,12 @@ fn main() {
             .filter_map(|r| r.trim().parse().ok())
             .collect();
         let mut open = Vec::new();
-        println!("\nopen loop, latency from the scheduled send time, {rounds} alternating rounds of {secs}s per rate");
+        // Many short rounds: this machine's noise comes in bursts of 50-250 ms, and short rounds
+        // spread them over every path instead of handing each burst to whichever path was running.
+        let (open_rounds, open_secs) = (env_or("BENCH_OPEN_ROUNDS", 12), env_or("BENCH_OPEN_SECS", 1));
+        println!(
+            "\nopen loop, latency from the scheduled send time, {open_rounds} alternating rounds of {open_secs}s per rate, {open_conns} connections"
+        );
         println!("| rate | path | p50 | p90 | p99 | p99.9 | errors |");
         println!("|---|---|---|---|---|---|---|");
         for rate in rates {
@@ -464,13 +471,18 @@ fn main() {
             if let Some(h) = &haproxy {
                 targets.push(("haproxy pair", h.front));
             }
+            // BENCH_OPEN_PATHS=a,b keeps direct and the open-loop paths whose names contain a or b.
+            if let Ok(only) = std::env::var("BENCH_OPEN_PATHS") {
+                let keep: Vec<&str> = only.split(',').map(str::trim).collect();
+                targets.retain(|(name, _)| *name == "direct" || keep.iter().any(|k| name.contains(k)));
+            }
             let mut acc: Vec<Stats> = targets.iter().map(|_| Stats::default()).collect();
             let mut trouble: Vec<TcpTrouble> = targets.iter().map(|_| TcpTrouble::default()).collect();
             let mut rss_at_rate = (0u64, 0u64);
-            for _ in 0..rounds {
+            for _ in 0..open_rounds {
                 for (i, (name, target)) in targets.iter().enumerate() {
                     let before = TcpTrouble::now();
-                    let s = open_loop(*target, "hello", rate, secs, open_conns).await;
+                    let s = open_loop(*target, "hello", rate, open_secs, open_conns).await;
                     trouble[i].add(&TcpTrouble::now().since(&before));
                     if *name == "mesh hop" {
                         // Memory of the nodes right after carrying this rate.
@@ -525,7 +537,7 @@ fn main() {
             "bench": "load",
             "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             "machine": { "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()) },
-            "settings": { "secs": secs, "rounds": rounds, "conns": conns },
+            "settings": { "secs": secs, "rounds": rounds, "conns": conns, "open_secs": open_secs, "open_rounds": open_rounds, "open_conns": open_conns },
             "closed_loop": closed,
             "open_loop": open,
             "peak_rss_kib": { "node-a": rss.0, "node-b": rss.1, "gateway": rss.2 },
