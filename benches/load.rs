@@ -19,7 +19,7 @@
 //! - open loop: BENCH_RATES (`1000,5000`), BENCH_OPEN_ROUNDS (12) of BENCH_OPEN_SECS (1),
 //!   BENCH_OPEN_CONNS (64); BENCH_OPEN_PATHS="mesh,bare" likewise; BENCH_ONLY=open runs it alone;
 //! - BENCH_GATEWAY_WORKERS sets `gateway.workers` (0: a thread per core). HTTP/3 ingress
-//! also runs through a second gateway with `gateway.workers = 1`.
+//!   also runs through a second gateway with `gateway.workers = 1`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
