@@ -15,7 +15,7 @@
 //! (the same client again, TLS 1.3 session resumption), medians of `BENCH_CONNECTS` (200) each.
 //!
 //! Run: `cargo bench --bench bulk` (env: BENCH_BULK_MIB per transfer, default 1024; BENCH_ROUNDS,
-//! default 3). JSON goes to `BENCH_JSON` (default `target/bench-bulk.json`).
+//! default 5). JSON goes to `BENCH_JSON` (default `target/bench-bulk.json`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -229,7 +229,8 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mib = env_or("BENCH_BULK_MIB", 1024);
-        let rounds = env_or("BENCH_ROUNDS", 3);
+        // Five rounds: raw quinn alone swings by up to 1.5x between rounds on this machine.
+        let rounds = env_or("BENCH_ROUNDS", 5);
         let bytes = mib << 20;
         let pki = Pki::new();
         let state = pki.issue("node-a");
@@ -324,6 +325,11 @@ fn main() {
         for name in ["quicmesh_quic_sent_packets_total", "quicmesh_quic_lost_packets_total", "quicmesh_quic_congestion_window_bytes", "quicmesh_quic_rtt_seconds"] {
             eprintln!("node-a {name}: {}", metric(&m, name, &[]));
         }
+        // Ratios within each round (its paths ran back to back), then their median: steadier than
+        // a ratio of medians taken from different rounds.
+        let round_ratio: Vec<f64> = tunnel.iter().zip(&raw).map(|(t, r)| t / r).collect();
+        let round_bare_ratio: Vec<f64> = bare.iter().zip(&raw).map(|(f, r)| f / r).collect();
+        let (rt, rf) = (median(&mut round_ratio.clone()), median(&mut round_bare_ratio.clone()));
         let (t, r, f) = (median(&mut tunnel), median(&mut raw), median(&mut bare));
         let (tc, tn, rc) = (median(&mut tunnel_cpu), median(&mut tunnel_node_cpu), median(&mut raw_cpu));
         let fc = median(&mut bare_cpu);
@@ -334,6 +340,7 @@ fn main() {
         println!("| bare tunnel: TCP -> one raw quinn stream -> TCP (no HTTP/3, no node) | {f:.0} | {:.2} | {fc:.2} | - |", f / r);
         println!("| TCP -> node-a -> QUIC (HTTP/3 CONNECT) -> node-b -> TCP | {t:.0} | {:.2} | {tc:.2} | {tn:.2} |", t / r);
         println!("the mesh tunnel against the bare tunnel: {:.2}x the throughput, {:.2}x the CPU per GiB", t / f, tc / fc);
+        println!("median of the rounds' own ratios to raw quinn: mesh tunnel {rt:.2}, bare tunnel {rf:.2}");
         println!(
             "peak RSS: node-a {} KiB, node-b {} KiB",
             a.peak_rss_kib(),
@@ -367,6 +374,8 @@ fn main() {
             "bench": "bulk", "mib": mib, "rounds": rounds,
             "raw_quinn_mb_s": r, "tunnel_mb_s": t, "ratio": t / r,
             "bare_tunnel_mb_s": f, "bare_ratio": f / r,
+            "median_round_ratio": rt, "median_round_bare_ratio": rf,
+            "round_ratios": round_ratio, "round_bare_ratios": round_bare_ratio,
             "rounds_tunnel": tunnel, "rounds_raw": raw, "rounds_bare": bare,
             "cpu_s_per_gib": { "raw_quinn": rc, "tunnel_path": tc, "tunnel_nodes": tn, "bare_tunnel_path": fc },
             "connect_full_us": { "p50": us(pct(&full, 0.5)), "p99": us(pct(&full, 0.99)) },
