@@ -766,3 +766,49 @@ async fn a_get_reaches_the_instance_without_a_body() {
     .await;
     assert!(b < 80.0, "node-b sent {b} packets for 50 requests (node-a {a})");
 }
+
+/// A burst opens a connection to the local instance for each request in flight. Once they have
+/// sat unused for `node.instance_idle`, the node closes them: hyper-util's pool only reaps idle
+/// connections when it has a timer, and without one they stayed open for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_a_local_instance_close_after_instance_idle() {
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    let slow = support::backend::Backend::start("slow", Duration::from_millis(300)).await;
+    let svc = format!(
+        "[[services]]\nname = \"slow\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{}\"\n",
+        slow.addr
+    );
+    let toml = node_toml("node-b", &state, &[], &svc)
+        .replace("admin = \"127.0.0.1:0\"\n", "admin = \"127.0.0.1:0\"\ninstance_idle = \"2s\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &toml);
+    // Six at once, each answered after 300 ms: the node needs a connection for each.
+    let client = h1_client();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let client = client.clone();
+            let req = http::Request::get(format!("http://{}/", b.addrs.outbound))
+                .header("host", "slow")
+                .body(Full::default())
+                .unwrap();
+            tokio::spawn(async move { send(&client, req).await.0 })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    let open = slow.open.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(open >= 2, "the burst should have opened several connections to the instance, found {open}");
+    eventually(Duration::from_secs(20), "the node to close its idle connections to the instance", || async {
+        (slow.open.load(std::sync::atomic::Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    // And it still reaches the instance afterwards, on a new connection.
+    let req = http::Request::get(format!("http://{}/", b.addrs.outbound))
+        .header("host", "slow")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&h1_client(), req).await.0, 200);
+    drop(b);
+    drop(pki);
+}

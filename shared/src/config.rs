@@ -164,6 +164,9 @@ pub struct NodeConfig {
     /// Threads that run the proxy: 1 (the default) is a single-threaded runtime, the cheapest
     /// per request; 0 is one per CPU core. Read at start.
     pub workers: usize,
+    /// A kept-alive connection to a local instance closes after this long unused. Read at start.
+    #[serde(with = "humantime_serde")]
+    pub instance_idle: Duration,
 }
 
 /// Where the control plane is.
@@ -198,6 +201,7 @@ impl Default for NodeConfig {
             renew_before: None,
             drain_timeout: Duration::from_secs(10),
             workers: 1,
+            instance_idle: Duration::from_secs(60),
         }
     }
 }
@@ -614,6 +618,9 @@ impl Config {
             }
             if node.workers > MAX_WORKERS {
                 return Err(invalid("node.workers", format!("{} is more than {MAX_WORKERS} threads", node.workers)));
+            }
+            if node.instance_idle.is_zero() {
+                return Err(invalid("node.instance_idle", "must be more than zero".to_string()));
             }
             for (i, inst) in node.instances.iter().enumerate() {
                 if let Some(Err(reason)) = inst.health.as_ref().map(|h| h.validate()) {

@@ -23,7 +23,7 @@ use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::Body as _;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
@@ -174,13 +174,20 @@ pub struct LocalClient {
 }
 
 impl LocalClient {
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// `idle`: how long a kept-alive connection may sit unused before it is closed. The pool's
+    /// timer closes it then; without one, hyper-util only drops an expired connection when it
+    /// next looks for one to reuse, so a burst's extra connections stayed open for good.
+    pub fn new(connect_timeout: Duration, idle: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
-        let h1 =
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector.clone());
-        let h2c = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
+        let builder = || {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_idle_timeout(idle).pool_timer(TokioTimer::new());
+            b
+        };
+        let h1 = builder().build(connector.clone());
+        let h2c = builder().http2_only(true).build(connector);
         Self { h1, h2c, connect_timeout }
     }
 
@@ -364,7 +371,8 @@ fn hash_key_for(lb: &LbConfig, ctx: &PickCtx<'_>) -> Option<u64> {
 impl Mesh {
     pub fn new(config: Arc<Config>, local_node: Option<String>, endpoint: quinn::Endpoint) -> Self {
         let pool = PeerPool::new(endpoint, &config.mesh.trust_domain, config.timeouts.connect);
-        let local = LocalClient::new(config.timeouts.connect);
+        let idle = config.node.as_ref().map_or(crate::config::NodeConfig::default().instance_idle, |n| n.instance_idle);
+        let local = LocalClient::new(config.timeouts.connect, idle);
         let trust_domain = config.mesh.trust_domain.clone();
         let mesh = Self {
             local_node,

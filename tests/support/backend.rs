@@ -24,6 +24,22 @@ pub enum Mode {
     Reset = 2,
 }
 
+/// Counts a connection as open from accept until its task ends or is dropped.
+struct OpenConn(Arc<AtomicU64>);
+
+impl OpenConn {
+    fn new(count: Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: &'static str,
@@ -39,6 +55,8 @@ pub struct Backend {
     pub last_body: Arc<std::sync::Mutex<Vec<u8>>>,
     /// Every request as "METHOD /path", with " early" when it carried `early-data: 1`.
     pub seen: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Connections open now.
+    pub open: Arc<AtomicU64>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -56,6 +74,7 @@ impl Backend {
             max_attempt: Arc::new(AtomicU64::new(0)),
             last_body: Default::default(),
             seen: Default::default(),
+            open: Arc::new(AtomicU64::new(0)),
             task: None,
         };
         let (mode, status, healthy, hits, max_attempt, last_body) = (
@@ -66,7 +85,7 @@ impl Backend {
             b.max_attempt.clone(),
             b.last_body.clone(),
         );
-        let seen = b.seen.clone();
+        let (seen, open) = (b.seen.clone(), b.open.clone());
         b.task = Some(tokio::spawn(async move {
             // Connections live in this set: dropping the task (kill) closes them all.
             let mut conns = JoinSet::new();
@@ -82,7 +101,9 @@ impl Backend {
                 );
                 let seen = seen.clone();
                 let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+                let open = OpenConn::new(open.clone());
                 conns.spawn(async move {
+                    let _open = open;
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let (mode, status, healthy, hits, max_attempt, cut_tx, last_body) = (
                             mode.clone(),
