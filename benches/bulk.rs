@@ -91,7 +91,7 @@ fn bare_back(lane: &Lane, ep: quinn::Endpoint, sink: SocketAddr) {
                             let mut slices: Vec<std::io::IoSlice> =
                                 chunks[..n].iter().map(|c| std::io::IoSlice::new(c)).collect();
                             while first < slices.len() {
-                                let Ok(mut wrote) = tcp.write_vectored(&slices[first..]).await else { return };
+                                let Ok(mut wrote @ 1..) = tcp.write_vectored(&slices[first..]).await else { return };
                                 while first < slices.len() && wrote >= slices[first].len() {
                                     wrote -= slices[first].len();
                                     first += 1;
@@ -295,13 +295,23 @@ fn main() {
         let mut bare_cpu = Vec::new();
         let per_gib = |d: Duration| d.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64);
         for round in 0..rounds {
-            let (c0, n0) = (cpu_time(me), cpu_of(&nodes));
-            let t = tunnel_once(port, bytes, &mut done).await;
-            let (c1, n1) = (cpu_time(me), cpu_of(&nodes));
-            let r = quinn_once(raw_client, raw_server, bytes).await;
-            let c2 = cpu_time(me);
-            let f = tunnel_once(bare_port, bytes, &mut done).await;
-            let c3 = cpu_time(me);
+            // Each round starts with the next path, so no path always runs first or last.
+            let (mut t, mut r, mut f) = Default::default();
+            let (mut t_cpu, mut t_nodes, mut r_cpu, mut f_cpu) = Default::default();
+            for k in 0..3 {
+                let (c0, n0) = (cpu_time(me), cpu_of(&nodes));
+                match (round + k) % 3 {
+                    0 => t = tunnel_once(port, bytes, &mut done).await,
+                    1 => r = quinn_once(raw_client, raw_server, bytes).await,
+                    _ => f = tunnel_once(bare_port, bytes, &mut done).await,
+                }
+                let (c, n) = (cpu_time(me).saturating_sub(c0), cpu_of(&nodes).saturating_sub(n0));
+                match (round + k) % 3 {
+                    0 => (t_cpu, t_nodes) = (c + n, n),
+                    1 => r_cpu = c,
+                    _ => f_cpu = c,
+                }
+            }
             eprintln!(
                 "round {round}: tunnel {:.0} MB/s, raw quinn {:.0} MB/s, bare tunnel {:.0} MB/s",
                 mb_s(bytes, t),
@@ -311,10 +321,10 @@ fn main() {
             tunnel.push(mb_s(bytes, t));
             raw.push(mb_s(bytes, r));
             bare.push(mb_s(bytes, f));
-            bare_cpu.push(per_gib(c3.saturating_sub(c2)));
-            tunnel_node_cpu.push(per_gib(n1.saturating_sub(n0)));
-            tunnel_cpu.push(per_gib(n1.saturating_sub(n0) + c1.saturating_sub(c0)));
-            raw_cpu.push(per_gib(c2.saturating_sub(c1)));
+            bare_cpu.push(per_gib(f_cpu));
+            tunnel_node_cpu.push(per_gib(t_nodes));
+            tunnel_cpu.push(per_gib(t_cpu));
+            raw_cpu.push(per_gib(r_cpu));
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -330,7 +340,7 @@ fn main() {
         let round_ratio: Vec<f64> = tunnel.iter().zip(&raw).map(|(t, r)| t / r).collect();
         let round_bare_ratio: Vec<f64> = bare.iter().zip(&raw).map(|(f, r)| f / r).collect();
         let (rt, rf) = (median(&mut round_ratio.clone()), median(&mut round_bare_ratio.clone()));
-        let (t, r, f) = (median(&mut tunnel), median(&mut raw), median(&mut bare));
+        let (t, r, f) = (median(&mut tunnel.clone()), median(&mut raw.clone()), median(&mut bare.clone()));
         let (tc, tn, rc) = (median(&mut tunnel_cpu), median(&mut tunnel_node_cpu), median(&mut raw_cpu));
         let fc = median(&mut bare_cpu);
         println!("\none transfer of {mib} MiB, {rounds} alternating rounds, medians");

@@ -35,32 +35,47 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
 
-/// Open loop: `rate` requests per second for `secs` on at most `conns` keep-alive connections,
-/// opened before the schedule starts; each latency runs from the request's scheduled time, so
-/// time spent waiting for a free connection counts (wrk2's model). An unbounded pool would
-/// instead answer every stall with a burst of new connections, and the tail would measure
-/// each proxy's accept queue rather than its forwarding.
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// One HTTP/1.1 keep-alive connection to `target`, its driver spawned.
+async fn connect_h1(target: SocketAddr) -> Option<Sender> {
+    let tcp = tokio::net::TcpStream::connect(target).await.ok()?;
+    tcp.set_nodelay(true).ok()?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.ok()?;
+    tokio::spawn(conn);
+    Some(send)
+}
+
+/// One GET / on `send`; true when it answered 200 and its body was read.
+async fn get(send: &mut Sender, host: &'static str) -> bool {
+    let req = http::Request::get("/").header("host", host).body(Empty::<Bytes>::new()).unwrap();
+    if send.ready().await.is_err() {
+        return false;
+    }
+    match send.send_request(req).await {
+        Ok(r) if r.status() == 200 => r.into_body().collect().await.is_ok(),
+        _ => false,
+    }
+}
+
+/// Open loop: `rate` requests per second for `secs` over exactly `conns` keep-alive
+/// connections, opened (and each used once) before the schedule starts. A request waits until
+/// it holds a free connection, and its latency runs from its scheduled time, so that wait
+/// counts (wrk2's model). A pool that opened a connection whenever none was free would answer
+/// every stall with a burst of connects, and the tail would measure each proxy's accept queue
+/// rather than its forwarding. A connection that fails is replaced, and counted in
+/// `Stats::reconnects`.
 async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64, conns: usize) -> Stats {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(conns)
-        .build_http::<Empty<Bytes>>();
-    let request =
-        move || http::Request::get(format!("http://{target}/")).header("host", host).body(Empty::new()).unwrap();
-    // `conns` requests at once: the pool opens all its connections now, outside the schedule.
-    let warm: Vec<_> = (0..conns)
-        .map(|_| {
-            let (client, req) = (client.clone(), request());
-            tokio::spawn(async move {
-                if let Ok(r) = client.request(req).await {
-                    let _ = r.into_body().collect().await;
-                }
-            })
-        })
-        .collect();
-    for w in warm {
-        let _ = w.await;
+    let mut idle = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        if let Some(mut send) = connect_h1(target).await {
+            get(&mut send, host).await;
+            idle.push(send);
+        }
     }
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(conns));
+    let idle = std::sync::Arc::new(std::sync::Mutex::new(idle));
+    let reconnects = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now() + Duration::from_millis(10);
     let total = rate * secs;
     let mut tasks = Vec::with_capacity(total as usize);
@@ -80,16 +95,25 @@ async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64,
         }
     });
     while let Some(scheduled) = rx.recv().await {
-        let (client, req, slots) = (client.clone(), request(), slots.clone());
+        let (slots, idle, reconnects) = (slots.clone(), idle.clone(), reconnects.clone());
         tasks.push(tokio::spawn(async move {
             let Ok(_slot) = slots.acquire().await else { return None };
-            match client.request(req).await {
-                Ok(r) if r.status() == 200 => {
-                    let _ = r.into_body().collect().await;
-                    Some(scheduled.elapsed())
+            // There are as many slots as connections: holding a slot means one is free, unless
+            // a failed one was dropped, which this replaces.
+            let free = idle.lock().unwrap().pop();
+            let mut send = match free {
+                Some(s) if !s.is_closed() => s,
+                _ => {
+                    reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    connect_h1(target).await?
                 }
-                _ => None,
+            };
+            let ok = get(&mut send, host).await;
+            let took = scheduled.elapsed();
+            if ok {
+                idle.lock().unwrap().push(send);
             }
+            ok.then_some(took)
         }));
     }
     let mut stats = Stats::default();
@@ -100,6 +124,7 @@ async fn open_loop(target: SocketAddr, host: &'static str, rate: u64, secs: u64,
         }
     }
     stats.elapsed = start.elapsed();
+    stats.reconnects = reconnects.load(std::sync::atomic::Ordering::Relaxed);
     stats
 }
 
@@ -108,6 +133,8 @@ struct Stats {
     latencies: Vec<Duration>,
     errors: u64,
     elapsed: Duration,
+    /// Open loop: connections opened during the schedule to replace failed ones.
+    reconnects: u64,
 }
 
 impl Stats {
@@ -257,23 +284,16 @@ async fn load(target: SocketAddr, host: &'static str, conns: usize, secs: u64) -
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0;
-            let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
-            tcp.set_nodelay(true).unwrap();
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
-            tokio::spawn(conn);
+            let mut send = connect_h1(target).await.expect("connect");
             while Instant::now() < deadline {
-                let req = http::Request::get("/").header("host", host).body(Empty::<Bytes>::new()).unwrap();
                 let t0 = Instant::now();
-                if send.ready().await.is_err() {
+                if get(&mut send, host).await {
+                    lat.push(t0.elapsed());
+                } else {
                     errors += 1;
-                    break;
-                }
-                match send.send_request(req).await {
-                    Ok(resp) if resp.status() == 200 => {
-                        let _ = resp.into_body().collect().await;
-                        lat.push(t0.elapsed());
+                    if send.is_closed() {
+                        break;
                     }
-                    _ => errors += 1,
                 }
             }
             (lat, errors)
@@ -490,6 +510,7 @@ fn main() {
                     }
                     acc[i].latencies.extend(s.latencies);
                     acc[i].errors += s.errors;
+                    acc[i].reconnects += s.reconnects;
                 }
             }
             let ps = [0.5, 0.9, 0.99, 0.999];
@@ -503,7 +524,7 @@ fn main() {
                 let added: Vec<f64> = (0..4).map(|j| v[j] - vals[0][j]).collect();
                 let t = &trouble[i];
                 paths.push(serde_json::json!({
-                    "path": name, "us": v, "added_us": added, "errors": acc[i].errors,
+                    "path": name, "us": v, "added_us": added, "errors": acc[i].errors, "reconnects": acc[i].reconnects,
                     "tcp_during_rounds": {
                         "listen_overflows": t.listen_overflows, "syn_retransmits": t.syn_retrans,
                         "retransmitted_segments": t.retrans_segs, "retransmission_timeouts": t.timeouts,
@@ -517,6 +538,9 @@ fn main() {
             // The machine's TCP counters during each path's rounds: a full accept queue or a
             // retransmission timeout shows in the tail as a stall of 200 ms to seconds.
             for (i, (name, _)) in targets.iter().enumerate() {
+                if acc[i].reconnects > 0 {
+                    println!("| {rate}/s | {name}: connections replaced during the schedule | {} | | | | |", acc[i].reconnects);
+                }
                 let t = &trouble[i];
                 if *t != TcpTrouble::default() {
                     println!(

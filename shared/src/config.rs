@@ -164,7 +164,8 @@ pub struct NodeConfig {
     /// Threads that run the proxy: 1 (the default) is a single-threaded runtime, the cheapest
     /// per request; 0 is one per CPU core. Read at start.
     pub workers: usize,
-    /// A kept-alive connection to a local instance closes after this long unused. Read at start.
+    /// A kept-alive connection to a local instance closes once unused for this long (checked
+    /// at this interval, so within about twice it). At most a day. Read at start.
     #[serde(with = "humantime_serde")]
     pub instance_idle: Duration,
 }
@@ -619,8 +620,8 @@ impl Config {
             if node.workers > MAX_WORKERS {
                 return Err(invalid("node.workers", format!("{} is more than {MAX_WORKERS} threads", node.workers)));
             }
-            if node.instance_idle.is_zero() {
-                return Err(invalid("node.instance_idle", "must be more than zero".to_string()));
+            if node.instance_idle.is_zero() || node.instance_idle > Duration::from_secs(86_400) {
+                return Err(invalid("node.instance_idle", "must be more than zero and at most 1 day".to_string()));
             }
             for (i, inst) in node.instances.iter().enumerate() {
                 if let Some(Err(reason)) = inst.health.as_ref().map(|h| h.validate()) {

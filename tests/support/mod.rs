@@ -727,9 +727,16 @@ impl TcpTrouble {
         for file in ["/proc/net/snmp", "/proc/net/netstat"] {
             let text = std::fs::read_to_string(file).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            // Pairs of lines: "Prefix: names..." then "Prefix: values...".
-            for pair in lines.chunks(2) {
+            // "Prefix: names..." followed by "Prefix: values..."; a line whose neighbour has
+            // another prefix is skipped, so one odd line cannot shift every pair after it.
+            let prefix = |l: &str| l.split(':').next().unwrap_or_default().to_string();
+            for pair in lines.windows(2) {
                 let [names, values] = pair else { continue };
+                if prefix(names) != prefix(values)
+                    || names.split_whitespace().nth(1).is_some_and(|w| w.parse::<i64>().is_ok())
+                {
+                    continue;
+                }
                 for (n, v) in names.split_whitespace().zip(values.split_whitespace()).skip(1) {
                     let v = v.parse().unwrap_or(0);
                     match (names.split(':').next(), n) {

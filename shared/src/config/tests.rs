@@ -60,6 +60,7 @@ fn validation_rules() {
         ("[timeouts]\nconnect = \"0s\"\n", "timeouts"),
         ("[node]\nname = \"a\"\nworkers = 5000\n", "node.workers"),
         ("[node]\nname = \"a\"\ninstance_idle = \"0s\"\n", "node.instance_idle"),
+        ("[node]\nname = \"a\"\ninstance_idle = \"2days\"\n", "node.instance_idle"),
         ("[gateway]\nworkers = 5000\n", "gateway.workers"),
         ("[gateway]\n[gateway.limits]\nmax_concurrent_streams = 0\n", "gateway.limits.max_concurrent_streams"),
         ("[transport]\nmax_concurrent_streams = 2000000\n", "transport"),
