@@ -74,8 +74,8 @@ async fn bare_front(lane: &Lane, ep: quinn::Endpoint, back: SocketAddr) -> Socke
     port
 }
 
-/// The bare tunnel's back: each stream of each connection goes to `sink` over TCP, with what
-/// has arrived gathered into one vectored write (up to 256 chunks), as node-b writes.
+/// The bare tunnel's back: each stream of each connection goes to `sink` over TCP, what has
+/// arrived (up to 256 chunks) written with node-b's own vectored writer.
 fn bare_back(lane: &Lane, ep: quinn::Endpoint, sink: SocketAddr) {
     lane.handle.spawn(async move {
         while let Some(incoming) = ep.accept().await {
@@ -85,20 +85,12 @@ fn bare_back(lane: &Lane, ep: quinn::Endpoint, sink: SocketAddr) {
                     tokio::spawn(async move {
                         let mut tcp = tokio::net::TcpStream::connect(sink).await.unwrap();
                         tcp.set_nodelay(true).unwrap();
-                        let mut chunks = vec![Bytes::new(); 256];
-                        while let Ok(Some(n)) = recv.read_chunks(&mut chunks).await {
-                            let mut first = 0;
-                            let mut slices: Vec<std::io::IoSlice> =
-                                chunks[..n].iter().map(|c| std::io::IoSlice::new(c)).collect();
-                            while first < slices.len() {
-                                let Ok(mut wrote @ 1..) = tcp.write_vectored(&slices[first..]).await else { return };
-                                while first < slices.len() && wrote >= slices[first].len() {
-                                    wrote -= slices[first].len();
-                                    first += 1;
-                                }
-                                if wrote > 0 {
-                                    slices[first].advance(wrote);
-                                }
+                        let mut read = vec![Bytes::new(); 256];
+                        let mut chunks = Vec::with_capacity(256);
+                        while let Ok(Some(n)) = recv.read_chunks(&mut read).await {
+                            chunks.extend(read[..n].iter_mut().map(std::mem::take));
+                            if quicmesh_node::tcp::write_chunks(&mut tcp, &mut chunks).await.is_err() {
+                                return;
                             }
                         }
                         let _ = tcp.shutdown().await;
@@ -296,22 +288,20 @@ fn main() {
         let per_gib = |d: Duration| d.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64);
         for round in 0..rounds {
             // Each round starts with the next path, so no path always runs first or last.
-            let (mut t, mut r, mut f) = Default::default();
-            let (mut t_cpu, mut t_nodes, mut r_cpu, mut f_cpu) = Default::default();
+            // Per path (0 the mesh tunnel, 1 raw quinn, 2 the bare tunnel): time taken, CPU of
+            // this process (client and sink, or the lanes), CPU of the nodes.
+            let (mut took, mut own, mut node) = ([Duration::ZERO; 3], [Duration::ZERO; 3], [Duration::ZERO; 3]);
             for k in 0..3 {
+                let path = (round + k) % 3;
                 let (c0, n0) = (cpu_time(me), cpu_of(&nodes));
-                match (round + k) % 3 {
-                    0 => t = tunnel_once(port, bytes, &mut done).await,
-                    1 => r = quinn_once(raw_client, raw_server, bytes).await,
-                    _ => f = tunnel_once(bare_port, bytes, &mut done).await,
-                }
-                let (c, n) = (cpu_time(me).saturating_sub(c0), cpu_of(&nodes).saturating_sub(n0));
-                match (round + k) % 3 {
-                    0 => (t_cpu, t_nodes) = (c + n, n),
-                    1 => r_cpu = c,
-                    _ => f_cpu = c,
-                }
+                took[path] = match path {
+                    0 => tunnel_once(port, bytes, &mut done).await,
+                    1 => quinn_once(raw_client, raw_server, bytes).await,
+                    _ => tunnel_once(bare_port, bytes, &mut done).await,
+                };
+                (own[path], node[path]) = (cpu_time(me).saturating_sub(c0), cpu_of(&nodes).saturating_sub(n0));
             }
+            let [t, r, f] = took;
             eprintln!(
                 "round {round}: tunnel {:.0} MB/s, raw quinn {:.0} MB/s, bare tunnel {:.0} MB/s",
                 mb_s(bytes, t),
@@ -321,10 +311,10 @@ fn main() {
             tunnel.push(mb_s(bytes, t));
             raw.push(mb_s(bytes, r));
             bare.push(mb_s(bytes, f));
-            bare_cpu.push(per_gib(f_cpu));
-            tunnel_node_cpu.push(per_gib(t_nodes));
-            tunnel_cpu.push(per_gib(t_cpu));
-            raw_cpu.push(per_gib(r_cpu));
+            tunnel_cpu.push(per_gib(own[0] + node[0]));
+            tunnel_node_cpu.push(per_gib(node[0]));
+            raw_cpu.push(per_gib(own[1]));
+            bare_cpu.push(per_gib(own[2]));
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);

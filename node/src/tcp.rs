@@ -261,8 +261,12 @@ pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv:
     tokio::join!(up, down)
 }
 
-/// Writes every byte of `chunks` with vectored writes, then empties it.
-async fn write_chunks<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W, chunks: &mut Vec<Bytes>) -> std::io::Result<()> {
+/// Writes every byte of `chunks` with vectored writes (at most MAX_IOVECS chunks each), then
+/// empties it. Public for the bulk bench's bare tunnel, which writes as node-b does.
+pub async fn write_chunks<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    chunks: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
     chunks.retain(|c| !c.is_empty());
     let mut first = 0;
     while first < chunks.len() {

@@ -729,7 +729,9 @@ impl TcpTrouble {
             let lines: Vec<&str> = text.lines().collect();
             // "Prefix: names..." followed by "Prefix: values..."; a line whose neighbour has
             // another prefix is skipped, so one odd line cannot shift every pair after it.
-            let prefix = |l: &str| l.split(':').next().unwrap_or_default().to_string();
+            fn prefix(line: &str) -> Option<&str> {
+                line.split(':').next()
+            }
             for pair in lines.windows(2) {
                 let [names, values] = pair else { continue };
                 if prefix(names) != prefix(values)
@@ -739,7 +741,7 @@ impl TcpTrouble {
                 }
                 for (n, v) in names.split_whitespace().zip(values.split_whitespace()).skip(1) {
                     let v = v.parse().unwrap_or(0);
-                    match (names.split(':').next(), n) {
+                    match (prefix(names), n) {
                         (Some("TcpExt"), "ListenOverflows") => t.listen_overflows = v,
                         (Some("TcpExt"), "TCPSynRetrans") => t.syn_retrans = v,
                         (Some("TcpExt"), "TCPTimeouts") => t.timeouts = v,
