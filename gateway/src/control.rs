@@ -6,12 +6,14 @@
 //! persisted, so a restarted gateway starts from what it knew, with every node inside its grace.
 
 use std::collections::BTreeMap;
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
+use quicmesh_shared::admission::{self, Admission, Limits};
 use quicmesh_shared::config::{valid_name, Config};
 use quicmesh_shared::control::{self, GatewayMsg, LineReader, NodeMsg, Registration, Snapshot};
 use quicmesh_shared::enroll::{self, EnrollRequest, EnrollResponse};
@@ -457,6 +459,8 @@ const ENROLLED_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 const MAX_ENROLL_BODY: usize = 64 << 10;
 /// How long a peer without a certificate may stay connected.
 const ENROLL_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a node has for its QUIC handshake with the control listener.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Largest header section accepted on the control listener.
 const MAX_HEADERS: u64 = 16 << 10;
 
@@ -516,22 +520,32 @@ pub async fn serve(
     trust_domain: String,
     enroll: Option<Arc<Enroller>>,
 ) {
+    let admission = Admission::new("control", Limits::MESH);
     while let Some(incoming) = endpoint.accept().await {
+        // No state for an attempt until it is let in (a spoofed flood gets Retries).
+        let Some((incoming, slot)) = admission.admit(incoming) else { continue };
         let cp = cp.clone();
         let td = trust_domain.clone();
         let enroll = enroll.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
+            let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, incoming.into_future()).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    slot.release_after(admission::FAILED_HOLD);
                     let reason = tls::handshake_failure_reason(&e);
                     metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason)
                         .increment(1);
                     warn!(%remote, reason, error = %e, "refused control peer");
                     return;
                 }
+                Err(_) => {
+                    metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "timeout")
+                        .increment(1);
+                    return;
+                }
             };
+            drop(slot);
             let name = tls::peer_identity(&conn, &td).and_then(|id| id.node_name().map(str::to_owned));
             if name.is_none() && conn.peer_identity().is_some() {
                 conn.close(1u32.into(), b"no mesh identity");

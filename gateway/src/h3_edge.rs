@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Response};
+use quicmesh_shared::admission::{self, Admission, Limits};
 use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::drain::Phase;
 use quicmesh_shared::error::ProxyError;
@@ -20,14 +21,19 @@ const EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
 use crate::handler::Edge;
 
 pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
+    let limits = Limits { retry_above: edge.limits.quic_retry_above, max: edge.limits.max_handshakes };
+    let admission = Admission::new("edge", limits);
     while let Some(incoming) = endpoint.accept().await {
         if edge.mesh.drain.phase() >= Phase::GoingAway {
             incoming.refuse();
             continue;
         }
+        // No state for an attempt until it is let in (a spoofed flood gets Retries).
+        let Some((incoming, slot)) = admission.admit(incoming) else { continue };
         let edge = edge.clone();
         tokio::spawn(async move {
             let client = incoming.remote_address();
+            let limit = edge.limits.header_read_timeout;
             let connecting = match incoming.accept() {
                 Ok(c) => c,
                 Err(e) => {
@@ -44,24 +50,36 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
                     tokio::spawn(async move {
                         // It resolves at the end of the handshake (true or false: whether the
                         // client's 0-RTT was accepted), or when the connection is lost first.
-                        let _ = established.await;
-                        if watched.close_reason().is_none() {
+                        // A handshake that does not end in time is abandoned.
+                        let ended = tokio::time::timeout(limit, established).await.is_ok();
+                        if ended && watched.close_reason().is_none() {
+                            drop(slot);
                             let _ = handshake_tx.send(true);
                         } else {
-                            metrics::counter!(m::EDGE_REJECTED, "reason" => "quic-handshake").increment(1);
+                            slot.release_after(admission::FAILED_HOLD);
+                            watched.close(0u32.into(), b"handshake timed out");
+                            let reason = if ended { "quic-handshake" } else { "quic-handshake-timeout" };
+                            metrics::counter!(m::EDGE_REJECTED, "reason" => reason).increment(1);
                             debug!(%client, "edge QUIC handshake did not complete");
                         }
                     });
                     conn
                 }
-                Err(connecting) => match connecting.await {
-                    Ok(conn) => {
+                Err(connecting) => match tokio::time::timeout(limit, connecting).await {
+                    Ok(Ok(conn)) => {
+                        drop(slot);
                         let _ = handshake_tx.send(true);
                         conn
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
+                        slot.release_after(admission::FAILED_HOLD);
                         metrics::counter!(m::EDGE_REJECTED, "reason" => "quic-handshake").increment(1);
                         debug!(%client, error = %e, "edge QUIC handshake failed");
+                        return;
+                    }
+                    // Dropping the attempt closes it.
+                    Err(_) => {
+                        metrics::counter!(m::EDGE_REJECTED, "reason" => "quic-handshake-timeout").increment(1);
                         return;
                     }
                 },

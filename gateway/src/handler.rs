@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use http::header::{HeaderValue, ALT_SVC, CONTENT_LENGTH, HOST, LOCATION};
 use http::{HeaderName, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::config::GatewayConfig;
 use quicmesh_shared::error::ProxyError;
@@ -144,7 +143,7 @@ impl Edge {
             .ok_or_else(|| ProxyError::NoEndpoint(format!("route {name} has no backend with weight")))?;
         let svc = table.service(&backend.name).ok_or_else(|| ProxyError::NoEndpoint(backend.name.clone()))?;
         rec.service(&svc.config.name);
-        let body = body::boxed(Limited::new(body, limit as usize).map_err(|e| -> body::BoxError { e }));
+        let body = body::limited(body, limit);
         let body = rec.count_request(body);
         let body = self.mesh.mirror_request(&table, &parts, body, &mirrors).await?;
         // Phase: pick an endpoint and forward, with the rule's timeouts, retries and faults.

@@ -141,5 +141,6 @@ pub fn quic_server(tls: rustls::ServerConfig, limits: &EdgeLimits) -> Result<qui
             .map_err(|e| GatewayError::Tls(format!("idle_timeout: {e}")))?,
     ));
     server.transport_config(Arc::new(transport));
+    quicmesh_shared::admission::bound_queue(&mut server);
     Ok(server)
 }

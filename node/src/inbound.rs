@@ -10,6 +10,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response};
+use std::future::IntoFuture;
+
+use quicmesh_shared::admission::{self, Admission, Handshaking, Limits};
 use quicmesh_shared::authz::{Caller, Target};
 use quicmesh_shared::body;
 use quicmesh_shared::config::{Protocol, ServiceConfig};
@@ -29,27 +32,39 @@ pub type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, B
 
 /// Accepts peers until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
+    let admission = Admission::new("inbound", Limits::MESH);
     while let Some(incoming) = endpoint.accept().await {
         if mesh.drain.phase() >= Phase::GoingAway {
             // Peers learn at once that this node takes nothing new and send elsewhere.
             incoming.refuse();
             continue;
         }
-        tokio::spawn(connection(incoming, mesh.clone()));
+        // No state for an attempt until it is let in (a spoofed flood gets Retries).
+        let Some((incoming, slot)) = admission.admit(incoming) else { continue };
+        tokio::spawn(connection(incoming, slot, mesh.clone()));
     }
 }
 
-async fn connection(incoming: quinn::Incoming, mesh: Arc<Mesh>) {
+async fn connection(incoming: quinn::Incoming, slot: Handshaking, mesh: Arc<Mesh>) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    let limit = mesh.table().config.timeouts.connect;
+    let conn = match tokio::time::timeout(limit, incoming.into_future()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            slot.release_after(admission::FAILED_HOLD);
             let reason = tls::handshake_failure_reason(&e);
             metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason).increment(1);
             warn!(%remote, reason, error = %e, "refused QUIC peer");
             return;
         }
+        // Dropping the attempt closes it.
+        Err(_) => {
+            metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "timeout").increment(1);
+            debug!(%remote, ?limit, "QUIC handshake from a would-be peer did not complete in time");
+            return;
+        }
     };
+    drop(slot);
     let td = &mesh.trust_domain;
     let Some(peer) = tls::peer_identity(&conn, td).and_then(|id| id.node_name().map(str::to_owned)) else {
         metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "wrong-identity")
@@ -64,6 +79,7 @@ async fn connection(incoming: quinn::Incoming, mesh: Arc<Mesh>) {
         conn.close(2u32.into(), b"revoked");
         return;
     }
+    quicmesh_shared::transport::open_streams(&conn, &mesh.table().config.transport);
     metrics::counter!(m::QUIC_CONNECTIONS_OPENED, "direction" => "inbound", "peer" => peer.clone()).increment(1);
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").increment(1.0);
     info!(%remote, peer, "accepted QUIC peer");
@@ -250,9 +266,16 @@ async fn deliver(
             parts.headers.insert(HOST, v);
         }
     }
-    let req = Request::from_parts(parts, rec.count_request(body::request_body(recv).await));
+    // A request body the peer cut off (its client's fault) is not the instance's failure.
+    let (body, fault) = body::watch_source(rec.count_request(body::request_body(recv).await));
+    let req = Request::from_parts(parts, body);
     let timeout = table.config.timeouts.request;
-    tokio::time::timeout(timeout, mesh.local.send(req, addr, protocol))
+    let result = tokio::time::timeout(timeout, mesh.local.send(req, addr, protocol))
         .await
-        .map_err(|_| ProxyError::Timeout(timeout))?
+        .map_err(|_| ProxyError::Timeout(timeout))
+        .and_then(|r| r);
+    match fault.error() {
+        Some(e) => Err(e),
+        None => result,
+    }
 }

@@ -297,6 +297,102 @@ pub fn with_guard<G: Send + Unpin + 'static>(body: Body, guard: G) -> Body {
     Guarded { inner: body, _guard: guard }.boxed_unsync()
 }
 
+/// What broke a client's request body, shared between the body and the try that sends it.
+///
+/// A body that fails while a proxy forwards it is the client's fault (a malformed chunk, a
+/// reset stream, a body past the limit), never the upstream's: the try that carried it ends
+/// with this error instead of whatever the upstream made of the cut request, so it is answered
+/// 400 or 413, retried nowhere and held against no endpoint or connection.
+#[derive(Clone, Default)]
+pub struct SourceFault(Arc<SourceFaultState>);
+
+#[derive(Default)]
+struct SourceFaultState {
+    error: Mutex<Option<crate::error::ProxyError>>,
+    notify: tokio::sync::Notify,
+}
+
+impl SourceFault {
+    /// The client error, once the body failed.
+    pub fn error(&self) -> Option<crate::error::ProxyError> {
+        self.0.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Resolves when the body fails; never, while it does not.
+    pub async fn failed(&self) -> crate::error::ProxyError {
+        loop {
+            let notified = self.0.notify.notified();
+            if let Some(e) = self.error() {
+                return e;
+            }
+            notified.await;
+        }
+    }
+
+    fn set(&self, e: &BoxError) {
+        let error = match e.downcast_ref::<crate::error::ProxyError>() {
+            Some(known) => known.clone(),
+            None => crate::error::ProxyError::BadRequest(format!("request body: {e}")),
+        };
+        let mut slot = self.0.error.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(error);
+        drop(slot);
+        self.0.notify.notify_waiters();
+    }
+}
+
+/// `body`, reporting its first error to the returned [`SourceFault`].
+pub fn watch_source(body: Body) -> (Body, SourceFault) {
+    let fault = SourceFault::default();
+    if body.is_end_stream() {
+        return (body, fault);
+    }
+    let watched = Watched { inner: body, fault: fault.clone() };
+    (watched.boxed_unsync(), fault)
+}
+
+struct Watched {
+    inner: Body,
+    fault: SourceFault,
+}
+
+impl HttpBody for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Err(e)) = &polled {
+            self.fault.set(e);
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Caps a client's request body at `limit` bytes; past it the body fails with
+/// [`ProxyError::BodyTooLarge`](crate::error::ProxyError::BodyTooLarge), which a try reports as
+/// 413 whether or not the body declared its length.
+pub fn limited(body: Body, limit: u64) -> Body {
+    let capped = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    capped
+        .map_err(move |e| -> BoxError {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Box::new(crate::error::ProxyError::BodyTooLarge(limit))
+            } else {
+                e
+            }
+        })
+        .boxed_unsync()
+}
+
 /// A request body that can be sent again for a retry: it streams to the first try as it
 /// arrives (nothing waits for the whole body) while a copy is kept up to a limit. Each
 /// [`Replay::body`] yields what was read so far, then goes on reading the original; a body

@@ -308,6 +308,11 @@ pub struct EdgeLimits {
     pub max_concurrent_streams: u32,
     /// Largest request body, bytes (413 past it); routes may set their own `maxRequestBody`.
     pub max_request_body: u64,
+    /// QUIC handshakes in progress past which clients must prove their address with a Retry
+    /// first (0: always), so a flood of spoofed Initials keeps no state.
+    pub quic_retry_above: usize,
+    /// QUIC handshakes in progress at most; past it new attempts are refused.
+    pub max_handshakes: usize,
 }
 
 impl Default for EdgeLimits {
@@ -319,6 +324,8 @@ impl Default for EdgeLimits {
             idle_timeout: Duration::from_secs(60),
             max_concurrent_streams: 256,
             max_request_body: 64 << 20,
+            quic_retry_above: 64,
+            max_handshakes: 4096,
         }
     }
 }
@@ -654,6 +661,9 @@ impl Config {
             }
             if gw.workers > MAX_WORKERS {
                 return Err(invalid("gateway.workers", format!("{} is more than {MAX_WORKERS} threads", gw.workers)));
+            }
+            if gw.limits.max_handshakes == 0 {
+                return Err(invalid("gateway.limits.max_handshakes", "must be at least 1"));
             }
             if !(1..=MAX_STREAMS).contains(&gw.limits.max_concurrent_streams) {
                 return Err(invalid("gateway.limits.max_concurrent_streams", format!("must be 1..={MAX_STREAMS}")));

@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admission;
 pub mod authz;
 pub mod balance;
 pub mod body;

@@ -597,8 +597,8 @@ impl Mesh {
             };
             let _ = self.peer(table, ep).await;
         }
-        let start = std::time::Instant::now();
-        let result = if self.is_local(ep) {
+        let local = self.is_local(ep);
+        if local {
             // Local delivery skips the inbound side, so the policy is applied here.
             let caller = crate::authz::Caller {
                 node: self.local_node.as_deref().unwrap_or_default(),
@@ -614,12 +614,34 @@ impl Mesh {
             if let Err(denied) = self.authorize(table, &svc.config.name, &caller, &target) {
                 return Err(TryError::sent(denied));
             }
-            match tokio::time::timeout(per_try, self.local.send(req, ep.address, svc.config.protocol)).await {
-                Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
-                Ok(r) => r.map_err(TryError::from),
+        }
+        // A request body that breaks is the client's doing: the try ends with the client's
+        // error at once, whatever the upstream made of the cut request.
+        let (parts, body) = req.into_parts();
+        let (body, fault) = body::watch_source(body);
+        let req = Request::from_parts(parts, body);
+        let start = std::time::Instant::now();
+        let attempt = async {
+            if local {
+                match tokio::time::timeout(per_try, self.local.send(req, ep.address, svc.config.protocol)).await {
+                    Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
+                    Ok(r) => r.map_err(TryError::from),
+                }
+            } else {
+                self.forward_remote(req, table, svc, ep, per_try).await
             }
-        } else {
-            self.forward_remote(req, table, svc, ep, per_try).await
+        };
+        let result = tokio::select! {
+            biased;
+            r = attempt => r,
+            e = fault.failed() => Err(TryError::sent(e)),
+        };
+        let result = match fault.error() {
+            Some(e) => {
+                debug!(service = svc.config.name, error = %e, "the client's request body failed");
+                return Err(TryError::sent(e));
+            }
+            None => result,
         };
         // A failure costs like a timeout, so the balancer steers away from it.
         in_flight.observe(if result.is_ok() { start.elapsed() } else { per_try.max(start.elapsed()) });
@@ -931,7 +953,6 @@ fn rejected(e: &h3::error::StreamError) -> bool {
 /// A stream error caused by the connection as a whole (so the pooled connection is dead).
 fn is_connection_error(e: &h3::error::StreamError) -> bool {
     matches!(e, h3::error::StreamError::ConnectionError { .. })
-        || e.to_string().to_ascii_lowercase().contains("connection")
 }
 
 /// Bytes as a body (used by tests and the demo's sample services).

@@ -126,7 +126,13 @@ pub struct Record {
     /// Body bytes of the request and of the response, counted as they pass.
     bytes: Arc<[AtomicU64; 2]>,
     log: Option<Arc<AccessLog>>,
+    /// An answer was counted ([`Record::finish`]); otherwise the client went away first.
+    answered: bool,
 }
+
+/// The status counted for a request whose client went away before the proxy could answer
+/// (reset its stream, closed its connection), as nginx does.
+pub const CLIENT_CLOSED: u16 = 499;
 
 const REQUEST: usize = 0;
 const RESPONSE: usize = 1;
@@ -150,6 +156,7 @@ impl Record {
             protocol: None,
             bytes: Default::default(),
             log,
+            answered: false,
         }
     }
 
@@ -247,33 +254,45 @@ impl Record {
         if let Some(reason) = resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()) {
             self.entry.error = reason.to_string();
         }
+        self.count_answer(status);
+        let bytes = self.bytes.clone();
+        let done = Done { _record: self };
+        resp.map(|b| Counted { inner: b, bytes, which: RESPONSE, done: Some(done) }.boxed_unsync())
+    }
+
+    fn count_answer(&mut self, status: u16) {
+        self.answered = true;
         let h = self.handles();
         h.requests(status, self.protocol).increment(1);
         h.duration.record(self.start.elapsed().as_secs_f64());
-        let bytes = self.bytes.clone();
-        let done = Done { record: self, handles: h };
-        resp.map(|b| Counted { inner: b, bytes, which: RESPONSE, done: Some(done) }.boxed_unsync())
     }
 }
 
-/// Fires when the response body is finished with: bytes, in-flight gauge, access log.
+/// Fires when the response body is finished with (the record's drop does the work).
 struct Done {
-    record: Record,
-    handles: Arc<Handles>,
+    _record: Record,
 }
 
-impl Drop for Done {
+/// Bytes, the in-flight gauge and the access log, once the request is over; a request dropped
+/// before it was answered (its client reset the stream or left) counts as 499 `client-closed`.
+impl Drop for Record {
     fn drop(&mut self) {
-        let r = &mut self.record;
-        let (received, sent) = (r.bytes[REQUEST].load(Ordering::Relaxed), r.bytes[RESPONSE].load(Ordering::Relaxed));
-        let e = &mut r.entry;
-        self.handles.request_bytes.increment(received);
-        self.handles.response_bytes.increment(sent);
-        if r.in_flight {
-            self.handles.in_flight.decrement(1.0);
+        if !self.answered {
+            self.entry.status = CLIENT_CLOSED;
+            self.entry.error = "client-closed".to_string();
+            self.count_answer(CLIENT_CLOSED);
         }
-        if let Some(log) = &r.log {
-            e.duration_ms = r.start.elapsed().as_secs_f64() * 1000.0;
+        let handles = self.handles();
+        let (received, sent) =
+            (self.bytes[REQUEST].load(Ordering::Relaxed), self.bytes[RESPONSE].load(Ordering::Relaxed));
+        handles.request_bytes.increment(received);
+        handles.response_bytes.increment(sent);
+        if self.in_flight {
+            handles.in_flight.decrement(1.0);
+        }
+        if let Some(log) = &self.log {
+            let e = &mut self.entry;
+            e.duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
             e.bytes_received = received;
             e.bytes_sent = sent;
             log.log(e);

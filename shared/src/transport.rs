@@ -123,6 +123,33 @@ pub fn client_config(
     Ok(client)
 }
 
+/// The server side of a mesh endpoint, with its queue of undecided attempts bounded.
+fn server_config(
+    creds: &Credentials,
+    auth: tls::ClientAuth,
+    cfg: &TransportConfig,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let crypto =
+        QuicServerConfig::try_from(tls::mesh_server(creds, auth)?).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // quinn makes room for every stream a peer may open when the connection is created:
+    // thousands of entries, hundreds of KB, for a sender of Initials nobody has checked yet.
+    // A peer gets the full limit once it is authenticated (`open_streams`).
+    let mut transport = transport_config(cfg)?;
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(HANDSHAKE_STREAMS));
+    server.transport_config(Arc::new(transport));
+    crate::admission::bound_queue(&mut server);
+    Ok(server)
+}
+
+/// Request streams a peer may open on a connection accepted before it is authenticated.
+pub const HANDSHAKE_STREAMS: u32 = 16;
+
+/// Gives an authenticated peer its full stream limit (`transport.max_concurrent_streams`).
+pub fn open_streams(conn: &quinn::Connection, cfg: &TransportConfig) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(advertised_streams(cfg.max_concurrent_streams)));
+}
+
 /// Installs new credentials (a renewed certificate) as the endpoint's server side: peers that
 /// connect from now on see them; established connections carry on untouched. Returns the
 /// matching client config, for the peer pool.
@@ -134,11 +161,7 @@ pub fn reconfigure(
     serve: Option<tls::ClientAuth>,
 ) -> Result<quinn::ClientConfig, TransportError> {
     if let Some(auth) = serve {
-        let crypto =
-            QuicServerConfig::try_from(tls::mesh_server(creds, auth)?).map_err(|e| TlsError::Quic(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(transport_config(cfg)?));
-        endpoint.set_server_config(Some(server));
+        endpoint.set_server_config(Some(server_config(creds, auth, cfg)?));
     }
     client_config(creds, trust_domain, cfg)
 }
@@ -151,15 +174,7 @@ pub fn mesh_endpoint(
     cfg: &TransportConfig,
     serve: Option<tls::ClientAuth>,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let server = if let Some(auth) = serve {
-        let crypto =
-            QuicServerConfig::try_from(tls::mesh_server(creds, auth)?).map_err(|e| TlsError::Quic(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(transport_config(cfg)?));
-        Some(server)
-    } else {
-        None
-    };
+    let server = serve.map(|auth| server_config(creds, auth, cfg)).transpose()?;
     let endpoint_cfg = endpoint_config(creds);
     let socket = udp_socket(bind, cfg.socket_buffer)?;
     let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })?;

@@ -495,6 +495,8 @@ pub struct DemoProc {
     /// Gateway port (TCP and UDP).
     pub port: u16,
     pub admin: SocketAddr,
+    /// Each node's name and QUIC (inbound) address.
+    pub nodes: Vec<(String, SocketAddr)>,
     pub stderr: tempfile::NamedTempFile,
 }
 
@@ -517,9 +519,11 @@ impl DemoProc {
                 let _ = tx.send(line);
             }
         });
-        let (mut port, mut admin) = (None, None);
+        let (mut port, mut admin, mut nodes) = (None, None, Vec::new());
         let deadline = Instant::now() + Duration::from_secs(30);
-        while port.is_none() || admin.is_none() {
+        // The node lines come after the gateway's; "Try" follows them all.
+        let mut listed = false;
+        while port.is_none() || admin.is_none() || !listed {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(line) = rx.recv_timeout(left) else {
                 let _ = child.kill();
@@ -529,10 +533,16 @@ impl DemoProc {
             match words.as_slice() {
                 ["gateway", url, ..] => port = url.rsplit(':').next().and_then(|p| p.parse().ok()),
                 ["admin", url, ..] => admin = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
+                [name, "outbound", _, "QUIC", quic, ..] => {
+                    if let Ok(quic) = quic.parse() {
+                        nodes.push((name.to_string(), quic));
+                    }
+                }
+                ["Try", ..] => listed = true,
                 _ => {}
             }
         }
-        DemoProc { child, port: port.unwrap(), admin: admin.unwrap(), stderr }
+        DemoProc { child, port: port.unwrap(), admin: admin.unwrap(), nodes, stderr }
     }
 
     pub fn url(&self, path: &str) -> String {

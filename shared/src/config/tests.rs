@@ -63,6 +63,7 @@ fn validation_rules() {
         ("[node]\nname = \"a\"\ninstance_idle = \"2days\"\n", "node.instance_idle"),
         ("[gateway]\nworkers = 5000\n", "gateway.workers"),
         ("[gateway]\n[gateway.limits]\nmax_concurrent_streams = 0\n", "gateway.limits.max_concurrent_streams"),
+        ("[gateway]\n[gateway.limits]\nmax_handshakes = 0\n", "gateway.limits.max_handshakes"),
         ("[transport]\nmax_concurrent_streams = 2000000\n", "transport"),
         ("[transport]\nkeep_alive = \"20s\"\n", "transport.idle_timeout"),
         ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),

@@ -139,6 +139,10 @@ impl Mesh {
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,
                 Ok(_) => TryOutcome::Done,
                 Err(TryError { error: ProxyError::Overloaded(_) | ProxyError::Denied(_), .. }) => TryOutcome::Done,
+                // The client's own body broke: no other endpoint would fare better.
+                Err(TryError { error: ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_), .. }) => {
+                    TryOutcome::Done
+                }
                 // A slow service would only get more load: a timed-out try is retried only when
                 // the route asked for per-try timeouts (`backendRequest`).
                 Err(TryError { error: ProxyError::Timeout(_), .. }) if per_try_set => TryOutcome::Failed,
