@@ -401,3 +401,128 @@ async fn a_slow_reader_costs_the_node_no_more_than_the_quic_windows() {
     assert!(http_peak.saturating_sub(before) >> 10 <= BOUND_MIB, "HTTP: node-a grew to {} MiB", http_peak >> 10);
     assert!(tunnel_peak.saturating_sub(before) >> 10 <= BOUND_MIB, "tunnel: node-a grew to {} MiB", tunnel_peak >> 10);
 }
+
+/// Open file descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A Redis-like TCP server: answers `PING` with `+PONG`, then waits for more, silently; on
+/// `RESET` it resets the connection (RST). Counts open connections.
+async fn pong_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let open = count.clone();
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let mut seen = Vec::new();
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    if seen.windows(6).any(|w| w == b"PING\r\n") {
+                        seen.clear();
+                        if s.write_all(b"+PONG\r\n").await.is_err() {
+                            break;
+                        }
+                    }
+                    if seen.windows(7).any(|w| w == b"RESET\r\n") {
+                        let _ = s.set_zero_linger();
+                        break;
+                    }
+                }
+                drop(s);
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
+/// node-b hosts the `redis` TCP service at `backend`; node-a tunnels a local port to it.
+async fn tunnel_to(backend: std::net::SocketAddr) -> (NodeProc, NodeProc, Pki, std::net::SocketAddr) {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc =
+        format!("[[services]]\nname = \"redis\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a_extra = format!("{svc}\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"redis\"\n");
+    let a =
+        NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &a_extra));
+    let port = a.addrs.tcp.iter().find(|(s, _)| s == "redis").unwrap().1;
+    (a, b, pki, port)
+}
+
+/// PING through the tunnel, then +PONG back.
+async fn ping(port: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
+    s.write_all(b"PING\r\n").await.unwrap();
+    let mut pong = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut pong)).await.expect("no PONG").unwrap();
+    assert_eq!(&pong, b"+PONG\r\n");
+    s
+}
+
+/// Waits until both nodes hold no more file descriptors than `base` (their counts at rest).
+async fn fds_back_to(a: &NodeProc, b: &NodeProc, base: (usize, usize), what: &str) {
+    let (pa, pb) = (a.child.id(), b.child.id());
+    eventually(Duration::from_secs(15), what, || async move {
+        let now = (fds(pa), fds(pb));
+        (now.0 <= base.0 && now.1 <= base.1).then_some(())
+    })
+    .await;
+}
+
+/// Finding 4: a client that resets its tunnelled connection (PING, PONG, RST) left the far
+/// side's connection to the server open for good (167 of 500, fds growing on both nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_closes_the_tunnel_and_the_far_connection() {
+    use std::sync::atomic::Ordering;
+    let (server, open) = pong_server().await;
+    let (a, b, _pki, port) = tunnel_to(server).await;
+    drop(ping(port).await);
+    eventually(Duration::from_secs(10), "the first connection closed", || async {
+        (open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    let base = (fds(a.child.id()), fds(b.child.id()));
+    for _ in 0..50 {
+        let s = ping(port).await;
+        s.set_zero_linger().unwrap();
+        drop(s);
+    }
+    eventually(Duration::from_secs(15), "every server connection closed after its client's RST", || async {
+        (open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    fds_back_to(&a, &b, base, "both nodes' file descriptors back to their count at rest").await;
+}
+
+/// Finding 4, the other way: a server that resets its connection must reset the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_reset_reaches_the_client_through_the_tunnel() {
+    let (server, _open) = pong_server().await;
+    let (a, b, _pki, port) = tunnel_to(server).await;
+    let base = (fds(a.child.id()), fds(b.child.id()));
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(ping(port).await);
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        s.write_all(b"RESET\r\n").await.unwrap();
+        // The client waits for more; the reset must end its wait (EOF or an error).
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "client {i} was left hanging: {read:?}");
+    }
+    drop(held);
+    fds_back_to(&a, &b, base, "both nodes' file descriptors back to their count at rest").await;
+}

@@ -4,7 +4,9 @@
 //! exactly one QUIC connection (one handshake, one congestion controller, one identity check)
 //! per pair of members, and lets the tunnel carry a status and `quicmesh-error` when the far
 //! side cannot reach the target. Half-close is mapped both ways: TCP EOF finishes the QUIC
-//! stream's send side, and the stream's FIN shuts down the TCP write side.
+//! stream's send side, and the stream's FIN shuts down the TCP write side. Resets are mapped
+//! both ways too: a TCP RST or error resets the stream, and a stream reset resets the TCP
+//! connection.
 
 use std::collections::BTreeMap;
 use std::future::poll_fn;
@@ -78,8 +80,14 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
         mesh.authorize(&table, service, &caller, &target)?;
         let mut upstream = connect(ep.address, &table).await?;
         let mut tcp = tcp;
-        let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await.unwrap_or((0, 0));
-        done.bytes(up, down);
+        match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
+            Ok((up, down)) => done.bytes(up, down),
+            // One side reset or failed: reset the other too, as a tunnel through a peer does.
+            Err(_) => {
+                let _ = tcp.set_zero_linger();
+                let _ = upstream.set_zero_linger();
+            }
+        }
         return Ok(());
     }
     let stream = mesh.connect_tcp(&table, svc, &ep).await?;
@@ -192,73 +200,113 @@ pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     done.bytes(down, up);
 }
 
-/// Copies TCP <-> QUIC stream in both directions, mapping half-close each way.
+/// How one direction of a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Its source finished (TCP EOF, stream FIN) and the end was passed on.
+    Finished,
+    /// A reset or an error on either side: the whole tunnel is torn down.
+    Broken,
+}
+
+/// Copies TCP <-> QUIC stream in both directions, mapping half-close each way, and resets
+/// each way: a reset or error on one side (a client's RST, the peer's stream reset, a
+/// server that went away) resets the QUIC stream and the TCP connection (RST, by a zero
+/// linger), so neither side waits forever on a half that is gone.
 /// Returns (bytes TCP->stream, bytes stream->TCP).
 pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv: R) -> (u64, u64) {
     let (mut rd, mut wr) = tcp.into_split();
-    let up = async {
-        let mut total = 0u64;
-        let mut buf = BytesMut::with_capacity(CHUNK);
-        loop {
-            buf.reserve(CHUNK);
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => {
-                    let _ = send.finish().await;
-                    break;
-                }
-                Ok(n) => {
-                    total += n as u64;
-                    if send.send(buf.split().freeze()).await.is_err() {
-                        break;
+    let (up_total, down_total, broken) = {
+        let up = async {
+            let mut total = 0u64;
+            let mut buf = BytesMut::with_capacity(CHUNK);
+            loop {
+                buf.reserve(CHUNK);
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) => {
+                        // The peer may have stopped reading already: then nothing can be finished.
+                        let end = if send.finish().await.is_ok() { End::Finished } else { End::Broken };
+                        return (total, end);
                     }
-                }
-                Err(_) => {
-                    send.reset();
-                    break;
+                    Ok(n) => {
+                        total += n as u64;
+                        if send.send(buf.split().freeze()).await.is_err() {
+                            return (total, End::Broken);
+                        }
+                    }
+                    Err(_) => return (total, End::Broken),
                 }
             }
-        }
-        total
-    };
-    let down = async {
-        let mut total = 0u64;
-        let mut chunks: Vec<Bytes> = Vec::new();
-        loop {
-            // One QUIC chunk is often a packet's worth: gather what has already arrived (the
-            // chunks themselves, no copy) so each vectored write to the socket carries up to
-            // COALESCE bytes.
-            let mut ended = false;
-            let mut gathered = 0;
-            match poll_fn(|cx| recv.poll_data(cx)).await {
-                Ok(Some(data)) => {
-                    gathered += data.len();
-                    chunks.push(data);
-                }
-                Ok(None) => ended = true,
-                Err(_) => break,
-            }
-            while !ended && gathered < COALESCE && chunks.len() < MAX_IOVECS {
-                match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
-                    Poll::Ready(Ok(Some(data))) => {
+        };
+        let down = async {
+            let mut total = 0u64;
+            let mut chunks: Vec<Bytes> = Vec::new();
+            loop {
+                // One QUIC chunk is often a packet's worth: gather what has already arrived (the
+                // chunks themselves, no copy) so each vectored write to the socket carries up to
+                // COALESCE bytes.
+                let mut ended = false;
+                let mut gathered = 0;
+                match poll_fn(|cx| recv.poll_data(cx)).await {
+                    Ok(Some(data)) => {
                         gathered += data.len();
                         chunks.push(data);
                     }
-                    Poll::Ready(Ok(None)) => ended = true,
-                    Poll::Ready(Err(_)) | Poll::Pending => break,
+                    Ok(None) => ended = true,
+                    Err(_) => return (total, End::Broken),
+                }
+                let mut failed = false;
+                while !ended && gathered < COALESCE && chunks.len() < MAX_IOVECS {
+                    match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
+                        Poll::Ready(Ok(Some(data))) => {
+                            gathered += data.len();
+                            chunks.push(data);
+                        }
+                        Poll::Ready(Ok(None)) => ended = true,
+                        // Deliver what came before the reset, then tear down.
+                        Poll::Ready(Err(_)) => {
+                            failed = true;
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                if write_chunks(&mut wr, &mut chunks).await.is_err() {
+                    return (total, End::Broken);
+                }
+                total += gathered as u64;
+                if failed {
+                    return (total, End::Broken);
+                }
+                if ended {
+                    let end = if wr.shutdown().await.is_ok() { End::Finished } else { End::Broken };
+                    return (total, end);
                 }
             }
-            if write_chunks(&mut wr, &mut chunks).await.is_err() {
-                break;
+        };
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (None, None);
+        // Both halves run until each finishes, or until either breaks.
+        loop {
+            tokio::select! {
+                r = &mut up, if up_done.is_none() => up_done = Some(r),
+                r = &mut down, if down_done.is_none() => down_done = Some(r),
             }
-            total += gathered as u64;
-            if ended {
-                let _ = wr.shutdown().await;
+            let broken = [up_done, down_done].iter().flatten().any(|(_, end)| *end == End::Broken);
+            if broken || (up_done.is_some() && down_done.is_some()) {
                 break;
             }
         }
-        total
+        let total = |done: Option<(u64, End)>| done.map_or(0, |(n, _)| n);
+        (total(up_done), total(down_done), [up_done, down_done].iter().flatten().any(|(_, e)| *e == End::Broken))
     };
-    tokio::join!(up, down)
+    if broken {
+        // RST to the TCP side once the socket is dropped, and a reset of the stream's send side
+        // (the receive side stops when `recv` is dropped).
+        let _ = rd.as_ref().set_zero_linger();
+        send.reset();
+    }
+    (up_total, down_total)
 }
 
 /// Writes every byte of `chunks` with vectored writes (at most MAX_IOVECS chunks each), then
