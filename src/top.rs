@@ -235,7 +235,11 @@ pub async fn revoke(admin: SocketAddr, name: &str) -> anyhow::Result<String> {
         .bytes()
         .map(|b| if b.is_ascii_alphanumeric() || b == b'-' { (b as char).to_string() } else { format!("%{b:02X}") })
         .collect();
-    let req = with_token(http::Request::post(format!("http://{admin}/revoke?node={name}"))).body(Default::default())?;
+    let req = with_token(
+        http::Request::post(format!("http://{admin}/revoke?node={name}"))
+            .header(http::header::CONTENT_TYPE, "application/json"),
+    )
+    .body(Default::default())?;
     let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await??;
     let status = resp.status();
     let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();

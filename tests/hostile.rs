@@ -526,3 +526,89 @@ async fn a_server_reset_reaches_the_client_through_the_tunnel() {
     drop(held);
     fds_back_to(&a, &b, base, "both nodes' file descriptors back to their count at rest").await;
 }
+
+/// Finding 6: a loopback admin API without a token took a cross-site `POST /revoke` (text/plain,
+/// no preflight) and answered `Host: evil.example` (DNS rebinding); finding 12: a one-letter
+/// `QUICMESH_ADMIN_TOKEN` was accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_what_a_web_page_could_send() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let admin = demo.admin;
+    let raw = |req: String| async move {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+        out
+    };
+    let post = |ctype: &str, extra: &str| {
+        format!("POST /revoke?node=node-b HTTP/1.1\r\nHost: {admin}\r\n{ctype}{extra}Content-Length: 0\r\nConnection: close\r\n\r\n")
+    };
+    // A form's POST from another site, and one with no body type at all: refused.
+    for (ctype, origin) in [("Content-Type: text/plain\r\n", "Origin: http://evil.example\r\n"), ("", "")] {
+        let out = raw(post(ctype, origin)).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    }
+    let out = raw(post("Content-Type: text/plain\r\n", "")).await;
+    assert!(out.starts_with("HTTP/1.1 403"), "a form-like POST was accepted: {out}");
+    // DNS rebinding: a page at evil.example reads the admin API.
+    let out =
+        raw(format!("GET /config_dump HTTP/1.1\r\nHost: evil.example:{}\r\nConnection: close\r\n\r\n", admin.port()))
+            .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    // A page of another origin reading metrics.
+    let out = raw(format!(
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://evil.example\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(!demo.log().contains("node revoked"), "a refused request revoked node-b");
+    // The operator's own tools still work: localhost, and a POST that says what it sends.
+    let out =
+        raw(format!("GET /ready HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\n\r\n", admin.port())).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = raw(post("Content-Type: application/json\r\n", "")).await;
+    assert!(out.starts_with("HTTP/1.1 200") && out.contains("revoked node-b"), "{out}");
+
+    // Finding 12: the environment's token obeys the file's rule.
+    let out = std::process::Command::new(BIN)
+        .args(["demo", "--port", "0", "--admin-port", "0"])
+        .env("QUICMESH_ADMIN_TOKEN", "a")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("shorter than 16"), "{err}");
+}
+
+/// Finding 10: the mesh's own headers (and `early-data` over TCP) from a client reached the
+/// upstream; finding 14: HTTP/1.1 heads that RFC 9112 refuses were accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_cannot_speak_for_the_mesh_or_send_ambiguous_heads() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let ask = |head: &'static str| async move {
+        let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
+        s.write_all(head.as_bytes()).await.unwrap();
+        read_all(&mut s).await
+    };
+    let out = ask("GET /echo HTTP/1.1\r\nHost: x\r\nquicmesh-attempt: 9\r\nquicmesh-error: upstream-timeout\r\n\
+         quicmesh-unsent: 1\r\nquicmesh-service: hello\r\nearly-data: 1\r\nConnection: close\r\n\r\n")
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let echoed = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_ascii_lowercase();
+    for name in ["quicmesh-attempt", "quicmesh-error", "quicmesh-unsent", "\"quicmesh-service\"", "early-data"] {
+        assert!(!echoed.contains(name), "{name} reached the upstream: {echoed}");
+    }
+    for (head, status) in [
+        ("GET /echo HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n", "400"),
+        ("GET /echo HTTP/1.1\r\nHost: user@evil\r\nConnection: close\r\n\r\n", "400"),
+        (
+            "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+            "501",
+        ),
+    ] {
+        let out = ask(head).await;
+        assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{head:?} -> {out}");
+    }
+}

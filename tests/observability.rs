@@ -226,7 +226,8 @@ async fn a_stuck_stderr_does_not_stall_a_node() {
     let url = format!("http://{}/logging?filter=trace", a.addrs.admin);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let set = http::Request::post(url).body(http_body_util::Empty::new()).unwrap();
+    let set = http::Request::post(url).header("content-type", "application/json").body(http_body_util::Empty::new());
+    let set = set.unwrap();
     assert_eq!(client.request(set).await.unwrap().status(), 200);
     for i in 0..1500 {
         let req = http::Request::get(format!("http://{}/stuck", a.addrs.outbound))
@@ -259,7 +260,18 @@ async fn the_log_filter_changes_at_runtime() {
         let url = format!("{url}{q}");
         async move {
             let out = std::process::Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", &url])
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-X",
+                    "POST",
+                    "-H",
+                    "content-type: application/json",
+                    &url,
+                ])
                 .output();
             match out {
                 Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),

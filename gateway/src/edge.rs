@@ -58,7 +58,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let edge = edge2.clone();
                 async move {
-                    let req = req.map(body::boxed);
+                    let mut req = req.map(body::boxed);
+                    // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
+                    req.headers_mut().remove("early-data");
                     Ok::<_, Infallible>(edge.handle(req, client, if h2 { "h2" } else { "http/1.1" }).await)
                 }
             });

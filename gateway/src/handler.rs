@@ -81,6 +81,9 @@ impl Edge {
         rec: &mut Record,
     ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        if parts.version == http::Version::HTTP_11 {
+            headers::check_http1_head(&parts.headers)?;
+        }
         let authority =
             headers::authority(&parts.uri, &parts.headers).ok_or_else(|| ProxyError::BadRequest("no Host".into()))?;
         let host = headers::host_of(&authority);

@@ -94,6 +94,9 @@ async fn route(
     rec: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    if parts.version == http::Version::HTTP_11 {
+        headers::check_http1_head(&parts.headers)?;
+    }
     // The absolute-form URI (or HTTP/2 :authority) names the target; some HTTP/2 clients put
     // the proxy's own address there and the target in Host, so Host is tried second.
     let uri_authority = parts.uri.authority().map(|a| a.as_str());

@@ -19,18 +19,27 @@ use tracing::debug;
 
 use crate::body::{self, Body};
 
+/// Shortest admin token accepted, from the environment or a file alike.
+const MIN_TOKEN: usize = 16;
+
 /// The bearer token the admin API on `addr` requires: from `QUICMESH_ADMIN_TOKEN`, else from
 /// `file`. None on a loopback address without one; an error on any other address without one,
 /// so an admin API is never open to the network by accident.
 pub fn admin_token(addr: SocketAddr, file: Option<&Path>, key: &str) -> Result<Option<String>, String> {
     let token = match std::env::var("QUICMESH_ADMIN_TOKEN") {
-        Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        Ok(t) if !t.trim().is_empty() => {
+            let t = t.trim().to_string();
+            if t.len() < MIN_TOKEN {
+                return Err(format!("QUICMESH_ADMIN_TOKEN is shorter than {MIN_TOKEN} characters"));
+            }
+            Some(t)
+        }
         _ => match file {
             Some(f) => {
                 let t = std::fs::read_to_string(f).map_err(|e| format!("{key}: cannot read {}: {e}", f.display()))?;
                 let t = t.trim().to_string();
-                if t.len() < 16 {
-                    return Err(format!("{key}: the token in {} is shorter than 16 characters", f.display()));
+                if t.len() < MIN_TOKEN {
+                    return Err(format!("{key}: the token in {} is shorter than {MIN_TOKEN} characters", f.display()));
                 }
                 Some(t)
             }
@@ -145,7 +154,54 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
+/// Why a request from a browser's reach is refused, if it is: the admin API is open to anyone
+/// on loopback (without a token), and so to any web page its operator visits.
+/// - A `Host` that is not an IP address or `localhost` means a DNS-rebinding page (without a
+///   token; with one, the browser cannot add it).
+/// - An `Origin` other than the admin's own means a cross-site page.
+/// - A state-changing call (POST, PUT) without the token must carry a `Content-Type` that a
+///   page cannot send without a CORS preflight (which is never answered).
+fn cross_site(req: &Request<Incoming>, has_token: bool) -> Option<&'static str> {
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    if !has_token && host.is_some_and(|h| !local_host(h)) {
+        return Some("the admin API answers only to an IP address or localhost as Host\n");
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let own = host.is_some_and(|h| origin.to_str().is_ok_and(|o| o.strip_prefix("http://") == Some(h)));
+        if !own {
+            return Some("cross-origin requests are refused\n");
+        }
+    }
+    let changes = matches!(*req.method(), http::Method::POST | http::Method::PUT);
+    if changes && !has_token {
+        let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let essence = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if matches!(essence.as_str(), "" | "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data") {
+            return Some("a state-changing call needs a Content-Type such as application/json (or the bearer token)\n");
+        }
+    }
+    None
+}
+
+/// `localhost` or an IP address, with or without a port.
+fn local_host(host: &str) -> bool {
+    if host.parse::<SocketAddr>().is_ok() || host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() => name,
+        _ => host,
+    };
+    name.eq_ignore_ascii_case("localhost")
+}
+
 async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
+    if let Some(reason) = cross_site(&req, state.token.get().is_some()) {
+        debug!(path = req.uri().path(), reason = reason.trim_end(), "admin request refused");
+        let mut resp = Response::new(body::full(reason));
+        *resp.status_mut() = StatusCode::FORBIDDEN;
+        return resp;
+    }
     let open = matches!(req.uri().path(), "/ready" | "/live");
     if let (Some(token), false) = (state.token.get(), open) {
         let given = req

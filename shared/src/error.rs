@@ -45,6 +45,8 @@ pub enum ProxyError {
     Fault(u16),
     #[error("a request of an unsafe method arrived in 0-RTT and the handshake never completed")]
     TooEarly,
+    #[error("not implemented: {0}")]
+    NotImplemented(String),
 }
 
 /// Internal header on a response from a peer node's own error: the request never reached the
@@ -67,6 +69,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Fault(code) => StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             ProxyError::TooEarly => StatusCode::TOO_EARLY,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -88,6 +91,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::Fault(_) => "fault-injected",
             ProxyError::TooEarly => "too-early",
+            ProxyError::NotImplemented(_) => "not-implemented",
         }
     }
 

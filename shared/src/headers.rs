@@ -60,10 +60,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Drops the mesh-internal headers a client might have tried to set itself. For requests from
 /// clients, which almost never carry them: comparing the few names present is cheaper than
 /// hashing each internal name for a lookup.
+/// What RFC 9112 refuses in an HTTP/1.1 request head that hyper lets through: more than one
+/// `Host` (400), a `Host` that is not a plain authority, such as one with user info (400), and
+/// a transfer coding other than a final `chunked`, which a proxy cannot pass on faithfully
+/// (501, section 6.1).
+pub fn check_http1_head(headers: &HeaderMap) -> Result<(), crate::error::ProxyError> {
+    use crate::error::ProxyError;
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest("more than one Host header".into()));
+        }
+        let plain = host.to_str().ok().and_then(|h| h.parse::<http::uri::Authority>().ok());
+        if plain.is_none_or(|a| a.as_str().contains('@')) {
+            return Err(ProxyError::BadRequest("the Host header is not a host and port".into()));
+        }
+    }
+    for value in headers.get_all(TRANSFER_ENCODING) {
+        let codings = value.to_str().unwrap_or("?");
+        if codings.split(',').any(|c| !c.trim().eq_ignore_ascii_case("chunked")) {
+            return Err(ProxyError::NotImplemented(format!("transfer coding {codings:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Every `quicmesh-*` header is the mesh's own (`quicmesh-attempt`, `quicmesh-error`,
+/// `quicmesh-unsent`, ...), whatever a client claims.
 pub fn strip_internal(headers: &mut HeaderMap) {
-    let internal = |n: &HeaderName| n == SERVICE || n == ENDPOINT || n == SOURCE;
+    let internal = |n: &HeaderName| n.as_str().starts_with("quicmesh-");
     if headers.keys().any(internal) {
-        remove_internal(headers);
+        let names: Vec<HeaderName> = headers.keys().filter(|n| internal(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
     }
 }
 
@@ -336,6 +366,11 @@ mod tests {
         h.insert(ENDPOINT, HeaderValue::from_static("10.0.0.1:80"));
         strip_internal(&mut h);
         assert!(!h.contains_key(ENDPOINT), "{h:?}");
+        h.insert(ATTEMPT, HeaderValue::from_static("3"));
+        h.insert(crate::error::ERROR_HEADER, HeaderValue::from_static("upstream-timeout"));
+        h.insert(crate::error::UNSENT_HEADER, HeaderValue::from_static("1"));
+        strip_internal(&mut h);
+        assert_eq!(h.len(), 1, "every quicmesh- header goes: {h:?}");
         h.insert(SERVICE, HeaderValue::from_static("web"));
         h.append(SOURCE, HeaderValue::from_static("a"));
         remove_internal(&mut h);

@@ -340,10 +340,17 @@ fn invalid(route: &str, reason: impl Into<String>) -> RouteError {
 fn compile_value(route: &str, kind: ValueMatchType, value: &str) -> Result<ValueRule, RouteError> {
     Ok(match kind {
         ValueMatchType::Exact => ValueRule::Exact(value.to_string()),
-        ValueMatchType::RegularExpression => ValueRule::Regex(
-            Regex::new(&format!("^(?:{value})$")).map_err(|e| invalid(route, format!("bad regex {value:?}: {e}")))?,
-        ),
+        ValueMatchType::RegularExpression => {
+            ValueRule::Regex(anchored(value).map_err(|e| invalid(route, format!("bad regex {value:?}: {e}")))?)
+        }
     })
+}
+
+/// `pattern`, matching whole values only. It must be a regex on its own first: wrapped
+/// unchecked, `/api)|(.*` would close the anchoring group and match everything.
+fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
+    Regex::new(pattern)?;
+    Regex::new(&format!("^(?:{pattern})$"))
 }
 
 fn compile_match(route: &str, m: &RouteMatch) -> Result<CompiledMatch, RouteError> {
@@ -355,7 +362,7 @@ fn compile_match(route: &str, m: &RouteMatch) -> Result<CompiledMatch, RouteErro
         PathMatchType::Exact => PathRule::Exact(pm.value),
         PathMatchType::PathPrefix => PathRule::Prefix(pm.value.trim_end_matches('/').to_string()),
         PathMatchType::RegularExpression => PathRule::Regex(
-            Regex::new(&format!("^(?:{})$", pm.value)).map_err(|e| invalid(route, format!("bad path regex: {e}")))?,
+            anchored(&pm.value).map_err(|e| invalid(route, format!("bad path regex {:?}: {e}", pm.value)))?,
         ),
     };
     let mut headers = Vec::new();

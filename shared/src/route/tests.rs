@@ -267,6 +267,15 @@ fn invalid_routes_are_refused_with_the_route_name() {
 name = "bad-regex"
 [[routes.rules]]
 matches = [{ path = { type = "RegularExpression", value = "(" } }]"#,
+        // It would close the anchoring group and match every path (hostile finding 11).
+        r#"[[routes]]
+name = "escapes-anchor"
+[[routes.rules]]
+matches = [{ path = { type = "RegularExpression", value = "/api)|(.*" } }]"#,
+        r#"[[routes]]
+name = "escapes-header-anchor"
+[[routes.rules]]
+matches = [{ headers = [{ type = "RegularExpression", name = "x", value = "a)|(.*" }] }]"#,
         r#"[[routes]]
 name = "bad-status"
 [[routes.rules]]
