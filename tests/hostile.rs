@@ -612,3 +612,53 @@ async fn clients_cannot_speak_for_the_mesh_or_send_ambiguous_heads() {
         assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{head:?} -> {out}");
     }
 }
+
+/// Finding 5: after `POST /revoke?node=node-a`, the gateway dialled node-a again and went on
+/// serving `/hello` from it (its endpoints were static config). Every member must stop dialling
+/// a revoked node and drop its endpoints from routing; `/endpoints` shows them revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_is_dialled_by_no_one_and_routed_to_by_no_one() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let (_ep, mut h3) = h3_connect(demo.port).await;
+    let hello = || http::Request::get(demo.url("/hello")).body(()).unwrap();
+    // v1 lives on node-a: reach it once so the gateway holds a connection to node-a.
+    eventually(Duration::from_secs(10), "an answer from v1 on node-a", || async {
+        let (_, _, body) = h3_request(&mut h3.clone(), hello(), b"").await;
+        String::from_utf8_lossy(&body).contains("v1").then_some(())
+    })
+    .await;
+    let opened =
+        |m: &str| metric(m, "quicmesh_quic_connections_opened_total", &[("direction", "outbound"), ("peer", "node-a")]);
+    let mut s = tokio::net::TcpStream::connect(demo.admin).await.unwrap();
+    let revoke = format!(
+        "POST /revoke?node=node-a HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        demo.admin
+    );
+    s.write_all(revoke.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // Once the revocation is applied, no request is served by node-a. (The route sends 90% to
+    // the v1 subset, whose one endpoint was node-a's: those answer 503 no-endpoint.)
+    eventually(Duration::from_secs(10), "node-a's endpoint shown as revoked", || async {
+        let (status, body) = http_get(&format!("http://{}/endpoints", demo.admin)).await;
+        (status == 200 && body.contains("\"revoked\":true")).then_some(())
+    })
+    .await;
+    let before = opened(&demo.metrics().await);
+    let mut v2 = 0;
+    for i in 0..60 {
+        let (status, headers, body) = h3_request(&mut h3, hello(), b"").await;
+        let body = String::from_utf8_lossy(&body);
+        match status {
+            200 => {
+                assert!(body.contains("v2"), "request {i} was served by revoked node-a: {body}");
+                v2 += 1;
+            }
+            _ => assert_eq!((status, headers["quicmesh-error"].to_str().unwrap()), (503, "no-endpoint"), "{i}: {body}"),
+        }
+    }
+    assert!(v2 > 0, "node-b's v2 served nothing");
+    assert_eq!(opened(&demo.metrics().await), before, "the gateway dialled revoked node-a again");
+}

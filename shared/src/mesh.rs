@@ -252,14 +252,23 @@ pub struct Table {
     hosts: HashMap<String, Arc<Service>>,
     /// The service this node hosts, when it hosts exactly one: the source of its outbound calls.
     pub source_service: Option<String>,
+    /// Endpoints on revoked members, by service: out of routing, shown in the dump.
+    revoked_endpoints: Vec<(String, EndpointConfig)>,
 }
 
 impl Table {
     pub fn new(mut config: Config, version: u64) -> Self {
+        let mut revoked_endpoints = Vec::new();
         let mut services = HashMap::new();
         let mut hosts = HashMap::new();
         // The services move into the table; `config` keeps the rest (peers, timeouts, ...).
-        for svc in std::mem::take(&mut config.services) {
+        for mut svc in std::mem::take(&mut config.services) {
+            // A revoked member's endpoints leave routing at once, static or registered; they
+            // stay visible (as revoked) in the dump.
+            let (kept, revoked): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut svc.endpoints).into_iter().partition(|ep| !config.revoked.contains(&ep.node));
+            svc.endpoints = kept;
+            revoked_endpoints.extend(revoked.into_iter().map(|ep| (svc.name.clone(), ep)));
             let maglev = (svc.lb.policy == Policy::ConsistentHash)
                 .then(|| Maglev::new(&svc.endpoints.iter().map(endpoint_key).collect::<Vec<_>>()));
             let stats = svc.endpoints.iter().map(|_| Arc::new(EndpointStats::default())).collect();
@@ -283,7 +292,7 @@ impl Table {
             (Some(one), None) => Some(one),
             _ => None,
         };
-        Self { version, routes, config: Arc::new(config), services, hosts, source_service }
+        Self { version, routes, config: Arc::new(config), services, hosts, source_service, revoked_endpoints }
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
@@ -321,6 +330,13 @@ impl Table {
                     for (ep, stats) in eps.iter_mut().zip(&svc.stats) {
                         ep["in_flight"] = stats.in_flight().into();
                         ep["ejected"] = stats.outlier.is_ejected(now).into();
+                        ep["revoked"] = false.into();
+                    }
+                    let revoked = self.revoked_endpoints.iter().filter(|(name, _)| *name == svc.config.name);
+                    for (_, ep) in revoked {
+                        let mut doc = serde_json::to_value(ep).unwrap_or_default();
+                        doc["revoked"] = true.into();
+                        eps.push(doc);
                     }
                 }
                 doc
@@ -667,6 +683,14 @@ impl Mesh {
     }
 
     async fn peer(&self, table: &Table, ep: &EndpointConfig) -> Result<(PeerConn, SocketAddr), ProxyError> {
+        // Never dial a revoked member, whatever still names it (a mirror, a request that
+        // picked its endpoint under the previous table).
+        if table.is_revoked(&ep.node) {
+            return Err(ProxyError::PeerUnreachable {
+                peer: ep.node.clone(),
+                reason: "its membership is revoked".into(),
+            });
+        }
         let peer = table.config.peer(&ep.node).ok_or_else(|| ProxyError::PeerUnreachable {
             peer: ep.node.clone(),
             reason: "node has no address in config".into(),
