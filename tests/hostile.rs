@@ -662,3 +662,96 @@ async fn a_revoked_node_is_dialled_by_no_one_and_routed_to_by_no_one() {
     assert!(v2 > 0, "node-b's v2 served nothing");
     assert_eq!(opened(&demo.metrics().await), before, "the gateway dialled revoked node-a again");
 }
+
+/// Finding 7: a TLS connection that sent nothing was kept for the idle timeout (60 s) rather
+/// than the header timeout, and HTTP/2 connections sending only PINGs were never closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_requests_are_closed_whatever_they_send() {
+    use http_body_util::BodyExt;
+    let demo = DemoProc::start(&[
+        ("QUICMESH_GATEWAY__LIMITS__HEADER_READ_TIMEOUT", "1s"),
+        ("QUICMESH_GATEWAY__LIMITS__IDLE_TIMEOUT", "8s"),
+    ]);
+    demo.wait_ready().await;
+    // Silent after the handshake: closed after the header timeout (1 s), well before the
+    // idle timeout (8 s here, 60 s by default), which was what closed it before.
+    let mut silent = tls_connect(demo.port, &[b"http/1.1"]).await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "a silent connection was kept: {read:?}");
+    // HTTP/2 with a PING every 200 ms and no request after its first: closed after the idle
+    // timeout, PINGs or not (before, never).
+    let tls = tls_connect(demo.port, &[b"h2"]).await;
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(200))
+        .keep_alive_while_idle(true)
+        .handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(demo.url("/hello")).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), conn)
+        .await
+        .expect("the pinging HTTP/2 connection was kept")
+        .unwrap()
+        .ok();
+    // HTTP/3 the same (quinn's keep-alives count as traffic, not as requests).
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_tls(&[b"h3"])).unwrap();
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(200)));
+    client.transport_config(Arc::new(transport));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client);
+    let conn = ep.connect(([127, 0, 0, 1], demo.port).into(), "localhost").unwrap().await.unwrap();
+    let (mut driver, mut h3) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    assert_eq!(h3_request(&mut h3, http::Request::get(demo.url("/hello")).body(()).unwrap(), b"").await.0, 200);
+    // The client endpoint goes idle once the gateway has closed its one connection.
+    tokio::time::timeout(Duration::from_secs(20), ep.wait_idle()).await.expect("the idle HTTP/3 connection was kept");
+    drop(h3);
+    let m = demo.metrics().await;
+    for proto in ["http/1.1", "h2", "h3"] {
+        assert!(metric(&m, "quicmesh_edge_idle_closed_total", &[("protocol", proto)]) >= 1.0, "{proto}: {m}");
+    }
+}
+
+/// Finding 7: 10 000 idle TLS connections were accepted, with no total or per-client cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_hold_more_than_its_share_of_connections() {
+    let demo = DemoProc::start(&[("QUICMESH_GATEWAY__LIMITS__MAX_CONNECTIONS_PER_CLIENT", "8")]);
+    demo.wait_ready().await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tls_connect(demo.port, &[b"http/1.1"]).await);
+    }
+    // The ninth over TCP is closed before TLS; over QUIC it is refused.
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(&[b"http/1.1"])));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", demo.port)).await.unwrap();
+    let ninth = tokio::time::timeout(Duration::from_secs(10), connector.connect("localhost".try_into().unwrap(), tcp))
+        .await
+        .expect("the ninth connection was neither served nor closed");
+    assert!(ninth.is_err(), "a ninth connection from one client was accepted");
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_tls(&[b"h3"])).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let refused = ep.connect(([127, 0, 0, 1], demo.port).into(), "localhost").unwrap().await;
+    assert!(refused.is_err(), "a QUIC connection past the client's share was accepted");
+    let m = demo.metrics().await;
+    assert!(metric(&m, "quicmesh_edge_rejected_total", &[("reason", "client-connection-limit")]) >= 2.0, "{m}");
+    // One closed: a new one is served.
+    drop(held.pop());
+    let status = eventually(Duration::from_secs(10), "a connection once one closed", || async {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(&[b"http/1.1"])));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", demo.port)).await.ok()?;
+        let mut s = connector.connect("localhost".try_into().unwrap(), tcp).await.ok()?;
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+        Some(read_response(&mut s).await)
+    })
+    .await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+}

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
+use crate::conns::Activity;
 use crate::handler::Edge;
 use crate::idle::IdleTimeout;
 
@@ -34,10 +35,21 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
                 continue;
             }
         };
+        // Past the connection limits: closed at once, before any TLS work.
+        let admitted = match edge.conns.admit(client.ip()) {
+            Ok(a) => a,
+            Err(full) => {
+                metrics::counter!(m::EDGE_REJECTED, "reason" => full.reason()).increment(1);
+                debug!(%client, reason = full.reason(), "edge connection refused");
+                drop(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let edge = edge.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let limits = &edge.limits;
             let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -55,13 +67,18 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
             let proto = if h2 { "h2" } else { "http/1.1" };
             metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => proto).increment(1);
             let edge2 = edge.clone();
+            let activity = Activity::default();
+            let requests = activity.clone();
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let edge = edge2.clone();
+                // In flight until its response body is done with.
+                let in_flight = requests.start();
                 async move {
                     let mut req = req.map(body::boxed);
                     // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
                     req.headers_mut().remove("early-data");
-                    Ok::<_, Infallible>(edge.handle(req, client, if h2 { "h2" } else { "http/1.1" }).await)
+                    let resp = edge.handle(req, client, if h2 { "h2" } else { "http/1.1" }).await;
+                    Ok::<_, Infallible>(resp.map(|b| body::with_guard(b, in_flight)))
                 }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -83,6 +100,13 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
                 r = conn.as_mut() => r,
                 _ = edge.mesh.drain.reached(Phase::GoingAway) => {
                     // HTTP/2 GOAWAY, or `Connection: close` after the request in progress.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                // No request yet within the header timeout, or none for the idle timeout,
+                // whatever bytes (HTTP/2 PINGs) the client sends meanwhile.
+                _ = activity.idle_for(limits.header_read_timeout, limits.idle_timeout) => {
+                    metrics::counter!(m::EDGE_IDLE_CLOSED, "protocol" => proto).increment(1);
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

@@ -18,6 +18,7 @@ use tracing::debug;
 /// RFC 8470: the request was received in early data.
 const EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
 
+use crate::conns::Activity;
 use crate::handler::Edge;
 
 pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
@@ -30,6 +31,15 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
         }
         // No state for an attempt until it is let in (a spoofed flood gets Retries).
         let Some((incoming, slot)) = admission.admit(incoming) else { continue };
+        // Past the connection limits: refused (a clean CONNECTION_REFUSED), no state kept.
+        let admitted = match edge.conns.admit(incoming.remote_address().ip()) {
+            Ok(a) => a,
+            Err(full) => {
+                metrics::counter!(m::EDGE_REJECTED, "reason" => full.reason()).increment(1);
+                incoming.refuse();
+                continue;
+            }
+        };
         let edge = edge.clone();
         tokio::spawn(async move {
             let client = incoming.remote_address();
@@ -85,6 +95,7 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
                 },
             };
             connection(conn, client, edge, handshake).await;
+            drop(admitted);
         });
     }
 }
@@ -112,6 +123,7 @@ async fn replay_safe(
 
 async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>, handshake: watch::Receiver<bool>) {
     metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "h3").increment(1);
+    let quic = conn.clone();
     let built = h3::server::builder()
         .max_field_section_size(edge.limits.max_header_bytes as u64)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
@@ -127,6 +139,8 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
     // One wait for the drain for the connection's life, not one per request accepted.
     let going_away = edge.mesh.drain.reached(Phase::GoingAway);
     tokio::pin!(going_away);
+    let activity = Activity::default();
+    let (first, idle) = (edge.limits.header_read_timeout, edge.limits.idle_timeout);
     loop {
         let accepted = tokio::select! {
             a = h3.accept() => a,
@@ -137,12 +151,22 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
                 }
                 continue;
             }
+            // No request in flight for the idle timeout (QUIC keep-alives do not count).
+            _ = activity.idle_for(first, idle) => {
+                metrics::counter!(m::EDGE_IDLE_CLOSED, "protocol" => "h3").increment(1);
+                let _ = h3.shutdown(0).await;
+                // H3_NO_ERROR (0x100).
+                quic.close(0x100u32.into(), b"idle");
+                break;
+            }
         };
         match accepted {
             Ok(Some(resolver)) => {
                 let edge = edge.clone();
                 let handshake = handshake.clone();
+                let in_flight = activity.start();
                 tokio::spawn(async move {
+                    let _in_flight = in_flight;
                     let (req, stream) = match resolver.resolve_request().await {
                         Ok(x) => x,
                         Err(e) => {

@@ -31,6 +31,8 @@ pub struct Edge {
     pub port: u16,
     /// The gateway's mesh name: the source of the requests it sends into the mesh.
     pub name: String,
+    /// Client connections open, in all and per client address.
+    pub conns: Arc<crate::conns::Conns>,
 }
 
 impl Edge {
@@ -40,7 +42,8 @@ impl Edge {
         // Validated with the config, so this cannot fail; an empty table is the safe fallback.
         let table = RouteTable::new(gc.routes.clone()).unwrap_or_else(|_| RouteTable::empty());
         let routes = arc_swap::ArcSwap::from_pointee(table);
-        Self { mesh, routes, limits: gc.limits.clone(), alt_svc, port, name: gc.name.clone() }
+        let conns = crate::conns::Conns::new(gc.limits.max_connections, gc.limits.max_connections_per_client);
+        Self { mesh, routes, limits: gc.limits.clone(), alt_svc, port, name: gc.name.clone(), conns }
     }
 
     /// Replaces the route table atomically.

@@ -3,6 +3,7 @@
 //! through the same pooled QUIC connections (`quicmesh_shared::mesh`).
 #![forbid(unsafe_code)]
 
+pub mod conns;
 pub mod control;
 pub mod edge;
 pub mod h3_edge;

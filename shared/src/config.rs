@@ -313,6 +313,10 @@ pub struct EdgeLimits {
     pub quic_retry_above: usize,
     /// QUIC handshakes in progress at most; past it new attempts are refused.
     pub max_handshakes: usize,
+    /// Client connections (TCP and QUIC) open at once; past it new ones are closed at once.
+    pub max_connections: usize,
+    /// Client connections open at once from one client address.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for EdgeLimits {
@@ -326,6 +330,8 @@ impl Default for EdgeLimits {
             max_request_body: 64 << 20,
             quic_retry_above: 64,
             max_handshakes: 4096,
+            max_connections: 8192,
+            max_connections_per_client: 512,
         }
     }
 }
@@ -661,6 +667,12 @@ impl Config {
             }
             if gw.workers > MAX_WORKERS {
                 return Err(invalid("gateway.workers", format!("{} is more than {MAX_WORKERS} threads", gw.workers)));
+            }
+            if gw.limits.max_connections == 0 {
+                return Err(invalid("gateway.limits.max_connections", "must be at least 1"));
+            }
+            if gw.limits.max_connections_per_client == 0 {
+                return Err(invalid("gateway.limits.max_connections_per_client", "must be at least 1"));
             }
             if gw.limits.max_handshakes == 0 {
                 return Err(invalid("gateway.limits.max_handshakes", "must be at least 1"));

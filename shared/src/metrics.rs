@@ -19,6 +19,7 @@ pub const TCP_BYTES: &str = "quicmesh_tcp_bytes_total";
 pub const EDGE_CONNECTIONS: &str = "quicmesh_edge_connections_total";
 pub const EDGE_REJECTED: &str = "quicmesh_edge_rejected_total";
 pub const QUIC_ADMISSION: &str = "quicmesh_quic_admission_total";
+pub const EDGE_IDLE_CLOSED: &str = "quicmesh_edge_idle_closed_total";
 pub const BUILD_INFO: &str = "quicmesh_build_info";
 pub const RUNTIME_WORKERS: &str = "quicmesh_runtime_workers";
 pub const CONTROL_VERSION: &str = "quicmesh_control_snapshot_version";
@@ -124,6 +125,10 @@ fn describe() {
     describe_counter!(TCP_BYTES, Unit::Bytes, "Bytes carried through TCP tunnels, by direction.");
     describe_counter!(EDGE_CONNECTIONS, "Client connections accepted by the gateway, by protocol.");
     describe_counter!(EDGE_REJECTED, "Client requests or connections the gateway refused, by reason.");
+    describe_counter!(
+        EDGE_IDLE_CLOSED,
+        "Client connections the gateway closed for having no request in flight (before a first request: header_read_timeout; after: idle_timeout)."
+    );
     describe_counter!(
         QUIC_ADMISSION,
         "QUIC connection attempts turned away before any state was kept, by listener and decision (retry, handshake-limit)."

@@ -64,6 +64,8 @@ fn validation_rules() {
         ("[gateway]\nworkers = 5000\n", "gateway.workers"),
         ("[gateway]\n[gateway.limits]\nmax_concurrent_streams = 0\n", "gateway.limits.max_concurrent_streams"),
         ("[gateway]\n[gateway.limits]\nmax_handshakes = 0\n", "gateway.limits.max_handshakes"),
+        ("[gateway]\n[gateway.limits]\nmax_connections = 0\n", "gateway.limits.max_connections"),
+        ("[gateway]\n[gateway.limits]\nmax_connections_per_client = 0\n", "gateway.limits.max_connections_per_client"),
         ("[transport]\nmax_concurrent_streams = 2000000\n", "transport"),
         ("[transport]\nkeep_alive = \"20s\"\n", "transport.idle_timeout"),
         ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),
