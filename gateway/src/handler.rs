@@ -13,6 +13,7 @@ use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
 use quicmesh_shared::mesh::{CallInfo, CallOpts, Mesh};
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::path;
 use quicmesh_shared::route::{self, Filtered, RouteTable};
 use quicmesh_shared::telemetry::Record;
 use std::sync::Arc;
@@ -86,6 +87,10 @@ impl Edge {
         let (mut parts, body) = req.into_parts();
         if parts.version == http::Version::HTTP_11 {
             headers::check_http1_head(&parts.headers)?;
+        }
+        // Matched, authorized and forwarded in one canonical form.
+        if let Some(uri) = path::normalize_uri(&parts.uri).map_err(|e| ProxyError::BadRequest(e.to_string()))? {
+            parts.uri = uri;
         }
         let authority =
             headers::authority(&parts.uri, &parts.headers).ok_or_else(|| ProxyError::BadRequest("no Host".into()))?;

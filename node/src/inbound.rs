@@ -182,9 +182,18 @@ pub fn local_target<'a>(
     Ok((&svc.config, addr))
 }
 
-async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
     // A drain waits for this request (or tunnel) to end.
     let _in_flight = mesh.drain.guard();
+    // Authorized and delivered in canonical form, whatever the peer sent.
+    let path = match quicmesh_shared::path::normalize_uri(req.uri()) {
+        Ok(Some(uri)) => {
+            *req.uri_mut() = uri;
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(ProxyError::BadRequest(e.to_string())),
+    };
     if req.method() == Method::CONNECT {
         return Box::pin(crate::tcp::inbound(req, stream, peer, mesh)).await;
     }
@@ -193,7 +202,7 @@ async fn request(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh
     let (mut send, recv) = stream.split();
     let table = mesh.table();
     rec.source(&source_of(&req, peer, &table), peer);
-    let result = match local_target(&req, mesh, &table) {
+    let result = match path.and_then(|()| local_target(&req, mesh, &table)) {
         Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
             rec.service(&svc.name);
             rec.endpoint(mesh.local_node.as_deref().unwrap_or_default(), &addr.to_string(), 0);

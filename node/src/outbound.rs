@@ -21,6 +21,7 @@ use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
 use quicmesh_shared::mesh::{CallInfo, CallOpts, Mesh};
 use quicmesh_shared::metrics as m;
+use quicmesh_shared::path;
 use quicmesh_shared::route::{self, Filtered};
 use quicmesh_shared::telemetry::{self, Record};
 use tokio::net::TcpListener;
@@ -96,6 +97,10 @@ async fn route(
     let (mut parts, body) = req.into_parts();
     if parts.version == http::Version::HTTP_11 {
         headers::check_http1_head(&parts.headers)?;
+    }
+    // Matched, authorized and forwarded in one canonical form.
+    if let Some(uri) = path::normalize_uri(&parts.uri).map_err(|e| ProxyError::BadRequest(e.to_string()))? {
+        parts.uri = uri;
     }
     // The absolute-form URI (or HTTP/2 :authority) names the target; some HTTP/2 clients put
     // the proxy's own address there and the target in Host, so Host is tried second.

@@ -28,6 +28,8 @@ pub enum ConfigError {
     Missing(PathBuf),
     #[error("{0}")]
     Parse(String),
+    #[error("config file {path} is {size} bytes, more than the limit of {limit}")]
+    TooLarge { path: PathBuf, size: u64, limit: u64 },
     #[error("invalid value for key \"{key}\"{origin}: {reason}")]
     Invalid {
         key: String,
@@ -494,6 +496,11 @@ pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
         if !file.is_file() {
             return Err(ConfigError::Missing(file.clone()));
         }
+        // Parsing holds the whole document several times over: refuse a huge one up front.
+        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        if size > MAX_FILE_BYTES {
+            return Err(ConfigError::TooLarge { path: file.clone(), size, limit: MAX_FILE_BYTES });
+        }
         fig = fig.merge(Toml::file_exact(file));
     }
     let env = Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG);
@@ -527,9 +534,29 @@ pub fn from_toml_with_env(text: &str) -> Result<Config, ConfigError> {
 
 /// figment reports one error per line; keep them all, without the profile prefix.
 fn describe(err: figment::Error) -> String {
-    let lines: Vec<String> = err.into_iter().map(|e| e.to_string().replace("key \"default.", "key \"")).collect();
+    let lines: Vec<String> =
+        err.into_iter().map(|e| shorten(&e.to_string().replace("key \"default.", "key \""), 512)).collect();
     lines.join("; ")
 }
+
+/// `text` cut to about `max` bytes (a parse error can quote a whole 200 KB line).
+fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
+}
+
+/// Largest config file read.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+/// Most routes in `routes` and in `gateway.routes` each.
+pub const MAX_ROUTES: usize = 10_000;
+/// Longest trust domain (as SPIFFE allows).
+pub const MAX_TRUST_DOMAIN: usize = 255;
 
 /// Names the file that set a key which failed validation.
 fn attach_source(err: ConfigError, fig: &Figment) -> ConfigError {
@@ -545,7 +572,8 @@ fn attach_source(err: ConfigError, fig: &Figment) -> ConfigError {
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), origin: String::new(), reason: reason.into() }
+    // A reason quoting the bad value is cut short: the value may be megabytes long.
+    ConfigError::Invalid { key: shorten(&key.into(), 256), origin: String::new(), reason: shorten(&reason.into(), 512) }
 }
 
 /// A name usable as a DNS label and in a SPIFFE path: `[a-z0-9-]`, 1 to 63 characters.
@@ -560,6 +588,16 @@ pub fn valid_name(name: &str) -> bool {
 impl Config {
     /// Checks what serde cannot: names, references between sections, sane numbers.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mesh.trust_domain.len() > MAX_TRUST_DOMAIN {
+            let len = self.mesh.trust_domain.len();
+            return Err(invalid("mesh.trust_domain", format!("{len} bytes, longer than {MAX_TRUST_DOMAIN}")));
+        }
+        if self.routes.len() > MAX_ROUTES {
+            return Err(invalid("routes", format!("{} routes, more than {MAX_ROUTES}", self.routes.len())));
+        }
+        if let Some(gw) = self.gateway.as_ref().filter(|gw| gw.routes.len() > MAX_ROUTES) {
+            return Err(invalid("gateway.routes", format!("{} routes, more than {MAX_ROUTES}", gw.routes.len())));
+        }
         if self.mesh.trust_domain.is_empty()
             || !self.mesh.trust_domain.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
         {

@@ -21,6 +21,7 @@ pub mod limit;
 pub mod mesh;
 pub mod metrics;
 pub mod overlay;
+pub mod path;
 pub mod pool;
 pub mod retry;
 pub mod route;

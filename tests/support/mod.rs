@@ -489,14 +489,22 @@ pub fn curl(args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
+/// A node of the demo: its name, outbound listener and QUIC (inbound) address.
+#[derive(Debug, Clone)]
+pub struct DemoNode {
+    pub name: String,
+    pub outbound: SocketAddr,
+    pub quic: SocketAddr,
+}
+
 /// `quicmesh demo` as a child process on free ports; killed on drop.
 pub struct DemoProc {
     pub child: Child,
     /// Gateway port (TCP and UDP).
     pub port: u16,
     pub admin: SocketAddr,
-    /// Each node's name and QUIC (inbound) address.
-    pub nodes: Vec<(String, SocketAddr)>,
+    /// The demo's nodes, as it prints them.
+    pub nodes: Vec<DemoNode>,
     pub stderr: tempfile::NamedTempFile,
 }
 
@@ -533,9 +541,10 @@ impl DemoProc {
             match words.as_slice() {
                 ["gateway", url, ..] => port = url.rsplit(':').next().and_then(|p| p.parse().ok()),
                 ["admin", url, ..] => admin = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
-                [name, "outbound", _, "QUIC", quic, ..] => {
-                    if let Ok(quic) = quic.parse() {
-                        nodes.push((name.to_string(), quic));
+                [name, "outbound", outbound, "QUIC", quic, ..] => {
+                    let outbound = outbound.strip_prefix("http://").and_then(|a| a.parse().ok());
+                    if let (Some(outbound), Ok(quic)) = (outbound, quic.parse()) {
+                        nodes.push(DemoNode { name: name.to_string(), outbound, quic });
                     }
                 }
                 ["Try", ..] => listed = true,

@@ -131,3 +131,23 @@ fn example_configs_parse() {
     }
     assert!(seen >= 5, "only {seen} example configs");
 }
+
+/// Hostile finding 13: sizes are bounded, each error names the limit, and no error echoes a
+/// huge value or line.
+#[test]
+fn size_limits_name_what_was_exceeded() {
+    let long_domain = format!("[mesh]\ntrust_domain = \"{}\"\n", "a".repeat(1 << 20));
+    let err = from_toml(&long_domain).unwrap_err().to_string();
+    assert!(err.contains("mesh.trust_domain") && err.contains("longer than 255"), "{}", &err[..err.len().min(300)]);
+    assert!(err.len() < 1024, "the error echoes the value: {} bytes", err.len());
+    let routes: String =
+        (0..MAX_ROUTES + 1).map(|i| format!("[[routes]]\nname = \"r{i}\"\nhostnames = [\"h{i}\"]\n")).collect();
+    let err = from_toml(&routes).unwrap_err().to_string();
+    assert!(err.contains("\"routes\"") && err.contains("more than 10000"), "{err}");
+    let bad_line = format!("[mesh]\ntrust_domain = {}\n", "x".repeat(200 << 10));
+    let err = from_toml(&bad_line).unwrap_err().to_string();
+    assert!(err.len() < 2048, "a parse error echoes a 200 KB line: {} bytes", err.len());
+    let big = file(&format!("# {}\n", "x".repeat(MAX_FILE_BYTES as usize)));
+    let err = load(&[big.path().to_path_buf()]).unwrap_err().to_string();
+    assert!(err.contains("more than the limit of 8388608"), "{err}");
+}
