@@ -304,7 +304,7 @@ pub fn with_guard<G: Send + Unpin + 'static>(body: Body, guard: G) -> Body {
 /// with this error instead of whatever the upstream made of the cut request, so it is answered
 /// 400 or 413, retried nowhere and held against no endpoint or connection.
 #[derive(Clone, Default)]
-pub struct SourceFault(Arc<SourceFaultState>);
+pub struct SourceFault(Option<Arc<SourceFaultState>>);
 
 #[derive(Default)]
 struct SourceFaultState {
@@ -315,13 +315,19 @@ struct SourceFaultState {
 impl SourceFault {
     /// The client error, once the body failed.
     pub fn error(&self) -> Option<crate::error::ProxyError> {
-        self.0.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.as_ref()?.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Can the body still fail? (No for a body that had ended before it was watched.)
+    pub fn watching(&self) -> bool {
+        self.0.is_some()
     }
 
     /// Resolves when the body fails; never, while it does not.
     pub async fn failed(&self) -> crate::error::ProxyError {
+        let Some(state) = &self.0 else { return std::future::pending().await };
         loop {
-            let notified = self.0.notify.notified();
+            let notified = state.notify.notified();
             if let Some(e) = self.error() {
                 return e;
             }
@@ -330,23 +336,25 @@ impl SourceFault {
     }
 
     fn set(&self, e: &BoxError) {
+        let Some(state) = &self.0 else { return };
         let error = match e.downcast_ref::<crate::error::ProxyError>() {
             Some(known) => known.clone(),
             None => crate::error::ProxyError::BadRequest(format!("request body: {e}")),
         };
-        let mut slot = self.0.error.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = state.error.lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert(error);
         drop(slot);
-        self.0.notify.notify_waiters();
+        state.notify.notify_waiters();
     }
 }
 
-/// `body`, reporting its first error to the returned [`SourceFault`].
+/// `body`, reporting its first error to the returned [`SourceFault`]. A body that has ended
+/// already (most requests: no body) is returned as it is, at no cost.
 pub fn watch_source(body: Body) -> (Body, SourceFault) {
-    let fault = SourceFault::default();
     if body.is_end_stream() {
-        return (body, fault);
+        return (body, SourceFault::default());
     }
+    let fault = SourceFault(Some(Arc::default()));
     let watched = Watched { inner: body, fault: fault.clone() };
     (watched.boxed_unsync(), fault)
 }

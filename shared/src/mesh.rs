@@ -647,10 +647,14 @@ impl Mesh {
                 self.forward_remote(req, table, svc, ep, per_try).await
             }
         };
-        let result = tokio::select! {
-            biased;
-            r = attempt => r,
-            e = fault.failed() => Err(TryError::sent(e)),
+        let result = if fault.watching() {
+            tokio::select! {
+                biased;
+                r = attempt => r,
+                e = fault.failed() => Err(TryError::sent(e)),
+            }
+        } else {
+            attempt.await
         };
         let result = match fault.error() {
             Some(e) => {
