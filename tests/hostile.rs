@@ -784,6 +784,16 @@ async fn paths_are_normalized_before_they_are_matched_or_forwarded() {
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.unwrap().unwrap();
     assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/b/c\""), "{out}");
+    // Doubled slashes are kept, unless the mesh merges them (`mesh.merge_slashes`).
+    let out = ask("/echo//x").await;
+    assert!(out.contains("\"path\":\"/echo//x\""), "{out}");
+    drop(demo);
+    let demo = DemoProc::start(&[("QUICMESH_MESH__MERGE_SLASHES", "true")]);
+    demo.wait_ready().await;
+    let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
+    s.write_all(b"GET //echo///x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let out = read_all(&mut s).await;
+    assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/echo/x\""), "{out}");
 }
 
 /// Finding 15 (unconfirmed in the report): after 300+ HTTP/3 streams reset right after their

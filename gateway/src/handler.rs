@@ -89,7 +89,9 @@ impl Edge {
             headers::check_http1_head(&parts.headers)?;
         }
         // Matched, authorized and forwarded in one canonical form.
-        if let Some(uri) = path::normalize_uri(&parts.uri).map_err(|e| ProxyError::BadRequest(e.to_string()))? {
+        let table = self.mesh.table();
+        let merge = table.config.mesh.merge_slashes;
+        if let Some(uri) = path::normalize_uri(&parts.uri, merge).map_err(|e| ProxyError::BadRequest(e.to_string()))? {
             parts.uri = uri;
         }
         let authority =
@@ -149,7 +151,6 @@ impl Edge {
             parts.headers.insert(HOST, v);
         }
         // Phase: weighted backend, then endpoint.
-        let table = self.mesh.table();
         let backend = route::choose_backend(&rule.backend_refs)
             .ok_or_else(|| ProxyError::NoEndpoint(format!("route {name} has no backend with weight")))?;
         let svc = table.service(&backend.name).ok_or_else(|| ProxyError::NoEndpoint(backend.name.clone()))?;

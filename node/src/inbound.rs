@@ -186,7 +186,8 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     // A drain waits for this request (or tunnel) to end.
     let _in_flight = mesh.drain.guard();
     // Authorized and delivered in canonical form, whatever the peer sent.
-    let path = match quicmesh_shared::path::normalize_uri(req.uri()) {
+    let table = mesh.table();
+    let path = match quicmesh_shared::path::normalize_uri(req.uri(), table.config.mesh.merge_slashes) {
         Ok(Some(uri)) => {
             *req.uri_mut() = uri;
             Ok(())
@@ -200,7 +201,6 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     let mut rec = Record::new("inbound", mesh.access_log.clone());
     rec.request(&req);
     let (mut send, recv) = stream.split();
-    let table = mesh.table();
     rec.source(&source_of(&req, peer, &table), peer);
     let result = match path.and_then(|()| local_target(&req, mesh, &table)) {
         Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {

@@ -99,7 +99,10 @@ async fn route(
         headers::check_http1_head(&parts.headers)?;
     }
     // Matched, authorized and forwarded in one canonical form.
-    if let Some(uri) = path::normalize_uri(&parts.uri).map_err(|e| ProxyError::BadRequest(e.to_string()))? {
+    let table = mesh.table();
+    if let Some(uri) = path::normalize_uri(&parts.uri, table.config.mesh.merge_slashes)
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?
+    {
         parts.uri = uri;
     }
     // The absolute-form URI (or HTTP/2 :authority) names the target; some HTTP/2 clients put
@@ -111,7 +114,6 @@ async fn route(
     let Some(first) = candidates().next() else {
         return Err(ProxyError::BadRequest("no Host header or absolute URI".into()));
     };
-    let table = mesh.table();
     let node = mesh.local_node.as_deref().unwrap_or_default();
     rec.source(table.source_service.as_deref().unwrap_or(telemetry::UNKNOWN), node);
     // Mesh routes (HTTPRoute) first; without one, the Host names the service directly.

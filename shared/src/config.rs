@@ -72,11 +72,14 @@ pub struct Config {
 pub struct MeshConfig {
     /// SPIFFE trust domain: identities are `spiffe://<trust_domain>/node/<name>`.
     pub trust_domain: String,
+    /// Request paths have runs of `/` merged into one before they are matched, authorized and
+    /// forwarded (dot segments and unreserved escapes are always resolved).
+    pub merge_slashes: bool,
 }
 
 impl Default for MeshConfig {
     fn default() -> Self {
-        Self { trust_domain: "quicmesh.local".into() }
+        Self { trust_domain: "quicmesh.local".into(), merge_slashes: false }
     }
 }
 

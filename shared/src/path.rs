@@ -18,23 +18,34 @@ pub enum PathError {
     BadEscape,
 }
 
-/// `path` in canonical form; borrowed when it already is.
-pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
-    // Most paths have nothing to do: no escapes, no dot segments.
+/// `path` in canonical form; borrowed when it already is. With `merge_slashes` (the config's
+/// `mesh.merge_slashes`), runs of `/` become one, as most file-serving backends read them.
+pub fn normalize(path: &str, merge_slashes: bool) -> Result<Cow<'_, str>, PathError> {
+    // Most paths have nothing to do: no escapes, no dot segments, no doubled slash.
     let dotted = path.split('/').any(|s| s == "." || s == "..");
-    if !path.contains('%') && !dotted {
+    let doubled = merge_slashes && path.contains("//");
+    if !(path.contains('%') || dotted || doubled) {
         return Ok(Cow::Borrowed(path));
     }
-    let decoded = decode_unreserved(path)?;
+    let mut decoded = decode_unreserved(path)?;
     if !decoded.starts_with('/') {
         return Ok(Cow::Owned(decoded));
+    }
+    if merge_slashes {
+        let mut merged = String::with_capacity(decoded.len());
+        for c in decoded.chars() {
+            if !(c == '/' && merged.ends_with('/')) {
+                merged.push(c);
+            }
+        }
+        decoded = merged;
     }
     Ok(Cow::Owned(remove_dot_segments(&decoded)))
 }
 
 /// The URI with its path normalized; `None` when it already was.
-pub fn normalize_uri(uri: &Uri) -> Result<Option<Uri>, PathError> {
-    let Cow::Owned(path) = normalize(uri.path())? else { return Ok(None) };
+pub fn normalize_uri(uri: &Uri, merge_slashes: bool) -> Result<Option<Uri>, PathError> {
+    let Cow::Owned(path) = normalize(uri.path(), merge_slashes)? else { return Ok(None) };
     let mut parts = uri.clone().into_parts();
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -138,23 +149,27 @@ mod tests {
             ("/a//b/../c", "/a//c"),
         ];
         for (input, want) in cases {
-            assert_eq!(normalize(input).unwrap(), want, "{input}");
+            assert_eq!(normalize(input, false).unwrap(), want, "{input}");
         }
-        assert!(matches!(normalize("/plain/path").unwrap(), Cow::Borrowed(_)), "nothing to do: no copy");
+        assert!(matches!(normalize("/plain/path", false).unwrap(), Cow::Borrowed(_)), "nothing to do: no copy");
+        assert!(matches!(normalize("/a//b", false).unwrap(), Cow::Borrowed(_)), "slashes kept unless asked");
+        for (input, want) in [("/a//b", "/a/b"), ("//a///b/", "/a/b/"), ("/a//..//b", "/b"), ("/a/%2f/b", "/a/%2F/b")] {
+            assert_eq!(normalize(input, true).unwrap(), want, "{input}, merging slashes");
+        }
     }
 
     #[test]
     fn malformed_escapes_are_refused() {
         for bad in ["/a%", "/a%2", "/a%zz", "/%g0"] {
-            assert_eq!(normalize(bad), Err(PathError::BadEscape), "{bad}");
+            assert_eq!(normalize(bad, false), Err(PathError::BadEscape), "{bad}");
         }
     }
 
     #[test]
     fn the_query_is_kept() {
         let uri: Uri = "/echo/../x?a=1&b=%2e".parse().unwrap();
-        assert_eq!(normalize_uri(&uri).unwrap().unwrap(), "/x?a=1&b=%2e");
+        assert_eq!(normalize_uri(&uri, false).unwrap().unwrap(), "/x?a=1&b=%2e");
         let plain: Uri = "/x?y".parse().unwrap();
-        assert!(normalize_uri(&plain).unwrap().is_none());
+        assert!(normalize_uri(&plain, true).unwrap().is_none());
     }
 }

@@ -164,16 +164,19 @@ proptest! {
     fn paths(raw in mutated(corpus("path"))) {
         let text = String::from_utf8_lossy(&raw);
         for line in text.lines() {
-            if let Ok(once) = path::normalize(line) {
-                let twice = path::normalize(&once).expect("a normalized path normalizes");
-                prop_assert_eq!(&once, &twice);
-                if line.starts_with('/') {
-                    prop_assert!(once.starts_with('/'));
-                    prop_assert!(!once.split('/').any(|s| s == "." || s == ".."), "{once}");
+            for merge in [false, true] {
+                if let Ok(once) = path::normalize(line, merge) {
+                    let twice = path::normalize(&once, merge).expect("a normalized path normalizes");
+                    prop_assert_eq!(&once, &twice);
+                    if line.starts_with('/') {
+                        prop_assert!(once.starts_with('/'));
+                        prop_assert!(!once.split('/').any(|s| s == "." || s == ".."), "{once}");
+                        prop_assert!(!merge || !once.contains("//"), "{once}");
+                    }
                 }
-            }
-            if let Ok(uri) = line.parse::<http::Uri>() {
-                let _ = path::normalize_uri(&uri);
+                if let Ok(uri) = line.parse::<http::Uri>() {
+                    let _ = path::normalize_uri(&uri, merge);
+                }
             }
         }
     }
