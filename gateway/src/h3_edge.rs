@@ -154,7 +154,8 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
             // No request in flight for the idle timeout (QUIC keep-alives do not count).
             _ = activity.idle_for(first, idle) => {
                 metrics::counter!(m::EDGE_IDLE_CLOSED, "protocol" => "h3").increment(1);
-                let _ = h3.shutdown(0).await;
+                // The GOAWAY needs credit the client grants: do not wait on it for long.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), h3.shutdown(0)).await;
                 // H3_NO_ERROR (0x100).
                 quic.close(0x100u32.into(), b"idle");
                 break;
@@ -167,11 +168,18 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
                 let in_flight = activity.start();
                 tokio::spawn(async move {
                     let _in_flight = in_flight;
-                    let (req, stream) = match resolver.resolve_request().await {
-                        Ok(x) => x,
-                        Err(e) => {
+                    // A stream that never sends its headers must not count as a request in
+                    // flight for ever (it would keep an idle connection open).
+                    let resolved = tokio::time::timeout(edge.limits.header_read_timeout, resolver.resolve_request());
+                    let (req, stream) = match resolved.await {
+                        Ok(Ok(x)) => x,
+                        Ok(Err(e)) => {
                             metrics::counter!(m::EDGE_REJECTED, "reason" => "bad-request").increment(1);
                             debug!(%client, error = %e, "bad HTTP/3 request");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics::counter!(m::EDGE_REJECTED, "reason" => "header-timeout").increment(1);
                             return;
                         }
                     };

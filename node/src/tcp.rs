@@ -302,8 +302,10 @@ pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv:
     };
     if broken {
         // RST to the TCP side once the socket is dropped, and a reset of the stream's send side
-        // (the receive side stops when `recv` is dropped).
+        // (the receive side stops when `recv` is dropped). The write half is forgotten, not
+        // dropped: dropping it would send a FIN first, and the TCP peer would read a clean end.
         let _ = rd.as_ref().set_zero_linger();
+        wr.forget();
         send.reset();
     }
     (up_total, down_total)

@@ -136,7 +136,8 @@ fn server_config(
     // thousands of entries, hundreds of KB, for a sender of Initials nobody has checked yet.
     // A peer gets the full limit once it is authenticated (`open_streams`).
     let mut transport = transport_config(cfg)?;
-    transport.max_concurrent_bidi_streams(VarInt::from_u32(HANDSHAKE_STREAMS));
+    let limit = advertised_streams(cfg.max_concurrent_streams);
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(HANDSHAKE_STREAMS.min(limit)));
     server.transport_config(Arc::new(transport));
     crate::admission::bound_queue(&mut server);
     Ok(server)
