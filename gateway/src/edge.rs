@@ -77,8 +77,8 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
                     let mut req = req.map(body::boxed);
                     // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
                     req.headers_mut().remove("early-data");
-                    let resp = edge.handle(req, client, if h2 { "h2" } else { "http/1.1" }).await;
-                    Ok::<_, Infallible>(resp.map(|b| body::with_guard(b, in_flight)))
+                    let resp = edge.handle(req, client, if h2 { "h2" } else { "http/1.1" }, in_flight).await;
+                    Ok::<_, Infallible>(resp)
                 }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -140,7 +140,9 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
     let going_away = edge.mesh.drain.reached(Phase::GoingAway);
     tokio::pin!(going_away);
     let activity = Activity::default();
-    let (first, idle) = (edge.limits.header_read_timeout, edge.limits.idle_timeout);
+    // One wait for the connection's life: it looks at the requests in flight each time it wakes.
+    let idle = activity.idle_for(edge.limits.header_read_timeout, edge.limits.idle_timeout);
+    tokio::pin!(idle);
     loop {
         let accepted = tokio::select! {
             a = h3.accept() => a,
@@ -152,7 +154,7 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
                 continue;
             }
             // No request in flight for the idle timeout (QUIC keep-alives do not count).
-            _ = activity.idle_for(first, idle) => {
+            _ = &mut idle => {
                 metrics::counter!(m::EDGE_IDLE_CLOSED, "protocol" => "h3").increment(1);
                 // The GOAWAY needs credit the client grants: do not wait on it for long.
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), h3.shutdown(0)).await;
@@ -188,7 +190,7 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
                     let mut req = req.map(|()| body);
                     req.headers_mut().remove(EARLY_DATA);
                     let resp = match replay_safe(&mut req, handshake, edge.limits.header_read_timeout).await {
-                        Ok(()) => edge.handle(req, client, "h3").await,
+                        Ok(()) => edge.handle(req, client, "h3", ()).await,
                         Err(e) => {
                             metrics::counter!(m::EDGE_REJECTED, "reason" => e.reason()).increment(1);
                             e.brief_response()

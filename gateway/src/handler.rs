@@ -57,8 +57,16 @@ impl Edge {
     }
 
     /// Handles one client request end to end; never fails (errors become proxy responses).
-    pub async fn handle(&self, req: Request<Body>, client: SocketAddr, proto: &'static str) -> Response<Body> {
-        let in_flight = self.mesh.drain.guard();
+    /// `held` is kept until the response body is done with (the connection's count of requests
+    /// in flight), together with the drain's guard: one wrapper for both.
+    pub async fn handle<G: Send + Unpin + 'static>(
+        &self,
+        req: Request<Body>,
+        client: SocketAddr,
+        proto: &'static str,
+        held: G,
+    ) -> Response<Body> {
+        let in_flight = (self.mesh.drain.guard(), held);
         let mut rec = Record::new("ingress", self.mesh.access_log.clone());
         rec.protocol(proto);
         rec.request(&req);
