@@ -34,6 +34,13 @@ async fn read_until(stream: &mut Tls, done: impl Fn(&[u8]) -> bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `request` on a fresh TLS connection to the edge; the whole answer.
+async fn exchange(port: u16, request: String) -> String {
+    let mut s = tls_connect(port, &[b"http/1.1"]).await;
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_all(&mut s).await
+}
+
 /// A response's header section.
 async fn read_response(stream: &mut Tls) -> String {
     read_until(stream, |b| b.windows(4).any(|w| w == b"\r\n\r\n")).await
@@ -589,11 +596,7 @@ async fn the_admin_api_refuses_what_a_web_page_could_send() {
 async fn clients_cannot_speak_for_the_mesh_or_send_ambiguous_heads() {
     let demo = DemoProc::start(&[]);
     demo.wait_ready().await;
-    let ask = |head: &'static str| async move {
-        let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
-        s.write_all(head.as_bytes()).await.unwrap();
-        read_all(&mut s).await
-    };
+    let ask = |head: &'static str| exchange(demo.port, head.to_string());
     let out = ask("GET /echo HTTP/1.1\r\nHost: x\r\nquicmesh-attempt: 9\r\nquicmesh-error: upstream-timeout\r\n\
          quicmesh-unsent: 1\r\nquicmesh-service: hello\r\nearly-data: 1\r\nConnection: close\r\n\r\n")
     .await;
@@ -770,11 +773,7 @@ async fn a_client_cannot_hold_more_than_its_share_of_connections() {
 async fn paths_are_normalized_before_they_are_matched_or_forwarded() {
     let demo = DemoProc::start(&[]);
     demo.wait_ready().await;
-    let ask = |path: &'static str| async move {
-        let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-        read_all(&mut s).await
-    };
+    let ask = |path: &str| exchange(demo.port, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
     for escape in ["/echo/../admin", "/echo/%2e%2e/admin", "/echo/%2E%2E/%2e%2e/admin"] {
         let out = ask(escape).await;
         assert!(out.starts_with("HTTP/1.1 404") && out.contains("no-route"), "{escape} -> {out}");
@@ -796,9 +795,7 @@ async fn paths_are_normalized_before_they_are_matched_or_forwarded() {
     drop(demo);
     let demo = DemoProc::start(&[("QUICMESH_MESH__MERGE_SLASHES", "true")]);
     demo.wait_ready().await;
-    let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
-    s.write_all(b"GET //echo///x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let out = read_all(&mut s).await;
+    let out = exchange(demo.port, "GET //echo///x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
     assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/echo/x\""), "{out}");
 }
 
