@@ -136,7 +136,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let (cp_status, mesh_dump) = (cp.clone(), mesh.clone());
     let extra: Vec<(&'static str, admin::JsonFn)> = vec![
         ("/nodes", Box::new(move || serde_json::to_string(&cp_status.status()).unwrap_or_default())),
-        ("/endpoints", Box::new(move || mesh_dump.table().dump())),
+        ("/endpoints", Box::new(move || mesh_dump.dump())),
     ];
     let cp_revoke = cp.clone();
     let actions: Vec<(&'static str, admin::ActionFn)> = vec![(

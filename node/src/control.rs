@@ -205,7 +205,7 @@ impl ControlClient {
 
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> End {
         let broken = |e: String| End::Broken(e, false);
-        let pc = match self.mesh.pool.get(&self.target.name, self.target.address).await {
+        let pc = match self.mesh.pool.dial(&self.target.name, self.target.address).await {
             Ok(pc) => pc,
             Err(e) => return broken(e.to_string()),
         };

@@ -199,8 +199,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         control_task = Some(tokio::spawn(client.run(shutdown_rx)));
     }
     let endpoints_mesh = mesh.clone();
-    let extra: Vec<(&'static str, admin::JsonFn)> =
-        vec![("/endpoints", Box::new(move || endpoints_mesh.table().dump()))];
+    let extra: Vec<(&'static str, admin::JsonFn)> = vec![("/endpoints", Box::new(move || endpoints_mesh.dump()))];
     let state = AdminState::new(dump, extra);
     if let Some(t) = admin_token {
         let _ = state.token.set(t);

@@ -318,6 +318,10 @@ impl Table {
     /// Each endpoint also shows this proxy's own view: requests in flight and whether outlier
     /// detection has ejected it.
     pub fn dump(&self) -> String {
+        self.dump_value().to_string()
+    }
+
+    fn dump_value(&self) -> serde_json::Value {
         let mut names: Vec<&String> = self.services.keys().collect();
         names.sort();
         let now = crate::health::now_ms();
@@ -348,7 +352,6 @@ impl Table {
             "nodes": self.config.nodes,
             "services": services,
         })
-        .to_string()
     }
 }
 
@@ -441,6 +444,24 @@ impl Mesh {
         self.table.load_full()
     }
 
+    /// `/endpoints`: the table's [`Table::dump`], each peer node also showing whether this
+    /// proxy can reach it (`reachable`, and why not under `unreachable`).
+    pub fn dump(&self) -> String {
+        let table = self.table();
+        let mut doc = table.dump_value();
+        if let Some(nodes) = doc.get_mut("nodes").and_then(|n| n.as_array_mut()) {
+            for node in nodes {
+                let Some(name) = node.get("name").and_then(|n| n.as_str()).map(str::to_owned) else { continue };
+                let down = self.pool.unreachable(&name);
+                node["reachable"] = down.is_none().into();
+                if let Some(down) = down {
+                    node["unreachable"] = serde_json::to_value(down).unwrap_or_default();
+                }
+            }
+        }
+        doc.to_string()
+    }
+
     /// Installs a new view atomically. Endpoints that stay keep their statistics; those that
     /// left are forgotten.
     pub fn apply(&self, mut table: Table) {
@@ -502,8 +523,9 @@ impl Mesh {
     }
 
     /// Like [`Mesh::pick`], avoiding the endpoints in `avoid` (tried already) when others are
-    /// usable. Endpoints failing their health check or ejected as outliers are left out unless
-    /// nothing else is left (then all are tried rather than none: Envoy's panic mode).
+    /// usable. Endpoints failing their health check, ejected as outliers or on a peer marked
+    /// unreachable are left out unless nothing else is left (then all are tried rather than
+    /// none: Envoy's panic mode).
     pub fn pick_avoiding<'s>(
         &self,
         svc: &'s Service,
@@ -522,7 +544,10 @@ impl Mesh {
             return Err(ProxyError::NoEndpoint(svc.config.name.clone()));
         };
         let usable = Flags::new(n, |i| {
-            in_subset.get(i) && eps[i].healthy && !svc.stats.get(i).is_some_and(|s| s.outlier.is_ejected(now))
+            in_subset.get(i)
+                && eps[i].healthy
+                && !svc.stats.get(i).is_some_and(|s| s.outlier.is_ejected(now))
+                && (self.is_local(&eps[i]) || !self.pool.is_down(&eps[i].node))
         });
         let any_usable = (0..n).any(|i| usable.get(i));
         let candidate = |i: usize| if any_usable { usable.get(i) } else { in_subset.get(i) };
@@ -611,7 +636,11 @@ impl Mesh {
                     .increment(1);
                 return Err(TryError::unsent(ProxyError::Overloaded(svc.config.name.clone())));
             };
-            let _ = self.peer(table, ep).await;
+            // A peer that cannot be reached fails this try at once, as never sent: the caller
+            // retries it elsewhere without a second handshake here.
+            if let Err(e) = self.peer(table, ep).await {
+                return Err(TryError::unsent(e));
+            }
         }
         let local = self.is_local(ep);
         if local {
@@ -663,6 +692,16 @@ impl Mesh {
             }
             None => result,
         };
+        // A peer that could not be reached is marked unreachable by the pool and skipped until
+        // its probe succeeds: charging its endpoints as slow or ejecting them too would keep
+        // them out long after it is back.
+        if let Err(TryError {
+            error: ProxyError::PeerUnreachable { .. } | ProxyError::ConnectTimeout(_),
+            unsent: true,
+        }) = &result
+        {
+            return result;
+        }
         // A failure costs like a timeout, so the balancer steers away from it.
         in_flight.observe(if result.is_ok() { start.elapsed() } else { per_try.max(start.elapsed()) });
         let failed = match &result {

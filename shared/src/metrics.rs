@@ -51,6 +51,8 @@ pub const QUIC_CWND: &str = "quicmesh_quic_congestion_window_bytes";
 pub const QUIC_LOST_PACKETS: &str = "quicmesh_quic_lost_packets_total";
 pub const QUIC_SENT_PACKETS: &str = "quicmesh_quic_sent_packets_total";
 pub const QUIC_STREAMS: &str = "quicmesh_quic_streams_total";
+pub const PEER_UNREACHABLE: &str = "quicmesh_peer_unreachable";
+pub const PEER_PROBES: &str = "quicmesh_peer_probes_total";
 pub const TCP_CLOSED: &str = "quicmesh_tcp_connections_closed_total";
 pub const CONTROL_NODE_VERSION: &str = "quicmesh_control_node_acked_version";
 pub const CONTROL_CERT_EXPIRY: &str = "quicmesh_control_certificate_expiry_timestamp_seconds";
@@ -121,6 +123,11 @@ fn describe() {
     describe_counter!(QUIC_CONNECTIONS_OPENED, "QUIC connections established with peer members.");
     describe_gauge!(QUIC_CONNECTIONS_ACTIVE, "QUIC connections currently open with peer members.");
     describe_counter!(QUIC_HANDSHAKE_FAILURES, "QUIC/TLS handshakes that failed, by direction and reason.");
+    describe_gauge!(
+        PEER_UNREACHABLE,
+        "1 while a peer member is marked unreachable (its handshake failed; requests skip it until a probe reaches it), else 0."
+    );
+    describe_counter!(PEER_PROBES, "Background handshakes to unreachable peers, by peer and result (reached, failed).");
     describe_counter!(TCP_CONNECTIONS, "Opaque TCP connections tunnelled, by direction and service.");
     describe_counter!(TCP_BYTES, Unit::Bytes, "Bytes carried through TCP tunnels, by direction.");
     describe_counter!(EDGE_CONNECTIONS, "Client connections accepted by the gateway, by protocol.");

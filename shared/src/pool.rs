@@ -4,11 +4,16 @@
 //! lock, so a burst of concurrent requests still makes exactly one connection. A connection that
 //! has closed (idle timeout, stateless reset from a restarted peer, GOAWAY) is replaced on the
 //! next request.
+//!
+//! A peer whose handshake fails (no answer within `timeouts.connect`, refused, bad identity) is
+//! marked unreachable: requests fail over at once instead of each paying for a handshake, and a
+//! background probe dials it with backoff until it answers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::ClientConfig;
@@ -30,88 +35,284 @@ pub struct PeerConn {
     pub streams: metrics::Counter,
 }
 
-type Slot = Arc<AsyncMutex<Option<PeerConn>>>;
+/// What the pool knows of one peer: its pooled connection, and whether it is unreachable.
+#[derive(Default)]
+struct Peer {
+    conn: AsyncMutex<Option<PeerConn>>,
+    down: Mutex<Option<Down>>,
+}
 
-pub struct PeerPool {
+/// A peer whose last handshake failed: requests skip it until the background probe reaches it.
+#[derive(Debug, Clone)]
+struct Down {
+    addr: SocketAddr,
+    since: Instant,
+    reason: String,
+    failures: u32,
+    next_probe: Instant,
+}
+
+/// What `/endpoints` shows of an unreachable peer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Unreachable {
+    pub address: SocketAddr,
+    pub reason: String,
+    /// Failed handshakes in a row (the first, then each probe).
+    pub failures: u32,
+    pub for_ms: u64,
+    pub next_probe_in_ms: u64,
+}
+
+/// The wait before probe number `failures` (1 after the first failure): doubling from 500 ms
+/// to at most 10 s, a quarter of it random so that nodes do not probe in step.
+fn probe_backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1 << failures.saturating_sub(1).min(5));
+    let cap = base.min(Duration::from_secs(10));
+    cap - cap.mul_f64(fastrand::f64() / 4.0)
+}
+
+/// A probe gives up (and forgets the failure) when nothing asked for its peer this long: the
+/// next request dials afresh.
+const PROBE_UNWANTED: Duration = Duration::from_secs(600);
+
+/// Dials peers: the pool's parts its background probes share.
+struct Dialer {
     endpoint: quinn::Endpoint,
     /// Set after a certificate renewal; until then the endpoint's default client config.
     client: arc_swap::ArcSwapOption<quinn::ClientConfig>,
     trust_domain: String,
     connect_timeout: Duration,
-    slots: Mutex<HashMap<String, Slot>>,
+    /// Peers now marked unreachable (so the balancer's check costs nothing when there are none).
+    down: AtomicUsize,
+}
+
+pub struct PeerPool {
+    dialer: Arc<Dialer>,
+    peers: Mutex<HashMap<String, Arc<Peer>>>,
 }
 
 impl PeerPool {
     pub fn new(endpoint: quinn::Endpoint, trust_domain: &str, connect_timeout: Duration) -> Self {
-        Self {
+        let dialer = Dialer {
             endpoint,
             client: arc_swap::ArcSwapOption::empty(),
             trust_domain: trust_domain.into(),
             connect_timeout,
-            slots: Mutex::new(HashMap::new()),
-        }
+            down: AtomicUsize::new(0),
+        };
+        Self { dialer: Arc::new(dialer), peers: Mutex::new(HashMap::new()) }
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {
-        &self.endpoint
+        &self.dialer.endpoint
     }
 
     /// New connections use `client` (renewed credentials); pooled ones are kept.
     pub fn set_client_config(&self, client: quinn::ClientConfig) {
-        self.client.store(Some(Arc::new(client)));
+        self.dialer.client.store(Some(Arc::new(client)));
     }
 
-    fn slot(&self, peer: &str) -> Slot {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.entry(peer.to_string()).or_default().clone()
+    fn peer(&self, name: &str) -> Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.entry(name.to_string()).or_default().clone()
+    }
+
+    fn known(&self, name: &str) -> Option<Arc<Peer>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
     /// Is a live connection to `peer` pooled (so `get` will not have to wait for one)?
     pub fn is_ready(&self, peer: &str) -> bool {
-        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(peer).cloned();
-        slot.is_some_and(|s| s.try_lock().is_ok_and(|g| g.as_ref().is_some_and(|pc| pc.conn.close_reason().is_none())))
+        self.known(peer).is_some_and(|p| {
+            p.conn.try_lock().is_ok_and(|g| g.as_ref().is_some_and(|pc| pc.conn.close_reason().is_none()))
+        })
     }
 
-    /// The live connection to `peer`, opened if needed.
+    /// Is `peer` marked unreachable (its last handshake failed and no probe has reached it since)?
+    pub fn is_down(&self, peer: &str) -> bool {
+        self.dialer.down.load(Ordering::Relaxed) > 0 && self.unreachable(peer).is_some()
+    }
+
+    /// Why `peer` is marked unreachable, if it is.
+    pub fn unreachable(&self, peer: &str) -> Option<Unreachable> {
+        let p = self.known(peer)?;
+        let down = p.down.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let now = Instant::now();
+        Some(Unreachable {
+            address: down.addr,
+            reason: down.reason,
+            failures: down.failures,
+            for_ms: now.saturating_duration_since(down.since).as_millis() as u64,
+            next_probe_in_ms: down.next_probe.saturating_duration_since(now).as_millis() as u64,
+        })
+    }
+
+    /// The live connection to `peer`, opened if needed. A peer marked unreachable fails at once
+    /// (its probe runs in the background); otherwise waiting for the pooled connection and
+    /// opening one take at most `timeouts.connect` together.
     pub async fn get(&self, peer: &str, addr: SocketAddr) -> Result<PeerConn, ProxyError> {
-        let slot = self.slot(peer);
-        let mut guard = slot.lock().await;
+        self.get_inner(peer, addr, false).await
+    }
+
+    /// Like [`PeerPool::get`], but dials even a peer marked unreachable (the control stream,
+    /// which has its own backoff).
+    pub async fn dial(&self, peer: &str, addr: SocketAddr) -> Result<PeerConn, ProxyError> {
+        self.get_inner(peer, addr, true).await
+    }
+
+    async fn get_inner(&self, name: &str, addr: SocketAddr, dial_anyway: bool) -> Result<PeerConn, ProxyError> {
+        let peer = self.peer(name);
+        let fail_fast = |peer: &Peer| -> Result<(), ProxyError> {
+            match peer.down.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                // A new address (a config change) is dialled, not judged by the old one.
+                Some(down) if !dial_anyway && down.addr == addr => Err(ProxyError::PeerUnreachable {
+                    peer: name.into(),
+                    reason: format!("unreachable ({}); probing in the background", down.reason),
+                }),
+                _ => Ok(()),
+            }
+        };
+        fail_fast(&peer)?;
+        let deadline = tokio::time::Instant::now() + self.dialer.connect_timeout;
+        let timed_out = || ProxyError::ConnectTimeout(format!("peer node {name} at {addr}"));
+        let mut guard = tokio::time::timeout_at(deadline, peer.conn.lock()).await.map_err(|_| timed_out())?;
         if let Some(pc) = guard.as_ref() {
             if pc.conn.close_reason().is_none() {
                 return Ok(pc.clone());
             }
         }
         *guard = None;
+        // Marked while this request waited for the lock: another request's handshake failed.
+        fail_fast(&peer)?;
         // Boxed: the handshake's future is most of the size of every request future that awaits
         // `get`, and those are moved whole (into a task, a box) on every request.
-        let pc =
-            tokio::time::timeout(self.connect_timeout, Box::pin(self.connect(peer, addr))).await.map_err(|_| {
-                metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "outbound", "reason" => "timeout")
-                    .increment(1);
-                ProxyError::ConnectTimeout(format!("peer node {peer} at {addr}"))
-            })??;
-        *guard = Some(pc.clone());
-        Ok(pc)
-    }
-
-    /// Closes and forgets the connection to `peer` (a revoked member), whatever its state.
-    pub fn close_peer(&self, peer: &str, reason: &'static [u8]) {
-        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(peer);
-        if let Some(slot) = slot {
-            if let Ok(guard) = slot.try_lock() {
-                if let Some(pc) = guard.as_ref() {
-                    pc.conn.close(2u32.into(), reason);
-                }
+        let attempt = tokio::time::timeout_at(deadline, Box::pin(self.dialer.connect(name, addr))).await;
+        match attempt.unwrap_or_else(|_| Err(self.dialer.handshake_timed_out(name, addr))) {
+            Ok(pc) => {
+                *guard = Some(pc.clone());
+                drop(guard);
+                self.dialer.mark_up(name, &peer);
+                Ok(pc)
+            }
+            Err(e) => {
+                drop(guard);
+                self.dialer.mark_down(name, &peer, addr, &e);
+                Err(e)
             }
         }
     }
 
+    /// Closes and forgets the connection to `peer` (a revoked member), whatever its state.
+    pub fn close_peer(&self, name: &str, reason: &'static [u8]) {
+        let peer = self.peers.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        if let Some(peer) = peer {
+            if let Ok(guard) = peer.conn.try_lock() {
+                if let Some(pc) = guard.as_ref() {
+                    pc.conn.close(2u32.into(), reason);
+                }
+            }
+            self.dialer.mark_up(name, &peer);
+        }
+    }
+
     /// Forgets `conn` if it is still the pooled one (after it failed a request).
-    pub async fn evict(&self, peer: &str, conn: &quinn::Connection) {
-        let slot = self.slot(peer);
-        let mut guard = slot.lock().await;
+    pub async fn evict(&self, name: &str, conn: &quinn::Connection) {
+        let peer = self.peer(name);
+        let mut guard = peer.conn.lock().await;
         if guard.as_ref().is_some_and(|pc| pc.conn.stable_id() == conn.stable_id()) {
             *guard = None;
+        }
+    }
+}
+
+impl Dialer {
+    fn handshake_timed_out(&self, peer: &str, addr: SocketAddr) -> ProxyError {
+        metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "outbound", "reason" => "timeout").increment(1);
+        warn!(peer, %addr, reason = "timeout", after = ?self.connect_timeout, "QUIC handshake with peer failed");
+        ProxyError::ConnectTimeout(format!("peer node {peer} at {addr}"))
+    }
+
+    /// Records a failed handshake: the first one marks the peer unreachable and starts its probe.
+    fn mark_down(self: &Arc<Self>, name: &str, peer: &Arc<Peer>, addr: SocketAddr, error: &ProxyError) {
+        let reason = match error {
+            ProxyError::PeerUnreachable { reason, .. } | ProxyError::PeerTls { reason, .. } => reason.clone(),
+            ProxyError::ConnectTimeout(_) => format!("no answer within {:?}", self.connect_timeout),
+            other => other.to_string(),
+        };
+        let now = Instant::now();
+        let mut down = peer.down.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = down.as_mut().filter(|d| d.addr == addr) {
+            d.reason = reason;
+            return;
+        }
+        let wait = probe_backoff(1);
+        *down = Some(Down { addr, since: now, reason: reason.clone(), failures: 1, next_probe: now + wait });
+        drop(down);
+        self.down.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(m::PEER_UNREACHABLE, "peer" => name.to_string()).set(1.0);
+        warn!(peer = name, %addr, reason, probe_in = ?wait, "peer marked unreachable; requests go to other endpoints until a probe reaches it");
+        tokio::spawn(self.clone().probe(name.to_string(), Arc::downgrade(peer), addr, wait));
+    }
+
+    /// Clears an unreachable mark (a handshake succeeded).
+    fn mark_up(&self, name: &str, peer: &Peer) {
+        let was = peer.down.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(down) = was {
+            self.down.fetch_sub(1, Ordering::Relaxed);
+            info!(peer = name, addr = %down.addr, down_for = ?down.since.elapsed(), "peer reachable again");
+        }
+        metrics::gauge!(m::PEER_UNREACHABLE, "peer" => name.to_string()).set(0.0);
+    }
+
+    /// Dials an unreachable peer with backoff until a handshake succeeds (the connection is
+    /// pooled and the mark cleared), the peer is forgotten or re-addressed, or nobody has asked
+    /// for it for [`PROBE_UNWANTED`].
+    async fn probe(self: Arc<Self>, name: String, peer: std::sync::Weak<Peer>, addr: SocketAddr, first: Duration) {
+        let mut wait = first;
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(wait).await;
+            let Some(peer) = peer.upgrade() else { return };
+            let failures = match peer.down.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                Some(d) if d.addr == addr => d.failures,
+                _ => return,
+            };
+            if started.elapsed() > PROBE_UNWANTED && Arc::strong_count(&peer) == 1 {
+                self.mark_up(&name, &peer);
+                return;
+            }
+            let mut guard = peer.conn.lock().await;
+            let live = guard.as_ref().is_some_and(|pc| pc.conn.close_reason().is_none());
+            let result = if live {
+                Ok(())
+            } else {
+                match tokio::time::timeout(self.connect_timeout, Box::pin(self.connect(&name, addr))).await {
+                    Ok(Ok(pc)) => {
+                        *guard = Some(pc);
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {:?}", self.connect_timeout)),
+                }
+            };
+            drop(guard);
+            let outcome = if result.is_ok() { "reached" } else { "failed" };
+            metrics::counter!(m::PEER_PROBES, "peer" => name.clone(), "result" => outcome).increment(1);
+            match result {
+                Ok(()) => {
+                    self.mark_up(&name, &peer);
+                    return;
+                }
+                Err(reason) => {
+                    wait = probe_backoff(failures + 1);
+                    let mut down = peer.down.lock().unwrap_or_else(|e| e.into_inner());
+                    let Some(d) = down.as_mut().filter(|d| d.addr == addr) else { return };
+                    d.failures = failures + 1;
+                    d.next_probe = Instant::now() + wait;
+                    debug!(peer = name, %addr, reason, failures = d.failures, next = ?wait, "probe of unreachable peer failed");
+                    d.reason = reason;
+                }
+            }
         }
     }
 

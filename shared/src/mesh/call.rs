@@ -177,7 +177,11 @@ impl Mesh {
             // Dropping an unwanted response resets its stream.
             drop(result);
             tried.push(ep);
-            tokio::time::sleep(policy.backoff_for(attempt, &mut rng)).await;
+            // Nothing reached the upstream: no load to back off from, so the next endpoint is
+            // tried at once.
+            if outcome != TryOutcome::Unsent {
+                tokio::time::sleep(policy.backoff_for(attempt, &mut rng)).await;
+            }
         }
     }
 }
