@@ -93,7 +93,14 @@ pub async fn start(args: &Args) -> anyhow::Result<Demo> {
         gw.control = "127.0.0.1:0".parse()?;
         gw.tls = tls;
     }
-    let gateway = quicmesh_gateway::start(gw_cfg).await.context("starting the gateway")?;
+    let gateway = quicmesh_gateway::start(gw_cfg).await.map_err(|e| match &e {
+        // The demo's ports come from flags, not config keys.
+        quicmesh_gateway::GatewayError::Listen { key, addr, source } => {
+            let flag = if *key == "gateway.admin" { "--admin-port" } else { "--port" };
+            anyhow::anyhow!("the demo gateway cannot listen on {addr}: {source} (another process holds it? `{flag} N` picks another port, 0 a free one)")
+        }
+        _ => anyhow::Error::new(e).context("starting the gateway"),
+    })?;
     Ok(Demo { gateway, nodes, _state: state })
 }
 

@@ -159,7 +159,9 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
         .finish(std::io::stderr());
     let dropped = writer.error_counter();
     quicmesh_shared::metrics::count_log_drops(move || dropped.dropped_lines() as u64);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    // Colour only for a person at a terminal, and never under NO_COLOR (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(colour);
     if json {
         tracing_subscriber::registry().with(filter).with(fmt.json()).init();
     } else {
@@ -191,10 +193,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("quicmesh: error: {e:#}");
+            eprintln!("quicmesh: error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: most of our errors already quote their
+/// source, which the chain would otherwise print a second time.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -221,17 +237,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config } => {
-            let (cfg, node_overlays) = quicmesh_shared::overlay::load_with_overlays(&config)?;
-            println!(
-                "config OK: {} services, {} nodes{}{}",
-                cfg.services.len(),
-                cfg.nodes.len(),
-                cfg.node.as_ref().map(|n| format!(", node {}", n.name)).unwrap_or_default(),
-                cfg.gateway
-                    .as_ref()
-                    .map(|g| format!(", gateway with {} routes, {} node overlays", g.routes.len(), node_overlays.len()))
-                    .unwrap_or_default()
+            // The daemons' own checks, in the order they run them, short of binding sockets.
+            let mut cfg = config::load(&config)?;
+            anyhow::ensure!(
+                cfg.node.is_some() || cfg.gateway.is_some(),
+                "the config has neither a [node] nor a [gateway] section: nothing would run it"
             );
+            let mut lines = Vec::new();
+            if cfg.gateway.is_some() {
+                let pre = quicmesh_gateway::preflight(&mut cfg)?;
+                let gc = cfg.gateway.as_ref().context("the config has no [gateway] section")?;
+                lines.push(format!(
+                    "gateway {}: {} routes, {} node overlays, {} edge certificates, admin on {}{}",
+                    gc.name,
+                    gc.routes.len(),
+                    pre.node_settings.len(),
+                    gc.certificates.len(),
+                    gc.admin,
+                    if pre.admin_token.is_some() { " (token required)" } else { "" }
+                ));
+            }
+            if cfg.node.is_some() {
+                let pre = quicmesh_node::preflight(&cfg)?;
+                let nc = cfg.node.as_ref().context("the config has no [node] section")?;
+                lines.push(format!("node {}: {}", nc.name, pre.mode));
+            }
+            println!("config OK: {} services, {} nodes", cfg.services.len(), cfg.nodes.len());
+            for line in lines {
+                println!("  {line}");
+            }
             Ok(())
         }
         Command::Node { action: Some(NodeAction::Revoke { name, admin }), .. } => {

@@ -350,12 +350,18 @@ async fn an_expired_certificate_is_refused() {
     let echo = echo_backend().await;
     let svc = services(echo, "");
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
-    // Valid for one hour, two days ago.
-    let past = time::OffsetDateTime::now_utc() - time::Duration::days(2);
-    let (cert, key) = pki.ca.issue_pem("node-a", past, Duration::from_secs(3600)).unwrap();
+    // Valid for one hour, ending five seconds from now: a node refuses to start with an
+    // expired certificate, so this one expires while node-a runs.
+    let start = time::OffsetDateTime::now_utc() - time::Duration::seconds(3595);
+    let (cert, key) = pki.ca.issue_pem("node-a", start, Duration::from_secs(3600)).unwrap();
     std::fs::write(state.join("node-a.pem"), cert).unwrap();
     quicmesh_shared::identity::write_secret(&state.join("node-a.key"), key.as_bytes()).unwrap();
     let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let end = start + time::Duration::seconds(3601);
+    eventually(Duration::from_secs(30), "node-a's certificate to expire", || async {
+        (time::OffsetDateTime::now_utc() > end).then_some(())
+    })
+    .await;
     let req = http::Request::get(format!("http://{}/", a.addrs.outbound))
         .header("host", "echo")
         .body(Full::default())

@@ -449,11 +449,15 @@ async fn runtime_threads_follow_the_workers_settings() {
     let dir = pki.issue("gateway");
     pki.issue("node-a");
     pki.issue("node-b");
-    let a = NodeProc::start(&dir, "node-a", &node_toml("node-a", &dir, &[], ""));
+    // A node refuses to start with nothing to serve: each hosts one service.
+    let one = |n: &str| {
+        format!("[[services]]\nname = \"s\"\n[[services.endpoints]]\nnode = \"{n}\"\naddress = \"127.0.0.1:9\"\n")
+    };
+    let a = NodeProc::start(&dir, "node-a", &node_toml("node-a", &dir, &[], &one("node-a")));
     let b = NodeProc::start(
         &dir,
         "node-b",
-        &node_toml("node-b", &dir, &[], "").replace("[node]\n", "[node]\nworkers = 3\n"),
+        &node_toml("node-b", &dir, &[], &one("node-b")).replace("[node]\n", "[node]\nworkers = 3\n"),
     );
     let gw = gateway_to_web(&dir);
     // One thread is the current-thread runtime, not a work-stealing one with a single worker.

@@ -199,3 +199,211 @@ async fn a_peer_behind_an_nftables_drop_is_skipped_until_the_drop_is_lifted() {
     };
     unreachable_peer(hole, addr).await;
 }
+
+/// Runs the binary from `cwd`; (exit ok, stdout + stderr).
+fn run_in(cwd: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .env_remove("QUICMESH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// The line of `quicmesh: error: ...` in a run's output.
+fn error_line(out: &str) -> String {
+    out.lines().find(|l| l.starts_with("quicmesh: error:")).unwrap_or_else(|| panic!("no error in:\n{out}")).to_string()
+}
+
+/// Bug 2 of #20: `check` runs every start-up check of the daemons (the same function), with the
+/// same message, and relative paths are read from the directory of the file that set them.
+#[test]
+fn check_is_the_daemons_validation_and_paths_are_relative_to_their_file() {
+    let pki = Pki::new();
+    pki.issue("node-a");
+    pki.issue("gateway");
+    let conf = pki.path().join("conf");
+    std::fs::create_dir_all(conf.join("overlays/services")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let node = |name: &str, extra: &str| {
+        format!(
+            "[mesh]\ntrust_domain = \"{TD}\"\n\n[node]\nname = \"{name}\"\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n\
+             admin = \"127.0.0.1:0\"\n{extra}\n[node.tls]\nstate_dir = \"..\"\n\n\
+             [[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"{name}\"\naddress = \"127.0.0.1:9\"\n"
+        )
+    };
+    let write = |file: &str, text: &str| {
+        let path = conf.join(file);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    // Good, and read from another working directory: state_dir ".." is conf/.., not cwd/..
+    let good = write("node-a.toml", &node("node-a", ""));
+    let (ok, out) = run_in(elsewhere.path(), &["check", "--config", &good]);
+    assert!(ok, "{out}");
+    assert!(out.contains("node node-a: static: 1 services"), "{out}");
+
+    // Each of these passes the config's own validation but not the daemon's start-up.
+    let cases = [
+        ("missing certificate", node("node-z", ""), "node-z.pem: no such file; issue it with `quicmesh ca issue"),
+        (
+            "admin on the network without a token",
+            node("node-a", "admin = \"0.0.0.0:0\""),
+            "reachable from the network",
+        ),
+        (
+            "another trust domain",
+            node("node-a", "").replace(&format!("trust_domain = \"{TD}\""), "trust_domain = \"other.example\""),
+            "the certificate is for spiffe://test.quicmesh.local/node/node-a, but this member is spiffe://other.example/node/node-a",
+        ),
+        (
+            "nothing to serve",
+            node("node-a", "").split("[[services]]").next().unwrap().to_string(),
+            "node node-a has nothing to serve",
+        ),
+    ];
+    for (what, text, expect) in cases {
+        let file = write("bad.toml", &text.replace("admin = \"127.0.0.1:0\"\nadmin", "admin"));
+        let (ok, out) = run_in(elsewhere.path(), &["check", "--config", &file]);
+        assert!(!ok, "{what}: check accepted it:\n{out}");
+        let check = error_line(&out);
+        assert!(check.contains(expect), "{what}: {check}");
+        let (ok, out) = run_in(elsewhere.path(), &["node", "--config", &file]);
+        assert!(!ok, "{what}: the node started:\n{out}");
+        assert_eq!(error_line(&out), check, "{what}: check and the node say the same");
+    }
+
+    // A gateway: overlays and state_dir relative to its file, overlays checked.
+    let gw = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[[services]]\nname = \"web\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\n\
+         admin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\noverlays = \"overlays\"\n\n[gateway.tls]\nstate_dir = \"..\"\n"
+    );
+    let gw = write("gateway.toml", &gw);
+    std::fs::write(conf.join("overlays/services/web.toml"), "max_requests = 10\n").unwrap();
+    let (ok, out) = run_in(elsewhere.path(), &["check", "--config", &gw]);
+    assert!(ok && out.contains("gateway gateway: 0 routes"), "{out}");
+    std::fs::write(conf.join("overlays/services/web.toml"), "max_requests = \"many\"\n").unwrap();
+    let (ok, out) = run_in(elsewhere.path(), &["check", "--config", &gw]);
+    assert!(!ok && error_line(&out).contains("max_requests"), "a bad overlay is found: {out}");
+    // Errors say each cause once.
+    let (_, out) = run_in(elsewhere.path(), &["check", "--config", &write("gone.toml", &node("node-q", ""))]);
+    let line = error_line(&out);
+    assert_eq!(line.matches("no such file").count(), 1, "{line}");
+}
+
+/// Bug 5 of #20: a node that held a session with a control plane and restarts without
+/// `[node.gateway]` (or `--join`) joins the same control plane again, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_node_restarted_without_its_gateway_section_rejoins_it() {
+    let pki = Pki::new();
+    pki.issue("gateway");
+    pki.issue("node-a");
+    let gw = gateway_to_web(pki.path());
+    let joined = NodeProc::start(pki.path(), "node-a", &joined_toml("node-a", pki.path(), gw.addrs.control, ""));
+    let connected = || async {
+        let st = gw.admin_json("/nodes").await;
+        let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.iter().any(|n| n["name"] == "node-a" && n["connected"] == true).then_some(())
+    };
+    eventually(Duration::from_secs(10), "node-a to join", connected).await;
+    drop(joined);
+    eventually(Duration::from_secs(10), "node-a to be gone", || async {
+        let st = gw.admin_json("/nodes").await;
+        let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+        (!nodes.iter().any(|n| n["name"] == "node-a" && n["connected"] == true)).then_some(())
+    })
+    .await;
+    // The same node, its config without [node.gateway] and with no services of its own.
+    let again = NodeProc::start(pki.path(), "node-a-again", &node_toml("node-a", pki.path(), &[], ""));
+    eventually(Duration::from_secs(10), "node-a to rejoin", connected).await;
+    again.log_with(&["joining the one this node last used", &gw.addrs.control.to_string()]).await;
+}
+
+/// Bug 3 of #20: an error the mesh makes behind the gateway reaches an external client as its
+/// reason code only: no addresses, node names or causes (those stay in the logs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_shows_external_clients_no_topology() {
+    let pki = Pki::new();
+    let state = pki.issue("gateway");
+    pki.issue("node-b");
+    let dead = dead_address().await;
+    let web =
+        format!("[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{dead}\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &web));
+    let routes = "[[gateway.routes]]\nname = \"web\"\n[[gateway.routes.rules]]\n\
+                  [[gateway.routes.rules.backendRefs]]\nname = \"web\"\n";
+    let mesh = format!("[[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{web}", b.addrs.inbound);
+    let gw = NodeProc::start_layered("gateway", &gateway_layers(pki.path(), &mesh, routes));
+    let url = format!("https://127.0.0.1:{}/", gw.addrs.listen.port());
+    let (ok, out) = curl(&["-k", "-i", &url]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("HTTP/2 502") || out.starts_with("HTTP/1.1 502"), "{out}");
+    assert!(out.contains("quicmesh-error: upstream-unreachable"), "{out}");
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(body.trim(), "quicmesh: upstream-unreachable", "{out}");
+    for secret in [dead.to_string(), dead.port().to_string(), "node-b".into(), "refused".into()] {
+        assert!(!out.contains(&secret), "{secret:?} leaked to an external client:\n{out}");
+    }
+    // The operator still learns where and why.
+    b.log_with(&[&dead.to_string()]).await;
+}
+
+/// Bug 4 of #20: a static member's certificate is reloaded when its files change (no restart),
+/// its expiry is exported, and it warns from a third of its lifetime left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_node_reloads_its_certificate_and_warns_before_it_expires() {
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    let echo = echo_backend().await;
+    let svc =
+        format!("[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    // node-a's certificate: 90 minutes of life, 20 of them left.
+    let start = time::OffsetDateTime::now_utc() - time::Duration::minutes(70);
+    let (cert, key) = pki.ca.issue_pem("node-a", start, Duration::from_secs(90 * 60)).unwrap();
+    std::fs::write(state.join("node-a.pem"), cert).unwrap();
+    quicmesh_shared::identity::write_secret(&state.join("node-a.key"), key.as_bytes()).unwrap();
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let expiry = |m: &str| metric(m, "quicmesh_certificate_expiry_timestamp_seconds", &[]);
+    let first = (start + time::Duration::minutes(90)).unix_timestamp() as f64;
+    eventually(Duration::from_secs(10), "the expiry to be exported", || async {
+        (expiry(&a.metrics().await) == first).then_some(())
+    })
+    .await;
+    a.log_with(&["the certificate expires soon", "quicmesh ca issue"]).await;
+    let (status, _) = http_get_host(a.addrs.outbound, "echo").await;
+    assert_eq!(status, 200);
+
+    // A new certificate in place: picked up without a restart, and used for new connections.
+    pki.ca.issue("node-a", Duration::from_secs(48 * 3600)).unwrap();
+    let second = eventually(Duration::from_secs(30), "the new certificate to be loaded", || async {
+        let e = expiry(&a.metrics().await);
+        (e > first + 3600.0).then_some(e)
+    })
+    .await;
+    a.log_with(&["certificate files changed; new connections use them"]).await;
+    // A broken file is refused and the running certificate stays.
+    std::fs::write(state.join("node-a.pem"), "not a certificate").unwrap();
+    a.log_with(&["certificate files changed but cannot be used"]).await;
+    assert_eq!(expiry(&a.metrics().await), second);
+    let (status, _) = http_get_host(a.addrs.outbound, "echo").await;
+    assert_eq!(status, 200, "the node keeps serving");
+}
+
+/// (status, body) of a GET with `Host: host` through a node's outbound listener.
+async fn http_get_host(outbound: SocketAddr, host: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = http::Request::get(format!("http://{outbound}/")).header("host", host).body(Default::default()).unwrap();
+    match client.request(req).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}

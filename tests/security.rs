@@ -244,7 +244,8 @@ async fn a_revoked_node_is_refused_by_a_peer_it_was_connected_to() {
 async fn an_admin_api_off_loopback_needs_a_bearer_token() {
     let pki = Pki::new();
     let state = pki.issue("node-x");
-    let open = node_toml("node-x", &state, &[], "").replace("admin = \"127.0.0.1:0\"", "admin = \"0.0.0.0:0\"");
+    let web = "[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-x\"\naddress = \"127.0.0.1:9\"\n";
+    let open = node_toml("node-x", &state, &[], web).replace("admin = \"127.0.0.1:0\"", "admin = \"0.0.0.0:0\"");
     let config = pki.path().join("open.toml");
     std::fs::write(&config, &open).unwrap();
     let out = std::process::Command::new(BIN)

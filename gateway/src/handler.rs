@@ -72,7 +72,8 @@ impl Edge {
         rec.request(&req);
         rec.source(&self.name, &self.name);
         let mut resp = match self.route(req, client, &mut rec).await {
-            Ok(resp) => resp,
+            // An error made by a node inside the mesh says where and why: not to outsiders.
+            Ok(resp) => ProxyError::brief(resp),
             Err(e) => {
                 debug!(%client, error = %e, "gateway request failed");
                 metrics::counter!(m::PROXY_ERRORS, "direction" => "ingress", "reason" => e.reason()).increment(1);

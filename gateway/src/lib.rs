@@ -21,7 +21,7 @@ use std::time::Duration;
 use quicmesh_shared::access_log::AccessLog;
 use quicmesh_shared::admin::{self, AdminState};
 use quicmesh_shared::config::{Config, ConfigError};
-use quicmesh_shared::identity::{Credentials, IdentityError};
+use quicmesh_shared::identity::{Ca, Credentials, IdentityError};
 use quicmesh_shared::mesh::Mesh;
 use quicmesh_shared::overlay;
 use quicmesh_shared::tls::ClientAuth;
@@ -42,8 +42,8 @@ pub enum GatewayError {
     Transport(#[from] TransportError),
     #[error("edge TLS: {0}")]
     Tls(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {addr} for {key}: {source} (another process holds it? `{key}` sets it)")]
+    Listen { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
 }
@@ -69,7 +69,7 @@ pub struct Gateway {
 
 /// Binds TCP and UDP on the same port; with port 0, retries until both get the same number.
 fn bind_edge(addr: SocketAddr, quic: quinn::ServerConfig) -> Result<(TcpListener, quinn::Endpoint), GatewayError> {
-    let err = |source| GatewayError::Listen { addr, source };
+    let err = |source| GatewayError::Listen { key: "gateway.listen", addr, source };
     for _ in 0..20 {
         let std_tcp = std::net::TcpListener::bind(addr).map_err(err)?;
         let tcp_addr = std_tcp.local_addr().map_err(err)?;
@@ -90,18 +90,43 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
     start_with_files(config, Vec::new()).await
 }
 
-/// Like [`start`], watching `files` (the layers `config` was loaded from) for changes.
-pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result<Gateway, GatewayError> {
+/// What a gateway checks before it binds anything; `quicmesh check` runs the same.
+pub struct Preflight {
+    pub paths: quicmesh_shared::config::TlsPaths,
+    pub creds: Credentials,
+    pub node_settings: std::collections::BTreeMap<String, overlay::NodeSettings>,
+    pub edge: (rustls::ServerConfig, rustls::ServerConfig, Arc<tls::Certificates>),
+    pub admin_token: Option<String>,
+}
+
+/// Every start-up check of a gateway that needs no socket: its section, the overlays (applied
+/// to `config`), its mesh certificate (readable, naming it in this trust domain, not expired),
+/// the edge certificates, and the admin token.
+pub fn preflight(config: &mut Config) -> Result<Preflight, GatewayError> {
     let gc = config.gateway.clone().ok_or(GatewayError::NoGatewaySection)?;
     let node_settings = match &gc.overlays {
         Some(dir) => {
-            overlay::apply_services(&mut config, dir)?;
-            overlay::node_settings(&config, dir)?
+            overlay::apply_services(config, dir)?;
+            overlay::node_settings(config, dir)?
         }
         None => Default::default(),
     };
     let paths = gc.tls.resolve(&gc.name, "gateway")?;
-    let mut creds = Credentials::load(&paths.ca, &paths.cert, &paths.key)?;
+    let creds = Credentials::load_member(&paths, &config.mesh.trust_domain, &gc.name)?;
+    let edge = tls::edge_configs(&gc)?;
+    let admin_token = admin::admin_token(gc.admin, gc.admin_token_file.as_deref(), "gateway.admin_token_file")
+        .map_err(|reason| {
+            GatewayError::Config(ConfigError::Invalid { key: "gateway.admin".into(), origin: String::new(), reason })
+        })?;
+    Ok(Preflight { paths, creds, node_settings, edge, admin_token })
+}
+
+/// Like [`start`], watching `files` (the layers `config` was loaded from) for changes.
+pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result<Gateway, GatewayError> {
+    let Preflight { paths, mut creds, node_settings, edge: (tcp_tls, quic_tls, certs), admin_token } =
+        preflight(&mut config)?;
+    let transport_config = config.transport.clone();
+    let gc = config.gateway.clone().ok_or(GatewayError::NoGatewaySection)?;
     // Send the CA along: a joining node pins it by fingerprint before it holds it.
     creds.chain.extend(creds.roots.iter().cloned());
     let mesh_endpoint = transport::mesh_endpoint(
@@ -110,20 +135,30 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         &config.mesh.trust_domain,
         &config.transport,
         Some(ClientAuth::OptionalForEnrollment),
-    )?;
-    let control_addr =
-        mesh_endpoint.local_addr().map_err(|source| GatewayError::Listen { addr: gc.control, source })?;
-    let (tcp_tls, quic_tls, certs) = tls::edge_configs(&gc)?;
+    )
+    .map_err(|e| match e {
+        TransportError::Bind { addr, source } => GatewayError::Listen { key: "gateway.control", addr, source },
+        other => other.into(),
+    })?;
+    let control_addr = mesh_endpoint.local_addr().map_err(|source| GatewayError::Listen {
+        key: "gateway.control",
+        addr: gc.control,
+        source,
+    })?;
     let quic = tls::quic_server(quic_tls, &gc.limits)?;
     let (tcp, edge_endpoint) = bind_edge(gc.listen, quic)?;
-    let listen = tcp.local_addr().map_err(|source| GatewayError::Listen { addr: gc.listen, source })?;
-    let admin_token = admin::admin_token(gc.admin, gc.admin_token_file.as_deref(), "gateway.admin_token_file")
-        .map_err(|reason| {
-            GatewayError::Config(ConfigError::Invalid { key: "gateway.admin".into(), origin: String::new(), reason })
-        })?;
-    let admin_listener =
-        TcpListener::bind(gc.admin).await.map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| GatewayError::Listen { addr: gc.admin, source })?;
+    let listen =
+        tcp.local_addr().map_err(|source| GatewayError::Listen { key: "gateway.listen", addr: gc.listen, source })?;
+    let admin_listener = TcpListener::bind(gc.admin).await.map_err(|source| GatewayError::Listen {
+        key: "gateway.admin",
+        addr: gc.admin,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| GatewayError::Listen {
+        key: "gateway.admin",
+        addr: gc.admin,
+        source,
+    })?;
     let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
     let trust_domain = config.mesh.trust_domain.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?.map(Arc::new);
@@ -155,6 +190,22 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), edge.clone()));
     tasks.spawn(h3_edge::serve(edge_endpoint.clone(), edge.clone()));
     tasks.spawn(tls::watch_certificates(gc.clone(), certs));
+    // The gateway's own mesh certificate: reloaded when its files change, renewed from the CA
+    // when the CA is in the same state directory.
+    let own_ca = gc.tls.state_dir.as_deref().and_then(|dir| Ca::open(dir).ok()).filter(|ca| {
+        ca.dir.join(format!("{}.pem", gc.name)) == paths.cert && ca.dir.join(format!("{}.key", gc.name)) == paths.key
+    });
+    let watch = quicmesh_shared::certwatch::Watch {
+        mesh: mesh.clone(),
+        endpoint: mesh_endpoint.clone(),
+        paths,
+        name: gc.name.clone(),
+        transport: transport_config,
+        auth: ClientAuth::OptionalForEnrollment,
+        send_ca: true,
+        ca: own_ca,
+    };
+    tasks.spawn(watch.run());
     let enroll = gc.tls.state_dir.clone().map(|dir| Arc::new(control::Enroller::new(dir, gc.name.clone(), cp.clone())));
     tasks.spawn(control::serve(mesh_endpoint.clone(), cp.clone(), trust_domain, enroll));
     tasks.spawn(cp.clone().sweep());

@@ -43,6 +43,26 @@ pub struct ControlClient {
     /// Instances failing their health check, reported whenever the set changes.
     pub health: watch::Receiver<Vec<crate::health::Key>>,
     pub cache: Option<PathBuf>,
+    /// Where the control plane's address is kept once a session is up (see [`remembered`]).
+    pub remember: Option<PathBuf>,
+}
+
+/// The file that keeps the control plane a node last held a session with.
+pub fn remember_path(nc: &quicmesh_shared::config::NodeConfig) -> Option<PathBuf> {
+    nc.tls.state_dir.as_ref().map(|d| d.join(format!("{}.control.json", nc.name)))
+}
+
+/// The control plane this node last held a session with, if it kept one.
+pub fn remembered(nc: &quicmesh_shared::config::NodeConfig) -> Option<(ControlTarget, PathBuf)> {
+    let path = remember_path(nc)?;
+    let text = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&text) {
+        Ok(target) => Some((target, path)),
+        Err(e) => {
+            warn!("ignoring unreadable {}: {e}", path.display());
+            None
+        }
+    }
 }
 
 /// Validates a snapshot against this node's config and installs it.
@@ -182,7 +202,12 @@ impl ControlClient {
                     }
                     // Full jitter between half and the whole backoff.
                     let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
-                    debug!(reason, ?wait, "control stream down; retrying");
+                    warn!(
+                        gateway = %self.target.address,
+                        reason,
+                        retry_in = ?wait,
+                        "no session with the control plane; serving what this node has and retrying"
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.changed() => return,
@@ -234,6 +259,15 @@ impl ControlClient {
             Err(e) => return broken(e.to_string()),
         }
         metrics::gauge!(m::CONTROL_CONNECTED).set(1.0);
+        if let Some(path) = &self.remember {
+            let known = std::fs::read(path).ok().and_then(|t| serde_json::from_slice::<ControlTarget>(&t).ok());
+            if known.is_none_or(|k| k.address != self.target.address || k.name != self.target.name) {
+                let text = serde_json::to_vec_pretty(&self.target).unwrap_or_default();
+                if let Err(e) = std::fs::write(path, text) {
+                    warn!("cannot keep the control plane's address in {}: {e}", path.display());
+                }
+            }
+        }
         let mut health = self.health.clone();
         let report = NodeMsg::Health { unhealthy: health.borrow_and_update().clone() };
         if let Err(e) = control::send_line(&mut send, &report).await {

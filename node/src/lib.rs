@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use quicmesh_shared::access_log::AccessLog;
 use quicmesh_shared::admin::{self, AdminState};
-use quicmesh_shared::config::{Config, ConfigError};
+use quicmesh_shared::config::{Config, ConfigError, ControlTarget, TlsPaths};
 use quicmesh_shared::drain::Phase;
 use quicmesh_shared::identity::{Credentials, IdentityError};
 use quicmesh_shared::mesh::Mesh;
@@ -38,10 +38,15 @@ pub enum NodeError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {addr} for {key}: {source} (another process holds it? `{key}` sets it)")]
+    Listen { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
+    #[error(
+        "node {0} has nothing to serve: its config lists no [[services]] and names no control plane; \
+         add [node.gateway] (or start it with --join) to take them from a gateway, or list the services"
+    )]
+    NothingToServe(String),
 }
 
 /// Addresses a running node actually bound (port 0 in config becomes a real port here).
@@ -68,8 +73,16 @@ pub struct Node {
     _tasks: JoinSet<()>,
 }
 
-async fn listen(addr: SocketAddr) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { addr, source })
+async fn listen(key: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { key, addr, source })
+}
+
+/// A UDP bind failure names the setting, as a TCP one does.
+fn bind_error(key: &'static str) -> impl FnOnce(TransportError) -> NodeError {
+    move |e| match e {
+        TransportError::Bind { addr, source } => NodeError::Listen { key, addr, source },
+        other => other.into(),
+    }
 }
 
 /// Binds every listener of the node, starts serving, and returns the bound addresses.
@@ -120,30 +133,84 @@ async fn watch_instances(files: Vec<std::path::PathBuf>, tx: watch::Sender<Vec<q
     }
 }
 
+/// What a node checks before it binds anything; `quicmesh check` runs the same.
+pub struct Preflight {
+    pub paths: TlsPaths,
+    pub creds: Credentials,
+    pub admin_token: Option<String>,
+    /// The control plane to join: the config's, or the one remembered from an earlier session.
+    pub control: Option<ControlTarget>,
+    /// How the node will run, in a sentence (logged at start, printed by `check`).
+    pub mode: String,
+}
+
+/// Every start-up check of a node that needs no socket: its section, its certificate files
+/// (readable, naming this node in this trust domain, not expired), the admin token, and
+/// something to serve (services, or a control plane to get them from).
+pub fn preflight(config: &Config) -> Result<Preflight, NodeError> {
+    let nc = config.node.as_ref().ok_or(NodeError::NoNodeSection)?;
+    let paths = nc.tls.resolve(&nc.name, "node")?;
+    let creds = Credentials::load_member(&paths, &config.mesh.trust_domain, &nc.name)?;
+    let admin_token =
+        admin::admin_token(nc.admin, nc.admin_token_file.as_deref(), "node.admin_token_file").map_err(|reason| {
+            NodeError::Config(ConfigError::Invalid { key: "node.admin".into(), origin: String::new(), reason })
+        })?;
+    let (control, mode) = match (&nc.gateway, control::remembered(nc)) {
+        (Some(target), _) => {
+            (Some(target.clone()), format!("joined to the control plane at {} ({})", target.address, target.name))
+        }
+        (None, Some((target, file))) => {
+            let mode = format!(
+                "the config names no control plane ([node.gateway]); joining the one this node last used, {} ({}), as kept in {}",
+                target.address,
+                target.name,
+                file.display()
+            );
+            (Some(target), mode)
+        }
+        (None, None) if config.services.is_empty() => return Err(NodeError::NothingToServe(nc.name.clone())),
+        (None, None) => (
+            None,
+            format!(
+                "static: {} services and {} peers from config, no control plane",
+                config.services.len(),
+                config.nodes.len()
+            ),
+        ),
+    };
+    if control.is_some() && nc.advertise.is_none() && nc.inbound.ip().is_unspecified() {
+        return Err(NodeError::Config(ConfigError::Invalid {
+            key: "node.advertise".into(),
+            origin: String::new(),
+            reason: format!("node.inbound is {}; set the address peers should use", nc.inbound),
+        }));
+    }
+    Ok(Preflight { paths, creds, admin_token, control, mode })
+}
+
 /// Like [`start`], with the QUIC socket already bound by the caller.
 pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) -> Result<Node, NodeError> {
+    let Preflight { paths, creds, admin_token, control: control_target, mode } = preflight(&config)?;
     let nc = config.node.clone().ok_or(NodeError::NoNodeSection)?;
-    let paths = nc.tls.resolve(&nc.name, "node")?;
-    let creds = Credentials::load(&paths.ca, &paths.cert, &paths.key)?;
+    info!(node = nc.name, "{mode}");
     let endpoint = transport::mesh_endpoint(
         inbound.map_or(Bind::Addr(nc.inbound), Bind::Socket),
         &creds,
         &config.mesh.trust_domain,
         &config.transport,
         Some(ClientAuth::Required),
-    )?;
-    let inbound_addr = endpoint.local_addr().map_err(|source| NodeError::Listen { addr: nc.inbound, source })?;
-    let outbound = listen(nc.outbound).await?;
-    let admin_token =
-        admin::admin_token(nc.admin, nc.admin_token_file.as_deref(), "node.admin_token_file").map_err(|reason| {
-            NodeError::Config(ConfigError::Invalid { key: "node.admin".into(), origin: String::new(), reason })
-        })?;
-    let admin_listener = listen(nc.admin).await?;
+    )
+    .map_err(bind_error("node.inbound"))?;
+    let inbound_addr =
+        endpoint.local_addr().map_err(|source| NodeError::Listen { key: "node.inbound", addr: nc.inbound, source })?;
+    let outbound = listen("node.outbound", nc.outbound).await?;
+    let admin_listener = listen("node.admin", nc.admin).await?;
     let mut tcp = Vec::new();
     for fwd in &nc.tcp {
-        tcp.push((fwd.service.clone(), listen(fwd.listen).await?));
+        tcp.push((fwd.service.clone(), listen("node.tcp[].listen", fwd.listen).await?));
     }
     let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
+    let transport_config = config.transport.clone();
     let local_config = config.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(NodeError::AccessLog)?.map(Arc::new);
     let mut mesh = Mesh::new(Arc::new(config), Some(nc.name.clone()), endpoint.clone());
@@ -151,16 +218,24 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let mesh = Arc::new(mesh);
     let addrs = NodeAddrs {
         name: nc.name.clone(),
-        outbound: outbound.local_addr().map_err(|source| NodeError::Listen { addr: nc.outbound, source })?,
+        outbound: outbound.local_addr().map_err(|source| NodeError::Listen {
+            key: "node.outbound",
+            addr: nc.outbound,
+            source,
+        })?,
         inbound: inbound_addr,
-        admin: admin_listener.local_addr().map_err(|source| NodeError::Listen { addr: nc.admin, source })?,
+        admin: admin_listener.local_addr().map_err(|source| NodeError::Listen {
+            key: "node.admin",
+            addr: nc.admin,
+            source,
+        })?,
         tcp: tcp.iter().filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.clone(), a))).collect(),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut control_task = None;
     let mut instances_tx = None;
     let mut health_task = None;
-    if let Some(target) = nc.gateway.clone() {
+    if let Some(target) = control_target {
         let cache = nc
             .snapshot_cache
             .clone()
@@ -173,13 +248,6 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             }
         }
         let advertise = nc.advertise.unwrap_or(inbound_addr);
-        if advertise.ip().is_unspecified() {
-            return Err(NodeError::Config(ConfigError::Invalid {
-                key: "node.advertise".into(),
-                origin: String::new(),
-                reason: format!("node.inbound is {inbound_addr}; set the address peers should use"),
-            }));
-        }
         let (tx, rx) = watch::channel(nc.instances.clone());
         instances_tx = Some(tx);
         let (health_tx, health_rx) = watch::channel(Vec::new());
@@ -195,6 +263,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             instances: rx,
             health: health_rx,
             cache,
+            remember: control::remember_path(&nc),
         };
         control_task = Some(tokio::spawn(client.run(shutdown_rx)));
     }
@@ -208,6 +277,20 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     tasks.spawn(admin::serve(admin_listener, state.clone()));
     if let Some(checks) = health_task {
         tasks.spawn(checks);
+    }
+    if control_task.is_none() {
+        // Nobody renews a static node's certificate: its files are watched instead.
+        let watch = quicmesh_shared::certwatch::Watch {
+            mesh: mesh.clone(),
+            endpoint: endpoint.clone(),
+            paths,
+            name: nc.name.clone(),
+            transport: transport_config,
+            auth: ClientAuth::Required,
+            send_ca: false,
+            ca: None,
+        };
+        tasks.spawn(watch.run());
     }
     tasks.spawn(inbound::serve(endpoint.clone(), mesh.clone()));
     tasks.spawn(outbound::serve(outbound, mesh.clone()));

@@ -511,11 +511,62 @@ pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
 }
 
 /// Loads and validates the config from files plus environment.
+/// Relative paths are taken from the directory of the file that set them (from the working
+/// directory when an environment variable did).
 pub fn load(files: &[PathBuf]) -> Result<Config, ConfigError> {
     let fig = figment(files)?;
-    let config: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
+    let mut config: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
+    resolve_paths(&mut config, &fig);
     config.validate().map_err(|e| attach_source(e, &fig))?;
     Ok(config)
+}
+
+/// Makes every relative path in `config` relative to the directory of the file that set it.
+fn resolve_paths(config: &mut Config, fig: &Figment) {
+    let dir_of = |value: Option<&figment::value::Value>| -> Option<PathBuf> {
+        let meta = fig.get_metadata(value?.tag())?;
+        match meta.source.as_ref()? {
+            figment::Source::File(f) => Some(f.parent().map(std::path::Path::to_path_buf).unwrap_or_default()),
+            _ => None,
+        }
+    };
+    let found = |key: &str| fig.find_value(key).ok();
+    let fix = |path: &mut PathBuf, value: Option<figment::value::Value>| {
+        if path.is_relative() {
+            if let Some(dir) = dir_of(value.as_ref()) {
+                *path = dir.join(&*path);
+            }
+        }
+    };
+    let fix_opt = |path: &mut Option<PathBuf>, key: &str| {
+        if let Some(p) = path.as_mut() {
+            fix(p, found(key));
+        }
+    };
+    let fix_tls = |tls: &mut TlsFiles, section: &str| {
+        fix_opt(&mut tls.state_dir, &format!("{section}.tls.state_dir"));
+        fix_opt(&mut tls.ca, &format!("{section}.tls.ca"));
+        fix_opt(&mut tls.cert, &format!("{section}.tls.cert"));
+        fix_opt(&mut tls.key, &format!("{section}.tls.key"));
+    };
+    if let Some(node) = config.node.as_mut() {
+        fix_tls(&mut node.tls, "node");
+        fix_opt(&mut node.admin_token_file, "node.admin_token_file");
+        fix_opt(&mut node.snapshot_cache, "node.snapshot_cache");
+    }
+    if let Some(gw) = config.gateway.as_mut() {
+        fix_tls(&mut gw.tls, "gateway");
+        fix_opt(&mut gw.admin_token_file, "gateway.admin_token_file");
+        fix_opt(&mut gw.registry_file, "gateway.registry_file");
+        fix_opt(&mut gw.overlays, "gateway.overlays");
+        let certs = found("gateway.certificates").and_then(|v| v.into_array()).unwrap_or_default();
+        for (cert, value) in gw.certificates.iter_mut().zip(certs) {
+            let mut entry = value.into_dict().unwrap_or_default();
+            fix(&mut cert.cert, entry.remove("cert"));
+            fix(&mut cert.key, entry.remove("key"));
+        }
+    }
+    fix_opt(&mut config.access_log.path, "access_log.path");
 }
 
 /// Parses one TOML document (used by tests).

@@ -114,6 +114,17 @@ impl ProxyError {
         self.respond(format!("quicmesh: {}\n", self.reason()))
     }
 
+    /// A response a proxy inside the mesh made (it carries `quicmesh-error`), cut down to what
+    /// [`ProxyError::brief_response`] tells external clients; any other response is untouched.
+    pub fn brief(resp: Response<Body>) -> Response<Body> {
+        let Some(reason) = resp.headers().get(ERROR_HEADER).cloned() else { return resp };
+        let (mut parts, _details) = resp.into_parts();
+        let text = format!("quicmesh: {}\n", String::from_utf8_lossy(reason.as_bytes()));
+        parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+        parts.headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        Response::from_parts(parts, body::full(Bytes::from(text)))
+    }
+
     fn respond(&self, text: String) -> Response<Body> {
         let mut resp = Response::new(body::full(Bytes::from(text)));
         *resp.status_mut() = self.status();

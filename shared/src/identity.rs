@@ -120,6 +120,60 @@ impl Credentials {
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, IdentityError> {
         Ok(Self { chain: read_certs(cert)?, key: read_key(key)?, roots: read_certs(ca)? })
     }
+
+    /// Loads member `name`'s files and checks them ([`Credentials::check_identity`]); a missing
+    /// file says how to make it.
+    pub fn load_member(paths: &crate::config::TlsPaths, trust_domain: &str, name: &str) -> Result<Self, IdentityError> {
+        let missing = |path: &Path, how: String| IdentityError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("no such file; {how}"),
+        };
+        let dir = paths.cert.parent().map_or_else(|| ".".into(), |d| d.display().to_string());
+        if !paths.ca.exists() {
+            return Err(missing(
+                &paths.ca,
+                format!("create the CA with `quicmesh ca init --dir {dir}` or join with --join"),
+            ));
+        }
+        for file in [&paths.cert, &paths.key] {
+            if !file.exists() {
+                return Err(missing(
+                    file,
+                    format!("issue it with `quicmesh ca issue --dir {dir} --node {name}`, or enroll with `quicmesh node --join`"),
+                ));
+            }
+        }
+        let creds = Self::load(&paths.ca, &paths.cert, &paths.key)?;
+        creds.check_identity(&paths.cert, trust_domain, name)?;
+        Ok(creds)
+    }
+
+    /// Checks that the certificate (read from `path`) names member `name` of `trust_domain` and
+    /// has not expired: what peers will check, said before they refuse it.
+    pub fn check_identity(&self, path: &Path, trust_domain: &str, name: &str) -> Result<(), IdentityError> {
+        let bad = |reason: String| IdentityError::Invalid { path: path.to_path_buf(), reason };
+        let leaf = self.chain.first().ok_or_else(|| bad("holds no certificate".into()))?;
+        let expected = SpiffeId::node(trust_domain, name);
+        let presented = spiffe_ids(leaf);
+        if !presented.contains(&expected) {
+            let shown: Vec<String> = presented.iter().map(ToString::to_string).collect();
+            let shown = if shown.is_empty() { "no SPIFFE identity".to_string() } else { shown.join(", ") };
+            return Err(bad(format!(
+                "the certificate is for {shown}, but this member is {expected} (node name and mesh.trust_domain)"
+            )));
+        }
+        if let Some((_, not_after)) = validity(leaf) {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            if not_after <= now {
+                return Err(bad(format!(
+                    "the certificate expired {} ago; issue a new one (`quicmesh ca issue`) or rejoin",
+                    humantime::format_duration(Duration::from_secs((now - not_after) as u64))
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {

@@ -9,6 +9,7 @@ pub mod admission;
 pub mod authz;
 pub mod balance;
 pub mod body;
+pub mod certwatch;
 pub mod config;
 pub mod control;
 pub mod drain;

@@ -1,0 +1,131 @@
+//! Certificates of members that nobody renews over a control stream (static nodes, the
+//! gateway): their files are watched and reloaded when they change (new connections use them,
+//! both ways; established ones carry on), their expiry is exported, and a warning is logged
+//! from a third of the lifetime left. A gateway holding the CA key renews its own.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{info, warn};
+
+use crate::config::{TlsPaths, TransportConfig};
+use crate::identity::{self, Ca, Credentials};
+use crate::mesh::Mesh;
+use crate::metrics as m;
+use crate::tls::ClientAuth;
+
+/// How often the files are looked at.
+const EVERY: Duration = Duration::from_secs(2);
+/// How often the expiry warning is repeated.
+const WARN_EVERY: Duration = Duration::from_secs(3600);
+
+/// What the watcher needs to install new credentials.
+pub struct Watch {
+    pub mesh: Arc<Mesh>,
+    pub endpoint: quinn::Endpoint,
+    pub paths: TlsPaths,
+    pub name: String,
+    pub transport: TransportConfig,
+    pub auth: ClientAuth,
+    /// The gateway sends the CA along with its certificate (joining nodes pin it).
+    pub send_ca: bool,
+    /// The gateway's CA, to renew its own certificate with.
+    pub ca: Option<Ca>,
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// (modified, length) of each file: a change in either means new contents.
+fn stamp(paths: &TlsPaths) -> Vec<Option<(SystemTime, u64)>> {
+    [&paths.ca, &paths.cert, &paths.key]
+        .iter()
+        .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .collect()
+}
+
+/// The certificate's validity (Unix seconds), read from its file.
+fn validity(paths: &TlsPaths) -> Option<(i64, i64)> {
+    identity::read_certs(&paths.cert).ok()?.first().and_then(|c| identity::validity(c))
+}
+
+impl Watch {
+    /// Runs until the process ends.
+    pub async fn run(self) {
+        let mut seen = stamp(&self.paths);
+        let mut warned: Option<tokio::time::Instant> = None;
+        self.export(validity(&self.paths), &mut warned);
+        loop {
+            tokio::time::sleep(EVERY).await;
+            let now = stamp(&self.paths);
+            if now != seen {
+                // Act once the files hold still: never read a half-written pair.
+                tokio::time::sleep(EVERY / 4).await;
+                if stamp(&self.paths) != now {
+                    continue;
+                }
+                seen = now;
+                match self.reload() {
+                    Ok(until) => {
+                        warned = None;
+                        info!(cert = %self.paths.cert.display(), valid_until_unix = until, "certificate files changed; new connections use them");
+                    }
+                    Err(e) => {
+                        warn!(cert = %self.paths.cert.display(), "certificate files changed but cannot be used; keeping the previous ones: {e}")
+                    }
+                }
+            }
+            let v = validity(&self.paths);
+            self.export(v, &mut warned);
+            if let (Some(ca), Some((not_before, not_after))) = (&self.ca, v) {
+                let lifetime = (not_after - not_before).max(0);
+                if not_after - now_unix() < lifetime / 3 {
+                    match ca.issue(&self.name, Duration::from_secs(lifetime.max(3600) as u64)) {
+                        Ok(_) => info!(name = self.name, "own certificate renewed from the local CA"),
+                        Err(e) => warn!(name = self.name, "cannot renew the own certificate: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes the expiry and warns when less than a third of the lifetime is left.
+    fn export(&self, validity: Option<(i64, i64)>, warned: &mut Option<tokio::time::Instant>) {
+        let Some((not_before, not_after)) = validity else { return };
+        metrics::gauge!(m::CERT_EXPIRY).set(not_after as f64);
+        let left = not_after - now_unix();
+        let lifetime = (not_after - not_before).max(0);
+        if left >= lifetime / 3 || warned.is_some_and(|w| w.elapsed() < WARN_EVERY) {
+            return;
+        }
+        *warned = Some(tokio::time::Instant::now());
+        let dir = self.paths.cert.parent().map_or_else(|| ".".into(), |d| d.display().to_string());
+        if left <= 0 {
+            warn!(cert = %self.paths.cert.display(), "the certificate has EXPIRED: peers refuse new connections; issue a new one (`quicmesh ca issue --dir {dir} --node {}`), it is picked up without a restart", self.name);
+        } else {
+            let left = humantime::format_duration(Duration::from_secs(left as u64));
+            warn!(cert = %self.paths.cert.display(), expires_in = %left, "the certificate expires soon; issue a new one (`quicmesh ca issue --dir {dir} --node {}`), it is picked up without a restart", self.name);
+        }
+    }
+
+    /// Loads the files, checks them, and installs them for new connections.
+    fn reload(&self) -> Result<i64, String> {
+        let mut creds =
+            Credentials::load_member(&self.paths, &self.mesh.trust_domain, &self.name).map_err(|e| e.to_string())?;
+        let until = creds.chain.first().and_then(|c| identity::validity(c)).map_or(0, |v| v.1);
+        if self.send_ca {
+            creds.chain.extend(creds.roots.iter().cloned());
+        }
+        let client = crate::transport::reconfigure(
+            &self.endpoint,
+            &creds,
+            &self.mesh.trust_domain,
+            &self.transport,
+            Some(self.auth),
+        )
+        .map_err(|e| e.to_string())?;
+        self.mesh.pool.set_client_config(client);
+        Ok(until)
+    }
+}
