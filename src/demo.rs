@@ -23,6 +23,10 @@ pub struct Args {
     /// Gateway admin port (`/ready`, `/metrics`), on loopback; 0 picks a free one.
     #[arg(long, default_value_t = 9901)]
     pub admin_port: u16,
+    /// node-a's outbound listener (where a local app on node-a sends), on loopback; 0 picks a
+    /// free one. node-b's listeners take free ports.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
 }
 
 /// What the running demo bound.
@@ -75,16 +79,23 @@ pub async fn start(args: &Args) -> anyhow::Result<Demo> {
     for (name, sock) in sockets {
         let mut node_cfg = cfg.clone();
         node_cfg.gateway = None;
+        let outbound_port = if name == "node-a" { args.outbound_port } else { 0 };
         node_cfg.node = Some(NodeConfig {
             name: name.clone(),
-            outbound: "127.0.0.1:0".parse()?,
+            outbound: (std::net::Ipv4Addr::LOCALHOST, outbound_port).into(),
             inbound: sock.local_addr()?,
             admin: "127.0.0.1:0".parse()?,
             tls: tls.clone(),
             ..Default::default()
         });
         node_cfg.validate()?;
-        nodes.push(quicmesh_node::start_with(node_cfg, Some(sock)).await.with_context(|| format!("starting {name}"))?);
+        let node = quicmesh_node::start_with(node_cfg, Some(sock)).await.map_err(|e| match &e {
+            quicmesh_node::NodeError::Listen { key: "node.outbound", addr, source } => anyhow::anyhow!(
+                "the demo's {name} cannot listen on {addr}: {source} (another process holds it? `--outbound-port N` picks another port, 0 a free one)"
+            ),
+            _ => anyhow::Error::new(e).context(format!("starting {name}")),
+        })?;
+        nodes.push(node);
     }
     let mut gw_cfg = cfg;
     if let Some(gw) = gw_cfg.gateway.as_mut() {

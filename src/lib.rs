@@ -3,5 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod demo;
+pub mod live;
 pub mod samples;
 pub mod top;

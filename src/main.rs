@@ -1,7 +1,7 @@
 //! The `quicmesh` binary: a thin CLI over the gateway, node and shared crates.
 #![forbid(unsafe_code)]
 
-use quicmesh::{demo, top};
+use quicmesh::{demo, live, top};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,10 +24,19 @@ enum NodeAction {
     /// certificate expires, and it may not rejoin under that name.
     Revoke {
         name: String,
-        /// The gateway's admin address.
-        #[arg(long, default_value = "127.0.0.1:9901")]
+        /// The gateway's admin address (HOST:PORT).
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = admin_addr)]
         admin: std::net::SocketAddr,
     },
+}
+
+/// An admin API address: `host:port`, a name resolved now.
+fn admin_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 #[derive(Subcommand)]
@@ -66,23 +75,53 @@ enum Command {
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
     },
-    /// Validate config files offline; exits non-zero with the same messages the daemons print.
+    /// Validate config files offline, with the daemons' own start-up checks (same messages), or
+    /// with --live check a running mesh through the gateway's admin API.
     Check {
-        #[arg(long = "config", short = 'c', required = true)]
+        /// Config files, layered in order, as given to the daemon.
+        #[arg(long = "config", short = 'c', required_unless_present = "live")]
         config: Vec<PathBuf>,
+        /// Check the running mesh: nodes connected and on the current snapshot, certificates not
+        /// near expiry, peers reachable, config changes not refused.
+        #[arg(long, conflicts_with = "config")]
+        live: bool,
+        /// The gateway's admin address (HOST:PORT), for --live.
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = admin_addr, requires = "live")]
+        admin: std::net::SocketAddr,
+        /// With --live, keep checking until all passes or this much time is over (e.g. 30s).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, requires = "live")]
+        wait: std::time::Duration,
+    },
+    /// Run a sample app (plain HTTP on loopback, for trying the mesh by hand).
+    Sample {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        listen: std::net::SocketAddr,
+        /// `hello` answers "hello from VERSION on NODE"; `echo` answers the request as JSON.
+        #[arg(long, default_value = "hello", value_parser = ["hello", "echo"])]
+        kind: String,
+        /// The version `hello` names.
+        #[arg(long, default_value = "v1")]
+        version: String,
+        /// The node `hello` names.
+        #[arg(long, default_value = "local")]
+        node: String,
     },
     /// Run a whole mesh on loopback: gateway, two nodes and sample services.
     Demo(demo::Args),
     /// Show the nodes as the gateway sees them: connected, instances, health, snapshot.
     Status {
-        /// The gateway's admin address.
-        #[arg(long, default_value = "127.0.0.1:9901")]
+        /// The gateway's admin address (HOST:PORT).
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = admin_addr)]
         admin: std::net::SocketAddr,
+        /// Output format.
+        #[arg(long, short = 'o', default_value = "table", value_parser = ["table", "json"])]
+        output: String,
     },
     /// A live table per caller and service: request rate, success rate, p50 and p99 latency.
     Top {
-        /// The gateway's admin address (the nodes it lists are read too).
-        #[arg(long, default_value = "127.0.0.1:9901")]
+        /// The gateway's admin address, HOST:PORT (the nodes it lists are read too).
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = admin_addr)]
         admin: std::net::SocketAddr,
         /// Time between refreshes.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
@@ -236,7 +275,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("issued spiffe://{}/node/{node}: {} {}", ca.trust_domain, cert.display(), key.display());
             Ok(())
         }
-        Command::Check { config } => {
+        Command::Check { live: true, admin, wait, .. } => {
+            let (report, passed) = runtime()?.block_on(live::check(admin, wait));
+            print!("{report}");
+            anyhow::ensure!(passed, "the live check failed");
+            Ok(())
+        }
+        Command::Sample { listen, kind, version, node } => runtime()?.block_on(async {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} (--listen sets it)"))?;
+            println!("sample {kind} app listening on http://{}", listener.local_addr()?);
+            match kind.as_str() {
+                "echo" => quicmesh::samples::echo(listener).await,
+                _ => quicmesh::samples::hello(listener, version, node).await,
+            }
+            Ok(())
+        }),
+        Command::Check { config, .. } => {
             // The daemons' own checks, in the order they run them, short of binding sockets.
             let mut cfg = config::load(&config)?;
             anyhow::ensure!(
@@ -313,8 +369,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
-        Command::Status { admin } => {
-            print!("{}", runtime()?.block_on(top::status(admin))?);
+        Command::Status { admin, output } => {
+            print!("{}", runtime()?.block_on(top::status(admin, output == "json"))?);
             Ok(())
         }
         Command::Top { admin, interval, count } => runtime()?.block_on(top::top(admin, interval, count)),

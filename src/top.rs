@@ -216,7 +216,7 @@ fn with_token(req: http::request::Builder) -> http::request::Builder {
 }
 
 /// GET `http://addr{path}`; the body as text.
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let req = with_token(http::Request::get(format!("http://{addr}{path}"))).body(Default::default())?;
@@ -247,15 +247,23 @@ pub async fn revoke(admin: SocketAddr, name: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
-/// The gateway's `/nodes` page.
-async fn nodes(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
-    let text = get(admin, "/nodes").await.map_err(|e| anyhow::anyhow!("cannot read the gateway's admin API: {e}"))?;
-    Ok(serde_json::from_str(&text)?)
+/// The gateway's `/nodes` page. A node's admin API has no such page: say so.
+pub async fn nodes(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    match get(admin, "/nodes").await {
+        Ok(text) => Ok(serde_json::from_str(&text)?),
+        Err(e) if get(admin, "/endpoints").await.is_ok() => Err(anyhow::anyhow!(
+            "{admin} is a node's admin API, not the gateway's ({e}): point --admin at the gateway (gateway.admin, 127.0.0.1:9901 by default)"
+        )),
+        Err(e) => Err(anyhow::anyhow!("cannot read the gateway's admin API at {admin}: {e}")),
+    }
 }
 
-/// `quicmesh status`: the nodes as the gateway sees them.
-pub async fn status(admin: SocketAddr) -> anyhow::Result<String> {
+/// `quicmesh status`: the nodes as the gateway sees them (`json`: the gateway's document).
+pub async fn status(admin: SocketAddr, json: bool) -> anyhow::Result<String> {
     let doc = nodes(admin).await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&doc)? + "\n");
+    }
     let version = doc["version"].as_u64().unwrap_or(0);
     let mut out = format!("snapshot version {version}\n");
     out.push_str(&format!(

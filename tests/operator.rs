@@ -407,3 +407,40 @@ async fn http_get_host(outbound: SocketAddr, host: &str) -> (u16, String) {
         Err(e) => (0, e.to_string()),
     }
 }
+
+/// `check --live` fails, naming the problem, until the mesh is whole; `status` pointed at a node
+/// says where to point it instead; `--admin` takes a host name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_check_and_status_tell_the_truth() {
+    let pki = Pki::new();
+    pki.issue("gateway");
+    pki.issue("node-a");
+    let gw = gateway_to_web(pki.path());
+    let admin = format!("localhost:{}", gw.addrs.admin.port());
+    let cwd = pki.path().to_path_buf();
+    let live = move |admin: String| {
+        let cwd = cwd.clone();
+        async move {
+            tokio::task::spawn_blocking(move || run_in(&cwd, &["check", "--live", "--admin", &admin])).await.unwrap()
+        }
+    };
+    let (ok, out) = live(admin.clone()).await;
+    assert!(!ok && out.contains("FAIL no node has joined the control plane"), "{out}");
+    let node = NodeProc::start(pki.path(), "node-a", &joined_toml("node-a", pki.path(), gw.addrs.control, ""));
+    let out = eventually(Duration::from_secs(20), "the live check to pass", || {
+        let live = live.clone();
+        let admin = admin.clone();
+        async move {
+            let (ok, out) = live(admin).await;
+            ok.then_some(out)
+        }
+    })
+    .await;
+    assert!(out.contains("ok   1 node(s) connected") && out.contains("the mesh is healthy"), "{out}");
+    let (ok, out) = run_in(pki.path(), &["status", "--admin", &node.addrs.admin.to_string()]);
+    assert!(!ok && out.contains("is a node's admin API"), "{out}");
+    let (ok, out) = run_in(pki.path(), &["status", "-o", "json", "--admin", &admin]);
+    assert!(ok, "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["nodes"][0]["name"], "node-a");
+}

@@ -413,12 +413,7 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// Sum of all samples of `name` whose labels include every `k="v"` in `labels`.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
+    quicmesh::live::sample(text, name, labels)
 }
 
 /// Config TOML of a two-node mesh: `peers` are (name, QUIC address); `services` are TOML
@@ -512,7 +507,7 @@ impl DemoProc {
     pub fn start(env: &[(&str, &str)]) -> DemoProc {
         let stderr = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(BIN)
-            .args(["demo", "--port", "0", "--admin-port", "0"])
+            .args(["demo", "--port", "0", "--admin-port", "0", "--outbound-port", "0"])
             .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "1")
