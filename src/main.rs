@@ -341,7 +341,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         name: "gateway".into(),
                     });
                     let name = target.name.clone();
-                    quicmesh_node::enroll::join(&cfg, addr, &name, &token, &fp).await?;
+                    // A gateway that is not up yet is waited for; any other refusal is final.
+                    let mut wait = std::time::Duration::from_secs(1);
+                    loop {
+                        match quicmesh_node::enroll::join(&cfg, addr, &name, &token, &fp).await {
+                            Err(quicmesh_node::enroll::JoinError::NoAnswer(_)) => {
+                                tracing::warn!(gateway = %addr, retry_in = ?wait, "the gateway does not answer; waiting for it and retrying (Ctrl-C stops)");
+                                tokio::select! {
+                                    _ = tokio::time::sleep(wait) => {}
+                                    _ = demo::shutdown_signal() => anyhow::bail!("stopped while waiting for the gateway at {addr}"),
+                                }
+                                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                            }
+                            other => {
+                                other?;
+                                break;
+                            }
+                        }
+                    }
                 }
                 let node = quicmesh_node::start_with_files(cfg, config).await?;
                 let a = &node.addrs;

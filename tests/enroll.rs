@@ -199,3 +199,54 @@ async fn a_token_cannot_claim_the_gateway_or_a_member_name() {
     assert!(!state.join("taken.pem").exists());
     drop(node);
 }
+
+/// #20: a join names both identities when the trust domains differ (not rustls'
+/// `NotValidForName`), and waits, saying so, for a gateway that does not answer yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_explains_a_trust_domain_mismatch_and_waits_for_a_silent_gateway() {
+    let s = setup();
+    let tok = token(&s, "1h");
+    let config = fresh_node(s.pki.path(), "elsewhere");
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace(TD, "other.example")).unwrap();
+    let out = Command::new(BIN)
+        .args(["node", "--config"])
+        .arg(&config)
+        .args(["--join", &s.gw.addrs.control.to_string(), "--token", &tok, "--ca-fingerprint", &s.fingerprint])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let expected =
+        format!("expected spiffe://other.example/node/gateway, the certificate is for spiffe://{TD}/node/gateway");
+    assert!(err.contains(&expected), "{err}");
+
+    // Nothing answers at this address: the node waits and says so, rather than failing.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let log = s.pki.path().join("waiting.log");
+    let mut child = Command::new(BIN)
+        .args(["node", "--config"])
+        .arg(fresh_node(s.pki.path(), "patient"))
+        .args([
+            "--join",
+            &silent.local_addr().unwrap().to_string(),
+            "--token",
+            &tok,
+            "--ca-fingerprint",
+            &s.fingerprint,
+        ])
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(20), "the node to say it waits", || async {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("the gateway does not answer; waiting for it and retrying")
+            .then_some(())
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "it keeps waiting");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -23,6 +23,9 @@ pub enum JoinError {
     Identity(#[from] identity::IdentityError),
     #[error("cannot reach the gateway at {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
+    /// Nothing answered: the gateway may not be up yet (worth another try).
+    #[error("the gateway at {0} does not answer")]
+    NoAnswer(SocketAddr),
     #[error("the gateway refused enrollment: {0}")]
     Refused(String),
     #[error("cannot write {path}: {reason}")]
@@ -57,12 +60,17 @@ pub async fn join(
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| connect_err(e.to_string()))?;
     let bind: SocketAddr = if gateway.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal address");
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = endpoint
-        .connect(gateway, gateway_name)
-        .map_err(|e| connect_err(e.to_string()))?
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    // A gateway that does not answer is reported (and waited for) after 5 s, not quinn's 30.
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5_000))));
+    client.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(client);
+    let conn = match endpoint.connect(gateway, gateway_name).map_err(|e| connect_err(e.to_string()))?.await {
+        Ok(c) => c,
+        Err(quinn::ConnectionError::TimedOut) => return Err(JoinError::NoAnswer(gateway)),
+        Err(e) => return Err(connect_err(e.to_string())),
+    };
     let (mut driver, mut send) =
         h3::client::new(h3_quinn::Connection::new(conn)).await.map_err(|e| connect_err(e.to_string()))?;
     tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });

@@ -186,12 +186,39 @@ fn verify_node_server(
     let ServerName::DnsName(name) = server_name else {
         return Err(CertificateError::NotValidForName.into());
     };
-    if spiffe_ids(end_entity).contains(&SpiffeId::node(trust_domain, name.as_ref())) {
+    let expected = SpiffeId::node(trust_domain, name.as_ref());
+    let presented = spiffe_ids(end_entity);
+    if presented.contains(&expected) {
         Ok(ServerCertVerified::assertion())
     } else {
-        Err(CertificateError::NotValidForName.into())
+        let mismatch = IdentityMismatch { expected, presented };
+        Err(CertificateError::Other(rustls::OtherError(Arc::new(mismatch))).into())
     }
 }
+
+/// A peer whose certificate names another member (or another trust domain) than the one
+/// dialled: says both, so the operator can tell a wrong name from a wrong `mesh.trust_domain`.
+struct IdentityMismatch {
+    expected: SpiffeId,
+    presented: Vec<SpiffeId>,
+}
+
+impl std::fmt::Display for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let presented: Vec<String> = self.presented.iter().map(ToString::to_string).collect();
+        let presented = if presented.is_empty() { "no SPIFFE identity".into() } else { presented.join(", ") };
+        write!(f, "wrong identity: expected {}, the certificate is for {presented}", self.expected)
+    }
+}
+
+// rustls prints the error inside with Debug: the same words.
+impl std::fmt::Debug for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for IdentityMismatch {}
 
 /// The verified SPIFFE identity of a QUIC peer, if it presented one of our trust domain.
 pub fn peer_identity(conn: &quinn::Connection, trust_domain: &str) -> Option<SpiffeId> {
@@ -212,7 +239,7 @@ pub fn handshake_failure_reason(err: &quinn::ConnectionError) -> &'static str {
         || text.contains("certificate required")
     {
         "no-certificate"
-    } else if text.contains("NotValidForName") || text.contains("bad certificate") {
+    } else if text.contains("NotValidForName") || text.contains("wrong identity") || text.contains("bad certificate") {
         "wrong-identity"
     } else if matches!(err, quinn::ConnectionError::TimedOut) {
         "timeout"
