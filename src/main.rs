@@ -92,6 +92,11 @@ enum Command {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, requires = "live")]
         wait: std::time::Duration,
     },
+    /// Explain the configuration files offline.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Run a sample app (plain HTTP on loopback, for trying the mesh by hand).
     Sample {
         /// Where to listen.
@@ -129,6 +134,19 @@ enum Command {
         /// Print this many tables, then exit (default: until interrupted).
         #[arg(long)]
         count: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// The value of KEY (dotted, e.g. timeouts.connect) and the layer that set it: a file, an
+    /// environment variable or the built-in default. A running node's /config_dump says the
+    /// same, with what the control plane pushed.
+    Explain {
+        key: String,
+        /// Config files, layered in order, as given to the daemon.
+        #[arg(long = "config", short = 'c', required = true)]
+        config: Vec<PathBuf>,
     },
 }
 
@@ -279,6 +297,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (report, passed) = runtime()?.block_on(live::check(admin, wait));
             print!("{report}");
             anyhow::ensure!(passed, "the live check failed");
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Explain { key, config } } => {
+            match config::explain(&config, &key)? {
+                Some((value, layer)) => println!("{key} = {value}\n  set by: {layer}"),
+                None => anyhow::bail!("no layer sets {key}, and it has no default (is it spelled as in the README?)"),
+            }
             Ok(())
         }
         Command::Sample { listen, kind, version, node } => runtime()?.block_on(async {

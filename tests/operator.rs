@@ -444,3 +444,46 @@ async fn the_live_check_and_status_tell_the_truth() {
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(doc["nodes"][0]["name"], "node-a");
 }
+
+/// #20 diagnostics: a joined node's `/config_dump` is the configuration in force (what the
+/// control plane pushed, with its local layers) and says which layer set each key;
+/// `quicmesh config explain` answers the same offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_shows_the_effective_config_and_where_each_key_came_from() {
+    let pki = Pki::new();
+    pki.issue("gateway");
+    pki.issue("node-a");
+    let gw = gateway_to_web(pki.path());
+    let app = echo_backend().await;
+    let instance = format!("[[node.instances]]\nservice = \"web\"\naddress = \"{app}\"\n");
+    let node = NodeProc::start(pki.path(), "node-a", &joined_toml("node-a", pki.path(), gw.addrs.control, &instance));
+    let dump = eventually(Duration::from_secs(10), "the pushed snapshot in /config_dump", || async {
+        let d = node.admin_json("/config_dump").await;
+        let has_web = d["config"]["services"].as_array().is_some_and(|s| {
+            s.iter().any(|svc| svc["name"] == "web" && svc["endpoints"].as_array().is_some_and(|e| !e.is_empty()))
+        });
+        has_web.then_some(d)
+    })
+    .await;
+    let version = dump["version"].as_u64().unwrap();
+    assert!(version > 0, "{dump}");
+    let sources = &dump["sources"];
+    assert_eq!(sources["services"], format!("control plane (snapshot {version})"), "{sources}");
+    let file = format!("file {}", node.config.display());
+    assert_eq!(sources["node.name"], file.as_str(), "{sources}");
+    assert_eq!(sources["mesh.trust_domain"], file.as_str(), "{sources}");
+    assert_eq!(sources["node.drain_timeout"], serde_json::Value::Null, "defaults of [node] are not keys of a layer");
+
+    let config = node.config.to_string_lossy().into_owned();
+    let out = Command::new(BIN)
+        .args(["config", "explain", "timeouts.request", "--config", &config])
+        .env("QUICMESH_TIMEOUTS__REQUEST", "7s")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("timeouts.request = \"7s\"") && text.contains("env QUICMESH_TIMEOUTS__REQUEST"), "{text}");
+    let (ok, text) = run_in(pki.path(), &["config", "explain", "node.tls.state_dir", "--config", &config]);
+    assert!(ok && text.contains(&file), "{text}");
+    let (ok, text) = run_in(pki.path(), &["config", "explain", "node.drain_timeout", "--config", &config]);
+    assert!(ok && text.contains("set by: default"), "{text}");
+}

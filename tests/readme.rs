@@ -150,6 +150,12 @@ fn the_readme_quick_start_and_by_hand_path_work_verbatim() {
     assert!(out.contains("/from-node-a"), "node-a's local app reached echo: {out}");
     assert!(!err.contains("I000"), "gtlsclient is quiet: {err}");
 
+    let (ok, out, err) = Shell::start(work.path(), &path, &block(&readme, "explain")).finish(Duration::from_secs(30));
+    assert!(
+        ok && out.contains("timeouts.connect = \"2s\"") && out.contains("set by: file config/mesh.toml"),
+        "{out}{err}"
+    );
+
     // The by-hand path, from the repository root.
     let started = Instant::now();
     let (ok, out, err) = Shell::start(work.path(), &path, &block(&readme, "by-hand")).finish(Duration::from_secs(120));

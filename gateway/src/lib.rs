@@ -159,7 +159,6 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         addr: gc.admin,
         source,
     })?;
-    let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
     let trust_domain = config.mesh.trust_domain.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?.map(Arc::new);
     let mut mesh = Mesh::new(Arc::new(config.clone()), None, mesh_endpoint.clone());
@@ -181,6 +180,13 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
             cp_revoke.revoke(node.ok_or("give the node as ?node=NAME")?)
         }),
     )];
+    // Read when asked: the files may have changed (and been reloaded) since the start.
+    let (dump_mesh, dump_files) = (mesh.clone(), files.clone());
+    let dump: admin::JsonFn = Box::new(move || {
+        let table = dump_mesh.table();
+        let sources = quicmesh_shared::config::sources(&dump_files).ok();
+        admin::config_dump(&table.effective_config(), table.version, sources.as_ref(), false)
+    });
     let state = AdminState::with_actions(dump, extra, actions);
     if let Some(t) = admin_token {
         let _ = state.token.set(t);

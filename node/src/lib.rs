@@ -70,6 +70,8 @@ pub struct Node {
     instances_tx: Option<watch::Sender<Vec<quicmesh_shared::control::Instance>>>,
     admin: Arc<AdminState>,
     drain_timeout: Duration,
+    /// Which layer set each key, for `/config_dump` (known when started from files).
+    sources: Arc<std::sync::OnceLock<std::collections::BTreeMap<String, String>>>,
     _tasks: JoinSet<()>,
 }
 
@@ -94,6 +96,12 @@ pub async fn start(config: Config) -> Result<Node, NodeError> {
 /// `node.instances` re-register with the control plane without a restart.
 pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) -> Result<Node, NodeError> {
     let mut node = start_with(config, None).await?;
+    match quicmesh_shared::config::sources(&files) {
+        Ok(s) => {
+            let _ = node.sources.set(s);
+        }
+        Err(e) => warn!("cannot tell which layer set each key: {e}"),
+    }
     if let Some(tx) = node.instances_tx.take() {
         node._tasks.spawn(watch_instances(files, tx));
     }
@@ -209,7 +217,6 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     for fwd in &nc.tcp {
         tcp.push((fwd.service.clone(), listen("node.tcp[].listen", fwd.listen).await?));
     }
-    let dump = serde_json::to_string_pretty(&config).unwrap_or_default();
     let transport_config = config.transport.clone();
     let local_config = config.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(NodeError::AccessLog)?.map(Arc::new);
@@ -269,6 +276,13 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     }
     let endpoints_mesh = mesh.clone();
     let extra: Vec<(&'static str, admin::JsonFn)> = vec![("/endpoints", Box::new(move || endpoints_mesh.dump()))];
+    let sources: Arc<std::sync::OnceLock<std::collections::BTreeMap<String, String>>> = Arc::default();
+    let (dump_mesh, dump_sources) = (mesh.clone(), sources.clone());
+    let joined = control_task.is_some();
+    let dump: admin::JsonFn = Box::new(move || {
+        let table = dump_mesh.table();
+        admin::config_dump(&table.effective_config(), table.version, dump_sources.get(), joined)
+    });
     let state = AdminState::new(dump, extra);
     if let Some(t) = admin_token {
         let _ = state.token.set(t);
@@ -307,6 +321,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         instances_tx,
         admin: state,
         drain_timeout: nc.drain_timeout,
+        sources,
         _tasks: tasks,
     })
 }

@@ -65,8 +65,8 @@ pub struct AdminState {
     pub token: std::sync::OnceLock<String>,
     /// Set once the component serves traffic.
     pub ready: AtomicBool,
-    /// The effective config, rendered once with secrets left out (paths only, never key bytes).
-    pub config_dump: String,
+    /// Renders the effective config, with secrets left out (paths only, never key bytes).
+    pub config_dump: JsonFn,
     /// More JSON endpoints: path and a function rendering the body.
     pub extra: Vec<(&'static str, JsonFn)>,
     /// Operations (POST): path and a function of the query parameters.
@@ -80,7 +80,7 @@ pub type ActionFn = Box<dyn Fn(&[(String, String)]) -> Result<String, String> + 
 pub type JsonFn = Box<dyn Fn() -> String + Send + Sync>;
 
 impl AdminState {
-    pub fn new(config_dump: String, extra: Vec<(&'static str, JsonFn)>) -> Arc<Self> {
+    pub fn new(config_dump: JsonFn, extra: Vec<(&'static str, JsonFn)>) -> Arc<Self> {
         Arc::new(Self {
             token: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
@@ -92,7 +92,7 @@ impl AdminState {
 
     /// Like [`AdminState::new`], with operations behind POST.
     pub fn with_actions(
-        config_dump: String,
+        config_dump: JsonFn,
         extra: Vec<(&'static str, JsonFn)>,
         actions: Vec<(&'static str, ActionFn)>,
     ) -> Arc<Self> {
@@ -229,7 +229,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             },
             None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder unavailable\n".into()),
         },
-        "/config_dump" => (StatusCode::OK, "application/json", state.config_dump.clone()),
+        "/config_dump" => (StatusCode::OK, "application/json", (state.config_dump)()),
         "/logging" => {
             let (status, text) = logging(&req);
             (status, "text/plain", text)
@@ -252,4 +252,26 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
     resp
+}
+
+/// `/config_dump`: the configuration in force (`config`), the snapshot version it came with, and
+/// which layer set each key (`sources`: `file PATH`, `env NAME`, `default`, or, for the keys a
+/// control-plane snapshot replaces, `control plane (snapshot N)`), as `istioctl proxy-config`
+/// shows an Envoy's.
+pub fn config_dump(
+    config: &crate::config::Config,
+    version: u64,
+    sources: Option<&std::collections::BTreeMap<String, String>>,
+    joined: bool,
+) -> String {
+    let mut layers = sources.cloned().unwrap_or_default();
+    if joined {
+        let from_cp = format!("control plane (snapshot {version})");
+        layers.retain(|k, _| !crate::control::Snapshot::KEYS.contains(&k.split('.').next().unwrap_or_default()));
+        for key in crate::control::Snapshot::KEYS {
+            layers.insert((*key).to_string(), from_cp.clone());
+        }
+    }
+    let doc = serde_json::json!({ "version": version, "config": config, "sources": layers });
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
 }

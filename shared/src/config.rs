@@ -521,6 +521,69 @@ pub fn load(files: &[PathBuf]) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// Which layer set each key of the merged config: `file PATH`, `env NAME` or `default`. Tables
+/// are followed down to their keys; an array counts as one value (a later layer replaces it
+/// whole).
+pub fn sources(files: &[PathBuf]) -> Result<BTreeMap<String, String>, ConfigError> {
+    let fig = figment(files)?;
+    let root = fig.find_value("").map_err(|e| ConfigError::Parse(describe(e)))?;
+    let mut out = BTreeMap::new();
+    walk_sources(&fig, &mut Vec::new(), &root, &mut out);
+    Ok(out)
+}
+
+fn walk_sources(
+    fig: &Figment,
+    path: &mut Vec<String>,
+    value: &figment::value::Value,
+    out: &mut BTreeMap<String, String>,
+) {
+    if let figment::value::Value::Dict(_, dict) = value {
+        if !dict.is_empty() {
+            for (k, v) in dict {
+                path.push(k.clone());
+                walk_sources(fig, path, v, out);
+                path.pop();
+            }
+            return;
+        }
+    }
+    out.insert(path.join("."), layer_of(fig, value, path));
+}
+
+/// The layer a value came from, in words.
+fn layer_of(fig: &Figment, value: &figment::value::Value, path: &[String]) -> String {
+    let Some(meta) = fig.get_metadata(value.tag()) else { return "default".into() };
+    match &meta.source {
+        Some(figment::Source::File(f)) => format!("file {}", f.display()),
+        Some(figment::Source::Code(_)) => "default".into(),
+        Some(other) => other.to_string(),
+        None if meta.name.contains("environment") => format!("env {ENV_PREFIX}{}", path.join("__").to_uppercase()),
+        None => meta.name.to_string(),
+    }
+}
+
+/// `quicmesh config explain KEY`: the value `files` give `key` (dotted), and the layer that set
+/// it; `None` when no layer, not even the defaults, has the key.
+pub fn explain(files: &[PathBuf], key: &str) -> Result<Option<(serde_json::Value, String)>, ConfigError> {
+    let fig = figment(files)?;
+    // Validated as the daemons do, so an explanation is never of a config they would refuse.
+    let config = load(files)?;
+    let Ok(value) = fig.find_value(key) else {
+        // Not in any layer: a default of a section a file opened (`[node]` fills the rest).
+        let pointer = format!("/{}", key.replace('.', "/"));
+        let json = serde_json::to_value(&config).unwrap_or_default();
+        return Ok(json.pointer(&pointer).map(|v| (v.clone(), "default".to_string())));
+    };
+    let parts: Vec<String> = key.split('.').map(str::to_owned).collect();
+    let layer = layer_of(&fig, &value, &parts);
+    // As the daemon will use it (a relative path resolved), where the config has it.
+    let pointer = format!("/{}", key.replace('.', "/"));
+    let used = serde_json::to_value(&config).ok().and_then(|j| j.pointer(&pointer).cloned());
+    let json = used.unwrap_or_else(|| serde_json::to_value(&value).unwrap_or_default());
+    Ok(Some((json, layer)))
+}
+
 /// Makes every relative path in `config` relative to the directory of the file that set it.
 fn resolve_paths(config: &mut Config, fig: &Figment) {
     let dir_of = |value: Option<&figment::value::Value>| -> Option<PathBuf> {

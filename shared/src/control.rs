@@ -103,6 +103,9 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The config a node runs with this snapshot: its own local sections, the mesh from here.
+    /// The top-level config keys a snapshot replaces on a node (see [`Snapshot::into_config`]).
+    pub const KEYS: &'static [&'static str] = &["nodes", "services", "timeouts", "routes", "authorization", "revoked"];
+
     pub fn into_config(self, local: &Config) -> Config {
         let mut cfg = Config { services: Vec::new(), nodes: Vec::new(), routes: Vec::new(), ..local.clone() };
         cfg.nodes = self.nodes;

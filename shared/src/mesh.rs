@@ -314,6 +314,16 @@ impl Table {
         self.config.revoked.iter().any(|r| r == name)
     }
 
+    /// The configuration in force: the table's config with its services put back (the table
+    /// keeps them indexed, not in the config), sorted by name.
+    pub fn effective_config(&self) -> Config {
+        let mut config = (*self.config).clone();
+        let mut services: Vec<_> = self.services.values().map(|s| s.config.clone()).collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        config.services = services;
+        config
+    }
+
     /// JSON of what this proxy believes: version, peers, services and their endpoints.
     /// Each endpoint also shows this proxy's own view: requests in flight and whether outlier
     /// detection has ejected it.
