@@ -23,6 +23,7 @@ enum NodeAction {
     /// Revoke a node: the gateway tells every member to refuse it, at once and before its
     /// certificate expires, and it may not rejoin under that name.
     Revoke {
+        /// The node's name (as in its certificate).
         name: String,
         /// The gateway's admin address (HOST:PORT).
         #[arg(long, default_value = "127.0.0.1:9901", value_parser = admin_addr)]
@@ -72,6 +73,7 @@ enum Command {
     },
     /// Run the edge gateway.
     Gateway {
+        /// Config files, layered in order (later ones override earlier ones).
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
     },
@@ -143,6 +145,7 @@ enum ConfigCommand {
     /// environment variable or the built-in default. A running node's /config_dump says the
     /// same, with what the control plane pushed.
     Explain {
+        /// A dotted key, e.g. timeouts.connect or node.tls.state_dir.
         key: String,
         /// Config files, layered in order, as given to the daemon.
         #[arg(long = "config", short = 'c', required = true)]
@@ -173,15 +176,20 @@ enum TokenCommand {
 enum CaCommand {
     /// Create a CA in a state directory.
     Init {
+        /// The state directory to create the CA in (ca.pem, ca.key, trust-domain).
         #[arg(long)]
         dir: PathBuf,
+        /// The mesh's trust domain: every identity is spiffe://<trust-domain>/node/<name>;
+        /// configs say the same in mesh.trust_domain.
         #[arg(long, default_value = "quicmesh.local")]
         trust_domain: String,
     },
     /// Issue a member certificate with identity spiffe://<trust-domain>/node/<NAME>.
     Issue {
+        /// The CA's state directory; the certificate and key are written there too.
         #[arg(long)]
         dir: PathBuf,
+        /// The member's name (a-z, 0-9, '-'): a node's, or the gateway's (`gateway`).
         #[arg(long)]
         node: String,
         /// Validity in days (1 to 3650). Nodes joined to the control plane renew theirs.
@@ -190,6 +198,7 @@ enum CaCommand {
     },
     /// Print the SHA-256 fingerprint of the CA certificate (for `node --ca-fingerprint`).
     Fingerprint {
+        /// The CA's state directory.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -435,4 +444,31 @@ fn runtime_with(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         builder.worker_threads(workers);
     }
     builder.enable_all().build().context("starting the async runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand, flag and argument says what it is for in `--help`.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && !path.is_empty() {
+                missing.push(format!("{path} (the command)"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<Cli as clap::CommandFactory>::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }
