@@ -136,6 +136,10 @@ enum Command {
         /// Print this many tables, then exit (default: until interrupted).
         #[arg(long)]
         count: Option<u32>,
+        /// One row per: caller and service, service and route, or node (where requests enter the
+        /// mesh) and service.
+        #[arg(long, value_enum, default_value = "service")]
+        by: top::By,
     },
 }
 
@@ -424,7 +428,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", runtime()?.block_on(top::status(admin, output == "json"))?);
             Ok(())
         }
-        Command::Top { admin, interval, count } => runtime()?.block_on(top::top(admin, interval, count)),
+        Command::Top { admin, interval, count, by } => runtime()?.block_on(top::top(admin, interval, count, by)),
     }
 }
 

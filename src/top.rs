@@ -13,12 +13,35 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 
-/// (source service, destination service).
+/// A row's key: (source service, service), (service, route) or (node, service), per [`By`].
 type Pair = (String, String);
+
+/// What a row of `top` stands for.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    /// Caller and service (as `linkerd viz stat`).
+    #[default]
+    Service,
+    /// Service and route.
+    Route,
+    /// The node (or gateway) where requests entered the mesh, and service.
+    Node,
+}
+
+impl By {
+    fn columns(self) -> (&'static str, &'static str) {
+        match self {
+            By::Service => ("SOURCE", "SERVICE"),
+            By::Route => ("SERVICE", "ROUTE"),
+            By::Node => ("NODE", "SERVICE"),
+        }
+    }
+}
 
 /// Counters summed over every scraped component.
 #[derive(Debug, Default, Clone)]
 pub struct Sample {
+    by: By,
     /// Requests and those answered 5xx.
     requests: HashMap<Pair, (f64, f64)>,
     /// Cumulative latency bucket counts by upper bound.
@@ -82,19 +105,31 @@ fn label<'a>(labels: &'a [(String, String)], key: &str) -> &'a str {
 }
 
 impl Sample {
-    /// Adds one component's `/metrics` text.
-    pub fn add(&mut self, text: &str) {
+    pub fn new(by: By) -> Self {
+        Self { by, ..Default::default() }
+    }
+
+    /// Adds one component's `/metrics` text; `component` names it (a node, or the gateway).
+    pub fn add(&mut self, text: &str, component: &str) {
         for line in text.lines() {
             let Some((name, labels, value)) = parse_line(line) else { continue };
             if !matches!(label(&labels, "direction"), "outbound" | "ingress") {
                 continue;
             }
-            let pair = (label(&labels, "source_service").to_string(), label(&labels, "service").to_string());
+            let service = label(&labels, "service").to_string();
+            let pair = match self.by {
+                By::Service => (label(&labels, "source_service").to_string(), service),
+                By::Route => (service, label(&labels, "route").to_string()),
+                By::Node => (component.to_string(), service),
+            };
             match name {
                 "quicmesh_requests_total" => {
                     let e = self.requests.entry(pair).or_default();
                     e.0 += value;
-                    if label(&labels, "status_class") == "5xx" {
+                    // A failure: a 5xx, or any answer a proxy made itself (404 no-route, 429
+                    // rate-limited, 403 denied...); a client that left is not the service's.
+                    let error = label(&labels, "error");
+                    if label(&labels, "status_class") == "5xx" || !matches!(error, "" | "client-closed") {
                         e.1 += value;
                     }
                 }
@@ -120,7 +155,7 @@ pub struct Row {
     pub source: String,
     pub service: String,
     pub rps: f64,
-    /// Share of non-5xx answers, 0 to 1 (1 when idle).
+    /// Share of answers neither 5xx nor made by a proxy, 0 to 1 (1 when idle).
     pub success: f64,
     pub p50: Option<f64>,
     pub p99: Option<f64>,
@@ -186,10 +221,10 @@ fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |s| format!("{:.2}ms", s * 1000.0))
 }
 
-/// The table as text.
-pub fn render(rows: &[Row]) -> String {
-    let mut out =
-        format!("{:<20} {:<20} {:>10} {:>9} {:>10} {:>10}\n", "SOURCE", "SERVICE", "RPS", "SUCCESS", "P50", "P99");
+/// The table as text, with the column names of `by`.
+pub fn render(rows: &[Row], by: By) -> String {
+    let (first, second) = by.columns();
+    let mut out = format!("{:<20} {:<20} {:>10} {:>9} {:>10} {:>10}\n", first, second, "RPS", "SUCCESS", "P50", "P99");
     for r in rows {
         out.push_str(&format!(
             "{:<20} {:<20} {:>10.1} {:>8.1}% {:>10} {:>10}\n",
@@ -294,32 +329,49 @@ pub async fn status(admin: SocketAddr, json: bool) -> anyhow::Result<String> {
 }
 
 /// One scrape of the gateway and every node that reported an admin address.
-async fn scrape(admin: SocketAddr) -> anyhow::Result<(Sample, usize)> {
-    let mut sample = Sample::default();
-    sample.add(&get(admin, "/metrics").await?);
-    let mut sources = 1;
+async fn scrape(admin: SocketAddr, by: By) -> anyhow::Result<(Sample, usize)> {
+    let mut sample = Sample::new(by);
     let doc = nodes(admin).await?;
+    sample.add(&get(admin, "/metrics").await?, "gateway");
+    let mut sources = 1;
     for n in doc["nodes"].as_array().into_iter().flatten() {
         let Some(addr) = n["admin"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()) else { continue };
         // A node that cannot be reached (admin on its own loopback) is left out of the sums.
         if let Ok(text) = get(addr, "/metrics").await {
-            sample.add(&text);
+            sample.add(&text, n["name"].as_str().unwrap_or("?"));
             sources += 1;
         }
     }
     Ok((sample, sources))
 }
 
+/// Rows with no request for this long leave the table.
+pub const IDLE_ROW: Duration = Duration::from_secs(30);
+
+/// Keeps the rows that saw a request within [`IDLE_ROW`] of `now`; `active` remembers when each
+/// last did.
+fn drop_idle(rows: &mut Vec<Row>, active: &mut HashMap<Pair, std::time::Instant>, now: std::time::Instant) {
+    for r in rows.iter().filter(|r| r.rps > 0.0) {
+        active.insert((r.source.clone(), r.service.clone()), now);
+    }
+    rows.retain(|r| {
+        active.get(&(r.source.clone(), r.service.clone())).is_some_and(|t| now.duration_since(*t) < IDLE_ROW)
+    });
+}
+
 /// `quicmesh top`: refreshes the table every `interval`; stops after `count` tables if given.
-pub async fn top(admin: SocketAddr, interval: Duration, count: Option<u32>) -> anyhow::Result<()> {
+pub async fn top(admin: SocketAddr, interval: Duration, count: Option<u32>, by: By) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
-    let (mut prev, _) = scrape(admin).await?;
+    let (mut prev, _) = scrape(admin, by).await?;
     let mut shown = 0;
+    let mut active: HashMap<Pair, std::time::Instant> = HashMap::new();
     loop {
         let start = std::time::Instant::now();
         tokio::time::sleep(interval).await;
-        let (cur, sources) = scrape(admin).await?;
-        let table = render(&rows(&prev, &cur, start.elapsed().as_secs_f64()));
+        let (cur, sources) = scrape(admin, by).await?;
+        let mut rows = rows(&prev, &cur, start.elapsed().as_secs_f64());
+        drop_idle(&mut rows, &mut active, std::time::Instant::now());
+        let table = render(&rows, by);
         let mut stdout = std::io::stdout().lock();
         if tty {
             // Clear the screen and go home: refresh in place.
@@ -355,14 +407,14 @@ quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="we
     #[test]
     fn rates_success_and_percentiles_come_from_the_change() {
         let mut prev = Sample::default();
-        prev.add(BEFORE);
+        prev.add(BEFORE, "node-a");
         let after = BEFORE
             .replace("status_class=\"2xx\"} 10\nquicmesh_requests_total{direction=\"inbound\"", "status_class=\"2xx\"} 100\nquicmesh_requests_total{direction=\"inbound\"")
             .replace("le=\"0.01\"} 10", "le=\"0.01\"} 110")
             .replace("le=\"+Inf\"} 10", "le=\"+Inf\"} 110")
             + "quicmesh_requests_total{direction=\"outbound\",source_service=\"web\",service=\"api\",route=\"none\",code=\"503\",status_class=\"5xx\"} 10\n";
         let mut cur = Sample::default();
-        cur.add(&after);
+        cur.add(&after, "node-a");
         let rows = rows(&prev, &cur, 2.0);
         assert_eq!(rows.len(), 1, "{rows:?}");
         let r = &rows[0];
@@ -371,7 +423,59 @@ quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="we
         assert!((r.success - 0.9).abs() < 1e-9, "{}", r.success);
         // All 100 new observations fell in (1 ms, 10 ms]: the median is halfway through it.
         assert!((r.p50.unwrap() - 0.0055).abs() < 1e-9, "{:?}", r.p50);
-        assert!(render(&rows).contains("web"));
+        assert!(render(&rows, By::Service).contains("web"));
+    }
+
+    /// Answers a proxy made count as failures whatever their code; a client that left does not.
+    #[test]
+    fn proxy_errors_fail_and_rows_group_by_route_and_node() {
+        let text = |no_route: u32, closed: u32, ok: u32| {
+            format!(
+                "quicmesh_requests_total{{direction=\"outbound\",source_service=\"web\",service=\"api\",route=\"r1\",code=\"404\",status_class=\"4xx\",error=\"no-route\"}} {no_route}\n\
+                 quicmesh_requests_total{{direction=\"outbound\",source_service=\"web\",service=\"api\",route=\"r1\",code=\"499\",status_class=\"4xx\",error=\"client-closed\"}} {closed}\n\
+                 quicmesh_requests_total{{direction=\"outbound\",source_service=\"web\",service=\"api\",route=\"r2\",code=\"200\",status_class=\"2xx\"}} {ok}\n"
+            )
+        };
+        let sample = |by: By, t: &str| {
+            let mut s = Sample::new(by);
+            s.add(t, "node-a");
+            s
+        };
+        let (before, after) = (text(0, 0, 0), text(2, 2, 6));
+        let r = rows(&sample(By::Service, &before), &sample(By::Service, &after), 1.0);
+        assert_eq!(r.len(), 1);
+        assert!((r[0].success - 0.8).abs() < 1e-9, "2 no-route of 10 failed: {}", r[0].success);
+        let r = rows(&sample(By::Route, &before), &sample(By::Route, &after), 1.0);
+        let routes: Vec<(&str, &str, f64)> =
+            r.iter().map(|r| (r.source.as_str(), r.service.as_str(), r.success)).collect();
+        assert_eq!(routes, [("api", "r1", 0.5), ("api", "r2", 1.0)]);
+        let r = rows(&sample(By::Node, &before), &sample(By::Node, &after), 1.0);
+        assert_eq!((r[0].source.as_str(), r[0].service.as_str()), ("node-a", "api"));
+        assert!(render(&r, By::Node).starts_with("NODE"));
+    }
+
+    #[test]
+    fn rows_idle_for_a_while_leave_the_table() {
+        let row = |service: &str, rps: f64| Row {
+            source: "web".into(),
+            service: service.into(),
+            rps,
+            success: 1.0,
+            p50: None,
+            p99: None,
+        };
+        let mut active = HashMap::new();
+        let t0 = std::time::Instant::now();
+        let mut rows = vec![row("busy", 5.0), row("quiet", 1.0)];
+        drop_idle(&mut rows, &mut active, t0);
+        assert_eq!(rows.len(), 2);
+        let mut later = vec![row("busy", 5.0), row("quiet", 0.0)];
+        drop_idle(&mut later, &mut active, t0 + IDLE_ROW / 2);
+        assert_eq!(later.len(), 2, "idle, but not for long");
+        let mut much_later = vec![row("busy", 5.0), row("quiet", 0.0), row("never", 0.0)];
+        drop_idle(&mut much_later, &mut active, t0 + IDLE_ROW + Duration::from_secs(1));
+        let left: Vec<&str> = much_later.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(left, ["busy"]);
     }
 
     #[test]

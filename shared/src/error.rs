@@ -95,6 +95,29 @@ impl ProxyError {
         }
     }
 
+    /// Every `quicmesh-error` value a proxy writes (those of [`ProxyError::reason`], and
+    /// `client-closed` for a client that left), so a label taken from a peer's header stays
+    /// bounded: see [`known_reason`].
+    pub const REASONS: &'static [&'static str] = &[
+        "no-route",
+        "no-endpoint",
+        "peer-unreachable",
+        "peer-tls",
+        "connect-timeout",
+        "upstream-unreachable",
+        "timeout",
+        "upstream-reset",
+        "bad-request",
+        "body-too-large",
+        "denied",
+        "overloaded",
+        "rate-limited",
+        "fault-injected",
+        "too-early",
+        "not-implemented",
+        "client-closed",
+    ];
+
     /// The request provably never reached an upstream instance (safe to retry elsewhere).
     pub fn unsent(&self) -> bool {
         matches!(
@@ -138,9 +161,23 @@ impl ProxyError {
     }
 }
 
+/// A `quicmesh-error` value as a bounded metric label: one of [`ProxyError::REASONS`], else
+/// `other`.
+pub fn known_reason(value: &str) -> &'static str {
+    ProxyError::REASONS.iter().find(|r| **r == value).copied().unwrap_or("other")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_a_known_label() {
+        for r in ProxyError::REASONS {
+            assert_eq!(known_reason(r), *r);
+        }
+        assert_eq!(known_reason("made-up"), "other");
+    }
 
     #[test]
     fn every_error_names_itself() {

@@ -31,10 +31,14 @@ struct Handles {
     request_bytes: metrics::Counter,
     response_bytes: metrics::Counter,
     in_flight: metrics::Gauge,
-    /// Request counters by status code (and protocol, at the edge).
-    by_code: std::sync::Mutex<Vec<(u16, Option<&'static str>, metrics::Counter)>>,
+    /// Request counters by status code, protocol (at the edge) and the proxy's error reason
+    /// (when a proxy made the answer).
+    by_code: std::sync::Mutex<Vec<ByCode>>,
     labels: Vec<metrics::Label>,
 }
+
+/// A request counter and what tells it apart: code, protocol, error reason.
+type ByCode = (u16, Option<&'static str>, Option<&'static str>, metrics::Counter);
 
 /// Handles by a hash of their four labels; a hash collision is told apart by the labels the
 /// handles carry, without building a key string for every request.
@@ -88,9 +92,9 @@ fn handles(direction: &'static str, source: &str, service: &str, route: &str) ->
 }
 
 impl Handles {
-    fn requests(&self, code: u16, protocol: Option<&'static str>) -> metrics::Counter {
+    fn requests(&self, code: u16, protocol: Option<&'static str>, error: Option<&'static str>) -> metrics::Counter {
         let mut codes = self.by_code.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, _, c)) = codes.iter().find(|(k, p, _)| *k == code && *p == protocol) {
+        if let Some((_, _, _, c)) = codes.iter().find(|(k, p, e, _)| *k == code && *p == protocol && *e == error) {
             return c.clone();
         }
         let mut labels = self.labels.clone();
@@ -99,8 +103,11 @@ impl Handles {
         if let Some(p) = protocol {
             labels.push(metrics::Label::new("protocol", p));
         }
+        if let Some(e) = error {
+            labels.push(metrics::Label::new("error", e));
+        }
         let c = metrics::counter!(m::REQUESTS, labels);
-        codes.push((code, protocol, c.clone()));
+        codes.push((code, protocol, error, c.clone()));
         c
     }
 }
@@ -251,19 +258,21 @@ impl Record {
     pub fn finish(mut self, resp: Response<Body>) -> Response<Body> {
         let status = resp.status().as_u16();
         self.entry.status = status;
+        let mut error = None;
         if let Some(reason) = resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()) {
             self.entry.error = reason.to_string();
+            error = Some(crate::error::known_reason(reason));
         }
-        self.count_answer(status);
+        self.count_answer(status, error);
         let bytes = self.bytes.clone();
         let done = Done { _record: self };
         resp.map(|b| Counted { inner: b, bytes, which: RESPONSE, done: Some(done) }.boxed_unsync())
     }
 
-    fn count_answer(&mut self, status: u16) {
+    fn count_answer(&mut self, status: u16, error: Option<&'static str>) {
         self.answered = true;
         let h = self.handles();
-        h.requests(status, self.protocol).increment(1);
+        h.requests(status, self.protocol, error).increment(1);
         h.duration.record(self.start.elapsed().as_secs_f64());
     }
 }
@@ -280,7 +289,7 @@ impl Drop for Record {
         if !self.answered {
             self.entry.status = CLIENT_CLOSED;
             self.entry.error = "client-closed".to_string();
-            self.count_answer(CLIENT_CLOSED);
+            self.count_answer(CLIENT_CLOSED, Some("client-closed"));
         }
         let handles = self.handles();
         let (received, sent) =
