@@ -1,12 +1,17 @@
-//! `quicmesh demo`: a whole mesh in one process on loopback, from the embedded
-//! `config/demo.toml`: a throwaway CA, a gateway, nodes `node-a` and `node-b`, and the sample
-//! services `hello` (v1 on node-a, v2 on node-b, split 90/10 at the gateway) and `echo`.
+//! `quicmesh demo`: a whole mesh on loopback, from the embedded `config/demo.toml`: a throwaway
+//! CA, a gateway, nodes `node-a` and `node-b` that join its control plane as real nodes do, and
+//! the sample services `hello` (v1 on node-a, v2 on node-b, split 90/10 at the gateway) and
+//! `echo` (on node-b). The gateway and the nodes are processes of this binary, so each serves
+//! its own metrics and `quicmesh status` and `top` see what they would on a fleet.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use quicmesh_shared::config::{self, Config, NodeConfig, TlsFiles};
+use quicmesh_shared::config;
 use quicmesh_shared::identity::Ca;
 use tokio::net::TcpListener;
 
@@ -29,10 +34,83 @@ pub struct Args {
     pub outbound_port: u16,
 }
 
-/// What the running demo bound.
+/// One component: a child process of this binary, and the addresses its ready line gave.
+pub struct Component {
+    pub name: String,
+    child: Child,
+    /// Held open: the child exits when it closes (this process gone, however it ended).
+    _lifeline: Option<ChildStdin>,
+    /// `key=address` pairs of the ready line.
+    pub addrs: Vec<(String, SocketAddr)>,
+}
+
+impl Component {
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        self.addrs.iter().find(|(k, _)| k == key).map_or(([127, 0, 0, 1], 0).into(), |(_, a)| *a)
+    }
+
+    /// Starts `quicmesh KIND --config FILES...` and waits for its ready line.
+    fn start(name: &str, kind: &str, files: &[PathBuf]) -> anyhow::Result<Component> {
+        let exe = std::env::current_exe().context("finding this binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg(kind);
+        for f in files {
+            cmd.arg("--config").arg(f);
+        }
+        let mut child = cmd
+            .arg("--exit-with-parent")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting the demo's {name}"))?;
+        let lifeline = child.stdin.take();
+        let stdout = child.stdout.take().context("the child's stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains(" ready: ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let mut component = Component { name: name.into(), child, _lifeline: lifeline, addrs: Vec::new() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let line = loop {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(50)) {
+                break line;
+            }
+            if component.child.try_wait()?.is_some() || Instant::now() > deadline {
+                anyhow::bail!("the demo's {name} did not start (its error is above)");
+            }
+        };
+        component.addrs = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .filter_map(|(k, a)| Some((k.to_string(), a.parse().ok()?)))
+            .collect();
+        Ok(component)
+    }
+
+    /// SIGTERM (the component drains), then waits for it to exit; SIGKILL after 15 s.
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the running demo started.
 pub struct Demo {
-    pub gateway: quicmesh_gateway::Gateway,
-    pub nodes: Vec<quicmesh_node::Node>,
+    pub gateway: Component,
+    pub nodes: Vec<Component>,
     _state: tempfile::TempDir,
 }
 
@@ -42,110 +120,139 @@ async fn local_listener() -> anyhow::Result<(TcpListener, SocketAddr)> {
     Ok((l, a))
 }
 
-/// Starts everything; returns once the gateway serves.
-pub async fn start(args: &Args) -> anyhow::Result<Demo> {
-    quicmesh_shared::metrics::recorder();
-    let mut cfg: Config = config::from_toml_with_env(DEMO_CONFIG).context("embedded demo config")?;
-    let state = tempfile::Builder::new().prefix("quicmesh-demo-").tempdir()?;
-    let ca = Ca::init(state.path(), &cfg.mesh.trust_domain)?;
-    for name in ["gateway", "node-a", "node-b"] {
-        ca.issue(name, Duration::from_secs(86400))?;
+/// Fails, naming the flag, when a fixed port is taken (the child would only name its config key).
+fn port_free(port: u16, udp_too: bool, flag: &str) -> anyhow::Result<()> {
+    if port == 0 {
+        return Ok(());
     }
-    // Sample services on ephemeral ports, patched into the endpoint addresses.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let taken = |e: std::io::Error| {
+        anyhow::anyhow!("the demo cannot listen on {addr}: {e} (another process holds it? `{flag} N` picks another port, 0 a free one)")
+    };
+    std::net::TcpListener::bind(addr).map_err(taken)?;
+    if udp_too {
+        std::net::UdpSocket::bind(addr).map_err(taken)?;
+    }
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<PathBuf> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path.to_path_buf())
+}
+
+/// Starts everything; returns once both nodes have joined and run the gateway's snapshot.
+pub async fn start(args: &Args) -> anyhow::Result<Demo> {
+    // Validated here first: a bad environment fails before any process starts.
+    let cfg = config::from_toml_with_env(DEMO_CONFIG).context("embedded demo config")?;
+    let td = cfg.mesh.trust_domain.clone();
+    port_free(args.port, true, "--port")?;
+    port_free(args.admin_port, false, "--admin-port")?;
+    port_free(args.outbound_port, false, "--outbound-port")?;
+    let state = tempfile::Builder::new().prefix("quicmesh-demo-").tempdir()?;
+    let dir = state.path();
+    let ca = Ca::init(&dir.join("gateway"), &td)?;
+    ca.issue("gateway", Duration::from_secs(86400))?;
+    for name in ["node-a", "node-b"] {
+        let (cert, key) = ca.issue(name, Duration::from_secs(86400))?;
+        let own = dir.join(name);
+        std::fs::create_dir_all(&own)?;
+        std::fs::rename(&cert, own.join(format!("{name}.pem")))?;
+        std::fs::rename(&key, own.join(format!("{name}.key")))?;
+        std::fs::copy(dir.join("gateway/ca.pem"), own.join("ca.pem"))?;
+    }
+    // Sample services on ephemeral ports, registered by the nodes that host them.
     let (hello_a, hello_a_addr) = local_listener().await?;
     let (hello_b, hello_b_addr) = local_listener().await?;
     let (echo_b, echo_b_addr) = local_listener().await?;
     tokio::spawn(samples::hello(hello_a, "v1".into(), "node-a".into()));
     tokio::spawn(samples::hello(hello_b, "v2".into(), "node-b".into()));
     tokio::spawn(samples::echo(echo_b));
-    for svc in &mut cfg.services {
-        for ep in &mut svc.endpoints {
-            ep.address = match (svc.name.as_str(), ep.node.as_str()) {
-                ("hello", "node-a") => hello_a_addr,
-                ("hello", _) => hello_b_addr,
-                _ => echo_b_addr,
-            };
-        }
-    }
-    // Bind the nodes' QUIC sockets first so every member knows every address.
-    let mut sockets = Vec::new();
-    for peer in &mut cfg.nodes {
-        let sock = UdpSocket::bind("127.0.0.1:0")?;
-        peer.address = sock.local_addr()?;
-        sockets.push((peer.name.clone(), sock));
-    }
-    let tls = TlsFiles { state_dir: Some(state.path().to_path_buf()), ..Default::default() };
+
+    let mesh = write(&dir.join("mesh.toml"), DEMO_CONFIG)?;
+    let gw_layer = format!(
+        "[gateway]\nlisten = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"gateway\"\n",
+        args.port, args.admin_port
+    );
+    let gw_file = write(&dir.join("gateway.toml"), &gw_layer)?;
+    let gateway = Component::start("gateway", "gateway", &[mesh, gw_file])?;
+    let control = gateway.addr("control");
+    let instance = |service: &str, addr: SocketAddr, version: &str| {
+        format!("[[node.instances]]\nservice = \"{service}\"\naddress = \"{addr}\"\nlabels = {{ version = \"{version}\" }}\n")
+    };
     let mut nodes = Vec::new();
-    for (name, sock) in sockets {
-        let mut node_cfg = cfg.clone();
-        node_cfg.gateway = None;
-        let outbound_port = if name == "node-a" { args.outbound_port } else { 0 };
-        node_cfg.node = Some(NodeConfig {
-            name: name.clone(),
-            outbound: (std::net::Ipv4Addr::LOCALHOST, outbound_port).into(),
-            inbound: sock.local_addr()?,
-            admin: "127.0.0.1:0".parse()?,
-            tls: tls.clone(),
-            ..Default::default()
-        });
-        node_cfg.validate()?;
-        let node = quicmesh_node::start_with(node_cfg, Some(sock)).await.map_err(|e| match &e {
-            quicmesh_node::NodeError::Listen { key: "node.outbound", addr, source } => anyhow::anyhow!(
-                "the demo's {name} cannot listen on {addr}: {source} (another process holds it? `--outbound-port N` picks another port, 0 a free one)"
-            ),
-            _ => anyhow::Error::new(e).context(format!("starting {name}")),
-        })?;
-        nodes.push(node);
+    for (name, outbound, instances) in [
+        ("node-a", args.outbound_port, instance("hello", hello_a_addr, "v1")),
+        ("node-b", 0, instance("hello", hello_b_addr, "v2") + &instance("echo", echo_b_addr, "v1")),
+    ] {
+        let text = format!(
+            "[mesh]\ntrust_domain = \"{td}\"\n\n[node]\nname = \"{name}\"\noutbound = \"127.0.0.1:{outbound}\"\n\
+             inbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[node.tls]\nstate_dir = \"{name}\"\n\n\
+             [node.gateway]\naddress = \"{control}\"\n\n{instances}"
+        );
+        let file = write(&dir.join(format!("{name}.toml")), &text)?;
+        nodes.push(Component::start(name, "node", &[file])?);
     }
-    let mut gw_cfg = cfg;
-    if let Some(gw) = gw_cfg.gateway.as_mut() {
-        gw.listen.set_port(args.port);
-        gw.admin.set_port(args.admin_port);
-        gw.control = "127.0.0.1:0".parse()?;
-        gw.tls = tls;
-    }
-    let gateway = quicmesh_gateway::start(gw_cfg).await.map_err(|e| match &e {
-        // The demo's ports come from flags, not config keys.
-        quicmesh_gateway::GatewayError::Listen { key, addr, source } => {
-            let flag = if *key == "gateway.admin" { "--admin-port" } else { "--port" };
-            anyhow::anyhow!("the demo gateway cannot listen on {addr}: {source} (another process holds it? `{flag} N` picks another port, 0 a free one)")
+    // Ready when both nodes run the snapshot that holds both registrations.
+    let admin = gateway.addr("admin");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(doc) = crate::top::nodes(admin).await {
+            let version = doc["version"].as_u64();
+            let list = doc["nodes"].as_array().cloned().unwrap_or_default();
+            let instances: u64 = list.iter().filter_map(|n| n["instances"].as_u64()).sum();
+            let current = list.iter().all(|n| n["connected"] == true && n["acked_version"].as_u64() == version);
+            if list.len() == 2 && instances == 3 && current {
+                break;
+            }
         }
-        _ => anyhow::Error::new(e).context("starting the gateway"),
-    })?;
+        anyhow::ensure!(Instant::now() < deadline, "the demo's nodes did not join the gateway within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(Demo { gateway, nodes, _state: state })
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let demo = start(&args).await?;
-    let gw = demo.gateway.addrs.clone();
-    let port = gw.listen.port();
-    println!("quicmesh demo is up: gateway, nodes node-a and node-b, services hello (v1, v2) and echo.");
+    let (listen, admin) = (demo.gateway.addr("listen"), demo.gateway.addr("admin"));
+    let port = listen.port();
+    println!("quicmesh demo is up: gateway, nodes node-a and node-b (joined to its control plane), services hello (v1, v2) and echo.");
     println!();
     println!("  gateway  https://127.0.0.1:{port}   TCP: HTTP/1.1 + HTTP/2 (TLS), UDP: HTTP/3");
-    println!("  admin    http://{}          /ready  /metrics  /config_dump  /nodes  /endpoints  /logging", gw.admin);
+    println!("  admin    http://{admin}          /ready  /metrics  /config_dump  /nodes  /endpoints  /logging");
     for n in &demo.nodes {
-        let a = &n.addrs;
-        println!("  {}   outbound http://{}  QUIC {}  admin http://{}", a.name, a.outbound, a.inbound, a.admin);
+        println!(
+            "  {}   outbound http://{}  QUIC {}  admin http://{}",
+            n.name,
+            n.addr("outbound"),
+            n.addr("inbound"),
+            n.addr("admin")
+        );
     }
     println!();
     println!("Try (the edge certificate is self-signed, hence -k):");
     println!("  curl -k https://127.0.0.1:{port}/hello                # 90% v1, 10% v2 (canary)");
     println!("  curl -k --http2 https://127.0.0.1:{port}/echo -d hi    # what the mesh adds to a request");
-    println!("  curl -s http://{}/metrics | grep quicmesh_", gw.admin);
-    if let Some(a) = demo.nodes.first().map(|n| n.addrs.outbound) {
-        println!("  curl -H 'Host: echo' http://{a}/from-node-a     # a local app on node-a calling echo");
+    println!("  curl -s http://{admin}/metrics | grep quicmesh_");
+    if let Some(n) = demo.nodes.first() {
+        println!(
+            "  curl -H 'Host: echo' http://{}/from-node-a     # a local app on node-a calling echo",
+            n.addr("outbound")
+        );
     }
     let exe = std::env::current_exe().map_or("quicmesh".into(), |p| p.display().to_string());
-    println!("  {exe} top --admin {}   # live rate, success, p50/p99 per service", gw.admin);
+    println!("  {exe} status --admin {admin}   # the nodes, as the control plane sees them");
+    println!("  {exe} top --admin {admin}      # live rate, success, p50/p99 per service");
     println!();
     println!("Ctrl-C stops everything.");
     shutdown_signal().await;
     println!("stopping");
-    demo.gateway.shutdown().await;
+    // Nodes first: each says goodbye to the control plane and drains.
     for n in demo.nodes {
-        n.shutdown().await;
+        n.stop();
     }
+    demo.gateway.stop();
     Ok(())
 }
 

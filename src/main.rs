@@ -65,6 +65,9 @@ enum Command {
         /// SHA-256 of the mesh CA certificate (`quicmesh ca fingerprint`), to trust the gateway.
         #[arg(long, requires = "join")]
         ca_fingerprint: Option<String>,
+        /// Exit when standard input closes (the demo's children: they end with the demo).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
     /// Manage join tokens.
     Token {
@@ -76,6 +79,9 @@ enum Command {
         /// Config files, layered in order (later ones override earlier ones).
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
+        /// Exit when standard input closes (the demo's children: they end with the demo).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
     /// Validate config files offline, with the daemons' own start-up checks (same messages), or
     /// with --live check a running mesh through the gateway's admin API.
@@ -366,7 +372,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", runtime()?.block_on(top::revoke(admin, &name))?);
             Ok(())
         }
-        Command::Node { action: None, config, join, token, ca_fingerprint } => {
+        Command::Node { action: None, config, join, token, ca_fingerprint, exit_with_parent } => {
+            if exit_with_parent {
+                exit_when_stdin_closes();
+            }
             let mut cfg = config::load(&config)?;
             let workers = cfg.node.as_ref().map_or(1, |n| n.workers);
             runtime_with(workers)?.block_on(async {
@@ -410,7 +419,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Gateway { config } => {
+        Command::Gateway { config, exit_with_parent } => {
+            if exit_with_parent {
+                exit_when_stdin_closes();
+            }
             let cfg = config::load(&config)?;
             runtime_with(cfg.gateway.as_ref().map_or(0, |g| g.workers))?.block_on(async {
                 quicmesh_shared::metrics::recorder();
@@ -430,6 +442,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Top { admin, interval, count, by } => runtime()?.block_on(top::top(admin, interval, count, by)),
     }
+}
+
+/// Ends the process when standard input reaches its end: the parent that holds the other end
+/// (the demo) is gone, however it ended.
+fn exit_when_stdin_closes() {
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        while matches!(std::io::Read::read(&mut std::io::stdin(), &mut sink), Ok(n) if n > 0) {}
+        std::process::exit(0);
+    });
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

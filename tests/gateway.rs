@@ -118,6 +118,34 @@ async fn the_demo_splits_hello_90_10_between_v1_and_v2() {
     assert!((52..=148).contains(&v2), "v2 answered {v2} of 1000 (expected 100 +/- 48)");
 }
 
+/// #20: the demo's nodes are real members of its control plane (so `quicmesh status` shows
+/// them) and each component serves its own metrics (so a request is counted once, where it
+/// entered, not once per component).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_nodes_join_its_control_plane_and_count_each_request_once() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let out = std::process::Command::new(BIN).args(["status", "--admin", &demo.admin.to_string()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for node in ["node-a", "node-b"] {
+        let line = text.lines().find(|l| l.starts_with(node)).unwrap_or_else(|| panic!("{node} missing:\n{text}"));
+        assert!(line.contains(" yes ") && line.contains("current"), "{line}");
+    }
+    let ingress = |m: &str| metric(m, "quicmesh_requests_total", &[("direction", "ingress")]);
+    let before = ingress(&demo.metrics().await);
+    let (_ep, mut send) = h3_connect(demo.port).await;
+    for _ in 0..20 {
+        let (status, _, _) = h3_request(&mut send, http::Request::get(demo.url("/hello")).body(()).unwrap(), b"").await;
+        assert_eq!(status, 200);
+    }
+    // Summed over the gateway and both nodes, as `quicmesh top` does.
+    assert_eq!(ingress(&demo.metrics().await) - before, 20.0);
+    let inbound = metric(&demo.metrics().await, "quicmesh_requests_total", &[("direction", "inbound")]);
+    assert!(inbound >= 20.0, "the nodes count what they delivered, in their own registries");
+    assert_eq!(metric(&demo.gateway_metrics().await, "quicmesh_requests_total", &[("direction", "inbound")]), 0.0);
+}
+
 async fn tls_connect(port: u16, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(alpn)));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();

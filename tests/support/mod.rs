@@ -490,6 +490,7 @@ pub struct DemoNode {
     pub name: String,
     pub outbound: SocketAddr,
     pub quic: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 /// `quicmesh demo` as a child process on free ports; killed on drop.
@@ -536,10 +537,11 @@ impl DemoProc {
             match words.as_slice() {
                 ["gateway", url, ..] => port = url.rsplit(':').next().and_then(|p| p.parse().ok()),
                 ["admin", url, ..] => admin = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
-                [name, "outbound", outbound, "QUIC", quic, ..] => {
+                [name, "outbound", outbound, "QUIC", quic, "admin", admin, ..] => {
                     let outbound = outbound.strip_prefix("http://").and_then(|a| a.parse().ok());
-                    if let (Some(outbound), Ok(quic)) = (outbound, quic.parse()) {
-                        nodes.push(DemoNode { name: name.to_string(), outbound, quic });
+                    let admin = admin.strip_prefix("http://").and_then(|a| a.parse().ok());
+                    if let (Some(outbound), Ok(quic), Some(admin)) = (outbound, quic.parse(), admin) {
+                        nodes.push(DemoNode { name: name.to_string(), outbound, quic, admin });
                     }
                 }
                 ["Try", ..] => listed = true,
@@ -562,7 +564,18 @@ impl DemoProc {
         .await;
     }
 
+    /// The metrics of every component (the gateway's, then each node's): [`metric`] sums
+    /// over them.
     pub async fn metrics(&self) -> String {
+        let mut all = http_get(&format!("http://{}/metrics", self.admin)).await.1;
+        for n in &self.nodes {
+            all.push_str(&http_get(&format!("http://{}/metrics", n.admin)).await.1);
+        }
+        all
+    }
+
+    /// The gateway's metrics alone.
+    pub async fn gateway_metrics(&self) -> String {
         http_get(&format!("http://{}/metrics", self.admin)).await.1
     }
 

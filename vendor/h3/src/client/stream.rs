@@ -101,13 +101,14 @@ where
             .await
             .map_err(|e| self.handle_frame_stream_error_on_request_stream(e))?
             .ok_or_else(|| {
-                //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1
-                //# Receipt of an invalid sequence of frames MUST be treated as a
-                //# connection error of type H3_FRAME_UNEXPECTED.
-                self.handle_connection_error_on_stream(InternalConnectionError::new(
-                    Code::H3_FRAME_UNEXPECTED,
-                    "Stream finished without receiving response headers".to_string(),
-                ))
+                // quicmesh patch: a response stream that ends before any frame (a server that
+                // dropped a request it could not read ends it so) is a malformed response, a
+                // stream error of type H3_MESSAGE_ERROR (RFC 9114, 4.1.2), not a connection
+                // error: it must not fail every other request on the connection.
+                StreamError::StreamError {
+                    code: Code::H3_MESSAGE_ERROR,
+                    reason: "Stream finished without receiving response headers".to_string(),
+                }
             })?;
 
         //= https://www.rfc-editor.org/rfc/rfc9114#section-7.2.5
