@@ -358,6 +358,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ));
             }
             if cfg.node.is_some() {
+                if quicmesh_node::trust_domain_unset(&config) {
+                    quicmesh_node::adopt_trust_domain(&mut cfg);
+                }
                 let pre = quicmesh_node::preflight(&cfg)?;
                 let nc = cfg.node.as_ref().context("the config has no [node] section")?;
                 lines.push(format!("node {}: {}", nc.name, pre.mode));
@@ -377,6 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 exit_when_stdin_closes();
             }
             let mut cfg = config::load(&config)?;
+            let learn_trust_domain = quicmesh_node::trust_domain_unset(&config);
             let workers = cfg.node.as_ref().map_or(1, |n| n.workers);
             runtime_with(workers)?.block_on(async {
                 quicmesh_shared::metrics::recorder();
@@ -391,7 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     // A gateway that is not up yet is waited for; any other refusal is final.
                     let mut wait = std::time::Duration::from_secs(1);
                     loop {
-                        match quicmesh_node::enroll::join(&cfg, addr, &name, &token, &fp).await {
+                        match quicmesh_node::enroll::join(&cfg, addr, &name, &token, &fp, learn_trust_domain).await {
                             Err(quicmesh_node::enroll::JoinError::NoAnswer(_)) => {
                                 tracing::warn!(gateway = %addr, retry_in = ?wait, "the gateway does not answer; waiting for it and retrying (Ctrl-C stops)");
                                 tokio::select! {
@@ -406,6 +410,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             }
                         }
                     }
+                }
+                if learn_trust_domain {
+                    quicmesh_node::adopt_trust_domain(&mut cfg);
                 }
                 let node = quicmesh_node::start_with_files(cfg, config).await?;
                 let a = &node.addrs;

@@ -250,3 +250,45 @@ async fn a_join_explains_a_trust_domain_mismatch_and_waits_for_a_silent_gateway(
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// #20: enrollment "with nothing but a config naming the node": no trust domain, no
+/// `[node.gateway]`. The node learns the trust domain from the certificate it is issued, and,
+/// restarted without `--join`, rejoins the control plane it used, in that trust domain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_naming_only_the_node_is_enough_to_enroll_and_to_restart() {
+    let s = setup();
+    let tok = token(&s, "1h");
+    let state = s.pki.path().join("bare-state");
+    let toml = format!(
+        "[node]\nname = \"bare\"\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[node.tls]\nstate_dir = \"{}\"\n",
+        state.display()
+    );
+    let control = s.gw.addrs.control.to_string();
+    let joined = |s: &Setup| {
+        let gw = s.gw.addrs.admin;
+        async move {
+            let st: serde_json::Value =
+                serde_json::from_str(&http_get(&format!("http://{gw}/nodes")).await.1).unwrap_or_default();
+            let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+            nodes.iter().any(|n| n["name"] == "bare" && n["connected"] == true).then_some(())
+        }
+    };
+    let mut node = NodeProc::start_args(
+        "node",
+        s.pki.path(),
+        "bare",
+        &toml,
+        &["--join", &control, "--token", &tok, "--ca-fingerprint", &s.fingerprint],
+    );
+    eventually(Duration::from_secs(10), "the bare node to join", || joined(&s)).await;
+    node.log_with(&["the config names no mesh.trust_domain: using the one of this node's certificate", TD]).await;
+    drop(node);
+    eventually(Duration::from_secs(10), "the bare node to leave", || async {
+        joined(&s).await.is_none().then_some(())
+    })
+    .await;
+    // Same config, no flags: the certificate, the trust domain and the control plane are known.
+    let again = NodeProc::start(s.pki.path(), "bare-again", &toml);
+    eventually(Duration::from_secs(10), "the bare node to rejoin", || joined(&s)).await;
+    again.log_with(&["joining the one this node last used"]).await;
+}

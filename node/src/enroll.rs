@@ -33,12 +33,15 @@ pub enum JoinError {
 }
 
 /// Enrolls this node unless its certificate and key already exist. Returns whether it enrolled.
+/// With `learn_trust_domain` (the config names none) the gateway may be of any trust domain its
+/// pinned CA serves: the certificate issued says which (see [`trust_domain_of`]).
 pub async fn join(
     config: &Config,
     gateway: SocketAddr,
     gateway_name: &str,
     token: &str,
     fingerprint: &str,
+    learn_trust_domain: bool,
 ) -> Result<bool, JoinError> {
     let nc = config.node.as_ref().ok_or(JoinError::NoNode)?;
     let paths = nc.tls.resolve(&nc.name, "node")?;
@@ -49,7 +52,11 @@ pub async fn join(
     let (key_pem, csr) = identity::signing_request(&nc.name)?;
     let connect_err = |reason: String| JoinError::Connect { addr: gateway, reason };
     // Trust the gateway only if it chains to the pinned CA: the token must not go anywhere else.
-    let verifier = MeshServerVerifier::pinned(fingerprint, &config.mesh.trust_domain);
+    let verifier = if learn_trust_domain {
+        MeshServerVerifier::pinned_any_trust_domain(fingerprint)
+    } else {
+        MeshServerVerifier::pinned(fingerprint, &config.mesh.trust_domain)
+    };
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| connect_err(e.to_string()))?
@@ -118,4 +125,10 @@ pub async fn join(
     info!(node = nc.name, cert = %paths.cert.display(), "enrolled with the gateway");
     endpoint.close(0u32.into(), b"enrolled");
     Ok(true)
+}
+
+/// The trust domain named by the certificate at `cert` (a member's own), if it names one.
+pub fn trust_domain_of(cert: &Path) -> Option<String> {
+    let certs = identity::read_certs(cert).ok()?;
+    identity::spiffe_ids(certs.first()?).into_iter().next().map(|id| id.trust_domain)
 }

@@ -141,6 +141,28 @@ async fn watch_instances(files: Vec<std::path::PathBuf>, tx: watch::Sender<Vec<q
     }
 }
 
+/// Does any layer of `files` set `mesh.trust_domain`? When none does, the node takes it from
+/// its certificate (see [`adopt_trust_domain`]) and learns it at enrollment.
+pub fn trust_domain_unset(files: &[std::path::PathBuf]) -> bool {
+    quicmesh_shared::config::sources(files)
+        .is_ok_and(|s| s.get("mesh.trust_domain").is_none_or(|layer| layer == "default"))
+}
+
+/// A node whose config names no trust domain uses the one of its own certificate (issued at
+/// enrollment by the gateway it joined), and says so. Returns whether it changed anything.
+pub fn adopt_trust_domain(config: &mut Config) -> bool {
+    let Some(nc) = config.node.as_ref() else { return false };
+    let Ok(paths) = nc.tls.resolve(&nc.name, "node") else { return false };
+    match enroll::trust_domain_of(&paths.cert) {
+        Some(td) if td != config.mesh.trust_domain => {
+            info!(trust_domain = td, cert = %paths.cert.display(), "the config names no mesh.trust_domain: using the one of this node's certificate");
+            config.mesh.trust_domain = td;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// What a node checks before it binds anything; `quicmesh check` runs the same.
 pub struct Preflight {
     pub paths: TlsPaths,

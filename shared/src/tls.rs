@@ -114,6 +114,13 @@ impl MeshServerVerifier {
             trust_domain: trust_domain.into(),
         }
     }
+
+    /// For enrollment by a node whose config names no trust domain: the pinned CA decides, and
+    /// the server may be the named member of whatever trust domain that CA serves (the node
+    /// learns it from the certificate it is issued).
+    pub fn pinned_any_trust_domain(fingerprint: &str) -> Self {
+        Self::pinned(fingerprint, ANY_TRUST_DOMAIN)
+    }
 }
 
 impl ServerCertVerifier for MeshServerVerifier {
@@ -164,6 +171,9 @@ impl ServerCertVerifier for MeshServerVerifier {
     }
 }
 
+/// Stands for "whatever the pinned CA's trust domain is" (never a valid trust domain itself).
+const ANY_TRUST_DOMAIN: &str = "*";
+
 /// A server certificate chaining to `roots` and carrying the SPIFFE identity of the node named
 /// by the TLS server name.
 fn verify_node_server(
@@ -188,7 +198,9 @@ fn verify_node_server(
     };
     let expected = SpiffeId::node(trust_domain, name.as_ref());
     let presented = spiffe_ids(end_entity);
-    if presented.contains(&expected) {
+    let any = trust_domain == ANY_TRUST_DOMAIN
+        && presented.iter().any(|id| id.node_name() == Some(name.as_ref()) && !id.trust_domain.is_empty());
+    if any || presented.contains(&expected) {
         Ok(ServerCertVerified::assertion())
     } else {
         let mismatch = IdentityMismatch { expected, presented };
