@@ -273,7 +273,7 @@ async fn a_config_naming_only_the_node_is_enough_to_enroll_and_to_restart() {
             nodes.iter().any(|n| n["name"] == "bare" && n["connected"] == true).then_some(())
         }
     };
-    let mut node = NodeProc::start_args(
+    let node = NodeProc::start_args(
         "node",
         s.pki.path(),
         "bare",
