@@ -487,3 +487,27 @@ async fn config_dump_shows_the_effective_config_and_where_each_key_came_from() {
     let (ok, text) = run_in(pki.path(), &["config", "explain", "node.drain_timeout", "--config", &config]);
     assert!(ok && text.contains("set by: default"), "{text}");
 }
+
+/// #20: log lines and errors carry no ANSI colour when stderr is not a terminal (a file, a
+/// pipe, journald), even without NO_COLOR.
+#[test]
+fn no_colour_when_stderr_is_not_a_terminal() {
+    let pki = Pki::new();
+    pki.issue("gateway");
+    // A gateway that logs a warning (no edge certificate) and then fails (no token file).
+    let files = gateway_layers(pki.path(), "", "");
+    let gw = std::fs::read_to_string(&files[1]).unwrap();
+    std::fs::write(&files[1], gw.replace("[gateway]\n", "[gateway]\nadmin_token_file = \"/nonexistent\"\n")).unwrap();
+    let out = Command::new(BIN)
+        .args(["gateway", "--config"])
+        .arg(&files[0])
+        .arg("--config")
+        .arg(&files[1])
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("quicmesh: error:"), "{err}");
+    assert!(err.contains("WARN"), "a log line was written: {err}");
+    assert!(!err.contains('\x1b'), "ANSI escapes in {err:?}");
+}
