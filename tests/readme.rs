@@ -173,4 +173,25 @@ fn the_readme_quick_start_and_by_hand_path_work_verbatim() {
     assert_eq!(status.len(), 2, "{out}");
     assert!(status.iter().all(|l| l.contains(" yes ") && l.contains("current")), "{out}");
     eprintln!("the by-hand path took {:?}", started.elapsed());
+
+    // The static member's block ends with the node in the foreground: run until it is ready.
+    let mut node = Shell::start(work.path(), &path, &block(&readme, "static"));
+    let stdout = node.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) if l.starts_with("quicmesh node node-a ready:") => break,
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("the static block's node-a never became ready:\n{}", seen.join("\n")),
+        }
+    }
+    assert!(seen.iter().any(|l| l.starts_with("config OK")), "check ran first: {seen:?}");
+    drop(node);
 }
