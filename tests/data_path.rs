@@ -818,3 +818,38 @@ async fn idle_connections_to_a_local_instance_close_after_instance_idle() {
     drop(b);
     drop(pki);
 }
+
+/// #21: a mesh route's `maxRequestBody` holds at a node as at the gateway (it was enforced at
+/// the gateway only): 413 `body-too-large` for a body declared or streamed past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_routes_body_limit_holds_at_the_node() {
+    let extra = "[[routes]]\nname = \"small\"\nhostnames = [\"small\"]\nmaxRequestBody = 1000\n\
+                 [[routes.rules]]\nbackendRefs = [{ name = \"echo\" }]\n";
+    let m = two_nodes(extra).await;
+    let out = m.a.addrs.outbound;
+    let client = h1_client();
+    let post = |body: Vec<u8>| {
+        http::Request::post(format!("http://{out}/"))
+            .header("host", "small")
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    };
+    let reason =
+        |h: &http::HeaderMap| h.get("quicmesh-error").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let (status, headers, _) = send(&client, post(vec![b'x'; 500])).await;
+    assert_eq!((status, reason(&headers).as_str()), (200, ""), "under the limit");
+    let (status, headers, _) = send(&client, post(vec![b'x'; 5000])).await;
+    assert_eq!((status, reason(&headers).as_str()), (413, "body-too-large"), "declared past the limit");
+    // Streamed without a length: cut off once past the limit.
+    let chunks =
+        futures_util::stream::iter((0..5).map(|_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(vec![b'y'; 1000])))
+        }));
+    let req = http::Request::post(format!("http://{out}/"))
+        .header("host", "small")
+        .body(http_body_util::StreamBody::new(chunks))
+        .unwrap();
+    let streamed = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let resp = streamed.request(req).await.unwrap();
+    assert_eq!(resp.status(), 413, "streamed past the limit");
+}

@@ -1,26 +1,23 @@
-//! The gateway's request path, shared by the TCP (h1/h2) and QUIC (h3) listeners:
-//! route -> limits -> forwarding headers -> pick backend and endpoint -> forward into the mesh
-//! -> record.
+//! The gateway's request path, shared by the TCP (h1/h2) and QUIC (h3) listeners: check the
+//! head, match an edge route, then the path every proxy shares (`quicmesh_shared::pipeline`),
+//! and record; errors reach external clients as their reason only.
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
-use http::header::{HeaderValue, ALT_SVC, CONTENT_LENGTH, HOST, LOCATION};
-use http::{HeaderName, Request, Response, StatusCode};
+use http::header::{HeaderValue, ALT_SVC};
+use http::{Request, Response};
 use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::config::GatewayConfig;
 use quicmesh_shared::error::ProxyError;
 use quicmesh_shared::headers;
-use quicmesh_shared::mesh::{CallInfo, CallOpts, Mesh};
+use quicmesh_shared::mesh::Mesh;
 use quicmesh_shared::metrics as m;
 use quicmesh_shared::path;
-use quicmesh_shared::route::{self, Filtered, RouteTable};
+use quicmesh_shared::pipeline::{self, Side, Target};
+use quicmesh_shared::route::{self, RouteTable};
 use quicmesh_shared::telemetry::Record;
 use std::sync::Arc;
 use tracing::debug;
-
-const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 pub struct Edge {
     pub mesh: Arc<Mesh>,
@@ -105,102 +102,19 @@ impl Edge {
         }
         let authority =
             headers::authority(&parts.uri, &parts.headers).ok_or_else(|| ProxyError::BadRequest("no Host".into()))?;
-        let host = headers::host_of(&authority);
-        let path = parts.uri.path().to_string();
-        let query = parts.uri.query().map(str::to_owned);
+        let host = headers::host_of(&authority).into_owned();
         // Phase: route (Gateway API HTTPRoute matching and precedence).
         let routes = self.routes.load_full();
         let matched = routes
-            .find(&host, &parts.method, &path, query.as_deref(), &parts.headers)
-            .ok_or_else(|| ProxyError::NoRoute(format!("{host}{path}")))?;
-        let (route, rule) = (matched.route, matched.rule);
-        let name = route.name.clone();
-        rec.route(&name);
-        // Phase: rate limit.
-        if let Some(Err(wait)) = matched.limiter.map(|l| l.check(Some(client.ip()), Instant::now())) {
-            metrics::counter!(m::RATE_LIMITED, "route" => name.clone()).increment(1);
-            return Err(ProxyError::RateLimited { route: name.clone(), wait });
-        }
-        // Phase: filters that answer or change the request.
-        let mut authority = authority;
-        let filtered = route::apply_request_filters(&matched, &mut parts, &mut authority, "https", Some(self.port))
-            .map_err(ProxyError::BadRequest)?;
-        let (response_mods, mirrors) = match filtered {
-            Filtered::Redirect { status, location } => return Ok(redirect(status, &location)),
-            Filtered::Forward { response_mods, mirrors } => (response_mods, mirrors),
+            .find(&host, &parts.method, parts.uri.path(), parts.uri.query(), &parts.headers)
+            .ok_or_else(|| ProxyError::NoRoute(format!("{host}{}", parts.uri.path())))?;
+        let side = Side {
+            scheme: "https",
+            port: Some(self.port),
+            default_body_limit: Some(self.limits.max_request_body),
+            source: Some(&self.name),
+            edge: true,
         };
-        let limit = route.max_request_body.unwrap_or(self.limits.max_request_body);
-        let declared =
-            parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ProxyError::BodyTooLarge(limit));
-        }
-        // Phase: forwarding headers.
-        headers::strip_hop_by_hop(&mut parts.headers);
-        headers::strip_internal(&mut parts.headers);
-        // The values this proxy adds share one allocation.
-        let mut scratch = headers::Scratch::default();
-        headers::append_forwarded_for(&mut parts.headers, client.ip(), &mut scratch);
-        parts.headers.insert(FORWARDED_PROTO, HeaderValue::from_static("https"));
-        let fwd = format!("for=\"{}\";proto=https;host=\"{}\"", forwarded_node(client), authority.replace('"', ""));
-        let fwd = match parts.headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {fwd}"),
-            None => fwd,
-        };
-        if let Ok(v) = HeaderValue::from_str(&fwd) {
-            parts.headers.insert(FORWARDED, v);
-        }
-        headers::ensure_request_id(&mut parts.headers, &mut scratch);
-        headers::continue_trace(&mut parts.headers, &mut scratch);
-        rec.ids(&parts.headers);
-        if let Some(v) = scratch.text(&self.name) {
-            parts.headers.insert(headers::SOURCE, v);
-        }
-        if let Some(v) = scratch.text(&authority) {
-            parts.headers.insert(HOST, v);
-        }
-        // Phase: weighted backend, then endpoint.
-        let backend = route::choose_backend(&rule.backend_refs)
-            .ok_or_else(|| ProxyError::NoEndpoint(format!("route {name} has no backend with weight")))?;
-        let svc = table.service(&backend.name).ok_or_else(|| ProxyError::NoEndpoint(backend.name.clone()))?;
-        rec.service(&svc.config.name);
-        let body = body::limited(body, limit);
-        let body = rec.count_request(body);
-        let body = self.mesh.mirror_request(&table, &parts, body, &mirrors).await?;
-        // Phase: pick an endpoint and forward, with the rule's timeouts, retries and faults.
-        let opts = CallOpts {
-            route: &name,
-            labels: Some(&backend.labels),
-            retry: rule.retry.as_ref(),
-            timeouts: rule.timeouts.as_ref(),
-            fault: rule.fault.as_ref(),
-            client: Some(client.ip()),
-        };
-        let mut info = CallInfo::default();
-        let result = self.mesh.call(&table, svc, Request::from_parts(parts, body), &opts, &mut info).await;
-        rec.called(&info);
-        let mut resp = result?;
-        for m in response_mods {
-            route::modify_headers(resp.headers_mut(), m);
-        }
-        Ok(resp)
-    }
-}
-
-/// A redirect response made by a route's RequestRedirect filter.
-pub fn redirect(status: u16, location: &str) -> Response<Body> {
-    let mut resp = Response::new(body::empty());
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
-    if let Ok(v) = HeaderValue::from_str(location) {
-        resp.headers_mut().insert(LOCATION, v);
-    }
-    resp
-}
-
-/// RFC 7239 node syntax: IPv6 addresses in brackets.
-fn forwarded_node(client: SocketAddr) -> String {
-    match client.ip() {
-        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        ip => ip.to_string(),
+        pipeline::forward(&self.mesh, &table, &side, Target::Route(matched), parts, body, authority, client, rec).await
     }
 }

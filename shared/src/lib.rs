@@ -23,6 +23,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod overlay;
 pub mod path;
+pub mod pipeline;
 pub mod pool;
 pub mod retry;
 pub mod route;
