@@ -557,7 +557,8 @@ impl Mesh {
             in_subset.get(i)
                 && eps[i].healthy
                 && !svc.stats.get(i).is_some_and(|s| s.outlier.is_ejected(now))
-                && (self.is_local(&eps[i]) || !self.pool.is_down(&eps[i].node))
+                // One atomic load while no peer is down; local endpoints are never in the pool.
+                && !self.pool.is_down(&eps[i].node)
         });
         let any_usable = (0..n).any(|i| usable.get(i));
         let candidate = |i: usize| if any_usable { usable.get(i) } else { in_subset.get(i) };

@@ -50,6 +50,8 @@ struct Down {
     reason: String,
     failures: u32,
     next_probe: Instant,
+    /// When a request last asked for the peer (its probe stops after [`PROBE_UNWANTED`]).
+    wanted: Instant,
 }
 
 /// What `/endpoints` shows of an unreachable peer.
@@ -71,8 +73,8 @@ fn probe_backoff(failures: u32) -> Duration {
     cap - cap.mul_f64(fastrand::f64() / 4.0)
 }
 
-/// A probe gives up (and forgets the failure) when nothing asked for its peer this long: the
-/// next request dials afresh.
+/// A probe gives up (and forgets the failure) when no request asked for its peer this long:
+/// the next one dials afresh.
 const PROBE_UNWANTED: Duration = Duration::from_secs(600);
 
 /// Dials peers: the pool's parts its background probes share.
@@ -163,7 +165,10 @@ impl PeerPool {
     async fn get_inner(&self, name: &str, addr: SocketAddr, dial_anyway: bool) -> Result<PeerConn, ProxyError> {
         let peer = self.peer(name);
         let fail_fast = |peer: &Peer| -> Result<(), ProxyError> {
-            match peer.down.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            match peer.down.lock().unwrap_or_else(|e| e.into_inner()).as_mut().map(|d| {
+                d.wanted = Instant::now();
+                &*d
+            }) {
                 // A new address (a config change) is dialled, not judged by the old one.
                 Some(down) if !dial_anyway && down.addr == addr => Err(ProxyError::PeerUnreachable {
                     peer: name.into(),
@@ -246,7 +251,8 @@ impl Dialer {
             return;
         }
         let wait = probe_backoff(1);
-        *down = Some(Down { addr, since: now, reason: reason.clone(), failures: 1, next_probe: now + wait });
+        *down =
+            Some(Down { addr, since: now, reason: reason.clone(), failures: 1, next_probe: now + wait, wanted: now });
         drop(down);
         self.down.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(m::PEER_UNREACHABLE, "peer" => name.to_string()).set(1.0);
@@ -256,10 +262,20 @@ impl Dialer {
 
     /// Clears an unreachable mark (a handshake succeeded).
     fn mark_up(&self, name: &str, peer: &Peer) {
+        self.clear_mark(name, peer, true);
+    }
+
+    /// Removes the unreachable mark; `reached` says whether a handshake succeeded (or the mark
+    /// is only forgotten).
+    fn clear_mark(&self, name: &str, peer: &Peer, reached: bool) {
         let was = peer.down.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(down) = was {
             self.down.fetch_sub(1, Ordering::Relaxed);
-            info!(peer = name, addr = %down.addr, down_for = ?down.since.elapsed(), "peer reachable again");
+            if reached {
+                info!(peer = name, addr = %down.addr, down_for = ?down.since.elapsed(), "peer reachable again");
+            } else {
+                debug!(peer = name, addr = %down.addr, "no request asked for the unreachable peer for a while; the next one dials it afresh");
+            }
         }
         metrics::gauge!(m::PEER_UNREACHABLE, "peer" => name.to_string()).set(0.0);
     }
@@ -269,16 +285,17 @@ impl Dialer {
     /// for it for [`PROBE_UNWANTED`].
     async fn probe(self: Arc<Self>, name: String, peer: std::sync::Weak<Peer>, addr: SocketAddr, first: Duration) {
         let mut wait = first;
-        let started = Instant::now();
         loop {
             tokio::time::sleep(wait).await;
             let Some(peer) = peer.upgrade() else { return };
-            let failures = match peer.down.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                Some(d) if d.addr == addr => d.failures,
+            let (failures, wanted) = match peer.down.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                Some(d) if d.addr == addr => (d.failures, d.wanted),
                 _ => return,
             };
-            if started.elapsed() > PROBE_UNWANTED && Arc::strong_count(&peer) == 1 {
-                self.mark_up(&name, &peer);
+            if wanted.elapsed() > PROBE_UNWANTED {
+                // Nobody asks for it (the balancer routes around it): stop dialling; a request
+                // that picks it later dials afresh, once, and marks it again if it must.
+                self.clear_mark(&name, &peer, false);
                 return;
             }
             let mut guard = peer.conn.lock().await;
