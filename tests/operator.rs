@@ -29,6 +29,11 @@ impl Blackhole {
     /// Drops UDP datagrams sent to `addr` (on loopback) until dropped. None (skipped, said so)
     /// where nftables or root is missing outside CI; under CI=true that is a failure.
     fn nft(addr: SocketAddr) -> Option<Blackhole> {
+        Self::nft_proto(addr, "udp")
+    }
+
+    /// Drops `proto` (udp, tcp) packets sent to `addr`, as [`Blackhole::nft`].
+    fn nft_proto(addr: SocketAddr, proto: &str) -> Option<Blackhole> {
         let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
         if !root {
             assert!(!std::env::var("CI").is_ok_and(|v| v == "true"), "CI=true: the nftables drill needs root");
@@ -38,11 +43,11 @@ impl Blackhole {
         if !require_tool("nft") {
             return None;
         }
-        let table = format!("quicmesh_test_{}_{}", std::process::id(), addr.port());
+        let table = format!("quicmesh_test_{}_{}_{proto}", std::process::id(), addr.port());
         let script = format!(
             "add table inet {table}\n\
              add chain inet {table} out {{ type filter hook output priority 0; }}\n\
-             add rule inet {table} out ip daddr {} udp dport {} drop\n",
+             add rule inet {table} out ip daddr {} {proto} dport {} drop\n",
             addr.ip(),
             addr.port()
         );
@@ -510,4 +515,26 @@ fn no_colour_when_stderr_is_not_a_terminal() {
     assert!(!out.status.success() && err.contains("quicmesh: error:"), "{err}");
     assert!(err.contains("WARN"), "a log line was written: {err}");
     assert!(!err.contains('\x1b'), "ANSI escapes in {err:?}");
+}
+
+/// A local instance whose host drops the connection attempt answers 504 `connect-timeout` after
+/// `timeouts.connect` (told from the connector's I/O error kind, not from its text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_instance_that_does_not_answer_costs_the_connect_timeout() {
+    let app = dead_address().await;
+    let Some(_hole) = Blackhole::nft_proto(app, "tcp") else { return };
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    let web = format!("[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{app}\"\n");
+    let toml = node_toml("node-b", &state, &[], &web).replace("connect = \"2s\"", "connect = \"500ms\"");
+    let b = NodeProc::start(pki.path(), "node-b", &toml);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = http::Request::get(format!("http://{}/", b.addrs.outbound))
+        .header("host", "web")
+        .body(Default::default())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let reason = resp.headers().get("quicmesh-error").map(|v| v.to_str().unwrap().to_string());
+    assert_eq!((resp.status().as_u16(), reason.as_deref()), (504, Some("connect-timeout")));
 }

@@ -207,8 +207,7 @@ impl LocalClient {
             *req.version_mut() = http::Version::HTTP_11;
         }
         let resp = client.request(req).await.map_err(|e| {
-            let text = format!("{e:?}");
-            if e.is_connect() && text.contains("TimedOut") {
+            if e.is_connect() && caused_by_timeout(&e) {
                 ProxyError::ConnectTimeout(format!("{addr} after {:?}", self.connect_timeout))
             } else if e.is_connect() {
                 ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: source_text(&e) }
@@ -1026,6 +1025,19 @@ fn rejected(e: &h3::error::StreamError) -> bool {
         h3::error::StreamError::RemoteClosing { .. } => true,
         _ => false,
     }
+}
+
+/// Did an I/O timeout cause `e` (the connector's `connect_timeout`)? Read from the error's
+/// sources by type, not from its text.
+fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// A stream error caused by the connection as a whole (so the pooled connection is dead).
