@@ -67,6 +67,27 @@ impl Shell {
         Shell(child)
     }
 
+    /// Reads the shell's stdout until a line starts with `prefix` (at most 30 s); returns the
+    /// lines before it. Its stdout is then no longer read.
+    fn wait_for_line(&mut self, prefix: &str, what: &str) -> Vec<String> {
+        let stdout = self.0.stdout.take().expect("stdout not taken yet");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) if l.starts_with(prefix) => return seen,
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("timed out waiting for {what}; it printed:\n{}", seen.join("\n")),
+            }
+        }
+    }
+
     /// Waits for the shell to exit (at most `limit`); (success, stdout, stderr).
     fn finish(mut self, limit: Duration) -> (bool, String, String) {
         let deadline = Instant::now() + limit;
@@ -125,22 +146,7 @@ fn the_readme_quick_start_and_by_hand_path_work_verbatim() {
     let demo_line = line(&readme, "cargo run --release -- demo");
     let demo_cmd = demo_line.split('#').next().unwrap().trim();
     let mut demo = Shell::start(work.path(), &path, &format!("exec {demo_cmd}"));
-    let stdout = demo.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.starts_with("Try") => break,
-            Ok(_) => {}
-            Err(_) => panic!("`{demo_cmd}` did not come up"),
-        }
-    }
+    demo.wait_for_line("Try", &format!("`{demo_cmd}` to come up"));
     let (ok, out, err) = Shell::start(work.path(), &path, &block(&readme, "demo")).finish(Duration::from_secs(60));
     drop(demo);
     assert!(ok, "the quick start's block failed:\n{out}\n{err}");
@@ -176,22 +182,7 @@ fn the_readme_quick_start_and_by_hand_path_work_verbatim() {
 
     // The static member's block ends with the node in the foreground: run until it is ready.
     let mut node = Shell::start(work.path(), &path, &block(&readme, "static"));
-    let stdout = node.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(l) if l.starts_with("quicmesh node node-a ready:") => break,
-            Ok(l) => seen.push(l),
-            Err(_) => panic!("the static block's node-a never became ready:\n{}", seen.join("\n")),
-        }
-    }
+    let seen = node.wait_for_line("quicmesh node node-a ready:", "the static block's node-a to be ready");
     assert!(seen.iter().any(|l| l.starts_with("config OK")), "check ran first: {seen:?}");
     drop(node);
 }
