@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quicmesh_shared::config::TransportConfig;
-use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::identity::tls::ClientAuth;
 use quicmesh_shared::transport::{mesh_endpoint, Bind};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

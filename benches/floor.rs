@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
-use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::identity::tls::ClientAuth;
 use support::*;
 
 struct Figures {
@@ -199,9 +199,10 @@ fn main() {
         rows.push(Figures { name: "HTTP/3 on quinn, mTLS", times, cpu_us: None });
 
         // HTTP/1.1 over TLS on TCP with the same certificates.
-        let tls_server = Arc::new(quicmesh_shared::tls::mesh_server(&creds("raw-b"), ClientAuth::Required).unwrap());
+        let tls_server =
+            Arc::new(quicmesh_shared::identity::tls::mesh_server(&creds("raw-b"), ClientAuth::Required).unwrap());
         let tls_addr = h1_server(&server, Some(tls_server));
-        let tls_client = Arc::new(quicmesh_shared::tls::mesh_client(&creds("raw-a"), TD).unwrap());
+        let tls_client = Arc::new(quicmesh_shared::identity::tls::mesh_client(&creds("raw-a"), TD).unwrap());
         let times = client
             .handle
             .spawn(async move {

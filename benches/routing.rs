@@ -7,7 +7,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
-use quicmesh_shared::route::{HttpRoute, RouteTable};
+use quicmesh_shared::policy::route::{HttpRoute, RouteTable};
 
 fn table(n: usize, per_host: bool) -> RouteTable {
     let mut text = String::new();
@@ -58,7 +58,7 @@ fn lookups(c: &mut Criterion) {
 
 /// One endpoint pick per balancer, over 10 and 100 endpoints.
 fn picks(c: &mut Criterion) {
-    use quicmesh_shared::balance::{hash_key, p2c, EndpointStats, Maglev};
+    use quicmesh_shared::policy::balance::{hash_key, p2c, EndpointStats, Maglev};
     use std::sync::Arc;
     let mut group = c.benchmark_group("endpoint_pick");
     for n in [10usize, 100] {

@@ -234,7 +234,7 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let dropped = writer.error_counter();
-    quicmesh_shared::metrics::count_log_drops(move || dropped.dropped_lines() as u64);
+    quicmesh_shared::telemetry::metrics::count_log_drops(move || dropped.dropped_lines() as u64);
     // Colour only for a person at a terminal, and never under NO_COLOR (https://no-color.org).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(colour);
@@ -302,7 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { command: TokenCommand::Create { dir, ttl, uses, node } } => {
-            let token = quicmesh_shared::enroll::create_token(&dir, ttl, uses, node)?;
+            let token = quicmesh_shared::control::enroll::create_token(&dir, ttl, uses, node)?;
             println!("{token}");
             Ok(())
         }
@@ -383,8 +383,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let learn_trust_domain = quicmesh_node::trust_domain_unset(&config);
             let workers = cfg.node.as_ref().map_or(1, |n| n.workers);
             runtime_with(workers)?.block_on(async {
-                quicmesh_shared::metrics::recorder();
-                quicmesh_shared::metrics::runtime_workers();
+                quicmesh_shared::telemetry::metrics::recorder();
+                quicmesh_shared::telemetry::metrics::runtime_workers();
                 if let (Some(addr), Some(token), Some(fp)) = (join, token, ca_fingerprint) {
                     let node = cfg.node.as_mut().context("the config has no [node] section")?;
                     let target = node.gateway.get_or_insert(quicmesh_shared::config::ControlTarget {
@@ -432,8 +432,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let cfg = config::load(&config)?;
             runtime_with(cfg.gateway.as_ref().map_or(0, |g| g.workers))?.block_on(async {
-                quicmesh_shared::metrics::recorder();
-                quicmesh_shared::metrics::runtime_workers();
+                quicmesh_shared::telemetry::metrics::recorder();
+                quicmesh_shared::telemetry::metrics::runtime_workers();
                 let gw = quicmesh_gateway::start_with_files(cfg, config).await?;
                 let a = &gw.addrs;
                 println!("quicmesh gateway ready: listen={} admin={} control={}", a.listen, a.admin, a.control);

@@ -11,7 +11,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use quicmesh_shared::body::{self, Body};
+use quicmesh_shared::message::body::{self, Body};
 use tokio::net::TcpListener;
 
 /// Largest request body the JSON echo reflects (bigger ones are counted, not echoed).

@@ -169,7 +169,7 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
     let m = two_nodes("").await;
     let out = m.a.addrs.outbound;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<quicmesh_shared::body::Body>();
+        .build_http::<quicmesh_shared::message::body::Body>();
     // Upload: streamed from a generator, counted by the backend.
     let req = http::Request::post(format!("http://{out}/count"))
         .header("host", "echo")
@@ -182,7 +182,7 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
     // Download: counted frame by frame, never collected.
     let req = http::Request::get(format!("http://{out}/bytes/{size}"))
         .header("host", "echo")
-        .body(quicmesh_shared::body::empty())
+        .body(quicmesh_shared::message::body::empty())
         .unwrap();
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -703,7 +703,11 @@ async fn the_whole_stream_limit_is_usable_after_earlier_requests() {
             tx.send_modify(|n| *n += 1);
             let target = want.load(std::sync::atomic::Ordering::SeqCst);
             let filled = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|n| *n >= target)).await;
-            http::Response::new(quicmesh_shared::body::full(if filled.is_ok() { "ok" } else { "gate not filled" }))
+            http::Response::new(quicmesh_shared::message::body::full(if filled.is_ok() {
+                "ok"
+            } else {
+                "gate not filled"
+            }))
         }
     }));
     let pki = Pki::new();

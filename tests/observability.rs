@@ -420,7 +420,7 @@ async fn a_prometheus_server_scrapes_the_mesh_and_answers_a_rate_query() {
     // Every query of the Grafana dashboard is valid PromQL over metrics the mesh exports.
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string("deploy/grafana/quicmesh.json").unwrap()).unwrap();
-    let names = std::fs::read_to_string("shared/src/metrics.rs").unwrap();
+    let names = std::fs::read_to_string("shared/src/telemetry/metrics.rs").unwrap();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
             let expr = target["expr"].as_str().unwrap().replace("$__rate_interval", "1m");

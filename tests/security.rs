@@ -175,7 +175,7 @@ async fn policies_allow_deny_and_audit_on_http_and_tcp() {
 /// A QUIC + HTTP/3 client holding `name`'s real certificate, talking to a peer node directly.
 async fn impersonate(dir: &Path, name: &str, peer: &str, addr: SocketAddr) -> (quinn::Endpoint, H3Sender) {
     let creds = credentials(dir, name);
-    let tls = quicmesh_shared::tls::mesh_client(&creds, TD).unwrap();
+    let tls = quicmesh_shared::identity::tls::mesh_client(&creds, TD).unwrap();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));

@@ -20,7 +20,7 @@ use http::header::HeaderValue;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use quicmesh_shared::config::TransportConfig;
-use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::identity::tls::ClientAuth;
 use quicmesh_shared::transport::{mesh_endpoint, Bind};
 
 use crate::support::{credentials, Lane, Pki, TD};

@@ -13,15 +13,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
-use quicmesh_shared::admission::{self, Admission, Limits};
+use quicmesh_shared::config::overlay::NodeSettings;
 use quicmesh_shared::config::{valid_name, Config};
+use quicmesh_shared::control::enroll::{self, EnrollRequest, EnrollResponse};
 use quicmesh_shared::control::{self, GatewayMsg, LineReader, NodeMsg, Registration, Snapshot};
-use quicmesh_shared::enroll::{self, EnrollRequest, EnrollResponse};
+use quicmesh_shared::identity::tls;
 use quicmesh_shared::identity::Ca;
-use quicmesh_shared::mesh::{Mesh, Table};
-use quicmesh_shared::metrics as m;
-use quicmesh_shared::overlay::NodeSettings;
-use quicmesh_shared::tls;
+use quicmesh_shared::proxy::mesh::Mesh;
+use quicmesh_shared::proxy::table::Table;
+use quicmesh_shared::telemetry::metrics as m;
+use quicmesh_shared::transport::admission::{self, Admission, Limits};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
@@ -182,7 +183,15 @@ impl ControlPlane {
         }
         next.version = reg.current.version.saturating_add(1);
         let version = next.version;
-        let own = next.clone().into_config(&reg.config);
+        // What this gateway itself routes by: compiled before anything is published, so a
+        // snapshot that would not compile reaches no node either.
+        let own = match Table::compile(next.clone().into_config(&reg.config), version) {
+            Ok(table) => table,
+            Err(e) => {
+                warn!("snapshot {version} refused, not published: {e}");
+                return;
+            }
+        };
         let msg = GatewayMsg::Snapshot(next);
         let line = match control::encode_line(&msg) {
             Ok(l) => l,
@@ -207,7 +216,7 @@ impl ControlPlane {
         let persisted = Persisted { version, nodes: regs };
         // Still under the registry lock: versions are published in order, and one writer at a
         // time owns the registry file.
-        self.mesh.apply(Table::new(own, version));
+        self.mesh.apply(own);
         metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
         debug!(version, bytes = line.len(), "publishing snapshot");
         self.tx.send_replace(Arc::new(Published { version, line, per_node }));

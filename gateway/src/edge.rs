@@ -8,9 +8,9 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use quicmesh_shared::body;
-use quicmesh_shared::drain::Phase;
-use quicmesh_shared::metrics as m;
+use quicmesh_shared::message::body;
+use quicmesh_shared::proxy::drain::Phase;
+use quicmesh_shared::telemetry::metrics as m;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
@@ -21,20 +21,8 @@ use crate::idle::IdleTimeout;
 
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: Arc<Edge>) {
     let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            // Draining: no new client connections.
-            _ = edge.mesh.drain.reached(Phase::GoingAway) => return,
-        };
-        let (tcp, client) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                debug!(error = %e, "edge accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    // Draining: no new client connections.
+    while let Some((tcp, client)) = edge.mesh.drain().accept(&listener, "edge").await {
         // Past the connection limits: closed at once, before any TLS work.
         let admitted = match edge.conns.admit(client.ip()) {
             Ok(a) => a,
@@ -45,7 +33,6 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let edge = edge.clone();
         tokio::spawn(async move {
@@ -98,7 +85,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = edge.mesh.drain.reached(Phase::GoingAway) => {
+                _ = edge.mesh.drain().reached(Phase::GoingAway) => {
                     // HTTP/2 GOAWAY, or `Connection: close` after the request in progress.
                     conn.as_mut().graceful_shutdown();
                     conn.await

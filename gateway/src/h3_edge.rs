@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Response};
-use quicmesh_shared::admission::{self, Admission, Limits};
-use quicmesh_shared::body::{self, Body};
-use quicmesh_shared::drain::Phase;
-use quicmesh_shared::error::ProxyError;
-use quicmesh_shared::metrics as m;
+use quicmesh_shared::message::body::{self, Body};
+use quicmesh_shared::message::error::ProxyError;
+use quicmesh_shared::proxy::drain::Phase;
+use quicmesh_shared::telemetry::metrics as m;
+use quicmesh_shared::transport::admission::{self, Admission, Limits};
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -25,7 +25,7 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
     let limits = Limits { retry_above: edge.limits.quic_retry_above, max: edge.limits.max_handshakes };
     let admission = Admission::new("edge", limits);
     while let Some(incoming) = endpoint.accept().await {
-        if edge.mesh.drain.phase() >= Phase::GoingAway {
+        if edge.mesh.drain().phase() >= Phase::GoingAway {
             incoming.refuse();
             continue;
         }
@@ -137,7 +137,7 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
     };
     let mut told = false;
     // One wait for the drain for the connection's life, not one per request accepted.
-    let going_away = edge.mesh.drain.reached(Phase::GoingAway);
+    let going_away = edge.mesh.drain().reached(Phase::GoingAway);
     tokio::pin!(going_away);
     let activity = Activity::default();
     // One wait for the connection's life: it looks at the requests in flight each time it wakes.

@@ -1,27 +1,24 @@
 //! The gateway's request path, shared by the TCP (h1/h2) and QUIC (h3) listeners: check the
-//! head, match an edge route, then the path every proxy shares (`quicmesh_shared::pipeline`),
+//! head, match an edge route, then the path every proxy shares (`quicmesh_shared::proxy::pipeline`),
 //! and record; errors reach external clients as their reason only.
 
 use std::net::SocketAddr;
 
 use http::header::{HeaderValue, ALT_SVC};
 use http::{Request, Response};
-use quicmesh_shared::body::{self, Body};
 use quicmesh_shared::config::GatewayConfig;
-use quicmesh_shared::error::ProxyError;
-use quicmesh_shared::headers;
-use quicmesh_shared::mesh::Mesh;
-use quicmesh_shared::metrics as m;
-use quicmesh_shared::path;
-use quicmesh_shared::pipeline::{self, Side, Target};
-use quicmesh_shared::route::{self, RouteTable};
+use quicmesh_shared::message::body::{self, Body};
+use quicmesh_shared::message::error::ProxyError;
+use quicmesh_shared::message::headers;
+use quicmesh_shared::proxy::mesh::Mesh;
+use quicmesh_shared::proxy::pipeline::{self, Ctx, Side, Target};
+use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::Record;
 use std::sync::Arc;
 use tracing::debug;
 
 pub struct Edge {
     pub mesh: Arc<Mesh>,
-    routes: arc_swap::ArcSwap<RouteTable>,
     pub limits: quicmesh_shared::config::EdgeLimits,
     /// `Alt-Svc` advertised on TCP responses.
     pub alt_svc: HeaderValue,
@@ -37,20 +34,8 @@ impl Edge {
     pub fn new(mesh: Arc<Mesh>, gc: &GatewayConfig, port: u16) -> Self {
         let alt_svc =
             HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).unwrap_or(HeaderValue::from_static("clear"));
-        // Validated with the config, so this cannot fail; an empty table is the safe fallback.
-        let table = RouteTable::new(gc.routes.clone()).unwrap_or_else(|_| RouteTable::empty());
-        let routes = arc_swap::ArcSwap::from_pointee(table);
         let conns = crate::conns::Conns::new(gc.limits.max_connections, gc.limits.max_connections_per_client);
-        Self { mesh, routes, limits: gc.limits.clone(), alt_svc, port, name: gc.name.clone(), conns }
-    }
-
-    /// Replaces the route table atomically.
-    /// Replaces the route table atomically (routes were validated with the config).
-    pub fn set_routes(&self, routes: Vec<route::HttpRoute>) {
-        match RouteTable::new(routes) {
-            Ok(t) => self.routes.store(Arc::new(t)),
-            Err(e) => tracing::warn!(error = %e, "routes refused; keeping the previous ones"),
-        }
+        Self { mesh, limits: gc.limits.clone(), alt_svc, port, name: gc.name.clone(), conns }
     }
 
     /// Handles one client request end to end; never fails (errors become proxy responses).
@@ -63,8 +48,8 @@ impl Edge {
         proto: &'static str,
         held: G,
     ) -> Response<Body> {
-        let in_flight = (self.mesh.drain.guard(), held);
-        let mut rec = Record::new("ingress", self.mesh.access_log.clone());
+        let in_flight = (self.mesh.drain().guard(), held);
+        let mut rec = Record::new("ingress", self.mesh.access_log().cloned());
         rec.protocol(proto);
         rec.request(&req);
         rec.source(&self.name, &self.name);
@@ -91,22 +76,16 @@ impl Edge {
         rec: &mut Record,
     ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        if parts.version == http::Version::HTTP_11 {
-            headers::check_http1_head(&parts.headers)?;
-        }
-        // Matched, authorized and forwarded in one canonical form.
         let table = self.mesh.table();
-        let merge = table.config.mesh.merge_slashes;
-        if let Some(uri) = path::normalize_uri(&parts.uri, merge).map_err(|e| ProxyError::BadRequest(e.to_string()))? {
-            parts.uri = uri;
-        }
+        pipeline::prepare(&mut parts, &table)?;
         let authority =
             headers::authority(&parts.uri, &parts.headers).ok_or_else(|| ProxyError::BadRequest("no Host".into()))?;
         let host = headers::host_of(&authority).into_owned();
-        // Phase: route (Gateway API HTTPRoute matching and precedence).
-        let routes = self.routes.load_full();
-        let matched = routes
-            .find(&host, &parts.method, parts.uri.path(), parts.uri.query(), &parts.headers)
+        // Phase: route (Gateway API HTTPRoute matching and precedence), from the same table as
+        // the services the route leads to.
+        let matched = table
+            .edge_routes()
+            .and_then(|routes| routes.find(&host, &parts.method, parts.uri.path(), parts.uri.query(), &parts.headers))
             .ok_or_else(|| ProxyError::NoRoute(format!("{host}{}", parts.uri.path())))?;
         let side = Side {
             scheme: "https",
@@ -115,6 +94,7 @@ impl Edge {
             source: Some(&self.name),
             edge: true,
         };
-        pipeline::forward(&self.mesh, &table, &side, Target::Route(matched), parts, body, authority, client, rec).await
+        let cx = Ctx { mesh: &self.mesh, table: &table, side: &side, client, rec };
+        pipeline::forward(cx, Target::Route(matched), parts, body, authority).await
     }
 }

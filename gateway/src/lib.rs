@@ -1,6 +1,6 @@
 //! quicmesh-gateway: the edge. Terminates TLS (HTTP/1.1, HTTP/2) and QUIC (HTTP/3) from
 //! external clients on one port number and forwards into the mesh exactly as a node does,
-//! through the same pooled QUIC connections (`quicmesh_shared::mesh`).
+//! through the same pooled QUIC connections (`quicmesh_shared::proxy::mesh`).
 #![forbid(unsafe_code)]
 
 pub mod conns;
@@ -18,13 +18,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quicmesh_shared::access_log::AccessLog;
 use quicmesh_shared::admin::{self, AdminState};
+use quicmesh_shared::config::overlay;
 use quicmesh_shared::config::{Config, ConfigError};
+use quicmesh_shared::identity::tls::ClientAuth;
 use quicmesh_shared::identity::{Ca, Credentials, IdentityError};
-use quicmesh_shared::mesh::Mesh;
-use quicmesh_shared::overlay;
-use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::proxy::mesh::{Inputs, Mesh};
+use quicmesh_shared::proxy::table::Table;
+use quicmesh_shared::telemetry::access_log::AccessLog;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -161,9 +162,8 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     })?;
     let trust_domain = config.mesh.trust_domain.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?.map(Arc::new);
-    let mut mesh = Mesh::new(Arc::new(config.clone()), None, mesh_endpoint.clone());
-    mesh.access_log = access_log;
-    let mesh = Arc::new(mesh);
+    let inputs = Inputs { local_node: None, endpoint: mesh_endpoint.clone(), access_log };
+    let mesh = Arc::new(Mesh::new(inputs, Table::compile(config.clone(), 0)?));
     let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
     let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone());
     let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc, listen.port()));
@@ -185,7 +185,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let dump: admin::JsonFn = Box::new(move || {
         let table = dump_mesh.table();
         let sources = quicmesh_shared::config::sources(&dump_files).ok();
-        admin::config_dump(&table.effective_config(), table.version, sources.as_ref(), false)
+        admin::config_dump(&table.effective_config(), table.version(), sources.as_ref(), false)
     });
     let state = AdminState::with_actions(dump, extra, actions);
     if let Some(t) = admin_token {
@@ -201,8 +201,12 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let own_ca = gc.tls.state_dir.as_deref().and_then(|dir| Ca::open(dir).ok()).filter(|ca| {
         ca.dir.join(format!("{}.pem", gc.name)) == paths.cert && ca.dir.join(format!("{}.key", gc.name)) == paths.key
     });
-    let watch = quicmesh_shared::certwatch::Watch {
-        mesh: mesh.clone(),
+    let watch = quicmesh_shared::transport::certwatch::Watch {
+        trust_domain: mesh.trust_domain().to_string(),
+        install: {
+            let mesh = mesh.clone();
+            Arc::new(move |client| mesh.pool().set_client_config(client))
+        },
         endpoint: mesh_endpoint.clone(),
         paths,
         name: gc.name.clone(),
@@ -217,7 +221,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     tasks.spawn(cp.clone().sweep());
     tasks.spawn(cp.clone().publisher());
     if !files.is_empty() {
-        tasks.spawn(watch::watch(files, gc.overlays.clone(), gc.watch_interval, cp, edge));
+        tasks.spawn(watch::watch(files, gc.overlays.clone(), gc.watch_interval, cp));
     }
     state.ready.store(true, Ordering::Release);
     Ok(Gateway {
@@ -236,11 +240,11 @@ impl Gateway {
     /// HTTP/2 and HTTP/3 (HTTP/1.1 closes after the request in progress); let requests in
     /// flight finish within `gateway.drain_timeout`; then close.
     pub async fn drain(self) {
-        let drain = self.mesh.drain.clone();
-        metrics::gauge!(quicmesh_shared::metrics::DRAINING).set(1.0);
+        let drain = self.mesh.drain().clone();
+        metrics::gauge!(quicmesh_shared::telemetry::metrics::DRAINING).set(1.0);
         self.admin.ready.store(false, Ordering::Release);
         info!(in_flight = drain.in_flight(), deadline = ?self.drain_timeout, "draining");
-        drain.advance(quicmesh_shared::drain::Phase::GoingAway);
+        drain.advance(quicmesh_shared::proxy::drain::Phase::GoingAway);
         drain.settle(self.drain_timeout).await;
         self.shutdown().await;
     }

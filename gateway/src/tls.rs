@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use quicmesh_shared::config::watch::FileWatch;
 use quicmesh_shared::config::{EdgeLimits, GatewayConfig};
+use quicmesh_shared::identity::tls::provider;
 use quicmesh_shared::identity::{self, read_certs, read_key};
-use quicmesh_shared::tls::provider;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -67,33 +68,16 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
-/// When the certificate and key files last changed (a missing file counts as a change).
-fn stamps(gc: &GatewayConfig) -> Vec<Option<(std::time::SystemTime, u64)>> {
-    gc.certificates
-        .iter()
-        .flat_map(|c| [&c.cert, &c.key])
-        .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
-        .collect()
-}
-
 /// Reloads the edge certificates when their files change (renewed by an ACME client, say),
 /// once they have held still for one interval; a broken pair is refused and the old one stays.
 pub async fn watch_certificates(gc: GatewayConfig, certs: Arc<Certificates>) {
     if gc.certificates.is_empty() {
         return;
     }
-    let mut seen = stamps(&gc);
+    let files: Vec<_> = gc.certificates.iter().flat_map(|c| [c.cert.clone(), c.key.clone()]).collect();
+    let mut watch = FileWatch::new(move || files.clone(), gc.watch_interval, gc.watch_interval);
     loop {
-        tokio::time::sleep(gc.watch_interval).await;
-        let now = stamps(&gc);
-        if now == seen {
-            continue;
-        }
-        tokio::time::sleep(gc.watch_interval).await;
-        if stamps(&gc) != now {
-            continue;
-        }
-        seen = now;
+        watch.changed().await;
         match resolver(&gc) {
             Ok(r) => {
                 certs.0.store(Arc::new(r));
@@ -141,6 +125,6 @@ pub fn quic_server(tls: rustls::ServerConfig, limits: &EdgeLimits) -> Result<qui
             .map_err(|e| GatewayError::Tls(format!("idle_timeout: {e}")))?,
     ));
     server.transport_config(Arc::new(transport));
-    quicmesh_shared::admission::bound_queue(&mut server);
+    quicmesh_shared::transport::admission::bound_queue(&mut server);
     Ok(server)
 }

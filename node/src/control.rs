@@ -12,9 +12,10 @@ use http::{Method, Request};
 use quicmesh_shared::config::{Config, ControlTarget, TlsPaths};
 use quicmesh_shared::control::{self, GatewayMsg, Instance, LineReader, NodeMsg, Snapshot};
 use quicmesh_shared::identity;
-use quicmesh_shared::mesh::{Mesh, Table};
-use quicmesh_shared::metrics as m;
-use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::identity::tls::ClientAuth;
+use quicmesh_shared::proxy::mesh::Mesh;
+use quicmesh_shared::proxy::table::Table;
+use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::transport;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -77,11 +78,11 @@ fn prepare(local: &Config, snap: Snapshot) -> Result<Table, String> {
     let version = snap.version;
     let cfg = snap.into_config(local);
     cfg.validate().map_err(|e| e.to_string())?;
-    Ok(Table::new(cfg, version))
+    Table::compile(cfg, version).map_err(|e| e.to_string())
 }
 
 fn install(mesh: &Mesh, table: Table) {
-    let version = table.version;
+    let version = table.version();
     mesh.apply(table);
     metrics::counter!(m::CONTROL_APPLIED).increment(1);
     metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
@@ -166,14 +167,14 @@ impl ControlClient {
         .await
         .map_err(|e| e.to_string())??;
         let client = transport::reconfigure(
-            self.mesh.pool.endpoint(),
+            self.mesh.pool().endpoint(),
             &creds,
-            &self.mesh.trust_domain,
+            self.mesh.trust_domain(),
             &self.local.transport,
             Some(ClientAuth::Required),
         )
         .map_err(|e| e.to_string())?;
-        self.mesh.pool.set_client_config(client);
+        self.mesh.pool().set_client_config(client);
         // Should the process stop before the renames, the old files stay: still valid, and
         // renewed again after the next start.
         let (key, cert) = (self.paths.key.clone(), self.paths.cert.clone());
@@ -223,14 +224,14 @@ impl ControlClient {
         NodeMsg::Hello {
             address: self.advertise,
             instances,
-            version: self.mesh.table().version,
+            version: self.mesh.table().version(),
             admin: Some(self.admin),
         }
     }
 
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> End {
         let broken = |e: String| End::Broken(e, false);
-        let pc = match self.mesh.pool.dial(&self.target.name, self.target.address).await {
+        let pc = match self.mesh.pool().dial(&self.target.name, self.target.address).await {
             Ok(pc) => pc,
             Err(e) => return broken(e.to_string()),
         };
@@ -243,7 +244,7 @@ impl ControlClient {
         let stream = match sender.send_request(req).await {
             Ok(s) => s,
             Err(e) => {
-                self.mesh.pool.evict(&self.target.name, &pc.conn).await;
+                self.mesh.pool().evict(&self.target.name, &pc.conn).await;
                 return broken(e.to_string());
             }
         };

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use http::{Method, Request};
 use quicmesh_shared::config::{Config, ConfigError};
-use quicmesh_shared::enroll::{EnrollRequest, EnrollResponse, ENROLL_PATH};
+use quicmesh_shared::control::enroll::{EnrollRequest, EnrollResponse, ENROLL_PATH};
+use quicmesh_shared::identity::tls::{provider, MeshServerVerifier, MESH_ALPN};
 use quicmesh_shared::identity::{self, write_secret};
-use quicmesh_shared::tls::{provider, MeshServerVerifier, MESH_ALPN};
 use tracing::info;
 
 #[derive(Debug, thiserror::Error)]

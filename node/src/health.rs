@@ -7,11 +7,11 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use http::Request;
-use quicmesh_shared::body;
 use quicmesh_shared::control::Instance;
-use quicmesh_shared::health::{HealthCheck, Thresholds};
-use quicmesh_shared::mesh::LocalClient;
-use quicmesh_shared::metrics as m;
+use quicmesh_shared::message::body;
+use quicmesh_shared::policy::health::{HealthCheck, Thresholds};
+use quicmesh_shared::proxy::local::LocalClient;
+use quicmesh_shared::telemetry::metrics as m;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};

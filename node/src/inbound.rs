@@ -12,29 +12,30 @@ use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response};
 use std::future::IntoFuture;
 
-use quicmesh_shared::admission::{self, Admission, Handshaking, Limits};
-use quicmesh_shared::authz::{Caller, Target};
-use quicmesh_shared::body;
-use quicmesh_shared::config::{Protocol, ServiceConfig};
-use quicmesh_shared::drain::Phase;
-use quicmesh_shared::error::{ProxyError, UNSENT_HEADER};
-use quicmesh_shared::headers;
-use quicmesh_shared::mesh::{Mesh, Table};
-use quicmesh_shared::metrics as m;
+use quicmesh_shared::config::Protocol;
+use quicmesh_shared::identity::tls;
+use quicmesh_shared::message::body;
+use quicmesh_shared::message::error::{ProxyError, UNSENT_HEADER};
+use quicmesh_shared::message::headers;
+use quicmesh_shared::policy::authz::{Caller, Target};
+use quicmesh_shared::proxy::drain::Phase;
+use quicmesh_shared::proxy::mesh::Mesh;
+use quicmesh_shared::proxy::table::Table;
+use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::{self, Record};
-use quicmesh_shared::tls;
+use quicmesh_shared::transport::admission::{self, Admission, Handshaking, Limits};
 use tracing::{debug, info, warn};
+
+use crate::peer::{local_target, source_of, ServerStream};
 
 /// Largest header section a peer may send (the edge default; peers are members, but bounded).
 const MAX_HEADER_BYTES: u64 = 64 << 10;
-
-pub type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 /// Accepts peers until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
     let admission = Admission::new("inbound", Limits::MESH);
     while let Some(incoming) = endpoint.accept().await {
-        if mesh.drain.phase() >= Phase::GoingAway {
+        if mesh.drain().phase() >= Phase::GoingAway {
             // Peers learn at once that this node takes nothing new and send elsewhere.
             incoming.refuse();
             continue;
@@ -47,7 +48,7 @@ pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
 
 async fn connection(incoming: quinn::Incoming, slot: Handshaking, mesh: Arc<Mesh>) {
     let remote = incoming.remote_address();
-    let limit = mesh.table().config.timeouts.connect;
+    let limit = mesh.table().config().timeouts.connect;
     let conn = match tokio::time::timeout(limit, incoming.into_future()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -65,7 +66,7 @@ async fn connection(incoming: quinn::Incoming, slot: Handshaking, mesh: Arc<Mesh
         }
     };
     drop(slot);
-    let td = &mesh.trust_domain;
+    let td = mesh.trust_domain();
     let Some(peer) = tls::peer_identity(&conn, td).and_then(|id| id.node_name().map(str::to_owned)) else {
         metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "wrong-identity")
             .increment(1);
@@ -79,11 +80,11 @@ async fn connection(incoming: quinn::Incoming, slot: Handshaking, mesh: Arc<Mesh
         conn.close(2u32.into(), b"revoked");
         return;
     }
-    quicmesh_shared::transport::open_streams(&conn, &mesh.table().config.transport);
+    quicmesh_shared::transport::open_streams(&conn, &mesh.table().config().transport);
     metrics::counter!(m::QUIC_CONNECTIONS_OPENED, "direction" => "inbound", "peer" => peer.clone()).increment(1);
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").increment(1.0);
     info!(%remote, peer, "accepted QUIC peer");
-    quicmesh_shared::pool::watch_stats(conn.clone(), "inbound", peer.clone());
+    quicmesh_shared::transport::pool::watch_stats(conn.clone(), "inbound", peer.clone());
     serve_h3(conn, &peer, mesh).await;
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").decrement(1.0);
 }
@@ -102,7 +103,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
     };
     let mut told = false;
     // One wait for the drain for the connection's life, not one per request accepted.
-    let going_away = mesh.drain.reached(Phase::GoingAway);
+    let going_away = mesh.drain().reached(Phase::GoingAway);
     tokio::pin!(going_away);
     let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
     loop {
@@ -150,44 +151,12 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
     }
 }
 
-/// The calling service a peer names, believed only when that peer hosts it (or is it, as the
-/// gateway is): a node speaks for its own services and no others.
-pub(crate) fn source_of(req: &Request<()>, peer: &str, table: &Table) -> String {
-    let claimed = req.headers().get(headers::SOURCE).and_then(|v| v.to_str().ok());
-    match claimed {
-        Some(s) if s == peer => s.to_string(),
-        Some(s) if table.service(s).is_some_and(|svc| svc.config.endpoints.iter().any(|ep| ep.node == peer)) => {
-            s.to_string()
-        }
-        _ => telemetry::UNKNOWN.to_string(),
-    }
-}
-
-/// The local service and endpoint a peer asked for, if this node hosts them.
-pub fn local_target<'a>(
-    req: &Request<()>,
-    mesh: &Mesh,
-    table: &'a Table,
-) -> Result<(&'a ServiceConfig, SocketAddr), ProxyError> {
-    let hdr = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
-    let service = hdr(headers::SERVICE).ok_or_else(|| ProxyError::BadRequest("missing quicmesh-service".into()))?;
-    let addr: SocketAddr = hdr(headers::ENDPOINT)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| ProxyError::BadRequest("missing or bad quicmesh-endpoint".into()))?;
-    let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
-    let hosted = svc.config.endpoints.iter().any(|ep| mesh.is_local(ep) && ep.address == addr);
-    if !hosted {
-        return Err(ProxyError::NoEndpoint(format!("{service} at {addr} (not hosted on this node)")));
-    }
-    Ok((&svc.config, addr))
-}
-
 async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
     // A drain waits for this request (or tunnel) to end.
-    let _in_flight = mesh.drain.guard();
+    let _in_flight = mesh.drain().guard();
     // Authorized and delivered in canonical form, whatever the peer sent.
     let table = mesh.table();
-    let path = match quicmesh_shared::path::normalize_uri(req.uri(), table.config.mesh.merge_slashes) {
+    let path = match quicmesh_shared::message::path::normalize_uri(req.uri(), table.config().mesh.merge_slashes) {
         Ok(Some(uri)) => {
             *req.uri_mut() = uri;
             Ok(())
@@ -198,14 +167,14 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     if req.method() == Method::CONNECT {
         return Box::pin(crate::tcp::inbound(req, stream, peer, mesh)).await;
     }
-    let mut rec = Record::new("inbound", mesh.access_log.clone());
+    let mut rec = Record::new("inbound", mesh.access_log().cloned());
     rec.request(&req);
     let (mut send, recv) = stream.split();
     rec.source(&source_of(&req, peer, &table), peer);
     let result = match path.and_then(|()| local_target(&req, mesh, &table)) {
         Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
             rec.service(&svc.name);
-            rec.endpoint(mesh.local_node.as_deref().unwrap_or_default(), &addr.to_string(), 0);
+            rec.endpoint(mesh.local_node().unwrap_or_default(), &addr.to_string(), 0);
             let source = source_of(&req, peer, &table);
             let caller = Caller {
                 node: peer,
@@ -278,8 +247,8 @@ async fn deliver(
     // A request body the peer cut off (its client's fault) is not the instance's failure.
     let (body, fault) = body::watch_source(rec.count_request(body::request_body(recv).await));
     let req = Request::from_parts(parts, body);
-    let timeout = table.config.timeouts.request;
-    let result = tokio::time::timeout(timeout, mesh.local.send(req, addr, protocol))
+    let timeout = table.config().timeouts.request;
+    let result = tokio::time::timeout(timeout, mesh.local().send(req, addr, protocol))
         .await
         .map_err(|_| ProxyError::Timeout(timeout))
         .and_then(|r| r);

@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod health;
 pub mod inbound;
 pub mod outbound;
+pub mod peer;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -15,13 +16,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quicmesh_shared::access_log::AccessLog;
 use quicmesh_shared::admin::{self, AdminState};
+use quicmesh_shared::config::watch::FileWatch;
 use quicmesh_shared::config::{Config, ConfigError, ControlTarget, TlsPaths};
-use quicmesh_shared::drain::Phase;
+use quicmesh_shared::identity::tls::ClientAuth;
 use quicmesh_shared::identity::{Credentials, IdentityError};
-use quicmesh_shared::mesh::Mesh;
-use quicmesh_shared::tls::ClientAuth;
+use quicmesh_shared::proxy::drain::Phase;
+use quicmesh_shared::proxy::mesh::{Inputs, Mesh};
+use quicmesh_shared::proxy::table::Table;
+use quicmesh_shared::telemetry::access_log::AccessLog;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -110,23 +113,10 @@ pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) ->
 
 /// Polls the config files; a change that loads and validates updates the registered instances.
 async fn watch_instances(files: Vec<std::path::PathBuf>, tx: watch::Sender<Vec<quicmesh_shared::control::Instance>>) {
-    let stamp = |files: &[std::path::PathBuf]| -> Vec<Option<(std::time::SystemTime, u64)>> {
-        files.iter().map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
-    };
-    let every = Duration::from_millis(500);
-    let mut seen = stamp(&files);
+    let list = files.clone();
+    let mut watch = FileWatch::new(move || list.clone(), Duration::from_millis(500), Duration::from_millis(500));
     loop {
-        tokio::time::sleep(every).await;
-        let now = stamp(&files);
-        if now == seen {
-            continue;
-        }
-        // Act once the files hold still: never read a half-written file.
-        tokio::time::sleep(every).await;
-        if stamp(&files) != now {
-            continue;
-        }
-        seen = now;
+        watch.changed().await;
         match quicmesh_shared::config::load(&files) {
             Ok(cfg) => {
                 let instances = cfg.node.map(|n| n.instances).unwrap_or_default();
@@ -242,9 +232,8 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let transport_config = config.transport.clone();
     let local_config = config.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(NodeError::AccessLog)?.map(Arc::new);
-    let mut mesh = Mesh::new(Arc::new(config), Some(nc.name.clone()), endpoint.clone());
-    mesh.access_log = access_log;
-    let mesh = Arc::new(mesh);
+    let inputs = Inputs { local_node: Some(nc.name.clone()), endpoint: endpoint.clone(), access_log };
+    let mesh = Arc::new(Mesh::new(inputs, Table::compile(config, 0)?));
     let addrs = NodeAddrs {
         name: nc.name.clone(),
         outbound: outbound.local_addr().map_err(|source| NodeError::Listen {
@@ -272,7 +261,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         // Static stability: serve the last good snapshot until the gateway says otherwise.
         if let Some(snap) = cache.as_deref().and_then(control::load_cache) {
             match control::apply(&mesh, &local_config, snap) {
-                Ok(()) => info!(version = mesh.table().version, "serving from the cached snapshot"),
+                Ok(()) => info!(version = mesh.table().version(), "serving from the cached snapshot"),
                 Err(e) => warn!("cached snapshot unusable: {e}"),
             }
         }
@@ -280,7 +269,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         let (tx, rx) = watch::channel(nc.instances.clone());
         instances_tx = Some(tx);
         let (health_tx, health_rx) = watch::channel(Vec::new());
-        health_task = Some(health::run(rx.clone(), health_tx, mesh.local.clone()));
+        health_task = Some(health::run(rx.clone(), health_tx, mesh.local().clone()));
         let client = control::ControlClient {
             mesh: mesh.clone(),
             paths: paths.clone(),
@@ -303,7 +292,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let joined = control_task.is_some();
     let dump: admin::JsonFn = Box::new(move || {
         let table = dump_mesh.table();
-        admin::config_dump(&table.effective_config(), table.version, dump_sources.get(), joined)
+        admin::config_dump(&table.effective_config(), table.version(), dump_sources.get(), joined)
     });
     let state = AdminState::new(dump, extra);
     if let Some(t) = admin_token {
@@ -316,8 +305,12 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     }
     if control_task.is_none() {
         // Nobody renews a static node's certificate: its files are watched instead.
-        let watch = quicmesh_shared::certwatch::Watch {
-            mesh: mesh.clone(),
+        let watch = quicmesh_shared::transport::certwatch::Watch {
+            trust_domain: mesh.trust_domain().to_string(),
+            install: {
+                let mesh = mesh.clone();
+                Arc::new(move |client| mesh.pool().set_client_config(client))
+            },
             endpoint: endpoint.clone(),
             paths,
             name: nc.name.clone(),
@@ -353,9 +346,9 @@ impl Node {
     /// node; GOAWAY to every peer and refuse new connections and local clients; let requests
     /// in flight finish within `node.drain_timeout`; then close.
     pub async fn drain(self) {
-        let drain = self.mesh.drain.clone();
+        let drain = self.mesh.drain().clone();
         drain.advance(Phase::Draining);
-        metrics::gauge!(quicmesh_shared::metrics::DRAINING).set(1.0);
+        metrics::gauge!(quicmesh_shared::telemetry::metrics::DRAINING).set(1.0);
         self.admin.ready.store(false, Ordering::Release);
         info!(in_flight = drain.in_flight(), deadline = ?self.drain_timeout, "draining");
         let _ = self.shutdown.send(true);

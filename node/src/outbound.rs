@@ -1,7 +1,7 @@
 //! Node outbound side: the plain HTTP listener local apps send requests to.
 //!
 //! accept -> identify the target (a mesh route, or the service the Host header or absolute-form
-//! URI names, so `http_proxy` works) -> the shared path (`quicmesh_shared::pipeline`) -> record.
+//! URI names, so `http_proxy` works) -> the shared path (`quicmesh_shared::proxy::pipeline`) -> record.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,37 +13,23 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use quicmesh_shared::body::{self, Body};
-use quicmesh_shared::drain::Phase;
-use quicmesh_shared::error::ProxyError;
-use quicmesh_shared::headers;
-use quicmesh_shared::mesh::Mesh;
-use quicmesh_shared::metrics as m;
-use quicmesh_shared::path;
-use quicmesh_shared::pipeline::{self, Side, Target};
+use quicmesh_shared::message::body::{self, Body};
+use quicmesh_shared::message::error::ProxyError;
+use quicmesh_shared::message::headers;
+use quicmesh_shared::proxy::drain::Phase;
+use quicmesh_shared::proxy::mesh::Mesh;
+use quicmesh_shared::proxy::pipeline::{self, Ctx, Side, Target};
+use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::{self, Record};
 use tokio::net::TcpListener;
 use tracing::{debug, debug_span, Instrument};
 
 /// Accepts local apps' connections until the task is dropped.
 pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            // Draining: local apps' new connections are refused from here on.
-            _ = mesh.drain.reached(Phase::GoingAway) => return,
-        };
-        let (stream, client) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                debug!(error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    // Draining: local apps' new connections are refused from then on.
+    while let Some((stream, client)) = mesh.drain().accept(&listener, "outbound").await {
         let mesh = mesh.clone();
-        let drain = mesh.drain.clone();
+        let drain = mesh.drain().clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let mesh = mesh.clone();
@@ -68,8 +54,8 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
 }
 
 async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Response<Body> {
-    let in_flight = mesh.drain.guard();
-    let mut rec = Record::new("outbound", mesh.access_log.clone());
+    let in_flight = mesh.drain().guard();
+    let mut rec = Record::new("outbound", mesh.access_log().cloned());
     rec.request(&req);
     // Debug level: at info a span per request (its fields formatted up front) was about a tenth
     // of the node's instructions per request.
@@ -93,16 +79,8 @@ async fn route(
     rec: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    if parts.version == http::Version::HTTP_11 {
-        headers::check_http1_head(&parts.headers)?;
-    }
-    // Matched, authorized and forwarded in one canonical form.
     let table = mesh.table();
-    if let Some(uri) = path::normalize_uri(&parts.uri, table.config.mesh.merge_slashes)
-        .map_err(|e| ProxyError::BadRequest(e.to_string()))?
-    {
-        parts.uri = uri;
-    }
+    pipeline::prepare(&mut parts, &table)?;
     // The absolute-form URI (or HTTP/2 :authority) names the target; some HTTP/2 clients put
     // the proxy's own address there and the target in Host, so Host is tried second.
     let uri_authority = parts.uri.authority().map(|a| a.as_str());
@@ -112,12 +90,15 @@ async fn route(
     let Some(first) = candidates().next() else {
         return Err(ProxyError::BadRequest("no Host header or absolute URI".into()));
     };
-    let node = mesh.local_node.as_deref().unwrap_or_default();
-    rec.source(table.source_service.as_deref().unwrap_or(telemetry::UNKNOWN), node);
+    let node = mesh.local_node().unwrap_or_default();
+    rec.source(table.source_service().unwrap_or(telemetry::UNKNOWN), node);
     // Mesh routes (HTTPRoute) first; without one, the Host names the service directly.
     let routed = candidates().find_map(|a| {
         let (path, query) = (parts.uri.path(), parts.uri.query());
-        table.routes.find(&headers::host_of(a), &parts.method, path, query, &parts.headers).map(|m| (a.to_string(), m))
+        table
+            .routes()
+            .find(&headers::host_of(a), &parts.method, path, query, &parts.headers)
+            .map(|m| (a.to_string(), m))
     });
     let (authority, target) = match routed {
         Some((authority, matched)) => (authority, Target::Route(matched)),
@@ -125,13 +106,8 @@ async fn route(
             .find_map(|a| table.service_for_host(&headers::host_of(a)).map(|s| (a.to_string(), Target::Service(s))))
             .ok_or_else(|| ProxyError::NoRoute(headers::host_of(first).into_owned()))?,
     };
-    let side = Side {
-        scheme: "http",
-        port: None,
-        default_body_limit: None,
-        source: table.source_service.as_deref(),
-        edge: false,
-    };
-    let body = body::boxed(body);
-    pipeline::forward(mesh, &table, &side, target, parts, body, authority, client, rec).await
+    let side =
+        Side { scheme: "http", port: None, default_body_limit: None, source: table.source_service(), edge: false };
+    let cx = Ctx { mesh, table: &table, side: &side, client, rec };
+    pipeline::forward(cx, target, parts, body::boxed(body), authority).await
 }

@@ -15,19 +15,21 @@ use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
-use quicmesh_shared::access_log::Entry;
-use quicmesh_shared::authz::{Caller, Target};
-use quicmesh_shared::body::{H3Recv, H3Send};
 use quicmesh_shared::config::Protocol;
-use quicmesh_shared::error::ProxyError;
-use quicmesh_shared::mesh::{Mesh, PickCtx, Table};
-use quicmesh_shared::metrics as m;
+use quicmesh_shared::message::body::{H3Recv, H3Send};
+use quicmesh_shared::message::error::ProxyError;
+use quicmesh_shared::policy::authz::{Caller, Target};
+use quicmesh_shared::proxy::mesh::Mesh;
+use quicmesh_shared::proxy::pick::PickCtx;
+use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry;
+use quicmesh_shared::telemetry::access_log::Entry;
+use quicmesh_shared::telemetry::metrics as m;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::inbound::{local_target, ServerStream};
+use crate::peer::{local_target, source_of, ServerStream};
 
 const CHUNK: usize = 64 << 10;
 /// Most bytes gathered from the QUIC stream into one write to the TCP socket.
@@ -37,17 +39,7 @@ const MAX_IOVECS: usize = 256;
 
 /// Accepts local connections for `service` and carries each to one of its endpoints.
 pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = mesh.drain.reached(quicmesh_shared::drain::Phase::GoingAway) => return,
-        };
-        let Ok((tcp, client)) = accepted else {
-            // Out of file descriptors and the like: back off instead of spinning.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, client)) = mesh.drain().accept(&listener, "TCP forward").await {
         let mesh = mesh.clone();
         let service = service.clone();
         tokio::spawn(async move {
@@ -66,16 +58,13 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
     let ep = mesh.pick(svc, &BTreeMap::new(), &PickCtx { headers: None, client })?;
     metrics::counter!(m::TCP_CONNECTIONS, "direction" => "outbound", "service" => service.to_string()).increment(1);
     let mut done = TunnelDone::new("outbound", service, mesh);
-    done.entry.src_service = table.source_service.clone().map_or(telemetry::UNKNOWN.into(), Into::into);
-    done.entry.src_node = mesh.local_node.clone().unwrap_or_default();
+    done.entry.src_service = table.source_service().map(str::to_owned).map_or(telemetry::UNKNOWN.into(), Into::into);
+    done.entry.src_node = mesh.local_node().map(str::to_owned).unwrap_or_default();
     done.entry.dst_node = ep.node.clone();
     done.entry.endpoint = ep.address.to_string();
     if mesh.is_local(&ep) {
-        let caller = Caller {
-            node: mesh.local_node.as_deref().unwrap_or_default(),
-            service: table.source_service.as_deref(),
-            via_gateway: false,
-        };
+        let caller =
+            Caller { node: mesh.local_node().unwrap_or_default(), service: table.source_service(), via_gateway: false };
         let target = Target { method: None, path: None, headers: None, port: ep.address.port() };
         mesh.authorize(&table, service, &caller, &target)?;
         let mut upstream = connect(ep.address, &table).await?;
@@ -90,7 +79,7 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
         }
         return Ok(());
     }
-    let stream = mesh.connect_tcp(&table, svc, &ep).await?;
+    let stream = mesh.at(&table).connect_tcp(svc, &ep).await?;
     let (send, recv) = stream.split();
     let (up, down) = splice(tcp, send, recv).await;
     done.bytes(up, down);
@@ -101,19 +90,19 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
 struct TunnelDone {
     entry: Entry,
     start: std::time::Instant,
-    log: Option<std::sync::Arc<quicmesh_shared::access_log::AccessLog>>,
+    log: Option<std::sync::Arc<quicmesh_shared::telemetry::access_log::AccessLog>>,
 }
 
 impl TunnelDone {
     fn new(direction: &'static str, service: &str, mesh: &Mesh) -> Self {
         let entry = Entry {
-            time: quicmesh_shared::access_log::timestamp(),
+            time: quicmesh_shared::telemetry::access_log::timestamp(),
             direction: if direction == "outbound" { "tcp-outbound" } else { "tcp-inbound" },
             dst_service: service.to_string().into(),
             method: "CONNECT".into(),
             ..Default::default()
         };
-        Self { entry, start: std::time::Instant::now(), log: mesh.access_log.clone() }
+        Self { entry, start: std::time::Instant::now(), log: mesh.access_log().cloned() }
     }
 
     /// Bytes from the client side toward the service (`sent`) and back (`received`).
@@ -141,7 +130,7 @@ impl Drop for TunnelDone {
 }
 
 async fn connect(addr: std::net::SocketAddr, table: &Table) -> Result<TcpStream, ProxyError> {
-    let timeout = table.config.timeouts.connect;
+    let timeout = table.config().timeouts.connect;
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ProxyError::ConnectTimeout(addr.to_string()))?
@@ -159,7 +148,7 @@ pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &
         Ok(_) => Err(ProxyError::BadRequest("CONNECT to a non-TCP service".into())),
         Err(e) => Err(e),
     };
-    let source = crate::inbound::source_of(&req, peer, &table);
+    let source = source_of(&req, peer, &table);
     let caller = Caller {
         node: peer,
         service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
@@ -189,7 +178,7 @@ pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     metrics::counter!(m::TCP_CONNECTIONS, "direction" => "inbound", "service" => name.clone()).increment(1);
     let mut done = TunnelDone::new("inbound", &name, mesh);
     done.entry.src_node = peer.to_string();
-    done.entry.dst_node = mesh.local_node.clone().unwrap_or_default();
+    done.entry.dst_node = mesh.local_node().map(str::to_owned).unwrap_or_default();
     let mut ok = Response::new(());
     *ok.status_mut() = StatusCode::OK;
     if send.send_response(ok).await.is_err() {

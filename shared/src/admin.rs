@@ -17,7 +17,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::body::{self, Body};
+use crate::message::body::{self, Body};
 
 /// Shortest admin token accepted, from the environment or a file alike.
 const MIN_TOKEN: usize = 16;
@@ -115,7 +115,7 @@ fn logging(req: &Request<Incoming>) -> (StatusCode, String) {
     let Some(control) = LOG_CONTROL.get() else {
         return (StatusCode::NOT_IMPLEMENTED, "logging is not controllable in this process\n".into());
     };
-    let params = req.uri().query().map(crate::route::parse_query).unwrap_or_default();
+    let params = req.uri().query().map(crate::policy::route::parse_query).unwrap_or_default();
     let wanted = params.into_iter().find(|(k, _)| k == "filter" || k == "level").map(|(_, v)| v);
     match (req.method(), wanted) {
         (&http::Method::GET, _) => match control(None) {
@@ -220,7 +220,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
         "/ready" if state.ready.load(Ordering::Acquire) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
         "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
-        "/metrics" => match crate::metrics::recorder() {
+        "/metrics" => match crate::telemetry::metrics::recorder() {
             // Rendering every series takes a while in a large mesh: on the blocking pool, not
             // on the proxy's thread (a node runs on one by default).
             Some(h) => match tokio::task::spawn_blocking(move || h.render()).await {
@@ -235,7 +235,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             (status, "text/plain", text)
         }
         path if req.method() == http::Method::POST && state.actions.iter().any(|(p, _)| *p == path) => {
-            let params = req.uri().query().map(crate::route::parse_query).unwrap_or_default();
+            let params = req.uri().query().map(crate::policy::route::parse_query).unwrap_or_default();
             let action = state.actions.iter().find(|(p, _)| *p == path).map(|(_, f)| f);
             match action.map(|f| f(&params)) {
                 Some(Ok(text)) => (StatusCode::OK, "text/plain", text),

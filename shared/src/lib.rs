@@ -1,32 +1,25 @@
-//! quicmesh-shared: what both the gateway and the node use: the config model, identities and
-//! the CA, mesh TLS, QUIC transport settings, the peer connection pool, the mesh client,
-//! bodies, headers, proxy errors, metrics and the admin server.
+//! quicmesh-shared: what both the gateway and the node use, grouped by role. Lower folders never
+//! import higher ones (ARCHITECTURE.md has the map):
+//!
+//! - [`message`]: HTTP bodies, headers, paths and the errors a proxy answers with;
+//! - [`policy`]: what config says a request may do: routes, balancing, retries, limits, health,
+//!   authorization (pure rules, no I/O);
+//! - [`config`]: the config model, its layers and validation;
+//! - [`identity`]: SPIFFE identities, the mesh CA and mutual TLS;
+//! - [`telemetry`]: metric names, the access log and the per-request record;
+//! - [`transport`]: QUIC endpoint settings, connection admission, the peer pool, certificate
+//!   reloads;
+//! - [`control`]: the control-plane protocol (snapshots, registrations) and enrollment tokens;
+//! - [`proxy`]: the compiled snapshot, the mesh client and the request pipeline;
+//! - [`admin`]: the admin HTTP server.
 #![forbid(unsafe_code)]
 
-pub mod access_log;
 pub mod admin;
-pub mod admission;
-pub mod authz;
-pub mod balance;
-pub mod body;
-pub mod certwatch;
 pub mod config;
 pub mod control;
-pub mod drain;
-pub mod enroll;
-pub mod error;
-pub mod headers;
-pub mod health;
 pub mod identity;
-pub mod limit;
-pub mod mesh;
-pub mod metrics;
-pub mod overlay;
-pub mod path;
-pub mod pipeline;
-pub mod pool;
-pub mod retry;
-pub mod route;
+pub mod message;
+pub mod policy;
+pub mod proxy;
 pub mod telemetry;
-pub mod tls;
 pub mod transport;

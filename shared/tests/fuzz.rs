@@ -13,9 +13,12 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use quicmesh_shared::config::{self, Config};
+use quicmesh_shared::control::enroll;
 use quicmesh_shared::control::{self, GatewayMsg, NodeMsg, Snapshot};
-use quicmesh_shared::mesh::Table;
-use quicmesh_shared::{enroll, headers, path, route};
+use quicmesh_shared::message::headers;
+use quicmesh_shared::message::path;
+use quicmesh_shared::policy::route;
+use quicmesh_shared::proxy::table::Table;
 
 fn cases() -> u32 {
     std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
@@ -100,7 +103,8 @@ fn node_receives(line: &[u8], local: &Config) {
         let version = s.version;
         let cfg = s.into_config(local);
         if cfg.validate().is_ok() {
-            let table = Table::new(cfg, version);
+            // Validation and compiling agree: a config that validates always compiles.
+            let table = Table::compile(cfg, version).expect("a validated snapshot compiles");
             let _ = table.dump();
         }
     }
@@ -207,7 +211,9 @@ proptest! {
     fn config_files(text in mutated(corpus("config"))) {
         if let Ok(text) = std::str::from_utf8(&text) {
             if let Ok(cfg) = config::from_toml(text) {
-                let _ = Table::new(cfg, 1);
+                let valid = cfg.validate().is_ok();
+                let compiled = Table::compile(cfg, 1);
+                prop_assert!(!valid || compiled.is_ok(), "validated but does not compile: {:?}", compiled.err());
             }
         }
     }

@@ -118,7 +118,7 @@ impl Backend {
                         async move {
                             if req.uri().path() == "/health" {
                                 let ok = healthy.load(Ordering::SeqCst);
-                                let mut r = http::Response::new(quicmesh_shared::body::full(name));
+                                let mut r = http::Response::new(quicmesh_shared::message::body::full(name));
                                 *r.status_mut() =
                                     if ok { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
                                 return Ok::<_, std::convert::Infallible>(r);
@@ -138,7 +138,7 @@ impl Backend {
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
                             }
-                            let mut r = http::Response::new(quicmesh_shared::body::full(name));
+                            let mut r = http::Response::new(quicmesh_shared::message::body::full(name));
                             match mode.load(Ordering::SeqCst) {
                                 1 => {
                                     *r.status_mut() =

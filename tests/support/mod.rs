@@ -699,7 +699,7 @@ pub async fn counting_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic
         async move {
             let _ = req.into_body().collect().await;
             c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            http::Response::new(quicmesh_shared::body::full("shadow"))
+            http::Response::new(quicmesh_shared::message::body::full("shadow"))
         }
     }));
     (a, count)
@@ -732,7 +732,7 @@ pub async fn delayed_backend(version: &'static str, delay: Duration) -> SocketAd
     let a = l.local_addr().unwrap();
     tokio::spawn(quicmesh::samples::serve(l, move |_req: http::Request<hyper::body::Incoming>| async move {
         tokio::time::sleep(delay).await;
-        http::Response::new(quicmesh_shared::body::full(version))
+        http::Response::new(quicmesh_shared::message::body::full(version))
     }));
     a
 }

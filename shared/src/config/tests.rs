@@ -123,8 +123,8 @@ fn example_configs_parse() {
         // Overlay paths are relative to the repository root, where the README runs commands.
         if let Some(overlays) = cfg.gateway.as_ref().and_then(|g| g.overlays.clone()) {
             let root = dir.parent().unwrap().join(overlays);
-            crate::overlay::apply_services(&mut cfg, &root).unwrap();
-            let nodes = crate::overlay::node_settings(&cfg, &root).unwrap();
+            crate::config::overlay::apply_services(&mut cfg, &root).unwrap();
+            let nodes = crate::config::overlay::node_settings(&cfg, &root).unwrap();
             assert!(!nodes.is_empty() && cfg.service("web").unwrap().hosts.len() == 2, "overlays not applied");
         }
         seen += 1;

@@ -20,9 +20,9 @@ use quinn::ClientConfig;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{debug, info, warn};
 
-use crate::error::ProxyError;
-use crate::metrics as m;
-use crate::tls;
+use crate::identity::tls;
+use crate::message::error::ProxyError;
+use crate::telemetry::metrics as m;
 
 pub type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 

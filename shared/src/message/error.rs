@@ -1,14 +1,11 @@
-//! Errors the proxies produce themselves, and the one place that maps them to HTTP responses.
+//! Errors the proxies produce themselves: status and reason of each (`respond` makes the response).
 //!
 //! Every response made by a proxy carries `quicmesh-error: <reason>` so that nobody has to guess
 //! whether a 502 came from the application or from the mesh.
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
-
-use crate::body::{self, Body};
+use http::StatusCode;
 
 /// Header naming why the proxy answered instead of the application.
 pub const ERROR_HEADER: &str = "quicmesh-error";
@@ -125,40 +122,11 @@ impl ProxyError {
             ProxyError::NoEndpoint(_) | ProxyError::UpstreamUnreachable { .. } | ProxyError::ConnectTimeout(_)
         )
     }
+}
 
-    /// The response a proxy sends for this error, with the details (for callers inside the mesh).
-    pub fn response(&self) -> Response<Body> {
-        self.respond(format!("quicmesh: {self}\n"))
-    }
-
-    /// The response for external clients: status and reason only; no internal addresses, peer
-    /// names or TLS details leave the mesh (they are logged instead).
-    pub fn brief_response(&self) -> Response<Body> {
-        self.respond(format!("quicmesh: {}\n", self.reason()))
-    }
-
-    /// A response a proxy inside the mesh made (it carries `quicmesh-error`), cut down to what
-    /// [`ProxyError::brief_response`] tells external clients; any other response is untouched.
-    pub fn brief(resp: Response<Body>) -> Response<Body> {
-        let Some(reason) = resp.headers().get(ERROR_HEADER).cloned() else { return resp };
-        let (mut parts, _details) = resp.into_parts();
-        let text = format!("quicmesh: {}\n", String::from_utf8_lossy(reason.as_bytes()));
-        parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-        parts.headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        Response::from_parts(parts, body::full(Bytes::from(text)))
-    }
-
-    fn respond(&self, text: String) -> Response<Body> {
-        let mut resp = Response::new(body::full(Bytes::from(text)));
-        *resp.status_mut() = self.status();
-        let headers = resp.headers_mut();
-        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        if let ProxyError::RateLimited { wait, .. } = self {
-            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(crate::limit::retry_after_secs(*wait)));
-        }
-        resp
-    }
+/// Whole seconds for `retry-after`, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// A `quicmesh-error` value as a bounded metric label: one of [`ProxyError::REASONS`], else

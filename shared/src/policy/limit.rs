@@ -102,11 +102,6 @@ impl RateLimiter {
     }
 }
 
-/// Whole seconds for `retry-after`, at least 1.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    wait.as_secs_f64().ceil().max(1.0) as u64
-}
-
 /// `fault` of a route rule (as Istio's VirtualService fault injection).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -178,7 +173,7 @@ mod tests {
         assert_eq!((0..20).filter(|_| l.check(None, t).is_ok()).count(), 5);
         let wait = l.check(None, t).unwrap_err();
         assert!(wait <= Duration::from_millis(100), "{wait:?}");
-        assert_eq!(retry_after_secs(wait), 1);
+        assert_eq!(crate::message::error::retry_after_secs(wait), 1);
         // One second later, ten more tokens but only five fit.
         let t1 = t + Duration::from_secs(1);
         assert_eq!((0..20).filter(|_| l.check(None, t1).is_ok()).count(), 5);

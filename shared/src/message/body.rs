@@ -308,13 +308,13 @@ pub struct SourceFault(Option<Arc<SourceFaultState>>);
 
 #[derive(Default)]
 struct SourceFaultState {
-    error: Mutex<Option<crate::error::ProxyError>>,
+    error: Mutex<Option<crate::message::error::ProxyError>>,
     notify: tokio::sync::Notify,
 }
 
 impl SourceFault {
     /// The client error, once the body failed.
-    pub fn error(&self) -> Option<crate::error::ProxyError> {
+    pub fn error(&self) -> Option<crate::message::error::ProxyError> {
         self.0.as_ref()?.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -324,7 +324,7 @@ impl SourceFault {
     }
 
     /// Resolves when the body fails; never, while it does not.
-    pub async fn failed(&self) -> crate::error::ProxyError {
+    pub async fn failed(&self) -> crate::message::error::ProxyError {
         let Some(state) = &self.0 else { return std::future::pending().await };
         loop {
             let notified = state.notify.notified();
@@ -337,9 +337,9 @@ impl SourceFault {
 
     fn set(&self, e: &BoxError) {
         let Some(state) = &self.0 else { return };
-        let error = match e.downcast_ref::<crate::error::ProxyError>() {
+        let error = match e.downcast_ref::<crate::message::error::ProxyError>() {
             Some(known) => known.clone(),
-            None => crate::error::ProxyError::BadRequest(format!("request body: {e}")),
+            None => crate::message::error::ProxyError::BadRequest(format!("request body: {e}")),
         };
         let mut slot = state.error.lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert(error);
@@ -386,14 +386,14 @@ impl HttpBody for Watched {
 }
 
 /// Caps a client's request body at `limit` bytes; past it the body fails with
-/// [`ProxyError::BodyTooLarge`](crate::error::ProxyError::BodyTooLarge), which a try reports as
+/// [`ProxyError::BodyTooLarge`](crate::message::error::ProxyError::BodyTooLarge), which a try reports as
 /// 413 whether or not the body declared its length.
 pub fn limited(body: Body, limit: u64) -> Body {
     let capped = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     capped
         .map_err(move |e| -> BoxError {
             if e.is::<http_body_util::LengthLimitError>() {
-                Box::new(crate::error::ProxyError::BodyTooLarge(limit))
+                Box::new(crate::message::error::ProxyError::BodyTooLarge(limit))
             } else {
                 e
             }

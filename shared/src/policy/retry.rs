@@ -146,7 +146,7 @@ impl RetryPolicy {
         match outcome {
             TryOutcome::Done => false,
             TryOutcome::Unsent => true,
-            TryOutcome::Failed => self.non_idempotent || crate::mesh::idempotent(method),
+            TryOutcome::Failed => self.non_idempotent || idempotent(method),
         }
     }
 }
@@ -223,6 +223,11 @@ impl Budget {
         Self::current(&mut w, slot).2 += 1;
         true
     }
+}
+
+/// Safe to replay per RFC 9110 section 9.2.2.
+pub fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
 #[cfg(test)]

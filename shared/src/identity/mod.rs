@@ -4,6 +4,8 @@
 //! signs a node certificate whose only SAN is the URI `spiffe://<trust-domain>/node/<name>`,
 //! usable both as a TLS client and server certificate. Keys are written with mode 0600.
 
+pub mod tls;
+
 use std::fmt;
 use std::fs;
 use std::io::Write;
@@ -275,7 +277,7 @@ impl Ca {
 
     /// SHA-256 of the CA certificate, hex: what `--ca-fingerprint` pins.
     pub fn fingerprint(&self) -> String {
-        read_pem_der(&self.cert_pem).map(|der| crate::enroll::fingerprint(&der)).unwrap_or_default()
+        read_pem_der(&self.cert_pem).map(|der| fingerprint(&der)).unwrap_or_default()
     }
 
     /// Signs a node's certificate signing request. Only its public key is taken from the
@@ -368,6 +370,11 @@ pub fn self_signed_pem(names: &[String]) -> Result<(String, String), IdentityErr
     let key = KeyPair::generate()?;
     let cert = CertificateParams::new(names.to_vec())?.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Hex SHA-256 of DER bytes, as `quicmesh ca fingerprint` prints it.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -136,7 +136,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         let roots = match &self.trust {
             Trust::Roots(r) => r.as_ref(),
             Trust::Pinned(fp) => {
-                let ca = intermediates.iter().find(|c| crate::enroll::fingerprint(c) == *fp).ok_or_else(|| {
+                let ca = intermediates.iter().find(|c| crate::identity::fingerprint(c) == *fp).ok_or_else(|| {
                     rustls::Error::General("the gateway's CA does not match the pinned fingerprint".into())
                 })?;
                 let mut store = RootCertStore::empty();
@@ -239,25 +239,53 @@ pub fn peer_identity(conn: &quinn::Connection, trust_domain: &str) -> Option<Spi
     spiffe_ids(first).into_iter().find(|id| id.trust_domain == trust_domain)
 }
 
-/// A bounded label for why a handshake failed (for metrics and logs).
+/// A bounded label for why a handshake failed (for metrics and logs), read from the TLS alert
+/// the connection closed with (ours or the peer's), never from error text. rustls sends
+/// `unknown_ca` for an unknown issuer, `decrypt_error` for a bad signature, `certificate_expired`,
+/// `certificate_required` when no certificate came, `bad_certificate` for a name mismatch and
+/// `certificate_unknown` for the identity check's own refusal.
 pub fn handshake_failure_reason(err: &quinn::ConnectionError) -> &'static str {
-    let text = err.to_string();
-    if text.contains("UnknownIssuer") || text.contains("unknown ca") || text.contains("BadSignature") {
-        "unknown-ca"
-    } else if text.contains("Expired") || text.contains("expired") {
-        "expired"
-    } else if text.contains("NoCertificatesPresented")
-        || text.contains("no certificates")
-        || text.contains("certificate required")
-    {
-        "no-certificate"
-    } else if text.contains("NotValidForName") || text.contains("wrong identity") || text.contains("bad certificate") {
-        "wrong-identity"
-    } else if matches!(err, quinn::ConnectionError::TimedOut) {
-        "timeout"
-    } else if text.contains("TLS") || text.contains("crypto") {
-        "tls"
-    } else {
-        "transport"
+    use quinn::ConnectionError as E;
+    let code = match err {
+        E::TransportError(e) => u64::from(e.code),
+        E::ConnectionClosed(close) => u64::from(close.error_code),
+        E::TimedOut => return "timeout",
+        _ => return "transport",
+    };
+    // QUIC carries a TLS alert as the transport error 0x100 + alert (RFC 9001 section 4.8).
+    let Some(alert) = code.checked_sub(0x100).filter(|a| *a <= 0xff) else { return "transport" };
+    match alert {
+        48 | 51 => "unknown-ca",
+        45 => "expired",
+        116 => "no-certificate",
+        42 | 46 => "wrong-identity",
+        _ => "tls",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(error_code: quinn::TransportErrorCode, reason: &str) -> quinn::ConnectionError {
+        let reason = bytes::Bytes::copy_from_slice(reason.as_bytes());
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose { error_code, frame_type: None, reason })
+    }
+
+    fn closed_with(alert: u8, reason: &str) -> quinn::ConnectionError {
+        closed(quinn::TransportErrorCode::crypto(alert), reason)
+    }
+
+    #[test]
+    fn handshake_failures_are_named_by_their_alert_not_their_words() {
+        // The reason text is misleading on purpose: only the alert counts.
+        assert_eq!(handshake_failure_reason(&closed_with(48, "expired")), "unknown-ca");
+        assert_eq!(handshake_failure_reason(&closed_with(45, "UnknownIssuer")), "expired");
+        assert_eq!(handshake_failure_reason(&closed_with(116, "")), "no-certificate");
+        assert_eq!(handshake_failure_reason(&closed_with(46, "")), "wrong-identity");
+        assert_eq!(handshake_failure_reason(&closed_with(40, "")), "tls");
+        assert_eq!(handshake_failure_reason(&quinn::ConnectionError::TimedOut), "timeout");
+        let plain = closed(quinn::TransportErrorCode::PROTOCOL_VIOLATION, "TLS UnknownIssuer");
+        assert_eq!(handshake_failure_reason(&plain), "transport");
     }
 }

@@ -8,11 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
+use crate::config::watch::FileWatch;
 use crate::config::{TlsPaths, TransportConfig};
+use crate::identity::tls::ClientAuth;
 use crate::identity::{self, Ca, Credentials};
-use crate::mesh::Mesh;
-use crate::metrics as m;
-use crate::tls::ClientAuth;
+use crate::telemetry::metrics as m;
 
 /// How often the files are looked at.
 const EVERY: Duration = Duration::from_secs(2);
@@ -21,7 +21,10 @@ const WARN_EVERY: Duration = Duration::from_secs(3600);
 
 /// What the watcher needs to install new credentials.
 pub struct Watch {
-    pub mesh: Arc<Mesh>,
+    /// The trust domain the certificate must belong to.
+    pub trust_domain: String,
+    /// Installs the client side of new credentials (the peer pool's dialer).
+    pub install: Arc<dyn Fn(quinn::ClientConfig) + Send + Sync>,
     pub endpoint: quinn::Endpoint,
     pub paths: TlsPaths,
     pub name: String,
@@ -37,14 +40,6 @@ fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-/// (modified, length) of each file: a change in either means new contents.
-fn stamp(paths: &TlsPaths) -> Vec<Option<(SystemTime, u64)>> {
-    [&paths.ca, &paths.cert, &paths.key]
-        .iter()
-        .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
-        .collect()
-}
-
 /// The certificate's validity (Unix seconds), read from its file.
 fn validity(paths: &TlsPaths) -> Option<(i64, i64)> {
     identity::read_certs(&paths.cert).ok()?.first().and_then(|c| identity::validity(c))
@@ -53,19 +48,12 @@ fn validity(paths: &TlsPaths) -> Option<(i64, i64)> {
 impl Watch {
     /// Runs until the process ends.
     pub async fn run(self) {
-        let mut seen = stamp(&self.paths);
+        let files = [self.paths.ca.clone(), self.paths.cert.clone(), self.paths.key.clone()];
+        let mut watch = FileWatch::new(move || files.to_vec(), EVERY, EVERY / 4);
         let mut warned: Option<tokio::time::Instant> = None;
         self.export(validity(&self.paths), &mut warned);
         loop {
-            tokio::time::sleep(EVERY).await;
-            let now = stamp(&self.paths);
-            if now != seen {
-                // Act once the files hold still: never read a half-written pair.
-                tokio::time::sleep(EVERY / 4).await;
-                if stamp(&self.paths) != now {
-                    continue;
-                }
-                seen = now;
+            if watch.tick().await {
                 match self.reload() {
                     Ok(until) => {
                         warned = None;
@@ -112,20 +100,15 @@ impl Watch {
     /// Loads the files, checks them, and installs them for new connections.
     fn reload(&self) -> Result<i64, String> {
         let mut creds =
-            Credentials::load_member(&self.paths, &self.mesh.trust_domain, &self.name).map_err(|e| e.to_string())?;
+            Credentials::load_member(&self.paths, &self.trust_domain, &self.name).map_err(|e| e.to_string())?;
         let until = creds.chain.first().and_then(|c| identity::validity(c)).map_or(0, |v| v.1);
         if self.send_ca {
             creds.chain.extend(creds.roots.iter().cloned());
         }
-        let client = crate::transport::reconfigure(
-            &self.endpoint,
-            &creds,
-            &self.mesh.trust_domain,
-            &self.transport,
-            Some(self.auth),
-        )
-        .map_err(|e| e.to_string())?;
-        self.mesh.pool.set_client_config(client);
+        let client =
+            crate::transport::reconfigure(&self.endpoint, &creds, &self.trust_domain, &self.transport, Some(self.auth))
+                .map_err(|e| e.to_string())?;
+        (self.install)(client);
         Ok(until)
     }
 }

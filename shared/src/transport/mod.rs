@@ -6,6 +6,10 @@
 //! packets of its previous life with a reset its peers can verify: they drop the dead connection
 //! at once instead of waiting for the idle timeout.
 
+pub mod admission;
+pub mod certwatch;
+pub mod pool;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,8 +18,8 @@ use quinn::{EndpointConfig, IdleTimeout, VarInt};
 use ring::hmac;
 
 use crate::config::TransportConfig;
+use crate::identity::tls::{self, TlsError};
 use crate::identity::Credentials;
-use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -139,7 +143,7 @@ fn server_config(
     let limit = advertised_streams(cfg.max_concurrent_streams);
     transport.max_concurrent_bidi_streams(VarInt::from_u32(HANDSHAKE_STREAMS.min(limit)));
     server.transport_config(Arc::new(transport));
-    crate::admission::bound_queue(&mut server);
+    crate::transport::admission::bound_queue(&mut server);
     Ok(server)
 }
 

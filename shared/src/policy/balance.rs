@@ -70,7 +70,7 @@ const DECAY: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct EndpointStats {
     /// Passive outlier detection of this endpoint.
-    pub outlier: crate::health::OutlierState,
+    pub outlier: crate::policy::health::OutlierState,
     in_flight: AtomicU64,
     /// EWMA of time to response headers, nanoseconds (0: nothing measured yet).
     ewma_ns: AtomicU64,

@@ -1,53 +1,18 @@
 //! The access log: one line per request and per TCP connection, written when it completes, as
 //! JSON or as `key=value` text, to stdout or a file. Lines go through a bounded queue to a
-//! writer thread, so a slow disk never stalls the data plane; when the queue is full, lines are
-//! dropped and counted (`quicmesh_access_log_dropped_total`).
+//! writer thread (tracing-appender's non-blocking writer), so a slow disk never stalls the data
+//! plane; when the queue is full, lines are dropped and counted
+//! (`quicmesh_access_log_dropped_total`).
 
 use std::borrow::Cow;
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
-use crate::metrics as m;
+use crate::telemetry::metrics as m;
 
-/// `[access_log]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AccessLogConfig {
-    pub output: Output,
-    /// The file for `output = "file"` (appended to).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<PathBuf>,
-    pub format: Format,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Output {
-    #[default]
-    Off,
-    Stdout,
-    File,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    #[default]
-    Json,
-    Text,
-}
-
-impl AccessLogConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.output == Output::File && self.path.is_none() {
-            return Err("output = \"file\" needs a path".into());
-        }
-        Ok(())
-    }
-}
+pub use crate::config::{AccessLogConfig, Format, Output};
 
 /// One completed request or TCP connection. Field names are the log's keys.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -114,43 +79,38 @@ pub fn timestamp() -> String {
 /// Lines waiting for the writer thread; past this, new lines are dropped.
 const QUEUE: usize = 8192;
 
-/// A running access log.
+/// A running access log: lines go to tracing-appender's non-blocking writer (a bounded queue and
+/// a writer thread that flushes each batch), in its lossy mode.
 pub struct AccessLog {
-    tx: SyncSender<String>,
+    writer: NonBlocking,
     format: Format,
+    /// Flushes what is queued when the log is dropped (at exit).
+    _flush: WorkerGuard,
 }
 
 impl AccessLog {
     /// Starts the writer; `None` when the log is off. A file that cannot be opened is an error.
     pub fn start(config: &AccessLogConfig) -> std::io::Result<Option<AccessLog>> {
-        let mut out: Box<dyn Write + Send> = match config.output {
+        let builder = NonBlockingBuilder::default().lossy(true).buffered_lines_limit(QUEUE).thread_name("access-log");
+        let (writer, flush) = match config.output {
             Output::Off => return Ok(None),
-            Output::Stdout => Box::new(std::io::stdout()),
+            Output::Stdout => builder.finish(std::io::stdout()),
             Output::File => {
                 let path = config.path.clone().unwrap_or_default();
-                Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
+                builder.finish(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
             }
         };
-        let (tx, rx) = sync_channel::<String>(QUEUE);
-        std::thread::Builder::new().name("access-log".into()).spawn(move || {
-            while let Ok(line) = rx.recv() {
-                let _ = writeln!(out, "{line}");
-                // Write out what is queued, then flush once for the batch.
-                while let Ok(more) = rx.try_recv() {
-                    let _ = writeln!(out, "{more}");
-                }
-                let _ = out.flush();
-            }
-        })?;
-        Ok(Some(AccessLog { tx, format: config.format }))
+        Ok(Some(AccessLog { writer, format: config.format, _flush: flush }))
     }
 
     pub fn log(&self, entry: &Entry) {
-        match self.tx.try_send(entry.render(self.format)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                metrics::counter!(m::ACCESS_LOG_DROPPED).increment(1);
-            }
+        let mut line = entry.render(self.format);
+        line.push('\n');
+        // One write is one queued line; a full queue drops it and counts it.
+        let _ = self.writer.clone().write_all(line.as_bytes());
+        let dropped = self.writer.error_counter().dropped_lines();
+        if dropped > 0 {
+            metrics::counter!(m::ACCESS_LOG_DROPPED).absolute(dropped as u64);
         }
     }
 }

@@ -6,6 +6,8 @@
 //! lines ([`GatewayMsg`]: whole versioned snapshots). Whole snapshots rather than deltas: a node
 //! that missed or reordered nothing and one that missed everything end up with the same state.
 
+pub mod enroll;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -13,8 +15,8 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::body::{H3Recv, H3Send};
-use crate::config::{Config, EndpointConfig, PeerConfig, Protocol, ServiceConfig, Timeouts};
+use crate::config::{Config, EndpointConfig, PeerConfig, ServiceConfig, Timeouts};
+use crate::message::body::{H3Recv, H3Send};
 
 /// Path of the control stream.
 pub const STREAM_PATH: &str = "/quicmesh.control/v1/stream";
@@ -23,21 +25,7 @@ pub const MAX_LINE: usize = 64 << 20;
 /// Longest line the gateway accepts from a node (a registration of thousands of instances fits).
 pub const MAX_NODE_LINE: usize = 4 << 20;
 
-/// One service instance a node hosts, as it registers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Instance {
-    pub service: String,
-    /// Address of the instance on the node's host.
-    pub address: SocketAddr,
-    #[serde(default)]
-    pub protocol: Protocol,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Active health check the node runs against this instance; unset means always healthy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<crate::health::HealthCheck>,
-}
+pub use crate::config::Instance;
 
 /// Node to gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,10 +80,10 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     /// Mesh routes (HTTPRoute model).
     #[serde(default)]
-    pub routes: Vec<crate::route::HttpRoute>,
+    pub routes: Vec<crate::policy::route::HttpRoute>,
     /// Authorization policies.
     #[serde(default)]
-    pub authorization: crate::authz::AuthzConfig,
+    pub authorization: crate::policy::authz::AuthzConfig,
     /// Revoked members: refuse them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked: Vec<String>,
@@ -264,7 +252,7 @@ mod tests {
         let inst = |svc: &str, port| Instance {
             service: svc.into(),
             address: ([127, 0, 0, 1], port).into(),
-            protocol: Protocol::Http1,
+            protocol: crate::config::Protocol::Http1,
             labels: Default::default(),
             health: None,
         };

@@ -49,10 +49,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Hex SHA-256 of DER bytes, as `quicmesh ca fingerprint` prints it.
-pub fn fingerprint(der: &[u8]) -> String {
-    hex(digest(&SHA256, der).as_ref())
-}
+pub use crate::identity::fingerprint;
 
 fn store_path(dir: &Path) -> PathBuf {
     dir.join("tokens.json")

@@ -2,11 +2,16 @@
 //! (HTTP/3 GOAWAY, HTTP/2 GOAWAY, `Connection: close`) and waits for the requests in flight, up
 //! to a deadline. [`Drain`] is the shared state: the phase, and a count of requests in flight.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+
+/// How long an accept loop waits after an accept error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Where a process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,6 +103,28 @@ impl Drain {
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
                 return self.in_flight();
+            }
+        }
+    }
+
+    /// The next TCP connection on `listener` (with `TCP_NODELAY`), or `None` once peers are
+    /// being told to go away: every TCP listener's accept loop. An accept error (out of file
+    /// descriptors, say) backs off briefly rather than spinning.
+    pub async fn accept(&self, listener: &TcpListener, what: &str) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = self.reached(Phase::GoingAway) => return None,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             }
         }
     }

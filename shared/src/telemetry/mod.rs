@@ -3,6 +3,9 @@
 //! answer starts; bytes each way, requests in flight and the access-log line when the response
 //! body ends (a drop guard, so early ends and errors are recorded too).
 
+pub mod access_log;
+pub mod metrics;
+
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,11 +18,11 @@ use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 
-use crate::access_log::{AccessLog, Entry};
-use crate::body::{Body, BoxError};
-use crate::error::ERROR_HEADER;
-use crate::headers;
-use crate::metrics as m;
+use crate::message::body::{Body, BoxError};
+use crate::message::error::ERROR_HEADER;
+use crate::message::headers;
+use crate::telemetry::access_log::{AccessLog, Entry};
+use crate::telemetry::metrics as m;
 
 /// Label value when a side is not known (no route matched, the caller is not a known service).
 pub const UNKNOWN: &str = "unknown";
@@ -27,18 +30,18 @@ pub const UNKNOWN: &str = "unknown";
 /// The metric handles of one (direction, source, service, route), registered once: the
 /// recorder's lookup (label allocation, hashing, locking) is paid on first use only.
 struct Handles {
-    duration: metrics::Histogram,
-    request_bytes: metrics::Counter,
-    response_bytes: metrics::Counter,
-    in_flight: metrics::Gauge,
+    duration: ::metrics::Histogram,
+    request_bytes: ::metrics::Counter,
+    response_bytes: ::metrics::Counter,
+    in_flight: ::metrics::Gauge,
     /// Request counters by status code, protocol (at the edge) and the proxy's error reason
     /// (when a proxy made the answer).
     by_code: std::sync::Mutex<Vec<ByCode>>,
-    labels: Vec<metrics::Label>,
+    labels: Vec<::metrics::Label>,
 }
 
 /// A request counter and what tells it apart: code, protocol, error reason.
-type ByCode = (u16, Option<&'static str>, Option<&'static str>, metrics::Counter);
+type ByCode = (u16, Option<&'static str>, Option<&'static str>, ::metrics::Counter);
 
 /// Handles by a hash of their four labels; a hash collision is told apart by the labels the
 /// handles carry, without building a key string for every request.
@@ -68,17 +71,17 @@ fn handles(direction: &'static str, source: &str, service: &str, route: &str) ->
         }
     }
     let labels = vec![
-        metrics::Label::new("direction", direction),
-        metrics::Label::new("source_service", source.to_string()),
-        metrics::Label::new("service", service.to_string()),
-        metrics::Label::new("route", route.to_string()),
+        ::metrics::Label::new("direction", direction),
+        ::metrics::Label::new("source_service", source.to_string()),
+        ::metrics::Label::new("service", service.to_string()),
+        ::metrics::Label::new("route", route.to_string()),
     ];
     let bytes_labels = labels[..3].to_vec();
     let h = Arc::new(Handles {
-        duration: metrics::histogram!(m::REQUEST_DURATION, labels.clone()),
-        request_bytes: metrics::counter!(m::REQUEST_BYTES, bytes_labels.clone()),
-        response_bytes: metrics::counter!(m::RESPONSE_BYTES, bytes_labels),
-        in_flight: metrics::gauge!(m::REQUESTS_IN_FLIGHT, "direction" => direction, "service" => service.to_string()),
+        duration: ::metrics::histogram!(m::REQUEST_DURATION, labels.clone()),
+        request_bytes: ::metrics::counter!(m::REQUEST_BYTES, bytes_labels.clone()),
+        response_bytes: ::metrics::counter!(m::RESPONSE_BYTES, bytes_labels),
+        in_flight: ::metrics::gauge!(m::REQUESTS_IN_FLIGHT, "direction" => direction, "service" => service.to_string()),
         by_code: Default::default(),
         labels,
     });
@@ -92,21 +95,21 @@ fn handles(direction: &'static str, source: &str, service: &str, route: &str) ->
 }
 
 impl Handles {
-    fn requests(&self, code: u16, protocol: Option<&'static str>, error: Option<&'static str>) -> metrics::Counter {
+    fn requests(&self, code: u16, protocol: Option<&'static str>, error: Option<&'static str>) -> ::metrics::Counter {
         let mut codes = self.by_code.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, _, _, c)) = codes.iter().find(|(k, p, e, _)| *k == code && *p == protocol && *e == error) {
             return c.clone();
         }
         let mut labels = self.labels.clone();
-        labels.push(metrics::Label::new("code", code.to_string()));
-        labels.push(metrics::Label::new("status_class", m::status_class(code)));
+        labels.push(::metrics::Label::new("code", code.to_string()));
+        labels.push(::metrics::Label::new("status_class", m::status_class(code)));
         if let Some(p) = protocol {
-            labels.push(metrics::Label::new("protocol", p));
+            labels.push(::metrics::Label::new("protocol", p));
         }
         if let Some(e) = error {
-            labels.push(metrics::Label::new("error", e));
+            labels.push(::metrics::Label::new("error", e));
         }
-        let c = metrics::counter!(m::REQUESTS, labels);
+        let c = ::metrics::counter!(m::REQUESTS, labels);
         codes.push((code, protocol, error, c.clone()));
         c
     }
@@ -148,7 +151,7 @@ impl Record {
     pub fn new(direction: &'static str, log: Option<Arc<AccessLog>>) -> Self {
         let entry = Entry {
             // Only the access log needs the wall-clock time.
-            time: if log.is_some() { crate::access_log::timestamp() } else { String::new() },
+            time: if log.is_some() { crate::telemetry::access_log::timestamp() } else { String::new() },
             direction,
             src_service: Cow::Borrowed(UNKNOWN),
             dst_service: Cow::Borrowed(UNKNOWN),
@@ -224,14 +227,9 @@ impl Record {
         self.handles.get_or_insert_with(|| handles(e.direction, &e.src_service, &e.dst_service, &e.route)).clone()
     }
 
-    /// What a call did: its last endpoint and its retries.
-    pub fn called(&mut self, info: &crate::mesh::CallInfo) {
-        if self.log.is_none() {
-            return;
-        }
-        if let Some(ep) = info.endpoint {
-            self.endpoint(&ep.node, &ep.address.to_string(), info.retries);
-        }
+    /// Is this request logged? (Otherwise its endpoint and ids need not be recorded.)
+    pub fn logging(&self) -> bool {
+        self.log.is_some()
     }
 
     /// The endpoint the request went to (the last one, after retries).
@@ -261,7 +259,7 @@ impl Record {
         let mut error = None;
         if let Some(reason) = resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()) {
             self.entry.error = reason.to_string();
-            error = Some(crate::error::known_reason(reason));
+            error = Some(crate::message::error::known_reason(reason));
         }
         self.count_answer(status, error);
         let bytes = self.bytes.clone();

@@ -10,15 +10,19 @@ use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
 use tracing::debug;
 
-use super::{Mesh, PickCtx, Service, Table, TryError};
-use crate::body::{self, Body, Replay};
+use super::attempt::TryError;
+use super::mesh::Call;
+use super::pick::PickCtx;
+use super::table::Service;
 use crate::config::EndpointConfig;
-use crate::error::{ProxyError, UNSENT_HEADER};
-use crate::headers;
-use crate::limit::Fault;
-use crate::metrics as m;
-use crate::retry::{RouteRetry, TryOutcome};
-use crate::route::RuleTimeouts;
+use crate::message::body::{self, Body, Replay};
+use crate::message::error::{ProxyError, UNSENT_HEADER};
+use crate::message::headers;
+use crate::policy::limit::Fault;
+use crate::policy::retry::{RouteRetry, TryOutcome};
+use crate::policy::route::RuleTimeouts;
+use crate::telemetry::metrics as m;
+use crate::telemetry::Record;
 
 /// What the matched route (if any) adds to a call.
 #[derive(Default)]
@@ -41,34 +45,41 @@ pub struct CallInfo<'s> {
     pub retries: u32,
 }
 
+impl CallInfo<'_> {
+    /// Tells the request's record which endpoint answered last, after how many retries.
+    pub fn record(&self, rec: &mut Record) {
+        if let (true, Some(ep)) = (rec.logging(), self.endpoint) {
+            rec.endpoint(&ep.node, &ep.address.to_string(), self.retries);
+        }
+    }
+}
+
 /// Budgets are counted against one clock per process.
 fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
 }
 
-impl Mesh {
+impl Call<'_> {
     /// Calls `svc` with `req` (headers already cleaned of hop-by-hop fields), retrying as its
     /// policy and the route allow, within the route's request timeout.
     pub async fn call<'s>(
         &self,
-        table: &Table,
         svc: &'s Service,
         req: Request<Body>,
         opts: &CallOpts<'_>,
         info: &mut CallInfo<'s>,
     ) -> Result<Response<Body>, ProxyError> {
         match opts.timeouts.and_then(|t| t.request) {
-            Some(total) => tokio::time::timeout(total, self.call_inner(table, svc, req, opts, info))
+            Some(total) => tokio::time::timeout(total, self.call_inner(svc, req, opts, info))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout(total))),
-            None => self.call_inner(table, svc, req, opts, info).await,
+            None => self.call_inner(svc, req, opts, info).await,
         }
     }
 
     async fn call_inner<'s>(
         &self,
-        table: &Table,
         svc: &'s Service,
         req: Request<Body>,
         opts: &CallOpts<'_>,
@@ -87,7 +98,7 @@ impl Mesh {
         }
         let policy = svc.config.retry.with_route(opts.retry);
         let per_try_set = opts.timeouts.and_then(|t| t.backend_request);
-        let per_try = per_try_set.unwrap_or(table.config.timeouts.request);
+        let per_try = per_try_set.unwrap_or(self.table.config().timeouts.request);
         let per_try_set = per_try_set.is_some();
         let no_labels = BTreeMap::new();
         let labels = opts.labels.unwrap_or(&no_labels);
@@ -109,7 +120,7 @@ impl Mesh {
             attempt += 1;
             let ep = {
                 let ctx = PickCtx { headers: Some(&parts.headers), client: opts.client };
-                self.pick_avoiding(svc, labels, &ctx, &tried)?
+                self.mesh.pick_avoiding(svc, labels, &ctx, &tried)?
             };
             info.retries = attempt - 1;
             info.endpoint = Some(ep);
@@ -133,7 +144,7 @@ impl Mesh {
             // Boxed: the try's future is the bulk of a request's state (h3 and hyper futures
             // nested), and every future that holds it inline is copied whole when its task is
             // spawned and when it completes.
-            let result = Box::pin(self.forward_try(req, table, svc, ep, per_try)).await;
+            let result = Box::pin(self.forward_try(req, svc, ep, per_try)).await;
             let outcome = match &result {
                 Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,
@@ -164,7 +175,7 @@ impl Mesh {
                 debug!(service = svc.config.name, "retry budget spent; not retrying");
                 return finish(result);
             }
-            metrics::counter!(m::RETRIES, "service" => svc.config.name.clone(), "reason" => crate::retry::reason_label(outcome))
+            metrics::counter!(m::RETRIES, "service" => svc.config.name.clone(), "reason" => crate::policy::retry::reason_label(outcome))
                 .increment(1);
             match &result {
                 Ok(resp) => {

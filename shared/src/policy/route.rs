@@ -33,7 +33,7 @@ pub struct HttpRoute {
     pub max_request_body: Option<u64>,
     /// quicmesh extension: token-bucket rate limit of the route (429 with `retry-after`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<crate::limit::RateLimit>,
+    pub rate_limit: Option<crate::policy::limit::RateLimit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,10 +50,10 @@ pub struct RouteRule {
     pub timeouts: Option<RuleTimeouts>,
     /// Overrides of the backend service's retry policy (Gateway API HTTPRouteRetry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry: Option<crate::retry::RouteRetry>,
+    pub retry: Option<crate::policy::retry::RouteRetry>,
     /// quicmesh extension: fault injection for chaos testing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault: Option<crate::limit::Fault>,
+    pub fault: Option<crate::policy::limit::Fault>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -273,7 +273,7 @@ pub struct Matched<'a> {
     /// The prefix that matched when the match was a `PathPrefix`.
     pub matched_prefix: Option<&'a str>,
     /// The route's rate limiter, when it has a `rateLimit`.
-    pub limiter: Option<&'a crate::limit::RateLimiter>,
+    pub limiter: Option<&'a crate::policy::limit::RateLimiter>,
 }
 
 /// Hostname patterns of one route, compiled.
@@ -324,7 +324,7 @@ fn first_segment_of_rule(path: &PathRule) -> Option<&str> {
 pub struct RouteTable {
     routes: Vec<HttpRoute>,
     /// One per route (same order), for routes with a `rateLimit`.
-    limiters: Vec<Option<crate::limit::RateLimiter>>,
+    limiters: Vec<Option<crate::policy::limit::RateLimiter>>,
     /// In global precedence order (within a hostname class).
     entries: Vec<Entry>,
     exact: HashMap<String, Group>,
@@ -470,7 +470,8 @@ impl RouteTable {
             }
         }
         wildcard.sort_by_key(|(w, _)| std::cmp::Reverse(w.len()));
-        let limiters = routes.iter().map(|r| r.rate_limit.clone().map(crate::limit::RateLimiter::new)).collect();
+        let limiters =
+            routes.iter().map(|r| r.rate_limit.clone().map(crate::policy::limit::RateLimiter::new)).collect();
         Ok(Self { routes, limiters, entries, exact, wildcard, any })
     }
 
@@ -714,7 +715,7 @@ pub fn apply_request_filters<'a>(
     scheme: &str,
     default_port: Option<u16>,
 ) -> Result<Filtered<'a>, String> {
-    let host = crate::headers::host_of(authority).into_owned();
+    let host = crate::message::headers::host_of(authority).into_owned();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_owned);
     let mut response_mods = Vec::new();

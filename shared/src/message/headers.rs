@@ -64,8 +64,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `Host` (400), a `Host` that is not a plain authority, such as one with user info (400), and
 /// a transfer coding other than a final `chunked`, which a proxy cannot pass on faithfully
 /// (501, section 6.1).
-pub fn check_http1_head(headers: &HeaderMap) -> Result<(), crate::error::ProxyError> {
-    use crate::error::ProxyError;
+pub fn check_http1_head(headers: &HeaderMap) -> Result<(), crate::message::error::ProxyError> {
+    use crate::message::error::ProxyError;
     let mut hosts = headers.get_all(http::header::HOST).iter();
     if let Some(host) = hosts.next() {
         if hosts.next().is_some() {
@@ -367,8 +367,8 @@ mod tests {
         strip_internal(&mut h);
         assert!(!h.contains_key(ENDPOINT), "{h:?}");
         h.insert(ATTEMPT, HeaderValue::from_static("3"));
-        h.insert(crate::error::ERROR_HEADER, HeaderValue::from_static("upstream-timeout"));
-        h.insert(crate::error::UNSENT_HEADER, HeaderValue::from_static("1"));
+        h.insert(crate::message::error::ERROR_HEADER, HeaderValue::from_static("upstream-timeout"));
+        h.insert(crate::message::error::UNSENT_HEADER, HeaderValue::from_static("1"));
         strip_internal(&mut h);
         assert_eq!(h.len(), 1, "every quicmesh- header goes: {h:?}");
         h.insert(SERVICE, HeaderValue::from_static("web"));

@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::metrics as m;
+use crate::telemetry::metrics as m;
 
 /// Attempts quinn holds for the application to decide on; past it, it refuses them itself.
 /// Each one holds its first datagram, and with it the whole receive batch that datagram came

@@ -5,6 +5,9 @@
 //! to one process. Layers, lowest first: built-in defaults, each `--config` file in order, then
 //! `QUICMESH_` environment variables with `__` for nesting (`QUICMESH_NODE__NAME=node-a`).
 
+pub mod overlay;
+pub mod watch;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 #[cfg(test)]
@@ -12,7 +15,7 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format as _, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -54,13 +57,13 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Mesh routes (HTTPRoute model) applied by every node's outbound side; hostnames are the
     /// service names or aliases local apps use. Without a matching route, Host names the service.
-    pub routes: Vec<crate::route::HttpRoute>,
+    pub routes: Vec<crate::policy::route::HttpRoute>,
     pub timeouts: Timeouts,
     pub transport: TransportConfig,
     /// Per-request access log of this process.
-    pub access_log: crate::access_log::AccessLogConfig,
+    pub access_log: AccessLogConfig,
     /// Who may call whom (pushed to every node with the snapshots).
-    pub authorization: crate::authz::AuthzConfig,
+    pub authorization: crate::policy::authz::AuthzConfig,
     /// Members every other member refuses (`quicmesh node revoke`; pushed by the control plane).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub revoked: Vec<String>,
@@ -156,7 +159,7 @@ pub struct NodeConfig {
     /// Address peers use to reach `inbound` (needed when `inbound` is a wildcard address).
     pub advertise: Option<SocketAddr>,
     /// Instances this node hosts, registered with the control plane.
-    pub instances: Vec<crate::control::Instance>,
+    pub instances: Vec<Instance>,
     /// Where the last good snapshot is cached. Default `<tls.state_dir>/<name>.snapshot.json`.
     pub snapshot_cache: Option<PathBuf>,
     /// Ask the control plane for a new certificate this long before expiry (default: when a
@@ -238,7 +241,7 @@ pub struct GatewayConfig {
     /// Edge certificates (PEM), chosen by SNI; empty means a self-signed development certificate.
     pub certificates: Vec<EdgeCertificate>,
     /// Routes in the Gateway API HTTPRoute model (see `route`).
-    pub routes: Vec<crate::route::HttpRoute>,
+    pub routes: Vec<crate::policy::route::HttpRoute>,
     pub limits: EdgeLimits,
     /// UDP address where nodes hold their control streams (mutual TLS).
     pub control: SocketAddr,
@@ -377,7 +380,7 @@ pub struct ServiceConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// Load balancing (default peak EWMA, local endpoints first).
     #[serde(default)]
-    pub lb: crate::balance::LbConfig,
+    pub lb: crate::policy::balance::LbConfig,
     /// Circuit breaker: requests this proxy may have in flight to the service at once; past it,
     /// 503 `overloaded` at once instead of queueing. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -392,10 +395,10 @@ pub struct ServiceConfig {
     pub max_pending: Option<u32>,
     /// Retries and their budget.
     #[serde(default, skip_serializing_if = "is_default")]
-    pub retry: crate::retry::RetryPolicy,
+    pub retry: crate::policy::retry::RetryPolicy,
     /// Passive outlier detection.
     #[serde(default, skip_serializing_if = "is_default")]
-    pub outlier: crate::health::OutlierConfig,
+    pub outlier: crate::policy::health::OutlierConfig,
 }
 
 impl ServiceConfig {
@@ -688,7 +691,8 @@ fn attach_source(err: ConfigError, fig: &Figment) -> ConfigError {
     }
 }
 
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+/// A value that fails validation, under its key.
+pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     // A reason quoting the bad value is cut short: the value may be megabytes long.
     ConfigError::Invalid { key: shorten(&key.into(), 256), origin: String::new(), reason: shorten(&reason.into(), 512) }
 }
@@ -758,8 +762,8 @@ impl Config {
             if !services.insert(svc.name.as_str()) {
                 return Err(invalid(format!("services[{i}].name"), format!("service {:?} is listed twice", svc.name)));
             }
-            if svc.lb.policy == crate::balance::Policy::ConsistentHash
-                && crate::balance::HashOn::parse(&svc.lb.hash_on).is_none()
+            if svc.lb.policy == crate::policy::balance::Policy::ConsistentHash
+                && crate::policy::balance::HashOn::parse(&svc.lb.hash_on).is_none()
             {
                 return Err(invalid(
                     format!("services[{i}].lb.hash_on"),
@@ -867,8 +871,8 @@ impl Config {
     }
 
     /// Routes compile (regexes, filters) and send only to services this config declares.
-    fn validate_routes(&self, routes: &[crate::route::HttpRoute], key: &str) -> Result<(), ConfigError> {
-        if let Err(e) = crate::route::RouteTable::new(routes.to_vec()) {
+    fn validate_routes(&self, routes: &[crate::policy::route::HttpRoute], key: &str) -> Result<(), ConfigError> {
+        if let Err(e) = crate::policy::route::RouteTable::new(routes.to_vec()) {
             return Err(invalid(key, e.to_string()));
         }
         for (i, route) in routes.iter().enumerate() {
@@ -894,6 +898,59 @@ impl Config {
     /// The QUIC address of a peer member.
     pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
         self.nodes.iter().find(|p| p.name == name)
+    }
+}
+
+/// One service instance a node hosts, as it registers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub service: String,
+    /// Address of the instance on the node's host.
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Active health check the node runs against this instance; unset means always healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::policy::health::HealthCheck>,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    pub output: Output,
+    /// The file for `output = "file"` (appended to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    #[default]
+    Off,
+    Stdout,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Json,
+    Text,
+}
+
+impl AccessLogConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.output == Output::File && self.path.is_none() {
+            return Err("output = \"file\" needs a path".into());
+        }
+        Ok(())
     }
 }
 

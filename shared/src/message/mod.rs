@@ -1,0 +1,8 @@
+//! HTTP messages as the proxies handle them: bodies, headers, paths, and the errors a proxy
+//! answers with itself.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod path;
+pub mod respond;

@@ -1,0 +1,10 @@
+//! What config says a request may do, as pure rules without I/O: route matching and filters,
+//! load balancing, retries and budgets, rate limits and faults, health and outlier ejection,
+//! authorization.
+
+pub mod authz;
+pub mod balance;
+pub mod health;
+pub mod limit;
+pub mod retry;
+pub mod route;

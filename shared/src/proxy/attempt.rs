@@ -1,0 +1,204 @@
+//! One try of a call: the service's circuit breakers, then the chosen endpoint, here (a local
+//! instance) or through its node (a request stream on the pooled QUIC connection); the result
+//! feeds the balancer and outlier detection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tracing::{debug, warn};
+
+use super::mesh::Call;
+use super::table::Service;
+use crate::config::EndpointConfig;
+use crate::message::body::{self, Body};
+use crate::message::error::ProxyError;
+use crate::policy::authz;
+use crate::telemetry::metrics as m;
+
+/// Holds one of a service's circuit-breaker slots until dropped.
+struct Slot<'a>(&'a AtomicU64);
+
+impl<'a> Slot<'a> {
+    /// Takes a slot unless `max` are taken already.
+    fn take(counter: &'a AtomicU64, max: Option<u32>) -> Option<Self> {
+        let before = counter.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot(counter);
+        max.is_none_or(|max| before < u64::from(max)).then_some(slot)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A failed try, and whether the request provably never reached the upstream instance.
+#[derive(Debug)]
+pub struct TryError {
+    pub error: ProxyError,
+    pub unsent: bool,
+}
+
+impl TryError {
+    pub(crate) fn unsent(error: ProxyError) -> Self {
+        Self { error, unsent: true }
+    }
+    pub(crate) fn sent(error: ProxyError) -> Self {
+        Self { error, unsent: false }
+    }
+}
+
+impl From<ProxyError> for TryError {
+    fn from(error: ProxyError) -> Self {
+        let unsent = error.unsent();
+        Self { error, unsent }
+    }
+}
+
+impl Call<'_> {
+    /// Sends a request to one endpoint of `svc`, locally or through the endpoint's node, once.
+    /// The request's headers must already be cleaned of hop-by-hop fields.
+    pub async fn forward(
+        &self,
+        req: Request<Body>,
+        svc: &Service,
+        ep: &EndpointConfig,
+    ) -> Result<Response<Body>, ProxyError> {
+        self.forward_try(req, svc, ep, self.table.config().timeouts.request).await.map_err(|e| e.error)
+    }
+
+    /// One try: circuit breakers, then the endpoint within `per_try`; feeds the balancer and
+    /// outlier detection with the result.
+    pub async fn forward_try(
+        &self,
+        req: Request<Body>,
+        svc: &Service,
+        ep: &EndpointConfig,
+        per_try: Duration,
+    ) -> Result<Response<Body>, TryError> {
+        // Circuit breaker: refuse at once rather than queue without bound.
+        let Some(_slot) = Slot::take(&svc.state.in_flight, svc.config.max_requests) else {
+            metrics::counter!(m::CIRCUIT_OPEN, "service" => svc.config.name.clone(), "limit" => "max_requests")
+                .increment(1);
+            return Err(TryError::unsent(ProxyError::Overloaded(svc.config.name.clone())));
+        };
+        // Feed the balancer: requests in flight, and time to response headers.
+        let stats = svc.stats_of(ep).cloned().unwrap_or_default();
+        let in_flight = stats.start();
+        if !self.mesh.is_local(ep) && !self.mesh.pool().is_ready(&ep.node) {
+            // Connection setup is not the endpoint's latency: have the pooled connection first,
+            // as one of a bounded number of requests waiting for one.
+            let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
+                metrics::counter!(m::CIRCUIT_OPEN, "service" => svc.config.name.clone(), "limit" => "max_pending")
+                    .increment(1);
+                return Err(TryError::unsent(ProxyError::Overloaded(svc.config.name.clone())));
+            };
+            // A peer that cannot be reached fails this try at once, as never sent: the caller
+            // retries it elsewhere without a second handshake here.
+            if let Err(e) = self.peer(ep).await {
+                return Err(TryError::unsent(e));
+            }
+        }
+        let local = self.mesh.is_local(ep);
+        if local {
+            // Local delivery skips the inbound side, so the policy is applied here.
+            let caller = authz::Caller {
+                node: self.mesh.local_node().unwrap_or_default(),
+                service: self.table.source_service(),
+                via_gateway: false,
+            };
+            let target = authz::Target {
+                method: Some(req.method()),
+                path: Some(req.uri().path()),
+                headers: Some(req.headers()),
+                port: ep.address.port(),
+            };
+            if let Err(denied) = self.mesh.authorize(self.table, &svc.config.name, &caller, &target) {
+                return Err(TryError::sent(denied));
+            }
+        }
+        // A request body that breaks is the client's doing: the try ends with the client's
+        // error at once, whatever the upstream made of the cut request.
+        let (parts, body) = req.into_parts();
+        let (body, fault) = body::watch_source(body);
+        let req = Request::from_parts(parts, body);
+        let start = std::time::Instant::now();
+        let attempt = async {
+            if local {
+                match tokio::time::timeout(per_try, self.mesh.local().send(req, ep.address, svc.config.protocol)).await
+                {
+                    Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
+                    Ok(r) => r.map_err(TryError::from),
+                }
+            } else {
+                self.forward_remote(req, svc, ep, per_try).await
+            }
+        };
+        let result = if fault.watching() {
+            tokio::select! {
+                biased;
+                r = attempt => r,
+                e = fault.failed() => Err(TryError::sent(e)),
+            }
+        } else {
+            attempt.await
+        };
+        let result = match fault.error() {
+            Some(e) => {
+                debug!(service = svc.config.name, error = %e, "the client's request body failed");
+                return Err(TryError::sent(e));
+            }
+            None => result,
+        };
+        // A peer that could not be reached is marked unreachable by the pool and skipped until
+        // its probe succeeds: charging its endpoints as slow or ejecting them too would keep
+        // them out long after it is back.
+        if let Err(TryError {
+            error: ProxyError::PeerUnreachable { .. } | ProxyError::ConnectTimeout(_),
+            unsent: true,
+        }) = &result
+        {
+            return result;
+        }
+        // A failure costs like a timeout, so the balancer steers away from it.
+        in_flight.observe(if result.is_ok() { start.elapsed() } else { per_try.max(start.elapsed()) });
+        let failed = match &result {
+            Ok(resp) => resp.status().is_server_error(),
+            Err(e) => !matches!(e.error, ProxyError::Overloaded(_)),
+        };
+        if failed {
+            let now = crate::policy::health::now_ms();
+            let cfg = &svc.config.outlier;
+            let may = || {
+                let ejected = svc.stats.iter().filter(|s| s.outlier.is_ejected(now)).count();
+                crate::policy::health::may_eject(cfg, ejected, svc.stats.len())
+            };
+            if let Some(span) = stats.outlier.failure(cfg, now, may) {
+                metrics::counter!(m::OUTLIER_EJECTIONS, "service" => svc.config.name.clone()).increment(1);
+                warn!(service = svc.config.name, node = ep.node, address = %ep.address, ?span, "endpoint ejected after consecutive failures");
+            }
+        } else {
+            stats.outlier.success();
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn circuit_breaker_slots_stop_at_the_limit_and_come_back() {
+        let counter = AtomicU64::new(0);
+        let a = Slot::take(&counter, Some(2)).unwrap();
+        let _b = Slot::take(&counter, Some(2)).unwrap();
+        assert!(Slot::take(&counter, Some(2)).is_none(), "a third slot past max 2");
+        assert_eq!(counter.load(Ordering::Relaxed), 2, "a refused take gives its slot back");
+        drop(a);
+        assert!(Slot::take(&counter, Some(2)).is_some());
+        assert!(Slot::take(&counter, None).is_some(), "no limit");
+    }
+}

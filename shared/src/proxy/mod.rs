@@ -1,0 +1,15 @@
+//! The data plane: the compiled snapshot a request reads ([`table`]), the process's long-lived
+//! inputs ([`mesh`]), a request's call to a service ([`call`], one [`attempt`] per try, through
+//! [`pick`], [`local`] or [`remote`]), and the pipeline both proxies run ([`pipeline`]).
+
+mod attempt;
+pub mod call;
+pub mod drain;
+pub mod local;
+pub mod mesh;
+pub mod mirror;
+pub mod pick;
+pub mod pipeline;
+mod remote;
+pub mod table;
+mod tunnel;

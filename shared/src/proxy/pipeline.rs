@@ -1,0 +1,241 @@
+//! The request path after a proxy has told what a request is for, written once for the node's
+//! outbound side and the gateway's edge: route policy (rate limit, filters, redirect), backend
+//! choice, body limit, forwarding headers, mirror, the call with retries, response changes.
+//! Each side says what differs in a [`Side`]; identifying the target (Host, absolute URI, the
+//! edge's routes or the mesh's) stays with the side.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, LOCATION};
+use http::{request::Parts, Request, Response, StatusCode};
+
+use crate::config::Protocol;
+use crate::message::body::{self, Body};
+use crate::message::error::ProxyError;
+use crate::message::headers;
+use crate::message::path;
+use crate::policy::route::{self, Filtered, Matched};
+use crate::proxy::call::{CallInfo, CallOpts};
+use crate::proxy::mesh::Mesh;
+use crate::proxy::table::{Service, Table};
+use crate::telemetry::metrics as m;
+use crate::telemetry::Record;
+
+const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// What one side of the mesh does differently on the shared path.
+pub struct Side<'a> {
+    /// The scheme clients used (`http` at a node, `https` at the edge), for redirects.
+    pub scheme: &'static str,
+    /// The port clients used, for redirects that keep it (the edge's).
+    pub port: Option<u16>,
+    /// Body limit for requests whose route sets none (`gateway.limits.max_request_body`).
+    pub default_body_limit: Option<u64>,
+    /// The service this proxy speaks for (`quicmesh-source`): the node's own, or the gateway's name.
+    pub source: Option<&'a str>,
+    /// The edge adds `X-Forwarded-Proto: https` and an RFC 7239 `Forwarded` element.
+    pub edge: bool,
+}
+
+/// Where a request goes: a route matched for it, or a service its Host named.
+pub enum Target<'t> {
+    Route(Matched<'t>),
+    Service(&'t Arc<Service>),
+}
+
+/// One request on the shared path: what its phases read, loaded once when it arrived.
+pub struct Ctx<'r> {
+    pub mesh: &'r Arc<Mesh>,
+    /// The snapshot the request was matched against; every phase and try reads this one.
+    pub table: &'r Arc<Table>,
+    pub side: &'r Side<'r>,
+    pub client: SocketAddr,
+    pub rec: &'r mut Record,
+}
+
+/// What the route phase decided: where the request goes and what changes on the way.
+struct Plan<'t> {
+    svc: &'t Arc<Service>,
+    opts: CallOpts<'t>,
+    body_limit: Option<u64>,
+    response_mods: Vec<&'t route::HeaderModifier>,
+    mirrors: Vec<&'t route::BackendRef>,
+}
+
+/// Phase 0, before a side identifies the target: the head checks and the canonical path every
+/// later phase (matching, authorization, forwarding) uses.
+pub fn prepare(parts: &mut Parts, table: &Table) -> Result<(), ProxyError> {
+    if parts.version == http::Version::HTTP_11 {
+        headers::check_http1_head(&parts.headers)?;
+    }
+    if let Some(uri) = path::normalize_uri(&parts.uri, table.config().mesh.merge_slashes)
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?
+    {
+        parts.uri = uri;
+    }
+    Ok(())
+}
+
+/// Runs the shared phases for a request whose target is known; `authority` is the one the
+/// client asked for (a filter may change it).
+pub async fn forward<'r>(
+    mut cx: Ctx<'r>,
+    target: Target<'r>,
+    mut parts: Parts,
+    body: Body,
+    mut authority: String,
+) -> Result<Response<Body>, ProxyError> {
+    // Phases: rate limit, filters (or a redirect answer), weighted backend.
+    let plan = match plan(&mut cx, target, &mut parts, &mut authority)? {
+        Ok(plan) => plan,
+        Err(redirect) => return Ok(redirect),
+    };
+    let svc = &plan.svc.config;
+    cx.rec.service(&svc.name);
+    if svc.protocol == Protocol::Tcp {
+        return Err(ProxyError::BadRequest("service is TCP; use its node.tcp port".into()));
+    }
+    // Phase: body limit, declared (now) or streamed (as it arrives).
+    if let Some(limit) = plan.body_limit {
+        let declared =
+            parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge(limit));
+        }
+    }
+    // Phase: forwarding headers.
+    forwarding_headers(&cx, &mut parts, authority, &svc.name)?;
+    cx.rec.ids(&parts.headers);
+    let body = match plan.body_limit {
+        Some(limit) => body::limited(body, limit),
+        None => body,
+    };
+    let body = cx.rec.count_request(body);
+    // Phase: mirror (fire and forget).
+    let body = cx.mesh.mirror_request(cx.table, &parts, body, &plan.mirrors).await?;
+    // Phase: pick an endpoint and call it, with the rule's timeouts, retries and faults.
+    let mut info = CallInfo::default();
+    let result = cx.mesh.at(cx.table).call(plan.svc, Request::from_parts(parts, body), &plan.opts, &mut info).await;
+    info.record(cx.rec);
+    let mut resp = result?;
+    // Phase: response changes.
+    for m in plan.response_mods {
+        route::modify_headers(resp.headers_mut(), m);
+    }
+    Ok(resp)
+}
+
+/// The route phase: a matched route's rate limit, filters and backend choice; a service named
+/// by Host goes as it is. `Err` carries a redirect, answered without calling anything.
+fn plan<'t>(
+    cx: &mut Ctx<'t>,
+    target: Target<'t>,
+    parts: &mut Parts,
+    authority: &mut String,
+) -> Result<Result<Plan<'t>, Response<Body>>, ProxyError> {
+    let client = Some(cx.client.ip());
+    let matched = match target {
+        Target::Service(svc) => {
+            let opts = CallOpts { client, ..Default::default() };
+            let plan =
+                Plan { svc, opts, body_limit: cx.side.default_body_limit, response_mods: vec![], mirrors: vec![] };
+            return Ok(Ok(plan));
+        }
+        Target::Route(matched) => matched,
+    };
+    let name = matched.route.name.as_str();
+    cx.rec.route(name);
+    // Phase: rate limit.
+    if let Some(Err(wait)) = matched.limiter.map(|l| l.check(client, Instant::now())) {
+        metrics::counter!(m::RATE_LIMITED, "route" => name.to_string()).increment(1);
+        return Err(ProxyError::RateLimited { route: name.to_string(), wait });
+    }
+    // Phase: filters that answer or change the request.
+    let (response_mods, mirrors) =
+        match route::apply_request_filters(&matched, parts, authority, cx.side.scheme, cx.side.port)
+            .map_err(ProxyError::BadRequest)?
+        {
+            Filtered::Redirect { status, location } => return Ok(Err(redirect(status, &location))),
+            Filtered::Forward { response_mods, mirrors } => (response_mods, mirrors),
+        };
+    // Phase: weighted backend.
+    let backend = route::choose_backend(&matched.rule.backend_refs)
+        .ok_or_else(|| ProxyError::NoEndpoint(format!("route {name} has no backend with weight")))?;
+    let table: &'t Arc<Table> = cx.table;
+    let svc = table.service(&backend.name).ok_or_else(|| ProxyError::NoEndpoint(backend.name.clone()))?;
+    let opts = CallOpts {
+        route: name,
+        labels: Some(&backend.labels),
+        retry: matched.rule.retry.as_ref(),
+        timeouts: matched.rule.timeouts.as_ref(),
+        fault: matched.rule.fault.as_ref(),
+        client,
+    };
+    let body_limit = matched.route.max_request_body.or(cx.side.default_body_limit);
+    Ok(Ok(Plan { svc, opts, body_limit, response_mods, mirrors }))
+}
+
+/// The forwarding-headers phase: hop-by-hop and internal headers out; forwarded-for (and the
+/// edge's forwarding headers), request id, trace context, source service and Host in.
+fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, mut authority: String, service: &str) -> Result<(), ProxyError> {
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::strip_internal(&mut parts.headers);
+    // Room for what this proxy and the mesh may add (forwarding, id, trace, source, Host,
+    // service, endpoint) at once, rather than growing the map, and rehashing it, a header or two
+    // at a time. This can fail only for a map near http's size limit, far beyond the parser's.
+    let _ = parts.headers.try_reserve(9);
+    // The values this proxy adds share one allocation.
+    let mut scratch = headers::Scratch::default();
+    headers::append_forwarded_for(&mut parts.headers, cx.client.ip(), &mut scratch);
+    if cx.side.edge {
+        edge_forwarding(parts, cx.client, &authority);
+    }
+    headers::ensure_request_id(&mut parts.headers, &mut scratch);
+    headers::continue_trace(&mut parts.headers, &mut scratch);
+    if let Some(source) = cx.side.source.and_then(|s| scratch.text(s)) {
+        parts.headers.insert(headers::SOURCE, source);
+    }
+    if authority.is_empty() {
+        authority = service.to_string();
+    }
+    if let Some(v) = scratch.text(&authority) {
+        parts.headers.insert(HOST, v);
+    }
+    if !cx.side.edge {
+        // A local app may have sent origin-form (`GET /path`): forward in absolute form.
+        parts.uri = headers::absolute_uri(http::uri::Scheme::HTTP, authority, &parts.uri)
+            .map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
+    }
+    Ok(())
+}
+
+/// `X-Forwarded-Proto: https` and this hop's RFC 7239 `Forwarded` element, after any the
+/// client sent.
+fn edge_forwarding(parts: &mut Parts, client: SocketAddr, authority: &str) {
+    parts.headers.insert(FORWARDED_PROTO, HeaderValue::from_static("https"));
+    let node = match client.ip() {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let element = format!("for=\"{node}\";proto=https;host=\"{}\"", authority.replace('"', ""));
+    let value = match parts.headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {element}"),
+        None => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        parts.headers.insert(FORWARDED, v);
+    }
+}
+
+/// A redirect response made by a route's RequestRedirect filter.
+pub fn redirect(status: u16, location: &str) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(LOCATION, v);
+    }
+    resp
+}

@@ -1,0 +1,194 @@
+//! A try through the endpoint's node: one HTTP/3 request stream on the pooled QUIC connection,
+//! carrying the chosen service and endpoint in internal headers. A dead pooled connection is
+//! evicted and, when nothing can have reached the peer, the request is sent again on a fresh one.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{Method, Request, Response};
+use http_body::Body as _;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::attempt::TryError;
+use super::mesh::Call;
+use super::mesh::RequestStream;
+use super::table::Service;
+use crate::config::EndpointConfig;
+use crate::message::body::{self, Body, H3Body, H3Send};
+use crate::message::error::ProxyError;
+use crate::message::headers;
+use crate::transport::pool::PeerConn;
+
+impl Call<'_> {
+    pub(crate) async fn peer(&self, ep: &EndpointConfig) -> Result<(PeerConn, SocketAddr), ProxyError> {
+        // Never dial a revoked member, whatever still names it (a mirror, a request that
+        // picked its endpoint under the previous table).
+        if self.table.is_revoked(&ep.node) {
+            return Err(ProxyError::PeerUnreachable {
+                peer: ep.node.clone(),
+                reason: "its membership is revoked".into(),
+            });
+        }
+        let peer = self.table.config().peer(&ep.node).ok_or_else(|| ProxyError::PeerUnreachable {
+            peer: ep.node.clone(),
+            reason: "node has no address in config".into(),
+        })?;
+        Ok((self.mesh.pool().get(&peer.name, peer.address).await?, peer.address))
+    }
+
+    pub(crate) async fn forward_remote(
+        &self,
+        req: Request<Body>,
+        svc: &Service,
+        ep: &EndpointConfig,
+        per_try: Duration,
+    ) -> Result<Response<Body>, TryError> {
+        let (parts, body) = req.into_parts();
+        let authority = headers::authority(&parts.uri, &parts.headers).unwrap_or_else(|| svc.config.name.clone());
+        let uri = headers::absolute_uri(http::uri::Scheme::HTTPS, authority, &parts.uri)
+            .map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))?;
+        let mut hdrs = parts.headers;
+        hdrs.remove(HOST);
+        // Both values from one allocation, shared by the copies `head` makes.
+        // An address takes at most 47 bytes ([v6 with scope]:port).
+        let mut scratch = headers::Scratch::with_capacity(svc.config.name.len() + 47);
+        let service = scratch.text(&svc.config.name);
+        let endpoint = scratch.value(|b| headers::push_socket_addr(b, ep.address));
+        let (Some(service), Some(endpoint)) = (service, endpoint) else {
+            let bad = format!("unusable service name {:?}", svc.config.name);
+            return Err(TryError::unsent(ProxyError::BadRequest(bad)));
+        };
+        hdrs.insert(headers::SERVICE, service);
+        hdrs.insert(headers::ENDPOINT, endpoint);
+        let head = |method: &Method| {
+            let mut r = Request::new(());
+            *r.method_mut() = method.clone();
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = hdrs.clone();
+            r
+        };
+        // A request that found its pooled connection dead is replayed once on a fresh one when
+        // that is safe: idempotent and bodiless, so nothing can have been consumed upstream.
+        if body.is_end_stream() && crate::policy::retry::idempotent(&parts.method) {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.send_bodiless(head(&parts.method), ep, per_try).await {
+                    Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) if attempt == 1 => {
+                        debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
+                    }
+                    other => return other,
+                }
+            }
+        }
+        // With a body, only the stream opening may be repeated: the body is not consumed yet.
+        let (pc, stream) = match self.open_stream(head(&parts.method), ep).await {
+            Err(TryError { error: ProxyError::PeerUnreachable { .. }, .. }) => {
+                self.open_stream(head(&parts.method), ep).await?
+            }
+            other => other?,
+        };
+        let (mut send, recv) = stream.split();
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tokio::select! {
+                res = body::pump_to_h3(body, &mut send) => {
+                    if let Err(e) = res {
+                        debug!(error = %e, "request body upload ended early");
+                    }
+                }
+                _ = cancel_rx => send.reset(),
+            }
+        });
+        // The upload runs on past the response headers (full duplex) until the response body is
+        // dropped; dropping `cancel_tx` then resets an unfinished upload.
+        let resp = self.await_recv(recv, ep, &pc, per_try).await?;
+        Ok(resp.map(|b| body::with_guard(b, cancel_tx)))
+    }
+
+    /// Opens a request stream on the pooled connection; a dead or closing connection is
+    /// evicted. Nothing reached the peer when this fails.
+    async fn open_stream(&self, head: Request<()>, ep: &EndpointConfig) -> Result<(PeerConn, RequestStream), TryError> {
+        let (pc, _) = self.peer(ep).await.map_err(TryError::unsent)?;
+        let mut sender = pc.h3.clone();
+        match sender.send_request(head).await {
+            Ok(s) => {
+                pc.streams.increment(1);
+                Ok((pc, s))
+            }
+            Err(e) => {
+                self.mesh.pool().evict(&ep.node, &pc.conn).await;
+                Err(TryError::unsent(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() }))
+            }
+        }
+    }
+
+    async fn send_bodiless(
+        &self,
+        head: Request<()>,
+        ep: &EndpointConfig,
+        per_try: Duration,
+    ) -> Result<Response<Body>, TryError> {
+        let (pc, mut stream) = self.open_stream(head, ep).await?;
+        if let Err(e) = stream.finish().await {
+            self.mesh.pool().evict(&ep.node, &pc.conn).await;
+            let unsent = rejected(&e);
+            let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() };
+            return Err(TryError { error, unsent });
+        }
+        let (_send, recv) = stream.split();
+        self.await_recv(recv, ep, &pc, per_try).await
+    }
+
+    async fn await_recv(
+        &self,
+        mut recv: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+        ep: &EndpointConfig,
+        pc: &PeerConn,
+        per_try: Duration,
+    ) -> Result<Response<Body>, TryError> {
+        let head = match tokio::time::timeout(per_try, recv.recv_response()).await {
+            // Dropping `recv` stops the stream (h3-quinn panics on an explicit stop_sending
+            // after a cancelled read, so never call it here).
+            Err(_) => return Err(TryError::sent(ProxyError::Timeout(per_try))),
+            // Refused before processing (the peer is draining): safe to send elsewhere.
+            Ok(Err(e)) if rejected(&e) => {
+                return Err(TryError::unsent(ProxyError::PeerUnreachable {
+                    peer: ep.node.clone(),
+                    reason: "request refused by a draining peer".into(),
+                }))
+            }
+            Ok(Err(e)) if is_connection_error(&e) => {
+                self.mesh.pool().evict(&ep.node, &pc.conn).await;
+                return Err(TryError::sent(ProxyError::PeerUnreachable {
+                    peer: ep.node.clone(),
+                    reason: e.to_string(),
+                }));
+            }
+            Ok(Err(e)) => return Err(TryError::sent(ProxyError::UpstreamReset(e.to_string()))),
+            Ok(Ok(head)) => head,
+        };
+        let (mut parts, ()) = head.into_parts();
+        parts.version = http::Version::HTTP_11;
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body::boxed(H3Body::new(recv))))
+    }
+}
+
+/// The peer refused the request before processing it (RFC 9114 H3_REQUEST_REJECTED), or a
+/// GOAWAY had already closed the connection to new requests.
+fn rejected(e: &h3::error::StreamError) -> bool {
+    match e {
+        h3::error::StreamError::RemoteTerminate { code, .. } => *code == h3::error::Code::H3_REQUEST_REJECTED,
+        h3::error::StreamError::RemoteClosing { .. } => true,
+        _ => false,
+    }
+}
+
+/// A stream error caused by the connection as a whole (so the pooled connection is dead).
+fn is_connection_error(e: &h3::error::StreamError) -> bool {
+    matches!(e, h3::error::StreamError::ConnectionError { .. })
+}
