@@ -3,7 +3,7 @@
 //! feeds the balancer and outlier detection.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use tracing::{debug, warn};
@@ -13,7 +13,8 @@ use super::table::Service;
 use crate::config::EndpointConfig;
 use crate::message::body::{self, Body};
 use crate::message::error::ProxyError;
-use crate::policy::authz;
+use crate::policy::balance::EndpointStats;
+use crate::policy::{authz, health};
 use crate::telemetry::metrics as m;
 
 /// Holds one of a service's circuit-breaker slots until dropped.
@@ -80,51 +81,84 @@ impl Call<'_> {
     ) -> Result<Response<Body>, TryError> {
         // Circuit breaker: refuse at once rather than queue without bound.
         let Some(_slot) = Slot::take(&svc.state.in_flight, svc.config.max_requests) else {
-            metrics::counter!(m::CIRCUIT_OPEN, "service" => svc.config.name.clone(), "limit" => "max_requests")
-                .increment(1);
-            return Err(TryError::unsent(ProxyError::Overloaded(svc.config.name.clone())));
+            return Err(overloaded(svc, "max_requests"));
         };
         // Feed the balancer: requests in flight, and time to response headers.
         let stats = svc.stats_of(ep).cloned().unwrap_or_default();
         let in_flight = stats.start();
-        if !self.mesh.is_local(ep) && !self.mesh.pool().is_ready(&ep.node) {
-            // Connection setup is not the endpoint's latency: have the pooled connection first,
-            // as one of a bounded number of requests waiting for one.
-            let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
-                metrics::counter!(m::CIRCUIT_OPEN, "service" => svc.config.name.clone(), "limit" => "max_pending")
-                    .increment(1);
-                return Err(TryError::unsent(ProxyError::Overloaded(svc.config.name.clone())));
-            };
-            // A peer that cannot be reached fails this try at once, as never sent: the caller
-            // retries it elsewhere without a second handshake here.
-            if let Err(e) = self.peer(ep).await {
-                return Err(TryError::unsent(e));
-            }
-        }
         let local = self.mesh.is_local(ep);
         if local {
-            // Local delivery skips the inbound side, so the policy is applied here.
-            let caller = authz::Caller {
-                node: self.mesh.local_node().unwrap_or_default(),
-                service: self.table.source_service(),
-                via_gateway: false,
-            };
-            let target = authz::Target {
-                method: Some(req.method()),
-                path: Some(req.uri().path()),
-                headers: Some(req.headers()),
-                port: ep.address.port(),
-            };
-            if let Err(denied) = self.mesh.authorize(self.table, &svc.config.name, &caller, &target) {
-                return Err(TryError::sent(denied));
-            }
+            self.authorize_local(&req, svc, ep)?;
+        } else {
+            self.connected(svc, ep).await?;
         }
-        // A request body that breaks is the client's doing: the try ends with the client's
-        // error at once, whatever the upstream made of the cut request.
+        let start = Instant::now();
+        // The client's own body failing says nothing about the endpoint: no statistics.
+        let result = self.send(req, svc, ep, per_try, local).await?;
+        // A peer that could not be reached is marked unreachable by the pool and skipped until
+        // its probe succeeds: charging its endpoints as slow or ejecting them too would keep
+        // them out long after it is back.
+        if let Err(TryError {
+            error: ProxyError::PeerUnreachable { .. } | ProxyError::ConnectTimeout(_),
+            unsent: true,
+        }) = &result
+        {
+            return result;
+        }
+        // A failure costs like a timeout, so the balancer steers away from it.
+        in_flight.observe(if result.is_ok() { start.elapsed() } else { per_try.max(start.elapsed()) });
+        let failed = match &result {
+            Ok(resp) => resp.status().is_server_error(),
+            Err(e) => !matches!(e.error, ProxyError::Overloaded(_)),
+        };
+        outlier(svc, ep, &stats, failed);
+        result
+    }
+
+    /// Has the pooled connection to the endpoint's node ready: connection setup is not the
+    /// endpoint's latency, so it happens before the try is timed, as one of a bounded number of
+    /// requests waiting for one. A peer that cannot be reached fails the try at once, as never
+    /// sent: the caller retries it elsewhere without a second handshake here.
+    async fn connected(&self, svc: &Service, ep: &EndpointConfig) -> Result<(), TryError> {
+        if self.mesh.pool().is_ready(&ep.node) {
+            return Ok(());
+        }
+        let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
+            return Err(overloaded(svc, "max_pending"));
+        };
+        self.peer(ep).await.map(drop).map_err(TryError::unsent)
+    }
+
+    /// Local delivery skips the inbound side, so the authorization policy is applied here.
+    fn authorize_local(&self, req: &Request<Body>, svc: &Service, ep: &EndpointConfig) -> Result<(), TryError> {
+        let caller = authz::Caller {
+            node: self.mesh.local_node().unwrap_or_default(),
+            service: self.table.source_service(),
+            via_gateway: false,
+        };
+        let target = authz::Target {
+            method: Some(req.method()),
+            path: Some(req.uri().path()),
+            headers: Some(req.headers()),
+            port: ep.address.port(),
+        };
+        self.mesh.authorize(self.table, &svc.config.name, &caller, &target).map_err(TryError::sent)
+    }
+
+    /// Sends the request here or through the endpoint's node. A request body that breaks is the
+    /// client's doing: the try ends with the client's error at once, whatever the upstream made
+    /// of the cut request, as the outer `Err`; the inner result is the endpoint's.
+    async fn send(
+        &self,
+        req: Request<Body>,
+        svc: &Service,
+        ep: &EndpointConfig,
+        per_try: Duration,
+        local: bool,
+    ) -> Result<Result<Response<Body>, TryError>, TryError> {
         let (parts, body) = req.into_parts();
         let (body, fault) = body::watch_source(body);
         let req = Request::from_parts(parts, body);
-        let start = std::time::Instant::now();
         let attempt = async {
             if local {
                 match tokio::time::timeout(per_try, self.mesh.local().send(req, ep.address, svc.config.protocol)).await
@@ -145,44 +179,38 @@ impl Call<'_> {
         } else {
             attempt.await
         };
-        let result = match fault.error() {
+        match fault.error() {
             Some(e) => {
                 debug!(service = svc.config.name, error = %e, "the client's request body failed");
-                return Err(TryError::sent(e));
+                Err(TryError::sent(e))
             }
-            None => result,
-        };
-        // A peer that could not be reached is marked unreachable by the pool and skipped until
-        // its probe succeeds: charging its endpoints as slow or ejecting them too would keep
-        // them out long after it is back.
-        if let Err(TryError {
-            error: ProxyError::PeerUnreachable { .. } | ProxyError::ConnectTimeout(_),
-            unsent: true,
-        }) = &result
-        {
-            return result;
+            None => Ok(result),
         }
-        // A failure costs like a timeout, so the balancer steers away from it.
-        in_flight.observe(if result.is_ok() { start.elapsed() } else { per_try.max(start.elapsed()) });
-        let failed = match &result {
-            Ok(resp) => resp.status().is_server_error(),
-            Err(e) => !matches!(e.error, ProxyError::Overloaded(_)),
-        };
-        if failed {
-            let now = crate::policy::health::now_ms();
-            let cfg = &svc.config.outlier;
-            let may = || {
-                let ejected = svc.stats.iter().filter(|s| s.outlier.is_ejected(now)).count();
-                crate::policy::health::may_eject(cfg, ejected, svc.stats.len())
-            };
-            if let Some(span) = stats.outlier.failure(cfg, now, may) {
-                metrics::counter!(m::OUTLIER_EJECTIONS, "service" => svc.config.name.clone()).increment(1);
-                warn!(service = svc.config.name, node = ep.node, address = %ep.address, ?span, "endpoint ejected after consecutive failures");
-            }
-        } else {
-            stats.outlier.success();
-        }
-        result
+    }
+}
+
+/// A circuit breaker's refusal, counted by the limit that refused.
+fn overloaded(svc: &Service, limit: &'static str) -> TryError {
+    metrics::counter!(m::CIRCUIT_OPEN, "service" => svc.config.name.clone(), "limit" => limit).increment(1);
+    TryError::unsent(ProxyError::Overloaded(svc.config.name.clone()))
+}
+
+/// Outlier detection: a failure counts towards ejecting the endpoint (within the service's
+/// limit on ejected endpoints), a success resets the count.
+fn outlier(svc: &Service, ep: &EndpointConfig, stats: &EndpointStats, failed: bool) {
+    if !failed {
+        stats.outlier.success();
+        return;
+    }
+    let now = health::now_ms();
+    let cfg = &svc.config.outlier;
+    let may = || {
+        let ejected = svc.stats.iter().filter(|s| s.outlier.is_ejected(now)).count();
+        health::may_eject(cfg, ejected, svc.stats.len())
+    };
+    if let Some(span) = stats.outlier.failure(cfg, now, may) {
+        metrics::counter!(m::OUTLIER_EJECTIONS, "service" => svc.config.name.clone()).increment(1);
+        warn!(service = svc.config.name, node = ep.node, address = %ep.address, ?span, "endpoint ejected after consecutive failures");
     }
 }
 
