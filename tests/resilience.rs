@@ -52,12 +52,23 @@ fn client() -> Client {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
-/// (status, quicmesh-error, body)
+/// (status, quicmesh-error, body); a body that breaks off is status 0 with the error.
 async fn call(client: &Client, outbound: SocketAddr, method: &str, host: &str, body: &str) -> (u16, String, String) {
+    call_path(client, outbound, method, host, "/", body).await
+}
+
+async fn call_path(
+    client: &Client,
+    outbound: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
     use http_body_util::BodyExt;
     let req = http::Request::builder()
         .method(method)
-        .uri(format!("http://{outbound}/"))
+        .uri(format!("http://{outbound}{path}"))
         .header("host", host)
         .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
         .unwrap();
@@ -65,8 +76,10 @@ async fn call(client: &Client, outbound: SocketAddr, method: &str, host: &str, b
         Ok(r) => {
             let status = r.status().as_u16();
             let reason = r.headers().get("quicmesh-error").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-            let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            (status, reason, String::from_utf8_lossy(&body).into_owned())
+            match r.into_body().collect().await {
+                Ok(body) => (status, reason, String::from_utf8_lossy(&body.to_bytes()).into_owned()),
+                Err(e) => (0, format!("{status} then the body broke off: {e}"), String::new()),
+            }
         }
         Err(e) => (0, format!("client error: {e}"), String::new()),
     }
@@ -83,6 +96,17 @@ struct Load {
 
 impl Load {
     fn start(outbound: SocketAddr, host: &'static str, workers: usize) -> Load {
+        Self::start_path(outbound, host, workers, "/", None)
+    }
+
+    /// Like [`Load::start`], for `path`; a 200 whose body is not `len` bytes long is a failure.
+    fn start_path(
+        outbound: SocketAddr,
+        host: &'static str,
+        workers: usize,
+        path: &'static str,
+        len: Option<usize>,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -93,8 +117,10 @@ impl Load {
                     let c = client();
                     let mut ok = 0;
                     while !stop.load(Ordering::Relaxed) {
-                        let (status, reason, _) = call(&c, outbound, "GET", host, "").await;
-                        if status == 200 {
+                        let (status, reason, body) = call_path(&c, outbound, "GET", host, path, "").await;
+                        if status == 200 && len.is_some_and(|n| body.len() != n) {
+                            failures.lock().unwrap().push(format!("200 with {} bytes of {len:?}", body.len()));
+                        } else if status == 200 {
                             ok += 1;
                         } else {
                             failures.lock().unwrap().push(format!("{status} {reason}"));
@@ -459,6 +485,62 @@ async fn sigterm_on_a_node_under_load_fails_no_request() {
     load.run_for(300).await;
     let (ok, failures) = load.stop().await;
     assert!(failures.is_empty(), "{} of {} failed: {:?}", failures.len(), ok, &failures[..failures.len().min(10)]);
+    assert!(b.log().contains("drained"), "{}", b.log());
+    drop((a, b, gw, pki));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_serving_node_cuts_no_response_body() {
+    // Issue #22: bodies still streaming from a draining node arrive whole, while new requests
+    // meet its GOAWAY and go elsewhere.
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    for n in ["node-a", "node-b", "node-c"] {
+        pki.issue(n);
+    }
+    let gw = NodeProc::start_layered(
+        "gateway",
+        &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
+    );
+    let leaving = Backend::start("leaving", Duration::ZERO).await;
+    let staying = Backend::start("staying", Duration::ZERO).await;
+    let b = NodeProc::start(
+        &dir,
+        "node-b",
+        &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", leaving.addr, "")),
+    );
+    let _c = NodeProc::start(
+        &dir,
+        "node-c",
+        &joined_toml("node-c", &dir, gw.addrs.control, &instance("web", staying.addr, "")),
+    );
+    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, ""));
+    eventually(Duration::from_secs(20), "both instances known to node-a", || async {
+        (health_seen(&a).await.len() == 2).then_some(())
+    })
+    .await;
+    // Bodies of 8 KiB over about 240 ms, and short requests that meet the GOAWAY.
+    let slow = Load::start_path(a.addrs.outbound, "web", 6, "/slow/8", Some(8 * 1024));
+    let short = Load::start(a.addrs.outbound, "web", 2);
+    wait_hits(&leaving, 20, "node-b's instance to take traffic").await;
+    let mut b = b;
+    b.terminate();
+    short.run_for(200).await;
+    slow.run_for(40).await;
+    let (ok, failures) = slow.stop().await;
+    let (short_ok, short_failures) = short.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} bodies failed: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(10)]
+    );
+    assert!(
+        short_failures.is_empty(),
+        "{} of {short_ok} short requests failed: {short_failures:?}",
+        short_failures.len()
+    );
     assert!(b.log().contains("drained"), "{}", b.log());
     drop((a, b, gw, pki));
 }

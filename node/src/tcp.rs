@@ -79,7 +79,7 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
         }
         return Ok(());
     }
-    let stream = mesh.at(&table).connect_tcp(svc, &ep).await?;
+    let (stream, _held) = mesh.at(&table).connect_tcp(svc, &ep).await?;
     let (send, recv) = stream.split();
     let (up, down) = splice(tcp, send, recv).await;
     done.bytes(up, down);

@@ -1,6 +1,7 @@
 //! A programmable in-process backend for resilience tests: it can answer, fail with a status,
 //! cut connections after reading a request, fail its health check, or be killed outright
-//! (listener and every open connection closed at once, as when a process dies).
+//! (listener and every open connection closed at once, as when a process dies). `GET /slow/N`
+//! answers N KiB, one KiB every 30 ms with the length declared, so a body cut short shows.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -132,11 +133,15 @@ impl Backend {
                             max_attempt.fetch_max(attempt, Ordering::SeqCst);
                             let early = if req.headers().contains_key("early-data") { " early" } else { "" };
                             seen.lock().unwrap().push(format!("{} {}{early}", req.method(), req.uri().path()));
+                            let req_path = req.uri().path().to_string();
                             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             *last_body.lock().unwrap() = body.to_vec();
                             hits.fetch_add(1, Ordering::SeqCst);
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
+                            }
+                            if let Some(n) = req_path.strip_prefix("/slow/").and_then(|n| n.parse::<usize>().ok()) {
+                                return Ok(slow_body(n));
                             }
                             let mut r = http::Response::new(quicmesh_shared::message::body::full(name));
                             match mode.load(Ordering::SeqCst) {
@@ -195,4 +200,20 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `n` KiB of `x`, a KiB every 30 ms, with `content-length` declared.
+fn slow_body(n: usize) -> http::Response<quicmesh_shared::message::body::Body> {
+    let chunks = futures_util::stream::unfold(0, move |i| async move {
+        if i == n {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let frame = hyper::body::Frame::data(bytes::Bytes::from(vec![b'x'; 1024]));
+        Some((Ok::<_, std::io::Error>(frame), i + 1))
+    });
+    let body = quicmesh_shared::message::body::boxed(http_body_util::StreamBody::new(chunks));
+    let mut r = http::Response::new(body);
+    r.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n * 1024));
+    r
 }

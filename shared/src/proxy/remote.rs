@@ -174,7 +174,8 @@ impl Call<'_> {
         let (mut parts, ()) = head.into_parts();
         parts.version = http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body::boxed(H3Body::new(recv))))
+        // The body holds the connection open until it ends (see `PeerConn::hold`).
+        Ok(Response::from_parts(parts, body::with_guard(body::boxed(H3Body::new(recv)), pc.hold())))
     }
 }
 

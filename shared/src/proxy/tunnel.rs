@@ -9,10 +9,12 @@ use super::table::Service;
 use crate::config::EndpointConfig;
 use crate::message::error::{ProxyError, ERROR_HEADER};
 use crate::message::headers;
+use crate::transport::pool::Hold;
 
 impl Call<'_> {
-    /// Opens an opaque byte stream to a TCP endpoint through its node (HTTP/3 CONNECT).
-    pub async fn connect_tcp(&self, svc: &Service, ep: &EndpointConfig) -> Result<RequestStream, ProxyError> {
+    /// Opens an opaque byte stream to a TCP endpoint through its node (HTTP/3 CONNECT), with
+    /// what keeps its connection open for as long as the tunnel lasts.
+    pub async fn connect_tcp(&self, svc: &Service, ep: &EndpointConfig) -> Result<(RequestStream, Hold), ProxyError> {
         let (pc, _) = self.peer(ep).await?;
         let mut req = Request::new(());
         *req.method_mut() = Method::CONNECT;
@@ -40,7 +42,7 @@ impl Call<'_> {
             let reason = resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("refused");
             return Err(ProxyError::UpstreamUnreachable { addr: ep.address.to_string(), reason: reason.to_string() });
         }
-        Ok(stream)
+        Ok((stream, pc.hold()))
     }
 }
 

@@ -35,6 +35,20 @@ pub struct PeerConn {
     pub streams: metrics::Counter,
 }
 
+impl PeerConn {
+    /// Keeps this connection open while held. h3 closes a connection when the last of its
+    /// request handles goes, and the pool lets go of its own when a peer says GOAWAY: a stream
+    /// whose response (or tunnel) is still streaming holds one, so a drain never cuts it.
+    pub fn hold(&self) -> Hold {
+        Hold { _request_handle: self.h3.clone() }
+    }
+}
+
+/// See [`PeerConn::hold`].
+pub struct Hold {
+    _request_handle: SendRequest,
+}
+
 /// What the pool knows of one peer: its pooled connection, and whether it is unreachable.
 #[derive(Default)]
 struct Peer {
