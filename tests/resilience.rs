@@ -449,82 +449,70 @@ async fn a_failing_health_check_takes_an_instance_out_of_every_rotation() {
     drop((a, b, c, gw, pki));
 }
 
+/// A gateway and three joined nodes: node-b hosts `web` on `leaving`, node-c on `staying`,
+/// node-a is the client's node; returned once node-a knows both instances.
+struct Drill {
+    pki: Pki,
+    gw: NodeProc,
+    leaving: Backend,
+    _staying: Backend,
+    b: NodeProc,
+    _c: NodeProc,
+    a: NodeProc,
+}
+
+impl Drill {
+    async fn start(delay: Duration) -> Drill {
+        let pki = Pki::new();
+        let dir = pki.issue("gateway");
+        for n in ["node-a", "node-b", "node-c"] {
+            pki.issue(n);
+        }
+        let gw = NodeProc::start_layered(
+            "gateway",
+            &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
+        );
+        let leaving = Backend::start("leaving", delay).await;
+        let staying = Backend::start("staying", delay).await;
+        let node = |name: &str, be: Option<&Backend>| {
+            let inst = be.map(|be| instance("web", be.addr, "")).unwrap_or_default();
+            NodeProc::start(&dir, name, &joined_toml(name, &dir, gw.addrs.control, &inst))
+        };
+        let b = node("node-b", Some(&leaving));
+        let c = node("node-c", Some(&staying));
+        let a = node("node-a", None);
+        eventually(Duration::from_secs(20), "both instances known to node-a", || async {
+            (health_seen(&a).await.len() == 2).then_some(())
+        })
+        .await;
+        Drill { pki, gw, leaving, _staying: staying, b, _c: c, a }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_a_node_under_load_fails_no_request() {
-    let pki = Pki::new();
-    let dir = pki.issue("gateway");
-    for n in ["node-a", "node-b", "node-c"] {
-        pki.issue(n);
-    }
-    let gw = NodeProc::start_layered(
-        "gateway",
-        &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
-    );
     // A little latency so that requests are in flight when SIGTERM arrives.
-    let leaving = Backend::start("leaving", Duration::from_millis(20)).await;
-    let staying = Backend::start("staying", Duration::from_millis(20)).await;
-    let b = NodeProc::start(
-        &dir,
-        "node-b",
-        &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", leaving.addr, "")),
-    );
-    let _c = NodeProc::start(
-        &dir,
-        "node-c",
-        &joined_toml("node-c", &dir, gw.addrs.control, &instance("web", staying.addr, "")),
-    );
-    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, ""));
-    eventually(Duration::from_secs(20), "both instances known to node-a", || async {
-        (health_seen(&a).await.len() == 2).then_some(())
-    })
-    .await;
-    let load = Load::start(a.addrs.outbound, "web", 8);
-    wait_hits(&leaving, 50, "node-b's instance to take traffic").await;
-    let mut b = b;
-    b.terminate();
+    let mut d = Drill::start(Duration::from_millis(20)).await;
+    let load = Load::start(d.a.addrs.outbound, "web", 8);
+    wait_hits(&d.leaving, 50, "node-b's instance to take traffic").await;
+    d.b.terminate();
     load.run_for(300).await;
     let (ok, failures) = load.stop().await;
     assert!(failures.is_empty(), "{} of {} failed: {:?}", failures.len(), ok, &failures[..failures.len().min(10)]);
-    assert!(b.log().contains("drained"), "{}", b.log());
-    drop((a, b, gw, pki));
+    assert!(d.b.log().contains("drained"), "{}", d.b.log());
+    drop((d.a, d.b, d.gw, d.pki));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_a_serving_node_cuts_no_response_body() {
     // Issue #22: bodies still streaming from a draining node arrive whole, while new requests
     // meet its GOAWAY and go elsewhere.
-    let pki = Pki::new();
-    let dir = pki.issue("gateway");
-    for n in ["node-a", "node-b", "node-c"] {
-        pki.issue(n);
-    }
-    let gw = NodeProc::start_layered(
-        "gateway",
-        &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
-    );
-    let leaving = Backend::start("leaving", Duration::ZERO).await;
-    let staying = Backend::start("staying", Duration::ZERO).await;
-    let b = NodeProc::start(
-        &dir,
-        "node-b",
-        &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", leaving.addr, "")),
-    );
-    let _c = NodeProc::start(
-        &dir,
-        "node-c",
-        &joined_toml("node-c", &dir, gw.addrs.control, &instance("web", staying.addr, "")),
-    );
-    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, ""));
-    eventually(Duration::from_secs(20), "both instances known to node-a", || async {
-        (health_seen(&a).await.len() == 2).then_some(())
-    })
-    .await;
+    let mut d = Drill::start(Duration::ZERO).await;
     // Bodies of 8 KiB over about 240 ms, and short requests that meet the GOAWAY.
-    let slow = Load::start_path(a.addrs.outbound, "web", 6, "/slow/8", Some(8 * 1024));
-    let short = Load::start(a.addrs.outbound, "web", 2);
-    wait_hits(&leaving, 20, "node-b's instance to take traffic").await;
-    let mut b = b;
-    b.terminate();
+    let slow = Load::start_path(d.a.addrs.outbound, "web", 6, "/slow/8", Some(8 * 1024));
+    let short = Load::start(d.a.addrs.outbound, "web", 2);
+    wait_hits(&d.leaving, 20, "node-b's instance to take traffic").await;
+    d.b.terminate();
     short.run_for(200).await;
     slow.run_for(40).await;
     let (ok, failures) = slow.stop().await;
@@ -541,8 +529,8 @@ async fn sigterm_on_a_serving_node_cuts_no_response_body() {
         "{} of {short_ok} short requests failed: {short_failures:?}",
         short_failures.len()
     );
-    assert!(b.log().contains("drained"), "{}", b.log());
-    drop((a, b, gw, pki));
+    assert!(d.b.log().contains("drained"), "{}", d.b.log());
+    drop((d.a, d.b, d.gw, d.pki));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
