@@ -240,6 +240,25 @@ async fn editing_the_config_file_changes_routing_everywhere_and_a_bad_edit_chang
         assert_eq!(status_via(n, "alias-two").await, 200);
         assert_eq!(status_via(n, "alias-three").await, 404);
     }
+    // Issue #22: an emptied gateway file parses, but would leave a gateway without its own
+    // settings: refused too.
+    std::fs::write(&cp.files[0], mesh_layer("\"alias-two\"")).unwrap();
+    let version = eventually(Duration::from_secs(10), "the repaired file to be applied", || async {
+        let now = cp.gw.admin_json("/nodes").await["version"].as_u64().unwrap();
+        (now > version).then_some(now)
+    })
+    .await;
+    std::fs::write(&cp.files[1], "").unwrap();
+    eventually(Duration::from_secs(10), "the emptied gateway file to be refused", || async {
+        let m = cp.gw.metrics().await;
+        (metric(&m, "quicmesh_config_reloads_total", &[("result", "rejected")]) >= 2.0).then_some(())
+    })
+    .await;
+    cp.gw.log_with(&["config change refused", "no [gateway] section"]).await;
+    assert_eq!(cp.gw.admin_json("/nodes").await["version"].as_u64().unwrap(), version);
+    for n in [a, b] {
+        assert_eq!(status_via(n, "alias-two").await, 200);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

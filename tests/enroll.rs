@@ -282,6 +282,11 @@ async fn a_config_naming_only_the_node_is_enough_to_enroll_and_to_restart() {
     );
     eventually(Duration::from_secs(10), "the bare node to join", || joined(&s)).await;
     node.log_with(&["the config names no mesh.trust_domain: using the one of this node's certificate", TD]).await;
+    // The gateway counts the node connected before the node has its answer and writes down
+    // where the control plane is: wait for that file, or a quick restart finds none.
+    let kept = state.join("bare.control.json");
+    eventually(Duration::from_secs(10), "the node to keep its control plane", || async { kept.exists().then_some(()) })
+        .await;
     drop(node);
     eventually(Duration::from_secs(10), "the bare node to leave", || async {
         joined(&s).await.is_none().then_some(())

@@ -111,6 +111,39 @@ impl Background {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_breaks_off_counts_as_a_failure() {
+    // Issue #22: a 200 whose body broke off is not a success, on either node.
+    let m = mesh("").await;
+    let (status, reason, body) = send(&m.a, "GET", "web", &[], "").await;
+    assert_eq!((status, body.as_str()), (200, "web-answer"), "{reason:?}");
+    let before = [m.a.metrics().await, m.b.metrics().await];
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = http::Request::get(format!("http://{}/cut/2", m.a.addrs.outbound))
+        .header("host", "web")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(body.is_err(), "the body should have broken off");
+    for ((node, direction), before) in [(&m.a, "outbound"), (&m.b, "inbound")].into_iter().zip(&before) {
+        let labels = [("direction", direction), ("service", "web"), ("code", "200")];
+        let broken = [&labels[..], &[("error", "upstream-reset")]].concat();
+        let delta = |now: &str, l: &[(&str, &str)]| {
+            metric(now, "quicmesh_requests_total", l) - metric(before, "quicmesh_requests_total", l)
+        };
+        let now = eventually(Duration::from_secs(10), "the broken body to be counted", || async {
+            let now = node.metrics().await;
+            (delta(&now, &broken) == 1.0).then_some(now)
+        })
+        .await;
+        assert_eq!(delta(&now, &labels), 1.0, "counted once, as a failure only, at {direction}:\n{now}");
+    }
+    drop(m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_and_histograms_move_by_exactly_the_requests_sent() {
     let m = mesh("").await;
     let out = [("direction", "outbound"), ("source_service", "front"), ("service", "web")];

@@ -15,6 +15,11 @@ use tracing::{info, warn};
 
 use crate::control::ControlPlane;
 
+/// The files, as a log line names them.
+fn shown(files: &[PathBuf]) -> String {
+    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
 /// The config files and every overlay file (which may come and go).
 fn files(files: &[PathBuf], overlays: Option<&PathBuf>) -> Vec<PathBuf> {
     let mut all: Vec<PathBuf> = files.to_vec();
@@ -31,7 +36,14 @@ pub async fn watch(files: Vec<PathBuf>, overlays: Option<PathBuf>, every: Durati
     let mut watch = FileWatch::new(move || self::files(&list, overlays.as_ref()), every, every);
     loop {
         watch.changed().await;
-        match overlay::load_with_overlays(&files) {
+        let loaded = overlay::load_with_overlays(&files).map_err(|e| e.to_string()).and_then(|(cfg, nodes)| {
+            // An emptied or truncated gateway file still parses: it must not strip the gateway.
+            if cfg.gateway.is_none() {
+                return Err(format!("no [gateway] section in {}", shown(&files)));
+            }
+            Ok((cfg, nodes))
+        });
+        match loaded {
             Ok((cfg, node_settings)) => {
                 cp.reload(cfg, node_settings);
                 metrics::counter!(m::CONFIG_RELOADS, "result" => "applied").increment(1);

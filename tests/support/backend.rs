@@ -1,7 +1,8 @@
 //! A programmable in-process backend for resilience tests: it can answer, fail with a status,
 //! cut connections after reading a request, fail its health check, or be killed outright
 //! (listener and every open connection closed at once, as when a process dies). `GET /slow/N`
-//! answers N KiB, one KiB every 30 ms with the length declared, so a body cut short shows.
+//! answers N KiB, one KiB every 30 ms with the length declared, so a body cut short shows;
+//! `GET /cut/N` declares N + 1 KiB, sends N and breaks the connection.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -141,7 +142,10 @@ impl Backend {
                                 tokio::time::sleep(delay).await;
                             }
                             if let Some(n) = req_path.strip_prefix("/slow/").and_then(|n| n.parse::<usize>().ok()) {
-                                return Ok(slow_body(n));
+                                return Ok(slow_body(n, false));
+                            }
+                            if let Some(n) = req_path.strip_prefix("/cut/").and_then(|n| n.parse::<usize>().ok()) {
+                                return Ok(slow_body(n, true));
                             }
                             let mut r = http::Response::new(quicmesh_shared::message::body::full(name));
                             match mode.load(Ordering::SeqCst) {
@@ -202,10 +206,14 @@ impl Drop for Backend {
     }
 }
 
-/// `n` KiB of `x`, a KiB every 30 ms, with `content-length` declared.
-fn slow_body(n: usize) -> http::Response<quicmesh_shared::message::body::Body> {
+/// `n` KiB of `x`, a KiB every 30 ms, with `content-length` declared; when `cut`, one KiB
+/// more is declared and the body fails after `n`.
+fn slow_body(n: usize, cut: bool) -> http::Response<quicmesh_shared::message::body::Body> {
     let chunks = futures_util::stream::unfold(0, move |i| async move {
-        if i == n {
+        if i == n && cut {
+            return Some((Err(std::io::Error::other("cut on purpose")), i + 1));
+        }
+        if i >= n {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -214,6 +222,6 @@ fn slow_body(n: usize) -> http::Response<quicmesh_shared::message::body::Body> {
     });
     let body = quicmesh_shared::message::body::boxed(http_body_util::StreamBody::new(chunks));
     let mut r = http::Response::new(body);
-    r.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n * 1024));
+    r.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from((n + usize::from(cut)) * 1024));
     r
 }

@@ -136,8 +136,10 @@ pub struct Record {
     /// Body bytes of the request and of the response, counted as they pass.
     bytes: Arc<[AtomicU64; 2]>,
     log: Option<Arc<AccessLog>>,
-    /// An answer was counted ([`Record::finish`]); otherwise the client went away first.
-    answered: bool,
+    /// The answer's status and error label, once there is one ([`Record::finish`]); without
+    /// one the client went away first. Counted when the response body ends, so a body that
+    /// breaks off counts as the failure it is.
+    answer: Option<(u16, Option<&'static str>)>,
 }
 
 /// The status counted for a request whose client went away before the proxy could answer
@@ -166,7 +168,7 @@ impl Record {
             protocol: None,
             bytes: Default::default(),
             log,
-            answered: false,
+            answer: None,
         }
     }
 
@@ -251,8 +253,8 @@ impl Record {
         &self.entry.dst_service
     }
 
-    /// Counts the answer now (request counter, time to headers) and the rest when the response
-    /// body ends or is dropped.
+    /// Records the answer now (time to headers) and counts it, with everything else, when the
+    /// response body ends or is dropped.
     pub fn finish(mut self, resp: Response<Body>) -> Response<Body> {
         let status = resp.status().as_u16();
         self.entry.status = status;
@@ -261,35 +263,44 @@ impl Record {
             self.entry.error = reason.to_string();
             error = Some(crate::message::error::known_reason(reason));
         }
-        self.count_answer(status, error);
+        self.answer = Some((status, error));
+        self.handles().duration.record(self.start.elapsed().as_secs_f64());
         let bytes = self.bytes.clone();
-        let done = Done { _record: self };
+        let done = Done(self);
         resp.map(|b| Counted { inner: b, bytes, which: RESPONSE, done: Some(done) }.boxed_unsync())
     }
 
-    fn count_answer(&mut self, status: u16, error: Option<&'static str>) {
-        self.answered = true;
-        let h = self.handles();
-        h.requests(status, self.protocol, error).increment(1);
-        h.duration.record(self.start.elapsed().as_secs_f64());
+    /// The response body broke off after its headers (the upstream reset the stream, its
+    /// connection died): the request failed, whatever its status said.
+    fn body_broke(&mut self) {
+        if let Some((_, error @ None)) = &mut self.answer {
+            *error = Some(BODY_BROKE);
+            self.entry.error = BODY_BROKE.to_string();
+        }
     }
 }
 
+/// The error label of a response whose body broke off after its headers.
+const BODY_BROKE: &str = "upstream-reset";
+
 /// Fires when the response body is finished with (the record's drop does the work).
-struct Done {
-    _record: Record,
-}
+struct Done(Record);
 
 /// Bytes, the in-flight gauge and the access log, once the request is over; a request dropped
 /// before it was answered (its client reset the stream or left) counts as 499 `client-closed`.
 impl Drop for Record {
     fn drop(&mut self) {
-        if !self.answered {
-            self.entry.status = CLIENT_CLOSED;
-            self.entry.error = "client-closed".to_string();
-            self.count_answer(CLIENT_CLOSED, Some("client-closed"));
-        }
         let handles = self.handles();
+        let (status, error) = match self.answer {
+            Some(answer) => answer,
+            None => {
+                self.entry.status = CLIENT_CLOSED;
+                self.entry.error = "client-closed".to_string();
+                handles.duration.record(self.start.elapsed().as_secs_f64());
+                (CLIENT_CLOSED, Some("client-closed"))
+            }
+        };
+        handles.requests(status, self.protocol, error).increment(1);
         let (received, sent) =
             (self.bytes[REQUEST].load(Ordering::Relaxed), self.bytes[RESPONSE].load(Ordering::Relaxed));
         handles.request_bytes.increment(received);
@@ -329,7 +340,12 @@ impl HttpBody for Counted {
                 }
             }
             // The end: record now rather than whenever the body value is dropped.
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done = None,
+            Poll::Ready(None) => self.done = None,
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut done) = self.done.take() {
+                    done.0.body_broke();
+                }
+            }
             Poll::Pending => {}
         }
         polled
