@@ -194,6 +194,40 @@ async fn a_silent_peer_costs_one_connect_timeout_then_is_skipped_until_it_answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_peer_connection_counts_against_the_try_timeout() {
+    // Issue #22, cause 4: with a route's `backendRequest` shorter than `timeouts.connect`, a
+    // try gives up on a silent peer at its own deadline and goes elsewhere; the dial goes on
+    // and still marks the peer unreachable for the requests after it.
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let (_hole, c_quic) = Blackhole::silent();
+    let (b_app, _) = counting_backend().await;
+    let (c_app, _) = counting_backend().await;
+    let services = web_two("node-b", b_app, "node-c", c_app);
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[("node-c", c_quic)], &services));
+    let route = "[[routes]]\nname = \"web\"\nhostnames = [\"web\"]\n[[routes.rules]]\n\
+                 backendRefs = [{ name = \"web\" }]\ntimeouts = { backendRequest = \"300ms\" }\n";
+    let peers = [("node-b", b.addrs.inbound), ("node-c", c_quic)];
+    let a_toml = node_toml("node-a", &state, &peers, &format!("{services}\n{route}"));
+    let a = NodeProc::start(pki.path(), "node-a", &a_toml);
+    let calls: Vec<_> = (0..4).map(|_| tokio::spawn(timed_get(a.addrs.outbound))).collect();
+    for c in calls {
+        let (status, took) = c.await.unwrap();
+        assert_eq!(status, 200);
+        // Before: the try waited for the whole 2 s handshake timeout.
+        assert!(took < Duration::from_millis(1500), "a try waited {took:?} for a connection, past its 300 ms");
+    }
+    eventually(Duration::from_secs(10), "node-c marked unreachable by the dial that went on", || async {
+        let eps = a.admin_json("/endpoints").await;
+        let c = eps["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node-c").cloned().unwrap();
+        (c["reachable"] == false).then_some(())
+    })
+    .await;
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_behind_an_nftables_drop_is_skipped_until_the_drop_is_lifted() {
     // node-c runs, but nothing reaches it until the rule goes.
     let (probe, addr) = Blackhole::silent();

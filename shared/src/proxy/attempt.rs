@@ -90,7 +90,7 @@ impl Call<'_> {
         if local {
             self.authorize_local(&req, svc, ep)?;
         } else {
-            self.connected(svc, ep).await?;
+            self.connected(svc, ep, per_try).await?;
         }
         let start = Instant::now();
         // The client's own body failing says nothing about the endpoint: no statistics.
@@ -117,16 +117,23 @@ impl Call<'_> {
 
     /// Has the pooled connection to the endpoint's node ready: connection setup is not the
     /// endpoint's latency, so it happens before the try is timed, as one of a bounded number of
-    /// requests waiting for one. A peer that cannot be reached fails the try at once, as never
-    /// sent: the caller retries it elsewhere without a second handshake here.
-    async fn connected(&self, svc: &Service, ep: &EndpointConfig) -> Result<(), TryError> {
+    /// requests waiting for one, within the try's own timeout (the dial itself goes on and
+    /// tells the requests after this one). A peer that cannot be reached fails the try at once,
+    /// as never sent: the caller retries it elsewhere without a second handshake here.
+    async fn connected(&self, svc: &Service, ep: &EndpointConfig, per_try: Duration) -> Result<(), TryError> {
         if self.mesh.pool().is_ready(&ep.node) {
             return Ok(());
         }
         let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
             return Err(overloaded(svc, "max_pending"));
         };
-        self.peer(ep).await.map(drop).map_err(TryError::unsent)
+        match tokio::time::timeout(per_try, self.peer(ep)).await {
+            Ok(connected) => connected.map(drop).map_err(TryError::unsent),
+            Err(_) => {
+                let waited = format!("peer node {} within the try's {per_try:?}", ep.node);
+                Err(TryError::unsent(ProxyError::ConnectTimeout(waited)))
+            }
+        }
     }
 
     /// Local delivery skips the inbound side, so the authorization policy is applied here.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::ClientConfig;
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{oneshot, Mutex as AsyncMutex};
 use tracing::{debug, info, warn};
 
 use crate::identity::tls;
@@ -52,7 +52,8 @@ pub struct Hold {
 /// What the pool knows of one peer: its pooled connection, and whether it is unreachable.
 #[derive(Default)]
 struct Peer {
-    conn: AsyncMutex<Option<PeerConn>>,
+    /// Held while a dial is under way, by the dial's own task (see [`PeerPool::get`]).
+    conn: Arc<AsyncMutex<Option<PeerConn>>>,
     down: Mutex<Option<Down>>,
 }
 
@@ -194,7 +195,8 @@ impl PeerPool {
         fail_fast(&peer)?;
         let deadline = tokio::time::Instant::now() + self.dialer.connect_timeout;
         let timed_out = || ProxyError::ConnectTimeout(format!("peer node {name} at {addr}"));
-        let mut guard = tokio::time::timeout_at(deadline, peer.conn.lock()).await.map_err(|_| timed_out())?;
+        let mut guard =
+            tokio::time::timeout_at(deadline, peer.conn.clone().lock_owned()).await.map_err(|_| timed_out())?;
         if let Some(pc) = guard.as_ref() {
             if pc.conn.close_reason().is_none() {
                 return Ok(pc.clone());
@@ -203,22 +205,29 @@ impl PeerPool {
         *guard = None;
         // Marked while this request waited for the lock: another request's handshake failed.
         fail_fast(&peer)?;
-        // Boxed: the handshake's future is most of the size of every request future that awaits
-        // `get`, and those are moved whole (into a task, a box) on every request.
-        let attempt = tokio::time::timeout_at(deadline, Box::pin(self.dialer.connect(name, addr))).await;
-        match attempt.unwrap_or_else(|_| Err(self.dialer.handshake_timed_out(name, addr))) {
-            Ok(pc) => {
-                *guard = Some(pc.clone());
-                drop(guard);
-                self.dialer.mark_up(name, &peer);
-                Ok(pc)
+        // The dial runs as a task of its own, holding the peer's lock: a request that stops
+        // waiting (its try's deadline passed) leaves it running, so its outcome still reaches
+        // the requests queued behind it (a connection, or the peer marked unreachable) and a
+        // handshake is never started twice.
+        let (dialer, peer_name, (tx, rx)) = (self.dialer.clone(), name.to_string(), oneshot::channel());
+        tokio::spawn(async move {
+            let attempt = tokio::time::timeout_at(deadline, dialer.connect(&peer_name, addr)).await;
+            let result = attempt.unwrap_or_else(|_| Err(dialer.handshake_timed_out(&peer_name, addr)));
+            match &result {
+                Ok(pc) => {
+                    *guard = Some(pc.clone());
+                    drop(guard);
+                    dialer.mark_up(&peer_name, &peer);
+                }
+                Err(e) => {
+                    drop(guard);
+                    dialer.mark_down(&peer_name, &peer, addr, e);
+                }
             }
-            Err(e) => {
-                drop(guard);
-                self.dialer.mark_down(name, &peer, addr, &e);
-                Err(e)
-            }
-        }
+            let _ = tx.send(result);
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(ProxyError::PeerUnreachable { peer: name.into(), reason: "dial failed".into() }))
     }
 
     /// Closes and forgets the connection to `peer` (a revoked member), whatever its state.
