@@ -534,6 +534,45 @@ async fn sigterm_on_a_serving_node_cuts_no_response_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_stalls_fails_after_the_routes_stream_idle_timeout() {
+    // Issue #22, cause 3: after its headers nothing bounded a response; a route's
+    // `timeouts.streamIdle` does now, and the failure is counted as the proxy's timeout.
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    pki.issue("node-a");
+    pki.issue("node-b");
+    let routes = "[[routes]]\nname = \"web\"\nhostnames = [\"web\"]\n[[routes.rules]]\n\
+                  backendRefs = [{ name = \"web\" }]\ntimeouts = { streamIdle = \"300ms\" }\n";
+    let gw = NodeProc::start_layered(
+        "gateway",
+        &gateway_layers(&dir, &format!("[[services]]\nname = \"web\"\n\n{routes}"), ""),
+    );
+    let be = Backend::start("web", Duration::ZERO).await;
+    let b =
+        NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
+    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, ""));
+    let c = client();
+    eventually(Duration::from_secs(20), "web to answer through node-a", || async {
+        (call(&c, a.addrs.outbound, "GET", "web", "").await.0 == 200).then_some(())
+    })
+    .await;
+    let start = Instant::now();
+    let stalled =
+        tokio::time::timeout(Duration::from_secs(8), call_path(&c, a.addrs.outbound, "GET", "web", "/stall/2", ""))
+            .await
+            .expect("a stalled body was still open after 8 s");
+    let took = start.elapsed();
+    assert_eq!(stalled.0, 0, "the body breaks off: {stalled:?}");
+    assert!(took < Duration::from_secs(3), "stalled for {took:?}, with streamIdle 300ms");
+    let labels = [("direction", "outbound"), ("service", "web"), ("error", "timeout")];
+    eventually(Duration::from_secs(10), "the stalled body counted as a timeout", || async {
+        (metric(&a.metrics().await, "quicmesh_requests_total", &labels) >= 1.0).then_some(())
+    })
+    .await;
+    drop((a, b, gw, pki));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_rate_limits_and_injects_faults_per_route() {
     let pki = Pki::new();
     let dir = pki.issue("gateway");

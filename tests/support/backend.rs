@@ -2,7 +2,8 @@
 //! cut connections after reading a request, fail its health check, or be killed outright
 //! (listener and every open connection closed at once, as when a process dies). `GET /slow/N`
 //! answers N KiB, one KiB every 30 ms with the length declared, so a body cut short shows;
-//! `GET /cut/N` declares N + 1 KiB, sends N and breaks the connection.
+//! `GET /cut/N` declares N + 1 KiB, sends N and breaks the connection; `GET /stall/N` declares
+//! N + 1 KiB, sends N and then nothing, for ever.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -142,10 +143,13 @@ impl Backend {
                                 tokio::time::sleep(delay).await;
                             }
                             if let Some(n) = req_path.strip_prefix("/slow/").and_then(|n| n.parse::<usize>().ok()) {
-                                return Ok(slow_body(n, false));
+                                return Ok(slow_body(n, End::Whole));
                             }
                             if let Some(n) = req_path.strip_prefix("/cut/").and_then(|n| n.parse::<usize>().ok()) {
-                                return Ok(slow_body(n, true));
+                                return Ok(slow_body(n, End::Cut));
+                            }
+                            if let Some(n) = req_path.strip_prefix("/stall/").and_then(|n| n.parse::<usize>().ok()) {
+                                return Ok(slow_body(n, End::Stall));
                             }
                             let mut r = http::Response::new(quicmesh_shared::message::body::full(name));
                             match mode.load(Ordering::SeqCst) {
@@ -206,12 +210,24 @@ impl Drop for Backend {
     }
 }
 
-/// `n` KiB of `x`, a KiB every 30 ms, with `content-length` declared; when `cut`, one KiB
-/// more is declared and the body fails after `n`.
-fn slow_body(n: usize, cut: bool) -> http::Response<quicmesh_shared::message::body::Body> {
+/// How a slow body ends.
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    Whole,
+    /// Fails after `n` KiB of the `n + 1` declared.
+    Cut,
+    /// Sends nothing more after `n` KiB of the `n + 1` declared.
+    Stall,
+}
+
+/// `n` KiB of `x`, a KiB every 30 ms, with `content-length` declared, ending as `end` says.
+fn slow_body(n: usize, end: End) -> http::Response<quicmesh_shared::message::body::Body> {
     let chunks = futures_util::stream::unfold(0, move |i| async move {
-        if i == n && cut {
+        if i == n && end == End::Cut {
             return Some((Err(std::io::Error::other("cut on purpose")), i + 1));
+        }
+        if i == n && end == End::Stall {
+            std::future::pending::<()>().await;
         }
         if i >= n {
             return None;
@@ -222,6 +238,7 @@ fn slow_body(n: usize, cut: bool) -> http::Response<quicmesh_shared::message::bo
     });
     let body = quicmesh_shared::message::body::boxed(http_body_util::StreamBody::new(chunks));
     let mut r = http::Response::new(body);
-    r.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from((n + usize::from(cut)) * 1024));
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from((n + usize::from(end != End::Whole)) * 1024));
     r
 }

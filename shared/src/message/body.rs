@@ -401,6 +401,48 @@ pub fn limited(body: Body, limit: u64) -> Body {
         .boxed_unsync()
 }
 
+/// Fails `body` with [`ProxyError::Timeout`](crate::message::error::ProxyError::Timeout) when
+/// its next frame takes longer than `idle` to come (a response body from a peer that froze or
+/// went away).
+pub fn idle_limited(body: Body, idle: std::time::Duration) -> Body {
+    IdleLimited { inner: body, idle, timer: Box::pin(tokio::time::sleep(idle)) }.boxed_unsync()
+}
+
+struct IdleLimited {
+    inner: Body,
+    idle: std::time::Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl HttpBody for IdleLimited {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    Poll::Ready(Some(Err(Box::new(crate::message::error::ProxyError::Timeout(self.idle)))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A request body that can be sent again for a retry: it streams to the first try as it
 /// arrives (nothing waits for the whole body) while a copy is kept up to a limit. Each
 /// [`Replay::body`] yields what was read so far, then goes on reading the original; a body

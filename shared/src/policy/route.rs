@@ -230,6 +230,11 @@ pub struct RuleTimeouts {
     pub request: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub backend_request: Option<Duration>,
+    /// Longest wait for the next piece of a response body once its headers came (Envoy's
+    /// stream idle timeout; a quicmesh extension): past it the body fails, so a peer that froze
+    /// or went away mid-body costs its client this long, not the QUIC idle timeout.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub stream_idle: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -427,6 +432,9 @@ impl RouteTable {
                 validate_filters(&route.name, rule)?;
                 if let Some(Err(e)) = rule.fault.as_ref().map(|f| f.validate()) {
                     return Err(invalid(&route.name, format!("fault: {e}")));
+                }
+                if rule.timeouts.as_ref().and_then(|t| t.stream_idle).is_some_and(|d| d.is_zero()) {
+                    return Err(invalid(&route.name, "timeouts.streamIdle must be longer than 0s"));
                 }
                 if let Some(c) = rule
                     .retry

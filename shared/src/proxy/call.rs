@@ -70,12 +70,16 @@ impl Call<'_> {
         opts: &CallOpts<'_>,
         info: &mut CallInfo<'s>,
     ) -> Result<Response<Body>, ProxyError> {
-        match opts.timeouts.and_then(|t| t.request) {
+        let resp = match opts.timeouts.and_then(|t| t.request) {
             Some(total) => tokio::time::timeout(total, self.call_inner(svc, req, opts, info))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout(total))),
             None => self.call_inner(svc, req, opts, info).await,
-        }
+        }?;
+        Ok(match opts.timeouts.and_then(|t| t.stream_idle) {
+            Some(idle) => resp.map(|b| body::idle_limited(b, idle)),
+            None => resp,
+        })
     }
 
     async fn call_inner<'s>(

@@ -272,10 +272,12 @@ impl Record {
 
     /// The response body broke off after its headers (the upstream reset the stream, its
     /// connection died): the request failed, whatever its status said.
-    fn body_broke(&mut self) {
+    /// `reason` is the proxy's own (a stream idle timeout), else `upstream-reset`.
+    fn body_broke(&mut self, reason: Option<&'static str>) {
         if let Some((_, error @ None)) = &mut self.answer {
-            *error = Some(BODY_BROKE);
-            self.entry.error = BODY_BROKE.to_string();
+            let reason = reason.unwrap_or(BODY_BROKE);
+            *error = Some(reason);
+            self.entry.error = reason.to_string();
         }
     }
 }
@@ -341,9 +343,10 @@ impl HttpBody for Counted {
             }
             // The end: record now rather than whenever the body value is dropped.
             Poll::Ready(None) => self.done = None,
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
+                let reason = e.downcast_ref::<crate::message::error::ProxyError>().map(|e| e.reason());
                 if let Some(mut done) = self.done.take() {
-                    done.0.body_broke();
+                    done.0.body_broke(reason);
                 }
             }
             Poll::Pending => {}
