@@ -134,10 +134,13 @@ impl EndpointStats {
 
     /// Expected cost of one more request: latency estimate times the queue it would join. The
     /// estimate fades with time since the last observation, so an endpoint that once looked slow
-    /// (a cold connection, a hiccup) is tried again instead of starving forever.
+    /// (a cold connection, a hiccup) is tried again instead of starving forever. An endpoint
+    /// nothing was measured on yet costs nothing while idle, so it is tried (one request at a
+    /// time would otherwise never leave a fast measured endpoint for it), and the default
+    /// latency for each request it already carries, so a new endpoint is not flooded.
     pub fn cost(&self) -> f64 {
         let ewma = match self.ewma_ns.load(Ordering::Relaxed) {
-            0 => DEFAULT_RTT.as_nanos() as f64,
+            0 => return DEFAULT_RTT.as_nanos() as f64 * self.in_flight() as f64,
             v => {
                 let now = self.epoch.elapsed().as_nanos() as u64;
                 let elapsed = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
@@ -295,6 +298,19 @@ mod tests {
         }
         let share = moved as f64 / keys.len() as f64;
         assert!((0.08..=0.14).contains(&share), "{share} of keys moved; about 1/10 expected");
+    }
+
+    #[test]
+    fn an_unmeasured_endpoint_is_tried_when_idle_and_not_flooded() {
+        let (fast, new) = (Arc::new(EndpointStats::default()), Arc::new(EndpointStats::default()));
+        fast.observe(Duration::from_millis(1));
+        let stats = [fast.clone(), new.clone()];
+        let mut rng = fastrand::Rng::with_seed(7);
+        // One request at a time: the new endpoint gets its first request at once.
+        assert_eq!(p2c(2, |i| stats[i].cost(), &mut rng), 1, "the unmeasured endpoint starves");
+        // Carrying a request already, it costs the default latency: the fast one is cheaper.
+        let _busy = new.start();
+        assert_eq!(p2c(2, |i| stats[i].cost(), &mut rng), 0, "a new endpoint takes every request");
     }
 
     #[test]
