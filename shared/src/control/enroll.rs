@@ -64,6 +64,24 @@ fn load(dir: &Path) -> Result<Vec<TokenRecord>, EnrollError> {
     }
 }
 
+/// Runs `change` on the token store under an exclusive lock on `tokens.lock` beside it, then
+/// saves what it left: `quicmesh token create` run twice at once, or while the gateway redeems
+/// a token, would otherwise lose one of the writes.
+fn update<T>(
+    dir: &Path,
+    change: impl FnOnce(&mut Vec<TokenRecord>) -> Result<T, EnrollError>,
+) -> Result<T, EnrollError> {
+    let lock_path = dir.join("tokens.lock");
+    let err = |e: std::io::Error| EnrollError::Store { path: lock_path.clone(), reason: e.to_string() };
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(err)?;
+    lock.lock().map_err(err)?;
+    let mut records = load(dir)?;
+    let out = change(&mut records)?;
+    save(dir, &records)?;
+    // Unlocked when `lock` closes.
+    Ok(out)
+}
+
 fn save(dir: &Path, records: &[TokenRecord]) -> Result<(), EnrollError> {
     let path = store_path(dir);
     let err = |e: String| EnrollError::Store { path: path.clone(), reason: e };
@@ -80,17 +98,18 @@ pub fn create_token(dir: &Path, ttl: Duration, uses: u32, node: Option<String>) 
         .fill(&mut raw)
         .map_err(|_| EnrollError::Store { path: store_path(dir), reason: "no randomness".into() })?;
     let token = format!("qm1.{}", hex(&raw));
-    let mut records = load(dir)?;
-    // Drop what can never be used again.
-    let now = now_unix();
-    records.retain(|r| r.expires_unix > now && r.uses_left > 0);
-    records.push(TokenRecord {
-        sha256: hex(digest(&SHA256, token.as_bytes()).as_ref()),
-        expires_unix: now.saturating_add(ttl.as_secs().max(u64::from(!ttl.is_zero()))),
-        uses_left: uses,
-        node,
-    });
-    save(dir, &records)?;
+    update(dir, |records| {
+        // Drop what can never be used again.
+        let now = now_unix();
+        records.retain(|r| r.expires_unix > now && r.uses_left > 0);
+        records.push(TokenRecord {
+            sha256: hex(digest(&SHA256, token.as_bytes()).as_ref()),
+            expires_unix: now.saturating_add(ttl.as_secs().max(u64::from(!ttl.is_zero()))),
+            uses_left: uses,
+            node,
+        });
+        Ok(())
+    })?;
     Ok(token)
 }
 
@@ -118,9 +137,10 @@ pub fn check(dir: &Path, token: &str, name: &str) -> Result<bool, EnrollError> {
 
 /// Spends one use of `token` for node `name`; on any refusal nothing changes.
 pub fn redeem(dir: &Path, token: &str, name: &str) -> Result<(), EnrollError> {
-    let mut records = load(dir)?;
-    usable(&mut records, token, name)?.uses_left -= 1;
-    save(dir, &records)
+    update(dir, |records| {
+        usable(records, token, name)?.uses_left -= 1;
+        Ok(())
+    })
 }
 
 /// What a joining node sends.
@@ -151,6 +171,21 @@ pub struct EnrollResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_created_at_once_are_all_kept() {
+        // The README's by-hand path creates two tokens at once (each in a backgrounded command).
+        let dir = tempfile::tempdir().unwrap();
+        let made: Vec<String> = std::thread::scope(|s| {
+            let tasks: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| create_token(dir.path(), Duration::from_secs(3600), 1, None).unwrap()))
+                .collect();
+            tasks.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for t in &made {
+            assert!(check(dir.path(), t, "n").is_ok(), "a token created alongside others was lost");
+        }
+    }
 
     #[test]
     fn tokens_are_single_use_expire_and_are_stored_hashed() {
