@@ -389,31 +389,57 @@ async fn health_seen(node: &NodeProc) -> Vec<(String, bool)> {
     out
 }
 
+/// A gateway and three joined nodes: node-b hosts `web` on the backend `on_b`, node-c on
+/// `on_c`, node-a is the client's node; returned once node-a knows both instances.
+struct Drill {
+    pki: Pki,
+    gw: NodeProc,
+    on_b: Backend,
+    on_c: Backend,
+    b: NodeProc,
+    c: NodeProc,
+    a: NodeProc,
+}
+
+impl Drill {
+    /// Backends named `leaving` and `staying`, answering after `delay`, without health checks.
+    async fn start(delay: Duration) -> Drill {
+        Self::start_with(["leaving", "staying"], delay, "").await
+    }
+
+    /// `names` of the backends on node-b and node-c; `check` is added to both instances.
+    async fn start_with(names: [&'static str; 2], delay: Duration, check: &str) -> Drill {
+        let pki = Pki::new();
+        let dir = pki.issue("gateway");
+        for n in ["node-a", "node-b", "node-c"] {
+            pki.issue(n);
+        }
+        let gw = NodeProc::start_layered(
+            "gateway",
+            &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
+        );
+        let on_b = Backend::start(names[0], delay).await;
+        let on_c = Backend::start(names[1], delay).await;
+        let node = |name: &str, be: Option<&Backend>| {
+            let inst = be.map(|be| instance("web", be.addr, check)).unwrap_or_default();
+            NodeProc::start(&dir, name, &joined_toml(name, &dir, gw.addrs.control, &inst))
+        };
+        let b = node("node-b", Some(&on_b));
+        let c = node("node-c", Some(&on_c));
+        let a = node("node-a", None);
+        eventually(Duration::from_secs(20), "both instances known to node-a", || async {
+            (health_seen(&a).await.len() == 2).then_some(())
+        })
+        .await;
+        Drill { pki, gw, on_b, on_c, b, c, a }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_health_check_takes_an_instance_out_of_every_rotation() {
-    let pki = Pki::new();
-    let dir = pki.issue("gateway");
-    for n in ["node-a", "node-b", "node-c"] {
-        pki.issue(n);
-    }
-    let gw = NodeProc::start_layered(
-        "gateway",
-        &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
-    );
-    let sick = Backend::start("sick", Duration::ZERO).await;
-    let well = Backend::start("well", Duration::ZERO).await;
     let check = "health = { http = \"/health\", interval = \"100ms\", timeout = \"500ms\", healthy_threshold = 2, unhealthy_threshold = 2 }";
-    let b = NodeProc::start(
-        &dir,
-        "node-b",
-        &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", sick.addr, check)),
-    );
-    let c = NodeProc::start(
-        &dir,
-        "node-c",
-        &joined_toml("node-c", &dir, gw.addrs.control, &instance("web", well.addr, check)),
-    );
-    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, ""));
+    let Drill { pki, gw, on_b: sick, on_c: well, b, c, a } =
+        Drill::start_with(["sick", "well"], Duration::ZERO, check).await;
     let cl = client();
     // Both in rotation first.
     eventually(Duration::from_secs(20), "both instances to serve", || async {
@@ -449,52 +475,12 @@ async fn a_failing_health_check_takes_an_instance_out_of_every_rotation() {
     drop((a, b, c, gw, pki));
 }
 
-/// A gateway and three joined nodes: node-b hosts `web` on `leaving`, node-c on `staying`,
-/// node-a is the client's node; returned once node-a knows both instances.
-struct Drill {
-    pki: Pki,
-    gw: NodeProc,
-    leaving: Backend,
-    _staying: Backend,
-    b: NodeProc,
-    _c: NodeProc,
-    a: NodeProc,
-}
-
-impl Drill {
-    async fn start(delay: Duration) -> Drill {
-        let pki = Pki::new();
-        let dir = pki.issue("gateway");
-        for n in ["node-a", "node-b", "node-c"] {
-            pki.issue(n);
-        }
-        let gw = NodeProc::start_layered(
-            "gateway",
-            &gateway_layers(&dir, "[[services]]\nname = \"web\"\nlb = { policy = \"round_robin\" }", ""),
-        );
-        let leaving = Backend::start("leaving", delay).await;
-        let staying = Backend::start("staying", delay).await;
-        let node = |name: &str, be: Option<&Backend>| {
-            let inst = be.map(|be| instance("web", be.addr, "")).unwrap_or_default();
-            NodeProc::start(&dir, name, &joined_toml(name, &dir, gw.addrs.control, &inst))
-        };
-        let b = node("node-b", Some(&leaving));
-        let c = node("node-c", Some(&staying));
-        let a = node("node-a", None);
-        eventually(Duration::from_secs(20), "both instances known to node-a", || async {
-            (health_seen(&a).await.len() == 2).then_some(())
-        })
-        .await;
-        Drill { pki, gw, leaving, _staying: staying, b, _c: c, a }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_a_node_under_load_fails_no_request() {
     // A little latency so that requests are in flight when SIGTERM arrives.
     let mut d = Drill::start(Duration::from_millis(20)).await;
     let load = Load::start(d.a.addrs.outbound, "web", 8);
-    wait_hits(&d.leaving, 50, "node-b's instance to take traffic").await;
+    wait_hits(&d.on_b, 50, "node-b's instance to take traffic").await;
     d.b.terminate();
     load.run_for(300).await;
     let (ok, failures) = load.stop().await;
@@ -511,7 +497,7 @@ async fn sigterm_on_a_serving_node_cuts_no_response_body() {
     // Bodies of 8 KiB over about 240 ms, and short requests that meet the GOAWAY.
     let slow = Load::start_path(d.a.addrs.outbound, "web", 6, "/slow/8", Some(8 * 1024));
     let short = Load::start(d.a.addrs.outbound, "web", 2);
-    wait_hits(&d.leaving, 20, "node-b's instance to take traffic").await;
+    wait_hits(&d.on_b, 20, "node-b's instance to take traffic").await;
     d.b.terminate();
     short.run_for(200).await;
     slow.run_for(40).await;
