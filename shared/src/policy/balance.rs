@@ -4,8 +4,7 @@
 //! remapping when endpoints change). Locality first: endpoints on this node when any is usable.
 //! Socket-free: the mesh feeds it candidates and per-endpoint statistics.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -168,10 +167,15 @@ pub fn p2c<F: Fn(usize) -> f64>(n: usize, cost: F, rng: &mut fastrand::Rng) -> u
     }
 }
 
-/// Hash of a key, stable across runs (SipHash with fixed keys).
+/// Hash of a key, the same in every process and every build: SipHash-2-4 with zero keys over
+/// the key's bytes alone. (std's `DefaultHasher` may change algorithm between Rust releases, and
+/// `Hash for [u8]` adds a length prefix of its own choosing: proxies built apart would then
+/// disagree on where a key goes.)
 pub fn hash_key(key: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
+    // Deprecated for hash maps (use RandomState); kept in std, and its algorithm is fixed.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(0, 0);
+    h.write(key);
     h.finish()
 }
 
@@ -185,12 +189,16 @@ pub struct Maglev {
 const MAGLEV_SIZE: usize = 65_537;
 
 impl Maglev {
-    /// `names` identify endpoints stably (for example `node/address`); order does not matter.
+    /// `names` identify endpoints stably (for example `node/address`); their order does not
+    /// matter: slots are filled taking endpoints in name order, so two proxies that list the
+    /// same endpoints differently build the same table (by name).
     pub fn new(names: &[String]) -> Self {
         let n = names.len();
         if n == 0 {
             return Self { table: Vec::new() };
         }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| names[a].cmp(&names[b]));
         let m = MAGLEV_SIZE as u64;
         let perms: Vec<(u64, u64)> = names
             .iter()
@@ -204,7 +212,7 @@ impl Maglev {
         let mut table = vec![u32::MAX; MAGLEV_SIZE];
         let mut filled = 0;
         'fill: loop {
-            for i in 0..n {
+            for &i in &order {
                 let (offset, skip) = perms[i];
                 loop {
                     let slot = ((offset + next[i] * skip) % m) as usize;
@@ -322,3 +330,6 @@ mod tests {
         assert_eq!(HashOn::parse("bogus"), None);
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -787,4 +787,6 @@ pub fn choose_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
