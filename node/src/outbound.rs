@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::HOST;
 use http::{Request, Response};
@@ -24,13 +25,25 @@ use quicmesh_shared::telemetry::{self, Record};
 use tokio::net::TcpListener;
 use tracing::{debug, debug_span, Instrument};
 
+/// Once the node tells its peers to go away, a local app's connection gets this long to send
+/// one more request (answered with `Connection: close`) before it is closed. Closing an idle
+/// keep-alive connection at once would race a request the app may be writing on it.
+const LAST_REQUEST_GRACE: Duration = Duration::from_millis(500);
+
 /// Accepts local apps' connections until the task is dropped.
+///
+/// A drain closes them politely: while draining, HTTP/1.1 responses carry `Connection: close`,
+/// so each connection ends after its next response; one that stays idle is closed
+/// [`LAST_REQUEST_GRACE`] after new connections are refused. The drain waits for each
+/// connection to end (it counts as work in flight), so the process does not exit under one.
 pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
     // Draining: local apps' new connections are refused from then on.
     while let Some((stream, client)) = mesh.drain().accept(&listener, "outbound").await {
         let mesh = mesh.clone();
         let drain = mesh.drain().clone();
+        let open = drain.guard();
         tokio::spawn(async move {
+            let _open = open;
             let svc = service_fn(move |req| {
                 let mesh = mesh.clone();
                 async move { Ok::<_, Infallible>(handle(req, client, &mesh).await) }
@@ -41,7 +54,10 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = drain.reached(Phase::GoingAway) => {
+                _ = async {
+                    drain.reached(Phase::GoingAway).await;
+                    tokio::time::sleep(LAST_REQUEST_GRACE).await;
+                } => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -55,6 +71,7 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
 
 async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Response<Body> {
     let in_flight = mesh.drain().guard();
+    let http1 = req.version() <= http::Version::HTTP_11;
     let mut rec = Record::new("outbound", mesh.access_log().cloned());
     rec.request(&req);
     // Debug level: at info a span per request (its fields formatted up front) was about a tenth
@@ -69,7 +86,11 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) ->
         }
     };
     // Recorded when the response body ends; in flight for the drain until then too.
-    rec.finish(resp).map(|b| body::with_guard(b, in_flight))
+    let mut resp = rec.finish(resp).map(|b| body::with_guard(b, in_flight));
+    if http1 && mesh.drain().phase() >= Phase::Draining {
+        resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 async fn route(

@@ -55,7 +55,9 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
     let table = mesh.table();
     let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
     let client = tcp.peer_addr().ok().map(|a| a.ip());
-    let ep = mesh.pick(svc, &BTreeMap::new(), &PickCtx { headers: None, client })?;
+    let ctx = PickCtx { headers: None, client };
+    let no_labels = BTreeMap::new();
+    let ep = mesh.pick(svc, &no_labels, &ctx)?;
     metrics::counter!(m::TCP_CONNECTIONS, "direction" => "outbound", "service" => service.to_string()).increment(1);
     let mut done = TunnelDone::new("outbound", service, mesh);
     done.entry.src_service = table.source_service().map(str::to_owned).map_or(telemetry::UNKNOWN.into(), Into::into);
@@ -79,7 +81,28 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
         }
         return Ok(());
     }
-    let (stream, _held) = mesh.at(&table).connect_tcp(svc, &ep).await?;
+    // Nothing from the client is forwarded until a tunnel is open, so a failed opening (the
+    // peer draining, closing or unreachable, the far side unable to connect) is tried again
+    // on another endpoint, up to the service's retry count.
+    let mut tried = vec![ep];
+    let (stream, _held) = loop {
+        let ep = tried.last().expect("one endpoint at least");
+        match mesh.at(&table).connect_tcp(svc, ep).await {
+            Ok(opened) => break opened,
+            Err(e) if tried.len() <= svc.config.retry.attempts as usize => {
+                debug!(service, endpoint = %ep.address, error = %e, "TCP tunnel did not open; trying another endpoint");
+                let avoid: Vec<&_> = tried.iter().collect();
+                let next = mesh.pick_avoiding(svc, &no_labels, &ctx, &avoid)?.clone();
+                if mesh.is_local(&next) {
+                    return Err(e);
+                }
+                done.entry.dst_node = next.node.clone();
+                done.entry.endpoint = next.address.to_string();
+                tried.push(next);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let (send, recv) = stream.split();
     let (up, down) = splice(tcp, send, recv).await;
     done.bytes(up, down);

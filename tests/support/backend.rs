@@ -3,7 +3,7 @@
 //! (listener and every open connection closed at once, as when a process dies). `GET /slow/N`
 //! answers N KiB, one KiB every 30 ms with the length declared, so a body cut short shows;
 //! `GET /cut/N` declares N + 1 KiB, sends N and breaks the connection; `GET /stall/N` declares
-//! N + 1 KiB, sends N and then nothing, for ever.
+//! N + 1 KiB, sends N and then nothing, for ever. Slow bodies name the backend in `x-backend`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -65,7 +65,11 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &'static str, delay: Duration) -> Backend {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), name, delay)
+    }
+
+    /// A backend serving on a listener the caller made (in another network namespace, say).
+    pub fn start_on(l: TcpListener, name: &'static str, delay: Duration) -> Backend {
         let addr = l.local_addr().unwrap();
         let mut b = Backend {
             addr,
@@ -143,7 +147,9 @@ impl Backend {
                                 tokio::time::sleep(delay).await;
                             }
                             if let Some(n) = req_path.strip_prefix("/slow/").and_then(|n| n.parse::<usize>().ok()) {
-                                return Ok(slow_body(n, End::Whole));
+                                let mut r = slow_body(n, End::Whole);
+                                r.headers_mut().insert("x-backend", http::HeaderValue::from_static(name));
+                                return Ok(r);
                             }
                             if let Some(n) = req_path.strip_prefix("/cut/").and_then(|n| n.parse::<usize>().ok()) {
                                 return Ok(slow_body(n, End::Cut));

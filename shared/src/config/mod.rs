@@ -489,8 +489,8 @@ impl Default for TransportConfig {
             stream_window: 4 << 20,
             connection_window: 16 << 20,
             socket_buffer: 4 << 20,
-            keep_alive: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(1500),
         }
     }
 }

@@ -218,6 +218,7 @@ impl PeerPool {
                     *guard = Some(pc.clone());
                     drop(guard);
                     dialer.mark_up(&peer_name, &peer);
+                    dialer.watch_silence(&peer_name, &peer, pc.conn.clone());
                 }
                 Err(e) => {
                     drop(guard);
@@ -243,17 +244,48 @@ impl PeerPool {
         }
     }
 
-    /// Forgets `conn` if it is still the pooled one (after it failed a request).
+    /// Forgets `conn` if it is still the pooled one (after it failed a request). A connection
+    /// that ended because the peer went silent also marks the peer unreachable, as
+    /// [`Dialer::watch_silence`] does, so the request's replay goes elsewhere at once rather than
+    /// dialling a peer that has just stopped answering.
     pub async fn evict(&self, name: &str, conn: &quinn::Connection) {
         let peer = self.peer(name);
-        let mut guard = peer.conn.lock().await;
-        if guard.as_ref().is_some_and(|pc| pc.conn.stable_id() == conn.stable_id()) {
-            *guard = None;
-        }
+        self.dialer.forget(name, &peer, conn).await;
     }
 }
 
 impl Dialer {
+    /// Marks the peer unreachable as soon as `conn` ends because nothing came from the peer
+    /// for the QUIC idle timeout (it died, froze or was cut off; keep-alives make an idle but
+    /// living peer answer well within it): requests then skip it until a probe reaches it,
+    /// instead of each dialling it and waiting out `timeouts.connect`.
+    fn watch_silence(self: &Arc<Self>, name: &str, peer: &Arc<Peer>, conn: quinn::Connection) {
+        let (dialer, name, peer) = (self.clone(), name.to_string(), Arc::downgrade(peer));
+        tokio::spawn(async move {
+            conn.closed().await;
+            if let Some(peer) = peer.upgrade() {
+                dialer.forget(&name, &peer, &conn).await;
+            }
+        });
+    }
+
+    /// Drops `conn` from the pool if it is the pooled one; marks the peer unreachable if the
+    /// connection timed out.
+    async fn forget(self: &Arc<Self>, name: &str, peer: &Arc<Peer>, conn: &quinn::Connection) {
+        let mut guard = peer.conn.lock().await;
+        if guard.as_ref().is_some_and(|pc| pc.conn.stable_id() == conn.stable_id()) {
+            *guard = None;
+        }
+        drop(guard);
+        if matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+            let silent = ProxyError::PeerUnreachable {
+                peer: name.into(),
+                reason: "went silent (no packet within the QUIC idle timeout)".into(),
+            };
+            self.mark_down(name, peer, conn.remote_address(), &silent);
+        }
+    }
+
     fn handshake_timed_out(&self, peer: &str, addr: SocketAddr) -> ProxyError {
         metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "outbound", "reason" => "timeout").increment(1);
         warn!(peer, %addr, reason = "timeout", after = ?self.connect_timeout, "QUIC handshake with peer failed");
@@ -328,6 +360,7 @@ impl Dialer {
             } else {
                 match tokio::time::timeout(self.connect_timeout, Box::pin(self.connect(&name, addr))).await {
                     Ok(Ok(pc)) => {
+                        self.watch_silence(&name, &peer, pc.conn.clone());
                         *guard = Some(pc);
                         Ok(())
                     }
