@@ -133,7 +133,11 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
                 let mesh = mesh.clone();
                 let peer = peer.to_string();
                 streams.increment(1);
+                // Counted from the accept, not from when its headers have been read: a drain
+                // that settled in between would close the connection under the request.
+                let in_flight = mesh.drain().guard();
                 tokio::spawn(async move {
+                    let _in_flight = in_flight;
                     match resolver.resolve_request().await {
                         Ok((req, stream)) => request(req, stream, &peer, &mesh).await,
                         Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
@@ -151,9 +155,8 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
     }
 }
 
+/// One request or tunnel from a peer; the drain counts it in flight (from its accept).
 async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
-    // A drain waits for this request (or tunnel) to end.
-    let _in_flight = mesh.drain().guard();
     // Authorized and delivered in canonical form, whatever the peer sent.
     let table = mesh.table();
     let path = match quicmesh_shared::message::path::normalize_uri(req.uri(), table.config().mesh.merge_slashes) {

@@ -6,6 +6,7 @@
 //! lines ([`GatewayMsg`]: whole versioned snapshots). Whole snapshots rather than deltas: a node
 //! that missed or reordered nothing and one that missed everything end up with the same state.
 
+pub mod delta;
 pub mod enroll;
 
 use std::collections::{BTreeMap, BTreeSet};
