@@ -52,22 +52,11 @@ pub struct Published {
     pub line: Bytes,
     /// The line for nodes whose overlay changes their snapshot.
     pub per_node: std::collections::HashMap<String, Bytes>,
-    /// The `GatewayMsg::Delta` line from the version published before, and that version.
-    pub delta: Option<(u64, Bytes)>,
 }
 
 impl Published {
     pub fn line_for(&self, node: &str) -> Bytes {
         self.per_node.get(node).unwrap_or(&self.line).clone()
-    }
-
-    /// What to send a node that was last sent version `sent`: the delta when it applies (and
-    /// the node takes deltas and has no overlay of its own), the whole snapshot otherwise.
-    pub fn push_for(&self, node: &str, sent: u64, deltas: bool) -> Bytes {
-        match &self.delta {
-            Some((from, line)) if deltas && *from == sent && !self.per_node.contains_key(node) => line.clone(),
-            _ => self.line_for(node),
-        }
     }
 }
 
@@ -156,12 +145,8 @@ impl ControlPlane {
         if !revoked.is_empty() {
             info!(revoked = ?revoked, "revoked members restored");
         }
-        let (tx, _) = watch::channel(Arc::new(Published {
-            version: 0,
-            line: Bytes::new(),
-            per_node: Default::default(),
-            delta: None,
-        }));
+        let (tx, _) =
+            watch::channel(Arc::new(Published { version: 0, line: Bytes::new(), per_node: Default::default() }));
         let cp = Arc::new(Self {
             inner: Mutex::new(Registry {
                 config,
@@ -227,24 +212,14 @@ impl ControlPlane {
                 }
             }
         }
-        // The delta from the version before, checked to rebuild this one exactly (a snapshot
-        // not sorted as `merge` makes them would not): otherwise nodes get the whole one.
-        let delta = reg.current.diff(&next);
-        let mut rebuilt = reg.current.clone();
-        let delta = match rebuilt.apply(delta.clone()) {
-            Ok(()) if rebuilt == next => {
-                control::encode_line(&GatewayMsg::Delta(delta)).ok().map(|l| (reg.current.version, l))
-            }
-            _ => None,
-        };
         reg.current = next;
         let persisted = Persisted { version, nodes: regs };
         // Still under the registry lock: versions are published in order, and one writer at a
         // time owns the registry file.
         self.mesh.apply(own);
         metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
-        debug!(version, bytes = line.len(), delta_bytes = delta.as_ref().map(|d| d.1.len()), "publishing snapshot");
-        self.tx.send_replace(Arc::new(Published { version, line, per_node, delta }));
+        debug!(version, bytes = line.len(), "publishing snapshot");
+        self.tx.send_replace(Arc::new(Published { version, line, per_node }));
         if let Some(path) = &self.registry_file {
             let tmp = path.with_extension("tmp");
             let write = serde_json::to_vec(&persisted)
@@ -685,14 +660,13 @@ async fn enrollment(mut stream: ServerStream, enroller: &Enroller) {
     }
 }
 
-/// The registration a hello carries, and whether the node takes deltas.
-fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, bool), String> {
+fn check_hello(msg: Option<NodeMsg>) -> Result<Registration, String> {
     match msg {
-        Some(NodeMsg::Hello { address, instances, admin, deltas, .. }) => {
+        Some(NodeMsg::Hello { address, instances, admin, .. }) => {
             if let Some(bad) = instances.iter().find(|i| !valid_name(&i.service)) {
                 return Err(format!("invalid service name {:?}", bad.service));
             }
-            Ok((Registration { address, instances, unhealthy: Default::default(), admin }, deltas))
+            Ok(Registration { address, instances, unhealthy: Default::default(), admin })
         }
         Some(other) => Err(format!("expected hello, got {other:?}")),
         None => Err("stream ended before hello".into()),
@@ -705,7 +679,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
         return;
     }
     let mut reader = LineReader::with_limit(recv, control::MAX_NODE_LINE);
-    let (reg, deltas) = match reader.next::<NodeMsg>().await.map_err(|e| e.to_string()).and_then(check_hello) {
+    let reg = match reader.next::<NodeMsg>().await.map_err(|e| e.to_string()).and_then(check_hello) {
         Ok(r) => r,
         Err(reason) => {
             warn!(node = peer, reason, "refused control stream");
@@ -721,8 +695,6 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
     info!(node = peer, %address, instances, "node registered");
     let mut goodbye = false;
     let first = rx.borrow_and_update().clone();
-    // The version last sent: the next push is a delta from it when the node takes deltas.
-    let mut sent = first.version;
     if send.send_data(first.line_for(peer)).await.is_ok() {
         loop {
             tokio::select! {
@@ -735,10 +707,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                     }
                     let snap = rx.borrow_and_update().clone();
                     let start = Instant::now();
-                    let line = snap.push_for(peer, sent, deltas);
-                    metrics::counter!(m::CONTROL_PUSH_BYTES).increment(line.len() as u64);
-                    sent = snap.version;
-                    if send.send_data(line).await.is_err() {
+                    if send.send_data(snap.line_for(peer)).await.is_err() {
                         break;
                     }
                     metrics::histogram!(m::CONTROL_PUSH_DURATION).record(start.elapsed().as_secs_f64());
@@ -746,16 +715,6 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                 msg = reader.next::<NodeMsg>() => match msg {
                     Ok(Some(NodeMsg::Ack { version })) => cp.ack(peer, version),
                     Ok(Some(NodeMsg::Nack { version, reason })) => cp.nack(peer, version, reason),
-                    Ok(Some(NodeMsg::Resync { held })) => {
-                        let snap = rx.borrow_and_update().clone();
-                        debug!(node = peer, held, version = snap.version, "node asked for the whole snapshot");
-                        let line = snap.line_for(peer);
-                        metrics::counter!(m::CONTROL_PUSH_BYTES).increment(line.len() as u64);
-                        sent = snap.version;
-                        if send.send_data(line).await.is_err() {
-                            break;
-                        }
-                    }
                     Ok(Some(NodeMsg::Health { unhealthy })) => cp.health(peer, unhealthy),
                     Ok(Some(NodeMsg::Goodbye)) => {
                         goodbye = true;
@@ -782,7 +741,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                     }
                     Ok(Some(hello @ NodeMsg::Hello { .. })) => match check_hello(Some(hello)) {
                         // Re-registration: the instances changed.
-                        Ok((reg, _)) => {
+                        Ok(reg) => {
                             cp.disconnect(peer, false);
                             if let Err(reason) = cp.register(peer, reg) {
                                 warn!(node = peer, reason, "refused re-registration");

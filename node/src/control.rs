@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Request};
 use quicmesh_shared::config::{Config, ControlTarget, TlsPaths};
 use quicmesh_shared::control::{self, GatewayMsg, Instance, LineReader, NodeMsg, Snapshot};
@@ -113,11 +112,8 @@ fn store_cache(path: &Path, line: &[u8]) {
 
 /// A gateway message after the blocking-pool part of handling it.
 enum Received {
-    /// A snapshot's version and its table, built (or why it was refused), with the snapshot
-    /// (to apply the next delta to) and its line for the cache.
-    Snapshot(u64, Result<Box<(Table, Snapshot)>, String>, Bytes),
-    /// A delta that does not apply to the snapshot held.
-    Mismatch(String),
+    /// A snapshot's version and its table, built (or why it was refused).
+    Snapshot(u64, Result<Box<Table>, String>),
     Certificate(String),
     RenewRefused(String),
 }
@@ -230,7 +226,6 @@ impl ControlClient {
             instances,
             version: self.mesh.table().version(),
             admin: Some(self.admin),
-            deltas: true,
         }
     }
 
@@ -281,8 +276,6 @@ impl ControlClient {
         }
         let mut reader = LineReader::new(recv);
         let mut progressed = false;
-        // The last snapshot applied in this session: deltas apply to it.
-        let mut held: Option<Arc<Snapshot>> = None;
         let mut renew_at = self.renew_due();
         let mut pending_key: Option<String> = None;
         loop {
@@ -338,46 +331,19 @@ impl ControlClient {
                     // Parsing, validating and building the table of a large mesh takes a
                     // while: off the proxy's thread (a node runs on one by default).
                     let local = self.local.clone();
-                    let (base, cached) = (held.clone(), self.cache.is_some());
                     let work = tokio::task::spawn_blocking(move || {
-                        serde_json::from_slice::<GatewayMsg>(&line).map(|m| match m {
-                            GatewayMsg::Snapshot(s) => {
-                                let version = s.version;
-                                Received::Snapshot(version, prepare(&local, s.clone()).map(|t| Box::new((t, s))), line)
-                            }
-                            GatewayMsg::Delta(d) => {
-                                let Some(mut s) = base.map(Arc::unwrap_or_clone) else {
-                                    return Received::Mismatch("a delta before any snapshot".into());
-                                };
-                                let version = d.version;
-                                if let Err(e) = s.apply(d) {
-                                    return Received::Mismatch(e.to_string());
-                                }
-                                // The cache keeps whole snapshots.
-                                let line = if cached {
-                                    control::encode_line(&GatewayMsg::Snapshot(s.clone())).unwrap_or_default()
-                                } else {
-                                    Bytes::new()
-                                };
-                                Received::Snapshot(version, prepare(&local, s.clone()).map(|t| Box::new((t, s))), line)
-                            }
+                        let msg = serde_json::from_slice::<GatewayMsg>(&line).map(|m| match m {
+                            GatewayMsg::Snapshot(s) => Received::Snapshot(s.version, prepare(&local, s).map(Box::new)),
                             GatewayMsg::Certificate { certificate } => Received::Certificate(certificate),
                             GatewayMsg::RenewRefused { reason } => Received::RenewRefused(reason),
-                        })
+                        });
+                        (msg, line)
                     });
-                    let Ok(msg) = work.await else {
+                    let Ok((msg, line)) = work.await else {
                         return End::Broken("snapshot processing failed".into(), progressed);
                     };
-                    let (version, prepared, line) = match msg {
-                        Ok(Received::Snapshot(version, prepared, line)) => (version, prepared, line),
-                        Ok(Received::Mismatch(reason)) => {
-                            let at = held.as_ref().map_or(0, |s| s.version);
-                            debug!(reason, held = at, "delta does not apply; asking for the whole snapshot");
-                            if let Err(e) = control::send_line(&mut send, &NodeMsg::Resync { held: at }).await {
-                                return End::Broken(e.to_string(), progressed);
-                            }
-                            continue;
-                        }
+                    let (version, prepared) = match msg {
+                        Ok(Received::Snapshot(version, prepared)) => (version, prepared),
                         Ok(Received::Certificate(certificate)) => {
                             match pending_key.take() {
                                 Some(key) => match self.install(key, certificate).await {
@@ -397,10 +363,8 @@ impl ControlClient {
                         Err(e) => return End::Broken(format!("bad message from the gateway: {e}"), progressed),
                     };
                     let reply = match prepared {
-                        Ok(built) => {
-                            let (table, snapshot) = *built;
-                            held = Some(Arc::new(snapshot));
-                            install(&self.mesh, table);
+                        Ok(table) => {
+                            install(&self.mesh, *table);
                             progressed = true;
                             if let Some(path) = self.cache.clone() {
                                 let _ = tokio::task::spawn_blocking(move || store_cache(&path, &line)).await;

@@ -99,16 +99,7 @@ fn demo_config() -> Config {
 /// What a node does with a line from the control plane: decode, validate against its own
 /// config, build the routing table.
 fn node_receives(line: &[u8], local: &Config) {
-    let snapshot = match serde_json::from_slice::<GatewayMsg>(line) {
-        Ok(GatewayMsg::Snapshot(s)) => Some(s),
-        // A delta applies to the snapshot a node holds, or is refused.
-        Ok(GatewayMsg::Delta(d)) => {
-            let mut held = demo_snapshot();
-            held.apply(d).ok().map(|()| held)
-        }
-        _ => None,
-    };
-    if let Some(s) = snapshot {
+    if let Ok(GatewayMsg::Snapshot(s)) = serde_json::from_slice::<GatewayMsg>(line) {
         let version = s.version;
         let cfg = s.into_config(local);
         if cfg.validate().is_ok() {
@@ -119,21 +110,10 @@ fn node_receives(line: &[u8], local: &Config) {
     }
 }
 
-/// The demo's snapshot, as a node holds it before a delta.
-fn demo_snapshot() -> Snapshot {
-    control::merge(&demo_config(), &BTreeMap::new())
-}
-
 fn snapshot_seeds() -> Vec<Vec<u8>> {
-    let snap = demo_snapshot();
+    let cfg = demo_config();
+    let snap: Snapshot = control::merge(&cfg, &BTreeMap::new());
     let mut seeds = corpus("snapshot");
-    let mut next = snap.clone();
-    next.version += 1;
-    next.services.pop();
-    if let Some(ep) = next.services.first_mut().and_then(|s| s.endpoints.first_mut()) {
-        ep.healthy = false;
-    }
-    seeds.push(control::encode_line(&GatewayMsg::Delta(snap.diff(&next))).unwrap().to_vec());
     seeds.push(control::encode_line(&GatewayMsg::Snapshot(snap)).unwrap().to_vec());
     let renewed =
         GatewayMsg::Certificate { certificate: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into() };
@@ -148,9 +128,7 @@ fn node_msg_seeds() -> Vec<Vec<u8>> {
             instances: Vec::new(),
             version: 3,
             admin: Some("127.0.0.1:15000".parse().unwrap()),
-            deltas: true,
         },
-        NodeMsg::Resync { held: 6 },
         NodeMsg::Ack { version: 7 },
         NodeMsg::Nack { version: 7, reason: "bad".into() },
         NodeMsg::Health { unhealthy: vec![("web".into(), "127.0.0.1:8080".parse().unwrap())] },
@@ -165,7 +143,7 @@ fn node_msg_seeds() -> Vec<Vec<u8>> {
 proptest! {
     #![proptest_config(config())]
 
-    /// Gateway -> node lines (snapshots, deltas, certificates), as a node handles them.
+    /// Gateway -> node lines (snapshots, certificates), as a node handles them.
     #[test]
     fn snapshots(line in mutated(snapshot_seeds())) {
         node_receives(&line, &Config::default());

@@ -3,9 +3,8 @@
 //! A node holds one HTTP/3 request stream open on its mutual-TLS QUIC connection to the gateway
 //! (`POST /quicmesh.control/v1/stream`, as xDS holds one gRPC stream): it sends JSON lines
 //! ([`NodeMsg`]: hello with its registration, ack/nack per snapshot, goodbye) and receives JSON
-//! lines ([`GatewayMsg`]: a whole versioned snapshot first, then deltas from the version sent
-//! before, see [`delta`]). A node that cannot apply a delta asks for the whole snapshot again
-//! (`Resync`), so a node that missed nothing and one that missed everything end up the same.
+//! lines ([`GatewayMsg`]: whole versioned snapshots). Whole snapshots rather than deltas: a node
+//! that missed or reordered nothing and one that missed everything end up with the same state.
 
 pub mod delta;
 pub mod enroll;
@@ -41,12 +40,7 @@ pub enum NodeMsg {
         /// The node's admin listener (for `quicmesh top`); older nodes do not send it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         admin: Option<SocketAddr>,
-        /// The node applies [`GatewayMsg::Delta`]s; without it, every push is a whole snapshot.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        deltas: bool,
     },
-    /// A delta did not apply to the snapshot this node holds (`held`): send the whole one.
-    Resync { held: u64 },
     /// The snapshot of this version is applied.
     Ack { version: u64 },
     /// The snapshot of this version was refused; the node keeps its previous one.
@@ -67,8 +61,6 @@ pub enum NodeMsg {
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum GatewayMsg {
     Snapshot(Snapshot),
-    /// What changed since the snapshot of `from` (only to nodes that said they apply deltas).
-    Delta(delta::Delta),
     /// The answer to `Renew`: a certificate (PEM) for the key the node just made.
     Certificate {
         certificate: String,
