@@ -3,6 +3,9 @@
 //! endpoints. The gateway runs as a process of the release binary (its RSS is read from /proc);
 //! the 50 nodes run in this process (their memory is the growth of this process's RSS).
 //!
+//! Two kinds of change are timed: a config file edit (service 0 gets a new host alias) and an
+//! endpoint change (one node registers, then removes, an extra instance of service 0).
+//!
 //! Run: `cargo bench --bench propagation` (env: BENCH_NODES=50, BENCH_SERVICES=1000,
 //! BENCH_ENDPOINTS=10000, BENCH_CHANGES=20).
 
@@ -12,6 +15,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use quicmesh_shared::config;
+use quicmesh_shared::control::Instance;
 use support::*;
 
 fn mesh_file(services: usize, change: usize) -> String {
@@ -54,6 +58,7 @@ fn main() {
         let gw_idle = gw.rss_kib();
         let before = proc_status_kib(std::process::id(), "VmRSS");
         let mut nodes = Vec::new();
+        let mut registered = Vec::new();
         let per_node = n_endpoints / n_nodes;
         for i in 0..n_nodes {
             let name = format!("node-{i:02}");
@@ -66,6 +71,7 @@ fn main() {
                 t.push_str(&format!("[[node.instances]]\nservice = \"svc-{svc}\"\naddress = \"127.0.0.{}:{port}\"\n", 1 + i % 200));
             }
             let cfg = config::from_toml(&t).unwrap();
+            registered.push(cfg.node.as_ref().unwrap().instances.clone());
             nodes.push(quicmesh_node::start(cfg).await.unwrap());
         }
         // Wait for the full mesh: every node sees every endpoint.
@@ -99,15 +105,49 @@ fn main() {
             times.push(t0.elapsed());
         }
         times.sort();
+        // Endpoint changes: node k registers an extra instance of svc-0, or removes it again.
+        let mut ep_times = Vec::new();
+        for change in 0..changes * 2 {
+            let k = (change / 2) % n_nodes;
+            let extra: std::net::SocketAddr = ([127, 1, 0, 1], 20000 + (change / 2) as u16).into();
+            let add = change % 2 == 0;
+            let mut instances = registered[k].clone();
+            if add {
+                instances.push(Instance {
+                    service: "svc-0".into(),
+                    address: extra,
+                    protocol: config::Protocol::Http1,
+                    labels: Default::default(),
+                    health: None,
+                });
+            }
+            let t0 = Instant::now();
+            assert!(nodes[k].set_instances(instances));
+            loop {
+                let seen = |n: &quicmesh_node::Node| {
+                    n.mesh.table().service("svc-0").is_some_and(|s| s.config.endpoints.iter().any(|e| e.address == extra))
+                };
+                if nodes.iter().all(|n| seen(n) == add) {
+                    break;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(60), "endpoint change {change} never arrived everywhere");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            ep_times.push(t0.elapsed());
+        }
+        ep_times.sort();
         let gw_rss = gw.rss_kib();
         let gw_peak = gw.peak_rss_kib();
         println!("\nControl-plane propagation: {n_nodes} nodes, {n_services} services, {} endpoints, {changes} changes", per_node * n_nodes);
         println!("| figure | value |");
         println!("|---|---|");
         println!("| initial convergence (all nodes registered, every node sees every endpoint) | {converge:.2?} |");
-        println!("| change -> active at all nodes, p50 | {:.2?} |", pct(&times, 0.5));
-        println!("| change -> active at all nodes, p99 | {:.2?} |", pct(&times, 0.99));
-        println!("| change -> active at all nodes, min / max | {:.2?} / {:.2?} |", times[0], times[times.len() - 1]);
+        println!("| config file change -> active at all nodes, p50 | {:.2?} |", pct(&times, 0.5));
+        println!("| config file change -> active at all nodes, p99 | {:.2?} |", pct(&times, 0.99));
+        println!("| config file change -> active at all nodes, min / max | {:.2?} / {:.2?} |", times[0], times[times.len() - 1]);
+        println!("| endpoint change -> active at all nodes, p50 | {:.2?} |", pct(&ep_times, 0.5));
+        println!("| endpoint change -> active at all nodes, p99 | {:.2?} |", pct(&ep_times, 0.99));
+        println!("| endpoint change -> active at all nodes, min / max | {:.2?} / {:.2?} |", ep_times[0], ep_times[ep_times.len() - 1]);
         println!("| gateway RSS idle / with the mesh / peak | {:.1} / {:.1} / {:.1} MB |", gw_idle as f64 / 1024.0, gw_rss as f64 / 1024.0, gw_peak as f64 / 1024.0);
         println!("| per-node memory (bench RSS growth / nodes) | {:.2} MB |", (after.saturating_sub(before)) as f64 / 1024.0 / n_nodes as f64);
         println!("(the file watcher polls every 10 ms, included in the figures)");

@@ -497,3 +497,68 @@ async fn shifting_weights_under_load_drops_no_request() {
     assert_eq!(failed, 0, "{failed} requests failed while the weights shifted");
     drop(c);
 }
+
+/// After its first whole snapshot a node is sent what changed: a new instance in a mesh of 400
+/// services reaches node-a as a delta of about a kilobyte rather than the whole snapshot, and
+/// node-a then routes to it. Restarted, node-a resumes from the version in its cache: the gateway
+/// sends it the changes since, not the whole snapshot again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_a_joined_node_as_deltas_and_a_restart_resumes() {
+    let pki = Pki::new();
+    let state = pki.issue("gateway");
+    for n in ["node-a", "node-c", "node-d"] {
+        pki.issue(n);
+    }
+    let many: String = (0..400)
+        .map(|i| format!("[[services]]\nname = \"svc-{i:03}\"\nhosts = [\"svc-{i:03}.example\"]\n\n"))
+        .collect();
+    let mesh = pki.path().join("mesh.toml");
+    std::fs::write(&mesh, format!("{}\n{many}", mesh_layer("\"alias-one\""))).unwrap();
+    let gw_file = pki.path().join("gateway.toml");
+    std::fs::write(&gw_file, gateway_layer(&state, "10s")).unwrap();
+    let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let mut a = NodeProc::start(pki.path(), "node-a", &joined_node("node-a", &state, gw.addrs.control, &[]));
+    let whole = eventually(Duration::from_secs(20), "node-a to hold the snapshot", || async {
+        let dump = http_get(&format!("http://{}/config_dump", a.addrs.admin)).await.1;
+        dump.contains("svc-399").then_some(dump.len())
+    })
+    .await;
+    let pushed = |kind: &'static str| {
+        let gw = &gw;
+        async move { metric(&gw.metrics().await, "quicmesh_control_push_bytes_total", &[("kind", kind)]) }
+    };
+    let (snapshots, deltas) = (pushed("snapshot").await, pushed("delta").await);
+    let echo = echo_backend().await;
+    let _c = NodeProc::start(pki.path(), "node-c", &joined_node("node-c", &state, gw.addrs.control, &[("echo", echo)]));
+    wait_status(&a, "echo", 200, "node-a to route to node-c's new instance").await;
+    let delta = pushed("delta").await - deltas;
+    assert!(delta > 0.0, "no delta was pushed");
+    assert!(
+        delta * 20.0 < whole as f64,
+        "pushed {delta} bytes of deltas for one new instance; the mesh is {whole} bytes"
+    );
+    // One whole snapshot since: node-c's first.
+    let one = pushed("snapshot").await - snapshots;
+    assert!(one > 0.0 && one < 2.0 * whole as f64, "{one} bytes of whole snapshots for node-c's join");
+
+    // node-a restarts holding its cached version; a change made while it is away reaches it.
+    let snapshots = pushed("snapshot").await;
+    a.kill();
+    let echo2 = echo_backend().await;
+    let d = NodeProc::start(pki.path(), "node-d", &joined_node("node-d", &state, gw.addrs.control, &[("late", echo2)]));
+    eventually(Duration::from_secs(20), "node-d to hold the snapshot", || async {
+        let dump = http_get(&format!("http://{}/config_dump", d.addrs.admin)).await.1;
+        (dump.contains("svc-399") && dump.contains("late")).then_some(())
+    })
+    .await;
+    let after_d = pushed("snapshot").await;
+    a.restart();
+    wait_status(&a, "late", 200, "the restarted node-a to route to node-d's instance").await;
+    a.log_with(&["serving from the cached snapshot"]).await;
+    assert_eq!(
+        pushed("snapshot").await,
+        after_d,
+        "the restarted node was sent the whole snapshot again ({} bytes before node-d)",
+        after_d - snapshots
+    );
+}

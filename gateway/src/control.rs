@@ -40,36 +40,113 @@ struct Registry {
     /// Per-node overlays: settings that differ from the mesh-wide ones.
     node_settings: BTreeMap<String, NodeSettings>,
     nodes: BTreeMap<String, NodeState>,
-    current: Snapshot,
+    current: Arc<Snapshot>,
+    /// The deltas between the last published versions, oldest first.
+    history: std::collections::VecDeque<Arc<DeltaLine>>,
     /// Members revoked by an operator (persisted beside the registry).
     revoked: std::collections::BTreeSet<String>,
 }
 
-/// A published snapshot, serialized once for every node.
+/// A published snapshot. Its whole line is encoded once, the first time a node needs it
+/// (most pushes are deltas); the deltas before it are encoded once for every node.
 pub struct Published {
     pub version: u64,
+    snapshot: Arc<Snapshot>,
     /// The `GatewayMsg::Snapshot` JSON line, newline included.
-    pub line: Bytes,
+    line: std::sync::OnceLock<Bytes>,
     /// The line for nodes whose overlay changes their snapshot.
     pub per_node: std::collections::HashMap<String, Bytes>,
+    /// The deltas up to this version, oldest first.
+    history: Vec<Arc<DeltaLine>>,
 }
 
+/// One delta as pushed: a `GatewayMsg::Delta` line from version `from` to `version`.
+pub struct DeltaLine {
+    from: u64,
+    version: u64,
+    line: Bytes,
+    /// It may change what a node's overlay sets for itself (a config reload, or new
+    /// mesh-wide timeouts): nodes with an overlay get their whole line instead.
+    overlays: bool,
+}
+
+/// How many deltas a published version keeps: a node that fell further behind gets the whole
+/// snapshot.
+const HISTORY: usize = 64;
+
 impl Published {
+    /// The whole snapshot for `node`.
     pub fn line_for(&self, node: &str) -> Bytes {
-        self.per_node.get(node).unwrap_or(&self.line).clone()
+        if self.version == 0 {
+            // Nothing published yet (the first snapshot was refused): nothing to send.
+            return Bytes::new();
+        }
+        if let Some(line) = self.per_node.get(node) {
+            return line.clone();
+        }
+        self.line
+            .get_or_init(|| {
+                control::encode_line(&GatewayMsg::Snapshot((*self.snapshot).clone())).unwrap_or_else(|e| {
+                    warn!("cannot encode snapshot {}: {e}", self.version);
+                    Bytes::new()
+                })
+            })
+            .clone()
+    }
+
+    /// What to send a node that holds version `held` (`None`: unknown, or it takes no deltas):
+    /// the deltas from there when they are all here (and none may change what the node's overlay
+    /// sets), the whole snapshot otherwise.
+    pub fn push_for(&self, node: &str, held: Option<u64>) -> (Bytes, Push) {
+        let whole = || (self.line_for(node), Push::Snapshot);
+        let Some(held) = held else { return whole() };
+        let Some(start) = self.history.iter().position(|d| d.from == held) else { return whole() };
+        let chain = &self.history[start..];
+        let linked = chain.windows(2).all(|w| w[0].version == w[1].from)
+            && chain.last().is_some_and(|d| d.version == self.version);
+        let overlaid = self.per_node.contains_key(node) && chain.iter().any(|d| d.overlays);
+        if !linked || overlaid {
+            return whole();
+        }
+        if let [one] = chain {
+            return (one.line.clone(), Push::Delta);
+        }
+        let mut joined = bytes::BytesMut::with_capacity(chain.iter().map(|d| d.line.len()).sum());
+        for d in chain {
+            joined.extend_from_slice(&d.line);
+        }
+        (joined.freeze(), Push::Delta)
+    }
+}
+
+/// What a push to a node carried.
+#[derive(Clone, Copy)]
+pub enum Push {
+    Snapshot,
+    Delta,
+}
+
+impl Push {
+    /// Counts a push of `bytes` bytes.
+    fn count(self, bytes: usize) {
+        let kind = match self {
+            Push::Snapshot => "snapshot",
+            Push::Delta => "delta",
+        };
+        metrics::counter!(m::CONTROL_PUSH_BYTES, "kind" => kind).increment(bytes as u64);
     }
 }
 
 /// The revocation list, beside the registry file.
 const REVOKED_FILE: &str = "revoked.json";
 
-/// Registrations often come in bursts (a fleet restarting); one snapshot covers a burst.
-const DEBOUNCE: Duration = Duration::from_millis(10);
-
 pub struct ControlPlane {
     inner: Mutex<Registry>,
     tx: watch::Sender<Arc<Published>>,
     dirty: Notify,
+    /// The registry as it should be on disk, when that is newer than the file.
+    unsaved: Mutex<Option<Persisted>>,
+    save: Notify,
     grace: Duration,
     registry_file: Option<PathBuf>,
     /// The gateway's own view, updated with every snapshot.
@@ -145,18 +222,26 @@ impl ControlPlane {
         if !revoked.is_empty() {
             info!(revoked = ?revoked, "revoked members restored");
         }
-        let (tx, _) =
-            watch::channel(Arc::new(Published { version: 0, line: Bytes::new(), per_node: Default::default() }));
+        let (tx, _) = watch::channel(Arc::new(Published {
+            version: 0,
+            snapshot: Arc::default(),
+            line: std::sync::OnceLock::new(),
+            per_node: Default::default(),
+            history: Vec::new(),
+        }));
         let cp = Arc::new(Self {
             inner: Mutex::new(Registry {
                 config,
                 node_settings,
                 nodes,
-                current: Snapshot { version, ..Default::default() },
+                current: Arc::new(Snapshot { version, ..Default::default() }),
+                history: Default::default(),
                 revoked,
             }),
             tx,
             dirty: Notify::new(),
+            unsaved: Mutex::new(None),
+            save: Notify::new(),
             grace,
             registry_file,
             mesh,
@@ -170,38 +255,47 @@ impl ControlPlane {
     }
 
     /// Rebuilds the snapshot; publishes a new version only when the content changed.
-    fn recompute(&self, force: bool) {
+    /// `reload`: the gateway's own config changed too, so its own table is compiled whole;
+    /// otherwise it is patched with the delta every node gets.
+    fn recompute(&self, reload: bool) {
         let mut reg = self.lock();
-        let regs: BTreeMap<String, Registration> = reg.nodes.iter().map(|(k, v)| (k.clone(), v.reg.clone())).collect();
-        let mut next = control::merge(&reg.config, &regs);
+        let mut next = control::merge(&reg.config, reg.nodes.iter().map(|(k, v)| (k, &v.reg)));
         let mut revoked: std::collections::BTreeSet<String> = reg.config.revoked.iter().cloned().collect();
         revoked.extend(reg.revoked.iter().cloned());
         next.revoked = revoked.into_iter().collect();
         next.version = reg.current.version;
-        if next == reg.current && !force {
+        if next == *reg.current && !reload {
             return;
         }
-        next.version = reg.current.version.saturating_add(1);
+        let from = reg.current.version;
+        next.version = from.saturating_add(1);
         let version = next.version;
-        // What this gateway itself routes by: compiled before anything is published, so a
-        // snapshot that would not compile reaches no node either.
-        let own = match Table::compile(next.clone().into_config(&reg.config), version) {
+        let delta = reg.current.diff(&next);
+        // What this gateway itself routes by, built before anything is published, so a
+        // snapshot that would not build reaches no node either.
+        let held = self.mesh.table();
+        let own = if reload || held.version() != from {
+            let config = next.clone().into_config(&reg.config);
+            config.validate().and_then(|()| Table::compile(config, version))
+        } else {
+            held.patch(delta.clone())
+        };
+        let own = match own {
             Ok(table) => table,
             Err(e) => {
                 warn!("snapshot {version} refused, not published: {e}");
                 return;
             }
         };
-        let msg = GatewayMsg::Snapshot(next);
-        let line = match control::encode_line(&msg) {
-            Ok(l) => l,
+        let delta_line = match control::encode_line(&GatewayMsg::Delta(delta)) {
+            Ok(line) => line,
             Err(e) => {
-                warn!("cannot encode snapshot {version}: {e}");
+                warn!("cannot encode the delta to snapshot {version}: {e}");
                 return;
             }
         };
-        let GatewayMsg::Snapshot(next) = msg else { return };
-        // Nodes with an overlay get their own line; everyone else shares the one encoding.
+        let overlays = reload || next.timeouts != reg.current.timeouts;
+        // Nodes with an overlay get their own whole line; everyone else shares one encoding.
         let mut per_node = std::collections::HashMap::new();
         for (name, settings) in &reg.node_settings {
             if settings.timeouts != next.timeouts {
@@ -212,23 +306,50 @@ impl ControlPlane {
                 }
             }
         }
-        reg.current = next;
-        let persisted = Persisted { version, nodes: regs };
-        // Still under the registry lock: versions are published in order, and one writer at a
-        // time owns the registry file.
+        debug!(version, delta_bytes = delta_line.len(), "publishing snapshot");
+        reg.history.push_back(Arc::new(DeltaLine { from, version, line: delta_line, overlays }));
+        while reg.history.len() > HISTORY {
+            reg.history.pop_front();
+        }
+        let snapshot = Arc::new(next);
+        reg.current = snapshot.clone();
+        // Still under the registry lock: versions are published in order.
         self.mesh.apply(own);
         metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
-        debug!(version, bytes = line.len(), "publishing snapshot");
-        self.tx.send_replace(Arc::new(Published { version, line, per_node }));
-        if let Some(path) = &self.registry_file {
-            let tmp = path.with_extension("tmp");
-            let write = serde_json::to_vec(&persisted)
-                .map_err(std::io::Error::other)
-                .and_then(|b| std::fs::write(&tmp, b))
-                .and_then(|()| std::fs::rename(&tmp, path));
-            if let Err(e) = write {
-                warn!("cannot persist registry to {}: {e}", path.display());
-            }
+        let history = reg.history.iter().cloned().collect();
+        self.tx.send_replace(Arc::new(Published {
+            version,
+            snapshot,
+            line: std::sync::OnceLock::new(),
+            per_node,
+            history,
+        }));
+        if self.registry_file.is_some() {
+            let nodes = reg.nodes.iter().map(|(k, v)| (k.clone(), v.reg.clone())).collect();
+            *self.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Persisted { version, nodes });
+            self.save.notify_one();
+        }
+    }
+
+    /// Writes the registry file whenever it changed, the latest state only, off the registry
+    /// lock (a fleet's registrations are megabytes); runs until dropped.
+    pub async fn persister(self: Arc<Self>) {
+        let Some(path) = self.registry_file.clone() else { return };
+        loop {
+            self.save.notified().await;
+            let Some(persisted) = self.unsaved.lock().unwrap_or_else(|e| e.into_inner()).take() else { continue };
+            let path = path.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let tmp = path.with_extension("tmp");
+                let write = serde_json::to_vec(&persisted)
+                    .map_err(std::io::Error::other)
+                    .and_then(|b| std::fs::write(&tmp, b))
+                    .and_then(|()| std::fs::rename(&tmp, &path));
+                if let Err(e) = write {
+                    warn!("cannot persist registry to {}: {e}", path.display());
+                }
+            })
+            .await;
         }
     }
 
@@ -247,12 +368,13 @@ impl ControlPlane {
         self.dirty.notify_one();
     }
 
-    /// Publishes snapshots for changes marked dirty; runs until dropped.
+    /// Publishes snapshots for changes marked dirty; runs until dropped. No fixed delay: the
+    /// changes that arrive while one snapshot is built make the next one together.
     pub async fn publisher(self: Arc<Self>) {
         loop {
             self.dirty.notified().await;
-            tokio::time::sleep(DEBOUNCE).await;
-            self.recompute(false);
+            let cp = self.clone();
+            let _ = tokio::task::spawn_blocking(move || cp.recompute(false)).await;
         }
     }
 
@@ -337,10 +459,10 @@ impl ControlPlane {
                     .cloned()
                     .collect();
             }
-            let mut regs: BTreeMap<String, Registration> =
-                r.nodes.iter().map(|(k, v)| (k.clone(), v.reg.clone())).collect();
-            regs.insert(name.to_string(), reg.clone());
-            control::merge(&r.config, &regs).into_config(&r.config).validate().map_err(|e| e.to_string())?;
+            let others = r.nodes.iter().filter(|(k, _)| *k != name).map(|(k, v)| (k, &v.reg));
+            let name_owned = name.to_string();
+            let merged = control::merge(&r.config, others.chain(std::iter::once((&name_owned, &reg))));
+            merged.into_config(&r.config).validate().map_err(|e| e.to_string())?;
             let st = r.nodes.entry(name.to_string()).or_insert(NodeState {
                 reg: reg.clone(),
                 streams: 0,
@@ -660,13 +782,15 @@ async fn enrollment(mut stream: ServerStream, enroller: &Enroller) {
     }
 }
 
-fn check_hello(msg: Option<NodeMsg>) -> Result<Registration, String> {
+/// What a hello says: the registration, and the version the node holds when it takes deltas.
+fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, Option<u64>), String> {
     match msg {
-        Some(NodeMsg::Hello { address, instances, admin, .. }) => {
+        Some(NodeMsg::Hello { address, instances, admin, version, deltas }) => {
             if let Some(bad) = instances.iter().find(|i| !valid_name(&i.service)) {
                 return Err(format!("invalid service name {:?}", bad.service));
             }
-            Ok(Registration { address, instances, unhealthy: Default::default(), admin })
+            let held = deltas.then_some(version);
+            Ok((Registration { address, instances, unhealthy: Default::default(), admin }, held))
         }
         Some(other) => Err(format!("expected hello, got {other:?}")),
         None => Err("stream ended before hello".into()),
@@ -679,7 +803,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
         return;
     }
     let mut reader = LineReader::with_limit(recv, control::MAX_NODE_LINE);
-    let reg = match reader.next::<NodeMsg>().await.map_err(|e| e.to_string()).and_then(check_hello) {
+    let (reg, mut held) = match reader.next::<NodeMsg>().await.map_err(|e| e.to_string()).and_then(check_hello) {
         Ok(r) => r,
         Err(reason) => {
             warn!(node = peer, reason, "refused control stream");
@@ -694,8 +818,13 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
     }
     info!(node = peer, %address, instances, "node registered");
     let mut goodbye = false;
+    let takes_deltas = held.is_some();
+    // A node that comes back holding a version still in the history resumes from it.
     let first = rx.borrow_and_update().clone();
-    if send.send_data(first.line_for(peer)).await.is_ok() {
+    let (line, push) = first.push_for(peer, held);
+    push.count(line.len());
+    held = takes_deltas.then_some(first.version);
+    if send.send_data(line).await.is_ok() {
         loop {
             tokio::select! {
                 changed = rx.changed() => {
@@ -707,14 +836,31 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                     }
                     let snap = rx.borrow_and_update().clone();
                     let start = Instant::now();
-                    if send.send_data(snap.line_for(peer)).await.is_err() {
+                    let (line, push) = snap.push_for(peer, held);
+                    push.count(line.len());
+                    held = takes_deltas.then_some(snap.version);
+                    if send.send_data(line).await.is_err() {
                         break;
                     }
                     metrics::histogram!(m::CONTROL_PUSH_DURATION).record(start.elapsed().as_secs_f64());
                 }
                 msg = reader.next::<NodeMsg>() => match msg {
                     Ok(Some(NodeMsg::Ack { version })) => cp.ack(peer, version),
-                    Ok(Some(NodeMsg::Nack { version, reason })) => cp.nack(peer, version, reason),
+                    Ok(Some(NodeMsg::Nack { version, reason })) => {
+                        // The node kept what it had: the next push is whole.
+                        held = None;
+                        cp.nack(peer, version, reason)
+                    }
+                    Ok(Some(NodeMsg::Resync { held: had })) => {
+                        let snap = rx.borrow_and_update().clone();
+                        debug!(node = peer, held = had, version = snap.version, "node asked for the whole snapshot");
+                        let line = snap.line_for(peer);
+                        Push::Snapshot.count(line.len());
+                        held = takes_deltas.then_some(snap.version);
+                        if send.send_data(line).await.is_err() {
+                            break;
+                        }
+                    }
                     Ok(Some(NodeMsg::Health { unhealthy })) => cp.health(peer, unhealthy),
                     Ok(Some(NodeMsg::Goodbye)) => {
                         goodbye = true;
@@ -741,7 +887,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                     }
                     Ok(Some(hello @ NodeMsg::Hello { .. })) => match check_hello(Some(hello)) {
                         // Re-registration: the instances changed.
-                        Ok(reg) => {
+                        Ok((reg, _)) => {
                             cp.disconnect(peer, false);
                             if let Err(reason) = cp.register(peer, reg) {
                                 warn!(node = peer, reason, "refused re-registration");

@@ -220,6 +220,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     tasks.spawn(control::serve(mesh_endpoint.clone(), cp.clone(), trust_domain, enroll));
     tasks.spawn(cp.clone().sweep());
     tasks.spawn(cp.clone().publisher());
+    tasks.spawn(cp.clone().persister());
     if !files.is_empty() {
         tasks.spawn(watch::watch(files, gc.overlays.clone(), gc.watch_interval, cp));
     }

@@ -88,32 +88,83 @@ fn install(mesh: &Mesh, table: Table) {
     metrics::gauge!(m::CONTROL_VERSION).set(version as f64);
 }
 
-/// Loads a cached snapshot (a `GatewayMsg` line as received), if there is a usable one.
-pub fn load_cache(path: &Path) -> Option<Snapshot> {
-    let data = std::fs::read(path).ok()?;
-    match serde_json::from_slice::<GatewayMsg>(&data) {
-        Ok(GatewayMsg::Snapshot(s)) => Some(s),
-        Ok(_) => None,
-        Err(e) => {
-            warn!("ignoring unreadable snapshot cache {}: {e}", path.display());
-            None
-        }
-    }
+/// The journal beside a cached snapshot: the delta lines applied since it was written.
+fn journal_path(path: &Path) -> PathBuf {
+    path.with_extension("deltas")
 }
 
-/// Writes the line as received: no re-encoding of a large snapshot.
+/// Loads the cached snapshot (a `GatewayMsg` line as received) with the deltas journaled after
+/// it, if there is a usable one. A torn last line (the process died writing it) ends the
+/// journal; deltas older than the snapshot (it was rewritten after them) are skipped.
+pub fn load_cache(path: &Path) -> Option<Snapshot> {
+    let data = std::fs::read(path).ok()?;
+    let mut snap = match serde_json::from_slice::<GatewayMsg>(&data) {
+        Ok(GatewayMsg::Snapshot(s)) => s,
+        Ok(_) => return None,
+        Err(e) => {
+            warn!("ignoring unreadable snapshot cache {}: {e}", path.display());
+            return None;
+        }
+    };
+    let journal = std::fs::read(journal_path(path)).unwrap_or_default();
+    for line in journal.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(GatewayMsg::Delta(delta)) = serde_json::from_slice::<GatewayMsg>(line) else { break };
+        if delta.version <= snap.version {
+            continue;
+        }
+        if snap.apply(delta).is_err() {
+            break;
+        }
+    }
+    Some(snap)
+}
+
+/// Writes a whole snapshot line as received (no re-encoding) and starts an empty journal.
 fn store_cache(path: &Path, line: &[u8]) {
     let tmp = path.with_extension("tmp");
     let res = std::fs::write(&tmp, line).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = res {
         warn!("cannot cache snapshot in {}: {e}", path.display());
+        return;
+    }
+    let _ = std::fs::remove_file(journal_path(path));
+}
+
+/// Appends a delta line to the journal: a change costs the disk its own bytes. Once the
+/// journal outgrows the snapshot, the snapshot is rewritten from `table` (what the node now
+/// runs) and the journal starts again, so loading never replays more than twice the mesh.
+fn journal_cache(path: &Path, line: &[u8], table: &Table) {
+    use std::io::Write;
+    let journal = journal_path(path);
+    let appended = std::fs::OpenOptions::new().create(true).append(true).open(&journal).and_then(|mut f| {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line);
+        buf.push(b'\n');
+        f.write_all(&buf)?;
+        f.metadata()
+    });
+    let outgrown = match appended {
+        Ok(meta) => std::fs::metadata(path).map_or(true, |base| meta.len() > base.len()),
+        Err(e) => {
+            warn!("cannot journal snapshot changes in {}: {e}", journal.display());
+            true
+        }
+    };
+    if outgrown {
+        match control::encode_line(&GatewayMsg::Snapshot(table.snapshot())) {
+            Ok(line) => store_cache(path, &line),
+            Err(e) => warn!("cannot encode the snapshot for {}: {e}", path.display()),
+        }
     }
 }
 
 /// A gateway message after the blocking-pool part of handling it.
 enum Received {
-    /// A snapshot's version and its table, built (or why it was refused).
-    Snapshot(u64, Result<Box<Table>, String>),
+    /// A snapshot's or delta's version and its table, built (or why it was refused); `true`
+    /// for a delta.
+    Snapshot(u64, Result<Box<Table>, String>, bool),
+    /// A delta from another version than the one held (this one).
+    Resync(u64),
     Certificate(String),
     RenewRefused(String),
 }
@@ -226,6 +277,7 @@ impl ControlClient {
             instances,
             version: self.mesh.table().version(),
             admin: Some(self.admin),
+            deltas: true,
         }
     }
 
@@ -331,9 +383,15 @@ impl ControlClient {
                     // Parsing, validating and building the table of a large mesh takes a
                     // while: off the proxy's thread (a node runs on one by default).
                     let local = self.local.clone();
+                    let held = self.mesh.table();
                     let work = tokio::task::spawn_blocking(move || {
                         let msg = serde_json::from_slice::<GatewayMsg>(&line).map(|m| match m {
-                            GatewayMsg::Snapshot(s) => Received::Snapshot(s.version, prepare(&local, s).map(Box::new)),
+                            GatewayMsg::Snapshot(s) => Received::Snapshot(s.version, prepare(&local, s).map(Box::new), false),
+                            GatewayMsg::Delta(d) if d.from != held.version() => Received::Resync(held.version()),
+                            GatewayMsg::Delta(d) => {
+                                let version = d.version;
+                                Received::Snapshot(version, held.patch(d).map(Box::new).map_err(|e| e.to_string()), true)
+                            }
                             GatewayMsg::Certificate { certificate } => Received::Certificate(certificate),
                             GatewayMsg::RenewRefused { reason } => Received::RenewRefused(reason),
                         });
@@ -342,8 +400,15 @@ impl ControlClient {
                     let Ok((msg, line)) = work.await else {
                         return End::Broken("snapshot processing failed".into(), progressed);
                     };
-                    let (version, prepared) = match msg {
-                        Ok(Received::Snapshot(version, prepared)) => (version, prepared),
+                    let (version, prepared, delta) = match msg {
+                        Ok(Received::Snapshot(version, prepared, delta)) => (version, prepared, delta),
+                        Ok(Received::Resync(held)) => {
+                            debug!(held, "a delta for another version; asking for the whole snapshot");
+                            if let Err(e) = control::send_line(&mut send, &NodeMsg::Resync { held }).await {
+                                return End::Broken(e.to_string(), progressed);
+                            }
+                            continue;
+                        }
                         Ok(Received::Certificate(certificate)) => {
                             match pending_key.take() {
                                 Some(key) => match self.install(key, certificate).await {
@@ -367,7 +432,15 @@ impl ControlClient {
                             install(&self.mesh, *table);
                             progressed = true;
                             if let Some(path) = self.cache.clone() {
-                                let _ = tokio::task::spawn_blocking(move || store_cache(&path, &line)).await;
+                                let table = self.mesh.table();
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    if delta {
+                                        journal_cache(&path, &line, &table)
+                                    } else {
+                                        store_cache(&path, &line)
+                                    }
+                                })
+                                .await;
                             }
                             debug!(version, "applied snapshot");
                             NodeMsg::Ack { version }
@@ -394,5 +467,65 @@ impl ControlClient {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quicmesh_shared::config::{EndpointConfig, PeerConfig, ServiceConfig};
+
+    use super::*;
+
+    fn snapshot(version: u64, services: usize) -> Snapshot {
+        Snapshot {
+            version,
+            nodes: vec![PeerConfig { name: "b".into(), address: ([10, 0, 0, 2], 4433).into() }],
+            services: (0..services)
+                .map(|s| ServiceConfig {
+                    endpoints: vec![EndpointConfig {
+                        node: "b".into(),
+                        address: ([10, 0, 1, s as u8], 80).into(),
+                        labels: Default::default(),
+                        healthy: true,
+                    }],
+                    ..ServiceConfig::named(format!("svc-{s:02}"))
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The cache is the snapshot as received plus a journal of the deltas applied since: loading
+    /// replays them (a torn last line ends the journal), and a journal grown past the snapshot
+    /// is folded into a new snapshot.
+    #[test]
+    fn the_cache_replays_its_journal_and_folds_it_when_it_outgrows_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.snapshot.json");
+        let mut held = snapshot(1, 20);
+        store_cache(&path, &control::encode_line(&GatewayMsg::Snapshot(held.clone())).unwrap());
+        let table_of = |s: &Snapshot| Table::compile(s.clone().into_config(&Config::default()), s.version).unwrap();
+        let mut folded = false;
+        for v in 2..60u64 {
+            let mut next = held.clone();
+            next.version = v;
+            let ep = &mut next.services[(v % 20) as usize].endpoints[0];
+            ep.healthy = !ep.healthy;
+            let line = control::encode_line(&GatewayMsg::Delta(held.diff(&next))).unwrap();
+            journal_cache(&path, &line[..line.len() - 1], &table_of(&next));
+            folded |= !journal_path(&path).exists();
+            held = next;
+            assert_eq!(load_cache(&path).as_ref(), Some(&held), "after version {v}");
+        }
+        assert!(folded, "the journal never outgrew the snapshot");
+        // A torn append: the journal ends at the last whole line.
+        let mut next = held.clone();
+        next.version = 60;
+        next.services.pop();
+        let line = control::encode_line(&GatewayMsg::Delta(held.diff(&next))).unwrap();
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(journal_path(&path)).unwrap();
+        f.write_all(&line[..line.len() / 2]).unwrap();
+        assert_eq!(load_cache(&path).as_ref(), Some(&held));
     }
 }

@@ -105,7 +105,7 @@ pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) ->
         }
         Err(e) => warn!("cannot tell which layer set each key: {e}"),
     }
-    if let Some(tx) = node.instances_tx.take() {
+    if let Some(tx) = node.instances_tx.clone() {
         node._tasks.spawn(watch_instances(files, tx));
     }
     Ok(node)
@@ -342,6 +342,22 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
 }
 
 impl Node {
+    /// Registers this set of local instances with the control plane in place of the current
+    /// one, as an edit of `node.instances` would. False on a node without a control plane.
+    pub fn set_instances(&self, instances: Vec<quicmesh_shared::control::Instance>) -> bool {
+        match &self.instances_tx {
+            Some(tx) => {
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != instances;
+                    *cur = instances;
+                    changed
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Graceful stop (SIGTERM): not ready any more; deregister so peers stop choosing this
     /// node; GOAWAY to every peer and refuse new connections and local clients; let requests
     /// in flight finish within `node.drain_timeout`; then close.

@@ -97,17 +97,34 @@ fn demo_config() -> Config {
 }
 
 /// What a node does with a line from the control plane: decode, validate against its own
-/// config, build the routing table.
-fn node_receives(line: &[u8], local: &Config) {
-    if let Ok(GatewayMsg::Snapshot(s)) = serde_json::from_slice::<GatewayMsg>(line) {
-        let version = s.version;
-        let cfg = s.into_config(local);
-        if cfg.validate().is_ok() {
-            // Validation and compiling agree: a config that validates always compiles.
-            let table = Table::compile(cfg, version).expect("a validated snapshot compiles");
-            let _ = table.dump();
+/// config, build the routing table; or patch the table it holds with a delta.
+fn node_receives(line: &[u8], local: &Config, held: &Table) {
+    match serde_json::from_slice::<GatewayMsg>(line) {
+        Ok(GatewayMsg::Snapshot(s)) => {
+            let version = s.version;
+            let cfg = s.into_config(local);
+            if cfg.validate().is_ok() {
+                // Validation and compiling agree: a config that validates always compiles.
+                let table = Table::compile(cfg, version).expect("a validated snapshot compiles");
+                let _ = table.dump();
+            }
         }
+        Ok(GatewayMsg::Delta(d)) => {
+            if let Ok(table) = held.patch(d) {
+                let _ = table.dump();
+                let _ = table.snapshot();
+            }
+        }
+        _ => {}
     }
+}
+
+/// The demo mesh as a node holds it at version 1.
+fn demo_held() -> (Snapshot, Table) {
+    let mut snap: Snapshot = control::merge(&demo_config(), &BTreeMap::new());
+    snap.version = 1;
+    let table = Table::compile(snap.clone().into_config(&Config::default()), 1).expect("the demo compiles");
+    (snap, table)
 }
 
 fn snapshot_seeds() -> Vec<Vec<u8>> {
@@ -115,6 +132,21 @@ fn snapshot_seeds() -> Vec<Vec<u8>> {
     let snap: Snapshot = control::merge(&cfg, &BTreeMap::new());
     let mut seeds = corpus("snapshot");
     seeds.push(control::encode_line(&GatewayMsg::Snapshot(snap)).unwrap().to_vec());
+    // A delta from the version a node holds: one service changed, one removed, a member moved.
+    let (held, _) = demo_held();
+    let mut next = held.clone();
+    next.version = 2;
+    if let Some(svc) = next.services.first_mut() {
+        svc.hosts.push("alias.example".into());
+        if let Some(ep) = svc.endpoints.first_mut() {
+            ep.healthy = false;
+        }
+    }
+    next.services.pop();
+    if let Some(n) = next.nodes.first_mut() {
+        n.address.set_port(n.address.port() + 1);
+    }
+    seeds.push(control::encode_line(&GatewayMsg::Delta(held.diff(&next))).unwrap().to_vec());
     let renewed =
         GatewayMsg::Certificate { certificate: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into() };
     seeds.push(control::encode_line(&renewed).unwrap().to_vec());
@@ -128,7 +160,9 @@ fn node_msg_seeds() -> Vec<Vec<u8>> {
             instances: Vec::new(),
             version: 3,
             admin: Some("127.0.0.1:15000".parse().unwrap()),
+            deltas: true,
         },
+        NodeMsg::Resync { held: 3 },
         NodeMsg::Ack { version: 7 },
         NodeMsg::Nack { version: 7, reason: "bad".into() },
         NodeMsg::Health { unhealthy: vec![("web".into(), "127.0.0.1:8080".parse().unwrap())] },
@@ -143,10 +177,11 @@ fn node_msg_seeds() -> Vec<Vec<u8>> {
 proptest! {
     #![proptest_config(config())]
 
-    /// Gateway -> node lines (snapshots, certificates), as a node handles them.
+    /// Gateway -> node lines (snapshots, deltas, certificates), as a node handles them.
     #[test]
     fn snapshots(line in mutated(snapshot_seeds())) {
-        node_receives(&line, &Config::default());
+        let (_, held) = demo_held();
+        node_receives(&line, &Config::default(), &held);
     }
 
     /// Node -> gateway lines decode or fail, never panic.

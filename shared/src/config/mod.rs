@@ -737,11 +737,12 @@ impl Config {
             }
         }
         // A Host name must lead to one service: aliases may not repeat, nor name another service.
+        let names: HashSet<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
         let mut aliases: HashSet<String> = HashSet::new();
         for (i, svc) in self.services.iter().enumerate() {
             for (j, h) in svc.hosts.iter().enumerate() {
                 let h = h.to_ascii_lowercase();
-                let other = self.services.iter().any(|s| s.name != svc.name && s.name == h);
+                let other = h != svc.name && names.contains(h.as_str());
                 if other || !aliases.insert(h.clone()) {
                     return Err(invalid(
                         format!("services[{i}].hosts[{j}]"),
@@ -753,33 +754,15 @@ impl Config {
         let local = self.node.as_ref().map(|n| n.name.as_str());
         let mut services = HashSet::new();
         for (i, svc) in self.services.iter().enumerate() {
-            if !valid_name(&svc.name) {
-                return Err(invalid(
-                    format!("services[{i}].name"),
-                    format!("{:?} is not a valid service name (a-z, 0-9, '-')", svc.name),
-                ));
-            }
+            let key = format!("services[{i}]");
+            check_service(&key, svc)?;
             if !services.insert(svc.name.as_str()) {
-                return Err(invalid(format!("services[{i}].name"), format!("service {:?} is listed twice", svc.name)));
-            }
-            if svc.lb.policy == crate::policy::balance::Policy::ConsistentHash
-                && crate::policy::balance::HashOn::parse(&svc.lb.hash_on).is_none()
-            {
-                return Err(invalid(
-                    format!("services[{i}].lb.hash_on"),
-                    format!("{:?} is not header:<name>, cookie:<name> or client_ip", svc.lb.hash_on),
-                ));
-            }
-            if let Err(reason) = svc.retry.validate() {
-                return Err(invalid(format!("services[{i}].retry"), reason));
-            }
-            if let Err(reason) = svc.outlier.validate() {
-                return Err(invalid(format!("services[{i}].outlier"), reason));
+                return Err(invalid(format!("{key}.name"), format!("service {:?} is listed twice", svc.name)));
             }
             for (j, ep) in svc.endpoints.iter().enumerate() {
                 if !peers.contains(ep.node.as_str()) && Some(ep.node.as_str()) != local {
                     return Err(invalid(
-                        format!("services[{i}].endpoints[{j}].node"),
+                        format!("{key}.endpoints[{j}].node"),
                         format!("node {:?} is not in [[nodes]]", ep.node),
                     ));
                 }
@@ -875,19 +858,7 @@ impl Config {
         if let Err(e) = crate::policy::route::RouteTable::new(routes.to_vec()) {
             return Err(invalid(key, e.to_string()));
         }
-        for (i, route) in routes.iter().enumerate() {
-            for (j, rule) in route.rules.iter().enumerate() {
-                for (k, b) in rule.backend_refs.iter().enumerate() {
-                    if self.service(&b.name).is_none() {
-                        return Err(invalid(
-                            format!("{key}[{i}].rules[{j}].backendRefs[{k}].name"),
-                            format!("unknown service {:?}", b.name),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
+        check_backends(routes, key, |name| self.service(name).is_some())
     }
 
     /// The service with this name.
@@ -899,6 +870,53 @@ impl Config {
     pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
         self.nodes.iter().find(|p| p.name == name)
     }
+}
+
+/// Every backend the routes send to is a service (`exists`); `key` names the routes in errors.
+pub(crate) fn check_backends(
+    routes: &[crate::policy::route::HttpRoute],
+    key: &str,
+    exists: impl Fn(&str) -> bool,
+) -> Result<(), ConfigError> {
+    for (i, route) in routes.iter().enumerate() {
+        for (j, rule) in route.rules.iter().enumerate() {
+            for (k, b) in rule.backend_refs.iter().enumerate() {
+                if !exists(&b.name) {
+                    return Err(invalid(
+                        format!("{key}[{i}].rules[{j}].backendRefs[{k}].name"),
+                        format!("unknown service {:?}", b.name),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What [`Config::validate`] checks of one service on its own (`key` names it in errors):
+/// its name and its policies. Shared with the checks of a control-plane delta.
+pub(crate) fn check_service(key: &str, svc: &ServiceConfig) -> Result<(), ConfigError> {
+    if !valid_name(&svc.name) {
+        return Err(invalid(
+            format!("{key}.name"),
+            format!("{:?} is not a valid service name (a-z, 0-9, '-')", svc.name),
+        ));
+    }
+    if svc.lb.policy == crate::policy::balance::Policy::ConsistentHash
+        && crate::policy::balance::HashOn::parse(&svc.lb.hash_on).is_none()
+    {
+        return Err(invalid(
+            format!("{key}.lb.hash_on"),
+            format!("{:?} is not header:<name>, cookie:<name> or client_ip", svc.lb.hash_on),
+        ));
+    }
+    if let Err(reason) = svc.retry.validate() {
+        return Err(invalid(format!("{key}.retry"), reason));
+    }
+    if let Err(reason) = svc.outlier.validate() {
+        return Err(invalid(format!("{key}.outlier"), reason));
+    }
+    Ok(())
 }
 
 /// One service instance a node hosts, as it registers it.

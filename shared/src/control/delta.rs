@@ -75,7 +75,7 @@ fn changes<T: Clone + PartialEq>(prev: &[T], next: &[T], name: impl Fn(&T) -> &s
 }
 
 /// Replaces or inserts `items` and drops `removed` in `list`, kept sorted by name.
-fn patch<T>(list: &mut Vec<T>, items: Vec<T>, removed: &[String], name: impl Fn(&T) -> &str) {
+pub(crate) fn patch<T>(list: &mut Vec<T>, items: Vec<T>, removed: &[String], name: impl Fn(&T) -> &str) {
     list.retain(|t| !removed.iter().any(|r| r == name(t)));
     for item in items {
         match list.binary_search_by(|t| name(t).cmp(name(&item))) {

@@ -3,13 +3,15 @@
 //! A node holds one HTTP/3 request stream open on its mutual-TLS QUIC connection to the gateway
 //! (`POST /quicmesh.control/v1/stream`, as xDS holds one gRPC stream): it sends JSON lines
 //! ([`NodeMsg`]: hello with its registration, ack/nack per snapshot, goodbye) and receives JSON
-//! lines ([`GatewayMsg`]: whole versioned snapshots). Whole snapshots rather than deltas: a node
-//! that missed or reordered nothing and one that missed everything end up with the same state.
+//! lines ([`GatewayMsg`]: a whole versioned snapshot first, then deltas from the version sent
+//! before, see [`delta`], to nodes that say they take them). A node holding another version
+//! than a delta starts from asks for the whole snapshot again (`Resync`), so a node that missed
+//! nothing and one that missed everything end up with the same state.
 
 pub mod delta;
 pub mod enroll;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 
@@ -40,7 +42,12 @@ pub enum NodeMsg {
         /// The node's admin listener (for `quicmesh top`); older nodes do not send it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         admin: Option<SocketAddr>,
+        /// The node applies [`GatewayMsg::Delta`]s; without it, every push is a whole snapshot.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        deltas: bool,
     },
+    /// A delta did not start from the snapshot this node holds (`held`): send the whole one.
+    Resync { held: u64 },
     /// The snapshot of this version is applied.
     Ack { version: u64 },
     /// The snapshot of this version was refused; the node keeps its previous one.
@@ -61,6 +68,8 @@ pub enum NodeMsg {
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum GatewayMsg {
     Snapshot(Snapshot),
+    /// What changed since the snapshot of `from` (only to nodes that said they take deltas).
+    Delta(delta::Delta),
     /// The answer to `Renew`: a certificate (PEM) for the key the node just made.
     Certificate {
         certificate: String,
@@ -122,28 +131,41 @@ pub struct Registration {
 
 /// Merges static config and registrations into the mesh state (without a version).
 /// Registered instances join the service of that name, created if config does not list it.
-pub fn merge(config: &Config, registrations: &BTreeMap<String, Registration>) -> Snapshot {
+/// Linear in config plus registrations: services, members and endpoints are found by index.
+pub fn merge<'a>(config: &Config, registrations: impl IntoIterator<Item = (&'a String, &'a Registration)>) -> Snapshot {
+    use std::collections::{HashMap, HashSet};
     let mut nodes: Vec<PeerConfig> = config.nodes.clone();
     let mut services: Vec<ServiceConfig> = config.services.clone();
+    let mut node_at: HashMap<String, usize> = nodes.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+    let mut service_at: HashMap<String, usize> =
+        services.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+    let mut listed: HashSet<(usize, String, SocketAddr)> = services
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.endpoints.iter().map(move |e| (i, e.node.clone(), e.address)))
+        .collect();
     for (name, reg) in registrations {
-        match nodes.iter_mut().find(|p| &p.name == name) {
-            Some(p) => p.address = reg.address,
-            None => nodes.push(PeerConfig { name: name.clone(), address: reg.address }),
+        match node_at.get(name) {
+            Some(&i) => nodes[i].address = reg.address,
+            None => {
+                node_at.insert(name.clone(), nodes.len());
+                nodes.push(PeerConfig { name: name.clone(), address: reg.address });
+            }
         }
         for inst in &reg.instances {
             let healthy = !reg.unhealthy.contains(&(inst.service.clone(), inst.address));
             let ep = EndpointConfig { node: name.clone(), address: inst.address, labels: inst.labels.clone(), healthy };
-            match services.iter_mut().find(|s| s.name == inst.service) {
-                Some(s) => {
-                    if !s.endpoints.iter().any(|e| e.node == ep.node && e.address == ep.address) {
-                        s.endpoints.push(ep);
-                    }
+            let i = match service_at.get(&inst.service) {
+                Some(&i) => i,
+                None => {
+                    service_at.insert(inst.service.clone(), services.len());
+                    services
+                        .push(ServiceConfig { protocol: inst.protocol, ..ServiceConfig::named(inst.service.clone()) });
+                    services.len() - 1
                 }
-                None => services.push(ServiceConfig {
-                    protocol: inst.protocol,
-                    endpoints: vec![ep],
-                    ..ServiceConfig::named(inst.service.clone())
-                }),
+            };
+            if listed.insert((i, ep.node.clone(), ep.address)) {
+                services[i].endpoints.push(ep);
             }
         }
     }
@@ -241,6 +263,8 @@ pub async fn send_line<S: H3Send, T: Serialize>(send: &mut S, msg: &T) -> Result
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]

@@ -7,7 +7,6 @@
 //! checks them against its own instances, so a peer can never make a node dial an arbitrary
 //! address.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -18,12 +17,11 @@ use super::local::LocalClient;
 use crate::config::NodeConfig;
 use crate::message::error::ProxyError;
 use crate::policy::authz::{Caller, Decision, Target};
-use crate::policy::balance::EndpointStats;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics as m;
 use crate::transport::pool::PeerPool;
 
-use super::table::{ServiceState, Table};
+use super::table::Table;
 
 /// A client request stream on a mesh connection.
 pub type RequestStream = h3::client::RequestStream<h3_quinn::BidiStream<bytes::Bytes>, bytes::Bytes>;
@@ -49,9 +47,6 @@ pub struct Mesh {
     /// Ticks with every new table (connections re-check revocations on it).
     changes: tokio::sync::watch::Sender<u64>,
     table: ArcSwap<Table>,
-    /// Balancer statistics and per-service state by key, carried from table to table.
-    stats: std::sync::Mutex<HashMap<String, Arc<EndpointStats>>>,
-    states: std::sync::Mutex<HashMap<String, Arc<ServiceState>>>,
 }
 
 impl Mesh {
@@ -63,9 +58,6 @@ impl Mesh {
         let idle = config.node.as_ref().map_or(NodeConfig::default().instance_idle, |n| n.instance_idle);
         let local = LocalClient::new(config.timeouts.connect, idle);
         let trust_domain = config.mesh.trust_domain.clone();
-        let stats = Default::default();
-        let states = Default::default();
-        let table = carry(&stats, &states, table);
         Self {
             local_node: inputs.local_node,
             trust_domain,
@@ -75,8 +67,6 @@ impl Mesh {
             access_log: inputs.access_log,
             changes: tokio::sync::watch::channel(table.version()).0,
             table: ArcSwap::from_pointee(table),
-            stats,
-            states,
         }
     }
 
@@ -171,13 +161,13 @@ impl Mesh {
     /// Endpoints that stay keep their statistics, services their counters and budget, an
     /// unchanged route list its rate limiters; what left is forgotten.
     pub fn apply(&self, table: Table) {
-        let mut table = carry(&self.stats, &self.states, table);
         let old = self.table.load();
-        if table.routes.routes() == old.routes.routes() {
+        let mut table = if table.carried { table } else { carry(&old, table) };
+        if !Arc::ptr_eq(&table.routes, &old.routes) && table.routes.routes() == old.routes.routes() {
             table.routes = old.routes.clone();
         }
         if let (Some(new), Some(prev)) = (&table.edge_routes, &old.edge_routes) {
-            if new.routes() == prev.routes() {
+            if !Arc::ptr_eq(new, prev) && new.routes() == prev.routes() {
                 table.edge_routes = Some(prev.clone());
             }
         }
@@ -214,43 +204,26 @@ impl<'r> Call<'r> {
 
 /// Gives a fresh table's services the statistics and state the previous tables had for them
 /// (by endpoint key and service name), and remembers this table's for the next.
-fn carry(
-    stats: &std::sync::Mutex<HashMap<String, Arc<EndpointStats>>>,
-    states: &std::sync::Mutex<HashMap<String, Arc<ServiceState>>>,
-    mut table: Table,
-) -> Table {
+/// Gives the services of a freshly compiled table the statistics and counters of the same
+/// services (and endpoints) in `old`, so requests read them without locks across swaps.
+fn carry(old: &Table, mut table: Table) -> Table {
     // `hosts` shares the services; let go of those references so they can be updated.
     let host_names: Vec<(String, String)> =
         table.hosts.iter().map(|(h, svc)| (h.clone(), svc.config.name.clone())).collect();
     table.hosts.clear();
-    {
-        let mut map = stats.lock().unwrap_or_else(|e| e.into_inner());
-        let mut states = states.lock().unwrap_or_else(|e| e.into_inner());
-        let mut kept = HashMap::new();
-        let mut kept_states = HashMap::new();
-        for svc in table.services.values_mut() {
-            // Fresh services were just built: nothing else holds them now.
-            let Some(svc) = Arc::get_mut(svc) else { continue };
-            if let Some(state) = states.get(&svc.config.name) {
-                state.budget.reconfigure(&svc.config.retry.budget);
-                svc.state = state.clone();
-            }
-            kept_states.insert(svc.config.name.clone(), svc.state.clone());
-            for (ep, slot) in svc.config.endpoints.iter().zip(svc.stats.iter_mut()) {
-                let key = super::table::endpoint_key(ep);
-                let shared = map.get(&key).cloned().unwrap_or_else(|| slot.clone());
-                *slot = shared.clone();
-                kept.insert(key, shared);
-            }
+    for svc in table.services.values_mut() {
+        // Fresh services were just built: nothing else holds them now.
+        let Some(svc) = Arc::get_mut(svc) else { continue };
+        if let Some(prev) = old.services.get(&svc.config.name) {
+            svc.carry_from(prev);
         }
-        *map = kept;
-        *states = kept_states;
     }
     for (host, name) in host_names {
         if let Some(svc) = table.services.get(&name) {
             table.hosts.insert(host, svc.clone());
         }
     }
+    table.carried = true;
     table
 }
 

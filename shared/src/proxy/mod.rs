@@ -8,6 +8,7 @@ pub mod drain;
 pub mod local;
 pub mod mesh;
 pub mod mirror;
+mod patch;
 pub mod pick;
 pub mod pipeline;
 mod remote;

@@ -48,6 +48,22 @@ impl ServiceState {
 }
 
 impl Service {
+    /// Takes over `prev`'s counters and the statistics of the endpoints both list (by node
+    /// and address), so a new table keeps outlier ejections, latency estimates and budgets.
+    pub(crate) fn carry_from(&mut self, prev: &Service) {
+        prev.state.budget.reconfigure(&self.config.retry.budget);
+        self.state = prev.state.clone();
+        let mut old: HashMap<(&str, std::net::SocketAddr), &Arc<EndpointStats>> = HashMap::new();
+        for (ep, stats) in prev.config.endpoints.iter().zip(&prev.stats) {
+            old.insert((ep.node.as_str(), ep.address), stats);
+        }
+        for (ep, slot) in self.config.endpoints.iter().zip(self.stats.iter_mut()) {
+            if let Some(stats) = old.get(&(ep.node.as_str(), ep.address)) {
+                *slot = Arc::clone(stats);
+            }
+        }
+    }
+
     /// The statistics of one of this service's endpoints.
     pub fn stats_of(&self, ep: &EndpointConfig) -> Option<&Arc<EndpointStats>> {
         let i = self.config.endpoints.iter().position(|e| e.node == ep.node && e.address == ep.address)?;
@@ -65,19 +81,76 @@ pub(crate) fn endpoint_key(ep: &EndpointConfig) -> String {
 /// and uses it throughout, so it sees the old or the new view, never a mix.
 pub struct Table {
     /// Snapshot version (0 for static config).
-    version: u64,
+    pub(crate) version: u64,
     /// Mesh routes (`[[routes]]`), compiled.
     pub(crate) routes: Arc<RouteTable>,
     /// The gateway's edge routes (`gateway.routes`), compiled; `None` off the gateway.
     pub(crate) edge_routes: Option<Arc<RouteTable>>,
     /// Everything else (peers, timeouts, policies); services live in `services`.
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     pub(crate) services: HashMap<String, Arc<Service>>,
     pub(crate) hosts: HashMap<String, Arc<Service>>,
     /// The service this node hosts, when it hosts exactly one: the source of its outbound calls.
-    source_service: Option<String>,
+    pub(crate) source_service: Option<String>,
     /// Endpoints on revoked members, by service: out of routing, shown in the dump.
-    revoked_endpoints: Vec<(String, EndpointConfig)>,
+    pub(crate) revoked_endpoints: Vec<(String, EndpointConfig)>,
+    /// The services' statistics already come from the table this one replaces (a patched
+    /// table); a compiled one gets them when applied.
+    pub(crate) carried: bool,
+}
+
+/// Builds one service's balancing state. `prev`, the service of that name in the table this
+/// one replaces, lends its statistics and counters, so a new table keeps what the proxy
+/// learned. Endpoints on `revoked` members come back apart: out of routing.
+pub(crate) fn build_service(
+    mut svc: ServiceConfig,
+    key: &str,
+    revoked: &[String],
+    prev: Option<&Service>,
+) -> Result<(Service, Vec<EndpointConfig>), ConfigError> {
+    let hash_on = match svc.lb.policy {
+        Policy::ConsistentHash => Some(HashOn::parse(&svc.lb.hash_on).ok_or_else(|| {
+            invalid(
+                format!("{key}.lb.hash_on"),
+                format!("{:?} is not header:<name>, cookie:<name> or client_ip", svc.lb.hash_on),
+            )
+        })?),
+        _ => None,
+    };
+    // A revoked member's endpoints leave routing at once, static or registered; they stay
+    // visible (as revoked) in the dump.
+    let (kept, gone): (Vec<_>, Vec<_>) = if revoked.is_empty() {
+        (std::mem::take(&mut svc.endpoints), Vec::new())
+    } else {
+        std::mem::take(&mut svc.endpoints).into_iter().partition(|ep| !revoked.contains(&ep.node))
+    };
+    svc.endpoints = kept;
+    let maglev = hash_on.is_some().then(|| Maglev::new(&svc.endpoints.iter().map(endpoint_key).collect::<Vec<_>>()));
+    let mut service = Service {
+        stats: svc.endpoints.iter().map(|_| Arc::new(EndpointStats::default())).collect(),
+        state: Arc::new(ServiceState::new(&svc)),
+        config: svc,
+        cursor: AtomicUsize::new(0),
+        hash_on,
+        maglev,
+    };
+    if let Some(prev) = prev {
+        service.carry_from(prev);
+    }
+    Ok((service, gone))
+}
+
+/// The service this node hosts, when it hosts exactly one.
+pub(crate) fn source_of(services: &HashMap<String, Arc<Service>>, local: Option<&str>) -> Option<String> {
+    let local = local?;
+    let mut hosted = services
+        .values()
+        .filter(|s| s.config.endpoints.iter().any(|ep| ep.node == local))
+        .map(|s| s.config.name.clone());
+    match (hosted.next(), hosted.next()) {
+        (Some(one), None) => Some(one),
+        _ => None,
+    }
 }
 
 impl Table {
@@ -98,42 +171,17 @@ impl Table {
         let mut services = HashMap::new();
         let mut hosts = HashMap::new();
         // The services move into the table; `config` keeps the rest (peers, timeouts, ...).
-        for (i, mut svc) in std::mem::take(&mut config.services).into_iter().enumerate() {
-            let hash_on = match svc.lb.policy {
-                Policy::ConsistentHash => Some(HashOn::parse(&svc.lb.hash_on).ok_or_else(|| {
-                    invalid(
-                        format!("services[{i}].lb.hash_on"),
-                        format!("{:?} is not header:<name>, cookie:<name> or client_ip", svc.lb.hash_on),
-                    )
-                })?),
-                _ => None,
-            };
-            // A revoked member's endpoints leave routing at once, static or registered; they
-            // stay visible (as revoked) in the dump.
-            let (kept, revoked): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut svc.endpoints).into_iter().partition(|ep| !config.revoked.contains(&ep.node));
-            svc.endpoints = kept;
-            revoked_endpoints.extend(revoked.into_iter().map(|ep| (svc.name.clone(), ep)));
-            let maglev =
-                hash_on.is_some().then(|| Maglev::new(&svc.endpoints.iter().map(endpoint_key).collect::<Vec<_>>()));
-            let stats = svc.endpoints.iter().map(|_| Arc::new(EndpointStats::default())).collect();
-            let state = Arc::new(ServiceState::new(&svc));
-            let s = Arc::new(Service { config: svc, cursor: AtomicUsize::new(0), hash_on, maglev, stats, state });
+        for (i, svc) in std::mem::take(&mut config.services).into_iter().enumerate() {
+            let (s, revoked) = build_service(svc, &format!("services[{i}]"), &config.revoked, None)?;
+            revoked_endpoints.extend(revoked.into_iter().map(|ep| (s.config.name.clone(), ep)));
+            let s = Arc::new(s);
             services.insert(s.config.name.clone(), s.clone());
             hosts.insert(s.config.name.clone(), s.clone());
             for h in &s.config.hosts {
                 hosts.insert(h.to_ascii_lowercase(), s.clone());
             }
         }
-        let local = config.node.as_ref().map(|n| n.name.as_str());
-        let mut hosted = services
-            .values()
-            .filter(|s| s.config.endpoints.iter().any(|ep| Some(ep.node.as_str()) == local))
-            .map(|s| s.config.name.clone());
-        let source_service = match (hosted.next(), hosted.next()) {
-            (Some(one), None) => Some(one),
-            _ => None,
-        };
+        let source_service = source_of(&services, config.node.as_ref().map(|n| n.name.as_str()));
         Ok(Self {
             version,
             routes: Arc::new(routes),
@@ -143,6 +191,7 @@ impl Table {
             hosts,
             source_service,
             revoked_endpoints,
+            carried: false,
         })
     }
 
@@ -199,6 +248,30 @@ impl Table {
         config.services = services;
         config.routes = self.routes.routes().to_vec();
         config
+    }
+
+    /// One service's config as the control plane sent it: revoked members' endpoints put back.
+    pub(crate) fn full_service(&self, svc: &Service) -> ServiceConfig {
+        let mut config = svc.config.clone();
+        let name = &svc.config.name;
+        config.endpoints.extend(self.revoked_endpoints.iter().filter(|(n, _)| n == name).map(|(_, ep)| ep.clone()));
+        config
+    }
+
+    /// The control-plane snapshot this table was built from (services sorted by name, revoked
+    /// members' endpoints back in their services): what a node keeps in its cache.
+    pub fn snapshot(&self) -> crate::control::Snapshot {
+        let mut names: Vec<&String> = self.services.keys().collect();
+        names.sort();
+        crate::control::Snapshot {
+            version: self.version,
+            nodes: self.config.nodes.clone(),
+            services: names.into_iter().filter_map(|n| self.services.get(n)).map(|s| self.full_service(s)).collect(),
+            timeouts: self.config.timeouts.clone(),
+            routes: self.routes.routes().to_vec(),
+            authorization: self.config.authorization.clone(),
+            revoked: self.config.revoked.clone(),
+        }
     }
 
     /// JSON of what this proxy believes: version, peers, services and their endpoints.

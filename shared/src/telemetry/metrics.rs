@@ -26,6 +26,7 @@ pub const CONTROL_VERSION: &str = "quicmesh_control_snapshot_version";
 pub const CONTROL_NODES: &str = "quicmesh_control_connected_nodes";
 pub const CONTROL_NACKS: &str = "quicmesh_control_snapshots_rejected_total";
 pub const CONTROL_PUSH_DURATION: &str = "quicmesh_control_push_duration_seconds";
+pub const CONTROL_PUSH_BYTES: &str = "quicmesh_control_push_bytes_total";
 pub const CONTROL_APPLIED: &str = "quicmesh_control_snapshots_applied_total";
 pub const CONTROL_CONNECTED: &str = "quicmesh_control_connected";
 pub const CONFIG_RELOADS: &str = "quicmesh_config_reloads_total";
@@ -149,6 +150,11 @@ fn describe() {
     describe_gauge!(CONTROL_NODES, "Nodes with a live control stream to the gateway.");
     describe_counter!(CONTROL_NACKS, "Snapshots rejected (gateway: reported by nodes; node: refused here).");
     describe_histogram!(CONTROL_PUSH_DURATION, Unit::Seconds, "Time to write one snapshot to one node's stream.");
+    describe_counter!(
+        CONTROL_PUSH_BYTES,
+        Unit::Bytes,
+        "Bytes pushed to nodes' control streams, by kind: whole snapshots or deltas."
+    );
     describe_counter!(CONTROL_APPLIED, "Snapshots a node applied.");
     describe_gauge!(CONTROL_CONNECTED, "1 while the node holds a control stream to the gateway.");
     describe_counter!(ENROLLMENTS, "Certificate requests by result (issued, renewed, refused).");
