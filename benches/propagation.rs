@@ -106,6 +106,8 @@ fn main() {
         }
         times.sort();
         // Endpoint changes: node k registers an extra instance of svc-0, or removes it again.
+        let pushed = |text: &str, kind: &str| metric(text, "quicmesh_control_push_bytes_total", &[("kind", kind)]);
+        let before_ep = gw.metrics().await;
         let mut ep_times = Vec::new();
         for change in 0..changes * 2 {
             let k = (change / 2) % n_nodes;
@@ -136,6 +138,10 @@ fn main() {
             ep_times.push(t0.elapsed());
         }
         ep_times.sort();
+        let after_ep = gw.metrics().await;
+        let ep_changes = (changes * 2 * n_nodes) as f64;
+        let delta_bytes = (pushed(&after_ep, "delta") - pushed(&before_ep, "delta")) / ep_changes;
+        let whole_bytes = pushed(&after_ep, "snapshot") - pushed(&before_ep, "snapshot");
         let gw_rss = gw.rss_kib();
         let gw_peak = gw.peak_rss_kib();
         println!("\nControl-plane propagation: {n_nodes} nodes, {n_services} services, {} endpoints, {changes} changes", per_node * n_nodes);
@@ -148,7 +154,9 @@ fn main() {
         println!("| endpoint change -> active at all nodes, p50 | {:.2?} |", pct(&ep_times, 0.5));
         println!("| endpoint change -> active at all nodes, p99 | {:.2?} |", pct(&ep_times, 0.99));
         println!("| endpoint change -> active at all nodes, min / max | {:.2?} / {:.2?} |", ep_times[0], ep_times[ep_times.len() - 1]);
+        println!("| bytes pushed per endpoint change, per node (deltas) / whole snapshots sent meanwhile | {delta_bytes:.0} B / {whole_bytes:.0} B |");
         println!("| gateway RSS idle / with the mesh / peak | {:.1} / {:.1} / {:.1} MB |", gw_idle as f64 / 1024.0, gw_rss as f64 / 1024.0, gw_peak as f64 / 1024.0);
+        println!("| gateway RSS per node (with the mesh - idle) / nodes | {:.2} MB |", (gw_rss.saturating_sub(gw_idle)) as f64 / 1024.0 / n_nodes as f64);
         println!("| per-node memory (bench RSS growth / nodes) | {:.2} MB |", (after.saturating_sub(before)) as f64 / 1024.0 / n_nodes as f64);
         println!("(the file watcher polls every 10 ms, included in the figures)");
         for n in nodes {

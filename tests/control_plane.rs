@@ -562,3 +562,120 @@ async fn changes_reach_a_joined_node_as_deltas_and_a_restart_resumes() {
         after_d - snapshots
     );
 }
+
+/// A member's control stream to the gateway, opened as any release of the node opens it, with
+/// `hello` sent as the first line.
+async fn raw_control_stream(
+    dir: &Path,
+    name: &str,
+    control: SocketAddr,
+    hello: &str,
+) -> (quicmesh_shared::transport::pool::PeerPool, RawSend, quicmesh_shared::control::LineReader<RawRecv>) {
+    use quicmesh_shared::transport;
+    let creds = credentials(dir, name);
+    let cfg = quicmesh_shared::config::TransportConfig::default();
+    let bind = transport::Bind::Addr("127.0.0.1:0".parse().unwrap());
+    let ep = transport::mesh_endpoint(bind, &creds, TD, &cfg, None).unwrap();
+    let pool = transport::pool::PeerPool::new(ep, TD, Duration::from_secs(5));
+    let pc = pool.dial("gateway", control).await.unwrap();
+    let req =
+        http::Request::post(format!("https://gateway{}", quicmesh_shared::control::STREAM_PATH)).body(()).unwrap();
+    let stream = pc.h3.clone().send_request(req).await.unwrap();
+    let (mut send, mut recv) = stream.split();
+    send.send_data(bytes::Bytes::from(format!("{hello}\n"))).await.unwrap();
+    assert!(recv.recv_response().await.unwrap().status().is_success());
+    (pool, send, quicmesh_shared::control::LineReader::new(recv))
+}
+
+type RawSend = h3::client::RequestStream<h3_quinn::SendStream<bytes::Bytes>, bytes::Bytes>;
+type RawRecv = h3::client::RequestStream<h3_quinn::RecvStream, bytes::Bytes>;
+
+/// The lines a node and a gateway of protocol version 1 (the release before deltas) sent,
+/// recorded from that release.
+fn v1_lines(which: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/control/v1/{which}.jsonl"));
+    std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+}
+
+/// The gateway serves a node one release behind: the recorded hello, health report and ack of
+/// a version-1 node are understood, and that node is only ever sent whole snapshots whose
+/// fields version 1 reads (it refuses unknown fields), also after the mesh changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read() {
+    let pki = Pki::new();
+    let state = pki.issue("gateway");
+    pki.issue("node-a");
+    pki.issue("node-c");
+    let mesh = pki.path().join("mesh.toml");
+    std::fs::write(&mesh, mesh_layer("")).unwrap();
+    let gw_file = pki.path().join("gateway.toml");
+    std::fs::write(&gw_file, gateway_layer(&state, "10s")).unwrap();
+    let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let node = v1_lines("node");
+    let recorded: serde_json::Value = serde_json::from_str(&v1_lines("gateway")[0]).unwrap();
+    // The fields version 1 knows in a snapshot, and in a service.
+    let keys =
+        |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<std::collections::BTreeSet<_>>();
+    let known = keys(&recorded["snapshot"]);
+    let known_service = recorded["snapshot"]["services"].as_array().unwrap().iter().fold(
+        Default::default(),
+        |mut all: std::collections::BTreeSet<String>, s| {
+            all.extend(keys(s));
+            all
+        },
+    );
+    let readable = |line: &bytes::Bytes| {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let snap = v.get("snapshot").unwrap_or_else(|| panic!("a version-1 node was sent {v}"));
+        assert!(keys(snap).is_subset(&known), "fields version 1 does not read: {:?}", keys(snap).difference(&known));
+        for s in snap["services"].as_array().unwrap() {
+            assert!(keys(s).is_subset(&known_service), "service fields version 1 does not read: {s}");
+        }
+        snap.clone()
+    };
+    let (_pool, mut send, mut recv) = raw_control_stream(&state, "node-c", gw.addrs.control, &node[0]).await;
+    // Every push until the one that shows `what` must be readable by version 1.
+    let mut until = async |what: &str, shows: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = tokio::time::timeout_at(deadline, recv.next_raw())
+                .await
+                .unwrap_or_else(|_| panic!("node-c was not sent {what}"))
+                .unwrap()
+                .expect("the gateway ended node-c's stream");
+            let snap = readable(&line);
+            if shows(&snap) {
+                return snap;
+            }
+        }
+    };
+    let names = |v: &serde_json::Value, key: &str| -> Vec<String> {
+        v[key].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+    };
+    let snap = until("its own registration", &|s| names(s, "services").contains(&"hello".to_string())).await;
+    let hello = snap["services"].as_array().unwrap().iter().find(|s| s["name"] == "hello").unwrap();
+    assert_eq!(hello["endpoints"][0]["address"], "127.0.0.1:8081");
+    // Its health report and ack, as recorded.
+    for line in &node[1..3] {
+        send.send_data(bytes::Bytes::from(format!("{line}\n"))).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "the gateway to take node-c's health report", || async {
+        let nodes = gw.admin_json("/nodes").await;
+        let c = nodes["nodes"].as_array()?.iter().find(|n| n["name"] == "node-c")?.clone();
+        (c["unhealthy"] == 1).then_some(())
+    })
+    .await;
+    // A change in the mesh (a current node joins, and is sent deltas) reaches node-c whole.
+    let echo = echo_backend().await;
+    let _a = NodeProc::start(pki.path(), "node-a", &joined_node("node-a", &state, gw.addrs.control, &[("echo", echo)]));
+    let next = until("the change", &|s| names(s, "nodes").contains(&"node-a".to_string())).await;
+    assert!(next["services"].as_array().unwrap().iter().any(|s| s["name"] == "echo"));
+    // Its recorded goodbye removes it at once.
+    send.send_data(bytes::Bytes::from(format!("{}\n", node.last().unwrap()))).await.unwrap();
+    eventually(Duration::from_secs(10), "node-c's goodbye to deregister it", || async {
+        let nodes = gw.admin_json("/nodes").await;
+        (!nodes["nodes"].as_array()?.iter().any(|n| n["name"] == "node-c")).then_some(())
+    })
+    .await;
+    let _ = send.finish().await;
+}

@@ -782,14 +782,15 @@ async fn enrollment(mut stream: ServerStream, enroller: &Enroller) {
     }
 }
 
-/// What a hello says: the registration, and the version the node holds when it takes deltas.
+/// What a hello says: the registration, and the version the node holds when it takes deltas
+/// (protocol 2 and later; version 1 gets whole snapshots).
 fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, Option<u64>), String> {
     match msg {
-        Some(NodeMsg::Hello { address, instances, admin, version, deltas }) => {
+        Some(NodeMsg::Hello { address, instances, admin, version, protocol }) => {
             if let Some(bad) = instances.iter().find(|i| !valid_name(&i.service)) {
                 return Err(format!("invalid service name {:?}", bad.service));
             }
-            let held = deltas.then_some(version);
+            let held = (protocol >= control::PROTOCOL_DELTAS).then_some(version);
             Ok((Registration { address, instances, unhealthy: Default::default(), admin }, held))
         }
         Some(other) => Err(format!("expected hello, got {other:?}")),

@@ -277,7 +277,7 @@ impl ControlClient {
             instances,
             version: self.mesh.table().version(),
             admin: Some(self.admin),
-            deltas: true,
+            protocol: control::PROTOCOL,
         }
     }
 
@@ -527,5 +527,32 @@ mod tests {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(journal_path(&path)).unwrap();
         f.write_all(&line[..line.len() / 2]).unwrap();
         assert_eq!(load_cache(&path).as_ref(), Some(&held));
+    }
+
+    /// A node reads and applies what a gateway of protocol version 1 (the release before
+    /// deltas) sent, recorded from that release.
+    #[test]
+    fn the_previous_protocol_s_gateway_lines_are_read_and_applied() {
+        let text = include_str!("../../tests/fixtures/control/v1/gateway.jsonl");
+        let local = quicmesh_shared::config::from_toml(
+            "[node]\nname = \"node-c\"\n[node.gateway]\naddress = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let mut kinds = Vec::new();
+        for line in text.lines() {
+            match serde_json::from_str::<GatewayMsg>(line).unwrap() {
+                GatewayMsg::Snapshot(s) => {
+                    let table = prepare(&local, s).unwrap();
+                    assert!(table.service("hello").is_some_and(|s| s.config.endpoints.len() == 1));
+                    assert_eq!(table.routes().routes().len(), 1);
+                    assert!(table.is_revoked("node-x"));
+                    kinds.push("snapshot");
+                }
+                GatewayMsg::Certificate { .. } => kinds.push("certificate"),
+                GatewayMsg::RenewRefused { .. } => kinds.push("refused"),
+                GatewayMsg::Delta(_) => panic!("version 1 sent no deltas"),
+            }
+        }
+        assert_eq!(kinds, ["snapshot", "certificate", "refused"]);
     }
 }

@@ -160,7 +160,7 @@ fn node_msg_seeds() -> Vec<Vec<u8>> {
             instances: Vec::new(),
             version: 3,
             admin: Some("127.0.0.1:15000".parse().unwrap()),
-            deltas: true,
+            protocol: control::PROTOCOL,
         },
         NodeMsg::Resync { held: 3 },
         NodeMsg::Ack { version: 7 },

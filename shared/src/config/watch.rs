@@ -1,21 +1,79 @@
-//! Files watched for changes, by polling their modification time and length: it works on every
-//! filesystem the process can read (bind mounts, network filesystems, Kubernetes ConfigMaps
-//! swapped by symlink), and a stat per file per interval costs nothing next to a proxy's work.
-//! A change counts once the files have held still for a moment, so a half-written file is
-//! never read. Config files, overlays, certificates and instance lists are all watched by this.
+//! Files watched for changes. File-system events (inotify on Linux) wake the watcher as soon as
+//! a writer closes one of the files or renames one into place; a writer still writing sends no
+//! event that counts, so a half-written file is never read. Polling their modification time and
+//! length every interval stays underneath: it works on every filesystem the process can read,
+//! events or not (bind mounts, network filesystems), and a change the poll finds counts once
+//! the files have held still for a moment. Config files, overlays, certificates and instance
+//! lists are all watched by this.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
 
 /// What is compared between looks: (modified, length) of each file, `None` for a missing one.
 type Stamp = Vec<Option<(SystemTime, u64)>>;
 
-/// A set of files (which may come and go) looked at every `every`.
+/// After an event, how long the files must hold still: a second writer right behind the first
+/// (an editor writing a backup, then the file) is read once, after both.
+const EVENT_SETTLE: Duration = Duration::from_millis(10);
+
+/// A set of files (which may come and go) looked at on every event, and every `every`.
 pub struct FileWatch<F> {
     list: F,
     every: Duration,
     settle: Duration,
     seen: Stamp,
+    events: Option<Events>,
+}
+
+/// File-system events in the folders of the watched files.
+struct Events {
+    watcher: notify::RecommendedWatcher,
+    folders: HashSet<PathBuf>,
+    rx: mpsc::UnboundedReceiver<()>,
+}
+
+impl Events {
+    fn new() -> Option<Self> {
+        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            // A write finished, a file was renamed into place or removed. Not a write in
+            // progress, not a creation (its content is still to come).
+            let finished = matches!(
+                event.kind,
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    | EventKind::Modify(ModifyKind::Name(_))
+                    | EventKind::Remove(_)
+            );
+            if finished {
+                let _ = tx.send(());
+            }
+        })
+        .map_err(|e| tracing::debug!("no file-system events, polling only: {e}"))
+        .ok()?;
+        Some(Self { watcher, folders: HashSet::new(), rx })
+    }
+
+    /// Watches the folders of `files` not watched yet (files come and go; folders may appear).
+    fn follow(&mut self, files: &[PathBuf]) {
+        use notify::Watcher;
+        for file in files {
+            let folder = match file.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => Path::new(".").to_path_buf(),
+            };
+            if self.folders.contains(&folder) {
+                continue;
+            }
+            if self.watcher.watch(&folder, notify::RecursiveMode::NonRecursive).is_ok() {
+                self.folders.insert(folder);
+            }
+        }
+    }
 }
 
 fn stamp(files: &[PathBuf]) -> Stamp {
@@ -26,19 +84,42 @@ impl<F: Fn() -> Vec<PathBuf>> FileWatch<F> {
     /// Watches the files `list` names (asked again at every look), taking their current state
     /// as seen. A change must hold still for `settle` to count.
     pub fn new(list: F, every: Duration, settle: Duration) -> Self {
-        let seen = stamp(&list());
-        Self { list, every, settle, seen }
+        let files = list();
+        let seen = stamp(&files);
+        let mut events = Events::new();
+        if let Some(e) = events.as_mut() {
+            e.follow(&files);
+        }
+        Self { list, every, settle, seen, events }
     }
 
-    /// Waits one interval and says whether the files changed since the last change seen (and
-    /// have held still since).
+    /// Waits for an event or one interval and says whether the files changed since the last
+    /// change seen (and have held still since).
     pub async fn tick(&mut self) -> bool {
-        tokio::time::sleep(self.every).await;
-        let now = stamp(&(self.list)());
+        let evented = match self.events.as_mut() {
+            Some(e) => tokio::select! {
+                got = e.rx.recv() => got.is_some(),
+                _ = tokio::time::sleep(self.every) => false,
+            },
+            None => {
+                tokio::time::sleep(self.every).await;
+                false
+            }
+        };
+        let files = (self.list)();
+        if let Some(e) = self.events.as_mut() {
+            e.follow(&files);
+        }
+        let now = stamp(&files);
         if now == self.seen {
             return false;
         }
-        tokio::time::sleep(self.settle).await;
+        let settle = if evented { EVENT_SETTLE } else { self.settle };
+        tokio::time::sleep(settle).await;
+        if let Some(e) = self.events.as_mut() {
+            // What the settle covered is seen by the stamp below.
+            while e.rx.try_recv().is_ok() {}
+        }
         if stamp(&(self.list)()) != now {
             // Still being written: looked at again next tick.
             return false;
@@ -73,5 +154,37 @@ mod tests {
         std::fs::write(&b, "y").unwrap();
         assert!(w.tick().await, "b appeared");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// With a poll that would take an hour, a finished write is still seen at once (by its
+    /// event); a write in progress is not, until its writer closes the file.
+    #[tokio::test]
+    async fn a_finished_write_is_seen_at_once_and_a_write_in_progress_is_not() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.toml");
+        std::fs::write(&file, "a = 1\n").unwrap();
+        let files = vec![file.clone()];
+        let hour = Duration::from_secs(3600);
+        let mut w = FileWatch::new(move || files.clone(), hour, hour);
+        std::fs::write(&file, "a = 2\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.changed()).await.expect("the write's event was not seen");
+        // Half a file, its writer still at work: no change yet.
+        let mut writer = std::fs::OpenOptions::new().write(true).truncate(true).open(&file).unwrap();
+        writer.write_all(b"[[services]]\n").unwrap();
+        writer.flush().unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), w.changed()).await.is_err(),
+            "a half-written file counted as a change"
+        );
+        writer.write_all(b"name = \"web\"\n").unwrap();
+        drop(writer);
+        tokio::time::timeout(Duration::from_secs(5), w.changed()).await.expect("the closed write was not seen");
+        // Renamed into place, as careful writers do.
+        let tmp = dir.path().join("mesh.toml.tmp");
+        std::fs::write(&tmp, "b = 1\n").unwrap();
+        tokio::time::timeout(Duration::from_millis(300), w.changed()).await.expect_err("another file's write counted");
+        std::fs::rename(&tmp, &file).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.changed()).await.expect("the rename was not seen");
     }
 }

@@ -21,6 +21,21 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, EndpointConfig, PeerConfig, ServiceConfig, Timeouts};
 use crate::message::body::{H3Recv, H3Send};
 
+/// The control protocol this release speaks, sent in every hello:
+/// - 1: whole snapshots only (the hello has no `protocol` field);
+/// - 2: deltas after the first snapshot, and `resync`.
+///
+/// A gateway speaks each node's version, so it serves nodes a release behind: upgrade the
+/// gateway first, then the nodes. Messages refuse fields they do not know, so a gateway must
+/// never send a node more than its version reads (`tests/fixtures/control/` pins version 1).
+pub const PROTOCOL: u32 = 2;
+/// The first protocol version that carries deltas.
+pub const PROTOCOL_DELTAS: u32 = 2;
+
+fn first_protocol() -> u32 {
+    1
+}
+
 /// Path of the control stream.
 pub const STREAM_PATH: &str = "/quicmesh.control/v1/stream";
 /// Longest accepted message line; a peer sending more is cut off.
@@ -42,9 +57,9 @@ pub enum NodeMsg {
         /// The node's admin listener (for `quicmesh top`); older nodes do not send it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         admin: Option<SocketAddr>,
-        /// The node applies [`GatewayMsg::Delta`]s; without it, every push is a whole snapshot.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        deltas: bool,
+        /// The protocol version the node speaks ([`PROTOCOL`]); absent in version 1's hello.
+        #[serde(default = "first_protocol")]
+        protocol: u32,
     },
     /// A delta did not start from the snapshot this node holds (`held`): send the whole one.
     Resync { held: u64 },
@@ -298,6 +313,17 @@ mod tests {
         assert_eq!(db.endpoints[0].node, "b");
         // The merge is deterministic: same inputs, same snapshot.
         assert_eq!(merge(&cfg, &regs), snap);
+    }
+
+    /// What a node of protocol version 1 (the release before deltas) sent, recorded from that
+    /// release, reads as the same messages; its hello says version 1.
+    #[test]
+    fn the_previous_protocol_s_node_lines_are_read() {
+        let text = include_str!("../../../tests/fixtures/control/v1/node.jsonl");
+        let msgs: Vec<NodeMsg> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(matches!(msgs[0], NodeMsg::Hello { protocol: 1, ref instances, .. } if instances.len() == 1));
+        assert!(matches!(msgs.last(), Some(NodeMsg::Goodbye)));
+        assert_eq!(msgs.len(), 6);
     }
 
     #[test]
