@@ -390,6 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let target = node.gateway.get_or_insert(quicmesh_shared::config::ControlTarget {
                         address: addr,
                         name: "gateway".into(),
+                        replicas: Vec::new(),
                     });
                     let name = target.name.clone();
                     // A gateway that is not up yet is waited for; any other refusal is final.

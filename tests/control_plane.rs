@@ -679,3 +679,120 @@ async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read()
     .await;
     let _ = send.finish().await;
 }
+
+/// A single-member etcd cluster for the replicas (Debian's `etcd-server`), removed on drop.
+struct Etcd {
+    child: std::process::Child,
+    client: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    async fn start() -> Option<Etcd> {
+        if !require_tool("etcd") {
+            return None;
+        }
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (client, peer) = (free(), free());
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args(["--listen-peer-urls", &format!("http://{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
+            .args(["--initial-cluster", &format!("test=http://{peer}")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd starts");
+        let etcd = Etcd { child, client, _dir: dir };
+        eventually(Duration::from_secs(20), "etcd to be healthy", || async {
+            http_get(&format!("http://{client}/health")).await.1.contains("true").then_some(())
+        })
+        .await;
+        Some(etcd)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two gateway replicas share their registry through etcd: a node attached to one routes to a
+/// service registered at the other. Killing the replica a node is attached to loses no
+/// node-to-node request; the node re-attaches to the other replica, and a registration made
+/// after that reaches it. A node's goodbye removes its endpoints at every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_replicas_share_the_registry_through_etcd_and_nodes_fail_over() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let pki = Pki::new();
+    let state = pki.issue("gateway");
+    for n in ["node-a", "node-b", "node-c"] {
+        pki.issue(n);
+    }
+    let mesh = pki.path().join("mesh.toml");
+    std::fs::write(&mesh, mesh_layer("")).unwrap();
+    let gw_file = pki.path().join("gateway.toml");
+    let store = format!("\n[gateway.store]\netcd = [\"{}\"]\nprefix = \"/test-mesh\"\n", etcd.client);
+    std::fs::write(&gw_file, format!("{}{store}", gateway_layer(&state, "3s"))).unwrap();
+    let mut gw1 = NodeProc::start_layered("gateway", &[mesh.clone(), gw_file.clone()]);
+    let gw2 = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let with_replica = |toml: String, other: SocketAddr| {
+        toml.replacen("[node.gateway]\n", &format!("[node.gateway]\nreplicas = [\"{other}\"]\n"), 1)
+    };
+    let echo = echo_backend().await;
+    let mut b = NodeProc::start(
+        pki.path(),
+        "node-b",
+        &with_replica(joined_node("node-b", &state, gw2.addrs.control, &[("echo", echo)]), gw1.addrs.control),
+    );
+    let a = NodeProc::start(
+        pki.path(),
+        "node-a",
+        // The default transport timing (a silent peer is given up after 1.5 s), as a fleet runs.
+        &with_replica(joined_node("node-a", &state, gw1.addrs.control, &[]), gw2.addrs.control)
+            .replace("idle_timeout = \"3s\"", "idle_timeout = \"1500ms\""),
+    );
+    // node-b registered at replica 2; node-a, at replica 1, routes to it.
+    wait_status(&a, "echo", 200, "node-a (replica 1) to reach echo on node-b (replica 2)").await;
+    let attached = |gw: &NodeProc, node: &'static str| {
+        let gw = gw.addrs.admin;
+        async move {
+            let nodes = http_get(&format!("http://{gw}/nodes")).await.1;
+            let v: serde_json::Value = serde_json::from_str(&nodes).ok()?;
+            v["nodes"].as_array()?.iter().any(|n| n["name"] == node && n["connected"] == true).then_some(())
+        }
+    };
+    attached(&gw1, "node-a").await.expect("node-a is attached to replica 1");
+
+    // Replica 1 dies under load: node-to-node traffic does not notice; node-a moves to replica 2.
+    let load = Load::start(a.addrs.outbound);
+    load.run_for(50).await;
+    gw1.kill();
+    let killed = std::time::Instant::now();
+    eventually(Duration::from_secs(15), "node-a to re-attach to replica 2", || attached(&gw2, "node-a")).await;
+    println!("FIGURES node-a re-attached to replica 2 {:?} after replica 1 was killed", killed.elapsed());
+    load.run_for(50).await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{failed} of {} requests failed while replica 1 died", ok + failed);
+
+    // A registration made after the failover reaches node-a.
+    let late = echo_backend().await;
+    let _c =
+        NodeProc::start(pki.path(), "node-c", &joined_node("node-c", &state, gw2.addrs.control, &[("late", late)]));
+    wait_status(&a, "late", 200, "node-a to reach a service registered after the failover").await;
+
+    // node-b's goodbye deletes its registration from etcd: echo leaves node-a's table.
+    b.terminate();
+    eventually(Duration::from_secs(10), "node-b's endpoints to leave node-a", || async {
+        let dump = a.admin_json("/endpoints").await;
+        endpoint_nodes(&dump, "echo").is_empty().then_some(())
+    })
+    .await;
+}

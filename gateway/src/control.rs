@@ -27,6 +27,8 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::store::{Change, Store};
+
 struct NodeState {
     reg: Registration,
     streams: u32,
@@ -45,6 +47,9 @@ struct Registry {
     history: std::collections::VecDeque<Arc<DeltaLine>>,
     /// Members revoked by an operator (persisted beside the registry).
     revoked: std::collections::BTreeSet<String>,
+    /// With a store: every replica's registrations, as etcd holds them (`None` until loaded).
+    /// Snapshots are built from these instead of this replica's own streams.
+    shared: Option<BTreeMap<String, Registration>>,
 }
 
 /// A published snapshot. Its whole line is encoded once, the first time a node needs it
@@ -151,6 +156,11 @@ pub struct ControlPlane {
     registry_file: Option<PathBuf>,
     /// The gateway's own view, updated with every snapshot.
     mesh: Arc<Mesh>,
+    /// The state replicas share (`[gateway.store]`).
+    store: Option<Arc<Store>>,
+    /// With a store, this replica's versions end in this tag, so a version a node brings from
+    /// another replica never matches one of this replica's (see [`ControlPlane::next_version`]).
+    tag: u64,
 }
 
 /// A version above any handed out by an earlier run (milliseconds since the epoch).
@@ -193,9 +203,13 @@ impl ControlPlane {
         grace: Duration,
         registry_file: Option<PathBuf>,
         mesh: Arc<Mesh>,
+        store: Option<Arc<Store>>,
     ) -> Arc<Self> {
+        // Replicas keep their registry in the store, not in a file.
+        let registry_file = registry_file.filter(|_| store.is_none());
+        let tag = if store.is_some() { 1 + fastrand::u64(..0xffff) } else { 0 };
         let mut nodes = BTreeMap::new();
-        let mut version = fresh_version();
+        let mut version = if store.is_some() { fresh_version() << 16 | tag } else { fresh_version() };
         if let Some(path) = &registry_file {
             match std::fs::read(path).map(|b| serde_json::from_slice::<Persisted>(&b)) {
                 Ok(Ok(p)) => {
@@ -237,6 +251,7 @@ impl ControlPlane {
                 current: Arc::new(Snapshot { version, ..Default::default() }),
                 history: Default::default(),
                 revoked,
+                shared: None,
             }),
             tx,
             dirty: Notify::new(),
@@ -245,9 +260,87 @@ impl ControlPlane {
             grace,
             registry_file,
             mesh,
+            store,
+            tag,
         });
-        cp.recompute(true);
+        // A replica publishes nothing before it has read the store: a node must never be sent a
+        // mesh without the other replicas' registrations.
+        if cp.store.is_none() {
+            cp.recompute(true);
+        }
         cp
+    }
+
+    /// The version after `v`: the next number, or with a store the next number with this
+    /// replica's tag in its low 16 bits.
+    fn next_version(&self, v: u64) -> u64 {
+        if self.store.is_some() {
+            ((v >> 16) + 1) << 16 | self.tag
+        } else {
+            v.saturating_add(1)
+        }
+    }
+
+    /// Keeps `shared` equal to the registrations in the store: reads them all, then follows
+    /// the changes; reads them all again after any break. Runs until dropped.
+    pub async fn follow_store(self: Arc<Self>) {
+        let Some(store) = self.store.clone() else { return };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (revision, regs) = match store.load().await {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    warn!("cannot read the registry from etcd; serving what this replica holds: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            info!(nodes = regs.len(), revision, "registry read from etcd");
+            self.lock().shared = Some(regs);
+            self.recompute(true);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let watch = store.etcd.watch(store.prefix(), revision + 1, &tx);
+            tokio::pin!(watch);
+            let ended = loop {
+                tokio::select! {
+                    ended = &mut watch => break ended,
+                    Some(batch) = rx.recv() => self.apply_changes(&store, batch),
+                }
+            };
+            while let Ok(batch) = rx.try_recv() {
+                self.apply_changes(&store, batch);
+            }
+            if let Err(e) = ended {
+                warn!("the etcd watch broke; reading the registry again: {e}");
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+
+    fn apply_changes(&self, store: &Store, batch: Vec<Change>) {
+        {
+            let mut r = self.lock();
+            let shared = r.shared.get_or_insert_with(BTreeMap::new);
+            for change in batch {
+                match change {
+                    Change::Put(key, value) => {
+                        if let Some((name, reg)) = store.decode(&key, &value) {
+                            shared.insert(name, reg);
+                        }
+                    }
+                    Change::Delete(key) => {
+                        if let Some(name) = store.node_of(&key) {
+                            if shared.remove(name).is_some() {
+                                info!(node = name, "registration gone from etcd (goodbye or lease expired)");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.mark_dirty();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -259,7 +352,11 @@ impl ControlPlane {
     /// otherwise it is patched with the delta every node gets.
     fn recompute(&self, reload: bool) {
         let mut reg = self.lock();
-        let mut next = control::merge(&reg.config, reg.nodes.iter().map(|(k, v)| (k, &v.reg)));
+        let mut next = match &reg.shared {
+            Some(shared) => control::merge(&reg.config, shared),
+            None if self.store.is_some() => return,
+            None => control::merge(&reg.config, reg.nodes.iter().map(|(k, v)| (k, &v.reg))),
+        };
         let mut revoked: std::collections::BTreeSet<String> = reg.config.revoked.iter().cloned().collect();
         revoked.extend(reg.revoked.iter().cloned());
         next.revoked = revoked.into_iter().collect();
@@ -268,7 +365,7 @@ impl ControlPlane {
             return;
         }
         let from = reg.current.version;
-        next.version = from.saturating_add(1);
+        next.version = self.next_version(from);
         let version = next.version;
         let delta = reg.current.diff(&next);
         // What this gateway itself routes by, built before anything is published, so a
@@ -459,9 +556,15 @@ impl ControlPlane {
                     .cloned()
                     .collect();
             }
-            let others = r.nodes.iter().filter(|(k, _)| *k != name).map(|(k, v)| (k, &v.reg));
             let name_owned = name.to_string();
-            let merged = control::merge(&r.config, others.chain(std::iter::once((&name_owned, &reg))));
+            let mine = std::iter::once((&name_owned, &reg));
+            let merged = match &r.shared {
+                Some(shared) => control::merge(&r.config, shared.iter().filter(|(k, _)| *k != name).chain(mine)),
+                None => control::merge(
+                    &r.config,
+                    r.nodes.iter().filter(|(k, _)| *k != name).map(|(k, v)| (k, &v.reg)).chain(mine),
+                ),
+            };
             merged.into_config(&r.config).validate().map_err(|e| e.to_string())?;
             let st = r.nodes.entry(name.to_string()).or_insert(NodeState {
                 reg: reg.clone(),
@@ -507,21 +610,27 @@ impl ControlPlane {
 
     /// Records which of a node's instances fail their health check; only instances the node
     /// registered count.
-    fn health(&self, name: &str, unhealthy: Vec<(String, std::net::SocketAddr)>) {
+    fn health(&self, name: &str, unhealthy: Vec<(String, std::net::SocketAddr)>) -> bool {
         {
             let mut r = self.lock();
-            let Some(st) = r.nodes.get_mut(name) else { return };
+            let Some(st) = r.nodes.get_mut(name) else { return false };
             let set: std::collections::BTreeSet<(String, std::net::SocketAddr)> = unhealthy
                 .into_iter()
                 .filter(|(svc, addr)| st.reg.instances.iter().any(|i| &i.service == svc && &i.address == addr))
                 .collect();
             if set == st.reg.unhealthy {
-                return;
+                return false;
             }
             info!(node = name, unhealthy = ?set, "instance health changed");
             st.reg.unhealthy = set;
         }
         self.mark_dirty();
+        true
+    }
+
+    /// A node's registration with this replica.
+    fn registration(&self, name: &str) -> Option<Registration> {
+        self.lock().nodes.get(name).map(|st| st.reg.clone())
     }
 
     fn ack(&self, name: &str, version: u64) {
@@ -782,6 +891,72 @@ async fn enrollment(mut stream: ServerStream, enroller: &Enroller) {
     }
 }
 
+/// What a node's stream asks of its store writer.
+enum StoreOp {
+    /// Write the registration as this replica now holds it.
+    Put,
+    /// Renew the lease (or write the registration again if it ran out).
+    Renew,
+    /// The node said goodbye: end its lease, which deletes its registration everywhere.
+    Goodbye,
+}
+
+/// Keeps a node's registration in the store while its stream to this replica lasts, under a
+/// lease of the node's own renewed every third of its time to live. When the stream breaks the
+/// writer stops and the lease runs out after `gateway.node_grace`, unless the node re-attaches
+/// (to any replica) first. Writes are retried at every renewal while etcd is away.
+async fn keep_in_store(
+    cp: Arc<ControlPlane>,
+    store: Arc<Store>,
+    peer: String,
+    mut ops: tokio::sync::mpsc::UnboundedReceiver<StoreOp>,
+) {
+    let mut lease: Option<i64> = None;
+    let mut tick = tokio::time::interval((store.ttl / 3).max(Duration::from_millis(200)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let op = tokio::select! {
+            op = ops.recv() => match op {
+                Some(op) => op,
+                None => return,
+            },
+            _ = tick.tick() => StoreOp::Renew,
+        };
+        let put = |lease: Option<i64>| {
+            let (cp, store, peer) = (&cp, &store, &peer);
+            async move {
+                let reg = cp.registration(peer)?;
+                match store.attach(peer, &reg, lease).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        warn!(node = peer, "cannot keep the registration in etcd; retrying: {e}");
+                        lease
+                    }
+                }
+            }
+        };
+        match op {
+            StoreOp::Put => lease = put(lease).await,
+            StoreOp::Renew => match lease {
+                Some(l) => match store.etcd.keep_alive(l).await {
+                    Ok(true) => {}
+                    Ok(false) => lease = put(None).await,
+                    Err(e) => warn!(node = peer, "cannot renew the registration's lease in etcd: {e}"),
+                },
+                None => lease = put(None).await,
+            },
+            StoreOp::Goodbye => {
+                if let Some(l) = lease {
+                    if let Err(e) = store.etcd.revoke(l).await {
+                        warn!(node = peer, "cannot remove the registration from etcd (its lease runs out): {e}");
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
 /// What a hello says: the registration, and the version the node holds when it takes deltas
 /// (protocol 2 and later; version 1 gets whole snapshots).
 fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, Option<u64>), String> {
@@ -798,7 +973,7 @@ fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, Option<u64>), Stri
     }
 }
 
-async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca: Option<&Enroller>) {
+async fn control_stream(stream: ServerStream, peer: &str, cp: &Arc<ControlPlane>, ca: Option<&Enroller>) {
     let (mut send, recv) = stream.split();
     if send.send_response(Response::new(())).await.is_err() {
         return;
@@ -818,6 +993,17 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
         return;
     }
     info!(node = peer, %address, instances, "node registered");
+    // With replicas, the registration lives in etcd for as long as this stream does.
+    let to_store = cp.store.clone().map(|store| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(keep_in_store(cp.clone(), store, peer.to_string(), rx));
+        tx
+    });
+    let store_op = |op: StoreOp| {
+        if let Some(tx) = &to_store {
+            let _ = tx.send(op);
+        }
+    };
     let mut goodbye = false;
     let takes_deltas = held.is_some();
     // A node that comes back holding a version still in the history resumes from it.
@@ -862,9 +1048,14 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                             break;
                         }
                     }
-                    Ok(Some(NodeMsg::Health { unhealthy })) => cp.health(peer, unhealthy),
+                    Ok(Some(NodeMsg::Health { unhealthy })) => {
+                        if cp.health(peer, unhealthy) {
+                            store_op(StoreOp::Put);
+                        }
+                    }
                     Ok(Some(NodeMsg::Goodbye)) => {
                         goodbye = true;
+                        store_op(StoreOp::Goodbye);
                         break;
                     }
                     Ok(Some(NodeMsg::Renew { csr })) => {
@@ -894,6 +1085,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &ControlPlane, ca:
                                 warn!(node = peer, reason, "refused re-registration");
                                 break;
                             }
+                            store_op(StoreOp::Put);
                         }
                         Err(reason) => warn!(node = peer, reason, "ignored bad re-registration"),
                     },

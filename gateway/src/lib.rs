@@ -9,6 +9,7 @@ pub mod edge;
 pub mod h3_edge;
 pub mod handler;
 pub mod idle;
+pub mod store;
 pub mod tls;
 pub mod watch;
 
@@ -165,7 +166,8 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let inputs = Inputs { local_node: None, endpoint: mesh_endpoint.clone(), access_log };
     let mesh = Arc::new(Mesh::new(inputs, Table::compile(config.clone(), 0)?));
     let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
-    let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone());
+    let store = gc.store.as_ref().map(|st| Arc::new(store::Store::new(st.etcd.clone(), &st.prefix, gc.node_grace)));
+    let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone(), store);
     let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc, listen.port()));
     let (cp_status, mesh_dump) = (cp.clone(), mesh.clone());
     let extra: Vec<(&'static str, admin::JsonFn)> = vec![
@@ -221,6 +223,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     tasks.spawn(cp.clone().sweep());
     tasks.spawn(cp.clone().publisher());
     tasks.spawn(cp.clone().persister());
+    tasks.spawn(cp.clone().follow_store());
     if !files.is_empty() {
         tasks.spawn(watch::watch(files, gc.overlays.clone(), gc.watch_interval, cp));
     }

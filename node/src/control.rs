@@ -244,8 +244,13 @@ impl ControlClient {
     /// Runs until `shutdown` turns true; then says goodbye to the gateway.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
+        // The configured address first, then each replica in turn after a break.
+        let addresses: Vec<SocketAddr> =
+            std::iter::once(self.target.address).chain(self.target.replicas.iter().copied()).collect();
+        let mut at = 0;
         loop {
-            match self.session(&mut shutdown).await {
+            let address = addresses[at % addresses.len()];
+            match self.session(&mut shutdown, address).await {
                 End::Shutdown => return,
                 End::Broken(reason, progressed) => {
                     metrics::gauge!(m::CONTROL_CONNECTED).set(0.0);
@@ -254,8 +259,10 @@ impl ControlClient {
                     }
                     // Full jitter between half and the whole backoff.
                     let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+                    at += 1;
                     warn!(
-                        gateway = %self.target.address,
+                        gateway = %address,
+                        next = %addresses[at % addresses.len()],
                         reason,
                         retry_in = ?wait,
                         "no session with the control plane; serving what this node has and retrying"
@@ -281,9 +288,9 @@ impl ControlClient {
         }
     }
 
-    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> End {
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>, address: SocketAddr) -> End {
         let broken = |e: String| End::Broken(e, false);
-        let pc = match self.mesh.pool().dial(&self.target.name, self.target.address).await {
+        let pc = match self.mesh.pool().dial(&self.target.name, address).await {
             Ok(pc) => pc,
             Err(e) => return broken(e.to_string()),
         };

@@ -187,6 +187,10 @@ pub struct ControlTarget {
     /// The gateway's mesh name (its certificate identity).
     #[serde(default = "gateway_name")]
     pub name: String,
+    /// Other replicas of the same control plane (`[gateway.store]`), tried in turn when the
+    /// stream to the current one breaks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<SocketAddr>,
 }
 
 fn gateway_name() -> String {
@@ -262,6 +266,24 @@ pub struct GatewayConfig {
     /// As `node.workers`; the default, 0, is one thread per CPU core (the edge takes all of a
     /// host's ingress).
     pub workers: usize,
+    /// Shared state for gateway replicas; unset, this gateway keeps its registry in a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreConfig>,
+}
+
+/// `[gateway.store]`: the etcd cluster gateway replicas share their registry through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// etcd client endpoints, `host:port` (plain HTTP: etcd on a trusted network or loopback).
+    pub etcd: Vec<String>,
+    /// Key prefix of this mesh's state.
+    #[serde(default = "store_prefix")]
+    pub prefix: String,
+}
+
+fn store_prefix() -> String {
+    "/quicmesh".into()
 }
 
 impl Default for GatewayConfig {
@@ -282,6 +304,7 @@ impl Default for GatewayConfig {
             overlays: None,
             drain_timeout: Duration::from_secs(10),
             workers: 0,
+            store: None,
         }
     }
 }
@@ -818,6 +841,14 @@ impl Config {
             }
             if gw.limits.max_handshakes == 0 {
                 return Err(invalid("gateway.limits.max_handshakes", "must be at least 1"));
+            }
+            if let Some(store) = &gw.store {
+                if store.etcd.is_empty() || store.etcd.iter().any(|e| e.is_empty() || e.contains('/')) {
+                    return Err(invalid("gateway.store.etcd", "list at least one etcd endpoint as host:port"));
+                }
+                if !store.prefix.starts_with('/') {
+                    return Err(invalid("gateway.store.prefix", "must start with '/'"));
+                }
             }
             if !(1..=MAX_STREAMS).contains(&gw.limits.max_concurrent_streams) {
                 return Err(invalid("gateway.limits.max_concurrent_streams", format!("must be 1..={MAX_STREAMS}")));

@@ -198,7 +198,9 @@ impl PeerPool {
         let mut guard =
             tokio::time::timeout_at(deadline, peer.conn.clone().lock_owned()).await.map_err(|_| timed_out())?;
         if let Some(pc) = guard.as_ref() {
-            if pc.conn.close_reason().is_none() {
+            // A connection to another address (the peer moved, or the control plane's next
+            // replica is wanted) is not this one.
+            if pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr {
                 return Ok(pc.clone());
             }
         }

@@ -1,0 +1,285 @@
+//! The state gateway replicas share, kept in etcd (`[gateway.store]`): each node's registration
+//! under `<prefix>/nodes/<name>`, attached to a lease of its own whose time to live is
+//! `gateway.node_grace`. The replica holding a node's control stream keeps that lease alive;
+//! when the stream breaks the lease runs out and etcd deletes the registration for every replica
+//! at once, unless the node re-attaches (to any replica) first. Every replica watches the prefix
+//! and builds its snapshots from what etcd holds, so all of them serve the same mesh.
+//!
+//! etcd is spoken to through its v3 JSON API (the gRPC gateway every etcd 3.4+ serves on its
+//! client port), over HTTP/1.1 with hyper: the `etcd-client` crate needs `protoc` at build
+//! time, which a fresh machine does not have.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use quicmesh_shared::control::Registration;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+/// One request to etcd may take this long.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no etcd endpoint answered ({0})")]
+    Unreachable(String),
+    #[error("etcd refused the request: {0}")]
+    Refused(String),
+}
+
+fn b64(data: impl AsRef<[u8]>) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn unb64(text: &Value) -> Vec<u8> {
+    text.as_str().and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok()).unwrap_or_default()
+}
+
+/// etcd's JSON numbers are 64-bit integers written as strings.
+fn int(v: &Value) -> i64 {
+    v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()).unwrap_or(0)
+}
+
+/// A client of an etcd cluster: requests go to the first endpoint that answers.
+#[derive(Clone)]
+pub struct Etcd {
+    endpoints: Vec<String>,
+}
+
+/// One change under a watched prefix.
+#[derive(Debug)]
+pub enum Change {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+impl Etcd {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self { endpoints }
+    }
+
+    async fn send(endpoint: &str, path: &str, body: &Value) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let tcp = TcpStream::connect(endpoint).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::post(format!("http://{endpoint}{path}"))
+            .header(http::header::HOST, endpoint)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        sender.send_request(req).await.map_err(|e| e.to_string())
+    }
+
+    /// One unary call: the first endpoint that answers decides.
+    async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
+        let mut last = String::from("no endpoints");
+        for endpoint in &self.endpoints {
+            let attempt = async {
+                let resp = Self::send(endpoint, path, &body).await?;
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+                Ok::<_, String>((status, bytes))
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+                Ok(Ok((status, bytes))) => {
+                    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                    if status.is_success() {
+                        return Ok(v);
+                    }
+                    let msg = v.get("error").or_else(|| v.get("message")).and_then(Value::as_str).unwrap_or("");
+                    // A member without quorum answers too: try the next one.
+                    last = format!("{endpoint}: {status} {msg}");
+                    if status.is_client_error() {
+                        return Err(StoreError::Refused(last));
+                    }
+                }
+                Ok(Err(e)) => last = format!("{endpoint}: {e}"),
+                Err(_) => last = format!("{endpoint}: no answer in {CALL_TIMEOUT:?}"),
+            }
+        }
+        Err(StoreError::Unreachable(last))
+    }
+
+    /// A lease of `ttl` (whole seconds, at least one).
+    pub async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let v = self.call("/v3/lease/grant", json!({ "TTL": ttl.as_secs().max(1) })).await?;
+        Ok(int(&v["ID"]))
+    }
+
+    /// Renews a lease; false when it had already run out.
+    pub async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError> {
+        let v = self.call("/v3/lease/keepalive", json!({ "ID": lease.to_string() })).await?;
+        Ok(int(&v["result"]["TTL"]) > 0)
+    }
+
+    /// Ends a lease and deletes its keys.
+    pub async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+        self.call("/v3/lease/revoke", json!({ "ID": lease.to_string() })).await.map(drop)
+    }
+
+    pub async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), StoreError> {
+        let mut body = json!({ "key": b64(key), "value": b64(value) });
+        if let Some(l) = lease {
+            body["lease"] = json!(l.to_string());
+        }
+        self.call("/v3/kv/put", body).await.map(drop)
+    }
+
+    /// The end of a prefix's key range: the prefix with its last byte incremented.
+    fn range_end(prefix: &str) -> Vec<u8> {
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        end
+    }
+
+    /// Every key under `prefix` and the revision the answer is at.
+    pub async fn range(&self, prefix: &str) -> Result<(i64, Vec<(String, Vec<u8>)>), StoreError> {
+        let body = json!({ "key": b64(prefix), "range_end": b64(Self::range_end(prefix)) });
+        let v = self.call("/v3/kv/range", body).await?;
+        let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+        let items = kvs
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(&unb64(&kv["key"])).into_owned(), unb64(&kv["value"])))
+            .collect();
+        Ok((int(&v["header"]["revision"]), items))
+    }
+
+    /// Streams the changes under `prefix` from revision `from` to `changes`, until the stream
+    /// breaks (an error) or the receiver is gone (Ok).
+    pub async fn watch(
+        &self,
+        prefix: &str,
+        from: i64,
+        changes: &tokio::sync::mpsc::UnboundedSender<Vec<Change>>,
+    ) -> Result<(), StoreError> {
+        let body = json!({ "create_request": {
+            "key": b64(prefix), "range_end": b64(Self::range_end(prefix)), "start_revision": from.to_string(),
+        }});
+        let mut last = String::from("no endpoints");
+        for endpoint in &self.endpoints {
+            let resp = match tokio::time::timeout(CALL_TIMEOUT, Self::send(endpoint, "/v3/watch", &body)).await {
+                Ok(Ok(r)) if r.status().is_success() => r,
+                Ok(Ok(r)) => {
+                    last = format!("{endpoint}: {}", r.status());
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    last = format!("{endpoint}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    last = format!("{endpoint}: no answer");
+                    continue;
+                }
+            };
+            debug!(endpoint, prefix, from, "watching etcd");
+            let mut body = resp.into_body();
+            let mut buf = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| StoreError::Unreachable(format!("{endpoint}: {e}")))?;
+                let Ok(data) = frame.into_data() else { continue };
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let Ok(v) = serde_json::from_slice::<Value>(&line) else { continue };
+                    if v["result"]["canceled"].as_bool() == Some(true) || v.get("error").is_some() {
+                        return Err(StoreError::Refused(format!("{endpoint}: watch ended: {v}")));
+                    }
+                    let events = v["result"]["events"].as_array().cloned().unwrap_or_default();
+                    if events.is_empty() {
+                        continue;
+                    }
+                    let batch = events
+                        .iter()
+                        .map(|e| {
+                            let key = String::from_utf8_lossy(&unb64(&e["kv"]["key"])).into_owned();
+                            match e["type"].as_str() {
+                                Some("DELETE") => Change::Delete(key),
+                                _ => Change::Put(key, unb64(&e["kv"]["value"])),
+                            }
+                        })
+                        .collect();
+                    if changes.send(batch).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            return Err(StoreError::Unreachable(format!("{endpoint}: the watch stream ended")));
+        }
+        Err(StoreError::Unreachable(last))
+    }
+}
+
+/// The registrations of every replica's nodes, in etcd.
+pub struct Store {
+    pub etcd: Etcd,
+    prefix: String,
+    /// A registration's time to live once its node's stream is gone.
+    pub ttl: Duration,
+}
+
+impl Store {
+    pub fn new(endpoints: Vec<String>, prefix: &str, ttl: Duration) -> Self {
+        Self { etcd: Etcd::new(endpoints), prefix: format!("{}/nodes/", prefix.trim_end_matches('/')), ttl }
+    }
+
+    fn key(&self, node: &str) -> String {
+        format!("{}{node}", self.prefix)
+    }
+
+    /// Writes a node's registration under `lease` (granting one when there is none yet);
+    /// returns the lease.
+    pub async fn attach(&self, node: &str, reg: &Registration, lease: Option<i64>) -> Result<i64, StoreError> {
+        let lease = match lease {
+            Some(l) => l,
+            None => self.etcd.grant(self.ttl).await?,
+        };
+        let value = serde_json::to_vec(reg).map_err(|e| StoreError::Refused(e.to_string()))?;
+        self.etcd.put(&self.key(node), &value, Some(lease)).await?;
+        Ok(lease)
+    }
+
+    /// Every registration, and the revision to watch from.
+    pub async fn load(&self) -> Result<(i64, BTreeMap<String, Registration>), StoreError> {
+        let (revision, items) = self.etcd.range(&self.prefix).await?;
+        let mut regs = BTreeMap::new();
+        for (key, value) in items {
+            if let Some((name, reg)) = self.decode(&key, &value) {
+                regs.insert(name, reg);
+            }
+        }
+        Ok((revision, regs))
+    }
+
+    /// A node's name and registration from an etcd key and value.
+    pub fn decode(&self, key: &str, value: &[u8]) -> Option<(String, Registration)> {
+        let name = key.strip_prefix(&self.prefix)?;
+        match serde_json::from_slice(value) {
+            Ok(reg) => Some((name.to_string(), reg)),
+            Err(e) => {
+                warn!(key, "ignoring an unreadable registration in etcd: {e}");
+                None
+            }
+        }
+    }
+
+    /// The node a key names.
+    pub fn node_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
