@@ -682,9 +682,10 @@ async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read()
 
 /// A single-member etcd cluster for the replicas (Debian's `etcd-server`), removed on drop.
 struct Etcd {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     client: SocketAddr,
-    _dir: tempfile::TempDir,
+    peer: SocketAddr,
+    dir: tempfile::TempDir,
 }
 
 impl Etcd {
@@ -693,12 +694,18 @@ impl Etcd {
             return None;
         }
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let (client, peer) = (free(), free());
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let mut etcd = Etcd { child: None, client: free(), peer: free(), dir: tempfile::tempdir().unwrap() };
+        etcd.resume().await;
+        Some(etcd)
+    }
+
+    /// Starts (again) on the same ports and data.
+    async fn resume(&mut self) {
+        let (client, peer) = (self.client, self.peer);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log")).unwrap();
         let child = std::process::Command::new("etcd")
             .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
+            .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &format!("http://{client}")])
             .args(["--advertise-client-urls", &format!("http://{client}")])
             .args(["--listen-peer-urls", &format!("http://{peer}")])
@@ -708,20 +715,94 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("etcd starts");
-        let etcd = Etcd { child, client, _dir: dir };
+        self.child = Some(child);
         eventually(Duration::from_secs(20), "etcd to be healthy", || async {
             http_get(&format!("http://{client}/health")).await.1.contains("true").then_some(())
         })
         .await;
-        Some(etcd)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+/// Two replicas on one etcd: node-b (hosting echo) attached to the second, node-a to the first,
+/// each able to fail over to the other. Started with `grace` as the nodes' grace period.
+struct Replicas {
+    gw: [NodeProc; 2],
+    a: NodeProc,
+    b: NodeProc,
+    pki: Pki,
+}
+
+impl Replicas {
+    async fn start(etcd: &Etcd, grace: &str) -> Replicas {
+        let pki = Pki::new();
+        let state = pki.issue("gateway");
+        for n in ["node-a", "node-b", "node-c"] {
+            pki.issue(n);
+        }
+        let mesh = pki.path().join("mesh.toml");
+        std::fs::write(&mesh, mesh_layer("")).unwrap();
+        let gw_file = pki.path().join("gateway.toml");
+        let store = format!("\n[gateway.store]\netcd = [\"{}\"]\nprefix = \"/test-mesh\"\n", etcd.client);
+        std::fs::write(&gw_file, format!("{}{store}", gateway_layer(&state, grace))).unwrap();
+        let gw = [
+            NodeProc::start_layered("gateway", &[mesh.clone(), gw_file.clone()]),
+            NodeProc::start_layered("gateway", &[mesh, gw_file]),
+        ];
+        let with_replica = |toml: String, other: SocketAddr| {
+            toml.replacen("[node.gateway]\n", &format!("[node.gateway]\nreplicas = [\"{other}\"]\n"), 1)
+        };
+        let echo = echo_backend().await;
+        let b = NodeProc::start(
+            pki.path(),
+            "node-b",
+            &with_replica(joined_node("node-b", &state, gw[1].addrs.control, &[("echo", echo)]), gw[0].addrs.control),
+        );
+        // The default transport timing (a silent peer is given up after 1.5 s), as a fleet runs.
+        let a = NodeProc::start(
+            pki.path(),
+            "node-a",
+            &with_replica(joined_node("node-a", &state, gw[0].addrs.control, &[]), gw[1].addrs.control)
+                .replace("idle_timeout = \"3s\"", "idle_timeout = \"1500ms\""),
+        );
+        // node-b registered at replica 2; node-a, at replica 1, routes to it.
+        wait_status(&a, "echo", 200, "node-a (replica 1) to reach echo on node-b (replica 2)").await;
+        Replicas { gw, a, b, pki }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.pki.path().to_path_buf()
+    }
+}
+
+/// Is `node` attached (its control stream open) to the gateway at `admin`?
+async fn attached(admin: SocketAddr, node: &str) -> Option<()> {
+    let nodes = http_get(&format!("http://{admin}/nodes")).await.1;
+    let v: serde_json::Value = serde_json::from_str(&nodes).ok()?;
+    v["nodes"].as_array()?.iter().any(|n| n["name"] == node && n["connected"] == true).then_some(())
+}
+
+/// POSTs to a gateway's admin action; (status line, body).
+async fn admin_post(admin: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let req = format!("POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 /// Two gateway replicas share their registry through etcd: a node attached to one routes to a
@@ -731,52 +812,17 @@ impl Drop for Etcd {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_replicas_share_the_registry_through_etcd_and_nodes_fail_over() {
     let Some(etcd) = Etcd::start().await else { return };
-    let pki = Pki::new();
-    let state = pki.issue("gateway");
-    for n in ["node-a", "node-b", "node-c"] {
-        pki.issue(n);
-    }
-    let mesh = pki.path().join("mesh.toml");
-    std::fs::write(&mesh, mesh_layer("")).unwrap();
-    let gw_file = pki.path().join("gateway.toml");
-    let store = format!("\n[gateway.store]\netcd = [\"{}\"]\nprefix = \"/test-mesh\"\n", etcd.client);
-    std::fs::write(&gw_file, format!("{}{store}", gateway_layer(&state, "3s"))).unwrap();
-    let mut gw1 = NodeProc::start_layered("gateway", &[mesh.clone(), gw_file.clone()]);
-    let gw2 = NodeProc::start_layered("gateway", &[mesh, gw_file]);
-    let with_replica = |toml: String, other: SocketAddr| {
-        toml.replacen("[node.gateway]\n", &format!("[node.gateway]\nreplicas = [\"{other}\"]\n"), 1)
-    };
-    let echo = echo_backend().await;
-    let mut b = NodeProc::start(
-        pki.path(),
-        "node-b",
-        &with_replica(joined_node("node-b", &state, gw2.addrs.control, &[("echo", echo)]), gw1.addrs.control),
-    );
-    let a = NodeProc::start(
-        pki.path(),
-        "node-a",
-        // The default transport timing (a silent peer is given up after 1.5 s), as a fleet runs.
-        &with_replica(joined_node("node-a", &state, gw1.addrs.control, &[]), gw2.addrs.control)
-            .replace("idle_timeout = \"3s\"", "idle_timeout = \"1500ms\""),
-    );
-    // node-b registered at replica 2; node-a, at replica 1, routes to it.
-    wait_status(&a, "echo", 200, "node-a (replica 1) to reach echo on node-b (replica 2)").await;
-    let attached = |gw: &NodeProc, node: &'static str| {
-        let gw = gw.addrs.admin;
-        async move {
-            let nodes = http_get(&format!("http://{gw}/nodes")).await.1;
-            let v: serde_json::Value = serde_json::from_str(&nodes).ok()?;
-            v["nodes"].as_array()?.iter().any(|n| n["name"] == node && n["connected"] == true).then_some(())
-        }
-    };
-    attached(&gw1, "node-a").await.expect("node-a is attached to replica 1");
+    let Replicas { gw: [mut gw1, gw2], a, mut b, pki } = Replicas::start(&etcd, "3s").await;
+    let state = pki.path().to_path_buf();
+    attached(gw1.addrs.admin, "node-a").await.expect("node-a is attached to replica 1");
 
     // Replica 1 dies under load: node-to-node traffic does not notice; node-a moves to replica 2.
     let load = Load::start(a.addrs.outbound);
     load.run_for(50).await;
     gw1.kill();
     let killed = std::time::Instant::now();
-    eventually(Duration::from_secs(15), "node-a to re-attach to replica 2", || attached(&gw2, "node-a")).await;
+    eventually(Duration::from_secs(15), "node-a to re-attach to replica 2", || attached(gw2.addrs.admin, "node-a"))
+        .await;
     println!("FIGURES node-a re-attached to replica 2 {:?} after replica 1 was killed", killed.elapsed());
     load.run_for(50).await;
     let (ok, failed) = load.stop().await;
@@ -795,4 +841,51 @@ async fn gateway_replicas_share_the_registry_through_etcd_and_nodes_fail_over() 
         endpoint_nodes(&dump, "echo").is_empty().then_some(())
     })
     .await;
+}
+
+/// etcd stops for longer than the nodes' grace period: node-to-node traffic goes on, the
+/// replicas keep serving what they hold (no node loses an endpoint), a revocation is refused
+/// with a clear error (nothing half-done), and when etcd is back a new registration reaches
+/// every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_the_replicas_serve_what_they_hold_and_refuse_writes() {
+    let Some(mut etcd) = Etcd::start().await else { return };
+    let r = Replicas::start(&etcd, "2s").await;
+    let load = Load::start(r.a.addrs.outbound);
+    load.run_for(50).await;
+    etcd.stop();
+    let stopped = std::time::Instant::now();
+    let refused = admin_post(r.gw[0].addrs.admin, "/revoke?node=node-b").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("etcd is unavailable, node-b was not revoked"), "{refused}");
+    // Well past the grace period (leases cannot run out while etcd is away).
+    while stopped.elapsed() < Duration::from_secs(5) {
+        load.run_for(20).await;
+    }
+    assert_eq!(status_via(&r.a, "echo").await, 200, "node-a lost echo while etcd was away");
+    r.gw[0].log_with(&["the etcd watch broke"]).await;
+    etcd.resume().await;
+    // Back: a new registration reaches node-a, and node-b's endpoints are still there.
+    let late = echo_backend().await;
+    let state = r.state();
+    let _c =
+        NodeProc::start(&state, "node-c", &joined_node("node-c", &state, r.gw[1].addrs.control, &[("late", late)]));
+    wait_status(&r.a, "late", 200, "node-a to reach a service registered after etcd returned").await;
+    load.run_for(50).await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{failed} of {} requests failed while etcd was away", ok + failed);
+    assert_eq!(status_via(&r.a, "echo").await, 200);
+    // A revocation now goes through, at both replicas.
+    let done = admin_post(r.gw[0].addrs.admin, "/revoke?node=node-c").await;
+    assert!(done.starts_with("HTTP/1.1 200"), "{done}");
+    eventually(Duration::from_secs(10), "the other replica to know node-c is revoked", || async {
+        r.gw[1].log().contains("node revoked (recorded in etcd)").then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "node-c's service to leave node-a", || async {
+        let dump = r.a.admin_json("/endpoints").await;
+        (!endpoint_nodes(&dump, "late").contains(&"node-c".to_string())).then_some(())
+    })
+    .await;
+    assert_ne!(status_via(&r.a, "late").await, 200);
 }

@@ -2,9 +2,9 @@
 //! taken from README.md (blocks marked `<!-- readme-test: NAME -->`), against the binary this
 //! test run built. A README that drifts from the code fails here.
 //!
-//! The blocks use the README's own ports (8443, 9901, 15000-15108, 18080), below the range the
-//! kernel hands out for port 0, so they cannot meet the other tests' listeners; the two blocks
-//! run one after the other in one test. `cargo` lines are what built the binary: a `cargo` on
+//! The blocks use the README's own ports (8443, 8451-8453, 9901, 9911-9913, 12379-12380,
+//! 15000-15108, 18080-18081), below the range the kernel hands out for port 0, so they cannot
+//! meet the other tests' listeners; the blocks run one after the other in one test. `cargo` lines are what built the binary: a `cargo` on
 //! the test's PATH maps `cargo run --release -- ARGS` to the binary and `cargo install --path .`
 //! to nothing.
 
@@ -140,6 +140,7 @@ fn the_readme_quick_start_and_by_hand_path_work_verbatim() {
         .unwrap();
     assert!(copy.success());
     let _ = std::fs::remove_dir_all(work.path().join("config/local/state"));
+    let _ = std::fs::remove_dir_all(work.path().join("config/replicas/state"));
     let path = tools(work.path());
 
     // The quick start: the demo (from "The two commands"), then the block of curls beside it.
@@ -179,6 +180,24 @@ fn the_readme_quick_start_and_by_hand_path_work_verbatim() {
     assert_eq!(status.len(), 2, "{out}");
     assert!(status.iter().all(|l| l.contains(" yes ") && l.contains("current")), "{out}");
     eprintln!("the by-hand path took {:?}", started.elapsed());
+
+    // Gateway replicas on etcd (CI installs etcd; elsewhere this part says it skipped).
+    if require_tool("etcd") {
+        let (ok, out, err) =
+            Shell::start(work.path(), &path, &block(&readme, "replicas")).finish(Duration::from_secs(120));
+        let logs: String = ["etcd", "gateway-1", "gateway-2", "gateway-3", "node-a", "node-b", "sample"]
+            .iter()
+            .map(|n| {
+                let text =
+                    std::fs::read_to_string(work.path().join(format!("config/replicas/{n}.log"))).unwrap_or_default();
+                format!("---- {n}.log ----\n{text}")
+            })
+            .collect();
+        assert!(ok, "the replicas block failed:\n{out}\n{err}\n{logs}");
+        assert_eq!(out.matches("hello from v1 on node-b").count(), 2, "both curls answered:\n{out}\n{logs}");
+        let status: Vec<&str> = out.lines().filter(|l| l.starts_with("node-a ")).collect();
+        assert!(status.iter().any(|l| l.contains(" yes ")), "node-a attached to replica 2:\n{out}\n{logs}");
+    }
 
     // The static member's block ends with the node in the foreground: run until it is ready.
     let mut node = Shell::start(work.path(), &path, &block(&readme, "static"));

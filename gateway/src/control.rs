@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
+use quicmesh_shared::admin::ActionError;
 use quicmesh_shared::config::overlay::NodeSettings;
 use quicmesh_shared::config::{valid_name, Config};
 use quicmesh_shared::control::enroll::{self, EnrollRequest, EnrollResponse};
@@ -27,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::store::{Change, Store};
+use crate::store::{Change, Entry, Gone, Store};
 
 struct NodeState {
     reg: Registration,
@@ -287,7 +288,7 @@ impl ControlPlane {
         let Some(store) = self.store.clone() else { return };
         let mut backoff = Duration::from_millis(100);
         loop {
-            let (revision, regs) = match store.load().await {
+            let loaded = match store.load().await {
                 Ok(loaded) => loaded,
                 Err(e) => {
                     warn!("cannot read the registry from etcd; serving what this replica holds: {e}");
@@ -297,11 +298,16 @@ impl ControlPlane {
                 }
             };
             backoff = Duration::from_millis(100);
-            info!(nodes = regs.len(), revision, "registry read from etcd");
-            self.lock().shared = Some(regs);
+            let revision = loaded.revision;
+            info!(nodes = loaded.nodes.len(), revoked = loaded.revoked.len(), revision, "registry read from etcd");
+            {
+                let mut r = self.lock();
+                r.shared = Some(loaded.nodes);
+                r.revoked = loaded.revoked;
+            }
             self.recompute(true);
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let watch = store.etcd.watch(store.prefix(), revision + 1, &tx);
+            let watch = store.etcd.watch(store.root(), revision + 1, &tx);
             tokio::pin!(watch);
             let ended = loop {
                 tokio::select! {
@@ -322,21 +328,31 @@ impl ControlPlane {
     fn apply_changes(&self, store: &Store, batch: Vec<Change>) {
         {
             let mut r = self.lock();
-            let shared = r.shared.get_or_insert_with(BTreeMap::new);
             for change in batch {
                 match change {
-                    Change::Put(key, value) => {
-                        if let Some((name, reg)) = store.decode(&key, &value) {
-                            shared.insert(name, reg);
+                    Change::Put(key, value) => match store.decode(&key, &value) {
+                        Some(Entry::Node(name, reg)) => {
+                            r.shared.get_or_insert_with(BTreeMap::new).insert(name, reg);
                         }
-                    }
-                    Change::Delete(key) => {
-                        if let Some(name) = store.node_of(&key) {
-                            if shared.remove(name).is_some() {
-                                info!(node = name, "registration gone from etcd (goodbye or lease expired)");
+                        Some(Entry::Revoked(name)) => {
+                            if r.revoked.insert(name.clone()) {
+                                warn!(node = name, "node revoked (recorded in etcd)");
                             }
+                            r.nodes.remove(&name);
                         }
-                    }
+                        None => {}
+                    },
+                    Change::Delete(key) => match store.decode_deleted(&key) {
+                        Some(Gone::Node(name)) if r.shared.as_mut().is_some_and(|s| s.remove(&name).is_some()) => {
+                            info!(node = name, "registration gone from etcd (goodbye or lease expired)");
+                        }
+                        Some(Gone::Node(_)) => {}
+                        Some(Gone::Revoked(name)) => {
+                            info!(node = name, "revocation lifted in etcd");
+                            r.revoked.remove(&name);
+                        }
+                        None => {}
+                    },
                 }
             }
         }
@@ -506,15 +522,22 @@ impl ControlPlane {
 
     /// Revokes a member: every node is told to refuse it, its registration and control stream
     /// end, and it may not register, renew or enroll again under that name. Persisted.
-    pub fn revoke(&self, name: &str) -> Result<String, String> {
+    /// With replicas the revocation is written to etcd first; without etcd it is refused.
+    pub async fn revoke(&self, name: &str) -> Result<String, ActionError> {
         if !valid_name(name) {
-            return Err(format!("{name:?} is not a node name"));
+            return Err(format!("{name:?} is not a node name").into());
+        }
+        if self.lock().config.gateway.as_ref().is_some_and(|g| g.name == name) {
+            return Err("the gateway cannot revoke itself".into());
+        }
+        if let Some(store) = &self.store {
+            store
+                .revoke(name)
+                .await
+                .map_err(|e| ActionError::Unavailable(format!("etcd is unavailable, {name} was not revoked: {e}")))?;
         }
         {
             let mut r = self.lock();
-            if r.config.gateway.as_ref().is_some_and(|g| g.name == name) {
-                return Err("the gateway cannot revoke itself".into());
-            }
             r.revoked.insert(name.to_string());
             r.nodes.remove(name);
             if let Some(path) = &self.registry_file {
@@ -912,6 +935,13 @@ async fn keep_in_store(
     mut ops: tokio::sync::mpsc::UnboundedReceiver<StoreOp>,
 ) {
     let mut lease: Option<i64> = None;
+    // Said once per outage, not at every renewal.
+    let failing = std::sync::atomic::AtomicBool::new(false);
+    let report = |what: &str, e: crate::store::StoreError| {
+        if !failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn!(node = peer, "{what}; retrying at every renewal: {e}");
+        }
+    };
     let mut tick = tokio::time::interval((store.ttl / 3).max(Duration::from_millis(200)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -923,13 +953,18 @@ async fn keep_in_store(
             _ = tick.tick() => StoreOp::Renew,
         };
         let put = |lease: Option<i64>| {
-            let (cp, store, peer) = (&cp, &store, &peer);
+            let (cp, store, peer, report, failing) = (&cp, &store, &peer, &report, &failing);
             async move {
                 let reg = cp.registration(peer)?;
                 match store.attach(peer, &reg, lease).await {
-                    Ok(l) => Some(l),
+                    Ok(l) => {
+                        if failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                            info!(node = peer, "the registration is in etcd again");
+                        }
+                        Some(l)
+                    }
                     Err(e) => {
-                        warn!(node = peer, "cannot keep the registration in etcd; retrying: {e}");
+                        report("cannot keep the registration in etcd", e);
                         lease
                     }
                 }
@@ -941,7 +976,7 @@ async fn keep_in_store(
                 Some(l) => match store.etcd.keep_alive(l).await {
                     Ok(true) => {}
                     Ok(false) => lease = put(None).await,
-                    Err(e) => warn!(node = peer, "cannot renew the registration's lease in etcd: {e}"),
+                    Err(e) => report("cannot renew the registration's lease in etcd", e),
                 },
                 None => lease = put(None).await,
             },
@@ -1010,8 +1045,10 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &Arc<ControlPlane>
     let first = rx.borrow_and_update().clone();
     let (line, push) = first.push_for(peer, held);
     push.count(line.len());
-    held = takes_deltas.then_some(first.version);
-    if send.send_data(line).await.is_ok() {
+    // Nothing published yet (a replica still reading etcd): the first snapshot comes as a change.
+    let sent = line.is_empty() || send.send_data(line).await.is_ok();
+    held = (takes_deltas && first.version != 0).then_some(first.version);
+    if sent {
         loop {
             tokio::select! {
                 changed = rx.changed() => {

@@ -178,8 +178,9 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let actions: Vec<(&'static str, admin::ActionFn)> = vec![(
         "/revoke",
         Box::new(move |params: &[(String, String)]| {
-            let node = params.iter().find(|(k, _)| k == "node").map(|(_, v)| v.as_str());
-            cp_revoke.revoke(node.ok_or("give the node as ?node=NAME")?)
+            let node = params.iter().find(|(k, _)| k == "node").map(|(_, v)| v.clone());
+            let cp = cp_revoke.clone();
+            Box::pin(async move { cp.revoke(&node.ok_or("give the node as ?node=NAME")?).await })
         }),
     )];
     // Read when asked: the files may have changed (and been reloaded) since the start.

@@ -134,6 +134,10 @@ impl Etcd {
         self.call("/v3/kv/put", body).await.map(drop)
     }
 
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.call("/v3/kv/deleterange", json!({ "key": b64(key) })).await.map(drop)
+    }
+
     /// The end of a prefix's key range: the prefix with its last byte incremented.
     fn range_end(prefix: &str) -> Vec<u8> {
         let mut end = prefix.as_bytes().to_vec();
@@ -221,21 +225,45 @@ impl Etcd {
     }
 }
 
-/// The registrations of every replica's nodes, in etcd.
+/// What replicas share, in etcd under `<prefix>/`: `nodes/<name>` (registrations, leased) and
+/// `revoked/<name>` (revocations, kept).
 pub struct Store {
     pub etcd: Etcd,
-    prefix: String,
+    root: String,
     /// A registration's time to live once its node's stream is gone.
     pub ttl: Duration,
 }
 
+/// One key of the store, decoded.
+pub enum Entry {
+    Node(String, Registration),
+    Revoked(String),
+}
+
+/// One key of the store, deleted.
+pub enum Gone {
+    Node(String),
+    Revoked(String),
+}
+
+/// Everything the store holds, and the revision to watch from.
+pub struct Loaded {
+    pub revision: i64,
+    pub nodes: BTreeMap<String, Registration>,
+    pub revoked: std::collections::BTreeSet<String>,
+}
+
 impl Store {
     pub fn new(endpoints: Vec<String>, prefix: &str, ttl: Duration) -> Self {
-        Self { etcd: Etcd::new(endpoints), prefix: format!("{}/nodes/", prefix.trim_end_matches('/')), ttl }
+        Self { etcd: Etcd::new(endpoints), root: format!("{}/", prefix.trim_end_matches('/')), ttl }
     }
 
-    fn key(&self, node: &str) -> String {
-        format!("{}{node}", self.prefix)
+    fn node_key(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.root)
+    }
+
+    fn revoked_key(&self, node: &str) -> String {
+        format!("{}revoked/{node}", self.root)
     }
 
     /// Writes a node's registration under `lease` (granting one when there is none yet);
@@ -246,40 +274,60 @@ impl Store {
             None => self.etcd.grant(self.ttl).await?,
         };
         let value = serde_json::to_vec(reg).map_err(|e| StoreError::Refused(e.to_string()))?;
-        self.etcd.put(&self.key(node), &value, Some(lease)).await?;
+        self.etcd.put(&self.node_key(node), &value, Some(lease)).await?;
         Ok(lease)
     }
 
-    /// Every registration, and the revision to watch from.
-    pub async fn load(&self) -> Result<(i64, BTreeMap<String, Registration>), StoreError> {
-        let (revision, items) = self.etcd.range(&self.prefix).await?;
-        let mut regs = BTreeMap::new();
+    /// Records a revocation for every replica, and removes the member's registration.
+    pub async fn revoke(&self, node: &str) -> Result<(), StoreError> {
+        self.etcd.put(&self.revoked_key(node), b"", None).await?;
+        self.etcd.delete(&self.node_key(node)).await
+    }
+
+    /// Everything under the prefix.
+    pub async fn load(&self) -> Result<Loaded, StoreError> {
+        let (revision, items) = self.etcd.range(&self.root).await?;
+        let mut loaded = Loaded { revision, nodes: BTreeMap::new(), revoked: Default::default() };
         for (key, value) in items {
-            if let Some((name, reg)) = self.decode(&key, &value) {
-                regs.insert(name, reg);
+            match self.decode(&key, &value) {
+                Some(Entry::Node(name, reg)) => {
+                    loaded.nodes.insert(name, reg);
+                }
+                Some(Entry::Revoked(name)) => {
+                    loaded.revoked.insert(name);
+                }
+                None => {}
             }
         }
-        Ok((revision, regs))
+        Ok(loaded)
     }
 
-    /// A node's name and registration from an etcd key and value.
-    pub fn decode(&self, key: &str, value: &[u8]) -> Option<(String, Registration)> {
-        let name = key.strip_prefix(&self.prefix)?;
-        match serde_json::from_slice(value) {
-            Ok(reg) => Some((name.to_string(), reg)),
-            Err(e) => {
-                warn!(key, "ignoring an unreadable registration in etcd: {e}");
-                None
-            }
+    /// A key and its value, as what they record (`None`: not ours, or unreadable).
+    pub fn decode(&self, key: &str, value: &[u8]) -> Option<Entry> {
+        let rest = key.strip_prefix(&self.root)?;
+        if let Some(name) = rest.strip_prefix("nodes/") {
+            return match serde_json::from_slice(value) {
+                Ok(reg) => Some(Entry::Node(name.to_string(), reg)),
+                Err(e) => {
+                    warn!(key, "ignoring an unreadable registration in etcd: {e}");
+                    None
+                }
+            };
         }
+        rest.strip_prefix("revoked/").map(|name| Entry::Revoked(name.to_string()))
     }
 
-    /// The node a key names.
-    pub fn node_of<'k>(&self, key: &'k str) -> Option<&'k str> {
-        key.strip_prefix(&self.prefix)
+    /// What a deleted key no longer records.
+    pub fn decode_deleted(&self, key: &str) -> Option<Gone> {
+        let rest = key.strip_prefix(&self.root)?;
+        if let Some(name) = rest.strip_prefix("nodes/") {
+            return Some(Gone::Node(name.to_string()));
+        }
+        rest.strip_prefix("revoked/").map(|name| Gone::Revoked(name.to_string()))
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
+    /// The prefix every replica watches.
+    pub fn root(&self) -> &str {
+        &self.root
     }
 }

@@ -74,7 +74,31 @@ pub struct AdminState {
 }
 
 /// Performs an admin operation from its query parameters; the answer or what went wrong.
-pub type ActionFn = Box<dyn Fn(&[(String, String)]) -> Result<String, String> + Send + Sync>;
+pub type ActionFn = Box<dyn Fn(&[(String, String)]) -> ActionFuture + Send + Sync>;
+/// What an action answers: text, or why it was refused (and whether the refusal is the
+/// caller's fault or a service the action needs being away).
+pub type ActionFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, ActionError>> + Send>>;
+
+/// Why an admin action did not happen.
+#[derive(Debug)]
+pub enum ActionError {
+    /// The request is wrong (400).
+    Bad(String),
+    /// Something the action needs is away; try again later (503).
+    Unavailable(String),
+}
+
+impl From<String> for ActionError {
+    fn from(s: String) -> Self {
+        ActionError::Bad(s)
+    }
+}
+
+impl From<&str> for ActionError {
+    fn from(s: &str) -> Self {
+        ActionError::Bad(s.to_string())
+    }
+}
 
 /// Renders a JSON admin page.
 pub type JsonFn = Box<dyn Fn() -> String + Send + Sync>;
@@ -236,10 +260,15 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
         }
         path if req.method() == http::Method::POST && state.actions.iter().any(|(p, _)| *p == path) => {
             let params = req.uri().query().map(crate::policy::route::parse_query).unwrap_or_default();
-            let action = state.actions.iter().find(|(p, _)| *p == path).map(|(_, f)| f);
-            match action.map(|f| f(&params)) {
-                Some(Ok(text)) => (StatusCode::OK, "text/plain", text),
-                Some(Err(e)) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            let action = state.actions.iter().find(|(p, _)| *p == path).map(|(_, f)| f(&params));
+            match action {
+                Some(run) => match run.await {
+                    Ok(text) => (StatusCode::OK, "text/plain", text),
+                    Err(ActionError::Bad(e)) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                    Err(ActionError::Unavailable(e)) => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e}\n"))
+                    }
+                },
                 None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
             }
         }
