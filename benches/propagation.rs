@@ -6,8 +6,12 @@
 //! Two kinds of change are timed: a config file edit (service 0 gets a new host alias) and an
 //! endpoint change (one node registers, then removes, an extra instance of service 0).
 //!
+//! With `BENCH_REPLICAS=3` the control plane is three gateway replicas sharing their registry
+//! through etcd (Debian's `etcd-server`, started by the bench); node i attaches to replica
+//! i mod 3, so an endpoint change travels node -> its replica -> etcd -> every replica -> nodes.
+//!
 //! Run: `cargo bench --bench propagation` (env: BENCH_NODES=50, BENCH_SERVICES=1000,
-//! BENCH_ENDPOINTS=10000, BENCH_CHANGES=20).
+//! BENCH_ENDPOINTS=10000, BENCH_CHANGES=20, BENCH_REPLICAS=1).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -41,6 +45,12 @@ fn main() {
         let n_services = env_or("BENCH_SERVICES", 1000);
         let n_endpoints = env_or("BENCH_ENDPOINTS", 10000);
         let changes = env_or("BENCH_CHANGES", 20);
+        let n_replicas: usize = env_or("BENCH_REPLICAS", 1);
+        let etcd = if n_replicas > 1 {
+            Some(support::etcd::Etcd::start().await.expect("BENCH_REPLICAS > 1 needs etcd (Debian etcd-server)"))
+        } else {
+            None
+        };
         let pki = Pki::new();
         let state = pki.issue("gateway");
         let mesh = pki.path().join("mesh.toml");
@@ -49,12 +59,15 @@ fn main() {
         std::fs::write(
             &gw_file,
             format!(
-                "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nwatch_interval = \"10ms\"\n[gateway.tls]\nstate_dir = \"{}\"\n",
-                state.display()
+                "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nwatch_interval = \"10ms\"\n[gateway.tls]\nstate_dir = \"{}\"\n{}",
+                state.display(),
+                etcd.as_ref().map_or(String::new(), |e| format!("[gateway.store]\netcd = [{}]\n", e.endpoints_toml())),
             ),
         )
         .unwrap();
-        let gw = NodeProc::start_layered("gateway", &[mesh.clone(), gw_file]);
+        let replicas: Vec<NodeProc> =
+            (0..n_replicas).map(|_| NodeProc::start_layered("gateway", &[mesh.clone(), gw_file.clone()])).collect();
+        let gw = &replicas[0];
         let gw_idle = gw.rss_kib();
         let before = proc_status_kib(std::process::id(), "VmRSS");
         let mut nodes = Vec::new();
@@ -64,7 +77,14 @@ fn main() {
             let name = format!("node-{i:02}");
             pki.issue(&name);
             let mut t = node_toml(&name, &state, &[], "");
-            t.push_str(&format!("\n[node.gateway]\naddress = \"{}\"\n", gw.addrs.control));
+            let others: Vec<String> = (1..n_replicas)
+                .map(|k| format!("\"{}\"", replicas[(i + k) % n_replicas].addrs.control))
+                .collect();
+            t.push_str(&format!(
+                "\n[node.gateway]\naddress = \"{}\"\nreplicas = [{}]\n",
+                replicas[i % n_replicas].addrs.control,
+                others.join(", ")
+            ));
             for k in 0..per_node {
                 let svc = (i * per_node + k) % n_services;
                 let port = 10000 + (i * per_node + k) % 50000;
@@ -106,8 +126,18 @@ fn main() {
         }
         times.sort();
         // Endpoint changes: node k registers an extra instance of svc-0, or removes it again.
-        let pushed = |text: &str, kind: &str| metric(text, "quicmesh_control_push_bytes_total", &[("kind", kind)]);
-        let before_ep = gw.metrics().await;
+        // Bytes pushed by every replica, by kind.
+        let pushed_all = || async {
+            let mut sums = (0.0, 0.0);
+            for r in &replicas {
+                let text = r.metrics().await;
+                let kind = |k| metric(&text, "quicmesh_control_push_bytes_total", &[("kind", k)]);
+                sums.0 += kind("delta");
+                sums.1 += kind("snapshot");
+            }
+            sums
+        };
+        let before_ep = pushed_all().await;
         let mut ep_times = Vec::new();
         for change in 0..changes * 2 {
             let k = (change / 2) % n_nodes;
@@ -138,13 +168,14 @@ fn main() {
             ep_times.push(t0.elapsed());
         }
         ep_times.sort();
-        let after_ep = gw.metrics().await;
+        let after_ep = pushed_all().await;
         let ep_changes = (changes * 2 * n_nodes) as f64;
-        let delta_bytes = (pushed(&after_ep, "delta") - pushed(&before_ep, "delta")) / ep_changes;
-        let whole_bytes = pushed(&after_ep, "snapshot") - pushed(&before_ep, "snapshot");
+        let delta_bytes = (after_ep.0 - before_ep.0) / ep_changes;
+        let whole_bytes = after_ep.1 - before_ep.1;
         let gw_rss = gw.rss_kib();
         let gw_peak = gw.peak_rss_kib();
-        println!("\nControl-plane propagation: {n_nodes} nodes, {n_services} services, {} endpoints, {changes} changes", per_node * n_nodes);
+        let control = if n_replicas > 1 { format!("{n_replicas} gateway replicas on etcd") } else { "one gateway".into() };
+        println!("\nControl-plane propagation: {n_nodes} nodes, {n_services} services, {} endpoints, {changes} changes, {control}", per_node * n_nodes);
         println!("| figure | value |");
         println!("|---|---|");
         println!("| initial convergence (all nodes registered, every node sees every endpoint) | {converge:.2?} |");
@@ -155,7 +186,7 @@ fn main() {
         println!("| endpoint change -> active at all nodes, p99 | {:.2?} |", pct(&ep_times, 0.99));
         println!("| endpoint change -> active at all nodes, min / max | {:.2?} / {:.2?} |", ep_times[0], ep_times[ep_times.len() - 1]);
         println!("| bytes pushed per endpoint change, per node (deltas) / whole snapshots sent meanwhile | {delta_bytes:.0} B / {whole_bytes:.0} B |");
-        println!("| gateway RSS idle / with the mesh / peak | {:.1} / {:.1} / {:.1} MB |", gw_idle as f64 / 1024.0, gw_rss as f64 / 1024.0, gw_peak as f64 / 1024.0);
+        println!("| gateway (replica 1) RSS idle / with the mesh / peak | {:.1} / {:.1} / {:.1} MB |", gw_idle as f64 / 1024.0, gw_rss as f64 / 1024.0, gw_peak as f64 / 1024.0);
         println!("| gateway RSS per node (with the mesh - idle) / nodes | {:.2} MB |", (gw_rss.saturating_sub(gw_idle)) as f64 / 1024.0 / n_nodes as f64);
         println!("| per-node memory (bench RSS growth / nodes) | {:.2} MB |", (after.saturating_sub(before)) as f64 / 1024.0 / n_nodes as f64);
         println!("(the file watcher polls every 10 ms, included in the figures)");

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use support::etcd::Etcd;
 use support::*;
 
 /// The gateway's mesh-wide layer: services listed here get registered endpoints added.
@@ -680,62 +681,6 @@ async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read()
     let _ = send.finish().await;
 }
 
-/// A single-member etcd cluster for the replicas (Debian's `etcd-server`), removed on drop.
-struct Etcd {
-    child: Option<std::process::Child>,
-    client: SocketAddr,
-    peer: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    async fn start() -> Option<Etcd> {
-        if !require_tool("etcd") {
-            return None;
-        }
-        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let mut etcd = Etcd { child: None, client: free(), peer: free(), dir: tempfile::tempdir().unwrap() };
-        etcd.resume().await;
-        Some(etcd)
-    }
-
-    /// Starts (again) on the same ports and data.
-    async fn resume(&mut self) {
-        let (client, peer) = (self.client, self.peer);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log")).unwrap();
-        let child = std::process::Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &format!("http://{client}")])
-            .args(["--advertise-client-urls", &format!("http://{client}")])
-            .args(["--listen-peer-urls", &format!("http://{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
-            .args(["--initial-cluster", &format!("test=http://{peer}")])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("etcd starts");
-        self.child = Some(child);
-        eventually(Duration::from_secs(20), "etcd to be healthy", || async {
-            http_get(&format!("http://{client}/health")).await.1.contains("true").then_some(())
-        })
-        .await;
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// Two replicas on one etcd: node-b (hosting echo) attached to the second, node-a to the first,
 /// each able to fail over to the other. Started with `grace` as the nodes' grace period.
 struct Replicas {
@@ -755,7 +700,7 @@ impl Replicas {
         let mesh = pki.path().join("mesh.toml");
         std::fs::write(&mesh, mesh_layer("")).unwrap();
         let gw_file = pki.path().join("gateway.toml");
-        let store = format!("\n[gateway.store]\netcd = [\"{}\"]\nprefix = \"/test-mesh\"\n", etcd.client);
+        let store = format!("\n[gateway.store]\netcd = [{}]\nprefix = \"/test-mesh\"\n", etcd.endpoints_toml());
         std::fs::write(&gw_file, format!("{}{store}", gateway_layer(&state, grace))).unwrap();
         let gw = [
             NodeProc::start_layered("gateway", &[mesh.clone(), gw_file.clone()]),
@@ -888,4 +833,25 @@ async fn without_etcd_the_replicas_serve_what_they_hold_and_refuse_writes() {
     })
     .await;
     assert_ne!(status_via(&r.a, "late").await, 200);
+}
+
+/// A three-member etcd cluster loses its leader under load: node-to-node traffic goes on, and
+/// once etcd has elected another, a new registration reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replicas_ride_out_the_etcd_leader_dying() {
+    let Some(mut etcd) = Etcd::cluster(3).await else { return };
+    let r = Replicas::start(&etcd, "3s").await;
+    let load = Load::start(r.a.addrs.outbound);
+    load.run_for(50).await;
+    let killed = etcd.kill_leader().await;
+    println!("killed etcd member m{killed}, the leader");
+    let late = echo_backend().await;
+    let state = r.state();
+    let _c =
+        NodeProc::start(&state, "node-c", &joined_node("node-c", &state, r.gw[1].addrs.control, &[("late", late)]));
+    wait_status(&r.a, "late", 200, "node-a to reach a service registered after the leader died").await;
+    load.run_for(50).await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{failed} of {} requests failed while etcd's leader died", ok + failed);
+    assert_eq!(status_via(&r.a, "echo").await, 200, "node-b's registration survived the election");
 }

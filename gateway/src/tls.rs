@@ -70,12 +70,23 @@ impl ResolvesServerCert for Certificates {
 
 /// Reloads the edge certificates when their files change (renewed by an ACME client, say),
 /// once they have held still for one interval; a broken pair is refused and the old one stays.
-pub async fn watch_certificates(gc: GatewayConfig, certs: Arc<Certificates>) {
-    if gc.certificates.is_empty() {
-        return;
-    }
+pub fn watch_certificates(gc: GatewayConfig, certs: Arc<Certificates>) -> impl std::future::Future<Output = ()> + Send {
     let files: Vec<_> = gc.certificates.iter().flat_map(|c| [c.cert.clone(), c.key.clone()]).collect();
-    let mut watch = FileWatch::new(move || files.clone(), gc.watch_interval, gc.watch_interval);
+    // Watched from this call on (see `FileWatch`), when there is anything to watch.
+    let watch =
+        (!files.is_empty()).then(|| FileWatch::new(move || files.clone(), gc.watch_interval, gc.watch_interval));
+    async move {
+        if let Some(watch) = watch {
+            reload_certificates(gc, certs, watch).await;
+        }
+    }
+}
+
+async fn reload_certificates<F: Fn() -> Vec<std::path::PathBuf>>(
+    gc: GatewayConfig,
+    certs: Arc<Certificates>,
+    mut watch: FileWatch<F>,
+) {
     loop {
         watch.changed().await;
         match resolver(&gc) {

@@ -30,10 +30,24 @@ fn files(files: &[PathBuf], overlays: Option<&PathBuf>) -> Vec<PathBuf> {
     all
 }
 
-pub async fn watch(files: Vec<PathBuf>, overlays: Option<PathBuf>, every: Duration, cp: Arc<ControlPlane>) {
+/// Watches from this call on (see [`FileWatch`]); the future reloads on every change.
+pub fn watch(
+    files: Vec<PathBuf>,
+    overlays: Option<PathBuf>,
+    every: Duration,
+    cp: Arc<ControlPlane>,
+) -> impl std::future::Future<Output = ()> + Send {
     let list = files.clone();
-    // A change counts once the files have held still for one interval.
-    let mut watch = FileWatch::new(move || self::files(&list, overlays.as_ref()), every, every);
+    // A change found by polling counts once the files have held still for one interval.
+    let watch = FileWatch::new(move || self::files(&list, overlays.as_ref()), every, every);
+    reload_on_change(files, watch, cp)
+}
+
+async fn reload_on_change<F: Fn() -> Vec<PathBuf>>(
+    files: Vec<PathBuf>,
+    mut watch: FileWatch<F>,
+    cp: Arc<ControlPlane>,
+) {
     loop {
         watch.changed().await;
         let loaded = overlay::load_with_overlays(&files).map_err(|e| e.to_string()).and_then(|(cfg, nodes)| {

@@ -112,9 +112,21 @@ pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) ->
 }
 
 /// Polls the config files; a change that loads and validates updates the registered instances.
-async fn watch_instances(files: Vec<std::path::PathBuf>, tx: watch::Sender<Vec<quicmesh_shared::control::Instance>>) {
+fn watch_instances(
+    files: Vec<std::path::PathBuf>,
+    tx: watch::Sender<Vec<quicmesh_shared::control::Instance>>,
+) -> impl std::future::Future<Output = ()> + Send {
     let list = files.clone();
-    let mut watch = FileWatch::new(move || list.clone(), Duration::from_millis(500), Duration::from_millis(500));
+    // Watched from this call on (see `FileWatch`).
+    let watch = FileWatch::new(move || list.clone(), Duration::from_millis(500), Duration::from_millis(500));
+    register_on_change(files, tx, watch)
+}
+
+async fn register_on_change<F: Fn() -> Vec<std::path::PathBuf>>(
+    files: Vec<std::path::PathBuf>,
+    tx: watch::Sender<Vec<quicmesh_shared::control::Instance>>,
+    mut watch: FileWatch<F>,
+) {
     loop {
         watch.changed().await;
         match quicmesh_shared::config::load(&files) {

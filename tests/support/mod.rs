@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod etcd;
 pub mod netns;
 
 use std::io::{BufRead, BufReader};
@@ -517,6 +518,24 @@ pub async fn http_get(url: &str) -> (u16, String) {
             (status, String::from_utf8_lossy(&body).into_owned())
         }
         Err(e) => (0, e.to_string()),
+    }
+}
+
+/// POSTs a JSON body; the answer's body ("" when there is none).
+pub async fn http_post_json(url: &str, body: &str) -> String {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    match client.request(req).await {
+        Ok(resp) => {
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            String::from_utf8_lossy(&body).into_owned()
+        }
+        Err(_) => String::new(),
     }
 }
 

@@ -46,10 +46,15 @@ fn validity(paths: &TlsPaths) -> Option<(i64, i64)> {
 }
 
 impl Watch {
-    /// Runs until the process ends.
-    pub async fn run(self) {
+    /// Runs until the process ends. The files are watched from this call on (not from the
+    /// future's first poll), so what the watch holds open is there before the caller goes on.
+    pub fn run(self) -> impl std::future::Future<Output = ()> + Send {
         let files = [self.paths.ca.clone(), self.paths.cert.clone(), self.paths.key.clone()];
-        let mut watch = FileWatch::new(move || files.to_vec(), EVERY, EVERY / 4);
+        let watch = FileWatch::new(move || files.to_vec(), EVERY, EVERY / 4);
+        self.serve(watch)
+    }
+
+    async fn serve<F: Fn() -> Vec<std::path::PathBuf> + Send>(self, mut watch: FileWatch<F>) {
         let mut warned: Option<tokio::time::Instant> = None;
         self.export(validity(&self.paths), &mut warned);
         loop {
