@@ -18,8 +18,9 @@ pub enum Level {
 /// A certificate expiring within this is worth a warning.
 const NEAR_EXPIRY: f64 = 8.0 * 3600.0;
 
-/// Every finding about the mesh behind the gateway at `admin`.
-pub async fn findings(admin: SocketAddr) -> Vec<(Level, String)> {
+/// Every finding about the mesh behind the gateway at `admin`, expecting at least `expected`
+/// nodes connected (0: any number).
+pub async fn findings(admin: SocketAddr, expected: usize) -> Vec<(Level, String)> {
     let mut out = Vec::new();
     let doc = match nodes(admin).await {
         Ok(d) => d,
@@ -92,7 +93,12 @@ pub async fn findings(admin: SocketAddr) -> Vec<(Level, String)> {
             Err(e) => out.push((Level::Warn, format!("node {name}'s admin API at {addr} cannot be read: {e}"))),
         }
     }
-    if connected > 0 {
+    if connected < expected {
+        out.push((
+            Level::Fail,
+            format!("{connected} of the {expected} expected node(s) connected to the control plane"),
+        ));
+    } else if connected > 0 {
         out.push((Level::Ok, format!("{connected} node(s) connected to the control plane")));
     }
     if current > 0 && current == connected {
@@ -101,11 +107,11 @@ pub async fn findings(admin: SocketAddr) -> Vec<(Level, String)> {
     out
 }
 
-/// Checks until every finding passes or `wait` is over; returns the report and whether it passed.
-pub async fn check(admin: SocketAddr, wait: Duration) -> (String, bool) {
+/// Checks until every finding passes (with at least `expected` nodes connected) or `wait` is over; returns the report and whether it passed.
+pub async fn check(admin: SocketAddr, wait: Duration, expected: usize) -> (String, bool) {
     let deadline = Instant::now() + wait;
     loop {
-        let found = findings(admin).await;
+        let found = findings(admin, expected).await;
         let passed = found.iter().all(|(l, _)| *l != Level::Fail);
         if passed || Instant::now() >= deadline {
             let mut text = String::new();

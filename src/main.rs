@@ -99,6 +99,10 @@ enum Command {
         /// With --live, keep checking until all passes or this much time is over (e.g. 30s).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, requires = "live")]
         wait: std::time::Duration,
+        /// With --live, fail until at least this many nodes are connected (a mesh still coming up
+        /// otherwise looks healthy with the nodes that joined first).
+        #[arg(long, default_value_t = 0, requires = "live")]
+        nodes: usize,
     },
     /// Explain the configuration files offline.
     Config {
@@ -312,8 +316,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("issued spiffe://{}/node/{node}: {} {}", ca.trust_domain, cert.display(), key.display());
             Ok(())
         }
-        Command::Check { live: true, admin, wait, .. } => {
-            let (report, passed) = runtime()?.block_on(live::check(admin, wait));
+        Command::Check { live: true, admin, wait, nodes, .. } => {
+            let (report, passed) = runtime()?.block_on(live::check(admin, wait, nodes));
             print!("{report}");
             anyhow::ensure!(passed, "the live check failed");
             Ok(())

@@ -699,13 +699,18 @@ impl Replicas {
         }
         let mesh = pki.path().join("mesh.toml");
         std::fs::write(&mesh, mesh_layer("")).unwrap();
-        let gw_file = pki.path().join("gateway.toml");
         let store = format!("\n[gateway.store]\netcd = [{}]\nprefix = \"/test-mesh\"\n", etcd.endpoints_toml());
-        std::fs::write(&gw_file, format!("{}{store}", gateway_layer(&state, grace))).unwrap();
-        let gw = [
-            NodeProc::start_layered("gateway", &[mesh.clone(), gw_file.clone()]),
-            NodeProc::start_layered("gateway", &[mesh, gw_file]),
-        ];
+        // Each replica's control port is pinned (a free one), so a restarted replica comes back
+        // where the nodes look for it.
+        let replica = |i: usize| {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let layer = gateway_layer(&state, grace)
+                .replace("control = \"127.0.0.1:0\"", &format!("control = \"127.0.0.1:{port}\""));
+            let file = pki.path().join(format!("gateway-{i}.toml"));
+            std::fs::write(&file, format!("{layer}{store}")).unwrap();
+            NodeProc::start_layered("gateway", &[mesh.clone(), file])
+        };
+        let gw = [replica(1), replica(2)];
         let with_replica = |toml: String, other: SocketAddr| {
             toml.replacen("[node.gateway]\n", &format!("[node.gateway]\nreplicas = [\"{other}\"]\n"), 1)
         };
@@ -854,4 +859,34 @@ async fn the_replicas_ride_out_the_etcd_leader_dying() {
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "{failed} of {} requests failed while etcd's leader died", ok + failed);
     assert_eq!(status_via(&r.a, "echo").await, 200, "node-b's registration survived the election");
+}
+
+/// Every replica restarted in turn under load (SIGTERM, then started again on its port): no
+/// node-to-node request fails, the nodes move between replicas, and a registration made after
+/// the last restart reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_replica_fails_no_request() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let mut r = Replicas::start(&etcd, "3s").await;
+    let load = Load::start(r.a.addrs.outbound);
+    load.run_for(50).await;
+    for i in 0..r.gw.len() {
+        let read = |gw: &NodeProc| gw.log().matches("registry read from etcd").count();
+        let before = read(&r.gw[i]);
+        r.gw[i].terminate();
+        r.gw[i].restart();
+        eventually(Duration::from_secs(15), "the restarted replica to have read etcd", || async {
+            (read(&r.gw[i]) > before).then_some(())
+        })
+        .await;
+        load.run_for(50).await;
+    }
+    let late = echo_backend().await;
+    let state = r.state();
+    let _c =
+        NodeProc::start(&state, "node-c", &joined_node("node-c", &state, r.gw[0].addrs.control, &[("late", late)]));
+    wait_status(&r.a, "late", 200, "node-a to reach a service registered after the rolling restart").await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{failed} of {} requests failed during the rolling restart", ok + failed);
+    assert_eq!(status_via(&r.a, "echo").await, 200);
 }

@@ -476,6 +476,9 @@ async fn the_live_check_and_status_tell_the_truth() {
     })
     .await;
     assert!(out.contains("ok   1 node(s) connected") && out.contains("the mesh is healthy"), "{out}");
+    // A mesh still coming up is not healthy yet when more nodes are expected.
+    let (ok, out) = run_in(pki.path(), &["check", "--live", "--nodes", "2", "--admin", &admin]);
+    assert!(!ok && out.contains("FAIL 1 of the 2 expected node(s) connected"), "{out}");
     let (ok, out) = run_in(pki.path(), &["status", "--admin", &node.addrs.admin.to_string()]);
     assert!(!ok && out.contains("is a node's admin API"), "{out}");
     let (ok, out) = run_in(pki.path(), &["status", "-o", "json", "--admin", &admin]);
