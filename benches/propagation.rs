@@ -189,7 +189,7 @@ fn main() {
         println!("| gateway (replica 1) RSS idle / with the mesh / peak | {:.1} / {:.1} / {:.1} MB |", gw_idle as f64 / 1024.0, gw_rss as f64 / 1024.0, gw_peak as f64 / 1024.0);
         println!("| gateway RSS per node (with the mesh - idle) / nodes | {:.2} MB |", (gw_rss.saturating_sub(gw_idle)) as f64 / 1024.0 / n_nodes as f64);
         println!("| per-node memory (bench RSS growth / nodes) | {:.2} MB |", (after.saturating_sub(before)) as f64 / 1024.0 / n_nodes as f64);
-        println!("(the file watcher polls every 10 ms, included in the figures)");
+        println!("(config files: file-system events, with a 10 ms poll underneath; included in the figures)");
         for n in nodes {
             n.shutdown().await;
         }
