@@ -15,9 +15,11 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use quicmesh_shared::control::Registration;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 /// One request to etcd may take this long.
@@ -44,10 +46,12 @@ fn int(v: &Value) -> i64 {
     v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()).unwrap_or(0)
 }
 
-/// A client of an etcd cluster: requests go to the first endpoint that answers.
+/// A client of an etcd cluster: requests go to the first endpoint that answers, over pooled
+/// keep-alive connections (every attached node renews its lease every few seconds).
 #[derive(Clone)]
 pub struct Etcd {
     endpoints: Vec<String>,
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// One change under a watched prefix.
@@ -59,24 +63,24 @@ pub enum Change {
 
 impl Etcd {
     pub fn new(endpoints: Vec<String>) -> Self {
-        Self { endpoints }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CALL_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Self { endpoints, client }
     }
 
-    async fn send(endpoint: &str, path: &str, body: &Value) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-        let tcp = TcpStream::connect(endpoint).await.map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+    async fn send(
+        &self,
+        endpoint: &str,
+        path: &str,
+        body: &Value,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let req = http::Request::post(format!("http://{endpoint}{path}"))
-            .header(http::header::HOST, endpoint)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| e.to_string())?;
-        sender.send_request(req).await.map_err(|e| e.to_string())
+        self.client.request(req).await.map_err(|e| e.to_string())
     }
 
     /// One unary call: the first endpoint that answers decides.
@@ -84,7 +88,7 @@ impl Etcd {
         let mut last = String::from("no endpoints");
         for endpoint in &self.endpoints {
             let attempt = async {
-                let resp = Self::send(endpoint, path, &body).await?;
+                let resp = self.send(endpoint, path, &body).await?;
                 let status = resp.status();
                 let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
                 Ok::<_, String>((status, bytes))
@@ -172,7 +176,7 @@ impl Etcd {
         }});
         let mut last = String::from("no endpoints");
         for endpoint in &self.endpoints {
-            let resp = match tokio::time::timeout(CALL_TIMEOUT, Self::send(endpoint, "/v3/watch", &body)).await {
+            let resp = match tokio::time::timeout(CALL_TIMEOUT, self.send(endpoint, "/v3/watch", &body)).await {
                 Ok(Ok(r)) if r.status().is_success() => r,
                 Ok(Ok(r)) => {
                     last = format!("{endpoint}: {}", r.status());
