@@ -169,11 +169,17 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Create a join token (stored hashed in the gateway's state directory; printed once).
+    /// Create a join token (stored hashed; printed once): in the gateway's state directory
+    /// (`--dir`), or through a running gateway's admin API (`--admin`), which keeps it in etcd
+    /// when the gateway has replicas, so any replica redeems it.
+    #[command(group = clap::ArgGroup::new("where").required(true).args(["dir", "admin"]))]
     Create {
         /// The gateway's state directory (holds the CA).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+        /// A gateway's admin address (HOST:PORT).
+        #[arg(long, value_parser = admin_addr)]
+        admin: Option<std::net::SocketAddr>,
         /// How long the token stays valid, e.g. 1h, 30m.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
@@ -183,6 +189,10 @@ enum TokenCommand {
         /// Only this node name may use it.
         #[arg(long)]
         node: Option<String>,
+        /// With `--admin`: wait up to this long for a gateway that is not up yet (or whose
+        /// etcd is not), e.g. 30s.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
     },
 }
 
@@ -305,9 +315,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", Ca::open(&dir)?.fingerprint());
             Ok(())
         }
-        Command::Token { command: TokenCommand::Create { dir, ttl, uses, node } } => {
-            let token = quicmesh_shared::control::enroll::create_token(&dir, ttl, uses, node)?;
-            println!("{token}");
+        Command::Token { command: TokenCommand::Create { dir, admin, ttl, uses, node, wait } } => {
+            match (dir, admin) {
+                (Some(dir), _) => {
+                    println!("{}", quicmesh_shared::control::enroll::create_token(&dir, ttl, uses, node)?)
+                }
+                (None, Some(admin)) => {
+                    let mut query = format!("ttl={}s&uses={uses}", ttl.as_secs());
+                    if let Some(n) = node {
+                        query.push_str(&format!("&node={}", top::escape(&n)));
+                    }
+                    print!("{}", runtime()?.block_on(top::post_waiting(admin, "/tokens", &query, wait))?);
+                }
+                (None, None) => anyhow::bail!("say where the token is kept: --dir or --admin"),
+            }
             Ok(())
         }
         Command::Ca { command: CaCommand::Issue { dir, node, days } } => {

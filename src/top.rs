@@ -264,22 +264,52 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 
 /// `quicmesh node revoke NAME`: asks the gateway to revoke a node.
 pub async fn revoke(admin: SocketAddr, name: &str) -> anyhow::Result<String> {
+    post(admin, "/revoke", &format!("node={}", escape(name))).await
+}
+
+/// `text` escaped for a query string.
+pub fn escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+/// Runs one of the gateway's admin actions (`POST path?query`); its answer.
+pub async fn post(admin: SocketAddr, path: &str, query: &str) -> anyhow::Result<String> {
+    post_waiting(admin, path, query, Duration::ZERO).await
+}
+
+/// As [`post`], trying again for up to `wait` while the gateway is not up yet or answers 503
+/// (its store is unavailable for now).
+pub async fn post_waiting(admin: SocketAddr, path: &str, query: &str, wait: Duration) -> anyhow::Result<String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let name: String = name
-        .bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' { (b as char).to_string() } else { format!("%{b:02X}") })
-        .collect();
-    let req = with_token(
-        http::Request::post(format!("http://{admin}/revoke?node={name}"))
-            .header(http::header::CONTENT_TYPE, "application/json"),
-    )
-    .body(Default::default())?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await??;
-    let status = resp.status();
-    let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
-    anyhow::ensure!(status.is_success(), "the gateway refused: {}", body.trim());
-    Ok(body)
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let req = with_token(
+            http::Request::post(format!("http://{admin}{path}?{query}"))
+                .header(http::header::CONTENT_TYPE, "application/json"),
+        )
+        .body(Default::default())?;
+        let answer = async {
+            let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await??;
+            let status = resp.status();
+            let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+            anyhow::Ok((status, body))
+        };
+        let retry = match answer.await {
+            Ok((status, body)) if status.is_success() => return Ok(body),
+            Ok((status, body)) if status == http::StatusCode::SERVICE_UNAVAILABLE => {
+                anyhow::anyhow!("the gateway refused: {}", body.trim())
+            }
+            Ok((_, body)) => anyhow::bail!("the gateway refused: {}", body.trim()),
+            Err(e) => anyhow::anyhow!("cannot reach the gateway's admin API at {admin}: {e}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(retry);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The gateway's `/nodes` page. A node's admin API has no such page: say so.

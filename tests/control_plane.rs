@@ -801,20 +801,32 @@ async fn gateway_replicas_share_the_registry_through_etcd_and_nodes_fail_over() 
 }
 
 /// etcd stops for longer than the nodes' grace period: node-to-node traffic goes on, the
-/// replicas keep serving what they hold (no node loses an endpoint), a revocation is refused
-/// with a clear error (nothing half-done), and when etcd is back a new registration reaches
-/// every node.
+/// replicas keep serving what they hold (no node loses an endpoint), a revocation, a new join
+/// token and an enrollment are refused with a clear error (nothing half-done), and when etcd is
+/// back a new registration reaches every node and the token enrolls its host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_etcd_the_replicas_serve_what_they_hold_and_refuse_writes() {
     let Some(mut etcd) = Etcd::start().await else { return };
     let r = Replicas::start(&etcd, "2s").await;
     let load = Load::start(r.a.addrs.outbound);
     load.run_for(50).await;
+    let dir = r.state();
+    let fingerprint = cli(&["ca", "fingerprint", "--dir", &dir.display().to_string()]).unwrap().trim().to_string();
+    let token = cli(&["token", "create", "--admin", &r.gw[1].addrs.admin.to_string()]).unwrap().trim().to_string();
     etcd.stop();
     let stopped = std::time::Instant::now();
     let refused = admin_post(r.gw[0].addrs.admin, "/revoke?node=node-b").await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(refused.contains("etcd is unavailable, node-b was not revoked"), "{refused}");
+    // No token is made, and none is redeemed, without etcd: the host gets nothing.
+    let err = cli(&["token", "create", "--admin", &r.gw[0].addrs.admin.to_string()]).unwrap_err();
+    assert!(err.contains("etcd is unavailable, no token was created"), "{err}");
+    let host = fresh_host(&dir, "while-away");
+    let err = quicmesh_node::enroll::join(&host, r.gw[2].addrs.control, "gateway", &token, &fingerprint, false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("etcd is unavailable, so no node can enroll now"), "{err}");
+    assert!(!dir.join("while-away-state/while-away.pem").exists());
     // 20 s, ten times the grace period (leases cannot run out while etcd is away).
     while stopped.elapsed() < Duration::from_secs(20) {
         load.run_for(20).await;
@@ -832,6 +844,10 @@ async fn without_etcd_the_replicas_serve_what_they_hold_and_refuse_writes() {
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "{failed} of {} requests failed while etcd was away", ok + failed);
     assert_eq!(status_via(&r.a, "echo").await, 200);
+    // The token held through the outage enrolls the host now.
+    assert!(quicmesh_node::enroll::join(&host, r.gw[2].addrs.control, "gateway", &token, &fingerprint, false)
+        .await
+        .unwrap());
     // A revocation now goes through, at both replicas.
     let done = admin_post(r.gw[0].addrs.admin, "/revoke?node=node-c").await;
     assert!(done.starts_with("HTTP/1.1 200"), "{done}");
@@ -896,4 +912,75 @@ async fn a_rolling_restart_of_every_replica_fails_no_request() {
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "{failed} of {} requests failed during the rolling restart", ok + failed);
     assert_eq!(status_via(&r.a, "echo").await, 200);
+}
+
+/// A fresh host's config for `name`: an empty state directory, joined to nothing yet.
+fn fresh_host(dir: &Path, name: &str) -> quicmesh_shared::config::Config {
+    let toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n{TRANSPORT}\n[node]\nname = \"{name}\"\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[node.tls]\nstate_dir = \"{}\"\n",
+        dir.join(format!("{name}-state")).display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    quicmesh_shared::config::load(&[path]).unwrap()
+}
+
+fn cli(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(BIN).args(args).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A join token is created through one replica and kept in etcd as a hash; two replicas racing
+/// to redeem it for two hosts issue exactly one certificate (an etcd transaction spends it), the
+/// loser hears the token was used, and etcd records which certificate went to whom.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_to_redeem_one_token_issue_exactly_one_certificate() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let r = Replicas::start(&etcd, "3s").await;
+    let dir = r.state();
+    let fingerprint = cli(&["ca", "fingerprint", "--dir", &dir.display().to_string()]).unwrap().trim().to_string();
+    let admin = r.gw[0].addrs.admin.to_string();
+    for round in 0..6 {
+        let token = cli(&["token", "create", "--admin", &admin, "--ttl", "10m"]).unwrap().trim().to_string();
+        assert!(token.starts_with("qm1."), "{token}");
+        let (x, y) = (format!("race-{round}-x"), format!("race-{round}-y"));
+        let (cx, cy) = (fresh_host(&dir, &x), fresh_host(&dir, &y));
+        let (rx, ry) = tokio::join!(
+            quicmesh_node::enroll::join(&cx, r.gw[1].addrs.control, "gateway", &token, &fingerprint, false),
+            quicmesh_node::enroll::join(&cy, r.gw[2].addrs.control, "gateway", &token, &fingerprint, false),
+        );
+        let (winner, loser, lost) = match (rx, ry) {
+            (Ok(true), Err(e)) => (&x, &y, e.to_string()),
+            (Err(e), Ok(true)) => (&y, &x, e.to_string()),
+            other => panic!("round {round}: not exactly one enrollment: {other:?}"),
+        };
+        assert!(lost.contains("already used"), "round {round}: {lost}");
+        assert!(!dir.join(format!("{loser}-state/{loser}.pem")).exists(), "{loser} got a certificate");
+        // etcd records the winner's certificate, by fingerprint, and nothing for the loser.
+        let issued = etcd.range("/test-mesh/issued/").await;
+        let record = issued.iter().find(|(k, _)| k.ends_with(&format!("/{winner}"))).expect("an issuance record");
+        let record: serde_json::Value = serde_json::from_slice(&record.1).unwrap();
+        let cert = quicmesh_shared::identity::read_certs(&dir.join(format!("{winner}-state/{winner}.pem"))).unwrap();
+        assert_eq!(record["fingerprint"], quicmesh_shared::identity::fingerprint(&cert[0]));
+        assert_eq!(record["how"], "enrolled");
+        assert!(!issued.iter().any(|(k, _)| k.ends_with(&format!("/{loser}"))), "{loser} has an issuance record");
+        // The token itself is nowhere in etcd, only its hash.
+        let all = etcd.range("/test-mesh/").await;
+        assert!(!all.iter().any(|(k, v)| k.contains(&token) || String::from_utf8_lossy(v).contains(&token)));
+    }
+    // A token bound to a name enrolls only that name, at any replica.
+    let bound = cli(&["token", "create", "--admin", &admin, "--node", "bound-host"]).unwrap().trim().to_string();
+    let other = fresh_host(&dir, "not-bound");
+    let err = quicmesh_node::enroll::join(&other, r.gw[2].addrs.control, "gateway", &bound, &fingerprint, false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not for this node"), "{err}");
+    let host = fresh_host(&dir, "bound-host");
+    assert!(quicmesh_node::enroll::join(&host, r.gw[1].addrs.control, "gateway", &bound, &fingerprint, false)
+        .await
+        .unwrap());
 }

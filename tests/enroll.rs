@@ -143,7 +143,13 @@ async fn an_expired_token_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_does_not_match_the_pinned_ca_gets_no_token() {
     let s = setup();
-    let tok = token(&s, "1h");
+    // Made through the running gateway's admin API this time (kept in its state directory).
+    let admin = s.gw.addrs.admin.to_string();
+    let tok = cli(&["token", "create", "--admin", &admin, "--ttl", "1h"]).trim().to_string();
+    assert!(tok.starts_with("qm1."), "{tok}");
+    let out = Command::new(BIN).args(["token", "create", "--admin", &admin, "--uses", "0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("uses=\"0\" is not a count above 0"), "{err}");
     let wrong = "00".repeat(32);
     let err = failing_join(&s, "careful", &tok, &wrong);
     assert!(err.contains("pinned fingerprint"), "{err}");

@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::store::{Change, Entry, Gone, Store};
+use crate::store::{Change, Entry, Gone, Issued, Store, StoreError};
 
 struct NodeState {
     reg: Registration,
@@ -553,6 +553,39 @@ impl ControlPlane {
         Ok(format!("revoked {name}; snapshot {}\n", self.version()))
     }
 
+    /// Creates a join token (`POST /tokens?ttl=1h&uses=1&node=NAME`) and returns it; only its
+    /// hash is kept: in etcd with replicas, so any replica redeems it (and refused when etcd
+    /// is unavailable), else in the state directory's token file.
+    pub async fn create_token(&self, params: &[(String, String)]) -> Result<String, ActionError> {
+        let param = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let ttl = match param("ttl") {
+            Some(t) => humantime::parse_duration(t).map_err(|e| format!("ttl={t:?}: {e}"))?,
+            None => Duration::from_secs(3600),
+        };
+        let uses = match param("uses") {
+            Some(u) => u.parse::<u32>().ok().filter(|&n| n > 0).ok_or(format!("uses={u:?} is not a count above 0"))?,
+            None => 1,
+        };
+        let node = param("node").map(str::to_string);
+        if let Some(n) = &node {
+            if !valid_name(n) {
+                return Err(format!("node={n:?} is not a node name").into());
+            }
+        }
+        if let Some(store) = &self.store {
+            let (token, record) = enroll::new_token(ttl, uses, node).map_err(|e| e.to_string())?;
+            store
+                .add_token(&record)
+                .await
+                .map_err(|e| ActionError::Unavailable(format!("etcd is unavailable, no token was created: {e}")))?;
+            return Ok(format!("{token}\n"));
+        }
+        let dir = self.lock().config.gateway.as_ref().and_then(|g| g.tls.state_dir.clone());
+        let dir = dir.ok_or("this gateway has no gateway.tls.state_dir to keep tokens in")?;
+        let token = enroll::create_token(&dir, ttl, uses, node).map_err(|e| e.to_string())?;
+        Ok(format!("{token}\n"))
+    }
+
     /// Adds or replaces a node's registration, if the mesh stays valid with it (a registration
     /// cannot, say, claim another service's host alias or break every node's snapshot).
     fn register(&self, name: &str, mut reg: Registration) -> Result<(), String> {
@@ -608,7 +641,14 @@ impl ControlPlane {
     /// Whether `name` is a node the mesh knows (registered, in its grace period, or in config).
     pub fn name_in_use(&self, name: &str) -> bool {
         let r = self.lock();
-        r.nodes.contains_key(name) || r.config.peer(name).is_some()
+        r.nodes.contains_key(name)
+            || r.shared.as_ref().is_some_and(|s| s.contains_key(name))
+            || r.config.peer(name).is_some()
+    }
+
+    /// The store replicas share, if any.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
     }
 
     fn disconnect(&self, name: &str, goodbye: bool) {
@@ -737,6 +777,16 @@ impl Enroller {
         let ca = Ca::open(&self.dir).map_err(|e| format!("the gateway holds no CA: {e}"))?;
         let cert = ca.sign_csr(name, csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))?;
         issued(name);
+        if let Some(store) = self.cp.store().cloned() {
+            // The member holds its new certificate whether or not etcd hears of it now.
+            let (record, name) =
+                (Issued::new(&cert, ENROLLED_VALIDITY, &self.gateway_name, "renewed"), name.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = store.record_issue(&name, &record).await {
+                    warn!(node = name, "the renewal is not recorded in etcd: {e}");
+                }
+            });
+        }
         Ok(cert)
     }
 
@@ -750,22 +800,59 @@ impl Enroller {
         if self.cp.is_revoked(&req.name) {
             return Err(format!("node {:?} is revoked", req.name));
         }
+        if let Some(store) = self.cp.store().cloned() {
+            return self.enroll_shared(&store, req).await;
+        }
         let _one = self.lock.lock().await;
         // The token first (cheap, no key material touched), then the name, then the signature;
         // the token is spent last, so a refused request costs the holder nothing.
         let bound = enroll::check(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
-        if !bound && self.cp.name_in_use(&req.name) {
-            return Err(format!(
-                "node {:?} is already in the mesh; re-enrolling it needs a token bound to it",
-                req.name
-            ));
+        self.name_free(&req.name, bound)?;
+        let (certificate, ca) = self.sign(&req)?;
+        enroll::redeem(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
+        issued(&req.name);
+        Ok(EnrollResponse { certificate, ca })
+    }
+
+    /// Enrollment with replicas: the token is read from etcd and spent there in a transaction
+    /// with the record of the certificate, so two replicas cannot both redeem one use. Without
+    /// etcd nothing is issued.
+    async fn enroll_shared(&self, store: &Store, req: EnrollRequest) -> Result<EnrollResponse, String> {
+        let unavailable = |e: StoreError| format!("etcd is unavailable, so no node can enroll now: {e}");
+        let mut signed = None;
+        // Another replica spending a use of the same token changes it under us: read it again.
+        for _ in 0..16 {
+            let (record, revision) = store.token(&req.token).await.map_err(unavailable)?.ok_or("unknown token")?;
+            record.allows(&req.name).map_err(|e| e.to_string())?;
+            self.name_free(&req.name, record.node.is_some())?;
+            let (certificate, ca) = match signed.take() {
+                Some(done) => done,
+                None => self.sign(&req)?,
+            };
+            let record_of = Issued::new(&certificate, ENROLLED_VALIDITY, &self.gateway_name, "enrolled");
+            if store.spend_token(&record, revision, &req.name, &record_of).await.map_err(unavailable)? {
+                issued(&req.name);
+                return Ok(EnrollResponse { certificate, ca });
+            }
+            signed = Some((certificate, ca));
         }
+        Err("the token is being redeemed elsewhere; try again".into())
+    }
+
+    /// A name may be taken by a new enrollment only with a token bound to it.
+    fn name_free(&self, name: &str, bound: bool) -> Result<(), String> {
+        if !bound && self.cp.name_in_use(name) {
+            return Err(format!("node {name:?} is already in the mesh; re-enrolling it needs a token bound to it"));
+        }
+        Ok(())
+    }
+
+    /// A certificate for the request's key and name, and the CA bundle.
+    fn sign(&self, req: &EnrollRequest) -> Result<(String, String), String> {
         let ca = Ca::open(&self.dir).map_err(|e| format!("the gateway holds no CA: {e}"))?;
         let certificate =
             ca.sign_csr(&req.name, &req.csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))?;
-        enroll::redeem(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
-        issued(&req.name);
-        Ok(EnrollResponse { certificate, ca: ca.cert_pem().to_string() })
+        Ok((certificate, ca.cert_pem().to_string()))
     }
 }
 

@@ -174,15 +174,24 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         ("/nodes", Box::new(move || serde_json::to_string(&cp_status.status()).unwrap_or_default())),
         ("/endpoints", Box::new(move || mesh_dump.dump())),
     ];
-    let cp_revoke = cp.clone();
-    let actions: Vec<(&'static str, admin::ActionFn)> = vec![(
-        "/revoke",
-        Box::new(move |params: &[(String, String)]| {
-            let node = params.iter().find(|(k, _)| k == "node").map(|(_, v)| v.clone());
-            let cp = cp_revoke.clone();
-            Box::pin(async move { cp.revoke(&node.ok_or("give the node as ?node=NAME")?).await })
-        }),
-    )];
+    let (cp_revoke, cp_tokens) = (cp.clone(), cp.clone());
+    let actions: Vec<(&'static str, admin::ActionFn)> = vec![
+        (
+            "/revoke",
+            Box::new(move |params: &[(String, String)]| {
+                let node = params.iter().find(|(k, _)| k == "node").map(|(_, v)| v.clone());
+                let cp = cp_revoke.clone();
+                Box::pin(async move { cp.revoke(&node.ok_or("give the node as ?node=NAME")?).await })
+            }),
+        ),
+        (
+            "/tokens",
+            Box::new(move |params: &[(String, String)]| {
+                let (cp, params) = (cp_tokens.clone(), params.to_vec());
+                Box::pin(async move { cp.create_token(&params).await })
+            }),
+        ),
+    ];
     // Read when asked: the files may have changed (and been reloaded) since the start.
     let (dump_mesh, dump_files) = (mesh.clone(), files.clone());
     let dump: admin::JsonFn = Box::new(move || {

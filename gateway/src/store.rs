@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use quicmesh_shared::control::enroll::{self, TokenRecord};
 use quicmesh_shared::control::Registration;
 use serde_json::{json, Value};
 use tracing::{debug, warn};
@@ -52,6 +53,14 @@ fn int(v: &Value) -> i64 {
 pub struct Etcd {
     endpoints: Vec<String>,
     client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// One write of a transaction.
+pub enum Op {
+    /// Rewrites an existing key, keeping its lease.
+    Put(String, Vec<u8>),
+    /// Writes a key without a lease.
+    PutNew(String, Vec<u8>),
 }
 
 /// One change under a watched prefix.
@@ -136,6 +145,32 @@ impl Etcd {
             body["lease"] = json!(l.to_string());
         }
         self.call("/v3/kv/put", body).await.map(drop)
+    }
+
+    /// One key's value and the revision it was last written at.
+    pub async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let v = self.call("/v3/kv/range", json!({ "key": b64(key) })).await?;
+        Ok(v["kvs"].as_array().and_then(|kvs| kvs.first()).map(|kv| (unb64(&kv["value"]), int(&kv["mod_revision"]))))
+    }
+
+    /// Runs `ops` only if `key` was last written at `revision` (0: only if it does not exist),
+    /// atomically; whether they ran.
+    pub async fn put_if(&self, key: &str, revision: i64, ops: &[Op]) -> Result<bool, StoreError> {
+        let compare = if revision == 0 {
+            json!({ "key": b64(key), "target": "CREATE", "create_revision": "0", "result": "EQUAL" })
+        } else {
+            json!({ "key": b64(key), "target": "MOD", "mod_revision": revision.to_string(), "result": "EQUAL" })
+        };
+        let success: Vec<Value> = ops
+            .iter()
+            .map(|op| match op {
+                // A rewrite keeps the lease the key has.
+                Op::Put(k, v) => json!({ "request_put": { "key": b64(k), "value": b64(v), "ignore_lease": true } }),
+                Op::PutNew(k, v) => json!({ "request_put": { "key": b64(k), "value": b64(v) } }),
+            })
+            .collect();
+        let v = self.call("/v3/kv/txn", json!({ "compare": [compare], "success": success })).await?;
+        Ok(v["succeeded"].as_bool() == Some(true))
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -229,13 +264,47 @@ impl Etcd {
     }
 }
 
-/// What replicas share, in etcd under `<prefix>/`: `nodes/<name>` (registrations, leased) and
-/// `revoked/<name>` (revocations, kept).
+/// What replicas share, in etcd under `<prefix>/`: `nodes/<name>` (registrations, leased),
+/// `revoked/<name>` (revocations, kept), `tokens/<sha256>` (join tokens, leased until they
+/// expire, spent in transactions) and `issued/<name>` (the last certificate issued).
 pub struct Store {
     pub etcd: Etcd,
     root: String,
     /// A registration's time to live once its node's stream is gone.
     pub ttl: Duration,
+}
+
+/// The record of a certificate issued to a member (`issued/<name>`): the last one wins.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Issued {
+    /// SHA-256 of the certificate (DER), hex.
+    pub fingerprint: String,
+    pub issued_unix: u64,
+    pub not_after_unix: u64,
+    /// The replica that signed it.
+    pub by: String,
+    /// "enrolled" or "renewed".
+    pub how: String,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Issued {
+    pub fn new(certificate_pem: &str, validity: Duration, by: &str, how: &str) -> Self {
+        let fingerprint = quicmesh_shared::identity::read_pem_der(certificate_pem)
+            .map(|der| quicmesh_shared::identity::fingerprint(&der))
+            .unwrap_or_default();
+        let now = unix_now();
+        Self {
+            fingerprint,
+            issued_unix: now,
+            not_after_unix: now + validity.as_secs(),
+            by: by.to_string(),
+            how: how.to_string(),
+        }
+    }
 }
 
 /// One key of the store, decoded.
@@ -286,6 +355,61 @@ impl Store {
     pub async fn revoke(&self, node: &str) -> Result<(), StoreError> {
         self.etcd.put(&self.revoked_key(node), b"", None).await?;
         self.etcd.delete(&self.node_key(node)).await
+    }
+
+    fn token_key(&self, hash: &str) -> String {
+        format!("{}tokens/{hash}", self.root)
+    }
+
+    fn issued_key(&self, node: &str) -> String {
+        format!("{}issued/{node}", self.root)
+    }
+
+    /// Keeps a join token's record (never the token) until it expires: etcd deletes it then.
+    pub async fn add_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        let left = record.expires_unix.saturating_sub(unix_now()).max(1);
+        let lease = self.etcd.grant(Duration::from_secs(left)).await?;
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Refused(e.to_string()))?;
+        self.etcd.put(&self.token_key(&record.sha256), &value, Some(lease)).await
+    }
+
+    /// A token's record and the revision it was last written at.
+    pub async fn token(&self, token: &str) -> Result<Option<(TokenRecord, i64)>, StoreError> {
+        let Some((value, revision)) = self.etcd.get(&self.token_key(&enroll::token_hash(token))).await? else {
+            return Ok(None);
+        };
+        let record = serde_json::from_slice(&value)
+            .map_err(|e| StoreError::Refused(format!("an unreadable token record in etcd: {e}")))?;
+        Ok(Some((record, revision)))
+    }
+
+    /// Spends one use of a token read at `revision` and records the certificate issued with
+    /// it, in one transaction: false (nothing written) when the token changed since it was
+    /// read, so of two replicas redeeming one token at once exactly one succeeds.
+    pub async fn spend_token(
+        &self,
+        record: &TokenRecord,
+        revision: i64,
+        node: &str,
+        issue: &Issued,
+    ) -> Result<bool, StoreError> {
+        let key = self.token_key(&record.sha256);
+        // A spent token stays (with no uses left) until its lease ends, so a late holder hears
+        // "already used" rather than "unknown".
+        let left = TokenRecord { uses_left: record.uses_left.saturating_sub(1), ..record.clone() };
+        let spent = Op::Put(key.clone(), serde_json::to_vec(&left).unwrap_or_default());
+        let issued = Op::PutNew(self.issued_key(node), serde_json::to_vec(issue).unwrap_or_default());
+        self.etcd.put_if(&key, revision, &[spent, issued]).await
+    }
+
+    /// Records a certificate issued outside enrollment (a renewal).
+    pub async fn record_issue(&self, node: &str, issue: &Issued) -> Result<(), StoreError> {
+        self.etcd.put(&self.issued_key(node), &serde_json::to_vec(issue).unwrap_or_default(), None).await
+    }
+
+    /// The last certificate issued to `node`, by any replica.
+    pub async fn issued(&self, node: &str) -> Result<Option<Issued>, StoreError> {
+        Ok(self.etcd.get(&self.issued_key(node)).await?.and_then(|(v, _)| serde_json::from_slice(&v).ok()))
     }
 
     /// Everything under the prefix.

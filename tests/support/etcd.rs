@@ -88,6 +88,24 @@ impl Etcd {
         .await;
     }
 
+    /// Every key under `prefix` and its value, as etcd holds them now.
+    pub async fn range(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let body = serde_json::json!({ "key": b64.encode(prefix), "range_end": b64.encode(end) }).to_string();
+        let text = super::http_post_json(&format!("http://{}/v3/kv/range", self.client()), &body).await;
+        let v: serde_json::Value = serde_json::from_str(&text).expect("etcd range");
+        let decode = |v: &serde_json::Value| b64.decode(v.as_str().unwrap_or("")).unwrap();
+        v["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter().map(|kv| (String::from_utf8(decode(&kv["key"])).unwrap(), decode(&kv["value"]))).collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Stops every member.
     pub fn stop(&mut self) {
         for i in 0..self.members.len() {

@@ -31,14 +31,53 @@ pub enum EnrollError {
     Store { path: PathBuf, reason: String },
 }
 
+/// What is kept of a token: its hash, never the token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct TokenRecord {
+pub struct TokenRecord {
     /// Hex SHA-256 of the token.
-    sha256: String,
-    expires_unix: u64,
-    uses_left: u32,
+    pub sha256: String,
+    pub expires_unix: u64,
+    pub uses_left: u32,
     #[serde(default)]
-    node: Option<String>,
+    pub node: Option<String>,
+}
+
+impl TokenRecord {
+    /// Whether this record lets `name` enroll now.
+    pub fn allows(&self, name: &str) -> Result<(), EnrollError> {
+        if self.expires_unix <= now_unix() {
+            return Err(EnrollError::Expired);
+        }
+        if self.uses_left == 0 {
+            return Err(EnrollError::Used);
+        }
+        if self.node.as_deref().is_some_and(|n| n != name) {
+            return Err(EnrollError::WrongNode);
+        }
+        Ok(())
+    }
+}
+
+/// Hex SHA-256 of a token: the key its record is found by.
+pub fn token_hash(token: &str) -> String {
+    hex(digest(&SHA256, token.as_bytes()).as_ref())
+}
+
+/// A fresh token valid for `ttl` and `uses` enrollments (optionally only for `node`), and the
+/// record to keep of it.
+pub fn new_token(ttl: Duration, uses: u32, node: Option<String>) -> Result<(String, TokenRecord), EnrollError> {
+    let mut raw = [0u8; 24];
+    SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| EnrollError::Store { path: PathBuf::new(), reason: "no randomness".into() })?;
+    let token = format!("qm1.{}", hex(&raw));
+    let record = TokenRecord {
+        sha256: token_hash(&token),
+        expires_unix: now_unix().saturating_add(ttl.as_secs().max(u64::from(!ttl.is_zero()))),
+        uses_left: uses,
+        node,
+    };
+    Ok((token, record))
 }
 
 fn now_unix() -> u64 {
@@ -93,38 +132,21 @@ fn save(dir: &Path, records: &[TokenRecord]) -> Result<(), EnrollError> {
 
 /// Creates a token valid for `ttl` and `uses` enrollments (optionally only for `node`).
 pub fn create_token(dir: &Path, ttl: Duration, uses: u32, node: Option<String>) -> Result<String, EnrollError> {
-    let mut raw = [0u8; 24];
-    SystemRandom::new()
-        .fill(&mut raw)
-        .map_err(|_| EnrollError::Store { path: store_path(dir), reason: "no randomness".into() })?;
-    let token = format!("qm1.{}", hex(&raw));
+    let (token, record) = new_token(ttl, uses, node)?;
     update(dir, |records| {
         // Drop what can never be used again.
         let now = now_unix();
         records.retain(|r| r.expires_unix > now && r.uses_left > 0);
-        records.push(TokenRecord {
-            sha256: hex(digest(&SHA256, token.as_bytes()).as_ref()),
-            expires_unix: now.saturating_add(ttl.as_secs().max(u64::from(!ttl.is_zero()))),
-            uses_left: uses,
-            node,
-        });
+        records.push(record);
         Ok(())
     })?;
     Ok(token)
 }
 
 fn usable<'a>(records: &'a mut [TokenRecord], token: &str, name: &str) -> Result<&'a mut TokenRecord, EnrollError> {
-    let hash = hex(digest(&SHA256, token.as_bytes()).as_ref());
+    let hash = token_hash(token);
     let rec = records.iter_mut().find(|r| r.sha256 == hash).ok_or(EnrollError::Unknown)?;
-    if rec.expires_unix <= now_unix() {
-        return Err(EnrollError::Expired);
-    }
-    if rec.uses_left == 0 {
-        return Err(EnrollError::Used);
-    }
-    if rec.node.as_deref().is_some_and(|n| n != name) {
-        return Err(EnrollError::WrongNode);
-    }
+    rec.allows(name)?;
     Ok(rec)
 }
 

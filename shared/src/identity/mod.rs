@@ -340,7 +340,7 @@ impl Ca {
 }
 
 /// The DER of the first certificate in a PEM text.
-fn read_pem_der(pem: &str) -> Option<Vec<u8>> {
+pub fn read_pem_der(pem: &str) -> Option<Vec<u8>> {
     rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok().map(|c| c.to_vec())
 }
 
