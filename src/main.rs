@@ -165,6 +165,18 @@ enum ConfigCommand {
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
     },
+    /// Apply mesh-wide config (services, routes, timeouts, authorization, nodes, revoked) to
+    /// gateway replicas that share etcd: the replica checks FILEs, layered in order over its own
+    /// files, and writes them to etcd as the next version; every replica takes them from there.
+    /// A bad change is refused before it reaches etcd.
+    Apply {
+        /// TOML files, layered in order (later ones override earlier ones).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A gateway replica's admin address (HOST:PORT).
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = admin_addr)]
+        admin: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -325,7 +337,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if let Some(n) = node {
                         query.push_str(&format!("&node={}", top::escape(&n)));
                     }
-                    print!("{}", runtime()?.block_on(top::post_waiting(admin, "/tokens", &query, wait))?);
+                    print!(
+                        "{}",
+                        runtime()?.block_on(top::post_waiting(admin, "/tokens", &query, Default::default(), wait))?
+                    );
                 }
                 (None, None) => anyhow::bail!("say where the token is kept: --dir or --admin"),
             }
@@ -341,6 +356,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (report, passed) = runtime()?.block_on(live::check(admin, wait, nodes));
             print!("{report}");
             anyhow::ensure!(passed, "the live check failed");
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Apply { files, admin } } => {
+            let mut layers = Vec::new();
+            for file in &files {
+                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+                layers.push(config::Layer { name: file.display().to_string(), text });
+            }
+            let body = serde_json::json!({ "layers": layers }).to_string();
+            let rt = runtime()?;
+            print!("{}", rt.block_on(top::post_waiting(admin, "/config", "", body.into(), std::time::Duration::ZERO))?);
             Ok(())
         }
         Command::Config { command: ConfigCommand::Explain { key, config } } => {

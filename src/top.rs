@@ -276,21 +276,27 @@ pub fn escape(text: &str) -> String {
 
 /// Runs one of the gateway's admin actions (`POST path?query`); its answer.
 pub async fn post(admin: SocketAddr, path: &str, query: &str) -> anyhow::Result<String> {
-    post_waiting(admin, path, query, Duration::ZERO).await
+    post_waiting(admin, path, query, bytes::Bytes::new(), Duration::ZERO).await
 }
 
 /// As [`post`], trying again for up to `wait` while the gateway is not up yet or answers 503
 /// (its store is unavailable for now).
-pub async fn post_waiting(admin: SocketAddr, path: &str, query: &str, wait: Duration) -> anyhow::Result<String> {
+pub async fn post_waiting(
+    admin: SocketAddr,
+    path: &str,
+    query: &str,
+    body: bytes::Bytes,
+    wait: Duration,
+) -> anyhow::Result<String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let req = with_token(
             http::Request::post(format!("http://{admin}{path}?{query}"))
                 .header(http::header::CONTENT_TYPE, "application/json"),
         )
-        .body(Default::default())?;
+        .body(http_body_util::Full::new(body.clone()))?;
         let answer = async {
             let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await??;
             let status = resp.status();

@@ -984,3 +984,60 @@ async fn two_replicas_racing_to_redeem_one_token_issue_exactly_one_certificate()
         .await
         .unwrap());
 }
+
+/// `quicmesh config apply` at one replica: a change that is not mesh-wide or does not validate
+/// is refused before it reaches etcd; a good one becomes shared config version 1 in etcd and
+/// reaches the nodes attached to the other replicas, by watch; a replica restarted later
+/// starts with it; with etcd away an apply is refused, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_applied_at_one_replica_reaches_every_node_and_a_bad_one_reaches_none() {
+    let Some(mut etcd) = Etcd::start().await else { return };
+    let mut r = Replicas::start(&etcd, "3s").await;
+    let dir = r.state();
+    let admin = r.gw[2].addrs.admin.to_string();
+    let apply = |name: &str, toml: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, toml).unwrap();
+        cli(&["config", "apply", &path.display().to_string(), "--admin", &admin])
+    };
+    let err = apply("own.toml", "[gateway]\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
+    assert!(err.contains("`gateway` is each process's own setting"), "{err}");
+    let err = apply("bad.toml", "[[services]]\nname = \"echo\"\nprotocol = \"carrier-pigeon\"\n").unwrap_err();
+    assert!(err.contains("refused, nothing applied") && err.contains("carrier-pigeon"), "{err}");
+    let err = apply("clash.toml", "[[services]]\nname = \"echo\"\n\n[[services]]\nname = \"echo\"\n").unwrap_err();
+    assert!(err.contains("refused, nothing applied"), "{err}");
+    assert!(etcd.range("/test-mesh/config").await.is_empty(), "a refused change reached etcd");
+    assert_eq!(status_via(&r.a, "echo.applied").await, 404);
+    // node-a is attached to replica 1 and node-b to replica 2; the change is made at replica 3.
+    let started = std::time::Instant::now();
+    let out = apply("good.toml", "[[services]]\nname = \"echo\"\nhosts = [\"echo.applied\"]\n").unwrap();
+    assert!(out.contains("applied shared config version 1"), "{out}");
+    wait_status(&r.a, "echo.applied", 200, "node-a (replica 1) to route by the applied config").await;
+    wait_status(&r.b, "echo.applied", 200, "node-b (replica 2) to route by the applied config").await;
+    println!("an applied config reached both nodes in {:?}", started.elapsed());
+    let stored = etcd.range("/test-mesh/config").await;
+    let record: serde_json::Value = serde_json::from_slice(&stored[0].1).unwrap();
+    assert_eq!(record["version"], 1);
+    assert_eq!(record["by"], "gateway");
+    // A replica started afterwards holds it before it serves.
+    let taken = |gw: &NodeProc| gw.log().matches("shared config from etcd applied").count();
+    let before = taken(&r.gw[0]);
+    r.gw[0].terminate();
+    r.gw[0].restart();
+    eventually(Duration::from_secs(15), "the restarted replica to take the shared config", || async {
+        (taken(&r.gw[0]) > before).then_some(())
+    })
+    .await;
+    let dump = r.gw[0].admin_json("/config_dump").await;
+    assert!(dump.to_string().contains("echo.applied"), "{dump}");
+    assert!(dump["sources"]["services"].as_str().unwrap().starts_with("shared layer "), "{dump}");
+    // A second version replaces the first everywhere.
+    let out = apply("next.toml", "[[services]]\nname = \"echo\"\nhosts = [\"echo.next\"]\n").unwrap();
+    assert!(out.contains("applied shared config version 2"), "{out}");
+    wait_status(&r.a, "echo.next", 200, "node-a to route by version 2").await;
+    assert_eq!(status_via(&r.a, "echo.applied").await, 404);
+    etcd.stop();
+    let err = apply("late.toml", "[timeouts]\nrequest = \"9s\"\n").unwrap_err();
+    assert!(err.contains("etcd is unavailable, the config was not applied"), "{err}");
+    assert_eq!(status_via(&r.a, "echo.next").await, 200);
+}

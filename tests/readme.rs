@@ -194,7 +194,8 @@ fn the_readme_quick_start_and_by_hand_path_work_verbatim() {
             })
             .collect();
         assert!(ok, "the replicas block failed:\n{out}\n{err}\n{logs}");
-        assert_eq!(out.matches("hello from v1 on node-b").count(), 2, "both curls answered:\n{out}\n{logs}");
+        assert_eq!(out.matches("hello from v1 on node-b").count(), 3, "every curl answered:\n{out}\n{logs}");
+        assert!(out.contains("applied shared config version 1"), "{out}");
         let status: Vec<&str> = out.lines().filter(|l| l.starts_with("node-a ")).collect();
         assert!(status.iter().any(|l| l.contains(" yes ")), "node-a attached to replica 2:\n{out}\n{logs}");
     }

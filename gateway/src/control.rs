@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::store::{Change, Entry, Gone, Issued, Store, StoreError};
+use crate::store::{Change, Entry, Gone, Issued, SharedConfig, Store, StoreError};
 
 struct NodeState {
     reg: Registration,
@@ -162,6 +162,14 @@ pub struct ControlPlane {
     /// With a store, this replica's versions end in this tag, so a version a node brings from
     /// another replica never matches one of this replica's (see [`ControlPlane::next_version`]).
     tag: u64,
+    /// Where the config comes from: the files, and with a store the shared layers over them.
+    sources: Mutex<Sources>,
+}
+
+#[derive(Default)]
+struct Sources {
+    files: Vec<PathBuf>,
+    shared: Option<SharedConfig>,
 }
 
 /// A version above any handed out by an earlier run (milliseconds since the epoch).
@@ -263,6 +271,7 @@ impl ControlPlane {
             mesh,
             store,
             tag,
+            sources: Mutex::default(),
         });
         // A replica publishes nothing before it has read the store: a node must never be sent a
         // mesh without the other replicas' registrations.
@@ -305,7 +314,11 @@ impl ControlPlane {
                 r.shared = Some(loaded.nodes);
                 r.revoked = loaded.revoked;
             }
-            self.recompute(true);
+            if self.sources().shared != loaded.config {
+                self.adopt(loaded.config);
+            } else {
+                self.recompute(true);
+            }
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let watch = store.etcd.watch(store.root(), revision + 1, &tx);
             tokio::pin!(watch);
@@ -326,6 +339,8 @@ impl ControlPlane {
     }
 
     fn apply_changes(&self, store: &Store, batch: Vec<Change>) {
+        // The last word on the shared config in this batch (`Some(None)`: deleted).
+        let mut config = None;
         {
             let mut r = self.lock();
             for change in batch {
@@ -340,6 +355,7 @@ impl ControlPlane {
                             }
                             r.nodes.remove(&name);
                         }
+                        Some(Entry::Config(c)) => config = Some(Some(c)),
                         None => {}
                     },
                     Change::Delete(key) => match store.decode_deleted(&key) {
@@ -351,12 +367,131 @@ impl ControlPlane {
                             info!(node = name, "revocation lifted in etcd");
                             r.revoked.remove(&name);
                         }
+                        Some(Gone::Config) => config = Some(None),
                         None => {}
                     },
                 }
             }
         }
-        self.mark_dirty();
+        match config {
+            Some(c) => self.adopt(c),
+            None => self.mark_dirty(),
+        }
+    }
+
+    /// Takes `shared` as the layers over this replica's files, if they load and build; else
+    /// keeps what it had and says why.
+    fn adopt(&self, shared: Option<SharedConfig>) {
+        let held = self.sources().shared.clone();
+        if held == shared {
+            return self.mark_dirty();
+        }
+        let version = shared.as_ref().map_or(0, |c| c.version);
+        match self.load_sources(shared.as_ref()) {
+            Ok((config, node_settings)) => {
+                self.sources().shared = shared;
+                self.reload(config, node_settings);
+                metrics::counter!(m::CONFIG_RELOADS, "result" => "applied").increment(1);
+                info!(shared = version, version = self.version(), "shared config from etcd applied");
+            }
+            Err(e) => {
+                metrics::counter!(m::CONFIG_RELOADS, "result" => "rejected").increment(1);
+                warn!(shared = version, "shared config from etcd refused over this replica's files: {e}");
+                self.mark_dirty();
+            }
+        }
+    }
+
+    fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The shared layers in force over this replica's files.
+    pub fn shared_layers(&self) -> Vec<quicmesh_shared::config::Layer> {
+        self.sources().shared.as_ref().map(|c| c.layers.clone()).unwrap_or_default()
+    }
+
+    /// The files this gateway's config is loaded from (watched for changes).
+    pub fn set_files(&self, files: Vec<PathBuf>) {
+        self.sources().files = files;
+    }
+
+    /// The config from the files with `shared` over them, validated, and the snapshot it would
+    /// make checked as a whole.
+    fn load_sources(&self, shared: Option<&SharedConfig>) -> Result<(Config, BTreeMap<String, NodeSettings>), String> {
+        let files = self.sources().files.clone();
+        if files.is_empty() {
+            return Err("this gateway was started without config files to layer a shared config over".into());
+        }
+        let layers = shared.map_or(&[][..], |c| &c.layers[..]);
+        let (config, node_settings) =
+            quicmesh_shared::config::overlay::load_layered(&files, layers).map_err(|e| e.to_string())?;
+        // An emptied or truncated gateway file still parses: it must not strip the gateway.
+        if config.gateway.is_none() {
+            let shown = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(format!("no [gateway] section in {shown}"));
+        }
+        self.would_build(&config)?;
+        Ok((config, node_settings))
+    }
+
+    /// Loads the config again from its sources (a file changed) and pushes the result.
+    pub fn reload_sources(&self) -> Result<(), String> {
+        let shared = self.sources().shared.clone();
+        let (config, node_settings) = self.load_sources(shared.as_ref())?;
+        self.reload(config, node_settings);
+        Ok(())
+    }
+
+    /// Whether `config` with the registrations held makes a snapshot every member can build.
+    fn would_build(&self, config: &Config) -> Result<(), String> {
+        let mut next = {
+            let reg = self.lock();
+            match &reg.shared {
+                Some(shared) => control::merge(config, shared),
+                None => control::merge(config, reg.nodes.iter().map(|(k, v)| (k, &v.reg))),
+            }
+        };
+        next.revoked = config.revoked.clone();
+        let built = next.into_config(config);
+        built.validate().and_then(|()| Table::compile(built, 0)).map(drop).map_err(|e| e.to_string())
+    }
+
+    /// `quicmesh config apply` (`POST /config`, a JSON `{"layers": [{"name", "text"}]}`): checks
+    /// the layers over this replica's files as a whole config and with the registrations held,
+    /// then writes them to etcd as the next shared version; every replica takes them from
+    /// there. A bad change is refused before it reaches etcd.
+    pub async fn apply_config(&self, body: &[u8]) -> Result<String, ActionError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Apply {
+            layers: Vec<quicmesh_shared::config::Layer>,
+        }
+        let Some(store) = &self.store else {
+            return Err("this gateway has no [gateway.store]: its config is its files, which it watches".into());
+        };
+        let apply: Apply = serde_json::from_slice(body).map_err(|e| format!("bad request body: {e}"))?;
+        if apply.layers.is_empty() {
+            return Err("no layers to apply".into());
+        }
+        let candidate = SharedConfig { version: 0, layers: apply.layers, by: String::new(), applied_unix: 0 };
+        self.load_sources(Some(&candidate)).map_err(|e| format!("refused, nothing applied: {e}"))?;
+        let by = self.lock().config.gateway.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+        let names: Vec<String> = candidate.layers.iter().map(|l| l.name.clone()).collect();
+        let applied = store.apply_config(candidate.layers, &by).await.map_err(|e| match e {
+            StoreError::Unreachable(_) => {
+                ActionError::Unavailable(format!("etcd is unavailable, the config was not applied: {e}"))
+            }
+            StoreError::Refused(_) => ActionError::Unavailable(format!("the config was not applied: {e}")),
+        })?;
+        let version = applied.version;
+        info!(shared = version, layers = ?names, "shared config applied to etcd");
+        // This replica needs no round trip through the watch to serve what it wrote.
+        self.adopt(Some(applied));
+        Ok(format!(
+            "applied shared config version {version} ({}); every replica takes it from etcd\n",
+            names.join(", ")
+        ))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {

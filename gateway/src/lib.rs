@@ -168,17 +168,18 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
     let store = gc.store.as_ref().map(|st| Arc::new(store::Store::new(st.etcd.clone(), &st.prefix, gc.node_grace)));
     let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone(), store);
+    cp.set_files(files.clone());
     let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc, listen.port()));
     let (cp_status, mesh_dump) = (cp.clone(), mesh.clone());
     let extra: Vec<(&'static str, admin::JsonFn)> = vec![
         ("/nodes", Box::new(move || serde_json::to_string(&cp_status.status()).unwrap_or_default())),
         ("/endpoints", Box::new(move || mesh_dump.dump())),
     ];
-    let (cp_revoke, cp_tokens) = (cp.clone(), cp.clone());
+    let (cp_revoke, cp_tokens, cp_config) = (cp.clone(), cp.clone(), cp.clone());
     let actions: Vec<(&'static str, admin::ActionFn)> = vec![
         (
             "/revoke",
-            Box::new(move |params: &[(String, String)]| {
+            Box::new(move |params: &[(String, String)], _| {
                 let node = params.iter().find(|(k, _)| k == "node").map(|(_, v)| v.clone());
                 let cp = cp_revoke.clone();
                 Box::pin(async move { cp.revoke(&node.ok_or("give the node as ?node=NAME")?).await })
@@ -186,17 +187,24 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         ),
         (
             "/tokens",
-            Box::new(move |params: &[(String, String)]| {
+            Box::new(move |params: &[(String, String)], _| {
                 let (cp, params) = (cp_tokens.clone(), params.to_vec());
                 Box::pin(async move { cp.create_token(&params).await })
             }),
         ),
+        (
+            "/config",
+            Box::new(move |_: &[(String, String)], body: bytes::Bytes| {
+                let cp = cp_config.clone();
+                Box::pin(async move { cp.apply_config(&body).await })
+            }),
+        ),
     ];
     // Read when asked: the files may have changed (and been reloaded) since the start.
-    let (dump_mesh, dump_files) = (mesh.clone(), files.clone());
+    let (dump_mesh, dump_files, dump_cp) = (mesh.clone(), files.clone(), cp.clone());
     let dump: admin::JsonFn = Box::new(move || {
         let table = dump_mesh.table();
-        let sources = quicmesh_shared::config::sources(&dump_files).ok();
+        let sources = quicmesh_shared::config::sources_with(&dump_files, &dump_cp.shared_layers()).ok();
         admin::config_dump(&table.effective_config(), table.version(), sources.as_ref(), false)
     });
     let state = AdminState::with_actions(dump, extra, actions);

@@ -18,10 +18,14 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use quicmesh_shared::config::Layer;
 use quicmesh_shared::control::enroll::{self, TokenRecord};
 use quicmesh_shared::control::Registration;
 use serde_json::{json, Value};
 use tracing::{debug, warn};
+
+/// The key of the shared config, under the prefix.
+const CONFIG_KEY: &str = "config";
 
 /// One request to etcd may take this long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -266,7 +270,8 @@ impl Etcd {
 
 /// What replicas share, in etcd under `<prefix>/`: `nodes/<name>` (registrations, leased),
 /// `revoked/<name>` (revocations, kept), `tokens/<sha256>` (join tokens, leased until they
-/// expire, spent in transactions) and `issued/<name>` (the last certificate issued).
+/// expire, spent in transactions), `issued/<name>` (the last certificate issued) and `config`
+/// (the shared config layers, versioned).
 pub struct Store {
     pub etcd: Etcd,
     root: String,
@@ -307,16 +312,30 @@ impl Issued {
     }
 }
 
+/// The config every replica layers over its own files (`config`), applied with
+/// `quicmesh config apply`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedConfig {
+    /// Counts up from 1 with every change.
+    pub version: u64,
+    pub layers: Vec<Layer>,
+    /// The replica that checked and wrote it.
+    pub by: String,
+    pub applied_unix: u64,
+}
+
 /// One key of the store, decoded.
 pub enum Entry {
     Node(String, Registration),
     Revoked(String),
+    Config(SharedConfig),
 }
 
 /// One key of the store, deleted.
 pub enum Gone {
     Node(String),
     Revoked(String),
+    Config,
 }
 
 /// Everything the store holds, and the revision to watch from.
@@ -324,6 +343,7 @@ pub struct Loaded {
     pub revision: i64,
     pub nodes: BTreeMap<String, Registration>,
     pub revoked: std::collections::BTreeSet<String>,
+    pub config: Option<SharedConfig>,
 }
 
 impl Store {
@@ -415,7 +435,7 @@ impl Store {
     /// Everything under the prefix.
     pub async fn load(&self) -> Result<Loaded, StoreError> {
         let (revision, items) = self.etcd.range(&self.root).await?;
-        let mut loaded = Loaded { revision, nodes: BTreeMap::new(), revoked: Default::default() };
+        let mut loaded = Loaded { revision, nodes: BTreeMap::new(), revoked: Default::default(), config: None };
         for (key, value) in items {
             match self.decode(&key, &value) {
                 Some(Entry::Node(name, reg)) => {
@@ -424,6 +444,7 @@ impl Store {
                 Some(Entry::Revoked(name)) => {
                     loaded.revoked.insert(name);
                 }
+                Some(Entry::Config(c)) => loaded.config = Some(c),
                 None => {}
             }
         }
@@ -442,6 +463,15 @@ impl Store {
                 }
             };
         }
+        if rest == CONFIG_KEY {
+            return match serde_json::from_slice(value) {
+                Ok(c) => Some(Entry::Config(c)),
+                Err(e) => {
+                    warn!(key, "ignoring an unreadable shared config in etcd: {e}");
+                    None
+                }
+            };
+        }
         rest.strip_prefix("revoked/").map(|name| Entry::Revoked(name.to_string()))
     }
 
@@ -451,7 +481,37 @@ impl Store {
         if let Some(name) = rest.strip_prefix("nodes/") {
             return Some(Gone::Node(name.to_string()));
         }
+        if rest == CONFIG_KEY {
+            return Some(Gone::Config);
+        }
         rest.strip_prefix("revoked/").map(|name| Gone::Revoked(name.to_string()))
+    }
+
+    /// Replaces the shared config with `layers` as version `after + 1`, unless another
+    /// replica changed it since it was read at `after`: then `None`, nothing written.
+    pub async fn apply_config(&self, layers: Vec<Layer>, by: &str) -> Result<SharedConfig, StoreError> {
+        let key = format!("{}{CONFIG_KEY}", self.root);
+        // Another replica applying at the same moment: read again and count from its version.
+        for _ in 0..16 {
+            let (version, revision) = match self.etcd.get(&key).await? {
+                Some((value, revision)) => {
+                    let held: Option<SharedConfig> = serde_json::from_slice(&value).ok();
+                    (held.map_or(0, |c| c.version), revision)
+                }
+                None => (0, 0),
+            };
+            let next = SharedConfig {
+                version: version + 1,
+                layers: layers.clone(),
+                by: by.to_string(),
+                applied_unix: unix_now(),
+            };
+            let value = serde_json::to_vec(&next).map_err(|e| StoreError::Refused(e.to_string()))?;
+            if self.etcd.put_if(&key, revision, &[Op::PutNew(key.clone(), value)]).await? {
+                return Ok(next);
+            }
+        }
+        Err(StoreError::Refused("the shared config kept changing under this apply; try again".into()))
     }
 
     /// The prefix every replica watches.

@@ -15,11 +15,6 @@ use tracing::{info, warn};
 
 use crate::control::ControlPlane;
 
-/// The files, as a log line names them.
-fn shown(files: &[PathBuf]) -> String {
-    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
-}
-
 /// The config files and every overlay file (which may come and go).
 fn files(files: &[PathBuf], overlays: Option<&PathBuf>) -> Vec<PathBuf> {
     let mut all: Vec<PathBuf> = files.to_vec();
@@ -40,26 +35,14 @@ pub fn watch(
     let list = files.clone();
     // A change found by polling counts once the files have held still for one interval.
     let watch = FileWatch::new(move || self::files(&list, overlays.as_ref()), every, every);
-    reload_on_change(files, watch, cp)
+    reload_on_change(watch, cp)
 }
 
-async fn reload_on_change<F: Fn() -> Vec<PathBuf>>(
-    files: Vec<PathBuf>,
-    mut watch: FileWatch<F>,
-    cp: Arc<ControlPlane>,
-) {
+async fn reload_on_change<F: Fn() -> Vec<PathBuf>>(mut watch: FileWatch<F>, cp: Arc<ControlPlane>) {
     loop {
         watch.changed().await;
-        let loaded = overlay::load_with_overlays(&files).map_err(|e| e.to_string()).and_then(|(cfg, nodes)| {
-            // An emptied or truncated gateway file still parses: it must not strip the gateway.
-            if cfg.gateway.is_none() {
-                return Err(format!("no [gateway] section in {}", shown(&files)));
-            }
-            Ok((cfg, nodes))
-        });
-        match loaded {
-            Ok((cfg, node_settings)) => {
-                cp.reload(cfg, node_settings);
+        match cp.reload_sources() {
+            Ok(()) => {
                 metrics::counter!(m::CONFIG_RELOADS, "result" => "applied").increment(1);
                 info!(version = cp.version(), "config reloaded");
             }

@@ -73,8 +73,12 @@ pub struct AdminState {
     pub actions: Vec<(&'static str, ActionFn)>,
 }
 
-/// Performs an admin operation from its query parameters; the answer or what went wrong.
-pub type ActionFn = Box<dyn Fn(&[(String, String)]) -> ActionFuture + Send + Sync>;
+/// Performs an admin operation from its query parameters and request body; the answer or what
+/// went wrong.
+pub type ActionFn = Box<dyn Fn(&[(String, String)], bytes::Bytes) -> ActionFuture + Send + Sync>;
+
+/// Largest request body an admin operation is given (a config apply carries files).
+pub const MAX_ACTION_BODY: usize = 16 << 20;
 /// What an action answers: text, or why it was refused (and whether the refusal is the
 /// caller's fault or a service the action needs being away).
 pub type ActionFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, ActionError>> + Send>>;
@@ -259,8 +263,18 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             (status, "text/plain", text)
         }
         path if req.method() == http::Method::POST && state.actions.iter().any(|(p, _)| *p == path) => {
+            let path = path.to_string();
             let params = req.uri().query().map(crate::policy::route::parse_query).unwrap_or_default();
-            let action = state.actions.iter().find(|(p, _)| *p == path).map(|(_, f)| f(&params));
+            use http_body_util::BodyExt as _;
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_ACTION_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    let mut resp = Response::new(body::full(format!("cannot read the request body: {e}\n")));
+                    *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                    return resp;
+                }
+            };
+            let action = state.actions.iter().find(|(p, _)| *p == path).map(|(_, f)| f(&params, body));
             match action {
                 Some(run) => match run.await {
                     Ok(text) => (StatusCode::OK, "text/plain", text),

@@ -520,6 +520,56 @@ impl Default for TransportConfig {
 
 /// Builds the layered figment: defaults, each file in order, then the environment.
 pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
+    figment_with(files, &[])
+}
+
+/// A config layer that is not a file: TOML text and a name for messages (the gateway
+/// replicas' shared config in etcd, applied by `quicmesh config apply`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    pub name: String,
+    pub text: String,
+}
+
+/// The top-level sections a shared [`Layer`] may set: what every member of the mesh agrees
+/// on. The rest (`mesh`, `gateway`, `node`, `transport`, `access_log`) is each process's own.
+pub const SHARED_SECTIONS: &[&str] = &["services", "routes", "timeouts", "authorization", "nodes", "revoked"];
+
+impl Layer {
+    /// Refuses a layer that does not parse or sets a section that is not mesh-wide.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |reason: String| ConfigError::Parse(format!("{}: {reason}", self.name));
+        if self.text.len() as u64 > MAX_FILE_BYTES {
+            return Err(bad(format!("{} bytes, more than the limit of {MAX_FILE_BYTES}", self.text.len())));
+        }
+        let value = Figment::from(Toml::string(&self.text)).find_value("").map_err(|e| bad(describe(e)))?;
+        if let Some(dict) = value.as_dict() {
+            if let Some(key) = dict.keys().find(|k| !SHARED_SECTIONS.contains(&k.as_str())) {
+                return Err(bad(format!(
+                    "`{key}` is each process's own setting; a shared layer sets only {}",
+                    SHARED_SECTIONS.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A [`Layer`] as a figment provider, named in messages and `sources`.
+struct Named<'a>(&'a Layer);
+
+impl figment::Provider for Named<'_> {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(format!("shared layer {}", self.0.name))
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Toml::string(&self.0.text).data()
+    }
+}
+
+/// The layers in order: defaults, `files`, then `layers`, then the environment.
+pub fn figment_with(files: &[PathBuf], layers: &[Layer]) -> Result<Figment, ConfigError> {
     let mut fig = Figment::from(Serialized::defaults(Config::default()));
     for file in files {
         if !file.is_file() {
@@ -532,6 +582,10 @@ pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
         }
         fig = fig.merge(Toml::file_exact(file));
     }
+    for layer in layers {
+        layer.check()?;
+        fig = fig.merge(Named(layer));
+    }
     let env = Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG);
     Ok(fig.merge(env))
 }
@@ -540,7 +594,12 @@ pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
 /// Relative paths are taken from the directory of the file that set them (from the working
 /// directory when an environment variable did).
 pub fn load(files: &[PathBuf]) -> Result<Config, ConfigError> {
-    let fig = figment(files)?;
+    load_with(files, &[])
+}
+
+/// As [`load`], with shared layers over the files (under the environment).
+pub fn load_with(files: &[PathBuf], layers: &[Layer]) -> Result<Config, ConfigError> {
+    let fig = figment_with(files, layers)?;
     let mut config: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
     resolve_paths(&mut config, &fig);
     config.validate().map_err(|e| attach_source(e, &fig))?;
@@ -551,7 +610,12 @@ pub fn load(files: &[PathBuf]) -> Result<Config, ConfigError> {
 /// are followed down to their keys; an array counts as one value (a later layer replaces it
 /// whole).
 pub fn sources(files: &[PathBuf]) -> Result<BTreeMap<String, String>, ConfigError> {
-    let fig = figment(files)?;
+    sources_with(files, &[])
+}
+
+/// As [`sources`], with shared layers over the files.
+pub fn sources_with(files: &[PathBuf], layers: &[Layer]) -> Result<BTreeMap<String, String>, ConfigError> {
+    let fig = figment_with(files, layers)?;
     let root = fig.find_value("").map_err(|e| ConfigError::Parse(describe(e)))?;
     let mut out = BTreeMap::new();
     walk_sources(&fig, &mut Vec::new(), &root, &mut out);

@@ -92,7 +92,15 @@ pub fn node_settings(config: &Config, dir: &Path) -> Result<BTreeMap<String, Nod
 /// Loads config files, then the overlays named by `gateway.overlays`, with the same checks the
 /// gateway applies on reload (`quicmesh check` uses this too).
 pub fn load_with_overlays(files: &[PathBuf]) -> Result<(Config, BTreeMap<String, NodeSettings>), ConfigError> {
-    let mut config = crate::config::load(files)?;
+    load_layered(files, &[])
+}
+
+/// As [`load_with_overlays`], with shared layers over the files.
+pub fn load_layered(
+    files: &[PathBuf],
+    layers: &[crate::config::Layer],
+) -> Result<(Config, BTreeMap<String, NodeSettings>), ConfigError> {
+    let mut config = crate::config::load_with(files, layers)?;
     let Some(dir) = config.gateway.as_ref().and_then(|g| g.overlays.clone()) else {
         return Ok((config, BTreeMap::new()));
     };
