@@ -439,7 +439,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let (Some(addr), Some(token), Some(fp)) = (join, token, ca_fingerprint) {
                     let node = cfg.node.as_mut().context("the config has no [node] section")?;
                     let target = node.gateway.get_or_insert(quicmesh_shared::config::ControlTarget {
-                        address: addr,
+                        address: addr.into(),
                         name: "gateway".into(),
                         replicas: Vec::new(),
                     });

@@ -776,11 +776,19 @@ async fn gateway_replicas_share_the_registry_through_etcd_and_nodes_fail_over() 
     // Replica 1 dies under load: node-to-node traffic does not notice; node-a moves to replica 2.
     let load = Load::start(a.addrs.outbound);
     load.run_for(50).await;
+    let pushed = |m: &str, kind: &str| metric(m, "quicmesh_control_push_bytes_total", &[("kind", kind)]);
+    let before = gw2.metrics().await;
     gw1.kill();
     let killed = std::time::Instant::now();
     eventually(Duration::from_secs(15), "node-a to re-attach to replica 2", || attached(gw2.addrs.admin, "node-a"))
         .await;
     println!("FIGURES node-a re-attached to replica 2 {:?} after replica 1 was killed", killed.elapsed());
+    // It resumed from what it held: replica 2 numbered it anew with an empty delta, and sent no
+    // whole snapshot (the mesh did not change meanwhile).
+    let after = gw2.metrics().await;
+    assert_eq!(pushed(&after, "snapshot"), pushed(&before, "snapshot"), "replica 2 resent the whole snapshot");
+    let renumbered = pushed(&after, "delta") - pushed(&before, "delta");
+    assert!(renumbered > 0.0 && renumbered < 200.0, "{renumbered} delta bytes");
     load.run_for(50).await;
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "{failed} of {} requests failed while replica 1 died", ok + failed);
@@ -1040,4 +1048,79 @@ async fn a_config_applied_at_one_replica_reaches_every_node_and_a_bad_one_reache
     let err = apply("late.toml", "[timeouts]\nrequest = \"9s\"\n").unwrap_err();
     assert!(err.contains("etcd is unavailable, the config was not applied"), "{err}");
     assert_eq!(status_via(&r.a, "echo.next").await, 200);
+}
+
+/// One DNS name with an address record per gateway replica (`node.gateway.address =
+/// "gw.mesh.test:PORT"`): the node attaches to one of them, and when that replica dies it
+/// looks the name up again and attaches to another; a registration made afterwards reaches it.
+/// The name is made up for the node alone: it runs with its own `/etc/hosts` (a mount
+/// namespace, root), where the name has three records, 127.0.0.1 to 127.0.0.3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_finds_the_replicas_behind_one_dns_name() {
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: this test needs root (a mount namespace)");
+        eprintln!("SKIPPED: a private /etc/hosts needs root (CI=true makes this a failure)");
+        return;
+    }
+    if !require_tool("unshare") {
+        return;
+    }
+    let Some(etcd) = Etcd::start().await else { return };
+    let pki = Pki::new();
+    let state = pki.issue("gateway");
+    pki.issue("node-a");
+    pki.issue("node-c");
+    let mesh = pki.path().join("mesh.toml");
+    std::fs::write(&mesh, mesh_layer("")).unwrap();
+    let store = format!("\n[gateway.store]\netcd = [{}]\nprefix = \"/dns-mesh\"\n", etcd.endpoints_toml());
+    // Every replica on the same port, each on an address of its own.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut gw: Vec<NodeProc> = (1..=3)
+        .map(|i| {
+            let layer = gateway_layer(&state, "3s")
+                .replace("control = \"127.0.0.1:0\"", &format!("control = \"127.0.0.{i}:{port}\""));
+            let file = pki.path().join(format!("gateway-{i}.toml"));
+            std::fs::write(&file, format!("{layer}{store}")).unwrap();
+            NodeProc::start_layered("gateway", &[mesh.clone(), file])
+        })
+        .collect();
+    let hosts = pki.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 gw.mesh.test\n127.0.0.2 gw.mesh.test\n127.0.0.3 gw.mesh.test\n",
+    )
+    .unwrap();
+    let toml = joined_node("node-a", &state, "127.0.0.1:1".parse().unwrap(), &[])
+        .replace("address = \"127.0.0.1:1\"", &format!("address = \"gw.mesh.test:{port}\""))
+        .replace("idle_timeout = \"3s\"", "idle_timeout = \"1500ms\"");
+    let a = NodeProc::start_with_hosts(&hosts, "node", pki.path(), "node-a", &toml);
+    let first = eventually(Duration::from_secs(15), "node-a to attach to a replica", || async {
+        for (i, g) in gw.iter().enumerate() {
+            if attached(g.addrs.admin, "node-a").await.is_some() {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    gw[first].kill();
+    let next = eventually(Duration::from_secs(15), "node-a to attach to another replica", || async {
+        for (i, g) in gw.iter().enumerate().filter(|(i, _)| *i != first) {
+            if attached(g.addrs.admin, "node-a").await.is_some() {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    println!("node-a moved from replica {} to replica {} behind gw.mesh.test", first + 1, next + 1);
+    // A service registered at the third replica after the move reaches node-a.
+    let third = (0..3).find(|i| *i != first && *i != next).unwrap();
+    let late = echo_backend().await;
+    let _c = NodeProc::start(
+        pki.path(),
+        "node-c",
+        &joined_node("node-c", &state, gw[third].addrs.control, &[("late", late)]),
+    );
+    wait_status(&a, "late", 200, "node-a to reach a service registered after the move").await;
 }

@@ -64,6 +64,8 @@ pub struct Published {
     pub per_node: std::collections::HashMap<String, Bytes>,
     /// The deltas up to this version, oldest first.
     history: Vec<Arc<DeltaLine>>,
+    /// [`Snapshot::digest`], computed when a node first brings one to compare.
+    digest: std::sync::OnceLock<String>,
 }
 
 /// One delta as pushed: a `GatewayMsg::Delta` line from version `from` to `version`.
@@ -103,10 +105,23 @@ impl Published {
     /// What to send a node that holds version `held` (`None`: unknown, or it takes no deltas):
     /// the deltas from there when they are all here (and none may change what the node's overlay
     /// sets), the whole snapshot otherwise.
-    pub fn push_for(&self, node: &str, held: Option<u64>) -> (Bytes, Push) {
+    ///
+    /// A node holding a version not numbered here (it was attached to another replica, or
+    /// holds this very version) whose contents have `digest`, the digest of this snapshot, gets
+    /// an empty delta that only renumbers what it holds.
+    pub fn push_for(&self, node: &str, held: Option<u64>, digest: Option<&str>) -> (Bytes, Push) {
         let whole = || (self.line_for(node), Push::Snapshot);
         let Some(held) = held else { return whole() };
-        let Some(start) = self.history.iter().position(|d| d.from == held) else { return whole() };
+        let Some(start) = self.history.iter().position(|d| d.from == held) else {
+            let same = digest.is_some_and(|d| self.version != 0 && d == self.digest());
+            if same && !self.per_node.contains_key(node) {
+                let renumber = control::delta::Delta { from: held, version: self.version, ..Default::default() };
+                if let Ok(line) = control::encode_line(&GatewayMsg::Delta(renumber)) {
+                    return (line, Push::Delta);
+                }
+            }
+            return whole();
+        };
         let chain = &self.history[start..];
         let linked = chain.windows(2).all(|w| w[0].version == w[1].from)
             && chain.last().is_some_and(|d| d.version == self.version);
@@ -122,6 +137,10 @@ impl Published {
             joined.extend_from_slice(&d.line);
         }
         (joined.freeze(), Push::Delta)
+    }
+
+    fn digest(&self) -> &str {
+        self.digest.get_or_init(|| self.snapshot.digest())
     }
 }
 
@@ -251,6 +270,7 @@ impl ControlPlane {
             line: std::sync::OnceLock::new(),
             per_node: Default::default(),
             history: Vec::new(),
+            digest: Default::default(),
         }));
         let cp = Arc::new(Self {
             inner: Mutex::new(Registry {
@@ -571,6 +591,7 @@ impl ControlPlane {
             line: std::sync::OnceLock::new(),
             per_node,
             history,
+            digest: Default::default(),
         }));
         if self.registry_file.is_some() {
             let nodes = reg.nodes.iter().map(|(k, v)| (k.clone(), v.reg.clone())).collect();
@@ -1088,7 +1109,13 @@ async fn connection(
             let path = req.uri().path();
             match (req.method(), path, peer, enroll) {
                 (&Method::POST, control::STREAM_PATH, Some(peer), enroll) => {
-                    control_stream(stream, &peer, &cp, enroll.as_deref()).await
+                    let digest = req
+                        .headers()
+                        .get(control::HELD_DIGEST_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|d| d.len() == 64)
+                        .map(str::to_string);
+                    control_stream(stream, &peer, digest, &cp, enroll.as_deref()).await
                 }
                 (&Method::POST, enroll::ENROLL_PATH, _, Some(enroller)) => enrollment(stream, &enroller).await,
                 (_, control::STREAM_PATH, None, _) => respond(&mut stream, StatusCode::FORBIDDEN, None).await,
@@ -1230,7 +1257,13 @@ fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, Option<u64>), Stri
     }
 }
 
-async fn control_stream(stream: ServerStream, peer: &str, cp: &Arc<ControlPlane>, ca: Option<&Enroller>) {
+async fn control_stream(
+    stream: ServerStream,
+    peer: &str,
+    digest: Option<String>,
+    cp: &Arc<ControlPlane>,
+    ca: Option<&Enroller>,
+) {
     let (mut send, recv) = stream.split();
     if send.send_response(Response::new(())).await.is_err() {
         return;
@@ -1265,7 +1298,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &Arc<ControlPlane>
     let takes_deltas = held.is_some();
     // A node that comes back holding a version still in the history resumes from it.
     let first = rx.borrow_and_update().clone();
-    let (line, push) = first.push_for(peer, held);
+    let (line, push) = first.push_for(peer, held, digest.as_deref());
     push.count(line.len());
     // Nothing published yet (a replica still reading etcd): the first snapshot comes as a change.
     let sent = line.is_empty() || send.send_data(line).await.is_ok();
@@ -1282,7 +1315,7 @@ async fn control_stream(stream: ServerStream, peer: &str, cp: &Arc<ControlPlane>
                     }
                     let snap = rx.borrow_and_update().clone();
                     let start = Instant::now();
-                    let (line, push) = snap.push_for(peer, held);
+                    let (line, push) = snap.push_for(peer, held, None);
                     push.count(line.len());
                     held = takes_deltas.then_some(snap.version);
                     if send.send_data(line).await.is_err() {

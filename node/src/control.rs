@@ -244,12 +244,24 @@ impl ControlClient {
     /// Runs until `shutdown` turns true; then says goodbye to the gateway.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
-        // The configured address first, then each replica in turn after a break.
-        let addresses: Vec<SocketAddr> =
-            std::iter::once(self.target.address).chain(self.target.replicas.iter().copied()).collect();
+        // The configured address first, then each replica in turn after a break; names are
+        // looked up again each time the list comes round.
+        let mut addresses = self.addresses(&[]).await;
         let mut at = 0;
         loop {
-            let address = addresses[at % addresses.len()];
+            if at >= addresses.len() {
+                addresses = self.addresses(&addresses).await;
+                at = 0;
+            }
+            let Some(&address) = addresses.get(at) else {
+                warn!(gateway = %self.target.address, "the control plane's address resolves to nothing; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            };
             match self.session(&mut shutdown, address).await {
                 End::Shutdown => return,
                 End::Broken(reason, progressed) => {
@@ -262,7 +274,7 @@ impl ControlClient {
                     at += 1;
                     warn!(
                         gateway = %address,
-                        next = %addresses[at % addresses.len()],
+                        next = %addresses.get(at).map_or_else(|| self.target.address.to_string(), |a| a.to_string()),
                         reason,
                         retry_in = ?wait,
                         "no session with the control plane; serving what this node has and retrying"
@@ -275,6 +287,22 @@ impl ControlClient {
                 }
             }
         }
+    }
+
+    /// The addresses to try, in order: each of the configured address's, then each replica's.
+    /// A name that does not resolve now keeps the addresses it had in `before`.
+    async fn addresses(&self, before: &[SocketAddr]) -> Vec<SocketAddr> {
+        let mut all = Vec::new();
+        for target in std::iter::once(&self.target.address).chain(&self.target.replicas) {
+            match target.resolve().await {
+                Ok(found) => all.extend(found.into_iter().filter(|a| !all.contains(a)).collect::<Vec<_>>()),
+                Err(e) => {
+                    warn!(gateway = %target, "cannot look up the control plane's address: {e}");
+                    return before.to_vec();
+                }
+            }
+        }
+        all
     }
 
     /// The registration: where peers reach this node, what it hosts, what it runs.
@@ -294,11 +322,19 @@ impl ControlClient {
             Ok(pc) => pc,
             Err(e) => return broken(e.to_string()),
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::POST)
             .uri(format!("https://{}{}", self.target.name, control::STREAM_PATH))
             .body(())
             .expect("static request");
+        // What this node holds, so another replica can renumber it instead of resending it.
+        let held = self.mesh.table();
+        if held.version() != 0 {
+            if let Ok(v) = http::HeaderValue::from_str(&held.snapshot().digest()) {
+                req.headers_mut().insert(control::HELD_DIGEST_HEADER, v);
+            }
+        }
+        drop(held);
         let mut sender = pc.h3.clone();
         let stream = match sender.send_request(req).await {
             Ok(s) => s,

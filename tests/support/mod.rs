@@ -104,13 +104,23 @@ pub struct Addrs {
     pub tcp: Vec<(String, SocketAddr)>,
 }
 
+/// What a child process is started inside of.
+#[derive(Clone)]
+pub enum Wrap {
+    /// A network namespace (`ip netns exec`).
+    Netns(String),
+    /// A mount namespace of its own where this file is `/etc/hosts` (root and `unshare`):
+    /// names the test makes up resolve for that process only.
+    Hosts(PathBuf),
+}
+
 /// A node running as a child process of the real binary; killed on drop.
 pub struct NodeProc {
     pub child: Child,
     kind: &'static str,
     args: Vec<String>,
-    /// The network namespace the process runs in (`ip netns exec`), if not the test's own.
-    netns: Option<String>,
+    /// How the process is started, if not directly.
+    wrap: Option<Wrap>,
     configs: Vec<PathBuf>,
     pub addrs: Addrs,
     pub config: PathBuf,
@@ -148,7 +158,7 @@ impl NodeProc {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, toml).unwrap();
         let stderr = dir.join(format!("{name}.log"));
-        Self::spawn_in(Some(netns.to_string()), kind, vec![config], stderr, &[])
+        Self::spawn_in(Some(Wrap::Netns(netns.to_string())), kind, vec![config], stderr, &[])
     }
 
     /// Starts `quicmesh KIND --config F1 --config F2 ...` from files already written.
@@ -160,7 +170,15 @@ impl NodeProc {
     /// [`NodeProc::start_layered`] inside network namespace `netns` (see [`NodeProc::start_in`]).
     pub fn start_layered_in(netns: &str, kind: &'static str, files: &[PathBuf]) -> NodeProc {
         let stderr = files[0].with_file_name(format!("{kind}.log"));
-        Self::spawn_in(Some(netns.to_string()), kind, files.to_vec(), stderr, &[])
+        Self::spawn_in(Some(Wrap::Netns(netns.to_string())), kind, files.to_vec(), stderr, &[])
+    }
+
+    /// `quicmesh KIND --config <toml>` seeing `hosts` as its `/etc/hosts` (see [`Wrap::Hosts`]).
+    pub fn start_with_hosts(hosts: &Path, kind: &'static str, dir: &Path, name: &str, toml: &str) -> NodeProc {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let stderr = dir.join(format!("{name}.log"));
+        Self::spawn_in(Some(Wrap::Hosts(hosts.to_path_buf())), kind, vec![config], stderr, &[])
     }
 
     fn spawn(kind: &'static str, configs: Vec<PathBuf>, stderr: PathBuf) -> NodeProc {
@@ -172,17 +190,27 @@ impl NodeProc {
     }
 
     fn spawn_in(
-        netns: Option<String>,
+        wrap: Option<Wrap>,
         kind: &'static str,
         configs: Vec<PathBuf>,
         stderr: PathBuf,
         args: &[&str],
     ) -> NodeProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr).unwrap();
-        let mut cmd = match &netns {
-            Some(ns) => {
+        let mut cmd = match &wrap {
+            Some(Wrap::Netns(ns)) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            // unshare and sh exec in turn: the child's pid is the binary's own.
+            Some(Wrap::Hosts(hosts)) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg("mount --bind \"$1\" /etc/hosts && shift && exec \"$@\"")
+                    .arg("sh")
+                    .arg(hosts)
+                    .arg(BIN);
                 c
             }
             None => Command::new(BIN),
@@ -241,7 +269,7 @@ impl NodeProc {
             control: field("control"),
             tcp,
         };
-        NodeProc { child, addrs, config: configs[0].clone(), configs, stderr, kind, args: Vec::new(), netns }
+        NodeProc { child, addrs, config: configs[0].clone(), configs, stderr, kind, args: Vec::new(), wrap }
     }
 
     /// Sends signal `sig` (STOP, CONT, ...) to the process.
@@ -273,7 +301,7 @@ impl NodeProc {
     pub fn restart(&mut self) {
         self.kill();
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let mut fresh = Self::spawn_in(self.netns.clone(), self.kind, self.configs.clone(), self.stderr.clone(), &args);
+        let mut fresh = Self::spawn_in(self.wrap.clone(), self.kind, self.configs.clone(), self.stderr.clone(), &args);
         fresh.args = self.args.clone();
         let old = std::mem::replace(self, fresh);
         drop(old);

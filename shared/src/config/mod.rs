@@ -178,19 +178,101 @@ pub struct NodeConfig {
     pub instance_idle: Duration,
 }
 
+/// An address to reach: `IP:PORT`, or `NAME:PORT` looked up at every attempt, each of the
+/// name's address records one more place to try (one DNS name for all gateway replicas).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(addr.into());
+        }
+        let bad = || format!("{s:?} is not HOST:PORT (an IP address or a DNS name, and a port)");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        let name_ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        if !name_ok {
+            return Err(bad());
+        }
+        Ok(Self { host: host.to_ascii_lowercase(), port })
+    }
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(h: HostPort) -> String {
+        h.to_string()
+    }
+}
+
+impl From<SocketAddr> for HostPort {
+    fn from(addr: SocketAddr) -> Self {
+        Self { host: addr.ip().to_string(), port: addr.port() }
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl HostPort {
+    /// Every address it stands for now: itself, or each address record of the name.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        }
+        let lookup = tokio::net::lookup_host((self.host.as_str(), self.port));
+        let found = tokio::time::timeout(Duration::from_secs(5), lookup)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the name lookup took over 5 s"))??;
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for a in found {
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+        Ok(addrs)
+    }
+}
+
 /// Where the control plane is.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlTarget {
-    /// UDP address of the gateway's control listener.
-    pub address: SocketAddr,
+    /// The gateway's control listener (UDP): `IP:PORT`, or `NAME:PORT` with an address record
+    /// per replica.
+    pub address: HostPort,
     /// The gateway's mesh name (its certificate identity).
     #[serde(default = "gateway_name")]
     pub name: String,
     /// Other replicas of the same control plane (`[gateway.store]`), tried in turn when the
     /// stream to the current one breaks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub replicas: Vec<SocketAddr>,
+    pub replicas: Vec<HostPort>,
 }
 
 fn gateway_name() -> String {

@@ -151,3 +151,34 @@ fn size_limits_name_what_was_exceeded() {
     let err = load(&[big.path().to_path_buf()]).unwrap_err().to_string();
     assert!(err.contains("more than the limit of 8388608"), "{err}");
 }
+
+#[test]
+fn control_addresses_are_ip_or_name_and_port() {
+    let parsed = |s: &str| s.parse::<HostPort>();
+    assert_eq!(parsed("10.0.0.1:15012").unwrap().to_string(), "10.0.0.1:15012");
+    assert_eq!(parsed("[::1]:15012").unwrap().to_string(), "[::1]:15012");
+    assert_eq!(parsed("GW.Mesh.example:15012").unwrap(), HostPort { host: "gw.mesh.example".into(), port: 15012 });
+    for bad in ["gw.example", "gw.example:99999", ":15012", "gw example:1", "gw..example:1", "gw_x:1"] {
+        assert!(parsed(bad).unwrap_err().contains("is not HOST:PORT"), "{bad}");
+    }
+    // In a config file, and named in the error.
+    let err = load_err("[node]\nname = \"a\"\n[node.gateway]\naddress = \"gw example:1\"\n");
+    assert!(err.contains("is not HOST:PORT"), "{err}");
+}
+
+#[test]
+fn shared_layers_go_over_the_files_and_set_only_mesh_wide_sections() {
+    let f = file("[[services]]\nname = \"web\"\n[timeouts]\nconnect = \"3s\"\n");
+    let layer = |text: &str| Layer { name: "shared.toml".into(), text: text.into() };
+    let cfg = load_with(&[f.path().to_path_buf()], &[layer("[[services]]\nname = \"api\"\n")]).unwrap();
+    // Arrays are replaced whole; what the layer does not set stays.
+    assert_eq!(cfg.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["api"]);
+    assert_eq!(cfg.timeouts.connect, Duration::from_secs(3));
+    let src = sources_with(&[f.path().to_path_buf()], &[layer("[[services]]\nname = \"api\"\n")]).unwrap();
+    assert_eq!(src["services"], "shared layer shared.toml");
+    for own in ["[gateway]\nname = \"x\"\n", "[node]\nname = \"x\"\n", "[transport]\nkeep_alive = \"1s\"\n"] {
+        let err = layer(own).check().unwrap_err().to_string();
+        assert!(err.contains("is each process's own setting") && err.contains("shared.toml"), "{err}");
+    }
+    assert!(layer("[[services]\n").check().unwrap_err().to_string().contains("shared.toml"));
+}

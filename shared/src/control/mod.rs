@@ -32,6 +32,12 @@ pub const PROTOCOL: u32 = 2;
 /// The first protocol version that carries deltas.
 pub const PROTOCOL_DELTAS: u32 = 2;
 
+/// Request header of a control stream: the [`Snapshot::digest`] of what the node holds. A node
+/// that fails over to another gateway replica holds a version that replica never numbered; when
+/// the contents match, the replica sends a delta that only renumbers, not the whole snapshot.
+/// A header, not a hello field, so gateways of the previous release ignore it.
+pub const HELD_DIGEST_HEADER: &str = "quicmesh-held-digest";
+
 fn first_protocol() -> u32 {
     1
 }
@@ -118,6 +124,16 @@ impl Snapshot {
     /// The config a node runs with this snapshot: its own local sections, the mesh from here.
     /// The top-level config keys a snapshot replaces on a node (see [`Snapshot::into_config`]).
     pub const KEYS: &'static [&'static str] = &["nodes", "services", "timeouts", "routes", "authorization", "revoked"];
+
+    /// SHA-256 (hex) of the contents, the version left out and services and members in name
+    /// order: equal for two snapshots that route alike, whoever numbered them.
+    pub fn digest(&self) -> String {
+        let mut canonical = Snapshot { version: 0, ..self.clone() };
+        canonical.services.sort_by(|a, b| a.name.cmp(&b.name));
+        canonical.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+        crate::identity::fingerprint(&bytes)
+    }
 
     pub fn into_config(self, local: &Config) -> Config {
         let mut cfg = Config { services: Vec::new(), nodes: Vec::new(), routes: Vec::new(), ..local.clone() };
@@ -313,6 +329,16 @@ mod tests {
         assert_eq!(db.endpoints[0].node, "b");
         // The merge is deterministic: same inputs, same snapshot.
         assert_eq!(merge(&cfg, &regs), snap);
+        // The digest ignores the number and the order, not the contents; a node's table gives
+        // back the same contents it was built from.
+        let renumbered =
+            Snapshot { version: 99, services: snap.services.iter().rev().cloned().collect(), ..snap.clone() };
+        assert_eq!(renumbered.digest(), snap.digest());
+        let table = crate::proxy::table::Table::compile(snap.clone().into_config(&Config::default()), 7).unwrap();
+        assert_eq!(table.snapshot().digest(), snap.digest());
+        let mut other = snap.clone();
+        other.services[0].endpoints.pop();
+        assert_ne!(other.digest(), snap.digest());
     }
 
     /// What a node of protocol version 1 (the release before deltas) sent, recorded from that
