@@ -24,6 +24,19 @@ fn gateway_layer(state: &Path, grace: &str) -> String {
     )
 }
 
+/// A CA with certificates for the gateway and `nodes`, and the mesh layer: (pki, the gateway's
+/// state directory, mesh.toml).
+fn mesh_pki(nodes: &[&str]) -> (Pki, PathBuf, PathBuf) {
+    let pki = Pki::new();
+    let state = pki.issue("gateway");
+    for n in nodes {
+        pki.issue(n);
+    }
+    let mesh = pki.path().join("mesh.toml");
+    std::fs::write(&mesh, mesh_layer("")).unwrap();
+    (pki, state, mesh)
+}
+
 /// A node joined to the gateway, hosting `instances` of (service, address).
 fn joined_node(name: &str, state: &Path, control: SocketAddr, instances: &[(&str, SocketAddr)]) -> String {
     let mut t = node_toml(name, state, &[], "");
@@ -603,12 +616,7 @@ fn v1_lines(which: &str) -> Vec<String> {
 /// fields version 1 reads (it refuses unknown fields), also after the mesh changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read() {
-    let pki = Pki::new();
-    let state = pki.issue("gateway");
-    pki.issue("node-a");
-    pki.issue("node-c");
-    let mesh = pki.path().join("mesh.toml");
-    std::fs::write(&mesh, mesh_layer("")).unwrap();
+    let (pki, state, mesh) = mesh_pki(&["node-a", "node-c"]);
     let gw_file = pki.path().join("gateway.toml");
     std::fs::write(&gw_file, gateway_layer(&state, "10s")).unwrap();
     let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
@@ -1066,12 +1074,7 @@ async fn a_node_finds_the_replicas_behind_one_dns_name() {
         return;
     }
     let Some(etcd) = Etcd::start().await else { return };
-    let pki = Pki::new();
-    let state = pki.issue("gateway");
-    pki.issue("node-a");
-    pki.issue("node-c");
-    let mesh = pki.path().join("mesh.toml");
-    std::fs::write(&mesh, mesh_layer("")).unwrap();
+    let (pki, state, mesh) = mesh_pki(&["node-a", "node-c"]);
     let store = format!("\n[gateway.store]\netcd = [{}]\nprefix = \"/dns-mesh\"\n", etcd.endpoints_toml());
     // Every replica on the same port, each on an address of its own.
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
