@@ -770,13 +770,13 @@ async fn admin_post(admin: SocketAddr, path: &str) -> String {
     out
 }
 
-/// Three gateway replicas share their registry through etcd: a node attached to one routes to a
+/// Three gateway replicas share their registry through a three-member etcd cluster: a node attached to one routes to a
 /// service registered at another. Killing the replica a node is attached to loses no
 /// node-to-node request; the node re-attaches to the next replica, and a registration made
 /// after that reaches it. A node's goodbye removes its endpoints at every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_replicas_share_the_registry_through_etcd_and_nodes_fail_over() {
-    let Some(etcd) = Etcd::start().await else { return };
+    let Some(etcd) = Etcd::cluster(3).await else { return };
     let Replicas { gw: [mut gw1, gw2, _gw3], a, mut b, pki } = Replicas::start(&etcd, "3s").await;
     let state = pki.path().to_path_buf();
     attached(gw1.addrs.admin, "node-a").await.expect("node-a is attached to replica 1");
