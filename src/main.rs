@@ -420,6 +420,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for line in lines {
                 println!("  {line}");
             }
+            for warning in cfg.warnings() {
+                println!("  warning: {warning}");
+            }
             Ok(())
         }
         Command::Node { action: Some(NodeAction::Revoke { name, admin }), .. } => {

@@ -459,6 +459,9 @@ impl ControlPlane {
     pub fn reload_sources(&self) -> Result<(), String> {
         let shared = self.sources().shared.clone();
         let (config, node_settings) = self.load_sources(shared.as_ref())?;
+        for warning in config.warnings() {
+            warn!("config: {warning}");
+        }
         self.reload(config, node_settings);
         Ok(())
     }

@@ -30,7 +30,7 @@ use quicmesh_shared::telemetry::access_log::AccessLog;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -125,6 +125,9 @@ pub fn preflight(config: &mut Config) -> Result<Preflight, GatewayError> {
 
 /// Like [`start`], watching `files` (the layers `config` was loaded from) for changes.
 pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result<Gateway, GatewayError> {
+    for warning in config.warnings() {
+        warn!("config: {warning}");
+    }
     let Preflight { paths, mut creds, node_settings, edge: (tcp_tls, quic_tls, certs), admin_token } =
         preflight(&mut config)?;
     let transport_config = config.transport.clone();

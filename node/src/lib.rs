@@ -98,6 +98,9 @@ pub async fn start(config: Config) -> Result<Node, NodeError> {
 /// Like [`start`], watching `files` (the layers `config` came from) so that changes to
 /// `node.instances` re-register with the control plane without a restart.
 pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) -> Result<Node, NodeError> {
+    for warning in config.warnings() {
+        warn!("config: {warning}");
+    }
     let mut node = start_with(config, None).await?;
     match quicmesh_shared::config::sources(&files) {
         Ok(s) => {

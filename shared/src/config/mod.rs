@@ -1030,12 +1030,24 @@ impl Config {
         Ok(())
     }
 
-    /// Routes compile (regexes, filters) and send only to services this config declares.
+    /// Routes compile (regexes, filters). A backend naming no service is not an error (see
+    /// [`Config::warnings`]): its share of requests answers 500, as the Gateway API says.
     fn validate_routes(&self, routes: &[crate::policy::route::HttpRoute], key: &str) -> Result<(), ConfigError> {
         if let Err(e) = crate::policy::route::RouteTable::new(routes.to_vec()) {
             return Err(invalid(key, e.to_string()));
         }
-        check_backends(routes, key, |name| self.service(name).is_some())
+        Ok(())
+    }
+
+    /// What is accepted but will not work as written: routes whose backends name no service
+    /// (`quicmesh check` and the daemons' logs show these).
+    pub fn warnings(&self) -> Vec<String> {
+        let exists = |name: &str| self.service(name).is_some();
+        let mut out = unknown_backends(&self.routes, "routes", exists);
+        if let Some(gw) = &self.gateway {
+            out.extend(unknown_backends(&gw.routes, "gateway.routes", exists));
+        }
+        out
     }
 
     /// The service with this name.
@@ -1049,25 +1061,26 @@ impl Config {
     }
 }
 
-/// Every backend the routes send to is a service (`exists`); `key` names the routes in errors.
-pub(crate) fn check_backends(
+/// The backends of `routes` that name no service (`exists`), each as a line naming its key.
+pub(crate) fn unknown_backends(
     routes: &[crate::policy::route::HttpRoute],
     key: &str,
     exists: impl Fn(&str) -> bool,
-) -> Result<(), ConfigError> {
+) -> Vec<String> {
+    let mut out = Vec::new();
     for (i, route) in routes.iter().enumerate() {
         for (j, rule) in route.rules.iter().enumerate() {
             for (k, b) in rule.backend_refs.iter().enumerate() {
                 if !exists(&b.name) {
-                    return Err(invalid(
-                        format!("{key}[{i}].rules[{j}].backendRefs[{k}].name"),
-                        format!("unknown service {:?}", b.name),
+                    out.push(format!(
+                        "{key}[{i}].rules[{j}].backendRefs[{k}].name: unknown service {:?}; its share of route {:?} answers 500",
+                        b.name, route.name
                     ));
                 }
             }
         }
     }
-    Ok(())
+    out
 }
 
 /// What [`Config::validate`] checks of one service on its own (`key` names it in errors):

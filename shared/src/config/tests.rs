@@ -72,7 +72,6 @@ fn validation_rules() {
         ("[[services]]\nname = \"a\"\n[[services]]\nname = \"b\"\nhosts = [\"a\"]\n", "services[1].hosts[0]"),
         ("[[services]]\nname = \"a\"\nhosts = [\"x\"]\n[[services]]\nname = \"b\"\nhosts = [\"X\"]\n", "services[1].hosts[0]"),
         ("[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nmatches = [{ path = { value = \"x\" } }]\n", "gateway.routes"),
-        ("[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nbackendRefs = [{ name = \"s\" }]\n", "gateway.routes[0].rules[0].backendRefs[0].name"),
         ("[[services]]\nname = \"s\"\nretry = { attempts = 50 }\n", "services[0].retry"),
         ("[[services]]\nname = \"s\"\nretry = { codes = [42] }\n", "services[0].retry"),
         ("[[services]]\nname = \"s\"\nretry = { budget = { ttl = \"0s\" } }\n", "services[0].retry"),
@@ -181,4 +180,18 @@ fn shared_layers_go_over_the_files_and_set_only_mesh_wide_sections() {
         assert!(err.contains("is each process's own setting") && err.contains("shared.toml"), "{err}");
     }
     assert!(layer("[[services]\n").check().unwrap_err().to_string().contains("shared.toml"));
+}
+
+#[test]
+fn a_route_to_an_unknown_service_is_accepted_with_a_warning() {
+    let f = file(
+        "[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nbackendRefs = [{ name = \"s\" }]\n",
+    );
+    let cfg = load(&[f.path().to_path_buf()]).unwrap();
+    let warnings = cfg.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("gateway.routes[0].rules[0].backendRefs[0].name: unknown service \"s\""),
+        "{warnings:?}"
+    );
 }

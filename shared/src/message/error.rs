@@ -44,6 +44,10 @@ pub enum ProxyError {
     TooEarly,
     #[error("not implemented: {0}")]
     NotImplemented(String),
+    /// The matched rule sends nowhere valid: no backendRefs, all weights 0, or a backend that
+    /// names no service (the Gateway API answers 500).
+    #[error("invalid backend: {0}")]
+    InvalidBackend(String),
 }
 
 /// Internal header on a response from a peer node's own error: the request never reached the
@@ -67,6 +71,7 @@ impl ProxyError {
             ProxyError::Fault(code) => StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             ProxyError::TooEarly => StatusCode::TOO_EARLY,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::InvalidBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -89,6 +94,7 @@ impl ProxyError {
             ProxyError::Fault(_) => "fault-injected",
             ProxyError::TooEarly => "too-early",
             ProxyError::NotImplemented(_) => "not-implemented",
+            ProxyError::InvalidBackend(_) => "invalid-backend",
         }
     }
 
@@ -112,6 +118,7 @@ impl ProxyError {
         "fault-injected",
         "too-early",
         "not-implemented",
+        "invalid-backend",
         "client-closed",
     ];
 

@@ -36,9 +36,12 @@ pub struct HttpRoute {
     pub rate_limit: Option<crate::policy::limit::RateLimit>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteRule {
+    /// The rule's name (Gateway API v1.4), unique within its route; named in access logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Any one must match; none means every request (`PathPrefix /`).
     #[serde(default)]
     pub matches: Vec<RouteMatch>,
@@ -172,7 +175,7 @@ pub struct Redirect {
     pub hostname: Option<String>,
     pub port: Option<u16>,
     pub path: Option<PathModifier>,
-    /// 301 or 302 (default 302).
+    /// 301, 302, 303, 307 or 308 (default 302).
     pub status_code: Option<u16>,
 }
 
@@ -206,6 +209,11 @@ pub struct BackendRef {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Filters applied only when this backend is the one chosen (after the rule's own):
+    /// header modifiers, URL rewrites, mirrors. A redirect answers before any backend is
+    /// chosen, so it belongs on the rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
 }
 
 fn one() -> u32 {
@@ -396,13 +404,19 @@ fn rank(m: &CompiledMatch) -> Rank {
     (kind, len, m.method.is_some(), m.headers.len(), m.query.len())
 }
 
+/// The status codes a RequestRedirect may answer with.
+const REDIRECT_CODES: [u16; 5] = [301, 302, 303, 307, 308];
+
 fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
     for f in &rule.filters {
         match f {
             Filter::RequestRedirect { redirect } => {
                 if let Some(code) = redirect.status_code {
-                    if code != 301 && code != 302 {
-                        return Err(invalid(route, format!("redirect statusCode {code} is not 301 or 302")));
+                    if !REDIRECT_CODES.contains(&code) {
+                        return Err(invalid(
+                            route,
+                            format!("redirect statusCode {code} is not one of 301, 302, 303, 307, 308"),
+                        ));
                     }
                 }
             }
@@ -417,7 +431,38 @@ fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
     {
         return Err(invalid(route, "a rule cannot both redirect and rewrite"));
     }
+    for b in &rule.backend_refs {
+        if b.filters.iter().any(|f| matches!(f, Filter::RequestRedirect { .. })) {
+            return Err(invalid(
+                route,
+                format!(
+                    "backendRef {:?}: a RequestRedirect answers before a backend is chosen; put it on the rule",
+                    b.name
+                ),
+            ));
+        }
+        let rule_of_backend =
+            RouteRule { filters: b.filters.clone(), backend_refs: Vec::new(), ..RouteRule::default() };
+        validate_filters(route, &rule_of_backend)?;
+    }
+    for f in &rule.filters {
+        if let Filter::RequestMirror { mirror } = f {
+            if !mirror.backend_ref.filters.is_empty() {
+                return Err(invalid(route, "a mirror's backendRef takes no filters"));
+            }
+        }
+    }
     Ok(())
+}
+
+/// A rule name: lowercase letters, digits, '-' and '.', starting and ending with a letter or
+/// digit, at most 253 bytes (the Gateway API's SectionName).
+fn valid_rule_name(name: &str) -> bool {
+    let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    name.len() <= 253
+        && edge(name.as_bytes().first())
+        && edge(name.as_bytes().last())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 impl RouteTable {
@@ -428,7 +473,19 @@ impl RouteTable {
             if let Some(Err(e)) = route.rate_limit.as_ref().map(|l| l.validate()) {
                 return Err(invalid(&route.name, format!("rateLimit: {e}")));
             }
+            let mut names = std::collections::HashSet::new();
             for (ui, rule) in route.rules.iter().enumerate() {
+                if let Some(n) = &rule.name {
+                    if !valid_rule_name(n) {
+                        return Err(invalid(
+                            &route.name,
+                            format!("rule name {n:?} is not lowercase letters, digits, '-' and '.'"),
+                        ));
+                    }
+                    if !names.insert(n.as_str()) {
+                        return Err(invalid(&route.name, format!("two rules are named {n:?}")));
+                    }
+                }
                 validate_filters(&route.name, rule)?;
                 if let Some(Err(e)) = rule.fault.as_ref().map(|f| f.validate()) {
                     return Err(invalid(&route.name, format!("fault: {e}")));
@@ -723,18 +780,31 @@ pub fn apply_request_filters<'a>(
     scheme: &str,
     default_port: Option<u16>,
 ) -> Result<Filtered<'a>, String> {
+    apply_filters(&matched.rule.filters, matched.matched_prefix, parts, authority, scheme, default_port)
+}
+
+/// Applies `filters` (a rule's, or the chosen backend's) to the request; see
+/// [`apply_request_filters`].
+pub fn apply_filters<'a>(
+    filters: &'a [Filter],
+    matched_prefix: Option<&str>,
+    parts: &mut http::request::Parts,
+    authority: &mut String,
+    scheme: &str,
+    default_port: Option<u16>,
+) -> Result<Filtered<'a>, String> {
     let host = crate::message::headers::host_of(authority).into_owned();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_owned);
     let mut response_mods = Vec::new();
     let mut mirrors = Vec::new();
     let mut new_path = None;
-    for f in &matched.rule.filters {
+    for f in filters {
         match f {
             Filter::RequestRedirect { redirect } => {
                 let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).or(default_port);
                 let location =
-                    redirect_location(redirect, scheme, &host, port, &path, query.as_deref(), matched.matched_prefix);
+                    redirect_location(redirect, scheme, &host, port, &path, query.as_deref(), matched_prefix);
                 return Ok(Filtered::Redirect { status: redirect.status_code.unwrap_or(302), location });
             }
             Filter::RequestHeaderModifier { modifier } => modify_headers(&mut parts.headers, modifier),
@@ -744,7 +814,7 @@ pub fn apply_request_filters<'a>(
                     *authority = h.clone();
                 }
                 if let Some(m) = &rewrite.path {
-                    new_path = Some(rewrite_path(&path, m, matched.matched_prefix));
+                    new_path = Some(rewrite_path(&path, m, matched_prefix));
                 }
             }
             Filter::RequestMirror { mirror } => {

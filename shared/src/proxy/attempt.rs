@@ -17,6 +17,11 @@ use crate::policy::balance::EndpointStats;
 use crate::policy::{authz, health};
 use crate::telemetry::metrics as m;
 
+/// A try without a time limit (a rule's timeouts set to "0s"): longer than anything runs.
+pub const UNLIMITED: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The most a failed try counts as in the balancer's latency figures.
+const FAILURE_PENALTY_CAP: Duration = Duration::from_secs(30);
+
 /// Holds one of a service's circuit-breaker slots until dropped.
 struct Slot<'a>(&'a AtomicU64);
 
@@ -106,7 +111,9 @@ impl Call<'_> {
             return result;
         }
         // A failure costs like a timeout, so the balancer steers away from it.
-        in_flight.observe(if result.is_ok() { start.elapsed() } else { per_try.max(start.elapsed()) });
+        // A failure costs the balancer what a try may take (bounded when tries are not).
+        let penalty = per_try.min(FAILURE_PENALTY_CAP);
+        in_flight.observe(if result.is_ok() { start.elapsed() } else { penalty.max(start.elapsed()) });
         let failed = match &result {
             Ok(resp) => resp.status().is_server_error(),
             Err(e) => !matches!(e.error, ProxyError::Overloaded(_)),

@@ -70,7 +70,8 @@ impl Call<'_> {
         opts: &CallOpts<'_>,
         info: &mut CallInfo<'s>,
     ) -> Result<Response<Body>, ProxyError> {
-        let resp = match opts.timeouts.and_then(|t| t.request) {
+        // "0s" turns a limit off (Gateway API).
+        let resp = match opts.timeouts.and_then(|t| t.request).filter(|d| !d.is_zero()) {
             Some(total) => tokio::time::timeout(total, self.call_inner(svc, req, opts, info))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout(total))),
@@ -101,8 +102,18 @@ impl Call<'_> {
             }
         }
         let policy = svc.config.retry.with_route(opts.retry);
-        let per_try_set = opts.timeouts.and_then(|t| t.backend_request);
-        let per_try = per_try_set.unwrap_or(self.table.config().timeouts.request);
+        // A try is bounded by the rule's `backendRequest`, else by the mesh's request timeout,
+        // unless the rule turned its limits off with "0s".
+        let per_try_set = opts.timeouts.and_then(|t| match (t.backend_request, t.request) {
+            (Some(d), _) => Some(d),
+            (None, Some(total)) if total.is_zero() => Some(total),
+            _ => None,
+        });
+        let per_try = match per_try_set {
+            Some(d) if d.is_zero() => crate::proxy::attempt::UNLIMITED,
+            Some(d) => d,
+            None => self.table.config().timeouts.request,
+        };
         let per_try_set = per_try_set.is_some();
         let no_labels = BTreeMap::new();
         let labels = opts.labels.unwrap_or(&no_labels);

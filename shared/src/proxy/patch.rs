@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::table::{build_service, source_of, Service, Table};
-use crate::config::{check_backends, check_service, invalid, valid_name, ConfigError, Protocol, ServiceConfig};
+use crate::config::{check_service, invalid, valid_name, ConfigError, Protocol, ServiceConfig};
 use crate::control::delta::{self, Delta};
 use crate::policy::route::RouteTable;
 
@@ -176,13 +176,6 @@ impl Table {
                 return Err(invalid("routes", format!("{} routes, more than {}", r.len(), crate::config::MAX_ROUTES)));
             }
             table_routes = Arc::new(RouteTable::new(r).map_err(|e| invalid("routes", e.to_string()))?);
-        }
-        // Routes may only send to services that exist.
-        if !removed_services.is_empty() || !Arc::ptr_eq(&table_routes, &self.routes) {
-            check_backends(table_routes.routes(), "routes", |n| services.contains_key(n))?;
-            if let Some(gw) = &config.gateway {
-                check_backends(&gw.routes, "gateway.routes", |n| services.contains_key(n))?;
-            }
         }
         let source_service = if built.is_empty() && removed_services.is_empty() {
             self.source_service.clone()

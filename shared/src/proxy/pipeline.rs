@@ -148,24 +148,44 @@ fn plan<'t>(
     };
     let name = matched.route.name.as_str();
     cx.rec.route(name);
+    if let Some(rule) = &matched.rule.name {
+        cx.rec.rule(rule);
+    }
     // Phase: rate limit.
     if let Some(Err(wait)) = matched.limiter.map(|l| l.check(client, Instant::now())) {
         metrics::counter!(m::RATE_LIMITED, "route" => name.to_string()).increment(1);
         return Err(ProxyError::RateLimited { route: name.to_string(), wait });
     }
     // Phase: filters that answer or change the request.
-    let (response_mods, mirrors) =
+    let (mut response_mods, mut mirrors) =
         match route::apply_request_filters(&matched, parts, authority, cx.side.scheme, cx.side.port)
             .map_err(ProxyError::BadRequest)?
         {
             Filtered::Redirect { status, location } => return Ok(Err(redirect(status, &location))),
             Filtered::Forward { response_mods, mirrors } => (response_mods, mirrors),
         };
-    // Phase: weighted backend.
+    // Phase: weighted backend. A rule that sends nowhere valid answers 500, as the Gateway API
+    // says (no backendRefs, every weight 0, or the share of a backend naming no service).
     let backend = route::choose_backend(&matched.rule.backend_refs)
-        .ok_or_else(|| ProxyError::NoEndpoint(format!("route {name} has no backend with weight")))?;
+        .ok_or_else(|| ProxyError::InvalidBackend(format!("route {name} has no backend with weight")))?;
     let table: &'t Arc<Table> = cx.table;
-    let svc = table.service(&backend.name).ok_or_else(|| ProxyError::NoEndpoint(backend.name.clone()))?;
+    let svc = table.service(&backend.name).ok_or_else(|| {
+        ProxyError::InvalidBackend(format!("route {name} sends to unknown service {:?}", backend.name))
+    })?;
+    // Phase: the chosen backend's own filters.
+    if !backend.filters.is_empty() {
+        let prefix = matched.matched_prefix;
+        match route::apply_filters(&backend.filters, prefix, parts, authority, cx.side.scheme, cx.side.port)
+            .map_err(ProxyError::BadRequest)?
+        {
+            // Refused by validation; answered as on the rule should one get here.
+            Filtered::Redirect { status, location } => return Ok(Err(redirect(status, &location))),
+            Filtered::Forward { response_mods: r, mirrors: m } => {
+                response_mods.extend(r);
+                mirrors.extend(m);
+            }
+        }
+    }
     let opts = CallOpts {
         route: name,
         labels: Some(&backend.labels),

@@ -35,6 +35,9 @@ pub struct Entry {
     #[serde(rename = "dst.node")]
     pub dst_node: String,
     pub route: Cow<'static, str>,
+    /// The matched rule's name, when it has one.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub rule: String,
     /// The instance address the request went to.
     pub endpoint: String,
     pub method: String,

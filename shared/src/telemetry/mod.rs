@@ -214,6 +214,13 @@ impl Record {
         self.entry.route = label(name);
     }
 
+    /// The matched rule's name (access log only: metrics stay per route).
+    pub fn rule(&mut self, name: &str) {
+        if self.log.is_some() {
+            self.entry.rule = name.to_string();
+        }
+    }
+
     /// The destination service; from here the request counts as in flight to it.
     pub fn service(&mut self, name: &str) {
         self.entry.dst_service = label(name);

@@ -91,10 +91,12 @@ fn route_set() -> impl Strategy<Value = Vec<HttpRoute>> {
                             name: format!("r{i}.{j}"),
                             labels: BTreeMap::new(),
                             weight: 1,
+                            filters: Vec::new(),
                         }],
                         timeouts: None,
                         retry: None,
                         fault: None,
+                        name: None,
                     })
                     .collect(),
                 max_request_body: None,
@@ -323,7 +325,10 @@ proptest! {
 }
 
 fn backends(weights: &[u32]) -> Vec<BackendRef> {
-    weights.iter().map(|&weight| BackendRef { name: "svc".into(), labels: BTreeMap::new(), weight }).collect()
+    weights
+        .iter()
+        .map(|&weight| BackendRef { name: "svc".into(), labels: BTreeMap::new(), weight, filters: Vec::new() })
+        .collect()
 }
 
 /// Which backend of the list was chosen.

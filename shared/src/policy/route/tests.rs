@@ -279,7 +279,21 @@ matches = [{ headers = [{ type = "RegularExpression", name = "x", value = "a)|(.
         r#"[[routes]]
 name = "bad-status"
 [[routes.rules]]
-filters = [{ type = "RequestRedirect", requestRedirect = { statusCode = 307 } }]"#,
+filters = [{ type = "RequestRedirect", requestRedirect = { statusCode = 304 } }]"#,
+        r#"[[routes]]
+name = "redirect-on-a-backend"
+[[routes.rules]]
+backendRefs = [{ name = "s", filters = [{ type = "RequestRedirect", requestRedirect = {} }] }]"#,
+        r#"[[routes]]
+name = "bad-rule-name"
+[[routes.rules]]
+name = "Not_A_Name""#,
+        r#"[[routes]]
+name = "twice-named"
+[[routes.rules]]
+name = "a"
+[[routes.rules]]
+name = "a""#,
         r#"[[routes]]
 name = "bad-path"
 [[routes.rules]]
@@ -406,7 +420,7 @@ fn indexed_lookup_agrees_with_brute_force() {
 
 #[test]
 fn weights_split_exactly_and_zero_never_wins() {
-    let b = |w| BackendRef { name: "s".into(), labels: Default::default(), weight: w };
+    let b = |w| BackendRef { name: "s".into(), labels: Default::default(), weight: w, filters: Vec::new() };
     let backends = vec![b(70), b(30), b(0)];
     let mut counts = [0; 3];
     for roll in 0..100 {

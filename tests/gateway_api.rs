@@ -1,0 +1,325 @@
+//! Gateway API HTTPRoute behaviour, conformance style: one table of routes and requests, run
+//! against real processes twice, at the edge (the gateway's `gateway.routes`, HTTP/1.1 over
+//! TLS) and in the mesh (a node's `[[routes]]`, plain HTTP to its outbound listener). Each case
+//! is what the upstream conformance suite checks for the feature it names.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use support::*;
+
+/// The routes under test, written once for both places: `{R}` is `routes` or `gateway.routes`.
+const ROUTES: &str = r#"
+[[{R}]]
+name = "conf"
+hostnames = ["conf.test"]
+
+[[{R}.rules]]
+name = "see-other"
+matches = [{ path = { type = "Exact", value = "/r303" } }]
+filters = [{ type = "RequestRedirect", requestRedirect = { statusCode = 303, path = { type = "ReplaceFullPath", replaceFullPath = "/target" } } }]
+
+[[{R}.rules]]
+matches = [{ path = { type = "Exact", value = "/r307" } }]
+filters = [{ type = "RequestRedirect", requestRedirect = { statusCode = 307, hostname = "elsewhere.test" } }]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/r308" } }]
+filters = [{ type = "RequestRedirect", requestRedirect = { statusCode = 308, path = { type = "ReplacePrefixMatch", replacePrefixMatch = "/new" } } }]
+
+[[{R}.rules]]
+name = "sends-nowhere"
+matches = [{ path = { value = "/empty" } }]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/unknown" } }]
+backendRefs = [{ name = "ghost" }]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/all-zero" } }]
+backendRefs = [{ name = "echo", weight = 0 }]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/split" } }]
+backendRefs = [{ name = "echo" }, { name = "ghost" }]
+
+[[{R}.rules]]
+name = "backend-filters"
+matches = [{ path = { value = "/backend-filters" } }]
+filters = [{ type = "RequestHeaderModifier", requestHeaderModifier = { set = [{ name = "x-rule", value = "r" }] } }]
+
+[[{R}.rules.backendRefs]]
+name = "echo"
+filters = [
+  { type = "RequestHeaderModifier", requestHeaderModifier = { set = [{ name = "x-backend", value = "b1" }], remove = ["x-drop"] } },
+  { type = "ResponseHeaderModifier", responseHeaderModifier = { add = [{ name = "x-resp", value = "r1" }] } },
+  { type = "URLRewrite", urlRewrite = { path = { type = "ReplaceFullPath", replaceFullPath = "/rewritten" } } },
+]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/no-timeout" } }]
+timeouts = { request = "0s" }
+backendRefs = [{ name = "slow" }]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/no-try-timeout" } }]
+timeouts = { backendRequest = "0s" }
+backendRefs = [{ name = "slow" }]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/short-timeout" } }]
+timeouts = { request = "100ms" }
+backendRefs = [{ name = "slow" }]
+"#;
+
+/// One request and what must come back.
+struct Case {
+    /// The upstream conformance test (or feature) the case stands for.
+    feature: &'static str,
+    path: &'static str,
+    status: u16,
+    /// Expected `Location` (a `{port}` in it is the listener's port).
+    location: Option<&'static str>,
+    /// The path the backend saw.
+    upstream_path: Option<&'static str>,
+    /// Request headers the backend saw / must not see, response headers the client saw.
+    upstream_headers: &'static [(&'static str, &'static str)],
+    upstream_absent: &'static [&'static str],
+    response_headers: &'static [(&'static str, &'static str)],
+    /// The `quicmesh-error` of a proxy's own answer.
+    error: Option<&'static str>,
+}
+
+const NONE: Case = Case {
+    feature: "",
+    path: "",
+    status: 200,
+    location: None,
+    upstream_path: None,
+    upstream_headers: &[],
+    upstream_absent: &[],
+    response_headers: &[],
+    error: None,
+};
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            feature: "HTTPRouteRedirectStatusCode 303",
+            path: "/r303?q=1",
+            status: 303,
+            location: Some("{scheme}://conf.test{port}/target?q=1"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteRedirectStatusCode 307",
+            path: "/r307",
+            status: 307,
+            location: Some("{scheme}://elsewhere.test{port}/r307"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteRedirectStatusCode 308",
+            path: "/r308/item",
+            status: 308,
+            location: Some("{scheme}://conf.test{port}/new/item"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteInvalidBackendRefs: no backendRefs, no filters",
+            path: "/empty",
+            status: 500,
+            error: Some("invalid-backend"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteInvalidBackendRefUnknownKind / nonexistent backend",
+            path: "/unknown",
+            status: 500,
+            error: Some("invalid-backend"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteWeight: every weight 0",
+            path: "/all-zero",
+            status: 500,
+            error: Some("invalid-backend"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteBackendRequestHeaderModifier / backend URLRewrite / backend ResponseHeaderModifier",
+            path: "/backend-filters/x",
+            status: 200,
+            upstream_path: Some("/rewritten"),
+            upstream_headers: &[("x-backend", "b1"), ("x-rule", "r")],
+            upstream_absent: &["x-drop"],
+            response_headers: &[("x-resp", "r1")],
+            ..NONE
+        },
+        Case { feature: "HTTPRouteRequestTimeout 0s: no limit", path: "/no-timeout", status: 200, ..NONE },
+        Case { feature: "HTTPRouteBackendRequestTimeout 0s: no limit", path: "/no-try-timeout", status: 200, ..NONE },
+        Case {
+            feature: "HTTPRouteRequestTimeout",
+            path: "/short-timeout",
+            status: 504,
+            error: Some("timeout"),
+            ..NONE
+        },
+    ]
+}
+
+/// What came back: status, headers, body.
+type Answer = (u16, http::HeaderMap, String);
+
+struct Setup {
+    gw: NodeProc,
+    a: NodeProc,
+    _b: NodeProc,
+    pki: Pki,
+}
+
+async fn setup() -> Setup {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    pki.issue("gateway");
+    let (echo, slow) = (echo_backend().await, delayed_backend("slow", Duration::from_millis(300)).await);
+    let svc = format!(
+        "[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
+         [[services]]\nname = \"slow\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\n\n"
+    );
+    let log = |who: &str| {
+        format!(
+            "[access_log]\noutput = \"file\"\npath = \"{}\"\n\n",
+            pki.path().join(format!("{who}-access.log")).display()
+        )
+    };
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let mesh_routes = ROUTES.replace("{R}", "routes");
+    let a_toml =
+        node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &format!("{}{svc}{mesh_routes}", log("node-a")));
+    let a = NodeProc::start(pki.path(), "node-a", &a_toml);
+    let edge_routes = ROUTES.replace("{R}", "gateway.routes");
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{}\
+         [gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"{}\"\n\n\
+         {edge_routes}\n[[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        log("gateway"),
+        state.display(),
+        b.addrs.inbound
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    Setup { gw, a, _b: b, pki }
+}
+
+/// A GET through the edge: HTTP/1.1 over TLS, SNI and Host `conf.test`.
+async fn edge_get(port: u16, path: &str) -> Answer {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(&[b"http/1.1"])));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tls = connector.connect("conf.test".try_into().unwrap(), tcp).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "conf.test")
+        .header("x-drop", "secret")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    answer(send.send_request(req).await.unwrap()).await
+}
+
+/// A GET through the mesh: plain HTTP to node-a's outbound listener, Host `conf.test`.
+async fn mesh_get(outbound: SocketAddr, path: &str) -> Answer {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let req = http::Request::get(format!("http://{outbound}{path}"))
+        .header("host", "conf.test")
+        .header("x-drop", "secret")
+        .body(Empty::new())
+        .unwrap();
+    answer(client.request(req).await.unwrap()).await
+}
+
+async fn answer(resp: http::Response<hyper::body::Incoming>) -> Answer {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Checks one case's answer; `scheme` and `port` fill in expected Locations.
+fn check(case: &Case, got: &Answer, place: &str, scheme: &str, port: &str) {
+    let (status, headers, body) = got;
+    let what = format!("{place}: {} (GET {})", case.feature, case.path);
+    assert_eq!(*status, case.status, "{what}: status; body {body}");
+    if let Some(loc) = case.location {
+        let want = loc.replace("{scheme}", scheme).replace("{port}", port);
+        assert_eq!(headers.get("location").and_then(|v| v.to_str().ok()), Some(want.as_str()), "{what}: Location");
+    }
+    if let Some(err) = case.error {
+        assert_eq!(headers.get("quicmesh-error").and_then(|v| v.to_str().ok()), Some(err), "{what}: reason");
+    }
+    for (name, value) in case.response_headers {
+        assert_eq!(headers.get(*name).and_then(|v| v.to_str().ok()), Some(*value), "{what}: response {name}");
+    }
+    if case.upstream_path.is_some() || !case.upstream_headers.is_empty() || !case.upstream_absent.is_empty() {
+        let echoed: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
+        if let Some(p) = case.upstream_path {
+            assert_eq!(echoed["path"], p, "{what}: upstream path");
+        }
+        for (name, value) in case.upstream_headers {
+            assert_eq!(echoed["headers"][*name], *value, "{what}: upstream {name}");
+        }
+        for name in case.upstream_absent {
+            assert!(echoed["headers"].get(*name).is_none(), "{what}: upstream still has {name}");
+        }
+    }
+}
+
+/// The access log names the rule a request matched, when the rule has a name.
+fn logged_rules(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["rule"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httproute_features_hold_at_the_edge_and_in_the_mesh() {
+    let s = setup().await;
+    let port = s.gw.addrs.listen.port();
+    for case in cases() {
+        check(&case, &edge_get(port, case.path).await, "edge", "https", &format!(":{port}"));
+        // A node's clients speak plain HTTP on the default port: no port in its Locations.
+        check(&case, &mesh_get(s.a.addrs.outbound, case.path).await, "mesh", "http", "");
+    }
+    // A weighted split where one backend is invalid: that share answers 500, the rest 200.
+    for (place, outbound) in [("edge", None), ("mesh", Some(s.a.addrs.outbound))] {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..60 {
+            let got = match outbound {
+                Some(o) => mesh_get(o, "/split").await,
+                None => edge_get(port, "/split").await,
+            };
+            *seen.entry(got.0).or_insert(0) += 1;
+        }
+        assert_eq!(seen.keys().copied().collect::<Vec<_>>(), [200, 500], "{place}: {seen:?}");
+        assert!(seen[&200] >= 15 && seen[&500] >= 15, "{place}: about half each: {seen:?}");
+    }
+    // Named rules appear in the access logs.
+    for who in ["gateway", "node-a"] {
+        let file = s.pki.path().join(format!("{who}-access.log"));
+        let rules = eventually(Duration::from_secs(5), "the access log lines", || async {
+            let r = logged_rules(&file);
+            (r.iter().any(|n| n == "backend-filters") && r.iter().any(|n| n == "see-other")).then_some(r)
+        })
+        .await;
+        assert!(rules.iter().any(|n| n == "sends-nowhere"), "{who}: {rules:?}");
+    }
+}
