@@ -62,6 +62,10 @@ filters = [
 ]
 
 [[{R}.rules]]
+matches = [{ path = { value = "/backend-redirect" } }]
+backendRefs = [{ name = "echo", filters = [{ type = "RequestRedirect", requestRedirect = { hostname = "backend.test", scheme = "http" } }] }]
+
+[[{R}.rules]]
 matches = [{ path = { value = "/no-timeout" } }]
 timeouts = { request = "0s" }
 backendRefs = [{ name = "slow" }]
@@ -75,13 +79,35 @@ backendRefs = [{ name = "slow" }]
 matches = [{ path = { value = "/short-timeout" } }]
 timeouts = { request = "100ms" }
 backendRefs = [{ name = "slow" }]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/cors-1" } }]
+backendRefs = [{ name = "echo" }]
+[[{R}.rules.filters]]
+type = "CORS"
+cors = { allowOrigins = ["https://www.foo.com", "https://*.bar.com"], allowMethods = ["GET", "OPTIONS"], allowHeaders = ["x-header-1", "x-header-2"], exposeHeaders = ["x-header-3", "x-header-4"], maxAge = 3600, allowCredentials = true }
+
+[[{R}.rules]]
+matches = [{ path = { value = "/cors-2" } }]
+backendRefs = [{ name = "echo" }]
+filters = [{ type = "CORS", cors = { allowOrigins = ["https://www.foo.com"], allowMethods = ["*"], allowHeaders = ["*"] } }]
+
+[[{R}.rules]]
+matches = [{ path = { value = "/cors-wildcard-origin" } }]
+backendRefs = [{ name = "echo" }]
+filters = [{ type = "CORS", cors = { allowOrigins = ["*"], allowMethods = ["*"] } }]
 "#;
 
 /// One request and what must come back.
 struct Case {
     /// The upstream conformance test (or feature) the case stands for.
     feature: &'static str,
+    method: &'static str,
     path: &'static str,
+    /// Request headers sent besides Host (and `x-drop`).
+    headers: &'static [(&'static str, &'static str)],
+    /// Response headers that must not be there.
+    absent: &'static [&'static str],
     status: u16,
     /// Expected `Location` (a `{port}` in it is the listener's port).
     location: Option<&'static str>,
@@ -97,7 +123,10 @@ struct Case {
 
 const NONE: Case = Case {
     feature: "",
+    method: "GET",
     path: "",
+    headers: &[],
+    absent: &[],
     status: 200,
     location: None,
     upstream_path: None,
@@ -161,6 +190,13 @@ fn cases() -> Vec<Case> {
             response_headers: &[("x-resp", "r1")],
             ..NONE
         },
+        Case {
+            feature: "HTTPRouteBackendPathRedirect",
+            path: "/backend-redirect",
+            status: 302,
+            location: Some("http://backend.test/backend-redirect"),
+            ..NONE
+        },
         Case { feature: "HTTPRouteRequestTimeout 0s: no limit", path: "/no-timeout", status: 200, ..NONE },
         Case { feature: "HTTPRouteBackendRequestTimeout 0s: no limit", path: "/no-try-timeout", status: 200, ..NONE },
         Case {
@@ -168,6 +204,99 @@ fn cases() -> Vec<Case> {
             path: "/short-timeout",
             status: 504,
             error: Some("timeout"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteCORS: preflight from an exact origin",
+            method: "OPTIONS",
+            path: "/cors-1",
+            headers: &[
+                ("origin", "https://www.foo.com"),
+                ("access-control-request-method", "GET"),
+                ("access-control-request-headers", "x-header-1, x-header-2"),
+            ],
+            response_headers: &[
+                ("access-control-allow-origin", "https://www.foo.com"),
+                ("access-control-allow-methods", "GET, OPTIONS"),
+                ("access-control-allow-headers", "x-header-1, x-header-2"),
+                ("access-control-expose-headers", "x-header-3, x-header-4"),
+                ("access-control-max-age", "3600"),
+                ("access-control-allow-credentials", "true"),
+            ],
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteCORS: preflight from a wildcard origin, several labels deep",
+            method: "OPTIONS",
+            path: "/cors-1",
+            headers: &[("origin", "https://xpto.www.bar.com"), ("access-control-request-method", "GET")],
+            response_headers: &[("access-control-allow-origin", "https://xpto.www.bar.com")],
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteCORS: preflight from an origin not allowed",
+            method: "OPTIONS",
+            path: "/cors-1",
+            headers: &[("origin", "https://foobar.com"), ("access-control-request-method", "GET")],
+            absent: &["access-control-allow-origin"],
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteCORS: simple request from a wildcard origin",
+            path: "/cors-1",
+            headers: &[("origin", "https://www.bar.com")],
+            response_headers: &[
+                ("access-control-allow-origin", "https://www.bar.com"),
+                ("access-control-allow-credentials", "true"),
+            ],
+            upstream_path: Some("/cors-1"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteCORS: simple request from an origin not allowed",
+            path: "/cors-1",
+            headers: &[("origin", "https://foobar.com")],
+            absent: &["access-control-allow-origin"],
+            upstream_path: Some("/cors-1"),
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteCORS: wildcard methods and headers echo the preflight's, no credentials",
+            method: "OPTIONS",
+            path: "/cors-2",
+            headers: &[
+                ("origin", "https://www.foo.com"),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", "x-a, x-b"),
+            ],
+            response_headers: &[
+                ("access-control-allow-origin", "https://www.foo.com"),
+                ("access-control-allow-methods", "POST"),
+                ("access-control-allow-headers", "x-a, x-b"),
+                ("access-control-max-age", "5"),
+            ],
+            absent: &["access-control-allow-credentials"],
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteCORS: any origin, with a port",
+            method: "OPTIONS",
+            path: "/cors-wildcard-origin",
+            headers: &[("origin", "https://foobar.com:12345"), ("access-control-request-method", "PUT")],
+            response_headers: &[
+                ("access-control-allow-origin", "https://foobar.com:12345"),
+                ("access-control-allow-methods", "PUT"),
+            ],
+            absent: &["access-control-allow-credentials"],
+            ..NONE
+        },
+        Case {
+            feature: "HTTPRouteCORS: actual request from any origin",
+            method: "PUT",
+            path: "/cors-wildcard-origin",
+            headers: &[("origin", "https://foobar.com:12345")],
+            response_headers: &[("access-control-allow-origin", "https://foobar.com:12345")],
+            upstream_path: Some("/cors-wildcard-origin"),
             ..NONE
         },
     ]
@@ -219,29 +348,40 @@ async fn setup() -> Setup {
 
 /// A GET through the edge: HTTP/1.1 over TLS, SNI and Host `conf.test`.
 async fn edge_get(port: u16, path: &str) -> Answer {
+    edge_request(port, "GET", path, &[]).await
+}
+
+async fn edge_request(port: u16, method: &str, path: &str, extra: &[(&str, &str)]) -> Answer {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(&[b"http/1.1"])));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let tls = connector.connect("conf.test".try_into().unwrap(), tcp).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", "conf.test")
-        .header("x-drop", "secret")
-        .body(Empty::<bytes::Bytes>::new())
-        .unwrap();
-    answer(send.send_request(req).await.unwrap()).await
+    let mut req =
+        http::Request::builder().method(method).uri(path).header("host", "conf.test").header("x-drop", "secret");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    answer(send.send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap()).await.unwrap()).await
 }
 
 /// A GET through the mesh: plain HTTP to node-a's outbound listener, Host `conf.test`.
 async fn mesh_get(outbound: SocketAddr, path: &str) -> Answer {
+    mesh_request(outbound, "GET", path, &[]).await
+}
+
+async fn mesh_request(outbound: SocketAddr, method: &str, path: &str, extra: &[(&str, &str)]) -> Answer {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Empty<bytes::Bytes>>();
-    let req = http::Request::get(format!("http://{outbound}{path}"))
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{outbound}{path}"))
         .header("host", "conf.test")
-        .header("x-drop", "secret")
-        .body(Empty::new())
-        .unwrap();
-    answer(client.request(req).await.unwrap()).await
+        .header("x-drop", "secret");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    answer(client.request(req.body(Empty::new()).unwrap()).await.unwrap()).await
 }
 
 async fn answer(resp: http::Response<hyper::body::Incoming>) -> Answer {
@@ -254,7 +394,7 @@ async fn answer(resp: http::Response<hyper::body::Incoming>) -> Answer {
 /// Checks one case's answer; `scheme` and `port` fill in expected Locations.
 fn check(case: &Case, got: &Answer, place: &str, scheme: &str, port: &str) {
     let (status, headers, body) = got;
-    let what = format!("{place}: {} (GET {})", case.feature, case.path);
+    let what = format!("{place}: {} ({} {})", case.feature, case.method, case.path);
     assert_eq!(*status, case.status, "{what}: status; body {body}");
     if let Some(loc) = case.location {
         let want = loc.replace("{scheme}", scheme).replace("{port}", port);
@@ -265,6 +405,9 @@ fn check(case: &Case, got: &Answer, place: &str, scheme: &str, port: &str) {
     }
     for (name, value) in case.response_headers {
         assert_eq!(headers.get(*name).and_then(|v| v.to_str().ok()), Some(*value), "{what}: response {name}");
+    }
+    for name in case.absent {
+        assert!(headers.get(*name).is_none(), "{what}: response has {name}");
     }
     if case.upstream_path.is_some() || !case.upstream_headers.is_empty() || !case.upstream_absent.is_empty() {
         let echoed: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
@@ -295,9 +438,11 @@ async fn httproute_features_hold_at_the_edge_and_in_the_mesh() {
     let s = setup().await;
     let port = s.gw.addrs.listen.port();
     for case in cases() {
-        check(&case, &edge_get(port, case.path).await, "edge", "https", &format!(":{port}"));
+        let edge = edge_request(port, case.method, case.path, case.headers).await;
+        check(&case, &edge, "edge", "https", &format!(":{port}"));
         // A node's clients speak plain HTTP on the default port: no port in its Locations.
-        check(&case, &mesh_get(s.a.addrs.outbound, case.path).await, "mesh", "http", "");
+        let mesh = mesh_request(s.a.addrs.outbound, case.method, case.path, case.headers).await;
+        check(&case, &mesh, "mesh", "http", "");
     }
     // A weighted split where one backend is invalid: that share answers 500, the rest 200.
     for (place, outbound) in [("edge", None), ("mesh", Some(s.a.addrs.outbound))] {

@@ -134,6 +134,140 @@ pub enum Filter {
         #[serde(rename = "requestMirror")]
         mirror: Mirror,
     },
+    /// Cross-origin resource sharing (Gateway API v1.5): answers preflights, and marks the
+    /// responses to allowed origins.
+    #[serde(rename = "CORS")]
+    Cors { cors: Cors },
+}
+
+/// The CORS filter's policy (`HTTPCORSFilter`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cors {
+    /// `scheme://host[:port]`, `scheme://*.domain` (any number of labels in front), or `*`.
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// Methods, or `*` (a preflight is answered with the method it asked for).
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    /// Request headers, or `*` (a preflight is answered with the headers it asked for).
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// Seconds a browser may cache a preflight's answer.
+    #[serde(default = "five")]
+    pub max_age: u32,
+}
+
+fn five() -> u32 {
+    5
+}
+
+impl Cors {
+    /// Whether `origin` (as a browser sends it) is allowed.
+    pub fn allows(&self, origin: &str) -> bool {
+        let origin = origin.to_ascii_lowercase();
+        let Some((scheme, rest)) = origin.split_once("://") else { return false };
+        self.allow_origins.iter().any(|allowed| {
+            if allowed == "*" {
+                return true;
+            }
+            let allowed = allowed.to_ascii_lowercase();
+            let Some((a_scheme, a_rest)) = allowed.split_once("://") else { return false };
+            if a_scheme != scheme {
+                return false;
+            }
+            match a_rest.strip_prefix('*') {
+                // `*.bar.com` covers `www.bar.com` and `a.www.bar.com`, not `bar.com`.
+                Some(suffix) => rest.len() > suffix.len() && rest.ends_with(suffix),
+                None => a_rest == rest,
+            }
+        })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for o in &self.allow_origins {
+            let ok = o == "*"
+                || o.split_once("://").is_some_and(|(scheme, host)| {
+                    matches!(scheme, "http" | "https")
+                        && !host.is_empty()
+                        && !host[1..].contains('*')
+                        && (!host.starts_with('*') || host.starts_with("*."))
+                        && !host.contains('/')
+                });
+            if !ok {
+                return Err(format!("cors.allowOrigins: {o:?} is not *, scheme://host[:port] or scheme://*.domain"));
+            }
+        }
+        for m in &self.allow_methods {
+            if m != "*" && Method::from_bytes(m.as_bytes()).is_err() {
+                return Err(format!("cors.allowMethods: {m:?} is not a method"));
+            }
+        }
+        for h in self.allow_headers.iter().chain(&self.expose_headers) {
+            if h != "*" && HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(format!("cors: {h:?} is not a header name"));
+            }
+        }
+        Ok(())
+    }
+
+    /// What a request's origin earns: `None` when it has no `Origin` or one not allowed (the
+    /// request goes on untouched); else the answer to a preflight, or the headers to add to
+    /// the response of an actual request.
+    pub fn decide(&self, method: &Method, headers: &HeaderMap) -> Option<CorsAnswer> {
+        let origin = headers.get(http::header::ORIGIN)?.to_str().ok()?;
+        if !self.allows(origin) {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut add = |name: HeaderName, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                out.push((name, v));
+            }
+        };
+        use http::header::*;
+        // The origin is echoed, never `*`: right with and without credentials.
+        add(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        add(VARY, "Origin");
+        if self.allow_credentials {
+            add(ACCESS_CONTROL_ALLOW_CREDENTIALS, "true");
+        }
+        if !self.expose_headers.is_empty() {
+            add(ACCESS_CONTROL_EXPOSE_HEADERS, &self.expose_headers.join(", "));
+        }
+        let asked = headers.get(ACCESS_CONTROL_REQUEST_METHOD).and_then(|v| v.to_str().ok());
+        let Some(asked) = asked.filter(|_| method == Method::OPTIONS) else {
+            return Some(CorsAnswer::Actual(out));
+        };
+        let methods =
+            if self.allow_methods.iter().any(|m| m == "*") { asked.to_string() } else { self.allow_methods.join(", ") };
+        if !methods.is_empty() {
+            add(ACCESS_CONTROL_ALLOW_METHODS, &methods);
+        }
+        let wanted = headers.get(ACCESS_CONTROL_REQUEST_HEADERS).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let allowed = if self.allow_headers.iter().any(|h| h == "*") {
+            wanted.to_string()
+        } else {
+            self.allow_headers.join(", ")
+        };
+        if !allowed.is_empty() {
+            add(ACCESS_CONTROL_ALLOW_HEADERS, &allowed);
+        }
+        add(ACCESS_CONTROL_MAX_AGE, &self.max_age.to_string());
+        Some(CorsAnswer::Preflight(out))
+    }
+}
+
+/// What the CORS filter decided for an allowed origin.
+pub enum CorsAnswer {
+    /// Answer the preflight now (200, no body) with these headers.
+    Preflight(Vec<(HeaderName, HeaderValue)>),
+    /// Forward; add these headers to the response.
+    Actual(Vec<(HeaderName, HeaderValue)>),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -209,9 +343,8 @@ pub struct BackendRef {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "one")]
     pub weight: u32,
-    /// Filters applied only when this backend is the one chosen (after the rule's own):
-    /// header modifiers, URL rewrites, mirrors. A redirect answers before any backend is
-    /// chosen, so it belongs on the rule.
+    /// Filters applied only when this backend is the one chosen (after the rule's own): any
+    /// the rule takes; a redirect here answers for this backend's share of requests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<Filter>,
 }
@@ -423,6 +556,7 @@ fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
             Filter::RequestMirror { mirror } if mirror.percent > 100 => {
                 return Err(invalid(route, "mirror percent above 100"));
             }
+            Filter::Cors { cors } => cors.check().map_err(|e| invalid(route, e))?,
             _ => {}
         }
     }
@@ -432,15 +566,6 @@ fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
         return Err(invalid(route, "a rule cannot both redirect and rewrite"));
     }
     for b in &rule.backend_refs {
-        if b.filters.iter().any(|f| matches!(f, Filter::RequestRedirect { .. })) {
-            return Err(invalid(
-                route,
-                format!(
-                    "backendRef {:?}: a RequestRedirect answers before a backend is chosen; put it on the rule",
-                    b.name
-                ),
-            ));
-        }
         let rule_of_backend =
             RouteRule { filters: b.filters.clone(), backend_refs: Vec::new(), ..RouteRule::default() };
         validate_filters(route, &rule_of_backend)?;
@@ -765,9 +890,15 @@ pub fn redirect_location(
 pub enum Filtered<'a> {
     /// Answer with a redirect.
     Redirect { status: u16, location: String },
-    /// Forward the (modified) request; apply these to the response; send copies to mirrors
-    /// (already sampled by their percentage).
-    Forward { response_mods: Vec<&'a HeaderModifier>, mirrors: Vec<&'a BackendRef> },
+    /// Answer a CORS preflight: 200, these headers, no body.
+    Preflight(Vec<(HeaderName, HeaderValue)>),
+    /// Forward the (modified) request; apply these to the response, then set `set_headers`;
+    /// send copies to mirrors (already sampled by their percentage).
+    Forward {
+        response_mods: Vec<&'a HeaderModifier>,
+        mirrors: Vec<&'a BackendRef>,
+        set_headers: Vec<(HeaderName, HeaderValue)>,
+    },
 }
 
 /// Applies a matched rule's request filters to the request: header modifiers and URL rewrites
@@ -798,9 +929,15 @@ pub fn apply_filters<'a>(
     let query = parts.uri.query().map(str::to_owned);
     let mut response_mods = Vec::new();
     let mut mirrors = Vec::new();
+    let mut set_headers = Vec::new();
     let mut new_path = None;
     for f in filters {
         match f {
+            Filter::Cors { cors } => match cors.decide(&parts.method, &parts.headers) {
+                Some(CorsAnswer::Preflight(headers)) => return Ok(Filtered::Preflight(headers)),
+                Some(CorsAnswer::Actual(headers)) => set_headers.extend(headers),
+                None => {}
+            },
             Filter::RequestRedirect { redirect } => {
                 let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).or(default_port);
                 let location =
@@ -831,7 +968,7 @@ pub fn apply_filters<'a>(
         };
         parts.uri = http::Uri::try_from(pq).map_err(|e| format!("rewritten path: {e}"))?;
     }
-    Ok(Filtered::Forward { response_mods, mirrors })
+    Ok(Filtered::Forward { response_mods, mirrors, set_headers })
 }
 
 /// Chooses a backend with probability weight / total; `roll` is uniform in `0..total`.

@@ -63,6 +63,8 @@ struct Plan<'t> {
     body_limit: Option<u64>,
     response_mods: Vec<&'t route::HeaderModifier>,
     mirrors: Vec<&'t route::BackendRef>,
+    /// Response headers set last (a CORS filter's).
+    set_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Phase 0, before a side identifies the target: the head checks and the canonical path every
@@ -125,6 +127,9 @@ pub async fn forward<'r>(
     for m in plan.response_mods {
         route::modify_headers(resp.headers_mut(), m);
     }
+    for (name, value) in plan.set_headers {
+        resp.headers_mut().insert(name, value);
+    }
     Ok(resp)
 }
 
@@ -140,8 +145,8 @@ fn plan<'t>(
     let matched = match target {
         Target::Service(svc) => {
             let opts = CallOpts { client, ..Default::default() };
-            let plan =
-                Plan { svc, opts, body_limit: cx.side.default_body_limit, response_mods: vec![], mirrors: vec![] };
+            let body_limit = cx.side.default_body_limit;
+            let plan = Plan { svc, opts, body_limit, response_mods: vec![], mirrors: vec![], set_headers: vec![] };
             return Ok(Ok(plan));
         }
         Target::Route(matched) => matched,
@@ -157,12 +162,13 @@ fn plan<'t>(
         return Err(ProxyError::RateLimited { route: name.to_string(), wait });
     }
     // Phase: filters that answer or change the request.
-    let (mut response_mods, mut mirrors) =
+    let (mut response_mods, mut mirrors, mut set_headers) =
         match route::apply_request_filters(&matched, parts, authority, cx.side.scheme, cx.side.port)
             .map_err(ProxyError::BadRequest)?
         {
             Filtered::Redirect { status, location } => return Ok(Err(redirect(status, &location))),
-            Filtered::Forward { response_mods, mirrors } => (response_mods, mirrors),
+            Filtered::Preflight(headers) => return Ok(Err(preflight(headers))),
+            Filtered::Forward { response_mods, mirrors, set_headers } => (response_mods, mirrors, set_headers),
         };
     // Phase: weighted backend. A rule that sends nowhere valid answers 500, as the Gateway API
     // says (no backendRefs, every weight 0, or the share of a backend naming no service).
@@ -178,11 +184,12 @@ fn plan<'t>(
         match route::apply_filters(&backend.filters, prefix, parts, authority, cx.side.scheme, cx.side.port)
             .map_err(ProxyError::BadRequest)?
         {
-            // Refused by validation; answered as on the rule should one get here.
             Filtered::Redirect { status, location } => return Ok(Err(redirect(status, &location))),
-            Filtered::Forward { response_mods: r, mirrors: m } => {
+            Filtered::Preflight(headers) => return Ok(Err(preflight(headers))),
+            Filtered::Forward { response_mods: r, mirrors: m, set_headers: h } => {
                 response_mods.extend(r);
                 mirrors.extend(m);
+                set_headers.extend(h);
             }
         }
     }
@@ -195,7 +202,7 @@ fn plan<'t>(
         client,
     };
     let body_limit = matched.route.max_request_body.or(cx.side.default_body_limit);
-    Ok(Ok(Plan { svc, opts, body_limit, response_mods, mirrors }))
+    Ok(Ok(Plan { svc, opts, body_limit, response_mods, mirrors, set_headers }))
 }
 
 /// The forwarding-headers phase: hop-by-hop and internal headers out; forwarded-for (and the
@@ -248,6 +255,13 @@ fn edge_forwarding(parts: &mut Parts, client: SocketAddr, authority: &str) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         parts.headers.insert(FORWARDED, v);
     }
+}
+
+/// The answer to a CORS preflight an allowed origin sent.
+fn preflight(headers: Vec<(HeaderName, HeaderValue)>) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    resp.headers_mut().extend(headers);
+    resp
 }
 
 /// A redirect response made by a route's RequestRedirect filter.

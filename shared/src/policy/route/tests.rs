@@ -281,10 +281,6 @@ name = "bad-status"
 [[routes.rules]]
 filters = [{ type = "RequestRedirect", requestRedirect = { statusCode = 304 } }]"#,
         r#"[[routes]]
-name = "redirect-on-a-backend"
-[[routes.rules]]
-backendRefs = [{ name = "s", filters = [{ type = "RequestRedirect", requestRedirect = {} }] }]"#,
-        r#"[[routes]]
 name = "bad-rule-name"
 [[routes.rules]]
 name = "Not_A_Name""#,
@@ -436,4 +432,37 @@ fn weights_split_exactly_and_zero_never_wins() {
     }
     assert!((628..=772).contains(&counts[0]) && counts[2] == 0, "{counts:?}");
     assert!(choose_backend(&[b(0)]).is_none());
+}
+
+#[test]
+fn cors_origins_match_exactly_or_by_wildcard_and_bad_ones_are_refused() {
+    let cors = |origins: &[&str]| Cors {
+        allow_origins: origins.iter().map(|o| o.to_string()).collect(),
+        allow_credentials: false,
+        allow_methods: vec![],
+        allow_headers: vec![],
+        expose_headers: vec![],
+        max_age: 5,
+    };
+    let c = cors(&["https://www.foo.com", "https://*.bar.com", "http://local.test:8080"]);
+    for (origin, allowed) in [
+        ("https://www.foo.com", true),
+        ("HTTPS://WWW.FOO.COM", true),
+        ("http://www.foo.com", false),
+        ("https://www.foo.com:8443", false),
+        ("https://a.bar.com", true),
+        ("https://a.b.bar.com", true),
+        ("https://bar.com", false),
+        ("https://evilbar.com", false),
+        ("http://local.test:8080", true),
+        ("http://local.test", false),
+        ("null", false),
+    ] {
+        assert_eq!(c.allows(origin), allowed, "{origin}");
+    }
+    assert!(cors(&["*"]).allows("https://anything.example:1"));
+    for bad in ["www.foo.com", "https://*", "https://a.*.com", "ftp://x.test", "https://x.test/path", "https://*x.com"]
+    {
+        assert!(cors(&[bad]).check().is_err(), "{bad}");
+    }
 }
