@@ -81,6 +81,11 @@ timeouts = { request = "100ms" }
 backendRefs = [{ name = "slow" }]
 
 [[{R}.rules]]
+matches = [{ path = { value = "/retry" } }]
+retry = { attempts = 3, codes = [], backoff = "10ms" }
+backendRefs = [{ name = "flaky" }]
+
+[[{R}.rules]]
 matches = [{ path = { value = "/cors-1" } }]
 backendRefs = [{ name = "echo" }]
 [[{R}.rules.filters]]
@@ -318,9 +323,11 @@ async fn setup() -> Setup {
     pki.issue("node-b");
     pki.issue("gateway");
     let (echo, slow) = (echo_backend().await, delayed_backend("slow", Duration::from_millis(300)).await);
+    let flaky = flaky_backend().await;
     let svc = format!(
         "[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
-         [[services]]\nname = \"slow\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\n\n"
+         [[services]]\nname = \"slow\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\n\n\
+         [[services]]\nname = \"flaky\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{flaky}\"\n\n"
     );
     let log = |who: &str| {
         format!(
@@ -344,6 +351,45 @@ async fn setup() -> Setup {
     );
     let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
     Setup { gw, a, _b: b, pki }
+}
+
+/// A backend that drops the connection, without answering, to the first N requests for each
+/// `/retry/<id>/fail-<N>` (the conformance suite's "succeedAfter"), then answers 200.
+async fn flaky_backend() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, u32>::new()));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
+                let path = line.split(' ').nth(1).unwrap_or("");
+                let (id, fail) = path.rsplit_once("/fail-").unwrap_or((path, "0"));
+                let fail: u32 = fail.parse().unwrap_or(0);
+                let failed_so_far = {
+                    let mut seen = seen.lock().unwrap();
+                    let n = seen.entry(id.to_string()).or_insert(0);
+                    *n += 1;
+                    *n - 1
+                };
+                if failed_so_far < fail {
+                    return; // dropped unanswered
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n").await;
+            });
+        }
+    });
+    addr
 }
 
 /// A GET through the edge: HTTP/1.1 over TLS, SNI and Host `conf.test`.
@@ -456,6 +502,18 @@ async fn httproute_features_hold_at_the_edge_and_in_the_mesh() {
         }
         assert_eq!(seen.keys().copied().collect::<Vec<_>>(), [200, 500], "{place}: {seen:?}");
         assert!(seen[&200] >= 15 && seen[&500] >= 15, "{place}: about half each: {seen:?}");
+    }
+    // HTTPRouteRetryConnectionError: with retries configured and no codes, connection errors
+    // are retried; 3 retries outlast 2 failures, not 4, and then the answer is 503.
+    for (place, outbound) in [("edge", None), ("mesh", Some(s.a.addrs.outbound))] {
+        for (fail, want) in [(2, 200), (4, 503)] {
+            let path = format!("/retry/{place}-{fail}/fail-{fail}");
+            let got = match outbound {
+                Some(o) => mesh_get(o, &path).await,
+                None => edge_get(port, &path).await,
+            };
+            assert_eq!(got.0, want, "{place}: {path}: {got:?}");
+        }
     }
     // Named rules appear in the access logs.
     for who in ["gateway", "node-a"] {

@@ -48,6 +48,11 @@ pub enum ProxyError {
     /// names no service (the Gateway API answers 500).
     #[error("invalid backend: {0}")]
     InvalidBackend(String),
+    /// A route's retries (GEP-1731) ran out on instances that refused or cut off the
+    /// connection: the service is unavailable (503, as the Gateway API's retry conformance
+    /// expects); the reason stays the last try's.
+    #[error("{tries} tries failed; the last: {cause}")]
+    Exhausted { tries: u32, cause: Box<ProxyError> },
 }
 
 /// Internal header on a response from a peer node's own error: the request never reached the
@@ -72,6 +77,7 @@ impl ProxyError {
             ProxyError::TooEarly => StatusCode::TOO_EARLY,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::InvalidBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -95,6 +101,7 @@ impl ProxyError {
             ProxyError::TooEarly => "too-early",
             ProxyError::NotImplemented(_) => "not-implemented",
             ProxyError::InvalidBackend(_) => "invalid-backend",
+            ProxyError::Exhausted { cause, .. } => cause.reason(),
         }
     }
 
@@ -124,10 +131,13 @@ impl ProxyError {
 
     /// The request provably never reached an upstream instance (safe to retry elsewhere).
     pub fn unsent(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::NoEndpoint(_) | ProxyError::UpstreamUnreachable { .. } | ProxyError::ConnectTimeout(_)
-        )
+        match self {
+            ProxyError::Exhausted { cause, .. } => cause.unsent(),
+            other => matches!(
+                other,
+                ProxyError::NoEndpoint(_) | ProxyError::UpstreamUnreachable { .. } | ProxyError::ConnectTimeout(_)
+            ),
+        }
     }
 }
 

@@ -102,6 +102,9 @@ impl Call<'_> {
             }
         }
         let policy = svc.config.retry.with_route(opts.retry);
+        // A route's own retry policy follows the Gateway API (GEP-1731): connection errors are
+        // retried whatever its codes, and once they outlast its attempts the answer is 503.
+        let route_retry = opts.retry.is_some();
         // A try is bounded by the rule's `backendRequest`, else by the mesh's request timeout,
         // unless the rule turned its limits off with "0s".
         let per_try_set = opts.timeouts.and_then(|t| match (t.backend_request, t.request) {
@@ -163,6 +166,9 @@ impl Call<'_> {
             let outcome = match &result {
                 Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,
+                // A peer node's own answer that its instance's connection failed counts as a
+                // connection error here: retried whatever the codes say (GEP-1731).
+                Ok(resp) if route_retry && peer_connection_failure(resp) => TryOutcome::Failed,
                 Ok(_) => TryOutcome::Done,
                 Err(TryError { error: ProxyError::Overloaded(_) | ProxyError::Denied(_), .. }) => TryOutcome::Done,
                 // The client's own body broke: no other endpoint would fare better.
@@ -183,7 +189,11 @@ impl Call<'_> {
             };
             let again = attempt <= policy.attempts && can_replay && policy.should_retry(&parts.method, outcome);
             if !again {
-                return finish(result);
+                return match finish(result) {
+                    Ok(resp) if route_retry => Ok(exhausted_answer(attempt, resp)),
+                    Err(e) if route_retry => Err(exhausted(attempt, e)),
+                    other => other,
+                };
             }
             if !svc.state.budget.withdraw(epoch(), Instant::now()) {
                 metrics::counter!(m::RETRY_BUDGET_EXHAUSTED, "service" => svc.config.name.clone()).increment(1);
@@ -210,6 +220,35 @@ impl Call<'_> {
             }
         }
     }
+}
+
+/// The error of the last of `tries`: after retries, a connection that failed again says the
+/// service is unavailable.
+fn exhausted(tries: u32, error: ProxyError) -> ProxyError {
+    if tries > 1 && matches!(error, ProxyError::UpstreamReset(_) | ProxyError::UpstreamUnreachable { .. }) {
+        ProxyError::Exhausted { tries, cause: Box::new(error) }
+    } else {
+        error
+    }
+}
+
+/// As [`exhausted`], for the answer a peer node made itself (its `quicmesh-error` says why):
+/// after retries, a connection failure there is a 503 here, its reason kept.
+fn exhausted_answer(tries: u32, mut resp: Response<Body>) -> Response<Body> {
+    if tries > 1 && peer_connection_failure(&resp) && resp.status() != http::StatusCode::SERVICE_UNAVAILABLE {
+        *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    resp
+}
+
+/// A response a peer node made because its instance's connection failed (its
+/// `quicmesh-error` says so), not one the instance sent.
+fn peer_connection_failure(resp: &Response<Body>) -> bool {
+    const CONNECTION: [&str; 2] = ["upstream-reset", "upstream-unreachable"];
+    resp.headers()
+        .get(crate::message::error::ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|r| CONNECTION.contains(&r))
 }
 
 fn finish(result: Result<Response<Body>, TryError>) -> Result<Response<Body>, ProxyError> {
