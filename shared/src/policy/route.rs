@@ -327,6 +327,27 @@ pub struct Mirror {
     /// Share of requests copied, 0 to 100 (default all).
     #[serde(default = "hundred")]
     pub percent: u32,
+    /// The share as a fraction instead (`numerator` / `denominator`, default denominator 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fraction {
+    pub numerator: u32,
+    #[serde(default = "hundred")]
+    pub denominator: u32,
+}
+
+impl Mirror {
+    /// Whether a request whose uniform draw in `[0, 1)` is `roll` is copied.
+    pub fn sampled(&self, roll: f64) -> bool {
+        match self.fraction {
+            Some(f) => roll * f64::from(f.denominator) < f64::from(f.numerator),
+            None => roll * 100.0 < f64::from(self.percent),
+        }
+    }
 }
 
 fn hundred() -> u32 {
@@ -555,6 +576,17 @@ fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
             }
             Filter::RequestMirror { mirror } if mirror.percent > 100 => {
                 return Err(invalid(route, "mirror percent above 100"));
+            }
+            Filter::RequestMirror { mirror: Mirror { fraction: Some(f), percent, .. } } => {
+                if *percent != 100 {
+                    return Err(invalid(route, "a mirror takes percent or fraction, not both"));
+                }
+                if f.denominator == 0 || f.numerator > f.denominator {
+                    return Err(invalid(
+                        route,
+                        "mirror fraction: numerator must be at most denominator, which must be above 0",
+                    ));
+                }
             }
             Filter::Cors { cors } => cors.check().map_err(|e| invalid(route, e))?,
             _ => {}
@@ -955,7 +987,7 @@ pub fn apply_filters<'a>(
                 }
             }
             Filter::RequestMirror { mirror } => {
-                if mirror.percent >= 100 || fastrand::u32(0..100) < mirror.percent {
+                if mirror.sampled(fastrand::f64()) {
                     mirrors.push(&mirror.backend_ref);
                 }
             }

@@ -466,3 +466,34 @@ fn cors_origins_match_exactly_or_by_wildcard_and_bad_ones_are_refused() {
         assert!(cors(&[bad]).check().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn mirrors_sample_by_percent_or_fraction() {
+    #[derive(Deserialize)]
+    struct Doc {
+        routes: Vec<HttpRoute>,
+    }
+    let mirror = |spec: &str| {
+        let text = format!(
+            "[[routes]]\nname = \"m\"\n[[routes.rules]]\nfilters = [{{ type = \"RequestMirror\", requestMirror = {{ backendRef = {{ name = \"s\" }}{spec} }} }}]\n"
+        );
+        let doc: Doc = toml::from_str(&text).unwrap();
+        let table = RouteTable::new(doc.routes.clone()).map(drop);
+        match &doc.routes[0].rules[0].filters[0] {
+            Filter::RequestMirror { mirror } => (mirror.clone(), table),
+            _ => unreachable!(),
+        }
+    };
+    let (all, ok) = mirror("");
+    assert!(ok.is_ok() && all.sampled(0.999));
+    let (third, ok) = mirror(", fraction = { numerator = 1, denominator = 3 }");
+    assert!(ok.is_ok());
+    assert!(third.sampled(0.33) && !third.sampled(0.34));
+    let (half, _) = mirror(", fraction = { numerator = 50 }");
+    assert!(half.sampled(0.49) && !half.sampled(0.5));
+    let (ten, _) = mirror(", percent = 10");
+    assert!(ten.sampled(0.09) && !ten.sampled(0.1));
+    assert!(mirror(", percent = 10, fraction = { numerator = 1 }").1.is_err());
+    assert!(mirror(", fraction = { numerator = 4, denominator = 3 }").1.is_err());
+    assert!(mirror(", fraction = { numerator = 0, denominator = 0 }").1.is_err());
+}
