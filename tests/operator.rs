@@ -323,6 +323,15 @@ fn check_is_the_daemons_validation_and_paths_are_relative_to_their_file() {
     std::fs::write(conf.join("overlays/services/web.toml"), "max_requests = 10\n").unwrap();
     let (ok, out) = run_in(elsewhere.path(), &["check", "--config", &gw]);
     assert!(ok && out.contains("gateway gateway: 0 routes"), "{out}");
+    // A route to a service that does not exist is accepted (its requests answer 500), and said.
+    let ghost = "\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nbackendRefs = [{ name = \"ghost\" }]\n";
+    let with_ghost = write("ghost.toml", &(std::fs::read_to_string(&gw).unwrap() + ghost));
+    let (ok, out) = run_in(elsewhere.path(), &["check", "--config", &with_ghost]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: gateway.routes[0].rules[0].backendRefs[0].name: unknown service \"ghost\""),
+        "{out}"
+    );
     std::fs::write(conf.join("overlays/services/web.toml"), "max_requests = \"many\"\n").unwrap();
     let (ok, out) = run_in(elsewhere.path(), &["check", "--config", &gw]);
     assert!(!ok && error_line(&out).contains("max_requests"), "a bad overlay is found: {out}");
