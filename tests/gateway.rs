@@ -339,3 +339,99 @@ async fn an_idle_keep_alive_connection_is_closed() {
     tokio::time::timeout(Duration::from_secs(10), closed).await.expect("the idle connection stayed open");
     assert!(start.elapsed() >= Duration::from_millis(800), "closed too early: {:?}", start.elapsed());
 }
+
+/// An HTTP/3 client presenting `cert` (or none), trusting any server certificate.
+async fn h3_with_client_cert(port: u16, cert: Option<(&std::path::Path, &std::path::Path)>) -> Option<H3Sender> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(InsecureVerifier::new());
+    let mut tls = match cert {
+        Some((c, k)) => builder
+            .with_client_auth_cert(
+                quicmesh_shared::identity::read_certs(c).unwrap(),
+                quicmesh_shared::identity::read_key(k).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = ep.connect(([127, 0, 0, 1], port).into(), "localhost").unwrap().await.ok()?;
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn)).await.ok()?;
+    tokio::spawn(async move {
+        let _ep = ep;
+        std::future::poll_fn(|cx| driver.poll_close(cx)).await
+    });
+    // A refused certificate ends the connection right after the handshake: see it on a request.
+    let req = http::Request::get(format!("https://localhost:{port}/echo")).body(()).unwrap();
+    let mut stream = send.send_request(req).await.ok()?;
+    stream.finish().await.ok()?;
+    stream.recv_response().await.ok()?;
+    Some(send)
+}
+
+/// Frontend client certificate validation (Gateway API v1.5): with `AllowValidOnly` a client
+/// without a certificate from the configured CA gets no connection (curl over HTTP/1.1 and
+/// HTTP/2, a Rust HTTP/3 client); with one, its subject reaches the backend in
+/// `x-client-cert-subject`, which a client can never set itself. With `AllowInsecureFallback`
+/// a client without a certificate is let in, with no subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_validates_client_certificates_and_passes_the_subject_upstream() {
+    if !require_tool("curl") {
+        return;
+    }
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    pki.issue("gateway");
+    let clients = quicmesh_shared::identity::Ca::init(&pki.path().join("clients"), "clients.test").unwrap();
+    let (alice, alice_key) = clients.issue("alice", Duration::from_secs(3600)).unwrap();
+    let strangers = quicmesh_shared::identity::Ca::init(&pki.path().join("strangers"), "strangers.test").unwrap();
+    let (mallory, mallory_key) = strangers.issue("mallory", Duration::from_secs(3600)).unwrap();
+    let echo = echo_backend().await;
+    let svc =
+        format!("[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    for mode in ["AllowValidOnly", "AllowInsecureFallback"] {
+        let gw_toml = format!(
+            "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n\
+             [gateway.tls]\nstate_dir = \"{}\"\n\n[gateway.frontend_validation]\nca_certificates = [\"clients/ca.pem\"]\nmode = \"{mode}\"\n\n\
+             [[gateway.routes]]\nname = \"all\"\n[[gateway.routes.rules]]\nbackendRefs = [{{ name = \"echo\" }}]\n\n\
+             [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+            state.display(),
+            b.addrs.inbound
+        );
+        let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+        let url = format!("https://127.0.0.1:{}/echo", gw.addrs.listen.port());
+        let spoof = "x-client-cert-subject: CN=mallory";
+        let (a, ak, m, mk) = (
+            alice.to_str().unwrap(),
+            alice_key.to_str().unwrap(),
+            mallory.to_str().unwrap(),
+            mallory_key.to_str().unwrap(),
+        );
+        for flag in ["--http1.1", "--http2"] {
+            let (ok, out) = curl(&["-k", flag, "--cert", a, "--key", ak, "-H", spoof, &url]);
+            assert!(ok, "{mode} {flag} alice: {out}");
+            assert_eq!(json(&out)["headers"]["x-client-cert-subject"], "CN=alice", "{mode} {flag}: {out}");
+            let (ok, out) = curl(&["-k", flag, "--cert", m, "--key", mk, &url]);
+            assert!(!ok, "{mode} {flag}: a certificate from another CA was let in: {out}");
+            let (ok, out) = curl(&["-k", flag, "-H", spoof, &url]);
+            match mode {
+                "AllowValidOnly" => assert!(!ok, "{flag}: a client without a certificate was let in: {out}"),
+                _ => {
+                    assert!(ok, "{flag}: {out}");
+                    assert!(json(&out)["headers"].get("x-client-cert-subject").is_none(), "{flag}: {out}");
+                }
+            }
+        }
+        let port = gw.addrs.listen.port();
+        assert!(h3_with_client_cert(port, Some((&alice, &alice_key))).await.is_some(), "{mode}: h3 with alice");
+        let without = h3_with_client_cert(port, None).await.is_some();
+        assert_eq!(without, mode == "AllowInsecureFallback", "{mode}: h3 without a certificate");
+    }
+}

@@ -51,20 +51,22 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
                 }
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let subject = crate::tls::client_subject(tls.get_ref().1.peer_certificates());
             let proto = if h2 { "h2" } else { "http/1.1" };
             metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => proto).increment(1);
             let edge2 = edge.clone();
             let activity = Activity::default();
             let requests = activity.clone();
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let edge = edge2.clone();
+                let (edge, subject) = (edge2.clone(), subject.clone());
                 // In flight until its response body is done with.
                 let in_flight = requests.start();
                 async move {
                     let mut req = req.map(body::boxed);
                     // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
                     req.headers_mut().remove("early-data");
-                    let resp = edge.handle(req, client, if h2 { "h2" } else { "http/1.1" }, in_flight).await;
+                    let proto = if h2 { "h2" } else { "http/1.1" };
+                    let resp = edge.handle(req, client, proto, subject, in_flight).await;
                     Ok::<_, Infallible>(resp)
                 }
             });

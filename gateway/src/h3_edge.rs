@@ -167,6 +167,7 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
             Ok(Some(resolver)) => {
                 let edge = edge.clone();
                 let handshake = handshake.clone();
+                let quic_peer = quic.clone();
                 let in_flight = activity.start();
                 tokio::spawn(async move {
                     let _in_flight = in_flight;
@@ -190,7 +191,15 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
                     let mut req = req.map(|()| body);
                     req.headers_mut().remove(EARLY_DATA);
                     let resp = match replay_safe(&mut req, handshake, edge.limits.header_read_timeout).await {
-                        Ok(()) => edge.handle(req, client, "h3", ()).await,
+                        Ok(()) => {
+                            // Early data is off when client certificates are asked for: the
+                            // handshake, and so the certificate, is complete here.
+                            let chain = quic_peer
+                                .peer_identity()
+                                .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+                            let subject = crate::tls::client_subject(chain.as_deref().map(Vec::as_slice));
+                            edge.handle(req, client, "h3", subject, ()).await
+                        }
                         Err(e) => {
                             metrics::counter!(m::EDGE_REJECTED, "reason" => e.reason()).increment(1);
                             e.brief_response()

@@ -41,13 +41,19 @@ impl Edge {
     /// Handles one client request end to end; never fails (errors become proxy responses).
     /// `held` is kept until the response body is done with (the connection's count of requests
     /// in flight), together with the drain's guard: one wrapper for both.
+    /// `subject`: the subject of the client's verified certificate, passed upstream.
     pub async fn handle<G: Send + Unpin + 'static>(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         client: SocketAddr,
         proto: &'static str,
+        subject: Option<HeaderValue>,
         held: G,
     ) -> Response<Body> {
+        req.headers_mut().remove(crate::tls::CLIENT_SUBJECT);
+        if let Some(s) = subject {
+            req.headers_mut().insert(crate::tls::CLIENT_SUBJECT, s);
+        }
         let in_flight = (self.mesh.drain().guard(), held);
         let mut rec = Record::new("ingress", self.mesh.access_log().cloned());
         rec.protocol(proto);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use quicmesh_shared::config::watch::FileWatch;
-use quicmesh_shared::config::{EdgeLimits, GatewayConfig};
+use quicmesh_shared::config::{EdgeLimits, FrontendMode, GatewayConfig};
 use quicmesh_shared::identity::tls::provider;
 use quicmesh_shared::identity::{self, read_certs, read_key};
 use quinn::crypto::rustls::QuicServerConfig;
@@ -106,22 +106,55 @@ pub fn edge_configs(
     let certs = Arc::new(Certificates(arc_swap::ArcSwap::from_pointee(resolver(gc)?)));
     let resolver = certs.clone();
     let tls_err = |e: rustls::Error| GatewayError::Tls(e.to_string());
+    let clients = client_verifier(gc)?;
     let mut tcp = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(tls_err)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients.clone())
         .with_cert_resolver(resolver.clone());
     tcp.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let mut quic = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_cert_resolver(resolver);
     quic.alpn_protocols = vec![b"h3".to_vec()];
     // 0-RTT on QUIC: the edge takes early requests of safe methods at once and holds the others
     // until the handshake completes (a replayed flight never completes it); see `h3_edge`.
-    quic.max_early_data_size = u32::MAX;
+    // Not with client certificates: early data arrives before the client's is checked.
+    if gc.frontend_validation.is_none() {
+        quic.max_early_data_size = u32::MAX;
+    }
     Ok((tcp, quic, certs))
+}
+
+/// What the edge asks of clients' certificates: nothing, or `gateway.frontend_validation`.
+fn client_verifier(gc: &GatewayConfig) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, GatewayError> {
+    let Some(fv) = &gc.frontend_validation else {
+        return Ok(rustls::server::WebPkiClientVerifier::no_client_auth());
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for file in &fv.ca_certificates {
+        for cert in read_certs(file)? {
+            roots.add(cert).map_err(|e| GatewayError::Tls(format!("{}: {e}", file.display())))?;
+        }
+    }
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let builder = match fv.mode {
+        FrontendMode::AllowValidOnly => builder,
+        FrontendMode::AllowInsecureFallback => builder.allow_unauthenticated(),
+    };
+    builder.build().map_err(|e| GatewayError::Tls(format!("gateway.frontend_validation: {e}")))
+}
+
+/// The request header that carries a verified client certificate's subject upstream; what a
+/// client sends under that name is always dropped.
+pub const CLIENT_SUBJECT: http::HeaderName = http::HeaderName::from_static("x-client-cert-subject");
+
+/// The header value naming the subject of a client's verified certificate chain, if it sent one.
+pub fn client_subject(chain: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Option<http::HeaderValue> {
+    let subject = identity::subject_of(chain?.first()?)?;
+    http::HeaderValue::from_str(&subject).ok()
 }
 
 /// The QUIC server config of the edge listener.

@@ -351,6 +351,9 @@ pub struct GatewayConfig {
     /// Shared state for gateway replicas; unset, this gateway keeps its registry in a file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreConfig>,
+    /// Client certificates the edge asks for (the Gateway API's frontend validation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frontend_validation: Option<FrontendValidation>,
 }
 
 /// `[gateway.store]`: the etcd cluster gateway replicas share their registry through.
@@ -387,8 +390,29 @@ impl Default for GatewayConfig {
             drain_timeout: Duration::from_secs(10),
             workers: 0,
             store: None,
+            frontend_validation: None,
         }
     }
+}
+
+/// `[gateway.frontend_validation]`: edge clients present certificates from these CAs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendValidation {
+    /// PEM files of the CAs a client certificate must chain to.
+    pub ca_certificates: Vec<PathBuf>,
+    #[serde(default)]
+    pub mode: FrontendMode,
+}
+
+/// Whether a client without a certificate is let in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FrontendMode {
+    /// The handshake needs a valid client certificate.
+    #[default]
+    AllowValidOnly,
+    /// A client may present none (one it presents must still be valid).
+    AllowInsecureFallback,
 }
 
 /// One edge certificate and the server names it answers for.
@@ -800,6 +824,12 @@ fn resolve_paths(config: &mut Config, fig: &Figment) {
             fix(&mut cert.cert, entry.remove("cert"));
             fix(&mut cert.key, entry.remove("key"));
         }
+        if let Some(fv) = gw.frontend_validation.as_mut() {
+            let cas = found("gateway.frontend_validation.ca_certificates").and_then(|v| v.into_array());
+            for (ca, value) in fv.ca_certificates.iter_mut().zip(cas.unwrap_or_default()) {
+                fix(ca, Some(value));
+            }
+        }
     }
     fix_opt(&mut config.access_log.path, "access_log.path");
 }
@@ -978,6 +1008,9 @@ impl Config {
             }
             if gw.workers > MAX_WORKERS {
                 return Err(invalid("gateway.workers", format!("{} is more than {MAX_WORKERS} threads", gw.workers)));
+            }
+            if gw.frontend_validation.as_ref().is_some_and(|f| f.ca_certificates.is_empty()) {
+                return Err(invalid("gateway.frontend_validation.ca_certificates", "name at least one CA file"));
             }
             if gw.limits.max_connections == 0 {
                 return Err(invalid("gateway.limits.max_connections", "must be at least 1"));

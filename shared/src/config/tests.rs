@@ -62,6 +62,7 @@ fn validation_rules() {
         ("[node]\nname = \"a\"\ninstance_idle = \"0s\"\n", "node.instance_idle"),
         ("[node]\nname = \"a\"\ninstance_idle = \"2days\"\n", "node.instance_idle"),
         ("[gateway]\nworkers = 5000\n", "gateway.workers"),
+        ("[gateway]\n[gateway.frontend_validation]\nca_certificates = []\n", "gateway.frontend_validation.ca_certificates"),
         ("[gateway]\n[gateway.limits]\nmax_concurrent_streams = 0\n", "gateway.limits.max_concurrent_streams"),
         ("[gateway]\n[gateway.limits]\nmax_handshakes = 0\n", "gateway.limits.max_handshakes"),
         ("[gateway]\n[gateway.limits]\nmax_connections = 0\n", "gateway.limits.max_connections"),

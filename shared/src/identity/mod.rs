@@ -339,6 +339,12 @@ impl Ca {
     }
 }
 
+/// The subject of a certificate (DER) as RFC 4514 text, e.g. `CN=alice,O=Example`.
+pub fn subject_of(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.subject().to_string())
+}
+
 /// The DER of the first certificate in a PEM text.
 pub fn read_pem_der(pem: &str) -> Option<Vec<u8>> {
     rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok().map(|c| c.to_vec())
