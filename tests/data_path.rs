@@ -857,3 +857,70 @@ async fn a_mesh_routes_body_limit_holds_at_the_node() {
     let resp = streamed.request(req).await.unwrap();
     assert_eq!(resp.status(), 413, "streamed past the limit");
 }
+
+/// An instance that speaks only TLS (HTTP/1.1 inside), with a self-signed certificate for
+/// `names`; (its address, the certificate's PEM file).
+async fn tls_backend(dir: &std::path::Path, names: &[&str]) -> (SocketAddr, std::path::PathBuf) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let (cert_pem, key_pem) = quicmesh_shared::identity::self_signed_pem(&names).unwrap();
+    let cert_file = dir.join("backend-cert.pem");
+    std::fs::write(&cert_file, &cert_pem).unwrap();
+    let certs = quicmesh_shared::identity::read_certs(&cert_file).unwrap();
+    let key_file = dir.join("backend-key.pem");
+    std::fs::write(&key_file, &key_pem).unwrap();
+    let key = quicmesh_shared::identity::read_key(&key_file).unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("hello over tls\n"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, cert_file)
+}
+
+/// BackendTLSPolicy: the delivering node speaks TLS to an instance whose service asks for it,
+/// checking the certificate against the service's CA and host name; a name the certificate
+/// does not cover is refused (502, the instance is never sent the request in the clear).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivering_node_speaks_tls_to_instances_that_want_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, cert) = tls_backend(dir.path(), &["api.internal"]).await;
+    let service = |name: &str, hostname: &str| {
+        format!(
+            "[[services]]\nname = \"{name}\"\nbackend_tls = {{ ca_certificates = [\"{}\"], hostname = \"{hostname}\" }}\n\
+             [[services.endpoints]]\nnode = \"node-b\"\naddress = \"{tls}\"\n\n",
+            cert.display()
+        )
+    };
+    let m = two_nodes(&format!("{}{}", service("secure", "api.internal"), service("misnamed", "other.internal"))).await;
+    let client = h1_client();
+    let get = |host: &str| {
+        http::Request::get(format!("http://{}/", m.a.addrs.outbound))
+            .header("host", host)
+            .body(Full::default())
+            .unwrap()
+    };
+    let (status, _, body) = send(&client, get("secure")).await;
+    assert_eq!((status, body.as_str()), (200, "hello over tls\n"));
+    let (status, headers, _) = send(&client, get("misnamed")).await;
+    assert_eq!(status, 502);
+    assert_eq!(headers["quicmesh-error"], "upstream-unreachable");
+}

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use http::Request;
+use quicmesh_shared::config::ServiceConfig;
 use quicmesh_shared::control::Instance;
 use quicmesh_shared::message::body;
 use quicmesh_shared::policy::health::{HealthCheck, Thresholds};
@@ -101,7 +102,9 @@ async fn probe(inst: &Instance, check: &HealthCheck, local: &LocalClient) -> boo
                 else {
                     return false;
                 };
-                match local.send(req, inst.address, inst.protocol).await {
+                // Plain HTTP: a service whose instances want TLS takes TCP checks for now.
+                let svc = ServiceConfig { protocol: inst.protocol, ..ServiceConfig::named(inst.service.clone()) };
+                match local.send(req, inst.address, &svc).await {
                     Ok(resp) => {
                         let ok = resp.status().is_success() || resp.status().is_redirection();
                         // Read the answer so the pooled connection can be reused.

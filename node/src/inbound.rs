@@ -12,7 +12,7 @@ use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response};
 use std::future::IntoFuture;
 
-use quicmesh_shared::config::Protocol;
+use quicmesh_shared::config::{Protocol, ServiceConfig};
 use quicmesh_shared::identity::tls;
 use quicmesh_shared::message::body;
 use quicmesh_shared::message::error::{ProxyError, UNSENT_HEADER};
@@ -192,7 +192,7 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
             };
             match mesh.authorize(&table, &svc.name, &caller, &target) {
                 // Boxed to keep this task's future small (it is copied whole at spawn).
-                Ok(()) => Box::pin(deliver(req, recv, addr, svc.protocol, mesh, &table, &rec)).await,
+                Ok(()) => Box::pin(deliver(req, recv, addr, svc, mesh, &table, &rec)).await,
                 Err(e) => Err(e),
             }
         }
@@ -234,7 +234,7 @@ async fn deliver(
     req: Request<()>,
     recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
     addr: SocketAddr,
-    protocol: Protocol,
+    svc: &ServiceConfig,
     mesh: &Mesh,
     table: &Table,
     rec: &Record,
@@ -251,7 +251,7 @@ async fn deliver(
     let (body, fault) = body::watch_source(rec.count_request(body::request_body(recv).await));
     let req = Request::from_parts(parts, body);
     let timeout = table.config().timeouts.request;
-    let result = tokio::time::timeout(timeout, mesh.local().send(req, addr, protocol))
+    let result = tokio::time::timeout(timeout, mesh.local().send(req, addr, svc))
         .await
         .map_err(|_| ProxyError::Timeout(timeout))
         .and_then(|r| r);

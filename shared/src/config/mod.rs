@@ -528,6 +528,21 @@ pub struct ServiceConfig {
     /// Passive outlier detection.
     #[serde(default, skip_serializing_if = "is_default")]
     pub outlier: crate::policy::health::OutlierConfig,
+    /// The instances speak TLS: the delivering node connects with it and checks their
+    /// certificate (the Gateway API's BackendTLSPolicy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_tls: Option<BackendTls>,
+}
+
+/// `services[].backend_tls`: how a node checks an instance's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTls {
+    /// PEM files of the CAs the instances' certificates chain to, read on the host of the node
+    /// that delivers (give absolute paths when the config is pushed to other hosts).
+    pub ca_certificates: Vec<PathBuf>,
+    /// The name sent as SNI and that the certificate must be valid for.
+    pub hostname: String,
 }
 
 impl ServiceConfig {
@@ -544,6 +559,7 @@ impl ServiceConfig {
             max_pending: None,
             retry: Default::default(),
             outlier: Default::default(),
+            backend_tls: None,
         }
     }
 }
@@ -832,6 +848,20 @@ fn resolve_paths(config: &mut Config, fig: &Figment) {
         }
     }
     fix_opt(&mut config.access_log.path, "access_log.path");
+    let services = found("services").and_then(|v| v.into_array()).unwrap_or_default();
+    for (svc, value) in config.services.iter_mut().zip(services) {
+        let Some(tls) = svc.backend_tls.as_mut() else { continue };
+        let cas = value
+            .into_dict()
+            .and_then(|mut d| d.remove("backend_tls"))
+            .and_then(|v| v.into_dict())
+            .and_then(|mut d| d.remove("ca_certificates"))
+            .and_then(|v| v.into_array())
+            .unwrap_or_default();
+        for (ca, value) in tls.ca_certificates.iter_mut().zip(cas) {
+            fix(ca, Some(value));
+        }
+    }
 }
 
 /// Parses one TOML document (used by tests).
@@ -1138,6 +1168,20 @@ pub(crate) fn check_service(key: &str, svc: &ServiceConfig) -> Result<(), Config
     }
     if let Err(reason) = svc.outlier.validate() {
         return Err(invalid(format!("{key}.outlier"), reason));
+    }
+    if let Some(tls) = &svc.backend_tls {
+        if tls.ca_certificates.is_empty() {
+            return Err(invalid(format!("{key}.backend_tls.ca_certificates"), "name at least one CA file"));
+        }
+        if rustls::pki_types::ServerName::try_from(tls.hostname.as_str()).is_err() {
+            return Err(invalid(
+                format!("{key}.backend_tls.hostname"),
+                format!("{:?} is not a host name", tls.hostname),
+            ));
+        }
+        if svc.protocol == Protocol::Tcp {
+            return Err(invalid(format!("{key}.backend_tls"), "a tcp service's bytes go as they are"));
+        }
     }
     Ok(())
 }

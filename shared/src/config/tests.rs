@@ -62,6 +62,8 @@ fn validation_rules() {
         ("[node]\nname = \"a\"\ninstance_idle = \"0s\"\n", "node.instance_idle"),
         ("[node]\nname = \"a\"\ninstance_idle = \"2days\"\n", "node.instance_idle"),
         ("[gateway]\nworkers = 5000\n", "gateway.workers"),
+        ("[[services]]\nname = \"s\"\nbackend_tls = { ca_certificates = [], hostname = \"a.test\" }\n", "services[0].backend_tls.ca_certificates"),
+        ("[[services]]\nname = \"s\"\nbackend_tls = { ca_certificates = [\"/ca.pem\"], hostname = \"not a name\" }\n", "services[0].backend_tls.hostname"),
         ("[gateway]\n[gateway.frontend_validation]\nca_certificates = []\n", "gateway.frontend_validation.ca_certificates"),
         ("[gateway]\n[gateway.limits]\nmax_concurrent_streams = 0\n", "gateway.limits.max_concurrent_streams"),
         ("[gateway]\n[gateway.limits]\nmax_handshakes = 0\n", "gateway.limits.max_handshakes"),

@@ -175,8 +175,7 @@ impl Call<'_> {
         let req = Request::from_parts(parts, body);
         let attempt = async {
             if local {
-                match tokio::time::timeout(per_try, self.mesh.local().send(req, ep.address, svc.config.protocol)).await
-                {
+                match tokio::time::timeout(per_try, self.mesh.local().send(req, ep.address, &svc.config)).await {
                     Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
                     Ok(r) => r.map_err(TryError::from),
                 }

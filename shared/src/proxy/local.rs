@@ -9,10 +9,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::Protocol;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{BackendTls, Protocol, ServiceConfig};
 use crate::message::body::{self, Body};
 use crate::message::error::ProxyError;
 use crate::message::headers;
+use crate::proxy::backend_tls::TlsConnect;
 
 /// Clients for instances on this host.
 #[derive(Clone)]
@@ -20,7 +24,14 @@ pub struct LocalClient {
     h1: Client<HttpConnector, Body>,
     h2c: Client<HttpConnector, Body>,
     connect_timeout: Duration,
+    connector: HttpConnector,
+    idle: Duration,
+    /// Pooled TLS clients, one per service TLS policy and protocol, made when first needed.
+    tls: Arc<Mutex<TlsClients>>,
 }
+
+/// TLS clients by (policy, HTTP/2).
+type TlsClients = HashMap<(BackendTls, bool), Client<TlsConnect, Body>>;
 
 impl LocalClient {
     /// `idle`: how long a kept-alive connection may sit unused before it is closed. The pool's
@@ -36,26 +47,49 @@ impl LocalClient {
             b
         };
         let h1 = builder().build(connector.clone());
-        let h2c = builder().http2_only(true).build(connector);
-        Self { h1, h2c, connect_timeout }
+        let h2c = builder().http2_only(true).build(connector.clone());
+        Self { h1, h2c, connect_timeout, connector, idle, tls: Arc::default() }
     }
 
-    /// Sends `req` (origin-form path in its URI) to the instance at `addr`.
+    /// The pooled client for instances that speak TLS under `policy`.
+    fn tls_client(&self, policy: &BackendTls, h2: bool) -> Result<Client<TlsConnect, Body>, ProxyError> {
+        let mut clients = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&(policy.clone(), h2)) {
+            return Ok(c.clone());
+        }
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        let connect = TlsConnect::new(self.connector.clone(), policy, alpn).map_err(|reason| {
+            ProxyError::UpstreamUnreachable { addr: policy.hostname.clone(), reason: format!("backend TLS: {reason}") }
+        })?;
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(self.idle).pool_timer(TokioTimer::new()).http2_only(h2);
+        let client = b.build(connect);
+        clients.insert((policy.clone(), h2), client.clone());
+        Ok(client)
+    }
+
+    /// Sends `req` (origin-form path in its URI) to the instance of `svc` at `addr`, over TLS
+    /// when the service says its instances want it.
     pub async fn send(
         &self,
         mut req: Request<Body>,
         addr: SocketAddr,
-        protocol: Protocol,
+        svc: &ServiceConfig,
     ) -> Result<Response<Body>, ProxyError> {
         *req.uri_mut() = origin_uri(addr, req.uri()).map_err(ProxyError::BadRequest)?;
-        let client = if protocol == Protocol::H2c { &self.h2c } else { &self.h1 };
-        if protocol == Protocol::H2c {
+        let h2 = svc.protocol == Protocol::H2c;
+        if h2 {
             *req.version_mut() = http::Version::HTTP_2;
             req.headers_mut().remove(HOST);
         } else {
             *req.version_mut() = http::Version::HTTP_11;
         }
-        let resp = client.request(req).await.map_err(|e| {
+        let sent = match &svc.backend_tls {
+            Some(policy) => self.tls_client(policy, h2)?.request(req).await,
+            None if h2 => self.h2c.request(req).await,
+            None => self.h1.request(req).await,
+        };
+        let resp = sent.map_err(|e| {
             if e.is_connect() && caused_by_timeout(&e) {
                 ProxyError::ConnectTimeout(format!("{addr} after {:?}", self.connect_timeout))
             } else if e.is_connect() {

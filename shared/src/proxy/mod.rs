@@ -3,6 +3,7 @@
 //! [`pick`], [`local`] or [`remote`]), and the pipeline both proxies run ([`pipeline`]).
 
 mod attempt;
+pub mod backend_tls;
 pub mod call;
 pub mod drain;
 pub mod local;
