@@ -89,7 +89,7 @@ fn bare_back(lane: &Lane, ep: quinn::Endpoint, sink: SocketAddr) {
                         let mut chunks = Vec::with_capacity(256);
                         while let Ok(Some(n)) = recv.read_chunks(&mut read).await {
                             chunks.extend(read[..n].iter_mut().map(std::mem::take));
-                            if quicmesh_node::tcp::write_chunks(&mut tcp, &mut chunks).await.is_err() {
+                            if quicmesh_shared::proxy::tcp::write_chunks(&mut tcp, &mut chunks).await.is_err() {
                                 return;
                             }
                         }

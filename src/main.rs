@@ -491,7 +491,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 quicmesh_shared::telemetry::metrics::runtime_workers();
                 let gw = quicmesh_gateway::start_with_files(cfg, config).await?;
                 let a = &gw.addrs;
-                println!("quicmesh gateway ready: listen={} admin={} control={}", a.listen, a.admin, a.control);
+                let tcp: String = a.tcp.iter().map(|(s, addr)| format!(" tcp.{s}={addr}")).collect();
+                println!("quicmesh gateway ready: listen={} admin={} control={}{tcp}", a.listen, a.admin, a.control);
                 demo::shutdown_signal().await;
                 gw.drain().await;
                 Ok(())

@@ -924,3 +924,42 @@ async fn the_delivering_node_speaks_tls_to_instances_that_want_it() {
     assert_eq!(status, 502);
     assert_eq!(headers["quicmesh-error"], "upstream-unreachable");
 }
+
+/// TCPRoute at the edge: a `gateway.tcp` listener carries each connection to a `tcp`
+/// service's instance on another node through the mesh, half-close included; an authorization
+/// policy that refuses the gateway's traffic closes the connection unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_tcp_listener_forwards_to_a_tcp_service() {
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    pki.issue("gateway");
+    let backend = tcp_summing_backend().await;
+    let svc = format!(
+        "[[services]]\nname = \"db\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n\n\
+         [[services]]\nname = \"closed\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n\n\
+         [[authorization.policies]]\nservice = \"closed\"\n[[authorization.policies.rules]]\naction = \"deny\"\nfrom = {{ gateway = true }}\n"
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n{TRANSPORT}\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n\
+         [gateway.tls]\nstate_dir = \"{}\"\n\n[[gateway.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\n\n\
+         [[gateway.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"closed\"\n\n[[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        state.display(),
+        b.addrs.inbound
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    let port = |name: &str| gw.addrs.tcp.iter().find(|(s, _)| s == name).unwrap().1;
+    let exchange = |addr: SocketAddr, payload: Vec<u8>| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&payload).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut reply = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut reply)).await.expect("an end");
+        reply
+    };
+    let payload = [vec![b'z'; 200_000], b"done".to_vec()].concat();
+    assert_eq!(exchange(port("db"), payload).await, "got 200004 bytes ending \"done\"");
+    assert_eq!(exchange(port("closed"), b"hello".to_vec()).await, "", "the denied tunnel answered");
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_tcp_connections_total", &[("direction", "outbound"), ("service", "db")]), 1.0);
+}

@@ -57,6 +57,8 @@ pub struct GatewayAddrs {
     pub admin: SocketAddr,
     /// UDP address of the control listener nodes connect to.
     pub control: SocketAddr,
+    /// `gateway.tcp` listeners: (service, address).
+    pub tcp: Vec<(String, SocketAddr)>,
 }
 
 pub struct Gateway {
@@ -164,6 +166,20 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         addr: gc.admin,
         source,
     })?;
+    let mut tcp_listeners = Vec::new();
+    for fwd in &gc.tcp {
+        let listener = TcpListener::bind(fwd.listen).await.map_err(|source| GatewayError::Listen {
+            key: "gateway.tcp[].listen",
+            addr: fwd.listen,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| GatewayError::Listen {
+            key: "gateway.tcp[].listen",
+            addr: fwd.listen,
+            source,
+        })?;
+        tcp_listeners.push((fwd.service.clone(), addr, listener));
+    }
     let trust_domain = config.mesh.trust_domain.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?.map(Arc::new);
     let inputs = Inputs { local_node: None, endpoint: mesh_endpoint.clone(), access_log };
@@ -218,6 +234,11 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     tasks.spawn(admin::serve(admin_listener, state.clone()));
     tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), edge.clone()));
     tasks.spawn(h3_edge::serve(edge_endpoint.clone(), edge.clone()));
+    let mut tcp = Vec::new();
+    for (service, addr, listener) in tcp_listeners {
+        tasks.spawn(quicmesh_shared::proxy::tcp::serve(listener, service.clone(), mesh.clone()));
+        tcp.push((service, addr));
+    }
     tasks.spawn(tls::watch_certificates(gc.clone(), certs));
     // The gateway's own mesh certificate: reloaded when its files change, renewed from the CA
     // when the CA is in the same state directory.
@@ -250,7 +271,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     }
     state.ready.store(true, Ordering::Release);
     Ok(Gateway {
-        addrs: GatewayAddrs { listen, admin: admin_addr, control: control_addr },
+        addrs: GatewayAddrs { listen, admin: admin_addr, control: control_addr, tcp },
         mesh_endpoint,
         edge_endpoint,
         mesh,

@@ -339,7 +339,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     tasks.spawn(inbound::serve(endpoint.clone(), mesh.clone()));
     tasks.spawn(outbound::serve(outbound, mesh.clone()));
     for (service, listener) in tcp {
-        tasks.spawn(tcp::serve(listener, service, mesh.clone()));
+        tasks.spawn(quicmesh_shared::proxy::tcp::serve(listener, service, mesh.clone()));
     }
     state.ready.store(true, Ordering::Release);
     Ok(Node {

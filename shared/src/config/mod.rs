@@ -351,6 +351,9 @@ pub struct GatewayConfig {
     /// Shared state for gateway replicas; unset, this gateway keeps its registry in a file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreConfig>,
+    /// TCP listeners forwarded to `protocol = "tcp"` services (the Gateway API's TCPRoute).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpForward>,
     /// Client certificates the edge asks for (the Gateway API's frontend validation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frontend_validation: Option<FrontendValidation>,
@@ -390,6 +393,7 @@ impl Default for GatewayConfig {
             drain_timeout: Duration::from_secs(10),
             workers: 0,
             store: None,
+            tcp: Vec::new(),
             frontend_validation: None,
         }
     }
@@ -1038,6 +1042,15 @@ impl Config {
             }
             if gw.workers > MAX_WORKERS {
                 return Err(invalid("gateway.workers", format!("{} is more than {MAX_WORKERS} threads", gw.workers)));
+            }
+            for (i, fwd) in gw.tcp.iter().enumerate() {
+                // Registered services arrive later, from the nodes: only a declared one is checked.
+                if self.service(&fwd.service).is_some_and(|s| s.protocol != Protocol::Tcp) {
+                    return Err(invalid(
+                        format!("gateway.tcp[{i}].service"),
+                        format!("service {:?} is not protocol \"tcp\"", fwd.service),
+                    ));
+                }
             }
             if gw.frontend_validation.as_ref().is_some_and(|f| f.ca_certificates.is_empty()) {
                 return Err(invalid("gateway.frontend_validation.ca_certificates", "name at least one CA file"));

@@ -14,4 +14,5 @@ pub mod pick;
 pub mod pipeline;
 mod remote;
 pub mod table;
+pub mod tcp;
 mod tunnel;

@@ -1,0 +1,309 @@
+//! Opaque TCP through the mesh: one HTTP/3 CONNECT stream per TCP connection. A node's
+//! `node.tcp` forwards and the gateway's `gateway.tcp` listeners (the Gateway API's TCPRoute)
+//! carry connections to a `protocol = "tcp"` service this way; the node that hosts the
+//! endpoint serves the CONNECT (`quicmesh_node::tcp::inbound`).
+//!
+//! Why CONNECT on the HTTP/3 connection rather than a second ALPN with raw streams: it keeps
+//! exactly one QUIC connection (one handshake, one congestion controller, one identity check)
+//! per pair of members, and lets the tunnel carry a status and `quicmesh-error` when the far
+//! side cannot reach the target. Half-close is mapped both ways: TCP EOF finishes the QUIC
+//! stream's send side, and the stream's FIN shuts down the TCP write side. Resets are mapped
+//! both ways too: a TCP RST or error resets the stream, and a stream reset resets the TCP
+//! connection.
+
+use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::message::body::{H3Recv, H3Send};
+use crate::message::error::ProxyError;
+use crate::policy::authz::{Caller, Target};
+use crate::proxy::mesh::Mesh;
+use crate::proxy::pick::PickCtx;
+use crate::proxy::table::Table;
+use crate::telemetry;
+use crate::telemetry::access_log::Entry;
+use crate::telemetry::metrics as m;
+
+const CHUNK: usize = 64 << 10;
+/// Most bytes gathered from the QUIC stream into one write to the TCP socket.
+const COALESCE: usize = 256 << 10;
+/// Most chunks in one vectored write (Linux takes up to 1024).
+const MAX_IOVECS: usize = 256;
+
+/// Accepts local connections for `service` and carries each to one of its endpoints.
+pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
+    while let Some((tcp, client)) = mesh.drain().accept(&listener, "TCP forward").await {
+        let mesh = mesh.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = outbound(tcp, &service, &mesh).await {
+                metrics::counter!(m::PROXY_ERRORS, "direction" => "outbound", "reason" => e.reason()).increment(1);
+                warn!(%client, service, error = %e, "TCP tunnel failed");
+            }
+        });
+    }
+}
+
+async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), ProxyError> {
+    let table = mesh.table();
+    let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
+    let client = tcp.peer_addr().ok().map(|a| a.ip());
+    let ctx = PickCtx { headers: None, client };
+    let no_labels = BTreeMap::new();
+    let ep = mesh.pick(svc, &no_labels, &ctx)?;
+    metrics::counter!(m::TCP_CONNECTIONS, "direction" => "outbound", "service" => service.to_string()).increment(1);
+    let mut done = TunnelDone::new("outbound", service, mesh);
+    done.entry.src_service = table.source_service().map(str::to_owned).map_or(telemetry::UNKNOWN.into(), Into::into);
+    done.entry.src_node = mesh.local_node().map(str::to_owned).unwrap_or_default();
+    done.entry.dst_node = ep.node.clone();
+    done.entry.endpoint = ep.address.to_string();
+    if mesh.is_local(&ep) {
+        let caller =
+            Caller { node: mesh.local_node().unwrap_or_default(), service: table.source_service(), via_gateway: false };
+        let target = Target { method: None, path: None, headers: None, port: ep.address.port() };
+        mesh.authorize(&table, service, &caller, &target)?;
+        let mut upstream = connect(ep.address, &table).await?;
+        let mut tcp = tcp;
+        match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
+            Ok((up, down)) => done.bytes(up, down),
+            // One side reset or failed: reset the other too, as a tunnel through a peer does.
+            Err(_) => {
+                let _ = tcp.set_zero_linger();
+                let _ = upstream.set_zero_linger();
+            }
+        }
+        return Ok(());
+    }
+    // Nothing from the client is forwarded until a tunnel is open, so a failed opening (the
+    // peer draining, closing or unreachable, the far side unable to connect) is tried again
+    // on another endpoint, up to the service's retry count.
+    let mut tried = vec![ep];
+    let (stream, _held) = loop {
+        let ep = tried.last().expect("one endpoint at least");
+        match mesh.at(&table).connect_tcp(svc, ep).await {
+            Ok(opened) => break opened,
+            Err(e) if tried.len() <= svc.config.retry.attempts as usize => {
+                debug!(service, endpoint = %ep.address, error = %e, "TCP tunnel did not open; trying another endpoint");
+                let avoid: Vec<&_> = tried.iter().collect();
+                let next = mesh.pick_avoiding(svc, &no_labels, &ctx, &avoid)?.clone();
+                if mesh.is_local(&next) {
+                    return Err(e);
+                }
+                done.entry.dst_node = next.node.clone();
+                done.entry.endpoint = next.address.to_string();
+                tried.push(next);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let (send, recv) = stream.split();
+    let (up, down) = splice(tcp, send, recv).await;
+    done.bytes(up, down);
+    Ok(())
+}
+
+/// Records a tunnel when it closes: bytes each way, the closed count, the access-log line.
+pub struct TunnelDone {
+    pub entry: Entry,
+    start: std::time::Instant,
+    log: Option<std::sync::Arc<crate::telemetry::access_log::AccessLog>>,
+}
+
+impl TunnelDone {
+    pub fn new(direction: &'static str, service: &str, mesh: &Mesh) -> Self {
+        let entry = Entry {
+            time: crate::telemetry::access_log::timestamp(),
+            direction: if direction == "outbound" { "tcp-outbound" } else { "tcp-inbound" },
+            dst_service: service.to_string().into(),
+            method: "CONNECT".into(),
+            ..Default::default()
+        };
+        Self { entry, start: std::time::Instant::now(), log: mesh.access_log().cloned() }
+    }
+
+    /// Bytes from the client side toward the service (`sent`) and back (`received`).
+    pub fn bytes(&mut self, sent: u64, received: u64) {
+        self.entry.bytes_received = sent;
+        self.entry.bytes_sent = received;
+    }
+}
+
+impl Drop for TunnelDone {
+    fn drop(&mut self) {
+        let e = &mut self.entry;
+        let direction = if e.direction == "tcp-outbound" { "outbound" } else { "inbound" };
+        let service = e.dst_service.clone();
+        metrics::counter!(m::TCP_CLOSED, "direction" => direction, "service" => service.clone()).increment(1);
+        metrics::counter!(m::TCP_BYTES, "direction" => direction, "service" => service.clone(), "flow" => "sent")
+            .increment(e.bytes_received);
+        metrics::counter!(m::TCP_BYTES, "direction" => direction, "service" => service, "flow" => "received")
+            .increment(e.bytes_sent);
+        if let Some(log) = &self.log {
+            e.duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            log.log(e);
+        }
+    }
+}
+
+pub async fn connect(addr: std::net::SocketAddr, table: &Table) -> Result<TcpStream, ProxyError> {
+    let timeout = table.config().timeouts.connect;
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ProxyError::ConnectTimeout(addr.to_string()))?
+        .map_err(|e| ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: e.to_string() })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// How one direction of a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Its source finished (TCP EOF, stream FIN) and the end was passed on.
+    Finished,
+    /// A reset or an error on either side: the whole tunnel is torn down.
+    Broken,
+}
+
+/// Copies TCP <-> QUIC stream in both directions, mapping half-close each way, and resets
+/// each way: a reset or error on one side (a client's RST, the peer's stream reset, a
+/// server that went away) resets the QUIC stream and the TCP connection (RST, by a zero
+/// linger), so neither side waits forever on a half that is gone.
+/// Returns (bytes TCP->stream, bytes stream->TCP).
+pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv: R) -> (u64, u64) {
+    let (mut rd, mut wr) = tcp.into_split();
+    let (up_total, down_total, broken) = {
+        let up = async {
+            let mut total = 0u64;
+            let mut buf = BytesMut::with_capacity(CHUNK);
+            loop {
+                buf.reserve(CHUNK);
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) => {
+                        // The peer may have stopped reading already: then nothing can be finished.
+                        let end = if send.finish().await.is_ok() { End::Finished } else { End::Broken };
+                        return (total, end);
+                    }
+                    Ok(n) => {
+                        total += n as u64;
+                        if send.send(buf.split().freeze()).await.is_err() {
+                            return (total, End::Broken);
+                        }
+                    }
+                    Err(_) => return (total, End::Broken),
+                }
+            }
+        };
+        let down = async {
+            let mut total = 0u64;
+            let mut chunks: Vec<Bytes> = Vec::new();
+            loop {
+                // One QUIC chunk is often a packet's worth: gather what has already arrived (the
+                // chunks themselves, no copy) so each vectored write to the socket carries up to
+                // COALESCE bytes.
+                let mut ended = false;
+                let mut gathered = 0;
+                match poll_fn(|cx| recv.poll_data(cx)).await {
+                    Ok(Some(data)) => {
+                        gathered += data.len();
+                        chunks.push(data);
+                    }
+                    Ok(None) => ended = true,
+                    Err(_) => return (total, End::Broken),
+                }
+                let mut failed = false;
+                while !ended && gathered < COALESCE && chunks.len() < MAX_IOVECS {
+                    match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
+                        Poll::Ready(Ok(Some(data))) => {
+                            gathered += data.len();
+                            chunks.push(data);
+                        }
+                        Poll::Ready(Ok(None)) => ended = true,
+                        // Deliver what came before the reset, then tear down.
+                        Poll::Ready(Err(_)) => {
+                            failed = true;
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                if write_chunks(&mut wr, &mut chunks).await.is_err() {
+                    return (total, End::Broken);
+                }
+                total += gathered as u64;
+                if failed {
+                    return (total, End::Broken);
+                }
+                if ended {
+                    let end = if wr.shutdown().await.is_ok() { End::Finished } else { End::Broken };
+                    return (total, end);
+                }
+            }
+        };
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (None, None);
+        // Both halves run until each finishes, or until either breaks.
+        loop {
+            tokio::select! {
+                r = &mut up, if up_done.is_none() => up_done = Some(r),
+                r = &mut down, if down_done.is_none() => down_done = Some(r),
+            }
+            let broken = [up_done, down_done].iter().flatten().any(|(_, end)| *end == End::Broken);
+            if broken || (up_done.is_some() && down_done.is_some()) {
+                break;
+            }
+        }
+        let total = |done: Option<(u64, End)>| done.map_or(0, |(n, _)| n);
+        (total(up_done), total(down_done), [up_done, down_done].iter().flatten().any(|(_, e)| *e == End::Broken))
+    };
+    if broken {
+        // RST to the TCP side once the socket is dropped, and a reset of the stream's send side
+        // (the receive side stops when `recv` is dropped). The write half is forgotten, not
+        // dropped: dropping it would send a FIN first, and the TCP peer would read a clean end.
+        let _ = rd.as_ref().set_zero_linger();
+        wr.forget();
+        send.reset();
+    }
+    (up_total, down_total)
+}
+
+/// Writes every byte of `chunks` with vectored writes (at most MAX_IOVECS chunks each), then
+/// empties it. Public for the bulk bench's bare tunnel, which writes as node-b does.
+pub async fn write_chunks<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    chunks: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    chunks.retain(|c| !c.is_empty());
+    let mut first = 0;
+    while first < chunks.len() {
+        // `chunks` holds at most MAX_IOVECS: the slices fit on the stack.
+        let mut n = {
+            let mut slices = [std::io::IoSlice::new(&[]); MAX_IOVECS];
+            let count = (chunks.len() - first).min(MAX_IOVECS);
+            for (slot, c) in slices.iter_mut().zip(&chunks[first..first + count]) {
+                *slot = std::io::IoSlice::new(c);
+            }
+            wr.write_vectored(&slices[..count]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let c = &mut chunks[first];
+            let k = n.min(c.len());
+            c.advance(k);
+            n -= k;
+            if c.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    chunks.clear();
+    Ok(())
+}
