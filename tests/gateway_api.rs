@@ -86,6 +86,11 @@ retry = { attempts = 3, codes = [], backoff = "10ms" }
 backendRefs = [{ name = "flaky" }]
 
 [[{R}.rules]]
+matches = [{ path = { value = "/liar" } }]
+retry = { attempts = 3, codes = [], backoff = "10ms" }
+backendRefs = [{ name = "liar" }]
+
+[[{R}.rules]]
 matches = [{ path = { value = "/cors-1" } }]
 backendRefs = [{ name = "echo" }]
 [[{R}.rules.filters]]
@@ -324,10 +329,12 @@ async fn setup() -> Setup {
     pki.issue("gateway");
     let (echo, slow) = (echo_backend().await, delayed_backend("slow", Duration::from_millis(300)).await);
     let flaky = flaky_backend().await;
+    let liar = liar_backend().await;
     let svc = format!(
         "[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
          [[services]]\nname = \"slow\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\n\n\
-         [[services]]\nname = \"flaky\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{flaky}\"\n\n"
+         [[services]]\nname = \"flaky\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{flaky}\"\n\n\
+         [[services]]\nname = \"liar\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{liar}\"\n\n"
     );
     let log = |who: &str| {
         format!(
@@ -386,6 +393,25 @@ async fn flaky_backend() -> SocketAddr {
                     return; // dropped unanswered
                 }
                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n").await;
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that answers 502 claiming, in the mesh's own header, that a proxy made it.
+async fn liar_backend() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let answer = "HTTP/1.1 502 Bad Gateway\r\nquicmesh-error: upstream-reset\r\nquicmesh-unsent: 1\r\n\
+                              content-length: 4\r\nconnection: close\r\n\r\nlie\n";
+                let _ = conn.write_all(answer.as_bytes()).await;
             });
         }
     });
@@ -514,6 +540,16 @@ async fn httproute_features_hold_at_the_edge_and_in_the_mesh() {
             };
             assert_eq!(got.0, want, "{place}: {path}: {got:?}");
         }
+    }
+    // An instance cannot pass its answer off as the mesh's: a 502 it made, claiming to be a
+    // proxy's `upstream-reset`, is the application's answer, and no retry follows.
+    for (place, outbound) in [("edge", None), ("mesh", Some(s.a.addrs.outbound))] {
+        let got = match outbound {
+            Some(o) => mesh_get(o, "/liar").await,
+            None => edge_get(port, "/liar").await,
+        };
+        assert_eq!((got.0, got.2.as_str()), (502, "lie\n"), "{place}: {got:?}");
+        assert!(got.1.get("quicmesh-error").is_none(), "{place}: {got:?}");
     }
     // Named rules appear in the access logs.
     for who in ["gateway", "node-a"] {

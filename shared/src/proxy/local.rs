@@ -100,6 +100,10 @@ impl LocalClient {
         })?;
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
+        // Only a proxy says why it answered instead of the instance: an instance's own word for
+        // it would be believed by every hop after this one (a route's retries, the edge).
+        parts.headers.remove(crate::message::error::ERROR_HEADER);
+        parts.headers.remove(crate::message::error::UNSENT_HEADER);
         parts.version = http::Version::HTTP_11;
         Ok(Response::from_parts(parts, body::boxed(incoming)))
     }
