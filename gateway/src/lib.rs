@@ -168,16 +168,9 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     })?;
     let mut tcp_listeners = Vec::new();
     for fwd in &gc.tcp {
-        let listener = TcpListener::bind(fwd.listen).await.map_err(|source| GatewayError::Listen {
-            key: "gateway.tcp[].listen",
-            addr: fwd.listen,
-            source,
-        })?;
-        let addr = listener.local_addr().map_err(|source| GatewayError::Listen {
-            key: "gateway.tcp[].listen",
-            addr: fwd.listen,
-            source,
-        })?;
+        let failed = |source| GatewayError::Listen { key: "gateway.tcp[].listen", addr: fwd.listen, source };
+        let listener = TcpListener::bind(fwd.listen).await.map_err(failed)?;
+        let addr = listener.local_addr().map_err(failed)?;
         tcp_listeners.push((fwd.service.clone(), addr, listener));
     }
     let trust_domain = config.mesh.trust_domain.clone();
