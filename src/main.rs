@@ -399,9 +399,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let pre = quicmesh_gateway::preflight(&mut cfg)?;
                 let gc = cfg.gateway.as_ref().context("the config has no [gateway] section")?;
                 lines.push(format!(
-                    "gateway {}: {} routes, {} node overlays, {} edge certificates, admin on {}{}",
+                    "gateway {}: {} routes, {} listeners on {} ports, {} node overlays, {} edge certificates, admin on {}{}",
                     gc.name,
                     gc.routes.len(),
+                    pre.ports.iter().map(|p| p.names.len()).sum::<usize>(),
+                    pre.ports.len(),
                     pre.node_settings.len(),
                     gc.certificates.len(),
                     gc.admin,
@@ -492,7 +494,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let gw = quicmesh_gateway::start_with_files(cfg, config).await?;
                 let a = &gw.addrs;
                 let tcp: String = a.tcp.iter().map(|(s, addr)| format!(" tcp.{s}={addr}")).collect();
-                println!("quicmesh gateway ready: listen={} admin={} control={}{tcp}", a.listen, a.admin, a.control);
+                let listeners: String = a.listeners.iter().map(|(n, addr)| format!(" listener.{n}={addr}")).collect();
+                println!(
+                    "quicmesh gateway ready: listen={} admin={} control={}{tcp}{listeners}",
+                    a.listen, a.admin, a.control
+                );
                 demo::shutdown_signal().await;
                 gw.drain().await;
                 Ok(())

@@ -861,38 +861,15 @@ async fn a_mesh_routes_body_limit_holds_at_the_node() {
 /// An instance that speaks only TLS (HTTP/1.1 inside), with a self-signed certificate for
 /// `names`; (its address, the certificate's PEM file).
 async fn tls_backend(dir: &std::path::Path, names: &[&str]) -> (SocketAddr, std::path::PathBuf) {
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let (cert_pem, key_pem) = quicmesh_shared::identity::self_signed_pem(&names).unwrap();
-    let cert_file = dir.join("backend-cert.pem");
-    std::fs::write(&cert_file, &cert_pem).unwrap();
-    let certs = quicmesh_shared::identity::read_certs(&cert_file).unwrap();
-    let key_file = dir.join("backend-key.pem");
-    std::fs::write(&key_file, &key_pem).unwrap();
-    let key = quicmesh_shared::identity::read_key(&key_file).unwrap();
-    let config =
-        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("hello over tls\n"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+    let (config, cert_file) = self_signed_server(dir, "backend", names);
+    let addr = tls_server(config, |tls| async move {
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("hello over tls\n"))))
+        });
+        let _ =
+            hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
+    })
+    .await;
     (addr, cert_file)
 }
 

@@ -1,26 +1,41 @@
-//! The TCP side of the edge: TLS (1.2+, ALPN h2 and http/1.1) then hyper for HTTP/1.1 and
-//! HTTP/2, with header size/count limits (431), a header read timeout and stream limits.
-//! A client sending garbage only ever costs its own connection.
+//! The TCP side of the edge, one task per bound port: plain HTTP, or TLS (1.2+, ALPN h2 and
+//! http/1.1) then hyper for HTTP/1.1 and HTTP/2, with header size/count limits (431), a header
+//! read timeout and stream limits. A port with TLS listeners first reads the ClientHello: its
+//! server name picks the listener, which passes the connection through untouched or
+//! terminates it. A client sending garbage only ever costs its own connection.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use quicmesh_shared::message::body;
+use quicmesh_shared::policy::listener::Protocol;
 use quicmesh_shared::proxy::drain::Phase;
 use quicmesh_shared::telemetry::metrics as m;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use crate::conns::Activity;
-use crate::handler::Edge;
+use crate::handler::{Arrival, Edge, Port};
 use crate::idle::IdleTimeout;
 
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: Arc<Edge>) {
-    let acceptor = TlsAcceptor::from(tls);
+/// What one TCP port of the edge speaks.
+pub struct TcpPort {
+    pub port: Arc<Port>,
+    /// TLS terminated here (HTTPS, TLS listeners in `Terminate` mode); `None`: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The port has TLS listeners: the ClientHello's server name decides before any TLS work.
+    pub by_sni: bool,
+}
+
+pub async fn serve(listener: TcpListener, edge: Arc<Edge>, at: Arc<TcpPort>) {
     // Draining: no new client connections.
     while let Some((tcp, client)) = edge.mesh.drain().accept(&listener, "edge").await {
         // Past the connection limits: closed at once, before any TLS work.
@@ -33,76 +48,235 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, edge: 
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
-        let edge = edge.clone();
+        let (edge, at) = (edge.clone(), at.clone());
         tokio::spawn(async move {
             let _admitted = admitted;
-            let limits = &edge.limits;
-            let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    metrics::counter!(m::EDGE_REJECTED, "reason" => "tls-handshake").increment(1);
-                    debug!(%client, error = %e, "edge TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!(m::EDGE_REJECTED, "reason" => "tls-timeout").increment(1);
-                    return;
-                }
-            };
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let subject = crate::tls::client_subject(tls.get_ref().1.peer_certificates());
-            let proto = if h2 { "h2" } else { "http/1.1" };
-            metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => proto).increment(1);
-            let edge2 = edge.clone();
-            let activity = Activity::default();
-            let requests = activity.clone();
-            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let (edge, subject) = (edge2.clone(), subject.clone());
-                // In flight until its response body is done with.
-                let in_flight = requests.start();
-                async move {
-                    let mut req = req.map(body::boxed);
-                    // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
-                    req.headers_mut().remove("early-data");
-                    let proto = if h2 { "h2" } else { "http/1.1" };
-                    let resp = edge.handle(req, client, proto, subject, in_flight).await;
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_headers(limits.max_headers)
-                .max_buf_size(limits.max_header_bytes.max(8192));
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(limits.max_concurrent_streams)
-                .max_header_list_size(limits.max_header_bytes as u32);
-            let io = TokioIo::new(IdleTimeout::new(tls, limits.idle_timeout));
-            let conn = builder.serve_connection(io, svc);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = edge.mesh.drain().reached(Phase::GoingAway) => {
-                    // HTTP/2 GOAWAY, or `Connection: close` after the request in progress.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                // No request yet within the header timeout, or none for the idle timeout,
-                // whatever bytes (HTTP/2 PINGs) the client sends meanwhile.
-                _ = activity.idle_for(limits.header_read_timeout, limits.idle_timeout) => {
-                    metrics::counter!(m::EDGE_IDLE_CLOSED, "protocol" => proto).increment(1);
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                debug!(%client, error = %e, "edge connection ended with an error");
+            connection(tcp, client, edge, at).await;
+        });
+    }
+}
+
+/// Reads a ClientHello whole, keeping the bytes: its server name (lowercase), and what was read.
+async fn read_client_hello(tcp: &mut TcpStream) -> Result<(Option<String>, Bytes), String> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tcp.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before its ClientHello".into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+        acceptor.read_tls(&mut &buf[..n]).map_err(|e| e.to_string())?;
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let sni = accepted.client_hello().server_name().map(str::to_ascii_lowercase);
+                return Ok((sni, seen.into()));
             }
+            Ok(None) => {}
+            Err((e, _)) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn connection(mut tcp: TcpStream, client: std::net::SocketAddr, edge: Arc<Edge>, at: Arc<TcpPort>) {
+    let limits = &edge.limits;
+    let mut first = Bytes::new();
+    if at.by_sni {
+        let Some((sni, seen)) = handshake_step(client, limits.header_read_timeout, read_client_hello(&mut tcp)).await
+        else {
+            return;
+        };
+        let table = edge.mesh.table();
+        let listener = table.edge().and_then(|ls| ls.select(at.port.key, sni.as_deref().unwrap_or_default()));
+        if let Some(l) = listener.filter(|l| l.spec.protocol == Protocol::Tls && !l.spec.terminate) {
+            // TLS passthrough: the bytes go to the service as they came; nothing is decrypted.
+            let Some(service) = l.stream_route(sni.as_deref()).and_then(|r| r.pick()).map(str::to_owned) else {
+                metrics::counter!(m::EDGE_REJECTED, "reason" => "no-route").increment(1);
+                debug!(%client, ?sni, listener = %l.spec.name, "no TLSRoute for this server name");
+                return;
+            };
+            drop(table);
+            metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tls-passthrough").increment(1);
+            let _in_flight = edge.mesh.drain().guard();
+            quicmesh_shared::proxy::tcp::forward(tcp, &service, &edge.mesh, seen).await;
+            return;
+        }
+        if at.tls.is_none() {
+            // Only passthrough listeners here, and none takes this name.
+            metrics::counter!(m::EDGE_REJECTED, "reason" => "no-route").increment(1);
+            debug!(%client, ?sni, "no TLS listener takes this server name");
+            return;
+        }
+        first = seen;
+    }
+    let io = Replay { first, inner: tcp };
+    let Some(tls) = at.tls.clone() else {
+        metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "http").increment(1);
+        let arrival = Arrival { client, proto: "http/1.1", subject: None, port: at.port.clone(), sni: None };
+        serve_http(io, edge, arrival).await;
+        return;
+    };
+    let Some(tls) = handshake_step(client, limits.header_read_timeout, TlsAcceptor::from(tls).accept(io)).await else {
+        return;
+    };
+    let session = tls.get_ref().1;
+    let proto = if session.alpn_protocol() == Some(b"h2") { "h2" } else { "http/1.1" };
+    let arrival = Arrival {
+        client,
+        proto,
+        subject: crate::tls::client_subject(session.peer_certificates()),
+        port: at.port.clone(),
+        sni: session.server_name().map(str::to_ascii_lowercase),
+    };
+    metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => proto).increment(1);
+    serve_http(tls, edge, arrival).await;
+}
+
+/// A step of a client's TLS handshake, within the header read timeout; a failure or a timeout
+/// is counted (`tls-handshake`, `tls-timeout`) and ends the connection.
+async fn handshake_step<T, E: std::fmt::Display>(
+    client: std::net::SocketAddr,
+    limit: std::time::Duration,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(e)) => {
+            metrics::counter!(m::EDGE_REJECTED, "reason" => "tls-handshake").increment(1);
+            debug!(%client, error = %e, "edge TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::counter!(m::EDGE_REJECTED, "reason" => "tls-timeout").increment(1);
+            None
+        }
+    }
+}
+
+/// HTTP/1.1 or HTTP/2 on one client connection, until it closes, idles out or the drain ends it.
+async fn serve_http<IO>(io: IO, edge: Arc<Edge>, arrival: Arrival)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = edge.limits.clone();
+    let (client, proto) = (arrival.client, arrival.proto);
+    let arrival = Arc::new(arrival);
+    let edge2 = edge.clone();
+    let activity = Activity::default();
+    let requests = activity.clone();
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (edge, arrival) = (edge2.clone(), arrival.clone());
+        // In flight until its response body is done with.
+        let in_flight = requests.start();
+        async move {
+            let mut req = req.map(body::boxed);
+            // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
+            req.headers_mut().remove("early-data");
+            let mut arrival = (*arrival).clone();
+            if req.version() == http::Version::HTTP_2 {
+                arrival.proto = "h2";
+            }
+            let resp = edge.handle(req, &arrival, in_flight).await;
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32);
+    let io = TokioIo::new(IdleTimeout::new(io, limits.idle_timeout));
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = edge.mesh.drain().reached(Phase::GoingAway) => {
+            // HTTP/2 GOAWAY, or `Connection: close` after the request in progress.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        // No request yet within the header timeout, or none for the idle timeout,
+        // whatever bytes (HTTP/2 PINGs) the client sends meanwhile.
+        _ = activity.idle_for(limits.header_read_timeout, limits.idle_timeout) => {
+            metrics::counter!(m::EDGE_IDLE_CLOSED, "protocol" => proto).increment(1);
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%client, error = %e, "edge connection ended with an error");
+    }
+}
+
+/// A connection whose first bytes were already read (a ClientHello looked at for its server
+/// name): reads give those back first, then the socket's.
+struct Replay<S> {
+    first: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            buf.put_slice(&self.first[..n]);
+            self.first.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A TCP listener's connections, each to the service its TCPRoute picks.
+pub async fn serve_tcp(listener: TcpListener, edge: Arc<Edge>, key: u16) {
+    while let Some((tcp, client)) = edge.mesh.drain().accept(&listener, "edge TCP").await {
+        let table = edge.mesh.table();
+        let route = table.edge().and_then(|ls| ls.select(key, "")).and_then(|l| l.stream_route(None));
+        let Some(service) = route.and_then(|r| r.pick()).map(str::to_owned) else {
+            metrics::counter!(m::EDGE_REJECTED, "reason" => "no-route").increment(1);
+            debug!(%client, port = key, "no TCPRoute on this listener");
+            continue;
+        };
+        drop(table);
+        let edge = edge.clone();
+        tokio::spawn(async move {
+            metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tcp").increment(1);
+            let _in_flight = edge.mesh.drain().guard();
+            quicmesh_shared::proxy::tcp::forward(tcp, &service, &edge.mesh, Bytes::new()).await;
         });
     }
 }

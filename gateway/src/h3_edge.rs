@@ -1,7 +1,6 @@
 //! The QUIC side of the edge: HTTP/3 from external clients (no client certificate), with a
 //! header section size limit and the same request path as TCP.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +18,9 @@ use tracing::debug;
 const EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
 
 use crate::conns::Activity;
-use crate::handler::Edge;
+use crate::handler::{Arrival, Edge, Port};
 
-pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
+pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>, port: Arc<Port>) {
     let limits = Limits { retry_above: edge.limits.quic_retry_above, max: edge.limits.max_handshakes };
     let admission = Admission::new("edge", limits);
     while let Some(incoming) = endpoint.accept().await {
@@ -40,7 +39,7 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
                 continue;
             }
         };
-        let edge = edge.clone();
+        let (edge, port) = (edge.clone(), port.clone());
         tokio::spawn(async move {
             let client = incoming.remote_address();
             let limit = edge.limits.header_read_timeout;
@@ -94,7 +93,13 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>) {
                     }
                 },
             };
-            connection(conn, client, edge, handshake).await;
+            let sni = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.server_name)
+                .map(|n| n.to_ascii_lowercase());
+            let arrival = Arrival { client, proto: "h3", subject: None, port, sni };
+            connection(conn, arrival, edge, handshake).await;
             drop(admitted);
         });
     }
@@ -121,7 +126,9 @@ async fn replay_safe(
     }
 }
 
-async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>, handshake: watch::Receiver<bool>) {
+async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, handshake: watch::Receiver<bool>) {
+    let client = arrival.client;
+    let arrival = Arc::new(arrival);
     metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "h3").increment(1);
     let quic = conn.clone();
     let built = h3::server::builder()
@@ -165,7 +172,7 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
         };
         match accepted {
             Ok(Some(resolver)) => {
-                let edge = edge.clone();
+                let (edge, arrival) = (edge.clone(), arrival.clone());
                 let handshake = handshake.clone();
                 let quic_peer = quic.clone();
                 let in_flight = activity.start();
@@ -197,8 +204,9 @@ async fn connection(conn: quinn::Connection, client: SocketAddr, edge: Arc<Edge>
                             let chain = quic_peer
                                 .peer_identity()
                                 .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
-                            let subject = crate::tls::client_subject(chain.as_deref().map(Vec::as_slice));
-                            edge.handle(req, client, "h3", subject, ()).await
+                            let mut arrival = (*arrival).clone();
+                            arrival.subject = crate::tls::client_subject(chain.as_deref().map(Vec::as_slice));
+                            edge.handle(req, &arrival, ()).await
                         }
                         Err(e) => {
                             metrics::counter!(m::EDGE_REJECTED, "reason" => e.reason()).increment(1);

@@ -20,46 +20,70 @@ use tracing::debug;
 pub struct Edge {
     pub mesh: Arc<Mesh>,
     pub limits: quicmesh_shared::config::EdgeLimits,
-    /// `Alt-Svc` advertised on TCP responses.
-    pub alt_svc: HeaderValue,
-    /// The edge port, for redirects that keep it.
-    pub port: u16,
     /// The gateway's mesh name: the source of the requests it sends into the mesh.
     pub name: String,
     /// Client connections open, in all and per client address.
     pub conns: Arc<crate::conns::Conns>,
 }
 
+/// One bound port of the edge and what its listeners make of it.
+#[derive(Debug)]
+pub struct Port {
+    /// The listeners' `port`: which of them a request may belong to.
+    pub key: u16,
+    /// The port redirects keep: the listeners' port, or the bound one for the default listener.
+    pub redirect_port: u16,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// `Alt-Svc` advertised on TCP responses, when the port also speaks HTTP/3.
+    pub alt_svc: Option<HeaderValue>,
+}
+
+impl Port {
+    pub fn new(key: u16, redirect_port: u16, tls: bool, h3_port: Option<u16>) -> Self {
+        let alt_svc = h3_port.and_then(|p| HeaderValue::from_str(&format!("h3=\":{p}\"; ma=86400")).ok());
+        Self { key, redirect_port, scheme: if tls { "https" } else { "http" }, alt_svc }
+    }
+}
+
+/// What a request's connection says about it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub client: SocketAddr,
+    pub proto: &'static str,
+    /// The subject of the client's verified certificate, passed upstream.
+    pub subject: Option<HeaderValue>,
+    pub port: Arc<Port>,
+    /// The TLS server name the connection asked for (lowercase).
+    pub sni: Option<String>,
+}
+
 impl Edge {
-    pub fn new(mesh: Arc<Mesh>, gc: &GatewayConfig, port: u16) -> Self {
-        let alt_svc =
-            HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).unwrap_or(HeaderValue::from_static("clear"));
+    pub fn new(mesh: Arc<Mesh>, gc: &GatewayConfig) -> Self {
         let conns = crate::conns::Conns::new(gc.limits.max_connections, gc.limits.max_connections_per_client);
-        Self { mesh, limits: gc.limits.clone(), alt_svc, port, name: gc.name.clone(), conns }
+        Self { mesh, limits: gc.limits.clone(), name: gc.name.clone(), conns }
     }
 
     /// Handles one client request end to end; never fails (errors become proxy responses).
     /// `held` is kept until the response body is done with (the connection's count of requests
     /// in flight), together with the drain's guard: one wrapper for both.
-    /// `subject`: the subject of the client's verified certificate, passed upstream.
     pub async fn handle<G: Send + Unpin + 'static>(
         &self,
         mut req: Request<Body>,
-        client: SocketAddr,
-        proto: &'static str,
-        subject: Option<HeaderValue>,
+        at: &Arrival,
         held: G,
     ) -> Response<Body> {
+        let (client, proto) = (at.client, at.proto);
         req.headers_mut().remove(crate::tls::CLIENT_SUBJECT);
-        if let Some(s) = subject {
-            req.headers_mut().insert(crate::tls::CLIENT_SUBJECT, s);
+        if let Some(s) = &at.subject {
+            req.headers_mut().insert(crate::tls::CLIENT_SUBJECT, s.clone());
         }
         let in_flight = (self.mesh.drain().guard(), held);
         let mut rec = Record::new("ingress", self.mesh.access_log().cloned());
         rec.protocol(proto);
         rec.request(&req);
         rec.source(&self.name, &self.name);
-        let mut resp = match self.route(req, client, &mut rec).await {
+        let mut resp = match self.route(req, at, &mut rec).await {
             // An error made by a node inside the mesh says where and why: not to outsiders.
             Ok(resp) => ProxyError::brief(resp),
             Err(e) => {
@@ -68,34 +92,41 @@ impl Edge {
                 e.brief_response()
             }
         };
-        if proto != "h3" {
-            resp.headers_mut().insert(ALT_SVC, self.alt_svc.clone());
+        if let (false, Some(alt_svc)) = (proto == "h3", &at.port.alt_svc) {
+            resp.headers_mut().insert(ALT_SVC, alt_svc.clone());
         }
         // Recorded when the response body ends; in flight for the drain until then too.
         rec.finish(resp).map(|b| body::with_guard(b, in_flight))
     }
 
-    async fn route(
-        &self,
-        req: Request<Body>,
-        client: SocketAddr,
-        rec: &mut Record,
-    ) -> Result<Response<Body>, ProxyError> {
+    async fn route(&self, req: Request<Body>, at: &Arrival, rec: &mut Record) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let table = self.mesh.table();
         pipeline::prepare(&mut parts, &table)?;
         let authority =
             headers::authority(&parts.uri, &parts.headers).ok_or_else(|| ProxyError::BadRequest("no Host".into()))?;
         let host = headers::host_of(&authority).into_owned();
+        let no_route = || ProxyError::NoRoute(format!("{host}{}", parts.uri.path()));
+        // Phase: listener. The Host picks the listener of this port (listener isolation); over
+        // TLS, one other than the server name picked was coalesced onto this connection.
+        let listeners = table.edge().ok_or_else(no_route)?;
+        let listener = listeners.select(at.port.key, &host);
+        if let Some(by_sni) = at.sni.as_deref().and_then(|sni| listeners.select(at.port.key, sni)) {
+            if listener.is_none_or(|l| !std::ptr::eq(by_sni, l)) {
+                return Err(ProxyError::Misdirected(host));
+            }
+        }
+        let listener = listener.ok_or_else(no_route)?;
         // Phase: route (Gateway API HTTPRoute matching and precedence), from the same table as
         // the services the route leads to.
-        let matched = table
-            .edge_routes()
-            .and_then(|routes| routes.find(&host, &parts.method, parts.uri.path(), parts.uri.query(), &parts.headers))
-            .ok_or_else(|| ProxyError::NoRoute(format!("{host}{}", parts.uri.path())))?;
+        let matched = listener
+            .routes
+            .find(&host, &parts.method, parts.uri.path(), parts.uri.query(), &parts.headers)
+            .ok_or_else(no_route)?;
+        let client = at.client;
         let side = Side {
-            scheme: "https",
-            port: Some(self.port),
+            scheme: at.port.scheme,
+            port: Some(at.port.redirect_port),
             default_body_limit: Some(self.limits.max_request_body),
             source: Some(&self.name),
             edge: true,

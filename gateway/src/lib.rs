@@ -59,12 +59,14 @@ pub struct GatewayAddrs {
     pub control: SocketAddr,
     /// `gateway.tcp` listeners: (service, address).
     pub tcp: Vec<(String, SocketAddr)>,
+    /// `gateway.listeners` (and listener sets' as `set/name`): (name, bound address).
+    pub listeners: Vec<(String, SocketAddr)>,
 }
 
 pub struct Gateway {
     pub addrs: GatewayAddrs,
     mesh_endpoint: quinn::Endpoint,
-    edge_endpoint: quinn::Endpoint,
+    edge_endpoints: Vec<quinn::Endpoint>,
     mesh: Arc<Mesh>,
     admin: Arc<AdminState>,
     drain_timeout: std::time::Duration,
@@ -72,8 +74,12 @@ pub struct Gateway {
 }
 
 /// Binds TCP and UDP on the same port; with port 0, retries until both get the same number.
-fn bind_edge(addr: SocketAddr, quic: quinn::ServerConfig) -> Result<(TcpListener, quinn::Endpoint), GatewayError> {
-    let err = |source| GatewayError::Listen { key: "gateway.listen", addr, source };
+fn bind_edge(
+    key: &'static str,
+    addr: SocketAddr,
+    quic: quinn::ServerConfig,
+) -> Result<(TcpListener, quinn::Endpoint), GatewayError> {
+    let err = |source| GatewayError::Listen { key, addr, source };
     for _ in 0..20 {
         let std_tcp = std::net::TcpListener::bind(addr).map_err(err)?;
         let tcp_addr = std_tcp.local_addr().map_err(err)?;
@@ -99,8 +105,61 @@ pub struct Preflight {
     pub paths: quicmesh_shared::config::TlsPaths,
     pub creds: Credentials,
     pub node_settings: std::collections::BTreeMap<String, overlay::NodeSettings>,
-    pub edge: (rustls::ServerConfig, rustls::ServerConfig, Arc<tls::Certificates>),
+    /// The edge's ports, from its listeners.
+    pub ports: Vec<PortPlan>,
     pub admin_token: Option<String>,
+}
+
+/// One port of the edge: where it binds, its listeners, what it speaks.
+pub struct PortPlan {
+    /// The listeners' `port`.
+    pub key: u16,
+    pub bind: SocketAddr,
+    /// Its listeners' names (`set/name` for a listener set's).
+    pub names: Vec<String>,
+    /// Whether the port carries HTTP (HTTP or HTTPS listeners), TLS listeners, HTTP/3 (HTTPS
+    /// listeners), or is a TCP listener's.
+    pub http: bool,
+    pub by_sni: bool,
+    pub h3: bool,
+    pub tcp: bool,
+    /// (TCP config, QUIC config, certificates) when the port terminates TLS.
+    pub tls: Option<(rustls::ServerConfig, rustls::ServerConfig, Arc<tls::Certificates>)>,
+    /// The default listener on `gateway.listen` (redirects keep the bound port).
+    pub implicit: bool,
+}
+
+fn plan_ports(gc: &quicmesh_shared::config::GatewayConfig) -> Result<Vec<PortPlan>, GatewayError> {
+    use quicmesh_shared::policy::listener::Protocol;
+    let binds = gc.listener_binds().map_err(|reason| {
+        GatewayError::Config(ConfigError::Invalid { key: "gateway.listeners".into(), origin: String::new(), reason })
+    })?;
+    let all = gc.all_listeners();
+    let implicit = gc.listeners.is_empty() && gc.listener_sets.is_empty();
+    let mut plans = Vec::new();
+    for (key, bind) in binds {
+        let on: Vec<_> = all.iter().filter(|(_, l)| l.port == key).collect();
+        let has = |p: Protocol| on.iter().any(|(_, l)| l.protocol == p);
+        let terminates = on.iter().any(|(_, l)| l.terminates());
+        plans.push(PortPlan {
+            key,
+            bind,
+            names: on
+                .iter()
+                .map(|(set, l)| match set {
+                    Some(set) => format!("{set}/{}", l.name),
+                    None => l.name.clone(),
+                })
+                .collect(),
+            http: has(Protocol::Http) || has(Protocol::Https),
+            by_sni: has(Protocol::Tls),
+            h3: has(Protocol::Https),
+            tcp: has(Protocol::Tcp),
+            tls: if terminates { Some(tls::edge_configs(gc, key)?) } else { None },
+            implicit,
+        });
+    }
+    Ok(plans)
 }
 
 /// Every start-up check of a gateway that needs no socket: its section, the overlays (applied
@@ -117,12 +176,12 @@ pub fn preflight(config: &mut Config) -> Result<Preflight, GatewayError> {
     };
     let paths = gc.tls.resolve(&gc.name, "gateway")?;
     let creds = Credentials::load_member(&paths, &config.mesh.trust_domain, &gc.name)?;
-    let edge = tls::edge_configs(&gc)?;
+    let ports = plan_ports(&gc)?;
     let admin_token = admin::admin_token(gc.admin, gc.admin_token_file.as_deref(), "gateway.admin_token_file")
         .map_err(|reason| {
             GatewayError::Config(ConfigError::Invalid { key: "gateway.admin".into(), origin: String::new(), reason })
         })?;
-    Ok(Preflight { paths, creds, node_settings, edge, admin_token })
+    Ok(Preflight { paths, creds, node_settings, ports, admin_token })
 }
 
 /// Like [`start`], watching `files` (the layers `config` was loaded from) for changes.
@@ -130,8 +189,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     for warning in config.warnings() {
         warn!("config: {warning}");
     }
-    let Preflight { paths, mut creds, node_settings, edge: (tcp_tls, quic_tls, certs), admin_token } =
-        preflight(&mut config)?;
+    let Preflight { paths, mut creds, node_settings, ports, admin_token } = preflight(&mut config)?;
     let transport_config = config.transport.clone();
     let gc = config.gateway.clone().ok_or(GatewayError::NoGatewaySection)?;
     // Send the CA along: a joining node pins it by fingerprint before it holds it.
@@ -152,10 +210,27 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         addr: gc.control,
         source,
     })?;
-    let quic = tls::quic_server(quic_tls, &gc.limits)?;
-    let (tcp, edge_endpoint) = bind_edge(gc.listen, quic)?;
-    let listen =
-        tcp.local_addr().map_err(|source| GatewayError::Listen { key: "gateway.listen", addr: gc.listen, source })?;
+    let mut bound = Vec::new();
+    for plan in ports {
+        let key = if plan.implicit { "gateway.listen" } else { "gateway.listeners[].port" };
+        let failed = |source| GatewayError::Listen { key, addr: plan.bind, source };
+        let (tcp, endpoint) = match &plan.tls {
+            Some((_, quic_tls, _)) if plan.h3 => {
+                let quic = tls::quic_server(quic_tls.clone(), &gc.limits)?;
+                let (tcp, ep) = bind_edge(key, plan.bind, quic)?;
+                (tcp, Some(ep))
+            }
+            _ => (TcpListener::bind(plan.bind).await.map_err(failed)?, None),
+        };
+        let addr = tcp.local_addr().map_err(failed)?;
+        bound.push((plan, tcp, endpoint, addr));
+    }
+    let listen = bound.first().map(|(_, _, _, addr)| *addr).unwrap_or(gc.listen);
+    let listeners: Vec<(String, SocketAddr)> = if bound.iter().any(|(p, ..)| p.implicit) {
+        Vec::new()
+    } else {
+        bound.iter().flat_map(|(p, _, _, addr)| p.names.iter().map(move |n| (n.clone(), *addr))).collect()
+    };
     let admin_listener = TcpListener::bind(gc.admin).await.map_err(|source| GatewayError::Listen {
         key: "gateway.admin",
         addr: gc.admin,
@@ -181,7 +256,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let store = gc.store.as_ref().map(|st| Arc::new(store::Store::new(st.etcd.clone(), &st.prefix, gc.node_grace)));
     let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone(), store);
     cp.set_files(files.clone());
-    let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc, listen.port()));
+    let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc));
     let (cp_status, mesh_dump) = (cp.clone(), mesh.clone());
     let extra: Vec<(&'static str, admin::JsonFn)> = vec![
         ("/nodes", Box::new(move || serde_json::to_string(&cp_status.status()).unwrap_or_default())),
@@ -225,14 +300,38 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, state.clone()));
-    tasks.spawn(edge::serve(tcp, Arc::new(tcp_tls), edge.clone()));
-    tasks.spawn(h3_edge::serve(edge_endpoint.clone(), edge.clone()));
+    let mut edge_endpoints = Vec::new();
+    for (plan, tcp, endpoint, addr) in bound {
+        if plan.tcp {
+            tasks.spawn(edge::serve_tcp(tcp, edge.clone(), plan.key));
+            continue;
+        }
+        let redirect_port = if plan.implicit { addr.port() } else { plan.key };
+        let port = Arc::new(handler::Port::new(
+            plan.key,
+            redirect_port,
+            plan.tls.is_some() || plan.by_sni,
+            endpoint.as_ref().map(|_| addr.port()),
+        ));
+        let (tcp_tls, certs) = match plan.tls {
+            Some((tcp_tls, _, certs)) => (Some(Arc::new(tcp_tls)), Some(certs)),
+            None => (None, None),
+        };
+        let at = Arc::new(edge::TcpPort { port: port.clone(), tls: tcp_tls, by_sni: plan.by_sni });
+        tasks.spawn(edge::serve(tcp, edge.clone(), at));
+        if let Some(ep) = endpoint {
+            tasks.spawn(h3_edge::serve(ep.clone(), edge.clone(), port));
+            edge_endpoints.push(ep);
+        }
+        if let Some(certs) = certs {
+            tasks.spawn(tls::watch_certificates(gc.clone(), certs));
+        }
+    }
     let mut tcp = Vec::new();
     for (service, addr, listener) in tcp_listeners {
         tasks.spawn(quicmesh_shared::proxy::tcp::serve(listener, service.clone(), mesh.clone()));
         tcp.push((service, addr));
     }
-    tasks.spawn(tls::watch_certificates(gc.clone(), certs));
     // The gateway's own mesh certificate: reloaded when its files change, renewed from the CA
     // when the CA is in the same state directory.
     let own_ca = gc.tls.state_dir.as_deref().and_then(|dir| Ca::open(dir).ok()).filter(|ca| {
@@ -264,9 +363,9 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     }
     state.ready.store(true, Ordering::Release);
     Ok(Gateway {
-        addrs: GatewayAddrs { listen, admin: admin_addr, control: control_addr, tcp },
+        addrs: GatewayAddrs { listen, admin: admin_addr, control: control_addr, tcp, listeners },
         mesh_endpoint,
-        edge_endpoint,
+        edge_endpoints,
         mesh,
         admin: state,
         drain_timeout: gc.drain_timeout,
@@ -289,8 +388,15 @@ impl Gateway {
     }
 
     pub async fn shutdown(self) {
-        self.edge_endpoint.close(0u32.into(), b"gateway shutting down");
+        for ep in &self.edge_endpoints {
+            ep.close(0u32.into(), b"gateway shutting down");
+        }
         self.mesh_endpoint.close(0u32.into(), b"gateway shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.edge_endpoint.wait_idle()).await;
+        let idle = async {
+            for ep in &self.edge_endpoints {
+                ep.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
     }
 }

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use quicmesh_shared::config::watch::FileWatch;
-use quicmesh_shared::config::{EdgeLimits, FrontendMode, GatewayConfig};
+use quicmesh_shared::config::{EdgeCertificate, EdgeLimits, FrontendMode, GatewayConfig};
 use quicmesh_shared::identity::tls::provider;
 use quicmesh_shared::identity::{self, read_certs, read_key};
+use quicmesh_shared::policy::listener::rank;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -15,63 +16,113 @@ use tracing::warn;
 
 use crate::GatewayError;
 
-/// Picks the certificate by SNI, falling back to the first configured one.
-#[derive(Debug)]
+/// Picks a certificate by SNI among a set of certificates, falling back to the first.
+#[derive(Debug, Clone)]
 struct SniResolver {
     by_name: HashMap<String, Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
 }
 
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let by_sni = hello.server_name().and_then(|n| {
-            let n = n.to_ascii_lowercase();
+impl SniResolver {
+    fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let by_sni = sni.and_then(|n| {
             self.by_name
-                .get(&n)
+                .get(n)
                 .or_else(|| n.split_once('.').and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}"))))
         });
-        Some(by_sni.unwrap_or(&self.default).clone())
+        by_sni.unwrap_or(&self.default).clone()
     }
-}
 
-fn resolver(gc: &GatewayConfig) -> Result<SniResolver, GatewayError> {
-    let provider = provider();
-    let certified =
-        |chain, key| CertifiedKey::from_der(chain, key, &provider).map_err(|e| GatewayError::Tls(e.to_string()));
-    if gc.certificates.is_empty() {
-        let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
-        let (cert, key) = identity::self_signed(&names)?;
-        warn!("no gateway.certificates configured: serving a self-signed development certificate for localhost");
-        let ck = Arc::new(certified(vec![cert], key)?);
-        return Ok(SniResolver { by_name: HashMap::new(), default: ck });
-    }
-    let mut by_name = HashMap::new();
-    let mut default = None;
-    for c in &gc.certificates {
-        let ck = Arc::new(certified(read_certs(&c.cert)?, read_key(&c.key)?)?);
-        for name in &c.hostnames {
-            by_name.insert(name.to_ascii_lowercase(), ck.clone());
+    fn load(certificates: &[EdgeCertificate]) -> Result<Option<Self>, GatewayError> {
+        let provider = provider();
+        let mut by_name = HashMap::new();
+        let mut default = None;
+        for c in certificates {
+            let ck = CertifiedKey::from_der(read_certs(&c.cert)?, read_key(&c.key)?, &provider)
+                .map_err(|e| GatewayError::Tls(e.to_string()))?;
+            let ck = Arc::new(ck);
+            for name in &c.hostnames {
+                by_name.insert(name.to_ascii_lowercase(), ck.clone());
+            }
+            default.get_or_insert(ck);
         }
-        default.get_or_insert(ck);
+        Ok(default.map(|default| Self { by_name, default }))
     }
-    let default = default.ok_or_else(|| GatewayError::Tls("no certificate".into()))?;
-    Ok(SniResolver { by_name, default })
 }
 
-/// The edge certificates, swappable while clients connect: a new handshake sees the new ones.
+/// The certificates of one port: a server name first picks its listener (as requests do), and
+/// that listener's certificates answer, or the gateway's (`gateway.certificates`) when it has
+/// none; with no certificate anywhere, a self-signed development certificate.
 #[derive(Debug)]
-pub struct Certificates(arc_swap::ArcSwap<SniResolver>);
+struct PortResolver {
+    /// Terminating listeners of the port: hostname, own certificates.
+    listeners: Vec<(Option<String>, Option<SniResolver>)>,
+    fallback: SniResolver,
+}
+
+impl ResolvesServerCert for PortResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let own = self
+            .listeners
+            .iter()
+            .filter_map(|(h, certs)| Some((rank(h.as_deref(), sni.as_deref().unwrap_or_default())?, certs)))
+            .max_by_key(|(r, _)| *r)
+            .and_then(|(_, certs)| certs.as_ref());
+        Some(own.unwrap_or(&self.fallback).pick(sni.as_deref()))
+    }
+}
+
+fn resolver(gc: &GatewayConfig, port: u16) -> Result<PortResolver, GatewayError> {
+    let mut listeners = Vec::new();
+    for (_, l) in gc.all_listeners() {
+        if l.port == port && l.terminates() {
+            let certs = SniResolver::load(&l.certificates)?;
+            listeners.push((l.hostname.as_ref().map(|h| h.to_ascii_lowercase()), certs));
+        }
+    }
+    let fallback = match SniResolver::load(&gc.certificates)? {
+        Some(r) => r,
+        None => match listeners.iter().find_map(|(_, c)| c.clone()) {
+            Some(r) => r,
+            None => {
+                let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+                let (cert, key) = identity::self_signed(&names)?;
+                warn!(port, "no certificates configured: serving a self-signed development certificate for localhost");
+                let ck = CertifiedKey::from_der(vec![cert], key, &provider())
+                    .map_err(|e| GatewayError::Tls(e.to_string()))?;
+                SniResolver { by_name: HashMap::new(), default: Arc::new(ck) }
+            }
+        },
+    };
+    Ok(PortResolver { listeners, fallback })
+}
+
+/// The edge certificates of one port, swappable while clients connect: a new handshake sees
+/// the new ones.
+#[derive(Debug)]
+pub struct Certificates {
+    port: u16,
+    current: arc_swap::ArcSwap<PortResolver>,
+}
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.load().resolve(hello)
+        self.current.load().resolve(hello)
     }
 }
 
-/// Reloads the edge certificates when their files change (renewed by an ACME client, say),
+/// The certificate and key files a port serves.
+fn files_of(gc: &GatewayConfig, port: u16) -> Vec<std::path::PathBuf> {
+    let listeners = gc.all_listeners();
+    let own = listeners.iter().filter(|(_, l)| l.port == port).flat_map(|(_, l)| l.certificates.clone());
+    gc.certificates.iter().cloned().chain(own).flat_map(|c| [c.cert, c.key]).collect()
+}
+
+/// Reloads a port's certificates when their files change (renewed by an ACME client, say),
 /// once they have held still for one interval; a broken pair is refused and the old one stays.
 pub fn watch_certificates(gc: GatewayConfig, certs: Arc<Certificates>) -> impl std::future::Future<Output = ()> + Send {
-    let files: Vec<_> = gc.certificates.iter().flat_map(|c| [c.cert.clone(), c.key.clone()]).collect();
+    let files = files_of(&gc, certs.port);
     // Watched from this call on (see `FileWatch`), when there is anything to watch.
     let watch =
         (!files.is_empty()).then(|| FileWatch::new(move || files.clone(), gc.watch_interval, gc.watch_interval));
@@ -89,21 +140,22 @@ async fn reload_certificates<F: Fn() -> Vec<std::path::PathBuf>>(
 ) {
     loop {
         watch.changed().await;
-        match resolver(&gc) {
+        match resolver(&gc, certs.port) {
             Ok(r) => {
-                certs.0.store(Arc::new(r));
-                tracing::info!("edge certificates reloaded");
+                certs.current.store(Arc::new(r));
+                tracing::info!(port = certs.port, "edge certificates reloaded");
             }
             Err(e) => warn!(error = %e, "edge certificate change refused; serving the previous certificates"),
         }
     }
 }
 
-/// (TCP config, QUIC config) sharing one certificate resolver.
+/// (TCP config, QUIC config) of one port, sharing one certificate resolver.
 pub fn edge_configs(
     gc: &GatewayConfig,
+    port: u16,
 ) -> Result<(rustls::ServerConfig, rustls::ServerConfig, Arc<Certificates>), GatewayError> {
-    let certs = Arc::new(Certificates(arc_swap::ArcSwap::from_pointee(resolver(gc)?)));
+    let certs = Arc::new(Certificates { port, current: arc_swap::ArcSwap::from_pointee(resolver(gc, port)?) });
     let resolver = certs.clone();
     let tls_err = |e: rustls::Error| GatewayError::Tls(e.to_string());
     let clients = client_verifier(gc)?;

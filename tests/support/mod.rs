@@ -102,6 +102,8 @@ pub struct Addrs {
     pub admin: SocketAddr,
     pub control: SocketAddr,
     pub tcp: Vec<(String, SocketAddr)>,
+    /// A gateway's `gateway.listeners`, by name.
+    pub listeners: std::collections::HashMap<String, SocketAddr>,
 }
 
 /// What a child process is started inside of.
@@ -261,6 +263,12 @@ impl NodeProc {
             .filter_map(|w| w.split_once('='))
             .map(|(s, a)| (s.to_string(), a.parse().unwrap()))
             .collect();
+        let listeners = line
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("listener."))
+            .filter_map(|w| w.split_once('='))
+            .map(|(s, a)| (s.to_string(), a.parse().unwrap()))
+            .collect();
         let addrs = Addrs {
             outbound: field("outbound"),
             inbound: field("inbound"),
@@ -268,6 +276,7 @@ impl NodeProc {
             admin: field("admin"),
             control: field("control"),
             tcp,
+            listeners,
         };
         NodeProc { child, addrs, config: configs[0].clone(), configs, stderr, kind, args: Vec::new(), wrap }
     }
@@ -886,4 +895,62 @@ impl TcpTrouble {
         self.retrans_segs += other.retrans_segs;
         self.timeouts += other.timeouts;
     }
+}
+
+/// A TLS server config with a self-signed certificate for `names`, written to
+/// `<dir>/<stem>-cert.pem` (returned, for clients to trust) and `<stem>-key.pem`.
+pub fn self_signed_server(dir: &Path, stem: &str, names: &[&str]) -> (rustls::ServerConfig, PathBuf) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let (cert_pem, key_pem) = quicmesh_shared::identity::self_signed_pem(&names).unwrap();
+    let cert_file = dir.join(format!("{stem}-cert.pem"));
+    std::fs::write(&cert_file, &cert_pem).unwrap();
+    let key_file = dir.join(format!("{stem}-key.pem"));
+    std::fs::write(&key_file, &key_pem).unwrap();
+    let certs = quicmesh_shared::identity::read_certs(&cert_file).unwrap();
+    let key = quicmesh_shared::identity::read_key(&key_file).unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+    (config, cert_file)
+}
+
+/// A TLS client config trusting only the certificates in `ca` (PEM).
+pub fn tls_client_trusting(ca: &Path) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in quicmesh_shared::identity::read_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// Serves TLS with `config` on a loopback port: each connection, once its handshake is done,
+/// goes to `serve`.
+pub async fn tls_server<F, Fut>(config: rustls::ServerConfig, serve: F) -> SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
+                }
+            });
+        }
+    });
+    addr
 }

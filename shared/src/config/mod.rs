@@ -5,6 +5,7 @@
 //! to one process. Layers, lowest first: built-in defaults, each `--config` file in order, then
 //! `QUICMESH_` environment variables with `__` for nesting (`QUICMESH_NODE__NAME=node-a`).
 
+pub mod listener;
 pub mod overlay;
 pub mod watch;
 
@@ -357,6 +358,18 @@ pub struct GatewayConfig {
     /// Client certificates the edge asks for (the Gateway API's frontend validation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frontend_validation: Option<FrontendValidation>,
+    /// The Gateway API's listeners; none means one HTTPS listener on `listen`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<listener::Listener>,
+    /// The Gateway API's ListenerSets: more listeners, attached to by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listener_sets: Vec<listener::ListenerSet>,
+    /// TLSRoutes: TLS connections by server name to `protocol = "tcp"` services.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_routes: Vec<crate::policy::listener::StreamRoute>,
+    /// TCPRoutes: a TCP listener's connections to `protocol = "tcp"` services.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tcp_routes: Vec<crate::policy::listener::StreamRoute>,
 }
 
 /// `[gateway.store]`: the etcd cluster gateway replicas share their registry through.
@@ -395,6 +408,10 @@ impl Default for GatewayConfig {
             store: None,
             tcp: Vec::new(),
             frontend_validation: None,
+            listeners: Vec::new(),
+            listener_sets: Vec::new(),
+            tls_routes: Vec::new(),
+            tcp_routes: Vec::new(),
         }
     }
 }
@@ -420,7 +437,7 @@ pub enum FrontendMode {
 }
 
 /// One edge certificate and the server names it answers for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeCertificate {
     pub cert: PathBuf,
@@ -838,11 +855,27 @@ fn resolve_paths(config: &mut Config, fig: &Figment) {
         fix_opt(&mut gw.admin_token_file, "gateway.admin_token_file");
         fix_opt(&mut gw.registry_file, "gateway.registry_file");
         fix_opt(&mut gw.overlays, "gateway.overlays");
-        let certs = found("gateway.certificates").and_then(|v| v.into_array()).unwrap_or_default();
-        for (cert, value) in gw.certificates.iter_mut().zip(certs) {
-            let mut entry = value.into_dict().unwrap_or_default();
-            fix(&mut cert.cert, entry.remove("cert"));
-            fix(&mut cert.key, entry.remove("key"));
+        // A list of certificates and the figment values they came from.
+        let fix_certs = |certs: &mut [EdgeCertificate], values: Option<figment::value::Value>| {
+            let values = values.and_then(|v| v.into_array()).unwrap_or_default();
+            for (cert, value) in certs.iter_mut().zip(values) {
+                let mut entry = value.into_dict().unwrap_or_default();
+                fix(&mut cert.cert, entry.remove("cert"));
+                fix(&mut cert.key, entry.remove("key"));
+            }
+        };
+        let field = |value: figment::value::Value, name: &str| value.into_dict().and_then(|mut d| d.remove(name));
+        fix_certs(&mut gw.certificates, found("gateway.certificates"));
+        let listeners = found("gateway.listeners").and_then(|v| v.into_array()).unwrap_or_default();
+        for (l, value) in gw.listeners.iter_mut().zip(listeners) {
+            fix_certs(&mut l.certificates, field(value, "certificates"));
+        }
+        let sets = found("gateway.listener_sets").and_then(|v| v.into_array()).unwrap_or_default();
+        for (set, value) in gw.listener_sets.iter_mut().zip(sets) {
+            let listeners = field(value, "listeners").and_then(|v| v.into_array()).unwrap_or_default();
+            for (l, value) in set.listeners.iter_mut().zip(listeners) {
+                fix_certs(&mut l.certificates, field(value, "certificates"));
+            }
         }
         if let Some(fv) = gw.frontend_validation.as_mut() {
             let cas = found("gateway.frontend_validation.ca_certificates").and_then(|v| v.into_array());
@@ -1076,6 +1109,7 @@ impl Config {
                 return Err(invalid("gateway.limits.max_concurrent_streams", format!("must be 1..={MAX_STREAMS}")));
             }
             self.validate_routes(&gw.routes, "gateway.routes")?;
+            self.validate_listeners(gw)?;
         }
         self.validate_routes(&self.routes, "routes")?;
         let t = &self.transport;
@@ -1115,13 +1149,94 @@ impl Config {
         Ok(())
     }
 
-    /// What is accepted but will not work as written: routes whose backends name no service
-    /// (`quicmesh check` and the daemons' logs show these).
+    /// Listeners that work together, routes attach to them, stream routes lead to TCP services.
+    fn validate_listeners(&self, gw: &GatewayConfig) -> Result<(), ConfigError> {
+        use crate::policy::listener::{valid_section_name, Listeners};
+        for (i, set) in gw.listener_sets.iter().enumerate() {
+            if !valid_section_name(&set.name) || gw.listener_sets[..i].iter().any(|s| s.name == set.name) {
+                return Err(invalid(
+                    format!("gateway.listener_sets[{i}].name"),
+                    format!("{:?} is not a unique lowercase name", set.name),
+                ));
+            }
+        }
+        gw.listener_binds().map_err(|e| invalid("gateway.listeners", e))?;
+        for (_, l) in gw.all_listeners() {
+            if !l.terminates() && !l.certificates.is_empty() {
+                return Err(invalid(
+                    "gateway.listeners",
+                    format!("listener {:?} does not terminate TLS: it takes no certificates", l.name),
+                ));
+            }
+            if l.protocol != crate::policy::listener::Protocol::Tls && l.tls_mode != listener::TlsMode::Passthrough {
+                return Err(invalid(
+                    "gateway.listeners",
+                    format!("listener {:?}: tls_mode is for TLS listeners", l.name),
+                ));
+            }
+            if l.tls_mode == listener::TlsMode::Terminate {
+                return Err(invalid(
+                    "gateway.listeners",
+                    format!(
+                        "listener {:?}: tls_mode = \"Terminate\" is not supported yet; use Passthrough, or an HTTPS listener",
+                        l.name
+                    ),
+                ));
+            }
+        }
+        for (key, routes) in [("gateway.tls_routes", &gw.tls_routes), ("gateway.tcp_routes", &gw.tcp_routes)] {
+            for (i, r) in routes.iter().enumerate() {
+                if r.backend_refs.is_empty() {
+                    return Err(invalid(format!("{key}[{i}].backendRefs"), "name at least one service"));
+                }
+                if key == "gateway.tcp_routes" && !r.hostnames.is_empty() {
+                    return Err(invalid(format!("{key}[{i}].hostnames"), "a TCPRoute has no hostnames"));
+                }
+                for b in &r.backend_refs {
+                    if self.service(&b.name).is_some_and(|s| s.protocol != Protocol::Tcp) {
+                        return Err(invalid(
+                            format!("{key}[{i}].backendRefs"),
+                            format!("service {:?} is not protocol \"tcp\"", b.name),
+                        ));
+                    }
+                }
+            }
+        }
+        if self.routes.iter().any(|r| !r.parent_refs.is_empty()) {
+            return Err(invalid("routes", "parentRefs attach gateway.routes to listeners; mesh routes take none"));
+        }
+        Listeners::compile(&gw.name, gw.listener_specs(), &gw.routes, &gw.tls_routes, &gw.tcp_routes)
+            .map_err(|e| invalid("gateway.listeners", e))?;
+        Ok(())
+    }
+
+    /// What is accepted but will not work as written: routes whose backends name no service,
+    /// gateway routes that attach to no listener (`quicmesh check` and the daemons' logs show
+    /// these).
     pub fn warnings(&self) -> Vec<String> {
         let exists = |name: &str| self.service(name).is_some();
         let mut out = unknown_backends(&self.routes, "routes", exists);
         if let Some(gw) = &self.gateway {
             out.extend(unknown_backends(&gw.routes, "gateway.routes", exists));
+            if let Ok((_, unattached)) = crate::policy::listener::Listeners::compile(
+                &gw.name,
+                gw.listener_specs(),
+                &gw.routes,
+                &gw.tls_routes,
+                &gw.tcp_routes,
+            ) {
+                out.extend(unattached);
+            }
+            for (key, routes) in [("gateway.tls_routes", &gw.tls_routes), ("gateway.tcp_routes", &gw.tcp_routes)] {
+                for r in routes {
+                    for b in r.backend_refs.iter().filter(|b| !exists(&b.name)) {
+                        out.push(format!(
+                            "{key}: route {:?} sends to service {:?}, which is not declared (it must register as protocol \"tcp\")",
+                            r.name, b.name
+                        ));
+                    }
+                }
+            }
         }
         out
     }

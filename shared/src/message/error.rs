@@ -53,6 +53,11 @@ pub enum ProxyError {
     /// expects); the reason stays the last try's.
     #[error("{tries} tries failed; the last: {cause}")]
     Exhausted { tries: u32, cause: Box<ProxyError> },
+    /// The request's Host belongs to another listener than the one its connection's TLS
+    /// server name chose (HTTP/2 and HTTP/3 connection coalescing): 421, so the client opens
+    /// a connection for that host (RFC 9110 section 15.5.20).
+    #[error("host {0:?} is not served on this connection")]
+    Misdirected(String),
 }
 
 /// Internal header on a response from a peer node's own error: the request never reached the
@@ -78,6 +83,7 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::InvalidBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -102,6 +108,7 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => "not-implemented",
             ProxyError::InvalidBackend(_) => "invalid-backend",
             ProxyError::Exhausted { cause, .. } => cause.reason(),
+            ProxyError::Misdirected(_) => "misdirected",
         }
     }
 
@@ -126,6 +133,7 @@ impl ProxyError {
         "too-early",
         "not-implemented",
         "invalid-backend",
+        "misdirected",
         "client-closed",
     ];
 

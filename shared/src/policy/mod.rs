@@ -6,5 +6,6 @@ pub mod authz;
 pub mod balance;
 pub mod health;
 pub mod limit;
+pub mod listener;
 pub mod retry;
 pub mod route;

@@ -27,6 +27,9 @@ pub struct HttpRoute {
     pub hostnames: Vec<String>,
     #[serde(default)]
     pub rules: Vec<RouteRule>,
+    /// Gateway routes: the listeners it attaches to (none: every listener taking HTTPRoutes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parent_refs: Vec<crate::policy::listener::ParentRef>,
     /// quicmesh extension: largest request body accepted, bytes (413 past it); default
     /// `gateway.limits.max_request_body`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -166,9 +166,9 @@ impl Mesh {
         if !Arc::ptr_eq(&table.routes, &old.routes) && table.routes.routes() == old.routes.routes() {
             table.routes = old.routes.clone();
         }
-        if let (Some(new), Some(prev)) = (&table.edge_routes, &old.edge_routes) {
-            if !Arc::ptr_eq(new, prev) && new.routes() == prev.routes() {
-                table.edge_routes = Some(prev.clone());
+        if let (Some(new), Some(prev)) = (&table.edge, &old.edge) {
+            if !Arc::ptr_eq(new, prev) && new.same_as(prev) {
+                table.edge = Some(prev.clone());
             }
         }
         drop(old);

@@ -185,7 +185,7 @@ impl Table {
         Ok(Table {
             version,
             routes: table_routes,
-            edge_routes: self.edge_routes.clone(),
+            edge: self.edge.clone(),
             config,
             services,
             hosts,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::config::{invalid, Config, ConfigError, EndpointConfig, ServiceConfig};
 use crate::policy::balance::{EndpointStats, HashOn, Maglev, Policy};
+use crate::policy::listener::Listeners;
 use crate::policy::retry::Budget;
 use crate::policy::route::RouteTable;
 
@@ -84,8 +85,9 @@ pub struct Table {
     pub(crate) version: u64,
     /// Mesh routes (`[[routes]]`), compiled.
     pub(crate) routes: Arc<RouteTable>,
-    /// The gateway's edge routes (`gateway.routes`), compiled; `None` off the gateway.
-    pub(crate) edge_routes: Option<Arc<RouteTable>>,
+    /// The gateway's listeners with the routes attached to each (`gateway.routes`,
+    /// `gateway.tls_routes`, `gateway.tcp_routes`), compiled; `None` off the gateway.
+    pub(crate) edge: Option<Arc<Listeners>>,
     /// Everything else (peers, timeouts, policies); services live in `services`.
     pub(crate) config: Arc<Config>,
     pub(crate) services: HashMap<String, Arc<Service>>,
@@ -161,10 +163,14 @@ impl Table {
     pub fn compile(mut config: Config, version: u64) -> Result<Self, ConfigError> {
         let routes =
             RouteTable::new(std::mem::take(&mut config.routes)).map_err(|e| invalid("routes", e.to_string()))?;
-        let edge_routes = match &config.gateway {
-            Some(gw) => Some(Arc::new(
-                RouteTable::new(gw.routes.clone()).map_err(|e| invalid("gateway.routes", e.to_string()))?,
-            )),
+        let edge = match &config.gateway {
+            Some(gw) => {
+                RouteTable::new(gw.routes.clone()).map_err(|e| invalid("gateway.routes", e.to_string()))?;
+                let (listeners, _) =
+                    Listeners::compile(&gw.name, gw.listener_specs(), &gw.routes, &gw.tls_routes, &gw.tcp_routes)
+                        .map_err(|e| invalid("gateway.listeners", e))?;
+                Some(Arc::new(listeners))
+            }
             None => None,
         };
         let mut revoked_endpoints = Vec::new();
@@ -185,7 +191,7 @@ impl Table {
         Ok(Self {
             version,
             routes: Arc::new(routes),
-            edge_routes,
+            edge,
             config: Arc::new(config),
             services,
             hosts,
@@ -210,9 +216,9 @@ impl Table {
         &self.routes
     }
 
-    /// The gateway's edge routes (`gateway.routes`); empty off the gateway.
-    pub fn edge_routes(&self) -> Option<&RouteTable> {
-        self.edge_routes.as_deref()
+    /// The gateway's listeners and their routes; `None` off the gateway.
+    pub fn edge(&self) -> Option<&Listeners> {
+        self.edge.as_deref()
     }
 
     /// The service this node speaks for in its outbound calls, when it hosts exactly one.
@@ -344,13 +350,15 @@ mod tests {
     fn the_edge_routes_and_the_services_they_lead_to_are_one_table() {
         let gw = "[gateway]\n[[gateway.routes]]\nname = \"in\"\n[[gateway.routes.rules]]\nbackendRefs = [{ name = \"web\" }]\n";
         let table = Table::compile(config(gw), 7).unwrap();
-        let routes = table.edge_routes().expect("the gateway's routes are compiled with its table");
-        let matched = routes
+        let edge = table.edge().expect("the gateway's routes are compiled with its table");
+        let listener = edge.select(8443, "example.com").expect("the default listener on gateway.listen");
+        let matched = listener
+            .routes
             .find("example.com", &http::Method::GET, "/", None, &http::HeaderMap::new())
             .expect("the catch-all edge route");
         let backend = &matched.rule.backend_refs[0].name;
         assert!(table.service(backend).is_some(), "the route's service is in the same table");
-        assert!(Table::compile(config(""), 1).unwrap().edge_routes().is_none(), "off the gateway: none");
+        assert!(Table::compile(config(""), 1).unwrap().edge().is_none(), "off the gateway: none");
         // Typed once: consistent hashing keeps the parsed key, other policies none.
         let mut hashed = config("");
         hashed.services[0].lb.policy = Policy::ConsistentHash;

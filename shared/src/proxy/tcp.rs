@@ -39,19 +39,27 @@ const MAX_IOVECS: usize = 256;
 
 /// Accepts local connections for `service` and carries each to one of its endpoints.
 pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
-    while let Some((tcp, client)) = mesh.drain().accept(&listener, "TCP forward").await {
+    while let Some((tcp, _)) = mesh.drain().accept(&listener, "TCP forward").await {
         let mesh = mesh.clone();
         let service = service.clone();
         tokio::spawn(async move {
-            if let Err(e) = outbound(tcp, &service, &mesh).await {
-                metrics::counter!(m::PROXY_ERRORS, "direction" => "outbound", "reason" => e.reason()).increment(1);
-                warn!(%client, service, error = %e, "TCP tunnel failed");
-            }
+            forward(tcp, &service, &mesh, Bytes::new()).await;
         });
     }
 }
 
-async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), ProxyError> {
+/// Carries one accepted connection to an endpoint of `service`; `first` is what was already
+/// read from it (a TLS ClientHello read for its server name), sent ahead of the rest. Failures
+/// are counted and logged here.
+pub async fn forward(tcp: TcpStream, service: &str, mesh: &Mesh, first: Bytes) {
+    let client = tcp.peer_addr().ok();
+    if let Err(e) = outbound(tcp, service, mesh, first).await {
+        metrics::counter!(m::PROXY_ERRORS, "direction" => "outbound", "reason" => e.reason()).increment(1);
+        warn!(client = ?client, service, error = %e, "TCP tunnel failed");
+    }
+}
+
+async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh, first: Bytes) -> Result<(), ProxyError> {
     let table = mesh.table();
     let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
     let client = tcp.peer_addr().ok().map(|a| a.ip());
@@ -71,8 +79,12 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
         mesh.authorize(&table, service, &caller, &target)?;
         let mut upstream = connect(ep.address, &table).await?;
         let mut tcp = tcp;
+        if upstream.write_all(&first).await.is_err() {
+            let _ = tcp.set_zero_linger();
+            return Ok(());
+        }
         match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
-            Ok((up, down)) => done.bytes(up, down),
+            Ok((up, down)) => done.bytes(up + first.len() as u64, down),
             // One side reset or failed: reset the other too, as a tunnel through a peer does.
             Err(_) => {
                 let _ = tcp.set_zero_linger();
@@ -103,9 +115,15 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh) -> Result<(), Prox
             Err(e) => return Err(e),
         }
     };
-    let (send, recv) = stream.split();
+    let (mut send, recv) = stream.split();
+    let sent = first.len() as u64;
+    if !first.is_empty() && send.send(first).await.is_err() {
+        let _ = tcp.set_zero_linger();
+        send.reset();
+        return Ok(());
+    }
     let (up, down) = splice(tcp, send, recv).await;
-    done.bytes(up, down);
+    done.bytes(up + sent, down);
     Ok(())
 }
 

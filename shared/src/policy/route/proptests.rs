@@ -81,6 +81,7 @@ fn route_set() -> impl Strategy<Value = Vec<HttpRoute>> {
             .map(|(i, (hostnames, rules))| HttpRoute {
                 name: format!("r{i}"),
                 hostnames: hostnames.into_iter().map(Into::into).collect(),
+                parent_refs: Vec::new(),
                 rules: rules
                     .into_iter()
                     .enumerate()

@@ -1,0 +1,130 @@
+//! `[[gateway.listeners]]` and `[[gateway.listener_sets]]`: the Gateway API's Listener and
+//! ListenerSet as config. What they mean for requests is `policy::listener`.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{EdgeCertificate, GatewayConfig};
+use crate::policy::listener::{ListenerSpec, Protocol, RouteKind};
+
+/// One listener of the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Unique among the gateway's listeners (or its set's); routes name it as `sectionName`.
+    pub name: String,
+    /// The port clients reach: what a route's `parentRefs` port and redirects name.
+    pub port: u16,
+    /// Where to bind; default `gateway.listen`'s address with `port`. Listeners of one port
+    /// share one socket (HTTPS: TCP and UDP), so at most one address per port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    pub protocol: Protocol,
+    /// Exact or `*.suffix`; unset, every host not taken by a more specific listener of the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// HTTPS and terminating TLS listeners: certificates served for this listener's names
+    /// (by SNI); default `gateway.certificates`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<EdgeCertificate>,
+    /// TLS listeners: `Passthrough` (default; the gateway never decrypts) or `Terminate`.
+    #[serde(default)]
+    pub tls_mode: TlsMode,
+    /// Route kinds it takes; default every kind its protocol carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_routes: Option<Vec<RouteKind>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsMode {
+    #[default]
+    Passthrough,
+    Terminate,
+}
+
+/// Listeners a team adds to the gateway without editing its own list; routes attach to them
+/// with `parentRefs = [{ kind = "ListenerSet", name = ... }]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSet {
+    pub name: String,
+    pub listeners: Vec<Listener>,
+}
+
+/// The name of the listener a gateway without `listeners` has: `gateway.listen`, HTTPS.
+pub const DEFAULT_LISTENER: &str = "default";
+
+impl Listener {
+    pub fn spec(&self, set: Option<&str>) -> ListenerSpec {
+        let terminate = self.protocol == Protocol::Tls && self.tls_mode == TlsMode::Terminate;
+        ListenerSpec {
+            name: self.name.clone(),
+            set: set.map(Into::into),
+            port: self.port,
+            protocol: self.protocol,
+            hostname: self.hostname.as_ref().map(|h| h.to_ascii_lowercase()),
+            kinds: self
+                .allowed_routes
+                .clone()
+                .unwrap_or_else(|| RouteKind::supported_by(self.protocol, terminate).to_vec()),
+            terminate,
+        }
+    }
+
+    /// Whether it terminates TLS (HTTPS, or TLS in `Terminate` mode).
+    pub fn terminates(&self) -> bool {
+        self.protocol == Protocol::Https || (self.protocol == Protocol::Tls && self.tls_mode == TlsMode::Terminate)
+    }
+}
+
+impl GatewayConfig {
+    /// Every listener with the set it belongs to; without `listeners` and `listener_sets`, the
+    /// one HTTPS listener on `gateway.listen` named [`DEFAULT_LISTENER`].
+    pub fn all_listeners(&self) -> Vec<(Option<&str>, std::borrow::Cow<'_, Listener>)> {
+        if self.listeners.is_empty() && self.listener_sets.is_empty() {
+            let implicit = Listener {
+                name: DEFAULT_LISTENER.into(),
+                port: self.listen.port(),
+                listen: Some(self.listen),
+                protocol: Protocol::Https,
+                hostname: None,
+                certificates: Vec::new(),
+                tls_mode: TlsMode::Passthrough,
+                allowed_routes: None,
+            };
+            return vec![(None, std::borrow::Cow::Owned(implicit))];
+        }
+        let own = self.listeners.iter().map(|l| (None, std::borrow::Cow::Borrowed(l)));
+        let sets = self
+            .listener_sets
+            .iter()
+            .flat_map(|s| s.listeners.iter().map(move |l| (Some(s.name.as_str()), std::borrow::Cow::Borrowed(l))));
+        own.chain(sets).collect()
+    }
+
+    /// The listeners as attachment sees them.
+    pub fn listener_specs(&self) -> Vec<ListenerSpec> {
+        self.all_listeners().iter().map(|(set, l)| l.spec(*set)).collect()
+    }
+
+    /// Where each port's socket binds: (port, address), in first-listed order; one address
+    /// per port, or the listener that disagrees.
+    pub fn listener_binds(&self) -> Result<Vec<(u16, SocketAddr)>, String> {
+        let mut out: Vec<(u16, Option<SocketAddr>)> = Vec::new();
+        for (_, l) in self.all_listeners() {
+            match out.iter_mut().find(|(p, _)| *p == l.port) {
+                Some((_, at)) => match (*at, l.listen) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(format!("listener {:?}: port {} already binds {a}, not {b}", l.name, l.port))
+                    }
+                    (None, Some(b)) => *at = Some(b),
+                    _ => {}
+                },
+                None => out.push((l.port, l.listen)),
+            }
+        }
+        let ip = self.listen.ip();
+        Ok(out.into_iter().map(|(p, at)| (p, at.unwrap_or(SocketAddr::new(ip, p)))).collect())
+    }
+}
