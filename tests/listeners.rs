@@ -376,6 +376,22 @@ async fn plain_http_listeners_listener_sets_and_attachment_by_port() {
     assert_eq!(status, 404, "a listener set's route stays on its listeners");
 
     s.gw.log_with(&["\"nowhere\" attaches to no listener"]).await;
+
+    // Routes and their attachment reload; a listener needing a new socket waits for a restart.
+    let text = std::fs::read_to_string(&s.gw.config).unwrap();
+    let added = "\n[[gateway.routes]]\nname = \"added\"\nparentRefs = [{ sectionName = \"plain\" }]\n\
+                 [[gateway.routes.rules]]\nmatches = [{ path = { value = \"/added\" } }]\nbackendRefs = [{ name = \"v1\" }]\n";
+    std::fs::write(&s.gw.config, format!("{text}{added}")).unwrap();
+    eventually(Duration::from_secs(10), "the added route", || async {
+        (http_get_host(plain, "shop.example", "/added").await.0 == 200).then_some(())
+    })
+    .await;
+    let listener =
+        "\n[[gateway.listeners]]\nname = \"later\"\nport = 7070\nlisten = \"127.0.0.1:0\"\nprotocol = \"HTTP\"\n";
+    std::fs::write(&s.gw.config, format!("{text}{added}{listener}")).unwrap();
+    s.gw.log_with(&["this change needs a restart"]).await;
+    let (status, _, _) = http_get_host(plain, "shop.example", "/added").await;
+    assert_eq!(status, 200, "the refused change left the running config alone");
 }
 
 /// TLSRoute: a TLS listener passes connections through by server name, untouched, to a TCP

@@ -15,11 +15,12 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use quicmesh_shared::admin::ActionError;
 use quicmesh_shared::config::overlay::NodeSettings;
-use quicmesh_shared::config::{valid_name, Config};
+use quicmesh_shared::config::{valid_name, Config, EdgeCertificate};
 use quicmesh_shared::control::enroll::{self, EnrollRequest, EnrollResponse};
 use quicmesh_shared::control::{self, GatewayMsg, LineReader, NodeMsg, Registration, Snapshot};
 use quicmesh_shared::identity::tls;
 use quicmesh_shared::identity::Ca;
+use quicmesh_shared::policy::listener::Protocol;
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry::metrics as m;
@@ -183,6 +184,8 @@ pub struct ControlPlane {
     tag: u64,
     /// Where the config comes from: the files, and with a store the shared layers over them.
     sources: Mutex<Sources>,
+    /// The edge's sockets as bound at start (`GatewayConfig::sockets`).
+    sockets: Vec<(u16, std::net::SocketAddr, Vec<Protocol>, Vec<EdgeCertificate>)>,
 }
 
 #[derive(Default)]
@@ -272,7 +275,9 @@ impl ControlPlane {
             history: Vec::new(),
             digest: Default::default(),
         }));
+        let sockets = config.gateway.as_ref().map(|g| g.sockets()).unwrap_or_default();
         let cp = Arc::new(Self {
+            sockets,
             inner: Mutex::new(Registry {
                 config,
                 node_settings,
@@ -450,6 +455,11 @@ impl ControlPlane {
         if config.gateway.is_none() {
             let shown = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
             return Err(format!("no [gateway] section in {shown}"));
+        }
+        if config.gateway.as_ref().map(|g| g.sockets()).unwrap_or_default() != self.sockets {
+            return Err("gateway.listeners: their ports, addresses, protocols and certificate files are bound at \
+                        start, and this change needs a restart (hostnames and routes reload)"
+                .into());
         }
         self.would_build(&config)?;
         Ok((config, node_settings))

@@ -108,6 +108,24 @@ impl GatewayConfig {
         self.all_listeners().iter().map(|(set, l)| l.spec(*set)).collect()
     }
 
+    /// What the gateway binds at start: per port, its address, its listeners' protocols and
+    /// certificates. A reload that changes this needs a restart.
+    pub fn sockets(&self) -> Vec<(u16, SocketAddr, Vec<Protocol>, Vec<EdgeCertificate>)> {
+        let binds = self.listener_binds().unwrap_or_default();
+        let all = self.all_listeners();
+        binds
+            .into_iter()
+            .map(|(port, at)| {
+                let on = all.iter().filter(|(_, l)| l.port == port);
+                let mut protocols: Vec<Protocol> = on.clone().map(|(_, l)| l.protocol).collect();
+                protocols.sort_by_key(|p| p.as_str());
+                protocols.dedup();
+                let certs = on.flat_map(|(_, l)| l.certificates.clone()).collect();
+                (port, at, protocols, certs)
+            })
+            .collect()
+    }
+
     /// Where each port's socket binds: (port, address), in first-listed order; one address
     /// per port, or the listener that disagrees.
     pub fn listener_binds(&self) -> Result<Vec<(u16, SocketAddr)>, String> {
