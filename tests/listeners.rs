@@ -77,6 +77,14 @@ protocol = "TLS"
 hostname = "db.tls.test"
 
 [[gateway.listeners]]
+name = "terminate"
+port = 443
+protocol = "TLS"
+tls_mode = "Terminate"
+hostname = "plain.tls.test"
+certificates = [{ cert = "terminate-cert.pem", key = "terminate-key.pem" }]
+
+[[gateway.listeners]]
 name = "plain"
 port = 8080
 listen = "127.0.0.1:0"
@@ -165,6 +173,11 @@ name = "db-tls"
 parentRefs = [{ sectionName = "passthrough" }]
 backendRefs = [{ name = "tlsdb" }]
 
+[[gateway.tls_routes]]
+name = "db-terminate"
+parentRefs = [{ sectionName = "terminate" }]
+backendRefs = [{ name = "plaindb" }]
+
 [[gateway.tcp_routes]]
 name = "db-tcp"
 parentRefs = [{ sectionName = "tcp" }]
@@ -188,6 +201,7 @@ async fn setup() -> Setup {
     let plaindb = line_echo_backend().await;
     // The certificate of one HTTPS listener, named relative to the gateway's config file.
     self_signed_server(pki.path(), "second", &["second-example.org"]);
+    self_signed_server(pki.path(), "terminate", &["plain.tls.test"]);
     let mut svc = String::new();
     for (name, addr) in [("v1", v1), ("v2", v2), ("v3", v3)] {
         svc.push_str(&format!(
@@ -418,45 +432,23 @@ async fn tls_passes_through_by_server_name_and_tcp_listeners_forward() {
     drop(tls);
 
     // An independent client: OpenSSL's, verifying against the instance's certificate.
-    match std::process::Command::new("openssl").arg("version").output() {
-        Ok(_) => {
-            let out = tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let mut child = std::process::Command::new("openssl")
-                    .args(["s_client", "-connect", &https.to_string(), "-servername", "db.tls.test", "-quiet"])
-                    .arg("-verify_return_error")
-                    .arg("-CAfile")
-                    .arg(&s.backend_ca)
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                let mut stdin = child.stdin.take().unwrap();
-                stdin.write_all(b"from openssl\n").unwrap();
-                // Closing stdin after the answer ends s_client.
-                let mut stdout = child.stdout.take().unwrap();
-                let mut got = Vec::new();
-                let mut buf = [0u8; 256];
-                let deadline = std::time::Instant::now() + Duration::from_secs(20);
-                while !got.ends_with(b"\n") && std::time::Instant::now() < deadline {
-                    use std::io::Read;
-                    match stdout.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                drop(stdin);
-                let _ = child.kill();
-                let _ = child.wait();
-                String::from_utf8_lossy(&got).into_owned()
-            })
-            .await
-            .unwrap();
-            assert_eq!(out, "echo: from openssl\n");
-        }
-        Err(e) if std::env::var("CI").is_ok() => panic!("openssl is needed under CI: {e}"),
-        Err(_) => eprintln!("SKIPPED openssl s_client check: openssl is not installed"),
+    if let Some(out) = openssl_line(https, "db.tls.test", &s.backend_ca, "from openssl").await {
+        assert_eq!(out, "echo: from openssl\n");
+    }
+
+    // TLS terminated at a TLS listener, the bytes inside carried to a plain TCP instance.
+    let terminate_ca = s.backend_ca.with_file_name("terminate-cert.pem");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_client_trusting(&terminate_ca)));
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let mut tls =
+        connector.connect("plain.tls.test".try_into().unwrap(), tcp).await.expect("the listener's certificate");
+    tls.write_all(b"decrypted at the edge\n").await.unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(&mut tls).read_line(&mut line).await.unwrap();
+    assert_eq!(line, "echo: decrypted at the edge\n");
+    drop(tls);
+    if let Some(out) = openssl_line(https, "plain.tls.test", &terminate_ca, "openssl, terminated").await {
+        assert_eq!(out, "echo: openssl, terminated\n");
     }
 
     // The HTTPS listeners of the same port still terminate (the ClientHello was read first).
@@ -472,4 +464,44 @@ async fn tls_passes_through_by_server_name_and_tcp_listeners_forward() {
     let mut line = String::new();
     tokio::io::BufReader::new(&mut tcp).read_line(&mut line).await.unwrap();
     assert_eq!(line, "echo: plain bytes\n");
+}
+
+/// One line through `openssl s_client` to `addr` with server name `sni`, verifying against
+/// `ca`: the first line it prints back; `None` (said) when openssl is not installed outside CI.
+async fn openssl_line(addr: SocketAddr, sni: &str, ca: &std::path::Path, line: &str) -> Option<String> {
+    if let Err(e) = std::process::Command::new("openssl").arg("version").output() {
+        assert!(std::env::var("CI").is_err(), "openssl is needed under CI: {e}");
+        eprintln!("SKIPPED openssl s_client check: openssl is not installed");
+        return None;
+    }
+    let (sni, ca, line) = (sni.to_string(), ca.to_path_buf(), format!("{line}\n"));
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr.to_string(), "-servername", &sni, "-quiet", "-verify_return_error"])
+            .arg("-CAfile")
+            .arg(&ca)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(line.as_bytes()).unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        // Reads end when the answer's line is complete, or when s_client gives up.
+        while !got.ends_with(b"\n") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        drop(stdin);
+        let _ = child.kill();
+        let _ = child.wait();
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    Some(tokio::time::timeout(Duration::from_secs(20), out).await.expect("openssl answered").unwrap())
 }

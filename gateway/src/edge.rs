@@ -31,8 +31,23 @@ pub struct TcpPort {
     pub port: Arc<Port>,
     /// TLS terminated here (HTTPS, TLS listeners in `Terminate` mode); `None`: plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The same for TLS listeners in `Terminate` mode: no ALPN.
+    pub stream_tls: Option<Arc<rustls::ServerConfig>>,
     /// The port has TLS listeners: the ClientHello's server name decides before any TLS work.
     pub by_sni: bool,
+    /// The port has HTTP or HTTPS listeners.
+    pub http: bool,
+}
+
+impl TcpPort {
+    pub fn new(port: Arc<Port>, tls: Option<rustls::ServerConfig>, by_sni: bool, http: bool) -> Self {
+        // TLS terminated for TCP inside names no application protocol.
+        let stream_tls = tls.clone().map(|mut t| {
+            t.alpn_protocols.clear();
+            Arc::new(t)
+        });
+        Self { port, tls: tls.map(Arc::new), stream_tls, by_sni, http }
+    }
 }
 
 pub async fn serve(listener: TcpListener, edge: Arc<Edge>, at: Arc<TcpPort>) {
@@ -82,6 +97,8 @@ async fn read_client_hello(tcp: &mut TcpStream) -> Result<(Option<String>, Bytes
 async fn connection(mut tcp: TcpStream, client: std::net::SocketAddr, edge: Arc<Edge>, at: Arc<TcpPort>) {
     let limits = &edge.limits;
     let mut first = Bytes::new();
+    // A TLS listener in Terminate mode: the service its TLSRoute picked.
+    let mut terminate_to = None;
     if at.by_sni {
         let Some((sni, seen)) = handshake_step(client, limits.header_read_timeout, read_client_hello(&mut tcp)).await
         else {
@@ -89,29 +106,37 @@ async fn connection(mut tcp: TcpStream, client: std::net::SocketAddr, edge: Arc<
         };
         let table = edge.mesh.table();
         let listener = table.edge().and_then(|ls| ls.select(at.port.key, sni.as_deref().unwrap_or_default()));
-        if let Some(l) = listener.filter(|l| l.spec.protocol == Protocol::Tls && !l.spec.terminate) {
-            // TLS passthrough: the bytes go to the service as they came; nothing is decrypted.
-            let Some(service) = l.stream_route(sni.as_deref()).and_then(|r| r.pick()).map(str::to_owned) else {
+        match listener.filter(|l| l.spec.protocol == Protocol::Tls) {
+            Some(l) => {
+                let Some(service) = l.stream_route(sni.as_deref()).and_then(|r| r.pick()).map(str::to_owned) else {
+                    metrics::counter!(m::EDGE_REJECTED, "reason" => "no-route").increment(1);
+                    debug!(%client, ?sni, listener = %l.spec.name, "no TLSRoute for this server name");
+                    return;
+                };
+                if !l.spec.terminate {
+                    // TLS passthrough: the bytes go to the service as they came; nothing is
+                    // decrypted.
+                    drop(table);
+                    metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tls-passthrough").increment(1);
+                    let _in_flight = edge.mesh.drain().guard();
+                    quicmesh_shared::proxy::tcp::forward(tcp, &service, &edge.mesh, seen).await;
+                    return;
+                }
+                terminate_to = Some(service);
+            }
+            None if !at.http => {
+                // Only TLS listeners here, and none takes this name.
                 metrics::counter!(m::EDGE_REJECTED, "reason" => "no-route").increment(1);
-                debug!(%client, ?sni, listener = %l.spec.name, "no TLSRoute for this server name");
+                debug!(%client, ?sni, "no TLS listener takes this server name");
                 return;
-            };
-            drop(table);
-            metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tls-passthrough").increment(1);
-            let _in_flight = edge.mesh.drain().guard();
-            quicmesh_shared::proxy::tcp::forward(tcp, &service, &edge.mesh, seen).await;
-            return;
-        }
-        if at.tls.is_none() {
-            // Only passthrough listeners here, and none takes this name.
-            metrics::counter!(m::EDGE_REJECTED, "reason" => "no-route").increment(1);
-            debug!(%client, ?sni, "no TLS listener takes this server name");
-            return;
+            }
+            None => {}
         }
         first = seen;
     }
     let io = Replay { first, inner: tcp };
-    let Some(tls) = at.tls.clone() else {
+    let tls = if terminate_to.is_some() { at.stream_tls.clone() } else { at.tls.clone() };
+    let Some(tls) = tls else {
         metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "http").increment(1);
         let arrival = Arrival { client, proto: "http/1.1", subject: None, port: at.port.clone(), sni: None };
         serve_http(io, edge, arrival).await;
@@ -120,6 +145,13 @@ async fn connection(mut tcp: TcpStream, client: std::net::SocketAddr, edge: Arc<
     let Some(tls) = handshake_step(client, limits.header_read_timeout, TlsAcceptor::from(tls).accept(io)).await else {
         return;
     };
+    if let Some(service) = terminate_to {
+        // TLS terminated here, the bytes inside carried as TCP.
+        metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tls-terminate").increment(1);
+        let _in_flight = edge.mesh.drain().guard();
+        quicmesh_shared::proxy::tcp::forward(tls, &service, &edge.mesh, Bytes::new()).await;
+        return;
+    }
     let session = tls.get_ref().1;
     let proto = if session.alpn_protocol() == Some(b"h2") { "h2" } else { "http/1.1" };
     let arrival = Arrival {
@@ -258,6 +290,27 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+impl quicmesh_shared::proxy::tcp::Client for Replay<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.inner.peer_addr().ok()
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.inner.set_zero_linger();
+    }
+
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+
+    fn reset(rd: Self::Read, wr: Self::Write) {
+        rd.unsplit(wr).reset_on_close();
     }
 }
 

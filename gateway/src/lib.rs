@@ -314,10 +314,10 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
             endpoint.as_ref().map(|_| addr.port()),
         ));
         let (tcp_tls, certs) = match plan.tls {
-            Some((tcp_tls, _, certs)) => (Some(Arc::new(tcp_tls)), Some(certs)),
+            Some((tcp_tls, _, certs)) => (Some(tcp_tls), Some(certs)),
             None => (None, None),
         };
-        let at = Arc::new(edge::TcpPort { port: port.clone(), tls: tcp_tls, by_sni: plan.by_sni });
+        let at = Arc::new(edge::TcpPort::new(port.clone(), tcp_tls, plan.by_sni, plan.http));
         tasks.spawn(edge::serve(tcp, edge.clone(), at));
         if let Some(ep) = endpoint {
             tasks.spawn(h3_edge::serve(ep.clone(), edge.clone(), port));

@@ -1174,15 +1174,6 @@ impl Config {
                     format!("listener {:?}: tls_mode is for TLS listeners", l.name),
                 ));
             }
-            if l.tls_mode == listener::TlsMode::Terminate {
-                return Err(invalid(
-                    "gateway.listeners",
-                    format!(
-                        "listener {:?}: tls_mode = \"Terminate\" is not supported yet; use Passthrough, or an HTTPS listener",
-                        l.name
-                    ),
-                ));
-            }
         }
         for (key, routes) in [("gateway.tls_routes", &gw.tls_routes), ("gateway.tcp_routes", &gw.tcp_routes)] {
             for (i, r) in routes.iter().enumerate() {

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
@@ -37,6 +38,65 @@ const COALESCE: usize = 256 << 10;
 /// Most chunks in one vectored write (Linux takes up to 1024).
 const MAX_IOVECS: usize = 256;
 
+/// A client connection a tunnel carries: TCP, or TLS the gateway terminated over it.
+pub trait Client: AsyncRead + AsyncWrite + Send + Unpin + Sized + 'static {
+    type Read: AsyncRead + Send + Unpin;
+    type Write: AsyncWrite + Send + Unpin;
+    fn peer(&self) -> Option<std::net::SocketAddr>;
+    /// Makes the connection's close a reset (TCP RST) instead of an end.
+    fn reset_on_close(&self);
+    /// The two directions, to be driven apart.
+    fn halves(self) -> (Self::Read, Self::Write);
+    /// Closes a connection taken apart by [`Client::halves`] with a reset: the peer must not
+    /// read a clean end from a tunnel that broke.
+    fn reset(rd: Self::Read, wr: Self::Write);
+}
+
+impl Client for TcpStream {
+    type Read = OwnedReadHalf;
+    type Write = OwnedWriteHalf;
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer_addr().ok()
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+
+    fn halves(self) -> (OwnedReadHalf, OwnedWriteHalf) {
+        self.into_split()
+    }
+
+    fn reset(rd: OwnedReadHalf, wr: OwnedWriteHalf) {
+        // The write half is forgotten, not dropped: dropping it would send a FIN first, and the
+        // TCP peer would read a clean end; the socket closes (RST, by the zero linger) with `rd`.
+        let _ = rd.as_ref().set_zero_linger();
+        wr.forget();
+    }
+}
+
+impl<IO: Client> Client for tokio_rustls::server::TlsStream<IO> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.get_ref().0.peer()
+    }
+
+    fn reset_on_close(&self) {
+        self.get_ref().0.reset_on_close();
+    }
+
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+
+    fn reset(rd: Self::Read, wr: Self::Write) {
+        rd.unsplit(wr).reset_on_close();
+    }
+}
+
 /// Accepts local connections for `service` and carries each to one of its endpoints.
 pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
     while let Some((tcp, _)) = mesh.drain().accept(&listener, "TCP forward").await {
@@ -51,18 +111,18 @@ pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
 /// Carries one accepted connection to an endpoint of `service`; `first` is what was already
 /// read from it (a TLS ClientHello read for its server name), sent ahead of the rest. Failures
 /// are counted and logged here.
-pub async fn forward(tcp: TcpStream, service: &str, mesh: &Mesh, first: Bytes) {
-    let client = tcp.peer_addr().ok();
+pub async fn forward<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) {
+    let client = tcp.peer();
     if let Err(e) = outbound(tcp, service, mesh, first).await {
         metrics::counter!(m::PROXY_ERRORS, "direction" => "outbound", "reason" => e.reason()).increment(1);
         warn!(client = ?client, service, error = %e, "TCP tunnel failed");
     }
 }
 
-async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh, first: Bytes) -> Result<(), ProxyError> {
+async fn outbound<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) -> Result<(), ProxyError> {
     let table = mesh.table();
     let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;
-    let client = tcp.peer_addr().ok().map(|a| a.ip());
+    let client = tcp.peer().map(|a| a.ip());
     let ctx = PickCtx { headers: None, client };
     let no_labels = BTreeMap::new();
     let ep = mesh.pick(svc, &no_labels, &ctx)?;
@@ -80,14 +140,14 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh, first: Bytes) -> R
         let mut upstream = connect(ep.address, &table).await?;
         let mut tcp = tcp;
         if upstream.write_all(&first).await.is_err() {
-            let _ = tcp.set_zero_linger();
+            tcp.reset_on_close();
             return Ok(());
         }
         match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
             Ok((up, down)) => done.bytes(up + first.len() as u64, down),
             // One side reset or failed: reset the other too, as a tunnel through a peer does.
             Err(_) => {
-                let _ = tcp.set_zero_linger();
+                tcp.reset_on_close();
                 let _ = upstream.set_zero_linger();
             }
         }
@@ -118,7 +178,7 @@ async fn outbound(tcp: TcpStream, service: &str, mesh: &Mesh, first: Bytes) -> R
     let (mut send, recv) = stream.split();
     let sent = first.len() as u64;
     if !first.is_empty() && send.send(first).await.is_err() {
-        let _ = tcp.set_zero_linger();
+        tcp.reset_on_close();
         send.reset();
         return Ok(());
     }
@@ -194,8 +254,8 @@ enum End {
 /// server that went away) resets the QUIC stream and the TCP connection (RST, by a zero
 /// linger), so neither side waits forever on a half that is gone.
 /// Returns (bytes TCP->stream, bytes stream->TCP).
-pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv: R) -> (u64, u64) {
-    let (mut rd, mut wr) = tcp.into_split();
+pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut recv: R) -> (u64, u64) {
+    let (mut rd, mut wr) = tcp.halves();
     let (up_total, down_total, broken) = {
         let up = async {
             let mut total = 0u64;
@@ -281,11 +341,9 @@ pub async fn splice<S: H3Send, R: H3Recv>(tcp: TcpStream, mut send: S, mut recv:
         (total(up_done), total(down_done), [up_done, down_done].iter().flatten().any(|(_, e)| *e == End::Broken))
     };
     if broken {
-        // RST to the TCP side once the socket is dropped, and a reset of the stream's send side
-        // (the receive side stops when `recv` is dropped). The write half is forgotten, not
-        // dropped: dropping it would send a FIN first, and the TCP peer would read a clean end.
-        let _ = rd.as_ref().set_zero_linger();
-        wr.forget();
+        // RST to the client, and a reset of the stream's send side (the receive side stops
+        // when `recv` is dropped).
+        C::reset(rd, wr);
         send.reset();
     }
     (up_total, down_total)
