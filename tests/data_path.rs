@@ -902,6 +902,85 @@ async fn the_delivering_node_speaks_tls_to_instances_that_want_it() {
     assert_eq!(headers["quicmesh-error"], "upstream-unreachable");
 }
 
+/// BackendTLSPolicy's subjectAltNames (a DNS name or a URI the certificate must carry, whatever
+/// the SNI) and well-known CAs ("System": the delivering host's bundle, here SSL_CERT_FILE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tls_checks_subject_alt_names_and_the_system_cas() {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let (dns, cert) = tls_backend(pki.path(), &["api.internal"]).await;
+    // An instance holding a mesh-issued certificate: its one SAN is a SPIFFE URI.
+    pki.issue("instance");
+    let creds = credentials(pki.path(), "instance");
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(creds.chain.clone(), creds.key.clone_key())
+            .unwrap();
+    let uri = tls_server(config, |tls| async move {
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("hello, spiffe\n"))))
+        });
+        let _ =
+            hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
+    })
+    .await;
+    let ca = pki.path().join("ca.pem");
+    let service = |name: &str, at: SocketAddr, tls: String| {
+        format!(
+            "[[services]]\nname = \"{name}\"\nbackend_tls = {{ {tls} }}\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{at}\"\n\n"
+        )
+    };
+    let cert = cert.display();
+    let svc = [
+        service("by-name", dns, format!("ca_certificates = [\"{cert}\"], hostname = \"sni.only\", subject_alt_names = [\"other.internal\", \"api.internal\"]")),
+        service("wrong-name", dns, format!("ca_certificates = [\"{cert}\"], hostname = \"api.internal\", subject_alt_names = [\"other.internal\"]")),
+        service(
+            "by-uri",
+            uri,
+            format!("ca_certificates = [\"{}\"], hostname = \"instance\", subject_alt_names = [\"spiffe://{TD}/node/instance\"]", ca.display()),
+        ),
+        service(
+            "wrong-uri",
+            uri,
+            format!("ca_certificates = [\"{}\"], hostname = \"instance\", subject_alt_names = [\"spiffe://{TD}/node/other\"]", ca.display()),
+        ),
+        service("system", dns, "well_known_ca_certificates = \"System\", hostname = \"api.internal\"".into()),
+    ]
+    .concat();
+    let bundle = format!("{cert}");
+    let b = NodeProc::start_with_env(
+        &[("SSL_CERT_FILE", &bundle)],
+        "node",
+        pki.path(),
+        "node-b",
+        &node_toml("node-b", &state, &[], &svc),
+    );
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let client = h1_client();
+    let get = |host: &str| {
+        http::Request::get(format!("http://{}/", a.addrs.outbound)).header("host", host).body(Full::default()).unwrap()
+    };
+    for (host, status, body) in [
+        ("by-name", 200, "hello over tls\n"),
+        ("wrong-name", 502, ""),
+        ("by-uri", 200, "hello, spiffe\n"),
+        ("wrong-uri", 502, ""),
+        ("system", 200, "hello over tls\n"),
+    ] {
+        let (got, headers, text) = send(&client, get(host)).await;
+        assert_eq!(got, status, "{host}: {text}");
+        if status == 200 {
+            assert_eq!(text, body, "{host}");
+        } else {
+            assert_eq!(headers["quicmesh-error"], "upstream-unreachable", "{host}");
+        }
+    }
+}
+
 /// TCPRoute at the edge: a `gateway.tcp` listener carries each connection to a `tcp`
 /// service's instance on another node through the mesh, half-close included; an authorization
 /// policy that refuses the gateway's traffic closes the connection unanswered.
@@ -939,4 +1018,46 @@ async fn a_gateway_tcp_listener_forwards_to_a_tcp_service() {
     assert_eq!(exchange(port("closed"), b"hello".to_vec()).await, "", "the denied tunnel answered");
     let m = gw.metrics().await;
     assert_eq!(metric(&m, "quicmesh_tcp_connections_total", &[("direction", "outbound"), ("service", "db")]), 1.0);
+}
+
+/// An HTTP health check of an instance whose service wants TLS speaks TLS too (as requests
+/// do): the TLS-only instance passes its checks and is served; in plain HTTP every check
+/// would fail the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_of_tls_instances_speak_tls() {
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    for n in ["node-a", "node-b"] {
+        pki.issue(n);
+    }
+    let (tls, cert) = tls_backend(&dir, &["api.internal"]).await;
+    let service = format!(
+        "[[services]]\nname = \"secure\"\nbackend_tls = {{ ca_certificates = [\"{}\"], hostname = \"api.internal\" }}",
+        cert.display()
+    );
+    let gw = NodeProc::start_layered("gateway", &gateway_layers(&dir, &service, ""));
+    let check = "health = { http = \"/\", interval = \"100ms\", timeout = \"1s\", healthy_threshold = 1, unhealthy_threshold = 1 }";
+    let inst = format!("[[node.instances]]\nservice = \"secure\"\naddress = \"{tls}\"\n{check}\n");
+    let b = NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &inst));
+    let a = NodeProc::start(&dir, "node-a", &joined_toml("node-a", &dir, gw.addrs.control, ""));
+    let client = h1_client();
+    let get = || {
+        http::Request::get(format!("http://{}/", a.addrs.outbound))
+            .header("host", "secure")
+            .body(Full::default())
+            .unwrap()
+    };
+    eventually(Duration::from_secs(20), "the TLS instance served through the mesh", || async {
+        let (status, _, body) = send(&client, get()).await;
+        (status == 200 && body == "hello over tls\n").then_some(())
+    })
+    .await;
+    let passes = eventually(Duration::from_secs(20), "three passed checks", || async {
+        let m = b.metrics().await;
+        let pass = metric(&m, "quicmesh_health_checks_total", &[("service", "secure"), ("result", "pass")]);
+        (pass >= 3.0).then_some(m)
+    })
+    .await;
+    let failed = metric(&passes, "quicmesh_health_checks_total", &[("service", "secure"), ("result", "fail")]);
+    assert_eq!(failed, 0.0, "a check of the TLS instance failed");
 }

@@ -5,13 +5,14 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::Request;
-use quicmesh_shared::config::ServiceConfig;
+use quicmesh_shared::config::{BackendTls, ServiceConfig};
 use quicmesh_shared::control::Instance;
 use quicmesh_shared::message::body;
 use quicmesh_shared::policy::health::{HealthCheck, Thresholds};
-use quicmesh_shared::proxy::local::LocalClient;
+use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::telemetry::metrics as m;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -22,14 +23,14 @@ pub type Key = (String, SocketAddr);
 
 /// Checks the instances in `instances` (restarting when they change) and publishes the set of
 /// unhealthy ones on `out`. Runs until `instances` closes.
-pub async fn run(mut instances: watch::Receiver<Vec<Instance>>, out: watch::Sender<Vec<Key>>, local: LocalClient) {
+pub async fn run(mut instances: watch::Receiver<Vec<Instance>>, out: watch::Sender<Vec<Key>>, mesh: Arc<Mesh>) {
     loop {
         let list = instances.borrow_and_update().clone();
         let (tx, mut rx) = mpsc::channel::<(Key, bool)>(64);
         let mut checks = JoinSet::new();
         for inst in list {
             if let Some(check) = inst.health.clone() {
-                checks.spawn(check_loop(inst, check, tx.clone(), local.clone()));
+                checks.spawn(check_loop(inst, check, tx.clone(), mesh.clone()));
             }
         }
         drop(tx);
@@ -66,14 +67,18 @@ fn checks_cover(instances: &[Instance], key: &Key) -> bool {
     instances.iter().any(|i| i.health.is_some() && i.service == key.0 && i.address == key.1)
 }
 
-async fn check_loop(inst: Instance, check: HealthCheck, tx: mpsc::Sender<(Key, bool)>, local: LocalClient) {
+async fn check_loop(inst: Instance, check: HealthCheck, tx: mpsc::Sender<(Key, bool)>, mesh: Arc<Mesh>) {
     let key: Key = (inst.service.clone(), inst.address);
     let mut state = Thresholds::default();
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let passed = probe(&inst, &check, &local).await;
+        // Until the node's view holds the service it cannot say how to speak to the instance.
+        let Some(backend_tls) = mesh.table().service(&inst.service).map(|s| s.config.backend_tls.clone()) else {
+            continue;
+        };
+        let passed = probe(&inst, &check, &mesh, backend_tls).await;
         let result = if passed { "pass" } else { "fail" };
         metrics::counter!(m::HEALTH_CHECKS, "service" => inst.service.clone(), "result" => result).increment(1);
         if let Some(healthy) = state.record(&check, passed) {
@@ -90,7 +95,7 @@ async fn check_loop(inst: Instance, check: HealthCheck, tx: mpsc::Sender<(Key, b
     }
 }
 
-async fn probe(inst: &Instance, check: &HealthCheck, local: &LocalClient) -> bool {
+async fn probe(inst: &Instance, check: &HealthCheck, mesh: &Mesh, backend_tls: Option<BackendTls>) -> bool {
     let attempt = async {
         match &check.http {
             None => tokio::net::TcpStream::connect(inst.address).await.is_ok(),
@@ -102,9 +107,13 @@ async fn probe(inst: &Instance, check: &HealthCheck, local: &LocalClient) -> boo
                 else {
                     return false;
                 };
-                // Plain HTTP: a service whose instances want TLS takes TCP checks for now.
-                let svc = ServiceConfig { protocol: inst.protocol, ..ServiceConfig::named(inst.service.clone()) };
-                match local.send(req, inst.address, &svc).await {
+                // Spoken as requests are: over TLS when the service's instances want it.
+                let svc = ServiceConfig {
+                    protocol: inst.protocol,
+                    backend_tls,
+                    ..ServiceConfig::named(inst.service.clone())
+                };
+                match mesh.local().send(req, inst.address, &svc).await {
                     Ok(resp) => {
                         let ok = resp.status().is_success() || resp.status().is_redirection();
                         // Read the answer so the pooled connection can be reused.

@@ -284,7 +284,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         let (tx, rx) = watch::channel(nc.instances.clone());
         instances_tx = Some(tx);
         let (health_tx, health_rx) = watch::channel(Vec::new());
-        health_task = Some(health::run(rx.clone(), health_tx, mesh.local().clone()));
+        health_task = Some(health::run(rx.clone(), health_tx, mesh.clone()));
         let client = control::ControlClient {
             mesh: mesh.clone(),
             paths: paths.clone(),

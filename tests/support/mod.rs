@@ -114,6 +114,8 @@ pub enum Wrap {
     /// A mount namespace of its own where this file is `/etc/hosts` (root and `unshare`):
     /// names the test makes up resolve for that process only.
     Hosts(PathBuf),
+    /// These environment variables set.
+    Env(Vec<(String, String)>),
 }
 
 /// A node running as a child process of the real binary; killed on drop.
@@ -183,6 +185,15 @@ impl NodeProc {
         Self::spawn_in(Some(Wrap::Hosts(hosts.to_path_buf())), kind, vec![config], stderr, &[])
     }
 
+    /// `quicmesh KIND --config <toml>` with environment variables `env` set.
+    pub fn start_with_env(env: &[(&str, &str)], kind: &'static str, dir: &Path, name: &str, toml: &str) -> NodeProc {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let stderr = dir.join(format!("{name}.log"));
+        let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::spawn_in(Some(Wrap::Env(vars)), kind, vec![config], stderr, &[])
+    }
+
     fn spawn(kind: &'static str, configs: Vec<PathBuf>, stderr: PathBuf) -> NodeProc {
         Self::spawn_args(kind, configs, stderr, &[])
     }
@@ -215,8 +226,11 @@ impl NodeProc {
                     .arg(BIN);
                 c
             }
-            None => Command::new(BIN),
+            None | Some(Wrap::Env(_)) => Command::new(BIN),
         };
+        if let Some(Wrap::Env(vars)) = &wrap {
+            cmd.envs(vars.iter().map(|(k, v)| (k, v)));
+        }
         cmd.arg(kind);
         for c in &configs {
             cmd.arg("--config").arg(c);

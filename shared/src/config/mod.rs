@@ -561,9 +561,25 @@ pub struct ServiceConfig {
 pub struct BackendTls {
     /// PEM files of the CAs the instances' certificates chain to, read on the host of the node
     /// that delivers (give absolute paths when the config is pushed to other hosts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ca_certificates: Vec<PathBuf>,
-    /// The name sent as SNI and that the certificate must be valid for.
+    /// `"System"`: the delivering host's CA bundle (`SSL_CERT_FILE`, else the distribution's
+    /// file), instead of `ca_certificates`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub well_known_ca_certificates: Option<WellKnownCas>,
+    /// The name sent as SNI and, without `subject_alt_names`, that the certificate must be
+    /// valid for.
     pub hostname: String,
+    /// Names (DNS) or URIs (`spiffe://...`), one of which the certificate must carry, instead
+    /// of `hostname` (the Gateway API's `subjectAltNames`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+}
+
+/// `backend_tls.well_known_ca_certificates`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WellKnownCas {
+    System,
 }
 
 impl ServiceConfig {
@@ -1289,8 +1305,21 @@ pub(crate) fn check_service(key: &str, svc: &ServiceConfig) -> Result<(), Config
         return Err(invalid(format!("{key}.outlier"), reason));
     }
     if let Some(tls) = &svc.backend_tls {
-        if tls.ca_certificates.is_empty() {
-            return Err(invalid(format!("{key}.backend_tls.ca_certificates"), "name at least one CA file"));
+        if tls.ca_certificates.is_empty() == tls.well_known_ca_certificates.is_none() {
+            return Err(invalid(
+                format!("{key}.backend_tls.ca_certificates"),
+                "name CA files, or well_known_ca_certificates = \"System\", not both",
+            ));
+        }
+        if let Some(bad) = tls
+            .subject_alt_names
+            .iter()
+            .find(|n| !n.contains("://") && rustls::pki_types::ServerName::try_from(n.as_str()).is_err())
+        {
+            return Err(invalid(
+                format!("{key}.backend_tls.subject_alt_names"),
+                format!("{bad:?} is neither a host name nor a URI"),
+            ));
         }
         if rustls::pki_types::ServerName::try_from(tls.hostname.as_str()).is_err() {
             return Err(invalid(

@@ -81,6 +81,11 @@ pub fn validity(cert: &[u8]) -> Option<(i64, i64)> {
 
 /// The SPIFFE URI SANs of a DER certificate (normally exactly one).
 pub fn spiffe_ids(cert: &[u8]) -> Vec<SpiffeId> {
+    uri_sans(cert).iter().filter_map(|u| SpiffeId::parse(u)).collect()
+}
+
+/// The URI subject alternative names of a DER certificate.
+pub fn uri_sans(cert: &[u8]) -> Vec<String> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
         return Vec::new();
     };
@@ -91,7 +96,7 @@ pub fn spiffe_ids(cert: &[u8]) -> Vec<SpiffeId> {
         .general_names
         .iter()
         .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => SpiffeId::parse(u),
+            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
             _ => None,
         })
         .collect()

@@ -30,17 +30,25 @@ impl TlsConnect {
     /// services, which then speak HTTP/2 over TLS; `http/1.1` otherwise).
     pub fn new(tcp: HttpConnector, policy: &BackendTls, alpn: &[u8]) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
-        for file in &policy.ca_certificates {
+        let system = policy.well_known_ca_certificates.map(|_| system_bundle()).transpose()?;
+        for file in policy.ca_certificates.iter().chain(system.as_ref()) {
             let certs = crate::identity::read_certs(file).map_err(|e| e.to_string())?;
             for cert in certs {
-                roots.add(cert).map_err(|e| format!("{}: {e}", file.display()))?;
+                // A system bundle may hold certificates webpki cannot use: those are skipped.
+                if roots.add(cert).is_err() && system.is_none() {
+                    return Err(format!("{}: not a usable CA certificate", file.display()));
+                }
             }
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(crate::identity::tls::provider())
+        let builder = rustls::ClientConfig::builder_with_provider(crate::identity::tls::provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .map_err(|e| e.to_string())?;
+        let mut config = if policy.subject_alt_names.is_empty() {
+            builder.with_root_certificates(roots).with_no_client_auth()
+        } else {
+            let verifier = SanVerifier::new(roots, policy.subject_alt_names.clone())?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
+        };
         config.alpn_protocols = vec![alpn.to_vec()];
         let name = ServerName::try_from(policy.hostname.clone()).map_err(|e| e.to_string())?;
         Ok(Self { tcp, tls: tokio_rustls::TlsConnector::from(Arc::new(config)), name })
@@ -101,5 +109,99 @@ impl hyper::rt::Write for TlsIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// The host's CA bundle: `SSL_CERT_FILE`, else the first of the usual distribution files.
+fn system_bundle() -> Result<std::path::PathBuf, String> {
+    if let Some(file) = std::env::var_os("SSL_CERT_FILE") {
+        return Ok(file.into());
+    }
+    const BUNDLES: [&str; 4] = [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+    ];
+    BUNDLES
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.exists())
+        .map(std::path::Path::to_path_buf)
+        .ok_or_else(|| format!("no system CA bundle (looked for SSL_CERT_FILE and {})", BUNDLES.join(", ")))
+}
+
+/// Checks an instance's certificate chains to the roots and carries one of the given subject
+/// alternative names (DNS names, or URIs compared exactly), whatever name was sent as SNI.
+#[derive(Debug)]
+struct SanVerifier {
+    roots: rustls::RootCertStore,
+    names: Vec<String>,
+    /// Handshake signatures are checked as the default verifier does.
+    signatures: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl SanVerifier {
+    fn new(roots: rustls::RootCertStore, names: Vec<String>) -> Result<Self, String> {
+        let signatures = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots.clone()),
+            crate::identity::tls::provider(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        Ok(Self { roots, names, signatures })
+    }
+
+    fn carries_a_name(&self, cert: &rustls::server::ParsedCertificate<'_>, der: &[u8]) -> bool {
+        let uris = crate::identity::uri_sans(der);
+        self.names.iter().any(|n| {
+            if n.contains("://") {
+                uris.iter().any(|u| u == n)
+            } else {
+                ServerName::try_from(n.as_str())
+                    .is_ok_and(|name| rustls::client::verify_server_name(cert, &name).is_ok())
+            }
+        })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        let algs = crate::identity::tls::provider().signature_verification_algorithms;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, algs.all)?;
+        if !self.carries_a_name(&cert, end_entity) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.signatures.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.signatures.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.signatures.supported_verify_schemes()
     }
 }
