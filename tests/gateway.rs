@@ -379,7 +379,8 @@ async fn h3_with_client_cert(port: u16, cert: Option<(&std::path::Path, &std::pa
 /// without a certificate from the configured CA gets no connection (curl over HTTP/1.1 and
 /// HTTP/2, a Rust HTTP/3 client); with one, its subject reaches the backend in
 /// `x-client-cert-subject`, which a client can never set itself. With `AllowInsecureFallback`
-/// a client without a certificate is let in, with no subject.
+/// a client without a certificate, or with one from another CA, is let in, with no subject.
+/// Per port (`per_port`), another CA replaces the default one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_validates_client_certificates_and_passes_the_subject_upstream() {
     if !require_tool("curl") {
@@ -418,8 +419,15 @@ async fn the_edge_validates_client_certificates_and_passes_the_subject_upstream(
             let (ok, out) = curl(&["-k", flag, "--cert", a, "--key", ak, "-H", spoof, &url]);
             assert!(ok, "{mode} {flag} alice: {out}");
             assert_eq!(json(&out)["headers"]["x-client-cert-subject"], "CN=alice", "{mode} {flag}: {out}");
-            let (ok, out) = curl(&["-k", flag, "--cert", m, "--key", mk, &url]);
-            assert!(!ok, "{mode} {flag}: a certificate from another CA was let in: {out}");
+            let (ok, out) = curl(&["-k", flag, "--cert", m, "--key", mk, "-H", spoof, &url]);
+            match mode {
+                "AllowValidOnly" => assert!(!ok, "{flag}: a certificate from another CA was let in: {out}"),
+                _ => {
+                    assert!(ok, "{flag}: the fallback let in a certificate from another CA: {out}");
+                    let headers = &json(&out)["headers"];
+                    assert!(headers.get("x-client-cert-subject").is_none(), "{flag}: unchecked subject passed: {out}");
+                }
+            }
             let (ok, out) = curl(&["-k", flag, "-H", spoof, &url]);
             match mode {
                 "AllowValidOnly" => assert!(!ok, "{flag}: a client without a certificate was let in: {out}"),
@@ -433,5 +441,36 @@ async fn the_edge_validates_client_certificates_and_passes_the_subject_upstream(
         assert!(h3_with_client_cert(port, Some((&alice, &alice_key))).await.is_some(), "{mode}: h3 with alice");
         let without = h3_with_client_cert(port, None).await.is_some();
         assert_eq!(without, mode == "AllowInsecureFallback", "{mode}: h3 without a certificate");
+        let stranger = h3_with_client_cert(port, Some((&mallory, &mallory_key))).await.is_some();
+        assert_eq!(stranger, mode == "AllowInsecureFallback", "{mode}: h3 with a stranger's certificate");
     }
+
+    // Per port: the default CA on one HTTPS listener's port, the strangers' on another's.
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n\
+         [gateway.tls]\nstate_dir = \"{}\"\n\n[gateway.frontend_validation]\nca_certificates = [\"clients/ca.pem\"]\n\
+         per_port = [{{ port = 8443, ca_certificates = [\"strangers/ca.pem\"] }}]\n\n\
+         [[gateway.listeners]]\nname = \"main\"\nport = 443\nlisten = \"127.0.0.1:0\"\nprotocol = \"HTTPS\"\n\n\
+         [[gateway.listeners]]\nname = \"partners\"\nport = 8443\nlisten = \"127.0.0.1:0\"\nprotocol = \"HTTPS\"\n\n\
+         [[gateway.routes]]\nname = \"all\"\n[[gateway.routes.rules]]\nbackendRefs = [{{ name = \"echo\" }}]\n\n\
+         [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        state.display(),
+        b.addrs.inbound
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    let url = |listener: &str| format!("https://{}/echo", gw.addrs.listeners[listener]);
+    let (a, ak, m, mk) = (
+        alice.to_str().unwrap(),
+        alice_key.to_str().unwrap(),
+        mallory.to_str().unwrap(),
+        mallory_key.to_str().unwrap(),
+    );
+    let (ok, out) = curl(&["-k", "--cert", a, "--key", ak, &url("main")]);
+    assert!(ok && json(&out)["headers"]["x-client-cert-subject"] == "CN=alice", "{out}");
+    let (ok, out) = curl(&["-k", "--cert", m, "--key", mk, &url("main")]);
+    assert!(!ok, "the default port took the strangers' CA: {out}");
+    let (ok, out) = curl(&["-k", "--cert", m, "--key", mk, &url("partners")]);
+    assert!(ok && json(&out)["headers"]["x-client-cert-subject"] == "CN=mallory", "{out}");
+    let (ok, out) = curl(&["-k", "--cert", a, "--key", ak, &url("partners")]);
+    assert!(!ok, "the per-port CA was not the only one there: {out}");
 }

@@ -157,7 +157,7 @@ async fn connection(mut tcp: TcpStream, client: std::net::SocketAddr, edge: Arc<
     let arrival = Arrival {
         client,
         proto,
-        subject: crate::tls::client_subject(session.peer_certificates()),
+        subject: at.port.client_subject(session.peer_certificates()),
         port: at.port.clone(),
         sni: session.server_name().map(str::to_ascii_lowercase),
     };

@@ -205,7 +205,7 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
                                 .peer_identity()
                                 .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
                             let mut arrival = (*arrival).clone();
-                            arrival.subject = crate::tls::client_subject(chain.as_deref().map(Vec::as_slice));
+                            arrival.subject = arrival.port.client_subject(chain.as_deref().map(Vec::as_slice));
                             edge.handle(req, &arrival, ()).await
                         }
                         Err(e) => {

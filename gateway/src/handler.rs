@@ -37,12 +37,25 @@ pub struct Port {
     pub scheme: &'static str,
     /// `Alt-Svc` advertised on TCP responses, when the port also speaks HTTP/3.
     pub alt_svc: Option<HeaderValue>,
+    /// The client certificates the port asks for.
+    pub clients: Option<Arc<crate::tls::ClientCerts>>,
 }
 
 impl Port {
-    pub fn new(key: u16, redirect_port: u16, tls: bool, h3_port: Option<u16>) -> Self {
+    pub fn new(
+        key: u16,
+        redirect_port: u16,
+        tls: bool,
+        h3_port: Option<u16>,
+        clients: Option<Arc<crate::tls::ClientCerts>>,
+    ) -> Self {
         let alt_svc = h3_port.and_then(|p| HeaderValue::from_str(&format!("h3=\":{p}\"; ma=86400")).ok());
-        Self { key, redirect_port, scheme: if tls { "https" } else { "http" }, alt_svc }
+        Self { key, redirect_port, scheme: if tls { "https" } else { "http" }, alt_svc, clients }
+    }
+
+    /// The subject of a client's certificate, when the port asks for one and it is valid.
+    pub fn client_subject(&self, chain: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Option<HeaderValue> {
+        self.clients.as_ref()?.subject(chain)
     }
 }
 

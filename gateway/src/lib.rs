@@ -123,8 +123,8 @@ pub struct PortPlan {
     pub by_sni: bool,
     pub h3: bool,
     pub tcp: bool,
-    /// (TCP config, QUIC config, certificates) when the port terminates TLS.
-    pub tls: Option<(rustls::ServerConfig, rustls::ServerConfig, Arc<tls::Certificates>)>,
+    /// When the port terminates TLS.
+    pub tls: Option<tls::EdgeTls>,
     /// The default listener on `gateway.listen` (redirects keep the bound port).
     pub implicit: bool,
 }
@@ -215,8 +215,8 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         let key = if plan.implicit { "gateway.listen" } else { "gateway.listeners[].port" };
         let failed = |source| GatewayError::Listen { key, addr: plan.bind, source };
         let (tcp, endpoint) = match &plan.tls {
-            Some((_, quic_tls, _)) if plan.h3 => {
-                let quic = tls::quic_server(quic_tls.clone(), &gc.limits)?;
+            Some(edge_tls) if plan.h3 => {
+                let quic = tls::quic_server(edge_tls.quic.clone(), &gc.limits)?;
                 let (tcp, ep) = bind_edge(key, plan.bind, quic)?;
                 (tcp, Some(ep))
             }
@@ -307,16 +307,17 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
             continue;
         }
         let redirect_port = if plan.implicit { addr.port() } else { plan.key };
+        let (tcp_tls, certs, clients) = match plan.tls {
+            Some(t) => (Some(t.tcp), Some(t.certs), t.clients),
+            None => (None, None, None),
+        };
         let port = Arc::new(handler::Port::new(
             plan.key,
             redirect_port,
-            plan.tls.is_some() || plan.by_sni,
+            tcp_tls.is_some() || plan.by_sni,
             endpoint.as_ref().map(|_| addr.port()),
+            clients,
         ));
-        let (tcp_tls, certs) = match plan.tls {
-            Some((tcp_tls, _, certs)) => (Some(tcp_tls), Some(certs)),
-            None => (None, None),
-        };
         let at = Arc::new(edge::TcpPort::new(port.clone(), tcp_tls, plan.by_sni, plan.http));
         tasks.spawn(edge::serve(tcp, edge.clone(), at));
         if let Some(ep) = endpoint {

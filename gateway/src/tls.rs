@@ -150,64 +150,144 @@ async fn reload_certificates<F: Fn() -> Vec<std::path::PathBuf>>(
     }
 }
 
-/// (TCP config, QUIC config) of one port, sharing one certificate resolver.
-pub fn edge_configs(
-    gc: &GatewayConfig,
-    port: u16,
-) -> Result<(rustls::ServerConfig, rustls::ServerConfig, Arc<Certificates>), GatewayError> {
+/// The TLS of one edge port.
+pub struct EdgeTls {
+    /// TCP (TLS 1.2+, ALPN h2 and http/1.1).
+    pub tcp: rustls::ServerConfig,
+    /// QUIC (TLS 1.3, ALPN h3).
+    pub quic: rustls::ServerConfig,
+    pub certs: Arc<Certificates>,
+    /// The client certificates the port asks for.
+    pub clients: Option<Arc<ClientCerts>>,
+}
+
+/// The TCP and QUIC configs of one port, sharing one certificate resolver.
+pub fn edge_configs(gc: &GatewayConfig, port: u16) -> Result<EdgeTls, GatewayError> {
     let certs = Arc::new(Certificates { port, current: arc_swap::ArcSwap::from_pointee(resolver(gc, port)?) });
     let resolver = certs.clone();
     let tls_err = |e: rustls::Error| GatewayError::Tls(e.to_string());
-    let clients = client_verifier(gc)?;
+    let clients = client_certs(gc, port)?.map(Arc::new);
+    let verifier = clients.as_ref().map_or_else(
+        || rustls::server::WebPkiClientVerifier::no_client_auth(),
+        |c| match c.mode {
+            FrontendMode::AllowValidOnly => c.strict.clone(),
+            FrontendMode::AllowInsecureFallback => Arc::new(Fallback(c.strict.clone())),
+        },
+    );
     let mut tcp = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(tls_err)?
-        .with_client_cert_verifier(clients.clone())
+        .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(resolver.clone());
     tcp.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let mut quic = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_client_cert_verifier(clients)
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     quic.alpn_protocols = vec![b"h3".to_vec()];
     // 0-RTT on QUIC: the edge takes early requests of safe methods at once and holds the others
     // until the handshake completes (a replayed flight never completes it); see `h3_edge`.
     // Not with client certificates: early data arrives before the client's is checked.
-    if gc.frontend_validation.is_none() {
+    if clients.is_none() {
         quic.max_early_data_size = u32::MAX;
     }
-    Ok((tcp, quic, certs))
+    Ok(EdgeTls { tcp, quic, certs, clients })
 }
 
-/// What the edge asks of clients' certificates: nothing, or `gateway.frontend_validation`.
-fn client_verifier(gc: &GatewayConfig) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, GatewayError> {
-    let Some(fv) = &gc.frontend_validation else {
-        return Ok(rustls::server::WebPkiClientVerifier::no_client_auth());
+/// What one port asks of clients' certificates (`gateway.frontend_validation`).
+#[derive(Debug)]
+pub struct ClientCerts {
+    /// Checks a certificate against the port's CAs, absent certificates refused.
+    strict: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    mode: FrontendMode,
+}
+
+impl ClientCerts {
+    /// The header value naming the subject of a client's certificate when it is valid. Under
+    /// `AllowInsecureFallback` the handshake let any certificate in, so it is checked here.
+    pub fn subject(&self, chain: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Option<http::HeaderValue> {
+        let (end, intermediates) = chain?.split_first()?;
+        if self.mode == FrontendMode::AllowInsecureFallback
+            && self.strict.verify_client_cert(end, intermediates, rustls::pki_types::UnixTime::now()).is_err()
+        {
+            return None;
+        }
+        let subject = identity::subject_of(end)?;
+        http::HeaderValue::from_str(&subject).ok()
+    }
+}
+
+fn client_certs(gc: &GatewayConfig, port: u16) -> Result<Option<ClientCerts>, GatewayError> {
+    let Some((files, mode)) = gc.frontend_validation.as_ref().and_then(|fv| fv.for_port(port)) else {
+        return Ok(None);
     };
     let mut roots = rustls::RootCertStore::empty();
-    for file in &fv.ca_certificates {
+    for file in files {
         for cert in read_certs(file)? {
             roots.add(cert).map_err(|e| GatewayError::Tls(format!("{}: {e}", file.display())))?;
         }
     }
-    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-    let builder = match fv.mode {
-        FrontendMode::AllowValidOnly => builder,
-        FrontendMode::AllowInsecureFallback => builder.allow_unauthenticated(),
-    };
-    builder.build().map_err(|e| GatewayError::Tls(format!("gateway.frontend_validation: {e}")))
+    let strict = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| GatewayError::Tls(format!("gateway.frontend_validation: {e}")))?;
+    Ok(Some(ClientCerts { strict, mode }))
+}
+
+/// `AllowInsecureFallback`: asks for a certificate and lets every client in, with one or not;
+/// [`ClientCerts::subject`] checks it. The handshake's signature still proves the client
+/// holds the key of what it sent.
+#[derive(Debug)]
+struct Fallback(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+impl rustls::server::danger::ClientCertVerifier for Fallback {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// The request header that carries a verified client certificate's subject upstream; what a
 /// client sends under that name is always dropped.
 pub const CLIENT_SUBJECT: http::HeaderName = http::HeaderName::from_static("x-client-cert-subject");
-
-/// The header value naming the subject of a client's verified certificate chain, if it sent one.
-pub fn client_subject(chain: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Option<http::HeaderValue> {
-    let subject = identity::subject_of(chain?.first()?)?;
-    http::HeaderValue::from_str(&subject).ok()
-}
 
 /// The QUIC server config of the edge listener.
 pub fn quic_server(tls: rustls::ServerConfig, limits: &EdgeLimits) -> Result<quinn::ServerConfig, GatewayError> {

@@ -420,19 +420,46 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FrontendValidation {
-    /// PEM files of the CAs a client certificate must chain to.
+    /// PEM files of the CAs a client certificate must chain to, on every HTTPS port not in
+    /// `per_port`; empty: those ports ask for no certificate.
+    #[serde(default)]
+    pub ca_certificates: Vec<PathBuf>,
+    #[serde(default)]
+    pub mode: FrontendMode,
+    /// Other CAs and mode on some ports (the Gateway API's `tls.frontend.perPort`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_port: Vec<PortValidation>,
+}
+
+/// `[[gateway.frontend_validation.per_port]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortValidation {
+    /// A listener port.
+    pub port: u16,
     pub ca_certificates: Vec<PathBuf>,
     #[serde(default)]
     pub mode: FrontendMode,
 }
 
-/// Whether a client without a certificate is let in.
+impl FrontendValidation {
+    /// The CAs and mode of listener port `port`; `None`: no client certificates asked there.
+    pub fn for_port(&self, port: u16) -> Option<(&[PathBuf], FrontendMode)> {
+        match self.per_port.iter().find(|p| p.port == port) {
+            Some(p) => Some((&p.ca_certificates, p.mode)),
+            None if self.ca_certificates.is_empty() => None,
+            None => Some((&self.ca_certificates, self.mode)),
+        }
+    }
+}
+
+/// Whether a client without a valid certificate is let in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FrontendMode {
     /// The handshake needs a valid client certificate.
     #[default]
     AllowValidOnly,
-    /// A client may present none (one it presents must still be valid).
+    /// Any client gets in; only a valid certificate names a subject upstream.
     AllowInsecureFallback,
 }
 
@@ -898,6 +925,13 @@ fn resolve_paths(config: &mut Config, fig: &Figment) {
             for (ca, value) in fv.ca_certificates.iter_mut().zip(cas.unwrap_or_default()) {
                 fix(ca, Some(value));
             }
+            let ports = found("gateway.frontend_validation.per_port").and_then(|v| v.into_array()).unwrap_or_default();
+            for (p, value) in fv.per_port.iter_mut().zip(ports) {
+                let cas = field(value, "ca_certificates").and_then(|v| v.into_array()).unwrap_or_default();
+                for (ca, value) in p.ca_certificates.iter_mut().zip(cas) {
+                    fix(ca, Some(value));
+                }
+            }
         }
     }
     fix_opt(&mut config.access_log.path, "access_log.path");
@@ -1101,8 +1135,24 @@ impl Config {
                     ));
                 }
             }
-            if gw.frontend_validation.as_ref().is_some_and(|f| f.ca_certificates.is_empty()) {
-                return Err(invalid("gateway.frontend_validation.ca_certificates", "name at least one CA file"));
+            if let Some(fv) = &gw.frontend_validation {
+                if fv.ca_certificates.is_empty() && fv.per_port.is_empty() {
+                    return Err(invalid("gateway.frontend_validation.ca_certificates", "name at least one CA file"));
+                }
+                for (i, p) in fv.per_port.iter().enumerate() {
+                    if p.ca_certificates.is_empty() {
+                        return Err(invalid(
+                            format!("gateway.frontend_validation.per_port[{i}].ca_certificates"),
+                            "name at least one CA file",
+                        ));
+                    }
+                    if fv.per_port[..i].iter().any(|q| q.port == p.port) {
+                        return Err(invalid(
+                            format!("gateway.frontend_validation.per_port[{i}].port"),
+                            format!("port {} is listed twice", p.port),
+                        ));
+                    }
+                }
             }
             if gw.limits.max_connections == 0 {
                 return Err(invalid("gateway.limits.max_connections", "must be at least 1"));
