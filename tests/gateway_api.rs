@@ -562,3 +562,46 @@ async fn httproute_features_hold_at_the_edge_and_in_the_mesh() {
         assert!(rules.iter().any(|n| n == "sends-nowhere"), "{who}: {rules:?}");
     }
 }
+
+/// GAMMA: a mesh route attached to a service by parentRef (`kind = "Service"`) applies to
+/// calls addressed to that service, by its name or an alias, and with a `port` only to calls
+/// to that port (the Host's, 80 without one); other calls go to the service untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_routes_attach_to_a_service_and_its_port() {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let echo = echo_backend().await;
+    let svc = format!(
+        "[[services]]\nname = \"echo\"\nhosts = [\"echo.mesh\"]\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n"
+    );
+    let routes = r#"
+[[routes]]
+name = "echo-8080"
+parentRefs = [{ kind = "Service", name = "echo", port = 8080 }]
+[[routes.rules]]
+filters = [{ type = "RequestHeaderModifier", requestHeaderModifier = { set = [{ name = "x-route", value = "echo-8080" }] } }]
+backendRefs = [{ name = "echo" }]
+"#;
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a = NodeProc::start(
+        pki.path(),
+        "node-a",
+        &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &format!("{svc}{routes}")),
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    for (host, routed) in
+        [("echo:8080", true), ("echo", false), ("echo:9090", false), ("echo.mesh:8080", true), ("echo.mesh", false)]
+    {
+        let req = http::Request::get(format!("http://{}/x", a.addrs.outbound))
+            .header("host", host)
+            .body(Empty::new())
+            .unwrap();
+        let (status, _, body) = answer(client.request(req).await.unwrap()).await;
+        assert_eq!(status, 200, "{host}: {body}");
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let route = seen["headers"].get("x-route").and_then(|v| v.as_str());
+        assert_eq!(route, routed.then_some("echo-8080"), "{host}: {body}");
+    }
+}

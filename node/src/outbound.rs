@@ -17,6 +17,7 @@ use hyper_util::server::conn::auto;
 use quicmesh_shared::message::body::{self, Body};
 use quicmesh_shared::message::error::ProxyError;
 use quicmesh_shared::message::headers;
+use quicmesh_shared::policy::listener::ParentKind;
 use quicmesh_shared::proxy::drain::Phase;
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::pipeline::{self, Ctx, Side, Target};
@@ -116,9 +117,16 @@ async fn route(
     // Mesh routes (HTTPRoute) first; without one, the Host names the service directly.
     let routed = candidates().find_map(|a| {
         let (path, query) = (parts.uri.path(), parts.uri.query());
-        table
-            .routes()
-            .find(&headers::host_of(a), &parts.method, path, query, &parts.headers)
+        let host = headers::host_of(a);
+        // The destination port a GAMMA route may be attached to: the Host's, else 80.
+        let port = a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(80);
+        let find = |host: &str| table.routes().find_at(host, Some(port), &parts.method, path, query, &parts.headers);
+        find(&host)
+            // Called by an alias, the service's routes attached by parentRef still apply.
+            .or_else(|| {
+                let svc = table.service_for_host(&host).filter(|s| s.config.name != *host)?;
+                find(&svc.config.name).filter(|m| m.route.parent_refs.iter().any(|p| p.kind == ParentKind::Service))
+            })
             .map(|m| (a.to_string(), m))
     });
     let (authority, target) = match routed {

@@ -1209,6 +1209,23 @@ impl Config {
     /// Routes compile (regexes, filters). A backend naming no service is not an error (see
     /// [`Config::warnings`]): its share of requests answers 500, as the Gateway API says.
     fn validate_routes(&self, routes: &[crate::policy::route::HttpRoute], key: &str) -> Result<(), ConfigError> {
+        use crate::policy::listener::ParentKind;
+        if key == "routes" {
+            for r in routes {
+                if r.parent_refs
+                    .iter()
+                    .any(|p| p.kind != ParentKind::Service || p.name.is_none() || p.section_name.is_some())
+                {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "route {:?}: a mesh route's parentRefs name services ({{ kind = \"Service\", name, port }})",
+                            r.name
+                        ),
+                    ));
+                }
+            }
+        }
         if let Err(e) = crate::policy::route::RouteTable::new(routes.to_vec()) {
             return Err(invalid(key, e.to_string()));
         }
@@ -1259,8 +1276,12 @@ impl Config {
                 }
             }
         }
-        if self.routes.iter().any(|r| !r.parent_refs.is_empty()) {
-            return Err(invalid("routes", "parentRefs attach gateway.routes to listeners; mesh routes take none"));
+        use crate::policy::listener::ParentKind;
+        if let Some(r) = gw.routes.iter().find(|r| r.parent_refs.iter().any(|p| p.kind == ParentKind::Service)) {
+            return Err(invalid(
+                "gateway.routes",
+                format!("route {:?}: a Service parentRef is for mesh routes ([[routes]])", r.name),
+            ));
         }
         Listeners::compile(&gw.name, gw.listener_specs(), &gw.routes, &gw.tls_routes, &gw.tcp_routes)
             .map_err(|e| invalid("gateway.listeners", e))?;

@@ -198,3 +198,17 @@ fn a_route_to_an_unknown_service_is_accepted_with_a_warning() {
         "{warnings:?}"
     );
 }
+
+#[test]
+fn parent_refs_fit_the_routes_they_are_on() {
+    let mesh = "[[routes]]\nname = \"m\"\nparentRefs = [{ sectionName = \"https\" }]\n";
+    assert!(load_err(mesh).contains("a mesh route's parentRefs name services"), "{}", load_err(mesh));
+    let edge = "[gateway]\n[[gateway.routes]]\nname = \"e\"\nparentRefs = [{ kind = \"Service\", name = \"web\" }]\n";
+    assert!(load_err(edge).contains("a Service parentRef is for mesh routes"), "{}", load_err(edge));
+    let listeners = "[gateway]\n[[gateway.listeners]]\nname = \"a\"\nport = 80\nprotocol = \"HTTP\"\n\
+                     [[gateway.listeners]]\nname = \"b\"\nport = 80\nprotocol = \"TCP\"\n";
+    assert!(load_err(listeners).contains("already speaks HTTP"), "{}", load_err(listeners));
+    let binds = "[gateway]\n[[gateway.listeners]]\nname = \"a\"\nport = 80\nlisten = \"127.0.0.1:80\"\nprotocol = \"HTTP\"\n\
+                 [[gateway.listeners]]\nname = \"b\"\nport = 80\nlisten = \"127.0.0.2:80\"\nprotocol = \"HTTP\"\nhostname = \"b.test\"\n";
+    assert!(load_err(binds).contains("port 80 already binds"), "{}", load_err(binds));
+}

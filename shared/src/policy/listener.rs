@@ -73,12 +73,14 @@ impl RouteKind {
     }
 }
 
-/// What a `parentRef` names: the gateway itself or one of its listener sets.
+/// What a `parentRef` names: the gateway itself or one of its listener sets (gateway routes),
+/// or a service (mesh routes, as GAMMA attaches routes to a Service).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ParentKind {
     #[default]
     Gateway,
     ListenerSet,
+    Service,
 }
 
 /// A route's `parentRefs` entry: which listeners it attaches to.
@@ -244,6 +246,7 @@ fn refers_to(parent: &ParentRef, gateway: &str, l: &ListenerSpec) -> bool {
     let owner_ok = match parent.kind {
         ParentKind::Gateway => l.set.is_none() && parent.name.as_deref().is_none_or(|n| n == gateway),
         ParentKind::ListenerSet => l.set.is_some() && parent.name.as_deref() == l.set.as_deref(),
+        ParentKind::Service => false,
     };
     owner_ok && parent.section_name.as_deref().is_none_or(|s| s == l.name) && parent.port.is_none_or(|p| p == l.port)
 }

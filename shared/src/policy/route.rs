@@ -17,6 +17,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::listener::ParentKind;
+
 /// One HTTPRoute.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -495,6 +497,8 @@ pub struct RouteTable {
     routes: Vec<HttpRoute>,
     /// One per route (same order), for routes with a `rateLimit`.
     limiters: Vec<Option<crate::policy::limit::RateLimiter>>,
+    /// One per route: the destination ports its Service parentRefs name (GAMMA); `None`, any.
+    ports: Vec<Option<Vec<u16>>>,
     /// In global precedence order (within a hostname class).
     entries: Vec<Entry>,
     exact: HashMap<String, Group>,
@@ -675,7 +679,7 @@ impl RouteTable {
         let mut exact: HashMap<String, Group> = HashMap::new();
         let mut wildcard: Vec<(String, Group)> = Vec::new();
         let mut any = Group::default();
-        let patterns: Vec<Vec<HostPattern>> = routes.iter().map(|r| host_patterns(&r.hostnames)).collect();
+        let patterns: Vec<Vec<HostPattern>> = routes.iter().map(route_host_patterns).collect();
         for (ei, e) in entries.iter().enumerate() {
             for p in &patterns[e.route] {
                 match p {
@@ -697,7 +701,8 @@ impl RouteTable {
         wildcard.sort_by_key(|(w, _)| std::cmp::Reverse(w.len()));
         let limiters =
             routes.iter().map(|r| r.rate_limit.clone().map(crate::policy::limit::RateLimiter::new)).collect();
-        Ok(Self { routes, limiters, entries, exact, wildcard, any })
+        let ports = routes.iter().map(service_ports).collect();
+        Ok(Self { routes, limiters, ports, entries, exact, wildcard, any })
     }
 
     /// A table without routes: every lookup misses.
@@ -705,6 +710,7 @@ impl RouteTable {
         Self {
             routes: Vec::new(),
             limiters: Vec::new(),
+            ports: Vec::new(),
             entries: Vec::new(),
             exact: HashMap::new(),
             wildcard: Vec::new(),
@@ -720,6 +726,20 @@ impl RouteTable {
     pub fn find(
         &self,
         host: &str,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Option<Matched<'_>> {
+        self.find_at(host, None, method, path, query, headers)
+    }
+
+    /// [`RouteTable::find`] for a request to destination `port` (a mesh call's Host port, 80
+    /// without one): routes whose Service parentRefs name ports take only those.
+    pub fn find_at(
+        &self,
+        host: &str,
+        port: Option<u16>,
         method: &Method,
         path: &str,
         query: Option<&str>,
@@ -752,7 +772,11 @@ impl RouteTable {
                 };
                 let Some(&ei) = next else { break };
                 let e = &self.entries[ei];
-                if matches(&e.matcher, method, path, &params, headers) {
+                let port_ok = match (port, self.ports.get(e.route)) {
+                    (Some(p), Some(Some(ports))) => ports.contains(&p),
+                    _ => true,
+                };
+                if port_ok && matches(&e.matcher, method, path, &params, headers) {
                     let route = &self.routes[e.route];
                     let matched_prefix = match &e.matcher.path {
                         PathRule::Prefix(p) => Some(p.as_str()),
@@ -765,6 +789,24 @@ impl RouteTable {
         }
         None
     }
+}
+
+/// The hosts a route answers for: its hostnames and, for a mesh route (GAMMA), the names of
+/// the services its parentRefs name.
+fn route_host_patterns(route: &HttpRoute) -> Vec<HostPattern> {
+    let services = route.parent_refs.iter().filter(|p| p.kind == ParentKind::Service).filter_map(|p| p.name.clone());
+    let names: Vec<String> = route.hostnames.iter().cloned().chain(services).collect();
+    host_patterns(&names)
+}
+
+/// The destination ports a route's Service parentRefs allow; `None` when any is (no Service
+/// parentRef, or one without a port).
+fn service_ports(route: &HttpRoute) -> Option<Vec<u16>> {
+    let services: Vec<_> = route.parent_refs.iter().filter(|p| p.kind == ParentKind::Service).collect();
+    if services.is_empty() || services.iter().any(|p| p.port.is_none()) {
+        return None;
+    }
+    Some(services.iter().filter_map(|p| p.port).collect())
 }
 
 fn host_patterns(hostnames: &[String]) -> Vec<HostPattern> {
