@@ -87,6 +87,7 @@ impl Edge {
         held: G,
     ) -> Response<Body> {
         let (client, proto) = (at.client, at.proto);
+        let grpc = quicmesh_shared::message::respond::is_grpc(req.headers());
         req.headers_mut().remove(crate::tls::CLIENT_SUBJECT);
         if let Some(s) = &at.subject {
             req.headers_mut().insert(crate::tls::CLIENT_SUBJECT, s.clone());
@@ -109,7 +110,11 @@ impl Edge {
             resp.headers_mut().insert(ALT_SVC, alt_svc.clone());
         }
         // Recorded when the response body ends; in flight for the drain until then too.
-        rec.finish(resp).map(|b| body::with_guard(b, in_flight))
+        let resp = rec.finish(resp).map(|b| body::with_guard(b, in_flight));
+        if grpc {
+            return ProxyError::for_grpc(resp);
+        }
+        resp
     }
 
     async fn route(&self, req: Request<Body>, at: &Arrival, rec: &mut Record) -> Result<Response<Body>, ProxyError> {

@@ -73,6 +73,7 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
 async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Response<Body> {
     let in_flight = mesh.drain().guard();
     let http1 = req.version() <= http::Version::HTTP_11;
+    let grpc = quicmesh_shared::message::respond::is_grpc(req.headers());
     let mut rec = Record::new("outbound", mesh.access_log().cloned());
     rec.request(&req);
     // Debug level: at info a span per request (its fields formatted up front) was about a tenth
@@ -88,6 +89,9 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) ->
     };
     // Recorded when the response body ends; in flight for the drain until then too.
     let mut resp = rec.finish(resp).map(|b| body::with_guard(b, in_flight));
+    if grpc {
+        resp = ProxyError::for_grpc(resp);
+    }
     if http1 && mesh.drain().phase() >= Phase::Draining {
         resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }

@@ -153,6 +153,11 @@ pub async fn request_body<R: H3Recv>(recv: R) -> Body {
     }
 }
 
+/// `rest` after a frame already read from it.
+pub fn prefixed(first: Frame<Bytes>, rest: Body) -> Body {
+    Prefixed { first: Some(Ok(first)), inner: rest }.boxed_unsync()
+}
+
 /// A body whose first frame was read already.
 struct Prefixed {
     first: Option<Result<Frame<Bytes>, BoxError>>,

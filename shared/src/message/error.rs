@@ -173,6 +173,26 @@ mod tests {
     }
 
     #[test]
+    fn proxy_errors_reach_grpc_callers_as_grpc_statuses() {
+        for (err, code) in [
+            (ProxyError::NoRoute("x".into()), "12"),
+            (ProxyError::Timeout(Duration::from_secs(1)), "4"),
+            (ProxyError::Denied("x".into()), "7"),
+            (ProxyError::UpstreamUnreachable { addr: "a".into(), reason: "r".into() }, "14"),
+            (ProxyError::Fault(401), "16"),
+        ] {
+            let resp = ProxyError::for_grpc(err.response());
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["grpc-status"], code, "{err}");
+            assert_eq!(resp.headers()["content-type"], "application/grpc");
+            assert_eq!(resp.headers()["grpc-message"], format!("quicmesh: {}", err.reason()));
+            assert!(http_body::Body::is_end_stream(resp.body()), "trailers-only: the headers end the stream");
+        }
+        let app = http::Response::new(crate::message::body::empty());
+        assert!(!ProxyError::for_grpc(app).headers().contains_key("grpc-status"), "an application's answer stays");
+    }
+
+    #[test]
     fn every_error_names_itself() {
         let cases = [
             (ProxyError::NoRoute("x".into()), 404, "no-route"),

@@ -22,6 +22,11 @@ pub const SOURCE: HeaderName = HeaderName::from_static("quicmesh-source");
 pub const ATTEMPT: HeaderName = HeaderName::from_static("quicmesh-attempt");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// A gRPC call's status, in trailers (or in the headers of a trailers-only answer).
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// A gRPC call's deadline, as the caller sends it (`<digits><unit>`).
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -328,8 +333,49 @@ pub fn host_of(authority: &str) -> Cow<'_, str> {
     }
 }
 
+/// A `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<std::time::Duration> {
+    let v = value.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `d` as a `grpc-timeout` value (milliseconds, rounded up, at most 8 digits).
+pub fn grpc_timeout_value(d: std::time::Duration) -> HeaderValue {
+    let ms = d.as_micros().div_ceil(1000).min(99_999_999);
+    HeaderValue::from_str(&format!("{ms}m")).unwrap_or(HeaderValue::from_static("1m"))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn grpc_timeouts_parse_as_the_grpc_spec_writes_them() {
+        use std::time::Duration;
+        let parse = |v: &'static str| parse_grpc_timeout(&HeaderValue::from_static(v));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("7u"), Some(Duration::from_micros(7)));
+        for bad in ["", "S", "123456789S", "1x", "-1S", "1.5S"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout_value(Duration::from_micros(1500)), "2m");
+        assert_eq!(grpc_timeout_value(Duration::from_secs(1 << 40)), "99999999m");
+    }
+
     use super::*;
 
     #[test]

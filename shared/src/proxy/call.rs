@@ -70,8 +70,15 @@ impl Call<'_> {
         opts: &CallOpts<'_>,
         info: &mut CallInfo<'s>,
     ) -> Result<Response<Body>, ProxyError> {
-        // "0s" turns a limit off (Gateway API).
-        let resp = match opts.timeouts.and_then(|t| t.request).filter(|d| !d.is_zero()) {
+        // "0s" turns a limit off (Gateway API). A gRPC caller's deadline (`grpc-timeout`)
+        // bounds the call too, in place of the mesh's default request timeout.
+        let deadline = req.headers().get(headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout);
+        let route_total = opts.timeouts.and_then(|t| t.request).filter(|d| !d.is_zero());
+        let total = match (route_total, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let resp = match total {
             Some(total) => tokio::time::timeout(total, self.call_inner(svc, req, opts, info))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout(total))),
@@ -112,10 +119,13 @@ impl Call<'_> {
             (None, Some(total)) if total.is_zero() => Some(total),
             _ => None,
         });
-        let per_try = match per_try_set {
-            Some(d) if d.is_zero() => crate::proxy::attempt::UNLIMITED,
-            Some(d) => d,
-            None => self.table.config().timeouts.request,
+        let started = Instant::now();
+        let deadline = req.headers().get(headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout);
+        let per_try = match (per_try_set, deadline) {
+            (Some(d), _) if d.is_zero() => crate::proxy::attempt::UNLIMITED,
+            (Some(d), _) => d,
+            (None, Some(deadline)) => deadline,
+            (None, None) => self.table.config().timeouts.request,
         };
         let per_try_set = per_try_set.is_some();
         let no_labels = BTreeMap::new();
@@ -158,6 +168,11 @@ impl Call<'_> {
             *req.headers_mut() = parts.headers.clone();
             if attempt > 1 {
                 req.headers_mut().insert(headers::ATTEMPT, HeaderValue::from(attempt));
+            }
+            // The next hop gets what is left of the caller's deadline.
+            if let Some(d) = deadline {
+                let left = d.saturating_sub(started.elapsed());
+                req.headers_mut().insert(headers::GRPC_TIMEOUT, headers::grpc_timeout_value(left));
             }
             // Boxed: the try's future is the bulk of a request's state (h3 and hyper futures
             // nested), and every future that holds it inline is copied whole when its task is

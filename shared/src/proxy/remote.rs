@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::{Method, Request, Response};
 use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -19,7 +20,7 @@ use super::table::Service;
 use crate::config::EndpointConfig;
 use crate::message::body::{self, Body, H3Body, H3Send};
 use crate::message::error::ProxyError;
-use crate::message::headers;
+use crate::message::headers::{self, GRPC_STATUS};
 use crate::transport::pool::PeerConn;
 
 impl Call<'_> {
@@ -174,8 +175,24 @@ impl Call<'_> {
         let (mut parts, ()) = head.into_parts();
         parts.version = http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
+        let mut body = H3Body::new(recv);
+        if parts.headers.contains_key(GRPC_STATUS) {
+            // A gRPC trailers-only answer: the status is in the headers, which ended the stream
+            // where the answer was made. Read that end now, so the headers end the stream for
+            // the caller too (gRPC clients take headers followed by an empty end for a broken
+            // stream).
+            match tokio::time::timeout(per_try, body.frame()).await {
+                Ok(None) => return Ok(Response::from_parts(parts, body::empty())),
+                Ok(Some(Ok(frame))) => {
+                    let rest = body::with_guard(body::boxed(body), pc.hold());
+                    return Ok(Response::from_parts(parts, body::prefixed(frame, rest)));
+                }
+                Ok(Some(Err(e))) => return Err(TryError::sent(ProxyError::UpstreamReset(e.to_string()))),
+                Err(_) => return Err(TryError::sent(ProxyError::Timeout(per_try))),
+            }
+        }
         // The body holds the connection open until it ends (see `PeerConn::hold`).
-        Ok(Response::from_parts(parts, body::with_guard(body::boxed(H3Body::new(recv)), pc.hold())))
+        Ok(Response::from_parts(parts, body::with_guard(body::boxed(body), pc.hold())))
     }
 }
 

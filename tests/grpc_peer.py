@@ -1,0 +1,130 @@
+"""A gRPC server and client from grpcio (Debian's python3-grpcio), for tests/grpc.rs: a real
+gRPC implementation nobody here wrote, on both ends of the mesh. Messages are raw bytes (no
+generated code).
+
+    grpc_peer.py server            serves on 127.0.0.1:0, prints "port N", runs until killed
+    grpc_peer.py client ADDR HOST  runs every case against ADDR with :authority HOST, prints
+                                   one JSON object: case name -> result
+"""
+
+import json
+import sys
+import time
+from concurrent import futures
+
+import grpc
+
+SERVICE = "quicmesh.test.Echo"
+
+
+def echo(request, context):
+    context.set_trailing_metadata((("x-trail", "t"), ("x-trail-bin", b"\x00\x01")))
+    return request
+
+
+def fail(request, context):
+    # Trailers only: the status ends the stream before any message.
+    context.set_trailing_metadata((("x-why-bin", b"\xff\x00"),))
+    context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+
+
+def slow(request, context):
+    time.sleep(int(request) / 1000.0)
+    return b"slept"
+
+
+def server_stream(request, context):
+    for i in range(int(request)):
+        yield b"m%d" % i
+
+
+def client_stream(requests, context):
+    return str(sum(len(r) for r in requests)).encode()
+
+
+def bidi(requests, context):
+    for r in requests:
+        yield r
+
+
+def unavailable(request, context):
+    context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
+
+
+def serve():
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        "Unavailable": grpc.unary_unary_rpc_method_handler(unavailable),
+        "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+        "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+        "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print("port %d" % port, flush=True)
+    server.wait_for_termination()
+
+
+def outcome(call):
+    """Runs call() -> (reply, trailing metadata); a result as JSON-able values."""
+    try:
+        reply, trailers = call()
+        return {"code": "OK", "reply": reply, "trailers": trailers}
+    except grpc.RpcError as e:
+        return {"code": e.code().name, "details": e.details(), "trailers": meta(e.trailing_metadata())}
+
+
+def meta(md):
+    out = {}
+    for k, v in md or ():
+        out[k] = v.hex() if isinstance(v, bytes) else v
+    return out
+
+
+def client(addr, host):
+    channel = grpc.insecure_channel(addr, options=(("grpc.default_authority", host),))
+    method = lambda name: "/%s/%s" % (SERVICE, name)
+    unary = lambda name: channel.unary_unary(method(name))
+
+    def with_trailers(name, request, timeout=None):
+        reply, call = unary(name).with_call(request, timeout=timeout)
+        return reply.decode(), meta(call.trailing_metadata())
+
+    results = {}
+    results["unary"] = outcome(lambda: with_trailers("Echo", b"hi"))
+    results["trailers_only"] = outcome(lambda: with_trailers("Fail", b""))
+    results["unimplemented"] = outcome(lambda: with_trailers("Nope", b""))
+    results["server_error"] = outcome(lambda: with_trailers("Unavailable", b""))
+    results["long_deadline"] = outcome(lambda: with_trailers("Slow", b"1500", timeout=10))
+    results["short_deadline"] = outcome(lambda: with_trailers("Slow", b"3000", timeout=0.5))
+
+    def streamed():
+        replies = list(channel.unary_stream(method("ServerStream"))(b"100"))
+        return len(replies), {}
+
+    results["server_stream"] = outcome(streamed)
+
+    def summed():
+        total = channel.stream_unary(method("ClientStream"))(iter([b"x" * 100] * 100))
+        return total.decode(), {}
+
+    results["client_stream"] = outcome(summed)
+
+    def echoed():
+        sent = [b"%05d" % i for i in range(10000)]
+        got = list(channel.stream_stream(method("Bidi"))(iter(sent)))
+        return got == sent, {}
+
+    results["bidi"] = outcome(echoed)
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "server":
+        serve()
+    else:
+        client(sys.argv[2], sys.argv[3])
