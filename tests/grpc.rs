@@ -101,6 +101,31 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
     assert_eq!(case("client_stream")["reply"], "10000", "{r}");
     assert_eq!(case("bidi")["reply"], true, "{r}");
 
+    // A gRPC error on HTTP 200 is a failure in the metrics, by its status.
+    for (error, at_least) in [("grpc-not-found", 1.0), ("grpc-unimplemented", 1.0), ("grpc-unavailable", 1.0)] {
+        eventually(std::time::Duration::from_secs(10), error, || async {
+            let m = a.metrics().await;
+            let n = metric(
+                &m,
+                "quicmesh_requests_total",
+                &[("direction", "outbound"), ("service", "grpc"), ("error", error)],
+            );
+            (n >= at_least).then_some(())
+        })
+        .await;
+    }
+    let m = a.metrics().await;
+    let ok = metric(&m, "quicmesh_requests_total", &[("direction", "outbound"), ("service", "grpc"), ("code", "200")]);
+    let failed =
+        ["grpc-not-found", "grpc-unimplemented", "grpc-unavailable", "grpc-deadline-exceeded", "grpc-cancelled"]
+            .iter()
+            .map(|e| {
+                metric(&m, "quicmesh_requests_total", &[("direction", "outbound"), ("service", "grpc"), ("error", e)])
+            })
+            .sum::<f64>();
+    // unary, the long deadline and the three streams succeeded.
+    assert_eq!(ok - failed, 5.0, "the successful calls count as successes: {ok} answered 200, {failed} failed");
+
     // The mesh's own failures reach gRPC callers as gRPC statuses.
     let r = grpc_client(a.addrs.outbound, "gone").await;
     assert_eq!(r["unary"]["code"], "UNAVAILABLE", "{r}");

@@ -271,6 +271,10 @@ impl Record {
             error = Some(crate::message::error::known_reason(reason));
         }
         self.answer = Some((status, error));
+        // A gRPC trailers-only answer carries its status here.
+        if let Some(failed) = resp.headers().get(crate::message::headers::GRPC_STATUS).and_then(grpc_failure) {
+            self.failed(failed);
+        }
         self.handles().duration.record(self.start.elapsed().as_secs_f64());
         let bytes = self.bytes.clone();
         let done = Done(self);
@@ -281,11 +285,44 @@ impl Record {
     /// connection died): the request failed, whatever its status said.
     /// `reason` is the proxy's own (a stream idle timeout), else `upstream-reset`.
     fn body_broke(&mut self, reason: Option<&'static str>) {
+        self.failed(reason.unwrap_or(BODY_BROKE));
+    }
+
+    /// The request failed for `reason`, unless it has a reason already.
+    fn failed(&mut self, reason: &'static str) {
         if let Some((_, error @ None)) = &mut self.answer {
-            let reason = reason.unwrap_or(BODY_BROKE);
             *error = Some(reason);
             self.entry.error = reason.to_string();
         }
+    }
+}
+
+/// The error label of a gRPC call that ended with `grpc-status` other than 0 (OK): a failure in
+/// success rates, whatever the HTTP status said.
+fn grpc_failure(status: &http::HeaderValue) -> Option<&'static str> {
+    const NAMES: [&str; 17] = [
+        "",
+        "grpc-cancelled",
+        "grpc-unknown",
+        "grpc-invalid-argument",
+        "grpc-deadline-exceeded",
+        "grpc-not-found",
+        "grpc-already-exists",
+        "grpc-permission-denied",
+        "grpc-resource-exhausted",
+        "grpc-failed-precondition",
+        "grpc-aborted",
+        "grpc-out-of-range",
+        "grpc-unimplemented",
+        "grpc-internal",
+        "grpc-unavailable",
+        "grpc-data-loss",
+        "grpc-unauthenticated",
+    ];
+    match status.to_str().ok().and_then(|s| s.parse::<usize>().ok()) {
+        Some(0) => None,
+        Some(code) => Some(NAMES.get(code).copied().unwrap_or("grpc-unknown")),
+        None => Some("grpc-unknown"),
     }
 }
 
@@ -346,6 +383,11 @@ impl HttpBody for Counted {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     self.bytes[self.which].fetch_add(d.len() as u64, Ordering::Relaxed);
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    let failed = trailers.get(crate::message::headers::GRPC_STATUS).and_then(grpc_failure);
+                    if let (Some(failed), Some(done)) = (failed, self.done.as_mut()) {
+                        done.0.failed(failed);
+                    }
                 }
             }
             // The end: record now rather than whenever the body value is dropped.
