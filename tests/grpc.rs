@@ -48,12 +48,16 @@ fn grpc_server() -> Server {
 
 /// Runs the client's cases against `addr` with `:authority` `host`: case -> result.
 async fn grpc_client(addr: std::net::SocketAddr, host: &str) -> serde_json::Value {
-    let (addr, host) = (addr.to_string(), host.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(PYTHON).args([script().as_str(), "client", &addr, &host]).output().expect("grpcio client")
-    })
-    .await
-    .unwrap();
+    grpc_client_with(addr, host, None).await
+}
+
+/// [`grpc_client`], over TLS trusting `ca` when given.
+async fn grpc_client_with(addr: std::net::SocketAddr, host: &str, ca: Option<&std::path::Path>) -> serde_json::Value {
+    let mut args = vec![script(), "client".into(), addr.to_string(), host.to_string()];
+    args.extend(ca.map(|c| c.display().to_string()));
+    let out = tokio::task::spawn_blocking(move || Command::new(PYTHON).args(&args).output().expect("grpcio client"))
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim())
         .unwrap_or_else(|e| panic!("client output {e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)))
@@ -83,24 +87,7 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
     let a = NodeProc::start(pki.path(), "node-a", &a_toml);
 
     let r = grpc_client(a.addrs.outbound, "grpc").await;
-    let case = |name: &str| r[name].clone();
-    assert_eq!(case("unary")["code"], "OK", "{r}");
-    assert_eq!(case("unary")["reply"], "hi");
-    assert_eq!(case("unary")["trailers"]["x-trail"], "t", "{r}");
-    assert_eq!(case("unary")["trailers"]["x-trail-bin"], "0001", "{r}");
-    // Trailers only: the status, its message and binary metadata, as the server sent them.
-    assert_eq!(case("trailers_only")["code"], "NOT_FOUND", "{r}");
-    assert_eq!(case("trailers_only")["details"], "no such thing", "{r}");
-    assert_eq!(case("trailers_only")["trailers"]["x-why-bin"], "ff00", "{r}");
-    assert_eq!(case("unimplemented")["code"], "UNIMPLEMENTED", "{r}");
-    assert_eq!(case("server_error")["code"], "UNAVAILABLE", "{r}");
-    assert_eq!(case("server_error")["details"], "try later", "{r}");
-    assert_eq!(case("long_deadline")["code"], "OK", "a 10 s deadline cut by the 1 s request limit: {r}");
-    assert_eq!(case("short_deadline")["code"], "DEADLINE_EXCEEDED", "{r}");
-    assert_eq!(case("server_stream")["reply"], 100, "{r}");
-    assert_eq!(case("client_stream")["reply"], "10000", "{r}");
-    assert_eq!(case("bidi")["reply"], true, "{r}");
-
+    check_cases(&r);
     // A gRPC error on HTTP 200 is a failure in the metrics, by its status.
     for (error, at_least) in [("grpc-not-found", 1.0), ("grpc-unimplemented", 1.0), ("grpc-unavailable", 1.0)] {
         eventually(std::time::Duration::from_secs(10), error, || async {
@@ -149,5 +136,57 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
     let left = seen["headers"]["grpc-timeout"].as_str().unwrap_or_default().to_string();
     let ms: u64 = left.strip_suffix('m').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{left:?}"));
     assert!((5_000..=10_000).contains(&ms), "the instance read grpc-timeout {left}");
+    drop(server);
+}
+
+/// What the client's cases must have met, wherever the calls went through.
+fn check_cases(r: &serde_json::Value) {
+    let case = |name: &str| r[name].clone();
+    assert_eq!(case("unary")["code"], "OK", "{r}");
+    assert_eq!(case("unary")["reply"], "hi");
+    assert_eq!(case("unary")["trailers"]["x-trail"], "t", "{r}");
+    assert_eq!(case("unary")["trailers"]["x-trail-bin"], "0001", "{r}");
+    // Trailers only: the status, its message and binary metadata, as the server sent them.
+    assert_eq!(case("trailers_only")["code"], "NOT_FOUND", "{r}");
+    assert_eq!(case("trailers_only")["details"], "no such thing", "{r}");
+    assert_eq!(case("trailers_only")["trailers"]["x-why-bin"], "ff00", "{r}");
+    assert_eq!(case("unimplemented")["code"], "UNIMPLEMENTED", "{r}");
+    assert_eq!(case("server_error")["code"], "UNAVAILABLE", "{r}");
+    assert_eq!(case("server_error")["details"], "try later", "{r}");
+    assert_eq!(case("long_deadline")["code"], "OK", "a 10 s deadline cut by the 1 s request limit: {r}");
+    assert_eq!(case("short_deadline")["code"], "DEADLINE_EXCEEDED", "{r}");
+    assert_eq!(case("server_stream")["reply"], 100, "{r}");
+    assert_eq!(case("client_stream")["reply"], "10000", "{r}");
+    assert_eq!(case("bidi")["reply"], true, "{r}");
+}
+
+/// gRPC at the edge: grpcio over TLS (HTTP/2) to the gateway, through the mesh to grpcio's
+/// server, with the same cases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_keep_their_status_and_trailers_through_the_gateway() {
+    if !grpcio_present() {
+        return;
+    }
+    let server = grpc_server();
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    pki.issue("gateway");
+    let (_, cert) = self_signed_server(pki.path(), "edge", &["grpc.test"]);
+    let svc = format!(
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
+        server.1
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"1s\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\n\
+         admin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\ncertificates = [{{ cert = \"edge-cert.pem\", key = \"edge-key.pem\" }}]\n\n\
+         [gateway.tls]\nstate_dir = \"{}\"\n\n[[gateway.routes]]\nname = \"grpc\"\n[[gateway.routes.rules]]\nbackendRefs = [{{ name = \"grpc\" }}]\n\n\
+         [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        state.display(),
+        b.addrs.inbound
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    let r = grpc_client_with(gw.addrs.listen, "grpc.test", Some(&cert)).await;
+    check_cases(&r);
     drop(server);
 }

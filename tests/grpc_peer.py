@@ -3,8 +3,10 @@ gRPC implementation nobody here wrote, on both ends of the mesh. Messages are ra
 generated code).
 
     grpc_peer.py server            serves on 127.0.0.1:0, prints "port N", runs until killed
-    grpc_peer.py client ADDR HOST  runs every case against ADDR with :authority HOST, prints
-                                   one JSON object: case name -> result
+    grpc_peer.py client ADDR HOST [CA]
+                                   runs every case against ADDR with :authority HOST (over TLS
+                                   trusting CA, when given), prints one JSON object: case name
+                                   -> result
 """
 
 import json
@@ -85,8 +87,14 @@ def meta(md):
     return out
 
 
-def client(addr, host):
-    channel = grpc.insecure_channel(addr, options=(("grpc.default_authority", host),))
+def client(addr, host, ca=None):
+    if ca:
+        with open(ca, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        options = (("grpc.ssl_target_name_override", host), ("grpc.default_authority", host))
+        channel = grpc.secure_channel(addr, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(addr, options=(("grpc.default_authority", host),))
     method = lambda name: "/%s/%s" % (SERVICE, name)
     unary = lambda name: channel.unary_unary(method(name))
 
@@ -127,4 +135,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve()
     else:
-        client(sys.argv[2], sys.argv[3])
+        client(sys.argv[2], sys.argv[3], *sys.argv[4:5])
