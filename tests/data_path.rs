@@ -1061,3 +1061,67 @@ async fn health_checks_of_tls_instances_speak_tls() {
     let failed = metric(&passes, "quicmesh_health_checks_total", &[("service", "secure"), ("result", "fail")]);
     assert_eq!(failed, 0.0, "a check of the TLS instance failed");
 }
+
+/// Server-sent events flush through two nodes as they are produced: each event reaches the
+/// client within a fraction of the gap between events, not when a buffer fills or the response
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_arrive_as_they_are_sent() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    const EVENTS: usize = 5;
+    const GAP: Duration = Duration::from_millis(300);
+    let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stamps = sent.clone();
+    tokio::spawn(quicmesh::samples::serve(listener, move |_req: http::Request<hyper::body::Incoming>| {
+        let stamps = stamps.clone();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(1);
+            tokio::spawn(async move {
+                for i in 0..EVENTS {
+                    stamps.lock().unwrap().push(Instant::now());
+                    let event = Bytes::from(format!("data: {i}\n\n"));
+                    if tx.send(Ok(hyper::body::Frame::data(event))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(GAP).await;
+                }
+            });
+            let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+            let mut resp = http::Response::new(quicmesh_shared::message::body::boxed(body));
+            resp.headers_mut().insert("content-type", http::HeaderValue::from_static("text/event-stream"));
+            resp
+        }
+    }));
+    let svc = format!("[[services]]\nname = \"events\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{addr}\"\n");
+    let m = two_nodes(&svc).await;
+    let req = http::Request::get(format!("http://{}/", m.a.addrs.outbound))
+        .header("host", "events")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let resp = h1_client().request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let mut arrived = Vec::new();
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+            while arrived.len() < text.matches("\n\n").count() {
+                arrived.push(Instant::now());
+            }
+        }
+    }
+    assert_eq!(arrived.len(), EVENTS, "{text}");
+    let sent = sent.lock().unwrap().clone();
+    for (i, (s, a)) in sent.iter().zip(&arrived).enumerate() {
+        let late = a.duration_since(*s);
+        assert!(late < GAP * 2 / 3, "event {i} arrived {late:?} after it was sent (events are {GAP:?} apart)");
+    }
+}
+
+/// The frames a channel receives, as a stream.
+fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
