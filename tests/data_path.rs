@@ -1095,7 +1095,8 @@ async fn server_sent_events_arrive_as_they_are_sent() {
             resp
         }
     }));
-    let svc = format!("[[services]]\nname = \"events\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{addr}\"\n");
+    let svc =
+        format!("[[services]]\nname = \"events\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{addr}\"\n");
     let m = two_nodes(&svc).await;
     let req = http::Request::get(format!("http://{}/", m.a.addrs.outbound))
         .header("host", "events")

@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 
 use support::*;
 
+/// gRPC calls to `grpc` are retried on UNAVAILABLE (the methods are safe to repeat).
+const RETRY: &str = "retry = { grpc_codes = [\"unavailable\"], non_idempotent = true }";
+
 /// Debian's interpreter: python3-grpcio installs there (a `python3` earlier on PATH may be
 /// another one).
 const PYTHON: &str = "/usr/bin/python3";
@@ -75,7 +78,7 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
     let dead = dead_address().await;
     let echo = echo_backend().await;
     let svc = format!(
-        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n\
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n{RETRY}\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n\
          [[services]]\nname = \"gone\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{dead}\"\n\n\
          [[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n",
         server.1
@@ -110,8 +113,8 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
                 metric(&m, "quicmesh_requests_total", &[("direction", "outbound"), ("service", "grpc"), ("error", e)])
             })
             .sum::<f64>();
-    // unary, the long deadline and the three streams succeeded.
-    assert_eq!(ok - failed, 5.0, "the successful calls count as successes: {ok} answered 200, {failed} failed");
+    // unary, the retried call, the long deadline and the three streams succeeded.
+    assert_eq!(ok - failed, 6.0, "the successful calls count as successes: {ok} answered 200, {failed} failed");
 
     // The mesh's own failures reach gRPC callers as gRPC statuses.
     let r = grpc_client(a.addrs.outbound, "gone").await;
@@ -153,6 +156,8 @@ fn check_cases(r: &serde_json::Value) {
     assert_eq!(case("unimplemented")["code"], "UNIMPLEMENTED", "{r}");
     assert_eq!(case("server_error")["code"], "UNAVAILABLE", "{r}");
     assert_eq!(case("server_error")["details"], "try later", "{r}");
+    assert_eq!(case("retried")["code"], "OK", "UNAVAILABLE twice, retried by the mesh: {r}");
+    assert_eq!(case("retried")["reply"], "third time", "{r}");
     assert_eq!(case("long_deadline")["code"], "OK", "a 10 s deadline cut by the 1 s request limit: {r}");
     assert_eq!(case("short_deadline")["code"], "DEADLINE_EXCEEDED", "{r}");
     assert_eq!(case("server_stream")["reply"], 100, "{r}");
@@ -173,7 +178,7 @@ async fn grpc_calls_keep_their_status_and_trailers_through_the_gateway() {
     pki.issue("gateway");
     let (_, cert) = self_signed_server(pki.path(), "edge", &["grpc.test"]);
     let svc = format!(
-        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n{RETRY}\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
         server.1
     );
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));

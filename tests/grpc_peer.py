@@ -11,6 +11,7 @@ generated code).
 
 import json
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -49,6 +50,20 @@ def bidi(requests, context):
         yield r
 
 
+FLAKY = {}
+FLAKY_LOCK = threading.Lock()
+
+
+def flaky(request, context):
+    # UNAVAILABLE to the first two calls with this payload, then an answer.
+    with FLAKY_LOCK:
+        seen = FLAKY.get(request, 0)
+        FLAKY[request] = seen + 1
+    if seen < 2:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+    return b"third time"
+
+
 def unavailable(request, context):
     context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
 
@@ -59,6 +74,7 @@ def serve():
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Slow": grpc.unary_unary_rpc_method_handler(slow),
         "Unavailable": grpc.unary_unary_rpc_method_handler(unavailable),
+        "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
         "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
         "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
@@ -107,6 +123,7 @@ def client(addr, host, ca=None):
     results["trailers_only"] = outcome(lambda: with_trailers("Fail", b""))
     results["unimplemented"] = outcome(lambda: with_trailers("Nope", b""))
     results["server_error"] = outcome(lambda: with_trailers("Unavailable", b""))
+    results["retried"] = outcome(lambda: with_trailers("Flaky", b"%f" % time.time()))
     results["long_deadline"] = outcome(lambda: with_trailers("Slow", b"1500", timeout=10))
     results["short_deadline"] = outcome(lambda: with_trailers("Slow", b"3000", timeout=0.5))
 

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod error;
+pub mod grpc;
 pub mod headers;
 pub mod path;
 pub mod respond;

@@ -31,8 +31,13 @@ pub struct RetryPolicy {
     /// Largest request body kept for a retry, bytes; requests with larger bodies are sent once.
     pub max_body: u64,
     /// Also retry non-idempotent requests (POST, PATCH) after they were sent. Off by default:
-    /// the upstream may have acted on them.
+    /// the upstream may have acted on them. gRPC calls are POSTs: a service whose methods are
+    /// safe to repeat says so here.
     pub non_idempotent: bool,
+    /// gRPC statuses retried, by name (`unavailable`, `resource-exhausted`, ...), when a call
+    /// answers one before any message (a trailers-only answer), as `codes` for HTTP statuses.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grpc_codes: Vec<String>,
     pub budget: BudgetConfig,
 }
 
@@ -45,6 +50,7 @@ impl Default for RetryPolicy {
             max_backoff: Duration::from_millis(250),
             max_body: 64 << 10,
             non_idempotent: false,
+            grpc_codes: Vec::new(),
             budget: BudgetConfig::default(),
         }
     }
@@ -107,6 +113,11 @@ impl RetryPolicy {
         if let Some(c) = self.codes.iter().find(|c| !(100..=599).contains(*c)) {
             return Err(format!("codes: {c} is not an HTTP status"));
         }
+        if let Some(bad) = self.grpc_codes.iter().find(|c| crate::message::grpc::code_of(c).is_none_or(|c| c == 0)) {
+            return Err(format!(
+                "grpc_codes: {bad:?} is not a gRPC status other than ok (unavailable, resource-exhausted, ...)"
+            ));
+        }
         if self.max_backoff < self.backoff {
             return Err("max_backoff is shorter than backoff".into());
         }
@@ -142,6 +153,13 @@ pub enum TryOutcome {
 
 impl RetryPolicy {
     /// Should a request with this method be tried again after `outcome`?
+    /// Whether a response's gRPC status (in its headers: a trailers-only answer) is one to retry.
+    pub fn retries_grpc(&self, headers: &http::HeaderMap) -> bool {
+        !self.grpc_codes.is_empty()
+            && crate::message::grpc::status_in(headers)
+                .is_some_and(|code| self.grpc_codes.iter().any(|n| crate::message::grpc::code_of(n) == Some(code)))
+    }
+
     pub fn should_retry(&self, method: &Method, outcome: TryOutcome) -> bool {
         match outcome {
             TryOutcome::Done => false,
@@ -271,6 +289,22 @@ mod tests {
         assert!(!p.should_retry(&Method::GET, TryOutcome::Done));
         let bold = RetryPolicy { non_idempotent: true, ..RetryPolicy::default() };
         assert!(bold.should_retry(&Method::POST, TryOutcome::Failed));
+    }
+
+    #[test]
+    fn grpc_statuses_are_retried_by_name() {
+        let p = RetryPolicy { grpc_codes: vec!["unavailable".into()], ..RetryPolicy::default() };
+        assert!(p.validate().is_ok());
+        let mut h = http::HeaderMap::new();
+        assert!(!p.retries_grpc(&h), "no status: an answer that goes on");
+        h.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert!(p.retries_grpc(&h));
+        h.insert("grpc-status", http::HeaderValue::from_static("5"));
+        assert!(!p.retries_grpc(&h), "NOT_FOUND is not listed");
+        for bad in ["ok", "UNAVAILABLE", "14", "flaky"] {
+            let p = RetryPolicy { grpc_codes: vec![bad.into()], ..RetryPolicy::default() };
+            assert!(p.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

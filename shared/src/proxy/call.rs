@@ -181,6 +181,7 @@ impl Call<'_> {
             let outcome = match &result {
                 Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,
+                Ok(resp) if policy.retries_grpc(resp.headers()) => TryOutcome::Failed,
                 // A peer node's own answer that its instance's connection failed counts as a
                 // connection error here: retried whatever the codes say (GEP-1731).
                 Ok(resp) if route_retry && peer_connection_failure(resp) => TryOutcome::Failed,

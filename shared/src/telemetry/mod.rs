@@ -20,6 +20,7 @@ use http_body_util::BodyExt;
 
 use crate::message::body::{Body, BoxError};
 use crate::message::error::ERROR_HEADER;
+use crate::message::grpc;
 use crate::message::headers;
 use crate::telemetry::access_log::{AccessLog, Entry};
 use crate::telemetry::metrics as m;
@@ -272,7 +273,7 @@ impl Record {
         }
         self.answer = Some((status, error));
         // A gRPC trailers-only answer carries its status here.
-        if let Some(failed) = resp.headers().get(crate::message::headers::GRPC_STATUS).and_then(grpc_failure) {
+        if let Some(failed) = grpc::status_in(resp.headers()).and_then(grpc::failure_label) {
             self.failed(failed);
         }
         self.handles().duration.record(self.start.elapsed().as_secs_f64());
@@ -294,35 +295,6 @@ impl Record {
             *error = Some(reason);
             self.entry.error = reason.to_string();
         }
-    }
-}
-
-/// The error label of a gRPC call that ended with `grpc-status` other than 0 (OK): a failure in
-/// success rates, whatever the HTTP status said.
-fn grpc_failure(status: &http::HeaderValue) -> Option<&'static str> {
-    const NAMES: [&str; 17] = [
-        "",
-        "grpc-cancelled",
-        "grpc-unknown",
-        "grpc-invalid-argument",
-        "grpc-deadline-exceeded",
-        "grpc-not-found",
-        "grpc-already-exists",
-        "grpc-permission-denied",
-        "grpc-resource-exhausted",
-        "grpc-failed-precondition",
-        "grpc-aborted",
-        "grpc-out-of-range",
-        "grpc-unimplemented",
-        "grpc-internal",
-        "grpc-unavailable",
-        "grpc-data-loss",
-        "grpc-unauthenticated",
-    ];
-    match status.to_str().ok().and_then(|s| s.parse::<usize>().ok()) {
-        Some(0) => None,
-        Some(code) => Some(NAMES.get(code).copied().unwrap_or("grpc-unknown")),
-        None => Some("grpc-unknown"),
     }
 }
 
@@ -384,7 +356,7 @@ impl HttpBody for Counted {
                 if let Some(d) = frame.data_ref() {
                     self.bytes[self.which].fetch_add(d.len() as u64, Ordering::Relaxed);
                 } else if let Some(trailers) = frame.trailers_ref() {
-                    let failed = trailers.get(crate::message::headers::GRPC_STATUS).and_then(grpc_failure);
+                    let failed = grpc::status_in(trailers).and_then(grpc::failure_label);
                     if let (Some(failed), Some(done)) = (failed, self.done.as_mut()) {
                         done.0.failed(failed);
                     }
