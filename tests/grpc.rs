@@ -41,8 +41,16 @@ impl Drop for Server {
 }
 
 fn grpc_server() -> Server {
-    let mut child =
-        Command::new(PYTHON).args([script().as_str(), "server"]).stdout(Stdio::piped()).spawn().expect("grpcio server");
+    grpc_server_named("a")
+}
+
+/// A grpcio server whose method `Who` answers `name`.
+fn grpc_server_named(name: &str) -> Server {
+    let mut child = Command::new(PYTHON)
+        .args([script().as_str(), "server", name])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("grpcio server");
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let port = line.trim().strip_prefix("port ").and_then(|p| p.parse().ok()).expect("the server's port");
@@ -72,6 +80,7 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
         return;
     }
     let server = grpc_server();
+    let other = grpc_server_named("b");
     let pki = Pki::new();
     let state = pki.issue("node-a");
     pki.issue("node-b");
@@ -80,17 +89,23 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
     let svc = format!(
         "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n{RETRY}\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n\
          [[services]]\nname = \"gone\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{dead}\"\n\n\
-         [[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n",
-        server.1
+         [[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
+         [[services]]\nname = \"grpc-b\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
+        server.1, other.1
     );
+    // GRPCRoute: one method of the service goes to the other server.
+    let grpc_route = "[[grpc_routes]]\nname = \"who-to-b\"\nhostnames = [\"grpc\"]\n\
+                      [[grpc_routes.rules]]\nmatches = [{ method = { service = \"quicmesh.test.Echo\", method = \"Who\" } }]\n\
+                      backendRefs = [{ name = \"grpc-b\" }]\n";
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
     // A request limit shorter than a call's own deadline: the deadline wins.
-    let a_toml = node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc)
+    let a_toml = node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &format!("{svc}{grpc_route}"))
         .replace("request = \"10s\"", "request = \"1s\"");
     let a = NodeProc::start(pki.path(), "node-a", &a_toml);
 
     let r = grpc_client(a.addrs.outbound, "grpc").await;
     check_cases(&r);
+    assert_eq!(r["who"]["reply"], "b", "the GRPCRoute sent Who to the other server: {r}");
     // A gRPC error on HTTP 200 is a failure in the metrics, by its status.
     for (error, at_least) in [("grpc-not-found", 1.0), ("grpc-unimplemented", 1.0), ("grpc-unavailable", 1.0)] {
         eventually(std::time::Duration::from_secs(10), error, || async {
@@ -113,7 +128,8 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
                 metric(&m, "quicmesh_requests_total", &[("direction", "outbound"), ("service", "grpc"), ("error", e)])
             })
             .sum::<f64>();
-    // unary, the retried call, the long deadline and the three streams succeeded.
+    // unary, the retried call, the long deadline and the three streams succeeded (Who went to
+    // grpc-b).
     assert_eq!(ok - failed, 6.0, "the successful calls count as successes: {ok} answered 200, {failed} failed");
 
     // The mesh's own failures reach gRPC callers as gRPC statuses.
@@ -139,7 +155,7 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
     let left = seen["headers"]["grpc-timeout"].as_str().unwrap_or_default().to_string();
     let ms: u64 = left.strip_suffix('m').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{left:?}"));
     assert!((5_000..=10_000).contains(&ms), "the instance read grpc-timeout {left}");
-    drop(server);
+    drop((server, other));
 }
 
 /// What the client's cases must have met, wherever the calls went through.

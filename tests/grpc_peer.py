@@ -2,7 +2,8 @@
 gRPC implementation nobody here wrote, on both ends of the mesh. Messages are raw bytes (no
 generated code).
 
-    grpc_peer.py server            serves on 127.0.0.1:0, prints "port N", runs until killed
+    grpc_peer.py server [NAME]     serves on 127.0.0.1:0, prints "port N", runs until killed;
+                                   its method Who answers NAME
     grpc_peer.py client ADDR HOST [CA]
                                    runs every case against ADDR with :authority HOST (over TLS
                                    trusting CA, when given), prints one JSON object: case name
@@ -68,8 +69,9 @@ def unavailable(request, context):
     context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
 
 
-def serve():
+def serve(name):
     handlers = {
+        "Who": grpc.unary_unary_rpc_method_handler(lambda request, context: name.encode()),
         "Echo": grpc.unary_unary_rpc_method_handler(echo),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Slow": grpc.unary_unary_rpc_method_handler(slow),
@@ -120,6 +122,7 @@ def client(addr, host, ca=None):
 
     results = {}
     results["unary"] = outcome(lambda: with_trailers("Echo", b"hi"))
+    results["who"] = outcome(lambda: with_trailers("Who", b""))
     results["trailers_only"] = outcome(lambda: with_trailers("Fail", b""))
     results["unimplemented"] = outcome(lambda: with_trailers("Nope", b""))
     results["server_error"] = outcome(lambda: with_trailers("Unavailable", b""))
@@ -150,6 +153,6 @@ def client(addr, host, ca=None):
 
 if __name__ == "__main__":
     if sys.argv[1] == "server":
-        serve()
+        serve(sys.argv[2] if len(sys.argv) > 2 else "server")
     else:
         client(sys.argv[2], sys.argv[3], *sys.argv[4:5])

@@ -103,6 +103,11 @@ impl GatewayConfig {
         own.chain(sets).collect()
     }
 
+    /// The edge's routes: `routes`, then what `grpc_routes` compile to.
+    pub fn edge_routes(&self) -> Result<Vec<crate::policy::route::HttpRoute>, String> {
+        crate::policy::grpc_route::with_grpc(&self.routes, &self.grpc_routes)
+    }
+
     /// The listeners as attachment sees them.
     pub fn listener_specs(&self) -> Vec<ListenerSpec> {
         self.all_listeners().iter().map(|(set, l)| l.spec(*set)).collect()

@@ -59,6 +59,9 @@ pub struct Config {
     /// Mesh routes (HTTPRoute model) applied by every node's outbound side; hostnames are the
     /// service names or aliases local apps use. Without a matching route, Host names the service.
     pub routes: Vec<crate::policy::route::HttpRoute>,
+    /// Mesh GRPCRoutes, applied as the HTTP routes they compile to (after `routes`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grpc_routes: Vec<crate::policy::grpc_route::GrpcRoute>,
     pub timeouts: Timeouts,
     pub transport: TransportConfig,
     /// Per-request access log of this process.
@@ -364,6 +367,9 @@ pub struct GatewayConfig {
     /// The Gateway API's ListenerSets: more listeners, attached to by name.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub listener_sets: Vec<listener::ListenerSet>,
+    /// GRPCRoutes at the edge, applied as the HTTP routes they compile to (after `routes`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grpc_routes: Vec<crate::policy::grpc_route::GrpcRoute>,
     /// TLSRoutes: TLS connections by server name to `protocol = "tcp"` services.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tls_routes: Vec<crate::policy::listener::StreamRoute>,
@@ -410,6 +416,7 @@ impl Default for GatewayConfig {
             frontend_validation: None,
             listeners: Vec::new(),
             listener_sets: Vec::new(),
+            grpc_routes: Vec::new(),
             tls_routes: Vec::new(),
             tcp_routes: Vec::new(),
         }
@@ -719,7 +726,8 @@ pub struct Layer {
 
 /// The top-level sections a shared [`Layer`] may set: what every member of the mesh agrees
 /// on. The rest (`mesh`, `gateway`, `node`, `transport`, `access_log`) is each process's own.
-pub const SHARED_SECTIONS: &[&str] = &["services", "routes", "timeouts", "authorization", "nodes", "revoked"];
+pub const SHARED_SECTIONS: &[&str] =
+    &["services", "routes", "grpc_routes", "timeouts", "authorization", "nodes", "revoked"];
 
 impl Layer {
     /// Refuses a layer that does not parse or sets a section that is not mesh-wide.
@@ -1174,10 +1182,10 @@ impl Config {
             if !(1..=MAX_STREAMS).contains(&gw.limits.max_concurrent_streams) {
                 return Err(invalid("gateway.limits.max_concurrent_streams", format!("must be 1..={MAX_STREAMS}")));
             }
-            self.validate_routes(&gw.routes, "gateway.routes")?;
+            self.validate_routes(&gw.edge_routes().map_err(|e| invalid("gateway.grpc_routes", e))?, "gateway.routes")?;
             self.validate_listeners(gw)?;
         }
-        self.validate_routes(&self.routes, "routes")?;
+        self.validate_routes(&self.mesh_routes().map_err(|e| invalid("grpc_routes", e))?, "routes")?;
         let t = &self.transport;
         if t.max_concurrent_streams == 0
             || t.max_concurrent_streams > MAX_STREAMS
@@ -1283,7 +1291,8 @@ impl Config {
                 format!("route {:?}: a Service parentRef is for mesh routes ([[routes]])", r.name),
             ));
         }
-        Listeners::compile(&gw.name, gw.listener_specs(), &gw.routes, &gw.tls_routes, &gw.tcp_routes)
+        let routes = gw.edge_routes().map_err(|e| invalid("gateway.grpc_routes", e))?;
+        Listeners::compile(&gw.name, gw.listener_specs(), &routes, &gw.tls_routes, &gw.tcp_routes)
             .map_err(|e| invalid("gateway.listeners", e))?;
         Ok(())
     }
@@ -1293,13 +1302,14 @@ impl Config {
     /// these).
     pub fn warnings(&self) -> Vec<String> {
         let exists = |name: &str| self.service(name).is_some();
-        let mut out = unknown_backends(&self.routes, "routes", exists);
+        let mut out = unknown_backends(&self.mesh_routes().unwrap_or_default(), "routes", exists);
         if let Some(gw) = &self.gateway {
-            out.extend(unknown_backends(&gw.routes, "gateway.routes", exists));
+            let routes = gw.edge_routes().unwrap_or_default();
+            out.extend(unknown_backends(&routes, "gateway.routes", exists));
             if let Ok((_, unattached)) = crate::policy::listener::Listeners::compile(
                 &gw.name,
                 gw.listener_specs(),
-                &gw.routes,
+                &routes,
                 &gw.tls_routes,
                 &gw.tcp_routes,
             ) {
@@ -1317,6 +1327,11 @@ impl Config {
             }
         }
         out
+    }
+
+    /// The mesh's routes: `routes`, then what `grpc_routes` compile to.
+    pub fn mesh_routes(&self) -> Result<Vec<crate::policy::route::HttpRoute>, String> {
+        crate::policy::grpc_route::with_grpc(&self.routes, &self.grpc_routes)
     }
 
     /// The service with this name.

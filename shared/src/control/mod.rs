@@ -136,7 +136,14 @@ impl Snapshot {
     }
 
     pub fn into_config(self, local: &Config) -> Config {
-        let mut cfg = Config { services: Vec::new(), nodes: Vec::new(), routes: Vec::new(), ..local.clone() };
+        // The snapshot's routes include what the mesh's gRPC routes compile to.
+        let mut cfg = Config {
+            services: Vec::new(),
+            nodes: Vec::new(),
+            routes: Vec::new(),
+            grpc_routes: Vec::new(),
+            ..local.clone()
+        };
         cfg.nodes = self.nodes;
         cfg.services = self.services;
         cfg.timeouts = self.timeouts;
@@ -207,7 +214,8 @@ pub fn merge<'a>(config: &Config, registrations: impl IntoIterator<Item = (&'a S
         nodes,
         services,
         timeouts: config.timeouts.clone(),
-        routes: config.routes.clone(),
+        // Routes the config could not compile never get here: the config was validated.
+        routes: config.mesh_routes().unwrap_or_else(|_| config.routes.clone()),
         authorization: config.authorization.clone(),
         revoked: config.revoked.clone(),
     }

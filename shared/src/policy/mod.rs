@@ -4,6 +4,7 @@
 
 pub mod authz;
 pub mod balance;
+pub mod grpc_route;
 pub mod health;
 pub mod limit;
 pub mod listener;

@@ -161,13 +161,17 @@ impl Table {
     /// on anything [`Config::validate`] would refuse in these parts, so a table is never half
     /// built and never silently empty.
     pub fn compile(mut config: Config, version: u64) -> Result<Self, ConfigError> {
-        let routes =
-            RouteTable::new(std::mem::take(&mut config.routes)).map_err(|e| invalid("routes", e.to_string()))?;
+        // gRPC routes join the HTTP routes they compile to; the table keeps only those.
+        let mesh_routes = config.mesh_routes().map_err(|e| invalid("grpc_routes", e))?;
+        config.routes.clear();
+        config.grpc_routes.clear();
+        let routes = RouteTable::new(mesh_routes).map_err(|e| invalid("routes", e.to_string()))?;
         let edge = match &config.gateway {
             Some(gw) => {
-                RouteTable::new(gw.routes.clone()).map_err(|e| invalid("gateway.routes", e.to_string()))?;
+                let edge_routes = gw.edge_routes().map_err(|e| invalid("gateway.grpc_routes", e))?;
+                RouteTable::new(edge_routes.clone()).map_err(|e| invalid("gateway.routes", e.to_string()))?;
                 let (listeners, _) =
-                    Listeners::compile(&gw.name, gw.listener_specs(), &gw.routes, &gw.tls_routes, &gw.tcp_routes)
+                    Listeners::compile(&gw.name, gw.listener_specs(), &edge_routes, &gw.tls_routes, &gw.tcp_routes)
                         .map_err(|e| invalid("gateway.listeners", e))?;
                 Some(Arc::new(listeners))
             }
