@@ -226,7 +226,7 @@ where
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32);
     let io = TokioIo::new(IdleTimeout::new(io, limits.idle_timeout));
-    let conn = builder.serve_connection(io, svc);
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -51,7 +51,7 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http2().max_concurrent_streams(1024);
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,

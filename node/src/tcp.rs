@@ -1,12 +1,13 @@
 //! Serving a peer's CONNECT for a local TCP instance; the calling side of a tunnel is
 //! `quicmesh_shared::proxy::tcp`.
 
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use quicmesh_shared::config::Protocol;
 use quicmesh_shared::message::error::ProxyError;
 use quicmesh_shared::policy::authz::{Caller, Target};
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::tcp::{connect, splice, TunnelDone};
+use quicmesh_shared::proxy::upgrade;
 use quicmesh_shared::telemetry;
 use quicmesh_shared::telemetry::metrics as m;
 use tracing::debug;
@@ -15,6 +16,9 @@ use crate::peer::{local_target, source_of, ServerStream};
 
 /// Serves a peer's CONNECT: checks the target is a local TCP instance, connects, splices.
 pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+    if req.headers().contains_key(upgrade::UPGRADE_HEADER) {
+        return upgrade_inbound(req, stream, peer, mesh).await;
+    }
     let (mut send, recv) = stream.split();
     let table = mesh.table();
     let target = match local_target(&req, mesh, &table) {
@@ -60,5 +64,64 @@ pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     }
     let (up, down) = splice(tcp, send, recv).await;
     // Seen from the caller: what it sent arrived here from the stream (`down`).
+    done.bytes(down, up);
+}
+
+/// Serves a peer's upgrade (WebSocket) CONNECT: authorizes it as the HTTP request it carries,
+/// makes the upgrade request to the local instance, and once the instance switched, answers 200
+/// with its headers and splices; a refusal (the instance's or this node's) is answered as such.
+async fn upgrade_inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+    let (mut send, recv) = stream.split();
+    let table = mesh.table();
+    let source = source_of(&req, peer, &table);
+    let caller = Caller {
+        node: peer,
+        service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
+        via_gateway: peer == table.gateway_name(),
+    };
+    let path = req.headers().get(upgrade::PATH_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("/").to_string();
+    let protocol = req.headers().get(upgrade::UPGRADE_HEADER).cloned().unwrap_or(http::HeaderValue::from_static(""));
+    let switched = async {
+        let (svc, addr) = local_target(&req, mesh, &table)?;
+        if svc.protocol == Protocol::Tcp {
+            return Err(ProxyError::BadRequest("an upgrade to a TCP service".into()));
+        }
+        let name = svc.name.clone();
+        let plain = path.split('?').next().unwrap_or("/");
+        let target =
+            Target { method: Some(&Method::GET), path: Some(plain), headers: Some(req.headers()), port: addr.port() };
+        mesh.authorize(&table, &name, &caller, &target)?;
+        let (head, upgraded) = upgrade::to_instance(addr, &table, &path, req.headers().clone(), &protocol).await?;
+        Ok((name, head, upgraded))
+    };
+    let (name, head, upgraded) = match switched.await {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(peer, error = %e, "inbound upgrade refused");
+            metrics::counter!(m::PROXY_ERRORS, "direction" => "inbound", "reason" => e.reason()).increment(1);
+            let (parts, _) = e.response().into_parts();
+            let _ = send.send_response(Response::from_parts(parts, ())).await;
+            let _ = send.finish().await;
+            return;
+        }
+    };
+    let Some(instance) = upgraded else {
+        // The instance said no: its answer goes back as it is.
+        let (mut parts, ()) = head.into_parts();
+        quicmesh_shared::message::headers::strip_hop_by_hop(&mut parts.headers);
+        let _ = send.send_response(Response::from_parts(parts, ())).await;
+        let _ = send.finish().await;
+        return;
+    };
+    let (mut parts, ()) = head.into_parts();
+    quicmesh_shared::message::headers::strip_hop_by_hop(&mut parts.headers);
+    parts.status = StatusCode::OK;
+    if send.send_response(Response::from_parts(parts, ())).await.is_err() {
+        return;
+    }
+    let mut done = TunnelDone::new("inbound", &name, mesh);
+    done.entry.src_node = peer.to_string();
+    done.entry.dst_node = mesh.local_node().map(str::to_owned).unwrap_or_default();
+    let (up, down) = splice(instance, send, recv).await;
     done.bytes(down, up);
 }

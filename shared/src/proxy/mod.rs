@@ -16,3 +16,4 @@ mod remote;
 pub mod table;
 pub mod tcp;
 mod tunnel;
+pub mod upgrade;

@@ -20,6 +20,7 @@ use crate::policy::route::{self, Filtered, Matched};
 use crate::proxy::call::{CallInfo, CallOpts};
 use crate::proxy::mesh::Mesh;
 use crate::proxy::table::{Service, Table};
+use crate::proxy::upgrade;
 use crate::telemetry::metrics as m;
 use crate::telemetry::Record;
 
@@ -90,6 +91,8 @@ pub async fn forward<'r>(
     body: Body,
     mut authority: String,
 ) -> Result<Response<Body>, ProxyError> {
+    // An HTTP/1.1 upgrade (WebSocket) is routed as any request, then carried as a tunnel.
+    let upgrade = upgrade::requested(&parts);
     // Phases: rate limit, filters (or a redirect answer), weighted backend.
     let plan = match plan(&mut cx, target, &mut parts, &mut authority)? {
         Ok(plan) => plan,
@@ -111,6 +114,14 @@ pub async fn forward<'r>(
     // Phase: forwarding headers.
     forwarding_headers(&cx, &mut parts, authority, &svc.name)?;
     cx.rec.ids(&parts.headers);
+    if let Some(protocol) = upgrade {
+        let (labels, client) = (plan.opts.labels, plan.opts.client);
+        let mut resp = upgrade::forward(cx.mesh, cx.table, plan.svc, labels, client, parts, protocol).await?;
+        for m in plan.response_mods {
+            route::modify_headers(resp.headers_mut(), m);
+        }
+        return Ok(resp);
+    }
     let body = match plan.body_limit {
         Some(limit) => body::limited(body, limit),
         None => body,
