@@ -146,3 +146,34 @@ async fn websockets_go_through_two_nodes_and_the_gateway() {
     assert_eq!(resp.status(), 101);
     exchange(&mut ws, "edge").await;
 }
+
+/// A drain lets an open WebSocket go on until `drain_timeout`, then the node exits and the
+/// socket ends: no new upgrades meanwhile, none cut at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_keeps_websockets_until_its_deadline() {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let echo = ws_echo().await;
+    let svc =
+        format!("[[services]]\nname = \"ws\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a_toml = node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc)
+        .replace("[node.tls]", "drain_timeout = \"3s\"\n\n[node.tls]");
+    let a = NodeProc::start(pki.path(), "node-a", &a_toml);
+    let tcp = tokio::net::TcpStream::connect(a.addrs.outbound).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://ws/long", tcp).await.unwrap();
+    ws.send(Message::Text("before".into())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text("before".into()));
+    let started = std::time::Instant::now();
+    a.signal("TERM");
+    a.log_with(&["draining"]).await;
+    ws.send(Message::Text("during the drain".into())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text("during the drain".into()));
+    // Then the deadline: the socket ends with the process.
+    let ended =
+        tokio::time::timeout(Duration::from_secs(20), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    assert!(ended.is_ok(), "the socket outlived the drain");
+    let lasted = started.elapsed();
+    assert!(lasted >= Duration::from_millis(2500), "cut {lasted:?} into a 3 s drain");
+}

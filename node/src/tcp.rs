@@ -122,6 +122,8 @@ async fn upgrade_inbound(req: Request<()>, stream: ServerStream, peer: &str, mes
     let mut done = TunnelDone::new("inbound", &name, mesh);
     done.entry.src_node = peer.to_string();
     done.entry.dst_node = mesh.local_node().map(str::to_owned).unwrap_or_default();
+    // In flight for the drain, as the calling side's is.
+    let _in_flight = mesh.drain().guard();
     let (up, down) = splice(instance, send, recv).await;
     done.bytes(down, up);
 }

@@ -6,6 +6,8 @@
 //! both sides have switched, the stream carries the upgraded bytes both ways, as a TCP tunnel
 //! does (`tcp::splice`). The raw stream never reaches an instance before its own HTTP handshake,
 //! so authorization sees a real request and the instance speaks first only after it agreed.
+//! An upgraded connection counts as in flight for a drain: it goes on until it ends or the
+//! drain's deadline passes, when the process closes and its stream is reset.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -110,7 +112,10 @@ pub async fn forward(
         let (head, upgraded) = to_instance(ep.address, table, &path, parts.headers, &protocol).await?;
         let Some(instance) = upgraded else { return Ok(refusal(head)) };
         let mesh = mesh.clone();
+        // In flight for the drain: it waits for the connection up to its deadline.
+        let in_flight = mesh.drain().guard();
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let Ok(upgraded) = on_upgrade.await else { return };
             let mut done = TunnelDone::new("outbound", &name, &mesh);
             let (mut a, mut b) = (TokioIo::new(upgraded), instance);
@@ -132,8 +137,9 @@ pub async fn forward(
         return Ok(refusal(answer));
     }
     let mesh = mesh.clone();
+    let in_flight = mesh.drain().guard();
     tokio::spawn(async move {
-        let _hold = hold;
+        let (_hold, _in_flight) = (hold, in_flight);
         let Ok(upgraded) = on_upgrade.await else { return };
         let mut done = TunnelDone::new("outbound", &name, &mesh);
         done.entry.dst_node = ep.node.clone();
