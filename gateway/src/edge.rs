@@ -193,23 +193,22 @@ where
 {
     let limits = edge.limits.clone();
     let (client, proto) = (arrival.client, arrival.proto);
+    // A plain connection may speak HTTP/2 with prior knowledge: its requests say which.
+    let h2c = Arc::new(Arrival { proto: "h2", ..arrival.clone() });
     let arrival = Arc::new(arrival);
     let edge2 = edge.clone();
     let activity = Activity::default();
     let requests = activity.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (edge, arrival) = (edge2.clone(), arrival.clone());
+        let at = if req.version() == http::Version::HTTP_2 { h2c.clone() } else { arrival.clone() };
+        let edge = edge2.clone();
         // In flight until its response body is done with.
         let in_flight = requests.start();
         async move {
             let mut req = req.map(body::boxed);
             // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
             req.headers_mut().remove("early-data");
-            let mut arrival = (*arrival).clone();
-            if req.version() == http::Version::HTTP_2 {
-                arrival.proto = "h2";
-            }
-            let resp = edge.handle(req, &arrival, in_flight).await;
+            let resp = edge.handle(req, &at, in_flight).await;
             Ok::<_, Infallible>(resp)
         }
     });

@@ -98,7 +98,13 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>, port: Arc<Port>) 
                 .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|d| d.server_name)
                 .map(|n| n.to_ascii_lowercase());
-            let arrival = Arrival { client, proto: "h3", subject: None, port, sni };
+            // Client certificates turn 0-RTT off, so with them the handshake, and the
+            // certificate, is complete here.
+            let chain = conn
+                .peer_identity()
+                .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+            let subject = port.client_subject(chain.as_deref().map(Vec::as_slice));
+            let arrival = Arrival { client, proto: "h3", subject, port, sni };
             connection(conn, arrival, edge, handshake).await;
             drop(admitted);
         });
@@ -174,7 +180,6 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
             Ok(Some(resolver)) => {
                 let (edge, arrival) = (edge.clone(), arrival.clone());
                 let handshake = handshake.clone();
-                let quic_peer = quic.clone();
                 let in_flight = activity.start();
                 tokio::spawn(async move {
                     let _in_flight = in_flight;
@@ -198,16 +203,7 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
                     let mut req = req.map(|()| body);
                     req.headers_mut().remove(EARLY_DATA);
                     let resp = match replay_safe(&mut req, handshake, edge.limits.header_read_timeout).await {
-                        Ok(()) => {
-                            // Early data is off when client certificates are asked for: the
-                            // handshake, and so the certificate, is complete here.
-                            let chain = quic_peer
-                                .peer_identity()
-                                .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
-                            let mut arrival = (*arrival).clone();
-                            arrival.subject = arrival.port.client_subject(chain.as_deref().map(Vec::as_slice));
-                            edge.handle(req, &arrival, ()).await
-                        }
+                        Ok(()) => edge.handle(req, &arrival, ()).await,
                         Err(e) => {
                             metrics::counter!(m::EDGE_REJECTED, "reason" => e.reason()).increment(1);
                             e.brief_response()

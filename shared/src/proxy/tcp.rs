@@ -311,7 +311,10 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
                         Poll::Pending => break,
                     }
                 }
-                if write_chunks(&mut wr, &mut chunks).await.is_err() {
+                // Flushed too: a TLS client connection (or an upgraded one over TLS) keeps
+                // what the socket did not take at once in its own buffer until flushed, and
+                // nothing else would flush it. On TCP a flush costs nothing.
+                if write_chunks(&mut wr, &mut chunks).await.is_err() || wr.flush().await.is_err() {
                     return (total, End::Broken);
                 }
                 total += gathered as u64;
