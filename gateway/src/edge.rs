@@ -24,7 +24,7 @@ use tracing::debug;
 
 use crate::conns::Activity;
 use crate::handler::{Arrival, Edge, Port};
-use crate::idle::IdleTimeout;
+use quicmesh_shared::transport::idle::IdleTimeout;
 
 /// What one TCP port of the edge speaks.
 pub struct TcpPort {
@@ -223,7 +223,9 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_bytes as u32);
+        .max_header_list_size(limits.max_header_bytes as u32)
+        // WebSocket over HTTP/2 (RFC 8441).
+        .enable_connect_protocol();
     let io = TokioIo::new(IdleTimeout::new(io, limits.idle_timeout));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);

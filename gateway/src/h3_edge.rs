@@ -9,6 +9,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response};
 use quicmesh_shared::message::body::{self, Body};
 use quicmesh_shared::message::error::ProxyError;
 use quicmesh_shared::proxy::drain::Phase;
+use quicmesh_shared::proxy::{tcp, upgrade};
 use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::transport::admission::{self, Admission, Limits};
 use tokio::sync::watch;
@@ -139,6 +140,8 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
     let quic = conn.clone();
     let built = h3::server::builder()
         .max_field_section_size(edge.limits.max_header_bytes as u64)
+        // WebSocket over HTTP/3 (RFC 9220).
+        .enable_extended_connect(true)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
         .await;
     let mut h3 = match built {
@@ -199,8 +202,19 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
                         }
                     };
                     let (mut send, recv) = stream.split();
-                    let body = body::request_body(recv).await;
-                    let mut req = req.map(|()| body);
+                    // An extended CONNECT (WebSocket, RFC 9220): the stream itself is the
+                    // connection once answered 200, joined to the tunnel through a pipe.
+                    let extended =
+                        *req.method() == Method::CONNECT && req.extensions().get::<h3::ext::Protocol>().is_some();
+                    let (mut req, tunnel) = if extended {
+                        let (pipe, ours) = upgrade::Pipe::new();
+                        let mut req = req.map(|()| body::empty());
+                        req.extensions_mut().insert(pipe);
+                        (req, Some((ours, recv)))
+                    } else {
+                        let body = body::request_body(recv).await;
+                        (req.map(|()| body), None)
+                    };
                     req.headers_mut().remove(EARLY_DATA);
                     let resp = match replay_safe(&mut req, handshake, edge.limits.header_read_timeout).await {
                         Ok(()) => edge.handle(req, &arrival, ()).await,
@@ -211,9 +225,20 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
                     };
                     let (mut parts, body) = resp.into_parts();
                     parts.version = http::Version::HTTP_3;
+                    let switched = parts.extensions.get::<upgrade::Open>().is_some();
                     if send.send_response(Response::from_parts(parts, ())).await.is_ok() {
-                        if let Err(e) = body::pump_to_h3(body, &mut send).await {
-                            debug!(%client, error = %e, "HTTP/3 response body ended early");
+                        match tunnel {
+                            Some((pipe, recv)) if switched => {
+                                // The exchange is recorded as the switch it was; the tunnel
+                                // records its own line.
+                                drop(body);
+                                tcp::splice(pipe, send, recv).await;
+                            }
+                            _ => {
+                                if let Err(e) = body::pump_to_h3(body, &mut send).await {
+                                    debug!(%client, error = %e, "HTTP/3 response body ended early");
+                                }
+                            }
                         }
                     }
                 });

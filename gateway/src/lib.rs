@@ -8,7 +8,6 @@ pub mod control;
 pub mod edge;
 pub mod h3_edge;
 pub mod handler;
-pub mod idle;
 pub mod store;
 pub mod tls;
 pub mod watch;

@@ -50,7 +50,8 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
                 async move { Ok::<_, Infallible>(handle(req, client, &mesh).await) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http2().max_concurrent_streams(1024);
+            // Extended CONNECT: WebSocket over HTTP/2 (RFC 8441) from local apps too.
+            builder.http2().max_concurrent_streams(1024).enable_connect_protocol();
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let result = tokio::select! {

@@ -402,6 +402,14 @@ pub struct RuleTimeouts {
     /// or went away mid-body costs its client this long, not the QUIC idle timeout.
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub stream_idle: Option<Duration>,
+    /// An upgraded connection (WebSocket) that carries no byte either way for this long is
+    /// closed, both sides reset (a quicmesh extension, as Envoy's idle timeout on upgrades).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub upgrade_idle: Option<Duration>,
+    /// An upgraded connection is closed this long after it opened, busy or not (a quicmesh
+    /// extension, as Envoy's max stream duration).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub upgrade_lifetime: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -654,8 +662,15 @@ impl RouteTable {
                 if let Some(Err(e)) = rule.fault.as_ref().map(|f| f.validate()) {
                     return Err(invalid(&route.name, format!("fault: {e}")));
                 }
-                if rule.timeouts.as_ref().and_then(|t| t.stream_idle).is_some_and(|d| d.is_zero()) {
-                    return Err(invalid(&route.name, "timeouts.streamIdle must be longer than 0s"));
+                if let Some(t) = &rule.timeouts {
+                    let named = [
+                        ("streamIdle", t.stream_idle),
+                        ("upgradeIdle", t.upgrade_idle),
+                        ("upgradeLifetime", t.upgrade_lifetime),
+                    ];
+                    if let Some((name, _)) = named.iter().find(|(_, d)| d.is_some_and(|d| d.is_zero())) {
+                        return Err(invalid(&route.name, format!("timeouts.{name} must be longer than 0s")));
+                    }
                 }
                 if let Some(c) = rule
                     .retry

@@ -116,7 +116,8 @@ pub async fn forward<'r>(
     cx.rec.ids(&parts.headers);
     if let Some(protocol) = upgrade {
         let (labels, client) = (plan.opts.labels, plan.opts.client);
-        let mut resp = upgrade::forward(cx.mesh, cx.table, plan.svc, labels, client, parts, protocol).await?;
+        let limits = upgrade::Limits::of(plan.opts.timeouts);
+        let mut resp = upgrade::forward(cx.mesh, cx.table, plan.svc, labels, client, parts, protocol, limits).await?;
         for m in plan.response_mods {
             route::modify_headers(resp.headers_mut(), m);
         }

@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod certwatch;
+pub mod idle;
 pub mod pool;
 
 use std::net::SocketAddr;
