@@ -57,6 +57,16 @@ fn grpc_server_named(name: &str) -> Server {
     Server(child, port)
 }
 
+/// Calls the method whose server dies after three messages: {code, received}.
+async fn grpc_crash(addr: std::net::SocketAddr, host: &str) -> serde_json::Value {
+    let args = vec![script(), "crash".into(), addr.to_string(), host.to_string()];
+    let out = tokio::task::spawn_blocking(move || Command::new(PYTHON).args(&args).output().expect("grpcio client"))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("client output {e}: {text}"))
+}
+
 /// Runs the client's cases against `addr` with `:authority` `host`: case -> result.
 async fn grpc_client(addr: std::net::SocketAddr, host: &str) -> serde_json::Value {
     grpc_client_with(addr, host, None).await
@@ -210,4 +220,38 @@ async fn grpc_calls_keep_their_status_and_trailers_through_the_gateway() {
     let r = grpc_client_with(gw.addrs.listen, "grpc.test", Some(&cert)).await;
     check_cases(&r);
     drop(server);
+}
+
+/// A server that dies in the middle of a stream: a direct call ends UNAVAILABLE (the
+/// connection is gone), and so must a call through two nodes, not INTERNAL (a reset the
+/// proxies made of it), with the messages sent before the death delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_dying_mid_stream_is_unavailable_through_the_mesh_as_directly() {
+    if !grpcio_present() {
+        return;
+    }
+    let direct = grpc_server();
+    let r = grpc_crash(([127, 0, 0, 1], direct.1).into(), "grpc").await;
+    assert_eq!((r["code"].as_str(), r["received"].as_u64()), (Some("UNAVAILABLE"), Some(3)), "direct: {r}");
+
+    let server = grpc_server();
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc = format!(
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
+        server.1
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let r = grpc_crash(a.addrs.outbound, "grpc").await;
+    assert_eq!((r["code"].as_str(), r["received"].as_u64()), (Some("UNAVAILABLE"), Some(3)), "through two nodes: {r}");
+    // And it is a failure, by the reason the stream broke.
+    let m = a.metrics().await;
+    let broken = metric(
+        &m,
+        "quicmesh_requests_total",
+        &[("direction", "outbound"), ("service", "grpc"), ("error", "upstream-reset")],
+    );
+    assert_eq!(broken, 1.0, "the broken stream counted as upstream-reset");
 }

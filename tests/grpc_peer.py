@@ -4,6 +4,8 @@ generated code).
 
     grpc_peer.py server [NAME]     serves on 127.0.0.1:0, prints "port N", runs until killed;
                                    its method Who answers NAME
+    grpc_peer.py crash ADDR HOST   calls Crash (three messages, then the server process dies) and
+                                   prints {"code", "received"} as JSON
     grpc_peer.py client ADDR HOST [CA]
                                    runs every case against ADDR with :authority HOST (over TLS
                                    trusting CA, when given), prints one JSON object: case name
@@ -11,6 +13,7 @@ generated code).
 """
 
 import json
+import os
 import sys
 import threading
 import time
@@ -69,6 +72,14 @@ def unavailable(request, context):
     context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
 
 
+def crash(request, context):
+    # Three messages, then the whole server dies under the open stream.
+    for i in range(3):
+        yield b"m%d" % i
+    time.sleep(0.3)
+    os._exit(3)
+
+
 def serve(name):
     handlers = {
         "Who": grpc.unary_unary_rpc_method_handler(lambda request, context: name.encode()),
@@ -80,6 +91,7 @@ def serve(name):
         "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
         "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        "Crash": grpc.unary_stream_rpc_method_handler(crash),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -151,8 +163,22 @@ def client(addr, host, ca=None):
     print(json.dumps(results), flush=True)
 
 
+def crashed(addr, host):
+    channel = grpc.insecure_channel(addr, options=(("grpc.default_authority", host),))
+    received = 0
+    try:
+        for _ in channel.unary_stream("/%s/Crash" % SERVICE)(b"", timeout=20):
+            received += 1
+        code = "OK"
+    except grpc.RpcError as e:
+        code = e.code().name
+    print(json.dumps({"code": code, "received": received}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2] if len(sys.argv) > 2 else "server")
+    elif sys.argv[1] == "crash":
+        crashed(sys.argv[2], sys.argv[3])
     else:
         client(sys.argv[2], sys.argv[3], *sys.argv[4:5])

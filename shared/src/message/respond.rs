@@ -84,11 +84,12 @@ impl ProxyError {
     /// A response a proxy made (it carries `quicmesh-error`), for a gRPC caller: a gRPC
     /// trailers-only answer (HTTP 200, `application/grpc`, `grpc-status` and `grpc-message`
     /// in headers that end the stream), which gRPC clients read as the status it means rather
-    /// than as a broken HTTP exchange. `quicmesh-error` stays. Other responses are untouched.
+    /// than as a broken HTTP exchange. `quicmesh-error` stays. Any other response keeps its
+    /// head, and a body that breaks off ends in trailers instead (see [`GrpcEnding`]).
     pub fn for_grpc(resp: Response<Body>) -> Response<Body> {
-        let Some(reason) = resp.headers().get(ERROR_HEADER).cloned() else { return resp };
+        let Some(reason) = resp.headers().get(ERROR_HEADER).cloned() else { return resp.map(GrpcEnding::wrap) };
         if resp.status() == http::StatusCode::OK {
-            return resp;
+            return resp.map(GrpcEnding::wrap);
         }
         let (mut parts, _text) = resp.into_parts();
         let reason = String::from_utf8_lossy(reason.as_bytes()).into_owned();
@@ -102,5 +103,62 @@ impl ProxyError {
             parts.headers.insert(super::headers::GRPC_MESSAGE, message);
         }
         Response::from_parts(parts, body::empty())
+    }
+}
+
+/// A gRPC response body that ends in trailers when it breaks off after its headers (the
+/// instance died or reset the stream, the peer node went away, a stream idle timeout):
+/// `grpc-status` 14 UNAVAILABLE (or what the proxy's own reason means, 4 for a timeout) with
+/// the reason in `grpc-message`. A gRPC client calling the instance directly sees UNAVAILABLE
+/// when the connection is lost; a reset made by a proxy would read as INTERNAL. The failure is
+/// still recorded as such by the body the record wraps inside this one.
+pub struct GrpcEnding {
+    inner: Body,
+    ended: bool,
+}
+
+impl GrpcEnding {
+    pub fn wrap(inner: Body) -> Body {
+        use http_body_util::BodyExt;
+        GrpcEnding { inner, ended: false }.boxed_unsync()
+    }
+}
+
+impl http_body::Body for GrpcEnding {
+    type Data = Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.ended = true;
+                let reason = e.downcast_ref::<ProxyError>().map_or("upstream-reset", |e| e.reason());
+                let mut trailers = HeaderMap::new();
+                trailers.insert(super::headers::GRPC_STATUS, HeaderValue::from(u16::from(grpc_code(reason, 502))));
+                if let Ok(message) = HeaderValue::from_str(&format!("quicmesh: {reason}")) {
+                    trailers.insert(super::headers::GRPC_MESSAGE, message);
+                }
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+            polled => polled,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        // Trailers may come where an error would have: the length is no longer promised.
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(self.inner.size_hint().lower());
+        hint
     }
 }
