@@ -59,7 +59,13 @@ fn grpc_server_named(name: &str) -> Server {
 
 /// Calls the method whose server dies after three messages: {code, received}.
 async fn grpc_crash(addr: std::net::SocketAddr, host: &str) -> serde_json::Value {
-    let args = vec![script(), "crash".into(), addr.to_string(), host.to_string()];
+    grpc_run(&["crash", &addr.to_string(), host]).await
+}
+
+/// Runs the peer script with `args`; its one line of JSON.
+async fn grpc_run(args: &[&str]) -> serde_json::Value {
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.insert(0, script());
     let out = tokio::task::spawn_blocking(move || Command::new(PYTHON).args(&args).output().expect("grpcio client"))
         .await
         .unwrap();
@@ -219,7 +225,62 @@ async fn grpc_calls_keep_their_status_and_trailers_through_the_gateway() {
     let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
     let r = grpc_client_with(gw.addrs.listen, "grpc.test", Some(&cert)).await;
     check_cases(&r);
+
+    // gRPC over HTTP/3 at the edge (the h3 crate's client; no gRPC library speaks HTTP/3 here):
+    // messages, trailers with binary metadata, a trailers-only answer, a server stream.
+    let (_ep, mut send) = h3_connect(gw.addrs.listen.port()).await;
+    let (head, data, trailers) = grpc_over_h3(&mut send, "Echo", &[b"hi"]).await;
+    assert_eq!(head.get("content-type").unwrap(), "application/grpc");
+    assert_eq!(data, grpc_frames(&[b"hi"]), "h3: the reply message");
+    let trailers = trailers.expect("h3: trailers after the message");
+    assert_eq!((&trailers["grpc-status"], &trailers["x-trail"]), (&"0".parse().unwrap(), &"t".parse().unwrap()));
+    assert_eq!(trailers["x-trail-bin"], "AAE", "h3: binary metadata (base64 of 00 01)");
+    let (head, data, trailers) = grpc_over_h3(&mut send, "Fail", &[b""]).await;
+    assert_eq!(head["grpc-status"], "5", "h3: a trailers-only answer's status in its headers");
+    assert_eq!(head["grpc-message"], "no such thing");
+    assert_eq!(head["x-why-bin"], "/wA", "h3: binary metadata of a trailers-only answer");
+    assert!(data.is_empty() && trailers.is_none(), "h3: nothing after a trailers-only answer");
+    let (_, data, trailers) = grpc_over_h3(&mut send, "ServerStream", &[b"100"]).await;
+    let expected: Vec<Vec<u8>> = (0..100).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(data, grpc_frames(&expected.iter().map(Vec::as_slice).collect::<Vec<_>>()), "h3: 100 messages");
+    assert_eq!(trailers.expect("h3: the stream's trailers")["grpc-status"], "0");
     drop(server);
+}
+
+/// Length-prefixed gRPC messages, uncompressed.
+fn grpc_frames(messages: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        out.push(0);
+        out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        out.extend_from_slice(m);
+    }
+    out
+}
+
+/// One gRPC call over HTTP/3 to `method` of the test service: (headers, body, trailers).
+async fn grpc_over_h3(
+    send: &mut H3Sender,
+    method: &str,
+    messages: &[&[u8]],
+) -> (http::HeaderMap, Vec<u8>, Option<http::HeaderMap>) {
+    use bytes::Buf;
+    let req = http::Request::post(format!("https://grpc.test/quicmesh.test.Echo/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.send_data(bytes::Bytes::from(grpc_frames(messages))).await.unwrap();
+    stream.finish().await.unwrap();
+    let resp = stream.recv_response().await.unwrap();
+    assert_eq!(resp.status(), 200, "{method} over h3");
+    let mut data = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        data.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    let trailers = stream.recv_trailers().await.unwrap();
+    (resp.headers().clone(), data, trailers)
 }
 
 /// A server that dies in the middle of a stream: a direct call ends UNAVAILABLE (the
@@ -254,4 +315,44 @@ async fn a_server_dying_mid_stream_is_unavailable_through_the_mesh_as_directly()
         &[("direction", "outbound"), ("service", "grpc"), ("error", "upstream-reset")],
     );
     assert_eq!(broken, 1.0, "the broken stream counted as upstream-reset");
+}
+
+/// 10 000 messages of 8 KiB on one server stream to a client reading at 16 MiB/s, slower than
+/// the server writes: flow control holds the server back, so neither node buffers more than its
+/// windows (QUIC: 4 MiB per stream; HTTP/2 to the instance and to the client), however much the
+/// stream carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_grpc_receiver_costs_the_nodes_no_more_than_their_windows() {
+    if !grpcio_present() {
+        return;
+    }
+    // The windows, plus the runtime's own growth (as tests/hostile.rs bounds a slow download).
+    const BOUND_MIB: u64 = 28;
+    let server = grpc_server();
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc = format!(
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
+        server.1
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let to = a.addrs.outbound.to_string();
+    // Warm up the path, then measure.
+    let warm = grpc_run(&["slow", &to, "grpc", "100", "8192", "1000000000"]).await;
+    assert_eq!(warm["received"], 100, "warm-up: {warm}");
+    let (a_before, b_before) = (a.rss_kib(), b.rss_kib());
+    let r = grpc_run(&["slow", &to, "grpc", "10000", "8192", &(16u64 << 20).to_string()]).await;
+    assert_eq!((r["code"].as_str(), r["received"].as_u64()), (Some("OK"), Some(10_000)), "{r}");
+    let (a_peak, b_peak) = (a.peak_rss_kib(), b.peak_rss_kib());
+    eprintln!(
+        "slow gRPC receiver, 78 MiB in 10 000 messages: node-a {} -> peak {} MiB, node-b {} -> peak {} MiB",
+        a_before >> 10,
+        a_peak >> 10,
+        b_before >> 10,
+        b_peak >> 10
+    );
+    assert!(a_peak.saturating_sub(a_before) >> 10 <= BOUND_MIB, "node-a grew to {} MiB", a_peak >> 10);
+    assert!(b_peak.saturating_sub(b_before) >> 10 <= BOUND_MIB, "node-b grew to {} MiB", b_peak >> 10);
 }

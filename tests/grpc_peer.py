@@ -6,6 +6,9 @@ generated code).
                                    its method Who answers NAME
     grpc_peer.py crash ADDR HOST   calls Crash (three messages, then the server process dies) and
                                    prints {"code", "received"} as JSON
+    grpc_peer.py slow ADDR HOST N SIZE RATE
+                                   calls Flood (N messages of SIZE bytes) and reads them at RATE
+                                   bytes per second; prints {"code", "received", "bytes"}
     grpc_peer.py client ADDR HOST [CA]
                                    runs every case against ADDR with :authority HOST (over TLS
                                    trusting CA, when given), prints one JSON object: case name
@@ -80,6 +83,13 @@ def crash(request, context):
     os._exit(3)
 
 
+def flood(request, context):
+    n, size = map(int, request.split())
+    payload = b"x" * size
+    for _ in range(n):
+        yield payload
+
+
 def serve(name):
     handlers = {
         "Who": grpc.unary_unary_rpc_method_handler(lambda request, context: name.encode()),
@@ -92,6 +102,7 @@ def serve(name):
         "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         "Crash": grpc.unary_stream_rpc_method_handler(crash),
+        "Flood": grpc.unary_stream_rpc_method_handler(flood),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -175,10 +186,28 @@ def crashed(addr, host):
     print(json.dumps({"code": code, "received": received}), flush=True)
 
 
+def slow(addr, host, n, size, rate):
+    channel = grpc.insecure_channel(addr, options=(("grpc.default_authority", host),))
+    received, total, start = 0, 0, time.time()
+    try:
+        for msg in channel.unary_stream("/%s/Flood" % SERVICE)(b"%d %d" % (n, size), timeout=120):
+            received += 1
+            total += len(msg)
+            ahead = total / rate - (time.time() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+        code = "OK"
+    except grpc.RpcError as e:
+        code = e.code().name
+    print(json.dumps({"code": code, "received": received, "bytes": total}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2] if len(sys.argv) > 2 else "server")
     elif sys.argv[1] == "crash":
         crashed(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "slow":
+        slow(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))
     else:
         client(sys.argv[2], sys.argv[3], *sys.argv[4:5])
