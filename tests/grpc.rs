@@ -356,3 +356,55 @@ async fn a_slow_grpc_receiver_costs_the_nodes_no_more_than_their_windows() {
     assert!(a_peak.saturating_sub(a_before) >> 10 <= BOUND_MIB, "node-a grew to {} MiB", a_peak >> 10);
     assert!(b_peak.saturating_sub(b_before) >> 10 <= BOUND_MIB, "node-b grew to {} MiB", b_peak >> 10);
 }
+
+/// A long bidirectional stream through node-a to node-b goes on, every message echoed in order,
+/// while node-a's other peer, node-c, drains and exits under traffic of its own and comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_bidi_stream_outlives_a_drain_elsewhere() {
+    if !grpcio_present() {
+        return;
+    }
+    let server = grpc_server();
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    pki.issue("node-c");
+    let echo = echo_backend().await;
+    let on_b = format!(
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
+        server.1
+    );
+    let on_c =
+        format!("[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-c\"\naddress = \"{echo}\"\n\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &on_b));
+    let mut c = NodeProc::start(pki.path(), "node-c", &node_toml("node-c", &state, &[], &on_c));
+    let peers = [("node-b", b.addrs.inbound), ("node-c", c.addrs.inbound)];
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &peers, &format!("{on_b}{on_c}")));
+    let to = a.addrs.outbound.to_string();
+    let chat = tokio::spawn(async move { grpc_run(&["chat", &to, "grpc", "4"]).await });
+    // node-c carries traffic of its own, then drains and exits while the stream goes on.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let via_c = || {
+        let req = http::Request::get(format!("http://{}/", a.addrs.outbound)).header("host", "echo");
+        client.request(req.body(http_body_util::Empty::new()).unwrap())
+    };
+    assert_eq!(via_c().await.unwrap().status(), 200);
+    // The stream is open through node-a before node-c goes.
+    eventually(std::time::Duration::from_secs(10), "the stream in flight", || async {
+        let m = a.metrics().await;
+        let open = metric(&m, "quicmesh_requests_in_flight", &[("direction", "outbound"), ("service", "grpc")]);
+        (open >= 1.0).then_some(())
+    })
+    .await;
+    tokio::task::spawn_blocking(move || {
+        c.terminate();
+        c
+    })
+    .await
+    .unwrap();
+    let r = chat.await.unwrap();
+    assert_eq!(r["code"], "OK", "the stream through node-b: {r}");
+    assert!(r["sent"].as_u64().unwrap_or(0) >= 40, "{r}");
+    assert_eq!((&r["echoed"], &r["in_order"]), (&r["sent"], &serde_json::Value::Bool(true)), "{r}");
+}

@@ -9,6 +9,9 @@ generated code).
     grpc_peer.py slow ADDR HOST N SIZE RATE
                                    calls Flood (N messages of SIZE bytes) and reads them at RATE
                                    bytes per second; prints {"code", "received", "bytes"}
+    grpc_peer.py chat ADDR HOST SECONDS
+                                   one Bidi stream, a message every 50 ms for SECONDS; prints
+                                   {"code", "sent", "echoed", "in_order"}
     grpc_peer.py client ADDR HOST [CA]
                                    runs every case against ADDR with :authority HOST (over TLS
                                    trusting CA, when given), prints one JSON object: case name
@@ -202,11 +205,35 @@ def slow(addr, host, n, size, rate):
     print(json.dumps({"code": code, "received": received, "bytes": total}), flush=True)
 
 
+def chat(addr, host, seconds):
+    channel = grpc.insecure_channel(addr, options=(("grpc.default_authority", host),))
+    sent = []
+
+    def messages():
+        end = time.time() + seconds
+        while time.time() < end:
+            m = b"%06d" % len(sent)
+            sent.append(m)
+            yield m
+            time.sleep(0.05)
+
+    got = []
+    try:
+        for r in channel.stream_stream("/%s/Bidi" % SERVICE)(messages(), timeout=seconds + 30):
+            got.append(r)
+        code = "OK"
+    except grpc.RpcError as e:
+        code = e.code().name
+    print(json.dumps({"code": code, "sent": len(sent), "echoed": len(got), "in_order": got == sent}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2] if len(sys.argv) > 2 else "server")
     elif sys.argv[1] == "crash":
         crashed(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "chat":
+        chat(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     elif sys.argv[1] == "slow":
         slow(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))
     else:
