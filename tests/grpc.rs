@@ -408,3 +408,44 @@ async fn a_long_bidi_stream_outlives_a_drain_elsewhere() {
     assert!(r["sent"].as_u64().unwrap_or(0) >= 40, "{r}");
     assert_eq!((&r["echoed"], &r["in_order"]), (&r["sent"], &serde_json::Value::Bool(true)), "{r}");
 }
+
+/// Many unary gRPC calls in a row on one HTTP/2 connection through two nodes to a server that
+/// echoes each message as it arrives (full duplex: its answer starts before the request ends):
+/// every call ends with its trailers, none cut or reset. The protocols bench met calls ending
+/// without trailers, or with `upstream-reset`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_duplex_unary_calls_all_end_with_their_trailers() {
+    use http_body_util::BodyExt;
+    let backend = duplex_echo_backend().await;
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc = format!(
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n\n"
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let tcp = tokio::net::TcpStream::connect(a.addrs.outbound).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let message = bytes::Bytes::from(grpc_frames(&[&[7u8; 64]]));
+    let mut broken = Vec::new();
+    let calls = env_or("GRPC_DUPLEX_CALLS", 500usize);
+    for i in 0..calls {
+        let req = http::Request::post("http://grpc/bench.Echo/Echo")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(message.clone()))
+            .unwrap();
+        send.ready().await.unwrap();
+        let whole = send.send_request(req).await.unwrap().into_body().collect().await.unwrap();
+        let status = whole.trailers().and_then(|t| t.get("grpc-status")).cloned();
+        if status.as_ref().map(|s| s.as_bytes()) != Some(b"0") || whole.to_bytes() != message {
+            broken.push((i, status));
+        }
+    }
+    assert!(broken.is_empty(), "{} of {calls} calls broke: {:?}", broken.len(), &broken[..broken.len().min(10)]);
+}

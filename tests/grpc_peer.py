@@ -189,7 +189,7 @@ def crashed(addr, host):
     print(json.dumps({"code": code, "received": received}), flush=True)
 
 
-def slow(addr, host, n, size, rate):
+def slow_reader(addr, host, n, size, rate):
     channel = grpc.insecure_channel(addr, options=(("grpc.default_authority", host),))
     received, total, start = 0, 0, time.time()
     try:
@@ -235,6 +235,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "chat":
         chat(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     elif sys.argv[1] == "slow":
-        slow(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))
+        slow_reader(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))
     else:
         client(sys.argv[2], sys.argv[3], *sys.argv[4:5])

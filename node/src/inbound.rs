@@ -226,7 +226,7 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
         return;
     }
     if let Err(e) = body::pump_to_h3(body, &mut send).await {
-        debug!(peer, error = %e, "response body ended early");
+        debug!(peer, error = %e, detail = ?e, "response body ended early");
     }
 }
 

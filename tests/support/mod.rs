@@ -968,3 +968,57 @@ where
     });
     addr
 }
+
+/// A backend for gRPC without a gRPC library: gRPC calls (`content-type: application/grpc`) get each DATA chunk echoed
+/// as it comes, then `grpc-status: 0`; any other request gets its body back. HTTP/1.1 and h2c.
+pub async fn duplex_echo_backend() -> SocketAddr {
+    use http_body_util::BodyExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let grpc =
+                    req.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                if !grpc {
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let resp = http::Response::new(
+                        http_body_util::Full::new(body).map_err(|never| match never {}).boxed_unsync(),
+                    );
+                    return Ok::<_, std::convert::Infallible>(resp);
+                }
+                let (tx, rx) = tokio::sync::mpsc::channel::<
+                    Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                >(16);
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    while let Some(Ok(frame)) = body.frame().await {
+                        if let Ok(data) = frame.into_data() {
+                            if tx.send(Ok(hyper::body::Frame::data(data))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let _ = tx.send(Ok(hyper::body::Frame::trailers(trailers))).await;
+                });
+                let body = http_body_util::StreamBody::new(stream_of(rx)).boxed_unsync();
+                let resp = http::Response::builder().header("content-type", "application/grpc").body(body).unwrap();
+                Ok(resp)
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An mpsc receiver as a stream.
+pub fn stream_of<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -183,20 +183,40 @@ impl HttpBody for Prefixed {
 enum State {
     Data,
     Trailers,
+    /// The data ended and the trailers were read already: they come next.
+    Trailing(HeaderMap),
     Done,
 }
 
 /// An `http_body::Body` reading an h3 stream's DATA frames, then its trailers.
+///
+/// It never yields an empty DATA frame, and when the stream's end is already known as its last
+/// data is delivered, it says so (`is_end_stream`), so an HTTP/2 hop after it sends that data
+/// with END_STREAM instead of an empty DATA frame of its own after it (which a naive echo
+/// server turns into the empty, non-final DATA frames h2 counts as a flood: after 100 on a
+/// connection, the client of it sends GOAWAY and every stream on it fails).
 pub struct H3Body<R> {
     recv: R,
     state: State,
     /// An error met while coalescing, reported on the next poll.
-    pending: Option<StreamError>,
+    pending: Option<BoxError>,
 }
 
 impl<R: H3Recv> H3Body<R> {
     pub fn new(recv: R) -> Self {
         Self { recv, state: State::Data, pending: None }
+    }
+
+    /// The data just ended: reads the trailers too if they are already here, so the end is
+    /// known with the last data.
+    fn data_ended(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+        self.state = match trailers_guarded(&mut self.recv, cx) {
+            Poll::Ready(Ok(Some(t))) => State::Trailing(t),
+            Poll::Ready(Ok(None)) => State::Done,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => State::Trailers,
+        };
+        Ok(())
     }
 }
 
@@ -216,11 +236,12 @@ impl<R: H3Recv> HttpBody for H3Body<R> {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
-            match this.state {
+            match std::mem::replace(&mut this.state, State::Done) {
                 State::Data => {
+                    this.state = State::Data;
                     if let Some(e) = this.pending.take() {
                         this.state = State::Done;
-                        return Poll::Ready(Some(Err(e.into())));
+                        return Poll::Ready(Some(Err(e)));
                     }
                     let first = match ready!(this.recv.poll_data(cx)) {
                         Ok(Some(b)) => b,
@@ -236,33 +257,53 @@ impl<R: H3Recv> HttpBody for H3Body<R> {
                     if first.len() >= COALESCE {
                         return Poll::Ready(Some(Ok(Frame::data(first))));
                     }
-                    // Gather what is already buffered into one frame.
+                    // Gather what is already buffered into one frame, and learn whether the
+                    // data ends with it.
                     let mut buf = BytesMut::from(first.as_ref());
                     while buf.len() < COALESCE {
                         match this.recv.poll_data(cx) {
                             Poll::Ready(Ok(Some(b))) => buf.extend_from_slice(&b),
                             Poll::Ready(Ok(None)) => {
-                                this.state = State::Trailers;
+                                if let Err(e) = this.data_ended(cx) {
+                                    // Deliver what we have; the error comes on the next poll.
+                                    this.state = State::Data;
+                                    this.pending = Some(e);
+                                }
                                 break;
                             }
-                            // Deliver what we have; the error comes on the next poll.
                             Poll::Ready(Err(e)) => {
-                                this.pending = Some(e);
+                                this.pending = Some(e.into());
                                 break;
                             }
                             Poll::Pending => break,
                         }
                     }
+                    if buf.is_empty() {
+                        // Nothing to deliver (empty DATA frames): go on from the new state; a
+                        // `Pending` above registered the wake-up.
+                        if matches!(this.state, State::Data) && this.pending.is_none() {
+                            return Poll::Pending;
+                        }
+                        continue;
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
                 }
                 State::Trailers => {
-                    let res = ready!(trailers_guarded(&mut this.recv, cx));
-                    this.state = State::Done;
+                    let res = match trailers_guarded(&mut this.recv, cx) {
+                        Poll::Ready(r) => r,
+                        Poll::Pending => {
+                            this.state = State::Trailers;
+                            return Poll::Pending;
+                        }
+                    };
                     return Poll::Ready(match res {
                         Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
                         Ok(None) => None,
                         Err(e) => Some(Err(e)),
                     });
+                }
+                State::Trailing(t) => {
+                    return Poll::Ready(if t.is_empty() { None } else { Some(Ok(Frame::trailers(t))) });
                 }
                 State::Done => return Poll::Ready(None),
             }
