@@ -3,6 +3,9 @@
 //! (a) each route with its own hostname, the common case for many services, and (b) every
 //! route on any host with its own path prefix, the worst case for a per-host scan.
 //!
+//! Also the check of one JWT at the edge (`policy::jwt::check`: header, key, signature and
+//! claims), per key type.
+//!
 //! Run: `cargo bench --bench routing`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -90,5 +93,47 @@ fn picks(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookups, picks);
+/// One JWT checked against a one-key set, as the edge does per request of a route with `jwt`.
+fn jwt_checks(c: &mut Criterion) {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let provider: quicmesh_shared::policy::jwt::JwtProvider = toml::from_str(
+        "name = \"main\"\nissuer = \"https://issuer.test\"\naudiences = [\"quicmesh\"]\njwks_uri = \"https://issuer.test/keys\"\n",
+    )
+    .unwrap();
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let claims = serde_json::json!({ "iss": "https://issuer.test", "aud": "quicmesh", "sub": "alice", "exp": exp });
+    let mut group = c.benchmark_group("jwt_check");
+    for (name, alg, key_alg, jwk) in [
+        ("ES256", jsonwebtoken::Algorithm::ES256, &rcgen::PKCS_ECDSA_P256_SHA256, "EC"),
+        ("EdDSA", jsonwebtoken::Algorithm::EdDSA, &rcgen::PKCS_ED25519, "OKP"),
+    ] {
+        let pair = rcgen::KeyPair::generate_for(key_alg).unwrap();
+        let raw = pair.public_key_raw();
+        let ec = jwk == "EC";
+        let jwk = if ec {
+            serde_json::json!({ "kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": "k" })
+        } else {
+            serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": b64(raw), "kid": "k" })
+        };
+        let keys =
+            quicmesh_shared::policy::jwt::parse_key_set(serde_json::json!({ "keys": [jwk] }).to_string().as_bytes())
+                .unwrap();
+        let encoding = if ec {
+            jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap()
+        } else {
+            jsonwebtoken::EncodingKey::from_ed_pem(pair.serialize_pem().as_bytes()).unwrap()
+        };
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.kid = Some("k".into());
+        let token = jsonwebtoken::encode(&header, &claims, &encoding).unwrap();
+        assert!(quicmesh_shared::policy::jwt::check(&token, &keys, &provider).is_ok(), "{name}");
+        group.bench_function(name, |b| {
+            b.iter(|| quicmesh_shared::policy::jwt::check(black_box(&token), &keys, &provider).is_ok())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lookups, picks, jwt_checks);
 criterion_main!(benches);

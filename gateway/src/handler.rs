@@ -15,7 +15,7 @@ use quicmesh_shared::proxy::pipeline::{self, Ctx, Side, Target};
 use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::Record;
 use std::sync::Arc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 pub struct Edge {
     pub mesh: Arc<Mesh>,
@@ -24,6 +24,8 @@ pub struct Edge {
     pub name: String,
     /// Client connections open, in all and per client address.
     pub conns: Arc<crate::conns::Conns>,
+    /// The JWT providers' verifiers and key sets.
+    pub jwt: quicmesh_shared::proxy::jwt::Providers,
 }
 
 /// One bound port of the edge and what its listeners make of it.
@@ -74,7 +76,7 @@ pub struct Arrival {
 impl Edge {
     pub fn new(mesh: Arc<Mesh>, gc: &GatewayConfig) -> Self {
         let conns = crate::conns::Conns::new(gc.limits.max_connections, gc.limits.max_connections_per_client);
-        Self { mesh, limits: gc.limits.clone(), name: gc.name.clone(), conns }
+        Self { mesh, limits: gc.limits.clone(), name: gc.name.clone(), conns, jwt: Default::default() }
     }
 
     /// Handles one client request end to end; never fails (errors become proxy responses).
@@ -117,6 +119,33 @@ impl Edge {
         resp
     }
 
+    /// Checks the request's JWT with provider `name`: on success the claims it passes on are
+    /// on the headers; otherwise 401 with the reason.
+    async fn authenticate(
+        &self,
+        table: &quicmesh_shared::proxy::table::Table,
+        name: &str,
+        headers: &mut http::HeaderMap,
+        rec: &mut Record,
+    ) -> Result<(), ProxyError> {
+        let provider = table.config().gateway.as_ref().and_then(|g| g.jwt_providers.iter().find(|p| p.name == name));
+        let verifier = provider.ok_or("no such provider".to_string()).and_then(|p| self.jwt.get(p));
+        let verifier = verifier.map_err(|e| {
+            warn!(provider = name, error = e, "JWT provider unusable");
+            ProxyError::Unauthenticated("keys-unavailable")
+        })?;
+        match verifier.authenticate(headers).await {
+            Ok(_) => {
+                rec.auth("ok");
+                Ok(())
+            }
+            Err(failure) => {
+                rec.auth(failure.label());
+                Err(ProxyError::Unauthenticated(failure.label()))
+            }
+        }
+    }
+
     async fn route(&self, req: Request<Body>, at: &Arrival, rec: &mut Record) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let table = self.mesh.table();
@@ -141,6 +170,10 @@ impl Edge {
             .routes
             .find(&host, &parts.method, parts.uri.path(), parts.uri.query(), &parts.headers)
             .ok_or_else(no_route)?;
+        // Phase: authentication, when the route requires a JWT.
+        if let Some(name) = &matched.route.jwt {
+            self.authenticate(&table, name, &mut parts.headers, rec).await?;
+        }
         let client = at.client;
         let side = Side {
             scheme: at.port.scheme,

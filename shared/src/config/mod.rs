@@ -376,6 +376,9 @@ pub struct GatewayConfig {
     /// TCPRoutes: a TCP listener's connections to `protocol = "tcp"` services.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tcp_routes: Vec<crate::policy::listener::StreamRoute>,
+    /// Who may issue the JWTs routes require (a route's `jwt` names one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub jwt_providers: Vec<crate::policy::jwt::JwtProvider>,
 }
 
 /// `[gateway.store]`: the etcd cluster gateway replicas share their registry through.
@@ -418,6 +421,7 @@ impl Default for GatewayConfig {
             listener_sets: Vec::new(),
             grpc_routes: Vec::new(),
             tls_routes: Vec::new(),
+            jwt_providers: Vec::new(),
             tcp_routes: Vec::new(),
         }
     }
@@ -1184,6 +1188,7 @@ impl Config {
             }
             self.validate_routes(&gw.edge_routes().map_err(|e| invalid("gateway.grpc_routes", e))?, "gateway.routes")?;
             self.validate_listeners(gw)?;
+            validate_jwt(gw)?;
         }
         self.validate_routes(&self.mesh_routes().map_err(|e| invalid("grpc_routes", e))?, "routes")?;
         let t = &self.transport;
@@ -1228,6 +1233,15 @@ impl Config {
                         key,
                         format!(
                             "route {:?}: a mesh route's parentRefs name services ({{ kind = \"Service\", name, port }})",
+                            r.name
+                        ),
+                    ));
+                }
+                if r.jwt.is_some() {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "route {:?}: jwt is for gateway routes (mesh callers are authenticated by mTLS)",
                             r.name
                         ),
                     ));
@@ -1475,3 +1489,26 @@ impl AccessLogConfig {
 
 #[cfg(test)]
 mod tests;
+
+/// JWT providers that load, routes that name one of them; mesh routes take none (their callers
+/// are mesh members, authenticated by mTLS).
+fn validate_jwt(gw: &GatewayConfig) -> Result<(), ConfigError> {
+    for (i, p) in gw.jwt_providers.iter().enumerate() {
+        let key = format!("gateway.jwt_providers[{i}]");
+        if gw.jwt_providers[..i].iter().any(|q| q.name == p.name) {
+            return Err(invalid(format!("{key}.name"), format!("{:?} is named twice", p.name)));
+        }
+        crate::proxy::jwt::Verifier::new(p).map_err(|e| invalid(&key, e))?;
+    }
+    for (i, r) in gw.routes.iter().enumerate() {
+        if let Some(name) = &r.jwt {
+            if !gw.jwt_providers.iter().any(|p| &p.name == name) {
+                return Err(invalid(
+                    format!("gateway.routes[{i}].jwt"),
+                    format!("no gateway.jwt_providers entry is named {name:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

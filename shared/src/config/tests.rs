@@ -212,3 +212,24 @@ fn parent_refs_fit_the_routes_they_are_on() {
                  [[gateway.listeners]]\nname = \"b\"\nport = 80\nlisten = \"127.0.0.2:80\"\nprotocol = \"HTTP\"\nhostname = \"b.test\"\n";
     assert!(load_err(binds).contains("port 80 already binds"), "{}", load_err(binds));
 }
+
+#[test]
+fn jwt_providers_load_and_routes_name_one() {
+    let provider = |extra: &str| {
+        format!("[gateway]\n[[gateway.jwt_providers]]\nname = \"main\"\nissuer = \"https://i.test\"\n{extra}")
+    };
+    let unknown = format!(
+        "{}[[gateway.routes]]\nname = \"r\"\njwt = \"other\"\n",
+        provider("jwks_uri = \"https://i.test/keys\"\n")
+    );
+    assert!(load_err(&unknown).contains("no gateway.jwt_providers entry is named \"other\""), "{}", load_err(&unknown));
+    let neither = provider("");
+    assert!(load_err(&neither).contains("give one of jwks_file and jwks_uri"), "{}", load_err(&neither));
+    let plain = provider("jwks_uri = \"http://i.test/keys\"\n");
+    assert!(load_err(&plain).contains("is not an https:// URL"), "{}", load_err(&plain));
+    let bad_set = file("{\"not\": \"a key set\"}");
+    let unreadable = provider(&format!("jwks_file = \"{}\"\n", bad_set.path().display()));
+    assert!(load_err(&unreadable).contains("no \"keys\" array"), "{}", load_err(&unreadable));
+    let mesh = "[[routes]]\nname = \"m\"\njwt = \"main\"\n";
+    assert!(load_err(mesh).contains("jwt is for gateway routes"), "{}", load_err(mesh));
+}

@@ -58,6 +58,10 @@ pub enum ProxyError {
     /// a connection for that host (RFC 9110 section 15.5.20).
     #[error("host {0:?} is not served on this connection")]
     Misdirected(String),
+    /// The route requires a JWT and the request's is missing or fails a check (the label
+    /// says which); 401 with `WWW-Authenticate`.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(&'static str),
 }
 
 /// Internal header on a response from a peer node's own error: the request never reached the
@@ -84,6 +88,7 @@ impl ProxyError {
             ProxyError::InvalidBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -109,6 +114,7 @@ impl ProxyError {
             ProxyError::InvalidBackend(_) => "invalid-backend",
             ProxyError::Exhausted { cause, .. } => cause.reason(),
             ProxyError::Misdirected(_) => "misdirected",
+            ProxyError::Unauthenticated(_) => "unauthenticated",
         }
     }
 
@@ -134,6 +140,7 @@ impl ProxyError {
         "not-implemented",
         "invalid-backend",
         "misdirected",
+        "unauthenticated",
         "client-closed",
     ];
 

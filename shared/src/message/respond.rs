@@ -38,6 +38,15 @@ impl ProxyError {
         if let ProxyError::RateLimited { wait, .. } = self {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*wait)));
         }
+        if let ProxyError::Unauthenticated(why) = self {
+            // RFC 6750: no error code when no token came; `invalid_token` for one that failed.
+            let challenge = if *why == "missing" {
+                HeaderValue::from_static("Bearer realm=\"quicmesh\"")
+            } else {
+                HeaderValue::from_static("Bearer realm=\"quicmesh\", error=\"invalid_token\"")
+            };
+            headers.insert(http::header::WWW_AUTHENTICATE, challenge);
+        }
         resp
     }
 }
@@ -57,6 +66,7 @@ fn grpc_code(reason: &str, status: u16) -> u8 {
         "no-route" | "not-implemented" => 12,   // UNIMPLEMENTED
         "timeout" | "connect-timeout" => 4,     // DEADLINE_EXCEEDED
         "denied" => 7,                          // PERMISSION_DENIED
+        "unauthenticated" => 16,                // UNAUTHENTICATED
         "rate-limited" | "body-too-large" => 8, // RESOURCE_EXHAUSTED
         "bad-request" => 3,                     // INVALID_ARGUMENT
         "invalid-backend" => 13,                // INTERNAL

@@ -109,6 +109,7 @@ impl GrpcRoute {
             parent_refs: self.parent_refs.clone(),
             max_request_body: None,
             rate_limit: None,
+            jwt: None,
         })
     }
 

@@ -39,6 +39,10 @@ pub struct HttpRoute {
     /// quicmesh extension: token-bucket rate limit of the route (429 with `retry-after`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<crate::policy::limit::RateLimit>,
+    /// quicmesh extension, gateway routes: the `gateway.jwt_providers` entry whose valid JWT
+    /// every request must carry (401 otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

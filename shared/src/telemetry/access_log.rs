@@ -46,6 +46,9 @@ pub struct Entry {
     pub status: u16,
     /// The `quicmesh-error` reason when the proxy answered itself.
     pub error: String,
+    /// A route's JWT check: `ok` or why it failed (`missing`, `expired`, ...); never the token.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub auth: &'static str,
     pub retries: u32,
     pub duration_ms: f64,
     pub bytes_received: u64,

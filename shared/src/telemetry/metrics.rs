@@ -20,6 +20,8 @@ pub const EDGE_CONNECTIONS: &str = "quicmesh_edge_connections_total";
 pub const EDGE_REJECTED: &str = "quicmesh_edge_rejected_total";
 pub const QUIC_ADMISSION: &str = "quicmesh_quic_admission_total";
 pub const EDGE_IDLE_CLOSED: &str = "quicmesh_edge_idle_closed_total";
+pub const EDGE_JWT: &str = "quicmesh_edge_jwt_total";
+pub const EDGE_JWKS_FAILURES: &str = "quicmesh_edge_jwks_failures_total";
 pub const BUILD_INFO: &str = "quicmesh_build_info";
 pub const RUNTIME_WORKERS: &str = "quicmesh_runtime_workers";
 pub const CONTROL_VERSION: &str = "quicmesh_control_snapshot_version";
@@ -137,6 +139,11 @@ fn describe() {
         EDGE_IDLE_CLOSED,
         "Client connections the gateway closed for having no request in flight (before a first request: header_read_timeout; after: idle_timeout)."
     );
+    describe_counter!(
+        EDGE_JWT,
+        "JWT checks at the edge, by provider and result (ok, missing, expired, bad-signature, ...)."
+    );
+    describe_counter!(EDGE_JWKS_FAILURES, "JWT key set loads that failed, by provider (the set held goes on serving).");
     describe_counter!(
         QUIC_ADMISSION,
         "QUIC connection attempts turned away before any state was kept, by listener and decision (retry, handshake-limit)."

@@ -215,6 +215,11 @@ impl Record {
         self.entry.route = label(name);
     }
 
+    /// The result of the route's JWT check (access log only; the metric is the edge's own).
+    pub fn auth(&mut self, result: &'static str) {
+        self.entry.auth = result;
+    }
+
     /// The matched rule's name (access log only: metrics stay per route).
     pub fn rule(&mut self, name: &str) {
         if self.log.is_some() {

@@ -102,6 +102,7 @@ fn route_set() -> impl Strategy<Value = Vec<HttpRoute>> {
                     .collect(),
                 max_request_body: None,
                 rate_limit: None,
+                jwt: None,
             })
             .collect()
     })
