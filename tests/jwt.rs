@@ -68,10 +68,16 @@ fn claims(change: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) 
 /// The gateway in front of node-b's echo service: `secure.test` requires provider `main`'s
 /// token (its key set at `jwks`, a file or an https URL), `open.test` does not.
 fn mesh(pki: &Pki, echo: SocketAddr, provider: &str) -> (NodeProc, NodeProc) {
+    mesh_with(pki, echo, provider, "")
+}
+
+/// [`mesh`], with `policies` (authorization) for the echo service.
+fn mesh_with(pki: &Pki, echo: SocketAddr, provider: &str, policies: &str) -> (NodeProc, NodeProc) {
     let state = pki.issue("node-b");
     pki.issue("gateway");
-    let svc =
-        format!("[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n");
+    let svc = format!(
+        "[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n{policies}"
+    );
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
     let gw_toml = format!(
         "[mesh]\ntrust_domain = \"{TD}\"\n\n[access_log]\noutput = \"file\"\npath = \"{}\"\nformat = \"json\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n\
@@ -94,14 +100,18 @@ struct Answer {
     body: String,
 }
 
-/// A GET to the edge over HTTP/1.1 and TLS, with these headers.
+/// A GET of `/` to the edge over HTTP/1.1 and TLS, with these headers.
 async fn get(gw: SocketAddr, host: &str, headers: &[(&str, &str)]) -> Answer {
+    get_path(gw, host, "/", headers).await
+}
+
+async fn get_path(gw: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(&[b"http/1.1"])));
     let tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
     let tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
-    let mut req = http::Request::get("/").header("host", host);
+    let mut req = http::Request::get(path).header("host", host);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -286,4 +296,58 @@ async fn keys_from_an_https_jwks_rotate_and_unknown_keys_do_not_flood_it() {
     })
     .await;
     assert_eq!(bearer(at, &k1.sign(&claims(|_| {}))).await.status, 200, "the held set after a failed load");
+}
+
+/// Authorization rules at the destination node match the claims the edge verified
+/// (`from.jwt`): subject, issuer, a value in a list claim; deny wins; a request without a
+/// verified token (another route, or claims a client made up) matches none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_rules_match_the_claims_the_edge_verified() {
+    let key = Key::new("k1");
+    let pki = Pki::new();
+    let jwks_file = pki.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[&key])).unwrap();
+    let echo = echo_backend().await;
+    let policies = format!(
+        "[[authorization.policies]]\nservice = \"echo\"\n\
+         [[authorization.policies.rules]]\naction = \"deny\"\nfrom = {{ jwt = {{ claims = [{{ name = \"groups\", value = \"banned\" }}] }} }}\n\
+         [[authorization.policies.rules]]\naction = \"allow\"\npaths = [\"/admin*\"]\nfrom = {{ jwt = {{ issuer = \"{ISSUER}\", subject = \"alice\" }} }}\n\
+         [[authorization.policies.rules]]\naction = \"allow\"\npaths = [\"/public*\"]\n"
+    );
+    let (gw, _b) = mesh_with(&pki, echo, &format!("jwks_file = \"{}\"", jwks_file.display()), &policies);
+    let at = gw.addrs.listen;
+    let as_who = |sub: &'static str, groups: &'static [&'static str]| {
+        key.sign(&claims(|c| {
+            c.insert("sub".into(), sub.into());
+            c.insert("groups".into(), groups.to_vec().into());
+        }))
+    };
+    let call = |host: &'static str,
+                path: &'static str,
+                token: Option<String>,
+                extra: Option<(&'static str, String)>| async move {
+        let mut headers: Vec<(String, String)> =
+            token.map(|t| ("authorization".to_string(), format!("Bearer {t}"))).into_iter().collect();
+        headers.extend(extra.map(|(k, v)| (k.to_string(), v)));
+        let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        get_path(at, host, path, &refs).await.status
+    };
+    assert_eq!(call("secure.test", "/admin/panel", Some(as_who("alice", &["staff"])), None).await, 200, "alice");
+    assert_eq!(call("secure.test", "/admin/panel", Some(as_who("bob", &["staff"])), None).await, 403, "bob");
+    assert_eq!(call("secure.test", "/admin/panel", Some(as_who("alice", &["banned"])), None).await, 403, "deny wins");
+    assert_eq!(call("secure.test", "/public/x", Some(as_who("bob", &[])), None).await, 200, "anyone on /public");
+    assert_eq!(call("open.test", "/admin/panel", None, None).await, 403, "no verified token");
+    // Claims a client makes up in the gateway's own header never count.
+    let forged = quicmesh_shared::policy::jwt::encode_claims(
+        serde_json::json!({ "iss": ISSUER, "sub": "alice" }).as_object().unwrap(),
+    )
+    .unwrap()
+    .to_str()
+    .unwrap()
+    .to_string();
+    assert_eq!(
+        call("open.test", "/admin/panel", None, Some(("quicmesh-jwt-claims", forged))).await,
+        403,
+        "forged claims"
+    );
 }

@@ -127,7 +127,7 @@ impl Edge {
         name: &str,
         headers: &mut http::HeaderMap,
         rec: &mut Record,
-    ) -> Result<(), ProxyError> {
+    ) -> Result<quicmesh_shared::policy::jwt::Claims, ProxyError> {
         let provider = table.config().gateway.as_ref().and_then(|g| g.jwt_providers.iter().find(|p| p.name == name));
         let verifier = provider.ok_or("no such provider".to_string()).and_then(|p| self.jwt.get(p));
         let verifier = verifier.map_err(|e| {
@@ -135,9 +135,9 @@ impl Edge {
             ProxyError::Unauthenticated("keys-unavailable")
         })?;
         match verifier.authenticate(headers).await {
-            Ok(_) => {
+            Ok(claims) => {
                 rec.auth("ok");
-                Ok(())
+                Ok(claims)
             }
             Err(failure) => {
                 rec.auth(failure.label());
@@ -171,8 +171,10 @@ impl Edge {
             .find(&host, &parts.method, parts.uri.path(), parts.uri.query(), &parts.headers)
             .ok_or_else(no_route)?;
         // Phase: authentication, when the route requires a JWT.
+        let mut jwt_claims = None;
         if let Some(name) = &matched.route.jwt {
-            self.authenticate(&table, name, &mut parts.headers, rec).await?;
+            let claims = self.authenticate(&table, name, &mut parts.headers, rec).await?;
+            jwt_claims = quicmesh_shared::policy::jwt::encode_claims(&claims);
         }
         let client = at.client;
         let side = Side {
@@ -181,6 +183,7 @@ impl Edge {
             default_body_limit: Some(self.limits.max_request_body),
             source: Some(&self.name),
             edge: true,
+            jwt_claims,
         };
         let cx = Ctx { mesh: &self.mesh, table: &table, side: &side, client, rec };
         pipeline::forward(cx, Target::Route(matched), parts, body, authority).await

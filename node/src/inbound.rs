@@ -179,10 +179,13 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
             rec.service(&svc.name);
             rec.endpoint(mesh.local_node().unwrap_or_default(), &addr.to_string(), 0);
             let source = source_of(&req, peer, &table);
+            let via_gateway = peer == table.gateway_name();
+            let claims = gateway_claims(req.headers(), via_gateway);
             let caller = Caller {
                 node: peer,
                 service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
-                via_gateway: peer == table.gateway_name(),
+                via_gateway,
+                jwt: claims.as_ref(),
             };
             let target = Target {
                 method: Some(req.method()),
@@ -259,4 +262,14 @@ async fn deliver(
         Some(e) => Err(e),
         None => result,
     }
+}
+
+/// The claims of the JWT the gateway verified for this request, believed only from the
+/// gateway (from any other peer the header is ignored, and it never reaches an instance).
+pub(crate) fn gateway_claims(
+    headers: &http::HeaderMap,
+    via_gateway: bool,
+) -> Option<quicmesh_shared::policy::jwt::Claims> {
+    let value = headers.get(quicmesh_shared::message::headers::JWT_CLAIMS).filter(|_| via_gateway)?;
+    quicmesh_shared::policy::jwt::decode_claims(value)
 }

@@ -140,8 +140,14 @@ async fn route(
             .find_map(|a| table.service_for_host(&headers::host_of(a)).map(|s| (a.to_string(), Target::Service(s))))
             .ok_or_else(|| ProxyError::NoRoute(headers::host_of(first).into_owned()))?,
     };
-    let side =
-        Side { scheme: "http", port: None, default_body_limit: None, source: table.source_service(), edge: false };
+    let side = Side {
+        scheme: "http",
+        port: None,
+        default_body_limit: None,
+        source: table.source_service(),
+        edge: false,
+        jwt_claims: None,
+    };
     let cx = Ctx { mesh, table: &table, side: &side, client, rec };
     pipeline::forward(cx, target, parts, body::boxed(body), authority).await
 }

@@ -31,6 +31,7 @@ pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &
         node: peer,
         service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
         via_gateway: peer == table.gateway_name(),
+        jwt: None,
     };
     let connected = match target {
         Ok((name, addr)) => {
@@ -74,10 +75,13 @@ async fn upgrade_inbound(req: Request<()>, stream: ServerStream, peer: &str, mes
     let (mut send, recv) = stream.split();
     let table = mesh.table();
     let source = source_of(&req, peer, &table);
+    let via_gateway = peer == table.gateway_name();
+    let claims = crate::inbound::gateway_claims(req.headers(), via_gateway);
     let caller = Caller {
         node: peer,
         service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
-        via_gateway: peer == table.gateway_name(),
+        via_gateway,
+        jwt: claims.as_ref(),
     };
     let path = req.headers().get(upgrade::PATH_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("/").to_string();
     let protocol = req.headers().get(upgrade::UPGRADE_HEADER).cloned().unwrap_or(http::HeaderValue::from_static(""));

@@ -18,6 +18,10 @@ pub const ENDPOINT: HeaderName = HeaderName::from_static("quicmesh-endpoint");
 /// The calling service, as the outbound node names it (set between proxies only; the inbound
 /// node believes it only when the calling node hosts that service).
 pub const SOURCE: HeaderName = HeaderName::from_static("quicmesh-source");
+/// From the gateway to the destination node: the claims of the JWT the edge verified
+/// (base64url of their JSON), for authorization rules on them (`from.jwt`). Believed only from
+/// the gateway; never delivered to an instance.
+pub const JWT_CLAIMS: HeaderName = HeaderName::from_static("quicmesh-jwt-claims");
 /// Which try of a request this is, set toward the upstream on retries (2 for the first retry).
 pub const ATTEMPT: HeaderName = HeaderName::from_static("quicmesh-attempt");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -107,6 +111,7 @@ pub fn remove_internal(headers: &mut HeaderMap) {
     headers.remove(SERVICE);
     headers.remove(ENDPOINT);
     headers.remove(SOURCE);
+    headers.remove(JWT_CLAIMS);
 }
 
 /// Header values a proxy writes into one request, cut from one buffer: two allocations (the

@@ -93,11 +93,50 @@ pub struct From {
     pub nodes: Vec<String>,
     /// Traffic from outside the mesh, entering through the gateway (unauthenticated clients).
     pub gateway: bool,
+    /// Traffic through the gateway whose route verified a JWT with these claims.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtMatch>,
+}
+
+/// `from.jwt`: every condition given must hold of the verified token's claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtMatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// A claim equal to the value, or a list claim holding it (`groups`, `scope` split on
+    /// spaces).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<ClaimMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimMatch {
+    pub name: String,
+    pub value: String,
+}
+
+impl JwtMatch {
+    fn matches(&self, claims: &crate::policy::jwt::Claims) -> bool {
+        let text = |name: &str| claims.get(name).and_then(|v| v.as_str());
+        let has = |c: &ClaimMatch| match claims.get(&c.name) {
+            Some(serde_json::Value::String(s)) => s == &c.value || s.split(' ').any(|w| w == c.value),
+            Some(serde_json::Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(c.value.as_str())),
+            Some(other) => other.to_string() == c.value,
+            None => false,
+        };
+        self.issuer.as_deref().is_none_or(|i| text("iss") == Some(i))
+            && self.subject.as_deref().is_none_or(|s| text("sub") == Some(s))
+            && self.claims.iter().all(has)
+    }
 }
 
 impl From {
     fn is_anyone(&self) -> bool {
-        self.services.is_empty() && self.nodes.is_empty() && !self.gateway
+        self.services.is_empty() && self.nodes.is_empty() && !self.gateway && self.jwt.is_none()
     }
 }
 
@@ -110,6 +149,8 @@ pub struct Caller<'a> {
     pub service: Option<&'a str>,
     /// The peer is the gateway: the request came from outside the mesh.
     pub via_gateway: bool,
+    /// The claims of the JWT the gateway verified for the request.
+    pub jwt: Option<&'a crate::policy::jwt::Claims>,
 }
 
 /// What is being asked for. HTTP fields are `None` for TCP tunnels.
@@ -136,7 +177,8 @@ impl Rule {
         let who = f.is_anyone()
             || caller.service.is_some_and(|s| f.services.iter().any(|x| x == s))
             || f.nodes.iter().any(|n| n == caller.node)
-            || (f.gateway && caller.via_gateway);
+            || (f.gateway && caller.via_gateway)
+            || f.jwt.as_ref().is_some_and(|j| caller.via_gateway && caller.jwt.is_some_and(|c| j.matches(c)));
         let path_ok = self.paths.is_empty()
             || t.path.is_some_and(|p| {
                 self.paths.iter().any(|want| match want.strip_suffix('*') {
@@ -230,9 +272,9 @@ mod tests {
         toml::from_str(text).unwrap()
     }
 
-    const FRONT: Caller<'static> = Caller { node: "node-a", service: Some("front"), via_gateway: false };
-    const OTHER: Caller<'static> = Caller { node: "node-c", service: Some("batch"), via_gateway: false };
-    const EDGE: Caller<'static> = Caller { node: "gateway", service: Some("gateway"), via_gateway: true };
+    const FRONT: Caller<'static> = Caller { node: "node-a", service: Some("front"), via_gateway: false, jwt: None };
+    const OTHER: Caller<'static> = Caller { node: "node-c", service: Some("batch"), via_gateway: false, jwt: None };
+    const EDGE: Caller<'static> = Caller { node: "gateway", service: Some("gateway"), via_gateway: true, jwt: None };
 
     fn get(path: &'static str) -> Target<'static> {
         Target { method: Some(&Method::GET), path: Some(path), headers: None, port: 80 }

@@ -249,6 +249,21 @@ pub fn parse_key_set(bytes: &[u8]) -> Result<JwkSet, String> {
     Ok(JwkSet { keys })
 }
 
+/// Verified claims as the gateway passes them to the destination node (`JWT_CLAIMS`):
+/// base64url of their JSON.
+pub fn encode_claims(claims: &Claims) -> Option<http::HeaderValue> {
+    use base64::Engine as _;
+    let json = serde_json::to_vec(claims).ok()?;
+    http::HeaderValue::from_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)).ok()
+}
+
+/// The claims [`encode_claims`] made, or `None`.
+pub fn decode_claims(value: &http::HeaderValue) -> Option<Claims> {
+    use base64::Engine as _;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(value.as_bytes()).ok()?;
+    serde_json::from_slice(&json).ok()
+}
+
 /// A claim as a header value: strings as they are, anything else as JSON.
 pub fn claim_value(claims: &Claims, claim: &str) -> Option<http::HeaderValue> {
     let text = match claims.get(claim)? {

@@ -149,6 +149,7 @@ impl Call<'_> {
             node: self.mesh.local_node().unwrap_or_default(),
             service: self.table.source_service(),
             via_gateway: false,
+            jwt: None,
         };
         let target = authz::Target {
             method: Some(req.method()),

@@ -39,6 +39,8 @@ pub struct Side<'a> {
     pub source: Option<&'a str>,
     /// The edge adds `X-Forwarded-Proto: https` and an RFC 7239 `Forwarded` element.
     pub edge: bool,
+    /// The edge passes the claims of the JWT it verified (`headers::JWT_CLAIMS`).
+    pub jwt_claims: Option<http::HeaderValue>,
 }
 
 /// Where a request goes: a route matched for it, or a service its Host named.
@@ -231,6 +233,9 @@ fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, mut authority: String, se
     headers::append_forwarded_for(&mut parts.headers, cx.client.ip(), &mut scratch);
     if cx.side.edge {
         edge_forwarding(parts, cx.client, &authority);
+        if let Some(claims) = &cx.side.jwt_claims {
+            parts.headers.insert(headers::JWT_CLAIMS, claims.clone());
+        }
     }
     headers::ensure_request_id(&mut parts.headers, &mut scratch);
     headers::continue_trace(&mut parts.headers, &mut scratch);

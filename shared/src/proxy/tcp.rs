@@ -133,8 +133,12 @@ async fn outbound<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) -
     done.entry.dst_node = ep.node.clone();
     done.entry.endpoint = ep.address.to_string();
     if mesh.is_local(&ep) {
-        let caller =
-            Caller { node: mesh.local_node().unwrap_or_default(), service: table.source_service(), via_gateway: false };
+        let caller = Caller {
+            node: mesh.local_node().unwrap_or_default(),
+            service: table.source_service(),
+            via_gateway: false,
+            jwt: None,
+        };
         let target = Target { method: None, path: None, headers: None, port: ep.address.port() };
         mesh.authorize(&table, service, &caller, &target)?;
         let mut upstream = connect(ep.address, &table).await?;

@@ -234,8 +234,12 @@ pub async fn forward(
     let name = svc.config.name.clone();
     if mesh.is_local(&ep) {
         // Local delivery skips the inbound side, so the authorization policy is applied here.
-        let caller =
-            Caller { node: mesh.local_node().unwrap_or_default(), service: table.source_service(), via_gateway: false };
+        let caller = Caller {
+            node: mesh.local_node().unwrap_or_default(),
+            service: table.source_service(),
+            via_gateway: false,
+            jwt: None,
+        };
         let target = Target {
             method: Some(&Method::GET),
             path: Some(parts.uri.path()),
