@@ -125,7 +125,7 @@ impl JwtMatch {
         let has = |c: &ClaimMatch| match claims.get(&c.name) {
             Some(serde_json::Value::String(s)) => s == &c.value || s.split(' ').any(|w| w == c.value),
             Some(serde_json::Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(c.value.as_str())),
-            Some(other) => other.to_string() == c.value,
+            Some(other) => serde_json::to_string(other).is_ok_and(|t| t == c.value),
             None => false,
         };
         self.issuer.as_deref().is_none_or(|i| text("iss") == Some(i))
