@@ -5,7 +5,8 @@
 //! audience, forged, `alg: none`, HMAC signed with the public key (HS/RS confusion), unknown
 //! key, oversized, garbage. Each failure is counted by its reason and logged without the token;
 //! nothing panics and the gateway goes on serving. Key sets from a file and from an HTTPS URL
-//! (rotation picked up, the refresh rate bounded).
+//! (rotation picked up, the refresh rate bounded). Authorization rules on the verified claims
+//! (`from.jwt`), and the ExternalAuth filter (GEP-1494) with an authorization service.
 
 mod support;
 
@@ -350,4 +351,124 @@ async fn authorization_rules_match_the_claims_the_edge_verified() {
         403,
         "forged claims"
     );
+}
+
+/// An authorization service: `Bearer let-me-in` is allowed (with the user and a header the
+/// filter does not pass on); a path under `/blocked` is refused 403 with a body and header of
+/// its own; `/slow` takes longer than the filter waits. It keeps the check requests it saw.
+async fn authz_service() -> (SocketAddr, Arc<Mutex<Vec<http::request::Parts>>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let log = log.clone();
+            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let log = log.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body_len = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                    assert_eq!(body_len, 0, "the check request carries no body");
+                    let path = parts.uri.path().to_string();
+                    let allowed = parts.headers.get("authorization").is_some_and(|v| v == "Bearer let-me-in");
+                    log.lock().unwrap().push(parts);
+                    if path.starts_with("/check/slow") {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    let resp = if path.starts_with("/check/blocked") {
+                        http::Response::builder().status(403).header("x-reason", "blocked").body("nope\n".to_string())
+                    } else if allowed {
+                        http::Response::builder()
+                            .header("x-auth-user", "alice")
+                            .header("x-internal", "1")
+                            .body(String::new())
+                    } else {
+                        http::Response::builder().status(401).header("www-authenticate", "Bearer").body(String::new())
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        resp.unwrap().map(|b| http_body_util::Full::new(bytes::Bytes::from(b))),
+                    )
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// The ExternalAuth filter (GEP-1494, HTTP): the service's 2xx lets the request on with the
+/// allowed answer headers; its refusal is the client's answer, status, headers and body; it
+/// sees the method, the path under the filter's prefix, Authorization and the allowed headers,
+/// nothing else; a service too slow answers 503 `authz-unavailable`, unless the filter fails
+/// open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_authorization_service_decides_before_the_route() {
+    let (authz, seen) = authz_service().await;
+    let echo = echo_backend().await;
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    pki.issue("gateway");
+    let svc = format!(
+        "[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
+         [[services]]\nname = \"authz\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{authz}\"\n\n"
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let filter = |extra: &str| {
+        format!(
+            "filters = [{{ type = \"ExternalAuth\", externalAuth = {{ protocol = \"HTTP\", backendRef = {{ name = \"authz\" }}, \
+             http = {{ path = \"/check\", allowedHeaders = [\"x-tenant\"], allowedResponseHeaders = [\"x-auth-user\"] }}, timeout = \"500ms\"{extra} }} }}]"
+        )
+    };
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n\
+         [gateway.tls]\nstate_dir = \"{}\"\n\n\
+         [[gateway.routes]]\nname = \"guarded\"\nhostnames = [\"guarded.test\"]\n[[gateway.routes.rules]]\n{}\nbackendRefs = [{{ name = \"echo\" }}]\n\n\
+         [[gateway.routes]]\nname = \"lenient\"\nhostnames = [\"lenient.test\"]\n[[gateway.routes.rules]]\n{}\nbackendRefs = [{{ name = \"echo\" }}]\n\n\
+         [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        state.display(),
+        filter(""),
+        filter(", failOpen = true"),
+        b.addrs.inbound
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    let at = gw.addrs.listen;
+    let me = [("authorization", "Bearer let-me-in"), ("x-tenant", "t1"), ("x-secret", "s"), ("x-auth-user", "mallory")];
+
+    // Allowed: on to the backend with the answer's allowed header (replacing the client's).
+    let a = get_path(at, "guarded.test", "/orders?id=7", &me).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let upstream: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(upstream["headers"]["x-auth-user"], "alice");
+    assert!(upstream["headers"].get("x-internal").is_none(), "a header the filter does not allow went on");
+    let check = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((check.method.as_str(), check.uri.to_string().as_str()), ("GET", "/check/orders?id=7"));
+    assert_eq!(check.headers["x-tenant"], "t1");
+    assert!(!check.headers.contains_key("x-secret"), "a header the filter does not allow reached the service");
+
+    // Refused: the service's answer, as it gave it.
+    let a = get_path(at, "guarded.test", "/orders", &[]).await;
+    assert_eq!((a.status, a.headers.get("www-authenticate").map(|v| v.to_str().unwrap())), (401, Some("Bearer")));
+    let a = get_path(at, "guarded.test", "/blocked/x", &me).await;
+    assert_eq!(
+        (a.status, a.body.as_str(), &a.headers["x-reason"]),
+        (403, "nope\n", &"blocked".parse::<http::HeaderValue>().unwrap())
+    );
+
+    // Too slow: 503, or on when the filter fails open.
+    let a = get_path(at, "guarded.test", "/slow", &me).await;
+    assert_eq!(
+        (a.status, &a.headers["quicmesh-error"]),
+        (503, &"authz-unavailable".parse::<http::HeaderValue>().unwrap())
+    );
+    assert_eq!(get_path(at, "lenient.test", "/slow", &me).await.status, 200, "failOpen");
+    let m = gw.metrics().await;
+    for (result, n) in [("allowed", 1.0), ("denied", 2.0), ("unavailable", 1.0)] {
+        assert_eq!(metric(&m, "quicmesh_ext_authz_total", &[("route", "guarded"), ("result", result)]), n, "{result}");
+    }
+    assert_eq!(metric(&m, "quicmesh_ext_authz_total", &[("route", "lenient"), ("result", "failed-open")]), 1.0);
 }

@@ -233,3 +233,17 @@ fn jwt_providers_load_and_routes_name_one() {
     let mesh = "[[routes]]\nname = \"m\"\njwt = \"main\"\n";
     assert!(load_err(mesh).contains("jwt is for gateway routes"), "{}", load_err(mesh));
 }
+
+#[test]
+fn external_auth_speaks_http_only() {
+    let route = |auth: &str| {
+        format!("[[routes]]\nname = \"r\"\n[[routes.rules]]\nfilters = [{{ type = \"ExternalAuth\", externalAuth = {{ {auth} }} }}]\n")
+    };
+    let grpc = route("protocol = \"GRPC\", backendRef = { name = \"authz\" }");
+    assert!(load_err(&grpc).contains("only HTTP is spoken"), "{}", load_err(&grpc));
+    let header =
+        route("protocol = \"HTTP\", backendRef = { name = \"authz\" }, http = { allowedHeaders = [\"bad header\"] }");
+    assert!(load_err(&header).contains("is not a header name"), "{}", load_err(&header));
+    let path = route("protocol = \"HTTP\", backendRef = { name = \"authz\" }, http = { path = \"check\" }");
+    assert!(load_err(&path).contains("must start with '/'"), "{}", load_err(&path));
+}

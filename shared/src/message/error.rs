@@ -62,6 +62,9 @@ pub enum ProxyError {
     /// says which); 401 with `WWW-Authenticate`.
     #[error("not authenticated: {0}")]
     Unauthenticated(&'static str),
+    /// A route's ExternalAuth service could not be asked (and the filter does not fail open).
+    #[error("the authorization service could not decide: {0}")]
+    AuthzUnavailable(String),
 }
 
 /// Internal header on a response from a peer node's own error: the request never reached the
@@ -89,6 +92,7 @@ impl ProxyError {
             ProxyError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::AuthzUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -115,6 +119,7 @@ impl ProxyError {
             ProxyError::Exhausted { cause, .. } => cause.reason(),
             ProxyError::Misdirected(_) => "misdirected",
             ProxyError::Unauthenticated(_) => "unauthenticated",
+            ProxyError::AuthzUnavailable(_) => "authz-unavailable",
         }
     }
 
@@ -141,6 +146,7 @@ impl ProxyError {
         "invalid-backend",
         "misdirected",
         "unauthenticated",
+        "authz-unavailable",
         "client-closed",
     ];
 

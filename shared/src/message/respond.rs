@@ -77,7 +77,8 @@ fn grpc_code(reason: &str, status: u16) -> u8 {
         | "upstream-reset"
         | "overloaded"
         | "too-early"
-        | "misdirected" => 14, // UNAVAILABLE
+        | "misdirected"
+        | "authz-unavailable" => 14, // UNAVAILABLE
         // As gRPC maps HTTP statuses it did not expect.
         _ => match status {
             400 => 13,

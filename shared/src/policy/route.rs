@@ -147,6 +147,59 @@ pub enum Filter {
     /// responses to allowed origins.
     #[serde(rename = "CORS")]
     Cors { cors: Cors },
+    /// An authorization service decides (GEP-1494, HTTP mode): `proxy::ext_authz`.
+    ExternalAuth {
+        #[serde(rename = "externalAuth")]
+        auth: ExternalAuth,
+    },
+}
+
+/// The ExternalAuth filter (GEP-1494), HTTP mode: before the request goes on, the proxy asks the
+/// `backendRef` service with the request's method and path (under `http.path`), its
+/// `Authorization` and the `http.allowedHeaders`; a 2xx lets it on with the
+/// `http.allowedResponseHeaders` of the answer added, anything else is the client's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalAuth {
+    /// `HTTP` (gRPC's ext_authz protocol is not spoken).
+    pub protocol: String,
+    pub backend_ref: AuthBackend,
+    #[serde(default)]
+    pub http: AuthHttp,
+    /// quicmesh extension: the longest wait for the decision (default 1s).
+    #[serde(default = "default_auth_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// quicmesh extension: when the service cannot be asked (no endpoint, unreachable, no
+    /// answer within `timeout`), let the request on instead of answering 503.
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+fn default_auth_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthBackend {
+    /// The authorization service (a mesh service).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthHttp {
+    /// Prefix of the check request's path (the request's own path follows it).
+    #[serde(default)]
+    pub path: String,
+    /// Request headers sent to the service besides `Authorization`.
+    #[serde(default)]
+    pub allowed_headers: Vec<String>,
+    /// Headers of the service's 2xx answer added to the request going on.
+    #[serde(default)]
+    pub allowed_response_headers: Vec<String>,
 }
 
 /// The CORS filter's policy (`HTTPCORSFilter`).
@@ -608,6 +661,24 @@ fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
                 }
             }
             Filter::Cors { cors } => cors.check().map_err(|e| invalid(route, e))?,
+            Filter::ExternalAuth { auth } => {
+                if auth.protocol != "HTTP" {
+                    return Err(invalid(
+                        route,
+                        format!("externalAuth protocol {:?}: only HTTP is spoken", auth.protocol),
+                    ));
+                }
+                let names = auth.http.allowed_headers.iter().chain(&auth.http.allowed_response_headers);
+                if let Some(bad) = names.into_iter().find(|h| HeaderName::from_bytes(h.as_bytes()).is_err()) {
+                    return Err(invalid(route, format!("externalAuth: {bad:?} is not a header name")));
+                }
+                if !auth.http.path.is_empty() && !auth.http.path.starts_with('/') {
+                    return Err(invalid(route, "externalAuth http.path must start with '/'"));
+                }
+                if auth.timeout.is_zero() {
+                    return Err(invalid(route, "externalAuth timeout must be longer than 0s"));
+                }
+            }
             _ => {}
         }
     }
@@ -1055,6 +1126,8 @@ pub fn apply_filters<'a>(
                     mirrors.push(&mirror.backend_ref);
                 }
             }
+            // Asked before the filters run (`proxy::ext_authz`).
+            Filter::ExternalAuth { .. } => {}
         }
     }
     if let Some(p) = new_path {

@@ -6,6 +6,7 @@ mod attempt;
 pub mod backend_tls;
 pub mod call;
 pub mod drain;
+pub mod ext_authz;
 pub mod jwt;
 pub mod local;
 pub mod mesh;

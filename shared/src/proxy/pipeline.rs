@@ -20,7 +20,7 @@ use crate::policy::route::{self, Filtered, Matched};
 use crate::proxy::call::{CallInfo, CallOpts};
 use crate::proxy::mesh::Mesh;
 use crate::proxy::table::{Service, Table};
-use crate::proxy::upgrade;
+use crate::proxy::{ext_authz, upgrade};
 use crate::telemetry::metrics as m;
 use crate::telemetry::Record;
 
@@ -95,6 +95,18 @@ pub async fn forward<'r>(
 ) -> Result<Response<Body>, ProxyError> {
     // An HTTP/1.1 upgrade (WebSocket) is routed as any request, then carried as a tunnel.
     let upgrade = upgrade::requested(&parts);
+    // Phase: external authorization, before anything else acts on the request.
+    if let Target::Route(matched) = &target {
+        let auth = matched.rule.filters.iter().find_map(|f| match f {
+            route::Filter::ExternalAuth { auth } => Some(auth),
+            _ => None,
+        });
+        if let Some(auth) = auth {
+            if let Some(refusal) = ext_authz::check(cx.mesh, cx.table, auth, &matched.route.name, &mut parts).await? {
+                return Ok(refusal);
+            }
+        }
+    }
     // Phases: rate limit, filters (or a redirect answer), weighted backend.
     let plan = match plan(&mut cx, target, &mut parts, &mut authority)? {
         Ok(plan) => plan,

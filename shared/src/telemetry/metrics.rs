@@ -21,6 +21,7 @@ pub const EDGE_REJECTED: &str = "quicmesh_edge_rejected_total";
 pub const QUIC_ADMISSION: &str = "quicmesh_quic_admission_total";
 pub const EDGE_IDLE_CLOSED: &str = "quicmesh_edge_idle_closed_total";
 pub const EDGE_JWT: &str = "quicmesh_edge_jwt_total";
+pub const EXT_AUTHZ: &str = "quicmesh_ext_authz_total";
 pub const EDGE_JWKS_FAILURES: &str = "quicmesh_edge_jwks_failures_total";
 pub const BUILD_INFO: &str = "quicmesh_build_info";
 pub const RUNTIME_WORKERS: &str = "quicmesh_runtime_workers";
@@ -142,6 +143,10 @@ fn describe() {
     describe_counter!(
         EDGE_JWT,
         "JWT checks at the edge, by provider and result (ok, missing, expired, bad-signature, ...)."
+    );
+    describe_counter!(
+        EXT_AUTHZ,
+        "ExternalAuth filter decisions, by route and result (allowed, denied, unavailable, failed-open)."
     );
     describe_counter!(EDGE_JWKS_FAILURES, "JWT key set loads that failed, by provider (the set held goes on serving).");
     describe_counter!(
