@@ -70,14 +70,7 @@ impl Verifier {
     /// The token the provider looks for on these headers: its header (or `Authorization:
     /// Bearer`), then its cookie.
     pub fn token<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
-        let from_header = match &self.provider.from_header {
-            Some(name) => headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::trim),
-            None => headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
-                let (scheme, token) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
-            }),
-        };
-        from_header.filter(|t| !t.is_empty()).or_else(|| {
+        self.header_token(headers).or_else(|| {
             let name = self.provider.from_cookie.as_deref()?;
             headers
                 .get_all(COOKIE)
@@ -89,6 +82,18 @@ impl Verifier {
                 .map(|(_, v)| v)
                 .filter(|t| !t.is_empty())
         })
+    }
+
+    /// The token in the provider's header (or `Authorization: Bearer`).
+    fn header_token<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
+        let found = match &self.provider.from_header {
+            Some(name) => headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::trim),
+            None => headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+            }),
+        };
+        found.filter(|t| !t.is_empty())
     }
 
     /// Verifies the request's token; on success the headers get the claims the provider
@@ -109,7 +114,8 @@ impl Verifier {
                 headers.insert(name, value);
             }
         }
-        if !self.provider.forward && self.provider.from_cookie.is_none() {
+        // A token from a header goes no further (a cookie's stays, with the other cookies).
+        if !self.provider.forward && self.header_token(headers).is_some() {
             match &self.provider.from_header {
                 Some(name) => headers.remove(name.as_str()),
                 None => headers.remove(AUTHORIZATION),
