@@ -131,6 +131,24 @@ fn jwt_checks(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| quicmesh_shared::policy::jwt::check(black_box(&token), &keys, &provider).is_ok())
         });
+        if ec {
+            // The edge's path for a token it verified before: the cache of verified tokens.
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("jwks.json");
+            std::fs::write(&file, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+            let mut cached = provider.clone();
+            (cached.jwks_uri, cached.jwks_file) = (None, Some(file));
+            let verifier = quicmesh_shared::proxy::jwt::Verifier::new(&cached).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let mut headers = http::HeaderMap::new();
+            let bearer = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
+            group.bench_function("ES256 repeated (cached)", |b| {
+                b.iter(|| {
+                    headers.insert(http::header::AUTHORIZATION, bearer.clone());
+                    rt.block_on(verifier.authenticate(&mut headers)).is_ok()
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -20,12 +20,19 @@ use crate::policy::jwt::{self, Claims, Failure, JwtProvider};
 use crate::proxy::backend_tls::TlsConnect;
 use crate::telemetry::metrics as m;
 
+/// Verified tokens kept (by their SHA-256), so a client's next request with the same token is
+/// not checked again; when full, the cache starts over.
+const MAX_CACHED: usize = 1024;
+
 /// The most a JWKS answer may hold.
 const MAX_JWKS: usize = 1 << 20;
 /// The longest a JWKS fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 type FetchClient = hyper_util::client::legacy::Client<TlsConnect, http_body_util::Empty<Bytes>>;
+
+/// Verified tokens by their SHA-256: their claims and until when they stand.
+type Verified = HashMap<[u8; 32], (Claims, Instant)>;
 
 /// One provider's verifier and key set.
 pub struct Verifier {
@@ -34,6 +41,8 @@ pub struct Verifier {
     /// One refresh at a time.
     refreshing: tokio::sync::Mutex<()>,
     client: Option<FetchClient>,
+    /// Tokens verified, with their claims, until their `exp` (at most `jwks_refresh`).
+    verified: Mutex<Verified>,
 }
 
 #[derive(Default)]
@@ -60,7 +69,13 @@ impl Verifier {
             (None, Some(uri)) => Some(fetch_client(provider, uri)?),
             (None, None) => None,
         };
-        Ok(Self { provider: provider.clone(), keys: Mutex::new(keys), refreshing: Default::default(), client })
+        Ok(Self {
+            provider: provider.clone(),
+            keys: Mutex::new(keys),
+            refreshing: Default::default(),
+            client,
+            verified: Default::default(),
+        })
     }
 
     pub fn provider(&self) -> &JwtProvider {
@@ -126,9 +141,33 @@ impl Verifier {
 
     async fn verify(&self, headers: &HeaderMap) -> Result<Claims, Failure> {
         let token = self.token(headers).ok_or(Failure::Missing)?;
+        if token.len() > jwt::MAX_TOKEN {
+            return Err(Failure::TooLarge);
+        }
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .map_err(|_| Failure::Malformed)?;
+        let now = Instant::now();
+        if let Some((claims, until)) = self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(&digest) {
+            if now < *until {
+                return Ok(claims.clone());
+            }
+        }
         let kid = jwt::key_id(token)?;
         let set = self.key_set(kid.as_deref()).await.ok_or(Failure::KeysUnavailable)?;
-        jwt::check(token, &set, &self.provider)
+        let claims = jwt::check(token, &set, &self.provider)?;
+        // Good until it expires (with the skew the check allows), and no longer than the key
+        // set is kept, so a key withdrawn from the set stops its tokens within that time.
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let exp = claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0) + self.provider.clock_skew.as_secs();
+        let life = Duration::from_secs(exp.saturating_sub(unix)).min(self.provider.jwks_refresh);
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= MAX_CACHED {
+            verified.clear();
+        }
+        verified.insert(digest, (claims.clone(), now + life));
+        Ok(claims)
     }
 
     /// The key set to check a token naming `kid` against: the one held, unless it is due for
