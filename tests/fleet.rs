@@ -385,7 +385,7 @@ async fn get(send: &mut Sender, path: &str) -> Result<(Option<String>, Option<(I
     let req = http::Request::get(path).header("host", "web").body(Default::default()).unwrap();
     let resp = match send.send_request(req).await {
         Ok(r) => r,
-        Err(e) if e.is_canceled() || e.is_incomplete_message() || closed_under_write(&e) => return Err(Unanswered),
+        Err(e) if e.is_canceled() || e.is_incomplete_message() || closed_before_answer(&e) => return Err(Unanswered),
         Err(e) => return Ok((Some(format!("{path}: request failed: {e}")), None)),
     };
     let answered = Instant::now();
@@ -409,15 +409,16 @@ async fn get(send: &mut Sender, path: &str) -> Result<(Option<String>, Option<(I
     })
 }
 
-/// The request could not be written because the server had already closed the connection (an
-/// idle keep-alive connection closed by a drain while the request was on its way): nothing was
-/// read, so a client re-sends it on a new connection, as RFC 9112 section 9.3.1 expects.
-fn closed_under_write(e: &hyper::Error) -> bool {
+/// The server closed or reset the connection before any answer began (an idle keep-alive
+/// connection closed by a drain while the request was on its way, its bytes unread): a client
+/// re-sends an idempotent request on a new connection, as RFC 9112 section 9.3.1 allows. Only
+/// for a reused connection (the caller's check).
+fn closed_before_answer(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
-            return matches!(io.kind(), BrokenPipe | ConnectionReset) && e.to_string().contains("writing");
+            use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+            return matches!(io.kind(), BrokenPipe | ConnectionReset | UnexpectedEof);
         }
         source = s.source();
     }
