@@ -145,12 +145,7 @@ impl Call<'_> {
 
     /// Local delivery skips the inbound side, so the authorization policy is applied here.
     fn authorize_local(&self, req: &Request<Body>, svc: &Service, ep: &EndpointConfig) -> Result<(), TryError> {
-        let caller = authz::Caller {
-            node: self.mesh.local_node().unwrap_or_default(),
-            service: self.table.source_service(),
-            via_gateway: false,
-            jwt: None,
-        };
+        let caller = self.mesh.local_caller(self.table);
         let target = authz::Target {
             method: Some(req.method()),
             path: Some(req.uri().path()),

@@ -117,6 +117,17 @@ impl Mesh {
 
     /// Applies the authorization policy to a verified caller: `Err(Denied)` when an enforced
     /// rule denies; a denial in audit mode is logged and counted and passes.
+    /// This node as the caller of a service it delivers to itself (local delivery skips the
+    /// inbound side, where callers are otherwise checked).
+    pub fn local_caller<'a>(&'a self, table: &'a Table) -> Caller<'a> {
+        Caller {
+            node: self.local_node().unwrap_or_default(),
+            service: table.source_service(),
+            via_gateway: false,
+            jwt: None,
+        }
+    }
+
     pub fn authorize(
         &self,
         table: &Table,

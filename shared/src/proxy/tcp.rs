@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::message::body::{H3Recv, H3Send};
 use crate::message::error::ProxyError;
-use crate::policy::authz::{Caller, Target};
+use crate::policy::authz::Target;
 use crate::proxy::mesh::Mesh;
 use crate::proxy::pick::PickCtx;
 use crate::proxy::table::Table;
@@ -133,12 +133,7 @@ async fn outbound<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) -
     done.entry.dst_node = ep.node.clone();
     done.entry.endpoint = ep.address.to_string();
     if mesh.is_local(&ep) {
-        let caller = Caller {
-            node: mesh.local_node().unwrap_or_default(),
-            service: table.source_service(),
-            via_gateway: false,
-            jwt: None,
-        };
+        let caller = mesh.local_caller(&table);
         let target = Target { method: None, path: None, headers: None, port: ep.address.port() };
         mesh.authorize(&table, service, &caller, &target)?;
         let mut upstream = connect(ep.address, &table).await?;

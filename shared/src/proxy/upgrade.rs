@@ -26,7 +26,7 @@ use tracing::debug;
 use crate::message::body::{self, Body};
 use crate::message::error::ProxyError;
 use crate::message::headers;
-use crate::policy::authz::{Caller, Target};
+use crate::policy::authz::Target;
 use crate::policy::route::RuleTimeouts;
 use crate::proxy::mesh::Mesh;
 use crate::proxy::pick::PickCtx;
@@ -234,12 +234,7 @@ pub async fn forward(
     let name = svc.config.name.clone();
     if mesh.is_local(&ep) {
         // Local delivery skips the inbound side, so the authorization policy is applied here.
-        let caller = Caller {
-            node: mesh.local_node().unwrap_or_default(),
-            service: table.source_service(),
-            via_gateway: false,
-            jwt: None,
-        };
+        let caller = mesh.local_caller(table);
         let target = Target {
             method: Some(&Method::GET),
             path: Some(parts.uri.path()),
