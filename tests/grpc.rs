@@ -357,6 +357,31 @@ async fn a_slow_grpc_receiver_costs_the_nodes_no_more_than_their_windows() {
     assert!(b_peak.saturating_sub(b_before) >> 10 <= BOUND_MIB, "node-b grew to {} MiB", b_peak >> 10);
 }
 
+/// 100 000 tiny messages each way on one bidi stream, and 100 000 on a client stream, from grpcio
+/// through node-a to node-b: one HTTP/2 DATA frame per message, every one arrives and the
+/// client's connection stays up. (h2 >= 0.4.16 closes a connection whose small DATA frames pile
+/// up unread with GOAWAY ENHANCE_YOUR_CALM; a node that reads one frame per turn falls behind.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_tiny_messages_keep_their_connection() {
+    if !grpcio_present() {
+        return;
+    }
+    let server = grpc_server();
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc = format!(
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
+        server.1
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let r = grpc_run(&["tiny", &a.addrs.outbound.to_string(), "grpc", "100000"]).await;
+    assert_eq!(r["bidi"]["code"], "OK", "{r}");
+    assert_eq!((r["bidi"]["echoed"].as_u64(), r["bidi"]["in_order"].as_bool()), (Some(100_000), Some(true)), "{r}");
+    assert_eq!((r["sum"]["code"].as_str(), r["sum"]["reply"].as_str()), (Some("OK"), Some("100000")), "{r}");
+}
+
 /// A long bidirectional stream through node-a to node-b goes on, every message echoed in order,
 /// while node-a's other peer, node-c, drains and exits under traffic of its own and comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,10 @@ generated code).
     grpc_peer.py chat ADDR HOST SECONDS
                                    one Bidi stream, a message every 50 ms for SECONDS; prints
                                    {"code", "sent", "echoed", "in_order"}
+    grpc_peer.py tiny ADDR HOST N
+                                   one Bidi stream of N five-byte messages sent as fast as grpcio
+                                   can, then one ClientStream call of N one-byte messages; prints
+                                   {"bidi": {"code", "echoed", "in_order"}, "sum": {"code", "reply"}}
     grpc_peer.py client ADDR HOST [CA]
                                    runs every case against ADDR with :authority HOST (over TLS
                                    trusting CA, when given), prints one JSON object: case name
@@ -231,6 +235,26 @@ def chat(addr, host, seconds):
     print(json.dumps({"code": code, "sent": len(sent), "echoed": len(got), "in_order": got == sent}), flush=True)
 
 
+def tiny(addr, host, n):
+    # Each message goes out as a DATA frame of its own (10 and 6 bytes): HTTP/2 servers that
+    # count small frames against a budget (h2 >= 0.4.16) close such a connection with GOAWAY
+    # ENHANCE_YOUR_CALM when they read it more slowly than it arrives.
+    channel = grpc.insecure_channel(addr, options=(("grpc.default_authority", host),))
+    sent = [b"%05d" % (i % 100000) for i in range(n)]
+    out = {}
+    try:
+        got = list(channel.stream_stream("/%s/Bidi" % SERVICE)(iter(sent), timeout=120))
+        out["bidi"] = {"code": "OK", "echoed": len(got), "in_order": got == sent}
+    except grpc.RpcError as e:
+        out["bidi"] = {"code": e.code().name, "details": e.details()}
+    try:
+        total = channel.stream_unary("/%s/ClientStream" % SERVICE)(iter([b"x"] * n), timeout=120)
+        out["sum"] = {"code": "OK", "reply": total.decode()}
+    except grpc.RpcError as e:
+        out["sum"] = {"code": e.code().name, "details": e.details()}
+    print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2] if len(sys.argv) > 2 else "server")
@@ -238,6 +262,8 @@ if __name__ == "__main__":
         crashed(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "chat":
         chat(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    elif sys.argv[1] == "tiny":
+        tiny(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif sys.argv[1] == "slow":
         slow_reader(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))
     else:

@@ -253,7 +253,14 @@ async fn deliver(
     // A request body the peer cut off (its client's fault) is not the instance's failure.
     let (body, fault) = body::watch_source(rec.count_request(body::request_body(recv).await));
     let req = Request::from_parts(parts, body);
-    let timeout = table.config().timeouts.request;
+    // A gRPC caller's deadline, as the calling node passed on what is left of it, bounds the
+    // delivery in place of the mesh's request timeout, as it does on the calling side: a client
+    // stream is answered only after its last message, which may be long after ten seconds.
+    let timeout = req
+        .headers()
+        .get(headers::GRPC_TIMEOUT)
+        .and_then(headers::parse_grpc_timeout)
+        .unwrap_or(table.config().timeouts.request);
     let result = tokio::time::timeout(timeout, mesh.local().send(req, addr, svc))
         .await
         .map_err(|_| ProxyError::Timeout(timeout))

@@ -101,6 +101,12 @@ pub enum PumpError {
 
 /// Streams `body` into `send` and finishes it; returns the bytes sent. On a source error the
 /// stream is reset rather than finished.
+///
+/// Data frames that are already waiting are joined into one send (up to [`COALESCE`] bytes),
+/// so a body of many tiny frames (a gRPC stream of small messages, one HTTP/2 DATA frame each)
+/// is drained as fast as it arrives. Read one frame per send, such a body piles up unread in
+/// hyper's HTTP/2 connection, and h2 (>= 0.4.16) closes a connection whose small frames pile
+/// up with GOAWAY ENHANCE_YOUR_CALM, failing every call on it. Nothing waits to fill a batch.
 pub async fn pump_to_h3<B, S>(mut body: B, send: &mut S) -> Result<u64, PumpError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
@@ -108,16 +114,24 @@ where
     S: H3Send,
 {
     let mut sent = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
+    // A frame read while joining data that is not data itself (trailers, the end, an error).
+    let mut held: Option<Option<Result<Frame<Bytes>, B::Error>>> = None;
+    loop {
+        let next = match held.take() {
+            Some(next) => next,
+            None => body.frame().await,
+        };
+        let frame = match next {
+            None => break,
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
                 send.reset();
                 return Err(PumpError::Source(e.into()));
             }
         };
         match frame.into_data() {
-            Ok(data) => {
+            Ok(first) => {
+                let data = join_ready(first, &mut body, &mut held);
                 if !data.is_empty() {
                     sent += data.len() as u64;
                     send.send(data).await.map_err(PumpError::Sink)?;
@@ -133,6 +147,40 @@ where
     }
     send.finish().await.map_err(PumpError::Sink)?;
     Ok(sent)
+}
+
+/// `first` and the data frames `body` has ready now, joined up to [`COALESCE`] bytes; a ready
+/// frame that is not data is left in `held` for the caller.
+fn join_ready<B>(first: Bytes, body: &mut B, held: &mut Option<Option<Result<Frame<Bytes>, B::Error>>>) -> Bytes
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let mut joined: Option<BytesMut> = None;
+    let mut len = first.len();
+    while len < COALESCE {
+        // Polled with a no-op waker: a pending body is polled again, with the task's waker,
+        // by the caller's next `frame().await`, so no wake-up is lost.
+        let Poll::Ready(next) = Pin::new(&mut *body).poll_frame(&mut cx) else { break };
+        match next {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(more) => {
+                    len += more.len();
+                    joined.get_or_insert_with(|| BytesMut::from(&first[..])).extend_from_slice(&more);
+                }
+                Err(other) => {
+                    *held = Some(Some(Ok(other)));
+                    break;
+                }
+            },
+            other => {
+                *held = Some(other);
+                break;
+            }
+        }
+    }
+    joined.map_or(first, BytesMut::freeze)
 }
 
 /// The request body of an h3 stream.
