@@ -57,6 +57,20 @@ fn grpc_server_named(name: &str) -> Server {
     Server(child, port)
 }
 
+/// node-a and node-b, the service `grpc` (h2c) on node-b at `instance`: the pki and both
+/// nodes (node-a first takes calls, on its outbound port).
+fn two_nodes(instance: std::net::SocketAddr) -> (Pki, NodeProc, NodeProc) {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc = format!(
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{instance}\"\n\n"
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    (pki, b, a)
+}
+
 /// Calls the method whose server dies after three messages: {code, received}.
 async fn grpc_crash(addr: std::net::SocketAddr, host: &str) -> serde_json::Value {
     grpc_run(&["crash", &addr.to_string(), host]).await
@@ -296,15 +310,7 @@ async fn a_server_dying_mid_stream_is_unavailable_through_the_mesh_as_directly()
     assert_eq!((r["code"].as_str(), r["received"].as_u64()), (Some("UNAVAILABLE"), Some(3)), "direct: {r}");
 
     let server = grpc_server();
-    let pki = Pki::new();
-    let state = pki.issue("node-a");
-    pki.issue("node-b");
-    let svc = format!(
-        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
-        server.1
-    );
-    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
-    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let (_pki, _b, a) = two_nodes(([127, 0, 0, 1], server.1).into());
     let r = grpc_crash(a.addrs.outbound, "grpc").await;
     assert_eq!((r["code"].as_str(), r["received"].as_u64()), (Some("UNAVAILABLE"), Some(3)), "through two nodes: {r}");
     // And it is a failure, by the reason the stream broke.
@@ -329,15 +335,7 @@ async fn a_slow_grpc_receiver_costs_the_nodes_no_more_than_their_windows() {
     // The windows, plus the runtime's own growth (as tests/hostile.rs bounds a slow download).
     const BOUND_MIB: u64 = 28;
     let server = grpc_server();
-    let pki = Pki::new();
-    let state = pki.issue("node-a");
-    pki.issue("node-b");
-    let svc = format!(
-        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
-        server.1
-    );
-    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
-    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let (_pki, b, a) = two_nodes(([127, 0, 0, 1], server.1).into());
     let to = a.addrs.outbound.to_string();
     // Warm up the path, then measure.
     let warm = grpc_run(&["slow", &to, "grpc", "100", "8192", "1000000000"]).await;
@@ -367,15 +365,7 @@ async fn a_hundred_thousand_tiny_messages_keep_their_connection() {
         return;
     }
     let server = grpc_server();
-    let pki = Pki::new();
-    let state = pki.issue("node-a");
-    pki.issue("node-b");
-    let svc = format!(
-        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
-        server.1
-    );
-    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
-    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let (_pki, _b, a) = two_nodes(([127, 0, 0, 1], server.1).into());
     let r = grpc_run(&["tiny", &a.addrs.outbound.to_string(), "grpc", "100000"]).await;
     assert_eq!(r["bidi"]["code"], "OK", "{r}");
     assert_eq!((r["bidi"]["echoed"].as_u64(), r["bidi"]["in_order"].as_bool()), (Some(100_000), Some(true)), "{r}");
@@ -442,14 +432,7 @@ async fn a_long_bidi_stream_outlives_a_drain_elsewhere() {
 async fn full_duplex_unary_calls_all_end_with_their_trailers() {
     use http_body_util::BodyExt;
     let backend = duplex_echo_backend().await;
-    let pki = Pki::new();
-    let state = pki.issue("node-a");
-    pki.issue("node-b");
-    let svc = format!(
-        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n\n"
-    );
-    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
-    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let (_pki, _b, a) = two_nodes(backend);
     let tcp = tokio::net::TcpStream::connect(a.addrs.outbound).await.unwrap();
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
