@@ -153,6 +153,11 @@ async fn connection(mut tcp: TcpStream, client: std::net::SocketAddr, edge: Arc<
         return;
     }
     let session = tls.get_ref().1;
+    if session.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+        // A TLS-ALPN-01 validation: the handshake was the answer (RFC 8737 3).
+        debug!(%client, sni = ?session.server_name(), "ACME TLS-ALPN-01 validation connection");
+        return;
+    }
     let proto = if session.alpn_protocol() == Some(b"h2") { "h2" } else { "http/1.1" };
     let arrival = Arrival {
         client,

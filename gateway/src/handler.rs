@@ -26,6 +26,8 @@ pub struct Edge {
     pub conns: Arc<crate::conns::Conns>,
     /// The JWT providers' verifiers and key sets.
     pub jwt: quicmesh_shared::proxy::jwt::Providers,
+    /// Automatic certificates: HTTP-01 challenges are answered before any route.
+    pub acme: Option<Arc<crate::acme::Acme>>,
 }
 
 /// One bound port of the edge and what its listeners make of it.
@@ -76,7 +78,7 @@ pub struct Arrival {
 impl Edge {
     pub fn new(mesh: Arc<Mesh>, gc: &GatewayConfig) -> Self {
         let conns = crate::conns::Conns::new(gc.limits.max_connections, gc.limits.max_connections_per_client);
-        Self { mesh, limits: gc.limits.clone(), name: gc.name.clone(), conns, jwt: Default::default() }
+        Self { mesh, limits: gc.limits.clone(), name: gc.name.clone(), conns, jwt: Default::default(), acme: None }
     }
 
     /// Handles one client request end to end; never fails (errors become proxy responses).
@@ -89,6 +91,13 @@ impl Edge {
         held: G,
     ) -> Response<Body> {
         let (client, proto) = (at.client, at.proto);
+        if let Some(answer) = self.acme.as_ref().and_then(|a| a.http_answer(req.uri().path())) {
+            // An HTTP-01 validation from the ACME CA, on whichever listener it came to.
+            debug!(%client, path = req.uri().path(), "ACME HTTP-01 validation answered");
+            let mut resp = Response::new(body::full(answer));
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            return resp;
+        }
         let grpc = quicmesh_shared::message::respond::is_grpc(req.headers());
         req.headers_mut().remove(crate::tls::CLIENT_SUBJECT);
         if let Some(s) = &at.subject {

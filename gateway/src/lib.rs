@@ -3,6 +3,7 @@
 //! through the same pooled QUIC connections (`quicmesh_shared::proxy::mesh`).
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod conns;
 pub mod control;
 pub mod edge;
@@ -107,6 +108,8 @@ pub struct Preflight {
     /// The edge's ports, from its listeners.
     pub ports: Vec<PortPlan>,
     pub admin_token: Option<String>,
+    /// `gateway.acme`: the certificates it holds, and what orders more.
+    pub acme: Option<Arc<acme::Acme>>,
 }
 
 /// One port of the edge: where it binds, its listeners, what it speaks.
@@ -128,7 +131,10 @@ pub struct PortPlan {
     pub implicit: bool,
 }
 
-fn plan_ports(gc: &quicmesh_shared::config::GatewayConfig) -> Result<Vec<PortPlan>, GatewayError> {
+fn plan_ports(
+    gc: &quicmesh_shared::config::GatewayConfig,
+    acme: Option<&Arc<acme::Acme>>,
+) -> Result<Vec<PortPlan>, GatewayError> {
     use quicmesh_shared::policy::listener::Protocol;
     let binds = gc.listener_binds().map_err(|reason| {
         GatewayError::Config(ConfigError::Invalid { key: "gateway.listeners".into(), origin: String::new(), reason })
@@ -154,7 +160,7 @@ fn plan_ports(gc: &quicmesh_shared::config::GatewayConfig) -> Result<Vec<PortPla
             by_sni: has(Protocol::Tls),
             h3: has(Protocol::Https),
             tcp: has(Protocol::Tcp),
-            tls: if terminates { Some(tls::edge_configs(gc, key)?) } else { None },
+            tls: if terminates { Some(tls::edge_configs(gc, key, acme)?) } else { None },
             implicit,
         });
     }
@@ -175,12 +181,13 @@ pub fn preflight(config: &mut Config) -> Result<Preflight, GatewayError> {
     };
     let paths = gc.tls.resolve(&gc.name, "gateway")?;
     let creds = Credentials::load_member(&paths, &config.mesh.trust_domain, &gc.name)?;
-    let ports = plan_ports(&gc)?;
+    let acme = acme::Acme::prepare(&gc)?;
+    let ports = plan_ports(&gc, acme.as_ref())?;
     let admin_token = admin::admin_token(gc.admin, gc.admin_token_file.as_deref(), "gateway.admin_token_file")
         .map_err(|reason| {
             GatewayError::Config(ConfigError::Invalid { key: "gateway.admin".into(), origin: String::new(), reason })
         })?;
-    Ok(Preflight { paths, creds, node_settings, ports, admin_token })
+    Ok(Preflight { paths, creds, node_settings, ports, admin_token, acme })
 }
 
 /// Like [`start`], watching `files` (the layers `config` was loaded from) for changes.
@@ -188,7 +195,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     for warning in config.warnings() {
         warn!("config: {warning}");
     }
-    let Preflight { paths, mut creds, node_settings, ports, admin_token } = preflight(&mut config)?;
+    let Preflight { paths, mut creds, node_settings, ports, admin_token, acme } = preflight(&mut config)?;
     let transport_config = config.transport.clone();
     let gc = config.gateway.clone().ok_or(GatewayError::NoGatewaySection)?;
     // Send the CA along: a joining node pins it by fingerprint before it holds it.
@@ -255,7 +262,9 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let store = gc.store.as_ref().map(|st| Arc::new(store::Store::new(st.etcd.clone(), &st.prefix, gc.node_grace)));
     let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone(), store);
     cp.set_files(files.clone());
-    let edge = Arc::new(handler::Edge::new(mesh.clone(), &gc));
+    let mut edge = handler::Edge::new(mesh.clone(), &gc);
+    edge.acme = acme.clone();
+    let edge = Arc::new(edge);
     let (cp_status, mesh_dump) = (cp.clone(), mesh.clone());
     let extra: Vec<(&'static str, admin::JsonFn)> = vec![
         ("/nodes", Box::new(move || serde_json::to_string(&cp_status.status()).unwrap_or_default())),
@@ -299,6 +308,9 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, state.clone()));
+    if let Some(acme) = acme {
+        tasks.spawn(acme.run());
+    }
     let mut edge_endpoints = Vec::new();
     for (plan, tcp, endpoint, addr) in bound {
         if plan.tcp {

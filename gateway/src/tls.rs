@@ -14,6 +14,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tracing::warn;
 
+use crate::acme::{Acme, ACME_TLS_ALPN};
 use crate::GatewayError;
 
 /// Picks a certificate by SNI among a set of certificates, falling back to the first.
@@ -25,12 +26,16 @@ struct SniResolver {
 
 impl SniResolver {
     fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
-        let by_sni = sni.and_then(|n| {
-            self.by_name
-                .get(n)
-                .or_else(|| n.split_once('.').and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}"))))
-        });
-        by_sni.unwrap_or(&self.default).clone()
+        self.named(sni).unwrap_or_else(|| self.default.clone())
+    }
+
+    /// The certificate naming `sni` exactly or by wildcard.
+    fn named(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let n = sni?;
+        self.by_name
+            .get(n)
+            .or_else(|| n.split_once('.').and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}"))))
+            .cloned()
     }
 
     fn load(certificates: &[EdgeCertificate]) -> Result<Option<Self>, GatewayError> {
@@ -52,28 +57,40 @@ impl SniResolver {
 
 /// The certificates of one port: a server name first picks its listener (as requests do), and
 /// that listener's certificates answer, or the gateway's (`gateway.certificates`) when it has
-/// none; with no certificate anywhere, a self-signed development certificate.
+/// none, then the one ACME issued for the name; with no certificate anywhere, a self-signed
+/// development certificate. A TLS-ALPN-01 validation (ALPN `acme-tls/1`) gets the challenge
+/// certificate of its name, or nothing.
 #[derive(Debug)]
 struct PortResolver {
     /// Terminating listeners of the port: hostname, own certificates.
     listeners: Vec<(Option<String>, Option<SniResolver>)>,
     fallback: SniResolver,
+    acme: Option<Arc<Acme>>,
 }
 
 impl ResolvesServerCert for PortResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let sni = hello.server_name().map(str::to_ascii_lowercase);
+        if let Some(acme) = &self.acme {
+            if hello.alpn().is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN)) {
+                return acme.challenge_certificate(sni.as_deref()?);
+            }
+        }
         let own = self
             .listeners
             .iter()
             .filter_map(|(h, certs)| Some((rank(h.as_deref(), sni.as_deref().unwrap_or_default())?, certs)))
             .max_by_key(|(r, _)| *r)
             .and_then(|(_, certs)| certs.as_ref());
-        Some(own.unwrap_or(&self.fallback).pick(sni.as_deref()))
+        if let Some(own) = own {
+            return Some(own.pick(sni.as_deref()));
+        }
+        let issued = || self.acme.as_ref()?.certificate(sni.as_deref()?);
+        Some(self.fallback.named(sni.as_deref()).or_else(issued).unwrap_or_else(|| self.fallback.default.clone()))
     }
 }
 
-fn resolver(gc: &GatewayConfig, port: u16) -> Result<PortResolver, GatewayError> {
+fn resolver(gc: &GatewayConfig, port: u16, acme: Option<&Arc<Acme>>) -> Result<PortResolver, GatewayError> {
     let mut listeners = Vec::new();
     for (_, l) in gc.all_listeners() {
         if l.port == port && l.terminates() {
@@ -88,14 +105,19 @@ fn resolver(gc: &GatewayConfig, port: u16) -> Result<PortResolver, GatewayError>
             None => {
                 let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
                 let (cert, key) = identity::self_signed(&names)?;
-                warn!(port, "no certificates configured: serving a self-signed development certificate for localhost");
+                if acme.is_none() {
+                    warn!(
+                        port,
+                        "no certificates configured: serving a self-signed development certificate for localhost"
+                    );
+                }
                 let ck = CertifiedKey::from_der(vec![cert], key, &provider())
                     .map_err(|e| GatewayError::Tls(e.to_string()))?;
                 SniResolver { by_name: HashMap::new(), default: Arc::new(ck) }
             }
         },
     };
-    Ok(PortResolver { listeners, fallback })
+    Ok(PortResolver { listeners, fallback, acme: acme.cloned() })
 }
 
 /// The edge certificates of one port, swappable while clients connect: a new handshake sees
@@ -104,6 +126,7 @@ fn resolver(gc: &GatewayConfig, port: u16) -> Result<PortResolver, GatewayError>
 pub struct Certificates {
     port: u16,
     current: arc_swap::ArcSwap<PortResolver>,
+    acme: Option<Arc<Acme>>,
 }
 
 impl ResolvesServerCert for Certificates {
@@ -140,7 +163,7 @@ async fn reload_certificates<F: Fn() -> Vec<std::path::PathBuf>>(
 ) {
     loop {
         watch.changed().await;
-        match resolver(&gc, certs.port) {
+        match resolver(&gc, certs.port, certs.acme.as_ref()) {
             Ok(r) => {
                 certs.current.store(Arc::new(r));
                 tracing::info!(port = certs.port, "edge certificates reloaded");
@@ -162,8 +185,9 @@ pub struct EdgeTls {
 }
 
 /// The TCP and QUIC configs of one port, sharing one certificate resolver.
-pub fn edge_configs(gc: &GatewayConfig, port: u16) -> Result<EdgeTls, GatewayError> {
-    let certs = Arc::new(Certificates { port, current: arc_swap::ArcSwap::from_pointee(resolver(gc, port)?) });
+pub fn edge_configs(gc: &GatewayConfig, port: u16, acme: Option<&Arc<Acme>>) -> Result<EdgeTls, GatewayError> {
+    let current = arc_swap::ArcSwap::from_pointee(resolver(gc, port, acme)?);
+    let certs = Arc::new(Certificates { port, current, acme: acme.cloned() });
     let resolver = certs.clone();
     let tls_err = |e: rustls::Error| GatewayError::Tls(e.to_string());
     let clients = client_certs(gc, port)?.map(Arc::new);
@@ -180,6 +204,10 @@ pub fn edge_configs(gc: &GatewayConfig, port: u16) -> Result<EdgeTls, GatewayErr
         .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(resolver.clone());
     tcp.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Offered only to the ACME CA's validation connections: browsers never ask for it.
+    if acme.is_some_and(|a| a.tls_alpn()) {
+        tcp.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     let mut quic = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?

@@ -379,6 +379,85 @@ pub struct GatewayConfig {
     /// Who may issue the JWTs routes require (a route's `jwt` names one).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub jwt_providers: Vec<crate::policy::jwt::JwtProvider>,
+    /// Edge certificates ordered from an ACME CA (Let's Encrypt, say) and renewed by the gateway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeConfig>,
+}
+
+/// `[gateway.acme]`: automatic edge certificates (RFC 8555). One certificate per hostname,
+/// ordered at start when none is held, renewed at two thirds of its lifetime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory URL, e.g. `https://acme-v02.api.letsencrypt.org/directory`.
+    pub directory: String,
+    /// Contacts for the account, e.g. `mailto:ops@example.com` (a bare address gets `mailto:`).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Hostnames to certify; empty: every hostname of an HTTPS listener that has no
+    /// certificates of its own.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Account key and certificates. Default `<gateway.tls.state_dir>/acme`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// PEM file of the root that signs the CA's own HTTPS certificate, when it is not a public
+    /// one (a private or test CA such as pebble).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// How the CA checks that this gateway answers for a hostname.
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+    /// Wait after a failed order, doubled after each failure up to `retry_max`.
+    #[serde(default = "acme_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(default = "acme_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+/// The ACME challenge the gateway answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AcmeChallenge {
+    /// RFC 8737: on the HTTPS port (TCP), the CA connects with ALPN `acme-tls/1`.
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// RFC 8555 8.3: the CA fetches `/.well-known/acme-challenge/<token>` over plain HTTP
+    /// (port 80 for public CAs: a `protocol = "HTTP"` listener).
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+fn acme_retry_initial() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn acme_retry_max() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+
+impl GatewayConfig {
+    /// The hostnames `gateway.acme` certifies: its own list, or every hostname of an HTTPS
+    /// listener without certificates of its own (wildcards left out: they need DNS-01).
+    pub fn acme_hostnames(&self) -> Vec<String> {
+        let Some(acme) = &self.acme else { return Vec::new() };
+        let mut names: Vec<String> = if acme.hostnames.is_empty() {
+            self.all_listeners()
+                .iter()
+                .filter(|(_, l)| l.protocol == crate::policy::listener::Protocol::Https && l.certificates.is_empty())
+                .filter_map(|(_, l)| l.hostname.clone())
+                .filter(|h| !h.starts_with('*'))
+                .collect()
+        } else {
+            acme.hostnames.clone()
+        };
+        for n in &mut names {
+            n.make_ascii_lowercase();
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
 }
 
 /// `[gateway.store]`: the etcd cluster gateway replicas share their registry through.
@@ -423,6 +502,7 @@ impl Default for GatewayConfig {
             tls_routes: Vec::new(),
             jwt_providers: Vec::new(),
             tcp_routes: Vec::new(),
+            acme: None,
         }
     }
 }
@@ -1189,6 +1269,7 @@ impl Config {
             self.validate_routes(&gw.edge_routes().map_err(|e| invalid("gateway.grpc_routes", e))?, "gateway.routes")?;
             self.validate_listeners(gw)?;
             validate_jwt(gw)?;
+            validate_acme(gw)?;
         }
         self.validate_routes(&self.mesh_routes().map_err(|e| invalid("grpc_routes", e))?, "routes")?;
         let t = &self.transport;
@@ -1489,6 +1570,47 @@ impl AccessLogConfig {
 
 #[cfg(test)]
 mod tests;
+
+/// `gateway.acme`: a directory URL over HTTPS, hostnames to certify (no wildcards: TLS-ALPN-01
+/// and HTTP-01 cannot prove them), and an HTTP listener when the challenge is HTTP-01.
+fn validate_acme(gw: &GatewayConfig) -> Result<(), ConfigError> {
+    let Some(acme) = &gw.acme else { return Ok(()) };
+    if !acme.directory.starts_with("https://") || acme.directory.parse::<http::Uri>().is_err() {
+        return Err(invalid("gateway.acme.directory", format!("{:?} is not an https:// URL", acme.directory)));
+    }
+    let names = gw.acme_hostnames();
+    if names.is_empty() {
+        return Err(invalid(
+            "gateway.acme.hostnames",
+            "nothing to certify: list the hostnames, or give HTTPS listeners a hostname",
+        ));
+    }
+    for name in &names {
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        if !ok {
+            return Err(invalid("gateway.acme.hostnames", format!("{name:?} is not a DNS name ACME can certify")));
+        }
+    }
+    if acme.state_dir.is_none() && gw.tls.state_dir.is_none() {
+        return Err(invalid("gateway.acme.state_dir", "set it, or gateway.tls.state_dir (the default is its acme/)"));
+    }
+    if acme.challenge == AcmeChallenge::Http01
+        && !gw.all_listeners().iter().any(|(_, l)| l.protocol == crate::policy::listener::Protocol::Http)
+    {
+        return Err(invalid(
+            "gateway.acme.challenge",
+            "http-01 is answered on a plain-HTTP listener and the gateway has none",
+        ));
+    }
+    if acme.retry_initial.is_zero() || acme.retry_max < acme.retry_initial {
+        return Err(invalid("gateway.acme.retry_initial", "must be above zero and at most retry_max"));
+    }
+    Ok(())
+}
 
 /// JWT providers that load, routes that name one of them; mesh routes take none (their callers
 /// are mesh members, authenticated by mTLS).

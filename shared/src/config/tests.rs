@@ -247,3 +247,32 @@ fn external_auth_speaks_http_only() {
     let path = route("protocol = \"HTTP\", backendRef = { name = \"authz\" }, http = { path = \"check\" }");
     assert!(load_err(&path).contains("must start with '/'"), "{}", load_err(&path));
 }
+
+#[test]
+fn acme_needs_an_https_directory_and_names_it_can_certify() {
+    let https = "[[gateway.listeners]]\nname = \"web\"\nport = 443\nprotocol = \"HTTPS\"\nhostname = \"www.example.com\"\n\n\
+                 [[gateway.listeners]]\nname = \"any\"\nport = 443\nprotocol = \"HTTPS\"\nhostname = \"*.example.com\"\n\n\
+                 [[gateway.listeners]]\nname = \"own\"\nport = 443\nprotocol = \"HTTPS\"\nhostname = \"own.example.com\"\n\
+                 certificates = [{ cert = \"c.pem\", key = \"k.pem\" }]\n\n";
+    let acme = |listeners: &str, extra: &str| {
+        format!(
+            "[gateway]\n[gateway.tls]\nstate_dir = \"/tmp/qm\"\n{listeners}[gateway.acme]\ndirectory = \"https://ca.test/dir\"\n{extra}"
+        )
+    };
+    // Every hostname of an HTTPS listener without certificates, wildcards left out.
+    let f = file(&acme(https, ""));
+    let cfg = load(&[f.path().to_path_buf()]).unwrap();
+    assert_eq!(cfg.gateway.unwrap().acme_hostnames(), ["www.example.com"]);
+    let plain = acme(https, "").replace("https://ca.test", "http://ca.test");
+    assert!(load_err(&plain).contains("is not an https:// URL"), "{}", load_err(&plain));
+    let nothing = acme("", "");
+    assert!(load_err(&nothing).contains("nothing to certify"), "{}", load_err(&nothing));
+    let wildcard = acme("", "hostnames = [\"*.example.com\"]\n");
+    assert!(load_err(&wildcard).contains("is not a DNS name ACME can certify"), "{}", load_err(&wildcard));
+    let http01 = acme(https, "challenge = \"http-01\"\n");
+    assert!(load_err(&http01).contains("has none"), "{}", load_err(&http01));
+    let unknown = acme(https, "challenge = \"dns-01\"\n");
+    assert!(load_err(&unknown).contains("challenge"), "{}", load_err(&unknown));
+    let backoff = acme(https, "retry_initial = \"1h\"\nretry_max = \"1m\"\n");
+    assert!(load_err(&backoff).contains("at most retry_max"), "{}", load_err(&backoff));
+}

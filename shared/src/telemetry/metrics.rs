@@ -23,6 +23,9 @@ pub const EDGE_IDLE_CLOSED: &str = "quicmesh_edge_idle_closed_total";
 pub const EDGE_JWT: &str = "quicmesh_edge_jwt_total";
 pub const EXT_AUTHZ: &str = "quicmesh_ext_authz_total";
 pub const EDGE_JWKS_FAILURES: &str = "quicmesh_edge_jwks_failures_total";
+pub const ACME_ISSUED: &str = "quicmesh_acme_certificates_issued_total";
+pub const ACME_FAILURES: &str = "quicmesh_acme_failures_total";
+pub const ACME_EXPIRY: &str = "quicmesh_acme_certificate_expiry_timestamp_seconds";
 pub const BUILD_INFO: &str = "quicmesh_build_info";
 pub const RUNTIME_WORKERS: &str = "quicmesh_runtime_workers";
 pub const CONTROL_VERSION: &str = "quicmesh_control_snapshot_version";
@@ -147,6 +150,16 @@ fn describe() {
     describe_counter!(
         EXT_AUTHZ,
         "ExternalAuth filter decisions, by route and result (allowed, denied, unavailable, failed-open)."
+    );
+    describe_counter!(ACME_ISSUED, "Edge certificates issued by the ACME CA, by hostname.");
+    describe_counter!(
+        ACME_FAILURES,
+        "ACME orders that failed, by hostname (the certificate held goes on serving; retried with backoff)."
+    );
+    describe_gauge!(
+        ACME_EXPIRY,
+        Unit::Seconds,
+        "When the edge certificate ACME issued for a hostname expires (Unix time)."
     );
     describe_counter!(EDGE_JWKS_FAILURES, "JWT key set loads that failed, by provider (the set held goes on serving).");
     describe_counter!(
