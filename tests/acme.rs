@@ -135,19 +135,24 @@ impl Ca {
 /// A gateway with an HTTPS listener for [`HOST`] and a plain-HTTP one, certified by `ca`
 /// through `challenge`.
 fn gateway(pki: &Pki, ca: &Ca, challenge: &str) -> NodeProc {
+    replica(pki, "gateway", &ca.directory(), challenge, "")
+}
+
+/// A gateway started from `<name>.toml`, ordering from `directory`, its ACME state in
+/// `acme-<name>`; `extra` adds to its config.
+fn replica(pki: &Pki, name: &str, directory: &str, challenge: &str, extra: &str) -> NodeProc {
     pki.issue("gateway");
+    let dir = pki.path().display();
     let toml = format!(
         "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n\
-         [gateway.tls]\nstate_dir = \"{}\"\n\n\
+         [gateway.tls]\nstate_dir = \"{dir}\"\n\n\
          [[gateway.listeners]]\nname = \"https\"\nport = 443\nlisten = \"127.0.0.1:0\"\nprotocol = \"HTTPS\"\nhostname = \"{HOST}\"\n\n\
          [[gateway.listeners]]\nname = \"http\"\nport = 80\nlisten = \"127.0.0.1:0\"\nprotocol = \"HTTP\"\n\n\
-         [gateway.acme]\ndirectory = \"{}\"\ncontact = [\"ops@quicmesh.test\"]\nca = \"{}\"\nchallenge = \"{challenge}\"\n\
-         retry_initial = \"300ms\"\nretry_max = \"1s\"\n",
-        pki.path().display(),
-        ca.directory(),
-        ca.https_root.display(),
+         [gateway.acme]\ndirectory = \"{directory}\"\ncontact = [\"ops@quicmesh.test\"]\nca = \"{}\"\nchallenge = \"{challenge}\"\n\
+         state_dir = \"{dir}/acme-{name}\"\nretry_initial = \"300ms\"\nretry_max = \"1s\"\n\n{extra}",
+        pki.path().join("pebble-cert.pem").display(),
     );
-    NodeProc::start_gateway(pki.path(), &toml)
+    NodeProc::start_args("gateway", pki.path(), name, &toml, &[])
 }
 
 fn https_port(gw: &NodeProc) -> u16 {
@@ -303,7 +308,7 @@ async fn http_01_certificate_is_issued_and_kept_across_a_restart() {
     let leaf = served_leaf(port, &root).await.expect("the issued certificate verifies against pebble's root");
     assert_eq!(curl_both(port, &root), ["1.1", "2"]);
     // The key is the gateway's secret: readable by its owner only.
-    let key = pki.path().join("acme").join(format!("{HOST}.key"));
+    let key = pki.path().join("acme-gateway").join(format!("{HOST}.key"));
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", key.display());
 
@@ -344,4 +349,47 @@ async fn h2_connection(port: u16, root: &Path) -> H2 {
     .unwrap();
     tokio::spawn(conn);
     H2 { send }
+}
+
+/// Two gateway replicas on one etcd: only the first can reach the CA (the second's directory
+/// URL leads nowhere), and the CA validates at the second only. The certificate issues, so
+/// the second answered the challenge the first published, and both serve it.
+async fn replicas_share(challenge: &str) {
+    if !tools_present() {
+        return;
+    }
+    let Some(etcd) = support::etcd::Etcd::start().await else { return };
+    let pki = Pki::new();
+    let mut ca = Ca::new(pki.path());
+    let store = format!("[gateway.store]\netcd = [{}]\nprefix = \"/acme-test\"\n", etcd.endpoints_toml());
+    let nowhere = format!("https://{}/dir", dead_address().await);
+    let one = replica(&pki, "gw-1", &ca.directory(), challenge, &store);
+    let two = replica(&pki, "gw-2", &nowhere, challenge, &store);
+    ca.start(two.addrs.listeners["http"].port(), https_port(&two)).await;
+    eventually(Duration::from_secs(60), "the first replica's order", || async {
+        (issued(&one).await >= 1.0).then_some(())
+    })
+    .await;
+    let root = ca.issuing_root("root.pem");
+    let leaf = served_leaf(https_port(&one), &root).await.expect("the first replica serves the certificate");
+    let port = https_port(&two);
+    let shared = eventually(Duration::from_secs(10), "the second replica to serve it", || {
+        let root = root.clone();
+        async move { served_leaf(port, &root).await.ok() }
+    })
+    .await;
+    assert_eq!(shared, leaf, "one certificate for both replicas");
+    assert_eq!(issued(&two).await, 0.0, "the second replica ordered nothing");
+    assert_eq!(curl_both(port, &root), ["1.1", "2"]);
+    assert!(two.log().contains("ACME certificate from another replica serving"), "{}", two.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_certificate_and_answer_tls_alpn_for_each_other() {
+    replicas_share("tls-alpn-01").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_certificate_and_answer_http_01_for_each_other() {
+    replicas_share("http-01").await;
 }

@@ -8,6 +8,11 @@
 //! certificate replaces the old in the resolver every port reads at each handshake, so open
 //! connections are untouched. A failed order leaves the held certificate serving and is
 //! retried with backoff; both show as metrics and log lines.
+//!
+//! With gateway replicas (`gateway.store`), etcd holds what they share (see
+//! [`Store::acme_prefix`]): one replica takes a hostname's lock and orders, publishing its
+//! challenge answers so that whichever replica the CA reaches answers them, then the
+//! certificate, which every replica installs from its watch.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
 
+use crate::store::{Change, Store};
 use crate::GatewayError;
 
 /// The ALPN protocol of TLS-ALPN-01 validation connections (RFC 8737).
@@ -36,11 +42,43 @@ const HTTP_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 /// How long one order may take to be validated, and then issued.
 const ORDER_LIMIT: Duration = Duration::from_secs(90);
 
+/// How long a replica may hold the ordering of a hostname: more than an order can take.
+const LOCK_TTL: Duration = Duration::from_secs(300);
+
+/// How long a replica waits while another orders before it looks again.
+const FOLLOW_WAIT: Duration = Duration::from_secs(2);
+
+/// Time for the other replicas' watches to see challenge answers before the CA is told to
+/// check them (a watch event takes milliseconds).
+const PUBLISH_SETTLE: Duration = Duration::from_millis(500);
+
 type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// A certificate as replicas share it (`certs/<hostname>`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Shared {
+    chain: String,
+    key: String,
+}
+
+/// The store and the lease of the order this replica holds the lock of.
+struct Lock<'a> {
+    store: &'a Store,
+    lease: i64,
+}
+
+impl Lock<'_> {
+    async fn publish(&self, suffix: &str, value: &[u8]) -> Result<(), Failure> {
+        let key = format!("{}{suffix}", self.store.acme_prefix());
+        Ok(self.store.etcd.put(&key, value, Some(self.lease)).await?)
+    }
+}
 
 /// The ACME state of a gateway: certificates issued, challenges being answered, the account.
 pub struct Acme {
     config: AcmeConfig,
+    /// This gateway's name: whose lock it is, with replicas.
+    replica: String,
     hostnames: Vec<String>,
     dir: PathBuf,
     /// Issued certificates by hostname, with their validity (Unix seconds).
@@ -88,6 +126,7 @@ impl Acme {
         };
         let acme = Self {
             hostnames: gc.acme_hostnames(),
+            replica: gc.name.clone(),
             config,
             dir,
             issued: Mutex::default(),
@@ -131,29 +170,58 @@ impl Acme {
         self.http.lock().unwrap_or_else(|p| p.into_inner()).get(token).cloned()
     }
 
-    /// Keeps every hostname certified, for as long as the gateway runs.
-    pub async fn run(self: Arc<Self>) {
+    /// Keeps every hostname certified, for as long as the gateway runs; with `store`, shared
+    /// with the other replicas.
+    pub async fn run(self: Arc<Self>, store: Option<Arc<Store>>) {
         let mut tasks = tokio::task::JoinSet::new();
+        if let Some(store) = &store {
+            tasks.spawn(self.clone().follow(store.clone()));
+        }
         for name in self.hostnames.clone() {
-            tasks.spawn(self.clone().keep(name));
+            tasks.spawn(self.clone().keep(name, store.clone()));
         }
         while tasks.join_next().await.is_some() {}
     }
 
+    /// How long until `name` is due an order (zero: now, or none is held).
+    fn until_due(&self, name: &str) -> Duration {
+        let due = self.issued.lock().unwrap_or_else(|p| p.into_inner()).get(name).map(Held::renew_at);
+        due.map_or(Duration::ZERO, |due| Duration::from_secs(due.saturating_sub(now_unix()).max(0) as u64))
+    }
+
     /// Orders `name` when it is due, again and again; a failure waits out the backoff.
-    async fn keep(self: Arc<Self>, name: String) {
+    async fn keep(self: Arc<Self>, name: String, store: Option<Arc<Store>>) {
         let mut backoff = self.config.retry_initial;
         loop {
-            let due = self.issued.lock().unwrap_or_else(|p| p.into_inner()).get(&name).map(Held::renew_at);
-            if let Some(due) = due {
-                let wait = Duration::from_secs(due.saturating_sub(now_unix()).max(0) as u64);
-                if !wait.is_zero() {
-                    info!(hostname = %name, renew_in = ?wait, "ACME certificate held");
-                    tokio::time::sleep(wait).await;
-                }
+            if let Some(store) = &store {
+                self.adopt_stored(store, &name).await;
             }
+            let wait = self.until_due(&name);
+            if !wait.is_zero() {
+                info!(hostname = %name, renew_in = ?wait, "ACME certificate held");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let lease = match &store {
+                None => None,
+                Some(store) => match store.acme_lock(&name, &self.replica, LOCK_TTL).await {
+                    Ok(Some(lease)) => Some(lease),
+                    Ok(None) => {
+                        tracing::debug!(hostname = %name, "another replica orders this certificate");
+                        tokio::time::sleep(FOLLOW_WAIT).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.failed(&name, &format!("the store: {e}"), backoff).await;
+                        backoff = (backoff * 2).min(self.config.retry_max);
+                        continue;
+                    }
+                },
+            };
+            let lock = store.as_deref().zip(lease).map(|(store, lease)| Lock { store, lease });
             let started = Instant::now();
-            match self.order(&name).await {
+            let result = self.order(&name, lock.as_ref()).await;
+            match result {
                 Ok(held) => {
                     backoff = self.config.retry_initial;
                     metrics::counter!(m::ACME_ISSUED, "hostname" => name.clone()).increment(1);
@@ -167,20 +235,137 @@ impl Acme {
                     self.issued.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), held);
                 }
                 Err(e) => {
-                    metrics::counter!(m::ACME_FAILURES, "hostname" => name.clone()).increment(1);
-                    let serving = self.certificate(&name).is_some();
-                    warn!(hostname = %name, error = %e, retry_in = ?backoff, serving_previous = serving, "ACME order failed");
-                    tokio::time::sleep(backoff).await;
+                    self.failed(&name, &e.to_string(), backoff).await;
                     backoff = (backoff * 2).min(self.config.retry_max);
+                }
+            }
+            if let Some(lock) = lock {
+                // Ends the lock and withdraws the answers published under it.
+                let _ = lock.store.etcd.revoke(lock.lease).await;
+            }
+        }
+    }
+
+    async fn failed(&self, name: &str, error: &str, backoff: Duration) {
+        metrics::counter!(m::ACME_FAILURES, "hostname" => name.to_owned()).increment(1);
+        let serving = self.certificate(name).is_some();
+        warn!(hostname = %name, error, retry_in = ?backoff, serving_previous = serving, "ACME order failed");
+        tokio::time::sleep(backoff).await;
+    }
+
+    /// Takes the certificate the replicas share for `name`, when it is newer than the one held.
+    async fn adopt_stored(&self, store: &Store, name: &str) {
+        let key = format!("{}certs/{name}", store.acme_prefix());
+        match store.etcd.get(&key).await {
+            Ok(Some((value, _))) => self.adopt(name, &value),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(hostname = %name, error = %e, "ACME: the store is out of reach"),
+        }
+    }
+
+    /// Installs a shared certificate for `name` (and keeps it in the state directory) when it
+    /// outlives the one held.
+    fn adopt(&self, name: &str, value: &[u8]) {
+        let shared = serde_json::from_slice::<Shared>(value).map_err(Failure::from).and_then(|s| {
+            let key = match rustls_pemfile::private_key(&mut s.key.as_bytes())? {
+                Some(PrivateKeyDer::Pkcs8(k)) => k.secret_pkcs8_der().to_vec(),
+                _ => return Err("no PKCS#8 key".into()),
+            };
+            Ok((held(&s.chain, key)?, s))
+        });
+        let (held, shared) = match shared {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(hostname = %name, error = %e, "ACME: an unreadable certificate in the store; ignored");
+                return;
+            }
+        };
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        if issued.get(name).is_some_and(|h| h.not_after >= held.not_after) {
+            return;
+        }
+        if let Err(e) = self.store(name, &shared.chain, &shared.key) {
+            warn!(hostname = %name, error = %e, "ACME: keeping the shared certificate on disk failed");
+        }
+        metrics::gauge!(m::ACME_EXPIRY, "hostname" => name.to_owned()).set(held.not_after as f64);
+        info!(hostname = %name, valid_for_s = held.not_after - now_unix(), "ACME certificate from another replica serving");
+        issued.insert(name.to_owned(), held);
+    }
+
+    /// Follows what the replicas share: certificates, and the challenge answers of the order
+    /// another replica runs (the CA may ask this one).
+    async fn follow(self: Arc<Self>, store: Arc<Store>) {
+        let prefix = store.acme_prefix();
+        loop {
+            match store.etcd.range(&prefix).await {
+                Ok((revision, items)) => {
+                    for (key, value) in items {
+                        self.shared_change(&prefix, &key, Some(&value));
+                    }
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                    let watch = store.etcd.watch(&prefix, revision + 1, &tx);
+                    tokio::pin!(watch);
+                    loop {
+                        tokio::select! {
+                            ended = &mut watch => {
+                                if let Err(e) = ended {
+                                    tracing::debug!(error = %e, "ACME: the store's watch ended");
+                                }
+                                break;
+                            }
+                            Some(batch) = rx.recv() => {
+                                for change in batch {
+                                    match change {
+                                        Change::Put(key, value) => self.shared_change(&prefix, &key, Some(&value)),
+                                        Change::Delete(key) => self.shared_change(&prefix, &key, None),
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "ACME: the store is out of reach"),
+            }
+            tokio::time::sleep(FOLLOW_WAIT).await;
+        }
+    }
+
+    fn shared_change(&self, prefix: &str, key: &str, value: Option<&[u8]>) {
+        let Some(rest) = key.strip_prefix(prefix) else { return };
+        if let Some(name) = rest.strip_prefix("certs/") {
+            if let (Some(value), true) = (value, self.hostnames.iter().any(|h| h == name)) {
+                self.adopt(name, value);
+            }
+        } else if let Some(name) = rest.strip_prefix("alpn/") {
+            let mut alpn = self.alpn.lock().unwrap_or_else(|p| p.into_inner());
+            match value.and_then(unhex) {
+                Some(digest) => match challenge_certificate(name, &digest) {
+                    Ok(cert) => {
+                        alpn.insert(name.to_owned(), cert);
+                    }
+                    Err(e) => warn!(hostname = %name, error = %e, "ACME: challenge certificate not made"),
+                },
+                None => {
+                    alpn.remove(name);
+                }
+            }
+        } else if let Some(token) = rest.strip_prefix("http/") {
+            let mut http = self.http.lock().unwrap_or_else(|p| p.into_inner());
+            match value.map(|v| String::from_utf8_lossy(v).into_owned()) {
+                Some(answer) => {
+                    http.insert(token.to_owned(), answer);
+                }
+                None => {
+                    http.remove(token);
                 }
             }
         }
     }
 
     /// One order for `name`, answered, finalized, stored and returned.
-    async fn order(&self, name: &str) -> Result<Held, Failure> {
+    async fn order(&self, name: &str, lock: Option<&Lock<'_>>) -> Result<Held, Failure> {
         let account = self.account().await?;
-        let result = tokio::time::timeout(ORDER_LIMIT * 2, self.order_with(&account, name)).await;
+        let result = tokio::time::timeout(ORDER_LIMIT * 2, self.order_with(&account, name, lock)).await;
         let result = result.unwrap_or_else(|_| Err("the CA took too long".into()));
         if let Err(e) = &result {
             // The CA forgot the account (a test CA restarted, an account deactivated): the
@@ -197,7 +382,7 @@ impl Acme {
         result
     }
 
-    async fn order_with(&self, account: &Account, name: &str) -> Result<Held, Failure> {
+    async fn order_with(&self, account: &Account, name: &str, lock: Option<&Lock<'_>>) -> Result<Held, Failure> {
         let ids = [Identifier::Dns(name.to_owned())];
         let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(|e| step("new order", e))?;
         let mut answers = Answers { acme: self, name: name.to_owned(), tokens: Vec::new() };
@@ -217,8 +402,22 @@ impl Acme {
                 authz.challenge(kind.clone()).ok_or_else(|| format!("the CA offers no {kind:?} challenge"))?;
             let key_auth = challenge.key_authorization();
             match kind {
-                ChallengeType::TlsAlpn01 => answers.alpn(challenge_certificate(name, key_auth.digest().as_ref())?),
-                _ => answers.http(challenge.token.clone(), key_auth.as_str().to_owned()),
+                ChallengeType::TlsAlpn01 => {
+                    let digest = key_auth.digest();
+                    answers.alpn(challenge_certificate(name, digest.as_ref())?);
+                    if let Some(lock) = lock {
+                        lock.publish(&format!("alpn/{name}"), hex(digest.as_ref()).as_bytes()).await?;
+                    }
+                }
+                _ => {
+                    answers.http(challenge.token.clone(), key_auth.as_str().to_owned());
+                    if let Some(lock) = lock {
+                        lock.publish(&format!("http/{}", challenge.token), key_auth.as_str().as_bytes()).await?;
+                    }
+                }
+            }
+            if lock.is_some() {
+                tokio::time::sleep(PUBLISH_SETTLE).await;
             }
             challenge.set_ready().await.map_err(|e| step("challenge ready", e))?;
         }
@@ -235,7 +434,16 @@ impl Acme {
         order.finalize_csr(csr.der()).await.map_err(|e| step("finalize", e))?;
         let chain_pem = order.poll_certificate(&retry).await.map_err(|e| step("certificate", e))?;
         let held = held(&chain_pem, key.serialize_der())?;
-        self.store(name, &chain_pem, &key.serialize_pem())?;
+        let key_pem = key.serialize_pem();
+        self.store(name, &chain_pem, &key_pem)?;
+        if let Some(lock) = lock {
+            // Kept, not leased: every replica serves it, now and after restarts.
+            let shared = serde_json::to_vec(&Shared { chain: chain_pem, key: key_pem })?;
+            let key = format!("{}certs/{name}", lock.store.acme_prefix());
+            if let Err(e) = lock.store.etcd.put(&key, &shared, None).await {
+                warn!(hostname = %name, error = %e, "ACME: the certificate could not be shared; the other replicas will order their own");
+            }
+        }
         Ok(held)
     }
 
@@ -278,7 +486,7 @@ impl Acme {
     /// One account file per directory URL: a changed directory makes a new account.
     fn account_file(&self) -> PathBuf {
         let digest = ring::digest::digest(&ring::digest::SHA256, self.config.directory.as_bytes());
-        let short: String = digest.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let short = hex(&digest.as_ref()[..6]);
         self.dir.join(format!("account-{short}.json"))
     }
 
@@ -377,6 +585,15 @@ impl Drop for Answers<'_> {
             http.remove(t);
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(text).ok()?;
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// Writes `bytes` to `path` readable by the owner only, replacing it whole (a reader never

@@ -260,7 +260,8 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let mesh = Arc::new(Mesh::new(inputs, Table::compile(config.clone(), 0)?));
     let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
     let store = gc.store.as_ref().map(|st| Arc::new(store::Store::new(st.etcd.clone(), &st.prefix, gc.node_grace)));
-    let cp = control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone(), store);
+    let cp =
+        control::ControlPlane::new(config, node_settings, gc.node_grace, registry_file, mesh.clone(), store.clone());
     cp.set_files(files.clone());
     let mut edge = handler::Edge::new(mesh.clone(), &gc);
     edge.acme = acme.clone();
@@ -309,7 +310,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, state.clone()));
     if let Some(acme) = acme {
-        tasks.spawn(acme.run());
+        tasks.spawn(acme.run(store.clone()));
     }
     let mut edge_endpoints = Vec::new();
     for (plan, tcp, endpoint, addr) in bound {

@@ -65,6 +65,8 @@ pub enum Op {
     Put(String, Vec<u8>),
     /// Writes a key without a lease.
     PutNew(String, Vec<u8>),
+    /// Writes a key attached to a lease (deleted with it).
+    PutLeased(String, Vec<u8>, i64),
 }
 
 /// One change under a watched prefix.
@@ -171,6 +173,9 @@ impl Etcd {
                 // A rewrite keeps the lease the key has.
                 Op::Put(k, v) => json!({ "request_put": { "key": b64(k), "value": b64(v), "ignore_lease": true } }),
                 Op::PutNew(k, v) => json!({ "request_put": { "key": b64(k), "value": b64(v) } }),
+                Op::PutLeased(k, v, lease) => {
+                    json!({ "request_put": { "key": b64(k), "value": b64(v), "lease": lease.to_string() } })
+                }
             })
             .collect();
         let v = self.call("/v3/kv/txn", json!({ "compare": [compare], "success": success })).await?;
@@ -517,5 +522,27 @@ impl Store {
     /// The prefix every replica watches.
     pub fn root(&self) -> &str {
         &self.root
+    }
+
+    /// Where `gateway.acme`'s shared state lives: `certs/<hostname>` (the certificate and its
+    /// key, kept), `lock/<hostname>` (the replica ordering it), `alpn/<hostname>` and
+    /// `http/<token>` (challenge answers while an order waits; these two and the lock are
+    /// leased, so a replica that dies mid-order leaves nothing behind).
+    pub fn acme_prefix(&self) -> String {
+        format!("{}acme/", self.root)
+    }
+
+    /// Takes the ordering of `hostname` for `by`, for at most `ttl`: the lease to publish the
+    /// order's challenge answers under and to end when done, or `None` when another replica
+    /// holds it.
+    pub async fn acme_lock(&self, hostname: &str, by: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+        let lease = self.etcd.grant(ttl).await?;
+        let key = format!("{}lock/{hostname}", self.acme_prefix());
+        if self.etcd.put_if(&key, 0, &[Op::PutLeased(key.clone(), by.as_bytes().to_vec(), lease)]).await? {
+            Ok(Some(lease))
+        } else {
+            let _ = self.etcd.revoke(lease).await;
+            Ok(None)
+        }
     }
 }
