@@ -10,6 +10,10 @@
 //! nothing else of a node. What it loses against raw quinn is what carrying TCP costs at all;
 //! the distance from it to the mesh tunnel is the nodes' own.
 //!
+//! A fourth path is the peer a user would pick instead of the mesh tunnel: a TLS-over-TCP
+//! tunnel pair, haproxy in `mode tcp` with TLS 1.3 between the two (`peers::haproxy_tunnel`,
+//! when haproxy is installed), as many threads each as a node has workers.
+//!
 //! It also times QUIC connection setup between two such endpoints (mutual TLS with the mesh
 //! certificates): a full handshake (a fresh client, so no session to resume) and a resumed one
 //! (the same client again, TLS 1.3 session resumption), medians of `BENCH_CONNECTS` (200) each.
@@ -19,6 +23,10 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[allow(dead_code)]
+#[path = "peers/mod.rs"]
+mod peers;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -118,7 +126,10 @@ async fn sink() -> (SocketAddr, mpsc::UnboundedReceiver<u64>) {
                     }
                     total += n as u64;
                 }
-                let _ = tx.send(total);
+                // A connection that carried nothing is a readiness probe, not a transfer.
+                if total > 0 {
+                    let _ = tx.send(total);
+                }
             });
         }
     });
@@ -275,6 +286,12 @@ fn main() {
             };
             bare_front(&bare_a, front, back_addr).await
         };
+        let peer = peers::haproxy_tunnel(pki.path(), sink_addr);
+        let peer_front = peer.as_ref().map(|p| p.front);
+        let peer_pids = peer.as_ref().map(|p| p.pids()).unwrap_or_default();
+        if let Some(front) = peer_front {
+            tunnel_once(front, 16 << 20, &mut done).await;
+        }
         // Warm up all three.
         tunnel_once(port, 16 << 20, &mut done).await;
         tunnel_once(bare_port, 16 << 20, &mut done).await;
@@ -285,6 +302,8 @@ fn main() {
         let (me, nodes) = (std::process::id(), [a.child.id(), b.child.id()]);
         let (mut tunnel_cpu, mut tunnel_node_cpu, mut raw_cpu) = (Vec::new(), Vec::new(), Vec::new());
         let mut bare_cpu = Vec::new();
+        // The haproxy TLS tunnel pair: MB/s, CPU s per GiB of the whole path and of the pair.
+        let (mut peer_mbs, mut peer_cpu, mut peer_pair_cpu, mut peer_ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let per_gib = |d: Duration| d.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64);
         for round in 0..rounds {
             // Each round starts with the next path, so no path always runs first or last.
@@ -300,6 +319,18 @@ fn main() {
                     _ => tunnel_once(bare_port, bytes, &mut done).await,
                 };
                 (own[path], node[path]) = (cpu_time(me).saturating_sub(c0), cpu_of(&nodes).saturating_sub(n0));
+            }
+            if let Some(front) = peer_front {
+                let (c0, p0) = (cpu_time(me), cpu_of(&peer_pids));
+                let d = tunnel_once(front, bytes, &mut done).await;
+                let (own, pair) = (cpu_time(me).saturating_sub(c0), cpu_of(&peer_pids).saturating_sub(p0));
+                eprintln!("round {round}: haproxy TLS tunnel {:.0} MB/s", mb_s(bytes, d));
+                peer_mbs.push(mb_s(bytes, d));
+                peer_cpu.push(per_gib(own + pair));
+                peer_pair_cpu.push(per_gib(pair));
+                // The mesh tunnel's throughput per CPU second of its proxies against the pair's.
+                let mesh_per_cpu = mb_s(bytes, took[0]) / per_gib(node[0]).max(1e-9);
+                peer_ratio.push(mesh_per_cpu / (mb_s(bytes, d) / per_gib(pair).max(1e-9)));
             }
             let [t, r, f] = took;
             eprintln!(
@@ -339,6 +370,21 @@ fn main() {
         println!("| raw quinn, one stream (mTLS, node transport settings) | {r:.0} | 1.00 | {rc:.2} | - |");
         println!("| bare tunnel: TCP -> one raw quinn stream -> TCP (no HTTP/3, no node) | {f:.0} | {:.2} | {fc:.2} | - |", f / r);
         println!("| TCP -> node-a -> QUIC (HTTP/3 CONNECT) -> node-b -> TCP | {t:.0} | {:.2} | {tc:.2} | {tn:.2} |", t / r);
+        if !peer_mbs.is_empty() {
+            let (pm, pc, pp) = (median(&mut peer_mbs.clone()), median(&mut peer_cpu), median(&mut peer_pair_cpu));
+            println!(
+                "| TCP -> haproxy -> TLS 1.3 -> haproxy -> TCP ({} thread(s) each) | {pm:.0} | {:.2} | {pc:.2} | {pp:.2} (the pair) |",
+                peers::workers(),
+                pm / r
+            );
+            println!(
+                "the mesh tunnel against the haproxy TLS tunnel pair: {:.2}x the throughput, {:.2}x the proxies' CPU per GiB; \
+                 throughput per proxy CPU second, median of the rounds' own ratios: {:.2}x",
+                t / pm,
+                tn / pp,
+                median(&mut peer_ratio)
+            );
+        }
         println!("the mesh tunnel against the bare tunnel: {:.2}x the throughput, {:.2}x the CPU per GiB", t / f, tc / fc);
         println!("median of the rounds' own ratios to raw quinn: mesh tunnel {rt:.2}, bare tunnel {rf:.2}");
         println!(

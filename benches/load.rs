@@ -11,6 +11,13 @@
 //!   opened beforehand and wait for a free one, as wrk2's do. p50/p90/p99/p99.9 of direct, one node, the mesh hop, the
 //!   bare hop (the hop's libraries without the nodes' work: `peers/bare.rs`) and the peer pairs,
 //!   and the latency each adds at each percentile.
+//! - A cross-check with a load generator nobody here wrote: Debian's `wrk` (closed loop, one
+//!   thread, the same connection count, `--latency` for its percentiles) against the plain-HTTP
+//!   paths (direct, the node pair, the peer pairs) in the same rounds, when installed
+//!   (`BENCH_WRK=0` turns it off). CPU per request of the node pair against each peer pair is
+//!   the median of the rounds' own ratios, for both clients.
+//! - Peer pairs run `peers::workers()` workers per proxy: one, as a node, unless
+//!   `BENCH_PEER_WORKERS` says otherwise.
 //! - Everything also goes to a JSON file (`BENCH_JSON`, default `target/bench-load.json`).
 //!
 //! Run: `cargo bench --bench load`. Environment:
@@ -24,6 +31,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[allow(dead_code)]
 #[path = "peers/mod.rs"]
 mod peers;
 
@@ -306,6 +314,120 @@ async fn load(target: SocketAddr, host: &'static str, conns: usize, secs: u64) -
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// One wrk run.
+#[derive(Debug, Clone, Default)]
+struct Wrk {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    /// Non-2xx answers and socket errors.
+    errors: u64,
+    /// CPU of the path's proxies per request, filled in by the caller.
+    cpu_us: f64,
+}
+
+fn wrk_installed() -> bool {
+    let ok = std::process::Command::new("wrk").arg("-v").output().is_ok();
+    if !ok {
+        eprintln!("wrk is not installed: the wrk cross-check is SKIPPED");
+    }
+    ok
+}
+
+/// wrk, one thread and `conns` connections for `secs` against `addr`, with its latency
+/// distribution; `None` when its output does not read.
+fn wrk(addr: SocketAddr, conns: usize, secs: u64) -> Option<Wrk> {
+    let out = std::process::Command::new("wrk")
+        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", "-H", "Host: hello"])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let micros = |v: &str| -> Option<f64> {
+        let at = v.find(|c: char| c.is_ascii_alphabetic())?;
+        let n: f64 = v[..at].parse().ok()?;
+        Some(match &v[at..] {
+            "us" => n,
+            "ms" => n * 1e3,
+            "s" => n * 1e6,
+            _ => return None,
+        })
+    };
+    let pct = |p: &str| lines.iter().find_map(|l| l.strip_prefix(p)).and_then(|v| micros(v.trim()));
+    let number_after = |prefix: &str| -> u64 {
+        lines.iter().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    let socket_errors: u64 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("Socket errors:"))
+        .map(|v| v.split(',').filter_map(|f| f.split_whitespace().last()?.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    Some(Wrk {
+        rps: lines.iter().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())?,
+        p50_us: pct("50%")?,
+        p99_us: pct("99%")?,
+        requests: lines.iter().find_map(|l| l.split_once(" requests in ")).and_then(|(n, _)| n.trim().parse().ok())?,
+        errors: number_after("Non-2xx or 3xx responses:") + socket_errors,
+        cpu_us: 0.0,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The node pair's CPU per request against each peer pair (medians of the rounds' own ratios,
+/// for the suite's client and for wrk), and wrk's own table.
+fn report_against_peers(paths: &[Path], own: &[Vec<f64>], wrk: &[Vec<Wrk>], conns: usize, secs: u64) {
+    let node = paths.iter().position(|p| p.name.starts_with("client->node"));
+    let peers: Vec<usize> = paths
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.name.starts_with("nginx") || p.name.starts_with("haproxy"))
+        .map(|(i, _)| i)
+        .collect();
+    if wrk.iter().any(|w| !w.is_empty()) {
+        println!(
+            "
+wrk cross-check: `wrk -t1 -c{conns} -d{secs}s --latency`, in the same rounds; medians over rounds"
+        );
+        println!("| path | req/s | p50 | p99 | errors | proxy CPU per request |");
+        println!("|---|---|---|---|---|---|");
+        for (p, runs) in paths.iter().zip(wrk).filter(|(_, r)| !r.is_empty()) {
+            let m = |f: fn(&Wrk) -> f64| median(runs.iter().map(f).collect());
+            let cpu = m(|w| w.cpu_us);
+            println!(
+                "| {} | {:.0} | {:.0} us | {:.0} us | {} | {} |",
+                p.name,
+                m(|w| w.rps),
+                m(|w| w.p50_us),
+                m(|w| w.p99_us),
+                runs.iter().map(|w| w.errors).sum::<u64>(),
+                if cpu > 0.0 { format!("{cpu:.1} us") } else { "-".into() }
+            );
+        }
+    }
+    let Some(node) = node else { return };
+    for peer in peers {
+        let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+        let own_ratio = ratio(&own[node], &own[peer]);
+        let node_wrk: Vec<f64> = wrk[node].iter().map(|w| w.cpu_us).collect();
+        let peer_wrk: Vec<f64> = wrk[peer].iter().map(|w| w.cpu_us).collect();
+        let wrk_ratio = ratio(&node_wrk, &peer_wrk);
+        let rps = median(wrk[node].iter().zip(&wrk[peer]).map(|(a, b)| a.rps / b.rps).collect());
+        println!(
+            "node pair CPU per request against {}: {own_ratio:.2}x (suite client), {wrk_ratio:.2}x (wrk); node pair req/s under wrk: {rps:.2}x",
+            paths[peer].name
+        );
+    }
+}
+
 fn main() {
     peers::bare::run_if_asked();
     bench_logging();
@@ -375,12 +497,14 @@ fn main() {
             Path::new("gateway (1 thread) HTTP/3 -> node", How::Edge(Client::H3, gw1_port), vec![pg1, pb], Some(pg1)),
         ];
         if let Some(n) = &nginx {
-            paths.push(Path::new("nginx -> TLS -> nginx -> backend", How::Plain(n.front), n.pids(), None));
+            let name = format!("nginx ({} worker each) -> TLS -> nginx -> backend", peers::workers());
+            paths.push(Path::new(Box::leak(name.into_boxed_str()), How::Plain(n.front), n.pids(), None));
         }
         let haproxy = peers::haproxy(pki.path(), backend);
         if let Some(h) = &haproxy {
             load(h.front, "hello", conns, 1).await;
-            paths.push(Path::new("haproxy -> TLS -> haproxy -> backend", How::Plain(h.front), h.pids(), None));
+            let name = format!("haproxy ({} thread each) -> TLS -> haproxy -> backend", peers::workers());
+            paths.push(Path::new(Box::leak(name.into_boxed_str()), How::Plain(h.front), h.pids(), None));
         }
         let caddy = peers::caddy(pki.path(), backend);
         if let Some(c) = &caddy {
@@ -398,6 +522,10 @@ fn main() {
         let mut cpu = vec![Duration::ZERO; paths.len()];
         let mut ingress_cpu = vec![Duration::ZERO; paths.len()];
         let closed_rounds = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "open") { 0 } else { rounds };
+        let use_wrk = std::env::var("BENCH_WRK").map_or(true, |v| v != "0") && closed_rounds > 0 && wrk_installed();
+        // Per path, per round: CPU microseconds per request (own client), and wrk's rounds.
+        let mut own_rounds: Vec<Vec<f64>> = paths.iter().map(|_| Vec::new()).collect();
+        let mut wrk_rounds: Vec<Vec<Wrk>> = paths.iter().map(|_| Vec::new()).collect();
         for round in 0..closed_rounds {
             for (i, p) in paths.iter().enumerate() {
                 let cpu0 = cpu_of(&p.procs);
@@ -406,7 +534,9 @@ fn main() {
                     How::Plain(addr) => load(addr, "hello", conns, secs).await,
                     How::Edge(kind, port) => load_edge(kind, port, conns, secs).await,
                 };
-                cpu[i] += cpu_of(&p.procs).saturating_sub(cpu0);
+                let used = cpu_of(&p.procs).saturating_sub(cpu0);
+                own_rounds[i].push(used.as_secs_f64() * 1e6 / s.latencies.len().max(1) as f64);
+                cpu[i] += used;
                 if let (Some(pid), Some(t0)) = (p.ingress, edge0) {
                     ingress_cpu[i] += cpu_time(pid).saturating_sub(t0);
                 }
@@ -414,6 +544,20 @@ fn main() {
                 acc[i].latencies.extend(s.latencies);
                 acc[i].errors += s.errors;
                 acc[i].elapsed += s.elapsed;
+            }
+            for (i, p) in paths.iter().enumerate().filter(|_| use_wrk) {
+                let How::Plain(addr) = p.how else { continue };
+                let cpu0 = cpu_of(&p.procs);
+                let run = tokio::task::spawn_blocking(move || wrk(addr, conns, secs)).await.unwrap();
+                let used = cpu_of(&p.procs).saturating_sub(cpu0);
+                match run {
+                    Some(mut w) => {
+                        w.cpu_us = used.as_secs_f64() * 1e6 / w.requests.max(1) as f64;
+                        eprintln!("round {round} wrk {:32}: {:>9.0} req/s, {} errors", p.name, w.rps, w.errors);
+                        wrk_rounds[i].push(w);
+                    }
+                    None => eprintln!("round {round} wrk {}: no readable output", p.name),
+                }
             }
         }
         let (base_rps, base50, base99) = {
@@ -451,6 +595,9 @@ fn main() {
                 "errors": st.errors, "rps_vs_direct": rps / base_rps, "proxy_cpu_us_per_request": per_req_us,
                 "requests_per_ingress_cpu_second": edge,
             }));
+        }
+        if closed_rounds > 0 {
+            report_against_peers(&paths, &own_rounds, &wrk_rounds, conns, secs);
         }
         if !per_edge_cpu_s.is_empty() {
             let caddy_rate = per_edge_cpu_s.iter().find(|(n, _)| n.starts_with("Caddy")).map(|(_, r)| *r);

@@ -1,7 +1,12 @@
 //! Baselines for the mesh hop with the same shape as a sidecar pair: two chained reverse proxies
 //! with TLS 1.3 between them (client -> proxy -> TLS -> proxy -> backend), built from Debian's
 //! nginx or haproxy when installed; skipped (and said so) otherwise. Caddy, when installed, is
-//! the HTTP/3 ingress baseline for the gateway.
+//! the HTTP/3 ingress baseline for the gateway. For the TCP tunnel, the peer is a haproxy pair
+//! in `mode tcp` with TLS between the two (the shape of ztunnel's HBONE).
+//!
+//! Each peer proxy runs as many workers as a node does by default (`node.workers = 1`): one
+//! nginx worker process, one haproxy thread. `BENCH_PEER_WORKERS` sets another count (2 gives
+//! the earlier rows, where nginx spread each proxy over both cores of this machine).
 
 pub mod bare;
 
@@ -39,7 +44,7 @@ impl ProxyPair {
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(self.front).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", back_port)).is_ok()
-                && (!self.with_children || self.pids().len() >= self.procs.len() * (1 + NGINX_WORKERS))
+                && (!self.with_children || self.pids().len() >= self.procs.len() * (1 + workers()))
             {
                 return Some(self);
             }
@@ -84,17 +89,21 @@ fn self_signed() -> (String, String) {
     quicmesh_shared::identity::self_signed_pem(&["localhost".to_string()]).unwrap()
 }
 
-/// Worker processes per nginx master (the pair's CPU counts them all).
-const NGINX_WORKERS: usize = 2;
+/// Workers per peer proxy: nginx worker processes per master (the pair's CPU counts them
+/// all), haproxy threads; a node's default unless `BENCH_PEER_WORKERS` says otherwise.
+pub fn workers() -> usize {
+    std::env::var("BENCH_PEER_WORKERS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(1)
+}
 
 fn nginx_conf(dir: &Path, name: &str, server: &str, upstream: &str) -> String {
     let d = dir.display();
     format!(
-        "worker_processes {NGINX_WORKERS};\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err warn;\n\
+        "worker_processes {};\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/{name}-cb;\n  proxy_temp_path {d}/{name}-pt;\n\
            fastcgi_temp_path {d}/{name}-ft;\n  uwsgi_temp_path {d}/{name}-ut;\n  scgi_temp_path {d}/{name}-st;\n\
-           upstream next {{ {upstream} keepalive 64; }}\n  {server}\n}}\n"
+           upstream next {{ {upstream} keepalive 64; }}\n  {server}\n}}\n",
+        workers()
     )
 }
 
@@ -114,7 +123,7 @@ fn run_nginx(dir: &Path, name: &str, text: &str) -> Child {
         .unwrap()
 }
 
-/// nginx 1.x, two workers each, keep-alive on both upstream legs.
+/// nginx 1.x, [`workers`] each, keep-alive on both upstream legs.
 pub fn nginx(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
     if !installed("nginx", "-v") {
         return None;
@@ -149,18 +158,23 @@ pub fn nginx(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
 }
 
 fn run_haproxy(dir: &Path, name: &str, frontend: &str, server: &str) -> Child {
+    run_haproxy_mode(dir, name, "http\n  http-reuse always", frontend, server)
+}
+
+fn run_haproxy_mode(dir: &Path, name: &str, mode: &str, frontend: &str, server: &str) -> Child {
     let text = format!(
-        "global\n  maxconn 5000\n  nbthread 2\n\
-         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
+        "global\n  maxconn 5000\n  nbthread {}\n\
+         defaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
          frontend f\n  {frontend}\n  default_backend b\n\
-         backend b\n  {server}\n"
+         backend b\n  {server}\n",
+        workers()
     );
     let path = dir.join(format!("{name}.cfg"));
     std::fs::write(&path, text).unwrap();
     Command::new("haproxy").arg("-db").arg("-f").arg(&path).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
 }
 
-/// haproxy 2.x, two threads each, connection reuse toward the second one.
+/// haproxy 2.x, [`workers`] threads each, connection reuse toward the second one.
 pub fn haproxy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
     if !installed("haproxy", "-v") {
         return None;
@@ -185,6 +199,36 @@ pub fn haproxy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
         ),
     ];
     ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: false }.ready(p2, "haproxy")
+}
+
+/// A TLS-over-TCP tunnel pair: haproxy in `mode tcp`, plain TCP in at the front, TLS 1.3
+/// between the two, plain TCP out of the back to `sink`; each connection is one TLS
+/// connection across (no multiplexing: haproxy has none for TCP).
+pub fn haproxy_tunnel(dir: &Path, sink: SocketAddr) -> Option<ProxyPair> {
+    if !installed("haproxy", "-v") {
+        return None;
+    }
+    let (cert, key) = self_signed();
+    let pem = dir.join("haproxy-tunnel.pem");
+    std::fs::write(&pem, format!("{cert}{key}")).unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let procs = vec![
+        run_haproxy_mode(
+            dir,
+            "haproxy-tunnel-back",
+            "tcp",
+            &format!("bind 127.0.0.1:{p2} ssl crt {} ssl-min-ver TLSv1.3", pem.display()),
+            &format!("server s1 {sink}"),
+        ),
+        run_haproxy_mode(
+            dir,
+            "haproxy-tunnel-front",
+            "tcp",
+            &format!("bind 127.0.0.1:{p1}"),
+            &format!("server s1 127.0.0.1:{p2} ssl verify none ssl-min-ver TLSv1.3"),
+        ),
+    ];
+    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: false }.ready(p2, "haproxy tunnel")
 }
 
 /// Caddy 2 as an HTTPS ingress (HTTP/1.1, HTTP/2 and HTTP/3 on one port, TCP and UDP) in
