@@ -614,3 +614,32 @@ async fn the_gateway_rate_limits_and_injects_faults_per_route() {
     assert!(metric(&m, "quicmesh_faults_injected_total", &[("route", "chaos"), ("kind", "abort")]) >= 1.0, "{m}");
     drop((gw, pki));
 }
+
+/// A rule's `timeouts.request` longer than the mesh's own `timeouts.request` (here 1 s) is the
+/// limit on both nodes: the calling node lets the try run that long, and the delivering node
+/// waits as long as the caller says, rather than cutting the answer off at its own 1 s with a
+/// 504. The mesh's limit still holds where no rule sets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_timeout_longer_than_the_mesh_default_holds_on_both_nodes() {
+    let slow = delayed_backend("slow", Duration::from_millis(1500)).await;
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let services = format!(
+        "[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\n\n\
+         [[routes]]\nname = \"patient\"\nhostnames = [\"patient\"]\n[[routes.rules]]\ntimeouts = {{ request = \"5s\" }}\n\
+         backendRefs = [{{ name = \"web\" }}]\n"
+    );
+    let short = |t: String| t.replace("request = \"10s\"", "request = \"1s\"");
+    let b = NodeProc::start(pki.path(), "node-b", &short(node_toml("node-b", &state, &[], &services)));
+    let a = NodeProc::start(
+        pki.path(),
+        "node-a",
+        &short(node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &services)),
+    );
+    let c = client();
+    let (status, reason, body) = call(&c, a.addrs.outbound, "GET", "patient", "").await;
+    assert_eq!((status, reason.as_str(), body.as_str()), (200, "", "slow"), "the rule allows 5 s");
+    let (status, reason, _) = call(&c, a.addrs.outbound, "GET", "web", "").await;
+    assert_eq!((status, reason.as_str()), (504, "timeout"), "no rule: the mesh's 1 s");
+}

@@ -243,6 +243,17 @@ async fn deliver(
     rec: &Record,
 ) -> Result<Response<body::Body>, ProxyError> {
     let (mut parts, ()) = req.into_parts();
+    // The calling member's limit for this try (its route may allow more than this node's
+    // `timeouts.request`, or none), else a gRPC caller's deadline as the calling node passed
+    // on what is left of it, else this node's own limit. A caller that gives up earlier
+    // resets the stream, which ends the delivery too.
+    let limit = parts
+        .headers
+        .get(headers::TRY_TIMEOUT)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
+        .or_else(|| parts.headers.get(headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout))
+        .unwrap_or(table.config().timeouts.request);
     headers::remove_internal(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     if let Some(a) = parts.uri.authority() {
@@ -253,14 +264,7 @@ async fn deliver(
     // A request body the peer cut off (its client's fault) is not the instance's failure.
     let (body, fault) = body::watch_source(rec.count_request(body::request_body(recv).await));
     let req = Request::from_parts(parts, body);
-    // A gRPC caller's deadline, as the calling node passed on what is left of it, bounds the
-    // delivery in place of the mesh's request timeout, as it does on the calling side: a client
-    // stream is answered only after its last message, which may be long after ten seconds.
-    let timeout = req
-        .headers()
-        .get(headers::GRPC_TIMEOUT)
-        .and_then(headers::parse_grpc_timeout)
-        .unwrap_or(table.config().timeouts.request);
+    let timeout = limit;
     let result = tokio::time::timeout(timeout, mesh.local().send(req, addr, svc))
         .await
         .map_err(|_| ProxyError::Timeout(timeout))

@@ -23,6 +23,11 @@ pub const SOURCE: HeaderName = HeaderName::from_static("quicmesh-source");
 /// the gateway; never delivered to an instance.
 pub const JWT_CLAIMS: HeaderName = HeaderName::from_static("quicmesh-jwt-claims");
 /// Which try of a request this is, set toward the upstream on retries (2 for the first retry).
+/// How long the calling mesh member lets this try take, in milliseconds: the node that
+/// delivers the request bounds its wait for the instance by it, in place of its own
+/// `timeouts.request` (a route may allow more, or turn the limit off). Internal: removed
+/// before the instance sees the request.
+pub const TRY_TIMEOUT: HeaderName = HeaderName::from_static("quicmesh-timeout");
 pub const ATTEMPT: HeaderName = HeaderName::from_static("quicmesh-attempt");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -112,6 +117,7 @@ pub fn remove_internal(headers: &mut HeaderMap) {
     headers.remove(ENDPOINT);
     headers.remove(SOURCE);
     headers.remove(JWT_CLAIMS);
+    headers.remove(TRY_TIMEOUT);
 }
 
 /// Header values a proxy writes into one request, cut from one buffer: two allocations (the

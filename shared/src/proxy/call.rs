@@ -112,8 +112,9 @@ impl Call<'_> {
         // A route's own retry policy follows the Gateway API (GEP-1731): connection errors are
         // retried whatever its codes, and once they outlast its attempts the answer is 503.
         let route_retry = opts.retry.is_some();
-        // A try is bounded by the rule's `backendRequest`, else by the mesh's request timeout,
-        // unless the rule turned its limits off with "0s".
+        // A try is bounded by the rule's `backendRequest`, else by the caller's gRPC deadline,
+        // else by the rule's `request` (the whole call's limit), else by the mesh's request
+        // timeout, unless the rule turned its limits off with "0s".
         let per_try_set = opts.timeouts.and_then(|t| match (t.backend_request, t.request) {
             (Some(d), _) => Some(d),
             (None, Some(total)) if total.is_zero() => Some(total),
@@ -125,7 +126,11 @@ impl Call<'_> {
             (Some(d), _) if d.is_zero() => crate::proxy::attempt::UNLIMITED,
             (Some(d), _) => d,
             (None, Some(deadline)) => deadline,
-            (None, None) => self.table.config().timeouts.request,
+            (None, None) => opts
+                .timeouts
+                .and_then(|t| t.request)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(self.table.config().timeouts.request),
         };
         let per_try_set = per_try_set.is_some();
         let no_labels = BTreeMap::new();

@@ -64,6 +64,7 @@ impl Call<'_> {
         };
         hdrs.insert(headers::SERVICE, service);
         hdrs.insert(headers::ENDPOINT, endpoint);
+        hdrs.insert(headers::TRY_TIMEOUT, http::HeaderValue::from(per_try.as_millis().min(u64::MAX.into()) as u64));
         let head = |method: &Method| {
             let mut r = Request::new(());
             *r.method_mut() = method.clone();
