@@ -782,7 +782,11 @@ pub async fn h3_request(send: &mut H3Sender, req: http::Request<()>, body: &[u8]
     if !body.is_empty() {
         stream.send_data(bytes::Bytes::copy_from_slice(body)).await.unwrap();
     }
-    stream.finish().await.unwrap();
+    // A server may answer before it reads the request's end and stop the rest (RFC 9114
+    // 4.1.2); a client must still take the response, so a refused end is not a failure.
+    if let Err(e) = stream.finish().await {
+        eprintln!("the request's end was refused (the server had answered): {e}");
+    }
     let resp = stream.recv_response().await.unwrap();
     let mut out = Vec::new();
     while let Some(mut chunk) = stream.recv_data().await.unwrap() {

@@ -53,18 +53,25 @@ impl Call<'_> {
             .map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))?;
         let mut hdrs = parts.headers;
         hdrs.remove(HOST);
-        // Both values from one allocation, shared by the copies `head` makes.
-        // An address takes at most 47 bytes ([v6 with scope]:port).
-        let mut scratch = headers::Scratch::with_capacity(svc.config.name.len() + 47);
+        // The three values from one allocation, shared by the copies `head` makes.
+        // An address takes at most 47 bytes ([v6 with scope]:port), the try's limit in
+        // milliseconds at most 20.
+        let mut scratch = headers::Scratch::with_capacity(svc.config.name.len() + 47 + 20);
         let service = scratch.text(&svc.config.name);
         let endpoint = scratch.value(|b| headers::push_socket_addr(b, ep.address));
+        let limit = scratch.value(|b| {
+            use std::fmt::Write as _;
+            let _ = write!(b, "{}", per_try.as_millis().min(u64::MAX.into()));
+        });
         let (Some(service), Some(endpoint)) = (service, endpoint) else {
             let bad = format!("unusable service name {:?}", svc.config.name);
             return Err(TryError::unsent(ProxyError::BadRequest(bad)));
         };
         hdrs.insert(headers::SERVICE, service);
         hdrs.insert(headers::ENDPOINT, endpoint);
-        hdrs.insert(headers::TRY_TIMEOUT, http::HeaderValue::from(per_try.as_millis().min(u64::MAX.into()) as u64));
+        if let Some(limit) = limit {
+            hdrs.insert(headers::TRY_TIMEOUT, limit);
+        }
         let head = |method: &Method| {
             let mut r = Request::new(());
             *r.method_mut() = method.clone();
