@@ -157,11 +157,7 @@ pub fn nginx(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
     ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: true }.ready(p2, "nginx")
 }
 
-fn run_haproxy(dir: &Path, name: &str, frontend: &str, server: &str) -> Child {
-    run_haproxy_mode(dir, name, "http\n  http-reuse always", frontend, server)
-}
-
-fn run_haproxy_mode(dir: &Path, name: &str, mode: &str, frontend: &str, server: &str) -> Child {
+fn run_haproxy(dir: &Path, name: &str, mode: &str, frontend: &str, server: &str) -> Child {
     let text = format!(
         "global\n  maxconn 5000\n  nbthread {}\n\
          defaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
@@ -174,61 +170,47 @@ fn run_haproxy_mode(dir: &Path, name: &str, mode: &str, frontend: &str, server: 
     Command::new("haproxy").arg("-db").arg("-f").arg(&path).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
 }
 
-/// haproxy 2.x, [`workers`] threads each, connection reuse toward the second one.
-pub fn haproxy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
+/// Two haproxy instances, [`workers`] threads each, in `mode` (`http` with connection reuse
+/// toward the second one, or `tcp`), plain in at the front, TLS 1.3 between them, plain out
+/// of the back to `target`. `name` names their files.
+fn haproxy_pair(dir: &Path, name: &str, mode: &str, target: SocketAddr) -> Option<ProxyPair> {
     if !installed("haproxy", "-v") {
         return None;
     }
     // haproxy wants the certificate and its key in one file.
     let (cert, key) = self_signed();
-    let pem = dir.join("haproxy.pem");
+    let pem = dir.join(format!("{name}.pem"));
     std::fs::write(&pem, format!("{cert}{key}")).unwrap();
     let (p1, p2) = (free_port(), free_port());
     let procs = vec![
         run_haproxy(
             dir,
-            "haproxy-back",
+            &format!("{name}-back"),
+            mode,
             &format!("bind 127.0.0.1:{p2} ssl crt {} ssl-min-ver TLSv1.3", pem.display()),
-            &format!("server s1 {backend}"),
+            &format!("server s1 {target}"),
         ),
         run_haproxy(
             dir,
-            "haproxy-front",
+            &format!("{name}-front"),
+            mode,
             &format!("bind 127.0.0.1:{p1}"),
             &format!("server s1 127.0.0.1:{p2} ssl verify none ssl-min-ver TLSv1.3"),
         ),
     ];
-    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: false }.ready(p2, "haproxy")
+    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: false }.ready(p2, name)
+}
+
+/// haproxy 2.x as an HTTP proxy pair, connection reuse toward the second one.
+pub fn haproxy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
+    haproxy_pair(dir, "haproxy", "http\n  http-reuse always", backend)
 }
 
 /// A TLS-over-TCP tunnel pair: haproxy in `mode tcp`, plain TCP in at the front, TLS 1.3
 /// between the two, plain TCP out of the back to `sink`; each connection is one TLS
 /// connection across (no multiplexing: haproxy has none for TCP).
 pub fn haproxy_tunnel(dir: &Path, sink: SocketAddr) -> Option<ProxyPair> {
-    if !installed("haproxy", "-v") {
-        return None;
-    }
-    let (cert, key) = self_signed();
-    let pem = dir.join("haproxy-tunnel.pem");
-    std::fs::write(&pem, format!("{cert}{key}")).unwrap();
-    let (p1, p2) = (free_port(), free_port());
-    let procs = vec![
-        run_haproxy_mode(
-            dir,
-            "haproxy-tunnel-back",
-            "tcp",
-            &format!("bind 127.0.0.1:{p2} ssl crt {} ssl-min-ver TLSv1.3", pem.display()),
-            &format!("server s1 {sink}"),
-        ),
-        run_haproxy_mode(
-            dir,
-            "haproxy-tunnel-front",
-            "tcp",
-            &format!("bind 127.0.0.1:{p1}"),
-            &format!("server s1 127.0.0.1:{p2} ssl verify none ssl-min-ver TLSv1.3"),
-        ),
-    ];
-    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: false }.ready(p2, "haproxy tunnel")
+    haproxy_pair(dir, "haproxy-tunnel", "tcp", sink)
 }
 
 /// Caddy 2 as an HTTPS ingress (HTTP/1.1, HTTP/2 and HTTP/3 on one port, TCP and UDP) in
