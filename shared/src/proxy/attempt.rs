@@ -179,10 +179,12 @@ impl Call<'_> {
                 self.forward_remote(req, svc, ep, per_try).await
             }
         };
+        // Pinned in place: the select below then holds a reference, not a second copy of it.
+        tokio::pin!(attempt);
         let result = if fault.watching() {
             tokio::select! {
                 biased;
-                r = attempt => r,
+                r = attempt.as_mut() => r,
                 e = fault.failed() => Err(TryError::sent(e)),
             }
         } else {

@@ -102,7 +102,10 @@ pub async fn forward<'r>(
             _ => None,
         });
         if let Some(auth) = auth {
-            if let Some(refusal) = ext_authz::check(cx.mesh, cx.table, auth, &matched.route.name, &mut parts).await? {
+            // Boxed, as the upgrade below: a rare phase's state would otherwise sit in every
+            // request's future, which is moved whole at each level of the call chain.
+            let check = Box::pin(ext_authz::check(cx.mesh, cx.table, auth, &matched.route.name, &mut parts));
+            if let Some(refusal) = check.await? {
                 return Ok(refusal);
             }
         }
@@ -131,7 +134,8 @@ pub async fn forward<'r>(
     if let Some(protocol) = upgrade {
         let (labels, client) = (plan.opts.labels, plan.opts.client);
         let limits = upgrade::Limits::of(plan.opts.timeouts);
-        let mut resp = upgrade::forward(cx.mesh, cx.table, plan.svc, labels, client, parts, protocol, limits).await?;
+        let tunnel = Box::pin(upgrade::forward(cx.mesh, cx.table, plan.svc, labels, client, parts, protocol, limits));
+        let mut resp = tunnel.await?;
         for m in plan.response_mods {
             route::modify_headers(resp.headers_mut(), m);
         }
