@@ -219,15 +219,20 @@ enum CaCommand {
         /// configs say the same in mesh.trust_domain.
         #[arg(long, default_value = "quicmesh.local")]
         trust_domain: String,
+        /// Succeed, changing nothing, when the directory already holds a CA of this trust
+        /// domain (for provisioning steps that run at every start: containers, init scripts).
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Issue a member certificate with identity spiffe://<trust-domain>/node/<NAME>.
     Issue {
         /// The CA's state directory; the certificate and key are written there too.
         #[arg(long)]
         dir: PathBuf,
-        /// The member's name (a-z, 0-9, '-'): a node's, or the gateway's (`gateway`).
-        #[arg(long)]
-        node: String,
+        /// The member's name (a-z, 0-9, '-'): a node's, or the gateway's (`gateway`). Repeat
+        /// it to issue several.
+        #[arg(long, required = true)]
+        node: Vec<String>,
         /// Validity in days (1 to 3650). Nodes joined to the control plane renew theirs.
         #[arg(long, default_value_t = DEFAULT_NODE_VALIDITY.as_secs() / 86400, value_parser = clap::value_parser!(u64).range(1..=3650))]
         days: u64,
@@ -317,7 +322,19 @@ fn report(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Ca { command: CaCommand::Init { dir, trust_domain } } => {
+        Command::Ca { command: CaCommand::Init { dir, trust_domain, if_missing } } => {
+            if if_missing && dir.join("ca.key").exists() {
+                let ca = Ca::open(&dir)?;
+                anyhow::ensure!(
+                    ca.trust_domain == trust_domain,
+                    "{}: holds a CA for trust domain {}, not {trust_domain}",
+                    dir.display(),
+                    ca.trust_domain
+                );
+                println!("CA for trust domain {} already in {}", ca.trust_domain, dir.display());
+                println!("CA fingerprint (sha256): {}", ca.fingerprint());
+                return Ok(());
+            }
             let ca = Ca::init(&dir, &trust_domain)?;
             println!("created CA for trust domain {} in {}", ca.trust_domain, dir.display());
             println!("CA fingerprint (sha256): {}", ca.fingerprint());
@@ -348,8 +365,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ca { command: CaCommand::Issue { dir, node, days } } => {
             let ca = Ca::open(&dir)?;
-            let (cert, key) = ca.issue(&node, std::time::Duration::from_secs(days * 86400))?;
-            println!("issued spiffe://{}/node/{node}: {} {}", ca.trust_domain, cert.display(), key.display());
+            for node in node {
+                let (cert, key) = ca.issue(&node, std::time::Duration::from_secs(days * 86400))?;
+                println!("issued spiffe://{}/node/{node}: {} {}", ca.trust_domain, cert.display(), key.display());
+            }
             Ok(())
         }
         Command::Check { live: true, admin, wait, nodes, .. } => {
@@ -439,6 +458,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let learn_trust_domain = quicmesh_node::trust_domain_unset(&config);
             let workers = cfg.node.as_ref().map_or(1, |n| n.workers);
             runtime_with(workers)?.block_on(async {
+                // Listened for from here on: a SIGTERM while the node enrolls or starts (a
+                // Kubernetes pod deleted early) stops it, rather than being lost.
+                let mut stop = demo::Shutdown::listen();
                 quicmesh_shared::telemetry::metrics::recorder();
                 quicmesh_shared::telemetry::metrics::runtime_workers();
                 if let (Some(addr), Some(token), Some(fp)) = (join, token, ca_fingerprint) {
@@ -449,15 +471,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         replicas: Vec::new(),
                     });
                     let name = target.name.clone();
+                    tracing::info!(gateway = %addr, "enrolling with the gateway (unless this node holds a certificate)");
                     // A gateway that is not up yet is waited for; any other refusal is final.
                     let mut wait = std::time::Duration::from_secs(1);
                     loop {
-                        match quicmesh_node::enroll::join(&cfg, addr, &name, &token, &fp, learn_trust_domain).await {
+                        let attempt = tokio::select! {
+                            r = quicmesh_node::enroll::join(&cfg, addr, &name, &token, &fp, learn_trust_domain) => r,
+                            _ = stop.wait() => anyhow::bail!("stopped while enrolling with the gateway at {addr}"),
+                        };
+                        match attempt {
                             Err(quicmesh_node::enroll::JoinError::NoAnswer(_)) => {
                                 tracing::warn!(gateway = %addr, retry_in = ?wait, "the gateway does not answer; waiting for it and retrying (Ctrl-C stops)");
                                 tokio::select! {
                                     _ = tokio::time::sleep(wait) => {}
-                                    _ = demo::shutdown_signal() => anyhow::bail!("stopped while waiting for the gateway at {addr}"),
+                                    _ = stop.wait() => anyhow::bail!("stopped while waiting for the gateway at {addr}"),
                                 }
                                 wait = (wait * 2).min(std::time::Duration::from_secs(10));
                             }
@@ -478,7 +505,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "quicmesh node {} ready: outbound={} inbound={} admin={}{tcp}",
                     a.name, a.outbound, a.inbound, a.admin
                 );
-                demo::shutdown_signal().await;
+                stop.wait().await;
                 node.drain().await;
                 Ok(())
             })
@@ -490,6 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = config::load(&config)?;
             runtime_with(cfg.gateway.as_ref().map_or(0, |g| g.workers))?.block_on(async {
                 quicmesh_shared::telemetry::metrics::recorder();
+                let mut stop = demo::Shutdown::listen();
                 quicmesh_shared::telemetry::metrics::runtime_workers();
                 let gw = quicmesh_gateway::start_with_files(cfg, config).await?;
                 let a = &gw.addrs;
@@ -499,7 +527,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "quicmesh gateway ready: listen={} admin={} control={}{tcp}{listeners}",
                     a.listen, a.admin, a.control
                 );
-                demo::shutdown_signal().await;
+                stop.wait().await;
                 gw.drain().await;
                 Ok(())
             })

@@ -618,16 +618,18 @@ pub struct DemoProc {
 
 impl DemoProc {
     pub fn start(env: &[(&str, &str)]) -> DemoProc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(Self::ARGS).envs(env.iter().copied()).env("NO_COLOR", "1").env("RUST_BACKTRACE", "1");
+        Self::start_command(cmd)
+    }
+
+    /// `quicmesh demo` on free ports.
+    pub const ARGS: [&'static str; 7] = ["demo", "--port", "0", "--admin-port", "0", "--outbound-port", "0"];
+
+    /// The demo as `cmd` starts it (inside a container, say), reading what it prints.
+    pub fn start_command(mut cmd: Command) -> DemoProc {
         let stderr = tempfile::NamedTempFile::new().unwrap();
-        let mut child = Command::new(BIN)
-            .args(["demo", "--port", "0", "--admin-port", "0", "--outbound-port", "0"])
-            .envs(env.iter().copied())
-            .env("NO_COLOR", "1")
-            .env("RUST_BACKTRACE", "1")
-            .stdout(Stdio::piped())
-            .stderr(stderr.reopen().unwrap())
-            .spawn()
-            .unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(stderr.reopen().unwrap()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

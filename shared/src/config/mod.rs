@@ -25,6 +25,38 @@ pub const ENV_PREFIX: &str = "QUICMESH_";
 /// `QUICMESH_*` variables that are not config keys (logging is set up before config is read).
 const ENV_NOT_CONFIG: &[&str] = &["log", "log_format", "join_token", "admin_token"];
 
+/// The environment as a config layer: `QUICMESH_SECTION__KEY`, less the variables that are not
+/// config keys.
+fn env_layer() -> Env {
+    Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG).filter(|key| !service_link(key.as_str()))
+}
+
+/// Whether a `QUICMESH_`-prefixed variable (prefix removed) is one of the variables Kubernetes
+/// gives every pod for each Service of its namespace (`<SERVICE>_SERVICE_HOST`,
+/// `<SERVICE>_PORT_8443_UDP_ADDR`, ...): a Service named `quicmesh-edge` makes
+/// `QUICMESH_EDGE_SERVICE_HOST`. A config key always has a section (`SECTION__KEY`); these have
+/// none, so they are never taken for one.
+fn service_link(key: &str) -> bool {
+    if key.contains('.') || key.contains("__") {
+        return false;
+    }
+    let key = key.to_ascii_lowercase();
+    if key.ends_with("_service_host") || key.ends_with("_service_port") || key.contains("_service_port_") {
+        return true;
+    }
+    if key.ends_with("_port") {
+        return true;
+    }
+    // <SERVICE>_PORT_<number>_<protocol>[_PROTO|_PORT|_ADDR]
+    key.split("_port_").skip(1).any(|rest| {
+        let mut parts = rest.split('_');
+        let number = parts.next().is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let protocol = parts.next().is_some_and(|p| matches!(p, "tcp" | "udp" | "sctp"));
+        let field = parts.next().is_none_or(|f| matches!(f, "proto" | "port" | "addr")) && parts.next().is_none();
+        number && protocol && field
+    })
+}
+
 /// A config that could not be loaded: names the file (when one is to blame), the key and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -864,7 +896,7 @@ pub fn figment_with(files: &[PathBuf], layers: &[Layer]) -> Result<Figment, Conf
         layer.check()?;
         fig = fig.merge(Named(layer));
     }
-    let env = Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG);
+    let env = env_layer();
     Ok(fig.merge(env))
 }
 
@@ -1053,7 +1085,7 @@ pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
 
 /// Parses an embedded TOML document with the environment layered on top (the demo).
 pub fn from_toml_with_env(text: &str) -> Result<Config, ConfigError> {
-    let env = Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG);
+    let env = env_layer();
     let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)).merge(env);
     let config: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
     config.validate()?;

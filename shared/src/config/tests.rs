@@ -276,3 +276,32 @@ fn acme_needs_an_https_directory_and_names_it_can_certify() {
     let backoff = acme(https, "retry_initial = \"1h\"\nretry_max = \"1m\"\n");
     assert!(load_err(&backoff).contains("at most retry_max"), "{}", load_err(&backoff));
 }
+
+#[test]
+fn kubernetes_service_link_variables_are_not_config_keys() {
+    // What Kubernetes sets in every pod for a Service `quicmesh-edge` (prefix removed).
+    for key in [
+        "edge_service_host",
+        "edge_service_port",
+        "edge_service_port_https",
+        "edge_port",
+        "edge_port_8443_tcp",
+        "edge_port_8443_udp_proto",
+        "edge_port_8443_udp_port",
+        "edge_port_8443_tcp_addr",
+        "CONTROL_PORT_15012_UDP",
+    ] {
+        assert!(service_link(key), "{key}");
+    }
+    // Config keys, and mistakes that must still be reported as unknown keys.
+    for key in [
+        "node.admin",
+        "node__admin",
+        "transport.socket_buffer",
+        "timeouts",
+        "edge_port_x_tcp",
+        "edge_port_80_tcp_other",
+    ] {
+        assert!(!service_link(key), "{key}");
+    }
+}

@@ -108,11 +108,40 @@ fn udp_socket(bind: Bind, buffer: usize) -> Result<std::net::UdpSocket, Transpor
             socket.into()
         }
     };
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max, so say when it did.
     let sock = SockRef::from(&socket);
     let _ = sock.set_recv_buffer_size(buffer);
     let _ = sock.set_send_buffer_size(buffer);
+    for (which, got, sysctl) in [
+        ("receive", sock.recv_buffer_size(), "net.core.rmem_max"),
+        ("send", sock.send_buffer_size(), "net.core.wmem_max"),
+    ] {
+        if let Some(got) = got.ok().filter(|&got| capped(buffer, got)) {
+            tracing::warn!(
+                wanted = buffer,
+                got = usable(got),
+                "the kernel capped this UDP socket's {which} buffer ({sysctl}): QUIC drops packets under \
+                 bursts; raise {sysctl} to at least {buffer} (deploy/systemd/99-quicmesh.conf) or lower \
+                 transport.socket_buffer"
+            );
+        }
+    }
     Ok(socket)
+}
+
+/// The buffer a socket really has, from what `getsockopt` reports: Linux reports twice what
+/// it grants (the other half is for its own bookkeeping).
+fn usable(reported: usize) -> usize {
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
+}
+
+/// Whether the kernel granted less than asked for.
+fn capped(wanted: usize, reported: usize) -> bool {
+    usable(reported) < wanted
 }
 
 /// The client side of mesh connections with these credentials.
