@@ -329,40 +329,74 @@ fn the_shipped_configs_pass_quicmesh_check() {
     }
 }
 
-/// The image built from `deploy/container/Containerfile` FROM scratch (no registry is
-/// reachable here, so its second way: the binary this test built, laid out by `collect.sh`),
-/// then `quicmesh demo` run inside it, answering curl from outside.
-#[tokio::test]
-async fn the_container_image_builds_from_scratch_and_runs_the_demo() {
-    for tool in ["podman", "runc", "ldd"] {
-        if !require_tool(tool) {
-            return;
-        }
-    }
+/// The image from `deploy/container/Containerfile`, FROM scratch by its second way (no
+/// registry is reachable here): the binary this test built, laid out by `collect.sh`. Tagged
+/// `tag`; removed when the returned guard drops.
+fn build_image(tag: &str) -> Cleanup {
     let ctx = tempfile::tempdir().unwrap();
     let rootfs = ctx.path().join("target/container/rootfs");
     run(Command::new("sh")
         .arg(repo().join("deploy/container/collect.sh"))
         .arg(env!("CARGO_BIN_EXE_quicmesh"))
         .arg(&rootfs));
-    let tag = format!("localhost/quicmesh-test:{}", std::process::id());
-    let _image = Cleanup(vec!["rmi".into(), "-f".into(), tag.clone()]);
+    let guard = Cleanup::podman(&["rmi", "-f", tag]);
     run(Command::new("podman")
-        .args(["build", "--build-arg", "ROOTFS=prebuilt", "-t", &tag, "-f"])
+        .args(["build", "--build-arg", "ROOTFS=prebuilt", "-t", tag, "-f"])
         .arg(repo().join("deploy/container/Containerfile"))
         .arg(ctx.path()));
+    guard
+}
+
+/// This machine's quirks, not the image's: its kernel mixes cgroup v1 and v2, which crun
+/// refuses ("hybrid mode"), so runc runs the containers; and podman may not set its default
+/// rlimits here.
+const PODMAN_HERE: &str =
+    "[containers]\ndefault_ulimits = [\"nofile=4096:4096\", \"nproc=1000:1000\"]\n[engine]\nruntime = \"runc\"\n";
+
+fn podman_tools() -> bool {
+    ["podman", "runc", "ldd"].into_iter().all(require_tool)
+}
+
+/// The image built, then `quicmesh demo` run inside it, answering curl from outside; and its
+/// state directory writable by its unprivileged user through a named volume.
+#[tokio::test]
+async fn the_container_image_builds_from_scratch_and_runs_the_demo() {
+    if !podman_tools() {
+        return;
+    }
+    let id = std::process::id();
+    let tag = format!("localhost/quicmesh-test:{id}");
+    let _image = build_image(&tag);
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(conf.path(), PODMAN_HERE).unwrap();
+    let podman = || {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", conf.path());
+        c
+    };
     // Runs as the image's unprivileged user, with nothing but the binary and its libraries.
-    let user = run(Command::new("podman").args(["image", "inspect", "--format", "{{.Config.User}}", &tag]));
+    let user = run(podman().args(["image", "inspect", "--format", "{{.Config.User}}", &tag]));
     assert_eq!(user.trim(), "65532:65532");
-    let name = format!("quicmesh-test-{}", std::process::id());
-    let _container = Cleanup(vec!["rm".into(), "-f".into(), "-t".into(), "0".into(), name.clone()]);
-    // This machine's quirks, not the image's: its kernel mixes cgroup v1 and v2, which crun
-    // refuses ("hybrid mode"), so runc runs it; and podman may not set its default rlimits
-    // here. Host networking: the demo's loopback ports are this test's.
-    let mut cmd = Command::new("podman");
-    cmd.args(["run", "--rm", "--name", &name, "--runtime", "runc", "--network", "host"])
-        .args(["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=1000:1000", &tag])
-        .args(DemoProc::ARGS);
+    let volume = format!("quicmesh-test-state-{id}");
+    let _volume = Cleanup::podman(&["volume", "rm", "-f", &volume]);
+    let mount = format!("{volume}:/var/lib/quicmesh");
+    for _ in 0..2 {
+        // The second run finds the CA the first made, in the volume, and keeps it.
+        run(podman().args(["run", "--rm", "-v", &mount, &tag]).args([
+            "ca",
+            "init",
+            "--if-missing",
+            "--dir",
+            "/var/lib/quicmesh",
+            "--trust-domain",
+            "test.quicmesh",
+        ]));
+    }
+    let name = format!("quicmesh-test-{id}");
+    let _container = Cleanup::podman(&["rm", "-f", "-t", "0", &name]);
+    // Host networking: the demo's loopback ports are this test's.
+    let mut cmd = podman();
+    cmd.args(["run", "--rm", "--name", &name, "--network", "host", &tag]).args(DemoProc::ARGS);
     let demo = DemoProc::start_command(cmd);
     demo.wait_ready().await;
     let (ok, body) = curl(&["-sk", &demo.url("/hello")]);
@@ -372,12 +406,60 @@ async fn the_container_image_builds_from_scratch_and_runs_the_demo() {
     assert!(ok && body.contains("/from-a-container"), "{body}");
 }
 
-/// Runs `podman ARGS` when dropped (removing what a test made, whatever happened).
-struct Cleanup(Vec<String>);
+/// `deploy/container/compose.yaml` brought up as written (three container hosts on their own
+/// addresses, the CA and certificates made by its one-shot steps), answering at the edge.
+#[tokio::test]
+async fn the_compose_demo_serves_through_three_container_hosts() {
+    if !podman_tools() || !require_tool("podman-compose") {
+        return;
+    }
+    let id = std::process::id();
+    let tag = format!("localhost/quicmesh-compose-test:{id}");
+    let _image = build_image(&tag);
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(conf.path(), PODMAN_HERE).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let project = format!("quicmesh-test-{id}");
+    let compose = |args: &[&str]| {
+        let mut c = Command::new("podman-compose");
+        c.args(["-p", &project])
+            .args(args)
+            .current_dir(repo().join("deploy/container"))
+            .env("CONTAINERS_CONF", conf.path())
+            .env("QM_IMAGE", &tag)
+            .env("QM_EDGE_PORT", port.to_string());
+        c
+    };
+    let _down = Cleanup(compose(&["down", "-v", "-t", "1"]));
+    run(&mut compose(&["up", "-d"]));
+    let url = format!("https://127.0.0.1:{port}/");
+    let body = eventually(Duration::from_secs(60), "the compose demo answers at the edge", || {
+        let (ok, body) = curl(&["-sk", "--max-time", "5", &url]);
+        async move { (ok && body.starts_with("hello from")).then_some(body) }
+    })
+    .await;
+    assert_eq!(body.trim(), "hello from v1 on node-b");
+    let status =
+        run(&mut compose(&["exec", "gateway", "/usr/local/bin/quicmesh", "status", "--admin", "127.0.0.1:9901"]));
+    for node in ["node-a", "node-b"] {
+        assert!(status.lines().any(|l| l.starts_with(node) && l.contains("yes")), "{status}");
+    }
+}
+
+/// Runs a command when dropped (removing what a test made, whatever happened).
+struct Cleanup(Command);
+
+impl Cleanup {
+    fn podman(args: &[&str]) -> Cleanup {
+        let mut c = Command::new("podman");
+        c.args(args);
+        Cleanup(c)
+    }
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("podman").args(&self.0).output();
+        let _ = self.0.output();
     }
 }
 

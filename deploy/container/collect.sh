@@ -1,7 +1,8 @@
 #!/bin/sh
 # Lays out the image's whole file system under ROOTFS: the quicmesh binary, the C libraries it
 # links (from ldd, paths kept), the CA bundle for ACME's HTTPS, an unprivileged user, /tmp and
-# the state directory. Used by the Containerfile's build stage, and on a host without an image
+# an empty /var/empty (the Containerfile makes the state directory from it, owned by that
+# user). Used by the Containerfile's build stage, and on a host without an image
 # registry to build FROM scratch (see README.md).
 #
 #   deploy/container/collect.sh target/release/quicmesh target/container/rootfs
@@ -10,7 +11,7 @@ bin=$1
 rootfs=$2
 [ -x "$bin" ] || { echo "collect.sh: $bin is not an executable" >&2; exit 1; }
 rm -rf "$rootfs"
-mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/ssl/certs" "$rootfs/tmp" "$rootfs/var/lib/quicmesh" "$rootfs/etc/quicmesh"
+mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/ssl/certs" "$rootfs/tmp" "$rootfs/var/empty" "$rootfs/etc/quicmesh"
 cp "$bin" "$rootfs/usr/local/bin/quicmesh"
 # Debug information is not needed to run, and is most of the binary's size.
 if command -v strip >/dev/null 2>&1; then strip --strip-debug "$rootfs/usr/local/bin/quicmesh"; fi
@@ -25,5 +26,4 @@ fi
 echo 'quicmesh:x:65532:65532:quicmesh:/var/lib/quicmesh:/sbin/nologin' > "$rootfs/etc/passwd"
 echo 'quicmesh:x:65532:' > "$rootfs/etc/group"
 chmod 1777 "$rootfs/tmp"
-chown 65532:65532 "$rootfs/var/lib/quicmesh" 2>/dev/null || true
-chmod 0700 "$rootfs/var/lib/quicmesh"
+chmod 0700 "$rootfs/var/empty"
