@@ -353,6 +353,16 @@ fn build_image(tag: &str) -> Cleanup {
 const PODMAN_HERE: &str =
     "[containers]\ndefault_ulimits = [\"nofile=4096:4096\", \"nproc=1000:1000\"]\n[engine]\nruntime = \"runc\"\n";
 
+/// An image of this build tagged `localhost/NAME:PID`, and the podman settings this machine
+/// needs ([`PODMAN_HERE`], for `CONTAINERS_CONF`).
+fn test_image(name: &str) -> (String, tempfile::NamedTempFile, Cleanup) {
+    let tag = format!("localhost/{name}:{}", std::process::id());
+    let guard = build_image(&tag);
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(conf.path(), PODMAN_HERE).unwrap();
+    (tag, conf, guard)
+}
+
 fn podman_tools() -> bool {
     ["podman", "runc", "ldd"].into_iter().all(require_tool)
 }
@@ -365,10 +375,7 @@ async fn the_container_image_builds_from_scratch_and_runs_the_demo() {
         return;
     }
     let id = std::process::id();
-    let tag = format!("localhost/quicmesh-test:{id}");
-    let _image = build_image(&tag);
-    let conf = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(conf.path(), PODMAN_HERE).unwrap();
+    let (tag, conf, _image) = test_image("quicmesh-test");
     let podman = || {
         let mut c = Command::new("podman");
         c.env("CONTAINERS_CONF", conf.path());
@@ -414,15 +421,13 @@ async fn the_compose_demo_serves_through_three_container_hosts() {
         return;
     }
     let id = std::process::id();
-    let tag = format!("localhost/quicmesh-compose-test:{id}");
-    let _image = build_image(&tag);
-    let conf = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(conf.path(), PODMAN_HERE).unwrap();
+    let (tag, conf, _image) = test_image("quicmesh-compose-test");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let project = format!("quicmesh-test-{id}");
     let compose = |args: &[&str]| {
-        let mut c = Command::new("podman-compose");
-        c.args(["-p", &project])
+        // Bounded: podman-compose waits for conditions without a limit of its own.
+        let mut c = Command::new("timeout");
+        c.args(["120", "podman-compose", "-p", &project])
             .args(args)
             .current_dir(repo().join("deploy/container"))
             .env("CONTAINERS_CONF", conf.path())
@@ -431,13 +436,27 @@ async fn the_compose_demo_serves_through_three_container_hosts() {
         c
     };
     let _down = Cleanup(compose(&["down", "-v", "-t", "1"]));
-    run(&mut compose(&["up", "-d"]));
+    let state = || {
+        run(Command::new("podman").args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=io.podman.compose.project={project}"),
+        ]))
+    };
+    let up = compose(&["up", "-d"]).output().unwrap();
+    assert!(up.status.success(), "compose up failed:\n{}\n{}", String::from_utf8_lossy(&up.stderr), state());
     let url = format!("https://127.0.0.1:{port}/");
-    let body = eventually(Duration::from_secs(60), "the compose demo answers at the edge", || {
+    let mut answer = None;
+    for _ in 0..120 {
         let (ok, body) = curl(&["-sk", "--max-time", "5", &url]);
-        async move { (ok && body.starts_with("hello from")).then_some(body) }
-    })
-    .await;
+        if ok && body.starts_with("hello from") {
+            answer = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let body = answer.unwrap_or_else(|| panic!("the compose demo never answered at {url}:\n{}", state()));
     assert_eq!(body.trim(), "hello from v1 on node-b");
     let status =
         run(&mut compose(&["exec", "gateway", "/usr/local/bin/quicmesh", "status", "--admin", "127.0.0.1:9901"]));
