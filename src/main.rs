@@ -177,6 +177,9 @@ enum ConfigCommand {
         #[arg(long, default_value = "127.0.0.1:9901", value_parser = admin_addr)]
         admin: std::net::SocketAddr,
     },
+    /// Print the reference of every config key (type, default, when it applies, what it does),
+    /// generated from the config types: docs/config.md is its output.
+    Reference,
 }
 
 #[derive(Subcommand)]
@@ -223,6 +226,13 @@ enum CaCommand {
         /// domain (for provisioning steps that run at every start: containers, init scripts).
         #[arg(long)]
         if_missing: bool,
+        /// Then issue a member certificate (as `ca issue`), for each one named: one step that
+        /// leaves a directory ready for a whole demo mesh.
+        #[arg(long, value_name = "NAME")]
+        issue: Vec<String>,
+        /// Validity of the certificates `--issue` makes, in days.
+        #[arg(long, default_value_t = DEFAULT_NODE_VALIDITY.as_secs() / 86400, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: u64,
     },
     /// Issue a member certificate with identity spiffe://<trust-domain>/node/<NAME>.
     Issue {
@@ -322,8 +332,8 @@ fn report(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Ca { command: CaCommand::Init { dir, trust_domain, if_missing } } => {
-            if if_missing && dir.join("ca.key").exists() {
+        Command::Ca { command: CaCommand::Init { dir, trust_domain, if_missing, issue, days } } => {
+            let ca = if if_missing && dir.join("ca.key").exists() {
                 let ca = Ca::open(&dir)?;
                 anyhow::ensure!(
                     ca.trust_domain == trust_domain,
@@ -332,12 +342,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ca.trust_domain
                 );
                 println!("CA for trust domain {} already in {}", ca.trust_domain, dir.display());
-                println!("CA fingerprint (sha256): {}", ca.fingerprint());
-                return Ok(());
-            }
-            let ca = Ca::init(&dir, &trust_domain)?;
-            println!("created CA for trust domain {} in {}", ca.trust_domain, dir.display());
+                ca
+            } else {
+                let ca = Ca::init(&dir, &trust_domain)?;
+                println!("created CA for trust domain {} in {}", ca.trust_domain, dir.display());
+                ca
+            };
             println!("CA fingerprint (sha256): {}", ca.fingerprint());
+            for node in issue {
+                let (cert, key) = ca.issue(&node, std::time::Duration::from_secs(days * 86400))?;
+                println!("issued spiffe://{}/node/{node}: {} {}", ca.trust_domain, cert.display(), key.display());
+            }
             Ok(())
         }
         Command::Ca { command: CaCommand::Fingerprint { dir } } => {
@@ -386,6 +401,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let body = serde_json::json!({ "layers": layers }).to_string();
             let rt = runtime()?;
             print!("{}", rt.block_on(top::post_waiting(admin, "/config", "", body.into(), std::time::Duration::ZERO))?);
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Reference } => {
+            print!("{}", config::reference::markdown());
             Ok(())
         }
         Command::Config { command: ConfigCommand::Explain { key, config } } => {

@@ -1127,3 +1127,34 @@ async fn a_node_finds_the_replicas_behind_one_dns_name() {
     );
     wait_status(&a, "late", 200, "node-a to reach a service registered after the move").await;
 }
+
+#[tokio::test]
+async fn a_reload_says_which_changed_keys_wait_for_a_restart() {
+    // Until now a changed admin address or QUIC setting was taken silently and logged as
+    // "config reloaded", while the running values stayed.
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    let files = gateway_layers(&dir, "[[services]]\nname = \"web\"\n", "");
+    let gw = NodeProc::start_layered("gateway", &files);
+    let admin = gw.addrs.admin;
+    let reloads = || async { metric(&gw.metrics().await, "quicmesh_config_reloads_total", &[("result", "applied")]) };
+    // A route: applied, nothing pending.
+    let routes = "[[gateway.routes]]\nname = \"web\"\n[[gateway.routes.rules]]\nbackendRefs = [{ name = \"web\" }]\n";
+    std::fs::write(&files[1], std::fs::read_to_string(&files[1]).unwrap() + routes).unwrap();
+    eventually(Duration::from_secs(10), "the route edit to be applied", || async {
+        (reloads().await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(!gw.log().contains("read at start"), "{}", gw.log());
+    // The admin address (and a QUIC setting in the mesh file): applied to nothing, and said.
+    let text =
+        std::fs::read_to_string(&files[1]).unwrap().replace("admin = \"127.0.0.1:0\"", "admin = \"127.0.0.1:1\"");
+    std::fs::write(&files[1], text).unwrap();
+    let log = gw.log_with(&["read at start", "gateway.admin"]).await;
+    assert!(log.contains("until the gateway restarts"), "{log}");
+    // Still where it was.
+    assert_eq!(http_get(&format!("http://{admin}/ready")).await.0, 200);
+    let mesh = std::fs::read_to_string(&files[0]).unwrap().replace("keep_alive = \"500ms\"", "keep_alive = \"400ms\"");
+    std::fs::write(&files[0], mesh).unwrap();
+    gw.log_with(&["transport.keep_alive"]).await;
+}

@@ -270,7 +270,11 @@ fn ca_init_if_missing_keeps_the_ca_and_issue_takes_several_members() {
     assert!(String::from_utf8_lossy(&other.stderr).contains("not other.example"));
     let issued = cli(&["ca", "issue", "--dir", &state_arg, "--node", "gateway", "--node", "node-a", "--days", "2"]);
     assert!(issued.status.success(), "{}", String::from_utf8_lossy(&issued.stderr));
-    for member in ["gateway", "node-a"] {
+    // Or in the init step itself (what the compose demo runs at every `up`).
+    let both = cli(&[&init[..], &["--issue", "node-b", "--issue", "node-c"]].concat());
+    assert!(both.status.success(), "{}", String::from_utf8_lossy(&both.stderr));
+    assert_eq!(read(&state.join("ca.pem")), ca, "the CA was replaced");
+    for member in ["gateway", "node-a", "node-b", "node-c"] {
         assert!(state.join(format!("{member}.pem")).exists() && state.join(format!("{member}.key")).exists());
     }
 }
@@ -550,4 +554,21 @@ async fn sigterm_while_a_node_enrolls_stops_it() {
     // Its own exit, saying why (not killed by the signal, nor still waiting).
     assert_eq!(status.code(), Some(1), "{status:?}\n{log}");
     assert!(log.contains("stopped while enrolling with the gateway"), "{log}");
+}
+
+#[test]
+fn the_config_reference_is_generated_from_the_code() {
+    let out = Command::new(env!("CARGO_BIN_EXE_quicmesh")).args(["config", "reference"]).output().unwrap();
+    assert!(out.status.success());
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let committed = read(&repo().join("docs/config.md"));
+    assert!(
+        generated == committed,
+        "docs/config.md is not what the config types say: run `cargo run -- config reference > docs/config.md`"
+    );
+    // Every key a shipped config file sets is in it (spot check of the walk itself).
+    for key in ["`node.admin`", "`gateway.acme.directory`", "`transport.socket_buffer`", "`services[].retry.attempts`"]
+    {
+        assert!(generated.contains(key), "{key} is missing from the reference");
+    }
 }

@@ -472,6 +472,13 @@ impl ControlPlane {
         for warning in config.warnings() {
             warn!("config: {warning}");
         }
+        let pending = quicmesh_shared::config::reference::changes_needing_restart(&self.lock().config, &config);
+        if !pending.is_empty() {
+            warn!(
+                keys = pending.join(", "),
+                "these changed keys are read at start: they keep their running values until the gateway restarts"
+            );
+        }
         self.reload(config, node_settings);
         Ok(())
     }

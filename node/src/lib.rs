@@ -130,10 +130,22 @@ async fn register_on_change<F: Fn() -> Vec<std::path::PathBuf>>(
     tx: watch::Sender<Vec<quicmesh_shared::control::Instance>>,
     mut watch: FileWatch<F>,
 ) {
+    // What the node started with (read again: the files are what it was started from).
+    let mut last = quicmesh_shared::config::load(&files).ok();
     loop {
         watch.changed().await;
         match quicmesh_shared::config::load(&files) {
             Ok(cfg) => {
+                if let Some(before) = &last {
+                    let pending = quicmesh_shared::config::reference::changes_needing_restart(before, &cfg);
+                    if !pending.is_empty() {
+                        warn!(
+                            keys = pending.join(", "),
+                            "these changed keys are read at start: they keep their running values until the node restarts"
+                        );
+                    }
+                }
+                last = Some(cfg.clone());
                 let instances = cfg.node.map(|n| n.instances).unwrap_or_default();
                 tx.send_if_modified(|cur| {
                     let changed = *cur != instances;

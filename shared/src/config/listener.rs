@@ -9,26 +9,31 @@ use super::{EdgeCertificate, GatewayConfig};
 use crate::policy::listener::{ListenerSpec, Protocol, RouteKind};
 
 /// One listener of the gateway.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     /// Unique among the gateway's listeners (or its set's); routes name it as `sectionName`.
     pub name: String,
     /// The port clients reach: what a route's `parentRefs` port and redirects name.
+    /// Read at start: a reload that changes it is refused.
     pub port: u16,
     /// Where to bind; default `gateway.listen`'s address with `port`. Listeners of one port
     /// share one socket (HTTPS: TCP and UDP), so at most one address per port.
+    /// Read at start: a reload that changes it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+    /// Read at start: a reload that changes it is refused.
     pub protocol: Protocol,
     /// Exact or `*.suffix`; unset, every host not taken by a more specific listener of the port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// HTTPS and terminating TLS listeners: certificates served for this listener's names
     /// (by SNI); default `gateway.certificates`.
+    /// Read at start: a reload that changes it is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<EdgeCertificate>,
     /// TLS listeners: `Passthrough` (default; the gateway never decrypts) or `Terminate`.
+    /// Read at start.
     #[serde(default)]
     pub tls_mode: TlsMode,
     /// Route kinds it takes; default every kind its protocol carries.
@@ -36,7 +41,7 @@ pub struct Listener {
     pub allowed_routes: Option<Vec<RouteKind>>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum TlsMode {
     #[default]
     Passthrough,
@@ -45,7 +50,7 @@ pub enum TlsMode {
 
 /// Listeners a team adds to the gateway without editing its own list; routes attach to them
 /// with `parentRefs = [{ kind = "ListenerSet", name = ... }]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSet {
     pub name: String,

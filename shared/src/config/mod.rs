@@ -7,6 +7,7 @@
 
 pub mod listener;
 pub mod overlay;
+pub mod reference;
 pub mod watch;
 
 use std::collections::{BTreeMap, HashSet};
@@ -76,9 +77,10 @@ pub enum ConfigError {
 }
 
 /// The whole configuration of one quicmesh process.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Read at start.
     pub mesh: MeshConfig,
     /// Present when this process runs a node proxy.
     pub node: Option<NodeConfig>,
@@ -95,8 +97,9 @@ pub struct Config {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub grpc_routes: Vec<crate::policy::grpc_route::GrpcRoute>,
     pub timeouts: Timeouts,
+    /// Read at start.
     pub transport: TransportConfig,
-    /// Per-request access log of this process.
+    /// Per-request access log of this process. Read at start.
     pub access_log: AccessLogConfig,
     /// Who may call whom (pushed to every node with the snapshots).
     pub authorization: crate::policy::authz::AuthzConfig,
@@ -106,13 +109,13 @@ pub struct Config {
 }
 
 /// Mesh-wide identity settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeshConfig {
-    /// SPIFFE trust domain: identities are `spiffe://<trust_domain>/node/<name>`.
+    /// SPIFFE trust domain: identities are `spiffe://<trust_domain>/node/<name>`. Read at start.
     pub trust_domain: String,
     /// Request paths have runs of `/` merged into one before they are matched, authorized and
-    /// forwarded (dot segments and unreserved escapes are always resolved).
+    /// forwarded (dot segments and unreserved escapes are always resolved). Read at start.
     pub merge_slashes: bool,
 }
 
@@ -123,7 +126,7 @@ impl Default for MeshConfig {
 }
 
 /// Where a process finds its CA bundle, certificate and key.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsFiles {
     /// Directory written by `quicmesh ca init/issue`; the defaults below are taken from it.
@@ -172,38 +175,45 @@ pub const MAX_STREAMS: u32 = 1 << 20;
 pub const MAX_WORKERS: usize = 1024;
 
 /// The node proxy of this host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
-    /// Node name: a DNS label, also the last part of its SPIFFE identity.
+    /// Node name: a DNS label, also the last part of its SPIFFE identity. Read at start.
     pub name: String,
-    /// Plain HTTP listener for local apps (HTTP/1.1 and h2c prior knowledge).
+    /// Plain HTTP listener for local apps (HTTP/1.1 and h2c prior knowledge). Read at start.
     pub outbound: SocketAddr,
-    /// UDP address of the QUIC listener that peers connect to.
+    /// UDP address of the QUIC listener that peers connect to. Read at start.
     pub inbound: SocketAddr,
-    /// Admin HTTP listener (`/ready`, `/live`, `/metrics`).
+    /// Admin HTTP listener (`/ready`, `/live`, `/metrics`). Read at start.
     pub admin: SocketAddr,
     /// File holding the bearer token the admin API requires (required when `admin` is not a
-    /// loopback address; `QUICMESH_ADMIN_TOKEN` overrides it).
+    /// loopback address; `QUICMESH_ADMIN_TOKEN` overrides it). Read at start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token_file: Option<PathBuf>,
+    /// Read at start.
     pub tls: TlsFiles,
-    /// Opaque TCP forwards: a local port carried to a service of protocol `tcp`.
+    /// Opaque TCP forwards: a local port carried to a service of protocol `tcp`. Read at start.
     pub tcp: Vec<TcpForward>,
-    /// The control plane; unset means services come from static config only.
+    /// The control plane; unset means services come from static config only. Read at start.
     pub gateway: Option<ControlTarget>,
     /// Address peers use to reach `inbound` (needed when `inbound` is a wildcard address).
+    /// Read at start.
     pub advertise: Option<SocketAddr>,
     /// Instances this node hosts, registered with the control plane.
+    /// Applies on change (registered again with the control plane; a static node does not use them).
     pub instances: Vec<Instance>,
     /// Where the last good snapshot is cached. Default `<tls.state_dir>/<name>.snapshot.json`.
+    /// Read at start.
     pub snapshot_cache: Option<PathBuf>,
     /// Ask the control plane for a new certificate this long before expiry (default: when a
-    /// third of its lifetime is left).
+    /// third of its lifetime is left). Read at start.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub renew_before: Option<Duration>,
     /// On SIGTERM, how long requests in flight may take to finish before the node exits.
+    /// Read at start.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub drain_timeout: Duration,
     /// Threads that run the proxy: 1 (the default) is a single-threaded runtime, the cheapest
     /// per request; 0 is one per CPU core. Read at start.
@@ -211,12 +221,13 @@ pub struct NodeConfig {
     /// A kept-alive connection to a local instance closes once unused for this long (checked
     /// at this interval, so within about twice it). At most a day. Read at start.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub instance_idle: Duration,
 }
 
 /// An address to reach: `IP:PORT`, or `NAME:PORT` looked up at every attempt, each of the
 /// name's address records one more place to try (one DNS name for all gateway replicas).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(try_from = "String", into = "String")]
 pub struct HostPort {
     pub host: String,
@@ -296,7 +307,7 @@ impl HostPort {
 }
 
 /// Where the control plane is.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ControlTarget {
     /// The gateway's control listener (UDP): `IP:PORT`, or `NAME:PORT` with an address record
@@ -338,7 +349,7 @@ impl Default for NodeConfig {
 }
 
 /// A local TCP port whose connections are tunnelled to a service.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TcpForward {
     pub listen: SocketAddr,
@@ -346,51 +357,62 @@ pub struct TcpForward {
 }
 
 /// The edge gateway.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// Mesh identity of the gateway (`spiffe://<td>/node/<name>`).
+    /// Mesh identity of the gateway (`spiffe://<td>/node/<name>`). Read at start.
     pub name: String,
     /// Edge listener: TLS over TCP (h2, http/1.1) and QUIC (h3) on the same port number.
+    /// Read at start.
     pub listen: SocketAddr,
-    /// Admin HTTP listener.
+    /// Admin HTTP listener. Read at start.
     pub admin: SocketAddr,
-    /// As `node.admin_token_file`.
+    /// As `node.admin_token_file`. Read at start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token_file: Option<PathBuf>,
-    /// Mesh certificate of the gateway.
+    /// Mesh certificate of the gateway. Read at start.
     pub tls: TlsFiles,
     /// Edge certificates (PEM), chosen by SNI; empty means a self-signed development certificate.
+    /// Read at start.
     pub certificates: Vec<EdgeCertificate>,
     /// Routes in the Gateway API HTTPRoute model (see `route`).
     pub routes: Vec<crate::policy::route::HttpRoute>,
+    /// Read at start.
     pub limits: EdgeLimits,
-    /// UDP address where nodes hold their control streams (mutual TLS).
+    /// UDP address where nodes hold their control streams (mutual TLS). Read at start.
     pub control: SocketAddr,
-    /// How long a node that lost its control stream keeps its endpoints.
+    /// How long a node that lost its control stream keeps its endpoints. Read at start.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub node_grace: Duration,
-    /// How often config files are checked for changes.
+    /// How often config files are checked for changes. Read at start.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub watch_interval: Duration,
     /// Where the registry is persisted across restarts. Default `<tls.state_dir>/registry.json`.
+    /// Read at start.
     pub registry_file: Option<PathBuf>,
     /// Directory of per-service (`services/<name>.toml`) and per-node (`nodes/<name>.toml`)
-    /// overlays, layered over the mesh-wide files; watched like them.
+    /// overlays, layered over the mesh-wide files; watched like them. Read at start.
     pub overlays: Option<PathBuf>,
     /// On SIGTERM, how long requests in flight may take to finish before the gateway exits.
+    /// Read at start.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub drain_timeout: Duration,
     /// As `node.workers`; the default, 0, is one thread per CPU core (the edge takes all of a
-    /// host's ingress).
+    /// host's ingress). Read at start.
     pub workers: usize,
     /// Shared state for gateway replicas; unset, this gateway keeps its registry in a file.
+    /// Read at start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreConfig>,
     /// TCP listeners forwarded to `protocol = "tcp"` services (the Gateway API's TCPRoute).
+    /// Read at start.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tcp: Vec<TcpForward>,
     /// Client certificates the edge asks for (the Gateway API's frontend validation).
+    /// Read at start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frontend_validation: Option<FrontendValidation>,
     /// The Gateway API's listeners; none means one HTTPS listener on `listen`.
@@ -412,13 +434,14 @@ pub struct GatewayConfig {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub jwt_providers: Vec<crate::policy::jwt::JwtProvider>,
     /// Edge certificates ordered from an ACME CA (Let's Encrypt, say) and renewed by the gateway.
+    /// Read at start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<AcmeConfig>,
 }
 
 /// `[gateway.acme]`: automatic edge certificates (RFC 8555). One certificate per hostname,
 /// ordered at start when none is held, renewed at two thirds of its lifetime.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AcmeConfig {
     /// The CA's directory URL, e.g. `https://acme-v02.api.letsencrypt.org/directory`.
@@ -442,13 +465,15 @@ pub struct AcmeConfig {
     pub challenge: AcmeChallenge,
     /// Wait after a failed order, doubled after each failure up to `retry_max`.
     #[serde(default = "acme_retry_initial", with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub retry_initial: Duration,
     #[serde(default = "acme_retry_max", with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub retry_max: Duration,
 }
 
 /// The ACME challenge the gateway answers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum AcmeChallenge {
     /// RFC 8737: on the HTTPS port (TCP), the CA connects with ALPN `acme-tls/1`.
     #[default]
@@ -493,7 +518,7 @@ impl GatewayConfig {
 }
 
 /// `[gateway.store]`: the etcd cluster gateway replicas share their registry through.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// etcd client endpoints, `host:port` (plain HTTP: etcd on a trusted network or loopback).
@@ -540,7 +565,7 @@ impl Default for GatewayConfig {
 }
 
 /// `[gateway.frontend_validation]`: edge clients present certificates from these CAs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FrontendValidation {
     /// PEM files of the CAs a client certificate must chain to, on every HTTPS port not in
@@ -555,7 +580,7 @@ pub struct FrontendValidation {
 }
 
 /// `[[gateway.frontend_validation.per_port]]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortValidation {
     /// A listener port.
@@ -577,7 +602,7 @@ impl FrontendValidation {
 }
 
 /// Whether a client without a valid certificate is let in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum FrontendMode {
     /// The handshake needs a valid client certificate.
     #[default]
@@ -587,7 +612,7 @@ pub enum FrontendMode {
 }
 
 /// One edge certificate and the server names it answers for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeCertificate {
     pub cert: PathBuf,
@@ -598,7 +623,7 @@ pub struct EdgeCertificate {
 }
 
 /// Protections of the edge listener.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeLimits {
     /// Largest request header block, bytes (431 past it).
@@ -607,9 +632,11 @@ pub struct EdgeLimits {
     pub max_headers: usize,
     /// Time a client has to send its request headers.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub header_read_timeout: Duration,
     /// Idle connection timeout.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub idle_timeout: Duration,
     /// Concurrent streams per HTTP/2 or HTTP/3 connection, all usable at once (on QUIC the
     /// advertised limit is about 1/7 higher; see `transport::advertised_streams`).
@@ -645,7 +672,7 @@ impl Default for EdgeLimits {
 }
 
 /// A mesh member that accepts QUIC from the others.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub name: String,
@@ -654,7 +681,7 @@ pub struct PeerConfig {
 }
 
 /// How a service's instances speak.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.1 with keep-alive.
@@ -667,7 +694,7 @@ pub enum Protocol {
 }
 
 /// A service and its instances.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -706,7 +733,7 @@ pub struct ServiceConfig {
 }
 
 /// `services[].backend_tls`: how a node checks an instance's certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendTls {
     /// PEM files of the CAs the instances' certificates chain to, read on the host of the node
@@ -727,7 +754,7 @@ pub struct BackendTls {
 }
 
 /// `backend_tls.well_known_ca_certificates`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum WellKnownCas {
     System,
 }
@@ -764,7 +791,7 @@ fn is_true(b: &bool) -> bool {
 }
 
 /// One instance of a service: the node that hosts it and its address on that host.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     pub node: String,
@@ -778,14 +805,16 @@ pub struct EndpointConfig {
 }
 
 /// Proxy timeouts (retries and richer policy come later).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
-    /// TCP connect to a local instance, or QUIC handshake with a peer node.
+    /// TCP connect to a local instance, or QUIC handshake with a peer node. Read at start.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub connect: Duration,
     /// From sending a request to receiving its response headers.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub request: Duration,
 }
 
@@ -796,7 +825,7 @@ impl Default for Timeouts {
 }
 
 /// QUIC tuning between mesh members.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransportConfig {
     /// Concurrent request streams a peer may open on one connection.
@@ -809,8 +838,10 @@ pub struct TransportConfig {
     pub socket_buffer: usize,
     /// Keep-alive ping interval; a dead peer is noticed after `idle_timeout`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub keep_alive: Duration,
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub idle_timeout: Duration,
 }
 
@@ -834,7 +865,7 @@ pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
 
 /// A config layer that is not a file: TOML text and a name for messages (the gateway
 /// replicas' shared config in etcd, applied by `quicmesh config apply`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Layer {
     pub name: String,
     pub text: String,
@@ -1548,7 +1579,7 @@ pub(crate) fn check_service(key: &str, svc: &ServiceConfig) -> Result<(), Config
 }
 
 /// One service instance a node hosts, as it registers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Instance {
     pub service: String,
@@ -1564,7 +1595,7 @@ pub struct Instance {
 }
 
 /// `[access_log]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessLogConfig {
     pub output: Output,
@@ -1574,7 +1605,7 @@ pub struct AccessLogConfig {
     pub format: Format,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Output {
     #[default]
@@ -1583,7 +1614,7 @@ pub enum Output {
     File,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     #[default]

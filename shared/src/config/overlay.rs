@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{valid_name, Config, ConfigError, ServiceConfig, Timeouts};
 
 /// What a node overlay may set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSettings {
     pub timeouts: Timeouts,

@@ -305,3 +305,24 @@ fn kubernetes_service_link_variables_are_not_config_keys() {
         assert!(!service_link(key), "{key}");
     }
 }
+
+#[test]
+fn a_reload_names_the_changed_keys_that_wait_for_a_restart() {
+    let before = load(&[file("[gateway]\n[[gateway.routes]]\nname = \"a\"\n[[services]]\nname = \"web\"\n")
+        .path()
+        .to_path_buf()])
+    .unwrap();
+    let after = load(&[file(
+        "[gateway]\nadmin = \"127.0.0.1:9999\"\n[[gateway.routes]]\nname = \"b\"\n[[services]]\nname = \"web\"\nmax_requests = 7\n\
+         [transport]\nkeep_alive = \"1s\"\n[timeouts]\nrequest = \"3s\"\nconnect = \"1s\"\n",
+    )
+    .path()
+    .to_path_buf()])
+    .unwrap();
+    // Routes, services and the request timeout apply at once; these do not.
+    assert_eq!(
+        reference::changes_needing_restart(&before, &after),
+        ["gateway.admin", "timeouts.connect", "transport.keep_alive"]
+    );
+    assert!(reference::changes_needing_restart(&before, &before).is_empty());
+}

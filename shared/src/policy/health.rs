@@ -17,7 +17,7 @@ pub fn now_ms() -> u64 {
 
 /// `[services.outlier]`: passive outlier detection (Envoy's consecutive 5xx, Linkerd's failure
 /// accrual).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierConfig {
     /// Failures in a row (5xx answers, connection failures, timeouts) that eject an endpoint;
@@ -25,8 +25,10 @@ pub struct OutlierConfig {
     pub consecutive_failures: u32,
     /// First ejection time; each further ejection of the same endpoint lasts one more of these.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub base_ejection: Duration,
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub max_ejection: Duration,
     /// Most endpoints of a service ejected at once, percent; one may always be ejected.
     pub max_ejected_percent: u32,
@@ -105,15 +107,17 @@ pub fn may_eject(cfg: &OutlierConfig, ejected: usize, total: usize) -> bool {
 }
 
 /// An active health check of one instance, run by the node hosting it (`[node.instances.health]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheck {
     /// HTTP GET of this path must answer 2xx; unset means a TCP connect is enough.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub interval: Duration,
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub timeout: Duration,
     /// Passes in a row that bring an unhealthy instance back.
     pub healthy_threshold: u32,

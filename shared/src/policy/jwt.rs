@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_TOKEN: usize = 8 * 1024;
 
 /// `[[gateway.jwt_providers]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtProvider {
     pub name: String,
@@ -37,8 +37,10 @@ pub struct JwtProvider {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jwks_ca_certificates: Vec<PathBuf>,
     #[serde(default = "default_refresh", with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub jwks_refresh: Duration,
     #[serde(default = "default_min_refresh", with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub jwks_min_refresh: Duration,
     /// A header carrying the bare token, instead of `Authorization: Bearer <token>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,6 +54,7 @@ pub struct JwtProvider {
     pub claim_to_headers: Vec<ClaimToHeader>,
     /// Leeway on `exp` and `nbf`.
     #[serde(default = "default_skew", with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub clock_skew: Duration,
     /// Keep the token on the request upstream (default: removed once verified).
     #[serde(default)]
@@ -70,7 +73,7 @@ fn default_skew() -> Duration {
     Duration::from_secs(60)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimToHeader {
     /// A top-level claim (`sub`, `email`, ...): strings as they are, other values as JSON.

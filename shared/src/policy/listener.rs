@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::route::{HttpRoute, RouteTable};
 
 /// A listener's protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Protocol {
     /// Plain HTTP/1.1 (and HTTP/2 with prior knowledge).
     #[serde(rename = "HTTP")]
@@ -43,7 +43,7 @@ impl Protocol {
 }
 
 /// The kinds of route a listener takes (the spec's `allowedRoutes.kinds`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum RouteKind {
     #[serde(rename = "HTTPRoute")]
     Http,
@@ -75,7 +75,7 @@ impl RouteKind {
 
 /// What a `parentRef` names: the gateway itself or one of its listener sets (gateway routes),
 /// or a service (mesh routes, as GAMMA attaches routes to a Service).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum ParentKind {
     #[default]
     Gateway,
@@ -84,7 +84,7 @@ pub enum ParentKind {
 }
 
 /// A route's `parentRefs` entry: which listeners it attaches to.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ParentRef {
     #[serde(default)]
@@ -101,7 +101,7 @@ pub struct ParentRef {
 }
 
 /// A TLSRoute or TCPRoute: connections go to one of `backendRefs`, weighted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StreamRoute {
     pub name: String,
@@ -114,7 +114,7 @@ pub struct StreamRoute {
 }
 
 /// A `protocol = "tcp"` service a stream route sends connections to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StreamBackend {
     /// Service name.

@@ -15,7 +15,7 @@ use http::Method;
 use serde::{Deserialize, Serialize};
 
 /// `[services.retry]`: how a service's requests are retried.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     /// Retries after the first try; 0 turns retrying off.
@@ -25,8 +25,10 @@ pub struct RetryPolicy {
     /// Wait before the first retry; it doubles for each further retry, up to `max_backoff`, and
     /// half of it is random (jitter).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub backoff: Duration,
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub max_backoff: Duration,
     /// Largest request body kept for a retry, bytes; requests with larger bodies are sent once.
     pub max_body: u64,
@@ -58,12 +60,13 @@ impl Default for RetryPolicy {
 
 /// A retry budget as in Linkerd: retries may add at most `ratio` of the requests seen in the
 /// last `ttl`, plus `min_per_second` so that a quiet service can still retry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetConfig {
     pub ratio: f64,
     pub min_per_second: u32,
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub ttl: Duration,
 }
 
@@ -75,7 +78,7 @@ impl Default for BudgetConfig {
 
 /// A route rule's `retry` (Gateway API HTTPRouteRetry); what it sets overrides the service's
 /// policy for requests matching the rule.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteRetry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,6 +86,7 @@ pub struct RouteRetry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codes: Option<Vec<u16>>,
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub backoff: Option<Duration>,
 }
 

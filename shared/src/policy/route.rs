@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::listener::ParentKind;
 
 /// One HTTPRoute.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
     pub name: String,
@@ -45,7 +45,7 @@ pub struct HttpRoute {
     pub jwt: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteRule {
     /// The rule's name (Gateway API v1.4), unique within its route; named in access logs.
@@ -68,7 +68,7 @@ pub struct RouteRule {
     pub fault: Option<crate::policy::limit::Fault>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,7 +81,7 @@ pub struct RouteMatch {
     pub method: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum PathMatchType {
     Exact,
     #[default]
@@ -89,7 +89,7 @@ pub enum PathMatchType {
     RegularExpression,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PathMatch {
     #[serde(rename = "type", default)]
@@ -102,7 +102,7 @@ fn slash() -> String {
     "/".into()
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum ValueMatchType {
     #[default]
     Exact,
@@ -110,7 +110,7 @@ pub enum ValueMatchType {
 }
 
 /// A header or query-parameter match.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValueMatch {
     #[serde(rename = "type", default)]
@@ -119,7 +119,7 @@ pub struct ValueMatch {
     pub value: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum Filter {
     RequestHeaderModifier {
@@ -158,7 +158,7 @@ pub enum Filter {
 /// `backendRef` service with the request's method and path (under `http.path`), its
 /// `Authorization` and the `http.allowedHeaders`; a 2xx lets it on with the
 /// `http.allowedResponseHeaders` of the answer added, anything else is the client's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExternalAuth {
     /// `HTTP` (gRPC's ext_authz protocol is not spoken).
@@ -168,6 +168,7 @@ pub struct ExternalAuth {
     pub http: AuthHttp,
     /// quicmesh extension: the longest wait for the decision (default 1s).
     #[serde(default = "default_auth_timeout", with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
     pub timeout: Duration,
     /// quicmesh extension: when the service cannot be asked (no endpoint, unreachable, no
     /// answer within `timeout`), let the request on instead of answering 503.
@@ -179,7 +180,7 @@ fn default_auth_timeout() -> Duration {
     Duration::from_secs(1)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthBackend {
     /// The authorization service (a mesh service).
@@ -188,7 +189,7 @@ pub struct AuthBackend {
     pub port: Option<u16>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthHttp {
     /// Prefix of the check request's path (the request's own path follows it).
@@ -203,7 +204,7 @@ pub struct AuthHttp {
 }
 
 /// The CORS filter's policy (`HTTPCORSFilter`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Cors {
     /// `scheme://host[:port]`, `scheme://*.domain` (any number of labels in front), or `*`.
@@ -332,7 +333,7 @@ pub enum CorsAnswer {
     Actual(Vec<(HeaderName, HeaderValue)>),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderModifier {
     #[serde(default)]
@@ -343,7 +344,7 @@ pub struct HeaderModifier {
     pub remove: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderValuePair {
     pub name: String,
@@ -351,7 +352,7 @@ pub struct HeaderValuePair {
 }
 
 /// Path modification of a redirect or rewrite.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum PathModifier {
     ReplaceFullPath {
@@ -364,7 +365,7 @@ pub enum PathModifier {
     },
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Redirect {
     pub scheme: Option<String>,
@@ -375,14 +376,14 @@ pub struct Redirect {
     pub status_code: Option<u16>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rewrite {
     pub hostname: Option<String>,
     pub path: Option<PathModifier>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mirror {
     pub backend_ref: BackendRef,
@@ -394,7 +395,7 @@ pub struct Mirror {
     pub fraction: Option<Fraction>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fraction {
     pub numerator: u32,
@@ -417,7 +418,7 @@ fn hundred() -> u32 {
 }
 
 /// A service (optionally a subset selected by labels) and its weight.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendRef {
     /// Service name.
@@ -447,25 +448,30 @@ impl RuleTimeouts {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleTimeouts {
     #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub request: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub backend_request: Option<Duration>,
     /// Longest wait for the next piece of a response body once its headers came (Envoy's
     /// stream idle timeout; a quicmesh extension): past it the body fails, so a peer that froze
     /// or went away mid-body costs its client this long, not the QUIC idle timeout.
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub stream_idle: Option<Duration>,
     /// An upgraded connection (WebSocket) that carries no byte either way for this long is
     /// closed, both sides reset (a quicmesh extension, as Envoy's idle timeout on upgrades).
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub upgrade_idle: Option<Duration>,
     /// An upgraded connection is closed this long after it opened, busy or not (a quicmesh
     /// extension, as Envoy's max stream duration).
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub upgrade_lifetime: Option<Duration>,
 }
 
