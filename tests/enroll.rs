@@ -303,3 +303,33 @@ async fn a_config_naming_only_the_node_is_enough_to_enroll_and_to_restart() {
     eventually(Duration::from_secs(10), "the bare node to rejoin", || joined(&s)).await;
     again.log_with(&["joining the one this node last used"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_named_as_kubernetes_names_hosts_enrolls_and_joins() {
+    // EKS names its nodes after their DNS names; the DaemonSet passes `spec.nodeName` as
+    // node.name. Such a name used to be refused ("not a valid node name").
+    let s = setup();
+    let name = "ip-10-0-0-5.ec2.internal";
+    let tok = cli(&["token", "create", "--dir", &s.pki.path().display().to_string(), "--ttl", "1h", "--node", name]);
+    let config = fresh_node(s.pki.path(), name);
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let control = s.gw.addrs.control.to_string();
+    let _node = NodeProc::start_args(
+        "node",
+        s.pki.path(),
+        name,
+        &toml,
+        &["--join", &control, "--token", tok.trim(), "--ca-fingerprint", &s.fingerprint],
+    );
+    let cert = s.pki.path().join(format!("{name}-state")).join(format!("{name}.pem"));
+    let ids = quicmesh_shared::identity::read_certs(&cert).unwrap();
+    assert_eq!(
+        quicmesh_shared::identity::spiffe_ids(&ids[0]),
+        vec![quicmesh_shared::identity::SpiffeId::node(TD, name)]
+    );
+    eventually(Duration::from_secs(10), "the gateway to list the node under its dotted name", || async {
+        let st = s.gw.admin_json("/nodes").await;
+        st["nodes"].as_array().unwrap().iter().any(|n| n["name"] == name && n["connected"] == true).then_some(())
+    })
+    .await;
+}

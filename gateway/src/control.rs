@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use quicmesh_shared::admin::ActionError;
 use quicmesh_shared::config::overlay::NodeSettings;
-use quicmesh_shared::config::{valid_name, Config, EdgeCertificate};
+use quicmesh_shared::config::{valid_name, valid_node_name, Config, EdgeCertificate};
 use quicmesh_shared::control::enroll::{self, EnrollRequest, EnrollResponse};
 use quicmesh_shared::control::{self, GatewayMsg, LineReader, NodeMsg, Registration, Snapshot};
 use quicmesh_shared::identity::tls;
@@ -700,7 +700,7 @@ impl ControlPlane {
     /// end, and it may not register, renew or enroll again under that name. Persisted.
     /// With replicas the revocation is written to etcd first; without etcd it is refused.
     pub async fn revoke(&self, name: &str) -> Result<String, ActionError> {
-        if !valid_name(name) {
+        if !valid_node_name(name) {
             return Err(format!("{name:?} is not a node name").into());
         }
         if self.lock().config.gateway.as_ref().is_some_and(|g| g.name == name) {
@@ -744,7 +744,7 @@ impl ControlPlane {
         };
         let node = param("node").map(str::to_string);
         if let Some(n) = &node {
-            if !valid_name(n) {
+            if !valid_node_name(n) {
                 return Err(format!("node={n:?} is not a node name").into());
             }
         }
@@ -967,7 +967,7 @@ impl Enroller {
     }
 
     async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, String> {
-        if !valid_name(&req.name) {
+        if !valid_node_name(&req.name) {
             return Err(format!("invalid node name {:?}", req.name));
         }
         if req.name == self.gateway_name {

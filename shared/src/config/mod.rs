@@ -178,7 +178,8 @@ pub const MAX_WORKERS: usize = 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
-    /// Node name: a DNS label, also the last part of its SPIFFE identity. Read at start.
+    /// Node name: DNS labels joined by dots, also the last part of its SPIFFE identity. Read at
+    /// start.
     pub name: String,
     /// Plain HTTP listener for local apps (HTTP/1.1 and h2c prior knowledge). Read at start.
     pub outbound: SocketAddr,
@@ -1177,6 +1178,13 @@ pub fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// A member's name (a node's or the gateway's): DNS labels joined by dots, at most 253
+/// characters, as Kubernetes names its nodes (`ip-10-0-0-5.ec2.internal`); a service name is
+/// one label ([`valid_name`]).
+pub fn valid_node_name(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(valid_name)
+}
+
 impl Config {
     /// Checks what serde cannot: names, references between sections, sane numbers.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -1197,10 +1205,10 @@ impl Config {
         }
         let mut peers = HashSet::new();
         for (i, peer) in self.nodes.iter().enumerate() {
-            if !valid_name(&peer.name) {
+            if !valid_node_name(&peer.name) {
                 return Err(invalid(
                     format!("nodes[{i}].name"),
-                    format!("{:?} is not a valid node name (a-z, 0-9, '-')", peer.name),
+                    format!("{:?} is not a valid node name (DNS labels of a-z, 0-9, '-', joined by '.')", peer.name),
                 ));
             }
             if !peers.insert(peer.name.as_str()) {
@@ -1240,8 +1248,11 @@ impl Config {
             }
         }
         if let Some(node) = &self.node {
-            if !valid_name(&node.name) {
-                return Err(invalid("node.name", format!("{:?} is not a valid node name (a-z, 0-9, '-')", node.name)));
+            if !valid_node_name(&node.name) {
+                return Err(invalid(
+                    "node.name",
+                    format!("{:?} is not a valid node name (DNS labels of a-z, 0-9, '-', joined by '.')", node.name),
+                ));
             }
             if node.workers > MAX_WORKERS {
                 return Err(invalid("node.workers", format!("{} is more than {MAX_WORKERS} threads", node.workers)));
@@ -1275,8 +1286,11 @@ impl Config {
             }
         }
         if let Some(gw) = &self.gateway {
-            if !valid_name(&gw.name) {
-                return Err(invalid("gateway.name", format!("{:?} is not a valid name (a-z, 0-9, '-')", gw.name)));
+            if !valid_node_name(&gw.name) {
+                return Err(invalid(
+                    "gateway.name",
+                    format!("{:?} is not a valid name (DNS labels of a-z, 0-9, '-', joined by '.')", gw.name),
+                ));
             }
             if gw.workers > MAX_WORKERS {
                 return Err(invalid("gateway.workers", format!("{} is more than {MAX_WORKERS} threads", gw.workers)));

@@ -10,7 +10,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{valid_name, Config, ConfigError, ServiceConfig, Timeouts};
+use crate::config::{valid_node_name, Config, ConfigError, ServiceConfig, Timeouts};
 
 /// What a node overlay may set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -32,7 +32,8 @@ pub fn files(dir: &Path, sub: &str) -> Vec<PathBuf> {
 
 fn stem(path: &Path) -> Result<String, ConfigError> {
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-    if valid_name(&name) {
+    // A node's name may have dots; a service's may not, which the service lookup then says.
+    if valid_node_name(&name) {
         Ok(name)
     } else {
         Err(ConfigError::Invalid {

@@ -326,3 +326,19 @@ fn a_reload_names_the_changed_keys_that_wait_for_a_restart() {
     );
     assert!(reference::changes_needing_restart(&before, &before).is_empty());
 }
+
+#[test]
+fn member_names_are_dns_names_and_service_names_one_label() {
+    for good in ["node-a", "ip-10-0-0-5.ec2.internal", "a.b.c", &"a".repeat(63)] {
+        assert!(valid_node_name(good), "{good}");
+    }
+    let long = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63));
+    for bad in ["", "a..b", ".a", "a.", "Node.example", "-a.b", "a_b.c", &"a".repeat(64), &long] {
+        assert!(!valid_node_name(bad), "{bad}");
+    }
+    // Services keep one label: their names are also hosts local apps send to.
+    assert!(!valid_name("web.internal"));
+    let dotted = "[node]\nname = \"ip-10-0-0-5.ec2.internal\"\n[[services]]\nname = \"web\"\n";
+    assert_eq!(load(&[file(dotted).path().to_path_buf()]).unwrap().node.unwrap().name, "ip-10-0-0-5.ec2.internal");
+    assert!(load_err("[[services]]\nname = \"web.internal\"\n").contains("services[0].name"));
+}

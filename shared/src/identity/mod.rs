@@ -33,7 +33,7 @@ pub enum IdentityError {
     Invalid { path: PathBuf, reason: String },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error("{0:?} is not a valid name (a-z, 0-9, '-', at most 63 characters)")]
+    #[error("{0:?} is not a valid name (DNS labels of a-z, 0-9, '-', at most 63 characters each, joined by '.')")]
     BadName(String),
 }
 
@@ -301,7 +301,7 @@ impl Ca {
         not_before: OffsetDateTime,
         validity: Duration,
     ) -> Result<CertificateParams, IdentityError> {
-        if !crate::config::valid_name(name) {
+        if !crate::config::valid_node_name(name) {
             return Err(IdentityError::BadName(name.into()));
         }
         let mut params = CertificateParams::default();

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::table::{build_service, source_of, Service, Table};
-use crate::config::{check_service, invalid, valid_name, ConfigError, Protocol, ServiceConfig};
+use crate::config::{check_service, invalid, valid_node_name, ConfigError, Protocol, ServiceConfig};
 use crate::control::delta::{self, Delta};
 use crate::policy::route::RouteTable;
 
@@ -66,10 +66,13 @@ impl Table {
         {
             let c = Arc::make_mut(&mut config);
             for peer in &nodes {
-                if !valid_name(&peer.name) {
+                if !valid_node_name(&peer.name) {
                     return Err(invalid(
                         format!("nodes[{:?}].name", peer.name),
-                        format!("{:?} is not a valid node name (a-z, 0-9, '-')", peer.name),
+                        format!(
+                            "{:?} is not a valid node name (DNS labels of a-z, 0-9, '-', joined by '.')",
+                            peer.name
+                        ),
                     ));
                 }
             }
