@@ -53,7 +53,11 @@ pub enum TlsMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSet {
+    /// Unique among the sets (lowercase letters, digits, `-` and `.`); routes attach with
+    /// `parentRefs = [{ kind = "ListenerSet", name = ... }]`, and the ready line prints its
+    /// listeners as `listener.SET/NAME`.
     pub name: String,
+    /// Its listeners, each as a `gateway.listeners` entry.
     pub listeners: Vec<Listener>,
 }
 

@@ -353,7 +353,10 @@ impl Default for NodeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TcpForward {
+    /// TCP address this process accepts the connections on (`IP:PORT`).
     pub listen: SocketAddr,
+    /// The `protocol = "tcp"` service each connection is carried to, through the mesh, to one
+    /// of its instances.
     pub service: String,
 }
 
@@ -468,6 +471,7 @@ pub struct AcmeConfig {
     #[serde(default = "acme_retry_initial", with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub retry_initial: Duration,
+    /// Longest wait after a failed order: the doubling stops here. At least `retry_initial`.
     #[serde(default = "acme_retry_max", with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub retry_max: Duration,
@@ -586,6 +590,7 @@ pub struct FrontendValidation {
 pub struct PortValidation {
     /// A listener port.
     pub port: u16,
+    /// PEM files of the CAs a client certificate must chain to on this port (at least one).
     pub ca_certificates: Vec<PathBuf>,
     #[serde(default)]
     pub mode: FrontendMode,
@@ -616,7 +621,9 @@ pub enum FrontendMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeCertificate {
+    /// PEM file of the chain served: the certificate first, then any intermediates.
     pub cert: PathBuf,
+    /// PEM file of the certificate's private key (the first key in the file).
     pub key: PathBuf,
     /// SNI names; empty means the names in the certificate.
     #[serde(default)]
@@ -676,6 +683,8 @@ impl Default for EdgeLimits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
+    /// Member name (DNS labels of `a-z0-9-` joined by `.`), unique; its identity is
+    /// `spiffe://<trust_domain>/node/<name>`.
     pub name: String,
     /// UDP address of its QUIC listener.
     pub address: SocketAddr,
@@ -698,12 +707,14 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
+    /// Service name: one DNS label (`a-z`, `0-9`, `-`), unique; a Host of this name reaches it.
     pub name: String,
     /// Extra Host names that reach this service (the name itself always does).
     #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default)]
     pub protocol: Protocol,
+    /// Instances listed here; the control plane adds the ones nodes register.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
     /// Load balancing (default peak EWMA, local endpoints first).
@@ -795,8 +806,11 @@ fn is_true(b: &bool) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
+    /// The node hosting the instance: a `nodes` entry, or this node itself.
     pub node: String,
+    /// Address of the instance on that node's host (`IP:PORT`), where the node delivers to it.
     pub address: SocketAddr,
+    /// Labels (`key = value`) by which a route's `backendRefs[].labels` selects endpoints.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// False while the hosting node's health check fails it (set by the control plane);
@@ -841,6 +855,8 @@ pub struct TransportConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub keep_alive: Duration,
+    /// A connection on which nothing comes from the peer for this long is closed, and the peer
+    /// marked unreachable (requests skip it until a probe reaches it). Longer than `keep_alive`.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub idle_timeout: Duration,
@@ -1596,11 +1612,14 @@ pub(crate) fn check_service(key: &str, svc: &ServiceConfig) -> Result<(), Config
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Instance {
+    /// The service it is an instance of; a service the config does not list is created, with
+    /// this `protocol`.
     pub service: String,
     /// Address of the instance on the node's host.
     pub address: SocketAddr,
     #[serde(default)]
     pub protocol: Protocol,
+    /// Labels (`key = value`) by which a route's `backendRefs[].labels` selects endpoints.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Active health check the node runs against this instance; unset means always healthy.
@@ -1612,27 +1631,35 @@ pub struct Instance {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessLogConfig {
+    /// Where lines go, one per request and per TCP tunnel when it completes: `off` (no log),
+    /// `stdout`, or `file` (appended to `path`).
     pub output: Output,
     /// The file for `output = "file"` (appended to).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// `json` (one JSON object per line) or `text` (`key=value` pairs separated by spaces).
     pub format: Format,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Output {
+    /// No access log.
     #[default]
     Off,
+    /// Standard output.
     Stdout,
+    /// The file `path`, appended to.
     File,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
+    /// One JSON object per line.
     #[default]
     Json,
+    /// `key=value` pairs separated by spaces; an empty value is written `-`.
     Text,
 }
 

@@ -197,7 +197,7 @@ impl Walker<'_> {
                 self.seen.insert(name, key.to_string());
             }
         }
-        if depth > 12 {
+        if depth > 16 {
             return row(&mut self.rows, "table".into());
         }
         if let Some(props) = s.get("properties").and_then(Value::as_object) {

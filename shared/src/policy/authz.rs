@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub struct AuthzConfig {
     /// What a service without allow rules admits: `allow` (everyone) or `deny` (no one).
     pub default: DefaultAction,
+    /// Rules per destination service; every policy naming a service applies to it.
     pub policies: Vec<Policy>,
 }
 
@@ -27,6 +28,7 @@ pub enum DefaultAction {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// What the rules deny is refused (403 `denied`).
     #[default]
     Enforce,
     /// Dry run: would-be denials are logged and counted, and pass.
@@ -37,9 +39,14 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// The destination service the rules guard.
     pub service: String,
+    /// `enforce` (default): what the rules deny is refused (403 `denied`); `audit`: it is
+    /// logged and counted, and passes.
     #[serde(default)]
     pub mode: Mode,
+    /// `deny` rules win over `allow` rules; with any `allow` rule for the service, only what
+    /// matches one is admitted, and without, `authorization.default` decides.
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
@@ -47,7 +54,9 @@ pub struct Policy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
+    /// Admit what the rule matches.
     Allow,
+    /// Refuse what the rule matches, whatever the `allow` rules say.
     Deny,
 }
 
@@ -58,12 +67,15 @@ pub struct Rule {
     /// Shown in logs; default `<service>[<index>]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// `allow` or `deny` what the rule matches (a service with `allow` rules admits only what
+    /// matches one of them).
     pub action: Action,
     #[serde(default)]
     pub from: From,
     /// Exact paths, or prefixes written with a trailing `*` (`/api/*`). HTTP only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// HTTP methods (`GET`, `POST`, ...; case-insensitive); empty: any. HTTP only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     /// Headers that must be present with this exact value. HTTP only.
@@ -74,10 +86,13 @@ pub struct Rule {
     pub ports: Vec<u16>,
 }
 
+/// A header the request must carry with this value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderValueMatch {
+    /// Header name (case-insensitive).
     pub name: String,
+    /// The value the header's first occurrence must have, exactly (case-sensitive).
     pub value: String,
 }
 
@@ -102,8 +117,10 @@ pub struct From {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtMatch {
+    /// The token's `iss` must be this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
+    /// The token's `sub` must be this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     /// A claim equal to the value, or a list claim holding it (`groups`, `scope` split on
@@ -112,10 +129,14 @@ pub struct JwtMatch {
     pub claims: Vec<ClaimMatch>,
 }
 
+/// A claim the verified token must carry with a value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimMatch {
+    /// The claim's name, top level (`groups`, `scope`, `email`, ...).
     pub name: String,
+    /// A string claim equal to it or holding it as a space-separated word, or a list claim with
+    /// it as an item; other claims compare as their JSON text (`42`, `true`).
     pub value: String,
 }
 

@@ -10,21 +10,30 @@ use crate::policy::route::{
     BackendRef, Filter, HttpRoute, PathMatch, PathMatchType, RouteMatch, RouteRule, ValueMatch, ValueMatchType,
 };
 
+/// One GRPCRoute, compiled to the HTTPRoute it means: a method is the path
+/// `/<service>/<method>`, and only requests with `content-type: application/grpc...` match.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcRoute {
+    /// The route's name: the access log's `route` and the `route` label of its metrics.
     pub name: String,
+    /// Exact names or `*.suffix` wildcards; empty matches any host.
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// As an HTTPRoute's: at the edge the listeners it attaches to (none: every listener taking
+    /// HTTPRoutes); in the mesh the services it takes calls to (`kind = "Service"`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parent_refs: Vec<ParentRef>,
+    /// The route's rules; a call goes by the one whose match wins, as in HTTP routing.
     #[serde(default)]
     pub rules: Vec<GrpcRule>,
 }
 
+/// One rule of a GRPCRoute: which calls it takes, what is done to them and where they go.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcRule {
+    /// The rule's name, unique within its route; named in access logs (`rule`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Any one must match; none means every gRPC call.
@@ -33,15 +42,19 @@ pub struct GrpcRule {
     /// RequestHeaderModifier, ResponseHeaderModifier and RequestMirror.
     #[serde(default)]
     pub filters: Vec<Filter>,
+    /// Services the calls go to, one chosen per call by `weight`; none, or every weight 0:
+    /// 500 `invalid-backend`.
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
 }
 
+/// One way a call matches a rule: every condition given must hold.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<MethodMatch>,
+    /// Headers (gRPC metadata) that must all match.
     #[serde(default)]
     pub headers: Vec<ValueMatch>,
 }
@@ -50,10 +63,14 @@ pub struct GrpcMatch {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MethodMatch {
+    /// `Exact` (default): `service` and `method` are names (no `/`); `RegularExpression`: each
+    /// is a pattern matching the whole name.
     #[serde(rename = "type", default)]
     pub kind: ValueMatchType,
+    /// The gRPC service, fully qualified (`pkg.Service`); unset: any service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The method (`Get`); unset: any method of `service`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
 }

@@ -27,6 +27,8 @@ pub struct OutlierConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub base_ejection: Duration,
+    /// Longest ejection (the n-th lasts n x `base_ejection`, capped here); at least
+    /// `base_ejection`. An endpoint back in rotation for longer than this starts over.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub max_ejection: Duration,
@@ -113,9 +115,11 @@ pub struct HealthCheck {
     /// HTTP GET of this path must answer 2xx; unset means a TCP connect is enough.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
+    /// Time between two checks; at least `10ms`.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub interval: Duration,
+    /// Longest a check may take; one that takes longer fails. More than `0s`.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub timeout: Duration,

@@ -19,6 +19,8 @@ pub const MAX_TOKEN: usize = 8 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtProvider {
+    /// Unique; a route's `jwt` names it, and it is the `provider` label of
+    /// `quicmesh_edge_jwt_total`.
     pub name: String,
     /// The `iss` every token must carry.
     pub issuer: String,
@@ -36,9 +38,14 @@ pub struct JwtProvider {
     /// CAs the JWKS server's certificate must chain to; empty: the host's CA bundle.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jwks_ca_certificates: Vec<PathBuf>,
+    /// Age past which the key set is loaded again, when a token is next checked; also the
+    /// longest a verified token is remembered. More than `0s`.
     #[serde(default = "default_refresh", with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub jwks_refresh: Duration,
+    /// The key set is loaded at most once per this long: a token naming a key the set lacks
+    /// loads it again no sooner, and after a failed load the held set serves until then. More
+    /// than `0s`.
     #[serde(default = "default_min_refresh", with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub jwks_min_refresh: Duration,
@@ -73,11 +80,13 @@ fn default_skew() -> Duration {
     Duration::from_secs(60)
 }
 
+/// A claim of the verified token, passed upstream as a request header.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimToHeader {
     /// A top-level claim (`sub`, `email`, ...): strings as they are, other values as JSON.
     pub claim: String,
+    /// The request header that carries it (a client's own header of this name is removed).
     pub header: String,
 }
 

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimit {
+    /// Requests allowed per second, sustained: the rate the bucket refills at (above 0;
+    /// fractions allowed).
     pub requests_per_second: f64,
     /// Bucket size: requests allowed at once after a quiet spell (default: one second's worth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,8 +108,11 @@ impl RateLimiter {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Fault {
+    /// Holds a share of requests for `fixedDelay` before they go on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay: Option<FaultDelay>,
+    /// Answers a share of requests with `httpStatus` instead of forwarding them (after the
+    /// delay, when both hit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort: Option<FaultAbort>,
 }
@@ -117,6 +122,7 @@ pub struct Fault {
 pub struct FaultDelay {
     /// Share of requests delayed, 0 to 100.
     pub percent: f64,
+    /// How long a delayed request waits.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub fixed_delay: Duration,

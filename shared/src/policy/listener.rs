@@ -104,12 +104,17 @@ pub struct ParentRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StreamRoute {
+    /// The route's name, in messages (a route that attaches to no listener is named in a
+    /// warning).
     pub name: String,
     /// TLSRoute: server names (exact or `*.suffix`); empty takes the listener's.
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// The listeners it attaches to; none: every listener taking its kind.
     #[serde(default)]
     pub parent_refs: Vec<ParentRef>,
+    /// The `protocol = "tcp"` services connections go to, one picked per connection by
+    /// `weight` (at least one; every weight 0: the connection is closed).
     pub backend_refs: Vec<StreamBackend>,
 }
 
@@ -119,6 +124,7 @@ pub struct StreamRoute {
 pub struct StreamBackend {
     /// Service name.
     pub name: String,
+    /// Its share of the connections, relative to the other backends' weights; 0: none.
     #[serde(default = "one")]
     pub weight: u32,
 }

@@ -27,6 +27,7 @@ pub struct RetryPolicy {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub backoff: Duration,
+    /// Longest wait before a retry: the doubling of `backoff` stops here. At least `backoff`.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub max_backoff: Duration,
@@ -63,8 +64,12 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetConfig {
+    /// Retries allowed per request seen in the last `ttl` (0.2: one retry per five requests);
+    /// 0 to 10.
     pub ratio: f64,
+    /// Retries per second allowed on top of `ratio`, so a quiet service can still retry.
     pub min_per_second: u32,
+    /// The window requests and retries are counted over; 1s to 60s.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub ttl: Duration,
@@ -81,10 +86,15 @@ impl Default for BudgetConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteRetry {
+    /// Retries after the first try, instead of the service's `retry.attempts` (0: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
+    /// HTTP statuses retried, instead of the service's `retry.codes`; a connection the instance
+    /// refused or cut off is retried whatever they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codes: Option<Vec<u16>>,
+    /// Wait before the first retry, instead of the service's `retry.backoff` (doubling after
+    /// each retry; `max_backoff` is raised to it when shorter).
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub backoff: Option<Duration>,

@@ -23,10 +23,13 @@ use crate::policy::listener::ParentKind;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
+    /// The route's name: the access log's `route` and the `route` label of its metrics.
     pub name: String,
     /// Exact names or `*.suffix` wildcards; empty matches any host.
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// The route's rules; a request goes by the one whose match wins (the Gateway API's
+    /// precedence, across all routes).
     #[serde(default)]
     pub rules: Vec<RouteRule>,
     /// Gateway routes: the listeners it attaches to (none: every listener taking HTTPRoutes).
@@ -45,6 +48,8 @@ pub struct HttpRoute {
     pub jwt: Option<String>,
 }
 
+/// One rule of a route: which requests it takes (`matches`), what is done to them (`filters`)
+/// and where they go (`backendRefs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteRule {
@@ -54,10 +59,15 @@ pub struct RouteRule {
     /// Any one must match; none means every request (`PathPrefix /`).
     #[serde(default)]
     pub matches: Vec<RouteMatch>,
+    /// Applied in order to the requests the rule takes (an `ExternalAuth` is asked before the
+    /// others); a redirect, or the answer to a CORS preflight, ends the request there.
     #[serde(default)]
     pub filters: Vec<Filter>,
+    /// Services the requests go to, one chosen per request by `weight`; none (and no
+    /// redirect), or every weight 0: 500 `invalid-backend`.
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
+    /// Time limits of the requests the rule takes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<RuleTimeouts>,
     /// Overrides of the backend service's retry policy (Gateway API HTTPRouteRetry).
@@ -68,32 +78,45 @@ pub struct RouteRule {
     pub fault: Option<crate::policy::limit::Fault>,
 }
 
+/// One way a request matches a rule: every condition given must hold.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteMatch {
+    /// The path match; unset: `PathPrefix` `/`, any path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathMatch>,
+    /// Headers that must all match.
     #[serde(default)]
     pub headers: Vec<ValueMatch>,
+    /// Query parameters that must all match (percent-decoded; the first of a name counts).
     #[serde(default)]
     pub query_params: Vec<ValueMatch>,
+    /// The method the request must have, exactly (`GET`, `POST`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum PathMatchType {
+    /// The path is `value`.
     Exact,
+    /// The path is `value` or continues it after a `/` (whole segments).
     #[default]
     PathPrefix,
+    /// `value` is a regular expression matching the whole path.
     RegularExpression,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PathMatch {
+    /// `PathPrefix` (default): `value` or below it, by whole segments (`/api` takes `/api/x`,
+    /// not `/apix`); `Exact`: the path is `value`; `RegularExpression`: `value` matches the
+    /// whole path. The path is compared normalized and without its query.
     #[serde(rename = "type", default)]
     pub kind: PathMatchType,
+    /// A path starting with `/` (default `/`; a trailing `/` of a prefix is ignored), or the
+    /// pattern of a `RegularExpression`.
     #[serde(default = "slash")]
     pub value: String,
 }
@@ -104,8 +127,10 @@ fn slash() -> String {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum ValueMatchType {
+    /// The value exactly (case-sensitive).
     #[default]
     Exact,
+    /// A regular expression matching the whole value.
     RegularExpression,
 }
 
@@ -113,33 +138,47 @@ pub enum ValueMatchType {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValueMatch {
+    /// `Exact` (default): the value is `value`; `RegularExpression`: `value` is a pattern
+    /// matching the whole value.
     #[serde(rename = "type", default)]
     pub kind: ValueMatchType,
+    /// Header name (case-insensitive) or query parameter name (case-sensitive).
     pub name: String,
+    /// What the first header or parameter of that name must be, or the pattern it must match.
     pub value: String,
 }
 
+/// A filter: `type` names it, and the key of that name holds its settings
+/// (`requestHeaderModifier`, `urlRewrite`, `cors`, ...).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum Filter {
     RequestHeaderModifier {
+        /// Changes the request's headers before it is forwarded (`remove`, then `set`, then
+        /// `add`).
         #[serde(rename = "requestHeaderModifier")]
         modifier: HeaderModifier,
     },
     ResponseHeaderModifier {
+        /// Changes the response's headers before it goes back (`remove`, then `set`, then
+        /// `add`).
         #[serde(rename = "responseHeaderModifier")]
         modifier: HeaderModifier,
     },
     RequestRedirect {
+        /// Answers with a redirect instead of forwarding; the `Location` takes what it leaves
+        /// unset from the request.
         #[serde(rename = "requestRedirect")]
         redirect: Redirect,
     },
     #[serde(rename = "URLRewrite")]
     UrlRewrite {
+        /// Changes the Host and the path the request is forwarded with.
         #[serde(rename = "urlRewrite")]
         rewrite: Rewrite,
     },
     RequestMirror {
+        /// Also sends a copy of the request to another backend; the copy's answer is dropped.
         #[serde(rename = "requestMirror")]
         mirror: Mirror,
     },
@@ -163,7 +202,9 @@ pub enum Filter {
 pub struct ExternalAuth {
     /// `HTTP` (gRPC's ext_authz protocol is not spoken).
     pub protocol: String,
+    /// The authorization service asked.
     pub backend_ref: AuthBackend,
+    /// The check request's path prefix, and the headers passed to it and back from it.
     #[serde(default)]
     pub http: AuthHttp,
     /// quicmesh extension: the longest wait for the decision (default 1s).
@@ -185,6 +226,8 @@ fn default_auth_timeout() -> Duration {
 pub struct AuthBackend {
     /// The authorization service (a mesh service).
     pub name: String,
+    /// The Gateway API's port of the service; not used: the check goes to an instance's own
+    /// address, as every call to a mesh service does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
@@ -210,6 +253,8 @@ pub struct Cors {
     /// `scheme://host[:port]`, `scheme://*.domain` (any number of labels in front), or `*`.
     #[serde(default)]
     pub allow_origins: Vec<String>,
+    /// Answers carry `Access-Control-Allow-Credentials: true`: the browser may send cookies
+    /// and other credentials.
     #[serde(default)]
     pub allow_credentials: bool,
     /// Methods, or `*` (a preflight is answered with the method it asked for).
@@ -218,6 +263,7 @@ pub struct Cors {
     /// Request headers, or `*` (a preflight is answered with the headers it asked for).
     #[serde(default)]
     pub allow_headers: Vec<String>,
+    /// Response headers the page's scripts may read (`Access-Control-Expose-Headers`).
     #[serde(default)]
     pub expose_headers: Vec<String>,
     /// Seconds a browser may cache a preflight's answer.
@@ -336,18 +382,24 @@ pub enum CorsAnswer {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderModifier {
+    /// Headers set to these values, replacing any of the same name.
     #[serde(default)]
     pub set: Vec<HeaderValuePair>,
+    /// Headers added, after any of the same name already there.
     #[serde(default)]
     pub add: Vec<HeaderValuePair>,
+    /// Names of headers removed (case-insensitive).
     #[serde(default)]
     pub remove: Vec<String>,
 }
 
+/// A header's name and value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderValuePair {
+    /// Header name (case-insensitive).
     pub name: String,
+    /// Header value.
     pub value: String,
 }
 
@@ -356,10 +408,13 @@ pub struct HeaderValuePair {
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum PathModifier {
     ReplaceFullPath {
+        /// The new path, replacing the whole of it.
         #[serde(rename = "replaceFullPath")]
         value: String,
     },
     ReplacePrefixMatch {
+        /// Replaces the prefix the rule's `PathPrefix` match matched; the rest of the path
+        /// stays (`/api` to `/v2`: `/api/x` becomes `/v2/x`).
         #[serde(rename = "replacePrefixMatch")]
         value: String,
     },
@@ -368,8 +423,12 @@ pub enum PathModifier {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Redirect {
+    /// Scheme of the `Location` (`http`, `https`); unset: the request's.
     pub scheme: Option<String>,
+    /// Host of the `Location`; unset: the request's.
     pub hostname: Option<String>,
+    /// Port of the `Location`; unset: the request's, or none when `scheme` is set. Port 80 with
+    /// `http` and 443 with `https` are left out.
     pub port: Option<u16>,
     pub path: Option<PathModifier>,
     /// 301, 302, 303, 307 or 308 (default 302).
@@ -379,6 +438,7 @@ pub struct Redirect {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rewrite {
+    /// The Host the request is forwarded with, instead of the client's.
     pub hostname: Option<String>,
     pub path: Option<PathModifier>,
 }
@@ -398,7 +458,9 @@ pub struct Mirror {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fraction {
+    /// Requests copied per `denominator` requests; at most `denominator`.
     pub numerator: u32,
+    /// What `numerator` counts out of; above 0.
     #[serde(default = "hundred")]
     pub denominator: u32,
 }
@@ -423,8 +485,10 @@ fn hundred() -> u32 {
 pub struct BackendRef {
     /// Service name.
     pub name: String,
+    /// Only the service's endpoints carrying all these labels (`key = value`); empty: all.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Its share of the rule's requests, relative to the other backends' weights; 0: none.
     #[serde(default = "one")]
     pub weight: u32,
     /// Filters applied only when this backend is the one chosen (after the rule's own): any
@@ -451,9 +515,15 @@ impl RuleTimeouts {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleTimeouts {
+    /// Longest time from the request to its response headers, retries included (504 `timeout`
+    /// past it); `"0s"` turns it off. Unset: each try is limited, the whole call is not (a gRPC
+    /// caller's deadline limits it in either case).
     #[serde(default, with = "humantime_serde")]
     #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub request: Option<Duration>,
+    /// Longest time one try may wait for response headers; default a gRPC caller's deadline,
+    /// else `request`, else `timeouts.request`. `"0s"` (or `request = "0s"` with this unset):
+    /// no limit.
     #[serde(default, with = "humantime_serde")]
     #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub backend_request: Option<Duration>,
