@@ -492,7 +492,8 @@ pub struct BackendRef {
     #[serde(default = "one")]
     pub weight: u32,
     /// Filters applied only when this backend is the one chosen (after the rule's own): any
-    /// the rule takes; a redirect here answers for this backend's share of requests.
+    /// the rule takes but `ExternalAuth` (asked before a backend is chosen; refused here); a
+    /// redirect here answers for this backend's share of requests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<Filter>,
 }
@@ -764,6 +765,14 @@ fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
         return Err(invalid(route, "a rule cannot both redirect and rewrite"));
     }
     for b in &rule.backend_refs {
+        // The check runs before any backend is chosen: on a backend it would never run.
+        if b.filters.iter().any(|f| matches!(f, Filter::ExternalAuth { .. })) {
+            return Err(invalid(
+                route,
+                "externalAuth on a backendRef would never run (the check comes before a backend is \
+                 chosen): put it in the rule's filters",
+            ));
+        }
         let rule_of_backend =
             RouteRule { filters: b.filters.clone(), backend_refs: Vec::new(), ..RouteRule::default() };
         validate_filters(route, &rule_of_backend)?;

@@ -497,3 +497,22 @@ fn mirrors_sample_by_percent_or_fraction() {
     assert!(mirror(", fraction = { numerator = 4, denominator = 3 }").1.is_err());
     assert!(mirror(", fraction = { numerator = 0, denominator = 0 }").1.is_err());
 }
+
+#[test]
+fn external_auth_on_a_backend_is_refused_not_skipped() {
+    #[derive(Deserialize)]
+    struct Doc {
+        routes: Vec<HttpRoute>,
+    }
+    let auth = "{ type = \"ExternalAuth\", externalAuth = { protocol = \"HTTP\", backendRef = { name = \"authz\" } } }";
+    let on_rule = format!(
+        "[[routes]]\nname = \"r\"\n[[routes.rules]]\nfilters = [{auth}]\nbackendRefs = [{{ name = \"web\" }}]\n"
+    );
+    let on_backend = format!(
+        "[[routes]]\nname = \"r\"\n[[routes.rules]]\nbackendRefs = [{{ name = \"web\", filters = [{auth}] }}]\n"
+    );
+    let table = |text: &str| RouteTable::new(toml::from_str::<Doc>(text).unwrap_or_else(|e| panic!("{e}")).routes);
+    assert!(table(&on_rule).is_ok());
+    let err = table(&on_backend).err().expect("accepted an externalAuth that would never run").to_string();
+    assert!(err.contains("rule's filters"), "{err}");
+}
