@@ -220,7 +220,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("quicmesh demo is up: gateway, nodes node-a and node-b (joined to its control plane), services hello (v1, v2) and echo.");
     println!();
     println!("  gateway  https://127.0.0.1:{port}   TCP: HTTP/1.1 + HTTP/2 (TLS), UDP: HTTP/3");
-    println!("  admin    http://{admin}          /ready  /metrics  /config_dump  /nodes  /endpoints  /logging");
+    println!("  admin    http://{admin}          /ready  /metrics  /config_dump  /nodes  /endpoints  /logging  /tap");
+    println!("  dashboard  http://{admin}/dashboard   (service graph, nodes, live tap; open it in a browser)");
     for n in &demo.nodes {
         println!(
             "  {}   outbound http://{}  QUIC {}  admin http://{}",
@@ -244,6 +245,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().map_or("quicmesh".into(), |p| p.display().to_string());
     println!("  {exe} status --admin {admin}   # the nodes, as the control plane sees them");
     println!("  {exe} top --admin {admin}      # live rate, success, p50/p99 per service");
+    println!("  {exe} tap --admin {admin}      # requests as they complete, on every proxy");
     println!();
     println!("Ctrl-C stops everything.");
     shutdown_signal().await;

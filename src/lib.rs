@@ -5,4 +5,5 @@
 pub mod demo;
 pub mod live;
 pub mod samples;
+pub mod tap;
 pub mod top;

@@ -1,7 +1,7 @@
 //! The `quicmesh` binary: a thin CLI over the gateway, node and shared crates.
 #![forbid(unsafe_code)]
 
-use quicmesh::{demo, live, top};
+use quicmesh::{demo, live, tap, top};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -133,6 +133,40 @@ enum Command {
         admin: std::net::SocketAddr,
         /// Output format.
         #[arg(long, short = 'o', default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Requests as they complete, from the gateway and every node it lists (as `linkerd viz
+    /// tap`): method, authority, path, status, duration, source, destination, route, retries.
+    Tap {
+        /// The gateway's admin address, HOST:PORT (or a node's, for that node alone).
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = admin_addr)]
+        admin: std::net::SocketAddr,
+        /// Only requests to this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only requests from this service.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only requests that took this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Only this method.
+        #[arg(long)]
+        method: Option<String>,
+        /// Only paths that start with this.
+        #[arg(long)]
+        path: Option<String>,
+        /// Only this status: a code (503), a class (5xx), or `error` (5xx or a proxy's own answer).
+        #[arg(long)]
+        status: Option<String>,
+        /// Events a second at most (1 to 1000); what is left out is counted.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// Stop after this many requests (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Output format: one line of text, or one JSON object, per request.
+        #[arg(long, short = 'o', default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
     /// A live table per caller and service: request rate, success rate, p50 and p99 latency.
@@ -555,6 +589,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { admin, output } => {
             print!("{}", runtime()?.block_on(top::status(admin, output == "json"))?);
             Ok(())
+        }
+        Command::Tap { admin, service, from, route, method, path, status, rate, count, output } => {
+            let filter = [
+                ("service", service),
+                ("from", from),
+                ("route", route),
+                ("method", method),
+                ("path", path),
+                ("status", status),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+            .chain([("rate".to_string(), rate.to_string())])
+            .collect::<Vec<_>>();
+            runtime()?.block_on(tap::tap(admin, &filter, count, output == "json"))
         }
         Command::Top { admin, interval, count, by } => runtime()?.block_on(top::top(admin, interval, count, by)),
     }

@@ -6,6 +6,7 @@
 pub mod acme;
 pub mod conns;
 pub mod control;
+pub mod dashboard;
 pub mod edge;
 pub mod h3_edge;
 pub mod handler;
@@ -303,7 +304,19 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         let sources = quicmesh_shared::config::sources_with(&dump_files, &dump_cp.shared_layers()).ok();
         admin::config_dump(&table.effective_config(), table.version(), sources.as_ref(), false)
     });
-    let state = AdminState::with_actions(dump, extra, actions);
+    let board = dashboard::Dashboard::new(cp.clone(), mesh.clone(), &gc.name, admin_token.clone());
+    let (board_graph, board_tap) = (board.clone(), board);
+    let queries: Vec<(&'static str, admin::QueryFn)> = vec![(
+        "/dashboard/graph",
+        Box::new(move |_: &[(String, String)]| {
+            let board = board_graph.clone();
+            Box::pin(async move { Ok(board.graph().await) })
+        }),
+    )];
+    let streams: Vec<(&'static str, admin::StreamFn)> =
+        vec![("/tap", Box::new(move |params: &[(String, String)]| board_tap.tap(params)))];
+    let pages = dashboard::PAGES.to_vec();
+    let state = AdminState::with(dump, admin::Pages { extra, actions, queries, streams, pages });
     if let Some(t) = admin_token {
         let _ = state.token.set(t);
     }

@@ -170,7 +170,7 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     if req.method() == Method::CONNECT {
         return Box::pin(crate::tcp::inbound(req, stream, peer, mesh)).await;
     }
-    let mut rec = Record::new("inbound", mesh.access_log().cloned());
+    let mut rec = Record::new("inbound", mesh.access_log().cloned(), mesh.tap());
     rec.request(&req);
     let (mut send, recv) = stream.split();
     rec.source(&source_of(&req, peer, &table), peer);

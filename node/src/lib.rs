@@ -25,6 +25,7 @@ use quicmesh_shared::proxy::drain::Phase;
 use quicmesh_shared::proxy::mesh::{Inputs, Mesh};
 use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry::access_log::AccessLog;
+use quicmesh_shared::telemetry::tap;
 use quicmesh_shared::transport::{self, Bind, TransportError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -321,7 +322,18 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         let table = dump_mesh.table();
         admin::config_dump(&table.effective_config(), table.version(), dump_sources.get(), joined)
     });
-    let state = AdminState::new(dump, extra);
+    let tap = mesh.tap().clone();
+    let streams: Vec<(&'static str, admin::StreamFn)> = vec![(
+        "/tap",
+        Box::new(move |params: &[(String, String)]| {
+            let filter = tap::Filter::from_query(params)?;
+            let tap = tap.clone();
+            Ok(tap::sse(filter, |feed, tasks| {
+                tasks.spawn(tap::feed_from(tap, feed.clone()));
+            }))
+        }),
+    )];
+    let state = AdminState::with(dump, admin::Pages { extra, streams, ..Default::default() });
     if let Some(t) = admin_token {
         let _ = state.token.set(t);
     }

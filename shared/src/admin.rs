@@ -71,6 +71,30 @@ pub struct AdminState {
     pub extra: Vec<(&'static str, JsonFn)>,
     /// Operations (POST): path and a function of the query parameters.
     pub actions: Vec<(&'static str, ActionFn)>,
+    /// Endpoints that compute their JSON (GET): path and a function of the query parameters.
+    pub queries: Vec<(&'static str, QueryFn)>,
+    /// Streams (GET, server-sent events): path and a function of the query parameters.
+    pub streams: Vec<(&'static str, StreamFn)>,
+    /// Fixed pages that hold no data (the dashboard's page and script), served without the
+    /// token so a browser can load them: path, content type, content.
+    pub pages: Vec<(&'static str, &'static str, &'static str)>,
+}
+
+/// Computes a JSON page from the query parameters, or says what is wrong with them.
+pub type QueryFn = Box<dyn Fn(&[(String, String)]) -> QueryFuture + Send + Sync>;
+pub type QueryFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>;
+
+/// Opens a stream from the query parameters, or says what is wrong with them.
+pub type StreamFn = Box<dyn Fn(&[(String, String)]) -> Result<Body, String> + Send + Sync>;
+
+/// Everything an admin server shows beyond the built-in endpoints.
+#[derive(Default)]
+pub struct Pages {
+    pub extra: Vec<(&'static str, JsonFn)>,
+    pub actions: Vec<(&'static str, ActionFn)>,
+    pub queries: Vec<(&'static str, QueryFn)>,
+    pub streams: Vec<(&'static str, StreamFn)>,
+    pub pages: Vec<(&'static str, &'static str, &'static str)>,
 }
 
 /// Performs an admin operation from its query parameters and request body; the answer or what
@@ -109,22 +133,22 @@ pub type JsonFn = Box<dyn Fn() -> String + Send + Sync>;
 
 impl AdminState {
     pub fn new(config_dump: JsonFn, extra: Vec<(&'static str, JsonFn)>) -> Arc<Self> {
+        Self::with(config_dump, Pages { extra, ..Default::default() })
+    }
+
+    /// Like [`AdminState::new`], with any of the other kinds of page.
+    pub fn with(config_dump: JsonFn, pages: Pages) -> Arc<Self> {
+        let Pages { extra, actions, queries, streams, pages } = pages;
         Arc::new(Self {
             token: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
             config_dump,
             extra,
-            actions: Vec::new(),
+            actions,
+            queries,
+            streams,
+            pages,
         })
-    }
-
-    /// Like [`AdminState::new`], with operations behind POST.
-    pub fn with_actions(
-        config_dump: JsonFn,
-        extra: Vec<(&'static str, JsonFn)>,
-        actions: Vec<(&'static str, ActionFn)>,
-    ) -> Arc<Self> {
-        Arc::new(Self { token: std::sync::OnceLock::new(), ready: AtomicBool::new(false), config_dump, extra, actions })
     }
 }
 
@@ -230,6 +254,19 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
         *resp.status_mut() = StatusCode::FORBIDDEN;
         return resp;
     }
+    let page = state.pages.iter().find(|(p, _, _)| *p == req.uri().path());
+    if let (Some((_, ctype, text)), &http::Method::GET) = (page, req.method()) {
+        let mut resp = Response::new(body::full(*text));
+        resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+        // The page runs only its own script and talks only to this listener.
+        resp.headers_mut().insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static(
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+        );
+        return resp;
+    }
     let open = matches!(req.uri().path(), "/ready" | "/live");
     if let (Some(token), false) = (state.token.get(), open) {
         let given = req
@@ -286,6 +323,32 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
                 None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
             }
         }
+        path if state.streams.iter().any(|(p, _)| *p == path) => {
+            let params = req.uri().query().map(crate::policy::route::parse_query).unwrap_or_default();
+            let open = state.streams.iter().find(|(p, _)| *p == path).map(|(_, f)| f(&params));
+            match open {
+                Some(Ok(stream)) => {
+                    let mut resp = Response::new(stream);
+                    let h = resp.headers_mut();
+                    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+                    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+                    return resp;
+                }
+                Some(Err(e)) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+            }
+        }
+        path if state.queries.iter().any(|(p, _)| *p == path) => {
+            let params = req.uri().query().map(crate::policy::route::parse_query).unwrap_or_default();
+            let run = state.queries.iter().find(|(p, _)| *p == path).map(|(_, f)| f(&params));
+            match run {
+                Some(run) => match run.await {
+                    Ok(json) => (StatusCode::OK, "application/json", json),
+                    Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                },
+                None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+            }
+        }
         path => match state.extra.iter().find(|(p, _)| *p == path) {
             Some((_, render)) => (StatusCode::OK, "application/json", render()),
             None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
@@ -317,4 +380,27 @@ pub fn config_dump(
     }
     let doc = serde_json::json!({ "version": version, "config": config, "sources": layers });
     serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// GETs `path` from the admin API at `addr` (with `token` as the bearer token when given); the
+/// response once its headers arrive within `timeout`, its body still to read.
+pub async fn client_get(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<Response<Incoming>, String> {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(http_body_util::Empty::new()).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Ok(Ok(resp)) if resp.status().is_success() => Ok(resp),
+        Ok(Ok(resp)) => Err(format!("{addr}{path} answered {}", resp.status())),
+        Ok(Err(e)) => Err(format!("{addr}{path}: {e}")),
+        Err(_) => Err(format!("{addr}{path}: no answer within {timeout:?}")),
+    }
 }

@@ -44,6 +44,8 @@ pub struct Mesh {
     local: LocalClient,
     drain: Arc<Drain>,
     access_log: Option<Arc<AccessLog>>,
+    /// Completed requests, to whoever watches (`/tap`).
+    tap: Arc<crate::telemetry::tap::Tap>,
     /// Ticks with every new table (connections re-check revocations on it).
     changes: tokio::sync::watch::Sender<u64>,
     table: ArcSwap<Table>,
@@ -59,12 +61,13 @@ impl Mesh {
         let local = LocalClient::new(config.timeouts.connect, idle);
         let trust_domain = config.mesh.trust_domain.clone();
         Self {
-            local_node: inputs.local_node,
             trust_domain,
             pool,
             local,
             drain: Drain::new(),
             access_log: inputs.access_log,
+            tap: crate::telemetry::tap::Tap::new(inputs.local_node.as_deref().unwrap_or("gateway")),
+            local_node: inputs.local_node,
             changes: tokio::sync::watch::channel(table.version()).0,
             table: ArcSwap::from_pointee(table),
         }
@@ -98,6 +101,11 @@ impl Mesh {
     /// The access log, when it is on.
     pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
         self.access_log.as_ref()
+    }
+
+    /// The live tap of this proxy's requests.
+    pub fn tap(&self) -> &Arc<crate::telemetry::tap::Tap> {
+        &self.tap
     }
 
     /// A receiver that wakes on every new table.

@@ -5,6 +5,8 @@
 
 pub mod access_log;
 pub mod metrics;
+pub mod scrape;
+pub mod tap;
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -137,6 +139,10 @@ pub struct Record {
     /// Body bytes of the request and of the response, counted as they pass.
     bytes: Arc<[AtomicU64; 2]>,
     log: Option<Arc<AccessLog>>,
+    /// The live tap, when someone watched as the request arrived.
+    tap: Option<Arc<tap::Tap>>,
+    /// Is what a log line or a tap event shows recorded? (Not when neither is on.)
+    detailed: bool,
     /// The answer's status and error label, once there is one ([`Record::finish`]); without
     /// one the client went away first. Counted when the response body ends, so a body that
     /// breaks off counts as the failure it is.
@@ -151,10 +157,13 @@ const REQUEST: usize = 0;
 const RESPONSE: usize = 1;
 
 impl Record {
-    pub fn new(direction: &'static str, log: Option<Arc<AccessLog>>) -> Self {
+    /// A request arriving; `tap` is the proxy's live tap, recorded for only while watched.
+    pub fn new(direction: &'static str, log: Option<Arc<AccessLog>>, tap: &Arc<tap::Tap>) -> Self {
+        let tap = tap.active().then(|| tap.clone());
+        let detailed = log.is_some() || tap.is_some();
         let entry = Entry {
-            // Only the access log needs the wall-clock time.
-            time: if log.is_some() { crate::telemetry::access_log::timestamp() } else { String::new() },
+            // Only the access log and the tap need the wall-clock time.
+            time: if detailed { crate::telemetry::access_log::timestamp() } else { String::new() },
             direction,
             src_service: Cow::Borrowed(UNKNOWN),
             dst_service: Cow::Borrowed(UNKNOWN),
@@ -169,6 +178,8 @@ impl Record {
             protocol: None,
             bytes: Default::default(),
             log,
+            tap,
+            detailed,
             answer: None,
         }
     }
@@ -180,7 +191,7 @@ impl Record {
 
     /// Method, authority, path, request id and trace id, read from the request as it arrived.
     pub fn request<B>(&mut self, req: &Request<B>) {
-        if self.log.is_none() {
+        if !self.detailed {
             return;
         }
         let e = &mut self.entry;
@@ -192,7 +203,7 @@ impl Record {
 
     /// Request id and trace id (call again after the proxy set them).
     pub fn ids(&mut self, h: &http::HeaderMap) {
-        if self.log.is_none() {
+        if !self.detailed {
             return;
         }
         let e = &mut self.entry;
@@ -206,7 +217,7 @@ impl Record {
 
     pub fn source(&mut self, service: &str, node: &str) {
         self.entry.src_service = label(service);
-        if self.log.is_some() {
+        if self.detailed {
             self.entry.src_node = node.to_string();
         }
     }
@@ -222,7 +233,7 @@ impl Record {
 
     /// The matched rule's name (access log only: metrics stay per route).
     pub fn rule(&mut self, name: &str) {
-        if self.log.is_some() {
+        if self.detailed {
             self.entry.rule = name.to_string();
         }
     }
@@ -242,14 +253,14 @@ impl Record {
         self.handles.get_or_insert_with(|| handles(e.direction, &e.src_service, &e.dst_service, &e.route)).clone()
     }
 
-    /// Is this request logged? (Otherwise its endpoint and ids need not be recorded.)
+    /// Is this request logged or tapped? (Otherwise its endpoint and ids need not be recorded.)
     pub fn logging(&self) -> bool {
-        self.log.is_some()
+        self.detailed
     }
 
     /// The endpoint the request went to (the last one, after retries).
     pub fn endpoint(&mut self, node: &str, address: &str, retries: u32) {
-        if self.log.is_none() {
+        if !self.detailed {
             return;
         }
         self.entry.dst_node = node.to_string();
@@ -331,12 +342,17 @@ impl Drop for Record {
         if self.in_flight {
             handles.in_flight.decrement(1.0);
         }
-        if let Some(log) = &self.log {
+        if self.detailed {
             let e = &mut self.entry;
             e.duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
             e.bytes_received = received;
             e.bytes_sent = sent;
-            log.log(e);
+            if let Some(log) = &self.log {
+                log.log(e);
+            }
+            if let Some(tap) = &self.tap {
+                tap.publish(e);
+            }
         }
     }
 }
