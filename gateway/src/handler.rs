@@ -104,7 +104,7 @@ impl Edge {
             req.headers_mut().insert(crate::tls::CLIENT_SUBJECT, s.clone());
         }
         let in_flight = (self.mesh.drain().guard(), held);
-        let mut rec = Record::new("ingress", self.mesh.access_log().cloned(), self.mesh.tap());
+        let mut rec = Record::new("ingress", self.mesh.access_log().cloned(), self.mesh.tap(), self.mesh.tracing());
         rec.protocol(proto);
         rec.request(&req);
         rec.source(&self.name, &self.name);

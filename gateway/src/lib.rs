@@ -49,6 +49,8 @@ pub enum GatewayError {
     Listen { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("tracing: {0}")]
+    Tracing(String),
 }
 
 #[derive(Debug, Clone)]
@@ -257,7 +259,9 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     }
     let trust_domain = config.mesh.trust_domain.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?.map(Arc::new);
-    let inputs = Inputs { local_node: None, endpoint: mesh_endpoint.clone(), access_log };
+    let tracing = quicmesh_shared::telemetry::trace::Tracing::start(&config.tracing, "gateway", &gc.name)
+        .map_err(GatewayError::Tracing)?;
+    let inputs = Inputs { local_node: None, endpoint: mesh_endpoint.clone(), access_log, tracing };
     let mesh = Arc::new(Mesh::new(inputs, Table::compile(config.clone(), 0)?));
     let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
     let store = gc.store.as_ref().map(|st| Arc::new(store::Store::new(st.etcd.clone(), &st.prefix, gc.node_grace)));

@@ -170,8 +170,14 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     if req.method() == Method::CONNECT {
         return Box::pin(crate::tcp::inbound(req, stream, peer, mesh)).await;
     }
-    let mut rec = Record::new("inbound", mesh.access_log().cloned(), mesh.tap());
+    let mut rec = Record::new("inbound", mesh.access_log().cloned(), mesh.tap(), mesh.tracing());
     rec.request(&req);
+    let mut req = req;
+    // The instance's work hangs under this proxy's span, as the caller's under its own.
+    headers::continue_trace(req.headers_mut(), &mut headers::Scratch::default(), |id| {
+        mesh.tracing().is_none_or(|t| t.sample_root(id))
+    });
+    rec.ids(req.headers());
     let (mut send, recv) = stream.split();
     rec.source(&source_of(&req, peer, &table), peer);
     let result = match path.and_then(|()| local_target(&req, mesh, &table)) {

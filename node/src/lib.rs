@@ -46,6 +46,8 @@ pub enum NodeError {
     Listen { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("tracing: {0}")]
+    Tracing(String),
     #[error(
         "node {0} has nothing to serve: its config lists no [[services]] and names no control plane; \
          add [node.gateway] (or start it with --join) to take them from a gateway, or list the services"
@@ -260,7 +262,9 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let transport_config = config.transport.clone();
     let local_config = config.clone();
     let access_log = AccessLog::start(&config.access_log).map_err(NodeError::AccessLog)?.map(Arc::new);
-    let inputs = Inputs { local_node: Some(nc.name.clone()), endpoint: endpoint.clone(), access_log };
+    let tracing = quicmesh_shared::telemetry::trace::Tracing::start(&config.tracing, "node", &nc.name)
+        .map_err(NodeError::Tracing)?;
+    let inputs = Inputs { local_node: Some(nc.name.clone()), endpoint: endpoint.clone(), access_log, tracing };
     let mesh = Arc::new(Mesh::new(inputs, Table::compile(config, 0)?));
     let addrs = NodeAddrs {
         name: nc.name.clone(),

@@ -75,7 +75,7 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) ->
     let in_flight = mesh.drain().guard();
     let http1 = req.version() <= http::Version::HTTP_11;
     let grpc = quicmesh_shared::message::respond::is_grpc(req.headers());
-    let mut rec = Record::new("outbound", mesh.access_log().cloned(), mesh.tap());
+    let mut rec = Record::new("outbound", mesh.access_log().cloned(), mesh.tap(), mesh.tracing());
     rec.request(&req);
     // Debug level: at info a span per request (its fields formatted up front) was about a tenth
     // of the node's instructions per request.

@@ -235,7 +235,7 @@ proptest! {
         headers::strip_internal(&mut map);
         prop_assert!(!map.keys().any(|k| k.as_str().starts_with("quicmesh-")));
         let mut scratch = headers::Scratch::default();
-        headers::continue_trace(&mut map, &mut scratch);
+        headers::continue_trace(&mut map, &mut scratch, |_| true);
         headers::ensure_request_id(&mut map, &mut scratch);
         let uri: http::Uri = "/x".parse().unwrap();
         let _ = headers::authority(&uri, &map);

@@ -101,6 +101,8 @@ pub struct Config {
     pub transport: TransportConfig,
     /// Per-request access log of this process. Read at start.
     pub access_log: AccessLogConfig,
+    /// Spans of this process's requests, exported over OTLP. Read at start.
+    pub tracing: TracingConfig,
     /// Who may call whom (pushed to every node with the snapshots).
     pub authorization: crate::policy::authz::AuthzConfig,
     /// Members every other member refuses (`quicmesh node revoke`; pushed by the control plane).
@@ -889,7 +891,8 @@ pub struct Layer {
 }
 
 /// The top-level sections a shared [`Layer`] may set: what every member of the mesh agrees
-/// on. The rest (`mesh`, `gateway`, `node`, `transport`, `access_log`) is each process's own.
+/// on. The rest (`mesh`, `gateway`, `node`, `transport`, `access_log`, `tracing`) is each
+/// process's own.
 pub const SHARED_SECTIONS: &[&str] =
     &["services", "routes", "grpc_routes", "timeouts", "authorization", "nodes", "revoked"];
 
@@ -1387,6 +1390,9 @@ impl Config {
         if let Err(reason) = self.access_log.validate() {
             return Err(invalid("access_log", reason));
         }
+        if let Err((key, reason)) = self.tracing.validate() {
+            return Err(invalid(key, reason));
+        }
         if self.timeouts.connect.is_zero() || self.timeouts.request.is_zero() {
             return Err(invalid("timeouts", "timeouts must be greater than zero"));
         }
@@ -1625,6 +1631,102 @@ pub struct Instance {
     /// Active health check the node runs against this instance; unset means always healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<crate::policy::health::HealthCheck>,
+}
+
+/// `[tracing]`: one span per request per proxy (the gateway's ingress, a node's outbound and
+/// inbound sides), exported in batches over OTLP (HTTP/protobuf) to a collector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP traces URL, such as `http://127.0.0.1:4318/v1/traces`; unset,
+    /// nothing is exported. Plain `http://` only (run the collector beside the proxy, or on a
+    /// trusted network).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of the traces that start at this proxy (a request without a valid `traceparent`)
+    /// that are sampled, 0 to 1, decided from the trace id (the same everywhere). A caller's
+    /// decision (the `traceparent`'s sampled flag) is always kept: parent-based sampling.
+    pub sampling: f64,
+    /// Spans waiting for export at most; past it, new spans are dropped (and counted), so a
+    /// collector that is away costs bounded memory.
+    pub max_queue: usize,
+    /// Spans per export request at most.
+    pub batch_size: usize,
+    /// How often waiting spans are exported (sooner when a batch fills).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
+    pub export_interval: std::time::Duration,
+    /// How long one export request may take.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
+    pub export_timeout: std::time::Duration,
+    /// Extra HTTP headers on export requests (a collector's API key, say). Their values are
+    /// never logged nor shown by `/config_dump`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty", serialize_with = "redacted")]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// Header values as `<redacted>`: the names say what is set, the values stay secret.
+fn redacted<S: serde::Serializer>(
+    headers: &std::collections::BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(headers.len()))?;
+    for k in headers.keys() {
+        map.serialize_entry(k, "<redacted>")?;
+    }
+    map.end()
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling: 1.0,
+            max_queue: 2048,
+            batch_size: 512,
+            export_interval: std::time::Duration::from_secs(5),
+            export_timeout: std::time::Duration::from_secs(10),
+            headers: Default::default(),
+        }
+    }
+}
+
+impl TracingConfig {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(url) = &self.otlp_endpoint {
+            let uri: http::Uri = url.parse().map_err(|e| ("tracing.otlp_endpoint", format!("{url:?}: {e}")))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err((
+                    "tracing.otlp_endpoint",
+                    format!("{url:?}: give an http:// URL with a host (https is not supported yet)"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.sampling) {
+            return Err(("tracing.sampling", format!("{} is not between 0 and 1", self.sampling)));
+        }
+        if self.max_queue == 0 || self.batch_size == 0 || self.batch_size > self.max_queue {
+            return Err((
+                "tracing.batch_size",
+                "batch_size and max_queue must be at least 1, batch_size at most max_queue".into(),
+            ));
+        }
+        if self.export_interval.is_zero() || self.export_timeout.is_zero() {
+            return Err((
+                "tracing.export_interval",
+                "export_interval and export_timeout must be greater than zero".into(),
+            ));
+        }
+        for (k, v) in &self.headers {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() || http::HeaderValue::from_str(v).is_err() {
+                // The value is a secret: only the name is told.
+                return Err(("tracing.headers", format!("{k:?} is not a valid header (name or value)")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[access_log]`.

@@ -234,20 +234,31 @@ pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Continues a request's W3C trace as a new span of this proxy (same trace id and flags, a new
 /// parent id), or starts a trace when the request has no valid `traceparent` (dropping any
-/// orphaned `tracestate`, as the specification asks).
-pub fn continue_trace(headers: &mut HeaderMap, scratch: &mut Scratch) {
+/// orphaned `tracestate`, as the specification asks), sampled when `sample_root` says so for
+/// the new trace id.
+pub fn continue_trace(headers: &mut HeaderMap, scratch: &mut Scratch, sample_root: impl FnOnce(u128) -> bool) {
     let parsed = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
     let started = parsed.is_none();
     let value = scratch.value(|b| {
         b.extend_from_slice(b"00-");
+        let mut flags = "01";
         match parsed {
-            Some((trace, _)) => b.extend_from_slice(trace.as_bytes()),
-            None => push_random_hex(b, 16),
+            Some((trace, f)) => {
+                b.extend_from_slice(trace.as_bytes());
+                flags = f;
+            }
+            None => {
+                let id = fastrand::u128(1..);
+                push_hex(b, id, 32);
+                if !sample_root(id) {
+                    flags = "00";
+                }
+            }
         }
         b.extend_from_slice(b"-");
         push_random_hex(b, 8);
         b.extend_from_slice(b"-");
-        b.extend_from_slice(parsed.map_or("01", |(_, flags)| flags).as_bytes());
+        b.extend_from_slice(flags.as_bytes());
     });
     if started {
         headers.remove(&TRACESTATE);
@@ -255,6 +266,23 @@ pub fn continue_trace(headers: &mut HeaderMap, scratch: &mut Scratch) {
     if let Some(v) = value {
         headers.insert(TRACEPARENT, v);
     }
+}
+
+/// `digits` lowercase hex digits of `v`, most significant first.
+fn push_hex(out: &mut BytesMut, v: u128, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        out.extend_from_slice(&[HEX[((v >> (i * 4)) & 0xf) as usize]]);
+    }
+}
+
+/// Trace id, parent id and sampled flag of a valid `traceparent`.
+pub fn trace_ids(headers: &HeaderMap) -> Option<(u128, u64, bool)> {
+    let v = headers.get(&TRACEPARENT)?.to_str().ok()?;
+    let (trace, flags) = parse_traceparent(v)?;
+    let parent = v.trim().split('-').nth(2)?;
+    let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+    Some((u128::from_str_radix(trace, 16).ok()?, u64::from_str_radix(parent, 16).ok()?, sampled))
 }
 
 /// The trace id of a valid `traceparent`, if the request has one.
@@ -457,7 +485,7 @@ mod tests {
         let long = "10.9.9.9, ".repeat(40);
         h.insert(FORWARDED_FOR, HeaderValue::from_str(long.trim_end_matches(", ")).unwrap());
         append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap(), &mut scratch);
-        continue_trace(&mut h, &mut scratch);
+        continue_trace(&mut h, &mut scratch, |_| true);
         let trace = h[TRACEPARENT].clone();
         ensure_request_id(&mut HeaderMap::new(), &mut scratch);
         assert_eq!(h[REQUEST_ID], made);
@@ -477,7 +505,7 @@ mod tests {
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert(TRACEPARENT, HeaderValue::from_static(parent));
         h.insert(TRACESTATE, HeaderValue::from_static("vendor=1"));
-        continue_trace(&mut h, &mut Scratch::default());
+        continue_trace(&mut h, &mut Scratch::default(), |_| true);
         assert_eq!(trace_id(&h).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         let next = h[TRACEPARENT].to_str().unwrap().to_string();
         assert!(next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && next.ends_with("-01"), "{next}");
@@ -486,7 +514,7 @@ mod tests {
         // The caller's flags are kept (here: not sampled).
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"));
-        continue_trace(&mut h, &mut Scratch::default());
+        continue_trace(&mut h, &mut Scratch::default(), |_| true);
         assert!(h[TRACEPARENT].to_str().unwrap().ends_with("-00"), "{:?}", h[TRACEPARENT]);
         for bad in [
             "junk",
@@ -498,13 +526,30 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert(TRACEPARENT, HeaderValue::from_str(bad).unwrap());
             h.insert(TRACESTATE, HeaderValue::from_static("orphan=1"));
-            continue_trace(&mut h, &mut Scratch::default());
+            continue_trace(&mut h, &mut Scratch::default(), |_| true);
             let trace = trace_id(&h).expect("a new valid traceparent");
             assert_eq!(trace.len(), 32);
             assert!(!bad.contains(&trace), "{bad}");
             assert!(!h.contains_key(TRACESTATE));
             assert!(h[TRACEPARENT].to_str().unwrap().ends_with("-01"), "sampled");
         }
+        // A trace that starts here is sampled as the sampler says for its id; a caller's
+        // decision is never asked again.
+        let mut h = HeaderMap::new();
+        let mut asked = None;
+        continue_trace(&mut h, &mut Scratch::default(), |id| {
+            asked = Some(id);
+            false
+        });
+        let (trace, span, sampled) = trace_ids(&h).unwrap();
+        assert_eq!(Some(trace), asked, "the sampler saw the new trace's id");
+        assert!(!sampled && span != 0);
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, HeaderValue::from_static(parent));
+        continue_trace(&mut h, &mut Scratch::default(), |_| unreachable!("a caller decided"));
+        let (trace, span, sampled) = trace_ids(&h).unwrap();
+        assert_eq!(trace, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert!(sampled && span != 0x00f067aa0ba902b7);
     }
 
     #[test]

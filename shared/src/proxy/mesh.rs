@@ -34,6 +34,8 @@ pub struct Inputs {
     pub endpoint: quinn::Endpoint,
     /// Where completed requests are logged, when the access log is on.
     pub access_log: Option<Arc<AccessLog>>,
+    /// Where spans go, when tracing is on.
+    pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
 }
 
 /// Where services live and how to reach them: the long-lived inputs and the current table.
@@ -46,6 +48,7 @@ pub struct Mesh {
     access_log: Option<Arc<AccessLog>>,
     /// Completed requests, to whoever watches (`/tap`).
     tap: Arc<crate::telemetry::tap::Tap>,
+    tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
     /// Ticks with every new table (connections re-check revocations on it).
     changes: tokio::sync::watch::Sender<u64>,
     table: ArcSwap<Table>,
@@ -68,6 +71,7 @@ impl Mesh {
             access_log: inputs.access_log,
             tap: crate::telemetry::tap::Tap::new(inputs.local_node.as_deref().unwrap_or("gateway")),
             local_node: inputs.local_node,
+            tracing: inputs.tracing,
             changes: tokio::sync::watch::channel(table.version()).0,
             table: ArcSwap::from_pointee(table),
         }
@@ -101,6 +105,11 @@ impl Mesh {
     /// The access log, when it is on.
     pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
         self.access_log.as_ref()
+    }
+
+    /// The span exporter, when tracing is on.
+    pub fn tracing(&self) -> Option<&Arc<crate::telemetry::trace::Tracing>> {
+        self.tracing.as_ref()
     }
 
     /// The live tap of this proxy's requests.
@@ -262,7 +271,7 @@ mod tests {
 
     fn mesh_of(cfg: Config) -> Mesh {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let inputs = Inputs { local_node: Some("a".into()), endpoint, access_log: None };
+        let inputs = Inputs { local_node: Some("a".into()), endpoint, access_log: None, tracing: None };
         Mesh::new(inputs, Table::compile(cfg, 0).unwrap())
     }
 

@@ -254,7 +254,7 @@ fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, mut authority: String, se
         }
     }
     headers::ensure_request_id(&mut parts.headers, &mut scratch);
-    headers::continue_trace(&mut parts.headers, &mut scratch);
+    headers::continue_trace(&mut parts.headers, &mut scratch, |id| cx.mesh.tracing().is_none_or(|t| t.sample_root(id)));
     if let Some(source) = cx.side.source.and_then(|s| scratch.text(s)) {
         parts.headers.insert(headers::SOURCE, source);
     }

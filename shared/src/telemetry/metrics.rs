@@ -52,6 +52,7 @@ pub const REQUESTS_IN_FLIGHT: &str = "quicmesh_requests_in_flight";
 pub const REQUEST_BYTES: &str = "quicmesh_request_bytes_total";
 pub const RESPONSE_BYTES: &str = "quicmesh_response_bytes_total";
 pub const ACCESS_LOG_DROPPED: &str = "quicmesh_access_log_dropped_total";
+pub const TRACE_SPANS: &str = "quicmesh_trace_spans_total";
 pub const LOG_DROPPED: &str = "quicmesh_log_dropped_total";
 pub const QUIC_RTT: &str = "quicmesh_quic_rtt_seconds";
 pub const QUIC_CWND: &str = "quicmesh_quic_congestion_window_bytes";
@@ -201,6 +202,10 @@ fn describe() {
     describe_counter!(REQUEST_BYTES, Unit::Bytes, "Request body bytes received, by direction, source and service.");
     describe_counter!(RESPONSE_BYTES, Unit::Bytes, "Response body bytes sent, by direction, source and service.");
     describe_counter!(ACCESS_LOG_DROPPED, "Access-log lines dropped because the writer fell behind.");
+    describe_counter!(
+        TRACE_SPANS,
+        "Spans by result: queued for export, exported (the collector took them), failed (the export failed); queued minus the others is what waits or was dropped by a full queue."
+    );
     describe_counter!(LOG_DROPPED, "Diagnostic log lines dropped because stderr did not keep up (updated every 5 s).");
     describe_gauge!(QUIC_RTT, Unit::Seconds, "Smoothed round-trip time of the QUIC connection to a peer.");
     describe_gauge!(QUIC_CWND, Unit::Bytes, "Congestion window of the QUIC connection to a peer.");

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod metrics;
 pub mod scrape;
 pub mod tap;
+pub mod trace;
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -141,7 +142,11 @@ pub struct Record {
     log: Option<Arc<AccessLog>>,
     /// The live tap, when someone watched as the request arrived.
     tap: Option<Arc<tap::Tap>>,
-    /// Is what a log line or a tap event shows recorded? (Not when neither is on.)
+    /// Where this request's span goes, when tracing is on.
+    tracing: Option<Arc<trace::Tracing>>,
+    /// The span's ids, once the proxy has set the `traceparent` it forwards.
+    trace: trace::Ids,
+    /// Is what a log line, a tap event or a span shows recorded? (Not when none is on.)
     detailed: bool,
     /// The answer's status and error label, once there is one ([`Record::finish`]); without
     /// one the client went away first. Counted when the response body ends, so a body that
@@ -158,9 +163,14 @@ const RESPONSE: usize = 1;
 
 impl Record {
     /// A request arriving; `tap` is the proxy's live tap, recorded for only while watched.
-    pub fn new(direction: &'static str, log: Option<Arc<AccessLog>>, tap: &Arc<tap::Tap>) -> Self {
+    pub fn new(
+        direction: &'static str,
+        log: Option<Arc<AccessLog>>,
+        tap: &Arc<tap::Tap>,
+        tracing: Option<&Arc<trace::Tracing>>,
+    ) -> Self {
         let tap = tap.active().then(|| tap.clone());
-        let detailed = log.is_some() || tap.is_some();
+        let detailed = log.is_some() || tap.is_some() || tracing.is_some();
         let entry = Entry {
             // Only the access log and the tap need the wall-clock time.
             time: if detailed { crate::telemetry::access_log::timestamp() } else { String::new() },
@@ -179,6 +189,8 @@ impl Record {
             bytes: Default::default(),
             log,
             tap,
+            tracing: tracing.cloned(),
+            trace: Default::default(),
             detailed,
             answer: None,
         }
@@ -198,14 +210,28 @@ impl Record {
         e.method = req.method().to_string();
         e.authority = headers::authority(req.uri(), req.headers()).unwrap_or_default();
         e.path = req.uri().path().to_string();
-        self.ids(req.headers());
+        self.read_ids(req.headers());
+        if self.tracing.is_some() {
+            // The span this request arrived under is its span's parent.
+            self.trace.parent = headers::trace_ids(req.headers()).map_or(0, |(_, parent, _)| parent);
+        }
     }
 
-    /// Request id and trace id (call again after the proxy set them).
+    /// Request id and trace id, and this proxy's span, from the headers it forwards (call
+    /// after the proxy set them).
     pub fn ids(&mut self, h: &http::HeaderMap) {
         if !self.detailed {
             return;
         }
+        self.read_ids(h);
+        if self.tracing.is_some() {
+            if let Some((trace, span, sampled)) = headers::trace_ids(h) {
+                self.trace = trace::Ids { trace, span, parent: self.trace.parent, sampled };
+            }
+        }
+    }
+
+    fn read_ids(&mut self, h: &http::HeaderMap) {
         let e = &mut self.entry;
         if let Some(id) = h.get(&headers::REQUEST_ID).and_then(|v| v.to_str().ok()) {
             e.request_id = id.to_string();
@@ -352,6 +378,11 @@ impl Drop for Record {
             }
             if let Some(tap) = &self.tap {
                 tap.publish(e);
+            }
+            if let Some(tracing) = &self.tracing {
+                let end = std::time::SystemTime::now();
+                let start = end.checked_sub(self.start.elapsed()).unwrap_or(end);
+                tracing.record(e, self.trace, start, end);
             }
         }
     }
