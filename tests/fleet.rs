@@ -673,6 +673,66 @@ async fn five_and_twenty_percent_loss_lose_no_request() {
     assert_no_loss("through the gateway", &edge, None);
 }
 
+/// Writes 16 KiB numbered `round` into a tunnel and reads them back whole.
+async fn echo_round(s: &mut tokio::net::TcpStream, round: u8) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sent: Vec<u8> = (0..16 * 1024).map(|i| (i as u8).wrapping_mul(round.wrapping_add(3))).collect();
+    let mut back = vec![0; sent.len()];
+    let trip = async {
+        s.write_all(&sent).await?;
+        s.read_exact(&mut back).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), trip).await {
+        Ok(Ok(_)) if back == sent => Ok(()),
+        Ok(Ok(_)) => Err(format!("round {round}: the tunnel echoed other bytes")),
+        Ok(Err(e)) => Err(format!("round {round}: {e}")),
+        Err(_) => Err(format!("round {round}: no echo in 10 s")),
+    }
+}
+
+/// node-a's host changes address under load (issue #30): the host gets a new address, node-a's
+/// config moves `node.inbound` to it, and the old address is taken away. The QUIC connections
+/// node-a opened (to node-b, node-c and the gateway) migrate to the new address: no request
+/// fails, node-a opens no new connection, a TCP tunnel (one QUIC stream) held open across the
+/// change carries on, and the gateway registers the new address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_address_changes_keeps_its_connections() {
+    let _turn = TURN.lock().await;
+    let Some(f) = Fleet::start("").await else { return };
+    let mesh = f.mesh_load(4);
+    mesh.run_for(100).await;
+    let mut tunnel = f.net.connect("a", ([127, 0, 0, 1], TUNNEL).into()).await.unwrap();
+    echo_round(&mut tunnel, 0).await.unwrap();
+    let opened = |text: &str| metric(text, "quicmesh_quic_connections_opened_total", &[("direction", "outbound")]);
+    let before = opened(&f.net.http_get("a", f.admin(), "/metrics").await.1);
+    assert!(before >= 3.0, "node-a should hold connections to node-b, node-c and the gateway");
+
+    let (old, new) = (f.net.ip("a"), std::net::IpAddr::from([10, 77, 0, 100]));
+    let new_inbound = SocketAddr::new(new, INBOUND);
+    f.net.add_addr("a", new);
+    let toml = std::fs::read_to_string(&f.a.config).unwrap();
+    std::fs::write(&f.a.config, toml.replace(&f.net.addr("a", INBOUND).to_string(), &new_inbound.to_string())).unwrap();
+    let moved = Instant::now();
+    f.a.log_with(&["moved the QUIC socket"]).await;
+    eventually(Duration::from_secs(30), "the gateway to register node-a's new address", || async {
+        let nodes = f.admin_json("gw", "/nodes").await?;
+        let a = nodes["nodes"].as_array()?.iter().find(|n| n["name"] == "node-a")?.clone();
+        (a["address"] == new_inbound.to_string() && a["connected"] == true).then_some(())
+    })
+    .await;
+    f.net.del_addr("a", old);
+    let gone = Instant::now();
+    mesh.run_for(400).await;
+    echo_round(&mut tunnel, 1).await.expect("the tunnel opened before the address change");
+    let mesh = mesh.stop().await;
+    report("address change of node-a's host", "mesh", &mesh, Some(gone));
+    eprintln!("FIGURES address change: registered at the gateway {:.0} ms after the config edit", ms(gone - moved));
+    assert_no_loss("through node-a across its address change", &mesh, None);
+    assert_failed_over(&[&mesh], gone);
+    let after = opened(&f.net.http_get("a", f.admin(), "/metrics").await.1);
+    assert_eq!(after, before, "node-a opened new connections instead of migrating its own:\n{}", f.a.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_gateway_keeps_serving_and_catches_up() {
     let _turn = TURN.lock().await;

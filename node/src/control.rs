@@ -36,7 +36,8 @@ pub struct ControlClient {
     /// The node's own config; snapshots replace its mesh-wide parts.
     pub local: Config,
     pub target: ControlTarget,
-    pub advertise: SocketAddr,
+    /// Where peers reach this node; a new value re-registers on the open stream.
+    pub advertise: watch::Receiver<SocketAddr>,
     /// This node's admin listener, reported so `quicmesh top` can read its metrics.
     pub admin: SocketAddr,
     /// The instances to register; a new value re-registers on the open stream.
@@ -308,7 +309,7 @@ impl ControlClient {
     /// The registration: where peers reach this node, what it hosts, what it runs.
     fn hello(&self, instances: Vec<Instance>) -> NodeMsg {
         NodeMsg::Hello {
-            address: self.advertise,
+            address: *self.advertise.borrow(),
             instances,
             version: self.mesh.table().version(),
             admin: Some(self.admin),
@@ -345,6 +346,8 @@ impl ControlClient {
         };
         let (mut send, mut recv) = stream.split();
         let mut instances = self.instances.clone();
+        let mut advertise = self.advertise.clone();
+        advertise.borrow_and_update();
         let hello = self.hello(instances.borrow_and_update().clone());
         if let Err(e) = control::send_line(&mut send, &hello).await {
             return broken(e.to_string());
@@ -384,6 +387,17 @@ impl ControlClient {
                         return End::Broken(e.to_string(), progressed);
                     }
                     info!("registered the changed instances with the gateway");
+                }
+                changed = advertise.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let address = *advertise.borrow_and_update();
+                    let hello = self.hello(instances.borrow().clone());
+                    if let Err(e) = control::send_line(&mut send, &hello).await {
+                        return End::Broken(e.to_string(), progressed);
+                    }
+                    info!(%address, "registered the new address with the gateway");
                 }
                 changed = health.changed() => {
                     if changed.is_err() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use quicmesh_shared::admin::{self, AdminState};
 use quicmesh_shared::config::watch::FileWatch;
-use quicmesh_shared::config::{Config, ConfigError, ControlTarget, TlsPaths};
+use quicmesh_shared::config::{Config, ConfigError, ControlTarget, NodeConfig, TlsPaths};
 use quicmesh_shared::identity::tls::ClientAuth;
 use quicmesh_shared::identity::{Credentials, IdentityError};
 use quicmesh_shared::proxy::drain::Phase;
@@ -74,6 +74,7 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     control_task: Option<tokio::task::JoinHandle<()>>,
     instances_tx: Option<watch::Sender<Vec<quicmesh_shared::control::Instance>>>,
+    advertise_tx: Option<watch::Sender<SocketAddr>>,
     admin: Arc<AdminState>,
     drain_timeout: Duration,
     /// Which layer set each key, for `/config_dump` (known when started from files).
@@ -99,7 +100,8 @@ pub async fn start(config: Config) -> Result<Node, NodeError> {
 }
 
 /// Like [`start`], watching `files` (the layers `config` came from) so that changes to
-/// `node.instances` re-register with the control plane without a restart.
+/// `node.instances` re-register with the control plane, and changes to `node.inbound` and
+/// `node.advertise` move the node to its new address, without a restart.
 pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) -> Result<Node, NodeError> {
     for warning in config.warnings() {
         warn!("config: {warning}");
@@ -111,26 +113,63 @@ pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) ->
         }
         Err(e) => warn!("cannot tell which layer set each key: {e}"),
     }
-    if let Some(tx) = node.instances_tx.clone() {
-        node._tasks.spawn(watch_instances(files, tx));
-    }
-    Ok(node)
-}
-
-/// Polls the config files; a change that loads and validates updates the registered instances.
-fn watch_instances(
-    files: Vec<std::path::PathBuf>,
-    tx: watch::Sender<Vec<quicmesh_shared::control::Instance>>,
-) -> impl std::future::Future<Output = ()> + Send {
     let list = files.clone();
     // Watched from this call on (see `FileWatch`).
     let watch = FileWatch::new(move || list.clone(), Duration::from_millis(500), Duration::from_millis(500));
-    register_on_change(files, tx, watch)
+    let live = Live {
+        instances: node.instances_tx.clone(),
+        advertise: node.advertise_tx.clone(),
+        endpoint: node.endpoint.clone(),
+        bound: node.addrs.inbound,
+    };
+    node._tasks.spawn(apply_on_change(files, live, watch));
+    Ok(node)
 }
 
-async fn register_on_change<F: Fn() -> Vec<std::path::PathBuf>>(
+/// What a config change can alter in a running node.
+struct Live {
+    /// The instances registered with the control plane (None: no control plane).
+    instances: Option<watch::Sender<Vec<quicmesh_shared::control::Instance>>>,
+    /// The address registered with the control plane (None: no control plane).
+    advertise: Option<watch::Sender<SocketAddr>>,
+    endpoint: quinn::Endpoint,
+    /// The QUIC socket's address now.
+    bound: SocketAddr,
+}
+
+impl Live {
+    /// Moves the QUIC socket when `node.inbound` changed, then registers the address peers
+    /// should use when it changed.
+    fn readdress(&mut self, before: &NodeConfig, after: &NodeConfig, cfg: &Config) {
+        if after.inbound != before.inbound {
+            match transport::rebind(&self.endpoint, after.inbound, &cfg.transport) {
+                Ok(now) => {
+                    info!(
+                        from = %self.bound,
+                        to = %now,
+                        "moved the QUIC socket to the new node.inbound; the connections this node opened migrate"
+                    );
+                    self.bound = now;
+                }
+                Err(e) => warn!(error = %e, "cannot move to the new node.inbound; the node stays on {}", self.bound),
+            }
+        }
+        if let Some(tx) = &self.advertise {
+            let address = after.advertise.unwrap_or(self.bound);
+            if address.ip().is_unspecified() {
+                warn!(%address, "node.inbound is a wildcard address and node.advertise is unset; the registered address is unchanged");
+                return;
+            }
+            tx.send_if_modified(|cur| std::mem::replace(cur, address) != address);
+        }
+    }
+}
+
+/// Polls the config files; a change that loads and validates updates the registered instances
+/// and the node's address.
+async fn apply_on_change<F: Fn() -> Vec<std::path::PathBuf>>(
     files: Vec<std::path::PathBuf>,
-    tx: watch::Sender<Vec<quicmesh_shared::control::Instance>>,
+    mut live: Live,
     mut watch: FileWatch<F>,
 ) {
     // What the node started with (read again: the files are what it was started from).
@@ -147,16 +186,21 @@ async fn register_on_change<F: Fn() -> Vec<std::path::PathBuf>>(
                             "these changed keys are read at start: they keep their running values until the node restarts"
                         );
                     }
+                    if let (Some(b), Some(a)) = (&before.node, &cfg.node) {
+                        live.readdress(b, a, &cfg);
+                    }
                 }
-                last = Some(cfg.clone());
-                let instances = cfg.node.map(|n| n.instances).unwrap_or_default();
-                tx.send_if_modified(|cur| {
-                    let changed = *cur != instances;
-                    *cur = instances;
-                    changed
-                });
+                let instances = cfg.node.as_ref().map(|n| n.instances.clone()).unwrap_or_default();
+                last = Some(cfg);
+                if let Some(tx) = &live.instances {
+                    tx.send_if_modified(|cur| {
+                        let changed = *cur != instances;
+                        *cur = instances;
+                        changed
+                    });
+                }
             }
-            Err(e) => warn!(error = %e, "node config change refused; the registered instances are unchanged"),
+            Err(e) => warn!(error = %e, "node config change refused; the node carries on as it was"),
         }
     }
 }
@@ -284,6 +328,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut control_task = None;
     let mut instances_tx = None;
+    let mut advertise_tx = None;
     let mut health_task = None;
     if let Some(target) = control_target {
         let cache = nc
@@ -297,7 +342,8 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
                 Err(e) => warn!("cached snapshot unusable: {e}"),
             }
         }
-        let advertise = nc.advertise.unwrap_or(inbound_addr);
+        let (advertise, advertise_rx) = watch::channel(nc.advertise.unwrap_or(inbound_addr));
+        advertise_tx = Some(advertise);
         let (tx, rx) = watch::channel(nc.instances.clone());
         instances_tx = Some(tx);
         let (health_tx, health_rx) = watch::channel(Vec::new());
@@ -308,7 +354,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             renew_before: nc.renew_before,
             local: local_config,
             target,
-            advertise,
+            advertise: advertise_rx,
             admin: addrs.admin,
             instances: rx,
             health: health_rx,
@@ -377,6 +423,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
         shutdown,
         control_task,
         instances_tx,
+        advertise_tx,
         admin: state,
         drain_timeout: nc.drain_timeout,
         sources,

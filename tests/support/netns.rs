@@ -113,6 +113,33 @@ impl Net {
         Some(net)
     }
 
+    /// Gives `host`'s link a second address on the subnet (the first step of an address change).
+    #[allow(dead_code)]
+    pub fn add_addr(&self, host: &str, ip: IpAddr) {
+        let ns = self.ns(host);
+        // Linux removes a subnet's secondary addresses with its primary unless told to promote
+        // one: the new address must outlive the old.
+        run("ip", &["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"]);
+        run("ip", &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    }
+
+    /// Takes `ip` away from `host`'s link: packets to it go nowhere, sockets bound to it fail.
+    #[allow(dead_code)]
+    pub fn del_addr(&self, host: &str, ip: IpAddr) {
+        run("ip", &["-n", &self.ns(host), "addr", "del", &format!("{ip}/24"), "dev", "eth0"]);
+    }
+
+    /// Sets the MTU of every link (both ends of each veth and the bridge), for jumbo frames.
+    #[allow(dead_code)]
+    pub fn set_mtu(&self, mtu: u32) {
+        let (sw, mtu) = (self.switch(), mtu.to_string());
+        for (i, host) in self.hosts.iter().enumerate() {
+            run("ip", &["-n", &sw, "link", "set", &format!("p{i}"), "mtu", &mtu]);
+            run("ip", &["-n", &self.ns(host), "link", "set", "eth0", "mtu", &mtu]);
+        }
+        run("ip", &["-n", &sw, "link", "set", "br0", "mtu", &mtu]);
+    }
+
     fn switch(&self) -> String {
         format!("{}-sw", self.id)
     }

@@ -185,7 +185,9 @@ pub struct NodeConfig {
     pub name: String,
     /// Plain HTTP listener for local apps (HTTP/1.1 and h2c prior knowledge). Read at start.
     pub outbound: SocketAddr,
-    /// UDP address of the QUIC listener that peers connect to. Read at start.
+    /// UDP address of the QUIC listener that peers connect to. Applies on change: the node
+    /// moves to a socket on the new address (an address change of its host); the connections
+    /// it opened migrate with it, and the control plane learns the new address.
     pub inbound: SocketAddr,
     /// Admin HTTP listener (`/ready`, `/live`, `/metrics`). Read at start.
     pub admin: SocketAddr,
@@ -200,7 +202,7 @@ pub struct NodeConfig {
     /// The control plane; unset means services come from static config only. Read at start.
     pub gateway: Option<ControlTarget>,
     /// Address peers use to reach `inbound` (needed when `inbound` is a wildcard address).
-    /// Read at start.
+    /// Applies on change (registered again with the control plane).
     pub advertise: Option<SocketAddr>,
     /// Instances this node hosts, registered with the control plane.
     /// Applies on change (registered again with the control plane; a static node does not use them).
@@ -862,6 +864,25 @@ pub struct TransportConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub idle_timeout: Duration,
+    /// Congestion controller of mesh connections: `cubic` (loss-based, as TCP's default),
+    /// `bbr` (model-based: paces to the measured bandwidth and does not halve on each loss) or
+    /// `newreno`.
+    pub congestion: Congestion,
+    /// Largest UDP payload a connection's path-MTU discovery probes for, and accepted from
+    /// peers, bytes (1200 to 65527). 1452 fits a 1500-byte Ethernet MTU over IPv4 and IPv6;
+    /// raise it on jumbo-frame networks (8952 for a 9000-byte MTU): fewer, larger datagrams.
+    /// Probes that get no answer cost nothing but a little time, so a too-high value is safe.
+    pub max_udp_payload: u16,
+}
+
+/// A QUIC congestion controller (`transport.congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    #[default]
+    Cubic,
+    Bbr,
+    NewReno,
 }
 
 impl Default for TransportConfig {
@@ -873,6 +894,8 @@ impl Default for TransportConfig {
             socket_buffer: 4 << 20,
             keep_alive: Duration::from_millis(500),
             idle_timeout: Duration::from_millis(1500),
+            congestion: Congestion::Cubic,
+            max_udp_payload: 1452,
         }
     }
 }
@@ -1383,6 +1406,12 @@ impl Config {
         }
         if t.idle_timeout <= t.keep_alive {
             return Err(invalid("transport.idle_timeout", "must be longer than transport.keep_alive"));
+        }
+        if !(1200..=65527).contains(&t.max_udp_payload) {
+            return Err(invalid(
+                "transport.max_udp_payload",
+                format!("{} bytes; QUIC needs 1200 to 65527", t.max_udp_payload),
+            ));
         }
         if let Err((key, reason)) = self.authorization.validate() {
             return Err(invalid(key, reason));

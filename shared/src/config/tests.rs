@@ -71,6 +71,8 @@ fn validation_rules() {
         ("[gateway]\n[gateway.limits]\nmax_connections_per_client = 0\n", "gateway.limits.max_connections_per_client"),
         ("[transport]\nmax_concurrent_streams = 2000000\n", "transport"),
         ("[transport]\nkeep_alive = \"20s\"\n", "transport.idle_timeout"),
+        ("[transport]\nmax_udp_payload = 1000\n", "transport.max_udp_payload"),
+        ("[transport]\nmax_udp_payload = 65528\n", "transport.max_udp_payload"),
         ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),
         ("[[services]]\nname = \"a\"\n[[services]]\nname = \"b\"\nhosts = [\"a\"]\n", "services[1].hosts[0]"),
         ("[[services]]\nname = \"a\"\nhosts = [\"x\"]\n[[services]]\nname = \"b\"\nhosts = [\"X\"]\n", "services[1].hosts[0]"),
@@ -341,4 +343,15 @@ fn member_names_are_dns_names_and_service_names_one_label() {
     let dotted = "[node]\nname = \"ip-10-0-0-5.ec2.internal\"\n[[services]]\nname = \"web\"\n";
     assert_eq!(load(&[file(dotted).path().to_path_buf()]).unwrap().node.unwrap().name, "ip-10-0-0-5.ec2.internal");
     assert!(load_err("[[services]]\nname = \"web.internal\"\n").contains("services[0].name"));
+}
+
+#[test]
+fn congestion_controllers_by_name() {
+    let f = file("[transport]\ncongestion = \"bbr\"\nmax_udp_payload = 8952\n");
+    let cfg = load(&[f.path().to_path_buf()]).unwrap();
+    assert_eq!(cfg.transport.congestion, super::Congestion::Bbr);
+    assert_eq!(cfg.transport.max_udp_payload, 8952);
+    crate::transport::transport_config(&cfg.transport).unwrap();
+    let err = load_err("[transport]\ncongestion = \"vegas\"\n");
+    assert!(err.contains("congestion") && err.contains("vegas"), "{err}");
 }

@@ -56,6 +56,7 @@ pub const TRACE_SPANS: &str = "quicmesh_trace_spans_total";
 pub const LOG_DROPPED: &str = "quicmesh_log_dropped_total";
 pub const QUIC_RTT: &str = "quicmesh_quic_rtt_seconds";
 pub const QUIC_CWND: &str = "quicmesh_quic_congestion_window_bytes";
+pub const QUIC_MTU: &str = "quicmesh_quic_datagram_size_bytes";
 pub const QUIC_LOST_PACKETS: &str = "quicmesh_quic_lost_packets_total";
 pub const QUIC_SENT_PACKETS: &str = "quicmesh_quic_sent_packets_total";
 pub const QUIC_STREAMS: &str = "quicmesh_quic_streams_total";
@@ -209,6 +210,11 @@ fn describe() {
     describe_counter!(LOG_DROPPED, "Diagnostic log lines dropped because stderr did not keep up (updated every 5 s).");
     describe_gauge!(QUIC_RTT, Unit::Seconds, "Smoothed round-trip time of the QUIC connection to a peer.");
     describe_gauge!(QUIC_CWND, Unit::Bytes, "Congestion window of the QUIC connection to a peer.");
+    describe_gauge!(
+        QUIC_MTU,
+        Unit::Bytes,
+        "Largest UDP payload the QUIC connection to a peer sends now (path-MTU discovery's result)."
+    );
     describe_counter!(QUIC_LOST_PACKETS, "QUIC packets declared lost, by direction and peer.");
     describe_counter!(QUIC_SENT_PACKETS, "QUIC packets sent, by direction and peer.");
     describe_counter!(QUIC_STREAMS, "HTTP/3 request streams opened, by direction and peer.");

@@ -18,7 +18,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, IdleTimeout, VarInt};
 use ring::hmac;
 
-use crate::config::TransportConfig;
+use crate::config::{Congestion, TransportConfig};
 use crate::identity::tls::{self, TlsError};
 use crate::identity::Credentials;
 
@@ -66,6 +66,15 @@ pub fn transport_config(cfg: &TransportConfig) -> Result<quinn::TransportConfig,
             IdleTimeout::try_from(cfg.idle_timeout)
                 .map_err(|e| TransportError::Setting(format!("idle_timeout: {e}")))?,
         ));
+    let factory: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match cfg.congestion {
+        Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+        Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+        Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+    };
+    t.congestion_controller_factory(factory);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
     Ok(t)
 }
 
@@ -79,15 +88,19 @@ fn derive(creds: &Credentials, purpose: &[u8]) -> hmac::Tag {
 /// Endpoint config whose stateless-reset tokens and connection-ID validation survive a restart:
 /// both are keyed from the member's private key, so the restarted process recognises its old
 /// connection IDs as its own and answers them with a reset the peer can verify.
-fn endpoint_config(creds: &Credentials) -> EndpointConfig {
+fn endpoint_config(creds: &Credentials, cfg: &TransportConfig) -> Result<EndpointConfig, TransportError> {
     let reset = derive(creds, b"quicmesh stateless reset v1");
-    let mut cfg = EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    let mut endpoint = EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
     let cid = derive(creds, b"quicmesh connection id v1");
     let mut k = [0u8; 8];
     k.copy_from_slice(&cid.as_ref()[..8]);
     let cid_key = u64::from_le_bytes(k);
-    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
-    cfg
+    endpoint.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // Accept datagrams as large as this side probes for (quinn's default, 1472, at least).
+    endpoint
+        .max_udp_payload_size(cfg.max_udp_payload.max(1472))
+        .map_err(|e| TransportError::Setting(format!("max_udp_payload: {e}")))?;
+    Ok(endpoint)
 }
 
 /// Where the endpoint's UDP socket comes from.
@@ -201,6 +214,22 @@ pub fn reconfigure(
     client_config(creds, trust_domain, cfg)
 }
 
+/// Moves `endpoint` to a new UDP socket bound to `addr` (an address change of the host): the
+/// connections this side opened migrate to it (each peer validates the new path, and their
+/// streams carry on); connections peers opened to the old address are lost, and those peers
+/// reconnect to the new address once they learn it. Returns the new socket's address; on error
+/// the old socket stays.
+pub fn rebind(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    cfg: &TransportConfig,
+) -> Result<SocketAddr, TransportError> {
+    let socket = udp_socket(Bind::Addr(addr), cfg.socket_buffer)?;
+    let local = socket.local_addr().map_err(|source| TransportError::Bind { addr, source })?;
+    endpoint.rebind(socket).map_err(|source| TransportError::Bind { addr, source })?;
+    Ok(local)
+}
+
 /// Builds the mesh QUIC endpoint. With `serve` it accepts peers, authenticated as it says.
 pub fn mesh_endpoint(
     bind: Bind,
@@ -210,7 +239,7 @@ pub fn mesh_endpoint(
     serve: Option<tls::ClientAuth>,
 ) -> Result<quinn::Endpoint, TransportError> {
     let server = serve.map(|auth| server_config(creds, auth, cfg)).transpose()?;
-    let endpoint_cfg = endpoint_config(creds);
+    let endpoint_cfg = endpoint_config(creds, cfg)?;
     let socket = udp_socket(bind, cfg.socket_buffer)?;
     let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })?;
     let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setting("no async runtime".into()))?;

@@ -442,7 +442,7 @@ impl Dialer {
 /// How often a connection's path statistics are exported.
 const STATS_EVERY: Duration = Duration::from_secs(2);
 
-/// Exports a peer connection's round-trip time, congestion window, and sent and lost packets
+/// Exports a peer connection's round-trip time, congestion window, datagram size, and sent and lost packets
 /// every couple of seconds until it closes.
 pub fn watch_stats(conn: quinn::Connection, direction: &'static str, peer: String) {
     tokio::spawn(async move {
@@ -451,6 +451,8 @@ pub fn watch_stats(conn: quinn::Connection, direction: &'static str, peer: Strin
             let path = conn.stats().path;
             metrics::gauge!(m::QUIC_RTT, "direction" => direction, "peer" => peer.clone()).set(path.rtt.as_secs_f64());
             metrics::gauge!(m::QUIC_CWND, "direction" => direction, "peer" => peer.clone()).set(path.cwnd as f64);
+            metrics::gauge!(m::QUIC_MTU, "direction" => direction, "peer" => peer.clone())
+                .set(f64::from(path.current_mtu));
             metrics::counter!(m::QUIC_SENT_PACKETS, "direction" => direction, "peer" => peer.clone())
                 .increment(path.sent_packets.saturating_sub(sent));
             metrics::counter!(m::QUIC_LOST_PACKETS, "direction" => direction, "peer" => peer.clone())
