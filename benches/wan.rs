@@ -20,7 +20,8 @@
 //! every run in `target/bench-wan.json` (`BENCH_JSON`); `benches/plot_wan.py` draws the PNG.
 //! Environment: `BENCH_SECS` per run (8), `BENCH_ROUNDS` (2), `BENCH_CONNS` (200),
 //! `BENCH_PATHS` (names containing these), `BENCH_SCENARIOS` (`small,mixed`), `BENCH_MESH` (the
-//! mesh's congestion controllers, one node pair each: `cubic`; e.g. `cubic,bbr`), `BENCH_MTU`
+//! mesh's congestion controllers, one node pair each: `cubic`; e.g. `cubic,bbr`, and
+//! `cubic+ack=5ms` for `transport.max_ack_delay` too), `BENCH_MTU`
 //! (the links' MTU, 1500; the nodes' `transport.max_udp_payload` follows it).
 
 #[path = "../tests/support/mod.rs"]
@@ -249,7 +250,10 @@ fn main() {
         let mut _nodes = Vec::new();
         for (i, cc) in mesh_variants.iter().enumerate() {
             let i = i as u16;
-            let transport = format!("[transport]\ncongestion = \"{cc}\"\nmax_udp_payload = {payload}\n");
+            // `cubic`, or `cubic+ack=5ms` to ask for a shorter ACK delay as well.
+            let (cc_name, ack_label) = cc.split_once("+ack=").map_or((cc.as_str(), None), |(c, a)| (c, Some(a)));
+            let ack = ack_label.map(|a| format!("max_ack_delay = \"{a}\"\n")).unwrap_or_default();
+            let transport = format!("[transport]\ncongestion = \"{cc_name}\"\nmax_udp_payload = {payload}\n{ack}");
             let inbound = MESH_INBOUND + i;
             let (a, b) = (format!("node-a{i}"), format!("node-b{i}"));
             for name in [&a, &b] {
@@ -259,10 +263,10 @@ fn main() {
             _nodes.push(node(&b, "b", inbound, MESH_OUTBOUND + 100 + i, &format!("{transport}\n{svc}")));
             let peers = format!("[[nodes]]\nname = \"{b}\"\naddress = \"{}\"\n", net.addr("b", inbound));
             _nodes.push(node(&a, "a", inbound, MESH_OUTBOUND + i, &format!("{transport}\n{peers}\n{svc}")));
-            let name: &'static str = if i == 0 && cc == "cubic" {
-                "mesh hop (QUIC)"
-            } else {
-                Box::leak(format!("mesh hop (QUIC, {cc})").into_boxed_str())
+            let name: &'static str = match ack_label {
+                _ if i == 0 && cc == "cubic" => "mesh hop (QUIC)",
+                Some(a) => Box::leak(format!("mesh hop (QUIC, {cc_name}, ACK delay {a})").into_boxed_str()),
+                None => Box::leak(format!("mesh hop (QUIC, {cc_name})").into_boxed_str()),
             };
             mesh_paths.push((name, MESH_OUTBOUND + i));
         }

@@ -873,6 +873,14 @@ pub struct TransportConfig {
     /// raise it on jumbo-frame networks (8952 for a 9000-byte MTU): fewer, larger datagrams.
     /// Probes that get no answer cost nothing but a little time, so a too-high value is safe.
     pub max_udp_payload: u16,
+    /// Asks each peer to acknowledge packets within this long (QUIC's ACK-frequency extension,
+    /// which quinn peers honour; at least 1ms). A sender notices that the last packets of a
+    /// burst were lost only after about one RTT plus this delay, so a short one cuts the tail
+    /// latency under loss, for a few more ACK packets (QUIC's own default is 25ms; at 5% loss
+    /// 5ms halved the mesh hop's p99 in `cargo bench --bench wan`). 1ms to 1s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::config::reference::Duration")]
+    pub max_ack_delay: Duration,
 }
 
 /// A QUIC congestion controller (`transport.congestion`).
@@ -896,6 +904,7 @@ impl Default for TransportConfig {
             idle_timeout: Duration::from_millis(1500),
             congestion: Congestion::Cubic,
             max_udp_payload: 1452,
+            max_ack_delay: Duration::from_millis(5),
         }
     }
 }
@@ -1406,6 +1415,9 @@ impl Config {
         }
         if t.idle_timeout <= t.keep_alive {
             return Err(invalid("transport.idle_timeout", "must be longer than transport.keep_alive"));
+        }
+        if t.max_ack_delay < Duration::from_millis(1) || t.max_ack_delay > Duration::from_secs(1) {
+            return Err(invalid("transport.max_ack_delay", "must be 1ms to 1s"));
         }
         if !(1200..=65527).contains(&t.max_udp_payload) {
             return Err(invalid(

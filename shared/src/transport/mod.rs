@@ -75,6 +75,11 @@ pub fn transport_config(cfg: &TransportConfig) -> Result<quinn::TransportConfig,
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(cfg.max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
+    let mut ack = quinn::AckFrequencyConfig::default();
+    // An out-of-order packet is acknowledged at once, as without the extension: that ACK is
+    // what tells the sender of a loss soonest.
+    ack.max_ack_delay(Some(cfg.max_ack_delay)).reordering_threshold(VarInt::from_u32(1));
+    t.ack_frequency_config(Some(ack));
     Ok(t)
 }
 
