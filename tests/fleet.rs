@@ -709,9 +709,17 @@ async fn a_node_whose_address_changes_keeps_its_connections() {
 
     let (old, new) = (f.net.ip("a"), std::net::IpAddr::from([10, 77, 0, 100]));
     let new_inbound = SocketAddr::new(new, INBOUND);
-    f.net.add_addr("a", new);
     let toml = std::fs::read_to_string(&f.a.config).unwrap();
-    std::fs::write(&f.a.config, toml.replace(&f.net.addr("a", INBOUND).to_string(), &new_inbound.to_string())).unwrap();
+    let moved_toml = toml.replace(&f.net.addr("a", INBOUND).to_string(), &new_inbound.to_string());
+    // Edited before the host has the address: the node stays where it is, registration and all.
+    std::fs::write(&f.a.config, &moved_toml).unwrap();
+    f.a.log_with(&["cannot move to the new node.inbound"]).await;
+    let nodes = f.admin_json("gw", "/nodes").await.unwrap();
+    let a = nodes["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node-a").unwrap().clone();
+    assert_eq!(a["address"], f.net.addr("a", INBOUND).to_string(), "a failed move changed the registration");
+    // The host gets the address; the next edit moves the node.
+    f.net.add_addr("a", new);
+    std::fs::write(&f.a.config, format!("{moved_toml}\n# the address exists now\n")).unwrap();
     let moved = Instant::now();
     f.a.log_with(&["moved the QUIC socket"]).await;
     eventually(Duration::from_secs(30), "the gateway to register node-a's new address", || async {

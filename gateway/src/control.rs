@@ -1390,7 +1390,7 @@ async fn control_stream(
                         }
                     }
                     Ok(Some(hello @ NodeMsg::Hello { .. })) => match check_hello(Some(hello)) {
-                        // Re-registration: the instances changed.
+                        // Re-registration: the instances or the node's address changed.
                         Ok((reg, _)) => {
                             cp.disconnect(peer, false);
                             if let Err(reason) = cp.register(peer, reg) {

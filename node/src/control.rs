@@ -27,6 +27,13 @@ const RENEW_ANSWER: Duration = Duration::from_secs(30);
 /// When to ask again after a refused or unanswered renewal.
 const RENEW_RETRY: Duration = Duration::from_secs(60);
 
+/// Which of the control client's watch channels still have a sender.
+struct Open {
+    instances: bool,
+    advertise: bool,
+    health: bool,
+}
+
 pub struct ControlClient {
     pub mesh: Arc<Mesh>,
     /// This node's certificate files, rewritten on renewal.
@@ -374,12 +381,15 @@ impl ControlClient {
         }
         let mut reader = LineReader::new(recv);
         let mut progressed = false;
+        let mut open = Open { instances: true, advertise: true, health: true };
         let mut renew_at = self.renew_due();
         let mut pending_key: Option<String> = None;
         loop {
             tokio::select! {
-                changed = instances.changed() => {
+                // A closed channel is ready at once, every time: stop polling it.
+                changed = instances.changed(), if open.instances => {
                     if changed.is_err() {
+                        open.instances = false;
                         continue;
                     }
                     let hello = self.hello(instances.borrow_and_update().clone());
@@ -388,8 +398,9 @@ impl ControlClient {
                     }
                     info!("registered the changed instances with the gateway");
                 }
-                changed = advertise.changed() => {
+                changed = advertise.changed(), if open.advertise => {
                     if changed.is_err() {
+                        open.advertise = false;
                         continue;
                     }
                     let address = *advertise.borrow_and_update();
@@ -399,8 +410,9 @@ impl ControlClient {
                     }
                     info!(%address, "registered the new address with the gateway");
                 }
-                changed = health.changed() => {
+                changed = health.changed(), if open.health => {
                     if changed.is_err() {
+                        open.health = false;
                         continue;
                     }
                     let report = NodeMsg::Health { unhealthy: health.borrow_and_update().clone() };

@@ -106,6 +106,7 @@ pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) ->
     for warning in config.warnings() {
         warn!("config: {warning}");
     }
+    let config_inbound = config.node.as_ref().map(|n| n.inbound);
     let mut node = start_with(config, None).await?;
     match quicmesh_shared::config::sources(&files) {
         Ok(s) => {
@@ -120,6 +121,7 @@ pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) ->
         instances: node.instances_tx.clone(),
         advertise: node.advertise_tx.clone(),
         endpoint: node.endpoint.clone(),
+        inbound: config_inbound.unwrap_or(node.addrs.inbound),
         bound: node.addrs.inbound,
     };
     node._tasks.spawn(apply_on_change(files, live, watch));
@@ -133,15 +135,19 @@ struct Live {
     /// The address registered with the control plane (None: no control plane).
     advertise: Option<watch::Sender<SocketAddr>>,
     endpoint: quinn::Endpoint,
+    /// The `node.inbound` the QUIC socket was last bound from (what an edit is compared with,
+    /// so an edit whose move failed is tried again by the next one).
+    inbound: SocketAddr,
     /// The QUIC socket's address now.
     bound: SocketAddr,
 }
 
 impl Live {
     /// Moves the QUIC socket when `node.inbound` changed, then registers the address peers
-    /// should use when it changed.
-    fn readdress(&mut self, before: &NodeConfig, after: &NodeConfig, cfg: &Config) {
-        if after.inbound != before.inbound {
+    /// should use when it changed. A move that fails changes nothing, the registration
+    /// included: peers keep the address the node is still on.
+    fn readdress(&mut self, after: &NodeConfig, cfg: &Config) {
+        if after.inbound != self.inbound {
             match transport::rebind(&self.endpoint, after.inbound, &cfg.transport) {
                 Ok(now) => {
                     info!(
@@ -149,9 +155,19 @@ impl Live {
                         to = %now,
                         "moved the QUIC socket to the new node.inbound; the connections this node opened migrate"
                     );
+                    self.inbound = after.inbound;
                     self.bound = now;
                 }
-                Err(e) => warn!(error = %e, "cannot move to the new node.inbound; the node stays on {}", self.bound),
+                Err(e) => {
+                    warn!(
+                        error = %e,
+                        "cannot move to the new node.inbound (a wildcard and a specific address cannot take turns on \
+                         one port; the address must exist on the host); the node stays on {} and keeps its \
+                         registration; the next edit tries again",
+                        self.bound
+                    );
+                    return;
+                }
             }
         }
         if let Some(tx) = &self.advertise {
@@ -186,9 +202,9 @@ async fn apply_on_change<F: Fn() -> Vec<std::path::PathBuf>>(
                             "these changed keys are read at start: they keep their running values until the node restarts"
                         );
                     }
-                    if let (Some(b), Some(a)) = (&before.node, &cfg.node) {
-                        live.readdress(b, a, &cfg);
-                    }
+                }
+                if let Some(node) = &cfg.node {
+                    live.readdress(node, &cfg);
                 }
                 let instances = cfg.node.as_ref().map(|n| n.instances.clone()).unwrap_or_default();
                 last = Some(cfg);

@@ -186,8 +186,9 @@ pub struct NodeConfig {
     /// Plain HTTP listener for local apps (HTTP/1.1 and h2c prior knowledge). Read at start.
     pub outbound: SocketAddr,
     /// UDP address of the QUIC listener that peers connect to. Applies on change: the node
-    /// moves to a socket on the new address (an address change of its host); the connections
-    /// it opened migrate with it, and the control plane learns the new address.
+    /// moves to a socket on the new address (an address change of its host; the address must
+    /// exist, and a wildcard and a specific address cannot take turns on one port); the
+    /// connections it opened migrate with it, and the control plane learns the new address.
     pub inbound: SocketAddr,
     /// Admin HTTP listener (`/ready`, `/live`, `/metrics`). Read at start.
     pub admin: SocketAddr,
@@ -871,13 +872,15 @@ pub struct TransportConfig {
     /// Largest UDP payload a connection's path-MTU discovery probes for, and accepted from
     /// peers, bytes (1200 to 65527). 1452 fits a 1500-byte Ethernet MTU over IPv4 and IPv6;
     /// raise it on jumbo-frame networks (8952 for a 9000-byte MTU): fewer, larger datagrams.
-    /// Probes that get no answer cost nothing but a little time, so a too-high value is safe.
+    /// Probes that get no answer cost nothing but a little time, so a too-high value is safe
+    /// for the path; the endpoint's receive buffers grow with it (about 45 times at 65527).
     pub max_udp_payload: u16,
     /// Asks each peer to acknowledge packets within this long (QUIC's ACK-frequency extension,
     /// which quinn peers honour; at least 1ms). A sender notices that the last packets of a
     /// burst were lost only after about one RTT plus this delay, so a short one cuts the tail
     /// latency under loss, for a few more ACK packets (QUIC's own default is 25ms; at 5% loss
-    /// 5ms halved the mesh hop's p99 in `cargo bench --bench wan`). 1ms to 1s.
+    /// 5ms halved the mesh hop's p99 in `cargo bench --bench wan`). 1ms to 25ms (quinn holds a
+    /// peer to at most the larger of the RTT and 25ms).
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub max_ack_delay: Duration,
@@ -1416,8 +1419,8 @@ impl Config {
         if t.idle_timeout <= t.keep_alive {
             return Err(invalid("transport.idle_timeout", "must be longer than transport.keep_alive"));
         }
-        if t.max_ack_delay < Duration::from_millis(1) || t.max_ack_delay > Duration::from_secs(1) {
-            return Err(invalid("transport.max_ack_delay", "must be 1ms to 1s"));
+        if t.max_ack_delay < Duration::from_millis(1) || t.max_ack_delay > Duration::from_millis(25) {
+            return Err(invalid("transport.max_ack_delay", "must be 1ms to 25ms"));
         }
         if !(1200..=65527).contains(&t.max_udp_payload) {
             return Err(invalid(

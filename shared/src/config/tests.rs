@@ -73,7 +73,7 @@ fn validation_rules() {
         ("[transport]\nkeep_alive = \"20s\"\n", "transport.idle_timeout"),
         ("[transport]\nmax_udp_payload = 1000\n", "transport.max_udp_payload"),
         ("[transport]\nmax_ack_delay = \"0s\"\n", "transport.max_ack_delay"),
-        ("[transport]\nmax_ack_delay = \"2s\"\n", "transport.max_ack_delay"),
+        ("[transport]\nmax_ack_delay = \"26ms\"\n", "transport.max_ack_delay"),
         ("[transport]\nmax_udp_payload = 65528\n", "transport.max_udp_payload"),
         ("[mesh]\ntrust_domain = \"\"\n", "mesh.trust_domain"),
         ("[[services]]\nname = \"a\"\n[[services]]\nname = \"b\"\nhosts = [\"a\"]\n", "services[1].hosts[0]"),
