@@ -351,6 +351,40 @@ async fn the_dashboard_data_and_tap_need_the_admin_token() {
     assert!(line.contains("/token-probe") && line.contains(":status=200"), "{line}");
 }
 
+/// Each admin listener serves a bounded number of streams: past it, a clear 503; a watcher
+/// that leaves frees its place.
+#[tokio::test(flavor = "multi_thread")]
+async fn tap_watchers_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let open = || async {
+        let mut s = tokio::net::TcpStream::connect(demo.admin).await.unwrap();
+        s.write_all(b"GET /tap?local=1 HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
+        let mut head = vec![0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        (String::from_utf8_lossy(&head[9..12]).into_owned(), s)
+    };
+    let mut watchers = Vec::new();
+    for i in 0..32 {
+        let (status, s) = open().await;
+        assert_eq!(status, "200", "watcher {i}");
+        watchers.push(s);
+    }
+    let (status, _) = open().await;
+    assert_eq!(status, "503", "the 33rd watcher");
+    drop(watchers.pop());
+    eventually(
+        Duration::from_secs(40),
+        "a place freed by a watcher that left (noticed at the next write: a keep-alive comment every 15 s at most)",
+        || async {
+            let (status, s) = open().await;
+            (status == "200").then_some(s)
+        },
+    )
+    .await;
+}
+
 /// GET with a Host header; (status, body).
 async fn http_get_host(url: &str, host: &str) -> (u16, String) {
     use http_body_util::BodyExt;

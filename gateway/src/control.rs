@@ -1119,11 +1119,13 @@ async fn connection(
 ) {
     let mut builder = h3::server::builder();
     builder.max_field_section_size(MAX_HEADERS);
+    let quic = conn.clone();
     let Ok(mut h3) = builder.build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else { return };
     while let Ok(Some(resolver)) = h3.accept().await {
         let cp = cp.clone();
         let peer = peer.clone();
         let enroll = enroll.clone();
+        let quic = quic.clone();
         tokio::spawn(async move {
             let Ok((req, mut stream)) = resolver.resolve_request().await else { return };
             let path = req.uri().path();
@@ -1135,7 +1137,7 @@ async fn connection(
                         .and_then(|v| v.to_str().ok())
                         .filter(|d| d.len() == 64)
                         .map(str::to_string);
-                    control_stream(stream, &peer, digest, &cp, enroll.as_deref()).await
+                    control_stream(stream, &peer, digest, &cp, enroll.as_deref(), &quic).await
                 }
                 (&Method::POST, enroll::ENROLL_PATH, _, Some(enroller)) => enrollment(stream, &enroller).await,
                 (_, control::STREAM_PATH, None, _) => respond(&mut stream, StatusCode::FORBIDDEN, None).await,
@@ -1277,12 +1279,29 @@ fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, Option<u64>), Stri
     }
 }
 
+/// A node's admin address as the gateway will use it (the dashboard and `top` send requests
+/// there): on the address the node's own connection comes from, a wildcard read as that
+/// address; anything else is dropped, so a node cannot point the gateway at another host.
+fn vouch_admin(mut reg: Registration, from: std::net::SocketAddr, peer: &str) -> Registration {
+    let from = from.ip().to_canonical();
+    reg.admin = reg.admin.and_then(|a| match a.ip().to_canonical() {
+        ip if ip.is_unspecified() => Some(std::net::SocketAddr::new(from, a.port())),
+        ip if ip == from => Some(a),
+        _ => {
+            warn!(node = peer, admin = %a, connection = %from, "ignored the node's admin address: not the address it connects from");
+            None
+        }
+    });
+    reg
+}
+
 async fn control_stream(
     stream: ServerStream,
     peer: &str,
     digest: Option<String>,
     cp: &Arc<ControlPlane>,
     ca: Option<&Enroller>,
+    quic: &quinn::Connection,
 ) {
     let (mut send, recv) = stream.split();
     if send.send_response(Response::new(())).await.is_err() {
@@ -1296,6 +1315,7 @@ async fn control_stream(
             return;
         }
     };
+    let reg = vouch_admin(reg, quic.remote_address(), peer);
     let (address, instances) = (reg.address, reg.instances.len());
     let mut rx = cp.tx.subscribe();
     if let Err(reason) = cp.register(peer, reg) {
@@ -1392,6 +1412,7 @@ async fn control_stream(
                     Ok(Some(hello @ NodeMsg::Hello { .. })) => match check_hello(Some(hello)) {
                         // Re-registration: the instances or the node's address changed.
                         Ok((reg, _)) => {
+                            let reg = vouch_admin(reg, quic.remote_address(), peer);
                             cp.disconnect(peer, false);
                             if let Err(reason) = cp.register(peer, reg) {
                                 warn!(node = peer, reason, "refused re-registration");
@@ -1412,4 +1433,31 @@ async fn control_stream(
     }
     cp.disconnect(peer, goodbye);
     let _ = send.finish().await;
+}
+
+#[cfg(test)]
+mod admin_address_tests {
+    use super::*;
+
+    #[test]
+    fn a_node_admin_address_is_kept_only_on_its_own_connection_address() {
+        let reg = |admin: &str| Registration {
+            address: "10.0.0.5:4433".parse().unwrap(),
+            instances: vec![],
+            unhealthy: Default::default(),
+            admin: Some(admin.parse().unwrap()),
+        };
+        let from: std::net::SocketAddr = "10.0.0.5:50000".parse().unwrap();
+        let kept = |admin: &str| vouch_admin(reg(admin), from, "node-a").admin.map(|a| a.to_string());
+        assert_eq!(kept("10.0.0.5:15000").as_deref(), Some("10.0.0.5:15000"));
+        assert_eq!(
+            kept("0.0.0.0:15000").as_deref(),
+            Some("10.0.0.5:15000"),
+            "a wildcard is read as the node's address"
+        );
+        assert_eq!(kept("127.0.0.1:15000"), None, "a remote node may not name the gateway's loopback");
+        assert_eq!(kept("10.0.0.9:15000"), None, "nor another host");
+        let v6: std::net::SocketAddr = "[::ffff:10.0.0.5]:50000".parse().unwrap();
+        assert!(vouch_admin(reg("10.0.0.5:15000"), v6, "node-a").admin.is_some(), "IPv4-mapped is the same host");
+    }
 }

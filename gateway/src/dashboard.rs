@@ -39,6 +39,9 @@ const FRESH: Duration = Duration::from_secs(2);
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a tap looks for nodes it does not follow yet.
 const TAP_RESCAN: Duration = Duration::from_secs(5);
+/// The most of one node's `/metrics` read per scrape (a node with thousands of services
+/// renders a few MB).
+const MAX_METRICS_BYTES: usize = 16 << 20;
 
 /// What one scrape saw.
 struct Snap {
@@ -62,6 +65,12 @@ impl Dashboard {
         Arc::new(Self { cp, mesh, name: name.to_string(), token, history: Default::default() })
     }
 
+    /// The token to send to a node's admin API: the gateway's own, only to one on this host
+    /// (a node elsewhere never learns it); none otherwise.
+    fn token_for(&self, addr: SocketAddr) -> Option<&str> {
+        self.token.as_deref().filter(|_| addr.ip().is_loopback())
+    }
+
     /// The nodes' admin addresses, as they reported them (connected nodes only).
     fn node_admins(&self) -> Vec<(String, SocketAddr)> {
         self.cp
@@ -80,13 +89,11 @@ impl Dashboard {
                 texts.insert(self.name.clone(), text);
             }
         }
-        let token = self.token.as_deref();
         let reads = self.node_admins().into_iter().map(|(name, addr)| async move {
+            let token = self.token_for(addr);
             let resp = quicmesh_shared::admin::client_get(addr, "/metrics", token, SCRAPE_TIMEOUT).await.ok()?;
-            let body = tokio::time::timeout(SCRAPE_TIMEOUT, http_body_util::BodyExt::collect(resp.into_body()))
-                .await
-                .ok()?
-                .ok()?;
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_METRICS_BYTES);
+            let body = tokio::time::timeout(SCRAPE_TIMEOUT, http_body_util::BodyExt::collect(body)).await.ok()?.ok()?;
             Some((name, String::from_utf8_lossy(&body.to_bytes()).into_owned()))
         });
         // A node that cannot be read (gone, its admin API on its own loopback) is left out.
@@ -235,9 +242,12 @@ impl Dashboard {
     pub fn tap(self: &Arc<Self>, params: &[(String, String)]) -> Result<Body, String> {
         let filter = tap::Filter::from_query(params)?;
         let me = self.clone();
+        let local = filter.local;
         Ok(tap::sse(filter, |feed, tasks| {
             tasks.spawn(tap::feed_from(me.mesh.tap().clone(), feed.clone()));
-            tasks.spawn(me.follow_nodes(feed.clone()));
+            if !local {
+                tasks.spawn(me.follow_nodes(feed.clone()));
+            }
         }))
     }
 
@@ -254,12 +264,16 @@ impl Dashboard {
             }
             for (_, addr) in self.node_admins() {
                 if following.insert(addr) {
-                    tasks.spawn(follow(addr, self.token.clone(), feed.clone()));
+                    tasks.spawn(follow(addr, self.token_for(addr).map(str::to_string), feed.clone()));
                 }
             }
             tokio::select! {
                 _ = tokio::time::sleep(TAP_RESCAN) => {}
-                _ = tasks.join_next(), if !tasks.is_empty() => {}
+                done = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Some(Ok(addr)) = done {
+                        following.remove(&addr);
+                    }
+                }
             }
             if feed.closed() {
                 return;
@@ -270,10 +284,12 @@ impl Dashboard {
 
 /// Streams one node's `/tap` into `feed` until either ends; gives back the address.
 async fn follow(addr: SocketAddr, token: Option<String>, feed: Feed) -> SocketAddr {
-    let path = format!("/tap?{}", feed.filter().to_query());
+    // `local`: a node that is really a gateway (or this one) does not follow further.
+    let path = format!("/tap?{}&local=1", feed.filter().to_query());
+    // A node is asked again no sooner than a rescan later, however its stream ended.
+    let again = tokio::time::Instant::now() + TAP_RESCAN;
     let Ok(resp) = quicmesh_shared::admin::client_get(addr, &path, token.as_deref(), SCRAPE_TIMEOUT).await else {
-        // Not reachable now: the next rescan tries again.
-        tokio::time::sleep(TAP_RESCAN).await;
+        tokio::time::sleep_until(again).await;
         return addr;
     };
     let mut told = 0;
@@ -288,6 +304,9 @@ async fn follow(addr: SocketAddr, token: Option<String>, feed: Feed) -> SocketAd
         !feed.closed()
     })
     .await;
+    if !feed.closed() {
+        tokio::time::sleep_until(again).await;
+    }
     addr
 }
 

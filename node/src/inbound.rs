@@ -173,10 +173,12 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     let mut rec = Record::new("inbound", mesh.access_log().cloned(), mesh.tap(), mesh.tracing());
     rec.request(&req);
     let mut req = req;
-    // The instance's work hangs under this proxy's span, as the caller's under its own.
-    headers::continue_trace(req.headers_mut(), &mut headers::Scratch::default(), |id| {
-        mesh.tracing().is_none_or(|t| t.sample_root(id))
-    });
+    // With spans exported here, the instance's work hangs under this proxy's span, as the
+    // caller's under its own; without, the caller's span stays the parent (no span id is made
+    // that nobody exports, and the request pays nothing for it).
+    if let Some(tracing) = mesh.tracing() {
+        headers::continue_trace(req.headers_mut(), &mut headers::Scratch::default(), |id| tracing.sample_root(id));
+    }
     rec.ids(req.headers());
     let (mut send, recv) = stream.split();
     rec.source(&source_of(&req, peer, &table), peer);

@@ -78,6 +78,20 @@ pub struct AdminState {
     /// Fixed pages that hold no data (the dashboard's page and script), served without the
     /// token so a browser can load them: path, content type, content.
     pub pages: Vec<(&'static str, &'static str, &'static str)>,
+    /// Streams open now (each `/tap` watcher holds one; see [`MAX_STREAMS`]).
+    open_streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Streams (`/tap` watchers) one admin listener serves at once; more are answered 503.
+pub const MAX_STREAMS: usize = 32;
+
+/// Holds a place among the open streams until the stream's body is dropped.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Computes a JSON page from the query parameters, or says what is wrong with them.
@@ -148,6 +162,7 @@ impl AdminState {
             queries,
             streams,
             pages,
+            open_streams: Arc::default(),
         })
     }
 }
@@ -325,16 +340,36 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
         }
         path if state.streams.iter().any(|(p, _)| *p == path) => {
             let params = req.uri().query().map(crate::policy::route::parse_query).unwrap_or_default();
-            let open = state.streams.iter().find(|(p, _)| *p == path).map(|(_, f)| f(&params));
+            // Counted before anything is opened: the slot frees it on every way out.
+            state.open_streams.fetch_add(1, Ordering::Relaxed);
+            let slot = StreamSlot(state.open_streams.clone());
+            let open = if state.open_streams.load(Ordering::Relaxed) > MAX_STREAMS {
+                Some(Err(None))
+            } else {
+                state.streams.iter().find(|(p, _)| *p == path).map(|(_, f)| f(&params).map_err(Some))
+            };
             match open {
                 Some(Ok(stream)) => {
+                    // The slot goes with the body: freed when the watcher leaves.
+                    let stream = http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_frame(
+                        stream,
+                        move |frame| {
+                            let _held = &slot;
+                            frame
+                        },
+                    ));
                     let mut resp = Response::new(stream);
                     let h = resp.headers_mut();
                     h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
                     h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
                     return resp;
                 }
-                Some(Err(e)) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                Some(Err(Some(e))) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                Some(Err(None)) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{MAX_STREAMS} streams are open already; try again later\n"),
+                ),
                 None => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
             }
         }

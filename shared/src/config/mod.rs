@@ -1679,7 +1679,7 @@ pub struct Instance {
 
 /// `[tracing]`: one span per request per proxy (the gateway's ingress, a node's outbound and
 /// inbound sides), exported in batches over OTLP (HTTP/protobuf) to a collector.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TracingConfig {
     /// The collector's OTLP/HTTP traces URL, such as `http://127.0.0.1:4318/v1/traces`; unset,
@@ -1737,10 +1737,33 @@ impl Default for TracingConfig {
     }
 }
 
+/// As the config dump shows it: header values hidden.
+impl std::fmt::Debug for TracingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TracingConfig")
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("sampling", &self.sampling)
+            .field("max_queue", &self.max_queue)
+            .field("batch_size", &self.batch_size)
+            .field("export_interval", &self.export_interval)
+            .field("export_timeout", &self.export_timeout)
+            .field("headers", &self.headers.keys().map(|k| (k, "<redacted>")).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 impl TracingConfig {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if let Some(url) = &self.otlp_endpoint {
             let uri: http::Uri = url.parse().map_err(|e| ("tracing.otlp_endpoint", format!("{url:?}: {e}")))?;
+            if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                // Said without the URL: it holds a secret.
+                return Err((
+                    "tracing.otlp_endpoint",
+                    "credentials in the URL are not accepted (they would be logged): put them in tracing.headers"
+                        .into(),
+                ));
+            }
             if uri.scheme_str() != Some("http") || uri.authority().is_none() {
                 return Err((
                     "tracing.otlp_endpoint",

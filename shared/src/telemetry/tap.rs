@@ -148,6 +148,8 @@ pub struct Filter {
     pub status: Option<StatusMatch>,
     /// Events a second at most.
     pub rate: u32,
+    /// Only this proxy's own requests (a gateway follows its nodes unless this is set).
+    pub local: bool,
 }
 
 /// A status filter: one code, a class (`5xx`), or any failure (`error`: 5xx or a proxy's
@@ -176,6 +178,8 @@ impl Filter {
                 "method" => f.method = Some(v.to_ascii_uppercase()),
                 "path" => f.path = Some(v.to_string()),
                 "status" => f.status = Some(parse_status(v)?),
+                // Asked by a gateway following this proxy: nothing to follow further.
+                "local" => f.local = v == "1" || v == "true",
                 "rate" => {
                     f.rate = match v.parse::<u32>() {
                         Ok(r) if (1..=MAX_RATE).contains(&r) => r,
@@ -184,7 +188,7 @@ impl Filter {
                 }
                 other => {
                     return Err(format!(
-                        "unknown tap filter {other:?}: use service, from, route, method, path, status, rate"
+                        "unknown tap filter {other:?}: use service, from, route, method, path, status, rate, local"
                     ))
                 }
             }
@@ -331,6 +335,7 @@ pub fn sse(filter: Filter, start: impl FnOnce(&Feed, &mut tokio::task::JoinSet<(
         _tasks: tasks,
         missed,
         told: 0,
+        told_at: None,
         per_second: filter.rate.max(1),
         window: tokio::time::Instant::now(),
         sent: 0,
@@ -347,8 +352,9 @@ struct SseState {
     rx: mpsc::Receiver<Arc<Event>>,
     _tasks: tokio::task::JoinSet<()>,
     missed: Arc<AtomicU64>,
-    /// Missed events already told to the watcher.
+    /// Missed events already told to the watcher, and when.
     told: u64,
+    told_at: Option<tokio::time::Instant>,
     per_second: u32,
     window: tokio::time::Instant,
     sent: u32,
@@ -363,14 +369,23 @@ impl SseState {
             return Some(Bytes::from_static(b": quicmesh tap\n\n"));
         }
         loop {
+            // Missed events are told at most once a second, however many there were: the count
+            // is cumulative, so nothing is lost by waiting.
             let missed = self.missed.load(Ordering::Relaxed);
-            if missed > self.told {
-                self.told = missed;
+            let due = self.told_at.map_or(tokio::time::Instant::now(), |t| t + Duration::from_secs(1));
+            if missed > self.told && tokio::time::Instant::now() >= due {
+                (self.told, self.told_at) = (missed, Some(tokio::time::Instant::now()));
                 return Some(Bytes::from(format!("event: missed\ndata: {{\"missed\":{missed}}}\n\n")));
             }
+            let wake = if missed > self.told { due } else { tokio::time::Instant::now() + KEEPALIVE };
             let e = tokio::select! {
                 e = self.rx.recv() => e?,
-                _ = tokio::time::sleep(KEEPALIVE) => return Some(Bytes::from_static(b": keep-alive\n\n")),
+                _ = tokio::time::sleep_until(wake) => {
+                    if missed > self.told {
+                        continue;
+                    }
+                    return Some(Bytes::from_static(b": keep-alive\n\n"));
+                }
             };
             let now = tokio::time::Instant::now();
             if now.duration_since(self.window) >= Duration::from_secs(1) {
@@ -475,6 +490,7 @@ mod tests {
         assert!(!err.matches(&event(499, "client-closed")), "a client that left is not");
         assert!(!err.matches(&event(404, "")));
         assert_eq!(Filter::from_query(&q("status=404")).unwrap().status, Some(StatusMatch::Code(404)));
+        assert!(Filter::from_query(&q("local=1")).unwrap().local, "a gateway's follow asks for local events");
         for bad in ["status=6xx", "status=99", "rate=0", "rate=5000", "colour=red", "status=abc"] {
             assert!(Filter::from_query(&q(bad)).is_err(), "{bad}");
         }
@@ -519,6 +535,27 @@ mod tests {
         .unwrap();
         assert!(seen.iter().all(|e| e.dst_service == "api" && e.proxy == "node-a"), "{seen:?}");
         assert_eq!((seen.len(), missed), (3, 2));
+        // Many left out at once are told as one count, not one frame each.
+        let filter = Filter::from_query(&q("rate=1")).unwrap();
+        let (tap2, mut frames) = (Tap::new("node-a"), 0);
+        let body = sse(filter, |feed, tasks| {
+            tasks.spawn(feed_from(tap2.clone(), feed.clone()));
+        });
+        while !tap2.active() {
+            assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(5), "the second watch never started");
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..200 {
+            tap2.publish(&entry("api"));
+        }
+        read_sse(body, |item| {
+            let SseItem::Missed(n) = item else { return true };
+            frames += 1;
+            n < 199
+        })
+        .await
+        .unwrap();
+        assert!(frames <= 3, "{frames} missed frames for 199 events left out");
         // The watcher left: requests stop paying for the tap.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while tap.active() {
