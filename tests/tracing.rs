@@ -343,6 +343,7 @@ fn bad_tracing_settings_are_refused_by_check() {
         ("[tracing]\nsampling = 1.5\n", "tracing.sampling"),
         ("[tracing]\nbatch_size = 5000\nmax_queue = 10\n", "tracing.batch_size"),
         ("[tracing.headers]\n\"bad header\" = \"x\"\n", "tracing.headers"),
+        ("[tracing]\notlp_endpoint = \"http://user:hunter2@collector:4318/v1/traces\"\n", "tracing.otlp_endpoint"),
     ] {
         let path = dir.path().join("t.toml");
         std::fs::write(&path, format!("[mesh]\ntrust_domain = \"{TD}\"\n{text}")).unwrap();
@@ -350,5 +351,6 @@ fn bad_tracing_settings_are_refused_by_check() {
         let err = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
         assert!(!out.status.success(), "{text} was accepted");
         assert!(err.contains(key), "{text}: {err}");
+        assert!(!err.contains("hunter2"), "a secret was repeated: {err}");
     }
 }
