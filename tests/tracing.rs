@@ -284,6 +284,19 @@ async fn a_request_through_gateway_and_two_nodes_is_one_trace_of_linked_spans() 
     }
     let metrics = http_get(&format!("http://{}/metrics", m.gw.addrs.admin)).await.1;
     assert!(metric(&metrics, "quicmesh_trace_spans_total", &[("result", "exported")]) >= 1.0, "{metrics}");
+
+    // A request the proxy answers itself, never forwarded (no such service: 404), has its span
+    // too, under the caller's: the failures are what a trace is most wanted for.
+    let refused = format!("{:032x}", fastrand::u128(1..));
+    let url = format!("http://{}/anything", m.a.addrs.outbound);
+    let header = format!("traceparent: 00-{refused}-{caller}-01");
+    let (_, code) =
+        curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: no-such-service", "-H", &header, &url]);
+    assert_eq!(code, "404");
+    let spans = receiver.trace(&refused, 1);
+    assert_eq!(who(&spans[0]), ("quicmesh-node".into(), "node-a".into(), 3));
+    assert_eq!(spans[0]["parent_span_id"], caller);
+    assert_eq!(spans[0]["attributes"]["http.response.status_code"], 404, "{}", spans[0]);
 }
 
 /// The spans of `trace` received so far, waiting a little for more: the first that `pick`s.

@@ -212,8 +212,11 @@ impl Record {
         e.path = req.uri().path().to_string();
         self.read_ids(req.headers());
         if self.tracing.is_some() {
-            // The span this request arrived under is its span's parent.
-            self.trace.parent = headers::trace_ids(req.headers()).map_or(0, |(_, parent, _)| parent);
+            // The span this request arrived under is its span's parent; its trace and decision
+            // hold until the proxy forwards the request (a request refused before that keeps them).
+            if let Some((trace, parent, sampled)) = headers::trace_ids(req.headers()) {
+                self.trace = trace::Ids { trace, span: 0, parent, sampled };
+            }
         }
     }
 
@@ -367,6 +370,16 @@ impl Drop for Record {
         handles.response_bytes.increment(sent);
         if self.in_flight {
             handles.in_flight.decrement(1.0);
+        }
+        if let Some(tracing) = self.tracing.as_ref().filter(|_| self.detailed && self.trace.span == 0) {
+            // Answered before it was forwarded (refused, redirected, rate limited): its span is
+            // made now, under the caller's if it came with one, or as a trace of its own.
+            if self.trace.trace == 0 {
+                self.trace.trace = fastrand::u128(1..);
+                self.trace.sampled = tracing.sample_root(self.trace.trace);
+                self.entry.trace_id = format!("{:032x}", self.trace.trace);
+            }
+            self.trace.span = fastrand::u64(1..);
         }
         if self.detailed {
             let e = &mut self.entry;
