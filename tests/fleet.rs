@@ -500,9 +500,9 @@ fn assert_no_loss(what: &str, log: &Log, fault: Option<(Instant, &str)>) -> usiz
     log.samples.iter().filter(|s| s.failure.is_some() && cut_by_fault(s)).count()
 }
 
-/// Fails the test when clients were held up by `fault` for [`FAILOVER_LIMIT`] or longer (the
-/// target is under 2 s; the limit leaves room for a loaded CI machine, and a dead peer noticed
-/// only by the old 10 s idle timeout fails it).
+/// Fails the test when clients were held up by `fault` for [`FAILOVER_LIMIT`] or longer: a
+/// dead, frozen or cut-off peer is noticed at the 1 s QUIC idle timeout and the requests it held
+/// are retried elsewhere, 1.0-1.5 s after the fault here.
 fn assert_failed_over(logs: &[&Log], fault: Instant) {
     for log in logs {
         let held = log.held_up_after(fault, SLOW);
@@ -510,7 +510,7 @@ fn assert_failed_over(logs: &[&Log], fault: Instant) {
     }
 }
 
-const FAILOVER_LIMIT: Duration = Duration::from_secs(4);
+const FAILOVER_LIMIT: Duration = Duration::from_secs(2);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

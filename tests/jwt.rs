@@ -301,6 +301,81 @@ async fn keys_from_an_https_jwks_rotate_and_unknown_keys_do_not_flood_it() {
     assert_eq!(bearer(at, &fresh).await.status, 200, "the held set after a failed load");
 }
 
+/// A provider that reads its token from a named header and from a cookie (and from nowhere
+/// else: a Bearer token is not its), and that allows its `clock_skew` on `exp` and `nbf`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_come_from_a_named_header_or_cookie_and_times_allow_the_clock_skew() {
+    let key = Key::new("k1");
+    let pki = Pki::new();
+    let jwks_file = pki.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[&key])).unwrap();
+    let echo = echo_backend().await;
+    let provider = format!(
+        "jwks_file = \"{}\"\nfrom_header = \"x-token\"\nfrom_cookie = \"session\"\nclock_skew = \"30s\"",
+        jwks_file.display()
+    );
+    let (gw, _b) = mesh(&pki, echo, &provider);
+    let at = gw.addrs.listen;
+    let seen = |a: &Answer| -> serde_json::Value { serde_json::from_str(&a.body).unwrap() };
+
+    // The named header: let in, and the header goes no further.
+    let good = key.sign(&claims(|_| {}));
+    let a = get(at, "secure.test", &[("x-token", &good)]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(seen(&a)["headers"]["x-user"], "alice");
+    assert!(seen(&a)["headers"].get("x-token").is_none(), "the token went upstream: {}", a.body);
+    // A Bearer token is not where this provider looks.
+    let a = bearer(at, &good).await;
+    assert_eq!((a.status, a.headers["quicmesh-error"].to_str().unwrap()), (401, "unauthenticated"));
+    // The cookie, among others: let in; the cookies stay as they were.
+    let cookie = format!("theme=dark; session={good}; lang=en");
+    let a = get(at, "secure.test", &[("cookie", &cookie)]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(seen(&a)["headers"]["x-user"], "alice");
+    assert_eq!(seen(&a)["headers"]["cookie"], cookie.as_str());
+    let a = get(at, "secure.test", &[("cookie", "theme=dark; session=")]).await;
+    assert_eq!(a.status, 401, "an empty cookie is no token");
+
+    // Within 30 s of exp or nbf: let in; beyond: refused with the reason.
+    let with = |claim: &str, at: i64| key.sign(&claims(|c| drop(c.insert(claim.into(), at.into()))));
+    let cases = [
+        ("expired 10 s ago", with("exp", now() - 10), 200),
+        ("valid in 10 s", with("nbf", now() + 10), 200),
+        ("expired 2 minutes ago", with("exp", now() - 120), 401),
+        ("valid in 2 minutes", with("nbf", now() + 120), 401),
+    ];
+    for (what, token, status) in &cases {
+        assert_eq!(get(at, "secure.test", &[("x-token", token)]).await.status, *status, "{what}");
+    }
+    let m = gw.metrics().await;
+    for (result, n) in [("expired", 1.0), ("not-yet-valid", 1.0), ("missing", 2.0)] {
+        let counted = metric(&m, "quicmesh_edge_jwt_total", &[("provider", "main"), ("result", result)]);
+        assert_eq!(counted, n, "{result}");
+    }
+}
+
+/// A key set that never loads (its URL answers nothing): every token is refused as
+/// `keys-unavailable`, each failed load counted, and the gateway goes on serving other routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_that_never_loads_refuses_tokens_and_nothing_else() {
+    let key = Key::new("k1");
+    let pki = Pki::new();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let echo = echo_backend().await;
+    let provider = format!("jwks_uri = \"https://localhost:{}/keys\"\njwks_min_refresh = \"1s\"", dead.port());
+    let (gw, _b) = mesh(&pki, echo, &provider);
+    let at = gw.addrs.listen;
+    let token = key.sign(&claims(|_| {}));
+    for _ in 0..3 {
+        let a = bearer(at, &token).await;
+        assert_eq!((a.status, a.headers["quicmesh-error"].to_str().unwrap()), (401, "unauthenticated"));
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_edge_jwt_total", &[("provider", "main"), ("result", "keys-unavailable")]), 3.0);
+    assert!(metric(&m, "quicmesh_edge_jwks_failures_total", &[("provider", "main")]) >= 1.0);
+    assert_eq!(get(at, "open.test", &[]).await.status, 200, "a route without jwt still serves");
+}
+
 /// Authorization rules at the destination node match the claims the edge verified
 /// (`from.jwt`): subject, issuer, a value in a list claim; deny wins; a request without a
 /// verified token (another route, or claims a client made up) matches none of them.
@@ -473,4 +548,70 @@ async fn an_external_authorization_service_decides_before_the_route() {
         assert_eq!(metric(&m, "quicmesh_ext_authz_total", &[("route", "guarded"), ("result", result)]), n, "{result}");
     }
     assert_eq!(metric(&m, "quicmesh_ext_authz_total", &[("route", "lenient"), ("result", "failed-open")]), 1.0);
+}
+
+/// The ExternalAuth filter on a mesh route, applied by the calling node: node-a asks the
+/// authorization service (on node-b, through the mesh) before sending on; and a filter whose
+/// service has no instance listening answers 503 `authz-unavailable` without reaching the route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_routes_external_authorization_is_asked_by_the_calling_node() {
+    let (authz, seen) = authz_service().await;
+    let echo = echo_backend().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc = format!(
+        "[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
+         [[services]]\nname = \"guarded\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
+         [[services]]\nname = \"authz\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{authz}\"\n\n\
+         [[services]]\nname = \"authz-down\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{dead}\"\n\n"
+    );
+    let filter = |service: &str| {
+        format!(
+            "filters = [{{ type = \"ExternalAuth\", externalAuth = {{ protocol = \"HTTP\", backendRef = {{ name = \"{service}\" }}, \
+             http = {{ path = \"/check\", allowedResponseHeaders = [\"x-auth-user\"] }}, timeout = \"500ms\" }} }}]"
+        )
+    };
+    let routes = format!(
+        "[[routes]]\nname = \"echo-guarded\"\nparentRefs = [{{ kind = \"Service\", name = \"echo\" }}]\n[[routes.rules]]\n{}\nbackendRefs = [{{ name = \"echo\" }}]\n\n\
+         [[routes]]\nname = \"guarded-down\"\nparentRefs = [{{ kind = \"Service\", name = \"guarded\" }}]\n[[routes.rules]]\n{}\nbackendRefs = [{{ name = \"guarded\" }}]\n\n",
+        filter("authz"),
+        filter("authz-down")
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let a = NodeProc::start(
+        pki.path(),
+        "node-a",
+        &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &format!("{svc}{routes}")),
+    );
+    let call = |host: &'static str, token: Option<&'static str>| async move {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<Empty<bytes::Bytes>>();
+        let mut req = http::Request::get(format!("http://{}/orders?id=7", a.addrs.outbound)).header("host", host);
+        if let Some(t) = token {
+            req = req.header("authorization", t);
+        }
+        let resp = client.request(req.body(Empty::new()).unwrap()).await.unwrap();
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        let body = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+        Answer { status, headers, body }
+    };
+
+    let ok = call("echo", Some("Bearer let-me-in")).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let upstream: serde_json::Value = serde_json::from_str(&ok.body).unwrap();
+    assert_eq!(upstream["headers"]["x-auth-user"], "alice");
+    let check = seen.lock().unwrap().last().cloned().expect("node-a asked the authorization service");
+    assert_eq!(check.uri.to_string(), "/check/orders?id=7");
+
+    let refused = call("echo", None).await;
+    assert_eq!((refused.status, refused.headers.get("www-authenticate").map(|v| v.to_str().unwrap())), (401, Some("Bearer")));
+
+    let down = call("guarded", Some("Bearer let-me-in")).await;
+    assert_eq!((down.status, down.headers["quicmesh-error"].to_str().unwrap()), (503, "authz-unavailable"));
+    let m = a.metrics().await;
+    for (route, result, n) in [("echo-guarded", "allowed", 1.0), ("echo-guarded", "denied", 1.0), ("guarded-down", "unavailable", 1.0)] {
+        assert_eq!(metric(&m, "quicmesh_ext_authz_total", &[("route", route), ("result", result)]), n, "{route} {result}");
+    }
 }

@@ -2,8 +2,9 @@
 //! service in the mesh is asked with the request's method, path (under the filter's prefix),
 //! `Authorization` and the allowed headers, and no body. A 2xx lets the request on, with the
 //! allowed headers of that answer added; any other answer goes back to the client as it is
-//! (status, headers, body up to 64 KiB). A service that cannot be asked answers 503
-//! `authz-unavailable`, or lets the request on with `failOpen`.
+//! (status, headers, body up to 64 KiB). A service that cannot be asked (no instance reached,
+//! or an answer the mesh made instead of the service) answers 503 `authz-unavailable`, or lets
+//! the request on with `failOpen`.
 
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST};
 use http::request::Parts;
@@ -35,7 +36,18 @@ pub async fn check(
     let count = |result: &'static str| {
         metrics::counter!(m::EXT_AUTHZ, "route" => route.to_string(), "result" => result).increment(1);
     };
-    let asked = ask(mesh, table, auth, parts).await;
+    // An answer a proxy made (the service's instance unreachable, its node draining, a
+    // timeout on the way) is no decision: the service could not be asked.
+    let asked = ask(mesh, table, auth, parts).await.and_then(|answer| {
+        match answer.headers().get(crate::message::error::ERROR_HEADER) {
+            Some(reason) => Err(ProxyError::UpstreamReset(format!(
+                "{} from the mesh: {}",
+                answer.status(),
+                String::from_utf8_lossy(reason.as_bytes())
+            ))),
+            None => Ok(answer),
+        }
+    });
     let answer = match asked {
         Ok(answer) => answer,
         Err(e) if auth.fail_open => {
