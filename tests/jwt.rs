@@ -606,12 +606,21 @@ async fn a_mesh_routes_external_authorization_is_asked_by_the_calling_node() {
     assert_eq!(check.uri.to_string(), "/check/orders?id=7");
 
     let refused = call("echo", None).await;
-    assert_eq!((refused.status, refused.headers.get("www-authenticate").map(|v| v.to_str().unwrap())), (401, Some("Bearer")));
+    assert_eq!(
+        (refused.status, refused.headers.get("www-authenticate").map(|v| v.to_str().unwrap())),
+        (401, Some("Bearer"))
+    );
 
     let down = call("guarded", Some("Bearer let-me-in")).await;
     assert_eq!((down.status, down.headers["quicmesh-error"].to_str().unwrap()), (503, "authz-unavailable"));
     let m = a.metrics().await;
-    for (route, result, n) in [("echo-guarded", "allowed", 1.0), ("echo-guarded", "denied", 1.0), ("guarded-down", "unavailable", 1.0)] {
-        assert_eq!(metric(&m, "quicmesh_ext_authz_total", &[("route", route), ("result", result)]), n, "{route} {result}");
+    for (route, result, n) in
+        [("echo-guarded", "allowed", 1.0), ("echo-guarded", "denied", 1.0), ("guarded-down", "unavailable", 1.0)]
+    {
+        assert_eq!(
+            metric(&m, "quicmesh_ext_authz_total", &[("route", route), ("result", result)]),
+            n,
+            "{route} {result}"
+        );
     }
 }

@@ -426,9 +426,47 @@ async fn plain_http_listeners_listener_sets_and_attachment_by_port() {
     let listener =
         "\n[[gateway.listeners]]\nname = \"later\"\nport = 7070\nlisten = \"127.0.0.1:0\"\nprotocol = \"HTTP\"\n";
     std::fs::write(&s.gw.config, format!("{text}{added}{listener}")).unwrap();
-    s.gw.log_with(&["this change needs a restart"]).await;
+    s.gw.log_with(&["the ports or addresses listened on changed", "this change needs a restart"]).await;
     let (status, _, _) = http_get_host(plain, "shop.example", "/added").await;
     assert_eq!(status, 200, "the refused change left the running config alone");
+
+    // What a port's TLS was set up with waits for a restart too: a TLS listener that would
+    // start terminating, or a terminating listener's hostname (its certificate is chosen by
+    // it). Each is refused with its reason, and the running listeners go on as they were.
+    let refused = [
+        (
+            "hostname = \"db.tls.test\"",
+            "hostname = \"db.tls.test\"\ntls_mode = \"Terminate\"",
+            "which of its listeners terminate TLS",
+        ),
+        (
+            "hostname = \"second-example.org\"",
+            "hostname = \"third-example.org\"",
+            "the hostname of a listener that terminates TLS",
+        ),
+    ];
+    for (from, to, reason) in refused {
+        assert!(text.contains(from), "the setup has {from}");
+        std::fs::write(&s.gw.config, format!("{}{added}", text.replace(from, to))).unwrap();
+        s.gw.log_with(&[reason]).await;
+        let https = addr("https");
+        let (got, body) =
+            tls_get(https, "http/1.1", "second-example.org", "second-example.org", "/detect-misdirected-requests")
+                .await;
+        assert_eq!(got, 200, "{reason}: the running listeners changed: {body}");
+        assert!(body.contains("hello from v2"), "{body}");
+    }
+    // A plain-HTTP listener's hostname reloads.
+    let moved = text.replace(
+        "name = \"team-http\"\nport = 9090\nlisten = \"127.0.0.1:0\"\nprotocol = \"HTTP\"\n",
+        "name = \"team-http\"\nport = 9090\nlisten = \"127.0.0.1:0\"\nprotocol = \"HTTP\"\nhostname = \"other.example\"\n",
+    );
+    assert_ne!(moved, text);
+    std::fs::write(&s.gw.config, format!("{moved}{added}")).unwrap();
+    eventually(Duration::from_secs(10), "team-http taking only other.example", || async {
+        (http_get_host(team, "team.example", "/team").await.0 == 404).then_some(())
+    })
+    .await;
 }
 
 /// TLSRoute: a TLS listener passes connections through by server name, untouched, to a TCP

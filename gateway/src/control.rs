@@ -15,12 +15,11 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use quicmesh_shared::admin::ActionError;
 use quicmesh_shared::config::overlay::NodeSettings;
-use quicmesh_shared::config::{valid_name, valid_node_name, Config, EdgeCertificate};
+use quicmesh_shared::config::{valid_name, valid_node_name, Config};
 use quicmesh_shared::control::enroll::{self, EnrollRequest, EnrollResponse};
 use quicmesh_shared::control::{self, GatewayMsg, LineReader, NodeMsg, Registration, Snapshot};
 use quicmesh_shared::identity::tls;
 use quicmesh_shared::identity::Ca;
-use quicmesh_shared::policy::listener::Protocol;
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry::metrics as m;
@@ -185,7 +184,7 @@ pub struct ControlPlane {
     /// Where the config comes from: the files, and with a store the shared layers over them.
     sources: Mutex<Sources>,
     /// The edge's sockets as bound at start (`GatewayConfig::sockets`).
-    sockets: Vec<(u16, std::net::SocketAddr, Vec<Protocol>, Vec<EdgeCertificate>)>,
+    sockets: Vec<quicmesh_shared::config::listener::PortSetup>,
 }
 
 #[derive(Default)]
@@ -456,10 +455,13 @@ impl ControlPlane {
             let shown = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
             return Err(format!("no [gateway] section in {shown}"));
         }
-        if config.gateway.as_ref().map(|g| g.sockets()).unwrap_or_default() != self.sockets {
-            return Err("gateway.listeners: their ports, addresses, protocols and certificate files are bound at \
-                        start, and this change needs a restart (hostnames and routes reload)"
-                .into());
+        let sockets = config.gateway.as_ref().map(|g| g.sockets()).unwrap_or_default();
+        if let Some(what) = quicmesh_shared::config::listener::PortSetup::changed(&self.sockets, &sockets) {
+            return Err(format!(
+                "gateway listeners: {what} changed; ports, addresses, protocols, TLS termination and \
+                 certificates are set up at start, so this change needs a restart (routes, and the \
+                 hostnames of listeners that do not terminate TLS, reload)"
+            ));
         }
         self.would_build(&config)?;
         Ok((config, node_settings))

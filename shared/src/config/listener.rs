@@ -8,6 +8,50 @@ use serde::{Deserialize, Serialize};
 use super::{EdgeCertificate, GatewayConfig};
 use crate::policy::listener::{ListenerSpec, Protocol, RouteKind};
 
+/// What a gateway port was set up with at start (see [`GatewayConfig::sockets`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortSetup {
+    pub port: u16,
+    pub at: SocketAddr,
+    pub protocols: Vec<Protocol>,
+    /// The listeners' own certificates.
+    pub certificates: Vec<EdgeCertificate>,
+    /// Listeners that terminate TLS on the port (`SET/NAME` or `NAME`) and their hostnames.
+    pub terminating: Vec<(String, Option<String>)>,
+    /// `gateway.certificates`, served where a listener has none of its own.
+    pub defaults: Vec<EdgeCertificate>,
+}
+
+impl PortSetup {
+    /// What differs between two setups of the gateway's ports, in words; `None` when nothing does.
+    pub fn changed(before: &[PortSetup], after: &[PortSetup]) -> Option<String> {
+        if before == after {
+            return None;
+        }
+        let ports = |s: &[PortSetup]| s.iter().map(|p| (p.port, p.at)).collect::<Vec<_>>();
+        if ports(before) != ports(after) {
+            return Some("the ports or addresses listened on".into());
+        }
+        for (b, a) in before.iter().zip(after) {
+            let what = if b.protocols != a.protocols {
+                "its protocols"
+            } else if b.certificates != a.certificates {
+                "its listeners' certificate files"
+            } else if b.terminating.iter().map(|t| &t.0).ne(a.terminating.iter().map(|t| &t.0)) {
+                "which of its listeners terminate TLS (a TLS listener's tls_mode)"
+            } else if b.terminating != a.terminating {
+                "the hostname of a listener that terminates TLS (its certificates are chosen by it)"
+            } else {
+                "gateway.certificates"
+            };
+            if b != a {
+                return Some(format!("port {}: {what}", a.port));
+            }
+        }
+        Some("the listeners".into())
+    }
+}
+
 /// One listener of the gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +69,8 @@ pub struct Listener {
     /// Read at start: a reload that changes it is refused.
     pub protocol: Protocol,
     /// Exact or `*.suffix`; unset, every host not taken by a more specific listener of the port.
+    /// A reload may change it, except on a listener that terminates TLS (HTTPS, TLS in
+    /// `Terminate` mode), whose certificates are chosen by it: there a change is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// HTTPS and terminating TLS listeners: certificates served for this listener's names
@@ -33,7 +79,7 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<EdgeCertificate>,
     /// TLS listeners: `Passthrough` (default; the gateway never decrypts) or `Terminate`.
-    /// Read at start.
+    /// Read at start: a reload that changes it is refused.
     #[serde(default)]
     pub tls_mode: TlsMode,
     /// Route kinds it takes; default every kind its protocol carries.
@@ -122,9 +168,11 @@ impl GatewayConfig {
         self.all_listeners().iter().map(|(set, l)| l.spec(*set)).collect()
     }
 
-    /// What the gateway binds at start: per port, its address, its listeners' protocols and
-    /// certificates. A reload that changes this needs a restart.
-    pub fn sockets(&self) -> Vec<(u16, SocketAddr, Vec<Protocol>, Vec<EdgeCertificate>)> {
+    /// What the gateway sets up at start: per port, its address, its listeners' protocols and
+    /// certificates, and the server names of the listeners that terminate TLS there (their
+    /// certificates are chosen by those names, and an HTTPS listener without certificates has
+    /// them ordered over ACME). A reload that changes this needs a restart.
+    pub fn sockets(&self) -> Vec<PortSetup> {
         let binds = self.listener_binds().unwrap_or_default();
         let all = self.all_listeners();
         binds
@@ -134,8 +182,18 @@ impl GatewayConfig {
                 let mut protocols: Vec<Protocol> = on.clone().map(|(_, l)| l.protocol).collect();
                 protocols.sort_by_key(|p| p.as_str());
                 protocols.dedup();
-                let certs = on.flat_map(|(_, l)| l.certificates.clone()).collect();
-                (port, at, protocols, certs)
+                let certificates = on.clone().flat_map(|(_, l)| l.certificates.clone()).collect();
+                let mut terminating: Vec<(Option<&str>, String, Option<String>)> = on
+                    .filter(|(_, l)| l.terminates())
+                    .map(|(set, l)| (*set, l.name.clone(), l.hostname.as_ref().map(|h| h.to_ascii_lowercase())))
+                    .collect();
+                terminating.sort();
+                let terminating: Vec<(String, Option<String>)> = terminating
+                    .into_iter()
+                    .map(|(set, name, host)| (set.map_or(name.clone(), |s| format!("{s}/{name}")), host))
+                    .collect();
+                let defaults = if terminating.is_empty() { Vec::new() } else { self.certificates.clone() };
+                PortSetup { port, at, protocols, certificates, terminating, defaults }
             })
             .collect()
     }

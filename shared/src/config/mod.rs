@@ -382,7 +382,8 @@ pub struct GatewayConfig {
     /// Mesh certificate of the gateway. Read at start.
     pub tls: TlsFiles,
     /// Edge certificates (PEM), chosen by SNI; empty means a self-signed development certificate.
-    /// Read at start.
+    /// Read at start: a reload that changes it is refused (a change of the files' contents is
+    /// picked up without one).
     pub certificates: Vec<EdgeCertificate>,
     /// Routes in the Gateway API HTTPRoute model (see `route`).
     pub routes: Vec<crate::policy::route::HttpRoute>,
