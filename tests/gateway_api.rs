@@ -13,6 +13,9 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Empty};
 use support::*;
 
+/// The gateway's and node-a's own request timeout (`timeouts.request`).
+const MESH_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// The routes under test, written once for both places: `{R}` is `routes` or `gateway.routes`.
 const ROUTES: &str = r#"
 [[{R}]]
@@ -68,12 +71,12 @@ backendRefs = [{ name = "echo", filters = [{ type = "RequestRedirect", requestRe
 [[{R}.rules]]
 matches = [{ path = { value = "/no-timeout" } }]
 timeouts = { request = "0s" }
-backendRefs = [{ name = "slow" }]
+backendRefs = [{ name = "slower" }]
 
 [[{R}.rules]]
 matches = [{ path = { value = "/no-try-timeout" } }]
 timeouts = { backendRequest = "0s" }
-backendRefs = [{ name = "slow" }]
+backendRefs = [{ name = "slower" }]
 
 [[{R}.rules]]
 matches = [{ path = { value = "/short-timeout" } }]
@@ -328,11 +331,15 @@ async fn setup() -> Setup {
     pki.issue("node-b");
     pki.issue("gateway");
     let (echo, slow) = (echo_backend().await, delayed_backend("slow", Duration::from_millis(300)).await);
+    // Slower than the callers' own request timeout (MESH_TIMEOUT): only a rule's "0s" lets it
+    // answer.
+    let slower = delayed_backend("slower", MESH_TIMEOUT + Duration::from_millis(500)).await;
     let flaky = flaky_backend().await;
     let liar = liar_backend().await;
     let svc = format!(
         "[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
          [[services]]\nname = \"slow\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slow}\"\n\n\
+         [[services]]\nname = \"slower\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{slower}\"\n\n\
          [[services]]\nname = \"flaky\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{flaky}\"\n\n\
          [[services]]\nname = \"liar\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{liar}\"\n\n"
     );
@@ -345,13 +352,16 @@ async fn setup() -> Setup {
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
     let mesh_routes = ROUTES.replace("{R}", "routes");
     let a_toml =
-        node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &format!("{}{svc}{mesh_routes}", log("node-a")));
+        node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &format!("{}{svc}{mesh_routes}", log("node-a")))
+            .replace("request = \"10s\"", &format!("request = \"{}ms\"", MESH_TIMEOUT.as_millis()));
+    assert!(a_toml.contains(&format!("request = \"{}ms\"", MESH_TIMEOUT.as_millis())));
     let a = NodeProc::start(pki.path(), "node-a", &a_toml);
     let edge_routes = ROUTES.replace("{R}", "gateway.routes");
     let gw_toml = format!(
-        "[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"10s\"\n\n{}\
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[timeouts]\nconnect = \"2s\"\nrequest = \"{}ms\"\n\n{}\
          [gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n[gateway.tls]\nstate_dir = \"{}\"\n\n\
          {edge_routes}\n[[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        MESH_TIMEOUT.as_millis(),
         log("gateway"),
         state.display(),
         b.addrs.inbound
@@ -560,6 +570,14 @@ async fn httproute_features_hold_at_the_edge_and_in_the_mesh() {
         })
         .await;
         assert!(rules.iter().any(|n| n == "sends-nowhere"), "{who}: {rules:?}");
+    }
+    // And in the metrics, counted by route and rule.
+    for (who, admin) in [("gateway", s.gw.addrs.admin), ("node-a", s.a.addrs.admin)] {
+        let m = http_get(&format!("http://{admin}/metrics")).await.1;
+        for rule in ["see-other", "sends-nowhere", "backend-filters"] {
+            let n = metric(&m, "quicmesh_route_rule_matches_total", &[("route", "conf"), ("rule", rule)]);
+            assert!(n >= 1.0, "{who}: rule {rule} counted {n} times");
+        }
     }
 }
 

@@ -528,6 +528,21 @@ async fn tls_passes_through_by_server_name_and_tcp_listeners_forward() {
     let (status, _) =
         tls_get(https, "h2", "second-example.org", "second-example.org", "/detect-misdirected-requests").await;
     assert_eq!(status, 200);
+    // Each serves its own certificate: second-example.org's listener its certificates, and
+    // another name of the port not those.
+    let second = s.backend_ca.with_file_name("second-cert.pem");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_client_trusting(&second)));
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    connector.connect("second-example.org".try_into().unwrap(), tcp).await.expect("the listener's own certificate");
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let other = connector.connect("example.org".try_into().unwrap(), tcp).await;
+    assert!(other.is_err(), "example.org was served second-example.org's certificate");
+    if require_tool("curl") {
+        let resolve = format!("second-example.org:{}:127.0.0.1", https.port());
+        let url = format!("https://second-example.org:{}/detect-misdirected-requests", https.port());
+        let (ok, out) = curl(&["--cacert", second.to_str().unwrap(), "--resolve", &resolve, &url]);
+        assert!(ok && out.contains("hello from v2"), "{out}");
+    }
 
     // TCPRoute.
     let mut tcp = tokio::net::TcpStream::connect(*s.gw.addrs.listeners.get("tcp").unwrap()).await.unwrap();

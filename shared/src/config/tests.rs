@@ -357,3 +357,31 @@ fn congestion_controllers_by_name() {
     let err = load_err("[transport]\ncongestion = \"vegas\"\n");
     assert!(err.contains("congestion") && err.contains("vegas"), "{err}");
 }
+
+#[test]
+fn a_listeners_allowed_routes_keep_other_kinds_off_it() {
+    let listener = |kinds: &str| {
+        format!(
+            "[gateway]\n[[gateway.listeners]]\nname = \"t\"\nport = 443\nprotocol = \"TLS\"\ntls_mode = \"Terminate\"\n\
+             certificates = [{{ cert = \"c.pem\", key = \"k.pem\" }}]\n{kinds}\n\
+             [[gateway.tls_routes]]\nname = \"by-name\"\nhostnames = [\"db.test\"]\nbackendRefs = [{{ name = \"db\" }}]\n\
+             [[gateway.tcp_routes]]\nname = \"whole\"\nbackendRefs = [{{ name = \"db\" }}]\n\
+             [[services]]\nname = \"db\"\nprotocol = \"tcp\"\n"
+        )
+    };
+    let warned = |kinds: &str| {
+        let f = file(&listener(kinds));
+        let cfg = load(&[f.path().to_path_buf()]).unwrap();
+        cfg.warnings().into_iter().filter(|w| w.contains("attaches to no listener")).collect::<Vec<_>>()
+    };
+    // By default a terminating TLS listener takes both kinds.
+    assert!(warned("").is_empty(), "{:?}", warned(""));
+    // Narrowed to TCPRoute: the TLSRoute attaches nowhere, and says so.
+    let w = warned("allowed_routes = [\"TCPRoute\"]");
+    assert!(w.len() == 1 && w[0].contains("\"by-name\""), "{w:?}");
+    let w = warned("allowed_routes = [\"TLSRoute\"]");
+    assert!(w.len() == 1 && w[0].contains("\"whole\""), "{w:?}");
+    // A kind the protocol cannot carry is refused.
+    let err = load_err(&listener("allowed_routes = [\"HTTPRoute\"]"));
+    assert!(err.contains("cannot take HTTPRoute"), "{err}");
+}

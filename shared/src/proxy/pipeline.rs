@@ -185,6 +185,7 @@ fn plan<'t>(
     cx.rec.route(name);
     if let Some(rule) = &matched.rule.name {
         cx.rec.rule(rule);
+        metrics::counter!(m::RULE_MATCHES, "route" => name.to_string(), "rule" => rule.clone()).increment(1);
     }
     // Phase: rate limit.
     if let Some(Err(wait)) = matched.limiter.map(|l| l.check(client, Instant::now())) {

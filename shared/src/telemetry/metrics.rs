@@ -45,6 +45,7 @@ pub const OUTLIER_EJECTIONS: &str = "quicmesh_outlier_ejections_total";
 pub const HEALTH_CHECKS: &str = "quicmesh_health_checks_total";
 pub const HEALTHY: &str = "quicmesh_instance_healthy";
 pub const RATE_LIMITED: &str = "quicmesh_rate_limited_total";
+pub const RULE_MATCHES: &str = "quicmesh_route_rule_matches_total";
 pub const FAULTS: &str = "quicmesh_faults_injected_total";
 pub const DRAINING: &str = "quicmesh_draining";
 pub const AUTHZ_DENIED: &str = "quicmesh_authz_denied_total";
@@ -193,6 +194,10 @@ fn describe() {
     describe_counter!(HEALTH_CHECKS, "Active health checks of local instances, by service and result.");
     describe_gauge!(HEALTHY, "1 while a local instance passes its health check, by service.");
     describe_counter!(RATE_LIMITED, "Requests answered 429 by a route's rate limit, by route.");
+    describe_counter!(
+        RULE_MATCHES,
+        "Requests matched by each named rule of a route (unnamed rules are not counted here)."
+    );
     describe_counter!(FAULTS, "Faults injected by routes, by route and kind (delay, abort).");
     describe_counter!(
         AUTHZ_DENIED,

@@ -260,7 +260,8 @@ impl Record {
         self.entry.auth = result;
     }
 
-    /// The matched rule's name (access log only: metrics stay per route).
+    /// The matched rule's name, for the access log (the request metrics stay per route; a named
+    /// rule's matches have their own counter).
     pub fn rule(&mut self, name: &str) {
         if self.detailed {
             self.entry.rule = name.to_string();
