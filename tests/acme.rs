@@ -215,6 +215,24 @@ async fn h3_get(port: u16, root: &Path) -> (u16, Vec<u8>) {
     (status, leaf)
 }
 
+/// An HTTP/3 GET from ngtcp2's client, an implementation nobody here wrote. It cannot check a
+/// certificate against a root (it has no option for one), so the chain is checked by
+/// [`h3_get`]; this checks that another HTTP/3 stack is served on the ACME edge.
+fn gtlsclient_get(port: u16) {
+    if !require_tool("gtlsclient") {
+        return;
+    }
+    let dl = tempfile::tempdir().unwrap();
+    let out = Command::new("gtlsclient")
+        .args(["-q", "--exit-on-all-streams-close", "--timeout=10s"])
+        .arg(format!("--download={}", dl.path().display()))
+        .args(["127.0.0.1", &port.to_string(), &format!("https://{HOST}:{port}/acme-edge")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gtlsclient failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(dl.path().join("acme-edge").exists(), "gtlsclient got no answer");
+}
+
 async fn issued(gw: &NodeProc) -> f64 {
     metric(&gw.metrics().await, "quicmesh_acme_certificates_issued_total", &[("hostname", HOST)])
 }
@@ -248,6 +266,7 @@ async fn tls_alpn_certificate_is_issued_served_kept_through_an_outage_and_renewe
     let (status, h3_leaf) = h3_get(port, &root).await;
     assert!(status >= 200, "HTTP/3 answered {status}");
     assert_eq!(h3_leaf, first, "HTTP/3 serves the same certificate");
+    gtlsclient_get(port);
     assert!(log.contains("ACME certificate issued and serving"), "{log}");
     let expiry =
         metric(&gw.metrics().await, "quicmesh_acme_certificate_expiry_timestamp_seconds", &[("hostname", HOST)]);
@@ -311,6 +330,15 @@ async fn http_01_certificate_is_issued_and_kept_across_a_restart() {
     let key = pki.path().join("acme-gateway").join(format!("{HOST}.key"));
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", key.display());
+    // So is the ACME account's key, kept in the state directory for the next orders.
+    let accounts: Vec<_> = std::fs::read_dir(pki.path().join("acme-gateway"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("account-")))
+        .collect();
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&accounts[0]).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", accounts[0].display());
 
     ca.stop();
     gw.restart();

@@ -110,6 +110,11 @@ impl std::fmt::Debug for Acme {
     }
 }
 
+/// The wait after another failed order: twice the last, up to `max`.
+fn next_backoff(last: Duration, max: Duration) -> Duration {
+    last.saturating_mul(2).min(max)
+}
+
 fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
@@ -213,7 +218,7 @@ impl Acme {
                     }
                     Err(e) => {
                         self.failed(&name, &format!("the store: {e}"), backoff).await;
-                        backoff = (backoff * 2).min(self.config.retry_max);
+                        backoff = next_backoff(backoff, self.config.retry_max);
                         continue;
                     }
                 },
@@ -236,7 +241,7 @@ impl Acme {
                 }
                 Err(e) => {
                     self.failed(&name, &e.to_string(), backoff).await;
-                    backoff = (backoff * 2).min(self.config.retry_max);
+                    backoff = next_backoff(backoff, self.config.retry_max);
                 }
             }
             if let Some(lock) = lock {
@@ -609,4 +614,39 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(not_before: i64, not_after: i64) -> Held {
+        let (cert, key) = identity::self_signed(&["a.test".to_string()]).unwrap();
+        let key = CertifiedKey::from_der(vec![cert], key, &provider()).unwrap();
+        Held { key: Arc::new(key), not_before, not_after }
+    }
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_lifetime() {
+        // A 90-day certificate is renewed on day 60; a 30 s one after 20 s.
+        let day = 86_400;
+        assert_eq!(held(1_000, 1_000 + 90 * day).renew_at(), 1_000 + 60 * day);
+        assert_eq!(held(0, 30).renew_at(), 20);
+        let now = now_unix();
+        let fresh = held(now, now + 3 * 3600);
+        let wait = fresh.renew_at() - now;
+        assert!((2 * 3600 - 1..=2 * 3600).contains(&wait), "{wait}");
+    }
+
+    #[test]
+    fn failed_orders_back_off_by_doubling_up_to_the_limit() {
+        let (mut b, max) = (Duration::from_secs(5), Duration::from_secs(60));
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            waits.push(b.as_secs());
+            b = next_backoff(b, max);
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60]);
+        assert_eq!(next_backoff(Duration::MAX, max), max, "no overflow");
+    }
 }
