@@ -112,8 +112,11 @@ impl Background {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_body_that_breaks_off_counts_as_a_failure() {
-    // Issue #22: a 200 whose body broke off is not a success, on either node.
-    let m = mesh("").await;
+    // Issue #22: a 200 whose body broke off is not a success, on either node's metrics, nor in
+    // node-a's access log.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let m = mesh(&format!("[access_log]\noutput = \"file\"\npath = \"{}\"\nformat = \"json\"\n", log.path().display()))
+        .await;
     let (status, reason, body) = send(&m.a, "GET", "web", &[], "").await;
     assert_eq!((status, body.as_str()), (200, "web-answer"), "{reason:?}");
     let before = [m.a.metrics().await, m.b.metrics().await];
@@ -139,6 +142,19 @@ async fn a_response_body_that_breaks_off_counts_as_a_failure() {
         })
         .await;
         assert_eq!(delta(&now, &labels), 1.0, "counted once, as a failure only, at {direction}:\n{now}");
+    }
+    let lines = eventually(Duration::from_secs(10), "node-a's access-log line for /cut/2", || async {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["path"] == "/cut/2")
+            .collect();
+        (!lines.is_empty()).then_some(lines)
+    })
+    .await;
+    for line in lines {
+        assert_eq!((line["status"].as_u64(), line["error"].as_str()), (Some(200), Some("upstream-reset")), "{line}");
     }
     drop(m);
 }
