@@ -261,7 +261,7 @@ fn main() {
         let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
         let server = {
             let _on = server_lane.handle.enter();
-            mesh_endpoint(localhost, &creds("raw-b"), TD, &transport, Some(ClientAuth::Required)).unwrap()
+            mesh_endpoint(localhost, &creds("raw-b"), TD, &transport, Some(ClientAuth::Required.into())).unwrap()
         };
         let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
         let client = {
@@ -275,7 +275,7 @@ fn main() {
             let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
             let back = {
                 let _on = bare_b.handle.enter();
-                mesh_endpoint(localhost, &creds("bare-b"), TD, &transport, Some(ClientAuth::Required)).unwrap()
+                mesh_endpoint(localhost, &creds("bare-b"), TD, &transport, Some(ClientAuth::Required.into())).unwrap()
             };
             let back_addr = back.local_addr().unwrap();
             bare_back(&bare_b, back, sink_addr);

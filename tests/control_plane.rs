@@ -732,7 +732,7 @@ impl Replicas {
                 [gw[2].addrs.control, gw[0].addrs.control],
             ),
         );
-        // The default transport timing (a silent peer is given up after 1.5 s), as a fleet runs.
+        // A fleet's transport timing (a silent peer given up after 1.5 s; the default is 1 s).
         let a = NodeProc::start(
             pki.path(),
             "node-a",

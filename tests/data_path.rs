@@ -1126,3 +1126,72 @@ async fn server_sent_events_arrive_as_they_are_sent() {
 fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// A UDP port of loopback free just now, for a node that must come back on the same address.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn zero_rtt(m: &str, direction: &str, result: &str) -> f64 {
+    metric(m, "quicmesh_quic_zero_rtt_total", &[("direction", direction), ("result", result)])
+}
+
+/// 0-RTT between nodes (#30): node-b keeps the TLS sessions it issued in its state directory,
+/// so after it restarts, node-a resumes its session and sends its first request in the
+/// handshake's first packet. A POST waits for the handshake (it must not be replayed) and
+/// arrives too. Sessions node-b no longer has (its file gone) make it refuse the early data:
+/// node-a dials again and the request is answered all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_nodes_peers_resume_in_zero_rtt() {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let echo = echo_backend().await;
+    let svc =
+        format!("[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n");
+    let port = free_udp_port();
+    let b_toml = node_toml("node-b", &state, &[], &svc)
+        .replace("inbound = \"127.0.0.1:0\"", &format!("inbound = \"127.0.0.1:{port}\""));
+    let mut b = NodeProc::start(pki.path(), "node-b", &b_toml);
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let get = |method: &'static str| {
+        let url = format!("http://{}/x", a.addrs.outbound);
+        async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+            let req = http::Request::builder().method(method).uri(url).header("host", "echo");
+            let resp = client.request(req.body(Full::new(Bytes::from_static(b"body"))).unwrap()).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    assert_eq!(get("GET").await.0, 200, "the first request, over a full handshake");
+    // node-b has written the sessions it issued.
+    let sessions = state.join("node-b.sessions");
+    eventually(Duration::from_secs(10), "node-b's stored sessions", || async {
+        std::fs::metadata(&sessions).ok().filter(|m| m.len() > 40).map(drop)
+    })
+    .await;
+    assert_eq!(zero_rtt(&a.metrics().await, "outbound", "accepted"), 0.0);
+
+    b.restart();
+    assert_eq!(b.addrs.inbound.port(), port);
+    let (status, body) = get("GET").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get("POST").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"method\":\"POST\""), "{body}");
+    let (ma, mb) = (a.metrics().await, b.metrics().await);
+    assert_eq!(zero_rtt(&ma, "outbound", "accepted"), 1.0, "node-a resumed in 0-RTT:\n{ma}");
+    assert_eq!(zero_rtt(&mb, "inbound", "resumed"), 1.0, "node-b resumed the session:\n{mb}");
+
+    // The sessions are gone: the early data is refused, and the request goes through anyway.
+    b.kill();
+    std::fs::remove_file(&sessions).unwrap();
+    b.restart();
+    let (status, body) = get("GET").await;
+    assert_eq!(status, 200, "{body}");
+    let ma = a.metrics().await;
+    assert_eq!(zero_rtt(&ma, "outbound", "rejected"), 1.0, "node-a's early data was refused:\n{ma}");
+}

@@ -570,7 +570,7 @@ async fn a_mesh_routes_external_authorization_is_asked_by_the_calling_node() {
     let filter = |service: &str| {
         format!(
             "filters = [{{ type = \"ExternalAuth\", externalAuth = {{ protocol = \"HTTP\", backendRef = {{ name = \"{service}\" }}, \
-             http = {{ path = \"/check\", allowedResponseHeaders = [\"x-auth-user\"] }}, timeout = \"500ms\" }} }}]"
+             http = {{ path = \"/check\", allowedResponseHeaders = [\"x-auth-user\"] }}, timeout = \"2s\" }} }}]"
         )
     };
     let routes = format!(

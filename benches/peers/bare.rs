@@ -139,12 +139,12 @@ pub fn run_if_asked() {
 fn endpoint(dir: &Path, name: &str, auth: Option<ClientAuth>) -> quinn::Endpoint {
     let creds = credentials(dir, name);
     let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
-    mesh_endpoint(localhost, &creds, TD, &TransportConfig::default(), auth).unwrap()
+    mesh_endpoint(localhost, &creds, TD, &TransportConfig::default(), auth.map(Into::into)).unwrap()
 }
 
 /// The back half: an h3 server handing requests to a pooled client for `backend`.
 fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
-    let quic = endpoint(dir, "bare-b", Some(ClientAuth::Required));
+    let quic = endpoint(dir, "bare-b", Some(ClientAuth::Required.into()));
     let addr = quic.local_addr().unwrap();
     tokio::spawn(async move {
         let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -199,7 +199,7 @@ pub fn endpoints(pki: &Pki, client: (&Lane, &str), server: (&Lane, &str)) -> (qu
         let _on = lane.handle.enter();
         endpoint(&dir, name, auth)
     };
-    (on(client, None), on(server, Some(ClientAuth::Required)))
+    (on(client, None), on(server, Some(ClientAuth::Required.into())))
 }
 
 type H3Send = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;

@@ -208,7 +208,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         &creds,
         &config.mesh.trust_domain,
         &config.transport,
-        Some(ClientAuth::OptionalForEnrollment),
+        Some(ClientAuth::OptionalForEnrollment.into()),
     )
     .map_err(|e| match e {
         TransportError::Bind { addr, source } => GatewayError::Listen { key: "gateway.control", addr, source },
@@ -377,7 +377,7 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
         paths,
         name: gc.name.clone(),
         transport: transport_config,
-        auth: ClientAuth::OptionalForEnrollment,
+        serve: ClientAuth::OptionalForEnrollment.into(),
         send_ca: true,
         ca: own_ca,
     };

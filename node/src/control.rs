@@ -12,7 +12,6 @@ use http::{Method, Request};
 use quicmesh_shared::config::{Config, ControlTarget, TlsPaths};
 use quicmesh_shared::control::{self, GatewayMsg, Instance, LineReader, NodeMsg, Snapshot};
 use quicmesh_shared::identity;
-use quicmesh_shared::identity::tls::ClientAuth;
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry::metrics as m;
@@ -54,6 +53,8 @@ pub struct ControlClient {
     pub cache: Option<PathBuf>,
     /// Where the control plane's address is kept once a session is up (see [`remembered`]).
     pub remember: Option<PathBuf>,
+    /// How the node's endpoint accepts peers, installed again with each renewed certificate.
+    pub serve: transport::Serve,
 }
 
 /// The file that keeps the control plane a node last held a session with.
@@ -230,7 +231,7 @@ impl ControlClient {
             &creds,
             self.mesh.trust_domain(),
             &self.local.transport,
-            Some(ClientAuth::Required),
+            Some(self.serve.clone()),
         )
         .map_err(|e| e.to_string())?;
         self.mesh.pool().set_client_config(client);
@@ -343,6 +344,9 @@ impl ControlClient {
             }
         }
         drop(held);
+        if let Err(e) = pc.ready_for(&Method::POST).await {
+            return broken(e.to_string());
+        }
         let mut sender = pc.h3.clone();
         let stream = match sender.send_request(req).await {
             Ok(s) => s,

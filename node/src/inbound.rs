@@ -10,7 +10,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response};
-use std::future::IntoFuture;
 
 use quicmesh_shared::config::{Protocol, ServiceConfig};
 use quicmesh_shared::identity::tls;
@@ -24,6 +23,7 @@ use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::{self, Record};
 use quicmesh_shared::transport::admission::{self, Admission, Handshaking, Limits};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::peer::{local_target, source_of, ServerStream};
@@ -49,24 +49,88 @@ pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
 async fn connection(incoming: quinn::Incoming, slot: Handshaking, mesh: Arc<Mesh>) {
     let remote = incoming.remote_address();
     let limit = mesh.table().config().timeouts.connect;
-    let conn = match tokio::time::timeout(limit, incoming.into_future()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
+    let td = mesh.trust_domain().to_string();
+    let failed = move |e: &quinn::ConnectionError| {
+        let reason = tls::handshake_failure_reason(e);
+        metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason).increment(1);
+        warn!(%remote, reason, error = %e, "refused QUIC peer");
+    };
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
             slot.release_after(admission::FAILED_HOLD);
-            let reason = tls::handshake_failure_reason(&e);
-            metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason).increment(1);
-            warn!(%remote, reason, error = %e, "refused QUIC peer");
-            return;
-        }
-        // Dropping the attempt closes it.
-        Err(_) => {
-            metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "timeout").increment(1);
-            debug!(%remote, ?limit, "QUIC handshake from a would-be peer did not complete in time");
+            failed(&e);
             return;
         }
     };
-    drop(slot);
-    let td = mesh.trust_domain();
+    // A peer resuming a session may send requests with its first packet (0-RTT): its identity
+    // is the session's, known at once, and `handshake` turns true when the handshake ends. A
+    // new peer's certificate comes with the end of its handshake, so that is awaited.
+    let (handshake_tx, handshake) = watch::channel(false);
+    let (conn, done) = match connecting.into_0rtt() {
+        Ok((conn, done)) => (conn, done),
+        // quinn always converts a server's connection; should it not, the attempt is dropped.
+        Err(_) => {
+            warn!(%remote, "QUIC attempt could not be served early; dropped");
+            return;
+        }
+    };
+    let resumed = tls::peer_identity(&conn, &td).is_some();
+    if resumed {
+        if !tls::peer_certificate_current(&conn) {
+            slot.release_after(admission::FAILED_HOLD);
+            metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "expired").increment(1);
+            warn!(%remote, "refused QUIC peer: the session it resumed holds an expired certificate");
+            conn.close(1u32.into(), b"expired certificate");
+            return;
+        }
+        if mesh.table().config().transport.zero_rtt {
+            metrics::counter!(m::QUIC_ZERO_RTT, "direction" => "inbound", "result" => "resumed").increment(1);
+        }
+        let watched = conn.clone();
+        tokio::spawn(async move {
+            // A replayed first flight never ends its handshake: its early requests were
+            // replay-safe ones, and the rest wait on `handshake` and are refused.
+            let ended = tokio::time::timeout(limit, done).await.is_ok() && watched.close_reason().is_none();
+            if ended {
+                drop(slot);
+                let _ = handshake_tx.send(true);
+                return;
+            }
+            slot.release_after(admission::FAILED_HOLD);
+            match watched.close_reason() {
+                Some(e) => failed(&e),
+                None => {
+                    metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "timeout")
+                        .increment(1);
+                    watched.close(0u32.into(), b"handshake did not complete");
+                }
+            }
+        });
+    } else {
+        match tokio::time::timeout(limit, done).await {
+            Ok(_) if conn.close_reason().is_none() => {
+                drop(slot);
+                let _ = handshake_tx.send(true);
+            }
+            Ok(_) => {
+                slot.release_after(admission::FAILED_HOLD);
+                if let Some(e) = conn.close_reason() {
+                    failed(&e);
+                }
+                return;
+            }
+            // Dropping the attempt closes it.
+            Err(_) => {
+                metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "timeout")
+                    .increment(1);
+                debug!(%remote, ?limit, "QUIC handshake from a would-be peer did not complete in time");
+                conn.close(0u32.into(), b"handshake timed out");
+                return;
+            }
+        }
+    }
+    let td = td.as_str();
     let Some(peer) = tls::peer_identity(&conn, td).and_then(|id| id.node_name().map(str::to_owned)) else {
         metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "wrong-identity")
             .increment(1);
@@ -85,11 +149,11 @@ async fn connection(incoming: quinn::Incoming, slot: Handshaking, mesh: Arc<Mesh
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").increment(1.0);
     info!(%remote, peer, "accepted QUIC peer");
     quicmesh_shared::transport::pool::watch_stats(conn.clone(), "inbound", peer.clone());
-    serve_h3(conn, &peer, mesh).await;
+    serve_h3(conn, &peer, mesh, handshake).await;
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").decrement(1.0);
 }
 
-async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
+async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshake: watch::Receiver<bool>) {
     let mut builder = h3::server::builder();
     builder.send_grease(false).max_field_section_size(MAX_HEADER_BYTES);
     let quic = conn.clone();
@@ -132,6 +196,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
             Ok(Some(resolver)) => {
                 let mesh = mesh.clone();
                 let peer = peer.to_string();
+                let handshake = handshake.clone();
                 streams.increment(1);
                 // Counted from the accept, not from when its headers have been read: a drain
                 // that settled in between would close the connection under the request.
@@ -139,7 +204,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
                 tokio::spawn(async move {
                     let _in_flight = in_flight;
                     match resolver.resolve_request().await {
-                        Ok((req, stream)) => request(req, stream, &peer, &mesh).await,
+                        Ok((req, stream)) => request(req, stream, &peer, &mesh, handshake).await,
                         Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
                     }
                 });
@@ -155,8 +220,45 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>) {
     }
 }
 
+/// A request that may have come in 0-RTT: replay-safe methods go on at once, marked
+/// `early-data: 1` for the instance (RFC 8470, which may answer 425); the others wait for the
+/// handshake to end.
+async fn replay_safe(
+    req: &mut Request<()>,
+    mut handshake: watch::Receiver<bool>,
+    limit: std::time::Duration,
+) -> Result<(), ProxyError> {
+    if *handshake.borrow() {
+        return Ok(());
+    }
+    if quicmesh_shared::transport::pool::replay_safe(req.method()) {
+        req.headers_mut().insert("early-data", HeaderValue::from_static("1"));
+        return Ok(());
+    }
+    match tokio::time::timeout(limit, handshake.wait_for(|done| *done)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(ProxyError::TooEarly),
+    }
+}
+
 /// One request or tunnel from a peer; the drain counts it in flight (from its accept).
-async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+async fn request(
+    mut req: Request<()>,
+    stream: ServerStream,
+    peer: &str,
+    mesh: &Mesh,
+    handshake: watch::Receiver<bool>,
+) {
+    // In 0-RTT only what may be replayed goes on at once; the rest waits for the handshake,
+    // which a replayed flight never completes (the peer's side holds them back too).
+    let early = match replay_safe(&mut req, handshake, mesh.table().config().timeouts.connect).await {
+        Ok(()) => Ok(()),
+        Err(e) if req.method() == Method::CONNECT => {
+            debug!(peer, error = %e, "tunnel refused: the handshake did not complete");
+            return;
+        }
+        Err(e) => Err(e),
+    };
     // Authorized and delivered in canonical form, whatever the peer sent.
     let table = mesh.table();
     let path = match quicmesh_shared::message::path::normalize_uri(req.uri(), table.config().mesh.merge_slashes) {
@@ -182,7 +284,7 @@ async fn request(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &
     rec.ids(req.headers());
     let (mut send, recv) = stream.split();
     rec.source(&source_of(&req, peer, &table), peer);
-    let result = match path.and_then(|()| local_target(&req, mesh, &table)) {
+    let result = match early.and(path).and_then(|()| local_target(&req, mesh, &table)) {
         Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
             rec.service(&svc.name);
             rec.endpoint(mesh.local_node().unwrap_or_default(), &addr.to_string(), 0);

@@ -303,12 +303,21 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let Preflight { paths, creds, admin_token, control: control_target, mode } = preflight(&config)?;
     let nc = config.node.clone().ok_or(NodeError::NoNodeSection)?;
     info!(node = nc.name, "{mode}");
+    // The TLS sessions this node issues outlive it (next to its key), so that peers resume
+    // them in 0-RTT after a restart.
+    let sessions = config.transport.zero_rtt.then(|| {
+        quicmesh_shared::identity::sessions::SessionStore::open(
+            Some(paths.key.with_extension("sessions")),
+            &creds.roots,
+        )
+    });
+    let serve = transport::Serve { auth: ClientAuth::Required, sessions };
     let endpoint = transport::mesh_endpoint(
         inbound.map_or(Bind::Addr(nc.inbound), Bind::Socket),
         &creds,
         &config.mesh.trust_domain,
         &config.transport,
-        Some(ClientAuth::Required),
+        Some(serve.clone()),
     )
     .map_err(bind_error("node.inbound"))?;
     let inbound_addr =
@@ -376,6 +385,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             health: health_rx,
             cache,
             remember: control::remember_path(&nc),
+            serve: serve.clone(),
         };
         control_task = Some(tokio::spawn(client.run(shutdown_rx)));
     }
@@ -420,7 +430,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             paths,
             name: nc.name.clone(),
             transport: transport_config,
-            auth: ClientAuth::Required,
+            serve,
             send_ca: false,
             ca: None,
         };

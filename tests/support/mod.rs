@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 pub const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
 pub const TD: &str = "test.quicmesh.local";
 /// The transport timing the suites were written for (a dead peer noticed within 3 s); the
-/// defaults (500 ms / 1.5 s) are under test in `tests/fleet.rs`.
+/// defaults (300 ms / 1 s) are under test in `tests/fleet.rs`.
 pub const TRANSPORT: &str = "[transport]\nkeep_alive = \"500ms\"\nidle_timeout = \"3s\"\n";
 
 /// Under CI a missing tool fails the test; elsewhere the test is skipped, saying so.

@@ -16,8 +16,8 @@ pub struct PortSetup {
     pub protocols: Vec<Protocol>,
     /// The listeners' own certificates.
     pub certificates: Vec<EdgeCertificate>,
-    /// Listeners that terminate TLS on the port (`SET/NAME` or `NAME`) and their hostnames.
-    pub terminating: Vec<(String, Option<String>)>,
+    /// The hostnames of the listeners that terminate TLS on the port (sorted).
+    pub terminating: Vec<Option<String>>,
     /// `gateway.certificates`, served where a listener has none of its own.
     pub defaults: Vec<EdgeCertificate>,
 }
@@ -37,7 +37,7 @@ impl PortSetup {
                 "its protocols"
             } else if b.certificates != a.certificates {
                 "its listeners' certificate files"
-            } else if b.terminating.iter().map(|t| &t.0).ne(a.terminating.iter().map(|t| &t.0)) {
+            } else if b.terminating.len() != a.terminating.len() {
                 "which of its listeners terminate TLS (a TLS listener's tls_mode)"
             } else if b.terminating != a.terminating {
                 "the hostname of a listener that terminates TLS (its certificates are chosen by it)"
@@ -173,7 +173,9 @@ impl GatewayConfig {
     /// certificates are chosen by those names, and an HTTPS listener without certificates has
     /// them ordered over ACME). A reload that changes this needs a restart.
     pub fn sockets(&self) -> Vec<PortSetup> {
-        let binds = self.listener_binds().unwrap_or_default();
+        let mut binds = self.listener_binds().unwrap_or_default();
+        // The order listeners are written in changes nothing that is bound.
+        binds.sort();
         let all = self.all_listeners();
         binds
             .into_iter()
@@ -183,15 +185,12 @@ impl GatewayConfig {
                 protocols.sort_by_key(|p| p.as_str());
                 protocols.dedup();
                 let certificates = on.clone().flat_map(|(_, l)| l.certificates.clone()).collect();
-                let mut terminating: Vec<(Option<&str>, String, Option<String>)> = on
+                // By hostname only: certificates are chosen by it, not by a listener's name.
+                let mut terminating: Vec<Option<String>> = on
                     .filter(|(_, l)| l.terminates())
-                    .map(|(set, l)| (*set, l.name.clone(), l.hostname.as_ref().map(|h| h.to_ascii_lowercase())))
+                    .map(|(_, l)| l.hostname.as_ref().map(|h| h.to_ascii_lowercase()))
                     .collect();
                 terminating.sort();
-                let terminating: Vec<(String, Option<String>)> = terminating
-                    .into_iter()
-                    .map(|(set, name, host)| (set.map_or(name.clone(), |s| format!("{s}/{name}")), host))
-                    .collect();
                 let defaults = if terminating.is_empty() { Vec::new() } else { self.certificates.clone() };
                 PortSetup { port, at, protocols, certificates, terminating, defaults }
             })

@@ -885,6 +885,13 @@ pub struct TransportConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub max_ack_delay: Duration,
+    /// 0-RTT between nodes: a node keeps the TLS sessions it issues in its state directory
+    /// (`<name>.sessions`, beside its key), and a peer that holds one sends its first requests
+    /// with the handshake's first packet instead of one round trip later, also after the node
+    /// restarted. Only requests whose methods are safe to replay (GET, HEAD, OPTIONS) go early;
+    /// others wait for the handshake, on both sides. A session is used for 0-RTT once, and is
+    /// forgotten after a day or when the mesh CA changes. Read at start.
+    pub zero_rtt: bool,
 }
 
 /// A QUIC congestion controller (`transport.congestion`).
@@ -909,6 +916,7 @@ impl Default for TransportConfig {
             congestion: Congestion::Cubic,
             max_udp_payload: 1452,
             max_ack_delay: Duration::from_millis(5),
+            zero_rtt: true,
         }
     }
 }

@@ -318,7 +318,7 @@ fn a_reload_names_the_changed_keys_that_wait_for_a_restart() {
     .unwrap();
     let after = load(&[file(
         "[gateway]\nadmin = \"127.0.0.1:9999\"\n[[gateway.routes]]\nname = \"b\"\n[[services]]\nname = \"web\"\nmax_requests = 7\n\
-         [transport]\nkeep_alive = \"1s\"\n[timeouts]\nrequest = \"3s\"\nconnect = \"1s\"\n",
+         [transport]\nkeep_alive = \"800ms\"\n[timeouts]\nrequest = \"3s\"\nconnect = \"1s\"\n",
     )
     .path()
     .to_path_buf()])

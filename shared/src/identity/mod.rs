@@ -4,6 +4,7 @@
 //! signs a node certificate whose only SAN is the URI `spiffe://<trust-domain>/node/<name>`,
 //! usable both as a TLS client and server certificate. Keys are written with mode 0600.
 
+pub mod sessions;
 pub mod tls;
 
 use std::fmt;

@@ -239,6 +239,16 @@ pub fn peer_identity(conn: &quinn::Connection, trust_domain: &str) -> Option<Spi
     spiffe_ids(first).into_iter().find(|id| id.trust_domain == trust_domain)
 }
 
+/// Whether the peer's certificate is within its validity now. A resumed session carries the
+/// certificate its first handshake verified, which may have expired since.
+pub fn peer_certificate_current(conn: &quinn::Connection) -> bool {
+    let Some(certs) = conn.peer_identity().and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok()) else {
+        return false;
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    certs.first().and_then(|c| crate::identity::validity(c)).is_some_and(|(from, to)| from <= now && now < to)
+}
+
 /// A bounded label for why a handshake failed (for metrics and logs), read from the TLS alert
 /// the connection closed with (ours or the peer's), never from error text. rustls sends
 /// `unknown_ca` for an unknown issuer, `decrypt_error` for a bad signature, `certificate_expired`,

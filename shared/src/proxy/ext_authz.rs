@@ -21,6 +21,18 @@ use crate::proxy::mesh::Mesh;
 use crate::proxy::table::Table;
 use crate::telemetry::metrics as m;
 
+/// Reasons of answers the mesh makes when it could not reach the service (not decisions).
+const OUTAGES: &[&str] = &[
+    "no-endpoint",
+    "peer-unreachable",
+    "peer-tls",
+    "connect-timeout",
+    "upstream-unreachable",
+    "timeout",
+    "upstream-reset",
+    "overloaded",
+];
+
 /// The most of a refusal's body passed back to the client.
 const MAX_REFUSAL: usize = 64 * 1024;
 
@@ -36,16 +48,16 @@ pub async fn check(
     let count = |result: &'static str| {
         metrics::counter!(m::EXT_AUTHZ, "route" => route.to_string(), "result" => result).increment(1);
     };
-    // An answer a proxy made (the service's instance unreachable, its node draining, a
-    // timeout on the way) is no decision: the service could not be asked.
+    // An answer a proxy made because the service could not be reached (its instance or node
+    // unreachable, a timeout on the way) is no decision: the service could not be asked. The
+    // mesh's own refusals (an authorization policy, a bad request, a rate limit) stay refusals.
     let asked = ask(mesh, table, auth, parts).await.and_then(|answer| {
-        match answer.headers().get(crate::message::error::ERROR_HEADER) {
-            Some(reason) => Err(ProxyError::UpstreamReset(format!(
-                "{} from the mesh: {}",
-                answer.status(),
-                String::from_utf8_lossy(reason.as_bytes())
-            ))),
-            None => Ok(answer),
+        let reason = answer.headers().get(crate::message::error::ERROR_HEADER).and_then(|v| v.to_str().ok());
+        match reason.map(crate::message::error::known_reason) {
+            Some(r) if OUTAGES.contains(&r) => {
+                Err(ProxyError::UpstreamReset(format!("{} from the mesh: {r}", answer.status())))
+            }
+            _ => Ok(answer),
         }
     });
     let answer = match asked {

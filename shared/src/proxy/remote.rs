@@ -122,6 +122,7 @@ impl Call<'_> {
     /// evicted. Nothing reached the peer when this fails.
     async fn open_stream(&self, head: Request<()>, ep: &EndpointConfig) -> Result<(PeerConn, RequestStream), TryError> {
         let (pc, _) = self.peer(ep).await.map_err(TryError::unsent)?;
+        pc.ready_for(head.method()).await.map_err(TryError::unsent)?;
         let mut sender = pc.h3.clone();
         match sender.send_request(head).await {
             Ok(s) => {
@@ -172,12 +173,30 @@ impl Call<'_> {
             }
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.mesh.pool().evict(&ep.node, &pc.conn).await;
-                return Err(TryError::sent(ProxyError::PeerUnreachable {
+                let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() };
+                // Early data the peer refused was never acted on (and was replay-safe anyway).
+                let unsent = pc.early_refused().await;
+                return Err(TryError { error, unsent });
+            }
+            Ok(Err(e)) => {
+                // The peer refused the early data this went in: it was never acted on.
+                if pc.early.is_some() && pc.early_refused().await {
+                    return Err(TryError::unsent(ProxyError::PeerUnreachable {
+                        peer: ep.node.clone(),
+                        reason: e.to_string(),
+                    }));
+                }
+                return Err(TryError::sent(ProxyError::UpstreamReset(e.to_string())));
+            }
+            // The instance would not act on a request that came before the handshake ended
+            // (RFC 8470): it goes again now that the handshake is over.
+            Ok(Ok(head)) if head.status() == http::StatusCode::TOO_EARLY && pc.early.is_some() => {
+                let refused = pc.early_refused().await;
+                return Err(TryError::unsent(ProxyError::PeerUnreachable {
                     peer: ep.node.clone(),
-                    reason: e.to_string(),
+                    reason: if refused { "0-RTT refused".into() } else { "425 to a request sent in 0-RTT".into() },
                 }));
             }
-            Ok(Err(e)) => return Err(TryError::sent(ProxyError::UpstreamReset(e.to_string()))),
             Ok(Ok(head)) => head,
         };
         let (mut parts, ()) = head.into_parts();

@@ -62,6 +62,8 @@ impl Call<'_> {
         if let Some(source) = self.table.source_service() {
             req.headers_mut().insert(headers::SOURCE, header_value(source)?);
         }
+        // A tunnel carries anything: never in 0-RTT.
+        pc.ready_for(&Method::CONNECT).await.map_err(Some)?;
         let mut sender = pc.h3.clone();
         let mut stream = match sender.send_request(req).await {
             Ok(s) => s,

@@ -61,6 +61,7 @@ pub const QUIC_MTU: &str = "quicmesh_quic_datagram_size_bytes";
 pub const QUIC_LOST_PACKETS: &str = "quicmesh_quic_lost_packets_total";
 pub const QUIC_SENT_PACKETS: &str = "quicmesh_quic_sent_packets_total";
 pub const QUIC_STREAMS: &str = "quicmesh_quic_streams_total";
+pub const QUIC_ZERO_RTT: &str = "quicmesh_quic_zero_rtt_total";
 pub const PEER_UNREACHABLE: &str = "quicmesh_peer_unreachable";
 pub const PEER_PROBES: &str = "quicmesh_peer_probes_total";
 pub const TCP_CLOSED: &str = "quicmesh_tcp_connections_closed_total";
@@ -223,6 +224,10 @@ fn describe() {
     describe_counter!(QUIC_LOST_PACKETS, "QUIC packets declared lost, by direction and peer.");
     describe_counter!(QUIC_SENT_PACKETS, "QUIC packets sent, by direction and peer.");
     describe_counter!(QUIC_STREAMS, "HTTP/3 request streams opened, by direction and peer.");
+    describe_counter!(
+        QUIC_ZERO_RTT,
+        "Peer connections that carried 0-RTT data, by direction and result: accepted (the early requests stood) or rejected (the node dialled again)."
+    );
     describe_counter!(TCP_CLOSED, "Opaque TCP tunnels closed, by direction and service.");
     describe_gauge!(CONTROL_NODE_VERSION, "(gateway) Snapshot version each node last acknowledged.");
     describe_gauge!(CONTROL_CERT_EXPIRY, "(gateway) Expiry of the certificate last issued to each node, Unix seconds.");

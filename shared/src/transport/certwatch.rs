@@ -10,7 +10,6 @@ use tracing::{info, warn};
 
 use crate::config::watch::FileWatch;
 use crate::config::{TlsPaths, TransportConfig};
-use crate::identity::tls::ClientAuth;
 use crate::identity::{self, Ca, Credentials};
 use crate::telemetry::metrics as m;
 
@@ -29,7 +28,8 @@ pub struct Watch {
     pub paths: TlsPaths,
     pub name: String,
     pub transport: TransportConfig,
-    pub auth: ClientAuth,
+    /// How the endpoint accepts peers (its server side is renewed with the certificate).
+    pub serve: crate::transport::Serve,
     /// The gateway sends the CA along with its certificate (joining nodes pin it).
     pub send_ca: bool,
     /// The gateway's CA, to renew its own certificate with.
@@ -110,9 +110,14 @@ impl Watch {
         if self.send_ca {
             creds.chain.extend(creds.roots.iter().cloned());
         }
-        let client =
-            crate::transport::reconfigure(&self.endpoint, &creds, &self.trust_domain, &self.transport, Some(self.auth))
-                .map_err(|e| e.to_string())?;
+        let client = crate::transport::reconfigure(
+            &self.endpoint,
+            &creds,
+            &self.trust_domain,
+            &self.transport,
+            Some(self.serve.clone()),
+        )
+        .map_err(|e| e.to_string())?;
         (self.install)(client);
         Ok(until)
     }

@@ -19,6 +19,7 @@ use quinn::{EndpointConfig, IdleTimeout, VarInt};
 use ring::hmac;
 
 use crate::config::{Congestion, TransportConfig};
+use crate::identity::sessions::SessionStore;
 use crate::identity::tls::{self, TlsError};
 use crate::identity::Credentials;
 
@@ -162,14 +163,32 @@ fn capped(wanted: usize, reported: usize) -> bool {
     usable(reported) < wanted
 }
 
+/// How a mesh endpoint accepts peers: who may connect, and where the TLS sessions it issues
+/// are kept (with a store, peers resume them and send idempotent requests in 0-RTT, also after
+/// this process restarts; without, sessions live in memory and 0-RTT is off).
+#[derive(Debug, Clone)]
+pub struct Serve {
+    pub auth: tls::ClientAuth,
+    pub sessions: Option<Arc<SessionStore>>,
+}
+
+impl From<tls::ClientAuth> for Serve {
+    fn from(auth: tls::ClientAuth) -> Self {
+        Serve { auth, sessions: None }
+    }
+}
+
 /// The client side of mesh connections with these credentials.
 pub fn client_config(
     creds: &Credentials,
     trust_domain: &str,
     cfg: &TransportConfig,
 ) -> Result<quinn::ClientConfig, TransportError> {
-    let crypto = QuicClientConfig::try_from(tls::mesh_client(creds, trust_domain)?)
-        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut tls = tls::mesh_client(creds, trust_domain)?;
+    // Early data goes out only where a dial asks for it (the peer pool, for idempotent
+    // requests) and a peer's session allows it.
+    tls.enable_early_data = cfg.zero_rtt;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(transport_config(cfg)?));
     Ok(client)
@@ -178,11 +197,16 @@ pub fn client_config(
 /// The server side of a mesh endpoint, with its queue of undecided attempts bounded.
 fn server_config(
     creds: &Credentials,
-    auth: tls::ClientAuth,
+    serve: &Serve,
     cfg: &TransportConfig,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    let crypto =
-        QuicServerConfig::try_from(tls::mesh_server(creds, auth)?).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut tls = tls::mesh_server(creds, serve.auth)?;
+    if let Some(store) = serve.sessions.as_ref().filter(|_| cfg.zero_rtt) {
+        // rustls takes early data only with sessions kept server-side (QUIC: all or nothing).
+        tls.session_storage = store.clone();
+        tls.max_early_data_size = u32::MAX;
+    }
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // quinn makes room for every stream a peer may open when the connection is created:
     // thousands of entries, hundreds of KB, for a sender of Initials nobody has checked yet.
@@ -211,10 +235,13 @@ pub fn reconfigure(
     creds: &Credentials,
     trust_domain: &str,
     cfg: &TransportConfig,
-    serve: Option<tls::ClientAuth>,
+    serve: Option<Serve>,
 ) -> Result<quinn::ClientConfig, TransportError> {
-    if let Some(auth) = serve {
-        endpoint.set_server_config(Some(server_config(creds, auth, cfg)?));
+    if let Some(serve) = serve {
+        if let Some(store) = &serve.sessions {
+            store.set_roots(&creds.roots);
+        }
+        endpoint.set_server_config(Some(server_config(creds, &serve, cfg)?));
     }
     client_config(creds, trust_domain, cfg)
 }
@@ -241,9 +268,9 @@ pub fn mesh_endpoint(
     creds: &Credentials,
     trust_domain: &str,
     cfg: &TransportConfig,
-    serve: Option<tls::ClientAuth>,
+    serve: Option<Serve>,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let server = serve.map(|auth| server_config(creds, auth, cfg)).transpose()?;
+    let server = serve.map(|serve| server_config(creds, &serve, cfg)).transpose()?;
     let endpoint_cfg = endpoint_config(creds, cfg)?;
     let socket = udp_socket(bind, cfg.socket_buffer)?;
     let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })?;

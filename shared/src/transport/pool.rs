@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::Method;
 use quinn::ClientConfig;
-use tokio::sync::{oneshot, Mutex as AsyncMutex};
+use tokio::sync::{oneshot, watch, Mutex as AsyncMutex};
 use tracing::{debug, info, warn};
 
 use crate::identity::tls;
@@ -33,9 +34,47 @@ pub struct PeerConn {
     pub h3: SendRequest,
     /// Request streams opened to the peer (`quicmesh_quic_streams_total`), registered once.
     pub streams: metrics::Counter,
+    /// For a connection that went out in 0-RTT: `None` until its handshake ends, then whether
+    /// the peer took the early data. `None` here: an ordinary handshake, complete.
+    pub early: Option<watch::Receiver<Option<bool>>>,
 }
 
 impl PeerConn {
+    /// Waits until a request of `method` may go on this connection: at once, unless it went out
+    /// in 0-RTT and its handshake has not ended. There only GET, HEAD and OPTIONS go early (a
+    /// replayed first flight must not repeat anything else); the rest wait for the handshake.
+    /// A peer that refused the early data closed that connection: nothing was sent, and the
+    /// next try dials again.
+    pub async fn ready_for(&self, method: &Method) -> Result<(), ProxyError> {
+        let Some(early) = &self.early else { return Ok(()) };
+        let mut early = early.clone();
+        let refused = || ProxyError::PeerUnreachable {
+            peer: self.conn.remote_address().to_string(),
+            reason: "the peer refused this connection's 0-RTT data; dialling again".into(),
+        };
+        match *early.borrow() {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(refused()),
+            None if replay_safe(method) => return Ok(()),
+            None => {}
+        }
+        match early.wait_for(Option::is_some).await.map(|v| *v) {
+            Ok(Some(true)) => Ok(()),
+            _ => Err(refused()),
+        }
+    }
+
+    /// Whether this connection went out in 0-RTT and was then given up (the peer refused its
+    /// early data, or the handshake never ended): what was sent on it was only replay-safe
+    /// requests, which may go again.
+    /// Waits for the handshake's outcome if it is not known yet: a stream that failed on such a
+    /// connection learns it within moments (the failure came from it).
+    pub async fn early_refused(&self) -> bool {
+        let Some(early) = &self.early else { return false };
+        let mut early = early.clone();
+        let outcome = early.wait_for(Option::is_some).await.map(|v| *v);
+        !matches!(outcome, Ok(Some(true)))
+    }
     /// Keeps this connection open while held. h3 closes a connection when the last of its
     /// request handles goes, and the pool lets go of its own when a peer says GOAWAY: a stream
     /// whose response (or tunnel) is still streaming holds one, so a drain never cuts it.
@@ -101,6 +140,9 @@ struct Dialer {
     connect_timeout: Duration,
     /// Peers now marked unreachable (so the balancer's check costs nothing when there are none).
     down: AtomicUsize,
+    /// Peers that refused our last 0-RTT data (they lost the sessions): dialled with a full
+    /// handshake until one succeeds, rather than spending each held ticket on a refusal.
+    no_early: Mutex<std::collections::HashSet<String>>,
 }
 
 pub struct PeerPool {
@@ -116,6 +158,7 @@ impl PeerPool {
             trust_domain: trust_domain.into(),
             connect_timeout,
             down: AtomicUsize::new(0),
+            no_early: Mutex::default(),
         };
         Self { dialer: Arc::new(dialer), peers: Mutex::new(HashMap::new()) }
     }
@@ -211,9 +254,10 @@ impl PeerPool {
         // waiting (its try's deadline passed) leaves it running, so its outcome still reaches
         // the requests queued behind it (a connection, or the peer marked unreachable) and a
         // handshake is never started twice.
+        let early_ok = peer.down.lock().unwrap_or_else(|e| e.into_inner()).is_none();
         let (dialer, peer_name, (tx, rx)) = (self.dialer.clone(), name.to_string(), oneshot::channel());
         tokio::spawn(async move {
-            let attempt = tokio::time::timeout_at(deadline, dialer.connect(&peer_name, addr)).await;
+            let attempt = tokio::time::timeout_at(deadline, dialer.connect(&peer_name, addr, early_ok)).await;
             let result = attempt.unwrap_or_else(|_| Err(dialer.handshake_timed_out(&peer_name, addr)));
             match &result {
                 Ok(pc) => {
@@ -360,7 +404,7 @@ impl Dialer {
             let result = if live {
                 Ok(())
             } else {
-                match tokio::time::timeout(self.connect_timeout, Box::pin(self.connect(&name, addr))).await {
+                match tokio::time::timeout(self.connect_timeout, Box::pin(self.connect(&name, addr, false))).await {
                     Ok(Ok(pc)) => {
                         self.watch_silence(&name, &peer, pc.conn.clone());
                         *guard = Some(pc);
@@ -391,14 +435,38 @@ impl Dialer {
         }
     }
 
-    async fn connect(&self, peer: &str, addr: SocketAddr) -> Result<PeerConn, ProxyError> {
+    /// Dials `peer`; `early_ok`: in 0-RTT when a session allows it (never for a peer marked
+    /// unreachable: a dial that sends nothing before the handshake ends would prove nothing).
+    async fn connect(self: &Arc<Self>, peer: &str, addr: SocketAddr, early_ok: bool) -> Result<PeerConn, ProxyError> {
         let unreachable = |reason: String| ProxyError::PeerUnreachable { peer: peer.into(), reason };
         let connecting = match self.client.load_full() {
             Some(client) => self.endpoint.connect_with(ClientConfig::clone(&client), addr, peer),
             None => self.endpoint.connect(addr, peer),
         }
         .map_err(|e| unreachable(e.to_string()))?;
-        let conn = match connecting.await {
+        // With a session of this peer's that allows it, the connection is usable at once (0-RTT):
+        // requests ride the first packet, and [`PeerConn::ready_for`] holds back those that
+        // must not be replayed until the handshake ends.
+        let no_early = || self.no_early.lock().unwrap_or_else(|e| e.into_inner()).contains(peer);
+        let (conn, accepted) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) if early_ok && !no_early() => (Ok(conn), Some(accepted)),
+            Ok((conn, accepted)) => {
+                // Nothing goes early: the handshake is awaited as for a full one.
+                let ok = accepted.await;
+                match conn.close_reason() {
+                    Some(e) => (Err(e), None),
+                    None => {
+                        debug!(peer, early_data_taken = ok, "connection to peer completed without 0-RTT");
+                        (Ok(conn), None)
+                    }
+                }
+            }
+            Err(connecting) => (connecting.await, None),
+        };
+        if accepted.is_none() && conn.is_ok() {
+            self.no_early.lock().unwrap_or_else(|e| e.into_inner()).remove(peer);
+        }
+        let conn = match conn {
             Ok(c) => c,
             Err(e) => {
                 let reason = tls::handshake_failure_reason(&e);
@@ -411,13 +479,53 @@ impl Dialer {
                 });
             }
         };
-        if tls::peer_identity(&conn, &self.trust_domain).and_then(|id| id.node_name().map(str::to_owned)).as_deref()
-            != Some(peer)
-        {
-            // The verifier already pinned the identity; this guards against a misconfigured verifier.
-            conn.close(1u32.into(), b"identity mismatch");
-            return Err(ProxyError::PeerTls { peer: peer.into(), reason: "identity mismatch".into() });
-        }
+        let early = match accepted {
+            None => {
+                if !identity_is(&conn, &self.trust_domain, peer) {
+                    // The verifier already pinned the identity; this guards against a misconfigured verifier.
+                    conn.close(1u32.into(), b"identity mismatch");
+                    return Err(ProxyError::PeerTls { peer: peer.into(), reason: "identity mismatch".into() });
+                }
+                None
+            }
+            Some(accepted) => {
+                // The session was this peer's (its name keys the session cache); the identity
+                // is checked again once the handshake has proved it.
+                let (tx, rx) = watch::channel(None);
+                let (conn, td, peer) = (conn.clone(), self.trust_domain.clone(), peer.to_string());
+                let dialer = self.clone();
+                tokio::spawn(async move {
+                    let took = accepted.await;
+                    let lost = conn.close_reason();
+                    let ok = took && lost.is_none() && identity_is(&conn, &td, &peer);
+                    let result = if ok { "accepted" } else { "rejected" };
+                    metrics::counter!(m::QUIC_ZERO_RTT, "direction" => "outbound", "result" => result).increment(1);
+                    if !ok {
+                        dialer.no_early.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.clone());
+                    }
+                    match &lost {
+                        // The handshake failed (the peer is gone, or refused us): said as any
+                        // failed handshake is, and the close's own reason is kept, so that the
+                        // pool marks a silent peer unreachable.
+                        Some(e) => {
+                            let reason = tls::handshake_failure_reason(e);
+                            metrics::counter!(m::QUIC_HANDSHAKE_FAILURES, "direction" => "outbound", "reason" => reason)
+                                .increment(1);
+                            warn!(peer, reason, error = %e, "QUIC handshake with peer failed (0-RTT)");
+                        }
+                        // Closed before the waiters are told, so that none of them takes this
+                        // connection for its retry.
+                        None if !ok => {
+                            debug!(peer, "the peer refused our 0-RTT data; dialling it again without");
+                            conn.close(0u32.into(), b"0-RTT refused");
+                        }
+                        None => {}
+                    }
+                    let _ = tx.send(Some(ok));
+                });
+                Some(rx)
+            }
+        };
         let (mut driver, h3) = h3::client::builder()
             .send_grease(false)
             .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
@@ -435,8 +543,18 @@ impl Dialer {
             debug!(peer = peer_label, error = %err, "QUIC connection to peer closed");
         });
         let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "outbound", "peer" => peer.to_string());
-        Ok(PeerConn { conn, h3, streams })
+        Ok(PeerConn { conn, h3, streams, early })
     }
+}
+
+/// Whether `conn`'s peer presented the certificate of node `peer`.
+fn identity_is(conn: &quinn::Connection, trust_domain: &str, peer: &str) -> bool {
+    tls::peer_identity(conn, trust_domain).and_then(|id| id.node_name().map(str::to_owned)).as_deref() == Some(peer)
+}
+
+/// Methods whose requests may be replayed without harm (RFC 9110 safe methods).
+pub fn replay_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
 /// How often a connection's path statistics are exported.
