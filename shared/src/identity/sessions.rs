@@ -10,8 +10,8 @@
 //!
 //! Writes happen on a thread of their own, which folds a burst of changes into one write: a
 //! handshake never waits for the whole file. The one exception is a session taken for 0-RTT:
-//! its key is appended to `<name>.taken` (and synced) before the handshake goes on, so that a
-//! crash before the next write cannot bring it back for a replayed first flight.
+//! its key is appended to `<name>.taken` before the handshake goes on, so that a crash of the
+//! process before the next write cannot bring it back for a replayed first flight.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
@@ -269,14 +269,14 @@ fn decode(bytes: &[u8], roots: &[u8; 32], now: u64) -> Option<Vec<(Vec<u8>, u64,
     Some(out)
 }
 
-/// Writes `bytes` to `path` readable by the owner only, replacing it whole (a crash leaves the
-/// old file or the new one).
+/// Writes `bytes` to `path` readable by the owner only, replacing it whole (a crash of the
+/// process leaves the old file or the new one; no fsync: losing sessions to a host crash only
+/// costs a full handshake).
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = private(&tmp, false)?;
     f.write_all(bytes)?;
-    f.sync_data()?;
     std::fs::rename(&tmp, path)
 }
 
@@ -289,14 +289,15 @@ fn private(path: &Path, append: bool) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
-/// Records `key` as used, durably, before the session it names is resumed.
+/// Records `key` as used before the session it names is resumed: one append, in the kernel's
+/// hands once written, so it outlives a crash of the process (not of the host: an fsync here
+/// cost milliseconds on every 0-RTT handshake, more than the round trip it saves).
 fn append_taken(path: &Path, key: &[u8]) -> std::io::Result<()> {
     let mut f = private(path, true)?;
     let mut rec = Vec::with_capacity(key.len() + 1);
     rec.push(key.len() as u8);
     rec.extend_from_slice(key);
-    f.write_all(&rec)?;
-    f.sync_data()
+    f.write_all(&rec)
 }
 
 /// The keys recorded in a taken-sessions log (a torn last record is dropped).
