@@ -144,7 +144,7 @@ fn endpoint(dir: &Path, name: &str, auth: Option<ClientAuth>) -> quinn::Endpoint
 
 /// The back half: an h3 server handing requests to a pooled client for `backend`.
 fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
-    let quic = endpoint(dir, "bare-b", Some(ClientAuth::Required.into()));
+    let quic = endpoint(dir, "bare-b", Some(ClientAuth::Required));
     let addr = quic.local_addr().unwrap();
     tokio::spawn(async move {
         let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -199,7 +199,7 @@ pub fn endpoints(pki: &Pki, client: (&Lane, &str), server: (&Lane, &str)) -> (qu
         let _on = lane.handle.enter();
         endpoint(&dir, name, auth)
     };
-    (on(client, None), on(server, Some(ClientAuth::Required.into())))
+    (on(client, None), on(server, Some(ClientAuth::Required)))
 }
 
 type H3Send = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;

@@ -241,17 +241,19 @@ fn encode(inner: &Inner) -> Vec<u8> {
     out
 }
 
+/// One stored session: key, when it was stored (Unix seconds), value.
+type Stored = (Vec<u8>, u64, Vec<u8>);
+
 /// The unexpired sessions of a file made under `roots`, oldest first; `None` for a file of
 /// other roots or one that is not ours. A torn tail loses only what it tore.
-fn decode(bytes: &[u8], roots: &[u8; 32], now: u64) -> Option<Vec<(Vec<u8>, u64, Vec<u8>)>> {
+fn decode(bytes: &[u8], roots: &[u8; 32], now: u64) -> Option<Vec<Stored>> {
     let rest = bytes.strip_prefix(MAGIC.as_slice())?;
     let (digest, mut rest) = (rest.get(..32)?, rest.get(32..)?);
     if digest != roots {
         return None;
     }
     let mut out = Vec::new();
-    loop {
-        let Some((at, r)) = rest.split_first_chunk::<8>() else { break };
+    while let Some((at, r)) = rest.split_first_chunk::<8>() {
         let Some((&klen, r)) = r.split_first() else { break };
         let Some((key, r)) = r.split_at_checked(usize::from(klen)) else { break };
         let Some((vlen, r)) = r.split_first_chunk::<4>() else { break };
