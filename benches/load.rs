@@ -25,8 +25,15 @@
 //!   BENCH_PATHS="HTTP/3,Caddy" runs only direct and the paths whose names contain these;
 //! - open loop: BENCH_RATES (`1000,5000`), BENCH_OPEN_ROUNDS (12) of BENCH_OPEN_SECS (1),
 //!   BENCH_OPEN_CONNS (64); BENCH_OPEN_PATHS="mesh,bare" likewise; BENCH_ONLY=open runs it alone;
-//! - BENCH_GATEWAY_WORKERS sets `gateway.workers` (0: a thread per core). HTTP/3 ingress
-//!   also runs through a second gateway with `gateway.workers = 1`.
+//! - BENCH_GATEWAY_WORKERS sets `gateway.workers` (0: a thread per core). Ingress also runs
+//!   through a second gateway with `gateway.workers = 1`.
+//! - Edge peers, each with as many threads as the gateway row it is compared with: Caddy for
+//!   HTTP/3 (Go's default, a thread per core, against the default gateway; `GOMAXPROCS=1`
+//!   against the one-thread gateway; it proxies to the backend in plain HTTP, as in earlier
+//!   rounds), nginx terminating TLS 1.3 for HTTP/1.1 and HTTP/2 (a worker process per gateway
+//!   thread, and one) and proxying over TLS 1.3 to a second nginx in front of the backend, as
+//!   the gateway goes on over mutual-TLS QUIC to node-b. Compared per CPU-second of the edge
+//!   process alone (nginx: its master and workers).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -197,15 +204,31 @@ struct Path {
     how: How,
     /// Proxy processes the requests go through (their CPU is the path's cost).
     procs: Vec<u32>,
-    /// The edge process, for requests per CPU-second at the ingress.
-    ingress: Option<u32>,
+    /// The edge processes (for nginx, master and workers), for requests per CPU-second at
+    /// the ingress; empty on the other paths.
+    ingress: Vec<u32>,
+    /// For a gateway path: the name of the peer edge it is compared with (same protocol, same
+    /// thread count).
+    peer: Option<&'static str>,
 }
 
 impl Path {
-    fn new(name: &'static str, how: How, procs: Vec<u32>, ingress: Option<u32>) -> Self {
-        Path { name, how, procs, ingress }
+    fn new(name: &'static str, how: How, procs: Vec<u32>, ingress: Vec<u32>) -> Self {
+        Path { name, how, procs, ingress, peer: None }
+    }
+
+    fn against(mut self, peer: &'static str) -> Self {
+        self.peer = Some(peer);
+        self
     }
 }
+
+const CADDY: &str = "Caddy HTTP/3 -> backend";
+const CADDY_1: &str = "Caddy (1 thread) HTTP/3 -> backend";
+const NGINX_EDGE_H1: &str = "nginx edge HTTP/1.1+TLS -> TLS -> nginx -> backend";
+const NGINX_EDGE_H2: &str = "nginx edge HTTP/2 -> TLS -> nginx -> backend";
+const NGINX_EDGE_1_H1: &str = "nginx edge (1 worker) HTTP/1.1+TLS -> TLS -> nginx -> backend";
+const NGINX_EDGE_1_H2: &str = "nginx edge (1 worker) HTTP/2 -> TLS -> nginx -> backend";
 
 /// Closed loop over TLS or QUIC to the gateway: `workers` requests in flight.
 async fn load_edge(kind: Client, port: u16, workers: usize, secs: u64) -> Stats {
@@ -464,7 +487,13 @@ fn main() {
                 b.addrs.inbound
             )
         };
-        let gw = NodeProc::start_gateway(pki.path(), &gw_toml(env_or("BENCH_GATEWAY_WORKERS", 0), "registry.json"));
+        let gw_workers = env_or("BENCH_GATEWAY_WORKERS", 0);
+        let gw = NodeProc::start_gateway(pki.path(), &gw_toml(gw_workers, "registry.json"));
+        // The gateway's threads, for its peers: `gateway.workers`, or one per core at 0.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let gw_threads = if gw_workers == 0 { cores } else { gw_workers };
+        // Caddy runs at Go's default (a thread per core) unless the gateway was given a count.
+        let gw_threads_pinned = (gw_workers != 0).then_some(gw_workers);
         // The same gateway on one thread (`gateway.workers = 1`), for HTTP/3 only.
         let gw1 = NodeProc::start_args("gateway", pki.path(), "gateway-1", &gw_toml(1, "registry-1.json"), &[]);
         let gw1_port = gw1.addrs.listen.port();
@@ -477,7 +506,9 @@ fn main() {
         for kind in [Client::H1Tls, Client::H2Tls, Client::H3] {
             load_edge(kind, gw_port, conns, 1).await;
         }
-        load_edge(Client::H3, gw1_port, conns, 1).await;
+        for kind in [Client::H1Tls, Client::H2Tls, Client::H3] {
+            load_edge(kind, gw1_port, conns, 1).await;
+        }
         let nginx = peers::nginx(pki.path(), backend);
         if let Some(n) = &nginx {
             load(n.front, "hello", conns, 1).await;
@@ -489,28 +520,51 @@ fn main() {
         // Every path of the closed loop: how to load it, the proxy processes on it (none for
         // direct) and, for ingress paths, the process at the edge.
         let mut paths = vec![
-            Path::new("direct client->backend", How::Plain(backend), vec![], None),
-            Path::new("client->node->QUIC->node->backend", How::Plain(a.addrs.outbound), vec![pa, pb], None),
-            Path::new("gateway HTTP/1.1+TLS -> node", How::Edge(Client::H1Tls, gw_port), vec![pg, pb], Some(pg)),
-            Path::new("gateway HTTP/2 -> node", How::Edge(Client::H2Tls, gw_port), vec![pg, pb], Some(pg)),
-            Path::new("gateway HTTP/3 -> node", How::Edge(Client::H3, gw_port), vec![pg, pb], Some(pg)),
-            Path::new("gateway (1 thread) HTTP/3 -> node", How::Edge(Client::H3, gw1_port), vec![pg1, pb], Some(pg1)),
+            Path::new("direct client->backend", How::Plain(backend), vec![], vec![]),
+            Path::new("client->node->QUIC->node->backend", How::Plain(a.addrs.outbound), vec![pa, pb], vec![]),
+            Path::new("gateway HTTP/1.1+TLS -> node", How::Edge(Client::H1Tls, gw_port), vec![pg, pb], vec![pg])
+                .against(NGINX_EDGE_H1),
+            Path::new("gateway HTTP/2 -> node", How::Edge(Client::H2Tls, gw_port), vec![pg, pb], vec![pg])
+                .against(NGINX_EDGE_H2),
+            Path::new("gateway HTTP/3 -> node", How::Edge(Client::H3, gw_port), vec![pg, pb], vec![pg]).against(CADDY),
+            Path::new("gateway (1 thread) HTTP/3 -> node", How::Edge(Client::H3, gw1_port), vec![pg1, pb], vec![pg1])
+                .against(CADDY_1),
+            Path::new("gateway (1 thread) HTTP/1.1+TLS -> node", How::Edge(Client::H1Tls, gw1_port), vec![pg1, pb], vec![pg1])
+                .against(NGINX_EDGE_1_H1),
+            Path::new("gateway (1 thread) HTTP/2 -> node", How::Edge(Client::H2Tls, gw1_port), vec![pg1, pb], vec![pg1])
+                .against(NGINX_EDGE_1_H2),
         ];
         if let Some(n) = &nginx {
             let name = format!("nginx ({} worker each) -> TLS -> nginx -> backend", peers::workers());
-            paths.push(Path::new(Box::leak(name.into_boxed_str()), How::Plain(n.front), n.pids(), None));
+            paths.push(Path::new(Box::leak(name.into_boxed_str()), How::Plain(n.front), n.pids(), vec![]));
         }
         let haproxy = peers::haproxy(pki.path(), backend);
         if let Some(h) = &haproxy {
             load(h.front, "hello", conns, 1).await;
             let name = format!("haproxy ({} thread each) -> TLS -> haproxy -> backend", peers::workers());
-            paths.push(Path::new(Box::leak(name.into_boxed_str()), How::Plain(h.front), h.pids(), None));
+            paths.push(Path::new(Box::leak(name.into_boxed_str()), How::Plain(h.front), h.pids(), vec![]));
         }
-        let caddy = peers::caddy(pki.path(), backend);
-        if let Some(c) = &caddy {
-            load_edge(Client::H3, c.front.port(), conns, 1).await;
-            let pids = c.pids();
-            paths.push(Path::new("Caddy HTTP/3 -> backend", How::Edge(Client::H3, c.front.port()), pids.clone(), pids.first().copied()));
+        // The edge peers, each on as many threads as the gateway row it is compared with: Caddy
+        // at Go's default (a thread per core) and on one thread for HTTP/3, nginx terminating
+        // TLS with a worker per gateway thread for HTTP/1.1 and HTTP/2.
+        let caddy = peers::caddy(pki.path(), "caddy", backend, gw_threads_pinned);
+        let caddy1 = peers::caddy(pki.path(), "caddy-1", backend, Some(1));
+        for (c, name) in [(&caddy, CADDY), (&caddy1, CADDY_1)] {
+            if let Some(c) = c {
+                load_edge(Client::H3, c.front.port(), conns, 1).await;
+                let pids = c.pids();
+                paths.push(Path::new(name, How::Edge(Client::H3, c.front.port()), pids.clone(), pids));
+            }
+        }
+        let nginx_edge = peers::nginx_edge(pki.path(), "nginx-edge", backend, gw_threads);
+        let nginx_edge1 = peers::nginx_edge(pki.path(), "nginx-edge-1", backend, 1);
+        let edges = [(&nginx_edge, NGINX_EDGE_H1, NGINX_EDGE_H2), (&nginx_edge1, NGINX_EDGE_1_H1, NGINX_EDGE_1_H2)];
+        for (n, h1, h2) in edges {
+            let Some(n) = n else { continue };
+            for (kind, name) in [(Client::H1Tls, h1), (Client::H2Tls, h2)] {
+                load_edge(kind, n.front.port(), conns, 1).await;
+                paths.push(Path::new(name, How::Edge(kind, n.front.port()), n.pids(), n.front_pids()));
+            }
         }
         // BENCH_PATHS=a,b keeps direct and the paths whose names contain a or b (for profiling).
         if let Ok(only) = std::env::var("BENCH_PATHS") {
@@ -529,7 +583,7 @@ fn main() {
         for round in 0..closed_rounds {
             for (i, p) in paths.iter().enumerate() {
                 let cpu0 = cpu_of(&p.procs);
-                let edge0 = p.ingress.map(cpu_time);
+                let edge0 = cpu_of(&p.ingress);
                 let s = match p.how {
                     How::Plain(addr) => load(addr, "hello", conns, secs).await,
                     How::Edge(kind, port) => load_edge(kind, port, conns, secs).await,
@@ -537,8 +591,8 @@ fn main() {
                 let used = cpu_of(&p.procs).saturating_sub(cpu0);
                 own_rounds[i].push(used.as_secs_f64() * 1e6 / s.latencies.len().max(1) as f64);
                 cpu[i] += used;
-                if let (Some(pid), Some(t0)) = (p.ingress, edge0) {
-                    ingress_cpu[i] += cpu_time(pid).saturating_sub(t0);
+                if !p.ingress.is_empty() {
+                    ingress_cpu[i] += cpu_of(&p.ingress).saturating_sub(edge0);
                 }
                 eprintln!("round {round} {:36}: {:>9.0} req/s, {} errors", p.name, s.rps(), s.errors);
                 acc[i].latencies.extend(s.latencies);
@@ -588,7 +642,7 @@ fn main() {
             // Requests per CPU-second of the edge process alone.
             let edge = (!ingress_cpu[i].is_zero()).then(|| n / ingress_cpu[i].as_secs_f64());
             if let Some(e) = edge {
-                per_edge_cpu_s.push((p.name, e));
+                per_edge_cpu_s.push((p.name, p.peer, e));
             }
             closed.push(serde_json::json!({
                 "path": p.name, "rps": rps, "p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6,
@@ -600,12 +654,18 @@ fn main() {
             report_against_peers(&paths, &own_rounds, &wrk_rounds, conns, secs);
         }
         if !per_edge_cpu_s.is_empty() {
-            let caddy_rate = per_edge_cpu_s.iter().find(|(n, _)| n.starts_with("Caddy")).map(|(_, r)| *r);
-            println!("\n| ingress | requests per CPU-second of the edge process | vs Caddy HTTP/3 |");
-            println!("|---|---|---|");
-            for (name, r) in &per_edge_cpu_s {
-                let vs = caddy_rate.map_or("-".to_string(), |c| format!("{:.2}", r / c));
-                println!("| {name} | {r:.0} | {vs} |");
+            // Each gateway row against its peer: same protocol, as many threads.
+            let rate_of = |name: &str| per_edge_cpu_s.iter().find(|(n, _, _)| *n == name).map(|(_, _, r)| *r);
+            println!(
+                "\n| ingress | requests per CPU-second of the edge process | against (same protocol, same threads) | ratio |"
+            );
+            println!("|---|---|---|---|");
+            for (name, peer, r) in &per_edge_cpu_s {
+                let (against, vs) = match peer.and_then(|p| rate_of(p).map(|pr| (p, pr))) {
+                    Some((p, pr)) => (p, format!("{:.2}x", r / pr)),
+                    None => ("-", "-".to_string()),
+                };
+                println!("| {name} | {r:.0} | {against} | {vs} |");
             }
         }
         let rss = (a.peak_rss_kib(), b.peak_rss_kib(), gw.peak_rss_kib());

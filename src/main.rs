@@ -510,7 +510,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg = config::load(&config)?;
             let learn_trust_domain = quicmesh_node::trust_domain_unset(&config);
             let workers = cfg.node.as_ref().map_or(1, |n| n.workers);
-            runtime_with(workers)?.block_on(async {
+            run_proxy(workers, async {
                 // Listened for from here on: a SIGTERM while the node enrolls or starts (a
                 // Kubernetes pod deleted early) stops it, rather than being lost.
                 let mut stop = demo::Shutdown::listen();
@@ -568,7 +568,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 exit_when_stdin_closes();
             }
             let cfg = config::load(&config)?;
-            runtime_with(cfg.gateway.as_ref().map_or(0, |g| g.workers))?.block_on(async {
+            run_proxy(cfg.gateway.as_ref().map_or(0, |g| g.workers), async {
                 quicmesh_shared::telemetry::metrics::recorder();
                 let mut stop = demo::Shutdown::listen();
                 quicmesh_shared::telemetry::metrics::runtime_workers();
@@ -619,22 +619,19 @@ fn exit_when_stdin_closes() {
     });
 }
 
+/// The runtime of the commands and the demo (whose gateway and nodes share one process): a
+/// work-stealing one, a thread per core.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    runtime_with(0)
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
-/// The async runtime for `workers` threads: 1 is a current-thread runtime (no work stealing, no
-/// cross-thread wakeups: about a third less CPU per proxied request than two threads here), 0 one worker per
-/// core.
-fn runtime_with(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    if workers > 1 {
-        builder.worker_threads(workers);
-    }
-    builder.enable_all().build().context("starting the async runtime")
+/// Runs a node or gateway process until `work` ends, on `workers` threads (0: one per core):
+/// as many single-threaded event loops, client connections dealt out among them
+/// (`quicmesh_shared::runtime`); then stops them all, the main one first.
+fn run_proxy(workers: usize, work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let result = quicmesh_shared::runtime::build(workers).context("starting the async runtime")?.block_on(work);
+    quicmesh_shared::runtime::shutdown();
+    result
 }
 
 #[cfg(test)]

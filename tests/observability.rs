@@ -491,9 +491,11 @@ async fn a_prometheus_server_scrapes_the_mesh_and_answers_a_rate_query() {
 }
 
 /// A node runs its proxy on one thread unless `node.workers` asks for more; the gateway takes a
-/// thread per core by default.
+/// thread per core by default. Each thread is a single-threaded event loop, and accepted
+/// connections are dealt out among them: every worker serves its share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_threads_follow_the_workers_settings() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let dir = pki.issue("gateway");
     pki.issue("node-a");
@@ -503,21 +505,37 @@ async fn runtime_threads_follow_the_workers_settings() {
         format!("[[services]]\nname = \"s\"\n[[services.endpoints]]\nnode = \"{n}\"\naddress = \"127.0.0.1:9\"\n")
     };
     let a = NodeProc::start(&dir, "node-a", &node_toml("node-a", &dir, &[], &one("node-a")));
+    let backend = hello_backend("v1").await;
+    let svc =
+        format!("[[services]]\nname = \"s\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n");
     let b = NodeProc::start(
         &dir,
         "node-b",
-        &node_toml("node-b", &dir, &[], &one("node-b")).replace("[node]\n", "[node]\nworkers = 3\n"),
+        &node_toml("node-b", &dir, &[], &svc).replace("[node]\n", "[node]\nworkers = 3\n"),
     );
     let gw = gateway_to_web(&dir);
-    // One thread is the current-thread runtime, not a work-stealing one with a single worker.
-    let workers = |text: String, flavor| metric(&text, "quicmesh_runtime_workers", &[("flavor", flavor)]);
-    assert_eq!(workers(a.metrics().await, "current_thread"), 1.0);
-    assert_eq!(workers(b.metrics().await, "multi_thread"), 3.0);
-    // tokio's default: TOKIO_WORKER_THREADS when set, else one per core.
-    let cores = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let flavor = if cores == 1 { "current_thread" } else { "multi_thread" };
-    assert_eq!(workers(gw.metrics().await, flavor), cores as f64);
+    let workers = |text: &str, flavor| metric(text, "quicmesh_runtime_workers", &[("flavor", flavor)]);
+    assert_eq!(workers(&a.metrics().await, "current_thread"), 1.0);
+    assert_eq!(workers(&b.metrics().await, "current_thread"), 3.0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(workers(&gw.metrics().await, "current_thread"), cores as f64);
+    // Six local connections to node-b: two for each of its workers, in turn, each answered.
+    for i in 0..6 {
+        let mut tcp = tokio::net::TcpStream::connect(b.addrs.outbound).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} to node-b was not answered"))
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "connection {i}: {answer}");
+    }
+    let text = b.metrics().await;
+    for w in ["0", "1", "2"] {
+        let handed = metric(&text, "quicmesh_worker_connections_total", &[("worker", w)]);
+        assert!(handed >= 2.0, "worker {w} was handed {handed} connections:\n{text}");
+    }
+    // With one worker nothing is dealt out.
+    assert!(!a.metrics().await.contains("quicmesh_worker_connections_total"));
 }

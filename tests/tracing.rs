@@ -152,8 +152,9 @@ async fn mesh(endpoint: &str, gateway_sampling: &str) -> Mesh {
     pki.issue("node-a");
     pki.issue("node-b");
     let tracing = |extra: &str| {
+        let interval = if extra.contains("export_interval") { "" } else { "export_interval = \"100ms\"\n" };
         format!(
-            "[tracing]\notlp_endpoint = \"{endpoint}\"\nexport_interval = \"100ms\"\n{extra}\n[tracing.headers]\nx-api-key = \"{SECRET}\"\n"
+            "[tracing]\notlp_endpoint = \"{endpoint}\"\n{interval}{extra}\n[tracing.headers]\nx-api-key = \"{SECRET}\"\n"
         )
     };
     let routes = format!(
@@ -305,6 +306,32 @@ fn receiver_find(r: &mut Receiver, trace: &str, pick: impl Fn(&Value) -> bool) -
         r.seen.push(s);
     }
     r.seen.iter().find(|s| s["trace_id"] == trace && pick(s)).cloned()
+}
+
+/// Spans still queued when a proxy stops are exported by its drain, not lost with the process:
+/// this gateway exports only once an hour, and its span arrives when it is stopped (SIGTERM).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_gateway_exports_the_spans_it_still_holds() {
+    let Some(mut receiver) = Receiver::start() else { return };
+    let mut m = mesh(&receiver.endpoint(), "export_interval = \"1h\"").await;
+    let trace = format!("{:032x}", fastrand::u128(1..));
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    eventually(Duration::from_secs(20), "front to reach back through the mesh", || {
+        let answer = through_edge(&m, Some(&traceparent)).filter(|a| a["back"] == 200);
+        async move { answer }
+    })
+    .await;
+    let gateway_span = |s: &Value| s["resource"]["service.name"] == "quicmesh-gateway";
+    // The nodes' spans come within their 100 ms; the gateway's waits for its hour.
+    receiver.trace(&trace, 3);
+    assert!(receiver_find(&mut receiver, &trace, gateway_span).is_none(), "the gateway exported before it stopped");
+    m.gw.terminate();
+    let span = eventually(Duration::from_secs(10), "the stopped gateway's span", || {
+        let found = receiver_find(&mut receiver, &trace, gateway_span);
+        async move { found }
+    })
+    .await;
+    assert_eq!(span["attributes"]["http.response.status_code"], 200, "{span}");
 }
 
 /// Parent-based sampling: at `sampling = 0` a trace that starts at the gateway is not sampled,

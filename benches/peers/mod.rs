@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 pub struct ProxyPair {
     pub front: SocketAddr,
     procs: Vec<Child>,
-    /// nginx forks workers; their CPU counts too.
-    with_children: bool,
+    /// Worker processes each of `procs` forks (nginx; 0 for the others); their CPU counts too.
+    children: usize,
 }
 
 fn free_port() -> u16 {
@@ -44,7 +44,7 @@ impl ProxyPair {
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(self.front).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", back_port)).is_ok()
-                && (!self.with_children || self.pids().len() >= self.procs.len() * (1 + workers()))
+                && self.pids().len() >= self.procs.len() * (1 + self.children)
             {
                 return Some(self);
             }
@@ -56,10 +56,19 @@ impl ProxyPair {
 
     /// Every process of both proxies (for nginx, masters and their workers).
     pub fn pids(&self) -> Vec<u32> {
+        Self::tree(&self.procs, self.children)
+    }
+
+    /// The processes of the proxy clients talk to (started last), for an edge's own CPU.
+    pub fn front_pids(&self) -> Vec<u32> {
+        Self::tree(&self.procs[self.procs.len() - 1..], self.children)
+    }
+
+    fn tree(procs: &[Child], children: usize) -> Vec<u32> {
         let mut pids = Vec::new();
-        for p in &self.procs {
+        for p in procs {
             pids.push(p.id());
-            if self.with_children {
+            if children > 0 {
                 if let Ok(out) = Command::new("pgrep").args(["-P", &p.id().to_string()]).output() {
                     pids.extend(
                         String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse::<u32>().ok()),
@@ -96,14 +105,17 @@ pub fn workers() -> usize {
 }
 
 fn nginx_conf(dir: &Path, name: &str, server: &str, upstream: &str) -> String {
+    nginx_conf_with(dir, name, workers(), server, upstream)
+}
+
+fn nginx_conf_with(dir: &Path, name: &str, workers: usize, server: &str, upstream: &str) -> String {
     let d = dir.display();
     format!(
-        "worker_processes {};\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err warn;\n\
+        "worker_processes {workers};\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/{name}-cb;\n  proxy_temp_path {d}/{name}-pt;\n\
            fastcgi_temp_path {d}/{name}-ft;\n  uwsgi_temp_path {d}/{name}-ut;\n  scgi_temp_path {d}/{name}-st;\n\
-           upstream next {{ {upstream} keepalive 64; }}\n  {server}\n}}\n",
-        workers()
+           upstream next {{ {upstream} keepalive 64; }}\n  {server}\n}}\n"
     )
 }
 
@@ -154,7 +166,48 @@ pub fn nginx(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
         &format!("server 127.0.0.1:{p2};"),
     );
     let procs = vec![run_nginx(dir, "nginx-back", &back), run_nginx(dir, "nginx-front", &front)];
-    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: true }.ready(p2, "nginx")
+    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, children: workers() }.ready(p2, "nginx")
+}
+
+/// nginx terminating TLS 1.3 at the edge (HTTP/1.1 and HTTP/2 on one port, ALPN), `workers`
+/// worker processes (as many as the gateway has threads), proxying over TLS 1.3 (a keep-alive
+/// pool, sessions reused) to a second nginx that proxies to `backend`: the shape of the gateway's
+/// HTTP/1.1 and HTTP/2 ingress, which goes on over mutual-TLS QUIC to node-b. `front` is the
+/// edge's TLS port; [`ProxyPair::front_pids`] are the edge's processes; `name` names the files.
+pub fn nginx_edge(dir: &Path, name: &str, backend: SocketAddr, workers: usize) -> Option<ProxyPair> {
+    if !installed("nginx", "-v") {
+        return None;
+    }
+    let (cert, key) = self_signed();
+    std::fs::write(dir.join(format!("{name}.pem")), cert).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let d = dir.display();
+    let tls = format!("ssl_certificate {d}/{name}.pem; ssl_certificate_key {d}/{name}.key; ssl_protocols TLSv1.3;");
+    let back = nginx_conf_with(
+        dir,
+        &format!("{name}-back"),
+        workers,
+        &format!(
+            "server {{ listen 127.0.0.1:{p2} ssl; {tls} keepalive_requests 1000000;\n\
+             location / {{ proxy_pass http://next; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        ),
+        &format!("server {backend};"),
+    );
+    let front = nginx_conf_with(
+        dir,
+        name,
+        workers,
+        &format!(
+            "server {{ listen 127.0.0.1:{p1} ssl http2; {tls} keepalive_requests 1000000;\n\
+             http2_max_concurrent_streams 1024;\n\
+             location / {{ proxy_pass https://next; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+             proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.3; }} }}"
+        ),
+        &format!("server 127.0.0.1:{p2};"),
+    );
+    let procs = vec![run_nginx(dir, &format!("{name}-back"), &back), run_nginx(dir, name, &front)];
+    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, children: workers }.ready(p2, "nginx edge")
 }
 
 fn run_haproxy(dir: &Path, name: &str, mode: &str, frontend: &str, server: &str) -> Child {
@@ -198,7 +251,7 @@ fn haproxy_pair(dir: &Path, name: &str, mode: &str, target: SocketAddr) -> Optio
             &format!("server s1 127.0.0.1:{p2} ssl verify none ssl-min-ver TLSv1.3"),
         ),
     ];
-    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, with_children: false }.ready(p2, name)
+    ProxyPair { front: ([127, 0, 0, 1], p1).into(), procs, children: 0 }.ready(p2, name)
 }
 
 /// haproxy 2.x as an HTTP proxy pair, connection reuse toward the second one.
@@ -215,13 +268,14 @@ pub fn haproxy_tunnel(dir: &Path, sink: SocketAddr) -> Option<ProxyPair> {
 
 /// Caddy 2 as an HTTPS ingress (HTTP/1.1, HTTP/2 and HTTP/3 on one port, TCP and UDP) in
 /// front of `backend`, with a self-signed certificate for localhost. One process: `front` is
-/// its TLS/QUIC port.
-pub fn caddy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
+/// its TLS/QUIC port. `threads` sets `GOMAXPROCS` (None: Go's default, a thread per core), so
+/// that it runs on as many threads as the gateway it is compared with; `name` names its files.
+pub fn caddy(dir: &Path, name: &str, backend: SocketAddr, threads: Option<usize>) -> Option<ProxyPair> {
     if !installed("caddy", "version") {
         return None;
     }
     let (cert, key) = self_signed();
-    let (cert_path, key_path) = (dir.join("caddy.pem"), dir.join("caddy.key"));
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
     std::fs::write(&cert_path, cert).unwrap();
     std::fs::write(&key_path, key).unwrap();
     let port = free_udp_and_tcp_port();
@@ -233,28 +287,31 @@ pub fn caddy(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
         cert_path.display(),
         key_path.display()
     );
-    let conf = dir.join("Caddyfile");
+    let conf = dir.join(format!("{name}.Caddyfile"));
     std::fs::write(&conf, text).unwrap();
-    let home = dir.join("caddy-home");
+    let home = dir.join(format!("{name}-home"));
     let _ = std::fs::create_dir_all(&home);
-    let log = std::fs::File::create(dir.join("caddy.log")).unwrap();
-    let child = Command::new("caddy")
-        .args(["run", "--adapter", "caddyfile", "--config"])
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new("caddy");
+    cmd.args(["run", "--adapter", "caddyfile", "--config"])
         .arg(&conf)
         // Caddy keeps its state under these; keep it inside the bench's directory.
         .env("HOME", &home)
         .env("XDG_DATA_HOME", &home)
         .env("XDG_CONFIG_HOME", &home)
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let caddy = ProxyPair { front: ([127, 0, 0, 1], port).into(), procs: vec![child], with_children: false };
+        .stderr(log);
+    if let Some(n) = threads {
+        cmd.env("GOMAXPROCS", n.to_string());
+    }
+    let child = cmd.spawn().unwrap();
+    let caddy = ProxyPair { front: ([127, 0, 0, 1], port).into(), procs: vec![child], children: 0 };
     let caddy = caddy.ready(port, "caddy")?;
     // The UDP (HTTP/3) listener comes up after the TCP one: wait for its line in the log.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let log = std::fs::read_to_string(dir.join("caddy.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         if log.contains("enabling HTTP/3 listener") && log.contains("server running") {
             return Some(caddy);
         }

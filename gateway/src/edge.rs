@@ -64,7 +64,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>, at: Arc<TcpPort>) {
             }
         };
         let (edge, at) = (edge.clone(), at.clone());
-        tokio::spawn(async move {
+        quicmesh_shared::runtime::spawn_tcp(tcp, move |tcp| async move {
             let _admitted = admitted;
             connection(tcp, client, edge, at).await;
         });
@@ -332,9 +332,11 @@ pub async fn serve_tcp(listener: TcpListener, edge: Arc<Edge>, key: u16) {
         };
         drop(table);
         let edge = edge.clone();
-        tokio::spawn(async move {
+        // In flight from the accept on, across the hand-off to a worker.
+        let in_flight = edge.mesh.drain().guard();
+        quicmesh_shared::runtime::spawn_tcp(tcp, move |tcp| async move {
             metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tcp").increment(1);
-            let _in_flight = edge.mesh.drain().guard();
+            let _in_flight = in_flight;
             quicmesh_shared::proxy::tcp::forward(tcp, &service, &edge.mesh, Bytes::new()).await;
         });
     }

@@ -41,7 +41,7 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>, port: Arc<Port>) 
             }
         };
         let (edge, port) = (edge.clone(), port.clone());
-        tokio::spawn(async move {
+        quicmesh_shared::runtime::spawn_connection(async move {
             let client = incoming.remote_address();
             let limit = edge.limits.header_read_timeout;
             let connecting = match incoming.accept() {

@@ -414,6 +414,7 @@ impl Gateway {
         info!(in_flight = drain.in_flight(), deadline = ?self.drain_timeout, "draining");
         drain.advance(quicmesh_shared::proxy::drain::Phase::GoingAway);
         drain.settle(self.drain_timeout).await;
+        quicmesh_shared::telemetry::trace::flush_off_runtime(self.mesh.tracing()).await;
         self.shutdown().await;
     }
 

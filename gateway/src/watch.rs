@@ -41,7 +41,13 @@ pub fn watch(
 async fn reload_on_change<F: Fn() -> Vec<PathBuf>>(mut watch: FileWatch<F>, cp: Arc<ControlPlane>) {
     loop {
         watch.changed().await;
-        match cp.reload_sources() {
+        // Reading, checking and compiling a large config takes a while: off the event loop,
+        // which also reads every worker's QUIC packets.
+        let reload = cp.clone();
+        let reloaded = tokio::task::spawn_blocking(move || reload.reload_sources())
+            .await
+            .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")));
+        match reloaded {
             Ok(()) => {
                 metrics::counter!(m::CONFIG_RELOADS, "result" => "applied").increment(1);
                 info!(version = cp.version(), "config reloaded");

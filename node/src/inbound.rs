@@ -42,7 +42,7 @@ pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
         }
         // No state for an attempt until it is let in (a spoofed flood gets Retries).
         let Some((incoming, slot)) = admission.admit(incoming) else { continue };
-        tokio::spawn(connection(incoming, slot, mesh.clone()));
+        quicmesh_shared::runtime::spawn_connection(connection(incoming, slot, mesh.clone()));
     }
 }
 

@@ -492,6 +492,7 @@ impl Node {
         drain.settle(self.drain_timeout).await;
         self.endpoint.close(0u32.into(), b"node drained");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        quicmesh_shared::telemetry::trace::flush_off_runtime(self.mesh.tracing()).await;
     }
 
     /// Closes all QUIC connections (peers see it at once) and stops serving.

@@ -43,7 +43,7 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
         let mesh = mesh.clone();
         let drain = mesh.drain().clone();
         let open = drain.guard();
-        tokio::spawn(async move {
+        quicmesh_shared::runtime::spawn_tcp(stream, move |stream| async move {
             let _open = open;
             let svc = service_fn(move |req| {
                 let mesh = mesh.clone();

@@ -21,5 +21,6 @@ pub mod identity;
 pub mod message;
 pub mod policy;
 pub mod proxy;
+pub mod runtime;
 pub mod telemetry;
 pub mod transport;

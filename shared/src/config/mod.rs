@@ -221,8 +221,9 @@ pub struct NodeConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub drain_timeout: Duration,
-    /// Threads that run the proxy: 1 (the default) is a single-threaded runtime, the cheapest
-    /// per request; 0 is one per CPU core. Read at start.
+    /// Threads that run the proxy, each a single-threaded event loop (as nginx's worker
+    /// processes) with accepted connections dealt out among them in turn; 0 is one per CPU
+    /// core. 1, the default, leaves a core to the host's applications. Read at start.
     pub workers: usize,
     /// A kept-alive connection to a local instance closes once unused for this long (checked
     /// at this interval, so within about twice it). At most a day. Read at start.

@@ -42,7 +42,9 @@ pub struct Inputs {
 pub struct Mesh {
     local_node: Option<String>,
     trust_domain: String,
-    pool: PeerPool,
+    /// One pool per worker thread ([`crate::runtime`]): a worker's requests use connections
+    /// whose drivers run on that worker.
+    pools: Vec<PeerPool>,
     local: LocalClient,
     drain: Arc<Drain>,
     access_log: Option<Arc<AccessLog>>,
@@ -59,13 +61,15 @@ impl Mesh {
     /// table's config and stay for the life of the process.
     pub fn new(inputs: Inputs, table: Table) -> Self {
         let config = table.config();
-        let pool = PeerPool::new(inputs.endpoint, &config.mesh.trust_domain, config.timeouts.connect);
+        let first = PeerPool::new(inputs.endpoint, &config.mesh.trust_domain, config.timeouts.connect);
+        let mut pools: Vec<PeerPool> = (1..crate::runtime::count()).map(|_| first.sibling()).collect();
+        pools.insert(0, first);
         let idle = config.node.as_ref().map_or(NodeConfig::default().instance_idle, |n| n.instance_idle);
         let local = LocalClient::new(config.timeouts.connect, idle);
         let trust_domain = config.mesh.trust_domain.clone();
         Self {
             trust_domain,
-            pool,
+            pools,
             local,
             drain: Drain::new(),
             access_log: inputs.access_log,
@@ -87,9 +91,14 @@ impl Mesh {
         &self.trust_domain
     }
 
-    /// Pooled QUIC connections to peer members.
+    /// Pooled QUIC connections to peer members, this worker's.
     pub fn pool(&self) -> &PeerPool {
-        &self.pool
+        &self.pools[crate::runtime::index().min(self.pools.len() - 1)]
+    }
+
+    /// Every worker's pool (for what applies to all: new credentials, revocations).
+    pub fn pools(&self) -> &[PeerPool] {
+        &self.pools
     }
 
     /// The client for instances on this host.
@@ -175,7 +184,7 @@ impl Mesh {
         if let Some(nodes) = doc.get_mut("nodes").and_then(|n| n.as_array_mut()) {
             for node in nodes {
                 let Some(name) = node.get("name").and_then(|n| n.as_str()).map(str::to_owned) else { continue };
-                let down = self.pool.unreachable(&name);
+                let down = self.pool().unreachable(&name);
                 node["reachable"] = down.is_none().into();
                 if let Some(down) = down {
                     node["unreachable"] = serde_json::to_value(down).unwrap_or_default();
@@ -202,7 +211,9 @@ impl Mesh {
         drop(old);
         // Revoked members lose their pooled connections at once.
         for name in &table.config().revoked {
-            self.pool.close_peer(name, b"revoked");
+            for pool in &self.pools {
+                pool.close_peer(name, b"revoked");
+            }
         }
         let version = table.version();
         self.table.store(Arc::new(table));

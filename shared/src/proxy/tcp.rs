@@ -102,7 +102,7 @@ pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
     while let Some((tcp, _)) = mesh.drain().accept(&listener, "TCP forward").await {
         let mesh = mesh.clone();
         let service = service.clone();
-        tokio::spawn(async move {
+        crate::runtime::spawn_tcp(tcp, move |tcp| async move {
             forward(tcp, &service, &mesh, Bytes::new()).await;
         });
     }

@@ -28,6 +28,7 @@ pub const ACME_FAILURES: &str = "quicmesh_acme_failures_total";
 pub const ACME_EXPIRY: &str = "quicmesh_acme_certificate_expiry_timestamp_seconds";
 pub const BUILD_INFO: &str = "quicmesh_build_info";
 pub const RUNTIME_WORKERS: &str = "quicmesh_runtime_workers";
+pub const WORKER_CONNECTIONS: &str = "quicmesh_worker_connections_total";
 pub const CONTROL_VERSION: &str = "quicmesh_control_snapshot_version";
 pub const CONTROL_NODES: &str = "quicmesh_control_connected_nodes";
 pub const CONTROL_NACKS: &str = "quicmesh_control_snapshots_rejected_total";
@@ -116,14 +117,15 @@ pub fn recorder() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Publishes how many threads the current async runtime runs on.
+/// Publishes how many threads run the process's requests: its single-threaded workers
+/// ([`crate::runtime`]), or the threads of a work-stealing runtime.
 pub fn runtime_workers() {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        let flavor = match rt.runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
-            _ => "multi_thread",
+        let (flavor, n) = match rt.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => ("current_thread", crate::runtime::count()),
+            _ => ("multi_thread", rt.metrics().num_workers()),
         };
-        metrics::gauge!(RUNTIME_WORKERS, "flavor" => flavor).set(rt.metrics().num_workers() as f64);
+        metrics::gauge!(RUNTIME_WORKERS, "flavor" => flavor).set(n as f64);
     }
 }
 
@@ -173,7 +175,11 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(
         RUNTIME_WORKERS,
-        "Threads of the async runtime that runs the proxy (node.workers, gateway.workers)."
+        "Threads that run the proxy, each its own event loop (node.workers, gateway.workers)."
+    );
+    describe_counter!(
+        WORKER_CONNECTIONS,
+        "Accepted connections (clients', local apps', peers') handed to each worker thread, by worker."
     );
     describe_gauge!(CONTROL_VERSION, "Version of the snapshot this component runs (gateway: publishes).");
     describe_gauge!(CONTROL_NODES, "Nodes with a live control stream to the gateway.");

@@ -184,6 +184,14 @@ impl Tracing {
     }
 }
 
+/// Exports the spans still queued, at the end of a drain: from a blocking thread, so that the
+/// exporter's requests (spawned on this runtime) run meanwhile, even on a single-threaded one.
+pub async fn flush_off_runtime(tracing: Option<&Arc<Tracing>>) {
+    if let Some(t) = tracing.cloned() {
+        let _ = tokio::task::spawn_blocking(move || t.flush()).await;
+    }
+}
+
 impl Drop for Tracing {
     fn drop(&mut self) {
         let _ = self.processor.shutdown_with_timeout(Duration::from_secs(2));

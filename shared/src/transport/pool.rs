@@ -89,11 +89,12 @@ pub struct Hold {
 }
 
 /// What the pool knows of one peer: its pooled connection, and whether it is unreachable.
-#[derive(Default)]
 struct Peer {
     /// Held while a dial is under way, by the dial's own task (see [`PeerPool::get`]).
     conn: Arc<AsyncMutex<Option<PeerConn>>>,
-    down: Mutex<Option<Down>>,
+    /// Shared by every worker's pool ([`PeerPool::sibling`]): a peer one worker found
+    /// unreachable is skipped by all, and probed once.
+    down: Arc<Mutex<Option<Down>>>,
 }
 
 /// A peer whose last handshake failed: requests skip it until the background probe reaches it.
@@ -143,6 +144,8 @@ struct Dialer {
     /// Peers that refused our last 0-RTT data (they lost the sessions): dialled with a full
     /// handshake until one succeeds, rather than spending each held ticket on a refusal.
     no_early: Mutex<std::collections::HashSet<String>>,
+    /// Each peer's unreachable mark, by name, for every pool that shares this dialer.
+    marks: Mutex<HashMap<String, Arc<Mutex<Option<Down>>>>>,
 }
 
 pub struct PeerPool {
@@ -159,22 +162,37 @@ impl PeerPool {
             connect_timeout,
             down: AtomicUsize::new(0),
             no_early: Mutex::default(),
+            marks: Mutex::default(),
         };
         Self { dialer: Arc::new(dialer), peers: Mutex::new(HashMap::new()) }
+    }
+
+    /// A pool of its own connections that shares this one's endpoint, credentials and what it
+    /// knows of peers (unreachable marks and their probes, refused 0-RTT): another worker's.
+    pub fn sibling(&self) -> Self {
+        Self { dialer: self.dialer.clone(), peers: Mutex::new(HashMap::new()) }
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.dialer.endpoint
     }
 
-    /// New connections use `client` (renewed credentials); pooled ones are kept.
+    /// New connections use `client` (renewed credentials), in this pool and its siblings;
+    /// pooled ones are kept.
     pub fn set_client_config(&self, client: quinn::ClientConfig) {
         self.dialer.client.store(Some(Arc::new(client)));
     }
 
     fn peer(&self, name: &str) -> Arc<Peer> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.entry(name.to_string()).or_default().clone()
+        if let Some(p) = peers.get(name) {
+            return p.clone();
+        }
+        let down =
+            self.dialer.marks.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default().clone();
+        let peer = Arc::new(Peer { conn: Arc::default(), down });
+        peers.insert(name.to_string(), peer.clone());
+        peer
     }
 
     fn known(&self, name: &str) -> Option<Arc<Peer>> {
@@ -195,8 +213,8 @@ impl PeerPool {
 
     /// Why `peer` is marked unreachable, if it is.
     pub fn unreachable(&self, peer: &str) -> Option<Unreachable> {
-        let p = self.known(peer)?;
-        let down = p.down.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let mark = self.dialer.marks.lock().unwrap_or_else(|e| e.into_inner()).get(peer).cloned()?;
+        let down = mark.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
         let now = Instant::now();
         Some(Unreachable {
             address: down.addr,
