@@ -16,14 +16,18 @@ use tokio::time::{Instant, Sleep};
 pub struct IdleTimeout<T> {
     inner: T,
     timeout: Duration,
+    /// Fires at the earliest moment the connection may be idle; moved on to `last + timeout`
+    /// only then (moving it at every read and write cost a timer update each).
     timer: Pin<Box<Sleep>>,
+    /// When bytes last moved.
+    last: Instant,
     /// The end of the connection's life, whatever it carries.
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> IdleTimeout<T> {
     pub fn new(inner: T, timeout: Duration) -> Self {
-        Self { inner, timeout, timer: Box::pin(tokio::time::sleep(timeout)), deadline: None }
+        Self { inner, timeout, timer: Box::pin(tokio::time::sleep(timeout)), last: Instant::now(), deadline: None }
     }
 
     /// Also fails `lifetime` from now, busy or not.
@@ -33,7 +37,7 @@ impl<T> IdleTimeout<T> {
     }
 
     fn touch(&mut self) {
-        self.timer.as_mut().reset(Instant::now() + self.timeout);
+        self.last = Instant::now();
     }
 
     /// Errors when a timer ran out; otherwise registers for their wake-ups.
@@ -43,9 +47,18 @@ impl<T> IdleTimeout<T> {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "connection lifetime reached"));
             }
         }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle")),
-            Poll::Pending => Ok(()),
+        loop {
+            match self.timer.as_mut().poll(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(()) => {
+                    let due = self.last + self.timeout;
+                    if due <= Instant::now() {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle"));
+                    }
+                    // Bytes moved since it was set: idle only from the last of them.
+                    self.timer.as_mut().reset(due);
+                }
+            }
         }
     }
 }
@@ -111,5 +124,68 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes that keep moving, each within the timeout, keep the connection; the first silence
+    /// as long as the timeout ends it, counted from the last byte.
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_last_byte() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = IdleTimeout::new(near, Duration::from_secs(10));
+        let mut buf = [0u8; 8];
+        let start = Instant::now();
+        // 30 s of traffic, a byte every 6 s: three timeouts' worth, never idle for one.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            far.write_all(b"x").await.unwrap();
+            assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        }
+        let last = Instant::now();
+        assert_eq!(last - start, Duration::from_secs(30));
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(Instant::now() - last, Duration::from_secs(10), "idle is counted from the last byte");
+    }
+
+    /// Writes count as activity too.
+    #[tokio::test(start_paused = true)]
+    async fn writes_keep_it_alive() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = IdleTimeout::new(near, Duration::from_secs(10));
+        let mut sink = [0u8; 8];
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            io.write_all(b"y").await.unwrap();
+            far.read_exact(&mut sink[..1]).await.unwrap();
+        }
+        let last = Instant::now();
+        let err = io.read(&mut sink).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(Instant::now() - last, Duration::from_secs(10));
+    }
+
+    /// A lifetime ends the connection however busy it is.
+    #[tokio::test(start_paused = true)]
+    async fn the_lifetime_ends_a_busy_connection() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = IdleTimeout::new(near, Duration::from_secs(10)).with_lifetime(Duration::from_secs(15));
+        let mut buf = [0u8; 8];
+        let start = Instant::now();
+        let err = loop {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            far.write_all(b"z").await.unwrap();
+            match io.read(&mut buf).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(Instant::now() - start <= Duration::from_secs(16), "{:?}", Instant::now() - start);
     }
 }
