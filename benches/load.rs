@@ -412,6 +412,8 @@ fn report_against_peers(paths: &[Path], own: &[Vec<f64>], wrk: &[Vec<Wrk>], conn
     let peers: Vec<usize> = paths
         .iter()
         .enumerate()
+        // The sidecar-pair peers (plain HTTP in); edge peers are compared with the gateway.
+        .filter(|(_, p)| matches!(p.how, How::Plain(_)))
         .filter(|(_, p)| p.name.starts_with("nginx") || p.name.starts_with("haproxy"))
         .map(|(i, _)| i)
         .collect();
