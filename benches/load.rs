@@ -28,9 +28,8 @@
 //! - BENCH_GATEWAY_WORKERS sets `gateway.workers` (0: a thread per core). Ingress also runs
 //!   through a second gateway with `gateway.workers = 1`.
 //! - Edge peers, each with as many threads as the gateway row it is compared with: Caddy for
-//!   HTTP/3 (Go's default, a thread per core, against the default gateway; `GOMAXPROCS=1`
-//!   against the one-thread gateway; it proxies to the backend in plain HTTP, as in earlier
-//!   rounds), nginx terminating TLS 1.3 for HTTP/1.1 and HTTP/2 (a worker process per gateway
+//!   HTTP/3 (`GOMAXPROCS` as the default gateway's threads, and 1 against the one-thread
+//!   gateway; it proxies to the backend in plain HTTP, as in earlier rounds), nginx terminating TLS 1.3 for HTTP/1.1 and HTTP/2 (a worker process per gateway
 //!   thread, and one) and proxying over TLS 1.3 to a second nginx in front of the backend, as
 //!   the gateway goes on over mutual-TLS QUIC to node-b. Compared per CPU-second of the edge
 //!   process alone (nginx: its master and workers).
@@ -494,8 +493,7 @@ fn main() {
         // The gateway's threads, for its peers: `gateway.workers`, or one per core at 0.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let gw_threads = if gw_workers == 0 { cores } else { gw_workers };
-        // Caddy runs at Go's default (a thread per core) unless the gateway was given a count.
-        let gw_threads_pinned = (gw_workers != 0).then_some(gw_workers);
+
         // The same gateway on one thread (`gateway.workers = 1`), for HTTP/3 only.
         let gw1 = NodeProc::start_args("gateway", pki.path(), "gateway-1", &gw_toml(1, "registry-1.json"), &[]);
         let gw1_port = gw1.addrs.listen.port();
@@ -547,9 +545,10 @@ fn main() {
             paths.push(Path::new(Box::leak(name.into_boxed_str()), How::Plain(h.front), h.pids(), vec![]));
         }
         // The edge peers, each on as many threads as the gateway row it is compared with: Caddy
-        // at Go's default (a thread per core) and on one thread for HTTP/3, nginx terminating
-        // TLS with a worker per gateway thread for HTTP/1.1 and HTTP/2.
-        let caddy = peers::caddy(pki.path(), "caddy", backend, gw_threads_pinned);
+        // (`GOMAXPROCS`, always set: Go's own default may not count a container's CPU quota as
+        // Rust's `available_parallelism` does) for HTTP/3, nginx terminating TLS with a worker
+        // per gateway thread for HTTP/1.1 and HTTP/2; and each on one thread.
+        let caddy = peers::caddy(pki.path(), "caddy", backend, Some(gw_threads));
         let caddy1 = peers::caddy(pki.path(), "caddy-1", backend, Some(1));
         for (c, name) in [(&caddy, CADDY), (&caddy1, CADDY_1)] {
             if let Some(c) = c {

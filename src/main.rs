@@ -619,8 +619,8 @@ fn exit_when_stdin_closes() {
     });
 }
 
-/// The runtime of the commands and the demo (whose gateway and nodes share one process): a
-/// work-stealing one, a thread per core.
+/// The runtime of the commands and of the demo's supervisor (its gateway and nodes are
+/// processes of their own, each on [`run_proxy`]): a work-stealing one, a thread per core.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }

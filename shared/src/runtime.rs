@@ -15,8 +15,8 @@
 //! is read on the main runtime, which hands each datagram to its connection) and, at a node,
 //! kept-alive connections to local instances (one client, shared by the workers).
 //!
-//! Without [`build`] (tests, the demo's one process), there is one worker and every call here
-//! falls back to the ambient runtime.
+//! Without [`build`] (in-process tests, the CLI's commands), there is one worker and every
+//! call here falls back to the ambient runtime.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -71,9 +71,10 @@ pub fn build(threads: usize) -> std::io::Result<Runtime> {
             };
             INDEX.with(|x| x.set(i));
             let _ = tx.send(Ok(rt.handle().clone()));
-            // Until the process stops; dropping the runtime then drops its tasks (and what
-            // they hold: the mesh, the access log's writer).
+            // Until the process stops; the runtime's tasks (and what they hold: the mesh, the
+            // access log's writer) are dropped then.
             let _ = rt.block_on(stopped);
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
         })?;
         let handle = rx.recv().map_err(|_| std::io::Error::other("a worker thread ended at its start"))??;
         handles.push(handle);
@@ -91,8 +92,15 @@ pub fn build(threads: usize) -> std::io::Result<Runtime> {
 pub fn shutdown() {
     let Some(w) = WORKERS.get() else { return };
     let threads = std::mem::take(&mut *w.threads.lock().unwrap_or_else(|e| e.into_inner()));
-    for (stop, thread) in threads {
-        let _ = stop.send(());
+    // All told first, so that they stop together.
+    let joins: Vec<_> = threads
+        .into_iter()
+        .map(|(stop, thread)| {
+            let _ = stop.send(());
+            thread
+        })
+        .collect();
+    for thread in joins {
         let _ = thread.join();
     }
 }

@@ -370,10 +370,14 @@ impl Dialer {
             return;
         }
         let wait = probe_backoff(1);
+        // A mark for an old address is replaced (its probe stops), not counted twice.
+        let fresh = down.is_none();
         *down =
             Some(Down { addr, since: now, reason: reason.clone(), failures: 1, next_probe: now + wait, wanted: now });
         drop(down);
-        self.down.fetch_add(1, Ordering::Relaxed);
+        if fresh {
+            self.down.fetch_add(1, Ordering::Relaxed);
+        }
         metrics::gauge!(m::PEER_UNREACHABLE, "peer" => name.to_string()).set(1.0);
         warn!(peer = name, %addr, reason, probe_in = ?wait, "peer marked unreachable; requests go to other endpoints until a probe reaches it");
         tokio::spawn(self.clone().probe(name.to_string(), Arc::downgrade(peer), addr, wait));
