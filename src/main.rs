@@ -515,7 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // Kubernetes pod deleted early) stops it, rather than being lost.
                 let mut stop = demo::Shutdown::listen();
                 quicmesh_shared::telemetry::metrics::recorder();
-                quicmesh_shared::telemetry::metrics::runtime_workers();
+                quicmesh_shared::runtime::publish_workers();
                 if let (Some(addr), Some(token), Some(fp)) = (join, token, ca_fingerprint) {
                     let node = cfg.node.as_mut().context("the config has no [node] section")?;
                     let target = node.gateway.get_or_insert(quicmesh_shared::config::ControlTarget {
@@ -571,7 +571,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run_proxy(cfg.gateway.as_ref().map_or(0, |g| g.workers), async {
                 quicmesh_shared::telemetry::metrics::recorder();
                 let mut stop = demo::Shutdown::listen();
-                quicmesh_shared::telemetry::metrics::runtime_workers();
+                quicmesh_shared::runtime::publish_workers();
                 let gw = quicmesh_gateway::start_with_files(cfg, config).await?;
                 let a = &gw.addrs;
                 let tcp: String = a.tcp.iter().map(|(s, addr)| format!(" tcp.{s}={addr}")).collect();

@@ -105,6 +105,18 @@ pub fn shutdown() {
     }
 }
 
+/// Publishes how many threads run the process's requests (`quicmesh_runtime_workers`): its
+/// single-threaded workers, or the threads of a work-stealing runtime.
+pub fn publish_workers() {
+    if let Ok(rt) = Handle::try_current() {
+        let (flavor, n) = match rt.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => ("current_thread", count()),
+            _ => ("multi_thread", rt.metrics().num_workers()),
+        };
+        metrics::gauge!(crate::telemetry::metrics::RUNTIME_WORKERS, "flavor" => flavor).set(n as f64);
+    }
+}
+
 /// How many workers this process runs (1 unless [`build`] started more).
 pub fn count() -> usize {
     WORKERS.get().map_or(1, |w| w.handles.len())

@@ -117,18 +117,6 @@ pub fn recorder() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Publishes how many threads run the process's requests: its single-threaded workers
-/// ([`crate::runtime`]), or the threads of a work-stealing runtime.
-pub fn runtime_workers() {
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        let (flavor, n) = match rt.runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::CurrentThread => ("current_thread", crate::runtime::count()),
-            _ => ("multi_thread", rt.metrics().num_workers()),
-        };
-        metrics::gauge!(RUNTIME_WORKERS, "flavor" => flavor).set(n as f64);
-    }
-}
-
 fn describe() {
     describe_counter!(REQUESTS, "HTTP requests handled by a proxy, by direction, service and status class.");
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from request received to response headers sent.");
