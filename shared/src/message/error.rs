@@ -123,6 +123,22 @@ impl ProxyError {
         }
     }
 
+    /// Whether `reason` (a `quicmesh-error` value) says the mesh could not reach the service,
+    /// rather than that something decided against the request.
+    pub fn is_outage(reason: &str) -> bool {
+        matches!(
+            reason,
+            "no-endpoint"
+                | "peer-unreachable"
+                | "peer-tls"
+                | "connect-timeout"
+                | "upstream-unreachable"
+                | "timeout"
+                | "upstream-reset"
+                | "overloaded"
+        )
+    }
+
     /// Every `quicmesh-error` value a proxy writes (those of [`ProxyError::reason`], and
     /// `client-closed` for a client that left), so a label taken from a peer's header stays
     /// bounded: see [`known_reason`].

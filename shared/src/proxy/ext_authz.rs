@@ -21,18 +21,6 @@ use crate::proxy::mesh::Mesh;
 use crate::proxy::table::Table;
 use crate::telemetry::metrics as m;
 
-/// Reasons of answers the mesh makes when it could not reach the service (not decisions).
-const OUTAGES: &[&str] = &[
-    "no-endpoint",
-    "peer-unreachable",
-    "peer-tls",
-    "connect-timeout",
-    "upstream-unreachable",
-    "timeout",
-    "upstream-reset",
-    "overloaded",
-];
-
 /// The most of a refusal's body passed back to the client.
 const MAX_REFUSAL: usize = 64 * 1024;
 
@@ -54,7 +42,7 @@ pub async fn check(
     let asked = ask(mesh, table, auth, parts).await.and_then(|answer| {
         let reason = answer.headers().get(crate::message::error::ERROR_HEADER).and_then(|v| v.to_str().ok());
         match reason.map(crate::message::error::known_reason) {
-            Some(r) if OUTAGES.contains(&r) => {
+            Some(r) if ProxyError::is_outage(r) => {
                 Err(ProxyError::UpstreamReset(format!("{} from the mesh: {r}", answer.status())))
             }
             _ => Ok(answer),
