@@ -9,7 +9,9 @@
 //! is the handshake's own work: on a real network each request also saves one round trip.
 //!
 //! Run: `cargo bench --bench resume` (env: BENCH_ROUNDS, default 15). JSON goes to `BENCH_JSON`
-//! (default `target/bench-resume.json`).
+//! (default `target/bench-resume.json`). `BENCH_ZERO_RTT` sets the two pairs' `zero_rtt`
+//! (default `true,false`; `false,true` swaps their order, `false,false` checks the bench itself
+//! for a bias between the pairs); `BENCH_KEEP_LOGS=1` keeps the nodes' logs and prints where.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -90,7 +92,12 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let echo = echo_backend().await;
-        let mut pairs = [Pair::start(true, echo), Pair::start(false, echo)];
+        let modes: Vec<bool> = std::env::var("BENCH_ZERO_RTT")
+            .unwrap_or("true,false".into())
+            .split(',')
+            .map(|m| m.trim() == "true")
+            .collect();
+        let mut pairs = [Pair::start(modes[0], echo), Pair::start(modes[1], echo)];
         let mut first = [Vec::new(), Vec::new()];
         let mut warm = [Vec::new(), Vec::new()];
         for _ in 0..rounds {
@@ -105,7 +112,9 @@ fn main() {
             "quicmesh_quic_zero_rtt_total",
             &[("direction", "outbound"), ("result", "accepted")],
         );
-        assert_eq!(early as usize, rounds, "every round of the 0-RTT pair resumed in 0-RTT");
+        if pairs[0].zero_rtt {
+            assert_eq!(early as usize, rounds, "every round of the 0-RTT pair resumed in 0-RTT");
+        }
         let mut rows = Vec::new();
         println!("first request after node-b restarted, {rounds} rounds, medians (us):");
         println!("{:<26} {:>12} {:>12} {:>10}", "", "first", "next", "added");
@@ -121,5 +130,11 @@ fn main() {
         let doc = serde_json::json!({ "rounds": rounds, "rows": rows, "first_ratio": ratio });
         std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
         println!("JSON: {path}");
+        if std::env::var_os("BENCH_KEEP_LOGS").is_some() {
+            for pair in &mut pairs {
+                let dir = std::mem::replace(&mut pair._pki.dir, tempfile::tempdir().unwrap());
+                println!("logs kept in {}", dir.keep().display());
+            }
+        }
     });
 }

@@ -34,7 +34,9 @@ pub fn watch(
 ) -> impl std::future::Future<Output = ()> + Send {
     let list = files.clone();
     // A change found by polling counts once the files have held still for one interval.
-    let watch = FileWatch::new(move || self::files(&list, overlays.as_ref()), every, every);
+    let folders: Vec<PathBuf> =
+        overlays.iter().flat_map(|dir| ["services", "nodes"].map(|sub| dir.join(sub))).collect();
+    let watch = FileWatch::new(move || self::files(&list, overlays.as_ref()), every, every).with_folders(&folders);
     reload_on_change(watch, cp)
 }
 

@@ -7,7 +7,9 @@
 //! lists are all watched by this.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -32,13 +34,34 @@ pub struct FileWatch<F> {
 struct Events {
     watcher: notify::RecommendedWatcher,
     folders: HashSet<PathBuf>,
+    interest: Arc<Mutex<Interest>>,
     rx: mpsc::UnboundedReceiver<()>,
+}
+
+/// Which events wake the watch: those about the watched files, not about other files of their
+/// folders (a node's state directory also holds its TLS session store, written after
+/// handshakes), except in folders where every file counts (overlays, which come and go).
+#[derive(Default)]
+struct Interest {
+    names: HashSet<OsString>,
+    folders: HashSet<PathBuf>,
+}
+
+impl Interest {
+    /// Names starting with `..` count too: Kubernetes updates a mounted Secret or ConfigMap by
+    /// renaming its `..data` link, and the files seen through it change with that rename.
+    fn concerns(&self, path: &Path) -> bool {
+        let named = path.file_name().is_some_and(|n| self.names.contains(n) || n.as_encoded_bytes().starts_with(b".."));
+        named || path.parent().is_some_and(|f| self.folders.contains(f))
+    }
 }
 
 impl Events {
     fn new() -> Option<Self> {
         use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
         let (tx, rx) = mpsc::unbounded_channel();
+        let interest = Arc::new(Mutex::new(Interest::default()));
+        let watching = interest.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
             // A write finished, a file was renamed into place or removed. Not a write in
@@ -50,22 +73,27 @@ impl Events {
                     | EventKind::Remove(_)
             );
             if finished {
-                let _ = tx.send(());
+                let interest = watching.lock().unwrap_or_else(|e| e.into_inner());
+                if event.paths.iter().any(|p| interest.concerns(p)) {
+                    let _ = tx.send(());
+                }
             }
         })
         .map_err(|e| tracing::debug!("no file-system events, polling only: {e}"))
         .ok()?;
-        Some(Self { watcher, folders: HashSet::new(), rx })
+        Some(Self { watcher, folders: HashSet::new(), interest, rx })
     }
 
     /// Watches the folders of `files` not watched yet (files come and go; folders may appear).
     fn follow(&mut self, files: &[PathBuf]) {
         use notify::Watcher;
-        for file in files {
-            let folder = match file.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => Path::new(".").to_path_buf(),
-            };
+        let mut interest = self.interest.lock().unwrap_or_else(|e| e.into_inner());
+        interest.names.clear();
+        interest.names.extend(files.iter().filter_map(|f| f.file_name().map(OsString::from)));
+        let folders: Vec<PathBuf> =
+            files.iter().map(|f| folder_of(f)).chain(interest.folders.iter().cloned()).collect();
+        drop(interest);
+        for folder in folders {
             if self.folders.contains(&folder) {
                 continue;
             }
@@ -73,6 +101,13 @@ impl Events {
                 self.folders.insert(folder);
             }
         }
+    }
+}
+
+fn folder_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => Path::new(".").to_path_buf(),
     }
 }
 
@@ -91,6 +126,17 @@ impl<F: Fn() -> Vec<PathBuf>> FileWatch<F> {
             e.follow(&files);
         }
         Self { list, every, settle, seen, events }
+    }
+
+    /// Every file in `folders` counts, not only those `list` names: a file that appears there
+    /// is seen at once (by its event), before the list has named it.
+    pub fn with_folders(mut self, folders: &[PathBuf]) -> Self {
+        if let Some(e) = self.events.as_mut() {
+            e.interest.lock().unwrap_or_else(|e| e.into_inner()).folders.extend(folders.iter().cloned());
+            let files = (self.list)();
+            e.follow(&files);
+        }
+        self
     }
 
     /// Waits for an event or one interval and says whether the files changed since the last
@@ -186,5 +232,39 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(300), w.changed()).await.expect_err("another file's write counted");
         std::fs::rename(&tmp, &file).unwrap();
         tokio::time::timeout(Duration::from_secs(5), w.changed()).await.expect("the rename was not seen");
+    }
+
+    /// Writes to other files of the folder (a node's TLS session store beside its certificate)
+    /// do not wake the watch, so it neither looks at the files nor re-reads them for each; in a
+    /// folder where every file counts, a new one is seen at once.
+    #[tokio::test]
+    async fn only_the_watched_files_wake_the_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("node.pem");
+        std::fs::write(&cert, "a").unwrap();
+        let files = vec![cert.clone()];
+        let hour = Duration::from_secs(3600);
+        let mut w = FileWatch::new(move || files.clone(), hour, hour);
+        std::fs::write(dir.path().join("node.sessions"), "x").unwrap();
+        std::fs::write(dir.path().join("node.tmp"), "y").unwrap();
+        std::fs::rename(dir.path().join("node.tmp"), dir.path().join("node.taken")).unwrap();
+        let woke = tokio::time::timeout(Duration::from_millis(300), w.tick()).await;
+        assert!(woke.is_err(), "another file's write woke the watch: {woke:?}");
+        std::fs::write(&cert, "b").unwrap();
+        let woke = tokio::time::timeout(Duration::from_secs(5), w.tick()).await;
+        assert_eq!(woke.ok(), Some(true), "the watched file's write was not seen at once");
+
+        let overlays = dir.path().join("services");
+        std::fs::create_dir(&overlays).unwrap();
+        let listed = overlays.clone();
+        let list = move || {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&listed).unwrap().map(|e| e.unwrap().path()).collect();
+            v.sort();
+            v
+        };
+        let mut w = FileWatch::new(list, hour, hour).with_folders(std::slice::from_ref(&overlays));
+        std::fs::write(overlays.join("web.toml"), "new").unwrap();
+        let woke = tokio::time::timeout(Duration::from_secs(5), w.changed()).await;
+        assert!(woke.is_ok(), "a new file in a folder where every file counts was not seen at once");
     }
 }

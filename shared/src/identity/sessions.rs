@@ -38,8 +38,10 @@ const MAGIC: &[u8; 8] = b"QMSESS1\n";
 /// A server session store for the mesh listener, persisted to one file.
 pub struct SessionStore {
     shared: Arc<Mutex<Inner>>,
-    /// Keys of sessions taken (used for 0-RTT), appended as they go.
+    /// Keys of sessions taken (used for 0-RTT), appended as they go; the log is kept open (a
+    /// handshake pays one write, not an open and a close).
     taken: Option<PathBuf>,
+    taken_log: Mutex<Option<std::fs::File>>,
     /// Wakes the writer; a full channel means a write is pending already.
     wake: Option<SyncSender<()>>,
 }
@@ -107,7 +109,9 @@ impl SessionStore {
         }
         let shared = Arc::new(Mutex::new(inner));
         let wake = path.map(|p| writer(p, shared.clone()));
-        Arc::new(Self { shared, taken: taken_path, wake })
+        // Opened now, so that the first 0-RTT handshake does not wait for it.
+        let log = taken_path.as_deref().and_then(|t| private(t, true).ok());
+        Arc::new(Self { shared, taken: taken_path, taken_log: Mutex::new(log), wake })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -189,7 +193,8 @@ impl StoresServerSessions for SessionStore {
         // Keys that were never here (any client may name one) cost no write.
         let (_, value) = removed?;
         if let Some(taken) = &self.taken {
-            if let Err(e) = append_taken(taken, key) {
+            let mut log = self.taken_log.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = append_taken(&mut log, taken, key) {
                 tracing::warn!(path = %taken.display(), error = %e, "cannot record a used TLS session; not resumed");
                 return None;
             }
@@ -291,15 +296,23 @@ fn private(path: &Path, append: bool) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
-/// Records `key` as used before the session it names is resumed: one append, in the kernel's
-/// hands once written, so it outlives a crash of the process (not of the host: an fsync here
-/// cost milliseconds on every 0-RTT handshake, more than the round trip it saves).
-fn append_taken(path: &Path, key: &[u8]) -> std::io::Result<()> {
-    let mut f = private(path, true)?;
+/// Records `key` as used before the session it names is resumed: one append to `log` (opened
+/// at `path` if it is not yet), in the kernel's hands once written, so it outlives a crash of
+/// the process (not of the host: an fsync here cost milliseconds on every 0-RTT handshake, more
+/// than the round trip it saves). A failed write closes the log, to be opened again next time.
+fn append_taken(log: &mut Option<std::fs::File>, path: &Path, key: &[u8]) -> std::io::Result<()> {
     let mut rec = Vec::with_capacity(key.len() + 1);
     rec.push(key.len() as u8);
     rec.extend_from_slice(key);
-    f.write_all(&rec)
+    let f = match log {
+        Some(f) => f,
+        None => log.insert(private(path, true)?),
+    };
+    let written = f.write_all(&rec);
+    if written.is_err() {
+        *log = None;
+    }
+    written
 }
 
 /// The keys recorded in a taken-sessions log (a torn last record is dropped).

@@ -56,9 +56,13 @@ impl Watch {
 
     async fn serve<F: Fn() -> Vec<std::path::PathBuf> + Send>(self, mut watch: FileWatch<F>) {
         let mut warned: Option<tokio::time::Instant> = None;
-        self.export(validity(&self.paths), &mut warned);
+        // Read again only when the files change: a look at them costs their metadata, not
+        // the certificate parsed anew every interval.
+        let mut v = validity(&self.paths);
+        self.export(v, &mut warned);
         loop {
             if watch.tick().await {
+                v = validity(&self.paths);
                 match self.reload() {
                     Ok(until) => {
                         warned = None;
@@ -69,7 +73,6 @@ impl Watch {
                     }
                 }
             }
-            let v = validity(&self.paths);
             self.export(v, &mut warned);
             if let (Some(ca), Some((not_before, not_after))) = (&self.ca, v) {
                 let lifetime = (not_after - not_before).max(0);
