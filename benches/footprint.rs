@@ -1,7 +1,7 @@
-//! Memory per endpoint and per route: a node and a gateway started (release binary) with an
-//! empty mesh, with N endpoints (N/10 services of 10 instances each), and with N routes, each
+//! Memory per endpoint and per route: a node and a gateway started (release binary) with the
+//! smallest mesh (one service of ten instances), with N endpoints (N/10 services of 10 instances each), and with N routes, each
 //! measured as RSS once ready and settled; the cost of one endpoint or route is the growth over
-//! the empty start divided by N. Several starts per case, medians (RSS of a fresh process
+//! the smallest start divided by N. Several starts per case, medians (RSS of a fresh process
 //! varies by a few hundred KiB).
 //!
 //! Run: `cargo bench --bench footprint` (env: BENCH_ITEMS, default 10000; BENCH_ROUNDS,
@@ -73,6 +73,25 @@ fn start(kind: &str, dir: &Path, state: &Path, extra: &str) -> NodeProc {
     }
 }
 
+/// A node joined to a gateway whose config holds `services`: the node's mesh comes from the
+/// gateway's snapshot, as in a fleet. Returns the node once it applied one, and the gateway.
+fn joined(dir: &Path, state: &Path, services: &str, rt: &tokio::runtime::Runtime) -> (NodeProc, NodeProc) {
+    // No snapshot cached by an earlier start: the node starts empty and takes this gateway's.
+    for cached in std::fs::read_dir(state).unwrap().filter_map(Result::ok) {
+        if cached.file_name().to_string_lossy().starts_with("node-a.snapshot") {
+            let _ = std::fs::remove_file(cached.path());
+        }
+    }
+    let gw = start("gateway", dir, state, services);
+    let node = NodeProc::start(dir, "node-a", &joined_toml("node-a", state, gw.addrs.control, ""));
+    let version = "quicmesh_control_snapshot_version";
+    rt.block_on(eventually(Duration::from_secs(30), "the node to apply the gateway's snapshot", || async {
+        let published = metric(&gw.metrics().await, version, &[]);
+        (published > 0.0 && metric(&node.metrics().await, version, &[]) == published).then_some(())
+    }));
+    (node, gw)
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort();
     v[v.len() / 2]
@@ -86,12 +105,14 @@ fn main() {
     let state = pki.issue("node-a");
     pki.issue("gateway");
     let mut report = serde_json::Map::new();
-    println!("\nRSS once started and settled, medians of {rounds} starts; per item = growth over empty / {n}");
-    println!("| process | empty | {n} endpoints | per endpoint | {n} routes | per route |");
+    println!("\nRSS once started and settled, medians of {rounds} starts; per item = growth over one service (10 endpoints), per item added");
+    println!("| process | one service | {n} endpoints | per endpoint | {n} routes | per route |");
     println!("|---|---|---|---|---|---|");
     for kind in ["node", "gateway"] {
         let route_table = if kind == "node" { "routes" } else { "gateway.routes" };
-        let cases = [String::new(), endpoints(n), routes(n, route_table)];
+        // The smallest mesh a node accepts (it refuses to start with nothing to serve): one
+        // service of ten instances.
+        let cases = [endpoints(10), endpoints(n), routes(n, route_table)];
         let mut rss = Vec::new();
         for case in &cases {
             let mut runs = Vec::new();
@@ -101,8 +122,8 @@ fn main() {
             }
             rss.push(median(runs));
         }
-        // endpoints(n) makes n/10 services of 10 each.
-        let count = [1, n / 10 * 10, n];
+        // endpoints(n) makes n/10 services of 10 each; the base case has 10 of them already.
+        let count = [1, (n / 10 * 10).saturating_sub(10), n];
         let per = |i: usize| (rss[i].saturating_sub(rss[0])) as f64 * 1024.0 / count[i].max(1) as f64;
         println!(
             "| {kind} | {:.1} MB | {:.1} MB | {:.0} bytes | {:.1} MB | {:.0} bytes |",
@@ -115,11 +136,32 @@ fn main() {
         report.insert(
             kind.into(),
             serde_json::json!({
-                "empty_kib": rss[0], "endpoints_kib": rss[1], "routes_kib": rss[2],
+                "one_service_kib": rss[0], "endpoints_kib": rss[1], "routes_kib": rss[2],
                 "bytes_per_endpoint": per(1), "bytes_per_route": per(2),
             }),
         );
     }
+    // The issue's case: the node's endpoints come in the gateway's snapshot, not its own file.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut rss = Vec::new();
+    for case in [endpoints(10), endpoints(n)] {
+        let mut runs = Vec::new();
+        for _ in 0..rounds {
+            let (node, _gw) = joined(pki.path(), &state, &case, &rt);
+            runs.push(settled_rss(&node));
+        }
+        rss.push(median(runs));
+    }
+    let per = (rss[1].saturating_sub(rss[0])) as f64 * 1024.0 / (n / 10 * 10).saturating_sub(10).max(1) as f64;
+    println!(
+        "| node, from the gateway's snapshot | {:.1} MB | {:.1} MB | {per:.0} bytes | - | - |",
+        rss[0] as f64 / 1024.0,
+        rss[1] as f64 / 1024.0
+    );
+    report.insert(
+        "node_from_snapshot".into(),
+        serde_json::json!({ "one_service_kib": rss[0], "endpoints_kib": rss[1], "bytes_per_endpoint": per }),
+    );
     let report = serde_json::json!({ "bench": "footprint", "items": n, "rounds": rounds, "results": report });
     let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-footprint.json".into());
     if std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).is_ok() {

@@ -46,9 +46,13 @@ async fn reload_on_change<F: Fn() -> Vec<PathBuf>>(mut watch: FileWatch<F>, cp: 
         // Reading, checking and compiling a large config takes a while: off the event loop,
         // which also reads every worker's QUIC packets.
         let reload = cp.clone();
-        let reloaded = tokio::task::spawn_blocking(move || reload.reload_sources())
-            .await
-            .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")));
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let reloaded = reload.reload_sources();
+            quicmesh_shared::runtime::release_memory();
+            reloaded
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")));
         match reloaded {
             Ok(()) => {
                 metrics::counter!(m::CONFIG_RELOADS, "result" => "applied").increment(1);

@@ -468,6 +468,10 @@ impl ControlClient {
                             GatewayMsg::Certificate { certificate } => Received::Certificate(certificate),
                             GatewayMsg::RenewRefused { reason } => Received::RenewRefused(reason),
                         });
+                        // A whole snapshot's parse and compile freed a lot on this thread.
+                        if matches!(msg, Ok(Received::Snapshot(_, _, false))) {
+                            quicmesh_shared::runtime::release_memory();
+                        }
                         (msg, line)
                     });
                     let Ok((msg, line)) = work.await else {
@@ -514,6 +518,11 @@ impl ControlClient {
                                     }
                                 })
                                 .await;
+                            }
+                            if !delta {
+                                // The table replaced and the line (unless the cache's writer
+                                // took it) are gone by now.
+                                quicmesh_shared::runtime::release_memory();
                             }
                             debug!(version, "applied snapshot");
                             NodeMsg::Ack { version }
