@@ -132,7 +132,10 @@ impl<F: Fn() -> Vec<PathBuf>> FileWatch<F> {
     /// is seen at once (by its event), before the list has named it.
     pub fn with_folders(mut self, folders: &[PathBuf]) -> Self {
         if let Some(e) = self.events.as_mut() {
-            e.interest.lock().unwrap_or_else(|e| e.into_inner()).folders.extend(folders.iter().cloned());
+            // Events name files by absolute paths (a relative folder is watched from the
+            // working directory), so the folders are kept that way too.
+            let absolute = folders.iter().map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()));
+            e.interest.lock().unwrap_or_else(|e| e.into_inner()).folders.extend(absolute);
             let files = (self.list)();
             e.follow(&files);
         }
@@ -234,6 +237,16 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), w.changed()).await.expect("the rename was not seen");
     }
 
+    /// `path` (absolute) as a path relative to the working directory.
+    fn relative_to_cwd(path: &Path) -> PathBuf {
+        let cwd = std::env::current_dir().unwrap();
+        let common = cwd.components().zip(path.components()).take_while(|(a, b)| a == b).count();
+        let ups = cwd.components().count() - common;
+        let mut rel: PathBuf = std::iter::repeat_n("..", ups).collect();
+        rel.extend(path.components().skip(common));
+        rel
+    }
+
     /// Writes to other files of the folder (a node's TLS session store beside its certificate)
     /// do not wake the watch, so it neither looks at the files nor re-reads them for each; in a
     /// folder where every file counts, a new one is seen at once.
@@ -254,8 +267,10 @@ mod tests {
         let woke = tokio::time::timeout(Duration::from_secs(5), w.tick()).await;
         assert_eq!(woke.ok(), Some(true), "the watched file's write was not seen at once");
 
+        // Named relative to the working directory, as a config's `overlays = "overlays"`.
         let overlays = dir.path().join("services");
         std::fs::create_dir(&overlays).unwrap();
+        let overlays = relative_to_cwd(&overlays);
         let listed = overlays.clone();
         let list = move || {
             let mut v: Vec<PathBuf> = std::fs::read_dir(&listed).unwrap().map(|e| e.unwrap().path()).collect();

@@ -304,6 +304,12 @@ fn append_taken(log: &mut Option<std::fs::File>, path: &Path, key: &[u8]) -> std
     let mut rec = Vec::with_capacity(key.len() + 1);
     rec.push(key.len() as u8);
     rec.extend_from_slice(key);
+    // A log removed or replaced under us (another process folded it) is opened again: a key
+    // written to a file no longer on disk would not outlive a crash.
+    use std::os::unix::fs::MetadataExt as _;
+    if log.as_ref().is_some_and(|f| f.metadata().map_or(true, |m| m.nlink() == 0)) {
+        *log = None;
+    }
     let f = match log {
         Some(f) => f,
         None => log.insert(private(path, true)?),
@@ -334,6 +340,22 @@ mod tests {
 
     fn roots(n: u8) -> Vec<CertificateDer<'static>> {
         vec![CertificateDer::from(vec![n; 10])]
+    }
+
+    /// The log is kept open; one removed underneath (another process folded it) is opened
+    /// again, so a key taken after that is on disk, not in an unlinked file.
+    #[test]
+    fn a_taken_log_removed_underneath_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let taken = path.with_extension("taken");
+        let store = SessionStore::open(Some(path.clone()), &roots(1));
+        assert!(store.put(b"k1".to_vec(), b"v1".to_vec()));
+        assert!(store.put(b"k2".to_vec(), b"v2".to_vec()));
+        assert!(store.take(b"k1").is_some());
+        std::fs::remove_file(&taken).unwrap();
+        assert!(store.take(b"k2").is_some());
+        assert!(read_taken(&taken).contains(b"k2".as_slice()), "k2 went to a removed file");
     }
 
     #[test]
