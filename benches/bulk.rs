@@ -19,7 +19,8 @@
 //! (the same client again, TLS 1.3 session resumption), medians of `BENCH_CONNECTS` (200) each.
 //!
 //! Run: `cargo bench --bench bulk` (env: BENCH_BULK_MIB per transfer, default 1024; BENCH_ROUNDS,
-//! default 5). JSON goes to `BENCH_JSON` (default `target/bench-bulk.json`).
+//! default 5; BENCH_UDP_PAYLOAD sets `transport.max_udp_payload` of the nodes and of the raw and
+//! bare endpoints, default 1452: 8952 is a jumbo-frame network's, and loopback allows it). JSON goes to `BENCH_JSON` (default `target/bench-bulk.json`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -245,17 +246,19 @@ fn main() {
         let svc = format!(
             "[[services]]\nname = \"sink\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{sink_addr}\"\n"
         );
-        let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+        let payload: u16 = env_or("BENCH_UDP_PAYLOAD", TransportConfig::default().max_udp_payload);
+        let sized = |toml: String| toml.replace("[transport]\n", &format!("[transport]\nmax_udp_payload = {payload}\n"));
+        let b = NodeProc::start(pki.path(), "node-b", &sized(node_toml("node-b", &state, &[], &svc)));
         let a_extra = format!("{svc}\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"sink\"\n");
         let a = NodeProc::start(
             pki.path(),
             "node-a",
-            &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &a_extra),
+            &sized(node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &a_extra)),
         );
         let port = a.addrs.tcp.iter().find(|(s, _)| s == "sink").unwrap().1;
         // Raw quinn between two endpoints made like the nodes' (mTLS, transport defaults).
         let creds = |n: &str| credentials(pki.path(), n);
-        let transport = TransportConfig::default();
+        let transport = TransportConfig { max_udp_payload: payload, ..TransportConfig::default() };
         // Each raw endpoint on a single-threaded runtime of its own thread, as a node runs by default.
         let (server_lane, client_lane) = (Lane::new("raw-b"), Lane::new("raw-a"));
         let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
@@ -364,7 +367,7 @@ fn main() {
         let (t, r, f) = (median(&mut tunnel.clone()), median(&mut raw.clone()), median(&mut bare.clone()));
         let (tc, tn, rc) = (median(&mut tunnel_cpu), median(&mut tunnel_node_cpu), median(&mut raw_cpu));
         let fc = median(&mut bare_cpu);
-        println!("\none transfer of {mib} MiB, {rounds} alternating rounds, medians");
+        println!("\none transfer of {mib} MiB, {rounds} alternating rounds, medians; QUIC datagrams up to {payload} bytes");
         println!("| path | MB/s | vs raw quinn | CPU s per GiB, whole path | of which the two nodes |");
         println!("|---|---|---|---|---|");
         println!("| raw quinn, one stream (mTLS, node transport settings) | {r:.0} | 1.00 | {rc:.2} | - |");

@@ -36,8 +36,10 @@ const TUNNEL: u16 = 15002;
 /// One scenario at a time: each runs five processes and real load on two cores.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The gateway, three nodes, a backend beside each serving node. Fields drop in order: the
-/// processes before the namespaces they run in.
+/// The gateway, three nodes, a backend beside each serving node. node-a, where the load comes
+/// in, runs two workers, so that every drill also covers the connections its second worker
+/// dials from a socket of its own. Fields drop in order: the processes before the namespaces
+/// they run in.
 struct Fleet {
     gw: NodeProc,
     a: NodeProc,
@@ -104,7 +106,10 @@ impl Fleet {
                      [[node.instances]]\nservice = \"echo\"\naddress = \"{echo}\"\nprotocol = \"tcp\"\n",
                     be.addr
                 )),
-                None => toml.push_str(&format!("[[node.tcp]]\nlisten = \"127.0.0.1:{TUNNEL}\"\nservice = \"echo\"\n")),
+                None => {
+                    toml = toml.replace("[node]\n", "[node]\nworkers = 2\n");
+                    toml.push_str(&format!("[[node.tcp]]\nlisten = \"127.0.0.1:{TUNNEL}\"\nservice = \"echo\"\n"))
+                }
             }
             NodeProc::start_in(&net.ns(host), "node", &dir, &name, &toml)
         };

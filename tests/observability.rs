@@ -539,3 +539,55 @@ async fn runtime_threads_follow_the_workers_settings() {
     // With one worker nothing is dealt out.
     assert!(!a.metrics().await.contains("quicmesh_worker_connections_total"));
 }
+
+/// Each worker of a node dials its peers from a UDP socket of its own, so that the replies to
+/// its requests wake the thread that runs them: two local connections to a two-worker node-a
+/// (one per worker) reach node-b over two QUIC connections, and `/endpoints` shows them going
+/// out from two sockets, worker 0's being the node's own QUIC socket. On node-a's stop, node-b
+/// sees both connections closed at once, the worker's too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_dials_peers_from_a_socket_of_its_own() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let dir = pki.issue("node-a");
+    pki.issue("node-b");
+    let backend = hello_backend("v1").await;
+    let svc =
+        format!("[[services]]\nname = \"s\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n");
+    let b = NodeProc::start(&dir, "node-b", &node_toml("node-b", &dir, &[], &svc));
+    let a_toml =
+        node_toml("node-a", &dir, &[("node-b", b.addrs.inbound)], &svc).replace("[node]\n", "[node]\nworkers = 2\n");
+    let mut a = NodeProc::start(&dir, "node-a", &a_toml);
+    for i in 0..2 {
+        let mut tcp = tokio::net::TcpStream::connect(a.addrs.outbound).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} to node-a was not answered"))
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "connection {i}: {answer}");
+    }
+    let dump = a.admin_json("/endpoints").await;
+    let node_b = dump["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node-b").unwrap().clone();
+    let conns = node_b["connections"].as_array().unwrap_or_else(|| panic!("no connections in {node_b}"));
+    let from = |worker: u64| {
+        let c = conns.iter().find(|c| c["worker"] == worker).unwrap_or_else(|| panic!("worker {worker}: {node_b}"));
+        assert_eq!(c["remote"], b.addrs.inbound.to_string(), "{node_b}");
+        c["local"].as_str().unwrap().parse::<SocketAddr>().unwrap()
+    };
+    let (own, second) = (from(0), from(1));
+    assert_eq!(own, a.addrs.inbound, "worker 0 dials from the node's QUIC socket: {node_b}");
+    assert_ne!(second.port(), own.port(), "worker 1 dials from the node's QUIC socket too: {node_b}");
+    assert_eq!(second.ip(), own.ip(), "{node_b}");
+
+    let active = |text: &str| metric(text, "quicmesh_quic_connections_active", &[("direction", "inbound")]);
+    assert_eq!(active(&b.metrics().await), 2.0);
+    a.terminate();
+    // Well within the QUIC idle timeout: node-b heard both closes.
+    eventually(Duration::from_secs(2), "node-b to see node-a's two connections closed", || async {
+        (active(&b.metrics().await) == 0.0).then_some(())
+    })
+    .await;
+}

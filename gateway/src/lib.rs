@@ -261,7 +261,9 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?.map(Arc::new);
     let tracing = quicmesh_shared::telemetry::trace::Tracing::start(&config.tracing, "gateway", &gc.name)
         .map_err(GatewayError::Tracing)?;
-    let inputs = Inputs { local_node: None, endpoint: mesh_endpoint.clone(), access_log, tracing };
+    let client = transport::client_config(&creds, &config.mesh.trust_domain, &config.transport)?;
+    let inputs =
+        Inputs { local_node: None, endpoint: mesh_endpoint.clone(), client: Some(client), access_log, tracing };
     let mesh = Arc::new(Mesh::new(inputs, Table::compile(config.clone(), 0)?));
     let registry_file = gc.registry_file.clone().or_else(|| gc.tls.state_dir.as_ref().map(|d| d.join("registry.json")));
     let store = gc.store.as_ref().map(|st| Arc::new(store::Store::new(st.etcd.clone(), &st.prefix, gc.node_grace)));
@@ -422,9 +424,12 @@ impl Gateway {
         for ep in &self.edge_endpoints {
             ep.close(0u32.into(), b"gateway shutting down");
         }
-        self.mesh_endpoint.close(0u32.into(), b"gateway shutting down");
+        let dials = self.mesh.pool().worker_endpoints();
+        for ep in [&self.mesh_endpoint].into_iter().chain(&dials) {
+            ep.close(0u32.into(), b"gateway shutting down");
+        }
         let idle = async {
-            for ep in &self.edge_endpoints {
+            for ep in self.edge_endpoints.iter().chain(&dials) {
                 ep.wait_idle().await;
             }
         };

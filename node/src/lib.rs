@@ -121,6 +121,7 @@ pub async fn start_with_files(config: Config, files: Vec<std::path::PathBuf>) ->
         instances: node.instances_tx.clone(),
         advertise: node.advertise_tx.clone(),
         endpoint: node.endpoint.clone(),
+        mesh: node.mesh.clone(),
         inbound: config_inbound.unwrap_or(node.addrs.inbound),
         bound: node.addrs.inbound,
     };
@@ -135,6 +136,8 @@ struct Live {
     /// The address registered with the control plane (None: no control plane).
     advertise: Option<watch::Sender<SocketAddr>>,
     endpoint: quinn::Endpoint,
+    /// Whose workers' own QUIC sockets move with the node's.
+    mesh: Arc<Mesh>,
     /// The `node.inbound` the QUIC socket was last bound from (what an edit is compared with,
     /// so an edit whose move failed is tried again by the next one).
     inbound: SocketAddr,
@@ -157,6 +160,9 @@ impl Live {
                     );
                     self.inbound = after.inbound;
                     self.bound = now;
+                    for e in self.mesh.pool().rebind_workers(now.ip()) {
+                        warn!(error = %e, "a worker's QUIC socket cannot move to the new address; the connections it opened end when the old one goes");
+                    }
                 }
                 Err(e) => {
                     warn!(
@@ -333,7 +339,14 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     let access_log = AccessLog::start(&config.access_log).map_err(NodeError::AccessLog)?.map(Arc::new);
     let tracing = quicmesh_shared::telemetry::trace::Tracing::start(&config.tracing, "node", &nc.name)
         .map_err(NodeError::Tracing)?;
-    let inputs = Inputs { local_node: Some(nc.name.clone()), endpoint: endpoint.clone(), access_log, tracing };
+    let client = transport::client_config(&creds, &config.mesh.trust_domain, &config.transport)?;
+    let inputs = Inputs {
+        local_node: Some(nc.name.clone()),
+        endpoint: endpoint.clone(),
+        client: Some(client),
+        access_log,
+        tracing,
+    };
     let mesh = Arc::new(Mesh::new(inputs, Table::compile(config, 0)?));
     let addrs = NodeAddrs {
         name: nc.name.clone(),
@@ -490,8 +503,7 @@ impl Node {
         }
         drain.advance(Phase::GoingAway);
         drain.settle(self.drain_timeout).await;
-        self.endpoint.close(0u32.into(), b"node drained");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        close_endpoints(&self.endpoint, &self.mesh, b"node drained").await;
         quicmesh_shared::telemetry::trace::flush_off_runtime(self.mesh.tracing()).await;
     }
 
@@ -502,7 +514,22 @@ impl Node {
         if let Some(task) = self.control_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
-        self.endpoint.close(0u32.into(), b"node shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        close_endpoints(&self.endpoint, &self.mesh, b"node shutting down").await;
     }
+}
+
+/// Closes the node's QUIC endpoint and its workers' own sockets (peers see each connection
+/// end at once), waiting up to two seconds for the closes to be sent.
+async fn close_endpoints(endpoint: &quinn::Endpoint, mesh: &Mesh, reason: &[u8]) {
+    let endpoints: Vec<quinn::Endpoint> =
+        std::iter::once(endpoint.clone()).chain(mesh.pool().worker_endpoints()).collect();
+    for ep in &endpoints {
+        ep.close(0u32.into(), reason);
+    }
+    let idle = async {
+        for ep in &endpoints {
+            ep.wait_idle().await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
 }

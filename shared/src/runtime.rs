@@ -11,9 +11,10 @@
 //! socket's readiness (a TCP stream is registered again with the worker's reactor), its tasks,
 //! its timers, and the pooled QUIC connections its requests use (each worker has its own pool:
 //! [`index`] says which; the pools share what they know of peers), whose drivers are spawned
-//! where they are dialled. What still crosses threads: UDP receives (a QUIC endpoint's socket
-//! is read on the main runtime, which hands each datagram to its connection) and, at a node,
-//! kept-alive connections to local instances (one client, shared by the workers).
+//! where they are dialled, on a UDP socket of the worker's own (`transport::dial_endpoint`).
+//! What still crosses threads: the receives of connections peers opened (the process's QUIC
+//! endpoint is read on the main runtime, which hands each datagram to its connection) and, at
+//! a node, kept-alive connections to local instances (one client, shared by the workers).
 //!
 //! Without [`build`] (in-process tests, the CLI's commands), there is one worker and every
 //! call here falls back to the ambient runtime.
@@ -158,6 +159,12 @@ pub fn count() -> usize {
 /// The worker this thread is (0 outside the workers' threads).
 pub fn index() -> usize {
     INDEX.with(Cell::get)
+}
+
+/// Worker `i`'s runtime, when [`build`] started workers (for work that must happen on a
+/// given worker's reactor, such as moving its socket).
+pub fn handle(i: usize) -> Option<Handle> {
+    WORKERS.get()?.handles.get(i).cloned()
 }
 
 /// The next worker in turn, when there is more than one (counted in

@@ -32,6 +32,9 @@ pub struct Inputs {
     pub local_node: Option<String>,
     /// The QUIC endpoint peer connections are made from.
     pub endpoint: quinn::Endpoint,
+    /// The mesh client config; with it, each worker past the first dials from a UDP socket of
+    /// its own ([`PeerPool::with_worker_sockets`]); without, from `endpoint`.
+    pub client: Option<quinn::ClientConfig>,
     /// Where completed requests are logged, when the access log is on.
     pub access_log: Option<Arc<AccessLog>>,
     /// Where spans go, when tracing is on.
@@ -61,7 +64,10 @@ impl Mesh {
     /// table's config and stay for the life of the process.
     pub fn new(inputs: Inputs, table: Table) -> Self {
         let config = table.config();
-        let first = PeerPool::new(inputs.endpoint, &config.mesh.trust_domain, config.timeouts.connect);
+        let mut first = PeerPool::new(inputs.endpoint, &config.mesh.trust_domain, config.timeouts.connect);
+        if let Some(client) = inputs.client {
+            first = first.with_worker_sockets(client, &config.transport);
+        }
         let mut pools: Vec<PeerPool> = (1..crate::runtime::count()).map(|_| first.sibling()).collect();
         pools.insert(0, first);
         let idle = config.node.as_ref().map_or(NodeConfig::default().instance_idle, |n| n.instance_idle);
@@ -186,6 +192,8 @@ impl Mesh {
                 let Some(name) = node.get("name").and_then(|n| n.as_str()).map(str::to_owned) else { continue };
                 let down = self.pool().unreachable(&name);
                 node["reachable"] = down.is_none().into();
+                let pooled: Vec<_> = self.pools.iter().filter_map(|pool| pool.pooled(&name)).collect();
+                node["connections"] = serde_json::to_value(pooled).unwrap_or_default();
                 if let Some(down) = down {
                     node["unreachable"] = serde_json::to_value(down).unwrap_or_default();
                 }
@@ -282,7 +290,7 @@ mod tests {
 
     fn mesh_of(cfg: Config) -> Mesh {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let inputs = Inputs { local_node: Some("a".into()), endpoint, access_log: None, tracing: None };
+        let inputs = Inputs { local_node: Some("a".into()), endpoint, client: None, access_log: None, tracing: None };
         Mesh::new(inputs, Table::compile(cfg, 0).unwrap())
     }
 

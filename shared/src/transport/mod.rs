@@ -1,7 +1,8 @@
 //! QUIC endpoints between mesh members: tuning, sockets and the stateless-reset key.
 //!
 //! One endpoint (one UDP socket) per process serves both directions: it accepts peers when it
-//! has a server config and dials peers with the mesh client config. The stateless-reset key is
+//! has a server config and dials peers with the mesh client config. A process with several
+//! workers also dials from a socket per worker thread ([`dial_endpoint`]). The stateless-reset key is
 //! derived from the member's private key, so a node that restarts on the same address answers
 //! packets of its previous life with a reset its peers can verify: they drop the dead connection
 //! at once instead of waiting for the idle timeout.
@@ -260,6 +261,23 @@ pub fn rebind(
     let local = socket.local_addr().map_err(|source| TransportError::Bind { addr, source })?;
     endpoint.rebind(socket).map_err(|source| TransportError::Bind { addr, source })?;
     Ok(local)
+}
+
+/// A dial-only QUIC endpoint of a worker thread ([`crate::runtime`]), on a socket of its own
+/// bound to `ip` (the mesh endpoint's address) and a port the kernel picks. Call it on the
+/// worker's runtime: the socket's receives wake that worker, where its connections' drivers
+/// run, instead of crossing from the main runtime's thread for every datagram. It accepts
+/// nothing (no server config), and a peer's reply to it is authenticated by the connection's
+/// keys alone, as any client's is.
+pub fn dial_endpoint(ip: std::net::IpAddr, cfg: &TransportConfig) -> Result<quinn::Endpoint, TransportError> {
+    let addr = SocketAddr::new(ip, 0);
+    let mut endpoint_cfg = EndpointConfig::default();
+    endpoint_cfg
+        .max_udp_payload_size(cfg.max_udp_payload.max(1472))
+        .map_err(|e| TransportError::Setting(format!("max_udp_payload: {e}")))?;
+    let socket = udp_socket(Bind::Addr(addr), cfg.socket_buffer)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setting("no async runtime".into()))?;
+    quinn::Endpoint::new(endpoint_cfg, None, socket, runtime).map_err(|source| TransportError::Bind { addr, source })
 }
 
 /// Builds the mesh QUIC endpoint. With `serve` it accepts peers, authenticated as it says.
