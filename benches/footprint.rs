@@ -4,6 +4,10 @@
 //! the smallest start divided by N. Several starts per case, medians (RSS of a fresh process
 //! varies by a few hundred KiB).
 //!
+//! It also splits the one-service RSS into anonymous memory (heap, stacks: what the process
+//! made) and file-backed pages (of which the binary's own code and read-only data, which the
+//! kernel maps in around each page the process touches and shares with the page cache).
+//!
 //! Run: `cargo bench --bench footprint` (env: BENCH_ITEMS, default 10000; BENCH_ROUNDS,
 //! default 3). JSON goes to `BENCH_JSON` (default `target/bench-footprint.json`).
 
@@ -92,6 +96,27 @@ fn joined(dir: &Path, state: &Path, services: &str, rt: &tokio::runtime::Runtime
     (node, gw)
 }
 
+/// A process's RSS apart (KiB): anonymous, file-backed, and of the file-backed the pages of
+/// its own executable.
+fn rss_split(p: &NodeProc) -> [u64; 3] {
+    let pid = p.child.id();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut binary, mut in_binary) = (0, false);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            // A mapping's header: "start-end perms offset dev inode [path]".
+            Some(first) if first.contains('-') && !first.ends_with(':') => {
+                in_binary = words.nth(4).is_some_and(|path| Path::new(path) == exe);
+            }
+            Some("Rss:") if in_binary => binary += words.next().and_then(|kib| kib.parse::<u64>().ok()).unwrap_or(0),
+            _ => {}
+        }
+    }
+    [proc_status_kib(pid, "RssAnon"), proc_status_kib(pid, "RssFile"), binary]
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort();
     v[v.len() / 2]
@@ -105,6 +130,8 @@ fn main() {
     let state = pki.issue("node-a");
     pki.issue("gateway");
     let mut report = serde_json::Map::new();
+    // Per process kind: the one-service starts' RSS split (anonymous, file, binary), medians.
+    let mut splits: Vec<(&str, [u64; 3])> = Vec::new();
     println!("\nRSS once started and settled, medians of {rounds} starts; per item = growth over one service (10 endpoints), per item added");
     println!("| process | one service | {n} endpoints | per endpoint | {n} routes | per route |");
     println!("|---|---|---|---|---|---|");
@@ -114,13 +141,21 @@ fn main() {
         // service of ten instances.
         let cases = [endpoints(10), endpoints(n), routes(n, route_table)];
         let mut rss = Vec::new();
-        for case in &cases {
-            let mut runs = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            let (mut runs, mut split) = (Vec::new(), [Vec::new(), Vec::new(), Vec::new()]);
             for _ in 0..rounds {
                 let p = start(kind, pki.path(), &state, case);
                 runs.push(settled_rss(&p));
+                if i == 0 {
+                    for (all, one) in split.iter_mut().zip(rss_split(&p)) {
+                        all.push(one);
+                    }
+                }
             }
             rss.push(median(runs));
+            if i == 0 {
+                splits.push((kind, split.map(median)));
+            }
         }
         // endpoints(n) makes n/10 services of 10 each; the base case has 10 of them already.
         let count = [1, (n / 10 * 10).saturating_sub(10), n];
@@ -162,6 +197,16 @@ fn main() {
         "node_from_snapshot".into(),
         serde_json::json!({ "one_service_kib": rss[0], "endpoints_kib": rss[1], "bytes_per_endpoint": per }),
     );
+    println!("\nOne service, RSS apart (medians of {rounds} starts)");
+    println!("| process | anonymous (heap, stacks) | file-backed | of which the quicmesh binary |");
+    println!("|---|---|---|---|");
+    for (kind, [anon, file, binary]) in &splits {
+        let mb = |kib: &u64| *kib as f64 / 1024.0;
+        println!("| {kind} | {:.1} MB | {:.1} MB | {:.1} MB |", mb(anon), mb(file), mb(binary));
+        if let Some(entry) = report.get_mut(*kind) {
+            entry["one_service_split_kib"] = serde_json::json!({ "anon": anon, "file": file, "binary": binary });
+        }
+    }
     let report = serde_json::json!({ "bench": "footprint", "items": n, "rounds": rounds, "results": report });
     let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-footprint.json".into());
     if std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).is_ok() {
