@@ -424,12 +424,10 @@ impl Gateway {
         for ep in &self.edge_endpoints {
             ep.close(0u32.into(), b"gateway shutting down");
         }
-        let dials = self.mesh.pool().worker_endpoints();
-        for ep in [&self.mesh_endpoint].into_iter().chain(&dials) {
-            ep.close(0u32.into(), b"gateway shutting down");
-        }
+        self.mesh_endpoint.close(0u32.into(), b"gateway shutting down");
+        let dials = self.mesh.pool().close_worker_endpoints(b"gateway shutting down");
         let idle = async {
-            for ep in self.edge_endpoints.iter().chain(&dials) {
+            for ep in self.edge_endpoints.iter().chain([&self.mesh_endpoint]).chain(&dials) {
                 ep.wait_idle().await;
             }
         };

@@ -521,11 +521,9 @@ impl Node {
 /// Closes the node's QUIC endpoint and its workers' own sockets (peers see each connection
 /// end at once), waiting up to two seconds for the closes to be sent.
 async fn close_endpoints(endpoint: &quinn::Endpoint, mesh: &Mesh, reason: &[u8]) {
+    endpoint.close(0u32.into(), reason);
     let endpoints: Vec<quinn::Endpoint> =
-        std::iter::once(endpoint.clone()).chain(mesh.pool().worker_endpoints()).collect();
-    for ep in &endpoints {
-        ep.close(0u32.into(), reason);
-    }
+        std::iter::once(endpoint.clone()).chain(mesh.pool().close_worker_endpoints(reason)).collect();
     let idle = async {
         for ep in &endpoints {
             ep.wait_idle().await;

@@ -5,7 +5,7 @@
 //! a single-threaded one here (`cargo bench --bench load`: a gateway on two threads against one):
 //! each wakeup may go to the other thread, and idle threads are woken to look for work. So a
 //! proxy with `workers` above one runs that many single-threaded runtimes instead: the first
-//! is the process's main one (control plane, admin, QUIC endpoints' sockets), the others each
+//! is the process's main one (control plane, admin, the process's QUIC endpoints' sockets), the others each
 //! own a thread. Accepted client connections are dealt out to them in turn ([`spawn_tcp`],
 //! [`spawn_connection`]), and everything a connection does then stays on its worker: its
 //! socket's readiness (a TCP stream is registered again with the worker's reactor), its tasks,

@@ -222,8 +222,10 @@ pub struct NodeConfig {
     #[schemars(with = "crate::config::reference::Duration")]
     pub drain_timeout: Duration,
     /// Threads that run the proxy, each a single-threaded event loop (as nginx's worker
-    /// processes) with accepted connections dealt out among them in turn; 0 is one per CPU
-    /// core. 1, the default, leaves a core to the host's applications. Read at start.
+    /// processes) with accepted connections dealt out among them in turn, and each with its
+    /// own pooled connections to peers (dialled, past the first worker, from a UDP socket of
+    /// the worker's own on the same address); 0 is one per CPU core. 1, the default, leaves a
+    /// core to the host's applications. Read at start.
     pub workers: usize,
     /// A kept-alive connection to a local instance closes once unused for this long (checked
     /// at this interval, so within about twice it). At most a day. Read at start.

@@ -1,11 +1,11 @@
 //! QUIC endpoints between mesh members: tuning, sockets and the stateless-reset key.
 //!
 //! One endpoint (one UDP socket) per process serves both directions: it accepts peers when it
-//! has a server config and dials peers with the mesh client config. A process with several
-//! workers also dials from a socket per worker thread ([`dial_endpoint`]). The stateless-reset key is
-//! derived from the member's private key, so a node that restarts on the same address answers
-//! packets of its previous life with a reset its peers can verify: they drop the dead connection
-//! at once instead of waiting for the idle timeout.
+//! has a server config and dials peers with the mesh client config. In a process with several
+//! workers, each worker past the first dials from a socket of its own ([`dial_endpoint`]). The
+//! stateless-reset key is derived from the member's private key, so a node that restarts on the
+//! same address answers packets of its previous life with a reset its peers can verify: they
+//! drop the dead connection at once instead of waiting for the idle timeout.
 
 pub mod admission;
 pub mod certwatch;

@@ -11,8 +11,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -150,11 +151,14 @@ const PROBE_UNWANTED: Duration = Duration::from_secs(600);
 struct Dialer {
     endpoint: quinn::Endpoint,
     /// The sockets of the workers past the first (entry `i - 1` is worker `i`'s), each made at
-    /// its worker's first dial ([`Dialer::endpoint_here`]); `None` in an entry: that worker
-    /// could not bind one and dials from `endpoint`. Empty: every worker dials from `endpoint`.
-    own: Vec<OnceLock<Option<quinn::Endpoint>>>,
+    /// its worker's first dial ([`Dialer::endpoint_here`]); `None` in an entry: none yet (or
+    /// that worker could not bind one, and dials from `endpoint`). Empty: every worker dials
+    /// from `endpoint`.
+    own: Vec<Mutex<Option<quinn::Endpoint>>>,
     /// What the workers' own sockets are made with (set with `own`).
     transport: Option<TransportConfig>,
+    /// Set when the process closes its endpoints: no worker makes a socket after it.
+    closed: AtomicBool,
     /// Until set (at the start, for workers' own sockets, or after a certificate renewal), the
     /// endpoint's default client config.
     client: arc_swap::ArcSwapOption<quinn::ClientConfig>,
@@ -180,6 +184,7 @@ impl PeerPool {
             endpoint,
             own: Vec::new(),
             transport: None,
+            closed: AtomicBool::new(false),
             client: arc_swap::ArcSwapOption::empty(),
             trust_domain: trust_domain.into(),
             connect_timeout,
@@ -199,26 +204,36 @@ impl PeerPool {
     pub fn with_worker_sockets(mut self, client: quinn::ClientConfig, transport: &TransportConfig) -> Self {
         let workers = crate::runtime::count();
         if let Some(dialer) = Arc::get_mut(&mut self.dialer).filter(|_| workers > 1) {
-            dialer.own = (1..workers).map(|_| OnceLock::new()).collect();
+            dialer.own = (1..workers).map(|_| Mutex::new(None)).collect();
             dialer.transport = Some(transport.clone());
             dialer.client.store(Some(Arc::new(client)));
         }
         self
     }
 
-    /// The workers' own sockets made so far (to close with the process's endpoint).
-    pub fn worker_endpoints(&self) -> Vec<quinn::Endpoint> {
-        self.dialer.own.iter().filter_map(|slot| slot.get().cloned().flatten()).collect()
+    /// Closes the workers' own sockets (the process is closing its endpoint) and returns them,
+    /// to wait until their closes are sent. No worker makes one after this.
+    pub fn close_worker_endpoints(&self, reason: &[u8]) -> Vec<quinn::Endpoint> {
+        self.dialer.closed.store(true, Ordering::Release);
+        let endpoints: Vec<quinn::Endpoint> =
+            self.dialer.own.iter().filter_map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect();
+        for endpoint in &endpoints {
+            endpoint.close(0u32.into(), reason);
+        }
+        endpoints
     }
 
     /// Moves the workers' own sockets to `ip`, each on a port the kernel picks (the process's
     /// endpoint moved there, [`crate::transport::rebind`]): the connections they opened migrate
-    /// as its own do. Each socket is made on its worker's reactor. Says what could not move.
+    /// as its own do. Each socket is made on its worker's reactor. Says what could not move; a
+    /// worker whose socket did not move makes a new one at its next dial
+    /// ([`Dialer::endpoint_here`]).
     pub fn rebind_workers(&self, ip: IpAddr) -> Vec<crate::transport::TransportError> {
         let Some(cfg) = &self.dialer.transport else { return Vec::new() };
         let mut failed = Vec::new();
         for (i, slot) in self.dialer.own.iter().enumerate() {
-            let (Some(Some(endpoint)), Some(worker)) = (slot.get(), crate::runtime::handle(i + 1)) else { continue };
+            let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            let (Some(endpoint), Some(worker)) = (slot.as_ref(), crate::runtime::handle(i + 1)) else { continue };
             let _on_worker = worker.enter();
             match crate::transport::rebind(endpoint, SocketAddr::new(ip, 0), cfg) {
                 Ok(now) => debug!(worker = i + 1, %now, "moved a worker's QUIC socket"),
@@ -394,35 +409,43 @@ impl PeerPool {
 
 impl Dialer {
     /// The endpoint `worker`'s connections go out from (its own socket, once made).
-    fn endpoint_of(&self, worker: usize) -> &quinn::Endpoint {
-        let own = worker.checked_sub(1).and_then(|i| self.own.get(i)).and_then(|slot| slot.get());
-        own.and_then(Option::as_ref).unwrap_or(&self.endpoint)
+    fn endpoint_of(&self, worker: usize) -> quinn::Endpoint {
+        let own = worker.checked_sub(1).and_then(|i| self.own.get(i));
+        own.and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_else(|| self.endpoint.clone())
     }
 
-    /// The endpoint this thread dials from: its worker's own socket (made at the worker's
-    /// first dial, on its runtime), or the process's endpoint.
-    fn endpoint_here(&self) -> &quinn::Endpoint {
+    /// The endpoint this thread dials from: its worker's own socket, made on its runtime at its
+    /// first dial and made again if it is not on the process endpoint's address (a move that
+    /// failed for it, or that raced with its making); or the process's endpoint.
+    fn endpoint_here(&self) -> quinn::Endpoint {
         let worker = crate::runtime::index();
         let (Some(cfg), Some(slot)) = (&self.transport, worker.checked_sub(1).and_then(|i| self.own.get(i))) else {
-            return &self.endpoint;
+            return self.endpoint.clone();
         };
-        let own = slot.get_or_init(|| {
-            let ip = match self.endpoint.local_addr() {
-                Ok(addr) => addr.ip(),
-                Err(_) => IpAddr::from([0, 0, 0, 0]),
-            };
-            match crate::transport::dial_endpoint(ip, cfg) {
-                Ok(endpoint) => {
-                    debug!(worker, addr = ?endpoint.local_addr().ok(), "this worker dials peers from its own UDP socket");
-                    Some(endpoint)
-                }
-                Err(e) => {
-                    warn!(worker, error = %e, "this worker cannot have a UDP socket of its own; it dials peers from the process's QUIC socket");
-                    None
-                }
+        if self.closed.load(Ordering::Acquire) {
+            return self.endpoint.clone();
+        }
+        let ip = match self.endpoint.local_addr() {
+            Ok(addr) => addr.ip(),
+            Err(_) => IpAddr::from([0, 0, 0, 0]),
+        };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(own) = slot.as_ref().filter(|own| own.local_addr().is_ok_and(|a| a.ip() == ip)) {
+            return own.clone();
+        }
+        // The one left on an old address keeps the connections it carries until they end.
+        match crate::transport::dial_endpoint(ip, cfg) {
+            Ok(endpoint) => {
+                debug!(worker, addr = ?endpoint.local_addr().ok(), "this worker dials peers from its own UDP socket");
+                *slot = Some(endpoint.clone());
+                endpoint
             }
-        });
-        own.as_ref().unwrap_or(&self.endpoint)
+            Err(e) => {
+                warn!(worker, error = %e, "this worker cannot have a UDP socket of its own; it dials peers from the process's QUIC socket");
+                self.endpoint.clone()
+            }
+        }
     }
 
     /// Marks the peer unreachable as soon as `conn` ends because nothing came from the peer
