@@ -110,6 +110,74 @@ fn endpoint_config(creds: &Credentials, cfg: &TransportConfig) -> Result<Endpoin
     Ok(endpoint)
 }
 
+/// The most one UDP send may carry over IPv4 (65 535 less the IP and UDP headers). Linux
+/// refuses a segmentation-offload (GSO) batch longer than this with `EMSGSIZE`, and quinn-udp
+/// takes that error for a path-MTU probe's and drops the batch without a word (quinn issue
+/// 2201). quinn 0.11 batches up to 10 datagrams of the path's MTU, so a `max_udp_payload` above
+/// 6 550 (a jumbo-frame network's 8 952) lost whole batches: measured, more packets and less
+/// throughput than at 1 452 (`BENCH_UDP_PAYLOAD=8952 cargo bench --bench bulk`).
+const MAX_SEND: usize = 65_507;
+
+/// A socket that tells quinn to batch no more datagrams per send than fit in [`MAX_SEND`] at
+/// this endpoint's largest datagram; everything else is the runtime's own socket.
+#[derive(Debug)]
+struct Batched {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    segments: usize,
+}
+
+impl quinn::AsyncUdpSocket for Batched {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments().min(self.segments)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+/// `socket` registered with the current runtime, its sends' batches bounded for datagrams up to
+/// `transport.max_udp_payload`.
+fn batched(
+    socket: std::net::UdpSocket,
+    cfg: &TransportConfig,
+    runtime: &Arc<dyn quinn::Runtime>,
+) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+    let inner = runtime.wrap_udp_socket(socket)?;
+    let segments = (MAX_SEND / usize::from(cfg.max_udp_payload.max(1200))).max(1);
+    Ok(Arc::new(Batched { inner, segments }))
+}
+
+/// The current runtime, as quinn wants it.
+fn runtime() -> Result<Arc<dyn quinn::Runtime>, TransportError> {
+    quinn::default_runtime().ok_or_else(|| TransportError::Setting("no async runtime".into()))
+}
+
 /// Where the endpoint's UDP socket comes from.
 pub enum Bind {
     Addr(SocketAddr),
@@ -259,7 +327,8 @@ pub fn rebind(
 ) -> Result<SocketAddr, TransportError> {
     let socket = udp_socket(Bind::Addr(addr), cfg.socket_buffer)?;
     let local = socket.local_addr().map_err(|source| TransportError::Bind { addr, source })?;
-    endpoint.rebind(socket).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = batched(socket, cfg, &runtime()?).map_err(|source| TransportError::Bind { addr, source })?;
+    endpoint.rebind_abstract(socket).map_err(|source| TransportError::Bind { addr, source })?;
     Ok(local)
 }
 
@@ -276,8 +345,10 @@ pub fn dial_endpoint(ip: std::net::IpAddr, cfg: &TransportConfig) -> Result<quin
         .max_udp_payload_size(cfg.max_udp_payload.max(1472))
         .map_err(|e| TransportError::Setting(format!("max_udp_payload: {e}")))?;
     let socket = udp_socket(Bind::Addr(addr), cfg.socket_buffer)?;
-    let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setting("no async runtime".into()))?;
-    quinn::Endpoint::new(endpoint_cfg, None, socket, runtime).map_err(|source| TransportError::Bind { addr, source })
+    let runtime = runtime()?;
+    let socket = batched(socket, cfg, &runtime).map_err(|source| TransportError::Bind { addr, source })?;
+    quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, None, socket, runtime)
+        .map_err(|source| TransportError::Bind { addr, source })
 }
 
 /// Builds the mesh QUIC endpoint. With `serve` it accepts peers, authenticated as it says.
@@ -292,8 +363,9 @@ pub fn mesh_endpoint(
     let endpoint_cfg = endpoint_config(creds, cfg)?;
     let socket = udp_socket(bind, cfg.socket_buffer)?;
     let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })?;
-    let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setting("no async runtime".into()))?;
-    let mut endpoint = quinn::Endpoint::new(endpoint_cfg, server, socket, runtime)
+    let runtime = runtime()?;
+    let socket = batched(socket, cfg, &runtime).map_err(|source| TransportError::Bind { addr, source })?;
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, server, socket, runtime)
         .map_err(|source| TransportError::Bind { addr, source })?;
     endpoint.set_default_client_config(client_config(creds, trust_domain, cfg)?);
     Ok(endpoint)
