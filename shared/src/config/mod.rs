@@ -875,7 +875,9 @@ pub struct TransportConfig {
     pub congestion: Congestion,
     /// Largest UDP payload a connection's path-MTU discovery probes for, and accepted from
     /// peers, bytes (1200 to 65527). 1452 fits a 1500-byte Ethernet MTU over IPv4 and IPv6;
-    /// raise it on jumbo-frame networks (8952 for a 9000-byte MTU): fewer, larger datagrams.
+    /// raise it on jumbo-frame networks (8952 for a 9000-byte MTU) and between members on one
+    /// host: fewer, larger datagrams (measured on loopback at 8952: the TCP tunnel's nodes spent
+    /// 0.55x the CPU per GiB they spend at 1452).
     /// Probes that get no answer cost nothing but a little time, so a too-high value is safe
     /// for the path; the endpoint's receive buffers grow with it (about 45 times at 65527).
     pub max_udp_payload: u16,
