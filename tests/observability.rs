@@ -490,12 +490,26 @@ async fn a_prometheus_server_scrapes_the_mesh_and_answers_a_rate_query() {
     let _ = (&m.web, &m.gw);
 }
 
+/// `GET /` for service `s` on a new local connection to a node's outbound port (so that the
+/// node deals it to its next worker), answered 200 within 10 s.
+async fn get_on_a_connection_of_its_own(outbound: SocketAddr, what: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("{what} was not answered"))
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+}
+
 /// A node runs its proxy on one thread unless `node.workers` asks for more; the gateway takes a
 /// thread per core by default. Each thread is a single-threaded event loop, and accepted
 /// connections are dealt out among them: every worker serves its share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_threads_follow_the_workers_settings() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let dir = pki.issue("gateway");
     pki.issue("node-a");
@@ -521,15 +535,7 @@ async fn runtime_threads_follow_the_workers_settings() {
     assert_eq!(workers(&gw.metrics().await, "current_thread"), cores as f64);
     // Six local connections to node-b: two for each of its workers, in turn, each answered.
     for i in 0..6 {
-        let mut tcp = tokio::net::TcpStream::connect(b.addrs.outbound).await.unwrap();
-        tcp.write_all(b"GET / HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n").await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
-            .await
-            .unwrap_or_else(|_| panic!("connection {i} to node-b was not answered"))
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 200"), "connection {i}: {answer}");
+        get_on_a_connection_of_its_own(b.addrs.outbound, &format!("connection {i} to node-b")).await;
     }
     let text = b.metrics().await;
     for w in ["0", "1", "2"] {
@@ -547,7 +553,6 @@ async fn runtime_threads_follow_the_workers_settings() {
 /// sees both connections closed at once, the worker's too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_worker_dials_peers_from_a_socket_of_its_own() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let dir = pki.issue("node-a");
     pki.issue("node-b");
@@ -559,15 +564,7 @@ async fn each_worker_dials_peers_from_a_socket_of_its_own() {
         node_toml("node-a", &dir, &[("node-b", b.addrs.inbound)], &svc).replace("[node]\n", "[node]\nworkers = 2\n");
     let mut a = NodeProc::start(&dir, "node-a", &a_toml);
     for i in 0..2 {
-        let mut tcp = tokio::net::TcpStream::connect(a.addrs.outbound).await.unwrap();
-        tcp.write_all(b"GET / HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n").await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
-            .await
-            .unwrap_or_else(|_| panic!("connection {i} to node-a was not answered"))
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 200"), "connection {i}: {answer}");
+        get_on_a_connection_of_its_own(a.addrs.outbound, &format!("connection {i} to node-a")).await;
     }
     let dump = a.admin_json("/endpoints").await;
     let node_b = dump["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node-b").unwrap().clone();
