@@ -3,11 +3,11 @@
 //!
 //! - the transport alone: a request and its answer over HTTP/3 on quinn against HTTP/1.1 over
 //!   TLS on TCP (hyper + tokio-rustls, the same mesh certificates) and over plain TCP;
-//! - one proxy in front of the same backend: a minimal hyper proxy (server, then hyper-util's
-//!   pooled client) against one quicmesh node delivering locally (the node's whole request path
-//!   without the QUIC leg), with each one's CPU per request;
+//! - one proxy in front of the same backend: a minimal hyper proxy (server, then hyper's client
+//!   on the least pool there is, `peers/pool.rs`) against one quicmesh node delivering locally
+//!   (the node's whole request path without the QUIC leg), with each one's CPU per request;
 //! - the bare hop (`peers/bare.rs`): the hop's libraries without the nodes' work, hyper ->
-//!   HTTP/3 on quinn with mTLS -> hyper-util -> the backend, in two processes; then the same with
+//!   HTTP/3 on quinn with mTLS -> hyper -> the backend, in two processes; then the same with
 //!   headers the size of those a node adds, which shows what carrying them costs (mostly their
 //!   QPACK coding);
 //! - the mesh hop, node-a -> QUIC -> node-b -> the same backend, with both nodes' CPU, and the
@@ -230,17 +230,22 @@ fn main() {
         l.set_nonblocking(true).unwrap();
         let proxy = l.local_addr().unwrap();
         proxy_lane.handle.spawn(async move {
-            let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<hyper::body::Incoming>();
+            let pool = peers::pool::Pool::<hyper::body::Incoming>::new(backend);
             let l = tokio::net::TcpListener::from_std(l).unwrap();
-            let target: http::Uri = format!("http://{backend}/").parse().unwrap();
             while let Ok((s, _)) = l.accept().await {
                 let _ = s.set_nodelay(true);
-                let (pool, target) = (pool.clone(), target.clone());
+                let pool = pool.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                        *req.uri_mut() = target.clone();
-                        pool.request(req)
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let pool = pool.clone();
+                        async move {
+                            let Some((parts, body)) = pool.call(req).await else {
+                                let mut failed = http::Response::new(Full::new(Bytes::new()));
+                                *failed.status_mut() = http::StatusCode::BAD_GATEWAY;
+                                return Ok::<_, std::convert::Infallible>(failed);
+                            };
+                            Ok(http::Response::from_parts(parts, Full::new(body)))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
                 });
@@ -254,7 +259,7 @@ fn main() {
         // The hop's libraries alone, as the mesh hop's floor (two processes); then the same
         // with headers the size of those a node adds, to show what carrying them costs.
         for (name, mesh_headers) in [
-            ("bare hop: hyper -> h3/quinn -> hyper-util -> backend (libraries only)", false),
+            ("bare hop: hyper -> h3/quinn -> hyper -> backend (libraries only)", false),
             ("bare hop, plus headers the size of the mesh's", true),
         ] {
             let bare = peers::bare::start(&pki, backend, mesh_headers);

@@ -778,8 +778,9 @@ async fn a_get_reaches_the_instance_without_a_body() {
 }
 
 /// A burst opens a connection to the local instance for each request in flight. Once they have
-/// sat unused for `node.instance_idle`, the node closes them: hyper-util's pool only reaps idle
-/// connections when it has a timer, and without one they stayed open for good.
+/// sat unused for `node.instance_idle`, the node closes them (hyper-util's pool, which carried
+/// them once, only reaped idle connections when it had a timer; without one they stayed open for
+/// good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_to_a_local_instance_close_after_instance_idle() {
     let pki = Pki::new();
@@ -819,6 +820,80 @@ async fn idle_connections_to_a_local_instance_close_after_instance_idle() {
         .body(Full::default())
         .unwrap();
     assert_eq!(send(&h1_client(), req).await.0, 200);
+    drop(b);
+    drop(pki);
+}
+
+/// An HTTP/1.1 instance written by hand, so that how it treats its connections is known: it
+/// answers every request `200 ok`, keeping the connection alive unless `close_after_each` (then
+/// it closes each connection right after its answer, without saying so in a header, as a
+/// server whose keep-alive timeout ran out does). Returns its address and how many connections
+/// it has accepted.
+async fn counting_instance(close_after_each: bool) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    buf.drain(..head_end);
+                    if tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err()
+                        || close_after_each
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// The node's pool of connections to local instances: one after another, requests share one
+/// kept-alive connection (a pool that failed to take connections back would open one per
+/// request); and when the instance closes each connection after its answer, no request fails
+/// for having been given a connection that was closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_to_local_instances_reuses_connections_and_skips_closed_ones() {
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    let (keeps, keeps_accepted) = counting_instance(false).await;
+    let (closes, closes_accepted) = counting_instance(true).await;
+    let svc = format!(
+        "[[services]]\nname = \"keeps\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{keeps}\"\n\n\
+         [[services]]\nname = \"closes\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{closes}\"\n"
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let client = h1_client();
+    let get = |host: &'static str| {
+        http::Request::get(format!("http://{}/", b.addrs.outbound)).header("host", host).body(Full::default()).unwrap()
+    };
+    for i in 0..30 {
+        let (status, _, body) = send(&client, get("keeps")).await;
+        assert_eq!((status, body.as_str()), (200, "ok"), "request {i} to the instance that keeps connections");
+    }
+    let opened = keeps_accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(opened, 1, "30 requests one after another should share one connection; the node opened {opened}");
+    for i in 0..30 {
+        let (status, _, body) = send(&client, get("closes")).await;
+        assert_eq!((status, body.as_str()), (200, "ok"), "request {i} to the instance that closes connections");
+    }
+    let opened = closes_accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(opened >= 30, "each answer closed its connection, so 30 requests needed 30; the node opened {opened}");
     drop(b);
     drop(pki);
 }
@@ -1235,6 +1310,9 @@ async fn jumbo_datagrams_carry_bulk_data_without_loss() {
     let (got, _server_conn, _server) = tokio::time::timeout(Duration::from_secs(60), reader).await.unwrap().unwrap();
     assert_eq!(got, mib << 20);
     let path = conn.stats().path;
-    assert_eq!(path.current_mtu, 8952, "path-MTU discovery should reach the jumbo size on loopback");
+    // quinn's search stops within its step (20 bytes) of the ceiling, and may stop a step or
+    // two short when a probe is lost to timing (8921 was seen in a debug build); without the
+    // batch bound it fell back to the base size.
+    assert!(path.current_mtu > 8800, "path-MTU discovery should reach the jumbo size on loopback: {path:?}");
     assert_eq!(path.lost_packets, 0, "packets declared lost on loopback: {path:?}");
 }

@@ -1,7 +1,7 @@
 //! The mesh hop's libraries and nothing else, as the floor under the hop: a hyper HTTP/1.1
 //! server whose requests go out as HTTP/3 over quinn with mutual TLS (the mesh's endpoint and
-//! transport settings) to an h3 server, which hands them to hyper-util's pooled client for the
-//! backend. No routing, header rules, telemetry, retries or policy: what is left between this
+//! transport settings) to an h3 server, which hands them to hyper's HTTP/1.1 client on a
+//! minimal pool of connections to the backend (`pool.rs`). No routing, header rules, telemetry, retries or policy: what is left between this
 //! and the mesh hop is the nodes' own work and the headers they add (which the second variant,
 //! `mesh_headers`, carries, to tell the two apart).
 //!
@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 
 use bytes::{Buf, Bytes};
 use http::header::HeaderValue;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{Empty, Full};
 use hyper_util::rt::TokioIo;
 use quicmesh_shared::config::TransportConfig;
 use quicmesh_shared::identity::tls::ClientAuth;
@@ -147,8 +147,7 @@ fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
     let quic = endpoint(dir, "bare-b", Some(ClientAuth::Required));
     let addr = quic.local_addr().unwrap();
     tokio::spawn(async move {
-        let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<Empty<Bytes>>();
+        let pool = Pool::new(backend);
         while let Some(incoming) = quic.accept().await {
             let pool = pool.clone();
             tokio::spawn(async move {
@@ -159,7 +158,7 @@ fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
                     return;
                 };
                 while let Ok(Some(resolver)) = h3.accept().await {
-                    tokio::spawn(serve_one(resolver, pool.clone(), backend));
+                    tokio::spawn(serve_one(resolver, pool.clone()));
                 }
             });
         }
@@ -233,35 +232,29 @@ async fn forward(
     Ok(http::Response::from_parts(parts, Full::new(Bytes::from(body))))
 }
 
-type Pool = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+type Pool = super::pool::Pool<Empty<Bytes>>;
 
-/// The back half: one HTTP/3 request to the backend over the pool, its answer streamed back.
-async fn serve_one(
-    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
-    pool: Pool,
-    backend: SocketAddr,
-) {
+/// The back half: one HTTP/3 request to the backend over the pool, its answer (read whole)
+/// sent back.
+async fn serve_one(resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>, pool: Pool) {
     let Ok((req, mut stream)) = resolver.resolve_request().await else { return };
     let (mut parts, ()) = req.into_parts();
     // What a receiving node does with the mesh's own headers: they stop here.
     for (name, _) in MESH_HEADERS.iter().filter(|(name, _)| name.starts_with("quicmesh-")) {
         parts.headers.remove(*name);
     }
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = format!("http://{backend}{path}").parse() else { return };
-    parts.uri = uri;
+    // :authority arrived in the URI; the backend gets it as Host, and the path alone.
+    if let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        parts.headers.insert(http::header::HOST, host);
+    }
+    parts.uri = parts.uri.path_and_query().map_or(http::Uri::from_static("/"), |p| p.clone().into());
     parts.version = http::Version::HTTP_11;
-    let Ok(resp) = pool.request(http::Request::from_parts(parts, Empty::new())).await else { return };
-    let (parts, mut body) = resp.into_parts();
+    let Some((parts, body)) = pool.call(http::Request::from_parts(parts, Empty::new())).await else { return };
     if stream.send_response(http::Response::from_parts(parts, ())).await.is_err() {
         return;
     }
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Ok(data) = frame.into_data() {
-            if stream.send_data(data).await.is_err() {
-                return;
-            }
-        }
+    if !body.is_empty() && stream.send_data(body).await.is_err() {
+        return;
     }
     let _ = stream.finish().await;
 }

@@ -9,6 +9,7 @@
 //! the earlier rows, where nginx spread each proxy over both cores of this machine).
 
 pub mod bare;
+pub mod pool;
 
 use std::net::SocketAddr;
 use std::path::Path;

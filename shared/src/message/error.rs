@@ -5,10 +5,13 @@
 
 use std::time::Duration;
 
+use http::header::HeaderName;
 use http::StatusCode;
 
-/// Header naming why the proxy answered instead of the application.
-pub const ERROR_HEADER: &str = "quicmesh-error";
+/// Header naming why the proxy answered instead of the application. A `HeaderName`, not text:
+/// a map looked up by text parses the name again at every lookup, and this one is looked up on
+/// every response.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("quicmesh-error");
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
@@ -69,7 +72,7 @@ pub enum ProxyError {
 
 /// Internal header on a response from a peer node's own error: the request never reached the
 /// instance, so it may be retried whatever its method. Stripped at every hop's exit.
-pub const UNSENT_HEADER: &str = "quicmesh-unsent";
+pub const UNSENT_HEADER: HeaderName = HeaderName::from_static("quicmesh-unsent");
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
