@@ -175,11 +175,19 @@ impl H1Pool {
     }
 
     /// The newest pooled connection to `key` still open.
+    /// The newest pooled connection to `key` that is open, ready and idle for less than
+    /// `instance_idle` (an instance closes its end of an idle connection when its own keep-alive
+    /// timeout runs out; `instance_idle` is set below that so the mesh never sends on one it is
+    /// closing). The newest is taken first, so one idle too long means all are.
     fn checkout(&self, key: Key) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.lock();
         let list = idle.conns.get_mut(&key)?;
-        while let Some((send, _)) = list.pop() {
-            if !send.is_closed() {
+        while let Some((send, since)) = list.pop() {
+            if since.elapsed() >= self.inner.max_idle {
+                list.clear();
+                return None;
+            }
+            if send.is_ready() {
                 return Some(send);
             }
         }
@@ -235,7 +243,10 @@ impl H1Pool {
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ProxyError::ConnectTimeout(format!("{addr} after {timeout:?}")))?
-            .map_err(|e| ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: e.to_string() })?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut => ProxyError::ConnectTimeout(format!("{addr}: {e}")),
+                _ => ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: e.to_string() },
+            })?;
         let _ = tcp.set_nodelay(true);
         let (send, conn) = http1::handshake(TokioIo::new(tcp))
             .await
@@ -262,6 +273,8 @@ impl PoolInner {
         let pool = Arc::downgrade(self);
         let period = (self.max_idle / 4).max(Duration::from_millis(50));
         rt.spawn(async move {
+            // A sweep dropped with its runtime lets the next check-in start another.
+            let mut running = Sweeping(pool.clone());
             loop {
                 tokio::time::sleep(period).await;
                 let Some(inner) = pool.upgrade() else { return };
@@ -272,11 +285,31 @@ impl PoolInner {
                     !list.is_empty()
                 });
                 if idle.conns.is_empty() {
+                    // Cleared under the same lock a check-in takes, so none is left unswept.
                     idle.sweeping = false;
+                    running.0 = Weak::new();
                     return;
                 }
             }
         });
+    }
+
+    /// Pools `send` (open and ready) under `key`.
+    fn pool(self: &Arc<Self>, key: Key, send: http1::SendRequest<Body>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.conns.entry(key).or_default().push((send, Instant::now()));
+        self.sweep(&mut idle);
+    }
+}
+
+/// Clears a pool's `sweeping` when its sweep task ends other than by finding the pool empty.
+struct Sweeping(Weak<PoolInner>);
+
+impl Drop for Sweeping {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.idle.lock().unwrap_or_else(|e| e.into_inner()).sweeping = false;
+        }
     }
 }
 
@@ -288,14 +321,26 @@ struct Checkin {
 }
 
 impl Checkin {
+    /// Pools the connection once it can take another request. That is at once in the common
+    /// case: hyper marks it ready as it reads the end of the answer. A connection still sending
+    /// the request's body (an instance that answered an upload early, say) waits in a task of
+    /// its own rather than in the pool, where the next request would wait on it.
     fn put(self) {
         let Some(inner) = self.pool.upgrade() else { return };
-        if self.send.is_closed() {
-            return;
+        let Checkin { key, mut send, .. } = self;
+        if send.is_ready() {
+            inner.pool(key, send);
+        } else if !send.is_closed() {
+            let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+            let pool = Arc::downgrade(&inner);
+            rt.spawn(async move {
+                if send.ready().await.is_ok() {
+                    if let Some(inner) = pool.upgrade() {
+                        inner.pool(key, send);
+                    }
+                }
+            });
         }
-        let mut idle = inner.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.conns.entry(self.key).or_default().push((self.send, Instant::now()));
-        inner.sweep(&mut idle);
     }
 }
 
