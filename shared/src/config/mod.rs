@@ -227,8 +227,10 @@ pub struct NodeConfig {
     /// the worker's own on the same address); 0 is one per CPU core. 1, the default, leaves a
     /// core to the host's applications. Read at start.
     pub workers: usize,
-    /// A kept-alive connection to a local instance closes once unused for this long (checked
-    /// at this interval, so within about twice it). At most a day. Read at start.
+    /// A kept-alive connection to a local instance closes once unused for this long: plain
+    /// HTTP/1.1 ones are never reused past it and close within a quarter more; h2c and TLS ones
+    /// are checked at this interval, so close within about twice it. Keep it below the
+    /// instances' own keep-alive timeout. At most a day. Read at start.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub instance_idle: Duration,
