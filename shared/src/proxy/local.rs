@@ -21,7 +21,6 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use std::collections::HashMap;
@@ -239,15 +238,7 @@ impl H1Pool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let timeout = self.inner.connect_timeout;
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ProxyError::ConnectTimeout(format!("{addr} after {timeout:?}")))?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::TimedOut => ProxyError::ConnectTimeout(format!("{addr}: {e}")),
-                _ => ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: e.to_string() },
-            })?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = crate::proxy::tcp::connect_within(addr, self.inner.connect_timeout).await?;
         let (send, conn) = http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: source_text(&e) })?;

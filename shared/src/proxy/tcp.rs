@@ -230,11 +230,19 @@ impl Drop for TunnelDone {
 }
 
 pub async fn connect(addr: std::net::SocketAddr, table: &Table) -> Result<TcpStream, ProxyError> {
-    let timeout = table.config().timeouts.connect;
+    connect_within(addr, table.config().timeouts.connect).await
+}
+
+/// A TCP connection to an instance at `addr` within `timeout`, Nagle off. The kernel's own
+/// connect timeout counts as a timeout too.
+pub async fn connect_within(addr: std::net::SocketAddr, timeout: std::time::Duration) -> Result<TcpStream, ProxyError> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| ProxyError::ConnectTimeout(addr.to_string()))?
-        .map_err(|e| ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: e.to_string() })?;
+        .map_err(|_| ProxyError::ConnectTimeout(format!("{addr} after {timeout:?}")))?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => ProxyError::ConnectTimeout(format!("{addr}: {e}")),
+            _ => ProxyError::UpstreamUnreachable { addr: addr.to_string(), reason: e.to_string() },
+        })?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
 }
