@@ -117,6 +117,16 @@ fn rss_split(p: &NodeProc) -> [u64; 3] {
     [proc_status_kib(pid, "RssAnon"), proc_status_kib(pid, "RssFile"), binary]
 }
 
+/// Of the functions `link/symbol-order.txt` lists, how many the binary has: (found, listed).
+fn order_coverage() -> Option<(usize, usize)> {
+    let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/link/symbol-order.txt")).ok()?;
+    let out = std::process::Command::new("nm").args(["--defined-only", BIN]).output().ok()?;
+    let names = String::from_utf8_lossy(&out.stdout);
+    let have: std::collections::HashSet<&str> = names.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    let listed: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
+    Some((listed.iter().filter(|l| have.contains(*l)).count(), listed.len()))
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort();
     v[v.len() / 2]
@@ -206,6 +216,18 @@ fn main() {
         if let Some(entry) = report.get_mut(*kind) {
             entry["one_service_split_kib"] = serde_json::json!({ "anon": anon, "file": file, "binary": binary });
         }
+    }
+    // The binary's layout (build.rs): listed functions renamed since the list was written fall
+    // back to the compiler's order, and the idle RSS above drifts up with their share.
+    match order_coverage() {
+        Some((found, listed)) => {
+            println!(
+                "\nSymbol order (link/symbol-order.txt): {found} of the {listed} listed functions are in this binary \
+                 (the file lists the release and the bench builds' names; each build has its own)"
+            );
+            report.insert("symbol_order".into(), serde_json::json!({ "found": found, "listed": listed }));
+        }
+        None => println!("\nSymbol order: not checked (needs `nm` and link/symbol-order.txt)"),
     }
     let report = serde_json::json!({ "bench": "footprint", "items": n, "rounds": rounds, "results": report });
     let path = std::env::var("BENCH_JSON").unwrap_or_else(|_| "target/bench-footprint.json".into());
