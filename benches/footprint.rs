@@ -123,7 +123,7 @@ fn order_coverage() -> Option<(usize, usize)> {
     let out = std::process::Command::new("nm").args(["--defined-only", BIN]).output().ok()?;
     let names = String::from_utf8_lossy(&out.stdout);
     let have: std::collections::HashSet<&str> = names.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
-    let listed: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
+    let listed: Vec<&str> = listed.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     Some((listed.iter().filter(|l| have.contains(*l)).count(), listed.len()))
 }
 

@@ -21,8 +21,9 @@ Names are the binary's symbols, mangled, as the linker sees them. Their hashes c
 build of each crate, not from the source: they hold across code changes (new and renamed
 functions fall back to the compiler's place), but differ between `cargo build --release` and the
 benches' build of the same binary (dev-dependencies change some crates' features), so the file
-holds both. Run it again when the layout decays (`cargo bench --bench footprint` reports the
-node's idle RSS and how many of the listed functions the binary has) or Cargo.lock changes:
+holds both. A new rustc or a change to Cargo.lock changes nearly all of them (`cargo bench
+--bench footprint` reports the node's idle RSS and how many of the listed functions the binary
+has): run it again then, or when the layout decays:
     cargo build --release && python3 link/symbol_order.py --fresh
     cargo bench --bench footprint --no-run && python3 link/symbol_order.py
 Needs valgrind and curl.
@@ -30,6 +31,7 @@ Needs valgrind and curl.
 
 import argparse
 import glob
+import http.client
 import http.server
 import os
 import re
@@ -86,20 +88,67 @@ def callgrind(binary, out_dir, args, log, children=False):
                             start_new_session=True)
 
 
-def dump(tag):
-    subprocess.run(["callgrind_control", "-d", tag], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+def session(leader):
+    """The pids of the processes in `leader`'s session (the demo's children with it)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == leader.pid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def dump(tag, leaders, d, count):
+    """Dumps the counters of these runs' processes only (`count` of them), and checks the files
+    appeared: callgrind_control says nothing useful when it reaches no run."""
+    pids = [pid for p in leaders for pid in session(p)]
+    for pid in pids:
+        subprocess.run(["callgrind_control", "-d", tag, str(pid)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    part = {"start": 1, "serve": 2}[tag]
+    deadline = time.monotonic() + 60
+    while len(glob.glob(f"{d}/cg.*.{part}")) < count:
+        if time.monotonic() > deadline:
+            sys.exit(f"callgrind wrote {len(glob.glob(f'{d}/cg.*.{part}'))} of {count} '{tag}' dumps (pids {pids})")
+        time.sleep(0.2)
+
+
+def stop(procs):
+    """SIGTERM to each run's process group, SIGKILL to what is left after a minute."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def get(url, host=None, tries=3):
+    """One GET; True when it was answered 2xx."""
     req = urllib.request.Request(url, headers={"Host": host} if host else {})
     for _ in range(tries):
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 r.read()
-                return
-        except OSError:
+                return True
+        except (OSError, http.client.HTTPException):
             time.sleep(0.5)
+    return False
+
+
+def served(what, ok, total):
+    if ok == 0:
+        sys.exit(f"no request to {what} succeeded: the serving phase would hold only error paths")
+    if ok < total:
+        print(f"warning: {total - ok} of {total} requests to {what} failed")
 
 
 def node_pair(binary, d):
@@ -118,38 +167,49 @@ def node_pair(binary, d):
             f'admin = "127.0.0.1:{ports[n + "_admin"]}"\n[node.tls]\nstate_dir = "{d}/state"\n{peers}'
             f'[[services]]\nname = "hello"\n[[services.endpoints]]\nnode = "node-b"\n'
             f'address = "127.0.0.1:{backend.server_address[1]}"\n')
-    procs = [callgrind(binary, d, ["node", "--config", f"{d}/node-{n}.toml"], f"{d}/node-{n}.log") for n in "ba"]
-    for n in "ab":
-        wait_for(f"{d}/node-{n}.log", " ready: ", f"node-{n}")
-    dump("start")
-    for _ in range(30):
-        get(f"http://127.0.0.1:{ports['a_out']}/", "hello")
-        get(f"http://127.0.0.1:{ports['b_out']}/", "hello")
-    get(f"http://127.0.0.1:{ports['a_admin']}/metrics")
-    dump("serve")
-    for p in procs:
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait()
-    backend.shutdown()
+    procs = []
+    try:
+        for n in "ba":
+            procs.append(callgrind(binary, d, ["node", "--config", f"{d}/node-{n}.toml"], f"{d}/node-{n}.log"))
+        for n in "ab":
+            wait_for(f"{d}/node-{n}.log", " ready: ", f"node-{n}")
+        dump("start", procs, d, 2)
+        ok = 0
+        for _ in range(30):
+            ok += get(f"http://127.0.0.1:{ports['a_out']}/", "hello")
+            ok += get(f"http://127.0.0.1:{ports['b_out']}/", "hello")
+        served("the node pair", ok, 60)
+        get(f"http://127.0.0.1:{ports['a_admin']}/metrics")
+        dump("serve", procs, d, 2)
+    finally:
+        stop(procs)
+        backend.shutdown()
 
 
 def demo(binary, d):
     """`quicmesh demo`: gateway and nodes as child processes of the demo's."""
     port, admin, outbound = free_port(), free_port(), free_port()
     log = f"{d}/demo.log"
+    before = {k: len(glob.glob(f"{d}/cg.*.{k}")) for k in (1, 2)}
     p = callgrind(binary, d, ["demo", "--port", str(port), "--admin-port", str(admin),
                               "--outbound-port", str(outbound)], log, children=True)
-    wait_for(log, "Ctrl-C stops everything.", "the demo", timeout=600)
-    dump("start")
-    for _ in range(20):
-        for proto in ["--http1.1", "--http2"]:
-            subprocess.run(["curl", "-sk", proto, "-o", "/dev/null", f"https://127.0.0.1:{port}/hello"])
-            subprocess.run(["curl", "-sk", proto, "-o", "/dev/null", "-d", "hi", f"https://127.0.0.1:{port}/echo"])
-        get(f"http://127.0.0.1:{outbound}/from-node-a", "echo")
-    get(f"http://127.0.0.1:{admin}/metrics")
-    dump("serve")
-    os.killpg(p.pid, signal.SIGTERM)
-    p.wait()
+    try:
+        wait_for(log, "Ctrl-C stops everything.", "the demo", timeout=600)
+        # the demo, its gateway and two nodes (valgrind also follows the short-lived commands
+        # the demo runs, which are gone by now)
+        dump("start", [p], d, before[1] + 4)
+        ok = 0
+        for _ in range(20):
+            for proto in ["--http1.1", "--http2"]:
+                for extra in [[f"https://127.0.0.1:{port}/hello"], ["-d", "hi", f"https://127.0.0.1:{port}/echo"]]:
+                    run = subprocess.run(["curl", "-skf", proto, "-o", "/dev/null"] + extra)
+                    ok += run.returncode == 0
+            ok += get(f"http://127.0.0.1:{outbound}/from-node-a", "echo")
+        served("the demo", ok, 100)
+        get(f"http://127.0.0.1:{admin}/metrics")
+        dump("serve", [p], d, before[2] + 4)
+    finally:
+        stop([p])
 
 
 def functions(path, binary):
@@ -162,6 +222,8 @@ def functions(path, binary):
             # callgrind marks recursion depth with a 'N suffix, and names code without a symbol
             # by its address or as "(below main)"
             name = re.sub(r"'\d+$", "", line[3:].strip())
+            # (LLVM's numbered copies, `.1234` or `.constprop.0`, are kept: they are renumbered
+            # by the next change, but until then they hold 0.6 MB of an idle node's pages)
             if not name.startswith(("0x", "(")):
                 out.append(name)
     return out
