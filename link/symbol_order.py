@@ -10,7 +10,7 @@ node runs to start sits together at the front, what it runs per request right af
 
 How: each process runs under valgrind's callgrind, which records every function that executed.
 Counters are dumped once the process is ready ("start") and again after requests ("serve"):
-- a node pair with a static config (`quicmesh ca init`, two nodes, a plain HTTP backend), with
+- a node pair with a static config (`quicmesh ca init`, two nodes, `quicmesh sample` behind), with
   requests through node-a to node-b and delivered locally at node-b;
 - `quicmesh demo` (a gateway, two nodes joined to its control plane), with HTTP/1.1 and HTTP/2
   requests at the gateway and a request through node-a.
@@ -32,7 +32,6 @@ Needs valgrind and curl.
 import argparse
 import glob
 import http.client
-import http.server
 import os
 import re
 import signal
@@ -40,7 +39,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
@@ -51,20 +49,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Hello(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        body = b"hello\n"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 def wait_for(path, text, what, timeout=180):
@@ -152,9 +136,8 @@ def served(what, ok, total):
 
 
 def node_pair(binary, d):
-    """Two nodes from static config files, a plain HTTP backend behind node-b."""
-    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    """Two nodes from static config files, the `hello` sample app behind node-b."""
+    backend_port = free_port()
     subprocess.run([binary, "ca", "init", "--dir", f"{d}/state", "--trust-domain", "order.local",
                     "--issue", "node-a", "--issue", "node-b"], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
@@ -166,24 +149,26 @@ def node_pair(binary, d):
             f'outbound = "127.0.0.1:{ports[n + "_out"]}"\ninbound = "127.0.0.1:{ports[n + "_in"]}"\n'
             f'admin = "127.0.0.1:{ports[n + "_admin"]}"\n[node.tls]\nstate_dir = "{d}/state"\n{peers}'
             f'[[services]]\nname = "hello"\n[[services.endpoints]]\nnode = "node-b"\n'
-            f'address = "127.0.0.1:{backend.server_address[1]}"\n')
-    procs = []
+            f'address = "127.0.0.1:{backend_port}"\n')
+    procs = [subprocess.Popen([binary, "sample", "--listen", f"127.0.0.1:{backend_port}"],
+                              stdout=open(f"{d}/sample.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)]
     try:
+        wait_for(f"{d}/sample.log", "listening on", "the sample app", timeout=30)
         for n in "ba":
             procs.append(callgrind(binary, d, ["node", "--config", f"{d}/node-{n}.toml"], f"{d}/node-{n}.log"))
         for n in "ab":
             wait_for(f"{d}/node-{n}.log", " ready: ", f"node-{n}")
-        dump("start", procs, d, 2)
+        dump("start", procs[1:], d, 2)
         ok = 0
         for _ in range(30):
             ok += get(f"http://127.0.0.1:{ports['a_out']}/", "hello")
             ok += get(f"http://127.0.0.1:{ports['b_out']}/", "hello")
         served("the node pair", ok, 60)
         get(f"http://127.0.0.1:{ports['a_admin']}/metrics")
-        dump("serve", procs, d, 2)
+        dump("serve", procs[1:], d, 2)
     finally:
         stop(procs)
-        backend.shutdown()
 
 
 def demo(binary, d):
