@@ -13,7 +13,8 @@
 //!   and the latency each adds at each percentile.
 //! - A cross-check with a load generator nobody here wrote: Debian's `wrk` (closed loop, one
 //!   thread, the same connection count, `--latency` for its percentiles) against the plain-HTTP
-//!   paths (direct, the node pair, the peer pairs) in the same rounds, when installed
+//!   paths (direct, the node pair, the peer pairs) and the HTTP/1.1+TLS edges (the gateways
+//!   and nginx's, requests per CPU-second of the edge process) in the same rounds, when installed
 //!   (`BENCH_WRK=0` turns it off). CPU per request of the node pair against each peer pair is
 //!   the median of the rounds' own ratios, for both clients.
 //! - Peer pairs run `peers::workers()` workers per proxy: one, as a node, unless
@@ -347,6 +348,8 @@ struct Wrk {
     errors: u64,
     /// CPU of the path's proxies per request, filled in by the caller.
     cpu_us: f64,
+    /// On an edge path, CPU of the edge process alone per request.
+    edge_cpu_us: f64,
 }
 
 fn wrk_installed() -> bool {
@@ -357,14 +360,19 @@ fn wrk_installed() -> bool {
     ok
 }
 
-/// wrk, one thread and `conns` connections for `secs` against `addr`, with its latency
-/// distribution; `None` when its output does not read.
-fn wrk(addr: SocketAddr, conns: usize, secs: u64) -> Option<Wrk> {
-    let out = std::process::Command::new("wrk")
-        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", "-H", "Host: hello"])
-        .arg(format!("http://{addr}/"))
-        .output()
-        .ok()?;
+/// wrk, one thread and `conns` connections for `secs` against a closed-loop path, with its
+/// latency distribution; `None` for a path wrk cannot drive (HTTP/2, HTTP/3) or when its output
+/// does not read. Plain paths get `Host: hello`; an edge takes `https://localhost:PORT/`
+/// (the server name its certificate is for; the routes take any host).
+fn wrk(how: How, conns: usize, secs: u64) -> Option<Wrk> {
+    let mut cmd = std::process::Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency"]);
+    match how {
+        How::Plain(addr) => cmd.args(["-H", "Host: hello"]).arg(format!("http://{addr}/")),
+        How::Edge(Client::H1Tls, port) => cmd.arg(format!("https://localhost:{port}/")),
+        How::Edge(..) => return None,
+    };
+    let out = cmd.output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
     let micros = |v: &str| -> Option<f64> {
@@ -393,6 +401,7 @@ fn wrk(addr: SocketAddr, conns: usize, secs: u64) -> Option<Wrk> {
         requests: lines.iter().find_map(|l| l.split_once(" requests in ")).and_then(|(n, _)| n.trim().parse().ok())?,
         errors: number_after("Non-2xx or 3xx responses:") + socket_errors,
         cpu_us: 0.0,
+        edge_cpu_us: 0.0,
     })
 }
 
@@ -601,13 +610,18 @@ fn main() {
                 acc[i].elapsed += s.elapsed;
             }
             for (i, p) in paths.iter().enumerate().filter(|_| use_wrk) {
-                let How::Plain(addr) = p.how else { continue };
-                let cpu0 = cpu_of(&p.procs);
-                let run = tokio::task::spawn_blocking(move || wrk(addr, conns, secs)).await.unwrap();
+                if !matches!(p.how, How::Plain(_) | How::Edge(Client::H1Tls, _)) {
+                    continue;
+                }
+                let how = p.how;
+                let (cpu0, edge0) = (cpu_of(&p.procs), cpu_of(&p.ingress));
+                let run = tokio::task::spawn_blocking(move || wrk(how, conns, secs)).await.unwrap();
                 let used = cpu_of(&p.procs).saturating_sub(cpu0);
+                let edge_used = cpu_of(&p.ingress).saturating_sub(edge0);
                 match run {
                     Some(mut w) => {
                         w.cpu_us = used.as_secs_f64() * 1e6 / w.requests.max(1) as f64;
+                        w.edge_cpu_us = edge_used.as_secs_f64() * 1e6 / w.requests.max(1) as f64;
                         eprintln!("round {round} wrk {:32}: {:>9.0} req/s, {} errors", p.name, w.rps, w.errors);
                         wrk_rounds[i].push(w);
                     }
@@ -655,18 +669,30 @@ fn main() {
             report_against_peers(&paths, &own_rounds, &wrk_rounds, conns, secs);
         }
         if !per_edge_cpu_s.is_empty() {
-            // Each gateway row against its peer: same protocol, as many threads.
+            // Each gateway row against its peer: same protocol, as many threads; for HTTP/1.1
+            // also under wrk, as the median of the rounds' own ratios.
             let rate_of = |name: &str| per_edge_cpu_s.iter().find(|(n, _, _)| *n == name).map(|(_, _, r)| *r);
+            let wrk_of = |name: &str| paths.iter().position(|p| p.name == name).map(|i| &wrk_rounds[i]);
             println!(
-                "\n| ingress | requests per CPU-second of the edge process | against (same protocol, same threads) | ratio |"
+                "\n| ingress | requests per CPU-second of the edge process | against (same protocol, same threads) | ratio | wrk: requests per CPU-second | wrk: ratio |"
             );
-            println!("|---|---|---|---|");
+            println!("|---|---|---|---|---|---|");
             for (name, peer, r) in &per_edge_cpu_s {
                 let (against, vs) = match peer.and_then(|p| rate_of(p).map(|pr| (p, pr))) {
                     Some((p, pr)) => (p, format!("{:.2}x", r / pr)),
                     None => ("-", "-".to_string()),
                 };
-                println!("| {name} | {r:.0} | {against} | {vs} |");
+                let own = wrk_of(name).filter(|w| !w.is_empty());
+                let wrk_rate = own.map_or("-".to_string(), |w| {
+                    format!("{:.0}", median(w.iter().map(|w| 1e6 / w.edge_cpu_us).collect()))
+                });
+                let wrk_vs = match (own, peer.and_then(wrk_of).filter(|w| !w.is_empty())) {
+                    (Some(g), Some(p)) => {
+                        format!("{:.2}x", median(g.iter().zip(p).map(|(g, p)| p.edge_cpu_us / g.edge_cpu_us).collect()))
+                    }
+                    _ => "-".to_string(),
+                };
+                println!("| {name} | {r:.0} | {against} | {vs} | {wrk_rate} | {wrk_vs} |");
             }
         }
         let rss = (a.peak_rss_kib(), b.peak_rss_kib(), gw.peak_rss_kib());

@@ -1316,3 +1316,94 @@ async fn jumbo_datagrams_carry_bulk_data_without_loss() {
     assert!(path.current_mtu > 8800, "path-MTU discovery should reach the jumbo size on loopback: {path:?}");
     assert_eq!(path.lost_packets, 0, "packets declared lost on loopback: {path:?}");
 }
+
+/// An instance that answers with the request's header lines in order (name and value each, as
+/// JSON), and with response header lines of every QPACK form: a whole line in the static table,
+/// a name in it with another value, literal names, repeats and long values.
+async fn header_lines_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let lines: Vec<(String, String)> = req
+                        .headers()
+                        .iter()
+                        .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                        .collect();
+                    let resp = http::Response::builder()
+                        .header("cache-control", "no-cache")
+                        .header("vary", "accept-encoding")
+                        .header("content-type", "application/x-lines")
+                        .header("x-resp", "1")
+                        .header("set-cookie", "a=b")
+                        .header("x-resp", "2")
+                        .header("set-cookie", "c=d")
+                        .header("x-long-resp", "w".repeat(300))
+                        .header("x-empty-resp", "")
+                        .body(Full::new(Bytes::from(serde_json::to_vec(&lines).unwrap())))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Header lines cross the QUIC hop (QPACK-encoded by one node, decoded by the other) exactly:
+/// each line in its order, repeats kept apart, whatever form its encoding takes, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_lines_cross_the_mesh_in_order_in_every_qpack_form() {
+    let backend = header_lines_backend().await;
+    let m = two_nodes(&format!(
+        "[[services]]\nname = \"lines\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n"
+    ))
+    .await;
+    let out = m.a.addrs.outbound;
+    let long = "v".repeat(300);
+    // (name, value) in the order sent: static-table lines, static names with other values,
+    // literals, repeats between other lines, a long value (a multi-byte length) and an empty one.
+    let sent: Vec<(&str, &str)> = vec![
+        ("accept", "*/*"),
+        ("x-dup", "one"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("content-type", "application/x-custom"),
+        ("x-dup", "two"),
+        ("cookie", "a=1"),
+        ("user-agent", "lines-test/1"),
+        ("x-long", &long),
+        ("x-dup", "three"),
+        ("x-empty", ""),
+    ];
+    let mut req = http::Request::get(format!("http://{out}/lines")).header("host", "lines");
+    for (n, v) in &sent {
+        req = req.header(*n, *v);
+    }
+    let (status, headers, body) = send(&h1_client(), req.body(Full::default()).unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    let got: Vec<(String, String)> = serde_json::from_str(&body).unwrap();
+    // What the mesh adds (forwarding, ids, trace) comes on top; what the client sent keeps its
+    // order and values. http's map groups a name's repeats together, in their order.
+    let names: Vec<&str> = sent.iter().map(|(n, _)| *n).collect();
+    let kept: Vec<(&str, &str)> =
+        got.iter().filter(|(n, _)| names.contains(&n.as_str())).map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let mut expected: Vec<(&str, &str)> = Vec::new();
+    for (n, _) in &sent {
+        if !expected.iter().any(|(e, _)| e == n) {
+            expected.extend(sent.iter().filter(|(m, _)| m == n).copied());
+        }
+    }
+    assert_eq!(kept, expected, "request header lines at the instance: {got:?}");
+    let all = |name: &str| headers.get_all(name).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(all("cache-control"), ["no-cache"]);
+    assert_eq!(all("vary"), ["accept-encoding"]);
+    assert_eq!(all("content-type"), ["application/x-lines"]);
+    assert_eq!(all("x-resp"), ["1", "2"]);
+    assert_eq!(all("set-cookie"), ["a=b", "c=d"]);
+    assert_eq!(all("x-long-resp"), ["w".repeat(300)]);
+    assert_eq!(all("x-empty-resp"), [""]);
+}

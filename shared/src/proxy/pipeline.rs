@@ -245,11 +245,11 @@ fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, mut authority: String, se
     // service, endpoint) at once, rather than growing the map, and rehashing it, a header or two
     // at a time. This can fail only for a map near http's size limit, far beyond the parser's.
     let _ = parts.headers.try_reserve(9);
-    // The values this proxy adds share one allocation.
-    let mut scratch = headers::Scratch::default();
+    // The values this proxy adds share one allocation (at the edge with room for `Forwarded`).
+    let mut scratch = if cx.side.edge { headers::Scratch::with_capacity(320) } else { headers::Scratch::default() };
     headers::append_forwarded_for(&mut parts.headers, cx.client.ip(), &mut scratch);
     if cx.side.edge {
-        edge_forwarding(parts, cx.client, &authority);
+        edge_forwarding(parts, cx.client, &authority, &mut scratch);
         if let Some(claims) = &cx.side.jwt_claims {
             parts.headers.insert(headers::JWT_CLAIMS, claims.clone());
         }
@@ -274,19 +274,32 @@ fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, mut authority: String, se
 }
 
 /// `X-Forwarded-Proto: https` and this hop's RFC 7239 `Forwarded` element, after any the
-/// client sent.
-fn edge_forwarding(parts: &mut Parts, client: SocketAddr, authority: &str) {
+/// client sent, written into `scratch` (formatting it cost a few thousand instructions).
+fn edge_forwarding(parts: &mut Parts, client: SocketAddr, authority: &str, scratch: &mut headers::Scratch) {
+    use bytes::BufMut as _;
     parts.headers.insert(FORWARDED_PROTO, HeaderValue::from_static("https"));
-    let node = match client.ip() {
-        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        ip => ip.to_string(),
-    };
-    let element = format!("for=\"{node}\";proto=https;host=\"{}\"", authority.replace('"', ""));
-    let value = match parts.headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {element}"),
-        None => element,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let prev = parts.headers.get(&FORWARDED).and_then(|v| v.to_str().ok());
+    let value = scratch.value(|b| {
+        if let Some(prev) = prev {
+            b.extend_from_slice(prev.as_bytes());
+            b.extend_from_slice(b", ");
+        }
+        b.extend_from_slice(b"for=\"");
+        match client.ip() {
+            ip @ std::net::IpAddr::V6(_) => {
+                b.put_u8(b'[');
+                headers::push_ip(b, ip);
+                b.put_u8(b']');
+            }
+            ip => headers::push_ip(b, ip),
+        }
+        b.extend_from_slice(b"\";proto=https;host=\"");
+        for piece in authority.split('"') {
+            b.extend_from_slice(piece.as_bytes());
+        }
+        b.put_u8(b'"');
+    });
+    if let Some(v) = value {
         parts.headers.insert(FORWARDED, v);
     }
 }

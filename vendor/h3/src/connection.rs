@@ -1055,10 +1055,11 @@ where
         //= type=TODO
         //# Characters in field names MUST be
         //# converted to lowercase prior to their encoding.
-        let mut block = BytesMut::new();
+        let trailers = Header::trailer(trailers);
+        let mut block = BytesMut::with_capacity(trailers.encoded_capacity());
 
         let mem_size =
-            qpack::encode_stateless(&mut block, Header::trailer(trailers)).map_err(|_e| {
+            trailers.encode_stateless(&mut block).map_err(|_e| {
                 self.handle_connection_error_on_stream(InternalConnectionError {
                     code: Code::H3_INTERNAL_ERROR,
                     message: "Failed to encode trailers".to_string(),

@@ -135,6 +135,61 @@ impl Header {
     }
 }
 
+// quicmesh patch (see PATCHED.md): a header block written straight from the `Header`, in the
+// order `HeaderIter` yields (pseudo-headers first), without an owned `HeaderField` per line.
+impl Header {
+    /// Encodes this header section as a block that uses the static table only, as
+    /// `qpack::encode_stateless(block, self)` does; returns its size as RFC 9114 counts it.
+    pub(crate) fn encode_stateless<W: bytes::BufMut>(
+        &self,
+        block: &mut W,
+    ) -> Result<u64, crate::qpack::EncoderError> {
+        let mut size = 0;
+        crate::qpack::encode_stateless_prefix(block);
+        let mut line = |name: &[u8], value: &[u8]| {
+            size += (name.len() + value.len() + crate::qpack::ESTIMATED_OVERHEAD_BYTES) as u64;
+            crate::qpack::encode_stateless_field(block, name, value)
+        };
+        let p = &self.pseudo;
+        if let Some(method) = &p.method {
+            line(b":method", method.as_str().as_bytes())?;
+        }
+        if let Some(scheme) = &p.scheme {
+            line(b":scheme", scheme.as_str().as_bytes())?;
+        }
+        if let Some(authority) = &p.authority {
+            line(b":authority", authority.as_str().as_bytes())?;
+        }
+        if let Some(path) = &p.path {
+            line(b":path", path.as_str().as_bytes())?;
+        }
+        if let Some(status) = &p.status {
+            line(b":status", status.as_str().as_bytes())?;
+        }
+        if let Some(protocol) = &p.protocol {
+            line(b":protocol", protocol.as_str().as_bytes())?;
+        }
+        for (name, value) in self.fields.iter() {
+            line(name.as_str().as_bytes(), value.as_bytes())?;
+        }
+        Ok(size)
+    }
+
+    /// Room for the block `encode_stateless` writes: every name and value with at most a few
+    /// bytes of prefix each (lengths under 2^21), plus the block's own prefix.
+    pub(crate) fn encoded_capacity(&self) -> usize {
+        let p = &self.pseudo;
+        let pseudo = p.method.as_ref().map_or(0, |m| m.as_str().len())
+            + p.scheme.as_ref().map_or(0, |s| s.as_str().len())
+            + p.authority.as_ref().map_or(0, |a| a.as_str().len())
+            + p.path.as_ref().map_or(0, |a| a.as_str().len())
+            + p.protocol.as_ref().map_or(0, |a| a.as_str().len())
+            + 6 * 16;
+        let fields: usize = self.fields.iter().map(|(n, v)| n.as_str().len() + v.len() + 8).sum();
+        2 + pseudo + fields
+    }
+}
+
 impl IntoIterator for Header {
     type Item = HeaderField;
     type IntoIter = HeaderIter;
@@ -209,6 +264,18 @@ impl TryFrom<Vec<HeaderField>> for Header {
 
         for field in headers.into_iter() {
             let (name, value) = field.into_inner();
+            // quicmesh patch (see PATCHED.md): a regular field's decoded value becomes its
+            // `HeaderValue` as it is, not through another copy.
+            if name.first().is_some_and(|b| *b != b':') {
+                let n = HeaderName::from_lowercase(&name).map_err(|_| HeaderError::invalid_name(&name))?;
+                let v = match value {
+                    std::borrow::Cow::Owned(v) => HeaderValue::from_maybe_shared(bytes::Bytes::from(v)),
+                    std::borrow::Cow::Borrowed(v) => HeaderValue::from_bytes(v),
+                };
+                let v = v.map_err(|_| HeaderError::InvalidHeaderValue(format!("{:?}", String::from_utf8_lossy(&name))))?;
+                fields.append(n, v);
+                continue;
+            }
             match Field::parse(name, value)? {
                 Field::Method(m) => {
                     pseudo.method = Some(m);

@@ -223,7 +223,8 @@ pub fn decode_stateless<T: Buf>(buf: &mut T, max_size: u64) -> Result<Decoded, D
     }
 
     let mut mem_size = 0;
-    let mut fields = Vec::new();
+    // quicmesh patch (see PATCHED.md): room for a typical block's lines up front.
+    let mut fields = Vec::with_capacity(16);
     while buf.has_remaining() {
         let field = match HeaderBlockField::decode(buf.chunk()[0]) {
             HeaderBlockField::IndexedWithPostBase => return Err(DecoderError::MissingRefs(0)),

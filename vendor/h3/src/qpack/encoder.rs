@@ -197,21 +197,42 @@ where
 {
     let mut size = 0;
 
-    HeaderPrefix::new(0, 0, 0, 0).encode(block);
+    encode_stateless_prefix(block);
     for field in fields {
         let field = field.as_ref();
-
-        if let Some(index) = StaticTable::find(field) {
-            Indexed::Static(index).encode(block);
-        } else if let Some(index) = StaticTable::find_name(&field.name) {
-            LiteralWithNameRef::new_static(index, field.value.clone()).encode(block)?;
-        } else {
-            Literal::new(field.name.clone(), field.value.clone()).encode(block)?;
-        }
-
+        encode_stateless_field(block, &field.name, &field.value)?;
         size += field.mem_size() as u64;
     }
     Ok(size)
+}
+
+// quicmesh patch (see PATCHED.md): the header block is written from borrowed names and values,
+// as `Header::encode_stateless` does, instead of through an owned `HeaderField` per line that
+// the block types then copied again.
+
+/// The prefix of a header block that refers to no dynamic table entry.
+pub(crate) fn encode_stateless_prefix<W: BufMut>(block: &mut W) {
+    HeaderPrefix::new(0, 0, 0, 0).encode(block);
+}
+
+/// One field line of a header block that uses the static table only: indexed when the table
+/// has the whole field, a literal with the table's name when it has the name, else a literal.
+/// The bytes are those `Indexed`, `LiteralWithNameRef::Static` and `Literal` write.
+pub(crate) fn encode_stateless_field<W: BufMut>(
+    block: &mut W,
+    name: &[u8],
+    value: &[u8],
+) -> Result<(), EncoderError> {
+    if let Some(index) = StaticTable::find_pair(name, value) {
+        Indexed::Static(index).encode(block);
+    } else if let Some(index) = StaticTable::find_name(name) {
+        super::prefix_int::encode(4, 0b0101, index as u64, block);
+        super::prefix_string::encode(8, 0, value, block)?;
+    } else {
+        super::prefix_string::encode(4, 0b0010, name, block)?;
+        super::prefix_string::encode(8, 0, value, block)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

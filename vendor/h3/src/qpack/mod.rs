@@ -3,6 +3,8 @@ pub use self::{
     encoder::{encode_stateless, EncoderError},
     field::HeaderField,
 };
+pub(crate) use self::encoder::{encode_stateless_field, encode_stateless_prefix};
+pub(crate) use self::field::ESTIMATED_OVERHEAD_BYTES;
 
 mod block;
 mod dynamic;
