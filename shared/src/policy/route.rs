@@ -1176,6 +1176,10 @@ pub fn apply_filters<'a>(
     scheme: &str,
     default_port: Option<u16>,
 ) -> Result<Filtered<'a>, String> {
+    if filters.is_empty() {
+        // Most rules have none: nothing to copy out of the request for them.
+        return Ok(Filtered::Forward { response_mods: Vec::new(), mirrors: Vec::new(), set_headers: Vec::new() });
+    }
     let host = crate::message::headers::host_of(authority).into_owned();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_owned);

@@ -235,6 +235,20 @@ where
         }
     }
 
+    // quicmesh patch (see PATCHED.md): once the frame header is out, the payload's own
+    // `copy_to_bytes`, which for a `Bytes` payload is a reference, not a copy.
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        assert!(len <= self.remaining(), "copy_to_bytes past the end of the frame");
+        if self.len == self.pos {
+            if let Some(payload) = self.frame.as_mut().and_then(|f| f.payload_mut()) {
+                return payload.copy_to_bytes(len);
+            }
+        }
+        let mut copy = bytes::BytesMut::with_capacity(len);
+        copy.put((&mut *self).take(len));
+        copy.freeze()
+    }
+
     fn advance(&mut self, mut cnt: usize) {
         let remaining_header = self.len - self.pos;
         if remaining_header > 0 {
