@@ -482,6 +482,12 @@ where
             } else {
                 while data.has_remaining() {
                     let n = data.chunk().len();
+                    if n == 0 {
+                        // A `Buf` that claims more than it shows: take the rest at once.
+                        let rest = data.remaining();
+                        self.chunks.push(data.copy_to_bytes(rest));
+                        break;
+                    }
                     self.chunks.push(data.copy_to_bytes(n));
                 }
             }
