@@ -1323,34 +1323,25 @@ async fn jumbo_datagrams_carry_bulk_data_without_loss() {
 async fn header_lines_backend() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let lines: Vec<(String, String)> = req
-                        .headers()
-                        .iter()
-                        .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-                        .collect();
-                    let resp = http::Response::builder()
-                        .header("cache-control", "no-cache")
-                        .header("vary", "accept-encoding")
-                        .header("content-type", "application/x-lines")
-                        .header("x-resp", "1")
-                        .header("set-cookie", "a=b")
-                        .header("x-resp", "2")
-                        .header("set-cookie", "c=d")
-                        .header("x-long-resp", "w".repeat(300))
-                        .header("x-empty-resp", "")
-                        .body(Full::new(Bytes::from(serde_json::to_vec(&lines).unwrap())))
-                        .unwrap();
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-                let io = hyper_util::rt::TokioIo::new(tcp);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-            });
-        }
-    });
+    tokio::spawn(quicmesh::samples::serve(l, |req: http::Request<hyper::body::Incoming>| async move {
+        let lines: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        http::Response::builder()
+            .header("cache-control", "no-cache")
+            .header("vary", "accept-encoding")
+            .header("content-type", "application/x-lines")
+            .header("x-resp", "1")
+            .header("set-cookie", "a=b")
+            .header("x-resp", "2")
+            .header("set-cookie", "c=d")
+            .header("x-long-resp", "w".repeat(300))
+            .header("x-empty-resp", "")
+            .body(quicmesh_shared::message::body::full(serde_json::to_vec(&lines).unwrap()))
+            .unwrap()
+    }));
     addr
 }
 
