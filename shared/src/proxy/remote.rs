@@ -59,10 +59,7 @@ impl Call<'_> {
         let mut scratch = headers::Scratch::with_capacity(svc.config.name.len() + 47 + 20);
         let service = scratch.text(&svc.config.name);
         let endpoint = scratch.value(|b| headers::push_socket_addr(b, ep.address));
-        let limit = scratch.value(|b| {
-            use std::fmt::Write as _;
-            let _ = write!(b, "{}", per_try.as_millis().min(u64::MAX.into()));
-        });
+        let limit = scratch.value(|b| headers::push_u64(b, u64::try_from(per_try.as_millis()).unwrap_or(u64::MAX)));
         let (Some(service), Some(endpoint)) = (service, endpoint) else {
             let bad = format!("unusable service name {:?}", svc.config.name);
             return Err(TryError::unsent(ProxyError::BadRequest(bad)));

@@ -343,6 +343,15 @@ impl PeerPool {
             }
         };
         fail_fast(&peer)?;
+        // The common case, a live pooled connection and no dial under way, without a timer or
+        // a wait.
+        if let Ok(guard) = peer.conn.try_lock() {
+            if let Some(pc) =
+                guard.as_ref().filter(|pc| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr)
+            {
+                return Ok(pc.clone());
+            }
+        }
         let deadline = tokio::time::Instant::now() + self.dialer.connect_timeout;
         let timed_out = || ProxyError::ConnectTimeout(format!("peer node {name} at {addr}"));
         let mut guard =

@@ -28,7 +28,6 @@ use h3::{
     error::Code,
     quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf},
 };
-use tokio_util::sync::ReusableBoxFuture;
 
 #[cfg(feature = "tracing")]
 use tracing::instrument;
@@ -140,6 +139,21 @@ where
         &mut self,
         cx: &mut task::Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
+        // quicmesh patch (see PATCHED.md): a stream the connection's budget allows now is
+        // opened without boxing a future for it; only a wait for budget keeps one.
+        if self.opening_bi.is_none() {
+            let open = self.conn.open_bi();
+            futures::pin_mut!(open);
+            if let Poll::Ready(opened) = open.poll(cx) {
+                let (send, recv) = opened.map_err(|e| StreamErrorIncoming::ConnectionErrorIncoming {
+                    connection_error: convert_connection_error(e),
+                })?;
+                return Poll::Ready(Ok(Self::BidiStream {
+                    send: Self::SendStream::new(send),
+                    recv: RecvStream::new(recv),
+                }));
+            }
+        }
         let bi = self.opening_bi.get_or_insert_with(|| {
             Box::pin(stream::unfold(self.conn.clone(), |conn| async {
                 Some((conn.open_bi().await, conn))
@@ -206,6 +220,21 @@ where
         &mut self,
         cx: &mut task::Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
+        // quicmesh patch (see PATCHED.md): a stream the connection's budget allows now is
+        // opened without boxing a future for it; only a wait for budget keeps one.
+        if self.opening_bi.is_none() {
+            let open = self.conn.open_bi();
+            futures::pin_mut!(open);
+            if let Poll::Ready(opened) = open.poll(cx) {
+                let (send, recv) = opened.map_err(|e| StreamErrorIncoming::ConnectionErrorIncoming {
+                    connection_error: convert_connection_error(e),
+                })?;
+                return Poll::Ready(Ok(Self::BidiStream {
+                    send: Self::SendStream::new(send),
+                    recv: RecvStream::new(recv),
+                }));
+            }
+        }
         let bi = self.opening_bi.get_or_insert_with(|| {
             Box::pin(stream::unfold(self.conn.clone(), |conn| async {
                 Some((conn.open_bi().await, conn))
@@ -345,25 +374,12 @@ where
 ///
 /// Implements a [`quic::RecvStream`] backed by a [`quinn::RecvStream`].
 pub struct RecvStream {
-    stream: Option<quinn::RecvStream>,
-    read_chunk_fut: ReadChunkFuture,
+    stream: quinn::RecvStream,
 }
-
-type ReadChunkFuture = ReusableBoxFuture<
-    'static,
-    (
-        quinn::RecvStream,
-        Result<Option<quinn::Chunk>, quinn::ReadError>,
-    ),
->;
 
 impl RecvStream {
     fn new(stream: quinn::RecvStream) -> Self {
-        Self {
-            stream: Some(stream),
-            // Should only allocate once the first time it's used
-            read_chunk_fut: ReusableBoxFuture::new(async { unreachable!() }),
-        }
+        Self { stream }
     }
 }
 
@@ -375,15 +391,14 @@ impl quic::RecvStream for RecvStream {
         &mut self,
         cx: &mut task::Context<'_>,
     ) -> Poll<Result<Option<Self::Buf>, StreamErrorIncoming>> {
-        if let Some(mut stream) = self.stream.take() {
-            self.read_chunk_fut.set(async move {
-                let chunk = stream.read_chunk(usize::MAX, true).await;
-                (stream, chunk)
-            })
+        // quicmesh patch (see PATCHED.md): quinn's `read_chunk` is cancel-safe (a read that
+        // is not ready takes nothing and leaves the waker registered), so each poll makes a
+        // new one on the stack instead of moving the stream into a boxed future and back.
+        let chunk = {
+            let read = self.stream.read_chunk(usize::MAX, true);
+            futures::pin_mut!(read);
+            ready!(read.poll(cx))
         };
-
-        let (stream, chunk) = ready!(self.read_chunk_fut.poll(cx));
-        self.stream = Some(stream);
         Poll::Ready(Ok(chunk
             .map_err(|e| convert_read_error_to_stream_error(e))?
             .map(|c| c.bytes)))
@@ -392,15 +407,13 @@ impl quic::RecvStream for RecvStream {
     #[cfg_attr(feature = "tracing", instrument(skip_all, level = "trace"))]
     fn stop_sending(&mut self, error_code: u64) {
         self.stream
-            .as_mut()
-            .unwrap()
             .stop(VarInt::from_u64(error_code).expect("invalid error_code"))
             .ok();
     }
 
     #[cfg_attr(feature = "tracing", instrument(skip_all, level = "trace"))]
     fn recv_id(&self) -> StreamId {
-        let num: u64 = self.stream.as_ref().unwrap().id().into();
+        let num: u64 = self.stream.id().into();
 
         num.try_into().expect("invalid stream id")
     }

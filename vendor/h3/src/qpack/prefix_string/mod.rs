@@ -46,13 +46,15 @@ pub fn decode<B: Buf>(size: u8, buf: &mut B) -> Result<Vec<u8>, Error> {
         return Err(Error::UnexpectedEnd);
     }
 
-    let payload = buf.copy_to_bytes(len);
+    // quicmesh: a raw literal is copied once, straight out of the block (not a byte at a time,
+    // nor through a `Bytes` of the block, which makes the block's buffer shared: an allocation).
+    let mut raw = vec![0; len];
+    buf.copy_to_slice(&mut raw);
     let value = if flags & 1 == 0 {
-        // quicmesh: one copy, not a byte at a time.
-        payload.to_vec()
+        raw
     } else {
         let mut decoded = Vec::new();
-        for byte in payload.into_iter().collect::<Vec<u8>>().hpack_decode() {
+        for byte in raw.hpack_decode() {
             decoded.push(byte?);
         }
         decoded
