@@ -198,17 +198,21 @@ pub fn push_socket_addr<W: Write>(out: &mut W, addr: SocketAddr) {
 /// Appends `n` in decimal, without the formatting machinery.
 pub fn push_u64<W: Write>(out: &mut W, n: u64) {
     let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut n = n;
+    let _ = out.write_str(std::str::from_utf8(decimal(n, &mut digits)).unwrap_or_default());
+}
+
+/// `n`'s decimal digits, written at the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
     loop {
         start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
+        buf[start] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    let _ = out.write_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
+    &buf[start..]
 }
 
 /// Room for the longest IPv4 address with a port, `255.255.255.255:65535`.
@@ -241,18 +245,8 @@ impl V4Text {
     }
 
     fn decimal(&mut self, n: u16) {
-        let mut digits = [0u8; 5];
-        let mut start = digits.len();
-        let mut n = n;
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let digits = &digits[start..];
+        let mut buf = [0u8; 20];
+        let digits = decimal(n.into(), &mut buf);
         self.buf[self.len..self.len + digits.len()].copy_from_slice(digits);
         self.len += digits.len();
     }

@@ -97,6 +97,11 @@ impl InFlight {
     pub fn observe(&self, rtt: Duration) {
         self.0.observe(rtt);
     }
+
+    /// [`InFlight::observe`] of a request that ended at `now` (a clock read the caller has).
+    pub fn observe_at(&self, rtt: Duration, now: Instant) {
+        self.0.observe_since(rtt, now.saturating_duration_since(self.0.epoch));
+    }
 }
 
 impl Drop for InFlight {
@@ -117,7 +122,12 @@ impl EndpointStats {
 
     /// Peak EWMA: a slower observation takes effect at once, a faster one fades in.
     pub fn observe(&self, rtt: Duration) {
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.observe_since(rtt, self.epoch.elapsed());
+    }
+
+    /// [`EndpointStats::observe`], `since_epoch` after this endpoint's epoch.
+    fn observe_since(&self, rtt: Duration, since_epoch: Duration) {
+        let now = since_epoch.as_nanos() as u64;
         let rtt = rtt.as_nanos().min(u128::from(u64::MAX)) as u64;
         let prev = self.ewma_ns.load(Ordering::Relaxed);
         let next = if prev == 0 || rtt > prev {

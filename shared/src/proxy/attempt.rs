@@ -113,7 +113,9 @@ impl Call<'_> {
         // A failure costs like a timeout, so the balancer steers away from it.
         // A failure costs the balancer what a try may take (bounded when tries are not).
         let penalty = per_try.min(FAILURE_PENALTY_CAP);
-        in_flight.observe(if result.is_ok() { start.elapsed() } else { penalty.max(start.elapsed()) });
+        let end = Instant::now();
+        let took = end.saturating_duration_since(start);
+        in_flight.observe_at(if result.is_ok() { took } else { penalty.max(took) }, end);
         let failed = match &result {
             Ok(resp) => resp.status().is_server_error(),
             Err(e) => !matches!(e.error, ProxyError::Overloaded(_)),

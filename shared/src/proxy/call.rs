@@ -135,7 +135,7 @@ impl Call<'_> {
         let per_try_set = per_try_set.is_some();
         let no_labels = BTreeMap::new();
         let labels = opts.labels.unwrap_or(&no_labels);
-        svc.state.budget.deposit(epoch(), Instant::now());
+        svc.state.budget.deposit(epoch(), started);
         let (mut parts, body) = req.into_parts();
         parts.headers.remove(UNSENT_HEADER);
         // The body streams to the first try; a copy up to `max_body` is kept for another.
