@@ -158,8 +158,7 @@ impl Call<'_> {
         per_try: Duration,
     ) -> Result<Response<Body>, TryError> {
         let head = match tokio::time::timeout(per_try, recv.recv_response()).await {
-            // Dropping `recv` stops the stream (h3-quinn panics on an explicit stop_sending
-            // after a cancelled read, so never call it here).
+            // Dropping `recv` stops the stream (quinn sends STOP_SENDING as it drops it).
             Err(_) => return Err(TryError::sent(ProxyError::Timeout(per_try))),
             // Refused before processing (the peer is draining): safe to send elsewhere.
             Ok(Err(e)) if rejected(&e) => {
