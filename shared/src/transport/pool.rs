@@ -343,12 +343,13 @@ impl PeerPool {
             }
         };
         fail_fast(&peer)?;
+        // A connection to another address (the peer moved, or the control plane's next replica
+        // is wanted) is not this one.
+        let usable = |pc: &&PeerConn| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr;
         // The common case, a live pooled connection and no dial under way, without a timer or
         // a wait.
         if let Ok(guard) = peer.conn.try_lock() {
-            if let Some(pc) =
-                guard.as_ref().filter(|pc| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr)
-            {
+            if let Some(pc) = guard.as_ref().filter(usable) {
                 return Ok(pc.clone());
             }
         }
@@ -356,12 +357,8 @@ impl PeerPool {
         let timed_out = || ProxyError::ConnectTimeout(format!("peer node {name} at {addr}"));
         let mut guard =
             tokio::time::timeout_at(deadline, peer.conn.clone().lock_owned()).await.map_err(|_| timed_out())?;
-        if let Some(pc) = guard.as_ref() {
-            // A connection to another address (the peer moved, or the control plane's next
-            // replica is wanted) is not this one.
-            if pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr {
-                return Ok(pc.clone());
-            }
+        if let Some(pc) = guard.as_ref().filter(usable) {
+            return Ok(pc.clone());
         }
         *guard = None;
         // Marked while this request waited for the lock: another request's handshake failed.

@@ -139,19 +139,10 @@ where
         &mut self,
         cx: &mut task::Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        // quicmesh patch (see PATCHED.md): a stream the connection's budget allows now is
-        // opened without boxing a future for it; only a wait for budget keeps one.
+        // quicmesh patch (see PATCHED.md): only a wait for budget keeps a boxed future.
         if self.opening_bi.is_none() {
-            let open = self.conn.open_bi();
-            futures::pin_mut!(open);
-            if let Poll::Ready(opened) = open.poll(cx) {
-                let (send, recv) = opened.map_err(|e| StreamErrorIncoming::ConnectionErrorIncoming {
-                    connection_error: convert_connection_error(e),
-                })?;
-                return Poll::Ready(Ok(Self::BidiStream {
-                    send: Self::SendStream::new(send),
-                    recv: RecvStream::new(recv),
-                }));
+            if let Some(opened) = open_bi_now(&self.conn, cx) {
+                return Poll::Ready(opened);
             }
         }
         let bi = self.opening_bi.get_or_insert_with(|| {
@@ -198,6 +189,30 @@ where
     }
 }
 
+/// quicmesh patch (see PATCHED.md): a bidirectional stream opened at once when the
+/// connection's budget allows, without boxing a future for it; `None` when it must wait (the
+/// pending `OpenBi` is dropped, and the caller waits through its boxed stream instead).
+fn open_bi_now<B: Buf>(
+    conn: &quinn::Connection,
+    cx: &mut task::Context<'_>,
+) -> Option<Result<BidiStream<B>, StreamErrorIncoming>> {
+    let open = conn.open_bi();
+    futures::pin_mut!(open);
+    match open.poll(cx) {
+        Poll::Pending => None,
+        Poll::Ready(opened) => Some(
+            opened
+                .map(|(send, recv)| BidiStream {
+                    send: SendStream::new(send),
+                    recv: RecvStream::new(recv),
+                })
+                .map_err(|e| StreamErrorIncoming::ConnectionErrorIncoming {
+                    connection_error: convert_connection_error(e),
+                }),
+        ),
+    }
+}
+
 /// Stream opener backed by a Quinn connection
 ///
 /// Implements [`quic::OpenStreams`] using [`quinn::Connection`],
@@ -220,19 +235,10 @@ where
         &mut self,
         cx: &mut task::Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        // quicmesh patch (see PATCHED.md): a stream the connection's budget allows now is
-        // opened without boxing a future for it; only a wait for budget keeps one.
+        // quicmesh patch (see PATCHED.md): only a wait for budget keeps a boxed future.
         if self.opening_bi.is_none() {
-            let open = self.conn.open_bi();
-            futures::pin_mut!(open);
-            if let Poll::Ready(opened) = open.poll(cx) {
-                let (send, recv) = opened.map_err(|e| StreamErrorIncoming::ConnectionErrorIncoming {
-                    connection_error: convert_connection_error(e),
-                })?;
-                return Poll::Ready(Ok(Self::BidiStream {
-                    send: Self::SendStream::new(send),
-                    recv: RecvStream::new(recv),
-                }));
+            if let Some(opened) = open_bi_now(&self.conn, cx) {
+                return Poll::Ready(opened);
             }
         }
         let bi = self.opening_bi.get_or_insert_with(|| {
