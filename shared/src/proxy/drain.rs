@@ -110,11 +110,20 @@ impl Drain {
     /// The next TCP connection on `listener` (with `TCP_NODELAY`), or `None` once peers are
     /// being told to go away: every TCP listener's accept loop. An accept error (out of file
     /// descriptors, say) backs off briefly rather than spinning.
+    ///
+    /// Going away, the connections the kernel already completed are still taken, until its
+    /// accept queue is empty: their clients saw `connect` succeed and may have sent a request,
+    /// which closing the listener would reset. The caller serves them like any connection of a
+    /// draining process (`Connection: close` after one request).
     pub async fn accept(&self, listener: &TcpListener, what: &str) -> Option<(TcpStream, SocketAddr)> {
         loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = self.reached(Phase::GoingAway) => return None,
+            let accepted = if self.phase() >= Phase::GoingAway {
+                queued(listener)?
+            } else {
+                tokio::select! {
+                    a = listener.accept() => a,
+                    _ = self.reached(Phase::GoingAway) => continue,
+                }
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -123,10 +132,27 @@ impl Drain {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "{what} accept failed");
+                    if self.phase() >= Phase::GoingAway {
+                        return None;
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             }
         }
+    }
+}
+
+/// One connection already waiting in `listener`'s accept queue, or `None` when it is empty.
+/// A direct non-blocking `accept`: tokio's cached readiness may not have seen the last arrivals.
+fn queued(listener: &TcpListener) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
+    let taken = socket2::SockRef::from(listener).accept().and_then(|(socket, peer)| {
+        socket.set_nonblocking(true)?;
+        let peer = peer.as_socket().ok_or_else(|| std::io::Error::other("not an IP peer"))?;
+        Ok((TcpStream::from_std(socket.into())?, peer))
+    });
+    match taken {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        taken => Some(taken),
     }
 }
 
@@ -153,5 +179,29 @@ mod tests {
         d.advance(Phase::GoingAway);
         d.advance(Phase::Draining);
         assert_eq!(d.phase(), Phase::GoingAway, "phases never go back");
+    }
+
+    /// A client whose `connect` succeeded just before the drain reached GoingAway is queued in
+    /// the kernel, not yet accepted: it is still taken (and answered), not reset with the
+    /// listener. Only then does the accept loop end.
+    #[tokio::test]
+    async fn going_away_still_takes_the_connections_already_queued() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(std::net::TcpStream::connect(addr).unwrap());
+        }
+        let d = Drain::new();
+        d.advance(Phase::GoingAway);
+        let mut taken = Vec::new();
+        while let Some((stream, peer)) = d.accept(&listener, "test").await {
+            assert!(stream.nodelay().unwrap());
+            taken.push(peer);
+        }
+        let mut expected: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        expected.sort();
+        taken.sort();
+        assert_eq!(taken, expected, "every connection queued before GoingAway is accepted");
     }
 }
