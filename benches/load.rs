@@ -34,6 +34,9 @@
 //!   thread, and one) and proxying over TLS 1.3 to a second nginx in front of the backend, as
 //!   the gateway goes on over mutual-TLS QUIC to node-b. Compared per CPU-second of the edge
 //!   process alone (nginx: its master and workers).
+//! - The bare edge (`peers/bare.rs`, front half over TLS): the one-thread gateway's HTTP/1.1+TLS
+//!   row made of its libraries alone (rustls, hyper, h3 over quinn), the floor under that row,
+//!   against the one-worker nginx edge.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -229,6 +232,9 @@ const NGINX_EDGE_H1: &str = "nginx edge HTTP/1.1+TLS -> TLS -> nginx -> backend"
 const NGINX_EDGE_H2: &str = "nginx edge HTTP/2 -> TLS -> nginx -> backend";
 const NGINX_EDGE_1_H1: &str = "nginx edge (1 worker) HTTP/1.1+TLS -> TLS -> nginx -> backend";
 const NGINX_EDGE_1_H2: &str = "nginx edge (1 worker) HTTP/2 -> TLS -> nginx -> backend";
+/// The libraries under the gateway's HTTP/1.1+TLS row, on one thread (`peers::bare`): the floor
+/// that row's per-request cost stands on.
+const BARE_EDGE: &str = "bare edge (1 thread) HTTP/1.1+TLS -> HTTP/3 -> backend";
 
 /// Closed loop over TLS or QUIC to the gateway: `workers` requests in flight.
 async fn load_edge(kind: Client, port: u16, workers: usize, secs: u64) -> Stats {
@@ -525,6 +531,9 @@ fn main() {
         // The hop's libraries without the nodes (open loop only): the floor under the mesh hop.
         let bare = peers::bare::start(&pki, backend, false);
         load(bare.front, "hello", conns, 1).await;
+        // The gateway's HTTP/1.1+TLS row without the gateway: its libraries on one thread.
+        let bare_edge = peers::bare::start_edge(&pki, backend);
+        load_edge(Client::H1Tls, bare_edge.front.port(), conns, 1).await;
         let (pa, pb, pg, pg1) = (a.child.id(), b.child.id(), gw.child.id(), gw1.child.id());
         // Every path of the closed loop: how to load it, the proxy processes on it (none for
         // direct) and, for ingress paths, the process at the edge.
@@ -542,6 +551,8 @@ fn main() {
                 .against(NGINX_EDGE_1_H1),
             Path::new("gateway (1 thread) HTTP/2 -> node", How::Edge(Client::H2Tls, gw1_port), vec![pg1, pb], vec![pg1])
                 .against(NGINX_EDGE_1_H2),
+            Path::new(BARE_EDGE, How::Edge(Client::H1Tls, bare_edge.front.port()), bare_edge.pids(), vec![bare_edge.pids()[0]])
+                .against(NGINX_EDGE_1_H1),
         ];
         if let Some(n) = &nginx {
             let name = format!("nginx ({} worker each) -> TLS -> nginx -> backend", peers::workers());

@@ -33,7 +33,7 @@ pub struct BareHop {
 
 impl BareHop {
     /// Both processes, front first.
-    #[allow(dead_code)] // for floor's CPU figures; load measures latency only
+    #[allow(dead_code)] // floor's and load's CPU figures; the other benches do not use it
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(Child::id).collect()
     }
@@ -64,6 +64,18 @@ const MESH_HEADERS: [(&str, &str); 6] = [
 /// Starts both halves in front of `backend`; with `mesh_headers`, the front adds
 /// [`MESH_HEADERS`] to every request.
 pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
+    start_with(pki, backend, mesh_headers, false)
+}
+
+/// The bare edge: the same two halves, the front terminating TLS as the gateway's edge does
+/// (TLS 1.3, ring, a self-signed certificate; HTTP/1.1). The floor under the gateway's
+/// HTTP/1.1+TLS row: the libraries it is made of, without routing, policy or telemetry.
+#[allow(dead_code)] // load only
+pub fn start_edge(pki: &Pki, backend: SocketAddr) -> BareHop {
+    start_with(pki, backend, false, true)
+}
+
+fn start_with(pki: &Pki, backend: SocketAddr, mesh_headers: bool, tls: bool) -> BareHop {
     pki.issue("bare-a");
     pki.issue("bare-b");
     let dir = pki.path().display().to_string();
@@ -76,6 +88,7 @@ pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
             ("BARE_DIR", &dir),
             ("BARE_TO", &quic.to_string()),
             ("BARE_HEADERS", headers),
+            ("BARE_TLS", if tls { "1" } else { "0" }),
         ])
     });
     match front {
@@ -128,7 +141,7 @@ pub fn run_if_asked() {
     rt.block_on(async {
         let ready = match role.as_str() {
             "back" => back(&dir, to),
-            "front" => front(&dir, to, var("BARE_HEADERS") == "1").await,
+            "front" => front(&dir, to, var("BARE_HEADERS") == "1", (var("BARE_TLS") == "1").then(edge_tls)).await,
             other => panic!("QUICMESH_BARE={other}: expected back or front"),
         };
         println!("bare ready: {ready}");
@@ -166,8 +179,27 @@ fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
     addr
 }
 
-/// The front half: an HTTP/1.1 server sending each request over one QUIC connection to `quic`.
-async fn front(dir: &Path, quic: SocketAddr, mesh_headers: bool) -> SocketAddr {
+/// The bare edge's TLS: what the gateway's edge terminates with (TLS 1.3 and 1.2, ring), a
+/// self-signed certificate for localhost, HTTP/1.1 by ALPN.
+fn edge_tls() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = super::self_signed();
+    let certs = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(quicmesh_shared::identity::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(cfg).into()
+}
+
+/// The front half: an HTTP/1.1 server (over TLS, given `tls`) sending each request over one
+/// QUIC connection to `quic`.
+async fn front(dir: &Path, quic: SocketAddr, mesh_headers: bool, tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
     let conn = endpoint(dir, "bare-a", None).connect(quic, "bare-b").unwrap().await.unwrap();
     // h3 settings as the mesh's pool has them.
     let (mut driver, send) =
@@ -179,9 +211,17 @@ async fn front(dir: &Path, quic: SocketAddr, mesh_headers: bool) -> SocketAddr {
         while let Ok((s, _)) = l.accept().await {
             let _ = s.set_nodelay(true);
             let send = send.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| forward(req, send.clone(), mesh_headers));
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match tls {
+                    Some(tls) => match tls.accept(s).await {
+                        Ok(s) => http.serve_connection(TokioIo::new(s), svc).await,
+                        Err(_) => return,
+                    },
+                    None => http.serve_connection(TokioIo::new(s), svc).await,
+                };
             });
         }
     });
