@@ -25,7 +25,7 @@ use quicmesh_shared::transport::{mesh_endpoint, Bind};
 
 use crate::support::{credentials, Lane, Pki, TD};
 
-/// The two halves, running; the client talks plain HTTP/1.1 to `front`.
+/// The two halves, running; the client talks HTTP/1.1 to `front` (over TLS for the bare edge).
 pub struct BareHop {
     pub front: SocketAddr,
     procs: [Child; 2],

@@ -52,7 +52,8 @@ impl TcpPort {
 
 pub async fn serve(listener: TcpListener, edge: Arc<Edge>, at: Arc<TcpPort>) {
     // Draining: no new client connections.
-    while let Some((tcp, client)) = edge.mesh.drain().accept(&listener, "edge").await {
+    let mut accepting = edge.mesh.drain().accepting();
+    while let Some((tcp, client)) = accepting.next(&listener, "edge").await {
         // Past the connection limits: closed at once, before any TLS work.
         let admitted = match edge.conns.admit(client.ip()) {
             Ok(a) => a,
@@ -322,7 +323,8 @@ impl quicmesh_shared::proxy::tcp::Client for Replay<TcpStream> {
 
 /// A TCP listener's connections, each to the service its TCPRoute picks.
 pub async fn serve_tcp(listener: TcpListener, edge: Arc<Edge>, key: u16) {
-    while let Some((tcp, client)) = edge.mesh.drain().accept(&listener, "edge TCP").await {
+    let mut accepting = edge.mesh.drain().accepting();
+    while let Some((tcp, client)) = accepting.next(&listener, "edge TCP").await {
         let table = edge.mesh.table();
         let route = table.edge().and_then(|ls| ls.select(key, "")).and_then(|l| l.stream_route(None));
         let Some(service) = route.and_then(|r| r.pick()).map(str::to_owned) else {

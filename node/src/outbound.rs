@@ -39,7 +39,8 @@ const LAST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 /// connection to end (it counts as work in flight), so the process does not exit under one.
 pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
     // Draining: local apps' new connections are refused from then on.
-    while let Some((stream, client)) = mesh.drain().accept(&listener, "outbound").await {
+    let mut accepting = mesh.drain().accepting();
+    while let Some((stream, client)) = accepting.next(&listener, "outbound").await {
         let mesh = mesh.clone();
         let drain = mesh.drain().clone();
         let open = drain.guard();

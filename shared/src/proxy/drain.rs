@@ -107,15 +107,19 @@ impl Drain {
         }
     }
 
+    /// Every TCP listener's accept loop: `while let Some(..) = drain.accepting().next(..)`.
+    pub fn accepting(self: &Arc<Self>) -> Accepting {
+        Accepting { drain: self.clone(), hold: Some(self.guard()) }
+    }
+
     /// The next TCP connection on `listener` (with `TCP_NODELAY`), or `None` once peers are
-    /// being told to go away: every TCP listener's accept loop. An accept error (out of file
-    /// descriptors, say) backs off briefly rather than spinning.
+    /// being told to go away. An accept error (out of file descriptors, say) backs off briefly
+    /// rather than spinning.
     ///
     /// Going away, the connections the kernel already completed are still taken, until its
     /// accept queue is empty: their clients saw `connect` succeed and may have sent a request,
-    /// which closing the listener would reset. The caller serves them like any connection of a
-    /// draining process (`Connection: close` after one request).
-    pub async fn accept(&self, listener: &TcpListener, what: &str) -> Option<(TcpStream, SocketAddr)> {
+    /// which closing the listener would reset.
+    async fn accept(&self, listener: &TcpListener, what: &str) -> Option<(TcpStream, SocketAddr)> {
         loop {
             let accepted = if self.phase() >= Phase::GoingAway {
                 queued(listener)?
@@ -139,6 +143,27 @@ impl Drain {
                 }
             }
         }
+    }
+}
+
+/// An accept loop's hold on the drain. It counts as work in flight until its listener's queue
+/// has been emptied at GoingAway, so the drain's end ([`Drain::settle`]) cannot pass before the
+/// connections already queued are taken; the loop counts each one it takes from then on (a
+/// [`Guard`] taken before handing it to a worker).
+pub struct Accepting {
+    drain: Arc<Drain>,
+    hold: Option<Guard>,
+}
+
+impl Accepting {
+    /// The next connection, or `None` (and the hold released) once the drain goes away and the
+    /// queue is empty.
+    pub async fn next(&mut self, listener: &TcpListener, what: &str) -> Option<(TcpStream, SocketAddr)> {
+        let next = self.drain.accept(listener, what).await;
+        if next.is_none() {
+            self.hold = None;
+        }
+        next
     }
 }
 
@@ -182,8 +207,8 @@ mod tests {
     }
 
     /// A client whose `connect` succeeded just before the drain reached GoingAway is queued in
-    /// the kernel, not yet accepted: it is still taken (and answered), not reset with the
-    /// listener. Only then does the accept loop end.
+    /// the kernel, not yet accepted: it is still taken, not reset with the listener. Only then
+    /// does the accept loop end.
     #[tokio::test]
     async fn going_away_still_takes_the_connections_already_queued() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -195,7 +220,8 @@ mod tests {
         let d = Drain::new();
         d.advance(Phase::GoingAway);
         let mut taken = Vec::new();
-        while let Some((stream, peer)) = d.accept(&listener, "test").await {
+        let mut accepting = d.accepting();
+        while let Some((stream, peer)) = accepting.next(&listener, "test").await {
             assert!(stream.nodelay().unwrap());
             taken.push(peer);
         }
@@ -203,5 +229,36 @@ mod tests {
         expected.sort();
         taken.sort();
         assert_eq!(taken, expected, "every connection queued before GoingAway is accepted");
+        assert_eq!(d.in_flight(), 0, "the loop's hold is released with its last connection");
+    }
+
+    /// The drain's end waits for a running accept loop to take what is queued (and the loop
+    /// counts each connection it takes): without the loop's hold, `wait_idle` would find
+    /// nothing in flight and the process would close under the queued connections.
+    #[tokio::test]
+    async fn the_drain_waits_for_an_accept_loop_to_take_its_queue() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let d = Drain::new();
+        let (taken_tx, mut taken_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut accepting = d.accepting();
+        let d2 = d.clone();
+        let accept_loop = tokio::spawn(async move {
+            while let Some((stream, _)) = accepting.next(&listener, "test").await {
+                // Counted from the accept on, as the listeners do before handing it off.
+                let _ = taken_tx.send((stream, d2.guard()));
+            }
+        });
+        let _clients: Vec<_> = (0..4).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        d.advance(Phase::GoingAway);
+        assert!(d.wait_idle(Duration::from_millis(100)).await > 0, "queued connections are still in flight");
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(taken_rx.recv().await.expect("every queued connection is taken"));
+        }
+        accept_loop.await.unwrap();
+        assert_eq!(d.in_flight(), 4, "the loop's hold is gone; its connections are counted");
+        drop(held);
+        assert_eq!(d.wait_idle(Duration::from_secs(5)).await, 0);
     }
 }

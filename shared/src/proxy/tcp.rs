@@ -99,10 +99,14 @@ impl<IO: Client> Client for tokio_rustls::server::TlsStream<IO> {
 
 /// Accepts local connections for `service` and carries each to one of its endpoints.
 pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
-    while let Some((tcp, _)) = mesh.drain().accept(&listener, "TCP forward").await {
+    let mut accepting = mesh.drain().accepting();
+    while let Some((tcp, _)) = accepting.next(&listener, "TCP forward").await {
         let mesh = mesh.clone();
         let service = service.clone();
+        // In flight from the accept on, across the hand-off to a worker.
+        let in_flight = mesh.drain().guard();
         crate::runtime::spawn_tcp(tcp, move |tcp| async move {
+            let _in_flight = in_flight;
             forward(tcp, &service, &mesh, Bytes::new()).await;
         });
     }
