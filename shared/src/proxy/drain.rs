@@ -137,6 +137,10 @@ impl Drain {
                 Err(e) => {
                     tracing::debug!(error = %e, "{what} accept failed");
                     if self.phase() >= Phase::GoingAway {
+                        // A client that gave up in the queue: the ones behind it are still there.
+                        if e.kind() == std::io::ErrorKind::ConnectionAborted {
+                            continue;
+                        }
                         return None;
                     }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
