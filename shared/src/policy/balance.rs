@@ -90,15 +90,11 @@ impl Default for EndpointStats {
     }
 }
 
-/// Counts a request in flight until dropped; `observe` records its latency.
+/// Counts a request in flight until dropped; `observe_at` records its latency.
 pub struct InFlight(Arc<EndpointStats>);
 
 impl InFlight {
-    pub fn observe(&self, rtt: Duration) {
-        self.0.observe(rtt);
-    }
-
-    /// [`InFlight::observe`] of a request that ended at `now` (a clock read the caller has).
+    /// [`EndpointStats::observe`] of a request that ended at `now` (a clock read the caller has).
     pub fn observe_at(&self, rtt: Duration, now: Instant) {
         self.0.observe_since(rtt, now.saturating_duration_since(self.0.epoch));
     }
