@@ -15,6 +15,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+
+/// A map looked up on every request by keys the configuration chose (service and node names,
+/// metric labels): hashed with foldhash, seeded per process, rather than SipHash.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub mod config;
 pub mod control;
 pub mod identity;

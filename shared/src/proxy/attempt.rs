@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use http::request::Parts;
 use http::{Request, Response};
 use tracing::{debug, warn};
 
@@ -16,6 +17,7 @@ use crate::message::error::ProxyError;
 use crate::policy::balance::EndpointStats;
 use crate::policy::{authz, health};
 use crate::telemetry::metrics as m;
+use crate::transport::pool::PeerConn;
 
 /// A try without a time limit (a rule's timeouts set to "0s"): longer than anything runs.
 pub const UNLIMITED: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -72,14 +74,17 @@ impl Call<'_> {
         svc: &Service,
         ep: &EndpointConfig,
     ) -> Result<Response<Body>, ProxyError> {
-        self.forward_try(req, svc, ep, self.table.config().timeouts.request).await.map_err(|e| e.error)
+        let (head, body) = req.into_parts();
+        self.forward_try(&head, body, svc, ep, self.table.config().timeouts.request).await.map_err(|e| e.error)
     }
 
-    /// One try: circuit breakers, then the endpoint within `per_try`; feeds the balancer and
-    /// outlier detection with the result.
+    /// One try of the request `head` with `body`: circuit breakers, then the endpoint within
+    /// `per_try`; feeds the balancer and outlier detection with the result. The head is
+    /// borrowed, so a call's tries share it: each copies it once, as it goes on the wire.
     pub async fn forward_try(
         &self,
-        req: Request<Body>,
+        head: &Parts,
+        body: Body,
         svc: &Service,
         ep: &EndpointConfig,
         per_try: Duration,
@@ -92,14 +97,15 @@ impl Call<'_> {
         let stats = svc.stats_of(ep).cloned().unwrap_or_default();
         let in_flight = stats.start();
         let local = self.mesh.is_local(ep);
-        if local {
-            self.authorize_local(&req, svc, ep)?;
+        let pooled = if local {
+            self.authorize_local(head, svc, ep)?;
+            None
         } else {
-            self.connected(svc, ep, per_try).await?;
-        }
+            Some(self.connected(svc, ep, per_try).await?)
+        };
         let start = Instant::now();
         // The client's own body failing says nothing about the endpoint: no statistics.
-        let result = self.send(req, svc, ep, per_try, local).await?;
+        let result = self.send(head, body, svc, ep, per_try, pooled).await?;
         // A peer that could not be reached is marked unreachable by the pool and skipped until
         // its probe succeeds: charging its endpoints as slow or ejecting them too would keep
         // them out long after it is back.
@@ -124,20 +130,21 @@ impl Call<'_> {
         result
     }
 
-    /// Has the pooled connection to the endpoint's node ready: connection setup is not the
+    /// The pooled connection to the endpoint's node, once ready: connection setup is not the
     /// endpoint's latency, so it happens before the try is timed, as one of a bounded number of
     /// requests waiting for one, within the try's own timeout (the dial itself goes on and
     /// tells the requests after this one). A peer that cannot be reached fails the try at once,
     /// as never sent: the caller retries it elsewhere without a second handshake here.
-    async fn connected(&self, svc: &Service, ep: &EndpointConfig, per_try: Duration) -> Result<(), TryError> {
-        if self.mesh.pool().is_ready(&ep.node) {
-            return Ok(());
+    async fn connected(&self, svc: &Service, ep: &EndpointConfig, per_try: Duration) -> Result<PeerConn, TryError> {
+        let address = self.peer_address(ep).map_err(TryError::unsent)?;
+        if let Some(pc) = self.mesh.pool().ready(&ep.node, address) {
+            return Ok(pc);
         }
         let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
             return Err(overloaded(svc, "max_pending"));
         };
-        match tokio::time::timeout(per_try, self.peer(ep)).await {
-            Ok(connected) => connected.map(drop).map_err(TryError::unsent),
+        match tokio::time::timeout(per_try, self.mesh.pool().get(&ep.node, address)).await {
+            Ok(connected) => connected.map_err(TryError::unsent),
             Err(_) => {
                 let waited = format!("peer node {} within the try's {per_try:?}", ep.node);
                 Err(TryError::unsent(ProxyError::ConnectTimeout(waited)))
@@ -146,12 +153,12 @@ impl Call<'_> {
     }
 
     /// Local delivery skips the inbound side, so the authorization policy is applied here.
-    fn authorize_local(&self, req: &Request<Body>, svc: &Service, ep: &EndpointConfig) -> Result<(), TryError> {
+    fn authorize_local(&self, head: &Parts, svc: &Service, ep: &EndpointConfig) -> Result<(), TryError> {
         let caller = self.mesh.local_caller(self.table);
         let target = authz::Target {
-            method: Some(req.method()),
-            path: Some(req.uri().path()),
-            headers: Some(req.headers()),
+            method: Some(&head.method),
+            path: Some(head.uri.path()),
+            headers: Some(&head.headers),
             port: ep.address.port(),
         };
         self.mesh.authorize(self.table, &svc.config.name, &caller, &target).map_err(TryError::sent)
@@ -162,24 +169,28 @@ impl Call<'_> {
     /// of the cut request, as the outer `Err`; the inner result is the endpoint's.
     async fn send(
         &self,
-        req: Request<Body>,
+        head: &Parts,
+        body: Body,
         svc: &Service,
         ep: &EndpointConfig,
         per_try: Duration,
-        local: bool,
+        pooled: Option<PeerConn>,
     ) -> Result<Result<Response<Body>, TryError>, TryError> {
-        let (parts, body) = req.into_parts();
         let (body, fault) = body::watch_source(body);
-        let req = Request::from_parts(parts, body);
         let attempt = async {
-            if local {
-                match tokio::time::timeout(per_try, self.mesh.local().send(req, ep.address, &svc.config)).await {
+            // A local instance (no connection to a node) gets its own copy of the head.
+            let Some(pooled) = pooled else {
+                let mut req = Request::new(body);
+                *req.method_mut() = head.method.clone();
+                *req.uri_mut() = head.uri.clone();
+                *req.version_mut() = head.version;
+                *req.headers_mut() = head.headers.clone();
+                return match tokio::time::timeout(per_try, self.mesh.local().send(req, ep.address, &svc.config)).await {
                     Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
                     Ok(r) => r.map_err(TryError::from),
-                }
-            } else {
-                self.forward_remote(req, svc, ep, per_try).await
-            }
+                };
+            };
+            self.forward_remote(head, body, svc, ep, per_try, pooled).await
         };
         // Pinned in place: the select below then holds a reference, not a second copy of it.
         tokio::pin!(attempt);

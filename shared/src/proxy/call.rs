@@ -166,23 +166,20 @@ impl Call<'_> {
             let Some(body) = body else {
                 return Err(ProxyError::BadRequest("request body cannot be sent again".into()));
             };
-            let mut req = Request::new(body);
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = parts.uri.clone();
-            *req.version_mut() = parts.version;
-            *req.headers_mut() = parts.headers.clone();
+            // The try copies the head as it sends it; what differs between tries is set here,
+            // after the pick, and replaced by the next try's.
             if attempt > 1 {
-                req.headers_mut().insert(headers::ATTEMPT, HeaderValue::from(attempt));
+                parts.headers.insert(headers::ATTEMPT, HeaderValue::from(attempt));
             }
             // The next hop gets what is left of the caller's deadline.
             if let Some(d) = deadline {
                 let left = d.saturating_sub(started.elapsed());
-                req.headers_mut().insert(headers::GRPC_TIMEOUT, headers::grpc_timeout_value(left));
+                parts.headers.insert(headers::GRPC_TIMEOUT, headers::grpc_timeout_value(left));
             }
             // Boxed: the try's future is the bulk of a request's state (h3 and hyper futures
             // nested), and every future that holds it inline is copied whole when its task is
             // spawned and when it completes.
-            let result = Box::pin(self.forward_try(req, svc, ep, per_try)).await;
+            let result = Box::pin(self.forward_try(&parts, body, svc, ep, per_try)).await;
             let outcome = match &result {
                 Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,

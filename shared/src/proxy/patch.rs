@@ -5,7 +5,7 @@
 //! [`Config::validate`](crate::config::Config::validate) checks a whole config, so a patched
 //! table is exactly the table the whole snapshot would compile to, or an error naming the key.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::table::{build_service, source_of, Service, Table};
@@ -15,7 +15,7 @@ use crate::policy::route::RouteTable;
 
 /// Inserts `key` for `svc` unless it already leads to another service (or repeats an alias).
 fn claim(
-    hosts: &mut HashMap<String, Arc<Service>>,
+    hosts: &mut crate::FastMap<String, Arc<Service>>,
     key: String,
     svc: &Arc<Service>,
     what: &str,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HOST;
+use http::request::Parts;
 use http::{Method, Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
@@ -25,8 +26,13 @@ use crate::transport::pool::PeerConn;
 
 impl Call<'_> {
     pub(crate) async fn peer(&self, ep: &EndpointConfig) -> Result<(PeerConn, SocketAddr), ProxyError> {
-        // Never dial a revoked member, whatever still names it (a mirror, a request that
-        // picked its endpoint under the previous table).
+        let address = self.peer_address(ep)?;
+        Ok((self.mesh.pool().get(&ep.node, address).await?, address))
+    }
+
+    /// The address of the endpoint's node; never one of a revoked member, whatever still names
+    /// it (a mirror, a request that picked its endpoint under the previous table).
+    pub(crate) fn peer_address(&self, ep: &EndpointConfig) -> Result<SocketAddr, ProxyError> {
         if self.table.is_revoked(&ep.node) {
             return Err(ProxyError::PeerUnreachable {
                 peer: ep.node.clone(),
@@ -37,22 +43,21 @@ impl Call<'_> {
             peer: ep.node.clone(),
             reason: "node has no address in config".into(),
         })?;
-        Ok((self.mesh.pool().get(&peer.name, peer.address).await?, peer.address))
+        Ok(peer.address)
     }
 
     pub(crate) async fn forward_remote(
         &self,
-        req: Request<Body>,
+        parts: &Parts,
+        body: Body,
         svc: &Service,
         ep: &EndpointConfig,
         per_try: Duration,
+        pooled: PeerConn,
     ) -> Result<Response<Body>, TryError> {
-        let (parts, body) = req.into_parts();
         let authority = headers::authority(&parts.uri, &parts.headers).unwrap_or_else(|| svc.config.name.clone());
         let uri = headers::absolute_uri(http::uri::Scheme::HTTPS, authority, &parts.uri)
             .map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))?;
-        let mut hdrs = parts.headers;
-        hdrs.remove(HOST);
         // The three values from one allocation, shared by the copies `head` makes.
         // An address takes at most 47 bytes ([v6 with scope]:port), the try's limit in
         // milliseconds at most 20.
@@ -64,36 +69,37 @@ impl Call<'_> {
             let bad = format!("unusable service name {:?}", svc.config.name);
             return Err(TryError::unsent(ProxyError::BadRequest(bad)));
         };
-        hdrs.insert(headers::SERVICE, service);
-        hdrs.insert(headers::ENDPOINT, endpoint);
-        if let Some(limit) = limit {
-            hdrs.insert(headers::TRY_TIMEOUT, limit);
-        }
+        // The caller's head is shared by its tries; each request stream gets its own copy (the
+        // first is the only one unless a dead pooled connection makes this replay it).
         let head = |method: &Method| {
+            let mut hdrs = parts.headers.clone();
+            hdrs.remove(HOST);
+            hdrs.insert(headers::SERVICE, service.clone());
+            hdrs.insert(headers::ENDPOINT, endpoint.clone());
+            if let Some(limit) = &limit {
+                hdrs.insert(headers::TRY_TIMEOUT, limit.clone());
+            }
             let mut r = Request::new(());
             *r.method_mut() = method.clone();
             *r.uri_mut() = uri.clone();
-            *r.headers_mut() = hdrs.clone();
+            *r.headers_mut() = hdrs;
             r
         };
         // A request that found its pooled connection dead is replayed once on a fresh one when
         // that is safe: idempotent and bodiless, so nothing can have been consumed upstream.
         if body.is_end_stream() && crate::policy::retry::idempotent(&parts.method) {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match self.send_bodiless(head(&parts.method), ep, per_try).await {
-                    Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) if attempt == 1 => {
-                        debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
-                    }
-                    other => return other,
+            return match self.send_bodiless(head(&parts.method), ep, per_try, Some(pooled)).await {
+                Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) => {
+                    debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
+                    self.send_bodiless(head(&parts.method), ep, per_try, None).await
                 }
-            }
+                other => other,
+            };
         }
         // With a body, only the stream opening may be repeated: the body is not consumed yet.
-        let (pc, stream) = match self.open_stream(head(&parts.method), ep).await {
+        let (pc, stream) = match self.open_stream(head(&parts.method), ep, Some(pooled)).await {
             Err(TryError { error: ProxyError::PeerUnreachable { .. }, .. }) => {
-                self.open_stream(head(&parts.method), ep).await?
+                self.open_stream(head(&parts.method), ep, None).await?
             }
             other => other?,
         };
@@ -115,10 +121,18 @@ impl Call<'_> {
         Ok(resp.map(|b| body::with_guard(b, cancel_tx)))
     }
 
-    /// Opens a request stream on the pooled connection; a dead or closing connection is
-    /// evicted. Nothing reached the peer when this fails.
-    async fn open_stream(&self, head: Request<()>, ep: &EndpointConfig) -> Result<(PeerConn, RequestStream), TryError> {
-        let (pc, _) = self.peer(ep).await.map_err(TryError::unsent)?;
+    /// Opens a request stream on `pooled`, else on the pool's connection; a dead or closing
+    /// connection is evicted. Nothing reached the peer when this fails.
+    async fn open_stream(
+        &self,
+        head: Request<()>,
+        ep: &EndpointConfig,
+        pooled: Option<PeerConn>,
+    ) -> Result<(PeerConn, RequestStream), TryError> {
+        let pc = match pooled {
+            Some(pc) => pc,
+            None => self.peer(ep).await.map_err(TryError::unsent)?.0,
+        };
         pc.ready_for(head.method()).await.map_err(TryError::unsent)?;
         let mut sender = pc.h3.clone();
         match sender.send_request(head).await {
@@ -138,8 +152,9 @@ impl Call<'_> {
         head: Request<()>,
         ep: &EndpointConfig,
         per_try: Duration,
+        pooled: Option<PeerConn>,
     ) -> Result<Response<Body>, TryError> {
-        let (pc, mut stream) = self.open_stream(head, ep).await?;
+        let (pc, mut stream) = self.open_stream(head, ep, pooled).await?;
         if let Err(e) = stream.finish().await {
             self.mesh.pool().evict(&ep.node, &pc.conn).await;
             let unsent = rejected(&e);

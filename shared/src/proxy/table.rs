@@ -90,8 +90,8 @@ pub struct Table {
     pub(crate) edge: Option<Arc<Listeners>>,
     /// Everything else (peers, timeouts, policies); services live in `services`.
     pub(crate) config: Arc<Config>,
-    pub(crate) services: HashMap<String, Arc<Service>>,
-    pub(crate) hosts: HashMap<String, Arc<Service>>,
+    pub(crate) services: crate::FastMap<String, Arc<Service>>,
+    pub(crate) hosts: crate::FastMap<String, Arc<Service>>,
     /// The service this node hosts, when it hosts exactly one: the source of its outbound calls.
     pub(crate) source_service: Option<String>,
     /// Endpoints on revoked members, by service: out of routing, shown in the dump.
@@ -143,7 +143,7 @@ pub(crate) fn build_service(
 }
 
 /// The service this node hosts, when it hosts exactly one.
-pub(crate) fn source_of(services: &HashMap<String, Arc<Service>>, local: Option<&str>) -> Option<String> {
+pub(crate) fn source_of(services: &crate::FastMap<String, Arc<Service>>, local: Option<&str>) -> Option<String> {
     let local = local?;
     let mut hosted = services
         .values()
@@ -178,8 +178,8 @@ impl Table {
             None => None,
         };
         let mut revoked_endpoints = Vec::new();
-        let mut services = HashMap::new();
-        let mut hosts = HashMap::new();
+        let mut services = crate::FastMap::default();
+        let mut hosts = crate::FastMap::default();
         // The services move into the table; `config` keeps the rest (peers, timeouts, ...).
         for (i, svc) in std::mem::take(&mut config.services).into_iter().enumerate() {
             let (s, revoked) = build_service(svc, &format!("services[{i}]"), &config.revoked, None)?;

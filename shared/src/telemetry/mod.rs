@@ -49,7 +49,7 @@ type ByCode = (u16, Option<&'static str>, Option<&'static str>, ::metrics::Count
 
 /// Handles by a hash of their four labels; a hash collision is told apart by the labels the
 /// handles carry, without building a key string for every request.
-type HandleMap = std::collections::HashMap<u64, Vec<Arc<Handles>>>;
+type HandleMap = crate::FastMap<u64, Vec<Arc<Handles>>>;
 
 /// FNV-1a over the four labels (a 0xff byte, which UTF-8 never contains, between them): a few
 /// instructions per byte. The labels are service and route names from the config, and a

@@ -175,7 +175,7 @@ struct Dialer {
 
 pub struct PeerPool {
     dialer: Arc<Dialer>,
-    peers: Mutex<HashMap<String, Arc<Peer>>>,
+    peers: Mutex<crate::FastMap<String, Arc<Peer>>>,
 }
 
 impl PeerPool {
@@ -192,7 +192,7 @@ impl PeerPool {
             no_early: Mutex::default(),
             marks: Mutex::default(),
         };
-        Self { dialer: Arc::new(dialer), peers: Mutex::new(HashMap::new()) }
+        Self { dialer: Arc::new(dialer), peers: Mutex::default() }
     }
 
     /// Has each worker past the first dial from a UDP socket of its own, so that its
@@ -246,7 +246,7 @@ impl PeerPool {
     /// A pool of its own connections that shares this one's endpoint, credentials and what it
     /// knows of peers (unreachable marks and their probes, refused 0-RTT): another worker's.
     pub fn sibling(&self) -> Self {
-        Self { dialer: self.dialer.clone(), peers: Mutex::new(HashMap::new()) }
+        Self { dialer: self.dialer.clone(), peers: Mutex::default() }
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {
@@ -275,11 +275,15 @@ impl PeerPool {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
-    /// Is a live connection to `peer` pooled (so `get` will not have to wait for one)?
-    pub fn is_ready(&self, peer: &str) -> bool {
-        self.known(peer).is_some_and(|p| {
-            p.conn.try_lock().is_ok_and(|g| g.as_ref().is_some_and(|pc| pc.conn.close_reason().is_none()))
-        })
+    /// The live pooled connection to `peer` at `addr`, when `get` would hand it over at once:
+    /// no dial under way, and no peer marked unreachable (`get` judges those).
+    pub fn ready(&self, peer: &str, addr: SocketAddr) -> Option<PeerConn> {
+        if self.dialer.down.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let p = self.known(peer)?;
+        let guard = p.conn.try_lock().ok()?;
+        guard.as_ref().filter(|pc| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr).cloned()
     }
 
     /// This pool's live connection to `peer`, if it holds one and no dial is under way.
