@@ -160,7 +160,7 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr, scratch: &m
             b.extend_from_slice(prev.as_bytes());
             b.extend_from_slice(b", ");
         }
-        push_ip(b, client);
+        put_ip(b, client);
     });
     if let Some(v) = value {
         headers.insert(FORWARDED_FOR, v);
@@ -173,8 +173,7 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr, scratch: &m
 pub fn push_ip<W: Write>(out: &mut W, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            let mut text = V4Text::default();
-            let _ = out.write_str(text.write(v4, None));
+            let _ = out.write_str(V4Text::new(v4, None).as_str());
         }
         IpAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
@@ -182,12 +181,28 @@ pub fn push_ip<W: Write>(out: &mut W, ip: IpAddr) {
     }
 }
 
+/// [`push_ip`] into bytes: an IPv4 address goes in as it was written, without the check that
+/// it is text (a few hundred instructions per request at the edge, for two addresses).
+pub fn put_ip(out: &mut BytesMut, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => out.extend_from_slice(V4Text::new(v4, None).as_bytes()),
+        ip => push_ip(out, ip),
+    }
+}
+
+/// [`push_socket_addr`] into bytes, as [`put_ip`].
+pub fn put_socket_addr(out: &mut BytesMut, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => out.extend_from_slice(V4Text::new(*v4.ip(), Some(v4.port())).as_bytes()),
+        addr => push_socket_addr(out, addr),
+    }
+}
+
 /// Appends `addr` as a URI authority: `192.0.2.1:80`, `[2001:db8::1]:80`.
 pub fn push_socket_addr<W: Write>(out: &mut W, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(v4) => {
-            let mut text = V4Text::default();
-            let _ = out.write_str(text.write(*v4.ip(), Some(v4.port())));
+            let _ = out.write_str(V4Text::new(*v4.ip(), Some(v4.port())).as_str());
         }
         SocketAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
@@ -224,19 +239,28 @@ struct V4Text {
 
 impl V4Text {
     /// `ip`, and `:port` when given, as text.
-    fn write(&mut self, ip: std::net::Ipv4Addr, port: Option<u16>) -> &str {
+    fn new(ip: std::net::Ipv4Addr, port: Option<u16>) -> Self {
+        let mut text = Self::default();
         for (i, octet) in ip.octets().into_iter().enumerate() {
             if i > 0 {
-                self.push(b'.');
+                text.push(b'.');
             }
-            self.decimal(octet.into());
+            text.decimal(octet.into());
         }
         if let Some(port) = port {
-            self.push(b':');
-            self.decimal(port);
+            text.push(b':');
+            text.decimal(port);
         }
-        // Only ASCII digits, dots and a colon were written.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+        text
+    }
+
+    /// Only ASCII digits, dots and a colon were written.
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 
     fn push(&mut self, b: u8) {
@@ -632,11 +656,17 @@ mod tests {
             let mut s = String::new();
             push_ip(&mut s, ip);
             assert_eq!(s, ip.to_string());
+            let mut b = BytesMut::new();
+            put_ip(&mut b, ip);
+            assert_eq!(b, s.as_bytes());
             for port in [0u16, 7, 9, 10, 80, 99, 100, 443, 999, 1000, 9999, 10000, 65535] {
                 let addr = SocketAddr::new(ip, port);
                 let mut s = String::new();
                 push_socket_addr(&mut s, addr);
                 assert_eq!(s, addr.to_string());
+                let mut b = BytesMut::new();
+                put_socket_addr(&mut b, addr);
+                assert_eq!(b, s.as_bytes());
             }
         }
         for n in [0, 9, 10, 1234, u64::MAX] {

@@ -288,10 +288,10 @@ fn edge_forwarding(parts: &mut Parts, client: SocketAddr, authority: &str, scrat
         match client.ip() {
             ip @ std::net::IpAddr::V6(_) => {
                 b.put_u8(b'[');
-                headers::push_ip(b, ip);
+                headers::put_ip(b, ip);
                 b.put_u8(b']');
             }
-            ip => headers::push_ip(b, ip),
+            ip => headers::put_ip(b, ip),
         }
         b.extend_from_slice(b"\";proto=https;host=\"");
         for piece in authority.split('"') {

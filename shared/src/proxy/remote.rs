@@ -63,7 +63,7 @@ impl Call<'_> {
         // milliseconds at most 20.
         let mut scratch = headers::Scratch::with_capacity(svc.config.name.len() + 47 + 20);
         let service = scratch.text(&svc.config.name);
-        let endpoint = scratch.value(|b| headers::push_socket_addr(b, ep.address));
+        let endpoint = scratch.value(|b| headers::put_socket_addr(b, ep.address));
         let limit = scratch.value(|b| headers::push_u64(b, u64::try_from(per_try.as_millis()).unwrap_or(u64::MAX)));
         let (Some(service), Some(endpoint)) = (service, endpoint) else {
             let bad = format!("unusable service name {:?}", svc.config.name);
