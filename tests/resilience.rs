@@ -370,6 +370,71 @@ async fn sigterm_on_the_gateway_lets_requests_in_flight_finish() {
     drop(pki);
 }
 
+/// A client's HTTP/1.1 keep-alive connection to the edge, over TLS.
+async fn edge_h1(port: u16) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(&[b"http/1.1"])));
+    let tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// One GET on `send`: status, `connection` header, body; `Err` when the connection failed.
+async fn edge_h1_get(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> Result<(u16, String, String), String> {
+    use http_body_util::BodyExt;
+    send.ready().await.map_err(|e| format!("connection not usable: {e}"))?;
+    let req = http::Request::get(path).header("host", "localhost").body(Default::default()).unwrap();
+    let resp = send.send_request(req).await.map_err(|e| format!("no answer: {e}"))?;
+    let status = resp.status().as_u16();
+    let connection = resp.headers().get("connection").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok((status, connection, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_gateway_still_answers_a_kept_alive_connection_next_request() {
+    let pki = Pki::new();
+    let dir = pki.issue("gateway");
+    pki.issue("node-b");
+    let mut gw = gateway_to_web(&dir);
+    let be = Backend::start("web", Duration::ZERO).await;
+    let _b =
+        NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
+    let port = gw.addrs.listen.port();
+    eventually(Duration::from_secs(20), "the backend to be reachable", || async {
+        let mut send = edge_h1(port).await;
+        (edge_h1_get(&mut send, "/").await.is_ok_and(|(s, _, _)| s == 200)).then_some(())
+    })
+    .await;
+    // A client's connection, kept alive after one request, idle when the drain begins.
+    let mut kept = edge_h1(port).await;
+    let (status, connection, _) = edge_h1_get(&mut kept, "/").await.unwrap();
+    assert_eq!((status, connection.as_str()), (200, ""), "kept alive before the drain");
+    // Nothing else is in flight: the connection itself holds the drain open.
+    let admin = gw.addrs.admin;
+    let stopped = tokio::task::spawn_blocking(move || {
+        gw.terminate();
+        gw
+    });
+    eventually(Duration::from_secs(10), "the gateway to start draining", || async {
+        (http_get(&format!("http://{admin}/ready")).await.0 == 503).then_some(())
+    })
+    .await;
+    // The client writes its next request a moment into the drain, as a client that had not
+    // seen it yet would: well within the edge's grace for a last request, and long after an
+    // edge that closes idle connections at once would have closed this one.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = edge_h1_get(&mut kept, "/").await;
+    assert_eq!(answer, Ok((200, "close".to_string(), "web".to_string())), "the kept-alive connection's next request");
+    let gw = stopped.await.unwrap();
+    assert!(gw.log().contains("drained; every request in flight finished"), "{}", gw.log());
+    drop(pki);
+}
+
 fn instance(service: &str, addr: SocketAddr, health: &str) -> String {
     format!("[[node.instances]]\nservice = \"{service}\"\naddress = \"{addr}\"\n{health}\n")
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use quicmesh_shared::message::body;
 use quicmesh_shared::policy::listener::Protocol;
-use quicmesh_shared::proxy::drain::Phase;
+use quicmesh_shared::proxy::drain::{Phase, LAST_REQUEST_GRACE};
 use quicmesh_shared::telemetry::metrics as m;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -65,8 +65,11 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>, at: Arc<TcpPort>) {
             }
         };
         let (edge, at) = (edge.clone(), at.clone());
+        // The drain waits for each connection from its accept: one taken as the drain began
+        // still gets its handshake and its request answered.
+        let open = edge.mesh.drain().guard();
         quicmesh_shared::runtime::spawn_tcp(tcp, move |tcp| async move {
-            let _admitted = admitted;
+            let _admitted = (admitted, open);
             connection(tcp, client, edge, at).await;
         });
     }
@@ -211,10 +214,15 @@ where
         // In flight until its response body is done with.
         let in_flight = requests.start();
         async move {
+            let http1 = req.version() <= http::Version::HTTP_11;
             let mut req = req.map(body::boxed);
             // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
             req.headers_mut().remove("early-data");
-            let resp = edge.handle(req, &at, in_flight).await;
+            let mut resp = edge.handle(req, &at, in_flight).await;
+            // Draining: HTTP/1.1 has no GOAWAY, so each answer says the connection ends with it.
+            if http1 && edge.mesh.drain().phase() >= Phase::Draining {
+                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(resp)
         }
     });
@@ -237,8 +245,17 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = edge.mesh.drain().reached(Phase::GoingAway) => {
-            // HTTP/2 GOAWAY, or `Connection: close` after the request in progress.
+        _ = async {
+            edge.mesh.drain().reached(Phase::GoingAway).await;
+            // HTTP/2 clients learn of the drain from GOAWAY at once. An HTTP/1.1 client learns
+            // of it from `Connection: close` on its next answer; one that sends none in time
+            // finds its connection closed, idle, rather than closed under a request it was
+            // writing.
+            if proto != "h2" {
+                tokio::time::sleep(LAST_REQUEST_GRACE).await;
+            }
+        } => {
+            // HTTP/2 GOAWAY, or the HTTP/1.1 connection closed after the request in progress.
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -407,8 +407,9 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
 
 impl Gateway {
     /// Graceful stop (SIGTERM): not ready any more; refuse new client connections; GOAWAY on
-    /// HTTP/2 and HTTP/3 (HTTP/1.1 closes after the request in progress); let requests in
-    /// flight finish within `gateway.drain_timeout`; then close.
+    /// HTTP/2 and HTTP/3 (HTTP/1.1 answers say `Connection: close`, and an idle connection gets
+    /// [`LAST_REQUEST_GRACE`](quicmesh_shared::proxy::drain::LAST_REQUEST_GRACE) for one more
+    /// request); let requests in flight finish within `gateway.drain_timeout`; then close.
     pub async fn drain(self) {
         let drain = self.mesh.drain().clone();
         metrics::gauge!(quicmesh_shared::telemetry::metrics::DRAINING).set(1.0);

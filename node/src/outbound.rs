@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::HOST;
 use http::{Request, Response};
@@ -18,18 +17,13 @@ use quicmesh_shared::message::body::{self, Body};
 use quicmesh_shared::message::error::ProxyError;
 use quicmesh_shared::message::headers;
 use quicmesh_shared::policy::listener::ParentKind;
-use quicmesh_shared::proxy::drain::Phase;
+use quicmesh_shared::proxy::drain::{Phase, LAST_REQUEST_GRACE};
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::pipeline::{self, Ctx, Side, Target};
 use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::{self, Record};
 use tokio::net::TcpListener;
 use tracing::{debug, debug_span, Instrument};
-
-/// Once the node tells its peers to go away, a local app's connection gets this long to send
-/// one more request (answered with `Connection: close`) before it is closed. Closing an idle
-/// keep-alive connection at once would race a request the app may be writing on it.
-const LAST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 
 /// Accepts local apps' connections until the task is dropped.
 ///

@@ -10,6 +10,12 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+/// Once a process tells its peers to go away, an HTTP/1.1 client's connection gets this long to
+/// send one more request (answered with `Connection: close`) before it is closed: HTTP/1.1 has
+/// no GOAWAY, and closing an idle keep-alive connection at once would race a request the client
+/// may be writing on it, which it could not safely send again.
+pub const LAST_REQUEST_GRACE: Duration = Duration::from_millis(500);
+
 /// How long an accept loop waits after an accept error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
