@@ -55,6 +55,8 @@ struct Ca {
     /// The TLS root of pebble's own HTTPS (`gateway.acme.ca`).
     https_root: PathBuf,
     pebble: Option<Proc>,
+    /// pebble's ports while it is stopped (see [`Ca::stop`]).
+    held: Vec<socket2::Socket>,
     _dns: Proc,
 }
 
@@ -76,6 +78,7 @@ impl Ca {
             dns,
             https_root,
             pebble: None,
+            held: Vec::new(),
             _dns: Proc(dns_proc),
         }
     }
@@ -99,6 +102,7 @@ impl Ca {
             "certificateValidityPeriod": VALIDITY_S,
         }});
         std::fs::write(&config, json.to_string()).unwrap();
+        self.held.clear();
         let log = std::fs::File::create(self.dir.join("pebble.log")).unwrap();
         let child = Command::new("pebble")
             .args(["-config", config.to_str().unwrap(), "-dnsserver", &format!("127.0.0.1:{}", self.dns)])
@@ -117,8 +121,20 @@ impl Ca {
         .await;
     }
 
+    /// Stops pebble, and keeps its ports bound (not listening: a connection is refused, as
+    /// to a stopped server) until it starts again, so that nothing else binds them meanwhile:
+    /// the tests next to this one bind listeners to port 0, and the kernel may hand out a port
+    /// just freed.
     fn stop(&mut self) {
         self.pebble = None;
+        for port in [self.api, self.management] {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            // Past the stopped server's connections in TIME_WAIT.
+            let _ = socket.set_reuse_address(true);
+            if socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into()).is_ok() {
+                self.held.push(socket);
+            }
+        }
     }
 
     /// The root pebble issues under (new at every start), saved to a file.

@@ -276,12 +276,12 @@ impl PeerPool {
     }
 
     /// The live pooled connection to `peer` at `addr`, when `get` would hand it over at once:
-    /// no dial under way, and no peer marked unreachable (`get` judges those).
+    /// no dial under way, and the peer not marked unreachable (`get` judges that).
     pub fn ready(&self, peer: &str, addr: SocketAddr) -> Option<PeerConn> {
-        if self.dialer.down.load(Ordering::Relaxed) > 0 {
+        let p = self.known(peer)?;
+        if self.dialer.down.load(Ordering::Relaxed) > 0 && p.down.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
             return None;
         }
-        let p = self.known(peer)?;
         let guard = p.conn.try_lock().ok()?;
         guard.as_ref().filter(|pc| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr).cloned()
     }
