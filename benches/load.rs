@@ -210,18 +210,18 @@ struct Path {
     /// The edge processes (for nginx, master and workers), for requests per CPU-second at
     /// the ingress; empty on the other paths.
     ingress: Vec<u32>,
-    /// For a gateway path: the name of the peer edge it is compared with (same protocol, same
+    /// For a gateway path: the names of the peer edges it is compared with (same protocol, same
     /// thread count).
-    peer: Option<&'static str>,
+    peers: Vec<&'static str>,
 }
 
 impl Path {
     fn new(name: &'static str, how: How, procs: Vec<u32>, ingress: Vec<u32>) -> Self {
-        Path { name, how, procs, ingress, peer: None }
+        Path { name, how, procs, ingress, peers: Vec::new() }
     }
 
     fn against(mut self, peer: &'static str) -> Self {
-        self.peer = Some(peer);
+        self.peers.push(peer);
         self
     }
 }
@@ -232,6 +232,8 @@ const NGINX_EDGE_H1: &str = "nginx edge HTTP/1.1+TLS -> TLS -> nginx -> backend"
 const NGINX_EDGE_H2: &str = "nginx edge HTTP/2 -> TLS -> nginx -> backend";
 const NGINX_EDGE_1_H1: &str = "nginx edge (1 worker) HTTP/1.1+TLS -> TLS -> nginx -> backend";
 const NGINX_EDGE_1_H2: &str = "nginx edge (1 worker) HTTP/2 -> TLS -> nginx -> backend";
+/// The one-worker nginx edge adding the forwarding headers the gateway adds (`peers::nginx_edge`).
+const NGINX_EDGE_1_FWD_H1: &str = "nginx edge (1 worker, forwarding headers) HTTP/1.1+TLS -> TLS -> nginx -> backend";
 /// The libraries under the gateway's HTTP/1.1+TLS row, on one thread (`peers::bare`): the floor
 /// that row's per-request cost stands on.
 const BARE_EDGE: &str = "bare edge (1 thread) HTTP/1.1+TLS -> HTTP/3 -> backend";
@@ -548,7 +550,8 @@ fn main() {
             Path::new("gateway (1 thread) HTTP/3 -> node", How::Edge(Client::H3, gw1_port), vec![pg1, pb], vec![pg1])
                 .against(CADDY_1),
             Path::new("gateway (1 thread) HTTP/1.1+TLS -> node", How::Edge(Client::H1Tls, gw1_port), vec![pg1, pb], vec![pg1])
-                .against(NGINX_EDGE_1_H1),
+                .against(NGINX_EDGE_1_H1)
+                .against(NGINX_EDGE_1_FWD_H1),
             Path::new("gateway (1 thread) HTTP/2 -> node", How::Edge(Client::H2Tls, gw1_port), vec![pg1, pb], vec![pg1])
                 .against(NGINX_EDGE_1_H2),
             Path::new(BARE_EDGE, How::Edge(Client::H1Tls, bare_edge.front.port()), bare_edge.pids(), vec![bare_edge.pids()[0]])
@@ -577,12 +580,19 @@ fn main() {
                 paths.push(Path::new(name, How::Edge(Client::H3, c.front.port()), pids.clone(), pids));
             }
         }
-        let nginx_edge = peers::nginx_edge(pki.path(), "nginx-edge", backend, gw_threads);
-        let nginx_edge1 = peers::nginx_edge(pki.path(), "nginx-edge-1", backend, 1);
-        let edges = [(&nginx_edge, NGINX_EDGE_H1, NGINX_EDGE_H2), (&nginx_edge1, NGINX_EDGE_1_H1, NGINX_EDGE_1_H2)];
+        let nginx_edge = peers::nginx_edge(pki.path(), "nginx-edge", backend, gw_threads, false);
+        let nginx_edge1 = peers::nginx_edge(pki.path(), "nginx-edge-1", backend, 1, false);
+        // The same doing the gateway's header work too, for HTTP/1.1 only.
+        let nginx_edge1f = peers::nginx_edge(pki.path(), "nginx-edge-1f", backend, 1, true);
+        let edges = [
+            (&nginx_edge, NGINX_EDGE_H1, Some(NGINX_EDGE_H2)),
+            (&nginx_edge1, NGINX_EDGE_1_H1, Some(NGINX_EDGE_1_H2)),
+            (&nginx_edge1f, NGINX_EDGE_1_FWD_H1, None),
+        ];
         for (n, h1, h2) in edges {
             let Some(n) = n else { continue };
-            for (kind, name) in [(Client::H1Tls, h1), (Client::H2Tls, h2)] {
+            for (kind, name) in [(Client::H1Tls, Some(h1)), (Client::H2Tls, h2)] {
+                let Some(name) = name else { continue };
                 load_edge(kind, n.front.port(), conns, 1).await;
                 paths.push(Path::new(name, How::Edge(kind, n.front.port()), n.pids(), n.front_pids()));
             }
@@ -668,7 +678,7 @@ fn main() {
             // Requests per CPU-second of the edge process alone.
             let edge = (!ingress_cpu[i].is_zero()).then(|| n / ingress_cpu[i].as_secs_f64());
             if let Some(e) = edge {
-                per_edge_cpu_s.push((p.name, p.peer, e));
+                per_edge_cpu_s.push((p.name, &p.peers, e));
             }
             closed.push(serde_json::json!({
                 "path": p.name, "rps": rps, "p50_us": p50.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6,
@@ -688,22 +698,28 @@ fn main() {
                 "\n| ingress | requests per CPU-second of the edge process | against (same protocol, same threads) | ratio | wrk: requests per CPU-second | wrk: ratio |"
             );
             println!("|---|---|---|---|---|---|");
-            for (name, peer, r) in &per_edge_cpu_s {
-                let (against, vs) = match peer.and_then(|p| rate_of(p).map(|pr| (p, pr))) {
-                    Some((p, pr)) => (p, format!("{:.2}x", r / pr)),
-                    None => ("-", "-".to_string()),
-                };
-                let own = wrk_of(name).filter(|w| !w.is_empty());
-                let wrk_rate = own.map_or("-".to_string(), |w| {
-                    format!("{:.0}", median(w.iter().map(|w| 1e6 / w.edge_cpu_us).collect()))
-                });
-                let wrk_vs = match (own, peer.and_then(wrk_of).filter(|w| !w.is_empty())) {
-                    (Some(g), Some(p)) => {
-                        format!("{:.2}x", median(g.iter().zip(p).map(|(g, p)| p.edge_cpu_us / g.edge_cpu_us).collect()))
-                    }
-                    _ => "-".to_string(),
-                };
-                println!("| {name} | {r:.0} | {against} | {vs} | {wrk_rate} | {wrk_vs} |");
+            for (name, peers, r) in &per_edge_cpu_s {
+                // A row per peer compared with (one, with dashes, for a peer itself).
+                let against: Vec<Option<&'static str>> =
+                    if peers.is_empty() { vec![None] } else { peers.iter().copied().map(Some).collect() };
+                for peer in against {
+                    let (against, vs) = match peer.and_then(|p| rate_of(p).map(|pr| (p, pr))) {
+                        Some((p, pr)) => (p, format!("{:.2}x", r / pr)),
+                        None => ("-", "-".to_string()),
+                    };
+                    let own = wrk_of(name).filter(|w| !w.is_empty());
+                    let wrk_rate = own.map_or("-".to_string(), |w| {
+                        format!("{:.0}", median(w.iter().map(|w| 1e6 / w.edge_cpu_us).collect()))
+                    });
+                    let wrk_vs = match (own, peer.and_then(wrk_of).filter(|w| !w.is_empty())) {
+                        (Some(g), Some(p)) => format!(
+                            "{:.2}x",
+                            median(g.iter().zip(p).map(|(g, p)| p.edge_cpu_us / g.edge_cpu_us).collect())
+                        ),
+                        _ => "-".to_string(),
+                    };
+                    println!("| {name} | {r:.0} | {against} | {vs} | {wrk_rate} | {wrk_vs} |");
+                }
             }
         }
         let rss = (a.peak_rss_kib(), b.peak_rss_kib(), gw.peak_rss_kib());

@@ -175,7 +175,10 @@ pub fn nginx(dir: &Path, backend: SocketAddr) -> Option<ProxyPair> {
 /// pool, sessions reused) to a second nginx that proxies to `backend`: the shape of the gateway's
 /// HTTP/1.1 and HTTP/2 ingress, which goes on over mutual-TLS QUIC to node-b. `front` is the
 /// edge's TLS port; [`ProxyPair::front_pids`] are the edge's processes; `name` names the files.
-pub fn nginx_edge(dir: &Path, name: &str, backend: SocketAddr, workers: usize) -> Option<ProxyPair> {
+/// With `forwarding`, the edge adds the request headers the gateway adds by default, as far as
+/// nginx has them without modules: `X-Forwarded-For`, `X-Forwarded-Proto`, an RFC 7239
+/// `Forwarded` element and `X-Request-Id` (not W3C `traceparent`).
+pub fn nginx_edge(dir: &Path, name: &str, backend: SocketAddr, workers: usize, forwarding: bool) -> Option<ProxyPair> {
     if !installed("nginx", "-v") {
         return None;
     }
@@ -195,6 +198,13 @@ pub fn nginx_edge(dir: &Path, name: &str, backend: SocketAddr, workers: usize) -
         ),
         &format!("server {backend};"),
     );
+    let headers = if forwarding {
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme;\n\
+         proxy_set_header Forwarded \"for=\\\"$remote_addr\\\";proto=https;host=\\\"$host\\\"\";\n\
+         proxy_set_header X-Request-Id $request_id;\n"
+    } else {
+        ""
+    };
     let front = nginx_conf_with(
         dir,
         name,
@@ -203,7 +213,7 @@ pub fn nginx_edge(dir: &Path, name: &str, backend: SocketAddr, workers: usize) -
             "server {{ listen 127.0.0.1:{p1} ssl http2; {tls} keepalive_requests 1000000;\n\
              http2_max_concurrent_streams 1024;\n\
              location / {{ proxy_pass https://next; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
-             proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.3; }} }}"
+             {headers}proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.3; }} }}"
         ),
         &format!("server 127.0.0.1:{p2};"),
     );
