@@ -243,10 +243,21 @@ impl FrameDecoder {
                 }
             }
 
+            // Patched for quicmesh (see PATCHED.md): a frame that lies within the first chunk
+            // (its header; a HEADERS frame's payload too) is decoded from that chunk's bytes.
+            // The cursor over the whole list, each of whose `remaining` calls walks the list,
+            // is left for a frame that spans chunks.
             let (pos, decoded) = {
-                let mut cur = src.cursor();
-                let decoded = Frame::decode(&mut cur);
-                (cur.position(), decoded)
+                let mut first = src.chunk();
+                let whole = first.len();
+                match Frame::decode(&mut first) {
+                    Err(frame::FrameError::Incomplete(_)) => {
+                        let mut cur = src.cursor();
+                        let decoded = Frame::decode(&mut cur);
+                        (cur.position(), decoded)
+                    }
+                    decoded => (whole - first.len(), decoded),
+                }
             };
 
             match decoded {
