@@ -414,8 +414,11 @@ async fn sigterm_on_the_gateway_still_answers_a_kept_alive_connection_next_reque
     let mut kept = edge_h1(port).await;
     let (status, connection, _) = edge_h1_get(&mut kept, "/").await.unwrap();
     assert_eq!((status, connection.as_str()), (200, ""), "kept alive before the drain");
-    // Nothing else is in flight: the connection itself holds the drain open.
+    // Nothing is in flight, but a second client is connected and silent: its connection holds
+    // the drain open until its grace ends.
+    let _silent = edge_h1(port).await;
     let admin = gw.addrs.admin;
+    let sigterm = Instant::now();
     let stopped = tokio::task::spawn_blocking(move || {
         gw.terminate();
         gw
@@ -431,6 +434,8 @@ async fn sigterm_on_the_gateway_still_answers_a_kept_alive_connection_next_reque
     let answer = edge_h1_get(&mut kept, "/").await;
     assert_eq!(answer, Ok((200, "close".to_string(), "web".to_string())), "the kept-alive connection's next request");
     let gw = stopped.await.unwrap();
+    let grace = quicmesh_shared::proxy::drain::LAST_REQUEST_GRACE;
+    assert!(sigterm.elapsed() >= grace, "exited {:?} after SIGTERM, inside a connection's grace", sigterm.elapsed());
     assert!(gw.log().contains("drained; every request in flight finished"), "{}", gw.log());
     drop(pki);
 }

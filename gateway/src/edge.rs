@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -15,7 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use quicmesh_shared::message::body;
 use quicmesh_shared::policy::listener::Protocol;
-use quicmesh_shared::proxy::drain::{Phase, LAST_REQUEST_GRACE};
 use quicmesh_shared::telemetry::metrics as m;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -122,7 +122,6 @@ async fn connection(mut tcp: TcpStream, client: std::net::SocketAddr, edge: Arc<
                     // decrypted.
                     drop(table);
                     metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tls-passthrough").increment(1);
-                    let _in_flight = edge.mesh.drain().guard();
                     quicmesh_shared::proxy::tcp::forward(tcp, &service, &edge.mesh, seen).await;
                     return;
                 }
@@ -152,7 +151,6 @@ async fn connection(mut tcp: TcpStream, client: std::net::SocketAddr, edge: Arc<
     if let Some(service) = terminate_to {
         // TLS terminated here, the bytes inside carried as TCP.
         metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tls-terminate").increment(1);
-        let _in_flight = edge.mesh.drain().guard();
         quicmesh_shared::proxy::tcp::forward(tls, &service, &edge.mesh, Bytes::new()).await;
         return;
     }
@@ -208,8 +206,16 @@ where
     let edge2 = edge.clone();
     let activity = Activity::default();
     let requests = activity.clone();
+    // HTTP/2 on this connection (by ALPN, or with prior knowledge on a plain one).
+    let http2 = Arc::new(AtomicBool::new(proto == "h2"));
+    let spoke_h2 = http2.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let at = if req.version() == http::Version::HTTP_2 { h2c.clone() } else { arrival.clone() };
+        let at = if req.version() == http::Version::HTTP_2 {
+            spoke_h2.store(true, Ordering::Relaxed);
+            h2c.clone()
+        } else {
+            arrival.clone()
+        };
         let edge = edge2.clone();
         // In flight until its response body is done with.
         let in_flight = requests.start();
@@ -219,10 +225,7 @@ where
             // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
             req.headers_mut().remove("early-data");
             let mut resp = edge.handle(req, &at, in_flight).await;
-            // Draining: HTTP/1.1 has no GOAWAY, so each answer says the connection ends with it.
-            if http1 && edge.mesh.drain().phase() >= Phase::Draining {
-                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-            }
+            edge.mesh.drain().last_on_connection(http1, &mut resp);
             Ok::<_, Infallible>(resp)
         }
     });
@@ -245,16 +248,10 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = async {
-            edge.mesh.drain().reached(Phase::GoingAway).await;
-            // HTTP/2 clients learn of the drain from GOAWAY at once. An HTTP/1.1 client learns
-            // of it from `Connection: close` on its next answer; one that sends none in time
-            // finds its connection closed, idle, rather than closed under a request it was
-            // writing.
-            if proto != "h2" {
-                tokio::time::sleep(LAST_REQUEST_GRACE).await;
-            }
-        } => {
+        // An HTTP/1.1 client learns of the drain from `Connection: close` on its next answer;
+        // one that sends none within the grace finds its connection closed idle, rather than
+        // closed under a request it was writing.
+        _ = edge.mesh.drain().closing(|| http2.load(Ordering::Relaxed)) => {
             // HTTP/2 GOAWAY, or the HTTP/1.1 connection closed after the request in progress.
             conn.as_mut().graceful_shutdown();
             conn.await

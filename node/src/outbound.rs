@@ -17,7 +17,6 @@ use quicmesh_shared::message::body::{self, Body};
 use quicmesh_shared::message::error::ProxyError;
 use quicmesh_shared::message::headers;
 use quicmesh_shared::policy::listener::ParentKind;
-use quicmesh_shared::proxy::drain::{Phase, LAST_REQUEST_GRACE};
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::pipeline::{self, Ctx, Side, Target};
 use quicmesh_shared::telemetry::metrics as m;
@@ -29,8 +28,9 @@ use tracing::{debug, debug_span, Instrument};
 ///
 /// A drain closes them politely: while draining, HTTP/1.1 responses carry `Connection: close`,
 /// so each connection ends after its next response; one that stays idle is closed
-/// [`LAST_REQUEST_GRACE`] after new connections are refused. The drain waits for each
-/// connection to end (it counts as work in flight), so the process does not exit under one.
+/// [`LAST_REQUEST_GRACE`](quicmesh_shared::proxy::drain::LAST_REQUEST_GRACE) after new
+/// connections are refused. The drain waits for each connection to end (it counts as work in
+/// flight), so the process does not exit under one.
 pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
     // Draining: local apps' new connections are refused from then on.
     let mut accepting = mesh.drain().accepting();
@@ -51,10 +51,8 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = async {
-                    drain.reached(Phase::GoingAway).await;
-                    tokio::time::sleep(LAST_REQUEST_GRACE).await;
-                } => {
+                // Local apps' HTTP/2 connections get the grace too.
+                _ = drain.closing(|| false) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -88,9 +86,7 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) ->
     if grpc {
         resp = ProxyError::for_grpc(resp);
     }
-    if http1 && mesh.drain().phase() >= Phase::Draining {
-        resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-    }
+    mesh.drain().last_on_connection(http1, &mut resp);
     resp
 }
 

@@ -17,7 +17,7 @@ use crate::message::error::ProxyError;
 use crate::policy::balance::EndpointStats;
 use crate::policy::{authz, health};
 use crate::telemetry::metrics as m;
-use crate::transport::pool::PeerConn;
+use crate::transport::pool::{PeerConn, Readiness};
 
 /// A try without a time limit (a rule's timeouts set to "0s"): longer than anything runs.
 pub const UNLIMITED: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -137,8 +137,11 @@ impl Call<'_> {
     /// as never sent: the caller retries it elsewhere without a second handshake here.
     async fn connected(&self, svc: &Service, ep: &EndpointConfig, per_try: Duration) -> Result<PeerConn, TryError> {
         let address = self.peer_address(ep).map_err(TryError::unsent)?;
-        if let Some(pc) = self.mesh.pool().ready(&ep.node, address) {
-            return Ok(pc);
+        match self.mesh.pool().readiness(&ep.node, address) {
+            Readiness::Ready(pc) => return Ok(pc),
+            // Refused at once, as never sent, without a place among the waiting requests.
+            Readiness::Down => return self.mesh.pool().get(&ep.node, address).await.map_err(TryError::unsent),
+            Readiness::Wait => {}
         }
         let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
             return Err(overloaded(svc, "max_pending"));

@@ -36,7 +36,8 @@ pub struct Drain {
     idle: Notify,
 }
 
-/// Counts one request in flight until dropped.
+/// Counts one request in flight until dropped (or one client connection, for the listeners that
+/// hold the drain for each connection until it is closed).
 pub struct Guard(Arc<Drain>);
 
 impl Drop for Guard {
@@ -80,6 +81,23 @@ impl Drain {
     pub async fn reached(&self, phase: Phase) {
         let mut rx = self.phase.subscribe();
         let _ = rx.wait_for(|p| *p >= phase).await;
+    }
+
+    /// When a client's HTTP connection is to be closed for the drain: at GoingAway for HTTP/2,
+    /// whose GOAWAY tells the client at once; [`LAST_REQUEST_GRACE`] later for HTTP/1.1, which
+    /// has no GOAWAY. `http2` is asked when GoingAway comes.
+    pub async fn closing(&self, http2: impl FnOnce() -> bool) {
+        self.reached(Phase::GoingAway).await;
+        if !http2() {
+            tokio::time::sleep(LAST_REQUEST_GRACE).await;
+        }
+    }
+
+    /// While draining, an HTTP/1.1 answer says the connection ends with it.
+    pub fn last_on_connection<B>(&self, http1: bool, resp: &mut http::Response<B>) {
+        if http1 && self.phase() >= Phase::Draining {
+            resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
     }
 
     /// The end of a drain: waits for the requests in flight (within `deadline`), logs the

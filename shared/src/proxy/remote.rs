@@ -25,9 +25,9 @@ use crate::message::headers::{self, GRPC_STATUS};
 use crate::transport::pool::PeerConn;
 
 impl Call<'_> {
-    pub(crate) async fn peer(&self, ep: &EndpointConfig) -> Result<(PeerConn, SocketAddr), ProxyError> {
+    pub(crate) async fn peer(&self, ep: &EndpointConfig) -> Result<PeerConn, ProxyError> {
         let address = self.peer_address(ep)?;
-        Ok((self.mesh.pool().get(&ep.node, address).await?, address))
+        self.mesh.pool().get(&ep.node, address).await
     }
 
     /// The address of the endpoint's node; never one of a revoked member, whatever still names
@@ -131,7 +131,7 @@ impl Call<'_> {
     ) -> Result<(PeerConn, RequestStream), TryError> {
         let pc = match pooled {
             Some(pc) => pc,
-            None => self.peer(ep).await.map_err(TryError::unsent)?.0,
+            None => self.peer(ep).await.map_err(TryError::unsent)?,
         };
         pc.ready_for(head.method()).await.map_err(TryError::unsent)?;
         let mut sender = pc.h3.clone();

@@ -51,7 +51,7 @@ impl Call<'_> {
         head: http::HeaderMap,
         timeout: std::time::Duration,
     ) -> Result<(RequestStream, Hold, http::Response<()>), Option<ProxyError>> {
-        let (pc, _) = self.peer(ep).await?;
+        let pc = self.peer(ep).await?;
         let mut req = Request::new(());
         *req.method_mut() = Method::CONNECT;
         *req.uri_mut() =

@@ -112,6 +112,16 @@ struct Peer {
     down: Arc<Mutex<Option<Down>>>,
 }
 
+/// See [`PeerPool::readiness`].
+pub enum Readiness {
+    /// The live pooled connection.
+    Ready(PeerConn),
+    /// Marked unreachable at this address: `get` fails at once.
+    Down,
+    /// No live connection, or a dial under way: `get` has to wait.
+    Wait,
+}
+
 /// A peer whose last handshake failed: requests skip it until the background probe reaches it.
 #[derive(Debug, Clone)]
 struct Down {
@@ -275,15 +285,20 @@ impl PeerPool {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
-    /// The live pooled connection to `peer` at `addr`, when `get` would hand it over at once:
-    /// no dial under way, and the peer not marked unreachable (`get` judges that).
-    pub fn ready(&self, peer: &str, addr: SocketAddr) -> Option<PeerConn> {
-        let p = self.known(peer)?;
-        if self.dialer.down.load(Ordering::Relaxed) > 0 && p.down.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-            return None;
+    /// What `get` would do for `peer` at `addr` without waiting: hand over the live pooled
+    /// connection, or fail at once for a peer marked unreachable at that address.
+    pub fn readiness(&self, peer: &str, addr: SocketAddr) -> Readiness {
+        let Some(p) = self.known(peer) else { return Readiness::Wait };
+        if self.dialer.down.load(Ordering::Relaxed) > 0
+            && p.down.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|d| d.addr == addr)
+        {
+            return Readiness::Down;
         }
-        let guard = p.conn.try_lock().ok()?;
-        guard.as_ref().filter(|pc| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr).cloned()
+        let Ok(guard) = p.conn.try_lock() else { return Readiness::Wait };
+        match guard.as_ref().filter(|pc| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr) {
+            Some(pc) => Readiness::Ready(pc.clone()),
+            None => Readiness::Wait,
+        }
     }
 
     /// This pool's live connection to `peer`, if it holds one and no dial is under way.
