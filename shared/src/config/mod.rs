@@ -410,7 +410,8 @@ pub struct GatewayConfig {
     /// Directory of per-service (`services/<name>.toml`) and per-node (`nodes/<name>.toml`)
     /// overlays, layered over the mesh-wide files; watched like them. Read at start.
     pub overlays: Option<PathBuf>,
-    /// On SIGTERM, how long requests in flight may take to finish before the gateway exits.
+    /// On SIGTERM, how long requests in flight (and clients' open HTTP/1.1 and HTTP/2 connections)
+    /// may take to finish before the gateway exits.
     /// Read at start.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
