@@ -337,15 +337,22 @@ async fn rule_timeouts_answer_504_and_cancel_the_try() {
     let _ = (&m.c, &m.pki);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_on_the_gateway_lets_requests_in_flight_finish() {
+/// A gateway routing to `web`, served on node-b by a backend named `name` answering after
+/// `delay`.
+async fn gateway_and_web(name: &'static str, delay: Duration) -> (Pki, NodeProc, Backend, NodeProc) {
     let pki = Pki::new();
     let dir = pki.issue("gateway");
     pki.issue("node-b");
-    let mut gw = gateway_to_web(&dir);
-    let be = Backend::start("slow-web", Duration::from_millis(800)).await;
-    let _b =
+    let gw = gateway_to_web(&dir);
+    let be = Backend::start(name, delay).await;
+    let b =
         NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
+    (pki, gw, be, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_gateway_lets_requests_in_flight_finish() {
+    let (pki, mut gw, be, _b) = gateway_and_web("slow-web", Duration::from_millis(800)).await;
     let port = gw.addrs.listen.port();
     let (_ep, h3) = h3_connect(port).await;
     let url = format!("https://localhost:{port}/slow");
@@ -397,13 +404,7 @@ async fn edge_h1_get(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_the_gateway_still_answers_a_kept_alive_connection_next_request() {
-    let pki = Pki::new();
-    let dir = pki.issue("gateway");
-    pki.issue("node-b");
-    let mut gw = gateway_to_web(&dir);
-    let be = Backend::start("web", Duration::ZERO).await;
-    let _b =
-        NodeProc::start(&dir, "node-b", &joined_toml("node-b", &dir, gw.addrs.control, &instance("web", be.addr, "")));
+    let (pki, mut gw, _be, _b) = gateway_and_web("web", Duration::ZERO).await;
     let port = gw.addrs.listen.port();
     eventually(Duration::from_secs(20), "the backend to be reachable", || async {
         let mut send = edge_h1(port).await;
