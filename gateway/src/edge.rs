@@ -221,9 +221,7 @@ where
         let in_flight = requests.start();
         async move {
             let http1 = req.version() <= http::Version::HTTP_11;
-            let mut req = req.map(body::boxed);
-            // Only the HTTP/3 listener may say a request came in early data (RFC 8470).
-            req.headers_mut().remove("early-data");
+            let req = req.map(body::boxed);
             let mut resp = edge.handle(req, &at, in_flight).await;
             edge.mesh.drain().last_on_connection(http1, &mut resp);
             Ok::<_, Infallible>(resp)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Method, Request, Response};
 use quicmesh_shared::message::body::{self, Body};
 use quicmesh_shared::message::error::ProxyError;
 use quicmesh_shared::proxy::drain::Phase;
@@ -15,11 +15,8 @@ use quicmesh_shared::transport::admission::{self, Admission, Limits};
 use tokio::sync::watch;
 use tracing::debug;
 
-/// RFC 8470: the request was received in early data.
-const EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
-
 use crate::conns::Activity;
-use crate::handler::{Arrival, Edge, Port};
+use crate::handler::{Arrival, Edge, Port, EARLY_DATA};
 
 pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>, port: Arc<Port>) {
     let limits = Limits { retry_above: edge.limits.quic_retry_above, max: edge.limits.max_handshakes };

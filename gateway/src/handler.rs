@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use http::header::{HeaderValue, ALT_SVC};
+use http::header::{HeaderName, HeaderValue, ALT_SVC};
 use http::{Request, Response};
 use quicmesh_shared::config::GatewayConfig;
 use quicmesh_shared::message::body::{self, Body};
@@ -63,6 +63,22 @@ impl Port {
     }
 }
 
+/// Says a request came in TLS early data (RFC 8470); set by the HTTP/3 listener only.
+pub const EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
+
+/// Drops what only this gateway may say about a request, should a client have sent it: its
+/// client certificate's subject and, when `early_data`, that it came in early data. One look at
+/// the names present: most requests carry neither.
+fn strip_spoofed(headers: &mut http::HeaderMap, early_data: bool) {
+    let spoofed = |n: &HeaderName| *n == crate::tls::CLIENT_SUBJECT || (early_data && *n == EARLY_DATA);
+    if headers.keys().any(spoofed) {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| spoofed(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
 /// What a request's connection says about it.
 #[derive(Debug, Clone)]
 pub struct Arrival {
@@ -99,7 +115,8 @@ impl Edge {
             return resp;
         }
         let grpc = quicmesh_shared::message::respond::is_grpc(req.headers());
-        req.headers_mut().remove(crate::tls::CLIENT_SUBJECT);
+        // Only the HTTP/3 listener may say a request came in early data (RFC 8470), and it has.
+        strip_spoofed(req.headers_mut(), proto != "h3");
         if let Some(s) = &at.subject {
             req.headers_mut().insert(crate::tls::CLIENT_SUBJECT, s.clone());
         }

@@ -54,7 +54,7 @@ pub fn code_of(name: &str) -> Option<u16> {
 /// The `grpc-status` in these headers (a trailers-only answer's, or trailers'); a value that
 /// is not a number counts as 2 (UNKNOWN).
 pub fn status_in(headers: &HeaderMap) -> Option<u16> {
-    let v = headers.get(GRPC_STATUS)?;
+    let v = crate::message::headers::find(headers, &GRPC_STATUS)?;
     Some(v.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(2))
 }
 

@@ -37,6 +37,27 @@ pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// A gRPC call's deadline, as the caller sends it (`<digits><unit>`).
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
+/// How many names a map may hold for [`find`] to compare them one by one rather than hash.
+const SCAN_UP_TO: usize = 8;
+
+/// The first value of `name` in `headers`, as `HeaderMap::get` gives it. A name outside
+/// `http`'s standard set (the mesh's own, gRPC's) is hashed byte by byte for a lookup, which
+/// costs more than comparing it with the few names most answers carry: a standard name
+/// differs from it by its kind alone, without a look at the bytes.
+pub fn find<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h HeaderValue> {
+    // Most answers lack the name looked for: the scan alone answers them.
+    if headers.keys_len() > SCAN_UP_TO || headers.keys().any(|n| n == name) {
+        headers.get(name)
+    } else {
+        None
+    }
+}
+
+/// Whether `headers` has `name`, as [`find`] looks.
+pub fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
+    find(headers, name).is_some()
+}
+
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -230,6 +251,23 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[start..]
 }
 
+/// Each octet value's decimal digits (left-aligned) and their count: an address is four
+/// copies, not four divisions by ten and a loop each.
+const OCTETS: [([u8; 3], u8); 256] = {
+    let mut table = [([0u8; 3], 0u8); 256];
+    let mut n = 0;
+    while n < 256 {
+        let (hundreds, tens, ones) = ((n / 100) as u8, (n / 10 % 10) as u8, (n % 10) as u8);
+        table[n] = match n {
+            0..=9 => ([b'0' + ones, 0, 0], 1),
+            10..=99 => ([b'0' + tens, b'0' + ones, 0], 2),
+            _ => ([b'0' + hundreds, b'0' + tens, b'0' + ones], 3),
+        };
+        n += 1;
+    }
+    table
+};
+
 /// Room for the longest IPv4 address with a port, `255.255.255.255:65535`.
 #[derive(Default)]
 struct V4Text {
@@ -245,7 +283,11 @@ impl V4Text {
             if i > 0 {
                 text.push(b'.');
             }
-            text.decimal(octet.into());
+            // Three bytes go in whatever the octet's width (the buffer has room past the last
+            // octet); only its digits count.
+            let (digits, width) = OCTETS[usize::from(octet)];
+            text.buf[text.len..text.len + 3].copy_from_slice(&digits);
+            text.len += usize::from(width);
         }
         if let Some(port) = port {
             text.push(b':');
@@ -651,7 +693,10 @@ mod tests {
             "::1",
             "2001:db8::8:1",
         ];
-        for ip in ips {
+        // Every octet value, in every position.
+        let every: Vec<String> =
+            (0..=255u8).map(|n| std::net::Ipv4Addr::new(n, 255 - n, n / 3, n % 7).to_string()).collect();
+        for ip in ips.iter().copied().chain(every.iter().map(String::as_str)) {
             let ip: IpAddr = ip.parse().unwrap();
             let mut s = String::new();
             push_ip(&mut s, ip);
@@ -711,5 +756,22 @@ mod tests {
         assert_eq!(host_of("[::1]:80"), "::1");
         assert_eq!(host_of("hello.mesh."), "hello.mesh");
         assert!(matches!(host_of("hello:80"), Cow::Borrowed("hello")), "no copy when already lowercase");
+    }
+
+    #[test]
+    fn find_answers_as_get_does_on_small_and_large_maps() {
+        let names = [HOST, GRPC_STATUS, ATTEMPT, REQUEST_ID, FORWARDED_FOR, TE, CONNECTION, SERVICE, ENDPOINT, SOURCE];
+        for size in 0..=names.len() {
+            let mut h = HeaderMap::new();
+            for (i, name) in names[..size].iter().enumerate() {
+                h.append(name.clone(), HeaderValue::from(i));
+                // A second value: `find`, as `get`, gives the first.
+                h.append(name.clone(), HeaderValue::from(i + 100));
+            }
+            for name in names.iter().chain([&GRPC_TIMEOUT, &UPGRADE]) {
+                assert_eq!(find(&h, name), h.get(name), "{name} in a map of {size}");
+                assert_eq!(has(&h, name), h.contains_key(name));
+            }
+        }
     }
 }

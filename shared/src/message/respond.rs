@@ -21,7 +21,7 @@ impl ProxyError {
     /// A response a proxy inside the mesh made (it carries `quicmesh-error`), cut down to what
     /// [`ProxyError::brief_response`] tells external clients; any other response is untouched.
     pub fn brief(resp: Response<Body>) -> Response<Body> {
-        let Some(reason) = resp.headers().get(ERROR_HEADER).cloned() else { return resp };
+        let Some(reason) = super::headers::find(resp.headers(), &ERROR_HEADER).cloned() else { return resp };
         let (mut parts, _details) = resp.into_parts();
         let text = format!("quicmesh: {}\n", String::from_utf8_lossy(reason.as_bytes()));
         parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(text.len()));
@@ -98,7 +98,9 @@ impl ProxyError {
     /// than as a broken HTTP exchange. `quicmesh-error` stays. Any other response keeps its
     /// head, and a body that breaks off ends in trailers instead (see [`GrpcEnding`]).
     pub fn for_grpc(resp: Response<Body>) -> Response<Body> {
-        let Some(reason) = resp.headers().get(ERROR_HEADER).cloned() else { return resp.map(GrpcEnding::wrap) };
+        let Some(reason) = super::headers::find(resp.headers(), &ERROR_HEADER).cloned() else {
+            return resp.map(GrpcEnding::wrap);
+        };
         if resp.status() == http::StatusCode::OK {
             return resp.map(GrpcEnding::wrap);
         }

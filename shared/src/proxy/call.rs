@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
@@ -79,10 +79,10 @@ impl Call<'_> {
             (a, b) => a.or(b),
         };
         let resp = match total {
-            Some(total) => tokio::time::timeout(total, self.call_inner(svc, req, opts, info))
+            Some(total) => tokio::time::timeout(total, self.call_inner(svc, req, opts, info, deadline))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout(total))),
-            None => self.call_inner(svc, req, opts, info).await,
+            None => self.call_inner(svc, req, opts, info, deadline).await,
         }?;
         Ok(match opts.timeouts.and_then(|t| t.stream_idle) {
             Some(idle) => resp.map(|b| body::idle_limited(b, idle)),
@@ -96,6 +96,7 @@ impl Call<'_> {
         req: Request<Body>,
         opts: &CallOpts<'_>,
         info: &mut CallInfo<'s>,
+        deadline: Option<Duration>,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(fault) = opts.fault {
             let plan = fault.plan(&mut fastrand::Rng::new());
@@ -121,7 +122,6 @@ impl Call<'_> {
             _ => None,
         });
         let started = Instant::now();
-        let deadline = req.headers().get(headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout);
         let per_try = match (per_try_set, deadline) {
             (Some(d), _) if d.is_zero() => crate::proxy::attempt::UNLIMITED,
             (Some(d), _) => d,
@@ -136,8 +136,9 @@ impl Call<'_> {
         let no_labels = BTreeMap::new();
         let labels = opts.labels.unwrap_or(&no_labels);
         svc.state.budget.deposit(epoch(), started);
+        // No `quicmesh-unsent` to remove: a client's is stripped with the other internal
+        // headers before the call.
         let (mut parts, body) = req.into_parts();
-        parts.headers.remove(UNSENT_HEADER);
         // The body streams to the first try; a copy up to `max_body` is kept for another.
         let mut source = if body.is_end_stream() {
             Source::Empty
@@ -181,7 +182,7 @@ impl Call<'_> {
             // spawned and when it completes.
             let result = Box::pin(self.forward_try(&parts, body, svc, ep, per_try)).await;
             let outcome = match &result {
-                Ok(resp) if resp.headers().contains_key(UNSENT_HEADER) => TryOutcome::Unsent,
+                Ok(resp) if headers::has(resp.headers(), &UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,
                 Ok(resp) if policy.retries_grpc(resp.headers()) => TryOutcome::Failed,
                 // A peer node's own answer that its instance's connection failed counts as a
@@ -206,8 +207,9 @@ impl Call<'_> {
                 Source::Once(_) => false,
             };
             let again = attempt <= policy.attempts && can_replay && policy.should_retry(&parts.method, outcome);
+            let unsent = outcome == TryOutcome::Unsent;
             if !again {
-                return match finish(result) {
+                return match finish(result, unsent) {
                     Ok(resp) if route_retry => Ok(exhausted_answer(attempt, resp)),
                     Err(e) if route_retry => Err(exhausted(attempt, e)),
                     other => other,
@@ -216,7 +218,7 @@ impl Call<'_> {
             if !svc.state.budget.withdraw(epoch(), Instant::now()) {
                 metrics::counter!(m::RETRY_BUDGET_EXHAUSTED, "service" => svc.config.name.clone()).increment(1);
                 debug!(service = svc.config.name, "retry budget spent; not retrying");
-                return finish(result);
+                return finish(result, unsent);
             }
             metrics::counter!(m::RETRIES, "service" => svc.config.name.clone(), "reason" => crate::policy::retry::reason_label(outcome))
                 .increment(1);
@@ -263,16 +265,19 @@ fn exhausted_answer(tries: u32, mut resp: Response<Body>) -> Response<Body> {
 /// `quicmesh-error` says so), not one the instance sent.
 fn peer_connection_failure(resp: &Response<Body>) -> bool {
     const CONNECTION: [&str; 2] = ["upstream-reset", "upstream-unreachable"];
-    resp.headers()
-        .get(crate::message::error::ERROR_HEADER)
+    headers::find(resp.headers(), &crate::message::error::ERROR_HEADER)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|r| CONNECTION.contains(&r))
 }
 
-fn finish(result: Result<Response<Body>, TryError>) -> Result<Response<Body>, ProxyError> {
+/// The call's answer; `unsent` when the try's answer said it was not sent (`quicmesh-unsent`),
+/// a mark for this hop only.
+fn finish(result: Result<Response<Body>, TryError>, unsent: bool) -> Result<Response<Body>, ProxyError> {
     match result {
         Ok(mut resp) => {
-            resp.headers_mut().remove(UNSENT_HEADER);
+            if unsent {
+                resp.headers_mut().remove(UNSENT_HEADER);
+            }
             Ok(resp)
         }
         Err(e) => Err(e.error),

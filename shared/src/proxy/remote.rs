@@ -214,7 +214,7 @@ impl Call<'_> {
         parts.version = http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
         let mut body = H3Body::new(recv);
-        if parts.headers.contains_key(GRPC_STATUS) {
+        if headers::has(&parts.headers, &GRPC_STATUS) {
             // A gRPC trailers-only answer: the status is in the headers, which ended the stream
             // where the answer was made. Read that end now, so the headers end the stream for
             // the caller too (gRPC clients take headers followed by an empty end for a broken

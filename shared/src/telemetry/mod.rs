@@ -313,7 +313,8 @@ impl Record {
         let status = resp.status().as_u16();
         self.entry.status = status;
         let mut error = None;
-        if let Some(reason) = resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()) {
+        if let Some(reason) = crate::message::headers::find(resp.headers(), &ERROR_HEADER).and_then(|v| v.to_str().ok())
+        {
             self.entry.error = reason.to_string();
             error = Some(crate::message::error::known_reason(reason));
         }

@@ -256,10 +256,14 @@ impl Iterator for HeaderIter {
     }
 }
 
+/// quicmesh patch (see PATCHED.md): field lines a decoded map has room for beyond its own.
+const HEADROOM: usize = 12;
+
 impl TryFrom<Vec<HeaderField>> for Header {
     type Error = HeaderError;
     fn try_from(headers: Vec<HeaderField>) -> Result<Self, Self::Error> {
-        let mut fields = HeaderMap::with_capacity(headers.len());
+        // quicmesh patch (see PATCHED.md): room for the lines a proxy adds to what it received.
+        let mut fields = HeaderMap::with_capacity(headers.len() + HEADROOM);
         let mut pseudo = Pseudo::default();
 
         for field in headers.into_iter() {
