@@ -219,13 +219,15 @@ where
         let edge = edge2.clone();
         // In flight until its response body is done with.
         let in_flight = requests.start();
-        async move {
+        // Boxed: the request's state is kilobytes (the whole forwarding path's futures), and
+        // HTTP/2 spawns each stream as a task, which moves its future whole several times.
+        Box::pin(async move {
             let http1 = req.version() <= http::Version::HTTP_11;
             let req = req.map(body::boxed);
             let mut resp = edge.handle(req, &at, in_flight).await;
             edge.mesh.drain().last_on_connection(http1, &mut resp);
             Ok::<_, Infallible>(resp)
-        }
+        })
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

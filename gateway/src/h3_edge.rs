@@ -181,7 +181,9 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
                 let (edge, arrival) = (edge.clone(), arrival.clone());
                 let handshake = handshake.clone();
                 let in_flight = activity.start();
-                tokio::spawn(async move {
+                // Boxed: a task's future is moved whole as it is spawned and when it ends, and a
+                // request's is kilobytes.
+                tokio::spawn(Box::pin(async move {
                     let _in_flight = in_flight;
                     // A stream that never sends its headers must not count as a request in
                     // flight for ever (it would keep an idle connection open).
@@ -238,7 +240,7 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
                             }
                         }
                     }
-                });
+                }));
             }
             Ok(None) => break,
             Err(e) => {

@@ -201,13 +201,15 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
                 // Counted from the accept, not from when its headers have been read: a drain
                 // that settled in between would close the connection under the request.
                 let in_flight = mesh.drain().guard();
-                tokio::spawn(async move {
+                // Boxed: a task's future is moved whole as it is spawned and when it ends, and a
+                // request's is kilobytes.
+                tokio::spawn(Box::pin(async move {
                     let _in_flight = in_flight;
                     match resolver.resolve_request().await {
                         Ok((req, stream)) => request(req, stream, &peer, &mesh, handshake).await,
                         Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
                     }
-                });
+                }));
             }
             Ok(None) => break,
             Err(e) => {

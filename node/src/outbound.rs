@@ -42,7 +42,9 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
             let _open = open;
             let svc = service_fn(move |req| {
                 let mesh = mesh.clone();
-                async move { Ok::<_, Infallible>(handle(req, client, &mesh).await) }
+                // Boxed: HTTP/2 spawns each stream as a task, which moves its future whole
+                // several times, and a request's is kilobytes.
+                Box::pin(async move { Ok::<_, Infallible>(handle(req, client, &mesh).await) })
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // Extended CONNECT: WebSocket over HTTP/2 (RFC 8441) from local apps too.
