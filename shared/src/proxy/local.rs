@@ -158,7 +158,9 @@ type Key = (usize, SocketAddr);
 #[derive(Default)]
 struct Idle {
     /// Each key's open connections and when each was checked in, newest last.
-    conns: HashMap<Key, Vec<(http1::SendRequest<Body>, Instant)>>,
+    /// (foldhash: looked up twice per request, and SipHash of an address costs a few hundred
+    /// instructions)
+    conns: crate::FastMap<Key, Vec<(http1::SendRequest<Body>, Instant)>>,
     /// Whether a sweep task is running.
     sweeping: bool,
 }
