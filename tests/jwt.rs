@@ -498,7 +498,7 @@ async fn an_external_authorization_service_decides_before_the_route() {
     let filter = |extra: &str| {
         format!(
             "filters = [{{ type = \"ExternalAuth\", externalAuth = {{ protocol = \"HTTP\", backendRef = {{ name = \"authz\" }}, \
-             http = {{ path = \"/check\", allowedHeaders = [\"x-tenant\"], allowedResponseHeaders = [\"x-auth-user\"] }}, timeout = \"500ms\"{extra} }} }}]"
+             http = {{ path = \"/check\", allowedHeaders = [\"x-tenant\", \"quicmesh-attempt\"], allowedResponseHeaders = [\"x-auth-user\"] }}, timeout = \"500ms\"{extra} }} }}]"
         )
     };
     let gw_toml = format!(
@@ -514,7 +514,13 @@ async fn an_external_authorization_service_decides_before_the_route() {
     );
     let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
     let at = gw.addrs.listen;
-    let me = [("authorization", "Bearer let-me-in"), ("x-tenant", "t1"), ("x-secret", "s"), ("x-auth-user", "mallory")];
+    let me = [
+        ("authorization", "Bearer let-me-in"),
+        ("x-tenant", "t1"),
+        ("x-secret", "s"),
+        ("x-auth-user", "mallory"),
+        ("quicmesh-attempt", "7"),
+    ];
 
     // Allowed: on to the backend with the answer's allowed header (replacing the client's).
     let a = get_path(at, "guarded.test", "/orders?id=7", &me).await;
@@ -526,6 +532,8 @@ async fn an_external_authorization_service_decides_before_the_route() {
     assert_eq!((check.method.as_str(), check.uri.to_string().as_str()), ("GET", "/check/orders?id=7"));
     assert_eq!(check.headers["x-tenant"], "t1");
     assert!(!check.headers.contains_key("x-secret"), "a header the filter does not allow reached the service");
+    // The mesh's own headers are never the client's to send on, even when the filter lists one.
+    assert!(!check.headers.contains_key("quicmesh-attempt"), "a client's quicmesh-attempt reached the service");
 
     // Refused: the service's answer, as it gave it.
     let a = get_path(at, "guarded.test", "/orders", &[]).await;

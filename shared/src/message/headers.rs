@@ -80,8 +80,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        // The usual options, which name no header but `Keep-Alive`, removed below anyway.
-        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        // The usual option, which names `Keep-Alive`, removed below anyway.
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .filter(|name| has(headers, name))
         .collect();
@@ -98,9 +98,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Drops the mesh-internal headers a client might have tried to set itself. For requests from
-/// clients, which almost never carry them: comparing the few names present is cheaper than
-/// hashing each internal name for a lookup.
 /// What RFC 9112 refuses in an HTTP/1.1 request head that hyper lets through: more than one
 /// `Host` (400), a `Host` that is not a plain authority, such as one with user info (400), and
 /// a transfer coding other than a final `chunked`, which a proxy cannot pass on faithfully

@@ -238,7 +238,8 @@ pub struct AuthHttp {
     /// Prefix of the check request's path (the request's own path follows it).
     #[serde(default)]
     pub path: String,
-    /// Request headers sent to the service besides `Authorization`.
+    /// Request headers sent to the service besides `Authorization` (a `quicmesh-*` name, the
+    /// mesh's own, is never sent).
     #[serde(default)]
     pub allowed_headers: Vec<String>,
     /// Headers of the service's 2xx answer added to the request going on.

@@ -137,7 +137,8 @@ impl Call<'_> {
         let labels = opts.labels.unwrap_or(&no_labels);
         svc.state.budget.deposit(epoch(), started);
         // No `quicmesh-unsent` to remove: a client's is stripped with the other internal
-        // headers before the call.
+        // headers before the call (`forwarding_headers`), and an authorization check copies
+        // none of them.
         let (mut parts, body) = req.into_parts();
         // The body streams to the first try; a copy up to `max_body` is kept for another.
         let mut source = if body.is_end_stream() {

@@ -107,7 +107,13 @@ async fn ask(mesh: &Mesh, table: &Table, auth: &ExternalAuth, parts: &Parts) -> 
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let target = format!("{}{path}", auth.http.path.trim_end_matches('/'));
     let mut req = Request::builder().method(parts.method.clone()).uri(target);
-    let allowed = auth.http.allowed_headers.iter().filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok());
+    // The mesh's own headers are never a client's to pass on, whatever the route allows.
+    let allowed = auth
+        .http
+        .allowed_headers
+        .iter()
+        .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+        .filter(|h| !h.as_str().starts_with("quicmesh-"));
     for name in [HOST, AUTHORIZATION].into_iter().chain(allowed) {
         for v in parts.headers.get_all(&name) {
             req = req.header(&name, v);
