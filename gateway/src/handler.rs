@@ -70,13 +70,7 @@ pub const EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
 /// client certificate's subject and, when `early_data`, that it came in early data. One look at
 /// the names present: most requests carry neither.
 fn strip_spoofed(headers: &mut http::HeaderMap, early_data: bool) {
-    let spoofed = |n: &HeaderName| *n == crate::tls::CLIENT_SUBJECT || (early_data && *n == EARLY_DATA);
-    if headers.keys().any(spoofed) {
-        let names: Vec<HeaderName> = headers.keys().filter(|n| spoofed(n)).cloned().collect();
-        for name in names {
-            headers.remove(name);
-        }
-    }
+    headers::remove_where(headers, |n| *n == crate::tls::CLIENT_SUBJECT || (early_data && *n == EARLY_DATA));
 }
 
 /// What a request's connection says about it.

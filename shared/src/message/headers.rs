@@ -126,9 +126,14 @@ pub fn check_http1_head(headers: &HeaderMap) -> Result<(), crate::message::error
 /// Every `quicmesh-*` header is the mesh's own (`quicmesh-attempt`, `quicmesh-error`,
 /// `quicmesh-unsent`, ...), whatever a client claims.
 pub fn strip_internal(headers: &mut HeaderMap) {
-    let internal = |n: &HeaderName| n.as_str().starts_with("quicmesh-");
-    if headers.keys().any(internal) {
-        let names: Vec<HeaderName> = headers.keys().filter(|n| internal(n)).cloned().collect();
+    remove_where(headers, |n| n.as_str().starts_with("quicmesh-"));
+}
+
+/// Removes every header whose name `doomed` picks, all its values. For maps that rarely hold
+/// one: a look at the names present answers those without a lookup per name.
+pub fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    if headers.keys().any(&doomed) {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
         for name in names {
             headers.remove(name);
         }
