@@ -274,6 +274,7 @@ async fn request(
     if req.method() == Method::CONNECT {
         return Box::pin(crate::tcp::inbound(req, stream, peer, mesh)).await;
     }
+    let fields = headers::Internal::take(req.headers_mut());
     let mut rec = Record::new("inbound", mesh.access_log().cloned(), mesh.tap(), mesh.tracing());
     rec.request(&req);
     let mut req = req;
@@ -285,17 +286,17 @@ async fn request(
     }
     rec.ids(req.headers());
     let (mut send, recv) = stream.split();
-    rec.source(&source_of(&req, peer, &table), peer);
-    let result = match early.and(path).and_then(|()| local_target(&req, mesh, &table)) {
+    let source = source_of(&fields, peer, &table);
+    rec.source(source, peer);
+    let result = match early.and(path).and_then(|()| local_target(&fields, mesh, &table)) {
         Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
             rec.service(&svc.name);
-            rec.endpoint(mesh.local_node().unwrap_or_default(), &addr.to_string(), 0);
-            let source = source_of(&req, peer, &table);
+            rec.endpoint(mesh.local_node().unwrap_or_default(), addr, 0);
             let via_gateway = peer == table.gateway_name();
-            let claims = gateway_claims(req.headers(), via_gateway);
+            let claims = gateway_claims(fields.jwt_claims.as_ref(), via_gateway);
             let caller = Caller {
                 node: peer,
-                service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
+                service: (source != telemetry::UNKNOWN).then_some(source),
                 via_gateway,
                 jwt: claims.as_ref(),
             };
@@ -307,7 +308,10 @@ async fn request(
             };
             match mesh.authorize(&table, &svc.name, &caller, &target) {
                 // Boxed to keep this task's future small (it is copied whole at spawn).
-                Ok(()) => Box::pin(deliver(req, recv, addr, svc, mesh, &table, &rec)).await,
+                Ok(()) => {
+                    let limit = try_limit(fields.try_timeout.as_ref(), &req, &table);
+                    Box::pin(deliver(req, recv, addr, svc, limit, mesh, &rec)).await
+                }
                 Err(e) => Err(e),
             }
         }
@@ -350,23 +354,11 @@ async fn deliver(
     recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
     addr: SocketAddr,
     svc: &ServiceConfig,
+    limit: std::time::Duration,
     mesh: &Mesh,
-    table: &Table,
     rec: &Record,
 ) -> Result<Response<body::Body>, ProxyError> {
     let (mut parts, ()) = req.into_parts();
-    // The calling member's limit for this try (its route may allow more than this node's
-    // `timeouts.request`, or none), else a gRPC caller's deadline as the calling node passed
-    // on what is left of it, else this node's own limit. A caller that gives up earlier
-    // resets the stream, which ends the delivery too.
-    let limit = parts
-        .headers
-        .get(headers::TRY_TIMEOUT)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .map(std::time::Duration::from_millis)
-        .or_else(|| parts.headers.get(headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout))
-        .unwrap_or(table.config().timeouts.request);
-    headers::remove_internal(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     if let Some(a) = parts.uri.authority() {
         if let Ok(v) = HeaderValue::from_str(a.as_str()) {
@@ -387,12 +379,24 @@ async fn deliver(
     }
 }
 
+/// The calling member's limit for this try (its route may allow more than this node's
+/// `timeouts.request`, or none), else a gRPC caller's deadline as the calling node passed on
+/// what is left of it, else this node's own limit. A caller that gives up earlier resets the
+/// stream, which ends the delivery too.
+fn try_limit(try_timeout: Option<&HeaderValue>, req: &Request<()>, table: &Table) -> std::time::Duration {
+    try_timeout
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
+        .or_else(|| req.headers().get(headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout))
+        .unwrap_or(table.config().timeouts.request)
+}
+
 /// The claims of the JWT the gateway verified for this request, believed only from the
 /// gateway (from any other peer the header is ignored, and it never reaches an instance).
 pub(crate) fn gateway_claims(
-    headers: &http::HeaderMap,
+    value: Option<&HeaderValue>,
     via_gateway: bool,
 ) -> Option<quicmesh_shared::policy::jwt::Claims> {
-    let value = headers.get(quicmesh_shared::message::headers::JWT_CLAIMS).filter(|_| via_gateway)?;
+    let value = value.filter(|_| via_gateway)?;
     quicmesh_shared::policy::jwt::decode_claims(value)
 }

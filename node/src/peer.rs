@@ -5,10 +5,9 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request};
 use quicmesh_shared::config::ServiceConfig;
 use quicmesh_shared::message::error::ProxyError;
-use quicmesh_shared::message::headers;
+use quicmesh_shared::message::headers::Internal;
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry;
@@ -18,26 +17,23 @@ pub type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, B
 
 /// The calling service a peer names, believed only when that peer hosts it (or is it, as the
 /// gateway is): a node speaks for its own services and no others.
-pub fn source_of(req: &Request<()>, peer: &str, table: &Table) -> String {
-    let claimed = req.headers().get(headers::SOURCE).and_then(|v| v.to_str().ok());
-    match claimed {
-        Some(s) if s == peer => s.to_string(),
-        Some(s) if table.service(s).is_some_and(|svc| svc.config.endpoints.iter().any(|ep| ep.node == peer)) => {
-            s.to_string()
-        }
-        _ => telemetry::UNKNOWN.to_string(),
+pub fn source_of<'f>(fields: &'f Internal, peer: &str, table: &Table) -> &'f str {
+    match Internal::text(&fields.source) {
+        Some(s) if s == peer => s,
+        Some(s) if table.service(s).is_some_and(|svc| svc.config.endpoints.iter().any(|ep| ep.node == peer)) => s,
+        _ => telemetry::UNKNOWN,
     }
 }
 
 /// The local service and endpoint a peer asked for, if this node hosts them.
 pub fn local_target<'a>(
-    req: &Request<()>,
+    fields: &Internal,
     mesh: &Mesh,
     table: &'a Table,
 ) -> Result<(&'a ServiceConfig, SocketAddr), ProxyError> {
-    let hdr = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
-    let service = hdr(headers::SERVICE).ok_or_else(|| ProxyError::BadRequest("missing quicmesh-service".into()))?;
-    let addr: SocketAddr = hdr(headers::ENDPOINT)
+    let service =
+        Internal::text(&fields.service).ok_or_else(|| ProxyError::BadRequest("missing quicmesh-service".into()))?;
+    let addr: SocketAddr = Internal::text(&fields.endpoint)
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ProxyError::BadRequest("missing or bad quicmesh-endpoint".into()))?;
     let svc = table.service(service).ok_or_else(|| ProxyError::NoEndpoint(service.to_string()))?;

@@ -4,6 +4,7 @@
 use http::{Method, Request, Response, StatusCode};
 use quicmesh_shared::config::Protocol;
 use quicmesh_shared::message::error::ProxyError;
+use quicmesh_shared::message::headers::Internal;
 use quicmesh_shared::policy::authz::{Caller, Target};
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::tcp::{connect, splice, TunnelDone};
@@ -15,21 +16,22 @@ use tracing::debug;
 use crate::peer::{local_target, source_of, ServerStream};
 
 /// Serves a peer's CONNECT: checks the target is a local TCP instance, connects, splices.
-pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+pub async fn inbound(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
     if req.headers().contains_key(upgrade::UPGRADE_HEADER) {
         return upgrade_inbound(req, stream, peer, mesh).await;
     }
     let (mut send, recv) = stream.split();
     let table = mesh.table();
-    let target = match local_target(&req, mesh, &table) {
+    let fields = Internal::take(req.headers_mut());
+    let target = match local_target(&fields, mesh, &table) {
         Ok((svc, addr)) if svc.protocol == Protocol::Tcp => Ok((svc.name.clone(), addr)),
         Ok(_) => Err(ProxyError::BadRequest("CONNECT to a non-TCP service".into())),
         Err(e) => Err(e),
     };
-    let source = source_of(&req, peer, &table);
+    let source = source_of(&fields, peer, &table);
     let caller = Caller {
         node: peer,
-        service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
+        service: (source != telemetry::UNKNOWN).then_some(source),
         via_gateway: peer == table.gateway_name(),
         jwt: None,
     };
@@ -71,22 +73,23 @@ pub async fn inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &
 /// Serves a peer's upgrade (WebSocket) CONNECT: authorizes it as the HTTP request it carries,
 /// makes the upgrade request to the local instance, and once the instance switched, answers 200
 /// with its headers and splices; a refusal (the instance's or this node's) is answered as such.
-async fn upgrade_inbound(req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+async fn upgrade_inbound(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
     let (mut send, recv) = stream.split();
     let table = mesh.table();
-    let source = source_of(&req, peer, &table);
+    let fields = Internal::take(req.headers_mut());
+    let source = source_of(&fields, peer, &table);
     let via_gateway = peer == table.gateway_name();
-    let claims = crate::inbound::gateway_claims(req.headers(), via_gateway);
+    let claims = crate::inbound::gateway_claims(fields.jwt_claims.as_ref(), via_gateway);
     let caller = Caller {
         node: peer,
-        service: (source != telemetry::UNKNOWN).then_some(source.as_str()),
+        service: (source != telemetry::UNKNOWN).then_some(source),
         via_gateway,
         jwt: claims.as_ref(),
     };
     let path = req.headers().get(upgrade::PATH_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("/").to_string();
     let protocol = req.headers().get(upgrade::UPGRADE_HEADER).cloned().unwrap_or(http::HeaderValue::from_static(""));
     let switched = async {
-        let (svc, addr) = local_target(&req, mesh, &table)?;
+        let (svc, addr) = local_target(&fields, mesh, &table)?;
         if svc.protocol == Protocol::Tcp {
             return Err(ProxyError::BadRequest("an upgrade to a TCP service".into()));
         }

@@ -140,13 +140,39 @@ pub fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> boo
     }
 }
 
-/// Drops the mesh-internal headers, for requests that carry them (from a peer node).
-pub fn remove_internal(headers: &mut HeaderMap) {
-    headers.remove(SERVICE);
-    headers.remove(ENDPOINT);
-    headers.remove(SOURCE);
-    headers.remove(JWT_CLAIMS);
-    headers.remove(TRY_TIMEOUT);
+/// The mesh's own fields of a request from a peer member, taken out of its headers at once:
+/// they never reach an instance, and reading them first and removing them later looked each
+/// custom name up twice (about 900 instructions per request on the delivering node).
+#[derive(Debug, Default)]
+pub struct Internal {
+    pub service: Option<HeaderValue>,
+    pub endpoint: Option<HeaderValue>,
+    pub source: Option<HeaderValue>,
+    pub jwt_claims: Option<HeaderValue>,
+    pub try_timeout: Option<HeaderValue>,
+}
+
+impl Internal {
+    /// Removes the fields (every value of each; the first one is kept) from `headers`. A look
+    /// at the names present comes first: a removal hashes its name whether it is there or not,
+    /// and a request usually carries three of the five.
+    pub fn take(headers: &mut HeaderMap) -> Self {
+        const NAMES: [HeaderName; 5] = [SERVICE, ENDPOINT, SOURCE, JWT_CLAIMS, TRY_TIMEOUT];
+        let mut present = [false; 5];
+        for name in headers.keys().filter(|n| n.as_str().starts_with("quicmesh-")) {
+            if let Some(i) = NAMES.iter().position(|n| n == name) {
+                present[i] = true;
+            }
+        }
+        let [service, endpoint, source, jwt_claims, try_timeout] =
+            std::array::from_fn(|i| if present[i] { headers.remove(&NAMES[i]) } else { None });
+        Self { service, endpoint, source, jwt_claims, try_timeout }
+    }
+
+    /// A field as text, when it is.
+    pub fn text(value: &Option<HeaderValue>) -> Option<&str> {
+        value.as_ref().and_then(|v| v.to_str().ok())
+    }
 }
 
 /// Header values a proxy writes into one request, cut from one buffer: two allocations (the
@@ -392,11 +418,17 @@ pub fn continue_trace(headers: &mut HeaderMap, scratch: &mut Scratch, sample_roo
 
 /// `digits` lowercase hex digits of `v`, most significant first.
 fn push_hex(out: &mut BytesMut, v: u128, digits: u32) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..digits).rev() {
-        out.extend_from_slice(&[HEX[((v >> (i * 4)) & 0xf) as usize]]);
+    // Written into a buffer on the stack and appended once: a byte at a time, each append
+    // checked the output's capacity.
+    let mut text = [0u8; 32];
+    let digits = digits.min(32) as usize;
+    for (i, c) in text[..digits].iter_mut().rev().enumerate() {
+        *c = HEX_DIGITS[((v >> (i * 4)) & 0xf) as usize];
     }
+    out.extend_from_slice(&text[..digits]);
 }
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 /// Trace id, parent id and sampled flag of a valid `traceparent`.
 pub fn trace_ids(headers: &HeaderMap) -> Option<(u128, u64, bool)> {
@@ -433,15 +465,17 @@ fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
 
 /// Appends `bytes` random bytes as lowercase hex, never all zero.
 fn push_random_hex(out: &mut BytesMut, bytes: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut left = bytes * 2;
     while left > 0 {
         // Never all zero: a zero word is never drawn.
         let word = fastrand::u64(1..);
-        for i in 0..16.min(left) {
-            out.extend_from_slice(&[HEX[((word >> (i * 4)) & 0xf) as usize]]);
+        let mut text = [0u8; 16];
+        let n = 16.min(left);
+        for (i, c) in text[..n].iter_mut().enumerate() {
+            *c = HEX_DIGITS[((word >> (i * 4)) & 0xf) as usize];
         }
-        left -= 16.min(left);
+        out.extend_from_slice(&text[..n]);
+        left -= n;
     }
 }
 
@@ -598,8 +632,22 @@ mod tests {
         assert_eq!(h.len(), 1, "every quicmesh- header goes: {h:?}");
         h.insert(SERVICE, HeaderValue::from_static("web"));
         h.append(SOURCE, HeaderValue::from_static("a"));
-        remove_internal(&mut h);
+        h.append(SOURCE, HeaderValue::from_static("b"));
+        let taken = Internal::take(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(Internal::text(&taken.service), Some("web"));
+        assert_eq!(Internal::text(&taken.source), Some("a"), "the first value, as a lookup gives");
+        assert!(taken.endpoint.is_none() && taken.jwt_claims.is_none() && taken.try_timeout.is_none());
+        for (name, value) in [(ENDPOINT, "10.0.0.1:80"), (JWT_CLAIMS, "e30"), (TRY_TIMEOUT, "250"), (ATTEMPT, "2")] {
+            h.insert(name, HeaderValue::from_static(value));
+        }
+        let taken = Internal::take(&mut h);
+        assert_eq!(Internal::text(&taken.endpoint), Some("10.0.0.1:80"));
+        assert_eq!(Internal::text(&taken.jwt_claims), Some("e30"));
+        assert_eq!(Internal::text(&taken.try_timeout), Some("250"));
+        assert!(taken.service.is_none() && taken.source.is_none());
+        assert_eq!(h.len(), 2, "what is not one of the five stays: {h:?}");
+        assert!(h.contains_key(ATTEMPT));
     }
 
     #[test]

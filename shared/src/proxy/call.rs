@@ -48,8 +48,8 @@ pub struct CallInfo<'s> {
 impl CallInfo<'_> {
     /// Tells the request's record which endpoint answered last, after how many retries.
     pub fn record(&self, rec: &mut Record) {
-        if let (true, Some(ep)) = (rec.logging(), self.endpoint) {
-            rec.endpoint(&ep.node, &ep.address.to_string(), self.retries);
+        if let Some(ep) = self.endpoint {
+            rec.endpoint(&ep.node, ep.address, self.retries);
         }
     }
 }

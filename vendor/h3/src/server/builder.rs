@@ -136,7 +136,7 @@ impl Builder {
             max_field_section_size: self.config.settings.max_field_section_size,
             request_end_send: sender,
             request_end_recv: receiver,
-            ongoing_streams: HashSet::new(),
+            ongoing_streams: HashSet::default(),
             sent_closing: None,
             recv_closing: None,
             last_accepted_stream: None,
