@@ -483,6 +483,9 @@ impl HttpBody for Watched {
 /// [`ProxyError::BodyTooLarge`](crate::message::error::ProxyError::BodyTooLarge), which a try reports as
 /// 413 whether or not the body declared its length.
 pub fn limited(body: Body, limit: u64) -> Body {
+    if body.is_end_stream() {
+        return body;
+    }
     let capped = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     capped
         .map_err(move |e| -> BoxError {

@@ -486,14 +486,20 @@ fn push_random_hex(out: &mut BytesMut, bytes: usize) {
 /// such as `admin`, but takes `?q`; glued to the authority it read as a query on `/`, and sent
 /// as it is, no route or policy prefix (always `/...`) would match it.
 pub fn absolute_uri(scheme: Scheme, authority: String, uri: &Uri) -> Result<Uri, String> {
+    let authority =
+        http::uri::Authority::from_maybe_shared(Bytes::from(authority)).map_err(|e| format!("authority: {e}"))?;
+    absolute_uri_at(scheme, authority, uri)
+}
+
+/// [`absolute_uri`] with an authority already parsed (one taken from a URI shares its bytes).
+pub fn absolute_uri_at(scheme: Scheme, authority: http::uri::Authority, uri: &Uri) -> Result<Uri, String> {
     let path = uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     if !path.as_str().starts_with('/') && path.as_str() != "*" {
         return Err(format!("path {:?} is not absolute", path.as_str()));
     }
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(scheme);
-    parts.authority =
-        Some(http::uri::Authority::from_maybe_shared(Bytes::from(authority)).map_err(|e| format!("authority: {e}"))?);
+    parts.authority = Some(authority);
     parts.path_and_query = Some(path);
     Uri::from_parts(parts).map_err(|e| e.to_string())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::HOST;
 use http::request::Parts;
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use tokio::sync::oneshot;
@@ -55,9 +55,21 @@ impl Call<'_> {
         per_try: Duration,
         pooled: PeerConn,
     ) -> Result<Response<Body>, TryError> {
-        let authority = headers::authority(&parts.uri, &parts.headers).unwrap_or_else(|| svc.config.name.clone());
-        let uri = headers::absolute_uri(http::uri::Scheme::HTTPS, authority, &parts.uri)
-            .map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))?;
+        // The target in absolute form, made for each request stream (a replay makes it again:
+        // a copy made up front for it cost every request a clone, whose first copy of a
+        // fresh authority's bytes allocates). A node's outbound request carries it already,
+        // and its authority is shared, not copied; the edge's names it in Host.
+        let target = || {
+            let uri = match parts.uri.authority() {
+                Some(a) => headers::absolute_uri_at(http::uri::Scheme::HTTPS, a.clone(), &parts.uri),
+                None => {
+                    let authority =
+                        headers::authority(&parts.uri, &parts.headers).unwrap_or_else(|| svc.config.name.clone());
+                    headers::absolute_uri(http::uri::Scheme::HTTPS, authority, &parts.uri)
+                }
+            };
+            uri.map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))
+        };
         // The three values from one allocation, shared by the copies `head` makes.
         // An address takes at most 47 bytes ([v6 with scope]:port), the try's limit in
         // milliseconds at most 20.
@@ -71,7 +83,7 @@ impl Call<'_> {
         };
         // The caller's head is shared by its tries; each request stream gets its own copy (the
         // first is the only one unless a dead pooled connection makes this replay it).
-        let head = |method: &Method| {
+        let head = |method: &Method, uri: Uri| {
             let mut hdrs = parts.headers.clone();
             hdrs.remove(HOST);
             hdrs.insert(headers::SERVICE, service.clone());
@@ -81,25 +93,25 @@ impl Call<'_> {
             }
             let mut r = Request::new(());
             *r.method_mut() = method.clone();
-            *r.uri_mut() = uri.clone();
+            *r.uri_mut() = uri;
             *r.headers_mut() = hdrs;
             r
         };
         // A request that found its pooled connection dead is replayed once on a fresh one when
         // that is safe: idempotent and bodiless, so nothing can have been consumed upstream.
         if body.is_end_stream() && crate::policy::retry::idempotent(&parts.method) {
-            return match self.send_bodiless(head(&parts.method), ep, per_try, Some(pooled)).await {
+            return match self.send_bodiless(head(&parts.method, target()?), ep, per_try, Some(pooled)).await {
                 Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) => {
                     debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
-                    self.send_bodiless(head(&parts.method), ep, per_try, None).await
+                    self.send_bodiless(head(&parts.method, target()?), ep, per_try, None).await
                 }
                 other => other,
             };
         }
         // With a body, only the stream opening may be repeated: the body is not consumed yet.
-        let (pc, stream) = match self.open_stream(head(&parts.method), ep, Some(pooled)).await {
+        let (pc, stream) = match self.open_stream(head(&parts.method, target()?), ep, Some(pooled)).await {
             Err(TryError { error: ProxyError::PeerUnreachable { .. }, .. }) => {
-                self.open_stream(head(&parts.method), ep, None).await?
+                self.open_stream(head(&parts.method, target()?), ep, None).await?
             }
             other => other?,
         };
