@@ -132,7 +132,7 @@ impl Edge {
             resp.headers_mut().insert(ALT_SVC, alt_svc.clone());
         }
         // Recorded when the response body ends; in flight for the drain until then too.
-        let resp = rec.finish(resp).map(|b| body::with_guard(b, in_flight));
+        let resp = rec.finish_holding(resp, in_flight);
         if grpc {
             return ProxyError::for_grpc(resp);
         }

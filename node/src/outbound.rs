@@ -84,7 +84,7 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) ->
         }
     };
     // Recorded when the response body ends; in flight for the drain until then too.
-    let mut resp = rec.finish(resp).map(|b| body::with_guard(b, in_flight));
+    let mut resp = rec.finish_holding(resp, in_flight);
     if grpc {
         resp = ProxyError::for_grpc(resp);
     }

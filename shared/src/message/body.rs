@@ -243,18 +243,28 @@ enum State {
 /// with END_STREAM instead of an empty DATA frame of its own after it (which a naive echo
 /// server turns into the empty, non-final DATA frames h2 counts as a flood: after 100 on a
 /// connection, the client of it sends GOAWAY and every stream on it fails).
-pub struct H3Body<R> {
+pub struct H3Body<R, G = ()> {
     recv: R,
     state: State,
     /// An error met while coalescing, reported on the next poll.
     pending: Option<BoxError>,
+    /// Kept alive until the body is dropped (a hold on the pooled connection), without a
+    /// boxed layer of its own.
+    _guard: G,
 }
 
 impl<R: H3Recv> H3Body<R> {
     pub fn new(recv: R) -> Self {
-        Self { recv, state: State::Data, pending: None }
+        Self { recv, state: State::Data, pending: None, _guard: () }
     }
 
+    /// The same body, keeping `guard` alive until it is dropped.
+    pub fn holding<G>(self, guard: G) -> H3Body<R, G> {
+        H3Body { recv: self.recv, state: self.state, pending: self.pending, _guard: guard }
+    }
+}
+
+impl<R: H3Recv, G> H3Body<R, G> {
     /// The data just ended: reads the trailers too if they are already here, so the end is
     /// known with the last data.
     fn data_ended(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
@@ -277,7 +287,7 @@ fn trailers_guarded<R: H3Recv>(recv: &mut R, cx: &mut Context<'_>) -> Poll<Resul
     }
 }
 
-impl<R: H3Recv> HttpBody for H3Body<R> {
+impl<R: H3Recv, G: Unpin> HttpBody for H3Body<R, G> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -306,11 +316,18 @@ impl<R: H3Recv> HttpBody for H3Body<R> {
                         return Poll::Ready(Some(Ok(Frame::data(first))));
                     }
                     // Gather what is already buffered into one frame, and learn whether the
-                    // data ends with it.
-                    let mut buf = BytesMut::from(first.as_ref());
-                    while buf.len() < COALESCE {
+                    // data ends with it. A lone chunk, most small bodies, goes on as it is:
+                    // the copy is made only once a second one comes.
+                    let mut buf: Option<BytesMut> = None;
+                    while buf.as_ref().map_or(first.len(), BytesMut::len) < COALESCE {
                         match this.recv.poll_data(cx) {
-                            Poll::Ready(Ok(Some(b))) => buf.extend_from_slice(&b),
+                            Poll::Ready(Ok(Some(b))) => buf
+                                .get_or_insert_with(|| {
+                                    let mut m = BytesMut::with_capacity(first.len() + b.len());
+                                    m.extend_from_slice(&first);
+                                    m
+                                })
+                                .extend_from_slice(&b),
                             Poll::Ready(Ok(None)) => {
                                 if let Err(e) = this.data_ended(cx) {
                                     // Deliver what we have; the error comes on the next poll.
@@ -326,7 +343,8 @@ impl<R: H3Recv> HttpBody for H3Body<R> {
                             Poll::Pending => break,
                         }
                     }
-                    if buf.is_empty() {
+                    let data = buf.map_or(first, BytesMut::freeze);
+                    if data.is_empty() {
                         // Nothing to deliver (empty DATA frames): go on from the new state; a
                         // `Pending` above registered the wake-up.
                         if matches!(this.state, State::Data) && this.pending.is_none() {
@@ -334,7 +352,7 @@ impl<R: H3Recv> HttpBody for H3Body<R> {
                         }
                         continue;
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 State::Trailers => {
                     let res = match trailers_guarded(&mut this.recv, cx) {

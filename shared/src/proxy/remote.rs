@@ -234,7 +234,7 @@ impl Call<'_> {
             match tokio::time::timeout(per_try, body.frame()).await {
                 Ok(None) => return Ok(Response::from_parts(parts, body::empty())),
                 Ok(Some(Ok(frame))) => {
-                    let rest = body::with_guard(body::boxed(body), pc.hold());
+                    let rest = body::boxed(body.holding(pc.hold()));
                     return Ok(Response::from_parts(parts, body::prefixed(frame, rest)));
                 }
                 Ok(Some(Err(e))) => return Err(TryError::sent(ProxyError::UpstreamReset(e.to_string()))),
@@ -242,7 +242,7 @@ impl Call<'_> {
             }
         }
         // The body holds the connection open until it ends (see `PeerConn::hold`).
-        Ok(Response::from_parts(parts, body::with_guard(body::boxed(body), pc.hold())))
+        Ok(Response::from_parts(parts, body::boxed(body.holding(pc.hold()))))
     }
 }
 

@@ -323,7 +323,7 @@ impl Record {
         if body.is_end_stream() {
             return body;
         }
-        Counted { inner: body, bytes: self.bytes.clone(), which: REQUEST, done: None }.boxed_unsync()
+        Counted { inner: body, bytes: self.bytes.clone(), which: REQUEST, done: None, _guard: () }.boxed_unsync()
     }
 
     pub fn service_name(&self) -> &str {
@@ -332,7 +332,13 @@ impl Record {
 
     /// Records the answer now (time to headers) and counts it, with everything else, when the
     /// response body ends or is dropped.
-    pub fn finish(mut self, resp: Response<Body>) -> Response<Body> {
+    pub fn finish(self, resp: Response<Body>) -> Response<Body> {
+        self.finish_holding(resp, ())
+    }
+
+    /// [`Record::finish`], and the response body keeps `guard` alive until it is dropped (the
+    /// request's hold on the drain), without a boxed layer of its own.
+    pub fn finish_holding<G: Send + Unpin + 'static>(mut self, resp: Response<Body>, guard: G) -> Response<Body> {
         let status = resp.status().as_u16();
         self.entry.status = status;
         let mut error = None;
@@ -349,7 +355,7 @@ impl Record {
         self.handles().duration.record(self.start.elapsed().as_secs_f64());
         let bytes = self.bytes.clone();
         let done = Done(self);
-        resp.map(|b| Counted { inner: b, bytes, which: RESPONSE, done: Some(done) }.boxed_unsync())
+        resp.map(|b| Counted { inner: b, bytes, which: RESPONSE, done: Some(done), _guard: guard }.boxed_unsync())
     }
 
     /// The response body broke off after its headers (the upstream reset the stream, its
@@ -427,15 +433,17 @@ impl Drop for Record {
 }
 
 /// A body that counts its data bytes and, for responses, carries the completion guard.
-struct Counted {
+struct Counted<G = ()> {
     inner: Body,
     bytes: Arc<[AtomicU64; 2]>,
     /// Which of `bytes` this body adds to.
     which: usize,
     done: Option<Done>,
+    /// Kept alive until the body is dropped.
+    _guard: G,
 }
 
-impl HttpBody for Counted {
+impl<G: Unpin> HttpBody for Counted<G> {
     type Data = Bytes;
     type Error = BoxError;
 
