@@ -322,11 +322,9 @@ async fn request(
         Err(e) => Err(e),
     };
     let resp = match result {
-        Ok(mut resp) => {
-            // Only this proxy may say a request never reached the instance.
-            resp.headers_mut().remove(UNSENT_HEADER);
-            resp
-        }
+        // Only this proxy may say a request never reached the instance: the local client
+        // already took an instance's own `quicmesh-unsent` (and `quicmesh-error`) out.
+        Ok(resp) => resp,
         Err(e) => {
             debug!(peer, error = %e, "inbound request failed");
             metrics::counter!(m::PROXY_ERRORS, "direction" => "inbound", "reason" => e.reason()).increment(1);

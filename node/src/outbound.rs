@@ -75,7 +75,11 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) ->
     // Debug level: at info a span per request (its fields formatted up front) was about a tenth
     // of the node's instructions per request.
     let span = debug_span!("outbound", %client, method = %req.method(), uri = %req.uri());
-    let resp = match route(req, client, mesh, &mut rec).instrument(span).await {
+    // Wrapped only when the span is on: the wrapper is one more copy of the whole routing
+    // future (kilobytes) per request.
+    let routed = route(req, client, mesh, &mut rec);
+    let routed = if span.is_disabled() { routed.await } else { routed.instrument(span).await };
+    let resp = match routed {
         Ok(resp) => resp,
         Err(e) => {
             debug!(%client, error = %e, "outbound request failed");

@@ -64,32 +64,43 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes connection-specific headers, including every header named in `Connection`.
 /// `TE: trailers` survives, as HTTP/2 and HTTP/3 allow it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none of these: one pass over the names present is cheaper than a
-    // lookup per name below (this runs twice on every request's path).
-    let hop = |n: &HeaderName| {
-        n == CONNECTION || n == TE || n == TRANSFER_ENCODING || n == UPGRADE || n == KEEP_ALIVE || n == PROXY_CONNECTION
-    };
-    if !headers.keys().any(hop) {
+    // One pass over the names present marks which of these a message carries (most requests
+    // none, an HTTP/1.1 answer `Connection`): a removal costs a lookup whether or not the name
+    // is there, and collecting the names to remove cost an allocation.
+    const FIXED: [HeaderName; 6] = [CONNECTION, TRANSFER_ENCODING, UPGRADE, KEEP_ALIVE, PROXY_CONNECTION, TE];
+    let mut present = [false; 6];
+    for name in headers.keys() {
+        if let Some(i) = FIXED.iter().position(|f| f == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    // Only the names present are removed: a removal costs a lookup whether or not the name is
-    // there, and the common case, an HTTP/1.1 answer's `Connection: keep-alive`, has one.
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        // The usual option, which names `Keep-Alive`, removed below anyway.
-        .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .filter(|name| has(headers, name))
-        .collect();
-    let fixed: Vec<HeaderName> = headers.keys().filter(|n| hop(n) && *n != TE).cloned().collect();
-    for name in named.into_iter().chain(fixed) {
+    // What `Connection` names goes too.
+    let named: Vec<HeaderName> = if present[0] {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // The usual option, which names `Keep-Alive`, removed below anyway.
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .filter(|name| has(headers, name))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for name in named {
         headers.remove(name);
     }
-    if has(headers, &TE) {
+    for (name, _) in FIXED[..5].iter().zip(present).filter(|(_, here)| *here) {
+        headers.remove(name);
+    }
+    // `TE: trailers` alone may go on (a gRPC client's); unless `Connection` named it.
+    if present[5] && has(headers, &TE) {
         let te_trailers = headers.get_all(TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         headers.remove(TE);
         if te_trailers {

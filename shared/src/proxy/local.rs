@@ -127,9 +127,13 @@ where
     let (mut parts, incoming) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     // Only a proxy says why it answered instead of the instance: an instance's own word for
-    // it would be believed by every hop after this one (a route's retries, the edge).
-    parts.headers.remove(crate::message::error::ERROR_HEADER);
-    parts.headers.remove(crate::message::error::UNSENT_HEADER);
+    // it would be believed by every hop after this one (a route's retries, the edge). Looked
+    // for among the names present first: an instance's answer almost never has them.
+    let (error, unsent) = (crate::message::error::ERROR_HEADER, crate::message::error::UNSENT_HEADER);
+    if parts.headers.keys().any(|n| *n == error || *n == unsent) {
+        parts.headers.remove(error);
+        parts.headers.remove(unsent);
+    }
     parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, body::boxed(incoming))
 }
