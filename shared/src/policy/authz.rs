@@ -78,7 +78,8 @@ pub struct Rule {
     /// HTTP methods (`GET`, `POST`, ...; case-insensitive); empty: any. HTTP only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
-    /// Headers that must be present with this exact value. HTTP only.
+    /// Headers that must be present with this exact value. HTTP only. The request's headers as
+    /// the instance gets them: the mesh's own `quicmesh-*` headers are not among them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderValueMatch>,
     /// Instance ports (for TCP services, the port the tunnel goes to).

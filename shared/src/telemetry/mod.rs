@@ -72,12 +72,14 @@ fn handles(direction: &'static str, source: &str, service: &str, route: &str) ->
         static LAST: std::cell::RefCell<Option<Arc<Handles>>> = const { std::cell::RefCell::new(None) };
     }
     let same = |h: &&Arc<Handles>| h.labels.iter().map(|l| l.value()).eq([direction, source, service, route]);
-    let hit = LAST.with_borrow(|last| last.as_ref().filter(same).cloned());
+    // `try_with`: a record dropped while the thread exits, after its locals are gone, takes
+    // the shared map.
+    let hit = LAST.try_with(|last| last.borrow().as_ref().filter(same).cloned()).ok().flatten();
     if let Some(h) = hit {
         return h;
     }
     let h = shared_handles(direction, source, service, route);
-    LAST.set(Some(h.clone()));
+    let _ = LAST.try_with(|last| *last.borrow_mut() = Some(h.clone()));
     h
 }
 
