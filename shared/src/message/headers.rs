@@ -68,12 +68,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // none, an HTTP/1.1 answer `Connection`): a removal costs a lookup whether or not the name
     // is there, and collecting the names to remove cost an allocation.
     const FIXED: [HeaderName; 6] = [CONNECTION, TRANSFER_ENCODING, UPGRADE, KEEP_ALIVE, PROXY_CONNECTION, TE];
-    let mut present = [false; 6];
-    for name in headers.keys() {
-        if let Some(i) = FIXED.iter().position(|f| f == name) {
-            present[i] = true;
-        }
-    }
+    let present = present(headers, &FIXED);
     if !present.contains(&true) {
         return;
     }
@@ -134,6 +129,18 @@ pub fn check_http1_head(headers: &HeaderMap) -> Result<(), crate::message::error
     Ok(())
 }
 
+/// Which of `names` `headers` carries, from one pass over the names present: a lookup or a
+/// removal hashes its name whether it is there or not.
+fn present<const N: usize>(headers: &HeaderMap, names: &[HeaderName; N]) -> [bool; N] {
+    let mut found = [false; N];
+    for name in headers.keys() {
+        if let Some(i) = names.iter().position(|n| n == name) {
+            found[i] = true;
+        }
+    }
+    found
+}
+
 /// Every `quicmesh-*` header is the mesh's own (`quicmesh-attempt`, `quicmesh-error`,
 /// `quicmesh-unsent`, ...), whatever a client claims.
 pub fn strip_internal(headers: &mut HeaderMap) {
@@ -169,12 +176,7 @@ impl Internal {
     /// and a request usually carries three of the five.
     pub fn take(headers: &mut HeaderMap) -> Self {
         const NAMES: [HeaderName; 5] = [SERVICE, ENDPOINT, SOURCE, JWT_CLAIMS, TRY_TIMEOUT];
-        let mut present = [false; 5];
-        for name in headers.keys().filter(|n| n.as_str().starts_with("quicmesh-")) {
-            if let Some(i) = NAMES.iter().position(|n| n == name) {
-                present[i] = true;
-            }
-        }
+        let present = present(headers, &NAMES);
         let [service, endpoint, source, jwt_claims, try_timeout] =
             std::array::from_fn(|i| if present[i] { headers.remove(&NAMES[i]) } else { None });
         Self { service, endpoint, source, jwt_claims, try_timeout }

@@ -71,7 +71,7 @@ fn handles(direction: &'static str, source: &str, service: &str, route: &str) ->
     thread_local! {
         static LAST: std::cell::RefCell<Option<Arc<Handles>>> = const { std::cell::RefCell::new(None) };
     }
-    let same = |h: &&Arc<Handles>| h.labels.iter().map(|l| l.value()).eq([direction, source, service, route]);
+    let same = |h: &&Arc<Handles>| h.labelled([direction, source, service, route]);
     // `try_with`: a record dropped while the thread exits, after its locals are gone, takes
     // the shared map.
     let hit = LAST.try_with(|last| last.borrow().as_ref().filter(same).cloned()).ok().flatten();
@@ -87,7 +87,7 @@ fn shared_handles(direction: &'static str, source: &str, service: &str, route: &
     static MAP: std::sync::OnceLock<std::sync::RwLock<HandleMap>> = std::sync::OnceLock::new();
     let map = MAP.get_or_init(Default::default);
     let hash = key_hash(direction, source, service, route);
-    let same = |h: &&Arc<Handles>| h.labels.iter().map(|l| l.value()).eq([direction, source, service, route]);
+    let same = |h: &&Arc<Handles>| h.labelled([direction, source, service, route]);
     if let Some(bucket) = map.read().unwrap_or_else(|e| e.into_inner()).get(&hash) {
         if let Some(h) = bucket.iter().find(same) {
             return h.clone();
@@ -118,6 +118,11 @@ fn shared_handles(direction: &'static str, source: &str, service: &str, route: &
 }
 
 impl Handles {
+    /// Are these the handles of the labels direction, source, service and route?
+    fn labelled(&self, labels: [&str; 4]) -> bool {
+        self.labels.iter().map(|l| l.value()).eq(labels)
+    }
+
     fn requests(&self, code: u16, protocol: Option<&'static str>, error: Option<&'static str>) -> ::metrics::Counter {
         let mut codes = self.by_code.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, _, _, c)) = codes.iter().find(|(k, p, e, _)| *k == code && *p == protocol && *e == error) {
