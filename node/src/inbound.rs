@@ -165,7 +165,11 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
             return;
         }
     };
-    let mut told = false;
+    // From the GOAWAY on, the connection counts as in flight until the peer closes it: the
+    // last responses may still be on their way (handed to QUIC is not received), and closing
+    // the connection abandons whatever of them is unsent. The peer closes once it has read
+    // them; the drain's deadline bounds the wait.
+    let mut told: Option<quicmesh_shared::proxy::drain::Guard> = None;
     // One wait for the drain for the connection's life, not one per request accepted.
     let going_away = mesh.drain().reached(Phase::GoingAway);
     tokio::pin!(going_away);
@@ -182,13 +186,14 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
                 }
                 continue;
             }
-            _ = &mut going_away, if !told => {
+            _ = &mut going_away, if told.is_none() => {
                 // GOAWAY: requests already accepted finish; later ones are refused unprocessed
                 // (H3_REQUEST_REJECTED), so the peer may send them elsewhere.
-                told = true;
+                told = Some(mesh.drain().guard());
                 if let Err(e) = h3.shutdown(0).await {
                     debug!(peer, error = %e, "could not send GOAWAY");
                 }
+                debug!(peer, "GOAWAY sent; waiting for the peer to close the connection");
                 continue;
             }
         };
@@ -220,7 +225,21 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
             }
         }
     }
+    if let Some(_going_away) = told {
+        // h3 closes the connection when `h3` is dropped, which must not come first. Until the
+        // peer closes it, a request it sent before it read the GOAWAY is refused as h3 refuses
+        // one (unprocessed: the peer may send it elsewhere).
+        let rejected = quinn::VarInt::from_u32(REQUEST_REJECTED);
+        while let Ok((mut send, mut recv)) = quic.accept_bi().await {
+            let _ = send.reset(rejected);
+            let _ = recv.stop(rejected);
+        }
+        debug!(peer, reason = ?quic.close_reason(), "the peer closed its connection after the GOAWAY");
+    }
 }
+
+/// H3_REQUEST_REJECTED (RFC 9114, 8.1).
+const REQUEST_REJECTED: u32 = 0x10b;
 
 /// A request that may have come in 0-RTT: replay-safe methods go on at once, marked
 /// `early-data: 1` for the instance (RFC 8470, which may answer 425); the others wait for the

@@ -151,6 +151,21 @@ impl Backend {
                                 r.headers_mut().insert("x-backend", http::HeaderValue::from_static(name));
                                 return Ok(r);
                             }
+                            if let Some(n) = req_path.strip_prefix("/late/").and_then(|n| n.parse::<usize>().ok()) {
+                                // The head at once, then n KiB in one piece after LATE.
+                                let late = futures_util::stream::once(async move {
+                                    tokio::time::sleep(LATE).await;
+                                    Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+                                        b'x';
+                                        n * 1024
+                                    ])))
+                                });
+                                let mut r = http::Response::new(quicmesh_shared::message::body::boxed(
+                                    http_body_util::StreamBody::new(late),
+                                ));
+                                r.headers_mut().insert("x-backend", http::HeaderValue::from_static(name));
+                                return Ok(r);
+                            }
                             if let Some(n) = req_path.strip_prefix("/cut/").and_then(|n| n.parse::<usize>().ok()) {
                                 return Ok(slow_body(n, End::Cut));
                             }
@@ -227,6 +242,9 @@ enum End {
 }
 
 /// `n` KiB of `x`, a KiB every 30 ms, with `content-length` declared, ending as `end` says.
+/// How long a `/late/N` answer's body waits after its head.
+pub const LATE: Duration = Duration::from_millis(300);
+
 fn slow_body(n: usize, end: End) -> http::Response<quicmesh_shared::message::body::Body> {
     let chunks = futures_util::stream::unfold(0, move |i| async move {
         if i == n && end == End::Cut {

@@ -320,6 +320,11 @@ impl NodeProc {
         panic!("process did not exit after SIGTERM");
     }
 
+    /// Whether the process has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Starts the same config again (same ports where the config pins them).
     pub fn restart(&mut self) {
         self.kill();

@@ -216,8 +216,8 @@ pub struct NodeConfig {
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<crate::config::reference::Duration>")]
     pub renew_before: Option<Duration>,
-    /// On SIGTERM, how long requests in flight may take to finish before the node exits.
-    /// Read at start.
+    /// On SIGTERM, how long requests in flight (and peers still taking their last answers) may
+    /// take to finish before the node exits. Read at start.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub drain_timeout: Duration,

@@ -106,7 +106,10 @@ impl Drain {
         let started = tokio::time::Instant::now();
         let left = self.wait_idle(deadline).await;
         if left > 0 {
-            tracing::warn!(left, "drain deadline passed; cutting the requests still in flight");
+            tracing::warn!(
+                left,
+                "drain deadline passed; cutting what is still in flight (requests, or peers still taking their last responses)"
+            );
             return;
         }
         tracing::info!("drained; every request in flight finished");

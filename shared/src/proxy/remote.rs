@@ -251,7 +251,7 @@ impl Call<'_> {
 fn rejected(e: &h3::error::StreamError) -> bool {
     match e {
         h3::error::StreamError::RemoteTerminate { code, .. } => *code == h3::error::Code::H3_REQUEST_REJECTED,
-        h3::error::StreamError::RemoteClosing { .. } => true,
+        h3::error::StreamError::RemoteClosing => true,
         _ => false,
     }
 }

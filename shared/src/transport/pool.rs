@@ -90,6 +90,14 @@ impl PeerConn {
         let outcome = early.wait_for(Option::is_some).await.map(|v| *v);
         !matches!(outcome, Ok(Some(true)))
     }
+    /// Whether a new request may go on this connection to `addr`: it is open, to that address
+    /// (not a peer that has since moved), and its peer has not said GOAWAY.
+    fn takes_requests_to(&self, addr: SocketAddr) -> bool {
+        self.conn.close_reason().is_none()
+            && self.conn.remote_address() == addr
+            && !h3::ConnectionState::is_closing(&self.h3)
+    }
+
     /// Keeps this connection open while held. h3 closes a connection when the last of its
     /// request handles goes, and the pool lets go of its own when a peer says GOAWAY: a stream
     /// whose response (or tunnel) is still streaming holds one, so a drain never cuts it.
@@ -97,6 +105,9 @@ impl PeerConn {
         Hold { _request_handle: self.h3.clone() }
     }
 }
+
+/// Resolves when the peer of a connection says GOAWAY.
+type GoAway = oneshot::Receiver<()>;
 
 /// See [`PeerConn::hold`].
 pub struct Hold {
@@ -295,7 +306,7 @@ impl PeerPool {
             return Readiness::Down;
         }
         let Ok(guard) = p.conn.try_lock() else { return Readiness::Wait };
-        match guard.as_ref().filter(|pc| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr) {
+        match guard.as_ref().filter(|pc| pc.takes_requests_to(addr)) {
             Some(pc) => Readiness::Ready(pc.clone()),
             None => Readiness::Wait,
         }
@@ -364,7 +375,7 @@ impl PeerPool {
         fail_fast(&peer)?;
         // A connection to another address (the peer moved, or the control plane's next replica
         // is wanted) is not this one.
-        let usable = |pc: &&PeerConn| pc.conn.close_reason().is_none() && pc.conn.remote_address() == addr;
+        let usable = |pc: &&PeerConn| pc.takes_requests_to(addr);
         // The common case, a live pooled connection and no dial under way, without a timer or
         // a wait.
         if let Ok(guard) = peer.conn.try_lock() {
@@ -391,18 +402,20 @@ impl PeerPool {
         tokio::spawn(async move {
             let attempt = tokio::time::timeout_at(deadline, dialer.connect(&peer_name, addr, early_ok)).await;
             let result = attempt.unwrap_or_else(|_| Err(dialer.handshake_timed_out(&peer_name, addr)));
-            match &result {
-                Ok(pc) => {
+            let result = match result {
+                Ok((pc, goaway)) => {
                     *guard = Some(pc.clone());
                     drop(guard);
                     dialer.mark_up(&peer_name, &peer);
-                    dialer.watch_silence(&peer_name, &peer, pc.conn.clone());
+                    dialer.watch(&peer_name, &peer, pc.conn.clone(), goaway);
+                    Ok(pc)
                 }
                 Err(e) => {
                     drop(guard);
-                    dialer.mark_down(&peer_name, &peer, addr, e);
+                    dialer.mark_down(&peer_name, &peer, addr, &e);
+                    Err(e)
                 }
-            }
+            };
             let _ = tx.send(result);
         });
         rx.await
@@ -473,14 +486,20 @@ impl Dialer {
         }
     }
 
-    /// Marks the peer unreachable as soon as `conn` ends because nothing came from the peer
-    /// for the QUIC idle timeout (it died, froze or was cut off; keep-alives make an idle but
-    /// living peer answer well within it): requests then skip it until a probe reaches it,
-    /// instead of each dialling it and waiting out `timeouts.connect`.
-    fn watch_silence(self: &Arc<Self>, name: &str, peer: &Arc<Peer>, conn: quinn::Connection) {
+    /// Lets go of `conn` when the peer says GOAWAY (it is draining): no new request goes on
+    /// it, and h3 closes it once the requests still on it let go of it too (the peer waits for
+    /// that close to know they have their answers). Marks the peer unreachable as soon as
+    /// `conn` ends because nothing came from the peer for the QUIC idle timeout (it died, froze
+    /// or was cut off; keep-alives make an idle but living peer answer well within it):
+    /// requests then skip it until a probe reaches it, instead of each dialling it and waiting
+    /// out `timeouts.connect`.
+    fn watch(self: &Arc<Self>, name: &str, peer: &Arc<Peer>, conn: quinn::Connection, goaway: GoAway) {
         let (dialer, name, peer) = (self.clone(), name.to_string(), Arc::downgrade(peer));
         tokio::spawn(async move {
-            conn.closed().await;
+            tokio::select! {
+                _ = conn.closed() => {}
+                Ok(()) = goaway => debug!(peer = name, "the peer said GOAWAY; its connection takes no new request"),
+            }
             if let Some(peer) = peer.upgrade() {
                 dialer.forget(&name, &peer, &conn).await;
             }
@@ -581,8 +600,8 @@ impl Dialer {
                 Ok(())
             } else {
                 match tokio::time::timeout(self.connect_timeout, Box::pin(self.connect(&name, addr, false))).await {
-                    Ok(Ok(pc)) => {
-                        self.watch_silence(&name, &peer, pc.conn.clone());
+                    Ok(Ok((pc, goaway))) => {
+                        self.watch(&name, &peer, pc.conn.clone(), goaway);
                         *guard = Some(pc);
                         Ok(())
                     }
@@ -613,7 +632,12 @@ impl Dialer {
 
     /// Dials `peer`; `early_ok`: in 0-RTT when a session allows it (never for a peer marked
     /// unreachable: a dial that sends nothing before the handshake ends would prove nothing).
-    async fn connect(self: &Arc<Self>, peer: &str, addr: SocketAddr, early_ok: bool) -> Result<PeerConn, ProxyError> {
+    async fn connect(
+        self: &Arc<Self>,
+        peer: &str,
+        addr: SocketAddr,
+        early_ok: bool,
+    ) -> Result<(PeerConn, GoAway), ProxyError> {
         let unreachable = |reason: String| ProxyError::PeerUnreachable { peer: peer.into(), reason };
         let endpoint = self.endpoint_here();
         let connecting = match self.client.load_full() {
@@ -714,13 +738,23 @@ impl Dialer {
         metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").increment(1.0);
         info!(peer, %addr, rtt_us = conn.rtt().as_micros() as u64, "QUIC connection to peer established");
         watch_stats(conn.clone(), "outbound", peer_label.clone());
+        let (goaway_tx, goaway) = oneshot::channel();
         tokio::spawn(async move {
-            let err = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            let mut goaway_tx = Some(goaway_tx);
+            let err = std::future::poll_fn(|cx| {
+                let closed = driver.poll_close(cx);
+                // The driver reads the control stream: a GOAWAY on it marks the connection closing.
+                if goaway_tx.is_some() && h3::ConnectionState::is_closing(&driver) {
+                    let _ = goaway_tx.take().map(|tx| tx.send(()));
+                }
+                closed
+            })
+            .await;
             metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").decrement(1.0);
             debug!(peer = peer_label, error = %err, "QUIC connection to peer closed");
         });
         let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "outbound", "peer" => peer.to_string());
-        Ok(PeerConn { conn, h3, streams, early, worker: crate::runtime::index() })
+        Ok((PeerConn { conn, h3, streams, early, worker: crate::runtime::index() }, goaway))
     }
 }
 
