@@ -268,6 +268,17 @@ fn main() {
             let cpu = per_request(cpu_split(&bare.pids()) - c0, n + WARMUP);
             rows.push(Figures { name, times, cpu_us: Some(cpu) });
         }
+        // The same headers on the leanest framing a raw QUIC stream allows, instead of h3.
+        let bare = peers::bare::start_raw(&pki, backend, true);
+        let c0 = cpu_split(&bare.pids());
+        let times = plain_sequence(&client, bare.front, "hello", n).await;
+        let cpu = per_request(cpu_split(&bare.pids()) - c0, n + WARMUP);
+        rows.push(Figures {
+            name: "bare hop, mesh-sized headers, raw QUIC streams instead of h3",
+            times,
+            cpu_us: Some(cpu),
+        });
+        drop(bare);
 
         // One quicmesh node delivering to the same backend.
         let svc = format!(

@@ -237,6 +237,9 @@ const NGINX_EDGE_1_FWD_H1: &str = "nginx edge (1 worker, forwarding headers) HTT
 /// The libraries under the gateway's HTTP/1.1+TLS row, on one thread (`peers::bare`): the floor
 /// that row's per-request cost stands on.
 const BARE_EDGE: &str = "bare edge (1 thread) HTTP/1.1+TLS -> HTTP/3 -> backend";
+/// The bare hop with the mesh's headers, over h3 and over raw QUIC streams (`peers::bare`).
+const BARE_H3: &str = "bare hop, mesh headers, h3 framing (libraries only)";
+const BARE_RAW: &str = "bare hop, mesh headers, raw-stream framing (libraries only)";
 
 /// Closed loop over TLS or QUIC to the gateway: `workers` requests in flight.
 async fn load_edge(kind: Client, port: u16, workers: usize, secs: u64) -> Stats {
@@ -454,13 +457,24 @@ wrk cross-check: `wrk -t1 -c{conns} -d{secs}s --latency`, in the same rounds; me
             );
         }
     }
+    let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+    let wrk_cpu = |i: usize| -> Vec<f64> { wrk[i].iter().map(|w| w.cpu_us).collect() };
+    // Other paths compared with a path of the same shape (the bare hop's two framings).
+    for (i, p) in paths.iter().enumerate().filter(|(_, p)| p.ingress.is_empty()) {
+        for j in p.peers.iter().filter_map(|peer| paths.iter().position(|q| q.name == *peer)) {
+            println!(
+                "{} CPU per request against {}: {:.2}x (suite client), {:.2}x (wrk)",
+                p.name,
+                paths[j].name,
+                ratio(&own[i], &own[j]),
+                ratio(&wrk_cpu(i), &wrk_cpu(j))
+            );
+        }
+    }
     let Some(node) = node else { return };
     for peer in peers {
-        let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
         let own_ratio = ratio(&own[node], &own[peer]);
-        let node_wrk: Vec<f64> = wrk[node].iter().map(|w| w.cpu_us).collect();
-        let peer_wrk: Vec<f64> = wrk[peer].iter().map(|w| w.cpu_us).collect();
-        let wrk_ratio = ratio(&node_wrk, &peer_wrk);
+        let wrk_ratio = ratio(&wrk_cpu(node), &wrk_cpu(peer));
         let rps = median(wrk[node].iter().zip(&wrk[peer]).map(|(a, b)| a.rps / b.rps).collect());
         println!(
             "node pair CPU per request against {}: {own_ratio:.2}x (suite client), {wrk_ratio:.2}x (wrk); node pair req/s under wrk: {rps:.2}x",
@@ -536,6 +550,12 @@ fn main() {
         // The gateway's HTTP/1.1+TLS row without the gateway: its libraries on one thread.
         let bare_edge = peers::bare::start_edge(&pki, backend);
         load_edge(Client::H1Tls, bare_edge.front.port(), conns, 1).await;
+        // The bare hop with the mesh's headers, over h3 and over the leanest framing on raw
+        // QUIC streams: what the h3 layer costs the hop, measured side by side.
+        let bare_h3 = peers::bare::start(&pki, backend, true);
+        let bare_raw = peers::bare::start_raw(&pki, backend, true);
+        load(bare_h3.front, "hello", conns, 1).await;
+        load(bare_raw.front, "hello", conns, 1).await;
         let (pa, pb, pg, pg1) = (a.child.id(), b.child.id(), gw.child.id(), gw1.child.id());
         // Every path of the closed loop: how to load it, the proxy processes on it (none for
         // direct) and, for ingress paths, the process at the edge.
@@ -556,6 +576,8 @@ fn main() {
                 .against(NGINX_EDGE_1_H2),
             Path::new(BARE_EDGE, How::Edge(Client::H1Tls, bare_edge.front.port()), bare_edge.pids(), vec![bare_edge.pids()[0]])
                 .against(NGINX_EDGE_1_H1),
+            Path::new(BARE_H3, How::Plain(bare_h3.front), bare_h3.pids(), vec![]),
+            Path::new(BARE_RAW, How::Plain(bare_raw.front), bare_raw.pids(), vec![]).against(BARE_H3),
         ];
         if let Some(n) = &nginx {
             let name = format!("nginx ({} worker each) -> TLS -> nginx -> backend", peers::workers());

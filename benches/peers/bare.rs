@@ -64,7 +64,17 @@ const MESH_HEADERS: [(&str, &str); 6] = [
 /// Starts both halves in front of `backend`; with `mesh_headers`, the front adds
 /// [`MESH_HEADERS`] to every request.
 pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
-    start_with(pki, backend, mesh_headers, false)
+    start_with(pki, backend, mesh_headers, false, false)
+}
+
+/// The same two halves with HTTP/3 replaced by the leanest framing a request can have on a
+/// raw QUIC stream ([`raw`]): a length-prefixed head, then the body up to the stream's end.
+/// Against [`start`] with the same headers, in the same run, it measures what the h3 layer
+/// (QPACK, frames, its per-stream state) costs the hop: the case for or against a mesh-internal
+/// framing of our own.
+#[allow(dead_code)] // floor and load only
+pub fn start_raw(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
+    start_with(pki, backend, mesh_headers, false, true)
 }
 
 /// The bare edge: the same two halves, the front terminating TLS as the gateway's edge does
@@ -72,14 +82,20 @@ pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
 /// HTTP/1.1+TLS row: the libraries it is made of, without routing, policy or telemetry.
 #[allow(dead_code)] // load only
 pub fn start_edge(pki: &Pki, backend: SocketAddr) -> BareHop {
-    start_with(pki, backend, false, true)
+    start_with(pki, backend, false, true, false)
 }
 
-fn start_with(pki: &Pki, backend: SocketAddr, mesh_headers: bool, tls: bool) -> BareHop {
+fn start_with(pki: &Pki, backend: SocketAddr, mesh_headers: bool, tls: bool, raw: bool) -> BareHop {
     pki.issue("bare-a");
     pki.issue("bare-b");
     let dir = pki.path().display().to_string();
-    let (back, quic) = spawn(&[("QUICMESH_BARE", "back"), ("BARE_DIR", &dir), ("BARE_TO", &backend.to_string())]);
+    let framing = if raw { "raw" } else { "h3" };
+    let (back, quic) = spawn(&[
+        ("QUICMESH_BARE", "back"),
+        ("BARE_DIR", &dir),
+        ("BARE_TO", &backend.to_string()),
+        ("BARE_FRAMING", framing),
+    ]);
     let mut back = Some(back);
     let headers = if mesh_headers { "1" } else { "0" };
     let front = std::panic::catch_unwind(|| {
@@ -89,6 +105,7 @@ fn start_with(pki: &Pki, backend: SocketAddr, mesh_headers: bool, tls: bool) -> 
             ("BARE_TO", &quic.to_string()),
             ("BARE_HEADERS", headers),
             ("BARE_TLS", if tls { "1" } else { "0" }),
+            ("BARE_FRAMING", framing),
         ])
     });
     match front {
@@ -139,9 +156,10 @@ pub fn run_if_asked() {
     let to: SocketAddr = var("BARE_TO").parse().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
+        let raw = var("BARE_FRAMING") == "raw";
         let ready = match role.as_str() {
-            "back" => back(&dir, to),
-            "front" => front(&dir, to, var("BARE_HEADERS") == "1", (var("BARE_TLS") == "1").then(edge_tls)).await,
+            "back" => back(&dir, to, raw),
+            "front" => front(&dir, to, var("BARE_HEADERS") == "1", (var("BARE_TLS") == "1").then(edge_tls), raw).await,
             other => panic!("QUICMESH_BARE={other}: expected back or front"),
         };
         println!("bare ready: {ready}");
@@ -155,8 +173,8 @@ fn endpoint(dir: &Path, name: &str, auth: Option<ClientAuth>) -> quinn::Endpoint
     mesh_endpoint(localhost, &creds, TD, &TransportConfig::default(), auth.map(Into::into)).unwrap()
 }
 
-/// The back half: an h3 server handing requests to a pooled client for `backend`.
-fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
+/// The back half: an h3 (or [`raw`]) server handing requests to a pooled client for `backend`.
+fn back(dir: &Path, backend: SocketAddr, raw: bool) -> SocketAddr {
     let quic = endpoint(dir, "bare-b", Some(ClientAuth::Required));
     let addr = quic.local_addr().unwrap();
     tokio::spawn(async move {
@@ -165,6 +183,15 @@ fn back(dir: &Path, backend: SocketAddr) -> SocketAddr {
             let pool = pool.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
+                // The full stream limit, as a node gives an authenticated peer (the endpoint's
+                // is the handshake's 16, under the bench's 32 requests in flight).
+                quicmesh_shared::transport::open_streams(&conn, &TransportConfig::default());
+                if raw {
+                    while let Ok((send, recv)) = conn.accept_bi().await {
+                        tokio::spawn(raw::serve_one(send, recv, pool.clone()));
+                    }
+                    return;
+                }
                 let mut builder = h3::server::builder();
                 builder.send_grease(false);
                 let Ok(mut h3) = builder.build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else {
@@ -199,8 +226,17 @@ fn edge_tls() -> tokio_rustls::TlsAcceptor {
 
 /// The front half: an HTTP/1.1 server (over TLS, given `tls`) sending each request over one
 /// QUIC connection to `quic`.
-async fn front(dir: &Path, quic: SocketAddr, mesh_headers: bool, tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
+async fn front(
+    dir: &Path,
+    quic: SocketAddr,
+    mesh_headers: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    raw: bool,
+) -> SocketAddr {
     let conn = endpoint(dir, "bare-a", None).connect(quic, "bare-b").unwrap().await.unwrap();
+    if raw {
+        return raw::front(conn, mesh_headers).await;
+    }
     // h3 settings as the mesh's pool has them.
     let (mut driver, send) =
         h3::client::builder().send_grease(false).build::<_, _, Bytes>(h3_quinn::Connection::new(conn)).await.unwrap();
@@ -278,6 +314,8 @@ type Pool = super::pool::Pool<Empty<Bytes>>;
 /// sent back.
 async fn serve_one(resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>, pool: Pool) {
     let Ok((req, mut stream)) = resolver.resolve_request().await else { return };
+    // The request's end read, as a node reads it (a stream dropped unread costs a STOP_SENDING).
+    while let Ok(Some(_)) = stream.recv_data().await {}
     let (mut parts, ()) = req.into_parts();
     // What a receiving node does with the mesh's own headers: they stop here.
     for (name, _) in MESH_HEADERS.iter().filter(|(name, _)| name.starts_with("quicmesh-")) {
@@ -297,4 +335,169 @@ async fn serve_one(resolver: h3::server::RequestResolver<h3_quinn::Connection, B
         return;
     }
     let _ = stream.finish().await;
+}
+
+/// The leanest framing a request can have on a QUIC stream of its own, for the bare hop's
+/// comparison: the head as `u32` length, then `u16`-length-prefixed fields (method, authority,
+/// path, or the status; then name and value of each header), then the body up to the stream's
+/// FIN. No header compression, no frames (so no trailers): a floor for any mesh-internal
+/// framing, not a design.
+mod raw {
+    use super::*;
+    use bytes::{BufMut, BytesMut};
+    use http::header::{HeaderName, HOST};
+
+    fn field(buf: &mut BytesMut, v: &[u8]) {
+        buf.put_u16(v.len() as u16);
+        buf.put_slice(v);
+    }
+
+    /// A head: `first` fields, then `headers`.
+    fn encode(first: &[&[u8]], headers: &http::HeaderMap) -> Bytes {
+        let len: usize = first.iter().map(|f| 2 + f.len()).sum::<usize>()
+            + headers.iter().map(|(n, v)| 4 + n.as_str().len() + v.len()).sum::<usize>();
+        let mut buf = BytesMut::with_capacity(4 + len);
+        buf.put_u32(len as u32);
+        for f in first {
+            field(&mut buf, f);
+        }
+        for (n, v) in headers {
+            field(&mut buf, n.as_str().as_bytes());
+            field(&mut buf, v.as_bytes());
+        }
+        buf.freeze()
+    }
+
+    /// Reads a head (`first` fields and the headers) off `recv`; returns them and whatever of
+    /// the body came with it.
+    async fn decode(
+        recv: &mut quinn::RecvStream,
+        first: usize,
+    ) -> anyhow::Result<(Vec<Bytes>, http::HeaderMap, Bytes)> {
+        let mut buf = match recv.read_chunk(usize::MAX, true).await? {
+            Some(c) => c.bytes,
+            None => anyhow::bail!("stream ended before its head"),
+        };
+        let mut more = BytesMut::new();
+        loop {
+            let have = if more.is_empty() { buf.len() } else { more.len() };
+            let source: &[u8] = if more.is_empty() { &buf } else { &more };
+            if have >= 4 {
+                let len = u32::from_be_bytes(source[..4].try_into()?) as usize;
+                if have >= 4 + len {
+                    break;
+                }
+            }
+            let Some(c) = recv.read_chunk(usize::MAX, true).await? else { anyhow::bail!("head cut short") };
+            if more.is_empty() {
+                more.extend_from_slice(&buf);
+            }
+            more.extend_from_slice(&c.bytes);
+        }
+        if !more.is_empty() {
+            buf = more.freeze();
+        }
+        let len = buf.get_u32() as usize;
+        let rest = buf.split_off(len);
+        fn next(buf: &mut Bytes) -> anyhow::Result<Bytes> {
+            anyhow::ensure!(buf.remaining() >= 2, "field cut short");
+            let n = buf.get_u16() as usize;
+            anyhow::ensure!(buf.remaining() >= n, "field cut short");
+            Ok(buf.split_to(n))
+        }
+        let fields = (0..first).map(|_| next(&mut buf)).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut headers = http::HeaderMap::new();
+        while buf.has_remaining() {
+            let name = HeaderName::from_bytes(&next(&mut buf)?)?;
+            let value = HeaderValue::from_maybe_shared(next(&mut buf)?)?;
+            headers.append(name, value);
+        }
+        Ok((fields, headers, rest))
+    }
+
+    /// The rest of a body after `start`, read whole.
+    async fn body(recv: &mut quinn::RecvStream, start: Bytes) -> anyhow::Result<Bytes> {
+        let Some(c) = recv.read_chunk(usize::MAX, true).await? else { return Ok(start) };
+        let mut body = BytesMut::from(&start[..]);
+        body.extend_from_slice(&c.bytes);
+        while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
+            body.extend_from_slice(&c.bytes);
+        }
+        Ok(body.freeze())
+    }
+
+    /// The front half's HTTP/1.1 server, each request on a stream of its own over `conn`.
+    pub async fn front(conn: quinn::Connection, mesh_headers: bool) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let _ = s.set_nodelay(true);
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| forward(req, conn.clone(), mesh_headers));
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn forward(
+        req: http::Request<hyper::body::Incoming>,
+        conn: quinn::Connection,
+        mesh_headers: bool,
+    ) -> anyhow::Result<http::Response<Full<Bytes>>> {
+        let (mut parts, _) = req.into_parts();
+        let host = parts.headers.remove(HOST);
+        let authority = host.as_ref().map_or(&b"bare-b"[..], |h| h.as_bytes());
+        if mesh_headers {
+            for (name, value) in MESH_HEADERS {
+                parts.headers.insert(name, HeaderValue::from_static(value));
+            }
+        }
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let head = encode(&[parts.method.as_str().as_bytes(), authority, path.as_bytes()], &parts.headers);
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_chunk(head).await?;
+        send.finish()?;
+        let (status, headers, start) = decode(&mut recv, 1).await?;
+        let body = body(&mut recv, start).await?;
+        let mut resp = http::Response::new(Full::new(body));
+        *resp.status_mut() = http::StatusCode::from_bytes(&status[0])?;
+        *resp.headers_mut() = headers;
+        Ok(resp)
+    }
+
+    /// The back half: one request to the backend over the pool, its answer (read whole) sent
+    /// back on the same stream.
+    pub async fn serve_one(mut send: quinn::SendStream, mut recv: quinn::RecvStream, pool: Pool) {
+        let Ok((first, mut headers, _)) = decode(&mut recv, 3).await else { return };
+        // The request's end read, as the h3 back half does.
+        while let Ok(Some(_)) = recv.read_chunk(usize::MAX, true).await {}
+        for (name, _) in MESH_HEADERS.iter().filter(|(name, _)| name.starts_with("quicmesh-")) {
+            headers.remove(*name);
+        }
+        let (Ok(method), Ok(host), Ok(uri)) = (
+            http::Method::from_bytes(&first[0]),
+            HeaderValue::from_maybe_shared(first[1].clone()),
+            http::Uri::from_maybe_shared(first[2].clone()),
+        ) else {
+            return;
+        };
+        headers.insert(HOST, host);
+        let mut req = http::Request::new(Empty::new());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        let Some((parts, body)) = pool.call(req).await else { return };
+        let head = encode(&[parts.status.as_str().as_bytes()], &parts.headers);
+        if send.write_chunk(head).await.is_err() {
+            return;
+        }
+        if !body.is_empty() && send.write_chunk(body).await.is_err() {
+            return;
+        }
+        let _ = send.finish();
+    }
 }
