@@ -210,8 +210,8 @@ struct Path {
     /// The edge processes (for nginx, master and workers), for requests per CPU-second at
     /// the ingress; empty on the other paths.
     ingress: Vec<u32>,
-    /// For a gateway path: the names of the peer edges it is compared with (same protocol, same
-    /// thread count).
+    /// The paths it is compared with: for a gateway path, the peer edges (same protocol, same
+    /// thread count); for another, a path of the same shape (the bare hop's two framings).
     peers: Vec<&'static str>,
 }
 
@@ -462,12 +462,16 @@ wrk cross-check: `wrk -t1 -c{conns} -d{secs}s --latency`, in the same rounds; me
     // Other paths compared with a path of the same shape (the bare hop's two framings).
     for (i, p) in paths.iter().enumerate().filter(|(_, p)| p.ingress.is_empty()) {
         for j in p.peers.iter().filter_map(|peer| paths.iter().position(|q| q.name == *peer)) {
+            let with_wrk = if wrk[i].is_empty() || wrk[j].is_empty() {
+                String::new()
+            } else {
+                format!(", {:.2}x (wrk)", ratio(&wrk_cpu(i), &wrk_cpu(j)))
+            };
             println!(
-                "{} CPU per request against {}: {:.2}x (suite client), {:.2}x (wrk)",
+                "{} CPU per request against {}: {:.2}x (suite client){with_wrk}",
                 p.name,
                 paths[j].name,
-                ratio(&own[i], &own[j]),
-                ratio(&wrk_cpu(i), &wrk_cpu(j))
+                ratio(&own[i], &own[j])
             );
         }
     }

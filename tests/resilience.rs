@@ -480,6 +480,11 @@ impl Drill {
 
     /// `names` of the backends on node-b and node-c; `check` is added to both instances.
     async fn start_with(names: [&'static str; 2], delay: Duration, check: &str) -> Drill {
+        Self::start_full(names, delay, check, 1).await
+    }
+
+    /// Like [`Drill::start_with`], node-b running `b_workers` event loops.
+    async fn start_full(names: [&'static str; 2], delay: Duration, check: &str, b_workers: usize) -> Drill {
         let pki = Pki::new();
         let dir = pki.issue("gateway");
         for n in ["node-a", "node-b", "node-c"] {
@@ -493,7 +498,12 @@ impl Drill {
         let on_c = Backend::start(names[1], delay).await;
         let node = |name: &str, be: Option<&Backend>| {
             let inst = be.map(|be| instance("web", be.addr, check)).unwrap_or_default();
-            NodeProc::start(&dir, name, &joined_toml(name, &dir, gw.addrs.control, &inst))
+            let mut toml = joined_toml(name, &dir, gw.addrs.control, &inst);
+            if name == "node-b" {
+                let at = format!("[node]\nname = \"{name}\"\n");
+                toml = toml.replacen(&at, &format!("{at}workers = {b_workers}\n"), 1);
+            }
+            NodeProc::start(&dir, name, &toml)
         };
         let b = node("node-b", Some(&on_b));
         let c = node("node-c", Some(&on_c));
@@ -594,10 +604,21 @@ async fn sigterm_on_a_serving_node_cuts_no_response_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_keeps_a_connection_until_its_peer_has_the_last_response() {
+    keeps_a_connection_until_its_peer_has_the_last_response(1).await;
+}
+
+/// The same with node-b on two event loops: the peer's connection may live on a worker thread
+/// while the drain settles on the main one (it is counted from its accept, on the main one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_on_two_workers_keeps_a_connection_until_its_peer_has_the_last_response() {
+    keeps_a_connection_until_its_peer_has_the_last_response(2).await;
+}
+
+async fn keeps_a_connection_until_its_peer_has_the_last_response(b_workers: usize) {
     // The soak's one broken body: the serving node had handed a response's last bytes to QUIC,
     // so nothing was in flight, and the drain closed the connection before the peer had them
     // (it was starved of CPU there; frozen here): a closed connection's unsent data is lost.
-    let mut d = Drill::start(Duration::ZERO).await;
+    let mut d = Drill::start_full(["leaving", "staying"], Duration::ZERO, "", b_workers).await;
     const KIB: usize = 1024;
     let (resp, _conn) = loop {
         let tcp = tokio::net::TcpStream::connect(d.a.addrs.outbound).await.unwrap();
@@ -618,6 +639,7 @@ async fn a_draining_node_keeps_a_connection_until_its_peer_has_the_last_response
     // The body comes `LATE` after the head: node-a is frozen by then, so node-b's QUIC holds
     // what node-a's flow control allows (all of it) and can send only a congestion window.
     d.a.signal("STOP");
+    let frozen = Instant::now();
     eventually(Duration::from_secs(10), "node-b to hand the whole body to QUIC", || async {
         let mb = d.b.metrics().await;
         (metric(&mb, "quicmesh_requests_in_flight", &[("direction", "inbound"), ("service", "web")]) == 0.0)
@@ -632,9 +654,16 @@ async fn a_draining_node_keeps_a_connection_until_its_peer_has_the_last_response
     })
     .await;
     d.a.signal("CONT");
+    // Frozen for longer than the tests' QUIC idle timeout (3 s), node-b would give up on node-a.
+    let frozen = frozen.elapsed();
     use http_body_util::BodyExt;
     let body = resp.into_body().collect().await.map(|b| b.to_bytes().len());
-    assert_eq!(body.ok(), Some(KIB * 1024), "the body arrives whole; node-b's log:\n{}", d.b.log());
+    assert_eq!(
+        body.ok(),
+        Some(KIB * 1024),
+        "the body arrives whole (node-a was frozen for {frozen:?}); node-b's log:\n{}",
+        d.b.log()
+    );
     eventually(Duration::from_secs(10), "node-b to end its drain", || {
         let exited = d.b.exited();
         async move { exited.then_some(()) }

@@ -42,7 +42,17 @@ pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
         }
         // No state for an attempt until it is let in (a spoofed flood gets Retries).
         let Some((incoming, slot)) = admission.admit(incoming) else { continue };
-        quicmesh_shared::runtime::spawn_connection(connection(incoming, slot, mesh.clone()));
+        // A peer's connection counts as in flight for the drain from here until it ends. After
+        // the GOAWAY it ends when the peer closes it, once it has read its last answers:
+        // handed to QUIC is not received, and closing abandons what is unsent. Taken here, on
+        // the accept loop's thread, so that no drain can settle before a connection on another
+        // worker has been told to go away; the drain's deadline bounds the wait.
+        let open = mesh.drain().guard();
+        let mesh = mesh.clone();
+        quicmesh_shared::runtime::spawn_connection(async move {
+            let _open = open;
+            connection(incoming, slot, mesh).await
+        });
     }
 }
 
@@ -165,11 +175,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
             return;
         }
     };
-    // From the GOAWAY on, the connection counts as in flight until the peer closes it: the
-    // last responses may still be on their way (handed to QUIC is not received), and closing
-    // the connection abandons whatever of them is unsent. The peer closes once it has read
-    // them; the drain's deadline bounds the wait.
-    let mut told: Option<quicmesh_shared::proxy::drain::Guard> = None;
+    let mut told = false;
     // One wait for the drain for the connection's life, not one per request accepted.
     let going_away = mesh.drain().reached(Phase::GoingAway);
     tokio::pin!(going_away);
@@ -186,14 +192,14 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
                 }
                 continue;
             }
-            _ = &mut going_away, if told.is_none() => {
+            _ = &mut going_away, if !told => {
                 // GOAWAY: requests already accepted finish; later ones are refused unprocessed
                 // (H3_REQUEST_REJECTED), so the peer may send them elsewhere.
-                told = Some(mesh.drain().guard());
+                told = true;
                 if let Err(e) = h3.shutdown(0).await {
                     debug!(peer, error = %e, "could not send GOAWAY");
                 }
-                debug!(peer, "GOAWAY sent; waiting for the peer to close the connection");
+                info!(peer, "GOAWAY sent; waiting for the peer to close the connection");
                 continue;
             }
         };
@@ -225,7 +231,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
             }
         }
     }
-    if let Some(_going_away) = told {
+    if told {
         // h3 closes the connection when `h3` is dropped, which must not come first. Until the
         // peer closes it, a request it sent before it read the GOAWAY is refused as h3 refuses
         // one (unprocessed: the peer may send it elsewhere).

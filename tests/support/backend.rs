@@ -241,10 +241,10 @@ enum End {
     Stall,
 }
 
-/// `n` KiB of `x`, a KiB every 30 ms, with `content-length` declared, ending as `end` says.
 /// How long a `/late/N` answer's body waits after its head.
 pub const LATE: Duration = Duration::from_millis(300);
 
+/// `n` KiB of `x`, a KiB every 30 ms, with `content-length` declared, ending as `end` says.
 fn slow_body(n: usize, end: End) -> http::Response<quicmesh_shared::message::body::Body> {
     let chunks = futures_util::stream::unfold(0, move |i| async move {
         if i == n && end == End::Cut {

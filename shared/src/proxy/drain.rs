@@ -214,7 +214,9 @@ fn queued(listener: &TcpListener) -> Option<std::io::Result<(TcpStream, SocketAd
 
 /// After the last response was handed to QUIC, how long to wait before closing connections:
 /// closing abandons data the peer has not acknowledged yet, so give it a few round trips plus
-/// the peer's ACK delay (25 ms by default), within the drain deadline.
+/// the peer's ACK delay (25 ms by default), within the drain deadline. A node's peers need no
+/// linger (their connections count as in flight until they close them: see the node's
+/// inbound); the gateway's HTTP/3 clients do, since closing is the server's part there.
 pub const LINGER: Duration = Duration::from_millis(250);
 
 #[cfg(test)]

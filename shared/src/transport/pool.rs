@@ -2,8 +2,9 @@
 //!
 //! The first request to a peer opens the connection while later ones wait on the same per-peer
 //! lock, so a burst of concurrent requests still makes exactly one connection. A connection that
-//! has closed (idle timeout, stateless reset from a restarted peer, GOAWAY) is replaced on the
-//! next request.
+//! has closed (idle timeout, stateless reset from a restarted peer) or whose peer said GOAWAY is
+//! replaced on the next request; the GOAWAY'd one is let go at once and closes when its last
+//! request is done (the draining peer waits for that close).
 //!
 //! A peer whose handshake fails (no answer within `timeouts.connect`, refused, bad identity) is
 //! marked unreachable: requests fail over at once instead of each paying for a handshake, and a
@@ -437,7 +438,7 @@ impl PeerPool {
 
     /// Forgets `conn` if it is still the pooled one (after it failed a request). A connection
     /// that ended because the peer went silent also marks the peer unreachable, as
-    /// [`Dialer::watch_silence`] does, so the request's replay goes elsewhere at once rather than
+    /// [`Dialer::watch`] does, so the request's replay goes elsewhere at once rather than
     /// dialling a peer that has just stopped answering.
     pub async fn evict(&self, name: &str, conn: &quinn::Connection) {
         let peer = self.peer(name);
@@ -492,7 +493,8 @@ impl Dialer {
     /// `conn` ends because nothing came from the peer for the QUIC idle timeout (it died, froze
     /// or was cut off; keep-alives make an idle but living peer answer well within it):
     /// requests then skip it until a probe reaches it, instead of each dialling it and waiting
-    /// out `timeouts.connect`.
+    /// out `timeouts.connect`. After a GOAWAY the connection is no longer watched: its peer is
+    /// leaving, and requests still on it fail on their own if it goes silent.
     fn watch(self: &Arc<Self>, name: &str, peer: &Arc<Peer>, conn: quinn::Connection, goaway: GoAway) {
         let (dialer, name, peer) = (self.clone(), name.to_string(), Arc::downgrade(peer));
         tokio::spawn(async move {
@@ -595,7 +597,7 @@ impl Dialer {
                 return;
             }
             let mut guard = peer.conn.lock().await;
-            let live = guard.as_ref().is_some_and(|pc| pc.conn.close_reason().is_none());
+            let live = guard.as_ref().is_some_and(|pc| pc.takes_requests_to(addr));
             let result = if live {
                 Ok(())
             } else {
