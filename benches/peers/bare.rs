@@ -235,21 +235,31 @@ async fn front(
 ) -> SocketAddr {
     let conn = endpoint(dir, "bare-a", None).connect(quic, "bare-b").unwrap().await.unwrap();
     if raw {
-        return raw::front(conn, mesh_headers).await;
+        return http1_server(tls, move |req| raw::forward(req, conn.clone(), mesh_headers)).await;
     }
     // h3 settings as the mesh's pool has them.
     let (mut driver, send) =
         h3::client::builder().send_grease(false).build::<_, _, Bytes>(h3_quinn::Connection::new(conn)).await.unwrap();
     tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    http1_server(tls, move |req| forward(req, send.clone(), mesh_headers)).await
+}
+
+/// An HTTP/1.1 server (over TLS, given `tls`) on a fresh loopback port, answering each request
+/// with `handle`.
+async fn http1_server<F, Fut>(tls: Option<tokio_rustls::TlsAcceptor>, handle: F) -> SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<http::Response<Full<Bytes>>>> + Send + 'static,
+{
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let _ = s.set_nodelay(true);
-            let send = send.clone();
+            let handle = handle.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| forward(req, send.clone(), mesh_headers));
+                let svc = hyper::service::service_fn(handle);
                 let http = hyper::server::conn::http1::Builder::new();
                 let _ = match tls {
                     Some(tls) => match tls.accept(s).await {
@@ -374,28 +384,17 @@ mod raw {
         recv: &mut quinn::RecvStream,
         first: usize,
     ) -> anyhow::Result<(Vec<Bytes>, http::HeaderMap, Bytes)> {
-        let mut buf = match recv.read_chunk(usize::MAX, true).await? {
-            Some(c) => c.bytes,
-            None => anyhow::bail!("stream ended before its head"),
-        };
-        let mut more = BytesMut::new();
-        loop {
-            let have = if more.is_empty() { buf.len() } else { more.len() };
-            let source: &[u8] = if more.is_empty() { &buf } else { &more };
-            if have >= 4 {
-                let len = u32::from_be_bytes(source[..4].try_into()?) as usize;
-                if have >= 4 + len {
-                    break;
-                }
-            }
+        let mut buf = Bytes::new();
+        // Usually the whole head comes in one chunk, taken without a copy.
+        while buf.len() < 4 || buf.len() < 4 + u32::from_be_bytes(buf[..4].try_into()?) as usize {
             let Some(c) = recv.read_chunk(usize::MAX, true).await? else { anyhow::bail!("head cut short") };
-            if more.is_empty() {
-                more.extend_from_slice(&buf);
-            }
-            more.extend_from_slice(&c.bytes);
-        }
-        if !more.is_empty() {
-            buf = more.freeze();
+            buf = if buf.is_empty() {
+                c.bytes
+            } else {
+                let mut joined = BytesMut::from(&buf[..]);
+                joined.extend_from_slice(&c.bytes);
+                joined.freeze()
+            };
         }
         let len = buf.get_u32() as usize;
         let rest = buf.split_off(len);
@@ -426,24 +425,9 @@ mod raw {
         Ok(body.freeze())
     }
 
-    /// The front half's HTTP/1.1 server, each request on a stream of its own over `conn`.
-    pub async fn front(conn: quinn::Connection, mesh_headers: bool) -> SocketAddr {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                let _ = s.set_nodelay(true);
-                let conn = conn.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| forward(req, conn.clone(), mesh_headers));
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
-                });
-            }
-        });
-        addr
-    }
-
-    async fn forward(
+    /// The front half: one HTTP/1.1 request out on a stream of its own over `conn`, its
+    /// answer (read whole) back.
+    pub async fn forward(
         req: http::Request<hyper::body::Incoming>,
         conn: quinn::Connection,
         mesh_headers: bool,
