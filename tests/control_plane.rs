@@ -3,6 +3,7 @@
 
 mod support;
 
+use quicmesh_shared::message::body::H3Send as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -594,15 +595,15 @@ async fn raw_control_stream(
     let pc = pool.dial("gateway", control).await.unwrap();
     let req =
         http::Request::post(format!("https://gateway{}", quicmesh_shared::control::STREAM_PATH)).body(()).unwrap();
-    let stream = pc.h3.clone().send_request(req).await.unwrap();
+    let stream = pc.open(req).await.unwrap();
     let (mut send, mut recv) = stream.split();
-    send.send_data(bytes::Bytes::from(format!("{hello}\n"))).await.unwrap();
+    send.send(bytes::Bytes::from(format!("{hello}\n"))).await.unwrap();
     assert!(recv.recv_response().await.unwrap().status().is_success());
     (pool, send, quicmesh_shared::control::LineReader::new(recv))
 }
 
-type RawSend = h3::client::RequestStream<h3_quinn::SendStream<bytes::Bytes>, bytes::Bytes>;
-type RawRecv = h3::client::RequestStream<h3_quinn::RecvStream, bytes::Bytes>;
+type RawSend = quicmesh_shared::transport::stream::ClientSend;
+type RawRecv = quicmesh_shared::transport::stream::ClientRecv;
 
 /// The lines a node and a gateway of protocol version 1 (the release before deltas) sent,
 /// recorded from that release.
@@ -666,7 +667,7 @@ async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read()
     assert_eq!(hello["endpoints"][0]["address"], "127.0.0.1:8081");
     // Its health report and ack, as recorded.
     for line in &node[1..3] {
-        send.send_data(bytes::Bytes::from(format!("{line}\n"))).await.unwrap();
+        send.send(bytes::Bytes::from(format!("{line}\n"))).await.unwrap();
     }
     eventually(Duration::from_secs(10), "the gateway to take node-c's health report", || async {
         let nodes = gw.admin_json("/nodes").await;
@@ -680,7 +681,7 @@ async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read()
     let next = until("the change", &|s| names(s, "nodes").contains(&"node-a".to_string())).await;
     assert!(next["services"].as_array().unwrap().iter().any(|s| s["name"] == "echo"));
     // Its recorded goodbye removes it at once.
-    send.send_data(bytes::Bytes::from(format!("{}\n", node.last().unwrap()))).await.unwrap();
+    send.send(bytes::Bytes::from(format!("{}\n", node.last().unwrap()))).await.unwrap();
     eventually(Duration::from_secs(10), "node-c's goodbye to deregister it", || async {
         let nodes = gw.admin_json("/nodes").await;
         (!nodes["nodes"].as_array()?.iter().any(|n| n["name"] == "node-c")).then_some(())

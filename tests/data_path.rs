@@ -1398,3 +1398,143 @@ async fn header_lines_cross_the_mesh_in_order_in_every_qpack_form() {
     assert_eq!(all("x-long-resp"), ["w".repeat(300)]);
     assert_eq!(all("x-empty-resp"), [""]);
 }
+
+/// Members speak quicmesh's own framing to each other, and HTTP/3 with a member that prefers
+/// it or offers nothing else (as one of an earlier version): node-a (default) reaches node-b
+/// (default) in the lean framing and node-c (`transport.framing = "h3"`) in HTTP/3, and node-c
+/// reaches node-b in HTTP/3. Either way bodies stream both ways and TCP tunnels carry bytes
+/// with half-close; `/endpoints` says which framing each pooled connection speaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_speak_the_lean_framing_and_http3_with_a_member_that_wants_it() {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    pki.issue("node-c");
+    let (echo, tcp) = (echo_backend().await, tcp_summing_backend().await);
+    let svc_of = |node: &str| {
+        format!(
+            "[[services]]\nname = \"echo-{node}\"\n[[services.endpoints]]\nnode = \"node-{node}\"\naddress = \"{echo}\"\n\n\
+             [[services]]\nname = \"db-{node}\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-{node}\"\naddress = \"{tcp}\"\n\n"
+        )
+    };
+    let svc = format!("{}{}", svc_of("b"), svc_of("c"));
+    let h3 = |toml: String| toml.replace("[transport]\n", "[transport]\nframing = \"h3\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc_of("b")));
+    let c =
+        NodeProc::start(pki.path(), "node-c", &h3(node_toml("node-c", &state, &[("node-b", b.addrs.inbound)], &svc)));
+    let tunnels = "[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"db-b\"\n\n\
+                   [[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"db-c\"\n";
+    let peers = [("node-b", b.addrs.inbound), ("node-c", c.addrs.inbound)];
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &peers, &format!("{svc}{tunnels}")));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<quicmesh_shared::message::body::Body>();
+    let size: u64 = 3 << 20;
+    for (via, service) in [(&a, "echo-b"), (&a, "echo-c"), (&c, "echo-b")] {
+        let out = via.addrs.outbound;
+        let req = http::Request::post(format!("http://{out}/count"))
+            .header("host", service)
+            .body(quicmesh::samples::stream_bytes(size))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{service}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(String::from_utf8_lossy(&body).trim(), size.to_string(), "{service}: the upload");
+        let req = http::Request::get(format!("http://{out}/bytes/{size}"))
+            .header("host", service)
+            .body(quicmesh_shared::message::body::empty())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{service}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len() as u64, size, "{service}: the download");
+    }
+    for service in ["db-b", "db-c"] {
+        let port = a.addrs.tcp.iter().find(|(s, _)| s == service).unwrap().1;
+        let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
+        let payload = vec![b'z'; 300_000];
+        s.write_all(&payload).await.unwrap();
+        s.write_all(b"done").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut reply)).await.expect("reply").unwrap();
+        assert_eq!(reply, format!("got {} bytes ending \"done\"", payload.len() + 4), "{service}");
+    }
+    let framing = |dump: serde_json::Value, peer: &str| {
+        let node = dump["nodes"].as_array().unwrap().iter().find(|n| n["name"] == peer).unwrap().clone();
+        node["connections"][0]["framing"].as_str().unwrap_or_else(|| panic!("{node}")).to_string()
+    };
+    assert_eq!(framing(a.admin_json("/endpoints").await, "node-b"), "lean");
+    assert_eq!(framing(a.admin_json("/endpoints").await, "node-c"), "h3", "node-c prefers HTTP/3");
+    assert_eq!(framing(c.admin_json("/endpoints").await, "node-b"), "h3", "node-c offers HTTP/3 only");
+}
+
+/// A member's malformed request stream in the lean framing (a head past the limit, a bad
+/// header name, a field count its head cannot hold, a stream that ends inside its head) is
+/// reset alone: the node keeps the connection, and the member's next request on it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_lean_stream_is_reset_alone() {
+    use quicmesh_shared::transport::lean;
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let echo = echo_backend().await;
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &services(echo, "")));
+    let creds = credentials(pki.path(), "node-a");
+    let mut tls = quicmesh_shared::identity::tls::mesh_client(&creds, TD).unwrap();
+    tls.alpn_protocols = vec![lean::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let conn = ep.connect(b.addrs.inbound, "node-b").unwrap().await.unwrap();
+    let mut bad_name = vec![1u8, 0, 0, 0, 0];
+    let mut block = Vec::new();
+    for f in [&b"GET"[..], b"echo", b"/"] {
+        block.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        block.extend_from_slice(f);
+    }
+    block.extend_from_slice(&1u16.to_be_bytes());
+    for f in [&b"bad name"[..], b"v"] {
+        block.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        block.extend_from_slice(f);
+    }
+    bad_name[1..5].copy_from_slice(&(block.len() as u32).to_be_bytes());
+    bad_name.extend_from_slice(&block);
+    let mut too_many = bad_name.clone();
+    // The field count (after the three request fields) claims 65535 fields.
+    let at = 5 + 2 + 3 + 2 + 4 + 2 + 1;
+    too_many[at..at + 2].copy_from_slice(&u16::MAX.to_be_bytes());
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("a 4 GiB head", vec![1, 0xff, 0xff, 0xff, 0xff]),
+        ("a bad header name", bad_name),
+        ("65535 fields in a small head", too_many),
+        ("the end inside the head", vec![1, 0, 0, 1, 0, 0, 3]),
+    ];
+    for (what, bytes) in cases {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let _ = send.finish();
+        let read = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20)).await.expect(what);
+        assert!(
+            matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) if code.into_inner() == u64::from(lean::MESSAGE_ERROR)),
+            "{what}: {read:?}"
+        );
+    }
+    assert!(conn.close_reason().is_none(), "the node closed the member's connection");
+    // The same connection still serves a well-formed request.
+    let req = http::Request::get("https://echo/ok")
+        .header("quicmesh-service", "echo")
+        .header("quicmesh-endpoint", echo.to_string())
+        .body(())
+        .unwrap();
+    let (_send, mut recv) = lean::open(&conn, &req, true).await.unwrap();
+    let head = recv.response().await.unwrap();
+    assert_eq!(head.status(), 200);
+    let mut body = Vec::new();
+    while let Some(chunk) =
+        std::future::poll_fn(|cx| quicmesh_shared::message::body::H3Recv::poll_data(&mut recv, cx)).await.unwrap()
+    {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(echo_json(&String::from_utf8_lossy(&body))["path"], "/ok");
+    assert!(b.log().contains("bad request stream from peer"), "{}", b.log());
+}

@@ -188,6 +188,33 @@ async fn grpc_calls_of_every_kind_keep_their_status_and_trailers_through_two_nod
     drop((server, other));
 }
 
+/// The same calls between members that speak HTTP/3 to each other (node-b prefers it, as a
+/// member set to `transport.framing = "h3"` or of an earlier version does): trailers, binary
+/// metadata and trailers-only answers cross h3's frames as they cross the lean framing's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_keep_their_status_and_trailers_between_members_speaking_http3() {
+    if !grpcio_present() {
+        return;
+    }
+    let server = grpc_server();
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let svc = format!(
+        "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n{RETRY}\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
+        server.1
+    );
+    let b_toml = node_toml("node-b", &state, &[], &svc).replace("[transport]\n", "[transport]\nframing = \"h3\"\n");
+    let b = NodeProc::start(pki.path(), "node-b", &b_toml);
+    let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+    let r = grpc_client(a.addrs.outbound, "grpc").await;
+    check_cases(&r);
+    let dump = a.admin_json("/endpoints").await;
+    let node_b = dump["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node-b").unwrap().clone();
+    assert_eq!(node_b["connections"][0]["framing"], "h3", "{node_b}");
+    drop(server);
+}
+
 /// What the client's cases must have met, wherever the calls went through.
 fn check_cases(r: &serde_json::Value) {
     let case = |name: &str| r[name].clone();

@@ -480,11 +480,18 @@ impl Drill {
 
     /// `names` of the backends on node-b and node-c; `check` is added to both instances.
     async fn start_with(names: [&'static str; 2], delay: Duration, check: &str) -> Drill {
-        Self::start_full(names, delay, check, 1).await
+        Self::start_full(names, delay, check, 1, "lean").await
     }
 
-    /// Like [`Drill::start_with`], node-b running `b_workers` event loops.
-    async fn start_full(names: [&'static str; 2], delay: Duration, check: &str, b_workers: usize) -> Drill {
+    /// Like [`Drill::start_with`], node-b running `b_workers` event loops and framing its
+    /// requests as `b_framing` says (`transport.framing`).
+    async fn start_full(
+        names: [&'static str; 2],
+        delay: Duration,
+        check: &str,
+        b_workers: usize,
+        b_framing: &str,
+    ) -> Drill {
         let pki = Pki::new();
         let dir = pki.issue("gateway");
         for n in ["node-a", "node-b", "node-c"] {
@@ -502,6 +509,7 @@ impl Drill {
             if name == "node-b" {
                 let at = format!("[node]\nname = \"{name}\"\n");
                 toml = toml.replacen(&at, &format!("{at}workers = {b_workers}\n"), 1);
+                toml = toml.replacen("[transport]\n", &format!("[transport]\nframing = \"{b_framing}\"\n"), 1);
             }
             NodeProc::start(&dir, name, &toml)
         };
@@ -604,21 +612,27 @@ async fn sigterm_on_a_serving_node_cuts_no_response_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_keeps_a_connection_until_its_peer_has_the_last_response() {
-    keeps_a_connection_until_its_peer_has_the_last_response(1).await;
+    keeps_a_connection_until_its_peer_has_the_last_response(1, "lean").await;
+}
+
+/// The same with node-b speaking HTTP/3 to its peers (its GOAWAY is h3's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_speaking_http3_keeps_a_connection_until_its_peer_has_the_last_response() {
+    keeps_a_connection_until_its_peer_has_the_last_response(1, "h3").await;
 }
 
 /// The same with node-b on two event loops: the peer's connection may live on a worker thread
 /// while the drain settles on the main one (it is counted from its accept, on the main one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_on_two_workers_keeps_a_connection_until_its_peer_has_the_last_response() {
-    keeps_a_connection_until_its_peer_has_the_last_response(2).await;
+    keeps_a_connection_until_its_peer_has_the_last_response(2, "lean").await;
 }
 
-async fn keeps_a_connection_until_its_peer_has_the_last_response(b_workers: usize) {
+async fn keeps_a_connection_until_its_peer_has_the_last_response(b_workers: usize, b_framing: &str) {
     // The soak's one broken body: the serving node had handed a response's last bytes to QUIC,
     // so nothing was in flight, and the drain closed the connection before the peer had them
     // (it was starved of CPU there; frozen here): a closed connection's unsent data is lost.
-    let mut d = Drill::start_full(["leaving", "staying"], Duration::ZERO, "", b_workers).await;
+    let mut d = Drill::start_full(["leaving", "staying"], Duration::ZERO, "", b_workers, b_framing).await;
     const KIB: usize = 1024;
     let (resp, _conn) = loop {
         let tcp = tokio::net::TcpStream::connect(d.a.addrs.outbound).await.unwrap();

@@ -12,6 +12,7 @@ use http::{Method, Request};
 use quicmesh_shared::config::{Config, ControlTarget, TlsPaths};
 use quicmesh_shared::control::{self, GatewayMsg, Instance, LineReader, NodeMsg, Snapshot};
 use quicmesh_shared::identity;
+use quicmesh_shared::message::body::H3Send as _;
 use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry::metrics as m;
@@ -347,8 +348,7 @@ impl ControlClient {
         if let Err(e) = pc.ready_for(&Method::POST).await {
             return broken(e.to_string());
         }
-        let mut sender = pc.h3.clone();
-        let stream = match sender.send_request(req).await {
+        let stream = match pc.open(req).await {
             Ok(s) => s,
             Err(e) => {
                 self.mesh.pool().evict(&self.target.name, &pc.conn).await;

@@ -23,6 +23,8 @@ use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::{self, Record};
 use quicmesh_shared::transport::admission::{self, Admission, Handshaking, Limits};
+use quicmesh_shared::transport::lean;
+use quicmesh_shared::transport::stream::{Framing, ServerRecv};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -159,7 +161,10 @@ async fn connection(incoming: quinn::Incoming, slot: Handshaking, mesh: Arc<Mesh
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").increment(1.0);
     info!(%remote, peer, "accepted QUIC peer");
     quicmesh_shared::transport::pool::watch_stats(conn.clone(), "inbound", peer.clone());
-    serve_h3(conn, &peer, mesh, handshake).await;
+    match Framing::of(&conn) {
+        Some(Framing::Lean) => serve_lean(conn, &peer, mesh, handshake).await,
+        _ => serve_h3(conn, &peer, mesh, handshake).await,
+    }
     metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "inbound").decrement(1.0);
 }
 
@@ -217,7 +222,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
                 tokio::spawn(Box::pin(async move {
                     let _in_flight = in_flight;
                     match resolver.resolve_request().await {
-                        Ok((req, stream)) => request(req, stream, &peer, &mesh, handshake).await,
+                        Ok((req, stream)) => request(req, ServerStream::H3(stream), &peer, &mesh, handshake).await,
                         Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
                     }
                 }));
@@ -232,20 +237,71 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
         }
     }
     if told {
-        // h3 closes the connection when `h3` is dropped, which must not come first. Until the
-        // peer closes it, a request it sent before it read the GOAWAY is refused as h3 refuses
-        // one (unprocessed: the peer may send it elsewhere).
-        let rejected = quinn::VarInt::from_u32(REQUEST_REJECTED);
-        while let Ok((mut send, mut recv)) = quic.accept_bi().await {
-            let _ = send.reset(rejected);
-            let _ = recv.stop(rejected);
-        }
-        debug!(peer, reason = ?quic.close_reason(), "the peer closed its connection after the GOAWAY");
+        // h3 closes the connection when `h3` is dropped, which must not come first.
+        refuse_until_closed(&quic, peer).await;
     }
 }
 
-/// H3_REQUEST_REJECTED (RFC 9114, 8.1).
-const REQUEST_REJECTED: u32 = 0x10b;
+/// After a GOAWAY, until the peer closes the connection: a request it sent before it read the
+/// GOAWAY is refused unprocessed (`REQUEST_REJECTED`, as h3 refuses one), so the peer may send
+/// it elsewhere.
+async fn refuse_until_closed(quic: &quinn::Connection, peer: &str) {
+    while let Ok((send, recv)) = quic.accept_bi().await {
+        lean::refuse(send, recv, lean::REQUEST_REJECTED);
+    }
+    debug!(peer, reason = ?quic.close_reason(), "the peer closed its connection after the GOAWAY");
+}
+
+/// A peer's connection in quicmesh's own framing ([`lean`]): each stream a request, served
+/// until the peer closes the connection, or after a drain's GOAWAY until it has closed it.
+async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshake: watch::Receiver<bool>) {
+    let mut changes = mesh.changes();
+    let going_away = mesh.drain().reached(Phase::GoingAway);
+    tokio::pin!(going_away);
+    let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
+    loop {
+        let (send, recv) = tokio::select! {
+            a = conn.accept_bi() => match a {
+                Ok(pair) => pair,
+                Err(e) => {
+                    if !matches!(e, quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) {
+                        debug!(peer, error = %e, "peer connection ended");
+                    }
+                    return;
+                }
+            },
+            Ok(()) = changes.changed() => {
+                if mesh.table().is_revoked(peer) {
+                    warn!(peer, "closing the connection of a revoked peer");
+                    conn.close(2u32.into(), b"revoked");
+                    return;
+                }
+                continue;
+            }
+            _ = &mut going_away => {
+                // Requests already accepted finish; later ones are refused unprocessed.
+                if let Err(e) = lean::go_away(&conn).await {
+                    debug!(peer, error = %e, "could not send GOAWAY");
+                }
+                info!(peer, "GOAWAY sent; waiting for the peer to close the connection");
+                return refuse_until_closed(&conn, peer).await;
+            }
+        };
+        streams.increment(1);
+        let mesh = mesh.clone();
+        let peer = peer.to_string();
+        let handshake = handshake.clone();
+        let in_flight = mesh.drain().guard();
+        // Boxed: a task's future is moved whole as it is spawned and when it ends.
+        tokio::spawn(Box::pin(async move {
+            let _in_flight = in_flight;
+            match lean::accept(send, recv, MAX_HEADER_BYTES as usize).await {
+                Ok((req, send, recv)) => request(req, ServerStream::Lean(send, recv), &peer, &mesh, handshake).await,
+                Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
+            }
+        }));
+    }
+}
 
 /// A request that may have come in 0-RTT: replay-safe methods go on at once, marked
 /// `early-data: 1` for the instance (RFC 8470, which may answer 425); the others wait for the
@@ -374,7 +430,7 @@ async fn request(
 
 async fn deliver(
     req: Request<()>,
-    recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    recv: ServerRecv,
     addr: SocketAddr,
     svc: &ServiceConfig,
     limit: std::time::Duration,

@@ -317,7 +317,7 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
             &creds.roots,
         )
     });
-    let serve = transport::Serve { auth: ClientAuth::Required, sessions };
+    let serve = transport::Serve { auth: ClientAuth::Required, sessions, lean: true };
     let endpoint = transport::mesh_endpoint(
         inbound.map_or(Bind::Addr(nc.inbound), Bind::Socket),
         &creds,

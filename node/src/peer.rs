@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
 use quicmesh_shared::config::ServiceConfig;
 use quicmesh_shared::message::error::ProxyError;
 use quicmesh_shared::message::headers::Internal;
@@ -12,8 +11,7 @@ use quicmesh_shared::proxy::mesh::Mesh;
 use quicmesh_shared::proxy::table::Table;
 use quicmesh_shared::telemetry;
 
-/// A request stream a peer opened.
-pub type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+pub use quicmesh_shared::transport::stream::ServerStream;
 
 /// The calling service a peer names, believed only when that peer hosts it (or is it, as the
 /// gateway is): a node speaks for its own services and no others.

@@ -3,6 +3,7 @@
 
 use http::{Method, Request, Response, StatusCode};
 use quicmesh_shared::config::Protocol;
+use quicmesh_shared::message::body::H3Send as _;
 use quicmesh_shared::message::error::ProxyError;
 use quicmesh_shared::message::headers::Internal;
 use quicmesh_shared::policy::authz::{Caller, Target};

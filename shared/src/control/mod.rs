@@ -224,7 +224,7 @@ pub fn merge<'a>(config: &Config, registrations: impl IntoIterator<Item = (&'a S
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {
     #[error("the stream failed: {0}")]
-    Stream(#[from] h3::error::StreamError),
+    Stream(#[from] crate::transport::stream::WireError),
     #[error("a message line exceeds the size limit")]
     TooLong,
     #[error("bad message: {0}")]

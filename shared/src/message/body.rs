@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use h3::error::{Code, StreamError};
+use h3::error::Code;
+
+use crate::transport::stream::WireError;
 use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::{BodyExt, Empty, Full};
@@ -40,20 +42,23 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
-/// The receive half of an h3 request stream, client or server side.
+/// The receive half of a request stream, client or server side, in either framing.
 pub trait H3Recv: Send + Unpin + 'static {
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>>;
-    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, StreamError>>;
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, WireError>>;
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, WireError>>;
 }
 
 macro_rules! impl_recv {
     ($t:ty) => {
         impl H3Recv for $t {
-            fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>> {
-                self.poll_recv_data(cx).map(|r| r.map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining()))))
+            fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, WireError>> {
+                self.poll_recv_data(cx).map(|r| match r {
+                    Ok(o) => Ok(o.map(|mut b| b.copy_to_bytes(b.remaining()))),
+                    Err(e) => Err(e.into()),
+                })
             }
-            fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, StreamError>> {
-                self.poll_recv_trailers(cx)
+            fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, WireError>> {
+                self.poll_recv_trailers(cx).map_err(Into::into)
             }
         }
     };
@@ -61,11 +66,11 @@ macro_rules! impl_recv {
 impl_recv!(h3::server::RequestStream<h3_quinn::RecvStream, Bytes>);
 impl_recv!(h3::client::RequestStream<h3_quinn::RecvStream, Bytes>);
 
-/// The send half of an h3 request stream, client or server side.
+/// The send half of a request stream, client or server side, in either framing.
 pub trait H3Send: Send {
-    fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send;
-    fn trailers(&mut self, trailers: HeaderMap) -> impl Future<Output = Result<(), StreamError>> + Send;
-    fn finish(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send;
+    fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), WireError>> + Send;
+    fn trailers(&mut self, trailers: HeaderMap) -> impl Future<Output = Result<(), WireError>> + Send;
+    fn finish(&mut self) -> impl Future<Output = Result<(), WireError>> + Send;
     /// Abandons the stream with a reset, so the peer never mistakes a cut body for a whole one.
     fn reset(&mut self);
 }
@@ -73,14 +78,14 @@ pub trait H3Send: Send {
 macro_rules! impl_send {
     ($t:ty) => {
         impl H3Send for $t {
-            fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send {
-                self.send_data(data)
+            async fn send(&mut self, data: Bytes) -> Result<(), WireError> {
+                Ok(self.send_data(data).await?)
             }
-            fn trailers(&mut self, trailers: HeaderMap) -> impl Future<Output = Result<(), StreamError>> + Send {
-                self.send_trailers(trailers)
+            async fn trailers(&mut self, trailers: HeaderMap) -> Result<(), WireError> {
+                Ok(self.send_trailers(trailers).await?)
             }
-            fn finish(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send {
-                <$t>::finish(self)
+            async fn finish(&mut self) -> Result<(), WireError> {
+                Ok(<$t>::finish(self).await?)
             }
             fn reset(&mut self) {
                 self.stop_stream(Code::H3_REQUEST_CANCELLED);
@@ -96,7 +101,7 @@ pub enum PumpError {
     #[error("reading the body failed: {0}")]
     Source(BoxError),
     #[error("sending on the QUIC stream failed: {0}")]
-    Sink(StreamError),
+    Sink(WireError),
 }
 
 /// Streams `body` into `send` and finishes it; returns the bytes sent. On a source error the

@@ -24,7 +24,7 @@ use crate::transport::pool::PeerPool;
 use super::table::Table;
 
 /// A client request stream on a mesh connection.
-pub type RequestStream = h3::client::RequestStream<h3_quinn::BidiStream<bytes::Bytes>, bytes::Bytes>;
+pub use crate::transport::stream::RequestStream;
 
 /// What a proxy process is given once and keeps: who it is and how it reaches others.
 pub struct Inputs {

@@ -1,11 +1,10 @@
-//! A try through the endpoint's node: one HTTP/3 request stream on the pooled QUIC connection,
+//! A try through the endpoint's node: one request stream on the pooled QUIC connection,
 //! carrying the chosen service and endpoint in internal headers. A dead pooled connection is
 //! evicted and, when nothing can have reached the peer, the request is sent again on a fresh one.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::HOST;
 use http::request::Parts;
 use http::{Method, Request, Response, Uri};
@@ -16,13 +15,13 @@ use tracing::debug;
 
 use super::attempt::TryError;
 use super::mesh::Call;
-use super::mesh::RequestStream;
 use super::table::Service;
 use crate::config::EndpointConfig;
 use crate::message::body::{self, Body, H3Body, H3Send};
 use crate::message::error::ProxyError;
 use crate::message::headers::{self, GRPC_STATUS};
 use crate::transport::pool::PeerConn;
+use crate::transport::stream::{ClientRecv, RequestStream};
 
 impl Call<'_> {
     pub(crate) async fn peer(&self, ep: &EndpointConfig) -> Result<PeerConn, ProxyError> {
@@ -146,8 +145,7 @@ impl Call<'_> {
             None => self.peer(ep).await.map_err(TryError::unsent)?,
         };
         pc.ready_for(head.method()).await.map_err(TryError::unsent)?;
-        let mut sender = pc.h3.clone();
-        match sender.send_request(head).await {
+        match pc.open(head).await {
             Ok(s) => {
                 pc.streams.increment(1);
                 Ok((pc, s))
@@ -169,7 +167,7 @@ impl Call<'_> {
         let (pc, mut stream) = self.open_stream(head, ep, pooled).await?;
         if let Err(e) = stream.finish().await {
             self.mesh.pool().evict(&ep.node, &pc.conn).await;
-            let unsent = rejected(&e);
+            let unsent = e.rejected();
             let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() };
             return Err(TryError { error, unsent });
         }
@@ -179,7 +177,7 @@ impl Call<'_> {
 
     async fn await_recv(
         &self,
-        mut recv: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+        mut recv: ClientRecv,
         ep: &EndpointConfig,
         pc: &PeerConn,
         per_try: Duration,
@@ -188,13 +186,13 @@ impl Call<'_> {
             // Dropping `recv` stops the stream (quinn sends STOP_SENDING as it drops it).
             Err(_) => return Err(TryError::sent(ProxyError::Timeout(per_try))),
             // Refused before processing (the peer is draining): safe to send elsewhere.
-            Ok(Err(e)) if rejected(&e) => {
+            Ok(Err(e)) if e.rejected() => {
                 return Err(TryError::unsent(ProxyError::PeerUnreachable {
                     peer: ep.node.clone(),
                     reason: "request refused by a draining peer".into(),
                 }))
             }
-            Ok(Err(e)) if is_connection_error(&e) => {
+            Ok(Err(e)) if e.is_connection_error() => {
                 self.mesh.pool().evict(&ep.node, &pc.conn).await;
                 let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() };
                 // Early data the peer refused was never acted on (and was replay-safe anyway).
@@ -244,19 +242,4 @@ impl Call<'_> {
         // The body holds the connection open until it ends (see `PeerConn::hold`).
         Ok(Response::from_parts(parts, body::boxed(body.holding(pc.hold()))))
     }
-}
-
-/// The peer refused the request before processing it (RFC 9114 H3_REQUEST_REJECTED), or a
-/// GOAWAY had already closed the connection to new requests.
-fn rejected(e: &h3::error::StreamError) -> bool {
-    match e {
-        h3::error::StreamError::RemoteTerminate { code, .. } => *code == h3::error::Code::H3_REQUEST_REJECTED,
-        h3::error::StreamError::RemoteClosing => true,
-        _ => false,
-    }
-}
-
-/// A stream error caused by the connection as a whole (so the pooled connection is dead).
-fn is_connection_error(e: &h3::error::StreamError) -> bool {
-    matches!(e, h3::error::StreamError::ConnectionError { .. })
 }

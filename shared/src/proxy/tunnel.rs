@@ -1,5 +1,5 @@
 //! TCP through the mesh: an opaque byte stream to a TCP endpoint, carried by its node as an
-//! HTTP/3 CONNECT stream.
+//! CONNECT stream.
 
 use http::{HeaderValue, Method, Request, Uri};
 
@@ -12,7 +12,7 @@ use crate::message::headers;
 use crate::transport::pool::Hold;
 
 impl Call<'_> {
-    /// Opens an opaque byte stream to a TCP endpoint through its node (HTTP/3 CONNECT), with
+    /// Opens an opaque byte stream to a TCP endpoint through its node (a CONNECT), with
     /// what keeps its connection open for as long as the tunnel lasts.
     pub async fn connect_tcp(&self, svc: &Service, ep: &EndpointConfig) -> Result<(RequestStream, Hold), ProxyError> {
         let timeout = self.table.config().timeouts.connect;
@@ -64,8 +64,7 @@ impl Call<'_> {
         }
         // A tunnel carries anything: never in 0-RTT.
         pc.ready_for(&Method::CONNECT).await.map_err(Some)?;
-        let mut sender = pc.h3.clone();
-        let mut stream = match sender.send_request(req).await {
+        let mut stream = match pc.open(req).await {
             Ok(s) => s,
             Err(e) => {
                 self.mesh.pool().evict(&ep.node, &pc.conn).await;

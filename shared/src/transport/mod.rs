@@ -10,7 +10,9 @@
 pub mod admission;
 pub mod certwatch;
 pub mod idle;
+pub mod lean;
 pub mod pool;
+pub mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, IdleTimeout, VarInt};
 use ring::hmac;
 
-use crate::config::{Congestion, TransportConfig};
+use crate::config::{Congestion, Framing, TransportConfig};
 use crate::identity::sessions::SessionStore;
 use crate::identity::tls::{self, TlsError};
 use crate::identity::Credentials;
@@ -239,11 +241,23 @@ fn capped(wanted: usize, reported: usize) -> bool {
 pub struct Serve {
     pub auth: tls::ClientAuth,
     pub sessions: Option<Arc<SessionStore>>,
+    /// Peers' requests are served in quicmesh's own framing as well as in HTTP/3 (a node's
+    /// endpoint); without, in HTTP/3 only (the gateway's control plane).
+    pub lean: bool,
 }
 
 impl From<tls::ClientAuth> for Serve {
     fn from(auth: tls::ClientAuth) -> Self {
-        Serve { auth, sessions: None }
+        Serve { auth, sessions: None, lean: false }
+    }
+}
+
+/// The ALPN protocols a member offers or accepts, in its order of preference.
+fn protocols(cfg: &TransportConfig) -> Vec<Vec<u8>> {
+    let (lean, h3) = (lean::ALPN.to_vec(), tls::MESH_ALPN.to_vec());
+    match cfg.framing {
+        Framing::Lean => vec![lean, h3],
+        Framing::H3 => vec![h3, lean],
     }
 }
 
@@ -254,6 +268,11 @@ pub fn client_config(
     cfg: &TransportConfig,
 ) -> Result<quinn::ClientConfig, TransportError> {
     let mut tls = tls::mesh_client(creds, trust_domain)?;
+    // A member set to HTTP/3 offers nothing else, as one of an earlier version does.
+    tls.alpn_protocols = match cfg.framing {
+        Framing::Lean => protocols(cfg),
+        Framing::H3 => vec![tls::MESH_ALPN.to_vec()],
+    };
     // Early data goes out only where a dial asks for it (the peer pool, for idempotent
     // requests) and a peer's session allows it.
     tls.enable_early_data = cfg.zero_rtt;
@@ -270,6 +289,9 @@ fn server_config(
     cfg: &TransportConfig,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let mut tls = tls::mesh_server(creds, serve.auth)?;
+    if serve.lean {
+        tls.alpn_protocols = protocols(cfg);
+    }
     if let Some(store) = serve.sessions.as_ref().filter(|_| cfg.zero_rtt) {
         // rustls takes early data only with sessions kept server-side (QUIC: all or nothing).
         tls.session_storage = store.clone();

@@ -1,4 +1,4 @@
-//! One pooled QUIC + HTTP/3 connection per peer member.
+//! One pooled QUIC connection per peer member, in quicmesh's own framing or HTTP/3.
 //!
 //! The first request to a peer opens the connection while later ones wait on the same per-peer
 //! lock, so a burst of concurrent requests still makes exactly one connection. A connection that
@@ -18,11 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Method;
+use http::{Method, Request};
 use quinn::ClientConfig;
 use tokio::sync::{oneshot, watch, Mutex as AsyncMutex};
 use tracing::{debug, info, warn};
 
+use super::lean;
+use super::stream::{Framing, RequestStream, WireError};
 use crate::config::TransportConfig;
 use crate::identity::tls;
 use crate::message::error::ProxyError;
@@ -30,11 +32,11 @@ use crate::telemetry::metrics as m;
 
 pub type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
-/// A live connection to a peer and its HTTP/3 request handle.
+/// A live connection to a peer and how requests go on it.
 #[derive(Clone)]
 pub struct PeerConn {
     pub conn: quinn::Connection,
-    pub h3: SendRequest,
+    link: Link,
     /// Request streams opened to the peer (`quicmesh_quic_streams_total`), registered once.
     pub streams: metrics::Counter,
     /// For a connection that went out in 0-RTT: `None` until its handshake ends, then whether
@@ -42,6 +44,27 @@ pub struct PeerConn {
     pub early: Option<watch::Receiver<Option<bool>>>,
     /// The worker that dialled it ([`crate::runtime::index`]), whose socket it goes out from.
     worker: usize,
+}
+
+/// The framing a pooled connection speaks, and what keeps it open.
+#[derive(Clone)]
+enum Link {
+    /// HTTP/3: h3 closes the connection when the last request handle goes.
+    H3(SendRequest),
+    Lean(Arc<LeanLink>),
+}
+
+/// A connection in quicmesh's framing: closed when the last holder goes, as h3 closes one.
+struct LeanLink {
+    conn: quinn::Connection,
+    /// The peer said GOAWAY.
+    goaway: AtomicBool,
+}
+
+impl Drop for LeanLink {
+    fn drop(&mut self) {
+        self.conn.close(quinn::VarInt::from_u32(lean::NO_ERROR), b"");
+    }
 }
 
 /// A pooled connection to a peer, as the admin API shows it (`/endpoints`).
@@ -53,6 +76,8 @@ pub struct Pooled {
     pub local: Option<SocketAddr>,
     pub remote: SocketAddr,
     pub rtt_us: u64,
+    /// How requests are framed on it: `lean` (quicmesh's own) or `h3`.
+    pub framing: &'static str,
 }
 
 impl PeerConn {
@@ -94,16 +119,37 @@ impl PeerConn {
     /// Whether a new request may go on this connection to `addr`: it is open, to that address
     /// (not a peer that has since moved), and its peer has not said GOAWAY.
     fn takes_requests_to(&self, addr: SocketAddr) -> bool {
-        self.conn.close_reason().is_none()
-            && self.conn.remote_address() == addr
-            && !h3::ConnectionState::is_closing(&self.h3)
+        let goaway = match &self.link {
+            Link::H3(h3) => h3::ConnectionState::is_closing(h3),
+            Link::Lean(link) => link.goaway.load(Ordering::Acquire),
+        };
+        self.conn.close_reason().is_none() && self.conn.remote_address() == addr && !goaway
     }
 
-    /// Keeps this connection open while held. h3 closes a connection when the last of its
-    /// request handles goes, and the pool lets go of its own when a peer says GOAWAY: a stream
-    /// whose response (or tunnel) is still streaming holds one, so a drain never cuts it.
+    /// Opens a request stream to the peer and sends `head` on it.
+    pub async fn open(&self, head: Request<()>) -> Result<RequestStream, WireError> {
+        match &self.link {
+            Link::H3(h3) => Ok(RequestStream::H3(h3.clone().send_request(head).await?)),
+            Link::Lean(_) => {
+                let (send, recv) = lean::open(&self.conn, &head, false).await?;
+                Ok(RequestStream::Lean(send, recv))
+            }
+        }
+    }
+
+    /// The framing this connection speaks.
+    pub fn framing(&self) -> Framing {
+        match self.link {
+            Link::H3(_) => Framing::H3,
+            Link::Lean(_) => Framing::Lean,
+        }
+    }
+
+    /// Keeps this connection open while held. A connection closes when the last of its holders
+    /// goes, and the pool lets go of its own when a peer says GOAWAY: a stream whose response
+    /// (or tunnel) is still streaming holds one, so a drain never cuts it.
     pub fn hold(&self) -> Hold {
-        Hold { _request_handle: self.h3.clone() }
+        Hold { _link: self.link.clone() }
     }
 }
 
@@ -112,7 +158,7 @@ type GoAway = oneshot::Receiver<()>;
 
 /// See [`PeerConn::hold`].
 pub struct Hold {
-    _request_handle: SendRequest,
+    _link: Link,
 }
 
 /// What the pool knows of one peer: its pooled connection, and whether it is unreachable.
@@ -191,6 +237,10 @@ struct Dialer {
     /// Peers that refused our last 0-RTT data (they lost the sessions): dialled with a full
     /// handshake until one succeeds, rather than spending each held ticket on a refusal.
     no_early: Mutex<std::collections::HashSet<String>>,
+    /// The framing each peer's last completed handshake chose: a connection in 0-RTT sends its
+    /// early requests in it before the peer has said (its session was made on that connection,
+    /// and a peer takes early data only in the session's protocol).
+    framings: Mutex<HashMap<String, Framing>>,
     /// Each peer's unreachable mark, by name, for every pool that shares this dialer.
     marks: Mutex<HashMap<String, Arc<Mutex<Option<Down>>>>>,
 }
@@ -212,6 +262,7 @@ impl PeerPool {
             connect_timeout,
             down: AtomicUsize::new(0),
             no_early: Mutex::default(),
+            framings: Mutex::default(),
             marks: Mutex::default(),
         };
         Self { dialer: Arc::new(dialer), peers: Mutex::default() }
@@ -323,6 +374,7 @@ impl PeerPool {
             local: self.dialer.endpoint_of(pc.worker).local_addr().ok(),
             remote: pc.conn.remote_address(),
             rtt_us: pc.conn.rtt().as_micros() as u64,
+            framing: pc.framing().name(),
         })
     }
 
@@ -651,8 +703,9 @@ impl Dialer {
         // requests ride the first packet, and [`PeerConn::ready_for`] holds back those that
         // must not be replayed until the handshake ends.
         let no_early = || self.no_early.lock().unwrap_or_else(|e| e.into_inner()).contains(peer);
+        let last = self.framings.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied();
         let (conn, accepted) = match connecting.into_0rtt() {
-            Ok((conn, accepted)) if early_ok && !no_early() => (Ok(conn), Some(accepted)),
+            Ok((conn, accepted)) if early_ok && last.is_some() && !no_early() => (Ok(conn), Some(accepted)),
             Ok((conn, accepted)) => {
                 // Nothing goes early: the handshake is awaited as for a full one.
                 let ok = accepted.await;
@@ -682,8 +735,14 @@ impl Dialer {
                 });
             }
         };
+        // In 0-RTT, the framing of the session's connection; else the one just negotiated.
+        let framing = match (&accepted, last) {
+            (Some(_), Some(last)) => last,
+            _ => Framing::of(&conn).unwrap_or(Framing::H3),
+        };
         let early = match accepted {
             None => {
+                self.framings.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.to_string(), framing);
                 if !identity_is(&conn, &self.trust_domain, peer) {
                     // The verifier already pinned the identity; this guards against a misconfigured verifier.
                     conn.close(1u32.into(), b"identity mismatch");
@@ -700,7 +759,9 @@ impl Dialer {
                 tokio::spawn(async move {
                     let took = accepted.await;
                     let lost = conn.close_reason();
-                    let ok = took && lost.is_none() && identity_is(&conn, &td, &peer);
+                    // Early requests went in `framing`: a peer that chose another refused them.
+                    let ok =
+                        took && lost.is_none() && identity_is(&conn, &td, &peer) && Framing::of(&conn) == Some(framing);
                     let result = if ok { "accepted" } else { "rejected" };
                     metrics::counter!(m::QUIC_ZERO_RTT, "direction" => "outbound", "result" => result).increment(1);
                     if !ok {
@@ -729,34 +790,59 @@ impl Dialer {
                 Some(rx)
             }
         };
-        let (mut driver, h3) = h3::client::builder()
-            .send_grease(false)
-            .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
         let peer_label = peer.to_string();
+        let (goaway_tx, goaway) = oneshot::channel();
+        let link = match framing {
+            Framing::H3 => {
+                let (mut driver, h3) = h3::client::builder()
+                    .send_grease(false)
+                    .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let label = peer_label.clone();
+                tokio::spawn(async move {
+                    let mut goaway_tx = Some(goaway_tx);
+                    let err = std::future::poll_fn(|cx| {
+                        let closed = driver.poll_close(cx);
+                        // The driver reads the control stream: a GOAWAY on it marks the
+                        // connection closing.
+                        if goaway_tx.is_some() && h3::ConnectionState::is_closing(&driver) {
+                            let _ = goaway_tx.take().map(|tx| tx.send(()));
+                        }
+                        closed
+                    })
+                    .await;
+                    metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").decrement(1.0);
+                    debug!(peer = label, error = %err, "QUIC connection to peer closed");
+                });
+                Link::H3(h3)
+            }
+            Framing::Lean => {
+                let link = Arc::new(LeanLink { conn: conn.clone(), goaway: AtomicBool::new(false) });
+                // Not a holder: a link nobody holds closes.
+                let (watched, label) = (Arc::downgrade(&link), peer_label.clone());
+                let quic = conn.clone();
+                tokio::spawn(async move {
+                    if lean::goaway_from(&quic).await {
+                        if let Some(link) = watched.upgrade() {
+                            link.goaway.store(true, Ordering::Release);
+                        }
+                        let _ = goaway_tx.send(());
+                    }
+                    let err = quic.closed().await;
+                    metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").decrement(1.0);
+                    debug!(peer = label, error = %err, "QUIC connection to peer closed");
+                });
+                Link::Lean(link)
+            }
+        };
         metrics::counter!(m::QUIC_CONNECTIONS_OPENED, "direction" => "outbound", "peer" => peer_label.clone())
             .increment(1);
         metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").increment(1.0);
-        info!(peer, %addr, rtt_us = conn.rtt().as_micros() as u64, "QUIC connection to peer established");
-        watch_stats(conn.clone(), "outbound", peer_label.clone());
-        let (goaway_tx, goaway) = oneshot::channel();
-        tokio::spawn(async move {
-            let mut goaway_tx = Some(goaway_tx);
-            let err = std::future::poll_fn(|cx| {
-                let closed = driver.poll_close(cx);
-                // The driver reads the control stream: a GOAWAY on it marks the connection closing.
-                if goaway_tx.is_some() && h3::ConnectionState::is_closing(&driver) {
-                    let _ = goaway_tx.take().map(|tx| tx.send(()));
-                }
-                closed
-            })
-            .await;
-            metrics::gauge!(m::QUIC_CONNECTIONS_ACTIVE, "direction" => "outbound").decrement(1.0);
-            debug!(peer = peer_label, error = %err, "QUIC connection to peer closed");
-        });
+        info!(peer, %addr, ?framing, rtt_us = conn.rtt().as_micros() as u64, "QUIC connection to peer established");
+        watch_stats(conn.clone(), "outbound", peer_label);
         let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "outbound", "peer" => peer.to_string());
-        Ok((PeerConn { conn, h3, streams, early, worker: crate::runtime::index() }, goaway))
+        Ok((PeerConn { conn, link, streams, early, worker: crate::runtime::index() }, goaway))
     }
 }
 

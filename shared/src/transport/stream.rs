@@ -1,0 +1,256 @@
+//! A request stream between mesh members, in either framing a connection may speak: quicmesh's
+//! own ([`lean`], preferred) or HTTP/3 (a peer that offers nothing else, and the control
+//! plane). The proxy code sees one type each way and one error type.
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, Response};
+
+use super::lean;
+use crate::message::body::{H3Recv, H3Send};
+
+/// Why a request stream failed, in either framing.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error(transparent)]
+    H3(#[from] h3::error::StreamError),
+    #[error("the peer reset the stream (code {0:#x})")]
+    Reset(u64),
+    #[error("the peer stopped reading the stream (code {0:#x})")]
+    Stopped(u64),
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the peer refused this connection's early data")]
+    ZeroRttRejected,
+    #[error("malformed stream: {0}")]
+    Malformed(&'static str),
+    #[error("the stream is closed already")]
+    Closed,
+}
+
+impl From<quinn::ReadError> for WireError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::Reset(code) => WireError::Reset(code.into_inner()),
+            quinn::ReadError::ConnectionLost(e) => WireError::Connection(e),
+            quinn::ReadError::ZeroRttRejected => WireError::ZeroRttRejected,
+            quinn::ReadError::ClosedStream => WireError::Closed,
+            quinn::ReadError::IllegalOrderedRead => WireError::Malformed("an unordered read"),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for WireError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::Stopped(code) => WireError::Stopped(code.into_inner()),
+            quinn::WriteError::ConnectionLost(e) => WireError::Connection(e),
+            quinn::WriteError::ZeroRttRejected => WireError::ZeroRttRejected,
+            quinn::WriteError::ClosedStream => WireError::Closed,
+        }
+    }
+}
+
+impl WireError {
+    /// The peer refused the request before processing it (`REQUEST_REJECTED`), or a GOAWAY had
+    /// closed the connection to new requests already: it may go elsewhere.
+    pub fn rejected(&self) -> bool {
+        let rejected = u64::from(lean::REQUEST_REJECTED);
+        match self {
+            WireError::H3(h3::error::StreamError::RemoteTerminate { code, .. }) => {
+                *code == h3::error::Code::H3_REQUEST_REJECTED
+            }
+            WireError::H3(h3::error::StreamError::RemoteClosing) => true,
+            WireError::Reset(code) | WireError::Stopped(code) => *code == rejected,
+            _ => false,
+        }
+    }
+
+    /// The connection as a whole failed (so a pooled one is dead).
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            WireError::H3(h3::error::StreamError::ConnectionError { .. })
+                | WireError::Connection(_)
+                | WireError::ZeroRttRejected
+        )
+    }
+}
+
+/// A request stream this member opened to a peer.
+pub enum RequestStream {
+    H3(h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>),
+    Lean(lean::SendHalf, lean::RecvHalf),
+}
+
+impl RequestStream {
+    /// Ends the request (no body, or no more of it).
+    pub async fn finish(&mut self) -> Result<(), WireError> {
+        match self {
+            RequestStream::H3(s) => Ok(s.finish().await?),
+            RequestStream::Lean(send, _) => send.finish().await,
+        }
+    }
+
+    /// Reads the answer's head.
+    pub async fn recv_response(&mut self) -> Result<Response<()>, WireError> {
+        match self {
+            RequestStream::H3(s) => Ok(s.recv_response().await?),
+            RequestStream::Lean(_, recv) => recv.response().await,
+        }
+    }
+
+    pub fn split(self) -> (ClientSend, ClientRecv) {
+        match self {
+            RequestStream::H3(s) => {
+                let (send, recv) = s.split();
+                (ClientSend::H3(Box::new(send)), ClientRecv::H3(recv))
+            }
+            RequestStream::Lean(send, recv) => (ClientSend::Lean(send), ClientRecv::Lean(recv)),
+        }
+    }
+}
+
+/// The sending half of a [`RequestStream`].
+pub enum ClientSend {
+    /// Boxed: h3's is ten times the lean framing's, which is the usual one.
+    H3(Box<h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>>),
+    Lean(lean::SendHalf),
+}
+
+/// The receiving half of a [`RequestStream`].
+pub enum ClientRecv {
+    H3(h3::client::RequestStream<h3_quinn::RecvStream, Bytes>),
+    Lean(lean::RecvHalf),
+}
+
+impl ClientRecv {
+    /// Reads the answer's head.
+    pub async fn recv_response(&mut self) -> Result<Response<()>, WireError> {
+        match self {
+            ClientRecv::H3(s) => Ok(s.recv_response().await?),
+            ClientRecv::Lean(recv) => recv.response().await,
+        }
+    }
+}
+
+/// A request stream a peer opened to this member.
+pub enum ServerStream {
+    H3(h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>),
+    Lean(lean::SendHalf, lean::RecvHalf),
+}
+
+impl ServerStream {
+    pub fn split(self) -> (ServerSend, ServerRecv) {
+        match self {
+            ServerStream::H3(s) => {
+                let (send, recv) = s.split();
+                (ServerSend::H3(Box::new(send)), ServerRecv::H3(recv))
+            }
+            ServerStream::Lean(send, recv) => (ServerSend::Lean(send), ServerRecv::Lean(recv)),
+        }
+    }
+}
+
+/// The sending half of a [`ServerStream`].
+pub enum ServerSend {
+    /// Boxed as [`ClientSend::H3`] is.
+    H3(Box<h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>>),
+    Lean(lean::SendHalf),
+}
+
+impl ServerSend {
+    /// Sends the answer's head.
+    pub async fn send_response(&mut self, resp: Response<()>) -> Result<(), WireError> {
+        match self {
+            ServerSend::H3(s) => Ok(s.send_response(resp).await?),
+            ServerSend::Lean(s) => s.respond(&resp).await,
+        }
+    }
+}
+
+/// The receiving half of a [`ServerStream`].
+pub enum ServerRecv {
+    H3(h3::server::RequestStream<h3_quinn::RecvStream, Bytes>),
+    Lean(lean::RecvHalf),
+}
+
+macro_rules! dispatch_send {
+    ($t:ident) => {
+        impl H3Send for $t {
+            async fn send(&mut self, data: Bytes) -> Result<(), WireError> {
+                match self {
+                    $t::H3(s) => s.as_mut().send(data).await,
+                    $t::Lean(s) => s.send(data).await,
+                }
+            }
+            async fn trailers(&mut self, trailers: HeaderMap) -> Result<(), WireError> {
+                match self {
+                    $t::H3(s) => s.as_mut().trailers(trailers).await,
+                    $t::Lean(s) => s.trailers(trailers).await,
+                }
+            }
+            async fn finish(&mut self) -> Result<(), WireError> {
+                match self {
+                    $t::H3(s) => H3Send::finish(s.as_mut()).await,
+                    $t::Lean(s) => s.finish().await,
+                }
+            }
+            fn reset(&mut self) {
+                match self {
+                    $t::H3(s) => H3Send::reset(s.as_mut()),
+                    $t::Lean(s) => s.reset(),
+                }
+            }
+        }
+    };
+}
+dispatch_send!(ClientSend);
+dispatch_send!(ServerSend);
+
+macro_rules! dispatch_recv {
+    ($t:ident) => {
+        impl H3Recv for $t {
+            fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, WireError>> {
+                match self {
+                    $t::H3(s) => s.poll_data(cx),
+                    $t::Lean(s) => s.poll_data(cx),
+                }
+            }
+            fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, WireError>> {
+                match self {
+                    $t::H3(s) => s.poll_trailers(cx),
+                    $t::Lean(s) => s.poll_trailers(cx),
+                }
+            }
+        }
+    };
+}
+dispatch_recv!(ClientRecv);
+dispatch_recv!(ServerRecv);
+
+/// Which framing a connection speaks, from its negotiated ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Lean,
+    H3,
+}
+
+impl Framing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Framing::Lean => "lean",
+            Framing::H3 => "h3",
+        }
+    }
+
+    /// The framing `conn` negotiated; HTTP/3 when it named none (it cannot be anything else).
+    pub fn of(conn: &quinn::Connection) -> Option<Self> {
+        let data = conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?;
+        Some(match data.protocol.as_deref() {
+            Some(p) if p == lean::ALPN => Framing::Lean,
+            _ => Framing::H3,
+        })
+    }
+}
