@@ -240,6 +240,8 @@ const BARE_EDGE: &str = "bare edge (1 thread) HTTP/1.1+TLS -> HTTP/3 -> backend"
 /// The bare hop with the mesh's headers, over h3 and over raw QUIC streams (`peers::bare`).
 const BARE_H3: &str = "bare hop, mesh headers, h3 framing (libraries only)";
 const BARE_RAW: &str = "bare hop, mesh headers, raw-stream framing (libraries only)";
+/// The node pair with HTTP/3 between the nodes (`transport.framing = "h3"`).
+const NODE_PAIR_H3: &str = "client->node->QUIC->node->backend, HTTP/3 between the nodes";
 
 /// Closed loop over TLS or QUIC to the gateway: `workers` requests in flight.
 async fn load_edge(kind: Client, port: u16, workers: usize, secs: u64) -> Stats {
@@ -511,6 +513,18 @@ fn main() {
         let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
         let a =
             NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
+        // The same pair speaking HTTP/3 to each other (`transport.framing = "h3"`), as node-c
+        // and node-d: what the lean framing saves, in the same rounds.
+        pki.issue("node-c");
+        pki.issue("node-d");
+        let svc_d = svc.replace("node = \"node-b\"", "node = \"node-d\"");
+        let h3 = |toml: String| toml.replace("[transport]\n", "[transport]\nframing = \"h3\"\n");
+        let d = NodeProc::start(pki.path(), "node-d", &h3(node_toml("node-d", &state, &[], &svc_d)));
+        let c = NodeProc::start(
+            pki.path(),
+            "node-c",
+            &h3(node_toml("node-c", &state, &[("node-d", d.addrs.inbound)], &svc_d)),
+        );
         pki.issue("gateway");
         let gw_toml = |workers: usize, registry: &str| {
             format!(
@@ -538,6 +552,7 @@ fn main() {
         // Warm up every path (connections, pools, caches).
         load(backend, "hello", conns, 1).await;
         load(a.addrs.outbound, "hello", conns, 1).await;
+        load(c.addrs.outbound, "hello", conns, 1).await;
         for kind in [Client::H1Tls, Client::H2Tls, Client::H3] {
             load_edge(kind, gw_port, conns, 1).await;
         }
@@ -565,7 +580,9 @@ fn main() {
         // direct) and, for ingress paths, the process at the edge.
         let mut paths = vec![
             Path::new("direct client->backend", How::Plain(backend), vec![], vec![]),
-            Path::new("client->node->QUIC->node->backend", How::Plain(a.addrs.outbound), vec![pa, pb], vec![]),
+            Path::new("client->node->QUIC->node->backend", How::Plain(a.addrs.outbound), vec![pa, pb], vec![])
+                .against(NODE_PAIR_H3),
+            Path::new(NODE_PAIR_H3, How::Plain(c.addrs.outbound), vec![c.child.id(), d.child.id()], vec![]),
             Path::new("gateway HTTP/1.1+TLS -> node", How::Edge(Client::H1Tls, gw_port), vec![pg, pb], vec![pg])
                 .against(NGINX_EDGE_H1),
             Path::new("gateway HTTP/2 -> node", How::Edge(Client::H2Tls, gw_port), vec![pg, pb], vec![pg])

@@ -63,7 +63,11 @@ struct LeanLink {
 
 impl Drop for LeanLink {
     fn drop(&mut self) {
-        self.conn.close(quinn::VarInt::from_u32(lean::NO_ERROR), b"");
+        // A connection that has ended keeps its reason: closing it now would turn a peer that
+        // went silent (`TimedOut`, which marks it unreachable) into one closed here.
+        if self.conn.close_reason().is_none() {
+            self.conn.close(quinn::VarInt::from_u32(lean::NO_ERROR), b"");
+        }
     }
 }
 
@@ -243,6 +247,9 @@ struct Dialer {
     framings: Mutex<HashMap<String, Framing>>,
     /// Each peer's unreachable mark, by name, for every pool that shares this dialer.
     marks: Mutex<HashMap<String, Arc<Mutex<Option<Down>>>>>,
+    /// Told each time a peer is marked unreachable (a connection's 0-RTT handshake under way
+    /// to it is given up then).
+    marked: watch::Sender<()>,
 }
 
 pub struct PeerPool {
@@ -264,6 +271,7 @@ impl PeerPool {
             no_early: Mutex::default(),
             framings: Mutex::default(),
             marks: Mutex::default(),
+            marked: watch::channel(()).0,
         };
         Self { dialer: Arc::new(dialer), peers: Mutex::default() }
     }
@@ -337,8 +345,7 @@ impl PeerPool {
         if let Some(p) = peers.get(name) {
             return p.clone();
         }
-        let down =
-            self.dialer.marks.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default().clone();
+        let down = self.dialer.mark(name);
         let peer = Arc::new(Peer { conn: Arc::default(), down });
         peers.insert(name.to_string(), peer.clone());
         peer
@@ -443,8 +450,22 @@ impl PeerPool {
         if let Some(pc) = guard.as_ref().filter(usable) {
             return Ok(pc.clone());
         }
-        *guard = None;
-        // Marked while this request waited for the lock: another request's handshake failed.
+        if let Some(old) = guard.take().filter(|old| old.conn.remote_address() == addr) {
+            if matches!(old.conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+                // The peer went silent on the pooled connection, and the connection's watch
+                // has not said so yet: marked here, so that this request goes elsewhere at once
+                // rather than dialling a peer that stopped answering (in 0-RTT such a dial
+                // looks established at once, and holds its requests until its handshake times
+                // out). The probe dials it from now on.
+                let silent = ProxyError::PeerUnreachable {
+                    peer: name.into(),
+                    reason: "went silent (no packet within the QUIC idle timeout)".into(),
+                };
+                self.dialer.mark_down(name, &peer, addr, &silent);
+            }
+        }
+        // Marked while this request waited for the lock: another request's handshake failed,
+        // or the connection it found had gone silent.
         fail_fast(&peer)?;
         // The dial runs as a task of its own, holding the peer's lock: a request that stops
         // waiting (its try's deadline passed) leaves it running, so its outcome still reaches
@@ -459,7 +480,20 @@ impl PeerPool {
                 Ok((pc, goaway)) => {
                     *guard = Some(pc.clone());
                     drop(guard);
-                    dialer.mark_up(&peer_name, &peer);
+                    match pc.early.clone() {
+                        None => dialer.mark_up(&peer_name, &peer),
+                        // In 0-RTT the peer is reached once the handshake ends: a dial that
+                        // raced with another worker finding the peer silent must not clear
+                        // that mark before.
+                        Some(mut early) => {
+                            let (dialer, name, peer) = (dialer.clone(), peer_name.clone(), peer.clone());
+                            tokio::spawn(async move {
+                                if early.wait_for(Option::is_some).await.is_ok_and(|v| *v == Some(true)) {
+                                    dialer.mark_up(&name, &peer);
+                                }
+                            });
+                        }
+                    }
                     dialer.watch(&peer_name, &peer, pc.conn.clone(), goaway);
                     Ok(pc)
                 }
@@ -564,11 +598,13 @@ impl Dialer {
     /// connection timed out.
     async fn forget(self: &Arc<Self>, name: &str, peer: &Arc<Peer>, conn: &quinn::Connection) {
         let mut guard = peer.conn.lock().await;
+        // Read before the pool lets go of it (the last holder of a connection closes it).
+        let silent = matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut));
         if guard.as_ref().is_some_and(|pc| pc.conn.stable_id() == conn.stable_id()) {
             *guard = None;
         }
         drop(guard);
-        if matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+        if silent {
             let silent = ProxyError::PeerUnreachable {
                 peer: name.into(),
                 reason: "went silent (no packet within the QUIC idle timeout)".into(),
@@ -605,9 +641,15 @@ impl Dialer {
         if fresh {
             self.down.fetch_add(1, Ordering::Relaxed);
         }
+        self.marked.send_replace(());
         metrics::gauge!(m::PEER_UNREACHABLE, "peer" => name.to_string()).set(1.0);
         warn!(peer = name, %addr, reason, probe_in = ?wait, "peer marked unreachable; requests go to other endpoints until a probe reaches it");
         tokio::spawn(self.clone().probe(name.to_string(), Arc::downgrade(peer), addr, wait));
+    }
+
+    /// The unreachable mark of `peer`, shared by every pool of this dialer.
+    fn mark(&self, peer: &str) -> Arc<Mutex<Option<Down>>> {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner()).entry(peer.to_string()).or_default().clone()
     }
 
     /// Clears an unreachable mark (a handshake succeeded).
@@ -756,8 +798,31 @@ impl Dialer {
                 let (tx, rx) = watch::channel(None);
                 let (conn, td, peer) = (conn.clone(), self.trust_domain.clone(), peer.to_string());
                 let dialer = self.clone();
+                let (mut marked, mark) = (self.marked.subscribe(), self.mark(&peer));
+                // A mark made since this dial began counts too.
+                marked.mark_changed();
                 tokio::spawn(async move {
-                    let took = accepted.await;
+                    tokio::pin!(accepted);
+                    let took = loop {
+                        tokio::select! {
+                            took = &mut accepted => break Some(took),
+                            Ok(()) = marked.changed() => {
+                                let down = mark.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|d| d.addr == addr);
+                                if down {
+                                    break None;
+                                }
+                            }
+                        }
+                    };
+                    let Some(took) = took else {
+                        // Another connection found the peer silent while this handshake was
+                        // under way: it will not end either, and its early requests (replay-safe
+                        // ones) go elsewhere now rather than when it times out.
+                        debug!(peer, "peer marked unreachable during a 0-RTT handshake; given up");
+                        conn.close(0u32.into(), b"peer unreachable");
+                        let _ = tx.send(Some(false));
+                        return;
+                    };
                     let lost = conn.close_reason();
                     // Early requests went in `framing`: a peer that chose another refused them.
                     let ok =
