@@ -13,7 +13,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use h3::error::Code;
 
-use crate::transport::stream::WireError;
+use super::wire::WireError;
 use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::{BodyExt, Empty, Full};

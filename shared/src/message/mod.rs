@@ -7,3 +7,4 @@ pub mod grpc;
 pub mod headers;
 pub mod path;
 pub mod respond;
+pub mod wire;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::header::HOST;
 use http::request::Parts;
-use http::{Method, Request, Response, Uri};
+use http::{HeaderValue, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use tokio::sync::oneshot;
@@ -20,6 +20,7 @@ use crate::config::EndpointConfig;
 use crate::message::body::{self, Body, H3Body, H3Send};
 use crate::message::error::ProxyError;
 use crate::message::headers::{self, GRPC_STATUS};
+use crate::transport::lean::Head;
 use crate::transport::pool::PeerConn;
 use crate::transport::stream::{ClientRecv, RequestStream};
 
@@ -80,37 +81,30 @@ impl Call<'_> {
             let bad = format!("unusable service name {:?}", svc.config.name);
             return Err(TryError::unsent(ProxyError::BadRequest(bad)));
         };
-        // The caller's head is shared by its tries; each request stream gets its own copy (the
-        // first is the only one unless a dead pooled connection makes this replay it).
-        let head = |method: &Method, uri: Uri| {
-            let mut hdrs = parts.headers.clone();
-            hdrs.remove(HOST);
-            hdrs.insert(headers::SERVICE, service.clone());
-            hdrs.insert(headers::ENDPOINT, endpoint.clone());
-            if let Some(limit) = &limit {
-                hdrs.insert(headers::TRY_TIMEOUT, limit.clone());
-            }
-            let mut r = Request::new(());
-            *r.method_mut() = method.clone();
-            *r.uri_mut() = uri;
-            *r.headers_mut() = hdrs;
-            r
-        };
+        // The caller's head is shared by its tries: each request stream's is made from it and
+        // the hop's fields as it is sent (no copy of the caller's header map in the lean
+        // framing; HTTP/3 takes a `Request`, so one there).
+        let uri = target()?;
+        let names = [headers::SERVICE, headers::ENDPOINT, headers::TRY_TIMEOUT];
+        let unlimited = HeaderValue::from_static("");
+        let add = [(&names[0], &service), (&names[1], &endpoint), (&names[2], limit.as_ref().unwrap_or(&unlimited))];
+        let add = &add[..if limit.is_some() { 3 } else { 2 }];
+        let head = Head { method: &parts.method, uri: &uri, headers: &parts.headers, drop: Some(&HOST), add };
         // A request that found its pooled connection dead is replayed once on a fresh one when
         // that is safe: idempotent and bodiless, so nothing can have been consumed upstream.
         if body.is_end_stream() && crate::policy::retry::idempotent(&parts.method) {
-            return match self.send_bodiless(head(&parts.method, target()?), ep, per_try, Some(pooled)).await {
+            return match self.send_bodiless(&head, ep, per_try, Some(pooled)).await {
                 Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) => {
                     debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
-                    self.send_bodiless(head(&parts.method, target()?), ep, per_try, None).await
+                    self.send_bodiless(&head, ep, per_try, None).await
                 }
                 other => other,
             };
         }
         // With a body, only the stream opening may be repeated: the body is not consumed yet.
-        let (pc, stream) = match self.open_stream(head(&parts.method, target()?), ep, Some(pooled)).await {
+        let (pc, stream) = match self.open_stream(&head, ep, Some(pooled)).await {
             Err(TryError { error: ProxyError::PeerUnreachable { .. }, .. }) => {
-                self.open_stream(head(&parts.method, target()?), ep, None).await?
+                self.open_stream(&head, ep, None).await?
             }
             other => other?,
         };
@@ -136,7 +130,7 @@ impl Call<'_> {
     /// connection is evicted. Nothing reached the peer when this fails.
     async fn open_stream(
         &self,
-        head: Request<()>,
+        head: &Head<'_>,
         ep: &EndpointConfig,
         pooled: Option<PeerConn>,
     ) -> Result<(PeerConn, RequestStream), TryError> {
@@ -144,8 +138,8 @@ impl Call<'_> {
             Some(pc) => pc,
             None => self.peer(ep).await.map_err(TryError::unsent)?,
         };
-        pc.ready_for(head.method()).await.map_err(TryError::unsent)?;
-        match pc.open(head).await {
+        pc.ready_for(head.method).await.map_err(TryError::unsent)?;
+        match pc.open_head(head).await {
             Ok(s) => {
                 pc.streams.increment(1);
                 Ok((pc, s))
@@ -159,7 +153,7 @@ impl Call<'_> {
 
     async fn send_bodiless(
         &self,
-        head: Request<()>,
+        head: &Head<'_>,
         ep: &EndpointConfig,
         per_try: Duration,
         pooled: Option<PeerConn>,

@@ -27,8 +27,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 
-use super::stream::WireError;
 use crate::message::body::{H3Recv, H3Send};
+use crate::message::wire::WireError;
 
 /// The ALPN protocol id of this framing.
 pub const ALPN: &[u8] = b"quicmesh/1";
@@ -45,7 +45,7 @@ const GOAWAY: u8 = 7;
 /// The peer's answer or its request was complete (H3_NO_ERROR).
 pub const NO_ERROR: u32 = 0x100;
 /// Refused before any processing: the request may go elsewhere (H3_REQUEST_REJECTED).
-pub const REQUEST_REJECTED: u32 = 0x10b;
+pub const REQUEST_REJECTED: u32 = crate::message::wire::REQUEST_REJECTED;
 /// Given up by the side that sent it (H3_REQUEST_CANCELLED).
 pub const REQUEST_CANCELLED: u32 = 0x10c;
 /// A frame or a head this side cannot read (H3_MESSAGE_ERROR).
@@ -66,10 +66,20 @@ fn put_field(buf: &mut BytesMut, v: &[u8]) -> Result<(), WireError> {
 
 /// A HEADERS or TRAILERS frame: `first` fields, the number of header fields, then each.
 fn head_frame(kind: u8, first: &[&[u8]], headers: &HeaderMap) -> Result<Bytes, WireError> {
-    let len = first.iter().map(|f| 2 + f.len()).sum::<usize>()
-        + 2
-        + headers.iter().map(|(n, v)| 4 + n.as_str().len() + v.len()).sum::<usize>();
-    let count = u16::try_from(headers.len()).map_err(|_| WireError::Malformed("more than 65535 header fields"))?;
+    fields_frame(kind, first, || headers.iter())
+}
+
+/// [`head_frame`] of the fields `fields` yields (each time it is called, the same ones).
+fn fields_frame<'a, I>(kind: u8, first: &[&[u8]], fields: impl Fn() -> I) -> Result<Bytes, WireError>
+where
+    I: Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+{
+    let (mut len, mut count) = (first.iter().map(|f| 2 + f.len()).sum::<usize>() + 2, 0usize);
+    for (n, v) in fields() {
+        len += 4 + n.as_str().len() + v.len();
+        count += 1;
+    }
+    let count = u16::try_from(count).map_err(|_| WireError::Malformed("more than 65535 header fields"))?;
     let mut buf = BytesMut::with_capacity(FRAME_HEAD + len);
     buf.put_u8(kind);
     buf.put_u32(u32::try_from(len).map_err(|_| too_long())?);
@@ -77,7 +87,7 @@ fn head_frame(kind: u8, first: &[&[u8]], headers: &HeaderMap) -> Result<Bytes, W
         put_field(&mut buf, f)?;
     }
     buf.put_u16(count);
-    for (n, v) in headers {
+    for (n, v) in fields() {
         put_field(&mut buf, n.as_str().as_bytes())?;
         put_field(&mut buf, v.as_bytes())?;
     }
@@ -86,13 +96,52 @@ fn head_frame(kind: u8, first: &[&[u8]], headers: &HeaderMap) -> Result<Bytes, W
 
 /// A request's HEADERS frame.
 pub fn request_head(req: &Request<()>) -> Result<Bytes, WireError> {
-    let uri = req.uri();
-    let authority = uri.authority().map_or("", |a| a.as_str());
-    let path = match req.method() {
-        &Method::CONNECT => "",
-        _ => uri.path_and_query().map_or("/", |p| p.as_str()),
-    };
-    head_frame(HEADERS, &[req.method().as_str().as_bytes(), authority.as_bytes(), path.as_bytes()], req.headers())
+    Head { method: req.method(), uri: req.uri(), headers: req.headers(), drop: None, add: &[] }.frame()
+}
+
+/// A request's head made of a caller's head and what a hop adds: `headers` without `drop`
+/// and without the names in `add`, then `add`. What [`Head::request`] builds as a
+/// `Request`, encoded without building one (no copy of the caller's header map).
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    pub drop: Option<&'a HeaderName>,
+    pub add: &'a [(&'a HeaderName, &'a HeaderValue)],
+}
+
+impl Head<'_> {
+    fn kept(&self, name: &HeaderName) -> bool {
+        self.drop != Some(name) && !self.add.iter().any(|(n, _)| *n == name)
+    }
+
+    /// Its HEADERS frame.
+    pub fn frame(&self) -> Result<Bytes, WireError> {
+        let authority = self.uri.authority().map_or("", |a| a.as_str());
+        let path = match self.method {
+            &Method::CONNECT => "",
+            _ => self.uri.path_and_query().map_or("/", |p| p.as_str()),
+        };
+        let first = [self.method.as_str().as_bytes(), authority.as_bytes(), path.as_bytes()];
+        let fields = || self.headers.iter().filter(|(n, _)| self.kept(n)).chain(self.add.iter().copied());
+        fields_frame(HEADERS, &first, fields)
+    }
+
+    /// The same head as a `Request` (for HTTP/3).
+    pub fn request(&self) -> Request<()> {
+        let mut headers = self.headers.clone();
+        if let Some(name) = self.drop {
+            headers.remove(name);
+        }
+        for (name, value) in self.add {
+            headers.insert(*name, HeaderValue::clone(value));
+        }
+        let mut req = Request::new(());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = headers;
+        req
+    }
 }
 
 /// An answer's HEADERS frame.
@@ -176,9 +225,17 @@ fn decode_response(mut block: Bytes) -> Result<Response<()>, WireError> {
 /// Opens a request stream on `conn` and sends `req`'s head; with `end`, the request ends with
 /// it (no body).
 pub async fn open(conn: &quinn::Connection, req: &Request<()>, end: bool) -> Result<(SendHalf, RecvHalf), WireError> {
-    let head = request_head(req)?;
+    open_with(conn, request_head(req)?, req.method() == Method::CONNECT, end).await
+}
+
+/// [`open`] with the head's frame made already (`tunnel`: it is a CONNECT's).
+pub async fn open_with(
+    conn: &quinn::Connection,
+    head: Bytes,
+    tunnel: bool,
+    end: bool,
+) -> Result<(SendHalf, RecvHalf), WireError> {
     let (send, recv) = conn.open_bi().await?;
-    let tunnel = req.method() == Method::CONNECT;
     let mut send = SendHalf { stream: send, raw: tunnel };
     send.stream.write_chunk(head).await?;
     if end {
@@ -487,6 +544,28 @@ mod tests {
         let back = decode_response(frame).unwrap();
         assert_eq!(back.status(), StatusCode::IM_A_TEAPOT);
         assert_eq!(back.headers(), resp.headers());
+    }
+
+    #[test]
+    fn a_hops_head_drops_and_replaces_what_it_says() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("web"));
+        headers.insert("quicmesh-service", HeaderValue::from_static("forged"));
+        headers.insert("x-keep", HeaderValue::from_static("k"));
+        let (service, value) = (HeaderName::from_static("quicmesh-service"), HeaderValue::from_static("web"));
+        let uri: Uri = "https://web/p?q".parse().unwrap();
+        let host = http::header::HOST;
+        let head =
+            Head { method: &Method::GET, uri: &uri, headers: &headers, drop: Some(&host), add: &[(&service, &value)] };
+        let mut frame = head.frame().unwrap();
+        frame.advance(FRAME_HEAD);
+        let sent = decode_request(frame).unwrap();
+        // As HTTP/3 gets it, the same: no Host, the hop's service only, the rest kept.
+        assert_eq!(sent.headers(), head.request().headers());
+        assert_eq!(sent.headers().get_all("quicmesh-service").iter().collect::<Vec<_>>(), [&value]);
+        assert!(sent.headers().get("host").is_none());
+        assert_eq!(sent.headers()["x-keep"], "k");
+        assert_eq!(sent.uri(), &uri);
     }
 
     #[test]

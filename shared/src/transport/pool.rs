@@ -141,6 +141,19 @@ impl PeerConn {
         }
     }
 
+    /// [`PeerConn::open`] with a hop's head: in the lean framing encoded from the caller's
+    /// head and the hop's fields, without building a `Request` (a copy of the header map).
+    pub async fn open_head(&self, head: &lean::Head<'_>) -> Result<RequestStream, WireError> {
+        match &self.link {
+            Link::H3(h3) => Ok(RequestStream::H3(h3.clone().send_request(head.request()).await?)),
+            Link::Lean(_) => {
+                let tunnel = *head.method == Method::CONNECT;
+                let (send, recv) = lean::open_with(&self.conn, head.frame()?, tunnel, false).await?;
+                Ok(RequestStream::Lean(send, recv))
+            }
+        }
+    }
+
     /// The framing this connection speaks.
     pub fn framing(&self) -> Framing {
         match self.link {
