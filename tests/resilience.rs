@@ -650,6 +650,11 @@ async fn keeps_a_connection_until_its_peer_has_the_last_response(b_workers: usiz
             break (resp, (send, conn));
         }
     };
+    // The framing the pair speaks is the one node-b is set to prefer (a few milliseconds of
+    // the `LATE` the body waits).
+    let dump = d.a.admin_json("/endpoints").await;
+    let node_b = dump["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node-b").unwrap().clone();
+    assert_eq!(node_b["connections"][0]["framing"], b_framing, "{node_b}");
     // The body comes `LATE` after the head: node-a is frozen by then, so node-b's QUIC holds
     // what node-a's flow control allows (all of it) and can send only a congestion window.
     d.a.signal("STOP");

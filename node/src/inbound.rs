@@ -1,6 +1,7 @@
 //! Node inbound side: QUIC from peer members.
 //!
-//! QUIC accept (mutual TLS against the mesh CA) -> peer SPIFFE identity -> HTTP/3 request ->
+//! QUIC accept (mutual TLS against the mesh CA) -> peer SPIFFE identity -> a request stream
+//! (the lean framing, or HTTP/3 from a peer that offers only it) ->
 //! check the chosen service and endpoint are hosted here -> deliver locally -> stream back.
 //! CONNECT requests carry opaque TCP (see `tcp`).
 
@@ -30,8 +31,9 @@ use tracing::{debug, info, warn};
 
 use crate::peer::{local_target, source_of, ServerStream};
 
-/// Largest header section a peer may send (the edge default; peers are members, but bounded).
-const MAX_HEADER_BYTES: u64 = 64 << 10;
+/// Largest header section a peer may send (the edge default; peers are members, but bounded),
+/// in either framing.
+const MAX_HEADER_BYTES: u64 = lean::MAX_HEAD as u64;
 
 /// Accepts peers until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, mesh: Arc<Mesh>) {
@@ -279,10 +281,15 @@ async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handsh
                 continue;
             }
             _ = &mut going_away => {
-                // Requests already accepted finish; later ones are refused unprocessed.
-                if let Err(e) = lean::go_away(&conn).await {
-                    debug!(peer, error = %e, "could not send GOAWAY");
-                }
+                // Requests already accepted finish; later ones are refused unprocessed. Sent
+                // on a task of its own: a peer that gives no stream credit for it does not
+                // hold up the refusals.
+                let (quic, name) = (conn.clone(), peer.to_string());
+                tokio::spawn(async move {
+                    if let Err(e) = lean::go_away(&quic).await {
+                        debug!(peer = name, error = %e, "could not send GOAWAY");
+                    }
+                });
                 info!(peer, "GOAWAY sent; waiting for the peer to close the connection");
                 return refuse_until_closed(&conn, peer).await;
             }
@@ -295,7 +302,7 @@ async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handsh
         // Boxed: a task's future is moved whole as it is spawned and when it ends.
         tokio::spawn(Box::pin(async move {
             let _in_flight = in_flight;
-            match lean::accept(send, recv, MAX_HEADER_BYTES as usize).await {
+            match lean::accept(send, recv, lean::MAX_HEAD).await {
                 Ok((req, send, recv)) => request(req, ServerStream::Lean(send, recv), &peer, &mesh, handshake).await,
                 Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
             }

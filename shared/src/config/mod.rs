@@ -902,12 +902,12 @@ pub struct TransportConfig {
     pub zero_rtt: bool,
     /// How requests between mesh members are framed on their QUIC streams: `lean`
     /// (quicmesh's own framing, ALPN `quicmesh/1`: HTTP/3's request streams without header
-    /// compression or control streams; measured about a quarter fewer instructions per request
-    /// for a node pair) or `h3` (HTTP/3). Either way a member accepts both, and two members
-    /// speak the one the serving side prefers among those the dialling side offers: a member
-    /// set to `h3` offers and prefers HTTP/3, and one of a version before `lean` offers only
-    /// HTTP/3. The gateway's edge and its control plane speak HTTP/3 whatever this says.
-    /// Read at start.
+    /// compression or control streams; measured 17% fewer instructions and about 5% less CPU
+    /// per request for a node pair) or `h3` (HTTP/3). Either way a node accepts both, and two
+    /// members speak the one the serving side prefers among those the dialling side offers: a
+    /// member set to `h3` offers and prefers HTTP/3, and one of a version before `lean` offers
+    /// only HTTP/3. The gateway dials nodes this way too; its edge and its control plane speak
+    /// HTTP/3 whatever this says. Read at start.
     pub framing: Framing,
 }
 

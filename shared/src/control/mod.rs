@@ -231,7 +231,7 @@ pub enum LineError {
     Json(#[from] serde_json::Error),
 }
 
-/// Reads newline-delimited JSON messages from an h3 receive half.
+/// Reads newline-delimited JSON messages from a request stream's receive half.
 pub struct LineReader<R> {
     recv: R,
     buf: BytesMut,

@@ -16,7 +16,8 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 
 use crate::identity::{spiffe_ids, Credentials, SpiffeId};
 
-/// ALPN of mesh connections: HTTP/3 between proxies.
+/// ALPN of HTTP/3 between members: the control plane's, and the framing of requests with a
+/// peer that offers no other (`transport::lean::ALPN` is the one nodes prefer).
 pub const MESH_ALPN: &[u8] = b"h3";
 
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,9 @@
-//! Streaming bodies between hyper and h3, with backpressure and no whole-body buffering.
+//! Streaming bodies between hyper and request streams on QUIC (HTTP/3, or the members' lean
+//! framing), with backpressure and no whole-body buffering.
 //!
-//! [`H3Body`] turns the receive half of an h3 request stream (client or server side) into an
+//! [`H3Body`] turns the receive half of a request stream (client or server side) into an
 //! `http_body::Body`, coalescing the many small QUIC chunks into larger frames. [`pump_to_h3`]
-//! sends any body into an h3 stream, awaiting flow control credit frame by frame. Memory per
+//! sends any body into a request stream, awaiting flow control credit frame by frame. Memory per
 //! request is therefore bounded by the QUIC windows plus one coalesced frame.
 
 use std::future::Future;
@@ -188,7 +189,7 @@ where
     joined.map_or(first, BytesMut::freeze)
 }
 
-/// The request body of an h3 stream.
+/// The request body of a request stream.
 ///
 /// When the peer ended the stream along with its headers (a GET, most requests), the end is
 /// read here and an empty body is returned, so the stream closes by having its end read. A
@@ -241,7 +242,7 @@ enum State {
     Done,
 }
 
-/// An `http_body::Body` reading an h3 stream's DATA frames, then its trailers.
+/// An `http_body::Body` reading a request stream's data, then its trailers.
 ///
 /// It never yields an empty DATA frame, and when the stream's end is already known as its last
 /// data is delivered, it says so (`is_end_stream`), so an HTTP/2 hop after it sends that data

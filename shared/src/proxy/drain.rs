@@ -1,5 +1,5 @@
 //! Graceful drain: a process told to stop (SIGTERM) stops taking new work, tells its peers
-//! (HTTP/3 GOAWAY, HTTP/2 GOAWAY, `Connection: close`) and waits for the requests in flight, up
+//! (GOAWAY in the lean framing, HTTP/3 or HTTP/2, `Connection: close`) and waits for the requests in flight, up
 //! to a deadline. [`Drain`] is the shared state: the phase, and a count of requests in flight.
 
 use std::net::SocketAddr;

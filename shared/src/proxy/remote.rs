@@ -22,7 +22,7 @@ use crate::message::error::ProxyError;
 use crate::message::headers::{self, GRPC_STATUS};
 use crate::transport::lean::Head;
 use crate::transport::pool::PeerConn;
-use crate::transport::stream::{ClientRecv, RequestStream};
+use crate::transport::stream::{ClientRecv, RequestStream, WireError};
 
 impl Call<'_> {
     pub(crate) async fn peer(&self, ep: &EndpointConfig) -> Result<PeerConn, ProxyError> {
@@ -144,6 +144,9 @@ impl Call<'_> {
                 pc.streams.increment(1);
                 Ok((pc, s))
             }
+            // The caller's head cannot be framed (a field past 64 KiB): its fault, not the
+            // connection's, which stays.
+            Err(WireError::Malformed(why)) => Err(TryError::unsent(ProxyError::BadRequest(why.into()))),
             Err(e) => {
                 self.mesh.pool().evict(&ep.node, &pc.conn).await;
                 Err(TryError::unsent(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() }))

@@ -1,12 +1,13 @@
-//! Opaque TCP through the mesh: one HTTP/3 CONNECT stream per TCP connection. A node's
+//! Opaque TCP through the mesh: one CONNECT stream per TCP connection. A node's
 //! `node.tcp` forwards and the gateway's `gateway.tcp` listeners (the Gateway API's TCPRoute)
 //! carry connections to a `protocol = "tcp"` service this way; the node that hosts the
 //! endpoint serves the CONNECT (`quicmesh_node::tcp::inbound`).
 //!
-//! Why CONNECT on the HTTP/3 connection rather than a second ALPN with raw streams: it keeps
+//! Why CONNECT on the members' one connection rather than a connection of its own: it keeps
 //! exactly one QUIC connection (one handshake, one congestion controller, one identity check)
 //! per pair of members, and lets the tunnel carry a status and `quicmesh-error` when the far
-//! side cannot reach the target. Half-close is mapped both ways: TCP EOF finishes the QUIC
+//! side cannot reach the target. In the lean framing the stream is a byte pipe once the two
+//! heads have passed (`transport::lean`); in HTTP/3 its bytes go in DATA frames. Half-close is mapped both ways: TCP EOF finishes the QUIC
 //! stream's send side, and the stream's FIN shuts down the TCP write side. Resets are mapped
 //! both ways too: a TCP RST or error resets the stream, and a stream reset resets the TCP
 //! connection.

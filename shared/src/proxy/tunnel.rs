@@ -1,4 +1,4 @@
-//! TCP through the mesh: an opaque byte stream to a TCP endpoint, carried by its node as an
+//! TCP through the mesh: an opaque byte stream to a TCP endpoint, carried by its node as a
 //! CONNECT stream.
 
 use http::{HeaderValue, Method, Request, Uri};

@@ -217,7 +217,7 @@ fn describe() {
     );
     describe_counter!(QUIC_LOST_PACKETS, "QUIC packets declared lost, by direction and peer.");
     describe_counter!(QUIC_SENT_PACKETS, "QUIC packets sent, by direction and peer.");
-    describe_counter!(QUIC_STREAMS, "HTTP/3 request streams opened, by direction and peer.");
+    describe_counter!(QUIC_STREAMS, "Request streams opened between members, by direction and peer.");
     describe_counter!(
         QUIC_ZERO_RTT,
         "Peer connections that carried 0-RTT data, by direction and result: accepted (the early requests stood) or rejected (the node dialled again)."

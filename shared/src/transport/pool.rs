@@ -587,7 +587,7 @@ impl Dialer {
     }
 
     /// Lets go of `conn` when the peer says GOAWAY (it is draining): no new request goes on
-    /// it, and h3 closes it once the requests still on it let go of it too (the peer waits for
+    /// it, and it closes once the requests still on it let go of it too (the peer waits for
     /// that close to know they have their answers). Marks the peer unreachable as soon as
     /// `conn` ends because nothing came from the peer for the QUIC idle timeout (it died, froze
     /// or was cut off; keep-alives make an idle but living peer answer well within it):
@@ -874,6 +874,8 @@ impl Dialer {
             Framing::H3 => {
                 let (mut driver, h3) = h3::client::builder()
                     .send_grease(false)
+                    // A peer's answer heads are bounded as its requests' are here.
+                    .max_field_section_size(lean::MAX_HEAD as u64)
                     .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
                     .await
                     .map_err(|e| unreachable(e.to_string()))?;
