@@ -518,12 +518,11 @@ fn main() {
         pki.issue("node-c");
         pki.issue("node-d");
         let svc_d = svc.replace("node = \"node-b\"", "node = \"node-d\"");
-        let h3 = |toml: String| toml.replace("[transport]\n", "[transport]\nframing = \"h3\"\n");
-        let d = NodeProc::start(pki.path(), "node-d", &h3(node_toml("node-d", &state, &[], &svc_d)));
+        let d = NodeProc::start(pki.path(), "node-d", &with_framing(&node_toml("node-d", &state, &[], &svc_d), "h3"));
         let c = NodeProc::start(
             pki.path(),
             "node-c",
-            &h3(node_toml("node-c", &state, &[("node-d", d.addrs.inbound)], &svc_d)),
+            &with_framing(&node_toml("node-c", &state, &[("node-d", d.addrs.inbound)], &svc_d), "h3"),
         );
         pki.issue("gateway");
         let gw_toml = |workers: usize, registry: &str| {

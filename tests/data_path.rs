@@ -1418,10 +1418,12 @@ async fn members_speak_the_lean_framing_and_http3_with_a_member_that_wants_it() 
         )
     };
     let svc = format!("{}{}", svc_of("b"), svc_of("c"));
-    let h3 = |toml: String| toml.replace("[transport]\n", "[transport]\nframing = \"h3\"\n");
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc_of("b")));
-    let c =
-        NodeProc::start(pki.path(), "node-c", &h3(node_toml("node-c", &state, &[("node-b", b.addrs.inbound)], &svc)));
+    let c = NodeProc::start(
+        pki.path(),
+        "node-c",
+        &with_framing(&node_toml("node-c", &state, &[("node-b", b.addrs.inbound)], &svc), "h3"),
+    );
     let tunnels = "[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"db-b\"\n\n\
                    [[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"db-c\"\n";
     let peers = [("node-b", b.addrs.inbound), ("node-c", c.addrs.inbound)];
@@ -1459,13 +1461,9 @@ async fn members_speak_the_lean_framing_and_http3_with_a_member_that_wants_it() 
         tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut reply)).await.expect("reply").unwrap();
         assert_eq!(reply, format!("got {} bytes ending \"done\"", payload.len() + 4), "{service}");
     }
-    let framing = |dump: serde_json::Value, peer: &str| {
-        let node = dump["nodes"].as_array().unwrap().iter().find(|n| n["name"] == peer).unwrap().clone();
-        node["connections"][0]["framing"].as_str().unwrap_or_else(|| panic!("{node}")).to_string()
-    };
-    assert_eq!(framing(a.admin_json("/endpoints").await, "node-b"), "lean");
-    assert_eq!(framing(a.admin_json("/endpoints").await, "node-c"), "h3", "node-c prefers HTTP/3");
-    assert_eq!(framing(c.admin_json("/endpoints").await, "node-b"), "h3", "node-c offers HTTP/3 only");
+    assert_eq!(a.framing_to("node-b").await, "lean");
+    assert_eq!(a.framing_to("node-c").await, "h3", "node-c prefers HTTP/3");
+    assert_eq!(c.framing_to("node-b").await, "h3", "node-c offers HTTP/3 only");
 }
 
 /// A member's malformed request stream in the lean framing (a head past the limit, a bad

@@ -204,14 +204,12 @@ async fn grpc_calls_keep_their_status_and_trailers_between_members_speaking_http
         "[[services]]\nname = \"grpc\"\nprotocol = \"h2c\"\n{RETRY}\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"127.0.0.1:{}\"\n\n",
         server.1
     );
-    let b_toml = node_toml("node-b", &state, &[], &svc).replace("[transport]\n", "[transport]\nframing = \"h3\"\n");
+    let b_toml = with_framing(&node_toml("node-b", &state, &[], &svc), "h3");
     let b = NodeProc::start(pki.path(), "node-b", &b_toml);
     let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
     let r = grpc_client(a.addrs.outbound, "grpc").await;
     check_cases(&r);
-    let dump = a.admin_json("/endpoints").await;
-    let node_b = dump["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node-b").unwrap().clone();
-    assert_eq!(node_b["connections"][0]["framing"], "h3", "{node_b}");
+    assert_eq!(a.framing_to("node-b").await, "h3");
     drop(server);
 }
 

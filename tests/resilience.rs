@@ -509,7 +509,7 @@ impl Drill {
             if name == "node-b" {
                 let at = format!("[node]\nname = \"{name}\"\n");
                 toml = toml.replacen(&at, &format!("{at}workers = {b_workers}\n"), 1);
-                toml = toml.replacen("[transport]\n", &format!("[transport]\nframing = \"{b_framing}\"\n"), 1);
+                toml = with_framing(&toml, b_framing);
             }
             NodeProc::start(&dir, name, &toml)
         };
@@ -652,9 +652,7 @@ async fn keeps_a_connection_until_its_peer_has_the_last_response(b_workers: usiz
     };
     // The framing the pair speaks is the one node-b is set to prefer (a few milliseconds of
     // the `LATE` the body waits).
-    let dump = d.a.admin_json("/endpoints").await;
-    let node_b = dump["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node-b").unwrap().clone();
-    assert_eq!(node_b["connections"][0]["framing"], b_framing, "{node_b}");
+    assert_eq!(d.a.framing_to("node-b").await, b_framing);
     // The body comes `LATE` after the head: node-a is frozen by then, so node-b's QUIC holds
     // what node-a's flow control allows (all of it) and can send only a congestion window.
     d.a.signal("STOP");

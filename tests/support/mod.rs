@@ -377,6 +377,21 @@ impl NodeProc {
         assert_eq!(status, 200, "{path}: {body}");
         serde_json::from_str(&body).unwrap()
     }
+
+    /// The framing (`lean` or `h3`) of this member's first pooled connection to `peer`, as
+    /// `/endpoints` shows it.
+    pub async fn framing_to(&self, peer: &str) -> String {
+        let dump = self.admin_json("/endpoints").await;
+        let node = dump["nodes"].as_array().and_then(|n| n.iter().find(|n| n["name"] == peer)).cloned();
+        let node = node.unwrap_or_else(|| panic!("no {peer} in {dump}"));
+        node["connections"][0]["framing"].as_str().unwrap_or_else(|| panic!("no framing in {node}")).to_string()
+    }
+}
+
+/// A member's config `toml` (with a `[transport]` table, as [`node_toml`] writes) set to frame
+/// requests to its peers as `framing` says (`transport.framing`).
+pub fn with_framing(toml: &str, framing: &str) -> String {
+    toml.replacen("[transport]\n", &format!("[transport]\nframing = \"{framing}\"\n"), 1)
 }
 
 impl Drop for NodeProc {

@@ -470,11 +470,7 @@ impl PeerPool {
                 // rather than dialling a peer that stopped answering (in 0-RTT such a dial
                 // looks established at once, and holds its requests until its handshake times
                 // out). The probe dials it from now on.
-                let silent = ProxyError::PeerUnreachable {
-                    peer: name.into(),
-                    reason: "went silent (no packet within the QUIC idle timeout)".into(),
-                };
-                self.dialer.mark_down(name, &peer, addr, &silent);
+                self.dialer.mark_down(name, &peer, addr, &went_silent(name));
             }
         }
         // Marked while this request waited for the lock: another request's handshake failed,
@@ -618,11 +614,7 @@ impl Dialer {
         }
         drop(guard);
         if silent {
-            let silent = ProxyError::PeerUnreachable {
-                peer: name.into(),
-                reason: "went silent (no packet within the QUIC idle timeout)".into(),
-            };
-            self.mark_down(name, peer, conn.remote_address(), &silent);
+            self.mark_down(name, peer, conn.remote_address(), &went_silent(name));
         }
     }
 
@@ -923,6 +915,14 @@ impl Dialer {
         watch_stats(conn.clone(), "outbound", peer_label);
         let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "outbound", "peer" => peer.to_string());
         Ok((PeerConn { conn, link, streams, early, worker: crate::runtime::index() }, goaway))
+    }
+}
+
+/// Why a peer whose connection timed out is marked unreachable.
+fn went_silent(peer: &str) -> ProxyError {
+    ProxyError::PeerUnreachable {
+        peer: peer.into(),
+        reason: "went silent (no packet within the QUIC idle timeout)".into(),
     }
 }
 
