@@ -8,7 +8,7 @@
 //! A client on host a (Debian's `wrk`, closed loop, 200 connections) sends small GETs through a
 //! proxy pair to a backend on host b (nginx serving static files):
 //!
-//! - **mesh hop**: node-a → one QUIC connection (HTTP/3, mutual TLS) → node-b;
+//! - **mesh hop**: node-a → one QUIC connection (mutual TLS; the nodes' own framing, `quicmesh/1`) → node-b;
 //! - **HBONE-shaped pair**: two haproxy with HTTP/2 over TLS 1.3 between them, one multiplexed
 //!   TCP connection (`proto h2`, `http-reuse always`), as ztunnel's tunnel;
 //! - **TLS nginx pair**: two nginx with TLS 1.3 between them, a pool of HTTP/1.1 keep-alive

@@ -224,7 +224,9 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
                 tokio::spawn(Box::pin(async move {
                     let _in_flight = in_flight;
                     match resolver.resolve_request().await {
-                        Ok((req, stream)) => request(req, ServerStream::H3(stream), &peer, &mesh, handshake).await,
+                        Ok((req, stream)) => {
+                            request(req, None, ServerStream::H3(stream), &peer, &mesh, handshake).await
+                        }
                         Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
                     }
                 }));
@@ -303,7 +305,9 @@ async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handsh
         tokio::spawn(Box::pin(async move {
             let _in_flight = in_flight;
             match lean::accept(send, recv, lean::MAX_HEAD).await {
-                Ok((req, send, recv)) => request(req, ServerStream::Lean(send, recv), &peer, &mesh, handshake).await,
+                Ok((req, fields, send, recv)) => {
+                    request(req, Some(fields), ServerStream::Lean(send, recv), &peer, &mesh, handshake).await
+                }
                 Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
             }
         }));
@@ -331,9 +335,11 @@ async fn replay_safe(
     }
 }
 
-/// One request or tunnel from a peer; the drain counts it in flight (from its accept).
+/// One request or tunnel from a peer; the drain counts it in flight (from its accept). `fields`:
+/// the mesh's own fields, when the framing read them apart from the headers.
 async fn request(
     mut req: Request<()>,
+    fields: Option<headers::Internal>,
     stream: ServerStream,
     peer: &str,
     mesh: &Mesh,
@@ -360,9 +366,9 @@ async fn request(
         Err(e) => Err(ProxyError::BadRequest(e.to_string())),
     };
     if req.method() == Method::CONNECT {
-        return Box::pin(crate::tcp::inbound(req, stream, peer, mesh)).await;
+        return Box::pin(crate::tcp::inbound(req, fields, stream, peer, mesh)).await;
     }
-    let fields = headers::Internal::take(req.headers_mut());
+    let fields = fields.unwrap_or_else(|| headers::Internal::take(req.headers_mut()));
     let mut rec = Record::new("inbound", mesh.access_log().cloned(), mesh.tap(), mesh.tracing());
     rec.request(&req);
     let mut req = req;

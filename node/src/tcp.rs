@@ -17,13 +17,13 @@ use tracing::debug;
 use crate::peer::{local_target, source_of, ServerStream};
 
 /// Serves a peer's CONNECT: checks the target is a local TCP instance, connects, splices.
-pub async fn inbound(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+pub async fn inbound(mut req: Request<()>, fields: Option<Internal>, stream: ServerStream, peer: &str, mesh: &Mesh) {
     if req.headers().contains_key(upgrade::UPGRADE_HEADER) {
-        return upgrade_inbound(req, stream, peer, mesh).await;
+        return upgrade_inbound(req, fields, stream, peer, mesh).await;
     }
     let (mut send, recv) = stream.split();
     let table = mesh.table();
-    let fields = Internal::take(req.headers_mut());
+    let fields = fields.unwrap_or_else(|| Internal::take(req.headers_mut()));
     let target = match local_target(&fields, mesh, &table) {
         Ok((svc, addr)) if svc.protocol == Protocol::Tcp => Ok((svc.name.clone(), addr)),
         Ok(_) => Err(ProxyError::BadRequest("CONNECT to a non-TCP service".into())),
@@ -74,10 +74,16 @@ pub async fn inbound(mut req: Request<()>, stream: ServerStream, peer: &str, mes
 /// Serves a peer's upgrade (WebSocket) CONNECT: authorizes it as the HTTP request it carries,
 /// makes the upgrade request to the local instance, and once the instance switched, answers 200
 /// with its headers and splices; a refusal (the instance's or this node's) is answered as such.
-async fn upgrade_inbound(mut req: Request<()>, stream: ServerStream, peer: &str, mesh: &Mesh) {
+async fn upgrade_inbound(
+    mut req: Request<()>,
+    fields: Option<Internal>,
+    stream: ServerStream,
+    peer: &str,
+    mesh: &Mesh,
+) {
     let (mut send, recv) = stream.split();
     let table = mesh.table();
-    let fields = Internal::take(req.headers_mut());
+    let fields = fields.unwrap_or_else(|| Internal::take(req.headers_mut()));
     let source = source_of(&fields, peer, &table);
     let via_gateway = peer == table.gateway_name();
     let claims = crate::inbound::gateway_claims(fields.jwt_claims.as_ref(), via_gateway);

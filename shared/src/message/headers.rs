@@ -22,15 +22,16 @@ pub const SOURCE: HeaderName = HeaderName::from_static("quicmesh-source");
 /// (base64url of their JSON), for authorization rules on them (`from.jwt`). Believed only from
 /// the gateway; never delivered to an instance.
 pub const JWT_CLAIMS: HeaderName = HeaderName::from_static("quicmesh-jwt-claims");
-/// Which try of a request this is, set toward the upstream on retries (2 for the first retry).
 /// How long the calling mesh member lets this try take, in milliseconds: the node that
 /// delivers the request bounds its wait for the instance by it, in place of its own
 /// `timeouts.request` (a route may allow more, or turn the limit off). Internal: removed
 /// before the instance sees the request.
 pub const TRY_TIMEOUT: HeaderName = HeaderName::from_static("quicmesh-timeout");
+/// Which try of a request this is, set toward the upstream on retries (2 for the first retry).
 pub const ATTEMPT: HeaderName = HeaderName::from_static("quicmesh-attempt");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// A gRPC call's status, in trailers (or in the headers of a trailers-only answer).
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
@@ -182,10 +183,37 @@ impl Internal {
         Self { service, endpoint, source, jwt_claims, try_timeout }
     }
 
+    /// Where a field of this name goes, for a reader that takes the fields out of a head as it
+    /// decodes it (they then never enter the map); `None` for any other name.
+    pub fn slot(&mut self, name: &[u8]) -> Option<&mut Option<HeaderValue>> {
+        match name {
+            b"quicmesh-service" => Some(&mut self.service),
+            b"quicmesh-endpoint" => Some(&mut self.endpoint),
+            b"quicmesh-source" => Some(&mut self.source),
+            b"quicmesh-jwt-claims" => Some(&mut self.jwt_claims),
+            b"quicmesh-timeout" => Some(&mut self.try_timeout),
+            _ => None,
+        }
+    }
+
     /// A field as text, when it is.
     pub fn text(value: &Option<HeaderValue>) -> Option<&str> {
         value.as_ref().and_then(|v| v.to_str().ok())
     }
+}
+
+/// The name a header field read off the wire has, for the names the mesh itself puts on every
+/// hop: made from a constant (`HeaderName::from_bytes` copies a name that is not a standard one
+/// into an allocation of its own, after checking each byte). Other names are parsed.
+pub fn name_from_wire(name: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    Ok(match name {
+        b"x-forwarded-for" => FORWARDED_FOR,
+        b"x-request-id" => REQUEST_ID,
+        b"traceparent" => TRACEPARENT,
+        b"x-forwarded-proto" => FORWARDED_PROTO,
+        b"quicmesh-attempt" => ATTEMPT,
+        _ => HeaderName::from_bytes(name)?,
+    })
 }
 
 /// Header values a proxy writes into one request, cut from one buffer: two allocations (the

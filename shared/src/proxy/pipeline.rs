@@ -24,7 +24,6 @@ use crate::proxy::{ext_authz, upgrade};
 use crate::telemetry::metrics as m;
 use crate::telemetry::Record;
 
-const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// What one side of the mesh does differently on the shared path.
@@ -277,7 +276,7 @@ fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, mut authority: String, se
 /// client sent, written into `scratch` (formatting it cost a few thousand instructions).
 fn edge_forwarding(parts: &mut Parts, client: SocketAddr, authority: &str, scratch: &mut headers::Scratch) {
     use bytes::BufMut as _;
-    parts.headers.insert(FORWARDED_PROTO, HeaderValue::from_static("https"));
+    parts.headers.insert(headers::FORWARDED_PROTO, HeaderValue::from_static("https"));
     let prev = parts.headers.get(&FORWARDED).and_then(|v| v.to_str().ok());
     let value = scratch.value(|b| {
         if let Some(prev) = prev {

@@ -28,6 +28,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 
 use crate::message::body::{H3Recv, H3Send};
+use crate::message::headers::{self, Internal};
 use crate::message::wire::WireError;
 
 /// The ALPN protocol id of this framing.
@@ -167,7 +168,9 @@ fn field(block: &mut Bytes) -> Result<Bytes, WireError> {
     Ok(block.split_to(n))
 }
 
-fn header_map(mut block: Bytes) -> Result<HeaderMap, WireError> {
+/// The fields of a head. With `internal`, the mesh's own fields of a request go there, not into
+/// the map (the node that delivers it would take them out again).
+fn header_map(mut block: Bytes, mut internal: Option<&mut Internal>) -> Result<HeaderMap, WireError> {
     if block.remaining() < 2 {
         return Err(WireError::Malformed("a head cut short"));
     }
@@ -180,9 +183,14 @@ fn header_map(mut block: Bytes) -> Result<HeaderMap, WireError> {
     let mut map = HeaderMap::with_capacity(count + HEADROOM);
     for _ in 0..count {
         let name = field(&mut block)?;
-        let name = HeaderName::from_bytes(&name).map_err(|_| WireError::Malformed("a bad header name"))?;
         let value = HeaderValue::from_maybe_shared(field(&mut block)?)
             .map_err(|_| WireError::Malformed("a bad header value"))?;
+        if let Some(slot) = internal.as_deref_mut().and_then(|fields| fields.slot(&name)) {
+            // The first of several, as `Internal::take` keeps.
+            slot.get_or_insert(value);
+            continue;
+        }
+        let name = headers::name_from_wire(&name).map_err(|_| WireError::Malformed("a bad header name"))?;
         map.append(name, value);
     }
     if block.has_remaining() {
@@ -191,7 +199,7 @@ fn header_map(mut block: Bytes) -> Result<HeaderMap, WireError> {
     Ok(map)
 }
 
-fn decode_request(mut block: Bytes) -> Result<Request<()>, WireError> {
+fn decode_request(mut block: Bytes, internal: Option<&mut Internal>) -> Result<Request<()>, WireError> {
     let method = Method::from_bytes(&field(&mut block)?).map_err(|_| WireError::Malformed("a bad method"))?;
     let authority = field(&mut block)?;
     let path = field(&mut block)?;
@@ -212,7 +220,7 @@ fn decode_request(mut block: Bytes) -> Result<Request<()>, WireError> {
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_3;
-    *req.headers_mut() = header_map(block)?;
+    *req.headers_mut() = header_map(block, internal)?;
     Ok(req)
 }
 
@@ -225,7 +233,7 @@ fn decode_response(mut block: Bytes) -> Result<Response<()>, WireError> {
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = http::Version::HTTP_3;
-    *resp.headers_mut() = header_map(block)?;
+    *resp.headers_mut() = header_map(block, None)?;
     Ok(resp)
 }
 
@@ -251,16 +259,18 @@ pub async fn open_with(
     Ok((send, RecvHalf::new(recv, tunnel, MAX_HEAD)))
 }
 
-/// A request stream a peer opened: reads its head (at most `limit` bytes of it). A stream
-/// without a readable head is reset (`MESSAGE_ERROR`), not answered.
+/// A request stream a peer opened: reads its head (at most `limit` bytes of it), with the mesh's
+/// own fields apart from its headers. A stream without a readable head is reset
+/// (`MESSAGE_ERROR`), not answered.
 pub async fn accept(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     limit: usize,
-) -> Result<(Request<()>, SendHalf, RecvHalf), WireError> {
+) -> Result<(Request<()>, Internal, SendHalf, RecvHalf), WireError> {
     let mut recv = RecvHalf::new(recv, false, limit);
+    let mut internal = Internal::default();
     let head = match std::future::poll_fn(|cx| recv.poll_head(cx)).await {
-        Ok(block) => decode_request(block),
+        Ok(block) => decode_request(block, Some(&mut internal)),
         Err(e) => Err(e),
     };
     let req = match head {
@@ -274,7 +284,7 @@ pub async fn accept(
     };
     let tunnel = req.method() == Method::CONNECT;
     recv.raw = tunnel;
-    Ok((req, SendHalf { stream: send, raw: tunnel }, recv))
+    Ok((req, internal, SendHalf { stream: send, raw: tunnel }, recv))
 }
 
 /// Refuses a stream unread (the peer may send its request elsewhere, `REQUEST_REJECTED`) or as
@@ -528,7 +538,7 @@ impl H3Recv for RecvHalf {
                 Some((DATA, len)) => self.left = len,
                 Some((TRAILERS, len)) => {
                     let block = ready!(self.poll_block(cx, len))?;
-                    self.trailers = Some(header_map(block)?);
+                    self.trailers = Some(header_map(block, None)?);
                     self.finished = true;
                     // The end follows; read now if it is here, so that the stream is not
                     // stopped as one dropped unread.
@@ -573,17 +583,36 @@ mod tests {
         let mut frame = request_head(&req).unwrap();
         assert_eq!(frame.get_u8(), HEADERS);
         assert_eq!(frame.get_u32() as usize, frame.len());
-        let back = decode_request(frame).unwrap();
+        let back = decode_request(frame, None).unwrap();
         assert_eq!(back.method(), Method::POST);
         assert_eq!(back.uri(), req.uri());
         assert_eq!(back.headers(), req.headers());
+
+        // Read by the delivering node: the mesh's own fields apart (the first of each), the
+        // mesh's usual names as the same names.
+        req.headers_mut().append("quicmesh-service", HeaderValue::from_static("other"));
+        req.headers_mut().insert("quicmesh-timeout", HeaderValue::from_static("250"));
+        req.headers_mut().insert("x-request-id", HeaderValue::from_static("abc"));
+        req.headers_mut().insert("traceparent", HeaderValue::from_static("00-1-2-01"));
+        let mut frame = request_head(&req).unwrap();
+        frame.advance(FRAME_HEAD);
+        let mut internal = Internal::default();
+        let back = decode_request(frame, Some(&mut internal)).unwrap();
+        assert_eq!(internal.service.as_ref().unwrap(), "svc");
+        assert_eq!(internal.try_timeout.as_ref().unwrap(), "250");
+        assert!(internal.endpoint.is_none() && internal.source.is_none());
+        let mut expected = req.headers().clone();
+        Internal::take(&mut expected);
+        assert_eq!(back.headers(), &expected);
+        assert_eq!(back.headers()["x-request-id"], "abc");
+        assert_eq!(back.headers()["traceparent"], "00-1-2-01");
 
         let mut tunnel = Request::new(());
         *tunnel.method_mut() = Method::CONNECT;
         *tunnel.uri_mut() = "127.0.0.1:9000".parse().unwrap();
         let mut frame = request_head(&tunnel).unwrap();
         frame.advance(FRAME_HEAD);
-        let back = decode_request(frame).unwrap();
+        let back = decode_request(frame, None).unwrap();
         assert_eq!(back.uri().authority().unwrap().as_str(), "127.0.0.1:9000");
         assert_eq!(back.uri().path_and_query(), None);
 
@@ -610,7 +639,7 @@ mod tests {
             Head { method: &Method::GET, uri: &uri, headers: &headers, drop: Some(&host), add: &[(&service, &value)] };
         let mut frame = head.frame().unwrap();
         frame.advance(FRAME_HEAD);
-        let sent = decode_request(frame).unwrap();
+        let sent = decode_request(frame, None).unwrap();
         // As HTTP/3 gets it, the same: no Host, the hop's service only, the rest kept.
         assert_eq!(sent.headers(), head.request().headers());
         assert_eq!(sent.headers().get_all("quicmesh-service").iter().collect::<Vec<_>>(), [&value]);
@@ -626,7 +655,7 @@ mod tests {
         let mut block = BytesMut::new();
         block.put_u16(30_000);
         block.extend_from_slice(&vec![0u8; 200_000]);
-        assert!(header_map(block.freeze()).is_err());
+        assert!(header_map(block.freeze(), None).is_err());
     }
 
     #[test]
@@ -639,13 +668,13 @@ mod tests {
         // Every truncation, and every byte changed to each of a few values, fails cleanly or
         // decodes: never panics.
         for cut in 0..whole.len() {
-            assert!(decode_request(whole.slice(..cut)).is_err(), "cut at {cut}");
+            assert!(decode_request(whole.slice(..cut), None).is_err(), "cut at {cut}");
         }
         for at in 0..whole.len() {
             for v in [0u8, 1, 0x7f, 0xff, b'\n', b' '] {
                 let mut bytes = whole.to_vec();
                 bytes[at] = v;
-                let _ = decode_request(Bytes::from(bytes));
+                let _ = decode_request(Bytes::from(bytes), None);
             }
         }
         assert!(decode_response(Bytes::from_static(&[0, 2, 0, 99, 0, 0])).is_err(), "status 99");
