@@ -74,31 +74,37 @@ fn put_field(buf: &mut BytesMut, v: &[u8]) -> Result<(), WireError> {
 
 /// A HEADERS or TRAILERS frame: `first` fields, the number of header fields, then each.
 fn head_frame(kind: u8, first: &[&[u8]], headers: &HeaderMap) -> Result<Bytes, WireError> {
-    fields_frame(kind, first, || headers.iter())
+    fields_frame(kind, first, headers.len(), headers.iter())
 }
 
-/// [`head_frame`] of the fields `fields` yields (each time it is called, the same ones).
-fn fields_frame<'a, I>(kind: u8, first: &[&[u8]], fields: impl Fn() -> I) -> Result<Bytes, WireError>
-where
-    I: Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
-{
-    let (mut len, mut count) = (first.iter().map(|f| 2 + f.len()).sum::<usize>() + 2, 0usize);
-    for (n, v) in fields() {
-        len += 4 + n.as_str().len() + v.len();
-        count += 1;
-    }
-    let count = u16::try_from(count).map_err(|_| WireError::Malformed("more than 65535 header fields"))?;
-    let mut buf = BytesMut::with_capacity(FRAME_HEAD + len);
+/// [`head_frame`] of `fields`, of which there are about `hint`. One pass: the frame's length
+/// and the field count are written when the fields are.
+fn fields_frame<'a>(
+    kind: u8,
+    first: &[&[u8]],
+    hint: usize,
+    fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) -> Result<Bytes, WireError> {
+    // Room for typical fields; a head with longer ones grows the buffer.
+    let guess = FRAME_HEAD + 2 + first.iter().map(|f| 2 + f.len()).sum::<usize>() + hint * 48;
+    let mut buf = BytesMut::with_capacity(guess);
     buf.put_u8(kind);
-    buf.put_u32(u32::try_from(len).map_err(|_| too_long())?);
+    buf.put_u32(0);
     for f in first {
         put_field(&mut buf, f)?;
     }
-    buf.put_u16(count);
-    for (n, v) in fields() {
+    let at_count = buf.len();
+    buf.put_u16(0);
+    let mut count = 0usize;
+    for (n, v) in fields {
         put_field(&mut buf, n.as_str().as_bytes())?;
         put_field(&mut buf, v.as_bytes())?;
+        count += 1;
     }
+    let count = u16::try_from(count).map_err(|_| WireError::Malformed("more than 65535 header fields"))?;
+    let len = u32::try_from(buf.len() - FRAME_HEAD).map_err(|_| too_long())?;
+    buf[1..FRAME_HEAD].copy_from_slice(&len.to_be_bytes());
+    buf[at_count..at_count + 2].copy_from_slice(&count.to_be_bytes());
     Ok(buf.freeze())
 }
 
@@ -131,8 +137,8 @@ impl Head<'_> {
             _ => self.uri.path_and_query().map_or("/", |p| p.as_str()),
         };
         let first = [self.method.as_str().as_bytes(), authority.as_bytes(), path.as_bytes()];
-        let fields = || self.headers.iter().filter(|(n, _)| self.kept(n)).chain(self.add.iter().copied());
-        fields_frame(HEADERS, &first, fields)
+        let fields = self.headers.iter().filter(|(n, _)| self.kept(n)).chain(self.add.iter().copied());
+        fields_frame(HEADERS, &first, self.headers.len() + self.add.len(), fields)
     }
 
     /// The same head as a `Request` (for HTTP/3).
