@@ -1556,3 +1556,130 @@ async fn a_malformed_lean_stream_is_reset_alone() {
     assert_eq!((answer[0], &answer[5..9]), (1, &[0u8, 2, 0, 200][..]), "{answer:?}");
     assert!(String::from_utf8_lossy(&answer).contains("\"path\":\"/slowly\""), "{}", String::from_utf8_lossy(&answer));
 }
+
+/// A member whose request stream is dropped in the middle of a body (its task cancelled) resets
+/// the stream: the delivering node and its instance never take the part that came for the whole
+/// body. (quinn finishes a send stream dropped unfinished, which read as a clean end.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_by_a_dropped_stream_is_never_delivered_as_whole() {
+    use quicmesh_shared::message::body::H3Send;
+    use quicmesh_shared::transport::lean;
+    // An instance that says whether each request body it read came whole.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(String, Result<Bytes, String>)>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen_tx = seen_tx.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).map_err(|e| e.to_string());
+                        let _ = seen_tx.send((path, body));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"got it"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &services(backend, "")));
+    let creds = credentials(pki.path(), "node-a");
+    let mut tls = quicmesh_shared::identity::tls::mesh_client(&creds, TD).unwrap();
+    tls.alpn_protocols = vec![lean::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let conn = ep.connect(b.addrs.inbound, "node-b").unwrap().await.unwrap();
+    let post = |path: &str| {
+        http::Request::post(format!("https://echo{path}"))
+            .header("quicmesh-service", "echo")
+            .header("quicmesh-endpoint", backend.to_string())
+            .body(())
+            .unwrap()
+    };
+    // A whole body first: the instance takes it as whole.
+    let (mut send, mut recv) = lean::open(&conn, &post("/whole"), false).await.unwrap();
+    send.send(Bytes::from_static(b"all of it")).await.unwrap();
+    send.finish().await.unwrap();
+    assert_eq!(recv.response().await.unwrap().status(), 200);
+    assert_eq!(seen.recv().await.unwrap(), ("/whole".to_string(), Ok(Bytes::from_static(b"all of it"))));
+    // Half a body (no length said, as a streamed upload), then the sending half is dropped.
+    let (mut send, mut recv) = lean::open(&conn, &post("/cut"), false).await.unwrap();
+    send.send(Bytes::from_static(b"the first half")).await.unwrap();
+    drop(send);
+    let answer = tokio::time::timeout(Duration::from_secs(10), recv.response()).await.expect("no answer");
+    if let Ok(head) = &answer {
+        assert_ne!(head.status(), 200, "a cut body was delivered as whole");
+    }
+    // Whatever reached the instance of it did not end as a whole body. (Whether any of it
+    // reached the instance depends on when the reset came; a whole request sent after it is
+    // the end of what to look at.)
+    let (mut send, mut recv) = lean::open(&conn, &post("/after"), false).await.unwrap();
+    send.send(Bytes::from_static(b"whole again")).await.unwrap();
+    send.finish().await.unwrap();
+    assert_eq!(recv.response().await.unwrap().status(), 200);
+    let mut cut = Vec::new();
+    loop {
+        let (path, body) = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.unwrap().unwrap();
+        match path.as_str() {
+            "/after" => break,
+            _ => cut.push(body),
+        }
+    }
+    assert!(cut.iter().all(Result::is_err), "the instance took a cut body for a whole one: {cut:?}");
+    assert!(conn.close_reason().is_none(), "the node closed the member's connection");
+}
+
+/// A local app's request head larger than the next node takes (64 KiB) is that app's 431
+/// `head-too-large`, refused before anything is sent, in either framing: not a 502 that blames
+/// the peer or its connection (the lean peer would reset the stream; the HTTP/3 client refused it
+/// as a broken connection and dropped the shared one). The next request is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_too_large_for_the_next_node_is_the_apps_431() {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let echo = echo_backend().await;
+    let svc = services(echo, "");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    for framing in ["lean", "h3"] {
+        let toml = with_framing(&node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc), framing);
+        let a = NodeProc::start(pki.path(), "node-a", &toml);
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<Full<Bytes>>();
+        // A request with a header field of each of these sizes.
+        let get = |big: &[usize]| {
+            let mut req = http::Request::get(format!("http://{}/x", a.addrs.outbound)).header("host", "echo.test");
+            for (i, n) in big.iter().enumerate() {
+                req = req.header(format!("x-big-{i}"), "b".repeat(*n));
+            }
+            client.request(req.body(Full::new(Bytes::new())).unwrap())
+        };
+        assert_eq!(get(&[]).await.unwrap().status(), 200, "{framing}");
+        assert_eq!(a.framing_to("node-b").await, framing);
+        // One field past 64 KiB, and fields that add up past it.
+        for big in [&[70 << 10][..], &[36 << 10, 36 << 10]] {
+            let resp = get(big).await.unwrap();
+            assert_eq!(resp.status(), 431, "{framing}: {resp:?}");
+            assert_eq!(resp.headers()["quicmesh-error"], "head-too-large", "{framing}");
+        }
+        // A head just under the limit still goes through, and so does the next request.
+        assert_eq!(get(&[60 << 10]).await.unwrap().status(), 200, "{framing}");
+        assert_eq!(get(&[]).await.unwrap().status(), 200, "{framing}");
+        // No connection to node-b was closed on the way (each worker may have opened its own).
+        let m = a.metrics().await;
+        let out = [("direction", "outbound")];
+        let closed = metric(&m, "quicmesh_quic_connections_opened_total", &out)
+            - metric(&m, "quicmesh_quic_connections_active", &out);
+        assert_eq!(closed, 0.0, "{framing}: a connection to node-b was closed\n{m}");
+    }
+}

@@ -35,6 +35,9 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    /// A request head larger than the next hop takes (431).
+    #[error("request head too large: {0}")]
+    HeadTooLarge(String),
     #[error("not allowed: {0}")]
     Denied(String),
     #[error("service {0:?} has too many requests in flight")]
@@ -86,6 +89,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_) | ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Fault(code) => StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -112,6 +116,7 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => "upstream-reset",
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::BodyTooLarge(_) => "body-too-large",
+            ProxyError::HeadTooLarge(_) => "head-too-large",
             ProxyError::Denied(_) => "denied",
             ProxyError::Overloaded(_) => "overloaded",
             ProxyError::RateLimited { .. } => "rate-limited",
@@ -156,6 +161,7 @@ impl ProxyError {
         "upstream-reset",
         "bad-request",
         "body-too-large",
+        "head-too-large",
         "denied",
         "overloaded",
         "rate-limited",

@@ -63,13 +63,13 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// that do not say): what a gRPC client should make of it.
 fn grpc_code(reason: &str, status: u16) -> u8 {
     match reason {
-        "no-route" | "not-implemented" => 12,   // UNIMPLEMENTED
-        "timeout" | "connect-timeout" => 4,     // DEADLINE_EXCEEDED
-        "denied" => 7,                          // PERMISSION_DENIED
-        "unauthenticated" => 16,                // UNAUTHENTICATED
-        "rate-limited" | "body-too-large" => 8, // RESOURCE_EXHAUSTED
-        "bad-request" => 3,                     // INVALID_ARGUMENT
-        "invalid-backend" => 13,                // INTERNAL
+        "no-route" | "not-implemented" => 12,                      // UNIMPLEMENTED
+        "timeout" | "connect-timeout" => 4,                        // DEADLINE_EXCEEDED
+        "denied" => 7,                                             // PERMISSION_DENIED
+        "unauthenticated" => 16,                                   // UNAUTHENTICATED
+        "rate-limited" | "body-too-large" | "head-too-large" => 8, // RESOURCE_EXHAUSTED
+        "bad-request" => 3,                                        // INVALID_ARGUMENT
+        "invalid-backend" => 13,                                   // INTERNAL
         "no-endpoint"
         | "peer-unreachable"
         | "peer-tls"

@@ -22,6 +22,9 @@ pub enum WireError {
     Malformed(&'static str),
     #[error("the stream is closed already")]
     Closed,
+    /// A head larger than the peer takes, refused before anything was sent.
+    #[error("a head over the peer's limit of {limit} bytes ({size} or more)")]
+    HeadTooLarge { size: u64, limit: u64 },
 }
 
 impl From<quinn::ReadError> for WireError {
@@ -60,6 +63,12 @@ impl WireError {
             WireError::Reset(code) | WireError::Stopped(code) => *code == rejected,
             _ => false,
         }
+    }
+
+    /// A head this side could not send because the peer takes none so large (either framing):
+    /// the request's fault, not the connection's.
+    pub fn head_too_large(&self) -> bool {
+        matches!(self, WireError::HeadTooLarge { .. } | WireError::H3(h3::error::StreamError::HeaderTooBig { .. }))
     }
 
     /// The connection as a whole failed (so a pooled one is dead).

@@ -62,12 +62,13 @@ pub const MAX_HEAD: usize = 64 << 10;
 /// limit, which allows this many in [`MAX_HEAD`]. (Far below what `http`'s maps can hold.)
 const MAX_FIELDS: usize = MAX_HEAD / 32;
 
-fn too_long() -> WireError {
-    WireError::Malformed("a head field longer than 65535 bytes")
+/// A head that would be larger than a peer reads: at least `size` bytes.
+fn too_long(size: usize) -> WireError {
+    WireError::HeadTooLarge { size: size as u64, limit: MAX_HEAD as u64 }
 }
 
 fn put_field(buf: &mut BytesMut, v: &[u8]) -> Result<(), WireError> {
-    buf.put_u16(u16::try_from(v.len()).map_err(|_| too_long())?);
+    buf.put_u16(u16::try_from(v.len()).map_err(|_| too_long(v.len()))?);
     buf.put_slice(v);
     Ok(())
 }
@@ -102,7 +103,13 @@ fn fields_frame<'a>(
         count += 1;
     }
     let count = u16::try_from(count).map_err(|_| WireError::Malformed("more than 65535 header fields"))?;
-    let len = u32::try_from(buf.len() - FRAME_HEAD).map_err(|_| too_long())?;
+    // What the peer would refuse (it reads no head past this): refused here, before anything
+    // goes out.
+    let len = buf.len() - FRAME_HEAD;
+    if len > MAX_HEAD {
+        return Err(too_long(len));
+    }
+    let len = len as u32;
     buf[1..FRAME_HEAD].copy_from_slice(&len.to_be_bytes());
     buf[at_count..at_count + 2].copy_from_slice(&count.to_be_bytes());
     Ok(buf.freeze())
@@ -257,9 +264,10 @@ pub async fn open_with(
     end: bool,
 ) -> Result<(SendHalf, RecvHalf), WireError> {
     let (send, recv) = conn.open_bi().await?;
-    let mut send = SendHalf { stream: send, raw: tunnel };
+    let mut send = SendHalf { stream: send, raw: tunnel, done: false };
     send.stream.write_chunk(head).await?;
     if end {
+        send.done = true;
         send.stream.finish().map_err(|_| WireError::Closed)?;
     }
     Ok((send, RecvHalf::new(recv, tunnel, MAX_HEAD)))
@@ -290,7 +298,7 @@ pub async fn accept(
     };
     let tunnel = req.method() == Method::CONNECT;
     recv.raw = tunnel;
-    Ok((req, internal, SendHalf { stream: send, raw: tunnel }, recv))
+    Ok((req, internal, SendHalf { stream: send, raw: tunnel, done: false }, recv))
 }
 
 /// Refuses a stream unread (the peer may send its request elsewhere, `REQUEST_REJECTED`) or as
@@ -328,6 +336,18 @@ pub struct SendHalf {
     stream: quinn::SendStream,
     /// A tunnel: data goes unframed.
     raw: bool,
+    /// Finished or reset: what is sent is all there is.
+    done: bool,
+}
+
+impl Drop for SendHalf {
+    /// A half dropped unfinished (its task cancelled or aborted) resets its stream: quinn would
+    /// finish it, and the peer would take a cut body for a whole one.
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.stream.reset(quinn::VarInt::from_u32(REQUEST_CANCELLED));
+        }
+    }
 }
 
 impl SendHalf {
@@ -356,14 +376,16 @@ impl H3Send for SendHalf {
         }
         let frame = head_frame(TRAILERS, &[], &trailers)?;
         self.stream.write_chunk(frame).await?;
-        self.stream.finish().map_err(|_| WireError::Closed)
+        self.finish().await
     }
 
     async fn finish(&mut self) -> Result<(), WireError> {
+        self.done = true;
         self.stream.finish().map_err(|_| WireError::Closed)
     }
 
     fn reset(&mut self) {
+        self.done = true;
         let _ = self.stream.reset(quinn::VarInt::from_u32(REQUEST_CANCELLED));
     }
 }
