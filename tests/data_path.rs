@@ -1466,6 +1466,19 @@ async fn members_speak_the_lean_framing_and_http3_with_a_member_that_wants_it() 
     assert_eq!(c.framing_to("node-b").await, "h3", "node-c offers HTTP/3 only");
 }
 
+/// node-a's QUIC connection to `node` (node-b) offering only the lean framing, for a test to
+/// write a member's request streams by hand. The endpoint comes with it.
+async fn lean_member(pki: &Pki, node: &NodeProc) -> (quinn::Endpoint, quinn::Connection) {
+    let creds = credentials(pki.path(), "node-a");
+    let mut tls = quicmesh_shared::identity::tls::mesh_client(&creds, TD).unwrap();
+    tls.alpn_protocols = vec![quicmesh_shared::transport::lean::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let conn = ep.connect(node.addrs.inbound, "node-b").unwrap().await.unwrap();
+    (ep, conn)
+}
+
 /// A member's malformed request stream in the lean framing (a head past the limit, a bad
 /// header name, a field count its head cannot hold, a stream that ends inside its head) is
 /// reset alone: the node keeps the connection, and the member's next request on it is served.
@@ -1477,13 +1490,7 @@ async fn a_malformed_lean_stream_is_reset_alone() {
     pki.issue("node-b");
     let echo = echo_backend().await;
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &services(echo, "")));
-    let creds = credentials(pki.path(), "node-a");
-    let mut tls = quicmesh_shared::identity::tls::mesh_client(&creds, TD).unwrap();
-    tls.alpn_protocols = vec![lean::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
-    let conn = ep.connect(b.addrs.inbound, "node-b").unwrap().await.unwrap();
+    let (_ep, conn) = lean_member(&pki, &b).await;
     let mut bad_name = vec![1u8, 0, 0, 0, 0];
     let mut block = Vec::new();
     for f in [&b"GET"[..], b"echo", b"/"] {
@@ -1592,13 +1599,7 @@ async fn a_body_cut_by_a_dropped_stream_is_never_delivered_as_whole() {
     let state = pki.issue("node-a");
     pki.issue("node-b");
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &services(backend, "")));
-    let creds = credentials(pki.path(), "node-a");
-    let mut tls = quicmesh_shared::identity::tls::mesh_client(&creds, TD).unwrap();
-    tls.alpn_protocols = vec![lean::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
-    let conn = ep.connect(b.addrs.inbound, "node-b").unwrap().await.unwrap();
+    let (_ep, conn) = lean_member(&pki, &b).await;
     let post = |path: &str| {
         http::Request::post(format!("https://echo{path}"))
             .header("quicmesh-service", "echo")
