@@ -1682,5 +1682,8 @@ async fn a_head_too_large_for_the_next_node_is_the_apps_431() {
         let closed = metric(&m, "quicmesh_quic_connections_opened_total", &out)
             - metric(&m, "quicmesh_quic_connections_active", &out);
         assert_eq!(closed, 0.0, "{framing}: a connection to node-b was closed\n{m}");
+        // Not tried again elsewhere, and not held against the endpoint.
+        assert_eq!(metric(&m, "quicmesh_retries_total", &[]), 0.0, "{framing}: retried\n{m}");
+        assert_eq!(metric(&m, "quicmesh_outlier_ejections_total", &[]), 0.0, "{framing}: ejected\n{m}");
     }
 }

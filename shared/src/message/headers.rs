@@ -204,15 +204,18 @@ impl Internal {
 
 /// The name a header field read off the wire has, for the names the mesh itself puts on every
 /// hop: made from a constant (`HeaderName::from_bytes` copies a name that is not a standard one
-/// into an allocation of its own, after checking each byte). Other names are parsed.
-pub fn name_from_wire(name: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
-    Ok(match name {
+/// into an allocation of its own, after checking each byte). Other names are parsed. `None`
+/// for a name that is not one, or not in lowercase (as HTTP/3 requires: a name that only
+/// lowercasing makes one of the mesh's own must not pass as another).
+pub fn name_from_wire(name: &[u8]) -> Option<HeaderName> {
+    Some(match name {
         b"x-forwarded-for" => FORWARDED_FOR,
         b"x-request-id" => REQUEST_ID,
         b"traceparent" => TRACEPARENT,
         b"x-forwarded-proto" => FORWARDED_PROTO,
         b"quicmesh-attempt" => ATTEMPT,
-        _ => HeaderName::from_bytes(name)?,
+        _ if name.iter().any(u8::is_ascii_uppercase) => return None,
+        _ => HeaderName::from_bytes(name).ok()?,
     })
 }
 

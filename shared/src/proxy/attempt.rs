@@ -116,6 +116,10 @@ impl Call<'_> {
         {
             return result;
         }
+        // Nor is a head the client made too large for the next node the endpoint's doing.
+        if let Err(TryError { error: ProxyError::HeadTooLarge(_), .. }) = &result {
+            return result;
+        }
         // A failure costs like a timeout, so the balancer steers away from it.
         // A failure costs the balancer what a try may take (bounded when tries are not).
         let penalty = per_try.min(FAILURE_PENALTY_CAP);

@@ -144,9 +144,9 @@ impl Call<'_> {
                 pc.streams.increment(1);
                 Ok((pc, s))
             }
-            // The caller's head cannot be framed (a field past 64 KiB) or is larger than the
-            // peer takes: its fault, not the connection's, which stays (and neither the peer
-            // nor the endpoint is blamed).
+            // The caller's head cannot be framed, or is larger than the peer takes (431): its
+            // fault, not the connection's, which stays (and neither the peer nor the endpoint is
+            // blamed).
             Err(WireError::Malformed(why)) => Err(TryError::unsent(ProxyError::BadRequest(why.into()))),
             Err(e) if e.head_too_large() => Err(TryError::unsent(ProxyError::HeadTooLarge(e.to_string()))),
             Err(e) => {

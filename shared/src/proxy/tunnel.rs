@@ -66,6 +66,8 @@ impl Call<'_> {
         pc.ready_for(&Method::CONNECT).await.map_err(Some)?;
         let mut stream = match pc.open(req).await {
             Ok(s) => s,
+            // The client's head, too large for the peer: the connection stays.
+            Err(e) if e.head_too_large() => return Err(Some(ProxyError::HeadTooLarge(e.to_string()))),
             Err(e) => {
                 self.mesh.pool().evict(&ep.node, &pc.conn).await;
                 return Err(Some(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() }));

@@ -102,13 +102,13 @@ fn fields_frame<'a>(
         put_field(&mut buf, v.as_bytes())?;
         count += 1;
     }
-    let count = u16::try_from(count).map_err(|_| WireError::Malformed("more than 65535 header fields"))?;
-    // What the peer would refuse (it reads no head past this): refused here, before anything
-    // goes out.
+    // What the peer would refuse (it reads no head past this, nor more fields): refused here,
+    // before anything goes out.
     let len = buf.len() - FRAME_HEAD;
-    if len > MAX_HEAD {
+    if len > MAX_HEAD || count > MAX_FIELDS {
         return Err(too_long(len));
     }
+    let count = count as u16;
     let len = len as u32;
     buf[1..FRAME_HEAD].copy_from_slice(&len.to_be_bytes());
     buf[at_count..at_count + 2].copy_from_slice(&count.to_be_bytes());
@@ -203,7 +203,7 @@ fn header_map(mut block: Bytes, mut internal: Option<&mut Internal>) -> Result<H
             slot.get_or_insert(value);
             continue;
         }
-        let name = headers::name_from_wire(&name).map_err(|_| WireError::Malformed("a bad header name"))?;
+        let name = headers::name_from_wire(&name).ok_or(WireError::Malformed("a bad header name"))?;
         map.append(name, value);
     }
     if block.has_remaining() {
@@ -706,5 +706,40 @@ mod tests {
             }
         }
         assert!(decode_response(Bytes::from_static(&[0, 2, 0, 99, 0, 0])).is_err(), "status 99");
+    }
+
+    #[test]
+    fn a_name_in_capitals_is_refused_not_lowercased_into_another() {
+        let mut block = Vec::new();
+        for f in [&b"GET"[..], b"svc", b"/"] {
+            block.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            block.extend_from_slice(f);
+        }
+        block.extend_from_slice(&1u16.to_be_bytes());
+        for f in [&b"Quicmesh-Jwt-Claims"[..], b"e30"] {
+            block.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            block.extend_from_slice(f);
+        }
+        let mut internal = Internal::default();
+        assert!(decode_request(Bytes::from(block.clone()), Some(&mut internal)).is_err());
+        assert!(decode_request(Bytes::from(block), None).is_err());
+    }
+
+    #[test]
+    fn a_head_the_peer_would_refuse_is_not_sent() {
+        // A head of exactly the limit goes; a byte more, or more fields than a peer reads, not.
+        let mut headers = HeaderMap::new();
+        let empty = head_frame(HEADERS, &[b"GET"], &headers).unwrap().len() - FRAME_HEAD;
+        // One field: 2 + 1 ("x") + 2 bytes of prefixes around its value.
+        let value = "v".repeat(MAX_HEAD - empty - 5);
+        headers.insert("x", HeaderValue::from_str(&value).unwrap());
+        assert_eq!(head_frame(HEADERS, &[b"GET"], &headers).unwrap().len() - FRAME_HEAD, MAX_HEAD);
+        headers.insert("x", HeaderValue::from_str(&format!("{value}v")).unwrap());
+        assert!(matches!(head_frame(HEADERS, &[b"GET"], &headers), Err(e) if e.head_too_large()));
+        let mut many = HeaderMap::new();
+        for i in 0..=MAX_FIELDS {
+            many.append(HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(), HeaderValue::from_static("1"));
+        }
+        assert!(matches!(head_frame(HEADERS, &[b"GET"], &many), Err(e) if e.head_too_large()));
     }
 }
