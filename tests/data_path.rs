@@ -1575,26 +1575,15 @@ async fn a_body_cut_by_a_dropped_stream_is_never_delivered_as_whole() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(String, Result<Bytes, String>)>();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let seen_tx = seen_tx.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let seen_tx = seen_tx.clone();
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).map_err(|e| e.to_string());
-                        let _ = seen_tx.send((path, body));
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"got it"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
+    tokio::spawn(quicmesh::samples::serve(listener, move |req: http::Request<hyper::body::Incoming>| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).map_err(|e| e.to_string());
+            let _ = seen_tx.send((path, body));
+            http::Response::new(quicmesh_shared::message::body::full("got it"))
         }
-    });
+    }));
     let pki = Pki::new();
     let state = pki.issue("node-a");
     pki.issue("node-b");
