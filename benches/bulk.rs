@@ -44,7 +44,11 @@ const CHUNK: usize = 256 << 10;
 
 /// The nodes' allocator, for the lanes of raw quinn and the bare tunnel.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: alloc::MiMalloc = alloc::MiMalloc;
+
+#[path = "../src/alloc.rs"]
+#[allow(unsafe_code)]
+mod alloc;
 
 /// The bare tunnel's front: accepts TCP on its lane and carries each connection on a new
 /// stream of one quinn connection to `back`, read 64 KiB at a time as node-a reads.

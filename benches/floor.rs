@@ -134,7 +134,11 @@ async fn plain_sequence(lane: &Lane, target: SocketAddr, host: &'static str, n: 
 
 /// The nodes' allocator, for the bare hop's processes (and this one's lanes).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: alloc::MiMalloc = alloc::MiMalloc;
+
+#[path = "../src/alloc.rs"]
+#[allow(unsafe_code)]
+mod alloc;
 
 fn main() {
     peers::bare::run_if_asked();

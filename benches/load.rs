@@ -348,7 +348,11 @@ async fn load(target: SocketAddr, host: &'static str, conns: usize, secs: u64) -
 
 /// The nodes' allocator, for the bare hop's processes (and this one's client and backend).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: alloc::MiMalloc = alloc::MiMalloc;
+
+#[path = "../src/alloc.rs"]
+#[allow(unsafe_code)]
+mod alloc;
 
 /// One wrk run.
 #[derive(Debug, Clone, Default)]
