@@ -40,12 +40,10 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
         let open = drain.guard();
         quicmesh_shared::runtime::spawn_tcp(stream, move |stream| async move {
             let _open = open;
-            let svc = service_fn(move |req| {
-                let mesh = mesh.clone();
-                // Boxed: HTTP/2 spawns each stream as a task, which moves its future whole
-                // several times, and a request's is kilobytes.
-                Box::pin(async move { Ok::<_, Infallible>(handle(req, client, &mesh).await) })
-            });
+            // Boxed: HTTP/2 spawns each stream as a task, which moves its future whole several
+            // times. The request's own future, not a block around it: each future that holds
+            // another inline is copied whole when it is made.
+            let svc = service_fn(move |req| Box::pin(handle(req, client, mesh.clone())));
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // Extended CONNECT: WebSocket over HTTP/2 (RFC 8441) from local apps too.
             builder.http2().max_concurrent_streams(1024).enable_connect_protocol();
@@ -66,7 +64,8 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
     }
 }
 
-async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) -> Response<Body> {
+async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: Arc<Mesh>) -> Result<Response<Body>, Infallible> {
+    let mesh = &mesh;
     let in_flight = mesh.drain().guard();
     let http1 = req.version() <= http::Version::HTTP_11;
     let grpc = quicmesh_shared::message::respond::is_grpc(req.headers());
@@ -93,7 +92,7 @@ async fn handle(req: Request<Incoming>, client: SocketAddr, mesh: &Arc<Mesh>) ->
         resp = ProxyError::for_grpc(resp);
     }
     mesh.drain().last_on_connection(http1, &mut resp);
-    resp
+    Ok(resp)
 }
 
 async fn route(
@@ -146,5 +145,7 @@ async fn route(
         jwt_claims: None,
     };
     let cx = Ctx { mesh, table: &table, side: &side, client, rec };
-    pipeline::forward(cx, target, parts, body::boxed(body), authority).await
+    // Boxed: the pipeline's future is most of a request's state, and `handle` and the
+    // connection's boxed future would each carry (and copy, when made) its size inline.
+    Box::pin(pipeline::forward(cx, target, parts, body::boxed(body), authority)).await
 }

@@ -197,7 +197,9 @@ impl Call<'_> {
                     Ok(r) => r.map_err(TryError::from),
                 };
             };
-            self.forward_remote(head, body, svc, ep, per_try, pooled).await
+            // Boxed: the remote try's future is most of this one's size, and each future that
+            // holds it inline (this block, `send`, `forward_try`) is copied whole when made.
+            Box::pin(self.forward_remote(head, body, svc, ep, per_try, pooled)).await
         };
         // Pinned in place: the select below then holds a reference, not a second copy of it.
         tokio::pin!(attempt);

@@ -145,7 +145,9 @@ impl PeerConn {
     /// head and the hop's fields, without building a `Request` (a copy of the header map).
     pub async fn open_head(&self, head: &lean::Head<'_>) -> Result<RequestStream, WireError> {
         match &self.link {
-            Link::H3(h3) => Ok(RequestStream::H3(h3.clone().send_request(head.request()).await?)),
+            // Boxed: h3's future is four times the lean one's, and every future above this one
+            // would carry its size (each is copied whole when made) for the framing not in use.
+            Link::H3(h3) => Ok(RequestStream::H3(Box::pin(h3.clone().send_request(head.request())).await?)),
             Link::Lean(_) => {
                 let tunnel = *head.method == Method::CONNECT;
                 let (send, recv) = lean::open_with(&self.conn, head.frame()?, tunnel, false).await?;
