@@ -2,16 +2,18 @@
 //! the alignment Rust asks for.
 //!
 //! The `mimalloc` crate hands every allocation to `mi_malloc_aligned`. In mimalloc 3 that call
-//! takes its fast path only for blocks of at most 1 KiB, and above that only when the block's
-//! size is a power of two; any other block (a boxed request future of 5 KB, a header map's
-//! entries, a read buffer) goes through the over-allocating aligned path, at several times the
-//! instructions of `mi_malloc` (callgrind, a node under load: 26 allocations per request, about
-//! 5 of them there, 2.6k of the node's 44k instructions per request in the allocator). Upstream:
-//! purpleprotocol/mimalloc_rust#170, open.
+//! takes its fast path only for blocks of at most 1 KiB, and above that skips over-allocating
+//! only when the rounded block size is a power of two of at most 4 KiB; any other block (a boxed
+//! request future of 5 KB, a header map's entries, a 64 KiB read buffer) goes through the
+//! over-allocating aligned path, at several times the instructions of `mi_malloc` (callgrind, a
+//! node under load: 26 allocations per request, about 5 of them there, 2.6k of the node's 44k
+//! instructions per request in the allocator). Upstream: the open pull request
+//! purpleprotocol/mimalloc_rust#170.
 //!
-//! `mi_malloc` aligns every block to 16 bytes (`MI_MAX_ALIGN_SIZE`), except the 8-byte ones,
-//! which are aligned to 8: its size classes are multiples of 16 above 8 bytes, and a page's
-//! first block is 16-aligned. So a layout whose alignment is at most 16 and at most its size
+//! On 64-bit targets `mi_malloc` aligns every block to 16 bytes (`MI_MAX_ALIGN_SIZE`), except
+//! the 8-byte ones, which are aligned to 8: its size classes are multiples of 16 above 8 bytes,
+//! and a page's first block is 16-aligned (without the debug build's guard pages, which this
+//! build does not enable). So a layout whose alignment is at most 16 and at most its size
 //! takes the plain calls; others (tokio's task cells ask for 128) keep the aligned ones. Each
 //! plain block's address is checked all the same, and one that came back misaligned (not
 //! expected with this build of mimalloc) is replaced by an aligned one.

@@ -696,14 +696,17 @@ mod tests {
                 // with the layout it was made (or resized) with.
                 unsafe {
                     let z = a.alloc_zeroed(layout);
+                    assert!(!z.is_null());
                     assert_eq!(z as usize % align, 0, "alloc_zeroed({size}, {align})");
                     assert!(std::slice::from_raw_parts(z, size).iter().all(|b| *b == 0));
                     a.dealloc(z, layout);
                     for &new in &sizes {
                         let p = a.alloc(layout);
+                        assert!(!p.is_null());
                         assert_eq!(p as usize % align, 0, "alloc({size}, {align})");
                         std::ptr::write_bytes(p, 0xa5, size);
                         let q = a.realloc(p, layout, new);
+                        assert!(!q.is_null());
                         assert_eq!(q as usize % align, 0, "realloc({size} -> {new}, {align})");
                         let kept = std::slice::from_raw_parts(q, size.min(new));
                         assert!(kept.iter().all(|b| *b == 0xa5), "realloc({size} -> {new}, {align}) lost data");
