@@ -37,6 +37,29 @@ fn aligned(p: *mut c_void, align: usize) -> bool {
     (p as usize) & (align - 1) == 0
 }
 
+/// A new block for `layout`: from `plain_call` when that aligns it enough (checked; a misaligned
+/// block goes back), else from `aligned_call`. Inlined, so the calls are direct ones.
+#[inline(always)]
+#[allow(unsafe_code)]
+fn allocate(
+    layout: Layout,
+    plain_call: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_call: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    if plain(size, align) {
+        // SAFETY: mimalloc's allocating calls take any size.
+        let p = unsafe { plain_call(size) };
+        if aligned(p, align) {
+            return p.cast();
+        }
+        // SAFETY: `p` came from mimalloc just now and is not null (null is aligned).
+        unsafe { mi::mi_free(p) };
+    }
+    // SAFETY: `align` is a power of two (a `Layout`'s always is).
+    unsafe { aligned_call(size, align) }.cast()
+}
+
 // SAFETY: every block comes from mimalloc and goes back to it (`mi_free` takes blocks from
 // either kind of call); a block handed out is at least `layout.size()` bytes and aligned to
 // `layout.align()`: the plain calls' blocks are checked, and replaced by an aligned call's when
@@ -44,33 +67,11 @@ fn aligned(p: *mut c_void, align: usize) -> bool {
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for MiMalloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        if plain(size, align) {
-            // SAFETY: any size may be asked for.
-            let p = unsafe { mi::mi_malloc(size) };
-            if aligned(p, align) {
-                return p.cast();
-            }
-            // SAFETY: `p` came from `mi_malloc` just now and is not null (null is aligned).
-            unsafe { mi::mi_free(p) };
-        }
-        // SAFETY: `align` is a power of two (a `Layout`'s always is).
-        unsafe { mi::mi_malloc_aligned(size, align) }.cast()
+        allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        if plain(size, align) {
-            // SAFETY: as in `alloc`.
-            let p = unsafe { mi::mi_zalloc(size) };
-            if aligned(p, align) {
-                return p.cast();
-            }
-            // SAFETY: as in `alloc`.
-            unsafe { mi::mi_free(p) };
-        }
-        // SAFETY: as in `alloc`.
-        unsafe { mi::mi_zalloc_aligned(size, align) }.cast()
+        allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
@@ -90,7 +91,7 @@ unsafe impl GlobalAlloc for MiMalloc {
             // Not expected (see the module's note): the data is in `p` now; it moves to an
             // aligned block. Returning null here would tell the caller its old block still holds
             // the data, which it no longer does, so running out of memory ends the process.
-            // SAFETY: as in `alloc`.
+            // SAFETY: as in `allocate`.
             let q = unsafe { mi::mi_malloc_aligned(new_size, align) };
             if q.is_null() {
                 std::process::abort();
