@@ -197,7 +197,24 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
     assert!(ra < BOUND_KIB && rb < BOUND_KIB, "peak RSS node-a {ra} KiB, node-b {rb} KiB exceeds {BOUND_KIB} KiB");
 }
 
-/// A TCP backend that reads until EOF, then answers with what it got and closes.
+/// What [`tcp_summing_backend`] answers for `bytes`: their count, last four, and an FNV-1a
+/// digest of them all, which a byte lost, added or out of place changes.
+fn summary(bytes: &[u8]) -> String {
+    let digest = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!(
+        "got {} bytes ending {:?} digest {digest:016x}",
+        bytes.len(),
+        String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(4)..])
+    )
+}
+
+/// Bytes that differ from place to place (a pattern of 251, a prime, so no power-of-two chunk
+/// or buffer lines up with it), then `done`.
+fn patterned(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).chain(*b"done").collect()
+}
+
+/// A TCP backend that reads until EOF, then answers with [`summary`] of what it got and closes.
 async fn tcp_summing_backend() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
@@ -207,12 +224,7 @@ async fn tcp_summing_backend() -> SocketAddr {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 s.read_to_end(&mut buf).await.unwrap();
-                let reply = format!(
-                    "got {} bytes ending {:?}",
-                    buf.len(),
-                    String::from_utf8_lossy(&buf[buf.len().saturating_sub(4)..])
-                );
-                s.write_all(reply.as_bytes()).await.unwrap();
+                s.write_all(summary(&buf).as_bytes()).await.unwrap();
                 s.shutdown().await.unwrap();
             });
         }
@@ -234,14 +246,15 @@ async fn tcp_tunnel_carries_bytes_both_ways_with_half_close() {
     let port = a.addrs.tcp.iter().find(|(s, _)| s == "db").unwrap().1;
     for round in 0..3 {
         let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
-        let payload = vec![b'z'; 300_000 + round];
+        // Hundreds of datagrams' worth: the delivering node reads the stream many chunks at a
+        // time, and every byte must come out in its place.
+        let payload = patterned(300_000 + round);
         s.write_all(&payload).await.unwrap();
-        s.write_all(b"done").await.unwrap();
         // Half-close: the backend only answers after seeing our EOF through the tunnel.
         s.shutdown().await.unwrap();
         let mut reply = String::new();
         tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut reply)).await.expect("reply").unwrap();
-        assert_eq!(reply, format!("got {} bytes ending \"done\"", payload.len() + 4));
+        assert_eq!(reply, summary(&payload));
     }
     let m = a.metrics().await;
     assert_eq!(metric(&m, "quicmesh_tcp_connections_total", &[("direction", "outbound"), ("service", "db")]), 3.0);
@@ -1088,8 +1101,8 @@ async fn a_gateway_tcp_listener_forwards_to_a_tcp_service() {
         let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut reply)).await.expect("an end");
         reply
     };
-    let payload = [vec![b'z'; 200_000], b"done".to_vec()].concat();
-    assert_eq!(exchange(port("db"), payload).await, "got 200004 bytes ending \"done\"");
+    let payload = patterned(200_000);
+    assert_eq!(exchange(port("db"), payload.clone()).await, summary(&payload));
     assert_eq!(exchange(port("closed"), b"hello".to_vec()).await, "", "the denied tunnel answered");
     let m = gw.metrics().await;
     assert_eq!(metric(&m, "quicmesh_tcp_connections_total", &[("direction", "outbound"), ("service", "db")]), 1.0);
@@ -1453,13 +1466,12 @@ async fn members_speak_the_lean_framing_and_http3_with_a_member_that_wants_it() 
     for service in ["db-b", "db-c"] {
         let port = a.addrs.tcp.iter().find(|(s, _)| s == service).unwrap().1;
         let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
-        let payload = vec![b'z'; 300_000];
+        let payload = patterned(300_000);
         s.write_all(&payload).await.unwrap();
-        s.write_all(b"done").await.unwrap();
         s.shutdown().await.unwrap();
         let mut reply = String::new();
         tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut reply)).await.expect("reply").unwrap();
-        assert_eq!(reply, format!("got {} bytes ending \"done\"", payload.len() + 4), "{service}");
+        assert_eq!(reply, summary(&payload), "{service}");
     }
     assert_eq!(a.framing_to("node-b").await, "lean");
     assert_eq!(a.framing_to("node-c").await, "h3", "node-c prefers HTTP/3");

@@ -412,7 +412,16 @@ pub struct RecvHalf {
     end: bool,
     /// The largest head or trailers taken.
     limit: usize,
+    /// A tunnel's chunks, read from the stream many at a time (one look at the connection's
+    /// state for all that has arrived, where a chunk at a time took one each), and handed out
+    /// from `next` up to `got`.
+    batch: Vec<Bytes>,
+    next: usize,
+    got: usize,
 }
+
+/// The most chunks a tunnel's stream is read at once (each at most a datagram's payload).
+const BATCH: usize = 64;
 
 impl RecvHalf {
     fn new(stream: quinn::RecvStream, raw: bool, limit: usize) -> Self {
@@ -427,6 +436,9 @@ impl RecvHalf {
             finished: false,
             end: false,
             limit,
+            batch: Vec::new(),
+            next: 0,
+            got: 0,
         }
     }
 
@@ -443,8 +455,29 @@ impl RecvHalf {
 
     /// The stream's next chunk; `None` at its end.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, WireError>> {
+        if self.next < self.got {
+            self.next += 1;
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.batch[self.next - 1]))));
+        }
         if self.end {
             return Poll::Ready(Ok(None));
+        }
+        if self.raw {
+            if self.batch.is_empty() {
+                self.batch = vec![Bytes::new(); BATCH];
+            }
+            let read = ready!(pin!(self.stream.read_chunks(&mut self.batch)).poll(cx));
+            return match read {
+                Ok(Some(n)) => {
+                    (self.next, self.got) = (1, n);
+                    Poll::Ready(Ok(Some(std::mem::take(&mut self.batch[0]))))
+                }
+                Ok(None) => {
+                    self.end = true;
+                    Poll::Ready(Ok(None))
+                }
+                Err(e) => Poll::Ready(Err(e.into())),
+            };
         }
         match ready!(pin!(self.stream.read_chunk(usize::MAX, true)).poll(cx)) {
             Ok(Some(chunk)) => Poll::Ready(Ok(Some(chunk.bytes))),
