@@ -208,12 +208,6 @@ fn summary(bytes: &[u8]) -> String {
     )
 }
 
-/// Bytes that differ from place to place (a pattern of 251, a prime, so no power-of-two chunk
-/// or buffer lines up with it), then `done`.
-fn patterned(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).chain(*b"done").collect()
-}
-
 /// A TCP backend that reads until EOF, then answers with [`summary`] of what it got and closes.
 async fn tcp_summing_backend() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

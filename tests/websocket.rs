@@ -67,7 +67,7 @@ async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(ws: &
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text("hello".into()), "{what}: text");
     ws.send(Message::Binary(vec![0, 1, 2, 255])).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::Binary(vec![0, 1, 2, 255]), "{what}: binary");
-    let big: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let big = patterned(1 << 20);
     ws.send(Message::Binary(big.clone())).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::Binary(big), "{what}: 1 MiB");
     ws.send(Message::Ping(b"are you there".to_vec())).await.unwrap();

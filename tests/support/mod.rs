@@ -1044,6 +1044,12 @@ pub async fn duplex_echo_backend() -> SocketAddr {
     addr
 }
 
+/// `len` bytes that differ from place to place: a pattern of 251 (a prime, so no power-of-two
+/// chunk or buffer lines up with it), for checking that a transfer kept every byte in its place.
+pub fn patterned(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
 /// An mpsc receiver as a stream.
 pub fn stream_of<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))

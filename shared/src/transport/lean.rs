@@ -414,7 +414,8 @@ pub struct RecvHalf {
     limit: usize,
     /// A tunnel's chunks, read from the stream many at a time (one look at the connection's
     /// state for all that has arrived, where a chunk at a time took one each), and handed out
-    /// from `next` up to `got`.
+    /// from `next` up to `got`. What waits here has left quinn's receive window, so a tunnel may
+    /// hold up to [`BATCH`] chunks (about 90 KiB) beyond it.
     batch: Vec<Bytes>,
     next: usize,
     got: usize,
@@ -451,6 +452,9 @@ impl RecvHalf {
     /// Stops the peer's sending (the answer is not wanted).
     pub fn stop(&mut self, code: u32) {
         let _ = self.stream.stop(quinn::VarInt::from_u32(code));
+        // Nor what already came: a tunnel's batch is let go.
+        self.batch = Vec::new();
+        (self.next, self.got) = (0, 0);
     }
 
     /// The stream's next chunk; `None` at its end.
