@@ -466,31 +466,24 @@ impl RecvHalf {
         if self.end {
             return Poll::Ready(Ok(None));
         }
-        if self.raw {
+        let read = if self.raw {
             if self.batch.is_empty() {
                 self.batch = vec![Bytes::new(); BATCH];
             }
-            let read = ready!(pin!(self.stream.read_chunks(&mut self.batch)).poll(cx));
-            return match read {
-                Ok(Some(n)) => {
+            let got = ready!(pin!(self.stream.read_chunks(&mut self.batch)).poll(cx));
+            got.map(|got| {
+                got.map(|n| {
                     (self.next, self.got) = (1, n);
-                    Poll::Ready(Ok(Some(std::mem::take(&mut self.batch[0]))))
-                }
-                Ok(None) => {
-                    self.end = true;
-                    Poll::Ready(Ok(None))
-                }
-                Err(e) => Poll::Ready(Err(e.into())),
-            };
+                    std::mem::take(&mut self.batch[0])
+                })
+            })
+        } else {
+            ready!(pin!(self.stream.read_chunk(usize::MAX, true)).poll(cx)).map(|chunk| chunk.map(|c| c.bytes))
+        };
+        if let Ok(None) = read {
+            self.end = true;
         }
-        match ready!(pin!(self.stream.read_chunk(usize::MAX, true)).poll(cx)) {
-            Ok(Some(chunk)) => Poll::Ready(Ok(Some(chunk.bytes))),
-            Ok(None) => {
-                self.end = true;
-                Poll::Ready(Ok(None))
-            }
-            Err(e) => Poll::Ready(Err(e.into())),
-        }
+        Poll::Ready(read.map_err(Into::into))
     }
 
     /// Until `n` bytes are buffered in `buf`, in one piece; `false` when the stream ended before.
