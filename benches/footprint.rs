@@ -120,7 +120,7 @@ fn rss_split(p: &NodeProc) -> [u64; 3] {
 /// Of the functions `link/symbol-order.txt` lists, how many the binary has: (found, listed).
 fn order_coverage() -> Option<(usize, usize)> {
     let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/link/symbol-order.txt")).ok()?;
-    let out = std::process::Command::new("nm").args(["--defined-only", BIN]).output().ok()?;
+    let out = std::process::Command::new("nm").args(["--defined-only", bin()]).output().ok()?;
     let names = String::from_utf8_lossy(&out.stdout);
     let have: std::collections::HashSet<&str> = names.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
     let listed: Vec<&str> = listed.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();

@@ -943,7 +943,7 @@ fn fresh_host(dir: &Path, name: &str) -> quicmesh_shared::config::Config {
 }
 
 fn cli(args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(BIN).args(args).output().unwrap();
+    let out = std::process::Command::new(bin()).args(args).output().unwrap();
     if out.status.success() {
         Ok(String::from_utf8(out.stdout).unwrap())
     } else {

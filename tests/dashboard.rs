@@ -252,7 +252,7 @@ async fn quicmesh_tap_follows_the_gateway_and_every_node() {
     let demo = DemoProc::start(&[]);
     demo.wait_ready().await;
     let node_a = demo.nodes.iter().find(|n| n.name == "node-a").unwrap().clone();
-    let mut tap = Command::new(BIN)
+    let mut tap = Command::new(bin())
         .args(["tap", "--admin", &demo.admin.to_string(), "--service", "echo", "-o", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -297,7 +297,8 @@ async fn quicmesh_tap_follows_the_gateway_and_every_node() {
     }
 
     // Bad filters: a clear error, nothing streamed.
-    let out = Command::new(BIN).args(["tap", "--admin", &demo.admin.to_string(), "--status", "6xx"]).output().unwrap();
+    let out =
+        Command::new(bin()).args(["tap", "--admin", &demo.admin.to_string(), "--status", "6xx"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("status: give a code (503), a class (5xx) or error"), "{err}");
@@ -332,7 +333,7 @@ async fn the_dashboard_data_and_tap_need_the_admin_token() {
     assert_eq!(scraped.len(), 3, "the gateway read both nodes' metrics with the token: {graph}");
 
     let node_a = demo.nodes.iter().find(|n| n.name == "node-a").unwrap().clone();
-    let mut tap = Command::new(BIN)
+    let mut tap = Command::new(bin())
         .args(["tap", "--admin", &demo.admin.to_string(), "--service", "echo", "--count", "1"])
         .env("QUICMESH_ADMIN_TOKEN", TOKEN)
         .stdout(Stdio::piped())

@@ -396,7 +396,7 @@ fn bad_configs_are_refused_naming_the_key() {
         let path = dir.path().join(format!("bad{i}.toml"));
         std::fs::write(&path, text).unwrap();
         for cmd in ["check", "node"] {
-            let out = std::process::Command::new(BIN).args([cmd, "--config"]).arg(&path).output().unwrap();
+            let out = std::process::Command::new(bin()).args([cmd, "--config"]).arg(&path).output().unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{cmd} accepted {text}");
             assert!(err.contains(key), "{cmd}: message does not name {key}: {err}");

@@ -572,3 +572,20 @@ fn the_config_reference_is_generated_from_the_code() {
         assert!(generated.contains(key), "{key} is missing from the reference");
     }
 }
+
+/// `link/pgo.sh`'s training run (what a profile-guided build records its counts from) drives
+/// every path it names through the demo and gets a 200 for each request; the script fails
+/// otherwise, so a demo whose output or routes changed breaks this test, not a release build.
+#[test]
+fn the_pgo_training_run_gets_every_request_through_the_demo() {
+    if !require_tool("curl") {
+        return;
+    }
+    let h3 = require_tool("gtlsclient");
+    let text = run(Command::new(repo().join("link/pgo.sh")).args(["train", bin()]).env("PGO_REQUESTS", "100"));
+    for path in ["edge HTTP/1.1", "edge HTTP/2", "node-a to echo on node-b"] {
+        assert!(text.contains(&format!("  {path}: 100 requests")), "{path} missing from:\n{text}");
+    }
+    let want = if h3 { "  edge HTTP/3: 100 requests" } else { "  edge HTTP/3: skipped" };
+    assert!(text.contains(want), "{want:?} missing from:\n{text}");
+}

@@ -28,7 +28,7 @@ fn setup() -> Setup {
 }
 
 fn cli(args: &[&str]) -> String {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    let out = Command::new(bin()).args(args).output().unwrap();
     assert!(out.status.success(), "quicmesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -53,7 +53,7 @@ fn fresh_node(dir: &Path, name: &str) -> std::path::PathBuf {
 fn failing_join(s: &Setup, name: &str, token: &str, fingerprint: &str) -> String {
     let config = fresh_node(s.pki.path(), name);
     let control = s.gw.addrs.control.to_string();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["node", "--config"])
         .arg(&config)
         .args(["--join", &control, "--token", token, "--ca-fingerprint", fingerprint])
@@ -147,7 +147,7 @@ async fn a_gateway_that_does_not_match_the_pinned_ca_gets_no_token() {
     let admin = s.gw.addrs.admin.to_string();
     let tok = cli(&["token", "create", "--admin", &admin, "--ttl", "1h"]).trim().to_string();
     assert!(tok.starts_with("qm1."), "{tok}");
-    let out = Command::new(BIN).args(["token", "create", "--admin", &admin, "--uses", "0"]).output().unwrap();
+    let out = Command::new(bin()).args(["token", "create", "--admin", &admin, "--uses", "0"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("uses=\"0\" is not a count above 0"), "{err}");
     let wrong = "00".repeat(32);
@@ -194,7 +194,7 @@ async fn a_token_cannot_claim_the_gateway_or_a_member_name() {
     let again = token(&s, "1h");
     let state = s.pki.path().join("taken-state");
     std::fs::remove_dir_all(&state).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["node", "--config"])
         .arg(&config)
         .args(["--join", &control, "--token", &again, "--ca-fingerprint", &s.fingerprint])
@@ -214,7 +214,7 @@ async fn a_join_explains_a_trust_domain_mismatch_and_waits_for_a_silent_gateway(
     let tok = token(&s, "1h");
     let config = fresh_node(s.pki.path(), "elsewhere");
     std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace(TD, "other.example")).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["node", "--config"])
         .arg(&config)
         .args(["--join", &s.gw.addrs.control.to_string(), "--token", &tok, "--ca-fingerprint", &s.fingerprint])
@@ -230,7 +230,7 @@ async fn a_join_explains_a_trust_domain_mismatch_and_waits_for_a_silent_gateway(
     // Nothing answers at this address: the node waits and says so, rather than failing.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let log = s.pki.path().join("waiting.log");
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(["node", "--config"])
         .arg(fresh_node(s.pki.path(), "patient"))
         .args([

@@ -125,7 +125,7 @@ async fn the_demo_splits_hello_90_10_between_v1_and_v2() {
 async fn the_demo_nodes_join_its_control_plane_and_count_each_request_once() {
     let demo = DemoProc::start(&[]);
     demo.wait_ready().await;
-    let out = std::process::Command::new(BIN).args(["status", "--admin", &demo.admin.to_string()]).output().unwrap();
+    let out = std::process::Command::new(bin()).args(["status", "--admin", &demo.admin.to_string()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     for node in ["node-a", "node-b"] {

@@ -600,7 +600,7 @@ async fn the_admin_api_refuses_what_a_web_page_could_send() {
     assert!(out.starts_with("HTTP/1.1 200") && out.contains("revoked node-b"), "{out}");
 
     // Finding 12: the environment's token obeys the file's rule.
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["demo", "--port", "0", "--admin-port", "0", "--outbound-port", "0"])
         .env("QUICMESH_ADMIN_TOKEN", "a")
         .output()

@@ -342,7 +342,7 @@ async fn the_log_filter_changes_at_runtime() {
 async fn status_and_top_show_the_mesh_and_its_traffic() {
     let m = mesh("").await;
     let out =
-        std::process::Command::new(BIN).args(["status", "--admin", &m.gw.addrs.admin.to_string()]).output().unwrap();
+        std::process::Command::new(bin()).args(["status", "--admin", &m.gw.addrs.admin.to_string()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     for node in ["node-a", "node-b"] {
@@ -353,7 +353,7 @@ async fn status_and_top_show_the_mesh_and_its_traffic() {
     let load = Background::start(m.a.addrs.outbound, Duration::ZERO);
     let admin = m.gw.addrs.admin.to_string();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
+        std::process::Command::new(bin())
             .args(["top", "--admin", &admin, "--interval", "1s", "--count", "2"])
             .output()
             .unwrap()

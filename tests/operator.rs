@@ -241,7 +241,7 @@ async fn a_peer_behind_an_nftables_drop_is_skipped_until_the_drop_is_lifted() {
 
 /// Runs the binary from `cwd`; (exit ok, stdout + stderr).
 fn run_in(cwd: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(args)
         .current_dir(cwd)
         .env("NO_COLOR", "1")
@@ -526,7 +526,7 @@ async fn config_dump_shows_the_effective_config_and_where_each_key_came_from() {
     assert_eq!(sources["node.drain_timeout"], serde_json::Value::Null, "defaults of [node] are not keys of a layer");
 
     let config = node.config.to_string_lossy().into_owned();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["config", "explain", "timeouts.request", "--config", &config])
         .env("QUICMESH_TIMEOUTS__REQUEST", "7s")
         .output()
@@ -549,7 +549,7 @@ fn no_colour_when_stderr_is_not_a_terminal() {
     let files = gateway_layers(pki.path(), "", "");
     let gw = std::fs::read_to_string(&files[1]).unwrap();
     std::fs::write(&files[1], gw.replace("[gateway]\n", "[gateway]\nadmin_token_file = \"/nonexistent\"\n")).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["gateway", "--config"])
         .arg(&files[0])
         .arg("--config")

@@ -33,17 +33,17 @@ fn line(readme: &str, prefix: &str) -> String {
 
 /// A directory for PATH: `quicmesh` (this run's binary) and the `cargo` stand-in.
 fn tools(dir: &Path) -> String {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::os::unix::fs::symlink(BIN, bin.join("quicmesh")).unwrap();
+    let path = dir.join("bin");
+    std::fs::create_dir_all(&path).unwrap();
+    std::os::unix::fs::symlink(bin(), path.join("quicmesh")).unwrap();
     let cargo = "#!/bin/sh\n\
                  # The README's cargo lines, for the binary this test run built.\n\
                  if [ \"$1 $2 $3\" = 'run --release --' ]; then shift 3; exec quicmesh \"$@\"; fi\n\
                  if [ \"$*\" = 'install --path .' ]; then exit 0; fi\n\
                  echo \"readme test: no stand-in for cargo $*\" >&2; exit 1\n";
-    std::fs::write(bin.join("cargo"), cargo).unwrap();
-    std::fs::set_permissions(bin.join("cargo"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+    std::fs::write(path.join("cargo"), cargo).unwrap();
+    std::fs::set_permissions(path.join("cargo"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!("{}:{}", path.display(), std::env::var("PATH").unwrap_or_default())
 }
 
 /// A shell in its own process group, killed whole on drop.

@@ -212,7 +212,7 @@ async fn a_revoked_node_is_refused_by_a_peer_it_was_connected_to() {
     let s = secured().await;
     // node-c holds a live connection to node-b (audited lets it through).
     assert_eq!(get(&s.c, "audited", "/").await.0, 200);
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["node", "revoke", "node-c", "--admin", &s.gw.addrs.admin.to_string()])
         .output()
         .unwrap();
@@ -248,7 +248,7 @@ async fn an_admin_api_off_loopback_needs_a_bearer_token() {
     let open = node_toml("node-x", &state, &[], web).replace("admin = \"127.0.0.1:0\"", "admin = \"0.0.0.0:0\"");
     let config = pki.path().join("open.toml");
     std::fs::write(&config, &open).unwrap();
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["node", "--config"])
         .arg(&config)
         .env_remove("QUICMESH_ADMIN_TOKEN")

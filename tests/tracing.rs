@@ -391,7 +391,7 @@ fn bad_tracing_settings_are_refused_by_check() {
     ] {
         let path = dir.path().join("t.toml");
         std::fs::write(&path, format!("[mesh]\ntrust_domain = \"{TD}\"\n{text}")).unwrap();
-        let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+        let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
         assert!(!out.status.success(), "{text} was accepted");
         assert!(err.contains(key), "{text}: {err}");

@@ -15,7 +15,15 @@ use std::time::{Duration, Instant};
 use quicmesh_shared::identity::{Ca, Credentials};
 use tokio::net::TcpListener;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
+/// The `quicmesh` binary the tests and benches start: cargo's build of it, or the one
+/// `QUICMESH_BIN` names (to run the suites against another build of the same source, such as
+/// `link/pgo.sh`'s).
+pub fn bin() -> &'static str {
+    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        std::env::var("QUICMESH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_quicmesh").to_string())
+    });
+    BIN.as_str()
+}
 pub const TD: &str = "test.quicmesh.local";
 /// The transport timing the suites were written for (a dead peer noticed within 3 s); the
 /// defaults (300 ms / 1 s) are under test in `tests/fleet.rs`.
@@ -213,7 +221,7 @@ impl NodeProc {
         let mut cmd = match &wrap {
             Some(Wrap::Netns(ns)) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, BIN]);
+                c.args(["netns", "exec", ns, bin()]);
                 c
             }
             // unshare and sh exec in turn: the child's pid is the binary's own.
@@ -223,10 +231,10 @@ impl NodeProc {
                     .arg("mount --bind \"$1\" /etc/hosts && shift && exec \"$@\"")
                     .arg("sh")
                     .arg(hosts)
-                    .arg(BIN);
+                    .arg(bin());
                 c
             }
-            None | Some(Wrap::Env(_)) => Command::new(BIN),
+            None | Some(Wrap::Env(_)) => Command::new(bin()),
         };
         if let Some(Wrap::Env(vars)) = &wrap {
             cmd.envs(vars.iter().map(|(k, v)| (k, v)));
@@ -638,7 +646,7 @@ pub struct DemoProc {
 
 impl DemoProc {
     pub fn start(env: &[(&str, &str)]) -> DemoProc {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(Self::ARGS).envs(env.iter().copied()).env("NO_COLOR", "1").env("RUST_BACKTRACE", "1");
         Self::start_command(cmd)
     }
