@@ -52,7 +52,7 @@ fn systemd_units_pass_systemd_analyze_verify_and_security() {
             text.contains("ExecStart=/usr/local/bin/quicmesh "),
             "{name}: ExecStart must name /usr/local/bin/quicmesh"
         );
-        let here = text.replace("/usr/local/bin/quicmesh", env!("CARGO_BIN_EXE_quicmesh"));
+        let here = text.replace("/usr/local/bin/quicmesh", bin());
         let path = dir.path().join(name);
         std::fs::write(&path, here).unwrap();
         units.push(path);
@@ -254,7 +254,7 @@ fn ca_init_if_missing_keeps_the_ca_and_issue_takes_several_members() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let state_arg = state.display().to_string();
-    let cli = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_quicmesh")).args(args).output().unwrap();
+    let cli = |args: &[&str]| Command::new(bin()).args(args).output().unwrap();
     let init = ["ca", "init", "--if-missing", "--dir", &state_arg, "--trust-domain", "compose.quicmesh"];
     assert!(cli(&init).status.success());
     let ca = read(&state.join("ca.pem"));
@@ -317,7 +317,7 @@ fn the_shipped_configs_pass_quicmesh_check() {
             let trust =
                 text.lines().find_map(|l| l.strip_prefix("trust_domain = ")).map(|t| t.trim_matches('"').to_string());
             if let Some(trust) = trust {
-                let cli = |args: &[&str]| run(Command::new(env!("CARGO_BIN_EXE_quicmesh")).args(args));
+                let cli = |args: &[&str]| run(Command::new(bin()).args(args));
                 cli(&["ca", "init", "--dir", &st, "--trust-domain", &trust]);
                 cli(&[
                     "ca", "issue", "--dir", &st, "--node", "gateway", "--node", "node-1", "--node", "node-a", "--node",
@@ -328,7 +328,7 @@ fn the_shipped_configs_pass_quicmesh_check() {
             std::fs::write(&path, text).unwrap();
             files.extend(["--config".to_string(), path.display().to_string()]);
         }
-        let out = run(Command::new(env!("CARGO_BIN_EXE_quicmesh")).arg("check").args(&files).envs(env.iter().copied()));
+        let out = run(Command::new(bin()).arg("check").args(&files).envs(env.iter().copied()));
         assert!(out.contains("config OK"), "{layers:?}:\n{out}");
     }
 }
@@ -339,10 +339,7 @@ fn the_shipped_configs_pass_quicmesh_check() {
 fn build_image(tag: &str) -> Cleanup {
     let ctx = tempfile::tempdir().unwrap();
     let rootfs = ctx.path().join("target/container/rootfs");
-    run(Command::new("sh")
-        .arg(repo().join("deploy/container/collect.sh"))
-        .arg(env!("CARGO_BIN_EXE_quicmesh"))
-        .arg(&rootfs));
+    run(Command::new("sh").arg(repo().join("deploy/container/collect.sh")).arg(bin()).arg(&rootfs));
     let guard = Cleanup::podman(&["rmi", "-f", tag]);
     run(Command::new("podman")
         .args(["build", "--build-arg", "ROOTFS=prebuilt", "-t", tag, "-f"])
@@ -505,7 +502,7 @@ async fn kubernetes_service_link_variables_do_not_stop_a_member() {
     // Started means ready: the ready line was printed (it was refused as an unknown key).
     let node = NodeProc::start_with_env(&env, "node", &dir, "node-a", &node_toml("node-a", &dir, &[], web));
     // A real mistake in the same place is still refused, by name.
-    let out = Command::new(env!("CARGO_BIN_EXE_quicmesh"))
+    let out = Command::new(bin())
         .args(["check", "--config"])
         .arg(&node.config)
         .env("QUICMESH_TIMEOUTS__REQUEST", "soon")
@@ -529,7 +526,7 @@ async fn sigterm_while_a_node_enrolls_stops_it() {
     );
     std::fs::write(&config, toml).unwrap();
     let log = dir.path().join("node.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quicmesh"))
+    let mut child = Command::new(bin())
         .args(["node", "--config"])
         .arg(&config)
         .args(["--join", &gateway.to_string(), "--ca-fingerprint", &"ab".repeat(32)])
@@ -558,7 +555,7 @@ async fn sigterm_while_a_node_enrolls_stops_it() {
 
 #[test]
 fn the_config_reference_is_generated_from_the_code() {
-    let out = Command::new(env!("CARGO_BIN_EXE_quicmesh")).args(["config", "reference"]).output().unwrap();
+    let out = Command::new(bin()).args(["config", "reference"]).output().unwrap();
     assert!(out.status.success());
     let generated = String::from_utf8(out.stdout).unwrap();
     let committed = read(&repo().join("docs/config.md"));
@@ -582,7 +579,12 @@ fn the_pgo_training_run_gets_every_request_through_the_demo() {
         return;
     }
     let h3 = require_tool("gtlsclient");
-    let text = run(Command::new(repo().join("link/pgo.sh")).args(["train", bin()]).env("PGO_REQUESTS", "100"));
+    // Bounded: a demo that hung while stopping would fail the test rather than stall the suite.
+    let text = run(Command::new("timeout")
+        .arg("300")
+        .arg(repo().join("link/pgo.sh"))
+        .args(["train", bin()])
+        .env("PGO_REQUESTS", "100"));
     for path in ["edge HTTP/1.1", "edge HTTP/2", "node-a to echo on node-b"] {
         assert!(text.contains(&format!("  {path}: 100 requests")), "{path} missing from:\n{text}");
     }

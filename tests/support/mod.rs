@@ -17,10 +17,11 @@ use tokio::net::TcpListener;
 
 /// The `quicmesh` binary the tests and benches start: cargo's build of it, or the one
 /// `QUICMESH_BIN` names (to run the suites against another build of the same source, such as
-/// `link/pgo.sh`'s).
+/// `link/pgo.sh`'s); a relative path is taken from the repository's root.
 pub fn bin() -> &'static str {
-    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        std::env::var("QUICMESH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_quicmesh").to_string())
+    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| match std::env::var_os("QUICMESH_BIN") {
+        Some(path) => Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string(),
+        None => env!("CARGO_BIN_EXE_quicmesh").to_string(),
     });
     BIN.as_str()
 }
