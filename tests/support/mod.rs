@@ -16,10 +16,10 @@ use quicmesh_shared::identity::{Ca, Credentials};
 use tokio::net::TcpListener;
 
 /// The `quicmesh` binary the tests and benches start: cargo's build of it, or the one
-/// `QUICMESH_BIN` names (to run the suites against another build of the same source, such as
+/// `BIN_UNDER_TEST` names (to run the suites against another build of the same source, such as
 /// `link/pgo.sh`'s); a relative path is taken from the repository's root.
 pub fn bin() -> &'static str {
-    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| match std::env::var_os("QUICMESH_BIN") {
+    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| match std::env::var_os("BIN_UNDER_TEST") {
         Some(path) => Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string(),
         None => env!("CARGO_BIN_EXE_quicmesh").to_string(),
     });
