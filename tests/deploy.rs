@@ -581,7 +581,7 @@ fn the_pgo_training_run_gets_every_request_through_the_demo() {
     let h3 = require_tool("gtlsclient");
     // Bounded: a demo that hung while stopping would fail the test rather than stall the suite.
     let text = run(Command::new("timeout")
-        .arg("300")
+        .args(["-k", "30", "300"])
         .arg(repo().join("link/pgo.sh"))
         .args(["train", bin()])
         .env("PGO_REQUESTS", "100"));

@@ -17,11 +17,11 @@ use tokio::net::TcpListener;
 
 /// The `quicmesh` binary the tests and benches start: cargo's build of it, or the one
 /// `BIN_UNDER_TEST` names (to run the suites against another build of the same source, such as
-/// `link/pgo.sh`'s); a relative path is taken from the repository's root.
+/// `link/pgo.sh`'s); a relative path is taken from the repository's root, an empty one is unset.
 pub fn bin() -> &'static str {
     static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| match std::env::var_os("BIN_UNDER_TEST") {
-        Some(path) => Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string(),
-        None => env!("CARGO_BIN_EXE_quicmesh").to_string(),
+        Some(path) if !path.is_empty() => Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string(),
+        _ => env!("CARGO_BIN_EXE_quicmesh").to_string(),
     });
     BIN.as_str()
 }
