@@ -12,7 +12,10 @@
 //! - **HBONE-shaped pair**: two haproxy with HTTP/2 over TLS 1.3 between them, one multiplexed
 //!   TCP connection (`proto h2`, `http-reuse always`), as ztunnel's tunnel;
 //! - **TLS nginx pair**: two nginx with TLS 1.3 between them, a pool of HTTP/1.1 keep-alive
-//!   connections (as many kept alive as the client has connections).
+//!   connections (as many kept alive as the client has connections);
+//! - **bare hop**: the mesh hop's libraries and nothing else (`peers/bare.rs`, raw-stream
+//!   framing, the headers a node adds, the default transport settings), its halves where the
+//!   nodes run: the floor under the mesh hop on these hosts.
 //!
 //! Each at 0, 1, 2 and 5 % loss (`BENCH_LOSS`, per cent), alone (`small`) and alongside one bulk
 //! download through the same pair (`mixed`: for the mesh and the HBONE pair it shares the one
@@ -26,6 +29,18 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[allow(dead_code)]
+#[path = "peers/mod.rs"]
+mod peers;
+
+/// The nodes' allocator, for the bare hop's processes.
+#[global_allocator]
+static ALLOC: alloc::MiMalloc = alloc::MiMalloc;
+
+#[path = "../src/alloc.rs"]
+#[allow(unsafe_code)]
+mod alloc;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -171,6 +186,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    peers::bare::run_if_asked();
     bench_logging();
     for tool in ["wrk", "nginx", "haproxy", "curl"] {
         if !require_tool(tool) {
@@ -324,9 +340,20 @@ fn main() {
                  proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.3; proxy_buffering off; }} }}"
             ),
         );
+        // The floor under the mesh hop: its libraries alone, a half on each host.
+        let bare = peers::bare::start_raw_on(
+            &pki,
+            ([127, 0, 0, 1], BACKEND).into(),
+            true,
+            &peers::bare::Hosts { front_ns: &net.ns("a"), back_ns: &net.ns("b"), back_ip: ip_b },
+        );
         let paths: Vec<(&'static str, u16)> = mesh_paths
             .into_iter()
-            .chain([("haproxy pair, HTTP/2 over TLS", FRONT_HAPROXY), ("nginx pair, HTTP/1.1 over TLS", FRONT_NGINX)])
+            .chain([
+                ("haproxy pair, HTTP/2 over TLS", FRONT_HAPROXY),
+                ("nginx pair, HTTP/1.1 over TLS", FRONT_NGINX),
+                ("bare hop (libraries only)", bare.front.port()),
+            ])
                 .filter(|(name, _)| only.is_empty() || only.iter().any(|o| name.contains(o.as_str())))
                 .collect();
         for (name, port) in &paths {

@@ -64,7 +64,7 @@ const MESH_HEADERS: [(&str, &str); 6] = [
 /// Starts both halves in front of `backend`; with `mesh_headers`, the front adds
 /// [`MESH_HEADERS`] to every request.
 pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
-    start_with(pki, backend, mesh_headers, false, false)
+    start_with(pki, backend, mesh_headers, false, false, None)
 }
 
 /// The same two halves with HTTP/3 replaced by the leanest framing a request can have on a
@@ -74,7 +74,24 @@ pub fn start(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
 /// framing of our own.
 #[allow(dead_code)] // floor and load only
 pub fn start_raw(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop {
-    start_with(pki, backend, mesh_headers, false, true)
+    start_with(pki, backend, mesh_headers, false, true, None)
+}
+
+/// Where the two halves run when not both on loopback: each in a network namespace of its own
+/// (`ip netns exec`), the back half's QUIC endpoint on `back_ip`. The client reaches the front
+/// on its namespace's loopback; `backend` is an address inside the back half's namespace.
+#[allow(dead_code)] // wan only
+pub struct Hosts<'a> {
+    pub front_ns: &'a str,
+    pub back_ns: &'a str,
+    pub back_ip: std::net::IpAddr,
+}
+
+/// [`start_raw`] with the halves on two hosts ([`Hosts`]): the floor under the mesh hop where
+/// the nodes run, for the loss bench.
+#[allow(dead_code)] // wan only
+pub fn start_raw_on(pki: &Pki, backend: SocketAddr, mesh_headers: bool, hosts: &Hosts) -> BareHop {
+    start_with(pki, backend, mesh_headers, false, true, Some(hosts))
 }
 
 /// The bare edge: the same two halves, the front terminating TLS as the gateway's edge does
@@ -82,31 +99,52 @@ pub fn start_raw(pki: &Pki, backend: SocketAddr, mesh_headers: bool) -> BareHop 
 /// HTTP/1.1+TLS row: the libraries it is made of, without routing, policy or telemetry.
 #[allow(dead_code)] // load only
 pub fn start_edge(pki: &Pki, backend: SocketAddr) -> BareHop {
-    start_with(pki, backend, false, true, false)
+    start_with(pki, backend, false, true, false, None)
 }
 
-fn start_with(pki: &Pki, backend: SocketAddr, mesh_headers: bool, tls: bool, raw: bool) -> BareHop {
+fn start_with(
+    pki: &Pki,
+    backend: SocketAddr,
+    mesh_headers: bool,
+    tls: bool,
+    raw: bool,
+    hosts: Option<&Hosts>,
+) -> BareHop {
     pki.issue("bare-a");
     pki.issue("bare-b");
     let dir = pki.path().display().to_string();
     let framing = if raw { "raw" } else { "h3" };
-    let (back, quic) = spawn(&[
-        ("QUICMESH_BARE", "back"),
-        ("BARE_DIR", &dir),
-        ("BARE_TO", &backend.to_string()),
-        ("BARE_FRAMING", framing),
-    ]);
+    // On loopback both QUIC endpoints are on 127.0.0.1; across hosts the back half listens on
+    // its host's address and the front sends from any of its own.
+    let (back_bind, front_bind) = match hosts {
+        Some(h) => (h.back_ip.to_string(), "0.0.0.0".to_string()),
+        None => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
+    };
+    let (back, quic) = spawn(
+        hosts.map(|h| h.back_ns),
+        &[
+            ("QUICMESH_BARE", "back"),
+            ("BARE_DIR", &dir),
+            ("BARE_TO", &backend.to_string()),
+            ("BARE_FRAMING", framing),
+            ("BARE_BIND", &back_bind),
+        ],
+    );
     let mut back = Some(back);
     let headers = if mesh_headers { "1" } else { "0" };
     let front = std::panic::catch_unwind(|| {
-        spawn(&[
-            ("QUICMESH_BARE", "front"),
-            ("BARE_DIR", &dir),
-            ("BARE_TO", &quic.to_string()),
-            ("BARE_HEADERS", headers),
-            ("BARE_TLS", if tls { "1" } else { "0" }),
-            ("BARE_FRAMING", framing),
-        ])
+        spawn(
+            hosts.map(|h| h.front_ns),
+            &[
+                ("QUICMESH_BARE", "front"),
+                ("BARE_DIR", &dir),
+                ("BARE_TO", &quic.to_string()),
+                ("BARE_HEADERS", headers),
+                ("BARE_TLS", if tls { "1" } else { "0" }),
+                ("BARE_FRAMING", framing),
+                ("BARE_BIND", &front_bind),
+            ],
+        )
     });
     match front {
         Ok((front, addr)) => BareHop { front: addr, procs: [front, back.take().unwrap()] },
@@ -121,15 +159,20 @@ fn start_with(pki: &Pki, backend: SocketAddr, mesh_headers: bool, tls: bool, raw
     }
 }
 
-/// Runs this bench again as one half; returns it and the address it printed when ready. The
-/// half exits when its stdin closes, so it cannot outlive this process.
-fn spawn(env: &[(&str, &str)]) -> (Child, SocketAddr) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Runs this bench again as one half (in network namespace `ns`, given one); returns it and the
+/// address it printed when ready. The half exits when its stdin closes, so it cannot outlive
+/// this process. (`ip netns exec` execs the half, so the child is the half itself.)
+fn spawn(ns: Option<&str>, env: &[(&str, &str)]) -> (Child, SocketAddr) {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = command.envs(env.iter().copied()).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
     match line.trim().strip_prefix("bare ready: ").and_then(|a| a.parse().ok()) {
@@ -154,12 +197,15 @@ pub fn run_if_asked() {
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     let dir = std::path::PathBuf::from(var("BARE_DIR"));
     let to: SocketAddr = var("BARE_TO").parse().unwrap();
+    let bind: std::net::IpAddr = var("BARE_BIND").parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let raw = var("BARE_FRAMING") == "raw";
         let ready = match role.as_str() {
-            "back" => back(&dir, to, raw),
-            "front" => front(&dir, to, var("BARE_HEADERS") == "1", (var("BARE_TLS") == "1").then(edge_tls), raw).await,
+            "back" => back(&dir, bind, to, raw),
+            "front" => {
+                front(&dir, bind, to, var("BARE_HEADERS") == "1", (var("BARE_TLS") == "1").then(edge_tls), raw).await
+            }
             other => panic!("QUICMESH_BARE={other}: expected back or front"),
         };
         println!("bare ready: {ready}");
@@ -167,15 +213,16 @@ pub fn run_if_asked() {
     });
 }
 
-fn endpoint(dir: &Path, name: &str, auth: Option<ClientAuth>) -> quinn::Endpoint {
+/// A mesh endpoint on a free port of `ip`, with `name`'s identity from `dir`.
+fn endpoint(dir: &Path, name: &str, ip: std::net::IpAddr, auth: Option<ClientAuth>) -> quinn::Endpoint {
     let creds = credentials(dir, name);
-    let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
-    mesh_endpoint(localhost, &creds, TD, &TransportConfig::default(), auth.map(Into::into)).unwrap()
+    let bind = Bind::Addr(SocketAddr::new(ip, 0));
+    mesh_endpoint(bind, &creds, TD, &TransportConfig::default(), auth.map(Into::into)).unwrap()
 }
 
 /// The back half: an h3 (or [`raw`]) server handing requests to a pooled client for `backend`.
-fn back(dir: &Path, backend: SocketAddr, raw: bool) -> SocketAddr {
-    let quic = endpoint(dir, "bare-b", Some(ClientAuth::Required));
+fn back(dir: &Path, ip: std::net::IpAddr, backend: SocketAddr, raw: bool) -> SocketAddr {
+    let quic = endpoint(dir, "bare-b", ip, Some(ClientAuth::Required));
     let addr = quic.local_addr().unwrap();
     tokio::spawn(async move {
         let pool = Pool::new(backend);
@@ -228,12 +275,13 @@ fn edge_tls() -> tokio_rustls::TlsAcceptor {
 /// QUIC connection to `quic`.
 async fn front(
     dir: &Path,
+    ip: std::net::IpAddr,
     quic: SocketAddr,
     mesh_headers: bool,
     tls: Option<tokio_rustls::TlsAcceptor>,
     raw: bool,
 ) -> SocketAddr {
-    let conn = endpoint(dir, "bare-a", None).connect(quic, "bare-b").unwrap().await.unwrap();
+    let conn = endpoint(dir, "bare-a", ip, None).connect(quic, "bare-b").unwrap().await.unwrap();
     if raw {
         return http1_server(tls, move |req| raw::forward(req, conn.clone(), mesh_headers)).await;
     }
@@ -282,7 +330,7 @@ pub fn endpoints(pki: &Pki, client: (&Lane, &str), server: (&Lane, &str)) -> (qu
     let on = |(lane, name): (&Lane, &str), auth| {
         let dir = pki.issue(name);
         let _on = lane.handle.enter();
-        endpoint(&dir, name, auth)
+        endpoint(&dir, name, std::net::Ipv4Addr::LOCALHOST.into(), auth)
     };
     (on(client, None), on(server, Some(ClientAuth::Required)))
 }
