@@ -26,6 +26,8 @@ fig, axes = plt.subplots(2, len(scenarios), figsize=(6 * len(scenarios), 8), squ
 for col, scenario in enumerate(scenarios):
     for i, path in enumerate(paths):
         mine = [r for r in runs if r["path"] == path and r["scenario"] == scenario]
+        if not mine:  # a path that takes no part in this scenario (the bare hop in bulk runs)
+            continue
         losses = sorted({r["loss"] for r in mine})
         p99 = [statistics.median(r["p99_us"] / 1000 for r in mine if r["loss"] == l) for l in losses]
         rps = [statistics.median(r["rps"] for r in mine if r["loss"] == l) for l in losses]
