@@ -117,6 +117,7 @@ fn start_with(
     // On loopback both QUIC endpoints are on 127.0.0.1; across hosts the back half listens on
     // its host's address and the front sends from any of its own.
     let (back_bind, front_bind) = match hosts {
+        Some(h) if h.back_ip.is_ipv6() => (h.back_ip.to_string(), "::".to_string()),
         Some(h) => (h.back_ip.to_string(), "0.0.0.0".to_string()),
         None => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
     };
@@ -197,7 +198,7 @@ pub fn run_if_asked() {
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     let dir = std::path::PathBuf::from(var("BARE_DIR"));
     let to: SocketAddr = var("BARE_TO").parse().unwrap();
-    let bind: std::net::IpAddr = var("BARE_BIND").parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    let bind: std::net::IpAddr = var("BARE_BIND").parse().expect("BARE_BIND: the address to bind the QUIC endpoint on");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let raw = var("BARE_FRAMING") == "raw";
