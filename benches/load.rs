@@ -25,7 +25,9 @@
 //! - closed loop: BENCH_SECS per round (4), BENCH_ROUNDS (3), BENCH_CONNS (32);
 //!   BENCH_PATHS="HTTP/3,Caddy" runs only direct and the paths whose names contain these;
 //! - open loop: BENCH_RATES (`1000,5000`), BENCH_OPEN_ROUNDS (12) of BENCH_OPEN_SECS (1),
-//!   BENCH_OPEN_CONNS (64); BENCH_OPEN_PATHS="mesh,bare" likewise; BENCH_ONLY=open runs it alone;
+//!   BENCH_OPEN_CONNS (64); BENCH_OPEN_PATHS="mesh,bare" likewise; BENCH_ONLY=open runs it alone.
+//!   Besides the pooled percentiles, each path's p99 over direct's as the median over rounds of
+//!   that round's difference, which a single hold-up of the machine moves less;
 //! - BENCH_GATEWAY_WORKERS sets `gateway.workers` (0: a thread per core). Ingress also runs
 //!   through a second gateway with `gateway.workers = 1`.
 //! - Edge peers, each with as many threads as the gateway row it is compared with: Caddy for
@@ -806,10 +808,16 @@ fn main() {
             let mut acc: Vec<Stats> = targets.iter().map(|_| Stats::default()).collect();
             let mut trouble: Vec<TcpTrouble> = targets.iter().map(|_| TcpTrouble::default()).collect();
             let mut rss_at_rate = (0u64, 0u64);
+            // Each round's own p99, per path: one hold-up of the machine sets a round's p99, and
+            // pooled over the rounds p99 mostly says which path drew the longest ones ((18)); the
+            // median of the rounds' p99s, and of each round's p99 over direct's in that round,
+            // is steadier.
+            let mut round_p99: Vec<Vec<f64>> = targets.iter().map(|_| Vec::new()).collect();
             for _ in 0..open_rounds {
                 for (i, (name, target)) in targets.iter().enumerate() {
                     let before = TcpTrouble::now();
-                    let s = open_loop(*target, "hello", rate, open_secs, open_conns).await;
+                    let mut s = open_loop(*target, "hello", rate, open_secs, open_conns).await;
+                    round_p99[i].push(s.pct(0.99).as_secs_f64() * 1e6);
                     trouble[i].add(&TcpTrouble::now().since(&before));
                     if *name == "mesh hop" {
                         // Memory of the nodes right after carrying this rate.
@@ -841,6 +849,20 @@ fn main() {
             for (i, (name, _)) in targets.iter().enumerate().skip(1) {
                 let a: Vec<String> = (0..4).map(|j| us(vals[i][j] - vals[0][j])).collect();
                 println!("| {rate}/s | **added by {name}** | {} | {} | {} | {} | |", a[0], a[1], a[2], a[3]);
+            }
+            let round_added: Vec<f64> = round_p99
+                .iter()
+                .map(|r| median(r.iter().zip(&round_p99[0]).map(|(p, d)| p - d).collect()))
+                .collect();
+            for (i, (name, _)) in targets.iter().enumerate().skip(1) {
+                println!(
+                    "| {rate}/s | added by {name}: median of the rounds' p99s over direct's | | | {} | | |",
+                    us(round_added[i])
+                );
+            }
+            for (i, p) in paths.iter_mut().enumerate() {
+                p["round_p99_us"] = serde_json::json!(round_p99[i]);
+                p["median_round_p99_added_us"] = serde_json::json!(round_added[i]);
             }
             // The machine's TCP counters during each path's rounds: a full accept queue or a
             // retransmission timeout shows in the tail as a stall of 200 ms to seconds.
