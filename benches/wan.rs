@@ -14,7 +14,7 @@
 //! - **TLS nginx pair**: two nginx with TLS 1.3 between them, a pool of HTTP/1.1 keep-alive
 //!   connections (as many kept alive as the client has connections);
 //! - **bare hop**: the mesh hop's libraries and nothing else (`peers/bare.rs`, raw-stream
-//!   framing, the headers a node adds, the default transport settings), its halves where the
+//!   framing, the headers a node adds), its halves where the
 //!   nodes run: the floor under the mesh hop on these hosts. Small requests only: it holds each
 //!   answer whole before passing it on, so it takes no part in the bulk runs. It keeps the
 //!   default transport settings whatever `BENCH_MESH` and `BENCH_MTU` say, so it is the floor
@@ -83,8 +83,8 @@ impl Drop for Proc {
 }
 
 fn in_host(net: &Net, host: &str, program: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &net.ns(host), program]).args(args);
+    let mut c = support::netns::command(&net.ns(host), program);
+    c.args(args);
     c
 }
 

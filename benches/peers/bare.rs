@@ -162,15 +162,11 @@ fn start_with(
 
 /// Runs this bench again as one half (in network namespace `ns`, given one); returns it and the
 /// address it printed when ready. The half exits when its stdin closes, so it cannot outlive
-/// this process. (`ip netns exec` execs the half, so the child is the half itself.)
+/// this process.
 fn spawn(ns: Option<&str>, env: &[(&str, &str)]) -> (Child, SocketAddr) {
     let exe = std::env::current_exe().unwrap();
     let mut command = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(exe);
-            c
-        }
+        Some(ns) => crate::support::netns::command(ns, exe),
         None => Command::new(exe),
     };
     let mut child = command.envs(env.iter().copied()).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();

@@ -220,11 +220,7 @@ impl NodeProc {
     ) -> NodeProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr).unwrap();
         let mut cmd = match &wrap {
-            Some(Wrap::Netns(ns)) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, bin()]);
-                c
-            }
+            Some(Wrap::Netns(ns)) => netns::command(ns, bin()),
             // unshare and sh exec in turn: the child's pid is the binary's own.
             Some(Wrap::Hosts(hosts)) => {
                 let mut c = Command::new("unshare");

@@ -54,6 +54,14 @@ impl Drop for Fault {
     }
 }
 
+/// `program` run inside network namespace `ns`: `ip netns exec` enters it and execs the
+/// program, so the child's pid is the program's own.
+pub fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(program);
+    c
+}
+
 fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
