@@ -86,7 +86,7 @@ fn bind_edge(
     for _ in 0..20 {
         let std_tcp = std::net::TcpListener::bind(addr).map_err(err)?;
         let tcp_addr = std_tcp.local_addr().map_err(err)?;
-        match quinn::Endpoint::server(quic.clone(), tcp_addr) {
+        match transport::edge_endpoint(quic.clone(), tcp_addr) {
             Ok(ep) => {
                 std_tcp.set_nonblocking(true).map_err(err)?;
                 return Ok((TcpListener::from_std(std_tcp).map_err(err)?, ep));

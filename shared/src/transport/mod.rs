@@ -13,6 +13,7 @@ pub mod idle;
 pub mod lean;
 pub mod pool;
 pub mod stream;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -120,59 +121,11 @@ fn endpoint_config(creds: &Credentials, cfg: &TransportConfig) -> Result<Endpoin
 /// throughput than at 1 452 (`BENCH_UDP_PAYLOAD=8952 cargo bench --bench bulk`).
 const MAX_SEND: usize = 65_507;
 
-/// A socket that tells quinn to batch no more datagrams per send than fit in [`MAX_SEND`] at
-/// this endpoint's largest datagram; everything else is the runtime's own socket.
-#[derive(Debug)]
-struct Batched {
-    inner: Arc<dyn quinn::AsyncUdpSocket>,
-    segments: usize,
-}
-
-impl quinn::AsyncUdpSocket for Batched {
-    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        self.inner.clone().create_io_poller()
-    }
-
-    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.inner.try_send(transmit)
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut std::task::Context,
-        bufs: &mut [std::io::IoSliceMut<'_>],
-        meta: &mut [quinn::udp::RecvMeta],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments().min(self.segments)
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
-    }
-}
-
-/// `socket` registered with the current runtime, its sends' batches bounded for datagrams up to
-/// `transport.max_udp_payload`.
-fn batched(
-    socket: std::net::UdpSocket,
-    cfg: &TransportConfig,
-    runtime: &Arc<dyn quinn::Runtime>,
-) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
-    let inner = runtime.wrap_udp_socket(socket)?;
+/// `socket` registered with the current runtime (for reads only: [`udp`]), its sends' batches
+/// bounded for datagrams up to `transport.max_udp_payload`.
+fn batched(socket: std::net::UdpSocket, cfg: &TransportConfig) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
     let segments = (MAX_SEND / usize::from(cfg.max_udp_payload.max(1200))).max(1);
-    Ok(Arc::new(Batched { inner, segments }))
+    Ok(Arc::new(udp::ReadRegistered::new(socket, segments)?))
 }
 
 /// The current runtime, as quinn wants it.
@@ -349,7 +302,7 @@ pub fn rebind(
 ) -> Result<SocketAddr, TransportError> {
     let socket = udp_socket(Bind::Addr(addr), cfg.socket_buffer)?;
     let local = socket.local_addr().map_err(|source| TransportError::Bind { addr, source })?;
-    let socket = batched(socket, cfg, &runtime()?).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = batched(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
     endpoint.rebind_abstract(socket).map_err(|source| TransportError::Bind { addr, source })?;
     Ok(local)
 }
@@ -368,9 +321,19 @@ pub fn dial_endpoint(ip: std::net::IpAddr, cfg: &TransportConfig) -> Result<quin
         .map_err(|e| TransportError::Setting(format!("max_udp_payload: {e}")))?;
     let socket = udp_socket(Bind::Addr(addr), cfg.socket_buffer)?;
     let runtime = runtime()?;
-    let socket = batched(socket, cfg, &runtime).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = batched(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
     quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, None, socket, runtime)
         .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// The QUIC endpoint of a gateway edge listener (HTTP/3 from clients) on `addr`: as
+/// `quinn::Endpoint::server` makes it, on a socket registered for reads only ([`udp`]).
+pub fn edge_endpoint(server: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    // quinn's own limit on a send's batch holds for the edge's default datagram size.
+    let socket = Arc::new(udp::ReadRegistered::new(socket, usize::MAX)?);
+    quinn::Endpoint::new_with_abstract_socket(EndpointConfig::default(), Some(server), socket, runtime)
 }
 
 /// Builds the mesh QUIC endpoint. With `serve` it accepts peers, authenticated as it says.
@@ -386,7 +349,7 @@ pub fn mesh_endpoint(
     let socket = udp_socket(bind, cfg.socket_buffer)?;
     let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })?;
     let runtime = runtime()?;
-    let socket = batched(socket, cfg, &runtime).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = batched(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, server, socket, runtime)
         .map_err(|source| TransportError::Bind { addr, source })?;
     endpoint.set_default_client_config(client_config(creds, trust_domain, cfg)?);
