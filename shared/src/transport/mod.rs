@@ -123,7 +123,7 @@ const MAX_SEND: usize = 65_507;
 
 /// `socket` registered with the current runtime (for reads only: [`udp`]), its sends' batches
 /// bounded for datagrams up to `transport.max_udp_payload`.
-fn batched(socket: std::net::UdpSocket, cfg: &TransportConfig) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+fn quic_socket(socket: std::net::UdpSocket, cfg: &TransportConfig) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
     let segments = (MAX_SEND / usize::from(cfg.max_udp_payload.max(1200))).max(1);
     Ok(Arc::new(udp::ReadRegistered::new(socket, segments)?))
 }
@@ -302,7 +302,7 @@ pub fn rebind(
 ) -> Result<SocketAddr, TransportError> {
     let socket = udp_socket(Bind::Addr(addr), cfg.socket_buffer)?;
     let local = socket.local_addr().map_err(|source| TransportError::Bind { addr, source })?;
-    let socket = batched(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = quic_socket(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
     endpoint.rebind_abstract(socket).map_err(|source| TransportError::Bind { addr, source })?;
     Ok(local)
 }
@@ -321,7 +321,7 @@ pub fn dial_endpoint(ip: std::net::IpAddr, cfg: &TransportConfig) -> Result<quin
         .map_err(|e| TransportError::Setting(format!("max_udp_payload: {e}")))?;
     let socket = udp_socket(Bind::Addr(addr), cfg.socket_buffer)?;
     let runtime = runtime()?;
-    let socket = batched(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = quic_socket(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
     quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, None, socket, runtime)
         .map_err(|source| TransportError::Bind { addr, source })
 }
@@ -330,7 +330,7 @@ pub fn dial_endpoint(ip: std::net::IpAddr, cfg: &TransportConfig) -> Result<quin
 /// `quinn::Endpoint::server` makes it, on a socket registered for reads only ([`udp`]).
 pub fn edge_endpoint(server: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(addr)?;
-    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    let runtime = runtime().map_err(std::io::Error::other)?;
     // quinn's own limit on a send's batch holds for the edge's default datagram size.
     let socket = Arc::new(udp::ReadRegistered::new(socket, usize::MAX)?);
     quinn::Endpoint::new_with_abstract_socket(EndpointConfig::default(), Some(server), socket, runtime)
@@ -349,7 +349,7 @@ pub fn mesh_endpoint(
     let socket = udp_socket(bind, cfg.socket_buffer)?;
     let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })?;
     let runtime = runtime()?;
-    let socket = batched(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = quic_socket(socket, cfg).map_err(|source| TransportError::Bind { addr, source })?;
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, server, socket, runtime)
         .map_err(|source| TransportError::Bind { addr, source })?;
     endpoint.set_default_client_config(client_config(creds, trust_domain, cfg)?);

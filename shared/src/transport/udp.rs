@@ -1,5 +1,6 @@
-//! The mesh endpoint's UDP socket as quinn drives it: registered with the runtime for reads
-//! only, so that a datagram leaving the socket does not wake the thread a second time.
+//! The UDP socket of every QUIC endpoint a member opens (mesh, workers' dials, the gateway's
+//! HTTP/3 edge) as quinn drives it: registered with the runtime for reads only, so that a
+//! datagram leaving the socket does not wake the thread a second time.
 //!
 //! quinn's own tokio socket registers for reads and writes, edge-triggered. Linux tells a UDP
 //! socket's waiters it can write whenever a sent datagram's memory comes back and the socket is
@@ -13,6 +14,7 @@
 //! through a second descriptor of the same socket, registered for writes while that wait lasts
 //! and closed when it ends.
 
+use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
@@ -94,10 +96,10 @@ impl AsyncUdpSocket for ReadRegistered {
 
 /// `socket` registered with the current runtime for `interest`.
 ///
-/// tokio deprecated its safe constructor in favour of an `unsafe` one whose contract is that the
+/// tokio deprecated this safe constructor in favour of an `unsafe` one whose contract is that the
 /// descriptor stays open, and the same, for as long as the registration: true of a
 /// `std::net::UdpSocket`, which owns its one descriptor until it is dropped, and is never
-/// replaced here (this crate forbids `unsafe`).
+/// replaced here (`get_mut` is not called). This crate forbids `unsafe`.
 #[allow(deprecated)]
 fn register(socket: UdpSocket, interest: Interest) -> io::Result<AsyncFd<UdpSocket>> {
     AsyncFd::with_interest(socket, interest)
@@ -105,11 +107,28 @@ fn register(socket: UdpSocket, interest: Interest) -> io::Result<AsyncFd<UdpSock
 
 /// Waits for room in the socket's send buffer after a refused send: a duplicate of its
 /// descriptor, registered for writes only while the wait lasts.
+///
+/// The refusal is the socket's, so after one every connection on it waits once, each on a
+/// duplicate of its own, until the runtime's next look at the socket. Sends are refused only
+/// while the send buffer is full, which on loopback never happened (BENCHMARKS.md (21)).
 #[derive(Debug)]
 struct RoomToSend {
     socket: Arc<ReadRegistered>,
-    waiting: Option<AsyncFd<UdpSocket>>,
+    waiting: Option<Wait>,
 }
+
+#[derive(Debug)]
+enum Wait {
+    /// The duplicate, registered for writes.
+    Room(AsyncFd<UdpSocket>),
+    /// No duplicate could be made or registered (out of descriptors, the runtime stopping): a
+    /// pause before the send is tried again. An error here would stop the connection's driver
+    /// for good.
+    Pause(Pin<Box<tokio::time::Sleep>>),
+}
+
+/// How long a send waits for room when no registration could be made for it.
+const PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl UdpPoller for RoomToSend {
     fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
@@ -118,14 +137,23 @@ impl UdpPoller for RoomToSend {
         if this.waiting.is_none() && !this.socket.refused.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
-        let waiting = match &mut this.waiting {
-            Some(waiting) => waiting,
-            // Registering a socket that has room already reports it writable at once, so room
-            // made between the refused send and this registration is not missed.
-            None => this.waiting.insert(register(this.socket.io.get_ref().try_clone()?, Interest::WRITABLE)?),
-        };
-        // The readiness need not be cleared: the registration ends here.
-        drop(ready!(waiting.poll_write_ready(cx))?);
+        // Registering a socket that has room already reports it writable at once, so room made
+        // between the refused send and this registration is not missed.
+        let wait = this.waiting.get_or_insert_with(|| {
+            match this.socket.io.get_ref().try_clone().and_then(|dup| register(dup, Interest::WRITABLE)) {
+                Ok(dup) => Wait::Room(dup),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch the QUIC socket for room to send; pausing instead");
+                    Wait::Pause(Box::pin(tokio::time::sleep(PAUSE)))
+                }
+            }
+        });
+        match wait {
+            // Readiness needs no clearing: the registration ends below. An error from the
+            // runtime is a wait that ended; the send that follows says what is wrong.
+            Wait::Room(dup) => drop(ready!(dup.poll_write_ready(cx))),
+            Wait::Pause(pause) => ready!(pause.as_mut().poll(cx)),
+        }
         // Closing the duplicate ends the registration: no wakes for sends that find room.
         this.waiting = None;
         this.socket.refused.store(false, Ordering::Relaxed);
@@ -174,6 +202,8 @@ mod tests {
     #[tokio::test]
     async fn the_socket_is_watched_for_writes_only_while_a_send_waits_for_room() {
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // A datagram that never comes fails the test rather than hanging it.
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let socket = Arc::new(ReadRegistered::new(UdpSocket::bind("127.0.0.1:0").unwrap(), 10).unwrap());
         let watched = registrations(socket.io.get_ref());
         assert_eq!(watched.len(), 1, "one registration: {watched:x?}");
@@ -205,6 +235,7 @@ mod tests {
                 if first && polled.is_pending() {
                     let during = registrations(socket.io.get_ref());
                     assert_eq!(during.len(), 2, "the socket and its duplicate: {during:x?}");
+                    assert!(during.contains(&watched[0]), "the socket's own stays as it was: {during:x?}");
                     assert!(during.iter().any(|m| m & EPOLLOUT != 0), "{during:x?}");
                     waited += 1;
                 }
