@@ -121,7 +121,7 @@ struct RoomToSend {
 enum Wait {
     /// The duplicate, registered for writes.
     Room(AsyncFd<UdpSocket>),
-    /// No duplicate could be made or registered (out of descriptors, the runtime stopping): a
+    /// The system refused the duplicate or its registration (out of descriptors or memory): a
     /// pause before the send is tried again. An error here would stop the connection's driver
     /// for good.
     Pause(Pin<Box<tokio::time::Sleep>>),
@@ -139,15 +139,19 @@ impl UdpPoller for RoomToSend {
         }
         // Registering a socket that has room already reports it writable at once, so room made
         // between the refused send and this registration is not missed.
-        let wait = this.waiting.get_or_insert_with(|| {
-            match this.socket.io.get_ref().try_clone().and_then(|dup| register(dup, Interest::WRITABLE)) {
-                Ok(dup) => Wait::Room(dup),
+        let wait = match &mut this.waiting {
+            Some(wait) => wait,
+            None => match this.socket.io.get_ref().try_clone().and_then(|dup| register(dup, Interest::WRITABLE)) {
+                Ok(dup) => this.waiting.insert(Wait::Room(dup)),
+                // Any other error (the runtime shutting down) ends the connection, as it would
+                // have with quinn's own socket.
+                Err(e) if e.raw_os_error().is_none() => return Poll::Ready(Err(e)),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot watch the QUIC socket for room to send; pausing instead");
-                    Wait::Pause(Box::pin(tokio::time::sleep(PAUSE)))
+                    this.waiting.insert(Wait::Pause(Box::pin(tokio::time::sleep(PAUSE))))
                 }
-            }
-        });
+            },
+        };
         match wait {
             // Readiness needs no clearing: the registration ends below. An error from the
             // runtime is a wait that ended; the send that follows says what is wrong.
