@@ -19,6 +19,11 @@
 //!   the median of the rounds' own ratios, for both clients.
 //! - Peer pairs run `peers::workers()` workers per proxy: one, as a node, unless
 //!   `BENCH_PEER_WORKERS` says otherwise.
+//! - `BIN_BASELINE=PATH`: a second node pair (node-e, node-f) from another build of the binary,
+//!   in the same rounds as the node pair from the build under test (`BIN_UNDER_TEST`, else
+//!   cargo's), reported as the median of the rounds' own ratios. Two builds compared this way,
+//!   alternating every few seconds, see the same machine; two runs minutes apart do not.
+//!   `BIN_BASELINE` naming the build under test itself shows the comparison's own spread.
 //! - Everything also goes to a JSON file (`BENCH_JSON`, default `target/bench-load.json`).
 //!
 //! Run: `cargo bench --bench load`. Environment:
@@ -228,6 +233,8 @@ impl Path {
     }
 }
 
+/// The node pair from `BIN_BASELINE`'s build.
+const BASELINE_PAIR: &str = "baseline build: client->node->QUIC->node->backend";
 const CADDY: &str = "Caddy HTTP/3 -> backend";
 const CADDY_1: &str = "Caddy (1 thread) HTTP/3 -> backend";
 const NGINX_EDGE_H1: &str = "nginx edge HTTP/1.1+TLS -> TLS -> nginx -> backend";
@@ -473,7 +480,8 @@ wrk cross-check: `wrk -t1 -c{conns} -d{secs}s --latency`, in the same rounds; me
             let with_wrk = if wrk[i].is_empty() || wrk[j].is_empty() {
                 String::new()
             } else {
-                format!(", {:.2}x (wrk)", ratio(&wrk_cpu(i), &wrk_cpu(j)))
+                let rps = median(wrk[i].iter().zip(&wrk[j]).map(|(a, b)| a.rps / b.rps).collect());
+                format!(", {:.2}x (wrk); req/s under wrk {rps:.2}x", ratio(&wrk_cpu(i), &wrk_cpu(j)))
             };
             println!(
                 "{} CPU per request against {}: {:.2}x (suite client){with_wrk}",
@@ -530,6 +538,17 @@ fn main() {
             "node-c",
             &with_framing(&node_toml("node-c", &state, &[("node-d", d.addrs.inbound)], &svc_d), "h3"),
         );
+        // Another build's node pair (BIN_BASELINE), for comparing two builds in the same rounds.
+        let baseline = std::env::var_os("BIN_BASELINE").filter(|b| !b.is_empty()).map(|bin| {
+            let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(bin);
+            pki.issue("node-e");
+            pki.issue("node-f");
+            let svc_f = svc.replace("node = \"node-b\"", "node = \"node-f\"");
+            let f = NodeProc::start_with_bin(&bin, "node", pki.path(), "node-f", &node_toml("node-f", &state, &[], &svc_f));
+            let toml_e = node_toml("node-e", &state, &[("node-f", f.addrs.inbound)], &svc_f);
+            let e = NodeProc::start_with_bin(&bin, "node", pki.path(), "node-e", &toml_e);
+            (e, f)
+        });
         pki.issue("gateway");
         let gw_toml = |workers: usize, registry: &str| {
             format!(
@@ -558,6 +577,9 @@ fn main() {
         load(backend, "hello", conns, 1).await;
         load(a.addrs.outbound, "hello", conns, 1).await;
         load(c.addrs.outbound, "hello", conns, 1).await;
+        if let Some((e, _)) = &baseline {
+            load(e.addrs.outbound, "hello", conns, 1).await;
+        }
         for kind in [Client::H1Tls, Client::H2Tls, Client::H3] {
             load_edge(kind, gw_port, conns, 1).await;
         }
@@ -605,6 +627,12 @@ fn main() {
             Path::new(BARE_H3, How::Plain(bare_h3.front), bare_h3.pids(), vec![]),
             Path::new(BARE_RAW, How::Plain(bare_raw.front), bare_raw.pids(), vec![]).against(BARE_H3),
         ];
+        if let Some((e, f)) = &baseline {
+            let node = paths.iter_mut().find(|p| p.name.starts_with("client->node")).expect("the node pair's path");
+            node.peers.push(BASELINE_PAIR);
+            let pids = vec![e.child.id(), f.child.id()];
+            paths.push(Path::new(BASELINE_PAIR, How::Plain(e.addrs.outbound), pids, vec![]));
+        }
         if let Some(n) = &nginx {
             let name = format!("nginx ({} worker each) -> TLS -> nginx -> backend", peers::workers());
             paths.push(Path::new(Box::leak(name.into_boxed_str()), How::Plain(n.front), n.pids(), vec![]));

@@ -125,6 +125,8 @@ pub enum Wrap {
     Hosts(PathBuf),
     /// These environment variables set.
     Env(Vec<(String, String)>),
+    /// Another build of the binary, at this path (`benches/load.rs` compares two builds).
+    Bin(PathBuf),
 }
 
 /// A node running as a child process of the real binary; killed on drop.
@@ -203,6 +205,14 @@ impl NodeProc {
         Self::spawn_in(Some(Wrap::Env(vars)), kind, vec![config], stderr, &[])
     }
 
+    /// `quicmesh KIND --config <toml>` run from the binary at `binary`, not [`bin`].
+    pub fn start_with_bin(binary: &Path, kind: &'static str, dir: &Path, name: &str, toml: &str) -> NodeProc {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let stderr = dir.join(format!("{name}.log"));
+        Self::spawn_in(Some(Wrap::Bin(binary.to_path_buf())), kind, vec![config], stderr, &[])
+    }
+
     fn spawn(kind: &'static str, configs: Vec<PathBuf>, stderr: PathBuf) -> NodeProc {
         Self::spawn_args(kind, configs, stderr, &[])
     }
@@ -231,6 +241,7 @@ impl NodeProc {
                     .arg(bin());
                 c
             }
+            Some(Wrap::Bin(binary)) => Command::new(binary),
             None | Some(Wrap::Env(_)) => Command::new(bin()),
         };
         if let Some(Wrap::Env(vars)) = &wrap {
