@@ -19,11 +19,13 @@
 //!   the median of the rounds' own ratios, for both clients.
 //! - Peer pairs run `peers::workers()` workers per proxy: one, as a node, unless
 //!   `BENCH_PEER_WORKERS` says otherwise.
-//! - `BIN_BASELINE=PATH`: a second node pair (node-e, node-f) from another build of the binary,
-//!   in the same rounds as the node pair from the build under test (`BIN_UNDER_TEST`, else
-//!   cargo's), reported as the median of the rounds' own ratios. Two builds compared this way,
-//!   alternating every few seconds, see the same machine; two runs minutes apart do not.
-//!   `BIN_BASELINE` naming the build under test itself shows the comparison's own spread.
+//! - `BIN_BASELINE=PATH` (relative to the repository's root, as `BIN_UNDER_TEST`): a second node
+//!   pair (node-e, node-f) from another build of the binary, run in the closed loop's rounds
+//!   right after the node pair from the build under test (`BIN_UNDER_TEST`, else cargo's).
+//!   Reported as the medians of the rounds' own ratios of CPU per request (suite client and
+//!   wrk) and of req/s under wrk. Two builds compared this way, a few seconds apart, see the
+//!   same machine; two runs minutes apart do not. `BIN_BASELINE` naming the build under test
+//!   itself shows the comparison's own spread. The open loop leaves it out.
 //! - Everything also goes to a JSON file (`BENCH_JSON`, default `target/bench-load.json`).
 //!
 //! Run: `cargo bench --bench load`. Environment:
@@ -440,7 +442,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The node pair's CPU per request against each peer pair (medians of the rounds' own ratios,
-/// for the suite's client and for wrk), and wrk's own table.
+/// for the suite's client and for wrk), and wrk's own table; a path against a path of the same
+/// shape (the bare hop's framings, a baseline build's node pair) likewise, with req/s under wrk.
 fn report_against_peers(paths: &[Path], own: &[Vec<f64>], wrk: &[Vec<Wrk>], conns: usize, secs: u64) {
     let node = paths.iter().position(|p| p.name.starts_with("client->node"));
     let peers: Vec<usize> = paths
@@ -539,14 +542,18 @@ fn main() {
             &with_framing(&node_toml("node-c", &state, &[("node-d", d.addrs.inbound)], &svc_d), "h3"),
         );
         // Another build's node pair (BIN_BASELINE), for comparing two builds in the same rounds.
-        let baseline = std::env::var_os("BIN_BASELINE").filter(|b| !b.is_empty()).map(|bin| {
-            let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(bin);
+        let baseline_bin = std::env::var_os("BIN_BASELINE")
+            .filter(|b| !b.is_empty())
+            .map(|bin| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(bin));
+        let baseline = baseline_bin.as_ref().map(|bin| {
+            assert!(bin.is_file(), "BIN_BASELINE: no binary at {}", bin.display());
             pki.issue("node-e");
             pki.issue("node-f");
             let svc_f = svc.replace("node = \"node-b\"", "node = \"node-f\"");
-            let f = NodeProc::start_with_bin(&bin, "node", pki.path(), "node-f", &node_toml("node-f", &state, &[], &svc_f));
+            let toml_f = node_toml("node-f", &state, &[], &svc_f);
+            let f = NodeProc::start_with_bin(bin, "node", pki.path(), "node-f", &toml_f);
             let toml_e = node_toml("node-e", &state, &[("node-f", f.addrs.inbound)], &svc_f);
-            let e = NodeProc::start_with_bin(&bin, "node", pki.path(), "node-e", &toml_e);
+            let e = NodeProc::start_with_bin(bin, "node", pki.path(), "node-e", &toml_e);
             (e, f)
         });
         pki.issue("gateway");
@@ -627,11 +634,12 @@ fn main() {
             Path::new(BARE_H3, How::Plain(bare_h3.front), bare_h3.pids(), vec![]),
             Path::new(BARE_RAW, How::Plain(bare_raw.front), bare_raw.pids(), vec![]).against(BARE_H3),
         ];
+        // Right after the node pair it is compared with, so the two run seconds apart.
         if let Some((e, f)) = &baseline {
-            let node = paths.iter_mut().find(|p| p.name.starts_with("client->node")).expect("the node pair's path");
-            node.peers.push(BASELINE_PAIR);
+            let node = paths.iter().position(|p| p.name.starts_with("client->node")).expect("the node pair's path");
+            paths[node].peers.push(BASELINE_PAIR);
             let pids = vec![e.child.id(), f.child.id()];
-            paths.push(Path::new(BASELINE_PAIR, How::Plain(e.addrs.outbound), pids, vec![]));
+            paths.insert(node + 1, Path::new(BASELINE_PAIR, How::Plain(e.addrs.outbound), pids, vec![]));
         }
         if let Some(n) = &nginx {
             let name = format!("nginx ({} worker each) -> TLS -> nginx -> backend", peers::workers());
@@ -918,7 +926,8 @@ fn main() {
             "bench": "load",
             "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             "machine": { "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()) },
-            "settings": { "secs": secs, "rounds": rounds, "conns": conns, "open_secs": open_secs, "open_rounds": open_rounds, "open_conns": open_conns },
+            "settings": { "secs": secs, "rounds": rounds, "conns": conns, "open_secs": open_secs, "open_rounds": open_rounds, "open_conns": open_conns,
+                          "binary": support::bin(), "baseline_binary": baseline_bin.as_ref().map(|b| b.display().to_string()) },
             "closed_loop": closed,
             "open_loop": open,
             "peak_rss_kib": { "node-a": rss.0, "node-b": rss.1, "gateway": rss.2 },
