@@ -220,7 +220,8 @@ struct Path {
     /// the ingress; empty on the other paths.
     ingress: Vec<u32>,
     /// The paths it is compared with: for a gateway path, the peer edges (same protocol, same
-    /// thread count); for another, a path of the same shape (the bare hop's two framings).
+    /// thread count); for another, a path of the same shape (the bare hop's two framings, a
+    /// baseline build's node pair).
     peers: Vec<&'static str>,
 }
 
@@ -477,7 +478,8 @@ wrk cross-check: `wrk -t1 -c{conns} -d{secs}s --latency`, in the same rounds; me
     }
     let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
     let wrk_cpu = |i: usize| -> Vec<f64> { wrk[i].iter().map(|w| w.cpu_us).collect() };
-    // Other paths compared with a path of the same shape (the bare hop's two framings).
+    // Other paths compared with a path of the same shape (the bare hop's two framings, a
+    // baseline build's node pair).
     for (i, p) in paths.iter().enumerate().filter(|(_, p)| p.ingress.is_empty()) {
         for j in p.peers.iter().filter_map(|peer| paths.iter().position(|q| q.name == *peer)) {
             let with_wrk = if wrk[i].is_empty() || wrk[j].is_empty() {
