@@ -544,9 +544,7 @@ fn main() {
             &with_framing(&node_toml("node-c", &state, &[("node-d", d.addrs.inbound)], &svc_d), "h3"),
         );
         // Another build's node pair (BIN_BASELINE), for comparing two builds in the same rounds.
-        let baseline_bin = std::env::var_os("BIN_BASELINE")
-            .filter(|b| !b.is_empty())
-            .map(|bin| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(bin));
+        let baseline_bin = binary_from_env("BIN_BASELINE");
         let baseline = baseline_bin.as_ref().map(|bin| {
             assert!(bin.is_file(), "BIN_BASELINE: no binary at {}", bin.display());
             pki.issue("node-e");

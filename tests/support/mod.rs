@@ -19,11 +19,17 @@ use tokio::net::TcpListener;
 /// `BIN_UNDER_TEST` names (to run the suites against another build of the same source, such as
 /// `link/pgo.sh`'s); a relative path is taken from the repository's root, an empty one is unset.
 pub fn bin() -> &'static str {
-    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| match std::env::var_os("BIN_UNDER_TEST") {
-        Some(path) if !path.is_empty() => Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string(),
-        _ => env!("CARGO_BIN_EXE_quicmesh").to_string(),
+    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        binary_from_env("BIN_UNDER_TEST")
+            .map_or(env!("CARGO_BIN_EXE_quicmesh").to_string(), |p| p.display().to_string())
     });
     BIN.as_str()
+}
+
+/// The binary environment variable `var` names, a relative path taken from the repository's
+/// root; `None` when unset or empty.
+pub fn binary_from_env(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var).filter(|p| !p.is_empty()).map(|p| Path::new(env!("CARGO_MANIFEST_DIR")).join(p))
 }
 pub const TD: &str = "test.quicmesh.local";
 /// The transport timing the suites were written for (a dead peer noticed within 3 s); the
