@@ -6,9 +6,13 @@
 //!
 //! A third path, the **bare tunnel**, is the tunnel's floor: the same TCP client and sink and
 //! the same two TCP legs around one raw quinn stream (64 KiB TCP reads written as chunks,
-//! quinn's chunks gathered into vectored TCP writes, as the nodes do), with no HTTP/3 and
-//! nothing else of a node. What it loses against raw quinn is what carrying TCP costs at all;
-//! the distance from it to the mesh tunnel is the nodes' own.
+//! quinn's chunks gathered into vectored TCP writes, as the nodes do), with no framing and
+//! nothing else of a node (`peers::bare::start_tunnel`). Its two halves are processes on
+//! single-threaded runtimes, as the nodes are, so the two are compared on equal terms (each
+//! hand-off between the halves is a switch between processes, with the costs that brings). What it loses
+//! against raw quinn is what carrying TCP costs at all; the distance from it to the mesh
+//! tunnel is the nodes' own, reported as the proxies' CPU per GiB (the two nodes against the
+//! two halves) beside the throughput.
 //!
 //! A fourth path is the peer a user would pick instead of the mesh tunnel: a TLS-over-TCP
 //! tunnel pair, haproxy in `mode tcp` with TLS 1.3 between the two (`peers::haproxy_tunnel`,
@@ -42,77 +46,13 @@ use tokio::sync::mpsc;
 
 const CHUNK: usize = 256 << 10;
 
-/// The nodes' allocator, for the lanes of raw quinn and the bare tunnel.
+/// The nodes' allocator, for the lanes of raw quinn and the bare tunnel's processes.
 #[global_allocator]
 static ALLOC: alloc::MiMalloc = alloc::MiMalloc;
 
 #[path = "../src/alloc.rs"]
 #[allow(unsafe_code)]
 mod alloc;
-
-/// The bare tunnel's front: accepts TCP on its lane and carries each connection on a new
-/// stream of one quinn connection to `back`, read 64 KiB at a time as node-a reads.
-async fn bare_front(lane: &Lane, ep: quinn::Endpoint, back: SocketAddr) -> SocketAddr {
-    let listener = {
-        let _on = lane.handle.enter();
-        let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        std.set_nonblocking(true).unwrap();
-        tokio::net::TcpListener::from_std(std).unwrap()
-    };
-    let port = listener.local_addr().unwrap();
-    lane.handle.spawn(async move {
-        let conn = ep.connect(back, "bare-b").unwrap().await.unwrap();
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                let (mut send, _recv) = conn.open_bi().await.unwrap();
-                let mut buf = bytes::BytesMut::with_capacity(64 << 10);
-                loop {
-                    buf.reserve(64 << 10);
-                    match tcp.read_buf(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            if send.write_chunk(buf.split().freeze()).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = send.finish();
-                let _ = send.stopped().await;
-            });
-        }
-    });
-    port
-}
-
-/// The bare tunnel's back: each stream of each connection goes to `sink` over TCP, what has
-/// arrived (up to 256 chunks) written with node-b's own vectored writer.
-fn bare_back(lane: &Lane, ep: quinn::Endpoint, sink: SocketAddr) {
-    lane.handle.spawn(async move {
-        while let Some(incoming) = ep.accept().await {
-            let Ok(conn) = incoming.await else { continue };
-            tokio::spawn(async move {
-                while let Ok((_send, mut recv)) = conn.accept_bi().await {
-                    tokio::spawn(async move {
-                        let mut tcp = tokio::net::TcpStream::connect(sink).await.unwrap();
-                        tcp.set_nodelay(true).unwrap();
-                        let mut read = vec![Bytes::new(); 256];
-                        let mut chunks = Vec::with_capacity(256);
-                        while let Ok(Some(n)) = recv.read_chunks(&mut read).await {
-                            chunks.extend(read[..n].iter_mut().map(std::mem::take));
-                            if quicmesh_shared::proxy::tcp::write_chunks(&mut tcp, &mut chunks).await.is_err() {
-                                return;
-                            }
-                        }
-                        let _ = tcp.shutdown().await;
-                    });
-                }
-            });
-        }
-    });
-}
 
 /// A TCP server that reads every connection to its end and reports how many bytes it read.
 async fn sink() -> (SocketAddr, mpsc::UnboundedReceiver<u64>) {
@@ -233,6 +173,7 @@ fn mb_s(bytes: u64, d: Duration) -> f64 {
 }
 
 fn main() {
+    peers::bare::run_if_asked();
     bench_logging();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -276,23 +217,9 @@ fn main() {
             mesh_endpoint(localhost, &creds("raw-a"), TD, &transport, None).unwrap()
         };
         let (raw_server, raw_client) = ((&server, &server_lane), (&client, &client_lane));
-        // The bare tunnel: two more endpoints like the nodes', each on a lane of its own.
-        let (bare_a, bare_b) = (Lane::new("bare-a"), Lane::new("bare-b"));
-        let bare_port = {
-            let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
-            let back = {
-                let _on = bare_b.handle.enter();
-                mesh_endpoint(localhost, &creds("bare-b"), TD, &transport, Some(ClientAuth::Required.into())).unwrap()
-            };
-            let back_addr = back.local_addr().unwrap();
-            bare_back(&bare_b, back, sink_addr);
-            let localhost = Bind::Addr("127.0.0.1:0".parse().unwrap());
-            let front = {
-                let _on = bare_a.handle.enter();
-                mesh_endpoint(localhost, &creds("bare-a"), TD, &transport, None).unwrap()
-            };
-            bare_front(&bare_a, front, back_addr).await
-        };
+        // The bare tunnel: two processes as the nodes are, with endpoints made like theirs.
+        let bare_hop = peers::bare::start_tunnel(&pki, sink_addr, payload);
+        let (bare_port, bare_pids) = (bare_hop.front, bare_hop.pids());
         let peer = peers::haproxy_tunnel(pki.path(), sink_addr);
         let peer_front = peer.as_ref().map(|p| p.front);
         let peer_pids = peer.as_ref().map(|p| p.pids()).unwrap_or_default();
@@ -308,7 +235,9 @@ fn main() {
         // bench process, which holds the TCP client and sink or both quinn endpoints).
         let (me, nodes) = (std::process::id(), [a.child.id(), b.child.id()]);
         let (mut tunnel_cpu, mut tunnel_node_cpu, mut raw_cpu) = (Vec::new(), Vec::new(), Vec::new());
-        let mut bare_cpu = Vec::new();
+        // The bare tunnel: CPU s per GiB of the whole path and of its two halves; the nodes' CPU
+        // over the halves' in each round.
+        let (mut bare_cpu, mut bare_half_cpu, mut half_ratio) = (Vec::new(), Vec::new(), Vec::new());
         // The haproxy TLS tunnel pair: MB/s, CPU s per GiB of the whole path and of the pair.
         let (mut peer_mbs, mut peer_cpu, mut peer_pair_cpu, mut peer_ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let per_gib = |d: Duration| d.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64);
@@ -319,13 +248,15 @@ fn main() {
             let (mut took, mut own, mut node) = ([Duration::ZERO; 3], [Duration::ZERO; 3], [Duration::ZERO; 3]);
             for k in 0..3 {
                 let path = (round + k) % 3;
-                let (c0, n0) = (cpu_time(me), cpu_of(&nodes));
+                // The proxies of the path: the nodes, or the bare tunnel's two halves.
+                let proxies: &[u32] = if path == 2 { &bare_pids } else { &nodes };
+                let (c0, n0) = (cpu_time(me), cpu_of(proxies));
                 took[path] = match path {
                     0 => tunnel_once(port, bytes, &mut done).await,
                     1 => quinn_once(raw_client, raw_server, bytes).await,
                     _ => tunnel_once(bare_port, bytes, &mut done).await,
                 };
-                (own[path], node[path]) = (cpu_time(me).saturating_sub(c0), cpu_of(&nodes).saturating_sub(n0));
+                (own[path], node[path]) = (cpu_time(me).saturating_sub(c0), cpu_of(proxies).saturating_sub(n0));
             }
             if let Some(front) = peer_front {
                 let (c0, p0) = (cpu_time(me), cpu_of(&peer_pids));
@@ -352,7 +283,9 @@ fn main() {
             tunnel_cpu.push(per_gib(own[0] + node[0]));
             tunnel_node_cpu.push(per_gib(node[0]));
             raw_cpu.push(per_gib(own[1]));
-            bare_cpu.push(per_gib(own[2]));
+            bare_cpu.push(per_gib(own[2] + node[2]));
+            bare_half_cpu.push(per_gib(node[2]));
+            half_ratio.push(node[0].as_secs_f64() / node[2].as_secs_f64().max(1e-9));
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -370,12 +303,12 @@ fn main() {
         let (rt, rf) = (median(&mut round_ratio.clone()), median(&mut round_bare_ratio.clone()));
         let (t, r, f) = (median(&mut tunnel.clone()), median(&mut raw.clone()), median(&mut bare.clone()));
         let (tc, tn, rc) = (median(&mut tunnel_cpu), median(&mut tunnel_node_cpu), median(&mut raw_cpu));
-        let fc = median(&mut bare_cpu);
+        let (fc, fh, hr) = (median(&mut bare_cpu), median(&mut bare_half_cpu), median(&mut half_ratio.clone()));
         println!("\none transfer of {mib} MiB, {rounds} alternating rounds, medians; QUIC datagrams up to {payload} bytes");
-        println!("| path | MB/s | vs raw quinn | CPU s per GiB, whole path | of which the two nodes |");
+        println!("| path | MB/s | vs raw quinn | CPU s per GiB, whole path | of which the two proxies (nodes, halves) |");
         println!("|---|---|---|---|---|");
         println!("| raw quinn, one stream (mTLS, node transport settings) | {r:.0} | 1.00 | {rc:.2} | - |");
-        println!("| bare tunnel: TCP -> one raw quinn stream -> TCP (no HTTP/3, no node) | {f:.0} | {:.2} | {fc:.2} | - |", f / r);
+        println!("| bare tunnel: TCP -> one raw quinn stream -> TCP (no framing, no node) | {f:.0} | {:.2} | {fc:.2} | {fh:.2} |", f / r);
         println!("| TCP -> node-a -> QUIC (CONNECT stream) -> node-b -> TCP | {t:.0} | {:.2} | {tc:.2} | {tn:.2} |", t / r);
         if !peer_mbs.is_empty() {
             let (pm, pc, pp) = (median(&mut peer_mbs.clone()), median(&mut peer_cpu), median(&mut peer_pair_cpu));
@@ -392,7 +325,13 @@ fn main() {
                 median(&mut peer_ratio)
             );
         }
-        println!("the mesh tunnel against the bare tunnel: {:.2}x the throughput, {:.2}x the CPU per GiB", t / f, tc / fc);
+        println!(
+            "the mesh tunnel against the bare tunnel: {:.2}x the throughput, {:.2}x the CPU per GiB (whole path), \
+             {:.2}x the proxies' CPU per GiB (median of the rounds' own ratios: {hr:.2}x)",
+            t / f,
+            tc / fc,
+            tn / fh
+        );
         println!("median of the rounds' own ratios to raw quinn: mesh tunnel {rt:.2}, bare tunnel {rf:.2}");
         println!(
             "peak RSS: node-a {} KiB, node-b {} KiB",
@@ -430,7 +369,8 @@ fn main() {
             "median_round_ratio": rt, "median_round_bare_ratio": rf,
             "round_ratios": round_ratio, "round_bare_ratios": round_bare_ratio,
             "rounds_tunnel": tunnel, "rounds_raw": raw, "rounds_bare": bare,
-            "cpu_s_per_gib": { "raw_quinn": rc, "tunnel_path": tc, "tunnel_nodes": tn, "bare_tunnel_path": fc },
+            "cpu_s_per_gib": { "raw_quinn": rc, "tunnel_path": tc, "tunnel_nodes": tn, "bare_tunnel_path": fc, "bare_tunnel_halves": fh },
+            "round_node_over_half_cpu": half_ratio,
             "connect_full_us": { "p50": us(pct(&full, 0.5)), "p99": us(pct(&full, 0.99)) },
             "connect_resumed_us": { "p50": us(pct(&resumed, 0.5)), "p99": us(pct(&resumed, 0.99)) },
         });

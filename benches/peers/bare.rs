@@ -160,6 +160,32 @@ fn start_with(
     }
 }
 
+/// The bare tunnel, the floor under the mesh's TCP tunnel: two processes like the bare hop's,
+/// carrying each TCP connection made to `front` on a raw QUIC stream of one mutual-TLS
+/// connection (datagrams up to `udp_payload` bytes) to `sink`, with nothing of a node (no
+/// framing, no telemetry, no policy).
+#[allow(dead_code)] // bulk only
+pub fn start_tunnel(pki: &Pki, sink: SocketAddr, udp_payload: u16) -> BareHop {
+    pki.issue("bare-a");
+    pki.issue("bare-b");
+    let dir = pki.path().display().to_string();
+    let payload = udp_payload.to_string();
+    let common = [("BARE_DIR", dir.as_str()), ("BARE_BIND", "127.0.0.1"), ("BARE_UDP_PAYLOAD", payload.as_str())];
+    let (mut back, quic) =
+        spawn(None, &[&common[..], &[("QUICMESH_BARE", "tunnel-back"), ("BARE_TO", &sink.to_string())]].concat());
+    let front = std::panic::catch_unwind(|| {
+        spawn(None, &[&common[..], &[("QUICMESH_BARE", "tunnel-front"), ("BARE_TO", &quic.to_string())]].concat())
+    });
+    match front {
+        Ok((front, addr)) => BareHop { front: addr, procs: [front, back] },
+        Err(panic) => {
+            let _ = back.kill();
+            let _ = back.wait();
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
 /// Runs this bench again as one half (in network namespace `ns`, given one); returns it and the
 /// address it printed when ready. The half exits when its stdin closes, so it cannot outlive
 /// this process.
@@ -203,18 +229,26 @@ pub fn run_if_asked() {
             "front" => {
                 front(&dir, bind, to, var("BARE_HEADERS") == "1", (var("BARE_TLS") == "1").then(edge_tls), raw).await
             }
-            other => panic!("QUICMESH_BARE={other}: expected back or front"),
+            "tunnel-back" => tunnel::back(&dir, bind, to),
+            "tunnel-front" => tunnel::front(&dir, bind, to).await,
+            other => panic!("QUICMESH_BARE={other}: expected back, front, tunnel-back or tunnel-front"),
         };
         println!("bare ready: {ready}");
         std::future::pending::<()>().await
     });
 }
 
-/// A mesh endpoint on a free port of `ip`, with `name`'s identity from `dir`.
+/// A mesh endpoint on a free port of `ip`, with `name`'s identity from `dir` and the mesh's
+/// transport settings (the largest UDP payload from `BARE_UDP_PAYLOAD` where the bench set it,
+/// as it sets `transport.max_udp_payload` for the nodes).
 fn endpoint(dir: &Path, name: &str, ip: std::net::IpAddr, auth: Option<ClientAuth>) -> quinn::Endpoint {
     let creds = credentials(dir, name);
     let bind = Bind::Addr(SocketAddr::new(ip, 0));
-    mesh_endpoint(bind, &creds, TD, &TransportConfig::default(), auth.map(Into::into)).unwrap()
+    let mut transport = TransportConfig::default();
+    if let Some(payload) = std::env::var("BARE_UDP_PAYLOAD").ok().and_then(|v| v.parse().ok()) {
+        transport.max_udp_payload = payload;
+    }
+    mesh_endpoint(bind, &creds, TD, &transport, auth.map(Into::into)).unwrap()
 }
 
 /// The back half: an h3 (or [`raw`]) server handing requests to a pooled client for `backend`.
@@ -528,5 +562,78 @@ mod raw {
             return;
         }
         let _ = send.finish();
+    }
+}
+
+/// The bare tunnel's two halves ([`start_tunnel`]), read and written as the nodes' tunnel
+/// reads and writes: 64 KiB TCP reads each written as one chunk; what has arrived of the
+/// stream (up to 256 chunks) gathered into vectored TCP writes.
+mod tunnel {
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use bytes::Bytes;
+    use quicmesh_shared::identity::tls::ClientAuth;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The front half: accepts TCP and carries each connection on a new stream of one QUIC
+    /// connection to `quic`.
+    pub async fn front(dir: &Path, ip: std::net::IpAddr, quic: SocketAddr) -> SocketAddr {
+        let conn = super::endpoint(dir, "bare-a", ip, None).connect(quic, "bare-b").unwrap().await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    let Ok((mut send, _recv)) = conn.open_bi().await else { return };
+                    let mut buf = bytes::BytesMut::with_capacity(64 << 10);
+                    loop {
+                        buf.reserve(64 << 10);
+                        match tcp.read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {
+                                if send.write_chunk(buf.split().freeze()).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// The back half: each stream of each connection goes to `sink` over TCP.
+    pub fn back(dir: &Path, ip: std::net::IpAddr, sink: SocketAddr) -> SocketAddr {
+        let quic = super::endpoint(dir, "bare-b", ip, Some(ClientAuth::Required));
+        let addr = quic.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some(incoming) = quic.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((_send, mut recv)) = conn.accept_bi().await {
+                        tokio::spawn(async move {
+                            let Ok(mut tcp) = tokio::net::TcpStream::connect(sink).await else { return };
+                            let _ = tcp.set_nodelay(true);
+                            let mut read = vec![Bytes::new(); 256];
+                            let mut chunks = Vec::with_capacity(256);
+                            while let Ok(Some(n)) = recv.read_chunks(&mut read).await {
+                                chunks.extend(read[..n].iter_mut().map(std::mem::take));
+                                if quicmesh_shared::proxy::tcp::write_chunks(&mut tcp, &mut chunks).await.is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = tcp.shutdown().await;
+                        });
+                    }
+                });
+            }
+        });
+        addr
     }
 }
