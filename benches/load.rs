@@ -9,7 +9,8 @@
 //!   latency is measured from the scheduled time, so a stall counts against every request it
 //!   delayed (no coordinated omission). Requests share `BENCH_OPEN_CONNS` keep-alive connections
 //!   opened beforehand and wait for a free one, as wrk2's do. p50/p90/p99/p99.9 of direct, one node, the mesh hop, the
-//!   bare hop (the hop's libraries without the nodes' work: `peers/bare.rs`) and the peer pairs,
+//!   bare hop (the hop's libraries without the nodes' work: `peers/bare.rs`; over h3, and over
+//!   raw streams with the mesh's headers, as the nodes' lean framing) and the peer pairs,
 //!   and the latency each adds at each percentile.
 //! - A cross-check with a load generator nobody here wrote: Debian's `wrk` (closed loop, one
 //!   thread, the same connection count, `--latency` for its percentiles) against the plain-HTTP
@@ -829,7 +830,15 @@ fn main() {
         println!("|---|---|---|---|---|---|---|");
         for rate in rates {
             // (name, target): direct first, as the baseline every other path is compared with.
-            let mut targets = vec![("direct", backend), ("one node, local delivery", b.addrs.outbound), ("mesh hop", a.addrs.outbound), ("bare hop (libraries only)", bare.front)];
+            // Two floors under the mesh hop: the bare hop over h3, and over the raw-stream framing
+            // with the mesh's headers, which is what the nodes carry between them (the lean framing).
+            let mut targets = vec![
+                ("direct", backend),
+                ("one node, local delivery", b.addrs.outbound),
+                ("mesh hop", a.addrs.outbound),
+                ("bare hop (libraries only)", bare.front),
+                ("bare hop, raw streams, mesh headers (libraries only)", bare_raw.front),
+            ];
             if let Some(n) = &nginx {
                 targets.push(("nginx pair", n.front));
             }
