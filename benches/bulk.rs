@@ -9,10 +9,10 @@
 //! quinn's chunks gathered into vectored TCP writes, as the nodes do), with no framing and
 //! nothing else of a node (`peers::bare::start_tunnel`). Its two halves are processes on
 //! single-threaded runtimes, as the nodes are, so the two are compared on equal terms (each
-//! hand-off between the halves is a switch between processes, with the costs that brings). What it loses
-//! against raw quinn is what carrying TCP costs at all; the distance from it to the mesh
-//! tunnel is the nodes' own, reported as the proxies' CPU per GiB (the two nodes against the
-//! two halves) beside the throughput.
+//! hand-off between the halves is a switch between processes, with the costs that brings).
+//! What it loses against raw quinn is what carrying TCP costs at all; the distance from it to
+//! the mesh tunnel is the nodes' own, reported as the proxies' CPU per GiB (the two nodes
+//! against the two halves) beside the throughput.
 //!
 //! A fourth path is the peer a user would pick instead of the mesh tunnel: a TLS-over-TCP
 //! tunnel pair, haproxy in `mode tcp` with TLS 1.3 between the two (`peers::haproxy_tunnel`,
@@ -183,7 +183,7 @@ fn main() {
         let bytes = mib << 20;
         let pki = Pki::new();
         let state = pki.issue("node-a");
-        for n in ["node-b", "raw-a", "raw-b", "bare-a", "bare-b"] {
+        for n in ["node-b", "raw-a", "raw-b"] {
             pki.issue(n);
         }
         // The tunnel: node-a's local port -> node-b -> sink.
@@ -231,8 +231,9 @@ fn main() {
         tunnel_once(bare_port, 16 << 20, &mut done).await;
         quinn_once(raw_client, raw_server, 16 << 20).await;
         let (mut tunnel, mut bare, mut raw) = (Vec::new(), Vec::new(), Vec::new());
-        // CPU seconds per GiB: of the nodes alone, and of everything on the path (nodes, and the
-        // bench process, which holds the TCP client and sink or both quinn endpoints).
+        // CPU seconds per GiB: of the path's two proxies alone (the nodes, or the bare tunnel's
+        // halves), and of everything on the path (those, and the bench process, which holds the
+        // TCP client and sink or both quinn endpoints).
         let (me, nodes) = (std::process::id(), [a.child.id(), b.child.id()]);
         let (mut tunnel_cpu, mut tunnel_node_cpu, mut raw_cpu) = (Vec::new(), Vec::new(), Vec::new());
         // The bare tunnel: CPU s per GiB of the whole path and of its two halves; the nodes' CPU
@@ -244,7 +245,8 @@ fn main() {
         for round in 0..rounds {
             // Each round starts with the next path, so no path always runs first or last.
             // Per path (0 the mesh tunnel, 1 raw quinn, 2 the bare tunnel): time taken, CPU of
-            // this process (client and sink, or the lanes), CPU of the nodes.
+            // this process (client and sink, or raw quinn's lanes), CPU of the path's proxies (the
+            // nodes, the bare tunnel's halves; unused for raw quinn).
             let (mut took, mut own, mut node) = ([Duration::ZERO; 3], [Duration::ZERO; 3], [Duration::ZERO; 3]);
             for k in 0..3 {
                 let path = (round + k) % 3;

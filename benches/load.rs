@@ -10,7 +10,7 @@
 //!   delayed (no coordinated omission). Requests share `BENCH_OPEN_CONNS` keep-alive connections
 //!   opened beforehand and wait for a free one, as wrk2's do. p50/p90/p99/p99.9 of direct, one node, the mesh hop, the
 //!   bare hop (the hop's libraries without the nodes' work: `peers/bare.rs`; over h3, and over
-//!   raw streams with the mesh's headers, as the nodes' lean framing) and the peer pairs,
+//!   raw streams with the mesh's headers, the framing closest to the nodes' lean one) and the peer pairs,
 //!   and the latency each adds at each percentile.
 //! - A cross-check with a load generator nobody here wrote: Debian's `wrk` (closed loop, one
 //!   thread, the same connection count, `--latency` for its percentiles) against the plain-HTTP

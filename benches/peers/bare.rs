@@ -5,6 +5,9 @@
 //! and the mesh hop is the nodes' own work and the headers they add (which the second variant,
 //! `mesh_headers`, carries, to tell the two apart).
 //!
+//! The bare tunnel ([`start_tunnel`]) is the same idea for the mesh's TCP tunnel: TCP carried
+//! on a raw QUIC stream between two such halves, the floor under the nodes' tunnel.
+//!
 //! Each half is a process of its own on a single-threaded runtime, as a node is by default (the
 //! bench runs itself again with `QUICMESH_BARE` set), so that neither shares an address space,
 //! an allocator or an async runtime with the other, the client or the backend, which nodes
@@ -25,7 +28,8 @@ use quicmesh_shared::transport::{mesh_endpoint, Bind};
 
 use crate::support::{credentials, Lane, Pki, TD};
 
-/// The two halves, running; the client talks HTTP/1.1 to `front` (over TLS for the bare edge).
+/// The two halves, running; the client talks HTTP/1.1 to `front` (over TLS for the bare edge),
+/// or plain TCP for the bare tunnel.
 pub struct BareHop {
     pub front: SocketAddr,
     procs: [Child; 2],
@@ -33,7 +37,7 @@ pub struct BareHop {
 
 impl BareHop {
     /// Both processes, front first.
-    #[allow(dead_code)] // floor's and load's CPU figures; the other benches do not use it
+    #[allow(dead_code)] // floor's, load's and bulk's CPU figures; wan does not use it
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(Child::id).collect()
     }
@@ -195,7 +199,15 @@ fn spawn(ns: Option<&str>, env: &[(&str, &str)]) -> (Child, SocketAddr) {
         Some(ns) => crate::support::netns::command(ns, exe),
         None => Command::new(exe),
     };
-    let mut child = command.envs(env.iter().copied()).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    // Only what this bench passes: a largest UDP payload left in the user's environment would
+    // change every bare hop's transport settings.
+    let mut child = command
+        .env_remove("BARE_UDP_PAYLOAD")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
     let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
     match line.trim().strip_prefix("bare ready: ").and_then(|a| a.parse().ok()) {
