@@ -837,7 +837,7 @@ fn main() {
                 ("one node, local delivery", b.addrs.outbound),
                 ("mesh hop", a.addrs.outbound),
                 ("bare hop (libraries only)", bare.front),
-                ("bare hop, raw streams, mesh headers (libraries only)", bare_raw.front),
+                (BARE_RAW, bare_raw.front),
             ];
             if let Some(n) = &nginx {
                 targets.push(("nginx pair", n.front));

@@ -125,7 +125,8 @@ fn start_with(
         Some(h) => (h.back_ip.to_string(), "0.0.0.0".to_string()),
         None => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
     };
-    let (back, quic) = spawn(
+    let headers = if mesh_headers { "1" } else { "0" };
+    start_pair(
         hosts.map(|h| h.back_ns),
         &[
             ("QUICMESH_BARE", "back"),
@@ -134,31 +135,35 @@ fn start_with(
             ("BARE_FRAMING", framing),
             ("BARE_BIND", &back_bind),
         ],
-    );
-    let mut back = Some(back);
-    let headers = if mesh_headers { "1" } else { "0" };
-    let front = std::panic::catch_unwind(|| {
-        spawn(
-            hosts.map(|h| h.front_ns),
-            &[
-                ("QUICMESH_BARE", "front"),
-                ("BARE_DIR", &dir),
-                ("BARE_TO", &quic.to_string()),
-                ("BARE_HEADERS", headers),
-                ("BARE_TLS", if tls { "1" } else { "0" }),
-                ("BARE_FRAMING", framing),
-                ("BARE_BIND", &front_bind),
-            ],
-        )
-    });
+        hosts.map(|h| h.front_ns),
+        &[
+            ("QUICMESH_BARE", "front"),
+            ("BARE_DIR", &dir),
+            ("BARE_HEADERS", headers),
+            ("BARE_TLS", if tls { "1" } else { "0" }),
+            ("BARE_FRAMING", framing),
+            ("BARE_BIND", &front_bind),
+        ],
+    )
+}
+
+/// Starts the back half (in `back_ns`, given one), then the front (in `front_ns`) sent to the
+/// back's QUIC address (`BARE_TO`). The back half does not outlive a front that failed to start.
+fn start_pair(
+    back_ns: Option<&str>,
+    back_env: &[(&str, &str)],
+    front_ns: Option<&str>,
+    front_env: &[(&str, &str)],
+) -> BareHop {
+    let (mut back, quic) = spawn(back_ns, back_env);
+    let quic = quic.to_string();
+    let front_env = [front_env, &[("BARE_TO", quic.as_str())]].concat();
+    let front = std::panic::catch_unwind(|| spawn(front_ns, &front_env));
     match front {
-        Ok((front, addr)) => BareHop { front: addr, procs: [front, back.take().unwrap()] },
+        Ok((front, addr)) => BareHop { front: addr, procs: [front, back] },
         Err(panic) => {
-            // The back half must not outlive a failed start.
-            if let Some(mut b) = back.take() {
-                let _ = b.kill();
-                let _ = b.wait();
-            }
+            let _ = back.kill();
+            let _ = back.wait();
             std::panic::resume_unwind(panic)
         }
     }
@@ -175,19 +180,13 @@ pub fn start_tunnel(pki: &Pki, sink: SocketAddr, udp_payload: u16) -> BareHop {
     let dir = pki.path().display().to_string();
     let payload = udp_payload.to_string();
     let common = [("BARE_DIR", dir.as_str()), ("BARE_BIND", "127.0.0.1"), ("BARE_UDP_PAYLOAD", payload.as_str())];
-    let (mut back, quic) =
-        spawn(None, &[&common[..], &[("QUICMESH_BARE", "tunnel-back"), ("BARE_TO", &sink.to_string())]].concat());
-    let front = std::panic::catch_unwind(|| {
-        spawn(None, &[&common[..], &[("QUICMESH_BARE", "tunnel-front"), ("BARE_TO", &quic.to_string())]].concat())
-    });
-    match front {
-        Ok((front, addr)) => BareHop { front: addr, procs: [front, back] },
-        Err(panic) => {
-            let _ = back.kill();
-            let _ = back.wait();
-            std::panic::resume_unwind(panic)
-        }
-    }
+    let sink = sink.to_string();
+    start_pair(
+        None,
+        &[&common[..], &[("QUICMESH_BARE", "tunnel-back"), ("BARE_TO", &sink)]].concat(),
+        None,
+        &[&common[..], &[("QUICMESH_BARE", "tunnel-front")]].concat(),
+    )
 }
 
 /// Runs this bench again as one half (in network namespace `ns`, given one); returns it and the
@@ -257,8 +256,8 @@ fn endpoint(dir: &Path, name: &str, ip: std::net::IpAddr, auth: Option<ClientAut
     let creds = credentials(dir, name);
     let bind = Bind::Addr(SocketAddr::new(ip, 0));
     let mut transport = TransportConfig::default();
-    if let Some(payload) = std::env::var("BARE_UDP_PAYLOAD").ok().and_then(|v| v.parse().ok()) {
-        transport.max_udp_payload = payload;
+    if let Ok(payload) = std::env::var("BARE_UDP_PAYLOAD") {
+        transport.max_udp_payload = payload.parse().expect("BARE_UDP_PAYLOAD: a UDP payload size in bytes");
     }
     mesh_endpoint(bind, &creds, TD, &transport, auth.map(Into::into)).unwrap()
 }
