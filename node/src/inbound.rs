@@ -225,7 +225,7 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
                     let _in_flight = in_flight;
                     match resolver.resolve_request().await {
                         Ok((req, stream)) => {
-                            request(req, None, ServerStream::H3(stream), &peer, &mesh, handshake).await
+                            request(req, None, ServerStream::H3(Box::new(stream)), &peer, &mesh, handshake).await
                         }
                         Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
                     }
@@ -347,7 +347,13 @@ async fn request(
 ) {
     // In 0-RTT only what may be replayed goes on at once; the rest waits for the handshake,
     // which a replayed flight never completes (the peer's side holds them back too).
-    let early = match replay_safe(&mut req, handshake, mesh.table().config().timeouts.connect).await {
+    // Boxed: only a request in 0-RTT can wait here.
+    let early = if *handshake.borrow() {
+        Ok(())
+    } else {
+        Box::pin(replay_safe(&mut req, handshake, mesh.table().config().timeouts.connect)).await
+    };
+    let early = match early {
         Ok(()) => Ok(()),
         Err(e) if req.method() == Method::CONNECT => {
             debug!(peer, error = %e, "tunnel refused: the handshake did not complete");

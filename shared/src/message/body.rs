@@ -145,7 +145,8 @@ where
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
-                    send.trailers(trailers).await.map_err(PumpError::Sink)?;
+                    // Boxed: once per stream at most, and HTTP/3's trailers future is large.
+                    Box::pin(send.trailers(trailers)).await.map_err(PumpError::Sink)?;
                     return Ok(sent);
                 }
             }

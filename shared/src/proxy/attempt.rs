@@ -144,13 +144,16 @@ impl Call<'_> {
         match self.mesh.pool().readiness(&ep.node, address) {
             Readiness::Ready(pc) => return Ok(pc),
             // Refused at once, as never sent, without a place among the waiting requests.
-            Readiness::Down => return self.mesh.pool().get(&ep.node, address).await.map_err(TryError::unsent),
+            // Boxed, as the wait below: only the ready connection is the usual case.
+            Readiness::Down => {
+                return Box::pin(self.mesh.pool().get(&ep.node, address)).await.map_err(TryError::unsent)
+            }
             Readiness::Wait => {}
         }
         let Some(_pending) = Slot::take(&svc.state.pending, svc.config.max_pending) else {
             return Err(overloaded(svc, "max_pending"));
         };
-        match tokio::time::timeout(per_try, self.mesh.pool().get(&ep.node, address)).await {
+        match tokio::time::timeout(per_try, Box::pin(self.mesh.pool().get(&ep.node, address))).await {
             Ok(connected) => connected.map_err(TryError::unsent),
             Err(_) => {
                 let waited = format!("peer node {} within the try's {per_try:?}", ep.node);
@@ -192,7 +195,10 @@ impl Call<'_> {
                 *req.uri_mut() = head.uri.clone();
                 *req.version_mut() = head.version;
                 *req.headers_mut() = head.headers.clone();
-                return match tokio::time::timeout(per_try, self.mesh.local().send(req, ep.address, &svc.config)).await {
+                // Boxed, as the remote try is below: otherwise each of them would carry the
+                // other's size.
+                let local = Box::pin(self.mesh.local().send(req, ep.address, &svc.config));
+                return match tokio::time::timeout(per_try, local).await {
                     Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
                     Ok(r) => r.map_err(TryError::from),
                 };

@@ -102,7 +102,8 @@ impl Call<'_> {
             let plan = fault.plan(&mut fastrand::Rng::new());
             if let Some(delay) = plan.delay {
                 metrics::counter!(m::FAULTS, "route" => opts.route.to_string(), "kind" => "delay").increment(1);
-                tokio::time::sleep(delay).await;
+                // Boxed, as the backoff below: a timer kept inline would add its size to every call.
+                Box::pin(tokio::time::sleep(delay)).await;
             }
             if let Some(status) = plan.abort {
                 metrics::counter!(m::FAULTS, "route" => opts.route.to_string(), "kind" => "abort").increment(1);
@@ -239,7 +240,7 @@ impl Call<'_> {
             // Nothing reached the upstream: no load to back off from, so the next endpoint is
             // tried at once.
             if outcome != TryOutcome::Unsent {
-                tokio::time::sleep(policy.backoff_for(attempt, &mut rng)).await;
+                Box::pin(tokio::time::sleep(policy.backoff_for(attempt, &mut rng))).await;
             }
         }
     }

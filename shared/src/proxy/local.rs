@@ -84,14 +84,26 @@ impl LocalClient {
     /// when the service says its instances want it.
     pub async fn send(
         &self,
+        req: Request<Body>,
+        addr: SocketAddr,
+        svc: &ServiceConfig,
+    ) -> Result<Response<Body>, ProxyError> {
+        if svc.protocol != Protocol::H2c && svc.backend_tls.is_none() {
+            return self.h1.send(req, addr).await.map(finish);
+        }
+        // Boxed: the plain HTTP/1.1 pool above is the usual case, and this one's client and
+        // futures would otherwise add their size to it.
+        Box::pin(self.send_other(req, addr, svc)).await
+    }
+
+    /// [`LocalClient::send`] over TLS or HTTP/2 cleartext.
+    async fn send_other(
+        &self,
         mut req: Request<Body>,
         addr: SocketAddr,
         svc: &ServiceConfig,
     ) -> Result<Response<Body>, ProxyError> {
         let h2 = svc.protocol == Protocol::H2c;
-        if !h2 && svc.backend_tls.is_none() {
-            return self.h1.send(req, addr).await.map(finish);
-        }
         *req.uri_mut() = origin_uri(addr, req.uri()).map_err(ProxyError::BadRequest)?;
         if h2 {
             *req.version_mut() = http::Version::HTTP_2;
@@ -216,7 +228,9 @@ impl H1Pool {
         loop {
             let (mut send, pooled) = match self.checkout(key) {
                 Some(send) => (send, true),
-                None => (self.connect(addr).await?, false),
+                // Boxed: a new connection is the rare case, and its dial and handshake would
+                // otherwise add their size to every request's future.
+                None => (Box::pin(self.connect(addr)).await?, false),
             };
             if send.ready().await.is_err() {
                 if pooled {

@@ -93,20 +93,22 @@ impl Call<'_> {
         // A request that found its pooled connection dead is replayed once on a fresh one when
         // that is safe: idempotent and bodiless, so nothing can have been consumed upstream.
         if body.is_end_stream() && crate::policy::retry::idempotent(&parts.method) {
-            return match self.send_bodiless(&head, ep, per_try, Some(pooled)).await {
-                Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) => {
-                    debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
-                    self.send_bodiless(&head, ep, per_try, None).await
-                }
-                other => other,
+            // The replays are boxed, and what they replace is not kept across them: either
+            // would add its size to every request's future.
+            let reason = match self.send_bodiless(&head, ep, per_try, Some(pooled)).await {
+                Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) => reason,
+                other => return other,
             };
+            debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
+            return Box::pin(self.send_bodiless(&head, ep, per_try, None)).await;
         }
         // With a body, only the stream opening may be repeated: the body is not consumed yet.
-        let (pc, stream) = match self.open_stream(&head, ep, Some(pooled)).await {
-            Err(TryError { error: ProxyError::PeerUnreachable { .. }, .. }) => {
-                self.open_stream(&head, ep, None).await?
-            }
-            other => other?,
+        let first = self.open_stream(&head, ep, Some(pooled)).await;
+        let (pc, stream) = if matches!(&first, Err(TryError { error: ProxyError::PeerUnreachable { .. }, .. })) {
+            drop(first);
+            Box::pin(self.open_stream(&head, ep, None)).await?
+        } else {
+            first?
         };
         let (mut send, recv) = stream.split();
         let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
@@ -136,24 +138,29 @@ impl Call<'_> {
     ) -> Result<(PeerConn, RequestStream), TryError> {
         let pc = match pooled {
             Some(pc) => pc,
-            None => self.peer(ep).await.map_err(TryError::unsent)?,
+            // Boxed, as each rare path here is: a replay's dial would otherwise add its size to
+            // every request's future (each future is copied whole when made, and boxed once).
+            None => Box::pin(self.peer(ep)).await.map_err(TryError::unsent)?,
         };
-        pc.ready_for(head.method).await.map_err(TryError::unsent)?;
-        match pc.open_head(head).await {
+        // Only a connection that went out in 0-RTT may have to wait.
+        if pc.early.is_some() {
+            Box::pin(pc.ready_for(head.method)).await.map_err(TryError::unsent)?;
+        }
+        let reason = match pc.open_head(head).await {
             Ok(s) => {
                 pc.streams.increment(1);
-                Ok((pc, s))
+                return Ok((pc, s));
             }
             // The caller's head cannot be framed, or is larger than the peer takes (431): its
             // fault, not the connection's, which stays (and neither the peer nor the endpoint is
             // blamed).
-            Err(WireError::Malformed(why)) => Err(TryError::unsent(ProxyError::BadRequest(why.into()))),
-            Err(e) if e.head_too_large() => Err(TryError::unsent(ProxyError::HeadTooLarge(e.to_string()))),
-            Err(e) => {
-                self.mesh.pool().evict(&ep.node, &pc.conn).await;
-                Err(TryError::unsent(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() }))
-            }
-        }
+            Err(WireError::Malformed(why)) => return Err(TryError::unsent(ProxyError::BadRequest(why.into()))),
+            Err(e) if e.head_too_large() => return Err(TryError::unsent(ProxyError::HeadTooLarge(e.to_string()))),
+            // Only the reason is kept across the eviction, not the stream's result.
+            Err(e) => e.to_string(),
+        };
+        Box::pin(self.mesh.pool().evict(&ep.node, &pc.conn)).await;
+        Err(TryError::unsent(ProxyError::PeerUnreachable { peer: ep.node.clone(), reason }))
     }
 
     async fn send_bodiless(
@@ -165,9 +172,11 @@ impl Call<'_> {
     ) -> Result<Response<Body>, TryError> {
         let (pc, mut stream) = self.open_stream(head, ep, pooled).await?;
         if let Err(e) = stream.finish().await {
-            self.mesh.pool().evict(&ep.node, &pc.conn).await;
-            let unsent = e.rejected();
-            let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() };
+            let (unsent, reason) = (e.rejected(), e.to_string());
+            // Not kept across the eviction.
+            drop(stream);
+            Box::pin(self.mesh.pool().evict(&ep.node, &pc.conn)).await;
+            let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason };
             return Err(TryError { error, unsent });
         }
         let (_send, recv) = stream.split();
@@ -192,15 +201,15 @@ impl Call<'_> {
                 }))
             }
             Ok(Err(e)) if e.is_connection_error() => {
-                self.mesh.pool().evict(&ep.node, &pc.conn).await;
+                Box::pin(self.mesh.pool().evict(&ep.node, &pc.conn)).await;
                 let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() };
                 // Early data the peer refused was never acted on (and was replay-safe anyway).
-                let unsent = pc.early_refused().await;
+                let unsent = Box::pin(pc.early_refused()).await;
                 return Err(TryError { error, unsent });
             }
             Ok(Err(e)) => {
                 // The peer refused the early data this went in: it was never acted on.
-                if pc.early.is_some() && pc.early_refused().await {
+                if pc.early.is_some() && Box::pin(pc.early_refused()).await {
                     return Err(TryError::unsent(ProxyError::PeerUnreachable {
                         peer: ep.node.clone(),
                         reason: e.to_string(),
@@ -211,7 +220,7 @@ impl Call<'_> {
             // The instance would not act on a request that came before the handshake ended
             // (RFC 8470): it goes again now that the handshake is over.
             Ok(Ok(head)) if head.status() == http::StatusCode::TOO_EARLY && pc.early.is_some() => {
-                let refused = pc.early_refused().await;
+                let refused = Box::pin(pc.early_refused()).await;
                 return Err(TryError::unsent(ProxyError::PeerUnreachable {
                     peer: ep.node.clone(),
                     reason: if refused { "0-RTT refused".into() } else { "425 to a request sent in 0-RTT".into() },
@@ -222,23 +231,32 @@ impl Call<'_> {
         let (mut parts, ()) = head.into_parts();
         parts.version = http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
-        let mut body = H3Body::new(recv);
+        let body = H3Body::new(recv);
         if headers::has(&parts.headers, &GRPC_STATUS) {
-            // A gRPC trailers-only answer: the status is in the headers, which ended the stream
-            // where the answer was made. Read that end now, so the headers end the stream for
-            // the caller too (gRPC clients take headers followed by an empty end for a broken
-            // stream).
-            match tokio::time::timeout(per_try, body.frame()).await {
-                Ok(None) => return Ok(Response::from_parts(parts, body::empty())),
-                Ok(Some(Ok(frame))) => {
-                    let rest = body::boxed(body.holding(pc.hold()));
-                    return Ok(Response::from_parts(parts, body::prefixed(frame, rest)));
-                }
-                Ok(Some(Err(e))) => return Err(TryError::sent(ProxyError::UpstreamReset(e.to_string()))),
-                Err(_) => return Err(TryError::sent(ProxyError::Timeout(per_try))),
-            }
+            // Boxed: rare, and it holds the body across a wait.
+            return Box::pin(trailers_only(parts, body, pc, per_try)).await;
         }
         // The body holds the connection open until it ends (see `PeerConn::hold`).
         Ok(Response::from_parts(parts, body::boxed(body.holding(pc.hold()))))
+    }
+}
+
+/// A gRPC trailers-only answer: the status is in the headers, which ended the stream where the
+/// answer was made. Reads that end now, so the headers end the stream for the caller too (gRPC
+/// clients take headers followed by an empty end for a broken stream).
+async fn trailers_only(
+    parts: http::response::Parts,
+    mut body: H3Body<ClientRecv>,
+    pc: &PeerConn,
+    per_try: Duration,
+) -> Result<Response<Body>, TryError> {
+    match tokio::time::timeout(per_try, body.frame()).await {
+        Ok(None) => Ok(Response::from_parts(parts, body::empty())),
+        Ok(Some(Ok(frame))) => {
+            let rest = body::boxed(body.holding(pc.hold()));
+            Ok(Response::from_parts(parts, body::prefixed(frame, rest)))
+        }
+        Ok(Some(Err(e))) => Err(TryError::sent(ProxyError::UpstreamReset(e.to_string()))),
+        Err(_) => Err(TryError::sent(ProxyError::Timeout(per_try))),
     }
 }

@@ -405,7 +405,8 @@ pub struct RecvHalf {
     block: Option<(u8, usize)>,
     /// A tunnel: everything after the heads is data.
     raw: bool,
-    trailers: Option<HeaderMap>,
+    /// Boxed: most streams have none, and a half is moved whole through several futures.
+    trailers: Option<Box<HeaderMap>>,
     /// The trailers were read: only the stream's end may follow.
     finished: bool,
     /// The stream's end was read.
@@ -596,7 +597,7 @@ impl H3Recv for RecvHalf {
                 Some((DATA, len)) => self.left = len,
                 Some((TRAILERS, len)) => {
                     let block = ready!(self.poll_block(cx, len))?;
-                    self.trailers = Some(header_map(block, None)?);
+                    self.trailers = Some(Box::new(header_map(block, None)?));
                     self.finished = true;
                     // The end follows; read now if it is here, so that the stream is not
                     // stopped as one dropped unread.
@@ -614,7 +615,7 @@ impl H3Recv for RecvHalf {
 
     fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, WireError>> {
         if let Some(trailers) = self.trailers.take() {
-            return Poll::Ready(Ok(Some(trailers)));
+            return Poll::Ready(Ok(Some(*trailers)));
         }
         if self.finished {
             return Poll::Ready(Ok(None));
@@ -622,7 +623,7 @@ impl H3Recv for RecvHalf {
         if ready!(self.poll_data(cx))?.is_some() {
             return Poll::Ready(Err(WireError::Malformed("data after the body's end")));
         }
-        Poll::Ready(Ok(self.trailers.take()))
+        Poll::Ready(Ok(self.trailers.take().map(|t| *t)))
     }
 }
 

@@ -32,9 +32,20 @@ use crate::telemetry::metrics as m;
 
 pub type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
-/// A live connection to a peer and how requests go on it.
+/// A live connection to a peer and how requests go on it: shared, so a request's copy costs
+/// one count and a pointer's room in its future.
 #[derive(Clone)]
-pub struct PeerConn {
+pub struct PeerConn(Arc<PeerConnState>);
+
+impl std::ops::Deref for PeerConn {
+    type Target = PeerConnState;
+    fn deref(&self) -> &PeerConnState {
+        &self.0
+    }
+}
+
+/// See [`PeerConn`].
+pub struct PeerConnState {
     pub conn: quinn::Connection,
     link: Link,
     /// Request streams opened to the peer (`quicmesh_quic_streams_total`), registered once.
@@ -133,7 +144,7 @@ impl PeerConn {
     /// Opens a request stream to the peer and sends `head` on it.
     pub async fn open(&self, head: Request<()>) -> Result<RequestStream, WireError> {
         match &self.link {
-            Link::H3(h3) => Ok(RequestStream::H3(h3.clone().send_request(head).await?)),
+            Link::H3(h3) => Ok(RequestStream::H3(Box::new(h3.clone().send_request(head).await?))),
             Link::Lean(_) => {
                 let (send, recv) = lean::open(&self.conn, &head, false).await?;
                 Ok(RequestStream::Lean(send, recv))
@@ -147,7 +158,7 @@ impl PeerConn {
         match &self.link {
             // Boxed: h3's future is four times the lean one's, and every future above this one
             // would carry its size (each is copied whole when made) for the framing not in use.
-            Link::H3(h3) => Ok(RequestStream::H3(Box::pin(h3.clone().send_request(head.request())).await?)),
+            Link::H3(h3) => Ok(RequestStream::H3(Box::new(Box::pin(h3.clone().send_request(head.request())).await?))),
             Link::Lean(_) => {
                 let tunnel = *head.method == Method::CONNECT;
                 let (send, recv) = lean::open_with(&self.conn, head.frame()?, tunnel, false).await?;
@@ -916,7 +927,8 @@ impl Dialer {
         info!(peer, %addr, ?framing, rtt_us = conn.rtt().as_micros() as u64, "QUIC connection to peer established");
         watch_stats(conn.clone(), "outbound", peer_label);
         let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "outbound", "peer" => peer.to_string());
-        Ok((PeerConn { conn, link, streams, early, worker: crate::runtime::index() }, goaway))
+        let state = PeerConnState { conn, link, streams, early, worker: crate::runtime::index() };
+        Ok((PeerConn(Arc::new(state)), goaway))
     }
 }
 
