@@ -388,38 +388,43 @@ async fn request(
     let (mut send, recv) = stream.split();
     let source = source_of(&fields, peer, &table);
     rec.source(source, peer);
-    let result = match early.and(path).and_then(|()| local_target(&fields, mesh, &table)) {
-        Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
-            rec.service(&svc.name);
-            rec.endpoint(mesh.local_node().unwrap_or_default(), addr, 0);
-            let via_gateway = peer == table.gateway_name();
-            let claims = gateway_claims(fields.jwt_claims.as_ref(), via_gateway);
-            let caller = Caller {
-                node: peer,
-                service: (source != telemetry::UNKNOWN).then_some(source),
-                via_gateway,
-                jwt: claims.as_ref(),
-            };
-            let target = Target {
-                method: Some(req.method()),
-                path: Some(req.uri().path()),
-                headers: Some(req.headers()),
-                port: addr.port(),
-            };
-            match mesh.authorize(&table, &svc.name, &caller, &target) {
-                // Boxed to keep this task's future small (it is copied whole at spawn).
-                Ok(()) => {
-                    let limit = try_limit(fields.try_timeout.as_ref(), &req, &table);
-                    Box::pin(deliver(req, recv, addr, svc, limit, mesh, &rec)).await
+    // The request's own parts live in this block only: kept past it, they would be room in
+    // the task's future while the response is sent.
+    let result = {
+        let (req, recv) = (req, recv);
+        match early.and(path).and_then(|()| local_target(&fields, mesh, &table)) {
+            Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
+                rec.service(&svc.name);
+                rec.endpoint(mesh.local_node().unwrap_or_default(), addr, 0);
+                let via_gateway = peer == table.gateway_name();
+                let claims = gateway_claims(fields.jwt_claims.as_ref(), via_gateway);
+                let caller = Caller {
+                    node: peer,
+                    service: (source != telemetry::UNKNOWN).then_some(source),
+                    via_gateway,
+                    jwt: claims.as_ref(),
+                };
+                let target = Target {
+                    method: Some(req.method()),
+                    path: Some(req.uri().path()),
+                    headers: Some(req.headers()),
+                    port: addr.port(),
+                };
+                match mesh.authorize(&table, &svc.name, &caller, &target) {
+                    // Boxed to keep this task's future small (it is copied whole at spawn).
+                    Ok(()) => {
+                        let limit = try_limit(fields.try_timeout.as_ref(), &req, &table);
+                        Box::pin(deliver(req, recv, addr, svc, limit, mesh, &rec)).await
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
             }
+            Ok((svc, _)) => {
+                rec.service(&svc.name);
+                Err(ProxyError::BadRequest("service is TCP".into()))
+            }
+            Err(e) => Err(e),
         }
-        Ok((svc, _)) => {
-            rec.service(&svc.name);
-            Err(ProxyError::BadRequest("service is TCP".into()))
-        }
-        Err(e) => Err(e),
     };
     let resp = match result {
         // Only this proxy may say a request never reached the instance: the local client

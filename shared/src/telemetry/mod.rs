@@ -154,7 +154,9 @@ fn label(name: &str) -> Cow<'static, str> {
 
 /// What is known about one request as it goes through a proxy.
 pub struct Record {
-    entry: Entry,
+    /// Boxed: most of a record, moved with it into each future and into the response body that
+    /// carries it, where a pointer is all that needs to move.
+    entry: Box<Entry>,
     start: Instant,
     /// Set once the destination service is known and the in-flight gauge counts this request.
     in_flight: bool,
@@ -205,7 +207,7 @@ impl Record {
             ..Default::default()
         };
         Self {
-            entry,
+            entry: Box::new(entry),
             start: Instant::now(),
             in_flight: false,
             handles: None,
