@@ -101,22 +101,24 @@ pub struct RouteRetry {
 }
 
 impl RetryPolicy {
-    /// This policy with a route's overrides applied.
-    pub fn with_route(&self, route: Option<&RouteRetry>) -> RetryPolicy {
+    /// This policy with a route's overrides applied: itself, not a copy, when the route
+    /// overrides nothing (no copy of its lists on each request's path).
+    pub fn with_route(&self, route: Option<&RouteRetry>) -> std::borrow::Cow<'_, RetryPolicy> {
+        let Some(r) = route.filter(|r| r.attempts.is_some() || r.codes.is_some() || r.backoff.is_some()) else {
+            return std::borrow::Cow::Borrowed(self);
+        };
         let mut p = self.clone();
-        if let Some(r) = route {
-            if let Some(a) = r.attempts {
-                p.attempts = a;
-            }
-            if let Some(c) = &r.codes {
-                p.codes.clone_from(c);
-            }
-            if let Some(b) = r.backoff {
-                p.backoff = b;
-                p.max_backoff = p.max_backoff.max(b);
-            }
+        if let Some(a) = r.attempts {
+            p.attempts = a;
         }
-        p
+        if let Some(c) = &r.codes {
+            p.codes.clone_from(c);
+        }
+        if let Some(b) = r.backoff {
+            p.backoff = b;
+            p.max_backoff = p.max_backoff.max(b);
+        }
+        std::borrow::Cow::Owned(p)
     }
 
     /// Checks the numbers; `key` names the section in messages.
@@ -335,8 +337,14 @@ mod tests {
     #[test]
     fn route_overrides_win() {
         let route = RouteRetry { attempts: Some(5), codes: Some(vec![500]), backoff: None };
-        let p = RetryPolicy::default().with_route(Some(&route));
+        let service = RetryPolicy::default();
+        let p = service.with_route(Some(&route));
         assert_eq!((p.attempts, p.codes.as_slice()), (5, &[500][..]));
+        // Without overrides the service's own policy is used as it is, not copied.
+        let none = RouteRetry { attempts: None, codes: None, backoff: None };
+        for route in [None, Some(&none)] {
+            assert!(matches!(service.with_route(route), std::borrow::Cow::Borrowed(_)));
+        }
         assert!(RetryPolicy { attempts: 11, ..Default::default() }.validate().is_err());
         assert!(RetryPolicy { codes: vec![42], ..Default::default() }.validate().is_err());
     }
