@@ -388,10 +388,11 @@ async fn request(
     let (mut send, recv) = stream.split();
     let source = source_of(&fields, peer, &table);
     rec.source(source, peer);
-    // The request's own parts live in this block only: kept past it, they would be room in
-    // the task's future while the response is sent.
+    // The request's head lives in this block only: kept past it, it would be room in the
+    // task's future while the response is sent. (The receive half stays: dropped, it would
+    // stop the peer's upload before an answer made here is sent.)
     let result = {
-        let (req, recv) = (req, recv);
+        let req = req;
         match early.and(path).and_then(|()| local_target(&fields, mesh, &table)) {
             Ok((svc, addr)) if svc.protocol != Protocol::Tcp => {
                 rec.service(&svc.name);

@@ -145,8 +145,7 @@ where
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
-                    // Boxed: once per stream at most, and HTTP/3's trailers future is large.
-                    Box::pin(send.trailers(trailers)).await.map_err(PumpError::Sink)?;
+                    send.trailers(trailers).await.map_err(PumpError::Sink)?;
                     return Ok(sent);
                 }
             }

@@ -7,6 +7,7 @@
 //! method. One that may have been processed (reset after sending, timeout, a 5xx answer) is
 //! retried only when its method is idempotent, unless the policy says otherwise.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -103,9 +104,9 @@ pub struct RouteRetry {
 impl RetryPolicy {
     /// This policy with a route's overrides applied: itself, not a copy, when the route
     /// overrides nothing (no copy of its lists on each request's path).
-    pub fn with_route(&self, route: Option<&RouteRetry>) -> std::borrow::Cow<'_, RetryPolicy> {
-        let Some(r) = route.filter(|r| r.attempts.is_some() || r.codes.is_some() || r.backoff.is_some()) else {
-            return std::borrow::Cow::Borrowed(self);
+    pub fn with_route(&self, route: Option<&RouteRetry>) -> Cow<'_, RetryPolicy> {
+        let Some(r) = route.filter(|r| **r != RouteRetry::default()) else {
+            return Cow::Borrowed(self);
         };
         let mut p = self.clone();
         if let Some(a) = r.attempts {
@@ -118,7 +119,7 @@ impl RetryPolicy {
             p.backoff = b;
             p.max_backoff = p.max_backoff.max(b);
         }
-        std::borrow::Cow::Owned(p)
+        Cow::Owned(p)
     }
 
     /// Checks the numbers; `key` names the section in messages.
@@ -343,7 +344,7 @@ mod tests {
         // Without overrides the service's own policy is used as it is, not copied.
         let none = RouteRetry { attempts: None, codes: None, backoff: None };
         for route in [None, Some(&none)] {
-            assert!(matches!(service.with_route(route), std::borrow::Cow::Borrowed(_)));
+            assert!(matches!(service.with_route(route), Cow::Borrowed(_)));
         }
         assert!(RetryPolicy { attempts: 11, ..Default::default() }.validate().is_err());
         assert!(RetryPolicy { codes: vec![42], ..Default::default() }.validate().is_err());

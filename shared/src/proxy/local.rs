@@ -113,7 +113,7 @@ impl LocalClient {
         }
         let sent = match &svc.backend_tls {
             Some(policy) => self.tls_client(policy, h2)?.request(req).await,
-            // Plain HTTP/1.1 went to the pool above.
+            // Plain HTTP/1.1 went to the pool in `LocalClient::send`.
             None => self.h2c.request(req).await,
         };
         let resp = sent.map_err(|e| {

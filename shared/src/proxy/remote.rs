@@ -201,8 +201,8 @@ impl Call<'_> {
                 }))
             }
             Ok(Err(e)) if e.is_connection_error() => {
-                Box::pin(self.mesh.pool().evict(&ep.node, &pc.conn)).await;
                 let error = ProxyError::PeerUnreachable { peer: ep.node.clone(), reason: e.to_string() };
+                Box::pin(self.mesh.pool().evict(&ep.node, &pc.conn)).await;
                 // Early data the peer refused was never acted on (and was replay-safe anyway).
                 let unsent = Box::pin(pc.early_refused()).await;
                 return Err(TryError { error, unsent });

@@ -405,7 +405,8 @@ pub struct RecvHalf {
     block: Option<(u8, usize)>,
     /// A tunnel: everything after the heads is data.
     raw: bool,
-    /// Boxed: most streams have none, and a half is moved whole through several futures.
+    /// Boxed: a half is moved whole through several futures, and most HTTP answers have no
+    /// trailers (gRPC's all do, and pay one small allocation for them).
     trailers: Option<Box<HeaderMap>>,
     /// The trailers were read: only the stream's end may follow.
     finished: bool,

@@ -130,7 +130,9 @@ macro_rules! dispatch_send {
             }
             async fn trailers(&mut self, trailers: HeaderMap) -> Result<(), WireError> {
                 match self {
-                    $t::H3(s) => s.as_mut().trailers(trailers).await,
+                    // Boxed: h3's future is several times the lean framing's (gRPC answers
+                    // all end in trailers, so the lean one stays inline).
+                    $t::H3(s) => Box::pin(s.as_mut().trailers(trailers)).await,
                     $t::Lean(s) => s.trailers(trailers).await,
                 }
             }
