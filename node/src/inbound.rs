@@ -415,7 +415,7 @@ async fn request(
                     // Boxed to keep this task's future small (it is copied whole at spawn).
                     Ok(()) => {
                         let limit = try_limit(fields.try_timeout.as_ref(), &req, &table);
-                        Box::pin(deliver(req, recv, addr, svc, limit, mesh, &rec)).await
+                        Box::pin(deliver(req, recv, addr, svc, limit, mesh, &mut rec)).await
                     }
                     Err(e) => Err(e),
                 }
@@ -460,7 +460,7 @@ async fn deliver(
     svc: &ServiceConfig,
     limit: std::time::Duration,
     mesh: &Mesh,
-    rec: &Record,
+    rec: &mut Record,
 ) -> Result<Response<body::Body>, ProxyError> {
     let (mut parts, ()) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);

@@ -116,8 +116,7 @@ pub fn check_http1_head(headers: &HeaderMap) -> Result<(), crate::message::error
         if hosts.next().is_some() {
             return Err(ProxyError::BadRequest("more than one Host header".into()));
         }
-        let plain = host.to_str().ok().and_then(|h| h.parse::<http::uri::Authority>().ok());
-        if plain.is_none_or(|a| a.as_str().contains('@')) {
+        if !plain_authority(host.as_bytes()) {
             return Err(ProxyError::BadRequest("the Host header is not a host and port".into()));
         }
     }
@@ -128,6 +127,24 @@ pub fn check_http1_head(headers: &HeaderMap) -> Result<(), crate::message::error
         }
     }
     Ok(())
+}
+
+/// Is `host` a host and port, as a `Host` header must be (no user info)? The usual form (a
+/// name or IPv4 address, then `:` and digits or nothing) is recognised in place; anything else
+/// is parsed (parsing copies the value, an allocation on every request).
+fn plain_authority(host: &[u8]) -> bool {
+    let (name, port) = match host.iter().rposition(|&b| b == b':') {
+        Some(at) => (&host[..at], Some(&host[at + 1..])),
+        None => (host, None),
+    };
+    let usual = !name.is_empty()
+        && name.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit));
+    usual
+        || std::str::from_utf8(host)
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| !a.as_str().contains('@'))
 }
 
 /// Which of `names` `headers` carries, from one pass over the names present: a lookup or a
@@ -248,6 +265,13 @@ impl Scratch {
     pub fn text(&mut self, text: &str) -> Option<HeaderValue> {
         self.value(|b| b.extend_from_slice(text.as_bytes()))
     }
+
+    /// A copy of `bytes` cut from the buffer, to share (a header value and a URI's authority
+    /// made of the same bytes).
+    pub fn bytes(&mut self, bytes: &[u8]) -> Bytes {
+        self.0.extend_from_slice(bytes);
+        self.0.split().freeze()
+    }
 }
 
 /// Appends the client address to `x-forwarded-for`.
@@ -345,6 +369,63 @@ const OCTETS: [([u8; 3], u8); 256] = {
     }
     table
 };
+
+/// Short text written on the stack (a socket address, a number), for a value that is copied
+/// into a frame and needs no allocation of its own. Holds 64 bytes; a write past them fails.
+pub struct StackText {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Default for StackText {
+    fn default() -> Self {
+        Self { buf: [0; 64], len: 0 }
+    }
+}
+
+impl StackText {
+    /// `addr` as a URI authority, as [`push_socket_addr`] writes it.
+    pub fn socket_addr(addr: SocketAddr) -> Self {
+        let mut text = Self::default();
+        match addr {
+            SocketAddr::V4(v4) => {
+                let v4 = V4Text::new(*v4.ip(), Some(v4.port()));
+                text.buf[..v4.len].copy_from_slice(v4.as_bytes());
+                text.len = v4.len;
+            }
+            addr => push_socket_addr(&mut text, addr),
+        }
+        text
+    }
+
+    /// `n` in decimal.
+    pub fn number(n: u64) -> Self {
+        let (mut text, mut digits) = (Self::default(), [0u8; 20]);
+        let digits = decimal(n, &mut digits);
+        text.buf[..digits.len()].copy_from_slice(digits);
+        text.len = digits.len();
+        text
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Write for StackText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Would `bytes` make a header value? (What `HeaderValue::from_bytes` checks, without the copy
+/// it makes.)
+pub fn valid_value(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t')
+}
 
 /// Room for the longest IPv4 address with a port, `255.255.255.255:65535`.
 #[derive(Default)]
@@ -842,6 +923,46 @@ mod tests {
             let mut s = String::new();
             push_u64(&mut s, n);
             assert_eq!(s, n.to_string());
+        }
+    }
+
+    #[test]
+    fn stack_text_writes_what_the_formatter_does() {
+        for addr in ["10.1.2.3:8080", "255.255.255.255:65535", "[2001:db8::1]:443", "[fe80::1%4294967295]:65535"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(StackText::socket_addr(addr).as_bytes(), addr.to_string().as_bytes());
+        }
+        for n in [0, 7, 1500, u64::MAX] {
+            assert_eq!(StackText::number(n).as_bytes(), n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn plain_authority_agrees_with_the_parser() {
+        let hosts = [
+            "web",
+            "web:80",
+            "10.0.0.1:8080",
+            "a-b.c.",
+            "WEB.Local:1",
+            "web:",
+            ":80",
+            "web:99999",
+            "web:123456",
+            "[::1]:80",
+            "[::1]",
+            "user@web",
+            "user@web:80",
+            "web:8o",
+            "we b",
+            "",
+            "a:b:c",
+            "web/x",
+            "web?x",
+        ];
+        for host in hosts {
+            let parsed = host.parse::<http::uri::Authority>().is_ok_and(|a| !a.as_str().contains('@'));
+            assert_eq!(plain_authority(host.as_bytes()), parsed, "{host:?}");
         }
     }
 

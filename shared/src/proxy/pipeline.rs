@@ -237,7 +237,7 @@ fn plan<'t>(
 
 /// The forwarding-headers phase: hop-by-hop and internal headers out; forwarded-for (and the
 /// edge's forwarding headers), request id, trace context, source service and Host in.
-fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, mut authority: String, service: &str) -> Result<(), ProxyError> {
+fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, authority: String, service: &str) -> Result<(), ProxyError> {
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_internal(&mut parts.headers);
     // Room for what this proxy and the mesh may add (forwarding, id, trace, source, Host,
@@ -258,16 +258,17 @@ fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, mut authority: String, se
     if let Some(source) = cx.side.source.and_then(|s| scratch.text(s)) {
         parts.headers.insert(headers::SOURCE, source);
     }
-    if authority.is_empty() {
-        authority = service.to_string();
-    }
-    if let Some(v) = scratch.text(&authority) {
+    // Host and (at a node) the URI's authority share one copy of the authority.
+    let authority = scratch.bytes(if authority.is_empty() { service } else { &authority }.as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(authority.clone()) {
         parts.headers.insert(HOST, v);
     }
     if !cx.side.edge {
         // A local app may have sent origin-form (`GET /path`): forward in absolute form.
-        parts.uri = headers::absolute_uri(http::uri::Scheme::HTTP, authority, &parts.uri)
-            .map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
+        let target = http::uri::Authority::from_maybe_shared(authority)
+            .map_err(|e| format!("authority: {e}"))
+            .and_then(|a| headers::absolute_uri_at(http::uri::Scheme::HTTP, a, &parts.uri));
+        parts.uri = target.map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::header::HOST;
 use http::request::Parts;
-use http::{HeaderValue, Response};
+use http::{HeaderName, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use tokio::sync::oneshot;
@@ -70,26 +70,24 @@ impl Call<'_> {
             };
             uri.map_err(|e| TryError::unsent(ProxyError::BadRequest(format!("target: {e}"))))
         };
-        // The three values from one allocation, shared by the copies `head` makes.
-        // An address takes at most 47 bytes ([v6 with scope]:port), the try's limit in
-        // milliseconds at most 20.
-        let mut scratch = headers::Scratch::with_capacity(svc.config.name.len() + 47 + 20);
-        let service = scratch.text(&svc.config.name);
-        let endpoint = scratch.value(|b| headers::put_socket_addr(b, ep.address));
-        let limit = scratch.value(|b| headers::push_u64(b, u64::try_from(per_try.as_millis()).unwrap_or(u64::MAX)));
-        let (Some(service), Some(endpoint)) = (service, endpoint) else {
+        // The hop's three values, written on the stack: the lean framing copies them into the
+        // head's frame (HTTP/3 makes header values of them).
+        if !headers::valid_value(svc.config.name.as_bytes()) {
             let bad = format!("unusable service name {:?}", svc.config.name);
             return Err(TryError::unsent(ProxyError::BadRequest(bad)));
-        };
+        }
+        let endpoint = headers::StackText::socket_addr(ep.address);
+        let limit = headers::StackText::number(u64::try_from(per_try.as_millis()).unwrap_or(u64::MAX));
         // The caller's head is shared by its tries: each request stream's is made from it and
         // the hop's fields as it is sent (no copy of the caller's header map in the lean
         // framing; HTTP/3 takes a `Request`, so one there).
         let uri = target()?;
-        let names = [headers::SERVICE, headers::ENDPOINT, headers::TRY_TIMEOUT];
-        let unlimited = HeaderValue::from_static("");
-        let add = [(&names[0], &service), (&names[1], &endpoint), (&names[2], limit.as_ref().unwrap_or(&unlimited))];
-        let add = &add[..if limit.is_some() { 3 } else { 2 }];
-        let head = Head { method: &parts.method, uri: &uri, headers: &parts.headers, drop: Some(&HOST), add };
+        let add: [(&HeaderName, &[u8]); 3] = [
+            (&headers::SERVICE, svc.config.name.as_bytes()),
+            (&headers::ENDPOINT, endpoint.as_bytes()),
+            (&headers::TRY_TIMEOUT, limit.as_bytes()),
+        ];
+        let head = Head { method: &parts.method, uri: &uri, headers: &parts.headers, drop: Some(&HOST), add: &add };
         // A request that found its pooled connection dead is replayed once on a fresh one when
         // that is safe: idempotent and bodiless, so nothing can have been consumed upstream.
         if body.is_end_stream() && crate::policy::retry::idempotent(&parts.method) {

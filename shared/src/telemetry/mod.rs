@@ -163,8 +163,11 @@ pub struct Record {
     /// The metric handles, looked up once the labels are known.
     handles: Option<Arc<Handles>>,
     protocol: Option<&'static str>,
-    /// Body bytes of the request and of the response, counted as they pass.
-    bytes: Arc<[AtomicU64; 2]>,
+    /// Body bytes of the request, counted as they are read: shared with the request body's
+    /// counter, made only for a request that has a body (most have none).
+    received: Option<Arc<AtomicU64>>,
+    /// Body bytes of the response, counted by the response body, which carries this record.
+    sent: u64,
     log: Option<Arc<AccessLog>>,
     /// The live tap, when someone watched as the request arrived.
     tap: Option<Arc<tap::Tap>>,
@@ -183,9 +186,6 @@ pub struct Record {
 /// The status counted for a request whose client went away before the proxy could answer
 /// (reset its stream, closed its connection), as nginx does.
 pub const CLIENT_CLOSED: u16 = 499;
-
-const REQUEST: usize = 0;
-const RESPONSE: usize = 1;
 
 impl Record {
     /// A request arriving; `tap` is the proxy's live tap, recorded for only while watched.
@@ -212,7 +212,8 @@ impl Record {
             in_flight: false,
             handles: None,
             protocol: None,
-            bytes: Default::default(),
+            received: None,
+            sent: 0,
             log,
             tap,
             tracing: tracing.cloned(),
@@ -328,11 +329,12 @@ impl Record {
 
     /// Counts the bytes of a request body as it is read (an empty one, most requests', is
     /// passed on as it is: there is nothing to count).
-    pub fn count_request(&self, body: Body) -> Body {
+    pub fn count_request(&mut self, body: Body) -> Body {
         if body.is_end_stream() {
             return body;
         }
-        Counted { inner: body, bytes: self.bytes.clone(), which: REQUEST, done: None, _guard: () }.boxed_unsync()
+        let bytes = self.received.get_or_insert_with(Default::default).clone();
+        Counted { inner: body, count: Count::Request(bytes), _guard: () }.boxed_unsync()
     }
 
     pub fn service_name(&self) -> &str {
@@ -362,9 +364,8 @@ impl Record {
             self.failed(failed);
         }
         self.handles().duration.record(self.start.elapsed().as_secs_f64());
-        let bytes = self.bytes.clone();
-        let done = Done(self);
-        resp.map(|b| Counted { inner: b, bytes, which: RESPONSE, done: Some(done), _guard: guard }.boxed_unsync())
+        let count = Count::Response(Some(Done(self)));
+        resp.map(|b| Counted { inner: b, count, _guard: guard }.boxed_unsync())
     }
 
     /// The response body broke off after its headers (the upstream reset the stream, its
@@ -404,8 +405,7 @@ impl Drop for Record {
             }
         };
         handles.requests(status, self.protocol, error).increment(1);
-        let (received, sent) =
-            (self.bytes[REQUEST].load(Ordering::Relaxed), self.bytes[RESPONSE].load(Ordering::Relaxed));
+        let (received, sent) = (self.received.as_ref().map_or(0, |n| n.load(Ordering::Relaxed)), self.sent);
         handles.request_bytes.increment(received);
         handles.response_bytes.increment(sent);
         if self.in_flight {
@@ -444,12 +444,17 @@ impl Drop for Record {
 /// A body that counts its data bytes and, for responses, carries the completion guard.
 struct Counted<G = ()> {
     inner: Body,
-    bytes: Arc<[AtomicU64; 2]>,
-    /// Which of `bytes` this body adds to.
-    which: usize,
-    done: Option<Done>,
+    count: Count,
     /// Kept alive until the body is dropped.
     _guard: G,
+}
+
+/// Where a [`Counted`] body's bytes go.
+enum Count {
+    /// Into the counter the request's record shares.
+    Request(Arc<AtomicU64>),
+    /// Into the record itself, which the response body carries until it ends (then `None`).
+    Response(Option<Done>),
 }
 
 impl<G: Unpin> HttpBody for Counted<G> {
@@ -457,23 +462,35 @@ impl<G: Unpin> HttpBody for Counted<G> {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let done = match &mut this.count {
+            Count::Request(received) => {
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(d) = frame.data_ref() {
+                        received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                return polled;
+            }
+            Count::Response(done) => done,
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    self.bytes[self.which].fetch_add(d.len() as u64, Ordering::Relaxed);
+                if let (Some(d), Some(done)) = (frame.data_ref(), done.as_mut()) {
+                    done.0.sent += d.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref() {
                     let failed = grpc::status_in(trailers).and_then(grpc::failure_label);
-                    if let (Some(failed), Some(done)) = (failed, self.done.as_mut()) {
+                    if let (Some(failed), Some(done)) = (failed, done.as_mut()) {
                         done.0.failed(failed);
                     }
                 }
             }
             // The end: record now rather than whenever the body value is dropped.
-            Poll::Ready(None) => self.done = None,
+            Poll::Ready(None) => *done = None,
             Poll::Ready(Some(Err(e))) => {
                 let reason = e.downcast_ref::<crate::message::error::ProxyError>().map(|e| e.reason());
-                if let Some(mut done) = self.done.take() {
+                if let Some(mut done) = done.take() {
                     done.0.body_broke(reason);
                 }
             }

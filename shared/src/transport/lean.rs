@@ -75,18 +75,22 @@ fn put_field(buf: &mut BytesMut, v: &[u8]) -> Result<(), WireError> {
 
 /// A HEADERS or TRAILERS frame: `first` fields, the number of header fields, then each.
 fn head_frame(kind: u8, first: &[&[u8]], headers: &HeaderMap) -> Result<Bytes, WireError> {
-    fields_frame(kind, first, headers.len(), headers.iter())
+    fields_frame(kind, first, headers, |_| true, &[])
 }
 
-/// [`head_frame`] of `fields`, of which there are about `hint`. One pass: the frame's length
-/// and the field count are written when the fields are.
-fn fields_frame<'a>(
+/// [`head_frame`] of the `headers` that are `kept`, then `add`. One pass:
+/// the frame's length and the field count are written when the fields are. (Measuring first,
+/// so the buffer has the frame's exact size and becomes it without the allocation a buffer
+/// with room to spare needs, cost more than that allocation: BENCHMARKS.md (25).)
+fn fields_frame(
     kind: u8,
     first: &[&[u8]],
-    hint: usize,
-    fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    headers: &HeaderMap,
+    kept: impl Fn(&HeaderName) -> bool,
+    add: &[(&HeaderName, &[u8])],
 ) -> Result<Bytes, WireError> {
     // Room for typical fields; a head with longer ones grows the buffer.
+    let hint = headers.len() + add.len();
     let guess = FRAME_HEAD + 2 + first.iter().map(|f| 2 + f.len()).sum::<usize>() + hint * 48;
     let mut buf = BytesMut::with_capacity(guess);
     buf.put_u8(kind);
@@ -96,11 +100,15 @@ fn fields_frame<'a>(
     }
     let at_count = buf.len();
     buf.put_u16(0);
-    let mut count = 0usize;
-    for (n, v) in fields {
+    let mut count = add.len();
+    for (n, v) in headers.iter().filter(|(n, _)| kept(n)) {
         put_field(&mut buf, n.as_str().as_bytes())?;
         put_field(&mut buf, v.as_bytes())?;
         count += 1;
+    }
+    for (n, v) in add {
+        put_field(&mut buf, n.as_str().as_bytes())?;
+        put_field(&mut buf, v)?;
     }
     // What the peer would refuse (it reads no head past this, nor more fields): refused here,
     // before anything goes out.
@@ -108,10 +116,8 @@ fn fields_frame<'a>(
     if len > MAX_HEAD || count > MAX_FIELDS {
         return Err(too_long(len));
     }
-    let count = count as u16;
-    let len = len as u32;
-    buf[1..FRAME_HEAD].copy_from_slice(&len.to_be_bytes());
-    buf[at_count..at_count + 2].copy_from_slice(&count.to_be_bytes());
+    buf[1..FRAME_HEAD].copy_from_slice(&(len as u32).to_be_bytes());
+    buf[at_count..at_count + 2].copy_from_slice(&(count as u16).to_be_bytes());
     Ok(buf.freeze())
 }
 
@@ -128,14 +134,11 @@ pub struct Head<'a> {
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
     pub drop: Option<&'a HeaderName>,
-    pub add: &'a [(&'a HeaderName, &'a HeaderValue)],
+    /// Values checked already (see [`crate::message::headers::valid_value`]).
+    pub add: &'a [(&'a HeaderName, &'a [u8])],
 }
 
 impl Head<'_> {
-    fn kept(&self, name: &HeaderName) -> bool {
-        self.drop != Some(name) && !self.add.iter().any(|(n, _)| *n == name)
-    }
-
     /// Its HEADERS frame.
     pub fn frame(&self) -> Result<Bytes, WireError> {
         let authority = self.uri.authority().map_or("", |a| a.as_str());
@@ -144,8 +147,8 @@ impl Head<'_> {
             _ => self.uri.path_and_query().map_or("/", |p| p.as_str()),
         };
         let first = [self.method.as_str().as_bytes(), authority.as_bytes(), path.as_bytes()];
-        let fields = self.headers.iter().filter(|(n, _)| self.kept(n)).chain(self.add.iter().copied());
-        fields_frame(HEADERS, &first, self.headers.len() + self.add.len(), fields)
+        let kept = |name: &HeaderName| self.drop != Some(name) && !self.add.iter().any(|(n, _)| *n == name);
+        fields_frame(HEADERS, &first, self.headers, kept, self.add)
     }
 
     /// The same head as a `Request` (for HTTP/3).
@@ -155,7 +158,9 @@ impl Head<'_> {
             headers.remove(name);
         }
         for (name, value) in self.add {
-            headers.insert(*name, HeaderValue::clone(value));
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                headers.insert(*name, value);
+            }
         }
         let mut req = Request::new(());
         *req.method_mut() = self.method.clone();
@@ -695,8 +700,13 @@ mod tests {
         let (service, value) = (HeaderName::from_static("quicmesh-service"), HeaderValue::from_static("web"));
         let uri: Uri = "https://web/p?q".parse().unwrap();
         let host = http::header::HOST;
-        let head =
-            Head { method: &Method::GET, uri: &uri, headers: &headers, drop: Some(&host), add: &[(&service, &value)] };
+        let head = Head {
+            method: &Method::GET,
+            uri: &uri,
+            headers: &headers,
+            drop: Some(&host),
+            add: &[(&service, value.as_bytes())],
+        };
         let mut frame = head.frame().unwrap();
         frame.advance(FRAME_HEAD);
         let sent = decode_request(frame, None).unwrap();
