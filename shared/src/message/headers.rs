@@ -313,14 +313,6 @@ pub fn put_ip(out: &mut BytesMut, ip: IpAddr) {
     }
 }
 
-/// [`push_socket_addr`] into bytes, as [`put_ip`].
-pub fn put_socket_addr(out: &mut BytesMut, addr: SocketAddr) {
-    match addr {
-        SocketAddr::V4(v4) => out.extend_from_slice(V4Text::new(*v4.ip(), Some(v4.port())).as_bytes()),
-        addr => push_socket_addr(out, addr),
-    }
-}
-
 /// Appends `addr` as a URI authority: `192.0.2.1:80`, `[2001:db8::1]:80`.
 pub fn push_socket_addr<W: Write>(out: &mut W, addr: SocketAddr) {
     match addr {
@@ -331,12 +323,6 @@ pub fn push_socket_addr<W: Write>(out: &mut W, addr: SocketAddr) {
             let _ = write!(out, "{v6}");
         }
     }
-}
-
-/// Appends `n` in decimal, without the formatting machinery.
-pub fn push_u64<W: Write>(out: &mut W, n: u64) {
-    let mut digits = [0u8; 20];
-    let _ = out.write_str(std::str::from_utf8(decimal(n, &mut digits)).unwrap_or_default());
 }
 
 /// `n`'s decimal digits, written at the end of `buf`.
@@ -914,56 +900,76 @@ mod tests {
                 let mut s = String::new();
                 push_socket_addr(&mut s, addr);
                 assert_eq!(s, addr.to_string());
-                let mut b = BytesMut::new();
-                put_socket_addr(&mut b, addr);
-                assert_eq!(b, s.as_bytes());
+                assert_eq!(StackText::socket_addr(addr).as_bytes(), s.as_bytes());
             }
         }
         for n in [0, 9, 10, 1234, u64::MAX] {
-            let mut s = String::new();
-            push_u64(&mut s, n);
-            assert_eq!(s, n.to_string());
-        }
-    }
-
-    #[test]
-    fn stack_text_writes_what_the_formatter_does() {
-        for addr in ["10.1.2.3:8080", "255.255.255.255:65535", "[2001:db8::1]:443", "[fe80::1%4294967295]:65535"] {
-            let addr: SocketAddr = addr.parse().unwrap();
-            assert_eq!(StackText::socket_addr(addr).as_bytes(), addr.to_string().as_bytes());
-        }
-        for n in [0, 7, 1500, u64::MAX] {
             assert_eq!(StackText::number(n).as_bytes(), n.to_string().as_bytes());
         }
     }
 
     #[test]
+    fn stack_text_holds_the_longest_address() {
+        // 58 bytes: the longest a socket address's text can be.
+        let longest: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535".parse().unwrap();
+        assert_eq!(StackText::socket_addr(longest).as_bytes(), longest.to_string().as_bytes());
+        let mut text = StackText::default();
+        assert!(text.write_str(&"x".repeat(65)).is_err(), "a write past the room fails rather than panics");
+    }
+
+    #[test]
+    fn valid_value_is_what_http_takes() {
+        for b in 0..=255u8 {
+            assert_eq!(valid_value(&[b'a', b]), HeaderValue::from_bytes(&[b'a', b]).is_ok(), "byte {b}");
+        }
+    }
+
+    #[test]
     fn plain_authority_agrees_with_the_parser() {
-        let hosts = [
-            "web",
-            "web:80",
-            "10.0.0.1:8080",
-            "a-b.c.",
-            "WEB.Local:1",
-            "web:",
-            ":80",
-            "web:99999",
-            "web:123456",
-            "[::1]:80",
-            "[::1]",
-            "user@web",
-            "user@web:80",
-            "web:8o",
-            "we b",
-            "",
-            "a:b:c",
-            "web/x",
-            "web?x",
+        // What the check was before: the value as text, parsed, without user info.
+        let parsed = |h: &[u8]| {
+            HeaderValue::from_bytes(h)
+                .ok()
+                .and_then(|v| v.to_str().ok()?.parse::<http::uri::Authority>().ok())
+                .is_some_and(|a| !a.as_str().contains('@'))
+        };
+        let hosts: [&[u8]; 28] = [
+            b"web",
+            b"web:80",
+            b"10.0.0.1:8080",
+            b"a-b.c.",
+            b"WEB.Local:1",
+            b"web:99999",
+            b"-",
+            b"web_1",
+            b"web:",
+            b":80",
+            b"web:123456",
+            b"web::80",
+            b"[::1]:80",
+            b"[::1]",
+            b"user@web",
+            b"user@web:80",
+            b"@web",
+            b"web:8o",
+            b"we b",
+            b"w\teb",
+            b"web\xff",
+            b"w\xc3\xa9b",
+            b"web%41",
+            b"",
+            b"a:b:c",
+            b"web/x",
+            b"web?x",
+            b"web#x",
         ];
         for host in hosts {
-            let parsed = host.parse::<http::uri::Authority>().is_ok_and(|a| !a.as_str().contains('@'));
-            assert_eq!(plain_authority(host.as_bytes()), parsed, "{host:?}");
+            assert_eq!(plain_authority(host), parsed(host), "{:?}", String::from_utf8_lossy(host));
         }
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_static("user@web"));
+        let refused = check_http1_head(&headers).unwrap_err().to_string();
+        assert!(refused.contains("the Host header is not a host and port"), "{refused}");
     }
 
     #[test]

@@ -78,10 +78,10 @@ fn head_frame(kind: u8, first: &[&[u8]], headers: &HeaderMap) -> Result<Bytes, W
     fields_frame(kind, first, headers, |_| true, &[])
 }
 
-/// [`head_frame`] of the `headers` that are `kept`, then `add`. One pass:
-/// the frame's length and the field count are written when the fields are. (Measuring first,
-/// so the buffer has the frame's exact size and becomes it without the allocation a buffer
-/// with room to spare needs, cost more than that allocation: BENCHMARKS.md (25).)
+/// [`head_frame`] of the `headers` that are `kept`, then `add`. One pass: the frame's length
+/// and the field count are written when the fields are. (A first pass to measure the frame, so
+/// that a buffer of its exact size becomes it without the allocation a buffer with room to
+/// spare needs, was tried: it cost more than that allocation, BENCHMARKS.md (25).)
 fn fields_frame(
     kind: u8,
     first: &[&[u8]],
@@ -157,8 +157,13 @@ impl Head<'_> {
         if let Some(name) = self.drop {
             headers.remove(name);
         }
+        // The hop's values share one buffer, as they did when the hop made header values of
+        // them. The caller checked them (`headers::valid_value`).
+        let mut scratch = headers::Scratch::with_capacity(self.add.iter().map(|(_, v)| v.len()).sum());
         for (name, value) in self.add {
-            if let Ok(value) = HeaderValue::from_bytes(value) {
+            let value = scratch.value(|b| b.extend_from_slice(value));
+            debug_assert!(value.is_some(), "a hop's value the caller did not check");
+            if let Some(value) = value {
                 headers.insert(*name, value);
             }
         }
