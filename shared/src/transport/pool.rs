@@ -957,17 +957,21 @@ const STATS_EVERY: Duration = Duration::from_secs(2);
 /// every couple of seconds until it closes.
 pub fn watch_stats(conn: quinn::Connection, direction: &'static str, peer: String) {
     tokio::spawn(async move {
+        // The handles are looked up once per connection: each lookup copies its labels and
+        // hashes its key, five of them every tick for every peer.
+        let rtt = metrics::gauge!(m::QUIC_RTT, "direction" => direction, "peer" => peer.clone());
+        let cwnd = metrics::gauge!(m::QUIC_CWND, "direction" => direction, "peer" => peer.clone());
+        let mtu = metrics::gauge!(m::QUIC_MTU, "direction" => direction, "peer" => peer.clone());
+        let sent_packets = metrics::counter!(m::QUIC_SENT_PACKETS, "direction" => direction, "peer" => peer.clone());
+        let lost_packets = metrics::counter!(m::QUIC_LOST_PACKETS, "direction" => direction, "peer" => peer);
         let (mut sent, mut lost) = (0u64, 0u64);
         loop {
             let path = conn.stats().path;
-            metrics::gauge!(m::QUIC_RTT, "direction" => direction, "peer" => peer.clone()).set(path.rtt.as_secs_f64());
-            metrics::gauge!(m::QUIC_CWND, "direction" => direction, "peer" => peer.clone()).set(path.cwnd as f64);
-            metrics::gauge!(m::QUIC_MTU, "direction" => direction, "peer" => peer.clone())
-                .set(f64::from(path.current_mtu));
-            metrics::counter!(m::QUIC_SENT_PACKETS, "direction" => direction, "peer" => peer.clone())
-                .increment(path.sent_packets.saturating_sub(sent));
-            metrics::counter!(m::QUIC_LOST_PACKETS, "direction" => direction, "peer" => peer.clone())
-                .increment(path.lost_packets.saturating_sub(lost));
+            rtt.set(path.rtt.as_secs_f64());
+            cwnd.set(path.cwnd as f64);
+            mtu.set(f64::from(path.current_mtu));
+            sent_packets.increment(path.sent_packets.saturating_sub(sent));
+            lost_packets.increment(path.lost_packets.saturating_sub(lost));
             (sent, lost) = (path.sent_packets, path.lost_packets);
             tokio::select! {
                 _ = conn.closed() => return,
