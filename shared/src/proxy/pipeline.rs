@@ -242,7 +242,8 @@ fn forwarding_headers(cx: &Ctx<'_>, parts: &mut Parts, authority: String, servic
     headers::strip_internal(&mut parts.headers);
     // Room for what this proxy may add (forwarding, at the edge its forwarding headers and
     // claims, id, trace, source, Host) at once, rather than growing the map, and rehashing it,
-    // a header or two at a time. This can fail only for a map near http's size limit, far beyond the parser's.
+    // a header or two at a time. This can fail only for a map near http's size limit, far
+    // beyond the parser's.
     let _ = parts.headers.try_reserve(9);
     // The values this proxy adds share one allocation (at the edge with room for `Forwarded`).
     let mut scratch = if cx.side.edge { headers::Scratch::with_capacity(320) } else { headers::Scratch::default() };
