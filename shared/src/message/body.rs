@@ -47,6 +47,12 @@ where
 pub trait H3Recv: Send + Unpin + 'static {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, WireError>>;
     fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, WireError>>;
+    /// Appends to `out`, until it holds `limit` chunks, data this half already holds (what
+    /// `poll_data` would give next) without reading the stream; returns their bytes. A tunnel's
+    /// copy loop takes a read's whole batch this way rather than a chunk per call.
+    fn take_held(&mut self, _out: &mut Vec<Bytes>, _limit: usize) -> usize {
+        0
+    }
 }
 
 macro_rules! impl_recv {

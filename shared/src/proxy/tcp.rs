@@ -295,14 +295,16 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
             let mut chunks: Vec<Bytes> = Vec::new();
             loop {
                 // One QUIC chunk is often a packet's worth: gather what has already arrived (the
-                // chunks themselves, no copy) so each vectored write to the socket carries up to
-                // COALESCE bytes.
+                // chunks themselves, no copy) so each vectored write to the socket carries about
+                // COALESCE bytes (a read's batch, taken whole, may go a little past it).
                 let mut ended = false;
                 let mut gathered = 0;
                 match poll_fn(|cx| recv.poll_data(cx)).await {
                     Ok(Some(data)) => {
                         gathered += data.len();
                         chunks.push(data);
+                        // The rest of the read that brought it, at once.
+                        gathered += recv.take_held(&mut chunks, MAX_IOVECS);
                     }
                     Ok(None) => ended = true,
                     Err(_) => return (total, End::Broken),
@@ -313,6 +315,7 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
                         Poll::Ready(Ok(Some(data))) => {
                             gathered += data.len();
                             chunks.push(data);
+                            gathered += recv.take_held(&mut chunks, MAX_IOVECS);
                         }
                         Poll::Ready(Ok(None)) => ended = true,
                         // Deliver what came before the reset, then tear down.

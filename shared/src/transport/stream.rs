@@ -169,6 +169,12 @@ macro_rules! dispatch_recv {
                     $t::Lean(s) => s.poll_trailers(cx),
                 }
             }
+            fn take_held(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
+                match self {
+                    $t::H3(s) => s.take_held(out, limit),
+                    $t::Lean(s) => s.take_held(out, limit),
+                }
+            }
         }
     };
 }
