@@ -47,9 +47,9 @@ where
 pub trait H3Recv: Send + Unpin + 'static {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, WireError>>;
     fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, WireError>>;
-    /// Appends to `out`, until it holds `limit` chunks, data this half already holds (what
-    /// `poll_data` would give next) without reading the stream; returns their bytes. A tunnel's
-    /// copy loop takes a read's whole batch this way rather than a chunk per call.
+    /// Appends to `out`, until `out` holds `limit` chunks, data this half already holds (what
+    /// `poll_data` would give next) without reading the stream; returns their bytes. It may take
+    /// none (the default does): a tunnel's copy loop takes a read's batch this way at once.
     fn take_held(&mut self, _out: &mut Vec<Bytes>, _limit: usize) -> usize {
         0
     }

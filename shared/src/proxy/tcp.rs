@@ -296,7 +296,7 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
             loop {
                 // One QUIC chunk is often a packet's worth: gather what has already arrived (the
                 // chunks themselves, no copy) so each vectored write to the socket carries about
-                // COALESCE bytes (a read's batch, taken whole, may go a little past it).
+                // COALESCE bytes (the rest of a read's batch, taken at once, may go past it).
                 let mut ended = false;
                 let mut gathered = 0;
                 match poll_fn(|cx| recv.poll_data(cx)).await {

@@ -576,16 +576,16 @@ impl RecvHalf {
 impl H3Recv for RecvHalf {
     fn take_held(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
         // Only a tunnel's batch: what the head's read left in `buf` goes first, by `poll_data`.
-        if !self.raw || !self.buf.is_empty() {
+        if !self.raw || !self.buf.is_empty() || self.next >= self.got {
             return 0;
         }
-        let end = self.got.min(self.next + limit.saturating_sub(out.len()));
+        let end = self.got.min(self.next.saturating_add(limit.saturating_sub(out.len())));
         let mut bytes = 0;
         for chunk in &mut self.batch[self.next..end] {
             bytes += chunk.len();
             out.push(std::mem::take(chunk));
         }
-        self.next = end.max(self.next);
+        self.next = end;
         bytes
     }
 
