@@ -372,24 +372,26 @@ impl Default for StackText {
 impl StackText {
     /// `addr` as a URI authority, as [`push_socket_addr`] writes it.
     pub fn socket_addr(addr: SocketAddr) -> Self {
-        let mut text = Self::default();
         match addr {
-            SocketAddr::V4(v4) => {
-                let v4 = V4Text::new(*v4.ip(), Some(v4.port()));
-                text.buf[..v4.len].copy_from_slice(v4.as_bytes());
-                text.len = v4.len;
+            SocketAddr::V4(v4) => Self::of(V4Text::new(*v4.ip(), Some(v4.port())).as_bytes()),
+            addr => {
+                let mut text = Self::default();
+                push_socket_addr(&mut text, addr);
+                text
             }
-            addr => push_socket_addr(&mut text, addr),
         }
-        text
     }
 
     /// `n` in decimal.
     pub fn number(n: u64) -> Self {
-        let (mut text, mut digits) = (Self::default(), [0u8; 20]);
-        let digits = decimal(n, &mut digits);
-        text.buf[..digits.len()].copy_from_slice(digits);
-        text.len = digits.len();
+        Self::of(decimal(n, &mut [0u8; 20]))
+    }
+
+    /// Text already made, at most 22 bytes (an IPv4 address with a port, a number's digits).
+    fn of(bytes: &[u8]) -> Self {
+        let mut text = Self::default();
+        text.buf[..bytes.len()].copy_from_slice(bytes);
+        text.len = bytes.len();
         text
     }
 
