@@ -55,6 +55,12 @@ async fn send(
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A GET of `/` for the service named by `host`, through the node whose outbound listener is
+/// at `outbound`.
+fn get_service(outbound: SocketAddr, host: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(format!("http://{outbound}/")).header("host", host).body(Full::default()).unwrap()
+}
+
 fn echo_json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -886,9 +892,7 @@ async fn the_pool_to_local_instances_reuses_connections_and_skips_closed_ones() 
     );
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
     let client = h1_client();
-    let get = |host: &'static str| {
-        http::Request::get(format!("http://{}/", b.addrs.outbound)).header("host", host).body(Full::default()).unwrap()
-    };
+    let get = |host: &str| get_service(b.addrs.outbound, host);
     for i in 0..30 {
         let (status, _, body) = send(&client, get("keeps")).await;
         assert_eq!((status, body.as_str()), (200, "ok"), "request {i} to the instance that keeps connections");
@@ -971,17 +975,55 @@ async fn the_delivering_node_speaks_tls_to_instances_that_want_it() {
     };
     let m = two_nodes(&format!("{}{}", service("secure", "api.internal"), service("misnamed", "other.internal"))).await;
     let client = h1_client();
-    let get = |host: &str| {
-        http::Request::get(format!("http://{}/", m.a.addrs.outbound))
-            .header("host", host)
-            .body(Full::default())
-            .unwrap()
-    };
+    let get = |host: &str| get_service(m.a.addrs.outbound, host);
     let (status, _, body) = send(&client, get("secure")).await;
     assert_eq!((status, body.as_str()), (200, "hello over tls\n"));
     let (status, headers, _) = send(&client, get("misnamed")).await;
     assert_eq!(status, 502);
     assert_eq!(headers["quicmesh-error"], "upstream-unreachable");
+}
+
+/// One backend TLS policy shared by a service whose instances speak HTTP/1.1 and one whose
+/// instances speak HTTP/2: the delivering node keeps a TLS client per policy and protocol, and
+/// each service's requests reach the instance in its own protocol, in either order of first use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_tls_policy_carries_http1_and_http2_instances_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, cert) = self_signed_server(dir.path(), "backend", &["api.internal"]);
+    let tls = tls_server(config, |tls| async move {
+        // Answers with the version it was spoken to in, whichever the client chose.
+        let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+            let version = format!("{:?}", req.version());
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(version))))
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+            .await;
+    })
+    .await;
+    let service = |name: &str, protocol: &str| {
+        format!(
+            "[[services]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\n\
+             backend_tls = {{ ca_certificates = [\"{}\"], hostname = \"api.internal\" }}\n\
+             [[services.endpoints]]\nnode = \"node-b\"\naddress = \"{tls}\"\n\n",
+            cert.display()
+        )
+    };
+    let m = two_nodes(&format!(
+        "{}{}{}",
+        service("plain-a", "http1"),
+        service("multiplexed", "h2c"),
+        service("plain-b", "http1")
+    ))
+    .await;
+    let client = h1_client();
+    let get = |host: &str| get_service(m.a.addrs.outbound, host);
+    for (host, version) in
+        [("plain-a", "HTTP/1.1"), ("multiplexed", "HTTP/2.0"), ("plain-b", "HTTP/1.1"), ("multiplexed", "HTTP/2.0")]
+    {
+        let (status, _, body) = send(&client, get(host)).await;
+        assert_eq!((status, body.as_str()), (200, version), "{host}");
+    }
 }
 
 /// BackendTLSPolicy's subjectAltNames (a DNS name or a URI the certificate must carry, whatever
@@ -1043,9 +1085,7 @@ async fn backend_tls_checks_subject_alt_names_and_the_system_cas() {
     );
     let a = NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc));
     let client = h1_client();
-    let get = |host: &str| {
-        http::Request::get(format!("http://{}/", a.addrs.outbound)).header("host", host).body(Full::default()).unwrap()
-    };
+    let get = |host: &str| get_service(a.addrs.outbound, host);
     for (host, status, body) in [
         ("by-name", 200, "hello over tls\n"),
         ("wrong-name", 502, ""),

@@ -44,8 +44,9 @@ pub struct LocalClient {
     tls: Arc<Mutex<TlsClients>>,
 }
 
-/// TLS clients by (policy, HTTP/2).
-type TlsClients = HashMap<(BackendTls, bool), Client<TlsConnect, Body>>;
+/// TLS clients by policy: for HTTP/1.1 and for HTTP/2. Keyed by the policy alone, so that a
+/// request looks its client up by reference rather than with a copy of the policy.
+type TlsClients = HashMap<BackendTls, [Option<Client<TlsConnect, Body>>; 2]>;
 
 impl LocalClient {
     /// `idle`: how long a kept-alive connection may sit unused before it is closed. Both pools
@@ -66,7 +67,7 @@ impl LocalClient {
     /// The pooled client for instances that speak TLS under `policy`.
     fn tls_client(&self, policy: &BackendTls, h2: bool) -> Result<Client<TlsConnect, Body>, ProxyError> {
         let mut clients = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = clients.get(&(policy.clone(), h2)) {
+        if let Some(c) = clients.get(policy).and_then(|pair| pair[usize::from(h2)].as_ref()) {
             return Ok(c.clone());
         }
         let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
@@ -76,7 +77,7 @@ impl LocalClient {
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_idle_timeout(self.idle).pool_timer(TokioTimer::new()).http2_only(h2);
         let client = b.build(connect);
-        clients.insert((policy.clone(), h2), client.clone());
+        clients.entry(policy.clone()).or_default()[usize::from(h2)] = Some(client.clone());
         Ok(client)
     }
 
