@@ -491,7 +491,7 @@ fn try_limit(try_timeout: Option<&HeaderValue>, req: &Request<()>, table: &Table
     try_timeout
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map(std::time::Duration::from_millis)
-        .or_else(|| req.headers().get(headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout))
+        .or_else(|| headers::find(req.headers(), &headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout))
         .unwrap_or(table.config().timeouts.request)
 }
 

@@ -277,7 +277,7 @@ impl Scratch {
 /// Appends the client address to `x-forwarded-for`.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr, scratch: &mut Scratch) {
     // A previous value that is not text is replaced, not extended.
-    let prev = headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|p| !p.trim().is_empty());
+    let prev = find(headers, &FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|p| !p.trim().is_empty());
     let value = scratch.value(|b| {
         if let Some(prev) = prev {
             b.extend_from_slice(prev.as_bytes());
@@ -478,7 +478,7 @@ impl V4Text {
 
 /// Keeps the request's id, or generates and inserts one when absent or unusable.
 pub fn ensure_request_id(headers: &mut HeaderMap, scratch: &mut Scratch) {
-    if headers.get(&REQUEST_ID).is_some_and(|v| !v.is_empty() && v.len() <= 128) {
+    if find(headers, &REQUEST_ID).is_some_and(|v| !v.is_empty() && v.len() <= 128) {
         return;
     }
     // A v4 UUID from the thread's fast generator: request ids need to be unique, not
@@ -498,7 +498,7 @@ pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// orphaned `tracestate`, as the specification asks), sampled when `sample_root` says so for
 /// the new trace id.
 pub fn continue_trace(headers: &mut HeaderMap, scratch: &mut Scratch, sample_root: impl FnOnce(u128) -> bool) {
-    let parsed = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
+    let parsed = find(headers, &TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
     let started = parsed.is_none();
     let value = scratch.value(|b| {
         b.extend_from_slice(b"00-");
@@ -521,7 +521,7 @@ pub fn continue_trace(headers: &mut HeaderMap, scratch: &mut Scratch, sample_roo
         b.extend_from_slice(b"-");
         b.extend_from_slice(flags.as_bytes());
     });
-    if started {
+    if started && has(headers, &TRACESTATE) {
         headers.remove(&TRACESTATE);
     }
     if let Some(v) = value {

@@ -72,7 +72,7 @@ impl Call<'_> {
     ) -> Result<Response<Body>, ProxyError> {
         // "0s" turns a limit off (Gateway API). A gRPC caller's deadline (`grpc-timeout`)
         // bounds the call too, in place of the mesh's default request timeout.
-        let deadline = req.headers().get(headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout);
+        let deadline = headers::find(req.headers(), &headers::GRPC_TIMEOUT).and_then(headers::parse_grpc_timeout);
         let route_total = opts.timeouts.and_then(|t| t.request).filter(|d| !d.is_zero());
         let total = match (route_total, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
