@@ -593,6 +593,60 @@ async fn mirrors_get_copies_and_a_stuck_mirror_does_not_slow_the_primary() {
     .await;
 }
 
+/// An instance that answers every request with a body that never ends (a kilobyte every 5 ms),
+/// and marks when a client stops reading it (its write fails).
+async fn endless_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = dropped.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let chunk = format!("400\r\n{}\r\n", "x".repeat(1024));
+                let mut out = s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+                while out.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    out = s.write_all(chunk.as_bytes()).await;
+                }
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, dropped)
+}
+
+/// A mirror whose answer never ends is dropped once the copy's time limit (10 s) is up, its
+/// body never read to the end nor held: the copy's task ends and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_whose_answer_never_ends_is_dropped_at_the_copys_time_limit() {
+    let (endless, dropped) = endless_backend().await;
+    let extra = format!(
+        "[[services]]\nname = \"endless\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{endless}\"\n\n\
+         [[routes]]\nname = \"mirrored\"\nhostnames = [\"echo\"]\n[[routes.rules]]\n\
+         filters = [{{ type = \"RequestMirror\", requestMirror = {{ backendRef = {{ name = \"endless\" }} }} }}]\n\
+         backendRefs = [{{ name = \"echo\" }}]\n"
+    );
+    let m = two_nodes(&extra).await;
+    let (status, _, _) = send(&h1_client(), get_service(m.a.addrs.outbound, "echo")).await;
+    assert_eq!(status, 200);
+    let start = std::time::Instant::now();
+    eventually(Duration::from_secs(30), "the endless mirror's answer to be dropped", || async {
+        dropped.load(std::sync::atomic::Ordering::SeqCst).then_some(())
+    })
+    .await;
+    assert!(start.elapsed() >= Duration::from_secs(5), "dropped before its time limit: {:?}", start.elapsed());
+}
+
 fn two_endpoint_service(name: &str, lb: &str, eps: &[(SocketAddr, &str)]) -> String {
     let mut t = format!("[[services]]\nname = \"{name}\"\n{lb}\n");
     for (addr, v) in eps {

@@ -295,6 +295,57 @@ async fn gateway_from_files_picks_certificates_by_sni_and_enforces_body_limits()
     }
 }
 
+/// A request target with a query and no path (`:path: ?x`, which an HTTP/2 or HTTP/3 client
+/// can send, and which a catch-all route matches as `/`) cannot be forwarded: it is that
+/// client's 400, and it is never counted against the endpoint it was routed to (here two in a
+/// row would eject it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_without_a_path_is_that_clients_400_and_ejects_no_one() {
+    use http_body_util::BodyExt;
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    pki.issue("gateway");
+    let echo = echo_backend().await;
+    let svc = format!(
+        "[[services]]\nname = \"echo\"\noutlier = {{ consecutive_failures = 2, base_ejection = \"60s\" }}\n\
+         [[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n"
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n\
+         [gateway.tls]\nstate_dir = \"{}\"\n\n[[gateway.routes]]\nname = \"all\"\n[[gateway.routes.rules]]\nbackendRefs = [{{ name = \"echo\" }}]\n\n\
+         [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        state.display(),
+        b.addrs.inbound
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    let port = gw.addrs.listen.port();
+    let tls = tls_connect(port, &[b"h2"]).await;
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let empty = || http_body_util::Empty::<bytes::Bytes>::new().map_err(|e| -> std::io::Error { match e {} }).boxed();
+    let get = |path_and_query: &str| {
+        let target = http::Uri::builder()
+            .scheme("https")
+            .authority(format!("localhost:{port}"))
+            .path_and_query(path_and_query)
+            .build()
+            .unwrap();
+        http::Request::get(target).body(empty()).unwrap()
+    };
+    for round in 0..4 {
+        let resp = h2.send_request(get("?x")).await.expect("the h2 connection");
+        assert_eq!(resp.status(), 400, "round {round}: {:?}", resp.headers());
+    }
+    let metrics = gw.metrics().await;
+    assert_eq!(metric(&metrics, "quicmesh_outlier_ejections_total", &[]), 0.0, "{metrics}");
+    let resp = h2.send_request(get("/fine")).await.expect("the h2 connection");
+    assert_eq!(resp.status(), 200, "{:?}", resp.headers());
+}
+
 /// The demo's HTTPRoute rules: header-based canary routing, a redirect, header modifiers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_routes_testers_to_the_canary_redirects_and_modifies_headers() {

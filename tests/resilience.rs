@@ -54,24 +54,25 @@ fn client() -> Client {
 
 /// (status, quicmesh-error, body); a body that breaks off is status 0 with the error.
 async fn call(client: &Client, outbound: SocketAddr, method: &str, host: &str, body: &str) -> (u16, String, String) {
-    call_path(client, outbound, method, host, "/", body).await
+    call_headers(client, outbound, method, host, "/", body, &[]).await
 }
 
-async fn call_path(
+/// A request with a path and more headers than [`call`] sends.
+async fn call_headers(
     client: &Client,
     outbound: SocketAddr,
     method: &str,
     host: &str,
     path: &str,
     body: &str,
+    extra: &[(&str, &str)],
 ) -> (u16, String, String) {
     use http_body_util::BodyExt;
-    let req = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{outbound}{path}"))
-        .header("host", host)
-        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
-        .unwrap();
+    let mut req = http::Request::builder().method(method).uri(format!("http://{outbound}{path}")).header("host", host);
+    for (name, value) in extra {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body.to_string()))).unwrap();
     match client.request(req).await {
         Ok(r) => {
             let status = r.status().as_u16();
@@ -117,7 +118,7 @@ impl Load {
                     let c = client();
                     let mut ok = 0;
                     while !stop.load(Ordering::Relaxed) {
-                        let (status, reason, body) = call_path(&c, outbound, "GET", host, path, "").await;
+                        let (status, reason, body) = call_headers(&c, outbound, "GET", host, path, "", &[]).await;
                         if status == 200 && len.is_some_and(|n| body.len() != n) {
                             failures.lock().unwrap().push(format!("200 with {} bytes of {len:?}", body.len()));
                         } else if status == 200 {
@@ -292,6 +293,35 @@ async fn a_failing_endpoint_is_ejected_then_tried_again() {
     })
     .await;
     assert!(start.elapsed() >= Duration::from_millis(500), "ejection ended too early: {:?}", start.elapsed());
+    let _ = (&m.b, &m.c, &m.pki);
+}
+
+/// A caller's own deadline (`grpc-timeout`) shorter than the endpoints answer is that caller's
+/// problem: its calls time out, but they are not counted against the endpoints, which stay in
+/// rotation for everyone else (outlier detection ejects after two failures in a row here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_short_deadline_never_ejects_an_endpoint() {
+    let b = Backend::start("b", Duration::from_millis(150)).await;
+    let c = Backend::start("c", Duration::from_millis(150)).await;
+    let policy = "lb = { policy = \"round_robin\" }\noutlier = { consecutive_failures = 2, base_ejection = \"60s\" }";
+    let m = three_nodes(&web(b.addr, c.addr, policy)).await;
+    let client = client();
+    for _ in 0..8 {
+        let (status, reason, _) =
+            call_headers(&client, m.a.addrs.outbound, "GET", "web", "/", "", &[("grpc-timeout", "20m")]).await;
+        assert_eq!((status, reason.as_str()), (504, "timeout"));
+    }
+    let metrics = m.a.metrics().await;
+    assert_eq!(metric(&metrics, "quicmesh_outlier_ejections_total", &[("service", "web")]), 0.0, "{metrics}");
+    let seen = m.a.admin_json("/endpoints").await;
+    let eps = seen["services"][0]["endpoints"].as_array().unwrap().clone();
+    let ejected: Vec<bool> = eps.iter().map(|e| e["ejected"].as_bool().unwrap()).collect();
+    assert_eq!(ejected, [false, false], "/endpoints: {eps:?}");
+    // Another caller, without the short deadline, is served by both.
+    for _ in 0..4 {
+        assert_eq!(call(&client, m.a.addrs.outbound, "GET", "web", "").await.0, 200);
+    }
+    assert!(b.hits() >= 2 && c.hits() >= 2, "{} / {}", b.hits(), c.hits());
     let _ = (&m.b, &m.c, &m.pki);
 }
 
@@ -714,10 +744,12 @@ async fn a_response_body_that_stalls_fails_after_the_routes_stream_idle_timeout(
     })
     .await;
     let start = Instant::now();
-    let stalled =
-        tokio::time::timeout(Duration::from_secs(8), call_path(&c, a.addrs.outbound, "GET", "web", "/stall/2", ""))
-            .await
-            .expect("a stalled body was still open after 8 s");
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(8),
+        call_headers(&c, a.addrs.outbound, "GET", "web", "/stall/2", "", &[]),
+    )
+    .await
+    .expect("a stalled body was still open after 8 s");
     let took = start.elapsed();
     assert_eq!(stalled.0, 0, "the body breaks off: {stalled:?}");
     assert!(took < Duration::from_secs(3), "stalled for {took:?}, with streamIdle 300ms");

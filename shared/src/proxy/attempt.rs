@@ -14,6 +14,7 @@ use super::table::Service;
 use crate::config::EndpointConfig;
 use crate::message::body::{self, Body};
 use crate::message::error::ProxyError;
+use crate::message::headers;
 use crate::policy::balance::EndpointStats;
 use crate::policy::{authz, health};
 use crate::telemetry::metrics as m;
@@ -75,11 +76,12 @@ impl Call<'_> {
         ep: &EndpointConfig,
     ) -> Result<Response<Body>, ProxyError> {
         let (head, body) = req.into_parts();
-        self.forward_try(&head, body, svc, ep, self.table.config().timeouts.request).await.map_err(|e| e.error)
+        let limit = TryLimit { per_try: self.table.config().timeouts.request, callers: false };
+        self.forward_try(&head, body, svc, ep, limit).await.map_err(|e| e.error)
     }
 
     /// One try of the request `head` with `body`: circuit breakers, then the endpoint within
-    /// `per_try`; feeds the balancer and outlier detection with the result. The head is
+    /// `limit`; feeds the balancer and outlier detection with the result. The head is
     /// borrowed, so a call's tries share it: each copies it once, as it goes on the wire.
     pub async fn forward_try(
         &self,
@@ -87,8 +89,9 @@ impl Call<'_> {
         body: Body,
         svc: &Service,
         ep: &EndpointConfig,
-        per_try: Duration,
+        limit: TryLimit,
     ) -> Result<Response<Body>, TryError> {
+        let per_try = limit.per_try;
         // Circuit breaker: refuse at once rather than queue without bound.
         let Some(_slot) = Slot::take(&svc.state.in_flight, svc.config.max_requests) else {
             return Err(overloaded(svc, "max_requests"));
@@ -116,9 +119,14 @@ impl Call<'_> {
         {
             return result;
         }
-        // Nor is a head the client made too large for the next node the endpoint's doing.
-        if let Err(TryError { error: ProxyError::HeadTooLarge(_), .. }) = &result {
-            return result;
+        // Nor is a head the client made too large for the next node, or a target no request
+        // can carry, the endpoint's doing; nor a try cut short by the caller's own deadline,
+        // whichever node's timer ended it first: a client must not get endpoints ejected.
+        match &result {
+            Err(TryError { error: ProxyError::HeadTooLarge(_) | ProxyError::BadRequest(_), .. }) => return result,
+            Err(TryError { error: ProxyError::Timeout(_), .. }) if limit.callers => return result,
+            Ok(resp) if limit.callers && mesh_timeout(resp) => return result,
+            _ => {}
         }
         // A failure costs like a timeout, so the balancer steers away from it.
         // A failure costs the balancer what a try may take (bounded when tries are not).
@@ -236,6 +244,21 @@ fn overloaded(svc: &Service, limit: &'static str) -> TryError {
 
 /// Outlier detection: a failure counts towards ejecting the endpoint (within the service's
 /// limit on ejected endpoints), a success resets the count.
+/// How long one try may take, and whether that is the caller's own deadline (shorter than any
+/// limit the mesh sets), so that running out of it says nothing about the endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct TryLimit {
+    pub per_try: Duration,
+    pub callers: bool,
+}
+
+/// Is this the answer a delivering node gives when a try's time limit ran out there (a 504 the
+/// mesh made), rather than one an instance gave?
+fn mesh_timeout(resp: &Response<Body>) -> bool {
+    resp.status() == http::StatusCode::GATEWAY_TIMEOUT
+        && headers::find(resp.headers(), &crate::message::error::ERROR_HEADER).is_some_and(|v| v == "timeout")
+}
+
 fn outlier(svc: &Service, ep: &EndpointConfig, stats: &EndpointStats, failed: bool) {
     if !failed {
         stats.outlier.success();

@@ -10,7 +10,7 @@ use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
 use tracing::debug;
 
-use super::attempt::TryError;
+use super::attempt::{TryError, TryLimit};
 use super::mesh::Call;
 use super::pick::PickCtx;
 use super::table::Service;
@@ -123,15 +123,19 @@ impl Call<'_> {
             _ => None,
         });
         let started = Instant::now();
-        let per_try = match (per_try_set, deadline) {
-            (Some(d), _) if d.is_zero() => crate::proxy::attempt::UNLIMITED,
-            (Some(d), _) => d,
-            (None, Some(deadline)) => deadline,
-            (None, None) => opts
-                .timeouts
+        let mesh_limit = || {
+            opts.timeouts
                 .and_then(|t| t.request)
                 .filter(|d| !d.is_zero())
-                .unwrap_or(self.table.config().timeouts.request),
+                .unwrap_or(self.table.config().timeouts.request)
+        };
+        let limit = match (per_try_set, deadline) {
+            (Some(d), _) if d.is_zero() => TryLimit { per_try: crate::proxy::attempt::UNLIMITED, callers: false },
+            (Some(d), _) => TryLimit { per_try: d, callers: false },
+            // The caller's deadline, when it is shorter than the mesh's own limit, is the
+            // caller's choice: a try that runs out of it is not held against the endpoint.
+            (None, Some(deadline)) => TryLimit { per_try: deadline, callers: deadline < mesh_limit() },
+            (None, None) => TryLimit { per_try: mesh_limit(), callers: false },
         };
         let per_try_set = per_try_set.is_some();
         let no_labels = BTreeMap::new();
@@ -182,7 +186,7 @@ impl Call<'_> {
             // Boxed: the try's future is the bulk of a request's state (h3 and hyper futures
             // nested), and every future that holds it inline is copied whole when its task is
             // spawned and when it completes.
-            let result = Box::pin(self.forward_try(&parts, body, svc, ep, per_try)).await;
+            let result = Box::pin(self.forward_try(&parts, body, svc, ep, limit)).await;
             let outcome = match &result {
                 Ok(resp) if headers::has(resp.headers(), &UNSENT_HEADER) => TryOutcome::Unsent,
                 Ok(resp) if policy.codes.contains(&resp.status().as_u16()) => TryOutcome::Failed,

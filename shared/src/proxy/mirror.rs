@@ -15,7 +15,8 @@ use super::table::Table;
 use crate::message::body::{self, Body};
 use crate::message::error::ProxyError;
 
-/// How long a mirrored copy may take before it is abandoned.
+/// How long a mirrored copy may take, its answer's body read to the end included, before it is
+/// abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body copied to mirrors (bodies are buffered for the copy).
 pub const MIRROR_MAX_BODY: u64 = 64 << 10;
@@ -83,11 +84,22 @@ impl Mesh {
         let mesh = self.clone();
         tokio::spawn(async move {
             let Ok(ep) = mesh.pick(&svc, &labels, &PickCtx::NONE) else { return };
-            match tokio::time::timeout(MIRROR_TIMEOUT, mesh.at(&table).forward(req, &svc, &ep)).await {
-                Ok(Ok(resp)) => {
-                    // Drain so pooled connections stay reusable; the answer is discarded.
-                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            // One limit for the whole copy, the answer's body included: a mirror that streams
+            // for ever (or very large answers) must not hold this task, or its memory, long.
+            let copy = async {
+                let resp = mesh.at(&table).forward(req, &svc, &ep).await?;
+                // Read and dropped frame by frame, so that a pooled connection stays reusable
+                // without the answer ever being held whole.
+                let mut body = resp.into_body();
+                while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                    if frame.is_err() {
+                        break;
+                    }
                 }
+                Ok::<_, ProxyError>(())
+            };
+            match tokio::time::timeout(MIRROR_TIMEOUT, copy).await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(service = svc.config.name, error = %e, "mirror copy failed"),
                 Err(_) => debug!(service = svc.config.name, "mirror copy timed out"),
             }
