@@ -1196,6 +1196,67 @@ async fn a_gateway_tcp_listener_forwards_to_a_tcp_service() {
     assert_eq!(metric(&m, "quicmesh_tcp_connections_total", &[("direction", "outbound"), ("service", "db")]), 1.0);
 }
 
+/// The edge's connection limits hold on its TCP ports too, both for `gateway.tcp` forwards
+/// and for a TCP listener's TCPRoute: a client past `max_connections_per_client` has its next
+/// connection closed at once (a tunnel held a descriptor and a mesh stream for as long as its
+/// client kept it, so one client could open them until the gateway ran out), and a closed one
+/// frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edges_connection_limits_hold_on_its_tcp_ports() {
+    let pki = Pki::new();
+    let state = pki.issue("node-b");
+    pki.issue("gateway");
+    let backend = tcp_summing_backend().await;
+    let svc = format!(
+        "[[services]]\nname = \"db\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{backend}\"\n"
+    );
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
+    let gw_toml = format!(
+        "[mesh]\ntrust_domain = \"{TD}\"\n{TRANSPORT}\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\n\n\
+         [gateway.limits]\nmax_connections_per_client = 3\n\n[gateway.tls]\nstate_dir = \"{}\"\n\n\
+         [[gateway.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\n\n\
+         [[gateway.listeners]]\nname = \"tcp\"\nport = 9000\nlisten = \"127.0.0.1:0\"\nprotocol = \"TCP\"\n\n\
+         [[gateway.tcp_routes]]\nname = \"db-tcp\"\nparentRefs = [{{ sectionName = \"tcp\" }}]\nbackendRefs = [{{ name = \"db\" }}]\n\n\
+         [[nodes]]\nname = \"node-b\"\naddress = \"{}\"\n\n{svc}",
+        state.display(),
+        b.addrs.inbound
+    );
+    let gw = NodeProc::start_gateway(pki.path(), &gw_toml);
+    let forward = gw.addrs.tcp.iter().find(|(s, _)| s == "db").unwrap().1;
+    let listener = *gw.addrs.listeners.get("tcp").unwrap();
+    for port in [forward, listener] {
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(tokio::net::TcpStream::connect(port).await.unwrap());
+        }
+        let mut fourth = tokio::net::TcpStream::connect(port).await.unwrap();
+        assert!(closed_at_once(&mut fourth).await, "{port}: a fourth connection from one client was kept");
+        // The three admitted ones still carry their bytes.
+        let first = held.remove(0);
+        let (mut rd, mut wr) = first.into_split();
+        wr.write_all(b"hello").await.unwrap();
+        wr.shutdown().await.unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(20), rd.read_to_string(&mut reply)).await.unwrap().unwrap();
+        assert_eq!(reply, summary(b"hello"), "{port}");
+        drop((rd, wr));
+        // Its place is free again once the gateway sees it closed.
+        eventually(Duration::from_secs(10), "a closed connection's place to come back", || async {
+            let mut next = tokio::net::TcpStream::connect(port).await.unwrap();
+            (!closed_at_once(&mut next).await).then_some(next)
+        })
+        .await;
+    }
+    let m = gw.metrics().await;
+    assert!(metric(&m, "quicmesh_edge_rejected_total", &[("reason", "client-connection-limit")]) >= 2.0, "{m}");
+}
+
+/// Is `s` closed by its server at once (nothing sent, an end or a reset read within 1.5 s)?
+async fn closed_at_once(s: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(tokio::time::timeout(Duration::from_millis(1500), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
 /// An HTTP health check of an instance whose service wants TLS speaks TLS too (as requests
 /// do): the TLS-only instance passes its checks and is served; in plain HTTP every check
 /// would fail the handshake.

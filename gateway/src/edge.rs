@@ -55,14 +55,9 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>, at: Arc<TcpPort>) {
     let mut accepting = edge.mesh.drain().accepting();
     while let Some((tcp, client)) = accepting.next(&listener, "edge").await {
         // Past the connection limits: closed at once, before any TLS work.
-        let admitted = match edge.conns.admit(client.ip()) {
-            Ok(a) => a,
-            Err(full) => {
-                metrics::counter!(m::EDGE_REJECTED, "reason" => full.reason()).increment(1);
-                debug!(%client, reason = full.reason(), "edge connection refused");
-                drop(tcp);
-                continue;
-            }
+        let Some(admitted) = edge.admit(client) else {
+            drop(tcp);
+            continue;
         };
         let (edge, at) = (edge.clone(), at.clone());
         // The drain waits for each connection from its accept: one taken as the drain began
@@ -339,6 +334,12 @@ impl quicmesh_shared::proxy::tcp::Client for Replay<TcpStream> {
 pub async fn serve_tcp(listener: TcpListener, edge: Arc<Edge>, key: u16) {
     let mut accepting = edge.mesh.drain().accepting();
     while let Some((tcp, client)) = accepting.next(&listener, "edge TCP").await {
+        // Within the same connection limits as the edge's HTTP ports: a tunnel holds a
+        // descriptor and a mesh stream for as long as its client keeps it.
+        let Some(admitted) = edge.admit(client) else {
+            drop(tcp);
+            continue;
+        };
         let table = edge.mesh.table();
         let route = table.edge().and_then(|ls| ls.select(key, "")).and_then(|l| l.stream_route(None));
         let Some(service) = route.and_then(|r| r.pick()).map(str::to_owned) else {
@@ -352,7 +353,7 @@ pub async fn serve_tcp(listener: TcpListener, edge: Arc<Edge>, key: u16) {
         let in_flight = edge.mesh.drain().guard();
         quicmesh_shared::runtime::spawn_tcp(tcp, move |tcp| async move {
             metrics::counter!(m::EDGE_CONNECTIONS, "protocol" => "tcp").increment(1);
-            let _in_flight = in_flight;
+            let _held = (in_flight, admitted);
             quicmesh_shared::proxy::tcp::forward(tcp, &service, &edge.mesh, Bytes::new()).await;
         });
     }

@@ -30,6 +30,21 @@ pub struct Edge {
     pub acme: Option<Arc<crate::acme::Acme>>,
 }
 
+impl Edge {
+    /// Admits a client's connection within the edge's limits (in all and per client address),
+    /// or counts and logs the refusal: `None` means close it at once.
+    pub fn admit(&self, client: SocketAddr) -> Option<crate::conns::Admitted> {
+        match self.conns.admit(client.ip()) {
+            Ok(a) => Some(a),
+            Err(full) => {
+                metrics::counter!(m::EDGE_REJECTED, "reason" => full.reason()).increment(1);
+                debug!(%client, reason = full.reason(), "edge connection refused");
+                None
+            }
+        }
+    }
+}
+
 /// One bound port of the edge and what its listeners make of it.
 #[derive(Debug)]
 pub struct Port {

@@ -361,7 +361,10 @@ pub async fn start_with_files(mut config: Config, files: Vec<PathBuf>) -> Result
     }
     let mut tcp = Vec::new();
     for (service, addr, listener) in tcp_listeners {
-        tasks.spawn(quicmesh_shared::proxy::tcp::serve(listener, service.clone(), mesh.clone()));
+        // External clients: within the edge's connection limits, as on its other ports.
+        let edge = edge.clone();
+        let admit = move |client: SocketAddr| edge.admit(client);
+        tasks.spawn(quicmesh_shared::proxy::tcp::serve(listener, service.clone(), mesh.clone(), admit));
         tcp.push((service, addr));
     }
     // The gateway's own mesh certificate: reloaded when its files change, renewed from the CA

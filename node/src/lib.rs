@@ -452,7 +452,8 @@ pub async fn start_with(config: Config, inbound: Option<std::net::UdpSocket>) ->
     tasks.spawn(inbound::serve(endpoint.clone(), mesh.clone()));
     tasks.spawn(outbound::serve(outbound, mesh.clone()));
     for (service, listener) in tcp {
-        tasks.spawn(quicmesh_shared::proxy::tcp::serve(listener, service, mesh.clone()));
+        // Local apps: no per-client limits.
+        tasks.spawn(quicmesh_shared::proxy::tcp::serve(listener, service, mesh.clone(), |_| Some(())));
     }
     state.ready.store(true, Ordering::Release);
     Ok(Node {

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -98,16 +99,25 @@ impl<IO: Client> Client for tokio_rustls::server::TlsStream<IO> {
     }
 }
 
-/// Accepts local connections for `service` and carries each to one of its endpoints.
-pub async fn serve(listener: TcpListener, service: String, mesh: Arc<Mesh>) {
+/// Accepts connections for `service` and carries each to one of its endpoints. `admit` is
+/// asked first with the client's address: what it gives is held as long as the connection,
+/// and a connection it refuses (`None`) is closed at once.
+pub async fn serve<A, F>(listener: TcpListener, service: String, mesh: Arc<Mesh>, admit: F)
+where
+    A: Send + 'static,
+    F: Fn(SocketAddr) -> Option<A>,
+{
     let mut accepting = mesh.drain().accepting();
-    while let Some((tcp, _)) = accepting.next(&listener, "TCP forward").await {
+    while let Some((tcp, client)) = accepting.next(&listener, "TCP forward").await {
+        let Some(admitted) = admit(client) else {
+            continue;
+        };
         let mesh = mesh.clone();
         let service = service.clone();
         // In flight from the accept on, across the hand-off to a worker.
         let in_flight = mesh.drain().guard();
         crate::runtime::spawn_tcp(tcp, move |tcp| async move {
-            let _in_flight = in_flight;
+            let _held = (in_flight, admitted);
             forward(tcp, &service, &mesh, Bytes::new()).await;
         });
     }
