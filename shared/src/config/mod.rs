@@ -648,7 +648,7 @@ pub struct EdgeCertificate {
 pub struct EdgeLimits {
     /// Largest request header block, bytes (431 past it).
     pub max_header_bytes: usize,
-    /// Most request headers (431 past it).
+    /// Most request headers (431 past it), 1 to 1024.
     pub max_headers: usize,
     /// Time a client has to send its request headers.
     #[serde(with = "humantime_serde")]
@@ -1250,6 +1250,25 @@ fn attach_source(err: ConfigError, fig: &Figment) -> ConfigError {
 }
 
 /// A value that fails validation, under its key.
+/// The longest any configured time may be: far past any real use, and short enough that adding
+/// it (or two of them) to a clock reading cannot overflow, which would panic where it happens.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `d` is at most [`MAX_DURATION`].
+pub fn within_max(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d > MAX_DURATION {
+        return Err(invalid(
+            key,
+            format!("{} is longer than the 365 days any time here may be", humantime::format_duration(d)),
+        ));
+    }
+    Ok(())
+}
+
+/// Most request headers `gateway.limits.max_headers` may allow: the HTTP/1.1 parser sets room
+/// aside for that many on every request it reads.
+pub const MAX_HEADERS: usize = 1024;
+
 pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     // A reason quoting the bad value is cut short: the value may be megabytes long.
     ConfigError::Invalid { key: shorten(&key.into(), 256), origin: String::new(), reason: shorten(&reason.into(), 512) }
@@ -1412,6 +1431,19 @@ impl Config {
             if gw.limits.max_connections == 0 {
                 return Err(invalid("gateway.limits.max_connections", "must be at least 1"));
             }
+            if !(1..=MAX_HEADERS).contains(&gw.limits.max_headers) {
+                return Err(invalid("gateway.limits.max_headers", format!("must be 1..={MAX_HEADERS}")));
+            }
+            for (key, d) in [
+                ("gateway.limits.header_read_timeout", gw.limits.header_read_timeout),
+                ("gateway.limits.idle_timeout", gw.limits.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(invalid(key, "must be longer than 0s"));
+                }
+                within_max(key, d)?;
+            }
+            within_max("gateway.drain_timeout", gw.drain_timeout)?;
             if gw.limits.max_connections_per_client == 0 {
                 return Err(invalid("gateway.limits.max_connections_per_client", "must be at least 1"));
             }
@@ -1471,6 +1503,17 @@ impl Config {
         }
         if self.timeouts.connect.is_zero() || self.timeouts.request.is_zero() {
             return Err(invalid("timeouts", "timeouts must be greater than zero"));
+        }
+        for (key, d) in [
+            ("timeouts.connect", self.timeouts.connect),
+            ("timeouts.request", self.timeouts.request),
+            ("transport.keep_alive", t.keep_alive),
+            ("transport.idle_timeout", t.idle_timeout),
+        ] {
+            within_max(key, d)?;
+        }
+        if let Some(node) = &self.node {
+            within_max("node.drain_timeout", node.drain_timeout)?;
         }
         Ok(())
     }

@@ -55,6 +55,9 @@ impl OutlierConfig {
         if self.base_ejection.is_zero() || self.max_ejection < self.base_ejection {
             return Err("base_ejection must be > 0 and max_ejection at least base_ejection".into());
         }
+        if self.max_ejection > crate::config::MAX_DURATION {
+            return Err("max_ejection must be at most 365 days".into());
+        }
         Ok(())
     }
 }
@@ -145,6 +148,9 @@ impl HealthCheck {
     pub fn validate(&self) -> Result<(), String> {
         if self.interval < Duration::from_millis(10) || self.timeout.is_zero() {
             return Err("interval must be at least 10ms and timeout greater than zero".into());
+        }
+        if self.interval > crate::config::MAX_DURATION || self.timeout > crate::config::MAX_DURATION {
+            return Err("interval and timeout must be at most 365 days".into());
         }
         if self.healthy_threshold == 0 || self.unhealthy_threshold == 0 {
             return Err("thresholds must be at least 1".into());

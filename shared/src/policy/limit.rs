@@ -78,7 +78,8 @@ impl RateLimiter {
                 b.tokens -= 1.0;
                 Ok(())
             } else {
-                Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+                // A rate so small that the wait does not fit a `Duration` waits for ever.
+                Err(Duration::try_from_secs_f64((1.0 - b.tokens) / rate).unwrap_or(Duration::MAX))
             }
         };
         let fresh = Bucket { tokens: cap, stamp: now };
@@ -184,6 +185,14 @@ mod tests {
         // One second later, ten more tokens but only five fit.
         let t1 = t + Duration::from_secs(1);
         assert_eq!((0..20).filter(|_| l.check(None, t1).is_ok()).count(), 5);
+    }
+
+    #[test]
+    fn a_rate_too_small_for_a_wait_to_fit_waits_for_ever() {
+        let l = RateLimiter::new(RateLimit { requests_per_second: 1e-30, burst: None, per_client: false });
+        let now = Instant::now();
+        assert!(l.check(None, now).is_ok());
+        assert_eq!(l.check(None, now), Err(Duration::MAX));
     }
 
     #[test]

@@ -753,8 +753,8 @@ fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
                 if !auth.http.path.is_empty() && !auth.http.path.starts_with('/') {
                     return Err(invalid(route, "externalAuth http.path must start with '/'"));
                 }
-                if auth.timeout.is_zero() {
-                    return Err(invalid(route, "externalAuth timeout must be longer than 0s"));
+                if auth.timeout.is_zero() || auth.timeout > crate::config::MAX_DURATION {
+                    return Err(invalid(route, "externalAuth timeout must be longer than 0s and at most 365 days"));
                 }
             }
             _ => {}
@@ -831,6 +831,11 @@ impl RouteTable {
                     ];
                     if let Some((name, _)) = named.iter().find(|(_, d)| d.is_some_and(|d| d.is_zero())) {
                         return Err(invalid(&route.name, format!("timeouts.{name} must be longer than 0s")));
+                    }
+                    let limits = [("request", t.request), ("backendRequest", t.backend_request)];
+                    let long = |(_, d): &&(&str, Option<Duration>)| d.is_some_and(|d| d > crate::config::MAX_DURATION);
+                    if let Some((name, _)) = named.iter().chain(&limits).find(long) {
+                        return Err(invalid(&route.name, format!("timeouts.{name} must be at most 365 days")));
                     }
                 }
                 if let Some(c) = rule
