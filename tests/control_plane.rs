@@ -690,6 +690,45 @@ async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read()
     let _ = send.finish().await;
 }
 
+/// A re-registration the gateway refuses (here: instances of a service the node may not host)
+/// ends that control stream only: a node with another stream open stays registered and
+/// connected past its grace period. (The refused stream was counted as closed twice, so the
+/// node's last open stream looked gone and its registration was swept with its endpoints.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_re_registration_leaves_the_nodes_other_stream_registered() {
+    let (pki, state, mesh) = mesh_pki(&["node-c"]);
+    std::fs::write(
+        &mesh,
+        format!("{}\n[[services]]\nname = \"locked\"\nallowed_nodes = [\"node-a\"]\n", mesh_layer("")),
+    )
+    .unwrap();
+    let gw_file = pki.path().join("gateway.toml");
+    std::fs::write(&gw_file, gateway_layer(&state, "1s")).unwrap();
+    let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let hello = &v1_lines("node")[0];
+    let (_pool1, _send1, _recv1) = raw_control_stream(&state, "node-c", gw.addrs.control, hello).await;
+    let (_pool2, mut send2, mut recv2) = raw_control_stream(&state, "node-c", gw.addrs.control, hello).await;
+    let connected = || async {
+        let nodes = gw.admin_json("/nodes").await;
+        nodes["nodes"].as_array().and_then(|n| n.iter().find(|n| n["name"] == "node-c").cloned())
+    };
+    assert_eq!(connected().await.expect("node-c registered")["connected"], true);
+    let refused = hello.replace("\"service\":\"hello\"", "\"service\":\"locked\"");
+    send2.send(bytes::Bytes::from(format!("{refused}\n"))).await.unwrap();
+    // The gateway ends the refused stream (what it pushed before that is read and dropped).
+    tokio::time::timeout(Duration::from_secs(10), async { while let Ok(Some(_)) = recv2.next_raw().await {} })
+        .await
+        .expect("the gateway to end the refused stream");
+    // Past the grace period the node, still on its first stream, is registered and connected.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        let c = connected().await.expect("node-c was deregistered while its first stream was open");
+        assert_eq!(c["connected"], true, "{c}");
+        assert_eq!(c["instances"], 1, "{c}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Three replicas on one etcd: node-b (hosting echo) attached to the second, node-a to the
 /// first, each able to fail over to the others. Started with `grace` as the nodes' grace period.
 struct Replicas {

@@ -766,7 +766,9 @@ impl ControlPlane {
 
     /// Adds or replaces a node's registration, if the mesh stays valid with it (a registration
     /// cannot, say, claim another service's host alias or break every node's snapshot).
-    fn register(&self, name: &str, mut reg: Registration) -> Result<(), String> {
+    /// `new_stream`: the registration opens a control stream (its first hello), rather than
+    /// changing it on a stream already counted; a refused one changes nothing.
+    fn register(&self, name: &str, mut reg: Registration, new_stream: bool) -> Result<(), String> {
         {
             let mut r = self.lock();
             if r.revoked.contains(name) {
@@ -808,7 +810,9 @@ impl ControlPlane {
                 nack: None,
             });
             st.reg = reg;
-            st.streams += 1;
+            if new_stream {
+                st.streams += 1;
+            }
             st.disconnected_at = None;
             metrics::gauge!(m::CONTROL_NODES).set(r.nodes.values().filter(|n| n.streams > 0).count() as f64);
         }
@@ -1320,7 +1324,7 @@ async fn control_stream(
     let reg = vouch_admin(reg, quic.remote_address(), peer);
     let (address, instances) = (reg.address, reg.instances.len());
     let mut rx = cp.tx.subscribe();
-    if let Err(reason) = cp.register(peer, reg) {
+    if let Err(reason) = cp.register(peer, reg, true) {
         warn!(node = peer, reason, "refused registration");
         return;
     }
@@ -1415,8 +1419,9 @@ async fn control_stream(
                         // Re-registration: the instances or the node's address changed.
                         Ok((reg, _)) => {
                             let reg = vouch_admin(reg, quic.remote_address(), peer);
-                            cp.disconnect(peer, false);
-                            if let Err(reason) = cp.register(peer, reg) {
+                            // Refused, the registration stays as it was, and this stream is
+                            // counted as closed once, below.
+                            if let Err(reason) = cp.register(peer, reg, false) {
                                 warn!(node = peer, reason, "refused re-registration");
                                 break;
                             }
