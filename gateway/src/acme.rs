@@ -308,7 +308,7 @@ impl Acme {
                         self.shared_change(&prefix, &key, Some(&value));
                     }
                     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                    let watch = store.etcd.watch(&prefix, revision + 1, &tx);
+                    let watch = store.etcd.watch(&prefix, revision.saturating_add(1), &tx);
                     tokio::pin!(watch);
                     loop {
                         tokio::select! {
@@ -553,6 +553,11 @@ fn held(chain_pem: &str, key_pkcs8: Vec<u8>) -> Result<Held, Failure> {
 /// The TLS-ALPN-01 answer for `name`: a self-signed certificate for it carrying the SHA-256
 /// of the key authorization in the critical acmeIdentifier extension (RFC 8737 3).
 fn challenge_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, Failure> {
+    // rcgen asserts the length; a digest read from the store (another replica's, or whatever
+    // is there) may have any.
+    if digest.len() != 32 {
+        return Err(format!("a key authorization digest of {} bytes, not 32", digest.len()).into());
+    }
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
@@ -624,6 +629,15 @@ mod tests {
         let (cert, key) = identity::self_signed(&["a.test".to_string()]).unwrap();
         let key = CertifiedKey::from_der(vec![cert], key, &provider()).unwrap();
         Held { key: Arc::new(key), not_before, not_after }
+    }
+
+    #[test]
+    fn a_challenge_digest_of_the_wrong_length_is_an_error_not_a_panic() {
+        // What another replica (or anything with access to the store) may have written.
+        for digest in [&[][..], &[7u8; 31], &[7u8; 33]] {
+            assert!(challenge_certificate("a.test", digest).is_err(), "{} bytes", digest.len());
+        }
+        assert!(challenge_certificate("a.test", &[7u8; 32]).is_ok());
     }
 
     #[test]

@@ -344,7 +344,7 @@ impl ControlPlane {
                 self.recompute(true);
             }
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let watch = store.etcd.watch(store.root(), revision + 1, &tx);
+            let watch = store.etcd.watch(store.root(), revision.saturating_add(1), &tx);
             tokio::pin!(watch);
             let ended = loop {
                 tokio::select! {

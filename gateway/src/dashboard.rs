@@ -47,8 +47,9 @@ const MAX_METRICS_BYTES: usize = 16 << 20;
 struct Snap {
     at: Instant,
     sample: Sample,
-    /// Each component's metrics text (the gateway's under its name), for its gauges.
-    texts: BTreeMap<String, String>,
+    /// Each component's metrics text (the gateway's under its name), for its gauges: kept by
+    /// the newest scrape only (up to 16 MiB a node), emptied once a newer one is taken.
+    texts: std::sync::Mutex<Arc<BTreeMap<String, String>>>,
 }
 
 pub struct Dashboard {
@@ -102,14 +103,18 @@ impl Dashboard {
         for (name, text) in &texts {
             sample.add(text, name);
         }
-        Snap { at: Instant::now(), sample, texts }
+        Snap { at: Instant::now(), sample, texts: std::sync::Mutex::new(Arc::new(texts)) }
     }
 
-    /// The oldest scrape within the window and a fresh one.
-    async fn window(&self) -> (Arc<Snap>, Arc<Snap>) {
+    /// The oldest scrape within the window, a fresh one, and the fresh one's metrics texts.
+    async fn window(&self) -> (Arc<Snap>, Arc<Snap>, Arc<BTreeMap<String, String>>) {
         let mut history = self.history.lock().await;
         if history.back().is_none_or(|s| s.at.elapsed() >= FRESH) {
             let snap = Arc::new(self.scrape().await);
+            // Only the newest scrape's texts are ever read again.
+            if let Some(prev) = history.back() {
+                *prev.texts.lock().unwrap_or_else(|p| p.into_inner()) = Arc::default();
+            }
             history.push_back(snap);
         }
         // Past the window (the page was closed a while): start again from the newest.
@@ -117,12 +122,13 @@ impl Dashboard {
             history.pop_front();
         }
         let (Some(first), Some(last)) = (history.front(), history.back()) else { unreachable!("one was pushed") };
-        (first.clone(), last.clone())
+        let texts = last.texts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (first.clone(), last.clone(), texts)
     }
 
     /// `/dashboard/graph`.
     pub async fn graph(&self) -> String {
-        let (first, last) = self.window().await;
+        let (first, last, texts) = self.window().await;
         let secs = last.at.duration_since(first.at).as_secs_f64();
         let rows = if secs > 0.0 { scrape::rows(&first.sample, &last.sample, secs) } else { Vec::new() };
         let errors = scrape::errors(&first.sample, &last.sample);
@@ -209,18 +215,18 @@ impl Dashboard {
             .nodes
             .iter()
             .map(|n| {
-                let text = last.texts.get(&n.name).map(String::as_str).unwrap_or("");
+                let text = texts.get(&n.name).map(String::as_str).unwrap_or("");
                 json!({
                     "name": n.name, "connected": n.connected, "address": n.address,
                     "instances": n.instances, "unhealthy": n.unhealthy,
                     "acked_version": n.acked_version, "current": n.acked_version == status.version,
                     "last_nack": n.last_nack, "admin": n.admin,
                     "cert_expires": gauge(text, m::CERT_EXPIRY),
-                    "peers": peers(text), "scraped": last.texts.contains_key(&n.name),
+                    "peers": peers(text), "scraped": texts.contains_key(&n.name),
                 })
             })
             .collect();
-        let own = last.texts.get(&self.name).map(String::as_str).unwrap_or("");
+        let own = texts.get(&self.name).map(String::as_str).unwrap_or("");
         nodes.insert(
             0,
             json!({

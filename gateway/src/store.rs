@@ -29,6 +29,10 @@ const CONFIG_KEY: &str = "config";
 
 /// One request to etcd may take this long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest answer (or watch line) read from etcd: far over what the mesh stores (etcd refuses
+/// requests over 1.5 MiB by default), and a bound on what a broken or hostile endpoint can make
+/// a replica hold.
+const MAX_ANSWER: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -105,7 +109,8 @@ impl Etcd {
             let attempt = async {
                 let resp = self.send(endpoint, path, &body).await?;
                 let status = resp.status();
-                let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+                let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER);
+                let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
                 Ok::<_, String>((status, bytes))
             };
             match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
@@ -265,6 +270,10 @@ impl Etcd {
                     if changes.send(batch).is_err() {
                         return Ok(());
                     }
+                }
+                // What is left is part of one line: it may not grow without end.
+                if buf.len() > MAX_ANSWER {
+                    return Err(StoreError::Refused(format!("{endpoint}: a watch answer over {MAX_ANSWER} bytes")));
                 }
             }
             return Err(StoreError::Unreachable(format!("{endpoint}: the watch stream ended")));
@@ -506,7 +515,8 @@ impl Store {
                 None => (0, 0),
             };
             let next = SharedConfig {
-                version: version + 1,
+                // Whatever the store held: a version at the end of the range stays there.
+                version: version.saturating_add(1),
                 layers: layers.clone(),
                 by: by.to_string(),
                 applied_unix: unix_now(),
