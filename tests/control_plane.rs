@@ -729,6 +729,38 @@ async fn a_refused_re_registration_leaves_the_nodes_other_stream_registered() {
     }
 }
 
+/// A control stream asking for renewals again and again gets one signed, then refusals until
+/// a while has passed: each renewal reads the CA and signs on the gateway's thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_asked_again_and_again_are_refused_after_the_first() {
+    let (pki, state, mesh) = mesh_pki(&["node-c"]);
+    let gw_file = pki.path().join("gateway.toml");
+    std::fs::write(&gw_file, gateway_layer(&state, "10s")).unwrap();
+    let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let (_pool, mut send, mut recv) =
+        raw_control_stream(&state, "node-c", gw.addrs.control, &v1_lines("node")[0]).await;
+    for _ in 0..3 {
+        let (_key, csr) = quicmesh_shared::identity::signing_request("node-c").unwrap();
+        let line = serde_json::json!({ "type": "renew", "csr": csr });
+        send.send(bytes::Bytes::from(format!("{line}\n"))).await.unwrap();
+    }
+    // The answers, in order, among the pushes.
+    let mut answers = Vec::new();
+    while answers.len() < 3 {
+        let line = tokio::time::timeout(Duration::from_secs(10), recv.next_raw())
+            .await
+            .expect("an answer to each renewal")
+            .unwrap()
+            .expect("the gateway ended the stream");
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        // Externally tagged: `{"certificate": {...}}`, `{"renewrefused": {...}}`.
+        answers.extend(["certificate", "renewrefused"].into_iter().filter(|t| v.get(t).is_some()));
+    }
+    assert_eq!(answers, ["certificate", "renewrefused", "renewrefused"]);
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_enrollments_total", &[("result", "renewed")]), 1.0, "{m}");
+}
+
 /// Three replicas on one etcd: node-b (hosting echo) attached to the second, node-a to the
 /// first, each able to fail over to the others. Started with `grace` as the nodes' grace period.
 struct Replicas {

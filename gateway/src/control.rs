@@ -946,6 +946,8 @@ const MAX_ENROLL_BODY: usize = 64 << 10;
 const ENROLL_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a node has for its QUIC handshake with the control listener.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Least time between two renewals signed on one control stream.
+const RENEWAL_INTERVAL: Duration = Duration::from_secs(10);
 /// Largest header section accepted on the control listener.
 const MAX_HEADERS: u64 = 16 << 10;
 
@@ -1341,6 +1343,7 @@ async fn control_stream(
         }
     };
     let mut goodbye = false;
+    let mut last_renewal = None;
     let takes_deltas = held.is_some();
     // A node that comes back holding a version still in the history resumes from it.
     let first = rx.borrow_and_update().clone();
@@ -1397,7 +1400,16 @@ async fn control_stream(
                         break;
                     }
                     Ok(Some(NodeMsg::Renew { csr })) => {
-                        let signed = ca.ok_or_else(|| "this gateway holds no CA".to_string()).and_then(|ca| ca.renew(peer, &csr));
+                        // A node renews once a certificate lifetime; each renewal reads the CA
+                        // and signs on this thread, so a stream asking again and again is
+                        // refused until a while has passed.
+                        let too_soon = last_renewal.is_some_and(|at: Instant| at.elapsed() < RENEWAL_INTERVAL);
+                        let signed = if too_soon {
+                            Err(format!("renewed less than {RENEWAL_INTERVAL:?} ago on this stream; ask later"))
+                        } else {
+                            last_renewal = Some(Instant::now());
+                            ca.ok_or_else(|| "this gateway holds no CA".to_string()).and_then(|ca| ca.renew(peer, &csr))
+                        };
                         match signed {
                             Ok(certificate) => {
                                 metrics::counter!(m::ENROLLMENTS, "result" => "renewed").increment(1);
