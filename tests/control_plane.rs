@@ -729,8 +729,9 @@ async fn a_refused_re_registration_leaves_the_nodes_other_stream_registered() {
     }
 }
 
-/// A control stream asking for renewals again and again gets one signed, then refusals until
-/// a while has passed: each renewal reads the CA and signs on the gateway's thread.
+/// A node asking for renewals again and again gets one signed, then refusals until a while has
+/// passed, on any of its control streams: each renewal reads the CA and signs on the gateway's
+/// thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_asked_again_and_again_are_refused_after_the_first() {
     let (pki, state, mesh) = mesh_pki(&["node-c"]);
@@ -740,25 +741,44 @@ async fn renewals_asked_again_and_again_are_refused_after_the_first() {
     let (_pool, mut send, mut recv) =
         raw_control_stream(&state, "node-c", gw.addrs.control, &v1_lines("node")[0]).await;
     for _ in 0..3 {
-        let (_key, csr) = quicmesh_shared::identity::signing_request("node-c").unwrap();
-        let line = serde_json::json!({ "type": "renew", "csr": csr });
-        send.send(bytes::Bytes::from(format!("{line}\n"))).await.unwrap();
+        ask_renewal(&mut send).await;
     }
-    // The answers, in order, among the pushes.
     let mut answers = Vec::new();
-    while answers.len() < 3 {
+    for _ in 0..3 {
+        answers.push(renewal_answer(&mut recv).await);
+    }
+    assert_eq!(answers, ["certificate", "renewrefused", "renewrefused"]);
+    // A second stream of the same node is no way round it.
+    let (_pool2, mut send2, mut recv2) =
+        raw_control_stream(&state, "node-c", gw.addrs.control, &v1_lines("node")[0]).await;
+    ask_renewal(&mut send2).await;
+    assert_eq!(renewal_answer(&mut recv2).await, "renewrefused", "signed again on another stream");
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_enrollments_total", &[("result", "renewed")]), 1.0, "{m}");
+    assert_eq!(metric(&m, "quicmesh_enrollments_total", &[("result", "throttled")]), 3.0, "{m}");
+}
+
+/// Sends a renewal request for node-c, with a fresh key's signing request.
+async fn ask_renewal(send: &mut RawSend) {
+    let (_key, csr) = quicmesh_shared::identity::signing_request("node-c").unwrap();
+    let line = serde_json::json!({ "type": "renew", "csr": csr });
+    send.send(bytes::Bytes::from(format!("{line}\n"))).await.unwrap();
+}
+
+/// The next answer to a renewal among what the gateway sends (pushes are skipped): the
+/// message's tag, `certificate` or `renewrefused` (externally tagged: `{"certificate": ...}`).
+async fn renewal_answer(recv: &mut quicmesh_shared::control::LineReader<RawRecv>) -> &'static str {
+    loop {
         let line = tokio::time::timeout(Duration::from_secs(10), recv.next_raw())
             .await
-            .expect("an answer to each renewal")
+            .expect("an answer to the renewal")
             .unwrap()
             .expect("the gateway ended the stream");
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
-        // Externally tagged: `{"certificate": {...}}`, `{"renewrefused": {...}}`.
-        answers.extend(["certificate", "renewrefused"].into_iter().filter(|t| v.get(t).is_some()));
+        if let Some(tag) = ["certificate", "renewrefused"].into_iter().find(|t| v.get(t).is_some()) {
+            return tag;
+        }
     }
-    assert_eq!(answers, ["certificate", "renewrefused", "renewrefused"]);
-    let m = gw.metrics().await;
-    assert_eq!(metric(&m, "quicmesh_enrollments_total", &[("result", "renewed")]), 1.0, "{m}");
 }
 
 /// Three replicas on one etcd: node-b (hosting echo) attached to the second, node-a to the

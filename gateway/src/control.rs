@@ -36,6 +36,8 @@ struct NodeState {
     disconnected_at: Option<Instant>,
     acked: u64,
     nack: Option<(u64, String)>,
+    /// When a renewal was last signed for this node (on any of its control streams).
+    last_renewal: Option<Instant>,
 }
 
 struct Registry {
@@ -249,7 +251,14 @@ impl ControlPlane {
                     }
                     let now = Instant::now();
                     for (name, reg) in p.nodes {
-                        let st = NodeState { reg, streams: 0, disconnected_at: Some(now), acked: 0, nack: None };
+                        let st = NodeState {
+                            reg,
+                            streams: 0,
+                            disconnected_at: Some(now),
+                            acked: 0,
+                            nack: None,
+                            last_renewal: None,
+                        };
                         nodes.insert(name, st);
                     }
                     info!(nodes = nodes.len(), "registry restored from {}", path.display());
@@ -808,10 +817,14 @@ impl ControlPlane {
                 disconnected_at: None,
                 acked: 0,
                 nack: None,
+                last_renewal: None,
             });
             st.reg = reg;
             if new_stream {
                 st.streams += 1;
+            } else {
+                // The stream it changes is open (its entry may have been swept meanwhile).
+                st.streams = st.streams.max(1);
             }
             st.disconnected_at = None;
             metrics::gauge!(m::CONTROL_NODES).set(r.nodes.values().filter(|n| n.streams > 0).count() as f64);
@@ -831,6 +844,19 @@ impl ControlPlane {
     /// The store replicas share, if any.
     pub fn store(&self) -> Option<&Arc<Store>> {
         self.store.as_ref()
+    }
+
+    /// May a renewal be signed for `name` now? At most one per [`RENEWAL_INTERVAL`] per node,
+    /// whatever stream asks: a node renews once a certificate lifetime, and each renewal reads
+    /// the CA and signs on the asking stream's thread.
+    fn renewal_due(&self, name: &str) -> bool {
+        let mut r = self.lock();
+        let Some(st) = r.nodes.get_mut(name) else { return true };
+        if st.last_renewal.is_some_and(|at| at.elapsed() < RENEWAL_INTERVAL) {
+            return false;
+        }
+        st.last_renewal = Some(Instant::now());
+        true
     }
 
     fn disconnect(&self, name: &str, goodbye: bool) {
@@ -946,7 +972,7 @@ const MAX_ENROLL_BODY: usize = 64 << 10;
 const ENROLL_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a node has for its QUIC handshake with the control listener.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
-/// Least time between two renewals signed on one control stream.
+/// Least time between two renewals signed for one node.
 const RENEWAL_INTERVAL: Duration = Duration::from_secs(10);
 /// Largest header section accepted on the control listener.
 const MAX_HEADERS: u64 = 16 << 10;
@@ -1343,7 +1369,6 @@ async fn control_stream(
         }
     };
     let mut goodbye = false;
-    let mut last_renewal = None;
     let takes_deltas = held.is_some();
     // A node that comes back holding a version still in the history resumes from it.
     let first = rx.borrow_and_update().clone();
@@ -1400,16 +1425,16 @@ async fn control_stream(
                         break;
                     }
                     Ok(Some(NodeMsg::Renew { csr })) => {
-                        // A node renews once a certificate lifetime; each renewal reads the CA
-                        // and signs on this thread, so a stream asking again and again is
-                        // refused until a while has passed.
-                        let too_soon = last_renewal.is_some_and(|at: Instant| at.elapsed() < RENEWAL_INTERVAL);
-                        let signed = if too_soon {
-                            Err(format!("renewed less than {RENEWAL_INTERVAL:?} ago on this stream; ask later"))
-                        } else {
-                            last_renewal = Some(Instant::now());
-                            ca.ok_or_else(|| "this gateway holds no CA".to_string()).and_then(|ca| ca.renew(peer, &csr))
-                        };
+                        if !cp.renewal_due(peer) {
+                            metrics::counter!(m::ENROLLMENTS, "result" => "throttled").increment(1);
+                            debug!(node = peer, "renewal asked again too soon; refused");
+                            let reason = format!("renewed less than {RENEWAL_INTERVAL:?} ago; ask later");
+                            if control::send_line(&mut send, &GatewayMsg::RenewRefused { reason }).await.is_err() {
+                                break;
+                            }
+                            continue;
+                        }
+                        let signed = ca.ok_or_else(|| "this gateway holds no CA".to_string()).and_then(|ca| ca.renew(peer, &csr));
                         match signed {
                             Ok(certificate) => {
                                 metrics::counter!(m::ENROLLMENTS, "result" => "renewed").increment(1);

@@ -1249,17 +1249,17 @@ fn attach_source(err: ConfigError, fig: &Figment) -> ConfigError {
     }
 }
 
-/// A value that fails validation, under its key.
-/// The longest any configured time may be: far past any real use, and short enough that adding
-/// it (or two of them) to a clock reading cannot overflow, which would panic where it happens.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest any configured time may be: ten years (`"10y"` as humantime counts them, far
+/// past any real use), short enough that adding it, or two of them, to a clock reading cannot
+/// overflow, which would panic where it happens.
+pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000);
 
 /// `d` is at most [`MAX_DURATION`].
 pub fn within_max(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d > MAX_DURATION {
         return Err(invalid(
             key,
-            format!("{} is longer than the 365 days any time here may be", humantime::format_duration(d)),
+            format!("{} is longer than the 10 years any time may be", humantime::format_duration(d)),
         ));
     }
     Ok(())
@@ -1269,6 +1269,7 @@ pub fn within_max(key: &str, d: Duration) -> Result<(), ConfigError> {
 /// aside for that many on every request it reads.
 pub const MAX_HEADERS: usize = 1024;
 
+/// A value that fails validation, under its key.
 pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     // A reason quoting the bad value is cut short: the value may be megabytes long.
     ConfigError::Invalid { key: shorten(&key.into(), 256), origin: String::new(), reason: shorten(&reason.into(), 512) }

@@ -100,15 +100,15 @@ fn validation_rules() {
         ("[gateway]\n[gateway.limits]\nmax_headers = 1000000000000\n", "gateway.limits.max_headers"),
         ("[gateway]\n[gateway.limits]\nheader_read_timeout = \"10000000000000000000s\"\n", "gateway.limits.header_read_timeout"),
         ("[gateway]\n[gateway.limits]\nidle_timeout = \"0s\"\n", "gateway.limits.idle_timeout"),
-        ("[gateway]\n[gateway.limits]\nidle_timeout = \"400days\"\n", "gateway.limits.idle_timeout"),
-        ("[gateway]\ndrain_timeout = \"400days\"\n", "gateway.drain_timeout"),
-        ("[node]\nname = \"a\"\ndrain_timeout = \"400days\"\n", "node.drain_timeout"),
+        ("[gateway]\n[gateway.limits]\nidle_timeout = \"11years\"\n", "gateway.limits.idle_timeout"),
+        ("[gateway]\ndrain_timeout = \"11years\"\n", "gateway.drain_timeout"),
+        ("[node]\nname = \"a\"\ndrain_timeout = \"11years\"\n", "node.drain_timeout"),
         ("[timeouts]\nrequest = \"10000000000000000000s\"\n", "timeouts.request"),
-        ("[transport]\nkeep_alive = \"400days\"\nidle_timeout = \"401days\"\n", "transport.keep_alive"),
-        ("[[services]]\nname = \"s\"\noutlier = { max_ejection = \"400days\" }\n", "services[0].outlier"),
-        ("[node]\nname = \"a\"\n[[node.instances]]\nservice = \"s\"\naddress = \"127.0.0.1:1\"\nhealth = { timeout = \"400days\" }\n", "node.instances[0].health"),
-        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\ntimeouts = { request = \"400days\" }\n", "gateway.routes"),
-        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\ntimeouts = { streamIdle = \"400days\" }\n", "gateway.routes"),
+        ("[transport]\nkeep_alive = \"11years\"\nidle_timeout = \"12years\"\n", "transport.keep_alive"),
+        ("[[services]]\nname = \"s\"\noutlier = { max_ejection = \"11years\" }\n", "services[0].outlier"),
+        ("[node]\nname = \"a\"\n[[node.instances]]\nservice = \"s\"\naddress = \"127.0.0.1:1\"\nhealth = { timeout = \"11years\" }\n", "node.instances[0].health"),
+        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\ntimeouts = { request = \"11years\" }\n", "gateway.routes"),
+        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\ntimeouts = { streamIdle = \"11years\" }\n", "gateway.routes"),
     ];
     for (text, key) in cases {
         let err = load_err(text);

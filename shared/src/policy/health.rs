@@ -56,7 +56,7 @@ impl OutlierConfig {
             return Err("base_ejection must be > 0 and max_ejection at least base_ejection".into());
         }
         if self.max_ejection > crate::config::MAX_DURATION {
-            return Err("max_ejection must be at most 365 days".into());
+            return Err("max_ejection must be at most 10 years".into());
         }
         Ok(())
     }
@@ -150,7 +150,7 @@ impl HealthCheck {
             return Err("interval must be at least 10ms and timeout greater than zero".into());
         }
         if self.interval > crate::config::MAX_DURATION || self.timeout > crate::config::MAX_DURATION {
-            return Err("interval and timeout must be at most 365 days".into());
+            return Err("interval and timeout must be at most 10 years".into());
         }
         if self.healthy_threshold == 0 || self.unhealthy_threshold == 0 {
             return Err("thresholds must be at least 1".into());

@@ -110,6 +110,10 @@ impl JwtProvider {
         if self.jwks_min_refresh.is_zero() || self.jwks_refresh.is_zero() {
             return Err("jwks_refresh and jwks_min_refresh must be longer than 0s".into());
         }
+        let max = crate::config::MAX_DURATION;
+        if self.jwks_refresh > max || self.jwks_min_refresh > max || self.clock_skew > max {
+            return Err("jwks_refresh, jwks_min_refresh and clock_skew must be at most 10 years".into());
+        }
         Ok(())
     }
 }

@@ -754,7 +754,7 @@ fn validate_filters(route: &str, rule: &RouteRule) -> Result<(), RouteError> {
                     return Err(invalid(route, "externalAuth http.path must start with '/'"));
                 }
                 if auth.timeout.is_zero() || auth.timeout > crate::config::MAX_DURATION {
-                    return Err(invalid(route, "externalAuth timeout must be longer than 0s and at most 365 days"));
+                    return Err(invalid(route, "externalAuth timeout must be longer than 0s and at most 10 years"));
                 }
             }
             _ => {}
@@ -835,7 +835,7 @@ impl RouteTable {
                     let limits = [("request", t.request), ("backendRequest", t.backend_request)];
                     let long = |(_, d): &&(&str, Option<Duration>)| d.is_some_and(|d| d > crate::config::MAX_DURATION);
                     if let Some((name, _)) = named.iter().chain(&limits).find(long) {
-                        return Err(invalid(&route.name, format!("timeouts.{name} must be at most 365 days")));
+                        return Err(invalid(&route.name, format!("timeouts.{name} must be at most 10 years")));
                     }
                 }
                 if let Some(c) = rule

@@ -120,13 +120,9 @@ impl Call<'_> {
             return result;
         }
         // Nor is a head the client made too large for the next node, or a target no request
-        // can carry, the endpoint's doing; nor a try cut short by the caller's own deadline,
-        // whichever node's timer ended it first: a client must not get endpoints ejected.
-        match &result {
-            Err(TryError { error: ProxyError::HeadTooLarge(_) | ProxyError::BadRequest(_), .. }) => return result,
-            Err(TryError { error: ProxyError::Timeout(_), .. }) if limit.callers => return result,
-            Ok(resp) if limit.callers && mesh_timeout(resp) => return result,
-            _ => {}
+        // can carry, the endpoint's doing: no statistics.
+        if let Err(TryError { error: ProxyError::HeadTooLarge(_) | ProxyError::BadRequest(_), .. }) = &result {
+            return result;
         }
         // A failure costs like a timeout, so the balancer steers away from it.
         // A failure costs the balancer what a try may take (bounded when tries are not).
@@ -134,6 +130,19 @@ impl Call<'_> {
         let end = Instant::now();
         let took = end.saturating_duration_since(start);
         in_flight.observe_at(if result.is_ok() { took } else { penalty.max(took) }, end);
+        // A try cut short by the caller's own deadline (whichever node's timer ended it) says
+        // the endpoint took at least that long, which the balancer has just been told; it is
+        // no failure for outlier detection, or a client could get endpoints ejected by asking
+        // for less time than they take. A hung endpoint is still ejected by the tries that run
+        // to the mesh's own limits (callers without a shorter deadline).
+        let cut_short = match &result {
+            Err(TryError { error: ProxyError::Timeout(_), .. }) => limit.callers,
+            Ok(resp) => limit.callers && mesh_timeout(resp),
+            Err(_) => false,
+        };
+        if cut_short {
+            return result;
+        }
         let failed = match &result {
             Ok(resp) => resp.status().is_server_error(),
             Err(e) => !matches!(e.error, ProxyError::Overloaded(_)),
@@ -242,10 +251,8 @@ fn overloaded(svc: &Service, limit: &'static str) -> TryError {
     TryError::unsent(ProxyError::Overloaded(svc.config.name.clone()))
 }
 
-/// Outlier detection: a failure counts towards ejecting the endpoint (within the service's
-/// limit on ejected endpoints), a success resets the count.
 /// How long one try may take, and whether that is the caller's own deadline (shorter than any
-/// limit the mesh sets), so that running out of it says nothing about the endpoint.
+/// limit the mesh sets), so that running out of it is no failure of the endpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct TryLimit {
     pub per_try: Duration,
@@ -259,6 +266,8 @@ fn mesh_timeout(resp: &Response<Body>) -> bool {
         && headers::find(resp.headers(), &crate::message::error::ERROR_HEADER).is_some_and(|v| v == "timeout")
 }
 
+/// Outlier detection: a failure counts towards ejecting the endpoint (within the service's
+/// limit on ejected endpoints), a success resets the count.
 fn outlier(svc: &Service, ep: &EndpointConfig, stats: &EndpointStats, failed: bool) {
     if !failed {
         stats.outlier.success();

@@ -160,7 +160,8 @@ impl Verifier {
         // Good until it expires (with the skew the check allows), and no longer than the key
         // set is kept, so a key withdrawn from the set stops its tokens within that time.
         let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let exp = claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0) + self.provider.clock_skew.as_secs();
+        let exp =
+            claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0).saturating_add(self.provider.clock_skew.as_secs());
         let life = Duration::from_secs(exp.saturating_sub(unix)).min(self.provider.jwks_refresh);
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if verified.len() >= MAX_CACHED {
