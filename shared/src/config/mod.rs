@@ -1445,6 +1445,12 @@ impl Config {
                 within_max(key, d)?;
             }
             within_max("gateway.drain_timeout", gw.drain_timeout)?;
+            within_max("gateway.node_grace", gw.node_grace)?;
+            within_max("gateway.watch_interval", gw.watch_interval)?;
+            // Polled that often: none at all would spin.
+            if gw.watch_interval < Duration::from_millis(10) {
+                return Err(invalid("gateway.watch_interval", "must be at least 10ms"));
+            }
             if gw.limits.max_connections_per_client == 0 {
                 return Err(invalid("gateway.limits.max_connections_per_client", "must be at least 1"));
             }

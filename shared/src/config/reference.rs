@@ -64,8 +64,8 @@ Every key quicmesh reads, generated from the config types by `quicmesh config re
 `cargo run -- config reference > docs/config.md`). Files are TOML, layered in the order of
 `--config`; `QUICMESH_SECTION__KEY` environment variables override them (`QUICMESH_NODE__ADMIN`
 for `node.admin`). Durations are written `\"500ms\"`, `\"10s\"`, `\"1h\"`; the request, connect,
-drain, keep-alive, idle, health-check, ejection, route, external-authorization and key-set times
-are at most 10 years. Keys under `[]` belong
+drain, keep-alive, idle, grace, watch, health-check, ejection, route, external-authorization and
+key-set times are at most 10 years. Keys under `[]` belong
 to each element of an array of tables (`[[services]]`, `[[gateway.routes]]`).
 
 *Applies*: *on change* keys take effect when the file that sets them changes, on the gateway

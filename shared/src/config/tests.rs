@@ -102,6 +102,8 @@ fn validation_rules() {
         ("[gateway]\n[gateway.limits]\nidle_timeout = \"0s\"\n", "gateway.limits.idle_timeout"),
         ("[gateway]\n[gateway.limits]\nidle_timeout = \"11years\"\n", "gateway.limits.idle_timeout"),
         ("[gateway]\ndrain_timeout = \"11years\"\n", "gateway.drain_timeout"),
+        ("[gateway]\nnode_grace = \"11years\"\n", "gateway.node_grace"),
+        ("[gateway]\nwatch_interval = \"0s\"\n", "gateway.watch_interval"),
         ("[node]\nname = \"a\"\ndrain_timeout = \"11years\"\n", "node.drain_timeout"),
         ("[timeouts]\nrequest = \"10000000000000000000s\"\n", "timeouts.request"),
         ("[transport]\nkeep_alive = \"11years\"\nidle_timeout = \"12years\"\n", "transport.keep_alive"),
