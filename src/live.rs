@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::top::{get, nodes};
+use crate::top::{get, get_reported, nodes, printable};
 
 /// How a finding reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,12 +74,13 @@ pub async fn findings(admin: SocketAddr, expected: usize) -> Vec<(Level, String)
         match n["acked_version"].as_u64() {
             Some(v) if v == version => current += 1,
             v => {
-                let nack = n["last_nack"].as_str().map(|r| format!(" (last nack: {r})")).unwrap_or_default();
+                let nack =
+                    n["last_nack"].as_str().map(|r| format!(" (last nack: {})", printable(r))).unwrap_or_default();
                 out.push((Level::Fail, format!("node {name} runs snapshot {} of {version}{nack}", v.unwrap_or(0))));
             }
         }
         let Some(addr) = n["admin"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()) else { continue };
-        match get(addr, "/metrics").await {
+        match get_reported(addr, "/metrics").await {
             Ok(m) => {
                 expiry(
                     format!("node {name}"),
@@ -109,7 +110,9 @@ pub async fn findings(admin: SocketAddr, expected: usize) -> Vec<(Level, String)
 
 /// Checks until every finding passes (with at least `expected` nodes connected) or `wait` is over; returns the report and whether it passed.
 pub async fn check(admin: SocketAddr, wait: Duration, expected: usize) -> (String, bool) {
-    let deadline = Instant::now() + wait;
+    // A wait too long for the clock is as good as for ever.
+    let now = Instant::now();
+    let deadline = now.checked_add(wait).unwrap_or(now + Duration::from_secs(1 << 40));
     loop {
         let found = findings(admin, expected).await;
         let passed = found.iter().all(|(l, _)| *l != Level::Fail);

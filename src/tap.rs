@@ -10,10 +10,10 @@ use quicmesh_shared::telemetry::tap::{self, Event, SseItem};
 /// How long the admin API may take to open the stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One request as a line of text.
+/// One request as a line of text (what a node sent, without control characters).
 pub fn line(e: &Event) -> String {
     let status = if e.error.is_empty() { e.status.to_string() } else { format!("{} {}", e.status, e.error) };
-    format!(
+    let line = format!(
         "{} {} {} {} {} {} :status={} {:.2}ms src={} dst={} route={} retries={}{}",
         e.time,
         e.proxy,
@@ -28,7 +28,8 @@ pub fn line(e: &Event) -> String {
         e.route,
         e.retries,
         if e.trace_id.is_empty() { String::new() } else { format!(" trace={}", e.trace_id) },
-    )
+    );
+    crate::top::printable(&line).into_owned()
 }
 
 /// Prints requests matching `filter` (query parameters of `/tap`) until `count` were printed,

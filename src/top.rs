@@ -62,6 +62,16 @@ pub fn render(rows: &[Row], by: By) -> String {
     out
 }
 
+/// `text` with its control characters (a terminal's escape sequences among them) shown as
+/// `?`: for text a node or a peer chose, printed to the operator's terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>().into()
+    } else {
+        text.into()
+    }
+}
+
 /// Adds `QUICMESH_ADMIN_TOKEN` as a bearer token, for admin APIs that require one.
 fn with_token(req: http::request::Builder) -> http::request::Builder {
     match std::env::var("QUICMESH_ADMIN_TOKEN") {
@@ -70,16 +80,40 @@ fn with_token(req: http::request::Builder) -> http::request::Builder {
     }
 }
 
-/// GET `http://addr{path}`; the body as text.
+/// The most of one answer read from an admin API (a gateway's `/config_dump` with thousands of
+/// services is a few MB).
+const MAX_ANSWER: usize = 64 << 20;
+
+/// GET `http://addr{path}` from the admin API the user named; the body as text.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    fetch(addr, path, true).await
+}
+
+/// [`get`] from an admin address a node reported (to the gateway, which lists it): the token
+/// goes only to one on this host, as the gateway's dashboard sends its own (the node picks the
+/// port, and a token elsewhere would reach whoever listens there).
+pub async fn get_reported(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    fetch(addr, path, addr.ip().is_loopback()).await
+}
+
+/// GET `http://addr{path}`, with the token when `token`; the whole answer within 5 s and
+/// [`MAX_ANSWER`] bytes.
+async fn fetch(addr: SocketAddr, path: &str, token: bool) -> anyhow::Result<String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let req = with_token(http::Request::get(format!("http://{addr}{path}"))).body(Default::default())?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await??;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(status.is_success(), "{addr}{path} answered {status}");
-    Ok(String::from_utf8_lossy(&body).into_owned())
+    let req = http::Request::get(format!("http://{addr}{path}"));
+    let req = if token { with_token(req) } else { req }.body(Default::default())?;
+    let read = async {
+        let resp = client.request(req).await?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER);
+        let body = body.collect().await.map_err(|e| anyhow::anyhow!("{addr}{path}: {e}"))?.to_bytes();
+        anyhow::ensure!(status.is_success(), "{addr}{path} answered {status}");
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr}{path}: no answer in 5s"))?
 }
 
 /// `quicmesh node revoke NAME`: asks the gateway to revoke a node.
@@ -110,7 +144,9 @@ pub async fn post_waiting(
 ) -> anyhow::Result<String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let deadline = tokio::time::Instant::now() + wait;
+    // A wait too long for the clock is as good as for ever.
+    let now = tokio::time::Instant::now();
+    let deadline = now.checked_add(wait).unwrap_or(now + Duration::from_secs(1 << 40));
     loop {
         let req = with_token(
             http::Request::post(format!("http://{admin}{path}?{query}"))
@@ -178,7 +214,7 @@ pub async fn status(admin: SocketAddr, json: bool) -> anyhow::Result<String> {
             n["instances"].as_u64().unwrap_or(0),
             n["unhealthy"].as_u64().unwrap_or(0),
             snap,
-            n["last_nack"].as_str().unwrap_or("-"),
+            printable(n["last_nack"].as_str().unwrap_or("-")),
         ));
     }
     Ok(out)
@@ -193,7 +229,7 @@ async fn scrape(admin: SocketAddr, by: By) -> anyhow::Result<(Sample, usize)> {
     for n in doc["nodes"].as_array().into_iter().flatten() {
         let Some(addr) = n["admin"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()) else { continue };
         // A node that cannot be reached (admin on its own loopback) is left out of the sums.
-        if let Ok(text) = get(addr, "/metrics").await {
+        if let Ok(text) = get_reported(addr, "/metrics").await {
             sample.add(&text, n["name"].as_str().unwrap_or("?"));
             sources += 1;
         }
@@ -259,6 +295,12 @@ quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="we
 quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="web",service="api",route="none",le="0.01"} 10
 quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="web",service="api",route="none",le="+Inf"} 10
 "#;
+
+    #[test]
+    fn text_a_node_chose_reaches_the_terminal_without_control_characters() {
+        assert_eq!(printable("services[0].name: bad"), "services[0].name: bad");
+        assert_eq!(printable("bad\u{1b}]0;owned\u{7}\r\n"), "bad?]0;owned???");
+    }
 
     #[test]
     fn rates_success_and_percentiles_come_from_the_change() {

@@ -222,6 +222,25 @@ async fn bodies_that_break_on_h2_and_h3_or_outgrow_the_limit_cost_only_their_cli
     victim.finish(&demo).await;
 }
 
+/// The admin API cuts off a client that connects and sends no request, or only part of its
+/// headers, after its header timeout (10 s), as the edge does: before any token is checked,
+/// anyone who reaches the port could otherwise hold descriptors the proxy needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_cuts_off_clients_that_send_no_request() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let mut silent = tokio::net::TcpStream::connect(demo.admin).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(demo.admin).await.unwrap();
+    partial.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n").await.unwrap();
+    for (what, s) in [("silent", &mut silent), ("partial", &mut partial)] {
+        let mut buf = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
+        assert!(ended.is_ok(), "the {what} admin connection was kept past 30 s");
+    }
+    // The API still answers.
+    assert!(demo.metrics().await.contains("quicmesh_"));
+}
+
 /// QUIC Initials for `server`, each opening a different connection, that will never go on.
 /// Made with quinn's state machine (no I/O): real Initials, as a flooding client would send.
 fn initials(server: std::net::SocketAddr, n: usize) -> Vec<Vec<u8>> {

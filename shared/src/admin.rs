@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -200,9 +200,19 @@ fn logging(req: &Request<Incoming>) -> (StatusCode, String) {
     }
 }
 
-/// Serves the admin API until the task is dropped.
+/// Admin connections open at once; past it the next waits in the listen queue (no descriptor).
+const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// Time a client has to send a request's headers (also the first, after connecting).
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the admin API until the task is dropped. A client that connects and sends no
+/// request, or sends it slowly, is cut off after [`ADMIN_HEADER_TIMEOUT`], and at most
+/// [`MAX_ADMIN_CONNECTIONS`] are open at once: before a token is checked anyone who can reach
+/// the port could otherwise hold descriptors the proxy needs.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors and the like: back off instead of spinning.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -210,11 +220,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(req, &state).await) }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await {
+            // HTTP/1.1 only: telling HTTP/2 from HTTP/1.1 reads the first bytes without a time
+            // limit, so a client that sends none would never meet the header timeout.
+            let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(ADMIN_HEADER_TIMEOUT);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                 debug!(error = %e, "admin connection ended with an error");
             }
         });
