@@ -88,10 +88,14 @@ pub async fn findings(admin: SocketAddr, expected: usize) -> Vec<(Level, String)
                     &mut out,
                 );
                 for peer in labelled(&m, "quicmesh_peer_unreachable", "peer", 1.0) {
-                    out.push((Level::Fail, format!("node {name} cannot reach peer {peer}")));
+                    out.push((Level::Fail, format!("node {name} cannot reach peer {}", printable(&peer))));
                 }
             }
-            Err(e) => out.push((Level::Warn, format!("node {name}'s admin API at {addr} cannot be read: {e}"))),
+            Err(e) => {
+                // The token goes only to node admin APIs on loopback (the node picks the port).
+                let hint = if addr.ip().is_loopback() { "" } else { " (no admin token is sent off this host)" };
+                out.push((Level::Warn, format!("node {name}'s admin API at {addr} cannot be read: {e}{hint}")));
+            }
         }
     }
     if connected < expected {

@@ -48,8 +48,8 @@ pub fn render(rows: &[Row], by: By) -> String {
     for r in rows {
         out.push_str(&format!(
             "{:<20} {:<20} {:>10.1} {:>8.1}% {:>10} {:>10}\n",
-            r.source,
-            r.service,
+            printable(&r.source),
+            printable(&r.service),
             r.rps,
             r.success * 100.0,
             ms(r.p50),

@@ -40,6 +40,14 @@ struct NodeState {
     last_renewal: Option<Instant>,
 }
 
+/// Why a renewal is not signed before the CA is asked.
+enum Throttle {
+    /// One was signed for the node less than [`RENEWAL_INTERVAL`] ago.
+    TooSoon,
+    /// The node is revoked, or no longer registered.
+    Gone,
+}
+
 struct Registry {
     config: Config,
     /// Per-node overlays: settings that differ from the mesh-wide ones.
@@ -847,16 +855,20 @@ impl ControlPlane {
     }
 
     /// May a renewal be signed for `name` now? At most one per [`RENEWAL_INTERVAL`] per node,
-    /// whatever stream asks: a node renews once a certificate lifetime, and each renewal reads
-    /// the CA and signs on the asking stream's thread.
-    fn renewal_due(&self, name: &str) -> bool {
+    /// whatever stream asks (`Err(Throttle::TooSoon)`): a node renews once a certificate
+    /// lifetime, and each renewal reads the CA and signs on the asking stream's thread. A node
+    /// revoked or swept while its stream is still open gets nothing signed.
+    fn renewal_due(&self, name: &str) -> Result<(), Throttle> {
         let mut r = self.lock();
-        let Some(st) = r.nodes.get_mut(name) else { return true };
+        if r.revoked.contains(name) {
+            return Err(Throttle::Gone);
+        }
+        let Some(st) = r.nodes.get_mut(name) else { return Err(Throttle::Gone) };
         if st.last_renewal.is_some_and(|at| at.elapsed() < RENEWAL_INTERVAL) {
-            return false;
+            return Err(Throttle::TooSoon);
         }
         st.last_renewal = Some(Instant::now());
-        true
+        Ok(())
     }
 
     fn disconnect(&self, name: &str, goodbye: bool) {
@@ -1425,10 +1437,19 @@ async fn control_stream(
                         break;
                     }
                     Ok(Some(NodeMsg::Renew { csr })) => {
-                        if !cp.renewal_due(peer) {
-                            metrics::counter!(m::ENROLLMENTS, "result" => "throttled").increment(1);
-                            debug!(node = peer, "renewal asked again too soon; refused");
-                            let reason = format!("renewed less than {RENEWAL_INTERVAL:?} ago; ask later");
+                        if let Err(why) = cp.renewal_due(peer) {
+                            let reason = match why {
+                                Throttle::TooSoon => {
+                                    metrics::counter!(m::ENROLLMENTS, "result" => "throttled").increment(1);
+                                    debug!(node = peer, "renewal asked again too soon; refused");
+                                    format!("renewed less than {RENEWAL_INTERVAL:?} ago; ask later")
+                                }
+                                Throttle::Gone => {
+                                    metrics::counter!(m::ENROLLMENTS, "result" => "refused").increment(1);
+                                    warn!(node = peer, "renewal refused: the node is revoked or no longer registered");
+                                    "this node is revoked or no longer registered".to_string()
+                                }
+                            };
                             if control::send_line(&mut send, &GatewayMsg::RenewRefused { reason }).await.is_err() {
                                 break;
                             }

@@ -400,7 +400,7 @@ pub struct GatewayConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub node_grace: Duration,
-    /// How often config files are checked for changes. Read at start.
+    /// How often config files are checked for changes; at least 10ms. Read at start.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::config::reference::Duration")]
     pub watch_interval: Duration,

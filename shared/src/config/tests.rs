@@ -119,6 +119,13 @@ fn validation_rules() {
 }
 
 #[test]
+fn the_longest_times_allowed_are_accepted() {
+    // "10y" as humantime counts years, the bound of every time that has one.
+    let text = "[timeouts]\nrequest = \"10y\"\n[[services]]\nname = \"s\"\noutlier = { max_ejection = \"10y\" }\n";
+    assert!(from_toml(text).is_ok(), "{:?}", from_toml(text).err());
+}
+
+#[test]
 fn validation_errors_name_the_file() {
     let f = file("[node]\nname = \"Bad_Name\"\n");
     let err = load(&[f.path().to_path_buf()]).unwrap_err().to_string();

@@ -20,8 +20,8 @@ use crate::policy::{authz, health};
 use crate::telemetry::metrics as m;
 use crate::transport::pool::{PeerConn, Readiness};
 
-/// A try without a time limit (a rule's timeouts set to "0s"): longer than anything runs.
-pub const UNLIMITED: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A try without a time limit (a rule's timeouts set to "0s"): as long as any configured time.
+pub const UNLIMITED: Duration = crate::config::MAX_DURATION;
 /// The most a failed try counts as in the balancer's latency figures.
 const FAILURE_PENALTY_CAP: Duration = Duration::from_secs(30);
 
@@ -124,17 +124,11 @@ impl Call<'_> {
         if let Err(TryError { error: ProxyError::HeadTooLarge(_) | ProxyError::BadRequest(_), .. }) = &result {
             return result;
         }
-        // A failure costs like a timeout, so the balancer steers away from it.
-        // A failure costs the balancer what a try may take (bounded when tries are not).
-        let penalty = per_try.min(FAILURE_PENALTY_CAP);
-        let end = Instant::now();
-        let took = end.saturating_duration_since(start);
-        in_flight.observe_at(if result.is_ok() { took } else { penalty.max(took) }, end);
-        // A try cut short by the caller's own deadline (whichever node's timer ended it) says
-        // the endpoint took at least that long, which the balancer has just been told; it is
-        // no failure for outlier detection, or a client could get endpoints ejected by asking
-        // for less time than they take. A hung endpoint is still ejected by the tries that run
-        // to the mesh's own limits (callers without a shorter deadline).
+        // Nor is a try cut short by the caller's own deadline (whichever node's timer ended
+        // it), when that deadline is shorter than the mesh's limit: a client asking for less
+        // time than endpoints take must not get them ejected, nor, by the few moments it
+        // waited, make them look fast to the balancer. (Usually the call's own timer, of the
+        // same length and started first, drops the try before this point anyway.)
         let cut_short = match &result {
             Err(TryError { error: ProxyError::Timeout(_), .. }) => limit.callers,
             Ok(resp) => limit.callers && mesh_timeout(resp),
@@ -143,6 +137,12 @@ impl Call<'_> {
         if cut_short {
             return result;
         }
+        // A failure costs like a timeout, so the balancer steers away from it.
+        // A failure costs the balancer what a try may take (bounded when tries are not).
+        let penalty = per_try.min(FAILURE_PENALTY_CAP);
+        let end = Instant::now();
+        let took = end.saturating_duration_since(start);
+        in_flight.observe_at(if result.is_ok() { took } else { penalty.max(took) }, end);
         let failed = match &result {
             Ok(resp) => resp.status().is_server_error(),
             Err(e) => !matches!(e.error, ProxyError::Overloaded(_)),

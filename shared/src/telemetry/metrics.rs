@@ -180,7 +180,7 @@ fn describe() {
     );
     describe_counter!(CONTROL_APPLIED, "Snapshots a node applied.");
     describe_gauge!(CONTROL_CONNECTED, "1 while the node holds a control stream to the gateway.");
-    describe_counter!(ENROLLMENTS, "Certificate requests by result (issued, renewed, refused).");
+    describe_counter!(ENROLLMENTS, "Certificate requests by result (issued, renewed, refused, throttled).");
     describe_gauge!(CERT_EXPIRY, "When this node's certificate expires, Unix seconds.");
     describe_counter!(RETRIES, "Requests tried again, by service and reason (unsent, failed).");
     describe_counter!(RETRY_BUDGET_EXHAUSTED, "Retries not made because the service's retry budget was spent.");
