@@ -52,6 +52,13 @@ fn client() -> Client {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
+/// Whether each endpoint of the first service is ejected, as `node`'s `/endpoints` shows.
+async fn ejected(node: &NodeProc) -> Vec<bool> {
+    let seen = node.admin_json("/endpoints").await;
+    let eps = seen["services"][0]["endpoints"].as_array().unwrap().clone();
+    eps.iter().map(|e| e["ejected"].as_bool().unwrap_or_else(|| panic!("/endpoints: {eps:?}"))).collect()
+}
+
 /// (status, quicmesh-error, body); a body that breaks off is status 0 with the error.
 async fn call(client: &Client, outbound: SocketAddr, method: &str, host: &str, body: &str) -> (u16, String, String) {
     call_headers(client, outbound, method, host, "/", body, &[]).await
@@ -281,10 +288,7 @@ async fn a_failing_endpoint_is_ejected_then_tried_again() {
     assert!(served[served.len() - 10..].iter().all(|s| *s == 200), "{served:?}");
     let metrics = m.a.metrics().await;
     assert_eq!(metric(&metrics, "quicmesh_outlier_ejections_total", &[("service", "web")]), 1.0, "{metrics}");
-    let seen = m.a.admin_json("/endpoints").await;
-    let eps = seen["services"][0]["endpoints"].as_array().unwrap().clone();
-    let ejected: Vec<bool> = eps.iter().map(|e| e["ejected"].as_bool().unwrap()).collect();
-    assert_eq!(ejected, [true, false], "/endpoints: {eps:?}");
+    assert_eq!(ejected(&m.a).await, [true, false]);
     // The ejection ends after base_ejection and the endpoint gets traffic again.
     let start = Instant::now();
     eventually(Duration::from_secs(10), "the ejected endpoint to be tried again", || async {
@@ -317,10 +321,7 @@ async fn a_callers_short_deadline_never_ejects_an_endpoint() {
     }
     let metrics = m.a.metrics().await;
     assert_eq!(metric(&metrics, "quicmesh_outlier_ejections_total", &[("service", "web")]), 0.0, "{metrics}");
-    let seen = m.a.admin_json("/endpoints").await;
-    let eps = seen["services"][0]["endpoints"].as_array().unwrap().clone();
-    let ejected: Vec<bool> = eps.iter().map(|e| e["ejected"].as_bool().unwrap()).collect();
-    assert_eq!(ejected, [false, false], "/endpoints: {eps:?}");
+    assert_eq!(ejected(&m.a).await, [false, false]);
     // Another caller, without the short deadline, is served by both.
     let (b0, c0) = (b.hits(), c.hits());
     for _ in 0..4 {
