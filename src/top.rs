@@ -62,14 +62,23 @@ pub fn render(rows: &[Row], by: By) -> String {
     out
 }
 
-/// `text` with its control characters (a terminal's escape sequences among them) shown as
-/// `?`: for text a node or a peer chose, printed to the operator's terminal.
+/// `text` with its control characters (a terminal's escape sequences among them) and
+/// bidirectional overrides shown as `?`: for text a node or a peer chose, printed to the
+/// operator's terminal.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        text.chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>().into()
+    if text.chars().any(hidden) {
+        text.chars().map(|c| if hidden(c) { '?' } else { c }).collect::<String>().into()
     } else {
         text.into()
     }
+}
+
+/// Characters that act on the terminal or the text around them rather than showing: controls,
+/// and the bidirectional marks, embeddings, overrides and isolates that make a line read other
+/// than it is (U+202E turns what follows right to left).
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Adds `QUICMESH_ADMIN_TOKEN` as a bearer token, for admin APIs that require one.
@@ -300,6 +309,9 @@ quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="we
     fn text_a_node_chose_reaches_the_terminal_without_control_characters() {
         assert_eq!(printable("services[0].name: bad"), "services[0].name: bad");
         assert_eq!(printable("bad\u{1b}]0;owned\u{7}\r\n"), "bad?]0;owned???");
+        // A right-to-left override would show "node-exe.txt" as "node-txt.exe".
+        assert_eq!(printable("node-\u{202e}txt.exe\u{2066}x\u{2069}"), "node-?txt.exe?x?");
+        assert_eq!(printable("caf\u{e9} \u{4e2d}"), "caf\u{e9} \u{4e2d}");
     }
 
     #[test]

@@ -641,6 +641,12 @@ async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read()
         for s in snap["services"].as_array().unwrap() {
             assert!(keys(s).is_subset(&known_service), "service fields version 1 does not read: {s}");
         }
+        // Timeouts at their defaults (`tcp_idle` came later) are sent as version 1 reads them.
+        let timeouts = keys(&snap["timeouts"]);
+        assert!(
+            timeouts.is_subset(&keys(&recorded["snapshot"]["timeouts"])),
+            "timeouts version 1 does not read: {timeouts:?}"
+        );
         snap.clone()
     };
     let (_pool, mut send, mut recv) = raw_control_stream(&state, "node-c", gw.addrs.control, &node[0]).await;
@@ -1249,4 +1255,43 @@ async fn a_reload_says_which_changed_keys_wait_for_a_restart() {
     let mesh = std::fs::read_to_string(&files[0]).unwrap().replace("keep_alive = \"500ms\"", "keep_alive = \"400ms\"");
     std::fs::write(&files[0], mesh).unwrap();
     gw.log_with(&["transport.keep_alive"]).await;
+}
+
+/// A node may register at most 4096 instances: a hello with more is refused with its reason
+/// (each hello and health report is checked against them under the registry's lock, and a
+/// registration is merged into every node's snapshot). A health report naming instances the
+/// node never registered counts none of them, however long it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_registers_a_bounded_number_of_instances() {
+    let (pki, state, mesh) = mesh_pki(&["node-c"]);
+    let gw_file = pki.path().join("gateway.toml");
+    std::fs::write(&gw_file, gateway_layer(&state, "10s")).unwrap();
+    let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
+    let hello = |n: u32| {
+        let instances: Vec<_> = (0..n)
+            .map(|i| serde_json::json!({ "service": "many", "address": format!("127.0.{}.{}:80", i / 250, i % 250 + 1) }))
+            .collect();
+        serde_json::json!({ "type": "hello", "address": "127.0.0.1:4439", "instances": instances, "version": 0 })
+            .to_string()
+    };
+    let (_pool, _send, mut recv) = raw_control_stream(&state, "node-c", gw.addrs.control, &hello(4097)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), recv.next_raw()).await.expect("the gateway to answer");
+    assert!(matches!(ended, Ok(None) | Err(_)), "a hello of 4097 instances was taken: {ended:?}");
+    gw.log_with(&["refused control stream", "4097 instances, more than the 4096"]).await;
+    // 4096 are taken; a health report of 100 000 instances it never registered changes nothing.
+    let (_pool2, mut send2, _recv2) = raw_control_stream(&state, "node-c", gw.addrs.control, &hello(4096)).await;
+    let strangers: Vec<_> = (0..100_000u32)
+        .map(|i| serde_json::json!(["many", format!("10.{}.{}.{}:1", i / 62_500, i / 250 % 250, i % 250)]))
+        .collect();
+    let mut report = serde_json::json!({ "type": "health", "unhealthy": strangers }).to_string();
+    report.push('\n');
+    send2.send(bytes::Bytes::from(report)).await.unwrap();
+    let one_bad = serde_json::json!({ "type": "health", "unhealthy": [["many", "127.0.0.1:80"]] });
+    send2.send(bytes::Bytes::from(format!("{one_bad}\n"))).await.unwrap();
+    eventually(Duration::from_secs(10), "the gateway to take node-c's health reports", || async {
+        let nodes = gw.admin_json("/nodes").await;
+        let c = nodes["nodes"].as_array()?.iter().find(|n| n["name"] == "node-c")?.clone();
+        (c["instances"] == 4096 && c["unhealthy"] == 1).then_some(())
+    })
+    .await;
 }

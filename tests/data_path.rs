@@ -261,6 +261,101 @@ async fn tcp_tunnel_carries_bytes_both_ways_with_half_close() {
     assert_eq!(metric(&m, "quicmesh_quic_connections_opened_total", &[("direction", "outbound")]), 1.0);
 }
 
+/// A TCP backend that echoes what it reads; `closed` counts the connections that ended.
+async fn tcp_echo_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = closed.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    (a, closed)
+}
+
+/// `timeouts.tcp_idle`: a TCP tunnel that carries nothing either way for that long is closed
+/// at both ends and counted, through a peer and to an instance on the node itself; one that
+/// keeps talking outlives it several times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tcp_tunnel_is_closed_and_a_busy_one_is_not() {
+    const IDLE: Duration = Duration::from_millis(400);
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let (far, far_closed) = tcp_echo_backend().await;
+    let (near, near_closed) = tcp_echo_backend().await;
+    let svc = format!(
+        "[[services]]\nname = \"db\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{far}\"\n"
+    );
+    let idle = |toml: String| toml.replacen("request = \"10s\"", "request = \"10s\"\ntcp_idle = \"400ms\"", 1);
+    let b = NodeProc::start(pki.path(), "node-b", &idle(node_toml("node-b", &state, &[], &svc)));
+    let a_extra = format!(
+        "{svc}\n[[services]]\nname = \"cache\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-a\"\naddress = \"{near}\"\n\n\
+         [[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\n\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"cache\"\n"
+    );
+    let a = NodeProc::start(
+        pki.path(),
+        "node-a",
+        &idle(node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &a_extra)),
+    );
+    for (service, closed) in [("db", &far_closed), ("cache", &near_closed)] {
+        let port = a.addrs.tcp.iter().find(|(s, _)| s == service).unwrap().1;
+        let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
+        // Three idle times of talk, a message every quarter of one: never idle long enough.
+        let start = std::time::Instant::now();
+        let mut i = 0;
+        let mut last = start;
+        while start.elapsed() < IDLE * 3 {
+            let msg = format!("message {i}");
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+                .await
+                .unwrap_or_else(|_| panic!("{service}: echo of message {i}"))
+                .unwrap_or_else(|e| panic!("{service}: the busy tunnel broke at message {i}: {e}"));
+            assert_eq!(back, msg.as_bytes());
+            last = std::time::Instant::now();
+            i += 1;
+            // The pace of the talk, not a wait for anything.
+            tokio::time::sleep(IDLE / 4).await;
+        }
+        // Then silence: the mesh ends the tunnel, the client sees its end, the instance too.
+        let mut rest = [0u8; 16];
+        let ended = tokio::time::timeout(Duration::from_secs(15), s.read(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{service}: an idle tunnel stayed open"));
+        assert!(!matches!(ended, Ok(n) if n > 0), "{service}: bytes out of nowhere");
+        assert!(
+            last.elapsed() >= IDLE,
+            "{service}: closed {:?} after the last byte, before the idle time",
+            last.elapsed()
+        );
+        eventually(Duration::from_secs(10), "the instance's side of the tunnel to close", || async {
+            (closed.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+        })
+        .await;
+        // Counted where the timer ran out: the calling node, or for "db" the delivering one if
+        // its own ran out first (each end of a tunnel keeps the time).
+        let (ma, mb) = (a.metrics().await, b.metrics().await);
+        let outbound =
+            metric(&ma, "quicmesh_tcp_idle_closed_total", &[("direction", "outbound"), ("service", service)]);
+        let inbound = metric(&mb, "quicmesh_tcp_idle_closed_total", &[("direction", "inbound"), ("service", service)]);
+        assert!((1.0..=2.0).contains(&(outbound + inbound)), "{service}: {outbound} + {inbound}\n{ma}\n{mb}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_is_down_gives_502_with_the_reason() {
     let dead = dead_address().await;
@@ -1649,18 +1744,35 @@ async fn lean_member(pki: &Pki, node: &NodeProc) -> (quinn::Endpoint, quinn::Con
     (ep, conn)
 }
 
+/// node-b hosting `echo` at `backend`, and node-a's lean connection to it (see [`lean_member`]).
+async fn node_b_and_a_lean_member(backend: SocketAddr) -> (Pki, NodeProc, quinn::Endpoint, quinn::Connection) {
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &services(backend, "")));
+    let (ep, conn) = lean_member(&pki, &b).await;
+    (pki, b, ep, conn)
+}
+
+/// A member's request for `echo` at `backend`, as its node would send it.
+fn member_request(method: http::Method, path: &str, backend: SocketAddr) -> http::Request<()> {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("https://echo{path}"))
+        .header("quicmesh-service", "echo")
+        .header("quicmesh-endpoint", backend.to_string())
+        .body(())
+        .unwrap()
+}
+
 /// A member's malformed request stream in the lean framing (a head past the limit, a bad
 /// header name, a field count its head cannot hold, a stream that ends inside its head) is
 /// reset alone: the node keeps the connection, and the member's next request on it is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_lean_stream_is_reset_alone() {
     use quicmesh_shared::transport::lean;
-    let pki = Pki::new();
-    let state = pki.issue("node-a");
-    pki.issue("node-b");
     let echo = echo_backend().await;
-    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &services(echo, "")));
-    let (_ep, conn) = lean_member(&pki, &b).await;
+    let (_pki, _b, _ep, conn) = node_b_and_a_lean_member(echo).await;
     let mut bad_name = vec![1u8, 0, 0, 0, 0];
     let mut block = Vec::new();
     for f in [&b"GET"[..], b"echo", b"/"] {
@@ -1700,12 +1812,7 @@ async fn a_malformed_lean_stream_is_reset_alone() {
     }
     assert!(conn.close_reason().is_none(), "the node closed the member's connection");
     // The same connection still serves a well-formed request.
-    let req = http::Request::get("https://echo/ok")
-        .header("quicmesh-service", "echo")
-        .header("quicmesh-endpoint", echo.to_string())
-        .body(())
-        .unwrap();
-    let (_send, mut recv) = lean::open(&conn, &req, true).await.unwrap();
+    let (_send, mut recv) = lean::open(&conn, &member_request(http::Method::GET, "/ok", echo), true).await.unwrap();
     let head = recv.response().await.unwrap();
     assert_eq!(head.status(), 200);
     let mut body = Vec::new();
@@ -1716,12 +1823,7 @@ async fn a_malformed_lean_stream_is_reset_alone() {
     }
     assert_eq!(echo_json(&String::from_utf8_lossy(&body))["path"], "/ok");
     // A head that arrives a byte at a time (each its own QUIC packet, paced) is gathered whole.
-    let req = http::Request::get("https://echo/slowly")
-        .header("quicmesh-service", "echo")
-        .header("quicmesh-endpoint", echo.to_string())
-        .body(())
-        .unwrap();
-    let frame = lean::request_head(&req).unwrap();
+    let frame = lean::request_head(&member_request(http::Method::GET, "/slowly", echo)).unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     for byte in frame.iter() {
         send.write_all(&[*byte]).await.unwrap();
@@ -1732,6 +1834,41 @@ async fn a_malformed_lean_stream_is_reset_alone() {
     // A HEADERS frame (type 1, a length), its first field the status: two bytes, 200.
     assert_eq!((answer[0], &answer[5..9]), (1, &[0u8, 2, 0, 200][..]), "{answer:?}");
     assert!(String::from_utf8_lossy(&answer).contains("\"path\":\"/slowly\""), "{}", String::from_utf8_lossy(&answer));
+}
+
+/// A member's request stream whose head never arrives whole is reset once its time is up
+/// (`REQUEST_INCOMPLETE`), and a node reads at most 64 heads at once on a connection: with 64
+/// stalled, the member's next request on it waits for one of them to be given up, so a member
+/// holds at most 64 heads' bytes in a node however many streams it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lean_head_that_never_completes_is_given_up_and_few_are_read_at_once() {
+    use futures_util::FutureExt as _;
+    use quicmesh_shared::transport::lean;
+    let echo = echo_backend().await;
+    let (_pki, _b, _ep, conn) = node_b_and_a_lean_member(echo).await;
+    let mut stalled = Vec::new();
+    for _ in 0..lean::HEADS_AT_ONCE {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        // A HEADERS frame of 1000 bytes, three of them sent.
+        send.write_all(&[1, 0, 0, 0x03, 0xe8, 0, 3, b'G']).await.unwrap();
+        stalled.push((send, recv));
+    }
+    let (_send, mut recv) = lean::open(&conn, &member_request(http::Method::GET, "/after", echo), true).await.unwrap();
+    let head = tokio::time::timeout(lean::HEAD_WITHIN * 3, recv.response()).await.expect("an answer").unwrap();
+    assert_eq!(head.status(), 200);
+    // The answer came after a stalled head was given up: its reset, sent first on the same
+    // connection, is here already.
+    let incomplete = |r: &Result<Option<usize>, quinn::ReadError>| matches!(r, Err(quinn::ReadError::Reset(code)) if code.into_inner() == u64::from(lean::REQUEST_INCOMPLETE));
+    let mut buf = [0u8; 16];
+    // (A stream's reset is read once: those seen here are not read again.)
+    stalled.retain_mut(|(_, r)| !r.read(&mut buf).now_or_never().is_some_and(|r| incomplete(&r)));
+    assert!(stalled.len() < lean::HEADS_AT_ONCE, "the request was read while 64 heads were still being waited for");
+    // Every stalled stream is given up, and the connection stays.
+    for (_, r) in &mut stalled {
+        let read = tokio::time::timeout(lean::HEAD_WITHIN * 3, r.read(&mut buf)).await.expect("a stalled stream reset");
+        assert!(incomplete(&read), "{read:?}");
+    }
+    assert!(conn.close_reason().is_none(), "the node closed the member's connection");
 }
 
 /// A member whose request stream is dropped in the middle of a body (its task cancelled) resets
@@ -1754,18 +1891,8 @@ async fn a_body_cut_by_a_dropped_stream_is_never_delivered_as_whole() {
             http::Response::new(quicmesh_shared::message::body::full("got it"))
         }
     }));
-    let pki = Pki::new();
-    let state = pki.issue("node-a");
-    pki.issue("node-b");
-    let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &services(backend, "")));
-    let (_ep, conn) = lean_member(&pki, &b).await;
-    let post = |path: &str| {
-        http::Request::post(format!("https://echo{path}"))
-            .header("quicmesh-service", "echo")
-            .header("quicmesh-endpoint", backend.to_string())
-            .body(())
-            .unwrap()
-    };
+    let (_pki, _b, _ep, conn) = node_b_and_a_lean_member(backend).await;
+    let post = |path: &str| member_request(http::Method::POST, path, backend);
     // A whole body first: the instance takes it as whole.
     let (mut send, mut recv) = lean::open(&conn, &post("/whole"), false).await.unwrap();
     send.send(Bytes::from_static(b"all of it")).await.unwrap();

@@ -204,6 +204,50 @@ async fn a_node_claiming_a_service_hosted_elsewhere_is_refused() {
     let (_ep2, mut h3a) = impersonate(&s.dir, "node-a", "node-b", s.b.addrs.inbound).await;
     let (status, _, body) = h3_request(&mut h3a, forged("front"), b"").await;
     assert_eq!((status, body.as_slice()), (200, &b"web"[..]));
+    // A member whose node name is a service's name does not speak for that service: node
+    // names and service names are apart (only the gateway's traffic names itself).
+    s._pki.issue("front");
+    let (_ep3, mut h3f) = impersonate(&s.dir, "front", "node-b", s.b.addrs.inbound).await;
+    let hits = s.web.hits();
+    let (status, headers, _) = h3_request(&mut h3f, forged("front"), b"").await;
+    assert_eq!((status, headers.get("quicmesh-error").and_then(|v| v.to_str().ok())), (403, Some("denied")));
+    assert_eq!(s.web.hits(), hits);
+    let _ = (&s.a, &s.c, &s.gw);
+}
+
+/// An upgrade (WebSocket) a peer asks for is authorized on its path in canonical form, as a
+/// plain request is: `/x/../admin/s` is `/admin/s`, under web's deny rule for `/admin/*`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_path_with_dot_segments_meets_the_deny_rule() {
+    let s = secured().await;
+    // node-a speaks for front, which web allows; its own node would have normalized the path.
+    let (_ep, mut h3) = impersonate(&s.dir, "node-a", "node-b", s.b.addrs.inbound).await;
+    let upgrade = |path: &str| {
+        http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("https://{}/", s.web.addr))
+            .header("quicmesh-service", "web")
+            .header("quicmesh-endpoint", s.web.addr.to_string())
+            .header("quicmesh-source", "front")
+            .header("quicmesh-upgrade", "websocket")
+            .header("quicmesh-path", path)
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap()
+    };
+    let hits = s.web.hits();
+    for path in ["/admin/s", "/x/../admin/s", "/x/%2E%2E/admin/s", "/%61dmin/s"] {
+        let (status, headers, _) = h3_request(&mut h3, upgrade(path), b"").await;
+        let reason = headers.get("quicmesh-error").and_then(|v| v.to_str().ok());
+        assert_eq!((status, reason), (403, Some("denied")), "{path}");
+    }
+    // Not a path at all: refused as the peer's bad request.
+    for path in ["http://web/admin/s", "admin", "/bad%zz"] {
+        let (status, _, _) = h3_request(&mut h3, upgrade(path), b"").await;
+        assert_eq!(status, 400, "{path}");
+    }
+    assert_eq!(s.web.hits(), hits, "a refused upgrade reached the instance");
     let _ = (&s.a, &s.c, &s.gw);
 }
 

@@ -801,11 +801,12 @@ impl ControlPlane {
             }
             // Health reported earlier still holds for the instances that stay.
             if let Some(prev) = r.nodes.get(name) {
+                let known = instance_keys(&reg.instances);
                 reg.unhealthy = prev
                     .reg
                     .unhealthy
                     .iter()
-                    .filter(|(svc, addr)| reg.instances.iter().any(|i| &i.service == svc && &i.address == addr))
+                    .filter(|(svc, addr)| known.contains(&(svc.as_str(), *addr)))
                     .cloned()
                     .collect();
             }
@@ -897,10 +898,9 @@ impl ControlPlane {
         {
             let mut r = self.lock();
             let Some(st) = r.nodes.get_mut(name) else { return false };
-            let set: std::collections::BTreeSet<(String, std::net::SocketAddr)> = unhealthy
-                .into_iter()
-                .filter(|(svc, addr)| st.reg.instances.iter().any(|i| &i.service == svc && &i.address == addr))
-                .collect();
+            let known = instance_keys(&st.reg.instances);
+            let set: std::collections::BTreeSet<(String, std::net::SocketAddr)> =
+                unhealthy.into_iter().filter(|(svc, addr)| known.contains(&(svc.as_str(), *addr))).collect();
             if set == st.reg.unhealthy {
                 return false;
             }
@@ -923,8 +923,14 @@ impl ControlPlane {
         }
     }
 
-    fn nack(&self, name: &str, version: u64, reason: String) {
+    fn nack(&self, name: &str, version: u64, mut reason: String) {
         metrics::counter!(m::CONTROL_NACKS).increment(1);
+        // A node's own words, logged and kept: a few lines' worth (a line may be megabytes).
+        if reason.len() > MAX_NACK_REASON {
+            let cut = (0..=MAX_NACK_REASON).rev().find(|&i| reason.is_char_boundary(i)).unwrap_or(0);
+            reason.truncate(cut);
+            reason.push_str("...");
+        }
         warn!(node = name, version, reason, "node rejected snapshot");
         if let Some(st) = self.lock().nodes.get_mut(name) {
             st.nack = Some((version, reason));
@@ -1173,7 +1179,10 @@ async fn connection(
         let enroll = enroll.clone();
         let quic = quic.clone();
         tokio::spawn(async move {
-            let Ok((req, mut stream)) = resolver.resolve_request().await else { return };
+            // A member's request head comes at once; one that does not is not waited for.
+            let resolved =
+                tokio::time::timeout(quicmesh_shared::transport::lean::HEAD_WITHIN, resolver.resolve_request());
+            let Ok(Ok((req, mut stream))) = resolved.await else { return };
             let path = req.uri().path();
             match (req.method(), path, peer, enroll) {
                 (&Method::POST, control::STREAM_PATH, Some(peer), enroll) => {
@@ -1311,9 +1320,29 @@ async fn keep_in_store(
 
 /// What a hello says: the registration, and the version the node holds when it takes deltas
 /// (protocol 2 and later; version 1 gets whole snapshots).
+/// The most of a node's nack reason the gateway logs and keeps, bytes.
+const MAX_NACK_REASON: usize = 1024;
+
+/// Instances one node may register: far more than a host runs, few enough that checking a
+/// registration or a health report under the registry's lock stays short.
+const MAX_INSTANCES: usize = 4096;
+
+/// The (service, address) pairs of `instances`, to look reports up in.
+fn instance_keys(
+    instances: &[quicmesh_shared::config::Instance],
+) -> std::collections::HashSet<(&str, std::net::SocketAddr)> {
+    instances.iter().map(|i| (i.service.as_str(), i.address)).collect()
+}
+
 fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, Option<u64>), String> {
     match msg {
         Some(NodeMsg::Hello { address, instances, admin, version, protocol }) => {
+            if instances.len() > MAX_INSTANCES {
+                return Err(format!(
+                    "{} instances, more than the {MAX_INSTANCES} a node may register",
+                    instances.len()
+                ));
+            }
             if let Some(bad) = instances.iter().find(|i| !valid_name(&i.service)) {
                 return Err(format!("invalid service name {:?}", bad.service));
             }

@@ -231,7 +231,8 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
                                 // The exchange is recorded as the switch it was; the tunnel
                                 // records its own line.
                                 drop(body);
-                                tcp::splice(pipe, send, recv).await;
+                                // The tunnel behind the pipe keeps the route's limits.
+                                tcp::splice(pipe, send, recv, std::time::Duration::ZERO).await;
                             }
                             _ => {
                                 if let Err(e) = body::pump_to_h3(body, &mut send).await {

@@ -187,9 +187,10 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
     let going_away = mesh.drain().reached(Phase::GoingAway);
     tokio::pin!(going_away);
     let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
+    let heads = Arc::new(tokio::sync::Semaphore::new(lean::HEADS_AT_ONCE));
     loop {
-        let accepted = tokio::select! {
-            a = h3.accept() => a,
+        let (head_permit, accepted) = tokio::select! {
+            a = async { (heads.clone().acquire_owned().await.ok(), h3.accept().await) } => a,
             Ok(()) = changes.changed() => {
                 // A revocation ends the peer's connection, not only its next handshake.
                 if mesh.table().is_revoked(peer) {
@@ -223,11 +224,14 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
                 // request's is kilobytes.
                 tokio::spawn(Box::pin(async move {
                     let _in_flight = in_flight;
-                    match resolver.resolve_request().await {
-                        Ok((req, stream)) => {
+                    let resolved = tokio::time::timeout(lean::HEAD_WITHIN, resolver.resolve_request()).await;
+                    drop(head_permit);
+                    match resolved {
+                        Ok(Ok((req, stream))) => {
                             request(req, None, ServerStream::H3(Box::new(stream)), &peer, &mesh, handshake).await
                         }
-                        Err(e) => debug!(peer, error = %e, "bad request stream from peer"),
+                        Ok(Err(e)) => debug!(peer, error = %e, "bad request stream from peer"),
+                        Err(_) => debug!(peer, "a request head from the peer did not arrive in time; stream dropped"),
                     }
                 }));
             }
@@ -263,11 +267,12 @@ async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handsh
     let going_away = mesh.drain().reached(Phase::GoingAway);
     tokio::pin!(going_away);
     let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
+    let heads = Arc::new(tokio::sync::Semaphore::new(lean::HEADS_AT_ONCE));
     loop {
-        let (send, recv) = tokio::select! {
-            a = conn.accept_bi() => match a {
-                Ok(pair) => pair,
-                Err(e) => {
+        let (head_permit, (send, recv)) = tokio::select! {
+            a = async { (heads.clone().acquire_owned().await.ok(), conn.accept_bi().await) } => match a {
+                (permit, Ok(pair)) => (permit, pair),
+                (_, Err(e)) => {
                     if !matches!(e, quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) {
                         debug!(peer, error = %e, "peer connection ended");
                     }
@@ -304,7 +309,9 @@ async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handsh
         // Boxed: a task's future is moved whole as it is spawned and when it ends.
         tokio::spawn(Box::pin(async move {
             let _in_flight = in_flight;
-            match lean::accept(send, recv, lean::MAX_HEAD).await {
+            let head = lean::accept(send, recv, lean::MAX_HEAD, lean::HEAD_WITHIN).await;
+            drop(head_permit);
+            match head {
                 Ok((req, fields, send, recv)) => {
                     request(req, Some(fields), ServerStream::Lean(send, recv), &peer, &mesh, handshake).await
                 }

@@ -13,11 +13,12 @@ use quicmesh_shared::telemetry;
 
 pub use quicmesh_shared::transport::stream::ServerStream;
 
-/// The calling service a peer names, believed only when that peer hosts it (or is it, as the
-/// gateway is): a node speaks for its own services and no others.
+/// The calling service a peer names, believed only when that peer hosts it (or is the gateway,
+/// whose traffic names the gateway): a node speaks for its own services and no others, and a
+/// node named as a service is not that service.
 pub fn source_of<'f>(fields: &'f Internal, peer: &str, table: &Table) -> &'f str {
     match Internal::text(&fields.source) {
-        Some(s) if s == peer => s,
+        Some(s) if s == peer && peer == table.gateway_name() => s,
         Some(s) if table.service(s).is_some_and(|svc| svc.config.endpoints.iter().any(|ep| ep.node == peer)) => s,
         _ => telemetry::UNKNOWN,
     }

@@ -66,9 +66,22 @@ pub async fn inbound(mut req: Request<()>, fields: Option<Internal>, stream: Ser
     if send.send_response(ok).await.is_err() {
         return;
     }
-    let (up, down) = splice(tcp, send, recv).await;
+    let carried = splice(tcp, send, recv, table.config().timeouts.tcp_idle).await;
     // Seen from the caller: what it sent arrived here from the stream (`down`).
-    done.bytes(down, up);
+    done.carried(carried, 0, true);
+}
+
+/// An upgrade's `quicmesh-path` (a path and query, nothing else) in canonical form.
+fn canonical_path(path: &str, merge_slashes: bool) -> Result<String, ProxyError> {
+    let bad = || ProxyError::BadRequest("quicmesh-path is not a path".into());
+    let uri: http::Uri = path.parse().map_err(|_| bad())?;
+    if uri.scheme().is_some() || uri.authority().is_some() || !uri.path().starts_with('/') {
+        return Err(bad());
+    }
+    let uri = quicmesh_shared::message::path::normalize_uri(&uri, merge_slashes)
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?
+        .unwrap_or(uri);
+    Ok(uri.path_and_query().map_or("/", |p| p.as_str()).to_string())
 }
 
 /// Serves a peer's upgrade (WebSocket) CONNECT: authorizes it as the HTTP request it carries,
@@ -96,6 +109,8 @@ async fn upgrade_inbound(
     let path = req.headers().get(upgrade::PATH_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("/").to_string();
     let protocol = req.headers().get(upgrade::UPGRADE_HEADER).cloned().unwrap_or(http::HeaderValue::from_static(""));
     let switched = async {
+        // Authorized and sent on in canonical form, as a plain request's path is.
+        let path = canonical_path(&path, table.config().mesh.merge_slashes)?;
         let (svc, addr) = local_target(&fields, mesh, &table)?;
         if svc.protocol == Protocol::Tcp {
             return Err(ProxyError::BadRequest("an upgrade to a TCP service".into()));
@@ -138,6 +153,7 @@ async fn upgrade_inbound(
     done.entry.dst_node = mesh.local_node().map(str::to_owned).unwrap_or_default();
     // In flight for the drain, as the calling side's is.
     let _in_flight = mesh.drain().guard();
-    let (up, down) = splice(instance, send, recv).await;
-    done.bytes(down, up);
+    // Limited where the upgrade came in: at the gateway by its route, or not at all.
+    let carried = splice(instance, send, recv, std::time::Duration::ZERO).await;
+    done.carried(carried, 0, true);
 }

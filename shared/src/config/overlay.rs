@@ -78,13 +78,13 @@ pub fn node_settings(config: &Config, dir: &Path) -> Result<BTreeMap<String, Nod
         let base = NodeSettings { timeouts: config.timeouts.clone() };
         let merged: NodeSettings =
             Figment::from(Serialized::defaults(base)).merge(Toml::file_exact(&path)).extract().map_err(parse_err)?;
-        if merged.timeouts.connect.is_zero() || merged.timeouts.request.is_zero() {
-            return Err(ConfigError::Invalid {
-                key: "timeouts".into(),
-                origin: format!(" in {}", path.display()),
-                reason: "timeouts must be greater than zero".into(),
-            });
-        }
+        let in_file = |e: ConfigError| match e {
+            ConfigError::Invalid { key, reason, .. } => {
+                ConfigError::Invalid { key, origin: format!(" in {}", path.display()), reason }
+            }
+            other => other,
+        };
+        merged.timeouts.validate().map_err(in_file)?;
         out.insert(name, merged);
     }
     Ok(out)
@@ -133,6 +133,10 @@ mod tests {
         std::fs::write(dir.path().join("nodes/node-b.toml"), "[timeouts]\nrequset = \"2s\"\n").unwrap();
         let err = node_settings(&cfg, dir.path()).unwrap_err().to_string();
         assert!(err.contains("requset") && err.contains("node-b.toml"), "{err}");
+        // As in the mesh's own file, no time over 10 years.
+        std::fs::write(dir.path().join("nodes/node-b.toml"), "[timeouts]\ntcp_idle = \"11y\"\n").unwrap();
+        let err = node_settings(&cfg, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("timeouts.tcp_idle") && err.contains("node-b.toml") && err.contains("10 years"), "{err}");
         std::fs::write(dir.path().join("services/web.toml"), "name = \"other\"\n").unwrap();
         assert!(apply_services(&mut cfg, dir.path()).unwrap_err().to_string().contains("rename"));
     }

@@ -106,6 +106,11 @@ fn validation_rules() {
         ("[gateway]\nwatch_interval = \"0s\"\n", "gateway.watch_interval"),
         ("[node]\nname = \"a\"\ndrain_timeout = \"11years\"\n", "node.drain_timeout"),
         ("[timeouts]\nrequest = \"10000000000000000000s\"\n", "timeouts.request"),
+        ("[timeouts]\ntcp_idle = \"11years\"\n", "timeouts.tcp_idle"),
+        ("[node]\nname = \"a\"\nrenew_before = \"11years\"\n", "node.renew_before"),
+        ("[[services]]\nname = \"s\"\nretry = { backoff = \"11years\", max_backoff = \"12years\" }\n", "services[0].retry"),
+        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nretry = { backoff = \"11years\" }\n", "gateway.routes"),
+        ("[[services]]\nname = \"s\"\n[gateway]\n[[gateway.routes]]\nname = \"r\"\n[[gateway.routes.rules]]\nfault = { delay = { percent = 1.0, fixedDelay = \"11years\" } }\n", "gateway.routes"),
         ("[transport]\nkeep_alive = \"11years\"\nidle_timeout = \"12years\"\n", "transport.keep_alive"),
         ("[[services]]\nname = \"s\"\noutlier = { max_ejection = \"11years\" }\n", "services[0].outlier"),
         ("[node]\nname = \"a\"\n[[node.instances]]\nservice = \"s\"\naddress = \"127.0.0.1:1\"\nhealth = { timeout = \"11years\" }\n", "node.instances[0].health"),
@@ -408,4 +413,18 @@ fn a_listeners_allowed_routes_keep_other_kinds_off_it() {
     // A kind the protocol cannot carry is refused.
     let err = load_err(&listener("allowed_routes = [\"HTTPRoute\"]"));
     assert!(err.contains("cannot take HTTPRoute"), "{err}");
+}
+
+/// What the gateway sends nodes leaves `timeouts.tcp_idle` out at its default: a node of a
+/// release before it refuses fields it does not know, and would take no snapshot at all.
+#[test]
+fn timeouts_at_their_defaults_are_sent_as_older_nodes_read_them() {
+    let sent = serde_json::to_value(crate::config::Timeouts::default()).unwrap();
+    let keys: Vec<&str> = sent.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["connect", "request"]);
+    let set = crate::config::Timeouts { tcp_idle: Duration::from_secs(60), ..Default::default() };
+    let back: crate::config::Timeouts = serde_json::from_value(serde_json::to_value(&set).unwrap()).unwrap();
+    assert_eq!(back, set);
+    let default: crate::config::Timeouts = serde_json::from_value(sent).unwrap();
+    assert_eq!(default.tcp_idle, Duration::from_secs(3600));
 }

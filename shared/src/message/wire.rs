@@ -25,6 +25,9 @@ pub enum WireError {
     /// A head larger than the peer takes, refused before anything was sent.
     #[error("a head over the peer's limit of {limit} bytes ({size} or more)")]
     HeadTooLarge { size: u64, limit: u64 },
+    /// A request head that did not arrive whole in time.
+    #[error("the request head did not arrive within {0:?}")]
+    HeadTimeout(std::time::Duration),
 }
 
 impl From<quinn::ReadError> for WireError {

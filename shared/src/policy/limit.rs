@@ -152,6 +152,9 @@ impl Fault {
         {
             return Err("percent must be between 0 and 100".into());
         }
+        if self.delay.as_ref().is_some_and(|d| d.fixed_delay > crate::config::MAX_DURATION) {
+            return Err("delay.fixedDelay is longer than the 10 years any time may be".into());
+        }
         if let Some(a) = &self.abort {
             if !(200..=599).contains(&a.http_status) {
                 return Err(format!("httpStatus = {} is not between 200 and 599", a.http_status));

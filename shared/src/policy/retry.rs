@@ -138,6 +138,9 @@ impl RetryPolicy {
         if self.max_backoff < self.backoff {
             return Err("max_backoff is shorter than backoff".into());
         }
+        if self.max_backoff > crate::config::MAX_DURATION {
+            return Err("max_backoff is longer than the 10 years any time may be".into());
+        }
         let b = &self.budget;
         if !(0.0..=10.0).contains(&b.ratio) || b.ratio.is_nan() {
             return Err(format!("budget.ratio = {} is not between 0 and 10", b.ratio));

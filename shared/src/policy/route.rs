@@ -846,6 +846,9 @@ impl RouteTable {
                 {
                     return Err(invalid(&route.name, format!("retry.codes: {c} is not an HTTP status")));
                 }
+                if rule.retry.as_ref().and_then(|r| r.backoff).is_some_and(|b| b > crate::config::MAX_DURATION) {
+                    return Err(invalid(&route.name, "retry.backoff must be at most 10 years"));
+                }
                 let default = [RouteMatch::default()];
                 let matches: &[RouteMatch] = if rule.matches.is_empty() { &default } else { &rule.matches };
                 for m in matches {

@@ -78,9 +78,8 @@ impl Table {
             }
             delta::patch(&mut c.nodes, nodes, &removed_nodes, |n| &n.name);
             if let Some(t) = timeouts {
-                if t.connect.is_zero() || t.request.is_zero() {
-                    return Err(invalid("timeouts", "timeouts must be greater than zero"));
-                }
+                // As a whole snapshot's are checked: a time over 10 years overflowed a sum.
+                t.validate()?;
                 c.timeouts = t;
             }
             if let Some(a) = authorization {
@@ -339,5 +338,26 @@ mod tests {
         delta.from = 5;
         let err = table.patch(delta).err().expect("refused");
         assert!(err.to_string().contains("version 5"), "{err}");
+    }
+
+    /// Timeouts in a delta are checked as a whole snapshot's are: times too long for the clock
+    /// (which overflowed a sum on every upgrade through the node) are refused by key.
+    #[test]
+    fn a_deltas_timeouts_are_checked_as_a_snapshots() {
+        let snap = Snapshot { version: 4, ..Default::default() };
+        let table = whole(snap.clone()).unwrap();
+        let mut next = snap.clone();
+        next.version = 5;
+        let mut delta = snap.diff(&next);
+        let huge = std::time::Duration::from_secs(u64::MAX / 2);
+        delta.timeouts = Some(crate::config::Timeouts { connect: huge, request: huge, ..Default::default() });
+        let err = table.patch(delta.clone()).err().expect("refused");
+        assert!(err.to_string().contains("timeouts.connect"), "{err}");
+        delta.timeouts = Some(crate::config::Timeouts { tcp_idle: huge, ..Default::default() });
+        let err = table.patch(delta.clone()).err().expect("refused");
+        assert!(err.to_string().contains("timeouts.tcp_idle"), "{err}");
+        delta.timeouts =
+            Some(crate::config::Timeouts { tcp_idle: std::time::Duration::from_secs(60), ..Default::default() });
+        assert!(table.patch(delta).is_ok());
     }
 }

@@ -15,8 +15,10 @@
 use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -33,6 +35,7 @@ use crate::proxy::table::Table;
 use crate::telemetry;
 use crate::telemetry::access_log::Entry;
 use crate::telemetry::metrics as m;
+use crate::transport::idle::IdleTimeout;
 
 const CHUNK: usize = 64 << 10;
 /// Most bytes gathered from the QUIC stream into one write to the TCP socket.
@@ -151,8 +154,10 @@ async fn outbound<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) -
         let caller = mesh.local_caller(&table);
         let target = Target { method: None, path: None, headers: None, port: ep.address.port() };
         mesh.authorize(&table, service, &caller, &target)?;
-        let mut upstream = connect(ep.address, &table).await?;
+        let upstream = connect(ep.address, &table).await?;
         let mut tcp = tcp;
+        // Every byte either way passes the instance's socket: its idle time is the tunnel's.
+        let mut upstream = IdleTimeout::new(upstream, idle_limit(&table));
         if upstream.write_all(&first).await.is_err() {
             tcp.reset_on_close();
             return Ok(());
@@ -160,9 +165,12 @@ async fn outbound<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) -
         match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
             Ok((up, down)) => done.bytes(up + first.len() as u64, down),
             // One side reset or failed: reset the other too, as a tunnel through a peer does.
-            Err(_) => {
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    done.idle_closed();
+                }
                 tcp.reset_on_close();
-                let _ = upstream.set_zero_linger();
+                let _ = upstream.get_ref().set_zero_linger();
             }
         }
         return Ok(());
@@ -196,9 +204,17 @@ async fn outbound<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) -
         send.reset();
         return Ok(());
     }
-    let (up, down) = splice(tcp, send, recv).await;
-    done.bytes(up + sent, down);
+    let carried = splice(tcp, send, recv, table.config().timeouts.tcp_idle).await;
+    done.carried(carried, sent, false);
     Ok(())
+}
+
+/// `timeouts.tcp_idle` for [`IdleTimeout`], which has no "never".
+fn idle_limit(table: &Table) -> Duration {
+    match table.config().timeouts.tcp_idle {
+        Duration::ZERO => crate::config::MAX_DURATION,
+        idle => idle,
+    }
 }
 
 /// Records a tunnel when it closes: bytes each way, the closed count, the access-log line.
@@ -224,6 +240,24 @@ impl TunnelDone {
     pub fn bytes(&mut self, sent: u64, received: u64) {
         self.entry.bytes_received = sent;
         self.entry.bytes_sent = received;
+    }
+
+    /// What [`splice`] carried, `first` bytes sent before it; `flipped` when its TCP side is
+    /// the service's (the delivering node), not the client's.
+    pub fn carried(&mut self, c: Carried, first: u64, flipped: bool) {
+        let (sent, received) = if flipped { (c.down, c.up) } else { (c.up, c.down) };
+        self.bytes(sent + first, received);
+        if c.idle {
+            self.idle_closed();
+        }
+    }
+
+    /// The tunnel was closed for carrying nothing for `timeouts.tcp_idle`.
+    pub fn idle_closed(&mut self) {
+        let direction = if self.entry.direction == "tcp-outbound" { "outbound" } else { "inbound" };
+        metrics::counter!(m::TCP_IDLE_CLOSED, "direction" => direction, "service" => self.entry.dst_service.to_string())
+            .increment(1);
+        self.entry.error = "idle-timeout".into();
     }
 }
 
@@ -271,13 +305,46 @@ enum End {
     Broken,
 }
 
+/// What [`splice`] carried: bytes TCP -> stream (`up`) and stream -> TCP (`down`), and whether
+/// it was closed for carrying nothing for its idle time.
+#[derive(Debug, Clone, Copy)]
+pub struct Carried {
+    pub up: u64,
+    pub down: u64,
+    pub idle: bool,
+}
+
+/// Ends once nothing has `moved` for `idle` (looking every eighth of it, so it ends at most an
+/// eighth late); never, for a zero `idle`. Whoever moves bytes sets `moved`: a store per read,
+/// where a timer moved on every read would cost a clock reading and a timer update each.
+async fn quiet_for(moved: &AtomicBool, idle: Duration) {
+    if idle.is_zero() {
+        return std::future::pending().await;
+    }
+    let tick = (idle / 8).max(Duration::from_millis(1));
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(tick).await;
+        if moved.swap(false, Ordering::Relaxed) {
+            quiet = Duration::ZERO;
+        } else {
+            quiet += tick;
+            if quiet >= idle {
+                return;
+            }
+        }
+    }
+}
+
 /// Copies TCP <-> QUIC stream in both directions, mapping half-close each way, and resets
 /// each way: a reset or error on one side (a client's RST, the peer's stream reset, a
 /// server that went away) resets the QUIC stream and the TCP connection (RST, by a zero
-/// linger), so neither side waits forever on a half that is gone.
-/// Returns (bytes TCP->stream, bytes stream->TCP).
-pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut recv: R) -> (u64, u64) {
+/// linger), so neither side waits forever on a half that is gone. A tunnel that moves no byte
+/// either way for `idle` (zero: no limit) is reset both ways too.
+pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut recv: R, idle: Duration) -> Carried {
     let (mut rd, mut wr) = tcp.halves();
+    let moved = AtomicBool::new(false);
+    let mut idled = false;
     let (up_total, down_total, broken) = {
         let up = async {
             let mut total = 0u64;
@@ -292,6 +359,7 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
                     }
                     Ok(n) => {
                         total += n as u64;
+                        moved.store(true, Ordering::Relaxed);
                         if send.send(buf.split().freeze()).await.is_err() {
                             return (total, End::Broken);
                         }
@@ -319,6 +387,7 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
                     Ok(None) => ended = true,
                     Err(_) => return (total, End::Broken),
                 }
+                moved.store(true, Ordering::Relaxed);
                 let mut failed = false;
                 while !ended && gathered < COALESCE && chunks.len() < MAX_IOVECS {
                     match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
@@ -352,13 +421,18 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
                 }
             }
         };
-        tokio::pin!(up, down);
+        let quiet = quiet_for(&moved, idle);
+        tokio::pin!(up, down, quiet);
         let (mut up_done, mut down_done) = (None, None);
-        // Both halves run until each finishes, or until either breaks.
+        // Both halves run until each finishes, or until either breaks or the tunnel idles.
         loop {
             tokio::select! {
                 r = &mut up, if up_done.is_none() => up_done = Some(r),
                 r = &mut down, if down_done.is_none() => down_done = Some(r),
+                () = &mut quiet => {
+                    idled = true;
+                    break;
+                }
             }
             let broken = [up_done, down_done].iter().flatten().any(|(_, end)| *end == End::Broken);
             if broken || (up_done.is_some() && down_done.is_some()) {
@@ -366,7 +440,8 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
             }
         }
         let total = |done: Option<(u64, End)>| done.map_or(0, |(n, _)| n);
-        (total(up_done), total(down_done), [up_done, down_done].iter().flatten().any(|(_, e)| *e == End::Broken))
+        let broken = idled || [up_done, down_done].iter().flatten().any(|(_, e)| *e == End::Broken);
+        (total(up_done), total(down_done), broken)
     };
     if broken {
         // RST to the client, and a reset of the stream's send side (the receive side stops
@@ -374,7 +449,7 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
         C::reset(rd, wr);
         send.reset();
     }
-    (up_total, down_total)
+    Carried { up: up_total, down: down_total, idle: idled }
 }
 
 /// Writes every byte of `chunks` with vectored writes (at most MAX_IOVECS chunks each), then

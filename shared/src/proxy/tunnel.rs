@@ -38,7 +38,7 @@ impl Call<'_> {
         head: http::HeaderMap,
     ) -> Result<(RequestStream, Hold, http::Response<()>), ProxyError> {
         // The peer answers once its instance did: as long as a request may take.
-        let timeout = self.table.config().timeouts.connect + self.table.config().timeouts.request;
+        let timeout = self.table.config().timeouts.connect.saturating_add(self.table.config().timeouts.request);
         self.open(svc, ep, head, timeout).await.map_err(|e| e.unwrap_or(ProxyError::Timeout(timeout)))
     }
 

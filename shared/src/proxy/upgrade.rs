@@ -278,8 +278,9 @@ pub async fn forward(
         done.entry.dst_node = ep.node.clone();
         done.entry.endpoint = ep.address.to_string();
         let (send, recv) = stream.split();
-        let (up, down) = tcp::splice(io, send, recv).await;
-        done.bytes(up, down);
+        // The route's own limits (`upgradeIdle`, `upgradeLifetime`) hold on `io`.
+        let carried = tcp::splice(io, send, recv, std::time::Duration::ZERO).await;
+        done.carried(carried, 0, false);
     });
     Ok(switching(answer, &protocol, version))
 }

@@ -66,6 +66,7 @@ pub const QUIC_ZERO_RTT: &str = "quicmesh_quic_zero_rtt_total";
 pub const PEER_UNREACHABLE: &str = "quicmesh_peer_unreachable";
 pub const PEER_PROBES: &str = "quicmesh_peer_probes_total";
 pub const TCP_CLOSED: &str = "quicmesh_tcp_connections_closed_total";
+pub const TCP_IDLE_CLOSED: &str = "quicmesh_tcp_idle_closed_total";
 pub const CONTROL_NODE_VERSION: &str = "quicmesh_control_node_acked_version";
 pub const CONTROL_CERT_EXPIRY: &str = "quicmesh_control_certificate_expiry_timestamp_seconds";
 
@@ -223,6 +224,10 @@ fn describe() {
         "Peer connections that carried 0-RTT data, by direction and result: accepted (the early requests stood) or rejected (the node dialled again)."
     );
     describe_counter!(TCP_CLOSED, "Opaque TCP tunnels closed, by direction and service.");
+    describe_counter!(
+        TCP_IDLE_CLOSED,
+        "Opaque TCP tunnels this proxy closed for carrying nothing for timeouts.tcp_idle, by direction and service."
+    );
     describe_gauge!(CONTROL_NODE_VERSION, "(gateway) Snapshot version each node last acknowledged.");
     describe_gauge!(CONTROL_CERT_EXPIRY, "(gateway) Expiry of the certificate last issued to each node, Unix seconds.");
     describe_counter!(CONFIG_RELOADS, "Config file reloads by the gateway, by result (applied, rejected).");

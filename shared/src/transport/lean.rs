@@ -58,6 +58,18 @@ const HEADROOM: usize = 12;
 /// The largest head or trailers a member takes, bytes (as the HTTP/3 side takes, and the edge).
 pub const MAX_HEAD: usize = 64 << 10;
 
+/// How long a peer's request head may take to arrive whole once its stream is open (a member
+/// sends it at once; the edge's `header_read_timeout` defaults to the same).
+pub const HEAD_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Request heads a node reads at once on one connection, in either framing: the next stream is
+/// taken once one of them is whole, so a member holds at most this many heads' bytes (64 KiB
+/// each) in a node, whatever it sends.
+pub const HEADS_AT_ONCE: usize = 64;
+
+/// A head that did not arrive within its time (H3_REQUEST_INCOMPLETE).
+pub const REQUEST_INCOMPLETE: u32 = 0x10d;
+
 /// The most fields a head may hold: HTTP/3 counts 32 bytes for each field against the section
 /// limit, which allows this many in [`MAX_HEAD`]. (Far below what `http`'s maps can hold.)
 const MAX_FIELDS: usize = MAX_HEAD / 32;
@@ -283,24 +295,28 @@ pub async fn open_with(
     Ok((send, RecvHalf::new(recv, tunnel, MAX_HEAD)))
 }
 
-/// A request stream a peer opened: reads its head (at most `limit` bytes of it), with the mesh's
-/// own fields apart from its headers. A stream without a readable head is reset
-/// (`MESSAGE_ERROR`), not answered.
+/// A request stream a peer opened: reads its head (at most `limit` bytes of it, within
+/// `within`), with the mesh's own fields apart from its headers. A stream without a readable
+/// head is reset (`MESSAGE_ERROR`), and one whose head did not come in time too
+/// (`REQUEST_INCOMPLETE`); neither is answered.
 pub async fn accept(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     limit: usize,
+    within: std::time::Duration,
 ) -> Result<(Request<()>, Internal, SendHalf, RecvHalf), WireError> {
     let mut recv = RecvHalf::new(recv, false, limit);
     let mut internal = Internal::default();
-    let head = match std::future::poll_fn(|cx| recv.poll_head(cx)).await {
-        Ok(block) => decode_request(block, Some(&mut internal)),
-        Err(e) => Err(e),
+    let head = match tokio::time::timeout(within, std::future::poll_fn(|cx| recv.poll_head(cx))).await {
+        Ok(Ok(block)) => decode_request(block, Some(&mut internal)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(WireError::HeadTimeout(within)),
     };
     let req = match head {
         Ok(req) => req,
         Err(e) => {
-            let code = quinn::VarInt::from_u32(MESSAGE_ERROR);
+            let code = if matches!(e, WireError::HeadTimeout(_)) { REQUEST_INCOMPLETE } else { MESSAGE_ERROR };
+            let code = quinn::VarInt::from_u32(code);
             let _ = send.reset(code);
             let _ = recv.stream.stop(code);
             return Err(e);
