@@ -848,7 +848,7 @@ pub struct Timeouts {
     // Left out of what is sent at its default, so that a node of a release before it still
     // takes the gateway's snapshots (they refuse fields they do not know).
     #[serde(with = "humantime_serde", skip_serializing_if = "is_default_tcp_idle")]
-    #[schemars(with = "crate::config::reference::Duration")]
+    #[schemars(with = "crate::config::reference::Duration", extend("default" = "1h"))]
     pub tcp_idle: Duration,
 }
 

@@ -427,4 +427,6 @@ fn timeouts_at_their_defaults_are_sent_as_older_nodes_read_them() {
     assert_eq!(back, set);
     let default: crate::config::Timeouts = serde_json::from_value(sent).unwrap();
     assert_eq!(default.tcp_idle, Duration::from_secs(3600));
+    // The reference's default is written by hand beside the field (it is not serialized).
+    assert_eq!(humantime::format_duration(DEFAULT_TCP_IDLE).to_string(), "1h");
 }
