@@ -74,11 +74,11 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Characters that act on the terminal or the text around them rather than showing: controls,
-/// and the bidirectional marks, embeddings, overrides and isolates that make a line read other
-/// than it is (U+202E turns what follows right to left).
+/// the bidirectional marks, embeddings, overrides and isolates that make a line read other than
+/// it is (U+202E turns what follows right to left), zero-width characters and line separators.
 fn hidden(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// Adds `QUICMESH_ADMIN_TOKEN` as a bearer token, for admin APIs that require one.
@@ -312,6 +312,7 @@ quicmesh_request_duration_seconds_bucket{direction="outbound",source_service="we
         // A right-to-left override would show "node-exe.txt" as "node-txt.exe".
         assert_eq!(printable("node-\u{202e}txt.exe\u{2066}x\u{2069}"), "node-?txt.exe?x?");
         assert_eq!(printable("caf\u{e9} \u{4e2d}"), "caf\u{e9} \u{4e2d}");
+        assert_eq!(printable("a\u{200b}b\u{2028}c\u{feff}"), "a?b?c?");
     }
 
     #[test]

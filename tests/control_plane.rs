@@ -647,8 +647,9 @@ async fn a_node_of_the_previous_protocol_is_served_whole_snapshots_it_can_read()
     let gw = NodeProc::start_layered("gateway", &[mesh, gw_file]);
     let node = v1_lines("node");
     let recorded: serde_json::Value = serde_json::from_str(&v1_lines("gateway")[0]).unwrap();
-    // The fields version 1 knows, wherever in a snapshot it was seen to read them (what it
-    // refuses is a field it does not know, at any depth: `timeouts.tcp_idle` came later).
+    // The fields version 1 knows, at every depth the recording shows (what it refuses is a
+    // field it does not know, at any depth: `timeouts.tcp_idle` came later). Objects the
+    // recording does not show are checked as fields of their parent only.
     let mut known = key_paths(&recorded["snapshot"]);
     // What version 1 reads that the recording does not show (left out there at its default):
     // its source, the parent of d4c6902 in this repository.

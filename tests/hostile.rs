@@ -871,3 +871,40 @@ async fn reset_http3_streams_give_their_credit_back() {
     let (status, _, _) = tokio::time::timeout(Duration::from_secs(10), h3_request(&mut h3, req, b"")).await.unwrap();
     assert_eq!(status, 200);
 }
+
+/// An HTTP/3 client that announces a request head of a gigabyte and starts sending it: the edge
+/// refuses it when the frame's length arrives (`H3_EXCESSIVE_LOAD`, closing that client's
+/// connection) rather than gathering the bytes until the header timeout, which let each of a
+/// client's streams hold as much as it could send in 10 s. (h3 waited for a whole HEADERS frame
+/// before its size limit was checked; `vendor/h3`'s PATCHED.md.) Other clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_head_announced_past_the_limit_is_refused_before_it_is_read() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let tls = insecure_tls(&[b"h3"]);
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = ep.connect(([127, 0, 0, 1], demo.port).into(), "localhost").unwrap().await.unwrap();
+    // The client's control stream (type 0) with empty SETTINGS, as RFC 9114 asks.
+    let mut control = conn.open_uni().await.unwrap();
+    control.write_all(&[0x00, 0x04, 0x00]).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    // HEADERS (type 1) of 2^30 - 1 bytes (a four-byte varint), then the first 256 KiB of it.
+    send.write_all(&[0x01, 0xbf, 0xff, 0xff, 0xff]).await.unwrap();
+    let junk = vec![b'x'; 16 << 10];
+    for _ in 0..16 {
+        if send.write_all(&junk).await.is_err() {
+            break;
+        }
+    }
+    let closed =
+        tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("the edge kept the connection");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() == 0x107),
+        "{closed:?}"
+    );
+    let (_ep2, mut h3) = h3_connect(demo.port).await;
+    let req = http::Request::get(demo.url("/hello")).body(()).unwrap();
+    assert_eq!(h3_request(&mut h3, req, b"").await.0, 200);
+}

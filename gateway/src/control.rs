@@ -1318,8 +1318,6 @@ async fn keep_in_store(
     }
 }
 
-/// What a hello says: the registration, and the version the node holds when it takes deltas
-/// (protocol 2 and later; version 1 gets whole snapshots).
 /// The most of a node's nack reason the gateway logs and keeps, bytes.
 const MAX_NACK_REASON: usize = 1024;
 
@@ -1334,6 +1332,8 @@ fn instance_keys(
     instances.iter().map(|i| (i.service.as_str(), i.address)).collect()
 }
 
+/// What a hello says: the registration, and the version the node holds when it takes deltas
+/// (protocol 2 and later; version 1 gets whole snapshots).
 fn check_hello(msg: Option<NodeMsg>) -> Result<(Registration, Option<u64>), String> {
     match msg {
         Some(NodeMsg::Hello { address, instances, admin, version, protocol }) => {

@@ -187,10 +187,10 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
     let going_away = mesh.drain().reached(Phase::GoingAway);
     tokio::pin!(going_away);
     let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
-    let heads = Arc::new(tokio::sync::Semaphore::new(lean::HEADS_AT_ONCE));
+    let heads = Arc::new(lean::HeadSlots::default());
     loop {
         let (head_permit, accepted) = tokio::select! {
-            a = async { (heads.clone().acquire_owned().await.ok(), h3.accept().await) } => a,
+            a = async { (heads.slot().await, h3.accept().await) } => a,
             Ok(()) = changes.changed() => {
                 // A revocation ends the peer's connection, not only its next handshake.
                 if mesh.table().is_revoked(peer) {
@@ -267,10 +267,10 @@ async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handsh
     let going_away = mesh.drain().reached(Phase::GoingAway);
     tokio::pin!(going_away);
     let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
-    let heads = Arc::new(tokio::sync::Semaphore::new(lean::HEADS_AT_ONCE));
+    let heads = Arc::new(lean::HeadSlots::default());
     loop {
         let (head_permit, (send, recv)) = tokio::select! {
-            a = async { (heads.clone().acquire_owned().await.ok(), conn.accept_bi().await) } => match a {
+            a = async { (heads.slot().await, conn.accept_bi().await) } => match a {
                 (permit, Ok(pair)) => (permit, pair),
                 (_, Err(e)) => {
                     if !matches!(e, quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) {

@@ -35,7 +35,6 @@ use crate::proxy::table::Table;
 use crate::telemetry;
 use crate::telemetry::access_log::Entry;
 use crate::telemetry::metrics as m;
-use crate::transport::idle::IdleTimeout;
 
 const CHUNK: usize = 64 << 10;
 /// Most bytes gathered from the QUIC stream into one write to the TCP socket.
@@ -154,23 +153,30 @@ async fn outbound<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) -
         let caller = mesh.local_caller(&table);
         let target = Target { method: None, path: None, headers: None, port: ep.address.port() };
         mesh.authorize(&table, service, &caller, &target)?;
-        let upstream = connect(ep.address, &table).await?;
+        let mut upstream = connect(ep.address, &table).await?;
         let mut tcp = tcp;
-        // Every byte either way passes the instance's socket: its idle time is the tunnel's.
-        let mut upstream = IdleTimeout::new(upstream, idle_limit(&table));
         if upstream.write_all(&first).await.is_err() {
             tcp.reset_on_close();
             return Ok(());
         }
-        match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
-            Ok((up, down)) => done.bytes(up + first.len() as u64, down),
-            // One side reset or failed: reset the other too, as a tunnel through a peer does.
-            Err(e) => {
-                if e.kind() == std::io::ErrorKind::TimedOut {
+        // Every byte either way passes the instance's socket: what moves there is the tunnel's.
+        let moved = AtomicBool::new(false);
+        let copied = {
+            let mut watched = Watched { io: &mut upstream, moved: &moved };
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut tcp, &mut watched) => Some(copied),
+                () = quiet_for(&moved, table.config().timeouts.tcp_idle) => None,
+            }
+        };
+        match copied {
+            Some(Ok((up, down))) => done.bytes(up + first.len() as u64, down),
+            // One side reset or failed, or the tunnel idled: reset both, as through a peer.
+            broken => {
+                if broken.is_none() {
                     done.idle_closed();
                 }
                 tcp.reset_on_close();
-                let _ = upstream.get_ref().set_zero_linger();
+                let _ = upstream.set_zero_linger();
             }
         }
         return Ok(());
@@ -209,11 +215,46 @@ async fn outbound<C: Client>(tcp: C, service: &str, mesh: &Mesh, first: Bytes) -
     Ok(())
 }
 
-/// `timeouts.tcp_idle` for [`IdleTimeout`], which has no "never".
-fn idle_limit(table: &Table) -> Duration {
-    match table.config().timeouts.tcp_idle {
-        Duration::ZERO => crate::config::MAX_DURATION,
-        idle => idle,
+/// A connection whose reads and writes mark `moved` when they move bytes.
+struct Watched<'a, T> {
+    io: &'a mut T,
+    moved: &'a AtomicBool,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.io).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
 
@@ -315,8 +356,8 @@ pub struct Carried {
 }
 
 /// Ends once nothing has `moved` for `idle` (looking every eighth of it, so it ends at most an
-/// eighth late); never, for a zero `idle`. Whoever moves bytes sets `moved`: a store per read,
-/// where a timer moved on every read would cost a clock reading and a timer update each.
+/// eighth late); never, for a zero `idle`. Whoever moves bytes sets `moved`: a store per read
+/// and write, where a timer moved on each would cost a clock reading and a timer update.
 async fn quiet_for(moved: &AtomicBool, idle: Duration) {
     if idle.is_zero() {
         return std::future::pending().await;
@@ -363,6 +404,8 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
                         if send.send(buf.split().freeze()).await.is_err() {
                             return (total, End::Broken);
                         }
+                        // A send that waited for the peer's credit moved bytes too.
+                        moved.store(true, Ordering::Relaxed);
                     }
                     Err(_) => return (total, End::Broken),
                 }
@@ -411,6 +454,8 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
                 if write_chunks(&mut wr, &mut chunks).await.is_err() || wr.flush().await.is_err() {
                     return (total, End::Broken);
                 }
+                // A write that waited for a slow client moved bytes too.
+                moved.store(true, Ordering::Relaxed);
                 total += gathered as u64;
                 if failed {
                     return (total, End::Broken);

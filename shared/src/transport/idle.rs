@@ -36,11 +36,6 @@ impl<T> IdleTimeout<T> {
         self
     }
 
-    /// The connection it watches.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     fn touch(&mut self) {
         self.last = Instant::now();
     }

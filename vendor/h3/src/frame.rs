@@ -36,6 +36,13 @@ impl<S, B> FrameStream<S, B> {
         }
     }
 
+    /// Patched for quicmesh (see PATCHED.md): a frame whose payload is kept whole (any but
+    /// DATA) and would be larger than `max` bytes is refused as soon as its length is read
+    /// (`H3_EXCESSIVE_LOAD`), instead of being gathered until it is complete.
+    pub fn limit_buffered(&mut self, max: usize) {
+        self.decoder.max_buffered = Some(max);
+    }
+
     /// Unwraps the Framed streamer and returns the underlying stream **without** data loss for
     /// partially received/read frames.
     pub fn into_inner(self) -> BufRecvStream<S, B> {
@@ -223,6 +230,8 @@ where
 #[derive(Default)]
 pub struct FrameDecoder {
     expected: Option<usize>,
+    /// Patched for quicmesh: see `FrameStream::limit_buffered`.
+    max_buffered: Option<usize>,
 }
 
 impl FrameDecoder {
@@ -273,6 +282,10 @@ impl FrameDecoder {
                     continue;
                 }
                 Err(frame::FrameError::Incomplete(min)) => {
+                    // Patched for quicmesh: `min` is the whole frame once its length is known.
+                    if self.max_buffered.is_some_and(|max| min > max) {
+                        return Err(FrameStreamError::Proto(FrameProtocolError::TooLarge(min)));
+                    }
                     self.expected = Some(min);
                     return Ok(None);
                 }
@@ -330,6 +343,8 @@ pub enum FrameProtocolError {
     Settings(SettingsError),
     InvalidStreamId(InvalidStreamId),
     InvalidPushId(InvalidPushId),
+    /// Patched for quicmesh: a frame to be kept whole, larger than this side takes.
+    TooLarge(usize),
 }
 
 #[cfg(test)]

@@ -57,6 +57,11 @@ impl InternalConnectionError {
             //# after the identified fields or a frame payload that terminates before
             //# the end of the identified fields MUST be treated as a connection
             //# error of type H3_FRAME_ERROR.
+            // Patched for quicmesh (see PATCHED.md).
+            FrameProtocolError::TooLarge(size) => InternalConnectionError {
+                code: Code::H3_EXCESSIVE_LOAD,
+                message: format!("a frame of {} bytes, more than this side takes", size),
+            },
             FrameProtocolError::InvalidFrameValue | FrameProtocolError::Malformed => InternalConnectionError {
                 code: Code::H3_FRAME_ERROR,
                 message: "frame payload that contains additional bytes after the identified fields or a frame payload that terminates before the end of the identified fields".to_string(),

@@ -165,8 +165,13 @@ where
 
     fn create_resolver_internal(
         &self,
-        stream: FrameStream<C::BidiStream, B>,
+        mut stream: FrameStream<C::BidiStream, B>,
     ) -> RequestResolver<C, B> {
+        // Patched for quicmesh (see PATCHED.md): a request's HEADERS frame (or any frame kept
+        // whole) past the field section limit is refused when its length is read, not gathered.
+        // 16 bytes over it: the frame's type and length.
+        let limit = usize::try_from(self.max_field_section_size).unwrap_or(usize::MAX);
+        stream.limit_buffered(limit.saturating_add(16));
         RequestResolver {
             frame_stream: stream,
             request_end_send: self.request_end_send.clone(),
