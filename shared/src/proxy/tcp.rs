@@ -249,6 +249,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
         r
     }
 
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
     fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *self.io).poll_flush(cx)
     }
@@ -451,11 +467,11 @@ pub async fn splice<C: Client, S: H3Send, R: H3Recv>(tcp: C, mut send: S, mut re
                 // Flushed too: a TLS client connection (or an upgraded one over TLS) keeps
                 // what the socket did not take at once in its own buffer until flushed, and
                 // nothing else would flush it. On TCP a flush costs nothing.
-                if write_chunks(&mut wr, &mut chunks).await.is_err() || wr.flush().await.is_err() {
+                // Each write that moves bytes counts: a slow client's download is traffic.
+                let mut watched = Watched { io: &mut wr, moved: &moved };
+                if write_chunks(&mut watched, &mut chunks).await.is_err() || watched.flush().await.is_err() {
                     return (total, End::Broken);
                 }
-                // A write that waited for a slow client moved bytes too.
-                moved.store(true, Ordering::Relaxed);
                 total += gathered as u64;
                 if failed {
                     return (total, End::Broken);

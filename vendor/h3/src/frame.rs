@@ -282,7 +282,8 @@ impl FrameDecoder {
                     continue;
                 }
                 Err(frame::FrameError::Incomplete(min)) => {
-                    // Patched for quicmesh: `min` is the whole frame once its length is known.
+                    // Patched for quicmesh: once the length is known, `min` is it plus two (at
+                    // least the whole frame), and small while the frame's header is incomplete.
                     if self.max_buffered.is_some_and(|max| min > max) {
                         return Err(FrameStreamError::Proto(FrameProtocolError::TooLarge(min)));
                     }

@@ -301,7 +301,13 @@ where
 
     pub fn into_stream(self) -> AcceptedRecvStream<S, B> {
         match self.ty.expect("Stream type not resolved yet") {
-            StreamType::CONTROL => AcceptedRecvStream::Control(FrameStream::new(self.stream)),
+            // Patched for quicmesh (see PATCHED.md): a control stream's frames (SETTINGS,
+            // GOAWAY, and unknown ones, kept whole until skipped) are refused past 64 KiB.
+            StreamType::CONTROL => {
+                let mut frames = FrameStream::new(self.stream);
+                frames.limit_buffered(64 << 10);
+                AcceptedRecvStream::Control(frames)
+            }
             StreamType::PUSH => AcceptedRecvStream::Push(FrameStream::new(self.stream)),
             StreamType::ENCODER => AcceptedRecvStream::Encoder(self.stream),
             StreamType::DECODER => AcceptedRecvStream::Decoder(self.stream),

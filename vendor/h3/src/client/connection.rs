@@ -214,9 +214,14 @@ where
             .await
             .map_err(|e| self.handle_quic_stream_error(e))?;
 
+        // Patched for quicmesh (see PATCHED.md): a response head past the limit is refused as
+        // its length arrives, not gathered.
+        let mut frames = FrameStream::new(BufRecvStream::new(stream));
+        let limit = usize::try_from(self.max_field_section_size).unwrap_or(usize::MAX);
+        frames.limit_buffered(limit.saturating_add(16));
         let request_stream = RequestStream {
             inner: connection::RequestStream::new(
-                FrameStream::new(BufRecvStream::new(stream)),
+                frames,
                 self.max_field_section_size,
                 self.conn_state.clone(),
                 self.send_grease_frame,

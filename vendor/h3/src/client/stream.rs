@@ -99,7 +99,18 @@ where
     pub async fn recv_response(&mut self) -> Result<Response<()>, StreamError> {
         let mut frame = future::poll_fn(|cx| self.inner.stream.poll_next(cx))
             .await
-            .map_err(|e| self.handle_frame_stream_error_on_request_stream(e))?
+            .map_err(|e| match e {
+                // Patched for quicmesh (see PATCHED.md): a response head announced past the
+                // limit fails this request only, as one found too large once decoded.
+                crate::frame::FrameStreamError::Proto(crate::frame::FrameProtocolError::TooLarge(size)) => {
+                    self.inner.stop_sending(Code::H3_REQUEST_CANCELLED);
+                    StreamError::HeaderTooBig {
+                        actual_size: size as u64,
+                        max_size: self.inner.max_field_section_size,
+                    }
+                }
+                e => self.handle_frame_stream_error_on_request_stream(e),
+            })?
             .ok_or_else(|| {
                 // quicmesh patch: a response stream that ends before any frame (a server that
                 // dropped a request it could not read ends it so) is a malformed response, a

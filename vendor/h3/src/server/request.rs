@@ -14,7 +14,7 @@ use crate::{
         internal_error::InternalConnectionError,
         Code, StreamError,
     },
-    frame::{FrameStream, FrameStreamError},
+    frame::{FrameProtocolError, FrameStream, FrameStreamError},
     proto::{
         frame::{Frame, PayloadLen},
         headers::Header,
@@ -87,6 +87,13 @@ where
         let mut encoded = match frame {
             Ok(Some(Frame::Headers(h))) => h,
 
+            // Patched for quicmesh (see PATCHED.md): a head announced past the limit is
+            // answered 431, as one found too large once decoded, without reading the rest.
+            Err(FrameStreamError::Proto(FrameProtocolError::TooLarge(size))) => {
+                self.frame_stream.stop_sending(Code::H3_NO_ERROR);
+                return Ok(self.resolved(Err(size as u64)));
+            }
+
             //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1
             //# If a client-initiated
             //# stream terminates without enough of the HTTP message to provide a
@@ -141,6 +148,12 @@ where
             }
         };
 
+        Ok(self.resolved(decoded))
+    }
+
+    /// The request stream, with its decoded head or the size of a head too large.
+    fn resolved(self, decoded: Result<qpack::Decoded, u64>) -> ResolvedRequest<C, B> {
+        let max_field_section_size = self.max_field_section_size;
         let request_stream = RequestStream {
             request_end: Arc::new(RequestEnd {
                 request_end: self.request_end_send.clone(),
@@ -148,17 +161,13 @@ where
             }),
             inner: connection::RequestStream::new(
                 self.frame_stream,
-                self.max_field_section_size,
+                max_field_section_size,
                 self.shared.clone(),
                 self.send_grease_frame,
             ),
         };
 
-        Ok(ResolvedRequest::new(
-            request_stream,
-            decoded,
-            self.max_field_section_size,
-        ))
+        ResolvedRequest::new(request_stream, decoded, max_field_section_size)
     }
 }
 
