@@ -914,6 +914,9 @@ async fn http3_frames_announced_past_the_limit_are_refused_before_they_are_read(
             other => panic!("no 431 before {other:?}: {answer:?}"),
         }
     }
+    // The rest was not read: the edge stopped the stream (H3_NO_ERROR, having answered).
+    let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await.expect("the stream stopped");
+    assert_eq!(stopped.ok().flatten().map(|c| c.into_inner()), Some(0x100));
     assert!(conn.close_reason().is_none(), "the connection was closed: {:?}", conn.close_reason());
     // On the control stream: an unknown frame type (a reserved one, 0x21) of a gigabyte.
     let (conn, mut control) = connect().await;

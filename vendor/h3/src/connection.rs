@@ -849,6 +849,22 @@ impl<S, B> RequestStream<S, B>
 where
     S: quic::RecvStream,
 {
+    /// Patched for quicmesh (see PATCHED.md): a frame past the stream's limit after the head
+    /// (trailers, an unknown frame) fails this stream only, as trailers found too large once
+    /// decoded do; any other error is handled as before.
+    fn stream_error_of(&mut self, error: crate::frame::FrameStreamError) -> StreamError {
+        match error {
+            crate::frame::FrameStreamError::Proto(crate::frame::FrameProtocolError::TooLarge(size)) => {
+                self.stream.stop_sending(Code::H3_REQUEST_CANCELLED);
+                StreamError::HeaderTooBig {
+                    actual_size: size as u64,
+                    max_size: self.max_field_section_size,
+                }
+            }
+            e => self.handle_frame_stream_error_on_request_stream(e),
+        }
+    }
+
     /// Receive some of the request body.
     #[cfg_attr(feature = "tracing", instrument(skip_all, level = "trace"))]
     pub fn poll_recv_data(
@@ -858,9 +874,7 @@ where
         if !self.stream.has_data() {
             match ready!(self.stream.poll_next(cx)) {
                 Err(frame_stream_error) => {
-                    return Poll::Ready(Err(
-                        self.handle_frame_stream_error_on_request_stream(frame_stream_error)
-                    ))
+                    return Poll::Ready(Err(self.stream_error_of(frame_stream_error)))
                 }
                 Ok(None) => return Poll::Ready(Ok(None)),
                 Ok(Some(Frame::Headers(encoded))) => {
@@ -919,9 +933,7 @@ where
         } else {
             match ready!(self.stream.poll_next(cx)) {
                 Err(frame_stream_error) => {
-                    return Poll::Ready(Err(
-                        self.handle_frame_stream_error_on_request_stream(frame_stream_error)
-                    ))
+                    return Poll::Ready(Err(self.stream_error_of(frame_stream_error)))
                 }
                 Ok(None) => return Poll::Ready(Ok(None)),
                 Ok(Some(Frame::Headers(encoded))) => encoded,
