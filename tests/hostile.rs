@@ -931,3 +931,49 @@ async fn http3_frames_announced_past_the_limit_are_refused_before_they_are_read(
     let req = http::Request::get(demo.url("/hello")).body(()).unwrap();
     assert_eq!(h3_request(&mut h3, req, b"").await.0, 200);
 }
+
+/// An HTTP/3 request stream that ends before its head, or whose head does not arrive within the
+/// header timeout, is reset with `H3_REQUEST_INCOMPLETE` (RFC 9114 4.1), and stops counting as a
+/// request on its connection: after the client's GOAWAY the edge closes the connection at once.
+/// Before, a stream given up before its head was dropped, which finished it as if answered, and
+/// h3 kept its id among the connection's running requests for the connection's life: a client
+/// could grow that set by a stream id per empty stream, for as long as it kept the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_streams_without_a_head_are_reset_and_forgotten() {
+    let demo = DemoProc::start(&[("QUICMESH_GATEWAY__LIMITS__HEADER_READ_TIMEOUT", "1s")]);
+    demo.wait_ready().await;
+    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_tls(&[b"h3"])).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(tls)));
+    let conn = ep.connect(([127, 0, 0, 1], demo.port).into(), "localhost").unwrap().await.unwrap();
+    let mut control = conn.open_uni().await.unwrap();
+    control.write_all(&[0x00, 0x04, 0x00]).await.unwrap();
+    let reset_code = async |recv: &mut quinn::RecvStream| {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf)).await.expect("an answer") {
+            Err(quinn::ReadError::Reset(code)) => Some(code.into_inner()),
+            other => panic!("not reset: {other:?}"),
+        }
+    };
+    // Many streams finished at once, without a head.
+    for _ in 0..100 {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(reset_code(&mut recv).await, Some(0x10d));
+    }
+    // A head begun (HEADERS, 16 bytes announced, one sent) and never finished.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0x01, 0x10, 0x00]).await.unwrap();
+    assert_eq!(reset_code(&mut recv).await, Some(0x10d), "a head that never came");
+    let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await.expect("the stream stopped");
+    assert_eq!(stopped.ok().flatten().map(|c| c.into_inner()), Some(0x10d));
+    // The client goes away (GOAWAY, push id 0): no request is running, so the connection closes.
+    control.write_all(&[0x07, 0x01, 0x00]).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the edge kept the connection: it counts streams given up as running requests");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() == 0x100),
+        "{closed:?}"
+    );
+}

@@ -1180,8 +1180,10 @@ async fn connection(
         let quic = quic.clone();
         tokio::spawn(async move {
             // A member's request head comes at once; one that does not is not waited for.
-            let resolved =
-                tokio::time::timeout(quicmesh_shared::transport::lean::HEAD_WITHIN, resolver.resolve_request());
+            let resolved = quicmesh_shared::transport::stream::h3_head_within(
+                resolver,
+                quicmesh_shared::transport::lean::HEAD_WITHIN,
+            );
             let Ok(Ok((req, mut stream))) = resolved.await else { return };
             let path = req.uri().path();
             match (req.method(), path, peer, enroll) {

@@ -12,6 +12,7 @@ use quicmesh_shared::proxy::drain::Phase;
 use quicmesh_shared::proxy::{tcp, upgrade};
 use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::transport::admission::{self, Admission, Limits};
+use quicmesh_shared::transport::stream::h3_head_within;
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -187,7 +188,7 @@ async fn connection(conn: quinn::Connection, arrival: Arrival, edge: Arc<Edge>, 
                     let _in_flight = in_flight;
                     // A stream that never sends its headers must not count as a request in
                     // flight for ever (it would keep an idle connection open).
-                    let resolved = tokio::time::timeout(edge.limits.header_read_timeout, resolver.resolve_request());
+                    let resolved = h3_head_within(resolver, edge.limits.header_read_timeout);
                     let (req, stream) = match resolved.await {
                         Ok(Ok(x)) => x,
                         Ok(Err(e)) => {

@@ -25,7 +25,7 @@ use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::{self, Record};
 use quicmesh_shared::transport::admission::{self, Admission, Handshaking, Limits};
 use quicmesh_shared::transport::lean;
-use quicmesh_shared::transport::stream::{Framing, ServerRecv};
+use quicmesh_shared::transport::stream::{h3_head_within, Framing, ServerRecv};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -224,14 +224,14 @@ async fn serve_h3(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handshak
                 // request's is kilobytes.
                 tokio::spawn(Box::pin(async move {
                     let _in_flight = in_flight;
-                    let resolved = tokio::time::timeout(lean::HEAD_WITHIN, resolver.resolve_request()).await;
+                    let resolved = h3_head_within(resolver, lean::HEAD_WITHIN).await;
                     drop(head_permit);
                     match resolved {
                         Ok(Ok((req, stream))) => {
                             request(req, None, ServerStream::H3(Box::new(stream)), &peer, &mesh, handshake).await
                         }
                         Ok(Err(e)) => debug!(peer, error = %e, "bad request stream from peer"),
-                        Err(_) => debug!(peer, "a request head from the peer did not arrive in time; stream dropped"),
+                        Err(_) => debug!(peer, "a request head from the peer did not arrive in time; stream reset"),
                     }
                 }));
             }

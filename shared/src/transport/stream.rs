@@ -11,6 +11,41 @@ use super::lean;
 use crate::message::body::{H3Recv, H3Send};
 pub use crate::message::wire::WireError;
 
+/// An HTTP/3 request stream accepted by a server (a node's mesh listener, the control plane,
+/// the edge), its head not yet read.
+pub type H3Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
+/// An HTTP/3 request stream whose head has been read.
+pub type H3ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// A request's head did not arrive in time: its stream was reset (`H3_REQUEST_INCOMPLETE`).
+#[derive(Debug)]
+pub struct HeadLate;
+
+/// Reads the head of a request stream, given `within` to arrive; past it the stream is reset
+/// with `H3_REQUEST_INCOMPLETE` (RFC 9114 4.1) and stops counting as a request on its
+/// connection. Dropped instead, it would be finished as if answered, and h3 would count it as
+/// running for the connection's life (`vendor/h3`'s PATCHED.md).
+pub async fn h3_head_within(
+    mut resolver: H3Resolver,
+    within: std::time::Duration,
+) -> Result<Result<(http::Request<()>, H3ServerStream), h3::error::StreamError>, HeadLate> {
+    let deadline = tokio::time::Instant::now() + within;
+    let frame = match tokio::time::timeout_at(deadline, resolver.first_frame()).await {
+        Ok(frame) => frame,
+        Err(_) => {
+            resolver.give_up();
+            return Err(HeadLate);
+        }
+    };
+    let resolved = match resolver.accept_with_frame(frame) {
+        Ok(resolved) => resolved,
+        Err(e) => return Ok(Err(e)),
+    };
+    // The rest needs no more of the peer's bytes, only credit for a 431 when the head was too
+    // large; a peer that grants none has the stream dropped.
+    tokio::time::timeout_at(deadline, resolved.resolve()).await.map_err(|_| HeadLate)
+}
+
 /// A request stream this member opened to a peer.
 // The lean variant is the larger and the usual one: boxing it would cost every request an
 // allocation to spare the rare HTTP/3 stream a few hundred bytes.

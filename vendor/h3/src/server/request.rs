@@ -3,7 +3,6 @@ use std::{convert::TryFrom, sync::Arc};
 use bytes::Buf;
 use http::{Request, StatusCode};
 
-use tokio::sync::mpsc::UnboundedSender;
 #[cfg(feature = "tracing")]
 use tracing::instrument;
 
@@ -36,7 +35,9 @@ where
     #[doc(hidden)]
     // TODO: make this private
     pub frame_stream: FrameStream<C::BidiStream, B>,
-    pub(super) request_end_send: UnboundedSender<StreamId>,
+    // Patched for quicmesh (see PATCHED.md): held from the accept, so that a stream given up
+    // before its head (dropped, or ended without one) stops counting as a running request.
+    pub(super) request_end: RequestEnd,
     pub(super) send_grease_frame: bool,
     pub(super) max_field_section_size: u64,
     pub(super) shared: Arc<SharedState>,
@@ -69,9 +70,23 @@ where
     pub async fn resolve_request(
         mut self,
     ) -> Result<(Request<()>, RequestStream<C::BidiStream, B>), StreamError> {
-        let frame = std::future::poll_fn(|cx| self.frame_stream.poll_next(cx)).await;
+        let frame = self.first_frame().await;
         let req = self.accept_with_frame(frame)?;
         Ok(req.resolve().await?)
+    }
+
+    /// Patched for quicmesh (see PATCHED.md): waits for the request's first frame, to be given
+    /// to [`Self::accept_with_frame`], and leaves the resolver whole, so that a caller with a
+    /// deadline can still [give up](Self::give_up) on it.
+    pub async fn first_frame(&mut self) -> Result<Option<Frame<PayloadLen>>, FrameStreamError> {
+        std::future::poll_fn(|cx| self.frame_stream.poll_next(cx)).await
+    }
+
+    /// Patched for quicmesh (see PATCHED.md): gives up on a request whose head did not arrive
+    /// in time: the stream is stopped and reset with H3_REQUEST_INCOMPLETE (RFC 9114 4.1).
+    pub fn give_up(mut self) {
+        self.frame_stream.stop_sending(Code::H3_REQUEST_INCOMPLETE);
+        self.frame_stream.reset(Code::H3_REQUEST_INCOMPLETE.value());
     }
 
     /// Accepts a http request where the first frame has already been read and decoded.
@@ -155,10 +170,7 @@ where
     fn resolved(self, decoded: Result<qpack::Decoded, u64>) -> ResolvedRequest<C, B> {
         let max_field_section_size = self.max_field_section_size;
         let request_stream = RequestStream {
-            request_end: Arc::new(RequestEnd {
-                request_end: self.request_end_send.clone(),
-                stream_id: self.frame_stream.send_id(),
-            }),
+            request_end: Arc::new(self.request_end),
             inner: connection::RequestStream::new(
                 self.frame_stream,
                 max_field_section_size,
