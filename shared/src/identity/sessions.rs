@@ -11,7 +11,10 @@
 //! Writes happen on a thread of their own, which folds a burst of changes into one write: a
 //! handshake never waits for the whole file. The one exception is a session taken for 0-RTT:
 //! its key is appended to `<name>.taken` before the handshake goes on, so that a crash of the
-//! process before the next write cannot bring it back for a replayed first flight.
+//! process before the next write cannot bring it back for a replayed first flight. Past
+//! [`TAKEN_LOG_MAX`] the writer moves that log aside (`<name>.taken.old`) and starts a new one
+//! before it takes its snapshot, and removes the old one once the snapshot, which lacks every
+//! key the old log holds, is written; a restart reads both.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
@@ -34,6 +37,9 @@ pub const MAX_AGE: u64 = 24 * 3600;
 /// certificate chain).
 const MAX_VALUE: usize = 16 << 10;
 const MAGIC: &[u8; 8] = b"QMSESS1\n";
+/// The taken-keys log's size past which the writer folds it into the store's file (about
+/// 2 000 resumptions).
+const TAKEN_LOG_MAX: usize = 64 << 10;
 
 /// A server session store for the mesh listener, persisted to one file.
 pub struct SessionStore {
@@ -41,7 +47,7 @@ pub struct SessionStore {
     /// Keys of sessions taken (used for 0-RTT), appended as they go; the log is kept open (a
     /// handshake pays one write, not an open and a close).
     taken: Option<PathBuf>,
-    taken_log: Mutex<Option<std::fs::File>>,
+    taken_log: Arc<Mutex<Option<std::fs::File>>>,
     /// Wakes the writer; a full channel means a write is pending already.
     wake: Option<SyncSender<()>>,
 }
@@ -83,7 +89,9 @@ impl SessionStore {
         let digest = roots_digest(roots);
         let mut inner = Inner { roots: digest, ..Inner::default() };
         let taken_path = path.as_ref().map(|p| p.with_extension("taken"));
-        let used = taken_path.as_deref().map(read_taken).unwrap_or_default();
+        let old_path = path.as_ref().map(|p| p.with_extension("taken.old"));
+        let mut used = taken_path.as_deref().map(read_taken).unwrap_or_default();
+        used.extend(old_path.as_deref().map(read_taken).unwrap_or_default());
         if let Some(p) = &path {
             match std::fs::read(p) {
                 Ok(bytes) => match decode(&bytes, &digest, now()) {
@@ -102,16 +110,18 @@ impl SessionStore {
             }
         }
         // The taken keys are folded into the file now, and their log starts afresh.
-        if let (Some(p), Some(t)) = (&path, &taken_path) {
+        if let (Some(p), Some(t), Some(o)) = (&path, &taken_path, &old_path) {
             if !used.is_empty() && write_private(p, &encode(&inner)).is_ok() {
                 let _ = std::fs::remove_file(t);
+                let _ = std::fs::remove_file(o);
             }
         }
         let shared = Arc::new(Mutex::new(inner));
-        let wake = path.map(|p| writer(p, shared.clone()));
         // Opened now, so that the first 0-RTT handshake does not wait for it.
         let log = taken_path.as_deref().and_then(|t| private(t, true).ok());
-        Arc::new(Self { shared, taken: taken_path, taken_log: Mutex::new(log), wake })
+        let taken_log = Arc::new(Mutex::new(log));
+        let wake = path.map(|p| writer(p, shared.clone(), taken_log.clone()));
+        Arc::new(Self { shared, taken: taken_path, taken_log, wake })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -210,17 +220,26 @@ impl StoresServerSessions for SessionStore {
 
 /// The writer thread: each wake writes the whole store once (wakes during a write fold into
 /// the next one). It ends with the store, after its last write.
-fn writer(path: PathBuf, shared: Arc<Mutex<Inner>>) -> SyncSender<()> {
+fn writer(path: PathBuf, shared: Arc<Mutex<Inner>>, taken_log: Arc<Mutex<Option<std::fs::File>>>) -> SyncSender<()> {
     let (tx, rx) = sync_channel::<()>(1);
+    let (taken, old) = (path.with_extension("taken"), path.with_extension("taken.old"));
     // A wake still queued when the store goes is written before the thread ends.
     let spawned = std::thread::Builder::new().name("tls-sessions".into()).spawn(move || {
         while rx.recv().is_ok() {
+            // Before the snapshot: every key in the log moved aside was taken out of the store
+            // before it was appended, so the snapshot lacks it, and a key taken from now on goes
+            // to the new log.
+            let rotated = rotate_taken(&taken_log, &taken, &old);
             let bytes = {
                 let inner = shared.lock().unwrap_or_else(|p| p.into_inner());
                 encode(&inner)
             };
-            if let Err(e) = write_private(&path, &bytes) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot store TLS sessions");
+            match write_private(&path, &bytes) {
+                Ok(()) if rotated || old.exists() => {
+                    let _ = std::fs::remove_file(&old);
+                }
+                Ok(()) => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot store TLS sessions"),
             }
         }
     });
@@ -296,6 +315,20 @@ fn private(path: &Path, append: bool) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// Moves the taken-keys log at `taken` aside to `old` once it is past [`TAKEN_LOG_MAX`], and
+/// opens a new one in its place for the handshakes that follow; not while an `old` one is still
+/// there (its keys are in no written snapshot yet). True when it moved it.
+fn rotate_taken(log: &Mutex<Option<std::fs::File>>, taken: &Path, old: &Path) -> bool {
+    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+    let big = log.as_ref().and_then(|f| f.metadata().ok()).is_some_and(|m| m.len() > TAKEN_LOG_MAX as u64);
+    if !big || old.exists() || std::fs::rename(taken, old).is_err() {
+        return false;
+    }
+    // One that cannot be opened now is tried again by the next append.
+    *log = private(taken, true).ok();
+    true
+}
+
 /// Records `key` as used before the session it names is resumed: one append to `log` (opened
 /// at `path` if it is not yet), in the kernel's hands once written, so it outlives a crash of
 /// the process (not of the host: an fsync here cost milliseconds on every 0-RTT handshake, more
@@ -356,6 +389,59 @@ mod tests {
         std::fs::remove_file(&taken).unwrap();
         assert!(store.take(b"k2").is_some());
         assert!(read_taken(&taken).contains(b"k2".as_slice()), "k2 went to a removed file");
+    }
+
+    /// The log of taken keys is folded into the store's file as it grows, not only at a
+    /// restart: every 0-RTT resumption appended a record to it for the life of the process.
+    /// What was taken stays taken across a restart, whichever file its record was in.
+    #[test]
+    fn the_taken_log_stays_small_and_what_it_held_stays_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let taken = path.with_extension("taken");
+        let store = SessionStore::open(Some(path.clone()), &roots(1));
+        let key = |i: usize| format!("{i:032}").into_bytes();
+        let records = 3 * TAKEN_LOG_MAX / 33;
+        for i in 0..records {
+            assert!(store.put(key(i), vec![1; 8]));
+            assert!(store.take(&key(i)).is_some());
+        }
+        assert!(store.put(b"kept".to_vec(), b"v".to_vec()));
+        let digest = roots_digest(&roots(1));
+        let written = || {
+            let on_disk = std::fs::read(&path).ok().and_then(|b| decode(&b, &digest, now())).unwrap_or_default();
+            on_disk.iter().any(|(k, _, _)| k == b"kept")
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::metadata(&taken).map_or(0, |m| m.len()) > TAKEN_LOG_MAX as u64 || !written() {
+            assert!(std::time::Instant::now() < deadline, "the taken log kept every record");
+            std::thread::yield_now();
+        }
+        // A crash now: the store is not dropped (its writer would write once more).
+        std::mem::forget(store);
+        let again = SessionStore::open(Some(path.clone()), &roots(1));
+        assert_eq!(again.get(b"kept"), Some(b"v".to_vec()));
+        for i in 0..records {
+            assert_eq!(again.get(&key(i)), None, "session {i} was taken and came back");
+        }
+    }
+
+    /// A crash between the log's rotation and the store's next write leaves the rotated log:
+    /// its keys are not resumed after the restart.
+    #[test]
+    fn a_rotated_log_left_by_a_crash_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let mut inner = Inner { roots: roots_digest(&roots(1)), ..Inner::default() };
+        inner.insert(b"k1".to_vec(), now(), b"v1".to_vec());
+        inner.insert(b"k2".to_vec(), now(), b"v2".to_vec());
+        write_private(&path, &encode(&inner)).unwrap();
+        let mut log = None;
+        append_taken(&mut log, &path.with_extension("taken.old"), b"k1").unwrap();
+        let store = SessionStore::open(Some(path.clone()), &roots(1));
+        assert_eq!(store.get(b"k1"), None);
+        assert_eq!(store.get(b"k2"), Some(b"v2".to_vec()));
+        assert!(!path.with_extension("taken.old").exists(), "folded into the store at the start");
     }
 
     #[test]
