@@ -524,6 +524,8 @@ async fn config_dump_shows_the_effective_config_and_where_each_key_came_from() {
     assert_eq!(sources["node.name"], file.as_str(), "{sources}");
     assert_eq!(sources["mesh.trust_domain"], file.as_str(), "{sources}");
     assert_eq!(sources["node.drain_timeout"], serde_json::Value::Null, "defaults of [node] are not keys of a layer");
+    // Shown at its default too, though left out of what the gateway sends at it.
+    assert_eq!(dump["config"]["timeouts"]["tcp_idle"], "1h", "{}", dump["config"]["timeouts"]);
 
     let config = node.config.to_string_lossy().into_owned();
     let out = Command::new(bin())

@@ -428,7 +428,16 @@ pub fn config_dump(
             layers.insert((*key).to_string(), from_cp.clone());
         }
     }
-    let doc = serde_json::json!({ "version": version, "config": config, "sources": layers });
+    let mut shown = serde_json::to_value(config).unwrap_or_default();
+    // Left out of what is serialized at its default (nodes of the release before it refuse the
+    // field), but in force all the same.
+    if let Some(t) = shown.get_mut("timeouts").and_then(|t| t.as_object_mut()) {
+        #[derive(serde::Serialize)]
+        struct Shown(#[serde(with = "humantime_serde")] std::time::Duration);
+        let idle = serde_json::to_value(Shown(config.timeouts.tcp_idle)).unwrap_or_default();
+        t.entry("tcp_idle").or_insert(idle);
+    }
+    let doc = serde_json::json!({ "version": version, "config": shown, "sources": layers });
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
 
