@@ -877,7 +877,10 @@ async fn reset_http3_streams_give_their_credit_back() {
 /// gigabyte announced on its control stream closes its connection (`H3_EXCESSIVE_LOAD`). h3
 /// gathered any frame but DATA whole before looking at its size, so each stream held as much as
 /// a client sent before the header timeout, and a control stream had no timeout at all
-/// (`vendor/h3`'s PATCHED.md). Other clients are served.
+/// (`vendor/h3`'s PATCHED.md). Frames of unknown types mean nothing (RFC 9114 7.2.8, 9), so
+/// they are dropped as they arrive, whatever their size, never gathered nor refused: a request
+/// after one of a mebibyte is served, and one of a gigabyte on the control stream harms nothing.
+/// Other clients are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http3_frames_announced_past_the_limit_are_refused_before_they_are_read() {
     let demo = DemoProc::start(&[]);
@@ -918,9 +921,29 @@ async fn http3_frames_announced_past_the_limit_are_refused_before_they_are_read(
     let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await.expect("the stream stopped");
     assert_eq!(stopped.ok().flatten().map(|c| c.into_inner()), Some(0x100));
     assert!(conn.close_reason().is_none(), "the connection was closed: {:?}", conn.close_reason());
-    // On the control stream: an unknown frame type (a reserved one, 0x21) of a gigabyte.
+    // Unknown frames (a reserved type, 0x21): a gigabyte's begun on the control stream, and a
+    // mebibyte's before a request's head.
     let (conn, mut control) = connect().await;
     send_huge(&mut control, 0x21).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0x21, 0x80, 0x10, 0x00, 0x00]).await.unwrap();
+    send.write_all(&vec![0u8; 1 << 20]).await.unwrap();
+    // QPACK, static table only: GET, https, :path /hello, :authority localhost:PORT.
+    let authority = format!("localhost:{}", demo.port);
+    let mut head = vec![0x00, 0x00, 0xd1, 0xd7, 0x51, 6];
+    head.extend_from_slice(b"/hello");
+    head.extend_from_slice(&[0x50, authority.len() as u8]);
+    head.extend_from_slice(authority.as_bytes());
+    send.write_all(&[0x01, head.len() as u8]).await.unwrap();
+    send.write_all(&head).await.unwrap();
+    send.finish().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20)).await.expect("an answer");
+    let answer = String::from_utf8_lossy(&answer.unwrap()).into_owned();
+    assert!(answer.contains("hello from"), "{answer:?}");
+    assert!(conn.close_reason().is_none(), "the connection was closed: {:?}", conn.close_reason());
+    // On the control stream, a known frame type (GOAWAY) of a gigabyte.
+    let (conn, mut control) = connect().await;
+    send_huge(&mut control, 0x07).await;
     let closed =
         tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("the edge kept the connection");
     assert!(

@@ -86,7 +86,7 @@ where
                     Poll::Ready(false) => continue,
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(true) => {
-                        if self.stream.buf_mut().has_remaining() {
+                        if self.stream.buf_mut().has_remaining() || self.decoder.skip > 0 {
                             // Reached the end of receive stream, but there is still some data:
                             // The frame is incomplete.
                             Poll::Ready(Err(FrameStreamError::UnexpectedEnd))
@@ -232,6 +232,8 @@ pub struct FrameDecoder {
     expected: Option<usize>,
     /// Patched for quicmesh: see `FrameStream::limit_buffered`.
     max_buffered: Option<usize>,
+    /// Patched for quicmesh: what is left of an unknown frame being skipped as it arrives.
+    skip: u64,
 }
 
 impl FrameDecoder {
@@ -244,6 +246,14 @@ impl FrameDecoder {
         loop {
             if !src.has_remaining() {
                 return Ok(None);
+            }
+
+            // Patched for quicmesh: the rest of an unknown frame is dropped as it comes.
+            if self.skip > 0 {
+                let n = self.skip.min(src.remaining() as u64);
+                src.advance(n as usize);
+                self.skip -= n;
+                continue;
             }
 
             if let Some(min) = self.expected {
@@ -282,6 +292,17 @@ impl FrameDecoder {
                     continue;
                 }
                 Err(frame::FrameError::Incomplete(min)) => {
+                    // Patched for quicmesh: an unknown frame whose header is whole is skipped
+                    // as its payload arrives, never gathered (it has no meaning, RFC 9114
+                    // 7.2.8), whatever its length.
+                    let mut cur = src.cursor();
+                    if let Some(len) = Frame::<PayloadLen>::unknown_header(&mut cur) {
+                        let header = cur.position();
+                        src.advance(header);
+                        self.skip = len;
+                        self.expected = None;
+                        continue;
+                    }
                     // Patched for quicmesh: once the length is known, `min` is it plus two (at
                     // least the whole frame), and small while the frame's header is incomplete.
                     if self.max_buffered.is_some_and(|max| min > max) {

@@ -78,6 +78,31 @@ impl From<usize> for PayloadLen {
 impl Frame<PayloadLen> {
     pub const MAX_ENCODED_SIZE: usize = VarInt::MAX_SIZE * 7;
 
+    /// Patched for quicmesh (see PATCHED.md): the payload length of a frame of a type this
+    /// crate does not know, its header read from `buf`; `None` for a known type or a header not
+    /// all there (`buf` is then left anywhere).
+    pub(crate) fn unknown_header<T: Buf>(buf: &mut T) -> Option<u64> {
+        let ty = FrameType::decode(buf).ok()?;
+        let known = [
+            FrameType::DATA,
+            FrameType::HEADERS,
+            FrameType::H2_PRIORITY,
+            FrameType::CANCEL_PUSH,
+            FrameType::SETTINGS,
+            FrameType::PUSH_PROMISE,
+            FrameType::H2_PING,
+            FrameType::GOAWAY,
+            FrameType::H2_WINDOW_UPDATE,
+            FrameType::H2_CONTINUATION,
+            FrameType::MAX_PUSH_ID,
+            FrameType::WEBTRANSPORT_BI_STREAM,
+        ];
+        if known.contains(&ty) {
+            return None;
+        }
+        buf.get_var().ok()
+    }
+
     /// Decodes a Frame from the stream according to <https://www.rfc-editor.org/rfc/rfc9114#section-7.1>
     pub fn decode<T: Buf>(buf: &mut T) -> Result<Self, FrameError> {
         let remaining = buf.remaining();
