@@ -398,8 +398,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("CA fingerprint (sha256): {}", ca.fingerprint());
             for node in issue {
-                let (cert, key) = ca.issue(&node, std::time::Duration::from_secs(days * 86400))?;
-                println!("issued spiffe://{}/node/{node}: {} {}", ca.trust_domain, cert.display(), key.display());
+                issue_offline(&ca, &dir, &node, days)?;
             }
             Ok(())
         }
@@ -429,8 +428,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca { command: CaCommand::Issue { dir, node, days } } => {
             let ca = Ca::open(&dir)?;
             for node in node {
-                let (cert, key) = ca.issue(&node, std::time::Duration::from_secs(days * 86400))?;
-                println!("issued spiffe://{}/node/{node}: {} {}", ca.trust_domain, cert.display(), key.display());
+                issue_offline(&ca, &dir, &node, days)?;
             }
             Ok(())
         }
@@ -625,6 +623,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Top { admin, interval, count, by } => runtime()?.block_on(top::top(admin, interval, count, by)),
     }
+}
+
+/// Issues `node` a certificate for `days` into the CA's directory, and notes it there, so that
+/// the gateway does not let an unbound join token claim the name while the certificate holds.
+fn issue_offline(ca: &Ca, dir: &std::path::Path, node: &str, days: u64) -> anyhow::Result<()> {
+    let validity = std::time::Duration::from_secs(days.saturating_mul(86400));
+    let (cert, key) = ca.issue(node, validity)?;
+    let until =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().saturating_add(validity);
+    quicmesh_shared::control::enroll::record_issued(dir, node, until.as_secs())?;
+    println!("issued spiffe://{}/node/{node}: {} {}", ca.trust_domain, cert.display(), key.display());
+    Ok(())
 }
 
 /// Ends the process when standard input reaches its end: the parent that holds the other end

@@ -53,12 +53,25 @@ fn fresh_node(dir: &Path, name: &str) -> std::path::PathBuf {
 fn failing_join(s: &Setup, name: &str, token: &str, fingerprint: &str) -> String {
     let config = fresh_node(s.pki.path(), name);
     let control = s.gw.addrs.control.to_string();
-    let out = Command::new(bin())
+    let mut child = Command::new(bin())
         .args(["node", "--config"])
         .arg(&config)
         .args(["--join", &control, "--token", token, "--ca-fingerprint", fingerprint])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A join that succeeded runs the node on: ended here, and failed as such.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the join of {name} succeeded: the node is running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "the join of {name} succeeded");
     let state = s.pki.path().join(format!("{name}-state"));
     assert!(!state.join(format!("{name}.pem")).exists(), "a certificate was written for {name}");
@@ -168,7 +181,8 @@ async fn a_gateway_that_does_not_match_the_pinned_ca_gets_no_token() {
     drop(node);
 }
 
-/// An unbound token cannot mint the gateway's identity or a name already in the mesh.
+/// An unbound token cannot mint the gateway's identity, a name already in the mesh, or the name
+/// of a node that is away but holds a certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_cannot_claim_the_gateway_or_a_member_name() {
     let s = setup();
@@ -203,6 +217,31 @@ async fn a_token_cannot_claim_the_gateway_or_a_member_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("already in the mesh"), "{err}");
     assert!(!state.join("taken.pem").exists());
+    // Gone from the registry (it said goodbye), it still holds a certificate for the name: an
+    // unbound token does not get a second one (which would let its holder pose as the node).
+    drop(node);
+    // Killed: gone once its connection times out (3 s here) and `node_grace` (10 s) passes.
+    eventually(Duration::from_secs(40), "taken to leave the registry", || async {
+        let st = s.gw.admin_json("/nodes").await;
+        (!st["nodes"].as_array().unwrap().iter().any(|n| n["name"] == "taken")).then_some(())
+    })
+    .await;
+    let err = failing_join(&s, "taken", &token(&s, "1h"), &s.fingerprint);
+    assert!(err.contains("holds a certificate") && err.contains("--node taken"), "{err}");
+    // A token bound to the name re-enrolls it (a host that lost its state).
+    let bound = cli(&["token", "create", "--dir", &s.pki.path().display().to_string(), "--node", "taken"]);
+    let node = NodeProc::start_args(
+        "node",
+        s.pki.path(),
+        "taken",
+        &toml,
+        &["--join", &control, "--token", bound.trim(), "--ca-fingerprint", &s.fingerprint],
+    );
+    eventually(Duration::from_secs(10), "taken to register again", || async {
+        let st = s.gw.admin_json("/nodes").await;
+        st["nodes"].as_array().unwrap().iter().any(|n| n["name"] == "taken").then_some(())
+    })
+    .await;
     drop(node);
 }
 
@@ -332,4 +371,36 @@ async fn a_node_named_as_kubernetes_names_hosts_enrolls_and_joins() {
         st["nodes"].as_array().unwrap().iter().any(|n| n["name"] == name && n["connected"] == true).then_some(())
     })
     .await;
+}
+
+/// A connection without a certificate gets one enrollment request served, whatever it opens:
+/// QUIC lets it open 16 streams before the gateway knows it has no certificate, and each was
+/// served (each asking the token store: with etcd, a request to etcd per stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_certificate_gets_one_enrollment_request() {
+    let s = setup();
+    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_tls(&[b"h3"])).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(tls)));
+    let conn = ep.connect(s.gw.addrs.control, "gateway").unwrap().await.unwrap();
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let body = br#"{"name":"guess","token":"qm1.00","csr":"-"}"#;
+    let tries = (0..16).map(|_| {
+        let mut send = send.clone();
+        async move {
+            let req = http::Request::post("https://gateway/quicmesh.enroll/v1").body(()).unwrap();
+            let mut stream = send.send_request(req).await.ok()?;
+            stream.send_data(bytes::Bytes::from_static(body)).await.ok()?;
+            stream.finish().await.ok()?;
+            Some(stream.recv_response().await.ok()?.status())
+        }
+    });
+    let answered = tokio::time::timeout(Duration::from_secs(20), futures_util::future::join_all(tries))
+        .await
+        .expect("the requests neither answered nor ended");
+    let answered: Vec<_> = answered.into_iter().flatten().collect();
+    assert_eq!(answered.len(), 1, "{answered:?}");
+    let m = s.gw.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_enrollments_total", &[("result", "refused")]), 1.0, "{m}");
 }

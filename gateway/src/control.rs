@@ -1005,16 +1005,17 @@ impl Enroller {
         let ca = Ca::open(&self.dir).map_err(|e| format!("the gateway holds no CA: {e}"))?;
         let cert = ca.sign_csr(name, csr, ENROLLED_VALIDITY).map_err(|e| format!("bad signing request: {e}"))?;
         issued(name);
-        if let Some(store) = self.cp.store().cloned() {
-            // The member holds its new certificate whether or not etcd hears of it now.
-            let (record, name) =
-                (Issued::new(&cert, ENROLLED_VALIDITY, &self.gateway_name, "renewed"), name.to_string());
-            tokio::spawn(async move {
-                if let Err(e) = store.record_issue(&name, &record).await {
-                    warn!(node = name, "the renewal is not recorded in etcd: {e}");
-                }
-            });
-        }
+        let Some(store) = self.cp.store().cloned() else {
+            self.note_issued(name);
+            return Ok(cert);
+        };
+        // The member holds its new certificate whether or not etcd hears of it now.
+        let (record, name) = (Issued::new(&cert, ENROLLED_VALIDITY, &self.gateway_name, "renewed"), name.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = store.record_issue(&name, &record).await {
+                warn!(node = name, "the renewal is not recorded in etcd: {e}");
+            }
+        });
         Ok(cert)
     }
 
@@ -1035,11 +1036,22 @@ impl Enroller {
         // The token first (cheap, no key material touched), then the name, then the signature;
         // the token is spent last, so a refused request costs the holder nothing.
         let bound = enroll::check(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
-        self.name_free(&req.name, bound)?;
+        let held = enroll::holds_certificate(&self.dir, &req.name).map_err(|e| e.to_string())?;
+        self.name_free(&req.name, bound, held)?;
         let (certificate, ca) = self.sign(&req)?;
         enroll::redeem(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
         issued(&req.name);
+        self.note_issued(&req.name);
         Ok(EnrollResponse { certificate, ca })
+    }
+
+    /// Notes a certificate just issued to `name` in the CA's directory (without etcd, which
+    /// keeps its own record), for [`Enroller::name_free`].
+    fn note_issued(&self, name: &str) {
+        let until = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default() + ENROLLED_VALIDITY;
+        if let Err(e) = enroll::record_issued(&self.dir, name, until.as_secs()) {
+            warn!(node = name, "the certificate issued is not recorded: {e}");
+        }
     }
 
     /// Enrollment with replicas: the token is read from etcd and spent there in a transaction
@@ -1052,7 +1064,10 @@ impl Enroller {
         for _ in 0..16 {
             let (record, revision) = store.token(&req.token).await.map_err(unavailable)?.ok_or("unknown token")?;
             record.allows(&req.name).map_err(|e| e.to_string())?;
-            self.name_free(&req.name, record.node.is_some())?;
+            let held = store.issued(&req.name).await.map_err(unavailable)?.map(|i| i.not_after_unix);
+            let held = held
+                .filter(|until| *until > SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs());
+            self.name_free(&req.name, record.node.is_some(), held)?;
             let (certificate, ca) = match signed.take() {
                 Some(done) => done,
                 None => self.sign(&req)?,
@@ -1067,10 +1082,23 @@ impl Enroller {
         Err("the token is being redeemed elsewhere; try again".into())
     }
 
-    /// A name may be taken by a new enrollment only with a token bound to it.
-    fn name_free(&self, name: &str, bound: bool) -> Result<(), String> {
-        if !bound && self.cp.name_in_use(name) {
+    /// A name may be taken by a new enrollment only with a token bound to it while it is in
+    /// the mesh, or while a certificate issued for it holds (`held`: until when), though the
+    /// node be away: another certificate would let the token's holder pose as it.
+    fn name_free(&self, name: &str, bound: bool, held: Option<u64>) -> Result<(), String> {
+        if bound {
+            return Ok(());
+        }
+        if self.cp.name_in_use(name) {
             return Err(format!("node {name:?} is already in the mesh; re-enrolling it needs a token bound to it"));
+        }
+        if let Some(until) = held {
+            let left = until.saturating_sub(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs());
+            return Err(format!(
+                "node {name:?} holds a certificate for {} more; enrolling it again needs a token bound to it \
+                 (quicmesh token create --node {name})",
+                humantime::format_duration(Duration::from_secs(left))
+            ));
         }
         Ok(())
     }
@@ -1173,12 +1201,14 @@ async fn connection(
     builder.max_field_section_size(MAX_HEADERS);
     let quic = conn.clone();
     let Ok(mut h3) = builder.build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else { return };
+    let mut served = false;
     while let Ok(Some(resolver)) = h3.accept().await {
         let cp = cp.clone();
         let peer = peer.clone();
         let enroll = enroll.clone();
         let quic = quic.clone();
-        tokio::spawn(async move {
+        let unauthenticated = peer.is_none();
+        let work = async move {
             // A member's request head comes at once; one that does not is not waited for.
             let resolved = quicmesh_shared::transport::stream::h3_head_within(
                 resolver,
@@ -1200,7 +1230,18 @@ async fn connection(
                 (_, control::STREAM_PATH, None, _) => respond(&mut stream, StatusCode::FORBIDDEN, None).await,
                 _ => respond(&mut stream, StatusCode::NOT_FOUND, None).await,
             }
-        });
+        };
+        // Without a certificate: one request, served before another stream is read; the rest
+        // are dropped. (QUIC let it open 16 before it was known to have none, and each asked
+        // the token store.)
+        if unauthenticated {
+            if !served {
+                served = true;
+                work.await;
+            }
+            continue;
+        }
+        tokio::spawn(work);
     }
 }
 

@@ -90,39 +90,41 @@ fn hex(bytes: &[u8]) -> String {
 
 pub use crate::identity::fingerprint;
 
-fn store_path(dir: &Path) -> PathBuf {
-    dir.join("tokens.json")
-}
+/// The token store.
+const TOKENS: &str = "tokens.json";
+/// When each node's last certificate issued here expires (Unix seconds), by name.
+const ISSUED: &str = "issued.json";
 
-fn load(dir: &Path) -> Result<Vec<TokenRecord>, EnrollError> {
-    let path = store_path(dir);
+fn load<R: serde::de::DeserializeOwned + Default>(dir: &Path, file: &str) -> Result<R, EnrollError> {
+    let path = dir.join(file);
     match std::fs::read(&path) {
         Ok(data) => serde_json::from_slice(&data).map_err(|e| EnrollError::Store { path, reason: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(R::default()),
         Err(e) => Err(EnrollError::Store { path, reason: e.to_string() }),
     }
 }
 
-/// Runs `change` on the token store under an exclusive lock on `tokens.lock` beside it, then
-/// saves what it left: `quicmesh token create` run twice at once, or while the gateway redeems
-/// a token, would otherwise lose one of the writes.
-fn update<T>(
+/// Runs `change` on one of the stores in `dir` under an exclusive lock on `tokens.lock` beside
+/// them, then saves what it left: `quicmesh token create` run twice at once, or while the
+/// gateway redeems a token, would otherwise lose one of the writes.
+fn update<R: serde::de::DeserializeOwned + Serialize + Default, T>(
     dir: &Path,
-    change: impl FnOnce(&mut Vec<TokenRecord>) -> Result<T, EnrollError>,
+    file: &str,
+    change: impl FnOnce(&mut R) -> Result<T, EnrollError>,
 ) -> Result<T, EnrollError> {
     let lock_path = dir.join("tokens.lock");
     let err = |e: std::io::Error| EnrollError::Store { path: lock_path.clone(), reason: e.to_string() };
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(err)?;
     lock.lock().map_err(err)?;
-    let mut records = load(dir)?;
+    let mut records = load(dir, file)?;
     let out = change(&mut records)?;
-    save(dir, &records)?;
+    save(dir, file, &records)?;
     // Unlocked when `lock` closes.
     Ok(out)
 }
 
-fn save(dir: &Path, records: &[TokenRecord]) -> Result<(), EnrollError> {
-    let path = store_path(dir);
+fn save(dir: &Path, file: &str, records: &impl Serialize) -> Result<(), EnrollError> {
+    let path = dir.join(file);
     let err = |e: String| EnrollError::Store { path: path.clone(), reason: e };
     let data = serde_json::to_vec_pretty(records).map_err(|e| err(e.to_string()))?;
     let tmp = path.with_extension("tmp");
@@ -130,10 +132,30 @@ fn save(dir: &Path, records: &[TokenRecord]) -> Result<(), EnrollError> {
     std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))
 }
 
+type IssuedRecords = std::collections::BTreeMap<String, u64>;
+
+/// Notes that a certificate for node `name` was issued here, valid until `not_after_unix`
+/// (names whose certificates have all expired are forgotten as it writes).
+pub fn record_issued(dir: &Path, name: &str, not_after_unix: u64) -> Result<(), EnrollError> {
+    update(dir, ISSUED, |issued: &mut IssuedRecords| {
+        let now = now_unix();
+        issued.retain(|_, until| *until > now);
+        let until = issued.entry(name.to_string()).or_default();
+        *until = (*until).max(not_after_unix);
+        Ok(())
+    })
+}
+
+/// Until when node `name` holds a certificate issued here (Unix seconds), if it still does.
+pub fn holds_certificate(dir: &Path, name: &str) -> Result<Option<u64>, EnrollError> {
+    let issued: IssuedRecords = load(dir, ISSUED)?;
+    Ok(issued.get(name).copied().filter(|until| *until > now_unix()))
+}
+
 /// Creates a token valid for `ttl` and `uses` enrollments (optionally only for `node`).
 pub fn create_token(dir: &Path, ttl: Duration, uses: u32, node: Option<String>) -> Result<String, EnrollError> {
     let (token, record) = new_token(ttl, uses, node)?;
-    update(dir, |records| {
+    update(dir, TOKENS, |records: &mut Vec<TokenRecord>| {
         // Drop what can never be used again.
         let now = now_unix();
         records.retain(|r| r.expires_unix > now && r.uses_left > 0);
@@ -153,13 +175,13 @@ fn usable<'a>(records: &'a mut [TokenRecord], token: &str, name: &str) -> Result
 /// Whether `token` could enroll `name` now, without spending it; `Ok(true)` when the token is
 /// bound to exactly that name.
 pub fn check(dir: &Path, token: &str, name: &str) -> Result<bool, EnrollError> {
-    let mut records = load(dir)?;
+    let mut records: Vec<TokenRecord> = load(dir, TOKENS)?;
     Ok(usable(&mut records, token, name)?.node.is_some())
 }
 
 /// Spends one use of `token` for node `name`; on any refusal nothing changes.
 pub fn redeem(dir: &Path, token: &str, name: &str) -> Result<(), EnrollError> {
-    update(dir, |records| {
+    update(dir, TOKENS, |records: &mut Vec<TokenRecord>| {
         usable(records, token, name)?.uses_left -= 1;
         Ok(())
     })
@@ -213,7 +235,7 @@ mod tests {
     fn tokens_are_single_use_expire_and_are_stored_hashed() {
         let dir = tempfile::tempdir().unwrap();
         let t = create_token(dir.path(), Duration::from_secs(3600), 1, None).unwrap();
-        let stored = std::fs::read_to_string(store_path(dir.path())).unwrap();
+        let stored = std::fs::read_to_string(dir.path().join(TOKENS)).unwrap();
         assert!(!stored.contains(&t), "the token itself was stored");
         assert!(matches!(redeem(dir.path(), "qm1.nope", "a"), Err(EnrollError::Unknown)));
         redeem(dir.path(), &t, "a").unwrap();
