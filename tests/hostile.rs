@@ -1000,3 +1000,50 @@ async fn http3_streams_without_a_head_are_reset_and_forgotten() {
         "{closed:?}"
     );
 }
+
+/// Only WebSocket upgrades are carried as tunnels (as Envoy's default upgrade config): an
+/// HTTP/1.1 request asking to switch to anything else (h2c here, with its settings) is served
+/// as the ordinary request it also is, its `Upgrade` dropped as a hop-by-hop field (RFC 9110
+/// 7.8 lets a server ignore it), so a lenient instance cannot hand the client a raw channel
+/// past what the route checks per request. Before, any protocol went to the instance as an
+/// upgrade, and an instance that did not switch answered with its body dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_websocket_upgrades_are_tunnelled() {
+    let demo = DemoProc::start(&[]);
+    demo.wait_ready().await;
+    let answer = exchange(
+        demo.port,
+        "GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade, http2-settings, close\r\n\
+         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+            .to_string(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert!(body.contains("\"method\":\"GET\""), "the echo's body was dropped: {answer}");
+    assert!(!body.to_ascii_lowercase().contains("h2c"), "the upgrade reached the instance: {body}");
+}
+
+/// A client whose request bodies stall until the try's time runs out gets 408 `body-timeout`,
+/// and the instance that waited for them is not held to account: before, each such try
+/// counted as the endpoint's failure (504 `timeout`), so five stalled uploads from one client
+/// ejected `echo`'s instance for every other client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_bodies_are_the_clients_delay_not_the_endpoints() {
+    let demo = DemoProc::start(&[("QUICMESH_TIMEOUTS__REQUEST", "1s")]);
+    demo.wait_ready().await;
+    for i in 0..6 {
+        let mut s = tls_connect(demo.port, &[b"http/1.1"]).await;
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nabc").await.unwrap();
+        let head = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 408") && head.contains("body-timeout"), "stall {i}: {head}");
+    }
+    let m = demo.metrics().await;
+    assert_eq!(metric(&m, "quicmesh_outlier_ejections_total", &[("service", "echo")]), 0.0, "{m}");
+    let answer = exchange(
+        demo.port,
+        "POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi".to_string(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -376,3 +376,55 @@ async fn upgraded_connections_keep_their_routes_limits() {
     assert!(lasted >= Duration::from_millis(3500), "a busy socket ended after {lasted:?} of its 4 s life");
     assert!(echoed >= 10, "a busy socket carried {echoed} messages");
 }
+
+/// WebSockets that take every stream the connection to a node allows make another request to
+/// that node wait for a stream no longer than its try's time, and then it is answered 503
+/// `overloaded`; before, it waited for ever (no timer of the try had started), and so did every
+/// request to that node after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_a_stream_no_longer_than_its_try() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let state = pki.issue("node-a");
+    pki.issue("node-b");
+    let (echo, web) = (ws_echo().await, echo_backend().await);
+    let svc = format!(
+        "[[services]]\nname = \"ws\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
+         [[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{web}\"\n\n"
+    );
+    let b_toml =
+        node_toml("node-b", &state, &[], &svc).replace("[transport]\n", "[transport]\nmax_concurrent_streams = 4\n");
+    let b = NodeProc::start(pki.path(), "node-b", &b_toml);
+    let a_toml = node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &svc)
+        .replace("request = \"10s\"", "request = \"2s\"");
+    let a = NodeProc::start(pki.path(), "node-a", &a_toml);
+    let get_web = async || {
+        let mut tcp = tokio::net::TcpStream::connect(a.addrs.outbound).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(get_web().await.starts_with("HTTP/1.1 200"));
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(a.addrs.outbound).await.unwrap();
+        let (ws, resp) = tokio_tungstenite::client_async("ws://ws/chat", tcp).await.expect("upgraded");
+        assert_eq!(resp.status(), 101);
+        held.push(ws);
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(20), get_web()).await.expect("the request waited for ever");
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("overloaded"), "{answer}");
+    let m = a.metrics().await;
+    assert!(
+        metric(&m, "quicmesh_circuit_breaker_rejections_total", &[("service", "web"), ("limit", "peer_streams")])
+            >= 1.0,
+        "{m}"
+    );
+    // A stream free again: served.
+    drop(held);
+    eventually(Duration::from_secs(10), "web served again", || async {
+        get_web().await.starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await;
+}

@@ -434,6 +434,9 @@ pub struct SourceFault(Option<Arc<SourceFaultState>>);
 struct SourceFaultState {
     error: Mutex<Option<crate::message::error::ProxyError>>,
     notify: tokio::sync::Notify,
+    /// Set while the body's reader waits for the client's next piece (its last poll found
+    /// none yet); clear while the reader is busy elsewhere (sending what it has upstream).
+    waiting: std::sync::atomic::AtomicBool,
 }
 
 impl SourceFault {
@@ -445,6 +448,12 @@ impl SourceFault {
     /// Can the body still fail? (No for a body that had ended before it was watched.)
     pub fn watching(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// Is the body's reader waiting for the client's next piece? A try that ran out of time
+    /// then ran out of it waiting for the client, not for the upstream.
+    pub fn awaiting_client(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| s.waiting.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Resolves when the body fails; never, while it does not.
@@ -493,7 +502,11 @@ impl HttpBody for Watched {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(state) = &self.fault.0 {
+            state.waiting.store(polled.is_pending(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let polled = ready!(polled);
         if let Some(Err(e)) = &polled {
             self.fault.set(e);
         }

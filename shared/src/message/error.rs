@@ -35,6 +35,10 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    /// A try ran out of time while the client's request body was still on its way (the proxy
+    /// waiting for its next piece): the client's delay, held against no endpoint (408).
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     /// A request head larger than the next hop takes (431).
     #[error("request head too large: {0}")]
     HeadTooLarge(String),
@@ -89,6 +93,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_) | ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -116,6 +121,7 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => "upstream-reset",
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::BodyTooLarge(_) => "body-too-large",
+            ProxyError::BodyTimeout(_) => "body-timeout",
             ProxyError::HeadTooLarge(_) => "head-too-large",
             ProxyError::Denied(_) => "denied",
             ProxyError::Overloaded(_) => "overloaded",
@@ -161,6 +167,7 @@ impl ProxyError {
         "upstream-reset",
         "bad-request",
         "body-too-large",
+        "body-timeout",
         "head-too-large",
         "denied",
         "overloaded",

@@ -64,7 +64,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 fn grpc_code(reason: &str, status: u16) -> u8 {
     match reason {
         "no-route" | "not-implemented" => 12,                      // UNIMPLEMENTED
-        "timeout" | "connect-timeout" => 4,                        // DEADLINE_EXCEEDED
+        "timeout" | "connect-timeout" | "body-timeout" => 4,       // DEADLINE_EXCEEDED
         "denied" => 7,                                             // PERMISSION_DENIED
         "unauthenticated" => 16,                                   // UNAUTHENTICATED
         "rate-limited" | "body-too-large" | "head-too-large" => 8, // RESOURCE_EXHAUSTED

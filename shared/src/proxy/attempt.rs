@@ -240,6 +240,15 @@ impl Call<'_> {
                 debug!(service = svc.config.name, error = %e, "the client's request body failed");
                 Err(TryError::sent(e))
             }
+            // Out of time while the client's body was still on its way: the client's delay, and
+            // no endpoint's failure (before, a client that stalled its uploads got the
+            // instances that waited for them ejected).
+            None if fault.awaiting_client()
+                && matches!(&result, Err(TryError { error: ProxyError::Timeout(_), .. })) =>
+            {
+                debug!(service = svc.config.name, "the client's request body did not come in time");
+                Err(TryError::sent(ProxyError::BodyTimeout(per_try)))
+            }
             None => Ok(result),
         }
     }

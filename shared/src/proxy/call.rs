@@ -196,10 +196,14 @@ impl Call<'_> {
                 Ok(resp) if route_retry && peer_connection_failure(resp) => TryOutcome::Failed,
                 Ok(_) => TryOutcome::Done,
                 Err(TryError { error: ProxyError::Overloaded(_) | ProxyError::Denied(_), .. }) => TryOutcome::Done,
-                // The client's own body broke, or its head is too large for the next node: no
-                // other endpoint would fare better.
+                // The client's own body broke or did not come in time, or its head is too large
+                // for the next node: no other endpoint would fare better.
                 Err(TryError {
-                    error: ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_) | ProxyError::HeadTooLarge(_),
+                    error:
+                        ProxyError::BadRequest(_)
+                        | ProxyError::BodyTooLarge(_)
+                        | ProxyError::BodyTimeout(_)
+                        | ProxyError::HeadTooLarge(_),
                     ..
                 }) => TryOutcome::Done,
                 // A slow service would only get more load: a timed-out try is retried only when

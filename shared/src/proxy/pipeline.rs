@@ -94,6 +94,10 @@ pub async fn forward<'r>(
 ) -> Result<Response<Body>, ProxyError> {
     // An HTTP/1.1 upgrade (WebSocket) is routed as any request, then carried as a tunnel.
     let upgrade = upgrade::requested(&parts);
+    // An extended CONNECT for another protocol (connect-udp, webtransport) is not carried.
+    if let Some(other) = upgrade.as_ref().filter(|p| !upgrade::carried(p)) {
+        return Err(ProxyError::NotImplemented(format!("extended CONNECT for {other:?}")));
+    }
     // Phase: external authorization, before anything else acts on the request.
     if let Target::Route(matched) = &target {
         let auth = matched.rule.filters.iter().find_map(|f| match f {

@@ -20,6 +20,7 @@ use crate::config::EndpointConfig;
 use crate::message::body::{self, Body, H3Body, H3Send};
 use crate::message::error::ProxyError;
 use crate::message::headers::{self, GRPC_STATUS};
+use crate::telemetry::metrics as m;
 use crate::transport::lean::Head;
 use crate::transport::pool::PeerConn;
 use crate::transport::stream::{ClientRecv, RequestStream, WireError};
@@ -93,18 +94,18 @@ impl Call<'_> {
         if body.is_end_stream() && crate::policy::retry::idempotent(&parts.method) {
             // The replays are boxed, and what they replace is not kept across them: either
             // would add its size to every request's future.
-            let reason = match self.send_bodiless(&head, ep, per_try, Some(pooled)).await {
+            let reason = match self.send_bodiless(&head, &svc.config.name, ep, per_try, Some(pooled)).await {
                 Err(TryError { error: ProxyError::PeerUnreachable { reason, .. }, .. }) => reason,
                 other => return other,
             };
             debug!(peer = ep.node, reason, "pooled connection was dead; replaying on a fresh one");
-            return Box::pin(self.send_bodiless(&head, ep, per_try, None)).await;
+            return Box::pin(self.send_bodiless(&head, &svc.config.name, ep, per_try, None)).await;
         }
         // With a body, only the stream opening may be repeated: the body is not consumed yet.
-        let first = self.open_stream(&head, ep, Some(pooled)).await;
+        let first = self.open_stream(&head, &svc.config.name, ep, Some(pooled), per_try).await;
         let (pc, stream) = if matches!(&first, Err(TryError { error: ProxyError::PeerUnreachable { .. }, .. })) {
             drop(first);
-            Box::pin(self.open_stream(&head, ep, None)).await?
+            Box::pin(self.open_stream(&head, &svc.config.name, ep, None, per_try)).await?
         } else {
             first?
         };
@@ -127,12 +128,17 @@ impl Call<'_> {
     }
 
     /// Opens a request stream on `pooled`, else on the pool's connection; a dead or closing
-    /// connection is evicted. Nothing reached the peer when this fails.
+    /// connection is evicted. Nothing reached the peer when this fails. A connection whose
+    /// streams are all taken (long-lived ones: upgrades, tunnels, slow downloads) is waited on
+    /// for `per_try` at most, and then the try is refused as overloaded: before, it waited for
+    /// ever, and no timer of the try had started.
     async fn open_stream(
         &self,
         head: &Head<'_>,
+        service: &str,
         ep: &EndpointConfig,
         pooled: Option<PeerConn>,
+        per_try: Duration,
     ) -> Result<(PeerConn, RequestStream), TryError> {
         let pc = match pooled {
             Some(pc) => pc,
@@ -144,7 +150,13 @@ impl Call<'_> {
         if pc.early.is_some() {
             Box::pin(pc.ready_for(head.method)).await.map_err(TryError::unsent)?;
         }
-        let reason = match pc.open_head(head).await {
+        let Ok(opened) = tokio::time::timeout(per_try, pc.open_head(head)).await else {
+            metrics::counter!(m::CIRCUIT_OPEN, "service" => service.to_string(), "limit" => "peer_streams")
+                .increment(1);
+            debug!(peer = ep.node, service, ?per_try, "no free stream to the peer in time");
+            return Err(TryError::unsent(ProxyError::Overloaded(service.to_string())));
+        };
+        let reason = match opened {
             Ok(s) => {
                 pc.streams.increment(1);
                 return Ok((pc, s));
@@ -164,11 +176,12 @@ impl Call<'_> {
     async fn send_bodiless(
         &self,
         head: &Head<'_>,
+        service: &str,
         ep: &EndpointConfig,
         per_try: Duration,
         pooled: Option<PeerConn>,
     ) -> Result<Response<Body>, TryError> {
-        let (pc, mut stream) = self.open_stream(head, ep, pooled).await?;
+        let (pc, mut stream) = self.open_stream(head, service, ep, pooled, per_try).await?;
         if let Err(e) = stream.finish().await {
             let (unsent, reason) = (e.rejected(), e.to_string());
             // Not kept across the eviction.

@@ -43,8 +43,11 @@ pub const PATH_HEADER: HeaderName = HeaderName::from_static("quicmesh-path");
 pub const HOST_HEADER: HeaderName = HeaderName::from_static("quicmesh-host");
 
 /// The protocol a request asks to switch to: an HTTP/1.1 upgrade (`Connection: upgrade` and
-/// `Upgrade`), or an extended CONNECT (RFC 8441 over HTTP/2, RFC 9220 over HTTP/3) and its
-/// `:protocol`.
+/// `Upgrade`) to WebSocket, or an extended CONNECT (RFC 8441 over HTTP/2, RFC 9220 over
+/// HTTP/3) and its `:protocol`, whichever it is (see [`carried`]). An HTTP/1.1 request asking
+/// for another protocol (h2c, TLS) is served as the plain request it also is: its `Upgrade`
+/// goes with the other hop-by-hop fields (RFC 9110 7.8 lets a server ignore it), so an
+/// instance cannot switch the client to a channel the route does not see into.
 pub fn requested(parts: &Parts) -> Option<HeaderValue> {
     if parts.method == Method::CONNECT {
         let h2 = parts.extensions.get::<hyper::ext::Protocol>().map(|p| p.as_str());
@@ -62,10 +65,15 @@ pub fn requested(parts: &Parts) -> Option<HeaderValue> {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     if asks {
-        parts.headers.get(UPGRADE).cloned()
+        parts.headers.get(UPGRADE).filter(|p| carried(p)).cloned()
     } else {
         None
     }
+}
+
+/// Whether the proxies carry an upgrade to `protocol`: WebSocket's only.
+pub fn carried(protocol: &HeaderValue) -> bool {
+    protocol.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
 }
 
 /// The client's side of an upgraded connection: from hyper (HTTP/1.1, HTTP/2) or a pipe.
