@@ -1047,3 +1047,73 @@ async fn stalled_request_bodies_are_the_clients_delay_not_the_endpoints() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+/// Is the TCP connection from local port `local` to port `remote` still in the kernel's table?
+fn tcp_open(local: u16, remote: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port =
+        |field: Option<&str>| field.and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+    table.lines().skip(1).any(|l| {
+        let mut fields = l.split_whitespace().skip(1);
+        (port(fields.next()), port(fields.next())) == (Some(local), Some(remote))
+    })
+}
+
+/// Connects to `port` with a small receive buffer, then pipelines `request` and never reads;
+/// returns the local port. The server stops reading once its answers back up, so the writes
+/// may never end.
+async fn pipeline_without_reading(port: u16, tls: bool, request: String) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let local = tcp.local_addr().unwrap().port();
+    let mut stream: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = if tls {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls(&[b"http/1.1"])));
+        Box::new(connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap())
+    } else {
+        Box::new(tcp)
+    };
+    tokio::spawn(async move {
+        for _ in 0..20_000 {
+            if stream.write_all(request.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await;
+    });
+    assert!(tcp_open(local, port), "the connection is not in /proc/net/tcp");
+    local
+}
+
+/// A client that pipelines requests and stops reading the answers loses its connection once
+/// nothing has moved on it for the idle time: at the admin API 20 s, at the edge its
+/// `idle_timeout`. Before, it kept the connection for ever (HTTP/1.1 reads nothing more while an
+/// answer waits, and the idle timer looked only when a read waited; the admin's header timeout
+/// runs only while a request is awaited), so 256 such clients, with no token, silenced the
+/// admin's `/live`, `/ready` and `/metrics` for as long as they liked, and at the edge each
+/// held one of `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_let_go() {
+    let demo = DemoProc::start(&[("QUICMESH_GATEWAY__LIMITS__IDLE_TIMEOUT", "3s")]);
+    demo.wait_ready().await;
+    let edge =
+        pipeline_without_reading(demo.port, true, "GET /bytes/65536 HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string())
+            .await;
+    let admin = pipeline_without_reading(
+        demo.admin.port(),
+        false,
+        format!("GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", demo.admin),
+    )
+    .await;
+    // The answers are left unread. Once a server closes (with requests it never read: a
+    // reset), the connection leaves the kernel's table.
+    eventually(Duration::from_secs(60), "the edge to let go of a client that does not read", || async {
+        (!tcp_open(edge, demo.port)).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(60), "the admin to let go of a client that does not read", || async {
+        (!tcp_open(admin, demo.admin.port())).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(&format!("http://{}/live", demo.admin)).await.0, 200);
+}

@@ -204,11 +204,17 @@ fn logging(req: &Request<Incoming>) -> (StatusCode, String) {
 const MAX_ADMIN_CONNECTIONS: usize = 256;
 /// Time a client has to send a request's headers (also the first, after connecting).
 const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection on which no byte moved either way for this long is closed: one whose client
+/// stopped reading its answers (pipelining requests meanwhile) held its slot for ever, since
+/// the header timeout runs only while a request is awaited. A `/tap` stream writes a comment
+/// every 15 s.
+const ADMIN_IDLE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Serves the admin API until the task is dropped. A client that connects and sends no
-/// request, or sends it slowly, is cut off after [`ADMIN_HEADER_TIMEOUT`], and at most
-/// [`MAX_ADMIN_CONNECTIONS`] are open at once: before a token is checked anyone who can reach
-/// the port could otherwise hold descriptors the proxy needs.
+/// request, or sends it slowly, is cut off after [`ADMIN_HEADER_TIMEOUT`], one that moves no
+/// byte either way after [`ADMIN_IDLE`], and at most [`MAX_ADMIN_CONNECTIONS`] are open at
+/// once: before a token is checked anyone who can reach the port could otherwise hold
+/// descriptors the proxy needs.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
@@ -229,7 +235,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             // limit, so a client that sends none would never meet the header timeout.
             let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
             builder.http1().timer(TokioTimer::new()).header_read_timeout(ADMIN_HEADER_TIMEOUT);
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            let io = TokioIo::new(crate::transport::idle::IdleTimeout::new(stream, ADMIN_IDLE));
+            if let Err(e) = builder.serve_connection(io, svc).await {
                 debug!(error = %e, "admin connection ended with an error");
             }
         });

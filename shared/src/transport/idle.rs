@@ -94,6 +94,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
                 }
                 Poll::Ready(Ok(n))
             }
+            // A peer that stopped reading: what waits to be written is no traffic (HTTP/1.1
+            // reads nothing more while an answer waits, so the read side never looks).
+            Poll::Pending => {
+                self.check(cx)?;
+                Poll::Pending
+            }
             other => other,
         }
     }
@@ -110,6 +116,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
                 }
                 Poll::Ready(Ok(n))
             }
+            Poll::Pending => {
+                self.check(cx)?;
+                Poll::Pending
+            }
             other => other,
         }
     }
@@ -119,7 +129,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        // A TLS stream takes writes into its own buffer and waits here for the socket.
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => {
+                self.check(cx)?;
+                Poll::Pending
+            }
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -168,6 +185,19 @@ mod tests {
         let err = io.read(&mut sink).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(Instant::now() - last, Duration::from_secs(10));
+    }
+
+    /// A peer that stops reading: a write that waits for it as long as the timeout fails, though
+    /// the read side is never polled (HTTP/1.1 reads nothing more while an answer waits).
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_never_takes_ends_it() {
+        let (near, _far) = tokio::io::duplex(64);
+        let mut io = IdleTimeout::new(near, Duration::from_secs(10));
+        let start = Instant::now();
+        let written = tokio::time::timeout(Duration::from_secs(60), io.write_all(&[0u8; 1024])).await;
+        let err = written.expect("the write waited for ever").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(Instant::now() - start, Duration::from_secs(10));
     }
 
     /// A lifetime ends the connection however busy it is.
