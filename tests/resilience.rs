@@ -852,3 +852,49 @@ async fn a_rule_timeout_longer_than_the_mesh_default_holds_on_both_nodes() {
     let (status, reason, _) = call(&c, a.addrs.outbound, "GET", "web", "").await;
     assert_eq!((status, reason.as_str()), (504, "timeout"), "no rule: the mesh's 1 s");
 }
+
+/// An upload the instance stops reading (its node's stream, then ours, out of credit) that
+/// runs past the try's time is the endpoint's timeout, 504 `timeout`, and counts against it,
+/// though the client's body had not all gone: it was the upstream that waited, not the
+/// client. (A body whose client stalls is its own delay, 408: `tests/hostile.rs`.) The client
+/// sends in paced pieces, so the proxy often finds none ready when it looks ahead for more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_instance_does_not_read_is_the_instances_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stuck = silent_backend().await;
+    let services = format!(
+        "[[services]]\nname = \"web\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{stuck}\"\n\n\
+         [[routes]]\nname = \"upload\"\nhostnames = [\"upload\"]\n[[routes.rules]]\ntimeouts = {{ request = \"3s\" }}\n\
+         [[routes.rules.backendRefs]]\nname = \"web\"\n"
+    );
+    let m = three_nodes(&services).await;
+    let tcp = tokio::net::TcpStream::connect(m.a.addrs.outbound).await.unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let total = 64usize << 20;
+    tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: upload\r\nContent-Length: {total}\r\n\r\n");
+        writer.write_all(head.as_bytes()).await.unwrap();
+        let piece = vec![7u8; 64 << 10];
+        for _ in 0..total / piece.len() {
+            if writer.write_all(&piece).await.is_err() {
+                break;
+            }
+            // Paced: the client's rate, not a wait for anything.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        std::future::pending::<()>().await;
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read).await.expect("no answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504") && answer.contains("quicmesh-error: timeout"), "{answer}");
+}

@@ -1036,7 +1036,11 @@ impl Enroller {
         // The token first (cheap, no key material touched), then the name, then the signature;
         // the token is spent last, so a refused request costs the holder nothing.
         let bound = enroll::check(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
-        let held = enroll::holds_certificate(&self.dir, &req.name).map_err(|e| e.to_string())?;
+        // Looked up only for an unbound token: a bound one may take the name whatever it holds.
+        let held = match bound {
+            true => None,
+            false => enroll::holds_certificate(&self.dir, &req.name).map_err(|e| e.to_string())?,
+        };
         self.name_free(&req.name, bound, held)?;
         let (certificate, ca) = self.sign(&req)?;
         enroll::redeem(&self.dir, &req.token, &req.name).map_err(|e| e.to_string())?;
@@ -1064,10 +1068,19 @@ impl Enroller {
         for _ in 0..16 {
             let (record, revision) = store.token(&req.token).await.map_err(unavailable)?.ok_or("unknown token")?;
             record.allows(&req.name).map_err(|e| e.to_string())?;
-            let held = store.issued(&req.name).await.map_err(unavailable)?.map(|i| i.not_after_unix);
-            let held = held
-                .filter(|until| *until > SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs());
-            self.name_free(&req.name, record.node.is_some(), held)?;
+            let bound = record.node.is_some();
+            let held = match bound {
+                true => None,
+                // What replicas issued (etcd), and what `quicmesh ca issue` noted in the CA's
+                // directory.
+                false => {
+                    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+                    let shared = store.issued(&req.name).await.map_err(unavailable)?.map(|i| i.not_after_unix);
+                    let local = enroll::holds_certificate(&self.dir, &req.name).map_err(|e| e.to_string())?;
+                    shared.filter(|until| *until > now).max(local)
+                }
+            };
+            self.name_free(&req.name, bound, held)?;
             let (certificate, ca) = match signed.take() {
                 Some(done) => done,
                 None => self.sign(&req)?,
@@ -1203,11 +1216,18 @@ async fn connection(
     let Ok(mut h3) = builder.build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else { return };
     let mut served = false;
     while let Ok(Some(resolver)) = h3.accept().await {
+        // Without a certificate: one request, served before another stream is read; the rest
+        // are refused unprocessed. (QUIC let it open 16 before it was known to have none, and
+        // each asked the token store.)
+        let unauthenticated = peer.is_none();
+        if unauthenticated && served {
+            resolver.give_up(h3::error::Code::H3_REQUEST_REJECTED);
+            continue;
+        }
         let cp = cp.clone();
         let peer = peer.clone();
         let enroll = enroll.clone();
         let quic = quic.clone();
-        let unauthenticated = peer.is_none();
         let work = async move {
             // A member's request head comes at once; one that does not is not waited for.
             let resolved = quicmesh_shared::transport::stream::h3_head_within(
@@ -1231,14 +1251,9 @@ async fn connection(
                 _ => respond(&mut stream, StatusCode::NOT_FOUND, None).await,
             }
         };
-        // Without a certificate: one request, served before another stream is read; the rest
-        // are dropped. (QUIC let it open 16 before it was known to have none, and each asked
-        // the token store.)
         if unauthenticated {
-            if !served {
-                served = true;
-                work.await;
-            }
+            served = true;
+            work.await;
             continue;
         }
         tokio::spawn(work);

@@ -434,9 +434,16 @@ pub struct SourceFault(Option<Arc<SourceFaultState>>);
 struct SourceFaultState {
     error: Mutex<Option<crate::message::error::ProxyError>>,
     notify: tokio::sync::Notify,
-    /// Set while the body's reader waits for the client's next piece (its last poll found
-    /// none yet); clear while the reader is busy elsewhere (sending what it has upstream).
-    waiting: std::sync::atomic::AtomicBool,
+    /// Since when the body's reader has been waiting for the client's next piece (its last
+    /// poll found none yet), as nanoseconds past [`stall_base`] plus one; 0 while the reader is
+    /// not waiting on the client (it took a piece, and is busy sending it upstream).
+    stalled_since: std::sync::atomic::AtomicU64,
+}
+
+/// The instant [`SourceFaultState::stalled_since`] counts from.
+fn stall_base() -> std::time::Instant {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(std::time::Instant::now)
 }
 
 impl SourceFault {
@@ -450,10 +457,14 @@ impl SourceFault {
         self.0.is_some()
     }
 
-    /// Is the body's reader waiting for the client's next piece? A try that ran out of time
-    /// then ran out of it waiting for the client, not for the upstream.
-    pub fn awaiting_client(&self) -> bool {
-        self.0.as_ref().is_some_and(|s| s.waiting.load(std::sync::atomic::Ordering::Relaxed))
+    /// Has the body's reader been waiting for the client's next piece for `at_least`? A try
+    /// that ran out of time then ran out of it waiting for the client, not for the upstream.
+    pub fn awaiting_client_for(&self, at_least: std::time::Duration) -> bool {
+        let Some(state) = &self.0 else { return false };
+        match state.stalled_since.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => false,
+            since => stall_base().elapsed().saturating_sub(std::time::Duration::from_nanos(since - 1)) >= at_least,
+        }
     }
 
     /// Resolves when the body fails; never, while it does not.
@@ -504,7 +515,19 @@ impl HttpBody for Watched {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Some(state) = &self.fault.0 {
-            state.waiting.store(polled.is_pending(), std::sync::atomic::Ordering::Relaxed);
+            use std::sync::atomic::Ordering::Relaxed;
+            match &polled {
+                // A look ahead with no waker (`join_ready`) is no wait: the reader goes on to
+                // send what it has.
+                Poll::Pending if cx.waker().will_wake(std::task::Waker::noop()) => {}
+                Poll::Pending => {
+                    if state.stalled_since.load(Relaxed) == 0 {
+                        let since = u64::try_from(stall_base().elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+                        state.stalled_since.store(since + 1, Relaxed);
+                    }
+                }
+                Poll::Ready(_) => state.stalled_since.store(0, Relaxed),
+            }
         }
         let polled = ready!(polled);
         if let Some(Err(e)) = &polled {

@@ -112,8 +112,10 @@ impl Call<'_> {
         // A peer that could not be reached is marked unreachable by the pool and skipped until
         // its probe succeeds: charging its endpoints as slow or ejecting them too would keep
         // them out long after it is back.
+        // Nor is a connection to its node that had no free stream in time (long-lived streams
+        // took them all) the endpoint's doing.
         if let Err(TryError {
-            error: ProxyError::PeerUnreachable { .. } | ProxyError::ConnectTimeout(_),
+            error: ProxyError::PeerUnreachable { .. } | ProxyError::ConnectTimeout(_) | ProxyError::Overloaded(_),
             unsent: true,
         }) = &result
         {
@@ -243,7 +245,9 @@ impl Call<'_> {
             // Out of time while the client's body was still on its way: the client's delay, and
             // no endpoint's failure (before, a client that stalled its uploads got the
             // instances that waited for them ejected).
-            None if fault.awaiting_client()
+            // (Waiting for it for half the try at least: a client of a streaming call that waits
+            // for the service's answer is not stalling it.)
+            None if fault.awaiting_client_for(per_try / 2)
                 && matches!(&result, Err(TryError { error: ProxyError::Timeout(_), .. })) =>
             {
                 debug!(service = svc.config.name, "the client's request body did not come in time");

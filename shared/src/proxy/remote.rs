@@ -2,7 +2,9 @@
 //! carrying the chosen service and endpoint in internal headers. A dead pooled connection is
 //! evicted and, when nothing can have reached the peer, the request is sent again on a fresh one.
 
+use std::future::Future as _;
 use std::net::SocketAddr;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::HOST;
@@ -150,7 +152,16 @@ impl Call<'_> {
         if pc.early.is_some() {
             Box::pin(pc.ready_for(head.method)).await.map_err(TryError::unsent)?;
         }
-        let Ok(opened) = tokio::time::timeout(per_try, pc.open_head(head)).await else {
+        // Polled once first: nearly always the stream opens and the head goes at once, and then
+        // no timer is made (nor the clock read).
+        let opened = {
+            let mut open = std::pin::pin!(pc.open_head(head));
+            match std::future::poll_fn(|cx| Poll::Ready(open.as_mut().poll(cx))).await {
+                Poll::Ready(opened) => Some(opened),
+                Poll::Pending => tokio::time::timeout(per_try, open).await.ok(),
+            }
+        };
+        let Some(opened) = opened else {
             metrics::counter!(m::CIRCUIT_OPEN, "service" => service.to_string(), "limit" => "peer_streams")
                 .increment(1);
             debug!(peer = ep.node, service, ?per_try, "no free stream to the peer in time");

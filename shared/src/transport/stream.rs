@@ -33,7 +33,7 @@ pub async fn h3_head_within(
     let frame = match tokio::time::timeout_at(deadline, resolver.first_frame()).await {
         Ok(frame) => frame,
         Err(_) => {
-            resolver.give_up();
+            resolver.give_up(h3::error::Code::H3_REQUEST_INCOMPLETE);
             return Err(HeadLate);
         }
     };

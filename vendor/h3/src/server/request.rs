@@ -82,11 +82,12 @@ where
         std::future::poll_fn(|cx| self.frame_stream.poll_next(cx)).await
     }
 
-    /// Patched for quicmesh (see PATCHED.md): gives up on a request whose head did not arrive
-    /// in time: the stream is stopped and reset with H3_REQUEST_INCOMPLETE (RFC 9114 4.1).
-    pub fn give_up(mut self) {
-        self.frame_stream.stop_sending(Code::H3_REQUEST_INCOMPLETE);
-        self.frame_stream.reset(Code::H3_REQUEST_INCOMPLETE.value());
+    /// Patched for quicmesh (see PATCHED.md): gives up on a request before its head: the
+    /// stream is stopped and reset with `code` (H3_REQUEST_INCOMPLETE for a head that did not
+    /// arrive in time, RFC 9114 4.1; H3_REQUEST_REJECTED for one not to be served).
+    pub fn give_up(mut self, code: Code) {
+        self.frame_stream.stop_sending(code);
+        self.frame_stream.reset(code.value());
     }
 
     /// Accepts a http request where the first frame has already been read and decoded.
