@@ -1312,3 +1312,29 @@ async fn a_node_registers_a_bounded_number_of_instances() {
     })
     .await;
 }
+
+/// Two replicas redeeming two unbound tokens for one name at once cannot both issue it: the
+/// redemption holds only if the name's issued record is still as it was read (the transaction
+/// compared the token alone, so both replicas issued the name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_unbound_tokens_cannot_both_take_one_name_across_replicas() {
+    use quicmesh_gateway::store::{Issued, Store};
+    use quicmesh_shared::control::enroll::new_token;
+    let Some(etcd) = Etcd::start().await else { return };
+    let store = Store::new(vec![etcd.client().to_string()], "/race", Duration::from_secs(60));
+    let (a, record_a) = new_token(Duration::from_secs(3600), 1, None).unwrap();
+    let (b, record_b) = new_token(Duration::from_secs(3600), 1, None).unwrap();
+    store.add_token(&record_a).await.unwrap();
+    store.add_token(&record_b).await.unwrap();
+    // Both replicas read the name as never issued, and their tokens as they stand.
+    let (never, at) = store.issued("twin").await.unwrap();
+    assert!(never.is_none() && at == 0);
+    let (record_a, revision_a) = store.token(&a).await.unwrap().unwrap();
+    let (record_b, revision_b) = store.token(&b).await.unwrap().unwrap();
+    let issue = Issued::new("", Duration::from_secs(86400), "replica", "enrolled");
+    assert!(store.spend_token(&record_a, revision_a, "twin", &issue, Some(at)).await.unwrap());
+    assert!(!store.spend_token(&record_b, revision_b, "twin", &issue, Some(at)).await.unwrap());
+    // The second token was not spent, and the name is now issued.
+    assert_eq!(store.token(&b).await.unwrap().unwrap().0.uses_left, 1);
+    assert!(store.issued("twin").await.unwrap().0.is_some());
+}

@@ -1069,15 +1069,17 @@ impl Enroller {
             let (record, revision) = store.token(&req.token).await.map_err(unavailable)?.ok_or("unknown token")?;
             record.allows(&req.name).map_err(|e| e.to_string())?;
             let bound = record.node.is_some();
-            let held = match bound {
-                true => None,
+            let (held, issued_at) = match bound {
+                true => (None, None),
                 // What replicas issued (etcd), and what `quicmesh ca issue` noted in the CA's
-                // directory.
+                // directory; the redemption below holds only if no replica issues the name
+                // meanwhile.
                 false => {
                     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-                    let shared = store.issued(&req.name).await.map_err(unavailable)?.map(|i| i.not_after_unix);
+                    let (shared, at) = store.issued(&req.name).await.map_err(unavailable)?;
+                    let shared = shared.map(|i| i.not_after_unix).filter(|until| *until > now);
                     let local = enroll::holds_certificate(&self.dir, &req.name).map_err(|e| e.to_string())?;
-                    shared.filter(|until| *until > now).max(local)
+                    (shared.max(local), Some(at))
                 }
             };
             self.name_free(&req.name, bound, held)?;
@@ -1086,7 +1088,7 @@ impl Enroller {
                 None => self.sign(&req)?,
             };
             let record_of = Issued::new(&certificate, ENROLLED_VALIDITY, &self.gateway_name, "enrolled");
-            if store.spend_token(&record, revision, &req.name, &record_of).await.map_err(unavailable)? {
+            if store.spend_token(&record, revision, &req.name, &record_of, issued_at).await.map_err(unavailable)? {
                 issued(&req.name);
                 return Ok(EnrollResponse { certificate, ca });
             }

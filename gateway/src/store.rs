@@ -167,11 +167,18 @@ impl Etcd {
     /// Runs `ops` only if `key` was last written at `revision` (0: only if it does not exist),
     /// atomically; whether they ran.
     pub async fn put_if(&self, key: &str, revision: i64, ops: &[Op]) -> Result<bool, StoreError> {
-        let compare = if revision == 0 {
-            json!({ "key": b64(key), "target": "CREATE", "create_revision": "0", "result": "EQUAL" })
-        } else {
-            json!({ "key": b64(key), "target": "MOD", "mod_revision": revision.to_string(), "result": "EQUAL" })
-        };
+        self.put_if_all(&[(key, revision)], ops).await
+    }
+
+    /// [`Etcd::put_if`] with several keys, each as last read.
+    pub async fn put_if_all(&self, expected: &[(&str, i64)], ops: &[Op]) -> Result<bool, StoreError> {
+        let compare: Vec<Value> = expected
+            .iter()
+            .map(|(key, revision)| match revision {
+                0 => json!({ "key": b64(key), "target": "CREATE", "create_revision": "0", "result": "EQUAL" }),
+                r => json!({ "key": b64(key), "target": "MOD", "mod_revision": r.to_string(), "result": "EQUAL" }),
+            })
+            .collect();
         let success: Vec<Value> = ops
             .iter()
             .map(|op| match op {
@@ -183,7 +190,7 @@ impl Etcd {
                 }
             })
             .collect();
-        let v = self.call("/v3/kv/txn", json!({ "compare": [compare], "success": success })).await?;
+        let v = self.call("/v3/kv/txn", json!({ "compare": compare, "success": success })).await?;
         Ok(v["succeeded"].as_bool() == Some(true))
     }
 
@@ -420,12 +427,16 @@ impl Store {
     /// Spends one use of a token read at `revision` and records the certificate issued with
     /// it, in one transaction: false (nothing written) when the token changed since it was
     /// read, so of two replicas redeeming one token at once exactly one succeeds.
+    /// With `issued_at` (the revision of the node's issued record as read, 0 for none), only
+    /// if no replica has issued the node a certificate since: two replicas redeeming two
+    /// unbound tokens for one name at once would otherwise both issue it.
     pub async fn spend_token(
         &self,
         record: &TokenRecord,
         revision: i64,
         node: &str,
         issue: &Issued,
+        issued_at: Option<i64>,
     ) -> Result<bool, StoreError> {
         let key = self.token_key(&record.sha256);
         // A spent token stays (with no uses left) until its lease ends, so a late holder hears
@@ -433,7 +444,12 @@ impl Store {
         let left = TokenRecord { uses_left: record.uses_left.saturating_sub(1), ..record.clone() };
         let spent = Op::Put(key.clone(), serde_json::to_vec(&left).unwrap_or_default());
         let issued = Op::PutNew(self.issued_key(node), serde_json::to_vec(issue).unwrap_or_default());
-        self.etcd.put_if(&key, revision, &[spent, issued]).await
+        let issued_key = self.issued_key(node);
+        let mut expected = vec![(key.as_str(), revision)];
+        if let Some(at) = issued_at {
+            expected.push((issued_key.as_str(), at));
+        }
+        self.etcd.put_if_all(&expected, &[spent, issued]).await
     }
 
     /// Records a certificate issued outside enrollment (a renewal).
@@ -441,9 +457,13 @@ impl Store {
         self.etcd.put(&self.issued_key(node), &serde_json::to_vec(issue).unwrap_or_default(), None).await
     }
 
-    /// The last certificate issued to `node`, by any replica.
-    pub async fn issued(&self, node: &str) -> Result<Option<Issued>, StoreError> {
-        Ok(self.etcd.get(&self.issued_key(node)).await?.and_then(|(v, _)| serde_json::from_slice(&v).ok()))
+    /// The last certificate issued to `node`, by any replica, and the revision of its record
+    /// (0: none).
+    pub async fn issued(&self, node: &str) -> Result<(Option<Issued>, i64), StoreError> {
+        Ok(match self.etcd.get(&self.issued_key(node)).await? {
+            Some((v, revision)) => (serde_json::from_slice(&v).ok(), revision),
+            None => (None, 0),
+        })
     }
 
     /// Everything under the prefix.
