@@ -379,12 +379,8 @@ async fn a_node_named_as_kubernetes_names_hosts_enrolls_and_joins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_without_a_certificate_gets_one_enrollment_request() {
     let s = setup();
-    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_tls(&[b"h3"])).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(tls)));
-    let conn = ep.connect(s.gw.addrs.control, "gateway").unwrap().await.unwrap();
-    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
-    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    // No client certificate (the edge's test client, pointed at the control listener).
+    let (_ep, send) = h3_connect(s.gw.addrs.control.port()).await;
     let body = br#"{"name":"guess","token":"qm1.00","csr":"-"}"#;
     let tries = (0..16).map(|_| {
         let mut send = send.clone();

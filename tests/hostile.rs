@@ -872,6 +872,18 @@ async fn reset_http3_streams_give_their_credit_back() {
     assert_eq!(status, 200);
 }
 
+/// An HTTP/3 connection to the edge at `port` spoken by hand: QUIC, and the client's control
+/// stream (type 0) with its SETTINGS, as RFC 9114 asks; frames are the caller's to write.
+async fn raw_h3(port: u16) -> (quinn::Connection, quinn::SendStream) {
+    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_tls(&[b"h3"])).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(tls)));
+    let conn = ep.connect(([127, 0, 0, 1], port).into(), "localhost").unwrap().await.unwrap();
+    let mut control = conn.open_uni().await.unwrap();
+    control.write_all(&[0x00, 0x04, 0x00]).await.unwrap();
+    (conn, control)
+}
+
 /// An HTTP/3 client that announces a request head of a gigabyte and starts sending it gets 431
 /// when the frame's length arrives, and the rest is not read; its connection stays. A frame of a
 /// gigabyte announced on its control stream closes its connection (`H3_EXCESSIVE_LOAD`). h3
@@ -885,16 +897,7 @@ async fn reset_http3_streams_give_their_credit_back() {
 async fn http3_frames_announced_past_the_limit_are_refused_before_they_are_read() {
     let demo = DemoProc::start(&[]);
     demo.wait_ready().await;
-    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_tls(&[b"h3"])).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(tls)));
-    // A connection with its control stream (type 0) and SETTINGS, as RFC 9114 asks.
-    let connect = async || {
-        let conn = ep.connect(([127, 0, 0, 1], demo.port).into(), "localhost").unwrap().await.unwrap();
-        let mut control = conn.open_uni().await.unwrap();
-        control.write_all(&[0x00, 0x04, 0x00]).await.unwrap();
-        (conn, control)
-    };
+    let connect = async || raw_h3(demo.port).await;
     // A frame's type and a length of 2^30 - 1 (a four-byte varint), then 256 KiB of it.
     let send_huge = async |send: &mut quinn::SendStream, ty: u8| {
         send.write_all(&[ty, 0xbf, 0xff, 0xff, 0xff]).await.unwrap();
@@ -965,12 +968,7 @@ async fn http3_frames_announced_past_the_limit_are_refused_before_they_are_read(
 async fn http3_streams_without_a_head_are_reset_and_forgotten() {
     let demo = DemoProc::start(&[("QUICMESH_GATEWAY__LIMITS__HEADER_READ_TIMEOUT", "1s")]);
     demo.wait_ready().await;
-    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_tls(&[b"h3"])).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(tls)));
-    let conn = ep.connect(([127, 0, 0, 1], demo.port).into(), "localhost").unwrap().await.unwrap();
-    let mut control = conn.open_uni().await.unwrap();
-    control.write_all(&[0x00, 0x04, 0x00]).await.unwrap();
+    let (conn, mut control) = raw_h3(demo.port).await;
     let reset_code = async |recv: &mut quinn::RecvStream| {
         let mut buf = [0u8; 64];
         match tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf)).await.expect("an answer") {

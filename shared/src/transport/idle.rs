@@ -40,6 +40,15 @@ impl<T> IdleTimeout<T> {
         self.last = Instant::now();
     }
 
+    /// What a read or write that found nothing to do returns: the error of a timer that ran out,
+    /// else `Pending`, registered for the timers' wake-ups.
+    fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        match self.check(cx) {
+            Ok(()) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
     /// Errors when a timer ran out; otherwise registers for their wake-ups.
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if let Some(deadline) = &mut self.deadline {
@@ -77,10 +86,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => {
-                self.check(cx)?;
-                Poll::Pending
-            }
+            Poll::Pending => self.waiting(cx),
         }
     }
 }
@@ -96,10 +102,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
             }
             // A peer that stopped reading: what waits to be written is no traffic (HTTP/1.1
             // reads nothing more while an answer waits, so the read side never looks).
-            Poll::Pending => {
-                self.check(cx)?;
-                Poll::Pending
-            }
+            Poll::Pending => self.waiting(cx),
             other => other,
         }
     }
@@ -116,10 +119,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
                 }
                 Poll::Ready(Ok(n))
             }
-            Poll::Pending => {
-                self.check(cx)?;
-                Poll::Pending
-            }
+            Poll::Pending => self.waiting(cx),
             other => other,
         }
     }
@@ -131,10 +131,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // A TLS stream takes writes into its own buffer and waits here for the socket.
         match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending => {
-                self.check(cx)?;
-                Poll::Pending
-            }
+            Poll::Pending => self.waiting(cx),
             other => other,
         }
     }
