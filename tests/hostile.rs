@@ -339,18 +339,27 @@ async fn a_flood_of_quic_initials_keeps_no_state_and_real_clients_still_connect(
 /// node-b hosting `echo` (HTTP) and `source` (TCP: streams bytes on connect); node-a has a
 /// tunnel port for `source`. Both nodes' processes are returned, node-a first.
 async fn two_nodes_for_download(source: std::net::SocketAddr) -> (NodeProc, NodeProc, Pki) {
+    two_nodes_for_download_with(source, "", &[]).await
+}
+
+/// [`two_nodes_for_download`] with `services` (TOML) besides, node-a started with `env` set.
+async fn two_nodes_for_download_with(
+    source: std::net::SocketAddr,
+    services: &str,
+    env: &[(&str, &str)],
+) -> (NodeProc, NodeProc, Pki) {
     let pki = Pki::new();
     let state = pki.issue("node-a");
     pki.issue("node-b");
     let echo = echo_backend().await;
     let svc = format!(
         "[[services]]\nname = \"echo\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{echo}\"\n\n\
-         [[services]]\nname = \"source\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{source}\"\n"
+         [[services]]\nname = \"source\"\nprotocol = \"tcp\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{source}\"\n\n{services}"
     );
     let b = NodeProc::start(pki.path(), "node-b", &node_toml("node-b", &state, &[], &svc));
     let a_extra = format!("{svc}\n[[node.tcp]]\nlisten = \"127.0.0.1:0\"\nservice = \"source\"\n");
-    let a =
-        NodeProc::start(pki.path(), "node-a", &node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &a_extra));
+    let a_toml = node_toml("node-a", &state, &[("node-b", b.addrs.inbound)], &a_extra);
+    let a = NodeProc::start_with_env(env, "node", pki.path(), "node-a", &a_toml);
     (a, b, pki)
 }
 
@@ -444,6 +453,147 @@ async fn a_slow_reader_costs_the_node_no_more_than_the_quic_windows() {
     {
         assert!(http.saturating_sub(before) >> 10 <= BOUND_MIB, "HTTP: {node} grew to {} MiB", http >> 10);
         assert!(tunnel.saturating_sub(before) >> 10 <= BOUND_MIB, "tunnel: {node} grew to {} MiB", tunnel >> 10);
+    }
+}
+
+/// node-a and node-b with eight 64 MiB downloads from node-b that their client reads nothing
+/// of, once node-a holds what came for them (16 MiB, the connection's window, or more).
+async fn unread_downloads(env: &[(&str, &str)]) -> (NodeProc, NodeProc, Pki, Vec<tokio::net::TcpStream>) {
+    let (a, b, pki) = two_nodes_for_download_with(byte_source(1).await, "", env).await;
+    let warm = read_slowly(download(a.addrs.outbound, 1 << 10).await, u64::MAX).await;
+    assert!(warm > 1 << 10, "the warm-up download failed");
+    let before = a.rss_kib();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(download(a.addrs.outbound, 64 << 20).await);
+    }
+    eventually(Duration::from_secs(20), "node-a holding the unread answers", || async {
+        (a.rss_kib() > before + (15 << 10)).then_some(())
+    })
+    .await;
+    (a, b, pki, held)
+}
+
+/// Another client's download through node-a, read as it comes: it must end within 5 s.
+async fn other_client_is_answered(a: &NodeProc) {
+    let size = 256 << 10;
+    let Ok(got) =
+        tokio::time::timeout(Duration::from_secs(5), read_slowly(download(a.addrs.outbound, size).await, u64::MAX))
+            .await
+    else {
+        panic!("another client's download waited behind the streams nobody reads:\n{}", a.metrics().await);
+    };
+    assert!(got > size, "another client's download ended early: {got} bytes");
+}
+
+/// Each of eight stalled streams on `node` is lent a stream window, well within the default
+/// budget (64 MiB), and none is stopped.
+async fn each_lent_a_window(node: &NodeProc) {
+    let m = eventually(Duration::from_secs(10), "a window lent to each unread stream", || async {
+        let m = node.metrics().await;
+        (metric(&m, "quicmesh_quic_window_lent_bytes", &[]) == f64::from(8 * (4 << 20))).then_some(m)
+    })
+    .await;
+    assert_eq!(metric(&m, "quicmesh_quic_stalled_streams_stopped_total", &[]), 0.0, "{m}");
+}
+
+/// Audit (29), the finding marked HIGH: what a client stops reading stays in quinn's buffers,
+/// counted against the receive window of the one connection every client's requests to that
+/// peer share (quinn gives connection credit back only as data is read). Eight answers nobody
+/// read used all of node-a's 16 MiB window to node-b, and node-b could then send no one on
+/// node-a anything. A stream whose reader has stopped is now lent a window of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_answers_do_not_hold_up_everyone_elses() {
+    let (a, _b, _pki, held) = unread_downloads(&[]).await;
+    other_client_is_answered(&a).await;
+    each_lent_a_window(&a).await;
+    drop(held);
+}
+
+/// Past the budget of window lent (`transport.stalled_budget`), a connection whose peer is
+/// blocked by its window stops the streams that have stalled longest: their client loses what
+/// it stopped reading, and everyone else is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_answers_past_the_budget_are_stopped_longest_stalled_first() {
+    // One stream window: eight stalled streams can hold more than the connection's window and
+    // the loan together, so the peer is blocked again and the seven the loan does not cover go.
+    let budget = (4 << 20).to_string();
+    let (a, _b, _pki, held) = unread_downloads(&[("QUICMESH_TRANSPORT__STALLED_BUDGET", &budget)]).await;
+    let stopped = |m: &str| metric(m, "quicmesh_quic_stalled_streams_stopped_total", &[]);
+    let m = eventually(Duration::from_secs(10), "stalled streams stopped", || async {
+        let m = a.metrics().await;
+        (stopped(&m) >= 7.0).then_some(m)
+    })
+    .await;
+    assert_eq!(metric(&m, "quicmesh_quic_window_lent_bytes", &[]), f64::from(4 << 20), "{m}");
+    other_client_is_answered(&a).await;
+    // The stopped answers end short for their client (the proxy cuts the response); one, the
+    // loan's, is whole once it is read.
+    let mut whole = 0;
+    for s in held {
+        if read_slowly(s, u64::MAX).await > 64 << 20 {
+            whole += 1;
+        }
+    }
+    assert_eq!(whole, 1, "the stopped answers were not cut");
+    // Counted as the readers' doing, not the upstream's: no endpoint is held to account.
+    let m = a.metrics().await;
+    let cut = [("service", "echo"), ("error", "reader-stalled")];
+    assert_eq!(metric(&m, "quicmesh_requests_total", &cut), 7.0, "{m}");
+    assert_eq!(metric(&m, "quicmesh_requests_total", &[("error", "upstream-reset")]), 0.0, "{m}");
+    assert_eq!(metric(&m, "quicmesh_outlier_ejections_total", &[]), 0.0, "{m}");
+}
+
+/// An HTTP instance that takes connections and reads nothing from them.
+async fn deaf_instance() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+/// The same on the serving side: uploads an instance does not read stay in node-b's buffers,
+/// counted against node-b's window of the connection node-a's requests share, and eight of
+/// them kept node-a's every request, heads included, from reaching node-b. The request
+/// streams node-b serves are watched from their first read that finds a body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_uploads_do_not_hold_up_everyone_elses() {
+    let (deaf, _deaf) = deaf_instance().await;
+    let svc =
+        format!("[[services]]\nname = \"deaf\"\n[[services.endpoints]]\nnode = \"node-b\"\naddress = \"{deaf}\"\n");
+    let (a, b, _pki) = two_nodes_for_download_with(byte_source(1).await, &svc, &[]).await;
+    let warm = read_slowly(download(a.addrs.outbound, 1 << 10).await, u64::MAX).await;
+    assert!(warm > 1 << 10, "the warm-up download failed");
+    let before = b.rss_kib();
+    let size = 64usize << 20;
+    let mut uploads = Vec::new();
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(a.addrs.outbound).await.unwrap();
+        uploads.push(tokio::spawn(async move {
+            let head = format!("POST /upload HTTP/1.1\r\nHost: deaf\r\nContent-Length: {size}\r\n\r\n");
+            s.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b'u'; 64 << 10];
+            for _ in 0..size / chunk.len() {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    // Past the connection's window: quinn's buffers and hyper's, on their way to the instance.
+    eventually(Duration::from_secs(20), "node-b holding the unread uploads", || async {
+        (b.rss_kib() > before + (24 << 10)).then_some(())
+    })
+    .await;
+    other_client_is_answered(&a).await;
+    each_lent_a_window(&b).await;
+    for u in uploads {
+        u.abort();
     }
 }
 

@@ -25,6 +25,7 @@ use quicmesh_shared::telemetry::metrics as m;
 use quicmesh_shared::telemetry::{self, Record};
 use quicmesh_shared::transport::admission::{self, Admission, Handshaking, Limits};
 use quicmesh_shared::transport::lean;
+use quicmesh_shared::transport::stalls::Stalls;
 use quicmesh_shared::transport::stream::{h3_head_within, Framing, ServerRecv};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -268,6 +269,9 @@ async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handsh
     tokio::pin!(going_away);
     let streams = metrics::counter!(m::QUIC_STREAMS, "direction" => "inbound", "peer" => peer.to_string());
     let heads = Arc::new(lean::HeadSlots::default());
+    // The request bodies' readers, watched so that one that stops reading (an instance that
+    // takes no more of its upload) holds up no other request from this peer.
+    let stalls = Stalls::new(conn.clone());
     loop {
         let (head_permit, (send, recv)) = tokio::select! {
             a = async { (heads.slot().await, conn.accept_bi().await) } => match a {
@@ -306,13 +310,15 @@ async fn serve_lean(conn: quinn::Connection, peer: &str, mesh: Arc<Mesh>, handsh
         let peer = peer.to_string();
         let handshake = handshake.clone();
         let in_flight = mesh.drain().guard();
+        let stalls = stalls.clone();
         // Boxed: a task's future is moved whole as it is spawned and when it ends.
         tokio::spawn(Box::pin(async move {
             let _in_flight = in_flight;
             let head = lean::accept(send, recv, lean::MAX_HEAD, lean::HEAD_WITHIN).await;
             drop(head_permit);
             match head {
-                Ok((req, fields, send, recv)) => {
+                Ok((req, fields, send, mut recv)) => {
+                    recv.watched_after_first_read_by(&stalls);
                     request(req, Some(fields), ServerStream::Lean(send, recv), &peer, &mesh, handshake).await
                 }
                 Err(e) => debug!(peer, error = %e, "bad request stream from peer"),

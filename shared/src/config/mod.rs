@@ -892,6 +892,16 @@ pub struct TransportConfig {
     pub stream_window: u32,
     /// Flow-control window per connection, bytes.
     pub connection_window: u32,
+    /// Receive window a member may lend, over all its connections, to streams whose reader has
+    /// stopped taking data (a client that does not read its download, an instance that does
+    /// not read its upload), bytes. quinn gives a connection's credit back only as data is
+    /// read, so what such a stream holds counts against the window every other request on that
+    /// connection shares; each stream stalled for half a second or more is lent a
+    /// `stream_window` of its own instead. Past this budget, a connection whose peer says the
+    /// window blocks it stops the streams stalled longest (their clients lose the answers they
+    /// stopped reading), counted in `quicmesh_quic_stalled_streams_stopped_total`. 0 lends
+    /// nothing. Read at start.
+    pub stalled_budget: u64,
     /// UDP socket send and receive buffer, bytes.
     pub socket_buffer: usize,
     /// Keep-alive ping interval; a dead peer is noticed after `idle_timeout`.
@@ -967,6 +977,7 @@ impl Default for TransportConfig {
             max_concurrent_streams: 4096,
             stream_window: 4 << 20,
             connection_window: 16 << 20,
+            stalled_budget: 64 << 20,
             socket_buffer: 4 << 20,
             keep_alive: Duration::from_millis(300),
             idle_timeout: Duration::from_millis(1000),

@@ -180,6 +180,7 @@ impl ProxyError {
         "unauthenticated",
         "authz-unavailable",
         "client-closed",
+        crate::message::wire::STALLED,
     ];
 
     /// The request provably never reached an upstream instance (safe to retry elsewhere).

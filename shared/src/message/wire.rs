@@ -28,7 +28,22 @@ pub enum WireError {
     /// A request head that did not arrive whole in time.
     #[error("the request head did not arrive within {0:?}")]
     HeadTimeout(std::time::Duration),
+    /// This side stopped the stream: its reader had stopped taking data, and the connection
+    /// needed the window it held ([`crate::transport::stalls`]).
+    #[error("stopped: its reader stopped taking data, and the connection needed the window it held")]
+    Stalled,
 }
+
+impl WireError {
+    /// The `quicmesh-error` a request broken off by this error counts under, when it is not
+    /// the upstream's doing.
+    pub fn reason(&self) -> Option<&'static str> {
+        matches!(self, WireError::Stalled).then_some(STALLED)
+    }
+}
+
+/// The `quicmesh-error` of an answer or upload cut because its reader stopped taking data.
+pub const STALLED: &str = "reader-stalled";
 
 impl From<quinn::ReadError> for WireError {
     fn from(e: quinn::ReadError) -> Self {

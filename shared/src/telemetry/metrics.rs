@@ -63,6 +63,8 @@ pub const QUIC_LOST_PACKETS: &str = "quicmesh_quic_lost_packets_total";
 pub const QUIC_SENT_PACKETS: &str = "quicmesh_quic_sent_packets_total";
 pub const QUIC_STREAMS: &str = "quicmesh_quic_streams_total";
 pub const QUIC_ZERO_RTT: &str = "quicmesh_quic_zero_rtt_total";
+pub const QUIC_WINDOW_LENT: &str = "quicmesh_quic_window_lent_bytes";
+pub const QUIC_STALLED_STOPPED: &str = "quicmesh_quic_stalled_streams_stopped_total";
 pub const PEER_UNREACHABLE: &str = "quicmesh_peer_unreachable";
 pub const PEER_PROBES: &str = "quicmesh_peer_probes_total";
 pub const TCP_CLOSED: &str = "quicmesh_tcp_connections_closed_total";
@@ -222,6 +224,15 @@ fn describe() {
     describe_counter!(
         QUIC_ZERO_RTT,
         "Peer connections that carried 0-RTT data, by direction and result: accepted (the early requests stood) or rejected (the node dialled again)."
+    );
+    describe_gauge!(
+        QUIC_WINDOW_LENT,
+        Unit::Bytes,
+        "Receive window lent to streams whose reader stopped taking data, over all peer connections (transport.stalled_budget)."
+    );
+    describe_counter!(
+        QUIC_STALLED_STOPPED,
+        "Streams stopped because their reader stalled while the window budget was spent and their peer was blocked."
     );
     describe_counter!(TCP_CLOSED, "Opaque TCP tunnels closed, by direction and service.");
     describe_counter!(

@@ -370,7 +370,8 @@ impl Record {
 
     /// The response body broke off after its headers (the upstream reset the stream, its
     /// connection died): the request failed, whatever its status said.
-    /// `reason` is the proxy's own (a stream idle timeout), else `upstream-reset`.
+    /// `reason` is the proxy's own (a stream idle timeout, a reader that stalled), else
+    /// `upstream-reset`.
     fn body_broke(&mut self, reason: Option<&'static str>) {
         self.failed(reason.unwrap_or(BODY_BROKE));
     }
@@ -489,7 +490,10 @@ impl<G: Unpin> HttpBody for Counted<G> {
             // The end: record now rather than whenever the body value is dropped.
             Poll::Ready(None) => *done = None,
             Poll::Ready(Some(Err(e))) => {
-                let reason = e.downcast_ref::<crate::message::error::ProxyError>().map(|e| e.reason());
+                let reason = e
+                    .downcast_ref::<crate::message::error::ProxyError>()
+                    .map(|e| e.reason())
+                    .or_else(|| e.downcast_ref::<crate::message::wire::WireError>().and_then(|e| e.reason()));
                 if let Some(mut done) = done.take() {
                     done.0.body_broke(reason);
                 }

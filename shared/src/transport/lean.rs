@@ -21,6 +21,7 @@
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -30,6 +31,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use crate::message::body::{H3Recv, H3Send};
 use crate::message::headers::{self, Internal};
 use crate::message::wire::WireError;
+use crate::transport::stalls::{Stalls, Watch};
 
 /// The ALPN protocol id of this framing.
 pub const ALPN: &[u8] = b"quicmesh/1";
@@ -494,6 +496,17 @@ pub struct RecvHalf {
     batch: Vec<Bytes>,
     next: usize,
     got: usize,
+    /// Marks this stream's reader away or reading for its connection's [`Stalls`], once
+    /// [`RecvHalf::watched_by`] gave it one; let go at the stream's end.
+    watch: Watching,
+}
+
+/// Whether a stream's reader is watched ([`crate::transport::stalls`]).
+enum Watching {
+    Off,
+    /// From the first read that does not find the stream's end.
+    Later(Arc<Stalls>),
+    On(Watch),
 }
 
 /// The most chunks a tunnel's stream is read at once (each at most a datagram's payload).
@@ -515,6 +528,23 @@ impl RecvHalf {
             batch: Vec::new(),
             next: 0,
             got: 0,
+            watch: Watching::Off,
+        }
+    }
+
+    /// Has `stalls` watch this stream's reader: while it takes nothing, the stream is lent a
+    /// window of its own rather than hold up its connection's.
+    pub fn watched_by(&mut self, stalls: &Arc<Stalls>) {
+        if !self.end {
+            self.watch = Watching::On(stalls.watch(self.stream.id()));
+        }
+    }
+
+    /// [`RecvHalf::watched_by`] from the first read that does not find the stream's end: a
+    /// request that ended with its head (most) costs no watch.
+    pub fn watched_after_first_read_by(&mut self, stalls: &Arc<Stalls>) {
+        if !self.end {
+            self.watch = Watching::Later(stalls.clone());
         }
     }
 
@@ -527,6 +557,7 @@ impl RecvHalf {
     /// Stops the peer's sending (the answer is not wanted).
     pub fn stop(&mut self, code: u32) {
         let _ = self.stream.stop(quinn::VarInt::from_u32(code));
+        self.watch = Watching::Off;
         // Nor what already came: a tunnel's batch is let go.
         self.batch = Vec::new();
         (self.next, self.got) = (0, 0);
@@ -541,6 +572,39 @@ impl RecvHalf {
         if self.end {
             return Poll::Ready(Ok(None));
         }
+        match std::mem::replace(&mut self.watch, Watching::Off) {
+            Watching::Off => self.poll_stream(cx),
+            Watching::On(watch) => self.poll_watched(watch, cx),
+            Watching::Later(stalls) => {
+                let polled = self.poll_stream(cx);
+                match polled {
+                    // Taken: away from now (a new watch's start).
+                    Poll::Ready(Ok(Some(_))) => self.watch = Watching::On(stalls.watch(self.stream.id())),
+                    // quinn holds the reader's own waker: asked again through the watch's, so
+                    // that data's coming marks it.
+                    Poll::Pending => return self.poll_watched(stalls.watch(self.stream.id()), cx),
+                    Poll::Ready(_) => {}
+                }
+                polled
+            }
+        }
+    }
+
+    /// [`RecvHalf::poll_stream`] for a watched reader; the watch goes at the stream's end.
+    fn poll_watched(&mut self, watch: Watch, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, WireError>> {
+        let polled = match watch.poll(cx, |cx| self.poll_stream(cx), |read| matches!(read, Ok(Some(_)))) {
+            Poll::Ready(Err(WireError::Closed)) if watch.stopped() => Poll::Ready(Err(WireError::Stalled)),
+            polled => polled,
+        };
+        // At the end, or a failure, nothing more will come or be held.
+        if matches!(polled, Poll::Pending | Poll::Ready(Ok(Some(_)))) {
+            self.watch = Watching::On(watch);
+        }
+        polled
+    }
+
+    /// [`RecvHalf::poll_read`] from quinn.
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, WireError>> {
         let read = if self.raw {
             if self.batch.is_empty() {
                 self.batch = vec![Bytes::new(); BATCH];

@@ -12,6 +12,7 @@ pub mod certwatch;
 pub mod idle;
 pub mod lean;
 pub mod pool;
+pub mod stalls;
 pub mod stream;
 mod udp;
 
@@ -60,6 +61,7 @@ pub fn advertised_streams(wanted: u32) -> u32 {
 
 /// quinn transport parameters for a data-centre mesh.
 pub fn transport_config(cfg: &TransportConfig) -> Result<quinn::TransportConfig, TransportError> {
+    stalls::configure(cfg);
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(advertised_streams(cfg.max_concurrent_streams)))
         .max_concurrent_uni_streams(VarInt::from_u32(16))

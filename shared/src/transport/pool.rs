@@ -24,6 +24,7 @@ use tokio::sync::{oneshot, watch, Mutex as AsyncMutex};
 use tracing::{debug, info, warn};
 
 use super::lean;
+use super::stalls::Stalls;
 use super::stream::{Framing, RequestStream, WireError};
 use crate::config::TransportConfig;
 use crate::identity::tls;
@@ -70,6 +71,8 @@ struct LeanLink {
     conn: quinn::Connection,
     /// The peer said GOAWAY.
     goaway: AtomicBool,
+    /// The answers' readers, watched so that one that stops reading holds up no one else's.
+    stalls: Arc<Stalls>,
 }
 
 impl Drop for LeanLink {
@@ -145,8 +148,9 @@ impl PeerConn {
     pub async fn open(&self, head: Request<()>) -> Result<RequestStream, WireError> {
         match &self.link {
             Link::H3(h3) => Ok(RequestStream::H3(Box::new(h3.clone().send_request(head).await?))),
-            Link::Lean(_) => {
-                let (send, recv) = lean::open(&self.conn, &head, false).await?;
+            Link::Lean(link) => {
+                let (send, mut recv) = lean::open(&self.conn, &head, false).await?;
+                recv.watched_by(&link.stalls);
                 Ok(RequestStream::Lean(send, recv))
             }
         }
@@ -159,9 +163,10 @@ impl PeerConn {
             // Boxed: h3's future is four times the lean one's, and every future above this one
             // would carry its size (each is copied whole when made) for the framing not in use.
             Link::H3(h3) => Ok(RequestStream::H3(Box::new(Box::pin(h3.clone().send_request(head.request())).await?))),
-            Link::Lean(_) => {
+            Link::Lean(link) => {
                 let tunnel = *head.method == Method::CONNECT;
-                let (send, recv) = lean::open_with(&self.conn, head.frame()?, tunnel, false).await?;
+                let (send, mut recv) = lean::open_with(&self.conn, head.frame()?, tunnel, false).await?;
+                recv.watched_by(&link.stalls);
                 Ok(RequestStream::Lean(send, recv))
             }
         }
@@ -903,7 +908,8 @@ impl Dialer {
                 Link::H3(h3)
             }
             Framing::Lean => {
-                let link = Arc::new(LeanLink { conn: conn.clone(), goaway: AtomicBool::new(false) });
+                let stalls = Stalls::new(conn.clone());
+                let link = Arc::new(LeanLink { conn: conn.clone(), goaway: AtomicBool::new(false), stalls });
                 // Not a holder: a link nobody holds closes.
                 let (watched, label) = (Arc::downgrade(&link), peer_label.clone());
                 let quic = conn.clone();

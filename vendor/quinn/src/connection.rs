@@ -28,7 +28,7 @@ use crate::{
     udp_transmit,
 };
 use proto::{
-    ConnectionError, ConnectionHandle, ConnectionStats, Dir, EndpointEvent, Side, StreamEvent,
+    ClosedStream, ConnectionError, ConnectionHandle, ConnectionStats, Dir, EndpointEvent, Side, StreamEvent,
     StreamId, congestion::Controller,
 };
 
@@ -659,6 +659,20 @@ impl Connection {
         let mut conn = self.0.state.lock("set_receive_window");
         conn.inner.set_receive_window(receive_window);
         conn.wake();
+    }
+
+    /// Stops the peer's sending on receive stream `stream`, as [`RecvStream::stop`] would, for
+    /// a caller that does not hold the stream (quicmesh patch: a watcher stops the streams whose
+    /// reader has stalled). What the stream had buffered is let go, and its connection credit
+    /// given back; the stream's own next read fails with `ReadError::ClosedStream`.
+    pub fn stop_receiving(&self, stream: StreamId, error_code: VarInt) -> Result<(), ClosedStream> {
+        let mut conn = self.0.state.lock("stop_receiving");
+        conn.inner.recv_stream(stream).stop(error_code)?;
+        conn.wake();
+        if let Some(reader) = conn.blocked_readers.remove(&stream) {
+            reader.wake();
+        }
+        Ok(())
     }
 
     /// Modify the number of remotely initiated bidirectional streams that may be concurrently open
