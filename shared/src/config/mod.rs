@@ -896,11 +896,12 @@ pub struct TransportConfig {
     /// stopped taking data (a client that does not read its download, an instance that does
     /// not read its upload), bytes. quinn gives a connection's credit back only as data is
     /// read, so what such a stream holds counts against the window every other request on that
-    /// connection shares; each stream stalled for half a second or more is lent a
+    /// connection shares; each stream stalled for about half a second is lent a
     /// `stream_window` of its own instead. Past this budget, a connection whose peer says the
-    /// window blocks it stops the streams stalled longest (their clients lose the answers they
-    /// stopped reading), counted in `quicmesh_quic_stalled_streams_stopped_total`. 0 lends
-    /// nothing. Read at start.
+    /// window blocks it stops the streams stalled longest that the loan does not cover (their
+    /// clients lose the answers they stopped reading; an upload ends as one its instance
+    /// stopped reading always has, 504), counted in `quicmesh_quic_stalled_streams_stopped_total`. 0 lends
+    /// nothing: stalled streams are stopped whenever the peer is blocked. Read at start.
     pub stalled_budget: u64,
     /// UDP socket send and receive buffer, bytes.
     pub socket_buffer: usize,

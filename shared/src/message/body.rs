@@ -483,6 +483,10 @@ impl SourceFault {
         let Some(state) = &self.0 else { return };
         let error = match e.downcast_ref::<crate::message::error::ProxyError>() {
             Some(known) => known.clone(),
+            // This side stopped the upload (its reader, the instance, had stopped taking it).
+            None if matches!(e.downcast_ref(), Some(crate::message::wire::WireError::Stalled)) => {
+                crate::message::error::ProxyError::ReaderStalled
+            }
             None => crate::message::error::ProxyError::BadRequest(format!("request body: {e}")),
         };
         let mut slot = state.error.lock().unwrap_or_else(|e| e.into_inner());

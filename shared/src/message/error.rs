@@ -75,6 +75,10 @@ pub enum ProxyError {
     /// A route's ExternalAuth service could not be asked (and the filter does not fail open).
     #[error("the authorization service could not decide: {0}")]
     AuthzUnavailable(String),
+    /// The request's upload was stopped: the instance had stopped reading it while the
+    /// connection it came on needed the window it held (`transport.stalled_budget`); 503.
+    #[error("the upload was stopped: its reader stopped taking it while the connection needed the window")]
+    ReaderStalled,
 }
 
 /// Internal header on a response from a peer node's own error: the request never reached the
@@ -85,7 +89,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(_) | ProxyError::ReaderStalled => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::PeerUnreachable { .. }
             | ProxyError::PeerTls { .. }
             | ProxyError::UpstreamUnreachable { .. }
@@ -134,6 +140,7 @@ impl ProxyError {
             ProxyError::Misdirected(_) => "misdirected",
             ProxyError::Unauthenticated(_) => "unauthenticated",
             ProxyError::AuthzUnavailable(_) => "authz-unavailable",
+            ProxyError::ReaderStalled => crate::message::wire::STALLED,
         }
     }
 

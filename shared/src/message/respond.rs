@@ -76,6 +76,7 @@ fn grpc_code(reason: &str, status: u16) -> u8 {
         | "upstream-unreachable"
         | "upstream-reset"
         | "overloaded"
+        | "reader-stalled"
         | "too-early"
         | "misdirected"
         | "authz-unavailable" => 14, // UNAVAILABLE

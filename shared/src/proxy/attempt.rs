@@ -122,8 +122,13 @@ impl Call<'_> {
             return result;
         }
         // Nor is a head the client made too large for the next node, or a target no request
-        // can carry, the endpoint's doing: no statistics.
-        if let Err(TryError { error: ProxyError::HeadTooLarge(_) | ProxyError::BadRequest(_), .. }) = &result {
+        // can carry, the endpoint's doing, nor an upload this side stopped for the window it
+        // held: no statistics.
+        if let Err(TryError {
+            error: ProxyError::HeadTooLarge(_) | ProxyError::BadRequest(_) | ProxyError::ReaderStalled,
+            ..
+        }) = &result
+        {
             return result;
         }
         // Nor is a try cut short by the caller's own deadline (whichever node's timer ended

@@ -203,7 +203,8 @@ impl Call<'_> {
                         ProxyError::BadRequest(_)
                         | ProxyError::BodyTooLarge(_)
                         | ProxyError::BodyTimeout(_)
-                        | ProxyError::HeadTooLarge(_),
+                        | ProxyError::HeadTooLarge(_)
+                        | ProxyError::ReaderStalled,
                     ..
                 }) => TryOutcome::Done,
                 // A slow service would only get more load: a timed-out try is retried only when

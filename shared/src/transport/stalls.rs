@@ -30,13 +30,15 @@ use quinn::{StreamId, VarInt};
 use crate::config::TransportConfig;
 use crate::telemetry::metrics as m;
 
-/// How often a watcher looks at its connection's streams; a stream away for two ticks (half
-/// a second to three quarters) is stalled.
+/// How often a watcher looks at its connection's streams; a stream away for two ticks is
+/// stalled: a quarter to three quarters of a second after it took data or data came for it.
 const TICK: Duration = Duration::from_millis(250);
 /// Ticks a stream must have been away to count as stalled.
 const STALLED_AFTER: u64 = 2;
 /// Ticks without a watched stream after which a watcher stops (and gives back what it lent).
 const IDLE_TICKS: u32 = 8;
+/// Ticks a loan must have been larger than the stalled streams ask before the rest goes back.
+const RETURN_AFTER: u32 = 8;
 /// The code a stalled stream is stopped with: HTTP/3's H3_REQUEST_CANCELLED (the response is
 /// no longer wanted), which the lean framing shares.
 const STOPPED: u32 = 0x10c;
@@ -105,7 +107,8 @@ impl Stalls {
             stopped: AtomicBool::new(false),
         });
         let key = lock(&self.streams).insert(slot.clone());
-        if !self.watching.swap(true, Ordering::AcqRel) {
+        // A look first: the watcher runs nearly always while streams come and go.
+        if !self.watching.load(Ordering::Acquire) && !self.watching.swap(true, Ordering::AcqRel) {
             tokio::spawn(self.clone().watcher());
         }
         Watch { stalls: self.clone(), waker: Waker::from(slot.clone()), slot, key }
@@ -119,8 +122,17 @@ impl Stalls {
         let window = WINDOW.load(Ordering::Relaxed);
         let lent_gauge = metrics::gauge!(m::QUIC_WINDOW_LENT);
         let stopped = metrics::counter!(m::QUIC_STALLED_STOPPED);
+        let budget = BUDGET.load(Ordering::Relaxed);
         let mut lent = 0u64;
+        // The peer said the window blocks it (DATA_BLOCKED). It says so once per window it is
+        // given, so this holds until the window grows or streams are stopped: a report that
+        // came before the stalled streams were old enough to count is not lost.
         let mut blocked_seen = self.conn.stats().frame_rx.data_blocked;
+        let mut peer_blocked = false;
+        // Ticks the loan has been more than the stalled streams ask for.
+        let mut over_asked = 0;
+        // Ticks without a stalled stream.
+        let mut quiet = 0;
         let mut idle = 0;
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -140,6 +152,8 @@ impl Stalls {
                 }
                 streams
                     .iter()
+                    // A stopped stream holds nothing any more, read again or not.
+                    .filter(|(_, s)| !s.stopped.load(Ordering::Relaxed))
                     .filter_map(|(_, s)| {
                         let mut away = s.away.load(Ordering::Relaxed);
                         if away == WOKEN {
@@ -163,16 +177,40 @@ impl Stalls {
                 }
                 idle = 0;
             }
-            let want = stalled.len() as u64 * stream_window;
-            let now = settle(lent, want);
+            let blocked = self.conn.stats().frame_rx.data_blocked;
+            peer_blocked |= blocked > blocked_seen;
+            blocked_seen = blocked;
+            let mut want = stalled.len() as u64 * stream_window;
+            // A loan goes back only once it has been more than needed for a while: quinn turns
+            // a smaller window into a debt paid by later reads, and a window grown again before
+            // that would give the peer the same credit twice.
+            if want < lent {
+                over_asked += 1;
+                if over_asked < RETURN_AFTER {
+                    want = lent;
+                }
+            } else {
+                over_asked = 0;
+            }
+            let now = settle(lent, want, budget);
             if now != lent {
+                if now > lent {
+                    peer_blocked = false;
+                }
                 lent_gauge.increment(now as f64 - lent as f64);
                 lent = now;
+                over_asked = 0;
                 self.conn.set_receive_window(VarInt::from_u64(window + lent).unwrap_or(VarInt::MAX));
             }
-            let blocked = self.conn.stats().frame_rx.data_blocked;
+            // A report from before every stalled stream came back is old news, but one that
+            // came while the streams that hold the window were too young to count is not.
+            quiet = if stalled.is_empty() { quiet + 1 } else { 0 };
+            if quiet >= RETURN_AFTER {
+                peer_blocked = false;
+            }
             let covered = (lent / stream_window) as usize;
-            if blocked > blocked_seen && stalled.len() > covered {
+            if peer_blocked && stalled.len() > covered {
+                peer_blocked = false;
                 // Those stalled longest first (the smallest tick).
                 stalled.sort_unstable_by_key(|(away, _)| *away);
                 let over = stalled.len() - covered;
@@ -188,7 +226,6 @@ impl Stalls {
                     "stopped streams whose readers stalled, past the window budget"
                 );
             }
-            blocked_seen = blocked;
         }
         if lent > 0 {
             LENT.fetch_sub(lent, Ordering::Relaxed);
@@ -202,12 +239,11 @@ impl Stalls {
 
 /// A connection's loan after it asked for `want` holding `lent`: what it gives back returns to
 /// the budget, what more it asks for comes from what is left of it.
-fn settle(lent: u64, want: u64) -> u64 {
+fn settle(lent: u64, want: u64, budget: u64) -> u64 {
     if want <= lent {
         LENT.fetch_sub(lent - want, Ordering::Relaxed);
         return want;
     }
-    let budget = BUDGET.load(Ordering::Relaxed);
     let mut got = 0;
     let _ = LENT.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
         got = (want - lent).min(budget.saturating_sub(total));
@@ -273,15 +309,16 @@ mod tests {
 
     #[test]
     fn loans_stay_within_the_budget_and_come_back_whole() {
-        BUDGET.store(10, Ordering::Relaxed);
+        // Nothing else in this binary lends (no stream stalls in its tests).
         let before = LENT.load(Ordering::Relaxed);
-        let a = settle(0, 6);
-        let b = settle(0, 6);
+        let budget = before + 10;
+        let a = settle(0, 6, budget);
+        let b = settle(0, 6, budget);
         assert_eq!((a, b), (6, 4), "the second connection gets what is left");
-        assert_eq!(settle(b, 2), 2, "a smaller want gives the rest back");
-        assert_eq!(settle(a, 10), 10 - 2, "and another may take it");
-        settle(8, 0);
-        settle(2, 0);
+        assert_eq!(settle(b, 2, budget), 2, "a smaller want gives the rest back");
+        assert_eq!(settle(a, 10, budget), 10 - 2, "and another may take it");
+        settle(8, 0, budget);
+        settle(2, 0, budget);
         assert_eq!(LENT.load(Ordering::Relaxed), before);
     }
 }
